@@ -1,0 +1,137 @@
+"""car-inference: one API over local and remote AI models, with an adaptive router.
+
+    from car_inference import InferenceEngine, GenerateRequest
+    engine = InferenceEngine()                  # reads $CAR_HOME (default ~/.car)
+    result = await engine.generate(GenerateRequest(prompt="Hello"))
+
+Names are imported on first use, so ``import car_inference`` stays cheap; heavy engines
+(llama.cpp, torch, provider SDKs) load only when a model that needs them runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    # errors
+    "InferenceError": "errors",
+    "ModelNotFound": "errors",
+    "ModelUnavailable": "errors",
+    "DownloadFailed": "errors",
+    "InferenceFailed": "errors",
+    "UnsupportedMode": "errors",
+    "TokenizationError": "errors",
+    "DeviceError": "errors",
+    "ConfigError": "errors",
+    "ProviderError": "errors",
+    "SpendLimitExceeded": "errors",
+    "AllModelsFailed": "errors",
+    # schema
+    "ModelCapability": "schema",
+    "ModelSchema": "schema",
+    "GenerateParam": "schema",
+    # requests and results
+    "GenerateRequest": "requests",
+    "GenerateParams": "requests",
+    "Message": "requests",
+    "TextBlock": "requests",
+    "ImageBlock": "requests",
+    "ToolCall": "requests",
+    "ThinkingMode": "requests",
+    "IntentHint": "requests",
+    "TaskHint": "requests",
+    "RoutingWorkload": "requests",
+    "ResponseFormat": "requests",
+    "InferenceResult": "requests",
+    "TokenUsage": "requests",
+    "EmbedRequest": "requests",
+    "EmbedResult": "requests",
+    "RerankRequest": "requests",
+    "RerankResult": "requests",
+    "ClassifyRequest": "requests",
+    "Classification": "requests",
+    "GroundRequest": "requests",
+    "TranscribeRequest": "requests",
+    "SynthesizeRequest": "requests",
+    "GenerateImageRequest": "requests",
+    "GenerateVideoRequest": "requests",
+    # streaming
+    "StreamAccumulator": "stream",
+    "TextDelta": "stream",
+    "ThinkingDelta": "stream",
+    "Done": "stream",
+    # registry and config
+    "UnifiedRegistry": "registry",
+    "ModelFilter": "registry",
+    "CarConfig": "config",
+    "load_config": "config",
+    # engine
+    "InferenceEngine": "engine",
+    "SyncInferenceEngine": "engine",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'car_inference' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import CarConfig, load_config
+    from .engine import InferenceEngine, SyncInferenceEngine
+    from .errors import (
+        AllModelsFailed,
+        ConfigError,
+        DeviceError,
+        DownloadFailed,
+        InferenceError,
+        InferenceFailed,
+        ModelNotFound,
+        ModelUnavailable,
+        ProviderError,
+        SpendLimitExceeded,
+        TokenizationError,
+        UnsupportedMode,
+    )
+    from .registry import ModelFilter, UnifiedRegistry
+    from .requests import (
+        Classification,
+        ClassifyRequest,
+        EmbedRequest,
+        EmbedResult,
+        GenerateImageRequest,
+        GenerateParams,
+        GenerateRequest,
+        GenerateVideoRequest,
+        GroundRequest,
+        ImageBlock,
+        InferenceResult,
+        IntentHint,
+        Message,
+        RerankRequest,
+        RerankResult,
+        ResponseFormat,
+        RoutingWorkload,
+        SynthesizeRequest,
+        TaskHint,
+        TextBlock,
+        ThinkingMode,
+        TokenUsage,
+        ToolCall,
+        TranscribeRequest,
+    )
+    from .schema import GenerateParam, ModelCapability, ModelSchema
+    from .stream import Done, StreamAccumulator, TextDelta, ThinkingDelta

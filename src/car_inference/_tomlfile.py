@@ -1,0 +1,107 @@
+"""Read a TOML file and turn pydantic validation errors into ``ConfigError``s naming the file, the
+line and the field, so that a user editing ``config.toml`` or ``models.toml`` sees where to look."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import ConfigError
+
+T = TypeVar("T", bound=BaseModel)
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"'.]+)\s*=")
+
+
+def read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    """Parse ``path``; a syntax error becomes a ConfigError with the parser's line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=str(path)) from exc
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None)
+        msg = getattr(exc, "msg", str(exc))
+        raise ConfigError(f"invalid TOML: {msg}", path=str(path), line=line) from exc
+
+
+def _norm(key: str) -> str:
+    return key.strip().strip("\"'")
+
+
+def locate(text: str, loc: Sequence[str | int]) -> int | None:
+    """The 1-based line where the value at ``loc`` (e.g. ``("models", 2, "cost", "size_mb")``) is
+    written, or the nearest enclosing table header; None when it cannot be found."""
+    table: list[str] = []
+    array_counts: dict[tuple[str, ...], int] = {}
+    best: tuple[int, int] | None = None  # (matched depth, line)
+    want = list(loc)
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(raw)
+        if header:
+            names = [_norm(p) for p in header.group(2).split(".")]
+            is_array = header.group(1) == "[["
+            path: list[str | int] = []
+            for i, name in enumerate(names):
+                path.append(name)
+                if is_array and i == len(names) - 1:
+                    key = tuple(str(p) for p in path)
+                    array_counts[key] = array_counts.get(key, -1) + 1
+                    path.append(array_counts[key])
+                elif (prefix := tuple(str(p) for p in path)) in array_counts:
+                    path.append(array_counts[prefix])
+            table = [str(p) for p in path]
+            depth = _prefix_depth(table, want)
+            if depth == len(table) and (best is None or depth > best[0]):
+                best = (depth, lineno)
+            continue
+        key_match = _KEY.match(raw)
+        if key_match:
+            dotted = [_norm(k) for k in key_match.group(1).split(".")]
+            full = table + dotted
+            depth = _prefix_depth(full, want)
+            if depth == len(full) and (best is None or depth > best[0]):
+                best = (depth, lineno)
+    return best[1] if best else None
+
+
+def _prefix_depth(have: list[str], want: list[str | int]) -> int:
+    n = 0
+    for a, b in zip(have, want, strict=False):
+        if a != str(b):
+            break
+        n += 1
+    return n
+
+
+def config_error(exc: ValidationError, path: Path, text: str, prefix: Sequence[str | int] = ()) -> ConfigError:
+    """The first validation error of ``exc`` as a ConfigError with file, line and field."""
+    err = exc.errors()[0]
+    loc = [*prefix, *[p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]]
+    # A discriminated union adds its tag ("gguf") after "source"; it is not a key in the file.
+    clean = [p for i, p in enumerate(loc) if not (i and loc[i - 1] == "source" and p in _UNION_TAGS)]
+    field = ".".join(str(p) for p in clean)
+    more = len(exc.errors()) - 1
+    message = err["msg"] + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+    return ConfigError(message, path=str(path), line=locate(text, clean), field=field or None)
+
+
+_UNION_TAGS = {
+    "gguf", "sentence", "piper", "whisper", "openai", "anthropic", "gemini", "elevenlabs",
+    "ollama", "vllm", "delegated",
+}  # fmt: skip
+
+
+def validate_file(model: type[T], data: Any, path: Path, text: str, prefix: Sequence[str | int] = ()) -> T:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc, path, text, prefix) from None

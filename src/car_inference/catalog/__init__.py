@@ -1,0 +1,203 @@
+"""The model catalog: built-in data files (``catalog/data/*.toml``) plus the user's ``models.toml``.
+
+A catalog file has three tables, all optional:
+
+- ``[hosts.NAME]``: connection data for a hosted API (protocol, ``base_url``, ``api_key_env``),
+  shared by the models whose source says ``host = "NAME"``;
+- ``[[models]]``: ``ModelSchema`` entries. A user entry whose ``id`` is already in the catalog is
+  merged over it (so ``cost.input_per_mtok`` alone can be overridden);
+- ``[[endpoints]]``: an OpenAI-compatible server (vLLM, Ollama, llama.cpp server, LM Studio, any
+  base URL) and the models it serves, each of which becomes a catalog model ``NAME/MODEL``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .._tomlfile import config_error, read_toml, validate_file
+from ..errors import ConfigError
+from ..schema import HostConfig, ModelCapability, ModelSchema
+
+__all__ = ["Catalog", "EndpointConfig", "load_builtin", "load_catalog"]
+
+
+class EndpointConfig(BaseModel):
+    """An OpenAI-compatible server the user runs or reaches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    kind: Literal["openai", "vllm", "ollama"] = "openai"
+    base_url: str
+    api_key_env: str | None = None
+    models: list[str] = Field(default_factory=list)
+    capabilities: list[ModelCapability] = Field(default_factory=lambda: [ModelCapability.GENERATE])
+    context_length: int = Field(default=0, ge=0)
+    discover: bool = Field(default=False, description="list the server's /v1/models at start-up")
+
+    def to_schemas(self, served: list[str] | None = None) -> list[ModelSchema]:
+        out = []
+        for wire_name in served if served is not None else self.models:
+            if self.kind == "ollama":
+                source: dict[str, Any] = {"kind": "ollama", "host": _strip_v1(self.base_url), "model_tag": wire_name}
+            elif self.kind == "vllm":
+                source = {"kind": "vllm", "endpoint": _strip_v1(self.base_url), "model_name": wire_name,
+                          "api_key_env": self.api_key_env}  # fmt: skip
+            else:
+                source = {"kind": "openai", "base_url": self.base_url, "api_key_env": self.api_key_env,
+                          "model_name": wire_name, "needs_key": self.api_key_env is not None}  # fmt: skip
+            out.append(
+                ModelSchema.model_validate(
+                    {
+                        "id": f"{self.name}/{wire_name}",
+                        "name": wire_name,
+                        "provider": self.name,
+                        "capabilities": self.capabilities,
+                        "context_length": self.context_length,
+                        "source": source,
+                        "tags": ["endpoint"],
+                    }
+                )
+            )
+        return out
+
+
+def _strip_v1(url: str) -> str:
+    url = url.rstrip("/")
+    return url[:-3] if url.endswith("/v1") else url
+
+
+class _CatalogFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hosts: dict[str, HostConfig] = Field(default_factory=dict)
+    models: list[dict[str, Any]] = Field(default_factory=list)
+    endpoints: list[EndpointConfig] = Field(default_factory=list)
+
+
+class Catalog(BaseModel):
+    """Models and hosts after merging built-in and user files and resolving host references."""
+
+    models: list[ModelSchema]
+    hosts: dict[str, HostConfig]
+    endpoints: list[EndpointConfig]
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "source":
+            out[key] = _merge(out[key], value)
+        elif key == "source" and isinstance(value, dict) and isinstance(out.get(key), dict):
+            # Same kind: merge fields; another kind: the user's source replaces ours.
+            same = value.get("kind", out[key].get("kind")) == out[key].get("kind")
+            out[key] = _merge(out[key], value) if same else value
+        else:
+            out[key] = value
+    return out
+
+
+def _read(path: Path) -> tuple[_CatalogFile, str]:
+    data, text = read_toml(path)
+    return validate_file(_CatalogFile, data, path, text), text
+
+
+def _resolve_host(schema: ModelSchema, hosts: dict[str, HostConfig], origin: str) -> ModelSchema:
+    source = schema.source
+    host_name = getattr(source, "host", None)
+    if not isinstance(host_name, str) or source.kind in ("ollama",):
+        return schema
+    host = hosts.get(host_name)
+    if host is None:
+        raise ConfigError(f"model {schema.id} names unknown host {host_name!r}", path=origin, field="source.host")
+    update = {
+        "base_url": source.base_url or host.base_url,  # type: ignore[union-attr]
+        "api_key_env": source.api_key_env or host.api_key_env,  # type: ignore[union-attr]
+        "headers": {**host.headers, **source.headers},  # type: ignore[union-attr]
+    }
+    return schema.model_copy(update={"source": source.model_copy(update=update)})
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_raw() -> tuple[tuple[dict[str, Any], ...], tuple[tuple[str, HostConfig], ...], tuple[str, ...]]:
+    models: list[dict[str, Any]] = []
+    hosts: dict[str, HostConfig] = {}
+    origins: list[str] = []
+    folder = resources.files(__package__).joinpath("data")
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".toml"):
+            continue
+        path = Path(str(entry))
+        parsed, _ = _read(path)
+        hosts.update(parsed.hosts)
+        models.extend(parsed.models)
+        origins.extend([str(path)] * len(parsed.models))
+    return tuple(models), tuple(hosts.items()), tuple(origins)
+
+
+def load_builtin() -> Catalog:
+    """The catalog that ships with the package."""
+    return load_catalog(None)
+
+
+def load_catalog(user_file: Path | None) -> Catalog:
+    """Built-in catalog merged with ``user_file`` (``$CAR_HOME/models.toml``) when it exists."""
+    raw_models, raw_hosts, origins = _builtin_raw()
+    hosts = dict(raw_hosts)
+    entries: dict[str, tuple[dict[str, Any], str, str, int | None]] = {}
+    for data, origin in zip(raw_models, origins, strict=True):
+        entries[data["id"]] = (copy.deepcopy(data), origin, "", None)
+
+    endpoints: list[EndpointConfig] = []
+    if user_file is not None and user_file.exists():
+        parsed, text = _read(user_file)
+        hosts = {name: _merge_host(hosts.get(name), h) for name, h in {**hosts, **parsed.hosts}.items()}
+        for index, data in enumerate(parsed.models):
+            model_id = data.get("id")
+            if not isinstance(model_id, str):
+                raise ConfigError(
+                    "a model needs an `id`", path=str(user_file), line=_entry_line(text, index), field=f"models.{index}.id"
+                )
+            base = entries.get(model_id, ({}, "", "", None))[0]
+            entries[model_id] = (_merge(base, data), str(user_file), text, index)
+        endpoints = parsed.endpoints
+
+    models: list[ModelSchema] = []
+    for data, origin, text, index in entries.values():
+        try:
+            schema = ModelSchema.model_validate(data)
+        except ValidationError as exc:
+            if index is None:  # a broken built-in entry is our bug; say where it is anyway
+                raise config_error(exc, Path(origin), Path(origin).read_text(), ("models",)) from None
+            raise config_error(exc, Path(origin), text, ("models", index)) from None
+        models.append(_resolve_host(schema, hosts, origin))
+    seen = {m.id for m in models}
+    for endpoint in endpoints:
+        for schema in endpoint.to_schemas():
+            if schema.id not in seen:
+                models.append(schema)
+                seen.add(schema.id)
+    return Catalog(models=models, hosts=hosts, endpoints=endpoints)
+
+
+def _merge_host(base: HostConfig | None, over: HostConfig) -> HostConfig:
+    if base is None or base is over:
+        return over
+    fields = over.model_dump(exclude_unset=True)
+    return base.model_copy(update=fields)
+
+
+def _entry_line(text: str, index: int) -> int | None:
+    count = -1
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip().startswith("[[models]]"):
+            count += 1
+            if count == index:
+                return lineno
+    return None

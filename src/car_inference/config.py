@@ -1,0 +1,264 @@
+"""Settings: ``$CAR_HOME/config.toml`` (default ``~/.car``) with environment overrides.
+
+Precedence, lowest first: built-in defaults, ``config.toml``, environment variables. Any setting can
+be overridden as ``CAR_<SECTION>__<KEY>`` (e.g. ``CAR_ROUTING__PREFER_LOCAL=true``); a few have
+short names: ``CAR_BACKEND_CACHE_MB``, ``CAR_SERVER_API_KEYS`` (comma-separated),
+``CAR_DEFAULT_MODEL``. A bad file or variable raises ``ConfigError`` naming where it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ._tomlfile import read_toml, validate_file
+from .errors import ConfigError
+from .schema import ModelCapability
+
+__all__ = [
+    "BreakerSettings",
+    "CarConfig",
+    "CarPaths",
+    "LocalSettings",
+    "ModelChoices",
+    "RoutingSettings",
+    "ServerSettings",
+    "SpeechSettings",
+    "SpendLimit",
+    "SpendSettings",
+    "car_home",
+    "load_config",
+]
+
+DEFAULT_GENERATE_MODEL = "huggingface/smollm2-135m-instruct:q4_1"
+DEFAULT_EMBED_MODEL = "sentence-transformers/all-minilm-l6-v2"
+
+
+def car_home(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    raw = env.get("CAR_HOME")
+    return Path(raw).expanduser() if raw else Path.home() / ".car"
+
+
+class CarPaths(BaseModel):
+    """Where things live under ``$CAR_HOME``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    home: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config.toml"
+
+    @property
+    def models_file(self) -> Path:
+        return self.home / "models.toml"
+
+    @property
+    def state_db(self) -> Path:
+        return self.home / "state.db"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelChoices(_Section):
+    """A model id or name per capability."""
+
+    generate: str | None = None
+    embed: str | None = None
+    classify: str | None = None
+    rerank: str | None = None
+    grounding: str | None = None
+    speech_to_text: str | None = None
+    text_to_speech: str | None = None
+    image_generation: str | None = None
+    video_generation: str | None = None
+
+    def for_capability(self, capability: ModelCapability | str) -> str | None:
+        return getattr(self, str(ModelCapability(capability)), None)
+
+
+def _default_models() -> ModelChoices:
+    return ModelChoices(
+        generate=DEFAULT_GENERATE_MODEL,
+        embed=DEFAULT_EMBED_MODEL,
+        speech_to_text="systran/faster-whisper-base",
+        text_to_speech="piper/en_us-joe-medium",
+    )
+
+
+class RoutingSettings(_Section):
+    quality_weight: float = Field(default=0.6, ge=0)
+    latency_weight: float = Field(default=0.25, ge=0)
+    cost_weight: float = Field(default=0.15, ge=0)
+    interactive_latency_boost: float = Field(
+        default=2.0, ge=1, description="latency weight multiplier for interactive work"
+    )
+    prefer_local: bool = False
+    quality_first_cold_start: bool = True
+    min_observations: int = Field(default=5, ge=0)
+    bootstrap_min_task_observations: int = Field(default=3, ge=0)
+    bootstrap_quality_floor: float = Field(default=0.5, ge=0, le=1)
+    prior_strength: float = Field(default=10.0, ge=0, description="pseudo-observations of a prior")
+    exploration_rate: float = Field(default=0.05, ge=0, le=1)
+    seed: int | None = None
+    max_fallbacks: int = Field(default=3, ge=0)
+
+
+class LocalSettings(_Section):
+    n_ctx: int = Field(default=8192, ge=256, description="context loaded for GGUF models (capped by the model's)")
+    n_threads: int | None = Field(default=None, ge=1)
+    n_batch: int = Field(default=512, ge=1)
+    n_gpu_layers: int = 0
+    cache_mb: int = Field(default=4096, ge=0, description="memory budget for loaded models")
+
+
+class BreakerSettings(_Section):
+    failure_threshold: int = Field(default=3, ge=1)
+    cooldown_s: float = Field(default=30.0, ge=0)
+
+
+class SpendLimit(_Section):
+    daily_usd: float | None = Field(default=None, ge=0)
+    monthly_usd: float | None = Field(default=None, ge=0)
+
+
+class SpendSettings(SpendLimit):
+    providers: dict[str, SpendLimit] = Field(default_factory=dict)
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8642, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    max_body_mb: float = Field(default=32.0, gt=0)
+    max_concurrency: int = Field(default=64, ge=1)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class SpeechSettings(_Section):
+    prefer_local: bool = True
+    allow_remote_fallback: bool = True
+    preferred_local_stt: str | None = None
+    preferred_local_tts: str | None = None
+    preferred_remote_stt: str | None = None
+    preferred_remote_tts: str | None = None
+
+
+class CarConfig(BaseModel):
+    """Everything in ``config.toml``. ``defaults`` are used when a request names no model;
+    ``preferred`` models win over routing (strategy "preferred")."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    defaults: ModelChoices = Field(default_factory=_default_models)
+    preferred: ModelChoices = Field(default_factory=ModelChoices)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    local: LocalSettings = Field(default_factory=LocalSettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    spend: SpendSettings = Field(default_factory=SpendSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    speech: SpeechSettings = Field(default_factory=SpeechSettings)
+    keys: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="extra API keys per key variable, e.g. OPENAI_API_KEY = ['sk-1', 'sk-2']",
+    )
+    home: Path = Field(default_factory=car_home, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, data: Any) -> Any:
+        # A [defaults] table in the file sets some capabilities; the rest keep their defaults.
+        if isinstance(data, dict) and isinstance(data.get("defaults"), dict):
+            data = {**data, "defaults": {**_default_models().model_dump(), **data["defaults"]}}
+        return data
+
+    @property
+    def paths(self) -> CarPaths:
+        return CarPaths(home=self.home)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings with secrets masked, for `car config show`."""
+        data = self.model_dump(mode="json")
+        data["server"]["api_keys"] = [_mask(k) for k in self.server.api_keys]
+        data["keys"] = {name: [_mask(k) for k in keys] for name, keys in self.keys.items()}
+        data["home"] = str(self.home)
+        return data
+
+
+def _mask(secret: str) -> str:
+    return secret[:3] + "…" + secret[-2:] if len(secret) > 8 else "…"
+
+
+_SHORT_ENV = {
+    "CAR_BACKEND_CACHE_MB": ("local", "cache_mb"),
+    "CAR_SERVER_API_KEYS": ("server", "api_keys"),
+    "CAR_DEFAULT_MODEL": ("defaults", "generate"),
+}
+
+
+def _env_value(raw: str, list_field: bool) -> Any:
+    if list_field:
+        if raw.strip().startswith("["):
+            return json.loads(raw)
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
+    applied: list[tuple[str, tuple[str, ...]]] = []
+    for name, value in env.items():
+        if name in _SHORT_ENV:
+            path: tuple[str, ...] = _SHORT_ENV[name]
+        elif name.startswith("CAR_") and "__" in name:
+            path = tuple(part.lower() for part in name[4:].split("__"))
+        else:
+            continue
+        section = path[0]
+        if section not in CarConfig.model_fields or section == "home":
+            raise ConfigError(f"unknown setting section {section!r}", path=f"${name}")
+        target = data.setdefault(section, {})
+        for part in path[1:-1]:
+            target = target.setdefault(part, {})
+        list_field = path in {("server", "api_keys")} or section == "keys"
+        try:
+            target[path[-1]] = _env_value(value, list_field)
+        except ValueError as exc:
+            raise ConfigError(f"not valid JSON: {exc}", path=f"${name}") from exc
+        applied.append((name, path))
+    return applied
+
+
+def load_config(home: Path | None = None, env: Mapping[str, str] | None = None) -> CarConfig:
+    """Read ``config.toml`` under ``home`` (``$CAR_HOME``) and apply environment overrides."""
+    env = os.environ if env is None else env
+    home = home if home is not None else car_home(env)
+    path = home / "config.toml"
+    data: dict[str, Any] = {}
+    text = ""
+    if path.exists():
+        data, text = read_toml(path)
+        validate_file(CarConfig, data, path, text)  # file errors point into the file
+    applied = _apply_env(data, env)
+    try:
+        config = CarConfig.model_validate({**data, "home": home})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(str(p) for p in err["loc"])
+        culprit = next((name for name, p in applied if loc[: len(p)] == p), None)
+        if culprit:
+            raise ConfigError(err["msg"], path=f"${culprit}", field=".".join(loc)) from None
+        raise ConfigError(err["msg"], path=str(path), field=".".join(loc)) from None
+    return config

@@ -1,0 +1,182 @@
+"""The exception hierarchy: one root, ``InferenceError``, and a class per failure kind.
+
+Every exception raised across the public API is an ``InferenceError``. Backends translate SDK and
+HTTP errors into ``ProviderError`` at their boundary, so nothing above them sees a vendor type.
+Messages never contain secrets: provider errors carry status and message text only.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "ConfigError",
+    "DeviceError",
+    "DownloadFailed",
+    "InferenceError",
+    "InferenceFailed",
+    "ModelNotFound",
+    "ModelUnavailable",
+    "ProviderError",
+    "SpendLimitExceeded",
+    "TokenizationError",
+    "UnsupportedMode",
+    "AllModelsFailed",
+    "close_matches",
+]
+
+
+class InferenceError(Exception):
+    """Root of every error this package raises."""
+
+
+class ModelNotFound(InferenceError):
+    """No model in the catalog matches the name; ``suggestions`` holds close names."""
+
+    def __init__(self, name: str, suggestions: Iterable[str] = ()) -> None:
+        self.name = name
+        self.suggestions = list(suggestions)
+        message = f"model not found: {name}"
+        if self.suggestions:
+            message += f" (did you mean: {', '.join(self.suggestions)}?)"
+        super().__init__(message)
+
+
+class ModelUnavailable(InferenceError):
+    """The model is in the catalog but cannot run here: files not pulled, key not set, no backend."""
+
+    def __init__(self, model_id: str, reason: str) -> None:
+        self.model_id = model_id
+        self.reason = reason
+        super().__init__(f"model {model_id} is not available: {reason}")
+
+
+class DownloadFailed(InferenceError):
+    """Fetching model files (an explicit pull) failed."""
+
+
+class InferenceFailed(InferenceError):
+    """The model ran but could not produce a result."""
+
+
+class UnsupportedMode(InferenceError):
+    """A backend does not implement a mode, e.g. tokenize on a remote model."""
+
+    def __init__(self, mode: str, backend: str, reason: str) -> None:
+        self.mode = mode
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"mode {mode} not implemented on backend {backend}: {reason}")
+
+
+class TokenizationError(InferenceError):
+    """Text could not be tokenized or token ids could not be decoded."""
+
+
+class DeviceError(InferenceError):
+    """The accelerator or memory needed to load a model is not there."""
+
+
+class ConfigError(InferenceError):
+    """A configuration or catalog file is invalid; the message names file, line and field."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.field = field
+        where = ""
+        if path:
+            where = path + (f":{line}" if line else "")
+            if field:
+                where += f" [{field}]"
+            where += ": "
+        super().__init__(where + message)
+
+
+class ProviderError(InferenceError):
+    """A remote provider or external server answered with an error, or did not answer.
+
+    ``status`` is the HTTP status (None for connection errors and timeouts); ``retryable`` says
+    whether another attempt (another key, model or later) may succeed; ``retry_after`` is the
+    provider's Retry-After in seconds when it gave one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        model: str,
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        self.provider = provider
+        self.model = model
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+        prefix = f"{provider} {model}"
+        if status is not None:
+            prefix += f" returned {status}"
+        super().__init__(f"{prefix}: {message}")
+
+    @property
+    def is_client_error(self) -> bool:
+        """A 4xx other than 429: the request or credentials are wrong, not the provider's load."""
+        return self.status is not None and 400 <= self.status < 500 and self.status != 429
+
+    def __repr__(self) -> str:
+        return (
+            f"ProviderError(provider={self.provider!r}, model={self.model!r}, "
+            f"status={self.status!r}, retryable={self.retryable!r}, "
+            f"retry_after={self.retry_after!r})"
+        )
+
+
+class SpendLimitExceeded(InferenceError):
+    """A request would take spend over a configured limit; refused before the call."""
+
+    def __init__(self, scope: str, period: str, limit_usd: float, spent_usd: float, estimate_usd: float) -> None:
+        self.scope = scope
+        self.period = period
+        self.limit_usd = limit_usd
+        self.spent_usd = spent_usd
+        self.estimate_usd = estimate_usd
+        super().__init__(
+            f"{period} spend limit for {scope} is ${limit_usd:.2f}; spent ${spent_usd:.4f}, "
+            f"this request would add about ${estimate_usd:.4f}"
+        )
+
+
+class AllModelsFailed(InferenceFailed):
+    """Every candidate (the routed model and its fallbacks) failed; ``attempts`` lists each one."""
+
+    def __init__(self, attempts: list[tuple[str, InferenceError]]) -> None:
+        self.attempts = attempts
+        lines = "; ".join(f"{model}: {err}" for model, err in attempts)
+        super().__init__(f"all {len(attempts)} candidate model(s) failed: {lines}")
+
+
+def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    """Names among ``candidates`` that look like ``name`` (case-insensitive), best first."""
+    pool = list(dict.fromkeys(candidates))
+    lowered = {c.lower(): c for c in pool}
+    needle = name.lower()
+    found = [lowered[m] for m in difflib.get_close_matches(needle, list(lowered), n=n, cutoff=0.5)]
+    if len(found) < n:
+        # Substring hits catch "qwen3" -> "qwen/qwen3-0.6b:q8_0" that ratio matching misses.
+        for c in pool:
+            if needle and needle in c.lower() and c not in found:
+                found.append(c)
+            if len(found) >= n:
+                break
+    return found

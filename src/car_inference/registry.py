@@ -1,0 +1,226 @@
+"""UnifiedRegistry: every model the engine knows, looked up by id, name or alias, and filtered.
+
+Availability is computed honestly and without network: a packaged model is available when its
+package is installed, a pulled one when its file is in the cache, a hosted one when a key for it
+is set, an endpoint when it is configured; and in every case only when a backend for its kind is
+installed. The engine passes the two checks it owns (keys, backends) as functions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .catalog import Catalog, EndpointConfig, load_catalog
+from .catalog.locate import local_path
+from .config import CarConfig
+from .errors import ModelNotFound, ModelUnavailable, close_matches
+from .schema import HostConfig, ModelCapability, ModelSchema
+
+__all__ = ["ModelFilter", "UnifiedRegistry"]
+
+KeyCheck = Callable[[str], bool]
+BackendCheck = Callable[[str], bool]
+
+
+class ModelFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    capabilities: list[ModelCapability] = Field(default_factory=list)
+    local_only: bool = False
+    remote_only: bool = False
+    available_only: bool = False
+    provider: str | None = None
+    kind: str | None = None
+    tag: str | None = None
+
+    def matches(self, m: ModelSchema) -> bool:
+        return (
+            all(c in m.capabilities for c in self.capabilities)
+            and not (self.local_only and not m.is_local)
+            and not (self.remote_only and m.is_local)
+            and not (self.available_only and not m.available)
+            and (self.provider is None or m.provider.lower() == self.provider.lower())
+            and (self.kind is None or m.kind == self.kind)
+            and (self.tag is None or self.tag in m.tags)
+        )
+
+
+def env_key_check(config: CarConfig | None = None) -> KeyCheck:
+    """A key counts as set when its environment variable (or the plural ``..._KEYS``) is non-empty
+    or the config lists keys under its name."""
+
+    def check(env_var: str) -> bool:
+        if os.environ.get(env_var, "").strip() or os.environ.get(env_var + "S", "").strip():
+            return True
+        return bool(config and config.keys.get(env_var))
+
+    return check
+
+
+class UnifiedRegistry:
+    def __init__(
+        self,
+        models: Iterable[ModelSchema] = (),
+        *,
+        hosts: dict[str, HostConfig] | None = None,
+        endpoints: list[EndpointConfig] | None = None,
+        key_check: KeyCheck | None = None,
+        backend_check: BackendCheck | None = None,
+    ) -> None:
+        self.hosts = dict(hosts or {})
+        self.endpoints = list(endpoints or [])
+        self._key_check = key_check or env_key_check()
+        self._backend_check = backend_check or (lambda kind: True)
+        self._runner_registered = False
+        self._models: dict[str, ModelSchema] = {}
+        self._names: dict[str, str] = {}
+        for model in models:
+            self.register(model)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: CarConfig,
+        *,
+        key_check: KeyCheck | None = None,
+        backend_check: BackendCheck | None = None,
+    ) -> UnifiedRegistry:
+        catalog: Catalog = load_catalog(config.paths.models_file)
+        return cls(
+            catalog.models,
+            hosts=catalog.hosts,
+            endpoints=catalog.endpoints,
+            key_check=key_check or env_key_check(config),
+            backend_check=backend_check,
+        )
+
+    # --- registration ------------------------------------------------------------------------
+
+    def register(self, schema: ModelSchema) -> ModelSchema:
+        """Add or replace a model; its availability is computed now."""
+        schema = schema.model_copy(update={"available": self._compute_available(schema)})
+        old = self._models.get(schema.id)
+        if old is not None:
+            self._drop_names(old)
+        self._models[schema.id] = schema
+        for key in self._lookup_keys(schema):
+            self._names.setdefault(key, schema.id)
+        return schema
+
+    def unregister(self, model_id: str) -> None:
+        old = self._models.pop(model_id, None)
+        if old is not None:
+            self._drop_names(old)
+            for m in self._models.values():  # names another model shared come back to it
+                for key in self._lookup_keys(m):
+                    self._names.setdefault(key, m.id)
+
+    def _drop_names(self, schema: ModelSchema) -> None:
+        for key in self._lookup_keys(schema):
+            if self._names.get(key) == schema.id:
+                del self._names[key]
+
+    @staticmethod
+    def _lookup_keys(schema: ModelSchema) -> list[str]:
+        base = schema.id.split(":", 1)[0]
+        short = schema.id.split("/", 1)[1]
+        keys = [schema.id, schema.name, base, short, short.split(":", 1)[0], *schema.aliases]
+        return [k.lower() for k in keys]
+
+    def set_runner_registered(self, registered: bool) -> None:
+        self._runner_registered = registered
+        self.refresh_availability()
+
+    # --- availability ------------------------------------------------------------------------
+
+    def refresh_availability(self) -> None:
+        for model_id, schema in list(self._models.items()):
+            self._models[model_id] = schema.model_copy(update={"available": self._compute_available(schema)})
+
+    def _compute_available(self, schema: ModelSchema) -> bool:
+        if not self._backend_check(schema.kind):
+            return False
+        source = schema.source
+        if schema.in_process:
+            try:
+                local_path(schema)
+            except ModelUnavailable:
+                return False
+            return True
+        if source.kind == "delegated":
+            return self._runner_registered
+        if source.kind in ("ollama", "vllm"):
+            return True  # configured; reachability is checked when it is used or discovered
+        base_url = getattr(source, "base_url", None)
+        key_env = getattr(source, "api_key_env", None)
+        if getattr(source, "needs_key", True) is False:
+            return bool(base_url)
+        return bool(key_env) and self._key_check(key_env)
+
+    def unavailable_reason(self, schema: ModelSchema) -> str:
+        """Why ``schema`` cannot run, in words a user can act on."""
+        if not self._backend_check(schema.kind):
+            return f"no backend installed for {schema.kind!r} models ({_EXTRA_HINT.get(schema.kind, 'see README')})"
+        if schema.in_process:
+            try:
+                local_path(schema)
+            except ModelUnavailable as exc:
+                return exc.reason
+        if schema.kind == "delegated":
+            return "no inference runner is registered"
+        key_env = getattr(schema.source, "api_key_env", None)
+        if key_env:
+            return f"set {key_env} (or store it with `car secrets put {key_env}`)"
+        return "not configured"
+
+    # --- lookup ------------------------------------------------------------------------------
+
+    def list(self) -> list[ModelSchema]:
+        return list(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._models
+
+    def get(self, model_id: str) -> ModelSchema | None:
+        return self._models.get(model_id)
+
+    def find(self, name: str) -> ModelSchema | None:
+        """By id, name, alias, id without variant, or name after the provider (case-insensitive)."""
+        exact = self._models.get(name)
+        if exact is not None:
+            return exact
+        model_id = self._names.get(name.lower())
+        return self._models.get(model_id) if model_id else None
+
+    def resolve(self, name: str) -> ModelSchema:
+        """Like ``find`` but raises ``ModelNotFound`` with up to three close names."""
+        found = self.find(name)
+        if found is None:
+            near = close_matches(name, [*self._models, *self._names], n=6)
+            ids = dict.fromkeys(self._names.get(k.lower(), k) for k in near)
+            raise ModelNotFound(name, list(ids)[:3])
+        return found
+
+    def query(self, flt: ModelFilter | None = None, **kwargs: object) -> list[ModelSchema]:
+        flt = flt or ModelFilter.model_validate(kwargs)
+        return [m for m in self._models.values() if flt.matches(m)]
+
+
+_EXTRA_HINT = {
+    "gguf": "pip install 'car-inference[gguf]'",
+    "sentence": "pip install 'car-inference[sentence]'",
+    "openai": "pip install 'car-inference[openai]'",
+    "anthropic": "pip install 'car-inference[anthropic]'",
+    "gemini": "pip install 'car-inference[gemini]'",
+    "ollama": "pip install 'car-inference[openai]'",
+    "vllm": "pip install 'car-inference[openai]'",
+    "piper": "speech backends are not implemented yet",
+    "whisper": "speech backends are not implemented yet",
+    "elevenlabs": "the ElevenLabs backend is not implemented yet",
+}

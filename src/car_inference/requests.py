@@ -1,0 +1,535 @@
+"""Requests and results for every task. Field names follow the seed crate where it has them.
+
+``InferenceResult``'s top-level keys are a public contract (the WebSocket ``infer`` result):
+``text, tool_calls, trace_id, model_used, latency_ms, time_to_first_token_ms, usage``, plus
+``bounding_boxes``, ``provider_output_items`` and ``thinking`` only when non-empty.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
+
+from .schema import ModelCapability
+
+__all__ = [
+    "AudioBlock",
+    "BoundingBox",
+    "Classification",
+    "ClassifyRequest",
+    "ClassifyResult",
+    "ContentBlock",
+    "EmbedRequest",
+    "EmbedResult",
+    "GenerateImageRequest",
+    "GenerateImageResult",
+    "GenerateParams",
+    "GenerateRequest",
+    "GenerateVideoRequest",
+    "GenerateVideoResult",
+    "GroundRequest",
+    "GroundResult",
+    "ImageBlock",
+    "InferenceResult",
+    "IntentHint",
+    "Message",
+    "RerankRequest",
+    "RerankResult",
+    "RerankedDocument",
+    "ResponseFormat",
+    "RoutingWorkload",
+    "SynthesizeRequest",
+    "SynthesizeResult",
+    "TaskHint",
+    "TextBlock",
+    "ThinkingMode",
+    "TokenUsage",
+    "TokenizeResult",
+    "ToolCall",
+    "TranscribeRequest",
+    "TranscribeResult",
+    "VideoBlock",
+    "VideoMode",
+    "parse_boxes",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class _OmitEmpty(_Model):
+    """Drops the fields named in ``omit_when_empty`` from the serialized form when they are empty."""
+
+    omit_when_empty: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for key in self.omit_when_empty:
+            if key in data and data[key] in (None, [], {}, ""):
+                del data[key]
+        return data
+
+
+# --- content ------------------------------------------------------------------------------------
+
+
+class TextBlock(_Model):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class _MediaBlock(_Model):
+    """Media by ``url`` (http(s) or data: URL) or inline base64 ``data`` with ``media_type``."""
+
+    url: str | None = None
+    data: str | None = Field(default=None, description="base64")
+    media_type: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> _MediaBlock:
+        if bool(self.url) == bool(self.data):
+            raise ValueError("give exactly one of `url` or `data`")
+        return self
+
+
+class ImageBlock(_MediaBlock):
+    type: Literal["image"] = "image"
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class AudioBlock(_MediaBlock):
+    type: Literal["audio"] = "audio"
+
+
+class VideoBlock(_MediaBlock):
+    type: Literal["video"] = "video"
+
+
+ContentBlock = Annotated[TextBlock | ImageBlock | AudioBlock | VideoBlock, Field(discriminator="type")]
+
+
+class ToolCall(_OmitEmpty):
+    """A function call the model asked for. ``arguments`` is the parsed JSON object; when the model
+    produced JSON that does not parse, ``arguments`` is empty and ``invalid_arguments`` holds it."""
+
+    omit_when_empty = ("invalid_arguments",)
+
+    id: str | None = None
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    invalid_arguments: str | None = None
+
+
+class Message(_Model):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[ContentBlock] = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text, media blocks left out."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(b.text for b in self.content if isinstance(b, TextBlock))
+
+    def media(self) -> list[ImageBlock | AudioBlock | VideoBlock]:
+        if isinstance(self.content, str):
+            return []
+        return [b for b in self.content if not isinstance(b, TextBlock)]
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+
+class ThinkingMode(StrEnum):
+    ON = "on"
+    OFF = "off"
+    AUTO = "auto"
+
+
+class RoutingWorkload(StrEnum):
+    INTERACTIVE = "interactive"
+    BACKGROUND = "background"
+
+
+class TaskHint(StrEnum):
+    CHAT = "chat"
+    CODE = "code"
+    REASONING = "reasoning"
+    MATH = "math"
+    SUMMARIZE = "summarize"
+    EXTRACT = "extract"
+    TOOL_USE = "tool_use"
+    VISION = "vision"
+    CREATIVE = "creative"
+    TRANSLATE = "translate"
+
+
+class IntentHint(_Model):
+    """What the caller knows about the task: a family, a local-first wish, required capabilities."""
+
+    task: TaskHint | None = None
+    prefer_local: bool = False
+    require: list[ModelCapability] = Field(default_factory=list)
+
+
+class ResponseFormat(_Model):
+    """``json_object``, or ``json_schema`` with ``json_schema = {name, schema, strict}``."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and not (self.json_schema and "schema" in self.json_schema):
+            raise ValueError("type json_schema needs json_schema = {name, schema}")
+        return self
+
+
+ToolChoice = Literal["auto", "none", "required"] | str
+
+
+class GenerateParams(_Model):
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0, description="0 means greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    max_tokens: int = Field(default=1024, ge=1)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    repeat_penalty: float = Field(default=1.0, gt=0.0)
+    thinking: ThinkingMode = ThinkingMode.AUTO
+    budget_tokens: int = Field(default=0, ge=0, description="extended-thinking budget; 0 = none")
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="auto, none, required, or the name of one tool"
+    )
+    parallel_tool_calls: bool | None = None
+    workload: RoutingWorkload = RoutingWorkload.INTERACTIVE
+
+
+class GenerateRequest(_Model):
+    """A text generation request. ``prompt`` alone, or ``messages`` (``prompt``, when also given,
+    is appended as a last user turn). ``context`` is system text. ``model`` None means route."""
+
+    prompt: str = ""
+    messages: list[Message] | None = None
+    model: str | None = None
+    params: GenerateParams = Field(default_factory=GenerateParams)
+    context: str | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, description="OpenAI function schemas")
+    images: list[ContentBlock] | None = None
+    response_format: ResponseFormat | None = None
+    cache_control: bool = False
+    intent: IntentHint | None = None
+
+    @model_validator(mode="after")
+    def _has_input(self) -> GenerateRequest:
+        if not self.prompt and not self.messages:
+            raise ValueError("a request needs a `prompt` or `messages`")
+        return self
+
+    def chat_messages(self) -> list[Message]:
+        """The conversation as messages: ``context`` as system, history, then ``prompt`` with
+        ``images`` as the last user turn."""
+        out: list[Message] = []
+        if self.context:
+            out.append(Message(role="system", content=self.context))
+        out.extend(self.messages or [])
+        if self.prompt or self.images:
+            if self.images:
+                blocks: list[Any] = [*self.images]
+                if self.prompt:
+                    blocks.insert(0, TextBlock(text=self.prompt))
+                out.append(Message(role="user", content=blocks))
+            else:
+                out.append(Message(role="user", content=self.prompt))
+        return out
+
+    def media_types(self) -> set[str]:
+        """Which media kinds (image, audio, video) the request carries."""
+        kinds = {b.type for b in self.images or [] if b.type != "text"}
+        for m in self.messages or []:
+            kinds.update(b.type for b in m.media())
+        return kinds
+
+    def has_tools(self) -> bool:
+        return bool(self.tools)
+
+    def text_for_analysis(self) -> str:
+        """All user-visible text, for complexity assessment and token estimates."""
+        parts = [self.context or ""]
+        parts.extend(m.text() for m in self.messages or [])
+        parts.append(self.prompt)
+        return "\n".join(p for p in parts if p)
+
+    def last_user_text(self) -> str:
+        if self.prompt:
+            return self.prompt
+        for m in reversed(self.messages or []):
+            if m.role == "user":
+                return m.text()
+        return ""
+
+
+class TokenUsage(_Model):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    context_window: int = 0
+    cost_usd: float | None = None
+    cached_prompt_tokens: int | None = None
+    needs_compaction: bool = False
+
+
+class BoundingBox(_Model):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str | None = None
+
+
+class InferenceResult(_OmitEmpty):
+    omit_when_empty = ("bounding_boxes", "provider_output_items", "thinking")
+
+    text: str
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    bounding_boxes: list[BoundingBox] = Field(default_factory=list)
+    trace_id: str
+    model_used: str
+    latency_ms: float
+    time_to_first_token_ms: float | None = None
+    usage: TokenUsage | None = None
+    provider_output_items: list[dict[str, Any]] = Field(default_factory=list)
+    thinking: str | None = None
+    # How the engine got here (routing decision, attempts); not part of the wire contract.
+    _routing: Any = PrivateAttr(default=None)
+
+    def has_tool_calls(self) -> bool:
+        return bool(self.tool_calls)
+
+    @property
+    def routing(self) -> Any:
+        return self._routing
+
+
+# --- other tasks ----------------------------------------------------------------------------------
+
+
+class EmbedRequest(_Model):
+    texts: list[str]
+    model: str | None = None
+    is_query: bool = False
+    instruction: str | None = None
+    normalize: bool = True
+
+
+class EmbedResult(_Model):
+    embeddings: list[list[float]]
+    model_used: str
+    dimensions: int
+    prompt_tokens: int | None = None
+
+
+class RerankRequest(_Model):
+    query: str
+    documents: list[str]
+    model: str | None = None
+    top_n: int | None = Field(default=None, ge=0)
+    instruction: str | None = None
+
+
+class RerankedDocument(_Model):
+    index: int
+    score: float
+    document: str
+
+
+class RerankResult(_Model):
+    ranked: list[RerankedDocument]
+    model_used: str | None = None
+    method: str | None = None
+
+
+class ClassifyRequest(_Model):
+    text: str
+    labels: list[str] = Field(min_length=1)
+    model: str | None = None
+    method: Literal["auto", "likelihood", "embedding"] = "auto"
+
+
+class ClassifyResult(_Model):
+    label: str
+    score: float
+
+
+class Classification(_Model):
+    """Labels sorted by score, best first; scores sum to 1."""
+
+    results: list[ClassifyResult]
+    model_used: str
+    method: str
+
+    @property
+    def label(self) -> str:
+        return self.results[0].label
+
+
+class TokenizeResult(_Model):
+    model_used: str
+    tokens: list[int]
+    text: str | None = None
+
+
+class GroundRequest(_Model):
+    prompt: str
+    image: ImageBlock
+    model: str | None = None
+
+
+class GroundResult(_Model):
+    boxes: list[BoundingBox]
+    raw_text: str
+    model_used: str | None = None
+
+
+class TranscribeRequest(_Model):
+    audio_path: str
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+    timestamps: bool = False
+
+
+class TranscribedWord(_Model):
+    word: str
+    start: float
+    end: float
+
+
+class TranscribeResult(_Model):
+    text: str
+    model_used: str | None = None
+    language: str | None = None
+    words: list[TranscribedWord] = Field(default_factory=list)
+
+
+class SynthesizeRequest(_Model):
+    text: str
+    model: str | None = None
+    voice: str | None = None
+    language: str | None = None
+    output_path: str | None = None
+    format: Literal["wav", "mp3", "flac", "pcm"] = "wav"
+    speed: float | None = Field(default=None, gt=0)
+    reference_audio_path: str | None = None
+    reference_text: str | None = None
+    voice_instruction: str | None = None
+    strict_capabilities: bool = False
+
+
+class SynthesizeResult(_Model):
+    audio_path: str
+    media_type: str
+    model_used: str | None = None
+    voice_used: str | None = None
+
+
+class GenerateImageRequest(_Model):
+    prompt: str
+    model: str | None = None
+    negative_prompt: str | None = None
+    width: int = Field(default=1024, ge=64)
+    height: int = Field(default=1024, ge=64)
+    steps: int | None = Field(default=None, ge=1)
+    guidance: float | None = None
+    seed: int | None = None
+    variant_count: int | None = Field(default=None, ge=1)
+    output_path: str | None = None
+    format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class GenerateImageResult(_Model):
+    image_path: str
+    media_type: str
+    model_used: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+
+
+class VideoMode(StrEnum):
+    TEXT_TO_VIDEO = "text_to_video"
+    IMAGE_TO_VIDEO = "image_to_video"
+    AUDIO_TO_VIDEO = "audio_to_video"
+
+
+class GenerateVideoRequest(_Model):
+    prompt: str
+    model: str | None = None
+    mode: VideoMode = VideoMode.TEXT_TO_VIDEO
+    image_path: str | None = None
+    audio_path: str | None = None
+    duration_s: float = Field(default=4.0, gt=0)
+    fps: int = Field(default=24, ge=1)
+    width: int = Field(default=768, ge=64)
+    height: int = Field(default=512, ge=64)
+    seed: int | None = None
+    output_path: str | None = None
+    format: Literal["mp4", "mov", "gif"] = "mp4"
+
+    @model_validator(mode="after")
+    def _inputs_match_mode(self) -> GenerateVideoRequest:
+        if self.mode is VideoMode.IMAGE_TO_VIDEO and not self.image_path:
+            raise ValueError("image_to_video needs image_path")
+        if self.mode is VideoMode.AUDIO_TO_VIDEO and not self.audio_path:
+            raise ValueError("audio_to_video needs audio_path")
+        return self
+
+
+class GenerateVideoResult(_Model):
+    video_path: str
+    media_type: str
+    model_used: str | None = None
+    duration_s: float | None = None
+
+
+# --- grounding output parsing ---------------------------------------------------------------------
+
+_BOX_JSON = re.compile(
+    r'"bbox_2d"\s*:\s*\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]'
+    r'(?:\s*,\s*"label"\s*:\s*"([^"]*)")?'
+)
+_BOX_TAG = re.compile(
+    r"(?:<\|object_ref_start\|>([^<]*)<\|object_ref_end\|>)?\s*"
+    r"<\|box_start\|>\s*\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)\s*,\s*"
+    r"\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)\s*<\|box_end\|>"
+)
+
+
+def parse_boxes(text: str) -> list[BoundingBox]:
+    """Boxes in a grounding model's answer: Qwen2.5-VL JSON (``"bbox_2d": [x1, y1, x2, y2]``) or
+    Qwen2-VL tags (``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``). Text without boxes gives []."""
+    boxes = [
+        BoundingBox(x1=float(a), y1=float(b), x2=float(c), y2=float(d), label=label or None)
+        for a, b, c, d, label in _BOX_JSON.findall(text)
+    ]
+    boxes += [
+        BoundingBox(x1=float(a), y1=float(b), x2=float(c), y2=float(d), label=label.strip() or None)
+        for label, a, b, c, d in _BOX_TAG.findall(text)
+    ]
+    return boxes
