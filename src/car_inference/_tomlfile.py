@@ -16,6 +16,7 @@ from .errors import ConfigError
 T = TypeVar("T", bound=BaseModel)
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_AT_LINE = re.compile(r"\s*\(at line (\d+), column \d+\)")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"'.]+)\s*=")
 
 
@@ -28,8 +29,10 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", None)
-        msg = getattr(exc, "msg", str(exc))
+        # Python 3.14 adds exc.lineno; before that the line is only in the message.
+        where = _AT_LINE.search(str(exc))
+        line = getattr(exc, "lineno", None) or (int(where.group(1)) if where else None)
+        msg = _AT_LINE.sub("", str(exc)).strip()
         raise ConfigError(f"invalid TOML: {msg}", path=str(path), line=line) from exc
 
 
@@ -82,7 +85,9 @@ def _prefix_depth(have: list[str], want: list[str | int]) -> int:
     return n
 
 
-def config_error(exc: ValidationError, path: Path, text: str, prefix: Sequence[str | int] = ()) -> ConfigError:
+def config_error(
+    exc: ValidationError, path: Path, text: str, prefix: Sequence[str | int] = ()
+) -> ConfigError:
     """The first validation error of ``exc`` as a ConfigError with file, line and field."""
     err = exc.errors()[0]
     loc = [*prefix, *[p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]]

@@ -118,7 +118,9 @@ class RoutingSettings(_Section):
 
 
 class LocalSettings(_Section):
-    n_ctx: int = Field(default=8192, ge=256, description="context loaded for GGUF models (capped by the model's)")
+    n_ctx: int = Field(
+        default=8192, ge=256, description="context loaded for GGUF models (capped by the model's)"
+    )
     n_threads: int | None = Field(default=None, ge=1)
     n_batch: int = Field(default=512, ge=1)
     n_gpu_layers: int = 0

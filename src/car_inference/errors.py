@@ -11,6 +11,7 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
+    "AllModelsFailed",
     "ConfigError",
     "DeviceError",
     "DownloadFailed",
@@ -22,7 +23,6 @@ __all__ = [
     "SpendLimitExceeded",
     "TokenizationError",
     "UnsupportedMode",
-    "AllModelsFailed",
     "close_matches",
 ]
 
@@ -145,7 +145,9 @@ class ProviderError(InferenceError):
 class SpendLimitExceeded(InferenceError):
     """A request would take spend over a configured limit; refused before the call."""
 
-    def __init__(self, scope: str, period: str, limit_usd: float, spent_usd: float, estimate_usd: float) -> None:
+    def __init__(
+        self, scope: str, period: str, limit_usd: float, spent_usd: float, estimate_usd: float
+    ) -> None:
         self.scope = scope
         self.period = period
         self.limit_usd = limit_usd

@@ -163,7 +163,8 @@ class UnifiedRegistry:
     def unavailable_reason(self, schema: ModelSchema) -> str:
         """Why ``schema`` cannot run, in words a user can act on."""
         if not self._backend_check(schema.kind):
-            return f"no backend installed for {schema.kind!r} models ({_EXTRA_HINT.get(schema.kind, 'see README')})"
+            hint = _EXTRA_HINT.get(schema.kind, "see README")
+            return f"no backend installed for {schema.kind!r} models ({hint})"
         if schema.in_process:
             try:
                 local_path(schema)

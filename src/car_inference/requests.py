@@ -219,6 +219,9 @@ class GenerateParams(_Model):
     )
     parallel_tool_calls: bool | None = None
     workload: RoutingWorkload = RoutingWorkload.INTERACTIVE
+    raw_prompt: bool = Field(
+        default=False, description="send `prompt` as-is, without the chat template (text completion)"
+    )
 
 
 class GenerateRequest(_Model):

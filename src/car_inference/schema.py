@@ -275,6 +275,10 @@ class ModelSchema(BaseModel):
     quality: float | None = Field(default=None, ge=0.0, le=1.0, description="prior, 0..1")
     tags: list[str] = Field(default_factory=list)
     aliases: list[str] = Field(default_factory=list)
+    default_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="sampling defaults this model works best with; a request's explicit values win",
+    )
     query_instruction: str | None = Field(
         default=None, description="embedding models: default instruction for `is_query` texts"
     )

@@ -45,7 +45,11 @@ class EndpointConfig(BaseModel):
         out = []
         for wire_name in served if served is not None else self.models:
             if self.kind == "ollama":
-                source: dict[str, Any] = {"kind": "ollama", "host": _strip_v1(self.base_url), "model_tag": wire_name}
+                source: dict[str, Any] = {
+                    "kind": "ollama",
+                    "host": _strip_v1(self.base_url),
+                    "model_tag": wire_name,
+                }
             elif self.kind == "vllm":
                 source = {"kind": "vllm", "endpoint": _strip_v1(self.base_url), "model_name": wire_name,
                           "api_key_env": self.api_key_env}  # fmt: skip
@@ -115,7 +119,9 @@ def _resolve_host(schema: ModelSchema, hosts: dict[str, HostConfig], origin: str
         return schema
     host = hosts.get(host_name)
     if host is None:
-        raise ConfigError(f"model {schema.id} names unknown host {host_name!r}", path=origin, field="source.host")
+        raise ConfigError(
+            f"model {schema.id} names unknown host {host_name!r}", path=origin, field="source.host"
+        )
     update = {
         "base_url": source.base_url or host.base_url,  # type: ignore[union-attr]
         "api_key_env": source.api_key_env or host.api_key_env,  # type: ignore[union-attr]
@@ -162,7 +168,10 @@ def load_catalog(user_file: Path | None) -> Catalog:
             model_id = data.get("id")
             if not isinstance(model_id, str):
                 raise ConfigError(
-                    "a model needs an `id`", path=str(user_file), line=_entry_line(text, index), field=f"models.{index}.id"
+                    "a model needs an `id`",
+                    path=str(user_file),
+                    line=_entry_line(text, index),
+                    field=f"models.{index}.id",
                 )
             base = entries.get(model_id, ({}, "", "", None))[0]
             entries[model_id] = (_merge(base, data), str(user_file), text, index)

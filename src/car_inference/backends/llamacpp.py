@@ -1,0 +1,428 @@
+"""GGUF models in-process through llama-cpp-python: generation, streaming, tokenize, embeddings,
+one-pass yes/no reranking and likelihood classification.
+
+Every call holds the loaded instance's lock in a worker thread; the event loop never blocks.
+Generation runs our own token loop over ``Llama.generate`` (the same sampler chain
+``create_completion`` uses) so that we count tokens exactly, stop at a token boundary when the
+consumer goes away, and split ``<think>``/``<tool_call>`` blocks as they stream.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from threading import Event
+from typing import Any
+
+from ..catalog.locate import local_path
+from ..errors import InferenceFailed, TokenizationError, UnsupportedMode
+from ..requests import (
+    Classification,
+    ClassifyRequest,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    RerankRequest,
+    RerankResult,
+    ThinkingMode,
+    TokenUsage,
+)
+from ..schema import GgufSource, ModelSchema
+from ..stream import (
+    Done,
+    StreamAccumulator,
+    StreamEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolCallDelta,
+    ToolCallStart,
+)
+from .base import (
+    BackendContext,
+    GenerationOutput,
+    iterate_in_thread,
+    label_distribution,
+    ranked_result,
+    run_blocking,
+)
+from .cache import CachedModel
+from .chat_template import TagSplitter, chat_messages, parse_tool_call_block, render_chat
+from .prompts import DEFAULT_RERANK_INSTRUCTION, classify_prompt, rerank_prompt
+
+__all__ = ["LlamaCppBackend", "LoadedGguf"]
+
+
+@dataclass
+class LoadedGguf:
+    llm: Any  # llama_cpp.Llama
+    template: str | None
+    bos: str
+    eos: str
+    add_bos: bool
+    n_ctx: int
+    vocab: Any
+
+    def tokenize(self, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def last_logits(self, tokens: list[int]) -> Any:
+        """Logits after ``tokens``, reusing the KV cache for the prefix already evaluated."""
+        import llama_cpp
+        import numpy as np
+
+        llm = self.llm
+        prefix = 0
+        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens, strict=False):
+            if a != b:
+                break
+            prefix += 1
+        prefix = min(prefix, len(tokens) - 1)  # the last token must be evaluated to get its logits
+        llm.n_tokens = prefix  # eval() drops the KV cache beyond this point
+        llm.eval(tokens[prefix:])
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype("float64")
+
+
+class LlamaCppBackend:
+    kind = "gguf"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.config.local
+
+    # --- loading -----------------------------------------------------------------------------
+
+    def _entry(self, model: ModelSchema, *, embedding: bool = False) -> CachedModel:
+        path = local_path(model)
+        size = model.cost.size_mb or max(1, path.stat().st_size // 2**20)
+        key = f"{'gguf-embed' if embedding else 'gguf'}:{model.id}"
+        return self.ctx.cache.get_or_load(key, size, lambda: self._load(model, str(path), embedding))
+
+    def _load(self, model: ModelSchema, path: str, embedding: bool) -> LoadedGguf:
+        import llama_cpp
+
+        cap = model.context_length or self.settings.n_ctx
+        kwargs: dict[str, Any] = {
+            "n_ctx": min(self.settings.n_ctx, cap),
+            "n_batch": self.settings.n_batch,
+            "n_gpu_layers": self.settings.n_gpu_layers,
+            "verbose": False,
+            "embedding": embedding,
+        }
+        if self.settings.n_threads:
+            kwargs["n_threads"] = self.settings.n_threads
+        source = model.source
+        if embedding:
+            # A chat model's GGUF names no pooling; mean over tokens gives one vector per text.
+            pooling = (source.pooling if isinstance(source, GgufSource) else None) or "mean"
+            kwargs["pooling_type"] = {"none": 0, "mean": 1, "cls": 2, "last": 3}[pooling]
+        try:
+            llm = llama_cpp.Llama(path, **kwargs)
+        except (ValueError, RuntimeError) as exc:
+            raise InferenceFailed(f"llama.cpp could not load {model.id} from {path}: {exc}") from exc
+        meta = llm.metadata
+        vocab = llm._model.vocab
+
+        def piece(token_id: int) -> str:
+            if token_id < 0:
+                return ""
+            return llm._model.token_get_text(token_id)
+
+        return LoadedGguf(
+            llm=llm,
+            template=meta.get("tokenizer.chat_template"),
+            bos=piece(llm.token_bos()),
+            eos=piece(llm.token_eos()),
+            add_bos=meta.get("tokenizer.ggml.add_bos_token", "true") == "true",
+            n_ctx=llm.n_ctx(),
+            vocab=vocab,
+        )
+
+    def warm_up(self, model: ModelSchema) -> None:
+        self._entry(model)
+
+    # --- generation --------------------------------------------------------------------------
+
+    def _prompt_tokens(self, loaded: LoadedGguf, request: GenerateRequest) -> tuple[list[int], bool]:
+        params = request.params
+        if params.raw_prompt:
+            tokens = loaded.tokenize(request.prompt, special=True, add_bos=loaded.add_bos)
+        else:
+            tools = request.tools
+            if tools and (not loaded.template or "tools" not in loaded.template):
+                raise UnsupportedMode("tool-use", "gguf", "this model's chat template has no tool support")
+            text = render_chat(
+                loaded.template,
+                chat_messages(request, "gguf"),
+                bos_token=loaded.bos,
+                eos_token=loaded.eos,
+                tools=tools,
+                thinking=params.thinking,
+            )
+            add_bos = loaded.add_bos and not (loaded.bos and text.startswith(loaded.bos))
+            tokens = loaded.tokenize(text, special=True, add_bos=add_bos)
+        # Keep the tail of an over-long prompt, leaving min(max_tokens, ctx/4) for the answer.
+        headroom = min(params.max_tokens, loaded.n_ctx // 4)
+        max_prompt = loaded.n_ctx - headroom
+        if len(tokens) <= max_prompt:
+            return tokens, False
+        keep_bos = tokens[:1] if loaded.add_bos and tokens and tokens[0] == loaded.llm.token_bos() else []
+        return keep_bos + tokens[len(tokens) - max_prompt + len(keep_bos) :], True
+
+    def _grammar(self, request: GenerateRequest) -> Any:
+        fmt = request.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        if fmt.type == "json_schema" and fmt.json_schema:
+            return LlamaGrammar.from_json_schema(json.dumps(fmt.json_schema["schema"]), verbose=False)
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+
+    def _run(self, model: ModelSchema, request: GenerateRequest, cancelled: Event) -> Iterator[StreamEvent]:
+        """The blocking token loop; yields stream events, ending with ``Done``."""
+        entry = self._entry(model)
+        params = request.params
+        with entry.lock:
+            loaded: LoadedGguf = entry.instance
+            llm = loaded.llm
+            tokens, truncated = self._prompt_tokens(loaded, request)
+            max_tokens = min(params.max_tokens, loaded.n_ctx - len(tokens))
+            llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
+            if params.temperature == 0 or params.seed is not None:
+                # Reusing the cached KV prefix changes the last position's logits in the low bits
+                # (a 1-token batch instead of the whole prompt), enough to flip a greedy choice.
+                # Requests that ask for reproducibility get a full prefill; others reuse the prefix.
+                llm.reset()
+            splitter = TagSplitter({"think", "tool_call"} if request.tools else {"think"})
+            stops = _StopMatcher(params.stop)
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            acc = StreamAccumulator()
+            tool_index = 0
+            generated = 0
+
+            def events(segments: list[tuple[str, str]]) -> Iterator[StreamEvent]:
+                nonlocal tool_index
+                for kind, piece in segments:
+                    for event in self._segment_events(kind, piece, params.thinking, tool_index):
+                        acc.push(event)
+                        yield event
+                    tool_index += kind == "tool_call"
+
+            gen = llm.generate(
+                tokens,
+                top_k=params.top_k if params.top_k is not None else 40,
+                top_p=params.top_p,
+                min_p=0.05,
+                temp=params.temperature,
+                repeat_penalty=params.repeat_penalty,
+                grammar=self._grammar(request),
+            )
+            stopped = False
+            try:
+                for token in gen:
+                    if cancelled.is_set() or loaded.is_eog(token):
+                        break
+                    generated += 1
+                    text, stopped = stops.feed(decoder.decode(llm.detokenize([token])))
+                    yield from events(splitter.feed(text))
+                    if stopped or generated >= max_tokens:
+                        break
+            finally:
+                gen.close()
+            tail = decoder.decode(b"", final=True) + ("" if stopped else stops.flush())
+            yield from events(splitter.feed(tail) + splitter.flush())
+        usage = TokenUsage(
+            prompt_tokens=len(tokens),
+            completion_tokens=generated,
+            total_tokens=len(tokens) + generated,
+            context_window=loaded.n_ctx,
+            cost_usd=0.0,
+            needs_compaction=truncated,
+        )
+        yield Done(text=acc.text, tool_calls=acc.tool_calls(), thinking=acc.thinking, usage=usage)
+
+    @staticmethod
+    def _segment_events(kind: str, piece: str, thinking: ThinkingMode, index: int) -> Iterator[StreamEvent]:
+        if kind == "text":
+            yield TextDelta(text=piece)
+        elif kind == "think":
+            if thinking is not ThinkingMode.OFF:
+                yield ThinkingDelta(text=piece)
+        else:
+            parsed = parse_tool_call_block(piece)
+            if parsed is None:
+                yield TextDelta(text=f"<tool_call>{piece}</tool_call>")
+            else:
+                name, arguments = parsed
+                yield ToolCallStart(index=index, id=f"call_{index}", name=name)
+                yield ToolCallDelta(index=index, arguments=arguments)
+
+    def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
+        return iterate_in_thread(lambda cancelled: self._run(model, request, cancelled))
+
+    async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:
+        start = time.perf_counter()
+        ttft: float | None = None
+        async for event in self.stream(model, request):
+            if ttft is None and not isinstance(event, Done):
+                ttft = (time.perf_counter() - start) * 1000
+            if isinstance(event, Done):
+                return GenerationOutput.from_done(event, ttft)
+        raise InferenceFailed(f"{model.id}: generation ended without a result")
+
+    # --- tokens ------------------------------------------------------------------------------
+
+    async def tokenize(self, model: ModelSchema, text: str) -> list[int]:
+        def work() -> list[int]:
+            entry = self._entry(model)
+            with entry.lock:
+                return entry.instance.tokenize(text, special=False)
+
+        return await run_blocking(work)
+
+    async def detokenize(self, model: ModelSchema, tokens: list[int]) -> str:
+        def work() -> str:
+            entry = self._entry(model)
+            with entry.lock:
+                loaded: LoadedGguf = entry.instance
+                n_vocab = loaded.llm.n_vocab()
+                bad = [t for t in tokens if not 0 <= t < n_vocab]
+                if bad:
+                    raise TokenizationError(
+                        f"token ids out of range for {model.id} (vocab {n_vocab}): {bad[:5]}"
+                    )
+                return loaded.llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+        return await run_blocking(work)
+
+    # --- embeddings, rerank, classify ---------------------------------------------------------
+
+    async def embed(self, model: ModelSchema, request: EmbedRequest) -> EmbedResult:
+        instruction = request.instruction or model.query_instruction
+        texts = [
+            f"Instruct: {instruction}\nQuery: {t}" if request.is_query and instruction else t
+            for t in request.texts
+        ]
+
+        def work() -> EmbedResult:
+            entry = self._entry(model, embedding=True)
+            with entry.lock:
+                vectors = entry.instance.llm.embed(texts, normalize=request.normalize)
+            dims = len(vectors[0]) if vectors else 0
+            return EmbedResult.model_construct(embeddings=vectors, model_used=model.id, dimensions=dims)
+
+        return await run_blocking(work)
+
+    async def rerank(self, model: ModelSchema, request: RerankRequest) -> RerankResult:
+        """Yes/no reranking: one forward pass per document (the shared prefix is evaluated once and
+        kept in the KV cache); score = sigmoid(logit("yes") - logit("no")) at the last position."""
+        instruction = request.instruction or DEFAULT_RERANK_INSTRUCTION
+
+        def work() -> list[float]:
+            entry = self._entry(model)
+            with entry.lock:
+                loaded: LoadedGguf = entry.instance
+                yes = loaded.tokenize("yes", special=False)[0]
+                no = loaded.tokenize("no", special=False)[0]
+                scores = []
+                for doc in request.documents:
+                    tokens = loaded.tokenize(rerank_prompt(instruction, request.query, doc), special=True)
+                    logits = loaded.last_logits(tokens[-(loaded.n_ctx - 1) :])
+                    scores.append(1.0 / (1.0 + math.exp(-(logits[yes] - logits[no]))))
+                return scores
+
+        scores = await run_blocking(work) if request.documents else []
+        return ranked_result(request, scores, model.id, "yes-no-logits")
+
+    async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:
+        """Zero-shot: log P(label | prompt) for each label, each followed by end-of-turn, summed
+        over the label's tokens (and its capitalised spelling), normalised across labels."""
+
+        def work() -> list[float]:
+            entry = self._entry(model)
+            with entry.lock:
+                loaded: LoadedGguf = entry.instance
+                prompt = render_chat(
+                    loaded.template,
+                    [{"role": "user", "content": classify_prompt(request.text, request.labels)}],
+                    bos_token=loaded.bos,
+                    eos_token=loaded.eos,
+                    thinking=ThinkingMode.OFF,
+                )
+                base = loaded.tokenize(
+                    prompt, special=True, add_bos=loaded.add_bos and not prompt.startswith(loaded.bos)
+                )
+                eot = loaded.llm.token_eos()
+                out = []
+                for label in request.labels:
+                    spellings = dict.fromkeys([label, label[:1].upper() + label[1:]])
+                    logps = [
+                        self._sequence_logprob(loaded, base, [*loaded.tokenize(s, special=False), eot])
+                        for s in spellings
+                    ]
+                    out.append(_logsumexp(logps))
+                return out
+
+        logps = await run_blocking(work)
+        return label_distribution(request.labels, logps, model.id, "likelihood")
+
+    @staticmethod
+    def _sequence_logprob(loaded: LoadedGguf, prefix: list[int], continuation: list[int]) -> float:
+        total = 0.0
+        for i, token in enumerate(continuation):
+            logits = loaded.last_logits(prefix + continuation[:i])
+            m = float(logits.max())
+            total += float(logits[token]) - m - math.log(float((_exp(logits - m)).sum()))
+        return total
+
+
+def _exp(x: Any) -> Any:
+    import numpy as np
+
+    return np.exp(x)
+
+
+def _logsumexp(values: list[float]) -> float:
+    m = max(values)
+    return m + math.log(sum(math.exp(v - m) for v in values))
+
+
+class _StopMatcher:
+    """Finds stop strings across token boundaries, holding back text that may begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            pos = min(h[0] for h in hits)
+            out, self.pending = self.pending[:pos], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

@@ -1,0 +1,98 @@
+"""What every command shares: consoles, the engine, JSON output, errors as one line."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+
+from ..errors import ConfigError, InferenceError, ModelNotFound
+
+T = TypeVar("T")
+
+# Piped output is not cut to 80 columns: tables stay one row per model for grep and friends.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# Exit statuses: 2 for usage errors and unknown models (typer uses 2 for usage too), 1 otherwise.
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def engine() -> Any:
+    """A fresh engine for ``$CAR_HOME`` (imported lazily: `car --version` needs none of it)."""
+    from ..engine import InferenceEngine
+
+    return InferenceEngine()
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+def _exit_code(exc: InferenceError) -> int:
+    return EXIT_USAGE if isinstance(exc, ModelNotFound | ConfigError) else EXIT_FAILURE
+
+
+def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Turn our exceptions into one clear line on stderr and a non-zero exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except ModelNotFound as exc:
+            err.print(f"[bold red]error:[/] model not found: {exc.name}", markup=True)
+            if exc.suggestions:
+                err.print(f"did you mean: {', '.join(exc.suggestions)}?")
+            raise typer.Exit(EXIT_USAGE) from None
+        except InferenceError as exc:
+            raise fail(_one_line(str(exc)), _exit_code(exc)) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def print_json(value: Any) -> None:
+    """Machine-readable output on stdout: the task's result object."""
+    if isinstance(value, BaseModel):
+        text = value.model_dump_json(indent=2)
+    elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+        text = json.dumps([v.model_dump(mode="json") for v in value], indent=2)
+    else:
+        text = json.dumps(value, indent=2, default=str)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def spinner(message: str, enabled: bool = True) -> Iterator[None]:
+    """A spinner on stderr while a model loads or thinks; silent when stderr is not a terminal."""
+    if enabled and err.is_terminal and not os.environ.get("CAR_NO_SPINNER"):
+        with err.status(message, spinner="dots"):
+            yield
+    else:
+        yield
+
+
+def split_csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]

@@ -1,0 +1,125 @@
+"""`car models ...` and `car config ...`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..schema import ModelCapability
+from .common import engine, handle_errors, out, print_json, spinner
+
+models_app = typer.Typer(help="List, inspect and pull models.", no_args_is_help=True)
+config_app = typer.Typer(help="Show settings.", no_args_is_help=True)
+
+
+def _price(value: float) -> str:
+    return f"{value:g}" if value else "-"
+
+
+@models_app.command("list")
+@handle_errors
+def list_models(
+    capability: Annotated[
+        list[ModelCapability] | None,
+        typer.Option("--capability", "-c", help="required capability (repeatable)"),
+    ] = None,
+    local: Annotated[bool, typer.Option("--local", help="only models that run on this machine")] = False,
+    remote: Annotated[bool, typer.Option("--remote", help="only hosted models")] = False,
+    available: Annotated[bool, typer.Option("--available", help="only models that can run now")] = False,
+    provider: Annotated[str | None, typer.Option(help="only this provider")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the model schemas as JSON")] = False,
+) -> None:
+    """The catalog: built-in models plus $CAR_HOME/models.toml."""
+    eng = engine()
+    models = eng.registry.query(
+        capabilities=list(capability or []),
+        local_only=local,
+        remote_only=remote,
+        available_only=available,
+        provider=provider,
+    )
+    if as_json:
+        print_json([m.model_dump(mode="json") for m in models])
+        return
+    table = Table(show_lines=False, header_style="bold")
+    for column in ("id", "kind", "capabilities", "context", "$in/M", "$out/M", "available"):
+        table.add_column(column, no_wrap=column in ("id", "kind"))
+    for m in models:
+        table.add_row(
+            m.id,
+            m.kind,
+            ", ".join(c.value for c in m.capabilities),
+            f"{m.context_length:,}" if m.context_length else "-",
+            _price(m.cost.input_per_mtok),
+            _price(m.cost.output_per_mtok),
+            "[green]yes[/]" if m.available else "[dim]no[/]",
+        )
+    out.print(table)
+    out.print(f"{len(models)} model(s)", style="dim")
+
+
+@models_app.command("show")
+@handle_errors
+def show_model(
+    model: Annotated[str, typer.Argument(help="model id, name or alias")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Everything the catalog knows about one model."""
+    eng = engine()
+    schema = eng.resolve(model)
+    data = schema.model_dump(mode="json")
+    if as_json:
+        print_json(data)
+        return
+    out.print(f"[bold]{schema.id}[/]  {schema.name}")
+    if schema.description:
+        out.print(schema.description)
+    for key in ("provider", "family", "context_length", "max_output_tokens", "quality", "tags", "aliases"):
+        if data.get(key) not in (None, [], "", 0):
+            out.print(f"  {key}: {data[key]}")
+    out.print(f"  capabilities: {', '.join(c.value for c in schema.capabilities)}")
+    out.print(f"  source: {data['source']}")
+    cost = {k: v for k, v in data["cost"].items() if v}
+    if cost:
+        out.print(f"  cost: {cost}")
+    if schema.available:
+        out.print("  available: [green]yes[/]")
+    else:
+        out.print(f"  available: [red]no[/] — {eng.registry.unavailable_reason(schema)}")
+
+
+@models_app.command("pull")
+@handle_errors
+def pull_model(model: Annotated[str, typer.Argument(help="model id, name or alias")]) -> None:
+    """Download a model's files from Hugging Face (the only command that downloads weights)."""
+    eng = engine()
+    schema = eng.resolve(model)
+    with spinner(f"Pulling {schema.id}..."):
+        path = eng.pull(schema.id)
+    out.print(f"{schema.id}: {path}")
+
+
+@config_app.command("show")
+@handle_errors
+def show_config(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The effective settings (file + environment), secrets masked."""
+    from ..config import load_config
+
+    config = load_config()
+    data = config.redacted()
+    if as_json:
+        print_json(data)
+        return
+    out.print(f"[bold]CAR_HOME[/] {config.home}  (config file: {config.paths.config_file}"
+              f"{'' if config.paths.config_file.exists() else ', not present'})")  # fmt: skip
+    for section, values in data.items():
+        if section == "home":
+            continue
+        out.print(f"[bold]\\[{section}][/]")
+        if isinstance(values, dict):
+            for key, value in values.items():
+                out.print(f"  {key} = {value!r}")
+        else:
+            out.print(f"  {values!r}")

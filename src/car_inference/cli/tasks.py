@@ -1,0 +1,115 @@
+"""`car embed`, `car rerank`, `car classify`, `car tokenize`, `car detokenize`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..requests import ClassifyRequest, EmbedRequest, RerankRequest
+from .common import engine, fail, handle_errors, out, print_json, run, spinner, split_csv
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model id, name or alias")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result object as JSON")]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @handle_errors
+    def embed(
+        texts: Annotated[list[str], typer.Argument(help="texts to embed")],
+        model: ModelOpt = None,
+        query: Annotated[bool, typer.Option("--query", help="embed as search queries")] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Embed texts (normalised vectors)."""
+        eng = engine()
+        with spinner("Embedding..."):
+            result = run(eng.embed(EmbedRequest(texts=texts, model=model, is_query=query)))
+        if as_json:
+            print_json(result)
+            return
+        out.print(f"{result.model_used}: {len(result.embeddings)} x {result.dimensions}", style="dim")
+        for text, vector in zip(texts, result.embeddings, strict=True):
+            head = ", ".join(f"{v:+.4f}" for v in vector[:6])
+            out.print(f"{text[:40]!r:44} [{head}, ...]")
+
+    @app.command()
+    @handle_errors
+    def rerank(
+        query: Annotated[str, typer.Argument(help="the query")],
+        documents: Annotated[list[str], typer.Argument(help="documents to order")],
+        model: ModelOpt = None,
+        top_n: Annotated[int | None, typer.Option("--top-n", min=0, help="keep the best N")] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Order documents by relevance to a query."""
+        eng = engine()
+        with spinner("Ranking..."):
+            result = run(
+                eng.rerank(RerankRequest(query=query, documents=documents, model=model, top_n=top_n))
+            )
+        if as_json:
+            print_json(result)
+            return
+        table = Table(header_style="bold", caption=f"{result.model_used} ({result.method})")
+        for column in ("rank", "score", "index", "document"):
+            table.add_column(column)
+        for rank, doc in enumerate(result.ranked, start=1):
+            table.add_row(str(rank), f"{doc.score:.4f}", str(doc.index), doc.document)
+        out.print(table)
+
+    @app.command()
+    @handle_errors
+    def classify(
+        text: Annotated[str, typer.Argument(help="the text to classify")],
+        labels: Annotated[str, typer.Option("--labels", "-l", help="comma-separated labels")],
+        model: ModelOpt = None,
+        method: Annotated[str, typer.Option(help="auto, likelihood (LLM) or embedding")] = "auto",
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Zero-shot classification over the given labels."""
+        names = split_csv(labels)
+        if not names:
+            raise fail("--labels needs at least one label", 2)
+        if method not in ("auto", "likelihood", "embedding"):
+            raise fail("--method must be auto, likelihood or embedding", 2)
+        eng = engine()
+        with spinner("Classifying..."):
+            result = run(eng.classify(ClassifyRequest(text=text, labels=names, model=model, method=method)))  # type: ignore[arg-type]
+        if as_json:
+            print_json(result)
+            return
+        for item in result.results:
+            bar = "█" * round(item.score * 30)
+            out.print(f"{item.label:>20}  {item.score:6.3f}  {bar}")
+        out.print(f"{result.model_used} ({result.method})", style="dim")
+
+    @app.command()
+    @handle_errors
+    def tokenize(
+        model: Annotated[str, typer.Argument(help="a local model")],
+        text: Annotated[str, typer.Argument(help="text to tokenize")],
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Token ids of a text under a local model's tokenizer."""
+        result = run(engine().tokenize(model, text))
+        if as_json:
+            print_json(result)
+            return
+        out.print(" ".join(str(t) for t in result.tokens))
+
+    @app.command()
+    @handle_errors
+    def detokenize(
+        model: Annotated[str, typer.Argument(help="a local model")],
+        ids: Annotated[list[int], typer.Argument(help="token ids")],
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Text of token ids under a local model's tokenizer."""
+        result = run(engine().detokenize(model, ids))
+        if as_json:
+            print_json(result)
+            return
+        out.print(result.text, markup=False)

@@ -1,0 +1,202 @@
+"""The llama.cpp backend on the embedded SmolLM2-135M GGUF, for real (offline)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+
+from car_inference.backends.base import BackendContext
+from car_inference.backends.cache import ModelCache
+from car_inference.backends.llamacpp import LlamaCppBackend, LoadedGguf
+from car_inference.catalog import load_builtin
+from car_inference.config import CarConfig
+from car_inference.errors import TokenizationError, UnsupportedMode
+from car_inference.requests import (
+    ClassifyRequest,
+    EmbedRequest,
+    GenerateParams,
+    GenerateRequest,
+    ImageBlock,
+    RerankRequest,
+    ResponseFormat,
+)
+from car_inference.schema import ModelSchema
+from car_inference.stream import Done, TextDelta
+
+SMOL = "huggingface/smollm2-135m-instruct:q4_1"
+
+
+@pytest.fixture(scope="module")
+def model() -> ModelSchema:
+    return next(m for m in load_builtin().models if m.id == SMOL)
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> LlamaCppBackend:
+    config = CarConfig(home=tmp_path_factory.mktemp("home"))
+    return LlamaCppBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
+
+
+def greedy(prompt: str, max_tokens: int = 24, **kw: object) -> GenerateRequest:
+    return GenerateRequest(
+        prompt=prompt, params=GenerateParams(temperature=0, max_tokens=max_tokens, **kw), **{}
+    )
+
+
+async def test_greedy_generation_is_deterministic_and_counts_tokens(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    a = await backend.generate(model, greedy("Name a color."))
+    b = await backend.generate(model, greedy("Name a color."))
+    assert a.text and a.text == b.text
+    assert a.usage is not None
+    assert 0 < a.usage.completion_tokens <= 24
+    assert a.usage.prompt_tokens > 5 and a.usage.context_window == 8192
+    assert a.usage.total_tokens == a.usage.prompt_tokens + a.usage.completion_tokens
+    assert a.time_to_first_token_ms is not None and a.time_to_first_token_ms > 0
+
+
+async def test_stream_reassembles_to_the_generated_text(backend: LlamaCppBackend, model: ModelSchema) -> None:
+    request = greedy("Write one sentence about the sea.", 30)
+    events = [e async for e in backend.stream(model, request)]
+    assert isinstance(events[-1], Done)
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) > 3, "tokens arrive one by one"
+    assert "".join(d.text for d in deltas) == events[-1].text
+    assert events[-1].text == (await backend.generate(model, request)).text
+
+
+async def test_seeded_sampling_repeats_and_differs_across_seeds(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    def req(seed: int) -> GenerateRequest:
+        return GenerateRequest(
+            prompt="Tell me a story.", params=GenerateParams(temperature=1.2, max_tokens=20, seed=seed)
+        )
+
+    one = await backend.generate(model, req(1))
+    again = await backend.generate(model, req(1))
+    assert one.text == again.text
+    others = {(await backend.generate(model, req(s))).text for s in (2, 3, 4)}
+    assert len(others | {one.text}) > 1
+
+
+async def test_stop_strings_and_max_tokens(backend: LlamaCppBackend, model: ModelSchema) -> None:
+    full = await backend.generate(model, greedy("Count from 1 to 10.", 40))
+    assert len(full.text) > 10
+    stop = full.text[len(full.text) // 2 :][:3]  # a string from the middle of the answer
+    stopped = await backend.generate(model, greedy("Count from 1 to 10.", 40, stop=["never-there", stop]))
+    assert stopped.text == full.text[: full.text.index(stop)]
+    short = await backend.generate(model, greedy("Write a long essay about history.", 3))
+    assert short.usage is not None and short.usage.completion_tokens == 3
+
+
+async def test_json_mode_constrains_output(backend: LlamaCppBackend, model: ModelSchema) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    out = await backend.generate(
+        model,
+        GenerateRequest(
+            prompt="Give the capital of France as JSON.",
+            response_format=ResponseFormat(type="json_schema", json_schema={"name": "c", "schema": schema}),
+            params=GenerateParams(temperature=0, max_tokens=40),
+        ),
+    )
+    assert isinstance(json.loads(out.text)["city"], str)
+
+
+async def test_over_long_prompt_keeps_its_tail(backend: LlamaCppBackend, model: ModelSchema) -> None:
+    long_prompt = "filler " * 9000 + "Say OK."
+    out = await backend.generate(model, greedy(long_prompt, 8))
+    assert out.usage is not None and out.usage.needs_compaction
+    assert out.usage.prompt_tokens <= 8192 - 8
+
+
+async def test_images_are_refused_by_a_text_model(backend: LlamaCppBackend, model: ModelSchema) -> None:
+    with pytest.raises(UnsupportedMode):
+        await backend.generate(model, GenerateRequest(prompt="?", images=[ImageBlock(url="http://x/y.png")]))
+
+
+async def test_tokenize_detokenize_round_trip(backend: LlamaCppBackend, model: ModelSchema) -> None:
+    for text in ("Hello world", "héllo ünïcode, 你好!", "  leading spaces and\nnewlines\t"):
+        ids = await backend.tokenize(model, text)
+        assert ids and all(isinstance(i, int) for i in ids)
+        assert await backend.detokenize(model, ids) == text
+    with pytest.raises(TokenizationError):
+        await backend.detokenize(model, [10**9])
+
+
+async def test_cancelled_stream_stops_generating(backend: LlamaCppBackend, model: ModelSchema) -> None:
+    request = GenerateRequest(
+        prompt="Write a very long story.", params=GenerateParams(max_tokens=400, temperature=0.8)
+    )
+    agen = backend.stream(model, request)
+    async for _ in agen:
+        break
+    await agen.aclose()
+    entry = backend.ctx.cache.get(f"gguf:{SMOL}")
+    assert entry is not None
+    # The worker sees the cancel at its next token and releases the model lock.
+    for _ in range(200):
+        if entry.lock.acquire(blocking=False):
+            entry.lock.release()
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("generation kept the model locked after the consumer left")
+    loaded: LoadedGguf = entry.instance
+    assert loaded.llm.n_tokens < 300, "it stopped long before max_tokens"
+
+
+async def test_concurrent_requests_share_one_instance_safely(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    outs = await asyncio.gather(*(backend.generate(model, greedy("Name a fruit.", 8)) for _ in range(4)))
+    assert len({o.text for o in outs}) == 1
+
+
+async def test_yes_no_rerank_equals_a_fresh_forward_pass(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    docs = ["Paris is the capital of France.", "Bananas are yellow.", "The stock market fell today."]
+    result = await backend.rerank(model, RerankRequest(query="capital of France", documents=docs))
+    assert result.method == "yes-no-logits" and len(result.ranked) == 3
+    assert all(0 < d.score < 1 for d in result.ranked)
+    # The KV-cache reuse must not change the numbers: recompute one document from scratch.
+    from car_inference.backends.prompts import DEFAULT_RERANK_INSTRUCTION, rerank_prompt
+
+    entry = backend.ctx.cache.get(f"gguf:{SMOL}")
+    loaded: LoadedGguf = entry.instance  # type: ignore[union-attr]
+    with entry.lock:  # type: ignore[union-attr]
+        loaded.llm.reset()
+        tokens = loaded.tokenize(
+            rerank_prompt(DEFAULT_RERANK_INSTRUCTION, "capital of France", docs[1]), special=True
+        )
+        logits = loaded.last_logits(tokens)
+        yes, no = loaded.tokenize("yes", special=False)[0], loaded.tokenize("no", special=False)[0]
+    expected = 1 / (1 + math.exp(-(logits[yes] - logits[no])))
+    assert next(d.score for d in result.ranked if d.index == 1) == pytest.approx(expected, abs=1e-4)
+    assert (await backend.rerank(model, RerankRequest(query="q", documents=docs, top_n=1))).ranked[
+        0
+    ].index in range(3)
+
+
+async def test_likelihood_classification_is_a_distribution(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    result = await backend.classify(
+        model,
+        ClassifyRequest(text="I absolutely loved this movie, wonderful!", labels=["positive", "negative"]),
+    )
+    assert result.method == "likelihood"
+    assert sum(r.score for r in result.results) == pytest.approx(1.0)
+    assert result.results[0].score >= result.results[1].score
+    assert result.label == "positive"
+
+
+async def test_gguf_embeddings_are_normalised(backend: LlamaCppBackend, model: ModelSchema) -> None:
+    result = await backend.embed(model, EmbedRequest(texts=["a cat", "a dog"]))
+    assert result.dimensions == 576 and len(result.embeddings) == 2
+    assert math.isclose(math.fsum(v * v for v in result.embeddings[0]), 1.0, rel_tol=1e-3)

@@ -1,0 +1,85 @@
+"""The sentence-transformers backend on the embedded all-MiniLM-L6-v2, for real (offline)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from car_inference.backends.base import BackendContext
+from car_inference.backends.cache import ModelCache
+from car_inference.backends.sentence import SentenceBackend
+from car_inference.catalog import load_builtin
+from car_inference.config import CarConfig
+from car_inference.requests import ClassifyRequest, EmbedRequest, RerankRequest
+from car_inference.schema import ModelSchema
+
+MINILM = "sentence-transformers/all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def model() -> ModelSchema:
+    return next(m for m in load_builtin().models if m.id == MINILM)
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> SentenceBackend:
+    config = CarConfig(home=tmp_path_factory.mktemp("home"))
+    return SentenceBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+async def test_embeddings_are_normalised_and_batched_in_order(
+    backend: SentenceBackend, model: ModelSchema
+) -> None:
+    texts = [f"sentence number {i}" for i in range(70)]  # more than one batch
+    result = await backend.embed(model, EmbedRequest(texts=texts))
+    assert result.dimensions == 384 and len(result.embeddings) == 70
+    assert all(math.isclose(_cos(v, v), 1.0, rel_tol=1e-4) for v in result.embeddings)
+    single = await backend.embed(model, EmbedRequest(texts=[texts[42]]))
+    assert _cos(single.embeddings[0], result.embeddings[42]) == pytest.approx(1.0, abs=1e-5)
+
+
+async def test_similar_texts_are_closer(backend: SentenceBackend, model: ModelSchema) -> None:
+    v = (
+        await backend.embed(
+            model, EmbedRequest(texts=["a cat sat on the mat", "a kitten on a rug", "tax law"])
+        )
+    ).embeddings
+    assert _cos(v[0], v[1]) > _cos(v[0], v[2])
+
+
+async def test_queries_get_the_instruction_only_when_the_model_declares_one(
+    backend: SentenceBackend, model: ModelSchema
+) -> None:
+    assert SentenceBackend._query_texts(model, ["q"], None) == ["q"]
+    qwen = model.model_copy(update={"query_instruction": "Find passages"})
+    assert SentenceBackend._query_texts(qwen, ["q"], None) == ["Instruct: Find passages\nQuery: q"]
+    assert SentenceBackend._query_texts(qwen, ["q"], "Other") == ["Instruct: Other\nQuery: q"]
+
+
+async def test_embedding_rerank_puts_the_relevant_document_first(
+    backend: SentenceBackend, model: ModelSchema
+) -> None:
+    docs = ["Bananas are a yellow fruit.", "Paris is the capital and largest city of France.", "Stocks fell."]
+    result = await backend.rerank(
+        model, RerankRequest(query="What is the capital of France?", documents=docs)
+    )
+    assert result.method == "embedding-similarity"
+    assert result.ranked[0].index == 1
+    assert [d.score for d in result.ranked] == sorted((d.score for d in result.ranked), reverse=True)
+    assert (await backend.rerank(model, RerankRequest(query="x", documents=[]))).ranked == []
+
+
+async def test_embedding_classification(backend: SentenceBackend, model: ModelSchema) -> None:
+    result = await backend.classify(
+        model,
+        ClassifyRequest(
+            text="The striker scored twice in the final match", labels=["politics", "sports", "cooking"]
+        ),
+    )
+    assert result.label == "sports" and result.method == "embedding"
+    assert sum(r.score for r in result.results) == pytest.approx(1.0)

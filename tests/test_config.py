@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from car_inference.config import DEFAULT_GENERATE_MODEL, CarConfig, car_home, load_config
+from car_inference.errors import ConfigError
+
+
+def test_defaults_without_a_file(isolated_home: Path) -> None:
+    config = load_config(isolated_home, env={})
+    assert config.home == isolated_home
+    assert config.defaults.generate == DEFAULT_GENERATE_MODEL
+    assert config.server.host == "127.0.0.1"
+    assert config.paths.state_db == isolated_home / "state.db"
+
+
+def test_car_home_comes_from_the_environment(tmp_path: Path) -> None:
+    assert car_home({"CAR_HOME": str(tmp_path)}) == tmp_path
+    assert car_home({}).name == ".car"
+
+
+def test_file_values_and_partial_defaults_table(isolated_home: Path) -> None:
+    (isolated_home / "config.toml").write_text(
+        '[defaults]\nembed = "qwen3-embedding"\n\n[preferred]\ngenerate = "qwen3-8b"\n\n'
+        "[routing]\nprefer_local = true\ncost_weight = 0.5\n\n[spend.providers.openai]\ndaily_usd = 2.5\n"
+    )
+    config = load_config(isolated_home, env={})
+    assert config.defaults.embed == "qwen3-embedding"
+    assert config.defaults.generate == DEFAULT_GENERATE_MODEL  # untouched keys keep defaults
+    assert config.preferred.generate == "qwen3-8b"
+    assert config.routing.prefer_local and config.routing.cost_weight == 0.5
+    assert config.spend.providers["openai"].daily_usd == 2.5
+
+
+def test_environment_overrides_the_file(isolated_home: Path) -> None:
+    (isolated_home / "config.toml").write_text("[local]\ncache_mb = 100\n")
+    env = {
+        "CAR_BACKEND_CACHE_MB": "2048",
+        "CAR_ROUTING__PREFER_LOCAL": "true",
+        "CAR_SERVER_API_KEYS": "k1, k2",
+        "CAR_PREFERRED__GENERATE": "qwen3-4b",
+    }
+    config = load_config(isolated_home, env=env)
+    assert config.local.cache_mb == 2048
+    assert config.routing.prefer_local is True
+    assert config.server.api_keys == ["k1", "k2"]
+    assert config.preferred.generate == "qwen3-4b"
+
+
+def test_bad_toml_names_file_and_line(isolated_home: Path) -> None:
+    path = isolated_home / "config.toml"
+    path.write_text("[routing]\nprefer_local = true\ncost_weight = = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(isolated_home, env={})
+    assert info.value.path == str(path) and info.value.line == 3
+    assert str(path) in str(info.value)
+
+
+def test_bad_value_names_file_line_and_field(isolated_home: Path) -> None:
+    path = isolated_home / "config.toml"
+    path.write_text('[server]\nhost = "127.0.0.1"\n\n[routing]\nprefer_local = true\ncost_weight = -1\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(isolated_home, env={})
+    err = info.value
+    assert (err.path, err.line, err.field) == (str(path), 6, "routing.cost_weight")
+    assert "greater than or equal to 0" in str(err)
+
+
+def test_unknown_key_is_an_error_with_its_line(isolated_home: Path) -> None:
+    (isolated_home / "config.toml").write_text("[local]\nn_ctx = 4096\ncach_mb = 10\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(isolated_home, env={})
+    assert info.value.line == 3 and info.value.field == "local.cach_mb"
+
+
+def test_bad_environment_value_names_the_variable(isolated_home: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\$CAR_BACKEND_CACHE_MB"):
+        load_config(isolated_home, env={"CAR_BACKEND_CACHE_MB": "lots"})
+    with pytest.raises(ConfigError, match="unknown setting section"):
+        load_config(isolated_home, env={"CAR_NOPE__X": "1"})
+
+
+def test_redacted_masks_secrets(isolated_home: Path) -> None:
+    config = CarConfig(home=isolated_home, keys={"OPENAI_API_KEY": ["sk-abcdefghijklmnop"]})
+    config.server.api_keys = ["server-secret-123456"]
+    shown = str(config.redacted())
+    assert "sk-abcdefghijklmnop" not in shown and "server-secret-123456" not in shown

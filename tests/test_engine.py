@@ -1,0 +1,157 @@
+"""The engine over the embedded local models (real inference, offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from car_inference.engine import InferenceEngine, SyncInferenceEngine
+from car_inference.errors import ModelNotFound, ModelUnavailable, UnsupportedMode
+from car_inference.requests import (
+    ClassifyRequest,
+    EmbedRequest,
+    GenerateParams,
+    GenerateRequest,
+    RerankRequest,
+)
+from car_inference.stream import Done, TextDelta
+
+SMOL = "huggingface/smollm2-135m-instruct:q4_1"
+
+
+def greedy(prompt: str, max_tokens: int = 40, **kw: object) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, params=GenerateParams(temperature=0, max_tokens=max_tokens), **kw)  # type: ignore[arg-type]
+
+
+async def test_capital_of_france_is_paris(local_engine: InferenceEngine) -> None:
+    result = await local_engine.generate(greedy("What is the capital of France?"))
+    assert "Paris" in result.text
+    assert result.model_used == SMOL
+    assert len(result.trace_id) == 32
+    assert result.latency_ms > 0 and result.time_to_first_token_ms is not None
+    assert result.time_to_first_token_ms <= result.latency_ms
+    assert result.usage is not None and result.usage.cost_usd == 0.0
+    assert set(result.model_dump()) == {
+        "text", "tool_calls", "trace_id", "model_used", "latency_ms", "time_to_first_token_ms", "usage"
+    }  # fmt: skip
+
+
+async def test_stream_reassembles_to_the_same_text(local_engine: InferenceEngine) -> None:
+    request = greedy("What is the capital of France?")
+    events = [e async for e in local_engine.stream(request)]
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == done.text
+    assert done.text == (await local_engine.generate(request)).text
+    assert done.model_used == SMOL and done.trace_id and done.latency_ms and done.time_to_first_token_ms
+    assert done.usage is not None and done.usage.completion_tokens > 0
+
+
+async def test_model_defaults_apply_but_explicit_params_win(local_engine: InferenceEngine) -> None:
+    model = local_engine.resolve(SMOL)
+    prepared = local_engine._prepare(greedy("x"), model)
+    assert prepared.params.repeat_penalty == 1.1
+    explicit = GenerateRequest(prompt="x", params=GenerateParams(repeat_penalty=1.0))
+    assert local_engine._prepare(explicit, model).params.repeat_penalty == 1.0
+
+
+async def test_done_tool_adds_the_seed_instruction(local_engine: InferenceEngine) -> None:
+    model = local_engine.resolve(SMOL)
+    tools = [{"type": "function", "function": {"name": "done", "parameters": {"type": "object"}}}]
+    prepared = local_engine._prepare(GenerateRequest(prompt="x", context="base", tools=tools), model)
+    assert prepared.context is not None
+    assert prepared.context.startswith("base\n\nIMPORTANT: When calling the `done` tool")
+
+
+async def test_messages_and_system_context(local_engine: InferenceEngine) -> None:
+    from car_inference.requests import Message
+
+    history = [Message(role="user", content="My name is Ada."), Message(role="assistant", content="Hi Ada!")]
+    question = Message(role="user", content="What is my name?")
+    with_history = await local_engine.generate(
+        GenerateRequest(
+            messages=[*history, question], context="You are terse.", params=GenerateParams(max_tokens=8)
+        )
+    )
+    alone = await local_engine.generate(
+        GenerateRequest(messages=[question], context="You are terse.", params=GenerateParams(max_tokens=8))
+    )
+    assert with_history.text and with_history.usage and alone.usage
+    # Every turn and the system text reach the model through its chat template.
+    assert with_history.usage.prompt_tokens > alone.usage.prompt_tokens + 10
+
+
+async def test_tokenize_round_trip_and_remote_models_refuse(local_engine: InferenceEngine) -> None:
+    tokens = (await local_engine.tokenize("smollm2", "The quick brown fox")).tokens
+    assert (await local_engine.detokenize("smollm2", tokens)).text == "The quick brown fox"
+    # The seed's test: a known remote model -> UnsupportedMode("tokenize/detokenize", "remote").
+    remote_id = next(m.id for m in local_engine.list_models() if not m.is_local)
+    for call in (local_engine.tokenize(remote_id, "hello"), local_engine.detokenize(remote_id, [1, 2, 3])):
+        with pytest.raises(UnsupportedMode) as info:
+            await call
+        assert (info.value.mode, info.value.backend) == ("tokenize/detokenize", "remote")
+    with pytest.raises(UnsupportedMode):
+        await local_engine.tokenize("sentence-transformers/all-minilm-l6-v2", "x")
+
+
+async def test_embed_rerank_classify_defaults(local_engine: InferenceEngine) -> None:
+    embedded = await local_engine.embed(EmbedRequest(texts=["hello", "world"]))
+    assert embedded.model_used == "sentence-transformers/all-minilm-l6-v2" and embedded.dimensions == 384
+
+    ranked = await local_engine.rerank(
+        RerankRequest(
+            query="Which city is the capital of France?",
+            documents=["The Amazon is a river.", "Paris is the capital of France.", "Cats purr."],
+            top_n=2,
+        )
+    )
+    assert ranked.ranked[0].index == 1 and len(ranked.ranked) == 2 and ranked.method == "embedding-similarity"
+    assert (await local_engine.rerank(RerankRequest(query="q", documents=[]))).ranked == []
+
+    label = await local_engine.classify(
+        ClassifyRequest(text="I won the tennis final", labels=["sports", "finance"])
+    )
+    assert label.label == "sports" and label.method == "embedding"
+    llm = await local_engine.classify(
+        ClassifyRequest(
+            text="This film was wonderful, I loved it", labels=["positive", "negative"], method="likelihood"
+        )
+    )
+    assert llm.method == "likelihood" and llm.model_used == SMOL and llm.label == "positive"
+
+
+async def test_unknown_and_unavailable_models_give_clear_errors(local_engine: InferenceEngine) -> None:
+    with pytest.raises(ModelNotFound) as info:
+        await local_engine.generate(greedy("x", model="qwen3-9b"))
+    assert "qwen/qwen3-8b:q4_k_m" in info.value.suggestions
+    with pytest.raises(ModelUnavailable, match="car models pull"):
+        await local_engine.generate(greedy("x", model="qwen3-8b"))
+    with pytest.raises(ModelUnavailable, match="ANTHROPIC_API_KEY"):
+        await local_engine.generate(greedy("x", model="claude-opus-5-5"))
+    with pytest.raises(UnsupportedMode):
+        await local_engine.embed(EmbedRequest(texts=["x"], model=SMOL))  # declares no embed capability
+
+
+async def test_warm_up_reports_per_model(local_engine: InferenceEngine) -> None:
+    results = await local_engine.warm_up([SMOL, "qwen3-8b", "nope-model"])
+    assert results[0] is None
+    assert isinstance(results[1], ModelUnavailable) and isinstance(results[2], ModelNotFound)
+
+
+def test_engine_with_no_arguments_reads_car_home(isolated_home: Path) -> None:
+    (isolated_home / "config.toml").write_text('[preferred]\ngenerate = "smollm2"\n')
+    engine = InferenceEngine()
+    assert engine.config.home == isolated_home
+    assert engine.default_model(__import__("car_inference").ModelCapability.GENERATE).id == SMOL  # type: ignore[union-attr]
+
+
+def test_sync_facade(local_engine: InferenceEngine) -> None:
+    with SyncInferenceEngine(local_engine) as sync:
+        result = sync.generate(
+            "What is the capital of France?", params=GenerateParams(temperature=0, max_tokens=40)
+        )
+        assert "Paris" in result.text
+        events = list(sync.stream(greedy("Say hi.", 8)))
+        assert isinstance(events[-1], Done)
+        assert sync.tokenize("smollm2", "hi").tokens

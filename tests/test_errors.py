@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from car_inference.errors import (
+    AllModelsFailed,
+    ConfigError,
+    InferenceError,
+    ModelNotFound,
+    ProviderError,
+    SpendLimitExceeded,
+    UnsupportedMode,
+    close_matches,
+)
+
+
+def test_every_error_is_an_inference_error() -> None:
+    for err in (
+        ModelNotFound("x"),
+        UnsupportedMode("tokenize/detokenize", "remote", "why"),
+        ConfigError("bad", path="f.toml", line=3, field="a.b"),
+        ProviderError("boom", provider="openai", model="m", status=500, retryable=True),
+        SpendLimitExceeded("global", "daily", 1.0, 0.9, 0.2),
+        AllModelsFailed([("a", InferenceError("x"))]),
+    ):
+        assert isinstance(err, InferenceError)
+
+
+def test_model_not_found_names_the_model_and_suggests() -> None:
+    err = ModelNotFound("qwen3-9b", ["qwen/qwen3-8b:q4_k_m"])
+    assert "qwen3-9b" in str(err) and "did you mean: qwen/qwen3-8b:q4_k_m" in str(err)
+
+
+def test_unsupported_mode_carries_mode_backend_and_reason() -> None:
+    err = UnsupportedMode("tokenize/detokenize", "remote", "no tokenizer")
+    assert (err.mode, err.backend, err.reason) == ("tokenize/detokenize", "remote", "no tokenizer")
+
+
+def test_config_error_names_file_line_and_field() -> None:
+    assert str(ConfigError("must be > 0", path="/h/config.toml", line=7, field="routing.cost_weight")) == (
+        "/h/config.toml:7 [routing.cost_weight]: must be > 0"
+    )
+
+
+def test_provider_error_classifies_client_errors_and_keeps_retry_after() -> None:
+    rate = ProviderError(
+        "slow down", provider="openai", model="m", status=429, retryable=True, retry_after=2.0
+    )
+    assert not rate.is_client_error and rate.retry_after == 2.0
+    assert ProviderError("bad", provider="openai", model="m", status=400).is_client_error
+    assert "status=429" in repr(rate)
+
+
+def test_close_matches_uses_similarity_and_substrings() -> None:
+    pool = ["qwen/qwen3-8b:q4_k_m", "qwen/qwen3-4b:q4_k_m", "openai/gpt-6-luna"]
+    assert close_matches("qwen/qwen3-9b:q4_k_m", pool)[0] in pool[:2]
+    assert "openai/gpt-6-luna" in close_matches("luna", pool)
+    assert close_matches("zzzzzz", pool) == []

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from car_inference.catalog import load_builtin
+from car_inference.config import load_config
+from car_inference.errors import ModelNotFound
+from car_inference.registry import ModelFilter, UnifiedRegistry
+from car_inference.schema import ModelCapability, ModelSchema
+
+
+@pytest.fixture
+def registry() -> UnifiedRegistry:
+    return UnifiedRegistry(load_builtin().models, key_check=lambda env: env == "OPENAI_API_KEY")
+
+
+def test_get_and_find_by_id_name_alias_case_insensitively(registry: UnifiedRegistry) -> None:
+    smol = "huggingface/smollm2-135m-instruct:q4_1"
+    assert registry.get(smol) is not None
+    assert registry.get("smollm2") is None, "get is by exact id"
+    for name in (smol, "SmolLM2-135M-Instruct", "smollm2", "SMOLLM2", "huggingface/smollm2-135m-instruct",
+                 "smollm2-135m-instruct"):  # fmt: skip
+        found = registry.find(name)
+        assert found is not None and found.id == smol, name
+    assert registry.find("Qwen3-8B").id == "qwen/qwen3-8b:q4_k_m"  # type: ignore[union-attr]
+
+
+def test_unknown_model_suggests_close_matches(registry: UnifiedRegistry) -> None:
+    with pytest.raises(ModelNotFound) as info:
+        registry.resolve("qwen3-9b")
+    assert info.value.name == "qwen3-9b"
+    assert "qwen/qwen3-8b:q4_k_m" in info.value.suggestions
+    assert all("/" in s for s in info.value.suggestions), "suggestions are ids"
+
+
+def test_availability_is_honest(
+    registry: UnifiedRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert registry.get("huggingface/smollm2-135m-instruct:q4_1").available  # type: ignore[union-attr]
+    assert registry.get("sentence-transformers/all-minilm-l6-v2").available  # type: ignore[union-attr]
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    registry.refresh_availability()
+    assert not registry.get("qwen/qwen3-8b:q4_k_m").available, "not pulled"  # type: ignore[union-attr]
+    openai_models = registry.query(provider="openai", capabilities=[ModelCapability.GENERATE])
+    assert openai_models and all(m.available for m in openai_models), (
+        "the key check says OPENAI_API_KEY is set"
+    )
+    assert not any(m.available for m in registry.query(provider="anthropic"))
+    reason = registry.unavailable_reason(registry.query(provider="anthropic")[0])
+    assert "ANTHROPIC_API_KEY" in reason and "car secrets put" in reason
+
+
+def test_no_backend_means_unavailable() -> None:
+    registry = UnifiedRegistry(load_builtin().models, backend_check=lambda kind: kind != "gguf")
+    smol = registry.get("huggingface/smollm2-135m-instruct:q4_1")
+    assert smol is not None and not smol.available
+    assert "car-inference[gguf]" in registry.unavailable_reason(smol)
+
+
+def test_query_filters(registry: UnifiedRegistry) -> None:
+    local = registry.query(local_only=True)
+    assert local and all(m.is_local for m in local)
+    remote = registry.query(ModelFilter(remote_only=True))
+    assert remote and not any(m.is_local for m in remote)
+    vision = registry.query(capabilities=[ModelCapability.VISION, ModelCapability.TOOL_USE])
+    assert vision and all(
+        {ModelCapability.VISION, ModelCapability.TOOL_USE} <= set(m.capabilities) for m in vision
+    )
+    available = registry.query(available_only=True, capabilities=[ModelCapability.EMBED])
+    assert "sentence-transformers/all-minilm-l6-v2" in {m.id for m in available}
+    assert all(m.provider == "groq" for m in registry.query(provider="GROQ"))
+    assert {m.kind for m in registry.query(kind="gguf")} == {"gguf"}
+
+
+def test_register_replaces_and_unregister_restores_names(registry: UnifiedRegistry) -> None:
+    schema = ModelSchema.model_validate(
+        {
+            "id": "vllm/mlx-community_gemma",
+            "name": "gemma",
+            "provider": "vllm",
+            "capabilities": ["generate"],
+            "source": {"kind": "vllm", "endpoint": "http://127.0.0.1:8001", "model_name": "gemma"},
+            "aliases": ["smollm2"],
+        }
+    )
+    registered = registry.register(schema)
+    assert registered.available, "a configured endpoint is available"
+    assert registry.find("gemma").id == schema.id  # type: ignore[union-attr]
+    assert registry.find("smollm2").id.startswith("huggingface/"), "first registration keeps a shared alias"  # type: ignore[union-attr]
+    registry.unregister(schema.id)
+    assert registry.find("gemma") is None
+    n = len(registry)
+    registry.register(registry.get("huggingface/smollm2-135m-instruct:q4_1"))  # type: ignore[arg-type]
+    assert len(registry) == n
+
+
+def test_delegated_models_need_a_registered_runner() -> None:
+    schema = ModelSchema.model_validate(
+        {
+            "id": "host/app",
+            "name": "app",
+            "provider": "host",
+            "capabilities": ["generate"],
+            "source": {"kind": "delegated", "hint": "x"},
+        }
+    )
+    registry = UnifiedRegistry([schema])
+    assert not registry.get("host/app").available  # type: ignore[union-attr]
+    registry.set_runner_registered(True)
+    assert registry.get("host/app").available  # type: ignore[union-attr]
+
+
+def test_from_config_reads_the_user_catalog_and_config_keys(isolated_home: Path) -> None:
+    (isolated_home / "models.toml").write_text(
+        '[[endpoints]]\nname = "lan"\nbase_url = "http://10.0.0.5:8080/v1"\nmodels = ["llama"]\n'
+    )
+    (isolated_home / "config.toml").write_text('[keys]\nGROQ_API_KEY = ["gsk-one", "gsk-two"]\n')
+    registry = UnifiedRegistry.from_config(load_config(isolated_home, env={}))
+    lan = registry.get("lan/llama")
+    assert lan is not None and lan.available, "a key-less endpoint is available once configured"
+    assert all(m.available for m in registry.query(provider="groq")), "keys listed in config count"

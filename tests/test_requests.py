@@ -1,0 +1,155 @@
+"""Requests and results: the seed's protocol tests, ported, plus validation of bad input."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from car_inference.requests import (
+    GenerateRequest,
+    ImageBlock,
+    InferenceResult,
+    Message,
+    ResponseFormat,
+    TextBlock,
+    TokenUsage,
+    ToolCall,
+    parse_boxes,
+)
+from car_inference.schema import ModelCapability
+
+
+def test_inference_result_serializes_with_full_shape() -> None:
+    result = InferenceResult(
+        text="",
+        tool_calls=[ToolCall(name="read_file", arguments={"path": "README.md"})],
+        trace_id="trace-abc",
+        model_used="test-model",
+        latency_ms=1234,
+        time_to_first_token_ms=180,
+        usage=TokenUsage(prompt_tokens=100, completion_tokens=50, total_tokens=150, context_window=8192),
+    )
+    data = result.model_dump(mode="json")
+    assert data["text"] == ""
+    assert data["trace_id"] == "trace-abc"
+    assert data["model_used"] == "test-model"
+    assert data["latency_ms"] == 1234
+    assert data["tool_calls"][0]["name"] == "read_file"
+    assert data["tool_calls"][0]["arguments"]["path"] == "README.md"
+    assert data["usage"]["prompt_tokens"] == 100
+    assert data["usage"]["completion_tokens"] == 50
+    assert data["usage"]["total_tokens"] == 150
+    assert data["usage"]["context_window"] == 8192
+    assert data["time_to_first_token_ms"] == 180
+
+
+def test_inference_result_top_level_keys_are_locked() -> None:
+    result = InferenceResult(text="anything", trace_id="t", model_used="m", latency_ms=0)
+    keys = set(result.model_dump(mode="json"))
+    assert keys == {
+        "text",
+        "tool_calls",
+        "trace_id",
+        "model_used",
+        "latency_ms",
+        "time_to_first_token_ms",
+        "usage",
+    }, "infer response top-level keys drifted -- update both the test and docs/protocol.md if intentional"
+    assert all(k == k.lower() and "-" not in k for k in keys)
+    # The same holds for the JSON text the server writes.
+    assert set(__import__("json").loads(result.model_dump_json())) == keys
+
+
+def test_optional_result_keys_appear_only_when_non_empty() -> None:
+    result = InferenceResult(text="x", trace_id="t", model_used="m", latency_ms=1, thinking="hmm")
+    assert "thinking" in result.model_dump()
+    boxed = InferenceResult(
+        text="x",
+        trace_id="t",
+        model_used="m",
+        latency_ms=1,
+        bounding_boxes=parse_boxes('{"bbox_2d": [1, 2, 3, 4], "label": "cat"}'),
+    )
+    assert boxed.model_dump()["bounding_boxes"] == [
+        {"x1": 1.0, "y1": 2.0, "x2": 3.0, "y2": 4.0, "label": "cat"}
+    ]
+
+
+def test_inference_result_serializes_plain_text_response() -> None:
+    data = InferenceResult(
+        text="hello world", trace_id="trace-xyz", model_used="test-model", latency_ms=42
+    ).model_dump()
+    assert data["text"] == "hello world"
+    assert data["tool_calls"] == []
+    assert data["model_used"] == "test-model"
+    assert data["usage"] is None
+    assert data["time_to_first_token_ms"] is None
+
+
+def test_generate_request_deserializes_intent_field_from_json_rpc_params() -> None:
+    req = GenerateRequest.model_validate(
+        {
+            "prompt": "summarize this email",
+            "intent": {"task": "chat", "prefer_local": True, "require": ["tool_use"]},
+        }
+    )
+    assert req.intent is not None
+    assert req.intent.task == "chat"
+    assert req.intent.prefer_local
+    assert req.intent.require == [ModelCapability.TOOL_USE]
+    back = req.model_dump(mode="json")
+    assert back["intent"] == {"task": "chat", "prefer_local": True, "require": ["tool_use"]}
+
+    empty = GenerateRequest.model_validate({"prompt": "x", "intent": {}})
+    assert empty.intent is not None
+    assert empty.intent.task is None and not empty.intent.prefer_local and empty.intent.require == []
+    assert GenerateRequest.model_validate({"prompt": "x"}).intent is None
+
+
+def test_a_request_needs_a_prompt_or_messages() -> None:
+    with pytest.raises(ValidationError, match="prompt"):
+        GenerateRequest()
+    with pytest.raises(ValidationError):
+        GenerateRequest(prompt="x", params={"temperature": 5})
+    with pytest.raises(ValidationError):
+        GenerateRequest(prompt="x", unknown_field=1)  # type: ignore[call-arg]
+
+
+def test_chat_messages_put_context_first_and_prompt_with_images_last() -> None:
+    req = GenerateRequest(
+        prompt="what is this?",
+        context="be brief",
+        messages=[Message(role="user", content="hi"), Message(role="assistant", content="hello")],
+        images=[ImageBlock(url="https://example.com/cat.png")],
+    )
+    msgs = req.chat_messages()
+    assert [m.role for m in msgs] == ["system", "user", "assistant", "user"]
+    last = msgs[-1]
+    assert isinstance(last.content, list)
+    assert isinstance(last.content[0], TextBlock) and last.content[0].text == "what is this?"
+    assert req.media_types() == {"image"}
+    assert req.last_user_text() == "what is this?"
+
+
+def test_media_blocks_need_exactly_one_of_url_or_data() -> None:
+    with pytest.raises(ValidationError):
+        ImageBlock()
+    with pytest.raises(ValidationError):
+        ImageBlock(url="https://x", data="aGVsbG8=")
+    assert ImageBlock(data="aGVsbG8=", media_type="image/png").data
+
+
+def test_json_schema_response_format_needs_a_schema() -> None:
+    with pytest.raises(ValidationError):
+        ResponseFormat(type="json_schema")
+    assert ResponseFormat(type="json_schema", json_schema={"name": "x", "schema": {"type": "object"}})
+
+
+def test_parse_boxes_reads_both_qwen_formats_and_ignores_plain_text() -> None:
+    text = (
+        '[{"bbox_2d": [10, 20, 110, 220], "label": "dog"}] and '
+        "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|>"
+    )
+    boxes = parse_boxes(text)
+    assert [(b.label, b.x1, b.y2) for b in boxes] == [("dog", 10.0, 220.0), ("cat", 1.0, 4.0)]
+    assert parse_boxes("no boxes here") == []
