@@ -25,6 +25,7 @@ __all__ = [
     "CarConfig",
     "CarPaths",
     "LocalSettings",
+    "RemoteSettings",
     "ModelChoices",
     "RoutingSettings",
     "ServerSettings",
@@ -127,6 +128,15 @@ class LocalSettings(_Section):
     cache_mb: int = Field(default=4096, ge=0, description="memory budget for loaded models")
 
 
+class RemoteSettings(_Section):
+    """Calls to hosted APIs and OpenAI-compatible servers. SDK retries are always off: the engine
+    retries by trying another key or another model."""
+
+    timeout_s: float = Field(default=120.0, gt=0, description="whole request, or between stream events")
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    rate_limit_cooldown_s: float = Field(default=30.0, ge=0, description="a 429 without Retry-After")
+
+
 class BreakerSettings(_Section):
     failure_threshold: int = Field(default=3, ge=1)
     cooldown_s: float = Field(default=30.0, ge=0)
@@ -169,6 +179,7 @@ class CarConfig(BaseModel):
     preferred: ModelChoices = Field(default_factory=ModelChoices)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     local: LocalSettings = Field(default_factory=LocalSettings)
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     spend: SpendSettings = Field(default_factory=SpendSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)

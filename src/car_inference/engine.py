@@ -189,10 +189,7 @@ class InferenceEngine:
         self, model: ModelSchema, out: GenerationOutput, trace_id: str, start: float
     ) -> InferenceResult:
         usage = out.usage
-        if usage is not None and usage.cost_usd is None:
-            usage = usage.model_copy(
-                update={"cost_usd": model.cost.estimate(usage.prompt_tokens, usage.completion_tokens)}
-            )
+        usage = _with_cost(model, usage)
         return InferenceResult(
             text=out.text,
             tool_calls=out.tool_calls,
@@ -239,15 +236,7 @@ class InferenceEngine:
                 backend = self._runnable(model)
                 async for event in backend.stream(model, self._prepare(request, model)):
                     if isinstance(event, Done):
-                        usage = event.usage or usage
-                        if usage is not None and usage.cost_usd is None:
-                            usage = usage.model_copy(
-                                update={
-                                    "cost_usd": model.cost.estimate(
-                                        usage.prompt_tokens, usage.completion_tokens
-                                    )
-                                }
-                            )
+                        usage = _with_cost(model, event.usage or usage)
                         yield event.model_copy(
                             update={
                                 "model_used": model.id,
@@ -361,6 +350,14 @@ class InferenceEngine:
             if model is not None and model.available and model.has_capability(ModelCapability.CLASSIFY):
                 return model
         return self._model_for(None, order[0])
+
+
+def _with_cost(model: ModelSchema, usage: TokenUsage | None) -> TokenUsage | None:
+    """Usage with ``cost_usd`` from the catalog's prices, unless the backend already set it."""
+    if usage is None or usage.cost_usd is not None:
+        return usage
+    cost = model.cost.estimate(usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens or 0)
+    return usage.model_copy(update={"cost_usd": cost})
 
 
 def _tool_name(tool: dict[str, Any]) -> str | None:
