@@ -8,6 +8,7 @@ them for scripts and notebooks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -234,25 +235,27 @@ class InferenceEngine:
             usage: TokenUsage | None = None
             try:
                 backend = self._runnable(model)
-                async for event in backend.stream(model, self._prepare(request, model)):
-                    if isinstance(event, Done):
-                        usage = _with_cost(model, event.usage or usage)
-                        yield event.model_copy(
-                            update={
-                                "model_used": model.id,
-                                "trace_id": trace_id,
-                                "latency_ms": round((time.perf_counter() - start) * 1000, 3),
-                                "time_to_first_token_ms": ttft,
-                                "usage": usage,
-                            }
-                        )
-                        return
-                    if isinstance(event, UsageEvent):
-                        usage = event.usage
-                    elif ttft is None:
-                        ttft = round((time.perf_counter() - start) * 1000, 3)
-                    started = True
-                    yield event
+                events = backend.stream(model, self._prepare(request, model))
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        if isinstance(event, Done):
+                            usage = _with_cost(model, event.usage or usage)
+                            yield event.model_copy(
+                                update={
+                                    "model_used": model.id,
+                                    "trace_id": trace_id,
+                                    "latency_ms": round((time.perf_counter() - start) * 1000, 3),
+                                    "time_to_first_token_ms": ttft,
+                                    "usage": usage,
+                                }
+                            )
+                            return
+                        if isinstance(event, UsageEvent):
+                            usage = event.usage
+                        elif ttft is None:
+                            ttft = round((time.perf_counter() - start) * 1000, 3)
+                        started = True
+                        yield event
             except SpendLimitExceeded:
                 raise
             except InferenceError as exc:

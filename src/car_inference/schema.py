@@ -245,9 +245,13 @@ class CostModel(_Strict):
     def estimate(self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> float:
         """USD for a call; ``cached_input_tokens`` (part of ``input_tokens``) at the cached price."""
         cached = min(cached_input_tokens, input_tokens)
-        cached_price = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        cached_price = (
+            self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        )
         fresh = input_tokens - cached
-        return (fresh * self.input_per_mtok + cached * cached_price + output_tokens * self.output_per_mtok) / 1e6
+        return (
+            fresh * self.input_per_mtok + cached * cached_price + output_tokens * self.output_per_mtok
+        ) / 1e6
 
 
 class PerformanceEnvelope(_Strict):

@@ -10,6 +10,7 @@ consumer goes away, and split ``<think>``/``<tool_call>`` blocks as they stream.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import math
 import random
@@ -274,11 +275,12 @@ class LlamaCppBackend:
     async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:
         start = time.perf_counter()
         ttft: float | None = None
-        async for event in self.stream(model, request):
-            if ttft is None and not isinstance(event, Done):
-                ttft = (time.perf_counter() - start) * 1000
-            if isinstance(event, Done):
-                return GenerationOutput.from_done(event, ttft)
+        async with contextlib.aclosing(self.stream(model, request)) as events:
+            async for event in events:
+                if ttft is None and not isinstance(event, Done):
+                    ttft = (time.perf_counter() - start) * 1000
+                if isinstance(event, Done):
+                    return GenerationOutput.from_done(event, ttft)
         raise InferenceFailed(f"{model.id}: generation ended without a result")
 
     # --- tokens ------------------------------------------------------------------------------
