@@ -89,6 +89,39 @@ class InferenceEngine:
     def register_model(self, schema: ModelSchema) -> ModelSchema:
         return self.registry.register(schema)
 
+    def register_endpoint(
+        self, base_url: str, model: str, *, api_key_env: str | None = None, name: str = "endpoint"
+    ) -> ModelSchema:
+        """Make ``model`` on an OpenAI-compatible server at ``base_url`` a catalog model
+        (``{name}/{model}``) for this engine, e.g. for ``car generate --base-url``."""
+        from .catalog import EndpointConfig
+
+        endpoint = EndpointConfig(name=name, base_url=base_url, api_key_env=api_key_env, models=[model])
+        return self.registry.register(endpoint.to_schemas()[0])
+
+    async def discover_endpoints(
+        self, names: Iterable[str] | None = None
+    ) -> dict[str, list[str] | InferenceError]:
+        """Ask each configured endpoint (``[[endpoints]]`` in models.toml; by default those with
+        ``discover = true``) which models it serves and register them. Returns, per endpoint, the
+        model ids registered or the error that stopped it."""
+        from .runtimes.endpoints import list_served_models
+
+        wanted = set(names) if names is not None else None
+        report: dict[str, list[str] | InferenceError] = {}
+        for endpoint in self.registry.endpoints:
+            if (wanted is None and not endpoint.discover) or (
+                wanted is not None and endpoint.name not in wanted
+            ):
+                continue
+            try:
+                served = await list_served_models(endpoint, timeout_s=self.config.remote.connect_timeout_s)
+            except InferenceError as exc:
+                report[endpoint.name] = exc
+                continue
+            report[endpoint.name] = [self.registry.register(s).id for s in endpoint.to_schemas(served)]
+        return report
+
     def _backend(self, model: ModelSchema) -> Any:
         with self._backends_lock:
             backend = self._backends.get(model.kind)

@@ -17,6 +17,7 @@ from .requests import TokenUsage, ToolCall
 __all__ = [
     "Done",
     "ErrorEvent",
+    "RouteEvent",
     "StreamAccumulator",
     "StreamEvent",
     "TextDelta",
@@ -30,6 +31,18 @@ __all__ = [
 
 class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RouteEvent(_Event):
+    """First event of an engine stream: which model will answer and why. Sent again with strategy
+    "fallback" when a model fails before its first token and the next one takes over."""
+
+    type: Literal["route"] = "route"
+    model_id: str
+    strategy: str
+    reason: str
+    trace_id: str
+    fallbacks: list[str] = Field(default_factory=list)
 
 
 class TextDelta(_Event):
@@ -81,7 +94,7 @@ class ErrorEvent(_Event):
 
 
 StreamEvent = Annotated[
-    TextDelta | ThinkingDelta | ToolCallStart | ToolCallDelta | UsageEvent | Done | ErrorEvent,
+    RouteEvent | TextDelta | ThinkingDelta | ToolCallStart | ToolCallDelta | UsageEvent | Done | ErrorEvent,
     Field(discriminator="type"),
 ]
 

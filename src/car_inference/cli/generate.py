@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Annotated, Any
 
 import typer
 
 from ..requests import GenerateParams, GenerateRequest, InferenceResult, Message, ThinkingMode
-from ..stream import Done, ErrorEvent, TextDelta, ThinkingDelta, ToolCallStart
+from ..stream import Done, ErrorEvent, RouteEvent, TextDelta, ThinkingDelta, ToolCallStart
 from .common import engine, err, fail, handle_errors, out, print_json, run, spinner
 
 ModelOpt = Annotated[
@@ -36,32 +37,27 @@ def _params(
 
 
 async def _stream_to_terminal(eng: Any, request: GenerateRequest, show_spinner: bool) -> Done | None:
-    """Print deltas as they arrive (thinking dimmed on stderr); return the final event."""
+    """Print deltas as they arrive (thinking dimmed on stderr); return the final event. The
+    spinner runs until the first output, which covers loading the model."""
     final: Done | None = None
-    events = eng.stream(request)
-    with spinner("Loading model...", enabled=show_spinner):
-        first = await anext(events, None)
-    pending = [first] if first is not None else []
-
-    async def all_events() -> Any:
-        for e in pending:
-            yield e
-        async for e in events:
-            yield e
-
-    async for event in all_events():
-        if isinstance(event, TextDelta):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        elif isinstance(event, ThinkingDelta):
-            err.print(event.text, style="dim", end="")
-        elif isinstance(event, ToolCallStart):
-            err.print(f"\n[tool call] {event.name}", style="cyan")
-        elif isinstance(event, ErrorEvent):
-            sys.stdout.write("\n")
-            raise fail(event.message)
-        elif isinstance(event, Done):
-            final = event
+    with contextlib.ExitStack() as waiting:
+        waiting.enter_context(spinner("Loading model...", enabled=show_spinner))
+        async for event in eng.stream(request):
+            if isinstance(event, RouteEvent):
+                continue
+            waiting.close()
+            if isinstance(event, TextDelta):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif isinstance(event, ThinkingDelta):
+                err.print(event.text, style="dim", end="")
+            elif isinstance(event, ToolCallStart):
+                err.print(f"\n[tool call] {event.name}", style="cyan")
+            elif isinstance(event, ErrorEvent):
+                sys.stdout.write("\n")
+                raise fail(event.message)
+            elif isinstance(event, Done):
+                final = event
     sys.stdout.write("\n")
     sys.stdout.flush()
     return final

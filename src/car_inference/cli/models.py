@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..schema import ModelCapability
-from .common import engine, handle_errors, out, print_json, spinner
+from .common import engine, err, fail, handle_errors, out, print_json, run, spinner
 
 models_app = typer.Typer(help="List, inspect and pull models.", no_args_is_help=True)
 config_app = typer.Typer(help="Show settings.", no_args_is_help=True)
@@ -99,6 +99,36 @@ def pull_model(model: Annotated[str, typer.Argument(help="model id, name or alia
     with spinner(f"Pulling {schema.id}..."):
         path = eng.pull(schema.id)
     out.print(f"{schema.id}: {path}")
+
+
+@models_app.command("discover")
+@handle_errors
+def discover(
+    endpoint: Annotated[
+        list[str] | None, typer.Argument(help="endpoint names from models.toml (default: all of them)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Ask the OpenAI-compatible endpoints in models.toml which models they serve."""
+    eng = engine()
+    names = endpoint or [e.name for e in eng.registry.endpoints]
+    if not names:
+        raise fail("no [[endpoints]] in models.toml", 1)
+    report = run(eng.discover_endpoints(names))
+    if as_json:
+        print_json({k: v if isinstance(v, list) else {"error": str(v)} for k, v in report.items()})
+        return
+    failed = False
+    for name, found in report.items():
+        if isinstance(found, list):
+            out.print(f"[bold]{name}[/]: {len(found)} model(s)")
+            for model_id in found:
+                out.print(f"  {model_id}")
+        else:
+            failed = True
+            err.print(f"[bold red]{name}[/]: {found}")
+    if failed:
+        raise typer.Exit(1)
 
 
 @config_app.command("show")

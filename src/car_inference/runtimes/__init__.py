@@ -1,0 +1,1 @@
+"""External servers the engine reaches: discovery of the models OpenAI-compatible endpoints serve."""

@@ -1,0 +1,75 @@
+"""Endpoint discovery against a real OpenAI-compatible server on loopback (the fake provider)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from car_inference.catalog import EndpointConfig
+from car_inference.cli import app
+from car_inference.engine import InferenceEngine
+from car_inference.errors import ProviderError
+from car_inference.runtimes.endpoints import list_served_models
+from fakes import FakeProviderServer, Fault
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer() as server:
+        server.served_models = ["Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B-Instruct"]
+        yield server
+
+
+async def test_lists_served_models(fake: FakeProviderServer) -> None:
+    endpoint = EndpointConfig(name="box", kind="vllm", base_url=fake.openai_base_url)
+    assert await list_served_models(endpoint) == ["Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B-Instruct"]
+
+
+async def test_unreachable_or_failing_server_is_a_provider_error(
+    fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ProviderError) as info:
+        await list_served_models(EndpointConfig(name="down", base_url="http://127.0.0.1:9/v1"), timeout_s=1)
+    assert info.value.retryable and info.value.status is None
+    fake.set_key_behavior("bad-key", Fault.server_error())
+    monkeypatch.setenv("BOX_KEY", "bad-key")
+    endpoint = EndpointConfig(name="box", base_url=fake.openai_base_url, api_key_env="BOX_KEY")
+    with pytest.raises(ProviderError) as info:
+        await list_served_models(endpoint)
+    assert info.value.status == 500 and info.value.retryable
+    assert fake.requests[-1].api_key == "bad-key"
+
+
+async def test_engine_registers_discovered_models(fake: FakeProviderServer, isolated_home: Path) -> None:
+    (isolated_home / "models.toml").write_text(
+        f'[[endpoints]]\nname = "box"\nkind = "vllm"\nbase_url = "{fake.openai_base_url}"\ndiscover = true\n'
+        f'[[endpoints]]\nname = "off"\nbase_url = "http://127.0.0.1:9/v1"\n'
+    )
+    engine = InferenceEngine()
+    assert engine.registry.find("box/Qwen/Qwen3-8B") is None
+    report = await engine.discover_endpoints()
+    assert report == {"box": ["box/Qwen/Qwen3-8B", "box/meta-llama/Llama-3.1-8B-Instruct"]}, (
+        "only discover=true"
+    )
+    model = engine.resolve("box/Qwen/Qwen3-8B")
+    assert model.kind == "vllm" and model.source.model_name == "Qwen/Qwen3-8B"  # type: ignore[union-attr]
+    failed = await engine.discover_endpoints(["off"])
+    assert isinstance(failed["off"], ProviderError)
+
+
+def test_cli_discover(fake: FakeProviderServer, isolated_home: Path) -> None:
+    (isolated_home / "models.toml").write_text(
+        f'[[endpoints]]\nname = "box"\nbase_url = "{fake.openai_base_url}"\n'
+    )
+    result = CliRunner().invoke(app, ["models", "discover", "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == {"box": ["box/Qwen/Qwen3-8B", "box/meta-llama/Llama-3.1-8B-Instruct"]}
+    (isolated_home / "models.toml").write_text(
+        '[[endpoints]]\nname = "off"\nbase_url = "http://127.0.0.1:9/v1"\n'
+    )
+    result = CliRunner().invoke(app, ["models", "discover"])
+    assert result.exit_code == 1 and "off" in result.stderr
