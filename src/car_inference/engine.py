@@ -28,6 +28,7 @@ from .errors import (
     SpendLimitExceeded,
     UnsupportedMode,
 )
+from .keys import KeyPool
 from .registry import UnifiedRegistry
 from .requests import (
     Classification,
@@ -69,11 +70,12 @@ class InferenceEngine:
 
     def __init__(self, config: CarConfig | None = None, *, home: Path | None = None) -> None:
         self.config = config if config is not None else load_config(home)
+        self.keys = KeyPool.for_config(self.config)
         self.registry = UnifiedRegistry.from_config(
-            self.config, backend_check=backend_table.backend_available
+            self.config, key_check=self.keys.has_key, backend_check=backend_table.backend_available
         )
         self.cache = ModelCache(self.config.local.cache_mb)
-        self._backend_ctx = BackendContext(config=self.config, cache=self.cache)
+        self._backend_ctx = BackendContext(config=self.config, cache=self.cache, keys=self.keys)
         self._backends: dict[str, Any] = {}
         self._backends_lock = threading.Lock()
 

@@ -213,7 +213,7 @@ class GenerateParams(_Model):
     repeat_penalty: float = Field(default=1.0, gt=0.0)
     thinking: ThinkingMode = ThinkingMode.AUTO
     budget_tokens: int = Field(default=0, ge=0, description="extended-thinking budget; 0 = none")
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     tool_choice: ToolChoice | None = Field(
         default=None, description="auto, none, required, or the name of one tool"
     )

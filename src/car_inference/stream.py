@@ -85,6 +85,7 @@ class Done(_Event):
     latency_ms: float | None = None
     time_to_first_token_ms: float | None = None
     usage: TokenUsage | None = None
+    finish_reason: str | None = None
 
 
 class ErrorEvent(_Event):

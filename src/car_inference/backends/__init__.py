@@ -34,6 +34,14 @@ BACKENDS: dict[str, BackendSpec] = {
     "sentence": BackendSpec(
         "car_inference.backends.sentence:SentenceBackend", ("sentence_transformers",), "sentence"
     ),
+    # One OpenAI Chat Completions backend for OpenAI and every compatible server (hosts are data).
+    "openai": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),
+    "ollama": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),
+    "vllm": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),
+    "anthropic": BackendSpec(
+        "car_inference.backends.anthropic:AnthropicBackend", ("anthropic",), "anthropic"
+    ),
+    "gemini": BackendSpec("car_inference.backends.gemini:GeminiBackend", ("google.genai",), "gemini"),
 }
 
 

@@ -74,7 +74,7 @@ class GenerationOutput(BaseModel):
             tool_calls=list(done.tool_calls),
             usage=done.usage,
             time_to_first_token_ms=ttft_ms,
-            finish_reason=None,
+            finish_reason=done.finish_reason,
             provider_output_items=[],
         )
 

@@ -1,0 +1,317 @@
+"""OpenAI Chat Completions through the official ``openai`` SDK: OpenAI itself and every
+OpenAI-compatible host (OpenRouter, Groq, Together, DeepSeek, vLLM, Ollama's /v1, llama.cpp
+server, LM Studio). Hosts are catalog data; this module knows only the wire protocol.
+
+Source kinds served: ``openai`` (``base_url``/``api_key_env``/``model_name``/``headers`` from the
+source, merged with the catalog's ``[hosts]``; ``needs_key=False`` is a key-less local server),
+``ollama`` (``host + "/v1"``, ``model_tag``, no key) and ``vllm`` (``endpoint + "/v1"``,
+``model_name``, key from ``api_key_env`` when one is set). A key-less server gets a placeholder
+key, so the SDK never falls back to ``OPENAI_API_KEY`` from the environment.
+
+Request mapping (a parameter goes out only when ``ModelSchema.supports_param`` says so):
+
+- messages: system/user/assistant/tool as Chat Completions messages; images as ``image_url``
+  parts (http(s) and data: URLs pass through, base64 becomes a data: URL, ``detail`` kept);
+  audio as ``input_audio`` (wav or mp3, inline or data: URL; an http URL is ``UnsupportedMode``);
+  video is ``UnsupportedMode``.
+- temperature, top_p (when not 1), seed, stop as is; top_k in the body for the hosts that take
+  it; ``max_tokens`` is sent as ``max_completion_tokens`` to reasoning models (those declaring
+  ``reasoning_effort``, which reject ``max_tokens`` on OpenAI) and as ``max_tokens`` otherwise.
+- tools as given; ``tool_choice`` auto/none/required as is, a tool name as
+  ``{"type": "function", "function": {"name": ...}}``; ``parallel_tool_calls`` as is.
+- ``response_format`` json_object / json_schema natively; a model without ``response_format``
+  gets an instruction in the system message instead.
+- thinking -> ``reasoning_effort`` (models declaring it): an explicit ``reasoning_effort`` wins;
+  ``thinking=on`` or a ``budget_tokens`` gives an effort from the budget (< 2,048 low, < 8,000
+  medium, else high); ``thinking=off`` sends ``low``, the lowest effort every OpenAI reasoning
+  model accepts (``none`` and ``minimal`` are refused by some), and drops reasoning text.
+  Reasoning text that hosts stream as ``reasoning_content`` or ``reasoning`` becomes
+  ``ThinkingDelta`` events, kept apart from the answer.
+- streaming always, with ``stream_options.include_usage`` so usage (cached prompt tokens
+  included) arrives at the end; ``generate`` consumes the stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+try:
+    import httpx2
+    import openai
+except ImportError as exc:  # pragma: no cover - the backend table checks this first
+    raise ImportError(
+        "the OpenAI-compatible backend needs openai: pip install 'car-inference[openai]'"
+    ) from exc
+
+from ..errors import ModelUnavailable, ProviderError, UnsupportedMode
+from ..requests import EmbedRequest, EmbedResult, GenerateRequest, Message, TextBlock
+from ..schema import GenerateParam, ModelSchema, OllamaSource, OpenAISource, VllmSource
+from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
+from .remote import (
+    Endpoint,
+    Finish,
+    RemoteBackend,
+    StreamIncomplete,
+    conversation,
+    function_specs,
+    json_instruction,
+    media_of,
+    sampling,
+    status_error,
+    thinking_plan,
+    tool_choice_of,
+    transport_error,
+    unit_vector,
+    usage_of,
+    with_system,
+)
+
+__all__ = ["OpenAICompatBackend"]
+
+_AUDIO_FORMATS = {
+    "audio/wav": "wav",
+    "audio/x-wav": "wav",
+    "audio/wave": "wav",
+    "audio/vnd.wave": "wav",
+    "audio/mpeg": "mp3",
+    "audio/mp3": "mp3",
+}
+
+
+class OpenAICompatBackend(RemoteBackend):
+    kind = "openai"
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def endpoint(self, model: ModelSchema) -> Endpoint:
+        source = model.source
+        if isinstance(source, OllamaSource):
+            return Endpoint(
+                "ollama", source.host.rstrip("/") + "/v1", None, source.model_tag, needs_key=False
+            )
+        if isinstance(source, VllmSource):
+            base = source.endpoint.rstrip("/") + "/v1"
+            return Endpoint("vllm", base, source.api_key_env, source.model_name, needs_key=False)
+        if isinstance(source, OpenAISource):
+            if not source.base_url:
+                raise ModelUnavailable(model.id, "its source has no base_url (and no host that sets one)")
+            return Endpoint(
+                source.host or source.kind,
+                source.base_url,
+                source.api_key_env,
+                source.model_name or model.id.split("/", 1)[1],
+                tuple(sorted(source.headers.items())),
+                needs_key=source.needs_key,
+            )
+        raise ModelUnavailable(model.id, f"the openai backend does not serve {source.kind!r} sources")
+
+    def make_client(self, endpoint: Endpoint, key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            api_key=key,
+            base_url=endpoint.base_url,
+            max_retries=0,
+            timeout=httpx2.Timeout(self.settings.timeout_s, connect=self.settings.connect_timeout_s),
+            default_headers=dict(endpoint.headers) or None,
+        )
+
+    def build(self, model: ModelSchema, endpoint: Endpoint, request: GenerateRequest) -> dict[str, Any]:
+        params = request.params
+        plan = thinking_plan(model, params)
+        system, turns = conversation(request)
+        fmt = request.response_format
+        wants_json = fmt is not None and fmt.type != "text"
+        native_json = wants_json and model.supports_param(GenerateParam.RESPONSE_FORMAT)
+        system = with_system(system, None if native_json else json_instruction(fmt))
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [self._message(m) for m in turns]
+        body: dict[str, Any] = {
+            "model": endpoint.wire_model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        extra: dict[str, Any] = {}
+        reasoning = model.supports_param(GenerateParam.REASONING_EFFORT)
+        for param, value in sampling(model, params).items():
+            if param is GenerateParam.MAX_TOKENS:
+                body["max_completion_tokens" if reasoning else "max_tokens"] = value
+            elif param is GenerateParam.TOP_K:
+                extra["top_k"] = value
+            else:
+                body[param.value] = value
+        effort = "low" if plan.mode == "off" else plan.effort
+        if reasoning and effort:
+            body["reasoning_effort"] = effort
+        if native_json and fmt is not None:
+            if fmt.type == "json_schema" and fmt.json_schema:
+                schema = {"name": "response", **fmt.json_schema}
+                body["response_format"] = {"type": "json_schema", "json_schema": schema}
+            else:
+                body["response_format"] = {"type": "json_object"}
+        self._tools(model, request, body)
+        if extra:
+            body["extra_body"] = extra
+        return body
+
+    def _tools(self, model: ModelSchema, request: GenerateRequest, body: dict[str, Any]) -> None:
+        if not request.tools:
+            return
+        if not model.supports_param(GenerateParam.TOOLS):
+            raise UnsupportedMode("tool-use", self.kind, f"{model.id} takes no tools on Chat Completions")
+        body["tools"] = [
+            {
+                "type": "function",
+                "function": {"name": s.name, "description": s.description, "parameters": s.parameters},
+            }
+            for s in function_specs(request.tools)
+        ]
+        choice = tool_choice_of(request.params)
+        if choice is not None and model.supports_param(GenerateParam.TOOL_CHOICE):
+            kind, name = choice
+            body["tool_choice"] = kind if name is None else {"type": "function", "function": {"name": name}}
+        parallel = request.params.parallel_tool_calls
+        if parallel is not None and model.supports_param(GenerateParam.PARALLEL_TOOL_CALLS):
+            body["parallel_tool_calls"] = parallel
+
+    def _message(self, message: Message) -> dict[str, Any]:
+        if message.role == "tool":
+            return {"role": "tool", "tool_call_id": message.tool_call_id or "", "content": message.text()}
+        if message.role == "assistant":
+            out: dict[str, Any] = {"role": "assistant", "content": message.text() or None}
+            if message.tool_calls:
+                out["tool_calls"] = [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {
+                            "name": call.name,
+                            "arguments": _arguments_json(call.arguments, call.invalid_arguments),
+                        },
+                    }
+                    for call in message.tool_calls
+                ]
+            return out
+        if isinstance(message.content, str):
+            return {"role": "user", "content": message.content}
+        parts = []
+        for block in message.content:
+            if isinstance(block, TextBlock):
+                parts.append({"type": "text", "text": block.text})
+            else:
+                parts.append(self._media_part(block))
+        return {"role": "user", "content": parts}
+
+    def _media_part(self, block: Any) -> dict[str, Any]:
+        media = media_of(block, self.kind)
+        if media.kind == "image":
+            url = media.url or f"data:{media.media_type or 'image/png'};base64,{media.data}"
+            image: dict[str, Any] = {"url": url}
+            if block.detail:
+                image["detail"] = block.detail
+            return {"type": "image_url", "image_url": image}
+        if media.kind == "audio":
+            fmt = _AUDIO_FORMATS.get((media.media_type or "").lower())
+            if media.data is None:
+                raise UnsupportedMode(
+                    "audio-input", self.kind, "audio must be inline (base64 or a data: URL)"
+                )
+            if fmt is None:
+                raise UnsupportedMode(
+                    "audio-input", self.kind, f"input_audio takes wav or mp3, not {media.media_type}"
+                )
+            return {"type": "input_audio", "input_audio": {"data": media.data, "format": fmt}}
+        raise UnsupportedMode(f"{media.kind}-input", self.kind, f"Chat Completions takes no {media.kind}")
+
+    async def events(
+        self, client: openai.AsyncOpenAI, endpoint: Endpoint, model: ModelSchema, payload: dict[str, Any]
+    ) -> AsyncIterator[StreamEvent | Finish]:
+        stream = await client.chat.completions.create(**payload)
+        started: set[int] = set()
+        finish: str | None = None
+        usage = None
+        try:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices[:1]:
+                    delta = choice.delta
+                    extra = delta.model_extra or {}
+                    reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+                    if isinstance(reasoning, str) and reasoning:
+                        yield ThinkingDelta(text=reasoning)
+                    if delta.content:
+                        yield TextDelta(text=delta.content)
+                    for call in delta.tool_calls or []:
+                        if call.index not in started:
+                            started.add(call.index)
+                            name = call.function.name if call.function else None
+                            yield ToolCallStart(index=call.index, id=call.id, name=name or "")
+                        if call.function and call.function.arguments:
+                            yield ToolCallDelta(index=call.index, arguments=call.function.arguments)
+                    finish = choice.finish_reason or finish
+        finally:
+            await stream.close()
+        if finish is None:
+            raise StreamIncomplete("no finish_reason")
+        yield Finish(finish)
+        if usage is not None:
+            details = usage.prompt_tokens_details
+            cached = details.cached_tokens if details is not None else None
+            yield UsageEvent(
+                usage=usage_of(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, cached)
+            )
+
+    def translate(
+        self, exc: Exception, endpoint: Endpoint, model: ModelSchema, key: str
+    ) -> ProviderError | None:
+        where = {"provider": endpoint.provider, "model": model.id, "secrets": [key]}
+        if isinstance(exc, openai.APIStatusError):
+            return status_error(exc.status_code, _message_of(exc), headers=exc.response.headers, **where)
+        if isinstance(exc, openai.APIConnectionError):  # timeouts included
+            return transport_error(exc.__cause__ or exc, connection=True, **where)
+        if isinstance(exc, openai.APIError):  # an error event inside an accepted stream
+            return status_error(200, _message_of(exc), **where)
+        return transport_error(exc, **where)
+
+    # --- embeddings ----------------------------------------------------------------------------
+
+    async def embed(self, model: ModelSchema, request: EmbedRequest) -> EmbedResult:
+        instruction = request.instruction or model.query_instruction
+        texts = [
+            f"Instruct: {instruction}\nQuery: {t}" if request.is_query and instruction else t
+            for t in request.texts
+        ]
+
+        async def call(client: openai.AsyncOpenAI, endpoint: Endpoint) -> Any:
+            return await client.embeddings.create(
+                model=endpoint.wire_model, input=texts, encoding_format="float"
+            )
+
+        if not texts:
+            return EmbedResult(embeddings=[], model_used=model.id, dimensions=0)
+        response = await self.with_keys(model, call)
+        vectors = [list(d.embedding) for d in sorted(response.data, key=lambda d: d.index)]
+        if request.normalize:
+            vectors = [unit_vector(v) for v in vectors]
+        usage = getattr(response, "usage", None)
+        return EmbedResult(
+            embeddings=vectors,
+            model_used=model.id,
+            dimensions=len(vectors[0]) if vectors else 0,
+            prompt_tokens=getattr(usage, "prompt_tokens", None),
+        )
+
+
+def _arguments_json(arguments: dict[str, Any], invalid: str | None) -> str:
+    return invalid if invalid is not None else json.dumps(arguments)
+
+
+def _message_of(exc: openai.APIError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"]
+    return exc.message or json.dumps(body)[:300]

@@ -1,0 +1,592 @@
+"""What the hosted-API backends share: key rotation, stream assembly, error translation, conversions.
+
+``RemoteBackend`` is the base of the OpenAI-compatible, Anthropic and Gemini backends. A subclass
+says where a model lives (``endpoint``), builds the SDK call from a ``GenerateRequest`` (``build``,
+before any network, so ``UnsupportedMode`` costs nothing), opens an SDK client (``make_client``),
+turns the SDK's stream into our events (``events``) and maps SDK exceptions (``translate``).
+The base does the rest:
+
+- per request it takes a key (``KeyProvider.acquire``), reports how it fared (``report``: 200 on
+  success, the HTTP status, None when nothing answered), and on 429/401/403 before any output
+  retries at once with another key not tried yet: key rotation. SDK retries are always off.
+- it folds events into ``Done(text, tool_calls, thinking, usage)``, drops thinking text when the
+  request said ``thinking=off``, and times the first token; ``generate`` consumes the stream.
+- every failure leaves as ``ProviderError`` (status, ``retryable``, ``retry_after``); no message,
+  log record or exception chain carries an API key (scrubbed, and SDK exceptions not chained).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import math
+import mimetypes
+import os
+import re
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, ClassVar, TypeVar
+from urllib.parse import unquote_to_bytes
+
+from ..errors import InferenceFailed, ModelUnavailable, ProviderError, UnsupportedMode
+from ..requests import (
+    AudioBlock,
+    GenerateParams,
+    GenerateRequest,
+    ImageBlock,
+    Message,
+    ResponseFormat,
+    ThinkingMode,
+    TokenUsage,
+    VideoBlock,
+)
+from ..schema import GenerateParam, ModelSchema
+from ..stream import Done, StreamAccumulator, StreamEvent, ThinkingDelta, UsageEvent
+from .base import BackendContext, GenerationOutput, KeyProvider
+
+# The backends import the conversion helpers below too; these are the names others may use.
+__all__ = [
+    "Endpoint",
+    "Finish",
+    "RemoteBackend",
+    "mask_key",
+    "parse_retry_after",
+    "scrub",
+    "status_error",
+    "transport_error",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Sent to servers that take no key (Ollama, a local vLLM): the SDKs refuse an empty key, and an
+# explicit value stops them from reading e.g. OPENAI_API_KEY and sending it to a third party.
+PLACEHOLDER_KEY = "no-key-needed"
+
+# Statuses after which another key may do better: rate limited, or this key is refused.
+ROTATE_ON = frozenset({429, 401, 403})
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+def mask_key(key: str) -> str:
+    """``sk-…1a2b`` for a long key; short ones show nothing of themselves."""
+    return f"{key[:3]}…{key[-4:]}" if len(key) >= 12 else "…"
+
+
+_SECRET_PATTERNS = (
+    (re.compile(r"(?i)\b(bearer\s+)[^\s\"',;]+"), r"\1***"),
+    (re.compile(r"(?i)([?&](?:key|api_key)=)[^&\s\"']+"), r"\1***"),
+    (
+        re.compile(r"(?i)((?:x-goog-api-key|x-api-key|api[_-]?key)[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+"),
+        r"\1***",
+    ),
+    (re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"), "sk-***"),
+)
+
+
+def scrub(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """``text`` with the given secrets masked and anything that looks like a credential starred."""
+    for secret in secrets:
+        if secret and len(secret) >= 4 and secret != PLACEHOLDER_KEY:
+            text = text.replace(secret, mask_key(secret))
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class StreamIncomplete(Exception):
+    """The provider's stream ended without its final event (finish reason / message_stop)."""
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Yielded by ``events`` (not a stream event): why generation stopped, in OpenAI's words
+    (stop, length, tool_calls, content_filter) where the provider's reason has one."""
+
+    reason: str
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta seconds, or an HTTP-date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def status_error(
+    status: int,
+    message: str,
+    *,
+    provider: str,
+    model: str,
+    headers: Mapping[str, str] | None = None,
+    secrets: Iterable[str | None] = (),
+    retry_after: float | None = None,
+) -> ProviderError:
+    """An HTTP error status as ``ProviderError``: 429, 408, 409 and 5xx are retryable, other 4xx
+    are not. A 2xx/3xx here means an error event inside an accepted stream: retryable, status None."""
+    if retry_after is None and headers is not None:
+        retry_after = parse_retry_after(headers.get("retry-after"))
+    text = scrub(_clip(message or f"HTTP {status}"), secrets)
+    if status < 400:
+        return ProviderError(text, provider=provider, model=model, retryable=True, retry_after=retry_after)
+    retryable = status in RETRYABLE_STATUS or status >= 500
+    return ProviderError(
+        text, provider=provider, model=model, status=status, retryable=retryable, retry_after=retry_after
+    )
+
+
+def transport_error(
+    exc: BaseException,
+    *,
+    provider: str,
+    model: str,
+    secrets: Iterable[str | None] = (),
+    connection: bool = False,
+) -> ProviderError | None:
+    """Timeouts, refused or dropped connections, cut streams and unparsable responses: retryable,
+    status None. ``connection`` says the SDK already classed ``exc`` as a connection failure.
+    None for an exception that is none of these (a bug: let it propagate)."""
+    if isinstance(exc, StreamIncomplete):
+        what = f"stream ended early: {exc}"
+    elif isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower():
+        what = "timed out"
+    elif isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
+        what = f"malformed response: {type(exc).__name__}"
+    elif connection or _is_transport(exc):
+        what = f"connection failed: {type(exc).__name__}: {exc}"
+    elif isinstance(exc, ValueError):  # the SDK could not parse what came back
+        what = f"malformed response: {type(exc).__name__}: {exc}"
+    else:
+        return None
+    return ProviderError(scrub(_clip(what), secrets), provider=provider, model=model, retryable=True)
+
+
+def _is_transport(exc: BaseException) -> bool:
+    if isinstance(exc, ConnectionError | OSError | asyncio.IncompleteReadError):
+        return True
+    module = type(exc).__module__.split(".", 1)[0]
+    return module in ("httpx", "httpx2", "httpcore", "h11", "aiohttp")
+
+
+def _clip(text: str, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- where a model lives ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A model's wire address: ``provider`` labels errors (the host, else the source kind)."""
+
+    provider: str
+    base_url: str | None
+    key_env: str | None
+    wire_model: str
+    headers: tuple[tuple[str, str], ...] = ()
+    needs_key: bool = True
+
+
+class _EnvKeys:
+    """Keys straight from the environment and config, for a backend built without a key pool."""
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+
+    def acquire(self, env_var: str) -> str | None:
+        candidates = [os.environ.get(env_var, ""), *os.environ.get(env_var + "S", "").split(",")]
+        candidates += self.ctx.config.keys.get(env_var, [])
+        return next((k.strip() for k in candidates if k.strip()), None)
+
+    def report(self, env_var: str, key: str, *, status: int | None, retry_after: float | None) -> None:
+        return None
+
+
+# --- the base backend ---------------------------------------------------------------------------
+
+
+class RemoteBackend:
+    """A hosted API reached through an official SDK. Subclasses implement the five hooks."""
+
+    kind: ClassVar[str] = "remote"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.config.remote
+        self._keys: KeyProvider = ctx.keys if ctx.keys is not None else _EnvKeys(ctx)
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], Any]]
+        self._clients = weakref.WeakKeyDictionary()
+        self._clients_lock = threading.Lock()
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def endpoint(self, model: ModelSchema) -> Endpoint:
+        raise NotImplementedError
+
+    def build(self, model: ModelSchema, endpoint: Endpoint, request: GenerateRequest) -> dict[str, Any]:
+        """The SDK call's keyword arguments. Runs before any network: raises ``UnsupportedMode``."""
+        raise NotImplementedError
+
+    def make_client(self, endpoint: Endpoint, key: str) -> Any:
+        raise NotImplementedError
+
+    def events(
+        self, client: Any, endpoint: Endpoint, model: ModelSchema, payload: dict[str, Any]
+    ) -> AsyncIterator[StreamEvent | Finish]:
+        """Content events, a ``Finish`` and a ``UsageEvent``; raises SDK errors or ``StreamIncomplete``."""
+        raise NotImplementedError
+
+    def translate(
+        self, exc: Exception, endpoint: Endpoint, model: ModelSchema, key: str
+    ) -> ProviderError | None:
+        """The SDK exception as ``ProviderError``; None when it is not a provider failure."""
+        return transport_error(exc, provider=endpoint.provider, model=model.id, secrets=[key])
+
+    # --- clients and keys ----------------------------------------------------------------------
+
+    def _client(self, endpoint: Endpoint, key: str) -> Any:
+        """One SDK client per event loop, endpoint and key (clients pool connections)."""
+        loop = asyncio.get_running_loop()
+        cache_key = (endpoint.base_url, endpoint.headers, key)
+        with self._clients_lock:
+            per_loop = self._clients.setdefault(loop, {})
+            client = per_loop.get(cache_key)
+            if client is None:
+                client = per_loop[cache_key] = self.make_client(endpoint, key)
+            return client
+
+    def _next_key(self, endpoint: Endpoint, model: ModelSchema, tried: set[str]) -> str | None:
+        """A key not tried yet; None when the rotation is exhausted. The first call raises
+        ``ModelUnavailable`` when the model needs a key and none is usable."""
+        if not endpoint.key_env:
+            if endpoint.needs_key and not tried:
+                raise ModelUnavailable(model.id, "its source names no API key variable (api_key_env)")
+            return PLACEHOLDER_KEY if not tried else None
+        key = self._keys.acquire(endpoint.key_env)
+        if key is None:
+            if tried:
+                return None
+            if endpoint.needs_key:
+                raise ModelUnavailable(
+                    model.id,
+                    f"no usable key in {endpoint.key_env}: set it (or `car secrets put {endpoint.key_env}`)",
+                )
+            return PLACEHOLDER_KEY
+        return None if key in tried else key
+
+    def _report(self, endpoint: Endpoint, key: str, status: int | None, retry_after: float | None) -> None:
+        if endpoint.key_env and key != PLACEHOLDER_KEY:
+            self._keys.report(endpoint.key_env, key, status=status, retry_after=retry_after)
+
+    def _failed(self, endpoint: Endpoint, key: str, error: ProviderError, started: bool) -> bool:
+        """Report a failure; True when the same request should go again with another key."""
+        self._report(endpoint, key, error.status, error.retry_after)
+        rotate = not started and error.status in ROTATE_ON and key != PLACEHOLDER_KEY
+        if rotate:
+            log.info(
+                "%s returned %s on key %s; trying another", endpoint.provider, error.status, mask_key(key)
+            )
+        return rotate
+
+    async def with_keys(self, model: ModelSchema, call: Callable[[Any, Endpoint], Awaitable[T]]) -> T:
+        """Run one non-streaming SDK call under key rotation and error translation."""
+        endpoint = self.endpoint(model)
+        tried: set[str] = set()
+        last: ProviderError | None = None
+        while (key := self._next_key(endpoint, model, tried)) is not None:
+            tried.add(key)
+            error: ProviderError | None = None
+            try:
+                result = await call(self._client(endpoint, key), endpoint)
+            except Exception as exc:
+                error = self.translate(exc, endpoint, model, key)
+                if error is None:
+                    raise
+            if error is None:
+                self._report(endpoint, key, 200, None)
+                return result
+            last = error
+            if not self._failed(endpoint, key, error, started=False):
+                break
+        assert last is not None
+        raise last
+
+    # --- the task protocol ---------------------------------------------------------------------
+
+    async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:
+        """Consumes the stream, so every answer has a measured time to first token."""
+        async with contextlib.aclosing(self.stream(model, request)) as events:
+            async for event in events:
+                if isinstance(event, Done):
+                    return GenerationOutput.from_done(event, event.time_to_first_token_ms)
+        raise InferenceFailed(f"{model.id}: the stream ended without a result")
+
+    async def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
+        start = time.perf_counter()
+        endpoint = self.endpoint(model)
+        payload = self.build(model, endpoint, request)
+        hide_thinking = request.params.thinking is ThinkingMode.OFF
+        tried: set[str] = set()
+        last: ProviderError | None = None
+        while (key := self._next_key(endpoint, model, tried)) is not None:
+            tried.add(key)
+            acc = StreamAccumulator()
+            finish: str | None = None
+            ttft: float | None = None
+            started = False
+            error: ProviderError | None = None
+            try:
+                client = self._client(endpoint, key)
+                async with contextlib.aclosing(self.events(client, endpoint, model, payload)) as events:
+                    async for event in events:
+                        if isinstance(event, Finish):
+                            finish = event.reason
+                        elif isinstance(event, UsageEvent):
+                            acc.push(event)
+                        elif not (hide_thinking and isinstance(event, ThinkingDelta)):
+                            ttft = ttft or round((time.perf_counter() - start) * 1000, 3)
+                            acc.push(event)
+                            started = True
+                            yield event
+            except Exception as exc:
+                error = self.translate(exc, endpoint, model, key)
+                if error is None:
+                    raise
+            if error is None:
+                self._report(endpoint, key, 200, None)
+                usage = acc.usage
+                if usage is not None:
+                    usage = usage.model_copy(update={"context_window": model.context_length})
+                    yield UsageEvent(usage=usage)
+                yield Done(
+                    text=acc.text,
+                    tool_calls=acc.tool_calls(),
+                    thinking=acc.thinking,
+                    usage=usage,
+                    time_to_first_token_ms=ttft,
+                    finish_reason=finish,
+                )
+                return
+            last = error
+            if not self._failed(endpoint, key, error, started):
+                break
+        assert last is not None
+        raise last
+
+
+# --- request conversion helpers -----------------------------------------------------------------
+
+
+def usage_of(prompt: int | None, completion: int | None, total: int | None, cached: int | None) -> TokenUsage:
+    prompt, completion = prompt or 0, completion or 0
+    return TokenUsage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=total or prompt + completion,
+        cached_prompt_tokens=cached,
+    )
+
+
+def normalized(messages: list[Message]) -> list[Message]:
+    """Messages with every tool call given an id and every tool result tied to one: a missing
+    ``tool_call_id`` takes the next unanswered call of the assistant turn before it."""
+    out: list[Message] = []
+    pending: list[str] = []
+    counter = 0
+    for message in messages:
+        update: dict[str, Any] = {}
+        if message.role == "assistant" and message.tool_calls:
+            calls = []
+            for call in message.tool_calls:
+                calls.append(call if call.id else call.model_copy(update={"id": f"call_{counter}"}))
+                counter += 1
+            pending = [c.id for c in calls if c.id]
+            update["tool_calls"] = calls
+        elif message.role == "tool":
+            if message.tool_call_id is None and pending:
+                update["tool_call_id"] = pending.pop(0)
+            elif message.tool_call_id in pending:
+                pending.remove(message.tool_call_id)
+        out.append(message.model_copy(update=update) if update else message)
+    return out
+
+
+def conversation(request: GenerateRequest) -> tuple[str, list[Message]]:
+    """(system text, the other messages normalized): system turns anywhere join into one text."""
+    system: list[str] = []
+    rest: list[Message] = []
+    for message in normalized(request.chat_messages()):
+        if message.role == "system":
+            if message.text():
+                system.append(message.text())
+        else:
+            rest.append(message)
+    return "\n\n".join(system), rest
+
+
+def json_instruction(fmt: ResponseFormat | None) -> str | None:
+    """A system instruction asking for JSON, for models without a native JSON mode."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_schema" and fmt.json_schema:
+        schema = json.dumps(fmt.json_schema["schema"], separators=(",", ":"))
+        return f"Respond only with a JSON value that validates against this JSON Schema: {schema}"
+    return "Respond only with a single JSON object, no prose and no code fences."
+
+
+def with_system(system: str, extra: str | None) -> str:
+    return "\n\n".join(p for p in (system, extra) if p)
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+def function_specs(tools: list[dict[str, Any]] | None) -> list[FunctionSpec]:
+    """OpenAI function schemas (``{"type": "function", "function": {...}}`` or the bare function)."""
+    specs = []
+    for tool in tools or []:
+        fn = tool.get("function", tool)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise UnsupportedMode("tool-use", "remote", f"a tool needs a function name: {str(tool)[:80]}")
+        parameters = fn.get("parameters") or {"type": "object", "properties": {}}
+        specs.append(FunctionSpec(fn["name"], fn.get("description") or "", parameters))
+    return specs
+
+
+def tool_choice_of(params: GenerateParams) -> tuple[str, str | None] | None:
+    """("auto" | "none" | "required", None) or ("named", tool name); None when not given."""
+    choice = params.tool_choice
+    if choice is None or choice in ("auto", "none", "required"):
+        return None if choice is None else (choice, None)
+    return "named", choice
+
+
+# --- sampling and thinking ----------------------------------------------------------------------
+
+
+def sampling(
+    model: ModelSchema, params: GenerateParams, *, thinking: bool = False
+) -> dict[GenerateParam, Any]:
+    """The sampling values to send, each only when the model takes it: temperature (not while
+    thinking, which fixes it), top_p when not 1, top_k when set, max_tokens capped by the model's
+    output limit, stop when non-empty, seed when set."""
+    out: dict[GenerateParam, Any] = {}
+
+    def put(param: GenerateParam, value: Any) -> None:
+        if value is not None and model.supports_param(param):
+            out[param] = value
+
+    if not thinking:
+        put(GenerateParam.TEMPERATURE, params.temperature)
+        put(GenerateParam.TOP_K, params.top_k)
+    put(GenerateParam.TOP_P, params.top_p if params.top_p != 1.0 else None)
+    max_tokens = params.max_tokens
+    if model.max_output_tokens:
+        max_tokens = min(max_tokens, model.max_output_tokens)
+    put(GenerateParam.MAX_TOKENS, max_tokens)
+    put(GenerateParam.STOP, list(params.stop) or None)
+    put(GenerateParam.SEED, params.seed)
+    return out
+
+
+@dataclass(frozen=True)
+class ThinkingPlan:
+    """What the request wants from reasoning: ``mode`` "default" (send nothing), "on" or "off";
+    ``effort`` low/medium/high (minimal when asked, else derived from the budget) and the
+    ``budget`` tokens given (0 when none)."""
+
+    mode: str
+    effort: str | None = None
+    budget: int = 0
+
+
+def effort_for_budget(budget: int) -> str:
+    """A token budget as an effort level: < 2,048 low, < 8,000 medium, else high (the engine's
+    automatic budget for complex tasks is 8,000)."""
+    return "low" if budget < 2048 else "medium" if budget < 8000 else "high"
+
+
+def thinking_plan(model: ModelSchema, params: GenerateParams) -> ThinkingPlan:
+    """Thinking is on when asked (``thinking=on``), or in ``auto`` when a budget or an effort is
+    given; off when ``thinking=off``; otherwise the provider's default. Models that declare
+    neither extended_thinking nor reasoning_effort get no thinking parameters at all."""
+    if not (
+        model.supports_param(GenerateParam.EXTENDED_THINKING)
+        or model.supports_param(GenerateParam.REASONING_EFFORT)
+    ):
+        return ThinkingPlan("default")
+    if params.thinking is ThinkingMode.OFF:
+        return ThinkingPlan("off")
+    budget = params.budget_tokens
+    effort = params.reasoning_effort or (effort_for_budget(budget) if budget else None)
+    if params.thinking is ThinkingMode.ON or budget or params.reasoning_effort:
+        return ThinkingPlan("on", effort, budget)
+    return ThinkingPlan("default")
+
+
+# --- media --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Media:
+    """A media block resolved: inline base64 ``data`` (data: URLs decoded) or an http(s) ``url``."""
+
+    kind: str  # image | audio | video
+    media_type: str | None
+    data: str | None = None
+    url: str | None = None
+
+    def raw(self) -> bytes:
+        return base64.b64decode(self.data or "")
+
+
+_DATA_URL = re.compile(r"^data:(?P<type>[^;,]*)(?P<params>(?:;[^;,]*)*),(?P<body>.*)$", re.DOTALL)
+
+
+def media_of(block: ImageBlock | AudioBlock | VideoBlock, backend: str) -> Media:
+    if block.data:
+        return Media(block.type, block.media_type, data=block.data)
+    url = block.url or ""
+    match = _DATA_URL.match(url)
+    if match:
+        body = match.group("body")
+        if ";base64" in match.group("params").lower():
+            data = re.sub(r"\s+", "", body)
+        else:
+            data = base64.b64encode(unquote_to_bytes(body)).decode()
+        return Media(block.type, match.group("type") or block.media_type, data=data)
+    if url.startswith(("http://", "https://")):
+        guessed = mimetypes.guess_type(url.split("?", 1)[0])[0]
+        return Media(block.type, block.media_type or guessed, url=url)
+    raise UnsupportedMode(f"{block.type}-input", backend, f"a {block.type} URL must be http(s) or data:")
+
+
+def unit_vector(vector: list[float]) -> list[float]:
+    norm = math.sqrt(sum(v * v for v in vector))
+    return [v / norm for v in vector] if norm else vector

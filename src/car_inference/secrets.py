@@ -1,0 +1,208 @@
+"""API keys: where they come from, and the OS keyring store behind `car secrets`.
+
+Resolution order for a key variable such as ``OPENAI_API_KEY`` (``resolve_keys``):
+
+1. the environment variable itself;
+2. its plural, ``OPENAI_API_KEYS=k1,k2`` (comma-separated);
+3. ``config.keys["OPENAI_API_KEY"]`` (a list in ``config.toml``);
+4. the OS keyring, service ``car-inference``, user name = the variable (``car secrets put``).
+   A stored value may hold several keys separated by commas.
+
+Duplicates are dropped, first source wins. The keyring comes through the optional ``keyring``
+package (``pip install 'car-inference[keyring]'``); when it is not installed or has no usable
+backend, resolution skips it and ``SecretStore.put`` fails with a one-line error naming the fix.
+The keyring cannot list what it holds, so ``$CAR_HOME/secrets.json`` keeps an index of the names
+stored here (names only, never values), written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .config import CarConfig
+from .errors import ConfigError, InferenceError
+
+__all__ = [
+    "SERVICE",
+    "ResolvedKey",
+    "SecretStore",
+    "SecretStoreUnavailable",
+    "atomic_write_text",
+    "resolve_keys",
+]
+
+log = logging.getLogger(__name__)
+
+SERVICE = "car-inference"
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_INSTALL_HINT = "pip install 'car-inference[keyring]'"
+
+
+class SecretSource(Protocol):
+    def get(self, name: str) -> str | None: ...
+
+
+class SecretStoreUnavailable(InferenceError):
+    """The OS keyring cannot be used: the package is missing or no backend works here."""
+
+
+@dataclass(frozen=True)
+class ResolvedKey:
+    """A key and where it came from: ``env``, ``env:NAME_KEYS``, ``config`` or ``keyring``."""
+
+    value: str
+    source: str
+
+    def __repr__(self) -> str:  # never the value
+        return f"ResolvedKey(source={self.source!r})"
+
+
+def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``; readers
+    see the old file or the new one, never a part. ``durable`` syncs to disk before the rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"{name!r} is not a valid secret name (use letters, digits and _, like OPENAI_API_KEY)"
+        )
+    return name
+
+
+class SecretStore:
+    """Secrets in the OS keyring under service ``car-inference``, with a name index in ``home``."""
+
+    def __init__(self, home: Path, service: str = SERVICE) -> None:
+        self.home = home
+        self.service = service
+
+    @property
+    def index_path(self) -> Path:
+        return self.home / "secrets.json"
+
+    def _keyring(self) -> Any:
+        try:
+            import keyring
+            from keyring.backends import fail
+        except ImportError:
+            raise SecretStoreUnavailable(f"the keyring package is not installed: {_INSTALL_HINT}") from None
+        backend = keyring.get_keyring()
+        if isinstance(backend, fail.Keyring) or getattr(backend, "priority", 1) <= 0:
+            raise SecretStoreUnavailable(
+                "no usable OS keyring backend on this machine: install one (e.g. `pip install "
+                "keyrings.alt`) or set the key as an environment variable instead"
+            )
+        return keyring
+
+    def available(self) -> bool:
+        try:
+            self._keyring()
+        except SecretStoreUnavailable:
+            return False
+        return True
+
+    def put(self, name: str, value: str) -> None:
+        check_name(name)
+        value = value.strip()
+        if not value:
+            raise ConfigError(f"refusing to store an empty value for {name}")
+        keyring = self._keyring()
+        try:
+            keyring.set_password(self.service, name, value)
+        except keyring.errors.KeyringError as exc:
+            raise SecretStoreUnavailable(
+                f"the keyring refused to store {name}: {type(exc).__name__}"
+            ) from None
+        self._write_index(sorted({*self.names(), name}))
+
+    def get(self, name: str) -> str | None:
+        """The stored value, or None when absent or when the keyring cannot be used."""
+        try:
+            keyring = self._keyring()
+            return keyring.get_password(self.service, name)
+        except SecretStoreUnavailable:
+            return None
+        except Exception as exc:  # a broken backend must not break key resolution
+            log.debug("keyring lookup of %s failed: %s", name, type(exc).__name__)
+            return None
+
+    def delete(self, name: str) -> bool:
+        """Remove ``name``; False when it was not stored."""
+        check_name(name)
+        keyring = self._keyring()
+        existed = name in self.names()
+        try:
+            keyring.delete_password(self.service, name)
+            existed = True
+        except keyring.errors.PasswordDeleteError:
+            pass
+        self._write_index([n for n in self.names() if n != name])
+        return existed
+
+    def names(self) -> list[str]:
+        try:
+            data = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable %s", self.index_path)
+            return []
+        names = data.get("names", []) if isinstance(data, dict) else []
+        return sorted(n for n in names if isinstance(n, str) and _NAME.match(n))
+
+    def _write_index(self, names: list[str]) -> None:
+        atomic_write_text(self.index_path, json.dumps({"names": names}, indent=2) + "\n")
+
+
+def resolve_keys(
+    env_var: str,
+    config: CarConfig | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    store: SecretSource | None = None,
+) -> list[ResolvedKey]:
+    """Every key for ``env_var``, in resolution order, without duplicates."""
+    env = os.environ if env is None else env
+    found: list[ResolvedKey] = []
+    seen: set[str] = set()
+
+    def add(values: list[str], source: str) -> None:
+        for value in values:
+            if value not in seen:
+                seen.add(value)
+                found.append(ResolvedKey(value, source))
+
+    add(_split(env.get(env_var)), "env")
+    add(_split(env.get(env_var + "S")), f"env:{env_var}S")
+    if config is not None:
+        add([k.strip() for k in config.keys.get(env_var, []) if k.strip()], "config")
+    if store is not None:
+        add(_split(store.get(env_var)), "keyring")
+    return found

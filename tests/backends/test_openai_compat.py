@@ -1,0 +1,477 @@
+"""The OpenAI Chat Completions backend, driving the real ``openai`` SDK against the loopback fake."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from car_inference.backends.base import BackendContext
+from car_inference.backends.cache import ModelCache
+from car_inference.backends.openai_compat import OpenAICompatBackend
+from car_inference.backends.remote import PLACEHOLDER_KEY
+from car_inference.catalog import load_builtin
+from car_inference.config import CarConfig, RemoteSettings
+from car_inference.errors import ProviderError, UnsupportedMode
+from car_inference.keys import KeyPool
+from car_inference.requests import (
+    AudioBlock,
+    EmbedRequest,
+    GenerateRequest,
+    ImageBlock,
+    Message,
+    TextBlock,
+    ToolCall,
+    VideoBlock,
+)
+from car_inference.schema import ModelSchema
+from car_inference.stream import Done, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
+from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
+
+CATALOG = {m.id: m for m in load_builtin().models}
+KEY = "sk-openai-test-key-0001"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+PNG = "iVBORw0KGgo="
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(server: FakeProviderServer) -> Iterator[FakeProviderServer]:
+    server.reset()
+    yield server
+    server.reset()
+
+
+def make(tmp_path: Path, env: dict[str, str] | None = None, **remote: Any) -> OpenAICompatBackend:
+    config = CarConfig(home=tmp_path, remote=RemoteSettings(**remote))
+    pool = KeyPool(
+        config,
+        tmp_path / "key_pool_stats.json",
+        env=env or {"OPENAI_API_KEY": KEY, "OPENROUTER_API_KEY": KEY},
+        store=None,
+    )
+    return OpenAICompatBackend(BackendContext(config=config, cache=ModelCache(100), keys=pool))
+
+
+@pytest.fixture
+def be(tmp_path: Path) -> OpenAICompatBackend:
+    return make(tmp_path)
+
+
+def model(fake: FakeProviderServer, model_id: str = "openai/gpt-6-luna") -> ModelSchema:
+    schema = CATALOG[model_id]
+    return schema.model_copy(
+        update={"source": schema.source.model_copy(update={"base_url": fake.openai_base_url})}
+    )
+
+
+def sent(fake: FakeProviderServer) -> dict[str, Any]:
+    return fake.requests[-1].json
+
+
+async def events_of(be: OpenAICompatBackend, schema: ModelSchema, request: GenerateRequest) -> list[Any]:
+    return [e async for e in be.stream(schema, request)]
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+async def test_text_with_system_usage_and_ttft(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
+    fake.queue(Reply(text="Hi!", prompt_tokens=11, completion_tokens=7, cached_tokens=3))
+    out = await be.generate(model(fake), GenerateRequest(prompt="hello", context="be brief"))
+    assert out.text == "Hi!" and out.tool_calls == [] and out.thinking is None
+    body = sent(fake)
+    assert body["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"},
+    ]
+    assert body["model"] == "gpt-6-luna" and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert fake.requests[-1].api_key == KEY
+    usage = out.usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (11, 7, 18)
+    assert usage.cached_prompt_tokens == 3 and usage.context_window == 1050000 and usage.cost_usd is None
+    assert out.time_to_first_token_ms is not None and out.time_to_first_token_ms > 0
+
+
+async def test_multi_turn_with_tool_results(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
+    history = [
+        Message(role="user", content="weather in Paris and Rome?"),
+        Message(
+            role="assistant",
+            content="Checking.",
+            tool_calls=[
+                ToolCall(id="call_a", name="get_weather", arguments={"city": "Paris"}),
+                ToolCall(name="get_weather", invalid_arguments='{"city": "Ro'),
+            ],
+        ),
+        Message(role="tool", tool_call_id="call_a", content="sunny"),
+        Message(role="tool", content="rainy"),
+    ]
+    await be.generate(model(fake), GenerateRequest(messages=history, prompt="so?", tools=[WEATHER]))
+    messages = sent(fake)["messages"]
+    assert messages[1] == {
+        "role": "assistant",
+        "content": "Checking.",
+        "tool_calls": [
+            {
+                "id": "call_a",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            },
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Ro'},
+            },
+        ],
+    }
+    assert messages[2] == {"role": "tool", "tool_call_id": "call_a", "content": "sunny"}
+    assert messages[3] == {"role": "tool", "tool_call_id": "call_1", "content": "rainy"}
+    assert messages[4] == {"role": "user", "content": "so?"}
+
+
+async def test_images_base64_and_urls(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
+    images = [
+        ImageBlock(data=PNG, media_type="image/png", detail="low"),
+        ImageBlock(url="https://example.com/cat.jpg"),
+        ImageBlock(url=f"data:image/png;base64,{PNG}"),
+    ]
+    await be.generate(model(fake), GenerateRequest(prompt="describe", images=images))
+    parts = sent(fake)["messages"][-1]["content"]
+    assert parts == [
+        {"type": "text", "text": "describe"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}", "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+    ]
+
+
+async def test_audio_input_and_unsupported_media(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
+    audio = Message(
+        role="user",
+        content=[TextBlock(text="transcribe"), AudioBlock(data="UklGRg==", media_type="audio/wav")],
+    )
+    await be.generate(model(fake), GenerateRequest(messages=[audio]))
+    part = sent(fake)["messages"][-1]["content"][1]
+    assert part == {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    for block in (
+        AudioBlock(url="https://example.com/a.mp3"),
+        AudioBlock(data="AAAA", media_type="audio/ogg"),
+        VideoBlock(data="AAAA", media_type="video/mp4"),
+    ):
+        with pytest.raises(UnsupportedMode):
+            await be.generate(model(fake), GenerateRequest(messages=[Message(role="user", content=[block])]))
+    assert len(fake.requests) == 1  # refused before any request
+
+
+@pytest.mark.parametrize(
+    ("choice", "wire"),
+    [
+        ("auto", "auto"),
+        ("none", "none"),
+        ("required", "required"),
+        ("get_weather", {"type": "function", "function": {"name": "get_weather"}}),
+    ],
+)
+async def test_tool_choice_and_parallel_calls(
+    fake: FakeProviderServer, be: OpenAICompatBackend, choice: str, wire: Any
+) -> None:
+    request = GenerateRequest(
+        prompt="weather?", tools=[WEATHER], params={"tool_choice": choice, "parallel_tool_calls": False}
+    )
+    await be.generate(model(fake), request)
+    body = sent(fake)
+    assert body["tools"] == [WEATHER]
+    assert body["tool_choice"] == wire and body["parallel_tool_calls"] is False
+
+
+async def test_tools_refused_for_a_model_without_them(
+    fake: FakeProviderServer, be: OpenAICompatBackend
+) -> None:
+    with pytest.raises(UnsupportedMode, match="tool"):
+        await be.generate(model(fake, "openai/gpt-6.2-astra"), GenerateRequest(prompt="x", tools=[WEATHER]))
+    assert not fake.requests
+
+
+async def test_json_modes(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
+    out = await be.generate(
+        model(fake), GenerateRequest(prompt="data", response_format={"type": "json_object"})
+    )
+    assert sent(fake)["response_format"] == {"type": "json_object"}
+    assert json.loads(out.text) == {"echo": "data"}
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    out = await be.generate(model(fake), GenerateRequest(prompt="q", response_format=fmt))
+    assert sent(fake)["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema, "strict": True},
+    }
+    assert json.loads(out.text) == {"answer": "q"}
+    # a model without a native JSON mode gets an instruction instead
+    plain = model(fake).model_copy(update={"supported_params": ["max_tokens"]})
+    await be.generate(plain, GenerateRequest(prompt="q", response_format=fmt))
+    body = sent(fake)
+    assert "response_format" not in body
+    assert body["messages"][0]["role"] == "system" and '"answer"' in body["messages"][0]["content"]
+
+
+async def test_params_omitted_when_unsupported(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
+    params = {"temperature": 0.3, "top_p": 0.9, "top_k": 20, "max_tokens": 64, "stop": ["END"], "seed": 7}
+    await be.generate(model(fake), GenerateRequest(prompt="x", params=params))
+    body = sent(fake)
+    for name in ("temperature", "top_p", "top_k", "stop", "seed", "max_tokens"):
+        assert name not in body
+    assert body["max_completion_tokens"] == 64
+    await be.generate(
+        model(fake, "openrouter/llama-3.3-70b-instruct"), GenerateRequest(prompt="x", params=params)
+    )
+    body = sent(fake)
+    assert (body["temperature"], body["top_p"], body["top_k"], body["max_tokens"]) == (0.3, 0.9, 20, 64)
+    assert body["stop"] == ["END"] and body["seed"] == 7 and "max_completion_tokens" not in body
+    assert "reasoning_effort" not in body
+
+
+@pytest.mark.parametrize(
+    ("params", "effort"),
+    [
+        ({}, None),
+        ({"thinking": "on"}, None),
+        ({"budget_tokens": 3000}, "medium"),
+        ({"thinking": "on", "budget_tokens": 20000}, "high"),
+        ({"reasoning_effort": "minimal"}, "minimal"),
+        ({"thinking": "off"}, "low"),
+    ],
+)
+async def test_reasoning_effort_mapping(
+    fake: FakeProviderServer, be: OpenAICompatBackend, params: dict[str, Any], effort: str | None
+) -> None:
+    await be.generate(model(fake), GenerateRequest(prompt="x", params=params))
+    assert sent(fake).get("reasoning_effort") == effort
+
+
+async def test_thinking_kept_apart_and_dropped_when_off(
+    fake: FakeProviderServer, be: OpenAICompatBackend
+) -> None:
+    fake.queue(Reply(text="42", thinking="let me think"), Reply(text="42", thinking="let me think"))
+    events = await events_of(be, model(fake), GenerateRequest(prompt="x"))
+    assert "".join(e.text for e in events if isinstance(e, ThinkingDelta)) == "let me think"
+    done = events[-1]
+    assert isinstance(done, Done) and done.text == "42" and done.thinking == "let me think"
+    out = await be.generate(model(fake), GenerateRequest(prompt="x", params={"thinking": "off"}))
+    assert out.text == "42" and out.thinking is None
+
+
+async def test_stream_reassembles_text_and_tool_calls(
+    fake: FakeProviderServer, be: OpenAICompatBackend
+) -> None:
+    args = {"city": "Paris", "unit": "celsius"}
+    fake.queue(
+        Reply(
+            text="Let me check.",
+            chunk_chars=3,
+            tool_calls=[ToolCallSpec("get_weather", args, id="call_x"), ToolCallSpec("noop", '{"bad')],
+        )
+    )
+    events = await events_of(be, model(fake), GenerateRequest(prompt="weather?", tools=[WEATHER]))
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Let me check."
+    starts = [e for e in events if isinstance(e, ToolCallStart)]
+    assert [(s.index, s.id, s.name) for s in starts] == [
+        (0, "call_x", "get_weather"),
+        (1, starts[1].id, "noop"),
+    ]
+    pieces = [e.arguments for e in events if isinstance(e, ToolCallDelta) and e.index == 0]
+    assert len(pieces) > 1 and json.loads("".join(pieces)) == args
+    assert isinstance(events[-2], UsageEvent) and events[-2].usage.total_tokens > 0
+    done = events[-1]
+    assert isinstance(done, Done)
+    assert done.tool_calls[0].arguments == args and done.tool_calls[0].id == "call_x"
+    assert done.tool_calls[1].invalid_arguments == '{"bad' and done.tool_calls[1].arguments == {}
+    assert done.usage is not None and done.usage.context_window == 1050000
+
+
+async def test_finish_reason(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
+    fake.queue(
+        Reply(text="cut", finish_reason="length"),
+        Reply(tool_calls=[ToolCallSpec("get_weather", {"city": "Oslo"})]),
+        Reply(text="", finish_reason="content_filter"),
+        Reply(text="fine"),
+    )
+    reasons = [
+        (await be.generate(model(fake), GenerateRequest(prompt="x", tools=[WEATHER]))).finish_reason
+        for _ in range(4)
+    ]
+    assert reasons == ["length", "tool_calls", "content_filter", "stop"]
+
+
+# --- faults --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "retryable", "retry_after"),
+    [
+        (Fault.rate_limit(retry_after=7), 429, True, 7.0),
+        (Fault.server_error(), 500, True, None),
+        (Fault.server_error(503), 503, True, None),
+        (Fault.unauthorized(), 401, False, None),
+        (Fault.forbidden(), 403, False, None),
+        (Fault.bad_request("bad temperature"), 400, False, None),
+    ],
+)
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_status_faults(
+    fake: FakeProviderServer,
+    be: OpenAICompatBackend,
+    fault: Fault,
+    status: int,
+    retryable: bool,
+    retry_after: float | None,
+    streaming: bool,
+) -> None:
+    fake.queue(fault)
+    with pytest.raises(ProviderError) as info:
+        if streaming:
+            await events_of(be, model(fake), GenerateRequest(prompt="x"))
+        else:
+            await be.generate(model(fake), GenerateRequest(prompt="x"))
+    err = info.value
+    assert (err.status, err.retryable, err.retry_after) == (status, retryable, retry_after)
+    assert err.provider == "openai" and err.model == "openai/gpt-6-luna"
+    assert len(fake.requests) == 1  # no SDK retries
+
+
+async def test_rate_limit_with_http_date(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
+    when = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))
+    fake.queue(Fault("status", status=429, message="slow down", headers={"Retry-After": when}))
+    with pytest.raises(ProviderError) as info:
+        await be.generate(model(fake), GenerateRequest(prompt="x"))
+    assert info.value.retry_after is not None and 55 <= info.value.retry_after <= 61
+
+
+async def test_hang_times_out(fake: FakeProviderServer, tmp_path: Path) -> None:
+    be = make(tmp_path, timeout_s=0.4)
+    fake.queue(Fault.hang(10))
+    started = time.monotonic()
+    with pytest.raises(ProviderError) as info:
+        await be.generate(model(fake), GenerateRequest(prompt="x"))
+    assert time.monotonic() - started < 3
+    assert (info.value.status, info.value.retryable) == (None, True) and "timed out" in str(info.value)
+
+
+async def test_malformed_json(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
+    fake.queue(Fault.malformed_json())
+    with pytest.raises(ProviderError) as info:
+        await be.generate(model(fake), GenerateRequest(prompt="x"))
+    assert (info.value.status, info.value.retryable) == (None, True) and "malformed" in str(info.value)
+
+
+async def test_stream_cut_midway(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
+    fake.queue(Fault.cut_stream(after_chunks=2), Fault.cut_stream(after_chunks=2))
+    received: list[str] = []
+    with pytest.raises(ProviderError) as info:
+        async for event in be.stream(model(fake), GenerateRequest(prompt="hello there")):
+            if isinstance(event, TextDelta):
+                received.append(event.text)
+    assert "".join(received) == "echo: he"
+    assert (info.value.status, info.value.retryable) == (None, True)
+    with pytest.raises(ProviderError):
+        await be.generate(model(fake), GenerateRequest(prompt="hello there"))
+
+
+async def test_rotation_to_second_key(fake: FakeProviderServer, tmp_path: Path) -> None:
+    other = "sk-openai-test-key-0002"
+    be = make(tmp_path, {"OPENAI_API_KEY": KEY, "OPENAI_API_KEYS": other})
+    fake.set_key_behavior(KEY, Fault.rate_limit(retry_after=9))
+    assert (await be.generate(model(fake), GenerateRequest(prompt="x"))).text == "echo: x"
+    assert [r.api_key for r in fake.requests] == [KEY, other]
+    stats = be.ctx.keys.stats()["OPENAI_API_KEY"]  # type: ignore[union-attr]
+    assert [(s.source, s.rate_limits, s.state) for s in stats] == [
+        ("env", 1, "cooling"),
+        ("env:OPENAI_API_KEYS", 0, "ok"),
+    ]
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+async def test_ollama_and_vllm_sources(
+    fake: FakeProviderServer, be: OpenAICompatBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-reach-local-servers")
+    ollama = ModelSchema.model_validate(
+        {
+            "id": "ollama/llama3.2",
+            "name": "llama3.2",
+            "provider": "ollama",
+            "capabilities": ["generate"],
+            "source": {"kind": "ollama", "host": fake.base_url, "model_tag": "llama3.2:3b"},
+        }
+    )
+    await be.generate(ollama, GenerateRequest(prompt="x"))
+    recorded = fake.requests[-1]
+    assert recorded.path == "/v1/chat/completions" and recorded.json["model"] == "llama3.2:3b"
+    assert recorded.api_key == PLACEHOLDER_KEY
+    vllm = ModelSchema.model_validate(
+        {
+            "id": "vllm/qwen",
+            "name": "qwen",
+            "provider": "vllm",
+            "capabilities": ["generate"],
+            "source": {
+                "kind": "vllm",
+                "endpoint": fake.base_url,
+                "model_name": "Qwen/Qwen3-8B",
+                "api_key_env": "OPENAI_API_KEY",
+            },
+        }
+    )
+    await be.generate(vllm, GenerateRequest(prompt="x"))
+    assert fake.requests[-1].json["model"] == "Qwen/Qwen3-8B" and fake.requests[-1].api_key == KEY
+    keyless = ModelSchema.model_validate(
+        {
+            "id": "lmstudio/phi",
+            "name": "phi",
+            "provider": "lmstudio",
+            "capabilities": ["generate"],
+            "source": {
+                "kind": "openai",
+                "base_url": fake.openai_base_url,
+                "model_name": "phi-4",
+                "needs_key": False,
+            },
+        }
+    )
+    await be.generate(keyless, GenerateRequest(prompt="x"))
+    assert fake.requests[-1].api_key == PLACEHOLDER_KEY
+
+
+async def test_embeddings(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
+    schema = model(fake, "openai/text-embedding-3-small")
+    result = await be.embed(schema, EmbedRequest(texts=["alpha", "beta"]))
+    assert fake.requests[-1].json["model"] == "text-embedding-3-small"
+    assert fake.requests[-1].json["encoding_format"] == "float"
+    assert result.model_used == "openai/text-embedding-3-small" and result.dimensions == 8
+    assert len(result.embeddings) == 2 and result.embeddings[0] != result.embeddings[1]
+    assert all(abs(sum(v * v for v in vec) - 1) < 1e-6 for vec in result.embeddings)
+    assert result.prompt_tokens and result.prompt_tokens > 0
+    fake.set_key_behavior(KEY, Fault.rate_limit(retry_after=2))
+    with pytest.raises(ProviderError) as info:
+        await be.embed(schema, EmbedRequest(texts=["x"]))
+    assert (info.value.status, info.value.retry_after) == (429, 2.0)

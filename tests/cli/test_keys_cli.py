@@ -1,0 +1,117 @@
+"""`car keys stats|reset` and `car secrets put|list|rm`, run in-process with typer's runner."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import keyring
+import pytest
+import typer
+from keyring.backend import KeyringBackend
+from keyring.backends import fail
+from keyring.errors import PasswordDeleteError
+from typer.testing import CliRunner
+
+from car_inference.cli.keys import register
+from car_inference.config import load_config
+from car_inference.keys import KeyPool
+from car_inference.secrets import SERVICE
+
+A = "sk-cli-test-key-aaaa0001"
+B = "sk-cli-test-key-bbbb0002"
+
+app = typer.Typer()
+register(app)
+runner = CliRunner()
+
+
+def car(*args: str, input: str | None = None) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args), input=input)
+    return result.exit_code, result.stdout, result.stderr
+
+
+class MemoryKeyring(KeyringBackend):
+    priority = 1  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self.data.get((service, username))
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self.data[(service, username)] = password
+
+    def delete_password(self, service: str, username: str) -> None:
+        if self.data.pop((service, username), None) is None:
+            raise PasswordDeleteError(username)
+
+
+@pytest.fixture
+def memory_keyring() -> Iterator[MemoryKeyring]:
+    previous = keyring.get_keyring()
+    backend = MemoryKeyring()
+    keyring.set_keyring(backend)
+    yield backend
+    keyring.set_keyring(previous)
+
+
+def test_secrets_put_list_rm(memory_keyring: MemoryKeyring, isolated_home: Path) -> None:
+    code, out, err = car("secrets", "put", "OPENAI_API_KEY", input=f"{A}\n")
+    assert code == 0 and A not in out + err and "stored OPENAI_API_KEY" in err
+    assert memory_keyring.data[(SERVICE, "OPENAI_API_KEY")] == A
+    assert A not in (isolated_home / "secrets.json").read_text()
+    car("secrets", "put", "GROQ_API_KEY", input=B)
+    code, out, _ = car("secrets", "list")
+    assert code == 0 and out.split() == ["GROQ_API_KEY", "OPENAI_API_KEY"]
+    code, out, _ = car("secrets", "list", "--json")
+    assert json.loads(out) == ["GROQ_API_KEY", "OPENAI_API_KEY"]
+    code, out, _ = car("secrets", "rm", "GROQ_API_KEY")
+    assert code == 0 and (SERVICE, "GROQ_API_KEY") not in memory_keyring.data
+    code, _, err = car("secrets", "rm", "GROQ_API_KEY")
+    assert code == 1 and "no stored secret named GROQ_API_KEY" in err
+
+
+def test_secrets_put_errors(memory_keyring: MemoryKeyring) -> None:
+    code, _, err = car("secrets", "put", "OPENAI_API_KEY", input="\n")
+    assert code == 2 and "no value" in err
+    code, _, err = car("secrets", "put", "not a name", input="x")
+    assert code == 2 and "not a valid secret name" in err
+    previous = keyring.get_keyring()
+    keyring.set_keyring(fail.Keyring())
+    try:
+        code, _, err = car("secrets", "put", "OPENAI_API_KEY", input=A)
+    finally:
+        keyring.set_keyring(previous)
+    assert code == 1 and "keyring backend" in err and len(err.strip().splitlines()) == 1 and A not in err
+
+
+def test_keys_stats_table_and_json(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEYS", f"{A},{B}")
+    pool = KeyPool.for_config(load_config(), store=None)
+    pool.report("OPENAI_API_KEY", A, status=429, retry_after=600)
+    pool.report("OPENAI_API_KEY", B, status=200, retry_after=None)
+    pool.flush()
+    code, out, _ = car("keys", "stats", "--json")
+    assert code == 0 and A not in out and B not in out
+    rows = json.loads(out)["OPENAI_API_KEY"]
+    assert [(r["masked"], r["source"], r["state"], r["rate_limits"]) for r in rows] == [
+        ("sk-…0001", "env:OPENAI_API_KEYS", "cooling", 1),
+        ("sk-…0002", "env:OPENAI_API_KEYS", "ok", 0),
+    ]
+    code, out, _ = car("keys", "stats")
+    assert code == 0 and "sk-…0001" in out and "cooling until" in out and A not in out
+    code, out, _ = car("keys", "reset", "OPENAI_API_KEY")
+    assert code == 0 and "reset 1 key(s)" in out
+    code, out, _ = car("keys", "stats", "OPENAI_API_KEY", "--json")
+    assert {r["state"] for r in json.loads(out)["OPENAI_API_KEY"]} == {"ok"}
+
+
+def test_keys_stats_without_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = car("keys", "stats")
+    assert code == 0 and "no API keys found" in out
+    code, out, _ = car("keys", "stats", "--json")
+    assert json.loads(out) == {}

@@ -1,0 +1,123 @@
+"""Secrets: the OS keyring store (an in-memory keyring backend here) and key resolution order."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import keyring
+import pytest
+from keyring.backend import KeyringBackend
+from keyring.backends import fail
+from keyring.errors import PasswordDeleteError
+
+from car_inference.config import CarConfig
+from car_inference.errors import ConfigError, InferenceError
+from car_inference.secrets import SERVICE, ResolvedKey, SecretStore, SecretStoreUnavailable, resolve_keys
+
+SECRET = "sk-secret-value-12345678"
+
+
+class MemoryKeyring(KeyringBackend):
+    priority = 1  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: dict[tuple[str, str], str] = {}
+
+    def get_password(self, service: str, username: str) -> str | None:
+        return self.data.get((service, username))
+
+    def set_password(self, service: str, username: str, password: str) -> None:
+        self.data[(service, username)] = password
+
+    def delete_password(self, service: str, username: str) -> None:
+        if self.data.pop((service, username), None) is None:
+            raise PasswordDeleteError(username)
+
+
+@pytest.fixture
+def memory_keyring() -> Iterator[MemoryKeyring]:
+    previous = keyring.get_keyring()
+    backend = MemoryKeyring()
+    keyring.set_keyring(backend)
+    yield backend
+    keyring.set_keyring(previous)
+
+
+@pytest.fixture
+def no_keyring_backend() -> Iterator[None]:
+    previous = keyring.get_keyring()
+    keyring.set_keyring(fail.Keyring())
+    yield
+    keyring.set_keyring(previous)
+
+
+def test_put_get_list_delete(tmp_path: Path, memory_keyring: MemoryKeyring) -> None:
+    store = SecretStore(tmp_path)
+    assert store.available() and store.names() == []
+    store.put("OPENAI_API_KEY", f"  {SECRET}\n")
+    store.put("ANTHROPIC_API_KEY", "sk-ant-other-1234")
+    assert memory_keyring.data[(SERVICE, "OPENAI_API_KEY")] == SECRET
+    assert store.get("OPENAI_API_KEY") == SECRET and store.get("MISSING") is None
+    assert store.names() == ["ANTHROPIC_API_KEY", "OPENAI_API_KEY"]
+    index = (tmp_path / "secrets.json").read_text()
+    assert json.loads(index) == {"names": ["ANTHROPIC_API_KEY", "OPENAI_API_KEY"]} and SECRET not in index
+    assert store.delete("OPENAI_API_KEY") is True
+    assert store.delete("OPENAI_API_KEY") is False
+    assert store.names() == ["ANTHROPIC_API_KEY"] and store.get("OPENAI_API_KEY") is None
+
+
+def test_bad_names_and_empty_values(tmp_path: Path, memory_keyring: MemoryKeyring) -> None:
+    store = SecretStore(tmp_path)
+    for name in ("", "1ABC", "with space", "a-b"):
+        with pytest.raises(ConfigError):
+            store.put(name, "x")
+    with pytest.raises(ConfigError, match="empty"):
+        store.put("OPENAI_API_KEY", "   ")
+
+
+def test_no_usable_keyring_backend(tmp_path: Path, no_keyring_backend: None) -> None:
+    store = SecretStore(tmp_path)
+    assert not store.available()
+    with pytest.raises(SecretStoreUnavailable, match="keyring backend") as info:
+        store.put("OPENAI_API_KEY", SECRET)
+    assert isinstance(info.value, InferenceError) and "\n" not in str(info.value)
+    assert store.get("OPENAI_API_KEY") is None  # resolution skips it
+    assert resolve_keys("OPENAI_API_KEY", env={}, store=store) == []
+
+
+def test_keyring_not_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "keyring", None)
+    store = SecretStore(tmp_path)
+    with pytest.raises(SecretStoreUnavailable, match=r"pip install 'car-inference\[keyring\]'"):
+        store.put("OPENAI_API_KEY", SECRET)
+    assert store.get("OPENAI_API_KEY") is None
+
+
+def test_broken_backend_does_not_break_resolution(tmp_path: Path, memory_keyring: MemoryKeyring) -> None:
+    def boom(service: str, username: str) -> str:
+        raise RuntimeError("dbus is down")
+
+    memory_keyring.get_password = boom  # type: ignore[method-assign]
+    assert SecretStore(tmp_path).get("OPENAI_API_KEY") is None
+
+
+def test_resolution_order(tmp_path: Path, memory_keyring: MemoryKeyring) -> None:
+    store = SecretStore(tmp_path)
+    store.put("OPENAI_API_KEY", "k-keyring,k-env")
+    config = CarConfig(home=tmp_path, keys={"OPENAI_API_KEY": ["k-config", " ", "k-plural-1"]})
+    env = {"OPENAI_API_KEY": "k-env", "OPENAI_API_KEYS": "k-plural-1, k-plural-2,,"}
+    found = resolve_keys("OPENAI_API_KEY", config, env=env, store=store)
+    assert [(k.value, k.source) for k in found] == [
+        ("k-env", "env"),
+        ("k-plural-1", "env:OPENAI_API_KEYS"),
+        ("k-plural-2", "env:OPENAI_API_KEYS"),
+        ("k-config", "config"),
+        ("k-keyring", "keyring"),
+    ]
+    assert "k-env" not in repr(found[0])
+    assert resolve_keys("OPENAI_API_KEY", env={}) == []
+    assert resolve_keys("X_API_KEY", env={"X_API_KEY": "v"}) == [ResolvedKey("v", "env")]
