@@ -1,0 +1,489 @@
+"""OutcomeTracker: what happened to each request, and what it says about each model.
+
+The tracker keeps an in-memory mirror of the per-model profiles and per-(model, family) stats so the
+router reads them without I/O, and writes every change through to the ``OutcomeStore`` (when there
+is one) as one SQLite transaction. ``reload()`` re-reads the store to pick up other processes' work.
+
+Quality signal per trace: 1 for a success, 0 for a failure; explicit feedback (0..1) replaces it;
+implicit signals (``signals.py``) lower it.
+
+Predicted quality (``quality``): see ``estimate.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from ..config import RoutingSettings
+from .estimate import ProfileRow, StatsRow, predict, residual, shrunk_baseline
+from .priors import BenchmarkPrior
+from .profiles import ModelProfile, TaskStats, export_profile, export_stats, row_fields, sum_rows
+from .signals import ImplicitSignal, ImplicitSignalType
+from .store import (
+    ALL,
+    EMA_ALPHA,
+    QUALITY_DECAY,
+    OutcomeStore,
+    TraceRow,
+    baseline_rows,
+    stat_keys,
+    trace_quality,
+)
+
+__all__ = ["InferenceTask", "ModelProfile", "OutcomeTracker", "TaskStats"]
+
+LATENCY_WINDOW = 256
+MIN_LATENCY_SAMPLES = 3
+_MAX_MEMORY_TRACES = 50_000
+
+
+class InferenceTask(StrEnum):
+    GENERATE = "generate"
+    EMBED = "embed"
+    CLASSIFY = "classify"
+    RERANK = "rerank"
+    GROUND = "ground"
+    TOKENIZE = "tokenize"
+    TRANSCRIBE = "transcribe"
+    SYNTHESIZE = "synthesize"
+    GENERATE_IMAGE = "generate_image"
+    GENERATE_VIDEO = "generate_video"
+
+
+@dataclass(slots=True)
+class _Trace:
+    model_id: str
+    family: str
+    cluster: str | None
+    prompt_hash: str | None
+    started_at: float
+    outcome: str = "pending"
+    base: float | None = None
+    penalty: float = 0.0
+    feedback: float | None = None
+    quality: float | None = None
+    signals: list[str] = field(default_factory=list)
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.blake2b(prompt.encode("utf-8", "replace"), digest_size=12).hexdigest()
+
+
+class OutcomeTracker:
+    def __init__(
+        self,
+        store: OutcomeStore | None = None,
+        settings: RoutingSettings | None = None,
+        *,
+        quick_retry_window_s: float = 120.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings or RoutingSettings()
+        self.quick_retry_window_s = quick_retry_window_s
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._profiles: dict[str, ProfileRow] = {}
+        self._stats: dict[str, dict[str, StatsRow]] = {}  # key -> model_id -> stats
+        self._latencies: dict[str, deque[float]] = {}
+        self._p50: dict[str, float] = {}  # only models with MIN_LATENCY_SAMPLES or more
+        self._priors: dict[str, BenchmarkPrior] = {}
+        self._traces: OrderedDict[str, _Trace] = OrderedDict()  # only without a store
+        self._recent_prompts: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.priors_version = 0  # bumped when benchmark priors change, for the router's caches
+        if store is not None:
+            self.reload()
+
+    # --- recording -----------------------------------------------------------------------------
+
+    def record_start(
+        self,
+        model_id: str,
+        task: InferenceTask | str = InferenceTask.GENERATE,
+        family: str = "chat",
+        reason: str = "",
+        prompt: str | None = None,
+        *,
+        cluster: str | None = None,
+    ) -> str:
+        """Open a trace for one attempt; returns its id. With ``prompt``, a repeat of the same prompt
+        within ``quick_retry_window_s`` marks the earlier trace with a quick_retry signal."""
+        trace_id = uuid.uuid4().hex
+        now = self._clock()
+        phash = prompt_hash(prompt) if prompt else None
+        previous: str | None = None
+        if self.store is not None:
+            row = TraceRow(trace_id, model_id, str(task), family, cluster, reason, phash, now)
+            previous = self.store.start_trace(
+                row, retry_window_s=self.quick_retry_window_s if phash else None
+            )
+        else:
+            with self._lock:
+                self._traces[trace_id] = _Trace(model_id, family, cluster, phash, now)
+                if len(self._traces) > _MAX_MEMORY_TRACES:
+                    self._traces.popitem(last=False)
+                if phash:
+                    hit = self._recent_prompts.pop(phash, None)
+                    if hit is not None and now - hit[1] <= self.quick_retry_window_s:
+                        earlier = self._traces.get(hit[0])
+                        if earlier is not None and earlier.outcome != "failure":  # as the store does
+                            previous = hit[0]
+                    self._recent_prompts[phash] = (trace_id, now)
+                    if len(self._recent_prompts) > 10_000:
+                        self._recent_prompts.popitem(last=False)
+        if previous is not None and previous != trace_id:
+            self.record_signal(previous, ImplicitSignal(ImplicitSignalType.QUICK_RETRY))
+        return trace_id
+
+    def record_complete(
+        self,
+        trace_id: str,
+        latency_ms: float,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        ttft_ms: float | None = None,
+    ) -> None:
+        """The attempt succeeded. A trace is counted once; later calls for it are ignored."""
+        self._finish(
+            trace_id, True, latency_ms=latency_ms, input_tokens=input_tokens, output_tokens=output_tokens,
+            ttft_ms=ttft_ms, error_class=None, message=None,
+        )  # fmt: skip
+
+    def record_failure(self, trace_id: str, error_class: str, message: str = "") -> None:
+        """The attempt failed (``error_class``: the exception's class name, or an HTTP status)."""
+        self._finish(
+            trace_id, False, latency_ms=None, input_tokens=0, output_tokens=0, ttft_ms=None,
+            error_class=error_class, message=message[:500],
+        )  # fmt: skip
+
+    def _finish(
+        self,
+        trace_id: str,
+        success: bool,
+        *,
+        latency_ms: float | None,
+        input_tokens: int,
+        output_tokens: int,
+        ttft_ms: float | None,
+        error_class: str | None,
+        message: str | None,
+    ) -> None:
+        now = self._clock()
+        if self.store is not None:
+            done = self.store.finish_trace(
+                trace_id, success=success, latency_ms=latency_ms, input_tokens=input_tokens,
+                output_tokens=output_tokens, ttft_ms=ttft_ms, error_class=error_class, error=message, now=now,
+                prior_strength=self.settings.prior_strength,
+            )  # fmt: skip
+            if done is None:
+                return
+            row, quality, resid = done
+            model_id, family, cluster = row.model_id, row.family, row.cluster
+        else:
+            with self._lock:
+                t = self._traces.get(trace_id)
+                if t is None or t.outcome != "pending":
+                    return
+                t.outcome = "success" if success else "failure"
+                t.base = 1.0 if success else 0.0
+                t.quality = trace_quality(t.base, t.penalty, t.feedback)
+                quality = t.base if t.quality is None else t.quality
+                model_id, family, cluster = t.model_id, t.family, t.cluster
+                resid = self._residual(model_id, family, cluster, quality)
+        with self._lock:
+            self._observe(
+                model_id, family=family, cluster=cluster, success=success, latency_ms=latency_ms,
+                input_tokens=input_tokens, output_tokens=output_tokens, quality=quality, resid=resid, now=now,
+            )  # fmt: skip
+
+    def _observe(
+        self,
+        model_id: str,
+        *,
+        family: str,
+        cluster: str | None,
+        success: bool,
+        latency_ms: float | None,
+        input_tokens: int,
+        output_tokens: int,
+        quality: float,
+        resid: float,
+        now: float,
+    ) -> None:
+        """The mirror's copy of the store's upserts (same arithmetic)."""
+        p = self._profiles.get(model_id)
+        if p is None:
+            p = self._profiles[model_id] = ProfileRow()
+        p.ema_quality = (
+            quality if p.total_calls == 0 else p.ema_quality + EMA_ALPHA * (quality - p.ema_quality)
+        )
+        p.total_calls += 1
+        p.success_count += success
+        p.fail_count += not success
+        p.total_latency_ms += latency_ms or 0.0
+        p.total_input_tokens += input_tokens
+        p.total_output_tokens += output_tokens
+        p.quality_sum += quality
+        p.resid_sum += resid
+        p.updated_at = now
+        rows = [(model_id, key, resid) for key in stat_keys(family, cluster)]
+        rows += [(m, key, 0.0) for m, key in baseline_rows(family, cluster)]
+        for row_model, key, row_resid in rows:
+            by_model = self._stats.get(key)
+            if by_model is None:
+                by_model = self._stats[key] = {}
+            s = by_model.get(row_model)
+            if s is None:
+                s = by_model[row_model] = StatsRow()
+            s.ema_quality = quality if s.calls == 0 else s.ema_quality + EMA_ALPHA * (quality - s.ema_quality)
+            s.calls += 1
+            s.success_count += success
+            s.fail_count += not success
+            s.total_latency_ms += latency_ms or 0.0
+            s.quality_sum += quality
+            s.decayed_sum = s.decayed_sum * QUALITY_DECAY + quality
+            s.decayed_n = s.decayed_n * QUALITY_DECAY + 1.0
+            s.resid_sum = s.resid_sum * QUALITY_DECAY + row_resid
+            s.updated_at = now
+        if success and latency_ms is not None:
+            window = self._latencies.get(model_id)
+            if window is None:
+                window = self._latencies[model_id] = deque(maxlen=LATENCY_WINDOW)
+            window.append(float(latency_ms))
+            if len(window) >= MIN_LATENCY_SAMPLES:
+                self._p50[model_id] = _median(window)
+
+    def record_feedback(self, trace_id: str, score: float) -> None:
+        """Explicit feedback, 0 (bad) .. 1 (good): replaces the trace's quality score."""
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"feedback score must be within 0..1, got {score}")
+        self._adjust(trace_id, "explicit", float(score), explicit=True)
+
+    def record_signal(self, trace_id: str, signal: ImplicitSignal) -> None:
+        """An implicit signal: lowers the trace's quality by its weight (unless rated explicitly)."""
+        self._adjust(trace_id, str(signal.type), signal.weight, explicit=False)
+
+    def record_signals(self, trace_id: str, signals: Iterable[ImplicitSignal]) -> None:
+        for signal in signals:
+            self.record_signal(trace_id, signal)
+
+    def _adjust(self, trace_id: str, kind: str, value: float, *, explicit: bool) -> None:
+        now = self._clock()
+        if self.store is not None:
+            change = self.store.adjust_quality(trace_id, kind, value, explicit=explicit, now=now)
+            if change is None:
+                return
+            model_id, keys, delta = change.model_id, change.keys, change.delta
+        else:
+            with self._lock:
+                t = self._traces.get(trace_id)
+                if t is None:
+                    return
+                t.signals.append(kind)
+                if explicit:
+                    t.feedback = value
+                else:
+                    t.penalty += value
+                new = trace_quality(t.base, t.penalty, t.feedback)
+                old, t.quality = t.quality, new
+                if old is None or new is None or new == old:
+                    return
+                model_id, keys, delta = t.model_id, stat_keys(t.family, t.cluster), new - old
+        with self._lock:
+            p = self._profiles.get(model_id)
+            if p is not None:
+                p.quality_sum += delta
+                p.resid_sum += delta
+                p.ema_quality = min(1.0, max(0.0, p.ema_quality + EMA_ALPHA * delta))
+            family, cluster = keys[0], keys[1].split("|", 1)[1] if len(keys) > 1 else None
+            rows = [(model_id, key, delta) for key in keys]
+            rows += [(m, key, 0.0) for m, key in baseline_rows(family, cluster)]
+            for row_model, key, resid_delta in rows:
+                s = self._stats.get(key, {}).get(row_model)
+                if s is not None:
+                    s.quality_sum += delta
+                    s.decayed_sum += delta
+                    s.resid_sum += resid_delta
+                    s.ema_quality = min(1.0, max(0.0, s.ema_quality + EMA_ALPHA * delta))
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def _residual(self, model_id: str, family: str, cluster: str | None, quality: float) -> float:
+        levels = []
+        for key in stat_keys(family, cluster):
+            by_model = self._stats.get(key, {})
+            everyone, own = by_model.get(ALL), by_model.get(model_id)
+            levels.append((
+                everyone.decayed_sum if everyone else 0.0, everyone.decayed_n if everyone else 0.0,
+                own.decayed_sum if own else 0.0, own.decayed_n if own else 0.0,
+            ))  # fmt: skip
+        return residual(quality, self.settings.prior_strength, levels)
+
+    def baseline(self, family: str, cluster: str | None = None, prior_mean: float = 0.5) -> float:
+        """Expected quality of any model for this family (and cluster): the family and cluster
+        baselines over all models, each shrunk toward the one above (``prior_mean`` on top)."""
+        k = self.settings.prior_strength
+        stats = self._stats
+        levels = [stats.get(key, {}).get(ALL) for _, key in baseline_rows(family, cluster)]
+        return shrunk_baseline(((s.decayed_sum, s.decayed_n) for s in levels if s is not None), k, prior_mean)
+
+    def quality(
+        self,
+        model_id: str,
+        family: str,
+        prior: float,
+        *,
+        cluster: str | None = None,
+        prior_mean: float | None = None,
+    ) -> tuple[float, int]:
+        """Predicted quality for ``model_id`` on ``family`` (and prompt ``cluster``) as ``estimate.py``
+        says, and how many of its calls were of that family (and cluster). ``prior_mean``
+        is the mean prior of the models competing (default: ``prior``: no advantage from the prior)."""
+        mean = prior if prior_mean is None else prior_mean
+        fam = self._stats.get(family, {})
+        clu = self._stats.get(f"{family}|{cluster}", {}) if cluster else None
+        return predict(
+            self.settings.prior_strength, prior - mean, mean, self._profiles.get(model_id),
+            fam.get(model_id), fam.get(ALL), clu.get(model_id) if clu is not None else None,
+            clu.get(ALL) if clu is not None else None, use_cluster=clu is not None,
+        )  # fmt: skip
+
+    def observations(self, model_id: str, family: str) -> int:
+        by_model = self._stats.get(family)
+        s = by_model.get(model_id) if by_model is not None else None
+        return s.calls if s is not None else 0
+
+    def latency_p50(self, model_id: str) -> float | None:
+        """Median of the last successful latencies (ms); None before ``MIN_LATENCY_SAMPLES``."""
+        return self._p50.get(model_id)
+
+    def views(
+        self, family: str, cluster: str | None
+    ) -> tuple[dict[str, ProfileRow], dict[str, StatsRow], dict[str, StatsRow], dict[str, float]]:
+        """Read-only views for the router's scoring loop (the same numbers ``quality`` and
+        ``latency_p50`` give, without a call per model): profiles, family stats, cluster stats,
+        latency p50s."""
+        empty: dict[str, StatsRow] = {}
+        fam = self._stats.get(family, empty)
+        clu = self._stats.get(f"{family}|{cluster}", empty) if cluster else empty
+        return self._profiles, fam, clu, self._p50
+
+    def benchmark_prior(self, model_id: str) -> BenchmarkPrior | None:
+        return self._priors.get(model_id)
+
+    def add_benchmark_prior(self, prior: BenchmarkPrior) -> bool:
+        """Keep ``prior`` for routing; create a prior-only profile when the model has no observed
+        one (returns True then). Observed profiles are never touched."""
+        with self._lock:
+            self._priors[prior.model_id] = prior
+            self.priors_version += 1
+            existing = self._profiles.get(prior.model_id)
+            if existing is not None and existing.total_calls > 0:
+                return False
+            self._profiles[prior.model_id] = ProfileRow(
+                ema_quality=prior.overall_score, updated_at=self._clock()
+            )
+            return True
+
+    def profile(self, model_id: str) -> ModelProfile | None:
+        with self._lock:
+            p = self._profiles.get(model_id)
+            return None if p is None else export_profile(model_id, p, self._stats)
+
+    def task_stats(self, model_id: str, family: str) -> TaskStats | None:
+        s = self._stats.get(family, {}).get(model_id)
+        return None if s is None else export_stats(s)
+
+    def model_ids(self) -> list[str]:
+        return sorted(self._profiles)
+
+    def export_profiles(self) -> list[ModelProfile]:
+        with self._lock:
+            return [export_profile(m, p, self._stats) for m, p in sorted(self._profiles.items())]
+
+    def import_profiles(self, profiles: Iterable[ModelProfile | dict[str, Any]]) -> int:
+        """Restore profiles (the ``outcome_profiles.json`` shape): each replaces the model's profile
+        and task stats, in memory and in the store; baselines are rebuilt from all models' stats.
+        Returns how many were imported."""
+        parsed = [p if isinstance(p, ModelProfile) else ModelProfile.model_validate(p) for p in profiles]
+        with self._lock:
+            for mp in parsed:
+                for by_model in self._stats.values():
+                    by_model.pop(mp.model_id, None)
+                for key, ts in mp.task_stats.items():
+                    fields = ts.model_dump()
+                    fields["resid_sum"] = fields["resid_sum"] if fields["resid_sum"] is not None else math.nan
+                    self._stats.setdefault(key, {})[mp.model_id] = StatsRow(**fields)
+            self._rebuild_baselines()
+            for mp in parsed:  # seed files carry no residuals: measure them against the baselines
+                for key in mp.task_stats:
+                    s = self._stats[key][mp.model_id]
+                    if math.isnan(s.resid_sum):
+                        base = self._stats[key][ALL]
+                        s.resid_sum = s.decayed_sum - s.decayed_n * (base.decayed_sum / base.decayed_n or 0.0)
+            model_rows = []
+            for mp in parsed:
+                families = [(k, self._stats[k][mp.model_id]) for k in mp.task_stats if "|" not in k]
+                if families and sum(s.calls for _, s in families) == mp.total_calls:
+                    quality_sum = sum(s.quality_sum for _, s in families)
+                    resid_sum = sum(s.resid_sum for _, s in families)
+                else:  # counts only: the EMA stands for every call
+                    quality_sum = mp.ema_quality * mp.total_calls
+                    resid_sum = (mp.ema_quality - 0.5) * mp.total_calls  # relative to a neutral 0.5
+                p = ProfileRow(
+                    total_calls=mp.total_calls, success_count=mp.success_count, fail_count=mp.fail_count,
+                    total_latency_ms=mp.total_latency_ms, total_input_tokens=mp.total_input_tokens,
+                    total_output_tokens=mp.total_output_tokens, quality_sum=quality_sum, resid_sum=resid_sum,
+                    ema_quality=mp.ema_quality, updated_at=mp.updated_at,
+                )  # fmt: skip
+                self._profiles[mp.model_id] = p
+                model_rows.append({"model_id": mp.model_id, **row_fields(p)})
+            task_rows = [
+                {"model_id": model_id, "key": key, **row_fields(s)}
+                for key, by_model in self._stats.items()
+                for model_id, s in by_model.items()
+                if model_id == ALL or any(model_id == mp.model_id for mp in parsed)
+            ]
+        if self.store is not None:
+            self.store.replace_profiles(model_rows, task_rows)
+        return len(parsed)
+
+    def _rebuild_baselines(self) -> None:
+        """Baseline rows as the sums of every model's rows."""
+        for by_model in self._stats.values():
+            by_model[ALL] = sum_rows(s for model_id, s in by_model.items() if model_id != ALL)
+
+    def reload(self) -> None:
+        """Re-read profiles, stats and recent latencies from the store (other processes' writes)."""
+        if self.store is None:
+            return
+        profiles = {r.pop("model_id"): ProfileRow(**r) for r in self.store.profiles()}
+        stats: dict[str, dict[str, StatsRow]] = {}
+        for r in self.store.task_stats():
+            model_id, key = r.pop("model_id"), r.pop("key")
+            stats.setdefault(key, {})[model_id] = StatsRow(**r)
+        latencies = {
+            m: deque(values, maxlen=LATENCY_WINDOW)
+            for m, values in self.store.recent_latencies(LATENCY_WINDOW).items()
+        }
+        with self._lock:
+            for model_id, prior in self._priors.items():
+                if model_id not in profiles:
+                    profiles[model_id] = ProfileRow(ema_quality=prior.overall_score)
+            p50 = {m: _median(w) for m, w in latencies.items() if len(w) >= MIN_LATENCY_SAMPLES}
+            self._profiles, self._stats, self._latencies, self._p50 = profiles, stats, latencies, p50
+
+
+def _median(values: Iterable[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2

@@ -1,0 +1,103 @@
+"""The exported outcome shapes: the seed's ``outcome_profiles.json`` entries.
+
+``ModelProfile`` is one model's totals and per-task statistics; ``TaskStats`` is keyed by task family
+(``code``) or family and prompt cluster (``code|latin-short``). Files written by the seed engine (counts
+only) load too: their quality is taken to be their success rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .estimate import ProfileRow, StatsRow
+
+__all__ = ["ModelProfile", "TaskStats", "export_profile", "export_stats", "row_fields", "sum_rows"]
+
+
+class TaskStats(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    calls: int = 0
+    success_count: int = 0
+    fail_count: int = 0
+    total_latency_ms: float = 0.0
+    quality_sum: float | None = None
+    decayed_sum: float | None = None
+    decayed_n: float | None = None
+    resid_sum: float | None = Field(default=None, description="decayed sum of quality minus baseline")
+    ema_quality: float = 0.0
+    updated_at: int = 0
+
+    @model_validator(mode="after")
+    def _fill(self) -> TaskStats:
+        # Seed files carry only counts: their quality is their success rate.
+        if self.quality_sum is None:
+            self.quality_sum = float(self.success_count)
+        if self.decayed_n is None:
+            self.decayed_n = float(self.calls)
+        if self.decayed_sum is None:
+            self.decayed_sum = self.quality_sum * (self.decayed_n / self.calls) if self.calls else 0.0
+        return self
+
+
+class ModelProfile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model_id: str
+    total_calls: int = 0
+    success_count: int = 0
+    fail_count: int = 0
+    total_latency_ms: float = 0
+    total_input_tokens: int = 0
+    total_output_tokens: int = 0
+    task_stats: dict[str, TaskStats] = Field(default_factory=dict)
+    ema_quality: float = 0.5
+    quality_per_1k_tokens: float = 0.0
+    updated_at: int = 0
+
+
+def row_fields(row: ProfileRow | StatsRow) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in row.__slots__}  # type: ignore[union-attr]
+
+
+def export_stats(s: StatsRow) -> TaskStats:
+    return TaskStats.model_validate(row_fields(s) | {"updated_at": int(s.updated_at)})
+
+
+def export_profile(model_id: str, p: ProfileRow, stats: Mapping[str, Mapping[str, StatsRow]]) -> ModelProfile:
+    """One model's profile with its stats under every key (family, family|cluster)."""
+    tasks = {key: export_stats(by_model[model_id]) for key, by_model in stats.items() if model_id in by_model}
+    tokens = p.total_input_tokens + p.total_output_tokens
+    per_1k = p.ema_quality / (tokens / p.total_calls / 1000) if tokens and p.total_calls else 0.0
+    return ModelProfile(
+        model_id=model_id,
+        total_calls=p.total_calls,
+        success_count=p.success_count,
+        fail_count=p.fail_count,
+        total_latency_ms=p.total_latency_ms,
+        total_input_tokens=p.total_input_tokens,
+        total_output_tokens=p.total_output_tokens,
+        task_stats=tasks,
+        ema_quality=p.ema_quality,
+        quality_per_1k_tokens=per_1k,
+        updated_at=int(p.updated_at),
+    )
+
+
+def sum_rows(rows: Iterable[StatsRow]) -> StatsRow:
+    """All the rows' counts and sums together (a baseline row); residuals are not summed."""
+    total = StatsRow()
+    for s in rows:
+        total.calls += s.calls
+        total.success_count += s.success_count
+        total.fail_count += s.fail_count
+        total.total_latency_ms += s.total_latency_ms
+        total.quality_sum += s.quality_sum
+        total.decayed_sum += s.decayed_sum
+        total.decayed_n += s.decayed_n
+        total.updated_at = max(total.updated_at, s.updated_at)
+    total.ema_quality = total.quality_sum / total.calls if total.calls else 0.0
+    return total

@@ -1,0 +1,205 @@
+"""SpendControl: daily and monthly USD limits, overall and per provider, checked before a call.
+
+Periods are UTC calendar days and months. Totals live in memory for the router's fast checks and
+in the store's ``spend`` table; ``record`` re-reads the current period's totals from the store after
+writing, so spend from other processes counts from the next request on (``reload`` does it on demand).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from pydantic import BaseModel, ConfigDict
+
+from ..config import SpendLimit, SpendSettings
+from ..errors import SpendLimitExceeded
+from .store import OutcomeStore
+
+__all__ = ["GLOBAL_SCOPE", "SpendControl", "SpendPeriodStatus", "SpendStatus"]
+
+GLOBAL_SCOPE = "global"
+_PERIODS = ("daily", "monthly")
+
+
+class SpendPeriodStatus(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    scope: str
+    period: str
+    spent_usd: float
+    limit_usd: float | None
+    remaining_usd: float | None
+
+
+class SpendStatus(BaseModel):
+    day: str
+    month: str
+    entries: list[SpendPeriodStatus]
+    by_provider_today: dict[str, float]
+    by_provider_month: dict[str, float]
+
+    def entry(self, scope: str, period: str) -> SpendPeriodStatus | None:
+        return next((e for e in self.entries if e.scope == scope and e.period == period), None)
+
+
+def _period_bounds(now: float) -> tuple[float, float, float, float]:
+    """(day start, next day start, month start, next month start) in epoch seconds, UTC."""
+    t = datetime.fromtimestamp(now, UTC)
+    day = datetime(t.year, t.month, t.day, tzinfo=UTC)
+    month = datetime(t.year, t.month, 1, tzinfo=UTC)
+    next_month = datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=UTC)
+    return day.timestamp(), day.timestamp() + 86_400, month.timestamp(), next_month.timestamp()
+
+
+class SpendControl:
+    def __init__(
+        self,
+        settings: SpendSettings | None = None,
+        store: OutcomeStore | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings or SpendSettings()
+        self.store = store
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._bounds = (0.0, 0.0, 0.0, 0.0)
+        self._day: dict[str, float] = {}
+        self._month: dict[str, float] = {}
+        self._providers = {name.lower(): limit for name, limit in self.settings.providers.items()}
+        self._roll(clock())  # sets the periods and reads their totals from the store
+
+    @property
+    def has_limits(self) -> bool:
+        s = self.settings
+        return (
+            s.daily_usd is not None
+            or s.monthly_usd is not None
+            or any(p.daily_usd is not None or p.monthly_usd is not None for p in self._providers.values())
+        )
+
+    def _roll(self, now: float) -> None:
+        """Start new totals when the UTC day or month has changed."""
+        day0, day1, month0, month1 = self._bounds
+        if day0 <= now < day1:
+            return
+        self._bounds = _period_bounds(now)
+        self._day = {}
+        if not month0 <= now < month1:
+            self._month = {}  # a new day in the same month keeps the month's totals
+        self._reload_locked()
+
+    def reload(self) -> None:
+        """Re-read this day's and month's totals from the store."""
+        with self._lock:
+            self._reload_locked()
+
+    def _reload_locked(self) -> None:
+        if self.store is None:
+            return
+        day0, day1, month0, month1 = self._bounds
+        self._day = self.store.spend_by_provider(day0, day1)
+        self._month = self.store.spend_by_provider(month0, month1)
+
+    def _limits(self, provider: str) -> list[tuple[str, SpendLimit]]:
+        scopes: list[tuple[str, SpendLimit]] = [(GLOBAL_SCOPE, self.settings)]
+        limit = self._providers.get(provider.lower())
+        if limit is not None:
+            scopes.append((provider, limit))
+        return scopes
+
+    def _spent(self, scope: str, period: str) -> float:
+        totals = self._day if period == "daily" else self._month
+        if scope == GLOBAL_SCOPE:
+            return sum(totals.values())
+        key = scope.lower()
+        return sum(v for p, v in totals.items() if p.lower() == key)
+
+    def _first_breach(self, provider: str, estimate_usd: float) -> SpendLimitExceeded | None:
+        with self._lock:
+            self._roll(self._clock())
+            for scope, limit in self._limits(provider):
+                for period in _PERIODS:
+                    cap = limit.daily_usd if period == "daily" else limit.monthly_usd
+                    if cap is None:
+                        continue
+                    spent = self._spent(scope, period)
+                    if spent + estimate_usd > cap + 1e-12:
+                        return SpendLimitExceeded(scope, period, cap, spent, estimate_usd)
+        return None
+
+    def headroom(self, provider: str) -> float:
+        """USD that may still be spent with ``provider`` now: the least remaining over the limits
+        that apply to it (``inf`` when none does)."""
+        if not self.has_limits:
+            return math.inf
+        with self._lock:
+            self._roll(self._clock())
+            room = math.inf
+            for scope, limit in self._limits(provider):
+                for period in _PERIODS:
+                    cap = limit.daily_usd if period == "daily" else limit.monthly_usd
+                    if cap is not None:
+                        room = min(room, cap - self._spent(scope, period))
+            return room
+
+    def would_exceed(self, provider: str, estimate_usd: float) -> bool:
+        """Would spending ``estimate_usd`` more with ``provider`` break a limit?"""
+        if not self.has_limits:
+            return False
+        return self._first_breach(provider, estimate_usd) is not None
+
+    def check(self, provider: str, estimate_usd: float) -> None:
+        """Raise ``SpendLimitExceeded`` (the first limit it would break) or return."""
+        if not self.has_limits:
+            return
+        breach = self._first_breach(provider, estimate_usd)
+        if breach is not None:
+            raise breach
+
+    def record(self, provider: str, model_id: str, usd: float) -> None:
+        """Count money spent (the provider's reported or our estimated cost)."""
+        if usd <= 0:
+            return
+        now = self._clock()
+        if self.store is not None:
+            self.store.add_spend(provider, model_id, usd, ts=now)
+        with self._lock:
+            self._roll(now)
+            if self.store is not None:
+                self._reload_locked()
+            else:
+                self._day[provider] = self._day.get(provider, 0.0) + usd
+                self._month[provider] = self._month.get(provider, 0.0) + usd
+
+    def status(self) -> SpendStatus:
+        with self._lock:
+            now = self._clock()
+            self._roll(now)
+            entries = []
+            scopes: list[tuple[str, SpendLimit]] = [(GLOBAL_SCOPE, self.settings)]
+            scopes += [(name, limit) for name, limit in self.settings.providers.items()]
+            for scope, limit in scopes:
+                for period in _PERIODS:
+                    cap = limit.daily_usd if period == "daily" else limit.monthly_usd
+                    spent = self._spent(scope, period)
+                    entries.append(
+                        SpendPeriodStatus(
+                            scope=scope,
+                            period=period,
+                            spent_usd=spent,
+                            limit_usd=cap,
+                            remaining_usd=None if cap is None else max(0.0, cap - spent),
+                        )
+                    )
+            t = datetime.fromtimestamp(now, UTC)
+            return SpendStatus(
+                day=t.strftime("%Y-%m-%d"),
+                month=t.strftime("%Y-%m"),
+                entries=entries,
+                by_provider_today=dict(self._day),
+                by_provider_month=dict(self._month),
+            )

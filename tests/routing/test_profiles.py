@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from car_inference.routing.profiles import ModelProfile, TaskStats
+
+
+def test_seed_task_stats_get_their_success_rate_as_quality() -> None:
+    stats = TaskStats(calls=4, success_count=3, fail_count=1)
+    assert stats.quality_sum == 3.0 and stats.decayed_n == 4.0 and stats.decayed_sum == 3.0
+    assert stats.resid_sum is None  # measured against the baselines when imported
+
+
+def test_profile_defaults_and_unknown_fields() -> None:
+    profile = ModelProfile.model_validate({"model_id": "a/x", "future_field": 1})
+    assert profile.total_calls == 0 and profile.task_stats == {} and profile.ema_quality == 0.5

@@ -1,0 +1,536 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from car_inference.config import BreakerSettings, RoutingSettings, SpendLimit, SpendSettings
+from car_inference.errors import ModelNotFound, ModelUnavailable, SpendLimitExceeded
+from car_inference.registry import UnifiedRegistry
+from car_inference.requests import (
+    GenerateParams,
+    GenerateRequest,
+    ImageBlock,
+    IntentHint,
+    RoutingWorkload,
+    ThinkingMode,
+)
+from car_inference.routing import (
+    AdaptiveRouter,
+    BenchmarkPrior,
+    CircuitBreakerRegistry,
+    RoutingStrategy,
+    SpendControl,
+    apply_benchmark_priors,
+)
+from car_inference.routing.router import AUTO_THINKING_BUDGET, PREFERRED_REASON
+from car_inference.schema import ModelSchema
+
+from .helpers import FakeClock, local, make_router, registry, remote
+
+HELLO = GenerateRequest(prompt="say hello in one sentence")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def decide_many(router: AdaptiveRouter, reg, n: int, request: GenerateRequest = HELLO) -> list[str]:  # type: ignore[no-untyped-def]
+    return [router.decide(request, reg).model_id for _ in range(n)]
+
+
+# --- explicit and preferred ---------------------------------------------------------------------
+
+
+def test_preferred_discovered_vllm_model_wins_generate_routing() -> None:
+    """Port of the seed's preferred_discovered_vllm_mlx_model_wins_generate_routing."""
+    discovered = ModelSchema.model_validate(
+        {
+            "id": "vllm-mlx/mlx-community_gemma-3n-E2B-it-lm-4bit",
+            "name": "mlx-community/gemma-3n-E2B-it-lm-4bit",
+            "provider": "vllm-mlx",
+            "capabilities": ["generate"],
+            "source": {
+                "kind": "vllm",
+                "endpoint": "http://127.0.0.1:8001",
+                "model_name": "mlx-community/gemma-3n-E2B-it-lm-4bit",
+            },
+            "tags": ["discovered"],
+        }
+    )
+    reg = registry(remote("openai/big", quality=0.99))
+    reg.register(discovered)
+    decision = make_router().decide(HELLO, reg, preferred="vllm-mlx/mlx-community_gemma-3n-E2B-it-lm-4bit")
+    assert decision.model_id == "vllm-mlx/mlx-community_gemma-3n-E2B-it-lm-4bit"
+    assert decision.strategy is RoutingStrategy.PREFERRED
+    assert decision.reason == PREFERRED_REASON == "preferred generation model override"
+    assert decision.fallbacks == ["openai/big"]
+
+
+def test_preferred_that_cannot_serve_the_request_is_skipped() -> None:
+    reg = registry(remote("a/text"), remote("b/tools", caps=("generate", "tool_use")))
+    router = make_router()
+    decision = router.decide(GenerateRequest(prompt="weather?", tools=TOOLS), reg, preferred="a/text")
+    assert decision.model_id == "b/tools"
+    assert decision.strategy is not RoutingStrategy.PREFERRED
+    assert "preferred a/text lacks a capability" in decision.reason
+    assert router.decide(HELLO, reg, preferred="nope/none").model_id in {"a/text", "b/tools"}
+
+
+def test_explicit_model_wins_and_keeps_fallbacks() -> None:
+    reg = registry(
+        remote("a/best", quality=0.9), remote("a/small", quality=0.3), remote("b/other", quality=0.6)
+    )
+    decision = make_router().decide(GenerateRequest(prompt="hi", model="small"), reg, preferred="a/best")
+    assert decision.model_id == "a/small"
+    assert decision.strategy is RoutingStrategy.EXPLICIT
+    assert decision.reason == "explicit model"
+    assert decision.fallbacks == ["b/other", "a/best"]  # another provider first
+
+
+def test_explicit_unknown_model_suggests_names() -> None:
+    reg = registry(remote("qwen/qwen3-8b"), remote("qwen/qwen3-4b"))
+    with pytest.raises(ModelNotFound) as info:
+        make_router().decide(GenerateRequest(prompt="hi", model="qwen3-9b"), reg)
+    assert info.value.suggestions
+
+
+# --- capability, context and availability filters ------------------------------------------------
+
+
+def test_tools_vision_and_require_filter_candidates() -> None:
+    reg = registry(
+        remote("a/text", quality=0.9),
+        remote("b/tools", caps=("generate", "tool_use"), quality=0.5),
+        remote("c/vision", caps=("generate", "vision"), quality=0.5),
+        remote("d/all", caps=("generate", "tool_use", "vision", "code"), quality=0.4),
+        remote("e/embed", caps=("embed",)),
+    )
+    router = make_router()
+    tools = router.decide(GenerateRequest(prompt="weather in Boston?", tools=TOOLS), reg)
+    assert tools.model_id == "b/tools" and tools.task_family == "tool_use"
+    assert tools.excluded["a/text"] == "lacks tool_use"
+    assert tools.excluded["e/embed"].startswith("lacks generate")
+    assert set(tools.fallbacks) == {"d/all"}
+    image = ImageBlock(url="https://example.invalid/cat.png")
+    vision = router.decide(GenerateRequest(prompt="What is this?", images=[image]), reg)
+    assert vision.model_id == "c/vision" and vision.task_family == "vision"
+    assert vision.estimated_input_tokens >= 800
+    both = router.decide(GenerateRequest(prompt="x", tools=TOOLS, images=[image]), reg)
+    assert both.model_id == "d/all"
+    required = router.decide(GenerateRequest(prompt="hi", intent=IntentHint(require=["code"])), reg)
+    assert required.model_id == "d/all"
+
+
+def test_unavailable_models_are_excluded() -> None:
+    reg = UnifiedRegistry(
+        [remote("a/keyless", quality=0.99), local("l/local", quality=0.2)], key_check=lambda e: False
+    )
+    decision = make_router().decide(HELLO, reg)
+    assert decision.model_id == "l/local"
+    assert decision.excluded == {"a/keyless": "not available"}
+
+
+def test_no_candidate_raises_model_unavailable() -> None:
+    reg = registry(remote("e/embed", caps=("embed",)))
+    with pytest.raises(ModelUnavailable, match="lacks generate"):
+        make_router().decide(HELLO, reg)
+
+
+def test_context_fit_and_needs_compaction() -> None:
+    reg = registry(
+        remote("a/small", context=4096, quality=0.9), remote("b/large", context=200_000, quality=0.5)
+    )
+    router = make_router()
+    long = GenerateRequest(prompt="word " * 5000, params=GenerateParams(max_tokens=512))
+    decision = router.decide(long, reg)
+    assert decision.model_id == "b/large"
+    assert decision.excluded["a/small"].startswith("context 4096 <")
+    assert not decision.needs_compaction
+    pinned = router.decide(long.model_copy(update={"model": "a/small"}), reg)
+    assert pinned.model_id == "a/small" and pinned.needs_compaction and pinned.context_length == 4096
+    # Nothing fits: the largest window serves it, with compaction, rather than losing the request.
+    only_small = registry(remote("a/small", context=4096), remote("c/smaller", context=2048))
+    squeezed = router.decide(long, only_small)
+    assert squeezed.model_id == "a/small" and squeezed.needs_compaction
+    assert squeezed.strategy is RoutingStrategy.FALLBACK and "no context window fits" in squeezed.reason
+    unknown = registry(remote("z/unknown", context=0))
+    assert router.decide(long, unknown).model_id == "z/unknown"  # 0 = unknown, taken as fitting
+
+
+def test_estimated_input_tokens_override() -> None:
+    reg = registry(
+        remote("a/small", context=4096, quality=0.9), remote("b/large", context=100_000, quality=0.1)
+    )
+    decision = make_router().decide(HELLO, reg, estimated_input_tokens=10_000)
+    assert decision.model_id == "b/large" and decision.estimated_input_tokens == 10_000
+
+
+# --- circuit breakers -----------------------------------------------------------------------------
+
+
+def test_open_breaker_excludes_then_half_open_probe_then_recovery(clock: FakeClock) -> None:
+    breakers = CircuitBreakerRegistry(BreakerSettings(failure_threshold=3, cooldown_s=30), clock)
+    router = make_router(breakers=breakers)
+    reg = registry(remote("a/best", quality=0.9), remote("b/next", quality=0.6))
+    assert router.decide(HELLO, reg).model_id == "a/best"
+    for _ in range(3):
+        breakers.record_failure("a/best")
+    open_decision = router.decide(HELLO, reg)
+    assert open_decision.model_id == "b/next"
+    assert open_decision.excluded["a/best"] == "circuit open"
+    clock.advance(30)
+    probe = router.decide(HELLO, reg)
+    assert probe.model_id == "a/best"  # half-open: eligible again
+    assert breakers.allow("a/best")  # the engine claims the one probe
+    assert router.decide(HELLO, reg).model_id == "b/next"  # while the probe is out
+    breakers.record_success("a/best")
+    assert router.decide(HELLO, reg).model_id == "a/best"
+
+
+def test_client_errors_open_the_breaker_sooner(clock: FakeClock) -> None:
+    breakers = CircuitBreakerRegistry(BreakerSettings(failure_threshold=4, cooldown_s=30), clock)
+    router = make_router(breakers=breakers)
+    reg = registry(remote("a/best", quality=0.9), remote("b/next", quality=0.6))
+    breakers.record_failure("a/best", weight=2)
+    assert router.decide(HELLO, reg).model_id == "a/best"
+    breakers.record_failure("a/best", weight=2)
+    assert router.decide(HELLO, reg).model_id == "b/next"
+
+
+def test_every_circuit_open_still_routes(clock: FakeClock) -> None:
+    breakers = CircuitBreakerRegistry(BreakerSettings(failure_threshold=1, cooldown_s=30), clock)
+    reg = registry(remote("a/one"), remote("b/two"))
+    breakers.record_failure("a/one")
+    breakers.record_failure("b/two")
+    decision = make_router(breakers=breakers).decide(HELLO, reg)
+    assert decision.strategy is RoutingStrategy.FALLBACK and "every circuit is open" in decision.reason
+
+
+# --- spend ---------------------------------------------------------------------------------------
+
+
+def test_spend_limit_excludes_paid_candidates(clock: FakeClock) -> None:
+    spend = SpendControl(SpendSettings(providers={"pricey": SpendLimit(daily_usd=0.05)}), None, clock)
+    reg = registry(remote("pricey/best", quality=0.95, price=(10.0, 30.0)), remote("cheap/ok", quality=0.6))
+    router = make_router(spend=spend)
+    assert router.decide(HELLO, reg).model_id == "pricey/best"  # estimate: 1024 x $30/M = $0.031
+    spend.record("pricey", "pricey/best", 0.03)
+    decision = router.decide(HELLO, reg)
+    assert decision.model_id == "cheap/ok"
+    assert decision.excluded["pricey/best"].startswith("spend limit")
+
+
+def test_spend_limit_raises_when_nothing_else_can_serve(clock: FakeClock) -> None:
+    spend = SpendControl(SpendSettings(daily_usd=0.001), None, clock)
+    reg = registry(remote("a/paid", price=(5.0, 15.0)))
+    with pytest.raises(SpendLimitExceeded) as info:
+        make_router(spend=spend).decide(HELLO, reg)
+    assert info.value.scope == "global" and info.value.period == "daily"
+    # A free local model is never refused for spend.
+    reg.register(local("l/free"))
+    assert make_router(spend=spend).decide(HELLO, reg).model_id == "l/free"
+
+
+# --- local first ---------------------------------------------------------------------------------
+
+
+def test_local_first_from_settings_or_intent() -> None:
+    reg = registry(remote("a/cloud", quality=0.95), local("l/box", quality=0.3))
+    assert make_router().decide(HELLO, reg).model_id == "a/cloud"
+    settings = RoutingSettings(prefer_local=True, exploration_rate=0)
+    decision = make_router(settings).decide(HELLO, reg)
+    assert decision.model_id == "l/box"
+    assert decision.excluded["a/cloud"].startswith("prefer_local")
+    assert decision.fallbacks == []
+    intent = GenerateRequest(prompt="hi", intent=IntentHint(prefer_local=True))
+    assert make_router().decide(intent, reg).model_id == "l/box"
+    # No local model qualifies (needs tools): remote models stay.
+    tools = GenerateRequest(prompt="weather?", tools=TOOLS, intent=IntentHint(prefer_local=True))
+    reg.register(remote("b/tools", caps=("generate", "tool_use")))
+    assert make_router().decide(tools, reg).model_id == "b/tools"
+
+
+# --- scoring -------------------------------------------------------------------------------------
+
+
+def test_cold_start_prefers_the_best_prior() -> None:
+    reg = registry(
+        remote("a/fast-cheap", quality=0.55, price=(0.05, 0.1), latency_ms=300),
+        remote("b/strong", quality=0.9, price=(5.0, 15.0), latency_ms=4000),
+        remote("c/weak", quality=0.2, price=(0.01, 0.01), latency_ms=200),
+    )
+    cold = make_router().decide(HELLO, reg)
+    assert cold.strategy is RoutingStrategy.COLD_START and cold.model_id == "b/strong"
+    assert cold.candidates[0].model_id != "b/strong"  # on score alone a cheaper one would win
+    assert cold.candidates[[c.model_id for c in cold.candidates].index("b/strong")].notes == "cold_start"
+    warm = make_router(RoutingSettings(quality_first_cold_start=False, exploration_rate=0)).decide(HELLO, reg)
+    assert warm.strategy is RoutingStrategy.ADAPTIVE and warm.model_id != "b/strong"
+
+
+def test_benchmark_priors_feed_the_router() -> None:
+    reg = registry(remote("a/x", quality=0.5), remote("b/y", quality=0.5))
+    router = make_router()
+    apply_benchmark_priors(
+        router.tracker, [BenchmarkPrior(model_id="b/y", overall_score=0.6, task_scores={"code": 0.95})]
+    )
+    code = router.decide(GenerateRequest(prompt="Write a Python function that sorts a list."), reg)
+    assert code.model_id == "b/y" and code.predicted_quality == pytest.approx(0.95)
+    assert router.prior("b/y", "chat") == 0.6 and router.prior("a/x", "chat") == 0.5
+
+
+def test_interactive_work_weighs_latency_more() -> None:
+    reg = registry(
+        remote("a/slow-better", quality=0.9, latency_ms=6000), remote("b/fast", quality=0.4, latency_ms=600)
+    )
+    settings = RoutingSettings(
+        quality_first_cold_start=False, exploration_rate=0, interactive_latency_boost=3
+    )
+    router = make_router(settings)
+    interactive = router.decide(HELLO, reg)
+    background = router.decide(
+        HELLO.model_copy(update={"params": GenerateParams(workload=RoutingWorkload.BACKGROUND)}), reg
+    )
+    assert interactive.model_id == "b/fast"
+    assert background.model_id == "a/slow-better"
+
+
+def test_complex_tasks_weigh_quality_more() -> None:
+    reg = registry(
+        remote("a/premium", quality=0.9, price=(3, 15)), remote("b/budget", quality=0.75, price=(0.1, 0.4))
+    )
+    router = make_router(RoutingSettings(quality_first_cold_start=False, exploration_rate=0))
+    simple = router.decide(GenerateRequest(prompt="What is the capital of France?"), reg)
+    complex_ = router.decide(
+        GenerateRequest(
+            prompt=(
+                "Design a distributed rate limiter. First explain the trade-offs, "
+                "then write the Python code. It must handle bursts and should be exact."
+            )
+        ),
+        reg,
+    )
+    assert simple.complexity == "simple" and simple.model_id == "b/budget"
+    assert complex_.complexity == "complex" and complex_.model_id == "a/premium"
+
+
+def test_learning_switches_to_the_model_that_succeeds() -> None:
+    """The engine's loop: route, run, record; on a failure the first fallback runs and is recorded."""
+    reg = registry(remote("a/promised", quality=0.9), remote("b/reliable", quality=0.6))
+    router = make_router(RoutingSettings(exploration_rate=0))
+    tracker = router.tracker
+    picks = []
+    for _ in range(30):
+        decision = router.decide(HELLO, reg)
+        picks.append(decision.model_id)
+        for model in [decision.model_id, *decision.fallbacks]:
+            trace = tracker.record_start(model, family=decision.task_family, cluster=decision.prompt_cluster)
+            if model == "a/promised":
+                tracker.record_failure(trace, "ProviderError", "bad answers")
+                continue
+            tracker.record_complete(trace, 300)
+            break
+    assert picks[0] == "a/promised"
+    assert picks[-10:] == ["b/reliable"] * 10
+    final = router.decide(HELLO, reg)
+    assert final.strategy is RoutingStrategy.ADAPTIVE and "from" in final.reason
+    assert final.predicted_quality > 0.6
+
+
+def test_feedback_alone_moves_traffic_with_exploration() -> None:
+    """No errors, only poor explicit feedback for one model: exploration finds the better one."""
+    reg = registry(remote("a/fluent", quality=0.7), remote("b/correct", quality=0.6))
+    router = make_router(RoutingSettings(exploration_rate=0.1), seed=3)
+    tracker = router.tracker
+    picks = []
+    for _ in range(300):
+        decision = router.decide(HELLO, reg)
+        picks.append(decision.model_id)
+        trace = tracker.record_start(
+            decision.model_id, family=decision.task_family, cluster=decision.prompt_cluster
+        )
+        tracker.record_complete(trace, 300)
+        tracker.record_feedback(trace, 0.2 if decision.model_id == "a/fluent" else 0.9)
+    assert picks[0] == "a/fluent"
+    assert picks[-50:].count("b/correct") >= 40
+
+
+def test_exploration_is_seeded_and_picks_under_observed_models() -> None:
+    reg = registry(*(remote(f"p{i}/m{i}", quality=0.5 + i / 100) for i in range(4)))
+    settings = RoutingSettings(exploration_rate=0.3, quality_first_cold_start=False)
+
+    def run(seed: int) -> list[tuple[str, str]]:
+        router = make_router(settings, seed=seed)
+        out = []
+        for _ in range(60):
+            d = router.decide(HELLO, reg)
+            out.append((d.model_id, d.strategy.value))
+            trace = router.tracker.record_start(d.model_id, family=d.task_family)
+            router.tracker.record_complete(trace, 100)
+        return out
+
+    first, again, other = run(1), run(1), run(2)
+    assert first == again
+    assert first != other
+    explored = [m for m, s in first if s == "explore"]
+    assert 8 <= len(explored) <= 30
+    assert len({m for m, _ in first}) == 4  # every model got tried
+    never = make_router(RoutingSettings(exploration_rate=0, quality_first_cold_start=False))
+    assert {never.decide(HELLO, reg).strategy for _ in range(30)} == {RoutingStrategy.ADAPTIVE}
+
+
+def test_exploration_never_overrides_explicit_or_preferred() -> None:
+    reg = registry(remote("a/one"), remote("b/two"))
+    router = make_router(RoutingSettings(exploration_rate=1.0))
+    for _ in range(10):
+        assert router.decide(GenerateRequest(prompt="x", model="a/one"), reg).model_id == "a/one"
+        assert router.decide(HELLO, reg, preferred="b/two").model_id == "b/two"
+
+
+def test_fallbacks_prefer_other_providers() -> None:
+    reg = registry(
+        remote("a/1", quality=0.95),
+        remote("a/2", quality=0.9),
+        remote("a/3", quality=0.85),
+        remote("b/1", quality=0.5),
+        remote("c/1", quality=0.4),
+    )
+    decision = make_router(RoutingSettings(max_fallbacks=3, exploration_rate=0)).decide(HELLO, reg)
+    assert decision.model_id == "a/1"
+    assert decision.fallbacks == ["b/1", "c/1", "a/2"]
+    assert make_router(RoutingSettings(max_fallbacks=0)).decide(HELLO, reg).fallbacks == []
+
+
+def test_thinking_budget_for_complex_tasks_on_thinking_models() -> None:
+    thinking = remote("a/thinker", quality=0.9, params=("max_tokens", "extended_thinking"))
+    hard = (
+        "Design a distributed rate limiter. First explain the trade-offs, then write the Python code. "
+        "It must handle bursts and should be exact."
+    )
+    router = make_router()
+    reg = registry(thinking)
+    assert router.decide(GenerateRequest(prompt=hard), reg).thinking_budget == AUTO_THINKING_BUDGET
+    assert router.decide(GenerateRequest(prompt="hi"), reg).thinking_budget == 0
+    off = GenerateRequest(prompt=hard, params=GenerateParams(thinking=ThinkingMode.OFF))
+    assert router.decide(off, reg).thinking_budget == 0
+    own = GenerateRequest(prompt=hard, params=GenerateParams(budget_tokens=1234))
+    assert router.decide(own, reg).thinking_budget == 1234
+    plain = registry(remote("b/plain", quality=0.9))
+    assert router.decide(GenerateRequest(prompt=hard), plain).thinking_budget == 0
+
+
+def test_decision_serialises_with_candidates_best_first() -> None:
+    reg = registry(remote("a/x", quality=0.9), remote("b/y", quality=0.4), local("l/z", quality=0.6))
+    decision = make_router().decide(HELLO, reg)
+    data = json.loads(decision.model_dump_json())
+    assert data["model_id"] == decision.model_id and data["strategy"] == decision.strategy.value
+    scores = [c["score"] for c in data["candidates"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 3
+    assert {c["model_id"] for c in data["candidates"]} == {"a/x", "b/y", "l/z"}
+    assert data["candidates"][0]["provider"] and "quality_observations" in data["candidates"][0]
+    assert decision.reason.startswith("cold_start: chat/simple -> a/x (quality 0.90 from 0 obs")
+    assert decision.reason.endswith("3 candidates, 0 excluded")
+
+
+def test_registry_changes_are_seen() -> None:
+    reg = registry(remote("a/x", quality=0.5))
+    router = make_router()
+    assert router.decide(HELLO, reg).model_id == "a/x"
+    reg.register(remote("b/better", quality=0.9))
+    assert router.decide(HELLO, reg).model_id == "b/better"
+    reg.unregister("b/better")
+    assert router.decide(HELLO, reg).model_id == "a/x"
+
+
+def test_routes_over_the_builtin_catalog() -> None:
+    from car_inference.catalog import load_builtin
+
+    reg = registry(*load_builtin().models)
+    router = make_router()
+    decision = router.decide(GenerateRequest(prompt="Write a Python function that parses CSV."), reg)
+    schema = reg.get(decision.model_id)
+    assert schema is not None and schema.available and schema.has_capability("generate")
+    assert decision.task_family == "code"
+    assert all(reg.get(f) is not None for f in decision.fallbacks)
+    assert len(decision.fallbacks) == router.settings.max_fallbacks
+
+
+def test_router_scores_match_the_tracker_estimates() -> None:
+    """AdaptiveRouter._score inlines estimate.predict for speed: both must agree."""
+    reg = registry(*(remote(f"p{i}/m{i}", quality=0.4 + i / 20) for i in range(5)))
+    router = make_router(RoutingSettings(exploration_rate=0.2), seed=11)
+    tracker = router.tracker
+    prompts = ["Why is the sky blue?", "Solve for x: 2x + 3 = 9", "Pick one:\nA. red\nB. blue\nC. green"]
+    for i in range(150):
+        decision = router.decide(GenerateRequest(prompt=prompts[i % 3]), reg)
+        trace = tracker.record_start(
+            decision.model_id, family=decision.task_family, cluster=decision.prompt_cluster
+        )
+        tracker.record_complete(trace, 100)
+        tracker.record_feedback(trace, (i * 37 % 100) / 100)
+    for prompt in prompts:
+        decision = router.decide(GenerateRequest(prompt=prompt), reg)
+        prior_mean = sum(router.prior(c.model_id, decision.task_family) for c in decision.candidates) / 5
+        for c in decision.candidates:
+            expected, n = tracker.quality(
+                c.model_id, decision.task_family, router.prior(c.model_id, decision.task_family),
+                cluster=decision.prompt_cluster, prior_mean=prior_mean,
+            )  # fmt: skip
+            assert c.quality == pytest.approx(expected, abs=1e-12)
+            assert c.quality_observations == n
+
+
+@pytest.mark.parametrize("slow_ms", [3_000.0, 500_000.0])  # within the caps, and past the latency cap
+def test_scores_follow_the_documented_formula(slow_ms: float) -> None:
+    reg = registry(
+        remote("a/fast", quality=0.6, price=(0.1, 0.1), latency_ms=500),
+        remote("b/slow", quality=0.9, price=(1.0, 1.0), latency_ms=slow_ms),
+    )
+    settings = RoutingSettings(exploration_rate=0, quality_first_cold_start=False)
+    request = GenerateRequest(prompt="hi", params=GenerateParams(max_tokens=100))
+    decision = make_router(settings).decide(request, reg)
+    wq, wl, wc = 0.6 * 0.75, 0.25 * 1.5 * 2.0, 0.15 * 1.5  # simple, interactive
+    total = wq + wl + wc
+    wq, wl, wc = wq / total, wl / total, wc / total
+    est_in = decision.estimated_input_tokens
+    cost = {"a/fast": 0.1 * (est_in + 100) / 1e6, "b/slow": 1.0 * (est_in + 100) / 1e6}
+    latency = {"a/fast": 500.0, "b/slow": slow_ms}
+    quality = {"a/fast": 0.6, "b/slow": 0.9}
+    for c in decision.candidates:
+        lat_term = 1 - min(1.0, math.log10(latency[c.model_id] / 500.0) / 2)
+        cost_term = 1 - min(1.0, math.log10((cost[c.model_id] + 1e-5) / (cost["a/fast"] + 1e-5)) / 3)
+        expected = wq * quality[c.model_id] + wl * lat_term + wc * cost_term
+        assert c.score == pytest.approx(expected, abs=1e-9)
+        assert c.latency_ms == latency[c.model_id] and c.cost_usd == pytest.approx(cost[c.model_id])
+
+
+def test_concurrent_decisions_and_outcomes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    from car_inference.routing import OutcomeStore, OutcomeTracker
+
+    reg = registry(*(remote(f"p{i}/m{i}", quality=0.5 + i / 20) for i in range(6)), local("l/box"))
+    settings = RoutingSettings(exploration_rate=0.2)
+    tracker = OutcomeTracker(OutcomeStore(tmp_path / "state.db"), settings)
+    router = make_router(settings, tracker=tracker)
+    errors: list[BaseException] = []
+    prompts = ["Why is the sky blue?", "Solve for x: 2x + 3 = 9", "def f(x): return x", "hello"]
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(60):
+                d = router.decide(GenerateRequest(prompt=prompts[(i + n) % 4]), reg)
+                trace = tracker.record_start(d.model_id, family=d.task_family, cluster=d.prompt_cluster)
+                tracker.record_complete(trace, 50.0 + i)
+                tracker.record_feedback(trace, (i % 10) / 10)
+                tracker.profile(d.model_id)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(p.total_calls for p in tracker.export_profiles()) == 240
+    tracker.reload()
+    assert sum(p.total_calls for p in tracker.export_profiles()) == 240

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from car_inference.errors import ConfigError
+from car_inference.routing.store import SCHEMA_VERSION, OutcomeStore, TraceRow
+
+WORKERS = 2
+ROUNDS = 250
+
+
+def _row(
+    trace_id: str,
+    model: str = "p/m",
+    family: str = "code",
+    prompt_hash: str | None = None,
+    started_at: float = 1.0,
+) -> TraceRow:
+    return TraceRow(trace_id, model, "generate", family, "latin-short", "test", prompt_hash, started_at)
+
+
+def test_schema_is_versioned_and_wal(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    with OutcomeStore(db) as store:
+        assert store.schema_version == SCHEMA_VERSION
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"profiles", "task_stats", "traces", "feedback", "spend"} <= tables
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    OutcomeStore(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ConfigError, match="newer"):
+        OutcomeStore(db)
+
+
+def test_finish_counts_once_and_feeds_profiles_and_task_stats(tmp_path: Path) -> None:
+    with OutcomeStore(tmp_path / "state.db") as store:
+        store.start_trace(_row("t1"))
+        done = store.finish_trace("t1", success=True, latency_ms=120, input_tokens=10, output_tokens=5)
+        assert done is not None and done[1] == 1.0
+        assert store.finish_trace("t1", success=False) is None  # already counted
+        assert store.finish_trace("nope", success=True) is None
+        (profile,) = store.profiles()
+        assert (profile["total_calls"], profile["success_count"], profile["total_latency_ms"]) == (1, 1, 120)
+        keys = {(r["model_id"], r["key"]): r for r in store.task_stats()}
+        assert keys[("p/m", "code")]["calls"] == 1
+        assert keys[("p/m", "code|latin-short")]["calls"] == 1
+
+
+def test_feedback_replaces_and_signals_lower_quality(tmp_path: Path) -> None:
+    with OutcomeStore(tmp_path / "state.db") as store:
+        store.start_trace(_row("t1"))
+        store.adjust_quality("t1", "quick_retry", 0.5, explicit=False)  # before completion: remembered
+        _, quality, _ = store.finish_trace("t1", success=True) or (None, None, None)
+        assert quality == 0.5
+        change = store.adjust_quality("t1", "explicit", 0.9, explicit=True)
+        assert change is not None and change.old == 0.5 and change.new == 0.9
+        assert store.adjust_quality("t1", "empty_response", 1.0, explicit=False) is None  # explicit wins
+        (profile,) = store.profiles()
+        assert profile["quality_sum"] == pytest.approx(0.9)
+        assert [f["kind"] for f in store.feedback_for("t1")] == ["quick_retry", "explicit", "empty_response"]
+
+
+def test_quick_retry_lookup_and_prune(tmp_path: Path) -> None:
+    with OutcomeStore(tmp_path / "state.db") as store:
+        assert store.start_trace(_row("a", prompt_hash="h", started_at=100.0), retry_window_s=120) is None
+        assert store.start_trace(_row("b", prompt_hash="h", started_at=150.0), retry_window_s=120) == "a"
+        assert store.start_trace(_row("c", prompt_hash="h", started_at=400.0), retry_window_s=120) is None
+        assert store.prune_traces(older_than=300.0) == 2
+        assert store.trace("a") is None and store.trace("c") is not None
+
+
+def _hammer(db: str, worker: int, rounds: int) -> None:
+    store = OutcomeStore(db)
+    for i in range(rounds):
+        trace_id = f"w{worker}-{i}"
+        store.start_trace(_row(trace_id, family="code" if i % 2 else "math"))
+        store.finish_trace(trace_id, success=i % 3 != 0, latency_ms=10.0, input_tokens=3, output_tokens=2)
+        if i % 5 == 0:
+            store.adjust_quality(trace_id, "explicit", 0.25, explicit=True)
+        store.add_spend("openai", "p/m", 0.01)
+    store.close()
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def test_two_processes_never_lose_updates(tmp_path: Path) -> None:
+    db = str(tmp_path / "state.db")
+    OutcomeStore(db).close()
+    ctx = _context()
+    procs = [ctx.Process(target=_hammer, args=(db, w, ROUNDS)) for w in range(WORKERS)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    with OutcomeStore(db) as store:
+        (profile,) = store.profiles()
+        total = WORKERS * ROUNDS
+        successes = WORKERS * sum(1 for i in range(ROUNDS) if i % 3 != 0)
+        assert profile["total_calls"] == total
+        assert profile["success_count"] == successes
+        assert profile["fail_count"] == total - successes
+        assert profile["total_input_tokens"] == 3 * total
+        assert profile["total_latency_ms"] == pytest.approx(10.0 * total)
+        # Quality: every trace is 1 or 0, except every fifth, which explicit feedback set to 0.25.
+        expected_quality = WORKERS * sum(
+            0.25 if i % 5 == 0 else (1.0 if i % 3 != 0 else 0.0) for i in range(ROUNDS)
+        )
+        assert profile["quality_sum"] == pytest.approx(expected_quality)
+        stats = {r["key"]: r["calls"] for r in store.task_stats()}
+        assert stats["code"] + stats["math"] == total
+        assert store.spend_by_provider(0.0)["openai"] == pytest.approx(0.01 * total)
+
+
+def _write_forever(db: str) -> None:
+    store = OutcomeStore(db)
+    i = 0
+    while True:
+        store.start_trace(_row(f"k{i}"))
+        store.finish_trace(f"k{i}", success=True, latency_ms=1.0)
+        i += 1
+
+
+def test_a_killed_writer_leaves_a_consistent_database(tmp_path: Path) -> None:
+    db = str(tmp_path / "state.db")
+    OutcomeStore(db).close()
+    proc = _context().Process(target=_write_forever, args=(db,))
+    proc.start()
+    time.sleep(1.0)
+    assert proc.pid is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    completed = conn.execute("SELECT COUNT(*) FROM traces WHERE outcome = 'success'").fetchone()[0]
+    calls = conn.execute("SELECT total_calls FROM profiles").fetchone()[0]
+    assert completed > 0 and calls == completed  # every counted call is one completed trace, and back
+
+
+def test_rolled_back_transaction_changes_nothing(tmp_path: Path) -> None:
+    with OutcomeStore(tmp_path / "state.db") as store:
+        store.start_trace(_row("t1"))
+        with pytest.raises(sqlite3.IntegrityError):
+            store.start_trace(_row("t1"))  # duplicate id: the whole transaction rolls back
+        store.finish_trace("t1", success=True)
+        assert store.profiles()[0]["total_calls"] == 1
+
+
+def test_spend_by_provider_window(tmp_path: Path) -> None:
+    with OutcomeStore(tmp_path / "state.db") as store:
+        store.add_spend("openai", "openai/a", 1.0, ts=100.0)
+        store.add_spend("openai", "openai/a", 2.0, ts=200.0)
+        store.add_spend("anthropic", "anthropic/b", 4.0, ts=200.0)
+        assert store.spend_by_provider(150.0) == {"openai": 2.0, "anthropic": 4.0}
+        assert store.spend_by_provider(0.0, 150.0) == {"openai": 1.0}
