@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "AllModelsFailed",
+    "CircuitOpen",
     "ConfigError",
     "DeviceError",
     "DownloadFailed",
@@ -22,6 +23,7 @@ __all__ = [
     "ProviderError",
     "SpendLimitExceeded",
     "TokenizationError",
+    "TraceNotFound",
     "UnsupportedMode",
     "close_matches",
 ]
@@ -153,10 +155,28 @@ class SpendLimitExceeded(InferenceError):
         self.limit_usd = limit_usd
         self.spent_usd = spent_usd
         self.estimate_usd = estimate_usd
+        # Set by the engine when the model the caller chose is over the limit: no fallback then.
+        self.refuses_request = False
         super().__init__(
             f"{period} spend limit for {scope} is ${limit_usd:.2f}; spent ${spent_usd:.4f}, "
             f"this request would add about ${estimate_usd:.4f}"
         )
+
+
+class CircuitOpen(InferenceFailed):
+    """The model failed repeatedly; its circuit breaker is open until the cooldown ends."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        super().__init__(f"{model_id}: circuit open after repeated failures; skipped until its cooldown ends")
+
+
+class TraceNotFound(InferenceError):
+    """Feedback named a trace id the outcome store has never seen."""
+
+    def __init__(self, trace_id: str) -> None:
+        self.trace_id = trace_id
+        super().__init__(f"no such trace: {trace_id}")
 
 
 class AllModelsFailed(InferenceFailed):

@@ -77,6 +77,9 @@ class UnifiedRegistry:
         self._runner_registered = False
         self._models: dict[str, ModelSchema] = {}
         self._names: dict[str, str] = {}
+        # Bumped whenever a model or its availability changes: caches of derived data (the
+        # router's per-model views) compare it instead of walking every schema.
+        self.version = 0
         for model in models:
             self.register(model)
 
@@ -108,11 +111,13 @@ class UnifiedRegistry:
         self._models[schema.id] = schema
         for key in self._lookup_keys(schema):
             self._names.setdefault(key, schema.id)
+        self.version += 1
         return schema
 
     def unregister(self, model_id: str) -> None:
         old = self._models.pop(model_id, None)
         if old is not None:
+            self.version += 1
             self._drop_names(old)
             for m in self._models.values():  # names another model shared come back to it
                 for key in self._lookup_keys(m):
@@ -139,6 +144,7 @@ class UnifiedRegistry:
     def refresh_availability(self) -> None:
         for model_id, schema in list(self._models.items()):
             self._models[model_id] = schema.model_copy(update={"available": self._compute_available(schema)})
+        self.version += 1
 
     def _compute_available(self, schema: ModelSchema) -> bool:
         if not self._backend_check(schema.kind):

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import generate, keys, tasks
+from . import generate, keys, routing, tasks
 from .models import config_app, models_app
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.add_typer(config_app, name="config")
 generate.register(app)
 tasks.register(app)
 keys.register(app)
+routing.register(app)
 
 
 def _version(value: bool) -> None:

@@ -3,8 +3,7 @@
 ``ModelView`` holds one schema's routing data (capabilities as a set, prices per token, a default
 latency); ``ModelPool`` the available models with one set of required capabilities, and why the
 others are out. ``CatalogView.sync`` rebuilds both only when the registry changed: a registry
-replaces a schema object whenever a model or its availability changes, so the identities of its
-schema objects are a cheap version key.
+bumps ``UnifiedRegistry.version`` whenever a model or its availability changes.
 
 Default latency when nothing has been observed: the catalog's ``latency_p50_ms``, else time to first
 token (catalog, or 300 ms local / 600 ms remote) + 256 tokens at the catalog's tokens per second,
@@ -84,17 +83,16 @@ class ModelPool:
 
 class CatalogView:
     def __init__(self) -> None:
-        self._key: tuple[int, ...] = ()
+        self._key: tuple[int, int] = (0, -1)
         self.models: dict[str, ModelView] = {}
         self._pools: dict[frozenset[str], ModelPool] = {}
         self.version = 0  # bumped on every rebuild, for caches keyed on the catalog
 
     def sync(self, registry: UnifiedRegistry) -> None:
-        models = registry.list()
-        key = (id(registry), *map(id, models))
+        key = (id(registry), registry.version)
         if key != self._key:
             # The key goes last: a thread that reads it meanwhile at worst rebuilds once more.
-            self.models = {m.id: ModelView.of(m) for m in models}
+            self.models = {m.id: ModelView.of(m) for m in registry.list()}
             self._pools = {}
             self.version += 1
             self._key = key

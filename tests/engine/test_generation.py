@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from car_inference.engine import InferenceEngine, SyncInferenceEngine
+from car_inference.engine import InferenceEngine
 from car_inference.errors import ModelNotFound, ModelUnavailable, UnsupportedMode
 from car_inference.requests import (
-    ClassifyRequest,
     EmbedRequest,
     GenerateParams,
     GenerateRequest,
-    RerankRequest,
 )
 from car_inference.stream import Done, TextDelta
 
@@ -82,45 +78,6 @@ async def test_messages_and_system_context(local_engine: InferenceEngine) -> Non
     assert with_history.usage.prompt_tokens > alone.usage.prompt_tokens + 10
 
 
-async def test_tokenize_round_trip_and_remote_models_refuse(local_engine: InferenceEngine) -> None:
-    tokens = (await local_engine.tokenize("smollm2", "The quick brown fox")).tokens
-    assert (await local_engine.detokenize("smollm2", tokens)).text == "The quick brown fox"
-    # The seed's test: a known remote model -> UnsupportedMode("tokenize/detokenize", "remote").
-    remote_id = next(m.id for m in local_engine.list_models() if not m.is_local)
-    for call in (local_engine.tokenize(remote_id, "hello"), local_engine.detokenize(remote_id, [1, 2, 3])):
-        with pytest.raises(UnsupportedMode) as info:
-            await call
-        assert (info.value.mode, info.value.backend) == ("tokenize/detokenize", "remote")
-    with pytest.raises(UnsupportedMode):
-        await local_engine.tokenize("sentence-transformers/all-minilm-l6-v2", "x")
-
-
-async def test_embed_rerank_classify_defaults(local_engine: InferenceEngine) -> None:
-    embedded = await local_engine.embed(EmbedRequest(texts=["hello", "world"]))
-    assert embedded.model_used == "sentence-transformers/all-minilm-l6-v2" and embedded.dimensions == 384
-
-    ranked = await local_engine.rerank(
-        RerankRequest(
-            query="Which city is the capital of France?",
-            documents=["The Amazon is a river.", "Paris is the capital of France.", "Cats purr."],
-            top_n=2,
-        )
-    )
-    assert ranked.ranked[0].index == 1 and len(ranked.ranked) == 2 and ranked.method == "embedding-similarity"
-    assert (await local_engine.rerank(RerankRequest(query="q", documents=[]))).ranked == []
-
-    label = await local_engine.classify(
-        ClassifyRequest(text="I won the tennis final", labels=["sports", "finance"])
-    )
-    assert label.label == "sports" and label.method == "embedding"
-    llm = await local_engine.classify(
-        ClassifyRequest(
-            text="This film was wonderful, I loved it", labels=["positive", "negative"], method="likelihood"
-        )
-    )
-    assert llm.method == "likelihood" and llm.model_used == SMOL and llm.label == "positive"
-
-
 async def test_unknown_and_unavailable_models_give_clear_errors(local_engine: InferenceEngine) -> None:
     with pytest.raises(ModelNotFound) as info:
         await local_engine.generate(greedy("x", model="qwen3-9b"))
@@ -131,27 +88,3 @@ async def test_unknown_and_unavailable_models_give_clear_errors(local_engine: In
         await local_engine.generate(greedy("x", model="claude-opus-5-5"))
     with pytest.raises(UnsupportedMode):
         await local_engine.embed(EmbedRequest(texts=["x"], model=SMOL))  # declares no embed capability
-
-
-async def test_warm_up_reports_per_model(local_engine: InferenceEngine) -> None:
-    results = await local_engine.warm_up([SMOL, "qwen3-8b", "nope-model"])
-    assert results[0] is None
-    assert isinstance(results[1], ModelUnavailable) and isinstance(results[2], ModelNotFound)
-
-
-def test_engine_with_no_arguments_reads_car_home(isolated_home: Path) -> None:
-    (isolated_home / "config.toml").write_text('[preferred]\ngenerate = "smollm2"\n')
-    engine = InferenceEngine()
-    assert engine.config.home == isolated_home
-    assert engine.default_model(__import__("car_inference").ModelCapability.GENERATE).id == SMOL  # type: ignore[union-attr]
-
-
-def test_sync_facade(local_engine: InferenceEngine) -> None:
-    with SyncInferenceEngine(local_engine) as sync:
-        result = sync.generate(
-            "What is the capital of France?", params=GenerateParams(temperature=0, max_tokens=40)
-        )
-        assert "Paris" in result.text
-        events = list(sync.stream(greedy("Say hi.", 8)))
-        assert isinstance(events[-1], Done)
-        assert sync.tokenize("smollm2", "hi").tokens

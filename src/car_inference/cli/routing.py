@@ -1,0 +1,170 @@
+"""`car route`, `car feedback`, `car spend`, `car profiles export|import`, `car health`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..requests import GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
+from .common import engine, fail, handle_errors, out, print_json
+
+profiles_app = typer.Typer(help="Export or import learned model profiles.", no_args_is_help=True)
+
+_WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+_PIXEL = ImageBlock(data="iVBORw0KGgo=", media_type="image/png")
+
+
+def _money(value: float) -> str:
+    return f"${value:.5f}" if value else "$0"
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(profiles_app, name="profiles")
+
+    @app.command()
+    @handle_errors
+    def route(
+        prompt: Annotated[str, typer.Argument(help="the request to route (nothing is generated)")],
+        explain: Annotated[
+            bool, typer.Option("--explain", help="show every candidate and exclusion")
+        ] = False,
+        tools: Annotated[bool, typer.Option("--tools", help="as if the request offered tools")] = False,
+        vision: Annotated[bool, typer.Option("--vision", help="as if the request carried an image")] = False,
+        workload: Annotated[
+            RoutingWorkload, typer.Option(help="interactive or background")
+        ] = RoutingWorkload.INTERACTIVE,
+        model: Annotated[str | None, typer.Option("--model", "-m", help="an explicit model")] = None,
+        max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1)] = 512,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="the decision with its candidates as JSON")
+        ] = False,
+    ) -> None:
+        """Show where a request would go and why."""
+        request = GenerateRequest(
+            prompt=prompt,
+            model=model,
+            params=GenerateParams(workload=workload, max_tokens=max_tokens),
+            tools=[_WEATHER_TOOL] if tools else None,
+            images=[_PIXEL] if vision else None,
+        )
+        decision = engine().route(request)
+        if as_json:
+            print_json(decision.model_dump(mode="json"))
+            return
+        out.print(f"[bold]{decision.model_id}[/]  ({decision.strategy})")
+        out.print(decision.reason)
+        tokens = decision.estimated_input_tokens
+        out.print(
+            f"task {decision.task_family}/{decision.complexity}, ~{tokens} input tokens, "
+            f"context {decision.context_length or '?'}, predicted quality {decision.predicted_quality:.3f}"
+            + (", needs compaction" if decision.needs_compaction else "")
+            + (f", thinking budget {decision.thinking_budget}" if decision.thinking_budget else "")
+        )
+        if decision.fallbacks:
+            out.print("fallbacks: " + ", ".join(decision.fallbacks))
+        if not explain:
+            return
+        table = Table(header_style="bold", title="candidates")
+        for column in ("model", "score", "quality", "obs", "latency ms", "cost", "notes"):
+            table.add_column(column)
+        for c in decision.candidates:
+            chosen = "[bold green]" if c.model_id == decision.model_id else ""
+            table.add_row(
+                f"{chosen}{c.model_id}",
+                f"{c.score:.3f}",
+                f"{c.quality:.3f}",
+                str(c.quality_observations),
+                f"{c.latency_ms:,.0f}",
+                _money(c.cost_usd),
+                c.notes,
+            )
+        out.print(table)
+        if decision.excluded:
+            excluded = Table(header_style="bold", title="excluded")
+            excluded.add_column("model")
+            excluded.add_column("why")
+            for model_id, why in sorted(decision.excluded.items()):
+                excluded.add_row(model_id, why)
+            out.print(excluded)
+
+    @app.command()
+    @handle_errors
+    def feedback(
+        trace_id: Annotated[str, typer.Argument(help="the trace_id of a result")],
+        score: Annotated[float, typer.Argument(min=0.0, max=1.0, help="0 = bad .. 1 = good")],
+    ) -> None:
+        """Rate an answer; the router learns from it."""
+        engine().feedback(trace_id, score)
+        out.print(f"recorded {score:g} for {trace_id}")
+
+    @app.command()
+    @handle_errors
+    def spend(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+        """Spend today and this month against the configured limits."""
+        status = engine().spend_status()
+        if as_json:
+            print_json(status)
+            return
+        table = Table(header_style="bold")
+        for column in ("scope", "period", "spent", "limit", "remaining"):
+            table.add_column(column)
+        for row in status.entries:
+            limit = "-" if row.limit_usd is None else f"${row.limit_usd:.2f}"
+            remaining = "-" if row.remaining_usd is None else f"${row.remaining_usd:.4f}"
+            table.add_row(row.scope, row.period, f"${row.spent_usd:.4f}", limit, remaining)
+        out.print(table)
+
+    @app.command()
+    @handle_errors
+    def health(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+        """What can run now, where typical requests go, breaker states and spend."""
+        report = engine().model_health()
+        if as_json:
+            print_json(report)
+            return
+        out.print(
+            f"{report.available_models}/{report.total_models} models available "
+            f"({report.local_models} local, {report.remote_models} remote)"
+        )
+        for d in report.defaults:
+            state = "[green]ok[/]" if d.available else "[red]unavailable[/]"
+            out.print(f"  default {d.capability}: {d.configured_model} {state}")
+        for s in report.routing_scenarios:
+            out.print(f"  {s.name}: {s.model_id or '-'} ({s.strategy or 'no candidate'})")
+        open_circuits = [m for m, b in report.circuit_breakers.items() if b.get("state") != "closed"]
+        if open_circuits:
+            out.print("  circuits not closed: " + ", ".join(open_circuits))
+
+
+@profiles_app.command("export")
+@handle_errors
+def export_profiles(
+    path: Annotated[Path, typer.Argument(help="where to write outcome_profiles.json")],
+) -> None:
+    """Write the learned profiles in the seed's outcome_profiles.json shape."""
+    count = engine().export_profiles_file(path)
+    out.print(f"wrote {count} profile(s) to {path}")
+
+
+@profiles_app.command("import")
+@handle_errors
+def import_profiles(path: Annotated[Path, typer.Argument(help="an outcome_profiles.json file")]) -> None:
+    """Merge profiles from an outcome_profiles.json file."""
+    try:
+        data: Any = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise fail(f"{path}: {exc}") from None
+    if not isinstance(data, list):
+        raise fail(f"{path}: expected a JSON list of profiles")
+    count = engine().import_profiles(data)
+    out.print(f"imported {count} profile(s) from {path}")

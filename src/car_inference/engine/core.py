@@ -1,0 +1,198 @@
+"""InferenceEngine: resolve -> route -> run with fallbacks -> record. The one facade.
+
+The engine is the only part of the package that knows every layer; the CLI and the server talk to
+it (and to ``config``/``errors``) and nothing else. Its methods are async; ``SyncInferenceEngine``
+wraps them. The class is assembled from focused mixins: generation and routing
+(``generation.py``), the other tasks (``tasks.py``) and reports (``health.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .. import backends as backend_table
+from ..backends.base import BackendContext
+from ..backends.cache import ModelCache
+from ..config import CarConfig, load_config
+from ..errors import InferenceError, ModelUnavailable, UnsupportedMode
+from ..keys import KeyPool
+from ..registry import UnifiedRegistry
+from ..routing import (
+    AdaptiveRouter,
+    CircuitBreakerRegistry,
+    OutcomeStore,
+    OutcomeTracker,
+    SpendControl,
+    apply_benchmark_priors,
+    load_all_benchmark_priors,
+)
+from ..schema import ModelCapability, ModelSchema
+from .generation import GenerationMixin
+from .health import HealthMixin
+from .tasks import TaskMixin
+
+__all__ = ["InferenceEngine"]
+
+log = logging.getLogger("car_inference.engine")
+
+
+class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
+    """One API over every model in the registry.
+
+    ``InferenceEngine()`` reads ``$CAR_HOME`` (default ``~/.car``): ``config.toml``,
+    ``models.toml``, and the learned routing state in ``state.db``. Pass ``config`` to use
+    settings built in code.
+    """
+
+    def __init__(self, config: CarConfig | None = None, *, home: Path | None = None) -> None:
+        self.config = config if config is not None else load_config(home)
+        self.keys = KeyPool.for_config(self.config)
+        self.registry = UnifiedRegistry.from_config(
+            self.config, key_check=self.keys.has_key, backend_check=backend_table.backend_available
+        )
+        self.cache = ModelCache(self.config.local.cache_mb)
+        self._backend_ctx = BackendContext(config=self.config, cache=self.cache, keys=self.keys)
+        self._backends: dict[str, Any] = {}
+        self._backends_lock = threading.Lock()
+        self._init_routing()
+
+    def _init_routing(self) -> None:
+        home = self.config.home
+        home.mkdir(parents=True, exist_ok=True)
+        self.store = OutcomeStore(self.config.paths.state_db)
+        self.tracker = OutcomeTracker(self.store, self.config.routing)
+        self._import_legacy_profiles(home / "models" / "outcome_profiles.json")
+        apply_benchmark_priors(self.tracker, load_all_benchmark_priors(home))
+        self.breakers = CircuitBreakerRegistry(self.config.breaker)
+        self.spend = SpendControl(self.config.spend, self.store)
+        self.router = AdaptiveRouter(self.config.routing, self.tracker, self.breakers, self.spend)
+
+    def _import_legacy_profiles(self, path: Path) -> None:
+        """A first start next to the seed's ``outcome_profiles.json`` takes its profiles over."""
+        if not path.is_file() or self.tracker.model_ids():
+            return
+        import json
+
+        try:
+            self.tracker.import_profiles(json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+
+    def close(self) -> None:
+        """Write pending key statistics and close the outcome store."""
+        self.keys.flush()
+        self.store.close()
+
+    # --- models ------------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> ModelSchema:
+        """The model called ``name`` (id, name or alias); ``ModelNotFound`` suggests close names."""
+        return self.registry.resolve(name)
+
+    def list_models(self) -> list[ModelSchema]:
+        return self.registry.list()
+
+    def register_model(self, schema: ModelSchema) -> ModelSchema:
+        return self.registry.register(schema)
+
+    def register_endpoint(
+        self, base_url: str, model: str, *, api_key_env: str | None = None, name: str = "endpoint"
+    ) -> ModelSchema:
+        """Make ``model`` on an OpenAI-compatible server at ``base_url`` a catalog model
+        (``{name}/{model}``) for this engine, e.g. for ``car generate --base-url``."""
+        from ..catalog import EndpointConfig
+
+        endpoint = EndpointConfig(name=name, base_url=base_url, api_key_env=api_key_env, models=[model])
+        return self.registry.register(endpoint.to_schemas()[0])
+
+    async def discover_endpoints(
+        self, names: Iterable[str] | None = None
+    ) -> dict[str, list[str] | InferenceError]:
+        """Ask each configured endpoint (``[[endpoints]]`` in models.toml; by default those with
+        ``discover = true``) which models it serves and register them. Returns, per endpoint, the
+        model ids registered or the error that stopped it."""
+        from ..runtimes.endpoints import list_served_models
+
+        wanted = set(names) if names is not None else None
+        report: dict[str, list[str] | InferenceError] = {}
+        for endpoint in self.registry.endpoints:
+            if (wanted is None and not endpoint.discover) or (
+                wanted is not None and endpoint.name not in wanted
+            ):
+                continue
+            try:
+                served = await list_served_models(endpoint, timeout_s=self.config.remote.connect_timeout_s)
+            except InferenceError as exc:
+                report[endpoint.name] = exc
+                continue
+            report[endpoint.name] = [self.registry.register(s).id for s in endpoint.to_schemas(served)]
+        return report
+
+    def pull(self, name: str) -> Path:
+        """Download a model's files from Hugging Face into the HF cache (the only code path that
+        downloads weights; nothing else ever does). Returns the local file or folder."""
+        from ..catalog.pull import pull_model
+
+        model = self.resolve(name)
+        path = pull_model(model)
+        self.registry.refresh_availability()
+        return path
+
+    async def warm_up(self, model_ids: Iterable[str]) -> list[InferenceError | None]:
+        """Load models ahead of the first request; one entry per id (None when it loaded)."""
+        results: list[InferenceError | None] = []
+        for model_id in model_ids:
+            try:
+                model = self.resolve(model_id)
+                backend = self._runnable(model)
+                warm = getattr(backend, "warm_up", None)
+                if warm is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, warm, model)
+                results.append(None)
+            except InferenceError as exc:
+                results.append(exc)
+        return results
+
+    def default_model(self, capability: ModelCapability) -> ModelSchema | None:
+        """The configured model for ``capability`` (preferred, then default), if it resolves."""
+        for name in (
+            self.config.preferred.for_capability(capability),
+            self.config.defaults.for_capability(capability),
+        ):
+            if name:
+                found = self.registry.find(name)
+                if found is not None:
+                    return found
+        return None
+
+    # --- backends ----------------------------------------------------------------------------
+
+    def _backend(self, model: ModelSchema) -> Any:
+        with self._backends_lock:
+            backend = self._backends.get(model.kind)
+            if backend is None:
+                cls = backend_table.load_backend_class(model.kind, model.id)
+                backend = self._backends[model.kind] = cls(self._backend_ctx)
+            return backend
+
+    def _runnable(self, model: ModelSchema) -> Any:
+        """The backend for ``model``, or ``ModelUnavailable`` saying what to do about it."""
+        if not model.available:
+            raise ModelUnavailable(model.id, self.registry.unavailable_reason(model))
+        return self._backend(model)
+
+    def _task_method(self, model: ModelSchema, capability: ModelCapability, method: str) -> Any:
+        if not model.has_capability(capability):
+            raise UnsupportedMode(str(capability), model.kind, f"{model.id} does not declare {capability}")
+        backend = self._runnable(model)
+        fn = getattr(backend, method, None)
+        if fn is None:
+            raise UnsupportedMode(
+                str(capability), model.kind, f"the {model.kind} backend does not implement {method}"
+            )
+        return fn

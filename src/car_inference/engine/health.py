@@ -1,0 +1,328 @@
+"""Reports: the model health report (the seed's ``model_health``), spend, and profile export.
+
+``model_health()`` answers "what can this engine do right now": models by provider and capability,
+the configured defaults and whether they can run, the routing settings, where four sample requests
+would go, the benchmark priors in use, circuit breaker states and spend against limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, Field
+
+from ..errors import InferenceError
+from ..requests import ClassifyRequest, GenerateRequest, ImageBlock, RoutingWorkload
+from ..routing import ModelProfile, SpendStatus, benchmark_priors_paths, load_benchmark_priors
+from ..schema import ALL_CAPABILITIES, ModelCapability, ModelSchema
+
+__all__ = ["HealthMixin", "ModelHealthReport"]
+
+
+class ModelDefaultHealth(BaseModel):
+    capability: ModelCapability
+    configured_model: str
+    available: bool
+    is_local: bool
+    provider: str | None = None
+
+
+class ModelProviderHealth(BaseModel):
+    provider: str
+    configured: bool
+    local_models: int
+    remote_models: int
+    available_models: int
+    capabilities: list[ModelCapability]
+
+
+class ModelCapabilityHealth(BaseModel):
+    capability: ModelCapability
+    total_models: int
+    available_models: int
+    local_available_models: int
+    remote_available_models: int
+
+
+class RoutingScenarioHealth(BaseModel):
+    name: str
+    workload: RoutingWorkload
+    task_family: str
+    has_tools: bool
+    has_vision: bool
+    prefer_local: bool
+    quality_first_cold_start: bool
+    bootstrap_min_task_observations: int
+    bootstrap_quality_floor: float
+    model_id: str | None
+    model_name: str | None
+    reason: str
+    strategy: str | None
+
+
+class ModelBenchmarkPriorHealth(BaseModel):
+    model_id: str
+    model_name: str | None
+    overall_score: float
+    overall_latency_ms: float | None
+    task_scores: dict[str, float]
+    task_latency_ms: dict[str, float]
+    source_path: str
+
+
+class SpeechModelHealth(BaseModel):
+    id: str
+    name: str
+    provider: str
+    capability: ModelCapability
+    is_local: bool
+    available: bool
+
+
+class SpeechHealthReport(BaseModel):
+    local_models: list[SpeechModelHealth]
+    remote_models: list[SpeechModelHealth]
+    elevenlabs_configured: bool
+    prefer_local: bool
+    allow_remote_fallback: bool
+
+
+class ModelHealthReport(BaseModel):
+    total_models: int
+    available_models: int
+    local_models: int
+    remote_models: int
+    defaults: list[ModelDefaultHealth]
+    providers: list[ModelProviderHealth]
+    capabilities: list[ModelCapabilityHealth]
+    routing_prefer_local: bool
+    routing_quality_first_cold_start: bool
+    routing_min_observations: int
+    routing_bootstrap_min_task_observations: int
+    routing_bootstrap_quality_floor: float
+    routing_quality_weight: float
+    routing_latency_weight: float
+    routing_cost_weight: float
+    routing_scenarios: list[RoutingScenarioHealth]
+    benchmark_priors: list[ModelBenchmarkPriorHealth]
+    circuit_breakers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    spend: SpendStatus | None = None
+    speech: SpeechHealthReport
+
+
+_SCENARIOS = (
+    ("interactive_text", "Summarize the benefits of local-first AI routing in two sentences.", "text",
+     RoutingWorkload.INTERACTIVE, False, False),
+    ("background_code", "Write a Python function named fibonacci(n) that returns the nth Fibonacci number.",
+     "code", RoutingWorkload.BACKGROUND, False, False),
+    ("interactive_tool_use", "Use the provided weather tool to get the weather for Boston.", "tool_use",
+     RoutingWorkload.INTERACTIVE, True, False),
+    ("interactive_vision", "What is in this image? Answer in one word.", "vision",
+     RoutingWorkload.INTERACTIVE, False, True),
+)  # fmt: skip
+
+_WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+_PIXEL = ImageBlock(data="iVBORw0KGgo=", media_type="image/png")
+
+
+class HealthMixin:
+    # Provided by InferenceEngine.
+    config: Any
+    registry: Any
+    tracker: Any
+    breakers: Any
+    spend: Any
+
+    if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
+
+        def default_model(self, capability: ModelCapability) -> ModelSchema | None: ...
+        def route(self, request: GenerateRequest) -> Any: ...
+        def _classifier(self, request: ClassifyRequest) -> ModelSchema: ...
+
+    def model_health(self) -> ModelHealthReport:
+        models = self.registry.list()
+        routing = self.config.routing
+        return ModelHealthReport(
+            total_models=len(models),
+            available_models=sum(m.available for m in models),
+            local_models=sum(m.is_local for m in models),
+            remote_models=sum(not m.is_local for m in models),
+            defaults=[
+                self._default_health(c)
+                for c in (ModelCapability.GENERATE, ModelCapability.EMBED, ModelCapability.CLASSIFY)
+            ],
+            providers=_providers(models, self.registry),
+            capabilities=[_capability_health(c, models) for c in ALL_CAPABILITIES],
+            routing_prefer_local=routing.prefer_local,
+            routing_quality_first_cold_start=routing.quality_first_cold_start,
+            routing_min_observations=routing.min_observations,
+            routing_bootstrap_min_task_observations=routing.bootstrap_min_task_observations,
+            routing_bootstrap_quality_floor=routing.bootstrap_quality_floor,
+            routing_quality_weight=routing.quality_weight,
+            routing_latency_weight=routing.latency_weight,
+            routing_cost_weight=routing.cost_weight,
+            routing_scenarios=self.routing_scenarios(),
+            benchmark_priors=self._prior_health(models),
+            circuit_breakers={k: dict(v) for k, v in self.breakers.snapshot().items()},
+            spend=self.spend.status(),
+            speech=self._speech_health(models),
+        )
+
+    def routing_scenarios(self) -> list[RoutingScenarioHealth]:
+        """Where four typical requests would go now; routing them records nothing."""
+        routing = self.config.routing
+        out = []
+        for name, prompt, family, workload, tools, vision in _SCENARIOS:
+            request = GenerateRequest(
+                prompt=prompt,
+                params={"workload": workload},
+                tools=[_WEATHER_TOOL] if tools else None,
+                images=[_PIXEL] if vision else None,
+            )
+            try:
+                decision = self.route(request)
+                model_id, model_name, reason, strategy = (
+                    decision.model_id, decision.model_name, decision.reason, str(decision.strategy)
+                )  # fmt: skip
+            except InferenceError as exc:
+                model_id = model_name = strategy = None
+                reason = str(exc)
+            out.append(
+                RoutingScenarioHealth(
+                    name=name,
+                    workload=workload,
+                    task_family=family,
+                    has_tools=tools,
+                    has_vision=vision,
+                    prefer_local=routing.prefer_local,
+                    quality_first_cold_start=routing.quality_first_cold_start,
+                    bootstrap_min_task_observations=routing.bootstrap_min_task_observations,
+                    bootstrap_quality_floor=routing.bootstrap_quality_floor,
+                    model_id=model_id,
+                    model_name=model_name,
+                    reason=reason,
+                    strategy=strategy,
+                )
+            )
+        return out
+
+    def _default_health(self, capability: ModelCapability) -> ModelDefaultHealth:
+        config = self.config
+        configured = config.preferred.for_capability(capability) or config.defaults.for_capability(capability)
+        model = self.default_model(capability)
+        if model is None and capability is ModelCapability.CLASSIFY:
+            with contextlib.suppress(InferenceError):  # what classify() uses when nothing is configured
+                model = self._classifier(ClassifyRequest(text="", labels=["x"]))
+        return ModelDefaultHealth(
+            capability=capability,
+            configured_model=configured or (model.id if model else ""),
+            available=bool(model and model.available),
+            is_local=bool(model and model.is_local),
+            provider=model.provider if model else None,
+        )
+
+    def _prior_health(self, models: list[ModelSchema]) -> list[ModelBenchmarkPriorHealth]:
+        names = {m.id: m.name for m in models}
+        found: dict[str, ModelBenchmarkPriorHealth] = {}
+        for path in benchmark_priors_paths(self.config.home):
+            try:
+                priors = load_benchmark_priors(path)
+            except InferenceError:
+                continue
+            for model_id, prior in priors.items():
+                found[model_id] = ModelBenchmarkPriorHealth(
+                    model_id=model_id,
+                    model_name=names.get(model_id),
+                    overall_score=prior.overall_score,
+                    overall_latency_ms=prior.overall_latency_ms,
+                    task_scores=dict(prior.task_scores),
+                    task_latency_ms=dict(prior.task_latency_ms),
+                    source_path=str(path),
+                )
+        return [found[k] for k in sorted(found)]
+
+    def _speech_health(self, models: list[ModelSchema]) -> SpeechHealthReport:
+        rows = [
+            SpeechModelHealth(
+                id=m.id,
+                name=m.name,
+                provider=m.provider,
+                capability=cap,
+                is_local=m.is_local,
+                available=m.available,
+            )
+            for m in models
+            for cap in (ModelCapability.SPEECH_TO_TEXT, ModelCapability.TEXT_TO_SPEECH)
+            if m.has_capability(cap)
+        ]
+        speech = self.config.speech
+        return SpeechHealthReport(
+            local_models=[r for r in rows if r.is_local],
+            remote_models=[r for r in rows if not r.is_local],
+            elevenlabs_configured=any(r.available for r in rows if r.provider == "elevenlabs"),
+            prefer_local=speech.prefer_local,
+            allow_remote_fallback=speech.allow_remote_fallback,
+        )
+
+    # --- spend and profiles ----------------------------------------------------------------------
+
+    def spend_status(self) -> SpendStatus:
+        return self.spend.status()
+
+    def export_profiles(self) -> list[ModelProfile]:
+        """Learned profiles in the seed's ``outcome_profiles.json`` shape."""
+        return self.tracker.export_profiles()
+
+    def import_profiles(self, profiles: list[ModelProfile | dict[str, Any]]) -> int:
+        """Merge profiles (e.g. from another machine's export); returns how many were imported."""
+        return self.tracker.import_profiles(profiles)
+
+    def export_profiles_file(self, path: Path) -> int:
+        import json
+        import os
+
+        profiles = [p.model_dump(mode="json") for p in self.export_profiles()]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(profiles, indent=2))
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        return len(profiles)
+
+
+def _providers(models: list[ModelSchema], registry: Any) -> list[ModelProviderHealth]:
+    by_provider: dict[str, list[ModelSchema]] = {}
+    for m in models:
+        by_provider.setdefault(m.provider, []).append(m)
+    out = []
+    for provider, group in sorted(by_provider.items()):
+        caps = {c for m in group for c in m.capabilities}
+        out.append(
+            ModelProviderHealth(
+                provider=provider,
+                configured=any(m.available for m in group),
+                local_models=sum(m.is_local for m in group),
+                remote_models=sum(not m.is_local for m in group),
+                available_models=sum(m.available for m in group),
+                capabilities=[c for c in ALL_CAPABILITIES if c in caps],
+            )
+        )
+    return out
+
+
+def _capability_health(capability: ModelCapability, models: list[ModelSchema]) -> ModelCapabilityHealth:
+    relevant = [m for m in models if m.has_capability(capability)]
+    available = [m for m in relevant if m.available]
+    return ModelCapabilityHealth(
+        capability=capability,
+        total_models=len(relevant),
+        available_models=len(available),
+        local_available_models=sum(m.is_local for m in available),
+        remote_available_models=sum(not m.is_local for m in available),
+    )

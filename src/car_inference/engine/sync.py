@@ -1,0 +1,101 @@
+"""SyncInferenceEngine: the engine's methods for code that does not run an event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
+
+from ..requests import (
+    Classification,
+    ClassifyRequest,
+    EmbedRequest,
+    EmbedResult,
+    GenerateRequest,
+    InferenceResult,
+    RerankRequest,
+    RerankResult,
+    TokenizeResult,
+)
+from ..stream import StreamEvent
+from .core import InferenceEngine
+
+__all__ = ["SyncInferenceEngine"]
+
+T = TypeVar("T")
+
+
+class SyncInferenceEngine:
+    """Blocking facade: the same methods as ``InferenceEngine``, run on a private event-loop thread.
+
+    Use it from scripts and notebooks; inside async code use ``InferenceEngine`` directly (calling
+    this from the loop thread itself would deadlock).
+    """
+
+    def __init__(self, engine: InferenceEngine | None = None, **kwargs: Any) -> None:
+        self.engine = engine if engine is not None else InferenceEngine(**kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="car-inference-loop", daemon=True)
+        self._thread.start()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, request: GenerateRequest | str, **kwargs: Any) -> InferenceResult:
+        if isinstance(request, str):
+            request = GenerateRequest(prompt=request, **kwargs)
+        return self._run(self.engine.generate(request))
+
+    def stream(self, request: GenerateRequest | str, **kwargs: Any) -> Iterator[StreamEvent]:
+        if isinstance(request, str):
+            request = GenerateRequest(prompt=request, **kwargs)
+        agen = self.engine.stream(request)
+        try:
+            while True:
+                try:
+                    yield self._run(_anext(agen))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(agen.aclose())  # type: ignore[attr-defined]
+
+    def embed(self, request: EmbedRequest) -> EmbedResult:
+        return self._run(self.engine.embed(request))
+
+    def rerank(self, request: RerankRequest) -> RerankResult:
+        return self._run(self.engine.rerank(request))
+
+    def classify(self, request: ClassifyRequest) -> Classification:
+        return self._run(self.engine.classify(request))
+
+    def tokenize(self, model: str, text: str) -> TokenizeResult:
+        return self._run(self.engine.tokenize(model, text))
+
+    def detokenize(self, model: str, tokens: list[int]) -> TokenizeResult:
+        return self._run(self.engine.detokenize(model, tokens))
+
+    def feedback(self, trace_id: str, score: float) -> None:
+        self.engine.feedback(trace_id, score)
+
+    def call(self, fn: Callable[[InferenceEngine], Awaitable[T]]) -> T:
+        """Run any engine coroutine: ``sync.call(lambda e: e.warm_up([...]))``."""
+
+        async def run() -> T:
+            return await fn(self.engine)
+
+        return self._run(run())
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> SyncInferenceEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _anext(agen: AsyncIterator[T]) -> T:
+    return await agen.__anext__()

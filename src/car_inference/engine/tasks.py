@@ -1,0 +1,119 @@
+"""The tasks besides generation: tokenize, detokenize, embed, rerank, classify.
+
+With no model named, each uses the configured model for its capability (``[preferred]`` then
+``[defaults]`` in config.toml), else the first available local model that can do it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ModelUnavailable, UnsupportedMode
+from ..requests import (
+    Classification,
+    ClassifyRequest,
+    EmbedRequest,
+    EmbedResult,
+    RerankRequest,
+    RerankResult,
+    TokenizeResult,
+)
+from ..schema import ModelCapability, ModelSchema
+
+__all__ = ["TaskMixin"]
+
+
+class TaskMixin:
+    # Provided by InferenceEngine.
+    registry: Any
+
+    if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
+
+        def resolve(self, name: str) -> ModelSchema: ...
+        def default_model(self, capability: ModelCapability) -> ModelSchema | None: ...
+        def _runnable(self, model: ModelSchema) -> Any: ...
+        def _task_method(self, model: ModelSchema, capability: ModelCapability, method: str) -> Any: ...
+
+    # --- tokens ------------------------------------------------------------------------------
+
+    def _tokenizer(self, name: str) -> tuple[ModelSchema, Any]:
+        model = self.resolve(name)
+        if not model.is_local:
+            raise UnsupportedMode(
+                "tokenize/detokenize",
+                "remote",
+                "remote provider tokenizer is not exposed by the runtime; use a local model "
+                "(a GGUF model) for tokenizer-correctness checks",
+            )
+        backend = self._runnable(model)
+        if not hasattr(backend, "tokenize"):
+            raise UnsupportedMode(
+                "tokenize/detokenize", model.kind, f"the {model.kind} backend has no tokenizer"
+            )
+        return model, backend
+
+    async def tokenize(self, model: str, text: str) -> TokenizeResult:
+        schema, backend = self._tokenizer(model)
+        return TokenizeResult(model_used=schema.id, tokens=await backend.tokenize(schema, text))
+
+    async def detokenize(self, model: str, tokens: list[int]) -> TokenizeResult:
+        schema, backend = self._tokenizer(model)
+        text = await backend.detokenize(schema, tokens)
+        return TokenizeResult(model_used=schema.id, tokens=list(tokens), text=text)
+
+    # --- embeddings, rerank, classify --------------------------------------------------------
+
+    def _model_for(
+        self, name: str | None, capability: ModelCapability, fallback: ModelCapability | None = None
+    ) -> ModelSchema:
+        if name:
+            return self.resolve(name)
+        for cap in (capability, fallback):
+            if cap is not None and (model := self.default_model(cap)) is not None:
+                return model
+        available = self.registry.query(capabilities=[capability], available_only=True, local_only=True)
+        if available:
+            return available[0]
+        raise ModelUnavailable(str(capability), f"no model is configured for {capability}")
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        model = self._model_for(request.model, ModelCapability.EMBED)
+        return await self._task_method(model, ModelCapability.EMBED, "embed")(model, request)
+
+    async def rerank(self, request: RerankRequest) -> RerankResult:
+        """Documents ordered by relevance. With no model: the configured reranker, else embedding
+        similarity on the default embedding model."""
+        if not request.documents:
+            return RerankResult(ranked=[], model_used=None, method="none")
+        model = self._model_for(request.model, ModelCapability.RERANK, ModelCapability.EMBED)
+        capability = (
+            ModelCapability.RERANK if model.has_capability(ModelCapability.RERANK) else ModelCapability.EMBED
+        )
+        return await self._task_method(model, capability, "rerank")(model, request)
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        """Zero-shot classification: label log-likelihoods on a generative model, or similarity
+        on an embedding model. With no model: the configured classifier, else the default
+        embedding model, else the default generation model."""
+        model = self._classifier(request)
+        if request.method == "embedding" and not model.has_capability(ModelCapability.EMBED):
+            raise UnsupportedMode("classify/embedding", model.kind, f"{model.id} has no embeddings")
+        if request.method == "likelihood" and model.kind != "gguf":
+            raise UnsupportedMode(
+                "classify/likelihood", model.kind, f"{model.id} exposes no token likelihoods"
+            )
+        return await self._task_method(model, ModelCapability.CLASSIFY, "classify")(model, request)
+
+    def _classifier(self, request: ClassifyRequest) -> ModelSchema:
+        if request.model:
+            return self.resolve(request.model)
+        order = {
+            "auto": (ModelCapability.CLASSIFY, ModelCapability.EMBED, ModelCapability.GENERATE),
+            "embedding": (ModelCapability.EMBED,),
+            "likelihood": (ModelCapability.GENERATE,),
+        }[request.method]
+        for capability in order:
+            model = self.default_model(capability)
+            if model is not None and model.available and model.has_capability(ModelCapability.CLASSIFY):
+                return model
+        return self._model_for(None, order[0])

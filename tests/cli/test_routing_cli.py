@@ -1,0 +1,65 @@
+"""`car route`, `car feedback`, `car spend`, `car health`, `car profiles`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from car_inference.cli import app
+
+runner = CliRunner()
+
+
+def car(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_route_explains_and_prints_json() -> None:
+    code, out, _ = car("route", "Write a Python function that merges two sorted lists", "--explain")
+    assert code == 0
+    assert "huggingface/smollm2-135m-instruct:q4_1" in out and "candidates" in out and "excluded" in out
+    assert "not available" in out and "lacks generate" in out
+    code, out, _ = car("route", "hi", "--json", "--workload", "background")
+    decision = json.loads(out)
+    assert code == 0 and decision["strategy"] in ("adaptive", "cold_start") and decision["candidates"]
+    assert decision["candidates"][0]["model_id"] == decision["model_id"]
+
+
+def test_route_with_tools_or_vision_needs_a_capable_model() -> None:
+    code, _, err = car("route", "What is in this image?", "--vision")
+    assert code == 1 and "vision" in err and "Traceback" not in err
+
+
+def test_route_honours_preferred_model(isolated_home: Path) -> None:
+    (isolated_home / "config.toml").write_text('[preferred]\ngenerate = "smollm2"\n')
+    _, out, _ = car("route", "hi", "--json")
+    data = json.loads(out)
+    assert data["strategy"] == "preferred" and data["reason"] == "preferred generation model override"
+
+
+def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
+    code, out, _ = car("generate", "Say hi.", "-n", "4", "--json")
+    trace = json.loads(out)["trace_id"]
+    assert car("feedback", trace, "0.8")[0] == 0
+    code, _, err = car("feedback", "unknown-trace", "0.8")
+    assert code == 1 and "no such trace" in err
+    assert car("feedback", trace, "7")[0] == 2, "score outside 0..1 is a usage error"
+
+    code, out, _ = car("spend", "--json")
+    assert code == 0 and {e["scope"] for e in json.loads(out)["entries"]} == {"global"}
+    code, out, _ = car("health", "--json")
+    assert code == 0 and json.loads(out)["routing_scenarios"]
+    code, out, _ = car("health")
+    assert code == 0 and "default generate" in out
+
+    path = tmp_path / "profiles.json"
+    code, out, _ = car("profiles", "export", str(path))
+    profiles = json.loads(path.read_text())
+    assert code == 0 and any(p["model_id"].startswith("huggingface/smollm2") for p in profiles)
+    assert car("profiles", "import", str(path))[0] == 0
+    path.write_text("{not json")
+    code, _, err = car("profiles", "import", str(path))
+    assert code == 1 and "profiles.json" in err

@@ -1,0 +1,111 @@
+"""Engine construction, models, warm-up, and the seed's start-up tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.errors import ModelNotFound, ModelUnavailable
+from car_inference.requests import (
+    GenerateParams,
+    GenerateRequest,
+)
+
+SMOL = "huggingface/smollm2-135m-instruct:q4_1"
+
+
+def greedy(prompt: str, max_tokens: int = 40, **kw: object) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, params=GenerateParams(temperature=0, max_tokens=max_tokens), **kw)  # type: ignore[arg-type]
+
+
+async def test_warm_up_reports_per_model(local_engine: InferenceEngine) -> None:
+    results = await local_engine.warm_up([SMOL, "qwen3-8b", "nope-model"])
+    assert results[0] is None
+    assert isinstance(results[1], ModelUnavailable) and isinstance(results[2], ModelNotFound)
+
+
+def test_engine_with_no_arguments_reads_car_home(isolated_home: Path) -> None:
+    (isolated_home / "config.toml").write_text('[preferred]\ngenerate = "smollm2"\n')
+    engine = InferenceEngine()
+    assert engine.config.home == isolated_home
+    assert engine.default_model(__import__("car_inference").ModelCapability.GENERATE).id == SMOL  # type: ignore[union-attr]
+
+
+def test_engine_loads_benchmark_priors_on_startup(
+    isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seed's test: a priors file named by CAR_BENCHMARK_PRIORS_PATH creates a profile."""
+    priors = tmp_path / "benchmark_priors.json"
+    priors.write_text('{"model_id": "qwen/qwen3-8b:q4_k_m", "overall_score": 0.88}')
+    monkeypatch.setenv("CAR_BENCHMARK_PRIORS_PATH", str(priors))
+    engine = InferenceEngine()
+    profile = engine.tracker.profile("qwen/qwen3-8b:q4_k_m")
+    assert profile is not None, "benchmark prior should create a profile"
+    assert abs(profile.ema_quality - 0.88) < 0.01
+
+
+def test_benchmark_priors_do_not_override_observed_profiles(
+    isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seed's test: an observed profile (here the seed's outcome_profiles.json, taken over on
+    first start) keeps its numbers when a prior for the same model is loaded."""
+    import json
+
+    models_dir = isolated_home / "models"
+    models_dir.mkdir()
+    observed = [
+        {
+            "model_id": "qwen/qwen3-8b:q4_k_m",
+            "total_calls": 12,
+            "success_count": 3,
+            "fail_count": 9,
+            "total_latency_ms": 1200,
+            "total_input_tokens": 0,
+            "total_output_tokens": 0,
+            "task_stats": {},
+            "ema_quality": 0.21,
+            "quality_per_1k_tokens": 0.0,
+            "updated_at": 1,
+        }
+    ]
+    (models_dir / "outcome_profiles.json").write_text(json.dumps(observed))
+    priors = tmp_path / "benchmark_priors.json"
+    priors.write_text('{"model_id": "qwen/qwen3-8b:q4_k_m", "overall_score": 0.95}')
+    monkeypatch.setenv("CAR_BENCHMARK_PRIORS_PATH", str(priors))
+    engine = InferenceEngine()
+    profile = engine.tracker.profile("qwen/qwen3-8b:q4_k_m")
+    assert profile is not None, "observed profile should remain present"
+    assert abs(profile.ema_quality - 0.21) < 0.01
+    assert profile.total_calls == 12
+    engine.close()
+    again = InferenceEngine()  # now from state.db; the JSON is not imported twice
+    assert again.tracker.profile("qwen/qwen3-8b:q4_k_m").total_calls == 12  # type: ignore[union-attr]
+
+
+def test_preferred_discovered_model_wins_generate_routing(isolated_home: Path) -> None:
+    """The seed's test: a discovered vLLM model set as preferred wins with the override reason."""
+    from car_inference.catalog import EndpointConfig
+    from car_inference.routing import RoutingStrategy
+
+    (isolated_home / "config.toml").write_text(
+        '[preferred]\ngenerate = "vllm-mlx/mlx-community/gemma-3n-E2B-it-lm-4bit"\n'
+    )
+    engine = InferenceEngine()
+    endpoint = EndpointConfig(name="vllm-mlx", kind="vllm", base_url="http://127.0.0.1:8001/v1")
+    (schema,) = endpoint.to_schemas(["mlx-community/gemma-3n-E2B-it-lm-4bit"])
+    engine.register_model(schema)
+    import asyncio
+
+    decision = asyncio.run(engine.route_adaptive("say hello in one sentence"))
+    assert decision.model_id == "vllm-mlx/mlx-community/gemma-3n-E2B-it-lm-4bit"
+    assert decision.strategy == RoutingStrategy.PREFERRED
+    assert decision.reason == "preferred generation model override"
+
+
+def test_register_endpoint_makes_a_model_for_base_url() -> None:
+    engine = InferenceEngine()
+    schema = engine.register_endpoint("http://127.0.0.1:9999/v1", "my-model")
+    assert schema.id == "endpoint/my-model" and schema.available
+    assert engine.resolve("endpoint/my-model").source.base_url == "http://127.0.0.1:9999/v1"  # type: ignore[union-attr]

@@ -1,0 +1,261 @@
+"""Routing, fallbacks, circuit breakers, spend limits and learning, against the fake provider server.
+
+Every hosted model here is the fake server on loopback speaking the OpenAI or Anthropic wire format
+through the official SDK; faults are injected per model by targeting its API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from car_inference.errors import AllModelsFailed, ModelNotFound, SpendLimitExceeded, TraceNotFound
+from car_inference.requests import GenerateParams, GenerateRequest
+from car_inference.routing import CircuitState, RoutingStrategy
+from car_inference.stream import Done, RouteEvent, TextDelta
+from fakes import FakeProviderServer, Fault, Reply
+
+from .conftest import RemoteEngine
+
+TWO = {
+    "alpha": {"provider": "acme", "quality": 0.95},
+    "beta": {"provider": "bolt", "quality": 0.9},
+}
+
+
+def req(prompt: str = "Say hello.", **kw: object) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, params=GenerateParams(max_tokens=32), **kw)  # type: ignore[arg-type]
+
+
+async def test_adaptive_routing_picks_the_best_available_model(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
+    result = await engine.generate(req())
+    assert result.model_used == "acme/alpha"
+    assert result.text == "echo: Say hello."
+    routing = result.routing
+    assert routing.decision.strategy in (RoutingStrategy.COLD_START, RoutingStrategy.ADAPTIVE)
+    assert routing.decision.fallbacks[0] == "bolt/beta", "a different provider first"
+    assert "huggingface/smollm2-135m-instruct:q4_1" in routing.decision.fallbacks
+    assert result.usage is not None and result.usage.cost_usd is not None
+
+
+async def test_a_failing_model_falls_back_and_is_recorded(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO)
+    fake.set_key_behavior("key-alpha", Fault.server_error(503))
+    result = await engine.generate(req())
+    assert result.model_used == "bolt/beta" and result.text == "echo: Say hello."
+    assert result.routing.strategy == "fallback"
+    assert result.routing.attempts[0][0] == "acme/alpha" and "503" in result.routing.attempts[0][1]
+    assert [r.api_key for r in fake.requests] == ["key-alpha", "key-beta"], "the fallback ran at once"
+    profile = engine.tracker.profile("acme/alpha")
+    assert profile is not None and profile.fail_count == 1
+    assert engine.tracker.profile("bolt/beta").success_count == 1  # type: ignore[union-attr]
+
+
+async def test_explicit_model_still_falls_back(remote_engine: RemoteEngine, fake: FakeProviderServer) -> None:
+    engine = remote_engine(TWO)
+    fake.set_key_behavior("key-beta", Fault.rate_limit(retry_after=5))
+    result = await engine.generate(req(model="beta"))
+    assert result.routing.decision.strategy == RoutingStrategy.EXPLICIT
+    assert result.model_used == "acme/alpha"
+    with pytest.raises(ModelNotFound):
+        await engine.generate(req(model="gamma-9"))
+
+
+async def test_when_every_model_fails_the_error_lists_each_attempt(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO, routing="max_fallbacks = 1")
+    fake.set_key_behavior("key-alpha", Fault.server_error())
+    fake.set_key_behavior("key-beta", Fault.unauthorized())
+    with pytest.raises(AllModelsFailed) as info:
+        await engine.generate(req())
+    assert [m for m, _ in info.value.attempts] == ["acme/alpha", "bolt/beta"]
+    assert "acme/alpha" in str(info.value) and "bolt/beta" in str(info.value)
+
+
+async def test_breaker_opens_skips_then_recovers_after_a_probe(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 2\ncooldown_s = 0.3\n")
+    fake.set_key_behavior("key-alpha", Fault.server_error())
+    for _ in range(2):
+        assert (await engine.generate(req(model="alpha"))).model_used == "bolt/beta"
+    assert engine.breakers.state("acme/alpha") == CircuitState.OPEN
+    fake.requests.clear()
+    result = await engine.generate(req(model="alpha"))
+    assert result.model_used == "bolt/beta"
+    assert [r.api_key for r in fake.requests] == ["key-beta"], "an open circuit is not called"
+    assert "CircuitOpen" in result.routing.reason
+    health = engine.model_health()
+    assert health.circuit_breakers["acme/alpha"]["state"] == "open"
+
+    fake.set_key_behavior("key-alpha", None)  # the provider recovers
+    await asyncio.sleep(0.35)
+    assert engine.breakers.state("acme/alpha") == CircuitState.HALF_OPEN
+    result = await engine.generate(req(model="alpha"))
+    assert result.model_used == "acme/alpha", "the half-open probe goes through"
+    assert engine.breakers.state("acme/alpha") == CircuitState.CLOSED
+
+
+async def test_client_errors_count_double_toward_the_breaker(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 4\ncooldown_s = 60\n")
+    fake.set_key_behavior("key-alpha", Fault.bad_request("bad tool schema"))
+    await engine.generate(req(model="alpha"))
+    assert engine.breakers.state("acme/alpha") == CircuitState.CLOSED
+    await engine.generate(req(model="alpha"))
+    assert engine.breakers.state("acme/alpha") == CircuitState.OPEN, "two 400s weigh as four failures"
+
+
+async def test_no_request_is_lost_under_intermittent_faults(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 100\n")
+    faults = [Fault.server_error(), Fault.rate_limit(0.1), Fault.malformed_json(), Fault.cut_stream(0)]
+    outcomes = []
+    for i in range(12):
+        fake.queue(faults[i // 2 % 4], Reply()) if i % 2 == 0 else fake.queue(Reply())
+        outcomes.append(await engine.generate(req(f"request {i}")))
+    assert all(r.text.startswith("echo: request") for r in outcomes)
+    assert sum(r.routing.strategy == "fallback" for r in outcomes) == 6
+
+
+async def test_stream_falls_back_before_the_first_token(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO)
+    fake.queue(Fault.cut_stream(after_chunks=0), Reply(text="from the fallback"))
+    events = [e async for e in engine.stream(req())]
+    routes = [e for e in events if isinstance(e, RouteEvent)]
+    assert [(r.model_id, r.strategy) for r in routes][1] == ("bolt/beta", "fallback")
+    done = events[-1]
+    assert isinstance(done, Done) and done.text == "from the fallback" and done.model_used == "bolt/beta"
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "from the fallback"
+
+
+async def test_stream_failure_after_output_ends_with_an_error_event(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO)
+    fake.queue(
+        Fault.cut_stream(after_chunks=2, reply=Reply(text="a long answer that gets cut", chunk_chars=3))
+    )
+    events = [e async for e in engine.stream(req())]
+    assert any(isinstance(e, TextDelta) for e in events)
+    assert events[-1].type == "error" and events[-1].retryable
+    assert engine.tracker.profile("acme/alpha").fail_count == 1  # type: ignore[union-attr]
+
+
+async def test_spend_limit_refuses_before_the_call(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(
+        {"pricey": {"provider": "acme", "price": 1000.0}},
+        config="[spend.providers.acme]\ndaily_usd = 0.01\n",
+    )
+    with pytest.raises(SpendLimitExceeded) as info:
+        await engine.generate(req(model="pricey"))
+    assert info.value.scope == "acme" and info.value.period == "daily"
+    assert fake.requests == [], "refused before any call"
+    routed = await engine.generate(req())
+    assert routed.model_used != "acme/pricey", "adaptive routing leaves the over-limit model out"
+
+
+async def test_actual_spend_is_recorded_from_usage(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine({"cheap": {"provider": "acme", "price": 2.0}}, config="[spend]\ndaily_usd = 100\n")
+    result = await engine.generate(req(model="cheap"))
+    assert result.usage is not None and result.usage.cost_usd
+    status = engine.spend_status()
+    daily = status.entry("global", "daily")
+    assert daily is not None and daily.spent_usd == pytest.approx(result.usage.cost_usd)
+
+
+async def test_feedback_moves_the_learned_quality(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
+    result = await engine.generate(req())
+    before = engine.tracker.task_stats(result.model_used, result.routing.decision.task_family)
+    engine.feedback(result.trace_id, 0.0)
+    after = engine.tracker.task_stats(result.model_used, result.routing.decision.task_family)
+    assert after.ema_quality < before.ema_quality
+    with pytest.raises(TraceNotFound):
+        engine.feedback("no-such-trace", 1.0)
+    with pytest.raises(ValueError, match=r"0\.\.1"):
+        engine.feedback(result.trace_id, 3.0)
+
+
+async def test_learning_switches_to_the_model_that_succeeds(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 1000\n")
+    assert (await engine.generate(req())).model_used == "acme/alpha"
+    for i in range(15):  # alpha keeps answering badly; users rate it down and beta up
+        result = await engine.generate(req(f"Tell me a joke number {i}.", model="alpha"))
+        engine.feedback(result.trace_id, 0.0)
+        result = await engine.generate(req(f"Tell me a joke number {i}.", model="beta"))
+        engine.feedback(result.trace_id, 1.0)
+    decision = engine.route(req("Tell me a joke number 99."))
+    assert decision.model_id == "bolt/beta" and decision.strategy == RoutingStrategy.ADAPTIVE
+
+
+async def test_complex_tasks_get_a_thinking_budget_on_thinking_models(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(
+        {
+            "claude": {
+                "provider": "anthropic-fake",
+                "kind": "anthropic",
+                "params": ["max_tokens", "extended_thinking", "tools", "tool_choice"],
+            }
+        }
+    )
+    prompt = (
+        "Prove step by step that there are infinitely many primes, then derive the prime number theorem's "
+        "asymptotic density, analyze the error term, compare three different proofs and their trade-offs, "
+        "and ensure every step is justified; you must not skip any lemma and should explain at least two "
+        "historical approaches. " * 3
+    )
+    decision = engine.route(req(prompt, model="claude"))
+    assert decision.complexity == "complex" and decision.thinking_budget == 8000
+    fake.queue(Reply(text="ok", thinking="let me think"))
+    result = await engine.generate(
+        GenerateRequest(prompt=prompt, model="claude", params=GenerateParams(max_tokens=64))
+    )
+    sent = fake.requests[-1].json
+    assert sent["thinking"]["budget_tokens"] == 8000
+    assert result.thinking == "let me think" and result.text == "ok"
+
+
+async def test_quick_retry_of_the_same_prompt_marks_the_first_answer(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
+    first = await engine.generate(req("What is 2+2?"))
+    await engine.generate(req("What is 2+2?"))
+    signals = [f["kind"] for f in engine.store.feedback_for(first.trace_id)]
+    assert "quick_retry" in signals
+
+
+async def test_state_survives_a_restart(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
+    for i in range(3):
+        await engine.generate(req(f"Say hello {i} times.", model="alpha"))
+    engine.close()
+    again = remote_engine(TWO)
+    profile = again.tracker.profile("acme/alpha")
+    assert profile is not None and profile.success_count == 3
+
+
+def test_decision_latency_is_not_a_network_call(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO)
+    start = time.perf_counter()
+    for _ in range(50):
+        engine.route(req("route me"))
+    assert fake.requests == [], "routing never calls a provider"
+    assert time.perf_counter() - start < 5  # generous: the speed target lives in benchmarks/routing.py

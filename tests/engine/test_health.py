@@ -1,0 +1,76 @@
+"""The model health report, spend status and profile export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from car_inference.engine import InferenceEngine
+from car_inference.schema import ModelCapability
+
+
+def test_model_health_report_describes_the_engine(isolated_home: Path) -> None:
+    engine = InferenceEngine()
+    report = engine.model_health()
+    assert report.total_models == len(engine.list_models())
+    assert report.available_models >= 2 and report.local_models + report.remote_models == report.total_models
+    generate = next(d for d in report.defaults if d.capability == ModelCapability.GENERATE)
+    assert (
+        generate.configured_model.startswith("huggingface/smollm2")
+        and generate.available
+        and generate.is_local
+    )
+    caps = {c.capability: c for c in report.capabilities}
+    assert len(caps) == 15 and caps[ModelCapability.EMBED].local_available_models >= 1
+    providers = {p.provider: p for p in report.providers}
+    assert providers["openai"].remote_models > 0 and not providers["openai"].configured
+    scenarios = {s.name: s for s in report.routing_scenarios}
+    assert set(scenarios) == {
+        "interactive_text",
+        "background_code",
+        "interactive_tool_use",
+        "interactive_vision",
+    }
+    assert scenarios["interactive_text"].model_id == "huggingface/smollm2-135m-instruct:q4_1"
+    assert scenarios["interactive_vision"].model_id is None, "nothing local can see images"
+    assert "vision" in scenarios["interactive_vision"].reason
+    assert report.routing_quality_weight == engine.config.routing.quality_weight
+    assert report.spend is not None
+    assert {m.id for m in report.speech.local_models} >= {"piper/en_us-joe-medium"}
+    json.loads(report.model_dump_json())
+
+
+def test_priors_show_in_health_with_their_source(isolated_home: Path) -> None:
+    (isolated_home / "benchmark_priors.json").write_text(
+        json.dumps([{"model_id": "qwen/qwen3-8b:q4_k_m", "overall_score": 0.7, "task_scores": {"code": 0.8}}])
+    )
+    report = InferenceEngine().model_health()
+    (prior,) = report.benchmark_priors
+    assert prior.model_name == "Qwen3-8B" and prior.task_scores == {"code": 0.8}
+    assert prior.source_path == str(isolated_home / "benchmark_priors.json")
+
+
+def test_profiles_export_import_round_trip(isolated_home: Path, tmp_path: Path) -> None:
+    engine = InferenceEngine()
+    engine.import_profiles(
+        [
+            {
+                "model_id": "qwen/qwen3-4b:q4_k_m",
+                "total_calls": 5,
+                "success_count": 4,
+                "fail_count": 1,
+                "total_latency_ms": 500,
+                "total_input_tokens": 10,
+                "total_output_tokens": 20,
+                "task_stats": {},
+                "ema_quality": 0.6,
+                "quality_per_1k_tokens": 0.0,
+                "updated_at": 1,
+            }
+        ]
+    )
+    path = tmp_path / "outcome_profiles.json"
+    assert engine.export_profiles_file(path) >= 1
+    data = json.loads(path.read_text())
+    row = next(p for p in data if p["model_id"] == "qwen/qwen3-4b:q4_k_m")
+    assert row["total_calls"] == 5 and set(row) >= {"ema_quality", "task_stats", "quality_per_1k_tokens"}

@@ -1,0 +1,60 @@
+"""Tokenize, embed, rerank and classify through the engine, on the embedded models."""
+
+from __future__ import annotations
+
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.errors import UnsupportedMode
+from car_inference.requests import (
+    ClassifyRequest,
+    EmbedRequest,
+    GenerateParams,
+    GenerateRequest,
+    RerankRequest,
+)
+
+SMOL = "huggingface/smollm2-135m-instruct:q4_1"
+
+
+def greedy(prompt: str, max_tokens: int = 40, **kw: object) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, params=GenerateParams(temperature=0, max_tokens=max_tokens), **kw)  # type: ignore[arg-type]
+
+
+async def test_tokenize_round_trip_and_remote_models_refuse(local_engine: InferenceEngine) -> None:
+    tokens = (await local_engine.tokenize("smollm2", "The quick brown fox")).tokens
+    assert (await local_engine.detokenize("smollm2", tokens)).text == "The quick brown fox"
+    # The seed's test: a known remote model -> UnsupportedMode("tokenize/detokenize", "remote").
+    remote_id = next(m.id for m in local_engine.list_models() if not m.is_local)
+    for call in (local_engine.tokenize(remote_id, "hello"), local_engine.detokenize(remote_id, [1, 2, 3])):
+        with pytest.raises(UnsupportedMode) as info:
+            await call
+        assert (info.value.mode, info.value.backend) == ("tokenize/detokenize", "remote")
+    with pytest.raises(UnsupportedMode):
+        await local_engine.tokenize("sentence-transformers/all-minilm-l6-v2", "x")
+
+
+async def test_embed_rerank_classify_defaults(local_engine: InferenceEngine) -> None:
+    embedded = await local_engine.embed(EmbedRequest(texts=["hello", "world"]))
+    assert embedded.model_used == "sentence-transformers/all-minilm-l6-v2" and embedded.dimensions == 384
+
+    ranked = await local_engine.rerank(
+        RerankRequest(
+            query="Which city is the capital of France?",
+            documents=["The Amazon is a river.", "Paris is the capital of France.", "Cats purr."],
+            top_n=2,
+        )
+    )
+    assert ranked.ranked[0].index == 1 and len(ranked.ranked) == 2 and ranked.method == "embedding-similarity"
+    assert (await local_engine.rerank(RerankRequest(query="q", documents=[]))).ranked == []
+
+    label = await local_engine.classify(
+        ClassifyRequest(text="I won the tennis final", labels=["sports", "finance"])
+    )
+    assert label.label == "sports" and label.method == "embedding"
+    llm = await local_engine.classify(
+        ClassifyRequest(
+            text="This film was wonderful, I loved it", labels=["positive", "negative"], method="likelihood"
+        )
+    )
+    assert llm.method == "likelihood" and llm.model_used == SMOL and llm.label == "positive"
