@@ -14,9 +14,17 @@ from ..requests import (
     ClassifyRequest,
     EmbedRequest,
     EmbedResult,
+    GenerateImageRequest,
+    GenerateImageResult,
+    GenerateVideoRequest,
+    GenerateVideoResult,
     RerankRequest,
     RerankResult,
+    SynthesizeRequest,
+    SynthesizeResult,
     TokenizeResult,
+    TranscribeRequest,
+    TranscribeResult,
 )
 from ..schema import ModelCapability, ModelSchema
 
@@ -117,3 +125,28 @@ class TaskMixin:
             if model is not None and model.available and model.has_capability(ModelCapability.CLASSIFY):
                 return model
         return self._model_for(None, order[0])
+
+    # --- speech and media ------------------------------------------------------------------------
+    # Each runs on the model named, else the configured one for the capability, through the
+    # backend of its kind. A kind whose backend is not installed or lacks the task raises
+    # ModelUnavailable / UnsupportedMode naming what is missing.
+
+    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+        model = self._model_for(request.model, ModelCapability.SPEECH_TO_TEXT)
+        return await self._task_method(model, ModelCapability.SPEECH_TO_TEXT, "transcribe")(model, request)
+
+    async def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
+        model = self._model_for(request.model, ModelCapability.TEXT_TO_SPEECH)
+        return await self._task_method(model, ModelCapability.TEXT_TO_SPEECH, "synthesize")(model, request)
+
+    async def generate_image(self, request: GenerateImageRequest) -> GenerateImageResult:
+        model = self._model_for(request.model, ModelCapability.IMAGE_GENERATION)
+        return await self._task_method(model, ModelCapability.IMAGE_GENERATION, "generate_image")(
+            model, request
+        )
+
+    async def generate_video(self, request: GenerateVideoRequest) -> GenerateVideoResult:
+        model = self._model_for(request.model, ModelCapability.VIDEO_GENERATION)
+        return await self._task_method(model, ModelCapability.VIDEO_GENERATION, "generate_video")(
+            model, request
+        )
