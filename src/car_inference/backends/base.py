@@ -12,6 +12,7 @@ import contextlib
 import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
@@ -128,9 +129,14 @@ T = TypeVar("T")
 _END = object()
 
 
+# Model work gets its own threads: a request waiting for a busy model's lock holds a thread, and
+# the loop's default pool (cpu + 4 threads) would let a few such waits stall unrelated work.
+_MODEL_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="car-model")
+
+
 async def run_blocking(fn: Callable[[], T]) -> T:
-    """Run blocking model work in the default thread pool, off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(None, fn)
+    """Run blocking model work in the model thread pool, off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(_MODEL_THREADS, fn)
 
 
 def label_distribution(labels: list[str], logits: list[float], model_id: str, method: str) -> Classification:
@@ -183,7 +189,7 @@ async def iterate_in_thread(
         finally:
             put(_END)
 
-    worker = loop.run_in_executor(None, produce)
+    worker = loop.run_in_executor(_MODEL_THREADS, produce)
     try:
         while True:
             item = await queue.get()

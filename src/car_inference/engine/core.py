@@ -8,7 +8,7 @@ wraps them. The class is assembled from focused mixins: generation and routing
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import threading
 from collections.abc import Iterable
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import backends as backend_table
-from ..backends.base import BackendContext
+from ..backends.base import BackendContext, run_blocking
 from ..backends.cache import ModelCache
 from ..config import CarConfig, load_config
 from ..errors import InferenceError, ModelUnavailable, UnsupportedMode
@@ -152,7 +152,7 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
                 backend = self._runnable(model)
                 warm = getattr(backend, "warm_up", None)
                 if warm is not None:
-                    await asyncio.get_running_loop().run_in_executor(None, warm, model)
+                    await run_blocking(functools.partial(warm, model))
                 results.append(None)
             except InferenceError as exc:
                 results.append(exc)
