@@ -83,3 +83,36 @@ async def test_embedding_classification(backend: SentenceBackend, model: ModelSc
     )
     assert result.label == "sports" and result.method == "embedding"
     assert sum(r.score for r in result.results) == pytest.approx(1.0)
+
+
+async def test_cross_encoder_rerank_scores_pairs(backend: SentenceBackend, model: ModelSchema) -> None:
+    """A cross-encoder scores (query, document) pairs in one model call. No cross-encoder ships in
+    a package, so this one is MiniLM's encoder with a fresh one-logit head (seeded): the scores mean
+    nothing, but they must be exactly what sentence-transformers' CrossEncoder computes."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from car_inference.catalog.locate import local_path
+    from car_inference.schema import SentenceSource
+
+    path = str(local_path(model))
+    cross = model.model_copy(
+        update={
+            "id": "test/minilm-cross",
+            "capabilities": ["rerank"],
+            "source": SentenceSource(path=path, cross_encoder=True),
+        }
+    )
+    docs = ["Paris is in France.", "Bananas are yellow.", "Rome is in Italy."]
+    torch.manual_seed(0)
+    result = await backend.rerank(cross, RerankRequest(query="capital of France", documents=docs))
+    torch.manual_seed(0)
+    pairs = [("capital of France", d) for d in docs]
+    reference = CrossEncoder(path, device="cpu", num_labels=1).predict(pairs)
+    assert result.method == "cross-encoder"
+    by_index = {d.index: d.score for d in result.ranked}
+    assert [by_index[i] for i in range(3)] == pytest.approx([float(s) for s in reference], abs=1e-5)
+    from car_inference.errors import UnsupportedMode
+
+    with pytest.raises(UnsupportedMode, match="scores pairs"):
+        await backend.embed(cross, EmbedRequest(texts=["x"]))
