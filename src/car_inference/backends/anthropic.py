@@ -52,7 +52,7 @@ except ImportError as exc:  # pragma: no cover - the backend table checks this f
         "the Anthropic backend needs anthropic: pip install 'car-inference[anthropic]'"
     ) from exc
 
-from ..errors import ModelUnavailable, ProviderError, UnsupportedMode
+from ..errors import ProviderError, UnsupportedMode
 from ..requests import GenerateRequest, Message, TextBlock
 from ..schema import AnthropicSource, GenerateParam, ModelSchema
 from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
@@ -91,18 +91,8 @@ _IMAGE_TYPES = {"image/jpeg", "image/png", "image/gif", "image/webp"}
 
 class AnthropicBackend(RemoteBackend):
     kind = "anthropic"
+    source_types = (AnthropicSource,)
 
-    def endpoint(self, model: ModelSchema) -> Endpoint:
-        source = model.source
-        if not isinstance(source, AnthropicSource):
-            raise ModelUnavailable(model.id, f"the anthropic backend does not serve {source.kind!r} sources")
-        return Endpoint(
-            source.host or source.kind,
-            source.base_url,
-            source.api_key_env,
-            source.model_name or model.id.split("/", 1)[1],
-            tuple(sorted(source.headers.items())),
-        )
 
     def make_client(self, endpoint: Endpoint, key: str) -> anthropic.AsyncAnthropic:
         return anthropic.AsyncAnthropic(

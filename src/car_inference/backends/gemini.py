@@ -46,7 +46,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the backend table checks this first
     raise ImportError("the Gemini backend needs google-genai: pip install 'car-inference[gemini]'") from exc
 
-from ..errors import ModelUnavailable, ProviderError, UnsupportedMode
+from ..errors import ProviderError, UnsupportedMode
 from ..requests import EmbedRequest, EmbedResult, GenerateRequest, Message, TextBlock
 from ..schema import GeminiSource, GenerateParam, ModelSchema
 from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
@@ -81,18 +81,8 @@ _MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY", "named": "ANY"}
 
 class GeminiBackend(RemoteBackend):
     kind = "gemini"
+    source_types = (GeminiSource,)
 
-    def endpoint(self, model: ModelSchema) -> Endpoint:
-        source = model.source
-        if not isinstance(source, GeminiSource):
-            raise ModelUnavailable(model.id, f"the gemini backend does not serve {source.kind!r} sources")
-        return Endpoint(
-            source.host or source.kind,
-            source.base_url,
-            source.api_key_env,
-            source.model_name or model.id.split("/", 1)[1],
-            tuple(sorted(source.headers.items())),
-        )
 
     def make_client(self, endpoint: Endpoint, key: str) -> genai.Client:
         base_url, version = endpoint.base_url, None

@@ -45,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - the backend table checks this f
         "the OpenAI-compatible backend needs openai: pip install 'car-inference[openai]'"
     ) from exc
 
-from ..errors import ModelUnavailable, ProviderError, UnsupportedMode
+from ..errors import ProviderError, UnsupportedMode
 from ..requests import EmbedRequest, EmbedResult, GenerateRequest, Message, TextBlock
 from ..schema import GenerateParam, ModelSchema, OllamaSource, OpenAISource, VllmSource
 from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
@@ -82,6 +82,8 @@ _AUDIO_FORMATS = {
 
 class OpenAICompatBackend(RemoteBackend):
     kind = "openai"
+    source_types = (OpenAISource,)
+    needs_base_url = True
 
     # --- hooks ---------------------------------------------------------------------------------
 
@@ -94,18 +96,7 @@ class OpenAICompatBackend(RemoteBackend):
         if isinstance(source, VllmSource):
             base = source.endpoint.rstrip("/") + "/v1"
             return Endpoint("vllm", base, source.api_key_env, source.model_name, needs_key=False)
-        if isinstance(source, OpenAISource):
-            if not source.base_url:
-                raise ModelUnavailable(model.id, "its source has no base_url (and no host that sets one)")
-            return Endpoint(
-                source.host or source.kind,
-                source.base_url,
-                source.api_key_env,
-                source.model_name or model.id.split("/", 1)[1],
-                tuple(sorted(source.headers.items())),
-                needs_key=source.needs_key,
-            )
-        raise ModelUnavailable(model.id, f"the openai backend does not serve {source.kind!r} sources")
+        return super().endpoint(model)
 
     def make_client(self, endpoint: Endpoint, key: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(

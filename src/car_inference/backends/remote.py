@@ -231,6 +231,8 @@ class RemoteBackend:
     """A hosted API reached through an official SDK. Subclasses implement the five hooks."""
 
     kind: ClassVar[str] = "remote"
+    source_types: ClassVar[tuple[type, ...]] = ()  # the sources ``endpoint`` reads
+    needs_base_url: ClassVar[bool] = False  # True where the SDK has no default address
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
@@ -243,7 +245,20 @@ class RemoteBackend:
     # --- hooks ---------------------------------------------------------------------------------
 
     def endpoint(self, model: ModelSchema) -> Endpoint:
-        raise NotImplementedError
+        """Where a hosted model lives: its source (merged with the catalog's host) as an Endpoint."""
+        source = model.source
+        if not isinstance(source, self.source_types):
+            raise ModelUnavailable(model.id, f"the {self.kind} backend cannot serve {source.kind!r} sources")
+        if not source.base_url and self.needs_base_url:
+            raise ModelUnavailable(model.id, "its source has no base_url (and no host that sets one)")
+        return Endpoint(
+            source.host or source.kind,
+            source.base_url,
+            source.api_key_env,
+            source.model_name or model.id.split("/", 1)[1],
+            tuple(sorted(source.headers.items())),
+            needs_key=getattr(source, "needs_key", True),
+        )
 
     def build(self, model: ModelSchema, endpoint: Endpoint, request: GenerateRequest) -> dict[str, Any]:
         """The SDK call's keyword arguments. Runs before any network: raises ``UnsupportedMode``."""
