@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import generate, keys, routing, tasks
+from . import generate, keys, routing, serve, tasks
 from .models import config_app, models_app
 
 app = typer.Typer(
@@ -23,6 +23,7 @@ generate.register(app)
 tasks.register(app)
 keys.register(app)
 routing.register(app)
+serve.register(app)
 
 
 def _version(value: bool) -> None:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import typer
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import ConfigError, InferenceError, ModelNotFound
 
@@ -36,7 +37,7 @@ def engine() -> Any:
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
     return typer.Exit(code)
 
 
@@ -52,7 +53,7 @@ def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except ModelNotFound as exc:
-            err.print(f"[bold red]error:[/] model not found: {exc.name}", markup=True)
+            err.print(f"[bold red]error:[/] model not found: {escape(exc.name)}", markup=True)
             if exc.suggestions:
                 err.print(f"did you mean: {', '.join(exc.suggestions)}?")
             raise typer.Exit(EXIT_USAGE) from None

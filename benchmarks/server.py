@@ -1,0 +1,315 @@
+"""What `car serve` adds in front of an OpenAI-compatible upstream, measured in one run.
+
+Three processes on loopback: a minimal OpenAI-compatible upstream (keep-alive HTTP/1.1, a fixed
+answer, streamed or not), our server in front of it (the upstream is an ``[[endpoints]]`` model,
+named explicitly, so every request still goes through the router, the outcome store and the
+official ``openai`` SDK), and this client (httpx). The same chat completion request goes to the
+upstream directly and through the server:
+
+- sequential non-stream requests: latency p50 / p99 and what the server adds;
+- 16 concurrent clients: requests per second and p99 latency.
+
+To split what is added between the engine and the HTTP layer, the same request also runs through
+``InferenceEngine.generate`` in this process (no server), against the same upstream.
+
+    .venv/bin/python benchmarks/server.py [--requests 2000] [--concurrent-requests 4000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ANSWER = "Hello! How can I help you today?"
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+WIRE_MODEL = "bench-model"
+
+# --- the upstream -------------------------------------------------------------------------------------
+
+
+def _upstream_body(request: dict[str, object]) -> tuple[bytes, str]:
+    created = int(time.time())
+    base = {"id": "chatcmpl-bench", "created": created, "model": request.get("model", WIRE_MODEL)}
+    usage = {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18}
+    if not request.get("stream"):
+        message = {"role": "assistant", "content": ANSWER}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+        body = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+        return json.dumps(body).encode(), "application/json"
+    chunks = []
+    for delta, finish in (
+        ({"role": "assistant", "content": ""}, None),
+        ({"content": ANSWER}, None),
+        ({}, "stop"),
+    ):
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        chunks.append({**base, "object": "chat.completion.chunk", "choices": [choice]})
+    chunks.append({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+    text = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    return text.encode(), "text/event-stream"
+
+
+class _Upstream(asyncio.Protocol):
+    """HTTP/1.1 with keep-alive, Content-Length framing; enough for the SDK and httpx."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = self.buffer[:end].decode("latin-1").split("\r\n")
+            length = 0
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+            if len(self.buffer) < end + 4 + length:
+                return
+            raw, self.buffer = self.buffer[end + 4 : end + 4 + length], self.buffer[end + 4 + length :]
+            if head[0].startswith("GET"):
+                body, kind = b'{"object": "list", "data": []}', "application/json"
+            else:
+                body, kind = _upstream_body(json.loads(raw or b"{}"))
+            self.transport.write(
+                f"HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+
+
+async def _run_upstream(port: int) -> None:
+    server = await asyncio.get_running_loop().create_server(_Upstream, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
+# --- our server -----------------------------------------------------------------------------------------
+
+
+def _run_server(port: int, upstream: str, home: str) -> None:
+    import uvicorn
+
+    from car_inference.engine import InferenceEngine
+    from car_inference.server import create_app
+    from car_inference.server.run import uvicorn_config
+
+    models = f'[[endpoints]]\nname = "up"\nbase_url = "{upstream}/v1"\nmodels = ["{WIRE_MODEL}"]\n'
+    Path(home, "models.toml").write_text(models)
+    engine = InferenceEngine(home=Path(home))
+    settings = engine.config.server.model_copy(update={"port": port, "max_concurrency": 256})
+    uvicorn.Server(uvicorn_config(create_app(engine, settings), settings, log_level="warning")).run()
+
+
+# --- the client -------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _sequential(client: httpx.Client, url: str, model: str, n: int) -> list[float]:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 16}
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        response = client.post(url, json=body)
+        out.append((time.perf_counter() - start) * 1000)
+        if response.status_code != 200 or ANSWER not in response.text:
+            raise SystemExit(f"{url}: {response.status_code} {response.text[:300]}")
+    return out
+
+
+def _engine(upstream: str, home: Path) -> Any:
+    from car_inference.engine import InferenceEngine
+
+    home.mkdir()
+    models = f'[[endpoints]]\nname = "up"\nbase_url = "{upstream}/v1"\nmodels = ["{WIRE_MODEL}"]\n'
+    (home / "models.toml").write_text(models)
+    return InferenceEngine(home=home)
+
+
+async def _engine_calls(engine: Any, n: int) -> list[float]:
+    from car_inference.requests import GenerateParams, GenerateRequest, Message
+
+    request = GenerateRequest(
+        messages=[Message(role="user", content="Say hello.")],
+        model=f"up/{WIRE_MODEL}",
+        params=GenerateParams(max_tokens=16),
+    )
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        result = await engine.generate(request)
+        out.append((time.perf_counter() - start) * 1000)
+        if result.text != ANSWER:
+            raise SystemExit(f"engine: {result.text!r}")
+    return out
+
+
+async def _concurrent(url: str, model: str, total: int, workers: int = 16) -> tuple[float, list[float]]:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 16}
+    latencies: list[float] = []
+    remaining = total
+    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                start = time.perf_counter()
+                response = await client.post(url, json=body)
+                latencies.append((time.perf_counter() - start) * 1000)
+                if response.status_code != 200:
+                    raise SystemExit(f"{url}: {response.status_code} {response.text[:300]}")
+
+        await asyncio.gather(*(worker() for _ in range(workers)))  # warm the connections
+        remaining = total
+        latencies.clear()
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        elapsed = time.perf_counter() - start
+    return total / elapsed, latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="sequential requests per target")
+    parser.add_argument("--concurrent-requests", type=int, default=4000, help="requests at concurrency 16")
+    parser.add_argument("--role", choices=["upstream", "server"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    parser.add_argument("--home", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "upstream":
+        asyncio.run(_run_upstream(args.port))
+        return
+    if args.role == "server":
+        _run_server(args.port, args.upstream, args.home)
+        return
+
+    up_port, car_port = _free_port(), _free_port()
+    upstream = f"http://127.0.0.1:{up_port}"
+    ours = f"http://127.0.0.1:{car_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
+    with tempfile.TemporaryDirectory() as home:
+        me = [sys.executable, __file__]
+        procs = [
+            subprocess.Popen([*me, "--role", "upstream", "--port", str(up_port)], env=env),
+            subprocess.Popen(
+                [*me, "--role", "server", "--port", str(car_port), "--upstream", upstream, "--home", home],
+                env=env,
+            ),
+        ]
+        try:
+            _wait(upstream + "/v1/models")
+            _wait(ours + "/health")
+            targets = {
+                "direct": (upstream + "/v1/chat/completions", WIRE_MODEL),
+                "car": (ours + "/v1/chat/completions", f"up/{WIRE_MODEL}"),
+            }
+            sequential: dict[str, list[float]] = {"direct": [], "car": [], "engine": []}
+            engine = _engine(upstream, Path(home) / "engine-home")
+            with httpx.Client(timeout=60) as client, asyncio.Runner() as loop:
+                for url, model in targets.values():
+                    _sequential(client, url, model, 200)  # warm up
+                loop.run(_engine_calls(engine, 200))
+                rounds = 5
+                for _ in range(rounds):  # interleaved, so drift hits all alike
+                    for name, (url, model) in targets.items():
+                        sequential[name] += _sequential(client, url, model, args.requests // rounds)
+                    sequential["engine"] += loop.run(_engine_calls(engine, args.requests // rounds))
+            engine.close()
+            concurrent = {
+                name: asyncio.run(_concurrent(url, model, args.concurrent_requests))
+                for name, (url, model) in targets.items()
+            }
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=10)
+    _report(sequential, concurrent, args)
+
+
+def _row(*cells: str) -> None:
+    print("| " + " | ".join(cells) + " |")
+
+
+def _report(
+    sequential: dict[str, list[float]], concurrent: dict[str, tuple[float, list[float]]], args: Any
+) -> None:
+    p50 = {k: statistics.median(v) for k, v in sequential.items()}
+    p99 = {k: _percentile(v, 0.99) for k, v in sequential.items()}
+    (car_rps, car_lat), (direct_rps, direct_lat) = concurrent["car"], concurrent["direct"]
+    c99 = (_percentile(car_lat, 0.99), _percentile(direct_lat, 0.99))
+    cpu = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(f"car serve vs the upstream called directly ({cpu})")
+    count = len(sequential["car"])
+    print(f"{count} sequential requests per target; {args.concurrent_requests} at concurrency 16\n")
+    _row("measure", "through car serve", "upstream directly", "added", "target")
+    _row("---", "---", "---", "---", "---")
+    added = p50["car"] - p50["direct"]
+    for label, q, target in (("p50", p50, "≤ +2 ms"), ("p99", p99, "")):
+        extra = q["car"] - q["direct"]
+        _row(
+            f"chat completion {label} (sequential)",
+            f"{q['car']:.2f} ms",
+            f"{q['direct']:.2f} ms",
+            f"+{extra:.2f} ms",
+            target,
+        )
+    _row(
+        "requests/s at concurrency 16",
+        f"{car_rps:,.0f}",
+        f"{direct_rps:,.0f}",
+        f"{car_rps / direct_rps:.2f}×",
+        "",
+    )
+    _row("p99 at concurrency 16", f"{c99[0]:.2f} ms", f"{c99[1]:.2f} ms", f"+{c99[0] - c99[1]:.2f} ms", "")
+    in_engine = p50["engine"] - p50["direct"]
+    print(
+        f"\nof the +{added:.2f} ms at p50: engine.generate in-process (router, outcome store, openai SDK "
+        f"streaming) takes {p50['engine']:.2f} ms, +{in_engine:.2f} ms over the direct call; the HTTP "
+        f"server in front of it adds +{p50['car'] - p50['engine']:.2f} ms"
+    )
+    print(f"added p50 {added:.2f} ms: target {'met' if added <= 2 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The ASGI app: ``create_app(engine, settings)`` assembles the routes around one shared engine.
+
+Routes: the OpenAI-compatible API (``routes.py``, ``media.py``), JSON-RPC over WebSocket at
+``/ws`` (``jsonrpc.py``), ``/health`` (liveness), ``/v1/health`` (the engine's model health
+report) and ``/metrics`` (Prometheus). ``guard.py`` sits in front of all of them. The protocol is
+documented in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .. import __version__
+from ..config import ServerSettings
+from ..engine import InferenceEngine
+from ..errors import InferenceError
+from . import jsonrpc, media, routes
+from .common import Limiter, ServerState, json_response
+from .errors import ApiError, describe, error_response, guarded
+from .guard import Guard
+from .metrics import CONTENT_TYPE, Metrics
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("car_inference.server")
+
+
+def create_app(engine: InferenceEngine | None = None, settings: ServerSettings | None = None) -> FastAPI:
+    """The server around ``engine`` (default: a new engine for ``$CAR_HOME``, closed when the app
+    shuts down; an engine passed in stays the caller's). ``settings`` default to the engine's
+    ``[server]`` config. Endpoints marked ``discover = true`` are asked for their models at start."""
+    owned = engine is None
+    engine = engine if engine is not None else InferenceEngine()
+    settings = settings if settings is not None else engine.config.server
+    state = ServerState(engine, settings, Metrics(), Limiter(settings.max_concurrency))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        report = await engine.discover_endpoints()
+        for name, outcome in report.items():
+            if isinstance(outcome, InferenceError):
+                log.warning("endpoint %s: discovery failed: %s", name, outcome)
+            else:
+                log.info("endpoint %s: %d model(s)", name, len(outcome))
+        try:
+            yield
+        finally:
+            if owned:
+                engine.close()
+
+    app = FastAPI(
+        title="car-inference",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.car = state
+
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    @guarded()
+    async def model_health(request: Request) -> Response:
+        return json_response(engine.model_health().model_dump(mode="json"))
+
+    async def metrics(request: Request) -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/health", model_health, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"])
+    routes.register(app, state)
+    media.register(app, state)
+    jsonrpc.register(app, state)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = (
+                f"no route {request.method} {request.url.path}; the API lives under /v1 (see /v1/models)"
+            )
+            error = ApiError(404, message, code="unknown_route")
+        elif exc.status_code == 405:
+            error = ApiError(
+                405,
+                f"method {request.method} is not allowed on {request.url.path}",
+                code="method_not_allowed",
+            )
+        else:
+            error = ApiError(exc.status_code, str(exc.detail), code=None)
+        return error_response(describe(error))
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        return error_response(describe(ApiError(400, str(exc), code="invalid_value")))
+
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        # Routes catch their own errors; this is the last net, in the same shape (logged by describe).
+        return error_response(describe(exc))
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected_error)
+    known = frozenset(getattr(r, "path", "") for r in app.router.routes)
+    app.add_middleware(Guard, state=state, routes=known)
+    return app

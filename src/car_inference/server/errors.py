@@ -1,0 +1,275 @@
+"""Every failure as an OpenAI-shaped error (HTTP) or a JSON-RPC error object (WebSocket).
+
+``describe`` is the one table from exceptions to (status, type, code, message); the HTTP routes
+and the JSON-RPC methods both use it, so a failure reads the same on either side. Anything that
+is not ours (a bug) becomes a 500 with a generic message; its traceback goes to the server log,
+never to the client.
+
+Status decisions (documented in docs/protocol.md):
+
+- malformed JSON, wrong types, missing fields, UnsupportedMode, TokenizationError: 400
+- ModelNotFound, TraceNotFound: 404
+- SpendLimitExceeded: 402 (not 429: waiting a few seconds does not help, and SDKs retry 429)
+- ModelUnavailable, CircuitOpen, DeviceError: 503
+- ProviderError, AllModelsFailed, DownloadFailed: 502; a provider timeout: 504
+- our own per-request timeout: 504
+- on the speech and image endpoints, ModelUnavailable / UnsupportedMode: 501 naming the capability
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..errors import (
+    AllModelsFailed,
+    CircuitOpen,
+    ConfigError,
+    DeviceError,
+    DownloadFailed,
+    InferenceError,
+    ModelNotFound,
+    ModelUnavailable,
+    ProviderError,
+    SpendLimitExceeded,
+    TokenizationError,
+    TraceNotFound,
+    UnsupportedMode,
+)
+
+__all__ = [
+    "ApiError",
+    "ErrorInfo",
+    "describe",
+    "error_body",
+    "error_response",
+    "guarded",
+    "rpc_error",
+]
+
+log = logging.getLogger("car_inference.server")
+
+GENERIC_500 = "internal server error; the server log has the details"
+
+
+class ApiError(Exception):
+    """A request the server refuses before the engine sees it (bad JSON, a wrong field...)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = "invalid_value",
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    status: int
+    type: str
+    code: str | None
+    message: str
+    param: str | None = None
+    error_class: str = "ApiError"
+    retryable: bool = False
+    retry_after: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validation_info(exc: ValidationError, prefix: str = "") -> ErrorInfo:
+    """A pydantic error as a 400 naming the first offending field (``messages[0].content``)."""
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+    where = _loc((*((prefix,) if prefix else ()), *first["loc"]))
+    message = f"{where}: {first['msg']}" if where else str(first["msg"])
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error(s))"
+    details = [{"param": _loc(tuple(e["loc"])), "message": e["msg"]} for e in errors]
+    return ErrorInfo(
+        400, "invalid_request_error", "invalid_value", message, where or None, "ValidationError",
+        extra={"details": details},
+    )  # fmt: skip
+
+
+def _is_timeout(exc: ProviderError) -> bool:
+    return exc.status in (408, 504) or (exc.status is None and str(exc).endswith("timed out"))
+
+
+def describe(exc: BaseException, *, capability: str | None = None, timeout_s: float = 0) -> ErrorInfo:
+    """The client-facing description of ``exc``. ``capability`` marks the speech/image endpoints,
+    where a missing backend is a 501 naming it."""
+    name = type(exc).__name__
+    if isinstance(exc, ApiError):
+        return ErrorInfo(
+            exc.status, exc.type, exc.code, exc.message, exc.param, name, retry_after=exc.retry_after
+        )
+    if isinstance(exc, ValidationError):
+        return validation_info(exc)
+    if capability is not None and isinstance(exc, ModelUnavailable | UnsupportedMode):
+        reason = exc.reason
+        return ErrorInfo(
+            501, "not_implemented_error", "capability_unavailable",
+            f"{capability} is not available on this server: {reason}", None, name,
+            extra={"capability": capability},
+        )  # fmt: skip
+    if isinstance(exc, ModelNotFound):
+        message = f"The model `{exc.name}` does not exist."
+        if exc.suggestions:
+            message += f" Did you mean: {', '.join(exc.suggestions)}?"
+        return ErrorInfo(
+            404, "invalid_request_error", "model_not_found", message, "model", name,
+            extra={"suggestions": exc.suggestions},
+        )  # fmt: skip
+    if isinstance(exc, TraceNotFound):
+        return ErrorInfo(404, "invalid_request_error", "trace_not_found", str(exc), "trace_id", name)
+    if isinstance(exc, ModelUnavailable):
+        return ErrorInfo(503, "server_error", "model_unavailable", str(exc), "model", name, retryable=False)
+    if isinstance(exc, UnsupportedMode):
+        return ErrorInfo(400, "invalid_request_error", "unsupported_mode", str(exc), None, name)
+    if isinstance(exc, TokenizationError):
+        return ErrorInfo(400, "invalid_request_error", "tokenization_error", str(exc), None, name)
+    if isinstance(exc, SpendLimitExceeded):
+        return ErrorInfo(402, "insufficient_quota", "spend_limit_exceeded", str(exc), None, name)
+    if isinstance(exc, CircuitOpen):
+        return ErrorInfo(503, "server_error", "circuit_open", str(exc), None, name, retryable=True)
+    if isinstance(exc, DeviceError):
+        return ErrorInfo(503, "server_error", "device_unavailable", str(exc), None, name)
+    if isinstance(exc, ProviderError):
+        timeout = _is_timeout(exc)
+        return ErrorInfo(
+            504 if timeout else 502, "upstream_error", "upstream_timeout" if timeout else "provider_error",
+            str(exc), None, name, exc.retryable, exc.retry_after, {"upstream_status": exc.status},
+        )  # fmt: skip
+    if isinstance(exc, AllModelsFailed):
+        attempts = [{"model": m, "error": type(e).__name__, "message": str(e)} for m, e in exc.attempts]
+        retryable = any(getattr(e, "retryable", False) for _, e in exc.attempts)
+        return ErrorInfo(
+            502, "upstream_error", "all_models_failed", str(exc), None, name, retryable,
+            extra={"attempts": attempts},
+        )  # fmt: skip
+    if isinstance(exc, DownloadFailed):
+        return ErrorInfo(502, "upstream_error", "download_failed", str(exc), None, name)
+    if isinstance(exc, ConfigError):
+        return ErrorInfo(500, "server_error", "configuration_error", str(exc), None, name)
+    if isinstance(exc, InferenceError):
+        return ErrorInfo(500, "server_error", "inference_failed", str(exc), None, name)
+    if isinstance(exc, TimeoutError):
+        message = "the request did not finish in time"
+        if timeout_s:
+            message += f" ({timeout_s:g} s, server.request_timeout_s)"
+        return ErrorInfo(504, "timeout_error", "request_timeout", message, None, name, retryable=True)
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return ErrorInfo(500, "server_error", "internal_error", GENERIC_500, None, "InternalError")
+
+
+def error_body(info: ErrorInfo) -> dict[str, Any]:
+    """``{"error": {"message", "type", "param", "code", ...}}``, OpenAI's shape plus our extras."""
+    return {
+        "error": {"message": info.message, "type": info.type, "param": info.param, "code": info.code}
+        | info.extra
+    }
+
+
+def error_response(info: ErrorInfo) -> Response:
+    headers = {}
+    if info.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(info.retry_after)))
+    body = json.dumps(error_body(info), ensure_ascii=False, separators=(",", ":")).encode()
+    return Response(body, info.status, headers, media_type="application/json")
+
+
+def guarded(
+    capability: str | None = None, *, timeout_s: float = 0
+) -> Callable[[Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]]:
+    """Wrap a route so that every exception becomes an error response (never a traceback)."""
+
+    def wrap(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        @functools.wraps(fn)
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except Exception as exc:
+                return error_response(describe(exc, capability=capability, timeout_s=timeout_s))
+
+        return endpoint
+
+    return wrap
+
+
+# --- JSON-RPC -------------------------------------------------------------------------------------
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+# Application errors: -32000 .. -32099 ("server error" range of JSON-RPC 2.0).
+RPC_CODES: dict[str | None, int] = {
+    "inference_failed": -32000,
+    "model_not_found": -32001,
+    "model_unavailable": -32002,
+    "unsupported_mode": -32003,
+    "spend_limit_exceeded": -32004,
+    "provider_error": -32005,
+    "upstream_timeout": -32005,
+    "all_models_failed": -32006,
+    "request_timeout": -32007,
+    "server_busy": -32008,
+    "trace_not_found": -32009,
+    "capability_unavailable": -32010,
+    "circuit_open": -32011,
+    "device_unavailable": -32011,
+    "tokenization_error": -32012,
+    "download_failed": -32013,
+    "configuration_error": -32014,
+    "stream_failed": -32015,
+    "internal_error": INTERNAL_ERROR,
+    "invalid_value": INVALID_PARAMS,
+}
+
+
+def rpc_error(info: ErrorInfo) -> dict[str, Any]:
+    """A JSON-RPC error object; ``data`` carries our error class, HTTP-equivalent status,
+    retryability and the extras (suggestions, attempts, field details)."""
+    code = RPC_CODES.get(info.code)
+    if code is None:
+        code = INVALID_PARAMS if info.status in (400, 413, 422) else -32000
+    data: dict[str, Any] = {
+        "error": info.error_class,
+        "code": info.code,
+        "status": info.status,
+        "retryable": info.retryable,
+    }
+    if info.param:
+        data["param"] = info.param
+    if info.retry_after is not None:
+        data["retry_after"] = info.retry_after
+    data.update(info.extra)
+    return {"code": code, "message": info.message, "data": data}

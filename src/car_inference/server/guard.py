@@ -1,0 +1,185 @@
+"""The ASGI middleware in front of every route: API keys, body size, the concurrency bound, and
+the request counter of ``/metrics``.
+
+A plain ASGI class rather than Starlette's ``BaseHTTPMiddleware``: it adds no task per request
+and leaves streaming responses alone. In order, for HTTP:
+
+1. ``/health`` passes untouched (liveness probes need no key and are never refused).
+2. With ``server.api_keys`` set, ``Authorization: Bearer <key>`` must match one of them,
+   compared in constant time; otherwise 401.
+3. A body over ``server.max_body_mb`` is refused with 413: at once when ``Content-Length`` says
+   so, else while reading a chunked body (which is then buffered, at most that size).
+4. Beyond ``server.max_concurrency`` requests in flight, 429 with ``Retry-After``.
+
+A WebSocket handshake without a valid key is refused (HTTP 403); JSON-RPC calls on an open socket
+take a slot of the same concurrency bound each.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from .common import HEADER_MODEL, ServerState, dumps
+from .errors import ApiError, describe, error_body
+
+__all__ = ["Guard", "authorized"]
+
+OPEN_PATHS = frozenset({"/health"})
+UNLIMITED_PATHS = frozenset({"/health", "/metrics"})
+
+Scope = dict[str, Any]
+
+
+def authorized(headers: list[tuple[bytes, bytes]], keys: list[bytes]) -> bool:
+    """Whether the ``Authorization: Bearer`` header holds one of ``keys``. Every key is compared,
+    each in constant time, so timing tells nothing about which prefix matched."""
+    given = b""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer":
+                given = token.strip()
+            break
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given, key)
+    return ok and bool(given)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Guard:
+    def __init__(self, app: Any, state: ServerState, routes: frozenset[str] = frozenset()) -> None:
+        self.app = app
+        self.state = state
+        self.keys = [k.encode() for k in state.settings.api_keys]
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            if self.keys and not authorized(scope["headers"], self.keys):
+                await send({"type": "websocket.close", "code": 1008, "reason": "missing or invalid API key"})
+                return
+            await self.app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _refuse(self, send: Any, error: ApiError, headers: dict[str, str] | None = None) -> int:
+        info = describe(error)
+        raw = [(b"content-type", b"application/json")]
+        raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        if info.retry_after is not None:
+            raw.append((b"retry-after", str(round(info.retry_after)).encode()))
+        await send({"type": "http.response.start", "status": info.status, "headers": raw})
+        await send({"type": "http.response.body", "body": dumps(error_body(info))})
+        return info.status
+
+    async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
+        path = scope["path"]
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        route = (
+            path
+            if path in self.routes
+            else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        )
+        metrics = self.state.metrics
+        headers = scope["headers"]
+        if self.keys and not authorized(headers, self.keys):
+            error = ApiError(
+                401,
+                "missing or invalid API key: send `Authorization: Bearer <key>` with a key of this server",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+            status = await self._refuse(send, error, {"www-authenticate": "Bearer"})
+            metrics.request(route, None, status)
+            return
+        limit = self.state.max_body_bytes
+        length = _content_length(headers)
+        too_large = ApiError(
+            413,
+            f"the request body is larger than {self.state.settings.max_body_mb:g} MB (server.max_body_mb)",
+            code="request_too_large",
+        )
+        if length is not None and length > limit:
+            metrics.request(route, None, await self._refuse(send, too_large))
+            return
+        if length is None and scope["method"] not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            try:
+                receive = await _buffered(receive, limit)
+            except _TooLarge:
+                metrics.request(route, None, await self._refuse(send, too_large))
+                return
+        limiter = self.state.limiter
+        if path not in UNLIMITED_PATHS and not limiter.try_acquire():
+            busy = ApiError(
+                429,
+                f"the server is at its limit of {limiter.limit} concurrent requests "
+                "(server.max_concurrency); retry shortly",
+                type="rate_limit_error",
+                code="server_busy",
+                retry_after=1,
+            )
+            metrics.request(route, None, await self._refuse(send, busy))
+            return
+        outcome = {"status": 500, "model": None}
+
+        async def watch(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                outcome["status"] = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == HEADER_MODEL.encode():
+                        outcome["model"] = value.decode()
+            await send(message)
+
+        metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            metrics.in_flight.dec()
+            if path not in UNLIMITED_PATHS:
+                limiter.release()
+            metrics.request(route, outcome["model"], int(outcome["status"]))
+
+
+async def _buffered(receive: Any, limit: int) -> Any:
+    """Read a body of unknown length (chunked) up to ``limit`` bytes, then replay it."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        body = message.get("body", b"")
+        size += len(body)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(body)
+        if not message.get("more_body", False):
+            break
+    replay: list[dict[str, Any]] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+    async def receive_again() -> dict[str, Any]:
+        if replay:
+            return replay.pop()
+        return await receive()
+
+    return receive_again

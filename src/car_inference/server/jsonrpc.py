@@ -1,0 +1,404 @@
+"""JSON-RPC 2.0 over a WebSocket at ``/ws``.
+
+Every message is a request (with ``id``), a notification (without) or a batch (a list of them).
+Each request runs in its own task, so several can be in flight on one socket and answers come
+back in the order they finish; ``cancel`` stops one by id, and a closed socket stops them all.
+``infer`` with ``"stream": true`` (or ``infer.stream``) sends each engine event as an
+``infer.event`` notification ``{"request_id", "event"}`` and then the final result as the
+response. The ``infer`` result has exactly the keys of ``InferenceResult``'s wire contract.
+Errors are JSON-RPC error objects whose ``data`` carries our error class, the HTTP-equivalent
+status and whether a retry may help (see ``errors.rpc_error`` and docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ..errors import InferenceError
+from ..requests import (
+    ClassifyRequest,
+    EmbedRequest,
+    GenerateRequest,
+    InferenceResult,
+    RerankRequest,
+)
+from ..schema import ModelCapability
+from ..stream import Done, ErrorEvent, RouteEvent
+from .common import ServerState
+from .errors import (
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    ApiError,
+    describe,
+    rpc_error,
+)
+
+__all__ = ["METHODS", "Session", "register"]
+
+REQUEST_CANCELLED = -32800
+EVENT_METHOD = "infer.event"
+
+Params = dict[str, Any]
+Method = Callable[["Session", Params, Any], Awaitable[Any]]
+
+
+def _error(rid: Any, code: int, message: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": rid, "error": error}
+
+
+def _valid_id(value: Any) -> bool:
+    return value is None or (isinstance(value, str | int) and not isinstance(value, bool))
+
+
+def _auto(params: Params) -> Params:
+    """``"model": "auto"`` means no model: route (generation) or the capability's default."""
+    if params.get("model") == "auto":
+        return {**params, "model": None}
+    return params
+
+
+class Session:
+    """One WebSocket connection."""
+
+    def __init__(self, websocket: WebSocket, state: ServerState) -> None:
+        self.ws = websocket
+        self.state = state
+        self.engine = state.engine
+        self.in_flight: dict[Any, asyncio.Task[Any]] = {}
+        self.cancelled: set[Any] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._send_lock = asyncio.Lock()
+        self._open = True
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                raw = message.get("text")
+                if raw is None:
+                    raw = (message.get("bytes") or b"").decode("utf-8", errors="replace")
+                task = asyncio.create_task(self._message(raw))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self._open = False
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def send(self, payload: Any) -> None:
+        if not self._open:
+            return
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        async with self._send_lock:
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                await self.ws.send_text(text)
+
+    async def notify(self, method: str, params: Params) -> None:
+        await self.send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    async def _message(self, raw: str) -> None:
+        if len(raw) > self.state.max_body_bytes:
+            limit = self.state.settings.max_body_mb
+            await self.send(
+                _error(None, INVALID_REQUEST, f"message larger than {limit:g} MB (server.max_body_mb)")
+            )
+            return
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            await self.send(_error(None, PARSE_ERROR, f"parse error: {exc}"))
+            return
+        if isinstance(data, list):
+            if not data:
+                await self.send(_error(None, INVALID_REQUEST, "invalid request: an empty batch"))
+                return
+            answers = await asyncio.gather(*(self.call(item) for item in data))
+            replies = [a for a in answers if a is not None]
+            if replies:
+                await self.send(replies)
+            return
+        reply = await self.call(data)
+        if reply is not None:
+            await self.send(reply)
+
+    async def call(self, data: Any) -> dict[str, Any] | None:
+        """Run one request; its response (None for a notification)."""
+        if not isinstance(data, dict) or not _valid_id(data.get("id")):
+            return _error(None, INVALID_REQUEST, "invalid request: expected a JSON-RPC 2.0 request object")
+        rid = data.get("id")
+        notification = "id" not in data
+        name = data.get("method")
+        if data.get("jsonrpc") != "2.0" or not isinstance(name, str):
+            return _error(
+                rid, INVALID_REQUEST, 'invalid request: needs "jsonrpc": "2.0" and a "method" string'
+            )
+        method = METHODS.get(name)
+        if method is None:
+            known = ", ".join(sorted(METHODS))
+            return (
+                None
+                if notification
+                else _error(rid, METHOD_NOT_FOUND, f"method not found: {name} (methods: {known})")
+            )
+        params = data.get("params", {})
+        params = {} if params is None else params
+        if not isinstance(params, dict):
+            return _error(rid, INVALID_PARAMS, "invalid params: params must be an object (by name)")
+        reply = await self._run(name, method, params, rid)
+        return None if notification else reply
+
+    async def _run(self, name: str, method: Method, params: Params, rid: Any) -> dict[str, Any]:
+        metrics = self.state.metrics
+        limiter = self.state.limiter
+        counted = name != "cancel"
+        if counted and not limiter.try_acquire():
+            busy = ApiError(
+                429,
+                f"the server is at its limit of {limiter.limit} concurrent requests",
+                type="rate_limit_error",
+                code="server_busy",
+                retry_after=1,
+            )
+            metrics.request(f"ws:{name}", None, 429)
+            return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(busy))}
+        task = asyncio.current_task()
+        if rid is not None and task is not None:
+            self.in_flight[rid] = task
+        timeout_s = self.state.settings.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                result = await method(self, params, rid)
+        except asyncio.CancelledError:
+            if rid is None or rid not in self.cancelled:
+                raise
+            self.cancelled.discard(rid)
+            if task is not None:
+                task.uncancel()
+            metrics.request(f"ws:{name}", None, 499)
+            return _error(rid, REQUEST_CANCELLED, "request cancelled")
+        except Exception as exc:
+            if isinstance(exc, InferenceError):
+                metrics.failure(exc)
+            info = describe(exc, timeout_s=timeout_s)
+            metrics.request(f"ws:{name}", None, info.status)
+            return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(info)}
+        finally:
+            if counted:
+                limiter.release()
+            if rid is not None and self.in_flight.get(rid) is task:
+                del self.in_flight[rid]
+        model = result.get("model_used") if isinstance(result, dict) else None
+        metrics.request(f"ws:{name}", model, 200)
+        return {"jsonrpc": "2.0", "id": rid, "result": result}
+
+    # --- generation -------------------------------------------------------------------------------
+
+    def _record(self, result: InferenceResult) -> None:
+        metrics = self.state.metrics
+        routing = result.routing
+        if routing is not None:
+            metrics.decision(str(routing.decision.strategy))
+            metrics.fallback(model for model, _ in routing.attempts)
+        metrics.generation(result.model_used, result.latency_ms, result.time_to_first_token_ms, result.usage)
+
+    async def infer(self, params: Params, rid: Any, *, stream: bool = False) -> Any:
+        params = _auto(params)
+        if "stream" in params:
+            stream = stream or params.get("stream") is True
+            params = {k: v for k, v in params.items() if k != "stream"}
+        request = GenerateRequest.model_validate(params)
+        if stream:
+            return await self._stream(request, rid)
+        result = await self.engine.generate(request)
+        self._record(result)
+        return result.model_dump(mode="json")
+
+    async def _stream(self, request: GenerateRequest, rid: Any) -> Any:
+        metrics = self.state.metrics
+        route: RouteEvent | None = None
+        events = self.engine.stream(request)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, Done):
+                    result = _result_of(event)
+                    metrics.generation(
+                        result.model_used, result.latency_ms, result.time_to_first_token_ms, result.usage
+                    )
+                    return result.model_dump(mode="json")
+                if isinstance(event, ErrorEvent):
+                    raise ApiError(502, event.message, type="upstream_error", code="stream_failed")
+                if isinstance(event, RouteEvent):
+                    if route is None:
+                        metrics.decision(event.strategy)
+                    else:
+                        metrics.fallback([route.model_id])
+                    route = event
+                await self.notify(EVENT_METHOD, {"request_id": rid, "event": event.model_dump(mode="json")})
+        raise ApiError(502, "the stream ended without a result", type="upstream_error", code="stream_failed")
+
+
+def _result_of(done: Done) -> InferenceResult:
+    return InferenceResult(
+        text=done.text,
+        tool_calls=list(done.tool_calls),
+        trace_id=done.trace_id or "",
+        model_used=done.model_used or "",
+        latency_ms=done.latency_ms or 0.0,
+        time_to_first_token_ms=done.time_to_first_token_ms,
+        usage=done.usage,
+        thinking=done.thinking,
+    )
+
+
+# --- methods ----------------------------------------------------------------------------------------
+
+
+def _string(params: Params, key: str, *, required: bool = True) -> str | None:
+    value = params.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"`{key}` must be a non-empty string", code="invalid_value", param=key)
+    return value
+
+
+def _tokenizer_model(session: Session, params: Params) -> str:
+    name = _string(_auto(params), "model", required=False)
+    if name:
+        return name
+    model = session.engine.default_model(ModelCapability.GENERATE)
+    if model is None:
+        raise ApiError(400, "`model` is required: no default generation model is configured", param="model")
+    return model.id
+
+
+async def _infer(session: Session, params: Params, rid: Any) -> Any:
+    return await session.infer(params, rid)
+
+
+async def _infer_stream(session: Session, params: Params, rid: Any) -> Any:
+    return await session.infer(params, rid, stream=True)
+
+
+async def _embed(session: Session, params: Params, rid: Any) -> Any:
+    result = await session.engine.embed(EmbedRequest.model_validate(_auto(params)))
+    return result.model_dump(mode="json")
+
+
+async def _rerank(session: Session, params: Params, rid: Any) -> Any:
+    result = await session.engine.rerank(RerankRequest.model_validate(_auto(params)))
+    return result.model_dump(mode="json")
+
+
+async def _classify(session: Session, params: Params, rid: Any) -> Any:
+    result = await session.engine.classify(ClassifyRequest.model_validate(_auto(params)))
+    return result.model_dump(mode="json")
+
+
+async def _tokenize(session: Session, params: Params, rid: Any) -> Any:
+    text = params.get("text")
+    if not isinstance(text, str):
+        raise ApiError(400, "`text` must be a string", code="invalid_value", param="text")
+    result = await session.engine.tokenize(_tokenizer_model(session, params), text)
+    return result.model_dump(mode="json")
+
+
+async def _detokenize(session: Session, params: Params, rid: Any) -> Any:
+    tokens = params.get("tokens")
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in tokens
+    ):
+        raise ApiError(400, "`tokens` must be a list of integers", code="invalid_value", param="tokens")
+    result = await session.engine.detokenize(_tokenizer_model(session, params), tokens)
+    return result.model_dump(mode="json")
+
+
+async def _models_list(session: Session, params: Params, rid: Any) -> Any:
+    capability = params.get("capability")
+    if capability is not None and capability not in {c.value for c in ModelCapability}:
+        known = ", ".join(c.value for c in ModelCapability)
+        raise ApiError(400, f"`capability` must be one of {known}", code="invalid_value", param="capability")
+    available = params.get("available")
+    models = []
+    for model in session.engine.list_models():
+        if capability is not None and not model.has_capability(capability):
+            continue
+        if available is not None and model.available != bool(available):
+            continue
+        models.append(model.summary())
+    return models
+
+
+async def _health(session: Session, params: Params, rid: Any) -> Any:
+    return session.engine.model_health().model_dump(mode="json")
+
+
+async def _route(session: Session, params: Params, rid: Any) -> Any:
+    request = GenerateRequest.model_validate(_auto(params))
+    return session.engine.route(request).model_dump(mode="json")
+
+
+async def _feedback(session: Session, params: Params, rid: Any) -> Any:
+    trace_id = _string(params, "trace_id")
+    score = params.get("score")
+    if isinstance(score, bool) or not isinstance(score, int | float):
+        raise ApiError(
+            400, "`score` must be a number from 0 (bad) to 1 (good)", code="invalid_value", param="score"
+        )
+    try:
+        session.engine.feedback(trace_id, float(score))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), code="invalid_value", param="score") from None
+    return {"trace_id": trace_id, "score": float(score), "recorded": True}
+
+
+async def _cancel(session: Session, params: Params, rid: Any) -> Any:
+    target = params.get("id")
+    task = session.in_flight.get(target)
+    if task is None or task is asyncio.current_task():
+        return {"id": target, "cancelled": False}
+    session.cancelled.add(target)
+    task.cancel()
+    return {"id": target, "cancelled": True}
+
+
+METHODS: dict[str, Method] = {
+    "infer": _infer,
+    "infer.stream": _infer_stream,
+    "embed": _embed,
+    "rerank": _rerank,
+    "classify": _classify,
+    "tokenize": _tokenize,
+    "detokenize": _detokenize,
+    "models.list": _models_list,
+    "health": _health,
+    "route": _route,
+    "feedback": _feedback,
+    "cancel": _cancel,
+}
+
+
+def register(app: FastAPI, state: ServerState) -> None:
+    async def websocket_endpoint(websocket: WebSocket) -> None:
+        await Session(websocket, state).run()
+
+    app.add_api_websocket_route("/ws", websocket_endpoint)

@@ -1,0 +1,106 @@
+"""Prometheus metrics on a registry of the server's own (never the process-global one), so two
+apps in one process (tests, an embedding application) keep separate counts.
+
+Label values are bounded: routes are the server's own paths, models are catalog ids the engine
+resolved (``-`` when none was), errors are exception class names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from ..errors import AllModelsFailed, ModelUnavailable, ProviderError
+from ..requests import TokenUsage
+
+__all__ = ["CONTENT_TYPE", "NO_MODEL", "Metrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+NO_MODEL = "-"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "car_requests", "Requests served, by route, model and HTTP status", ["route", "model", "status"],
+            registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("car_requests_in_flight", "Requests being served now", registry=r)
+        self.latency = Histogram(
+            "car_request_latency_seconds", "Generation latency per model (whole answer)", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "car_time_to_first_token_seconds", "Time to the first generated token, per model", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens_in = Counter("car_input_tokens", "Prompt tokens per model", ["model"], registry=r)
+        self.tokens_out = Counter("car_output_tokens", "Completion tokens per model", ["model"], registry=r)
+        self.errors = Counter(
+            "car_errors", "Failures per model and error class", ["model", "error"], registry=r
+        )
+        self.fallbacks = Counter(
+            "car_fallbacks", "Times a model failed and the next candidate took over", ["model"], registry=r
+        )
+        self.decisions = Counter(
+            "car_routing_decisions", "Routing decisions by strategy", ["strategy"], registry=r
+        )
+
+    def request(self, route: str, model: str | None, status: int) -> None:
+        self.requests.labels(route, model or NO_MODEL, str(status)).inc()
+
+    def generation(
+        self,
+        model: str,
+        latency_ms: float | None,
+        ttft_ms: float | None,
+        usage: TokenUsage | None,
+    ) -> None:
+        """One answered generation (the model that answered)."""
+        if latency_ms is not None:
+            self.latency.labels(model).observe(latency_ms / 1000)
+        if ttft_ms is not None:
+            self.ttft.labels(model).observe(ttft_ms / 1000)
+        if usage is not None:
+            if usage.prompt_tokens:
+                self.tokens_in.labels(model).inc(usage.prompt_tokens)
+            if usage.completion_tokens:
+                self.tokens_out.labels(model).inc(usage.completion_tokens)
+
+    def decision(self, strategy: str) -> None:
+        self.decisions.labels(strategy).inc()
+
+    def fallback(self, failed: Iterable[str]) -> None:
+        """Models that failed before another one answered."""
+        for model in failed:
+            self.fallbacks.labels(model).inc()
+
+    def error(self, model: str | None, error: str) -> None:
+        self.errors.labels(model or NO_MODEL, error).inc()
+
+    def failure(self, exc: BaseException) -> None:
+        """A request that failed: counted against the models that failed, where known."""
+        if isinstance(exc, AllModelsFailed):
+            for model, error in exc.attempts:
+                self.error(model, type(error).__name__)
+        elif isinstance(exc, ProviderError):
+            self.error(exc.model, type(exc).__name__)
+        elif isinstance(exc, ModelUnavailable):
+            self.error(exc.model_id, type(exc).__name__)
+        else:
+            self.error(None, type(exc).__name__)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

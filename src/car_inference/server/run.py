@@ -1,0 +1,115 @@
+"""Running the app: the bind check, uvicorn in the foreground (``car serve``) or in a background
+thread (tests, benchmarks, an application embedding the server)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from ..config import ServerSettings
+
+__all__ = ["BindRefused", "ServerThread", "check_bind", "is_loopback", "serve", "uvicorn_config"]
+
+
+class BindRefused(Exception):
+    """Asked to listen beyond this machine without API keys."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is only reachable from this machine (``localhost``, 127.0.0.0/8, ``::1``).
+    Any other name or address (``0.0.0.0``, ``::``, a LAN address, a host name) is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_keys: list[str]) -> None:
+    """Refuse to listen on a non-loopback address without API keys (``BindRefused``)."""
+    if is_loopback(host) or any(k.strip() for k in api_keys):
+        return
+    raise BindRefused(
+        f"refusing to listen on {host} without API keys: anyone who can reach it could use your models "
+        "and provider keys; set CAR_SERVER_API_KEYS=key1,key2 (or api_keys = [...] under [server] in "
+        "$CAR_HOME/config.toml), or bind 127.0.0.1"
+    )
+
+
+def uvicorn_config(
+    app: Any, settings: ServerSettings, *, log_level: str = "info", **extra: Any
+) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        lifespan="on",
+        ws_max_size=int(settings.max_body_mb * 1024 * 1024),
+        timeout_graceful_shutdown=5,
+        **extra,
+    )
+
+
+def serve(app: Any, settings: ServerSettings, *, log_level: str = "info") -> None:
+    """Serve until interrupted (Ctrl-C / SIGTERM)."""
+    check_bind(settings.host, settings.api_keys)
+    uvicorn.Server(uvicorn_config(app, settings, log_level=log_level)).run()
+
+
+class ServerThread:
+    """The app served by uvicorn in a daemon thread on a free loopback port (its own event loop)::
+
+    with ServerThread(create_app(engine)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+    """
+
+    def __init__(
+        self, app: Any, settings: ServerSettings | None = None, *, log_level: str = "warning"
+    ) -> None:
+        settings = settings or ServerSettings()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        config = uvicorn_config(
+            app, settings.model_copy(update={"host": "127.0.0.1", "port": self.port}), log_level=log_level
+        )
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._sock]}, name="car-server", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def start(self, timeout_s: float = 30) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start (see its log)")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

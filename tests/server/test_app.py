@@ -1,0 +1,95 @@
+"""The app as a whole: liveness, the model health report, /metrics, errors for unknown routes,
+start-up discovery and who owns the engine."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.server import ServerThread, create_app
+from fakes import FakeProviderServer
+
+from .conftest import SMOL
+
+
+def test_health_and_model_health(local_server: ServerThread) -> None:
+    assert httpx.get(local_server.url + "/health").json() == {"status": "ok"}
+    report = httpx.get(local_server.url + "/v1/health").json()
+    assert report["available_models"] >= 2 and report["total_models"] > report["available_models"]
+    assert any(d["capability"] == "generate" and d["configured_model"] == SMOL for d in report["defaults"])
+
+
+def test_metrics_count_requests_tokens_and_decisions(local_server: ServerThread) -> None:
+    client = openai.OpenAI(base_url=local_server.url + "/v1", api_key="unused", max_retries=0)
+    client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    list(
+        client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+        )
+    )
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    response = httpx.get(local_server.url + "/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    ok = f'car_requests_total{{model="{SMOL}",route="/v1/chat/completions",status="200"}}'
+    assert ok in text
+    assert 'car_requests_total{model="-",route="/v1/chat/completions",status="404"}' in text
+    for name in (
+        f'car_request_latency_seconds_count{{model="{SMOL}"}}',
+        f'car_time_to_first_token_seconds_count{{model="{SMOL}"}}',
+        f'car_input_tokens_total{{model="{SMOL}"}}',
+        f'car_output_tokens_total{{model="{SMOL}"}}',
+        'car_errors_total{error="ModelNotFound",model="-"}',
+        "car_routing_decisions_total{strategy=",
+    ):
+        assert name in text, name
+
+
+def test_unknown_routes_and_methods_are_openai_errors(local_server: ServerThread) -> None:
+    missing = httpx.post(local_server.url + "/v1/nothing-here", json={})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_route"
+    wrong = httpx.get(local_server.url + "/v1/chat/completions")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_an_app_without_an_engine_makes_and_closes_its_own(isolated_home: Path) -> None:
+    app = create_app()
+    engine = app.state.car.engine
+    assert engine.config.home == isolated_home and app.state.car.settings.port == 8642
+    with ServerThread(app) as server:
+        assert httpx.get(server.url + "/health").status_code == 200
+    with pytest.raises(sqlite3.ProgrammingError):
+        engine.store.trace("any")
+
+
+def test_start_up_discovers_endpoints(fake_provider: FakeProviderServer, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models.toml").write_text(
+        f'[[endpoints]]\nname = "box"\nbase_url = "{fake_provider.openai_base_url}"\ndiscover = true\n'
+        '[[endpoints]]\nname = "gone"\nbase_url = "http://127.0.0.1:9/v1"\ndiscover = true\n'
+    )
+    engine = InferenceEngine(home=home)
+    with ServerThread(create_app(engine)) as server:  # an unreachable endpoint does not stop the start
+        ids = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    engine.close()
+    assert "box/gpt-4o-mini" in ids and not any(i.startswith("gone/") for i in ids)
+
+
+def test_an_error_escaping_a_route_is_still_an_openai_500(server_engine: InferenceEngine) -> None:
+    app = create_app(server_engine)
+
+    async def boom() -> None:
+        raise RuntimeError("internal detail /etc/secret")
+
+    app.add_api_route("/v1/boom", boom, methods=["GET"])
+    with ServerThread(app, log_level="critical") as server:
+        response = httpx.get(server.url + "/v1/boom")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error" and "secret" not in response.text

@@ -1,0 +1,108 @@
+"""The one table from exceptions to HTTP statuses and JSON-RPC codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from car_inference.errors import (
+    AllModelsFailed,
+    CircuitOpen,
+    ConfigError,
+    InferenceFailed,
+    ModelNotFound,
+    ModelUnavailable,
+    ProviderError,
+    SpendLimitExceeded,
+    TokenizationError,
+    TraceNotFound,
+    UnsupportedMode,
+)
+from car_inference.requests import GenerateRequest
+from car_inference.server.errors import ApiError, describe, error_body, error_response, guarded, rpc_error
+
+
+def _provider(status: int | None, message: str = "boom") -> ProviderError:
+    return ProviderError(
+        message, provider="openai", model="openai/x", status=status, retryable=True, retry_after=3
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (ModelNotFound("qwen3-9b", ["qwen/qwen3-8b:q4_k_m"]), 404, "model_not_found"),
+        (TraceNotFound("t"), 404, "trace_not_found"),
+        (ModelUnavailable("m", "not pulled"), 503, "model_unavailable"),
+        (UnsupportedMode("tool-use", "gguf", "no template"), 400, "unsupported_mode"),
+        (TokenizationError("bad ids"), 400, "tokenization_error"),
+        (SpendLimitExceeded("openai", "daily", 1.0, 0.99, 0.05), 402, "spend_limit_exceeded"),
+        (CircuitOpen("m"), 503, "circuit_open"),
+        (_provider(500), 502, "provider_error"),
+        (_provider(429), 502, "provider_error"),
+        (ProviderError("timed out", provider="p", model="m", retryable=True), 504, "upstream_timeout"),
+        (AllModelsFailed([("a", _provider(500)), ("b", InferenceFailed("x"))]), 502, "all_models_failed"),
+        (ConfigError("bad", path="/c.toml", line=3), 500, "configuration_error"),
+        (InferenceFailed("model crashed"), 500, "inference_failed"),
+        (TimeoutError(), 504, "request_timeout"),
+        (ApiError(413, "too big", code="request_too_large"), 413, "request_too_large"),
+    ],
+)
+def test_statuses(exc: BaseException, status: int, code: str) -> None:
+    info = describe(exc)
+    assert (info.status, info.code) == (status, code)
+    assert info.error_class == type(exc).__name__
+    body = error_body(info)["error"]
+    assert set(body) >= {"message", "type", "param", "code"} and body["message"]
+
+
+def test_details_travel_with_the_error() -> None:
+    found = describe(ModelNotFound("qwen3-9b", ["qwen/qwen3-8b:q4_k_m"]))
+    assert found.param == "model" and found.extra["suggestions"] == ["qwen/qwen3-8b:q4_k_m"]
+    assert "qwen3-9b" in found.message and "qwen/qwen3-8b:q4_k_m" in found.message
+    failed = describe(AllModelsFailed([("a", _provider(500)), ("b", InferenceFailed("x"))]))
+    assert [a["model"] for a in failed.extra["attempts"]] == ["a", "b"] and failed.retryable
+    provider = describe(_provider(500))
+    assert provider.retry_after == 3 and error_response(provider).headers["retry-after"] == "3"
+    media = describe(ModelUnavailable("piper/x", "no backend"), capability="text_to_speech")
+    assert (
+        media.status == 501 and media.message == "text_to_speech is not available on this server: no backend"
+    )
+    assert "30 s" in describe(TimeoutError(), timeout_s=30).message
+
+
+def test_validation_errors_name_the_field() -> None:
+    with pytest.raises(ValidationError) as info:
+        GenerateRequest.model_validate({"messages": [{"role": "user", "content": 5}]})
+    described = describe(info.value)
+    assert described.status == 400 and described.param and described.param.startswith("messages[0].content")
+    assert described.message.startswith("messages[0].content")
+
+
+def test_unexpected_errors_are_generic_500s_logged_server_side(caplog: pytest.LogCaptureFixture) -> None:
+    @guarded()
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("secret internals at /home/me")
+
+    with caplog.at_level(logging.ERROR, logger="car_inference.server"):
+        response = asyncio.run(broken(Request({"type": "http", "method": "GET", "headers": []})))
+    assert response.status_code == 500
+    body = json.loads(bytes(response.body))
+    assert body["error"]["code"] == "internal_error" and "secret" not in response.body.decode()
+    assert "Traceback" not in response.body.decode()
+    assert "secret internals" in caplog.text and "Traceback" in caplog.text
+
+
+def test_json_rpc_error_objects() -> None:
+    error = rpc_error(describe(ModelNotFound("x", ["y"])))
+    assert error["code"] == -32001 and error["data"]["error"] == "ModelNotFound"
+    assert error["data"]["status"] == 404 and error["data"]["suggestions"] == ["y"]
+    assert rpc_error(describe(ApiError(400, "bad")))["code"] == -32602
+    assert rpc_error(describe(_provider(500)))["data"]["retry_after"] == 3
+    assert rpc_error(describe(RuntimeError("x")))["code"] == -32603

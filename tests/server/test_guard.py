@@ -1,0 +1,139 @@
+"""The guard in front of every route: API keys (401), body size (413), the concurrency bound (429),
+through the official SDK against a real server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from car_inference.engine import InferenceEngine
+from car_inference.server import ServerThread
+from car_inference.server.guard import authorized
+from fakes import FakeProviderServer, Reply
+
+from .conftest import remote_home, serve
+
+KEYS = ["key-one", "key-two"]
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def engine(
+    fake_provider: FakeProviderServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InferenceEngine]:
+    engine = InferenceEngine(home=remote_home(tmp_path_factory.mktemp("guard-home"), fake_provider, "echo"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine: InferenceEngine) -> Iterator[ServerThread]:
+    server = serve(engine, api_keys=KEYS, max_body_mb=0.01, max_concurrency=1)
+    yield server
+    server.stop()
+
+
+def sdk(server: ServerThread, key: str = KEYS[1]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def test_authorized_compares_every_key() -> None:
+    keys = [k.encode() for k in KEYS]
+    assert authorized([(b"authorization", b"Bearer key-two")], keys)
+    assert authorized([(b"authorization", b"bearer  key-one ")], keys)
+    assert not authorized([(b"authorization", b"Bearer key-thr")], keys)
+    assert not authorized([(b"authorization", b"Basic key-one")], keys)
+    assert not authorized([], keys)
+    assert not authorized([(b"authorization", b"Bearer ")], [b""])
+
+
+def test_api_keys_are_required_except_for_health(server: ServerThread) -> None:
+    with pytest.raises(openai.AuthenticationError) as info:
+        sdk(server, "wrong").models.list()
+    assert info.value.status_code == 401 and info.value.code == "invalid_api_key"
+    assert "Authorization: Bearer" in info.value.message
+    assert any(m.id == "fake/echo" for m in sdk(server).models.list())
+    assert (
+        sdk(server).chat.completions.create(model="fake/echo", messages=HI).choices[0].message.content
+        == "echo: hi"
+    )
+    bare = httpx.get(server.url + "/metrics")
+    assert bare.status_code == 401 and bare.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+async def test_websocket_handshake_needs_a_key(server: ServerThread) -> None:
+    ws_url = server.ws_url
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(ws_url):
+            pass
+    assert info.value.response.status_code == 403
+    async with connect(ws_url, additional_headers={"Authorization": f"Bearer {KEYS[0]}"}) as ws:
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "models.list"}))
+        assert "result" in json.loads(await ws.recv())
+
+
+def test_bodies_over_the_limit_are_413(server: ServerThread) -> None:
+    big = [{"role": "user", "content": "x" * 20_000}]
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk(server).chat.completions.create(model="fake/echo", messages=big)
+    assert info.value.status_code == 413 and info.value.code == "request_too_large"
+    assert "0.01 MB" in info.value.message
+
+    def chunked() -> Iterator[bytes]:
+        yield b'{"model": "fake/echo", "messages": [{"role": "user", "content": "'
+        for _ in range(20):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    headers = {"Authorization": f"Bearer {KEYS[0]}", "content-type": "application/json"}
+    response = httpx.post(server.url + "/v1/chat/completions", content=chunked(), headers=headers)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def small() -> Iterator[bytes]:
+        yield json.dumps({"model": "fake/echo", "messages": HI}).encode()
+
+    assert (
+        httpx.post(server.url + "/v1/chat/completions", content=small(), headers=headers).status_code == 200
+    )
+
+
+async def test_requests_over_the_concurrency_bound_are_429(
+    server: ServerThread, fake_provider: FakeProviderServer
+) -> None:
+    fake_provider.queue(Reply(text="slow answer", delay_s=1.0))
+    results: list[str] = []
+    first = [{"role": "user", "content": "take your time"}]
+    slow = threading.Thread(
+        target=lambda: results.append(
+            sdk(server).chat.completions.create(model="fake/echo", messages=first).choices[0].message.content
+            or ""
+        )
+    )
+    slow.start()
+    deadline = time.monotonic() + 5
+    while not any(r.json and r.json.get("messages") == first for r in fake_provider.requests):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        with pytest.raises(openai.RateLimitError) as info:
+            sdk(server).chat.completions.create(model="fake/echo", messages=HI)
+        assert info.value.code == "server_busy" and info.value.response.headers["retry-after"] == "1"
+        assert httpx.get(server.url + "/health").status_code == 200  # probes are never refused
+        async with connect(server.ws_url, additional_headers={"Authorization": f"Bearer {KEYS[0]}"}) as ws:
+            await ws.send(json.dumps({"jsonrpc": "2.0", "id": 9, "method": "health"}))
+            busy = json.loads(await ws.recv())["error"]
+        assert busy["code"] == -32008 and busy["data"]["status"] == 429 and busy["data"]["retry_after"] == 1
+    finally:
+        slow.join()
+    assert results == ["slow answer"]
+    metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEYS[0]}"}).text
+    assert 'car_requests_total{model="-",route="/v1/chat/completions",status="429"} 1.0' in metrics

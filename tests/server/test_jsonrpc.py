@@ -1,0 +1,211 @@
+"""JSON-RPC 2.0 over WebSocket at /ws, with a real client (``websockets``) against a real server
+in front of the embedded models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from car_inference.engine import InferenceEngine
+from car_inference.server import ServerThread
+
+from .conftest import MINILM, SMOL
+
+LOCKED_KEYS = {
+    "text",
+    "tool_calls",
+    "trace_id",
+    "model_used",
+    "latency_ms",
+    "time_to_first_token_ms",
+    "usage",
+}
+SHORT = {"max_tokens": 4, "temperature": 0}
+
+
+def rpc(method: str, params: Any = None, rid: Any = 1) -> str:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": rid}
+    if params is not None:
+        message["params"] = params
+    return json.dumps(message)
+
+
+async def call(ws: ClientConnection, method: str, params: Any = None, rid: Any = 1) -> dict[str, Any]:
+    await ws.send(rpc(method, params, rid))
+    return json.loads(await ws.recv())
+
+
+async def test_infer_result_has_exactly_the_locked_keys(local_server: ServerThread) -> None:
+    async with connect(local_server.ws_url) as ws:
+        reply = await call(ws, "infer", {"prompt": "Say hi", "params": SHORT}, rid="a")
+    assert reply["jsonrpc"] == "2.0" and reply["id"] == "a"
+    result = reply["result"]
+    assert set(result) == LOCKED_KEYS, "infer keys drifted: update the test and docs/protocol.md"
+    assert all(re.fullmatch(r"[a-z_]+", key) for key in result)
+    assert result["model_used"] == SMOL and result["text"] and result["usage"]["completion_tokens"] <= 4
+
+
+async def test_intent_deserializes_from_json_rpc_params(local_server: ServerThread) -> None:
+    """The seed's generate_request_deserializes_intent_field_from_json_rpc_params, over the wire."""
+    intent = {"task": "chat", "prefer_local": True, "require": ["tool_use"]}
+    async with connect(local_server.ws_url) as ws:
+        # `require` is honoured: no embedded model has tool_use, so routing says so (not a params error).
+        reply = await call(ws, "infer", {"prompt": "summarize this email", "intent": intent, "params": SHORT})
+        assert reply["error"]["code"] == -32002
+        assert (
+            "tool_use" in reply["error"]["message"] and reply["error"]["data"]["error"] == "ModelUnavailable"
+        )
+        # `task` is honoured: the decision uses the caller's task family.
+        decision = (await call(ws, "route", {"prompt": "summarize this email", "intent": {"task": "code"}}))[
+            "result"
+        ]
+        assert decision["task_family"] == "code"
+        # Present but empty, and absent, both work.
+        for params in ({"prompt": "x", "intent": {}, "params": SHORT}, {"prompt": "x", "params": SHORT}):
+            assert set((await call(ws, "infer", params))["result"]) == LOCKED_KEYS
+        bad = await call(ws, "infer", {"prompt": "x", "intent": {"task": "juggling"}})
+        assert bad["error"]["code"] == -32602 and bad["error"]["data"]["param"] == "intent.task"
+
+
+async def test_streaming_sends_events_then_the_result(local_server: ServerThread) -> None:
+    async with connect(local_server.ws_url) as ws:
+        for method, params in (
+            ("infer", {"prompt": "Count to three.", "params": {"max_tokens": 6}, "stream": True}),
+            ("infer.stream", {"prompt": "Count to three.", "params": {"max_tokens": 6}}),
+        ):
+            await ws.send(rpc(method, params, rid=7))
+            events = []
+            while True:
+                message = json.loads(await ws.recv())
+                if "id" in message:
+                    break
+                assert message["method"] == "infer.event" and message["params"]["request_id"] == 7
+                events.append(message["params"]["event"])
+            assert events[0]["type"] == "route" and events[0]["model_id"] == SMOL
+            text = "".join(e["text"] for e in events if e["type"] == "text_delta")
+            assert message["id"] == 7 and set(message["result"]) == LOCKED_KEYS
+            assert (
+                message["result"]["text"] == text and message["result"]["trace_id"] == events[0]["trace_id"]
+            )
+
+
+async def test_embed_rerank_classify_tokenize(local_server: ServerThread) -> None:
+    async with connect(local_server.ws_url) as ws:
+        embedded = (await call(ws, "embed", {"texts": ["red", "blue"], "model": "auto"}))["result"]
+        assert (
+            embedded["model_used"] == MINILM
+            and embedded["dimensions"] == 384
+            and len(embedded["embeddings"]) == 2
+        )
+        ranked = (await call(ws, "rerank", {"query": "fruit", "documents": ["a car", "an apple"]}))["result"]
+        assert [d["index"] for d in ranked["ranked"]] == [1, 0]
+        labels = (
+            await call(ws, "classify", {"text": "The striker scored", "labels": ["sports", "cooking"]})
+        )["result"]
+        assert labels["results"][0]["label"] == "sports"
+        tokens = (await call(ws, "tokenize", {"model": "smollm2", "text": "Hello world"}))["result"]
+        assert tokens["model_used"] == SMOL and tokens["tokens"]
+        text = (await call(ws, "detokenize", {"tokens": tokens["tokens"]}))["result"]  # default model
+        assert text["text"] == "Hello world"
+
+
+async def test_models_list_health_and_feedback(
+    local_server: ServerThread, server_engine: InferenceEngine
+) -> None:
+    async with connect(local_server.ws_url) as ws:
+        models = (await call(ws, "models.list", {"capability": "embed", "available": True}))["result"]
+        assert MINILM in {m["id"] for m in models} and all("embed" in m["capabilities"] for m in models)
+        health = (await call(ws, "health"))["result"]
+        assert health["available_models"] >= 2 and {d["capability"] for d in health["defaults"]} >= {
+            "generate"
+        }
+        trace = (await call(ws, "infer", {"prompt": "hi", "params": SHORT}))["result"]["trace_id"]
+        assert (await call(ws, "feedback", {"trace_id": trace, "score": 1}))["result"]["recorded"] is True
+        missing = await call(ws, "feedback", {"trace_id": "nope", "score": 1})
+        assert missing["error"]["code"] == -32009 and missing["error"]["data"]["status"] == 404
+
+
+async def test_protocol_errors(local_server: ServerThread) -> None:
+    async with connect(local_server.ws_url) as ws:
+        await ws.send("{not json")
+        parse = json.loads(await ws.recv())
+        assert parse["id"] is None and parse["error"]["code"] == -32700
+        await ws.send(json.dumps({"id": 3, "method": "infer"}))
+        assert json.loads(await ws.recv())["error"]["code"] == -32600
+        unknown = await call(ws, "generate", {}, rid=4)
+        assert (
+            unknown["id"] == 4
+            and unknown["error"]["code"] == -32601
+            and "infer" in unknown["error"]["message"]
+        )
+        positional = await call(ws, "infer", ["hi"], rid=5)
+        assert positional["error"]["code"] == -32602
+        missing = await call(ws, "infer", {"params": SHORT}, rid=6)
+        assert missing["error"]["code"] == -32602 and missing["error"]["data"]["error"] == "ValidationError"
+        wrong = await call(ws, "detokenize", {"tokens": ["a"]}, rid=7)
+        assert wrong["error"]["code"] == -32602 and wrong["error"]["data"]["param"] == "tokens"
+        not_found = await call(ws, "infer", {"prompt": "x", "model": "qwen3-9b"}, rid=8)
+        error = not_found["error"]
+        assert (
+            error["code"] == -32001 and error["data"]["status"] == 404 and error["data"]["retryable"] is False
+        )
+        assert (
+            error["data"]["error"] == "ModelNotFound"
+            and "qwen/qwen3-8b:q4_k_m" in error["data"]["suggestions"]
+        )
+
+
+async def test_concurrent_requests_batches_and_notifications(local_server: ServerThread) -> None:
+    async with connect(local_server.ws_url) as ws:
+        await ws.send(
+            rpc("infer", {"prompt": "Tell me about rivers.", "params": {"max_tokens": 40}}, rid="slow")
+        )
+        await ws.send(rpc("health", rid="fast"))
+        await ws.send(rpc("models.list", rid="list"))
+        replies = [json.loads(await ws.recv()) for _ in range(3)]
+        assert {r["id"] for r in replies} == {"slow", "fast", "list"}
+        assert replies[-1]["id"] == "slow", "quick calls answer while the generation runs"
+        assert all("result" in r for r in replies)
+        # A notification gets no answer; a batch gets one array.
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "health"}))
+        batch = [
+            json.loads(rpc("models.list", rid=1)),
+            {"jsonrpc": "2.0", "method": "health"},
+            json.loads(rpc("nope", rid=2)),
+        ]
+        await ws.send(json.dumps(batch))
+        answers = json.loads(await ws.recv())
+        assert isinstance(answers, list) and [a["id"] for a in sorted(answers, key=lambda a: a["id"])] == [
+            1,
+            2,
+        ]
+        assert sorted(answers, key=lambda a: a["id"])[1]["error"]["code"] == -32601
+
+
+async def test_cancel_stops_a_stream(local_server: ServerThread, server_engine: InferenceEngine) -> None:
+    async with connect(local_server.ws_url) as ws:
+        params = {"prompt": "Write a very long story.", "params": {"max_tokens": 3000, "temperature": 0.9}}
+        await ws.send(rpc("infer.stream", params, rid="long"))
+        assert json.loads(await ws.recv())["params"]["event"]["type"] == "route"
+        await ws.send(rpc("cancel", {"id": "long"}, rid="stop"))
+        answers = {}
+        while len(answers) < 2:
+            message = json.loads(await ws.recv())
+            if "id" in message:
+                answers[message["id"]] = message
+        assert answers["stop"]["result"] == {"id": "long", "cancelled": True}
+        assert answers["long"]["error"]["code"] == -32800
+    entry = server_engine.cache.get(f"gguf:{SMOL}")
+    assert entry is not None
+    for _ in range(300):
+        if entry.lock.acquire(blocking=False):
+            entry.lock.release()
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the cancelled generation kept the model")

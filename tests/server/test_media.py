@@ -1,0 +1,137 @@
+"""Speech and image routes: a 501 naming the missing capability while no backend exists, and
+working answers as soon as the engine has one (simulated here by an engine whose task methods
+behave like a backend)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.requests import (
+    GenerateImageRequest,
+    GenerateImageResult,
+    SynthesizeRequest,
+    SynthesizeResult,
+    TranscribeRequest,
+    TranscribeResult,
+)
+from car_inference.server import ServerThread, create_app
+from car_inference.server.media import parse_multipart
+
+WAV = b"RIFF\x24\x00\x00\x00WAVEfmt \r\n\r\n--boundary-like\r\n" + bytes(range(256))
+
+
+def test_missing_backends_are_501_naming_the_capability(local_server: ServerThread) -> None:
+    client = openai.OpenAI(base_url=local_server.url + "/v1", api_key="unused", max_retries=0)
+    calls = {
+        "speech_to_text": lambda: client.audio.transcriptions.create(
+            model="auto", file=("a.wav", WAV, "audio/wav")
+        ),
+        "text_to_speech": lambda: client.audio.speech.create(model="auto", voice="alloy", input="Hello"),
+        "image_generation": lambda: client.images.generate(model="auto", prompt="a red apple"),
+    }
+    messages = {}
+    for capability, make in calls.items():
+        with pytest.raises(openai.APIStatusError) as info:
+            make()
+        error = info.value
+        assert error.status_code == 501 and error.code == "capability_unavailable", capability
+        assert f"- {capability} is not available on this server: " in error.message
+        assert error.type == "not_implemented_error"
+        messages[capability] = error.message
+    # The engine's reason follows: which backend is missing, or that no model is configured.
+    assert "no backend installed for 'whisper' models" in messages["speech_to_text"]
+    assert "no model is configured for image_generation" in messages["image_generation"]
+
+
+def test_bad_media_requests_are_400(local_server: ServerThread) -> None:
+    url = local_server.url + "/v1"
+    cases = [
+        ("/audio/speech", {"model": "auto"}, "input"),
+        ("/audio/speech", {"input": "hi", "response_format": "opus"}, "response_format"),
+        ("/images/generations", {"prompt": "x", "response_format": "url"}, "response_format"),
+        ("/images/generations", {"prompt": "x", "size": "big"}, "size"),
+        ("/images/generations", {}, "prompt"),
+    ]
+    for path, body, param in cases:
+        response = httpx.post(url + path, json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (
+            path,
+            response.text,
+        )
+    no_file = httpx.post(url + "/audio/transcriptions", files={"model": (None, "auto")})
+    assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    not_multipart = httpx.post(url + "/audio/transcriptions", json={"file": "x"})
+    assert not_multipart.status_code == 400
+
+
+def test_multipart_keeps_binary_uploads_intact() -> None:
+    boundary = "XyZ123"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nauto\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="clip.wav"\r\n'
+            f"Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        + WAV
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    fields = parse_multipart(body, f"multipart/form-data; boundary={boundary}")
+    assert fields["model"].text == "auto"
+    upload = fields["file"]
+    assert upload.value == WAV and upload.filename == "clip.wav" and upload.content_type == "audio/wav"
+
+
+class MediaEngine(InferenceEngine):
+    """An engine whose speech and image tasks act like installed backends."""
+
+    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+        audio = Path(request.audio_path).read_bytes()
+        return TranscribeResult(
+            text=f"{len(audio)} bytes heard", model_used="test/stt", language=request.language
+        )
+
+    async def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
+        assert request.output_path is not None
+        Path(request.output_path).write_bytes(b"RIFF" + request.text.encode())
+        return SynthesizeResult(audio_path=request.output_path, media_type="audio/wav", model_used="test/tts")
+
+    async def generate_image(self, request: GenerateImageRequest) -> GenerateImageResult:
+        assert request.output_path is not None
+        Path(request.output_path).write_bytes(b"\x89PNG" + f"{request.width}x{request.height}".encode())
+        return GenerateImageResult(
+            image_path=request.output_path, media_type="image/png", model_used="test/image"
+        )
+
+
+@pytest.fixture(scope="module")
+def media_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    engine = MediaEngine(home=tmp_path_factory.mktemp("media-home"))
+    with ServerThread(create_app(engine)) as server:
+        yield server
+    engine.close()
+
+
+def test_routes_work_once_a_backend_exists(media_server: ServerThread) -> None:
+    client = openai.OpenAI(base_url=media_server.url + "/v1", api_key="unused", max_retries=0)
+    heard = client.audio.transcriptions.create(model="auto", file=("a.wav", WAV, "audio/wav"), language="en")
+    assert heard.text == f"{len(WAV)} bytes heard"
+    text = client.audio.transcriptions.create(model="auto", file=("a.wav", WAV), response_format="text")
+    assert text.strip() == f"{len(WAV)} bytes heard"
+    spoken = client.audio.speech.with_raw_response.create(
+        model="auto", voice="alloy", input="Hi", response_format="wav"
+    )
+    assert spoken.content == b"RIFFHi" and spoken.headers["content-type"] == "audio/wav"
+    assert spoken.headers["x-car-model"] == "test/tts"
+    image = client.images.generate(model="auto", prompt="an apple", size="512x256")
+    assert image.data and base64.b64decode(image.data[0].b64_json or "") == b"\x89PNG512x256"
+    # Uploads and outputs live in temporary folders that are gone afterwards.
+    assert not [p for p in os.listdir(tempfile.gettempdir()) if p.startswith(("car-upload-", "car-speech-"))]

@@ -1,0 +1,272 @@
+"""The OpenAI-compatible routes through the official ``openai`` SDK, against a real server: the
+embedded models (SmolLM2 by default routing, all-MiniLM for embeddings), and a hosted model that
+is really the fake provider, for the tool-call round trip."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.server import ServerThread, create_app
+from fakes import FakeProviderServer, Reply, ToolCallSpec
+
+from .conftest import MINILM, SMOL, remote_home
+
+HI = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def client(local_server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=local_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(local_server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=local_server.url, timeout=60) as c:
+        yield c
+
+
+def test_chat_completion_routes_to_the_embedded_model(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=HI, max_tokens=6, temperature=0
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.model == SMOL
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 6
+    assert raw.headers["x-car-model"] == SMOL
+    trace = raw.headers["x-car-trace-id"]
+    assert completion.id == f"chatcmpl-{trace}"
+    assert raw.headers["x-car-route-reason"].isascii() and SMOL in raw.headers["x-car-route-reason"]
+    # Model omitted (extra_body can drop it) routes the same way; a name selects.
+    named = client.chat.completions.create(model="smollm2", messages=HI, max_tokens=4, stop=["\n"], seed=3)
+    assert named.model == SMOL
+
+
+def test_chat_stream_is_openai_chunks_with_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="auto",
+        messages=[{"role": "system", "content": "Be brief."}, *HI],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text and finishes in (["stop"], ["length"])
+    assert all(c.object == "chat.completion.chunk" and c.model == SMOL for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    usage = chunks[-1]
+    assert usage.choices == [] and usage.usage is not None and usage.usage.completion_tokens <= 8
+
+
+def test_text_completion_sends_the_prompt_as_is(client: openai.OpenAI) -> None:
+    done = client.completions.create(
+        model="auto", prompt="The capital of France is", max_tokens=4, temperature=0
+    )
+    assert done.object == "text_completion" and done.model == SMOL
+    assert done.choices[0].text and done.usage is not None
+    # Raw prompt: far fewer prompt tokens than the chat template would add.
+    assert done.usage.prompt_tokens < 12
+    pieces = list(
+        client.completions.create(model="auto", prompt="One, two,", max_tokens=4, temperature=0, stream=True)
+    )
+    assert "".join(p.choices[0].text for p in pieces) and pieces[-1].choices[0].finish_reason
+
+
+def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
+    floats = client.embeddings.create(model="auto", input=["red", "blue"], encoding_format="float")
+    assert floats.model == MINILM and len(floats.data) == 2
+    assert len(floats.data[0].embedding) == 384
+    # The SDK asks for base64 by default and decodes it.
+    single = client.embeddings.create(model="all-MiniLM-L6-v2", input="red")
+    assert single.data[0].embedding == pytest.approx(floats.data[0].embedding, abs=1e-6)
+
+
+def test_rerank_cohere_shape(http: httpx.Client) -> None:
+    body = {
+        "query": "capital of France?",
+        "documents": ["Bananas are yellow.", {"text": "Paris is the capital of France."}],
+        "top_n": 1,
+    }
+    response = http.post("/v1/rerank", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["model"] == MINILM and response.headers["x-car-model"] == MINILM
+    assert data["results"] == [
+        {"index": 1, "relevance_score": pytest.approx(data["results"][0]["relevance_score"]),
+         "document": {"text": "Paris is the capital of France."}}
+    ]  # fmt: skip
+
+
+def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert "auto" in models and SMOL in models and MINILM in models
+    smol = models[SMOL].model_dump()
+    assert smol["owned_by"] == "huggingface" and smol["car"]["available"] is True
+    assert "generate" in smol["car"]["capabilities"]
+    assert client.models.retrieve("smollm2").id == SMOL
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("qwen3-9b")
+    assert info.value.code == "model_not_found"
+
+
+def test_unknown_model_is_a_404_with_suggestions(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="qwen3-9b", messages=HI, max_tokens=4)
+    error = info.value
+    assert error.status_code == 404 and error.code == "model_not_found" and error.param == "model"
+    assert error.type == "invalid_request_error"
+    assert "qwen3-9b" in error.message and "qwen/qwen3-8b:q4_k_m" in error.message
+
+
+def test_bad_requests_are_400_naming_the_field(http: httpx.Client) -> None:
+    malformed = http.post(
+        "/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"}
+    )
+    assert malformed.status_code == 400
+    assert malformed.json()["error"]["code"] == "invalid_json" and "malformed JSON" in malformed.text
+    cases = [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": HI, "temperature": "hot"}, "temperature"),
+        ({"messages": HI, "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": [{"type": "video_url"}]}]}, "messages[0].content[0].type"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": HI, "n": 2}, "n"),
+    ]
+    for body, param in cases:
+        response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param and param.split("[")[0] in error["message"], error
+        assert "Traceback" not in response.text
+    empty = http.post("/v1/embeddings", json={"input": []})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "input"
+
+
+def test_feedback_records_or_404s(
+    client: openai.OpenAI, http: httpx.Client, server_engine: InferenceEngine
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(model="auto", messages=HI, max_tokens=3)
+    trace = raw.headers["x-car-trace-id"]
+    ok = http.post("/v1/feedback", json={"trace_id": trace, "score": 0.9})
+    assert ok.status_code == 200 and ok.json() == {"trace_id": trace, "score": 0.9, "recorded": True}
+    assert server_engine.store.trace(trace) is not None
+    missing = http.post("/v1/feedback", json={"trace_id": "nope", "score": 1})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "trace_not_found"
+    out_of_range = http.post("/v1/feedback", json={"trace_id": trace, "score": 7})
+    assert out_of_range.status_code == 400 and out_of_range.json()["error"]["param"] == "score"
+
+
+# --- tools through a hosted model (the fake provider) ---------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tool_server(
+    fake_provider: FakeProviderServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerThread]:
+    home = remote_home(tmp_path_factory.mktemp("tools-home"), fake_provider, "gpt-tools")
+    engine = InferenceEngine(home=home)
+    with ServerThread(create_app(engine)) as server:
+        yield server
+    engine.close()
+
+
+def test_tool_call_round_trip(tool_server: ServerThread, fake_provider: FakeProviderServer) -> None:
+    client = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0)
+    fake_provider.reset()
+    fake_provider.queue(
+        Reply(tool_calls=[ToolCallSpec("get_weather", {"city": "Paris"}, id="call_abc")]),
+        Reply(text="It is sunny in Paris."),
+    )
+    messages: list[dict[str, object]] = [{"role": "user", "content": "Weather in Paris?"}]
+    first = client.chat.completions.create(
+        model="fake/gpt-tools",
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice="auto",
+        parallel_tool_calls=False,
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.id == "call_abc" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    messages += [
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24C"},
+    ]
+    final = client.chat.completions.create(model="fake/gpt-tools", messages=messages, tools=[WEATHER])
+    assert final.choices[0].message.content == "It is sunny in Paris."
+    # What reached the provider: the tools, then the assistant's call and the tool's result.
+    sent = [r.json for r in fake_provider.requests if r.path.endswith("/chat/completions")]
+    assert sent[0]["tools"][0]["function"]["name"] == "get_weather" and sent[0]["tool_choice"] == "auto"
+    assert sent[0]["parallel_tool_calls"] is False
+    history = sent[1]["messages"]
+    assert history[-2]["tool_calls"][0]["id"] == "call_abc"
+    assert history[-1] == {"role": "tool", "tool_call_id": "call_abc", "content": "sunny, 24C"}
+
+
+def test_tool_calls_stream_as_deltas(tool_server: ServerThread, fake_provider: FakeProviderServer) -> None:
+    client = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0)
+    fake_provider.queue(
+        Reply(tool_calls=[ToolCallSpec("get_weather", {"city": "Oslo"}, id="call_x")], chunk_chars=3)
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="fake/gpt-tools",
+            messages=[{"role": "user", "content": "Oslo?"}],
+            tools=[WEATHER],
+            stream=True,
+        )
+    )
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert calls[0].id == "call_x" and calls[0].function.name == "get_weather"
+    assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == {"city": "Oslo"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_images_and_json_mode_reach_the_provider(
+    tool_server: ServerThread, fake_provider: FakeProviderServer
+) -> None:
+    client = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0)
+    fake_provider.reset()
+    content = [
+        {"type": "text", "text": "Describe both."},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+    ]
+    done = client.chat.completions.create(
+        model="fake/gpt-tools",
+        messages=[{"role": "developer", "content": "Answer in JSON."}, {"role": "user", "content": content}],
+        response_format={"type": "json_object"},
+        max_completion_tokens=50,
+        reasoning_effort="low",
+    )
+    assert done.choices[0].message.content
+    sent = fake_provider.requests[-1].json
+    assert sent["messages"][0]["role"] == "system"
+    parts = sent["messages"][-1]["content"]
+    assert parts[1]["image_url"] == {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}
+    assert parts[2]["image_url"]["url"] == "https://example.com/cat.png"
+    assert sent["max_tokens"] == 50

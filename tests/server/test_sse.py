@@ -1,0 +1,182 @@
+"""Streaming over SSE: a disconnect stops the model, headers wait for the model that answers, a
+failure before the first token is a proper HTTP error, a failure after it an error event, and
+the request timeout holds for streams too."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.server import ServerThread, create_app
+from car_inference.server.sse import ChatChunks, CompletionChunks
+from car_inference.server.translate import chat_request
+from car_inference.stream import Done, RouteEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart
+from fakes import FakeProviderServer, Fault, Reply
+
+from .conftest import SMOL
+from .test_routes import WEATHER
+
+MODELS = """
+[[models]]
+id = "fake/{name}"
+name = "{name}"
+provider = "fake"
+capabilities = ["generate", "tool_use"]
+context_length = 32768
+quality = {quality}
+[models.source]
+kind = "openai"
+base_url = "{url}"
+model_name = "{name}"
+needs_key = false
+"""
+
+
+def test_client_disconnect_stops_the_generation(
+    local_server: ServerThread, server_engine: InferenceEngine
+) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Write a very long story about a dragon and a knight."}],
+        "max_tokens": 3000,
+        "temperature": 0.9,
+        "seed": 11,
+        "stream": True,
+    }
+    with (
+        httpx.Client(base_url=local_server.url, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        trace = response.headers["x-car-trace-id"]
+        received = 0
+        for line in response.iter_lines():
+            received += line.startswith("data: ")
+            if received >= 4:
+                break
+    # The connection is closed: the server notices, closes the engine's stream, the model stops.
+    entry = server_engine.cache.get(f"gguf:{SMOL}")
+    assert entry is not None
+    deadline = time.monotonic() + 5
+    while not entry.lock.acquire(blocking=False):
+        assert time.monotonic() < deadline, "the model kept generating after the client left"
+        time.sleep(0.01)
+    entry.lock.release()
+    assert entry.instance.llm.n_tokens < 400, "it stopped long before max_tokens"
+    trace_row = server_engine.store.trace(trace)
+    assert trace_row is not None and trace_row["outcome"] == "pending", "the answer was never completed"
+
+
+@pytest.fixture(scope="module")
+def remote(
+    fake_provider: FakeProviderServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InferenceEngine]:
+    home = tmp_path_factory.mktemp("sse-home")
+    url = fake_provider.openai_base_url
+    models = MODELS.format(name="first", quality=0.95, url=url) + MODELS.format(
+        name="second", quality=0.9, url=url
+    )
+    (home / "models.toml").write_text(models)
+    (home / "config.toml").write_text(
+        "[routing]\nexploration_rate = 0.0\nseed = 7\n[remote]\ntimeout_s = 10\n"
+    )
+    engine = InferenceEngine(home=home)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(remote: InferenceEngine) -> Iterator[ServerThread]:
+    with ServerThread(create_app(remote)) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server: ServerThread, fake_provider: FakeProviderServer) -> openai.OpenAI:
+    fake_provider.reset()
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_headers_name_the_model_that_answers_after_a_fallback(
+    client: openai.OpenAI, fake_provider: FakeProviderServer
+) -> None:
+    fake_provider.queue(Fault.server_error(500))
+    with client.chat.completions.with_streaming_response.create(
+        model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, stream=True
+    ) as response:
+        assert response.headers["x-car-model"] == SMOL
+        assert response.headers["x-car-route-reason"].startswith("fallback 1 after fake/first")
+        chunks = list(response.parse())
+    assert chunks[0].model == SMOL and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_failure_before_the_first_token_is_an_http_error(
+    client: openai.OpenAI, fake_provider: FakeProviderServer
+) -> None:
+    # With tools only the two hosted models are candidates; both fail.
+    fake_provider.queue(Fault.server_error(500), Fault.server_error(503))
+    with pytest.raises(openai.APIStatusError) as info:
+        list(
+            client.chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "x"}], tools=[WEATHER], stream=True
+            )
+        )
+    error = info.value
+    assert error.status_code == 502 and error.code == "all_models_failed"
+    attempts = error.body["attempts"]  # type: ignore[index]
+    assert [a["model"] for a in attempts] == ["fake/first", "fake/second"]
+    assert all(a["error"] == "ProviderError" for a in attempts)
+
+
+def test_failure_after_the_first_token_is_an_error_event(
+    client: openai.OpenAI, fake_provider: FakeProviderServer
+) -> None:
+    fake_provider.queue(Fault.cut_stream(after_chunks=2))
+    stream = client.chat.completions.create(
+        model="fake/first", messages=[{"role": "user", "content": "tell me more"}], stream=True
+    )
+    received = []
+    with pytest.raises(openai.APIError) as info:
+        received.extend(stream)
+    assert any(c.choices and c.choices[0].delta.content for c in received)
+    assert "fake/first" in info.value.message and info.value.code == "stream_failed"
+
+
+def test_request_timeout_is_504_for_streams_and_plain_calls(
+    remote: InferenceEngine, fake_provider: FakeProviderServer
+) -> None:
+    fake_provider.reset()
+    with ServerThread(
+        create_app(remote, remote.config.server.model_copy(update={"request_timeout_s": 0.5}))
+    ) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        for stream in (False, True):
+            fake_provider.queue(Reply(delay_s=3), Reply(delay_s=3))
+            with pytest.raises(openai.APIStatusError) as info:
+                out = client.chat.completions.create(
+                    model="auto", messages=[{"role": "user", "content": "x"}], tools=[WEATHER], stream=stream
+                )
+                list(out) if stream else None  # type: ignore[call-overload]
+            assert info.value.status_code == 504 and info.value.code == "request_timeout"
+
+
+def test_chunk_rendering(tmp_path: Path) -> None:
+    call = chat_request({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "stream": True})
+    chunks = ChatChunks(call)
+    head = chunks.head(RouteEvent(model_id="m", strategy="explicit", reason="r", trace_id="abcdef0123456789"))
+    assert b'"role":"assistant"' in head and b"chatcmpl-abcdef0123456789" in head
+    assert b'"reasoning_content":"hm"' in (chunks.event(ThinkingDelta(text="hm")) or b"")
+    start = chunks.event(ToolCallStart(index=0, name="f")) or b""
+    assert b'"id":"call_abcdef012345_0"' in start and b'"arguments":""' in start
+    assert b'"arguments":"{}"' in (chunks.event(ToolCallDelta(index=0, arguments="{}")) or b"")
+    final = chunks.finish(Done(text="ab"))
+    assert final.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"stop"' in final
+    legacy = CompletionChunks(call)
+    assert legacy.head(RouteEvent(model_id="m", strategy="s", reason="r", trace_id="t")) == b""
+    assert b'"text":"hi"' in (legacy.event(TextDelta(text="hi")) or b"")
+    assert legacy.event(ThinkingDelta(text="x")) is None
