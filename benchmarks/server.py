@@ -96,6 +96,33 @@ async def _run_upstream(port: int) -> None:
         await server.serve_forever()
 
 
+# --- a minimal Python proxy, for scale ---------------------------------------------------------------
+
+
+def _run_proxy(port: int, upstream: str) -> None:
+    """FastAPI + httpx passing the request body to the upstream and its answer back, nothing else:
+    what any Python server in front of the upstream costs on this machine, with the same server
+    stack (uvicorn with httptools and uvloop when installed)."""
+    import httpx as client_lib
+    import uvicorn
+    from fastapi import FastAPI
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    app = FastAPI()
+    holder: dict[str, Any] = {}
+
+    async def chat(request: Request) -> Response:
+        client = holder.get("client") or holder.setdefault("client", client_lib.AsyncClient())
+        body = await request.json()
+        body["model"] = WIRE_MODEL
+        answer = await client.post(upstream + "/v1/chat/completions", json=body)
+        return Response(answer.content, media_type="application/json")
+
+    app.add_route("/v1/chat/completions", chat, methods=["POST"])  # plain Starlette route: no injection
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
 # --- our server -----------------------------------------------------------------------------------------
 
 
@@ -211,7 +238,7 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=2000, help="sequential requests per target")
     parser.add_argument("--concurrent-requests", type=int, default=4000, help="requests at concurrency 16")
-    parser.add_argument("--role", choices=["upstream", "server"], help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=["upstream", "server", "proxy"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
@@ -222,8 +249,11 @@ def main() -> None:
     if args.role == "server":
         _run_server(args.port, args.upstream, args.home)
         return
+    if args.role == "proxy":
+        _run_proxy(args.port, args.upstream)
+        return
 
-    up_port, car_port = _free_port(), _free_port()
+    up_port, car_port, proxy_port = _free_port(), _free_port(), _free_port()
     upstream = f"http://127.0.0.1:{up_port}"
     ours = f"http://127.0.0.1:{car_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
@@ -235,15 +265,20 @@ def main() -> None:
                 [*me, "--role", "server", "--port", str(car_port), "--upstream", upstream, "--home", home],
                 env=env,
             ),
+            subprocess.Popen(
+                [*me, "--role", "proxy", "--port", str(proxy_port), "--upstream", upstream], env=env
+            ),
         ]
         try:
             _wait(upstream + "/v1/models")
             _wait(ours + "/health")
+            _wait(f"http://127.0.0.1:{proxy_port}/docs")
             targets = {
                 "direct": (upstream + "/v1/chat/completions", WIRE_MODEL),
                 "car": (ours + "/v1/chat/completions", f"up/{WIRE_MODEL}"),
+                "proxy": (f"http://127.0.0.1:{proxy_port}/v1/chat/completions", WIRE_MODEL),
             }
-            sequential: dict[str, list[float]] = {"direct": [], "car": [], "engine": []}
+            sequential: dict[str, list[float]] = {"direct": [], "car": [], "proxy": [], "engine": []}
             engine = _engine(upstream, Path(home) / "engine-home")
             with httpx.Client(timeout=60) as client, asyncio.Runner() as loop:
                 for url, model in targets.values():
@@ -258,6 +293,7 @@ def main() -> None:
             concurrent = {
                 name: asyncio.run(_concurrent(url, model, args.concurrent_requests))
                 for name, (url, model) in targets.items()
+                if name != "proxy"
             }
         finally:
             for proc in procs:
@@ -307,6 +343,11 @@ def _report(
         f"\nof the +{added:.2f} ms at p50: engine.generate in-process (router, outcome store, openai SDK "
         f"streaming) takes {p50['engine']:.2f} ms, +{in_engine:.2f} ms over the direct call; the HTTP "
         f"server in front of it adds +{p50['car'] - p50['engine']:.2f} ms"
+    )
+    floor = p50["proxy"] - p50["direct"]
+    print(
+        f"for scale: a minimal FastAPI + httpx proxy (no SDK, no routing, no records) adds +{floor:.2f} ms "
+        f"at p50 on this machine"
     )
     print(f"added p50 {added:.2f} ms: target {'met' if added <= 2 else 'MISSED'}")
 

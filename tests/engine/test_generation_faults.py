@@ -51,6 +51,7 @@ async def test_a_failing_model_falls_back_and_is_recorded(
     assert result.routing.strategy == "fallback"
     assert result.routing.attempts[0][0] == "acme/alpha" and "503" in result.routing.attempts[0][1]
     assert [r.api_key for r in fake.requests] == ["key-alpha", "key-beta"], "the fallback ran at once"
+    engine.flush()  # outcomes are written off the request path
     profile = engine.tracker.profile("acme/alpha")
     assert profile is not None and profile.fail_count == 1
     assert engine.tracker.profile("bolt/beta").success_count == 1  # type: ignore[union-attr]
@@ -149,6 +150,7 @@ async def test_stream_failure_after_output_ends_with_an_error_event(
     events = [e async for e in engine.stream(req())]
     assert any(isinstance(e, TextDelta) for e in events)
     assert events[-1].type == "error" and events[-1].retryable
+    engine.flush()
     assert engine.tracker.profile("acme/alpha").fail_count == 1  # type: ignore[union-attr]
 
 
@@ -179,6 +181,7 @@ async def test_actual_spend_is_recorded_from_usage(remote_engine: RemoteEngine) 
 async def test_feedback_moves_the_learned_quality(remote_engine: RemoteEngine) -> None:
     engine = remote_engine(TWO)
     result = await engine.generate(req())
+    engine.flush()
     before = engine.tracker.task_stats(result.model_used, result.routing.decision.task_family)
     engine.feedback(result.trace_id, 0.0)
     after = engine.tracker.task_stats(result.model_used, result.routing.decision.task_family)

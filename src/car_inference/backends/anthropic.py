@@ -93,7 +93,6 @@ class AnthropicBackend(RemoteBackend):
     kind = "anthropic"
     source_types = (AnthropicSource,)
 
-
     def make_client(self, endpoint: Endpoint, key: str) -> anthropic.AsyncAnthropic:
         return anthropic.AsyncAnthropic(
             api_key=key,

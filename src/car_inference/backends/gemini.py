@@ -83,7 +83,6 @@ class GeminiBackend(RemoteBackend):
     kind = "gemini"
     source_types = (GeminiSource,)
 
-
     def make_client(self, endpoint: Endpoint, key: str) -> genai.Client:
         base_url, version = endpoint.base_url, None
         match = _VERSIONED.match(base_url or "")

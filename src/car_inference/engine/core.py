@@ -32,6 +32,7 @@ from ..routing import (
     load_all_benchmark_priors,
 )
 from ..schema import ModelCapability, ModelSchema
+from .bookkeeping import Bookkeeper
 from .generation import GenerationMixin
 from .health import HealthMixin
 from .tasks import TaskMixin
@@ -71,6 +72,7 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
         self.breakers = CircuitBreakerRegistry(self.config.breaker)
         self.spend = SpendControl(self.config.spend, self.store)
         self.router = AdaptiveRouter(self.config.routing, self.tracker, self.breakers, self.spend)
+        self.bookkeeper = Bookkeeper()
 
     def _import_legacy_profiles(self, path: Path) -> None:
         """A first start next to the seed's ``outcome_profiles.json`` takes its profiles over."""
@@ -83,8 +85,13 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
         except (ValueError, TypeError) as exc:
             log.warning("ignoring unreadable %s: %s", path, exc)
 
+    def flush(self) -> None:
+        """Wait until every outcome and spend record made so far is in the store."""
+        self.bookkeeper.flush()
+
     def close(self) -> None:
-        """Write pending key statistics and close the outcome store."""
+        """Write pending records and key statistics and close the outcome store."""
+        self.bookkeeper.close()
         self.keys.flush()
         self.store.close()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,7 @@ class GenerationMixin:
     breakers: Any
     spend: Any
     store: Any
+    bookkeeper: Any
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
@@ -132,19 +134,23 @@ class GenerationMixin:
                 raise
         if not self.breakers.allow(model.id):
             raise CircuitOpen(model.id)
-        trace = self.tracker.record_start(
+        trace = uuid.uuid4().hex
+        self.bookkeeper.submit(
+            self.tracker.record_start,
             model.id,
             InferenceTask.GENERATE,
             decision.task_family,
             decision.reason,
             prompt=request.last_user_text(),
             cluster=decision.prompt_cluster,
+            trace_id=trace,
+            started_at=time.time(),
         )
         return backend, trace
 
     def _failed(self, model: ModelSchema, trace: str, exc: InferenceError) -> None:
         self.breakers.record_failure(model.id, failure_weight(exc))
-        self.tracker.record_failure(trace, type(exc).__name__, str(exc))
+        self.bookkeeper.submit(self.tracker.record_failure, trace, type(exc).__name__, str(exc))
 
     def _succeeded(
         self,
@@ -155,13 +161,21 @@ class GenerationMixin:
         started: float,
     ) -> None:
         self.breakers.record_success(model.id)
+        latency_ms = (time.perf_counter() - started) * 1000
+        self.bookkeeper.submit(self._record_success, model, trace, request, result, latency_ms)
+
+    def _record_success(
+        self,
+        model: ModelSchema,
+        trace: str,
+        request: GenerateRequest,
+        result: InferenceResult,
+        latency_ms: float,
+    ) -> None:
+        """On the bookkeeping thread: the outcome, its implicit signals, and the spend."""
         usage = result.usage or TokenUsage()
         self.tracker.record_complete(
-            trace,
-            (time.perf_counter() - started) * 1000,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            result.time_to_first_token_ms,
+            trace, latency_ms, usage.prompt_tokens, usage.completion_tokens, result.time_to_first_token_ms
         )
         self.tracker.record_signals(trace, detect_signals(request, result))
         if usage.cost_usd:
@@ -277,6 +291,7 @@ class GenerationMixin:
         tracker inferred for that trace and moves the model's learned quality."""
         if not 0.0 <= score <= 1.0:
             raise ValueError(f"feedback score must be within 0..1, got {score}")
+        self.bookkeeper.flush()
         if self.store.trace(trace_id) is None:
             raise TraceNotFound(trace_id)
         self.tracker.record_feedback(trace_id, score)

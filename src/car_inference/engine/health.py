@@ -140,6 +140,7 @@ class HealthMixin:
     tracker: Any
     breakers: Any
     spend: Any
+    bookkeeper: Any
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
@@ -148,6 +149,7 @@ class HealthMixin:
         def _classifier(self, request: ClassifyRequest) -> ModelSchema: ...
 
     def model_health(self) -> ModelHealthReport:
+        self.bookkeeper.flush()
         models = self.registry.list()
         routing = self.config.routing
         return ModelHealthReport(
@@ -275,10 +277,12 @@ class HealthMixin:
     # --- spend and profiles ----------------------------------------------------------------------
 
     def spend_status(self) -> SpendStatus:
+        self.bookkeeper.flush()
         return self.spend.status()
 
     def export_profiles(self) -> list[ModelProfile]:
         """Learned profiles in the seed's ``outcome_profiles.json`` shape."""
+        self.bookkeeper.flush()
         return self.tracker.export_profiles()
 
     def import_profiles(self, profiles: list[ModelProfile | dict[str, Any]]) -> int:

@@ -114,11 +114,14 @@ class OutcomeTracker:
         prompt: str | None = None,
         *,
         cluster: str | None = None,
+        trace_id: str | None = None,
+        started_at: float | None = None,
     ) -> str:
-        """Open a trace for one attempt; returns its id. With ``prompt``, a repeat of the same prompt
-        within ``quick_retry_window_s`` marks the earlier trace with a quick_retry signal."""
-        trace_id = uuid.uuid4().hex
-        now = self._clock()
+        """Open a trace for one attempt; returns its id (``trace_id`` when the caller chose it, as
+        the engine does to record off the request path). With ``prompt``, a repeat of the same
+        prompt within ``quick_retry_window_s`` marks the earlier trace with a quick_retry signal."""
+        trace_id = trace_id or uuid.uuid4().hex
+        now = started_at if started_at is not None else self._clock()
         phash = prompt_hash(prompt) if prompt else None
         previous: str | None = None
         if self.store is not None:
