@@ -9,8 +9,10 @@ Rows (targets from issue 3):
   embeddings/s         ours / raw SentenceTransformer       target >= 0.95 (1,000 sentences)
   rerank               one-pass / generate 3 tokens per doc target >= 3x faster, same order
 
-Same GGUF file, same thread count and context size on both sides; runs alternate between the
-two so that machine noise hits both; medians are reported.
+Same GGUF file, same thread count and context size on both sides. Runs alternate between the two,
+and each figure is the best of the runs (as ``timeit`` reports): on a shared machine, other load
+only ever adds time, so the fastest run is the closest to what the code itself costs, and the
+ratios compare like with like.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -54,8 +55,9 @@ THREADS = os.cpu_count() or 1
 N_CTX = 4096
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
+def best(xs: list[float], *, higher: bool = False) -> float:
+    """The best run: the highest rate or the lowest time."""
+    return max(xs) if higher else min(xs)
 
 
 def row(name: str, ours: float, raw: float, unit: str, ratio: str, target: str) -> list[str]:
@@ -135,9 +137,9 @@ def bench_generation(reps: int, decode_tokens: int, prompt_tokens: int) -> list[
         t, _, _ = ours(long_prompt, 1)
         pre_ours.append(len(long_tokens) / t)
     loop.close()
-    d_o, d_r = median(decode_ours), median(decode_raw)
-    p_o, p_r = median(pre_ours), median(pre_raw)
-    t_o, t_r = median(ttft_ours), median(ttft_raw)
+    d_o, d_r = best(decode_ours, higher=True), best(decode_raw, higher=True)
+    p_o, p_r = best(pre_ours, higher=True), best(pre_raw, higher=True)
+    t_o, t_r = best(ttft_ours), best(ttft_raw)
     return [
         row("decode", d_o, d_r, "tok/s", f"{d_o / d_r:.3f}", ">= 0.95"),
         row(f"prefill ({len(long_tokens)} tok)", p_o, p_r, "tok/s", f"{p_o / p_r:.3f}", ">= 0.95"),
@@ -182,7 +184,7 @@ def bench_embeddings(reps: int) -> list[list[str]]:
         t_raw.append(_time(theirs))
         t_ours.append(_time(ours))
     loop.close()
-    o, r = 1000 / median(t_ours), 1000 / median(t_raw)
+    o, r = 1000 / best(t_ours), 1000 / best(t_raw)
     return [row("embeddings (1,000 sentences)", o, r, "texts/s", f"{o / r:.3f}", ">= 0.95")]
 
 
@@ -254,7 +256,7 @@ def bench_rerank(reps: int) -> tuple[list[list[str]], str]:
         f"the yes/no decision from logits agrees with the generated answer on {agree}/{len(decided)} "
         f"documents that produced yes or no ({len(DOCS) - len(decided)} generated neither)"
     )
-    one, gen = median(t_one) * 1000, median(t_gen) * 1000
+    one, gen = best(t_one) * 1000, best(t_gen) * 1000
     return [
         row(f"rerank ({len(DOCS)} docs)", one, gen, "ms", f"{gen / one:.1f}x faster", ">= 3x")
     ], order_note
@@ -264,9 +266,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--prompt-tokens", type=int, default=200, help="filler words (about 4 tokens each)")
     args = parser.parse_args()
     print(f"threads={THREADS} n_ctx={N_CTX} reps={args.reps} python={sys.version.split()[0]}", flush=True)
     rows = bench_generation(args.reps, args.decode_tokens, args.prompt_tokens)
