@@ -43,11 +43,11 @@ def register(app: typer.Typer) -> None:
             missing = (
                 f"the server needs its extra ({exc.name} is missing): pip install 'car-inference[server]'"
             )
-            raise fail(escape(missing)) from None
+            raise fail(missing) from None
         try:
             check_bind(settings.host, settings.api_keys)
         except BindRefused as exc:
-            raise fail(escape(str(exc)), EXIT_USAGE) from None
+            raise fail(str(exc), EXIT_USAGE) from None
         # The app makes the engine and closes it at shutdown (before uvicorn re-raises the signal).
         app = create_app(settings=settings)
         where = f"http://{settings.host}:{settings.port}"
