@@ -108,7 +108,7 @@ class ProviderError(InferenceError):
 
     ``status`` is the HTTP status (None for connection errors and timeouts); ``retryable`` says
     whether another attempt (another key, model or later) may succeed; ``retry_after`` is the
-    provider's Retry-After in seconds when it gave one.
+    provider's Retry-After in seconds when it gave one; ``timeout`` that nothing came back in time.
     """
 
     def __init__(
@@ -120,12 +120,14 @@ class ProviderError(InferenceError):
         status: int | None = None,
         retryable: bool = False,
         retry_after: float | None = None,
+        timeout: bool = False,
     ) -> None:
         self.provider = provider
         self.model = model
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
+        self.timeout = timeout  # no answer in time (ours or the provider's 408/504)
         prefix = f"{provider} {model}"
         if status is not None:
             prefix += f" returned {status}"

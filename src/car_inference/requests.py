@@ -319,8 +319,10 @@ class InferenceResult(_OmitEmpty):
     usage: TokenUsage | None = None
     provider_output_items: list[dict[str, Any]] = Field(default_factory=list)
     thinking: str | None = None
-    # How the engine got here (routing decision, attempts); not part of the wire contract.
+    # How the engine got here (routing decision, attempts) and why generation stopped (stop,
+    # length, tool_calls, content_filter); not part of the wire contract.
     _routing: Any = PrivateAttr(default=None)
+    _finish_reason: str | None = PrivateAttr(default=None)
 
     def has_tool_calls(self) -> bool:
         return bool(self.tool_calls)
@@ -328,6 +330,10 @@ class InferenceResult(_OmitEmpty):
     @property
     def routing(self) -> Any:
         return self._routing
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._finish_reason
 
 
 # --- other tasks ----------------------------------------------------------------------------------

@@ -346,6 +346,7 @@ async def test_hang_malformed_and_cut(fake: FakeProviderServer, tmp_path: Path) 
     with pytest.raises(ProviderError) as info:
         await be.generate(model(fake), GenerateRequest(prompt="x"))
     assert time.monotonic() - started < 3 and info.value.status is None and info.value.retryable
+    assert info.value.timeout
     fake.queue(Fault.malformed_json())
     with pytest.raises(ProviderError) as info:
         await be.generate(model(fake), GenerateRequest(prompt="x"))

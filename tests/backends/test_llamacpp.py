@@ -90,8 +90,10 @@ async def test_stop_strings_and_max_tokens(backend: LlamaCppBackend, model: Mode
     stop = full.text[len(full.text) // 2 :][:3]  # a string from the middle of the answer
     stopped = await backend.generate(model, greedy("Count from 1 to 10.", 40, stop=["never-there", stop]))
     assert stopped.text == full.text[: full.text.index(stop)]
+    assert stopped.finish_reason == "stop"
     short = await backend.generate(model, greedy("Write a long essay about history.", 3))
     assert short.usage is not None and short.usage.completion_tokens == 3
+    assert short.finish_reason == "length"
 
 
 async def test_json_mode_constrains_output(backend: LlamaCppBackend, model: ModelSchema) -> None:

@@ -373,6 +373,7 @@ async def test_hang_times_out(fake: FakeProviderServer, tmp_path: Path) -> None:
         await be.generate(model(fake), GenerateRequest(prompt="x"))
     assert time.monotonic() - started < 3
     assert (info.value.status, info.value.retryable) == (None, True) and "timed out" in str(info.value)
+    assert info.value.timeout
 
 
 async def test_malformed_json(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:

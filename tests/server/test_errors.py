@@ -46,7 +46,11 @@ def _provider(status: int | None, message: str = "boom") -> ProviderError:
         (CircuitOpen("m"), 503, "circuit_open"),
         (_provider(500), 502, "provider_error"),
         (_provider(429), 502, "provider_error"),
-        (ProviderError("timed out", provider="p", model="m", retryable=True), 504, "upstream_timeout"),
+        (
+            ProviderError("timed out", provider="p", model="m", retryable=True, timeout=True),
+            504,
+            "upstream_timeout",
+        ),
         (AllModelsFailed([("a", _provider(500)), ("b", InferenceFailed("x"))]), 502, "all_models_failed"),
         (ConfigError("bad", path="/c.toml", line=3), 500, "configuration_error"),
         (InferenceFailed("model crashed"), 500, "inference_failed"),

@@ -251,7 +251,9 @@ class LlamaCppBackend:
             cost_usd=0.0,
             needs_compaction=truncated,
         )
-        yield Done(text=acc.text, tool_calls=acc.tool_calls(), thinking=acc.thinking, usage=usage)
+        calls = acc.tool_calls()
+        finish = "tool_calls" if calls else "length" if generated >= max_tokens and not stopped else "stop"
+        yield Done(text=acc.text, tool_calls=calls, thinking=acc.thinking, usage=usage, finish_reason=finish)
 
     @staticmethod
     def _segment_events(kind: str, piece: str, thinking: ThinkingMode, index: int) -> Iterator[StreamEvent]:

@@ -167,9 +167,10 @@ def transport_error(
     """Timeouts, refused or dropped connections, cut streams and unparsable responses: retryable,
     status None. ``connection`` says the SDK already classed ``exc`` as a connection failure.
     None for an exception that is none of these (a bug: let it propagate)."""
+    timeout = isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower()
     if isinstance(exc, StreamIncomplete):
         what = f"stream ended early: {exc}"
-    elif isinstance(exc, TimeoutError) or "timeout" in type(exc).__name__.lower():
+    elif timeout:
         what = "timed out"
     elif isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
         what = f"malformed response: {type(exc).__name__}"
@@ -179,7 +180,9 @@ def transport_error(
         what = f"malformed response: {type(exc).__name__}: {exc}"
     else:
         return None
-    return ProviderError(scrub(_clip(what), secrets), provider=provider, model=model, retryable=True)
+    return ProviderError(
+        scrub(_clip(what), secrets), provider=provider, model=model, retryable=True, timeout=timeout
+    )
 
 
 def _is_transport(exc: BaseException) -> bool:

@@ -220,6 +220,7 @@ class GenerationMixin:
                 attempts.append((model.id, exc))
                 continue
             result = _result(model, out, trace, start)
+            result._finish_reason = out.finish_reason
             self._succeeded(model, trace, request, result, attempt_start)
             result._routing = self._routing(decision, index, attempts)
             return result

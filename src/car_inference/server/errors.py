@@ -118,7 +118,7 @@ def validation_info(exc: ValidationError, prefix: str = "") -> ErrorInfo:
 
 
 def _is_timeout(exc: ProviderError) -> bool:
-    return exc.status in (408, 504) or (exc.status is None and str(exc).endswith("timed out"))
+    return exc.status in (408, 504) or exc.timeout
 
 
 def describe(exc: BaseException, *, capability: str | None = None, timeout_s: float = 0) -> ErrorInfo:
