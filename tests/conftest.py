@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fakes.keyring import MemoryKeyring
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["CAR_NO_SPINNER"] = "1"
@@ -83,3 +85,15 @@ def local_engine(session_home: Path):  # type: ignore[no-untyped-def]
     from car_inference.engine import InferenceEngine
 
     return InferenceEngine(home=session_home)
+
+
+@pytest.fixture
+def memory_keyring() -> Iterator[MemoryKeyring]:
+    """The OS keyring replaced by an in-memory one for this test."""
+    import keyring
+
+    previous = keyring.get_keyring()
+    backend = MemoryKeyring()
+    keyring.set_keyring(backend)
+    yield backend
+    keyring.set_keyring(previous)

@@ -22,17 +22,19 @@ from car_inference.backends.openai_compat import OpenAICompatBackend
 from car_inference.backends.remote import (
     PLACEHOLDER_KEY,
     StreamIncomplete,
-    ThinkingPlan,
-    effort_for_budget,
     mask_key,
-    media_of,
-    normalized,
     parse_retry_after,
-    sampling,
     scrub,
     status_error,
-    thinking_plan,
     transport_error,
+)
+from car_inference.backends.wire import (
+    ThinkingPlan,
+    effort_for_budget,
+    media_of,
+    normalized,
+    sampling,
+    thinking_plan,
 )
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig, RemoteSettings

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import keyring
 import pytest
 import typer
-from keyring.backend import KeyringBackend
 from keyring.backends import fail
-from keyring.errors import PasswordDeleteError
 from typer.testing import CliRunner
 
 from car_inference.cli.keys import register
 from car_inference.config import load_config
 from car_inference.keys import KeyPool
 from car_inference.secrets import SERVICE
+from fakes.keyring import MemoryKeyring
 
 A = "sk-cli-test-key-aaaa0001"
 B = "sk-cli-test-key-bbbb0002"
@@ -30,33 +28,6 @@ runner = CliRunner()
 def car(*args: str, input: str | None = None) -> tuple[int, str, str]:
     result = runner.invoke(app, list(args), input=input)
     return result.exit_code, result.stdout, result.stderr
-
-
-class MemoryKeyring(KeyringBackend):
-    priority = 1  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.data: dict[tuple[str, str], str] = {}
-
-    def get_password(self, service: str, username: str) -> str | None:
-        return self.data.get((service, username))
-
-    def set_password(self, service: str, username: str, password: str) -> None:
-        self.data[(service, username)] = password
-
-    def delete_password(self, service: str, username: str) -> None:
-        if self.data.pop((service, username), None) is None:
-            raise PasswordDeleteError(username)
-
-
-@pytest.fixture
-def memory_keyring() -> Iterator[MemoryKeyring]:
-    previous = keyring.get_keyring()
-    backend = MemoryKeyring()
-    keyring.set_keyring(backend)
-    yield backend
-    keyring.set_keyring(previous)
 
 
 def test_secrets_put_list_rm(memory_keyring: MemoryKeyring, isolated_home: Path) -> None:

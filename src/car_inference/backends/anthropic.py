@@ -61,16 +61,18 @@ from .remote import (
     Finish,
     RemoteBackend,
     StreamIncomplete,
+    status_error,
+    transport_error,
+)
+from .wire import (
     ThinkingPlan,
     conversation,
     function_specs,
     json_instruction,
     media_of,
     sampling,
-    status_error,
     thinking_plan,
     tool_choice_of,
-    transport_error,
     usage_of,
     with_system,
 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +148,21 @@ class GenerationMixin:
         )
         return backend, trace
 
+    def _attempts(
+        self, decision: RoutingDecision, request: GenerateRequest, attempts: list[tuple[str, InferenceError]]
+    ) -> Iterator[tuple[int, ModelSchema, Any, str]]:
+        """The candidates that pass the gates, as (index, model, backend, trace id); a candidate
+        that does not is added to ``attempts`` with why (or refuses the whole request)."""
+        for index, model in enumerate(self._candidates(decision)):
+            try:
+                backend, trace = self._open_attempt(model, decision, request, first=index == 0)
+            except InferenceError as exc:
+                if getattr(exc, "refuses_request", False):
+                    raise
+                attempts.append((model.id, exc))
+                continue
+            yield index, model, backend, trace
+
     def _failed(self, model: ModelSchema, trace: str, exc: InferenceError) -> None:
         self.breakers.record_failure(model.id, failure_weight(exc))
         self.bookkeeper.submit(self.tracker.record_failure, trace, type(exc).__name__, str(exc))
@@ -204,14 +219,7 @@ class GenerationMixin:
         decision = self.route(request)
         request = self._with_decision(request, decision)
         attempts: list[tuple[str, InferenceError]] = []
-        for index, model in enumerate(self._candidates(decision)):
-            try:
-                backend, trace = self._open_attempt(model, decision, request, first=index == 0)
-            except InferenceError as exc:
-                if getattr(exc, "refuses_request", False):
-                    raise
-                attempts.append((model.id, exc))
-                continue
+        for index, model, backend, trace in self._attempts(decision, request, attempts):
             attempt_start = time.perf_counter()
             try:
                 out = await backend.generate(model, self._prepare(request, model))
@@ -235,14 +243,7 @@ class GenerationMixin:
         decision = self.route(request)
         request = self._with_decision(request, decision)
         attempts: list[tuple[str, InferenceError]] = []
-        for index, model in enumerate(self._candidates(decision)):
-            try:
-                backend, trace = self._open_attempt(model, decision, request, first=index == 0)
-            except InferenceError as exc:
-                if getattr(exc, "refuses_request", False):
-                    raise
-                attempts.append((model.id, exc))
-                continue
+        for index, model, backend, trace in self._attempts(decision, request, attempts):
             routing = self._routing(decision, index, attempts)
             yield RouteEvent(
                 model_id=model.id,
