@@ -85,6 +85,7 @@ def make_router(
     breakers: CircuitBreakerRegistry | None = None,
     spend: Any = None,
     seed: int = 7,
+    meter: Any = None,
 ) -> AdaptiveRouter:
     settings = settings or RoutingSettings(exploration_rate=0.0)
     return AdaptiveRouter(
@@ -93,4 +94,22 @@ def make_router(
         breakers or CircuitBreakerRegistry(BreakerSettings()),
         spend,
         rng_seed=seed,
+        meter=meter,
     )
+
+
+class TableMeter:
+    """A ``PromptMeter`` over fixed tables: windows per model id and exact counts per model id.
+    Records which models were counted."""
+
+    def __init__(self, windows: dict[str, int] | None = None, counts: dict[str, int] | None = None) -> None:
+        self.windows = windows or {}
+        self.counts = counts or {}
+        self.counted: list[str] = []
+
+    def window(self, model: ModelSchema) -> int:
+        return self.windows.get(model.id, model.context_length)
+
+    def count(self, model: ModelSchema, request: object) -> int | None:
+        self.counted.append(model.id)
+        return self.counts.get(model.id)

@@ -27,7 +27,7 @@ from car_inference.routing import (
 from car_inference.routing.router import AUTO_THINKING_BUDGET, PREFERRED_REASON
 from car_inference.schema import ModelSchema
 
-from .helpers import FakeClock, local, make_router, registry, remote
+from .helpers import FakeClock, TableMeter, local, make_router, registry, remote
 
 HELLO = GenerateRequest(prompt="say hello in one sentence")
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
@@ -162,6 +162,56 @@ def test_estimated_input_tokens_override() -> None:
     )
     decision = make_router().decide(HELLO, reg, estimated_input_tokens=10_000)
     assert decision.model_id == "b/large" and decision.estimated_input_tokens == 10_000
+
+
+def test_meter_windows_replace_catalog_context_lengths() -> None:
+    reg = registry(local("vllm/tiny", context=32_768, quality=0.9), remote("b/large", context=200_000))
+    meter = TableMeter(windows={"vllm/tiny": 2048})
+    long = GenerateRequest(prompt="word " * 3000, params=GenerateParams(max_tokens=256))
+    decision = make_router(meter=meter).decide(long, reg)
+    assert decision.model_id == "b/large"
+    assert decision.excluded["vllm/tiny"].startswith("context 2048 <")
+    assert (
+        make_router(meter=meter).decide(long.model_copy(update={"model": "vllm/tiny"}), reg).context_length
+        == 2048
+    )
+
+
+def test_local_windows_near_the_estimate_are_decided_by_exact_counts() -> None:
+    reg = registry(
+        local("vllm/tiny", context=4096, quality=0.9), remote("b/large", context=200_000, quality=0.2)
+    )
+    prompt = GenerateRequest(prompt="word " * 2500, params=GenerateParams(max_tokens=256))
+    estimate = make_router().decide(prompt, reg).estimated_input_tokens
+    assert 4096 / 2 - 256 < estimate < 4096 - 256  # fits by the estimate, inside the error band
+    # The tokenizer says it does not fit after all: excluded with the real count in the reason.
+    meter = TableMeter(counts={"vllm/tiny": 5000})
+    decision = make_router(meter=meter).decide(prompt, reg)
+    assert decision.model_id == "b/large" and meter.counted == ["vllm/tiny"]
+    assert decision.excluded["vllm/tiny"] == "context 4096 < 5256 tokens needed"
+    # The tokenizer says a prompt the estimate rejects fits: kept, and its count is the decision's.
+    big = GenerateRequest(prompt="word " * 5000, params=GenerateParams(max_tokens=256))
+    meter = TableMeter(counts={"vllm/tiny": 3000})
+    decision = make_router(meter=meter).decide(big, reg)
+    assert decision.model_id == "vllm/tiny"
+    assert decision.estimated_input_tokens == 3000 and not decision.needs_compaction
+    # Pinned: the exact count decides needs_compaction.
+    pinned = make_router(meter=TableMeter(counts={"vllm/tiny": 4500})).decide(
+        prompt.model_copy(update={"model": "vllm/tiny"}), reg
+    )
+    assert pinned.estimated_input_tokens == 4500 and pinned.needs_compaction
+
+
+def test_meter_is_not_asked_for_short_prompts_or_hosted_models() -> None:
+    reg = registry(local("vllm/tiny", context=4096), remote("b/small", context=4096))
+    meter = TableMeter(counts={"vllm/tiny": 10, "b/small": 10})
+    make_router(meter=meter).decide(HELLO, reg)
+    assert meter.counted == []
+    long = GenerateRequest(prompt="word " * 2500, params=GenerateParams(max_tokens=256))
+    make_router(meter=meter).decide(long, reg)
+    assert meter.counted == ["vllm/tiny"]  # the hosted model keeps the estimate
+    # A meter with no count for a model (None) leaves the estimate in charge.
+    assert make_router(meter=TableMeter()).decide(long, reg).model_id in {"vllm/tiny", "b/small"}
 
 
 # --- circuit breakers -----------------------------------------------------------------------------

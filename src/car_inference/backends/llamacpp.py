@@ -14,13 +14,16 @@ import contextlib
 import json
 import math
 import random
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from threading import Event
 from typing import Any
 
 from ..catalog.locate import local_path
+from ..config import CarConfig
 from ..errors import InferenceFailed, TokenizationError, UnsupportedMode
 from ..requests import (
     Classification,
@@ -56,6 +59,18 @@ from .chat_template import TagSplitter, chat_messages, parse_tool_call_block, re
 from .prompts import DEFAULT_RERANK_INSTRUCTION, classify_prompt, rerank_prompt
 
 __all__ = ["LlamaCppBackend", "LoadedGguf"]
+
+MAX_VOCABS = 4  # vocabulary-only loads kept for counting prompt tokens at routing time
+
+
+def _quiet_llama_cpp() -> None:
+    """llama.cpp's warnings reach stderr through llama-cpp-python's logger even with
+    ``verbose=False``; unless the application set a level, keep them to errors."""
+    import logging
+
+    logger = logging.getLogger("llama-cpp-python")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.ERROR)
 
 
 @dataclass
@@ -100,6 +115,8 @@ class LlamaCppBackend:
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
         self.settings = ctx.config.local
+        self._vocabs: OrderedDict[str, LoadedGguf] = OrderedDict()
+        self._vocab_lock = threading.Lock()
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -109,12 +126,20 @@ class LlamaCppBackend:
         key = f"{'gguf-embed' if embedding else 'gguf'}:{model.id}"
         return self.ctx.cache.get_or_load(key, size, lambda: self._load(model, str(path), embedding))
 
-    def _load(self, model: ModelSchema, path: str, embedding: bool) -> LoadedGguf:
+    @staticmethod
+    def context_window(model: ModelSchema, config: CarConfig) -> int:
+        """The window a GGUF runs with: ``local.n_ctx``, capped by the model's own."""
+        return min(config.local.n_ctx, model.context_length or config.local.n_ctx)
+
+    def _load(
+        self, model: ModelSchema, path: str, embedding: bool, *, vocab_only: bool = False
+    ) -> LoadedGguf:
         import llama_cpp
 
-        cap = model.context_length or self.settings.n_ctx
+        _quiet_llama_cpp()
         kwargs: dict[str, Any] = {
-            "n_ctx": min(self.settings.n_ctx, cap),
+            "n_ctx": self.context_window(model, self.ctx.config),
+            "vocab_only": vocab_only,
             "n_batch": self.settings.n_batch,
             "n_gpu_layers": self.settings.n_gpu_layers,
             "verbose": False,
@@ -152,9 +177,31 @@ class LlamaCppBackend:
     def warm_up(self, model: ModelSchema) -> None:
         self._entry(model)
 
+    def _vocab(self, model: ModelSchema) -> LoadedGguf:
+        """The tokenizer of ``model``: the loaded model's when it is in the cache, else a
+        vocabulary-only load (no weights: ~0.2 s, a few MB), kept for the next request."""
+        entry = self.ctx.cache.get(f"gguf:{model.id}")
+        if entry is not None:
+            return entry.instance
+        with self._vocab_lock:
+            loaded = self._vocabs.get(model.id)
+            if loaded is None:
+                loaded = self._load(model, str(local_path(model)), False, vocab_only=True)
+                self._vocabs[model.id] = loaded
+                while len(self._vocabs) > MAX_VOCABS:
+                    self._vocabs.popitem(last=False)
+            else:
+                self._vocabs.move_to_end(model.id)
+            return loaded
+
+    def count_prompt_tokens(self, model: ModelSchema, request: GenerateRequest) -> int:
+        """The prompt tokens of ``request`` before any truncation: what routing compares with the
+        window. Blocking (tokenizing); read-only on the vocabulary, so no model lock is taken."""
+        return len(self._render_tokens(self._vocab(model), request))
+
     # --- generation --------------------------------------------------------------------------
 
-    def _prompt_tokens(self, loaded: LoadedGguf, request: GenerateRequest) -> tuple[list[int], bool]:
+    def _render_tokens(self, loaded: LoadedGguf, request: GenerateRequest) -> list[int]:
         params = request.params
         if params.raw_prompt:
             tokens = loaded.tokenize(request.prompt, special=True, add_bos=loaded.add_bos)
@@ -172,6 +219,11 @@ class LlamaCppBackend:
             )
             add_bos = loaded.add_bos and not (loaded.bos and text.startswith(loaded.bos))
             tokens = loaded.tokenize(text, special=True, add_bos=add_bos)
+        return tokens
+
+    def _prompt_tokens(self, loaded: LoadedGguf, request: GenerateRequest) -> tuple[list[int], bool]:
+        params = request.params
+        tokens = self._render_tokens(loaded, request)
         # Keep the tail of an over-long prompt, leaving min(max_tokens, ctx/4) for the answer.
         headroom = min(params.max_tokens, loaded.n_ctx // 4)
         max_prompt = loaded.n_ctx - headroom

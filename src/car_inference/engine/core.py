@@ -35,6 +35,7 @@ from ..schema import ModelCapability, ModelSchema
 from .bookkeeping import Bookkeeper
 from .generation import GenerationMixin
 from .health import HealthMixin
+from .meter import EngineMeter
 from .tasks import TaskMixin
 
 __all__ = ["InferenceEngine"]
@@ -71,7 +72,9 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
         apply_benchmark_priors(self.tracker, load_all_benchmark_priors(home))
         self.breakers = CircuitBreakerRegistry(self.config.breaker)
         self.spend = SpendControl(self.config.spend, self.store)
-        self.router = AdaptiveRouter(self.config.routing, self.tracker, self.breakers, self.spend)
+        self.router = AdaptiveRouter(
+            self.config.routing, self.tracker, self.breakers, self.spend, meter=EngineMeter(self)
+        )
         self.bookkeeper = Bookkeeper()
 
     def _import_legacy_profiles(self, path: Path) -> None:

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..backends.base import run_blocking
 from ..errors import (
     AllModelsFailed,
     CircuitOpen,
@@ -63,6 +64,8 @@ class Routing:
 
 # A spend limit that the model the caller asked for would break refuses the request.
 _CALLER_CHOSE = (RoutingStrategy.EXPLICIT, RoutingStrategy.PREFERRED)
+# Requests at least this long may be counted on a local tokenizer while routing: off the loop.
+ROUTE_IN_THREAD_CHARS = 8000
 
 
 class GenerationMixin:
@@ -86,9 +89,16 @@ class GenerationMixin:
         """The routing decision for ``request``: explicit model, preferred model, or adaptive."""
         return self.router.decide(request, self.registry, preferred=self.config.preferred.generate)
 
+    async def _route_off_loop(self, request: GenerateRequest) -> RoutingDecision:
+        """``route`` for the async paths: a long request may be counted on a local tokenizer
+        (milliseconds, a vocabulary load the first time), so it is routed off the event loop."""
+        if len(request.text_for_analysis()) < ROUTE_IN_THREAD_CHARS:
+            return self.route(request)
+        return await run_blocking(lambda: self.route(request))
+
     async def route_adaptive(self, prompt: str) -> RoutingDecision:
         """The decision for a plain prompt (the seed's ``route_adaptive``)."""
-        return self.route(GenerateRequest(prompt=prompt))
+        return await self._route_off_loop(GenerateRequest(prompt=prompt))
 
     def _with_decision(self, request: GenerateRequest, decision: RoutingDecision) -> GenerateRequest:
         if request.params.budget_tokens == 0 and decision.thinking_budget > 0:
@@ -216,7 +226,7 @@ class GenerationMixin:
         """Generate text. Routes when ``request.model`` is None; falls back on failure. Raises
         ``AllModelsFailed`` (listing every attempt) when no candidate answers."""
         start = time.perf_counter()
-        decision = self.route(request)
+        decision = await self._route_off_loop(request)
         request = self._with_decision(request, decision)
         attempts: list[tuple[str, InferenceError]] = []
         for index, model, backend, trace in self._attempts(decision, request, attempts):
@@ -240,7 +250,7 @@ class GenerationMixin:
         the trace id, model, latency and usage. A failure after output began ends the stream with
         an ``ErrorEvent``; a consumer that stops reading stops the generation."""
         start = time.perf_counter()
-        decision = self.route(request)
+        decision = await self._route_off_loop(request)
         request = self._with_decision(request, decision)
         attempts: list[tuple[str, InferenceError]] = []
         for index, model, backend, trace in self._attempts(decision, request, attempts):

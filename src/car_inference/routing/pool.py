@@ -9,16 +9,41 @@ Default latency when nothing has been observed: the catalog's ``latency_p50_ms``
 token (catalog, or 300 ms local / 600 ms remote) + 256 tokens at the catalog's tokens per second,
 else 60 tok/s remote, and for local models 30,000 / size_mb tok/s clamped to 3..200 (20 when the size
 is unknown): a 1 GB model about 30 tok/s, an 8 GB model about 4 tok/s on CPU.
+
+A ``PromptMeter`` (the engine's, backed by the backends) tells routing what the catalog cannot: the
+context window a model really runs with (a local GGUF is loaded with ``local.n_ctx``, often less
+than the model's own window) and the exact token count of a request on a local model's tokenizer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..registry import UnifiedRegistry
+from ..requests import GenerateRequest
 from ..schema import GenerateParam, ModelSchema
 
-__all__ = ["TYPICAL_OUTPUT_TOKENS", "CatalogView", "ModelPool", "ModelView", "default_latency_ms"]
+__all__ = [
+    "TYPICAL_OUTPUT_TOKENS",
+    "CatalogView",
+    "ModelPool",
+    "ModelView",
+    "PromptMeter",
+    "default_latency_ms",
+]
+
+
+class PromptMeter(Protocol):
+    def window(self, model: ModelSchema) -> int:
+        """The context window ``model`` runs with (0: unknown)."""
+        ...
+
+    def count(self, model: ModelSchema, request: GenerateRequest) -> int | None:
+        """The exact prompt tokens of ``request`` on ``model``'s own tokenizer; None where there
+        is none to use (a hosted model)."""
+        ...
+
 
 TYPICAL_OUTPUT_TOKENS = 256
 LOCAL_FIRST = "prefer_local: a local model qualifies"
@@ -40,10 +65,11 @@ class ModelView:
     supports_thinking: bool
 
     @classmethod
-    def of(cls, m: ModelSchema) -> ModelView:
+    def of(cls, m: ModelSchema, meter: PromptMeter | None = None) -> ModelView:
+        window = meter.window(m) if meter is not None else m.context_length
         return cls(
             schema=m, model_id=m.id, name=m.name, provider=m.provider, is_local=m.is_local,
-            caps=frozenset(c.value for c in m.capabilities), context_length=m.context_length,
+            caps=frozenset(c.value for c in m.capabilities), context_length=window,
             in_rate=m.cost.input_per_mtok / 1e6, out_rate=m.cost.output_per_mtok / 1e6,
             default_latency_ms=default_latency_ms(m), catalog_quality=m.quality,
             supports_thinking=m.supports_param(GenerateParam.EXTENDED_THINKING),
@@ -82,7 +108,8 @@ class ModelPool:
 
 
 class CatalogView:
-    def __init__(self) -> None:
+    def __init__(self, meter: PromptMeter | None = None) -> None:
+        self.meter = meter
         self._key: tuple[int, int] = (0, -1)
         self.models: dict[str, ModelView] = {}
         self._pools: dict[frozenset[str], ModelPool] = {}
@@ -92,7 +119,7 @@ class CatalogView:
         key = (id(registry), registry.version)
         if key != self._key:
             # The key goes last: a thread that reads it meanwhile at worst rebuilds once more.
-            self.models = {m.id: ModelView.of(m) for m in registry.list()}
+            self.models = {m.id: ModelView.of(m, self.meter) for m in registry.list()}
             self._pools = {}
             self.version += 1
             self._key = key

@@ -5,11 +5,16 @@ Order of precedence: ``request.model`` (strategy explicit) > the configured pref
 
 Candidates (adaptive, and the fallbacks of every strategy): models that have every needed capability
 (generate; tool_use with tools; vision with images; ``intent.require``), are available, whose context
-window (0 = unknown, taken as fitting) holds the estimated input + ``max_tokens``, whose circuit is not
+window (0 = unknown, taken as fitting) holds the input + ``max_tokens``, whose circuit is not
 open, and whose estimated cost stays within spend limits. With ``prefer_local`` (settings or intent)
 only local candidates remain when any qualify. Every excluded model is listed with its reason. When
 nothing fits the context window, or every circuit is open, those filters are relaxed in that order
 (strategy fallback) rather than lose the request.
+
+Input tokens: a calibrated estimate from the text (``complexity._estimate``, about 2 µs), except
+that a local model whose window lies within the estimate's error band (``EXACT_BAND``) gets the
+request counted exactly on its own tokenizer through the engine's ``PromptMeter``: the windows that
+matter are decided by real counts, and short prompts never pay for tokenizing.
 
 Score of a candidate, higher is better::
 
@@ -47,6 +52,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from operator import itemgetter
 
 from ..config import RoutingSettings
@@ -58,7 +64,7 @@ from .breaker import CircuitBreakerRegistry
 from .complexity import TaskComplexity, TextFeatures, _estimate, cluster_of, complexity_of, family_of
 from .decision import _QUALITY, _SCORE, RoutingDecision, RoutingStrategy, ScoredCandidate, _construct, _Row
 from .outcomes import InferenceTask, OutcomeTracker
-from .pool import LOCAL_FIRST, CatalogView, ModelPool, ModelView
+from .pool import LOCAL_FIRST, CatalogView, ModelPool, ModelView, PromptMeter
 from .spend import SpendControl
 from .store import ALL
 
@@ -66,11 +72,17 @@ __all__ = ["AdaptiveRouter", "RoutingDecision", "RoutingStrategy", "ScoredCandid
 
 AUTO_THINKING_BUDGET = 8000
 TOKENS_PER_IMAGE = 800
+# How far off the calibrated estimate may be (code, non-Latin scripts): a local model whose window
+# is below est * EXACT_BAND + max_tokens gets the request counted on its own tokenizer.
+EXACT_BAND = 2.0
 PREFERRED_REASON = "preferred generation model override"
 EXPLICIT_REASON = "explicit model"
 _COST_FLOOR = 1e-5
 _QUALITY_MULT = {TaskComplexity.SIMPLE: 0.75, TaskComplexity.MEDIUM: 1.0, TaskComplexity.COMPLEX: 1.5}
 _SPEED_MULT = {TaskComplexity.SIMPLE: 1.5, TaskComplexity.MEDIUM: 1.0, TaskComplexity.COMPLEX: 0.5}
+
+
+_Measure = Callable[[ModelView, int, int], int]  # (model, estimated input, max_tokens) -> input tokens
 
 
 class AdaptiveRouter:
@@ -83,15 +95,18 @@ class AdaptiveRouter:
         rng_seed: int | None = None,
         *,
         use_clusters: bool = True,
+        meter: PromptMeter | None = None,
     ) -> None:
-        """``use_clusters=False`` learns per task family only (the prompt-cluster refinement off)."""
+        """``use_clusters=False`` learns per task family only (the prompt-cluster refinement off).
+        ``meter`` gives real context windows and exact local token counts (see ``pool``)."""
         self.settings = settings or RoutingSettings()
         self.use_clusters = use_clusters
         self.tracker = tracker
         self.breakers = breakers
         self.spend = spend
         self._rng = random.Random(rng_seed if rng_seed is not None else self.settings.seed)
-        self._catalog = CatalogView()
+        self.meter = meter
+        self._catalog = CatalogView(meter)
         self._tables: dict[str, dict[str, tuple[float, float]]] = {}
         self._tables_key = (-1, -1)
 
@@ -184,6 +199,8 @@ class AdaptiveRouter:
                     "not in catalog" if found is None else "lacks a capability"
                 )
 
+        exact: dict[str, int] = {}  # model id -> prompt tokens on its own tokenizer
+        measure = self._measurer(request, exact) if self.meter is not None else None
         excluded = dict(pool.excluded)
         cands, relaxed, over_budget = self._candidates(
             pool,
@@ -192,6 +209,7 @@ class AdaptiveRouter:
             max_tokens=params.max_tokens,
             prefer_local=self.settings.prefer_local or (intent is not None and intent.prefer_local),
             skip=pinned.id if pinned is not None else None,
+            measure=measure,
         )
         if pinned is None and not cands:
             if over_budget and self.spend is not None:  # name the limit, as the engine's check would
@@ -239,7 +257,11 @@ class AdaptiveRouter:
             view = self._catalog.models.get(chosen_id)
             if view is not None and view.supports_thinking:
                 budget = AUTO_THINKING_BUDGET
-        context_length = schema.context_length
+        view = self._catalog.models.get(chosen_id)
+        context_length = view.context_length if view is not None else schema.context_length
+        if measure is not None and view is not None and chosen_id not in exact:
+            measure(view, estimated_input_tokens, params.max_tokens)
+        input_tokens = exact.get(chosen_id, estimated_input_tokens)
         return _construct(
             rows,
             notes,
@@ -255,8 +277,8 @@ class AdaptiveRouter:
             predicted_quality=quality,
             fallbacks=self._fallbacks(rows, chosen_id, schema.provider),
             context_length=context_length,
-            needs_compaction=0 < context_length < estimated_input_tokens,
-            estimated_input_tokens=estimated_input_tokens,
+            needs_compaction=0 < context_length < input_tokens,
+            estimated_input_tokens=input_tokens,
             thinking_budget=budget,
             excluded=excluded,
         )
@@ -277,6 +299,25 @@ class AdaptiveRouter:
             tokens += TOKENS_PER_IMAGE * images
         return tokens
 
+    def _measurer(self, request: GenerateRequest, exact: dict[str, int]) -> _Measure:
+        """Exact prompt tokens for a local model whose window the estimate cannot settle (below
+        ``est * EXACT_BAND + max_tokens``), remembered in ``exact``; else the estimate."""
+        meter = self.meter
+        assert meter is not None
+
+        def measure(v: ModelView, est_in: int, max_tokens: int) -> int:
+            if not v.is_local or not v.context_length or v.context_length >= est_in * EXACT_BAND + max_tokens:
+                return est_in
+            found = exact.get(v.model_id)
+            if found is None:
+                counted = meter.count(v.schema, request)
+                if counted is None:
+                    return est_in
+                found = exact[v.model_id] = counted
+            return found
+
+        return measure
+
     def _candidates(
         self,
         pool: ModelPool,
@@ -286,13 +327,16 @@ class AdaptiveRouter:
         max_tokens: int,
         prefer_local: bool,
         skip: str | None,
+        measure: _Measure | None = None,
     ) -> tuple[list[ModelView], str, list[tuple[ModelView, float]]]:
         """Filter the pool: the candidates, the filter that had to be relaxed (if any), and the
         models refused for spend with their cost estimates."""
         blocked = self.breakers.blocked()
         spend = self.spend if self.spend is not None and self.spend.has_limits else None
         needed_ctx = est_in + max_tokens
-        if not blocked and spend is None and skip is None and needed_ctx <= pool.min_context:
+        # With a meter, a local window within the estimate's error band is measured, not guessed.
+        needed_hi = int(est_in * EXACT_BAND) + max_tokens if measure is not None else needed_ctx
+        if not blocked and spend is None and skip is None and needed_hi <= pool.min_context:
             ok = pool.models  # nothing to filter: the common case
         else:
             ok, too_small, tripped, over_budget = [], [], [], []
@@ -313,8 +357,16 @@ class AdaptiveRouter:
                 if mid in blocked:
                     excluded[mid] = f"circuit {blocked[mid]}"
                     tripped.append(v)
-                elif v.context_length and v.context_length < needed_ctx:
-                    excluded[mid] = f"context {v.context_length} < {needed_ctx} tokens needed"
+                elif (
+                    v.context_length
+                    and v.context_length < needed_hi
+                    and (
+                        need := (measure(v, est_in, max_tokens) if measure is not None else est_in)
+                        + max_tokens
+                    )
+                    > v.context_length
+                ):
+                    excluded[mid] = f"context {v.context_length} < {need} tokens needed"
                     too_small.append(v)
                 else:
                     ok.append(v)

@@ -1,0 +1,51 @@
+"""The engine's ``PromptMeter``: what routing learns from the backends about windows and tokens.
+
+``window`` asks the backend class of a model's kind for ``context_window(model, config)`` (a GGUF
+runs with ``local.n_ctx``, capped by its own window) and falls back to the catalog's context length.
+``count`` asks the backend for ``count_prompt_tokens(model, request)`` (local backends that own a
+tokenizer); a kind without one, a backend that is not installed, or a failure to count returns None
+and routing keeps its estimate: counting is a refinement and must never fail a request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .. import backends as backend_table
+from ..errors import InferenceError
+from ..requests import GenerateRequest
+from ..schema import ModelSchema
+
+if TYPE_CHECKING:
+    from .core import InferenceEngine
+
+__all__ = ["EngineMeter"]
+
+log = logging.getLogger(__name__)
+
+
+class EngineMeter:
+    def __init__(self, engine: InferenceEngine) -> None:
+        self._engine = engine
+
+    def _backend_class(self, model: ModelSchema) -> Any:
+        if not backend_table.backend_available(model.kind):
+            return None
+        try:
+            return backend_table.load_backend_class(model.kind, model.id)
+        except InferenceError:
+            return None
+
+    def window(self, model: ModelSchema) -> int:
+        fn = getattr(self._backend_class(model), "context_window", None)
+        return int(fn(model, self._engine.config)) if fn is not None else model.context_length
+
+    def count(self, model: ModelSchema, request: GenerateRequest) -> int | None:
+        if not model.available or not hasattr(self._backend_class(model), "count_prompt_tokens"):
+            return None
+        try:
+            return int(self._engine._backend(model).count_prompt_tokens(model, request))
+        except InferenceError as exc:
+            log.debug("could not count prompt tokens on %s: %s", model.id, exc)
+            return None

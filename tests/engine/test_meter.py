@@ -1,0 +1,56 @@
+"""The engine's PromptMeter on the real embedded models: windows from the backends, exact counts
+from the GGUF's own tokenizer, and routing decisions that use them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.engine.meter import EngineMeter
+from car_inference.requests import GenerateParams, GenerateRequest
+
+SMOLLM = "huggingface/smollm2-135m-instruct:q4_1"
+
+
+@pytest.fixture
+def small_ctx_engine(isolated_home: Path) -> InferenceEngine:
+    (isolated_home / "config.toml").write_text("[local]\nn_ctx = 1024\n")
+    return InferenceEngine()
+
+
+def test_window_comes_from_the_backend(small_ctx_engine: InferenceEngine) -> None:
+    meter = EngineMeter(small_ctx_engine)
+    smollm = small_ctx_engine.registry.resolve(SMOLLM)
+    assert smollm.context_length > 1024
+    assert meter.window(smollm) == 1024  # loaded with local.n_ctx, capped by the model's own
+    hosted = small_ctx_engine.registry.resolve("openai/gpt-4o-mini")
+    assert meter.window(hosted) == hosted.context_length
+    assert meter.count(hosted, GenerateRequest(prompt="hi")) is None  # no tokenizer of its own
+
+
+async def test_count_is_the_rendered_prompt_on_its_tokenizer(small_ctx_engine: InferenceEngine) -> None:
+    meter = EngineMeter(small_ctx_engine)
+    smollm = small_ctx_engine.registry.resolve(SMOLLM)
+    params = GenerateParams(max_tokens=4, temperature=0)
+    request = GenerateRequest(prompt="Name three colours.", params=params)
+    counted = meter.count(smollm, request)
+    assert small_ctx_engine.cache.keys() == []  # counted on a vocabulary-only load, no weights
+    result = await small_ctx_engine.generate(request.model_copy(update={"model": SMOLLM}))
+    assert counted == result.usage.prompt_tokens
+    assert meter.count(smollm, request) == counted  # now on the loaded model: same count
+
+
+async def test_explicit_local_model_decision_uses_exact_count(small_ctx_engine: InferenceEngine) -> None:
+    text = "The quick brown fox jumps over the lazy dog. " * 80  # ~800 tokens: inside the error band
+    request = GenerateRequest(model=SMOLLM, prompt=text, params=GenerateParams(max_tokens=64))
+    decision = small_ctx_engine.route(request)
+    smollm = small_ctx_engine.registry.resolve(SMOLLM)
+    exact = EngineMeter(small_ctx_engine).count(smollm, request)
+    assert decision.context_length == 1024
+    assert decision.estimated_input_tokens == exact
+    assert decision.needs_compaction is (exact > 1024)
+    # The long request is routed off the event loop and still answers.
+    result = await small_ctx_engine.generate(request)
+    assert result.model_used == SMOLLM
