@@ -1,13 +1,17 @@
-"""Records written after the answer: in order, on the loop's next turn, flushed on demand."""
+"""Records written after the answer: in order, grouped into one batch, flushed on demand."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from car_inference.engine.bookkeeping import Bookkeeper
+from car_inference.routing.store import OutcomeStore
 
 
 async def test_writes_wait_for_the_next_turn_and_keep_their_order() -> None:
@@ -45,3 +49,53 @@ async def test_a_failing_record_is_logged_not_raised(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.ERROR, logger="car_inference.engine"):
         keeper.flush()
     assert done == ["after"] and "recording an outcome failed" in caplog.text
+
+
+async def test_writes_within_the_delay_share_one_batch() -> None:
+    batches: list[str] = []
+    done: list[int] = []
+
+    @contextlib.contextmanager
+    def batch() -> Iterator[None]:
+        batches.append("open")
+        yield
+        batches.append(f"commit {len(done)}")
+
+    keeper = Bookkeeper(batch, delay_s=0.02)
+    keeper.submit(done.append, 1)
+    await asyncio.sleep(0)
+    keeper.submit(done.append, 2)
+    assert done == [], "the first write waits for others to share its commit"
+    await asyncio.sleep(0.05)
+    assert done == [1, 2] and batches == ["open", "commit 2"]
+
+
+async def test_a_full_queue_drains_at_once() -> None:
+    done: list[int] = []
+    keeper = Bookkeeper(delay_s=10, max_pending=3)
+    for i in range(3):
+        keeper.submit(done.append, i)
+    await asyncio.sleep(0)
+    assert done == [0, 1, 2]
+    keeper.close()
+
+
+def test_a_failing_write_is_undone_alone_in_a_store_batch(tmp_path: Path) -> None:
+    store = OutcomeStore(tmp_path / "state.db")
+    keeper = Bookkeeper(store.batch)
+
+    def half_written() -> None:
+        with store._tx() as conn:
+            conn.execute("INSERT INTO spend (ts, provider, model_id, usd) VALUES (1.0, 'p', 'm', 5.0)")
+            raise RuntimeError("after a write")
+
+    keeper._pending.extend(
+        [
+            (store.add_spend, ("p", "m", 1.0, 1.0), {}),
+            (half_written, (), {}),
+            (store.add_spend, ("p", "m", 2.0, 1.0), {}),
+        ]
+    )
+    keeper.flush()
+    assert store.spend_by_provider(0.0) == {"p": pytest.approx(3.0)}  # the failed write's 5 was undone
+    store.close()

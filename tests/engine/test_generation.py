@@ -88,3 +88,20 @@ async def test_unknown_and_unavailable_models_give_clear_errors(local_engine: In
         await local_engine.generate(greedy("x", model="claude-opus-5-5"))
     with pytest.raises(UnsupportedMode):
         await local_engine.embed(EmbedRequest(texts=["x"], model=SMOL))  # declares no embed capability
+
+
+async def test_a_stopped_stream_is_an_abandoned_trace_and_done_is_not(local_engine: InferenceEngine) -> None:
+    stream = local_engine.stream(greedy("Count from one to fifty.", max_tokens=200, model=SMOL))
+    route = await anext(stream)
+    await anext(stream)  # the first token
+    await stream.aclose()  # the consumer walks away
+    local_engine.bookkeeper.flush()
+    row = local_engine.store.trace(route.trace_id)
+    assert row is not None and row["outcome"] == "abandoned" and row["quality"] is None
+    # Stopping right after Done is not abandoning: the answer was delivered.
+    async for event in local_engine.stream(greedy("Say hi.", max_tokens=4, model=SMOL)):
+        if isinstance(event, Done):
+            trace = event.trace_id
+            break
+    local_engine.bookkeeper.flush()
+    assert local_engine.store.trace(trace)["outcome"] == "success"  # type: ignore[index]

@@ -239,6 +239,7 @@ async def test_quick_retry_of_the_same_prompt_marks_the_first_answer(remote_engi
     engine = remote_engine(TWO)
     first = await engine.generate(req("What is 2+2?"))
     await engine.generate(req("What is 2+2?"))
+    engine.bookkeeper.flush()  # records are written after the answer
     signals = [f["kind"] for f in engine.store.feedback_for(first.trace_id)]
     assert "quick_retry" in signals
 

@@ -41,6 +41,43 @@ def test_counts_and_profile(tracker: OutcomeTracker) -> None:
     assert tracker.profile("p/none") is None
 
 
+@pytest.mark.parametrize("with_store", [False, True])
+def test_record_attempt_counts_like_start_then_finish(
+    tmp_path: Path, clock: FakeClock, with_store: bool
+) -> None:
+    def make(name: str) -> OutcomeTracker:
+        store = OutcomeStore(tmp_path / f"{name}.db") if with_store else None
+        return OutcomeTracker(store, RoutingSettings(prior_strength=10), clock=clock)
+
+    two_steps, one_step = make("two"), make("one")
+    for i, ok in enumerate((True, False, True, True)):
+        _run(two_steps, "p/a", "code", ok)
+        one_step.record_attempt(
+            "p/a", InferenceTask.GENERATE, "code", "test", trace_id=f"t{i}", started_at=clock(),
+            success=ok, latency_ms=100.0 if ok else None, input_tokens=20 if ok else 0,
+            output_tokens=10 if ok else 0, error_class=None if ok else "ProviderError",
+        )  # fmt: skip
+    assert one_step.profile("p/a") == two_steps.profile("p/a")
+    assert one_step.task_stats("p/a", "code") == two_steps.task_stats("p/a", "code")
+    assert one_step.quality("p/a", "code", 0.5) == two_steps.quality("p/a", "code", 0.5)
+    # Abandoned: a trace, counted nowhere.
+    one_step.record_attempt("p/a", trace_id="gone", started_at=clock(), success=None)
+    assert one_step.profile("p/a").total_calls == 4  # type: ignore[union-attr]
+    if with_store:
+        row = one_step.store.trace("gone")  # type: ignore[union-attr]
+        assert row is not None and row["outcome"] == "abandoned" and row["quality"] is None
+        failed = one_step.store.trace("t1")  # type: ignore[union-attr]
+        assert failed["outcome"] == "failure" and failed["error_class"] == "ProviderError"  # type: ignore[index]
+
+
+def test_record_attempt_marks_a_quick_retry(tracker: OutcomeTracker, clock: FakeClock) -> None:
+    tracker.record_attempt("p/a", prompt="2+2?", trace_id="first", started_at=clock(), success=True)
+    clock.advance(5)
+    tracker.record_attempt("p/a", prompt="2+2?", trace_id="again", started_at=clock(), success=True)
+    # The first answer lost half its quality (the quick_retry weight), as with record_start.
+    assert tracker.task_stats("p/a", "chat").quality_sum == pytest.approx(1.5)  # type: ignore[union-attr]
+
+
 def test_a_trace_is_counted_once(tracker: OutcomeTracker) -> None:
     trace = _run(tracker, "p/a", "chat", True)
     tracker.record_complete(trace, 50)

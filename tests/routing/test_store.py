@@ -171,3 +171,22 @@ def test_spend_by_provider_window(tmp_path: Path) -> None:
         store.add_spend("anthropic", "anthropic/b", 4.0, ts=200.0)
         assert store.spend_by_provider(150.0) == {"openai": 2.0, "anthropic": 4.0}
         assert store.spend_by_provider(0.0, 150.0) == {"openai": 1.0}
+
+
+def test_batch_commits_once_and_is_invisible_until_then(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    with OutcomeStore(db) as store:
+        other = sqlite3.connect(db)
+        with store.batch():
+            store.add_spend("p", "m", 1.0, 1.0)
+            with store.batch():  # nested: joins the outer transaction
+                store.add_spend("p", "m", 2.0, 1.0)
+            assert other.execute("SELECT COUNT(*) FROM spend").fetchone()[0] == 0
+        assert other.execute("SELECT SUM(usd) FROM spend").fetchone()[0] == 3.0
+        with pytest.raises(RuntimeError), store.batch():
+            store.add_spend("p", "m", 4.0, 1.0)
+            raise RuntimeError("the batch itself fails")
+        assert store.spend_by_provider(0.0) == {"p": 3.0}
+        store.add_spend("p", "m", 1.0, 1.0)  # plain transactions work again after a batch
+        assert store.spend_by_provider(0.0) == {"p": 4.0}
+        other.close()

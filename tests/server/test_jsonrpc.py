@@ -188,6 +188,8 @@ async def test_concurrent_requests_batches_and_notifications(local_server: Serve
 
 
 async def test_cancel_stops_a_stream(local_server: ServerThread, server_engine: InferenceEngine) -> None:
+    # Loaded first: a cancel that lands before the load would leave nothing to check.
+    assert await server_engine.warm_up([SMOL]) == [None]
     async with connect(local_server.ws_url) as ws:
         params = {"prompt": "Write a very long story.", "params": {"max_tokens": 3000, "temperature": 0.9}}
         await ws.send(rpc("infer.stream", params, rid="long"))

@@ -40,6 +40,9 @@ from .tasks import TaskMixin
 
 __all__ = ["InferenceEngine"]
 
+# Outcome records queued within this window share one commit (see engine/bookkeeping.py).
+RECORD_DELAY_S = 0.05
+
 log = logging.getLogger("car_inference.engine")
 
 
@@ -75,7 +78,7 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
         self.router = AdaptiveRouter(
             self.config.routing, self.tracker, self.breakers, self.spend, meter=EngineMeter(self)
         )
-        self.bookkeeper = Bookkeeper()
+        self.bookkeeper = Bookkeeper(self.store.batch, delay_s=RECORD_DELAY_S)
 
     def _import_legacy_profiles(self, path: Path) -> None:
         """A first start next to the seed's ``outcome_profiles.json`` takes its profiles over."""

@@ -2,9 +2,12 @@
 
 Per request the router decides (``RoutingDecision``: model, strategy, reason, ordered fallbacks).
 Each attempt then passes three gates before it runs: the model is available, its estimated cost
-fits the spend limits, its circuit breaker allows it. An attempt opens an outcome trace; a
-failure counts toward the breaker (a 4xx client error counts double) and the next fallback runs at
-once; a success closes the breaker, records latency, tokens, TTFT, spend and implicit signals.
+fits the spend limits, its circuit breaker allows it. Each attempt is written as one outcome trace
+when it is over (one store transaction, off the request path: see bookkeeping); a failure counts
+toward the breaker (a 4xx client error counts double) and the next fallback runs at once; a
+success closes the breaker, records latency, tokens, TTFT, spend and implicit signals; an attempt
+whose consumer stopped reading (a closed stream, a cancelled task) is kept as an "abandoned" trace
+and counts for nothing.
 The result's ``trace_id`` is the trace of the attempt that answered, which is what feedback rates.
 
 An explicitly named model that cannot run at all (not pulled, no key) is an error, not a reason to
@@ -13,6 +16,7 @@ answer with another model; fallbacks cover failures while running.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -131,7 +135,7 @@ class GenerationMixin:
     def _open_attempt(
         self, model: ModelSchema, decision: RoutingDecision, request: GenerateRequest, *, first: bool
     ) -> tuple[Any, str]:
-        """Pass the gates and open a trace: (backend, trace id). Raises why the model is skipped.
+        """Pass the gates and open an attempt: (backend, attempt). Raises why the model is skipped.
         A model the caller chose (explicit or preferred) that would break a spend limit refuses
         the whole request; a fallback that would is skipped."""
         backend = self._runnable(model)
@@ -144,65 +148,86 @@ class GenerationMixin:
                 raise
         if not self.breakers.allow(model.id):
             raise CircuitOpen(model.id)
-        trace = uuid.uuid4().hex
-        self.bookkeeper.submit(
-            self.tracker.record_start,
+        attempt = _Attempt(
+            uuid.uuid4().hex,
             model.id,
-            InferenceTask.GENERATE,
             decision.task_family,
+            decision.prompt_cluster,
             decision.reason,
-            prompt=request.last_user_text(),
-            cluster=decision.prompt_cluster,
-            trace_id=trace,
-            started_at=time.time(),
+            request.last_user_text(),
+            time.time(),
         )
-        return backend, trace
+        return backend, attempt
 
     def _attempts(
         self, decision: RoutingDecision, request: GenerateRequest, attempts: list[tuple[str, InferenceError]]
-    ) -> Iterator[tuple[int, ModelSchema, Any, str]]:
-        """The candidates that pass the gates, as (index, model, backend, trace id); a candidate
+    ) -> Iterator[tuple[int, ModelSchema, Any, _Attempt]]:
+        """The candidates that pass the gates, as (index, model, backend, attempt); a candidate
         that does not is added to ``attempts`` with why (or refuses the whole request)."""
         for index, model in enumerate(self._candidates(decision)):
             try:
-                backend, trace = self._open_attempt(model, decision, request, first=index == 0)
+                backend, attempt = self._open_attempt(model, decision, request, first=index == 0)
             except InferenceError as exc:
                 if getattr(exc, "refuses_request", False):
                     raise
                 attempts.append((model.id, exc))
                 continue
-            yield index, model, backend, trace
+            yield index, model, backend, attempt
 
-    def _failed(self, model: ModelSchema, trace: str, exc: InferenceError) -> None:
+    def _failed(self, model: ModelSchema, attempt: _Attempt, exc: InferenceError) -> None:
         self.breakers.record_failure(model.id, failure_weight(exc))
-        self.bookkeeper.submit(self.tracker.record_failure, trace, type(exc).__name__, str(exc))
+        self.bookkeeper.submit(
+            self._record, attempt, success=False, error_class=type(exc).__name__, message=str(exc)
+        )
+
+    def _abandoned(self, attempt: _Attempt) -> None:
+        """The consumer stopped (a closed stream, a cancelled task): a trace, no verdict on the model."""
+        self.bookkeeper.submit(self._record, attempt, success=None)
 
     def _succeeded(
         self,
         model: ModelSchema,
-        trace: str,
+        attempt: _Attempt,
         request: GenerateRequest,
         result: InferenceResult,
         started: float,
     ) -> None:
         self.breakers.record_success(model.id)
         latency_ms = (time.perf_counter() - started) * 1000
-        self.bookkeeper.submit(self._record_success, model, trace, request, result, latency_ms)
+        self.bookkeeper.submit(self._record_success, model, attempt, request, result, latency_ms)
+
+    def _record(self, attempt: _Attempt, **outcome: Any) -> None:
+        self.tracker.record_attempt(
+            attempt.model_id,
+            InferenceTask.GENERATE,
+            attempt.family,
+            attempt.reason,
+            attempt.prompt,
+            trace_id=attempt.trace_id,
+            started_at=attempt.started_at,
+            cluster=attempt.cluster,
+            **outcome,
+        )
 
     def _record_success(
         self,
         model: ModelSchema,
-        trace: str,
+        attempt: _Attempt,
         request: GenerateRequest,
         result: InferenceResult,
         latency_ms: float,
     ) -> None:
-        """On the bookkeeping thread: the outcome, its implicit signals, and the spend."""
+        """Deferred (see bookkeeping): the outcome, its implicit signals, and the spend."""
         usage = result.usage or TokenUsage()
-        self.tracker.record_complete(
-            trace, latency_ms, usage.prompt_tokens, usage.completion_tokens, result.time_to_first_token_ms
+        self._record(
+            attempt,
+            success=True,
+            latency_ms=latency_ms,
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            ttft_ms=result.time_to_first_token_ms,
         )
-        self.tracker.record_signals(trace, detect_signals(request, result))
+        self.tracker.record_signals(attempt.trace_id, detect_signals(request, result))
         if usage.cost_usd:
             self.spend.record(model.provider, model.id, usage.cost_usd)
 
@@ -229,17 +254,20 @@ class GenerationMixin:
         decision = await self._route_off_loop(request)
         request = self._with_decision(request, decision)
         attempts: list[tuple[str, InferenceError]] = []
-        for index, model, backend, trace in self._attempts(decision, request, attempts):
+        for index, model, backend, attempt in self._attempts(decision, request, attempts):
             attempt_start = time.perf_counter()
             try:
                 out = await backend.generate(model, self._prepare(request, model))
             except InferenceError as exc:
-                self._failed(model, trace, exc)
+                self._failed(model, attempt, exc)
                 attempts.append((model.id, exc))
                 continue
-            result = _result(model, out, trace, start)
+            except asyncio.CancelledError:
+                self._abandoned(attempt)
+                raise
+            result = _result(model, out, attempt.trace_id, start)
             result._finish_reason = out.finish_reason
-            self._succeeded(model, trace, request, result, attempt_start)
+            self._succeeded(model, attempt, request, result, attempt_start)
             result._routing = self._routing(decision, index, attempts)
             return result
         raise _final_error(attempts)
@@ -253,26 +281,27 @@ class GenerationMixin:
         decision = await self._route_off_loop(request)
         request = self._with_decision(request, decision)
         attempts: list[tuple[str, InferenceError]] = []
-        for index, model, backend, trace in self._attempts(decision, request, attempts):
+        for index, model, backend, attempt in self._attempts(decision, request, attempts):
             routing = self._routing(decision, index, attempts)
-            yield RouteEvent(
-                model_id=model.id,
-                strategy=routing.strategy,
-                reason=routing.reason,
-                trace_id=trace,
-                fallbacks=list(decision.fallbacks),
-            )
             attempt_start = time.perf_counter()
-            started = False
+            started = finished = False
             ttft: float | None = None
             usage: TokenUsage | None = None
             try:
+                yield RouteEvent(
+                    model_id=model.id,
+                    strategy=routing.strategy,
+                    reason=routing.reason,
+                    trace_id=attempt.trace_id,
+                    fallbacks=list(decision.fallbacks),
+                )
                 events = backend.stream(model, self._prepare(request, model))
                 async with contextlib.aclosing(events):
                     async for event in events:
                         if isinstance(event, Done):
-                            done = _finish_done(model, event, trace, start, ttft, usage)
-                            self._succeeded(model, trace, request, _as_result(done), attempt_start)
+                            done = _finish_done(model, event, attempt.trace_id, start, ttft, usage)
+                            self._succeeded(model, attempt, request, _as_result(done), attempt_start)
+                            finished = True
                             yield done
                             return
                         if isinstance(event, UsageEvent):
@@ -282,14 +311,18 @@ class GenerationMixin:
                         started = True
                         yield event
             except InferenceError as exc:
-                self._failed(model, trace, exc)
+                self._failed(model, attempt, exc)
                 if started:
                     yield ErrorEvent(message=str(exc), retryable=bool(getattr(exc, "retryable", False)))
                     return
                 attempts.append((model.id, exc))
                 continue
+            except (GeneratorExit, asyncio.CancelledError):
+                if not finished:  # a consumer that stops after Done has its answer
+                    self._abandoned(attempt)
+                raise
             error = InferenceFailed(f"{model.id}: the stream ended without a final event")
-            self._failed(model, trace, error)
+            self._failed(model, attempt, error)
             if started:
                 yield ErrorEvent(message=str(error))
                 return
@@ -307,6 +340,19 @@ class GenerationMixin:
         if self.store.trace(trace_id) is None:
             raise TraceNotFound(trace_id)
         self.tracker.record_feedback(trace_id, score)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One model's try at a request: written as one trace when it is over (bookkeeping)."""
+
+    trace_id: str
+    model_id: str
+    family: str
+    cluster: str | None
+    reason: str
+    prompt: str
+    started_at: float  # wall clock, for the trace
 
 
 def _tool_name(tool: dict[str, Any]) -> str | None:

@@ -147,6 +147,69 @@ class OutcomeTracker:
             self.record_signal(previous, ImplicitSignal(ImplicitSignalType.QUICK_RETRY))
         return trace_id
 
+    def record_attempt(
+        self,
+        model_id: str,
+        task: InferenceTask | str = InferenceTask.GENERATE,
+        family: str = "chat",
+        reason: str = "",
+        prompt: str | None = None,
+        *,
+        trace_id: str,
+        started_at: float,
+        success: bool | None,
+        cluster: str | None = None,
+        latency_ms: float | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        ttft_ms: float | None = None,
+        error_class: str | None = None,
+        message: str = "",
+    ) -> None:
+        """A whole attempt, recorded once it is over: ``record_start`` then ``record_complete`` /
+        ``record_failure``, in one store transaction instead of two. ``success=None`` records an
+        abandoned attempt (its consumer stopped reading): kept as a trace, counted nowhere."""
+        if self.store is None:
+            self.record_start(
+                model_id,
+                task,
+                family,
+                reason,
+                prompt,
+                cluster=cluster,
+                trace_id=trace_id,
+                started_at=started_at,
+            )
+            if success is None:
+                with self._lock:
+                    trace = self._traces.get(trace_id)
+                    if trace is not None:
+                        trace.outcome = "abandoned"
+            elif success:
+                self.record_complete(trace_id, latency_ms or 0.0, input_tokens, output_tokens, ttft_ms)
+            else:
+                self.record_failure(trace_id, error_class or "error", message)
+            return
+        phash = prompt_hash(prompt) if prompt else None
+        row = TraceRow(trace_id, model_id, str(task), family, cluster, reason, phash, started_at)
+        now = self._clock()
+        previous, quality, resid = self.store.record_trace(
+            row, success=success, latency_ms=latency_ms, input_tokens=input_tokens,
+            output_tokens=output_tokens, ttft_ms=ttft_ms, error_class=error_class,
+            error=message[:500] if error_class else None, now=now,
+            prior_strength=self.settings.prior_strength,
+            retry_window_s=self.quick_retry_window_s if phash else None,
+        )  # fmt: skip
+        if success is not None:
+            with self._lock:
+                self._observe(
+                    model_id, family=family, cluster=cluster, success=success, latency_ms=latency_ms,
+                    input_tokens=input_tokens, output_tokens=output_tokens, quality=quality, resid=resid,
+                    now=now,
+                )  # fmt: skip
+        if previous is not None and previous != trace_id:
+            self.record_signal(previous, ImplicitSignal(ImplicitSignalType.QUICK_RETRY))
+
     def record_complete(
         self,
         trace_id: str,

@@ -220,6 +220,7 @@ class OutcomeStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._batch_depth = 0
         self._conn = sqlite3.connect(
             str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
         )
@@ -233,14 +234,49 @@ class OutcomeStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken with the write lock up front (no upgrade deadlocks)."""
+        """One write transaction, taken with the write lock up front (no upgrade deadlocks).
+        Inside ``batch()`` it is a savepoint of the batch's transaction: undone alone on error."""
         with self._lock:
+            if self._batch_depth:
+                self._conn.execute("SAVEPOINT write")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK TO write")
+                    self._conn.execute("RELEASE write")
+                    raise
+                self._conn.execute("RELEASE write")
+                return
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
+            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group the writes made inside into one transaction and one commit (the commit is most of
+        a small write's cost). Each write stays atomic on its own (a savepoint); the batch commits
+        what succeeded. Nested batches join the outer one."""
+        with self._lock:
+            if self._batch_depth:
+                self._batch_depth += 1
+                try:
+                    yield
+                finally:
+                    self._batch_depth -= 1
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._batch_depth = 1
+            try:
+                yield
+            except BaseException:
+                self._batch_depth = 0
+                self._conn.execute("ROLLBACK")
+                raise
+            self._batch_depth = 0
             self._conn.execute("COMMIT")
 
     def _migrate(self) -> None:
@@ -325,36 +361,109 @@ class OutcomeStore:
                  error_class, error, base, quality, trace_id),
             )  # fmt: skip
             trace = _trace_row(row)
-            levels = []
-            for key in stat_keys(trace.family, trace.cluster):
-                sums = {ALL: (0.0, 0.0), trace.model_id: (0.0, 0.0)}
-                for model_id, total, n in conn.execute(
-                    "SELECT model_id, decayed_sum, decayed_n FROM task_stats"
-                    " WHERE key = ? AND model_id IN (?, ?)",
-                    (key, ALL, trace.model_id),
-                ):
-                    sums[model_id] = (total, n)
-                levels.append((*sums[ALL], *sums[trace.model_id]))
-            resid = residual(quality if quality is not None else base, prior_strength, levels)
-            params: dict[str, Any] = {
-                "model_id": trace.model_id,
-                "ok": int(success),
-                "fail": int(not success),
-                "latency": float(latency_ms or 0.0),
-                "in_tok": int(input_tokens),
-                "out_tok": int(output_tokens),
-                "q": quality,
-                "r": resid,
-                "now": now,
-                "alpha": EMA_ALPHA,
-                "decay": QUALITY_DECAY,
-            }
-            conn.execute(_PROFILE_UPSERT, params)
-            for key in stat_keys(trace.family, trace.cluster):
-                conn.execute(_TASK_UPSERT, {**params, "key": key})
-            for model_id, key in baseline_rows(trace.family, trace.cluster):
-                conn.execute(_TASK_UPSERT, {**params, "model_id": model_id, "key": key, "r": 0.0})
+            resid = self._count(
+                conn, trace, success=success, latency_ms=latency_ms, input_tokens=input_tokens,
+                output_tokens=output_tokens, quality=quality if quality is not None else base, now=now,
+                prior_strength=prior_strength,
+            )  # fmt: skip
             return trace, float(quality if quality is not None else base), resid
+
+    def record_trace(
+        self,
+        row: TraceRow,
+        *,
+        success: bool | None,
+        latency_ms: float | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        ttft_ms: float | None = None,
+        error_class: str | None = None,
+        error: str | None = None,
+        now: float | None = None,
+        prior_strength: float = 10.0,
+        retry_window_s: float | None = None,
+    ) -> tuple[str | None, float, float]:
+        """A whole attempt in one transaction: ``start_trace`` and ``finish_trace`` together, for
+        callers that write a trace once it is over (the engine does). ``success=None`` records an
+        abandoned attempt (the caller stopped reading): kept as a trace, counted nowhere.
+        Returns (the earlier trace this one quickly retried, as ``start_trace``; quality;
+        residual)."""
+        now = time.time() if now is None else now
+        base = None if success is None else (1.0 if success else 0.0)
+        outcome = "abandoned" if success is None else ("success" if success else "failure")
+        with self._tx() as conn:
+            previous = None
+            if retry_window_s is not None and row.prompt_hash:
+                hit = conn.execute(
+                    "SELECT trace_id FROM traces WHERE prompt_hash = ? AND started_at >= ?"
+                    " AND outcome != 'failure' ORDER BY started_at DESC LIMIT 1",
+                    (row.prompt_hash, row.started_at - retry_window_s),
+                ).fetchone()
+                previous = hit[0] if hit else None
+            conn.execute(
+                "INSERT INTO traces (trace_id, model_id, task, family, cluster, reason, prompt_hash,"
+                " started_at, outcome, completed_at, latency_ms, ttft_ms, input_tokens, output_tokens,"
+                " error_class, error, base, quality) VALUES (" + ", ".join("?" * 18) + ")",
+                (row.trace_id, row.model_id, row.task, row.family, row.cluster, row.reason, row.prompt_hash,
+                 row.started_at, outcome, now, latency_ms, ttft_ms, input_tokens, output_tokens, error_class,
+                 error, base, base),
+            )  # fmt: skip
+            if success is None or base is None:
+                return previous, 0.0, 0.0
+            resid = self._count(
+                conn, row, success=success, latency_ms=latency_ms, input_tokens=input_tokens,
+                output_tokens=output_tokens, quality=base, now=now, prior_strength=prior_strength,
+            )  # fmt: skip
+            return previous, base, resid
+
+    @staticmethod
+    def _count(
+        conn: sqlite3.Connection,
+        trace: TraceRow,
+        *,
+        success: bool,
+        latency_ms: float | None,
+        input_tokens: int,
+        output_tokens: int,
+        quality: float,
+        now: float,
+        prior_strength: float,
+    ) -> float:
+        """Count one finished attempt in ``profiles`` and ``task_stats`` (inside the caller's
+        transaction); returns its residual, from the rows as they were before it."""
+        keys = stat_keys(trace.family, trace.cluster)
+        levels = []
+        for key in keys:
+            sums = {ALL: (0.0, 0.0), trace.model_id: (0.0, 0.0)}
+            for model_id, total, n in conn.execute(
+                "SELECT model_id, decayed_sum, decayed_n FROM task_stats"
+                " WHERE key = ? AND model_id IN (?, ?)",
+                (key, ALL, trace.model_id),
+            ):
+                sums[model_id] = (total, n)
+            levels.append((*sums[ALL], *sums[trace.model_id]))
+        resid = residual(quality, prior_strength, levels)
+        params: dict[str, Any] = {
+            "model_id": trace.model_id,
+            "ok": int(success),
+            "fail": int(not success),
+            "latency": float(latency_ms or 0.0),
+            "in_tok": int(input_tokens),
+            "out_tok": int(output_tokens),
+            "q": quality,
+            "r": resid,
+            "now": now,
+            "alpha": EMA_ALPHA,
+            "decay": QUALITY_DECAY,
+        }
+        conn.execute(_PROFILE_UPSERT, params)
+        rows = [{**params, "key": key} for key in keys]
+        rows += [
+            {**params, "model_id": m, "key": key, "r": 0.0}
+            for m, key in baseline_rows(trace.family, trace.cluster)
+        ]
+        conn.executemany(_TASK_UPSERT, rows)
+        return resid
 
     def adjust_quality(
         self, trace_id: str, kind: str, value: float, *, explicit: bool, now: float | None = None

@@ -76,9 +76,9 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/v1/health", model_health, methods=["GET"])
-    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_route("/health", health, methods=["GET"])
+    app.add_route("/v1/health", model_health, methods=["GET"])
+    app.add_route("/metrics", metrics, methods=["GET"])
     routes.register(app, state)
     media.register(app, state)
     jsonrpc.register(app, state)

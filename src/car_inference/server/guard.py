@@ -80,6 +80,13 @@ class Guard:
         else:
             await self.app(scope, receive, send)
 
+    def _too_large(self) -> ApiError:
+        return ApiError(
+            413,
+            f"the request body is larger than {self.state.settings.max_body_mb:g} MB (server.max_body_mb)",
+            code="request_too_large",
+        )
+
     async def _refuse(self, send: Any, error: ApiError, headers: dict[str, str] | None = None) -> int:
         info = describe(error)
         raw = [(b"content-type", b"application/json")]
@@ -114,19 +121,14 @@ class Guard:
             return
         limit = self.state.max_body_bytes
         length = _content_length(headers)
-        too_large = ApiError(
-            413,
-            f"the request body is larger than {self.state.settings.max_body_mb:g} MB (server.max_body_mb)",
-            code="request_too_large",
-        )
         if length is not None and length > limit:
-            metrics.request(route, None, await self._refuse(send, too_large))
+            metrics.request(route, None, await self._refuse(send, self._too_large()))
             return
         if length is None and scope["method"] not in ("GET", "HEAD", "DELETE", "OPTIONS"):
             try:
                 receive = await _buffered(receive, limit)
             except _TooLarge:
-                metrics.request(route, None, await self._refuse(send, too_large))
+                metrics.request(route, None, await self._refuse(send, self._too_large()))
                 return
         limiter = self.state.limiter
         if path not in UNLIMITED_PATHS and not limiter.try_acquire():

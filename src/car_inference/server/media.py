@@ -190,6 +190,6 @@ def register(app: FastAPI, state: ServerState) -> None:
         payload = {"created": int(time.time()), "data": data, "output_format": fmt}
         return json_response(payload, headers=car_headers(result.model_used))
 
-    app.add_api_route("/v1/audio/transcriptions", transcriptions, methods=["POST"])
-    app.add_api_route("/v1/audio/speech", speech, methods=["POST"])
-    app.add_api_route("/v1/images/generations", images, methods=["POST"])
+    app.add_route("/v1/audio/transcriptions", transcriptions, methods=["POST"])
+    app.add_route("/v1/audio/speech", speech, methods=["POST"])
+    app.add_route("/v1/images/generations", images, methods=["POST"])

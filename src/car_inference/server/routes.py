@@ -110,10 +110,10 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, str(exc), param="score") from None
         return json_response({"trace_id": trace_id, "score": float(score), "recorded": True})
 
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
-    app.add_api_route("/v1/embeddings", embeddings, methods=["POST"])
-    app.add_api_route("/v1/rerank", rerank, methods=["POST"])
-    app.add_api_route("/v1/models", list_models, methods=["GET"])
-    app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
-    app.add_api_route("/v1/feedback", feedback, methods=["POST"])
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/embeddings", embeddings, methods=["POST"])
+    app.add_route("/v1/rerank", rerank, methods=["POST"])
+    app.add_route("/v1/models", list_models, methods=["GET"])
+    app.add_route("/v1/models/{model_id:path}", get_model, methods=["GET"])
+    app.add_route("/v1/feedback", feedback, methods=["POST"])

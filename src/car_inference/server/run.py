@@ -12,6 +12,7 @@ from typing import Any
 import uvicorn
 
 from ..config import ServerSettings
+from .transport import coalescing_protocol
 
 __all__ = ["BindRefused", "ServerThread", "check_bind", "is_loopback", "serve", "uvicorn_config"]
 
@@ -45,6 +46,9 @@ def check_bind(host: str, api_keys: list[str]) -> None:
 def uvicorn_config(
     app: Any, settings: ServerSettings, *, log_level: str = "info", **extra: Any
 ) -> uvicorn.Config:
+    protocol = coalescing_protocol()
+    if protocol is not None:
+        extra.setdefault("http", protocol)
     return uvicorn.Config(
         app,
         host=settings.host,
