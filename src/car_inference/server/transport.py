@@ -12,6 +12,7 @@ code producing them yields to the loop, so nothing waits longer than the turn it
 from __future__ import annotations
 
 import asyncio
+from functools import cache
 from typing import Any
 
 __all__ = ["CoalescingTransport", "coalescing_protocol"]
@@ -61,6 +62,7 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+@cache
 def coalescing_protocol() -> type | None:
     """uvicorn's httptools protocol over a ``CoalescingTransport``; None when httptools is not
     installed (uvicorn then picks its default protocol)."""
