@@ -69,6 +69,11 @@ class CarPaths(BaseModel):
     def models_dir(self) -> Path:
         return self.home / "models"
 
+    @property
+    def cache_dir(self) -> Path:
+        """Files derived from installed models and rebuilt when missing (reassembled weights)."""
+        return self.home / "cache"
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -158,6 +163,9 @@ class ServerSettings(_Section):
     max_body_mb: float = Field(default=32.0, gt=0)
     max_concurrency: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)
+    record_delay_ms: float = Field(
+        default=50.0, ge=0, le=10_000, description="outcome records of this window share one commit"
+    )
 
 
 class SpeechSettings(_Section):

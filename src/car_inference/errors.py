@@ -18,6 +18,7 @@ __all__ = [
     "DownloadFailed",
     "InferenceError",
     "InferenceFailed",
+    "InvalidInput",
     "ModelNotFound",
     "ModelUnavailable",
     "ProviderError",
@@ -60,6 +61,12 @@ class DownloadFailed(InferenceError):
 
 class InferenceFailed(InferenceError):
     """The model ran but could not produce a result."""
+
+
+class InvalidInput(InferenceError):
+    """The request's input cannot be used: an audio file that is missing or cannot be decoded,
+    empty text, a language or voice the model does not have. The caller must change the request
+    (a 400 from the server, exit status 2 from the CLI); no other model would do better."""
 
 
 class UnsupportedMode(InferenceError):

@@ -227,7 +227,7 @@ _EXTRA_HINT = {
     "gemini": "pip install 'car-inference[gemini]'",
     "ollama": "pip install 'car-inference[openai]'",
     "vllm": "pip install 'car-inference[openai]'",
-    "piper": "speech backends are not implemented yet",
-    "whisper": "speech backends are not implemented yet",
+    "piper": "pip install 'car-inference[speech]'",
+    "whisper": "pip install 'car-inference[speech]'",
     "elevenlabs": "the ElevenLabs backend is not implemented yet",
 }

@@ -139,6 +139,9 @@ class Message(_Model):
     tool_calls: list[ToolCall] = Field(default_factory=list)
     tool_call_id: str | None = None
     name: str | None = None
+    # An assistant turn's opaque provider items, as a result's ``provider_output_items`` gave them
+    # (Anthropic thinking blocks with signatures, which a tool loop with thinking must send back).
+    provider_items: list[dict[str, Any]] = Field(default_factory=list)
 
     def text(self) -> str:
         """The message's text, media blocks left out."""

@@ -8,7 +8,7 @@ arguments, keyed by ``index``; ``StreamAccumulator`` assembles them into complet
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -86,6 +86,9 @@ class Done(_Event):
     time_to_first_token_ms: float | None = None
     usage: TokenUsage | None = None
     finish_reason: str | None = None
+    # Opaque items the provider needs back with this turn (Anthropic thinking blocks and their
+    # signatures): give them to the next request as the assistant message's ``provider_items``.
+    provider_output_items: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ErrorEvent(_Event):

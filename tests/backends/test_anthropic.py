@@ -277,6 +277,51 @@ async def test_thinking_kept_apart(fake: FakeProviderServer, be: AnthropicBacken
     assert (out.text, out.thinking) == ("42", None)
 
 
+async def test_tool_loop_with_thinking_sends_the_signed_blocks_back(
+    fake: FakeProviderServer, be: AnthropicBackend
+) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    fake.queue(
+        Reply(thinking="I should look it up", tool_calls=[ToolCallSpec("get_weather", {"city": "Oslo"})]),
+        Reply(thinking="It is cold", text="3 °C in Oslo"),
+        Reply(text="never reached"),
+    )
+    ask = Message(role="user", content="Weather in Oslo?")
+    on = {"thinking": "on"}
+    first = await be.generate(model(fake), GenerateRequest(messages=[ask], tools=tools, params=on))
+    assert (
+        first.provider_output_items
+        == [
+            {
+                "type": "thinking",
+                "thinking": "I should look it up",
+                "signature": first.provider_output_items[0]["signature"],
+            }
+        ]
+        and first.provider_output_items[0]["signature"]
+    )
+    turn = Message(
+        role="assistant",
+        content=first.text,
+        tool_calls=first.tool_calls,
+        provider_items=first.provider_output_items,
+    )
+    result = Message(role="tool", tool_call_id=first.tool_calls[0].id, content="3 °C")
+    second = await be.generate(
+        model(fake), GenerateRequest(messages=[ask, turn, result], tools=tools, params=on)
+    )
+    assert second.text == "3 °C in Oslo"
+    blocks = sent(fake)["messages"][1]["content"]
+    assert [b["type"] for b in blocks] == ["thinking", "tool_use"] and blocks[
+        0
+    ] == first.provider_output_items[0]
+    # Without the blocks the API refuses the turn (the fake enforces Anthropic's rule): a 400.
+    bare = turn.model_copy(update={"provider_items": []})
+    with pytest.raises(ProviderError, match="must start with a thinking block") as info:
+        await be.generate(model(fake), GenerateRequest(messages=[ask, bare, result], tools=tools, params=on))
+    assert info.value.status == 400 and not info.value.retryable
+
+
 async def test_prompt_caching(fake: FakeProviderServer, be: AnthropicBackend) -> None:
     history = [
         Message(role="user", content="first"),

@@ -388,6 +388,35 @@ def _signature_for(thinking: str) -> str:
     return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
 
 
+def _anthropic_thinking_problem(body: dict[str, Any]) -> str | None:
+    """Anthropic's rule for tool loops with thinking on: the last assistant turn, when it used a
+    tool, starts with the thinking block it was given, its signature intact."""
+    if (body.get("thinking") or {}).get("type") not in ("enabled", "adaptive"):
+        return None
+    turns = body.get("messages") or []
+    for index in range(len(turns) - 1, -1, -1):
+        turn = turns[index]
+        if turn.get("role") != "assistant":
+            continue
+        blocks = turn.get("content")
+        if not isinstance(blocks, list) or not any(b.get("type") == "tool_use" for b in blocks):
+            return None
+        first = blocks[0].get("type")
+        if first not in ("thinking", "redacted_thinking"):
+            return (
+                f"messages.{index}.content.0.type: Expected `thinking` or `redacted_thinking`, but found "
+                f"`{first}`. When `thinking` is enabled, a final `assistant` message must start with a "
+                "thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks)."
+            )
+        for block in blocks:
+            if block.get("type") == "thinking" and block.get("signature") != _signature_for(
+                block["thinking"]
+            ):
+                return f"messages.{index}.content.0: Invalid `signature` in `thinking` block"
+        return None
+    return None
+
+
 # Error shapes -----------------------------------------------------------------------------------
 
 _OPENAI_ERR = {
@@ -1196,6 +1225,10 @@ class _Handler(BaseHTTPRequestHandler):
         }
 
     def _anthropic_messages(self, reply: Reply, stream: bool) -> None:
+        problem = _anthropic_thinking_problem(self._body)
+        if problem is not None:
+            self._send_error(400, problem)
+            return
         text, tool_calls, prompt, completion, _thinking_tokens = self._resolve(reply)
         stop_reason = _finish_reason(reply, "anthropic", bool(tool_calls))
         mid = f"msg_{_hex_id(24)}"

@@ -29,27 +29,30 @@ from car_inference.server.media import parse_multipart
 WAV = b"RIFF\x24\x00\x00\x00WAVEfmt \r\n\r\n--boundary-like\r\n" + bytes(range(256))
 
 
-def test_missing_backends_are_501_naming_the_capability(local_server: ServerThread) -> None:
+def test_speech_round_trip_and_missing_images_501(local_server: ServerThread) -> None:
     client = openai.OpenAI(base_url=local_server.url + "/v1", api_key="unused", max_retries=0)
-    calls = {
-        "speech_to_text": lambda: client.audio.transcriptions.create(
-            model="auto", file=("a.wav", WAV, "audio/wav")
-        ),
-        "text_to_speech": lambda: client.audio.speech.create(model="auto", voice="alloy", input="Hello"),
-        "image_generation": lambda: client.images.generate(model="auto", prompt="a red apple"),
-    }
-    messages = {}
-    for capability, make in calls.items():
-        with pytest.raises(openai.APIStatusError) as info:
-            make()
-        error = info.value
-        assert error.status_code == 501 and error.code == "capability_unavailable", capability
-        assert f"- {capability} is not available on this server: " in error.message
-        assert error.type == "not_implemented_error"
-        messages[capability] = error.message
-    # The engine's reason follows: which backend is missing, or that no model is configured.
-    assert "no backend installed for 'whisper' models" in messages["speech_to_text"]
-    assert "no model is configured for image_generation" in messages["image_generation"]
+    # Text to speech on the embedded Piper voice (an OpenAI voice name is accepted and ignored).
+    speech = client.audio.speech.create(
+        model="auto", voice="alloy", input="The quick brown fox.", response_format="wav"
+    )
+    audio = speech.read()
+    assert audio[:4] == b"RIFF" and audio[8:12] == b"WAVE" and len(audio) > 10_000
+    assert speech.response.headers["x-car-model"] == "piper/en_us-joe-medium"
+    # ... and back to text on the embedded Whisper.
+    text = client.audio.transcriptions.create(model="auto", file=("fox.wav", audio, "audio/wav"))
+    assert "fox" in text.text.lower()
+    # Audio that is not audio is the caller's mistake: 400, not 500.
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.audio.transcriptions.create(model="auto", file=("a.wav", WAV, "audio/wav"))
+    assert bad.value.code == "invalid_input" and "could not transcribe" in bad.value.message
+    # No image model: a 501 naming the capability and the engine's reason.
+    with pytest.raises(openai.APIStatusError) as info:
+        client.images.generate(model="auto", prompt="a red apple")
+    error = info.value
+    assert error.status_code == 501 and error.code == "capability_unavailable"
+    assert error.type == "not_implemented_error"
+    assert "image_generation is not available on this server: " in error.message
+    assert "no model is configured for image_generation" in error.message
 
 
 def test_bad_media_requests_are_400(local_server: ServerThread) -> None:

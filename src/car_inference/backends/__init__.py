@@ -34,6 +34,10 @@ BACKENDS: dict[str, BackendSpec] = {
     "sentence": BackendSpec(
         "car_inference.backends.sentence:SentenceBackend", ("sentence_transformers",), "sentence"
     ),
+    "piper": BackendSpec("car_inference.backends.piper:PiperBackend", ("piper", "onnxruntime"), "speech"),
+    "whisper": BackendSpec(
+        "car_inference.backends.whisper:WhisperBackend", ("faster_whisper", "ctranslate2", "av"), "speech"
+    ),
     # One OpenAI Chat Completions backend for OpenAI and every compatible server (hosts are data).
     "openai": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),
     "ollama": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),

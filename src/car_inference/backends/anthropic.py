@@ -34,8 +34,9 @@ Request mapping (a parameter goes out only when ``ModelSchema.supports_param`` s
   reasons in OpenAI's words: end_turn/stop_sequence -> stop, max_tokens -> length, tool_use ->
   tool_calls, refusal -> content_filter.
 
-Not carried: thinking blocks (and their signatures) of earlier assistant turns, since ``Message``
-has no place for them; a multi-turn tool loop with thinking on may need them on some models.
+- thinking blocks (``thinking`` with its ``signature``, ``redacted_thinking``) of an answer come
+  back as ``provider_output_items``; an assistant ``Message`` carrying them in ``provider_items``
+  sends them first in its turn, as the API requires of a tool loop with thinking on.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolC
 from .remote import (
     Endpoint,
     Finish,
+    ProviderItems,
     RemoteBackend,
     StreamIncomplete,
     status_error,
@@ -80,6 +82,7 @@ from .wire import (
 __all__ = ["AnthropicBackend"]
 
 _EPHEMERAL = {"type": "ephemeral"}
+_THINKING_BLOCKS = ("thinking", "redacted_thinking")
 _FINISH = {
     "end_turn": "stop",
     "stop_sequence": "stop",
@@ -228,6 +231,10 @@ class AnthropicBackend(RemoteBackend):
                 if not (isinstance(b, TextBlock) and not b.text)
             ]
         if message.role == "assistant":
+            # The turn's thinking blocks go first, as they came: a tool loop with thinking on
+            # must send them back, signatures intact.
+            thinking = [dict(i) for i in message.provider_items if i.get("type") in _THINKING_BLOCKS]
+            blocks = thinking + blocks
             blocks += [
                 {"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments}
                 for call in message.tool_calls
@@ -258,6 +265,7 @@ class AnthropicBackend(RemoteBackend):
     ) -> AsyncIterator[StreamEvent | Finish]:
         stream = await client.messages.create(**payload, stream=True)
         tools: dict[int, int] = {}  # content block index -> tool call index
+        kept: dict[int, dict[str, Any]] = {}  # content block index -> thinking block to send back
         counts = {"input": 0, "output": 0, "read": 0, "created": 0}
         finished = False
         stop_reason: str | None = None
@@ -275,14 +283,26 @@ class AnthropicBackend(RemoteBackend):
                             yield ToolCallDelta(index=tools[event.index], arguments=json.dumps(block.input))
                     elif block.type == "text" and block.text:
                         yield TextDelta(text=block.text)
-                    elif block.type == "thinking" and block.thinking:
-                        yield ThinkingDelta(text=block.thinking)
+                    elif block.type == "thinking":
+                        kept[event.index] = {
+                            "type": "thinking",
+                            "thinking": block.thinking or "",
+                            "signature": getattr(block, "signature", "") or "",
+                        }
+                        if block.thinking:
+                            yield ThinkingDelta(text=block.thinking)
+                    elif block.type == "redacted_thinking":
+                        kept[event.index] = {"type": "redacted_thinking", "data": block.data}
                 elif kind == "content_block_delta":
                     delta = event.delta
                     if delta.type == "text_delta":
                         yield TextDelta(text=delta.text)
                     elif delta.type == "thinking_delta":
+                        if event.index in kept:
+                            kept[event.index]["thinking"] += delta.thinking
                         yield ThinkingDelta(text=delta.thinking)
+                    elif delta.type == "signature_delta" and event.index in kept:
+                        kept[event.index]["signature"] += delta.signature
                     elif delta.type == "input_json_delta" and delta.partial_json and event.index in tools:
                         yield ToolCallDelta(index=tools[event.index], arguments=delta.partial_json)
                 elif kind == "message_delta":
@@ -296,6 +316,8 @@ class AnthropicBackend(RemoteBackend):
             raise StreamIncomplete("no message_stop")
         if stop_reason is not None:
             yield Finish(_FINISH.get(stop_reason, stop_reason))
+        if kept:
+            yield ProviderItems([kept[i] for i in sorted(kept)])
         prompt = counts["input"] + counts["read"] + counts["created"]
         yield UsageEvent(usage=usage_of(prompt, counts["output"], None, counts["read"]))
 

@@ -76,7 +76,7 @@ class GenerationOutput(BaseModel):
             usage=done.usage,
             time_to_first_token_ms=ttft_ms,
             finish_reason=done.finish_reason,
-            provider_output_items=[],
+            provider_output_items=list(done.provider_output_items),
         )
 
 

@@ -107,6 +107,14 @@ class Finish:
     reason: str
 
 
+@dataclass(frozen=True)
+class ProviderItems:
+    """Yielded by ``events`` (not a stream event): opaque items the provider needs back with this
+    turn (Anthropic thinking blocks with signatures), for ``Done.provider_output_items``."""
+
+    items: list[dict[str, Any]]
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds from a Retry-After header: delta seconds, or an HTTP-date."""
     if not value:
@@ -262,8 +270,9 @@ class RemoteBackend:
 
     def events(
         self, client: Any, endpoint: Endpoint, model: ModelSchema, payload: dict[str, Any]
-    ) -> AsyncIterator[StreamEvent | Finish]:
-        """Content events, a ``Finish`` and a ``UsageEvent``; raises SDK errors or ``StreamIncomplete``."""
+    ) -> AsyncIterator[StreamEvent | Finish | ProviderItems]:
+        """Content events, a ``Finish``, a ``UsageEvent`` and optionally ``ProviderItems``; raises SDK
+        errors or ``StreamIncomplete``."""
         raise NotImplementedError
 
     def translate(
@@ -362,6 +371,7 @@ class RemoteBackend:
             tried.add(key)
             acc = StreamAccumulator()
             finish: str | None = None
+            items: list[dict[str, Any]] = []
             ttft: float | None = None
             started = False
             error: ProviderError | None = None
@@ -371,6 +381,8 @@ class RemoteBackend:
                     async for event in events:
                         if isinstance(event, Finish):
                             finish = event.reason
+                        elif isinstance(event, ProviderItems):
+                            items = event.items
                         elif isinstance(event, UsageEvent):
                             acc.push(event)
                         elif not (hide_thinking and isinstance(event, ThinkingDelta)):
@@ -395,6 +407,7 @@ class RemoteBackend:
                     usage=usage,
                     time_to_first_token_ms=ttft,
                     finish_reason=finish,
+                    provider_output_items=items,
                 )
                 return
             last = error

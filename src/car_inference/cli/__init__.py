@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import generate, keys, routing, serve, tasks
+from . import generate, keys, routing, serve, speech, tasks
 from .models import config_app, models_app
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 generate.register(app)
 tasks.register(app)
+speech.register(app)
 keys.register(app)
 routing.register(app)
 serve.register(app)

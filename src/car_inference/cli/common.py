@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import ConfigError, InferenceError, ModelNotFound
+from ..errors import ConfigError, InferenceError, InvalidInput, ModelNotFound
 
 T = TypeVar("T")
 
@@ -42,7 +42,7 @@ def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
 
 
 def _exit_code(exc: InferenceError) -> int:
-    return EXIT_USAGE if isinstance(exc, ModelNotFound | ConfigError) else EXIT_FAILURE
+    return EXIT_USAGE if isinstance(exc, ModelNotFound | ConfigError | InvalidInput) else EXIT_FAILURE
 
 
 def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:

@@ -8,9 +8,11 @@ wraps them. The class is assembled from focused mixins: generation and routing
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import threading
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -39,9 +41,6 @@ from .meter import EngineMeter
 from .tasks import TaskMixin
 
 __all__ = ["InferenceEngine"]
-
-# Outcome records queued within this window share one commit (see engine/bookkeeping.py).
-RECORD_DELAY_S = 0.05
 
 log = logging.getLogger("car_inference.engine")
 
@@ -78,7 +77,10 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
         self.router = AdaptiveRouter(
             self.config.routing, self.tracker, self.breakers, self.spend, meter=EngineMeter(self)
         )
-        self.bookkeeper = Bookkeeper(self.store.batch, delay_s=RECORD_DELAY_S)
+        self.bookkeeper = Bookkeeper(self.store.batch)
+        # Records still queued when the program ends (a script that never calls close, a loop that
+        # stopped before the drain) are written on the way out.
+        atexit.register(_flush_at_exit, weakref.ref(self.bookkeeper))
 
     def _import_legacy_profiles(self, path: Path) -> None:
         """A first start next to the seed's ``outcome_profiles.json`` takes its profiles over."""
@@ -209,3 +211,9 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
                 str(capability), model.kind, f"the {model.kind} backend does not implement {method}"
             )
         return fn
+
+
+def _flush_at_exit(ref: weakref.ref[Bookkeeper]) -> None:
+    keeper = ref()
+    if keeper is not None:
+        keeper.flush()

@@ -408,7 +408,7 @@ def _as_result(done: Done) -> InferenceResult:
         latency_ms=done.latency_ms or 0.0,
         time_to_first_token_ms=done.time_to_first_token_ms,
         usage=done.usage,
-        provider_output_items=[],
+        provider_output_items=list(done.provider_output_items),
         thinking=done.thinking,
     )
 

@@ -36,6 +36,7 @@ from ..errors import (
     DeviceError,
     DownloadFailed,
     InferenceError,
+    InvalidInput,
     ModelNotFound,
     ModelUnavailable,
     ProviderError,
@@ -152,6 +153,8 @@ def describe(exc: BaseException, *, capability: str | None = None, timeout_s: fl
         return ErrorInfo(503, "server_error", "model_unavailable", str(exc), "model", name, retryable=False)
     if isinstance(exc, UnsupportedMode):
         return ErrorInfo(400, "invalid_request_error", "unsupported_mode", str(exc), None, name)
+    if isinstance(exc, InvalidInput):
+        return ErrorInfo(400, "invalid_request_error", "invalid_input", str(exc), None, name)
     if isinstance(exc, TokenizationError):
         return ErrorInfo(400, "invalid_request_error", "tokenization_error", str(exc), None, name)
     if isinstance(exc, SpendLimitExceeded):
@@ -247,6 +250,7 @@ RPC_CODES: dict[str | None, int] = {
     "circuit_open": -32011,
     "device_unavailable": -32011,
     "tokenization_error": -32012,
+    "invalid_input": INVALID_PARAMS,
     "download_failed": -32013,
     "configuration_error": -32014,
     "stream_failed": -32015,

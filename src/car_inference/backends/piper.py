@@ -1,0 +1,235 @@
+"""Piper text-to-speech in-process: an ONNX voice from an installed package, a path or a pulled file.
+
+A voice is an ``.onnx`` model with its ``.onnx.json`` config beside it. Audio comes out as 16-bit
+mono PCM at the voice's sample rate: written as WAV or raw PCM with the standard library, or
+encoded to MP3/FLAC with PyAV (which the ``speech`` extra installs; faster-whisper needs it too).
+Files are written under a temporary name beside their target and renamed into place, so nobody
+ever reads half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import tempfile
+import wave
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..catalog.locate import local_path
+from ..errors import InferenceFailed, InvalidInput, UnsupportedMode
+from ..requests import SynthesizeRequest, SynthesizeResult
+from ..schema import ModelSchema, PiperSource
+from .base import BackendContext, run_blocking
+from .cache import CachedModel
+
+__all__ = ["MEDIA_TYPES", "PiperBackend", "write_audio"]
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "mp3": "audio/mpeg", "flac": "audio/flac"}
+_ENCODERS = {"mp3": "libmp3lame", "flac": "flac"}
+
+
+class PiperBackend:
+    kind = "piper"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+
+    def _entry(self, model: ModelSchema) -> CachedModel:
+        onnx = voice_file(model)
+        config = onnx.with_name(onnx.name + ".json")
+        if not config.is_file():
+            raise InferenceFailed(f"{model.id}: the voice config {config.name} is missing beside {onnx}")
+        size = model.cost.size_mb or onnx.stat().st_size / 1e6
+
+        def load() -> Any:
+            from piper import PiperVoice
+
+            try:
+                return PiperVoice.load(onnx, config_path=config, use_cuda=False)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise InferenceFailed(f"could not load {model.id} from {onnx}: {exc}") from exc
+
+        return self.ctx.cache.get_or_load(f"piper:{model.id}", size, load)
+
+    def warm_up(self, model: ModelSchema) -> None:
+        self._entry(model)
+
+    async def synthesize(self, model: ModelSchema, request: SynthesizeRequest) -> SynthesizeResult:
+        text = request.text.strip()
+        if not text:
+            raise InvalidInput(f"{model.id}: nothing to synthesize: the text is empty")
+        fmt = request.format
+        if fmt in _ENCODERS and not _have_pyav():
+            hint = "encoding needs PyAV: pip install 'car-inference[speech]'"
+            raise UnsupportedMode(f"synthesize format {fmt}", "piper", hint)
+        _check_unsupported_controls(model, request)
+
+        def work() -> SynthesizeResult:
+            from piper import SynthesisConfig
+
+            entry = self._entry(model)
+            voice = entry.instance
+            speaker_id, voice_used = _speaker(model, voice.config, request)
+            _check_language(model, voice.config, request)
+            config = SynthesisConfig(
+                speaker_id=speaker_id,
+                # Piper's length_scale is seconds per phoneme relative to normal: 2x speed = 0.5.
+                length_scale=voice.config.length_scale / request.speed if request.speed else None,
+            )
+            with entry.lock:
+                try:
+                    pcm = b"".join(chunk.audio_int16_bytes for chunk in voice.synthesize(text, config))
+                except (RuntimeError, ValueError, KeyError) as exc:
+                    raise InferenceFailed(f"{model.id} could not synthesize the text: {exc}") from exc
+            if not pcm:
+                raise InvalidInput(f"{model.id}: the text has nothing to pronounce: {text[:60]!r}")
+            target = _output_path(request.output_path, fmt)
+            write_audio(target, pcm, voice.config.sample_rate, fmt)
+            return SynthesizeResult(
+                audio_path=str(target),
+                media_type=MEDIA_TYPES[fmt],
+                model_used=model.id,
+                voice_used=voice_used,
+            )
+
+        return await run_blocking(work)
+
+
+def voice_file(model: ModelSchema) -> Path:
+    """The voice's ``.onnx`` file: the located path itself, or the one in the located folder."""
+    found = local_path(model)
+    if found.is_file():
+        return found
+    source = model.source
+    named = getattr(source, "filename", None) if isinstance(source, PiperSource) else None
+    if named and (found / named).is_file():
+        return found / named
+    candidates = sorted(found.glob("*.onnx"))
+    if len(candidates) != 1:
+        what = "no" if not candidates else f"{len(candidates)}"
+        raise InferenceFailed(f"{model.id}: {what} .onnx voices in {found}; set `resource` or `filename`")
+    return candidates[0]
+
+
+def _speaker(model: ModelSchema, config: Any, request: SynthesizeRequest) -> tuple[int | None, str]:
+    """Speaker id and name for ``request.voice``. A single-speaker voice answers to its own names;
+    another voice name (an OpenAI client's "alloy") is ignored unless ``strict_capabilities``."""
+    speakers: dict[str, int] = dict(config.speaker_id_map or {})
+    multi = config.num_speakers > 1 and bool(speakers)
+    wanted = request.voice
+    if wanted is not None:
+        if multi and wanted in speakers:
+            return speakers[wanted], wanted
+        if multi and wanted.isdigit() and int(wanted) < config.num_speakers:
+            return int(wanted), wanted
+        if not multi and wanted.lower() in _own_names(model):
+            return None, model.name
+        known = ", ".join(sorted(speakers)) if multi else model.name
+        if request.strict_capabilities:
+            raise InvalidInput(f"{model.id} has no voice {wanted!r}; its voices: {known}")
+        log.info("%s has no voice %r; using its default voice", model.id, wanted)
+    if not multi:
+        return None, model.name
+    default = int(getattr(config, "default_speaker_id", 0))
+    return default, next((n for n, i in speakers.items() if i == default), str(default))
+
+
+def _check_language(model: ModelSchema, config: Any, request: SynthesizeRequest) -> None:
+    """A voice speaks one language: another one is an error when strict, else a warning."""
+    if not request.language:
+        return
+    wanted = request.language.lower().replace("_", "-").split("-")[0]
+    spoken = str(config.espeak_voice or "").lower().split("-")[0]
+    if not spoken or wanted == spoken:
+        return
+    if request.strict_capabilities:
+        raise InvalidInput(f"{model.id} speaks {config.espeak_voice}, not {request.language}")
+    log.warning("%s speaks %s, not %s", model.id, config.espeak_voice, request.language)
+
+
+def _own_names(model: ModelSchema) -> set[str]:
+    return {model.id.lower(), model.id.split("/")[-1].lower(), model.name.lower()} | {
+        a.lower() for a in model.aliases
+    }
+
+
+def _check_unsupported_controls(model: ModelSchema, request: SynthesizeRequest) -> None:
+    """Voice cloning and voice instructions are not Piper features: an error when the request is
+    strict, otherwise synthesized without them (as the seed does for non-Qwen3-TTS backends)."""
+    requested = [
+        name
+        for name in ("reference_audio_path", "reference_text", "voice_instruction")
+        if getattr(request, name)
+    ]
+    if not requested:
+        return
+    if request.strict_capabilities:
+        raise InvalidInput(
+            f"{model.id} (piper) does not support {', '.join(requested)}; "
+            "use a model that does or set strict_capabilities = false"
+        )
+    log.warning("%s (piper) ignores %s", model.id, ", ".join(requested))
+
+
+def _output_path(requested: str | None, fmt: str) -> Path:
+    if requested:
+        return Path(requested).expanduser()
+    handle, name = tempfile.mkstemp(prefix="car-tts-", suffix=f".{fmt}")
+    os.close(handle)
+    return Path(name)
+
+
+def write_audio(target: Path, pcm: bytes, sample_rate: int, fmt: str) -> None:
+    """Write 16-bit mono ``pcm`` to ``target`` as ``fmt``, atomically (temp file + rename)."""
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # os.open rather than mkstemp: the file gets the umask's permissions, not 0600.
+        handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise InferenceFailed(f"cannot write audio to {target}: {exc}") from exc
+    try:
+        with os.fdopen(handle, "wb") as file:
+            if fmt == "wav":
+                with wave.open(file, "wb") as wav:
+                    wav.setnchannels(1)
+                    wav.setsampwidth(2)
+                    wav.setframerate(sample_rate)
+                    wav.writeframes(pcm)
+            elif fmt == "pcm":
+                file.write(pcm)
+            else:
+                _encode(file, pcm, sample_rate, fmt)
+        os.replace(temp, target)
+    except (OSError, ValueError) as exc:  # PyAV's errors derive from both
+        raise InferenceFailed(f"cannot write audio to {target}: {exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def _encode(file: BinaryIO, pcm: bytes, sample_rate: int, fmt: str) -> None:
+    import av
+    import numpy as np
+
+    samples = np.frombuffer(pcm, dtype=np.int16).reshape(1, -1)
+    with av.open(file, mode="w", format=fmt) as container:
+        stream: Any = container.add_stream(_ENCODERS[fmt], rate=sample_rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = sample_rate
+        frame.pts, frame.time_base = 0, Fraction(1, sample_rate)  # else PyAV 12 guesses, noisily
+        for packet in (*stream.encode(frame), *stream.encode(None)):
+            container.mux(packet)
+
+
+def _have_pyav() -> bool:
+    from . import _importable
+
+    return _importable("av")

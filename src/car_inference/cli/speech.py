@@ -1,0 +1,99 @@
+"""`car transcribe` and `car speak`: speech to text and text to speech."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..requests import SynthesizeRequest, TranscribeRequest
+from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json, run, spinner
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model id, name or alias")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result object as JSON")]
+
+FORMATS = ("wav", "mp3", "flac", "pcm")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @handle_errors
+    def transcribe(
+        audio: Annotated[Path, typer.Argument(help="audio file (wav, mp3, flac, ogg, m4a...)")],
+        model: ModelOpt = None,
+        language: Annotated[
+            str | None, typer.Option("--language", "-l", help="spoken language, e.g. en (default: detect)")
+        ] = None,
+        prompt: Annotated[
+            str | None, typer.Option("--prompt", help="text that came before: names, spellings, style")
+        ] = None,
+        timestamps: Annotated[bool, typer.Option("--timestamps", help="word start and end times")] = False,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Transcribe speech in an audio file to text."""
+        request = TranscribeRequest(
+            audio_path=str(audio), model=model, language=language, prompt=prompt, timestamps=timestamps
+        )
+        with spinner("Transcribing..."):
+            result = run(engine().transcribe(request))
+        if as_json:
+            print_json(result)
+            return
+        if timestamps:
+            for word in result.words:
+                out.print(f"{word.start:8.2f} {word.end:8.2f}  {word.word}", markup=False)
+        else:
+            out.print(result.text, markup=False)
+        err.print(f"{result.model_used} ({result.language or 'unknown language'})", style="dim")
+
+    @app.command()
+    @handle_errors
+    def speak(
+        text: Annotated[str, typer.Argument(help="the text to say")],
+        output: Annotated[
+            Path | None,
+            typer.Option("--output", "-o", help="audio file to write (default: a new temporary file)"),
+        ] = None,
+        model: ModelOpt = None,
+        voice: Annotated[str | None, typer.Option("--voice", help="voice or speaker name")] = None,
+        speed: Annotated[
+            float | None, typer.Option("--speed", min=0.1, max=10.0, help="1.0 is normal, 2.0 twice as fast")
+        ] = None,
+        audio_format: Annotated[
+            str | None,
+            typer.Option("--format", "-f", help="wav, mp3, flac or pcm (default: from -o, else wav)"),
+        ] = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Say a text: write it as speech to an audio file and print the file's path."""
+        fmt = audio_format.lower() if audio_format else _format_of(output)
+        if fmt not in FORMATS:
+            raise fail(f"--format must be one of {', '.join(FORMATS)}", EXIT_USAGE)
+        request = SynthesizeRequest(
+            text=text,
+            model=model,
+            voice=voice,
+            speed=speed,
+            format=fmt,  # type: ignore[arg-type]
+            output_path=str(output) if output else None,
+        )
+        with spinner("Synthesizing..."):
+            result = run(engine().synthesize(request))
+        if as_json:
+            print_json(result)
+            return
+        out.print(result.audio_path, markup=False)
+        err.print(f"{result.model_used} (voice {result.voice_used}, {result.media_type})", style="dim")
+
+
+def _format_of(output: Path | None) -> str:
+    """The format an output name asks for by its suffix; wav when it has none."""
+    suffix = output.suffix.lower().lstrip(".") if output else ""
+    if not suffix:
+        return "wav"
+    if suffix == "raw":
+        return "pcm"
+    if suffix not in FORMATS:
+        raise fail(f"cannot write .{suffix} files; name a .wav, .mp3, .flac or .pcm file", EXIT_USAGE)
+    return suffix

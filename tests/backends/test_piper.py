@@ -1,0 +1,142 @@
+"""The Piper backend on the embedded en_US-joe-medium voice, for real (offline)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import wave
+from pathlib import Path
+
+import pytest
+
+from car_inference.backends.base import BackendContext
+from car_inference.backends.cache import ModelCache
+from car_inference.backends.piper import PiperBackend, voice_file
+from car_inference.catalog import load_builtin
+from car_inference.config import CarConfig
+from car_inference.errors import InferenceFailed, InvalidInput
+from car_inference.requests import SynthesizeRequest
+from car_inference.schema import ModelSchema
+
+JOE = "piper/en_us-joe-medium"
+FOX = "The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def model() -> ModelSchema:
+    return next(m for m in load_builtin().models if m.id == JOE)
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> PiperBackend:
+    config = CarConfig(home=tmp_path_factory.mktemp("home"))
+    return PiperBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
+
+
+def _wav_seconds(path: str | Path) -> float:
+    with wave.open(str(path), "rb") as wav:
+        return wav.getnframes() / wav.getframerate()
+
+
+def test_the_voice_config_sits_beside_the_onnx_file(model: ModelSchema) -> None:
+    onnx = voice_file(model)
+    assert onnx.name == "en_US-joe-medium.onnx"
+    assert onnx.with_name(onnx.name + ".json").is_file()
+
+
+async def test_writes_a_valid_wav(backend: PiperBackend, model: ModelSchema, tmp_path: Path) -> None:
+    target = tmp_path / "out" / "fox.wav"  # the folder is created
+    result = await backend.synthesize(model, SynthesizeRequest(text=FOX, output_path=str(target)))
+    assert result.audio_path == str(target) and result.media_type == "audio/wav"
+    assert result.model_used == JOE and result.voice_used == "en_US-joe-medium"
+    assert target.read_bytes()[:4] == b"RIFF" and target.read_bytes()[8:12] == b"WAVE"
+    with wave.open(str(target), "rb") as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 22050)
+    assert 1.5 < _wav_seconds(target) < 5.0
+    assert os.listdir(target.parent) == ["fox.wav"], "no temporary file is left behind"
+
+
+async def test_overwrites_an_existing_file(backend: PiperBackend, model: ModelSchema, tmp_path: Path) -> None:
+    target = tmp_path / "hi.wav"
+    target.write_bytes(b"old")
+    await backend.synthesize(model, SynthesizeRequest(text="Hi.", output_path=str(target)))
+    assert target.read_bytes()[:4] == b"RIFF"
+
+
+async def test_speed_changes_the_duration(backend: PiperBackend, model: ModelSchema, tmp_path: Path) -> None:
+    seconds = {}
+    for speed in (0.5, 1.0, 2.0):
+        target = tmp_path / f"{speed}.wav"
+        await backend.synthesize(model, SynthesizeRequest(text=FOX, output_path=str(target), speed=speed))
+        seconds[speed] = _wav_seconds(target)
+    # Piper adds random noise to phoneme lengths, so the ratios are only roughly 2x.
+    assert seconds[2.0] < 0.7 * seconds[1.0] < 0.7 * 0.7 * seconds[0.5]
+
+
+async def test_other_formats(backend: PiperBackend, model: ModelSchema, tmp_path: Path) -> None:
+    magic = {"mp3": (b"ID3", b"\xff\xf3", b"\xff\xfb", b"\xff\xf2"), "flac": (b"fLaC",)}
+    for fmt, media_type in (("pcm", "audio/pcm"), ("mp3", "audio/mpeg"), ("flac", "audio/flac")):
+        target = tmp_path / f"hello.{fmt}"
+        result = await backend.synthesize(
+            model, SynthesizeRequest(text="Hello.", output_path=str(target), format=fmt)
+        )
+        data = target.read_bytes()
+        assert result.media_type == media_type and len(data) > 1000, fmt
+        if fmt == "pcm":
+            assert len(data) % 2 == 0 and data[:4] != b"RIFF"  # raw s16le, no header
+        else:
+            assert data.startswith(magic[fmt]), fmt
+
+
+async def test_without_an_output_path_a_temporary_file_is_made(
+    backend: PiperBackend, model: ModelSchema
+) -> None:
+    result = await backend.synthesize(model, SynthesizeRequest(text="Hello."))
+    path = Path(result.audio_path)
+    try:
+        assert path.parent == Path(tempfile.gettempdir()) and path.suffix == ".wav"
+        assert path.read_bytes()[:4] == b"RIFF"
+    finally:
+        path.unlink()
+
+
+async def test_text_with_nothing_to_say_is_an_error(
+    backend: PiperBackend, model: ModelSchema, tmp_path: Path
+) -> None:
+    for text in ("", "   \n"):
+        with pytest.raises(InvalidInput, match="text is empty"):
+            await backend.synthesize(model, SynthesizeRequest(text=text, output_path=str(tmp_path / "x.wav")))
+    with pytest.raises(InvalidInput, match="nothing to pronounce"):
+        await backend.synthesize(model, SynthesizeRequest(text="...", output_path=str(tmp_path / "x.wav")))
+    assert not (tmp_path / "x.wav").exists()
+
+
+async def test_an_unwritable_output_path_is_an_error(
+    backend: PiperBackend, model: ModelSchema, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(InferenceFailed, match=r"cannot write audio to .*a-file/x\.wav"):
+        await backend.synthesize(model, SynthesizeRequest(text="Hi.", output_path=str(blocker / "x.wav")))
+
+
+async def test_voices_and_unsupported_controls(
+    backend: PiperBackend, model: ModelSchema, tmp_path: Path
+) -> None:
+    out = str(tmp_path / "v.wav")
+    own = await backend.synthesize(model, SynthesizeRequest(text="Hi.", voice="joe", output_path=out))
+    # An OpenAI client's voice name falls back to the voice's own, unless the request is strict.
+    alloy = await backend.synthesize(model, SynthesizeRequest(text="Hi.", voice="alloy", output_path=out))
+    assert own.voice_used == alloy.voice_used == "en_US-joe-medium"
+    strict = {"text": "Hi.", "output_path": out, "strict_capabilities": True}
+    with pytest.raises(InvalidInput, match="has no voice 'alloy'"):
+        await backend.synthesize(model, SynthesizeRequest(**strict, voice="alloy"))
+    with pytest.raises(InvalidInput, match="does not support voice_instruction"):
+        await backend.synthesize(model, SynthesizeRequest(**strict, voice_instruction="whisper it"))
+    with pytest.raises(InvalidInput, match="speaks en-us, not fr"):
+        await backend.synthesize(model, SynthesizeRequest(**strict, language="fr"))
+    await backend.synthesize(model, SynthesizeRequest(**strict, language="en-US"))
+    loose = await backend.synthesize(
+        model, SynthesizeRequest(text="Hi.", output_path=out, voice_instruction="whisper it", language="fr")
+    )
+    assert loose.audio_path == out

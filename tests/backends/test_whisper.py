@@ -1,0 +1,168 @@
+"""The faster-whisper backend on the embedded Whisper base (split across two packages), for real
+and offline; its test audio is spoken by the embedded Piper voice."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import wave
+from pathlib import Path
+
+import pytest
+
+from car_inference.backends.base import BackendContext
+from car_inference.backends.cache import ModelCache
+from car_inference.backends.piper import PiperBackend
+from car_inference.backends.whisper import WhisperBackend, assemble_split_model
+from car_inference.catalog import load_builtin
+from car_inference.catalog.locate import whisper_parts
+from car_inference.config import CarConfig
+from car_inference.engine import InferenceEngine
+from car_inference.errors import InferenceFailed, InvalidInput
+from car_inference.requests import SynthesizeRequest, TranscribeRequest
+from car_inference.schema import ModelSchema, WhisperSource
+
+WHISPER = "systran/faster-whisper-base"
+JOE = "piper/en_us-joe-medium"
+FOX = "The quick brown fox jumps over the lazy dog."
+# Not "jumps": Piper adds random noise, and about one rendering in 25 is heard as "jumped".
+FOX_WORDS = ("quick", "brown", "fox", "lazy", "dog")
+
+
+def _builtin(model_id: str) -> ModelSchema:
+    return next(m for m in load_builtin().models if m.id == model_id)
+
+
+@pytest.fixture(scope="module")
+def model() -> ModelSchema:
+    return _builtin(WHISPER)
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory: pytest.TempPathFactory) -> BackendContext:
+    config = CarConfig(home=tmp_path_factory.mktemp("home"))
+    return BackendContext(config=config, cache=ModelCache(config.local.cache_mb))
+
+
+@pytest.fixture(scope="module")
+def backend(ctx: BackendContext) -> WhisperBackend:
+    return WhisperBackend(ctx)
+
+
+@pytest.fixture(scope="module")
+async def fox_wav(ctx: BackendContext, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("audio") / "fox.wav"
+    await PiperBackend(ctx).synthesize(_builtin(JOE), SynthesizeRequest(text=FOX, output_path=str(target)))
+    return target
+
+
+def _words(text: str) -> set[str]:
+    return {w.strip(".,!?").lower() for w in text.split()}
+
+
+async def test_round_trip_piper_to_whisper(
+    backend: WhisperBackend, model: ModelSchema, fox_wav: Path
+) -> None:
+    result = await backend.transcribe(model, TranscribeRequest(audio_path=str(fox_wav)))
+    assert _words(result.text) >= set(FOX_WORDS), result.text
+    assert result.language == "en" and result.model_used == WHISPER and result.words == []
+
+
+async def test_word_timestamps_are_monotonic(
+    backend: WhisperBackend, model: ModelSchema, fox_wav: Path
+) -> None:
+    result = await backend.transcribe(
+        model, TranscribeRequest(audio_path=str(fox_wav), timestamps=True, language="en-US", prompt="Foxes.")
+    )
+    assert result.language == "en"
+    words = result.words
+    assert _words(" ".join(w.word for w in words)) >= set(FOX_WORDS)
+    with wave.open(str(fox_wav), "rb") as wav:
+        duration = wav.getnframes() / wav.getframerate()
+    assert all(0 <= w.start <= w.end <= duration + 0.5 for w in words)
+    assert all(a.start <= b.start and a.end <= b.end for a, b in itertools.pairwise(words))
+
+
+async def test_missing_and_bad_audio_files_are_named(
+    backend: WhisperBackend, model: ModelSchema, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nope.wav"
+    with pytest.raises(InvalidInput, match=re.escape(f"audio file not found: {missing}")):
+        await backend.transcribe(model, TranscribeRequest(audio_path=str(missing)))
+    with pytest.raises(InvalidInput, match="audio file not found"):
+        await backend.transcribe(model, TranscribeRequest(audio_path=str(tmp_path)))  # a folder
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"RIFF not really a wave file" * 20)
+    with pytest.raises(InvalidInput, match=re.escape(f"could not transcribe {garbage}")):
+        await backend.transcribe(model, TranscribeRequest(audio_path=str(garbage)))
+
+
+async def test_an_unknown_language_is_an_error(
+    backend: WhisperBackend, model: ModelSchema, fox_wav: Path
+) -> None:
+    with pytest.raises(InvalidInput, match="does not know the language 'klingon'"):
+        await backend.transcribe(model, TranscribeRequest(audio_path=str(fox_wav), language="klingon"))
+
+
+def test_the_split_model_is_assembled_once_and_reused(
+    backend: WhisperBackend, model: ModelSchema, ctx: BackendContext
+) -> None:
+    folder = backend.model_dir(model)
+    assert folder.parent == ctx.config.paths.cache_dir / "whisper"
+    assert {p.name for p in folder.iterdir()} >= {"model.bin", "config.json", "tokenizer.json"}
+    assert isinstance(model.source, WhisperSource)
+    parts = whisper_parts(model.source)
+    assert parts is not None
+    split = sorted((f for d in parts for f in d.glob("model.bin.part*")), key=lambda f: f.name)
+    assert (folder / "model.bin").stat().st_size == sum(f.stat().st_size for f in split)
+    stamp = (folder / "model.bin").stat().st_mtime_ns
+    # A second backend (a new process, say) over the same $CAR_HOME finds the folder built.
+    again = WhisperBackend(BackendContext(config=ctx.config, cache=ModelCache(1000))).model_dir(model)
+    assert again == folder and (folder / "model.bin").stat().st_mtime_ns == stamp
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name], "no temporary folder left"
+
+
+def test_assembly_joins_parts_in_numeric_order(tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    (one / "config.json").write_text("{}")
+    for i in (1, 2, 10):  # part10 sorts before part2 as text
+        (one / f"w.bin.part{i}").write_bytes(b"a" * i)
+    (two / "w.bin.part3").write_bytes(b"b")
+    for i in range(4, 10):
+        (two / f"w.bin.part{i}").write_bytes(bytes([48 + i]))
+    root = tmp_path / "cache"
+    folder = assemble_split_model([one, two], root)
+    assert (folder / "w.bin").read_bytes() == b"a" + b"aa" + b"b" + b"456789" + b"a" * 10
+    assert (folder / "config.json").read_text() == "{}"
+    assert assemble_split_model([one, two], root) == folder
+    (one / "config.json").write_text('{"changed": 1}')  # new content, new folder
+    assert assemble_split_model([one, two], root) != folder
+    (two / "w.bin.part5").unlink()
+    with pytest.raises(InferenceFailed, match=r"not 1\.\.9"):
+        assemble_split_model([one, two], root)
+
+
+def test_a_path_source_is_used_as_it_is(backend: WhisperBackend, model: ModelSchema, tmp_path: Path) -> None:
+    folder = backend.model_dir(model)
+    direct = model.model_copy(update={"source": WhisperSource(path=str(folder))})
+    assert backend.model_dir(direct) == folder
+    empty = model.model_copy(update={"source": WhisperSource(path=str(tmp_path))})
+    with pytest.raises(InferenceFailed, match=r"no model\.bin"):
+        backend.model_dir(empty)
+
+
+async def test_engine_speaks_and_transcribes_with_its_default_models(
+    isolated_home: Path, tmp_path: Path
+) -> None:
+    engine = InferenceEngine()
+    spoken = await engine.synthesize(
+        SynthesizeRequest(text="Hello world, this is a speech test.", output_path=str(tmp_path / "hi.wav"))
+    )
+    assert spoken.model_used == JOE and os.path.getsize(spoken.audio_path) > 10_000
+    heard = await engine.transcribe(TranscribeRequest(audio_path=spoken.audio_path, language="en"))
+    assert heard.model_used == WHISPER
+    assert _words(heard.text) >= {"hello", "world", "speech", "test"}, heard.text
+    assert (isolated_home / "cache" / "whisper").is_dir()

@@ -1,0 +1,65 @@
+"""`car speak` and `car transcribe` on the embedded Piper and Whisper models, in-process."""
+
+from __future__ import annotations
+
+import json
+import wave
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from car_inference.cli import app
+
+runner = CliRunner()
+
+
+def car(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_speak_then_transcribe_as_json(tmp_path: Path) -> None:
+    target = tmp_path / "fox.wav"
+    code, out, err = car("speak", "The quick brown fox jumps over the lazy dog.", "-o", str(target), "--json")
+    assert code == 0, err
+    spoken = json.loads(out)
+    assert spoken == {
+        "audio_path": str(target),
+        "media_type": "audio/wav",
+        "model_used": "piper/en_us-joe-medium",
+        "voice_used": "en_US-joe-medium",
+    }
+    with wave.open(str(target), "rb") as wav:
+        assert wav.getframerate() == 22050 and wav.getnframes() > 22050
+
+    code, out, err = car("transcribe", str(target), "--timestamps", "--json", "--language", "en")
+    assert code == 0, err
+    heard = json.loads(out)
+    assert heard["model_used"] == "systran/faster-whisper-base" and heard["language"] == "en"
+    assert "brown fox" in heard["text"] and "lazy dog" in heard["text"]
+    starts = [w["start"] for w in heard["words"]]
+    assert len(starts) >= 9 and starts == sorted(starts)
+
+
+def test_human_output_keeps_stdout_for_the_result(tmp_path: Path) -> None:
+    code, out, err = car("speak", "Good morning.", "-o", str(tmp_path / "gm.flac"), "--speed", "1.5")
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "gm.flac") and "audio/flac" in err
+    assert (tmp_path / "gm.flac").read_bytes()[:4] == b"fLaC"
+    code, out, err = car("transcribe", str(tmp_path / "gm.flac"), "-l", "en")
+    assert code == 0, err
+    assert "good morning" in out.lower() and "systran/faster-whisper-base (en)" in err
+
+
+def test_errors_are_one_line_with_the_right_exit_status(tmp_path: Path) -> None:
+    # Input the user must fix: a usage error (2), like an unknown model.
+    code, _, err = car("transcribe", str(tmp_path / "missing.wav"))
+    assert code == 2 and err.strip() == f"error: audio file not found: {tmp_path / 'missing.wav'}"
+    code, _, err = car("speak", "  ")
+    assert code == 2 and "nothing to synthesize" in err and len(err.strip().splitlines()) == 1
+    code, _, err = car("speak", "hi", "-o", str(tmp_path / "x.ogg"))
+    assert code == 2 and "cannot write .ogg files" in err
+    code, _, err = car("speak", "hi", "--format", "opus")
+    assert code == 2 and "--format must be one of wav, mp3, flac, pcm" in err
+    code, _, err = car("transcribe", str(tmp_path / "missing.wav"), "--model", "no-such-whisper")
+    assert code == 2 and "model not found: no-such-whisper" in err
