@@ -8,6 +8,7 @@ documented in docs/protocol.md.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -53,6 +54,10 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
                 log.warning("endpoint %s: discovery failed: %s", name, outcome)
             else:
                 log.info("endpoint %s: %d model(s)", name, len(outcome))
+        # What start-up made (modules, catalog, clients) lives as long as the server: out of the
+        # cyclic collector's way, so that its full collections stay short mid-request.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
