@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -378,3 +379,27 @@ async def test_embeddings(fake: FakeProviderServer, be: GeminiBackend) -> None:
     assert {r["taskType"] for r in requests} == {"RETRIEVAL_QUERY"}
     assert result.dimensions == 8 and len(result.embeddings) == 2
     assert all(abs(sum(v * v for v in vec) - 1) < 1e-6 for vec in result.embeddings)
+
+
+async def test_thought_signatures_of_function_calls_go_back_with_them(
+    fake: FakeProviderServer, be: GeminiBackend
+) -> None:
+    fake.queue(
+        Reply(thinking="look it up", tool_calls=[ToolCallSpec("get_weather", {"city": "Oslo"}, id="c1")]),
+        Reply(text="cold"),
+        Reply(text="cold"),
+    )
+    ask = Message(role="user", content="Weather in Oslo?")
+    on = {"thinking": "on"}
+    first = await be.generate(model(fake), GenerateRequest(messages=[ask], tools=[WEATHER], params=on))
+    (item,) = first.provider_output_items
+    assert item["type"] == "thought_signature" and item["call_id"] == "c1" and item["signature"]
+    turn = Message(role="assistant", tool_calls=first.tool_calls, provider_items=first.provider_output_items)
+    result = Message(role="tool", tool_call_id="c1", content="3 °C")
+    await be.generate(model(fake), GenerateRequest(messages=[ask, turn, result], tools=[WEATHER], params=on))
+    sent_signature = base64.urlsafe_b64decode(sent(fake)["contents"][1]["parts"][0]["thoughtSignature"])
+    assert sent_signature == base64.b64decode(item["signature"])  # the model's own, not the placeholder
+    # A turn without them still goes out, with Google's documented placeholder signature.
+    bare = turn.model_copy(update={"provider_items": []})
+    await be.generate(model(fake), GenerateRequest(messages=[ask, bare, result], tools=[WEATHER], params=on))
+    assert sent(fake)["contents"][1]["parts"][0]["thoughtSignature"] == "skip_thought_signature_validator"

@@ -9,7 +9,9 @@ Request mapping (a parameter goes out only when ``ModelSchema.supports_param`` s
   inline media (images, audio and video as ``inline_data``: base64 and data: URLs decoded; http(s)
   URLs as ``file_data`` with the media type given or guessed from the URL, else
   ``UnsupportedMode``). Assistant tool calls become ``function_call`` parts (role ``model``) with
-  Google's documented placeholder thought signature, since earlier turns' signatures are not kept;
+  their thought signature: the one the answer gave (``provider_output_items`` entries of type
+  ``thought_signature``, passed back in the message's ``provider_items``), else Google's
+  documented placeholder;
   tool messages become ``function_response`` parts named after their call (a JSON object result is
   sent as is, other text as ``{"result": text}``).
 - temperature, top_p (when not 1), top_k, ``max_output_tokens``, ``stop_sequences``, seed.
@@ -53,6 +55,7 @@ from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolC
 from .remote import (
     Endpoint,
     Finish,
+    ProviderItems,
     RemoteBackend,
     StreamIncomplete,
     parse_retry_after,
@@ -209,10 +212,17 @@ class GeminiBackend(RemoteBackend):
                     parts.append(types.Part(text=block.text))
             else:
                 parts.append(self._media(block))
+        signed = {
+            item.get("call_id"): item["signature"]
+            for item in message.provider_items
+            if item.get("type") == "thought_signature" and isinstance(item.get("signature"), str)
+        }
         for call in message.tool_calls if message.role == "assistant" else []:
             names[call.id or ""] = call.name
             function_call = types.FunctionCall(id=call.id, name=call.name, args=call.arguments)
-            parts.append(types.Part(function_call=function_call, thought_signature=_SKIP_SIGNATURE))
+            kept = signed.get(call.id)
+            signature = base64.b64decode(kept) if kept else _SKIP_SIGNATURE
+            parts.append(types.Part(function_call=function_call, thought_signature=signature))
         return parts
 
     def _media(self, block: Any) -> types.Part:
@@ -230,6 +240,7 @@ class GeminiBackend(RemoteBackend):
     ) -> AsyncIterator[StreamEvent | Finish]:
         stream = await client.aio.models.generate_content_stream(**payload)
         calls = 0
+        signatures: list[dict[str, Any]] = []  # of function calls, to send back with them
         finish: str | None = None
         usage = None
         try:
@@ -247,7 +258,16 @@ class GeminiBackend(RemoteBackend):
                         yield ThinkingDelta(text=part.text) if part.thought else TextDelta(text=part.text)
                     if part.function_call is not None:
                         call = part.function_call
-                        yield ToolCallStart(index=calls, id=call.id or f"call_{calls}", name=call.name or "")
+                        call_id = call.id or f"call_{calls}"
+                        if part.thought_signature:
+                            signatures.append(
+                                {
+                                    "type": "thought_signature",
+                                    "call_id": call_id,
+                                    "signature": base64.b64encode(part.thought_signature).decode(),
+                                }
+                            )
+                        yield ToolCallStart(index=calls, id=call_id, name=call.name or "")
                         yield ToolCallDelta(index=calls, arguments=json.dumps(call.args or {}))
                         calls += 1
                 if candidate.finish_reason is not None:
@@ -259,6 +279,8 @@ class GeminiBackend(RemoteBackend):
         if finish is None:
             raise StreamIncomplete("no finish_reason")
         yield Finish(finish)
+        if signatures:
+            yield ProviderItems(signatures)
         if usage is not None:
             completion = (usage.candidates_token_count or 0) + (usage.thoughts_token_count or 0)
             yield UsageEvent(
