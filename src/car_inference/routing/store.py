@@ -313,14 +313,7 @@ class OutcomeStore:
         """Insert a pending trace. With ``retry_window_s``, return the latest earlier trace of the
         same prompt started within that window (a quick retry), found in the same transaction."""
         with self._tx() as conn:
-            previous = None
-            if retry_window_s is not None and row.prompt_hash:
-                hit = conn.execute(
-                    "SELECT trace_id FROM traces WHERE prompt_hash = ? AND started_at >= ?"
-                    " AND outcome != 'failure' ORDER BY started_at DESC LIMIT 1",
-                    (row.prompt_hash, row.started_at - retry_window_s),
-                ).fetchone()
-                previous = hit[0] if hit else None
+            previous = _quick_retry_of(conn, row, retry_window_s)
             conn.execute(
                 "INSERT INTO traces (trace_id, model_id, task, family, cluster, reason, prompt_hash,"
                 " started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -392,14 +385,7 @@ class OutcomeStore:
         base = None if success is None else (1.0 if success else 0.0)
         outcome = "abandoned" if success is None else ("success" if success else "failure")
         with self._tx() as conn:
-            previous = None
-            if retry_window_s is not None and row.prompt_hash:
-                hit = conn.execute(
-                    "SELECT trace_id FROM traces WHERE prompt_hash = ? AND started_at >= ?"
-                    " AND outcome != 'failure' ORDER BY started_at DESC LIMIT 1",
-                    (row.prompt_hash, row.started_at - retry_window_s),
-                ).fetchone()
-                previous = hit[0] if hit else None
+            previous = _quick_retry_of(conn, row, retry_window_s)
             conn.execute(
                 "INSERT INTO traces (trace_id, model_id, task, family, cluster, reason, prompt_hash,"
                 " started_at, outcome, completed_at, latency_ms, ttft_ms, input_tokens, output_tokens,"
@@ -614,3 +600,15 @@ def _trace_row(row: sqlite3.Row) -> TraceRow:
         prompt_hash=row["prompt_hash"],
         started_at=row["started_at"],
     )
+
+
+def _quick_retry_of(conn: sqlite3.Connection, row: TraceRow, window_s: float | None) -> str | None:
+    """The latest earlier trace of the same prompt started within ``window_s`` (not a failure)."""
+    if window_s is None or not row.prompt_hash:
+        return None
+    hit = conn.execute(
+        "SELECT trace_id FROM traces WHERE prompt_hash = ? AND started_at >= ?"
+        " AND outcome != 'failure' ORDER BY started_at DESC LIMIT 1",
+        (row.prompt_hash, row.started_at - window_s),
+    ).fetchone()
+    return hit[0] if hit else None
