@@ -99,3 +99,19 @@ def test_a_failing_write_is_undone_alone_in_a_store_batch(tmp_path: Path) -> Non
     keeper.flush()
     assert store.spend_by_provider(0.0) == {"p": pytest.approx(3.0)}  # the failed write's 5 was undone
     store.close()
+
+
+async def test_a_drain_writes_a_chunk_per_loop_turn() -> None:
+    done: list[int] = []
+    keeper = Bookkeeper(chunk=2)
+    for i in range(5):
+        keeper.submit(done.append, i)
+    await asyncio.sleep(0)
+    assert done == [0, 1], "the loop gets a turn between chunks"
+    await asyncio.sleep(0)
+    assert done == [0, 1, 2, 3]
+    await asyncio.sleep(0)
+    assert done == [0, 1, 2, 3, 4]
+    keeper.submit(done.append, 5)
+    keeper.flush()  # an explicit flush writes everything at once
+    assert done[-1] == 5

@@ -4,8 +4,9 @@ Recording one answer is a handful of SQLite statements plus a commit; the commit
 writes) costs about 135 µs here, more than a fast upstream takes to answer. So the engine queues
 the writes and runs them off the request path, a group at a time: the first write queued
 schedules a drain ``delay_s`` later (or at once when ``max_pending`` are waiting), and the drain
-runs every queued write inside one ``batch()`` transaction, each write in its own savepoint so
-that one failing write is undone alone and the others commit. Writes run in the order they were
+runs the queued writes ``chunk`` at a time, each chunk inside one ``batch()`` transaction and each
+write in its own savepoint so that one failing write is undone alone and the others commit;
+between chunks the loop serves whatever arrived. Writes run in the order they were
 made; reads that must see them (feedback, reports, export, close) call ``flush()``, which runs
 whatever is still queued right there. Routing reads the tracker's in-memory mirror, updated by the
 same calls; circuit breakers stay synchronous because the very next attempt depends on them.
@@ -41,6 +42,7 @@ class Bookkeeper:
         *,
         delay_s: float = 0.0,
         max_pending: int = 256,
+        chunk: int = 8,
     ) -> None:
         """``batch``: the transaction one drain runs in (none: each write on its own); ``delay_s``:
         how long the first queued write waits for others to share its commit."""
@@ -50,6 +52,7 @@ class Bookkeeper:
         self._batch = batch or contextlib.nullcontext
         self.delay_s = delay_s
         self.max_pending = max_pending
+        self.chunk = chunk
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         self._pending.append((fn, args, kwargs))
@@ -68,17 +71,25 @@ class Bookkeeper:
             self._scheduled = loop.call_soon(self._drain)
 
     def _drain(self) -> None:
+        """A scheduled drain writes at most ``chunk`` records, then yields to the loop and comes
+        back for the rest: a request that arrives meanwhile waits for one chunk, not the queue."""
         self._scheduled = None
-        self.flush()
+        self.flush(self.chunk)
+        if self._pending and self._scheduled is None:
+            try:
+                self._scheduled = asyncio.get_running_loop().call_soon(self._drain)
+            except RuntimeError:
+                self.flush()
 
-    def flush(self) -> None:
-        """Run every queued write now, in order, in one batch."""
+    def flush(self, limit: int | None = None) -> None:
+        """Run the queued writes now (all of them, or the first ``limit``), in order, in one batch."""
         with self._lock:
             if not self._pending:
                 return
+            todo = len(self._pending) if limit is None else min(limit, len(self._pending))
             try:
                 with self._batch():
-                    while self._pending:
+                    for _ in range(todo):
                         fn, args, kwargs = self._pending.popleft()
                         try:
                             fn(*args, **kwargs)
