@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +116,27 @@ async def test_a_drain_writes_a_chunk_per_loop_turn() -> None:
     keeper.submit(done.append, 5)
     keeper.flush()  # an explicit flush writes everything at once
     assert done[-1] == 5
+
+
+async def test_a_writer_thread_writes_off_the_loop(tmp_path: Path) -> None:
+    store = OutcomeStore(tmp_path / "state.db")
+    keeper = Bookkeeper(store.batch, delay_s=0.01)
+    keeper.start_writer()
+    threads: list[str] = []
+
+    def record(usd: float) -> None:
+        threads.append(threading.current_thread().name)
+        store.add_spend("p", "m", usd, 1.0)
+
+    keeper.submit(record, 1.0)
+    keeper.submit(record, 2.0)
+    for _ in range(200):  # written by the thread while this loop keeps running
+        if len(threads) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert threads == ["car-inference-records"] * 2
+    assert store.spend_by_provider(0.0) == {"p": 3.0}
+    keeper.submit(record, 4.0)
+    keeper.close()  # stops the thread and writes what is left
+    assert store.spend_by_provider(0.0) == {"p": 7.0}
+    store.close()

@@ -15,8 +15,13 @@ What this trades: a crash loses at most the last ``delay_s`` of records (the dat
 consistent: every commit is atomic), and spend recorded in that window is not yet counted by a
 limit check in another process.
 
-Not a thread: a second thread holding the GIL for a SQLite write makes the event loop wait for
-the interpreter's switch interval (5 ms), which costs more than the writes.
+Where the writes run: on the event loop by default (the library, the CLI: a loop turn after the
+answer, so that ``asyncio.run`` still sees them written), or on a writer thread of their own once
+``start_writer()`` is called, as ``car serve`` does. SQLite does its work (pages, WAL checkpoints
+and their fsync) without the GIL, so the loop keeps serving during a batch: on the server benchmark
+the thread halved the requests slowed by a batch (p99 +8.7 -> +6.4 ms) at the same p50. Records
+written one by one, each with its own commit, measured no better on a thread than on the loop:
+the grouping is what makes the thread pay.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -53,9 +59,34 @@ class Bookkeeper:
         self.delay_s = delay_s
         self.max_pending = max_pending
         self.chunk = chunk
+        self._writer: threading.Thread | None = None
+        self._wake: threading.Event | None = None
+        self._stopping = False
+
+    def start_writer(self) -> None:
+        """Write from a thread of its own from now on (a server: the SQLite work, WAL checkpoints
+        included, runs mostly without the GIL, so the event loop keeps serving meanwhile)."""
+        if self._writer is not None:
+            return
+        self._wake = threading.Event()
+        self._writer = threading.Thread(target=self._write_loop, name="car-inference-records", daemon=True)
+        self._writer.start()
+
+    def _write_loop(self) -> None:
+        assert self._wake is not None
+        while not self._stopping:
+            self._wake.wait()
+            if self._stopping:
+                break
+            time.sleep(self.delay_s)  # let the records of this window share the commit
+            self._wake.clear()
+            self.flush()
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         self._pending.append((fn, args, kwargs))
+        if self._wake is not None:
+            self._wake.set()
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop to defer to: write now
@@ -99,6 +130,11 @@ class Bookkeeper:
                 log.exception("writing a batch of outcome records failed")
 
     def close(self) -> None:
+        if self._writer is not None and self._wake is not None:
+            self._stopping = True
+            self._wake.set()
+            self._writer.join(timeout=10)
+            self._writer = None
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None

@@ -470,7 +470,8 @@ class OutcomeTracker:
         return None if s is None else export_stats(s)
 
     def model_ids(self) -> list[str]:
-        return sorted(self._profiles)
+        with self._lock:  # the engine's record writer may add a profile meanwhile
+            return sorted(self._profiles)
 
     def export_profiles(self) -> list[ModelProfile]:
         with self._lock:

@@ -45,6 +45,7 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     # A server answers many requests a second: their outcome records share commits (see
     # engine/bookkeeping.py); whatever is queued is written when the server stops.
     engine.bookkeeper.delay_s = settings.record_delay_ms / 1000
+    engine.bookkeeper.start_writer()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
