@@ -7,6 +7,7 @@ through the official SDK; faults are injected per model by targeting its API key
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 import pytest
@@ -263,3 +264,22 @@ def test_decision_latency_is_not_a_network_call(
         engine.route(req("route me"))
     assert fake.requests == [], "routing never calls a provider"
     assert time.perf_counter() - start < 5  # generous: the speed target lives in benchmarks/routing.py
+
+
+async def test_a_cancelled_request_is_an_abandoned_trace_not_a_failure(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO)
+    fake.queue(Reply(text="slow", delay_s=5))
+    task = asyncio.create_task(engine.generate(req(model="acme/alpha")))
+    await asyncio.sleep(0.3)  # the request is out, waiting on the provider
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    engine.flush()
+    with sqlite3.connect(engine.config.paths.state_db) as db:
+        rows = db.execute("SELECT outcome, quality FROM traces WHERE model_id = 'acme/alpha'").fetchall()
+    assert rows == [("abandoned", None)]
+    profile = engine.tracker.profile("acme/alpha")
+    assert profile is None or profile.total_calls == 0, "a cancel is no verdict on the model"
+    assert engine.breakers.allow("acme/alpha")
