@@ -37,6 +37,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .estimate import residual
+from .store_sql import PROFILE_UPSERT, SCHEMA, TASK_UPSERT
 
 __all__ = [
     "ALL",
@@ -55,114 +56,6 @@ EMA_ALPHA = 0.1
 # Per-observation decay of the quality sums the router reads: an effective memory of about
 # 1 / (1 - 0.999) = 1,000 observations per (model, family), so a model that changes is noticed.
 QUALITY_DECAY = 0.999
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS profiles (
-    model_id TEXT PRIMARY KEY,
-    total_calls INTEGER NOT NULL DEFAULT 0,
-    success_count INTEGER NOT NULL DEFAULT 0,
-    fail_count INTEGER NOT NULL DEFAULT 0,
-    total_latency_ms REAL NOT NULL DEFAULT 0,
-    total_input_tokens INTEGER NOT NULL DEFAULT 0,
-    total_output_tokens INTEGER NOT NULL DEFAULT 0,
-    quality_sum REAL NOT NULL DEFAULT 0,
-    resid_sum REAL NOT NULL DEFAULT 0,
-    ema_quality REAL NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS task_stats (
-    model_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    calls INTEGER NOT NULL DEFAULT 0,
-    success_count INTEGER NOT NULL DEFAULT 0,
-    fail_count INTEGER NOT NULL DEFAULT 0,
-    total_latency_ms REAL NOT NULL DEFAULT 0,
-    quality_sum REAL NOT NULL DEFAULT 0,
-    decayed_sum REAL NOT NULL DEFAULT 0,
-    decayed_n REAL NOT NULL DEFAULT 0,
-    resid_sum REAL NOT NULL DEFAULT 0,
-    ema_quality REAL NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL DEFAULT 0,
-    PRIMARY KEY (model_id, key)
-);
-CREATE TABLE IF NOT EXISTS traces (
-    trace_id TEXT PRIMARY KEY,
-    model_id TEXT NOT NULL,
-    task TEXT NOT NULL,
-    family TEXT NOT NULL,
-    cluster TEXT,
-    reason TEXT,
-    prompt_hash TEXT,
-    started_at REAL NOT NULL,
-    outcome TEXT NOT NULL DEFAULT 'pending',
-    completed_at REAL,
-    latency_ms REAL,
-    ttft_ms REAL,
-    input_tokens INTEGER,
-    output_tokens INTEGER,
-    error_class TEXT,
-    error TEXT,
-    base REAL,
-    penalty REAL NOT NULL DEFAULT 0,
-    feedback REAL,
-    quality REAL
-);
-CREATE INDEX IF NOT EXISTS traces_by_prompt ON traces (prompt_hash, started_at);
-CREATE INDEX IF NOT EXISTS traces_by_model ON traces (model_id, completed_at);
-CREATE INDEX IF NOT EXISTS traces_by_start ON traces (started_at);
-CREATE TABLE IF NOT EXISTS feedback (
-    id INTEGER PRIMARY KEY,
-    trace_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    value REAL NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS feedback_by_trace ON feedback (trace_id);
-CREATE TABLE IF NOT EXISTS spend (
-    id INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,
-    provider TEXT NOT NULL,
-    model_id TEXT NOT NULL,
-    usd REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS spend_by_ts ON spend (ts);
-"""
-
-_PROFILE_UPSERT = """
-INSERT INTO profiles (model_id, total_calls, success_count, fail_count, total_latency_ms, total_input_tokens,
-                      total_output_tokens, quality_sum, resid_sum, ema_quality, updated_at)
-VALUES (:model_id, 1, :ok, :fail, :latency, :in_tok, :out_tok, :q, :r, :q, :now)
-ON CONFLICT (model_id) DO UPDATE SET
-    ema_quality = CASE WHEN total_calls = 0 THEN excluded.ema_quality
-                       ELSE ema_quality + :alpha * (excluded.ema_quality - ema_quality) END,
-    total_calls = total_calls + 1,
-    success_count = success_count + :ok,
-    fail_count = fail_count + :fail,
-    total_latency_ms = total_latency_ms + :latency,
-    total_input_tokens = total_input_tokens + :in_tok,
-    total_output_tokens = total_output_tokens + :out_tok,
-    quality_sum = quality_sum + :q,
-    resid_sum = resid_sum + :r,
-    updated_at = :now
-"""
-
-_TASK_UPSERT = """
-INSERT INTO task_stats (model_id, key, calls, success_count, fail_count, total_latency_ms,
-                        quality_sum, decayed_sum, decayed_n, resid_sum, ema_quality, updated_at)
-VALUES (:model_id, :key, 1, :ok, :fail, :latency, :q, :q, 1, :r, :q, :now)
-ON CONFLICT (model_id, key) DO UPDATE SET
-    ema_quality = CASE WHEN calls = 0 THEN excluded.ema_quality
-                       ELSE ema_quality + :alpha * (excluded.ema_quality - ema_quality) END,
-    calls = calls + 1,
-    success_count = success_count + :ok,
-    fail_count = fail_count + :fail,
-    total_latency_ms = total_latency_ms + :latency,
-    quality_sum = quality_sum + :q,
-    decayed_sum = decayed_sum * :decay + :q,
-    decayed_n = decayed_n * :decay + 1,
-    resid_sum = resid_sum * :decay + :r,
-    updated_at = :now
-"""
 
 
 @dataclass(slots=True, frozen=True)
@@ -287,7 +180,7 @@ class OutcomeStore:
                     f"written by a newer car-inference (schema {version} > {SCHEMA_VERSION})",
                     path=str(self.path),
                 )
-            for statement in _SCHEMA.split(";"):
+            for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -442,13 +335,13 @@ class OutcomeStore:
             "alpha": EMA_ALPHA,
             "decay": QUALITY_DECAY,
         }
-        conn.execute(_PROFILE_UPSERT, params)
+        conn.execute(PROFILE_UPSERT, params)
         rows = [{**params, "key": key} for key in keys]
         rows += [
             {**params, "model_id": m, "key": key, "r": 0.0}
             for m, key in baseline_rows(trace.family, trace.cluster)
         ]
-        conn.executemany(_TASK_UPSERT, rows)
+        conn.executemany(TASK_UPSERT, rows)
         return resid
 
     def adjust_quality(
