@@ -54,3 +54,22 @@ async def test_explicit_local_model_decision_uses_exact_count(small_ctx_engine: 
     # The long request is routed off the event loop and still answers.
     result = await small_ctx_engine.generate(request)
     assert result.model_used == SMOLLM
+
+
+def test_routing_imports_no_sdk(isolated_home: Path) -> None:
+    """Windows and counts come from in-process backends only: the first decision must not import
+    the hosted providers' SDKs (over a second of start-up for `car generate`)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from car_inference.engine import InferenceEngine;"
+        "from car_inference.requests import GenerateRequest;"
+        "InferenceEngine().route(GenerateRequest(prompt='hi'));"
+        "print(sorted(m for m in ('openai', 'anthropic', 'google.genai') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

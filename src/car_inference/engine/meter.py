@@ -1,7 +1,8 @@
 """The engine's ``PromptMeter``: what routing learns from the backends about windows and tokens.
 
-``window`` asks the backend class of a model's kind for ``context_window(model, config)`` (a GGUF
-runs with ``local.n_ctx``, capped by its own window) and falls back to the catalog's context length.
+``window`` asks the backend class of an in-process model's kind for ``context_window(model,
+config)`` (a GGUF runs with ``local.n_ctx``, capped by its own window); other models keep the
+catalog's context length.
 ``count`` asks the backend for ``count_prompt_tokens(model, request)`` (local backends that own a
 tokenizer); a kind without one, a backend that is not installed, or a failure to count returns None
 and routing keeps its estimate: counting is a refinement and must never fail a request.
@@ -30,7 +31,9 @@ class EngineMeter:
         self._engine = engine
 
     def _backend_class(self, model: ModelSchema) -> Any:
-        if not backend_table.backend_available(model.kind):
+        # Only in-process backends own a context setting and a tokenizer; asking the others would
+        # import their SDKs (over a second at the first routing) for nothing.
+        if not model.in_process or not backend_table.backend_available(model.kind):
             return None
         try:
             return backend_table.load_backend_class(model.kind, model.id)
