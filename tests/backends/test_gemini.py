@@ -5,19 +5,14 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from car_inference.backends.base import BackendContext
-from car_inference.backends.cache import ModelCache
 from car_inference.backends.gemini import GeminiBackend
 from car_inference.catalog import load_builtin
-from car_inference.config import CarConfig, RemoteSettings
 from car_inference.errors import ProviderError, UnsupportedMode
-from car_inference.keys import KeyPool
 from car_inference.requests import (
     AudioBlock,
     EmbedRequest,
@@ -31,37 +26,14 @@ from car_inference.requests import (
 from car_inference.schema import ModelSchema
 from car_inference.stream import Done, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart
 from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
+from fakes.remote_kit import PNG, WEATHER, remote_backend
 
 CATALOG = {m.id: m for m in load_builtin().models}
 KEY = "gemini-test-key-000001"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
-PNG = "iVBORw0KGgo="
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(server: FakeProviderServer) -> Iterator[FakeProviderServer]:
-    server.reset()
-    yield server
-    server.reset()
 
 
 def make(tmp_path: Path, env: dict[str, str] | None = None, **remote: Any) -> GeminiBackend:
-    config = CarConfig(home=tmp_path, remote=RemoteSettings(**remote))
-    pool = KeyPool(config, tmp_path / "key_pool_stats.json", env=env or {"GEMINI_API_KEY": KEY}, store=None)
-    return GeminiBackend(BackendContext(config=config, cache=ModelCache(100), keys=pool))
+    return remote_backend(GeminiBackend, tmp_path, env or {"GEMINI_API_KEY": KEY}, **remote)
 
 
 @pytest.fixture

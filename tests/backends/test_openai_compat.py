@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from car_inference.backends.base import BackendContext
-from car_inference.backends.cache import ModelCache
 from car_inference.backends.openai_compat import OpenAICompatBackend
 from car_inference.backends.remote import PLACEHOLDER_KEY
 from car_inference.catalog import load_builtin
-from car_inference.config import CarConfig, RemoteSettings
 from car_inference.errors import ProviderError, UnsupportedMode
-from car_inference.keys import KeyPool
 from car_inference.requests import (
     AudioBlock,
     EmbedRequest,
@@ -31,42 +26,15 @@ from car_inference.requests import (
 from car_inference.schema import ModelSchema
 from car_inference.stream import Done, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
 from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
+from fakes.remote_kit import PNG, WEATHER, remote_backend
 
 CATALOG = {m.id: m for m in load_builtin().models}
 KEY = "sk-openai-test-key-0001"
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
-}
-PNG = "iVBORw0KGgo="
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(server: FakeProviderServer) -> Iterator[FakeProviderServer]:
-    server.reset()
-    yield server
-    server.reset()
 
 
 def make(tmp_path: Path, env: dict[str, str] | None = None, **remote: Any) -> OpenAICompatBackend:
-    config = CarConfig(home=tmp_path, remote=RemoteSettings(**remote))
-    pool = KeyPool(
-        config,
-        tmp_path / "key_pool_stats.json",
-        env=env or {"OPENAI_API_KEY": KEY, "OPENROUTER_API_KEY": KEY},
-        store=None,
-    )
-    return OpenAICompatBackend(BackendContext(config=config, cache=ModelCache(100), keys=pool))
+    keys = env or {"OPENAI_API_KEY": KEY, "OPENROUTER_API_KEY": KEY}
+    return remote_backend(OpenAICompatBackend, tmp_path, keys, **remote)
 
 
 @pytest.fixture

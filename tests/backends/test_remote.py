@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import traceback
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -55,19 +54,6 @@ from fakes import FakeProviderServer, Fault
 CATALOG = {m.id: m for m in load_builtin().models}
 KEY_A = "sk-rotation-key-aaaa1111"
 KEY_B = "sk-rotation-key-bbbb2222"
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(server: FakeProviderServer) -> Iterator[FakeProviderServer]:
-    server.reset()
-    yield server
-    server.reset()
 
 
 def openai_model(fake: FakeProviderServer, model_id: str = "openai/gpt-6-luna") -> ModelSchema:
