@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 
 from fakes.keyring import MemoryKeyring
+from fakes.live_keys import LIVE_KEYS, REAL_CONNECT, REAL_CONNECT_EX
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["CAR_NO_SPINNER"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_real_connect = socket.socket.connect
-_real_connect_ex = socket.socket.connect_ex
+_real_connect = REAL_CONNECT
+_real_connect_ex = REAL_CONNECT_EX
 
 
 def _allowed(address: object) -> bool:
@@ -58,11 +59,13 @@ socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
 
 # Provider keys and CAR_* settings from the developer's shell would change what is "available"
 # and where requests go. They are taken out for the whole run; live tests read LIVE_KEYS.
-LIVE_KEYS: dict[str, str] = {
-    name: os.environ.pop(name)
-    for name in list(os.environ)
-    if name.endswith(("_API_KEY", "_API_KEYS")) or (name.startswith("CAR_") and name != "CAR_NO_SPINNER")
-}
+LIVE_KEYS.update(
+    {
+        name: os.environ.pop(name)
+        for name in list(os.environ)
+        if name.endswith(("_API_KEY", "_API_KEYS")) or (name.startswith("CAR_") and name != "CAR_NO_SPINNER")
+    }
+)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import conftest
 from car_inference.backends import load_backend_class
 from car_inference.backends.base import BackendContext
 from car_inference.backends.cache import ModelCache
@@ -22,7 +21,7 @@ from car_inference.config import CarConfig, RemoteSettings
 from car_inference.keys import KeyPool
 from car_inference.requests import GenerateRequest
 from car_inference.stream import Done, TextDelta
-from conftest import LIVE_KEYS
+from fakes.live_keys import LIVE_KEYS, REAL_CONNECT, REAL_CONNECT_EX
 
 PROVIDERS = [
     ("OPENAI_API_KEY", "CAR_LIVE_OPENAI_MODEL", "openai/gpt-6-luna"),
@@ -37,8 +36,8 @@ PARAMS = [
 
 @pytest.fixture
 def network(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(socket.socket, "connect", conftest._real_connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", conftest._real_connect_ex)
+    monkeypatch.setattr(socket.socket, "connect", REAL_CONNECT)
+    monkeypatch.setattr(socket.socket, "connect_ex", REAL_CONNECT_EX)
 
 
 def _backend(model_id: str, tmp_path: Path) -> tuple[object, object]:
