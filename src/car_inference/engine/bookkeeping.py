@@ -1,27 +1,26 @@
-"""Outcome and spend records written after the answer, grouped into one commit.
+"""Outcome and spend records written after the answer, off the request path.
 
 Recording one answer is a handful of SQLite statements plus a commit; the commit alone (WAL page
 writes) costs about 135 µs here, more than a fast upstream takes to answer. So the engine queues
-the writes and runs them off the request path, a group at a time: the first write queued
-schedules a drain ``delay_s`` later (or at once when ``max_pending`` are waiting), and the drain
-runs the queued writes ``chunk`` at a time, each chunk inside one ``batch()`` transaction and each
-write in its own savepoint so that one failing write is undone alone and the others commit;
-between chunks the loop serves whatever arrived. Writes run in the order they were
-made; reads that must see them (feedback, reports, export, close) call ``flush()``, which runs
-whatever is still queued right there. Routing reads the tracker's in-memory mirror, updated by the
-same calls; circuit breakers stay synchronous because the very next attempt depends on them.
+the writes and runs them later, in the order they were made, each write in its own savepoint of a
+``batch()`` transaction so that one failing write is undone alone and the others commit. Reads
+that must see them (feedback, reports, export, close) call ``flush()``, which runs whatever is
+still queued right there. Routing reads the tracker's in-memory mirror, updated by the same calls;
+circuit breakers stay synchronous because the very next attempt depends on them.
 
-What this trades: a crash loses at most the last ``delay_s`` of records (the database itself stays
-consistent: every commit is atomic), and spend recorded in that window is not yet counted by a
-limit check in another process.
+Where the writes run:
+- on the event loop by default (the library, the CLI): a loop turn after the answer, ``chunk``
+  records per turn, so that ``asyncio.run`` still sees them written and a request arriving
+  meanwhile waits for one chunk, not the queue;
+- on a writer thread of their own once ``start_writer()`` is called, as ``car serve`` does: the
+  first queued record wakes it, it waits ``delay_s`` for others to share the commit, and SQLite
+  does its work (pages, WAL checkpoints and their fsync) without the GIL, so the loop keeps
+  serving. On the server benchmark this halved the requests slowed by record writes (p99 +8.7 ->
+  +6.4 ms) at the same p50.
 
-Where the writes run: on the event loop by default (the library, the CLI: a loop turn after the
-answer, so that ``asyncio.run`` still sees them written), or on a writer thread of their own once
-``start_writer()`` is called, as ``car serve`` does. SQLite does its work (pages, WAL checkpoints
-and their fsync) without the GIL, so the loop keeps serving during a batch: on the server benchmark
-the thread halved the requests slowed by a batch (p99 +8.7 -> +6.4 ms) at the same p50. Records
-written one by one, each with its own commit, measured no better on a thread than on the loop:
-the grouping is what makes the thread pay.
+What the writer trades: a crash loses at most the last ``delay_s`` of records (the database itself
+stays consistent: every commit is atomic), and spend recorded in that window is not yet counted by
+a limit check in another process.
 """
 
 from __future__ import annotations
@@ -47,17 +46,16 @@ class Bookkeeper:
         batch: Callable[[], AbstractContextManager[Any]] | None = None,
         *,
         delay_s: float = 0.0,
-        max_pending: int = 256,
         chunk: int = 8,
     ) -> None:
-        """``batch``: the transaction one drain runs in (none: each write on its own); ``delay_s``:
-        how long the first queued write waits for others to share its commit."""
+        """``batch``: the transaction a group of writes runs in (none: each write on its own);
+        ``delay_s``: how long the writer thread waits for more records to share its commit;
+        ``chunk``: how many records one loop turn writes."""
         self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = deque()
         self._lock = threading.Lock()
-        self._scheduled: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._scheduled: asyncio.Handle | None = None
         self._batch = batch or contextlib.nullcontext
         self.delay_s = delay_s
-        self.max_pending = max_pending
         self.chunk = chunk
         self._writer: threading.Thread | None = None
         self._wake: threading.Event | None = None
@@ -93,17 +91,10 @@ class Bookkeeper:
             self.flush()
             return
         if self._scheduled is None:
-            if self.delay_s > 0:
-                self._scheduled = loop.call_later(self.delay_s, self._drain)
-            else:
-                self._scheduled = loop.call_soon(self._drain)
-        elif len(self._pending) >= self.max_pending and isinstance(self._scheduled, asyncio.TimerHandle):
-            self._scheduled.cancel()
             self._scheduled = loop.call_soon(self._drain)
 
     def _drain(self) -> None:
-        """A scheduled drain writes at most ``chunk`` records, then yields to the loop and comes
-        back for the rest: a request that arrives meanwhile waits for one chunk, not the queue."""
+        """Write at most ``chunk`` records, then yield to the loop and come back for the rest."""
         self._scheduled = None
         self.flush(self.chunk)
         if self._pending and self._scheduled is None:

@@ -134,7 +134,7 @@ class GenerationMixin:
 
     def _open_attempt(
         self, model: ModelSchema, decision: RoutingDecision, request: GenerateRequest, *, first: bool
-    ) -> tuple[Any, str]:
+    ) -> tuple[Any, _Attempt]:
         """Pass the gates and open an attempt: (backend, attempt). Raises why the model is skipped.
         A model the caller chose (explicit or preferred) that would break a spend limit refuses
         the whole request; a fallback that would is skipped."""

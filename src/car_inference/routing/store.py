@@ -126,27 +126,33 @@ class OutcomeStore:
     # --- plumbing ------------------------------------------------------------------------------
 
     @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE (the write lock up front: no upgrade deadlocks), COMMIT or ROLLBACK."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken with the write lock up front (no upgrade deadlocks).
-        Inside ``batch()`` it is a savepoint of the batch's transaction: undone alone on error."""
+        """One write transaction; inside ``batch()`` a savepoint of the batch's transaction,
+        undone alone on error."""
         with self._lock:
-            if self._batch_depth:
-                self._conn.execute("SAVEPOINT write")
-                try:
-                    yield self._conn
-                except BaseException:
-                    self._conn.execute("ROLLBACK TO write")
-                    self._conn.execute("RELEASE write")
-                    raise
-                self._conn.execute("RELEASE write")
+            if not self._batch_depth:
+                with self._transaction() as conn:
+                    yield conn
                 return
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("SAVEPOINT write")
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._conn.execute("ROLLBACK TO write")
+                self._conn.execute("RELEASE write")
                 raise
-            self._conn.execute("COMMIT")
+            self._conn.execute("RELEASE write")
 
     @contextmanager
     def batch(self) -> Iterator[None]:
@@ -161,16 +167,12 @@ class OutcomeStore:
                 finally:
                     self._batch_depth -= 1
                 return
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._batch_depth = 1
-            try:
-                yield
-            except BaseException:
-                self._batch_depth = 0
-                self._conn.execute("ROLLBACK")
-                raise
-            self._batch_depth = 0
-            self._conn.execute("COMMIT")
+            with self._transaction():
+                self._batch_depth = 1
+                try:
+                    yield
+                finally:
+                    self._batch_depth = 0
 
     def _migrate(self) -> None:
         with self._tx() as conn:
