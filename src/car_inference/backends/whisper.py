@@ -92,8 +92,10 @@ class WhisperBackend:
                         word_timestamps=request.timestamps,
                     )
                     segments = list(segments)  # decoding happens while iterating
-                except (OSError, ValueError, RuntimeError) as exc:  # PyAV errors derive from these
+                except (OSError, ValueError) as exc:  # PyAV's decode errors derive from these
                     raise InvalidInput(f"could not transcribe {audio}: {exc}") from exc
+                except RuntimeError as exc:  # the model itself (CTranslate2), not the input
+                    raise InferenceFailed(f"{model.id} failed on {audio}: {exc}") from exc
             words = [
                 TranscribedWord(word=w.word.strip(), start=_seconds(w.start), end=_seconds(w.end))
                 for s in segments
