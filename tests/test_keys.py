@@ -1,16 +1,21 @@
-"""KeyPool: resolution, spreading, cooldowns, disabling, statistics on disk, thread safety, secrecy."""
+"""KeyPool: resolution, spreading, cooldowns, disabling, statistics in state.db (across processes),
+thread safety, secrecy."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
 import pytest
 
 from car_inference.config import CarConfig, RemoteSettings
-from car_inference.keys import KeyPool, fingerprint, stats_path_for
+from car_inference.keys import KeyPool, fingerprint, legacy_stats_path
 from car_inference.secrets import SERVICE, SecretStore
 from fakes.keyring import MemoryKeyring
 
@@ -135,6 +140,11 @@ def test_transport_failures_only_count(tmp_path: Path, clock: Clock) -> None:
     assert (row.state, row.failures, row.requests, row.last_status) == ("ok", 2, 2, 500)
 
 
+def _db_text(home: Path) -> str:
+    """Everything written under ``home`` (state.db and its WAL), as text, to look for keys in."""
+    return "".join(p.read_bytes().decode("latin-1") for p in sorted(home.iterdir()) if p.is_file())
+
+
 def test_stats_persist_round_trip_without_keys(tmp_path: Path, clock: Clock) -> None:
     keys = pool(tmp_path, clock, {VAR + "S": f"{A},{B}"})
     keys.acquire(VAR)
@@ -142,11 +152,12 @@ def test_stats_persist_round_trip_without_keys(tmp_path: Path, clock: Clock) -> 
     keys.report(VAR, B, status=401, retry_after=None)
     keys.report(VAR, A, status=200, retry_after=None)
     keys.flush()
-    text = (tmp_path / "stats.json").read_text()
+    assert (tmp_path / "state.db").is_file() and not (tmp_path / "stats.json").exists()
+    text = _db_text(tmp_path)
     assert A not in text and B not in text
-    data = json.loads(text)
-    assert set(data["keys"]) == {fingerprint(A), fingerprint(B)} and data["version"] == 1
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        saved = dict(conn.execute("SELECT fingerprint, requests FROM key_stats").fetchall())
+    assert saved == {fingerprint(A): 2, fingerprint(B): 1}
     again = pool(tmp_path, clock, {VAR + "S": f"{A},{B}"})
     before = {r.fingerprint: r.model_dump() for r in keys.stats([VAR])[VAR]}
     after = {r.fingerprint: r.model_dump() for r in again.stats([VAR])[VAR]}
@@ -160,6 +171,71 @@ def test_stats_persist_round_trip_without_keys(tmp_path: Path, clock: Clock) -> 
     ]
 
 
+def test_health_is_shared_between_pools(tmp_path: Path, clock: Clock) -> None:
+    """A key refused in one process (a server) is skipped by another (the CLI) and reset for all."""
+    server = pool(tmp_path, clock, {VAR + "S": f"{A},{B}"})
+    cli = pool(tmp_path, clock, {VAR + "S": f"{A},{B}"})
+    server.report(VAR, A, status=401, retry_after=None)
+    assert {r.masked: r.state for r in cli.stats([VAR])[VAR]} == {"sk-…0001": "disabled", "sk-…0002": "ok"}
+    assert cli.reset(VAR) == 1
+    assert server.stats([VAR])[VAR][0].state == "ok"
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from car_inference.config import CarConfig
+    from car_inference.keys import KeyPool
+
+    home, n = Path(sys.argv[1]), int(sys.argv[2])
+    keys = KeyPool(CarConfig(home=home), env={"OPENAI_API_KEY": "sk-test-key-aaaaaaaa0001"}, store=None)
+    print("ready", flush=True)
+    sys.stdin.readline()  # both start counting together
+    for i in range(n):
+        keys.report("OPENAI_API_KEY", "sk-test-key-aaaaaaaa0001", status=500 if i % 5 == 0 else 200,
+                    retry_after=None)
+        keys.flush()  # a write per request: the most chances to lose one
+    """
+)
+
+
+def test_two_processes_lose_no_update(tmp_path: Path) -> None:
+    n = 150
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(tmp_path), str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for w in workers:
+        assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+    for w in workers:
+        assert w.stdin is not None
+        w.stdin.write("go\n")
+        w.stdin.flush()
+    for w in workers:
+        assert w.wait(timeout=60) == 0
+    row = KeyPool(CarConfig(home=tmp_path), env={VAR: A}, store=None).stats([VAR])[VAR][0]
+    assert (row.requests, row.failures) == (2 * n, 2 * n // 5)
+
+
+def test_legacy_json_is_imported_once(tmp_path: Path, clock: Clock) -> None:
+    legacy = legacy_stats_path(CarConfig(home=tmp_path))
+    record = {"env_var": VAR, "masked": "sk-…0001", "requests": 7, "failures": 2, "rate_limits": 1,
+              "last_used": 999.0, "last_status": 429, "cooling_until": None, "disabled": False}  # fmt: skip
+    legacy.write_text(json.dumps({"version": 1, "keys": {fingerprint(A): record}}))
+    for _ in range(2):  # two starts: counted once
+        keys = KeyPool.for_config(CarConfig(home=tmp_path), env={VAR: A}, store=None, clock=clock)
+    row = keys.stats([VAR])[VAR][0]
+    assert (row.requests, row.failures, row.rate_limits, row.last_status) == (7, 2, 1, 429)
+    keys.report(VAR, A, status=200, retry_after=None)
+    assert keys.stats([VAR])[VAR][0].requests == 8
+
+
 def test_unreadable_stats_file_is_ignored(
     tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -168,16 +244,20 @@ def test_unreadable_stats_file_is_ignored(
     assert keys.acquire(VAR) == A and "ignoring" in caplog.text
 
 
+def test_short_keys_show_their_last_characters(tmp_path: Path, clock: Clock) -> None:
+    keys = pool(tmp_path, clock, {"GROQ_API_KEYS": "abcd1234,xy12,q"})
+    masked = [r.masked for r in keys.stats(["GROQ_API_KEY"])["GROQ_API_KEY"]]
+    assert masked == ["…1234", "…12", "…"]  # never more than half of a short key
+
+
 def test_known_variables_for_stats(tmp_path: Path, clock: Clock) -> None:
     keys = pool(
         tmp_path, clock, {"GROQ_API_KEYS": "g1-abcdefghijk", "HOME": "/x"}, keys={"MISTRAL_API_KEY": [C]}
     )
     assert set(keys.stats()) == {"GROQ_API_KEY", "MISTRAL_API_KEY"}
-    assert stats_path_for(CarConfig(home=tmp_path)) == tmp_path / "key_pool_stats.json"
-    assert (
-        KeyPool.for_config(CarConfig(home=tmp_path), store=None).stats_path
-        == tmp_path / "key_pool_stats.json"
-    )
+    assert legacy_stats_path(CarConfig(home=tmp_path)) == tmp_path / "key_pool_stats.json"
+    stored = KeyPool.for_config(CarConfig(home=tmp_path), store=None)
+    assert (stored.db_path, stored.legacy_path) == (tmp_path / "state.db", tmp_path / "key_pool_stats.json")
 
 
 def test_thread_safety(tmp_path: Path) -> None:
@@ -202,7 +282,8 @@ def test_thread_safety(tmp_path: Path) -> None:
     assert sum(r.requests for r in rows) == len(used) == 1600
     assert all(r.requests > 300 for r in rows)  # the load is spread
     keys.flush()
-    assert sum(e["requests"] for e in json.loads((tmp_path / "s.json").read_text())["keys"].values()) == 1600
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        assert conn.execute("SELECT sum(requests) FROM key_stats").fetchone()[0] == 1600
 
 
 def test_no_key_in_logs_or_reprs(tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:

@@ -3,8 +3,8 @@ skipped after a 401/403, with statistics kept on disk.
 
 Keys for a variable come from ``secrets.resolve_keys``: the variable, its plural
 (``OPENAI_API_KEYS=k1,k2``), ``config.keys`` and the OS keyring. Each key is known by a sha256
-fingerprint: the statistics file (``$CAR_HOME/key_pool_stats.json``) holds fingerprints, masked
-keys (``sk-…1a2b``) and counters, never a key.
+fingerprint: the statistics (table ``key_stats`` in ``$CAR_HOME/state.db``, beside the router's
+tables) hold fingerprints, masked keys (``sk-…1a2b``) and counters, never a key.
 
 Selection (``acquire``): among the variable's usable keys, the least recently handed out, so load
 spreads round-robin. A key that answered 429 cools down for the provider's Retry-After, else
@@ -17,8 +17,13 @@ key or all its keys are disabled.
 
 Backends call ``acquire`` -> request -> ``report(status=...)`` (200 on success, the HTTP status
 on failure, None when the request never got an answer), and on 429/401/403 try the next key.
-Thread-safe; the file is written atomically (temporary file + ``os.replace``) at once when a key's
-health changes and at most once a second otherwise (``flush`` writes what is pending).
+Thread-safe, and safe for several processes (a server and a CLI, server workers): counters are
+kept as increments and written as SQL upserts (``requests = requests + ?``), never by writing back
+totals read earlier, so no process loses another's counts. Increments are written at once when a
+key's health changes and at most once a second otherwise (``flush`` writes what is pending; so a
+process killed outright loses at most its last second of counts). Health (cooling, disabled) is
+shared: a key refused in one process is skipped by the others after their next write or ``stats``.
+The JSON file of earlier versions (``key_pool_stats.json``) is imported once.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,17 +46,43 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from .backends.remote import mask_key
 from .config import CarConfig
-from .secrets import ResolvedKey, SecretStore, atomic_write_text, resolve_keys
+from .secrets import ResolvedKey, SecretStore, resolve_keys
 
-__all__ = ["KeyPool", "KeyStats", "fingerprint", "stats_path_for"]
+__all__ = ["KeyPool", "KeyStats", "fingerprint", "legacy_stats_path"]
 
 log = logging.getLogger(__name__)
 
-_FILE_VERSION = 1
 _SAVE_INTERVAL_S = 1.0
 _HEALTH_STATUSES = frozenset({429, 401, 403})
+_BUSY_TIMEOUT_S = 10.0
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS key_stats (
+        fingerprint TEXT PRIMARY KEY, env_var TEXT NOT NULL, masked TEXT NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
+        rate_limits INTEGER NOT NULL DEFAULT 0, last_used REAL, last_status INTEGER,
+        cooling_until REAL, disabled INTEGER NOT NULL DEFAULT 0)""",
+    "CREATE TABLE IF NOT EXISTS key_stats_imports (path TEXT PRIMARY KEY, imported_at REAL NOT NULL)",
+)
+# Counters add this process's increments to whatever other processes wrote; last_status and the
+# health fields are overwritten only by a process that has news about them.
+_UPSERT = """
+INSERT INTO key_stats (fingerprint, env_var, masked, requests, failures, rate_limits, last_used,
+                       last_status, cooling_until, disabled)
+VALUES (:fp, :env_var, :masked, :requests, :failures, :rate_limits, :last_used, :last_status,
+        :cooling_until, :disabled)
+ON CONFLICT (fingerprint) DO UPDATE SET
+    env_var = excluded.env_var,
+    masked = excluded.masked,
+    requests = requests + excluded.requests,
+    failures = failures + excluded.failures,
+    rate_limits = rate_limits + excluded.rate_limits,
+    last_used = max(coalesce(last_used, excluded.last_used), coalesce(excluded.last_used, last_used)),
+    last_status = CASE WHEN :reported THEN excluded.last_status ELSE last_status END,
+    cooling_until = CASE WHEN :health THEN excluded.cooling_until ELSE cooling_until END,
+    disabled = CASE WHEN :health THEN excluded.disabled ELSE disabled END
+"""
 
 
 def fingerprint(key: str) -> str:
@@ -57,7 +90,16 @@ def fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
-def stats_path_for(config: CarConfig) -> Path:
+def _mask(key: str) -> str:
+    """``sk-…1a2b``: the last 4 characters tell keys apart; a short key shows fewer, so that most
+    of it stays hidden (the prefix only when the key is long enough to spare it)."""
+    if len(key) >= 12:
+        return f"{key[:3]}…{key[-4:]}"
+    return "…" + key[-min(4, len(key) // 2) :] if len(key) >= 2 else "…"
+
+
+def legacy_stats_path(config: CarConfig) -> Path:
+    """Where earlier versions kept key statistics as JSON (imported once into state.db)."""
     return config.home / "key_pool_stats.json"
 
 
@@ -94,10 +136,16 @@ class _Record:
     def cooling(self, now: float) -> bool:
         return self.cooling_until is not None and self.cooling_until > now
 
-    def saved(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["order"]
-        return data
+
+@dataclass
+class _Pending:
+    """What this process learned about a key since its last write."""
+
+    requests: int = 0
+    failures: int = 0
+    rate_limits: int = 0
+    reported: bool = False  # last_status is news
+    health: bool = False  # cooling_until / disabled are news
 
 
 class _CachedKeyring:
@@ -130,14 +178,16 @@ class _CachedKeyring:
 class KeyPool:
     """API keys per key variable; implements ``backends.base.KeyProvider``.
 
-    ``env`` (default: ``os.environ``, read live) and ``store`` (default: the OS keyring under
-    ``config.home``; None to leave the keyring out) are injectable for tests, as is ``clock``.
+    Statistics live in ``config.paths.state_db``; ``legacy_path`` is a JSON statistics file of
+    earlier versions, imported once. ``env`` (default: ``os.environ``, read live) and ``store``
+    (default: the OS keyring under ``config.home``; None to leave the keyring out) are injectable
+    for tests, as is ``clock``.
     """
 
     def __init__(
         self,
         config: CarConfig,
-        stats_path: Path,
+        legacy_path: Path | None = None,
         *,
         env: Mapping[str, str] | None = None,
         store: SecretStore | Literal["default"] | None = "default",
@@ -145,7 +195,8 @@ class KeyPool:
         keyring_ttl_s: float = 60.0,
     ) -> None:
         self.config = config
-        self.stats_path = stats_path
+        self.db_path = config.paths.state_db
+        self.legacy_path = legacy_path
         self._env = env
         self._clock = clock
         secret_store = SecretStore(config.home) if store == "default" else store
@@ -156,15 +207,19 @@ class KeyPool:
         )
         self._lock = threading.RLock()
         self._records: dict[str, _Record] = {}
-        self._dirty = False
+        self._pending: dict[str, _Pending] = {}
         self._last_save = 0.0
-        self._load()
+        self._conn = self._open()
+        if self._conn is not None and legacy_path is not None:
+            self._import_legacy(legacy_path)
+        self._refresh()
         _LIVE_POOLS.add(self)
 
     @classmethod
     def for_config(cls, config: CarConfig, **kwargs: Any) -> KeyPool:
-        """The pool for ``config``, its statistics in ``$CAR_HOME/key_pool_stats.json``."""
-        return cls(config, stats_path_for(config), **kwargs)
+        """The pool for ``config``: statistics in ``$CAR_HOME/state.db``, importing
+        ``$CAR_HOME/key_pool_stats.json`` once when an earlier version left one."""
+        return cls(config, legacy_stats_path(config), **kwargs)
 
     # --- keys ----------------------------------------------------------------------------------
 
@@ -175,7 +230,8 @@ class KeyPool:
         fp = fingerprint(key)
         record = self._records.get(fp)
         if record is None:
-            record = self._records[fp] = _Record(env_var=env_var, masked=mask_key(key))
+            record = self._records[fp] = _Record(env_var=env_var, masked=_mask(key))
+        record.masked = _mask(key)  # a row written by an earlier version may be masked otherwise
         if order is not None:
             record.order = order
         return record
@@ -206,13 +262,18 @@ class KeyPool:
         with self._lock:
             now = self._clock()
             record = self._record(env_var, key)
+            pending = self._pending.setdefault(fingerprint(key), _Pending())
             record.requests += 1
+            pending.requests += 1
             record.last_status = status
+            pending.reported = True
             record.last_used = record.last_used or now
             if status is None or status >= 400:
                 record.failures += 1
+                pending.failures += 1
             if status == 429:
                 record.rate_limits += 1
+                pending.rate_limits += 1
                 wait = retry_after if retry_after is not None else self.config.remote.rate_limit_cooldown_s
                 record.cooling_until = now + wait
                 log.info("%s key %s is rate limited; resting it %.0f s", env_var, record.masked, wait)
@@ -225,10 +286,11 @@ class KeyPool:
                         status,
                     )
                 record.disabled = True
-            elif status is not None and status < 400:
+            elif status is not None and status < 400 and record.cooling_until is not None:
                 record.cooling_until = None
-            self._dirty = True
-            due = status in _HEALTH_STATUSES or now - self._last_save >= _SAVE_INTERVAL_S
+                pending.health = True
+            pending.health = pending.health or status in _HEALTH_STATUSES
+            due = pending.health or now - self._last_save >= _SAVE_INTERVAL_S
         if due:
             self.flush()
 
@@ -240,13 +302,14 @@ class KeyPool:
     def reset(self, env_var: str | None = None) -> int:
         """Re-enable disabled keys and end cooldowns (of ``env_var``, or all); how many changed."""
         with self._lock:
+            self._refresh()  # keys another process disabled are reset too
             changed = 0
-            for record in self._records.values():
+            for fp, record in self._records.items():
                 if env_var in (None, record.env_var) and (record.disabled or record.cooling_until):
                     record.disabled = False
                     record.cooling_until = None
+                    self._pending.setdefault(fp, _Pending()).health = True
                     changed += 1
-            self._dirty = self._dirty or bool(changed)
         self.flush()
         return changed
 
@@ -264,8 +327,11 @@ class KeyPool:
         return names
 
     def stats(self, env_vars: Iterable[str] | None = None) -> dict[str, list[KeyStats]]:
-        """Per variable, its configured keys (in resolution order) then keys seen before."""
+        """Per variable, its configured keys (in resolution order) then keys seen before, with
+        every process's counts."""
         with self._lock:
+            self.flush()
+            self._refresh()
             now = self._clock()
             out: dict[str, list[KeyStats]] = {}
             for env_var in sorted(set(env_vars) if env_vars is not None else self.known_variables()):
@@ -304,41 +370,140 @@ class KeyPool:
 
     # --- persistence ---------------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _open(self) -> sqlite3.Connection | None:
         try:
-            data = json.loads(self.stats_path.read_text(encoding="utf-8"))
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                str(self.db_path), timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            return conn
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("key statistics stay in memory: cannot use %s: %s", self.db_path, exc)
+            return None
+
+    def _import_legacy(self, path: Path) -> None:
+        """Add the counts of an earlier version's JSON file, once (the import is recorded in the
+        same transaction, so two processes starting together do not both add them)."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return
         except (OSError, ValueError):
-            log.warning("ignoring unreadable key statistics in %s", self.stats_path)
+            log.warning("ignoring unreadable key statistics in %s", path)
             return
         entries = data.get("keys", {}) if isinstance(data, dict) else {}
-        names = set(_Record.__dataclass_fields__) - {"order"}
-        for fp, raw in entries.items() if isinstance(entries, dict) else ():
-            if isinstance(raw, dict) and isinstance(raw.get("env_var"), str):
-                try:
-                    self._records[fp] = _Record(**{k: v for k, v in raw.items() if k in names})
-                except TypeError:
-                    continue
+        rows = [
+            _row(fp, raw, reported=True, health=True)
+            for fp, raw in (entries.items() if isinstance(entries, dict) else ())
+            if isinstance(raw, dict) and isinstance(raw.get("env_var"), str)
+        ]
+        assert self._conn is not None
+        try:
+            with self._transaction() as conn:
+                done = conn.execute(
+                    "INSERT OR IGNORE INTO key_stats_imports (path, imported_at) VALUES (?, ?)",
+                    (str(path.resolve()), time.time()),
+                )
+                if done.rowcount:
+                    conn.executemany(_UPSERT, [r for r in rows if r is not None])
+        except (sqlite3.Error, TypeError, ValueError) as exc:
+            log.warning("could not import key statistics from %s: %s", path, exc)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE (the write lock up front), COMMIT or ROLLBACK."""
+        assert self._conn is not None
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _refresh(self) -> None:
+        """Take every process's counts and health from the database (pending increments of this
+        process are added on top)."""
+        if self._conn is None:
+            return
+        with self._lock:
+            try:
+                rows = self._conn.execute(
+                    "SELECT fingerprint, env_var, masked, requests, failures, rate_limits, last_used,"
+                    " last_status, cooling_until, disabled FROM key_stats"
+                ).fetchall()
+            except sqlite3.Error as exc:
+                log.warning("could not read key statistics from %s: %s", self.db_path, exc)
+                return
+            for fp, env_var, masked, requests, failures, rate_limits, used, status, cooling, off in rows:
+                record = self._records.get(fp)
+                if record is None:
+                    record = self._records[fp] = _Record(env_var=env_var, masked=masked)
+                pending = self._pending.get(fp, _Pending())
+                record.requests = requests + pending.requests
+                record.failures = failures + pending.failures
+                record.rate_limits = rate_limits + pending.rate_limits
+                record.last_used = max(used or 0.0, record.last_used or 0.0) or None
+                if not pending.reported:
+                    record.last_status = status
+                if not pending.health:
+                    record.cooling_until, record.disabled = cooling, bool(off)
 
     def flush(self) -> None:
-        """Write the statistics now if anything changed since the last write."""
+        """Write this process's increments and health news now, if there are any."""
         with self._lock:
-            if not self._dirty:
+            if not self._pending:
                 return
-            payload = {
-                "version": _FILE_VERSION,
-                "keys": {
-                    fp: r.saved() for fp, r in sorted(self._records.items()) if r.requests or r.disabled
-                },
-            }
-            self._dirty = False
             self._last_save = self._clock()
-            text = json.dumps(payload, indent=2) + "\n"
+            if self._conn is None:
+                self._pending.clear()
+                return
+            rows = [
+                {**_row(fp, asdict(self._records[fp]), reported=p.reported, health=p.health), **_counts(p)}
+                for fp, p in self._pending.items()
+            ]
             try:
-                atomic_write_text(self.stats_path, text, durable=False)
-            except OSError as exc:
-                log.warning("could not save key statistics to %s: %s", self.stats_path, exc)
+                with self._transaction() as conn:
+                    conn.executemany(_UPSERT, rows)
+            except sqlite3.Error as exc:
+                log.warning("could not save key statistics to %s: %s", self.db_path, exc)
+                return  # kept pending: the next write tries again
+            self._pending.clear()
+            self._refresh()
+
+    def close(self) -> None:
+        """Write what is pending and close the database."""
+        with self._lock:
+            self.flush()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _row(fp: str, raw: dict[str, Any], *, reported: bool, health: bool) -> dict[str, Any]:
+    return {
+        "fp": fp,
+        "env_var": str(raw["env_var"]),
+        "masked": str(raw.get("masked") or "…"),
+        "requests": int(raw.get("requests") or 0),
+        "failures": int(raw.get("failures") or 0),
+        "rate_limits": int(raw.get("rate_limits") or 0),
+        "last_used": raw.get("last_used"),
+        "last_status": raw.get("last_status"),
+        "cooling_until": raw.get("cooling_until"),
+        "disabled": bool(raw.get("disabled")),
+        "reported": reported,
+        "health": health,
+    }
+
+
+def _counts(pending: _Pending) -> dict[str, int]:
+    return {"requests": pending.requests, "failures": pending.failures, "rate_limits": pending.rate_limits}
 
 
 def _when(epoch: float | None) -> datetime | None:
