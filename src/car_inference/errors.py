@@ -22,6 +22,7 @@ __all__ = [
     "ModelNotFound",
     "ModelUnavailable",
     "ProviderError",
+    "ProviderRejectedInput",
     "SpendLimitExceeded",
     "TokenizationError",
     "TraceNotFound",
@@ -70,7 +71,9 @@ class InvalidInput(InferenceError):
 
 
 class UnsupportedMode(InferenceError):
-    """A backend does not implement a mode, e.g. tokenize on a remote model."""
+    """A backend or model does not implement a mode (tokenize on a remote model) or cannot take
+    the request's input (video to a model that reads no video). Caused by the request: no verdict
+    on the model's health."""
 
     def __init__(self, mode: str, backend: str, reason: str) -> None:
         self.mode = mode
@@ -110,6 +113,10 @@ class ConfigError(InferenceError):
         super().__init__(where + message)
 
 
+# Statuses with which a provider refuses the request itself: malformed, too large, or invalid.
+INPUT_STATUSES = frozenset({400, 413, 422})
+
+
 class ProviderError(InferenceError):
     """A remote provider or external server answered with an error, or did not answer.
 
@@ -145,12 +152,23 @@ class ProviderError(InferenceError):
         """A 4xx other than 429: the request or credentials are wrong, not the provider's load."""
         return self.status is not None and 400 <= self.status < 500 and self.status != 429
 
+    @property
+    def caused_by_request(self) -> bool:
+        """The provider refused this request's input (400, 413, 422): says nothing of its health."""
+        return self.status in INPUT_STATUSES
+
     def __repr__(self) -> str:
         return (
-            f"ProviderError(provider={self.provider!r}, model={self.model!r}, "
+            f"{type(self).__name__}(provider={self.provider!r}, model={self.model!r}, "
             f"status={self.status!r}, retryable={self.retryable!r}, "
             f"retry_after={self.retry_after!r})"
         )
+
+
+class ProviderRejectedInput(ProviderError, InvalidInput):
+    """A provider refused the request's input (400/413/422: an invalid tool schema, a parameter it
+    does not take): the caller must change the request. Another model may accept it, so fallbacks
+    still run, but it never counts toward the provider's circuit breaker."""
 
 
 class SpendLimitExceeded(InferenceError):

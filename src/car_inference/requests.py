@@ -73,12 +73,17 @@ class _OmitEmpty(_Model):
     """Drops the fields named in ``omit_when_empty`` from the serialized form when they are empty."""
 
     omit_when_empty: ClassVar[tuple[str, ...]] = ()
+    # Fields also left out when they hold their usual value (field -> that value).
+    omit_when_usual: ClassVar[dict[str, Any]] = {}
 
     @model_serializer(mode="wrap")
     def _drop_empty(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data = handler(self)
         for key in self.omit_when_empty:
             if key in data and data[key] in (None, [], {}, ""):
+                del data[key]
+        for key, usual in self.omit_when_usual.items():
+            if key in data and data[key] == usual:
                 del data[key]
         return data
 
@@ -310,7 +315,8 @@ class BoundingBox(_Model):
 
 
 class InferenceResult(_OmitEmpty):
-    omit_when_empty = ("bounding_boxes", "provider_output_items", "thinking")
+    omit_when_empty = ("bounding_boxes", "provider_output_items", "thinking", "finish_reason")
+    omit_when_usual: ClassVar[dict[str, Any]] = {"finish_reason": "stop"}
 
     text: str
     tool_calls: list[ToolCall] = Field(default_factory=list)
@@ -322,10 +328,12 @@ class InferenceResult(_OmitEmpty):
     usage: TokenUsage | None = None
     provider_output_items: list[dict[str, Any]] = Field(default_factory=list)
     thinking: str | None = None
-    # How the engine got here (routing decision, attempts) and why generation stopped (stop,
-    # length, tool_calls, content_filter); not part of the wire contract.
+    # Why generation stopped, in OpenAI's words (stop, length, tool_calls, content_filter), when
+    # the backend said. Serialized only when it is not "stop": a cut answer (length) is visible
+    # while the locked keys of an ordinary answer stay as they were.
+    finish_reason: str | None = None
+    # How the engine got here (routing decision, attempts); not part of the wire contract.
     _routing: Any = PrivateAttr(default=None)
-    _finish_reason: str | None = PrivateAttr(default=None)
 
     def has_tool_calls(self) -> bool:
         return bool(self.tool_calls)

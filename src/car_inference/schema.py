@@ -291,6 +291,11 @@ class ModelSchema(BaseModel):
         default=None, description="embedding models: default instruction for `is_query` texts"
     )
     prices_as_of: str | None = None
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        description="models to try, in order, when this one fails: the only fallbacks a request "
+        "naming this model gets; an adaptive choice of it tries them before the router's",
+    )
     # Computed by the registry (file present, package installed, key set, endpoint configured).
     available: bool = False
 

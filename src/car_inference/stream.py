@@ -35,7 +35,8 @@ class _Event(BaseModel):
 
 class RouteEvent(_Event):
     """First event of an engine stream: which model will answer and why. Sent again with strategy
-    "fallback" when a model fails before its first token and the next one takes over."""
+    "fallback" when a model fails and the next one takes over; when text had already gone out,
+    ``continues_from`` is its length in characters, and the new model continues that text."""
 
     type: Literal["route"] = "route"
     model_id: str
@@ -43,6 +44,7 @@ class RouteEvent(_Event):
     reason: str
     trace_id: str
     fallbacks: list[str] = Field(default_factory=list)
+    continues_from: int | None = None
 
 
 class TextDelta(_Event):

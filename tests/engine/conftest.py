@@ -52,7 +52,8 @@ def remote_engine(
     """Build an engine whose catalog has OpenAI-compatible / Anthropic models served by ``fake``.
 
     ``models`` maps a name to its spec: ``provider``, ``quality``, ``kind`` (openai/anthropic),
-    ``price`` (USD per 1M tokens, in and out), ``params`` (supported_params); each model gets its
+    ``price`` (USD per 1M tokens, in and out), ``params`` (supported_params), ``fallbacks`` (the
+    models to try when it fails), ``capabilities``; each model gets its
     own key variable ``<NAME>_KEY`` set to ``key-<name>`` so faults can target one model.
     ``routing`` lines go into config.toml's [routing] table, ``config`` is appended as is.
     """
@@ -75,6 +76,8 @@ def remote_engine(
             }
             if "params" in spec:
                 entry["supported_params"] = spec["params"]
+            if "fallbacks" in spec:
+                entry["fallbacks"] = spec["fallbacks"]
             if "price" in spec:
                 entry["cost"] = {"input_per_mtok": spec["price"], "output_per_mtok": spec["price"]}
             text += _model_toml(entry)

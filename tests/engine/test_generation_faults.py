@@ -7,16 +7,38 @@ through the official SDK; faults are injected per model by targeting its API key
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from car_inference.errors import AllModelsFailed, ModelNotFound, SpendLimitExceeded, TraceNotFound
-from car_inference.requests import GenerateParams, GenerateRequest
+from car_inference.errors import (
+    AllModelsFailed,
+    InvalidInput,
+    ModelNotFound,
+    ProviderError,
+    ProviderRejectedInput,
+    SpendLimitExceeded,
+    TraceNotFound,
+    UnsupportedMode,
+)
+from car_inference.requests import (
+    AudioBlock,
+    GenerateParams,
+    GenerateRequest,
+    ImageBlock,
+    Message,
+    TextBlock,
+    VideoBlock,
+)
 from car_inference.routing import CircuitState, RoutingStrategy
 from car_inference.stream import Done, RouteEvent, TextDelta
 from fakes import FakeProviderServer, Fault, Reply
+from fakes.remote_kit import PNG
 
 from .conftest import RemoteEngine
 
@@ -58,14 +80,45 @@ async def test_a_failing_model_falls_back_and_is_recorded(
     assert engine.tracker.profile("bolt/beta").success_count == 1  # type: ignore[union-attr]
 
 
-async def test_explicit_model_still_falls_back(remote_engine: RemoteEngine, fake: FakeProviderServer) -> None:
+async def test_a_named_model_is_never_replaced(remote_engine: RemoteEngine, fake: FakeProviderServer) -> None:
     engine = remote_engine(TWO)
     fake.set_key_behavior("key-beta", Fault.rate_limit(retry_after=5))
-    result = await engine.generate(req(model="beta"))
-    assert result.routing.decision.strategy == RoutingStrategy.EXPLICIT
-    assert result.model_used == "acme/alpha"
+    with pytest.raises(ProviderError) as info:
+        await engine.generate(req(model="beta"))
+    assert info.value.status == 429 and info.value.model == "bolt/beta"
+    fake.set_key_behavior("key-beta", Fault.unauthorized())
+    with pytest.raises(ProviderError, match="401"):
+        await engine.generate(req(model="beta"))
+    assert {r.api_key for r in fake.requests} == {"key-beta"}, "no other model was asked"
+    assert engine.route(req(model="beta")).fallbacks == []
     with pytest.raises(ModelNotFound):
         await engine.generate(req(model="gamma-9"))
+
+
+async def test_a_named_model_gets_the_fallbacks_configured_for_it(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    models = {
+        "alpha": {"provider": "acme", "quality": 0.95},
+        "beta": {"provider": "bolt", "quality": 0.9, "fallbacks": ["no-such-model", "alpha"]},
+        "gamma": {"provider": "crux", "quality": 0.99},
+    }
+    # An adaptive choice of beta tries its configured fallbacks before the router's.
+    adaptive = remote_engine({**models, "beta": {**models["beta"], "quality": 0.995}})
+    routed = adaptive.route(req())
+    assert routed.model_id == "bolt/beta" and routed.strategy != RoutingStrategy.EXPLICIT
+    assert routed.fallbacks[:2] == ["no-such-model", "acme/alpha"] and "crux/gamma" in routed.fallbacks
+
+    engine = remote_engine(models)
+    decision = engine.route(req(model="beta"))
+    assert decision.strategy == RoutingStrategy.EXPLICIT
+    assert decision.fallbacks == ["no-such-model", "acme/alpha"], "only its own, never the router's"
+    fake.set_key_behavior("key-beta", Fault.server_error(503))
+    result = await engine.generate(req(model="beta"))
+    assert result.model_used == "acme/alpha" and result.routing.strategy == "fallback"
+    assert [m for m, _ in result.routing.attempts] == ["bolt/beta", "no-such-model"]
+    assert "model not found: no-such-model" in result.routing.attempts[1][1]
+    assert "key-crux" not in {r.api_key for r in fake.requests}
 
 
 async def test_when_every_model_fails_the_error_lists_each_attempt(
@@ -83,7 +136,11 @@ async def test_when_every_model_fails_the_error_lists_each_attempt(
 async def test_breaker_opens_skips_then_recovers_after_a_probe(
     remote_engine: RemoteEngine, fake: FakeProviderServer
 ) -> None:
-    engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 2\ncooldown_s = 0.3\n")
+    models = {
+        "alpha": {"provider": "acme", "quality": 0.95, "fallbacks": ["beta"]},
+        "beta": {"provider": "bolt", "quality": 0.9},
+    }
+    engine = remote_engine(models, config="[breaker]\nfailure_threshold = 2\ncooldown_s = 0.3\n")
     fake.set_key_behavior("key-alpha", Fault.server_error())
     for _ in range(2):
         assert (await engine.generate(req(model="alpha"))).model_used == "bolt/beta"
@@ -104,15 +161,97 @@ async def test_breaker_opens_skips_then_recovers_after_a_probe(
     assert engine.breakers.state("acme/alpha") == CircuitState.CLOSED
 
 
-async def test_client_errors_count_double_toward_the_breaker(
+async def test_a_broken_model_counts_double_toward_the_breaker(
     remote_engine: RemoteEngine, fake: FakeProviderServer
 ) -> None:
     engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 4\ncooldown_s = 60\n")
-    fake.set_key_behavior("key-alpha", Fault.bad_request("bad tool schema"))
-    await engine.generate(req(model="alpha"))
+    fake.set_key_behavior("key-alpha", Fault("status", status=404, message="The model does not exist"))
+    with pytest.raises(ProviderError, match="404"):
+        await engine.generate(req(model="alpha"))
     assert engine.breakers.state("acme/alpha") == CircuitState.CLOSED
-    await engine.generate(req(model="alpha"))
-    assert engine.breakers.state("acme/alpha") == CircuitState.OPEN, "two 400s weigh as four failures"
+    with pytest.raises(ProviderError, match="404"):
+        await engine.generate(req(model="alpha"))
+    assert engine.breakers.state("acme/alpha") == CircuitState.OPEN, "two 404s weigh as four failures"
+
+
+async def test_errors_the_request_caused_never_open_a_breaker(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 2\ncooldown_s = 60\n")
+    fake.set_key_behavior("key-alpha", Fault.bad_request("Invalid schema for function 'f'"))
+    for _ in range(3):
+        with pytest.raises(ProviderRejectedInput) as info:
+            await engine.generate(req(model="alpha"))
+        assert isinstance(info.value, InvalidInput) and info.value.status == 400
+    fake.set_key_behavior("key-alpha", Fault("status", status=422, message="unprocessable input"))
+    with pytest.raises(ProviderRejectedInput):
+        await engine.generate(req(model="alpha"))
+    assert engine.breakers.state("acme/alpha") == CircuitState.CLOSED
+    fake.set_key_behavior("key-alpha", None)
+    assert (await engine.generate(req())).model_used == "acme/alpha", "other clients still get alpha"
+    engine.flush()
+    with sqlite3.connect(engine.config.paths.state_db) as db:
+        rows = db.execute(
+            "SELECT outcome, error_class FROM traces WHERE model_id = 'acme/alpha' ORDER BY started_at"
+        ).fetchall()
+    assert rows[:4] == [("abandoned", "ProviderRejectedInput")] * 4, "kept, counted nowhere"
+    assert engine.tracker.profile("acme/alpha").fail_count == 0  # type: ignore[union-attr]
+
+
+async def test_input_a_named_model_cannot_take_is_unsupported(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(
+        {
+            "alpha": {"provider": "acme", "capabilities": ["generate", "vision"]},
+            "claude": {"provider": "anthro", "kind": "anthropic", "capabilities": ["generate", "vision"]},
+            "gemma": {"provider": "gem", "capabilities": ["generate", "vision"], "quality": 0.99},
+        },
+        config="[breaker]\nfailure_threshold = 1\n",
+    )
+    video = [TextBlock(text="What happens?"), VideoBlock(url="https://example.com/v.mp4")]
+    audio = [TextBlock(text="Transcribe."), AudioBlock(data="UklGRg==", media_type="audio/wav")]
+    for name, blocks in (("alpha", video), ("claude", audio), ("claude", video)):
+        request = GenerateRequest(messages=[Message(role="user", content=blocks)], model=name)
+        with pytest.raises(UnsupportedMode):
+            await engine.generate(request)
+        with pytest.raises(UnsupportedMode):
+            [e async for e in engine.stream(request)]
+    assert fake.requests == [], "refused before any call, never answered by another model"
+    assert all(engine.breakers.state(m) == CircuitState.CLOSED for m in ("acme/alpha", "anthro/claude"))
+
+
+async def test_images_to_the_local_text_model_are_unsupported_and_trip_nothing(
+    remote_engine: RemoteEngine,
+) -> None:
+    engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 1\n")
+    local = "huggingface/smollm2-135m-instruct:q4_1"
+    image = [TextBlock(text="What is this?"), ImageBlock(data=PNG, media_type="image/png")]
+    for _ in range(3):
+        request = GenerateRequest(messages=[Message(role="user", content=image)], model=local)
+        with pytest.raises(UnsupportedMode, match="image"):
+            await engine.generate(request)
+    assert engine.breakers.state(local) == CircuitState.CLOSED
+    assert engine.cache.get(f"gguf:{local}") is None, "refused before the model was loaded"
+
+
+def test_car_generate_with_a_named_model_and_a_bad_key_fails(
+    fake: FakeProviderServer, isolated_home: Path
+) -> None:
+    """The issue's case: `car generate --model openai/gpt-6-luna` with a bad key answered 0 with
+    SmolLM2's text; it must fail, on stderr, naming the model."""
+    (isolated_home / "models.toml").write_text(f'[hosts.openai]\nbase_url = "{fake.openai_base_url}"\n')
+    fake.set_key_behavior("sk-bad-key-123456", Fault.unauthorized())
+    env = {**os.environ, "OPENAI_API_KEY": "sk-bad-key-123456", "CAR_HOME": str(isolated_home)}
+    car = Path(sys.executable).with_name("car")
+    out = subprocess.run(
+        [str(car), "generate", "--model", "openai/gpt-6-luna", "Say hi.", "--max-tokens", "8"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert out.returncode != 0, out.stdout
+    assert "401" in out.stderr and "gpt-6-luna" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout.strip() == ""
+    assert [r.api_key for r in fake.requests] == ["sk-bad-key-123456"]
 
 
 async def test_no_request_is_lost_under_intermittent_faults(
@@ -141,16 +280,17 @@ async def test_stream_falls_back_before_the_first_token(
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "from the fallback"
 
 
-async def test_stream_failure_after_output_ends_with_an_error_event(
+async def test_a_named_model_whose_stream_breaks_ends_with_an_error_event(
     remote_engine: RemoteEngine, fake: FakeProviderServer
 ) -> None:
     engine = remote_engine(TWO)
     fake.queue(
         Fault.cut_stream(after_chunks=2, reply=Reply(text="a long answer that gets cut", chunk_chars=3))
     )
-    events = [e async for e in engine.stream(req())]
+    events = [e async for e in engine.stream(req(model="alpha"))]
     assert any(isinstance(e, TextDelta) for e in events)
     assert events[-1].type == "error" and events[-1].retryable
+    assert len([e for e in events if isinstance(e, RouteEvent)]) == 1, "no fallback configured"
     engine.flush()
     assert engine.tracker.profile("acme/alpha").fail_count == 1  # type: ignore[union-attr]
 

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from car_inference.config import BreakerSettings
-from car_inference.errors import ProviderError
+from car_inference.errors import InvalidInput, ProviderError, ProviderRejectedInput, UnsupportedMode
 from car_inference.routing.breaker import CircuitBreakerRegistry, CircuitState, failure_weight
 
 from .helpers import FakeClock
@@ -36,15 +38,47 @@ def test_success_resets_the_count(clock: FakeClock) -> None:
 
 def test_client_error_counts_double(clock: FakeClock) -> None:
     cb = make(clock, threshold=3)
-    bad_request = ProviderError("bad", provider="p", model="m", status=400)
+    bad_key = ProviderError("bad key", provider="p", model="m", status=401)
     throttled = ProviderError("slow down", provider="p", model="m", status=429)
-    assert failure_weight(bad_request) == 2
+    assert failure_weight(bad_key) == 2
+    assert failure_weight(ProviderError("no such model", provider="p", model="m", status=404)) == 2
     assert failure_weight(throttled) == 1
     assert failure_weight(TimeoutError()) == 1
-    cb.record_failure("m", weight=failure_weight(bad_request))
+    cb.record_failure("m", weight=failure_weight(bad_key))
     assert cb.state("m") is CircuitState.CLOSED
     cb.record_failure("m", weight=failure_weight(throttled))
     assert cb.state("m") is CircuitState.OPEN  # 2 + 1 = threshold
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidInput("undecodable audio"),
+        UnsupportedMode("video-input", "openai", "Chat Completions takes no video"),
+        ProviderError("invalid tool schema", provider="p", model="m", status=400),
+        ProviderRejectedInput("invalid tool schema", provider="p", model="m", status=400),
+        ProviderError("too large", provider="p", model="m", status=413),
+        ProviderError("unprocessable", provider="p", model="m", status=422),
+    ],
+)
+def test_errors_the_request_caused_never_count(clock: FakeClock, error: Exception) -> None:
+    cb = make(clock, threshold=1)
+    assert failure_weight(error) == 0
+    for _ in range(5):
+        cb.record_failure("m", weight=failure_weight(error))
+    assert cb.state("m") is CircuitState.CLOSED
+    assert cb.snapshot().get("m", {}).get("consecutive_failures", 0) == 0
+
+
+def test_a_request_error_on_the_probe_hands_the_probe_on(clock: FakeClock) -> None:
+    cb = make(clock, threshold=1, cooldown=10)
+    cb.record_failure("m")
+    clock.advance(10.1)
+    assert cb.allow("m")  # the probe, whose request turns out to be invalid
+    assert not cb.allow("m")
+    cb.record_failure("m", weight=0)
+    assert cb.state("m") is CircuitState.HALF_OPEN
+    assert cb.allow("m"), "the next request probes at once"
 
 
 def test_half_open_allows_exactly_one_probe_then_recovers(clock: FakeClock) -> None:

@@ -97,6 +97,7 @@ _IMAGE_TYPES = {"image/jpeg", "image/png", "image/gif", "image/webp"}
 class AnthropicBackend(RemoteBackend):
     kind = "anthropic"
     source_types = (AnthropicSource,)
+    assistant_prefill = True  # a final assistant turn is continued, not answered
 
     def make_client(self, endpoint: Endpoint, key: str) -> anthropic.AsyncAnthropic:
         return anthropic.AsyncAnthropic(

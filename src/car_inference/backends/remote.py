@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, TypeVar
 
-from ..errors import InferenceFailed, ModelUnavailable, ProviderError
+from ..errors import INPUT_STATUSES, InferenceFailed, ModelUnavailable, ProviderError, ProviderRejectedInput
 from ..requests import (
     GenerateRequest,
     ThinkingMode,
@@ -142,14 +142,16 @@ def status_error(
     retry_after: float | None = None,
 ) -> ProviderError:
     """An HTTP error status as ``ProviderError``: 429, 408, 409 and 5xx are retryable, other 4xx
-    are not. A 2xx/3xx here means an error event inside an accepted stream: retryable, status None."""
+    are not; 400, 413 and 422 (the request's input refused) are ``ProviderRejectedInput``. A
+    2xx/3xx here means an error event inside an accepted stream: retryable, status None."""
     if retry_after is None and headers is not None:
         retry_after = parse_retry_after(headers.get("retry-after"))
     text = scrub(_clip(message or f"HTTP {status}"), secrets)
     if status < 400:
         return ProviderError(text, provider=provider, model=model, retryable=True, retry_after=retry_after)
     retryable = status in RETRYABLE_STATUS or status >= 500
-    return ProviderError(
+    cls = ProviderRejectedInput if status in INPUT_STATUSES else ProviderError
+    return cls(
         text, provider=provider, model=model, status=status, retryable=retryable, retry_after=retry_after
     )
 
@@ -234,6 +236,8 @@ class RemoteBackend:
     kind: ClassVar[str] = "remote"
     source_types: ClassVar[tuple[type, ...]] = ()  # the sources ``endpoint`` reads
     needs_base_url: ClassVar[bool] = False  # True where the SDK has no default address
+    # The wire protocol continues a final assistant turn (prefill): how a broken stream resumes.
+    assistant_prefill: ClassVar[bool] = False
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx

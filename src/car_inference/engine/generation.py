@@ -1,17 +1,22 @@
 """Generation: route, try the chosen model then its fallbacks, and record what happened.
 
 Per request the router decides (``RoutingDecision``: model, strategy, reason, ordered fallbacks).
-Each attempt then passes three gates before it runs: the model is available, its estimated cost
-fits the spend limits, its circuit breaker allows it. Each attempt is written as one outcome trace
-when it is over (one store transaction, off the request path: see bookkeeping); a failure counts
-toward the breaker (a 4xx client error counts double) and the next fallback runs at once; a
-success closes the breaker, records latency, tokens, TTFT, spend and implicit signals; an attempt
-whose consumer stopped reading (a closed stream, a cancelled task) is kept as an "abandoned" trace
-and counts for nothing.
+Each attempt then passes four gates before it runs: the model is available, it can take the
+request's input (images need ``vision``), its estimated cost fits the spend limits, its circuit
+breaker allows it. Each attempt is written as one outcome trace when it is over (one store
+transaction, off the request path: see bookkeeping); a failure counts toward the breaker (a
+provider's 401/403/404 counts double) and the next fallback runs at once; a success closes the
+breaker, records latency, tokens, TTFT, spend and implicit signals. An attempt whose consumer
+stopped reading (a closed stream, a cancelled task), and one that failed because of the request
+itself (``InvalidInput``, ``UnsupportedMode``, a provider's 400/413/422), is kept as a trace that
+counts for nothing: one client's bad requests must not open a circuit for the others.
 The result's ``trace_id`` is the trace of the attempt that answered, which is what feedback rates.
 
-An explicitly named model that cannot run at all (not pulled, no key) is an error, not a reason to
-answer with another model; fallbacks cover failures while running.
+A named model is never silently replaced: a request naming one gets only the fallbacks the user
+configured for it (``ModelSchema.fallbacks``, e.g. in models.toml), and one that cannot run at all
+(not pulled, no key) is an error. Adaptive decisions try the model's configured fallbacks, then the
+router's. A stream that breaks after text went out continues on the next candidate from that text
+(see resume.py), unless a tool call was half sent.
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ from ..errors import (
     CircuitOpen,
     InferenceError,
     InferenceFailed,
+    ModelNotFound,
     ModelUnavailable,
     SpendLimitExceeded,
     TraceNotFound,
+    UnsupportedMode,
 )
 from ..requests import GenerateRequest, InferenceResult, TokenUsage, parse_boxes
 from ..routing import InferenceTask, RoutingDecision, RoutingStrategy, detect_signals, failure_weight
 from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, ErrorEvent, RouteEvent, StreamEvent, UsageEvent
+from .resume import Sent, continuation, join_text, joined
 
 if TYPE_CHECKING:
     from ..backends.base import GenerationOutput
@@ -90,8 +98,29 @@ class GenerationMixin:
     # --- routing -------------------------------------------------------------------------------
 
     def route(self, request: GenerateRequest) -> RoutingDecision:
-        """The routing decision for ``request``: explicit model, preferred model, or adaptive."""
-        return self.router.decide(request, self.registry, preferred=self.config.preferred.generate)
+        """The routing decision for ``request``: explicit model, preferred model, or adaptive.
+        Its ``fallbacks`` are the ones that will run (see ``_fallback_policy``)."""
+        decision = self.router.decide(request, self.registry, preferred=self.config.preferred.generate)
+        return self._fallback_policy(decision)
+
+    def _fallback_policy(self, decision: RoutingDecision) -> RoutingDecision:
+        """A named model gets only the fallbacks configured for it; any other decision tries the
+        chosen model's configured fallbacks first, then the router's."""
+        chosen = self.registry.get(decision.model_id)
+        configured = [self._model_id(name) for name in (chosen.fallbacks if chosen is not None else ())]
+        if decision.strategy == RoutingStrategy.EXPLICIT:
+            decision.fallbacks = configured
+        elif configured:
+            decision.fallbacks = list(dict.fromkeys([*configured, *decision.fallbacks]))
+        if decision.model_id in decision.fallbacks:
+            decision.fallbacks = [m for m in decision.fallbacks if m != decision.model_id]
+        return decision
+
+    def _model_id(self, name: str) -> str:
+        """The id of the model ``name`` (id, name or alias); the name itself when none matches
+        (its attempt then says so, with close names)."""
+        found = self.registry.find(name)
+        return found.id if found is not None else name
 
     async def _route_off_loop(self, request: GenerateRequest) -> RoutingDecision:
         """``route`` for the async paths: a long request may be counted on a local tokenizer
@@ -125,12 +154,19 @@ class GenerationMixin:
 
     # --- attempts ------------------------------------------------------------------------------
 
-    def _candidates(self, decision: RoutingDecision) -> list[ModelSchema]:
-        models = [self.registry.get(m) for m in (decision.model_id, *decision.fallbacks)]
-        first = models[0]
+    def _candidates(
+        self, decision: RoutingDecision, attempts: list[tuple[str, InferenceError]]
+    ) -> Iterator[ModelSchema]:
+        """The chosen model, then its fallbacks as the decision lists them. A fallback name that
+        is in no catalog is added to ``attempts`` (with close names) when its turn comes."""
+        first = self.registry.get(decision.model_id)
         if decision.strategy == RoutingStrategy.EXPLICIT and first is not None and not first.available:
             raise ModelUnavailable(first.id, self.registry.unavailable_reason(first))
-        return [m for m in models if m is not None]
+        for name in (decision.model_id, *decision.fallbacks):
+            try:
+                yield self.registry.get(name) or self.registry.resolve(name)
+            except ModelNotFound as exc:
+                attempts.append((name, exc))
 
     def _open_attempt(
         self, model: ModelSchema, decision: RoutingDecision, request: GenerateRequest, *, first: bool
@@ -139,6 +175,8 @@ class GenerationMixin:
         A model the caller chose (explicit or preferred) that would break a spend limit refuses
         the whole request; a fallback that would is skipped."""
         backend = self._runnable(model)
+        if "image" in request.media_types() and not model.has_capability(ModelCapability.VISION):
+            raise UnsupportedMode("image-input", model.kind, f"{model.id} does not take images (no vision)")
         if self.spend.has_limits and not model.in_process:
             estimate = model.cost.estimate(decision.estimated_input_tokens, request.params.max_tokens)
             try:
@@ -164,7 +202,7 @@ class GenerationMixin:
     ) -> Iterator[tuple[int, ModelSchema, Any, _Attempt]]:
         """The candidates that pass the gates, as (index, model, backend, attempt); a candidate
         that does not is added to ``attempts`` with why (or refuses the whole request)."""
-        for index, model in enumerate(self._candidates(decision)):
+        for index, model in enumerate(self._candidates(decision, attempts)):
             try:
                 backend, attempt = self._open_attempt(model, decision, request, first=index == 0)
             except InferenceError as exc:
@@ -175,9 +213,17 @@ class GenerationMixin:
             yield index, model, backend, attempt
 
     def _failed(self, model: ModelSchema, attempt: _Attempt, exc: InferenceError) -> None:
-        self.breakers.record_failure(model.id, failure_weight(exc))
+        """A failed attempt. One the request caused (weight 0) is kept as a trace with its error
+        but counts nowhere: not toward the breaker (a half-open probe is handed on), not against
+        the model's learned quality."""
+        weight = failure_weight(exc)
+        self.breakers.record_failure(model.id, weight)
         self.bookkeeper.submit(
-            self._record, attempt, success=False, error_class=type(exc).__name__, message=str(exc)
+            self._record,
+            attempt,
+            success=False if weight else None,
+            error_class=type(exc).__name__,
+            message=str(exc),
         )
 
     def _abandoned(self, attempt: _Attempt) -> None:
@@ -266,68 +312,97 @@ class GenerationMixin:
                 self._abandoned(attempt)
                 raise
             result = _result(model, out, attempt.trace_id, start)
-            result._finish_reason = out.finish_reason
             self._succeeded(model, attempt, request, result, attempt_start)
             result._routing = self._routing(decision, index, attempts)
             return result
         raise _final_error(attempts)
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
-        """Stream events: a ``RouteEvent`` first (again with strategy "fallback" if a model fails
-        before its first token and the next takes over), content events, then ``Done`` carrying
-        the trace id, model, latency and usage. A failure after output began ends the stream with
-        an ``ErrorEvent``; a consumer that stops reading stops the generation."""
+        """Stream events: a ``RouteEvent`` first, content events, then ``Done`` carrying the trace
+        id, model, latency, usage and the whole text. When a model fails the next candidate takes
+        over, announced by another ``RouteEvent`` (strategy "fallback"); after text went out it
+        continues from that text (``RouteEvent.continues_from``), so the answer still completes.
+        A failure with no candidate left, or in the middle of a tool call, ends the stream with an
+        ``ErrorEvent``; a consumer that stops reading stops the generation."""
         start = time.perf_counter()
         decision = await self._route_off_loop(request)
         request = self._with_decision(request, decision)
         attempts: list[tuple[str, InferenceError]] = []
+        sent = Sent(start=start)
         for index, model, backend, attempt in self._attempts(decision, request, attempts):
-            routing = self._routing(decision, index, attempts)
-            attempt_start = time.perf_counter()
-            started = finished = False
-            ttft: float | None = None
-            usage: TokenUsage | None = None
-            try:
-                yield RouteEvent(
-                    model_id=model.id,
-                    strategy=routing.strategy,
-                    reason=routing.reason,
-                    trace_id=attempt.trace_id,
-                    fallbacks=list(decision.fallbacks),
-                )
-                events = backend.stream(model, self._prepare(request, model))
-                async with contextlib.aclosing(events):
-                    async for event in events:
-                        if isinstance(event, Done):
-                            done = _finish_done(model, event, attempt.trace_id, start, ttft, usage)
-                            self._succeeded(model, attempt, request, _as_result(done), attempt_start)
-                            finished = True
-                            yield done
-                            return
-                        if isinstance(event, UsageEvent):
-                            usage = event.usage
-                        elif ttft is None:
-                            ttft = round((time.perf_counter() - start) * 1000, 3)
-                        started = True
-                        yield event
-            except InferenceError as exc:
-                self._failed(model, attempt, exc)
-                if started:
-                    yield ErrorEvent(message=str(exc), retryable=bool(getattr(exc, "retryable", False)))
-                    return
-                attempts.append((model.id, exc))
-                continue
-            except (GeneratorExit, asyncio.CancelledError):
-                if not finished:  # a consumer that stops after Done has its answer
-                    self._abandoned(attempt)
-                raise
-            error = InferenceFailed(f"{model.id}: the stream ended without a final event")
-            self._failed(model, attempt, error)
-            if started:
-                yield ErrorEvent(message=str(error))
+            if sent.text:
+                attempt.reason += f"; resumes after {len(sent.prefix)} characters from {attempts[-1][0]}"
+            outcome = _Outcome()
+            run = self._stream_attempt(
+                model, backend, attempt, self._routing(decision, index, attempts), request, sent, outcome
+            )
+            async with contextlib.aclosing(run):
+                async for event in run:
+                    yield event
+            if outcome.error is None:
                 return
-            attempts.append((model.id, error))
-        raise _final_error(attempts)
+            attempts.append((model.id, outcome.error))
+            if sent.tool_call:
+                message = f"the stream broke in a tool call, which no other model can finish: {outcome.error}"
+                yield ErrorEvent(message=message, retryable=_retryable(outcome.error))
+                return
+        error = _final_error(attempts)
+        if not sent.any:
+            raise error
+        yield ErrorEvent(message=str(error), retryable=_retryable(error))
+
+    async def _stream_attempt(
+        self,
+        model: ModelSchema,
+        backend: Any,
+        attempt: _Attempt,
+        routing: Routing,
+        request: GenerateRequest,
+        sent: Sent,
+        outcome: _Outcome,
+    ) -> AsyncIterator[StreamEvent]:
+        """One model's part of a stream; ``outcome.error`` says why it failed (None: it finished).
+        After text went out it is asked to continue that text (resume.py)."""
+        attempt_start = time.perf_counter()
+        prefix = sent.prefix
+        usage: TokenUsage | None = None
+        finished = False
+        try:
+            yield RouteEvent(
+                model_id=model.id,
+                strategy=routing.strategy,
+                reason=routing.reason,
+                trace_id=attempt.trace_id,
+                fallbacks=list(routing.decision.fallbacks),
+                continues_from=len(prefix) if prefix else None,
+            )
+            prefill = bool(getattr(backend, "assistant_prefill", False))
+            prepared = self._prepare(continuation(request, prefix, prefill=prefill), model)
+            events = backend.stream(model, prepared)
+            async with contextlib.aclosing(joined(events, prefix) if prefix else events) as events:
+                async for event in events:
+                    if isinstance(event, Done):
+                        whole = event.model_copy(update={"text": join_text(prefix, event.text)})
+                        done = _finish_done(model, whole, attempt.trace_id, sent.start, sent.ttft_ms, usage)
+                        self._succeeded(model, attempt, request, _as_result(done), attempt_start)
+                        finished = True
+                        yield done
+                        return
+                    if isinstance(event, UsageEvent):
+                        usage = event.usage
+                    else:
+                        sent.push(event)
+                    yield event
+        except InferenceError as exc:
+            outcome.error = exc
+        except (GeneratorExit, asyncio.CancelledError):
+            if not finished:  # a consumer that stops after Done has its answer
+                outcome.error = None
+                self._abandoned(attempt)
+            raise
+        else:
+            outcome.error = InferenceFailed(f"{model.id}: the stream ended without a final event")
+        self._failed(model, attempt, outcome.error)
 
     # --- feedback ------------------------------------------------------------------------------
 
@@ -340,6 +415,13 @@ class GenerationMixin:
         if self.store.trace(trace_id) is None:
             raise TraceNotFound(trace_id)
         self.tracker.record_feedback(trace_id, score)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How one model's part of a stream ended: the error that stopped it, None when it finished."""
+
+    error: InferenceError | None = None
 
 
 @dataclass(slots=True)
@@ -381,6 +463,7 @@ def _result(model: ModelSchema, out: GenerationOutput, trace_id: str, start: flo
         usage=_with_cost(model, out.usage),
         provider_output_items=out.provider_output_items,
         thinking=out.thinking,
+        finish_reason=out.finish_reason,
     )
 
 
@@ -410,7 +493,14 @@ def _as_result(done: Done) -> InferenceResult:
         usage=done.usage,
         provider_output_items=list(done.provider_output_items),
         thinking=done.thinking,
+        finish_reason=done.finish_reason,
     )
+
+
+def _retryable(error: InferenceError) -> bool:
+    if isinstance(error, AllModelsFailed):
+        return any(getattr(e, "retryable", False) for _, e in error.attempts)
+    return bool(getattr(error, "retryable", False))
 
 
 def _final_error(attempts: list[tuple[str, InferenceError]]) -> InferenceError:

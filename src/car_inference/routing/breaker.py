@@ -6,8 +6,10 @@ restarts). In half-open exactly one caller at a time gets ``allow() == True`` (t
 are refused until the probe reports back. A probe that never reports (its caller died) is given up
 after another ``cooldown_s``, so a model is never locked out for good.
 
-A failure's weight is 1, or 2 for a client error (a 4xx other than 429: bad request or bad
-credentials will not fix themselves), as in the seed engine. Thread-safe: one lock, held briefly.
+A failure's weight is 1, or 2 for a client error of the provider's own (401/403/404: a broken key
+or model will not fix itself), as in the seed engine. An error the request caused (``InvalidInput``,
+``UnsupportedMode``, a provider's 400/413/422 about the input) weighs 0: one client's bad requests
+must not open a circuit for every client. Thread-safe: one lock, held briefly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..config import BreakerSettings
+from ..errors import InvalidInput, UnsupportedMode
 
 __all__ = ["CircuitBreakerRegistry", "CircuitState", "failure_weight"]
 
@@ -31,7 +34,10 @@ class CircuitState(StrEnum):
 
 
 def failure_weight(error: BaseException) -> int:
-    """2 for a provider's client error (``ProviderError.is_client_error``), else 1."""
+    """0 for an error the request caused, 2 for a provider's other client error
+    (``ProviderError.is_client_error``: 401, 403, 404...), else 1 (429, 5xx, timeouts, cut streams)."""
+    if isinstance(error, InvalidInput | UnsupportedMode) or getattr(error, "caused_by_request", False):
+        return 0
     return 2 if getattr(error, "is_client_error", False) else 1
 
 
@@ -119,13 +125,25 @@ class CircuitBreakerRegistry:
             b.probe_started_at = None
             self._tripped.discard(model_id)
 
+    def release(self, model_id: str) -> None:
+        """The attempt said nothing about the model's health (the request was at fault): give back
+        a half-open probe claim so that the next request probes."""
+        with self._lock:
+            b = self._breakers.get(model_id)
+            if b is not None:
+                b.probe_started_at = None
+
     def record_failure(self, model_id: str, weight: int = 1) -> None:
+        """Count a failure of ``weight`` (see ``failure_weight``); weight 0 only releases a probe."""
+        if weight <= 0:
+            self.release(model_id)
+            return
         with self._lock:
             b = self._get(model_id)
             now = self._clock()
             self._advance(b, now)
             b.total_failures += 1
-            b.consecutive_failures += max(1, int(weight))
+            b.consecutive_failures += int(weight)
             if b.state is CircuitState.HALF_OPEN or (
                 b.state is CircuitState.CLOSED and b.consecutive_failures >= self.settings.failure_threshold
             ):
