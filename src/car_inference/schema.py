@@ -111,6 +111,7 @@ class GgufSource(_LocalFiles):
     filename: str | None = Field(default=None, description="file within `hf_repo` to pull")
     mmproj: str | None = Field(default=None, description="vision projector file, for VL models")
     pooling: str | None = Field(default=None, description="embedding pooling: mean, cls, last")
+    managed: bool = Field(default=False, description="served by a llama.cpp server we start, not in-process")
 
 
 class SentenceSource(_LocalFiles):
@@ -179,6 +180,7 @@ class OllamaSource(_Strict):
     kind: Literal["ollama"] = "ollama"
     host: str = "http://127.0.0.1:11434"
     model_tag: str
+    managed: bool = Field(default=False, description="start `ollama serve` if it is not running")
 
 
 class VllmSource(_Strict):
@@ -189,6 +191,7 @@ class VllmSource(_Strict):
     model_name: str
     api_key_env: str | None = None
     hf_repo: str | None = Field(default=None, description="what `vllm serve` loads, if we start it")
+    managed: bool = Field(default=False, description="we start `vllm serve` on first use")
 
 
 class DelegatedSource(_Strict):

@@ -33,6 +33,7 @@ from ..routing import (
     apply_benchmark_priors,
     load_all_benchmark_priors,
 )
+from ..runtimes.managed import RuntimeSupervisor
 from ..schema import ModelCapability, ModelSchema
 from .bookkeeping import Bookkeeper
 from .generation import GenerationMixin
@@ -63,6 +64,7 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
         self._backend_ctx = BackendContext(config=self.config, cache=self.cache, keys=self.keys)
         self._backends: dict[str, Any] = {}
         self._backends_lock = threading.Lock()
+        self.runtimes = RuntimeSupervisor(self.config, self.registry)  # servers we start on first use
         self._init_routing()
 
     def _init_routing(self) -> None:
@@ -102,6 +104,7 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
         self.bookkeeper.close()
         self.keys.flush()
         self.store.close()
+        self.runtimes.close()
 
     # --- models ------------------------------------------------------------------------------
 
@@ -199,7 +202,7 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
         """The backend for ``model``, or ``ModelUnavailable`` saying what to do about it."""
         if not model.available:
             raise ModelUnavailable(model.id, self.registry.unavailable_reason(model))
-        return self._backend(model)
+        return self.runtimes.backend_for(model, self._backend)  # a managed model starts its server
 
     def _task_method(self, model: ModelSchema, capability: ModelCapability, method: str) -> Any:
         if not model.has_capability(capability):

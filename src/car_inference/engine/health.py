@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from ..errors import InferenceError
 from ..requests import ClassifyRequest, GenerateRequest, ImageBlock, RoutingWorkload
 from ..routing import ModelProfile, SpendStatus, benchmark_priors_paths, load_benchmark_priors
+from ..runtimes.supervisor import RuntimeStatus
 from ..schema import ALL_CAPABILITIES, ModelCapability, ModelSchema
 
 __all__ = ["HealthMixin", "ModelHealthReport"]
@@ -110,6 +111,7 @@ class ModelHealthReport(BaseModel):
     circuit_breakers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     spend: SpendStatus | None = None
     speech: SpeechHealthReport
+    runtimes: list[RuntimeStatus] = Field(default_factory=list, description="managed servers")
 
 
 _SCENARIOS = (
@@ -141,6 +143,7 @@ class HealthMixin:
     breakers: Any
     spend: Any
     bookkeeper: Any
+    runtimes: Any
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
@@ -176,6 +179,7 @@ class HealthMixin:
             circuit_breakers={k: dict(v) for k, v in self.breakers.snapshot().items()},
             spend=self.spend.status(),
             speech=self._speech_health(models),
+            runtimes=self.runtimes.statuses(),
         )
 
     def routing_scenarios(self) -> list[RoutingScenarioHealth]:

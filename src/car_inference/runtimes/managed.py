@@ -1,0 +1,253 @@
+"""The engine's side of managed runtimes: which runtime serves a model, starting it on first use,
+and a backend that speaks OpenAI to it once it answers.
+
+``RuntimeSupervisor.backend_for(model, lookup)`` is the engine's hook in its backend lookup: a
+model whose source says ``managed = true`` gets a ``ManagedBackend``, which starts (or attaches
+to) the model's server on its first request and hands the request to the OpenAI-compatible
+backend with the model pointed at the server's URL. Other models get ``lookup(model)`` unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import CarConfig
+from ..errors import ModelNotFound, close_matches
+from ..schema import ModelSchema, OpenAISource
+from .specs import RUNTIME_FOR_KIND, Launch, RuntimeSpec, is_managed, runtime_specs
+from .state import RunFiles, pid_alive, run_dir
+from .supervisor import ManagedRuntime, RuntimeSettings, RuntimeState, RuntimeStatus
+
+__all__ = ["ManagedBackend", "RuntimeSupervisor", "disk_status", "stop_elsewhere"]
+
+BackendLookup = Callable[[ModelSchema], Any]
+
+
+class RuntimeSupervisor:
+    """Every runtime instance this process uses, by name. ``registry`` (optional) receives the
+    models a started server serves that the catalog lacks (Ollama's pulled tags)."""
+
+    def __init__(
+        self, config: CarConfig, registry: Any = None, settings: RuntimeSettings | None = None
+    ) -> None:
+        self.config = config
+        self.home: Path = config.home
+        self.registry = registry
+        self.settings = settings or RuntimeSettings()
+        self.specs = runtime_specs(self.home)
+        self._runtimes: dict[str, ManagedRuntime] = {}
+        self._backends: dict[str, ManagedBackend] = {}
+        self._lock = threading.Lock()
+
+    # --- lookup --------------------------------------------------------------------------------
+
+    def spec_for(self, model: ModelSchema) -> RuntimeSpec:
+        return self.specs[RUNTIME_FOR_KIND[model.kind]]
+
+    def runtime_for(self, model: ModelSchema) -> ManagedRuntime:
+        """The instance that serves ``model`` (created, not started)."""
+        spec = self.spec_for(model)
+        name = spec.instance(model)
+        with self._lock:
+            runtime = self._runtimes.get(name)
+            if runtime is None:
+                runtime = self._runtimes[name] = ManagedRuntime(
+                    spec,
+                    name,
+                    self.home,
+                    lambda: spec.launch(model, self.config),
+                    self.settings,
+                    model_id=model.id if spec.per_model else None,
+                    on_ready=self._register_served,
+                )
+            return runtime
+
+    def backend_for(self, model: ModelSchema, lookup: BackendLookup) -> Any:
+        """The engine's hook: ``lookup(model)`` for a model we do not start, else its
+        ``ManagedBackend`` (nothing starts until the first request)."""
+        if not is_managed(model):
+            return lookup(model)
+        runtime = self.runtime_for(model)
+        with self._lock:
+            backend = self._backends.get(runtime.name)
+            if backend is None:
+                backend = self._backends[runtime.name] = ManagedBackend(runtime, lookup)
+            return backend
+
+    def managed_models(self) -> list[ModelSchema]:
+        return [m for m in self.registry.list() if is_managed(m)] if self.registry is not None else []
+
+    def find(self, name: str) -> ManagedRuntime:
+        """A runtime instance by its name, by a managed model's id or name, or ``ollama``.
+        ``ModelNotFound`` with close names otherwise."""
+        if name in self._runtimes:
+            return self._runtimes[name]
+        models = self.managed_models()
+        for model in models:
+            spec = self.spec_for(model)
+            if name == spec.instance(model) or (name == spec.name and not spec.per_model):
+                return self.runtime_for(model)
+        found = self.registry.find(name) if self.registry is not None else None
+        if found is not None and is_managed(found):
+            return self.runtime_for(found)
+        names = [self.spec_for(m).instance(m) for m in models] + [m.id for m in models]
+        raise ModelNotFound(name, close_matches(name, names, n=3))
+
+    # --- what the servers serve ----------------------------------------------------------------
+
+    def _register_served(self, launch: Launch, served: list[str]) -> None:
+        """Add the served models the catalog does not know yet (e.g. every pulled Ollama tag)."""
+        if self.registry is None:
+            return
+        spec = self.specs[launch.runtime]
+        for wire_name in served:
+            source = spec.served_source(launch, wire_name)
+            model_id = f"{spec.name}/{wire_name}"
+            if source is None or self.registry.find(model_id) is not None:
+                continue
+            self.registry.register(
+                ModelSchema.model_validate({
+                    "id": model_id, "name": wire_name, "provider": spec.name,
+                    "capabilities": ["generate"], "source": source, "tags": ["runtime"],
+                })
+            )  # fmt: skip
+
+    # --- reports and control -------------------------------------------------------------------
+
+    def statuses(self) -> list[RuntimeStatus]:
+        """This process's instances, those other processes run (their records on disk), and the
+        catalog's managed models that nothing runs."""
+        found: dict[str, RuntimeStatus] = {name: r.status() for name, r in self._runtimes.items()}
+        folder = run_dir(self.home)
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            name = path.stem
+            if name in found and found[name].state is not RuntimeState.STOPPED:
+                continue
+            status = disk_status(self.home, name)
+            if status is not None:
+                found[name] = status
+        for model in self.managed_models():
+            spec = self.spec_for(model)
+            name = spec.instance(model)
+            found.setdefault(
+                name,
+                RuntimeStatus(
+                    name=name, runtime=spec.name, model_id=model.id if spec.per_model else None,
+                    state=RuntimeState.STOPPED, log_path=str(RunFiles(self.home, name).log_path),
+                ),
+            )  # fmt: skip
+        return [found[k] for k in sorted(found)]
+
+    def close(self) -> None:
+        """Stop every server this process started."""
+        for runtime in list(self._runtimes.values()):
+            runtime.stop()
+
+
+def disk_status(home: Path, name: str) -> RuntimeStatus | None:
+    """An instance as its record on disk shows it: running while its owner holds the lock,
+    ``stopped`` (with the error ``owner gone``) when the owner died without cleaning up."""
+    files = RunFiles(home, name)
+    record = files.read_state()
+    if record is None:
+        return None
+    owned = files.locked_elsewhere()
+    state = RuntimeState(record.get("state", "stopped")) if owned else RuntimeState.STOPPED
+    used = files.used_at()
+    return RuntimeStatus(
+        name=name,
+        runtime=str(record.get("runtime", "?")),
+        model_id=record.get("model_id"),
+        state=state,
+        base_url=record.get("base_url") if owned else None,
+        pid=record.get("pid"),
+        owner_pid=record.get("owner_pid"),
+        restarts=int(record.get("restarts") or 0),
+        started_at=record.get("started_at"),
+        idle_s=None if used is None or not owned else round(time.time() - used, 1),
+        served=list(record.get("served") or []),
+        log_path=str(files.log_path),
+        error=None if owned else "owner gone; record left behind",
+    )
+
+
+def stop_elsewhere(home: Path, name: str, timeout_s: float = 30.0) -> bool:
+    """Ask the process that owns ``name`` to stop it and wait until it has. A record whose owner
+    died (its lock is free) is cleaned up, and a server still alive from it is sent SIGTERM.
+    False when nothing was running."""
+    files = RunFiles(home, name)
+    if not files.locked_elsewhere():
+        record = files.read_state()
+        files.clear_state()
+        pid = (record or {}).get("pid")
+        if isinstance(pid, int) and pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+            return True
+        return False
+    files.request_stop()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not files.locked_elsewhere():
+            files.clear_stop()
+            return True
+        time.sleep(0.2)
+    return files.locked_elsewhere() is False
+
+
+class ManagedBackend:
+    """The backend of a model whose server we start: ensure the server answers, then hand the
+    call to the OpenAI-compatible backend with the model pointed at that server."""
+
+    def __init__(self, runtime: ManagedRuntime, lookup: BackendLookup) -> None:
+        self.runtime = runtime
+        self._lookup = lookup
+        self._targets: dict[tuple[str, str], ModelSchema] = {}
+
+    async def _ready(self, model: ModelSchema) -> tuple[Any, ModelSchema]:
+        url = self.runtime.ready_url() or await asyncio.to_thread(self.runtime.ensure)
+        target = self._target(model, url)
+        return self._lookup(target), target
+
+    def _target(self, model: ModelSchema, url: str) -> ModelSchema:
+        key = (model.id, url)
+        target = self._targets.get(key)
+        if target is None:
+            key_env = getattr(model.source, "api_key_env", None)
+            source = OpenAISource(
+                base_url=url + "/v1",
+                model_name=self.runtime.spec.wire_name(model),
+                api_key_env=key_env,
+                needs_key=key_env is not None,
+            )
+            target = self._targets[key] = model.model_copy(update={"source": source})
+        return target
+
+    def warm_up(self, model: ModelSchema) -> None:
+        self.runtime.ensure()
+
+    async def generate(self, model: ModelSchema, request: Any) -> Any:
+        backend, target = await self._ready(model)
+        with self.runtime.busy():
+            return await backend.generate(target, request)
+
+    async def stream(self, model: ModelSchema, request: Any) -> AsyncIterator[Any]:
+        backend, target = await self._ready(model)
+        with self.runtime.busy():
+            events = backend.stream(target, request)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
+
+    async def embed(self, model: ModelSchema, request: Any) -> Any:
+        backend, target = await self._ready(model)
+        with self.runtime.busy():
+            return await backend.embed(target, request)

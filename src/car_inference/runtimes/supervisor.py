@@ -1,0 +1,452 @@
+"""One supervisor for the OpenAI-compatible servers we start (llama.cpp server, vLLM, Ollama).
+
+A ``ManagedRuntime`` is one server instance. The first process that needs it takes its lock
+(``state.RunFiles``) and becomes the owner: a monitor thread starts the server with its output in
+``$CAR_HOME/logs/NAME.log``, waits for its health URL within a deadline, restarts it with
+exponential backoff when it dies, and stops it after an idle timeout, on `car runtimes stop`, or
+when the owning process exits. Another process that finds the lock taken attaches to the running
+server. A server that already answers on the port and that nobody here started (an Ollama system
+service, a `vllm serve` run by hand) is used as it is and never stopped.
+
+The monitor is a thread, not an asyncio task: the engine may run on short-lived event loops (the
+CLI's ``asyncio.run``), and on Linux the server gets SIGTERM if the thread that spawned it dies
+(``PR_SET_PDEATHSIG``), so a killed owner leaves no orphan behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from .specs import Launch, RuntimeFailed, RuntimeSpec
+from .state import RunFiles
+
+__all__ = ["ManagedRuntime", "RuntimeFailed", "RuntimeSettings", "RuntimeState", "RuntimeStatus"]
+
+log = logging.getLogger("car_inference.runtimes")
+
+
+class RuntimeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start_timeout_s: float | None = Field(default=None, gt=0, description="None: the runtime's own")
+    idle_timeout_s: float | None = Field(default=900.0, gt=0, description="None: never idle-stop")
+    backoff_s: float = Field(default=1.0, ge=0, description="first restart delay; doubles per failure")
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    max_restarts: int = Field(default=5, ge=0, description="failures in a row before giving up")
+    tick_s: float = Field(default=0.25, gt=0, description="how often the monitor looks")
+    stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM, then SIGKILL after this")
+    recheck_s: float = Field(default=5.0, ge=0, description="an attached server is probed this often")
+
+
+class RuntimeState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    ATTACHED = "attached"  # another process owns it
+    EXTERNAL = "external"  # answered before we started anything; never stopped by us
+
+
+class RuntimeStatus(BaseModel):
+    """One runtime instance, for `car runtimes list` and the health report."""
+
+    name: str
+    runtime: str
+    model_id: str | None = None
+    state: RuntimeState
+    base_url: str | None = None
+    pid: int | None = None
+    owner_pid: int | None = None
+    restarts: int = 0
+    started_at: float | None = None
+    idle_s: float | None = None
+    served: list[str] = Field(default_factory=list)
+    log_path: str
+    error: str | None = None
+
+
+_START_TIMEOUT_S = {"llamacpp": 60.0, "vllm": 900.0, "ollama": 30.0}  # vLLM may download weights first
+
+
+class ManagedRuntime:
+    """One server instance: owned (we run it), attached (another process does) or external."""
+
+    def __init__(
+        self,
+        spec: RuntimeSpec,
+        name: str,
+        home: Path,
+        launch: Callable[[], Launch],
+        settings: RuntimeSettings,
+        *,
+        model_id: str | None = None,
+        on_ready: Callable[[Launch, list[str]], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.name = name
+        self.model_id = model_id
+        self.settings = settings
+        self.files = RunFiles(home, name)
+        self._make_launch = launch
+        self._on_ready = on_ready
+        self._launch: Launch | None = None
+        self._cv = threading.Condition()
+        self._state = RuntimeState.STOPPED
+        self._url: str | None = None
+        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopping = False
+        self._checked_at = 0.0
+        self._failed_at = 0.0
+        self._last_used = time.time()
+        self._busy = 0
+        self.restarts = 0
+        self.started_at: float | None = None
+        self.served: list[str] = []
+        self.error: str | None = None
+
+    @property
+    def state(self) -> RuntimeState:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def start_timeout_s(self) -> float:
+        return self.settings.start_timeout_s or _START_TIMEOUT_S.get(self.spec.name, 120.0)
+
+    # --- use -----------------------------------------------------------------------------------
+
+    def ready_url(self) -> str | None:
+        """The server's URL when it is known to answer now, without blocking (the hot path)."""
+        state, url = self._state, self._url
+        if state is RuntimeState.RUNNING:
+            return url
+        fresh = time.monotonic() - self._checked_at < self.settings.recheck_s
+        if state in (RuntimeState.ATTACHED, RuntimeState.EXTERNAL) and fresh:
+            return url
+        return None
+
+    def ensure(self) -> str:
+        """Start the server (or attach to it) and wait until it answers; its base URL. Blocking:
+        async callers run it in a thread. Raises ``RuntimeFailed`` when it cannot be had in time."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            with self._cv:
+                if self._recently_failed():
+                    raise RuntimeFailed(
+                        self.error or "failed",
+                        runtime=self.name,
+                        model=self.model_id,
+                        log=self.files.log_tail(),
+                    )
+                url = self.ready_url() or self._claim()
+                if url is not None:
+                    self.touch()
+                    return url
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeFailed(
+                        f"not ready within {self.start_timeout_s:g} s",
+                        runtime=self.name,
+                        model=self.model_id,
+                        log=self.files.log_tail(),
+                    )
+                self._cv.wait(min(left, self.settings.tick_s))
+
+    def touch(self) -> None:
+        self._last_used = time.time()
+        if self._state is not RuntimeState.RUNNING:
+            self.files.touch_used()  # the owner is another process: tell its idle clock
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """A request in flight: never idle-stopped under it."""
+        with self._cv:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._busy -= 1
+                self.touch()
+
+    def _recently_failed(self) -> bool:
+        """Gave up within the last ``backoff_max_s``: callers get the failure, not a new start."""
+        return (
+            self._state is RuntimeState.FAILED
+            and not self._owner_alive()
+            and time.monotonic() - self._failed_at < max(self.settings.backoff_max_s, 1.0)
+        )
+
+    def _owner_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _claim(self) -> str | None:
+        """Under ``_cv``: become the owner, attach, or wait for the one starting it. The URL when
+        an attached or external server answers now; None when it is not ready yet."""
+        if self._owner_alive():
+            return None
+        if self.files.try_lock():
+            try:
+                launch = self._launch_once()
+            except BaseException:
+                self.files.unlock()
+                raise
+            if _healthy(launch.base_url + launch.health_path):
+                self.files.unlock()  # someone runs it outside our care: use it, never stop it
+                return self._attached(launch.base_url, RuntimeState.EXTERNAL)
+            self._start_owner()
+            return None
+        record = self.files.read_state()
+        url = record.get("base_url") if record else None
+        if isinstance(url, str) and _healthy(url + self.spec.health_path):
+            return self._attached(url, RuntimeState.ATTACHED)
+        return None  # the owner is still starting it
+
+    def _attached(self, url: str, state: RuntimeState) -> str:
+        self._url, self._state, self._checked_at = url, state, time.monotonic()
+        return url
+
+    def _launch_once(self) -> Launch:
+        if self._launch is None:
+            self._launch = self._make_launch()  # the port stays the same across restarts
+        return self._launch
+
+    # --- the owner's monitor -------------------------------------------------------------------
+
+    def _start_owner(self) -> None:
+        self._stopping = False
+        self.error = None
+        self.files.clear_stop()
+        self._state = RuntimeState.STARTING
+        self._url = self._launch_once().base_url
+        self._thread = threading.Thread(target=self._monitor, name=f"runtime-{self.name}", daemon=True)
+        self._thread.start()
+        _live.add(self)
+
+    def _monitor(self) -> None:
+        launch = self._launch_once()
+        failures = 0
+        try:
+            while not self._should_stop():
+                proc = self._spawn(launch)
+                if self._wait_healthy(proc, launch):
+                    failures = 0
+                    self._set_running(launch)
+                    if self._watch(proc) != "exited":
+                        break
+                    self.error = f"exited with status {proc.returncode}"
+                elif not self._should_stop():
+                    self.error = self.error or f"exited with status {proc.returncode} while starting"
+                if self._should_stop():
+                    break
+                failures += 1
+                if failures > self.settings.max_restarts:
+                    self._set(
+                        RuntimeState.FAILED, f"{self.error}; gave up after {failures} failures in a row"
+                    )
+                    break
+                self.restarts += 1
+                self._set(RuntimeState.RESTARTING)
+                self._sleep(min(self.settings.backoff_s * 2 ** (failures - 1), self.settings.backoff_max_s))
+        finally:
+            self._terminate()
+            self.files.clear_state()
+            self.files.clear_stop()
+            self.files.unlock()
+            if self._state is not RuntimeState.FAILED:
+                self._set(RuntimeState.STOPPED)
+
+    def _spawn(self, launch: Launch) -> subprocess.Popen[bytes]:
+        out = self.files.open_log()
+        try:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            out.write(f"--- car: {stamp} starting {' '.join(launch.argv)}\n".encode())
+            out.flush()
+            proc = subprocess.Popen(
+                launch.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **launch.env},
+                start_new_session=True,  # its own process group: a stop reaches its workers too
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, resolved beforehand
+            )
+        finally:
+            out.close()
+        self._proc = proc
+        self.started_at = time.time()
+        self.files.write_state(self._record(launch, RuntimeState.STARTING))
+        return proc
+
+    def _wait_healthy(self, proc: subprocess.Popen[bytes], launch: Launch) -> bool:
+        deadline = time.monotonic() + self.start_timeout_s
+        url = launch.base_url + launch.health_path
+        while time.monotonic() < deadline:
+            if proc.poll() is not None or self._should_stop():
+                return False
+            if _healthy(url):
+                return True
+            self._sleep(self.settings.tick_s)
+        self.error = f"no answer from {url} within {self.start_timeout_s:g} s"
+        return False
+
+    def _set_running(self, launch: Launch) -> None:
+        self._last_used = time.time()  # the idle clock starts now, not at the last use before a stop
+        try:
+            self.served = self.spec.served(launch.base_url)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            self.served = []
+        self.files.write_state(self._record(launch, RuntimeState.RUNNING))
+        if self._on_ready is not None:
+            try:
+                self._on_ready(launch, self.served)
+            except Exception:  # registering what it serves must not take the server down
+                log.exception("runtime %s: on_ready failed", self.name)
+        self._set(RuntimeState.RUNNING)
+
+    def _watch(self, proc: subprocess.Popen[bytes]) -> str:
+        """Until the server exits ("exited"), is asked to stop ("stop") or sits idle ("idle")."""
+        while True:
+            if proc.poll() is not None:
+                return "exited"
+            if self._should_stop():
+                return "stop"
+            if self._idle_for() is not None:
+                return "idle"
+            self._sleep(self.settings.tick_s)
+
+    def _idle_for(self) -> float | None:
+        """Seconds idle when past the timeout and nothing is in flight, else None."""
+        timeout = self.settings.idle_timeout_s
+        if timeout is None or self._busy:
+            return None
+        idle = time.time() - max(self._last_used, self.files.used_at() or 0.0)
+        return idle if idle > timeout else None
+
+    def _should_stop(self) -> bool:
+        return self._stopping or self.files.stop_requested()
+
+    def _sleep(self, seconds: float) -> None:
+        with self._cv:
+            if not self._stopping:
+                self._cv.wait(seconds)
+
+    def _set(self, state: RuntimeState, error: str | None = None) -> None:
+        with self._cv:
+            self._state = state
+            if state is RuntimeState.FAILED:
+                self._failed_at = time.monotonic()
+            if error is not None:
+                self.error = error
+            self._cv.notify_all()
+
+    def _terminate(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(self.settings.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.wait()
+        _signal_group(proc.pid, signal.SIGKILL)  # workers the server left behind
+        self._proc = None
+
+    def _record(self, launch: Launch, state: RuntimeState) -> dict[str, Any]:
+        return {
+            "name": self.name, "runtime": self.spec.name, "model_id": self.model_id,
+            "state": str(state), "pid": self.pid, "owner_pid": os.getpid(),
+            "base_url": launch.base_url, "started_at": self.started_at, "restarts": self.restarts,
+            "served": self.served, "argv": launch.argv,
+        }  # fmt: skip
+
+    # --- control and reports -------------------------------------------------------------------
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop the server if we own it (an attached or external one is only forgotten)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+        with self._cv:
+            if self._state in (RuntimeState.ATTACHED, RuntimeState.EXTERNAL):
+                self._state, self._url = RuntimeState.STOPPED, None
+        _live.discard(self)
+
+    def status(self) -> RuntimeStatus:
+        idle = time.time() - max(self._last_used, self.files.used_at() or 0.0)
+        active = self._state not in (RuntimeState.STOPPED, RuntimeState.FAILED)
+        record = self.files.read_state() if self._state is RuntimeState.ATTACHED else None
+        return RuntimeStatus(
+            name=self.name,
+            runtime=self.spec.name,
+            model_id=self.model_id,
+            state=self._state,
+            base_url=self._url if active else None,
+            pid=self.pid if record is None else record.get("pid"),
+            owner_pid=os.getpid() if self._owner_alive() else (record or {}).get("owner_pid"),
+            restarts=self.restarts,
+            started_at=self.started_at if record is None else record.get("started_at"),
+            idle_s=round(idle, 1) if active else None,
+            served=self.served if record is None else list(record.get("served") or []),
+            log_path=str(self.files.log_path),
+            error=self.error,
+        )
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+# prctl(PR_SET_PDEATHSIG, SIGTERM): looked up now, so the child between fork and exec only calls it.
+_PR_SET_PDEATHSIG = 1
+_prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+# Servers this process owns, stopped when it exits (the server and the CLI alike).
+_live: weakref.WeakSet[ManagedRuntime] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for runtime in list(_live):
+        runtime.stop(timeout_s=runtime.settings.stop_grace_s + 5)

@@ -1,0 +1,107 @@
+"""The engine and managed runtimes: a model marked ``managed`` starts its llama.cpp server on first
+use and the engine's requests go to it; other models are untouched."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.errors import ModelNotFound, ModelUnavailable
+from car_inference.requests import GenerateRequest
+from car_inference.runtimes.managed import ManagedBackend, RuntimeSupervisor
+from car_inference.runtimes.specs import VllmSpec
+from car_inference.runtimes.supervisor import RuntimeState
+from car_inference.schema import ModelSchema
+from car_inference.stream import Done, TextDelta
+
+from .helpers import FAST, MANAGED_ID, SMOLLM2, managed_smollm2, small_config, wait_for
+
+
+@pytest.fixture
+def engine(isolated_home: Path):  # type: ignore[no-untyped-def]
+    eng = InferenceEngine(config=small_config(isolated_home))
+    eng.runtimes.settings = FAST.model_copy()
+    eng.register_model(managed_smollm2())
+    yield eng
+    eng.close()
+
+
+def _request(**params: object) -> GenerateRequest:
+    return GenerateRequest(
+        model=MANAGED_ID,
+        prompt="What is the capital of France?",
+        params={"max_tokens": 4, "temperature": 0, **params},
+    )
+
+
+async def test_generate_starts_the_server_and_goes_through_it(engine: InferenceEngine) -> None:
+    runtime = engine.runtimes.runtime_for(engine.resolve(MANAGED_ID))
+    assert runtime.state is RuntimeState.STOPPED
+    result = await engine.generate(_request())
+    assert result.model_used == MANAGED_ID and result.text.strip()
+    assert result.finish_reason == "length", "the server stopped at max_tokens"
+    assert runtime.state is RuntimeState.RUNNING and runtime.served == [MANAGED_ID]
+    # Same greedy answer as the in-process backend gives the same GGUF: the server really ran it.
+    local = await engine.generate(_request().model_copy(update={"model": SMOLLM2}))
+    assert local.text == result.text
+
+    events = [e async for e in engine.stream(_request())]
+    assert isinstance(events[-1], Done) and events[-1].text == result.text
+    assert any(isinstance(e, TextDelta) for e in events)
+
+    health = engine.model_health()
+    [status] = [s for s in health.runtimes if s.model_id == MANAGED_ID]
+    assert status.state is RuntimeState.RUNNING and status.base_url and status.pid == runtime.pid
+
+
+async def test_a_crash_between_requests_is_survived(engine: InferenceEngine) -> None:
+    first = await engine.generate(_request())
+    runtime = engine.runtimes.runtime_for(engine.resolve(MANAGED_ID))
+    assert runtime.pid is not None
+    os.kill(runtime.pid, signal.SIGKILL)
+    wait_for(lambda: runtime.restarts == 1 and runtime.state is RuntimeState.RUNNING, what="the restart")
+    again = await engine.generate(_request())
+    assert again.text == first.text
+
+
+async def test_warm_up_starts_it_ahead_of_the_first_request(engine: InferenceEngine) -> None:
+    assert await engine.warm_up([MANAGED_ID]) == [None]
+    assert engine.runtimes.runtime_for(engine.resolve(MANAGED_ID)).state is RuntimeState.RUNNING
+
+
+def test_only_managed_models_get_the_managed_backend(isolated_home: Path) -> None:
+    sup = RuntimeSupervisor(small_config(isolated_home))
+    plain = managed_smollm2().model_copy(
+        update={"source": managed_smollm2().source.model_copy(update={"managed": False})}
+    )
+    assert sup.backend_for(plain, lambda m: ("lookup", m.id)) == ("lookup", plain.id)
+    backend = sup.backend_for(managed_smollm2(), lambda m: None)
+    assert isinstance(backend, ManagedBackend)
+    assert sup.backend_for(managed_smollm2(), lambda m: None) is backend, "one per instance"
+
+
+def test_missing_vllm_is_unavailable_with_what_to_do(
+    isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(isolated_home))  # no vllm anywhere
+    model = ModelSchema.model_validate({
+        "id": "local/qwen-vllm", "name": "qwen", "provider": "local", "capabilities": ["generate"],
+        "source": {"kind": "vllm", "model_name": "Qwen/Qwen3-0.6B", "managed": True},
+    })  # fmt: skip
+    with pytest.raises(ModelUnavailable) as info:
+        VllmSpec(isolated_home).launch(model, small_config(isolated_home))
+    assert "CAR_VLLM_BIN" in str(info.value) and "car runtimes install vllm" in str(info.value)
+
+
+def test_find_by_model_or_instance_name_and_suggestions(engine: InferenceEngine) -> None:
+    runtime = engine.runtimes.find(MANAGED_ID)
+    assert engine.runtimes.find(runtime.name) is runtime
+    with pytest.raises(ModelNotFound) as info:
+        engine.runtimes.find("test/smollm2-serve")
+    assert MANAGED_ID in info.value.suggestions
+    names = [s.name for s in engine.runtimes.statuses()]
+    assert runtime.name in names, "the catalog's managed models are listed before they run"

@@ -1,0 +1,166 @@
+"""The supervisor, for real: llama-cpp-python's server on the embedded SmolLM2 GGUF, on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from car_inference.runtimes.managed import RuntimeSupervisor, stop_elsewhere
+from car_inference.runtimes.specs import RuntimeFailed
+from car_inference.runtimes.state import pid_alive
+from car_inference.runtimes.supervisor import RuntimeState
+
+from .helpers import FAST, MANAGED_ID, managed_smollm2, small_config, wait_for
+
+
+def _models(url: str) -> list[str]:
+    return [m["id"] for m in httpx.get(url + "/v1/models", timeout=5).json()["data"]]
+
+
+def test_starts_waits_for_health_and_records_it(supervisor: RuntimeSupervisor) -> None:
+    runtime = supervisor.runtime_for(managed_smollm2())
+    assert runtime.state is RuntimeState.STOPPED and runtime.pid is None, "nothing starts before use"
+    url = runtime.ensure()
+    assert url.startswith("http://127.0.0.1:")
+    assert _models(url) == [MANAGED_ID], "the server answers and serves the model under its id"
+    status = runtime.status()
+    assert status.state is RuntimeState.RUNNING and status.served == [MANAGED_ID]
+    assert status.pid == runtime.pid and pid_alive(runtime.pid or -1)
+    record = runtime.files.read_state()
+    assert record is not None and record["pid"] == runtime.pid and record["base_url"] == url
+    assert record["owner_pid"] == os.getpid() and record["state"] == "running"
+    log = runtime.files.log_path
+    assert (
+        log.parent.name == "logs" and "--- car:" in log.read_text() and "llama_cpp.server" in log.read_text()
+    )
+    assert runtime.ensure() == url, "a second use finds it running"
+
+
+def test_crash_is_restarted_with_backoff(supervisor: RuntimeSupervisor) -> None:
+    runtime = supervisor.runtime_for(managed_smollm2())
+    url = runtime.ensure()
+    first = runtime.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: runtime.restarts == 1 and runtime.state is RuntimeState.RUNNING, what="the restart")
+    assert runtime.pid != first and not pid_alive(first)
+    assert runtime.ensure() == url, "same port after a restart: clients keep their URL"
+    assert _models(url) == [MANAGED_ID]
+    assert runtime.files.log_path.read_text().count("--- car:") == 2
+
+
+def test_gives_up_after_repeated_failures(supervisor: RuntimeSupervisor, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file at all")
+    model = managed_smollm2("test/broken")
+    model = model.model_copy(
+        update={"source": model.source.model_copy(update={"package": None, "path": str(broken)})}
+    )
+    supervisor.settings.max_restarts = 1
+    runtime = supervisor.runtime_for(model)
+    with pytest.raises(RuntimeFailed) as info:
+        runtime.ensure()
+    message = str(info.value)
+    assert "gave up after 2 failures in a row" in message and "last log lines" in message
+    assert info.value.retryable and runtime.state is RuntimeState.FAILED and runtime.restarts == 1
+    with pytest.raises(RuntimeFailed):  # right after, callers get the failure without a new start
+        runtime.ensure()
+    assert runtime.files.log_path.read_text().count("--- car:") == 2
+    assert runtime.files.read_state() is None and not runtime.files.locked_elsewhere()
+
+
+def test_idle_server_is_stopped_and_starts_again_on_use(supervisor: RuntimeSupervisor) -> None:
+    supervisor.settings.idle_timeout_s = 1.0
+    runtime = supervisor.runtime_for(managed_smollm2())
+    runtime.ensure()
+    pid = runtime.pid
+    assert pid is not None
+    with runtime.busy():  # a request in flight is never cut by the idle timer
+        time.sleep(1.6)
+        assert runtime.state is RuntimeState.RUNNING
+    wait_for(lambda: runtime.state is RuntimeState.STOPPED, timeout_s=15, what="the idle stop")
+    assert not pid_alive(pid) and runtime.files.read_state() is None
+    assert not runtime.files.locked_elsewhere(), "the lock is released with the server"
+    url = runtime.ensure()
+    assert runtime.pid != pid and _models(url) == [MANAGED_ID]
+
+
+def test_stop_request_from_another_process_stops_it(supervisor: RuntimeSupervisor) -> None:
+    runtime = supervisor.runtime_for(managed_smollm2())
+    runtime.ensure()
+    pid = runtime.pid
+    assert stop_elsewhere(supervisor.home, runtime.name, timeout_s=20) is True
+    assert runtime.state is RuntimeState.STOPPED and pid is not None and not pid_alive(pid)
+    assert stop_elsewhere(supervisor.home, runtime.name, timeout_s=1) is False, "nothing left to stop"
+
+
+_CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    sys.path.insert(0, {tests!r})
+    from car_inference.runtimes.managed import RuntimeSupervisor
+    from runtimes.helpers import FAST, managed_smollm2, small_config
+    from pathlib import Path
+    sup = RuntimeSupervisor(small_config(Path({home!r})), settings=FAST)
+    runtime = sup.runtime_for(managed_smollm2())
+    url = runtime.ensure()
+    status = runtime.status()
+    print(json.dumps({{"url": url, "state": status.state, "pid": status.pid}}), flush=True)
+    if {hold}:
+        time.sleep(60)
+    """
+)
+
+
+def _child(home: Path, hold: bool) -> subprocess.Popen[str]:
+    code = _CHILD.format(tests=str(Path(__file__).parents[1]), home=str(home), hold=hold)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def test_second_process_attaches_instead_of_starting_another(supervisor: RuntimeSupervisor) -> None:
+    runtime = supervisor.runtime_for(managed_smollm2())
+    url = runtime.ensure()
+    child = _child(supervisor.home, hold=False)
+    out, _ = child.communicate(timeout=60)
+    seen = json.loads(out)
+    assert seen["url"] == url and seen["state"] == "attached"
+    assert seen["pid"] == runtime.pid, "the child reports our server, not one of its own"
+    assert runtime.state is RuntimeState.RUNNING and runtime.restarts == 0
+    assert runtime.files.used_at() is not None, "the attached process's use reaches the owner's idle clock"
+
+
+def test_owner_gone_means_server_gone_and_the_next_one_takes_over(isolated_home: Path) -> None:
+    child = _child(isolated_home, hold=True)
+    assert child.stdout is not None
+    seen = json.loads(child.stdout.readline())
+    assert seen["state"] == "running"
+    os.kill(child.pid, signal.SIGKILL)  # no atexit: the kernel's parent-death signal does it
+    child.wait(10)
+    wait_for(lambda: not pid_alive(seen["pid"]), timeout_s=15, what="the orphaned server to exit")
+    sup = RuntimeSupervisor(small_config(isolated_home), settings=FAST.model_copy())
+    try:
+        runtime = sup.runtime_for(managed_smollm2())
+        url = runtime.ensure()
+        assert runtime.state is RuntimeState.RUNNING and runtime.pid != seen["pid"]
+        assert _models(url) == [MANAGED_ID]
+    finally:
+        sup.close()
+
+
+def test_server_stops_when_the_owning_process_exits(isolated_home: Path) -> None:
+    child = _child(isolated_home, hold=False)
+    out, _ = child.communicate(timeout=60)
+    seen = json.loads(out)
+    assert child.returncode == 0 and seen["state"] == "running"
+    assert not pid_alive(seen["pid"]), "stopped at exit, before the process ended"
+    sup = RuntimeSupervisor(small_config(isolated_home), settings=FAST)
+    assert [s.state for s in sup.statuses()] == [], "no record left behind"
