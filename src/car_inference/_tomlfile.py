@@ -101,7 +101,7 @@ def config_error(
 
 _UNION_TAGS = {
     "gguf", "sentence", "piper", "whisper", "openai", "anthropic", "gemini", "elevenlabs",
-    "ollama", "vllm", "delegated",
+    "ollama", "vllm", "delegated", "diffusers",
 }  # fmt: skip
 
 

@@ -229,5 +229,6 @@ _EXTRA_HINT = {
     "vllm": "pip install 'car-inference[openai]'",
     "piper": "pip install 'car-inference[speech]'",
     "whisper": "pip install 'car-inference[speech]'",
+    "diffusers": "pip install 'car-inference[diffusers]'",
     "elevenlabs": "the ElevenLabs backend is not implemented yet",
 }

@@ -481,6 +481,8 @@ class GenerateImageRequest(_Model):
     variant_count: int | None = Field(default=None, ge=1)
     output_path: str | None = None
     format: Literal["png", "jpeg", "webp"] = "png"
+    image_paths: list[str] = Field(default_factory=list, description="images to edit (or take as references)")
+    mask_path: str | None = Field(default=None, description="edits: transparent where the image may change")
 
 
 class GenerateImageResult(_Model):
@@ -490,6 +492,7 @@ class GenerateImageResult(_Model):
     width: int | None = None
     height: int | None = None
     seed: int | None = None
+    image_paths: list[str] = Field(default_factory=list, description="all images written (variant_count)")
 
 
 class VideoMode(StrEnum):
@@ -511,6 +514,9 @@ class GenerateVideoRequest(_Model):
     seed: int | None = None
     output_path: str | None = None
     format: Literal["mp4", "mov", "gif"] = "mp4"
+    negative_prompt: str | None = None
+    steps: int | None = Field(default=None, ge=1)
+    guidance: float | None = None
 
     @model_validator(mode="after")
     def _inputs_match_mode(self) -> GenerateVideoRequest:
@@ -526,6 +532,10 @@ class GenerateVideoResult(_Model):
     media_type: str
     model_used: str | None = None
     duration_s: float | None = None
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+    seed: int | None = None
 
 
 # --- grounding output parsing ---------------------------------------------------------------------

@@ -17,6 +17,7 @@ __all__ = [
     "ApiProtocol",
     "CostModel",
     "DelegatedSource",
+    "DiffusersSource",
     "ElevenLabsSource",
     "GeminiSource",
     "GenerateParam",
@@ -144,6 +145,15 @@ class WhisperSource(_Strict):
         return self
 
 
+class DiffusersSource(_LocalFiles):
+    """A diffusers pipeline folder (``model_index.json`` and its components) run in-process."""
+
+    kind: Literal["diffusers"] = "diffusers"
+    dtype: str | None = Field(default=None, description="torch dtype on a GPU; the CPU runs float32")
+    allow_patterns: list[str] = Field(default_factory=list, description="files to pull (default: all)")
+    ignore_patterns: list[str] = Field(default_factory=list, description="files a pull skips")
+
+
 class _RemoteApi(_Strict):
     """A hosted API. ``host`` names an entry of the catalog's ``[hosts]`` table, which supplies
     ``base_url`` and ``api_key_env`` unless the model sets them itself."""
@@ -206,6 +216,7 @@ ModelSource = Annotated[
     | SentenceSource
     | PiperSource
     | WhisperSource
+    | DiffusersSource
     | OpenAISource
     | AnthropicSource
     | GeminiSource
@@ -216,7 +227,7 @@ ModelSource = Annotated[
     Field(discriminator="kind"),
 ]
 
-IN_PROCESS_KINDS = frozenset({"gguf", "sentence", "piper", "whisper"})
+IN_PROCESS_KINDS = frozenset({"gguf", "sentence", "piper", "whisper", "diffusers"})
 SERVER_KINDS = frozenset({"ollama", "vllm"})
 REMOTE_KINDS = frozenset({"openai", "anthropic", "gemini", "elevenlabs"})
 

@@ -38,6 +38,9 @@ BACKENDS: dict[str, BackendSpec] = {
     "whisper": BackendSpec(
         "car_inference.backends.whisper:WhisperBackend", ("faster_whisper", "ctranslate2", "av"), "speech"
     ),
+    "diffusers": BackendSpec(
+        "car_inference.backends.diffusers:DiffusersBackend", ("diffusers", "torch"), "diffusers"
+    ),
     # One OpenAI Chat Completions backend for OpenAI and every compatible server (hosts are data).
     "openai": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),
     "ollama": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),

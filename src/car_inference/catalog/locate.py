@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import ModelUnavailable
-from ..schema import GgufSource, ModelSchema, PiperSource, SentenceSource, WhisperSource
+from ..schema import DiffusersSource, GgufSource, ModelSchema, PiperSource, SentenceSource, WhisperSource
 
 __all__ = [
     "hf_cache_dir",
@@ -80,6 +80,8 @@ def hf_cached_snapshot(repo: str, revision: str | None = None) -> Path | None:
     for snap in _snapshots(repo, revision):
         has_config = (snap / "config.json").exists() or (snap / "modules.json").exists()
         has_weights = any(snap.glob("*.safetensors")) or any(snap.glob("*.bin")) or any(snap.glob("*.onnx"))
+        if (snap / "model_index.json").exists():  # a diffusers pipeline: weights per component
+            has_config, has_weights = True, any(snap.glob("*/*.safetensors")) or any(snap.glob("*/*.bin"))
         if has_config and has_weights:
             return snap
     return None
@@ -101,7 +103,7 @@ def local_path(schema: ModelSchema) -> Path:
     command when they are not on disk: nothing is downloaded here."""
     source = schema.source
     found: Path | None = None
-    if isinstance(source, GgufSource | SentenceSource | PiperSource):
+    if isinstance(source, GgufSource | SentenceSource | PiperSource | DiffusersSource):
         if source.path:
             p = Path(source.path).expanduser()
             found = p if p.exists() else None

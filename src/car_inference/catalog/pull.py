@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DownloadFailed, UnsupportedMode
-from ..schema import GgufSource, ModelSchema, PiperSource, SentenceSource, WhisperSource
+from ..schema import DiffusersSource, GgufSource, ModelSchema, PiperSource, SentenceSource, WhisperSource
 from .locate import local_path
 
 __all__ = ["pull_model"]
@@ -38,6 +38,13 @@ def pull_model(model: ModelSchema) -> Path:
             if isinstance(source, PiperSource):
                 huggingface_hub.hf_hub_download(repo, source.filename + ".json", revision=revision)
             return Path(path)
+        if isinstance(source, DiffusersSource):  # one folder per component; patterns skip spare copies
+            allow, ignore = source.allow_patterns or None, source.ignore_patterns or None
+            return Path(
+                huggingface_hub.snapshot_download(
+                    repo, revision=revision, allow_patterns=allow, ignore_patterns=ignore
+                )
+            )
         if isinstance(source, SentenceSource | WhisperSource):
             return Path(huggingface_hub.snapshot_download(repo, revision=revision))
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, disk)

@@ -6,6 +6,7 @@ With no model named, each uses the configured model for its capability (``[prefe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelUnavailable, UnsupportedMode
@@ -34,6 +35,7 @@ __all__ = ["TaskMixin"]
 class TaskMixin:
     # Provided by InferenceEngine.
     registry: Any
+    config: Any
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
@@ -139,14 +141,33 @@ class TaskMixin:
         model = self._model_for(request.model, ModelCapability.TEXT_TO_SPEECH)
         return await self._task_method(model, ModelCapability.TEXT_TO_SPEECH, "synthesize")(model, request)
 
-    async def generate_image(self, request: GenerateImageRequest) -> GenerateImageResult:
-        model = self._model_for(request.model, ModelCapability.IMAGE_GENERATION)
-        return await self._task_method(model, ModelCapability.IMAGE_GENERATION, "generate_image")(
-            model, request
-        )
+    async def generate_image(
+        self, request: GenerateImageRequest, progress: Callable[[int, int], None] | None = None
+    ) -> GenerateImageResult:
+        """An image (or an edit of ``request.image_paths``) written to a file. ``progress(done,
+        total)`` is called from a worker thread as steps finish (local models) or a job advances."""
+        model = self._media_model(request.model, ModelCapability.IMAGE_GENERATION)
+        method = self._task_method(model, ModelCapability.IMAGE_GENERATION, "generate_image")
+        return await method(model, request, progress=progress)
 
-    async def generate_video(self, request: GenerateVideoRequest) -> GenerateVideoResult:
-        model = self._model_for(request.model, ModelCapability.VIDEO_GENERATION)
-        return await self._task_method(model, ModelCapability.VIDEO_GENERATION, "generate_video")(
-            model, request
-        )
+    async def generate_video(
+        self, request: GenerateVideoRequest, progress: Callable[[int, int], None] | None = None
+    ) -> GenerateVideoResult:
+        model = self._media_model(request.model, ModelCapability.VIDEO_GENERATION)
+        method = self._task_method(model, ModelCapability.VIDEO_GENERATION, "generate_video")
+        return await method(model, request, progress=progress)
+
+    def _media_model(self, name: str | None, capability: ModelCapability) -> ModelSchema:
+        """The named model; else the configured one; else the available model that can do it with
+        the best quality prior, local ones first under ``routing.prefer_local`` (and on ties)."""
+        if name or self.default_model(capability) is not None:
+            return self._model_for(name, capability)
+        available = self.registry.query(capabilities=[capability], available_only=True)
+        if not available:
+            return self._model_for(None, capability)  # raises, saying none is configured
+        local_first = self.config.routing.prefer_local
+
+        def rank(m: ModelSchema) -> tuple[bool, float, bool, str]:
+            return (local_first and m.is_remote, -(m.quality or 0.0), m.is_remote, m.id)
+
+        return min(available, key=rank)

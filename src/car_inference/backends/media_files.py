@@ -1,0 +1,105 @@
+"""Where generated images and videos go, and how frames become a video file.
+
+Shared by the local (diffusers) and hosted (OpenAI) media backends. Files are written atomically
+(a temporary name, then a rename), so a reader never sees half an image. A requested path whose
+folder does not exist is the caller's mistake (``InvalidInput``); with no path, a new temporary
+file is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+import tempfile
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from ..errors import InferenceFailed, InvalidInput
+
+__all__ = [
+    "IMAGE_MEDIA_TYPES",
+    "VIDEO_MEDIA_TYPES",
+    "encode_video",
+    "image_bytes",
+    "output_path",
+    "variant_path",
+    "write_atomic",
+]
+
+IMAGE_MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+VIDEO_MEDIA_TYPES = {"mp4": "video/mp4", "mov": "video/quicktime", "gif": "image/gif"}
+# PyAV container and codec per video format; h264 needs even sides (yuv420p), gif takes palettes.
+_VIDEO_CODECS = {"mp4": ("mp4", "libx264", "yuv420p"), "mov": ("mov", "libx264", "yuv420p")}
+
+
+def output_path(requested: str | None, fmt: str, prefix: str) -> Path:
+    """The file to write: the requested one, whose folder must exist (a typo in a path must not
+    silently create folders), else a new temporary file."""
+    if requested:
+        target = Path(requested).expanduser()
+        if not target.parent.is_dir():
+            raise InvalidInput(f"cannot write {target}: the folder {target.parent} does not exist")
+        if target.is_dir():
+            raise InvalidInput(f"cannot write {target}: it is a folder")
+        return target
+    handle, name = tempfile.mkstemp(prefix=prefix, suffix=f".{fmt}")
+    os.close(handle)
+    return Path(name)
+
+
+def variant_path(first: Path, index: int) -> Path:
+    """``out.png``, ``out-2.png``, ``out-3.png``...: where the ``index``-th (0-based) variant goes."""
+    return first if index == 0 else first.with_name(f"{first.stem}-{index + 1}{first.suffix}")
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    try:
+        # os.open rather than mkstemp: the file gets the umask's permissions, not 0600.
+        handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temp, target)
+    except OSError as exc:
+        raise InferenceFailed(f"cannot write {target}: {exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def image_bytes(image: Any, fmt: str) -> bytes:
+    """A PIL image encoded as ``fmt`` (png, jpeg or webp)."""
+    buffer = io.BytesIO()
+    if fmt == "jpeg" and image.mode != "RGB":
+        image = image.convert("RGB")
+    image.save(buffer, format=fmt.upper())
+    return buffer.getvalue()
+
+
+def encode_video(frames: Sequence[Any], fps: int, fmt: str) -> bytes:
+    """RGB frames (``uint8`` arrays of shape (height, width, 3)) as an mp4/mov (H.264) or gif file."""
+    import av
+
+    if not len(frames):
+        raise InferenceFailed("the model produced no frames")
+    height, width = frames[0].shape[:2]
+    buffer = io.BytesIO()
+    container_format, codec, pix_fmt = _VIDEO_CODECS.get(fmt, ("gif", "gif", "rgb8"))
+    if codec == "libx264" and (width % 2 or height % 2):
+        raise InvalidInput(f"{fmt} (H.264) needs an even width and height, not {width}x{height}")
+    try:
+        with av.open(buffer, mode="w", format=container_format) as container:
+            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+            stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    except (OSError, ValueError) as exc:  # PyAV's errors derive from both
+        raise InferenceFailed(f"cannot encode the video as {fmt}: {exc}") from exc
+    return buffer.getvalue()

@@ -1,0 +1,228 @@
+"""The diffusers backend end to end through the engine, on tiny random-weight pipelines built in
+the test (Stable Diffusion for images, LTX-Video for video): real pipeline code, real files out."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from car_inference.backends.diffusers import pick_device
+from car_inference.engine import InferenceEngine
+from car_inference.errors import InvalidInput, ModelUnavailable, UnsupportedMode
+from car_inference.requests import GenerateImageRequest, GenerateVideoRequest
+from car_inference.schema import DiffusersSource, ModelSchema
+from fakes.tiny_diffusers import build_ltx, build_sd, media_model
+
+SD = "test/tiny-sd"
+LTX = "test/tiny-ltx"
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipelines")
+    return {"sd": build_sd(root / "sd"), "ltx": build_ltx(root / "ltx")}
+
+
+@pytest.fixture
+def engine(pipelines: dict[str, Path]) -> InferenceEngine:
+    engine = InferenceEngine()
+    engine.register_model(
+        media_model(SD, pipelines["sd"], "image_generation", default_params={"steps": 2, "guidance": 1.5})
+    )
+    engine.register_model(media_model(LTX, pipelines["ltx"], "video_generation", default_params={"steps": 2}))
+    return engine
+
+
+def _png(path: str) -> Image.Image:
+    data = Path(path).read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    return Image.open(io.BytesIO(data))
+
+
+async def test_image_is_a_png_of_the_requested_size_and_a_seed_repeats_it(
+    engine: InferenceEngine, tmp_path: Path
+) -> None:
+    def request(name: str, seed: int) -> GenerateImageRequest:
+        return GenerateImageRequest(
+            prompt="a red apple", model=SD, width=128, height=64, seed=seed, output_path=str(tmp_path / name)
+        )
+
+    first = await engine.generate_image(request("a.png", 7))
+    again = await engine.generate_image(request("b.png", 7))
+    other = await engine.generate_image(request("c.png", 8))
+    assert first.model_used == SD and first.media_type == "image/png" and first.seed == 7
+    assert _png(first.image_path).size == (128, 64) and (first.width, first.height) == (128, 64)
+    assert Path(first.image_path).read_bytes() == Path(again.image_path).read_bytes()
+    assert Path(first.image_path).read_bytes() != Path(other.image_path).read_bytes()
+
+
+async def test_steps_guidance_negative_prompt_and_variants_reach_the_pipeline(
+    engine: InferenceEngine, tmp_path: Path
+) -> None:
+    seen: list[tuple[int, int]] = []
+    base = {"prompt": "a cat", "model": SD, "width": 64, "height": 64, "seed": 3}
+    plain = await engine.generate_image(GenerateImageRequest(**base, output_path=str(tmp_path / "p.png")))
+    result = await engine.generate_image(
+        GenerateImageRequest(
+            **base,
+            steps=3,
+            guidance=4.0,
+            negative_prompt="blue",
+            variant_count=2,
+            format="webp",
+            output_path=str(tmp_path / "v.webp"),
+        ),
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert result.image_paths == [str(tmp_path / "v.webp"), str(tmp_path / "v-2.webp")]
+    images = [Image.open(p) for p in result.image_paths]
+    assert all(i.format == "WEBP" and i.size == (64, 64) for i in images)
+    assert np.asarray(images[0]).tobytes() != np.asarray(images[1]).tobytes()
+    assert result.media_type == "image/webp"
+    assert Path(plain.image_path).is_file()
+
+
+async def test_without_a_seed_the_result_names_the_one_used(engine: InferenceEngine, tmp_path: Path) -> None:
+    out = tmp_path / "x.png"
+    result = await engine.generate_image(GenerateImageRequest(prompt="sky", model=SD, width=64, height=64))
+    assert result.seed is not None and Path(result.image_path).is_file()
+    again = await engine.generate_image(
+        GenerateImageRequest(
+            prompt="sky", model=SD, width=64, height=64, seed=result.seed, output_path=str(out)
+        )
+    )
+    assert again.seed == result.seed and Path(result.image_path).read_bytes() == out.read_bytes()
+    Path(result.image_path).unlink()
+
+
+async def test_an_image_to_edit_runs_the_image_to_image_pipeline(
+    engine: InferenceEngine, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.png"
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(source)
+    result = await engine.generate_image(
+        GenerateImageRequest(
+            prompt="make it blue",
+            model=SD,
+            image_paths=[str(source)],
+            seed=1,
+            output_path=str(tmp_path / "o.png"),
+        )
+    )
+    assert _png(result.image_path).size == (96, 64)
+    with pytest.raises(UnsupportedMode, match="mask"):
+        await engine.generate_image(
+            GenerateImageRequest(prompt="x", model=SD, image_paths=[str(source)], mask_path=str(source))
+        )
+    with pytest.raises(InvalidInput, match="cannot read the image"):
+        await engine.generate_image(GenerateImageRequest(prompt="x", model=SD, image_paths=[str(tmp_path)]))
+
+
+async def test_bad_input_is_invalid_input(engine: InferenceEngine, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="multiples of 2 pixels, not 65x64"):
+        await engine.generate_image(GenerateImageRequest(prompt="x", model=SD, width=65, height=64))
+    with pytest.raises(InvalidInput, match="does not exist"):
+        await engine.generate_image(
+            GenerateImageRequest(prompt="x", model=SD, output_path=str(tmp_path / "no" / "x.png"))
+        )
+
+
+async def test_video_is_an_mp4_with_the_frames_size_and_seed_asked_for(
+    engine: InferenceEngine, tmp_path: Path
+) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def request(name: str, seed: int) -> GenerateVideoRequest:
+        return GenerateVideoRequest(
+            prompt="a dog on the moon",
+            model=LTX,
+            width=64,
+            height=64,
+            fps=8,
+            duration_s=1.0,
+            seed=seed,
+            output_path=str(tmp_path / name),
+        )
+
+    first = await engine.generate_video(request("a.mp4", 5), progress=lambda d, t: seen.append((d, t)))
+    again = await engine.generate_video(request("b.mp4", 5))
+    other = await engine.generate_video(request("c.mp4", 6))
+    assert seen == [(1, 2), (2, 2)]
+    # 8 frames asked for; the tiny VAE compresses time 4x, so the pipeline makes 4k + 1 = 9.
+    assert (first.frames, first.width, first.height, first.seed) == (9, 64, 64, 5)
+    assert first.media_type == "video/mp4" and first.duration_s == pytest.approx(9 / 8)
+    decoded = _frames(first.video_path)
+    assert decoded.shape == (9, 64, 64, 3)
+    assert np.array_equal(decoded, _frames(again.video_path))
+    assert not np.array_equal(decoded, _frames(other.video_path))
+
+
+async def test_video_as_gif(engine: InferenceEngine, tmp_path: Path) -> None:
+    result = await engine.generate_video(
+        GenerateVideoRequest(
+            prompt="blue sky", model=LTX, width=64, height=64, fps=8, duration_s=0.5, format="gif",
+            output_path=str(tmp_path / "v.gif"),
+        )
+    )  # fmt: skip
+    assert Path(result.video_path).read_bytes()[:6] in (b"GIF89a", b"GIF87a")
+    assert result.media_type == "image/gif"
+
+
+async def test_video_sizes_must_fit_the_model(engine: InferenceEngine) -> None:
+    # The tiny LTX VAE downsamples 4x in space: 70 pixels cannot be made.
+    with pytest.raises(InvalidInput, match="multiples of 4 pixels"):
+        await engine.generate_video(GenerateVideoRequest(prompt="x", model=LTX, width=70, height=64))
+
+
+async def test_no_model_named_picks_an_available_one(engine: InferenceEngine, tmp_path: Path) -> None:
+    image = await engine.generate_image(
+        GenerateImageRequest(prompt="x", width=64, height=64, output_path=str(tmp_path / "i.png"))
+    )
+    video = await engine.generate_video(
+        GenerateVideoRequest(
+            prompt="x", width=64, height=64, fps=4, duration_s=1, output_path=str(tmp_path / "v.mp4")
+        )
+    )
+    assert (image.model_used, video.model_used) == (SD, LTX)
+
+
+async def test_a_pipeline_loads_once_through_the_model_cache(engine: InferenceEngine) -> None:
+    assert await engine.warm_up([SD]) == [None]
+    loaded = engine.cache.get(f"diffusers:{SD}")
+    results = await asyncio.gather(
+        *(
+            engine.generate_image(GenerateImageRequest(prompt="x", model=SD, width=64, height=64))
+            for _ in range(2)
+        )
+    )
+    assert engine.cache.keys() == [f"diffusers:{SD}"] and engine.cache.get(f"diffusers:{SD}") is loaded
+    assert loaded is not None and loaded.instance.device == pick_device()
+    for result in results:
+        Path(result.image_path).unlink()
+
+
+def test_a_pipeline_not_on_disk_says_how_to_get_it(tmp_path: Path) -> None:
+    engine = InferenceEngine()
+    pulled = ModelSchema(
+        id="stabilityai/sd-turbo-test",
+        name="sd-turbo-test",
+        provider="stabilityai",
+        capabilities=["image_generation"],
+        source=DiffusersSource(hf_repo="stabilityai/not-pulled-here"),
+    )
+    schema = engine.register_model(pulled)
+    assert not schema.available
+    with pytest.raises(ModelUnavailable, match="car models pull stabilityai/sd-turbo-test"):
+        asyncio.run(engine.generate_image(GenerateImageRequest(prompt="x", model=schema.id)))
+
+
+def _frames(path: str) -> np.ndarray:
+    with av.open(path) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
