@@ -121,3 +121,30 @@ def test_from_config_reads_the_user_catalog_and_config_keys(isolated_home: Path)
     lan = registry.get("lan/llama")
     assert lan is not None and lan.available, "a key-less endpoint is available once configured"
     assert all(m.available for m in registry.query(provider="groq")), "keys listed in config count"
+
+
+def test_available_means_a_backend_implements_the_task() -> None:
+    """The issue's case: with OPENAI_API_KEY set, speech and image models were listed available
+    though no backend could run them. The task check (engine: the backend class's methods) says."""
+    implemented = {"openai": frozenset({ModelCapability.GENERATE, ModelCapability.EMBED})}
+    registry = UnifiedRegistry(
+        load_builtin().models,
+        key_check=lambda env: env == "OPENAI_API_KEY",
+        task_check=lambda kind: implemented.get(kind, frozenset(ModelCapability)),
+    )
+    for model_id, task in (
+        ("openai/gpt-4o-mini-tts", "text_to_speech"),
+        ("openai/gpt-transcribe", "speech_to_text"),
+        ("openai/gpt-image-2", "image_generation"),
+    ):
+        model = registry.get(model_id)
+        assert model is not None and not model.available, model_id
+        assert f"does not implement {task}" in registry.unavailable_reason(model)
+    assert registry.get("openai/gpt-4o-mini").available, "classify is not implemented, generate is"  # type: ignore[union-attr]
+    assert registry.get("openai/text-embedding-3-small").available  # type: ignore[union-attr]
+    classifiers = registry.query(available_only=True, capabilities=[ModelCapability.CLASSIFY])
+    assert classifiers and not any(m.kind == "openai" for m in classifiers), "no classify method there"
+    # A backend that gains the method makes its models available, with no other change.
+    implemented["openai"] |= {ModelCapability.IMAGE_GENERATION}
+    registry.refresh_availability()
+    assert registry.get("openai/gpt-image-2").available  # type: ignore[union-attr]

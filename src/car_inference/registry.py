@@ -3,7 +3,8 @@
 Availability is computed honestly and without network: a packaged model is available when its
 package is installed, a pulled one when its file is in the cache, a hosted one when a key for it
 is set, an endpoint when it is configured; and in every case only when a backend for its kind is
-installed. The engine passes the two checks it owns (keys, backends) as functions.
+installed and implements one of the model's tasks (a speech model on a backend that only chats
+cannot run). The engine passes the checks it owns (keys, backends, their tasks) as functions.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from .catalog import Catalog, EndpointConfig, load_catalog
 from .catalog.locate import local_path
 from .config import CarConfig
 from .errors import ModelNotFound, ModelUnavailable, close_matches
-from .schema import HostConfig, ModelCapability, ModelSchema
+from .schema import TASK_CAPABILITIES, HostConfig, ModelCapability, ModelSchema
 
 __all__ = ["ModelFilter", "UnifiedRegistry"]
 
 KeyCheck = Callable[[str], bool]
 BackendCheck = Callable[[str], bool]
+# The capabilities whose task the backend of a source kind implements (see backends.base).
+TaskCheck = Callable[[str], frozenset[ModelCapability]]
 
 
 class ModelFilter(BaseModel):
@@ -69,11 +72,13 @@ class UnifiedRegistry:
         endpoints: list[EndpointConfig] | None = None,
         key_check: KeyCheck | None = None,
         backend_check: BackendCheck | None = None,
+        task_check: TaskCheck | None = None,
     ) -> None:
         self.hosts = dict(hosts or {})
         self.endpoints = list(endpoints or [])
         self._key_check = key_check or env_key_check()
         self._backend_check = backend_check or (lambda kind: True)
+        self._task_check = task_check
         self._runner_registered = False
         self._models: dict[str, ModelSchema] = {}
         self._names: dict[str, str] = {}
@@ -90,6 +95,7 @@ class UnifiedRegistry:
         *,
         key_check: KeyCheck | None = None,
         backend_check: BackendCheck | None = None,
+        task_check: TaskCheck | None = None,
     ) -> UnifiedRegistry:
         catalog: Catalog = load_catalog(config.paths.models_file)
         return cls(
@@ -98,6 +104,7 @@ class UnifiedRegistry:
             endpoints=catalog.endpoints,
             key_check=key_check or env_key_check(config),
             backend_check=backend_check,
+            task_check=task_check,
         )
 
     # --- registration ------------------------------------------------------------------------
@@ -146,9 +153,30 @@ class UnifiedRegistry:
             self._models[model_id] = schema.model_copy(update={"available": self._compute_available(schema)})
         self.version += 1
 
+    def implements(self, schema: ModelSchema, capability: ModelCapability) -> bool:
+        """Does the backend of ``schema`` implement ``capability``'s task? True for capabilities
+        that are no task of their own (vision, tool_use...) and when no task check was given."""
+        if self._task_check is None or capability not in TASK_CAPABILITIES:
+            return True
+        return capability in self._task_check(schema.kind)
+
+    def _missing_tasks(self, schema: ModelSchema) -> list[ModelCapability] | None:
+        """The model's tasks when its backend implements none of them, else None."""
+        tasks = [c for c in schema.capabilities if c in TASK_CAPABILITIES]
+        if not tasks or any(self.implements(schema, c) for c in tasks):
+            return None
+        return tasks
+
     def _compute_available(self, schema: ModelSchema) -> bool:
-        if not self._backend_check(schema.kind):
-            return False
+        # The task check comes last: it reads the backend's source, needed only for runnable models.
+        return (
+            self._backend_check(schema.kind)
+            and self._can_reach(schema)
+            and self._missing_tasks(schema) is None
+        )
+
+    def _can_reach(self, schema: ModelSchema) -> bool:
+        """Files present, runner registered, endpoint configured or key set."""
         source = schema.source
         if schema.in_process:
             try:
@@ -171,6 +199,10 @@ class UnifiedRegistry:
         if not self._backend_check(schema.kind):
             hint = _EXTRA_HINT.get(schema.kind, "see README")
             return f"no backend installed for {schema.kind!r} models ({hint})"
+        missing = self._missing_tasks(schema)
+        if missing is not None:
+            tasks = ", ".join(str(c) for c in missing)
+            return f"the {schema.kind} backend does not implement {tasks} (nothing here can run it)"
         if schema.in_process:
             try:
                 local_path(schema)
@@ -215,8 +247,13 @@ class UnifiedRegistry:
         return found
 
     def query(self, flt: ModelFilter | None = None, **kwargs: object) -> list[ModelSchema]:
+        """The models ``flt`` matches; ``available_only`` with ``capabilities`` also requires
+        that the backend implements each of those tasks."""
         flt = flt or ModelFilter.model_validate(kwargs)
-        return [m for m in self._models.values() if flt.matches(m)]
+        found = [m for m in self._models.values() if flt.matches(m)]
+        if flt.available_only and flt.capabilities:
+            found = [m for m in found if all(self.implements(m, c) for c in flt.capabilities)]
+        return found
 
 
 _EXTRA_HINT = {

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "ALL_CAPABILITIES",
+    "TASK_CAPABILITIES",
     "AnthropicSource",
     "ApiProtocol",
     "CostModel",
@@ -55,6 +56,20 @@ class ModelCapability(StrEnum):
 
 
 ALL_CAPABILITIES: tuple[ModelCapability, ...] = tuple(ModelCapability)
+# Capabilities that are a task of their own, with a backend method (see backends.base.TASK_PROTOCOLS);
+# the others (vision, tool_use, code...) qualify generation.
+TASK_CAPABILITIES: frozenset[ModelCapability] = frozenset(
+    {
+        ModelCapability.GENERATE,
+        ModelCapability.EMBED,
+        ModelCapability.RERANK,
+        ModelCapability.CLASSIFY,
+        ModelCapability.SPEECH_TO_TEXT,
+        ModelCapability.TEXT_TO_SPEECH,
+        ModelCapability.IMAGE_GENERATION,
+        ModelCapability.VIDEO_GENERATION,
+    }
+)
 
 
 class GenerateParam(StrEnum):

@@ -4,11 +4,19 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from car_inference.backends.base import iterate_in_thread, label_distribution, ranked_result
+from car_inference.backends.base import (
+    TASK_PROTOCOLS,
+    class_tasks,
+    iterate_in_thread,
+    label_distribution,
+    ranked_result,
+)
 from car_inference.requests import RerankRequest
+from car_inference.schema import TASK_CAPABILITIES, ModelCapability
 
 
 async def test_items_flow_from_the_thread_and_errors_re_raise() -> None:
@@ -63,3 +71,49 @@ def test_ranked_result_breaks_ties_by_input_order_and_cuts_top_n() -> None:
     req = RerankRequest(query="q", documents=["a", "b", "c", "d"], top_n=3)
     r = ranked_result(req, [0.5, 0.9, 0.5, 0.1], "m", "x")
     assert [d.index for d in r.ranked] == [1, 0, 2]
+
+
+def test_tasks_are_read_from_the_backend_classes_without_importing_them() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from car_inference.backends import BACKENDS\n"
+        "from car_inference.backends.base import class_tasks\n"
+        "tasks = {k: sorted(c.value for c in class_tasks(s.target)) for k, s in BACKENDS.items()}\n"
+        "print(tasks['openai'], tasks['anthropic'], tasks['gemini'], tasks['gguf'], tasks['piper'],"
+        " tasks['whisper'])\n"
+        "print(sorted(m for m in ('openai', 'anthropic', 'google.genai', 'llama_cpp') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    tasks, imported = out.splitlines()
+    assert tasks == (
+        "['embed', 'generate'] ['generate'] ['embed', 'generate'] ['classify', 'embed', 'generate', 'rerank']"
+        " ['text_to_speech'] ['speech_to_text']"
+    )
+    assert imported == "[]", "no SDK imported to find out"
+
+
+def test_a_backend_that_defines_a_task_method_implements_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "painters.py").write_text(
+        "from car_inference.backends.remote import RemoteBackend\n"
+        "class Base:\n"
+        "    async def generate_image(self, model, request, progress=None): ...\n"
+        "class Painter(Base):\n"
+        "    async def synthesize(self, model, request): ...\n"
+        "class Chatty(RemoteBackend):\n"
+        "    pass\n"
+        "class Odd(dict):\n"  # a base from elsewhere: the class is imported and asked
+        "    async def transcribe(self, model, request): ...\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert TASK_PROTOCOLS.keys() == TASK_CAPABILITIES
+    assert class_tasks("painters:Painter") == {
+        ModelCapability.IMAGE_GENERATION,
+        ModelCapability.TEXT_TO_SPEECH,
+    }
+    assert class_tasks("painters:Chatty") == {ModelCapability.GENERATE}
+    assert class_tasks("painters:Odd") == {ModelCapability.SPEECH_TO_TEXT}

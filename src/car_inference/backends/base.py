@@ -2,18 +2,25 @@
 
 A backend serves one source ``kind`` (``gguf``, ``openai``...) and implements the task methods its
 models can do. The engine knows a model can embed from ``ModelSchema.capabilities`` (data), then
-calls ``backend.embed``; a backend without the method yields ``UnsupportedMode``.
+calls ``backend.embed``; a backend without the method yields ``UnsupportedMode``. Which tasks a
+backend class implements (``TASK_PROTOCOLS``, ``class_tasks``) decides whether its models are
+available at all: a model whose backend implements none of its tasks cannot run.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
+import functools
+import importlib
+import importlib.util
 import math
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,14 +31,22 @@ from ..requests import (
     ClassifyResult,
     EmbedRequest,
     EmbedResult,
+    GenerateImageRequest,
+    GenerateImageResult,
     GenerateRequest,
+    GenerateVideoRequest,
+    GenerateVideoResult,
     RerankedDocument,
     RerankRequest,
     RerankResult,
+    SynthesizeRequest,
+    SynthesizeResult,
     TokenUsage,
     ToolCall,
+    TranscribeRequest,
+    TranscribeResult,
 )
-from ..schema import ModelSchema
+from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, StreamEvent
 
 if TYPE_CHECKING:
@@ -39,14 +54,20 @@ if TYPE_CHECKING:
     from .cache import ModelCache
 
 __all__ = [
+    "TASK_PROTOCOLS",
     "BackendContext",
     "Classifier",
     "Embedder",
     "GenerationOutput",
+    "ImageGenerator",
     "KeyProvider",
     "Reranker",
+    "Synthesizer",
     "TextGenerator",
     "Tokenizer",
+    "Transcriber",
+    "VideoGenerator",
+    "class_tasks",
     "iterate_in_thread",
     "label_distribution",
     "ranked_result",
@@ -122,6 +143,120 @@ class Classifier(Protocol):
 class Tokenizer(Protocol):
     async def tokenize(self, model: ModelSchema, text: str) -> list[int]: ...
     async def detokenize(self, model: ModelSchema, tokens: list[int]) -> str: ...
+
+
+@runtime_checkable
+class Transcriber(Protocol):
+    async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult: ...
+
+
+@runtime_checkable
+class Synthesizer(Protocol):
+    async def synthesize(self, model: ModelSchema, request: SynthesizeRequest) -> SynthesizeResult: ...
+
+
+@runtime_checkable
+class ImageGenerator(Protocol):
+    async def generate_image(
+        self, model: ModelSchema, request: GenerateImageRequest, progress: Any = None
+    ) -> GenerateImageResult: ...
+
+
+@runtime_checkable
+class VideoGenerator(Protocol):
+    async def generate_video(
+        self, model: ModelSchema, request: GenerateVideoRequest, progress: Any = None
+    ) -> GenerateVideoResult: ...
+
+
+# The task a capability asks of a backend. The other capabilities (vision, tool_use, code...)
+# qualify generation and need no method of their own.
+TASK_PROTOCOLS: dict[ModelCapability, type] = {
+    ModelCapability.GENERATE: TextGenerator,
+    ModelCapability.EMBED: Embedder,
+    ModelCapability.RERANK: Reranker,
+    ModelCapability.CLASSIFY: Classifier,
+    ModelCapability.SPEECH_TO_TEXT: Transcriber,
+    ModelCapability.TEXT_TO_SPEECH: Synthesizer,
+    ModelCapability.IMAGE_GENERATION: ImageGenerator,
+    ModelCapability.VIDEO_GENERATION: VideoGenerator,
+}
+
+
+def _protocol_methods(protocol: type) -> frozenset[str]:
+    return frozenset(name for name, value in vars(protocol).items() if callable(value) and name[0] != "_")
+
+
+def _tasks(methods: Callable[[str], bool]) -> frozenset[ModelCapability]:
+    return frozenset(
+        capability
+        for capability, protocol in TASK_PROTOCOLS.items()
+        if all(methods(name) for name in _protocol_methods(protocol))
+    )
+
+
+@functools.cache
+def class_tasks(target: str) -> frozenset[ModelCapability]:
+    """The capabilities whose task protocol the backend class ``module:Class`` implements.
+
+    Read from the class's source and its bases' when they can be (importing a hosted SDK takes
+    seconds, and availability is computed for every model at start-up); otherwise the class is
+    imported and asked."""
+    module, _, name = target.partition(":")
+    methods = _source_methods(module, name)
+    if methods is not None:
+        return _tasks(methods.__contains__)
+    cls = getattr(importlib.import_module(module), name)
+    return _tasks(lambda method: callable(getattr(cls, method, None)))
+
+
+@functools.cache
+def _source_methods(module: str, name: str) -> frozenset[str] | None:
+    """Names the class ``name`` of ``module`` and its bases define, read from source; None when
+    that cannot be known without running the module (no source, a base from elsewhere)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    node = classes.get(name)
+    if node is None:
+        return None
+    names = {item.name for item in node.body if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)} | {
+        t.id
+        for item in node.body
+        if isinstance(item, ast.Assign)
+        for t in item.targets
+        if isinstance(t, ast.Name)
+    }
+    imported = _imported_names(tree, module if spec.submodule_search_locations else module.rpartition(".")[0])
+    for base in node.bases:
+        if not isinstance(base, ast.Name):
+            return None
+        if base.id in classes:
+            inherited = _source_methods(module, base.id)
+        elif base.id in imported:
+            inherited = _source_methods(*imported[base.id])
+        else:
+            return None
+        if inherited is None:
+            return None
+        names |= inherited
+    return frozenset(names)
+
+
+def _imported_names(tree: ast.Module, package: str) -> dict[str, tuple[str, str]]:
+    """``from X import Y as Z`` at the top of a module: Z -> (absolute X, Y)."""
+    out: dict[str, tuple[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            source = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            for alias in node.names:
+                out[alias.asname or alias.name] = (source, alias.name)
+    return out
 
 
 T = TypeVar("T")

@@ -9,6 +9,7 @@ import typer
 from .. import __version__
 from . import generate, keys, routing, serve, speech, tasks
 from .models import config_app, models_app
+from .runtimes import runtimes_app
 
 app = typer.Typer(
     name="car",
@@ -19,6 +20,7 @@ app = typer.Typer(
 )
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
+app.add_typer(runtimes_app, name="runtimes")
 generate.register(app)
 tasks.register(app)
 speech.register(app)

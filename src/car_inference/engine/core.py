@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import backends as backend_table
-from ..backends.base import BackendContext, run_blocking
+from ..backends.base import BackendContext, class_tasks, run_blocking
 from ..backends.cache import ModelCache
 from ..config import CarConfig, load_config
 from ..errors import InferenceError, ModelUnavailable, UnsupportedMode
@@ -58,7 +58,10 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
         self.config = config if config is not None else load_config(home)
         self.keys = KeyPool.for_config(self.config)
         self.registry = UnifiedRegistry.from_config(
-            self.config, key_check=self.keys.has_key, backend_check=backend_table.backend_available
+            self.config,
+            key_check=self.keys.has_key,
+            backend_check=backend_table.backend_available,
+            task_check=_backend_tasks,
         )
         self.cache = ModelCache(self.config.local.cache_mb)
         self._backend_ctx = BackendContext(config=self.config, cache=self.cache, keys=self.keys)
@@ -214,6 +217,12 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
                 str(capability), model.kind, f"the {model.kind} backend does not implement {method}"
             )
         return fn
+
+
+def _backend_tasks(kind: str) -> frozenset[ModelCapability]:
+    """The capabilities whose task the backend class of ``kind`` implements."""
+    spec = backend_table.spec_for(kind)
+    return class_tasks(spec.target) if spec is not None else frozenset()
 
 
 def _flush_at_exit(ref: weakref.ref[Bookkeeper]) -> None:

@@ -143,7 +143,7 @@ class RunFiles:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 size = f.tell()
-                f.seek(max(0, size - 64 * 1024))
+                f.seek(max(0, size - max(64 * 1024, lines * 512)))  # llama.cpp's lines run long
                 text = f.read().decode("utf-8", "replace")
         except OSError:
             return []

