@@ -215,12 +215,11 @@ class VllmSpec(RuntimeSpec):
 
     def candidates(self, home: Path | None) -> list[Path]:
         """Where an installed ``vllm`` may be, in order: PATH, then the managed environment."""
-        found: list[Path] = []
-        if on_path := shutil.which("vllm"):
-            found.append(Path(on_path))
+        # Every PATH entry, not just the first hit: an old vllm early on PATH must not hide a newer one.
+        found = [Path(d) / "vllm" for d in os.environ.get("PATH", "").split(os.pathsep) if d]
         if home is not None:
             found.append(self.managed_root(home) / "bin" / "vllm")
-        return [p for p in dict.fromkeys(found) if p.is_file()]
+        return [p for p in dict.fromkeys(found) if p.is_file() and os.access(p, os.X_OK)]
 
     def locate(self, home: Path | None) -> Path | None:
         """``$CAR_VLLM_BIN`` as given (the user's responsibility, no version gate), else the first

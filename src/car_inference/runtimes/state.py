@@ -93,6 +93,7 @@ class RunFiles:
 
     def write_state(self, record: dict[str, Any]) -> None:
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.state_path)  # a reader never sees half a record
 
