@@ -32,6 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from . import provider_media
+
 __all__ = [
     "DEFAULT_SERVED_MODELS",
     "FakeProviderServer",
@@ -536,6 +538,7 @@ class FakeProviderServer:
         self._server: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
+        self.media = provider_media.MediaState()  # images and video jobs (provider_media.py)
 
     # lifecycle -----------------------------------------------------------------------------------
 
@@ -624,6 +627,7 @@ class FakeProviderServer:
             self._queue.clear()
             self.requests.clear()
             self._key_faults.clear()
+            self.media.reset()
 
     # internal ------------------------------------------------------------------------------------
 
@@ -794,6 +798,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._path = path
         self._query = query
         self._body = body if isinstance(body, dict) else {}
+        self._raw = raw  # multipart uploads (provider_media.py) parse it themselves
 
         if path == "/health" and self.command == "GET":
             self._send_json(200, {"status": "ok"})
@@ -827,6 +832,8 @@ class _Handler(BaseHTTPRequestHandler):
         method = self.command
         body = self._body
         stream = bool(body.get("stream"))
+        if (media := provider_media.route(self, method, path)) is not None:
+            return media
         if method == "POST":
             if path == "/v1/chat/completions":
                 return self._openai_chat, True, stream

@@ -38,7 +38,7 @@ _VIDEO_CODECS = {"mp4": ("mp4", "libx264", "yuv420p"), "mov": ("mov", "libx264",
 
 def output_path(requested: str | None, fmt: str, prefix: str) -> Path:
     """The file to write: the requested one, whose folder must exist (a typo in a path must not
-    silently create folders), else a new temporary file."""
+    silently create folders), else a new name in the temporary folder."""
     if requested:
         target = Path(requested).expanduser()
         if not target.parent.is_dir():
@@ -46,9 +46,8 @@ def output_path(requested: str | None, fmt: str, prefix: str) -> Path:
         if target.is_dir():
             raise InvalidInput(f"cannot write {target}: it is a folder")
         return target
-    handle, name = tempfile.mkstemp(prefix=prefix, suffix=f".{fmt}")
-    os.close(handle)
-    return Path(name)
+    # Named now, created by the write: a generation that fails leaves no empty file behind.
+    return Path(tempfile.gettempdir()) / f"{prefix}{secrets.token_hex(8)}.{fmt}"
 
 
 def variant_path(first: Path, index: int) -> Path:

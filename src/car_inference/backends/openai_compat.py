@@ -52,6 +52,7 @@ from ..requests import EmbedRequest, EmbedResult, GenerateRequest, Message, Text
 from ..schema import GenerateParam, ModelSchema, OllamaSource, OpenAISource, VllmSource
 from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
 from .base import BackendContext
+from .openai_media import OpenAIMediaMixin
 from .remote import (
     Endpoint,
     Finish,
@@ -94,7 +95,7 @@ class _Wire:
     headers: dict[str, str]
 
 
-class OpenAICompatBackend(RemoteBackend):
+class OpenAICompatBackend(OpenAIMediaMixin, RemoteBackend):  # images and video: openai_media.py
     kind = "openai"
     source_types = (OpenAISource,)
     needs_base_url = True
