@@ -12,7 +12,7 @@ import pytest
 
 from car_inference.backends.gemini import GeminiBackend
 from car_inference.catalog import load_builtin
-from car_inference.errors import ProviderError, UnsupportedMode
+from car_inference.errors import InvalidInput, ProviderError, ProviderRejectedInput, UnsupportedMode
 from car_inference.requests import (
     AudioBlock,
     EmbedRequest,
@@ -23,6 +23,7 @@ from car_inference.requests import (
     ToolCall,
     VideoBlock,
 )
+from car_inference.routing.breaker import failure_weight
 from car_inference.schema import ModelSchema
 from car_inference.stream import Done, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart
 from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
@@ -310,6 +311,21 @@ async def test_status_faults(
     err = info.value
     assert (err.status, err.retryable, err.retry_after) == (status, retryable, retry_after)
     assert err.provider == "gemini" and len(fake.requests) == 1
+
+
+async def test_input_refusals_are_the_requests_and_a_bad_key_is_not(
+    fake: FakeProviderServer, be: GeminiBackend
+) -> None:
+    fake.queue(Fault.bad_request('Invalid JSON payload received. Unknown name "foo"'))
+    with pytest.raises(ProviderRejectedInput) as info:
+        await be.generate(model(fake), GenerateRequest(prompt="x"))
+    assert info.value.status == 400 and failure_weight(info.value) == 0
+    # Gemini answers a bad key with 400 INVALID_ARGUMENT: that is the key's fault, not the input's.
+    fake.queue(Fault.bad_request("API key not valid. Please pass a valid API key."))
+    with pytest.raises(ProviderError) as info:
+        await be.generate(model(fake), GenerateRequest(prompt="x"))
+    assert info.value.status == 401 and not isinstance(info.value, InvalidInput)
+    assert failure_weight(info.value) == 2
 
 
 async def test_hang_malformed_and_cut(fake: FakeProviderServer, tmp_path: Path) -> None:

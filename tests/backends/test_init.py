@@ -27,3 +27,45 @@ def test_missing_dependency_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> 
     assert not backends.backend_available("fake")
     with pytest.raises(ModelUnavailable, match=r"car-inference\[fake\]"):
         backends.load_backend_class("fake", "m/x")
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "gemini"])
+def test_each_hosted_backend_declares_what_it_imports(kind: str) -> None:
+    """Every third-party module a hosted backend imports comes from a distribution its extra
+    lists, and the release the tests run satisfies its bound."""
+    import ast
+    import importlib.metadata
+    import importlib.util
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    spec = backends.spec_for(kind)
+    assert spec is not None and spec.extra is not None
+    source = importlib.util.find_spec(spec.target.partition(":")[0])
+    assert source is not None and source.origin is not None
+    tree = ast.parse(Path(source.origin).read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level
+    }
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "__future__"}
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    declared = {
+        Requirement(r).name: Requirement(r) for r in pyproject["project"]["optional-dependencies"][spec.extra]
+    }
+    providers = importlib.metadata.packages_distributions()
+    for module in third_party:
+        dist = next((d for d in providers[module] if d in declared), None)
+        assert dist is not None, f"{kind}: {module} ({providers[module]}) is not in the {spec.extra} extra"
+        installed = Version(importlib.metadata.version(dist))
+        assert installed in declared[dist].specifier, f"{dist} {installed} is outside {declared[dist]}"

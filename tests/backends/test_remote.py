@@ -37,7 +37,13 @@ from car_inference.backends.wire import (
 )
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig, RemoteSettings
-from car_inference.errors import ModelUnavailable, ProviderError, UnsupportedMode
+from car_inference.errors import (
+    InvalidInput,
+    ModelUnavailable,
+    ProviderError,
+    ProviderRejectedInput,
+    UnsupportedMode,
+)
 from car_inference.keys import KeyPool
 from car_inference.requests import (
     AudioBlock,
@@ -48,6 +54,7 @@ from car_inference.requests import (
     ToolCall,
     VideoBlock,
 )
+from car_inference.routing.breaker import failure_weight
 from car_inference.schema import GenerateParam, ModelSchema
 from fakes import FakeProviderServer, Fault
 
@@ -116,6 +123,26 @@ def test_status_error_classes(status: int, retryable: bool, reported: int | None
     err = status_error(status, "boom", provider="p", model="m", headers={"retry-after": "3"})
     assert (err.status, err.retryable, err.retry_after) == (reported, retryable, 3.0)
     assert err.provider == "p" and err.model == "m"
+
+
+@pytest.mark.parametrize(
+    ("status", "request_caused"),
+    [
+        (400, True),
+        (413, True),
+        (422, True),
+        (401, False),
+        (403, False),
+        (404, False),
+        (429, False),
+        (500, False),
+    ],
+)
+def test_an_input_refusal_is_the_requests_fault(status: int, request_caused: bool) -> None:
+    err = status_error(status, "boom", provider="p", model="m")
+    assert isinstance(err, ProviderRejectedInput) is request_caused
+    assert isinstance(err, InvalidInput) is request_caused, "the caller must change the request"
+    assert err.caused_by_request is request_caused and (failure_weight(err) == 0) is request_caused
 
 
 def test_transport_error_classes() -> None:

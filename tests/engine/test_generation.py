@@ -105,3 +105,21 @@ async def test_a_stopped_stream_is_an_abandoned_trace_and_done_is_not(local_engi
             break
     local_engine.bookkeeper.flush()
     assert local_engine.store.trace(trace)["outcome"] == "success"  # type: ignore[index]
+
+
+async def test_a_cut_answer_says_so_and_an_ordinary_one_keeps_its_keys(local_engine: InferenceEngine) -> None:
+    """A truncated answer (max_tokens reached) carries finish_reason "length" in its serialized
+    form; an answer that stopped by itself keeps exactly the locked keys."""
+    cut = await local_engine.generate(
+        greedy("Write a long story about a dragon.", max_tokens=4, response_format={"type": "json_object"})
+    )
+    assert cut.finish_reason == "length" and cut.model_dump(mode="json")["finish_reason"] == "length"
+    events = [
+        e async for e in local_engine.stream(greedy("Write a long story about a dragon.", max_tokens=4))
+    ]
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "length"
+    whole = await local_engine.generate(greedy("Say OK.", max_tokens=200))
+    assert whole.finish_reason == "stop"
+    assert set(whole.model_dump(mode="json")) == {
+        "text", "tool_calls", "trace_id", "model_used", "latency_ms", "time_to_first_token_ms", "usage",
+    }  # fmt: skip

@@ -295,6 +295,19 @@ async def test_a_named_model_whose_stream_breaks_ends_with_an_error_event(
     assert engine.tracker.profile("acme/alpha").fail_count == 1  # type: ignore[union-attr]
 
 
+async def test_the_providers_finish_reason_reaches_the_result(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO)
+    fake.queue(Reply(text='{"answer": "a very lo', finish_reason="length"), Reply(text="ok"))
+    cut = await engine.generate(req(response_format={"type": "json_object"}))
+    assert cut.finish_reason == "length" and cut.model_dump(mode="json")["finish_reason"] == "length"
+    assert "finish_reason" not in (await engine.generate(req())).model_dump(mode="json"), "stop is usual"
+    fake.queue(Reply(text="cut sho", finish_reason="length"))
+    done = [e async for e in engine.stream(req())][-1]
+    assert isinstance(done, Done) and done.finish_reason == "length"
+
+
 async def test_spend_limit_refuses_before_the_call(
     remote_engine: RemoteEngine, fake: FakeProviderServer
 ) -> None:

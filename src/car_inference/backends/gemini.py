@@ -300,6 +300,8 @@ class GeminiBackend(RemoteBackend):
             return ProviderError(f"the prompt was blocked: {exc}", provider=endpoint.provider, model=model.id)
         if isinstance(exc, genai_errors.APIError):
             status = exc.code if isinstance(exc.code, int) else 200
+            if status == 400 and _key_refused(exc):
+                status = 401  # Gemini refuses a bad key with 400 INVALID_ARGUMENT: the key, not the input
             headers = getattr(exc.response, "headers", None)
             return status_error(
                 status,
@@ -347,6 +349,15 @@ def _finish(reason: str, called: bool) -> str:
 
 class _Blocked(Exception):
     """The prompt was refused before any candidate (``prompt_feedback.block_reason``)."""
+
+
+def _key_refused(exc: genai_errors.APIError) -> bool:
+    """A 400 whose ``ErrorInfo`` reason is ``API_KEY_INVALID`` (or whose message says so)."""
+    details = exc.details if isinstance(exc.details, dict) else {}
+    error = details.get("error", details)
+    items = error.get("details", []) if isinstance(error, dict) else []
+    reasons = {item.get("reason") for item in items if isinstance(item, dict)}
+    return "API_KEY_INVALID" in reasons or "API key not valid" in str(exc.message or "")
 
 
 def _retry_delay(exc: genai_errors.APIError) -> float | None:
