@@ -242,14 +242,20 @@ class VllmSpec(RuntimeSpec):
         parsed = binary_version(found) if found else None
         return ".".join(map(str, parsed)) if parsed else None
 
-    def launch(self, model: ModelSchema, config: CarConfig) -> Launch:
+    def serve_args(self, model: ModelSchema) -> list[str]:
+        """What follows ``vllm serve``: the weights, where to listen, the name to serve them as."""
         source: Any = model.source
-        argv = self.require(model.id)
         host, port = _host_port(source.endpoint, 8000)
-        argv = [*argv, source.hf_repo or source.model_name, "--host", host, "--port", str(port),
+        args = [source.hf_repo or source.model_name, "--host", host, "--port", str(port),
                 "--served-model-name", source.model_name]  # fmt: skip
         if model.context_length:
-            argv += ["--max-model-len", str(model.context_length)]
+            args += ["--max-model-len", str(model.context_length)]
+        return args
+
+    def launch(self, model: ModelSchema, config: CarConfig) -> Launch:
+        source: Any = model.source
+        argv = [*self.require(model.id), *self.serve_args(model)]
+        host, port = _host_port(source.endpoint, 8000)
         env = {}
         if source.api_key_env and (key := os.environ.get(source.api_key_env)):
             env["VLLM_API_KEY"] = key  # the server then wants the key the backend sends
