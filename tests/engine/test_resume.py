@@ -93,6 +93,23 @@ async def test_anthropic_continues_the_text_as_an_assistant_prefill(
     assert messages[-2]["role"] == "user" and CONTINUE_INSTRUCTION not in str(messages)
 
 
+async def test_the_local_model_continues_a_cut_stream(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine({"alpha": {"provider": "acme", "fallbacks": ["smollm2"]}})
+    fake.queue(Fault.cut_stream(after_chunks=2, reply=Reply(text="Paris is the capital.", chunk_chars=4)))
+    request = GenerateRequest(
+        prompt="What is the capital of France?",
+        model="alpha",
+        params=GenerateParams(max_tokens=8, temperature=0),
+    )
+    events = [e async for e in engine.stream(request)]
+    done = events[-1]
+    assert isinstance(done, Done) and done.model_used == "huggingface/smollm2-135m-instruct:q4_1"
+    assert done.text.startswith("Paris is") and len(done.text) > len("Paris is")
+    assert text_of(events) == done.text and routes(events)[1].continues_from == len("Paris is")
+
+
 async def test_a_stream_cut_in_a_tool_call_ends_with_a_clear_error(
     remote_engine: RemoteEngine, fake: FakeProviderServer
 ) -> None:
