@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import generate, keys, routing, serve, speech, tasks
+from . import generate, keys, media, routing, serve, speech, tasks
 from .models import config_app, models_app
 from .runtimes import runtimes_app
 
@@ -24,6 +24,7 @@ app.add_typer(runtimes_app, name="runtimes")
 generate.register(app)
 tasks.register(app)
 speech.register(app)
+media.register(app)
 keys.register(app)
 routing.register(app)
 serve.register(app)
