@@ -56,6 +56,8 @@ def test_starts_ollama_serve_and_registers_what_it_lists(setup: tuple[RuntimeSup
     assert runtime is sup.runtime_for(_model(port, "anything:latest")), "one server for every model"
     assert runtime.ensure() == f"http://127.0.0.1:{port}"
     assert runtime.state is RuntimeState.RUNNING and runtime.served == ["qwen3:0.6b", "llama3.2:1b"]
+    assert sup.registry.find("ollama/llama3.2:1b") is None, "registered where the registry is used"
+    sup.apply_served()
     added = sup.registry.resolve("ollama/llama3.2:1b")
     assert added.kind == "ollama" and added.source.managed and added.source.model_tag == "llama3.2:1b"
     assert added.source.host == f"http://127.0.0.1:{port}" and "runtime" in added.tags

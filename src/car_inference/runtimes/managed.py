@@ -45,6 +45,7 @@ class RuntimeSupervisor:
         self.specs = runtime_specs(self.home)
         self._runtimes: dict[str, ManagedRuntime] = {}
         self._backends: dict[str, ManagedBackend] = {}
+        self._served_queue: list[tuple[Launch, list[str]]] = []
         self._lock = threading.Lock()
 
     # --- lookup --------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ class RuntimeSupervisor:
         with self._lock:
             backend = self._backends.get(runtime.name)
             if backend is None:
-                backend = self._backends[runtime.name] = ManagedBackend(runtime, lookup)
+                backend = self._backends[runtime.name] = ManagedBackend(runtime, lookup, self.apply_served)
             return backend
 
     def managed_models(self) -> list[ModelSchema]:
@@ -104,7 +105,19 @@ class RuntimeSupervisor:
     # --- what the servers serve ----------------------------------------------------------------
 
     def _register_served(self, launch: Launch, served: list[str]) -> None:
+        """Called on the monitor thread: queue what a started server serves for ``apply_served``,
+        which runs where the registry is used (the registry is not thread-safe)."""
+        with self._lock:
+            self._served_queue.append((launch, served))
+
+    def apply_served(self) -> None:
         """Add the served models the catalog does not know yet (e.g. every pulled Ollama tag)."""
+        with self._lock:
+            queued, self._served_queue = self._served_queue, []
+        for launch, served in queued:
+            self._register(launch, served)
+
+    def _register(self, launch: Launch, served: list[str]) -> None:
         if self.registry is None:
             return
         spec = self.specs[launch.runtime]
@@ -125,6 +138,7 @@ class RuntimeSupervisor:
     def statuses(self) -> list[RuntimeStatus]:
         """This process's instances, those other processes run (their records on disk), and the
         catalog's managed models that nothing runs."""
+        self.apply_served()
         found: dict[str, RuntimeStatus] = {name: r.status() for name, r in self._runtimes.items()}
         folder = run_dir(self.home)
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -207,13 +221,19 @@ class ManagedBackend:
     """The backend of a model whose server we start: ensure the server answers, then hand the
     call to the OpenAI-compatible backend with the model pointed at that server."""
 
-    def __init__(self, runtime: ManagedRuntime, lookup: BackendLookup) -> None:
+    def __init__(
+        self, runtime: ManagedRuntime, lookup: BackendLookup, after_start: Callable[[], None]
+    ) -> None:
         self.runtime = runtime
         self._lookup = lookup
+        self._after_start = after_start
         self._targets: dict[tuple[str, str], ModelSchema] = {}
 
     async def _ready(self, model: ModelSchema) -> tuple[Any, ModelSchema]:
-        url = self.runtime.ready_url() or await asyncio.to_thread(self.runtime.ensure)
+        url = self.runtime.ready_url()
+        if url is None:
+            url = await asyncio.to_thread(self.runtime.ensure)
+            self._after_start()  # on the loop: what it serves joins the registry here
         target = self._target(model, url)
         return self._lookup(target), target
 
