@@ -342,10 +342,6 @@ class InferenceResult(_OmitEmpty):
     def routing(self) -> Any:
         return self._routing
 
-    @property
-    def finish_reason(self) -> str | None:
-        return self._finish_reason
-
 
 # --- other tasks ----------------------------------------------------------------------------------
 
