@@ -131,6 +131,47 @@ def discover(
         raise typer.Exit(1)
 
 
+@models_app.command("rm")
+@handle_errors
+def remove(
+    model: Annotated[str, typer.Argument(help="model id, name or alias")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Delete a pulled model's files from the Hugging Face cache and say how much that freed."""
+    from ..catalog.remove import remove_model
+
+    schema = engine().resolve(model)
+    removal = remove_model(schema)
+    if as_json:
+        print_json({"model": schema.id, "freed_bytes": removal.freed_bytes,
+                    "removed": [str(p) for p in removal.paths]})  # fmt: skip
+        return
+    out.print(f"{schema.id}: removed, {removal.freed_bytes / 1e6:,.1f} MB freed", markup=False)
+
+
+@models_app.command("ps")
+@handle_errors
+def running(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Models loaded in the servers car supervises on this machine (any process): measured
+    resident memory of each server and its workers, and how long it has been idle."""
+    eng = engine()
+    rows = [s for s in eng.runtimes.statuses() if s.state in ("running", "restarting", "attached")]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(header_style="bold")
+    for column in ("model", "runtime", "pid", "memory", "idle", "url"):
+        table.add_column(column, no_wrap=column in ("model", "url"))
+    for s in rows:
+        table.add_row(
+            ", ".join(s.served) or s.model_id or s.name, s.runtime, str(s.pid or "-"),
+            f"{s.rss_mb:,.0f} MB" if s.rss_mb is not None else "-",
+            "-" if s.idle_s is None else f"{s.idle_s:.0f}s", s.base_url or "-",
+        )  # fmt: skip
+    out.print(table)
+    out.print(f"{len(rows)} running", style="dim")
+
+
 @config_app.command("show")
 @handle_errors
 def show_config(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:

@@ -23,7 +23,7 @@ from ..config import CarConfig
 from ..errors import ModelNotFound, close_matches
 from ..schema import ModelSchema, OpenAISource
 from .specs import RUNTIME_FOR_KIND, Launch, RuntimeSpec, is_managed, runtime_specs
-from .state import RunFiles, pid_alive, run_dir
+from .state import RunFiles, pid_alive, run_dir, tree_rss_mb
 from .supervisor import ManagedRuntime, RuntimeSettings, RuntimeState, RuntimeStatus
 
 __all__ = ["ManagedBackend", "RuntimeSupervisor", "disk_status", "stop_elsewhere"]
@@ -188,6 +188,7 @@ def disk_status(home: Path, name: str) -> RuntimeStatus | None:
         started_at=record.get("started_at"),
         idle_s=None if used is None or not owned else round(time.time() - used, 1),
         served=list(record.get("served") or []),
+        rss_mb=tree_rss_mb(pid) if owned and isinstance(pid := record.get("pid"), int) else None,
         log_path=str(files.log_path),
         error=None if owned else "owner gone; record left behind",
     )

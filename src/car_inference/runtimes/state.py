@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunFiles", "pid_alive", "run_dir"]
+__all__ = ["RunFiles", "pid_alive", "run_dir", "tree_rss_mb"]
 
 _LOG_KEEP_BYTES = 20 * 1024 * 1024  # a log past this is moved to NAME.log.1 at the next start
 
@@ -41,6 +41,32 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True  # no /proc here: existing is all we can tell
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def tree_rss_mb(pid: int) -> float | None:
+    """Resident memory of ``pid`` and its descendants (a server's workers), in MB, measured from
+    /proc; None where there is no /proc or the process is gone."""
+    proc = Path("/proc")
+    children: dict[int, list[int]] = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total_kb, todo, found = 0, [pid], False
+    while todo:
+        current = todo.pop()
+        try:
+            status = (proc / str(current) / "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total_kb += int(line.split()[1])
+                found = True
+        todo.extend(children.get(current, []))
+    return round(total_kb / 1024, 1) if found else None
 
 
 class RunFiles:

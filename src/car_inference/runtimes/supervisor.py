@@ -35,7 +35,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from .specs import Launch, RuntimeFailed, RuntimeSpec
-from .state import RunFiles
+from .state import RunFiles, tree_rss_mb
 
 __all__ = ["ManagedRuntime", "RuntimeFailed", "RuntimeSettings", "RuntimeState", "RuntimeStatus"]
 
@@ -79,6 +79,7 @@ class RuntimeStatus(BaseModel):
     started_at: float | None = None
     idle_s: float | None = None
     served: list[str] = Field(default_factory=list)
+    rss_mb: float | None = Field(default=None, description="measured: the server and its workers")
     log_path: str
     error: str | None = None
 
@@ -176,8 +177,7 @@ class ManagedRuntime:
 
     def touch(self) -> None:
         self._last_used = time.time()
-        if self._state is not RuntimeState.RUNNING:
-            self.files.touch_used()  # the owner is another process: tell its idle clock
+        self.files.touch_used()  # for the owner's idle clock and for idle times other processes show
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
@@ -313,7 +313,7 @@ class ManagedRuntime:
         return False
 
     def _set_running(self, launch: Launch) -> None:
-        self._last_used = time.time()  # the idle clock starts now, not at the last use before a stop
+        self.touch()  # the idle clock starts now, not at the last use before a stop
         try:
             self.served = self.spec.served(launch.base_url)
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
@@ -415,6 +415,7 @@ class ManagedRuntime:
             started_at=self.started_at if record is None else record.get("started_at"),
             idle_s=round(idle, 1) if active else None,
             served=self.served if record is None else list(record.get("served") or []),
+            rss_mb=tree_rss_mb(pid) if active and (pid := self.pid or (record or {}).get("pid")) else None,
             log_path=str(self.files.log_path),
             error=self.error,
         )

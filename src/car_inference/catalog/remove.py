@@ -1,0 +1,112 @@
+"""`car models rm`: delete what `car models pull` put in the Hugging Face cache, and say how much
+that freed.
+
+A model pulled as single files (a GGUF quant, its vision projector, a Piper voice and its config)
+loses those files in every cached revision; a blob another file still links to is kept, and a
+repo left with nothing is removed whole. A model pulled as a whole snapshot (sentence-transformers,
+Whisper, diffusers) removes its repo folder. Packaged models and files the user pointed us at are
+not ours to delete: the error says what removes them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InvalidInput, ModelUnavailable
+from ..schema import GgufSource, ModelSchema, PiperSource
+from .locate import hf_cache_dir
+
+__all__ = ["Removal", "remove_model"]
+
+
+@dataclass
+class Removal:
+    model_id: str
+    paths: list[Path] = field(default_factory=list)  # what was deleted (links, blobs, folders)
+    freed_bytes: int = 0
+
+
+def _pulled_files(source: object) -> list[str] | None:
+    """The files a pull fetched one by one; None when it fetched the whole snapshot."""
+    filename = getattr(source, "filename", None)
+    if not filename:
+        return None
+    files = [filename]
+    if isinstance(source, GgufSource) and source.mmproj:
+        files.append(source.mmproj)
+    if isinstance(source, PiperSource):
+        files.append(filename + ".json")
+    return files
+
+
+def remove_model(model: ModelSchema) -> Removal:
+    """Delete ``model``'s pulled files from the HF cache. ``InvalidInput`` for a model whose files
+    are not ours to delete; ``ModelUnavailable`` when nothing of it is on disk."""
+    source = model.source
+    package = getattr(source, "package", None) or ", ".join(getattr(source, "packages", None) or [])
+    if package:
+        dist = package.split(",")[0].strip().replace("_", "-")
+        raise InvalidInput(f"{model.id} comes with the package {package}, not a pull: `pip uninstall {dist}`")
+    repo = getattr(source, "hf_repo", None)
+    if not repo:
+        path = getattr(source, "path", None)
+        what = f"your own file {path}" if path else "served elsewhere; nothing of it is on this disk"
+        raise InvalidInput(f"{model.id} is {what}: car deletes only what it pulled")
+    root = hf_cache_dir() / ("models--" + repo.replace("/", "--"))
+    files = _pulled_files(source)
+    removal = Removal(model.id)
+    if root.is_dir():
+        if files is None:
+            removal.freed_bytes = _tree_bytes(root)
+            shutil.rmtree(root)
+            removal.paths.append(root)
+        else:
+            _remove_files(root, files, removal)
+    if not removal.paths:
+        raise ModelUnavailable(model.id, "its files are not in the Hugging Face cache: nothing to remove")
+    return removal
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the regular files under ``root`` (links into blobs are not counted twice)."""
+    return sum(p.lstat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _remove_files(root: Path, files: list[str], removal: Removal) -> None:
+    snapshots = root / "snapshots"
+    targets: set[Path] = set()
+    for snap in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
+        for name in files:
+            link = snap / name
+            if link.is_symlink():
+                targets.add(link.resolve())
+                link.unlink()
+                removal.paths.append(link)
+            elif link.is_file():  # a cache without symlinks keeps the file itself
+                removal.freed_bytes += link.stat().st_size
+                link.unlink()
+                removal.paths.append(link)
+    still_linked = (
+        {p.resolve() for p in snapshots.rglob("*") if p.is_symlink()} if snapshots.is_dir() else set()
+    )
+    for blob in sorted(targets - still_linked):
+        if blob.is_file():
+            removal.freed_bytes += blob.stat().st_size
+            blob.unlink()
+            removal.paths.append(blob)
+    _prune(snapshots)
+    if not snapshots.is_dir() or not any(snapshots.iterdir()):
+        removal.freed_bytes += _tree_bytes(root)  # incomplete downloads and the like
+        shutil.rmtree(root)
+        removal.paths.append(root)
+
+
+def _prune(folder: Path) -> None:
+    """Remove empty folders under ``folder`` (a snapshot whose files are all gone)."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
