@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -15,9 +16,9 @@ import httpx
 import pytest
 
 from car_inference.runtimes.managed import RuntimeSupervisor, stop_elsewhere
-from car_inference.runtimes.specs import RuntimeFailed
+from car_inference.runtimes.specs import Launch, LlamaCppServerSpec, RuntimeFailed, free_port
 from car_inference.runtimes.state import pid_alive
-from car_inference.runtimes.supervisor import RuntimeState
+from car_inference.runtimes.supervisor import ManagedRuntime, RuntimeState
 
 from .helpers import FAST, MANAGED_ID, managed_smollm2, small_config, wait_for
 
@@ -76,6 +77,41 @@ def test_gives_up_after_repeated_failures(supervisor: RuntimeSupervisor, tmp_pat
         runtime.ensure()
     assert runtime.files.log_path.read_text().count("--- car:") == 2
     assert runtime.files.read_state() is None and not runtime.files.locked_elsewhere()
+
+
+def test_a_command_that_cannot_run_fails_at_once(isolated_home: Path) -> None:
+    missing = isolated_home / "no-such-server"
+    launch = Launch("broken", "llamacpp", [str(missing)], "127.0.0.1", free_port(), "/v1/models")
+    runtime = ManagedRuntime(LlamaCppServerSpec(), "broken", isolated_home, lambda: launch, FAST.model_copy())
+    started = time.monotonic()
+    with pytest.raises(RuntimeFailed, match=r"cannot run .*no-such-server"):
+        runtime.ensure()
+    assert time.monotonic() - started < 5 and runtime.restarts == 0 and runtime.state is RuntimeState.FAILED
+
+
+def test_a_server_that_never_answers_is_replaced_not_doubled(isolated_home: Path) -> None:
+    """A process that runs but never passes the health check is stopped before the next try."""
+    code = "import time; print('loading forever', flush=True); time.sleep(600)"
+    launch = Launch("mute", "llamacpp", [sys.executable, "-c", code], "127.0.0.1", free_port(), "/v1/models")
+    settings = FAST.model_copy(update={"start_timeout_s": 1.0, "max_restarts": 1})
+    runtime = ManagedRuntime(LlamaCppServerSpec(), "mute", isolated_home, lambda: launch, settings)
+    pids: list[int] = []
+    watcher = threading.Thread(target=lambda: _collect_pids(runtime, pids), daemon=True)
+    watcher.start()
+    with pytest.raises(RuntimeFailed, match=r"not ready within 1 s; last log lines: .* loading forever"):
+        runtime.ensure()  # the caller's deadline covers one try; the monitor goes on trying
+    wait_for(lambda: runtime.state is RuntimeState.FAILED, timeout_s=10, what="the monitor to give up")
+    watcher.join(5)
+    assert runtime.error is not None and "no answer from" in runtime.error
+    assert len(pids) == 2 and not any(pid_alive(p) for p in pids), "each try stopped, none left behind"
+
+
+def _collect_pids(runtime: ManagedRuntime, pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and runtime.state is not RuntimeState.FAILED:
+        if runtime.pid is not None and runtime.pid not in pids:
+            pids.append(runtime.pid)
+        time.sleep(0.02)
 
 
 def test_idle_server_is_stopped_and_starts_again_on_use(supervisor: RuntimeSupervisor) -> None:

@@ -208,6 +208,7 @@ class ManagedRuntime:
         if self._owner_alive():
             return None
         if self.files.try_lock():
+            self._launch = None  # a fresh start may take a fresh port (the old one may be taken now)
             try:
                 launch = self._launch_once()
             except BaseException:
@@ -250,15 +251,20 @@ class ManagedRuntime:
         failures = 0
         try:
             while not self._should_stop():
-                proc = self._spawn(launch)
+                try:
+                    proc = self._spawn(launch)
+                except OSError as exc:  # not a crash to retry: the command itself cannot run
+                    self._set(RuntimeState.FAILED, f"cannot run {launch.argv[0]}: {exc}")
+                    break
                 if self._wait_healthy(proc, launch):
                     failures = 0
                     self._set_running(launch)
                     if self._watch(proc) != "exited":
                         break
                     self.error = f"exited with status {proc.returncode}"
-                elif not self._should_stop():
-                    self.error = self.error or f"exited with status {proc.returncode} while starting"
+                elif proc.poll() is not None:
+                    self.error = f"exited with status {proc.returncode} while starting"
+                self._terminate()  # one that never answered goes before the next try takes its port
                 if self._should_stop():
                     break
                 failures += 1
