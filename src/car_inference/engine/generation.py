@@ -2,8 +2,8 @@
 
 Per request the router decides (``RoutingDecision``: model, strategy, reason, ordered fallbacks).
 Each attempt then passes four gates before it runs: the model is available, it can take the
-request's input (images need ``vision``), its estimated cost fits the spend limits, its circuit
-breaker allows it. Each attempt is written as one outcome trace when it is over (one store
+request's input (media need ``vision`` on a local model), its estimated cost fits the spend
+limits, its circuit breaker allows it. Each attempt is written as one outcome trace when it is over (one store
 transaction, off the request path: see bookkeeping); a failure counts toward the breaker (a
 provider's 401/403/404 counts double) and the next fallback runs at once; a success closes the
 breaker, records latency, tokens, TTFT, spend and implicit signals. An attempt whose consumer
@@ -175,8 +175,12 @@ class GenerationMixin:
         A model the caller chose (explicit or preferred) that would break a spend limit refuses
         the whole request; a fallback that would is skipped."""
         backend = self._runnable(model)
-        if "image" in request.media_types() and not model.has_capability(ModelCapability.VISION):
-            raise UnsupportedMode("image-input", model.kind, f"{model.id} does not take images (no vision)")
+        # A local model without vision reads no images: refused before it is loaded. A hosted one
+        # is left to its provider (an endpoint's capabilities are often defaults, not facts).
+        media = request.media_types()
+        if media and model.in_process and not model.has_capability(ModelCapability.VISION):
+            mode = "/".join(sorted(media)) + "-input"
+            raise UnsupportedMode(mode, model.kind, f"{model.id} reads text only (no vision)")
         if self.spend.has_limits and not model.in_process:
             estimate = model.cost.estimate(decision.estimated_input_tokens, request.params.max_tokens)
             try:
