@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     SerializerFunctionWrapHandler,
+    Strict,
     model_serializer,
     model_validator,
 )
@@ -209,23 +210,32 @@ class ResponseFormat(_Model):
 
 
 ToolChoice = Literal["auto", "none", "required"] | str
+TOOL_CHOICE_MODES = ("auto", "none", "required")
+
+# Numbers as JSON numbers only: pydantic's lax mode reads `true` as 1 and "0.7" as 0.7, which
+# hides a client's mistake. Integers fit what providers take (int32 counts, int64 seeds).
+_INT32 = 2**31 - 1
+_INT64 = 2**63 - 1
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
 
 
 class GenerateParams(_Model):
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0, description="0 means greedy")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
-    max_tokens: int = Field(default=1024, ge=1)
+    temperature: Float = Field(default=0.7, ge=0.0, le=2.0, description="0 means greedy")
+    top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: Int | None = Field(default=None, ge=0, le=_INT32)
+    max_tokens: Int = Field(default=1024, ge=1, le=_INT32)
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
-    repeat_penalty: float = Field(default=1.0, gt=0.0)
+    seed: Int | None = Field(default=None, ge=-_INT64 - 1, le=_INT64)
+    repeat_penalty: Float = Field(default=1.0, gt=0.0)
     thinking: ThinkingMode = ThinkingMode.AUTO
-    budget_tokens: int = Field(default=0, ge=0, description="extended-thinking budget; 0 = none")
+    budget_tokens: Int = Field(default=0, ge=0, le=_INT32, description="extended-thinking budget; 0 = none")
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     tool_choice: ToolChoice | None = Field(
         default=None, description="auto, none, required, or the name of one tool"
     )
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: Bool | None = None
     workload: RoutingWorkload = RoutingWorkload.INTERACTIVE
     raw_prompt: bool = Field(
         default=False, description="send `prompt` as-is, without the chat template (text completion)"
@@ -251,7 +261,23 @@ class GenerateRequest(_Model):
     def _has_input(self) -> GenerateRequest:
         if not self.prompt and not self.messages:
             raise ValueError("a request needs a `prompt` or `messages`")
+        choice = self.params.tool_choice
+        if choice is not None and choice not in TOOL_CHOICE_MODES and choice not in self.tool_names():
+            tools = ", ".join(self.tool_names()) or "none given"
+            raise ValueError(
+                f"tool_choice {choice!r} is neither auto, none nor required, nor a tool of `tools` ({tools})"
+            )
         return self
+
+    def tool_names(self) -> list[str]:
+        """The function names ``tools`` declares (OpenAI's ``{type, function: {name}}`` or a bare
+        ``{name}``)."""
+        names = []
+        for tool in self.tools or []:
+            fn = tool.get("function", tool)
+            if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                names.append(fn["name"])
+        return names
 
     def chat_messages(self) -> list[Message]:
         """The conversation as messages: ``context`` as system, history, then ``prompt`` with
@@ -451,7 +477,7 @@ class SynthesizeRequest(_Model):
     language: str | None = None
     output_path: str | None = None
     format: Literal["wav", "mp3", "flac", "pcm"] = "wav"
-    speed: float | None = Field(default=None, gt=0)
+    speed: Float | None = Field(default=None, ge=0.1, le=10.0, description="1.0 is normal")
     reference_audio_path: str | None = None
     reference_text: str | None = None
     voice_instruction: str | None = None
@@ -471,9 +497,9 @@ class GenerateImageRequest(_Model):
     negative_prompt: str | None = None
     width: int = Field(default=1024, ge=64)
     height: int = Field(default=1024, ge=64)
-    steps: int | None = Field(default=None, ge=1)
-    guidance: float | None = None
-    seed: int | None = None
+    steps: Int | None = Field(default=None, ge=1)
+    guidance: Float | None = None
+    seed: Int | None = Field(default=None, ge=-_INT64 - 1, le=_INT64)
     variant_count: int | None = Field(default=None, ge=1)
     output_path: str | None = None
     format: Literal["png", "jpeg", "webp"] = "png"

@@ -93,7 +93,7 @@ def test_serves_until_interrupted(isolated_home: Path) -> None:
 def test_loopback_hosts_need_no_keys(host: str, monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[str] = []
     monkeypatch.setattr(
-        "car_inference.server.serve", lambda app, settings, log_level: ran.append(settings.host)
+        "car_inference.server.serve", lambda app, settings, log_level, sock: ran.append(settings.host)
     )
     monkeypatch.setattr("car_inference.server.create_app", lambda settings: None)
     result = CliRunner().invoke(cli(), ["serve", "--host", host, "--port", "0"])

@@ -30,7 +30,8 @@ def test_non_loopback_needs_keys() -> None:
 def test_uvicorn_config_follows_the_settings() -> None:
     settings = ServerSettings(host="127.0.0.1", port=9999, max_body_mb=2)
     config = uvicorn_config(object(), settings)
-    assert (config.host, config.port, config.ws_max_size) == ("127.0.0.1", 9999, 2 * 1024 * 1024)
+    assert (config.host, config.port) == ("127.0.0.1", 9999)
+    assert config.ws_max_size == int(settings.ws_max_message_mb * 1024 * 1024) == 4 * 1024 * 1024
 
 
 def test_server_thread_serves_and_stops(isolated_home: object) -> None:

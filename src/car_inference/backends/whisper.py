@@ -92,7 +92,9 @@ class WhisperBackend:
                         word_timestamps=request.timestamps,
                     )
                     segments = list(segments)  # decoding happens while iterating
-                except (OSError, ValueError) as exc:  # PyAV's decode errors derive from these
+                # PyAV's decode errors derive from OSError/ValueError; a file with no audio stream
+                # at all (an image) is an IndexError.
+                except (OSError, ValueError, IndexError) as exc:
                     raise InvalidInput(f"could not transcribe {audio}: {exc}") from exc
                 except RuntimeError as exc:  # the model itself (CTranslate2), not the input
                     raise InferenceFailed(f"{model.id} failed on {audio}: {exc}") from exc

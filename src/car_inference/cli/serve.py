@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         update = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
         settings = config.server.model_copy(update=update)
         try:
-            from ..server import BindRefused, check_bind, create_app
+            from ..server import BindRefused, PortInUse, bind, check_bind, create_app
             from ..server import serve as run_server
         except ImportError as exc:
             missing = (
@@ -46,12 +46,16 @@ def register(app: typer.Typer) -> None:
             raise fail(missing) from None
         try:
             check_bind(settings.host, settings.api_keys)
+            # Bound before anything is printed or loaded: a taken port is one line and exit 1.
+            sock = bind(settings.host, settings.port)
         except BindRefused as exc:
             raise fail(str(exc), EXIT_USAGE) from None
+        except PortInUse as exc:
+            raise fail(str(exc)) from None
         # The app makes the engine and closes it at shutdown (before uvicorn re-raises the signal).
         app = create_app(settings=settings)
-        where = f"http://{settings.host}:{settings.port}"
+        where = f"http://{settings.host}:{sock.getsockname()[1]}"
         keys = "API keys required" if settings.api_keys else "no API keys"
         ws = where.replace("http", "ws", 1)
         err.print(escape(f"car serve: {where}/v1 (OpenAI API), {ws}/ws (JSON-RPC); {keys}"))
-        run_server(app, settings, log_level=log_level)
+        run_server(app, settings, log_level=log_level, sock=sock)

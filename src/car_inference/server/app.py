@@ -2,8 +2,8 @@
 
 Routes: the OpenAI-compatible API (``routes.py``, ``media.py``), JSON-RPC over WebSocket at
 ``/ws`` (``jsonrpc.py``), ``/health`` (liveness), ``/v1/health`` (the engine's model health
-report) and ``/metrics`` (Prometheus). ``guard.py`` sits in front of all of them. The protocol is
-documented in docs/protocol.md.
+report), ``/metrics`` (Prometheus) and ``/openapi.json`` (``openapi.py``). ``guard.py`` sits in
+front of all of them. The protocol is documented in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from ..config import ServerSettings
 from ..engine import InferenceEngine
 from ..errors import InferenceError
 from . import jsonrpc, media, routes
-from .common import Limiter, ServerState, json_response
+from .common import Limiter, ServerState, dumps, json_response
 from .errors import ApiError, describe, error_response, guarded
 from .guard import Guard
+from .logs import install_redaction
 from .metrics import CONTENT_TYPE, Metrics
+from .openapi import openapi_schema
 
 __all__ = ["create_app"]
 
@@ -73,9 +75,16 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url=None,  # ours is written out (openapi.py): the routes are plain Starlette ones
     )
     app.state.car = state
+    schema = openapi_schema(__version__)
+    app.openapi = lambda: schema  # type: ignore[method-assign]
+    install_redaction(settings.api_keys)
+    openapi_body = dumps(schema)
+
+    async def openapi(request: Request) -> Response:
+        return Response(openapi_body, media_type="application/json")
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -90,6 +99,7 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/v1/health", model_health, methods=["GET"])
     app.add_route("/metrics", metrics, methods=["GET"])
+    app.add_route("/openapi.json", openapi, methods=["GET"])
     routes.register(app, state)
     media.register(app, state)
     jsonrpc.register(app, state)

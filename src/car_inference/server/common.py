@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
+import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..config import ServerSettings
+from ..errors import CircuitOpen
 from .errors import ApiError
 
 if TYPE_CHECKING:
@@ -27,6 +31,7 @@ __all__ = [
     "car_headers",
     "dumps",
     "json_response",
+    "parse_json",
     "read_json",
 ]
 
@@ -53,16 +58,46 @@ class Limiter:
         self.in_flight -= 1
 
 
+SHUTTING_DOWN = "the server is shutting down; retry shortly"
+
+
 @dataclass
 class ServerState:
     engine: InferenceEngine
     settings: ServerSettings
     metrics: Metrics
     limiter: Limiter
+    # Requests (HTTP) and JSON-RPC messages being answered: what `stop` cuts short.
+    active: set[asyncio.Task[Any]] = field(default_factory=set)
+    stopping: bool = False
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        """Ask everything in flight to end now, with an answer: a stream ends with an error
+        event and ``[DONE]``, a waiting request gets a 503 ``server_shutdown``, a JSON-RPC call
+        its error. Waits for them up to ``grace_s`` (the server then closes connections and
+        writes the outcome records still queued)."""
+        self.stopping = True
+        tasks = [t for t in self.active if not t.done()]
+        for task in tasks:
+            task.cancel(SHUTTING_DOWN)
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+
+    def shutdown_error(self) -> ApiError:
+        return ApiError(503, SHUTTING_DOWN, type="server_error", code="server_shutdown", retry_after=1)
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.settings.max_body_mb * 1024 * 1024)
+
+    def retry_hint(self, exc: BaseException) -> float | None:
+        """Seconds until an open circuit lets a probe through (a ``Retry-After``), else None."""
+        model_id = getattr(exc, "model_id", None)
+        if not isinstance(exc, CircuitOpen) or model_id is None:
+            return None
+        breaker = self.engine.breakers.snapshot().get(model_id) or {}
+        retry = breaker.get("retry_in_s")
+        return float(retry) if retry is not None else self.engine.config.breaker.cooldown_s
 
 
 def dumps(data: Any) -> bytes:
@@ -73,21 +108,96 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(dumps(data), status, headers, media_type="application/json")
 
 
+# Limits on what a JSON body may hold. Python's parser would recurse until RecursionError on deep
+# nesting and refuse integers of over 4,300 digits with a ValueError; either was a 500 before.
+MAX_JSON_DEPTH = 100
+MAX_INT_DIGITS = 100
+# A JSON escape of a UTF-16 surrogate: the only way a lone surrogate (not UTF-8 encodable, so a
+# crash wherever the string is written out) can get into a parsed body.
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise _Refused(f"{name} is not a JSON value")
+
+
+def _depth_exceeds(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests containers deeper than ``limit`` (iterative: no recursion)."""
+    level: list[Any] = [data]
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return False
+    return True
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """A JSON text as Python data, or an ``ApiError`` 400 (``invalid_json``) saying what is wrong:
+    malformed, not UTF-8, nested deeper than ``MAX_JSON_DEPTH``, an integer longer than
+    ``MAX_INT_DIGITS`` digits, NaN/Infinity, or a lone UTF-16 surrogate in a string."""
+    try:
+        data = json.loads(raw, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except UnicodeDecodeError:
+        raise _invalid("the body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise _invalid(f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise _invalid(f"JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as exc:  # _Refused, or a number Python will not convert
+        raise _invalid(f"unacceptable JSON: {exc}") from None
+    # Cheap tests first: most bodies cannot nest that deep or hold a surrogate escape at all.
+    opened = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    if opened > MAX_JSON_DEPTH and isinstance(data, dict | list) and _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise _invalid(f"JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+    found = _SURROGATE_BYTES.search(raw) if isinstance(raw, bytes) else _SURROGATE.search(raw)
+    if found is not None:
+        try:
+            dumps(data)
+        except UnicodeEncodeError:
+            raise _invalid(
+                "a string holds a lone UTF-16 surrogate (such as \\ud800): strings must be valid Unicode"
+            ) from None
+    return data
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, message, code="invalid_json")
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     """The request body as a JSON object; a 400 saying what is wrong otherwise."""
     body = await request.body()
     if not body.strip():
         raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
     try:
-        data = json.loads(body)
-    except UnicodeDecodeError:
-        raise ApiError(400, "the request body is not UTF-8 text", code="invalid_json") from None
-    except json.JSONDecodeError as exc:
-        raise ApiError(
-            400,
-            f"malformed JSON in the request body: {exc.msg} (line {exc.lineno}, column {exc.colno})",
-            code="invalid_json",
-        ) from None
+        data = parse_json(body)
+    except ApiError as exc:
+        exc.message = f"the request body: {exc.message}"
+        exc.args = (exc.message,)
+        raise
     if not isinstance(data, dict):
         raise ApiError(400, f"expected a JSON object, got a JSON {type(data).__name__}", code="invalid_json")
     return data

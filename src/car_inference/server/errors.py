@@ -11,7 +11,8 @@ Status decisions (documented in docs/protocol.md):
 - ModelNotFound, TraceNotFound: 404
 - SpendLimitExceeded: 402 (not 429: waiting a few seconds does not help, and SDKs retry 429)
 - ModelUnavailable, CircuitOpen, DeviceError: 503
-- ProviderError, AllModelsFailed, DownloadFailed: 502; a provider timeout: 504
+- ProviderError, AllModelsFailed, DownloadFailed: 502; a provider timeout: 504; a provider's
+  400/413/422 (it refused the input the client sent): 400 ``provider_rejected_input``
 - our own per-request timeout: 504
 - on the speech and image endpoints, ModelUnavailable / UnsupportedMode: 501 naming the capability
 """
@@ -118,17 +119,33 @@ def validation_info(exc: ValidationError, prefix: str = "") -> ErrorInfo:
     )  # fmt: skip
 
 
+# Provider statuses that mean "this request is malformed" rather than "this provider failed".
+_INPUT_REFUSED = frozenset({400, 413, 422})
+
+
 def _is_timeout(exc: ProviderError) -> bool:
     return exc.status in (408, 504) or exc.timeout
 
 
-def describe(exc: BaseException, *, capability: str | None = None, timeout_s: float = 0) -> ErrorInfo:
+RetryHint = Callable[[BaseException], "float | None"]
+
+
+def describe(
+    exc: BaseException,
+    *,
+    capability: str | None = None,
+    timeout_s: float = 0,
+    retry_hint: RetryHint | None = None,
+) -> ErrorInfo:
     """The client-facing description of ``exc``. ``capability`` marks the speech/image endpoints,
-    where a missing backend is a 501 naming it."""
+    where a missing backend is a 501 naming it; ``retry_hint`` says when an open circuit closes
+    (its ``Retry-After``)."""
     name = type(exc).__name__
     if isinstance(exc, ApiError):
+        # A refusal that names a time to come back (busy, ...) is one a retry may cure.
+        retryable = exc.retry_after is not None
         return ErrorInfo(
-            exc.status, exc.type, exc.code, exc.message, exc.param, name, retry_after=exc.retry_after
+            exc.status, exc.type, exc.code, exc.message, exc.param, name, retryable, exc.retry_after
         )
     if isinstance(exc, ValidationError):
         return validation_info(exc)
@@ -160,9 +177,18 @@ def describe(exc: BaseException, *, capability: str | None = None, timeout_s: fl
     if isinstance(exc, SpendLimitExceeded):
         return ErrorInfo(402, "insufficient_quota", "spend_limit_exceeded", str(exc), None, name)
     if isinstance(exc, CircuitOpen):
-        return ErrorInfo(503, "server_error", "circuit_open", str(exc), None, name, retryable=True)
+        retry = getattr(exc, "retry_after", None)
+        if retry is None and retry_hint is not None:
+            retry = retry_hint(exc)
+        return ErrorInfo(503, "server_error", "circuit_open", str(exc), None, name, True, retry)
     if isinstance(exc, DeviceError):
         return ErrorInfo(503, "server_error", "device_unavailable", str(exc), None, name)
+    if isinstance(exc, ProviderError) and exc.status in _INPUT_REFUSED:
+        # The provider refused what the client sent (a bad tool schema, ...): the client's to fix.
+        return ErrorInfo(
+            400, "invalid_request_error", "provider_rejected_input", str(exc), None, name,
+            extra={"upstream_status": exc.status},
+        )  # fmt: skip
     if isinstance(exc, ProviderError):
         timeout = _is_timeout(exc)
         return ErrorInfo(
@@ -208,7 +234,7 @@ def error_response(info: ErrorInfo) -> Response:
 
 
 def guarded(
-    capability: str | None = None, *, timeout_s: float = 0
+    capability: str | None = None, *, timeout_s: float = 0, retry_hint: RetryHint | None = None
 ) -> Callable[[Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]]:
     """Wrap a route so that every exception becomes an error response (never a traceback)."""
 
@@ -218,7 +244,8 @@ def guarded(
             try:
                 return await fn(request)
             except Exception as exc:
-                return error_response(describe(exc, capability=capability, timeout_s=timeout_s))
+                info = describe(exc, capability=capability, timeout_s=timeout_s, retry_hint=retry_hint)
+                return error_response(info)
 
         return endpoint
 
@@ -241,10 +268,12 @@ RPC_CODES: dict[str | None, int] = {
     "unsupported_mode": -32003,
     "spend_limit_exceeded": -32004,
     "provider_error": -32005,
+    "provider_rejected_input": INVALID_PARAMS,
     "upstream_timeout": -32005,
     "all_models_failed": -32006,
     "request_timeout": -32007,
     "server_busy": -32008,
+    "server_shutdown": -32016,
     "trace_not_found": -32009,
     "capability_unavailable": -32010,
     "circuit_open": -32011,

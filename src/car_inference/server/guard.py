@@ -7,8 +7,9 @@ and leaves streaming responses alone. In order, for HTTP:
 1. ``/health`` passes untouched (liveness probes need no key and are never refused).
 2. With ``server.api_keys`` set, ``Authorization: Bearer <key>`` must match one of them,
    compared in constant time; otherwise 401.
-3. A body over ``server.max_body_mb`` is refused with 413: at once when ``Content-Length`` says
-   so, else while reading a chunked body (which is then buffered, at most that size).
+3. The body is read in full before the request takes a concurrency slot: a body over
+   ``server.max_body_mb`` is refused with 413 (at once when ``Content-Length`` says so), one that
+   has not arrived within ``server.body_timeout_s`` with 408; both close the connection.
 4. Beyond ``server.max_concurrency`` requests in flight, 429 with ``Retry-After``.
 
 A WebSocket handshake without a valid key is refused (HTTP 403); JSON-RPC calls on an open socket
@@ -17,6 +18,8 @@ take a slot of the same concurrency bound each.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 from typing import Any
 
@@ -61,6 +64,18 @@ class _TooLarge(Exception):
     pass
 
 
+class _Gone(Exception):
+    """The client disconnected before its body was in."""
+
+
+class _Refused(Exception):
+    def __init__(self, error: ApiError) -> None:
+        self.error = error
+
+
+_BODILESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
 class Guard:
     def __init__(self, app: Any, state: ServerState, routes: frozenset[str] = frozenset()) -> None:
         self.app = app
@@ -86,6 +101,27 @@ class Guard:
             f"the request body is larger than {self.state.settings.max_body_mb:g} MB (server.max_body_mb)",
             code="request_too_large",
         )
+
+    async def _body(self, receive: Any, length: int | None) -> Any:
+        """Read the body (at most server.max_body_mb, within server.body_timeout_s) and return a
+        ``receive`` that replays it. Raises ``_Refused`` (413, 408) or ``_Gone``."""
+        settings = self.state.settings
+        if length is not None and length > self.state.max_body_bytes:
+            raise _Refused(self._too_large())
+        try:
+            async with asyncio.timeout(settings.body_timeout_s):
+                body = await _read_body(receive, self.state.max_body_bytes)
+        except _TooLarge:
+            raise _Refused(self._too_large()) from None
+        except TimeoutError:
+            timeout = ApiError(
+                408,
+                f"the request body did not arrive within {settings.body_timeout_s:g} s "
+                "(server.body_timeout_s)",
+                code="request_timeout",
+            )
+            raise _Refused(timeout) from None
+        return _replay(body, receive)
 
     async def _refuse(self, send: Any, error: ApiError, headers: dict[str, str] | None = None) -> int:
         info = describe(error)
@@ -119,16 +155,16 @@ class Guard:
             status = await self._refuse(send, error, {"www-authenticate": "Bearer"})
             metrics.request(route, None, status)
             return
-        limit = self.state.max_body_bytes
-        length = _content_length(headers)
-        if length is not None and length > limit:
-            metrics.request(route, None, await self._refuse(send, self._too_large()))
-            return
-        if length is None and scope["method"] not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        if scope["method"] not in _BODILESS:
+            # The whole body is read before the request takes a concurrency slot, under
+            # server.body_timeout_s: a client that stalls mid-body holds no slot, and is answered.
             try:
-                receive = await _buffered(receive, limit)
-            except _TooLarge:
-                metrics.request(route, None, await self._refuse(send, self._too_large()))
+                receive = await self._body(receive, _content_length(headers))
+            except _Refused as refused:
+                status = await self._refuse(send, refused.error, {"connection": "close"})
+                metrics.request(route, None, status)
+                return
+            except _Gone:
                 return
         limiter = self.state.limiter
         if path not in UNLIMITED_PATHS and not limiter.try_acquire():
@@ -142,42 +178,59 @@ class Guard:
             )
             metrics.request(route, None, await self._refuse(send, busy))
             return
-        outcome = {"status": 500, "model": None}
+        outcome: dict[str, Any] = {"status": 500, "model": None, "started": False}
 
         async def watch(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
+                outcome["started"] = True
                 outcome["status"] = message["status"]
                 for name, value in message.get("headers", ()):
                     if name == HEADER_MODEL.encode():
                         outcome["model"] = value.decode()
             await send(message)
 
+        state = self.state
+        task = asyncio.current_task()
+        if task is not None:
+            state.active.add(task)
         metrics.in_flight.inc()
         try:
             await self.app(scope, receive, watch)
+        except asyncio.CancelledError:
+            if not state.stopping or task is None:
+                raise
+            # The server is stopping (ServerState.stop): answer, unless the route already did.
+            task.uncancel()
+            if not outcome["started"]:
+                with contextlib.suppress(OSError):
+                    outcome["status"] = await self._refuse(send, state.shutdown_error())
         finally:
+            state.active.discard(task)  # type: ignore[arg-type]
             metrics.in_flight.dec()
             if path not in UNLIMITED_PATHS:
                 limiter.release()
             metrics.request(route, outcome["model"], int(outcome["status"]))
 
 
-async def _buffered(receive: Any, limit: int) -> Any:
-    """Read a body of unknown length (chunked) up to ``limit`` bytes, then replay it."""
+async def _read_body(receive: Any, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            raise _Gone
         body = message.get("body", b"")
         size += len(body)
         if size > limit:
             raise _TooLarge
         chunks.append(body)
         if not message.get("more_body", False):
-            break
-    replay: list[dict[str, Any]] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that gives ``body`` once, then what the client sends (its disconnect)."""
+    replay: list[dict[str, Any]] = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive_again() -> dict[str, Any]:
         if replay:

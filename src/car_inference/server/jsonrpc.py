@@ -31,7 +31,7 @@ from ..requests import (
 )
 from ..schema import ModelCapability
 from ..stream import Done, ErrorEvent, RouteEvent
-from .common import ServerState
+from .common import ServerState, parse_json
 from .errors import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -95,6 +95,8 @@ class Session:
                 task = asyncio.create_task(self._message(raw))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                self.state.active.add(task)
+                task.add_done_callback(self.state.active.discard)
         except WebSocketDisconnect:
             pass
         finally:
@@ -116,29 +118,54 @@ class Session:
         await self.send({"jsonrpc": "2.0", "method": method, "params": params})
 
     async def _message(self, raw: str) -> None:
-        if len(raw) > self.state.max_body_bytes:
-            limit = self.state.settings.max_body_mb
+        """Answer one WebSocket message; whatever goes wrong, the client gets an answer."""
+        try:
+            await self._answer(raw)
+        except Exception as exc:
+            info = describe(exc)  # logs what is not ours
+            await self.send({"jsonrpc": "2.0", "id": None, "error": rpc_error(info)})
+
+    async def _answer(self, raw: str) -> None:
+        limit = self.state.settings.ws_max_message_mb
+        if len(raw) > limit * 1024 * 1024:  # uvicorn refuses such frames first under `car serve`
             await self.send(
-                _error(None, INVALID_REQUEST, f"message larger than {limit:g} MB (server.max_body_mb)")
+                _error(None, INVALID_REQUEST, f"message larger than {limit:g} MB (server.ws_max_message_mb)")
             )
             return
         try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            await self.send(_error(None, PARSE_ERROR, f"parse error: {exc}"))
+            data = parse_json(raw)
+        except ApiError as exc:
+            await self.send(_error(None, PARSE_ERROR, f"parse error: {exc.message}"))
             return
         if isinstance(data, list):
-            if not data:
-                await self.send(_error(None, INVALID_REQUEST, "invalid request: an empty batch"))
-                return
-            answers = await asyncio.gather(*(self.call(item) for item in data))
-            replies = [a for a in answers if a is not None]
-            if replies:
-                await self.send(replies)
+            await self._batch(data)
             return
         reply = await self.call(data)
         if reply is not None:
             await self.send(reply)
+
+    async def _batch(self, items: list[Any]) -> None:
+        """Run a batch's calls concurrently, starting one per loop turn: a batch of quick calls
+        (each done in its first step) then takes turns with every other client's work instead of
+        running as one block."""
+        limit = self.state.settings.ws_max_batch
+        if not items or len(items) > limit:
+            what = "an empty batch" if not items else f"a batch of {len(items)} calls (at most {limit})"
+            await self.send(_error(None, INVALID_REQUEST, f"invalid request: {what}"))
+            return
+        tasks = []
+        for i, item in enumerate(items):
+            if i:
+                await asyncio.sleep(0)
+            tasks.append(asyncio.ensure_future(self.call(item)))
+        try:
+            answers = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        replies = [a for a in answers if a is not None]
+        if replies:
+            await self.send(replies)
 
     async def call(self, data: Any) -> dict[str, Any] | None:
         """Run one request; its response (None for a notification)."""
@@ -188,6 +215,14 @@ class Session:
             async with asyncio.timeout(timeout_s):
                 result = await method(self, params, rid)
         except asyncio.CancelledError:
+            if self.state.stopping and task is not None:  # ServerState.stop: answer, then go
+                task.uncancel()
+                metrics.request(f"ws:{name}", None, 503)
+                return {
+                    "jsonrpc": "2.0",
+                    "id": rid,
+                    "error": rpc_error(describe(self.state.shutdown_error())),
+                }
             if rid is None or rid not in self.cancelled:
                 raise
             self.cancelled.discard(rid)
@@ -198,7 +233,7 @@ class Session:
         except Exception as exc:
             if isinstance(exc, InferenceError):
                 metrics.failure(exc)
-            info = describe(exc, timeout_s=timeout_s)
+            info = describe(exc, timeout_s=timeout_s, retry_hint=self.state.retry_hint)
             metrics.request(f"ws:{name}", None, info.status)
             return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(info)}
         finally:
@@ -334,7 +369,9 @@ async def _detokenize(session: Session, params: Params, rid: Any) -> Any:
 
 async def _models_list(session: Session, params: Params, rid: Any) -> Any:
     capability = params.get("capability")
-    if capability is not None and capability not in {c.value for c in ModelCapability}:
+    if capability is not None and (
+        not isinstance(capability, str) or capability not in {c.value for c in ModelCapability}
+    ):
         known = ", ".join(c.value for c in ModelCapability)
         raise ApiError(400, f"`capability` must be one of {known}", code="invalid_value", param="capability")
     available = params.get("available")

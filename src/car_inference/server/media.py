@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import shutil
 import tempfile
 import time
@@ -23,6 +24,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from ..errors import InferenceError
 from ..requests import GenerateImageRequest, SynthesizeRequest, TranscribeRequest
 from .common import ServerState, car_headers, json_response, read_json
 from .errors import ApiError, guarded
@@ -87,11 +89,23 @@ def _size(value: Any) -> tuple[int, int] | None:
     return width, height
 
 
+def _without_path(exc: InferenceError, workdir: Path, name: str) -> InferenceError:
+    """``exc`` with the server's temp folder out of its message: a client learns nothing of the
+    server's file system. A file in the folder is called ``name`` (the upload's own name)."""
+    folder = re.compile(re.escape(str(workdir)) + r"[/\\]?[^\s'\":,)]*")
+    for attr in ("reason",):  # the part of some errors' message kept apart
+        value = getattr(exc, attr, None)
+        if isinstance(value, str):
+            setattr(exc, attr, folder.sub(name, value))
+    exc.args = tuple(folder.sub(name, a) if isinstance(a, str) else a for a in exc.args)
+    return exc
+
+
 def register(app: FastAPI, state: ServerState) -> None:
     engine = state.engine
     timeout_s = state.settings.request_timeout_s
 
-    @guarded(STT, timeout_s=timeout_s)
+    @guarded(STT, timeout_s=timeout_s, retry_hint=state.retry_hint)
     async def transcriptions(request: Request) -> Response:
         fields = parse_multipart(await request.body(), request.headers.get("content-type", ""))
         upload = fields.get("file")
@@ -116,6 +130,8 @@ def register(app: FastAPI, state: ServerState) -> None:
             )
             async with asyncio.timeout(timeout_s):
                 result = await engine.transcribe(call)
+        except InferenceError as exc:
+            raise _without_path(exc, workdir, upload.filename or "the upload") from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         headers = car_headers(result.model_used)
@@ -128,14 +144,14 @@ def register(app: FastAPI, state: ServerState) -> None:
                 body["words"] = [w.model_dump() for w in result.words]
         return json_response(body, headers=headers)
 
-    @guarded(TTS, timeout_s=timeout_s)
+    @guarded(TTS, timeout_s=timeout_s, retry_hint=state.retry_hint)
     async def speech(request: Request) -> Response:
         body = await read_json(request)
         text = body.get("input")
         if not isinstance(text, str) or not text:
             raise ApiError(400, "`input` must be the text to speak", param="input")
         fmt = body.get("response_format") or "wav"
-        if fmt not in _SPEECH_FORMATS:
+        if not isinstance(fmt, str) or fmt not in _SPEECH_FORMATS:
             raise ApiError(
                 400, f"`response_format` must be one of {', '.join(_SPEECH_FORMATS)}", param="response_format"
             )
@@ -153,12 +169,14 @@ def register(app: FastAPI, state: ServerState) -> None:
             async with asyncio.timeout(timeout_s):
                 result = await engine.synthesize(call)
             audio = Path(result.audio_path).read_bytes()
+        except InferenceError as exc:
+            raise _without_path(exc, workdir, "the output file") from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         media_type = result.media_type or _SPEECH_FORMATS[fmt]
         return Response(audio, media_type=media_type, headers=car_headers(result.model_used))
 
-    @guarded(IMAGES, timeout_s=timeout_s)
+    @guarded(IMAGES, timeout_s=timeout_s, retry_hint=state.retry_hint)
     async def images(request: Request) -> Response:
         body = await read_json(request)
         prompt = body.get("prompt")
@@ -167,7 +185,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         if (body.get("response_format") or "b64_json") != "b64_json":
             raise ApiError(400, "only response_format b64_json is supported", param="response_format")
         fmt = body.get("output_format") or "png"
-        if fmt not in _IMAGE_FORMATS:
+        if not isinstance(fmt, str) or fmt not in _IMAGE_FORMATS:
             raise ApiError(400, "`output_format` must be png, jpeg or webp", param="output_format")
         size = _size(body.get("size"))
         workdir = Path(tempfile.mkdtemp(prefix="car-image-"))
@@ -184,6 +202,8 @@ def register(app: FastAPI, state: ServerState) -> None:
             async with asyncio.timeout(timeout_s):
                 result = await engine.generate_image(call)
             image = Path(result.image_path).read_bytes()
+        except InferenceError as exc:
+            raise _without_path(exc, workdir, "the output file") from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         data = [{"b64_json": base64.b64encode(image).decode(), "revised_prompt": None}]

@@ -40,7 +40,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     engine = state.engine
     metrics = state.metrics
     timeout_s = state.settings.request_timeout_s
-    api = guarded(timeout_s=timeout_s)
+    api = guarded(timeout_s=timeout_s, retry_hint=state.retry_hint)
 
     async def generate(call: GenerationCall, render: Render, chunks: type[ChatChunks]) -> Response:
         if call.stream:

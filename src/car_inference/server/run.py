@@ -3,6 +3,7 @@ thread (tests, benchmarks, an application embedding the server)."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import threading
@@ -12,9 +13,20 @@ from typing import Any
 import uvicorn
 
 from ..config import ServerSettings
+from .logs import install_redaction
 from .transport import coalescing_protocol
 
-__all__ = ["BindRefused", "ServerThread", "check_bind", "is_loopback", "serve", "uvicorn_config"]
+__all__ = [
+    "BindRefused",
+    "PortInUse",
+    "Server",
+    "ServerThread",
+    "bind",
+    "check_bind",
+    "is_loopback",
+    "serve",
+    "uvicorn_config",
+]
 
 
 class BindRefused(Exception):
@@ -49,22 +61,54 @@ def uvicorn_config(
     protocol = coalescing_protocol()
     if protocol is not None:
         extra.setdefault("http", protocol)
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=log_level,
         lifespan="on",
-        ws_max_size=int(settings.max_body_mb * 1024 * 1024),
-        timeout_graceful_shutdown=5,
+        ws_max_size=int(settings.ws_max_message_mb * 1024 * 1024),
+        # In-flight work is told to stop at once (ServerState.stop); this only bounds a stuck one.
+        timeout_graceful_shutdown=2,
         **extra,
     )
+    install_redaction(settings.api_keys)  # after uvicorn set its loggers up
+    return config
 
 
-def serve(app: Any, settings: ServerSettings, *, log_level: str = "info") -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM)."""
+class Server(uvicorn.Server):
+    """uvicorn's server, which first asks the app's work in flight to end (streams with an error
+    event and ``[DONE]``, waiting requests with a 503) so that a shutdown takes a moment, cuts
+    nothing silently, and leaves no task writing to a closed store."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = getattr(getattr(self.config.app, "state", None), "car", None)
+        if state is not None:
+            await state.stop()
+        await super().shutdown(sockets)
+
+
+class PortInUse(Exception):
+    """The address to listen on is taken (or cannot be bound)."""
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host``:``port``, or ``PortInUse`` saying why not (in one line)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host.strip("[]"), port), family=family, backlog=2048)
+    except OSError as exc:
+        reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise PortInUse(f"cannot listen on {host}:{port}: {reason} (choose another with --port)") from None
+
+
+def serve(
+    app: Any, settings: ServerSettings, *, log_level: str = "info", sock: socket.socket | None = None
+) -> None:
+    """Serve until interrupted (Ctrl-C / SIGTERM), on ``sock`` when given (see ``bind``)."""
     check_bind(settings.host, settings.api_keys)
-    uvicorn.Server(uvicorn_config(app, settings, log_level=log_level)).run()
+    sock = sock if sock is not None else bind(settings.host, settings.port)
+    Server(uvicorn_config(app, settings, log_level=log_level)).run(sockets=[sock])
 
 
 class ServerThread:
@@ -85,7 +129,7 @@ class ServerThread:
         config = uvicorn_config(
             app, settings.model_copy(update={"host": "127.0.0.1", "port": self.port}), log_level=log_level
         )
-        self.server = uvicorn.Server(config)
+        self.server = Server(config)
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self._sock]}, name="car-server", daemon=True
         )

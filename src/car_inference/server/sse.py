@@ -218,6 +218,11 @@ class EventStream(Response):
                     await _body(send, self.chunks.finish(event))
                 else:
                     await self._fail(send, event, started)
+        except asyncio.CancelledError:
+            if not self.state.stopping:
+                raise
+            await self._stopped(send, started)
+            return
         except TimeoutError as exc:  # before OSError: TimeoutError is one
             await self._fail(send, exc, started)
         except OSError:  # the client went away while we were writing
@@ -229,6 +234,20 @@ class EventStream(Response):
         if started:
             with contextlib.suppress(OSError):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _stopped(self, send: Send, started: bool) -> None:
+        """The server is stopping: a stream ends with an error event and ``[DONE]`` (the client
+        knows it was cut, and its SSE reader ends), one not begun is a 503."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        info = describe(self.state.shutdown_error())
+        with contextlib.suppress(OSError):
+            if not started:
+                await self._fail(send, self.state.shutdown_error(), started)
+                return
+            await _body(send, self.chunks.error(info) + SSE_DONE)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _start(self, send: Send) -> None:
         route = self.route
@@ -255,7 +274,9 @@ class EventStream(Response):
             info = _stream_error(error)
             metrics.error(model, "ErrorEvent")
         else:
-            info = describe(error, timeout_s=self.state.settings.request_timeout_s)
+            info = describe(
+                error, timeout_s=self.state.settings.request_timeout_s, retry_hint=self.state.retry_hint
+            )
             if isinstance(error, InferenceError):
                 metrics.failure(error)
             else:

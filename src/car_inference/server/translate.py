@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..requests import (
+    TOOL_CHOICE_MODES,
     EmbedRequest,
     EmbedResult,
     GenerateRequest,
@@ -220,7 +221,7 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _tool_choice(choice: Any) -> str | None:
-    if choice is None or isinstance(choice, str):
+    if choice is None or choice in TOOL_CHOICE_MODES:
         return choice
     fn = choice.get("function") if isinstance(choice, dict) else None
     if isinstance(fn, dict) and isinstance(fn.get("name"), str):
