@@ -31,6 +31,11 @@ from ..schema import ModelCapability, ModelSchema
 
 __all__ = ["TaskMixin"]
 
+_MEDIA_METHODS = {
+    ModelCapability.IMAGE_GENERATION: "generate_image",
+    ModelCapability.VIDEO_GENERATION: "generate_video",
+}
+
 
 class TaskMixin:
     # Provided by InferenceEngine.
@@ -156,6 +161,13 @@ class TaskMixin:
         model = self._media_model(request.model, ModelCapability.VIDEO_GENERATION)
         method = self._task_method(model, ModelCapability.VIDEO_GENERATION, "generate_video")
         return await method(model, request, progress=progress)
+
+    def media_model(self, name: str | None, capability: ModelCapability) -> ModelSchema:
+        """The model a media request would run on; raises now what running it would raise (an
+        unknown, unavailable or unsuitable model), e.g. before a video job is accepted."""
+        model = self._media_model(name, capability)
+        self._task_method(model, capability, _MEDIA_METHODS[capability])
+        return model
 
     def _media_model(self, name: str | None, capability: ModelCapability) -> ModelSchema:
         """The named model; else the configured one; else the available model that can do it with

@@ -41,6 +41,7 @@ from .errors import (
     describe,
     rpc_error,
 )
+from .images import rpc_generate_image, rpc_generate_video
 
 __all__ = ["METHODS", "Session", "register"]
 
@@ -431,6 +432,8 @@ METHODS: dict[str, Method] = {
     "route": _route,
     "feedback": _feedback,
     "cancel": _cancel,
+    "generate_image": rpc_generate_image,
+    "generate_video": rpc_generate_video,
 }
 
 

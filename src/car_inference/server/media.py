@@ -195,18 +195,21 @@ def register(app: FastAPI, state: ServerState) -> None:
                 model=_model(body.get("model")),
                 negative_prompt=body.get("negative_prompt"),
                 seed=body.get("seed"),
+                steps=body.get("steps"),  # extensions for local models, beside OpenAI's fields
+                guidance=body.get("guidance"),
+                variant_count=body.get("n"),
                 format=fmt,
                 output_path=str(workdir / f"image.{fmt}"),
                 **({"width": size[0], "height": size[1]} if size else {}),
             )
             async with asyncio.timeout(timeout_s):
                 result = await engine.generate_image(call)
-            image = Path(result.image_path).read_bytes()
+            images = [Path(p).read_bytes() for p in result.image_paths or [result.image_path]]
         except InferenceError as exc:
             raise _without_path(exc, workdir, "the output file") from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        data = [{"b64_json": base64.b64encode(image).decode(), "revised_prompt": None}]
+        data = [{"b64_json": base64.b64encode(image).decode(), "revised_prompt": None} for image in images]
         payload = {"created": int(time.time()), "data": data, "output_format": fmt}
         return json_response(payload, headers=car_headers(result.model_used))
 

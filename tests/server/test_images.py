@@ -1,0 +1,184 @@
+"""Images and video over HTTP (the ``openai`` SDK against the server) and JSON-RPC, on tiny
+random-weight diffusers pipelines and a hosted image model that is the fake provider."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import av
+import httpx
+import openai
+import pytest
+from PIL import Image
+from websockets.asyncio.client import connect
+
+from car_inference.engine import InferenceEngine
+from car_inference.schema import ModelSchema, OpenAISource
+from car_inference.server import ServerThread, create_app
+from fakes import FakeProviderServer
+from fakes.provider_media import png
+from fakes.tiny_diffusers import build_ltx, build_sd, media_model
+
+SD = "test/tiny-sd"
+LTX = "test/tiny-ltx"
+HOSTED = "fakehost/gpt-image-2"
+
+
+@pytest.fixture(scope="module")
+def server(
+    tmp_path_factory: pytest.TempPathFactory, fake_provider: FakeProviderServer
+) -> Iterator[ServerThread]:
+    root = tmp_path_factory.mktemp("pipelines")
+    engine = InferenceEngine(home=tmp_path_factory.mktemp("home"))
+    engine.register_model(
+        media_model(SD, build_sd(root / "sd"), "image_generation", default_params={"steps": 2})
+    )
+    engine.register_model(
+        media_model(LTX, build_ltx(root / "ltx"), "video_generation", default_params={"steps": 2})
+    )
+    source = OpenAISource(base_url=fake_provider.openai_base_url, model_name="gpt-image-2", needs_key=False)
+    engine.register_model(
+        ModelSchema(
+            id=HOSTED,
+            name="gpt-image-2",
+            provider="fakehost",
+            capabilities=["image_generation"],
+            source=source,
+        )
+    )
+    with ServerThread(create_app(engine)) as running:
+        yield running
+    engine.close()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def decoded(b64: str | None) -> Image.Image:
+    data = base64.b64decode(b64 or "")
+    assert data.startswith(b"\x89PNG")
+    return Image.open(io.BytesIO(data))
+
+
+def test_generations_on_a_local_model(client: openai.OpenAI) -> None:
+    def generate(seed: int) -> Any:
+        return client.images.with_raw_response.generate(
+            model=SD, prompt="a red apple", size="128x64", n=2, extra_body={"seed": seed, "guidance": 2.0}
+        )
+
+    raw = generate(4)
+    images = raw.parse()
+    assert raw.headers["x-car-model"] == SD
+    assert images.data and [decoded(i.b64_json).size for i in images.data] == [(128, 64), (128, 64)]
+    again = generate(4).parse()
+    assert again.data and again.data[0].b64_json == images.data[0].b64_json
+    assert images.data[0].b64_json != images.data[1].b64_json
+
+
+def test_generations_on_a_hosted_model(client: openai.OpenAI, fake_provider: FakeProviderServer) -> None:
+    images = client.images.generate(model=HOSTED, prompt="a cat", size="512x256")
+    assert images.data and base64.b64decode(images.data[0].b64_json or "") == png(512, 256, seed="a cat#0")
+    assert fake_provider.requests[-1].json == {
+        "model": "gpt-image-2",
+        "prompt": "a cat",
+        "size": "512x256",
+    }
+
+
+def test_edits(client: openai.OpenAI, fake_provider: FakeProviderServer) -> None:
+    picture = io.BytesIO()
+    Image.new("RGB", (96, 64), (0, 90, 200)).save(picture, format="PNG")
+    edited = client.images.edit(
+        model=SD, image=("in.png", picture.getvalue(), "image/png"), prompt="make it red"
+    )
+    assert edited.data and decoded(edited.data[0].b64_json).size == (96, 64)
+    hosted = client.images.edit(model=HOSTED, image=("in.png", picture.getvalue(), "image/png"), prompt="red")
+    assert hosted.data and fake_provider.media.forms[-1]["image"] == (
+        "image0.png",
+        picture.getvalue(),
+        "image/png",
+    )
+    missing = httpx.post(f"{client.base_url}images/edits", files={"prompt": (None, "x")})
+    assert missing.status_code == 400 and "`image` file to edit is required" in missing.text
+    # A file that is no image is the caller's mistake, and the server's folders stay unnamed.
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.edit(model=SD, image=("in.png", b"not a picture", "image/png"), prompt="x")
+    assert "cannot read the image" in bad.value.message and "/tmp" not in bad.value.message
+
+
+def test_video_job_create_poll_download(client: openai.OpenAI) -> None:
+    video = client.videos.create(
+        model=LTX, prompt="a dog on the moon", seconds="1", size="64x64", extra_body={"fps": 8, "seed": 2}
+    )
+    assert video.status in ("queued", "in_progress") and video.model == LTX
+    done = client.videos.poll(video.id, poll_interval_ms=50)
+    assert done.status == "completed" and done.progress == 100 and done.completed_at
+    content = client.videos.download_content(video.id).content
+    with av.open(io.BytesIO(content)) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) == 9 and (frames[0].width, frames[0].height) == (64, 64)
+    deleted = client.delete(f"/videos/{video.id}", cast_to=httpx.Response).json()
+    assert deleted == {"id": video.id, "object": "video.deleted", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(video.id)
+
+
+def test_video_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError, match="tiny-ltxx"):
+        client.videos.create(model="test/tiny-ltxx", prompt="x")
+    with pytest.raises(openai.APIStatusError, match="does not declare video_generation") as unsuited:
+        client.videos.create(model=SD, prompt="x")
+    assert unsuited.value.status_code == 501  # the server's word for a capability it cannot serve
+    # Input only the model can judge fails the job, with the reason.
+    job = client.videos.create(model=LTX, prompt="x", size="70x64", seconds="1")
+    failed = client.videos.poll(job.id, poll_interval_ms=50)
+    assert failed.status == "failed" and failed.error and "multiples of 4" in failed.error.message
+    assert failed.error.code == "invalid_input"
+    with pytest.raises(openai.APIStatusError) as not_ready:
+        client.videos.download_content(job.id)
+    assert not_ready.value.status_code == 409
+
+
+async def test_json_rpc_methods_with_progress(server: ServerThread) -> None:
+    async with connect(server.ws_url, max_size=None) as ws:
+        params = {"prompt": "a blue sky", "model": SD, "width": 64, "height": 64, "seed": 9, "steps": 3}
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "generate_image", "params": params}))
+        messages = [json.loads(await ws.recv()) for _ in range(4)]
+        progress = [m["params"] for m in messages if m.get("method") == "generate.progress"]
+        assert progress == [{"request_id": 1, "done": d, "total": 3} for d in (1, 2, 3)]
+        result = next(m for m in messages if m.get("id") == 1)["result"]
+        assert result["model_used"] == SD and result["seed"] == 9 and "image_path" not in result
+        assert decoded(result["images"][0]).size == (64, 64)
+
+        picture = io.BytesIO()
+        Image.new("RGB", (64, 64), (0, 90, 200)).save(picture, format="PNG")
+        edit = {"prompt": "red", "model": SD, "images": [base64.b64encode(picture.getvalue()).decode()]}
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "generate_image", "params": edit}))
+        reply = await _answer(ws, 2)
+        assert decoded(reply["result"]["images"][0]).size == (64, 64)
+
+        video = {"prompt": "x", "model": LTX, "width": 64, "height": 64, "fps": 4, "duration_s": 1}
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 3, "method": "generate_video", "params": video}))
+        result = (await _answer(ws, 3))["result"]
+        assert result["frames"] == 5 and base64.b64decode(result["video"])[4:8] == b"ftyp"
+
+        bad = {"prompt": "x", "model": SD, "output_path": "/etc/passwd"}
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 4, "method": "generate_image", "params": bad}))
+        error = (await _answer(ws, 4))["error"]
+        assert error["code"] == -32602 and "names a file on the server" in error["message"]
+
+
+async def _answer(ws: Any, rid: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        message = json.loads(await ws.recv())
+        if message.get("id") == rid:
+            return message
+    raise AssertionError(f"no answer to {rid}")
