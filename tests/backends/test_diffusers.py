@@ -226,3 +226,24 @@ def test_a_pipeline_not_on_disk_says_how_to_get_it(tmp_path: Path) -> None:
 def _frames(path: str) -> np.ndarray:
     with av.open(path) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+async def test_a_caller_that_stops_waiting_stops_the_pipeline(engine: InferenceEngine) -> None:
+    steps: list[int] = []
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def progress(done: int, total: int) -> None:
+        steps.append(done)
+        loop.call_soon_threadsafe(started.set)
+
+    request = GenerateImageRequest(prompt="x", model=SD, width=64, height=64, steps=500)
+    task = asyncio.create_task(engine.generate_image(request, progress=progress))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    entry = engine.cache.get(f"diffusers:{SD}")
+    assert entry is not None and await asyncio.to_thread(entry.lock.acquire, timeout=10)
+    entry.lock.release()
+    assert len(steps) < 500  # it stopped at the next step, not after all of them
