@@ -79,6 +79,25 @@ def test_gives_up_after_repeated_failures(supervisor: RuntimeSupervisor, tmp_pat
     assert runtime.files.read_state() is None and not runtime.files.locked_elsewhere()
 
 
+def test_a_port_held_by_a_server_of_another_model_is_refused(supervisor: RuntimeSupervisor) -> None:
+    url = supervisor.runtime_for(managed_smollm2()).ensure()
+    port = int(url.rsplit(":", 1)[1])
+    argv = [sys.executable, "-c", "raise SystemExit('must not start')"]
+    mine = Launch("other", "llamacpp", argv, "127.0.0.1", port, "/v1/models", served_model="test/other")
+    other = ManagedRuntime(LlamaCppServerSpec(), "other", supervisor.home, lambda: mine, FAST.model_copy())
+    with pytest.raises(
+        RuntimeFailed, match=r"taken by a server that serves \['test/smollm2-served'\], not test/other"
+    ):
+        other.ensure()
+    same = Launch("same", "llamacpp", argv, "127.0.0.1", port, "/v1/models", served_model=MANAGED_ID)
+    external = ManagedRuntime(LlamaCppServerSpec(), "same", supervisor.home, lambda: same, FAST.model_copy())
+    assert (
+        external.ensure() == url
+        and external.state is RuntimeState.EXTERNAL
+        and external.served == [MANAGED_ID]
+    )
+
+
 def test_a_command_that_cannot_run_fails_at_once(isolated_home: Path) -> None:
     missing = isolated_home / "no-such-server"
     launch = Launch("broken", "llamacpp", [str(missing)], "127.0.0.1", free_port(), "/v1/models")

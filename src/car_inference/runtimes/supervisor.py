@@ -216,6 +216,7 @@ class ManagedRuntime:
                 raise
             if _healthy(launch.base_url + launch.health_path):
                 self.files.unlock()  # someone runs it outside our care: use it, never stop it
+                self._check_serves(launch)
                 return self._attached(launch.base_url, RuntimeState.EXTERNAL)
             self._start_owner()
             return None
@@ -224,6 +225,24 @@ class ManagedRuntime:
         if isinstance(url, str) and _healthy(url + self.spec.health_path):
             return self._attached(url, RuntimeState.ATTACHED)
         return None  # the owner is still starting it
+
+    def _check_serves(self, launch: Launch) -> None:
+        """A server found on our port must serve our model: another model there is never used
+        in its place."""
+        if launch.served_model is None:
+            return
+        try:
+            served = self.spec.served(launch.base_url)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            served = []
+        if launch.served_model not in served:
+            raise RuntimeFailed(
+                f"{launch.base_url} is taken by a server that serves {served or 'nothing we can list'}, "
+                f"not {launch.served_model}; give this model another port",
+                runtime=self.name,
+                model=self.model_id,
+            )
+        self.served = served
 
     def _attached(self, url: str, state: RuntimeState) -> str:
         self._url, self._state, self._checked_at = url, state, time.monotonic()
