@@ -73,7 +73,6 @@ class Launch:
     port: int
     health_path: str
     served_model: str | None = None  # the model's name on the wire; None: a many-model server
-    model_id: str | None = None
     env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -194,7 +193,7 @@ class LlamaCppServerSpec(RuntimeSpec):
         if config.local.n_threads:
             argv += ["--n_threads", str(config.local.n_threads)]
         name = instance_name(self.name, model.id)
-        return Launch(name, self.name, argv, host, port, self.health_path, model.id, model.id)
+        return Launch(name, self.name, argv, host, port, self.health_path, served_model=model.id)
 
 
 VLLM_MIN = (0, 8, 0)  # the oldest release whose `vllm serve` flags this spec was written against
@@ -260,7 +259,9 @@ class VllmSpec(RuntimeSpec):
         if source.api_key_env and (key := os.environ.get(source.api_key_env)):
             env["VLLM_API_KEY"] = key  # the server then wants the key the backend sends
         name = instance_name(self.name, model.id)
-        return Launch(name, self.name, argv, host, port, self.health_path, source.model_name, model.id, env)
+        return Launch(
+            name, self.name, argv, host, port, self.health_path, served_model=source.model_name, env=env
+        )
 
     def provision_steps(
         self, home: Path, *, uv: str | None = None, python: str = "python3"
