@@ -138,8 +138,11 @@ async def test_every_cut_stream_completes_while_a_fallback_is_healthy(
     remote_engine: RemoteEngine, fake: FakeProviderServer
 ) -> None:
     """The issue's measurement: at a 100% cut rate on the first model, 3 of 200 streams ended with
-    an error and no [DONE]. Here each of 40 streams is cut after 1..5 chunks and must complete."""
-    engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 1000\n")
+    an error and no [DONE]. Here each of 40 streams is cut after 1..5 chunks and must complete
+    (alpha named, beta its configured fallback: which model the router would pick after a few
+    failures is not what this measures)."""
+    models = {"alpha": {"provider": "acme", "fallbacks": ["beta"]}, "beta": {"provider": "bolt"}}
+    engine = remote_engine(models, config="[breaker]\nfailure_threshold = 1000\n")
     completed = 0
     for i in range(40):
         chunks = 1 + i % 5
@@ -147,7 +150,7 @@ async def test_every_cut_stream_completes_while_a_fallback_is_healthy(
             Fault.cut_stream(after_chunks=chunks, reply=Reply(text=ANSWER, chunk_chars=3)),
             Reply(text=ANSWER[chunks * 3 :]),
         )
-        events = [e async for e in engine.stream(req(f"Question {i}: the capital of France?"))]
+        events = [e async for e in engine.stream(req(f"Question {i}: the capital of France?", model="alpha"))]
         completed += isinstance(events[-1], Done) and events[-1].text == ANSWER == text_of(events)
     assert completed == 40
 
