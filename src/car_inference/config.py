@@ -175,6 +175,19 @@ class ServerSettings(_Section):
     ws_max_batch: int = Field(default=100, ge=1, description="most calls in one JSON-RPC batch")
 
 
+class RuntimeSettings(_Section):
+    """Servers car starts and supervises (llama.cpp server, vLLM, Ollama): see ``runtimes/``."""
+
+    start_timeout_s: float | None = Field(default=None, gt=0, description="None: the runtime's own")
+    idle_timeout_s: float | None = Field(default=900.0, ge=0, description="0 (or None): never idle-stop")
+    backoff_s: float = Field(default=1.0, ge=0, description="first restart delay; doubles per failure")
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    max_restarts: int = Field(default=5, ge=0, description="failures in a row before giving up")
+    tick_s: float = Field(default=0.25, gt=0, description="how often the monitor looks")
+    stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM, then SIGKILL after this")
+    recheck_s: float = Field(default=5.0, ge=0, description="an attached server is probed this often")
+
+
 class SpeechSettings(_Section):
     prefer_local: bool = True
     allow_remote_fallback: bool = True
@@ -198,6 +211,7 @@ class CarConfig(BaseModel):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     spend: SpendSettings = Field(default_factory=SpendSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    runtimes: RuntimeSettings = Field(default_factory=RuntimeSettings)
     speech: SpeechSettings = Field(default_factory=SpeechSettings)
     keys: dict[str, list[str]] = Field(
         default_factory=dict,

@@ -105,3 +105,17 @@ def test_find_by_model_or_instance_name_and_suggestions(engine: InferenceEngine)
     assert MANAGED_ID in info.value.suggestions
     names = [s.name for s in engine.runtimes.statuses()]
     assert runtime.name in names, "the catalog's managed models are listed before they run"
+
+
+def test_runtime_settings_come_from_config_toml_and_the_environment(
+    isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (isolated_home / "config.toml").write_text("[runtimes]\nidle_timeout_s = 60\nmax_restarts = 2\n")
+    monkeypatch.setenv("CAR_RUNTIMES__BACKOFF_S", "0.5")
+    eng = InferenceEngine()
+    try:
+        settings = eng.runtimes.settings
+        assert (settings.idle_timeout_s, settings.max_restarts, settings.backoff_s) == (60, 2, 0.5)
+        assert eng.runtimes.runtime_for(managed_smollm2()).settings is settings
+    finally:
+        eng.close()

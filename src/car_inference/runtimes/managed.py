@@ -41,7 +41,7 @@ class RuntimeSupervisor:
         self.config = config
         self.home: Path = config.home
         self.registry = registry
-        self.settings = settings or RuntimeSettings()
+        self.settings = settings or config.runtimes.model_copy()  # [runtimes] in config.toml
         self.specs = runtime_specs(self.home)
         self._runtimes: dict[str, ManagedRuntime] = {}
         self._backends: dict[str, ManagedBackend] = {}

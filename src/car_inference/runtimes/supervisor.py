@@ -32,27 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from ..config import RuntimeSettings
 from .specs import Launch, RuntimeFailed, RuntimeSpec
 from .state import RunFiles, tree_rss_mb
 
 __all__ = ["ManagedRuntime", "RuntimeFailed", "RuntimeSettings", "RuntimeState", "RuntimeStatus"]
 
 log = logging.getLogger("car_inference.runtimes")
-
-
-class RuntimeSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    start_timeout_s: float | None = Field(default=None, gt=0, description="None: the runtime's own")
-    idle_timeout_s: float | None = Field(default=900.0, gt=0, description="None: never idle-stop")
-    backoff_s: float = Field(default=1.0, ge=0, description="first restart delay; doubles per failure")
-    backoff_max_s: float = Field(default=30.0, ge=0)
-    max_restarts: int = Field(default=5, ge=0, description="failures in a row before giving up")
-    tick_s: float = Field(default=0.25, gt=0, description="how often the monitor looks")
-    stop_grace_s: float = Field(default=10.0, ge=0, description="SIGTERM, then SIGKILL after this")
-    recheck_s: float = Field(default=5.0, ge=0, description="an attached server is probed this often")
 
 
 class RuntimeState(StrEnum):
@@ -365,7 +353,7 @@ class ManagedRuntime:
     def _idle_for(self) -> float | None:
         """Seconds idle when past the timeout and nothing is in flight, else None."""
         timeout = self.settings.idle_timeout_s
-        if timeout is None or self._busy:
+        if not timeout or self._busy:
             return None
         idle = time.time() - max(self._last_used, self.files.used_at() or 0.0)
         return idle if idle > timeout else None
