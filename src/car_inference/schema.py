@@ -127,6 +127,9 @@ class GgufSource(_LocalFiles):
     filename: str | None = Field(default=None, description="file within `hf_repo` to pull")
     mmproj: str | None = Field(default=None, description="vision projector file, for VL models")
     pooling: str | None = Field(default=None, description="embedding pooling: mean, cls, last")
+    system_prompt: str | None = Field(
+        default=None, description="system text for requests that bring none (a tiny model answers better)"
+    )
     managed: bool = Field(default=False, description="served by a llama.cpp server we start, not in-process")
 
 

@@ -12,6 +12,10 @@ the ``openai`` SDK's types (``ImagesResponse``, ``Video``):
   after ``MediaState.video_polls`` retrieves it is ``completed`` (or ``failed`` with
   ``video_failure``); ``GET /v1/videos/{id}/content`` serves ``video_content`` once completed.
   Retrieves carry ``openai-poll-after-ms`` like OpenAI's. Creation takes a queued item.
+* Gemini ``POST /v1beta/models/{model}:generateContent`` for a model whose name has ``-image``
+  answers a PNG as an ``inlineData`` part, sized from ``imageConfig`` (the tier's pixels on the
+  longer side of ``aspectRatio``; 1024x1024 without one), or a ``promptFeedback`` block when
+  ``MediaState.gemini_block`` names a reason. It takes a queued item like any generation.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ __all__ = ["FAKE_MP4", "MediaState", "png", "route"]
 FAKE_MP4 = struct.pack(">I", 24) + b"ftypisom" + struct.pack(">I", 512) + b"isomiso2"
 _VIDEO = re.compile(r"^/v1/videos/([A-Za-z0-9_\-]+)(/content)?$")
 _SECONDS = ("4", "8", "12")
+_GEMINI_IMAGE = re.compile(r"^/(?:v1beta|v1alpha|v1)/models/([^/:]+-image[^/:]*):generateContent$")
+_TIER_PIXELS = {"1K": 1024, "2K": 2048, "4K": 4096}
 
 
 def png(width: int, height: int, seed: str = "") -> bytes:
@@ -63,9 +69,11 @@ class MediaState:
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)  # image URLs this server serves
     forms: list[dict[str, Any]] = field(default_factory=list)  # every multipart request, parsed
+    gemini_block: str | None = None  # Gemini image prompts are blocked with this reason
 
     def reset(self) -> None:
         self.video_polls, self.video_failure, self.video_content = 2, None, FAKE_MP4
+        self.gemini_block = None
         self.jobs.clear()
         self.files.clear()
         self.forms.clear()
@@ -79,6 +87,8 @@ def route(handler: Any, method: str, path: str) -> tuple[Any, bool, bool] | None
         return (lambda reply, stream: _edits(handler)), True, False
     if method == "POST" and path == "/v1/videos":
         return (lambda reply, stream: _create_video(handler)), True, False
+    if method == "POST" and (gemini := _GEMINI_IMAGE.match(path)):
+        return (lambda reply, stream: _gemini_image(handler, gemini.group(1))), True, False
     if method == "GET" and path.startswith("/files/"):
         return (lambda reply, stream: _file(handler, path.removeprefix("/files/"))), False, False
     match = _VIDEO.match(path)
@@ -225,3 +235,30 @@ def _file(handler: Any, name: str) -> None:
         handler._send_error(404, f"No file {name} (fake provider).")
     else:
         handler._send_bytes(200, data, "image/png", None)
+
+
+def _gemini_image(handler: Any, model: str) -> None:
+    body = handler._body
+    parts = [p for c in body.get("contents") or [] for p in c.get("parts") or []]
+    prompt = " ".join(p["text"] for p in parts if isinstance(p.get("text"), str))
+    if not prompt:
+        handler._send_error(400, "* GenerateContentRequest.contents: contents is not specified")
+        return
+    usage = {"promptTokenCount": len(prompt.split()), "candidatesTokenCount": 1290, "totalTokenCount": 1290}
+    block = handler.fake.media.gemini_block
+    if block:
+        handler._send_json(200, {"promptFeedback": {"blockReason": block}, "usageMetadata": usage})
+        return
+    config = (body.get("generationConfig") or {}).get("imageConfig") or {}
+    longest = _TIER_PIXELS.get(config.get("imageSize", "1K"), 1024)
+    across, down = (int(v) for v in config.get("aspectRatio", "1:1").split(":"))
+    width, height = (
+        (longest, round(longest * down / across))
+        if across >= down
+        else (round(longest * across / down), longest)
+    )
+    seed = (body.get("generationConfig") or {}).get("seed")
+    image = png(width, height, seed=f"{prompt}#{seed}#{len(parts)}")
+    inline = {"inlineData": {"mimeType": "image/png", "data": base64.b64encode(image).decode()}}
+    candidate = {"content": {"role": "model", "parts": [inline]}, "finishReason": "STOP", "index": 0}
+    handler._send_json(200, {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model})

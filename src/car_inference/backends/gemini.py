@@ -52,6 +52,7 @@ from ..errors import ProviderError, UnsupportedMode
 from ..requests import EmbedRequest, EmbedResult, GenerateRequest, Message, TextBlock
 from ..schema import GeminiSource, GenerateParam, ModelSchema
 from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
+from .gemini_media import GeminiMediaMixin
 from .remote import (
     Endpoint,
     Finish,
@@ -84,7 +85,7 @@ _VERSIONED = re.compile(r"^(?P<base>.*?)/(?P<version>v\d+(?:alpha|beta)?\d*)/?$"
 _MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY", "named": "ANY"}
 
 
-class GeminiBackend(RemoteBackend):
+class GeminiBackend(GeminiMediaMixin, RemoteBackend):  # images: gemini_media.py
     kind = "gemini"
     source_types = (GeminiSource,)
 

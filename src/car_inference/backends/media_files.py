@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import mimetypes
 import os
 import secrets
 import tempfile
@@ -18,7 +19,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from ..errors import InferenceFailed, InvalidInput
+from ..errors import InferenceFailed, InvalidInput, UnsupportedMode
+from ..schema import ModelSchema
 
 __all__ = [
     "IMAGE_MEDIA_TYPES",
@@ -26,6 +28,8 @@ __all__ = [
     "encode_video",
     "image_bytes",
     "output_path",
+    "read_upload",
+    "refuse_unset",
     "variant_path",
     "write_atomic",
 ]
@@ -102,3 +106,20 @@ def encode_video(frames: Sequence[Any], fps: int, fmt: str) -> bytes:
     except (OSError, ValueError) as exc:  # PyAV's errors derive from both
         raise InferenceFailed(f"cannot encode the video as {fmt}: {exc}") from exc
     return buffer.getvalue()
+
+
+def refuse_unset(kind: str, model: ModelSchema, request: Any, fields: tuple[str, ...], api: str) -> None:
+    """A value the caller set that the API has no field for is refused, not dropped."""
+    for field in fields:
+        if getattr(request, field, None) is not None:
+            raise UnsupportedMode(field, kind, f"{model.id} ({api}) takes no {field.replace('_', ' ')}")
+
+
+def read_upload(path: str) -> tuple[str, bytes, str]:
+    """A file to send: its name, bytes and media type (``InvalidInput`` when it cannot be read)."""
+    file = Path(path).expanduser()
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {file}: {exc.strerror or exc}") from None
+    return file.name, data, mimetypes.guess_type(file.name)[0] or "application/octet-stream"

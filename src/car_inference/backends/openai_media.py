@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import mimetypes
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInput, ProviderError, UnsupportedMode
@@ -35,7 +33,15 @@ from ..requests import (
     VideoMode,
 )
 from ..schema import ModelSchema
-from .media_files import IMAGE_MEDIA_TYPES, VIDEO_MEDIA_TYPES, output_path, variant_path, write_atomic
+from .media_files import (
+    IMAGE_MEDIA_TYPES,
+    VIDEO_MEDIA_TYPES,
+    output_path,
+    read_upload,
+    refuse_unset,
+    variant_path,
+    write_atomic,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -71,7 +77,7 @@ class OpenAIMediaMixin:
     async def generate_image(
         self, model: ModelSchema, request: GenerateImageRequest, progress: Progress | None = None
     ) -> GenerateImageResult:
-        _refuse(self.kind, model, request, _IMAGE_EXTRAS, "OpenAI Images")
+        refuse_unset(self.kind, model, request, _IMAGE_EXTRAS, "OpenAI Images")
         if request.mask_path and not request.image_paths:
             raise InvalidInput("a mask needs an image to edit (image_paths)")
         target = output_path(request.output_path, request.format, "car-image-")
@@ -82,8 +88,8 @@ class OpenAIMediaMixin:
             options["size"] = f"{request.width}x{request.height}"
         if request.format != "png":
             options["output_format"] = request.format
-        files = [_upload(p) for p in request.image_paths]
-        mask = _upload(request.mask_path) if request.mask_path else None
+        files = [read_upload(p) for p in request.image_paths]
+        mask = read_upload(request.mask_path) if request.mask_path else None
 
         async def call(client: Any, endpoint: Endpoint) -> Any:
             if not files:
@@ -150,7 +156,7 @@ class OpenAIMediaMixin:
     async def generate_video(
         self, model: ModelSchema, request: GenerateVideoRequest, progress: Progress | None = None
     ) -> GenerateVideoResult:
-        _refuse(self.kind, model, request, _VIDEO_EXTRAS, "the Videos API")
+        refuse_unset(self.kind, model, request, _VIDEO_EXTRAS, "the Videos API")
         if "fps" in request.model_fields_set:
             raise UnsupportedMode("fps", self.kind, f"{model.id} (the Videos API) picks its own frame rate")
         if request.mode is VideoMode.AUDIO_TO_VIDEO:
@@ -164,7 +170,7 @@ class OpenAIMediaMixin:
         if {"width", "height"} & request.model_fields_set:
             options["size"] = f"{request.width}x{request.height}"
         if request.image_path:
-            options["input_reference"] = _upload(request.image_path)
+            options["input_reference"] = read_upload(request.image_path)
         owner: list[tuple[Any, Endpoint]] = []
 
         async def create(client: Any, endpoint: Endpoint) -> Any:
@@ -230,23 +236,6 @@ class OpenAIMediaMixin:
             if error is None:
                 raise
             raise error from None
-
-
-def _refuse(kind: str, model: ModelSchema, request: Any, fields: tuple[str, ...], api: str) -> None:
-    """A value the caller set that the API has no field for is refused, not dropped."""
-    for field in fields:
-        if getattr(request, field, None) is not None:
-            raise UnsupportedMode(field, kind, f"{model.id} ({api}) takes no {field.replace('_', ' ')}")
-
-
-def _upload(path: str) -> tuple[str, bytes, str]:
-    """A file for a multipart upload: name, bytes and media type."""
-    file = Path(path).expanduser()
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {file}: {exc.strerror or exc}") from None
-    return file.name, data, mimetypes.guess_type(file.name)[0] or "application/octet-stream"
 
 
 def _size_of(size: Any) -> tuple[int | None, int | None]:
