@@ -177,3 +177,21 @@ def test_the_table_of_runtimes() -> None:
     assert set(runtime_specs(None)) == {"llamacpp", "vllm", "ollama"}
     assert is_managed(managed_smollm2()) and is_managed(_vllm_model())
     assert not is_managed(_vllm_model(managed=False))
+
+
+def test_vllm_is_asked_its_version_once_per_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = tmp_path / "calls"
+    binary = tmp_path / "bin" / "vllm"
+    binary.parent.mkdir()
+
+    def write(version: str) -> None:
+        binary.write_text(f"#!{sys.executable}\nopen({str(calls)!r}, 'a').write('x')\nprint({version!r})\n")
+        binary.chmod(0o755)
+
+    write("0.9.0")
+    monkeypatch.setenv("PATH", str(binary.parent))
+    spec = VllmSpec(tmp_path)
+    assert spec.command() == [str(binary), "serve"] and spec.version() == "0.9.0" and spec.locate(tmp_path)
+    assert calls.read_text() == "x", "vLLM imports torch to answer: one call is enough"
+    write("0.12.1 ")  # a new install (another size) is asked again
+    assert spec.version() == "0.12.1" and calls.read_text() == "xx"

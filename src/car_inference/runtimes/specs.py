@@ -14,6 +14,7 @@ model is the table ``RUNTIME_FOR_KIND`` keyed by source kind.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -311,11 +312,19 @@ def run_step(argv: list[str], runtime: str, log: Path | None = None) -> None:
 
 
 def binary_version(binary: Path) -> tuple[int, int, int] | None:
-    """``vllm --version``, parsed; None when it does not run or prints no version."""
+    """``vllm --version``, parsed; None when it does not run or prints no version. Asked once per
+    file version: vLLM imports torch to answer, which takes seconds."""
     try:
-        done = subprocess.run(
-            [str(binary), "--version"], capture_output=True, text=True, timeout=120, check=False
-        )
+        stat = binary.stat()
+    except OSError:
+        return None
+    return _version_of(str(binary), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _version_of(binary: str, mtime_ns: int, size: int) -> tuple[int, int, int] | None:
+    try:
+        done = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if done.returncode != 0:
