@@ -148,3 +148,16 @@ def test_available_means_a_backend_implements_the_task() -> None:
     implemented["openai"] |= {ModelCapability.IMAGE_GENERATION}
     registry.refresh_availability()
     assert registry.get("openai/gpt-image-2").available  # type: ignore[union-attr]
+
+
+def test_a_models_toml_entry_gives_a_builtin_model_its_fallbacks(tmp_path: Path) -> None:
+    from car_inference.catalog import load_catalog
+
+    path = tmp_path / "models.toml"
+    path.write_text('[[models]]\nid = "openai/gpt-4o-mini"\nfallbacks = ["claude-haiku-5-5", "smollm2"]\n')
+    registry = UnifiedRegistry(load_catalog(path).models)
+    model = registry.get("openai/gpt-4o-mini")
+    builtin = next(m for m in load_builtin().models if m.id == "openai/gpt-4o-mini")
+    assert model is not None and model.fallbacks == ["claude-haiku-5-5", "smollm2"]
+    assert model.capabilities == builtin.capabilities and model.source == builtin.source, "merged over"
+    assert builtin.fallbacks == [], "the catalog configures none"
