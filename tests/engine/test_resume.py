@@ -123,6 +123,17 @@ async def test_a_stream_cut_in_a_tool_call_ends_with_a_clear_error(
     assert len(routes(events)) == 1 and len(fake.requests) == 1, "half a call is never handed on"
 
 
+async def test_a_json_answer_cut_mid_way_is_not_handed_on(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(TWO)
+    fake.queue(Fault.cut_stream(after_chunks=2, reply=Reply(text='{"capital": "Paris"}')))
+    events = [e async for e in engine.stream(req(response_format={"type": "json_object"}))]
+    error = events[-1]
+    assert isinstance(error, ErrorEvent) and "a JSON answer" in error.message
+    assert len(fake.requests) == 1
+
+
 async def test_a_cut_before_any_output_reruns_the_request_unchanged(
     remote_engine: RemoteEngine, fake: FakeProviderServer
 ) -> None:

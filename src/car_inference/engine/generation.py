@@ -346,8 +346,11 @@ class GenerationMixin:
             if outcome.error is None:
                 return
             attempts.append((model.id, outcome.error))
-            if sent.tool_call:
-                message = f"the stream broke in a tool call, which no other model can finish: {outcome.error}"
+            unfinishable = sent.unfinishable(request)
+            if unfinishable:
+                message = (
+                    f"the stream broke in {unfinishable}, which no other model can finish: {outcome.error}"
+                )
                 yield ErrorEvent(message=message, retryable=_retryable(outcome.error))
                 return
         error = _final_error(attempts)

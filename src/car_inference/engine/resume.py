@@ -10,8 +10,9 @@ wire protocol takes:
   asking to continue it exactly where it stopped;
 - a raw prompt (text completion, no chat template): the prompt followed by the text so far.
 
-A stream that broke inside a tool call is never resumed: half a call's arguments cannot be handed to
-another model, so it ends with an error instead.
+A stream that broke inside a tool call, or in a JSON answer (JSON mode makes a model begin a new
+object), is never resumed: what went out cannot be finished by another model, so it ends with an
+error instead.
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ class Sent:
     @property
     def prefix(self) -> str:
         return "".join(self.text)
+
+    def unfinishable(self, request: GenerateRequest) -> str | None:
+        """What went out that no other model can finish, if anything: half a tool call's
+        arguments, or part of a JSON answer (JSON mode makes the next model start a new object)."""
+        if self.tool_call:
+            return "a tool call"
+        fmt = request.response_format
+        if self.text and fmt is not None and fmt.type != "text":
+            return "a JSON answer"
+        return None
 
 
 def continuation(request: GenerateRequest, prefix: str, *, prefill: bool) -> GenerateRequest:
