@@ -128,6 +128,11 @@ class SecretStore:
             return False
         return True
 
+    def ensure_available(self) -> None:
+        """``SecretStoreUnavailable`` saying why (and what to install) when the keyring cannot
+        be used."""
+        self._keyring()
+
     def put(self, name: str, value: str) -> None:
         check_name(name)
         value = value.strip()

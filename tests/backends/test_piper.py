@@ -45,7 +45,8 @@ def test_the_voice_config_sits_beside_the_onnx_file(model: ModelSchema) -> None:
 
 
 async def test_writes_a_valid_wav(backend: PiperBackend, model: ModelSchema, tmp_path: Path) -> None:
-    target = tmp_path / "out" / "fox.wav"  # the folder is created
+    target = tmp_path / "out" / "fox.wav"
+    target.parent.mkdir()
     result = await backend.synthesize(model, SynthesizeRequest(text=FOX, output_path=str(target)))
     assert result.audio_path == str(target) and result.media_type == "audio/wav"
     assert result.model_used == JOE and result.voice_used == "en_US-joe-medium"
@@ -116,8 +117,21 @@ async def test_an_unwritable_output_path_is_an_error(
 ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(InferenceFailed, match=r"cannot write audio to .*a-file/x\.wav"):
+    with pytest.raises(InvalidInput, match=r"cannot write .*a-file/x\.wav: .*a-file is not a folder"):
         await backend.synthesize(model, SynthesizeRequest(text="Hi.", output_path=str(blocker / "x.wav")))
+    # A folder that does not exist is not made: a typo in a path must not create folders.
+    missing = tmp_path / "no" / "such" / "x.wav"
+    with pytest.raises(InvalidInput, match=r"cannot write .*x\.wav: .*such does not exist"):
+        await backend.synthesize(model, SynthesizeRequest(text="Hi.", output_path=str(missing)))
+    assert not (tmp_path / "no").exists()
+    with pytest.raises(InvalidInput, match="it is a folder"):
+        await backend.synthesize(model, SynthesizeRequest(text="Hi.", output_path=str(tmp_path)))
+    # The file system's own refusal is still a failure to write.
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root writes anywhere
+        with pytest.raises(InferenceFailed, match="cannot write audio to"):
+            await backend.synthesize(model, SynthesizeRequest(text="Hi.", output_path=str(locked / "x.wav")))
 
 
 async def test_voices_and_unsupported_controls(
@@ -125,12 +139,13 @@ async def test_voices_and_unsupported_controls(
 ) -> None:
     out = str(tmp_path / "v.wav")
     own = await backend.synthesize(model, SynthesizeRequest(text="Hi.", voice="joe", output_path=out))
-    # An OpenAI client's voice name falls back to the voice's own, unless the request is strict.
-    alloy = await backend.synthesize(model, SynthesizeRequest(text="Hi.", voice="alloy", output_path=out))
-    assert own.voice_used == alloy.voice_used == "en_US-joe-medium"
+    assert own.voice_used == "en_US-joe-medium"
+    # A voice the model does not have is an error listing its voices, strict or not: never
+    # silently another voice (an OpenAI client's "alloy" included).
+    for voice in ("alloy", "nosuch"):
+        with pytest.raises(InvalidInput, match=rf"has no voice '{voice}'; its voices: en_US-joe-medium"):
+            await backend.synthesize(model, SynthesizeRequest(text="Hi.", voice=voice, output_path=out))
     strict = {"text": "Hi.", "output_path": out, "strict_capabilities": True}
-    with pytest.raises(InvalidInput, match="has no voice 'alloy'"):
-        await backend.synthesize(model, SynthesizeRequest(**strict, voice="alloy"))
     with pytest.raises(InvalidInput, match="does not support voice_instruction"):
         await backend.synthesize(model, SynthesizeRequest(**strict, voice_instruction="whisper it"))
     with pytest.raises(InvalidInput, match="speaks en-us, not fr"):
@@ -140,3 +155,13 @@ async def test_voices_and_unsupported_controls(
         model, SynthesizeRequest(text="Hi.", output_path=out, voice_instruction="whisper it", language="fr")
     )
     assert loose.audio_path == out
+
+
+async def test_voice_names_mapped_in_config(model: ModelSchema, tmp_path: Path) -> None:
+    config = CarConfig(home=tmp_path, speech={"voices": {"alloy": "en_US-joe-medium", "echo": "nobody"}})
+    mapped = PiperBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
+    out = str(tmp_path / "v.wav")
+    alloy = await mapped.synthesize(model, SynthesizeRequest(text="Hi.", voice="alloy", output_path=out))
+    assert alloy.voice_used == "en_US-joe-medium"
+    with pytest.raises(InvalidInput, match=r"no voice 'echo' \(mapped to 'nobody' by \[speech\] voices\)"):
+        await mapped.synthesize(model, SynthesizeRequest(text="Hi.", voice="echo", output_path=out))

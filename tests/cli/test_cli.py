@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from car_inference.cli import app
+from car_inference.cli.common import money
+from fakes import FakeProviderServer
 
 runner = CliRunner()
 
@@ -122,3 +131,155 @@ def test_tokenize_and_detokenize() -> None:
     assert code == 0 and out.strip() == "Hello world"
     code, _, err = car("tokenize", "openai/gpt-6-luna", "hi")
     assert code == 1 and "tokenize/detokenize" in err and "remote" in err
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer() as server:
+        yield server
+
+
+def test_generate_on_an_ad_hoc_openai_compatible_server(
+    fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.reset()
+    url = fake.openai_base_url
+    code, out, err = car("generate", "--base-url", url, "--model", "Qwen/Qwen3-8B", "Hello", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["text"] == "echo: Hello" and result["model_used"] == "endpoint/Qwen/Qwen3-8B"
+    assert fake.requests[-1].json["model"] == "Qwen/Qwen3-8B"
+
+    monkeypatch.setenv("PROXY_KEY", "sk-proxy-test-key-0001")
+    args = (
+        "generate",
+        "--base-url",
+        url,
+        "--api-key-env",
+        "PROXY_KEY",
+        "-m",
+        "gpt-x",
+        "Hello",
+        "--no-stream",
+    )
+    code, out, err = car(*args)
+    assert code == 0 and out.strip() == "echo: Hello", err
+    assert fake.requests[-1].api_key == "sk-proxy-test-key-0001"
+    monkeypatch.delenv("PROXY_KEY")
+    code, _, err = car(*args)
+    assert code != 0 and "PROXY_KEY" in err and len(err.strip().splitlines()) == 1
+
+    code, _, err = car("generate", "--base-url", url, "hi")
+    assert code == 2 and "--base-url needs --model" in err
+    code, _, err = car("generate", "--api-key-env", "PROXY_KEY", "hi")
+    assert code == 2 and "--api-key-env goes with --base-url" in err
+    code, _, err = car("generate", "--base-url", "127.0.0.1:8000/v1", "-m", "x", "hi")
+    assert code == 2 and "must be an http:// or https:// URL" in err
+
+
+def test_models_pull_json() -> None:
+    code, out, err = car("models", "pull", "smollm2", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["model"] == "huggingface/smollm2-135m-instruct:q4_1" and data["available"] is True
+    assert Path(data["path"]).is_file()
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def test_config_show_prints_toml(isolated_home: Path) -> None:
+    (isolated_home / "config.toml").write_text(
+        '[server]\napi_keys = ["secret-server-key-12345"]\n'
+        "[spend]\ndaily_usd = 0.0001\n[spend.providers.openai]\nmonthly_usd = 1.5\n"
+        '[keys]\nOPENAI_API_KEY = ["sk-secret-openai-98765"]\n'
+    )
+    code, out, _ = car("config", "show")
+    assert code == 0 and "None" not in out
+    assert "secret-server-key-12345" not in out and "sk-secret-openai-98765" not in out
+    code, as_json, _ = car("config", "show", "--json")
+    expected = json.loads(as_json)
+    del expected["home"]
+    assert tomllib.loads(out) == _without_none(expected)  # the same settings, as TOML
+    assert "[preferred]\n# generate = (not set)\n" in out  # unset settings are comments, not None
+
+
+class _Output:
+    """A child's stdout read as it comes (a prompt has no newline), to wait for text in it."""
+
+    def __init__(self, stream: Any) -> None:
+        self.text = ""
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: Any) -> None:
+        while chunk := stream.read1(4096):
+            with self._lock:
+                self.text += chunk.decode("utf-8", "replace")
+
+    def wait_for(self, pattern: str, after: int = 0, timeout_s: float = 60) -> int:
+        """The end of the first match of ``pattern`` past ``after``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                match = re.compile(pattern, re.S).search(self.text, after)
+            if match:
+                return match.end()
+            time.sleep(0.02)
+        raise AssertionError(f"no {pattern!r} in {self.text[after:]!r}")
+
+
+def test_chat_ctrl_c_stops_the_answer_then_quits(isolated_home: Path) -> None:
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "car_inference", "chat", "-m", "smollm2", "-n", "4000", "-t", "0.8"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        out = _Output(chat.stdout)
+        at = out.wait_for("you> ")
+        assert chat.stdin is not None
+        chat.stdin.write(b"Write a very long story about a dragon, in ten chapters.\n")
+        chat.stdin.flush()
+        at = out.wait_for(r"car> \S.{30}", at)  # the answer is coming
+        chat.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        at = out.wait_for("you> ", at, timeout_s=5)  # the answer stopped; the chat goes on
+        assert chat.poll() is None and time.monotonic() - started < 3
+        chat.send_signal(signal.SIGINT)  # at the prompt: leave at once, without Enter
+        assert chat.wait(timeout=5) == 130
+    finally:
+        chat.kill()
+        _, err = chat.communicate()
+    assert b"[stopped]" in err and b"Traceback" not in err
+
+
+def test_rerank_on_a_model_that_cannot_names_rerank() -> None:
+    code, _, err = car("rerank", "capital of France", "Paris.", "Bananas.", "-m", "smollm2")
+    assert code == 1 and "does not declare rerank" in err and "embed" not in err
+
+
+def test_detokenize_unknown_ids_is_a_usage_error() -> None:
+    code, _, err = car("detokenize", "smollm2", "99999999")
+    assert code == 2 and "out of range" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_id_of_the_wrong_type_says_so(isolated_home: Path) -> None:
+    (isolated_home / "models.toml").write_text('[[models]]\nid = 3\nname = "x"\n')
+    code, _, err = car("models", "list")
+    assert code == 2 and "models.toml:1" in err
+    assert '`id` must be a string like "me/my-model", not 3' in err and "needs an" not in err
+
+
+def test_spend_limits_under_a_cent_keep_their_digits(isolated_home: Path) -> None:
+    (isolated_home / "config.toml").write_text("[spend]\ndaily_usd = 0.0001\nmonthly_usd = 12.5\n")
+    code, out, _ = car("spend")
+    daily = next(line for line in out.splitlines() if "daily" in line)
+    assert code == 0 and daily.count("$0.0001") == 2 and "$12.50" in out  # limit and remaining
+    assert [money(v) for v in (0, 0.0001, 0.00345, 0.5, 1234.5, 0.015)] == [
+        "$0.00", "$0.0001", "$0.00345", "$0.50", "$1,234.50", "$0.015",
+    ]  # fmt: skip

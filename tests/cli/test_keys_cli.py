@@ -86,3 +86,13 @@ def test_keys_stats_without_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     assert code == 0 and "no API keys found" in out
     code, out, _ = car("keys", "stats", "--json")
     assert json.loads(out) == {}
+
+
+def test_secrets_list_without_a_keyring_says_so() -> None:
+    previous = keyring.get_keyring()
+    keyring.set_keyring(fail.Keyring())
+    try:
+        code, out, err = car("secrets", "list")
+    finally:
+        keyring.set_keyring(previous)
+    assert code == 1 and out == "" and "keyring backend" in err and len(err.strip().splitlines()) == 1

@@ -63,3 +63,17 @@ def test_errors_are_one_line_with_the_right_exit_status(tmp_path: Path) -> None:
     assert code == 2 and "--format must be one of wav, mp3, flac, pcm" in err
     code, _, err = car("transcribe", str(tmp_path / "missing.wav"), "--model", "no-such-whisper")
     assert code == 2 and "model not found: no-such-whisper" in err
+
+
+def test_an_unknown_voice_is_a_usage_error_listing_the_voices(tmp_path: Path) -> None:
+    code, _, err = car("speak", "hi", "--voice", "nosuch", "-o", str(tmp_path / "x.wav"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "has no voice 'nosuch'; its voices: en_US-joe-medium" in err
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_the_output_folder_must_exist(tmp_path: Path) -> None:
+    target = tmp_path / "nonexistent" / "dir" / "x.wav"
+    code, _, err = car("speak", "hi", "-o", str(target))
+    assert code == 2 and f"cannot write {target}: {target.parent} does not exist" in err
+    assert not (tmp_path / "nonexistent").exists()

@@ -197,11 +197,13 @@ class LlamaCppBackend:
     def count_prompt_tokens(self, model: ModelSchema, request: GenerateRequest) -> int:
         """The prompt tokens of ``request`` before any truncation: what routing compares with the
         window. Blocking (tokenizing); read-only on the vocabulary, so no model lock is taken."""
-        return len(self._render_tokens(self._vocab(model), request))
+        return len(self._render_tokens(self._vocab(model), request, _default_system(model)))
 
     # --- generation --------------------------------------------------------------------------
 
-    def _render_tokens(self, loaded: LoadedGguf, request: GenerateRequest) -> list[int]:
+    def _render_tokens(self, loaded: LoadedGguf, request: GenerateRequest, system: str | None) -> list[int]:
+        """The prompt's tokens; ``system`` (the catalog's default system prompt) when the request
+        brings no system text of its own."""
         params = request.params
         if params.raw_prompt:
             tokens = loaded.tokenize(request.prompt, special=True, add_bos=loaded.add_bos)
@@ -209,9 +211,12 @@ class LlamaCppBackend:
             tools = request.tools
             if tools and (not loaded.template or "tools" not in loaded.template):
                 raise UnsupportedMode("tool-use", "gguf", "this model's chat template has no tool support")
+            messages = chat_messages(request, "gguf")
+            if system and not any(m["role"] == "system" for m in messages):
+                messages.insert(0, {"role": "system", "content": system})
             text = render_chat(
                 loaded.template,
-                chat_messages(request, "gguf"),
+                messages,
                 bos_token=loaded.bos,
                 eos_token=loaded.eos,
                 tools=tools,
@@ -221,9 +226,11 @@ class LlamaCppBackend:
             tokens = loaded.tokenize(text, special=True, add_bos=add_bos)
         return tokens
 
-    def _prompt_tokens(self, loaded: LoadedGguf, request: GenerateRequest) -> tuple[list[int], bool]:
+    def _prompt_tokens(
+        self, loaded: LoadedGguf, request: GenerateRequest, system: str | None
+    ) -> tuple[list[int], bool]:
         params = request.params
-        tokens = self._render_tokens(loaded, request)
+        tokens = self._render_tokens(loaded, request, system)
         # Keep the tail of an over-long prompt, leaving min(max_tokens, ctx/4) for the answer.
         headroom = min(params.max_tokens, loaded.n_ctx // 4)
         max_prompt = loaded.n_ctx - headroom
@@ -249,7 +256,7 @@ class LlamaCppBackend:
         with entry.lock:
             loaded: LoadedGguf = entry.instance
             llm = loaded.llm
-            tokens, truncated = self._prompt_tokens(loaded, request)
+            tokens, truncated = self._prompt_tokens(loaded, request, _default_system(model))
             max_tokens = min(params.max_tokens, loaded.n_ctx - len(tokens))
             llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
             if params.temperature == 0 or params.seed is not None:
@@ -441,6 +448,10 @@ class LlamaCppBackend:
             m = float(logits.max())
             total += float(logits[token]) - m - math.log(float((_exp(logits - m)).sum()))
         return total
+
+
+def _default_system(model: ModelSchema) -> str | None:
+    return model.source.system_prompt if isinstance(model.source, GgufSource) else None
 
 
 def _exp(x: Any) -> Any:

@@ -10,6 +10,7 @@ ever reads half a file.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -69,13 +70,15 @@ class PiperBackend:
             hint = "encoding needs PyAV: pip install 'car-inference[speech]'"
             raise UnsupportedMode(f"synthesize format {fmt}", "piper", hint)
         _check_unsupported_controls(model, request)
+        target = _output_path(request.output_path, fmt)
+        voice_names = self.ctx.config.speech.voices
 
         def work() -> SynthesizeResult:
             from piper import SynthesisConfig
 
             entry = self._entry(model)
             voice = entry.instance
-            speaker_id, voice_used = _speaker(model, voice.config, request)
+            speaker_id, voice_used = _speaker(model, voice.config, request.voice, voice_names)
             _check_language(model, voice.config, request)
             config = SynthesisConfig(
                 speaker_id=speaker_id,
@@ -89,7 +92,6 @@ class PiperBackend:
                     raise InferenceFailed(f"{model.id} could not synthesize the text: {exc}") from exc
             if not pcm:
                 raise InvalidInput(f"{model.id}: the text has nothing to pronounce: {text[:60]!r}")
-            target = _output_path(request.output_path, fmt)
             write_audio(target, pcm, voice.config.sample_rate, fmt)
             return SynthesizeResult(
                 audio_path=str(target),
@@ -117,27 +119,36 @@ def voice_file(model: ModelSchema) -> Path:
     return candidates[0]
 
 
-def _speaker(model: ModelSchema, config: Any, request: SynthesizeRequest) -> tuple[int | None, str]:
-    """Speaker id and name for ``request.voice``. A single-speaker voice answers to its own names;
-    another voice name (an OpenAI client's "alloy") is ignored unless ``strict_capabilities``."""
+def _speaker(
+    model: ModelSchema, config: Any, requested: str | None, voice_names: dict[str, str]
+) -> tuple[int | None, str]:
+    """Speaker id and name for the ``requested`` voice (None: the default). A name the voice does
+    not have is ``InvalidInput`` listing the ones it has, never silently another voice; other
+    names (an OpenAI client's "alloy") work when ``[speech] voices`` maps them to one of them."""
     speakers: dict[str, int] = dict(config.speaker_id_map or {})
     multi = config.num_speakers > 1 and bool(speakers)
-    wanted = request.voice
-    if wanted is not None:
-        if multi and wanted in speakers:
-            return speakers[wanted], wanted
-        if multi and wanted.isdigit() and int(wanted) < config.num_speakers:
-            return int(wanted), wanted
-        if not multi and wanted.lower() in _own_names(model):
+    if requested is None:
+        if not multi:
             return None, model.name
-        known = ", ".join(sorted(speakers)) if multi else model.name
-        if request.strict_capabilities:
-            raise InvalidInput(f"{model.id} has no voice {wanted!r}; its voices: {known}")
-        log.info("%s has no voice %r; using its default voice", model.id, wanted)
-    if not multi:
+        default = int(getattr(config, "default_speaker_id", 0))
+        return default, next((n for n, i in speakers.items() if i == default), str(default))
+    wanted = voice_names.get(requested, requested)
+    if multi and wanted in speakers:
+        return speakers[wanted], wanted
+    if multi and wanted.isdigit() and int(wanted) < config.num_speakers:
+        return int(wanted), wanted
+    if not multi and wanted.lower() in _own_names(model):
         return None, model.name
-    default = int(getattr(config, "default_speaker_id", 0))
-    return default, next((n for n, i in speakers.items() if i == default), str(default))
+    known = ", ".join(sorted(speakers)) if multi else model.name
+    mapped = f" (mapped to {wanted!r} by [speech] voices)" if wanted != requested else ""
+    raise InvalidInput(
+        f"{model.id} has no voice {requested!r}{mapped}; its voices: {known}. To accept another "
+        f'name, map it in config.toml: [speech] voices = {{ {_toml_key(requested)} = "{model.name}" }}'
+    )
+
+
+def _toml_key(name: str) -> str:
+    return name if name.replace("_", "").replace("-", "").isalnum() else json.dumps(name)
 
 
 def _check_language(model: ModelSchema, config: Any, request: SynthesizeRequest) -> None:
@@ -178,8 +189,16 @@ def _check_unsupported_controls(model: ModelSchema, request: SynthesizeRequest) 
 
 
 def _output_path(requested: str | None, fmt: str) -> Path:
+    """The file to write: the requested one, whose folder must exist (a typo in a path must not
+    silently create folders), else a new temporary file."""
     if requested:
-        return Path(requested).expanduser()
+        target = Path(requested).expanduser()
+        if not target.parent.is_dir():
+            why = "is not a folder" if target.parent.exists() else "does not exist"
+            raise InvalidInput(f"cannot write {target}: {target.parent} {why}")
+        if target.is_dir():
+            raise InvalidInput(f"cannot write {target}: it is a folder")
+        return target
     handle, name = tempfile.mkstemp(prefix="car-tts-", suffix=f".{fmt}")
     os.close(handle)
     return Path(name)
@@ -189,7 +208,6 @@ def write_audio(target: Path, pcm: bytes, sample_rate: int, fmt: str) -> None:
     """Write 16-bit mono ``pcm`` to ``target`` as ``fmt``, atomically (temp file + rename)."""
     temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         # os.open rather than mkstemp: the file gets the umask's permissions, not 0600.
         handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:

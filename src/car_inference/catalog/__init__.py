@@ -168,7 +168,9 @@ def load_catalog(user_file: Path | None) -> Catalog:
             model_id = data.get("id")
             if not isinstance(model_id, str):
                 raise ConfigError(
-                    "a model needs an `id`",
+                    "a model needs an `id`"
+                    if model_id is None
+                    else f'`id` must be a string like "me/my-model", not {model_id!r}',
                     path=str(user_file),
                     line=_entry_line(text, index),
                     field=f"models.{index}.id",

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import generate, keys, media, routing, serve, speech, tasks
+from . import generate, health, keys, media, routing, serve, speech, tasks
 from .models import config_app, models_app
 from .runtimes import runtimes_app
 
@@ -27,6 +27,7 @@ speech.register(app)
 media.register(app)
 keys.register(app)
 routing.register(app)
+health.register(app)
 serve.register(app)
 
 

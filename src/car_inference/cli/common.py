@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator
@@ -16,7 +17,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import ConfigError, InferenceError, InvalidInput, ModelNotFound
+from ..errors import ConfigError, InferenceError, InvalidInput, ModelNotFound, TokenizationError
 
 T = TypeVar("T")
 
@@ -41,8 +42,12 @@ def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     return typer.Exit(code)
 
 
+# Errors in what the user typed or configured; token ids a vocabulary does not have are one.
+_USAGE_ERRORS = (ModelNotFound, ConfigError, InvalidInput, TokenizationError)
+
+
 def _exit_code(exc: InferenceError) -> int:
-    return EXIT_USAGE if isinstance(exc, ModelNotFound | ConfigError | InvalidInput) else EXIT_FAILURE
+    return EXIT_USAGE if isinstance(exc, _USAGE_ERRORS) else EXIT_FAILURE
 
 
 def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
@@ -97,3 +102,15 @@ def spinner(message: str, enabled: bool = True) -> Iterator[None]:
 
 def split_csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def money(usd: float) -> str:
+    """Dollars with cents, and with the significant digits of an amount under a cent
+    (a $0.0001 limit is not "$0.00")."""
+    if usd == 0 or not math.isfinite(usd):
+        return f"${usd:.2f}"
+    decimals = min(10, max(2, 2 - math.floor(math.log10(abs(usd)))))
+    text = f"{usd:,.{decimals}f}"
+    whole, _, frac = text.partition(".")
+    frac = frac.rstrip("0").ljust(2, "0")
+    return f"${whole}.{frac}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 from typing import Annotated, Any
@@ -10,7 +11,7 @@ import typer
 
 from ..requests import GenerateParams, GenerateRequest, InferenceResult, Message, ThinkingMode
 from ..stream import Done, ErrorEvent, RouteEvent, TextDelta, ThinkingDelta, ToolCallStart
-from .common import engine, err, fail, handle_errors, out, print_json, run, spinner
+from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json, run, spinner
 
 ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="model id, name or alias (default: route)")
@@ -22,6 +23,17 @@ TemperatureOpt = Annotated[
 ]
 ThinkingOpt = Annotated[
     ThinkingMode, typer.Option("--thinking", help="reasoning mode for models that have one")
+]
+BaseUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base-url",
+        help="an OpenAI-compatible server (vLLM, Ollama /v1, LM Studio, a proxy); --model names its model",
+    ),
+]
+ApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option("--api-key-env", help="the variable holding the --base-url server's API key"),
 ]
 
 
@@ -36,9 +48,25 @@ def _params(
     return GenerateParams(**values)
 
 
-async def _stream_to_terminal(eng: Any, request: GenerateRequest, show_spinner: bool) -> Done | None:
+def _ad_hoc_model(eng: Any, base_url: str | None, api_key_env: str | None, model: str | None) -> str | None:
+    """``--base-url URL --model M``: M on that server, registered for this run only."""
+    if base_url is None:
+        if api_key_env is not None:
+            raise fail("--api-key-env goes with --base-url", EXIT_USAGE)
+        return model
+    if not base_url.startswith(("http://", "https://")):
+        raise fail(f"--base-url must be an http:// or https:// URL, not {base_url!r}", EXIT_USAGE)
+    if not model:
+        raise fail("--base-url needs --model: the model name the server serves", EXIT_USAGE)
+    return str(eng.register_endpoint(base_url, model, api_key_env=api_key_env).id)
+
+
+async def _stream_to_terminal(
+    eng: Any, request: GenerateRequest, show_spinner: bool, shown: list[str] | None = None
+) -> Done | None:
     """Print deltas as they arrive (thinking dimmed on stderr); return the final event. The
-    spinner runs until the first output, which covers loading the model."""
+    spinner runs until the first output, which covers loading the model. ``shown`` collects the
+    text printed so far (what an interrupted chat turn keeps)."""
     final: Done | None = None
     with contextlib.ExitStack() as waiting:
         waiting.enter_context(spinner("Loading model...", enabled=show_spinner))
@@ -49,6 +77,8 @@ async def _stream_to_terminal(eng: Any, request: GenerateRequest, show_spinner: 
             if isinstance(event, TextDelta):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+                if shown is not None:
+                    shown.append(event.text)
             elif isinstance(event, ThinkingDelta):
                 err.print(event.text, style="dim", end="")
             elif isinstance(event, ToolCallStart):
@@ -74,6 +104,8 @@ def register(app: typer.Typer) -> None:
     def generate(
         prompt: Annotated[str, typer.Argument(help="the prompt; '-' reads it from stdin")],
         model: ModelOpt = None,
+        base_url: BaseUrlOpt = None,
+        api_key_env: ApiKeyEnvOpt = None,
         system: SystemOpt = None,
         max_tokens: MaxTokensOpt = 512,
         temperature: TemperatureOpt = None,
@@ -92,13 +124,13 @@ def register(app: typer.Typer) -> None:
             prompt = sys.stdin.read()
         if not prompt.strip():
             raise fail("the prompt is empty", 2)
+        eng = engine()
         request = GenerateRequest(
             prompt=prompt,
-            model=model,
+            model=_ad_hoc_model(eng, base_url, api_key_env, model),
             context=system,
             params=_params(max_tokens, temperature, thinking, seed),
         )
-        eng = engine()
         if as_json:
             print_json(run(eng.generate(request)))
             return
@@ -118,36 +150,60 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def chat(
         model: ModelOpt = None,
+        base_url: BaseUrlOpt = None,
+        api_key_env: ApiKeyEnvOpt = None,
         system: SystemOpt = None,
         max_tokens: MaxTokensOpt = 512,
         temperature: TemperatureOpt = None,
         thinking: ThinkingOpt = ThinkingMode.AUTO,
     ) -> None:
-        """Talk with a model; history is kept. /exit (or Ctrl-D) leaves, /clear forgets."""
+        """Talk with a model; history is kept. /exit (or Ctrl-D, Ctrl-C at the prompt) leaves,
+        /clear forgets, Ctrl-C during an answer stops the answer."""
         eng = engine()
-        history: list[Message] = []
-        err.print("Type /exit to leave, /clear to start over.", style="dim")
+        model = _ad_hoc_model(eng, base_url, api_key_env, model)
         params = _params(max_tokens, temperature, thinking, None)
+        err.print("Type /exit to leave, /clear to start over.", style="dim")
+        # One loop for the whole chat (remote clients keep their connections), but the prompt is
+        # read outside it: a Ctrl-C at the prompt then interrupts input() at once, and one during
+        # an answer cancels only that answer (asyncio.Runner turns SIGINT into a cancellation).
+        with asyncio.Runner() as runner:
+            _chat_loop(runner, eng, model, system, params)
 
-        async def session() -> None:
-            while True:
-                try:
-                    line = input("you> ")
-                except EOFError:
-                    err.print()
-                    return
-                if line.strip() in ("/exit", "/quit"):
-                    return
-                if line.strip() == "/clear":
-                    history.clear()
-                    continue
-                if not line.strip():
-                    continue
-                history.append(Message(role="user", content=line))
-                request = GenerateRequest(messages=list(history), model=model, context=system, params=params)
-                sys.stdout.write("car> ")
-                final = await _stream_to_terminal(eng, request, show_spinner=not history[:-1])
-                if final is not None:
-                    history.append(Message(role="assistant", content=final.text, tool_calls=final.tool_calls))
 
-        run(session())
+def _chat_loop(
+    runner: asyncio.Runner, eng: Any, model: str | None, system: str | None, params: GenerateParams
+) -> None:
+    history: list[Message] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            err.print()
+            return
+        except KeyboardInterrupt:
+            err.print()
+            raise typer.Exit(130) from None
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/clear":
+            history.clear()
+            continue
+        if not line:
+            continue
+        history.append(Message(role="user", content=line))
+        request = GenerateRequest(messages=list(history), model=model, context=system, params=params)
+        sys.stdout.write("car> ")
+        shown: list[str] = []
+        try:
+            final = runner.run(_stream_to_terminal(eng, request, not history[:-1], shown))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            sys.stdout.write("\n")
+            err.print("[stopped]", style="dim", markup=False)
+            # The answer so far stays in the history (it is what the user saw); none, no turn.
+            if shown:
+                history.append(Message(role="assistant", content="".join(shown)))
+            else:
+                history.pop()
+            continue
+        if final is not None:
+            history.append(Message(role="assistant", content=final.text, tool_calls=final.tool_calls))

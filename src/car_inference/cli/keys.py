@@ -93,7 +93,9 @@ def put(name: NameArg) -> None:
 @handle_errors
 def list_secrets(as_json: JsonOpt = False) -> None:
     """Names of the keys stored with `car secrets put` (never their values)."""
-    names = SecretStore(load_config().home).names()
+    store = SecretStore(load_config().home)
+    store.ensure_available()  # without a keyring an empty list would say "nothing stored": not so
+    names = store.names()
     if as_json:
         print_json(names)
         return

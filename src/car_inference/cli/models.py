@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+import math
+import re
+import sys
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -92,13 +96,21 @@ def show_model(
 
 @models_app.command("pull")
 @handle_errors
-def pull_model(model: Annotated[str, typer.Argument(help="model id, name or alias")]) -> None:
+def pull_model(
+    model: Annotated[str, typer.Argument(help="model id, name or alias")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the model id and its local path as JSON")
+    ] = False,
+) -> None:
     """Download a model's files from Hugging Face (the only command that downloads weights)."""
     eng = engine()
     schema = eng.resolve(model)
     with spinner(f"Pulling {schema.id}..."):
         path = eng.pull(schema.id)
-    out.print(f"{schema.id}: {path}")
+    if as_json:
+        print_json({"model": schema.id, "path": str(path), "available": eng.resolve(schema.id).available})
+        return
+    out.print(f"{schema.id}: {path}", markup=False)
 
 
 @models_app.command("discover")
@@ -183,14 +195,51 @@ def show_config(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     if as_json:
         print_json(data)
         return
-    out.print(f"[bold]CAR_HOME[/] {config.home}  (config file: {config.paths.config_file}"
-              f"{'' if config.paths.config_file.exists() else ', not present'})")  # fmt: skip
-    for section, values in data.items():
-        if section == "home":
+    where = "" if config.paths.config_file.exists() else ", not present"
+    sys.stdout.write(f"# CAR_HOME {config.home} (config file: {config.paths.config_file}{where})\n")
+    sys.stdout.write(to_toml({k: v for k, v in data.items() if k != "home"}))
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def to_toml(data: dict[str, Any], table: tuple[str, ...] = ()) -> str:
+    """``data`` as TOML that ``tomllib`` reads back; a setting that is not set (None, which TOML
+    cannot spell) becomes a comment, so the output can be pasted into config.toml."""
+    lines: list[str] = []
+    subtables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    for key, value in data.items():
+        if key in subtables:
             continue
-        out.print(f"[bold]\\[{section}][/]")
-        if isinstance(values, dict):
-            for key, value in values.items():
-                out.print(f"  {key} = {value!r}")
+        if value is None:
+            lines.append(f"# {_key(key)} = (not set)")
         else:
-            out.print(f"  {values!r}")
+            lines.append(f"{_key(key)} = {_value(value)}")
+    text = ""
+    if table and (lines or not subtables):
+        text += f"[{'.'.join(_key(k) for k in table)}]\n"
+    text += "".join(line + "\n" for line in lines)
+    for key, value in subtables.items():
+        text += ("\n" if text else "") + to_toml(value, (*table, key))
+    return text
+
+
+def _key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else json.dumps(key)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value if v is not None) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items() if v is not None)
+        return "{" + inner + "}"
+    return json.dumps(str(value))

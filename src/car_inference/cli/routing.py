@@ -1,4 +1,4 @@
-"""`car route`, `car feedback`, `car spend`, `car profiles export|import`, `car health`."""
+"""`car route`, `car feedback`, `car spend`, `car profiles export|import` (`car health`: health.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..requests import GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
-from .common import engine, fail, handle_errors, out, print_json
+from .common import engine, fail, handle_errors, money, out, print_json
 
 profiles_app = typer.Typer(help="Export or import learned model profiles.", no_args_is_help=True)
 
@@ -119,31 +119,10 @@ def register(app: typer.Typer) -> None:
         for column in ("scope", "period", "spent", "limit", "remaining"):
             table.add_column(column)
         for row in status.entries:
-            limit = "-" if row.limit_usd is None else f"${row.limit_usd:.2f}"
-            remaining = "-" if row.remaining_usd is None else f"${row.remaining_usd:.4f}"
-            table.add_row(row.scope, row.period, f"${row.spent_usd:.4f}", limit, remaining)
+            limit = "-" if row.limit_usd is None else money(row.limit_usd)
+            remaining = "-" if row.remaining_usd is None else money(row.remaining_usd)
+            table.add_row(row.scope, row.period, money(row.spent_usd), limit, remaining)
         out.print(table)
-
-    @app.command()
-    @handle_errors
-    def health(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-        """What can run now, where typical requests go, breaker states and spend."""
-        report = engine().model_health()
-        if as_json:
-            print_json(report)
-            return
-        out.print(
-            f"{report.available_models}/{report.total_models} models available "
-            f"({report.local_models} local, {report.remote_models} remote)"
-        )
-        for d in report.defaults:
-            state = "[green]ok[/]" if d.available else "[red]unavailable[/]"
-            out.print(f"  default {d.capability}: {d.configured_model} {state}")
-        for s in report.routing_scenarios:
-            out.print(f"  {s.name}: {s.model_id or '-'} ({s.strategy or 'no candidate'})")
-        open_circuits = [m for m, b in report.circuit_breakers.items() if b.get("state") != "closed"]
-        if open_circuits:
-            out.print("  circuits not closed: " + ", ".join(open_circuits))
 
 
 @profiles_app.command("export")

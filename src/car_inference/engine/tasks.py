@@ -101,9 +101,10 @@ class TaskMixin:
         if not request.documents:
             return RerankResult(ranked=[], model_used=None, method="none")
         model = self._model_for(request.model, ModelCapability.RERANK, ModelCapability.EMBED)
-        capability = (
-            ModelCapability.RERANK if model.has_capability(ModelCapability.RERANK) else ModelCapability.EMBED
-        )
+        # A reranker reranks, an embedding model ranks by similarity; a model that is neither
+        # is told it cannot rerank (not that it cannot embed).
+        reranks, embeds = (model.has_capability(c) for c in (ModelCapability.RERANK, ModelCapability.EMBED))
+        capability = ModelCapability.EMBED if embeds and not reranks else ModelCapability.RERANK
         return await self._task_method(model, capability, "rerank")(model, request)
 
     async def classify(self, request: ClassifyRequest) -> Classification:

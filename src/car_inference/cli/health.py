@@ -1,0 +1,133 @@
+"""`car health`: what can run, where typical requests go, breakers and spend.
+
+Circuit breakers live in the process that serves the requests. When a `car serve` answers at the
+configured address (``server.host``/``server.port``, or ``--server``), its ``/v1/health`` report is
+shown, breakers included; otherwise this process's own view, which has seen no traffic. The output
+says which it is.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..config import CarConfig, load_config
+from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json
+
+# A server on this machine answers its health report in milliseconds; a port nobody listens on
+# is refused at once. The timeout only bounds a server that is stuck.
+_PROBE_TIMEOUT_S = 3.0
+# Addresses a server listens on that a client cannot connect to as such.
+_ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+
+
+def server_url(config: CarConfig) -> str:
+    """Where the configured `car serve` would answer."""
+    host = _ANY_ADDRESS.get(config.server.host, config.server.host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}"
+
+
+def fetch_server_report(url: str, api_key: str | None) -> tuple[dict[str, Any] | None, str]:
+    """The server's ``/v1/health`` report, or None and why there is none."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(url.rstrip("/") + "/v1/health", headers=headers, timeout=_PROBE_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        return None, f"no server answered at {url} ({type(exc).__name__})"
+    if response.status_code in (401, 403):
+        return None, f"the server at {url} refused the API key (server.api_keys / CAR_SERVER_API_KEYS)"
+    try:
+        report = response.json()
+    except ValueError:
+        report = None
+    if response.status_code != 200 or not isinstance(report, dict) or "circuit_breakers" not in report:
+        return None, f"{url} answered /v1/health with HTTP {response.status_code}, not a car serve report"
+    return report, f"the server at {url}"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    @handle_errors
+    def health(
+        server: Annotated[
+            str | None,
+            typer.Option("--server", help="ask this car serve (default: server.host:port from config)"),
+        ] = None,
+        local: Annotated[
+            bool, typer.Option("--local", help="this process's view, even when a server runs")
+        ] = False,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="the health report as JSON, with its `source`")
+        ] = False,
+    ) -> None:
+        """What can run now, where typical requests go, circuit breakers and spend.
+
+        Asks the running `car serve` when one answers (its breakers are the ones that matter),
+        else shows this process's view."""
+        if server is not None and local:
+            raise fail("--server and --local exclude each other", EXIT_USAGE)
+        if server is not None and not server.startswith(("http://", "https://")):
+            raise fail(f"--server must be an http:// or https:// URL, not {server!r}", EXIT_USAGE)
+        config = load_config()
+        url = server or server_url(config)
+        report: dict[str, Any] | None = None
+        why = "--local"
+        if not local:
+            report, why = fetch_server_report(
+                url, config.server.api_keys[0] if config.server.api_keys else None
+            )
+        if report is not None:
+            source = {"from": "server", "url": url}
+        elif server is not None:
+            raise fail(why)  # the server asked for by name must answer
+        else:
+            report = engine().model_health().model_dump(mode="json")
+            source = {"from": "local", "url": None, "why": why}
+        if as_json:
+            print_json({**report, "source": source})
+            return
+        _print_report(report, source)
+
+
+def _print_report(report: dict[str, Any], source: dict[str, Any]) -> None:
+    if source["from"] == "server":
+        out.print(f"[bold]from the server at {escape(source['url'])}[/]")
+    else:
+        out.print(f"[bold]local view[/] ({escape(source['why'])}; breakers are per process)")
+    out.print(
+        f"{report['available_models']}/{report['total_models']} models available "
+        f"({report['local_models']} local, {report['remote_models']} remote)"
+    )
+    for d in report["defaults"]:
+        state = "[green]ok[/]" if d["available"] else "[red]unavailable[/]"
+        out.print(f"  default {d['capability']}: {escape(d['configured_model'])} {state}")
+    for s in report["routing_scenarios"]:
+        out.print(f"  {s['name']}: {escape(s['model_id'] or '-')} ({s['strategy'] or 'no candidate'})")
+    _print_breakers(report.get("circuit_breakers") or {}, source["from"] == "server")
+
+
+def _print_breakers(breakers: dict[str, dict[str, Any]], from_server: bool) -> None:
+    if not breakers:
+        seen = "the server's models have" if from_server else "this process has"
+        out.print(f"circuit breakers: none yet ({seen} had no failures or traffic to count)")
+        return
+    table = Table(header_style="bold", title="circuit breakers")
+    for column in ("model", "state", "consecutive failures", "retry in"):
+        table.add_column(column)
+    for model_id, b in sorted(breakers.items()):
+        state = str(b.get("state", "?"))
+        style = {"open": "red", "half_open": "yellow"}.get(state, "green")
+        retry = b.get("retry_in_s")
+        table.add_row(
+            escape(model_id),
+            f"[{style}]{state}[/]",
+            str(b.get("consecutive_failures", 0)),
+            f"{retry:.0f} s" if isinstance(retry, int | float) else "-",
+        )
+    out.print(table)
+    if not any(b.get("state") != "closed" for b in breakers.values()):
+        err.print("all circuits closed", style="dim")

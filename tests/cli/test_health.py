@@ -1,0 +1,98 @@
+"""`car health`: the running server's breakers when one answers, else the local view, and it says which."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from car_inference.cli import app
+from car_inference.config import ServerSettings
+from car_inference.engine import InferenceEngine
+from car_inference.server import ServerThread, create_app
+from fakes import FakeProviderServer, Fault
+
+runner = CliRunner()
+KEY = "k-health-test-0001"
+MODEL = "fake/gpt-4o-mini"
+
+
+def car(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer() as server:
+        yield server
+
+
+@pytest.fixture
+def server(isolated_home: Path, fake: FakeProviderServer) -> Iterator[ServerThread]:
+    """A real server (with an API key) whose model fake/gpt-4o-mini has had its breaker opened by
+    three upstream 500s, and a config.toml that points `car health` at it."""
+    (isolated_home / "models.toml").write_text(
+        f'[[endpoints]]\nname = "fake"\nbase_url = "{fake.openai_base_url}"\nmodels = ["gpt-4o-mini"]\n'
+    )
+    engine = InferenceEngine(home=isolated_home)
+    thread = ServerThread(create_app(engine, ServerSettings(api_keys=[KEY]))).start()
+    try:
+        fake.queue(*[Fault.server_error() for _ in range(3)])
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        for _ in range(3):
+            reply = httpx.post(thread.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+            assert reply.status_code >= 500
+        (isolated_home / "config.toml").write_text(f'[server]\nport = {thread.port}\napi_keys = ["{KEY}"]\n')
+        yield thread
+    finally:
+        thread.stop()
+        engine.close()
+
+
+def test_shows_the_servers_breakers(server: ServerThread) -> None:
+    code, out, err = car("health")
+    assert code == 0, err
+    assert f"from the server at http://127.0.0.1:{server.port}" in out
+    row = next(line for line in out.splitlines() if MODEL in line)
+    assert "open" in row and "3" in row
+
+    code, out, _ = car("health", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["source"] == {"from": "server", "url": f"http://127.0.0.1:{server.port}"}
+    assert report["circuit_breakers"][MODEL]["state"] == "open"
+    assert report["routing_scenarios"]
+
+    code, out, _ = car("health", "--server", server.url, "--json")
+    assert code == 0 and json.loads(out)["circuit_breakers"][MODEL]["state"] == "open"
+
+
+def test_local_view_says_so(server: ServerThread, isolated_home: Path) -> None:
+    code, out, _ = car("health", "--local")
+    assert code == 0 and out.startswith("local view (--local; breakers are per process)")
+    assert "circuit breakers: none yet" in out
+
+    # A key the server refuses: the local view, and why.
+    (isolated_home / "config.toml").write_text(f'[server]\nport = {server.port}\napi_keys = ["wrong"]\n')
+    code, out, _ = car("health", "--json")
+    source = json.loads(out)["source"]
+    assert code == 0 and source["from"] == "local" and "refused the API key" in source["why"]
+
+
+def test_without_a_server(isolated_home: Path) -> None:
+    with ServerThread(create_app(InferenceEngine(home=isolated_home))) as thread:
+        port = thread.port  # a port that was served and is free again once the server stops
+    (isolated_home / "config.toml").write_text(f"[server]\nport = {port}\n")
+    code, out, _ = car("health")
+    assert code == 0 and out.startswith(f"local view (no server answered at http://127.0.0.1:{port}")
+    assert "default generate" in out
+    # A server named with --server must answer.
+    code, _, err = car("health", "--server", f"http://127.0.0.1:{port}")
+    assert code == 1 and "no server answered" in err
+    code, _, err = car("health", "--server", "localhost:1", "--local")
+    assert code == 2 and "exclude each other" in err
