@@ -195,6 +195,8 @@ class SpeechSettings(_Section):
     preferred_local_tts: str | None = None
     preferred_remote_stt: str | None = None
     preferred_remote_tts: str | None = None
+    # Other clients' voice names (OpenAI's "alloy") for a local voice; unmapped unknown names are errors.
+    voices: dict[str, str] = Field(default_factory=dict, description='e.g. alloy = "en_US-joe-medium"')
 
 
 class CarConfig(BaseModel):
