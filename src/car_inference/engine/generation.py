@@ -326,16 +326,20 @@ class GenerationMixin:
         id, model, latency, usage and the whole text. When a model fails the next candidate takes
         over, announced by another ``RouteEvent`` (strategy "fallback"); after text went out it
         continues from that text (``RouteEvent.continues_from``), so the answer still completes.
-        A failure with no candidate left, or in the middle of a tool call, ends the stream with an
-        ``ErrorEvent``; a consumer that stops reading stops the generation."""
+        A failure with no candidate left, or in a tool call or JSON answer (no other model can
+        finish those), ends the stream with an ``ErrorEvent``; a consumer that stops reading stops
+        the generation."""
         start = time.perf_counter()
         decision = await self._route_off_loop(request)
         request = self._with_decision(request, decision)
         attempts: list[tuple[str, InferenceError]] = []
         sent = Sent(start=start)
+        broke = ""  # the last model whose stream broke (candidates skipped at the gates never ran)
         for index, model, backend, attempt in self._attempts(decision, request, attempts):
             if sent.text:
-                attempt.reason += f"; resumes after {len(sent.prefix)} characters from {attempts[-1][0]}"
+                attempt.reason += (
+                    f"; resumes after {len(sent.prefix)} characters, the stream broken on {broke}"
+                )
             outcome = _Outcome()
             run = self._stream_attempt(
                 model, backend, attempt, self._routing(decision, index, attempts), request, sent, outcome
@@ -346,6 +350,7 @@ class GenerationMixin:
             if outcome.error is None:
                 return
             attempts.append((model.id, outcome.error))
+            broke = model.id
             unfinishable = sent.unfinishable(request)
             if unfinishable:
                 message = (
@@ -404,7 +409,6 @@ class GenerationMixin:
             outcome.error = exc
         except (GeneratorExit, asyncio.CancelledError):
             if not finished:  # a consumer that stops after Done has its answer
-                outcome.error = None
                 self._abandoned(attempt)
             raise
         else:
