@@ -283,3 +283,10 @@ def test_spend_limits_under_a_cent_keep_their_digits(isolated_home: Path) -> Non
     assert [money(v) for v in (0, 0.0001, 0.00345, 0.5, 1234.5, 0.015)] == [
         "$0.00", "$0.0001", "$0.00345", "$0.50", "$1,234.50", "$0.015",
     ]  # fmt: skip
+
+
+def test_route_with_a_long_prompt_prints_no_llama_cpp_warning() -> None:
+    # Counted exactly on a vocabulary-only load, whose context llama.cpp warns about.
+    code, out, err = car("route", "The quick brown fox jumps over the lazy dog. " * 400)
+    assert code == 0 and "huggingface/smollm2" in out
+    assert err == "", err

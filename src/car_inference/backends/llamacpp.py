@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import ctypes
 import json
+import logging
 import math
 import random
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -63,14 +66,34 @@ __all__ = ["LlamaCppBackend", "LoadedGguf"]
 MAX_VOCABS = 4  # vocabulary-only loads kept for counting prompt tokens at routing time
 
 
+# ggml's log levels (ggml.h: DEBUG 1, INFO 2, WARN 3, ERROR 4; CONT 5 continues the last line).
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_LOG_CALLBACK: list[Any] = []  # ours once installed, kept referenced: llama.cpp holds a C pointer
+
+
 def _quiet_llama_cpp() -> None:
-    """llama.cpp's warnings reach stderr through llama-cpp-python's logger even with
-    ``verbose=False``; unless the application set a level, keep them to errors."""
-    import logging
+    """Only llama.cpp's errors reach stderr unless the application asks for more. llama-cpp-python's
+    own log callback reads ggml's levels as numbered before ggml.h renumbered them, so a warning
+    (such as a vocabulary-only load's "n_ctx_seq > n_ctx_train (0)") passes as an error even with
+    ``verbose=False``; ours reads them right and honours the "llama-cpp-python" logger's level."""
+    import llama_cpp
 
     logger = logging.getLogger("llama-cpp-python")
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.ERROR)
+    if _LOG_CALLBACK:
+        return
+    last = [logging.ERROR]
+
+    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    def forward(level: int, text: bytes, _user_data: Any) -> None:
+        last[0] = last[0] if level == 5 else _GGML_LEVELS.get(level, logging.ERROR)
+        if last[0] >= logger.getEffectiveLevel():
+            sys.stderr.write(text.decode("utf-8", "replace"))
+            sys.stderr.flush()
+
+    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
+    _LOG_CALLBACK.append(forward)
 
 
 @dataclass
