@@ -16,7 +16,7 @@ from car_inference.backends.diffusers import pick_device
 from car_inference.engine import InferenceEngine
 from car_inference.errors import InvalidInput, ModelUnavailable, UnsupportedMode
 from car_inference.requests import GenerateImageRequest, GenerateVideoRequest
-from car_inference.schema import DiffusersSource, ModelSchema
+from car_inference.schema import DiffusersSource, ModelCapability, ModelSchema, OpenAISource
 from fakes.tiny_diffusers import build_ltx, build_sd, media_model
 
 SD = "test/tiny-sd"
@@ -247,3 +247,23 @@ async def test_a_caller_that_stops_waiting_stops_the_pipeline(engine: InferenceE
     assert entry is not None and await asyncio.to_thread(entry.lock.acquire, timeout=10)
     entry.lock.release()
     assert len(steps) < 500  # it stopped at the next step, not after all of them
+
+
+def test_with_no_model_named_quality_decides_unless_local_is_preferred(engine: InferenceEngine) -> None:
+    hosted = ModelSchema(
+        id="host/painter",
+        name="painter",
+        provider="host",
+        capabilities=["image_generation"],
+        quality=0.9,
+        source=OpenAISource(base_url="http://127.0.0.1:9/v1", needs_key=False),
+    )
+    engine.register_model(hosted)
+    engine.register_model(engine.resolve(SD).model_copy(update={"quality": 0.3}))
+    assert engine.media_model(None, ModelCapability.IMAGE_GENERATION).id == "host/painter"
+    engine.config.routing.prefer_local = True
+    assert engine.media_model(None, ModelCapability.IMAGE_GENERATION).id == SD
+    # A named model is used as named, and one that cannot do the task is refused, not replaced.
+    assert engine.media_model("painter", ModelCapability.IMAGE_GENERATION).id == "host/painter"
+    with pytest.raises(UnsupportedMode, match="does not declare video_generation"):
+        engine.media_model(SD, ModelCapability.VIDEO_GENERATION)
