@@ -160,8 +160,12 @@ class DiffusersBackend:
 
         images = await _in_thread(work)
         paths = [variant_path(target, i) for i in range(len(images))]
-        for image, path in zip(images, paths, strict=True):
-            write_atomic(path, image_bytes(image, request.format))
+
+        def save() -> None:  # encoding a large PNG takes a while: not on the event loop
+            for image, path in zip(images, paths, strict=True):
+                write_atomic(path, image_bytes(image, request.format))
+
+        await run_blocking(save)
         return GenerateImageResult(
             image_path=str(target),
             media_type=IMAGE_MEDIA_TYPES[request.format],
@@ -196,11 +200,11 @@ class DiffusersBackend:
                 if "frame_rate" in accepted:  # LTX conditions on the frame rate
                     kwargs["frame_rate"] = fps
                 call = _Call(model, pipe, self.kind, progress, stop)
-                return call.run(kwargs, given, _defaults(model, ("steps", "guidance")), seed).frames[0]
+                frames = call.run(kwargs, given, _defaults(model, ("steps", "guidance")), seed).frames[0]
+            return _uint8_frames(frames)
 
-        frames = await _in_thread(work)
-        pixels = _uint8_frames(frames)
-        write_atomic(target, await run_blocking(lambda: encode_video(pixels, fps, request.format)))
+        pixels = await _in_thread(work)
+        await run_blocking(lambda: write_atomic(target, encode_video(pixels, fps, request.format)))
         return GenerateVideoResult(
             video_path=str(target),
             media_type=VIDEO_MEDIA_TYPES[request.format],
@@ -234,7 +238,8 @@ class _Call:
                 raise UnsupportedMode(
                     field, self.kind, f"{self.model.id} ({type(self.pipe).__name__}) takes no {field}"
                 )
-        steps = kwargs.get("num_inference_steps") or self.accepted["num_inference_steps"].default
+        declared = self.accepted.get("num_inference_steps")
+        steps = kwargs.get("num_inference_steps") or (declared.default if declared is not None else 1)
         kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
         if "callback_on_step_end" in self.accepted:
             kwargs["callback_on_step_end"] = self._step_callback(int(steps))
