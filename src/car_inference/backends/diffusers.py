@@ -240,6 +240,8 @@ class _Call:
                 )
         declared = self.accepted.get("num_inference_steps")
         steps = kwargs.get("num_inference_steps") or (declared.default if declared is not None else 1)
+        if not -(2**63) <= seed < 2**64:  # what torch's generator takes
+            raise InvalidInput(f"seed {seed} is out of range (-2**63 to 2**64 - 1)")
         kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
         if "callback_on_step_end" in self.accepted:
             kwargs["callback_on_step_end"] = self._step_callback(int(steps))

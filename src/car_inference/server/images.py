@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import math
 import shutil
 import tempfile
 import time
@@ -75,9 +76,12 @@ def _number(value: Any, name: str, kind: type = int) -> Any:
     if value in (None, ""):
         return None
     try:
-        return kind(value)
-    except (TypeError, ValueError):
+        number = kind(value)
+    except (TypeError, ValueError, OverflowError):
         raise ApiError(400, f"`{name}` must be a number", param=name) from None
+    if not math.isfinite(number):
+        raise ApiError(400, f"`{name}` must be a finite number", param=name)
+    return number
 
 
 def _images_payload(paths: list[str], fmt: str) -> dict[str, Any]:
@@ -297,7 +301,9 @@ def register(app: FastAPI, state: ServerState) -> None:
 
 
 def _save(folder: Path, stem: str, upload: FormField) -> str:
-    suffix = Path(upload.filename or "").suffix[:8] or ".png"
+    # The client's file name only lends its suffix, and only letters and digits of that.
+    suffix = "." + "".join(c for c in Path(upload.filename or "").suffix if c.isascii() and c.isalnum())[:7]
+    suffix = suffix if len(suffix) > 1 else ".png"
     path = folder / f"{stem}{suffix}"
     path.write_bytes(upload.value)
     return str(path)

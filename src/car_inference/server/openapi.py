@@ -220,6 +220,34 @@ class ImageRequest(_Body):
     size: str | None = Field(default=None, pattern=r"^(auto|\d{1,5}x\d{1,5})$")
     negative_prompt: str | None = None
     seed: int | None = Field(default=None, ge=-_INT64 - 1, le=_INT64)
+    n: int | None = Field(default=None, ge=1, le=_INT32)
+    steps: int | None = Field(default=None, ge=1, le=_INT32, description="local models")
+    guidance: float | None = Field(default=None, description="local models")
+
+
+class ImageEditForm(BaseModel):
+    # Form fields are text (images.py): `image` and `prompt` are required.
+    image: bytes = Field(json_schema_extra={"format": "binary"}, description="the image (or `image[]`s)")
+    prompt: str = Field(min_length=1)
+    mask: bytes = Field(default=b"", json_schema_extra={"format": "binary"})
+    model: str = ""
+    n: str = Field(default="", description="how many images")
+    size: str = ""
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class VideoForm(BaseModel):
+    # Form fields are text (images.py); the same fields may come as a JSON object.
+    prompt: str = Field(min_length=1)
+    model: str = ""
+    seconds: str = ""
+    size: str = ""
+    input_reference: bytes = Field(default=b"", json_schema_extra={"format": "binary"})
+    fps: str = ""
+    seed: str = ""
+    steps: str = ""
+    guidance: str = ""
+    negative_prompt: str = ""
 
 
 class TranscriptionForm(BaseModel):
@@ -251,6 +279,8 @@ _MODELS: list[type[BaseModel]] = [
     FeedbackRequest,
     SpeechRequest,
     ImageRequest,
+    ImageEditForm,
+    VideoForm,
     TranscriptionForm,
     ErrorResponse,
 ]
@@ -286,6 +316,7 @@ def _paths() -> dict[str, Any]:
     audio = {f"audio/{kind}": binary for kind in ("wav", "mpeg", "flac", "pcm")}
     text = {"text/plain": {"schema": {"type": "string"}}}
     model_id = [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    video_id = [{"name": "video_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     chat = _operation("chat completion (stream: server-sent events)", ChatCompletionRequest, content=stream)
     return {
         "/v1/chat/completions": {"post": chat},
@@ -300,6 +331,15 @@ def _paths() -> dict[str, Any]:
             "post": _operation("speech to text", TranscriptionForm, media="multipart/form-data")
         },
         "/v1/images/generations": {"post": _operation("image generation", ImageRequest)},
+        "/v1/images/edits": {"post": _operation("image edit", ImageEditForm, media="multipart/form-data")},
+        "/v1/videos": {"post": _operation("start a video job", VideoForm, media="multipart/form-data")},
+        "/v1/videos/{video_id}": {
+            "get": _operation("a video job's status and progress", parameters=video_id),
+            "delete": _operation("forget a video job", parameters=video_id),
+        },
+        "/v1/videos/{video_id}/content": {
+            "get": _operation("a finished video (mp4)", content={"video/mp4": binary}, parameters=video_id)
+        },
         "/v1/health": {"get": _operation("the engine's model health report")},
         "/health": {"get": _operation("liveness")},
         "/metrics": {"get": _operation("Prometheus metrics", content=text)},
