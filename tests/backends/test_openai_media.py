@@ -11,7 +11,9 @@ import pytest
 
 from car_inference.backends.openai_compat import OpenAICompatBackend
 from car_inference.catalog import load_builtin
-from car_inference.errors import InvalidInput, ProviderError, UnsupportedMode
+from car_inference.config import CarConfig, SpendSettings
+from car_inference.engine import InferenceEngine
+from car_inference.errors import InvalidInput, ProviderError, SpendLimitExceeded, UnsupportedMode
 from car_inference.requests import GenerateImageRequest, GenerateVideoRequest, VideoMode
 from car_inference.schema import ModelSchema, OpenAISource
 from fakes import FakeProviderServer, Fault
@@ -230,3 +232,22 @@ async def test_video_failures(fake: FakeProviderServer, tmp_path: Path) -> None:
     ]:
         with pytest.raises(UnsupportedMode, match=what):
             await be.generate_video(model, request)
+
+
+# --- through the engine ---------------------------------------------------------------------------
+
+
+async def test_hosted_images_count_against_spend_limits(
+    fake: FakeProviderServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    engine = InferenceEngine(CarConfig(home=tmp_path / "home", spend=SpendSettings(daily_usd=0.10)))
+    engine.register_model(image_model(fake))
+    request = GenerateImageRequest(prompt="a cat", model="gpt-image-2", output_path=str(tmp_path / "a.png"))
+    result = await engine.generate_image(request)
+    assert Path(result.image_path).is_file()
+    assert engine.spend.status().by_provider_today == {"openai": pytest.approx(0.053)}
+    with pytest.raises(SpendLimitExceeded):
+        await engine.generate_image(request)
+    assert len(fake.requests) == 1  # refused before the call
+    engine.close()

@@ -41,6 +41,7 @@ class TaskMixin:
     # Provided by InferenceEngine.
     registry: Any
     config: Any
+    spend: Any
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
@@ -154,7 +155,14 @@ class TaskMixin:
         total)`` is called from a worker thread as steps finish (local models) or a job advances."""
         model = self._media_model(request.model, ModelCapability.IMAGE_GENERATION)
         method = self._task_method(model, ModelCapability.IMAGE_GENERATION, "generate_image")
-        return await method(model, request, progress=progress)
+        # Hosted images cost the catalog's per-image price: checked against spend limits first.
+        price = 0.0 if model.in_process else model.cost.per_image or 0.0
+        if price:
+            self.spend.check(model.provider, price * (request.variant_count or 1))
+        result = await method(model, request, progress=progress)
+        if price:
+            self.spend.record(model.provider, model.id, price * max(1, len(result.image_paths)))
+        return result
 
     async def generate_video(
         self, request: GenerateVideoRequest, progress: Callable[[int, int], None] | None = None
