@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from websockets.asyncio.client import connect
 
+from car_inference.config import ServerSettings
 from car_inference.engine import InferenceEngine
 from car_inference.schema import ModelSchema, OpenAISource
 from car_inference.server import ServerThread, create_app
@@ -30,9 +31,9 @@ HOSTED = "fakehost/gpt-image-2"
 
 
 @pytest.fixture(scope="module")
-def server(
+def engine(
     tmp_path_factory: pytest.TempPathFactory, fake_provider: FakeProviderServer
-) -> Iterator[ServerThread]:
+) -> Iterator[InferenceEngine]:
     root = tmp_path_factory.mktemp("pipelines")
     engine = InferenceEngine(home=tmp_path_factory.mktemp("home"))
     engine.register_model(
@@ -51,9 +52,14 @@ def server(
             source=source,
         )
     )
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine: InferenceEngine) -> Iterator[ServerThread]:
     with ServerThread(create_app(engine)) as running:
         yield running
-    engine.close()
 
 
 @pytest.fixture
@@ -144,6 +150,19 @@ def test_video_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as not_ready:
         client.videos.download_content(job.id)
     assert not_ready.value.status_code == 409
+
+
+def test_running_video_jobs_are_bounded(engine: InferenceEngine) -> None:
+    with ServerThread(create_app(engine, ServerSettings(max_concurrency=1))) as small:
+        client = openai.OpenAI(base_url=small.url + "/v1", api_key="unused", max_retries=0)
+        slow = client.videos.create(
+            model=LTX, prompt="x", seconds="1", size="64x64", extra_body={"steps": 2000}
+        )
+        with pytest.raises(openai.RateLimitError, match="video jobs are running"):
+            client.videos.create(model=LTX, prompt="y", seconds="1", size="64x64")
+        client.delete(f"/videos/{slow.id}", cast_to=httpx.Response)  # cancels it
+        started = client.videos.create(model=LTX, prompt="y", seconds="1", size="64x64")
+        assert client.videos.poll(started.id, poll_interval_ms=50).status == "completed"
 
 
 async def test_json_rpc_methods_with_progress(server: ServerThread) -> None:

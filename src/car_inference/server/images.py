@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,10 @@ class _Jobs:
         self.state = state
         self.jobs: dict[str, _Job] = {}
         self.folder = Path(tempfile.mkdtemp(prefix="car-videos-"))
+        weakref.finalize(self, shutil.rmtree, str(self.folder), True)  # the videos go with the server
+
+    def running(self) -> int:
+        return sum(j.status in ("queued", "in_progress") for j in self.jobs.values())
 
     def start(self, request: GenerateVideoRequest, workdir: Path) -> _Job:
         size = f"{request.width}x{request.height}" if "width" in request.model_fields_set else "auto"
@@ -143,6 +148,9 @@ class _Jobs:
         job.task = asyncio.create_task(
             self._run(job, request.model_copy(update={"output_path": str(target)}), workdir)
         )
+        # A server that stops cuts running jobs short, like the requests it is answering.
+        self.state.active.add(job.task)
+        job.task.add_done_callback(self.state.active.discard)
         self.jobs[job.id] = job
         self._trim()
         return job
@@ -271,6 +279,14 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise
         try:  # an unknown or unusable model is this request's error, not a failed job
             model = engine.media_model(call.model, ModelCapability.VIDEO_GENERATION)
+            if jobs.running() >= state.settings.max_concurrency:  # each holds a worker thread
+                raise ApiError(
+                    429,
+                    f"{jobs.running()} video jobs are running, the server's limit (max_concurrency)",
+                    type="rate_limit_error",
+                    code="server_busy",
+                    retry_after=5,
+                )
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
