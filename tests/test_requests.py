@@ -6,11 +6,14 @@ import pytest
 from pydantic import ValidationError
 
 from car_inference.requests import (
+    GenerateImageRequest,
+    GenerateParams,
     GenerateRequest,
     ImageBlock,
     InferenceResult,
     Message,
     ResponseFormat,
+    SynthesizeRequest,
     TextBlock,
     TokenUsage,
     ToolCall,
@@ -153,3 +156,57 @@ def test_parse_boxes_reads_both_qwen_formats_and_ignores_plain_text() -> None:
     boxes = parse_boxes(text)
     assert [(b.label, b.x1, b.y2) for b in boxes] == [("dog", 10.0, 220.0), ("cat", 1.0, 4.0)]
     assert parse_boxes("no boxes here") == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", True),  # lax pydantic would read it as 1.0
+        ("temperature", "0.5"),
+        ("temperature", float("nan")),
+        ("top_p", False),
+        ("max_tokens", True),
+        ("max_tokens", 5.0),
+        ("max_tokens", 2**31),
+        ("seed", 2**63),
+        ("seed", "7"),
+        ("parallel_tool_calls", "yes"),
+        ("parallel_tool_calls", 1),
+    ],
+)
+def test_numbers_and_flags_must_be_json_numbers_and_booleans(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        GenerateParams.model_validate({field: value})
+    assert info.value.errors()[0]["loc"] == (field,)
+
+
+def test_numbers_in_range_pass() -> None:
+    params = GenerateParams.model_validate(
+        {
+            "temperature": 1,
+            "top_p": 0.5,
+            "max_tokens": 2**31 - 1,
+            "seed": -(2**63),
+            "parallel_tool_calls": True,
+        }
+    )
+    assert params.temperature == 1.0 and isinstance(params.temperature, float)
+
+
+def test_tool_choice_is_a_mode_or_a_declared_tool() -> None:
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    for choice in ("auto", "none", "required", "weather"):
+        GenerateRequest(prompt="x", tools=tools, params={"tool_choice": choice})
+    with pytest.raises(ValidationError, match="sometimes.*weather"):
+        GenerateRequest(prompt="x", tools=tools, params={"tool_choice": "sometimes"})
+    with pytest.raises(ValidationError, match="none given"):
+        GenerateRequest(prompt="x", params={"tool_choice": "weather"})
+
+
+def test_speech_and_image_requests_take_numbers_only() -> None:
+    with pytest.raises(ValidationError):
+        SynthesizeRequest(text="hi", speed=0)
+    with pytest.raises(ValidationError):
+        SynthesizeRequest(text="hi", speed=5e-324)  # Piper's length scale would be infinite
+    with pytest.raises(ValidationError):
+        GenerateImageRequest(prompt="cat", seed=False)  # type: ignore[arg-type]

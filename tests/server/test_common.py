@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from car_inference.server.common import Limiter, ascii_header, car_headers, dumps
+import pytest
+
+from car_inference.server.common import Limiter, ascii_header, car_headers, dumps, parse_json
+from car_inference.server.errors import ApiError
 
 
 def test_route_reasons_become_ascii_header_values() -> None:
@@ -30,3 +33,39 @@ def test_limiter_and_dumps() -> None:
     limiter.release()
     assert limiter.try_acquire()
     assert dumps({"a": "é"}) == '{"a":"é"}'.encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (b"[" * 1000 + b"]" * 1000, "nested too deeply"),  # RecursionError: a 500 before
+        (b'{"a":' * 150 + b"1" + b"}" * 150, "nested too deeply"),  # parses, but deeper than the limit
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "5000 digits"),  # int() refuses over 4300: a 500
+        (b'{"seed": -' + b"1" * 101 + b"}", "digits"),
+        (b'{"model": "\\ud800"}', "lone UTF-16 surrogate"),  # cannot be written out as UTF-8
+        (b'{"model": "\\uDBFF"}', "surrogate"),
+        (b'{"temperature": NaN}', "NaN is not a JSON value"),
+        (b'{"temperature": 1e999}', "out of range"),
+        (b'{"a": 1', "malformed JSON"),
+    ],
+)
+def test_parse_json_refuses_what_would_crash_later(raw: bytes, says: str) -> None:
+    for text in (raw, raw.decode()):  # an HTTP body, a WebSocket text message
+        with pytest.raises(ApiError) as info:
+            parse_json(text)
+        assert info.value.status == 400 and info.value.code == "invalid_json"
+        assert says in info.value.message
+    with pytest.raises(ApiError, match="not UTF-8"):
+        parse_json(b'{"a": "\xff"}')
+
+
+def test_parse_json_keeps_what_is_valid() -> None:
+    deep = b'{"a":' * 99 + b"1" + b"}" * 99
+    assert parse_json(deep)["a"]["a"]["a"]
+    assert parse_json(b'{"emoji": "\\ud83d\\ude00", "n": -12, "x": 1.5}') == {
+        "emoji": "😀",
+        "n": -12,
+        "x": 1.5,
+    }
+    assert parse_json('{"text": "a \\\\ud800 b"}') == {"text": "a \\ud800 b"}  # an escaped backslash
+    assert parse_json(b"[" * 60 + b"]" * 60)  # many brackets, but shallow enough

@@ -46,6 +46,9 @@ def _provider(status: int | None, message: str = "boom") -> ProviderError:
         (CircuitOpen("m"), 503, "circuit_open"),
         (_provider(500), 502, "provider_error"),
         (_provider(429), 502, "provider_error"),
+        (_provider(400), 400, "provider_rejected_input"),  # the client's input, not the provider's fault
+        (_provider(422), 400, "provider_rejected_input"),
+        (_provider(401), 502, "provider_error"),  # our key: not the client's to fix
         (
             ProviderError("timed out", provider="p", model="m", retryable=True, timeout=True),
             504,
@@ -110,3 +113,19 @@ def test_json_rpc_error_objects() -> None:
     assert rpc_error(describe(ApiError(400, "bad")))["code"] == -32602
     assert rpc_error(describe(_provider(500)))["data"]["retry_after"] == 3
     assert rpc_error(describe(RuntimeError("x")))["code"] == -32603
+
+
+def test_an_open_circuit_says_when_to_retry() -> None:
+    info = describe(CircuitOpen("m"), retry_hint=lambda exc: 12.4)
+    assert (info.status, info.retryable, info.retry_after) == (503, True, 12.4)
+    assert error_response(info).headers["retry-after"] == "12"
+    assert describe(CircuitOpen("m")).retry_after is None  # no hint: no guess
+    data = rpc_error(info)["data"]
+    assert data["retryable"] is True and data["retry_after"] == 12.4
+
+
+def test_a_refusal_with_a_retry_time_is_retryable() -> None:
+    busy = ApiError(429, "busy", type="rate_limit_error", code="server_busy", retry_after=1)
+    data = rpc_error(describe(busy))["data"]
+    assert data["retryable"] is True and data["retry_after"] == 1
+    assert rpc_error(describe(ApiError(400, "bad")))["data"]["retryable"] is False

@@ -4,6 +4,7 @@ through the official SDK against a real server."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -137,3 +138,40 @@ async def test_requests_over_the_concurrency_bound_are_429(
     assert results == ["slow answer"]
     metrics = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEYS[0]}"}).text
     assert 'car_requests_total{model="-",route="/v1/chat/completions",status="429"} 1.0' in metrics
+
+
+def _stalled(port: int, key: str = KEYS[0]) -> socket.socket:
+    """A client that sends its headers and 10 of the 200 body bytes it announced, then waits."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {key}\r\nContent-Length: 200\r\n\r\n".encode()
+        + b'{"model": '
+    )
+    return sock
+
+
+def test_a_stalled_body_holds_no_slot_and_gets_a_408(engine: InferenceEngine) -> None:
+    server = serve(engine, api_keys=KEYS, max_concurrency=1, body_timeout_s=1.5)
+    stalled = [_stalled(server.port) for _ in range(4)]
+    try:
+        # With every stalled client holding a slot, this was a 429 (for as long as they stalled).
+        started = time.monotonic()
+        assert sdk(server).chat.completions.create(model="fake/echo", messages=HI).choices[0].message.content
+        assert time.monotonic() - started < 1.0
+        for sock in stalled:
+            sock.settimeout(5)
+            answer = b""
+            while chunk := sock.recv(4096):  # until the server closes the connection
+                answer += chunk
+            head, _, body = answer.decode().partition("\r\n\r\n")
+            assert head.startswith("HTTP/1.1 408"), answer
+            assert "connection: close" in head.lower()
+            error = json.loads(body[body.index("{") : body.rindex("}") + 1])["error"]  # one chunk
+            assert error["code"] == "request_timeout" and "server.body_timeout_s" in error["message"]
+        elapsed = time.monotonic() - started
+        assert 1.4 < elapsed < 4
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.stop()

@@ -14,7 +14,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from car_inference.engine import InferenceEngine
 from car_inference.server import ServerThread
 
-from .conftest import MINILM, SMOL
+from .conftest import MINILM, SMOL, serve
 
 LOCKED_KEYS = {
     "text",
@@ -215,3 +215,74 @@ async def test_cancel_stops_a_stream(local_server: ServerThread, server_engine: 
         await asyncio.sleep(0.01)
     else:
         pytest.fail("the cancelled generation kept the model")
+
+
+async def test_hostile_messages_get_an_answer(local_server: ServerThread) -> None:
+    """The inputs that were a 500 over HTTP got no answer at all over the WebSocket."""
+    head = '{"jsonrpc": "2.0", "id": 1, "method": "infer", "params": '
+    hostile = {
+        "[" * 1000 + "]" * 1000: "nested too deeply",
+        head + '{"max_tokens": ' + "9" * 5000 + "}}": "digits",
+        head + '{"prompt": "x", "model": "\\ud800"}}': "surrogate",
+    }
+    async with connect(local_server.ws_url) as ws:
+        for message, says in hostile.items():
+            await ws.send(message)
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert reply["id"] is None and reply["error"]["code"] == -32700, reply
+            assert says in reply["error"]["message"]
+        for params, param in (
+            ({"prompt": "x", "params": {"temperature": True}}, "params.temperature"),
+            ({"prompt": "x", "params": {"tool_choice": "sometimes"}}, None),
+        ):
+            reply = await call(ws, "infer", params, rid=2)
+            assert reply["error"]["code"] == -32602, reply
+            assert reply["error"]["data"].get("param") == param
+        odd = await call(ws, "models.list", {"capability": ["embed"]}, rid=3)  # unhashable: was a crash
+        assert odd["error"]["code"] == -32602 and odd["error"]["data"]["param"] == "capability"
+
+
+async def test_batches_are_bounded(local_server: ServerThread) -> None:
+    async with connect(local_server.ws_url) as ws:
+        await ws.send(json.dumps([json.loads(rpc("health", rid=i)) for i in range(101)]))
+        refused = json.loads(await ws.recv())
+        assert isinstance(refused, dict) and refused["id"] is None and refused["error"]["code"] == -32600
+        assert "101 calls (at most 100)" in refused["error"]["message"]
+        await ws.send(json.dumps([json.loads(rpc("models.list", rid=i)) for i in range(100)]))
+        assert len(json.loads(await ws.recv())) == 100
+
+
+async def test_a_big_batch_takes_turns_with_other_clients(local_server: ServerThread) -> None:
+    """100 `health` calls (~1 ms each, all synchronous) used to run as one block: another
+    client's call waited for the whole batch. Now the batch starts one call per loop turn."""
+    async with connect(local_server.ws_url, max_size=None) as big, connect(local_server.ws_url) as other:
+        await call(big, "health")  # warm
+        arrivals: list[str] = []
+
+        async def answer(ws: ClientConnection, name: str) -> None:
+            await ws.recv()
+            arrivals.append(name)
+
+        await big.send(json.dumps([json.loads(rpc("health", rid=i)) for i in range(100)]))
+        await asyncio.sleep(0.005)  # the batch has started
+        await other.send(rpc("models.list", rid="other"))
+        await asyncio.gather(answer(big, "batch"), answer(other, "other"))
+    assert arrivals == ["other", "batch"]
+
+
+async def test_a_busy_answer_is_retryable(server_engine: InferenceEngine) -> None:
+    server = serve(server_engine, max_concurrency=1)
+    try:
+        async with connect(server.ws_url) as ws:
+            await ws.send(
+                rpc("infer", {"prompt": "Tell me about rivers.", "params": {"max_tokens": 30}}, rid=1)
+            )
+            await asyncio.sleep(0.05)
+            busy = await call(ws, "health", rid=2)
+            while busy.get("id") != 2:
+                busy = json.loads(await ws.recv())
+            data = busy["error"]["data"]
+            assert data["code"] == "server_busy" and data["retry_after"] == 1 and data["retryable"] is True
+            await ws.recv()
+    finally:
+        server.stop()

@@ -76,6 +76,18 @@ def test_bad_media_requests_are_400(local_server: ServerThread) -> None:
     assert not_multipart.status_code == 400
 
 
+def test_undecodable_audio_is_a_400_without_server_paths(local_server: ServerThread) -> None:
+    png = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108000000003a7e9b55")
+    for name, data in (("notes.pcm", b"\x00\x01" * 400), ("picture.png", png)):  # the PNG was a 500
+        response = httpx.post(
+            local_server.url + "/v1/audio/transcriptions", files={"file": (name, data)}, timeout=60
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_input" and name in error["message"]
+        assert "car-upload-" not in response.text and "/tmp" not in response.text, error["message"]
+
+
 def test_multipart_keeps_binary_uploads_intact() -> None:
     boundary = "XyZ123"
     body = (

@@ -13,7 +13,7 @@ import pytest
 
 from car_inference.engine import InferenceEngine
 from car_inference.server import ServerThread, create_app
-from fakes import FakeProviderServer, Reply, ToolCallSpec
+from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
 
 from .conftest import MINILM, SMOL, remote_home
 
@@ -169,6 +169,42 @@ def test_feedback_records_or_404s(
     assert out_of_range.status_code == 400 and out_of_range.json()["error"]["param"] == "score"
 
 
+def test_hostile_json_is_a_400_not_a_500(http: httpx.Client) -> None:
+    """The issue's inputs, each a 500 before: nesting past Python's recursion limit, an integer
+    Python refuses to convert, a lone surrogate that cannot be written out as UTF-8."""
+    hostile = {
+        b'{"messages": ' + b"[" * 1000 + b"]" * 1000 + b"}": "nested too deeply",
+        b'{"messages": [], "max_tokens": ' + b"7" * 5000 + b"}": "5000 digits",
+        b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}': "surrogate",
+    }
+    for route in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/feedback"):
+        for body, says in hostile.items():
+            response = http.post(route, content=body, headers={"content-type": "application/json"})
+            assert response.status_code == 400, (route, says, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "invalid_json" and says in error["message"]
+
+
+def test_wrong_types_and_unknown_tool_choices_are_400(http: httpx.Client) -> None:
+    cases = [
+        ({"messages": HI, "temperature": True}, "temperature"),  # was taken as 1.0
+        ({"messages": HI, "max_tokens": False}, "max_tokens"),
+        ({"messages": HI, "seed": 2**64}, "seed"),
+        ({"messages": HI, "tool_choice": "sometimes", "tools": [WEATHER]}, "tool_choice"),  # was accepted
+        ({"messages": HI, "tool_choice": "get_weather", "tools": [WEATHER]}, "tool_choice"),  # OpenAI: object
+        ({"messages": HI, "tool_choice": {"type": "function"}}, "tool_choice"),
+    ]
+    for body, param in cases:
+        response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["param"] == param, response.text
+    named = {"type": "function", "function": {"name": "nowhere"}}
+    unknown = http.post(
+        "/v1/chat/completions", json={"messages": HI, "tool_choice": named, "tools": [WEATHER]}
+    )
+    assert unknown.status_code == 400 and "nowhere" in unknown.json()["error"]["message"]
+
+
 # --- tools through a hosted model (the fake provider) ---------------------------------------------------
 
 WEATHER = {
@@ -270,3 +306,20 @@ def test_images_and_json_mode_reach_the_provider(
     assert parts[1]["image_url"] == {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}
     assert parts[2]["image_url"]["url"] == "https://example.com/cat.png"
     assert sent["max_tokens"] == 50
+
+
+def test_an_open_circuit_is_a_503_with_retry_after(
+    tool_server: ServerThread, fake_provider: FakeProviderServer
+) -> None:
+    fake_provider.reset()
+    fake_provider.queue(*[Fault.server_error(500)] * 3)  # the breaker's failure_threshold
+    for _ in range(3):
+        failed = httpx.post(
+            tool_server.url + "/v1/chat/completions", json={"model": "fake/gpt-tools", "messages": HI}
+        )
+        assert failed.status_code == 502, failed.text
+    refused = httpx.post(
+        tool_server.url + "/v1/chat/completions", json={"model": "fake/gpt-tools", "messages": HI}
+    )
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "circuit_open", refused.text
+    assert 1 <= int(refused.headers["retry-after"]) <= 30  # the breaker's cooldown_s, counting down

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
+import time
+
 import httpx
 import pytest
 
 from car_inference.config import ServerSettings
-from car_inference.server import BindRefused, ServerThread, check_bind, create_app, is_loopback
+from car_inference.engine import InferenceEngine
+from car_inference.server import (
+    BindRefused,
+    PortInUse,
+    ServerThread,
+    bind,
+    check_bind,
+    create_app,
+    is_loopback,
+)
 from car_inference.server.run import uvicorn_config
 
 
@@ -41,3 +55,50 @@ def test_server_thread_serves_and_stops(isolated_home: object) -> None:
     server.stop()
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health")
+
+
+def test_a_taken_port_is_one_clear_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUse) as info:
+            bind("127.0.0.1", port)
+    assert (
+        str(info.value)
+        == f"cannot listen on 127.0.0.1:{port}: the port is in use (choose another with --port)"
+    )
+    sock = bind("127.0.0.1", 0)
+    assert sock.getsockname()[1] > 0
+    sock.close()
+
+
+def test_stopping_answers_what_is_in_flight(server_engine: InferenceEngine) -> None:
+    """A stream ends with an error event and [DONE], a waiting request gets a 503, and the server
+    is down within a moment (it waited 5 s, then cut the stream with neither)."""
+    server = ServerThread(create_app(server_engine)).start()
+    long = {"model": "smollm2", "messages": [{"role": "user", "content": "Write a long story."}]}
+    long["max_tokens"] = 2000
+    plain: list[httpx.Response] = []
+    waiting = threading.Thread(
+        target=lambda: plain.append(httpx.post(server.url + "/v1/chat/completions", json=long, timeout=30))
+    )
+    with httpx.stream(
+        "POST", server.url + "/v1/chat/completions", json=long | {"stream": True}, timeout=30
+    ) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if '"content":"' in line and '"content":""' not in line)
+        waiting.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        rest = [line for line in lines if line]
+    stopper.join()
+    waiting.join()
+    assert time.monotonic() - started < 2
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "server_shutdown" and "shutting down" in error["message"]
+    assert plain[0].status_code == 503 and plain[0].headers["retry-after"] == "1"
+    assert plain[0].json()["error"]["code"] == "server_shutdown"

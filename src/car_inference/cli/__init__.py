@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Annotated
 
-import typer
 
-from .. import __version__
-from . import generate, health, keys, media, routing, serve, speech, tasks
-from .models import config_app, models_app
-from .runtimes import runtimes_app
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    raise SystemExit(130)  # no traceback, the exit status of any other Ctrl-C
+
+
+# Ctrl-C during the imports below (a few hundred ms, before any command handles it) exits 130
+# quietly; the usual KeyboardInterrupt is back once they are done.
+_QUIET_START = (
+    threading.current_thread() is threading.main_thread()
+    and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+)
+if _QUIET_START:
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import typer  # noqa: E402
+
+from .. import __version__  # noqa: E402
+from . import generate, health, keys, media, routing, serve, speech, tasks  # noqa: E402
+from .models import config_app, models_app  # noqa: E402
+from .runtimes import runtimes_app  # noqa: E402
+
+if _QUIET_START:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 app = typer.Typer(
     name="car",
@@ -47,4 +66,7 @@ def _root(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # before a command's own handling (typer building the commands)
+        raise SystemExit(130) from None

@@ -123,8 +123,9 @@ class _Refused(ValueError):
 
 
 def _int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise _Refused(f"an integer of {len(text)} digits (at most {MAX_INT_DIGITS})")
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _Refused(f"an integer of {digits} digits (at most {MAX_INT_DIGITS})")
     return int(text)
 
 
