@@ -15,7 +15,7 @@ from PIL import Image
 from car_inference.backends.diffusers import pick_device
 from car_inference.engine import InferenceEngine
 from car_inference.errors import InvalidInput, ModelUnavailable, UnsupportedMode
-from car_inference.requests import GenerateImageRequest, GenerateVideoRequest
+from car_inference.requests import GenerateImageRequest, GenerateVideoRequest, VideoMode
 from car_inference.schema import DiffusersSource, ModelCapability, ModelSchema, OpenAISource
 from fakes.tiny_diffusers import build_ltx, build_sd, media_model
 
@@ -272,3 +272,37 @@ def test_with_no_model_named_quality_decides_unless_local_is_preferred(engine: I
     assert engine.media_model("painter", ModelCapability.IMAGE_GENERATION).id == "host/painter"
     with pytest.raises(UnsupportedMode, match="does not declare video_generation"):
         engine.media_model(SD, ModelCapability.VIDEO_GENERATION)
+
+
+async def test_video_from_an_image_runs_the_image_to_video_pipeline(
+    engine: InferenceEngine, tmp_path: Path
+) -> None:
+    picture = tmp_path / "first.png"
+    Image.new("RGB", (80, 48), (250, 200, 0)).save(picture)
+    base = {
+        "prompt": "it moves",
+        "model": LTX,
+        "width": 64,
+        "height": 64,
+        "fps": 8,
+        "duration_s": 1.0,
+        "seed": 4,
+    }
+    from_image = await engine.generate_video(
+        GenerateVideoRequest(
+            **base,
+            mode=VideoMode.IMAGE_TO_VIDEO,
+            image_path=str(picture),
+            output_path=str(tmp_path / "i.mp4"),
+        )
+    )
+    from_text = await engine.generate_video(GenerateVideoRequest(**base, output_path=str(tmp_path / "t.mp4")))
+    frames = _frames(from_image.video_path)
+    assert frames.shape == (9, 64, 64, 3) and from_image.frames == 9
+    assert not np.array_equal(frames, _frames(from_text.video_path))  # the image conditioned it
+    with pytest.raises(UnsupportedMode, match="audio"):
+        await engine.generate_video(
+            GenerateVideoRequest(
+                prompt="x", model=LTX, mode=VideoMode.AUDIO_TO_VIDEO, audio_path=str(picture)
+            )
+        )

@@ -88,6 +88,13 @@ def test_video_writes_an_mp4(home: Path, tmp_path: Path) -> None:
     )
     assert code == 0, err
     assert json.loads(out)["media_type"] == "image/gif"
+    first = tmp_path / "first.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(first)
+    code, out, err = car(
+        "video", "it moves", "--image", str(first), "-s", "64x64", "-o", str(tmp_path / "i.mp4")
+    )
+    assert code == 0, err
+    assert out.strip() == str(tmp_path / "i.mp4") and (tmp_path / "i.mp4").stat().st_size > 0
 
 
 def test_mistakes_are_one_line_usage_errors(home: Path, tmp_path: Path) -> None:

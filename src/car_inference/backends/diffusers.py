@@ -13,7 +13,8 @@ What the request says goes to the pipeline under the names its ``__call__`` take
 and frame rate. A value the request set that the pipeline cannot take is ``UnsupportedMode``,
 never dropped; the model's ``default_params`` (steps, guidance, width, height, fps,
 duration_s) fill what the request left out. With ``image_paths`` an image pipeline runs as its
-image-to-image sibling (``AutoPipelineForImage2Image``) on the same loaded components.
+image-to-image sibling (``AutoPipelineForImage2Image``), and with ``image_path`` a video pipeline
+as its image-to-video sibling, on the same loaded components.
 """
 
 from __future__ import annotations
@@ -179,8 +180,10 @@ class DiffusersBackend:
     async def generate_video(
         self, model: ModelSchema, request: GenerateVideoRequest, progress: Progress | None = None
     ) -> GenerateVideoResult:
-        if request.image_path or request.audio_path:
-            raise UnsupportedMode(str(request.mode), self.kind, f"{model.id} makes video from text only")
+        if request.audio_path:
+            raise UnsupportedMode(
+                str(request.mode), self.kind, f"{model.id} makes video from text or an image"
+            )
         target = output_path(request.output_path, request.format, "car-video-")
         width, height = _size(model, request)
         fps = int(_pick(model, request, "fps"))
@@ -195,6 +198,9 @@ class DiffusersBackend:
                 _check_size(model, pipe, width, height)
                 frames = _frame_count(pipe, duration * fps)
                 kwargs = {"prompt": request.prompt, "output_type": "np", "width": width, "height": height}
+                if request.image_path:  # the first frame: the image, at the video's size
+                    pipe = _image_to_video(model, pipe)
+                    kwargs["image"] = _open_image(request.image_path, (width, height), _multiple(pipe))
                 kwargs["num_frames"] = frames
                 accepted = inspect.signature(pipe.__call__).parameters
                 if "frame_rate" in accepted:  # LTX conditions on the frame rate
@@ -334,6 +340,29 @@ def _image_to_image(model: ModelSchema, pipe: Any) -> Any:
         raise UnsupportedMode(
             "image-edit", "diffusers", f"{model.id} has no image-to-image pipeline"
         ) from exc
+    sibling.set_progress_bar_config(disable=True)
+    return sibling
+
+
+def _image_to_video(model: ModelSchema, pipe: Any) -> Any:
+    """The pipeline's image-to-video sibling on the same components (LTXPipeline ->
+    LTXImageToVideoPipeline): diffusers names them so, and has no auto class for video."""
+    import diffusers
+
+    name = type(pipe).__name__.replace("Pipeline", "ImageToVideoPipeline")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise UnsupportedMode("image_to_video", "diffusers", f"{model.id} has no image-to-video pipeline")
+    wanted = inspect.signature(cls.__init__).parameters
+    required = [n for n, p in wanted.items() if n != "self" and p.default is inspect.Parameter.empty]
+    missing = [n for n in required if pipe.components.get(n) is None]
+    if missing:
+        raise UnsupportedMode(
+            "image_to_video",
+            "diffusers",
+            f"{name} needs {', '.join(missing)}, which {model.id} does not have",
+        )
+    sibling = cls(**{k: v for k, v in pipe.components.items() if k in wanted})
     sibling.set_progress_bar_config(disable=True)
     return sibling
 
