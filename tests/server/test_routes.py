@@ -92,6 +92,10 @@ def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
     # The SDK asks for base64 by default and decodes it.
     single = client.embeddings.create(model="all-MiniLM-L6-v2", input="red")
     assert single.data[0].embedding == pytest.approx(floats.data[0].embedding, abs=1e-6)
+    # Tokens the model read, [CLS] and [SEP] included (it reported 0 before).
+    texts = ["Hello world", "The quick brown fox jumps over the lazy dog"]
+    counted = client.embeddings.create(model="auto", input=texts)
+    assert counted.usage.prompt_tokens == counted.usage.total_tokens == (2 + 2) + (9 + 2)
 
 
 def test_rerank_cohere_shape(http: httpx.Client) -> None:

@@ -76,21 +76,28 @@ class SentenceBackend:
     def warm_up(self, model: ModelSchema) -> None:
         self._entry(model)
 
-    def _encode(self, model: ModelSchema, texts: list[str], normalize: bool) -> Any:
-        """A (len(texts), dim) float32 array; blocking."""
+    def _encode(self, model: ModelSchema, texts: list[str], normalize: bool, count: bool = False) -> Any:
+        """A (len(texts), dim) float32 array, and with ``count`` the number of tokens the model
+        read (special tokens included, each text cut at its window); blocking."""
         if self._is_cross_encoder(model):
             raise UnsupportedMode(
                 "embed", "sentence cross-encoder", f"{model.id} scores pairs; it has no embeddings"
             )
         entry = self._entry(model)
         with entry.lock:
-            return entry.instance.encode(
+            vectors = entry.instance.encode(
                 texts,
                 batch_size=BATCH_SIZE,
                 normalize_embeddings=normalize,
                 convert_to_numpy=True,
                 show_progress_bar=False,
             )
+            if not count:
+                return vectors
+            # The fast tokenizer again, ids only: about 1% of the encode time.
+            limit = entry.instance.max_seq_length
+            ids = entry.instance.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+            return vectors, sum(len(i) for i in ids)
 
     @staticmethod
     def _query_texts(model: ModelSchema, texts: list[str], instruction: str | None) -> list[str]:
@@ -109,11 +116,14 @@ class SentenceBackend:
         def work() -> EmbedResult:
             if not texts:
                 return EmbedResult.model_construct(embeddings=[], model_used=model.id, dimensions=0)
-            vectors = self._encode(model, texts, request.normalize)
+            vectors, tokens = self._encode(model, texts, request.normalize, count=True)
             # model_construct: these are floats from numpy already; validating 1000x384 of them
             # one by one would cost more than the lists themselves.
             return EmbedResult.model_construct(
-                embeddings=vectors.tolist(), model_used=model.id, dimensions=int(vectors.shape[1])
+                embeddings=vectors.tolist(),
+                model_used=model.id,
+                dimensions=int(vectors.shape[1]),
+                prompt_tokens=tokens,
             )
 
         return await run_blocking(work)
