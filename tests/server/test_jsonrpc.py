@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosedError
 
 from car_inference.engine import InferenceEngine
 from car_inference.server import ServerThread
@@ -250,6 +251,14 @@ async def test_batches_are_bounded(local_server: ServerThread) -> None:
         assert "101 calls (at most 100)" in refused["error"]["message"]
         await ws.send(json.dumps([json.loads(rpc("models.list", rid=i)) for i in range(100)]))
         assert len(json.loads(await ws.recv())) == 100
+
+
+async def test_a_message_over_4_mb_closes_the_socket(local_server: ServerThread) -> None:
+    async with connect(local_server.ws_url, max_size=None) as ws:
+        await ws.send(rpc("infer", {"prompt": "x" * (4 * 1024 * 1024)}))
+        with pytest.raises(ConnectionClosedError) as info:
+            await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009  # message too big
 
 
 async def test_a_big_batch_takes_turns_with_other_clients(local_server: ServerThread) -> None:

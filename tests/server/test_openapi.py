@@ -6,6 +6,7 @@ two billion costs nothing; embeddings, rerank and speech run the embedded models
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import httpx
@@ -22,7 +23,7 @@ from fakes import FakeProviderServer
 from .conftest import endpoint_toml
 
 SCHEMA = schemathesis.openapi.from_dict(openapi_schema(__version__))
-EXAMPLES = 30
+EXAMPLES = int(os.environ.get("CAR_FUZZ_EXAMPLES", "30"))  # per operation; fuzz longer by hand
 # Deliberate, documented 5xx answers that name what the server lacks (docs/protocol.md): no image
 # backend is installed here (501), and a request may require capabilities (`intent.require`)
 # that no model has (503 model_unavailable). Anything else at 500 or above fails.
