@@ -41,6 +41,9 @@ EXAMPLE_TRACE = "3f3137b609534ab9ad11cc870b8c7ea9"
 # they must give instead.
 EXPECTED_FAILURES = {
     "car models pull qwen3-8b": (1, "could not pull"),  # downloads weights; tests have no network
+    "car models rm qwen3-8b": (1, "nothing to remove"),  # ... so there is nothing pulled to remove
+    # `runtimes start` is only parsed (it serves until Ctrl-C), so the server has written no log.
+    "car runtimes logs smollm2-served -n 50": (1, "has no log yet"),
     # Image and video generation: the pipelines are pulled weights and gpt-image-2 needs a key.
     "car models pull sd-turbo": (1, "could not pull"),
     'car image "a lighthouse at dusk, oil painting" -o lighthouse.png --seed 7': (1, "no model is"),
@@ -48,8 +51,9 @@ EXPECTED_FAILURES = {
     'car image "a red fox" -m gpt-image-2 -s 1536x1024 -n 2 -o fox.png': (1, "OPENAI_API_KEY"),
     'car video "waves on a beach at sunset" -m ltx-video -d 4 -o waves.mp4': (1, "car models pull"),
 }
-# Long-running: parsed (every flag must exist) but not run; tests/cli/test_serve_cli.py runs it.
-PARSE_ONLY = ("serve",)
+# Long-running (they serve until Ctrl-C): parsed, so every flag must exist, but not run; their own
+# tests run them (tests/cli/test_serve_cli.py, tests/cli/test_runtimes_cli.py).
+PARSE_ONLY = (("serve",), ("runtimes", "start"))
 HOSTED_SECTION = "Hosted models and OpenAI-compatible servers"
 CHAT_INPUT = "Hello\n/exit\n"
 MAX_TOKENS = "12"
@@ -68,6 +72,7 @@ class Command:
 class Block:
     section: str
     commands: list[Command]
+    files: dict[str, str] = field(default_factory=dict)  # the section's `# models.toml` blocks
 
     @property
     def id(self) -> str:
@@ -97,7 +102,8 @@ def _comment(line: str) -> str:
 
 
 def _commands_of_line(line: str, exports: dict[str, str]) -> list[Command]:
-    tokens = shlex.split(line, comments=True)
+    # `[--flag]` marks an optional flag: the test runs the command with it.
+    tokens = [re.sub(r"^\[(-.*)\]$", r"\1", t) for t in shlex.split(line, comments=True)]
     if tokens[:1] == ["export"]:
         exports.update(t.split("=", 1) for t in tokens[1:])  # type: ignore[arg-type]
         return []
@@ -129,8 +135,14 @@ def _split(tokens: list[str], sep: str) -> list[list[str]]:
 
 
 def readme_blocks() -> list[Block]:
-    blocks = []
+    blocks: list[Block] = []
+    files: dict[str, dict[str, str]] = {}  # per section: the TOML files it tells the reader to write
     for section, lang, lines in _fences(README.read_text(encoding="utf-8")):
+        if lang == "toml" and lines and lines[0].strip() in ("# models.toml", "# config.toml"):
+            shown = files.setdefault(section, {})
+            name = lines[0].strip()[2:]
+            shown[name] = shown.get(name, "") + "\n".join(lines) + "\n"
+            continue
         commands: list[Command] = []
         if lang == "bash":
             exports: dict[str, str] = {}
@@ -144,7 +156,7 @@ def readme_blocks() -> list[Block]:
                 elif commands and line.strip():
                     commands[-1].prints.append(line)
         if commands:
-            blocks.append(Block(section, commands))
+            blocks.append(Block(section, commands, files.get(section, {})))
     return blocks
 
 
@@ -182,12 +194,15 @@ def _prepare_home(home: Path, fake: FakeProviderServer, block: Block) -> None:
     """A port nobody serves (so `car health` never finds another test's server); where a block
     runs `car models discover`, the `[[endpoints]]` server it asks; for hosted models, the
     providers' hosts pointed at the fake."""
-    (home / "config.toml").write_text(f"[server]\nport = {_free_port()}\n")
+    (home / "config.toml").write_text(
+        f"[server]\nport = {_free_port()}\n" + block.files.get("config.toml", "")
+    )
     toml = ""
     if any(c.args[:2] == ["models", "discover"] for c in block.commands):
         toml += (
             f'[[endpoints]]\nname = "gpubox"\nbase_url = "{fake.openai_base_url}"\n'
-            'models = ["Qwen/Qwen3-8B"]\n'
+            # Embeddings only: routed generation stays on the embedded model, as on a fresh install.
+            'models = ["text-embedding-3-small"]\ncapabilities = ["embed"]\n'
         )
     if block.section == HOSTED_SECTION:
         toml += (
@@ -195,7 +210,7 @@ def _prepare_home(home: Path, fake: FakeProviderServer, block: Block) -> None:
             f'[hosts.anthropic]\nbase_url = "{fake.anthropic_base_url}"\n'
             f'[hosts.gemini]\nbase_url = "{fake.gemini_base_url}"\n'
         )
-    (home / "models.toml").write_text(toml)
+    (home / "models.toml").write_text(toml + block.files.get("models.toml", ""))  # + what the section shows
 
 
 def _cap_tokens(args: list[str]) -> list[str]:
@@ -229,7 +244,7 @@ def _check_prints(command: Command, stdout: str, stderr: str) -> None:
 def _run(command: Command, subs: dict[str, str], trace: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     args = [subs.get(a, a) for a in command.args]
     args = [trace[-1] if a == EXAMPLE_TRACE and trace else a for a in args]
-    if args[:1] and args[0] in PARSE_ONLY:
+    if any(tuple(args[: len(p)]) == p for p in PARSE_ONLY):
         _parse_only(args)
         return
     for name, value in command.env.items():
@@ -277,3 +292,31 @@ def test_readme_block_runs(
     trace: list[str] = []
     for command in block.commands:
         _run(command, _substitutions(fake), trace, monkeypatch)
+
+
+# Commands that only act (or, like chat and serve, keep running): the README names them as the
+# ones without --json. A new command that returns something must take --json or be listed here
+# and in the README.
+ACT_ONLY = {
+    "chat", "serve", "feedback", "keys reset", "secrets put", "secrets rm", "profiles export",
+    "profiles import", "runtimes stop", "runtimes logs", "runtimes install",
+}  # fmt: skip
+
+
+def _leaf_commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    subcommands = getattr(command, "commands", None)
+    if not subcommands:
+        yield " ".join(path), command
+        return
+    for name, sub in subcommands.items():
+        yield from _leaf_commands(sub, (*path, name))
+
+
+def test_every_command_that_returns_a_result_takes_json() -> None:
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    assert "Every command that returns a result takes `--json`" in readme
+    for name, command in _leaf_commands(typer.main.get_command(app)):
+        options = {opt for param in command.params for opt in getattr(param, "opts", [])}
+        assert ("--json" in options) != (name in ACT_ONLY), name
+        if name in ACT_ONLY:
+            assert f"`{name}`" in readme, f"the README should name `{name}` among the commands without --json"
