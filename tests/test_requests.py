@@ -6,12 +6,14 @@ import pytest
 from pydantic import ValidationError
 
 from car_inference.requests import (
+    EmbedRequest,
     GenerateImageRequest,
     GenerateParams,
     GenerateRequest,
     ImageBlock,
     InferenceResult,
     Message,
+    RerankRequest,
     ResponseFormat,
     SynthesizeRequest,
     TextBlock,
@@ -197,7 +199,7 @@ def test_tool_choice_is_a_mode_or_a_declared_tool() -> None:
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
     for choice in ("auto", "none", "required", "weather"):
         GenerateRequest(prompt="x", tools=tools, params={"tool_choice": choice})
-    with pytest.raises(ValidationError, match="sometimes.*weather"):
+    with pytest.raises(ValidationError, match=r"sometimes.*weather"):
         GenerateRequest(prompt="x", tools=tools, params={"tool_choice": "sometimes"})
     with pytest.raises(ValidationError, match="none given"):
         GenerateRequest(prompt="x", params={"tool_choice": "weather"})
@@ -210,3 +212,7 @@ def test_speech_and_image_requests_take_numbers_only() -> None:
         SynthesizeRequest(text="hi", speed=5e-324)  # Piper's length scale would be infinite
     with pytest.raises(ValidationError):
         GenerateImageRequest(prompt="cat", seed=False)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        RerankRequest(query="q", documents=["a"], top_n=True)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        EmbedRequest.model_validate({"texts": ["a"], "is_query": "yes"})

@@ -375,9 +375,9 @@ class InferenceResult(_OmitEmpty):
 class EmbedRequest(_Model):
     texts: list[str]
     model: str | None = None
-    is_query: bool = False
+    is_query: Bool = False
     instruction: str | None = None
-    normalize: bool = True
+    normalize: Bool = True
 
 
 class EmbedResult(_Model):
@@ -391,7 +391,7 @@ class RerankRequest(_Model):
     query: str
     documents: list[str]
     model: str | None = None
-    top_n: int | None = Field(default=None, ge=0)
+    top_n: Int | None = Field(default=None, ge=0)
     instruction: str | None = None
 
 

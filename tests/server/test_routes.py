@@ -194,6 +194,7 @@ def test_wrong_types_and_unknown_tool_choices_are_400(http: httpx.Client) -> Non
         ({"messages": HI, "temperature": True}, "temperature"),  # was taken as 1.0
         ({"messages": HI, "max_tokens": False}, "max_tokens"),
         ({"messages": HI, "seed": 2**64}, "seed"),
+        ({"messages": HI, "n": True}, "n"),
         ({"messages": HI, "tool_choice": "sometimes", "tools": [WEATHER]}, "tool_choice"),  # was accepted
         ({"messages": HI, "tool_choice": "get_weather", "tools": [WEATHER]}, "tool_choice"),  # OpenAI: object
         ({"messages": HI, "tool_choice": {"type": "function"}}, "tool_choice"),

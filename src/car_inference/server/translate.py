@@ -213,7 +213,7 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
     stop = body.get("stop")
     if stop is not None:
         params["stop"] = [stop] if isinstance(stop, str) else stop
-    if body.get("n") not in (None, 1):
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
         raise _bad("only n = 1 is supported", "n")
     if body.get("logprobs") or body.get("top_logprobs"):
         raise _bad("logprobs are not supported", "logprobs")
@@ -285,7 +285,7 @@ def completion_request(body: dict[str, Any]) -> GenerationCall:
         raise _bad("`suffix` is not supported", "suffix")
     if body.get("echo"):
         raise _bad("`echo` is not supported", "echo")
-    if body.get("best_of") not in (None, 1):
+    if body.get("best_of") not in (None, 1) or isinstance(body.get("best_of"), bool):
         raise _bad("only best_of = 1 is supported", "best_of")
     params = _params(body) | {"raw_prompt": True}
     data = {"prompt": prompt, "model": _model(body), "params": params, "intent": body.get("intent")}
