@@ -290,3 +290,13 @@ def test_route_with_a_long_prompt_prints_no_llama_cpp_warning() -> None:
     code, out, err = car("route", "The quick brown fox jumps over the lazy dog. " * 400)
     assert code == 0 and "huggingface/smollm2" in out
     assert err == "", err
+
+
+def test_a_cut_answer_says_so() -> None:
+    prompt = "Count from one to one hundred, in words."
+    code, out, _ = car("generate", prompt, "-n", "3", "--json")
+    assert code == 0 and json.loads(out)["finish_reason"] == "length"
+    code, out, err = car("generate", prompt, "-n", "3", "--no-stream")
+    assert code == 0 and out.strip() and "cut at the 3-token limit" in err
+    code, _, err = car("generate", "What is the capital of France?", "-n", "40", "--no-stream")
+    assert code == 0 and "cut at" not in err  # a whole answer has no note (nor a finish_reason key)

@@ -98,6 +98,13 @@ def _print_tool_calls(result: InferenceResult | Done) -> None:
         err.print(f"[tool call] {call.name}({call.arguments or call.invalid_arguments})", style="cyan")
 
 
+def _note_cut(finish_reason: str | None, max_tokens: int) -> None:
+    """Say on stderr when the answer was cut, so a truncated answer is not taken for a whole one."""
+    if finish_reason == "length":
+        sys.stdout.flush()  # after the answer, not before it
+        err.print(f"(cut at the {max_tokens}-token limit: raise it with -n)", style="dim", markup=False)
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
@@ -138,6 +145,7 @@ def register(app: typer.Typer) -> None:
             final = run(_stream_to_terminal(eng, request, show_spinner=True))
             if final is not None:
                 _print_tool_calls(final)
+                _note_cut(final.finish_reason, max_tokens)
             return
         with spinner("Generating..."):
             result = run(eng.generate(request))
@@ -145,6 +153,7 @@ def register(app: typer.Typer) -> None:
             err.print(result.thinking, style="dim")
         sys.stdout.write(result.text + "\n")
         _print_tool_calls(result)
+        _note_cut(result.finish_reason, max_tokens)
 
     @app.command()
     @handle_errors
