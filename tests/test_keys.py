@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,21 @@ def test_two_processes_lose_no_update(tmp_path: Path) -> None:
         assert w.wait(timeout=60) == 0
     row = KeyPool(CarConfig(home=tmp_path), env={VAR: A}, store=None).stats([VAR])[VAR][0]
     assert (row.requests, row.failures) == (2 * n, 2 * n // 5)
+
+
+def test_counts_reach_the_database_within_a_second_unasked(tmp_path: Path) -> None:
+    """No flush call: what a process killed outright would have left behind."""
+    server = KeyPool(CarConfig(home=tmp_path), env={VAR: A}, store=None)
+    for _ in range(3):
+        server.report(VAR, A, status=200, retry_after=None)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        with sqlite3.connect(tmp_path / "state.db") as conn:
+            written = conn.execute("SELECT requests FROM key_stats").fetchone()
+        if written == (3,):
+            break
+        time.sleep(0.1)
+    assert written == (3,)
 
 
 def test_legacy_json_is_imported_once(tmp_path: Path, clock: Clock) -> None:

@@ -209,6 +209,7 @@ class KeyPool:
         self._records: dict[str, _Record] = {}
         self._pending: dict[str, _Pending] = {}
         self._last_save = 0.0
+        self._timer: threading.Timer | None = None
         self._conn = self._open()
         if self._conn is not None and legacy_path is not None:
             self._import_legacy(legacy_path)
@@ -293,6 +294,23 @@ class KeyPool:
             due = pending.health or now - self._last_save >= _SAVE_INTERVAL_S
         if due:
             self.flush()
+        else:
+            self._flush_later()
+
+    def _flush_later(self) -> None:
+        """Counts not written at once are written within ``_SAVE_INTERVAL_S`` (a daemon timer),
+        so a process killed outright loses at most that much."""
+        with self._lock:
+            if self._timer is not None:
+                return
+            self._timer = threading.Timer(_SAVE_INTERVAL_S, self._timed_flush)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _timed_flush(self) -> None:
+        with self._lock:
+            self._timer = None
+        self.flush()
 
     def has_key(self, env_var: str) -> bool:
         """True when ``env_var`` has a key that is not disabled (the registry's key check)."""
