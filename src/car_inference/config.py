@@ -9,6 +9,7 @@ short names: ``CAR_BACKEND_CACHE_MB``, ``CAR_SERVER_API_KEYS`` (comma-separated)
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ._tomlfile import read_toml, validate_file
 from .errors import ConfigError
 from .schema import ModelCapability
+
+log = logging.getLogger("car_inference.config")
 
 __all__ = [
     "BreakerSettings",
@@ -105,6 +108,12 @@ def _default_models() -> ModelChoices:
     )
 
 
+_LEGACY_ROUTING = frozenset({
+    "exploration_rate", "quality_first_cold_start", "min_observations", "bootstrap_min_task_observations",
+    "bootstrap_quality_floor",
+})  # fmt: skip
+
+
 class RoutingSettings(_Section):
     quality_weight: float = Field(default=0.6, ge=0)
     latency_weight: float = Field(default=0.25, ge=0)
@@ -113,14 +122,36 @@ class RoutingSettings(_Section):
         default=2.0, ge=1, description="latency weight multiplier for interactive work"
     )
     prefer_local: bool = False
-    quality_first_cold_start: bool = True
-    min_observations: int = Field(default=5, ge=0)
-    bootstrap_min_task_observations: int = Field(default=3, ge=0)
-    bootstrap_quality_floor: float = Field(default=0.5, ge=0, le=1)
     prior_strength: float = Field(default=10.0, ge=0, description="pseudo-observations of a prior")
-    exploration_rate: float = Field(default=0.05, ge=0, le=1)
+    prior_sd: float = Field(
+        default=0.15, gt=0, le=1, description="uncertainty (standard deviation) of a model's prior quality"
+    )
+    exploration: float = Field(
+        default=1.0,
+        ge=0,
+        le=4,
+        description="Thompson sampling scale: 1 samples each model's quality belief, 0 routes on its mean",
+    )
+
     seed: int | None = None
     max_fallbacks: int = Field(default=3, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        """Settings of the old cold-start and epsilon-greedy router: exploration now comes from
+        the uncertainty of each model's belief. ``exploration_rate = 0`` still means none."""
+        if isinstance(data, dict) and _LEGACY_ROUTING.intersection(data):
+            data = dict(data)
+            rate = data.pop("exploration_rate", None)
+            if rate is not None and "exploration" not in data:
+                data["exploration"] = 0.0 if rate == 0 else 1.0
+            dropped = sorted(_LEGACY_ROUTING.intersection(data))
+            for key in dropped:
+                del data[key]
+            if dropped:
+                log.warning("[routing] %s: unused (exploration is Thompson sampling)", ", ".join(dropped))
+        return data
 
 
 class LocalSettings(_Section):

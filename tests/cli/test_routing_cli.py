@@ -24,7 +24,7 @@ def test_route_explains_and_prints_json() -> None:
     assert "not available" in out and "lacks generate" in out
     code, out, _ = car("route", "hi", "--json", "--workload", "background")
     decision = json.loads(out)
-    assert code == 0 and decision["strategy"] in ("adaptive", "cold_start") and decision["candidates"]
+    assert code == 0 and decision["strategy"] in ("adaptive", "explore") and decision["candidates"]
     assert decision["candidates"][0]["model_id"] == decision["model_id"]
 
 

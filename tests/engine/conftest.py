@@ -83,7 +83,7 @@ def remote_engine(
             text += _model_toml(entry)
         (isolated_home / "models.toml").write_text(text)
         (isolated_home / "config.toml").write_text(
-            f"[routing]\nexploration_rate = 0.0\nseed = 7\n{routing}\n[remote]\ntimeout_s = 3\n{config}"
+            f"[routing]\nexploration = 0.0\nseed = 7\n{routing}\n[remote]\ntimeout_s = 3\n{config}"
         )
         return InferenceEngine()
 

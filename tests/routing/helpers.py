@@ -87,7 +87,7 @@ def make_router(
     seed: int = 7,
     meter: Any = None,
 ) -> AdaptiveRouter:
-    settings = settings or RoutingSettings(exploration_rate=0.0)
+    settings = settings or RoutingSettings(exploration=0.0)
     return AdaptiveRouter(
         settings,
         tracker or OutcomeTracker(None, settings),

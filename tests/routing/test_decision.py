@@ -21,6 +21,15 @@ def test_a_decision_validates_and_round_trips() -> None:
     decision = make_router().decide(GenerateRequest(prompt="hello"), reg)
     data = decision.model_dump(exclude={"candidates"})
     again = RoutingDecision.model_validate(data)
-    assert again.model_id == "a/x" and again.strategy is RoutingStrategy.COLD_START
+    assert again.model_id == "a/x" and again.strategy is RoutingStrategy.ADAPTIVE
     assert again.candidates == []  # candidates come from the router, not from input
     assert decision.model_dump()["candidates"][0]["model_id"] == "a/x"
+
+
+def test_each_candidate_says_why_it_won_or_lost() -> None:
+    reg = registry(remote("a/x", quality=0.9, price=(1, 1)), remote("b/y", quality=0.5, price=(5, 5)))
+    decision = make_router().decide(GenerateRequest(prompt="hello"), reg)
+    won, lost = decision.candidates
+    assert won.model_id == "a/x" and won.notes == "chosen: highest score"
+    assert lost.notes.startswith("lost: quality 0.50 < 0.90") and "5.0x cost" in lost.notes
+    assert lost.quality_sd > 0 and lost.expected_output_tokens == 256

@@ -2,7 +2,17 @@ from __future__ import annotations
 
 import pytest
 
-from car_inference.routing.estimate import ProfileRow, StatsRow, predict, residual, shrunk_baseline
+from car_inference.routing.estimate import (
+    ALL,
+    DIFFICULTY_PSEUDO_CALLS,
+    DRIFT_VAR,
+    StatsRow,
+    belief,
+    difficulty,
+    noise_of,
+    posterior,
+    residual,
+)
 
 
 def test_residual_is_measured_against_the_other_models() -> None:
@@ -16,36 +26,56 @@ def test_residual_is_measured_against_the_other_models() -> None:
     assert residual(0.0, 10, [family, cluster]) == pytest.approx(-(10 * base_family + 1) / 20)
 
 
-def test_shrunk_baseline() -> None:
-    assert shrunk_baseline([], 10) == 0.5
-    assert shrunk_baseline([(2.0, 10.0)], 10, start=0.6) == pytest.approx((6 + 2) / 20)
-    assert shrunk_baseline([(2.0, 10.0), (0.0, 0.0)], 10) == pytest.approx(0.35)
+def _stats(total: float, n: float) -> StatsRow:
+    return StatsRow(calls=int(n), quality_sum=total, decayed_sum=total, decayed_n=n)
 
 
-def _stats(total: float, n: float, resid: float = 0.0) -> StatsRow:
-    return StatsRow(calls=int(n), quality_sum=total, decayed_sum=total, decayed_n=n, resid_sum=resid)
+def test_posterior_is_the_conjugate_gaussian_update() -> None:
+    # Prior N(0.5, 0.04) plus a drift of 0.01; 10 outcomes summing to 8 with noise 0.25.
+    mean, var = posterior(0.5, 0.04, [(10.0, 8.0, 0.01)], 0.25)
+    precision = 1 / 0.05 + 10 / 0.25
+    assert var == pytest.approx(1 / precision)
+    assert mean == pytest.approx((0.5 / 0.05 + 8.0 / 0.25) / precision)
+    # No outcome at a level: only its drift widens the belief.
+    assert posterior(0.7, 0.04, [(0.0, 0.0, 0.01)], 0.25) == pytest.approx((0.7, 0.05))
 
 
-def test_predict_without_data_is_the_prior() -> None:
-    assert predict(10, 0.2, 0.5, None, None, None, None, None, use_cluster=True) == (0.7, 0)
+def test_noise_is_bounded_near_certain_means() -> None:
+    """A mean of 1.0 would give zero noise, and one outcome would then be certainty."""
+    assert noise_of(1.0) == noise_of(0.99) == 0.04
+    assert noise_of(0.5) == 0.25
 
 
-def test_predict_leaves_the_model_out_of_its_own_baseline() -> None:
-    own = _stats(8.0, 10.0)
-    everyone = _stats(8.0 + 2.0, 20.0)  # the others scored 2 of 10
-    quality, n = predict(10, 0.0, 0.5, None, own, everyone, None, None, use_cluster=False)
-    base = (10 * 0.5 + 2.0) / 20
+def test_an_untried_model_keeps_its_prior_with_the_widest_uncertainty() -> None:
+    mean, var, n = belief(0.8, 0.02, [None, None], 0.16)
+    assert (mean, n) == (0.8, 0)
+    assert var == pytest.approx(0.02 + sum(DRIFT_VAR))
+
+
+def test_each_level_counts_only_what_narrower_levels_do_not_hold() -> None:
+    """20 calls in the family, 10 of them in the cluster: the family level weighs the other 10
+    at the family's mean, the cluster level its own 10 at the cluster's mean."""
+    family, cluster = _stats(15.0, 20.0), _stats(9.0, 10.0)
+    mean, var, n = belief(0.5, 0.02, [family, cluster], 0.25)
+    expected = posterior(0.5, 0.02, [(10.0, 7.5, DRIFT_VAR[0]), (10.0, 9.0, DRIFT_VAR[1])], 0.25)
+    assert (mean, var) == pytest.approx(expected)
     assert n == 10
-    assert quality == pytest.approx(base + (8.0 - 10 * base) / 20)
-    # Alone on a family, its own scores are not its baseline: all they can show is the model itself.
-    alone, _ = predict(10, 0.0, 0.5, None, own, own, None, None, use_cluster=False)
-    assert alone == pytest.approx(0.5 + (8.0 - 5.0) / 20)
+    # The cluster's 90 % pulls the belief above what the prior and the family's 75 % give, with
+    # more certainty than ten calls alone would (noise 0.25 / 10).
+    family_only, _v = posterior(0.5, 0.02, [(10.0, 7.5, DRIFT_VAR[0])], 0.25)
+    assert family_only + 0.1 < mean < 0.9 and var < 0.025
 
 
-def test_predict_uses_the_cluster_and_clamps() -> None:
-    fam, fam_all = _stats(5.0, 10.0, resid=-3.0), _stats(10.0, 20.0)
-    clu, clu_all = _stats(0.0, 5.0), _stats(0.0, 10.0)
-    quality, n = predict(10, 0.0, 0.5, ProfileRow(total_calls=10, resid_sum=-3.0), fam, fam_all, clu,
-                         clu_all, use_cluster=True)  # fmt: skip
-    assert n == 5 and 0.0 <= quality < 0.2
-    assert predict(10, 2.0, 0.5, None, None, None, None, None, use_cluster=False)[0] == 1.0
+def test_difficulty_is_how_much_observed_models_beat_their_priors() -> None:
+    """An untried model's prior moves with how hard the context is for everyone, not to the
+    context's average: at 0.6 where a 0.9-prior model scores 0.3, it is predicted well below 0.6."""
+    level = {ALL: _stats(6.0, 20.0), "a/strong": _stats(6.0, 20.0)}
+    offset = difficulty([{}, level], {"a/strong": 0.9, "b/untried": 0.6})
+    assert offset == pytest.approx((6.0 - 20 * 0.9) / (20 + DIFFICULTY_PSEUDO_CALLS))
+    assert 0.6 + offset < 0.35
+    assert difficulty([{}, {}], {"a/strong": 0.9}) == 0.0  # nothing observed: the prior as it is
+
+
+def test_evidence_moves_a_model_away_from_its_prior() -> None:
+    bad, _var, n = belief(0.9, 0.02, [_stats(8.0, 40.0)], noise_of(0.9))
+    assert bad < 0.35 and n == 40

@@ -24,6 +24,7 @@ from car_inference.routing import (
     SpendControl,
     apply_benchmark_priors,
 )
+from car_inference.routing.estimate import DIFFICULTY_PSEUDO_CALLS
 from car_inference.routing.router import AUTO_THINKING_BUDGET, PREFERRED_REASON
 from car_inference.schema import ModelSchema
 
@@ -75,7 +76,9 @@ def test_preferred_that_cannot_serve_the_request_is_skipped() -> None:
     assert router.decide(HELLO, reg, preferred="nope/none").model_id in {"a/text", "b/tools"}
 
 
-def test_explicit_model_wins_and_keeps_fallbacks() -> None:
+def test_explicit_model_wins_with_no_fallbacks_and_no_scoring() -> None:
+    """A named model is never replaced by the router (the engine adds the user's configured
+    fallbacks for it), and it pays for no candidate scoring."""
     reg = registry(
         remote("a/best", quality=0.9), remote("a/small", quality=0.3), remote("b/other", quality=0.6)
     )
@@ -83,6 +86,16 @@ def test_explicit_model_wins_and_keeps_fallbacks() -> None:
     assert decision.model_id == "a/small"
     assert decision.strategy is RoutingStrategy.EXPLICIT
     assert decision.reason == "explicit model"
+    assert decision.fallbacks == [] and decision.candidates == []
+    assert decision.predicted_quality == pytest.approx(0.3)  # its prior, nobody else's
+
+
+def test_preferred_model_keeps_adaptive_fallbacks() -> None:
+    reg = registry(
+        remote("a/best", quality=0.9), remote("a/small", quality=0.3), remote("b/other", quality=0.6)
+    )
+    decision = make_router().decide(GenerateRequest(prompt="hi"), reg, preferred="a/small")
+    assert decision.model_id == "a/small" and decision.strategy is RoutingStrategy.PREFERRED
     assert decision.fallbacks == ["b/other", "a/best"]  # another provider first
 
 
@@ -286,7 +299,7 @@ def test_spend_limit_raises_when_nothing_else_can_serve(clock: FakeClock) -> Non
 def test_local_first_from_settings_or_intent() -> None:
     reg = registry(remote("a/cloud", quality=0.95), local("l/box", quality=0.3))
     assert make_router().decide(HELLO, reg).model_id == "a/cloud"
-    settings = RoutingSettings(prefer_local=True, exploration_rate=0)
+    settings = RoutingSettings(prefer_local=True, exploration=0)
     decision = make_router(settings).decide(HELLO, reg)
     assert decision.model_id == "l/box"
     assert decision.excluded["a/cloud"].startswith("prefer_local")
@@ -302,18 +315,47 @@ def test_local_first_from_settings_or_intent() -> None:
 # --- scoring -------------------------------------------------------------------------------------
 
 
-def test_cold_start_prefers_the_best_prior() -> None:
-    reg = registry(
-        remote("a/fast-cheap", quality=0.55, price=(0.05, 0.1), latency_ms=300),
-        remote("b/strong", quality=0.9, price=(5.0, 15.0), latency_ms=4000),
-        remote("c/weak", quality=0.2, price=(0.01, 0.01), latency_ms=200),
-    )
-    cold = make_router().decide(HELLO, reg)
-    assert cold.strategy is RoutingStrategy.COLD_START and cold.model_id == "b/strong"
-    assert cold.candidates[0].model_id != "b/strong"  # on score alone a cheaper one would win
-    assert cold.candidates[[c.model_id for c in cold.candidates].index("b/strong")].notes == "cold_start"
-    warm = make_router(RoutingSettings(quality_first_cold_start=False, exploration_rate=0)).decide(HELLO, reg)
-    assert warm.strategy is RoutingStrategy.ADAPTIVE and warm.model_id != "b/strong"
+def test_untried_models_start_from_their_own_prior_with_wide_uncertainty() -> None:
+    """Not from the context's average (the old router's fault): a model never tried keeps its own
+    prior, moved only by how much harder the context proved than the tried model's prior said,
+    and it is the least certain candidate."""
+    reg = registry(remote("a/tried", quality=0.9), remote("b/untried", quality=0.6))
+    router = make_router()
+    for i in range(20):
+        d = router.decide(HELLO, reg)
+        router.tracker.record_attempt(
+            "a/tried", family=d.task_family, cluster=d.prompt_cluster, trace_id=f"t{i}", started_at=0.0,
+            success=True, score=0.1,
+        )  # fmt: skip
+    by_id = {c.model_id: c for c in router.decide(HELLO, reg).candidates}
+    offset = (20 * 0.1 - 20 * 0.9) / (20 + DIFFICULTY_PSEUDO_CALLS)  # the context is 0.8 harder
+    assert by_id["b/untried"].quality == pytest.approx(0.6 + offset)
+    assert by_id["b/untried"].quality > 0.15  # not the 0.1 the tried model scores there
+    assert by_id["a/tried"].quality < 0.25
+    assert by_id["b/untried"].quality_sd > 1.5 * by_id["a/tried"].quality_sd
+
+
+def test_exploration_comes_from_uncertainty_and_fades_with_evidence() -> None:
+    """Thompson sampling: early on the weaker prior is tried; once outcomes separate the models,
+    the better one takes nearly all traffic; with exploration = 0 the mean decides at once."""
+    reg = registry(remote("a/good", quality=0.7), remote("b/unsure", quality=0.6))
+    router = make_router(RoutingSettings(exploration=1.0), seed=5)
+    picks = []
+    for i in range(400):
+        d = router.decide(HELLO, reg)
+        picks.append((d.model_id, d.strategy))
+        score = (0.9 if d.model_id == "a/good" else 0.3) if i % 3 else 0.5
+        router.tracker.record_attempt(
+            d.model_id, family=d.task_family, cluster=d.prompt_cluster, trace_id=f"t{i}", started_at=0.0,
+            success=True, score=score,
+        )  # fmt: skip
+    early = [m for m, _ in picks[:40]]
+    assert early.count("b/unsure") >= 3
+    late = [m for m, _ in picks[-100:]]
+    assert late.count("a/good") >= 97
+    assert any(s is RoutingStrategy.EXPLORE for _, s in picks[:40])
+    greedy = make_router(RoutingSettings(exploration=0.0))
+    assert {greedy.decide(HELLO, reg).model_id for _ in range(20)} == {"a/good"}
 
 
 def test_benchmark_priors_feed_the_router() -> None:
@@ -331,9 +373,7 @@ def test_interactive_work_weighs_latency_more() -> None:
     reg = registry(
         remote("a/slow-better", quality=0.9, latency_ms=6000), remote("b/fast", quality=0.4, latency_ms=600)
     )
-    settings = RoutingSettings(
-        quality_first_cold_start=False, exploration_rate=0, interactive_latency_boost=3
-    )
+    settings = RoutingSettings(exploration=0, interactive_latency_boost=3)
     router = make_router(settings)
     interactive = router.decide(HELLO, reg)
     background = router.decide(
@@ -347,7 +387,7 @@ def test_complex_tasks_weigh_quality_more() -> None:
     reg = registry(
         remote("a/premium", quality=0.9, price=(3, 15)), remote("b/budget", quality=0.75, price=(0.1, 0.4))
     )
-    router = make_router(RoutingSettings(quality_first_cold_start=False, exploration_rate=0))
+    router = make_router(RoutingSettings(exploration=0))
     simple = router.decide(GenerateRequest(prompt="What is the capital of France?"), reg)
     complex_ = router.decide(
         GenerateRequest(
@@ -365,7 +405,7 @@ def test_complex_tasks_weigh_quality_more() -> None:
 def test_learning_switches_to_the_model_that_succeeds() -> None:
     """The engine's loop: route, run, record; on a failure the first fallback runs and is recorded."""
     reg = registry(remote("a/promised", quality=0.9), remote("b/reliable", quality=0.6))
-    router = make_router(RoutingSettings(exploration_rate=0))
+    router = make_router(RoutingSettings(exploration=0))
     tracker = router.tracker
     picks = []
     for _ in range(30):
@@ -388,7 +428,7 @@ def test_learning_switches_to_the_model_that_succeeds() -> None:
 def test_feedback_alone_moves_traffic_with_exploration() -> None:
     """No errors, only poor explicit feedback for one model: exploration finds the better one."""
     reg = registry(remote("a/fluent", quality=0.7), remote("b/correct", quality=0.6))
-    router = make_router(RoutingSettings(exploration_rate=0.1), seed=3)
+    router = make_router(RoutingSettings(exploration=1.0), seed=3)
     tracker = router.tracker
     picks = []
     for _ in range(300):
@@ -399,37 +439,38 @@ def test_feedback_alone_moves_traffic_with_exploration() -> None:
         )
         tracker.record_complete(trace, 300)
         tracker.record_feedback(trace, 0.2 if decision.model_id == "a/fluent" else 0.9)
-    assert picks[0] == "a/fluent"
-    assert picks[-50:].count("b/correct") >= 40
+    assert "a/fluent" in picks[:20]  # the better prior is tried
+    assert picks[-50:].count("b/correct") >= 45
 
 
-def test_exploration_is_seeded_and_picks_under_observed_models() -> None:
+def test_exploration_is_seeded_and_tries_every_model() -> None:
     reg = registry(*(remote(f"p{i}/m{i}", quality=0.5 + i / 100) for i in range(4)))
-    settings = RoutingSettings(exploration_rate=0.3, quality_first_cold_start=False)
+    settings = RoutingSettings(exploration=1.0)
 
     def run(seed: int) -> list[tuple[str, str]]:
         router = make_router(settings, seed=seed)
         out = []
-        for _ in range(60):
+        for i in range(60):
             d = router.decide(HELLO, reg)
             out.append((d.model_id, d.strategy.value))
-            trace = router.tracker.record_start(d.model_id, family=d.task_family)
-            router.tracker.record_complete(trace, 100)
+            router.tracker.record_attempt(
+                d.model_id, family=d.task_family, cluster=d.prompt_cluster, trace_id=f"t{i}",
+                started_at=0.0, success=True, score=0.5,
+            )  # fmt: skip
         return out
 
     first, again, other = run(1), run(1), run(2)
     assert first == again
     assert first != other
-    explored = [m for m, s in first if s == "explore"]
-    assert 8 <= len(explored) <= 30
     assert len({m for m, _ in first}) == 4  # every model got tried
-    never = make_router(RoutingSettings(exploration_rate=0, quality_first_cold_start=False))
+    assert any(s == "explore" for _, s in first)
+    never = make_router(RoutingSettings(exploration=0))
     assert {never.decide(HELLO, reg).strategy for _ in range(30)} == {RoutingStrategy.ADAPTIVE}
 
 
 def test_exploration_never_overrides_explicit_or_preferred() -> None:
     reg = registry(remote("a/one"), remote("b/two"))
-    router = make_router(RoutingSettings(exploration_rate=1.0))
+    router = make_router(RoutingSettings(exploration=4.0))
     for _ in range(10):
         assert router.decide(GenerateRequest(prompt="x", model="a/one"), reg).model_id == "a/one"
         assert router.decide(HELLO, reg, preferred="b/two").model_id == "b/two"
@@ -443,7 +484,7 @@ def test_fallbacks_prefer_other_providers() -> None:
         remote("b/1", quality=0.5),
         remote("c/1", quality=0.4),
     )
-    decision = make_router(RoutingSettings(max_fallbacks=3, exploration_rate=0)).decide(HELLO, reg)
+    decision = make_router(RoutingSettings(max_fallbacks=3, exploration=0)).decide(HELLO, reg)
     assert decision.model_id == "a/1"
     assert decision.fallbacks == ["b/1", "c/1", "a/2"]
     assert make_router(RoutingSettings(max_fallbacks=0)).decide(HELLO, reg).fallbacks == []
@@ -476,7 +517,7 @@ def test_decision_serialises_with_candidates_best_first() -> None:
     assert scores == sorted(scores, reverse=True) and len(scores) == 3
     assert {c["model_id"] for c in data["candidates"]} == {"a/x", "b/y", "l/z"}
     assert data["candidates"][0]["provider"] and "quality_observations" in data["candidates"][0]
-    assert decision.reason.startswith("cold_start: chat/simple -> a/x (quality 0.90 from 0 obs")
+    assert decision.reason.startswith("adaptive: chat/simple -> a/x (quality 0.90 ± 0.")
     assert decision.reason.endswith("3 candidates, 0 excluded")
 
 
@@ -503,10 +544,10 @@ def test_routes_over_the_builtin_catalog() -> None:
     assert len(decision.fallbacks) == router.settings.max_fallbacks
 
 
-def test_router_scores_match_the_tracker_estimates() -> None:
-    """AdaptiveRouter._score inlines estimate.predict for speed: both must agree."""
+def test_router_scores_match_the_tracker_beliefs() -> None:
+    """The scoring loop and ``OutcomeTracker.belief`` compute the same belief."""
     reg = registry(*(remote(f"p{i}/m{i}", quality=0.4 + i / 20) for i in range(5)))
-    router = make_router(RoutingSettings(exploration_rate=0.2), seed=11)
+    router = make_router(RoutingSettings(exploration=1.0), seed=11)
     tracker = router.tracker
     prompts = ["Why is the sky blue?", "Solve for x: 2x + 3 = 9", "Pick one:\nA. red\nB. blue\nC. green"]
     for i in range(150):
@@ -518,13 +559,13 @@ def test_router_scores_match_the_tracker_estimates() -> None:
         tracker.record_feedback(trace, (i * 37 % 100) / 100)
     for prompt in prompts:
         decision = router.decide(GenerateRequest(prompt=prompt), reg)
-        prior_mean = sum(router.prior(c.model_id, decision.task_family) for c in decision.candidates) / 5
         for c in decision.candidates:
-            expected, n = tracker.quality(
+            mean, var, n = tracker.belief(
                 c.model_id, decision.task_family, router.prior(c.model_id, decision.task_family),
-                cluster=decision.prompt_cluster, prior_mean=prior_mean,
+                cluster=decision.prompt_cluster,
             )  # fmt: skip
-            assert c.quality == pytest.approx(expected, abs=1e-12)
+            assert c.quality == pytest.approx(mean, abs=1e-12)
+            assert c.quality_sd == pytest.approx(math.sqrt(var), abs=1e-12)
             assert c.quality_observations == n
 
 
@@ -534,7 +575,7 @@ def test_scores_follow_the_documented_formula(slow_ms: float) -> None:
         remote("a/fast", quality=0.6, price=(0.1, 0.1), latency_ms=500),
         remote("b/slow", quality=0.9, price=(1.0, 1.0), latency_ms=slow_ms),
     )
-    settings = RoutingSettings(exploration_rate=0, quality_first_cold_start=False)
+    settings = RoutingSettings(exploration=0)
     request = GenerateRequest(prompt="hi", params=GenerateParams(max_tokens=100))
     decision = make_router(settings).decide(request, reg)
     wq, wl, wc = 0.6 * 0.75, 0.25 * 1.5 * 2.0, 0.15 * 1.5  # simple, interactive
@@ -558,7 +599,7 @@ def test_concurrent_decisions_and_outcomes(tmp_path) -> None:  # type: ignore[no
     from car_inference.routing import OutcomeStore, OutcomeTracker
 
     reg = registry(*(remote(f"p{i}/m{i}", quality=0.5 + i / 20) for i in range(6)), local("l/box"))
-    settings = RoutingSettings(exploration_rate=0.2)
+    settings = RoutingSettings(exploration=1.0)
     tracker = OutcomeTracker(OutcomeStore(tmp_path / "state.db"), settings)
     router = make_router(settings, tracker=tracker)
     errors: list[BaseException] = []

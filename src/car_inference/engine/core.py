@@ -13,12 +13,12 @@ import functools
 import logging
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from .. import backends as backend_table
-from ..backends.base import BackendContext, class_tasks, run_blocking
+from ..backends.base import Backend, BackendContext, class_tasks, run_blocking
 from ..backends.cache import ModelCache
 from ..config import CarConfig, load_config
 from ..errors import InferenceError, ModelUnavailable, UnsupportedMode
@@ -38,6 +38,7 @@ from ..schema import ModelCapability, ModelSchema
 from .bookkeeping import Bookkeeper
 from .generation import GenerationMixin
 from .health import HealthMixin
+from .learning import LearningMixin
 from .meter import EngineMeter
 from .tasks import TaskMixin
 
@@ -46,7 +47,7 @@ __all__ = ["InferenceEngine"]
 log = logging.getLogger("car_inference.engine")
 
 
-class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
+class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
     """One API over every model in the registry.
 
     ``InferenceEngine()`` reads ``$CAR_HOME`` (default ``~/.car``): ``config.toml``,
@@ -65,7 +66,7 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
         )
         self.cache = ModelCache(self.config.local.cache_mb)
         self._backend_ctx = BackendContext(config=self.config, cache=self.cache, keys=self.keys)
-        self._backends: dict[str, Any] = {}
+        self._backends: dict[str, Backend] = {}
         self._backends_lock = threading.Lock()
         self.runtimes = RuntimeSupervisor(self.config, self.registry)  # servers we start on first use
         self._init_routing()
@@ -193,7 +194,7 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
 
     # --- backends ----------------------------------------------------------------------------
 
-    def _backend(self, model: ModelSchema) -> Any:
+    def _backend(self, model: ModelSchema) -> Backend:
         with self._backends_lock:
             backend = self._backends.get(model.kind)
             if backend is None:
@@ -201,13 +202,15 @@ class InferenceEngine(GenerationMixin, TaskMixin, HealthMixin):
                 backend = self._backends[model.kind] = cls(self._backend_ctx)
             return backend
 
-    def _runnable(self, model: ModelSchema) -> Any:
+    def _runnable(self, model: ModelSchema) -> Backend:
         """The backend for ``model``, or ``ModelUnavailable`` saying what to do about it."""
         if not model.available:
             raise ModelUnavailable(model.id, self.registry.unavailable_reason(model))
         return self.runtimes.backend_for(model, self._backend)  # a managed model starts its server
 
-    def _task_method(self, model: ModelSchema, capability: ModelCapability, method: str) -> Any:
+    def _task_method(
+        self, model: ModelSchema, capability: ModelCapability, method: str
+    ) -> Callable[..., Any]:
         if not model.has_capability(capability):
             raise UnsupportedMode(str(capability), model.kind, f"{model.id} does not declare {capability}")
         backend = self._runnable(model)

@@ -14,10 +14,17 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from ..errors import InferenceError
-from ..requests import ClassifyRequest, GenerateRequest, ImageBlock, RoutingWorkload
+from ..requests import ClassifyRequest, GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
 from ..routing import ModelProfile, SpendStatus, benchmark_priors_paths, load_benchmark_priors
 from ..runtimes.supervisor import RuntimeStatus
 from ..schema import ALL_CAPABILITIES, ModelCapability, ModelSchema
+
+if TYPE_CHECKING:
+    from ..config import CarConfig
+    from ..registry import UnifiedRegistry
+    from ..routing import CircuitBreakerRegistry, OutcomeTracker, RoutingDecision, SpendControl
+    from ..runtimes.managed import RuntimeSupervisor
+    from .bookkeeping import Bookkeeper
 
 __all__ = ["HealthMixin", "ModelHealthReport"]
 
@@ -54,9 +61,7 @@ class RoutingScenarioHealth(BaseModel):
     has_tools: bool
     has_vision: bool
     prefer_local: bool
-    quality_first_cold_start: bool
-    bootstrap_min_task_observations: int
-    bootstrap_quality_floor: float
+    exploration: float
     model_id: str | None
     model_name: str | None
     reason: str
@@ -99,10 +104,8 @@ class ModelHealthReport(BaseModel):
     providers: list[ModelProviderHealth]
     capabilities: list[ModelCapabilityHealth]
     routing_prefer_local: bool
-    routing_quality_first_cold_start: bool
-    routing_min_observations: int
-    routing_bootstrap_min_task_observations: int
-    routing_bootstrap_quality_floor: float
+    routing_exploration: float
+    routing_prior_sd: float
     routing_quality_weight: float
     routing_latency_weight: float
     routing_cost_weight: float
@@ -137,18 +140,18 @@ _PIXEL = ImageBlock(data="iVBORw0KGgo=", media_type="image/png")
 
 class HealthMixin:
     # Provided by InferenceEngine.
-    config: Any
-    registry: Any
-    tracker: Any
-    breakers: Any
-    spend: Any
-    bookkeeper: Any
-    runtimes: Any
+    config: CarConfig
+    registry: UnifiedRegistry
+    tracker: OutcomeTracker
+    breakers: CircuitBreakerRegistry
+    spend: SpendControl
+    bookkeeper: Bookkeeper
+    runtimes: RuntimeSupervisor
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
         def default_model(self, capability: ModelCapability) -> ModelSchema | None: ...
-        def route(self, request: GenerateRequest) -> Any: ...
+        def route(self, request: GenerateRequest) -> RoutingDecision: ...
         def _classifier(self, request: ClassifyRequest) -> ModelSchema: ...
 
     def model_health(self) -> ModelHealthReport:
@@ -167,10 +170,8 @@ class HealthMixin:
             providers=_providers(models, self.registry),
             capabilities=[_capability_health(c, models) for c in ALL_CAPABILITIES],
             routing_prefer_local=routing.prefer_local,
-            routing_quality_first_cold_start=routing.quality_first_cold_start,
-            routing_min_observations=routing.min_observations,
-            routing_bootstrap_min_task_observations=routing.bootstrap_min_task_observations,
-            routing_bootstrap_quality_floor=routing.bootstrap_quality_floor,
+            routing_exploration=routing.exploration,
+            routing_prior_sd=routing.prior_sd,
             routing_quality_weight=routing.quality_weight,
             routing_latency_weight=routing.latency_weight,
             routing_cost_weight=routing.cost_weight,
@@ -189,10 +190,13 @@ class HealthMixin:
         for name, prompt, family, workload, tools, vision in _SCENARIOS:
             request = GenerateRequest(
                 prompt=prompt,
-                params={"workload": workload},
+                params=GenerateParams(workload=workload),
                 tools=[_WEATHER_TOOL] if tools else None,
                 images=[_PIXEL] if vision else None,
             )
+            model_id: str | None
+            model_name: str | None
+            strategy: str | None
             try:
                 decision = self.route(request)
                 model_id, model_name, reason, strategy = (
@@ -209,9 +213,7 @@ class HealthMixin:
                     has_tools=tools,
                     has_vision=vision,
                     prefer_local=routing.prefer_local,
-                    quality_first_cold_start=routing.quality_first_cold_start,
-                    bootstrap_min_task_observations=routing.bootstrap_min_task_observations,
-                    bootstrap_quality_floor=routing.bootstrap_quality_floor,
+                    exploration=routing.exploration,
                     model_id=model_id,
                     model_name=model_name,
                     reason=reason,

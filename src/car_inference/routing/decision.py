@@ -24,13 +24,15 @@ class RoutingStrategy(StrEnum):
     EXPLICIT = "explicit"
     PREFERRED = "preferred"
     ADAPTIVE = "adaptive"
-    COLD_START = "cold_start"
     EXPLORE = "explore"
     FALLBACK = "fallback"
 
 
 @dataclass(slots=True)
 class ScoredCandidate:
+    """One candidate as the router saw it: its quality belief (mean ± sd, and the draw it was
+    scored with), expected cost and latency, its score, and why it won or lost."""
+
     model_id: str
     name: str
     provider: str
@@ -41,15 +43,36 @@ class ScoredCandidate:
     cost_usd: float
     score: float = 0.0
     notes: str = ""
+    quality_sd: float = 0.0
+    sampled_quality: float = 0.0
+    expected_output_tokens: float = 0.0
 
 
-# A scored candidate on the hot path: (score, quality, observations, latency_ms, cost_usd, view); the
-# score may lack a constant shared by all candidates (``offset``), added when they are shown.
-# Tuples are several times cheaper to make than objects; ``RoutingDecision.candidates`` turns them
-# into ``ScoredCandidate``s when someone reads it.
-_Row = tuple[float, float, int, float, float, ModelView]
+# A scored candidate on the hot path: (score, quality mean, observations, latency_ms, cost_usd,
+# view, quality sd, sampled quality, expected output tokens, score at the mean quality); scores may
+# lack a constant shared by all candidates (``offset``), added when they are shown. Tuples are
+# several times cheaper to make than objects; ``RoutingDecision.candidates`` turns them into
+# ``ScoredCandidate``s when someone reads it.
+_Row = tuple[float, float, int, float, float, ModelView, float, float, float, float]
 _SCORE = itemgetter(0)
 _QUALITY = itemgetter(1)
+_MEAN_SCORE = itemgetter(9)
+
+
+def _why(row: _Row, best: _Row, chosen: bool) -> str:
+    """Why a candidate won or lost against the chosen one, term by term."""
+    if chosen:
+        return "chosen: highest score"
+    reasons = []
+    if row[1] < best[1] - 0.005:
+        reasons.append(f"quality {row[1]:.2f} < {best[1]:.2f}")
+    if row[7] < best[7] and row[1] >= best[1] - 0.005:
+        reasons.append(f"drew {row[7]:.2f} < {best[7]:.2f}")
+    if row[4] > best[4] * 1.05:
+        reasons.append(f"{row[4] / best[4]:.1f}x cost" if best[4] > 0 else "costs more")
+    if row[3] > best[3] * 1.05:
+        reasons.append(f"{row[3] / best[3]:.1f}x latency" if best[3] > 0 else "slower")
+    return "lost: " + (", ".join(reasons) if reasons else "lower score")
 
 
 class RoutingDecision(BaseModel):
@@ -82,12 +105,18 @@ class RoutingDecision(BaseModel):
     @property
     def candidates(self) -> list[ScoredCandidate]:
         if self._candidates is None:
-            notes, offset = self._notes, self._offset
-            self._candidates = [
-                ScoredCandidate(v.model_id, v.name, v.provider, v.is_local, q, n, lat, cost, score + offset,
-                                notes.get(v.model_id, ""))
-                for score, q, n, lat, cost, v in self._rows
-            ]  # fmt: skip
+            notes, offset, rows = self._notes, self._offset, self._rows
+            chosen = next((r for r in rows if r[5].model_id == self.model_id), rows[0] if rows else None)
+            out = []
+            for row in rows:
+                score, q, n, lat, cost, v, sd, drawn, tokens, _mean_score = row
+                assert chosen is not None
+                note = notes.get(v.model_id) or _why(row, chosen, row is chosen)
+                out.append(ScoredCandidate(
+                    v.model_id, v.name, v.provider, v.is_local, q, n, lat, cost, score + offset, note, sd,
+                    drawn, tokens,
+                ))  # fmt: skip
+            self._candidates = out
         return self._candidates
 
 

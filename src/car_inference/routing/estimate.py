@@ -1,29 +1,28 @@
-"""The quality model: what the router expects a model to score on a request, from outcomes.
+"""The quality model: what the router expects a model to score in a context, and how sure it is.
 
-Predicted quality (``OutcomeTracker.quality``, inlined in ``AdaptiveRouter._score``) is a baseline
-plus the model's advantage, each shrunk with ``settings.prior_strength`` (k) pseudo-observations.
-The baseline is what any model scores on this family (and prompt cluster): the other models' decayed
-mean there, shrunk toward the mean prior of the competing models. The advantage starts at the
-model's prior minus that mean and is refined, in turn, by its mean residual over all its calls, over
-the family, and by its own mean minus the baseline in the cluster (or family, without clusters)::
+A model's quality in a request's context (its family, then its cluster or template: the keys of
+``store.stat_keys``) is a Gaussian belief refined from the widest level to the narrowest::
 
-    delta = prior - prior_mean
-    delta = (k * delta + R_model) / (k + N_model)        # R: residual sums (``residual`` below)
-    base  = (k * prior_mean + S_family_others) / (k + N_family_others)
-    with a cluster:
-        delta = (k * delta + R_family) / (k + N_family)
-        base  = (k * base + S_cluster_others) / (k + N_cluster_others)
-        delta = (k * delta + S_cluster - N_cluster * base) / (k + N_cluster)
-    without:
-        delta = (k * delta + S_family - N_family * base) / (k + N_family)
-    quality = clamp(base + delta, 0, 1)
+    prior     mean = the model's prior (benchmark score for the family, catalog, else 0.5) plus the
+                     context's difficulty: how much the models observed there beat their own priors
+                     (``difficulty``, shrunk while the context is new); var = prior_sd²
+    (a model never seen in the family: its record elsewhere, discounted by BETWEEN_FAMILIES)
+    family    its calls in the family outside this cluster     drift = DRIFT_VAR[0]
+    cluster   its calls in this cluster (or template)          drift = DRIFT_VAR[1]
+    at each level:  var0 = var + drift;  noise = clamp(q·(1-q), 0.04, 0.25) at the prior's q
+                    var  = 1 / (1/var0 + n/noise);  mean = var · (mean/var0 + n·m/noise)
 
-S and N are sums of quality and counts decayed by ``store.QUALITY_DECAY`` per observation ("others": all
-models' rows less this model's); N_model is the model's plain call count.
+``n`` is the level's decayed count less the narrower level's (``store.QUALITY_DECAY``) and ``m`` the
+level's decayed mean quality. An untried model keeps its own prior, moved only by how hard the
+context is for everyone, with the widest uncertainty; never the context's average. The router
+samples from these beliefs (Thompson sampling), so exploration comes from uncertainty and fades
+where evidence is strong.
 
-Residuals rather than raw means at the model and family levels keep a model's record fair when it
-was mostly tried on hard (or easy) prompts; leaving the model's own observations out of the
-baseline keeps them from being counted twice.
+What the RouterDC replay (``benchmarks/routing.py``) decided: the prior's offset by difficulty (an
+untried model at 0.5 in a context where everyone scores 0.8 was never tried again: lock-in); no
+level for the model's record in *other* families (a model great at math was then tried on
+everything, and one bad at code never on multiple choice); each level's evidence from its mean,
+not from differences of decayed sums (which decay at different paces and stop subtracting).
 """
 
 from __future__ import annotations
@@ -31,7 +30,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["ProfileRow", "StatsRow", "predict", "residual", "shrunk_baseline"]
+ALL = "*"  # the model id of baseline rows (store.ALL)
+
+__all__ = [
+    "BETWEEN_FAMILIES",
+    "DRIFT_VAR",
+    "ProfileRow",
+    "StatsRow",
+    "belief",
+    "difficulty",
+    "first_look",
+    "noise_of",
+    "posterior",
+    "residual",
+]
 
 
 @dataclass(slots=True)
@@ -66,16 +78,6 @@ class StatsRow:
     updated_at: float = 0.0
 
 
-def shrunk_baseline(levels: Iterable[tuple[float, float]], k: float, start: float = 0.5) -> float:
-    """Expected quality of any model, from (decayed sum, decayed n) of the family and family|cluster
-    baselines: each level shrunk toward the one above with ``k`` pseudo-observations."""
-    estimate = start
-    for total, n in levels:
-        if n > 0:
-            estimate = (k * estimate + total) / (k + n)
-    return estimate
-
-
 def residual(quality: float, k: float, levels: Iterable[tuple[float, float, float, float]]) -> float:
     """How much better than other models an observation was: quality minus the other models'
     baseline here, their decayed (sum, n) at the family then cluster level, each shrunk toward the
@@ -89,44 +91,86 @@ def residual(quality: float, k: float, levels: Iterable[tuple[float, float, floa
     return quality - base
 
 
-def predict(
-    k: float,
-    delta: float,
-    base: float,
-    profile: ProfileRow | None,
-    fam: StatsRow | None,
-    fam_all: StatsRow | None,
-    clu: StatsRow | None,
-    clu_all: StatsRow | None,
-    *,
-    use_cluster: bool,
-) -> tuple[float, int]:
-    """The quality estimate of the module docstring, from one model's rows and its key's baseline
-    rows. (``AdaptiveRouter._score`` inlines the same arithmetic for speed.)"""
+_NOISE_MIN, _NOISE_MAX = 0.04, 0.25
+# How far a model's quality in one context may lie from the level above (variances): its prior ->
+# the family, the family -> the cluster (or template). Chosen on the RouterDC replay.
+DRIFT_VAR = (0.0, 0.10**2)
+DIFFICULTY_PSEUDO_CALLS = 20.0  # shrinks a context's difficulty offset toward 0 while it is new
+# How far a model's quality in a family it was never seen in may lie from its record elsewhere.
+BETWEEN_FAMILIES = 0.15**2
+
+
+def noise_of(quality: float) -> float:
+    """The variance of one outcome around a mean quality (Bernoulli-like, bounded)."""
+    noise = quality * (1.0 - quality)
+    return _NOISE_MIN if noise < _NOISE_MIN else _NOISE_MAX if noise > _NOISE_MAX else noise
+
+
+def posterior(
+    mean: float, var: float, levels: Iterable[tuple[float, float, float]], noise: float
+) -> tuple[float, float]:
+    """The chain of the module docstring: ``levels`` are (decayed n, decayed sum, drift variance)
+    from the widest context to the narrowest; returns (mean, variance)."""
+    for n, total, drift in levels:
+        var += drift
+        if n > 1e-9:
+            precision = 1.0 / var + n / noise
+            mean = (mean / var + total / noise) / precision
+            var = 1.0 / precision
+    return mean, var
+
+
+def difficulty(levels: list[dict[str, StatsRow]], priors: dict[str, float]) -> float:
+    """How much better (or worse) the models observed in a context score there than their priors
+    say: the offset an untried model's prior moves by. ``levels``: the rows of each of the
+    request's keys by model (``*`` the baseline row), widest first; the narrowest level with calls
+    decides. ``priors``: the models' prior quality for the family. Shrunk toward 0 with
+    ``DIFFICULTY_PSEUDO_CALLS``. Plain (undecayed) sums, which add up exactly across rows."""
+    for level in reversed(levels):
+        everyone = level.get(ALL)
+        if everyone is None or everyone.calls <= 0:
+            continue
+        expected = 0.0
+        for model_id, row in level.items():
+            if model_id != ALL:
+                expected += row.calls * priors.get(model_id, 0.5)
+        return (everyone.quality_sum - expected) / (everyone.calls + DIFFICULTY_PSEUDO_CALLS)
+    return 0.0
+
+
+def first_look(mean: float, var: float, profile: ProfileRow | None) -> tuple[float, float]:
+    """The prior of a model never seen in a family, informed by its record in the others (its
+    totals; an imported profile may hold nothing else): one more observation of its quality here,
+    discounted by ``BETWEEN_FAMILIES``, so a model strong elsewhere is tried, not trusted."""
+    if profile is None or profile.total_calls <= 0:
+        return mean, var
+    seen = profile.quality_sum / profile.total_calls if profile.quality_sum else profile.ema_quality
+    obs_var = noise_of(seen) / profile.total_calls + BETWEEN_FAMILIES
+    precision = 1.0 / var + 1.0 / obs_var
+    return (mean / var + seen / obs_var) / precision, 1.0 / precision
+
+
+def belief(mean: float, var: float, rows: list[StatsRow | None], noise: float) -> tuple[float, float, int]:
+    """A model's quality belief from its prior in this context (``mean``, ``var``) and its rows for
+    the request's keys (family, then family|cluster; None where it has none): (mean, variance,
+    calls in the narrowest key). Each level counts what the level below it does not hold."""
+    depth = len(rows)
+    levels: list[tuple[float, float, float]] = []
     n = 0
-    if profile is not None and profile.total_calls:
-        delta = (k * delta + profile.resid_sum) / (k + profile.total_calls)
-    if fam_all is not None:  # family baseline without this model's own observations
-        own_s, own_n = (fam.decayed_sum, fam.decayed_n) if fam is not None else (0.0, 0.0)
-        others = fam_all.decayed_n - own_n
-        if others > 1e-9:
-            base = (k * base + fam_all.decayed_sum - own_s) / (k + others)
-    if fam is not None:
-        n = 0 if use_cluster else fam.calls
-        if fam.decayed_n > 0:
-            if use_cluster:  # residuals as observed: the prior for the cluster level
-                delta = (k * delta + fam.resid_sum) / (k + fam.decayed_n)
-            else:
-                delta = (k * delta + fam.decayed_sum - fam.decayed_n * base) / (k + fam.decayed_n)
-    if use_cluster:
-        if clu_all is not None:
-            own_s, own_n = (clu.decayed_sum, clu.decayed_n) if clu is not None else (0.0, 0.0)
-            others = clu_all.decayed_n - own_n
-            if others > 1e-9:
-                base = (k * base + clu_all.decayed_sum - own_s) / (k + others)
-        if clu is not None:
-            n = clu.calls
-            if clu.decayed_n > 0:
-                delta = (k * delta + clu.decayed_sum - clu.decayed_n * base) / (k + clu.decayed_n)
-    estimate = base + delta
-    return (0.0 if estimate < 0.0 else 1.0 if estimate > 1.0 else estimate), n
+    for i, row in enumerate(rows):
+        if row is None:
+            break
+        below = rows[i + 1] if i + 1 < depth else None
+        # The level's weight is the calls the level below does not hold; its evidence is its mean
+        # quality (decayed rows of different keys decay at different paces, so their sums do not
+        # subtract, but their means compare).
+        own = row.decayed_n - (below.decayed_n if below is not None else 0.0)
+        if own > 0 and row.decayed_n > 0:
+            levels.append((own, own * row.decayed_sum / row.decayed_n, DRIFT_VAR[i]))
+        else:
+            levels.append((0.0, 0.0, DRIFT_VAR[i]))
+        if i == depth - 1:
+            n = row.calls
+    mean, var = posterior(mean, var, levels, noise)
+    var += sum(DRIFT_VAR[len(levels) : depth])  # levels never observed: drift only
+    return mean, var, n

@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..config import RoutingSettings
-from .estimate import ProfileRow, StatsRow, predict, residual, shrunk_baseline
+from .estimate import ProfileRow, StatsRow, belief, difficulty, first_look, noise_of, residual
 from .priors import BenchmarkPrior
 from .profiles import ModelProfile, TaskStats, export_profile, export_stats, row_fields, sum_rows
 from .signals import ImplicitSignal, ImplicitSignalType
@@ -165,10 +165,14 @@ class OutcomeTracker:
         ttft_ms: float | None = None,
         error_class: str | None = None,
         message: str = "",
+        score: float | None = None,
     ) -> None:
         """A whole attempt, recorded once it is over: ``record_start`` then ``record_complete`` /
         ``record_failure``, in one store transaction instead of two. ``success=None`` records an
-        abandoned attempt (its consumer stopped reading): kept as a trace, counted nowhere."""
+        abandoned attempt (its consumer stopped reading): kept as a trace, counted nowhere.
+        ``score``: its explicit quality, when already known (``record_feedback`` at once)."""
+        if score is not None and not 0.0 <= score <= 1.0:
+            raise ValueError(f"score must be within 0..1, got {score}")
         if self.store is None:
             self.record_start(
                 model_id,
@@ -185,10 +189,12 @@ class OutcomeTracker:
                     trace = self._traces.get(trace_id)
                     if trace is not None:
                         trace.outcome = "abandoned"
-            elif success:
-                self.record_complete(trace_id, latency_ms or 0.0, input_tokens, output_tokens, ttft_ms)
+            elif success:  # an unknown latency stays unknown: 0 would make the model look instant
+                self.record_complete(trace_id, latency_ms, input_tokens, output_tokens, ttft_ms)
             else:
                 self.record_failure(trace_id, error_class or "error", message)
+            if score is not None and success is not None:
+                self.record_feedback(trace_id, score)
             return
         phash = prompt_hash(prompt) if prompt else None
         row = TraceRow(trace_id, model_id, str(task), family, cluster, reason, phash, started_at)
@@ -198,7 +204,7 @@ class OutcomeTracker:
             output_tokens=output_tokens, ttft_ms=ttft_ms, error_class=error_class,
             error=message[:500] if error_class else None, now=now,
             prior_strength=self.settings.prior_strength,
-            retry_window_s=self.quick_retry_window_s if phash else None,
+            retry_window_s=self.quick_retry_window_s if phash else None, score=score,
         )  # fmt: skip
         if success is not None:
             with self._lock:
@@ -213,7 +219,7 @@ class OutcomeTracker:
     def record_complete(
         self,
         trace_id: str,
-        latency_ms: float,
+        latency_ms: float | None,
         input_tokens: int = 0,
         output_tokens: int = 0,
         ttft_ms: float | None = None,
@@ -370,7 +376,7 @@ class OutcomeTracker:
                 p.quality_sum += delta
                 p.resid_sum += delta
                 p.ema_quality = min(1.0, max(0.0, p.ema_quality + EMA_ALPHA * delta))
-            family, cluster = keys[0], keys[1].split("|", 1)[1] if len(keys) > 1 else None
+            family, cluster = keys[0], keys[-1].split("|", 1)[1] if len(keys) > 1 else None
             rows = [(model_id, key, delta) for key in keys]
             rows += [(m, key, 0.0) for m, key in baseline_rows(family, cluster)]
             for row_model, key, resid_delta in rows:
@@ -394,14 +400,6 @@ class OutcomeTracker:
             ))  # fmt: skip
         return residual(quality, self.settings.prior_strength, levels)
 
-    def baseline(self, family: str, cluster: str | None = None, prior_mean: float = 0.5) -> float:
-        """Expected quality of any model for this family (and cluster): the family and cluster
-        baselines over all models, each shrunk toward the one above (``prior_mean`` on top)."""
-        k = self.settings.prior_strength
-        stats = self._stats
-        levels = [stats.get(key, {}).get(ALL) for _, key in baseline_rows(family, cluster)]
-        return shrunk_baseline(((s.decayed_sum, s.decayed_n) for s in levels if s is not None), k, prior_mean)
-
     def quality(
         self,
         model_id: str,
@@ -409,19 +407,33 @@ class OutcomeTracker:
         prior: float,
         *,
         cluster: str | None = None,
-        prior_mean: float | None = None,
+        priors: dict[str, float] | None = None,
     ) -> tuple[float, int]:
-        """Predicted quality for ``model_id`` on ``family`` (and prompt ``cluster``) as ``estimate.py``
-        says, and how many of its calls were of that family (and cluster). ``prior_mean``
-        is the mean prior of the models competing (default: ``prior``: no advantage from the prior)."""
-        mean = prior if prior_mean is None else prior_mean
-        fam = self._stats.get(family, {})
-        clu = self._stats.get(f"{family}|{cluster}", {}) if cluster else None
-        return predict(
-            self.settings.prior_strength, prior - mean, mean, self._profiles.get(model_id),
-            fam.get(model_id), fam.get(ALL), clu.get(model_id) if clu is not None else None,
-            clu.get(ALL) if clu is not None else None, use_cluster=clu is not None,
-        )  # fmt: skip
+        """Predicted quality for ``model_id`` in this context (``estimate``'s belief, its mean)
+        and how many of its calls were in the narrowest key (cluster, template or family)."""
+        mean, _var, n = self.belief(model_id, family, prior, cluster=cluster, priors=priors)
+        return mean, n
+
+    def belief(
+        self,
+        model_id: str,
+        family: str,
+        prior: float,
+        *,
+        cluster: str | None = None,
+        priors: dict[str, float] | None = None,
+    ) -> tuple[float, float, int]:
+        """(mean, variance, calls in the narrowest key) of the model's quality in this context,
+        from its ``prior`` for the family. ``priors``: the other models' priors, which the
+        context's difficulty is measured against (0.5 for those not given)."""
+        _profiles, levels, _p50 = self.views(family, cluster)
+        mean = prior + difficulty(levels, priors if priors is not None else {model_id: prior})
+        rows = [lv.get(model_id) for lv in levels]
+        var = self.settings.prior_sd**2
+        if rows and rows[0] is None:
+            mean, var = first_look(mean, var, self._profiles.get(model_id))
+        mean, var, n = belief(mean, var, rows, noise_of(mean))
+        return (0.0 if mean < 0.0 else 1.0 if mean > 1.0 else mean), var, n
 
     def observations(self, model_id: str, family: str) -> int:
         by_model = self._stats.get(family)
@@ -434,14 +446,12 @@ class OutcomeTracker:
 
     def views(
         self, family: str, cluster: str | None
-    ) -> tuple[dict[str, ProfileRow], dict[str, StatsRow], dict[str, StatsRow], dict[str, float]]:
-        """Read-only views for the router's scoring loop (the same numbers ``quality`` and
-        ``latency_p50`` give, without a call per model): profiles, family stats, cluster stats,
-        latency p50s."""
+    ) -> tuple[dict[str, ProfileRow], list[dict[str, StatsRow]], dict[str, float]]:
+        """Read-only views for the router's scoring loop: the profiles, the stats of each of the
+        request's keys (``stat_keys``: family, then narrower), and the latency p50s."""
         empty: dict[str, StatsRow] = {}
-        fam = self._stats.get(family, empty)
-        clu = self._stats.get(f"{family}|{cluster}", empty) if cluster else empty
-        return self._profiles, fam, clu, self._p50
+        stats = self._stats
+        return self._profiles, [stats.get(key, empty) for key in stat_keys(family, cluster)], self._p50
 
     def benchmark_prior(self, model_id: str) -> BenchmarkPrior | None:
         return self._priors.get(model_id)

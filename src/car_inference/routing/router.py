@@ -3,70 +3,56 @@
 Order of precedence: ``request.model`` (strategy explicit) > the configured preferred model
 (strategy preferred, when it has the capabilities the request needs) > adaptive routing.
 
-Candidates (adaptive, and the fallbacks of every strategy): models that have every needed capability
-(generate; tool_use with tools; vision with images; ``intent.require``), are available, whose context
-window (0 = unknown, taken as fitting) holds the input + ``max_tokens``, whose circuit is not
-open, and whose estimated cost stays within spend limits. With ``prefer_local`` (settings or intent)
-only local candidates remain when any qualify. Every excluded model is listed with its reason. When
-nothing fits the context window, or every circuit is open, those filters are relaxed in that order
-(strategy fallback) rather than lose the request.
+An explicit model pays for no routing: no candidate is filtered or scored, the request is counted on
+a tokenizer only when the model is local and its window is within the estimate's error band, and
+the decision carries no fallbacks (the engine adds only those the user configured for that model).
+
+Candidates (adaptive, preferred's fallbacks): models that have every needed capability (generate;
+tool_use with tools; vision with images; ``intent.require``), are available, whose context window
+(0 = unknown, taken as fitting) holds the input + ``max_tokens``, whose circuit is not open, and
+whose worst-case cost (all of ``max_tokens``) stays within spend limits. With ``prefer_local``
+(settings or intent) only local candidates remain when any qualify. Every excluded model is listed
+with its reason. When nothing fits the context window, or every circuit is open, those filters are
+relaxed in that order (strategy fallback) rather than lose the request.
 
 Input tokens: a calibrated estimate from the text (``complexity._estimate``, about 2 µs), except
 that a local model whose window lies within the estimate's error band (``EXACT_BAND``) gets the
-request counted exactly on its own tokenizer through the engine's ``PromptMeter``: the windows that
-matter are decided by real counts, and short prompts never pay for tokenizing.
+request counted exactly on its own tokenizer through the engine's ``PromptMeter`` (never a request
+over ``METER_MAX_CHARS``: beyond that the estimate decides, so counting stays cheap).
 
-Score of a candidate, higher is better::
-
-    score = wq * Q + wl * L + wc * C,  weights normalised to sum to 1
-    Q = predicted quality 0..1: OutcomeTracker.quality(model, family, prior, cluster, prior_mean), a
-        baseline for the family and prompt cluster plus the model's learned advantage (estimate.py);
-        the prior is the benchmark score for the family, else the benchmark overall, else the catalog
-        quality, else 0.5; prior_mean is the mean prior of the available models with the capabilities
-    L = 1 - min(1, log10(latency / fastest candidate's latency) / 2)      # 100x slower -> 0
-    C = 1 - min(1, log10((cost + 1e-5) / (cheapest cost + 1e-5)) / 3)      # 1000x dearer -> 0
-    wq = quality_weight * {simple: 0.75, medium: 1, complex: 1.5}
-    wl = latency_weight * {simple: 1.5, medium: 1, complex: 0.5} * (interactive_latency_boost if interactive)
-    wc = cost_weight    * {simple: 1.5, medium: 1, complex: 0.5}
-
-The scoring loop computes ``wq*Q - wl/2*log10(latency) - wc/3*log10(cost + 1e-5)`` in one pass,
-gives back what lies past a cap for the few candidates over 100x the fastest latency or 1000x the
-cheapest cost, and adds the shared constant only where scores are shown (it does not change the order).
-
-Latency is the observed p50 (3+ successful calls), else the benchmark's latency for the family,
-else the catalog's ``latency_p50_ms``, else time to first token + 256 tokens at the catalog's (or
-a default by locality and size) tokens per second. Cost is the CostModel price of the estimated
-input tokens plus ``max_tokens`` of output.
-
-Observations are counted per family and prompt cluster (per family with ``use_clusters=False``).
-Cold start: when the best-scored candidate has fewer than ``bootstrap_min_task_observations`` calls
-there and ``quality_first_cold_start`` is set, the candidate with the highest predicted
-quality among those at or above ``bootstrap_quality_floor`` wins (strategy cold_start). Otherwise,
-with probability ``exploration_rate`` (a seeded ``random.Random``), one of the least-observed
-candidates is chosen (strategy explore). Fallbacks: the next best candidates, up to
-``max_fallbacks``, taking one per provider first so that one provider's outage cannot take them all.
+Context: the task family and cluster of ``complexity.py``, or, for a request whose prefix many
+requests share, its template (``context.TemplateIndex``: ``prompt_cluster = "coarse/p<hash>"``);
+outcomes are counted per family and per cluster or template (``store.stat_keys``). Scoring
+(``scoring.py``): each candidate's quality belief (``estimate.belief``: its prior refined by its
+outcomes, level by level) is sampled once (Thompson sampling) and traded against expected cost and
+latency; the best draw wins. Strategy ``adaptive`` when the winner also has the best score at its
+mean quality, ``explore`` when its draw beat a model whose mean looks better (uncertainty, not a
+coin, decides to explore, and it fades as evidence grows).
+Fallbacks: the next best candidates, up to ``max_fallbacks``, one per provider first so that one
+provider's outage cannot take them all.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from operator import itemgetter
 
 from ..config import RoutingSettings
 from ..errors import ModelUnavailable
 from ..registry import UnifiedRegistry
-from ..requests import GenerateRequest, RoutingWorkload, ThinkingMode
+from ..requests import GenerateRequest, ThinkingMode
 from ..schema import ModelSchema
 from .breaker import CircuitBreakerRegistry
 from .complexity import TaskComplexity, TextFeatures, _estimate, cluster_of, complexity_of, family_of
-from .decision import _QUALITY, _SCORE, RoutingDecision, RoutingStrategy, ScoredCandidate, _construct, _Row
+from .context import TemplateIndex
+from .decision import _MEAN_SCORE, RoutingDecision, RoutingStrategy, ScoredCandidate, _construct, _Row
 from .outcomes import InferenceTask, OutcomeTracker
 from .pool import LOCAL_FIRST, CatalogView, ModelPool, ModelView, PromptMeter
+from .scoring import Context, score_candidates
 from .spend import SpendControl
-from .store import ALL
 
 __all__ = ["AdaptiveRouter", "RoutingDecision", "RoutingStrategy", "ScoredCandidate"]
 
@@ -75,14 +61,25 @@ TOKENS_PER_IMAGE = 800
 # How far off the calibrated estimate may be (code, non-Latin scripts): a local model whose window
 # is below est * EXACT_BAND + max_tokens gets the request counted on its own tokenizer.
 EXACT_BAND = 2.0
+# Beyond this many characters of text (or messages) a request is never tokenized for routing: the
+# estimate decides. Counting 20,000 messages through a chat template took seconds.
+METER_MAX_CHARS = 200_000
+METER_MAX_MESSAGES = 1_000
 PREFERRED_REASON = "preferred generation model override"
 EXPLICIT_REASON = "explicit model"
-_COST_FLOOR = 1e-5
-_QUALITY_MULT = {TaskComplexity.SIMPLE: 0.75, TaskComplexity.MEDIUM: 1.0, TaskComplexity.COMPLEX: 1.5}
-_SPEED_MULT = {TaskComplexity.SIMPLE: 1.5, TaskComplexity.MEDIUM: 1.0, TaskComplexity.COMPLEX: 0.5}
 
 
 _Measure = Callable[[ModelView, int, int], int]  # (model, estimated input, max_tokens) -> input tokens
+
+
+@dataclass(slots=True)
+class _Analysis:
+    """What the router reads from a request before it looks at any model."""
+
+    ctx: Context
+    required: frozenset[str]
+    est_in: int
+    prefer_local: bool
 
 
 class AdaptiveRouter:
@@ -97,7 +94,7 @@ class AdaptiveRouter:
         use_clusters: bool = True,
         meter: PromptMeter | None = None,
     ) -> None:
-        """``use_clusters=False`` learns per task family only (the prompt-cluster refinement off).
+        """``use_clusters=False`` learns per task family only (cluster and template off).
         ``meter`` gives real context windows and exact local token counts (see ``pool``)."""
         self.settings = settings or RoutingSettings()
         self.use_clusters = use_clusters
@@ -106,6 +103,7 @@ class AdaptiveRouter:
         self.spend = spend
         self._rng = random.Random(rng_seed if rng_seed is not None else self.settings.seed)
         self.meter = meter
+        self.templates = TemplateIndex()
         self._catalog = CatalogView(meter)
         self._tables: dict[str, dict[str, tuple[float, float]]] = {}
         self._tables_key = (-1, -1)
@@ -142,6 +140,13 @@ class AdaptiveRouter:
         bench = self.tracker.benchmark_prior(model_id)
         return bench.score_for(family) if bench is not None else 0.5
 
+    def _expected_quality(self, model_id: str, ctx: Context) -> float:
+        """The mean of a model's quality belief in this context (``estimate``)."""
+        priors = {m: e[0] for m, e in self._family_table(ctx.family).items()}
+        prior = self.prior(model_id, ctx.family)
+        quality, _n = self.tracker.quality(model_id, ctx.family, prior, cluster=ctx.cluster, priors=priors)
+        return quality
+
     # --- deciding ------------------------------------------------------------------------------
 
     def decide(
@@ -156,8 +161,59 @@ class AdaptiveRouter:
         unknown ``request.model``, ``SpendLimitExceeded`` when only spend limits stand in the way,
         and ``ModelUnavailable`` when no model can serve it."""
         self._catalog.sync(registry)
-        ask = request.last_user_text()
-        feats = TextFeatures(ask)
+        pinned = registry.resolve(request.model) if request.model else None
+        a = self._analyse(request, estimated_input_tokens)
+        if pinned is not None:
+            return self._explicit(request, pinned, a)
+        strategy, note = RoutingStrategy.ADAPTIVE, ""
+        if preferred:
+            found = registry.find(preferred)
+            if found is not None and a.required <= {c.value for c in found.capabilities}:
+                pinned, strategy = found, RoutingStrategy.PREFERRED
+            else:
+                note = f"preferred {preferred} " + (
+                    "not in catalog" if found is None else "lacks a capability"
+                )
+        exact: dict[str, int] = {}  # model id -> prompt tokens on its own tokenizer
+        measure = self._measurer(request, exact)
+        pool = self._catalog.pool(a.required)
+        excluded = dict(pool.excluded)
+        cands, relaxed, over_budget = self._candidates(
+            pool, excluded=excluded, est_in=a.est_in, max_tokens=request.params.max_tokens,
+            prefer_local=a.prefer_local, skip=pinned.id if pinned is not None else None, measure=measure,
+        )  # fmt: skip
+        if pinned is None and not cands:
+            if over_budget and self.spend is not None:  # name the limit, as the engine's check would
+                view, estimate = min(over_budget, key=itemgetter(1))
+                self.spend.check(view.provider, estimate)
+            raise _no_candidates(set(a.required), excluded)
+        rows, offset = score_candidates(
+            cands, self._family_table(a.ctx.family), self.tracker, self.settings, a.ctx, self._rng,
+            workload=request.params.workload, est_in=a.est_in, max_tokens=request.params.max_tokens,
+        )  # fmt: skip
+        notes: dict[str, str] = {}
+        if pinned is not None:
+            quality = self._expected_quality(pinned.id, a.ctx)
+            chosen_id, reason = pinned.id, PREFERRED_REASON + (f"; {note}" if note else "")
+        else:
+            pick = rows[0]
+            best_mean = max(rows, key=_MEAN_SCORE)
+            if relaxed:
+                strategy = RoutingStrategy.FALLBACK
+            elif pick is not best_mean:
+                strategy = RoutingStrategy.EXPLORE
+                notes[pick[5].model_id] = (
+                    f"chosen: drew {pick[7]:.2f} (quality {pick[1]:.2f} ± {pick[6]:.2f}); "
+                    f"{best_mean[5].model_id} scores best at its mean"
+                )
+            chosen_id, quality = pick[5].model_id, pick[1]
+            reason = _reason(strategy, a.ctx, pick, len(rows), len(excluded), relaxed, note)
+        return self._decision(request, a, rows, offset, notes, chosen_id, strategy, reason, quality,
+                              measure, exact, excluded, registry)  # fmt: skip
+
+    def _analyse(self, request: GenerateRequest, est_in: int | None) -> _Analysis:
+        """Family, cluster and template, complexity, needed capabilities and estimated input."""
+        feats = TextFeatures(request.last_user_text())
         has_tools = bool(request.tools)
         has_vision = bool(request.images or request.messages) and "image" in request.media_types()
         intent = request.intent
@@ -169,12 +225,12 @@ class AdaptiveRouter:
             family = "vision"
         else:
             family = family_of(feats)
-        cluster = cluster_of(feats) if self.use_clusters else None
-        complexity = complexity_of(feats, has_tools=has_tools, has_vision=has_vision)
-        if estimated_input_tokens is None:
-            estimated_input_tokens = self._estimate_input(request, feats)
-        params = request.params
-
+        cluster = None
+        if self.use_clusters:
+            cluster = cluster_of(feats)
+            template = self.templates.signature(request, feats.text)
+            if template is not None:
+                cluster += "/" + template
         required = {"generate"}
         if has_tools:
             required.add("tool_use")
@@ -182,106 +238,70 @@ class AdaptiveRouter:
             required.add("vision")
         if intent is not None:
             required.update(c.value for c in intent.require)
-        pool = self._catalog.pool(frozenset(required))
-
-        pinned: ModelSchema | None = None
-        strategy = RoutingStrategy.ADAPTIVE
-        note = ""
-        if request.model:
-            pinned = registry.resolve(request.model)
-            strategy = RoutingStrategy.EXPLICIT
-        elif preferred:
-            found = registry.find(preferred)
-            if found is not None and required <= {c.value for c in found.capabilities}:
-                pinned, strategy = found, RoutingStrategy.PREFERRED
-            else:
-                note = f"preferred {preferred} " + (
-                    "not in catalog" if found is None else "lacks a capability"
-                )
-
-        exact: dict[str, int] = {}  # model id -> prompt tokens on its own tokenizer
-        measure = self._measurer(request, exact) if self.meter is not None else None
-        excluded = dict(pool.excluded)
-        cands, relaxed, over_budget = self._candidates(
-            pool,
-            excluded=excluded,
-            est_in=estimated_input_tokens,
-            max_tokens=params.max_tokens,
+        return _Analysis(
+            ctx=Context(family, cluster, complexity_of(feats, has_tools=has_tools, has_vision=has_vision)),
+            required=frozenset(required),
+            est_in=est_in if est_in is not None else self._estimate_input(request, feats),
             prefer_local=self.settings.prefer_local or (intent is not None and intent.prefer_local),
-            skip=pinned.id if pinned is not None else None,
-            measure=measure,
-        )
-        if pinned is None and not cands:
-            if over_budget and self.spend is not None:  # name the limit, as the engine's check would
-                view, estimate = min(over_budget, key=itemgetter(1))
-                self.spend.check(view.provider, estimate)
-            raise _no_candidates(required, excluded)
-        rows, offset = self._score(
-            cands,
-            pool,
-            family=family,
-            cluster=cluster,
-            complexity=complexity,
-            workload=params.workload,
-            est_in=estimated_input_tokens,
-            max_tokens=params.max_tokens,
         )
 
-        notes: dict[str, str] = {}
-        if pinned is not None:
-            chosen_id, schema = pinned.id, pinned
-            quality, _obs = self.tracker.quality(
-                chosen_id, family, self.prior(chosen_id, family), cluster=cluster
-            )
-            reason = EXPLICIT_REASON if strategy is RoutingStrategy.EXPLICIT else PREFERRED_REASON
-        else:
-            pick, strategy = self._pick(rows)
-            if relaxed:
-                strategy = RoutingStrategy.FALLBACK
-            _score, quality, obs, latency, cost, view = pick
-            chosen_id, schema = view.model_id, view.schema
-            if pick is not rows[0]:
-                notes[chosen_id] = strategy.value
-            source = "p50" if self.tracker.latency_p50(chosen_id) is not None else "est"
-            reason = (
-                f"{strategy}: {family}/{complexity} -> {chosen_id} (quality {quality:.2f} from {obs} obs, "
-                f"{source} {latency:.0f} ms, ${cost:.4f}); {len(rows)} candidates, {len(excluded)} excluded"
-            )
-            if relaxed:
-                reason += f" ({relaxed})"
-            if note:
-                reason += f"; {note}"
+    def _explicit(self, request: GenerateRequest, pinned: ModelSchema, a: _Analysis) -> RoutingDecision:
+        """The caller named the model: no candidates, no scoring, no fallbacks (the engine adds
+        the ones configured for it). Its predicted quality is the mean of its belief here."""
+        quality = self._expected_quality(pinned.id, a.ctx)
+        exact: dict[str, int] = {}
+        return self._decision(request, a, [], 0.0, {}, pinned.id, RoutingStrategy.EXPLICIT,
+                              EXPLICIT_REASON, quality, self._measurer(request, exact), exact, {}, None,
+                              pinned=pinned)  # fmt: skip
 
-        budget = params.budget_tokens
-        if budget == 0 and complexity is TaskComplexity.COMPLEX and params.thinking is not ThinkingMode.OFF:
-            view = self._catalog.models.get(chosen_id)
-            if view is not None and view.supports_thinking:
-                budget = AUTO_THINKING_BUDGET
+    def _decision(
+        self,
+        request: GenerateRequest,
+        a: _Analysis,
+        rows: list[_Row],
+        offset: float,
+        notes: dict[str, str],
+        chosen_id: str,
+        strategy: RoutingStrategy,
+        reason: str,
+        quality: float,
+        measure: _Measure | None,
+        exact: dict[str, int],
+        excluded: dict[str, str],
+        registry: UnifiedRegistry | None,
+        *,
+        pinned: ModelSchema | None = None,
+    ) -> RoutingDecision:
+        """The decision object: thinking budget, the chosen model's window and exact count."""
+        params = request.params
         view = self._catalog.models.get(chosen_id)
+        schema = pinned if pinned is not None else view.schema if view is not None else None
+        if schema is None:  # a preferred model outside the synced catalog view
+            assert registry is not None
+            schema = registry.resolve(chosen_id)
+        budget = params.budget_tokens
+        if (
+            budget == 0
+            and a.ctx.complexity is TaskComplexity.COMPLEX
+            and params.thinking is not ThinkingMode.OFF
+            and view is not None
+            and view.supports_thinking
+        ):
+            budget = AUTO_THINKING_BUDGET
         context_length = view.context_length if view is not None else schema.context_length
         if measure is not None and view is not None and chosen_id not in exact:
-            measure(view, estimated_input_tokens, params.max_tokens)
-        input_tokens = exact.get(chosen_id, estimated_input_tokens)
-        return _construct(
-            rows,
-            notes,
-            offset,
-            model_id=chosen_id,
-            model_name=schema.name,
-            task=InferenceTask.GENERATE,
-            task_family=family,
-            prompt_cluster=cluster,
-            complexity=complexity,
-            strategy=strategy,
-            reason=reason,
-            predicted_quality=quality,
-            fallbacks=self._fallbacks(rows, chosen_id, schema.provider),
-            context_length=context_length,
-            needs_compaction=0 < context_length < input_tokens,
-            estimated_input_tokens=input_tokens,
-            thinking_budget=budget,
-            excluded=excluded,
+            measure(view, a.est_in, params.max_tokens)
+        input_tokens = exact.get(chosen_id, a.est_in)
+        fallbacks = (
+            [] if strategy is RoutingStrategy.EXPLICIT else self._fallbacks(rows, chosen_id, schema.provider)
         )
+        return _construct(
+            rows, notes, offset, model_id=chosen_id, model_name=schema.name, task=InferenceTask.GENERATE,
+            task_family=a.ctx.family, prompt_cluster=a.ctx.cluster, complexity=a.ctx.complexity,
+            strategy=strategy, reason=reason, predicted_quality=quality, fallbacks=fallbacks,
+            context_length=context_length, needs_compaction=0 < context_length < input_tokens,
+            estimated_input_tokens=input_tokens, thinking_budget=budget, excluded=excluded,
+        )  # fmt: skip
 
     @staticmethod
     def _estimate_input(request: GenerateRequest, feats: TextFeatures) -> int:
@@ -299,11 +319,20 @@ class AdaptiveRouter:
             tokens += TOKENS_PER_IMAGE * images
         return tokens
 
-    def _measurer(self, request: GenerateRequest, exact: dict[str, int]) -> _Measure:
+    def _measurer(self, request: GenerateRequest, exact: dict[str, int]) -> _Measure | None:
         """Exact prompt tokens for a local model whose window the estimate cannot settle (below
-        ``est * EXACT_BAND + max_tokens``), remembered in ``exact``; else the estimate."""
+        ``est * EXACT_BAND + max_tokens``), remembered in ``exact``; else the estimate. None
+        without a meter, or for a request too large to count cheaply (``METER_MAX_CHARS``)."""
         meter = self.meter
-        assert meter is not None
+        if meter is None or len(request.messages or ()) > METER_MAX_MESSAGES:
+            return None
+        if (
+            len(request.prompt)
+            + len(request.context or "")
+            + sum(len(m.text()) for m in request.messages or ())
+            > METER_MAX_CHARS
+        ):
+            return None
 
         def measure(v: ModelView, est_in: int, max_tokens: int) -> int:
             if not v.is_local or not v.context_length or v.context_length >= est_in * EXACT_BAND + max_tokens:
@@ -389,137 +418,6 @@ class AdaptiveRouter:
             ok = pool.local
         return ok, "", []
 
-    def _score(
-        self,
-        cands: list[ModelView],
-        pool: ModelPool,
-        *,
-        family: str,
-        cluster: str | None,
-        complexity: TaskComplexity,
-        workload: RoutingWorkload,
-        est_in: int,
-        max_tokens: int,
-    ) -> tuple[list[_Row], float]:
-        """Score and sort the candidates, best first (the formula is in the module docstring).
-        Returns the rows and the constant to add to their scores to show them."""
-        if not cands:
-            return [], 0.0
-        st = self.settings
-        speed = _SPEED_MULT[complexity]
-        wq = st.quality_weight * _QUALITY_MULT[complexity]
-        wl = st.latency_weight * speed
-        if workload is RoutingWorkload.INTERACTIVE:
-            wl *= st.interactive_latency_boost
-        wc = st.cost_weight * speed
-        total = wq + wl + wc or 1.0
-        wq, wl, wc = wq / total, wl / total, wc / total
-
-        table = self._family_table(family)
-        profiles, fam_stats, cluster_stats, p50 = self.tracker.views(family, cluster)
-        key = (family, self.tracker.priors_version)
-        prior_mean = pool.prior_means.get(key) if cands is pool.models else None
-        if prior_mean is None:
-            prior_mean = sum(table[v.model_id][0] for v in cands) / len(cands)
-            if cands is pool.models:
-                pool.prior_means[key] = prior_mean
-        k = st.prior_strength
-        fam_all = fam_stats.get(ALL)
-        fam_s, fam_n = (fam_all.decayed_sum, fam_all.decayed_n) if fam_all is not None else (0.0, 0.0)
-        clu_all = cluster_stats.get(ALL)
-        clu_s, clu_n = (clu_all.decayed_sum, clu_all.decayed_n) if clu_all is not None else (0.0, 0.0)
-        use_cluster = cluster is not None
-        lat_scale, cost_scale = wl / 2, wc / 3
-        log10 = math.log10
-        # One pass: estimate.predict inlined (this loop is the hot path) and the score without its
-        # constant terms: wq*q - lat_scale*log10(latency) - cost_scale*log10(cost + floor). Adding
-        # the constants (which need the fastest and cheapest candidate) does not change the order.
-        rows: list[_Row] = []
-        fastest = cheapest = math.inf
-        slowest = dearest = 0.0
-        for v in cands:
-            mid = v.model_id
-            prior, latency = table[mid]
-            latency = p50.get(mid, latency)
-            cost = v.in_rate * est_in + v.out_rate * max_tokens
-            delta = prior - prior_mean
-            base = prior_mean
-            n = 0
-            p = profiles.get(mid)
-            if p is not None and p.total_calls:
-                delta = (k * delta + p.resid_sum) / (k + p.total_calls)
-            fs = fam_stats.get(mid)
-            if fs is None:
-                if fam_n > 1e-9:
-                    base = (k * base + fam_s) / (k + fam_n)
-                if clu_n > 1e-9:
-                    base = (k * base + clu_s) / (k + clu_n)
-            else:
-                n = 0 if use_cluster else fs.calls
-                others = fam_n - fs.decayed_n
-                if others > 1e-9:
-                    base = (k * base + fam_s - fs.decayed_sum) / (k + others)
-                if use_cluster:
-                    if fs.decayed_n > 0:
-                        delta = (k * delta + fs.resid_sum) / (k + fs.decayed_n)
-                    cs = cluster_stats.get(mid)
-                    if cs is None:
-                        if clu_n > 1e-9:
-                            base = (k * base + clu_s) / (k + clu_n)
-                    else:
-                        n = cs.calls
-                        others = clu_n - cs.decayed_n
-                        if others > 1e-9:
-                            base = (k * base + clu_s - cs.decayed_sum) / (k + others)
-                        if cs.decayed_n > 0:
-                            delta = (k * delta + cs.decayed_sum - cs.decayed_n * base) / (k + cs.decayed_n)
-                elif fs.decayed_n > 0:
-                    delta = (k * delta + fs.decayed_sum - fs.decayed_n * base) / (k + fs.decayed_n)
-            q = base + delta
-            q = 0.0 if q < 0.0 else 1.0 if q > 1.0 else q
-            if latency < fastest:  # noqa: PLR1730 (an if is faster than min() here)
-                fastest = latency
-            if latency > slowest:  # noqa: PLR1730
-                slowest = latency
-            if cost < cheapest:  # noqa: PLR1730
-                cheapest = cost
-            if cost > dearest:  # noqa: PLR1730
-                dearest = cost
-            score = (
-                wq * q
-                - lat_scale * log10(latency if latency > 1.0 else 1.0)
-                - cost_scale * log10(cost + _COST_FLOOR)
-            )
-            rows.append((score, q, n, latency, cost, v))
-        fastest = fastest if fastest > 1.0 else 1.0
-        lat_cap, cost_cap = 100 * fastest, 1000 * (cheapest + _COST_FLOOR)
-        if slowest > lat_cap or dearest + _COST_FLOOR > cost_cap:
-            # A penalty reaches its cap (100x slower, 1000x dearer): give back what is past it.
-            for i, (score, q, n, latency, cost, v) in enumerate(rows):
-                fix = lat_scale * log10(latency / lat_cap) if latency > lat_cap else 0.0
-                if cost + _COST_FLOOR > cost_cap:
-                    fix += cost_scale * log10((cost + _COST_FLOOR) / cost_cap)
-                if fix:
-                    rows[i] = (score + fix, q, n, latency, cost, v)
-        # The constant terms, added where scores are shown (RoutingDecision.candidates).
-        offset = wl + wc + lat_scale * log10(fastest) + cost_scale * log10(cheapest + _COST_FLOOR)
-        rows.sort(key=_SCORE, reverse=True)  # stable: ties keep catalog order
-        return rows, offset
-
-    def _pick(self, rows: list[_Row]) -> tuple[_Row, RoutingStrategy]:
-        st = self.settings
-        roll = self._rng.random()
-        best = rows[0]
-        if st.quality_first_cold_start and best[2] < st.bootstrap_min_task_observations:
-            floor = st.bootstrap_quality_floor
-            eligible = [r for r in rows if r[1] >= floor]
-            if eligible:
-                return max(eligible, key=_QUALITY), RoutingStrategy.COLD_START
-        if roll < st.exploration_rate and len(rows) > 1:
-            fewest = min(r[2] for r in rows)
-            return self._rng.choice([r for r in rows if r[2] == fewest]), RoutingStrategy.EXPLORE
-        return best, RoutingStrategy.ADAPTIVE
-
     def _fallbacks(self, rows: list[_Row], chosen_id: str, chosen_provider: str) -> list[str]:
         """Next best candidates: the best of each other provider first, then the rest by score."""
         limit = self.settings.max_fallbacks
@@ -540,6 +438,22 @@ class AdaptiveRouter:
             elif len(later) < limit:
                 later.append(v.model_id)
         return (first + later)[:limit]
+
+
+def _reason(
+    strategy: RoutingStrategy, ctx: Context, pick: _Row, n_rows: int, n_excluded: int, relaxed: str, note: str
+) -> str:
+    _score, quality, obs, latency, cost, view, sd, _drawn, tokens, _ms = pick
+    reason = (
+        f"{strategy}: {ctx.family}/{ctx.complexity} -> {view.model_id} (quality {quality:.2f} ± {sd:.2f} "
+        f"from {obs} obs, {latency:.0f} ms, ${cost:.5f} for ~{tokens:.0f} output tokens); {n_rows} "
+        f"candidates, {n_excluded} excluded"
+    )
+    if relaxed:
+        reason += f" ({relaxed})"
+    if note:
+        reason += f"; {note}"
+    return reason
 
 
 def _context_length(v: ModelView) -> int:

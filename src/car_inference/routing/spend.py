@@ -169,9 +169,9 @@ class SpendControl:
             self.store.add_spend(provider, model_id, usd, ts=now)
         with self._lock:
             self._roll(now)
-            if self.store is not None:
-                self._reload_locked()
-            else:
+            if self.store is not None and self.has_limits:
+                self._reload_locked()  # other processes' spend counts against the limits too
+            else:  # without limits the totals are only shown: no full re-read per call
                 self._day[provider] = self._day.get(provider, 0.0) + usd
                 self._month[provider] = self._month.get(provider, 0.0) + usd
 
@@ -179,6 +179,7 @@ class SpendControl:
         with self._lock:
             now = self._clock()
             self._roll(now)
+            self._reload_locked()  # every process's spend, not only what this one counted
             entries = []
             scopes: list[tuple[str, SpendLimit]] = [(GLOBAL_SCOPE, self.settings)]
             scopes += [(name, limit) for name, limit in self.settings.providers.items()]

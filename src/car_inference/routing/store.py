@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .estimate import residual
+from .estimate import ALL, residual
 from .store_sql import PROFILE_UPSERT, SCHEMA, TASK_UPSERT
 
 __all__ = [
@@ -85,11 +85,12 @@ class QualityChange:
         return self.new - self.old
 
 
-ALL = "*"  # the model id of baseline rows
-
-
 def stat_keys(family: str, cluster: str | None) -> tuple[str, ...]:
-    """The task_stats keys one trace counts under: its family, and family|cluster when known."""
+    """The task_stats keys one trace counts under, widest first: its family, and family|cluster
+    when known. A request with a template signature (``cluster`` = ``coarse/template``) counts in
+    its template's row instead of the coarse cluster's: a template is a task of its own, and its
+    outcomes (often much harder or easier than the cluster's) must not skew what the cluster says
+    about the other requests in it."""
     return (family, f"{family}|{cluster}") if cluster else (family,)
 
 
@@ -270,10 +271,12 @@ class OutcomeStore:
         now: float | None = None,
         prior_strength: float = 10.0,
         retry_window_s: float | None = None,
+        score: float | None = None,
     ) -> tuple[str | None, float, float]:
         """A whole attempt in one transaction: ``start_trace`` and ``finish_trace`` together, for
         callers that write a trace once it is over (the engine does). ``success=None`` records an
-        abandoned attempt (the caller stopped reading): kept as a trace, counted nowhere.
+        abandoned attempt (the caller stopped reading): kept as a trace, counted nowhere. ``score``:
+        explicit feedback known already (a reported outcome), the trace's quality from the start.
         Returns (the earlier trace this one quickly retried, as ``start_trace``; quality;
         residual)."""
         now = time.time() if now is None else now
@@ -287,15 +290,23 @@ class OutcomeStore:
                 " error_class, error, base, quality) VALUES (" + ", ".join("?" * 18) + ")",
                 (row.trace_id, row.model_id, row.task, row.family, row.cluster, row.reason, row.prompt_hash,
                  row.started_at, outcome, now, latency_ms, ttft_ms, input_tokens, output_tokens, error_class,
-                 error, base, base),
+                 error, base, base if score is None or base is None else score),
             )  # fmt: skip
             if success is None or base is None:
                 return previous, 0.0, 0.0
+            quality = base
+            if score is not None:
+                quality = score
+                conn.execute("UPDATE traces SET feedback = ? WHERE trace_id = ?", (score, row.trace_id))
+                conn.execute(
+                    "INSERT INTO feedback (trace_id, kind, value, created_at) VALUES (?, 'explicit', ?, ?)",
+                    (row.trace_id, score, now),
+                )
             resid = self._count(
                 conn, row, success=success, latency_ms=latency_ms, input_tokens=input_tokens,
-                output_tokens=output_tokens, quality=base, now=now, prior_strength=prior_strength,
+                output_tokens=output_tokens, quality=quality, now=now, prior_strength=prior_strength,
             )  # fmt: skip
-            return previous, base, resid
+            return previous, quality, resid
 
     @staticmethod
     def _count(

@@ -1,0 +1,102 @@
+"""Route-only use: the caller runs the model itself and tells the router how it went.
+
+RouteLLM-style users ask for a decision, call the model on their own, and report the outcome; a
+replay of logged outcomes drives the learning the same way. ``report`` records the outcome of a
+decision in one store transaction (the trace, its explicit score, the counters), exactly what the
+engine records for an answer it produced itself, so the router learns from it identically.
+``open_trace`` keeps a pending trace for a decision whose outcome comes later by trace id (``POST
+/v1/route`` then ``POST /v1/feedback``): ``feedback`` on a pending trace completes it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ..errors import TraceNotFound
+from ..requests import GenerateParams, GenerateRequest
+from ..routing import OutcomeTracker, RoutingDecision
+from ..routing.outcomes import InferenceTask
+
+if TYPE_CHECKING:
+    from ..registry import UnifiedRegistry
+    from ..routing import OutcomeStore, SpendControl
+    from .bookkeeping import Bookkeeper
+
+__all__ = ["LearningMixin"]
+
+
+class LearningMixin:
+    if TYPE_CHECKING:  # provided by InferenceEngine
+        tracker: OutcomeTracker
+        store: OutcomeStore
+        spend: SpendControl
+        bookkeeper: Bookkeeper
+        registry: UnifiedRegistry
+
+        async def _route_off_loop(self, request: GenerateRequest) -> RoutingDecision: ...
+
+    async def route_adaptive(self, prompt: str, **params: Any) -> RoutingDecision:
+        """The decision for a plain prompt (the seed's ``route_adaptive``); ``params`` are
+        ``GenerateParams`` fields that change it (``max_tokens``, ``workload``, ``thinking``...)."""
+        request = GenerateRequest(prompt=prompt, params=GenerateParams.model_validate(params))
+        return await self._route_off_loop(request)
+
+    def report(
+        self,
+        decision: RoutingDecision,
+        *,
+        success: bool = True,
+        score: float | None = None,
+        cost_usd: float | None = None,
+        latency_ms: float | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int = 0,
+        model_id: str | None = None,
+        prompt: str | None = None,
+    ) -> str:
+        """Record the outcome of ``decision`` when the caller executed it: ``success`` (the call
+        answered), ``score`` (0..1, its quality when known: replaces success's 1/0), what it
+        cost and how long it took, its output tokens (they teach the router answer lengths, hence
+        expected costs), and ``model_id`` when the caller ran another model than the chosen one.
+        ``prompt`` enables the quick-retry signal. Returns the trace id."""
+        if score is not None and not 0.0 <= score <= 1.0:
+            raise ValueError(f"score must be within 0..1, got {score}")
+        chosen = model_id or decision.model_id
+        trace_id = uuid.uuid4().hex
+        now = time.time()
+        self.bookkeeper.flush()  # keep this process's records in order
+        self.tracker.record_attempt(
+            chosen, InferenceTask.GENERATE, decision.task_family, decision.reason, prompt,
+            trace_id=trace_id, started_at=now - (latency_ms or 0.0) / 1000, success=success,
+            cluster=decision.prompt_cluster, latency_ms=latency_ms,
+            input_tokens=decision.estimated_input_tokens if input_tokens is None else input_tokens,
+            output_tokens=output_tokens, error_class=None if success else "reported_failure", score=score,
+        )  # fmt: skip
+        if cost_usd:
+            schema = self.registry.get(chosen)
+            self.spend.record(schema.provider if schema is not None else "unknown", chosen, cost_usd)
+        return trace_id
+
+    def open_trace(self, decision: RoutingDecision) -> str:
+        """A pending trace for ``decision``, completed later by ``feedback(trace_id, score)``."""
+        return self.tracker.record_start(
+            decision.model_id, InferenceTask.GENERATE, decision.task_family, decision.reason,
+            cluster=decision.prompt_cluster,
+        )  # fmt: skip
+
+    def feedback(self, trace_id: str, score: float) -> None:
+        """A quality rating (0 bad .. 1 good) for the answer of ``trace_id``; it replaces what the
+        tracker inferred for that trace and moves the model's learned quality. A trace still
+        pending (a route-only decision from ``open_trace``) is completed as answered first."""
+        if not 0.0 <= score <= 1.0:
+            raise ValueError(f"feedback score must be within 0..1, got {score}")
+        self.bookkeeper.flush()
+        trace = self.store.trace(trace_id)
+        if trace is None:
+            raise TraceNotFound(trace_id)
+        if trace["outcome"] == "pending":
+            latency_ms = (time.time() - trace["started_at"]) * 1000
+            self.tracker.record_complete(trace_id, latency_ms)
+        self.tracker.record_feedback(trace_id, score)

@@ -1,0 +1,164 @@
+"""The router's scoring loop: each candidate's belief about its quality, expected cost and latency,
+and one Thompson sample of its utility.
+
+Score of a candidate, higher is better::
+
+    score = wq * Q + wl * L + wc * C,  weights normalised to sum to 1
+    Q = a draw from the model's quality belief in this context (``estimate.belief``): mean +
+        exploration * sd * N(0, 1), clamped to 0..1; with ``exploration = 0`` the mean itself
+    L = 1 - min(1, log10(latency / fastest candidate's latency) / 2)      # 100x slower -> 0
+    C = 1 - min(1, log10((cost + 1e-5) / (cheapest cost + 1e-5)) / 3)      # 1000x dearer -> 0
+    wq = quality_weight * {simple: 0.75, medium: 1, complex: 1.5}
+    wl = latency_weight * {simple: 1.5, medium: 1, complex: 0.5} * (interactive_latency_boost if interactive)
+    wc = cost_weight    * {simple: 1.5, medium: 1, complex: 0.5}
+
+Latency is the observed p50 (3+ successful calls), else the benchmark's latency for the family,
+else the catalog's. Cost is the price of the input tokens plus the *expected* output tokens: the
+model's mean answer length so far (shrunk toward ``TYPICAL_OUTPUT_TOKENS`` with
+``OUTPUT_PRIOR_CALLS`` pseudo-calls), never more than ``max_tokens``. (Spend limits, in
+``router._candidates``, still assume the worst case, all of ``max_tokens``.)
+
+The loop computes ``wq*Q - wl/2*log10(latency) - wc/3*log10(cost + 1e-5)`` in one pass, gives back
+what lies past a cap for the few candidates over 100x the fastest latency or 1000x the cheapest
+cost, and adds the shared constant only where scores are shown (it does not change the order).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from ..config import RoutingSettings
+from ..requests import RoutingWorkload
+from .complexity import TaskComplexity
+from .decision import _SCORE, _Row
+from .estimate import DRIFT_VAR, belief, difficulty, first_look, noise_of
+from .outcomes import OutcomeTracker
+from .pool import TYPICAL_OUTPUT_TOKENS, ModelView
+
+__all__ = ["OUTPUT_PRIOR_CALLS", "Context", "expected_output_tokens", "score_candidates"]
+
+OUTPUT_PRIOR_CALLS = 5.0
+_COST_FLOOR = 1e-5
+_QUALITY_MULT = {TaskComplexity.SIMPLE: 0.75, TaskComplexity.MEDIUM: 1.0, TaskComplexity.COMPLEX: 1.5}
+_SPEED_MULT = {TaskComplexity.SIMPLE: 1.5, TaskComplexity.MEDIUM: 1.0, TaskComplexity.COMPLEX: 0.5}
+
+
+@dataclass(slots=True, frozen=True)
+class Context:
+    """Where a request is learned: its family, cluster (``coarse/template``) and complexity."""
+
+    family: str
+    cluster: str | None
+    complexity: TaskComplexity
+
+
+def weights(st: RoutingSettings, complexity: TaskComplexity, workload: RoutingWorkload) -> tuple[float, ...]:
+    """(wq, wl, wc) for this request, normalised to sum to 1."""
+    speed = _SPEED_MULT[complexity]
+    wq = st.quality_weight * _QUALITY_MULT[complexity]
+    wl = st.latency_weight * speed
+    if workload is RoutingWorkload.INTERACTIVE:
+        wl *= st.interactive_latency_boost
+    wc = st.cost_weight * speed
+    total = wq + wl + wc or 1.0
+    return wq / total, wl / total, wc / total
+
+
+def expected_output_tokens(total_out: int, successes: int, max_tokens: int) -> float:
+    """Mean answer length so far, shrunk toward the typical one and capped at ``max_tokens``.
+    No token counted at all (a caller that never reports them) means unknown, not zero."""
+    prior = min(max_tokens, TYPICAL_OUTPUT_TOKENS)
+    if total_out <= 0:
+        return float(prior)
+    expected = (OUTPUT_PRIOR_CALLS * prior + total_out) / (OUTPUT_PRIOR_CALLS + successes)
+    return expected if expected < max_tokens else float(max_tokens)
+
+
+def score_candidates(
+    cands: list[ModelView],
+    table: dict[str, tuple[float, float]],
+    tracker: OutcomeTracker,
+    st: RoutingSettings,
+    ctx: Context,
+    rng: random.Random,
+    *,
+    workload: RoutingWorkload,
+    est_in: int,
+    max_tokens: int,
+) -> tuple[list[_Row], float]:
+    """Score and sort the candidates, best (sampled) score first; see the module docstring.
+    Returns the rows and the constant to add to their scores to show them."""
+    if not cands:
+        return [], 0.0
+    wq, wl, wc = weights(st, ctx.complexity, workload)
+    profiles, levels, p50 = tracker.views(ctx.family, ctx.cluster)
+    offset = difficulty(levels, {m: e[0] for m, e in table.items()})
+    prior_var = st.prior_sd * st.prior_sd
+    untried_var = prior_var + sum(DRIFT_VAR[: len(levels)])
+    default_out = expected_output_tokens(0, 0, max_tokens)
+    explore = st.exploration
+    gauss = rng.gauss
+    lat_scale, cost_scale = wl / 2, wc / 3
+    log10, sqrt = math.log10, math.sqrt
+    rows: list[_Row] = []
+    fastest = cheapest = math.inf
+    slowest = dearest = 0.0
+    for v in cands:
+        mid = v.model_id
+        prior, latency = table[mid]
+        mean = prior + offset
+        latency = p50.get(mid, latency)
+        p = profiles.get(mid)
+        if p is not None and p.total_calls:
+            out_tokens = expected_output_tokens(p.total_output_tokens, p.success_count, max_tokens)
+            own = [lv.get(mid) for lv in levels]
+            var = prior_var
+            if own[0] is None:
+                mean, var = first_look(mean, var, p)
+            mean, var, n = belief(mean, var, own, noise_of(mean))
+        else:
+            out_tokens, var, n = default_out, untried_var, 0
+        sd = sqrt(var)
+        q = mean + explore * sd * gauss(0.0, 1.0) if explore else mean
+        q = 0.0 if q < 0.0 else 1.0 if q > 1.0 else q
+        cost = v.in_rate * est_in + v.out_rate * out_tokens
+        if latency < fastest:  # noqa: PLR1730 (an if is faster than min() here)
+            fastest = latency
+        if latency > slowest:  # noqa: PLR1730
+            slowest = latency
+        if cost < cheapest:  # noqa: PLR1730
+            cheapest = cost
+        if cost > dearest:  # noqa: PLR1730
+            dearest = cost
+        score = (
+            wq * q
+            - lat_scale * log10(latency if latency > 1.0 else 1.0)
+            - cost_scale * log10(cost + _COST_FLOOR)
+        )
+        mean = 0.0 if mean < 0.0 else 1.0 if mean > 1.0 else mean
+        rows.append((score, mean, n, latency, cost, v, sd, q, out_tokens, score + wq * (mean - q)))
+    return _capped(rows, fastest, slowest, cheapest, dearest, wl, wc)
+
+
+def _capped(
+    rows: list[_Row], fastest: float, slowest: float, cheapest: float, dearest: float, wl: float, wc: float
+) -> tuple[list[_Row], float]:
+    """Give back what lies past a penalty's cap (100x slower, 1000x dearer), sort best first, and
+    return the constant that makes the shown scores the module docstring's."""
+    lat_scale, cost_scale = wl / 2, wc / 3
+    log10 = math.log10
+    fastest = fastest if fastest > 1.0 else 1.0
+    lat_cap, cost_cap = 100 * fastest, 1000 * (cheapest + _COST_FLOOR)
+    if slowest > lat_cap or dearest + _COST_FLOOR > cost_cap:
+        for i, row in enumerate(rows):
+            latency, cost = row[3], row[4]
+            fix = lat_scale * log10(latency / lat_cap) if latency > lat_cap else 0.0
+            if cost + _COST_FLOOR > cost_cap:
+                fix += cost_scale * log10((cost + _COST_FLOOR) / cost_cap)
+            if fix:
+                rows[i] = (row[0] + fix, *row[1:9], row[9] + fix)
+    offset = wl + wc + lat_scale * log10(fastest) + cost_scale * log10(cheapest + _COST_FLOOR)
+    rows.sort(key=_SCORE, reverse=True)  # stable: ties keep catalog order
+    return rows, offset
