@@ -31,9 +31,13 @@ WAV = b"RIFF\x24\x00\x00\x00WAVEfmt \r\n\r\n--boundary-like\r\n" + bytes(range(2
 
 def test_speech_round_trip_and_missing_images_501(local_server: ServerThread) -> None:
     client = openai.OpenAI(base_url=local_server.url + "/v1", api_key="unused", max_retries=0)
-    # Text to speech on the embedded Piper voice (an OpenAI voice name is accepted and ignored).
+    # Text to speech on the embedded Piper voice. A voice it does not have (OpenAI's "alloy") is a
+    # 400 listing its voices, unless config.toml's [speech] voices maps the name.
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.audio.speech.create(model="auto", voice="alloy", input="Hi.", response_format="wav")
+    assert "has no voice 'alloy'; its voices: en_US-joe-medium" in unknown.value.message
     speech = client.audio.speech.create(
-        model="auto", voice="alloy", input="The quick brown fox.", response_format="wav"
+        model="auto", voice="en_US-joe-medium", input="The quick brown fox.", response_format="wav"
     )
     audio = speech.read()
     assert audio[:4] == b"RIFF" and audio[8:12] == b"WAVE" and len(audio) > 10_000
