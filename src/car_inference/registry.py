@@ -9,6 +9,7 @@ cannot run). The engine passes the checks it owns (keys, backends, their tasks) 
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Callable, Iterable
 
@@ -192,7 +193,7 @@ class UnifiedRegistry:
         key_env = getattr(source, "api_key_env", None)
         if getattr(source, "needs_key", True) is False:
             return bool(base_url)
-        return bool(key_env) and self._key_check(key_env)
+        return isinstance(key_env, str) and bool(key_env) and self._key_check(key_env)
 
     def unavailable_reason(self, schema: ModelSchema) -> str:
         """Why ``schema`` cannot run, in words a user can act on."""
@@ -246,7 +247,7 @@ class UnifiedRegistry:
             raise ModelNotFound(name, list(ids)[:3])
         return found
 
-    def query(self, flt: ModelFilter | None = None, **kwargs: object) -> list[ModelSchema]:
+    def query(self, flt: ModelFilter | None = None, **kwargs: object) -> builtins.list[ModelSchema]:
         """The models ``flt`` matches; ``available_only`` with ``capabilities`` also requires
         that the backend implements each of those tasks."""
         flt = flt or ModelFilter.model_validate(kwargs)

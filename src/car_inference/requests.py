@@ -298,7 +298,7 @@ class GenerateRequest(_Model):
 
     def media_types(self) -> set[str]:
         """Which media kinds (image, audio, video) the request carries."""
-        kinds = {b.type for b in self.images or [] if b.type != "text"}
+        kinds: set[str] = {b.type for b in self.images or [] if b.type != "text"}
         for m in self.messages or []:
             kinds.update(b.type for b in m.media())
         return kinds

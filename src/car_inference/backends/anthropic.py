@@ -42,7 +42,7 @@ Request mapping (a parameter goes out only when ``ModelSchema.supports_param`` s
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 try:
@@ -59,6 +59,7 @@ from ..schema import AnthropicSource, GenerateParam, ModelSchema
 from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
 from .remote import (
     Endpoint,
+    ErrorSite,
     Finish,
     ProviderItems,
     RemoteBackend,
@@ -263,7 +264,7 @@ class AnthropicBackend(RemoteBackend):
         endpoint: Endpoint,
         model: ModelSchema,
         payload: dict[str, Any],
-    ) -> AsyncIterator[StreamEvent | Finish]:
+    ) -> AsyncGenerator[StreamEvent | Finish | ProviderItems, None]:
         stream = await client.messages.create(**payload, stream=True)
         tools: dict[int, int] = {}  # content block index -> tool call index
         kept: dict[int, dict[str, Any]] = {}  # content block index -> thinking block to send back
@@ -325,7 +326,7 @@ class AnthropicBackend(RemoteBackend):
     def translate(
         self, exc: Exception, endpoint: Endpoint, model: ModelSchema, key: str
     ) -> ProviderError | None:
-        where = {"provider": endpoint.provider, "model": model.id, "secrets": [key]}
+        where: ErrorSite = {"provider": endpoint.provider, "model": model.id, "secrets": [key]}
         if isinstance(exc, anthropic.APIStatusError):
             return status_error(exc.status_code, _message_of(exc), headers=exc.response.headers, **where)
         if isinstance(exc, anthropic.APIConnectionError):  # timeouts included

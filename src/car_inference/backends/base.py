@@ -17,7 +17,7 @@ import importlib
 import importlib.util
 import math
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +55,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TASK_PROTOCOLS",
+    "Backend",
     "BackendContext",
     "Classifier",
     "Embedder",
     "GenerationOutput",
     "ImageGenerator",
     "KeyProvider",
+    "PromptCounter",
     "Reranker",
     "Synthesizer",
     "TextGenerator",
@@ -121,7 +123,7 @@ class BackendContext:
 @runtime_checkable
 class TextGenerator(Protocol):
     async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput: ...
-    def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncIterator[StreamEvent]: ...
+    def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]: ...
 
 
 @runtime_checkable
@@ -167,6 +169,28 @@ class VideoGenerator(Protocol):
     async def generate_video(
         self, model: ModelSchema, request: GenerateVideoRequest, progress: Any = None
     ) -> GenerateVideoResult: ...
+
+
+@runtime_checkable
+class PromptCounter(Protocol):
+    """An in-process backend that counts a request's prompt tokens on the model's own tokenizer."""
+
+    def count_prompt_tokens(self, model: ModelSchema, request: GenerateRequest) -> int: ...
+
+
+# What the engine holds for a model kind: an object doing one or more of the tasks above. Callers
+# narrow it with isinstance (the protocols are runtime-checkable) before calling a task.
+Backend = (
+    TextGenerator
+    | Embedder
+    | Reranker
+    | Classifier
+    | Tokenizer
+    | Transcriber
+    | Synthesizer
+    | ImageGenerator
+    | VideoGenerator
+)
 
 
 # The task a capability asks of a backend. The other capabilities (vision, tool_use, code...)
@@ -298,7 +322,7 @@ def ranked_result(request: RerankRequest, scores: list[float], model_id: str, me
 
 async def iterate_in_thread(
     make_iterator: Callable[[threading.Event], Iterator[T]],
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T, None]:
     """Run a blocking iterator in a worker thread and yield its items on the event loop.
 
     The iterator gets a ``threading.Event`` that is set when the consumer stops reading (breaks

@@ -325,8 +325,10 @@ def _check_size(model: ModelSchema, pipe: Any, width: int, height: int) -> None:
 
 def _frame_count(pipe: Any, wanted: float) -> int:
     """Frames as the VAE compresses them in time: ``k * ratio + 1`` nearest to ``wanted``."""
-    ratio = getattr(pipe, "vae_temporal_compression_ratio", None) or getattr(
-        pipe, "vae_scale_factor_temporal", 1
+    ratio = (
+        getattr(pipe, "vae_temporal_compression_ratio", None)
+        or getattr(pipe, "vae_scale_factor_temporal", None)
+        or 1
     )
     return max(1, round((wanted - 1) / ratio)) * int(ratio) + 1
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 try:
@@ -55,6 +55,7 @@ from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolC
 from .gemini_media import GeminiMediaMixin
 from .remote import (
     Endpoint,
+    ErrorSite,
     Finish,
     ProviderItems,
     RemoteBackend,
@@ -238,7 +239,7 @@ class GeminiBackend(GeminiMediaMixin, RemoteBackend):  # images: gemini_media.py
 
     async def events(
         self, client: genai.Client, endpoint: Endpoint, model: ModelSchema, payload: dict[str, Any]
-    ) -> AsyncIterator[StreamEvent | Finish]:
+    ) -> AsyncGenerator[StreamEvent | Finish | ProviderItems, None]:
         stream = await client.aio.models.generate_content_stream(**payload)
         calls = 0
         signatures: list[dict[str, Any]] = []  # of function calls, to send back with them
@@ -296,7 +297,7 @@ class GeminiBackend(GeminiMediaMixin, RemoteBackend):  # images: gemini_media.py
     def translate(
         self, exc: Exception, endpoint: Endpoint, model: ModelSchema, key: str
     ) -> ProviderError | None:
-        where = {"provider": endpoint.provider, "model": model.id, "secrets": [key]}
+        where: ErrorSite = {"provider": endpoint.provider, "model": model.id, "secrets": [key]}
         if isinstance(exc, _Blocked):
             return ProviderError(f"the prompt was blocked: {exc}", provider=endpoint.provider, model=model.id)
         if isinstance(exc, genai_errors.APIError):

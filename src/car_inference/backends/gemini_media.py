@@ -16,7 +16,7 @@ import asyncio
 import math
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 from ..errors import ProviderError, UnsupportedMode
 from ..requests import GenerateImageRequest, GenerateImageResult
@@ -41,7 +41,7 @@ class GeminiMediaMixin:
     """``generate_image`` for the Gemini backend (its ``make_client`` returns a ``genai.Client``)."""
 
     if TYPE_CHECKING:  # provided by RemoteBackend
-        kind: str
+        kind: ClassVar[str]
 
         def with_keys(self, model: ModelSchema, call: Callable[[Any, Endpoint], Awaitable[Any]]) -> Any: ...
 
@@ -63,8 +63,8 @@ class GeminiMediaMixin:
             response_modalities=["IMAGE"], seed=request.seed, image_config=image_config
         )
         parts = [types.Part(text=request.prompt)]
-        for path in request.image_paths:
-            _, data, media_type = read_upload(path)
+        for image_path in request.image_paths:
+            _, data, media_type = read_upload(image_path)
             parts.append(types.Part.from_bytes(data=data, mime_type=media_type))
         contents = [types.Content(role="user", parts=parts)]
 
@@ -93,7 +93,14 @@ class GeminiMediaMixin:
         )
 
 
-def _image_config(kind: str, model: ModelSchema, width: int, height: int) -> dict[str, str]:
+class _ImageSize(TypedDict):
+    """The ``ImageConfig`` fields a width and height set."""
+
+    aspect_ratio: str
+    image_size: str
+
+
+def _image_config(kind: str, model: ModelSchema, width: int, height: int) -> _ImageSize:
     """Gemini's ``aspect_ratio`` and ``image_size`` for a width and height."""
     divisor = math.gcd(width, height)
     ratio = f"{width // divisor}:{height // divisor}"

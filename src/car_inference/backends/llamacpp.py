@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from threading import Event
 from typing import Any
@@ -85,7 +85,7 @@ def _quiet_llama_cpp() -> None:
         return
     last = [logging.ERROR]
 
-    @llama_cpp.llama_log_callback  # type: ignore[misc]
+    @llama_cpp.llama_log_callback
     def forward(level: int, text: bytes, _user_data: Any) -> None:
         last[0] = last[0] if level == 5 else _GGML_LEVELS.get(level, logging.ERROR)
         if last[0] >= logger.getEffectiveLevel():
@@ -353,7 +353,7 @@ class LlamaCppBackend:
                 yield ToolCallStart(index=index, id=f"call_{index}", name=name)
                 yield ToolCallDelta(index=index, arguments=arguments)
 
-    def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
+    def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
         return iterate_in_thread(lambda cancelled: self._run(model, request, cancelled))
 
     async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:

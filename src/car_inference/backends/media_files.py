@@ -97,6 +97,8 @@ def encode_video(frames: Sequence[Any], fps: int, fmt: str) -> bytes:
     try:
         with av.open(buffer, mode="w", format=container_format) as container:
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+            if not isinstance(stream, av.VideoStream):  # our codec table names video codecs only
+                raise InferenceFailed(f"{codec} is not a video codec")
             stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
             for frame in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +55,9 @@ from .base import BackendContext
 from .openai_media import OpenAIMediaMixin
 from .remote import (
     Endpoint,
+    ErrorSite,
     Finish,
+    ProviderItems,
     RemoteBackend,
     StreamIncomplete,
     status_error,
@@ -265,7 +267,7 @@ class OpenAICompatBackend(OpenAIMediaMixin, RemoteBackend):  # images and video:
 
     async def events(
         self, client: openai.AsyncOpenAI, endpoint: Endpoint, model: ModelSchema, payload: dict[str, Any]
-    ) -> AsyncIterator[StreamEvent | Finish]:
+    ) -> AsyncGenerator[StreamEvent | Finish | ProviderItems, None]:
         # The stream is read as plain JSON: typed chunk objects cost more than a fast upstream's
         # whole answer (about 1.8 ms a request, measured by benchmarks/server.py).
         response = await self._send(client, payload)
@@ -314,7 +316,7 @@ class OpenAICompatBackend(OpenAIMediaMixin, RemoteBackend):  # images and video:
     def translate(
         self, exc: Exception, endpoint: Endpoint, model: ModelSchema, key: str
     ) -> ProviderError | None:
-        where = {"provider": endpoint.provider, "model": model.id, "secrets": [key]}
+        where: ErrorSite = {"provider": endpoint.provider, "model": model.id, "secrets": [key]}
         if isinstance(exc, openai.APIStatusError):
             return status_error(exc.status_code, _message_of(exc), headers=exc.response.headers, **where)
         if isinstance(exc, openai.APIConnectionError):  # timeouts included

@@ -22,7 +22,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InvalidInput, ProviderError, UnsupportedMode
 from ..requests import (
@@ -63,7 +63,7 @@ class OpenAIMediaMixin:
     ``openai`` SDK (their ``make_client`` returns an ``openai.AsyncOpenAI``)."""
 
     if TYPE_CHECKING:  # provided by RemoteBackend
-        kind: str
+        kind: ClassVar[str]
         settings: Any
 
         def with_keys(self, model: ModelSchema, call: Callable[[Any, Endpoint], Awaitable[Any]]) -> Any: ...

@@ -27,23 +27,24 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 from ..errors import INPUT_STATUSES, InferenceFailed, ModelUnavailable, ProviderError, ProviderRejectedInput
 from ..requests import (
     GenerateRequest,
     ThinkingMode,
 )
-from ..schema import ModelSchema
+from ..schema import ModelSchema, _RemoteApi
 from ..stream import Done, StreamAccumulator, StreamEvent, ThinkingDelta, UsageEvent
 from .base import BackendContext, GenerationOutput, KeyProvider
 
 # The backends import the conversion helpers below too; these are the names others may use.
 __all__ = [
     "Endpoint",
+    "ErrorSite",
     "Finish",
     "RemoteBackend",
     "mask_key",
@@ -129,6 +130,15 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
     return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+class ErrorSite(TypedDict):
+    """Where a provider error happened: the keyword arguments of ``status_error`` and
+    ``transport_error`` that every backend passes the same way."""
+
+    provider: str
+    model: str
+    secrets: list[str | None]
 
 
 def status_error(
@@ -234,7 +244,7 @@ class RemoteBackend:
     """A hosted API reached through an official SDK. Subclasses implement the five hooks."""
 
     kind: ClassVar[str] = "remote"
-    source_types: ClassVar[tuple[type, ...]] = ()  # the sources ``endpoint`` reads
+    source_types: ClassVar[tuple[type[_RemoteApi], ...]] = ()  # the sources ``endpoint`` reads
     needs_base_url: ClassVar[bool] = False  # True where the SDK has no default address
     # The wire protocol continues a final assistant turn (prefill): how a broken stream resumes.
     assistant_prefill: ClassVar[bool] = False
@@ -274,7 +284,7 @@ class RemoteBackend:
 
     def events(
         self, client: Any, endpoint: Endpoint, model: ModelSchema, payload: dict[str, Any]
-    ) -> AsyncIterator[StreamEvent | Finish | ProviderItems]:
+    ) -> AsyncGenerator[StreamEvent | Finish | ProviderItems, None]:
         """Content events, a ``Finish``, a ``UsageEvent`` and optionally ``ProviderItems``; raises SDK
         errors or ``StreamIncomplete``."""
         raise NotImplementedError
@@ -364,7 +374,7 @@ class RemoteBackend:
                     return GenerationOutput.from_done(event, event.time_to_first_token_ms)
         raise InferenceFailed(f"{model.id}: the stream ended without a result")
 
-    async def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
         start = time.perf_counter()
         endpoint = self.endpoint(model)
         payload = self.build(model, endpoint, request)

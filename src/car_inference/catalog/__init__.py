@@ -180,13 +180,13 @@ def load_catalog(user_file: Path | None) -> Catalog:
         endpoints = parsed.endpoints
 
     models: list[ModelSchema] = []
-    for data, origin, text, index in entries.values():
+    for data, origin, text, entry_index in entries.values():
         try:
             schema = ModelSchema.model_validate(data)
         except ValidationError as exc:
-            if index is None:  # a broken built-in entry is our bug; say where it is anyway
+            if entry_index is None:  # a broken built-in entry is our bug; say where it is anyway
                 raise config_error(exc, Path(origin), Path(origin).read_text(), ("models",)) from None
-            raise config_error(exc, Path(origin), text, ("models", index)) from None
+            raise config_error(exc, Path(origin), text, ("models", entry_index)) from None
         models.append(_resolve_host(schema, hosts, origin))
     seen = {m.id for m in models}
     for endpoint in endpoints:

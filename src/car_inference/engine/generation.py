@@ -25,11 +25,11 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..backends.base import run_blocking
+from ..backends.base import TextGenerator, run_blocking
 from ..errors import (
     AllModelsFailed,
     CircuitOpen,
@@ -48,7 +48,17 @@ from ..stream import Done, ErrorEvent, RouteEvent, StreamEvent, UsageEvent
 from .resume import Sent, continuation, join_text, joined
 
 if TYPE_CHECKING:
-    from ..backends.base import GenerationOutput
+    from ..backends.base import Backend, GenerationOutput
+    from ..config import CarConfig
+    from ..registry import UnifiedRegistry
+    from ..routing import (
+        AdaptiveRouter,
+        CircuitBreakerRegistry,
+        OutcomeStore,
+        OutcomeTracker,
+        SpendControl,
+    )
+    from .bookkeeping import Bookkeeper
 
 __all__ = ["DONE_TOOL_INSTRUCTION", "GenerationMixin", "Routing"]
 
@@ -82,18 +92,18 @@ ROUTE_IN_THREAD_CHARS = 8000
 
 class GenerationMixin:
     # Provided by InferenceEngine.
-    config: Any
-    registry: Any
-    router: Any
-    tracker: Any
-    breakers: Any
-    spend: Any
-    store: Any
-    bookkeeper: Any
+    config: CarConfig
+    registry: UnifiedRegistry
+    router: AdaptiveRouter
+    tracker: OutcomeTracker
+    breakers: CircuitBreakerRegistry
+    spend: SpendControl
+    store: OutcomeStore
+    bookkeeper: Bookkeeper
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
-        def _runnable(self, model: ModelSchema) -> Any: ...
+        def _runnable(self, model: ModelSchema) -> Backend: ...
 
     # --- routing -------------------------------------------------------------------------------
 
@@ -170,11 +180,13 @@ class GenerationMixin:
 
     def _open_attempt(
         self, model: ModelSchema, decision: RoutingDecision, request: GenerateRequest, *, first: bool
-    ) -> tuple[Any, _Attempt]:
+    ) -> tuple[TextGenerator, _Attempt]:
         """Pass the gates and open an attempt: (backend, attempt). Raises why the model is skipped.
         A model the caller chose (explicit or preferred) that would break a spend limit refuses
         the whole request; a fallback that would is skipped."""
         backend = self._runnable(model)
+        if not isinstance(backend, TextGenerator):
+            raise UnsupportedMode("generate", model.kind, f"the {model.kind} backend does not generate text")
         # A local model without vision reads no images: refused before it is loaded. A hosted one
         # is left to its provider (an endpoint's capabilities are often defaults, not facts).
         media = request.media_types()
@@ -203,7 +215,7 @@ class GenerationMixin:
 
     def _attempts(
         self, decision: RoutingDecision, request: GenerateRequest, attempts: list[tuple[str, InferenceError]]
-    ) -> Iterator[tuple[int, ModelSchema, Any, _Attempt]]:
+    ) -> Iterator[tuple[int, ModelSchema, TextGenerator, _Attempt]]:
         """The candidates that pass the gates, as (index, model, backend, attempt); a candidate
         that does not is added to ``attempts`` with why (or refuses the whole request)."""
         for index, model in enumerate(self._candidates(decision, attempts)):
@@ -321,7 +333,7 @@ class GenerationMixin:
             return result
         raise _final_error(attempts)
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
         """Stream events: a ``RouteEvent`` first, content events, then ``Done`` carrying the trace
         id, model, latency, usage and the whole text. When a model fails the next candidate takes
         over, announced by another ``RouteEvent`` (strategy "fallback"); after text went out it
@@ -366,13 +378,13 @@ class GenerationMixin:
     async def _stream_attempt(
         self,
         model: ModelSchema,
-        backend: Any,
+        backend: TextGenerator,
         attempt: _Attempt,
         routing: Routing,
         request: GenerateRequest,
         sent: Sent,
         outcome: _Outcome,
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """One model's part of a stream; ``outcome.error`` says why it failed (None: it finished).
         After text went out it is asked to continue that text (resume.py)."""
         attempt_start = time.perf_counter()

@@ -14,6 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import backends as backend_table
+from ..backends.base import PromptCounter
 from ..errors import InferenceError
 from ..requests import GenerateRequest
 from ..schema import ModelSchema
@@ -48,7 +49,10 @@ class EngineMeter:
         if not model.available or not hasattr(self._backend_class(model), "count_prompt_tokens"):
             return None
         try:
-            return int(self._engine._backend(model).count_prompt_tokens(model, request))
+            backend = self._engine._backend(model)
+            if not isinstance(backend, PromptCounter):
+                return None
+            return int(backend.count_prompt_tokens(model, request))
         except InferenceError as exc:
             log.debug("could not count prompt tokens on %s: %s", model.id, exc)
             return None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,7 +94,7 @@ def join_text(prefix: str, text: str) -> str:
     return prefix + (text.lstrip() if prefix != prefix.rstrip() else text)
 
 
-async def joined(events: AsyncIterator[StreamEvent], prefix: str) -> AsyncIterator[StreamEvent]:
+async def joined(events: AsyncGenerator[StreamEvent, None], prefix: str) -> AsyncGenerator[StreamEvent, None]:
     """The continuation's events, its first text trimmed of the white space that ``prefix``
     already ended with (prefill sends the prefix stripped, and the model writes that space again)."""
     trim = prefix != prefix.rstrip()

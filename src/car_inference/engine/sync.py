@@ -58,7 +58,7 @@ class SyncInferenceEngine:
                 except StopAsyncIteration:
                     return
         finally:
-            self._run(agen.aclose())  # type: ignore[attr-defined]
+            self._run(agen.aclose())
 
     def embed(self, request: EmbedRequest) -> EmbedResult:
         return self._run(self.engine.embed(request))

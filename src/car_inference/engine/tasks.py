@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..backends.base import Tokenizer
 from ..errors import ModelUnavailable, UnsupportedMode
 from ..requests import (
     Classification,
@@ -29,6 +30,12 @@ from ..requests import (
 )
 from ..schema import ModelCapability, ModelSchema
 
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from ..config import CarConfig
+    from ..registry import UnifiedRegistry
+    from ..routing import SpendControl
+
 __all__ = ["TaskMixin"]
 
 _MEDIA_METHODS = {
@@ -39,20 +46,22 @@ _MEDIA_METHODS = {
 
 class TaskMixin:
     # Provided by InferenceEngine.
-    registry: Any
-    config: Any
-    spend: Any
+    registry: UnifiedRegistry
+    config: CarConfig
+    spend: SpendControl
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
         def resolve(self, name: str) -> ModelSchema: ...
         def default_model(self, capability: ModelCapability) -> ModelSchema | None: ...
-        def _runnable(self, model: ModelSchema) -> Any: ...
-        def _task_method(self, model: ModelSchema, capability: ModelCapability, method: str) -> Any: ...
+        def _runnable(self, model: ModelSchema) -> Backend: ...
+        def _task_method(
+            self, model: ModelSchema, capability: ModelCapability, method: str
+        ) -> Callable[..., Any]: ...
 
     # --- tokens ------------------------------------------------------------------------------
 
-    def _tokenizer(self, name: str) -> tuple[ModelSchema, Any]:
+    def _tokenizer(self, name: str) -> tuple[ModelSchema, Tokenizer]:
         model = self.resolve(name)
         if not model.is_local:
             raise UnsupportedMode(
@@ -62,7 +71,7 @@ class TaskMixin:
                 "(a GGUF model) for tokenizer-correctness checks",
             )
         backend = self._runnable(model)
-        if not hasattr(backend, "tokenize"):
+        if not isinstance(backend, Tokenizer):
             raise UnsupportedMode(
                 "tokenize/detokenize", model.kind, f"the {model.kind} backend has no tokenizer"
             )

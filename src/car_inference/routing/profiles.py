@@ -60,7 +60,7 @@ class ModelProfile(BaseModel):
 
 
 def row_fields(row: ProfileRow | StatsRow) -> dict[str, Any]:
-    return {name: getattr(row, name) for name in row.__slots__}  # type: ignore[union-attr]
+    return {name: getattr(row, name) for name in row.__slots__}
 
 
 def export_stats(s: StatsRow) -> TaskStats:

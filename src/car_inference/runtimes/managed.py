@@ -15,9 +15,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import CarConfig
 from ..errors import ModelNotFound, close_matches
@@ -26,9 +26,12 @@ from .specs import RUNTIME_FOR_KIND, Launch, RuntimeSpec, is_managed, runtime_sp
 from .state import RunFiles, pid_alive, run_dir, tree_rss_mb
 from .supervisor import ManagedRuntime, RuntimeSettings, RuntimeState, RuntimeStatus
 
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+
 __all__ = ["ManagedBackend", "RuntimeSupervisor", "disk_status", "stop_elsewhere"]
 
-BackendLookup = Callable[[ModelSchema], Any]
+BackendLookup = Callable[[ModelSchema], "Backend"]
 
 
 class RuntimeSupervisor:
@@ -71,7 +74,7 @@ class RuntimeSupervisor:
                 )
             return runtime
 
-    def backend_for(self, model: ModelSchema, lookup: BackendLookup) -> Any:
+    def backend_for(self, model: ModelSchema, lookup: BackendLookup) -> Backend:
         """The engine's hook: ``lookup(model)`` for a model we do not start, else its
         ``ManagedBackend`` (nothing starts until the first request)."""
         if not is_managed(model):
@@ -260,7 +263,7 @@ class ManagedBackend:
         with self.runtime.busy():
             return await backend.generate(target, request)
 
-    async def stream(self, model: ModelSchema, request: Any) -> AsyncIterator[Any]:
+    async def stream(self, model: ModelSchema, request: Any) -> AsyncGenerator[Any, None]:
         backend, target = await self._ready(model)
         with self.runtime.busy():
             events = backend.stream(target, request)
