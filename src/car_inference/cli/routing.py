@@ -44,7 +44,9 @@ def register(app: typer.Typer) -> None:
             RoutingWorkload, typer.Option(help="interactive or background")
         ] = RoutingWorkload.INTERACTIVE,
         model: Annotated[str | None, typer.Option("--model", "-m", help="an explicit model")] = None,
-        max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1)] = 512,
+        max_tokens: Annotated[
+            int | None, typer.Option("--max-tokens", "-n", min=1, help="caps expected output and cost")
+        ] = None,
         as_json: Annotated[
             bool, typer.Option("--json", help="the decision with its candidates as JSON")
         ] = False,
@@ -53,7 +55,7 @@ def register(app: typer.Typer) -> None:
         request = GenerateRequest(
             prompt=prompt,
             model=model,
-            params=GenerateParams(workload=workload, max_tokens=max_tokens),
+            params=GenerateParams(workload=workload, **({"max_tokens": max_tokens} if max_tokens else {})),
             tools=[_WEATHER_TOOL] if tools else None,
             images=[_PIXEL] if vision else None,
         )
@@ -74,17 +76,19 @@ def register(app: typer.Typer) -> None:
             out.print("fallbacks: " + ", ".join(decision.fallbacks))
         if not explain:
             return
-        table = Table(header_style="bold", title="candidates")
-        for column in ("model", "score", "quality", "obs", "latency ms", "cost", "notes"):
+        table = Table(header_style="bold", title="candidates (quality: belief mean ± sd, and the draw)")
+        for column in ("model", "score", "quality", "drawn", "obs", "latency ms", "out tok", "cost", "why"):
             table.add_column(column)
         for c in decision.candidates:
             chosen = "[bold green]" if c.model_id == decision.model_id else ""
             table.add_row(
                 f"{chosen}{c.model_id}",
                 f"{c.score:.3f}",
-                f"{c.quality:.3f}",
+                f"{c.quality:.2f} ± {c.quality_sd:.2f}",
+                f"{c.sampled_quality:.2f}",
                 str(c.quality_observations),
                 f"{c.latency_ms:,.0f}",
+                f"{c.expected_output_tokens:.0f}",
                 _money(c.cost_usd),
                 c.notes,
             )

@@ -37,6 +37,10 @@ class LearningMixin:
 
         async def _route_off_loop(self, request: GenerateRequest) -> RoutingDecision: ...
 
+    async def route_async(self, request: GenerateRequest) -> RoutingDecision:
+        """``route`` for async callers: a long request is routed off the event loop."""
+        return await self._route_off_loop(request)
+
     async def route_adaptive(self, prompt: str, **params: Any) -> RoutingDecision:
         """The decision for a plain prompt (the seed's ``route_adaptive``); ``params`` are
         ``GenerateParams`` fields that change it (``max_tokens``, ``workload``, ``thinking``...)."""

@@ -198,6 +198,10 @@ class RerankBody(_Body):
     return_documents: bool | None = None
 
 
+class RouteRequest(ChatCompletionRequest):
+    record: bool = Field(default=True, description="keep a pending trace to report on with /v1/feedback")
+
+
 class FeedbackRequest(_Body):
     trace_id: str = Field(min_length=1, description="an answer's trace id (x-car-trace-id)")
     score: float = Field(ge=0, le=1, description="0 (bad) to 1 (good)")
@@ -276,6 +280,7 @@ _MODELS: list[type[BaseModel]] = [
     CompletionRequest,
     EmbeddingsRequest,
     RerankBody,
+    RouteRequest,
     FeedbackRequest,
     SpeechRequest,
     ImageRequest,
@@ -324,6 +329,7 @@ def _paths() -> dict[str, Any]:
         "/v1/embeddings": {"post": _operation("embeddings", EmbeddingsRequest)},
         "/v1/rerank": {"post": _operation("rerank documents against a query", RerankBody)},
         "/v1/feedback": {"post": _operation("score an answer by its trace id", FeedbackRequest)},
+        "/v1/route": {"post": _operation("the router's decision for a request, nothing run", RouteRequest)},
         "/v1/models": {"get": _operation("the models, and `auto` (the router)")},
         "/v1/models/{model_id}": {"get": _operation("one model by id, name or alias", parameters=model_id)},
         "/v1/audio/speech": {"post": _operation("text to speech", SpeechRequest, content=audio)},

@@ -1,0 +1,74 @@
+"""POST /v1/route: a decision without a generation, and the report that teaches the router."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.server import ServerThread, create_app
+from fakes import FakeProviderServer
+
+from .conftest import remote_home
+
+ASK = [{"role": "user", "content": "Write a Python function that reverses a list."}]
+
+
+@pytest.fixture(scope="module")
+def routed(
+    tmp_path_factory: pytest.TempPathFactory, fake_provider: FakeProviderServer
+) -> Iterator[tuple[httpx.Client, InferenceEngine]]:
+    home = remote_home(tmp_path_factory.mktemp("route-home"), fake_provider, "alpha", "beta")
+    engine = InferenceEngine(home=home)
+    with ServerThread(create_app(engine)) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        yield http, engine
+    engine.close()
+
+
+def test_route_returns_the_decision_and_runs_nothing(
+    routed: tuple[httpx.Client, InferenceEngine], fake_provider: FakeProviderServer
+) -> None:
+    http, _engine = routed
+    before = len(fake_provider.requests)
+    response = http.post("/v1/route", json={"messages": ASK, "max_tokens": 64, "record": False})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    decision = body["decision"]
+    assert body["trace_id"] is None
+    assert decision["task_family"] == "code" and decision["strategy"] in ("adaptive", "explore")
+    candidates = {c["model_id"]: c for c in decision["candidates"]}
+    assert decision["model_id"] in candidates
+    for c in candidates.values():
+        assert c["quality_sd"] > 0 and c["expected_output_tokens"] <= 64 and c["notes"]
+    assert len(fake_provider.requests) == before  # nothing was generated
+
+
+def test_a_reported_outcome_teaches_the_router(routed: tuple[httpx.Client, InferenceEngine]) -> None:
+    """Route-only use: the caller runs the model and reports a score by trace id; the model's
+    observations in that context grow and its belief moves toward the reported scores."""
+    http, engine = routed
+    body = {"messages": ASK, "model": "fake/beta"}  # a named model is explained, not replaced
+    first = http.post("/v1/route", json=body).json()
+    assert first["decision"]["model_id"] == "fake/beta" and first["decision"]["strategy"] == "explicit"
+    before = first["decision"]["predicted_quality"]
+    for _ in range(8):
+        trace_id = http.post("/v1/route", json=body).json()["trace_id"]
+        assert trace_id
+        ok = http.post("/v1/feedback", json={"trace_id": trace_id, "score": 0.0})
+        assert ok.status_code == 200, ok.text
+    after = http.post("/v1/route", json=body).json()["decision"]["predicted_quality"]
+    assert after < before - 0.1
+    profile = engine.tracker.profile("fake/beta")
+    assert profile is not None and profile.total_calls == 8
+
+
+def test_route_refuses_bad_bodies(routed: tuple[httpx.Client, InferenceEngine]) -> None:
+    http, _engine = routed
+    for body, param in (({"messages": ASK, "record": "yes"}, "record"), ({"messages": "hi"}, "messages")):
+        response = http.post("/v1/route", json=body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == param
+    unknown = http.post("/v1/route", json={"messages": ASK, "model": "fake/gamma"})
+    assert unknown.status_code == 404 and "fake/gamma" in unknown.json()["error"]["message"]
