@@ -1,0 +1,86 @@
+"""Route-only use: engine.report, open_trace + feedback, route_adaptive with params."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from car_inference.requests import GenerateRequest
+from car_inference.routing.outcomes import InferenceTask
+
+from .conftest import RemoteEngine
+
+TWO = {
+    "alpha": {"provider": "acme", "quality": 0.8, "price": 1.0},
+    "beta": {"provider": "bolt", "quality": 0.7, "price": 1.0},
+}
+ASK = GenerateRequest(prompt="Write a Python function that reverses a list.")
+
+
+def test_report_teaches_the_router_like_a_generated_answer(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
+    decision = engine.route(ASK)
+    trace_id = engine.report(decision, score=0.25, cost_usd=0.002, latency_ms=420, output_tokens=90)
+    trace = engine.store.trace(trace_id)
+    assert trace is not None and trace["outcome"] == "success" and trace["quality"] == 0.25
+    assert trace["family"] == decision.task_family and trace["cluster"] == decision.prompt_cluster
+    assert [f["kind"] for f in engine.store.feedback_for(trace_id)] == ["explicit"]
+    stats = engine.tracker.task_stats(decision.model_id, decision.task_family)
+    assert stats is not None and stats.quality_sum == pytest.approx(0.25)
+    profile = engine.tracker.profile(decision.model_id)
+    assert profile is not None and profile.total_output_tokens == 90
+    assert engine.spend.status().entries[0].spent_usd == pytest.approx(0.002)
+
+
+def test_report_equals_record_attempt_then_feedback(remote_engine: RemoteEngine) -> None:
+    """The two ways a replay can feed the router (a report, or the tracker's record then feedback)
+    leave the same state, so either drives the same learning."""
+    one, two = remote_engine(TWO), remote_engine(TWO)
+    for score in (1.0, 0.0, 0.5, 1.0):
+        d1 = one.route(ASK)
+        one.report(d1, score=score, output_tokens=10, model_id="acme/alpha")
+        d2 = two.route(ASK)
+        trace_id = uuid.uuid4().hex
+        two.tracker.record_attempt(
+            "acme/alpha", InferenceTask.GENERATE, d2.task_family, d2.reason, None, trace_id=trace_id,
+            started_at=0.0, success=True, cluster=d2.prompt_cluster, output_tokens=10,
+        )  # fmt: skip
+        two.feedback(trace_id, score)
+    for key in (d1.task_family, f"{d1.task_family}|{d1.prompt_cluster}"):
+        a, b = one.tracker.task_stats("acme/alpha", key), two.tracker.task_stats("acme/alpha", key)
+        assert a is not None and b is not None
+        assert (a.calls, a.quality_sum) == (b.calls, pytest.approx(b.quality_sum))
+
+
+def test_reported_failures_move_traffic(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
+    for _ in range(30):
+        decision = engine.route(ASK)
+        engine.report(decision, success=decision.model_id != "acme/alpha")
+    picks = [engine.route(ASK).model_id for _ in range(20)]
+    assert picks.count("acme/alpha") == 0
+
+
+def test_open_trace_then_feedback_completes_it(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
+    decision = engine.route(ASK)
+    trace_id = engine.open_trace(decision)
+    assert engine.store.trace(trace_id)["outcome"] == "pending"  # type: ignore[index]
+    engine.feedback(trace_id, 0.4)
+    trace = engine.store.trace(trace_id)
+    assert trace is not None and trace["outcome"] == "success" and trace["quality"] == 0.4
+
+
+def test_report_refuses_a_score_out_of_range(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
+    with pytest.raises(ValueError, match=r"0\.\.1"):
+        engine.report(engine.route(ASK), score=1.5)
+
+
+async def test_route_adaptive_takes_the_params_that_change_the_decision(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
+    short = await engine.route_adaptive("Summarise this paragraph.", max_tokens=40)
+    row = next(c for c in short.candidates if c.model_id == "acme/alpha")
+    assert row.expected_output_tokens == 40
+    assert row.cost_usd == pytest.approx((short.estimated_input_tokens + 40) / 1e6)
