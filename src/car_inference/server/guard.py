@@ -205,7 +205,7 @@ class Guard:
                 with contextlib.suppress(OSError):
                     outcome["status"] = await self._refuse(send, state.shutdown_error())
         finally:
-            state.active.discard(task)  # type: ignore[arg-type]
+            state.active.discard(task)
             metrics.in_flight.dec()
             if path not in UNLIMITED_PATHS:
                 limiter.release()

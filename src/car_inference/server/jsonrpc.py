@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, overload
 
 from fastapi import FastAPI
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -308,6 +308,10 @@ def _result_of(done: Done) -> InferenceResult:
 # --- methods ----------------------------------------------------------------------------------------
 
 
+@overload
+def _string(params: Params, key: str) -> str: ...
+@overload
+def _string(params: Params, key: str, *, required: bool) -> str | None: ...
 def _string(params: Params, key: str, *, required: bool = True) -> str | None:
     value = params.get(key)
     if value is None and not required:

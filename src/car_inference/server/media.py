@@ -157,14 +157,16 @@ def register(app: FastAPI, state: ServerState) -> None:
             )
         workdir = Path(tempfile.mkdtemp(prefix="car-speech-"))
         try:
-            call = SynthesizeRequest(
-                text=text,
-                model=_model(body.get("model")),
-                voice=body.get("voice"),
-                format=fmt,
-                speed=body.get("speed"),
-                voice_instruction=body.get("instructions"),
-                output_path=str(workdir / f"speech.{fmt}"),
+            call = SynthesizeRequest.model_validate(
+                {
+                    "text": text,
+                    "model": _model(body.get("model")),
+                    "voice": body.get("voice"),
+                    "format": fmt,
+                    "speed": body.get("speed"),
+                    "voice_instruction": body.get("instructions"),
+                    "output_path": str(workdir / f"speech.{fmt}"),
+                }
             )
             async with asyncio.timeout(timeout_s):
                 result = await engine.synthesize(call)
@@ -190,17 +192,19 @@ def register(app: FastAPI, state: ServerState) -> None:
         size = _size(body.get("size"))
         workdir = Path(tempfile.mkdtemp(prefix="car-image-"))
         try:
-            call = GenerateImageRequest(
-                prompt=prompt,
-                model=_model(body.get("model")),
-                negative_prompt=body.get("negative_prompt"),
-                seed=body.get("seed"),
-                steps=body.get("steps"),  # extensions for local models, beside OpenAI's fields
-                guidance=body.get("guidance"),
-                variant_count=body.get("n"),
-                format=fmt,
-                output_path=str(workdir / f"image.{fmt}"),
-                **({"width": size[0], "height": size[1]} if size else {}),
+            call = GenerateImageRequest.model_validate(
+                {
+                    "prompt": prompt,
+                    "model": _model(body.get("model")),
+                    "negative_prompt": body.get("negative_prompt"),
+                    "seed": body.get("seed"),
+                    "steps": body.get("steps"),  # extensions for local models, beside OpenAI's fields
+                    "guidance": body.get("guidance"),
+                    "variant_count": body.get("n"),
+                    "format": fmt,
+                    "output_path": str(workdir / f"image.{fmt}"),
+                    **({"width": size[0], "height": size[1]} if size else {}),
+                }
             )
             async with asyncio.timeout(timeout_s):
                 result = await engine.generate_image(call)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["CoalescingTransport", "coalescing_protocol"]
 
@@ -72,7 +72,8 @@ def coalescing_protocol() -> type | None:
         return None
 
     class CoalescingHttpTools(HttpToolsProtocol):
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-            super().connection_made(CoalescingTransport(transport, self.loop))
+        def connection_made(self, transport: Any) -> None:
+            # It stands in for the transport it wraps (every other attribute is delegated).
+            super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport, self.loop)))
 
     return CoalescingHttpTools
