@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from car_inference.config import ServerSettings
 from car_inference.engine import InferenceEngine
@@ -102,3 +103,21 @@ def test_stopping_answers_what_is_in_flight(server_engine: InferenceEngine) -> N
     assert error["code"] == "server_shutdown" and "shutting down" in error["message"]
     assert plain[0].status_code == 503 and plain[0].headers["retry-after"] == "1"
     assert plain[0].json()["error"]["code"] == "server_shutdown"
+
+
+async def test_stopping_answers_json_rpc_calls_in_flight(server_engine: InferenceEngine) -> None:
+    server = ServerThread(create_app(server_engine)).start()
+    params = {"prompt": "Write a long story.", "model": "smollm2", "params": {"max_tokens": 2000}}
+    stopper = threading.Thread(target=server.stop)
+    async with connect(server.ws_url) as ws:
+        await ws.send(
+            json.dumps({"jsonrpc": "2.0", "id": "long", "method": "infer.stream", "params": params})
+        )
+        while json.loads(await ws.recv())["params"]["event"]["type"] != "text_delta":
+            pass
+        stopper.start()
+        while "id" not in (reply := json.loads(await ws.recv())):
+            pass
+    stopper.join()
+    assert reply["id"] == "long" and reply["error"]["code"] == -32016
+    assert reply["error"]["data"]["code"] == "server_shutdown" and reply["error"]["data"]["retryable"] is True
