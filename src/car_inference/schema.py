@@ -130,9 +130,6 @@ class GgufSource(_LocalFiles):
     system_prompt: str | None = Field(
         default=None, description="system text for requests that bring none (a tiny model answers better)"
     )
-    system_prompt: str | None = Field(
-        default=None, description="system text for requests that bring none (a tiny model answers better)"
-    )
     managed: bool = Field(default=False, description="served by a llama.cpp server we start, not in-process")
 
 
