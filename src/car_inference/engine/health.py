@@ -306,7 +306,7 @@ class HealthMixin:
         return len(profiles)
 
 
-def _providers(models: list[ModelSchema], registry: Any) -> list[ModelProviderHealth]:
+def _providers(models: list[ModelSchema], registry: UnifiedRegistry) -> list[ModelProviderHealth]:
     by_provider: dict[str, list[ModelSchema]] = {}
     for m in models:
         by_provider.setdefault(m.provider, []).append(m)

@@ -31,7 +31,7 @@ class EngineMeter:
     def __init__(self, engine: InferenceEngine) -> None:
         self._engine = engine
 
-    def _backend_class(self, model: ModelSchema) -> Any:
+    def _backend_class(self, model: ModelSchema) -> type[Any] | None:
         # Only in-process backends own a context setting and a tokenizer; asking the others would
         # import their SDKs (over a second at the first routing) for nothing.
         if not model.in_process or not backend_table.backend_available(model.kind):
