@@ -75,6 +75,7 @@ def register(app: typer.Typer) -> None:
         config = load_config()
         url = server or server_url(config)
         report: dict[str, Any] | None = None
+        source: dict[str, str | None]
         why = "--local"
         if not local:
             report, why = fetch_server_report(
@@ -93,11 +94,11 @@ def register(app: typer.Typer) -> None:
         _print_report(report, source)
 
 
-def _print_report(report: dict[str, Any], source: dict[str, Any]) -> None:
+def _print_report(report: dict[str, Any], source: dict[str, str | None]) -> None:
     if source["from"] == "server":
-        out.print(f"[bold]from the server at {escape(source['url'])}[/]")
+        out.print(f"[bold]from the server at {escape(str(source['url']))}[/]")
     else:
-        out.print(f"[bold]local view[/] ({escape(source['why'])}; breakers are per process)")
+        out.print(f"[bold]local view[/] ({escape(str(source['why']))}; breakers are per process)")
     out.print(
         f"{report['available_models']}/{report['total_models']} models available "
         f"({report['local_models']} local, {report['remote_models']} remote)"
