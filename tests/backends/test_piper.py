@@ -163,5 +163,8 @@ async def test_voice_names_mapped_in_config(model: ModelSchema, tmp_path: Path) 
     out = str(tmp_path / "v.wav")
     alloy = await mapped.synthesize(model, SynthesizeRequest(text="Hi.", voice="alloy", output_path=out))
     assert alloy.voice_used == "en_US-joe-medium"
-    with pytest.raises(InvalidInput, match=r"no voice 'echo' \(mapped to 'nobody' by \[speech\] voices\)"):
+    mapped_wrong = (
+        r"no voice 'echo'; its voices: en_US-joe-medium \(mapped to 'nobody' by \[speech\] voices\)$"
+    )
+    with pytest.raises(InvalidInput, match=mapped_wrong):
         await mapped.synthesize(model, SynthesizeRequest(text="Hi.", voice="echo", output_path=out))

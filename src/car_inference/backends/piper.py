@@ -139,12 +139,13 @@ def _speaker(
         return int(wanted), wanted
     if not multi and wanted.lower() in _own_names(model):
         return None, model.name
-    known = ", ".join(sorted(speakers)) if multi else model.name
-    mapped = f" (mapped to {wanted!r} by [speech] voices)" if wanted != requested else ""
-    raise InvalidInput(
-        f"{model.id} has no voice {requested!r}{mapped}; its voices: {known}. To accept another "
-        f'name, map it in config.toml: [speech] voices = {{ {_toml_key(requested)} = "{model.name}" }}'
-    )
+    names = sorted(speakers) if multi else [model.name]
+    if wanted != requested:
+        hint = f" (mapped to {wanted!r} by [speech] voices)"
+    else:  # how to make this name work
+        mapping = f'{{ {_toml_key(requested)} = "{names[0]}" }}'
+        hint = f". To accept another name, map it in config.toml: [speech] voices = {mapping}"
+    raise InvalidInput(f"{model.id} has no voice {requested!r}; its voices: {', '.join(names)}{hint}")
 
 
 def _toml_key(name: str) -> str:
