@@ -47,6 +47,25 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         OutcomeStore(db)
 
 
+def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
+    """Schema 1 had no answer lengths per context: the column is added, the rows stay."""
+    db = tmp_path / "state.db"
+    with OutcomeStore(db) as store:
+        store.record_trace(_row("t1"), success=True, latency_ms=10.0, output_tokens=7)
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE task_stats DROP COLUMN total_output_tokens")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with OutcomeStore(db) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
+        assert rows["code"]["calls"] == 1 and rows["code"]["total_output_tokens"] == 0
+        store.record_trace(_row("t2"), success=True, latency_ms=10.0, output_tokens=5)
+        rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
+        assert rows["code"]["calls"] == 2 and rows["code"]["total_output_tokens"] == 5
+
+
 def test_finish_counts_once_and_feeds_profiles_and_task_stats(tmp_path: Path) -> None:
     with OutcomeStore(tmp_path / "state.db") as store:
         store.start_trace(_row("t1"))

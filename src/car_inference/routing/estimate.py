@@ -76,6 +76,7 @@ class StatsRow:
     resid_sum: float = 0.0
     ema_quality: float = 0.0
     updated_at: float = 0.0
+    total_output_tokens: int = 0
 
 
 def residual(quality: float, k: float, levels: Iterable[tuple[float, float, float, float]]) -> float:

@@ -325,6 +325,7 @@ class OutcomeTracker:
             s.decayed_sum = s.decayed_sum * QUALITY_DECAY + quality
             s.decayed_n = s.decayed_n * QUALITY_DECAY + 1.0
             s.resid_sum = s.resid_sum * QUALITY_DECAY + row_resid
+            s.total_output_tokens += output_tokens
             s.updated_at = now
         if success and latency_ms is not None:
             window = self._latencies.get(model_id)

@@ -30,6 +30,7 @@ class TaskStats(BaseModel):
     resid_sum: float | None = Field(default=None, description="decayed sum of quality minus baseline")
     ema_quality: float = 0.0
     updated_at: int = 0
+    total_output_tokens: int = 0
 
     @model_validator(mode="after")
     def _fill(self) -> TaskStats:
@@ -98,6 +99,7 @@ def sum_rows(rows: Iterable[StatsRow]) -> StatsRow:
         total.quality_sum += s.quality_sum
         total.decayed_sum += s.decayed_sum
         total.decayed_n += s.decayed_n
+        total.total_output_tokens += s.total_output_tokens
         total.updated_at = max(total.updated_at, s.updated_at)
     total.ema_quality = total.quality_sum / total.calls if total.calls else 0.0
     return total

@@ -14,8 +14,9 @@ Score of a candidate, higher is better::
 
 Latency is the observed p50 (3+ successful calls), else the benchmark's latency for the family,
 else the catalog's. Cost is the price of the input tokens plus the *expected* output tokens: the
-model's mean answer length so far (shrunk toward ``TYPICAL_OUTPUT_TOKENS`` with
-``OUTPUT_PRIOR_CALLS`` pseudo-calls), never more than ``max_tokens``. (Spend limits, in
+model's mean answer length in the narrowest context where it has answered (cluster or template,
+family, else all its calls; shrunk toward ``TYPICAL_OUTPUT_TOKENS`` with ``OUTPUT_PRIOR_CALLS``
+pseudo-calls), never more than ``max_tokens``. (Spend limits, in
 ``router._candidates``, still assume the worst case, all of ``max_tokens``.)
 
 The loop computes ``wq*Q - wl/2*log10(latency) - wc/3*log10(cost + 1e-5)`` in one pass, gives back
@@ -33,7 +34,7 @@ from ..config import RoutingSettings
 from ..requests import RoutingWorkload
 from .complexity import TaskComplexity
 from .decision import _SCORE, _Row
-from .estimate import DRIFT_VAR, belief, difficulty, first_look, noise_of
+from .estimate import DRIFT_VAR, ProfileRow, StatsRow, belief, difficulty, first_look, noise_of
 from .outcomes import OutcomeTracker
 from .pool import TYPICAL_OUTPUT_TOKENS, ModelView
 
@@ -76,6 +77,15 @@ def expected_output_tokens(total_out: int, successes: int, max_tokens: int) -> f
     return expected if expected < max_tokens else float(max_tokens)
 
 
+def _answer_length(profile: ProfileRow, rows: list[StatsRow | None], max_tokens: int) -> float:
+    """Expected output tokens: the narrowest context where the model answered with counted tokens
+    (answers to a multiple-choice template and to a coding one differ tenfold), else its totals."""
+    for row in reversed(rows):
+        if row is not None and row.success_count and row.total_output_tokens:
+            return expected_output_tokens(row.total_output_tokens, row.success_count, max_tokens)
+    return expected_output_tokens(profile.total_output_tokens, profile.success_count, max_tokens)
+
+
 def score_candidates(
     cands: list[ModelView],
     table: dict[str, tuple[float, float]],
@@ -112,8 +122,8 @@ def score_candidates(
         latency = p50.get(mid, latency)
         p = profiles.get(mid)
         if p is not None and p.total_calls:
-            out_tokens = expected_output_tokens(p.total_output_tokens, p.success_count, max_tokens)
             own = [lv.get(mid) for lv in levels]
+            out_tokens = _answer_length(p, own, max_tokens)
             var = prior_var
             if own[0] is None:
                 mean, var = first_look(mean, var, p)

@@ -37,7 +37,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .estimate import ALL, residual
-from .store_sql import PROFILE_UPSERT, SCHEMA, TASK_UPSERT
+from .store_sql import MIGRATIONS, PROFILE_UPSERT, SCHEMA, TASK_UPSERT
 
 __all__ = [
     "ALL",
@@ -51,7 +51,7 @@ __all__ = [
     "stat_keys",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EMA_ALPHA = 0.1
 # Per-observation decay of the quality sums the router reads: an effective memory of about
 # 1 / (1 - 0.999) = 1,000 observations per (model, family), so a model that changes is noticed.
@@ -183,9 +183,13 @@ class OutcomeStore:
                     f"written by a newer car-inference (schema {version} > {SCHEMA_VERSION})",
                     path=str(self.path),
                 )
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            if version == 0:  # a new file: the latest schema at once
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            else:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    conn.execute(MIGRATIONS[step])
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @property
@@ -468,9 +472,9 @@ class OutcomeStore:
                 conn.execute(
                     "INSERT OR REPLACE INTO task_stats (model_id, key, calls, success_count, fail_count,"
                     " total_latency_ms, quality_sum, decayed_sum, decayed_n, resid_sum, ema_quality,"
-                    " updated_at) VALUES (:model_id, :key, :calls, :success_count, :fail_count,"
-                    " :total_latency_ms, :quality_sum, :decayed_sum, :decayed_n, :resid_sum, :ema_quality,"
-                    " :updated_at)",
+                    " updated_at, total_output_tokens) VALUES (:model_id, :key, :calls, :success_count,"
+                    " :fail_count, :total_latency_ms, :quality_sum, :decayed_sum, :decayed_n, :resid_sum,"
+                    " :ema_quality, :updated_at, :total_output_tokens)",
                     t,
                 )
 

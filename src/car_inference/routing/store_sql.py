@@ -4,7 +4,7 @@ The upserts do the counting arithmetic in SQL, inside the writer's transaction, 
 sharing one ``state.db`` add to each other's counts instead of overwriting them.
 """
 
-__all__ = ["PROFILE_UPSERT", "SCHEMA", "TASK_UPSERT"]
+__all__ = ["MIGRATIONS", "PROFILE_UPSERT", "SCHEMA", "TASK_UPSERT"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS profiles (
@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS task_stats (
     resid_sum REAL NOT NULL DEFAULT 0,
     ema_quality REAL NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL DEFAULT 0,
+    total_output_tokens INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (model_id, key)
 );
 CREATE TABLE IF NOT EXISTS traces (
@@ -98,8 +99,9 @@ ON CONFLICT (model_id) DO UPDATE SET
 
 TASK_UPSERT = """
 INSERT INTO task_stats (model_id, key, calls, success_count, fail_count, total_latency_ms,
-                        quality_sum, decayed_sum, decayed_n, resid_sum, ema_quality, updated_at)
-VALUES (:model_id, :key, 1, :ok, :fail, :latency, :q, :q, 1, :r, :q, :now)
+                        quality_sum, decayed_sum, decayed_n, resid_sum, ema_quality, updated_at,
+                        total_output_tokens)
+VALUES (:model_id, :key, 1, :ok, :fail, :latency, :q, :q, 1, :r, :q, :now, :out_tok)
 ON CONFLICT (model_id, key) DO UPDATE SET
     ema_quality = CASE WHEN calls = 0 THEN excluded.ema_quality
                        ELSE ema_quality + :alpha * (excluded.ema_quality - ema_quality) END,
@@ -111,5 +113,12 @@ ON CONFLICT (model_id, key) DO UPDATE SET
     decayed_sum = decayed_sum * :decay + :q,
     decayed_n = decayed_n * :decay + 1,
     resid_sum = resid_sum * :decay + :r,
+    total_output_tokens = total_output_tokens + :out_tok,
     updated_at = :now
 """
+
+# Statements that bring a database of schema version N - 1 to N (``SCHEMA`` creates the latest).
+MIGRATIONS = {
+    # 2: answer lengths per context, for expected costs
+    2: "ALTER TABLE task_stats ADD COLUMN total_output_tokens INTEGER NOT NULL DEFAULT 0",
+}
