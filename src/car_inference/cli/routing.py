@@ -55,7 +55,9 @@ def register(app: typer.Typer) -> None:
         request = GenerateRequest(
             prompt=prompt,
             model=model,
-            params=GenerateParams(workload=workload, **({"max_tokens": max_tokens} if max_tokens else {})),
+            params=GenerateParams.model_validate(
+                {"workload": workload} | ({"max_tokens": max_tokens} if max_tokens else {})
+            ),
             tools=[_WEATHER_TOOL] if tools else None,
             images=[_PIXEL] if vision else None,
         )

@@ -222,15 +222,17 @@ def register(app: FastAPI, state: ServerState) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="car-edit-"))
         try:
             mask = fields.get("mask")
-            call = GenerateImageRequest(
-                prompt=prompt,
-                model=_model(fields["model"].text if "model" in fields else None),
-                variant_count=_number(fields["n"].text, "n") if "n" in fields else None,
-                image_paths=[_save(workdir, f"image{i}", f) for i, f in enumerate(uploads)],
-                mask_path=_save(workdir, "mask", mask) if mask is not None and mask.value else None,
-                format=fmt,
-                output_path=str(workdir / f"out.{fmt}"),
-                **_size(fields["size"].text if "size" in fields else None),
+            call = GenerateImageRequest.model_validate(
+                {
+                    "prompt": prompt,
+                    "model": _model(fields["model"].text if "model" in fields else None),
+                    "variant_count": _number(fields["n"].text, "n") if "n" in fields else None,
+                    "image_paths": [_save(workdir, f"image{i}", f) for i, f in enumerate(uploads)],
+                    "mask_path": _save(workdir, "mask", mask) if mask is not None and mask.value else None,
+                    "format": fmt,
+                    "output_path": str(workdir / f"out.{fmt}"),
+                }
+                | _size(fields["size"].text if "size" in fields else None)
             )
             async with asyncio.timeout(timeout_s):
                 result = await engine.generate_image(call)
