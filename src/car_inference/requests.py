@@ -332,12 +332,15 @@ class TokenUsage(_Model):
     needs_compaction: bool = False
 
 
-class BoundingBox(_Model):
+class BoundingBox(_OmitEmpty):
+    omit_when_empty = ("score",)
+
     x1: float
     y1: float
     x2: float
     y2: float
     label: str | None = None
+    score: float | None = None  # the detector's confidence, where it gives one (OCR)
 
 
 class InferenceResult(_OmitEmpty):
@@ -444,9 +447,11 @@ class GroundRequest(_Model):
 
 
 class GroundResult(_Model):
-    boxes: list[BoundingBox]
+    boxes: list[BoundingBox]  # in pixels of the input image
     raw_text: str
     model_used: str | None = None
+    width: int | None = None  # the input image's size, which the boxes are in
+    height: int | None = None
 
 
 class TranscribeRequest(_Model):

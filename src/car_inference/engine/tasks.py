@@ -20,6 +20,8 @@ from ..requests import (
     GenerateImageResult,
     GenerateVideoRequest,
     GenerateVideoResult,
+    GroundRequest,
+    GroundResult,
     RerankRequest,
     RerankResult,
     SynthesizeRequest,
@@ -143,6 +145,12 @@ class TaskMixin:
             if model is not None and model.available and model.has_capability(ModelCapability.CLASSIFY):
                 return model
         return self._model_for(None, order[0])
+
+    async def ground(self, request: GroundRequest) -> GroundResult:
+        """Boxes for ``request.prompt`` in pixels of the image (engine/grounding.py)."""
+        from .grounding import ground
+
+        return await ground(self, request)  # type: ignore[arg-type]  # self is the InferenceEngine
 
     # --- speech and media ------------------------------------------------------------------------
     # Each runs on the model named, else the configured one for the capability, through the

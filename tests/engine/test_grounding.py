@@ -1,0 +1,206 @@
+"""engine.ground end to end: hosted VLMs through the real SDKs over HTTP to the fake provider
+server on loopback, the model choice, and the image inputs (base64, data: URL, file, http)."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.engine.grounding import load_image
+from car_inference.errors import InvalidInput, ModelNotFound, ModelUnavailable, UnsupportedMode
+from car_inference.grounding import GroundingOutputError
+from car_inference.requests import BoundingBox, GroundRequest, ImageBlock
+from fakes import FakeProviderServer, Reply
+from fakes.images import png
+
+IMAGE = png(640, 480, (200, 30, 30))
+B64 = base64.b64encode(IMAGE).decode()
+
+
+def _catalog(home: Path, fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch, *extra: str) -> None:
+    """A Gemini model and a Qwen2.5-VL on an OpenAI-compatible host, both really the fake."""
+    monkeypatch.setenv("FAKE_GEMINI_KEY", "gemini-key")
+    monkeypatch.setenv("FAKE_VLM_KEY", "vlm-key")
+    models = f"""
+[[models]]
+id = "google/fake-gemini"
+name = "fake-gemini"
+provider = "google"
+family = "gemini-3"
+capabilities = ["generate", "vision", "grounding"]
+quality = 0.9
+[models.source]
+kind = "gemini"
+base_url = "{fake.gemini_base_url}"
+api_key_env = "FAKE_GEMINI_KEY"
+model_name = "gemini-test"
+
+[[models]]
+id = "vlmhost/qwen2.5-vl-72b"
+name = "hosted-qwen-vl"
+provider = "vlmhost"
+family = "qwen2.5-vl"
+capabilities = ["generate", "vision", "grounding"]
+quality = 0.7
+[models.source]
+kind = "openai"
+base_url = "{fake.openai_base_url}"
+api_key_env = "FAKE_VLM_KEY"
+model_name = "Qwen/Qwen2.5-VL-72B-Instruct"
+"""
+    (home / "models.toml").write_text(models + "".join(extra))
+    (home / "config.toml").write_text("[remote]\ntimeout_s = 5\n")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProviderServer]:
+    with FakeProviderServer() as server:
+        yield server
+
+
+@pytest.fixture
+def engine(
+    fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[InferenceEngine]:
+    _catalog(isolated_home, fake, monkeypatch)
+    engine = InferenceEngine()
+    yield engine
+    engine.close()
+
+
+def _request(model: str | None = None, **image: Any) -> GroundRequest:
+    block = ImageBlock(**(image or {"data": B64, "media_type": "image/png"}))
+    return GroundRequest(prompt="the red car", image=block, model=model)
+
+
+async def test_gemini_grounding_over_the_wire(engine: InferenceEngine, fake: FakeProviderServer) -> None:
+    fake.queue(Reply(text='```json\n[{"box_2d": [250, 100, 750, 500], "label": "red car"}]\n```'))
+    result = await engine.ground(_request("fake-gemini"))
+    assert result.boxes == [BoundingBox(x1=64, y1=120, x2=320, y2=360, label="red car")]
+    assert (result.model_used, result.width, result.height) == ("google/fake-gemini", 640, 480)
+    sent = fake.requests[-1]
+    assert sent.protocol == "gemini" and "gemini-test" in sent.path
+    parts = sent.json["contents"][-1]["parts"]
+    media = next(p for p in parts if "text" not in p)
+    inline = media.get("inline_data") or media["inlineData"]
+    assert inline["data"] == B64 and inline.get("mime_type", inline.get("mimeType")) == "image/png"
+    prompt = next(p["text"] for p in parts if "text" in p)
+    assert "box_2d" in prompt and '"the red car"' in prompt
+    assert sent.json["generationConfig"]["temperature"] == 0
+
+
+async def test_openai_compatible_qwen_vl_host(engine: InferenceEngine, fake: FakeProviderServer) -> None:
+    # Qwen2.5-VL answers in pixels of its resized input: 640x480 is seen as 644x476.
+    fake.queue(Reply(text='[{"bbox_2d": [161, 119, 322, 357], "label": "the red car"}]'))
+    result = await engine.ground(_request("hosted-qwen-vl"))
+    assert result.boxes == [BoundingBox(x1=160.0, y1=120.0, x2=320.0, y2=360.0, label="the red car")]
+    sent = fake.requests[-1]
+    assert sent.protocol == "openai" and sent.json["model"] == "Qwen/Qwen2.5-VL-72B-Instruct"
+    assert sent.api_key == "vlm-key"
+    content = sent.json["messages"][-1]["content"]
+    assert content[0] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{B64}"}}
+    assert "bbox_2d" in content[1]["text"]
+
+
+async def test_an_answer_without_boxes_is_an_empty_result(
+    engine: InferenceEngine, fake: FakeProviderServer
+) -> None:
+    fake.queue(Reply(text="I cannot see any red car."))
+    result = await engine.ground(_request("fake-gemini"))
+    assert result.boxes == [] and result.raw_text == "I cannot see any red car."
+
+
+async def test_malformed_boxes_raise_quoting_the_answer(
+    engine: InferenceEngine, fake: FakeProviderServer
+) -> None:
+    fake.queue(Reply(text='[{"box_2d": [250, 100, 750]}]'))
+    with pytest.raises(GroundingOutputError, match=r"not four numbers.*received: '\[\{\"box_2d\""):
+        await engine.ground(_request("fake-gemini"))
+
+
+async def test_default_model_prefers_quality_among_vision_models(
+    engine: InferenceEngine, fake: FakeProviderServer
+) -> None:
+    fake.queue(Reply(text="[]"))
+    assert (await engine.ground(_request())).model_used == "google/fake-gemini"
+
+
+async def test_model_choice_errors(engine: InferenceEngine) -> None:
+    with pytest.raises(ModelNotFound, match="fake-gemni"):
+        await engine.ground(_request("fake-gemni"))
+    with pytest.raises(UnsupportedMode, match=r"does not declare grounding; models that do: .*google/fake"):
+        await engine.ground(_request("smollm2"))
+    # The catalog's Qwen2.5-VL GGUF, not pulled: the error says how to get it.
+    with pytest.raises(ModelUnavailable, match=r"(?i)pull"):
+        await engine.ground(_request("qwen2.5-vl-3b"))
+    with pytest.raises(InvalidInput, match="target"):
+        await engine.ground(GroundRequest(prompt="  ", image=ImageBlock(data=B64), model="fake-gemini"))
+
+
+async def test_no_grounding_model_names_what_to_pull(isolated_home: Path) -> None:
+    engine = InferenceEngine()
+    try:
+        available = engine.registry.query(capabilities=["grounding"], available_only=True)
+        if available:  # the embedded OCR grounder is installed: it is the default
+            pytest.skip("a grounding model is available here")
+        with pytest.raises(ModelUnavailable, match=r"car models pull qwen2.5-vl-3b"):
+            await engine.ground(_request())
+    finally:
+        engine.close()
+
+
+# --- image inputs -----------------------------------------------------------------------------------
+
+
+async def test_image_from_data_url_file_and_file_url(tmp_path: Path) -> None:
+    assert await load_image(ImageBlock(url=f"data:image/png;base64,{B64}"), 1) == IMAGE
+    path = tmp_path / "car.png"
+    path.write_bytes(IMAGE)
+    assert await load_image(ImageBlock(url=str(path)), 1) == IMAGE
+    assert await load_image(ImageBlock(url=path.as_uri()), 1) == IMAGE
+    with pytest.raises(InvalidInput, match="cannot read the image"):
+        await load_image(ImageBlock(url=str(tmp_path / "missing.png")), 1)
+    with pytest.raises(InvalidInput, match="not valid base64"):
+        await load_image(ImageBlock(data="not base64!"), 1)
+    with pytest.raises(InvalidInput, match="empty"):
+        await load_image(ImageBlock(url="data:image/png;base64,"), 1)
+
+
+class _ImageHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        found = self.path == "/car.png"
+        self.send_response(200 if found else 404)
+        body = IMAGE if found else b"no"
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_image_from_http_url() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert await load_image(ImageBlock(url=f"{base}/car.png"), 5) == IMAGE
+        with pytest.raises(InvalidInput, match="HTTP 404"):
+            await load_image(ImageBlock(url=f"{base}/none.png"), 5)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_not_an_image_is_invalid_input(engine: InferenceEngine) -> None:
+    text = base64.b64encode(b"just some text, not a picture").decode()
+    with pytest.raises(InvalidInput, match="not a PNG"):
+        await engine.ground(GroundRequest(prompt="car", image=ImageBlock(data=text), model="fake-gemini"))
