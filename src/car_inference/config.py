@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -35,6 +36,7 @@ __all__ = [
     "SpeechSettings",
     "SpendLimit",
     "SpendSettings",
+    "StateSettings",
     "car_home",
     "load_config",
 ]
@@ -219,6 +221,13 @@ class RuntimeSettings(_Section):
     recheck_s: float = Field(default=5.0, ge=0, description="an attached server is probed this often")
 
 
+class StateSettings(_Section):
+    """Where the learned state (outcomes, traces, feedback, spend) lives: ``$CAR_HOME/state.db``
+    by default, or a PostgreSQL database several replicas share."""
+
+    url: str | None = Field(default=None, description='e.g. "postgresql://car@db:5432/car"; None: SQLite')
+
+
 class SpeechSettings(_Section):
     prefer_local: bool = True
     allow_remote_fallback: bool = True
@@ -246,6 +255,7 @@ class CarConfig(BaseModel):
     server: ServerSettings = Field(default_factory=ServerSettings)
     runtimes: RuntimeSettings = Field(default_factory=RuntimeSettings)
     speech: SpeechSettings = Field(default_factory=SpeechSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
     keys: dict[str, list[str]] = Field(
         default_factory=dict,
         description="extra API keys per key variable, e.g. OPENAI_API_KEY = ['sk-1', 'sk-2']",
@@ -270,7 +280,16 @@ class CarConfig(BaseModel):
         data["server"]["api_keys"] = [_mask(k) for k in self.server.api_keys]
         data["keys"] = {name: [_mask(k) for k in keys] for name, keys in self.keys.items()}
         data["home"] = str(self.home)
+        data["state"]["url"] = redact_url(self.state.url) if self.state.url else None
         return data
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password masked, fit for logs and reports."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 def _mask(secret: str) -> str:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -7,13 +8,31 @@ import sqlite3
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from car_inference.errors import ConfigError
 from car_inference.routing.store import SCHEMA_VERSION, OutcomeStore, TraceRow
+from car_inference.routing.store_api import StateStore, open_store
+from fakes.services import postgres_schema_url
 
 WORKERS = 2
 ROUNDS = 250
+
+
+# Where a store lives: (the [state] url, the SQLite path used when it is None).
+Location = tuple[str | None, str]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
+    """The behaviours both stores share run on each (PostgreSQL: a schema of this test's own)."""
+    db = str(tmp_path / "state.db")
+    return (postgres_schema_url(), db) if request.param == "postgresql" else (None, db)
+
+
+def _open(location: Location) -> StateStore:
+    return open_store(location[0], Path(location[1]))
 
 
 def _row(
@@ -66,8 +85,8 @@ def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
         assert rows["code"]["calls"] == 2 and rows["code"]["total_output_tokens"] == 5
 
 
-def test_finish_counts_once_and_feeds_profiles_and_task_stats(tmp_path: Path) -> None:
-    with OutcomeStore(tmp_path / "state.db") as store:
+def test_finish_counts_once_and_feeds_profiles_and_task_stats(location: Location) -> None:
+    with contextlib.closing(_open(location)) as store:
         store.start_trace(_row("t1"))
         done = store.finish_trace("t1", success=True, latency_ms=120, input_tokens=10, output_tokens=5)
         assert done is not None and done[1] == 1.0
@@ -80,8 +99,8 @@ def test_finish_counts_once_and_feeds_profiles_and_task_stats(tmp_path: Path) ->
         assert keys[("p/m", "code|latin-short")]["calls"] == 1
 
 
-def test_feedback_replaces_and_signals_lower_quality(tmp_path: Path) -> None:
-    with OutcomeStore(tmp_path / "state.db") as store:
+def test_feedback_replaces_and_signals_lower_quality(location: Location) -> None:
+    with contextlib.closing(_open(location)) as store:
         store.start_trace(_row("t1"))
         store.adjust_quality("t1", "quick_retry", 0.5, explicit=False)  # before completion: remembered
         _, quality, _ = store.finish_trace("t1", success=True) or (None, None, None)
@@ -94,8 +113,8 @@ def test_feedback_replaces_and_signals_lower_quality(tmp_path: Path) -> None:
         assert [f["kind"] for f in store.feedback_for("t1")] == ["quick_retry", "explicit", "empty_response"]
 
 
-def test_quick_retry_lookup_and_prune(tmp_path: Path) -> None:
-    with OutcomeStore(tmp_path / "state.db") as store:
+def test_quick_retry_lookup_and_prune(location: Location) -> None:
+    with contextlib.closing(_open(location)) as store:
         assert store.start_trace(_row("a", prompt_hash="h", started_at=100.0), retry_window_s=120) is None
         assert store.start_trace(_row("b", prompt_hash="h", started_at=150.0), retry_window_s=120) == "a"
         assert store.start_trace(_row("c", prompt_hash="h", started_at=400.0), retry_window_s=120) is None
@@ -103,8 +122,8 @@ def test_quick_retry_lookup_and_prune(tmp_path: Path) -> None:
         assert store.trace("a") is None and store.trace("c") is not None
 
 
-def _hammer(db: str, worker: int, rounds: int) -> None:
-    store = OutcomeStore(db)
+def _hammer(location: Location, worker: int, rounds: int) -> None:
+    store = _open(location)
     for i in range(rounds):
         trace_id = f"w{worker}-{i}"
         store.start_trace(_row(trace_id, family="code" if i % 2 else "math"))
@@ -120,17 +139,16 @@ def _context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def test_two_processes_never_lose_updates(tmp_path: Path) -> None:
-    db = str(tmp_path / "state.db")
-    OutcomeStore(db).close()
+def test_two_processes_never_lose_updates(location: Location) -> None:
+    _open(location).close()
     ctx = _context()
-    procs = [ctx.Process(target=_hammer, args=(db, w, ROUNDS)) for w in range(WORKERS)]
+    procs = [ctx.Process(target=_hammer, args=(location, w, ROUNDS)) for w in range(WORKERS)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    with OutcomeStore(db) as store:
+    with contextlib.closing(_open(location)) as store:
         (profile,) = store.profiles()
         total = WORKERS * ROUNDS
         successes = WORKERS * sum(1 for i in range(ROUNDS) if i % 3 != 0)
@@ -174,17 +192,17 @@ def test_a_killed_writer_leaves_a_consistent_database(tmp_path: Path) -> None:
     assert completed > 0 and calls == completed  # every counted call is one completed trace, and back
 
 
-def test_rolled_back_transaction_changes_nothing(tmp_path: Path) -> None:
-    with OutcomeStore(tmp_path / "state.db") as store:
+def test_rolled_back_transaction_changes_nothing(location: Location) -> None:
+    with contextlib.closing(_open(location)) as store:
         store.start_trace(_row("t1"))
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
             store.start_trace(_row("t1"))  # duplicate id: the whole transaction rolls back
         store.finish_trace("t1", success=True)
         assert store.profiles()[0]["total_calls"] == 1
 
 
-def test_spend_by_provider_window(tmp_path: Path) -> None:
-    with OutcomeStore(tmp_path / "state.db") as store:
+def test_spend_by_provider_window(location: Location) -> None:
+    with contextlib.closing(_open(location)) as store:
         store.add_spend("openai", "openai/a", 1.0, ts=100.0)
         store.add_spend("openai", "openai/a", 2.0, ts=200.0)
         store.add_spend("anthropic", "anthropic/b", 4.0, ts=200.0)

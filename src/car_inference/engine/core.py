@@ -27,11 +27,11 @@ from ..registry import UnifiedRegistry
 from ..routing import (
     AdaptiveRouter,
     CircuitBreakerRegistry,
-    OutcomeStore,
     OutcomeTracker,
     SpendControl,
     apply_benchmark_priors,
     load_all_benchmark_priors,
+    open_store,
 )
 from ..runtimes.managed import RuntimeSupervisor
 from ..schema import ModelCapability, ModelSchema
@@ -74,7 +74,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
     def _init_routing(self) -> None:
         home = self.config.home
         home.mkdir(parents=True, exist_ok=True)
-        self.store = OutcomeStore(self.config.paths.state_db)
+        self.store = open_store(self.config.state.url, self.config.paths.state_db)
         self.tracker = OutcomeTracker(self.store, self.config.routing)
         self._import_legacy_profiles(home / "models" / "outcome_profiles.json")
         apply_benchmark_priors(self.tracker, load_all_benchmark_priors(home))

@@ -54,9 +54,9 @@ if TYPE_CHECKING:
     from ..routing import (
         AdaptiveRouter,
         CircuitBreakerRegistry,
-        OutcomeStore,
         OutcomeTracker,
         SpendControl,
+        StateStore,
     )
     from .bookkeeping import Bookkeeper
 
@@ -98,7 +98,7 @@ class GenerationMixin:
     tracker: OutcomeTracker
     breakers: CircuitBreakerRegistry
     spend: SpendControl
-    store: OutcomeStore
+    store: StateStore
     bookkeeper: Bookkeeper
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins

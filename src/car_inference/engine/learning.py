@@ -21,7 +21,7 @@ from ..routing.outcomes import InferenceTask
 
 if TYPE_CHECKING:
     from ..registry import UnifiedRegistry
-    from ..routing import OutcomeStore, SpendControl
+    from ..routing import SpendControl, StateStore
     from .bookkeeping import Bookkeeper
 
 __all__ = ["LearningMixin"]
@@ -30,7 +30,7 @@ __all__ = ["LearningMixin"]
 class LearningMixin:
     if TYPE_CHECKING:  # provided by InferenceEngine
         tracker: OutcomeTracker
-        store: OutcomeStore
+        store: StateStore
         spend: SpendControl
         bookkeeper: Bookkeeper
         registry: UnifiedRegistry

@@ -46,6 +46,7 @@ from .router import AdaptiveRouter, RoutingDecision, RoutingStrategy, ScoredCand
 from .signals import ImplicitSignal, ImplicitSignalType, detect_signals
 from .spend import SpendControl, SpendPeriodStatus, SpendStatus
 from .store import OutcomeStore
+from .store_api import StateStore, open_store
 
 __all__ = [
     "AdaptiveRouter",
@@ -64,6 +65,7 @@ __all__ = [
     "SpendControl",
     "SpendPeriodStatus",
     "SpendStatus",
+    "StateStore",
     "TaskComplexity",
     "TaskStats",
     "apply_benchmark_priors",
@@ -74,6 +76,7 @@ __all__ = [
     "failure_weight",
     "load_all_benchmark_priors",
     "load_benchmark_priors",
+    "open_store",
     "prompt_cluster",
     "task_family",
 ]

@@ -32,12 +32,12 @@ from .store import (
     ALL,
     EMA_ALPHA,
     QUALITY_DECAY,
-    OutcomeStore,
     TraceRow,
     baseline_rows,
     stat_keys,
     trace_quality,
 )
+from .store_api import StateStore
 
 __all__ = ["InferenceTask", "ModelProfile", "OutcomeTracker", "TaskStats"]
 
@@ -81,7 +81,7 @@ def prompt_hash(prompt: str) -> str:
 class OutcomeTracker:
     def __init__(
         self,
-        store: OutcomeStore | None = None,
+        store: StateStore | None = None,
         settings: RoutingSettings | None = None,
         *,
         quick_retry_window_s: float = 120.0,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..config import SpendLimit, SpendSettings
 from ..errors import SpendLimitExceeded
-from .store import OutcomeStore
+from .store_api import StateStore
 
 __all__ = ["GLOBAL_SCOPE", "SpendControl", "SpendPeriodStatus", "SpendStatus"]
 
@@ -59,7 +59,7 @@ class SpendControl:
     def __init__(
         self,
         settings: SpendSettings | None = None,
-        store: OutcomeStore | None = None,
+        store: StateStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings or SpendSettings()

@@ -110,6 +110,8 @@ def trace_quality(base: float | None, penalty: float, feedback: float | None) ->
 class OutcomeStore:
     """SQLite-backed outcome storage. Open one per process; it is thread-safe."""
 
+    backend = "sqlite"
+
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 10_000) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,123 @@
+"""What the tracker, spend control and engine need from an outcome store, whichever holds the state.
+
+Two implementations: ``OutcomeStore`` (SQLite, ``store.py``), the embedded default for one machine,
+and ``PgOutcomeStore`` (PostgreSQL, ``store_pg.py``), which several replicas share. ``open_store``
+picks one from the ``[state] url`` setting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from ..config import redact_url
+from ..errors import ConfigError
+from .store import QualityChange, TraceRow
+
+__all__ = ["StateStore", "is_postgres_url", "open_store", "redact_url", "store_round_trip_ms"]
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+class StateStore(Protocol):
+    """The public interface both stores implement (see ``OutcomeStore`` for each method's contract)."""
+
+    backend: str  # "sqlite" or "postgresql": where the learned state lives
+
+    @property
+    def schema_version(self) -> int: ...
+
+    def close(self) -> None: ...
+
+    def batch(self) -> AbstractContextManager[None]: ...
+
+    def start_trace(self, row: TraceRow, *, retry_window_s: float | None = None) -> str | None: ...
+
+    def finish_trace(
+        self,
+        trace_id: str,
+        *,
+        success: bool,
+        latency_ms: float | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        ttft_ms: float | None = None,
+        error_class: str | None = None,
+        error: str | None = None,
+        now: float | None = None,
+        prior_strength: float = 10.0,
+    ) -> tuple[TraceRow, float, float] | None: ...
+
+    def record_trace(
+        self,
+        row: TraceRow,
+        *,
+        success: bool | None,
+        latency_ms: float | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        ttft_ms: float | None = None,
+        error_class: str | None = None,
+        error: str | None = None,
+        now: float | None = None,
+        prior_strength: float = 10.0,
+        retry_window_s: float | None = None,
+        score: float | None = None,
+    ) -> tuple[str | None, float, float]: ...
+
+    def adjust_quality(
+        self, trace_id: str, kind: str, value: float, *, explicit: bool, now: float | None = None
+    ) -> QualityChange | None: ...
+
+    def trace(self, trace_id: str) -> dict[str, Any] | None: ...
+
+    def feedback_for(self, trace_id: str) -> list[dict[str, Any]]: ...
+
+    def prune_traces(self, older_than: float) -> int: ...
+
+    def profiles(self) -> list[dict[str, Any]]: ...
+
+    def task_stats(self) -> list[dict[str, Any]]: ...
+
+    def recent_latencies(self, limit_per_model: int = 256) -> dict[str, list[float]]: ...
+
+    def replace_profiles(
+        self, profiles: Iterable[dict[str, Any]], task_rows: Iterable[dict[str, Any]]
+    ) -> None: ...
+
+    def add_spend(self, provider: str, model_id: str, usd: float, ts: float | None = None) -> None: ...
+
+    def spend_by_provider(self, since: float, until: float | None = None) -> dict[str, float]: ...
+
+
+def is_postgres_url(url: str) -> bool:
+    return urlsplit(url).scheme in POSTGRES_SCHEMES
+
+
+def open_store(url: str | None, sqlite_path: Path) -> StateStore:
+    """The store ``[state] url`` names: PostgreSQL for a ``postgresql://`` URL, else the SQLite
+    file at ``sqlite_path``."""
+    if url is None:
+        from .store import OutcomeStore
+
+        return OutcomeStore(sqlite_path)
+    if not is_postgres_url(url):
+        raise ConfigError(
+            f"unsupported state url {redact_url(url)!r}: expected postgresql://user@host:port/database",
+            field="state.url",
+        )
+    from .store_pg import PgOutcomeStore
+
+    return PgOutcomeStore(url)
+
+
+def store_round_trip_ms(store: StateStore) -> float:
+    """One read through the store (its schema version), in milliseconds: the state backend's
+    latency as a request's bookkeeping sees it."""
+    start = time.perf_counter()
+    store.schema_version  # noqa: B018 - the read is the measurement
+    return (time.perf_counter() - start) * 1000
