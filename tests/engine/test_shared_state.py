@@ -1,0 +1,43 @@
+"""Engines sharing their learned state through PostgreSQL (``[state] url``), as replicas do."""
+
+from __future__ import annotations
+
+import pytest
+
+from car_inference.requests import GenerateRequest
+from fakes.services import postgres_schema_url
+
+from .conftest import RemoteEngine
+
+TWO = {
+    "alpha": {"provider": "acme", "quality": 0.8, "price": 1.0},
+    "beta": {"provider": "bolt", "quality": 0.7, "price": 1.0},
+}
+ASK = GenerateRequest(prompt="Write a Python function that reverses a list.")
+
+
+def test_outcomes_reported_to_one_engine_change_routing_on_another(remote_engine: RemoteEngine) -> None:
+    config = f'[state]\nurl = "{postgres_schema_url()}"\n'
+    one, two = remote_engine(TWO, config=config), remote_engine(TWO, config=config)
+    try:
+        assert one.store.backend == two.store.backend == "postgresql"
+        assert two.route(ASK).model_id == "acme/alpha"  # the better prior, before any outcome
+        trace_ids = []
+        for _ in range(30):
+            decision = one.route(ASK)
+            ok = decision.model_id != "acme/alpha"
+            trace_ids.append(one.report(decision, success=ok, score=None if ok else 0.0, cost_usd=0.001))
+        one.flush()
+        trace = two.store.trace(trace_ids[0])  # written by one, read by the other
+        assert trace is not None and trace["outcome"] in ("success", "failure")
+        two.tracker.reload()
+        mine, theirs = one.tracker.profile("acme/alpha"), two.tracker.profile("acme/alpha")
+        assert mine is not None and theirs is not None
+        assert theirs.total_calls == mine.total_calls > 0 and theirs.fail_count == mine.total_calls
+        picks = [two.route(ASK).model_id for _ in range(20)]
+        assert picks.count("acme/alpha") == 0  # two learned from one's failures
+        two.spend.reload()  # the spend ledger is shared too
+        assert two.spend.status().entries[0].spent_usd == pytest.approx(0.001 * 30)
+    finally:
+        one.close()
+        two.close()

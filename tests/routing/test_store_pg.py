@@ -1,0 +1,262 @@
+"""PgOutcomeStore against the real PostgreSQL on 127.0.0.1:5432: what differs from SQLite (schema
+versions in a table, batches on a pooled connection, replicas writing at once). The behaviours both
+stores share run on both in test_store.py."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from car_inference.errors import ConfigError
+from car_inference.routing.store import SCHEMA_VERSION, OutcomeStore, TraceRow
+from car_inference.routing.store_api import open_store
+from car_inference.routing.store_pg import PgOutcomeStore
+from car_inference.routing.store_pg_sql import SCHEMA as PG_SCHEMA
+from car_inference.routing.store_sql import SCHEMA as SQLITE_SCHEMA
+from fakes.services import postgres_schema_url
+
+MODELS = ("p/a", "p/b", "p/c")
+ROUNDS = 40
+BATCH = 5
+
+
+@pytest.fixture
+def url() -> str:
+    return postgres_schema_url()
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[PgOutcomeStore]:
+    with PgOutcomeStore(url) as s:
+        yield s
+
+
+def _row(trace_id: str, model: str = "p/m", family: str = "code", started_at: float = 1.0) -> TraceRow:
+    return TraceRow(trace_id, model, "generate", family, "latin-short", "test", None, started_at)
+
+
+def _sql(url: str) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=True)
+
+
+def _columns(schema: str) -> dict[str, list[str]]:
+    """Table -> column names, from a CREATE TABLE script."""
+    tables: dict[str, list[str]] = {}
+    for name, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\n\);", schema, re.S):
+        tables[name] = [
+            line.split()[0] for line in body.strip().splitlines() if not line.strip().startswith("PRIMARY")
+        ]
+    return tables
+
+
+def test_the_tables_are_the_sqlite_stores(store: PgOutcomeStore, url: str) -> None:
+    """Same tables and columns as SQLite: `car state migrate` copies rows as they are."""
+    assert _columns(PG_SCHEMA) == _columns(SQLITE_SCHEMA) and len(_columns(PG_SCHEMA)) == 5
+    assert store.schema_version == SCHEMA_VERSION == 2
+    with _sql(url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_newer_schema_is_refused(url: str) -> None:
+    PgOutcomeStore(url).close()
+    with _sql(url) as conn:
+        conn.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(ConfigError, match="newer"):
+        PgOutcomeStore(url)
+
+
+def test_a_version_1_database_is_migrated_in_place(url: str) -> None:
+    with PgOutcomeStore(url) as store:
+        store.record_trace(_row("t1"), success=True, latency_ms=10.0, output_tokens=7)
+    with _sql(url) as conn:
+        conn.execute("ALTER TABLE task_stats DROP COLUMN total_output_tokens")
+        conn.execute("UPDATE schema_version SET version = 1")
+    with PgOutcomeStore(url) as store:
+        assert store.schema_version == 2
+        rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
+        assert rows["code"]["calls"] == 1 and rows["code"]["total_output_tokens"] == 0
+        store.record_trace(_row("t2"), success=True, latency_ms=10.0, output_tokens=5)
+        rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
+        assert rows["code"]["calls"] == 2 and rows["code"]["total_output_tokens"] == 5
+
+
+def test_replicas_starting_together_migrate_once(url: str) -> None:
+    stores: list[PgOutcomeStore] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            stores.append(PgOutcomeStore(url))
+        except BaseException as exc:  # collected: the assertion below names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for s in stores:
+        s.close()
+    assert errors == [] and len(stores) == 4
+    with _sql(url) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM schema_version").fetchone() == (1,)
+
+
+def _approx_rows(got: list[Any], want: list[Any]) -> bool:
+    """Row by row, floats within rounding (the two databases sum in their own order)."""
+    assert len(got) == len(want) and len(want) > 0
+    for g, w in zip(got, want, strict=True):
+        assert g.keys() == w.keys()
+        assert g == {k: pytest.approx(v) if isinstance(v, float) else v for k, v in w.items()}
+    return True
+
+
+def test_same_results_as_sqlite(store: PgOutcomeStore, tmp_path: Path) -> None:
+    """The same calls leave the same rows in both stores (timestamps aside)."""
+    with OutcomeStore(tmp_path / "state.db") as lite:
+        for s in (store, lite):
+            s.start_trace(_row("a", "p/a", started_at=1.0))
+            s.finish_trace("a", success=True, latency_ms=100, input_tokens=4, output_tokens=9, now=5.0)
+            s.record_trace(_row("b", "p/b", "math", 2.0), success=False, latency_ms=50, now=6.0)
+            s.record_trace(_row("c", "p/a", "math", 3.0), success=True, score=0.6, output_tokens=3, now=7.0)
+            s.adjust_quality("a", "quick_retry", 0.5, explicit=False, now=8.0)
+            s.add_spend("acme", "p/a", 0.25, ts=9.0)
+        assert _approx_rows(store.profiles(), lite.profiles())
+        assert _approx_rows(store.task_stats(), lite.task_stats())
+        assert _approx_rows([store.trace("a")], [lite.trace("a")])
+        assert store.feedback_for("c") == lite.feedback_for("c")
+        assert store.recent_latencies() == lite.recent_latencies()
+        assert store.spend_by_provider(0.0) == lite.spend_by_provider(0.0)
+
+
+def test_replace_profiles_restores_whole_rows(store: PgOutcomeStore) -> None:
+    store.record_trace(_row("t1"), success=True, latency_ms=10.0)
+    profiles, stats = store.profiles(), store.task_stats()
+    store.record_trace(_row("t2"), success=False, latency_ms=10.0)
+    store.replace_profiles(profiles, stats)
+    assert store.profiles() == profiles and store.task_stats() == stats
+
+
+def test_batch_commits_once_and_is_invisible_until_then(store: PgOutcomeStore, url: str) -> None:
+    with _sql(url) as other:
+        with store.batch():
+            store.add_spend("p", "m", 1.0, 1.0)
+            with store.batch():  # nested: joins the outer transaction
+                store.add_spend("p", "m", 2.0, 1.0)
+            with pytest.raises(psycopg.IntegrityError), store.batch():
+                store.start_trace(_row("t1"))
+                store.start_trace(_row("t1"))  # this write alone is undone (its savepoint)
+            assert store.spend_by_provider(0.0) == {"p": 3.0}  # this thread reads the batch's writes
+            assert other.execute("SELECT COUNT(*) FROM spend").fetchone() == (0,)
+            seen: list[dict[str, float]] = []
+            reader = threading.Thread(target=lambda: seen.append(store.spend_by_provider(0.0)))
+            reader.start()
+            reader.join(10)
+            assert seen == [{}]  # another thread's read does not wait for the batch, nor see it
+        assert other.execute("SELECT SUM(usd) FROM spend").fetchone() == (3.0,)
+        assert store.trace("t1") is not None
+        with pytest.raises(RuntimeError), store.batch():
+            store.add_spend("p", "m", 4.0, 1.0)
+            raise RuntimeError("the batch itself fails")
+        assert store.spend_by_provider(0.0) == {"p": 3.0}
+        store.add_spend("p", "m", 1.0, 1.0)  # plain transactions work again after a batch
+        assert store.spend_by_provider(0.0) == {"p": 4.0}
+
+
+def _replica(url: str, worker: int) -> None:
+    """A replica's bookkeeping: batches of outcomes over several models, in an order of its own
+    (opposite orders are how two transactions holding row locks would deadlock)."""
+    models = MODELS if worker % 2 == 0 else MODELS[::-1]
+    with PgOutcomeStore(url) as store:
+        for i in range(ROUNDS):
+            with store.batch():
+                for j in range(BATCH):
+                    model = models[(i + j) % len(models)]
+                    trace_id = f"w{worker}-{i}-{j}"
+                    store.record_trace(
+                        _row(trace_id, model, "code" if j % 2 else "math"), success=j != 0, latency_ms=2.0
+                    )
+                    if j == 1:
+                        store.adjust_quality(trace_id, "explicit", 0.5, explicit=True)
+                    store.add_spend("acme", model, 0.001)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def test_replicas_batching_at_once_lose_no_update(url: str) -> None:
+    PgOutcomeStore(url).close()
+    workers = 3
+    procs = [_context().Process(target=_replica, args=(url, w)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    total = workers * ROUNDS * BATCH
+    with PgOutcomeStore(url) as store:
+        profiles = store.profiles()
+        assert sum(p["total_calls"] for p in profiles) == total
+        assert sum(p["fail_count"] for p in profiles) == workers * ROUNDS  # j == 0 of each batch
+        # success 1, failure 0, the j == 1 trace rated 0.5 afterwards
+        expected = workers * ROUNDS * (BATCH - 1 - 0.5)
+        assert sum(p["quality_sum"] for p in profiles) == pytest.approx(expected)
+        baseline = {r["key"]: r for r in store.task_stats() if r["model_id"] == "*"}
+        assert baseline["code"]["calls"] + baseline["math"]["calls"] == total
+        assert baseline["code"]["quality_sum"] + baseline["math"]["quality_sum"] == pytest.approx(expected)
+        assert store.spend_by_provider(0.0)["acme"] == pytest.approx(0.001 * total)
+
+
+def _write_forever(url: str) -> None:
+    store = PgOutcomeStore(url)
+    i = 0
+    while True:
+        with store.batch():
+            for _ in range(3):
+                store.record_trace(_row(f"k{i}"), success=True, latency_ms=1.0)
+                i += 1
+
+
+def test_a_killed_replica_loses_nothing_it_committed(url: str) -> None:
+    PgOutcomeStore(url).close()
+    proc = _context().Process(target=_write_forever, args=(url,))
+    proc.start()
+    time.sleep(1.5)
+    assert proc.pid is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    with _sql(url) as conn:
+        completed = conn.execute("SELECT COUNT(*) FROM traces WHERE outcome = 'success'").fetchone()
+        calls = conn.execute("SELECT total_calls FROM profiles").fetchone()
+    assert completed is not None and calls is not None
+    assert completed[0] > 0 and calls[0] == completed[0]  # every counted call is one committed trace
+    assert completed[0] % 3 == 0  # whole batches only
+
+
+def test_unreachable_database_names_the_url_without_its_password() -> None:
+    with pytest.raises(ConfigError, match=r"not reachable") as info:
+        PgOutcomeStore("postgresql://car:s3cret@127.0.0.1:1/car", connect_timeout_s=1)
+    assert "s3cret" not in str(info.value) and "car:***@127.0.0.1:1" in str(info.value)
+
+
+def test_open_store_picks_the_backend(url: str, tmp_path: Path) -> None:
+    with contextlib.closing(open_store(url, tmp_path / "state.db")) as pg:
+        assert pg.backend == "postgresql"
+    assert not (tmp_path / "state.db").exists()  # a PostgreSQL store leaves no SQLite file
+    with contextlib.closing(open_store(None, tmp_path / "state.db")) as lite:
+        assert lite.backend == "sqlite" and (tmp_path / "state.db").is_file()
+    with pytest.raises(ConfigError, match="unsupported state url 'mysql://x@h/db'"):
+        open_store("mysql://x@h/db", tmp_path / "state.db")
