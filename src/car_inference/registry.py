@@ -268,5 +268,6 @@ _EXTRA_HINT = {
     "piper": "pip install 'car-inference[speech]'",
     "whisper": "pip install 'car-inference[speech]'",
     "diffusers": "pip install 'car-inference[diffusers]'",
+    "rapidocr": "pip install 'car-inference[ocr]'",
     "elevenlabs": "the ElevenLabs backend is not implemented yet",
 }

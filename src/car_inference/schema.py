@@ -172,6 +172,12 @@ class DiffusersSource(_LocalFiles):
     ignore_patterns: list[str] = Field(default_factory=list, description="files a pull skips")
 
 
+class RapidOcrSource(_LocalFiles):
+    """RapidOCR's ONNX text detector and recogniser (grounds text targets), in-process."""
+
+    kind: Literal["rapidocr"] = "rapidocr"
+
+
 class _RemoteApi(_Strict):
     """A hosted API. ``host`` names an entry of the catalog's ``[hosts]`` table, which supplies
     ``base_url`` and ``api_key_env`` unless the model sets them itself."""
@@ -235,6 +241,7 @@ ModelSource = Annotated[
     | PiperSource
     | WhisperSource
     | DiffusersSource
+    | RapidOcrSource
     | OpenAISource
     | AnthropicSource
     | GeminiSource
@@ -245,7 +252,7 @@ ModelSource = Annotated[
     Field(discriminator="kind"),
 ]
 
-IN_PROCESS_KINDS = frozenset({"gguf", "sentence", "piper", "whisper", "diffusers"})
+IN_PROCESS_KINDS = frozenset({"gguf", "sentence", "piper", "whisper", "diffusers", "rapidocr"})
 SERVER_KINDS = frozenset({"ollama", "vllm"})
 REMOTE_KINDS = frozenset({"openai", "anthropic", "gemini", "elevenlabs"})
 

@@ -145,12 +145,15 @@ async def test_model_choice_errors(engine: InferenceEngine) -> None:
 
 
 async def test_no_grounding_model_names_what_to_pull(isolated_home: Path) -> None:
+    # The embedded OCR grounder made unavailable (its files "missing"), so nothing can ground.
+    (isolated_home / "models.toml").write_text(
+        '[[models]]\nid = "rapidai/pp-ocrv4-mobile"\nname = "rapidocr"\nprovider = "rapidai"\n'
+        'capabilities = ["grounding"]\n[models.source]\nkind = "rapidocr"\npath = "/nonexistent/ocr"\n'
+    )
     engine = InferenceEngine()
     try:
-        available = engine.registry.query(capabilities=["grounding"], available_only=True)
-        if available:  # the embedded OCR grounder is installed: it is the default
-            pytest.skip("a grounding model is available here")
-        with pytest.raises(ModelUnavailable, match=r"car models pull qwen2.5-vl-3b"):
+        assert not engine.registry.query(capabilities=["grounding"], available_only=True)
+        with pytest.raises(ModelUnavailable, match=r"car models pull qwen2.5-vl-3b.*car-inference\[ocr\]"):
             await engine.ground(_request())
     finally:
         engine.close()

@@ -41,6 +41,9 @@ BACKENDS: dict[str, BackendSpec] = {
     "diffusers": BackendSpec(
         "car_inference.backends.diffusers:DiffusersBackend", ("diffusers", "torch"), "diffusers"
     ),
+    "rapidocr": BackendSpec(
+        "car_inference.backends.ocr:RapidOcrBackend", ("rapidocr_onnxruntime", "onnxruntime"), "ocr"
+    ),
     # One OpenAI Chat Completions backend for OpenAI and every compatible server (hosts are data).
     "openai": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),
     "ollama": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),

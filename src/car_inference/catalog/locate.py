@@ -12,7 +12,15 @@ import os
 from pathlib import Path
 
 from ..errors import ModelUnavailable
-from ..schema import DiffusersSource, GgufSource, ModelSchema, PiperSource, SentenceSource, WhisperSource
+from ..schema import (
+    DiffusersSource,
+    GgufSource,
+    ModelSchema,
+    PiperSource,
+    RapidOcrSource,
+    SentenceSource,
+    WhisperSource,
+)
 
 __all__ = [
     "hf_cache_dir",
@@ -103,7 +111,7 @@ def local_path(schema: ModelSchema) -> Path:
     command when they are not on disk: nothing is downloaded here."""
     source = schema.source
     found: Path | None = None
-    if isinstance(source, GgufSource | SentenceSource | PiperSource | DiffusersSource):
+    if isinstance(source, GgufSource | SentenceSource | PiperSource | DiffusersSource | RapidOcrSource):
         if source.path:
             p = Path(source.path).expanduser()
             found = p if p.exists() else None

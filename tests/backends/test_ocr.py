@@ -1,0 +1,87 @@
+"""The embedded OCR grounder: the real RapidOCR model on images drawn in the test."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+
+import pytest
+
+from car_inference.backends.ocr import match_text
+from car_inference.engine import InferenceEngine
+from car_inference.requests import GroundRequest, ImageBlock
+
+pytest.importorskip("rapidocr_onnxruntime")
+Image = pytest.importorskip("PIL.Image")
+ImageDraw = pytest.importorskip("PIL.ImageDraw")
+ImageFont = pytest.importorskip("PIL.ImageFont")
+
+OCR = "rapidai/pp-ocrv4-mobile"
+
+
+def _sign() -> bytes:
+    """640x240 white, "HELLO WORLD" at (40, 40) and "exit 42" at (300, 150), 40 px type."""
+    image = Image.new("RGB", (640, 240), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=40)
+    draw.text((40, 40), "HELLO WORLD", fill="black", font=font)
+    draw.text((300, 150), "exit 42", fill="black", font=font)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sign() -> bytes:
+    return _sign()
+
+
+@pytest.fixture
+def engine() -> Iterator[InferenceEngine]:
+    engine = InferenceEngine()
+    yield engine
+    engine.close()
+
+
+def _ask(sign: bytes, target: str, model: str | None = OCR) -> GroundRequest:
+    return GroundRequest(prompt=target, image=ImageBlock(data=base64.b64encode(sign).decode()), model=model)
+
+
+async def test_a_word_is_boxed_down_to_its_letters(engine: InferenceEngine, sign: bytes) -> None:
+    result = await engine.ground(_ask(sign, "world"))
+    assert (result.model_used, result.width, result.height) == (OCR, 640, 240)
+    [box] = result.boxes
+    # "WORLD" is the second half of the first line (x 40..320, y 40..80): its own box, not the line's.
+    assert 160 <= box.x1 <= 200 and 300 <= box.x2 <= 330, box
+    assert 35 <= box.y1 <= 60 and 70 <= box.y2 <= 95, box
+    assert box.label and "WORLD" in box.label.upper() and box.score and box.score > 0.5
+    assert "exit 42" in result.raw_text
+
+
+async def test_case_and_spaces_do_not_matter(engine: InferenceEngine, sign: bytes) -> None:
+    [box] = (await engine.ground(_ask(sign, "EXIT 42"))).boxes
+    assert 290 <= box.x1 <= 310 and 405 <= box.x2 <= 425 and 140 <= box.y1 <= 170, box
+
+
+async def test_every_line_and_no_match(engine: InferenceEngine, sign: bytes) -> None:
+    assert len((await engine.ground(_ask(sign, "*"))).boxes) == 2
+    nothing = await engine.ground(_ask(sign, "the red car"))
+    assert nothing.boxes == [] and "HELLO" in nothing.raw_text.upper()
+
+
+async def test_it_is_the_default_without_a_vision_model(engine: InferenceEngine, sign: bytes) -> None:
+    assert (await engine.ground(_ask(sign, "hello", model=None))).model_used == OCR
+
+
+def test_match_text_reads_line_and_character_boxes() -> None:
+    quad = [[0, 0], [100, 0], [100, 20], [0, 20]]
+    chars = [[[i * 10, 0], [i * 10 + 9, 0], [i * 10 + 9, 20], [i * 10, 20]] for i in range(10)]
+    line = (quad, "ab cdefghi", 0.9, chars, list("ab cdefghi"), [0.9] * 10)
+    [box] = match_text([line], "CD")
+    assert (box.x1, box.x2) == (30, 49)  # characters 3 and 4 (the space has a box of its own)
+    # Without character boxes the line's box; a near miss matches the whole line.
+    assert match_text([(quad, "abcdefghi", 0.9)], "cd")[0].x2 == 100
+    assert len(match_text([(quad, "exit 42", 0.9)], "exit 47")) == 1
+    assert match_text([(quad, "exit 42", 0.9)], "banana") == []
+    assert match_text([(quad, "exit 42", 0.9)], "   ") == []
