@@ -95,7 +95,7 @@ class WhisperBackend:
                 # PyAV's decode errors derive from OSError/ValueError; a file with no audio stream
                 # at all (an image) is an IndexError.
                 except (OSError, ValueError, IndexError) as exc:
-                    raise InvalidInput(f"could not transcribe {audio}: {exc}") from exc
+                    raise InvalidInput(f"could not transcribe {audio}: {_decode_error(exc)}") from exc
                 except RuntimeError as exc:  # the model itself (CTranslate2), not the input
                     raise InferenceFailed(f"{model.id} failed on {audio}: {exc}") from exc
             words = [
@@ -191,3 +191,12 @@ def _fingerprint(files: list[Path]) -> str:
                 handle.seek(max(_SAMPLE, size - _SAMPLE))
                 digest.update(handle.read(_SAMPLE))
     return digest.hexdigest()[:24]
+
+
+def _decode_error(exc: BaseException) -> str:
+    """What went wrong decoding, without PyAV's errno and the path it repeats: "Invalid data found
+    when processing input (not an audio or video file FFmpeg can read: raw PCM needs a WAV header)"."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    if "Invalid data" in text:
+        return f"{text} (not an audio or video file FFmpeg can read; raw PCM needs a WAV header)"
+    return text
