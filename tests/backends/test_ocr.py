@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 from collections.abc import Iterator
 
 import pytest
@@ -11,30 +10,17 @@ import pytest
 from car_inference.backends.ocr import match_text
 from car_inference.engine import InferenceEngine
 from car_inference.requests import GroundRequest, ImageBlock
+from fakes.images import text_sign
 
 pytest.importorskip("rapidocr_onnxruntime")
-Image = pytest.importorskip("PIL.Image")
-ImageDraw = pytest.importorskip("PIL.ImageDraw")
-ImageFont = pytest.importorskip("PIL.ImageFont")
+pytest.importorskip("PIL.Image")
 
 OCR = "rapidai/pp-ocrv4-mobile"
 
 
-def _sign() -> bytes:
-    """640x240 white, "HELLO WORLD" at (40, 40) and "exit 42" at (300, 150), 40 px type."""
-    image = Image.new("RGB", (640, 240), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=40)
-    draw.text((40, 40), "HELLO WORLD", fill="black", font=font)
-    draw.text((300, 150), "exit 42", fill="black", font=font)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def sign() -> bytes:
-    return _sign()
+    return text_sign()
 
 
 @pytest.fixture
