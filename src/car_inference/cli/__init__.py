@@ -23,7 +23,7 @@ if _QUIET_START:
 import typer  # noqa: E402
 
 from .. import __version__  # noqa: E402
-from . import generate, health, keys, media, routing, serve, speech, tasks  # noqa: E402
+from . import generate, ground, health, keys, media, routing, serve, speech, tasks  # noqa: E402
 from .models import config_app, models_app  # noqa: E402
 from .runtimes import runtimes_app  # noqa: E402
 
@@ -42,6 +42,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(runtimes_app, name="runtimes")
 generate.register(app)
 tasks.register(app)
+ground.register(app)
 speech.register(app)
 media.register(app)
 keys.register(app)
