@@ -47,12 +47,14 @@ from .store import (
 from .store_pg_sql import (
     ADJUST_PROFILE,
     ADJUST_TASK,
+    COPY_COLUMNS,
     MIGRATIONS,
     PROFILE_REPLACE,
     PROFILE_UPSERT,
     SCHEMA,
     TASK_REPLACE,
     TASK_UPSERT,
+    insert_missing,
 )
 
 try:
@@ -369,6 +371,19 @@ class PgOutcomeStore:
         with self._tx(counters=True) as conn, conn.cursor() as cur:
             cur.executemany(PROFILE_REPLACE, list(profiles))
             cur.executemany(TASK_REPLACE, list(task_rows))
+
+    def insert_missing(self, rows: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+        """Copy rows of other stores' tables (``car state migrate``), each unless already there,
+        in one transaction; the rows written per table."""
+        written: dict[str, int] = {}
+        with self._tx(counters=True) as conn, conn.cursor() as cur:
+            for table in COPY_COLUMNS:
+                if rows.get(table):
+                    cur.executemany(insert_missing(table), rows[table])
+                    written[table] = max(cur.rowcount, 0)
+                else:
+                    written[table] = 0
+        return written
 
     # --- spend ---------------------------------------------------------------------------------
 

@@ -10,12 +10,14 @@ would be ambiguous with ``excluded``.
 __all__ = [
     "ADJUST_PROFILE",
     "ADJUST_TASK",
+    "COPY_COLUMNS",
     "MIGRATIONS",
     "PROFILE_REPLACE",
     "PROFILE_UPSERT",
     "SCHEMA",
     "TASK_REPLACE",
     "TASK_UPSERT",
+    "insert_missing",
 ]
 
 SCHEMA = """
@@ -168,6 +170,37 @@ def _replace(table: str, columns: str, conflict: str) -> str:
 
 PROFILE_REPLACE = _replace("profiles", _PROFILE_COLUMNS, "model_id")
 TASK_REPLACE = _replace("task_stats", _TASK_COLUMNS, "model_id, key")
+
+# What ``car state migrate`` copies: each table's columns, and what makes a row "already there":
+# its key, or for feedback and spend (whose ids are per database) its whole content, counted: a
+# row the source has %(n)s times is inserted as often as the target has it fewer times.
+_TRACE_COLUMNS = (
+    "trace_id, model_id, task, family, cluster, reason, prompt_hash, started_at, outcome, completed_at,"
+    " latency_ms, ttft_ms, input_tokens, output_tokens, error_class, error, base, penalty, feedback, quality"
+)
+COPY_COLUMNS = {
+    "profiles": (_PROFILE_COLUMNS, "model_id"),
+    "task_stats": (_TASK_COLUMNS, "model_id, key"),
+    "traces": (_TRACE_COLUMNS, "trace_id"),
+    "feedback": ("trace_id, kind, value, created_at", None),
+    "spend": ("ts, provider, model_id, usd", None),
+}
+
+
+def insert_missing(table: str) -> str:
+    """Insert one row unless it is there already (keyless: up to ``%(n)s`` copies of it): a
+    second copy of the same rows adds nothing."""
+    columns, key = COPY_COLUMNS[table]
+    names = [c.strip() for c in columns.split(",")]
+    values = ", ".join(f"%({n})s" for n in names)
+    if key is not None:
+        return f"INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT ({key}) DO NOTHING"
+    same = " AND ".join(f"{n} = %({n})s" for n in names)
+    return (
+        f"INSERT INTO {table} ({columns}) SELECT {values} FROM generate_series(1,"
+        f" %(n)s - (SELECT COUNT(*) FROM {table} WHERE {same}))"
+    )
+
 
 # Statements that bring a database of schema version N - 1 to N (``SCHEMA`` creates the latest).
 # The version numbers are the SQLite store's: one schema, two dialects.

@@ -1,0 +1,56 @@
+"""`car state migrate`: move the learned state from the SQLite file into shared PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..config import load_config, redact_url
+from .common import EXIT_USAGE, fail, handle_errors, out, print_json
+
+state_app = typer.Typer(
+    help="Where the learned routing state lives (SQLite or PostgreSQL).", no_args_is_help=True
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(state_app, name="state")
+
+
+@state_app.command("migrate")
+@handle_errors
+def migrate(
+    source: Annotated[
+        Path | None, typer.Option("--from", help="the SQLite state file (default: $CAR_HOME/state.db)")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option("--to", help="postgresql:// URL (default: the state url in config.toml)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result object as JSON")] = False,
+) -> None:
+    """Copy outcomes, traces, feedback, learned router state and spend from SQLite into
+    PostgreSQL. Rows already there are kept, so running it twice copies nothing twice."""
+    from ..routing.store_api import is_postgres_url
+    from ..routing.store_migrate import copy_sqlite_state
+
+    config = load_config()
+    url = target or config.state.url
+    if url is None:
+        raise fail("no PostgreSQL to migrate to: pass --to postgresql://... or set [state] url", EXIT_USAGE)
+    if not is_postgres_url(url):
+        raise fail(f"--to must be a postgresql:// URL, not {redact_url(url)!r}", EXIT_USAGE)
+    result = copy_sqlite_state(source or config.paths.state_db, url)
+    if as_json:
+        print_json(result)
+        return
+    out.print(f"{escape(result.source)} -> {escape(result.target)} (schema {result.schema_version})")
+    table = Table(header_style="bold")
+    for column in ("table", "rows in SQLite", "copied", "already there"):
+        table.add_column(column)
+    for t in result.tables:
+        table.add_row(t.table, str(t.source_rows), str(t.copied), str(t.already_there))
+    out.print(table)

@@ -1,0 +1,90 @@
+"""`car state migrate`: a real SQLite state.db copied into the real PostgreSQL, run in-process."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from car_inference.cli.state import register
+from car_inference.routing.store import OutcomeStore, TraceRow
+from car_inference.routing.store_pg import PgOutcomeStore
+from fakes.services import postgres_schema_url
+
+app = typer.Typer()
+register(app)
+runner = CliRunner()
+
+
+def car(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _fill(path: Path) -> None:
+    with OutcomeStore(path) as store:
+        for i in range(6):
+            row = TraceRow(
+                f"t{i}", "p/a" if i % 2 else "p/b", "generate", "code", "latin-short", "r", None, i
+            )
+            store.record_trace(
+                row, success=i != 3, latency_ms=10.0 * i, output_tokens=i, score=0.5 if i == 4 else None
+            )
+        store.adjust_quality("t1", "quick_retry", 0.25, explicit=False)
+        store.add_spend("acme", "p/a", 0.5, ts=100.0)
+        store.add_spend("acme", "p/a", 0.5, ts=100.0)  # the same amount twice is two entries
+
+
+def test_migrate_copies_everything_once(isolated_home: Path) -> None:
+    _fill(isolated_home / "state.db")
+    url = postgres_schema_url()
+    (isolated_home / "config.toml").write_text(f'[state]\nurl = "{url}"\n')
+    code, out, err = car("state", "migrate", "--json")
+    assert code == 0, err
+    first = {t["table"]: t for t in json.loads(out)["tables"]}
+    assert {t: first[t]["copied"] for t in first} == {
+        "profiles": 2, "task_stats": 6, "traces": 6, "feedback": 2, "spend": 2,
+    }  # fmt: skip
+    with OutcomeStore(isolated_home / "state.db") as lite, PgOutcomeStore(url) as pg:
+        assert pg.profiles() == lite.profiles()
+        assert pg.task_stats() == lite.task_stats()
+        assert [pg.trace(f"t{i}") for i in range(6)] == [lite.trace(f"t{i}") for i in range(6)]
+        assert pg.feedback_for("t1") == lite.feedback_for("t1")
+        assert pg.spend_by_provider(0.0) == lite.spend_by_provider(0.0) == {"acme": 1.0}
+    code, out, _ = car("state", "migrate")  # again: nothing copied twice
+    assert code == 0 and "already there" in out
+    with PgOutcomeStore(url) as pg:
+        assert sum(p["total_calls"] for p in pg.profiles()) == 6
+        assert pg.spend_by_provider(0.0) == {"acme": 1.0}
+    code, out, _ = car("state", "migrate", "--json")
+    assert {t["table"]: t["copied"] for t in json.loads(out)["tables"]} == dict.fromkeys(first, 0)
+
+
+def test_a_version_1_file_is_migrated_then_copied(isolated_home: Path) -> None:
+    db = isolated_home / "state.db"
+    _fill(db)
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE task_stats DROP COLUMN total_output_tokens")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    code, out, err = car("state", "migrate", "--to", postgres_schema_url(), "--json")
+    assert code == 0, err
+    assert json.loads(out)["schema_version"] == 2
+
+
+def test_usage_errors_are_one_line_with_status_2(isolated_home: Path) -> None:
+    code, _, err = car("state", "migrate")
+    assert code == 2 and "pass --to postgresql://" in err
+    code, _, err = car("state", "migrate", "--to", "mysql://u:secret@h/db")
+    assert code == 2 and "must be a postgresql:// URL" in err and "secret" not in err
+    code, _, err = car(
+        "state", "migrate", "--to", postgres_schema_url(), "--from", str(isolated_home / "none.db")
+    )
+    assert code == 2 and "does not exist" in err and "none.db" in err
+    _fill(isolated_home / "state.db")
+    code, _, err = car("state", "migrate", "--to", "postgresql://u:secret@127.0.0.1:1/db")
+    assert code == 2 and "not reachable" in err and "secret" not in err
