@@ -147,7 +147,9 @@ async def _fetch(url: str, timeout_s: float) -> bytes:
                 data += chunk
                 if len(data) > MAX_IMAGE_BYTES:
                     raise InvalidInput(f"the image at {url} is larger than {MAX_IMAGE_BYTES // 2**20} MB")
-    except httpx.HTTPError as exc:
+    except InvalidInput:
+        raise
+    except Exception as exc:  # httpx's errors (InvalidURL is no HTTPError), a refused connection
         raise InvalidInput(f"cannot fetch the image {url}: {exc}") from None
     return _checked(bytes(data), url)
 

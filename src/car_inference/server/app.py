@@ -23,7 +23,7 @@ from .. import __version__
 from ..config import ServerSettings
 from ..engine import InferenceEngine
 from ..errors import InferenceError
-from . import images, jsonrpc, media, route_api, routes
+from . import grounding, images, jsonrpc, media, route_api, routes
 from .common import Limiter, ServerState, dumps, json_response
 from .errors import ApiError, describe, error_response, guarded
 from .guard import Guard
@@ -104,6 +104,7 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     media.register(app, state)
     images.register(app, state)
     route_api.register(app, state)
+    grounding.register(app, state)
     jsonrpc.register(app, state)
 
     async def http_error(request: Request, exc: Exception) -> Response:

@@ -41,6 +41,7 @@ from .errors import (
     describe,
     rpc_error,
 )
+from .grounding import rpc_ground
 from .images import rpc_generate_image, rpc_generate_video
 
 __all__ = ["METHODS", "Session", "register"]
@@ -438,6 +439,7 @@ METHODS: dict[str, Method] = {
     "cancel": _cancel,
     "generate_image": rpc_generate_image,
     "generate_video": rpc_generate_video,
+    "ground": rpc_ground,
 }
 
 

@@ -275,6 +275,20 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class GroundImage(_Part):
+    data: str | None = Field(
+        default=None, description="the image's bytes in base64 (PNG, JPEG, GIF, WebP, BMP)"
+    )
+    url: str | None = Field(default=None, description="a data: or http(s) URL")
+    media_type: str | None = None
+
+
+class GroundBody(_Part):
+    prompt: str = Field(description="what to find in the image, e.g. `the red car`")
+    image: str | GroundImage = Field(description='a data: or http(s) URL, or `{"data": base64}`')
+    model: ModelName = None
+
+
 _MODELS: list[type[BaseModel]] = [
     ChatCompletionRequest,
     CompletionRequest,
@@ -287,6 +301,7 @@ _MODELS: list[type[BaseModel]] = [
     ImageEditForm,
     VideoForm,
     TranscriptionForm,
+    GroundBody,
     ErrorResponse,
 ]
 
@@ -346,6 +361,7 @@ def _paths() -> dict[str, Any]:
         "/v1/videos/{video_id}/content": {
             "get": _operation("a finished video (mp4)", content={"video/mp4": binary}, parameters=video_id)
         },
+        "/v1/ground": {"post": _operation("boxes for a target in an image, in its pixels", GroundBody)},
         "/v1/health": {"get": _operation("the engine's model health report")},
         "/health": {"get": _operation("liveness")},
         "/metrics": {"get": _operation("Prometheus metrics", content=text)},
