@@ -88,3 +88,14 @@ def test_usage_errors_are_one_line_with_status_2(isolated_home: Path) -> None:
     _fill(isolated_home / "state.db")
     code, _, err = car("state", "migrate", "--to", "postgresql://u:secret@127.0.0.1:1/db")
     assert code == 2 and "not reachable" in err and "secret" not in err
+
+
+def test_car_health_names_the_state_backend(isolated_home: Path) -> None:
+    from car_inference.cli import app as car_app
+
+    url = postgres_schema_url().replace("postgres@", "postgres:pw@")  # trust auth ignores it
+    (isolated_home / "config.toml").write_text(f'[state]\nurl = "{url}"\n')
+    result = runner.invoke(car_app, ["health", "--local"])
+    assert result.exit_code == 0, result.stderr
+    assert "learned state: postgresql at postgresql://postgres:***@127.0.0.1" in result.stdout
+    assert "ms round trip" in result.stdout and ":pw@" not in result.stdout

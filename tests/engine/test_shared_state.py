@@ -41,3 +41,25 @@ def test_outcomes_reported_to_one_engine_change_routing_on_another(remote_engine
     finally:
         one.close()
         two.close()
+
+
+def test_the_health_report_shows_the_state_backend_and_its_latency(remote_engine: RemoteEngine) -> None:
+    url = postgres_schema_url()
+    engine = remote_engine(TWO, config=f'[state]\nurl = "{url}"\n')
+    try:
+        state = engine.model_health().state
+        assert state is not None and state.backend == "postgresql" and state.location == url
+        assert state.schema_version == 2 and state.error is None
+        assert state.round_trip_ms is not None and 0 < state.round_trip_ms < 1000
+    finally:
+        engine.close()
+
+
+def test_an_engine_without_a_state_url_keeps_sqlite(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
+    try:
+        state = engine.model_health().state
+        assert state is not None and state.backend == "sqlite" and state.location.endswith("state.db")
+        assert state.schema_version == 2 and state.round_trip_ms is not None
+    finally:
+        engine.close()

@@ -20,7 +20,7 @@ import pytest
 
 from car_inference.errors import ConfigError
 from car_inference.routing.store import SCHEMA_VERSION, OutcomeStore, TraceRow
-from car_inference.routing.store_api import open_store
+from car_inference.routing.store_api import open_store, state_health
 from car_inference.routing.store_pg import PgOutcomeStore
 from car_inference.routing.store_pg_sql import SCHEMA as PG_SCHEMA
 from car_inference.routing.store_sql import SCHEMA as SQLITE_SCHEMA
@@ -260,3 +260,13 @@ def test_open_store_picks_the_backend(url: str, tmp_path: Path) -> None:
         assert lite.backend == "sqlite" and (tmp_path / "state.db").is_file()
     with pytest.raises(ConfigError, match="unsupported state url 'mysql://x@h/db'"):
         open_store("mysql://x@h/db", tmp_path / "state.db")
+
+
+def test_state_health_times_a_read_and_reports_a_failure(store: PgOutcomeStore, url: str) -> None:
+    health = state_health(store, url.replace("postgres@", "postgres:pw@"))
+    assert health.backend == "postgresql" and ":***@" in health.location and health.schema_version == 2
+    assert health.round_trip_ms is not None and health.round_trip_ms > 0 and health.error is None
+    with _sql(url) as conn:
+        conn.execute(f"DROP SCHEMA {url.rsplit('search_path%3D', 1)[1]} CASCADE")
+    health = state_health(store, url)
+    assert health.round_trip_ms is None and health.error is not None and "schema_version" in health.error

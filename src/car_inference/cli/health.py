@@ -109,6 +109,17 @@ def _print_report(report: dict[str, Any], source: dict[str, str | None]) -> None
     for s in report["routing_scenarios"]:
         out.print(f"  {s['name']}: {escape(s['model_id'] or '-')} ({s['strategy'] or 'no candidate'})")
     _print_breakers(report.get("circuit_breakers") or {}, source["from"] == "server")
+    _print_state(report.get("state"))
+
+
+def _print_state(state: dict[str, Any] | None) -> None:
+    if not state:  # a server of an older version
+        return
+    where = f"learned state: {state['backend']} at {escape(str(state['location']))}"
+    if state.get("error"):
+        out.print(f"{where} [red]unreachable[/] ({escape(str(state['error']))})")
+    else:
+        out.print(f"{where}, schema {state['schema_version']}, {state['round_trip_ms']:.2f} ms round trip")
 
 
 def _print_breakers(breakers: dict[str, dict[str, Any]], from_server: bool) -> None:

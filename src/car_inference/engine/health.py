@@ -15,14 +15,21 @@ from pydantic import BaseModel, Field
 
 from ..errors import InferenceError
 from ..requests import ClassifyRequest, GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
-from ..routing import ModelProfile, SpendStatus, benchmark_priors_paths, load_benchmark_priors
+from ..routing import (
+    ModelProfile,
+    SpendStatus,
+    StateHealth,
+    benchmark_priors_paths,
+    load_benchmark_priors,
+    state_health,
+)
 from ..runtimes.supervisor import RuntimeStatus
 from ..schema import ALL_CAPABILITIES, ModelCapability, ModelSchema
 
 if TYPE_CHECKING:
     from ..config import CarConfig
     from ..registry import UnifiedRegistry
-    from ..routing import CircuitBreakerRegistry, OutcomeTracker, RoutingDecision, SpendControl
+    from ..routing import CircuitBreakerRegistry, OutcomeTracker, RoutingDecision, SpendControl, StateStore
     from ..runtimes.managed import RuntimeSupervisor
     from .bookkeeping import Bookkeeper
 
@@ -115,6 +122,7 @@ class ModelHealthReport(BaseModel):
     spend: SpendStatus | None = None
     speech: SpeechHealthReport
     runtimes: list[RuntimeStatus] = Field(default_factory=list, description="managed servers")
+    state: StateHealth | None = Field(default=None, description="where the learned state lives, its latency")
 
 
 _SCENARIOS = (
@@ -147,6 +155,7 @@ class HealthMixin:
     spend: SpendControl
     bookkeeper: Bookkeeper
     runtimes: RuntimeSupervisor
+    store: StateStore
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
@@ -181,6 +190,7 @@ class HealthMixin:
             spend=self.spend.status(),
             speech=self._speech_health(models),
             runtimes=self.runtimes.statuses(),
+            state=state_health(self.store, self.config.state.url or str(self.config.paths.state_db)),
         )
 
     def routing_scenarios(self) -> list[RoutingScenarioHealth]:

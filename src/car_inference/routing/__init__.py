@@ -46,7 +46,7 @@ from .router import AdaptiveRouter, RoutingDecision, RoutingStrategy, ScoredCand
 from .signals import ImplicitSignal, ImplicitSignalType, detect_signals
 from .spend import SpendControl, SpendPeriodStatus, SpendStatus
 from .store import OutcomeStore
-from .store_api import StateStore, open_store
+from .store_api import StateHealth, StateStore, open_store, state_health
 
 __all__ = [
     "AdaptiveRouter",
@@ -65,6 +65,7 @@ __all__ = [
     "SpendControl",
     "SpendPeriodStatus",
     "SpendStatus",
+    "StateHealth",
     "StateStore",
     "TaskComplexity",
     "TaskStats",
@@ -78,5 +79,6 @@ __all__ = [
     "load_benchmark_priors",
     "open_store",
     "prompt_cluster",
+    "state_health",
     "task_family",
 ]

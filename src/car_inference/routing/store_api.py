@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from pydantic import BaseModel
+
 from ..config import redact_url
 from ..errors import ConfigError
 from .store import QualityChange, TraceRow
 
-__all__ = ["StateStore", "is_postgres_url", "open_store", "redact_url", "store_round_trip_ms"]
+__all__ = ["StateHealth", "StateStore", "is_postgres_url", "open_store", "redact_url", "state_health"]
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -115,9 +117,26 @@ def open_store(url: str | None, sqlite_path: Path) -> StateStore:
     return PgOutcomeStore(url)
 
 
-def store_round_trip_ms(store: StateStore) -> float:
-    """One read through the store (its schema version), in milliseconds: the state backend's
-    latency as a request's bookkeeping sees it."""
+class StateHealth(BaseModel):
+    """Where the learned state lives and whether it answers (the health report's ``state``)."""
+
+    backend: str
+    location: str  # the SQLite file, or the PostgreSQL URL with its password masked
+    schema_version: int | None = None
+    round_trip_ms: float | None = None  # one read through the store, as bookkeeping sees it
+    error: str | None = None
+
+
+def state_health(store: StateStore, location: str) -> StateHealth:
+    """Read the schema version through ``store`` and time it."""
     start = time.perf_counter()
-    store.schema_version  # noqa: B018 - the read is the measurement
-    return (time.perf_counter() - start) * 1000
+    try:
+        version = store.schema_version
+    except Exception as exc:  # whatever the driver raises, the report says it rather than failing
+        return StateHealth(
+            backend=store.backend, location=redact_url(location), error=f"{type(exc).__name__}: {exc}"
+        )
+    elapsed = (time.perf_counter() - start) * 1000
+    return StateHealth(
+        backend=store.backend, location=redact_url(location), schema_version=version, round_trip_ms=elapsed
+    )

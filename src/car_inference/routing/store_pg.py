@@ -92,6 +92,7 @@ class PgOutcomeStore:
             kwargs={"row_factory": dict_row, "autocommit": True},
             check=ConnectionPool.check_connection,  # a connection the server dropped is replaced
             open=False,
+            timeout=connect_timeout_s,  # waiting for a connection: bounded like connecting
             name="car-state",
         )
         self._pool.open(wait=True, timeout=connect_timeout_s)
