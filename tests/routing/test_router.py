@@ -25,7 +25,12 @@ from car_inference.routing import (
     apply_benchmark_priors,
 )
 from car_inference.routing.estimate import DIFFICULTY_PSEUDO_CALLS
-from car_inference.routing.router import AUTO_THINKING_BUDGET, PREFERRED_REASON
+from car_inference.routing.router import (
+    AUTO_THINKING_BUDGET,
+    METER_MAX_CHARS,
+    METER_MAX_MESSAGES,
+    PREFERRED_REASON,
+)
 from car_inference.schema import ModelSchema
 
 from .helpers import FakeClock, TableMeter, local, make_router, registry, remote
@@ -225,6 +230,24 @@ def test_meter_is_not_asked_for_short_prompts_or_hosted_models() -> None:
     assert meter.counted == ["vllm/tiny"]  # the hosted model keeps the estimate
     # A meter with no count for a model (None) leaves the estimate in charge.
     assert make_router(meter=TableMeter()).decide(long, reg).model_id in {"vllm/tiny", "b/small"}
+
+
+def test_a_named_hosted_model_or_a_huge_request_is_never_counted() -> None:
+    """The issue's case: 20,000 messages naming a remote model were tokenized on the local model
+    for 22 s. A named model's decision counts only that model, only when it is local and near its
+    window; a request past METER_MAX_CHARS / METER_MAX_MESSAGES keeps the estimate."""
+    reg = registry(local("vllm/tiny", context=4096), remote("b/small", context=4096))
+    meter = TableMeter(counts={"vllm/tiny": 10, "b/small": 10})
+    many = GenerateRequest(
+        messages=[{"role": "user", "content": "word " * 3}] * (METER_MAX_MESSAGES + 1), model="b/small"
+    )
+    make_router(meter=meter).decide(many, reg)
+    named = GenerateRequest(prompt="word " * 2500, model="b/small")
+    make_router(meter=meter).decide(named, reg)
+    assert meter.counted == []
+    huge = GenerateRequest(prompt="w " * (METER_MAX_CHARS // 2 + 10), params=GenerateParams(max_tokens=256))
+    decision = make_router(meter=meter).decide(huge, reg)
+    assert meter.counted == [] and decision.needs_compaction  # the estimate decides
 
 
 # --- circuit breakers -----------------------------------------------------------------------------
