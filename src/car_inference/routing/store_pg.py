@@ -457,13 +457,10 @@ def _count(
         "decay": QUALITY_DECAY,
     }
     conn.execute(PROFILE_UPSERT, params)
-    rows = [{**params, "key": key} for key in keys]
-    rows += [
-        {**params, "model_id": m, "key": key, "r": 0.0}
-        for m, key in baseline_rows(trace.family, trace.cluster)
-    ]
-    with conn.cursor() as cur:
-        cur.executemany(TASK_UPSERT, rows)
+    rows = [(trace.model_id, key, resid) for key in keys]
+    rows += [(m, key, 0.0) for m, key in baseline_rows(trace.family, trace.cluster)]
+    model_ids, row_keys, resids = (list(column) for column in zip(*rows, strict=True))
+    conn.execute(TASK_UPSERT, {**params, "model_ids": model_ids, "keys": row_keys, "resids": resids})
     return resid
 
 

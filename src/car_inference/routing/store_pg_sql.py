@@ -112,12 +112,13 @@ ON CONFLICT (model_id) DO UPDATE SET
     updated_at = %(now)s
 """
 
+# All of one outcome's rows (its keys, and the baseline rows) in one statement: one round trip.
 TASK_UPSERT = """
 INSERT INTO task_stats AS t (model_id, key, calls, success_count, fail_count, total_latency_ms,
                              quality_sum, decayed_sum, decayed_n, resid_sum, ema_quality, updated_at,
                              total_output_tokens)
-VALUES (%(model_id)s, %(key)s, 1, %(ok)s, %(fail)s, %(latency)s, %(q)s, %(q)s, 1, %(r)s, %(q)s, %(now)s,
-        %(out_tok)s)
+SELECT u.model_id, u.key, 1, %(ok)s, %(fail)s, %(latency)s, %(q)s, %(q)s, 1, u.r, %(q)s, %(now)s, %(out_tok)s
+FROM unnest(%(model_ids)s::text[], %(keys)s::text[], %(resids)s::double precision[]) AS u(model_id, key, r)
 ON CONFLICT (model_id, key) DO UPDATE SET
     ema_quality = CASE WHEN t.calls = 0 THEN excluded.ema_quality
                        ELSE t.ema_quality + %(alpha)s * (excluded.ema_quality - t.ema_quality) END,
@@ -128,7 +129,7 @@ ON CONFLICT (model_id, key) DO UPDATE SET
     quality_sum = t.quality_sum + %(q)s,
     decayed_sum = t.decayed_sum * %(decay)s + %(q)s,
     decayed_n = t.decayed_n * %(decay)s + 1,
-    resid_sum = t.resid_sum * %(decay)s + %(r)s,
+    resid_sum = t.resid_sum * %(decay)s + excluded.resid_sum,
     total_output_tokens = t.total_output_tokens + %(out_tok)s,
     updated_at = %(now)s
 """
