@@ -60,6 +60,7 @@ from .base import (
 from .cache import CachedModel
 from .chat_template import TagSplitter, chat_messages, parse_tool_call_block, render_chat
 from .prompts import DEFAULT_RERANK_INSTRUCTION, classify_prompt, rerank_prompt
+from .vision import chat_handler, has_images, mmproj_path, run_vision
 
 __all__ = ["LlamaCppBackend", "LoadedGguf"]
 
@@ -175,6 +176,8 @@ class LlamaCppBackend:
             # A chat model's GGUF names no pooling; mean over tokens gives one vector per text.
             pooling = (source.pooling if isinstance(source, GgufSource) else None) or "mean"
             kwargs["pooling_type"] = {"none": 0, "mean": 1, "cls": 2, "last": 3}[pooling]
+        elif not vocab_only and (projector := mmproj_path(model)) is not None:
+            kwargs["chat_handler"] = chat_handler(model, projector)  # images: backends/vision.py
         try:
             llm = llama_cpp.Llama(path, **kwargs)
         except (ValueError, RuntimeError) as exc:
@@ -279,6 +282,9 @@ class LlamaCppBackend:
         with entry.lock:
             loaded: LoadedGguf = entry.instance
             llm = loaded.llm
+            if has_images(request):
+                yield from run_vision(llm, model, request, _default_system(model), cancelled)
+                return
             tokens, truncated = self._prompt_tokens(loaded, request, _default_system(model))
             max_tokens = min(params.max_tokens, loaded.n_ctx - len(tokens))
             llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))

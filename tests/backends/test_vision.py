@@ -1,0 +1,194 @@
+"""Local vision through llama-cpp-python's multimodal chat handlers, as far as it goes without a
+VLM's weights: the handler per family (the installed classes), the request in llama-cpp's chat
+format, the projector lookup and its errors, and a real load whose projector is not one.
+benchmarks/vlm_gpu.py runs a real Qwen2.5-VL on a machine that can pull it."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.errors import InferenceFailed, ModelUnavailable, UnsupportedMode
+from car_inference.requests import (
+    AudioBlock,
+    GenerateParams,
+    GenerateRequest,
+    GroundRequest,
+    ImageBlock,
+    Message,
+    TextBlock,
+)
+from car_inference.schema import ModelSchema
+from fakes.images import png
+
+llama_chat_format = pytest.importorskip("llama_cpp.llama_chat_format")
+
+from car_inference.backends.vision import (  # noqa: E402
+    GENERIC_HANDLER,
+    chat_handler,
+    handler_name,
+    has_images,
+    mmproj_path,
+    vision_messages,
+)
+
+INSTALLED = {n for n in dir(llama_chat_format) if n.endswith("ChatHandler")}
+B64 = base64.b64encode(png(32, 24)).decode()
+
+
+def _gguf(family: str, **source: Any) -> ModelSchema:
+    return ModelSchema.model_validate(
+        {
+            "id": f"test/{family}",
+            "name": family,
+            "provider": "test",
+            "family": family,
+            "capabilities": ["generate", "vision", "grounding"],
+            "source": {"kind": "gguf", **source},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "handler"),
+    [
+        ("qwen2.5-vl", "Qwen25VLChatHandler"),
+        ("llava-1.5", "Llava15ChatHandler"),
+        ("llava-1.6-mistral", "Llava16ChatHandler"),
+        ("moondream2", "MoondreamChatHandler"),
+        ("minicpm-v-2.6", "MiniCPMv26ChatHandler"),
+        ("nanollava", "NanoLlavaChatHandler"),
+        ("gemma-3", GENERIC_HANDLER),  # the GGUF's own chat template
+        ("qwen2-vl", GENERIC_HANDLER),
+    ],
+)
+def test_handler_per_family_exists_in_the_installed_llama_cpp(family: str, handler: str) -> None:
+    assert handler in INSTALLED
+    assert handler_name(_gguf(family, path="/x.gguf"), INSTALLED) == handler
+
+
+def test_an_old_llama_cpp_without_the_handlers_says_so() -> None:
+    model = _gguf("gemma-3", path="/x.gguf")
+    with pytest.raises(UnsupportedMode, match=r"no chat handler for gemma-3.*upgrade llama-cpp-python"):
+        handler_name(model, {"Llava15ChatHandler"})
+    # A family-specific handler missing, the generic one present: the generic one.
+    assert handler_name(_gguf("qwen2.5-vl", path="/x"), {GENERIC_HANDLER}) == GENERIC_HANDLER
+
+
+def test_the_request_in_llama_cpp_chat_format() -> None:
+    request = GenerateRequest(
+        context="Be brief.",
+        messages=[
+            Message(
+                role="user", content=[ImageBlock(data=B64, media_type="image/png"), TextBlock(text="what?")]
+            ),
+            Message(role="assistant", content="a square"),
+            Message(
+                role="user", content=[ImageBlock(url="https://example.org/a.jpg"), TextBlock(text="and?")]
+            ),
+        ],
+    )
+    assert has_images(request) and not has_images(GenerateRequest(prompt="hi"))
+    assert vision_messages(request, "ignored: the request has its own") == [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{B64}"}},
+                {"type": "text", "text": "what?"},
+            ],
+        },
+        {"role": "assistant", "content": "a square"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.org/a.jpg"}},
+                {"type": "text", "text": "and?"},
+            ],
+        },
+    ]
+    # The catalog's default system prompt goes first when the request brings none.
+    plain = GenerateRequest(messages=[Message(role="user", content=[TextBlock(text="hi")])])
+    assert vision_messages(plain, "You are terse.")[0] == {"role": "system", "content": "You are terse."}
+    audio = GenerateRequest(messages=[Message(role="user", content=[AudioBlock(data="AAAA")])])
+    with pytest.raises(UnsupportedMode, match="images only"):
+        vision_messages(audio, None)
+
+
+def test_projector_lookup(tmp_path: Path) -> None:
+    assert mmproj_path(_gguf("qwen2.5-vl", path=str(tmp_path / "m.gguf"))) is None  # no mmproj: text only
+    (tmp_path / "proj.gguf").write_bytes(b"GGUF")
+    beside = _gguf("qwen2.5-vl", path=str(tmp_path / "m.gguf"), mmproj="proj.gguf")
+    assert mmproj_path(beside) == tmp_path / "proj.gguf"
+    missing = _gguf("qwen2.5-vl", hf_repo="ggml-org/Qwen2.5-VL-3B-Instruct-GGUF", mmproj="mmproj-x.gguf")
+    with pytest.raises(
+        ModelUnavailable, match=r"mmproj-x.gguf is not on disk; pull it: car models pull test/"
+    ):
+        mmproj_path(missing)
+
+
+def test_handler_built_from_the_installed_class(tmp_path: Path) -> None:
+    projector = tmp_path / "proj.gguf"
+    projector.write_bytes(b"GGUF")
+    handler = chat_handler(_gguf("qwen2.5-vl", path="/x"), projector)
+    assert type(handler).__name__ == "Qwen25VLChatHandler" and handler.clip_model_path == str(projector)
+
+
+@pytest.fixture
+def fake_vl(isolated_home: Path) -> Any:
+    """SmolLM2 (the embedded GGUF) catalogued as a Qwen2.5-VL whose projector is that same file:
+    everything up to loading the projector is real; llama.cpp then refuses it."""
+    engine = InferenceEngine()
+    smol = engine.resolve("smollm2")
+    data = smol.model_dump(exclude={"available"})
+    data.update(id="test/fake-vl", name="fake-vl", aliases=[], family="qwen2.5-vl")
+    data["capabilities"] = [*data["capabilities"], "vision", "grounding"]
+    from car_inference.catalog.locate import local_path
+
+    data["source"] = {**data["source"], "mmproj": str(local_path(smol))}
+    engine.register_model(ModelSchema.model_validate(data))
+    yield engine
+    engine.close()
+
+
+async def test_images_reach_the_projector_and_text_still_runs(fake_vl: InferenceEngine) -> None:
+    image = ImageBlock(data=B64)
+    request = GenerateRequest(
+        messages=[Message(role="user", content=[image, TextBlock(text="What is this?")])],
+        model="test/fake-vl",
+        params=GenerateParams(max_tokens=4, temperature=0),
+    )
+    with pytest.raises(InferenceFailed, match="could not run the images: Failed to load mtmd context"):
+        await fake_vl.generate(request)
+    with pytest.raises(InferenceFailed, match="mtmd"):
+        await fake_vl.ground(GroundRequest(prompt="the square", image=image, model="test/fake-vl"))
+    # The same model loaded with its handler still answers text through our own token loop.
+    answer = await fake_vl.generate(
+        GenerateRequest(
+            prompt="Say hi", model="test/fake-vl", params=GenerateParams(max_tokens=4, temperature=0)
+        )
+    )
+    assert answer.text and answer.usage and answer.usage.completion_tokens <= 4
+
+
+async def test_a_text_model_refuses_images(isolated_home: Path) -> None:
+    engine = InferenceEngine()
+    try:
+        smol = engine.resolve("smollm2")
+        data = smol.model_dump(exclude={"available"})
+        data.update(id="test/blind", name="blind", aliases=[])
+        data["capabilities"] = [*data["capabilities"], "vision"]  # claims vision, has no projector
+        engine.register_model(ModelSchema.model_validate(data))
+        request = GenerateRequest(
+            messages=[Message(role="user", content=[ImageBlock(data=B64), TextBlock(text="?")])],
+            model="test/blind",
+            params=GenerateParams(max_tokens=2),
+        )
+        with pytest.raises(UnsupportedMode, match="no vision projector"):
+            await engine.generate(request)
+    finally:
+        engine.close()
