@@ -411,7 +411,7 @@ def _probe(url: str, timeout_s: float) -> None:
     try:
         psycopg.connect(url, connect_timeout=max(1, round(timeout_s)), autocommit=True).close()
     except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise ConfigError(
             f"PostgreSQL state store at {redact_url(url)} is not reachable: {reason}", field="state.url"
         ) from exc
