@@ -270,3 +270,19 @@ def test_state_health_times_a_read_and_reports_a_failure(store: PgOutcomeStore, 
         conn.execute(f"DROP SCHEMA {url.rsplit('search_path%3D', 1)[1]} CASCADE")
     health = state_health(store, url)
     assert health.round_trip_ms is None and health.error is not None and "schema_version" in health.error
+
+
+def test_the_servers_writer_thread_batches_into_postgres(store: PgOutcomeStore) -> None:
+    """`car serve`'s path: records queued on the loop, written by the bookkeeper's own thread in
+    batches (a pooled connection of that thread), while this thread keeps reading."""
+    from car_inference.engine.bookkeeping import Bookkeeper
+
+    keeper = Bookkeeper(store.batch, delay_s=0.01)
+    keeper.start_writer()
+    for i in range(40):
+        keeper.submit(store.record_trace, _row(f"w{i}", MODELS[i % 3]), success=True, latency_ms=1.0)
+        keeper.submit(store.add_spend, "acme", MODELS[i % 3], 0.5)
+        store.profiles()  # reads on this thread do not wait for the writer's batch
+    keeper.close()
+    assert sum(p["total_calls"] for p in store.profiles()) == 40
+    assert store.spend_by_provider(0.0) == {"acme": 20.0}
