@@ -54,6 +54,7 @@ async def test_every_line_and_no_match(engine: InferenceEngine, sign: bytes) -> 
     assert len((await engine.ground(_ask(sign, "*"))).boxes) == 2
     nothing = await engine.ground(_ask(sign, "the red car"))
     assert nothing.boxes == [] and "HELLO" in nothing.raw_text.upper()
+    assert "car models pull qwen2.5-vl-3b" in nothing.raw_text  # what would find objects
 
 
 async def test_it_is_the_default_without_a_vision_model(engine: InferenceEngine, sign: bytes) -> None:

@@ -24,6 +24,7 @@ __all__ = ["RapidOcrBackend", "match_text"]
 # A line this close to the target (difflib ratio) is a match though no substring is exact.
 FUZZY_RATIO = 0.8
 EVERY_LINE = "*"  # the target that asks for every line read
+VISION_HINT = "car models pull qwen2.5-vl-3b, or a Gemini key"
 
 # One OCR line as RapidOCR returns it with return_word_box: (quad, text, score, word quads, words, ...).
 Line = tuple[Any, ...]
@@ -68,6 +69,8 @@ class RapidOcrBackend:
         boxes = match_text(lines, request.prompt)
         read = "; ".join(str(line[1]) for line in lines) or "(no text)"
         summary = f"text read in {(time.perf_counter() - start) * 1000:.0f} ms: {read}"
+        if not boxes:
+            summary += f" ({model.id} finds text; for objects use a vision model: {VISION_HINT})"
         return GroundResult(boxes=boxes, raw_text=summary, model_used=model.id, width=width, height=height)
 
 
