@@ -11,6 +11,7 @@ says how many rows were already there. Run it before the replicas start writing.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +39,21 @@ class StateCopy(BaseModel):
     tables: list[TableCopy]
 
 
-def copy_sqlite_state(sqlite_path: Path, url: str) -> StateCopy:
+def copy_sqlite_state(sqlite_path: Path, url: str, *, chunk_rows: int = 5000) -> StateCopy:
     """Copy every row of the SQLite store at ``sqlite_path`` into the PostgreSQL store at ``url``
-    that is not there yet, in one transaction."""
+    that is not there yet, ``chunk_rows`` rows per transaction (a large file is never held in
+    memory whole; an interrupted copy, run again, goes on where it stopped)."""
     if not sqlite_path.is_file():
         raise ConfigError("no SQLite state to migrate (the file does not exist)", path=str(sqlite_path))
     OutcomeStore(sqlite_path).close()  # an older file is brought to the current schema first
-    rows = _read_sqlite(sqlite_path)
-    counts = {t: sum(r.get("n", 1) for r in table_rows) for t, table_rows in rows.items()}
     from .store_pg import PgOutcomeStore
 
+    counts = dict.fromkeys(COPY_COLUMNS, 0)
+    copied = dict.fromkeys(COPY_COLUMNS, 0)
     with PgOutcomeStore(url) as target:
-        copied = target.insert_missing(rows)
+        for table, rows in _read_sqlite(sqlite_path, chunk_rows):
+            counts[table] += sum(r.get("n", 1) for r in rows)
+            copied[table] += target.insert_missing({table: rows})[table]
         version = target.schema_version
     return StateCopy(
         source=str(sqlite_path),
@@ -63,17 +67,17 @@ def _table_copy(table: str, source_rows: int, copied: int) -> TableCopy:
     return TableCopy(table=table, source_rows=source_rows, copied=copied, already_there=source_rows - copied)
 
 
-def _read_sqlite(path: Path) -> dict[str, list[dict[str, Any]]]:
+def _read_sqlite(path: Path, chunk_rows: int) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Each table's rows, ``chunk_rows`` at a time, tables in ``COPY_COLUMNS`` order."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
-        out: dict[str, list[dict[str, Any]]] = {}
         for table, (columns, key) in COPY_COLUMNS.items():
             if key is not None:
-                out[table] = [dict(r) for r in conn.execute(f"SELECT {columns} FROM {table}")]
+                cursor = conn.execute(f"SELECT {columns} FROM {table}")
             else:  # identical entries (two equal spends in one instant) are counted, not merged
-                query = f"SELECT {columns}, COUNT(*) AS n FROM {table} GROUP BY {columns}"
-                out[table] = [dict(r) for r in conn.execute(query)]
-        return out
+                cursor = conn.execute(f"SELECT {columns}, COUNT(*) AS n FROM {table} GROUP BY {columns}")
+            while rows := cursor.fetchmany(chunk_rows):
+                yield table, [dict(r) for r in rows]
     finally:
         conn.close()
