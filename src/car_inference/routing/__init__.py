@@ -1,8 +1,9 @@
 """Routing and learning: which model serves a request, and what its outcomes teach.
 
-Pure Python, no I/O except the SQLite ``OutcomeStore``. The engine owns one of each::
+Pure Python, no I/O except the outcome store: SQLite (``OutcomeStore``) or, with ``[state] url``,
+PostgreSQL (``PgOutcomeStore``). The engine owns one of each::
 
-    store = OutcomeStore(config.paths.state_db)
+    store = open_store(config.state.url, config.paths.state_db)
     tracker = OutcomeTracker(store, config.routing)
     apply_benchmark_priors(tracker, load_all_benchmark_priors(config.home))
     breakers = CircuitBreakerRegistry(config.breaker)
