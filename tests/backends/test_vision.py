@@ -79,7 +79,9 @@ def test_an_old_llama_cpp_without_the_handlers_says_so() -> None:
     assert handler_name(_gguf("qwen2.5-vl", path="/x"), {GENERIC_HANDLER}) == GENERIC_HANDLER
 
 
-def test_the_request_in_llama_cpp_chat_format() -> None:
+def test_the_request_in_llama_cpp_chat_format(tmp_path: Path) -> None:
+    photo = tmp_path / "a.png"
+    photo.write_bytes(png(3, 2))
     request = GenerateRequest(
         context="Be brief.",
         messages=[
@@ -87,12 +89,11 @@ def test_the_request_in_llama_cpp_chat_format() -> None:
                 role="user", content=[ImageBlock(data=B64, media_type="image/png"), TextBlock(text="what?")]
             ),
             Message(role="assistant", content="a square"),
-            Message(
-                role="user", content=[ImageBlock(url="https://example.org/a.jpg"), TextBlock(text="and?")]
-            ),
+            Message(role="user", content=[ImageBlock(url=str(photo)), TextBlock(text="and?")]),
         ],
     )
     assert has_images(request) and not has_images(GenerateRequest(prompt="hi"))
+    photo_b64 = base64.b64encode(png(3, 2)).decode()  # a file becomes a data: URL
     assert vision_messages(request, "ignored: the request has its own") == [
         {"role": "system", "content": "Be brief."},
         {
@@ -106,7 +107,7 @@ def test_the_request_in_llama_cpp_chat_format() -> None:
         {
             "role": "user",
             "content": [
-                {"type": "image_url", "image_url": {"url": "https://example.org/a.jpg"}},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{photo_b64}"}},
                 {"type": "text", "text": "and?"},
             ],
         },

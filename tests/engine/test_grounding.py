@@ -4,9 +4,7 @@ server on loopback, the model choice, and the image inputs (base64, data: URL, f
 from __future__ import annotations
 
 import base64
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -159,48 +157,22 @@ async def test_no_grounding_model_names_what_to_pull(isolated_home: Path) -> Non
         engine.close()
 
 
-# --- image inputs -----------------------------------------------------------------------------------
+# --- image inputs (every form: tests/backends/test_image_input.py) ------------------------------------
 
 
-async def test_image_from_data_url_file_and_file_url(tmp_path: Path) -> None:
-    assert await load_image(ImageBlock(url=f"data:image/png;base64,{B64}"), 1) == IMAGE
+async def test_image_from_a_file_url(
+    tmp_path: Path, engine: InferenceEngine, fake: FakeProviderServer
+) -> None:
     path = tmp_path / "car.png"
     path.write_bytes(IMAGE)
-    assert await load_image(ImageBlock(url=str(path)), 1) == IMAGE
     assert await load_image(ImageBlock(url=path.as_uri()), 1) == IMAGE
+    fake.queue(Reply(text='[{"box_2d": [0, 0, 1000, 1000]}]'))
+    result = await engine.ground(
+        GroundRequest(prompt="car", image=ImageBlock(url=str(path)), model="fake-gemini")
+    )
+    assert result.boxes == [BoundingBox(x1=0, y1=0, x2=640, y2=480)]
     with pytest.raises(InvalidInput, match="cannot read the image"):
         await load_image(ImageBlock(url=str(tmp_path / "missing.png")), 1)
-    with pytest.raises(InvalidInput, match="not valid base64"):
-        await load_image(ImageBlock(data="not base64!"), 1)
-    with pytest.raises(InvalidInput, match="empty"):
-        await load_image(ImageBlock(url="data:image/png;base64,"), 1)
-
-
-class _ImageHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        found = self.path == "/car.png"
-        self.send_response(200 if found else 404)
-        body = IMAGE if found else b"no"
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-async def test_image_from_http_url() -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        assert await load_image(ImageBlock(url=f"{base}/car.png"), 5) == IMAGE
-        with pytest.raises(InvalidInput, match="HTTP 404"):
-            await load_image(ImageBlock(url=f"{base}/none.png"), 5)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 async def test_not_an_image_is_invalid_input(engine: InferenceEngine) -> None:

@@ -21,6 +21,7 @@ from ..errors import InferenceFailed, ModelUnavailable, UnsupportedMode
 from ..requests import GenerateRequest, ImageBlock, TextBlock, TokenUsage
 from ..schema import GgufSource, ModelSchema
 from ..stream import Done, StreamEvent, TextDelta
+from .image_input import data_url
 
 __all__ = [
     "GENERIC_HANDLER",
@@ -102,9 +103,11 @@ def chat_handler(model: ModelSchema, projector: Path) -> Any:
         raise InferenceFailed(f"llama.cpp could not load the projector {projector}: {exc}") from exc
 
 
-def vision_messages(request: GenerateRequest, system: str | None) -> list[dict[str, Any]]:
+def vision_messages(
+    request: GenerateRequest, system: str | None, timeout_s: float = 30.0
+) -> list[dict[str, Any]]:
     """The request in llama-cpp-python's chat format: text parts and ``image_url`` parts whose
-    URL is a data: URL (or the http(s) URL given). Audio and video are refused."""
+    URL is a data: URL (files read, http(s) URLs fetched here). Audio and video are refused."""
     messages = request.chat_messages()  # the request's context comes first as a system message
     out: list[dict[str, Any]] = []
     if system and not any(m.role == "system" for m in messages):
@@ -118,7 +121,7 @@ def vision_messages(request: GenerateRequest, system: str | None) -> list[dict[s
             if isinstance(block, TextBlock):
                 parts.append({"type": "text", "text": block.text})
             elif isinstance(block, ImageBlock):
-                url = block.url or f"data:{block.media_type or 'image/png'};base64,{block.data}"
+                url = data_url(block, timeout_s)  # read or fetched here, never inside llama.cpp
                 parts.append({"type": "image_url", "image_url": {"url": url}})
             else:
                 raise UnsupportedMode(
