@@ -71,4 +71,7 @@ def test_match_text_reads_line_and_character_boxes() -> None:
     assert match_text([(quad, "abcdefghi", 0.9)], "cd")[0].x2 == 100
     assert len(match_text([(quad, "exit 42", 0.9)], "exit 47")) == 1
     assert match_text([(quad, "exit 42", 0.9)], "banana") == []
+    # A description quoting the text finds the quoted text.
+    assert len(match_text([(quad, "exit 42", 0.9)], 'the sign that says "EXIT 42"')) == 1
+    assert len(match_text([(quad, "exit 42", 0.9)], "the sign that says “exit 42”")) == 1
     assert match_text([(quad, "exit 42", 0.9)], "   ") == []

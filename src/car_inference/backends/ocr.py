@@ -10,6 +10,7 @@ It finds text, not objects: "the red car" finds nothing unless the words are pai
 from __future__ import annotations
 
 import difflib
+import re
 import time
 from typing import Any
 
@@ -25,6 +26,8 @@ __all__ = ["RapidOcrBackend", "match_text"]
 FUZZY_RATIO = 0.8
 EVERY_LINE = "*"  # the target that asks for every line read
 VISION_HINT = "car models pull qwen2.5-vl-3b, or a Gemini key"
+# 'the sign that says "EXIT"': the quoted words are the text to find.
+_QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”')
 
 # One OCR line as RapidOCR returns it with return_word_box: (quad, text, score, word quads, words, ...).
 Line = tuple[Any, ...]
@@ -79,6 +82,9 @@ def match_text(lines: list[Line], target: str) -> list[BoundingBox]:
     as the union of its characters' boxes, else each line within FUZZY_RATIO of the target."""
     if target.strip() == EVERY_LINE:
         return [_box(line[0], line) for line in lines]
+    quoted = [a or b for a, b in _QUOTED.findall(target)]
+    if quoted:
+        return [box for text in quoted for box in match_text(lines, text)]
     wanted = _norm(target)
     if not wanted:
         return []
