@@ -31,10 +31,13 @@ def engine(isolated_home: Path):  # type: ignore[no-untyped-def]
 
 
 def _request(**params: object) -> GenerateRequest:
+    # The system prompt and sampling are the request's, so the in-process backend (which would add
+    # the catalog's default system prompt and repeat penalty) and the server see the same input.
     return GenerateRequest(
         model=MANAGED_ID,
         prompt="What is the capital of France?",
-        params={"max_tokens": 4, "temperature": 0, **params},
+        context="Answer briefly.",
+        params={"max_tokens": 4, "temperature": 0, "repeat_penalty": 1.0, **params},
     )
 
 
