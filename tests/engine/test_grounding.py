@@ -91,7 +91,8 @@ async def test_gemini_grounding_over_the_wire(engine: InferenceEngine, fake: Fak
     assert inline["data"] == B64 and inline.get("mime_type", inline.get("mimeType")) == "image/png"
     prompt = next(p["text"] for p in parts if "text" in p)
     assert "box_2d" in prompt and '"the red car"' in prompt
-    assert sent.json["generationConfig"]["temperature"] == 0
+    config = sent.json["generationConfig"]
+    assert config["temperature"] == 0 and config["maxOutputTokens"] == 2048  # room for thinking
 
 
 async def test_openai_compatible_qwen_vl_host(engine: InferenceEngine, fake: FakeProviderServer) -> None:

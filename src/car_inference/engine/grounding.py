@@ -36,8 +36,9 @@ PULL_HINT = (
     "pull a vision model (`car models pull qwen2.5-vl-3b`), set GEMINI_API_KEY for Gemini, or install "
     "the embedded OCR grounder for text targets (pip install 'car-inference[ocr]')"
 )
-# Enough for a few dozen boxes; greedy, since a box should not depend on a sample.
-_PARAMS = GenerateParams(temperature=0.0, max_tokens=1024)
+# Greedy, since a box should not depend on a sample. A few dozen boxes take ~1,000 tokens; the
+# rest is room for a hosted model's thinking, which counts against the same limit (Gemini).
+MAX_TOKENS = 2048
 
 
 async def ground(engine: InferenceEngine, request: GroundRequest) -> GroundResult:
@@ -53,7 +54,11 @@ async def ground(engine: InferenceEngine, request: GroundRequest) -> GroundResul
     image = ImageBlock(data=base64.b64encode(data).decode(), media_type=media_type(data))
     text = TextBlock(text=grounding_prompt(style, request.prompt, width, height))
     generate = GenerateRequest(
-        messages=[Message(role="user", content=[image, text])], model=model.id, params=_PARAMS
+        messages=[Message(role="user", content=[image, text])],
+        model=model.id,
+        params=GenerateParams(
+            temperature=0.0, max_tokens=min(MAX_TOKENS, model.max_output_tokens or MAX_TOKENS)
+        ),
     )
     result = await engine.generate(generate)
     return GroundResult(
