@@ -38,7 +38,6 @@ from ..errors import (
     ModelNotFound,
     ModelUnavailable,
     SpendLimitExceeded,
-    TraceNotFound,
     UnsupportedMode,
 )
 from ..requests import GenerateRequest, InferenceResult, TokenUsage, parse_boxes
@@ -138,10 +137,6 @@ class GenerationMixin:
         if len(request.text_for_analysis()) < ROUTE_IN_THREAD_CHARS:
             return self.route(request)
         return await run_blocking(lambda: self.route(request))
-
-    async def route_adaptive(self, prompt: str) -> RoutingDecision:
-        """The decision for a plain prompt (the seed's ``route_adaptive``)."""
-        return await self._route_off_loop(GenerateRequest(prompt=prompt))
 
     def _with_decision(self, request: GenerateRequest, decision: RoutingDecision) -> GenerateRequest:
         if request.params.budget_tokens == 0 and decision.thinking_budget > 0:
@@ -426,18 +421,6 @@ class GenerationMixin:
         else:
             outcome.error = InferenceFailed(f"{model.id}: the stream ended without a final event")
         self._failed(model, attempt, outcome.error)
-
-    # --- feedback ------------------------------------------------------------------------------
-
-    def feedback(self, trace_id: str, score: float) -> None:
-        """A quality rating (0 bad .. 1 good) for the answer of ``trace_id``; it replaces what the
-        tracker inferred for that trace and moves the model's learned quality."""
-        if not 0.0 <= score <= 1.0:
-            raise ValueError(f"feedback score must be within 0..1, got {score}")
-        self.bookkeeper.flush()
-        if self.store.trace(trace_id) is None:
-            raise TraceNotFound(trace_id)
-        self.tracker.record_feedback(trace_id, score)
 
 
 @dataclass(slots=True)
