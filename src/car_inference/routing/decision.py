@@ -55,7 +55,6 @@ class ScoredCandidate:
 # ``ScoredCandidate``s when someone reads it.
 _Row = tuple[float, float, int, float, float, ModelView, float, float, float, float]
 _SCORE = itemgetter(0)
-_QUALITY = itemgetter(1)
 _MEAN_SCORE = itemgetter(9)
 
 
