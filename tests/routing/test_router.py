@@ -648,3 +648,24 @@ def test_concurrent_decisions_and_outcomes(tmp_path) -> None:  # type: ignore[no
     assert sum(p.total_calls for p in tracker.export_profiles()) == 240
     tracker.reload()
     assert sum(p.total_calls for p in tracker.export_profiles()) == 240
+
+
+def test_requests_sharing_a_prefix_are_learned_as_one_task() -> None:
+    """A few-shot prefix makes a template: questions the family rules would split (math, chat)
+    share what is learned, and the model that does well there wins it."""
+    prefix = "Answer in one word, like the examples. Q: colour of snow? A: white. " * 2
+    reg = registry(remote("a/good", quality=0.5), remote("b/bad", quality=0.5))
+    router = make_router(RoutingSettings(exploration=1.0), seed=3)
+    questions = ["How many legs has a spider?", "Say hello to the team.", "Solve for x: 2x = 8"]
+    decisions = []
+    for i in range(120):
+        d = router.decide(GenerateRequest(prompt=prefix + questions[i % 3]), reg)
+        decisions.append(d)
+        router.tracker.record_attempt(
+            d.model_id, family=d.task_family, cluster=d.prompt_cluster, trace_id=f"t{i}", started_at=0.0,
+            success=True, score=0.9 if d.model_id == "a/good" else 0.2,
+        )  # fmt: skip
+    families = {d.task_family for d in decisions}
+    templates = {d.prompt_cluster.split("/", 1)[1] for d in decisions[1:] if d.prompt_cluster}
+    assert len(families) > 1 and len(templates) == 1
+    assert [d.model_id for d in decisions[-30:]].count("a/good") >= 28

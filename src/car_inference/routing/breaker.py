@@ -10,6 +10,9 @@ A failure's weight is 1, or 2 for a client error of the provider's own (401/403/
 or model will not fix itself), as in the seed engine. An error the request caused (``InvalidInput``,
 ``UnsupportedMode``, a provider's 400/413/422 about the input) weighs 0: one client's bad requests
 must not open a circuit for every client. Thread-safe: one lock, held briefly.
+
+This registry is one process's. ``breaker_redis.RedisBreakerRegistry`` shares the state across
+replicas (``[coordination] redis_url``); ``circuit_breakers()`` there picks one for the settings.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from ..config import BreakerSettings
 from ..errors import InvalidInput, UnsupportedMode
 
-__all__ = ["CircuitBreakerRegistry", "CircuitState", "failure_weight"]
+__all__ = ["CircuitBreakerRegistry", "CircuitState", "CoordinationHealth", "failure_weight"]
 
 
 class CircuitState(StrEnum):
@@ -39,6 +44,16 @@ def failure_weight(error: BaseException) -> int:
     if isinstance(error, InvalidInput | UnsupportedMode) or getattr(error, "caused_by_request", False):
         return 0
     return 2 if getattr(error, "is_client_error", False) else 1
+
+
+class CoordinationHealth(BaseModel):
+    """Where breaker state is shared: ``local`` (this process only) or ``redis`` (the fleet)."""
+
+    backend: str = Field(description='"local" or "redis"')
+    url: str | None = Field(default=None, description="the Redis URL, password masked")
+    reachable: bool | None = Field(default=None, description="None for local; False: degraded to local")
+    latency_ms: float | None = Field(default=None, description="the last fleet read's round trip")
+    error: str | None = Field(default=None, description="why Redis is unreachable")
 
 
 @dataclass(slots=True)
@@ -154,6 +169,12 @@ class CircuitBreakerRegistry:
                 self._tripped.add(model_id)
             elif b.state is CircuitState.OPEN:
                 b.opened_at = now  # a failure while open (a caller that ignored allow) restarts the cooldown
+
+    def coordination(self) -> CoordinationHealth:
+        return CoordinationHealth(backend="local")
+
+    def close(self) -> None:
+        """Stop whatever keeps the state in step with other replicas (nothing, here)."""
 
     def state(self, model_id: str) -> CircuitState:
         with self._lock:

@@ -1,14 +1,15 @@
 """The quality model: what the router expects a model to score in a context, and how sure it is.
 
-A model's quality in a request's context (its family, then its cluster or template: the keys of
-``store.stat_keys``) is a Gaussian belief refined from the widest level to the narrowest::
+A model's quality in a request's context (its family, then its cluster; or its template alone: the
+keys of ``store.stat_keys``) is a Gaussian belief refined from the widest level to the narrowest::
 
     prior     mean = the model's prior (benchmark score for the family, catalog, else 0.5) plus the
                      context's difficulty: how much the models observed there beat their own priors
                      (``difficulty``, shrunk while the context is new); var = prior_sd²
     (a model never seen in the family: its record elsewhere, discounted by BETWEEN_FAMILIES)
     family    its calls in the family outside this cluster     drift = DRIFT_VAR[0]
-    cluster   its calls in this cluster (or template)          drift = DRIFT_VAR[1]
+    cluster   its calls in this cluster                          drift = DRIFT_VAR[1]
+    (a templated request has one level, its template, with DRIFT_VAR[0])
     at each level:  var0 = var + drift;  noise = clamp(q·(1-q), 0.04, 0.25) at the prior's q
                     var  = 1 / (1/var0 + n/noise);  mean = var · (mean/var0 + n·m/noise)
 

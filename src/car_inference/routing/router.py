@@ -22,7 +22,7 @@ over ``METER_MAX_CHARS``: beyond that the estimate decides, so counting stays ch
 
 Context: the task family and cluster of ``complexity.py``, or, for a request whose prefix many
 requests share, its template (``context.TemplateIndex``: ``prompt_cluster = "coarse/p<hash>"``);
-outcomes are counted per family and per cluster or template (``store.stat_keys``). Scoring
+outcomes are counted per family and family|cluster, or per template alone (``store.stat_keys``). Scoring
 (``scoring.py``): each candidate's quality belief (``estimate.belief``: its prior refined by its
 outcomes, level by level) is sampled once (Thompson sampling) and traded against expected cost and
 latency; the best draw wins. Strategy ``adaptive`` when the winner also has the best score at its

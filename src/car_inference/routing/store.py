@@ -87,11 +87,14 @@ class QualityChange:
 
 def stat_keys(family: str, cluster: str | None) -> tuple[str, ...]:
     """The task_stats keys one trace counts under, widest first: its family, and family|cluster
-    when known. A request with a template signature (``cluster`` = ``coarse/template``) counts in
-    its template's row instead of the coarse cluster's: a template is a task of its own, and its
-    outcomes (often much harder or easier than the cluster's) must not skew what the cluster says
-    about the other requests in it."""
-    return (family, f"{family}|{cluster}") if cluster else (family,)
+    when known. A request with a template signature (``cluster`` = ``coarse/template``) counts
+    under ``template|<signature>`` alone: a template is one task, whatever the family rules make of
+    each of its questions (splitting it by family halves its data), and its outcomes must not skew
+    what a family or cluster says about the requests around it."""
+    if not cluster:
+        return (family,)
+    _coarse, sep, template = cluster.partition("/")
+    return (f"template|{template}",) if sep else (family, f"{family}|{cluster}")
 
 
 def baseline_rows(family: str, cluster: str | None) -> tuple[tuple[str, str], ...]:
