@@ -32,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from . import provider_media
+from . import provider_media, provider_speech
 
 __all__ = [
     "DEFAULT_SERVED_MODELS",
@@ -539,6 +539,7 @@ class FakeProviderServer:
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
         self.media = provider_media.MediaState()  # images and video jobs (provider_media.py)
+        self.speech = provider_speech.SpeechState()  # audio in and out (provider_speech.py)
 
     # lifecycle -----------------------------------------------------------------------------------
 
@@ -628,6 +629,7 @@ class FakeProviderServer:
             self.requests.clear()
             self._key_faults.clear()
             self.media.reset()
+            self.speech.reset()
 
     # internal ------------------------------------------------------------------------------------
 
@@ -834,6 +836,8 @@ class _Handler(BaseHTTPRequestHandler):
         stream = bool(body.get("stream"))
         if (media := provider_media.route(self, method, path)) is not None:
             return media
+        if (speech := provider_speech.route(self, method, path)) is not None:
+            return speech
         if method == "POST":
             if path == "/v1/chat/completions":
                 return self._openai_chat, True, stream

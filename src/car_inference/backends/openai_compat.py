@@ -53,6 +53,7 @@ from ..schema import GenerateParam, ModelSchema, OllamaSource, OpenAISource, Vll
 from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
 from .base import BackendContext
 from .openai_media import OpenAIMediaMixin
+from .openai_speech import OpenAISpeechMixin
 from .remote import (
     Endpoint,
     ErrorSite,
@@ -97,7 +98,8 @@ class _Wire:
     headers: dict[str, str]
 
 
-class OpenAICompatBackend(OpenAIMediaMixin, RemoteBackend):  # images and video: openai_media.py
+# Images and video: openai_media.py; transcription and speech: openai_speech.py.
+class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
     kind = "openai"
     source_types = (OpenAISource,)
     needs_base_url = True
