@@ -23,7 +23,7 @@ if _QUIET_START:
 import typer  # noqa: E402
 
 from .. import __version__  # noqa: E402
-from . import generate, ground, health, keys, media, routing, serve, speech, state, tasks  # noqa: E402
+from . import generate, ground, hardware, health, keys, media, routing, serve, speech, state, tasks  # noqa: E402
 from .models import config_app, models_app  # noqa: E402
 from .runtimes import runtimes_app  # noqa: E402
 
@@ -48,6 +48,7 @@ media.register(app)
 keys.register(app)
 routing.register(app)
 health.register(app)
+hardware.register(app)
 serve.register(app)
 state.register(app)
 

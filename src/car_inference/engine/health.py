@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field
 
 from ..errors import InferenceError
+from ..hardware import HardwareOverview, hardware_overview
 from ..requests import ClassifyRequest, GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
 from ..routing import (
     ModelProfile,
@@ -23,6 +24,7 @@ from ..routing import (
     load_benchmark_priors,
     state_health,
 )
+from ..routing.breaker import CoordinationHealth
 from ..runtimes.supervisor import RuntimeStatus
 from ..schema import ALL_CAPABILITIES, ModelCapability, ModelSchema
 
@@ -123,6 +125,10 @@ class ModelHealthReport(BaseModel):
     speech: SpeechHealthReport
     runtimes: list[RuntimeStatus] = Field(default_factory=list, description="managed servers")
     state: StateHealth | None = Field(default=None, description="where the learned state lives, its latency")
+    coordination: CoordinationHealth | None = Field(
+        default=None, description="where breaker state is shared (local or Redis), reachable, latency"
+    )
+    hardware: HardwareOverview | None = Field(default=None, description="this machine and what fits on it")
 
 
 _SCENARIOS = (
@@ -191,6 +197,8 @@ class HealthMixin:
             speech=self._speech_health(models),
             runtimes=self.runtimes.statuses(),
             state=state_health(self.store, self.config.state.url or str(self.config.paths.state_db)),
+            coordination=self.breakers.coordination(),
+            hardware=hardware_overview(models),  # detection is cached for the process
         )
 
     def routing_scenarios(self) -> list[RoutingScenarioHealth]:
