@@ -51,3 +51,33 @@ def test_each_entry_has_its_own_lock_and_invalidate_drops_it() -> None:
     assert a.lock is not b.lock
     cache.invalidate("a")
     assert cache.get("a") is None and cache.get("b") is b
+
+
+def test_the_budget_counts_measured_memory_not_the_estimate() -> None:
+    cache = ModelCache(budget_mb=100)
+    a = cache.get_or_load("a", 1, lambda: bytearray(64 * 2**20))  # zero-filled: its pages are resident
+    assert a.estimated_mb == 1 and a.measured_mb is not None and a.measured_mb >= 48
+    assert a.size_mb == a.measured_mb and cache.used_mb == a.measured_mb
+    # Estimated at 1 MB, b would fit beside a; measured at 64 MB it does not, so a goes.
+    b = cache.get_or_load("b", 1, lambda: bytearray(64 * 2**20))
+    assert cache.keys() == ["b"] and cache.evictions == ["a"]
+    assert cache.used_mb == b.measured_mb
+
+
+def test_a_load_that_shows_no_growth_keeps_the_estimate() -> None:
+    cache = ModelCache(budget_mb=100)
+    entry = cache.get_or_load("small", 7, lambda: 1)
+    assert entry.measured_mb is None and entry.size_mb == 7 == cache.used_mb
+
+
+async def test_a_real_gguf_load_is_budgeted_by_its_measured_memory() -> None:
+    from car_inference.engine import InferenceEngine
+
+    smol = "huggingface/smollm2-135m-instruct:q4_1"
+    engine = InferenceEngine()  # its own cache, so this load really happens here
+    assert await engine.warm_up([smol]) == [None]
+    entry = engine.cache.get(f"gguf:{smol}")
+    assert entry is not None and entry.estimated_mb == engine.registry.get(smol).size_mb  # type: ignore[union-attr]
+    # The weights (94 MB file) plus the KV cache and compute buffers llama.cpp allocates.
+    assert entry.measured_mb is not None and entry.measured_mb > 0
+    assert entry.size_mb == entry.measured_mb and engine.cache.used_mb == entry.measured_mb

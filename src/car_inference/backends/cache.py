@@ -3,6 +3,12 @@
 Each entry holds one loaded instance and its own lock (llama.cpp and torch models are not safe to
 run from two threads at once). Loading happens once per key even under concurrent requests.
 Eviction only drops our reference: a request still using an evicted model finishes normally.
+
+The budget counts what a load measurably added to the process (resident memory plus CUDA memory),
+with the catalog size as the estimate before loading and when a load shows no growth (mmapped
+weights not yet touched). It is approximate: loads of different models running at once share
+their deltas and the first load of an engine also pays for importing its library (both overstate),
+while weights mmapped from a file count only once touched (that understates until then).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..hardware import process_memory_mb
+
 __all__ = ["CachedModel", "ModelCache"]
 
 
@@ -20,8 +28,10 @@ __all__ = ["CachedModel", "ModelCache"]
 class CachedModel:
     key: str
     instance: Any
-    size_mb: float
+    size_mb: float  # what the budget counts: measured_mb when there is one, else estimated_mb
     lock: threading.Lock = field(default_factory=threading.Lock)
+    estimated_mb: float = 0.0
+    measured_mb: float | None = None
 
 
 class ModelCache:
@@ -52,9 +62,14 @@ class ModelCache:
                 return entry
             with self._guard:
                 self._make_room(size_mb)
+            before = process_memory_mb()
             instance = loader()
-            entry = CachedModel(key=key, instance=instance, size_mb=size_mb)
+            grew = round(process_memory_mb() - before)  # under 1 MB is noise, not the model
+            measured = float(grew) if grew > 0 else None
+            entry = CachedModel(key=key, instance=instance, size_mb=measured or size_mb,
+                                estimated_mb=size_mb, measured_mb=measured)  # fmt: skip
             with self._guard:
+                self._make_room(entry.size_mb)  # the measured size may exceed the estimate
                 self._entries[key] = entry
                 self._loading.pop(key, None)
             return entry
