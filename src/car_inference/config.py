@@ -28,6 +28,7 @@ __all__ = [
     "BreakerSettings",
     "CarConfig",
     "CarPaths",
+    "CoordinationSettings",
     "LocalSettings",
     "ModelChoices",
     "RemoteSettings",
@@ -228,6 +229,26 @@ class StateSettings(_Section):
     url: str | None = Field(default=None, description='e.g. "postgresql://car@db:5432/car"; None: SQLite')
 
 
+class CoordinationSettings(_Section):
+    """State several replicas share live through Redis (circuit breakers so far); None: each
+    replica keeps its own in memory. An unreachable Redis degrades to that, with a warning."""
+
+    redis_url: str | None = Field(default=None, description='e.g. "redis://cache:6379/0"; None: local only')
+    key_prefix: str = Field(default="car:", min_length=1, description="one fleet's keys on a shared Redis")
+    refresh_ms: float = Field(
+        default=50.0, ge=5, le=1000, description="how often a replica reads the fleet's open breakers"
+    )
+    timeout_ms: float = Field(default=250.0, gt=0, le=10_000, description="one Redis call, connect included")
+
+    @model_validator(mode="after")
+    def _scheme(self) -> CoordinationSettings:
+        if self.redis_url is not None and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"redis_url must start with redis://, rediss:// or unix://, not {self.redis_url!r}"
+            )
+        return self
+
+
 class SpeechSettings(_Section):
     prefer_local: bool = True
     allow_remote_fallback: bool = True
@@ -256,6 +277,7 @@ class CarConfig(BaseModel):
     runtimes: RuntimeSettings = Field(default_factory=RuntimeSettings)
     speech: SpeechSettings = Field(default_factory=SpeechSettings)
     state: StateSettings = Field(default_factory=StateSettings)
+    coordination: CoordinationSettings = Field(default_factory=CoordinationSettings)
     keys: dict[str, list[str]] = Field(
         default_factory=dict,
         description="extra API keys per key variable, e.g. OPENAI_API_KEY = ['sk-1', 'sk-2']",
@@ -281,6 +303,8 @@ class CarConfig(BaseModel):
         data["keys"] = {name: [_mask(k) for k in keys] for name, keys in self.keys.items()}
         data["home"] = str(self.home)
         data["state"]["url"] = redact_url(self.state.url) if self.state.url else None
+        redis_url = self.coordination.redis_url
+        data["coordination"]["redis_url"] = redact_url(redis_url) if redis_url else None
         return data
 
 

@@ -26,13 +26,13 @@ from ..keys import KeyPool
 from ..registry import UnifiedRegistry
 from ..routing import (
     AdaptiveRouter,
-    CircuitBreakerRegistry,
     OutcomeTracker,
     SpendControl,
     apply_benchmark_priors,
     load_all_benchmark_priors,
     open_store,
 )
+from ..routing.breaker_redis import circuit_breakers
 from ..runtimes.managed import RuntimeSupervisor
 from ..schema import ModelCapability, ModelSchema
 from .bookkeeping import Bookkeeper
@@ -78,7 +78,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.tracker = OutcomeTracker(self.store, self.config.routing)
         self._import_legacy_profiles(home / "models" / "outcome_profiles.json")
         apply_benchmark_priors(self.tracker, load_all_benchmark_priors(home))
-        self.breakers = CircuitBreakerRegistry(self.config.breaker)
+        self.breakers = circuit_breakers(self.config.breaker, self.config.coordination)  # shared via Redis?
         self.spend = SpendControl(self.config.spend, self.store)
         self.router = AdaptiveRouter(
             self.config.routing, self.tracker, self.breakers, self.spend, meter=EngineMeter(self)
@@ -109,6 +109,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.keys.flush()
         self.store.close()
         self.runtimes.close()
+        self.breakers.close()
 
     # --- models ------------------------------------------------------------------------------
 
