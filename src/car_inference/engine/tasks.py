@@ -31,6 +31,7 @@ from ..requests import (
     TranscribeResult,
 )
 from ..schema import ModelCapability, ModelSchema
+from .speech import speech_model
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
@@ -153,16 +154,16 @@ class TaskMixin:
         return await ground(self, request)  # type: ignore[arg-type]  # self is the InferenceEngine
 
     # --- speech and media ------------------------------------------------------------------------
-    # Each runs on the model named, else the configured one for the capability, through the
-    # backend of its kind. A kind whose backend is not installed or lacks the task raises
-    # ModelUnavailable / UnsupportedMode naming what is missing.
+    # Speech runs on the model the [speech] policy picks (engine/speech.py); media on the model
+    # named, else the configured one for the capability. Each goes through the backend of its
+    # kind; one not installed or lacking the task raises ModelUnavailable / UnsupportedMode.
 
     async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
-        model = self._model_for(request.model, ModelCapability.SPEECH_TO_TEXT)
+        model = speech_model(self, request.model, ModelCapability.SPEECH_TO_TEXT)
         return await self._task_method(model, ModelCapability.SPEECH_TO_TEXT, "transcribe")(model, request)
 
     async def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
-        model = self._model_for(request.model, ModelCapability.TEXT_TO_SPEECH)
+        model = speech_model(self, request.model, ModelCapability.TEXT_TO_SPEECH)
         return await self._task_method(model, ModelCapability.TEXT_TO_SPEECH, "synthesize")(model, request)
 
     async def generate_image(

@@ -1,0 +1,113 @@
+"""The speech policy: which model listens or speaks when a request names none. Hosted models are
+the catalog's OpenAI speech models on the fake provider server (a user ``[hosts.openai]``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.engine.speech import speech_model
+from car_inference.errors import InferenceError, ModelUnavailable
+from car_inference.requests import SynthesizeRequest, TranscribeRequest
+from car_inference.schema import ModelCapability, WhisperSource
+from fakes import FakeProviderServer
+from fakes.provider_speech import spoken_text
+
+STT, TTS = ModelCapability.SPEECH_TO_TEXT, ModelCapability.TEXT_TO_SPEECH
+WHISPER, PIPER = "systran/faster-whisper-base", "piper/en_us-joe-medium"
+HOSTED_STT, HOSTED_TTS = "openai/gpt-transcribe", "openai/gpt-4o-mini-tts"
+
+
+@pytest.fixture
+def engine_with(fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """An engine whose OpenAI host is the fake, with ``[speech]`` lines and an OpenAI key or not."""
+    engines: list[InferenceEngine] = []
+
+    def build(speech: str = "", key: bool = True, extra: str = "") -> InferenceEngine:
+        (isolated_home / "models.toml").write_text(f'[hosts.openai]\nbase_url = "{fake.openai_base_url}"\n')
+        (isolated_home / "config.toml").write_text(f"[speech]\n{speech}\n{extra}")
+        if key:
+            monkeypatch.setenv("OPENAI_API_KEY", "sk-speech-policy")
+        else:
+            monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        engines.append(InferenceEngine(home=isolated_home))
+        return engines[-1]
+
+    yield build
+    for engine in engines:
+        engine.close()
+
+
+def chosen(engine: InferenceEngine, capability: ModelCapability) -> str:
+    return speech_model(engine, None, capability).id
+
+
+def test_local_speech_wins_by_default_even_with_a_key(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with()
+    assert engine.registry.get(HOSTED_TTS).available  # the key makes it runnable...
+    assert (chosen(engine, STT), chosen(engine, TTS)) == (WHISPER, PIPER)  # ...but local comes first
+
+
+async def test_prefer_local_false_from_the_environment_runs_the_hosted_models(
+    engine_with, fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("CAR_SPEECH__PREFER_LOCAL", "false")
+    engine = engine_with()
+    spoken = await engine.synthesize(
+        SynthesizeRequest(text="hosted first", output_path=str(tmp_path / "a.wav"))
+    )
+    heard = await engine.transcribe(TranscribeRequest(audio_path=spoken.audio_path))
+    assert (spoken.model_used, heard.model_used, heard.text) == (HOSTED_TTS, HOSTED_STT, "hosted first")
+    assert [r.path for r in fake.requests] == ["/v1/audio/speech", "/v1/audio/transcriptions"]
+    assert spoken_text(Path(spoken.audio_path).read_bytes()) == "hosted first"
+
+
+def test_prefer_local_false_without_a_key_stays_local(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with("prefer_local = false", key=False)
+    assert (chosen(engine, STT), chosen(engine, TTS)) == (WHISPER, PIPER)
+
+
+def test_each_side_has_its_preferred_model(engine_with, fake: FakeProviderServer) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with('prefer_local = false\npreferred_remote_tts = "studio/tts-1"')
+    studio = engine.register_endpoint(fake.openai_base_url, "tts-1", name="studio")
+    engine.register_model(studio.model_copy(update={"capabilities": [TTS], "quality": 0.1}))
+    assert chosen(engine, TTS) == "studio/tts-1"  # over the better-rated gpt-4o-mini-tts
+    # A local preference does not pull a hosted model first, nor the other way round.
+    engine = engine_with(f'preferred_remote_tts = "{HOSTED_TTS}"\npreferred_local_stt = "{WHISPER}"')
+    assert (chosen(engine, STT), chosen(engine, TTS)) == (WHISPER, PIPER)
+
+
+def test_a_pinned_model_and_a_named_model_win(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with(extra=f'[preferred]\ntext_to_speech = "{HOSTED_TTS}"\n')
+    assert chosen(engine, TTS) == HOSTED_TTS
+    assert speech_model(engine, PIPER, TTS).id == PIPER
+
+
+def without_local_stt(engine: InferenceEngine, tmp_path: Path) -> None:
+    """Whisper's files made to be missing, so no local speech-to-text model is available."""
+    whisper = engine.registry.get(WHISPER)
+    source = WhisperSource(path=str(tmp_path / "no-such-model"))
+    assert not engine.register_model(whisper.model_copy(update={"source": source})).available
+
+
+def test_with_no_local_model_a_hosted_one_steps_in(engine_with, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with()
+    without_local_stt(engine, tmp_path)
+    assert chosen(engine, STT) == HOSTED_STT
+
+
+async def test_no_remote_fallback_keeps_hosted_models_out(engine_with, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with("allow_remote_fallback = false")
+    without_local_stt(engine, tmp_path)
+    assert chosen(engine, STT) == WHISPER  # the configured default: its run says what is missing
+    with pytest.raises(ModelUnavailable, match=WHISPER):
+        await engine.transcribe(TranscribeRequest(audio_path=str(tmp_path / "a.wav")))
+
+
+def test_a_preferred_name_not_in_the_catalog_is_an_error(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with('preferred_local_tts = "piper/en_us-joe-medum"')
+    with pytest.raises(InferenceError, match="en_us-joe-medum") as info:
+        chosen(engine, TTS)
+    assert "en_us-joe-medium" in str(info.value)  # the close match is suggested
