@@ -251,7 +251,7 @@ class RedisBreakerRegistry(CircuitBreakerRegistry):
         now = time.monotonic()
         if entry is None or entry.open_until is None:
             return True
-        if entry.refuses(now) or model_id in self._probing:
+        if entry.refuses(now):  # open, or a probe is out (ours too: the claim marks the cache)
             return False
         keys = self._keys(model_id)
         probe_ms = int(max(self.settings.cooldown_s, 1.0) * 1000)
@@ -339,6 +339,8 @@ class RedisBreakerRegistry(CircuitBreakerRegistry):
     def reset(self, model_id: str | None = None) -> None:
         super().reset(model_id)
         models = list(self._fleet) if model_id is None else [model_id]
+        if not self._reachable:
+            return
         try:
             for m in models:
                 self._success(keys=self._keys(m), args=[m])
