@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from car_inference.hardware import (
     CpuInfo,
     GpuInfo,
@@ -163,3 +165,12 @@ def test_the_health_report_carries_the_hardware(local_engine) -> None:  # type: 
     assert health.hardware.hardware is cached_hardware()
     embed = next(r for r in health.hardware.recommendations if r.capability is ModelCapability.EMBED)
     assert "sentence-transformers/all-minilm-l6-v2" in [m.id for m in embed.models]
+
+
+def test_torch_view_of_this_machine() -> None:
+    torch = pytest.importorskip("torch")
+    from car_inference.hardware import _torch_gpus
+
+    gpus = _torch_gpus()
+    assert len(gpus) == torch.cuda.device_count()
+    assert all(g.memory_total_mb > 0 and g.backend in ("cuda", "rocm") for g in gpus)
