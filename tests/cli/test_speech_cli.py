@@ -6,9 +6,12 @@ import json
 import wave
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from car_inference.cli import app
+from fakes import FakeProviderServer
+from fakes.provider_speech import wav
 
 runner = CliRunner()
 
@@ -77,3 +80,28 @@ def test_the_output_folder_must_exist(tmp_path: Path) -> None:
     code, _, err = car("speak", "hi", "-o", str(target))
     assert code == 2 and f"cannot write {target}: {target.parent} does not exist" in err
     assert not (tmp_path / "nonexistent").exists()
+
+
+def test_prefer_local_false_with_a_key_speaks_and_listens_hosted(
+    tmp_path: Path, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FakeProviderServer() as fake:
+        (isolated_home / "models.toml").write_text(f'[hosts.openai]\nbase_url = "{fake.openai_base_url}"\n')
+        monkeypatch.setenv("CAR_SPEECH__PREFER_LOCAL", "false")
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-cli-speech")
+        target = tmp_path / "hosted.mp3"
+        code, out, err = car("speak", "the hosted voice", "-o", str(target), "--json")
+        assert code == 0, err
+        assert json.loads(out) | {"audio_path": ""} == {
+            "audio_path": "",
+            "media_type": "audio/mpeg",
+            "model_used": "openai/gpt-4o-mini-tts",
+            "voice_used": "alloy",
+        }
+        assert target.read_bytes().startswith(b"ID3")
+        wav_file = tmp_path / "hosted.wav"
+        wav_file.write_bytes(wav("heard by the hosted model"))
+        code, out, err = car("transcribe", str(wav_file))
+        assert code == 0, err
+        assert out.strip() == "heard by the hosted model" and "openai/gpt-transcribe" in err
+        assert [r.api_key for r in fake.requests] == ["sk-cli-speech", "sk-cli-speech"]

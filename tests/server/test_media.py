@@ -25,6 +25,8 @@ from car_inference.requests import (
 )
 from car_inference.server import ServerThread, create_app
 from car_inference.server.media import parse_multipart
+from fakes import FakeProviderServer
+from fakes.provider_speech import spoken_text
 
 WAV = b"RIFF\x24\x00\x00\x00WAVEfmt \r\n\r\n--boundary-like\r\n" + bytes(range(256))
 
@@ -154,3 +156,29 @@ def test_routes_work_once_a_backend_exists(media_server: ServerThread) -> None:
     assert image.data and base64.b64decode(image.data[0].b64_json or "") == b"\x89PNG512x256"
     # Uploads and outputs live in temporary folders that are gone afterwards.
     assert not [p for p in os.listdir(tempfile.gettempdir()) if p.startswith(("car-upload-", "car-speech-"))]
+
+
+def test_the_audio_routes_follow_the_speech_policy(
+    tmp_path: Path, fake_provider: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``[speech] prefer_local = false`` and an OpenAI key, "auto" speech runs on the hosted
+    models (the catalog's, their host pointed at the fake provider)."""
+    fake_provider.reset()
+    (tmp_path / "models.toml").write_text(f'[hosts.openai]\nbase_url = "{fake_provider.openai_base_url}"\n')
+    (tmp_path / "config.toml").write_text("[speech]\nprefer_local = false\n")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-policy-route")
+    engine = InferenceEngine(home=tmp_path)
+    with ServerThread(create_app(engine)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        spoken = client.audio.speech.with_raw_response.create(
+            model="auto", voice="alloy", input="hosted by policy", response_format="wav"
+        )
+        assert spoken.headers["x-car-model"] == "openai/gpt-4o-mini-tts"
+        assert spoken_text(spoken.content) == "hosted by policy"
+        heard = client.audio.transcriptions.with_raw_response.create(
+            model="auto", file=("a.wav", spoken.content, "audio/wav")
+        )
+        assert heard.headers["x-car-model"] == "openai/gpt-transcribe"
+        assert heard.parse().text == "hosted by policy"
+    assert [r.path for r in fake_provider.requests] == ["/v1/audio/speech", "/v1/audio/transcriptions"]
+    engine.close()
