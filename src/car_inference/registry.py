@@ -269,5 +269,5 @@ _EXTRA_HINT = {
     "whisper": "pip install 'car-inference[speech]'",
     "diffusers": "pip install 'car-inference[diffusers]'",
     "rapidocr": "pip install 'car-inference[ocr]'",
-    "elevenlabs": "the ElevenLabs backend is not implemented yet",
+    "elevenlabs": "pip install 'car-inference[elevenlabs]'",
 }

@@ -783,6 +783,7 @@ class _Handler(BaseHTTPRequestHandler):
         if auth.lower().startswith("bearer "):
             api_key = auth[7:].strip()
         api_key = api_key or headers.get("x-api-key") or headers.get("x-goog-api-key") or query.get("key")
+        api_key = api_key or headers.get("xi-api-key")  # ElevenLabs
         protocol = _protocol_for(path, headers)
         self.fake._record(
             RecordedRequest(

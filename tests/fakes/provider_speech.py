@@ -14,6 +14,8 @@ Kept apart from ``provider_server.py``, which routes here first (``route``). Wir
   ``timestamp_granularities[]``) answers the text a file from the speech endpoint carries, else
   ``SpeechState.transcript``; ``verbose_json`` adds language, duration and word timings. A file
   that is not audio (no known magic) is OpenAI's 400 "Invalid file format".
+* ``POST /v1/speech-to-text`` (ElevenLabs Scribe, multipart: model_id, file, language_code,
+  timestamps_granularity) answers text, language and words with word and spacing entries.
 * ``POST /v1/text-to-speech/{voice_id}`` (ElevenLabs: ``xi-api-key``, JSON text/model_id,
   ``output_format`` query) streams the same audio; a voice not in ``SpeechState.eleven_voices`` is
   ElevenLabs' 404 ``voice_not_found``.
@@ -72,6 +74,8 @@ def route(handler: Any, method: str, path: str) -> tuple[Any, bool, bool] | None
         return (lambda reply, stream: _transcription(handler)), True, False
     if match := _ELEVEN.match(path):
         return (lambda reply, stream: _eleven_speech(handler, match.group(1))), True, True
+    if path == "/v1/speech-to-text":
+        return (lambda reply, stream: _eleven_transcription(handler)), True, False
     return None
 
 
@@ -209,3 +213,26 @@ def _eleven_speech(handler: Any, voice_id: str) -> None:
         kind = fmt.split("_", maxsplit=1)[0]
         data = wav(text) if kind == "wav" else _samples(text, RATE) if kind == "pcm" else _audio(text, "mp3")
         _stream_audio(handler, data, _TYPES.get(kind, "audio/mpeg"))
+
+
+def _eleven_transcription(handler: Any) -> None:
+    form = _form(handler)
+    handler.fake.speech.transcribed.append(form)
+    upload = form.get("file")
+    if not isinstance(upload, tuple) or not form.get("model_id"):
+        handler._send_json(422, {"detail": [{"loc": ["body", "model_id"], "msg": "field required"}]})
+        return
+    text = spoken_text(upload[1]) or handler.fake.speech.transcript
+    words: list[dict[str, Any]] = []
+    if form.get("timestamps_granularity", "word") != "none":
+        for i, word in enumerate(text.split()):
+            if i:
+                words.append(
+                    {"text": " ", "start": 0.3 * i, "end": 0.3 * i, "type": "spacing", "logprob": 0.0}
+                )
+            words.append(
+                {"text": word, "start": 0.3 * i, "end": 0.3 * i + 0.25, "type": "word", "logprob": -0.1}
+            )
+    language = form.get("language_code") or "eng"
+    answer = {"language_code": language, "language_probability": 0.98, "text": text, "words": words}
+    handler._send_json(200, answer)

@@ -52,6 +52,9 @@ BACKENDS: dict[str, BackendSpec] = {
         "car_inference.backends.anthropic:AnthropicBackend", ("anthropic",), "anthropic"
     ),
     "gemini": BackendSpec("car_inference.backends.gemini:GeminiBackend", ("google.genai",), "gemini"),
+    "elevenlabs": BackendSpec(
+        "car_inference.backends.elevenlabs:ElevenLabsBackend", ("elevenlabs",), "elevenlabs"
+    ),
 }
 
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from .remote import Endpoint
 
-__all__ = ["OPENAI_VOICES", "OpenAISpeechMixin"]
+__all__ = ["AUDIO_MEDIA_TYPES", "OPENAI_VOICES", "OpenAISpeechMixin", "stream_to"]
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class OpenAISpeechMixin:
         async def call(client: Any, endpoint: Endpoint) -> int:
             speech = client.audio.speech.with_streaming_response
             async with speech.create(model=endpoint.wire_model, **options) as response:
-                return await _stream_to(target, response.iter_bytes())
+                return await stream_to(target, response.iter_bytes())
 
         if not await self.with_keys(model, call):
             raise ProviderError("the answer holds no audio", provider=model.provider, model=model.id)
@@ -139,7 +139,7 @@ def _speech_options(model: ModelSchema, request: SynthesizeRequest) -> dict[str,
     return options
 
 
-async def _stream_to(target: Path, chunks: Any) -> int:
+async def stream_to(target: Path, chunks: Any) -> int:
     """Write an async byte stream to ``target`` atomically; the bytes written (0: nothing is)."""
     temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
     size = 0
