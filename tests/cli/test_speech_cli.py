@@ -105,3 +105,40 @@ def test_prefer_local_false_with_a_key_speaks_and_listens_hosted(
         assert code == 0, err
         assert out.strip() == "heard by the hosted model" and "openai/gpt-transcribe" in err
         assert [r.api_key for r in fake.requests] == ["sk-cli-speech", "sk-cli-speech"]
+
+
+def test_speech_smoke_on_the_embedded_piper_and_whisper() -> None:
+    code, out, err = car("speech", "smoke", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["skipped"] == ["remote"]
+    (path,) = report["paths"]
+    assert (path["side"], path["tts_model"], path["stt_model"]) == (
+        "local",
+        "piper/en_us-joe-medium",
+        "systran/faster-whisper-base",
+    )
+    # Piper samples noise on every call: allow one misheard word of nine.
+    assert path["word_error_rate"] <= 1 / 9, path["transcript"]
+    assert path["audio_s"] > 1.5 and path["synthesize_ms"] > 0 and path["transcribe_ms"] > 0
+    assert Path(path["audio_path"]).is_file()
+
+
+def test_speech_smoke_remote_in_words_and_its_limits(
+    isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = car("speech", "smoke", "--no-local")
+    assert code == 2 and "nothing to test" in err
+    with FakeProviderServer() as fake:
+        (isolated_home / "models.toml").write_text(f'[hosts.openai]\nbase_url = "{fake.openai_base_url}"\n')
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-cli-smoke")
+        code, out, err = car("speech", "smoke", "--no-local", "--remote", "--text", "Say it back.")
+        assert code == 0, err
+        assert "remote: WER 0%  openai/gpt-4o-mini-tts -> openai/gpt-transcribe" in out
+        assert "heard: Say it back." in out
+        fake.speech.heard = "say it black"
+        code, out, err = car(
+            "speech", "smoke", "--no-local", "--remote", "--text", "Say it back.", "--max-wer", "0.2"
+        )
+        assert code == 1 and "remote: WER 33%" in out
+        assert "word error rate 33% is above --max-wer 20%" in err

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from car_inference.engine import InferenceEngine
-from car_inference.engine.speech import speech_model
+from car_inference.engine.speech import speech_model, speech_smoke, word_error_rate
 from car_inference.errors import InferenceError, ModelUnavailable
 from car_inference.requests import SynthesizeRequest, TranscribeRequest
 from car_inference.schema import ModelCapability, WhisperSource
@@ -111,3 +111,40 @@ def test_a_preferred_name_not_in_the_catalog_is_an_error(engine_with) -> None:  
     with pytest.raises(InferenceError, match="en_us-joe-medum") as info:
         chosen(engine, TTS)
     assert "en_us-joe-medium" in str(info.value)  # the close match is suggested
+
+
+# --- the smoke test ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("said", "heard", "rate"),
+    [
+        ("The quick brown fox.", "the quick brown fox", 0.0),  # case and punctuation do not count
+        ("the quick brown fox", "the quack brown fox", 0.25),  # one substitution
+        ("the quick brown fox", "the brown fox", 0.25),  # one deletion
+        ("the quick brown fox", "the quick brown fox jumps over", 0.5),  # two insertions
+        ("one two", "", 1.0),
+        ("", "", 0.0),
+    ],
+)
+def test_word_error_rate(said: str, heard: str, rate: float) -> None:
+    assert word_error_rate(said, heard) == pytest.approx(rate)
+
+
+async def test_the_smoke_test_runs_each_side_asked_for(engine_with, fake: FakeProviderServer) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with()
+    report = await speech_smoke(engine, local=False, remote=True, text="Testing the remote path.")
+    assert report.skipped == ["local"]
+    (path,) = report.paths
+    assert (path.side, path.tts_model, path.stt_model) == ("remote", HOSTED_TTS, HOSTED_STT)
+    assert (path.transcript, path.word_error_rate) == ("Testing the remote path.", 0.0)
+    assert path.audio_s == pytest.approx(0.3 * 4) and path.synthesize_ms > 0 and path.transcribe_ms > 0
+    fake.speech.heard = "testing the remote bath"
+    report = await speech_smoke(engine, local=False, remote=True, text="Testing the remote path.")
+    assert report.paths[0].word_error_rate == pytest.approx(0.25)
+
+
+async def test_a_smoke_side_without_models_says_so(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with(key=False)
+    with pytest.raises(ModelUnavailable, match="no remote text_to_speech model is available"):
+        await speech_smoke(engine, local=False, remote=True)

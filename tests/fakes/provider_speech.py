@@ -54,12 +54,13 @@ _ELEVEN = re.compile(r"^/v1/text-to-speech/([^/]+)(/stream)?$")
 @dataclass
 class SpeechState:
     transcript: str = "hello from the fake transcriber"  # for audio the speech endpoint did not make
+    heard: str | None = None  # when set, every transcription answers this (a mishearing)
     chunk_bytes: int = 4096
     eleven_voices: set[str] = field(default_factory=lambda: {"JBFqnCBsd6RMkjVDRZzb"})
     transcribed: list[dict[str, Any]] = field(default_factory=list)  # every transcription form
 
     def reset(self) -> None:
-        self.transcript, self.chunk_bytes = "hello from the fake transcriber", 4096
+        self.transcript, self.chunk_bytes, self.heard = "hello from the fake transcriber", 4096, None
         self.eleven_voices = {"JBFqnCBsd6RMkjVDRZzb"}
         self.transcribed.clear()
 
@@ -172,7 +173,7 @@ def _transcription(handler: Any) -> None:
         formats = "['flac', 'm4a', 'mp3', 'mp4', 'mpeg', 'mpga', 'oga', 'ogg', 'wav', 'webm']"
         handler._send_error(400, f"Invalid file format. Supported formats: {formats}")
         return
-    text = spoken_text(data) or handler.fake.speech.transcript
+    text = handler.fake.speech.heard or spoken_text(data) or handler.fake.speech.transcript
     fmt = form.get("response_format", "json")
     usage = {"type": "duration", "seconds": max(1, round(0.3 * len(text.split())))}
     if fmt == "text":
@@ -222,7 +223,7 @@ def _eleven_transcription(handler: Any) -> None:
     if not isinstance(upload, tuple) or not form.get("model_id"):
         handler._send_json(422, {"detail": [{"loc": ["body", "model_id"], "msg": "field required"}]})
         return
-    text = spoken_text(upload[1]) or handler.fake.speech.transcript
+    text = handler.fake.speech.heard or spoken_text(upload[1]) or handler.fake.speech.transcript
     words: list[dict[str, Any]] = []
     if form.get("timestamps_granularity", "word") != "none":
         for i, word in enumerate(text.split()):

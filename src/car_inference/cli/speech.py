@@ -1,4 +1,4 @@
-"""`car transcribe` and `car speak`: speech to text and text to speech."""
+"""`car transcribe` and `car speak`: speech to text and text to speech; `car speech smoke`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ FORMATS = ("wav", "mp3", "flac", "pcm")
 
 
 def register(app: typer.Typer) -> None:
+    app.add_typer(speech_app, name="speech")
+
     @app.command()
     @handle_errors
     def transcribe(
@@ -85,6 +87,46 @@ def register(app: typer.Typer) -> None:
             return
         out.print(result.audio_path, markup=False)
         err.print(f"{result.model_used} (voice {result.voice_used}, {result.media_type})", style="dim")
+
+
+speech_app = typer.Typer(help="Speech checks.", no_args_is_help=True)
+
+
+@speech_app.command("smoke")
+@handle_errors
+def smoke(
+    local: Annotated[bool, typer.Option("--local/--no-local", help="round trip on local models")] = True,
+    remote: Annotated[bool, typer.Option("--remote/--no-remote", help="round trip on hosted models")] = False,
+    text: Annotated[
+        str | None,
+        typer.Option("--text", help="the sentence to say and hear back (default: the quick brown fox)"),
+    ] = None,
+    max_wer: Annotated[
+        float | None, typer.Option("--max-wer", min=0.0, help="exit 1 when a word error rate is above this")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Say a sentence and transcribe it back: word error rate and timings per side."""
+    if not (local or remote):
+        raise fail("nothing to test: --no-local without --remote", EXIT_USAGE)
+    from ..engine.speech import speech_smoke  # lazily, as the engine is: start-up stays quick
+
+    with spinner("Speaking and listening..."):
+        report = run(speech_smoke(engine(), local=local, remote=remote, text=text))
+    if as_json:
+        print_json(report)
+    for path in [] if as_json else report.paths:
+        audio = f"{path.audio_s:.2f} s of audio" if path.audio_s is not None else "audio"
+        out.print(
+            f"{path.side}: WER {path.word_error_rate:.0%}  {path.tts_model} -> {path.stt_model}\n"
+            f"  said:  {path.text}\n  heard: {path.transcript}\n"
+            f"  synthesize {path.synthesize_ms:.0f} ms ({audio}), transcribe {path.transcribe_ms:.0f} ms\n"
+            f"  {path.audio_path}",
+            markup=False,
+        )
+    worst = max((p.word_error_rate for p in report.paths), default=0.0)
+    if max_wer is not None and worst > max_wer:
+        raise fail(f"word error rate {worst:.0%} is above --max-wer {max_wer:.0%}")
 
 
 def _format_of(output: Path | None) -> str:

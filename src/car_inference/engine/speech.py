@@ -13,20 +13,41 @@ capability (the user pinned it); else the available model that ranks first on
 local model available the choice is the configured default, whose run then says what is missing
 (``car pull``). With no available model at all, the same. A preferred name that is not in the
 catalog is an error naming it, not a silent skip: a typo in config.toml must not go unnoticed.
+
+``speech_smoke`` (``car speech smoke``) speaks a sentence and hears it back on each side's first
+models, reporting the word error rate and how long each half took.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import tempfile
+import time
+import wave
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from pydantic import BaseModel, Field
+
+from ..errors import ModelUnavailable
+from ..requests import SynthesizeRequest, SynthesizeResult, TranscribeRequest, TranscribeResult
 from ..schema import ModelCapability, ModelSchema
 
 if TYPE_CHECKING:
     from ..config import CarConfig
     from ..registry import UnifiedRegistry
 
-__all__ = ["SPEECH_CAPABILITIES", "speech_model"]
+__all__ = [
+    "SMOKE_TEXT",
+    "SPEECH_CAPABILITIES",
+    "SpeechSmokePath",
+    "SpeechSmokeReport",
+    "side_model",
+    "speech_model",
+    "speech_smoke",
+    "word_error_rate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +66,11 @@ class _Engine(Protocol):
     def _model_for(self, name: str | None, capability: ModelCapability) -> ModelSchema: ...
 
 
+class _SmokeEngine(_Engine, Protocol):
+    async def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult: ...
+    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult: ...
+
+
 def speech_model(engine: _Engine, name: str | None, capability: ModelCapability) -> ModelSchema:
     """The model a transcribe/synthesize request runs on (see the module docstring)."""
     if name:
@@ -53,29 +79,129 @@ def speech_model(engine: _Engine, name: str | None, capability: ModelCapability)
     if pinned:
         return engine.resolve(pinned)
     policy = engine.config.speech
-    local_name, remote_name = (getattr(policy, field) for field in SPEECH_CAPABILITIES[capability])
-    wanted_local = engine.resolve(local_name).id if local_name else None
-    wanted_remote = engine.resolve(remote_name).id if remote_name else None
+    first = side_model(engine, capability, local=policy.prefer_local)
+    if first is not None:
+        return first
+    if policy.prefer_local and not policy.allow_remote_fallback:
+        return engine._model_for(None, capability)  # the default: its run says what is missing
+    other = side_model(engine, capability, local=not policy.prefer_local)
+    if other is None:
+        return engine._model_for(None, capability)  # the default, or raises: none is configured
+    if other.is_remote:
+        log.info("no local %s model is available: %s (hosted) runs instead", capability, other.id)
+    return other
+
+
+def side_model(engine: _Engine, capability: ModelCapability, local: bool) -> ModelSchema | None:
+    """The available model of one side (local or hosted) ranked first: the side's preferred
+    model, the ``[defaults]`` model, then the quality prior and the id. None when there is none."""
+    preferred = getattr(engine.config.speech, SPEECH_CAPABILITIES[capability][0 if local else 1])
+    wanted = engine.resolve(preferred).id if preferred else None
     default = engine.config.defaults.for_capability(capability)
     default_model = engine.registry.find(default) if default else None
     default_id = default_model.id if default_model is not None else None
     candidates = engine.registry.query(capabilities=[capability], available_only=True)
-    if policy.prefer_local and not policy.allow_remote_fallback:
-        candidates = [m for m in candidates if m.is_local]
-    if not candidates:
-        return engine._model_for(None, capability)  # the default (its run says what is missing), or raises
+    on_side = [m for m in candidates if m.is_local == local]
+    if not on_side:
+        return None
+    return min(on_side, key=lambda m: (m.id != wanted, m.id != default_id, -(m.quality or 0), m.id))
 
-    def rank(m: ModelSchema) -> tuple[bool, bool, bool, float, str]:
-        wanted = wanted_local if m.is_local else wanted_remote
-        return (
-            m.is_local != policy.prefer_local,
-            m.id != wanted,
-            m.id != default_id,
-            -(m.quality or 0),
-            m.id,
-        )
 
-    chosen = min(candidates, key=rank)
-    if chosen.is_remote and policy.prefer_local:
-        log.info("no local %s model is available: %s (hosted) runs instead", capability, chosen.id)
-    return chosen
+# --- the smoke test: speak a sentence, hear it back ---------------------------------------------
+
+SMOKE_TEXT = "The quick brown fox jumps over the lazy dog."  # every letter: a fair first check
+
+
+class SpeechSmokePath(BaseModel):
+    """One round trip: what was said, what was heard, how far apart, how long each half took."""
+
+    side: str = Field(description="local or remote")
+    tts_model: str
+    stt_model: str
+    audio_path: str
+    text: str
+    transcript: str
+    word_error_rate: float = Field(description="word edits to get the text from the transcript / words")
+    audio_s: float | None = Field(default=None, description="length of the speech (wav only)")
+    synthesize_ms: float
+    transcribe_ms: float
+
+
+class SpeechSmokeReport(BaseModel):
+    paths: list[SpeechSmokePath] = Field(default_factory=list)
+    skipped: list[str] = Field(default_factory=list)
+
+
+def word_error_rate(reference: str, heard: str) -> float:
+    """Word-level edit distance over the reference's word count, case and punctuation ignored."""
+    ref, hyp = _words(reference), _words(heard)
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    row = list(range(len(hyp) + 1))
+    for i, word in enumerate(ref, 1):
+        previous, row[0] = row[0], i
+        for j, other in enumerate(hyp, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != other))
+    return row[-1] / len(ref)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+async def speech_smoke(
+    engine: _SmokeEngine, *, local: bool = True, remote: bool = False, text: str | None = None
+) -> SpeechSmokeReport:
+    """Synthesize ``text`` and transcribe it back on each side asked for. A side with no available
+    model for either direction is ``ModelUnavailable`` naming what is missing."""
+    report = SpeechSmokeReport()
+    for side, wanted in (("local", local), ("remote", remote)):
+        if not wanted:
+            report.skipped.append(side)
+            continue
+        tts = side_model(engine, ModelCapability.TEXT_TO_SPEECH, side == "local")
+        stt = side_model(engine, ModelCapability.SPEECH_TO_TEXT, side == "local")
+        for model, capability in (
+            (tts, ModelCapability.TEXT_TO_SPEECH),
+            (stt, ModelCapability.SPEECH_TO_TEXT),
+        ):
+            if model is None:
+                raise ModelUnavailable(str(capability), f"no {side} {capability} model is available")
+        assert tts is not None and stt is not None
+        report.paths.append(await _round_trip(engine, side, tts, stt, text or SMOKE_TEXT))
+    return report
+
+
+async def _round_trip(
+    engine: _SmokeEngine, side: str, tts: ModelSchema, stt: ModelSchema, text: str
+) -> SpeechSmokePath:
+    target = Path(tempfile.mkdtemp(prefix="car-speech-smoke-")) / f"{side}.wav"
+    start = time.perf_counter()
+    spoken = await engine.synthesize(
+        SynthesizeRequest(text=text, model=tts.id, language="en", output_path=str(target))
+    )
+    middle = time.perf_counter()
+    heard = await engine.transcribe(
+        TranscribeRequest(audio_path=spoken.audio_path, model=stt.id, language="en")
+    )
+    end = time.perf_counter()
+    return SpeechSmokePath(
+        side=side,
+        tts_model=spoken.model_used or tts.id,
+        stt_model=heard.model_used or stt.id,
+        audio_path=spoken.audio_path,
+        text=text,
+        transcript=heard.text,
+        word_error_rate=word_error_rate(text, heard.text),
+        audio_s=_wav_seconds(Path(spoken.audio_path)),
+        synthesize_ms=(middle - start) * 1000,
+        transcribe_ms=(end - middle) * 1000,
+    )
+
+
+def _wav_seconds(path: Path) -> float | None:
+    try:
+        with wave.open(str(path), "rb") as audio:
+            return audio.getnframes() / audio.getframerate()
+    except (OSError, EOFError, wave.Error):
+        return None
