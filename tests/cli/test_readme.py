@@ -56,7 +56,7 @@ EXPECTED_FAILURES = {
 # Long-running (they serve until Ctrl-C): parsed, so every flag must exist, but not run; their own
 # tests run them (tests/cli/test_serve_cli.py, tests/cli/test_runtimes_cli.py).
 PARSE_ONLY = (("serve",), ("runtimes", "start"))
-HOSTED_SECTION = "Hosted models and OpenAI-compatible servers"
+HOSTED_SECTIONS = ("Hosted models and OpenAI-compatible servers", "Hosted speech and the speech policy")
 CHAT_INPUT = "Hello\n/exit\n"
 MAX_TOKENS = "12"
 
@@ -206,11 +206,12 @@ def _prepare_home(home: Path, fake: FakeProviderServer, block: Block) -> None:
             # Embeddings only: routed generation stays on the embedded model, as on a fresh install.
             'models = ["text-embedding-3-small"]\ncapabilities = ["embed"]\n'
         )
-    if block.section == HOSTED_SECTION:
+    if block.section in HOSTED_SECTIONS:
         toml += (
             f'[hosts.openai]\nbase_url = "{fake.openai_base_url}"\n'
             f'[hosts.anthropic]\nbase_url = "{fake.anthropic_base_url}"\n'
             f'[hosts.gemini]\nbase_url = "{fake.gemini_base_url}"\n'
+            f'[hosts.elevenlabs]\nbase_url = "{fake.base_url}"\n'
         )
     (home / "models.toml").write_text(toml + block.files.get("models.toml", ""))  # + what the section shows
 
@@ -284,8 +285,14 @@ def test_readme_block_runs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _prepare_home(isolated_home, fake, block)
-    if block.section == HOSTED_SECTION:
-        for name in ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY", "PROXY_KEY"):
+    if block.section in HOSTED_SECTIONS:
+        for name in (
+            "OPENAI_API_KEY",
+            "ANTHROPIC_API_KEY",
+            "GEMINI_API_KEY",
+            "ELEVENLABS_API_KEY",
+            "PROXY_KEY",
+        ):
             monkeypatch.setenv(name, f"sk-readme-{name.lower()}-0001")
     work = tmp_path / "cwd"
     work.mkdir()
