@@ -115,6 +115,18 @@ def load_split(seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
     return train, test
 
 
+def with_shared_prefix(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """The same prompts as an application sends them: each benchmark's behind a long instruction
+    and few-shot prefix of its own (the router's template signature then names the task)."""
+    heads = {
+        bench: f"You are answering {bench} questions. Work like the examples below.\n"
+        + "Example: a question, then its answer on the last line. " * 8
+        + "\n\n"
+        for bench in {p.bench for p in prompts}
+    }
+    return [Prompt(p.bench, heads[p.bench] + p.question, p.scores, p.in_tokens) for p in prompts]
+
+
 def size_pricing() -> Pricing:
     """Price and latency proportional to parameter count: $0.20/M and 800 ms at 7.2B."""
     return Pricing(
