@@ -43,6 +43,7 @@ from .errors import (
 )
 from .grounding import rpc_ground
 from .images import rpc_generate_image, rpc_generate_video
+from .speech_rpc import rpc_synthesize, rpc_transcribe
 
 __all__ = ["METHODS", "Session", "register"]
 
@@ -440,6 +441,8 @@ METHODS: dict[str, Method] = {
     "generate_image": rpc_generate_image,
     "generate_video": rpc_generate_video,
     "ground": rpc_ground,
+    "transcribe": rpc_transcribe,
+    "synthesize": rpc_synthesize,
 }
 
 

@@ -1,0 +1,73 @@
+"""JSON-RPC ``transcribe`` and ``synthesize``: speech over the WebSocket, audio as base64.
+
+Like the audio routes, a remote caller never names a file on the server: ``transcribe`` takes the
+audio as ``audio`` (base64, a data: URL too) and ``synthesize`` answers it as ``audio``; the
+temporary folder is gone afterwards and error messages do not show its path. ``"model": "auto"``
+(or none) leaves the choice to the ``[speech]`` policy.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import InferenceError
+from ..requests import SynthesizeRequest, TranscribeRequest
+from .errors import ApiError
+from .media import _without_path
+
+__all__ = ["rpc_synthesize", "rpc_transcribe"]
+
+_SERVER_PATHS = ("audio_path", "output_path", "reference_audio_path")
+
+
+def _fields(params: dict[str, Any]) -> dict[str, Any]:
+    for key in _SERVER_PATHS:
+        if key in params:
+            raise ApiError(400, f"`{key}` names a file on the server; send audio as base64", param=key)
+    return {k: v for k, v in params.items() if k not in ("audio", "filename") and v != "auto"}
+
+
+def _audio(value: Any) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, "`audio` must be base64 audio data", param="audio")
+    try:
+        return base64.b64decode(value.split(",", 1)[-1], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "`audio` is not valid base64", param="audio") from None
+
+
+async def rpc_transcribe(session: Any, params: dict[str, Any], rid: Any) -> Any:
+    fields = _fields(params)
+    data = _audio(params.get("audio"))
+    name = str(params.get("filename") or "audio.wav")
+    workdir = Path(tempfile.mkdtemp(prefix="car-rpc-audio-"))
+    try:
+        audio = workdir / ("audio" + Path(name).suffix[:8])
+        audio.write_bytes(data)
+        request = TranscribeRequest.model_validate({**fields, "audio_path": str(audio)})
+        result = await session.engine.transcribe(request)
+    except InferenceError as exc:
+        raise _without_path(exc, workdir, name) from None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result.model_dump(mode="json")
+
+
+async def rpc_synthesize(session: Any, params: dict[str, Any], rid: Any) -> Any:
+    fields = _fields(params)
+    workdir = Path(tempfile.mkdtemp(prefix="car-rpc-speech-"))
+    try:
+        target = workdir / f"speech.{fields.get('format', 'wav')}"
+        request = SynthesizeRequest.model_validate({**fields, "output_path": str(target)})
+        result = await session.engine.synthesize(request)
+        data = base64.b64encode(Path(result.audio_path).read_bytes()).decode()
+    except InferenceError as exc:
+        raise _without_path(exc, workdir, "the output file") from None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {**result.model_dump(mode="json", exclude={"audio_path"}), "audio": data}

@@ -1,0 +1,53 @@
+"""JSON-RPC ``synthesize`` and ``transcribe`` over /ws, with a real client against a real server
+in front of the embedded Piper voice and Whisper base."""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+
+from websockets.asyncio.client import connect
+
+from car_inference.server import ServerThread
+
+from .test_jsonrpc import call
+
+
+async def test_speech_round_trip_over_json_rpc(local_server: ServerThread) -> None:
+    async with connect(local_server.ws_url) as ws:
+        spoken = (await call(ws, "synthesize", {"text": "The quick brown fox.", "model": "auto"}))["result"]
+        assert (spoken["model_used"], spoken["media_type"], spoken["voice_used"]) == (
+            "piper/en_us-joe-medium",
+            "audio/wav",
+            "en_US-joe-medium",
+        )
+        audio = base64.b64decode(spoken["audio"])
+        assert audio[:4] == b"RIFF" and len(audio) > 10_000 and "audio_path" not in spoken
+        heard = (await call(ws, "transcribe", {"audio": spoken["audio"], "language": "en"}, rid=2))["result"]
+        assert heard["model_used"] == "systran/faster-whisper-base" and "fox" in heard["text"].lower()
+    assert not [
+        p for p in os.listdir(tempfile.gettempdir()) if p.startswith(("car-rpc-audio-", "car-rpc-speech-"))
+    ]
+
+
+async def test_bad_speech_calls_are_invalid_params(local_server: ServerThread) -> None:
+    async with connect(local_server.ws_url) as ws:
+        for rid, (method, params, param) in enumerate(
+            [
+                ("transcribe", {"audio": "not base64!"}, "audio"),
+                ("transcribe", {}, "audio"),
+                ("transcribe", {"audio_path": "/etc/passwd"}, "audio_path"),
+                ("synthesize", {"text": "hi", "output_path": "/tmp/x.wav"}, "output_path"),
+            ]
+        ):
+            error = (await call(ws, method, params, rid=rid))["error"]
+            assert error["code"] == -32602 and error["data"]["param"] == param, error
+        noise = base64.b64encode(b"RIFF0000WAVEjunk").decode()
+        undecodable = (await call(ws, "transcribe", {"audio": noise, "filename": "a.wav"}, rid=9))["error"]
+        assert (
+            "could not transcribe a.wav" in undecodable["message"]
+            and "car-rpc-audio-" not in undecodable["message"]
+        )
+        unknown = (await call(ws, "synthesize", {"text": "hi", "voice": "nosuch"}, rid=10))["error"]
+        assert "has no voice 'nosuch'" in unknown["message"]
