@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from car_inference.engine import InferenceEngine
-from car_inference.engine.speech import speech_model, speech_smoke, word_error_rate
-from car_inference.errors import InferenceError, ModelUnavailable
+from car_inference.engine.speech import speech_model, speech_smoke, transcription_cost, word_error_rate
+from car_inference.errors import InferenceError, ModelUnavailable, SpendLimitExceeded
 from car_inference.requests import SynthesizeRequest, TranscribeRequest
 from car_inference.schema import ModelCapability, WhisperSource
 from fakes import FakeProviderServer
-from fakes.provider_speech import spoken_text
+from fakes.provider_speech import spoken_text, wav
 
 STT, TTS = ModelCapability.SPEECH_TO_TEXT, ModelCapability.TEXT_TO_SPEECH
 WHISPER, PIPER = "systran/faster-whisper-base", "piper/en_us-joe-medium"
@@ -148,3 +148,41 @@ async def test_a_smoke_side_without_models_says_so(engine_with) -> None:  # type
     engine = engine_with(key=False)
     with pytest.raises(ModelUnavailable, match="no remote text_to_speech model is available"):
         await speech_smoke(engine, local=False, remote=True)
+
+
+# --- spend ---------------------------------------------------------------------------------------
+
+
+async def test_hosted_speech_counts_against_spend_limits(
+    engine_with, fake: FakeProviderServer, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with(extra="[spend]\ndaily_usd = 0.02\n")
+    text = "x" * 1000  # $0.015 at gpt-4o-mini-tts's $0.015 per 1k characters
+    spoken = await engine.synthesize(
+        SynthesizeRequest(text=text, model=HOSTED_TTS, output_path=str(tmp_path / "a.wav"))
+    )
+    assert engine.spend.status().by_provider_today == {"openai": pytest.approx(0.015)}
+    with pytest.raises(SpendLimitExceeded):
+        await engine.synthesize(SynthesizeRequest(text=text, model=HOSTED_TTS))
+    assert len(fake.requests) == 1  # refused before the call
+    # Transcription is priced per minute of audio: the fake's WAV is 0.3 s per word.
+    audio = tmp_path / "long.wav"
+    audio.write_bytes(wav(" ".join(["word"] * 200)))  # 60 s: $0.0045
+    await engine.transcribe(TranscribeRequest(audio_path=str(audio), model=HOSTED_STT))
+    assert engine.spend.status().by_provider_today == {"openai": pytest.approx(0.0195)}
+    # Local speech costs nothing and is never refused, even over the limit.
+    engine.spend.record("openai", HOSTED_TTS, 1.0)
+    local = await engine.synthesize(SynthesizeRequest(text="free", output_path=str(tmp_path / "b.wav")))
+    assert (spoken.model_used, local.model_used) == (HOSTED_TTS, PIPER)
+
+
+def test_the_cost_of_audio_of_unknown_length_is_none(tmp_path: Path, engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with()
+    hosted, local = engine.registry.get(HOSTED_STT), engine.registry.get(WHISPER)
+    clip = tmp_path / "a.wav"
+    clip.write_bytes(wav("one two three four"))  # 1.2 s
+    assert transcription_cost(hosted, str(clip)) == pytest.approx(0.0045 * 1.2 / 60)
+    assert transcription_cost(local, str(clip)) == 0.0
+    notes = tmp_path / "a.txt"
+    notes.write_text("not audio")
+    assert transcription_cost(hosted, str(notes)) is None

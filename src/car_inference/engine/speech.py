@@ -25,8 +25,9 @@ import re
 import tempfile
 import time
 import wave
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -37,19 +38,26 @@ from ..schema import ModelCapability, ModelSchema
 if TYPE_CHECKING:
     from ..config import CarConfig
     from ..registry import UnifiedRegistry
+    from ..routing import SpendControl
 
 __all__ = [
     "SMOKE_TEXT",
     "SPEECH_CAPABILITIES",
     "SpeechSmokePath",
     "SpeechSmokeReport",
+    "audio_seconds",
+    "charged",
     "side_model",
     "speech_model",
     "speech_smoke",
+    "synthesis_cost",
+    "transcription_cost",
     "word_error_rate",
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # The [speech] settings naming each direction's preferred (local, hosted) model.
 SPEECH_CAPABILITIES: dict[ModelCapability, tuple[str, str]] = {
@@ -105,6 +113,55 @@ def side_model(engine: _Engine, capability: ModelCapability, local: bool) -> Mod
     if not on_side:
         return None
     return min(on_side, key=lambda m: (m.id != wanted, m.id != default_id, -(m.quality or 0), m.id))
+
+
+# --- what hosted speech costs -------------------------------------------------------------------
+
+
+def synthesis_cost(model: ModelSchema, text: str) -> float:
+    """The catalog's price for speaking ``text`` (0 for a model without one, e.g. a local one)."""
+    return (model.cost.per_1k_characters or 0.0) * len(text) / 1000
+
+
+def transcription_cost(model: ModelSchema, audio_path: str) -> float | None:
+    """The catalog's price for hearing the file: per minute of its audio; None when the length
+    cannot be read (neither a WAV nor, without PyAV, anything else)."""
+    rate = model.cost.per_minute
+    if not rate:
+        return 0.0
+    seconds = audio_seconds(Path(audio_path).expanduser())
+    return None if seconds is None else rate * seconds / 60
+
+
+async def charged(
+    spend: SpendControl, model: ModelSchema, cost: float | None, run: Callable[[], Awaitable[T]]
+) -> T:
+    """Run priced speech under the spend limits: checked first with the estimate, then recorded."""
+    if cost == 0.0:
+        return await run()
+    if cost is None:
+        log.warning("%s: the audio's length is unknown, so its cost is not counted", model.id)
+    spend.check(model.provider, cost or 0.0)
+    result = await run()
+    if cost:
+        spend.record(model.provider, model.id, cost)
+    return result
+
+
+def audio_seconds(path: Path) -> float | None:
+    """The length of an audio file: WAV by its header, anything else through PyAV when installed."""
+    seconds = _wav_seconds(path)
+    if seconds is not None:
+        return seconds
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(str(path)) as container:
+            return container.duration / 1_000_000 if container.duration else None
+    except (OSError, ValueError):  # PyAV's errors derive from both
+        return None
 
 
 # --- the smoke test: speak a sentence, hear it back ---------------------------------------------
@@ -193,7 +250,7 @@ async def _round_trip(
         text=text,
         transcript=heard.text,
         word_error_rate=word_error_rate(text, heard.text),
-        audio_s=_wav_seconds(Path(spoken.audio_path)),
+        audio_s=audio_seconds(Path(spoken.audio_path)),
         synthesize_ms=(middle - start) * 1000,
         transcribe_ms=(end - middle) * 1000,
     )

@@ -31,7 +31,7 @@ from ..requests import (
     TranscribeResult,
 )
 from ..schema import ModelCapability, ModelSchema
-from .speech import speech_model
+from .speech import charged, speech_model, synthesis_cost, transcription_cost
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
@@ -160,11 +160,15 @@ class TaskMixin:
 
     async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
         model = speech_model(self, request.model, ModelCapability.SPEECH_TO_TEXT)
-        return await self._task_method(model, ModelCapability.SPEECH_TO_TEXT, "transcribe")(model, request)
+        method = self._task_method(model, ModelCapability.SPEECH_TO_TEXT, "transcribe")
+        cost = transcription_cost(model, request.audio_path)  # hosted speech counts against spend limits
+        return await charged(self.spend, model, cost, lambda: method(model, request))
 
     async def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
         model = speech_model(self, request.model, ModelCapability.TEXT_TO_SPEECH)
-        return await self._task_method(model, ModelCapability.TEXT_TO_SPEECH, "synthesize")(model, request)
+        method = self._task_method(model, ModelCapability.TEXT_TO_SPEECH, "synthesize")
+        cost = synthesis_cost(model, request.text)
+        return await charged(self.spend, model, cost, lambda: method(model, request))
 
     async def generate_image(
         self, request: GenerateImageRequest, progress: Callable[[int, int], None] | None = None
