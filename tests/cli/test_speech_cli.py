@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import wave
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def test_prefer_local_false_with_a_key_speaks_and_listens_hosted(
 
 
 def test_speech_smoke_on_the_embedded_piper_and_whisper() -> None:
-    code, out, err = car("speech", "smoke", "--json")
+    code, out, err = car("speech", "smoke", "--json", "--keep-audio")
     assert code == 0, err
     report = json.loads(out)
     assert report["skipped"] == ["remote"]
@@ -121,7 +122,9 @@ def test_speech_smoke_on_the_embedded_piper_and_whisper() -> None:
     # Piper samples noise on every call: allow one misheard word of nine.
     assert path["word_error_rate"] <= 1 / 9, path["transcript"]
     assert path["audio_s"] > 1.5 and path["synthesize_ms"] > 0 and path["transcribe_ms"] > 0
-    assert Path(path["audio_path"]).is_file()
+    kept = Path(path["audio_path"])
+    assert kept.is_file() and kept.parent.name.startswith("car-smoke-")
+    shutil.rmtree(kept.parent)
 
 
 def test_speech_smoke_remote_in_words_and_its_limits(

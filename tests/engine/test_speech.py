@@ -3,6 +3,7 @@ the catalog's OpenAI speech models on the fake provider server (a user ``[hosts.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -133,12 +134,15 @@ def test_word_error_rate(said: str, heard: str, rate: float) -> None:
 
 async def test_the_smoke_test_runs_each_side_asked_for(engine_with, fake: FakeProviderServer) -> None:  # type: ignore[no-untyped-def]
     engine = engine_with()
+    before = set(Path(tempfile.gettempdir()).glob("car-smoke-*"))
     report = await speech_smoke(engine, local=False, remote=True, text="Testing the remote path.")
     assert report.skipped == ["local"]
     (path,) = report.paths
     assert (path.side, path.tts_model, path.stt_model) == ("remote", HOSTED_TTS, HOSTED_STT)
     assert (path.transcript, path.word_error_rate) == ("Testing the remote path.", 0.0)
     assert path.audio_s == pytest.approx(0.3 * 4) and path.synthesize_ms > 0 and path.transcribe_ms > 0
+    assert path.audio_path is None  # not kept: its folder is gone
+    assert set(Path(tempfile.gettempdir()).glob("car-smoke-*")) == before
     fake.speech.heard = "testing the remote bath"
     report = await speech_smoke(engine, local=False, remote=True, text="Testing the remote path.")
     assert report.paths[0].word_error_rate == pytest.approx(0.25)

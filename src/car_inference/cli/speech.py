@@ -97,6 +97,9 @@ speech_app = typer.Typer(help="Speech checks.", no_args_is_help=True)
 def smoke(
     local: Annotated[bool, typer.Option("--local/--no-local", help="round trip on local models")] = True,
     remote: Annotated[bool, typer.Option("--remote/--no-remote", help="round trip on hosted models")] = False,
+    keep_audio: Annotated[
+        bool, typer.Option("--keep-audio", help="keep the spoken audio and print its path")
+    ] = False,
     text: Annotated[
         str | None,
         typer.Option("--text", help="the sentence to say and hear back (default: the quick brown fox)"),
@@ -112,7 +115,7 @@ def smoke(
     from ..engine.speech import speech_smoke  # lazily, as the engine is: start-up stays quick
 
     with spinner("Speaking and listening..."):
-        report = run(speech_smoke(engine(), local=local, remote=remote, text=text))
+        report = run(speech_smoke(engine(), local=local, remote=remote, text=text, keep_audio=keep_audio))
     if as_json:
         print_json(report)
     for path in [] if as_json else report.paths:
@@ -120,8 +123,8 @@ def smoke(
         out.print(
             f"{path.side}: WER {path.word_error_rate:.0%}  {path.tts_model} -> {path.stt_model}\n"
             f"  said:  {path.text}\n  heard: {path.transcript}\n"
-            f"  synthesize {path.synthesize_ms:.0f} ms ({audio}), transcribe {path.transcribe_ms:.0f} ms\n"
-            f"  {path.audio_path}",
+            f"  synthesize {path.synthesize_ms:.0f} ms ({audio}), transcribe {path.transcribe_ms:.0f} ms"
+            + (f"\n  {path.audio_path}" if path.audio_path else ""),
             markup=False,
         )
     worst = max((p.word_error_rate for p in report.paths), default=0.0)

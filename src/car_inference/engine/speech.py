@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tempfile
 import time
 import wave
@@ -175,7 +176,7 @@ class SpeechSmokePath(BaseModel):
     side: str = Field(description="local or remote")
     tts_model: str
     stt_model: str
-    audio_path: str
+    audio_path: str | None = Field(default=None, description="the spoken audio, when kept")
     text: str
     transcript: str
     word_error_rate: float = Field(description="word edits to get the text from the transcript / words")
@@ -207,10 +208,16 @@ def _words(text: str) -> list[str]:
 
 
 async def speech_smoke(
-    engine: _SmokeEngine, *, local: bool = True, remote: bool = False, text: str | None = None
+    engine: _SmokeEngine,
+    *,
+    local: bool = True,
+    remote: bool = False,
+    text: str | None = None,
+    keep_audio: bool = False,
 ) -> SpeechSmokeReport:
     """Synthesize ``text`` and transcribe it back on each side asked for. A side with no available
-    model for either direction is ``ModelUnavailable`` naming what is missing."""
+    model for either direction is ``ModelUnavailable`` naming what is missing. The audio is
+    deleted afterwards unless ``keep_audio`` (then ``audio_path`` says where it is)."""
     report = SpeechSmokeReport()
     for side, wanted in (("local", local), ("remote", remote)):
         if not wanted:
@@ -225,14 +232,19 @@ async def speech_smoke(
             if model is None:
                 raise ModelUnavailable(str(capability), f"no {side} {capability} model is available")
         assert tts is not None and stt is not None
-        report.paths.append(await _round_trip(engine, side, tts, stt, text or SMOKE_TEXT))
+        folder = Path(tempfile.mkdtemp(prefix="car-smoke-"))
+        try:
+            path = await _round_trip(engine, side, tts, stt, text or SMOKE_TEXT, folder / f"{side}.wav")
+        finally:
+            if not keep_audio:
+                shutil.rmtree(folder, ignore_errors=True)
+        report.paths.append(path if keep_audio else path.model_copy(update={"audio_path": None}))
     return report
 
 
 async def _round_trip(
-    engine: _SmokeEngine, side: str, tts: ModelSchema, stt: ModelSchema, text: str
+    engine: _SmokeEngine, side: str, tts: ModelSchema, stt: ModelSchema, text: str, target: Path
 ) -> SpeechSmokePath:
-    target = Path(tempfile.mkdtemp(prefix="car-speech-smoke-")) / f"{side}.wav"
     start = time.perf_counter()
     spoken = await engine.synthesize(
         SynthesizeRequest(text=text, model=tts.id, language="en", output_path=str(target))
