@@ -133,8 +133,16 @@ class _Jobs:
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self.jobs: dict[str, _Job] = {}
-        self.folder = Path(tempfile.mkdtemp(prefix="car-videos-"))
-        weakref.finalize(self, shutil.rmtree, str(self.folder), True)  # the videos go with the server
+        self._folder: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        """Where finished videos wait to be fetched: made on the first job (a server that never
+        makes a video leaves no folder behind), removed with the server."""
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="car-videos-"))
+            weakref.finalize(self, shutil.rmtree, str(self._folder), True)
+        return self._folder
 
     def running(self) -> int:
         return sum(j.status in ("queued", "in_progress") for j in self.jobs.values())
