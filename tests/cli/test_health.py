@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def test_local_view_says_so(server: ServerThread, isolated_home: Path) -> None:
     code, out, _ = car("health", "--local")
     assert code == 0 and out.startswith("local view (--local; breakers are per process)")
     assert "circuit breakers: none yet" in out
+    assert "breaker coordination: local (this process only)" in out
+    assert f"machine: {os.cpu_count()} cores" in out and "no GPU" in out
 
     # A key the server refuses: the local view, and why.
     (isolated_home / "config.toml").write_text(f'[server]\nport = {server.port}\napi_keys = ["wrong"]\n')

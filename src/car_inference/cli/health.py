@@ -110,6 +110,7 @@ def _print_report(report: dict[str, Any], source: dict[str, str | None]) -> None
         out.print(f"  {s['name']}: {escape(s['model_id'] or '-')} ({s['strategy'] or 'no candidate'})")
     _print_breakers(report.get("circuit_breakers") or {}, source["from"] == "server")
     _print_state(report.get("state"))
+    _print_extras(report)
 
 
 def _print_state(state: dict[str, Any] | None) -> None:
@@ -120,6 +121,37 @@ def _print_state(state: dict[str, Any] | None) -> None:
         out.print(f"{where} [red]unreachable[/] ({escape(str(state['error']))})")
     else:
         out.print(f"{where}, schema {state['schema_version']}, {state['round_trip_ms']:.2f} ms round trip")
+
+
+def _print_extras(report: dict[str, Any]) -> None:
+    """Breaker coordination, managed runtimes and the machine, when the report has them."""
+    coord = report.get("coordination")
+    if coord:
+        if coord["backend"] == "local":
+            out.print("breaker coordination: local (this process only)")
+        elif coord.get("reachable") is False:
+            out.print(
+                f"breaker coordination: redis [red]unreachable[/], local meanwhile ({coord.get('error')})"
+            )
+        else:
+            latency = coord.get("latency_ms")
+            shown = f", {latency:.2f} ms round trip" if isinstance(latency, int | float) else ""
+            out.print(f"breaker coordination: redis at {escape(str(coord.get('url')))}{shown}")
+    for r in report.get("runtimes") or []:
+        where = f" at {r['base_url']}" if r.get("base_url") else ""
+        out.print(
+            f"runtime {escape(r['name'])} ({r['runtime']}): {r['state']}{where}, {r['restarts']} restarts"
+        )
+    hw = (report.get("hardware") or {}).get("hardware")
+    if hw:
+        gpus = (
+            ", ".join(f"{g['name']} {g['memory_total_mb'] // 1024} GiB" for g in hw.get("gpus") or [])
+            or "no GPU"
+        )
+        out.print(
+            f"machine: {hw['cpu']['cores']} cores, {hw['memory']['total_mb'] // 1024} GiB RAM, {escape(gpus)}"
+            " (car hardware: what fits)"
+        )
 
 
 def _print_breakers(breakers: dict[str, dict[str, Any]], from_server: bool) -> None:
