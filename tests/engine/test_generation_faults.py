@@ -221,6 +221,21 @@ async def test_input_a_named_model_cannot_take_is_unsupported(
     assert all(engine.breakers.state(m) == CircuitState.CLOSED for m in ("acme/alpha", "anthro/claude"))
 
 
+async def test_input_no_candidate_can_take_is_the_callers_error_not_an_outage(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    """Schemathesis found it: an audio block of a type no routed candidate takes failed on every
+    candidate and came back as AllModelsFailed (a 502). Every attempt refused the input, so the
+    answer is that refusal (a 400 from the server), and no breaker counts it."""
+    engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 1\n")
+    audio = [TextBlock(text="Hear this."), AudioBlock(data="UklGRg==", media_type="audio/ogg")]
+    request = GenerateRequest(messages=[Message(role="user", content=audio)])
+    with pytest.raises(UnsupportedMode):
+        await engine.generate(request)
+    assert fake.requests == []
+    assert all(engine.breakers.state(m) == CircuitState.CLOSED for m in ("acme/alpha", "bolt/beta"))
+
+
 async def test_images_to_the_local_text_model_are_unsupported_and_trip_nothing(
     remote_engine: RemoteEngine,
 ) -> None:

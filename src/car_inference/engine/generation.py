@@ -35,6 +35,7 @@ from ..errors import (
     CircuitOpen,
     InferenceError,
     InferenceFailed,
+    InvalidInput,
     ModelNotFound,
     ModelUnavailable,
     SpendLimitExceeded,
@@ -518,4 +519,6 @@ def _final_error(attempts: list[tuple[str, InferenceError]]) -> InferenceError:
         return spend[0]  # refused by policy, not broken: say so
     if len(attempts) == 1:
         return errors[0]
+    if all(isinstance(e, InvalidInput | UnsupportedMode) for e in errors):
+        return errors[0]  # no model could take this input: the caller's to fix (a 4xx), not an outage
     return AllModelsFailed(attempts)
