@@ -181,4 +181,6 @@ def test_ctrl_c_while_starting_is_quiet(isolated_home: Path, delay_s: float) -> 
     time.sleep(delay_s)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=20)
-    assert process.returncode == 130 and "Traceback" not in err, err
+    # 130, or ended by the signal itself (-2) when it lands while uvicorn hands it back on the way
+    # out: a shell reports both as 130. What matters is that nothing is printed.
+    assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
