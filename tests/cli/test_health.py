@@ -99,3 +99,24 @@ def test_without_a_server(isolated_home: Path) -> None:
     assert code == 1 and "no server answered" in err
     code, _, err = car("health", "--server", "localhost:1", "--local")
     assert code == 2 and "exclude each other" in err
+
+
+def test_speech_health_shows_each_direction(isolated_home: Path) -> None:
+    """`car health` says what speech without -m runs and each side's first model; --json has it too."""
+    code, out, err = car("health", "--local")
+    assert code == 0, err
+    assert "speech (local first):" in out
+    assert (
+        "speech to text: systran/faster-whisper-base ok (local systran/faster-whisper-base, remote -)" in out
+    )
+    assert "text to speech: piper/en_us-joe-medium ok (local piper/en_us-joe-medium, remote -)" in out
+    (isolated_home / "config.toml").write_text(
+        '[speech]\nallow_remote_fallback = false\npreferred_local_tts = "piper/no-such-voice"\n'
+    )
+    code, out, _ = car("health", "--local", "--json")
+    speech = json.loads(out)["speech"]
+    assert code == 0 and speech["tts_model"] is None and speech["stt_model"] == "systran/faster-whisper-base"
+    assert any("no-such-voice" in p for p in speech["problems"])
+    code, out, _ = car("health", "--local")
+    assert "speech (local first, no hosted fallback):" in out and "text to speech: none" in out
+    assert "no-such-voice" in out

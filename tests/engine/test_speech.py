@@ -114,6 +114,38 @@ def test_a_preferred_name_not_in_the_catalog_is_an_error(engine_with) -> None:  
     assert "en_us-joe-medium" in str(info.value)  # the close match is suggested
 
 
+# --- health ------------------------------------------------------------------------------------
+
+
+def test_speech_health_says_what_each_direction_runs(engine_with, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with(f'preferred_remote_tts = "{HOSTED_TTS}"\nvoices = {{ alloy = "en_US-joe-medium" }}')
+    speech = engine.model_health().speech
+    assert (speech.stt_model, speech.tts_model) == (WHISPER, PIPER) and speech.stt_available
+    assert (speech.local_stt_default, speech.local_tts_default) == (WHISPER, PIPER)
+    assert (speech.remote_stt_default, speech.remote_tts_default) == (HOSTED_STT, HOSTED_TTS)
+    assert speech.preferred_remote_tts == HOSTED_TTS and speech.voices == {"alloy": "en_US-joe-medium"}
+    selected = {m.id for m in speech.local_models + speech.remote_models if m.selected_by_default}
+    assert selected == {WHISPER, PIPER, HOSTED_STT, HOSTED_TTS} and not speech.problems
+    # Hosted first by policy; then with no local speech-to-text and no fallback allowed.
+    engine.config.speech.prefer_local = False
+    assert (engine.model_health().speech.stt_model, speech.remote_stt_default) == (HOSTED_STT, HOSTED_STT)
+    engine.config.speech.prefer_local = True
+    engine.config.speech.allow_remote_fallback = False
+    without_local_stt(engine, tmp_path)
+    speech = engine.model_health().speech
+    assert (speech.stt_model, speech.stt_available, speech.local_stt_default) == (WHISPER, False, None)
+    assert any(
+        p.startswith(f"speech_to_text: {WHISPER} would run but is not available") for p in speech.problems
+    )
+
+
+def test_speech_health_lists_a_misconfiguration_instead_of_failing(engine_with) -> None:  # type: ignore[no-untyped-def]
+    speech = engine_with('preferred_local_tts = "piper/en_us-joe-medum"', key=False).model_health().speech
+    assert speech.tts_model is None and speech.local_tts_default is None and speech.remote_tts_default is None
+    assert speech.stt_model == WHISPER  # the other direction is unaffected
+    assert any("text_to_speech (local)" in p and "en_us-joe-medum" in p for p in speech.problems)
+
+
 # --- the smoke test ------------------------------------------------------------------------------
 
 

@@ -110,7 +110,28 @@ def _print_report(report: dict[str, Any], source: dict[str, str | None]) -> None
         out.print(f"  {s['name']}: {escape(s['model_id'] or '-')} ({s['strategy'] or 'no candidate'})")
     _print_breakers(report.get("circuit_breakers") or {}, source["from"] == "server")
     _print_state(report.get("state"))
+    _print_speech(report.get("speech"))
     _print_extras(report)
+
+
+def _print_speech(speech: dict[str, Any] | None) -> None:
+    """Per direction: what a request naming no model runs, and each side's first model."""
+    if not speech:
+        return
+    policy = "local first" if speech["prefer_local"] else "hosted first"
+    if speech["prefer_local"] and not speech["allow_remote_fallback"]:
+        policy += ", no hosted fallback"
+    out.print(f"speech ({policy}):")
+    for short, name in (("stt", "speech to text"), ("tts", "text to speech")):
+        model = speech.get(f"{short}_model")
+        state = "[green]ok[/]" if speech.get(f"{short}_available") else "[red]unavailable[/]"
+        sides = ", ".join(
+            f"{side} {escape(str(speech.get(f'{side}_{short}_default') or '-'))}"
+            for side in ("local", "remote")
+        )
+        out.print(f"  {name}: {escape(model) + ' ' + state if model else '[red]none[/]'} ({sides})")
+    for problem in speech.get("problems") or []:
+        out.print(f"  [yellow]{escape(problem)}[/]")
 
 
 def _print_state(state: dict[str, Any] | None) -> None:

@@ -27,6 +27,7 @@ from ..routing import (
 from ..routing.breaker import CoordinationHealth
 from ..runtimes.supervisor import RuntimeStatus
 from ..schema import ALL_CAPABILITIES, ModelCapability, ModelSchema
+from .speech import SpeechHealthReport, speech_health
 
 if TYPE_CHECKING:
     from ..config import CarConfig
@@ -85,23 +86,6 @@ class ModelBenchmarkPriorHealth(BaseModel):
     task_scores: dict[str, float]
     task_latency_ms: dict[str, float]
     source_path: str
-
-
-class SpeechModelHealth(BaseModel):
-    id: str
-    name: str
-    provider: str
-    capability: ModelCapability
-    is_local: bool
-    available: bool
-
-
-class SpeechHealthReport(BaseModel):
-    local_models: list[SpeechModelHealth]
-    remote_models: list[SpeechModelHealth]
-    elevenlabs_configured: bool
-    prefer_local: bool
-    allow_remote_fallback: bool
 
 
 class ModelHealthReport(BaseModel):
@@ -194,7 +178,7 @@ class HealthMixin:
             benchmark_priors=self._prior_health(models),
             circuit_breakers={k: dict(v) for k, v in self.breakers.snapshot().items()},
             spend=self.spend.status(),
-            speech=self._speech_health(models),
+            speech=speech_health(self),  # type: ignore[arg-type]  # self is the InferenceEngine
             runtimes=self.runtimes.statuses(),
             state=state_health(self.store, self.config.state.url or str(self.config.paths.state_db)),
             coordination=self.breakers.coordination(),
@@ -274,29 +258,6 @@ class HealthMixin:
                     source_path=str(path),
                 )
         return [found[k] for k in sorted(found)]
-
-    def _speech_health(self, models: list[ModelSchema]) -> SpeechHealthReport:
-        rows = [
-            SpeechModelHealth(
-                id=m.id,
-                name=m.name,
-                provider=m.provider,
-                capability=cap,
-                is_local=m.is_local,
-                available=m.available,
-            )
-            for m in models
-            for cap in (ModelCapability.SPEECH_TO_TEXT, ModelCapability.TEXT_TO_SPEECH)
-            if m.has_capability(cap)
-        ]
-        speech = self.config.speech
-        return SpeechHealthReport(
-            local_models=[r for r in rows if r.is_local],
-            remote_models=[r for r in rows if not r.is_local],
-            elevenlabs_configured=any(r.available for r in rows if r.provider == "elevenlabs"),
-            prefer_local=speech.prefer_local,
-            allow_remote_fallback=speech.allow_remote_fallback,
-        )
 
     # --- spend and profiles ----------------------------------------------------------------------
 

@@ -14,6 +14,9 @@ local model available the choice is the configured default, whose run then says 
 (``car pull``). With no available model at all, the same. A preferred name that is not in the
 catalog is an error naming it, not a silent skip: a typo in config.toml must not go unnoticed.
 
+``speech_health`` (the ``speech`` part of ``car health`` / ``/v1/health``) says, per direction, the
+preferred models, each side's first model and what a request naming no model runs now.
+
 ``speech_smoke`` (``car speech smoke``) speaks a sentence and hears it back on each side's first
 models, reporting the word error rate and how long each half took.
 """
@@ -28,11 +31,12 @@ import time
 import wave
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 
-from ..errors import ModelUnavailable
+from ..backends.voices import VoiceList
+from ..errors import InferenceError, ModelUnavailable
 from ..requests import SynthesizeRequest, SynthesizeResult, TranscribeRequest, TranscribeResult
 from ..schema import ModelCapability, ModelSchema
 
@@ -44,11 +48,15 @@ if TYPE_CHECKING:
 __all__ = [
     "SMOKE_TEXT",
     "SPEECH_CAPABILITIES",
+    "SpeechHealthReport",
+    "SpeechModelHealth",
     "SpeechSmokePath",
     "SpeechSmokeReport",
     "audio_seconds",
     "charged",
+    "list_voices",
     "side_model",
+    "speech_health",
     "speech_model",
     "speech_smoke",
     "synthesis_cost",
@@ -73,6 +81,12 @@ class _Engine(Protocol):
 
     def resolve(self, name: str) -> ModelSchema: ...
     def _model_for(self, name: str | None, capability: ModelCapability) -> ModelSchema: ...
+
+
+class _VoiceEngine(_Engine, Protocol):
+    def _task_method(
+        self, model: ModelSchema, capability: ModelCapability, method: str
+    ) -> Callable[..., Any]: ...
 
 
 class _SmokeEngine(_Engine, Protocol):
@@ -101,6 +115,15 @@ def speech_model(engine: _Engine, name: str | None, capability: ModelCapability)
     return other
 
 
+async def list_voices(engine: _VoiceEngine, name: str | None = None) -> VoiceList:
+    """The voices ``voice`` takes on model ``name``, else on the model the speech policy picks for
+    text to speech; ``aliases`` are the ``[speech] voices`` names that reach one of them."""
+    model = speech_model(engine, name, ModelCapability.TEXT_TO_SPEECH)
+    voices = engine._task_method(model, ModelCapability.TEXT_TO_SPEECH, "voices")
+    result: VoiceList = await voices(model)
+    return result
+
+
 def side_model(engine: _Engine, capability: ModelCapability, local: bool) -> ModelSchema | None:
     """The available model of one side (local or hosted) ranked first: the side's preferred
     model, the ``[defaults]`` model, then the quality prior and the id. None when there is none."""
@@ -114,6 +137,104 @@ def side_model(engine: _Engine, capability: ModelCapability, local: bool) -> Mod
     if not on_side:
         return None
     return min(on_side, key=lambda m: (m.id != wanted, m.id != default_id, -(m.quality or 0), m.id))
+
+
+# --- health: what the policy picks now ---------------------------------------------------------
+
+
+class SpeechModelHealth(BaseModel):
+    id: str
+    name: str
+    provider: str
+    capability: ModelCapability
+    is_local: bool
+    available: bool
+    selected_by_default: bool = Field(
+        default=False, description="its side's first model for this direction (see speech_health)"
+    )
+
+
+class SpeechHealthReport(BaseModel):
+    """The seed's speech health: models per side, the policy, each direction's preferred and
+    first models, plus what a request naming no model runs now (``stt_model`` / ``tts_model``)."""
+
+    local_models: list[SpeechModelHealth]
+    remote_models: list[SpeechModelHealth]
+    elevenlabs_configured: bool
+    prefer_local: bool
+    allow_remote_fallback: bool
+    preferred_local_stt: str | None = None
+    preferred_local_tts: str | None = None
+    preferred_remote_stt: str | None = None
+    preferred_remote_tts: str | None = None
+    local_stt_default: str | None = Field(default=None, description="the first available local model")
+    local_tts_default: str | None = None
+    remote_stt_default: str | None = Field(default=None, description="the first available hosted model")
+    remote_tts_default: str | None = None
+    stt_model: str | None = Field(default=None, description="what `car transcribe` without -m runs now")
+    tts_model: str | None = Field(default=None, description="what `car speak` without -m runs now")
+    stt_available: bool = False
+    tts_available: bool = False
+    voices: dict[str, str] = Field(default_factory=dict, description="[speech] voices: other names mapped")
+    problems: list[str] = Field(default_factory=list, description="why a direction has no runnable model")
+
+
+def speech_health(engine: _Engine) -> SpeechHealthReport:
+    """The speech part of the health report: never raises; a misconfiguration (a preferred model
+    not in the catalog) or a direction nothing can run is listed in ``problems``."""
+    policy = engine.config.speech
+    fields: dict[str, object] = {}
+    problems: list[str] = []
+    for capability, short in (
+        (ModelCapability.SPEECH_TO_TEXT, "stt"),
+        (ModelCapability.TEXT_TO_SPEECH, "tts"),
+    ):
+        for side, local in (("local", True), ("remote", False)):
+            try:
+                first = side_model(engine, capability, local)
+            except InferenceError as exc:
+                problems.append(f"{capability} ({side}): {exc}")
+                first = None
+            fields[f"{side}_{short}_default"] = first.id if first else None
+        try:
+            model: ModelSchema | None = speech_model(engine, None, capability)
+        except InferenceError as exc:
+            model = None
+            problems.append(f"{capability}: {exc}")
+        fields[f"{short}_model"] = model.id if model else None
+        fields[f"{short}_available"] = bool(model and model.available)
+        if model is not None and not model.available:
+            why = engine.registry.unavailable_reason(model)
+            problems.append(f"{capability}: {model.id} would run but is not available ({why})")
+    defaults = {v for k, v in fields.items() if k.endswith("_default") and v}
+    rows = [
+        SpeechModelHealth(
+            id=m.id,
+            name=m.name,
+            provider=m.provider,
+            capability=cap,
+            is_local=m.is_local,
+            available=m.available,
+            selected_by_default=m.id in defaults,
+        )
+        for m in engine.registry.list()
+        for cap in SPEECH_CAPABILITIES
+        if m.has_capability(cap)
+    ]
+    return SpeechHealthReport(
+        local_models=[r for r in rows if r.is_local],
+        remote_models=[r for r in rows if not r.is_local],
+        elevenlabs_configured=any(r.available for r in rows if r.provider == "elevenlabs"),
+        prefer_local=policy.prefer_local,
+        allow_remote_fallback=policy.allow_remote_fallback,
+        preferred_local_stt=policy.preferred_local_stt,
+        preferred_local_tts=policy.preferred_local_tts,
+        preferred_remote_stt=policy.preferred_remote_stt,
+        preferred_remote_tts=policy.preferred_remote_tts,
+        voices=dict(policy.voices),
+        problems=problems,
+        **fields,  # type: ignore[arg-type]
+    )
 
 
 # --- what hosted speech costs -------------------------------------------------------------------
