@@ -1,29 +1,215 @@
+"""`car models pull` against a Hugging Face Hub on loopback (tests/fakes/hf_hub.py): files land in the
+HF cache where `locate` finds them, interrupted downloads continue, hashes are checked, and every
+failure is one line."""
+
 from __future__ import annotations
 
+import hashlib
+import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from car_inference.catalog import load_builtin
-from car_inference.catalog.pull import pull_model
-from car_inference.errors import DownloadFailed, UnsupportedMode
+from car_inference.catalog.hub import repo_dir
+from car_inference.catalog.locate import local_path
+from car_inference.catalog.pull import pull, pull_model
+from car_inference.errors import DownloadFailed, ModelUnavailable, UnsupportedMode
+from car_inference.schema import ModelSchema
+from fakes.hf_hub import FakeHub
+
+REPO = "tiny/tiny-GGUF"
+WEIGHTS = os.urandom(3_000_000)
 
 
-def _model(model_id: str):  # type: ignore[no-untyped-def]
+def gguf_model(
+    model_id: str = "tiny/tiny:q4", filename: str = "tiny-q4.gguf", **extra: object
+) -> ModelSchema:
+    source = {"kind": "gguf", "hf_repo": REPO, "filename": filename} | extra
+    return ModelSchema.model_validate({"id": model_id, "name": "tiny", "provider": "tiny",
+                                       "capabilities": ["generate"], "source": source})  # fmt: skip
+
+
+class Bars:
+    """A PullProgress that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, tuple[int | None, int]] = {}
+        self.advanced: dict[str, int] = {}
+        self.finished: dict[str, int] = {}
+
+    def file_started(self, path: str, total: int | None, done: int) -> None:
+        self.started[path] = (total, done)
+
+    def advance(self, path: str, n: int) -> None:
+        self.advanced[path] = self.advanced.get(path, 0) + n
+
+    def file_finished(self, path: str, downloaded: int) -> None:
+        self.finished[path] = downloaded
+
+
+def _builtin(model_id: str) -> ModelSchema:
     return next(m for m in load_builtin().models if m.id == model_id)
 
 
 def test_packaged_model_needs_no_download() -> None:
-    assert pull_model(_model("huggingface/smollm2-135m-instruct:q4_1")).is_file()
+    assert pull_model(_builtin("huggingface/smollm2-135m-instruct:q4_1")).is_file()
 
 
 def test_remote_model_has_nothing_to_pull() -> None:
     with pytest.raises(UnsupportedMode):
-        pull_model(_model("openai/gpt-6-luna"))
+        pull_model(_builtin("openai/gpt-6-luna"))
 
 
-def test_failed_download_is_a_download_failed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # Offline (as every test run is): huggingface_hub refuses, and the error says which repo.
+def test_offline_is_one_line_naming_the_repo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The test run is offline (HF_HUB_OFFLINE=1): nothing is attempted, the error says why and what.
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(DownloadFailed, match=r"Qwen/Qwen3-0\.6B-GGUF"):
-        pull_model(_model("qwen/qwen3-0.6b:q8_0"))
+    with pytest.raises(DownloadFailed) as caught:
+        pull_model(_builtin("qwen/qwen3-0.6b:q8_0"))
+    message = str(caught.value)
+    assert "Qwen/Qwen3-0.6B-GGUF" in message and "HF_HUB_OFFLINE" in message and "\n" not in message
+
+
+def test_pull_fetches_verifies_and_makes_the_model_available(hub: FakeHub) -> None:
+    model = gguf_model(mmproj="mmproj.gguf")
+    commit = hub.publish(
+        REPO, {"tiny-q4.gguf": WEIGHTS, "mmproj.gguf": b"projector" * 1000, "README.md": b"hi"}
+    )
+    with pytest.raises(ModelUnavailable, match="car models pull tiny/tiny:q4"):
+        local_path(model)
+    bars = Bars()
+    report = pull(model, bars)
+    assert report.commit == commit and report.previous_commit is None
+    assert report.path == local_path(model) and report.path.read_bytes() == WEIGHTS
+    assert report.downloaded_bytes == len(WEIGHTS) + 9000
+    sha = hashlib.sha256(WEIGHTS).hexdigest()
+    assert [f.digest for f in report.files] == [
+        f"sha256:{sha}",
+        f"sha256:{hashlib.sha256(b'projector' * 1000).hexdigest()}",
+    ]
+    assert (repo_dir(REPO) / "blobs" / sha).is_file() and report.path.is_symlink(), "huggingface_hub's layout"
+    assert (repo_dir(REPO) / "refs" / "main").read_text() == commit
+    assert bars.started["tiny-q4.gguf"] == (len(WEIGHTS), 0) and bars.advanced["tiny-q4.gguf"] == len(WEIGHTS)
+    assert bars.finished == {"tiny-q4.gguf": len(WEIGHTS), "mmproj.gguf": 9000}
+
+    hub.requests.clear()
+    again = pull(model, Bars())
+    assert again.downloaded_bytes == 0 and again.previous_commit == commit
+    assert [r[0] for r in hub.requests] == ["HEAD", "HEAD"], "up to date: asked, nothing fetched"
+
+
+def test_an_interrupted_pull_continues_where_it_stopped(hub: FakeHub) -> None:
+    model = gguf_model()
+    hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS})
+    hub.cut("tiny-q4.gguf", after=300_000, times=5)  # every try of this pull breaks off
+    with pytest.raises(
+        DownloadFailed, match=r"broke off at 1,500,000 of 3,000,000 bytes.*pull again to continue"
+    ):
+        pull(model)
+    sha = hashlib.sha256(WEIGHTS).hexdigest()
+    partial = repo_dir(REPO) / "blobs" / f"{sha}.incomplete"
+    assert partial.stat().st_size == 1_500_000, "five tries of 300 kB each, kept on disk"
+    ranges = [r[2] for r in hub.gets("/cdn/")]
+    assert ranges == [None, "bytes=300000-", "bytes=600000-", "bytes=900000-", "bytes=1200000-"]
+
+    hub.requests.clear()
+    bars = Bars()
+    report = pull(model, bars)
+    assert [r[2] for r in hub.gets("/cdn/")] == ["bytes=1500000-"], "the next pull asks only for the rest"
+    assert report.files[0].resumed_from == 1_500_000 and report.downloaded_bytes == 1_500_000
+    assert bars.started["tiny-q4.gguf"] == (3_000_000, 1_500_000), "the bar starts where it stopped"
+    assert report.path.read_bytes() == WEIGHTS and not partial.exists()
+
+
+def test_a_corrupt_download_is_refused_and_deleted(hub: FakeHub) -> None:
+    model = gguf_model()
+    hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS})
+    hub.corrupt.add("tiny-q4.gguf")
+    with pytest.raises(DownloadFailed, match=r"does not match its sha256 on the Hub.*deleted, pull again"):
+        pull(model)
+    assert not [p for p in (repo_dir(REPO) / "blobs").iterdir()], "neither a blob nor a partial file"
+    with pytest.raises(ModelUnavailable):
+        local_path(model)
+    hub.corrupt.clear()
+    assert pull(model).path.read_bytes() == WEIGHTS
+
+
+def test_small_files_are_checked_against_their_git_blob_id(hub: FakeHub) -> None:
+    model = ModelSchema.model_validate({
+        "id": "tiny/embed", "name": "embed", "provider": "tiny", "capabilities": ["embed"],
+        "source": {"kind": "sentence", "hf_repo": "tiny/embed"},
+    })  # fmt: skip
+    hub.publish(
+        "tiny/embed", {"config.json": b"{}", "modules.json": b"[]", "model.safetensors": WEIGHTS[:1000]}
+    )
+    report = pull(model)
+    digests = {f.path: f.digest for f in report.files}
+    assert digests["config.json"] == "git-sha1:" + hashlib.sha1(b"blob 2\0{}").hexdigest()
+    assert str(digests["model.safetensors"]).startswith("sha256:")
+    assert report.path == local_path(model) and (report.path / "config.json").read_bytes() == b"{}"
+    hub.corrupt.add("config.json")
+    hub.publish("tiny/embed", {"config.json": b'{"a": 1}'})
+    with pytest.raises(DownloadFailed, match="does not match its git-sha1"):
+        pull(model)
+
+
+def test_patterns_choose_the_snapshot_files(hub: FakeHub) -> None:
+    model = ModelSchema.model_validate({
+        "id": "tiny/pipe", "name": "pipe", "provider": "tiny", "capabilities": ["image_generation"],
+        "source": {"kind": "diffusers", "hf_repo": "tiny/pipe", "allow_patterns": ["*.json", "unet/"],
+                   "ignore_patterns": ["*.bin"]},
+    })  # fmt: skip
+    files = {"model_index.json": b"{}", "unet/config.json": b"{}", "unet/w.safetensors": b"w",
+             "unet/w.bin": b"spare", "vae/w.safetensors": b"v", "logo.png": b"png"}  # fmt: skip
+    hub.publish("tiny/pipe", files)
+    report = pull(model)
+    assert sorted(f.path for f in report.files) == [
+        "model_index.json",
+        "unet/config.json",
+        "unet/w.safetensors",
+    ]
+    assert report.path == local_path(model)
+
+
+def test_a_moved_revision_fetches_only_what_changed(hub: FakeHub) -> None:
+    model = gguf_model(mmproj="mmproj.gguf")
+    first = hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS, "mmproj.gguf": b"p" * 100})
+    pull(model)
+    second = hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS[::-1]})
+    hub.requests.clear()
+    report = pull(model)
+    assert report.previous_commit == first and report.commit == second
+    assert [f.downloaded for f in report.files] == [len(WEIGHTS), 0], "the projector's blob is shared"
+    assert local_path(model).read_bytes() == WEIGHTS[::-1]
+
+
+@pytest.mark.parametrize(
+    ("publish", "model", "message"),
+    [
+        (False, gguf_model(), r"tiny/tiny-GGUF@main: tiny-q4\.gguf: no such repo on http://127"),
+        (True, gguf_model(filename="nope.gguf"), r"no such file on"),
+        (True, gguf_model(revision="v9"), r"tiny/tiny-GGUF@v9: tiny-q4\.gguf: no such revision"),
+    ],
+)
+def test_what_the_hub_lacks_is_named(hub: FakeHub, publish: bool, model: ModelSchema, message: str) -> None:
+    if publish:
+        hub.publish(REPO, {"tiny-q4.gguf": b"x"})
+    with pytest.raises(DownloadFailed, match=message):
+        pull(model)
+
+
+def test_an_unreachable_endpoint_fails_at_once_in_one_line(
+    hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens once closed
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(DownloadFailed) as caught:
+        pull(gguf_model())
+    assert time.monotonic() - started < 2, "no retries before saying so"
+    assert str(caught.value).startswith(f"cannot reach http://127.0.0.1:{port} (")
+    assert "\n" not in str(caught.value) and caught.value.__cause__ is None
