@@ -10,6 +10,7 @@ import pytest
 from car_inference.errors import InferenceError, InvalidInput
 from car_inference.grounding import (
     GroundingOutputError,
+    answer_boxes,
     grounding_prompt,
     image_size,
     parse_grounding,
@@ -163,6 +164,18 @@ def test_a_long_malformed_answer_is_quoted_in_part() -> None:
     answer = '{"bbox_2d": [1, 2, 3]}' + "x" * 1000
     with pytest.raises(GroundingOutputError, match=r"\.\.\.'$"):
         parse_grounding(answer, 100, 100, QWEN25)
+
+
+def test_answer_boxes_stay_in_the_models_coordinates() -> None:
+    """InferenceResult.bounding_boxes: the same parser, no image size, so nothing is scaled or clamped."""
+    answer = '[{"bbox_2d": [1200, 20, 30, 2000], "label": "dog"}]'
+    assert answer_boxes(answer, _model("qwen2.5-vl")) == [_box(30, 20, 1200, 2000, "dog")]
+    assert answer_boxes('{"box_2d": [250, 100, 750, 500]}', _model("gemini-3")) == [_box(100, 250, 500, 750)]
+    tagged = "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|>"
+    assert answer_boxes(tagged, _model("qwen2-vl")) == [_box(1, 2, 3, 4, "cat")]
+    assert answer_boxes("cat(1,2),(3,4)", _model("qwen2-vl")) == [_box(1, 2, 3, 4, "cat")]
+    assert answer_boxes("no boxes here", _model("gpt-5")) == []
+    assert answer_boxes('[{"bbox_2d": [1, 2, 3]}]', _model("gpt-5")) == []  # unreadable: no boxes
 
 
 # --- image sizes ----------------------------------------------------------------------------------

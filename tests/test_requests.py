@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from car_inference.requests import (
+    BoundingBox,
     EmbedRequest,
     GenerateImageRequest,
     GenerateParams,
@@ -19,7 +20,6 @@ from car_inference.requests import (
     TextBlock,
     TokenUsage,
     ToolCall,
-    parse_boxes,
 )
 from car_inference.schema import ModelCapability
 
@@ -73,7 +73,7 @@ def test_optional_result_keys_appear_only_when_non_empty() -> None:
         trace_id="t",
         model_used="m",
         latency_ms=1,
-        bounding_boxes=parse_boxes('{"bbox_2d": [1, 2, 3, 4], "label": "cat"}'),
+        bounding_boxes=[BoundingBox(x1=1, y1=2, x2=3, y2=4, label="cat")],
     )
     assert boxed.model_dump()["bounding_boxes"] == [
         {"x1": 1.0, "y1": 2.0, "x2": 3.0, "y2": 4.0, "label": "cat"}
@@ -148,16 +148,6 @@ def test_json_schema_response_format_needs_a_schema() -> None:
     with pytest.raises(ValidationError):
         ResponseFormat(type="json_schema")
     assert ResponseFormat(type="json_schema", json_schema={"name": "x", "schema": {"type": "object"}})
-
-
-def test_parse_boxes_reads_both_qwen_formats_and_ignores_plain_text() -> None:
-    text = (
-        '[{"bbox_2d": [10, 20, 110, 220], "label": "dog"}] and '
-        "<|object_ref_start|>cat<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|>"
-    )
-    boxes = parse_boxes(text)
-    assert [(b.label, b.x1, b.y2) for b in boxes] == [("dog", 10.0, 220.0), ("cat", 1.0, 4.0)]
-    assert parse_boxes("no boxes here") == []
 
 
 @pytest.mark.parametrize(

@@ -28,13 +28,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from .errors import InferenceFailed, InvalidInput
 from .requests import BoundingBox, GroundRequest, GroundResult
-from .schema import ModelSchema
+from .schema import ModelCapability, ModelSchema
 
 __all__ = [
     "BoxSpace",
     "Grounder",
     "GroundingOutputError",
     "GroundingStyle",
+    "answer_boxes",
     "grounding_prompt",
     "image_size",
     "parse_grounding",
@@ -135,9 +136,26 @@ _LABEL_NEAR = re.compile(r"""["']label["']\s*:\s*["']([^"']*)["']""")
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
-def parse_grounding(text: str, width: int, height: int, style: GroundingStyle) -> list[BoundingBox]:
+def answer_boxes(text: str, model: ModelSchema) -> list[BoundingBox]:
+    """``InferenceResult.bounding_boxes``: the boxes in a grounding model's generated answer, read
+    by the same parser as ``engine.ground`` but in the model's own coordinates (no image size is
+    known here), each as ``x1, y1, x2, y2`` (Gemini's ``box_2d`` reordered from y, x). Boxes that
+    cannot be read give []: the generation itself succeeded and its text is in the result. A
+    model that does not declare ``grounding`` gives [] (its numbers are not boxes)."""
+    if not model.has_capability(ModelCapability.GROUNDING):
+        return []
+    try:
+        return parse_grounding(text, None, None, style_for(model))
+    except GroundingOutputError:
+        return []
+
+
+def parse_grounding(
+    text: str, width: int | None, height: int | None, style: GroundingStyle
+) -> list[BoundingBox]:
     """The boxes in ``text`` in pixels of a ``width`` x ``height`` image. ``box_2d`` is read as
-    Gemini's [ymin, xmin, ymax, xmax] on 0-1000, tags on 0-1000, ``bbox_2d`` in ``style``'s space."""
+    Gemini's [ymin, xmin, ymax, xmax] on 0-1000, tags on 0-1000, ``bbox_2d`` in ``style``'s space.
+    With no size, the boxes stay in the model's own coordinates (unscaled, unclamped)."""
     found = _json_boxes(text)
     if found is None:
         found = _keyed_boxes(text)
@@ -226,22 +244,28 @@ def _unreadable(text: str, what: str) -> GroundingOutputError:
 
 
 def _to_pixels(
-    key: str, values: list[float], label: str | None, width: int, height: int, style: GroundingStyle
+    key: str,
+    values: list[float],
+    label: str | None,
+    width: int | None,
+    height: int | None,
+    style: GroundingStyle,
 ) -> BoundingBox:
     if key == "box_2d":  # Gemini: [ymin, xmin, ymax, xmax] on 0-1000
         y1, x1, y2, x2 = values
-        sx, sy = width / 1000, height / 1000
-    elif key == "tag":
-        x1, y1, x2, y2 = values
-        sx, sy = width / 1000, height / 1000
     else:
         x1, y1, x2, y2 = values
+    if width is None or height is None:  # the model's own coordinates
+        sx = sy = 1.0
+    elif key in ("box_2d", "tag"):
+        sx, sy = width / 1000, height / 1000
+    else:
         sx, sy = _bbox_scale(style.bbox_space, width, height)
     xs = sorted((x1 * sx, x2 * sx))
     ys = sorted((y1 * sy, y2 * sy))
 
-    def clamp(v: float, hi: int) -> float:
-        return round(min(max(v, 0.0), float(hi)), 1)
+    def clamp(v: float, hi: int | None) -> float:
+        return round(v if hi is None else min(max(v, 0.0), float(hi)), 1)
 
     return BoundingBox(
         x1=clamp(xs[0], width),

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -62,7 +61,6 @@ __all__ = [
     "TranscribeResult",
     "VideoBlock",
     "VideoMode",
-    "parse_boxes",
 ]
 
 
@@ -563,30 +561,3 @@ class GenerateVideoResult(_Model):
     height: int | None = None
     frames: int | None = None
     seed: int | None = None
-
-
-# --- grounding output parsing ---------------------------------------------------------------------
-
-_BOX_JSON = re.compile(
-    r'"bbox_2d"\s*:\s*\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]'
-    r'(?:\s*,\s*"label"\s*:\s*"([^"]*)")?'
-)
-_BOX_TAG = re.compile(
-    r"(?:<\|object_ref_start\|>([^<]*)<\|object_ref_end\|>)?\s*"
-    r"<\|box_start\|>\s*\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)\s*,\s*"
-    r"\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)\s*<\|box_end\|>"
-)
-
-
-def parse_boxes(text: str) -> list[BoundingBox]:
-    """Boxes in a grounding model's answer: Qwen2.5-VL JSON (``"bbox_2d": [x1, y1, x2, y2]``) or
-    Qwen2-VL tags (``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``). Text without boxes gives []."""
-    boxes = [
-        BoundingBox(x1=float(a), y1=float(b), x2=float(c), y2=float(d), label=label or None)
-        for a, b, c, d, label in _BOX_JSON.findall(text)
-    ]
-    boxes += [
-        BoundingBox(x1=float(a), y1=float(b), x2=float(c), y2=float(d), label=label.strip() or None)
-        for label, a, b, c, d in _BOX_TAG.findall(text)
-    ]
-    return boxes

@@ -14,7 +14,7 @@ from car_inference.engine import InferenceEngine
 from car_inference.engine.grounding import load_image
 from car_inference.errors import InvalidInput, ModelNotFound, ModelUnavailable, UnsupportedMode
 from car_inference.grounding import GroundingOutputError
-from car_inference.requests import BoundingBox, GroundRequest, ImageBlock
+from car_inference.requests import BoundingBox, GenerateRequest, GroundRequest, ImageBlock
 from fakes import FakeProviderServer, Reply
 from fakes.images import png
 
@@ -106,6 +106,22 @@ async def test_openai_compatible_qwen_vl_host(engine: InferenceEngine, fake: Fak
     content = sent.json["messages"][-1]["content"]
     assert content[0] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{B64}"}}
     assert "bbox_2d" in content[1]["text"]
+
+
+async def test_generate_on_a_grounding_model_reads_boxes_with_the_grounding_parser(
+    engine: InferenceEngine, fake: FakeProviderServer
+) -> None:
+    """InferenceResult.bounding_boxes: grounding.py's parser, in the model's own coordinates
+    (Gemini's box_2d reordered to x, y); unreadable boxes leave the answer's text and no boxes."""
+    fake.queue(Reply(text='```json\n[{"box_2d": [250, 100, 750, 500], "label": "red car"}]\n```'))
+    result = await engine.generate(GenerateRequest(prompt="find the red car", model="fake-gemini"))
+    assert result.bounding_boxes == [BoundingBox(x1=100, y1=250, x2=500, y2=750, label="red car")]
+    fake.queue(Reply(text="<|object_ref_start|>car<|object_ref_end|><|box_start|>(10,20),(30,40)<|box_end|>"))
+    result = await engine.generate(GenerateRequest(prompt="find the car", model="hosted-qwen-vl"))
+    assert result.bounding_boxes == [BoundingBox(x1=10, y1=20, x2=30, y2=40, label="car")]
+    fake.queue(Reply(text='[{"bbox_2d": [1, 2, 3]}]'))
+    result = await engine.generate(GenerateRequest(prompt="find it", model="hosted-qwen-vl"))
+    assert result.bounding_boxes == [] and result.text == '[{"bbox_2d": [1, 2, 3]}]'
 
 
 async def test_an_answer_without_boxes_is_an_empty_result(

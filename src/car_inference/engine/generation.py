@@ -41,7 +41,8 @@ from ..errors import (
     SpendLimitExceeded,
     UnsupportedMode,
 )
-from ..requests import GenerateRequest, InferenceResult, TokenUsage, parse_boxes
+from ..grounding import answer_boxes
+from ..requests import GenerateRequest, InferenceResult, TokenUsage
 from ..routing import InferenceTask, RoutingDecision, RoutingStrategy, detect_signals, failure_weight
 from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, ErrorEvent, RouteEvent, StreamEvent, UsageEvent
@@ -462,7 +463,7 @@ def _result(model: ModelSchema, out: GenerationOutput, trace_id: str, start: flo
     return InferenceResult(
         text=out.text,
         tool_calls=out.tool_calls,
-        bounding_boxes=parse_boxes(out.text) if model.has_capability(ModelCapability.GROUNDING) else [],
+        bounding_boxes=answer_boxes(out.text, model),
         trace_id=trace_id,
         model_used=model.id,
         latency_ms=round((time.perf_counter() - start) * 1000, 3),
