@@ -66,23 +66,38 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         OutcomeStore(db)
 
 
-def test_a_version_1_database_is_migrated_in_place(tmp_path: Path) -> None:
-    """Schema 1 had no answer lengths per context: the column is added, the rows stay."""
+def _downgrade(db: Path, version: int) -> None:
+    """Make a current file look as an older version wrote it: schema 2 had the residual sums,
+    schema 1 no answer lengths per context either."""
+    conn = sqlite3.connect(db)
+    conn.execute("ALTER TABLE profiles ADD COLUMN resid_sum REAL NOT NULL DEFAULT 0")
+    conn.execute("ALTER TABLE task_stats ADD COLUMN resid_sum REAL NOT NULL DEFAULT 0")
+    if version == 1:
+        conn.execute("ALTER TABLE task_stats DROP COLUMN total_output_tokens")
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_database_is_migrated_in_place(tmp_path: Path, version: int) -> None:
+    """Schema 1 had no answer lengths per context (the column is added), schema 2 kept residual
+    sums nothing reads (dropped); the rows stay."""
     db = tmp_path / "state.db"
     with OutcomeStore(db) as store:
         store.record_trace(_row("t1"), success=True, latency_ms=10.0, output_tokens=7)
-    conn = sqlite3.connect(db)
-    conn.execute("ALTER TABLE task_stats DROP COLUMN total_output_tokens")
-    conn.execute("PRAGMA user_version = 1")
-    conn.commit()
-    conn.close()
+    _downgrade(db, version)
     with OutcomeStore(db) as store:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
-        assert rows["code"]["calls"] == 1 and rows["code"]["total_output_tokens"] == 0
+        assert rows["code"]["calls"] == 1 and "resid_sum" not in rows["code"]
+        assert rows["code"]["total_output_tokens"] == (0 if version == 1 else 7)
+        assert "resid_sum" not in store.profiles()[0]
         store.record_trace(_row("t2"), success=True, latency_ms=10.0, output_tokens=5)
         rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
-        assert rows["code"]["calls"] == 2 and rows["code"]["total_output_tokens"] == 5
+        assert rows["code"]["calls"] == 2 and rows["code"]["total_output_tokens"] == (
+            5 if version == 1 else 12
+        )
 
 
 def test_finish_counts_once_and_feeds_profiles_and_task_stats(location: Location) -> None:
@@ -103,7 +118,7 @@ def test_feedback_replaces_and_signals_lower_quality(location: Location) -> None
     with contextlib.closing(_open(location)) as store:
         store.start_trace(_row("t1"))
         store.adjust_quality("t1", "quick_retry", 0.5, explicit=False)  # before completion: remembered
-        _, quality, _ = store.finish_trace("t1", success=True) or (None, None, None)
+        _, quality = store.finish_trace("t1", success=True) or (None, None)
         assert quality == 0.5
         change = store.adjust_quality("t1", "explicit", 0.9, explicit=True)
         assert change is not None and change.old == 0.5 and change.new == 0.9

@@ -22,8 +22,7 @@ from car_inference.errors import ConfigError
 from car_inference.routing.store import SCHEMA_VERSION, OutcomeStore, TraceRow
 from car_inference.routing.store_api import open_store, state_health
 from car_inference.routing.store_pg import PgOutcomeStore
-from car_inference.routing.store_pg_sql import SCHEMA as PG_SCHEMA
-from car_inference.routing.store_sql import SCHEMA as SQLITE_SCHEMA
+from car_inference.routing.store_sql import schema_text
 from fakes.services import postgres_schema_url
 
 MODELS = ("p/a", "p/b", "p/c")
@@ -62,8 +61,9 @@ def _columns(schema: str) -> dict[str, list[str]]:
 
 def test_the_tables_are_the_sqlite_stores(store: PgOutcomeStore, url: str) -> None:
     """Same tables and columns as SQLite: `car state migrate` copies rows as they are."""
-    assert _columns(PG_SCHEMA) == _columns(SQLITE_SCHEMA) and len(_columns(PG_SCHEMA)) == 5
-    assert store.schema_version == SCHEMA_VERSION == 2
+    pg, lite = _columns(schema_text("postgresql")), _columns(schema_text("sqlite"))
+    assert pg == lite and len(pg) == 5
+    assert store.schema_version == SCHEMA_VERSION == 3
     with _sql(url) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
 
@@ -76,19 +76,26 @@ def test_newer_schema_is_refused(url: str) -> None:
         PgOutcomeStore(url)
 
 
-def test_a_version_1_database_is_migrated_in_place(url: str) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_database_is_migrated_in_place(url: str, version: int) -> None:
     with PgOutcomeStore(url) as store:
         store.record_trace(_row("t1"), success=True, latency_ms=10.0, output_tokens=7)
-    with _sql(url) as conn:
-        conn.execute("ALTER TABLE task_stats DROP COLUMN total_output_tokens")
-        conn.execute("UPDATE schema_version SET version = 1")
+    with _sql(url) as conn:  # as schema 2 was: residual sums; schema 1: no answer lengths either
+        conn.execute("ALTER TABLE profiles ADD COLUMN resid_sum DOUBLE PRECISION NOT NULL DEFAULT 0")
+        conn.execute("ALTER TABLE task_stats ADD COLUMN resid_sum DOUBLE PRECISION NOT NULL DEFAULT 0")
+        if version == 1:
+            conn.execute("ALTER TABLE task_stats DROP COLUMN total_output_tokens")
+        conn.execute("UPDATE schema_version SET version = %s", (version,))
     with PgOutcomeStore(url) as store:
-        assert store.schema_version == 2
+        assert store.schema_version == 3
         rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
-        assert rows["code"]["calls"] == 1 and rows["code"]["total_output_tokens"] == 0
+        assert rows["code"]["calls"] == 1 and "resid_sum" not in rows["code"]
+        assert rows["code"]["total_output_tokens"] == (0 if version == 1 else 7)
         store.record_trace(_row("t2"), success=True, latency_ms=10.0, output_tokens=5)
         rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
-        assert rows["code"]["calls"] == 2 and rows["code"]["total_output_tokens"] == 5
+        assert rows["code"]["calls"] == 2 and rows["code"]["total_output_tokens"] == (
+            5 if version == 1 else 12
+        )
 
 
 def test_replicas_starting_together_migrate_once(url: str) -> None:
@@ -264,7 +271,8 @@ def test_open_store_picks_the_backend(url: str, tmp_path: Path) -> None:
 
 def test_state_health_times_a_read_and_reports_a_failure(store: PgOutcomeStore, url: str) -> None:
     health = state_health(store, url.replace("postgres@", "postgres:pw@"))
-    assert health.backend == "postgresql" and ":***@" in health.location and health.schema_version == 2
+    assert health.backend == "postgresql" and ":***@" in health.location
+    assert health.schema_version == SCHEMA_VERSION
     assert health.round_trip_ms is not None and health.round_trip_ms > 0 and health.error is None
     with _sql(url) as conn:
         conn.execute(f"DROP SCHEMA {url.rsplit('search_path%3D', 1)[1]} CASCADE")

@@ -58,7 +58,6 @@ class ProfileRow:
     total_input_tokens: int = 0
     total_output_tokens: int = 0
     quality_sum: float = 0.0
-    resid_sum: float = 0.0
     ema_quality: float = 0.5
     updated_at: float = 0.0
 
@@ -74,7 +73,6 @@ class StatsRow:
     quality_sum: float = 0.0
     decayed_sum: float = 0.0
     decayed_n: float = 0.0
-    resid_sum: float = 0.0
     ema_quality: float = 0.0
     updated_at: float = 0.0
     total_output_tokens: int = 0

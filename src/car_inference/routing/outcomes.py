@@ -13,7 +13,6 @@ Predicted quality (``quality``): see ``estimate.py``.
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
 import time
 import uuid
@@ -24,7 +23,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..config import RoutingSettings
-from .estimate import ProfileRow, StatsRow, belief, difficulty, first_look, noise_of, residual
+from .estimate import ProfileRow, StatsRow, belief, difficulty, first_look, noise_of
 from .priors import BenchmarkPrior
 from .profiles import ModelProfile, TaskStats, export_profile, export_stats, row_fields, sum_rows
 from .signals import ImplicitSignal, ImplicitSignalType
@@ -100,6 +99,9 @@ class OutcomeTracker:
         self._traces: OrderedDict[str, _Trace] = OrderedDict()  # only without a store
         self._recent_prompts: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self.priors_version = 0  # bumped when benchmark priors change, for the router's caches
+        # Called after each change written to the store: a fleet tells the other replicas, which
+        # then call reload() (routing/coord.py).
+        self.on_change: Callable[[], None] | None = None
         if store is not None:
             self.reload()
 
@@ -199,19 +201,17 @@ class OutcomeTracker:
         phash = prompt_hash(prompt) if prompt else None
         row = TraceRow(trace_id, model_id, str(task), family, cluster, reason, phash, started_at)
         now = self._clock()
-        previous, quality, resid = self.store.record_trace(
+        previous, quality = self.store.record_trace(
             row, success=success, latency_ms=latency_ms, input_tokens=input_tokens,
             output_tokens=output_tokens, ttft_ms=ttft_ms, error_class=error_class,
             error=message[:500] if error_class else None, now=now,
-            prior_strength=self.settings.prior_strength,
             retry_window_s=self.quick_retry_window_s if phash else None, score=score,
         )  # fmt: skip
         if success is not None:
             with self._lock:
                 self._observe(
                     model_id, family=family, cluster=cluster, success=success, latency_ms=latency_ms,
-                    input_tokens=input_tokens, output_tokens=output_tokens, quality=quality, resid=resid,
-                    now=now,
+                    input_tokens=input_tokens, output_tokens=output_tokens, quality=quality, now=now,
                 )  # fmt: skip
         if previous is not None and previous != trace_id:
             self.record_signal(previous, ImplicitSignal(ImplicitSignalType.QUICK_RETRY))
@@ -254,11 +254,10 @@ class OutcomeTracker:
             done = self.store.finish_trace(
                 trace_id, success=success, latency_ms=latency_ms, input_tokens=input_tokens,
                 output_tokens=output_tokens, ttft_ms=ttft_ms, error_class=error_class, error=message, now=now,
-                prior_strength=self.settings.prior_strength,
             )  # fmt: skip
             if done is None:
                 return
-            row, quality, resid = done
+            row, quality = done
             model_id, family, cluster = row.model_id, row.family, row.cluster
         else:
             with self._lock:
@@ -270,11 +269,10 @@ class OutcomeTracker:
                 t.quality = trace_quality(t.base, t.penalty, t.feedback)
                 quality = t.base if t.quality is None else t.quality
                 model_id, family, cluster = t.model_id, t.family, t.cluster
-                resid = self._residual(model_id, family, cluster, quality)
         with self._lock:
             self._observe(
                 model_id, family=family, cluster=cluster, success=success, latency_ms=latency_ms,
-                input_tokens=input_tokens, output_tokens=output_tokens, quality=quality, resid=resid, now=now,
+                input_tokens=input_tokens, output_tokens=output_tokens, quality=quality, now=now,
             )  # fmt: skip
 
     def _observe(
@@ -288,10 +286,11 @@ class OutcomeTracker:
         input_tokens: int,
         output_tokens: int,
         quality: float,
-        resid: float,
         now: float,
     ) -> None:
         """The mirror's copy of the store's upserts (same arithmetic)."""
+        if self.on_change is not None:
+            self.on_change()
         p = self._profiles.get(model_id)
         if p is None:
             p = self._profiles[model_id] = ProfileRow()
@@ -305,11 +304,10 @@ class OutcomeTracker:
         p.total_input_tokens += input_tokens
         p.total_output_tokens += output_tokens
         p.quality_sum += quality
-        p.resid_sum += resid
         p.updated_at = now
-        rows = [(model_id, key, resid) for key in stat_keys(family, cluster)]
-        rows += [(m, key, 0.0) for m, key in baseline_rows(family, cluster)]
-        for row_model, key, row_resid in rows:
+        rows = [(model_id, key) for key in stat_keys(family, cluster)]
+        rows += list(baseline_rows(family, cluster))
+        for row_model, key in rows:
             by_model = self._stats.get(key)
             if by_model is None:
                 by_model = self._stats[key] = {}
@@ -324,7 +322,6 @@ class OutcomeTracker:
             s.quality_sum += quality
             s.decayed_sum = s.decayed_sum * QUALITY_DECAY + quality
             s.decayed_n = s.decayed_n * QUALITY_DECAY + 1.0
-            s.resid_sum = s.resid_sum * QUALITY_DECAY + row_resid
             s.total_output_tokens += output_tokens
             s.updated_at = now
         if success and latency_ms is not None:
@@ -375,31 +372,20 @@ class OutcomeTracker:
             p = self._profiles.get(model_id)
             if p is not None:
                 p.quality_sum += delta
-                p.resid_sum += delta
                 p.ema_quality = min(1.0, max(0.0, p.ema_quality + EMA_ALPHA * delta))
             family, cluster = keys[0], keys[-1].split("|", 1)[1] if len(keys) > 1 else None
-            rows = [(model_id, key, delta) for key in keys]
-            rows += [(m, key, 0.0) for m, key in baseline_rows(family, cluster)]
-            for row_model, key, resid_delta in rows:
+            rows = [(model_id, key) for key in keys]
+            rows += list(baseline_rows(family, cluster))
+            for row_model, key in rows:
                 s = self._stats.get(key, {}).get(row_model)
                 if s is not None:
                     s.quality_sum += delta
                     s.decayed_sum += delta
-                    s.resid_sum += resid_delta
                     s.ema_quality = min(1.0, max(0.0, s.ema_quality + EMA_ALPHA * delta))
+        if self.on_change is not None:
+            self.on_change()
 
     # --- reading -------------------------------------------------------------------------------
-
-    def _residual(self, model_id: str, family: str, cluster: str | None, quality: float) -> float:
-        levels = []
-        for key in stat_keys(family, cluster):
-            by_model = self._stats.get(key, {})
-            everyone, own = by_model.get(ALL), by_model.get(model_id)
-            levels.append((
-                everyone.decayed_sum if everyone else 0.0, everyone.decayed_n if everyone else 0.0,
-                own.decayed_sum if own else 0.0, own.decayed_n if own else 0.0,
-            ))  # fmt: skip
-        return residual(quality, self.settings.prior_strength, levels)
 
     def quality(
         self,
@@ -498,29 +484,19 @@ class OutcomeTracker:
                 for by_model in self._stats.values():
                     by_model.pop(mp.model_id, None)
                 for key, ts in mp.task_stats.items():
-                    fields = ts.model_dump()
-                    fields["resid_sum"] = fields["resid_sum"] if fields["resid_sum"] is not None else math.nan
-                    self._stats.setdefault(key, {})[mp.model_id] = StatsRow(**fields)
+                    self._stats.setdefault(key, {})[mp.model_id] = StatsRow(**ts.model_dump())
             self._rebuild_baselines()
-            for mp in parsed:  # seed files carry no residuals: measure them against the baselines
-                for key in mp.task_stats:
-                    s = self._stats[key][mp.model_id]
-                    if math.isnan(s.resid_sum):
-                        base = self._stats[key][ALL]
-                        s.resid_sum = s.decayed_sum - s.decayed_n * (base.decayed_sum / base.decayed_n or 0.0)
             model_rows = []
             for mp in parsed:
                 families = [(k, self._stats[k][mp.model_id]) for k in mp.task_stats if "|" not in k]
                 if families and sum(s.calls for _, s in families) == mp.total_calls:
                     quality_sum = sum(s.quality_sum for _, s in families)
-                    resid_sum = sum(s.resid_sum for _, s in families)
                 else:  # counts only: the EMA stands for every call
                     quality_sum = mp.ema_quality * mp.total_calls
-                    resid_sum = (mp.ema_quality - 0.5) * mp.total_calls  # relative to a neutral 0.5
                 p = ProfileRow(
                     total_calls=mp.total_calls, success_count=mp.success_count, fail_count=mp.fail_count,
                     total_latency_ms=mp.total_latency_ms, total_input_tokens=mp.total_input_tokens,
-                    total_output_tokens=mp.total_output_tokens, quality_sum=quality_sum, resid_sum=resid_sum,
+                    total_output_tokens=mp.total_output_tokens, quality_sum=quality_sum,
                     ema_quality=mp.ema_quality, updated_at=mp.updated_at,
                 )  # fmt: skip
                 self._profiles[mp.model_id] = p
@@ -533,6 +509,8 @@ class OutcomeTracker:
             ]
         if self.store is not None:
             self.store.replace_profiles(model_rows, task_rows)
+            if self.on_change is not None:
+                self.on_change()
         return len(parsed)
 
     def _rebuild_baselines(self) -> None:

@@ -27,7 +27,6 @@ class TaskStats(BaseModel):
     quality_sum: float | None = None
     decayed_sum: float | None = None
     decayed_n: float | None = None
-    resid_sum: float | None = Field(default=None, description="decayed sum of quality minus baseline")
     ema_quality: float = 0.0
     updated_at: int = 0
     total_output_tokens: int = 0
@@ -89,7 +88,7 @@ def export_profile(model_id: str, p: ProfileRow, stats: Mapping[str, Mapping[str
 
 
 def sum_rows(rows: Iterable[StatsRow]) -> StatsRow:
-    """All the rows' counts and sums together (a baseline row); residuals are not summed."""
+    """All the rows' counts and sums together (a baseline row)."""
     total = StatsRow()
     for s in rows:
         total.calls += s.calls

@@ -51,8 +51,7 @@ class StateStore(Protocol):
         error_class: str | None = None,
         error: str | None = None,
         now: float | None = None,
-        prior_strength: float = 10.0,
-    ) -> tuple[TraceRow, float, float] | None: ...
+    ) -> tuple[TraceRow, float] | None: ...
 
     def record_trace(
         self,
@@ -66,10 +65,9 @@ class StateStore(Protocol):
         error_class: str | None = None,
         error: str | None = None,
         now: float | None = None,
-        prior_strength: float = 10.0,
         retry_window_s: float | None = None,
         score: float | None = None,
-    ) -> tuple[str | None, float, float]: ...
+    ) -> tuple[str | None, float]: ...
 
     def adjust_quality(
         self, trace_id: str, kind: str, value: float, *, explicit: bool, now: float | None = None
@@ -125,18 +123,29 @@ class StateHealth(BaseModel):
     schema_version: int | None = None
     round_trip_ms: float | None = None  # one read through the store, as bookkeeping sees it
     error: str | None = None
+    buffered: int = 0  # records waiting in memory for an unreachable database (PostgreSQL)
+    dropped: int = 0  # records lost since the store opened: the database was away and the buffer full
 
 
 def state_health(store: StateStore, location: str) -> StateHealth:
-    """Read the schema version through ``store`` and time it."""
+    """Read the schema version through ``store`` and time it; what waits in memory, what was lost."""
     start = time.perf_counter()
     try:
         version = store.schema_version
     except Exception as exc:  # whatever the driver raises, the report says it rather than failing
         return StateHealth(
-            backend=store.backend, location=redact_url(location), error=f"{type(exc).__name__}: {exc}"
+            backend=store.backend,
+            location=redact_url(location),
+            error=f"{type(exc).__name__}: {exc}",
+            buffered=int(getattr(store, "buffered", 0)),
+            dropped=int(getattr(store, "dropped", 0)),
         )
     elapsed = (time.perf_counter() - start) * 1000
     return StateHealth(
-        backend=store.backend, location=redact_url(location), schema_version=version, round_trip_ms=elapsed
+        backend=store.backend,
+        location=redact_url(location),
+        schema_version=version,
+        round_trip_ms=elapsed,
+        buffered=int(getattr(store, "buffered", 0)),
+        dropped=int(getattr(store, "dropped", 0)),
     )

@@ -1,0 +1,458 @@
+"""What both outcome stores do, written once: traces, counting, feedback, reads and spend, over
+the SQL of ``store_sql`` in the store's dialect. The stores themselves (``store.OutcomeStore`` on
+SQLite, ``store_pg.PgOutcomeStore`` on PostgreSQL) only say how to reach their database: a read
+connection, a write transaction (``counters``: it changes profiles/task_stats), ``batch()``, where
+the schema version is kept, and how several rows are written in one call.
+
+A trace's quality = its explicit feedback when given, else max(0, base - penalty), base being 1 for a
+success and 0 for a failure. When feedback or a signal changes a completed trace's quality, the
+difference is added to its rows' quality sums in the same transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+from .estimate import ALL
+from .store_sql import SCHEMA_VERSION, Dialect
+
+__all__ = [
+    "ALL",
+    "EMA_ALPHA",
+    "QUALITY_DECAY",
+    "SCHEMA_VERSION",
+    "QualityChange",
+    "StoreBase",
+    "TraceRow",
+    "baseline_rows",
+    "dict_rows",
+    "stat_keys",
+    "trace_quality",
+]
+
+EMA_ALPHA = 0.1
+# Per-observation decay of the quality sums the router reads: an effective memory of about
+# 1 / (1 - 0.999) = 1,000 observations per (model, family), so a model that changes is noticed.
+QUALITY_DECAY = 0.999
+
+_INSERT_TRACE = (
+    "INSERT INTO traces (trace_id, model_id, task, family, cluster, reason, prompt_hash, started_at,"
+    " outcome, completed_at, latency_ms, ttft_ms, input_tokens, output_tokens, error_class, error, base,"
+    " quality, feedback) VALUES (" + ", ".join("?" * 19) + ")"
+)
+
+
+@dataclass(slots=True, frozen=True)
+class TraceRow:
+    trace_id: str
+    model_id: str
+    task: str
+    family: str
+    cluster: str | None
+    reason: str
+    prompt_hash: str | None
+    started_at: float
+
+
+@dataclass(slots=True, frozen=True)
+class QualityChange:
+    """What an adjustment did to a completed trace: the rows its ``delta`` was added to."""
+
+    trace_id: str
+    model_id: str
+    keys: tuple[str, ...]
+    old: float
+    new: float
+
+    @property
+    def delta(self) -> float:
+        return self.new - self.old
+
+
+def stat_keys(family: str, cluster: str | None) -> tuple[str, ...]:
+    """The task_stats keys one trace counts under, widest first: its family, and family|cluster
+    when known. A request with a template signature (``cluster`` = ``coarse/template``) counts
+    under ``template|<signature>`` alone: a template is one task, whatever the family rules make of
+    each of its questions (splitting it by family halves its data), and its outcomes must not skew
+    what a family or cluster says about the requests around it."""
+    if not cluster:
+        return (family,)
+    _coarse, sep, template = cluster.partition("/")
+    return (f"template|{template}",) if sep else (family, f"{family}|{cluster}")
+
+
+def baseline_rows(family: str, cluster: str | None) -> tuple[tuple[str, str], ...]:
+    """The (model ``*``, key) baseline rows one observation also counts under."""
+    return tuple((ALL, key) for key in stat_keys(family, cluster))
+
+
+def trace_quality(base: float | None, penalty: float, feedback: float | None) -> float | None:
+    if feedback is not None:
+        return feedback
+    if base is None:
+        return None
+    return max(0.0, base - penalty)
+
+
+class StoreBase:
+    """The stores' shared logic. Subclasses set ``backend``, ``sql`` and ``location`` and provide
+    the plumbing methods below; rows are read as dicts."""
+
+    backend: str
+    sql: Dialect
+    location: str
+
+    # --- plumbing (each store's own) -----------------------------------------------------------
+
+    def _tx(self, *, counters: bool = False) -> AbstractContextManager[Any]:
+        """One write transaction (a savepoint inside ``batch()``), yielding the connection."""
+        raise NotImplementedError
+
+    def _read(self) -> AbstractContextManager[Any]:
+        """A connection to read from (the calling thread's batch one, if any)."""
+        raise NotImplementedError
+
+    def _migration(self) -> AbstractContextManager[Any]:
+        """The transaction the schema is brought up to date in (one process at a time)."""
+        raise NotImplementedError
+
+    def _get_version(self, conn: Any) -> int:
+        raise NotImplementedError
+
+    def _set_version(self, conn: Any, old: int, new: int) -> None:
+        raise NotImplementedError
+
+    def _many(self, conn: Any, sql: str, rows: list[dict[str, Any]]) -> int:
+        """Run ``sql`` (already in the dialect) once per row; the rows it changed."""
+        raise NotImplementedError
+
+    def batch(self) -> AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _x(self, conn: Any, sql: str, params: Any = ()) -> Any:
+        """Execute ``sql`` (written for SQLite) in this store's dialect; the cursor."""
+        return conn.execute(self.sql.q(sql), params)
+
+    # --- schema --------------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._migration() as conn:
+            version = self._get_version(conn)
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"written by a newer car-inference (schema {version} > {SCHEMA_VERSION})",
+                    path=self.location,
+                )
+            if version == 0:  # a new database: the latest schema at once
+                for statement in self.sql.schema:
+                    conn.execute(statement)
+            else:
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in self.sql.migrations[step]:
+                        conn.execute(statement)
+            self._set_version(conn, version, SCHEMA_VERSION)
+
+    @property
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return self._get_version(conn)
+
+    # --- traces --------------------------------------------------------------------------------
+
+    def start_trace(self, row: TraceRow, *, retry_window_s: float | None = None) -> str | None:
+        """Insert a pending trace. With ``retry_window_s``, return the latest earlier trace of the
+        same prompt started within that window (a quick retry), found in the same transaction."""
+        with self._tx() as conn:
+            previous = self._quick_retry_of(conn, row, retry_window_s)
+            self._x(
+                conn,
+                "INSERT INTO traces (trace_id, model_id, task, family, cluster, reason, prompt_hash,"
+                " started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (row.trace_id, row.model_id, row.task, row.family, row.cluster, row.reason,
+                 row.prompt_hash, row.started_at),
+            )  # fmt: skip
+            return previous
+
+    def finish_trace(
+        self,
+        trace_id: str,
+        *,
+        success: bool,
+        latency_ms: float | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        ttft_ms: float | None = None,
+        error_class: str | None = None,
+        error: str | None = None,
+        now: float | None = None,
+    ) -> tuple[TraceRow, float] | None:
+        """Complete a pending trace and count it. Returns the trace and its quality, or None when
+        the trace is unknown or was already completed (a trace is counted once)."""
+        now = time.time() if now is None else now
+        base = 1.0 if success else 0.0
+        with self._tx(counters=True) as conn:
+            row = self._x(conn, "SELECT * FROM traces WHERE trace_id = ?", (trace_id,)).fetchone()
+            if row is None or row["outcome"] != "pending":
+                return None
+            quality = trace_quality(base, row["penalty"], row["feedback"])
+            self._x(
+                conn,
+                "UPDATE traces SET outcome = ?, completed_at = ?, latency_ms = ?, ttft_ms = ?,"
+                " input_tokens = ?, output_tokens = ?, error_class = ?, error = ?, base = ?, quality = ?"
+                " WHERE trace_id = ?",
+                ("success" if success else "failure", now, latency_ms, ttft_ms, input_tokens, output_tokens,
+                 error_class, error, base, quality, trace_id),
+            )  # fmt: skip
+            trace = _trace_row(row)
+            q = float(quality if quality is not None else base)
+            self._count(
+                conn, trace, success=success, latency_ms=latency_ms, input_tokens=input_tokens,
+                output_tokens=output_tokens, quality=q, now=now,
+            )  # fmt: skip
+            return trace, q
+
+    def record_trace(
+        self,
+        row: TraceRow,
+        *,
+        success: bool | None,
+        latency_ms: float | None = None,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        ttft_ms: float | None = None,
+        error_class: str | None = None,
+        error: str | None = None,
+        now: float | None = None,
+        retry_window_s: float | None = None,
+        score: float | None = None,
+    ) -> tuple[str | None, float]:
+        """A whole attempt in one transaction: ``start_trace`` and ``finish_trace`` together, for
+        callers that write a trace once it is over (the engine does). ``success=None`` records an
+        abandoned attempt (the caller stopped reading): kept as a trace, counted nowhere. ``score``:
+        explicit feedback known already (a reported outcome), the trace's quality from the start.
+        Returns (the earlier trace this one quickly retried, as ``start_trace``; quality)."""
+        now = time.time() if now is None else now
+        base = None if success is None else (1.0 if success else 0.0)
+        outcome = "abandoned" if success is None else ("success" if success else "failure")
+        quality = base if score is None or base is None else score
+        with self._tx(counters=success is not None) as conn:
+            previous = self._quick_retry_of(conn, row, retry_window_s)
+            self._x(
+                conn,
+                _INSERT_TRACE,
+                (row.trace_id, row.model_id, row.task, row.family, row.cluster, row.reason, row.prompt_hash,
+                 row.started_at, outcome, now, latency_ms, ttft_ms, input_tokens, output_tokens, error_class,
+                 error, base, quality, score if base is not None else None),
+            )  # fmt: skip
+            if success is None or quality is None:
+                return previous, 0.0
+            if score is not None:
+                self._x(
+                    conn,
+                    "INSERT INTO feedback (trace_id, kind, value, created_at) VALUES (?, 'explicit', ?, ?)",
+                    (row.trace_id, score, now),
+                )
+            self._count(
+                conn, row, success=success, latency_ms=latency_ms, input_tokens=input_tokens,
+                output_tokens=output_tokens, quality=quality, now=now,
+            )  # fmt: skip
+            return previous, quality
+
+    def _count(
+        self,
+        conn: Any,
+        trace: TraceRow,
+        *,
+        success: bool,
+        latency_ms: float | None,
+        input_tokens: int,
+        output_tokens: int,
+        quality: float,
+        now: float,
+    ) -> None:
+        """Count one finished attempt in ``profiles`` and ``task_stats`` (inside the caller's
+        transaction): the model's rows and the baseline rows, by SQL arithmetic."""
+        params: dict[str, Any] = {
+            "model_id": trace.model_id,
+            "ok": int(success),
+            "fail": int(not success),
+            "latency": float(latency_ms or 0.0),
+            "in_tok": int(input_tokens),
+            "out_tok": int(output_tokens),
+            "q": float(quality),
+            "now": now,
+            "alpha": EMA_ALPHA,
+            "decay": QUALITY_DECAY,
+        }
+        conn.execute(self.sql.profile_upsert, params)
+        rows = [{**params, "key": key} for key in stat_keys(trace.family, trace.cluster)]
+        rows += [
+            {**params, "model_id": m, "key": key} for m, key in baseline_rows(trace.family, trace.cluster)
+        ]
+        self._many(conn, self.sql.task_upsert, rows)
+
+    def adjust_quality(
+        self, trace_id: str, kind: str, value: float, *, explicit: bool, now: float | None = None
+    ) -> QualityChange | None:
+        """Record feedback (``explicit``: ``value`` is the score) or an implicit signal (``value`` is
+        its penalty) for a trace. Returns the change to a completed trace's quality, if any."""
+        now = time.time() if now is None else now
+        with self._tx(counters=True) as conn:
+            row = self._x(conn, "SELECT * FROM traces WHERE trace_id = ?", (trace_id,)).fetchone()
+            if row is None:
+                return None
+            self._x(
+                conn,
+                "INSERT INTO feedback (trace_id, kind, value, created_at) VALUES (?, ?, ?, ?)",
+                (trace_id, kind, value, now),
+            )
+            penalty, feedback = row["penalty"], row["feedback"]
+            if explicit:
+                feedback = value
+            else:
+                penalty += value
+            old = row["quality"]
+            new = trace_quality(row["base"], penalty, feedback)
+            self._x(
+                conn,
+                "UPDATE traces SET penalty = ?, feedback = ?, quality = ? WHERE trace_id = ?",
+                (penalty, feedback, new, trace_id),
+            )
+            if old is None or new is None or new == old:
+                return None
+            delta = new - old
+            conn.execute(
+                self.sql.adjust_profile, {"d": delta, "a": EMA_ALPHA, "now": now, "m": row["model_id"]}
+            )
+            keys = stat_keys(row["family"], row["cluster"])
+            rows = [(row["model_id"], key) for key in keys]
+            rows += list(baseline_rows(row["family"], row["cluster"]))
+            self._many(
+                conn,
+                self.sql.adjust_task,
+                [{"d": delta, "a": EMA_ALPHA, "now": now, "m": m, "k": k} for m, k in rows],
+            )
+            return QualityChange(trace_id, row["model_id"], keys, float(old), float(new))
+
+    def trace(self, trace_id: str) -> dict[str, Any] | None:
+        with self._read() as conn:
+            row: dict[str, Any] | None = self._x(
+                conn, "SELECT * FROM traces WHERE trace_id = ?", (trace_id,)
+            ).fetchone()
+        return row
+
+    def feedback_for(self, trace_id: str) -> list[dict[str, Any]]:
+        with self._read() as conn:
+            return list(
+                self._x(
+                    conn,
+                    "SELECT kind, value, created_at FROM feedback WHERE trace_id = ? ORDER BY id",
+                    (trace_id,),
+                )
+            )
+
+    def prune_traces(self, older_than: float) -> int:
+        """Delete traces (and their feedback) started before ``older_than``; counters stay."""
+        with self._tx() as conn:
+            self._x(
+                conn,
+                "DELETE FROM feedback WHERE trace_id IN (SELECT trace_id FROM traces WHERE started_at < ?)",
+                (older_than,),
+            )
+            return int(self._x(conn, "DELETE FROM traces WHERE started_at < ?", (older_than,)).rowcount)
+
+    # --- profiles ------------------------------------------------------------------------------
+
+    def profiles(self) -> list[dict[str, Any]]:
+        with self._read() as conn:
+            return list(conn.execute("SELECT * FROM profiles ORDER BY model_id"))
+
+    def task_stats(self) -> list[dict[str, Any]]:
+        with self._read() as conn:
+            return list(conn.execute("SELECT * FROM task_stats ORDER BY model_id, key"))
+
+    def recent_latencies(self, limit_per_model: int = 256) -> dict[str, list[float]]:
+        """The latest successful latencies per model, oldest first."""
+        with self._read() as conn:
+            rows = self._x(
+                conn,
+                "SELECT model_id, latency_ms FROM ("
+                " SELECT model_id, latency_ms, completed_at, ROW_NUMBER() OVER"
+                " (PARTITION BY model_id ORDER BY completed_at DESC) AS rn"
+                " FROM traces WHERE outcome = 'success' AND latency_ms IS NOT NULL) AS recent"
+                " WHERE rn <= ? ORDER BY model_id, completed_at",
+                (limit_per_model,),
+            ).fetchall()
+        out: dict[str, list[float]] = {}
+        for r in rows:
+            out.setdefault(r["model_id"], []).append(float(r["latency_ms"]))
+        return out
+
+    def replace_profiles(
+        self, profiles: Iterable[dict[str, Any]], task_rows: Iterable[dict[str, Any]]
+    ) -> None:
+        """Write imported profiles over the stored ones (whole rows: an import is a restore)."""
+        with self._tx(counters=True) as conn:
+            self._many(conn, self.sql.profile_replace, list(profiles))
+            self._many(conn, self.sql.task_replace, list(task_rows))
+
+    # --- spend ---------------------------------------------------------------------------------
+
+    def add_spend(self, provider: str, model_id: str, usd: float, ts: float | None = None) -> None:
+        with self._tx() as conn:
+            self._x(
+                conn,
+                "INSERT INTO spend (ts, provider, model_id, usd) VALUES (?, ?, ?, ?)",
+                (time.time() if ts is None else ts, provider, model_id, float(usd)),
+            )
+
+    def spend_by_provider(self, since: float, until: float | None = None) -> dict[str, float]:
+        """Total USD per provider for entries with ``since <= ts < until``."""
+        query = "SELECT provider, SUM(usd) AS usd FROM spend WHERE ts >= ?"
+        args: list[float] = [since]
+        if until is not None:
+            query += " AND ts < ?"
+            args.append(until)
+        with self._read() as conn:
+            rows = self._x(conn, query + " GROUP BY provider", args).fetchall()
+        return {r["provider"]: float(r["usd"] or 0.0) for r in rows}
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _quick_retry_of(self, conn: Any, row: TraceRow, window_s: float | None) -> str | None:
+        """The latest earlier trace of the same prompt started within ``window_s`` (not a failure)."""
+        if window_s is None or not row.prompt_hash:
+            return None
+        hit = self._x(
+            conn,
+            "SELECT trace_id FROM traces WHERE prompt_hash = ? AND started_at >= ?"
+            " AND outcome != 'failure' ORDER BY started_at DESC LIMIT 1",
+            (row.prompt_hash, row.started_at - window_s),
+        ).fetchone()
+        return str(hit["trace_id"]) if hit else None
+
+
+def _trace_row(row: dict[str, Any]) -> TraceRow:
+    return TraceRow(
+        trace_id=row["trace_id"],
+        model_id=row["model_id"],
+        task=row["task"],
+        family=row["family"],
+        cluster=row["cluster"],
+        reason=row["reason"] or "",
+        prompt_hash=row["prompt_hash"],
+        started_at=row["started_at"],
+    )
+
+
+def dict_rows(cursor: Any, row: tuple[Any, ...]) -> dict[str, Any]:
+    """sqlite3 row factory: rows as dicts, like psycopg's ``dict_row``."""
+    return {d[0]: v for d, v in zip(cursor.description, row, strict=True)}

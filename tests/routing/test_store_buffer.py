@@ -1,0 +1,140 @@
+"""PostgreSQL unreachable -> writes buffered in memory up to a bound, written when it returns.
+
+The real PostgreSQL on 127.0.0.1:5432 is reached through a TCP proxy the test cuts and restores
+(``fakes.tcp_proxy``): cutting it drops the store's live connections and refuses new ones, as a
+stopped server or a network partition does, in milliseconds, while the shared server and the
+other tests' databases stay up. (A second ``postgres`` started from the Debian binaries would do
+the same at the cost of an ``initdb`` per run and binaries CI may not have.)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+from car_inference.routing.store import TraceRow
+from car_inference.routing.store_api import state_health
+from car_inference.routing.store_pg import PgOutcomeStore
+from fakes.services import postgres_schema_url
+from fakes.tcp_proxy import TcpProxy
+
+
+def _row(trace_id: str, model: str = "p/m") -> TraceRow:
+    return TraceRow(trace_id, model, "generate", "code", None, "test", None, 1.0)
+
+
+def _through(url: str, proxy: TcpProxy) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{proxy.port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+@pytest.fixture
+def url() -> str:
+    return postgres_schema_url()
+
+
+@pytest.fixture
+def proxy(url: str) -> Iterator[TcpProxy]:
+    target = urlsplit(url)
+    p = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    yield p
+    p.close()
+
+
+def _wait(predicate: object, timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _traces(url: str) -> list[str]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [r[0] for r in conn.execute("SELECT trace_id FROM traces ORDER BY completed_at, trace_id")]
+
+
+def test_writes_wait_in_memory_up_to_the_bound_and_reach_the_database_when_it_returns(
+    url: str, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="car_inference.state")
+    store = PgOutcomeStore(_through(url, proxy), buffer_limit=5, retry_s=0.2, connect_timeout_s=1)
+    try:
+        store.record_trace(_row("t0"), success=True, latency_ms=5.0, now=100.0)
+        proxy.stop()
+        started = time.monotonic()
+        results = [
+            store.record_trace(_row(f"t{i}"), success=i % 2 == 1, latency_ms=5.0, now=100.0 + i)
+            for i in range(1, 8)
+        ]
+        store.add_spend("acme", "p/m", 0.5, ts=200.0)  # beyond the bound too: dropped
+        assert time.monotonic() - started < 10  # the first write notices; the others do not wait
+        assert results[0] == (None, 1.0) and results[1] == (None, 0.0)  # what it knew without the database
+        assert (store.buffered, store.dropped) == (5, 3)
+        with pytest.raises(psycopg.OperationalError, match="unreachable"):
+            store.profiles()  # reads fail at once
+        health = state_health(store, url)
+        assert (health.buffered, health.dropped) == (5, 3) and health.error is not None
+        assert "records are kept in memory" in caplog.text and "dropped" in caplog.text
+        proxy.start()
+        assert _wait(lambda: store.buffered == 0)  # the retry timer writes them, unasked
+        assert store.profiles()[0]["total_calls"] == 6
+        health = state_health(store, url)
+        assert (health.buffered, health.dropped, health.error) == (0, 3, None)
+        assert "reachable again" in caplog.text
+    finally:
+        store.close()
+    assert _traces(url) == [f"t{i}" for i in range(6)]  # in order; t6, t7 and the spend were lost
+
+
+def test_a_batch_cut_before_its_commit_is_written_in_order_later(url: str, proxy: TcpProxy) -> None:
+    store = PgOutcomeStore(_through(url, proxy), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
+    try:
+        with store.batch():
+            store.record_trace(_row("a"), success=True, now=1.0)
+            store.adjust_quality("a", "explicit", 0.25, explicit=True, now=2.0)  # went through, uncommitted
+            proxy.stop()
+            store.record_trace(_row("b"), success=True, now=3.0)  # the connection is gone: buffered
+            store.add_spend("acme", "p/m", 1.0, ts=4.0)
+        assert store.buffered == 4  # the batch's own writes went back in front
+        proxy.start()
+        assert _wait(lambda: store.buffered == 0)
+        (profile,) = store.profiles()
+        assert profile["total_calls"] == 2 and profile["quality_sum"] == pytest.approx(1.25)
+        assert store.spend_by_provider(0.0) == {"acme": 1.0}
+        assert [f["kind"] for f in store.feedback_for("a")] == ["explicit"]
+    finally:
+        store.close()
+    assert _traces(url) == ["a", "b"]
+
+
+def test_the_bookkeepers_batches_survive_an_outage(url: str, proxy: TcpProxy) -> None:
+    """`car serve`'s writer thread: records keep being queued through the outage, none is lost."""
+    from car_inference.engine.bookkeeping import Bookkeeper
+
+    store = PgOutcomeStore(_through(url, proxy), buffer_limit=1000, retry_s=0.2, connect_timeout_s=1)
+    keeper = Bookkeeper(store.batch, delay_s=0.005)
+    keeper.start_writer()
+    try:
+        for i in range(60):
+            if i == 20:
+                proxy.stop()
+            if i == 40:
+                proxy.start()
+            keeper.submit(store.record_trace, _row(f"k{i:02d}"), success=True, latency_ms=1.0, now=float(i))
+            time.sleep(0.01)
+        keeper.flush()
+        assert _wait(lambda: store.buffered == 0)
+        assert store.dropped == 0 and store.profiles()[0]["total_calls"] == 60
+    finally:
+        keeper.close()
+        store.close()
+    assert _traces(url) == [f"k{i:02d}" for i in range(60)]
