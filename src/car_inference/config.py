@@ -230,8 +230,10 @@ class StateSettings(_Section):
 
 
 class CoordinationSettings(_Section):
-    """State several replicas share live through Redis (circuit breakers so far); None: each
-    replica keeps its own in memory. An unreachable Redis degrades to that, with a warning."""
+    """State several replicas share live through Redis: circuit breakers, API keys' cooldowns and
+    disabled keys, spend reservations, the server's global concurrency bound, and the notice that
+    learned router state changed. None: each replica keeps its own in memory. An unreachable
+    Redis degrades to that, with a warning, and sharing resumes when it answers again."""
 
     redis_url: str | None = Field(default=None, description='e.g. "redis://cache:6379/0"; None: local only')
     key_prefix: str = Field(default="car:", min_length=1, description="one fleet's keys on a shared Redis")
@@ -239,6 +241,12 @@ class CoordinationSettings(_Section):
         default=50.0, ge=5, le=1000, description="how often a replica reads the fleet's open breakers"
     )
     timeout_ms: float = Field(default=250.0, gt=0, le=10_000, description="one Redis call, connect included")
+    lease_s: float = Field(
+        default=5.0, ge=0.5, le=300, description="a dead replica's reservations and slots lapse after this"
+    )
+    global_concurrency: int | None = Field(
+        default=None, ge=1, description="requests in flight across the fleet (car serve); None: no bound"
+    )
 
     @model_validator(mode="after")
     def _scheme(self) -> CoordinationSettings:

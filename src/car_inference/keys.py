@@ -24,6 +24,13 @@ key's health changes and at most once a second otherwise (``flush`` writes what 
 process killed outright loses at most its last second of counts). Health (cooling, disabled) is
 shared: a key refused in one process is skipped by the others after their next write or ``stats``.
 The JSON file of earlier versions (``key_pool_stats.json``) is imported once.
+
+Across replicas (``[coordination] redis_url``, a ``routing.coord.Fleet``): a 429 or a 401/403 is
+also written to Redis at once, and every replica's fleet thread reads the fleet's cooling and
+disabled keys every ``refresh_ms``, so a key refused on one replica is skipped by all within about
+that long; ``reset`` clears them for the fleet. In a fleet a cooldown lasts its term (a success on
+another replica does not end it early: that request may have started before the 429). While Redis
+is away each replica goes by its own answers (and the statistics' shared health, as above).
 """
 
 from __future__ import annotations
@@ -42,12 +49,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
 from .config import CarConfig
 from .secrets import ResolvedKey, SecretStore, resolve_keys
+
+if TYPE_CHECKING:
+    from .routing.coord import Fleet
 
 __all__ = ["KeyPool", "KeyStats", "fingerprint", "legacy_stats_path"]
 
@@ -193,8 +203,19 @@ class KeyPool:
         store: SecretStore | Literal["default"] | None = "default",
         clock: Callable[[], float] = time.time,
         keyring_ttl_s: float = 60.0,
+        fleet: Fleet | Literal["config"] | None = "config",
     ) -> None:
+        """``fleet``: the replica's link to the fleet (None: this process only; "config": one of
+        its own when ``[coordination] redis_url`` is set, closed with the pool)."""
         self.config = config
+        self._own_fleet = fleet == "config"
+        if fleet == "config":
+            from .routing.coord import Fleet
+
+            fleet = Fleet.for_settings(config.coordination)
+        self.fleet: Fleet | None = fleet
+        if fleet is not None:
+            fleet.on_keys_cleared(_weak_listener(self))
         self.db_path = config.paths.state_db
         self.legacy_path = legacy_path
         self._env = env
@@ -237,23 +258,37 @@ class KeyPool:
             record.order = order
         return record
 
+    def _health(self, key: str, record: _Record) -> tuple[bool, float | None]:
+        """(disabled, cooling until) of a key: its own record's, or the fleet's where that says more."""
+        if self.fleet is None:
+            return record.disabled, record.cooling_until
+        fleet = self.fleet.key_health().get(fingerprint(key))
+        if fleet is None:
+            return record.disabled, record.cooling_until
+        until = record.cooling_until
+        if fleet.cooling_until is not None:
+            theirs = self._clock() + (fleet.cooling_until - time.monotonic())
+            until = theirs if until is None else max(until, theirs)
+        return record.disabled or fleet.disabled, until
+
     def acquire(self, env_var: str) -> str | None:
         """A key for ``env_var``: the least recently used healthy one; when all are cooling, the
         one free soonest; None when there is none or every one is disabled."""
         with self._lock:
             now = self._clock()
-            usable = [
-                (k.value, r)
-                for i, k in enumerate(self._resolve(env_var))
-                if not (r := self._record(env_var, k.value, i)).disabled
-            ]
+            usable: list[tuple[str, _Record, float]] = []
+            for i, k in enumerate(self._resolve(env_var)):
+                record = self._record(env_var, k.value, i)
+                disabled, until = self._health(k.value, record)
+                if not disabled:
+                    usable.append((k.value, record, until if until is not None and until > now else 0.0))
             if not usable:
                 return None
-            healthy = [(k, r) for k, r in usable if not r.cooling(now)]
+            healthy = [(k, r, u) for k, r, u in usable if not u]
             if healthy:
-                key, record = min(healthy, key=lambda kr: (kr[1].last_used or 0.0, kr[1].order))
+                key, record, _ = min(healthy, key=lambda kru: (kru[1].last_used or 0.0, kru[1].order))
             else:
-                key, record = min(usable, key=lambda kr: (kr[1].cooling_until or 0.0, kr[1].order))
+                key, record, _ = min(usable, key=lambda kru: (kru[2], kru[1].order))
             record.last_used = now
             return key
 
@@ -292,6 +327,11 @@ class KeyPool:
                 pending.health = True
             pending.health = pending.health or status in _HEALTH_STATUSES
             due = pending.health or now - self._last_save >= _SAVE_INTERVAL_S
+        if self.fleet is not None and status in _HEALTH_STATUSES:  # the fleet skips it too
+            if status == 429:
+                self.fleet.put_key(fingerprint(key), cooling_s=(record.cooling_until or now) - now)
+            else:
+                self.fleet.put_key(fingerprint(key), disabled=True)
         if due:
             self.flush()
         else:
@@ -312,22 +352,43 @@ class KeyPool:
             self._timer = None
         self.flush()
 
+    def _fleet_cleared(self, fps: list[str]) -> None:
+        """The fleet lifted these keys' refusals (a reset on a replica, or a cooldown over):
+        this replica's own copies go too."""
+        with self._lock:
+            for fp in fps:
+                record = self._records.get(fp)
+                if record is not None and (record.disabled or record.cooling_until is not None):
+                    record.disabled, record.cooling_until = False, None
+                    self._pending.setdefault(fp, _Pending()).health = True
+        self._flush_later()
+
     def has_key(self, env_var: str) -> bool:
         """True when ``env_var`` has a key that is not disabled (the registry's key check)."""
         with self._lock:
-            return any(not self._record(env_var, k.value).disabled for k in self._resolve(env_var))
+            return any(
+                not self._health(k.value, self._record(env_var, k.value))[0] for k in self._resolve(env_var)
+            )
 
     def reset(self, env_var: str | None = None) -> int:
         """Re-enable disabled keys and end cooldowns (of ``env_var``, or all); how many changed."""
         with self._lock:
             self._refresh()  # keys another process disabled are reset too
             changed = 0
+            fleet = self.fleet.key_health() if self.fleet is not None else {}
+            cleared = []
             for fp, record in self._records.items():
-                if env_var in (None, record.env_var) and (record.disabled or record.cooling_until):
+                if env_var not in (None, record.env_var):
+                    continue
+                if fp in fleet:
+                    cleared.append(fp)
+                if record.disabled or record.cooling_until or fp in fleet:
                     record.disabled = False
                     record.cooling_until = None
                     self._pending.setdefault(fp, _Pending()).health = True
                     changed += 1
+        if self.fleet is not None:
+            self.fleet.clear_keys(list(fleet) if env_var is None else cleared)
         self.flush()
         return changed
 
@@ -358,32 +419,37 @@ class KeyPool:
                 for i, resolved in enumerate(self._resolve(env_var)):
                     fp = fingerprint(resolved.value)
                     current.add(fp)
-                    rows.append(
-                        self._stats(fp, self._record(env_var, resolved.value, i), resolved.source, now)
-                    )
+                    record = self._record(env_var, resolved.value, i)
+                    health = self._health(resolved.value, record)
+                    rows.append(self._stats(fp, record, resolved.source, now, health))
                 for fp, record in self._records.items():
                     if record.env_var == env_var and fp not in current:
-                        rows.append(self._stats(fp, record, None, now))
+                        rows.append(
+                            self._stats(fp, record, None, now, (record.disabled, record.cooling_until))
+                        )
                 if rows:
                     out[env_var] = rows
             return out
 
     @staticmethod
-    def _stats(fp: str, record: _Record, source: str | None, now: float) -> KeyStats:
-        cooling = record.cooling(now)
+    def _stats(
+        fp: str, record: _Record, source: str | None, now: float, health: tuple[bool, float | None]
+    ) -> KeyStats:
+        disabled, until = health
+        cooling = until is not None and until > now
         return KeyStats(
             env_var=record.env_var,
             fingerprint=fp,
             masked=record.masked,
             source=source,
-            state="disabled" if record.disabled else "cooling" if cooling else "ok",
+            state="disabled" if disabled else "cooling" if cooling else "ok",
             requests=record.requests,
             failures=record.failures,
             rate_limits=record.rate_limits,
             last_used=_when(record.last_used),
             last_status=record.last_status,
-            cooling_until=_when(record.cooling_until) if cooling else None,
-            disabled=record.disabled,
+            cooling_until=_when(until) if cooling else None,
+            disabled=disabled,
         )
 
     # --- persistence ---------------------------------------------------------------------------
@@ -501,6 +567,9 @@ class KeyPool:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        if self._own_fleet and self.fleet is not None:
+            self.fleet.close()
+            self.fleet = None
 
 
 def _row(fp: str, raw: dict[str, Any], *, reported: bool, health: bool) -> dict[str, Any]:
@@ -522,6 +591,18 @@ def _row(fp: str, raw: dict[str, Any], *, reported: bool, health: bool) -> dict[
 
 def _counts(pending: _Pending) -> dict[str, int]:
     return {"requests": pending.requests, "failures": pending.failures, "rate_limits": pending.rate_limits}
+
+
+def _weak_listener(pool: KeyPool) -> Callable[[list[str]], None]:
+    """``pool._fleet_cleared`` without keeping the pool alive from the fleet's thread."""
+    ref = weakref.ref(pool)
+
+    def listener(fps: list[str]) -> None:
+        live = ref()
+        if live is not None:
+            live._fleet_cleared(fps)
+
+    return listener
 
 
 def _when(epoch: float | None) -> datetime | None:
