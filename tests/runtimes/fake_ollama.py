@@ -1,6 +1,13 @@
-"""A stand-in for the `ollama` executable: `serve` answers Ollama's native API (version and the
-list of pulled models, in Ollama's own JSON shapes) on ``$OLLAMA_HOST``, like ``ollama serve``.
-It lets the supervisor's many-model path run for real where Ollama is not installed."""
+"""A stand-in for the `ollama` executable: `serve` answers Ollama's native API (version, the list of
+pulled models and pulling one, in Ollama's own JSON shapes) on ``$OLLAMA_HOST``, like ``ollama serve``.
+It lets the supervisor's many-model path and `car models pull ollama/...` run for real where Ollama
+is not installed.
+
+``POST /api/pull`` streams NDJSON as Ollama does: ``pulling manifest``, then for each layer of the
+tag's manifest lines ``{"status": "pulling <short digest>", "digest", "total", "completed"}`` as
+the layer arrives, then ``verifying sha256 digest``, ``writing manifest``, ``success``; an unknown
+tag gets ``{"error": "pull model manifest: file does not exist"}``. A pulled tag joins
+``/api/tags``."""
 
 from __future__ import annotations
 
@@ -27,7 +34,53 @@ TAGS = {
 }  # fmt: skip
 
 
+# What the fake registry can pull: tag -> its layers (digest, size).
+LIBRARY = {
+    "smollm2:135m": [("sha256:f535f83ec568" + "1" * 52, 270_898_304), ("sha256:fbacade46b4d" + "2" * 52, 68)],
+    "qwen3:0.6b": [("sha256:7df6b6e09427" + "0" * 52, 522_653_767)],
+}
+_STEPS = 4  # progress lines per layer
+
+
+def _pulled(tag: str, layers: list[tuple[str, int]]) -> dict[str, object]:
+    family, _, size = tag.partition(":")
+    return {
+        "name": tag, "model": tag, "modified_at": "2026-12-02T10:00:00Z",
+        "size": sum(size for _, size in layers), "digest": layers[0][0].removeprefix("sha256:"),
+        "details": {"parent_model": "", "format": "gguf", "family": family, "families": None,
+                    "parameter_size": size.upper(), "quantization_level": "Q4_K_M"},
+    }  # fmt: skip
+
+
 class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        if self.path != "/api/pull":
+            self._send(404, {"error": "not found"})
+            return
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        tag = str(body.get("model") or body.get("name") or "")
+        tag = tag if ":" in tag else tag + ":latest"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.end_headers()
+        self._line({"status": "pulling manifest"})
+        layers = LIBRARY.get(tag)
+        if layers is None:
+            self._line({"error": "pull model manifest: file does not exist"})
+            return
+        for digest, size in layers:
+            for step in range(1, _STEPS + 1):
+                self._line({"status": f"pulling {digest[7:19]}", "digest": digest, "total": size,
+                            "completed": size * step // _STEPS})  # fmt: skip
+        for status in ("verifying sha256 digest", "writing manifest", "success"):
+            self._line({"status": status})
+        models = TAGS["models"]
+        models[:] = [m for m in models if m["name"] != tag] + [_pulled(tag, layers)]
+
+    def _line(self, payload: object) -> None:
+        self.wfile.write(json.dumps(payload).encode() + b"\n")
+        self.wfile.flush()
+
     def do_GET(self) -> None:
         if self.path == "/api/version":
             self._send(200, {"version": "0.12.0"})

@@ -9,19 +9,81 @@ with the catalog size as the estimate before loading and when a load shows no gr
 weights not yet touched). It is approximate: loads of different models running at once share
 their deltas and the first load of an engine also pays for importing its library (both overstate),
 while weights mmapped from a file count only once touched (that understates until then).
+
+Each entry knows when it was loaded and last used (a use ends when its lock is released), which
+``car models ps`` shows. A cache given a ``record_dir`` keeps ``loaded-<pid>.json`` there up to date
+(on load, eviction, and when a model starts or stops being used) and deletes it at exit, so
+``car models ps`` in another process sees what a ``car serve`` has loaded; ``read_records`` skips
+records of dead processes.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
+import json
+import os
 import threading
+import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from ..hardware import process_memory_mb
 
-__all__ = ["CachedModel", "ModelCache"]
+__all__ = ["CachedModel", "LoadedModel", "ModelCache", "UseLock", "read_records"]
+
+
+class UseLock:
+    """The entry's lock (llama.cpp and torch models are not safe from two threads): a
+    ``threading.Lock`` that also stamps the entry's last use when a use starts and ends."""
+
+    def __init__(self, on_use: Callable[[bool], None]) -> None:
+        self._lock = threading.Lock()
+        self._on_use = on_use
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        got = self._lock.acquire(blocking, timeout)
+        if got:
+            self._on_use(True)
+        return got
+
+    def release(self) -> None:
+        self._on_use(False)
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+@dataclass
+class LoadedModel:
+    """One loaded model as ``car models ps`` shows it."""
+
+    key: str
+    pid: int
+    measured_mb: float | None
+    estimated_mb: float
+    loaded_at: float
+    last_used: float
+    busy: bool = False
+
+    @property
+    def idle_s(self) -> float:
+        return 0.0 if self.busy else max(0.0, round(time.time() - self.last_used, 1))
 
 
 @dataclass
@@ -29,25 +91,65 @@ class CachedModel:
     key: str
     instance: Any
     size_mb: float  # what the budget counts: measured_mb when there is one, else estimated_mb
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: UseLock = field(default_factory=lambda: UseLock(lambda _: None))
     estimated_mb: float = 0.0
     measured_mb: float | None = None
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    busy: int = 0
+
+    def used(self, starting: bool) -> None:
+        self.busy += 1 if starting else -1
+        self.last_used = time.time()
+
+    def loaded(self) -> LoadedModel:
+        return LoadedModel(self.key, os.getpid(), self.measured_mb, self.estimated_mb,
+                           self.loaded_at, self.last_used, self.busy > 0)  # fmt: skip
 
 
 class ModelCache:
-    def __init__(self, budget_mb: float) -> None:
+    def __init__(self, budget_mb: float, record_dir: Path | None = None) -> None:
         self.budget_mb = budget_mb
         self._entries: OrderedDict[str, CachedModel] = OrderedDict()
         self._guard = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
         self.evictions: list[str] = []
+        self.record_path = record_dir / f"loaded-{os.getpid()}.json" if record_dir is not None else None
+        if self.record_path is not None:
+            atexit.register(_drop_record, weakref.ref(self))
 
     def get(self, key: str) -> CachedModel | None:
         with self._guard:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
+                entry.last_used = time.time()
             return entry
+
+    def loaded(self) -> list[LoadedModel]:
+        """What is loaded now, least recently used first."""
+        with self._guard:
+            return [e.loaded() for e in self._entries.values()]
+
+    # --- the record other processes read ------------------------------------------------------
+
+    def _use(self, entry: CachedModel, starting: bool) -> None:
+        entry.used(starting)
+        if entry.busy == (1 if starting else 0):  # idle -> busy or busy -> idle: ps shows that
+            self._record()
+
+    def _record(self) -> None:
+        if self.record_path is None:
+            return
+        models = [vars(m) for m in self.loaded()]
+        with contextlib.suppress(OSError):
+            if not models:
+                self.record_path.unlink(missing_ok=True)
+                return
+            self.record_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.record_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"pid": os.getpid(), "models": models}))
+            tmp.replace(self.record_path)
 
     def get_or_load(self, key: str, size_mb: float, loader: Callable[[], Any]) -> CachedModel:
         """The cached entry for ``key``, loading it with ``loader`` (blocking) when absent."""
@@ -68,10 +170,12 @@ class ModelCache:
             measured = float(grew) if grew > 0 else None
             entry = CachedModel(key=key, instance=instance, size_mb=measured or size_mb,
                                 estimated_mb=size_mb, measured_mb=measured)  # fmt: skip
+            entry.lock = UseLock(functools.partial(self._use, entry))
             with self._guard:
                 self._make_room(entry.size_mb)  # the measured size may exceed the estimate
                 self._entries[key] = entry
                 self._loading.pop(key, None)
+            self._record()
             return entry
 
     def _make_room(self, size_mb: float) -> None:
@@ -83,10 +187,12 @@ class ModelCache:
     def invalidate(self, key: str) -> None:
         with self._guard:
             self._entries.pop(key, None)
+        self._record()
 
     def clear(self) -> None:
         with self._guard:
             self._entries.clear()
+        self._record()
 
     @property
     def used_mb(self) -> float:
@@ -95,3 +201,29 @@ class ModelCache:
     def keys(self) -> list[str]:
         with self._guard:
             return list(self._entries)
+
+
+def _drop_record(ref: weakref.ref[ModelCache]) -> None:
+    cache = ref()
+    if cache is not None and cache.record_path is not None:
+        with contextlib.suppress(OSError):
+            cache.record_path.unlink(missing_ok=True)
+
+
+def read_records(record_dir: Path) -> list[LoadedModel]:
+    """What the live processes using ``record_dir`` have loaded (records of dead ones are removed)."""
+    from ..runtimes.state import pid_alive
+
+    found: list[LoadedModel] = []
+    for path in sorted(record_dir.glob("loaded-*.json")) if record_dir.is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        pid = data.get("pid")
+        if not isinstance(pid, int) or not pid_alive(pid):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        found.extend(LoadedModel(**m) for m in data.get("models", []))
+    return found

@@ -148,7 +148,7 @@ def pull(model: ModelSchema, progress: PullProgress | None = None, endpoint: str
     if hub_offline():
         hint = "its files are on disk" if _on_disk(model) else "unset HF_HUB_OFFLINE to download"
         raise DownloadFailed(
-            f"cannot pull {model.id} from {plan.repo}: the Hub is switched off (HF_HUB_OFFLINE is set); "
+            f"could not pull {model.id} from {plan.repo}: the Hub is switched off (HF_HUB_OFFLINE is set); "
             + hint
         )
     with HubClient(endpoint) as hub:

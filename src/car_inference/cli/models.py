@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from ..schema import ModelCapability
-from .common import engine, err, fail, handle_errors, out, print_json, run, spinner
+from .common import engine, err, fail, handle_errors, out, print_json, run
 
 models_app = typer.Typer(help="List, inspect and pull models.", no_args_is_help=True)
 config_app = typer.Typer(help="Show settings.", no_args_is_help=True)
@@ -97,20 +97,82 @@ def show_model(
 @models_app.command("pull")
 @handle_errors
 def pull_model(
-    model: Annotated[str, typer.Argument(help="model id, name or alias")],
+    model: Annotated[
+        str, typer.Argument(help="model id, name or alias; `ollama/<tag>` pulls through Ollama")
+    ],
     as_json: Annotated[
-        bool, typer.Option("--json", help="print the model id and its local path as JSON")
+        bool, typer.Option("--json", help="print what was pulled as JSON (no progress bars)")
     ] = False,
 ) -> None:
-    """Download a model's files from Hugging Face (the only command that downloads weights)."""
+    """Download a model: a Hub model's files into the Hugging Face cache (resumable, verified
+    against the Hub's sha256), an Ollama model through Ollama (the only command that downloads)."""
+    from ..catalog.pull import pull
+    from .progress import PullBars
+    from .pulling import describe_pull, find_model, pull_ollama
+
     eng = engine()
-    schema = eng.resolve(model)
-    with spinner(f"Pulling {schema.id}..."):
-        path = eng.pull(schema.id)
-    if as_json:
-        print_json({"model": schema.id, "path": str(path), "available": eng.resolve(schema.id).available})
+    schema = find_model(eng, model)
+    bars = PullBars(err, enabled=not as_json)
+    if schema.kind == "ollama":
+        host, found = pull_ollama(eng, schema, bars)
+        if as_json:
+            print_json({"model": schema.id, "host": host, "pulled": found.model_dump() if found else None})
+            return
+        what = f", {found.size / 1e6:,.1f} MB, {found.quantization_level or '?'}" if found else ""
+        out.print(f"{schema.id}: pulled by Ollama at {host}{what}", markup=False)
         return
-    out.print(f"{schema.id}: {path}", markup=False)
+    with bars:
+        report = pull(schema, bars)
+    eng.registry.refresh_availability()
+    if as_json:
+        print_json({"model": schema.id, "path": str(report.path), "repo": report.repo or None,
+                    "commit": report.commit or None, "previous_commit": report.previous_commit,
+                    "downloaded_bytes": report.downloaded_bytes, "files": [vars(f) for f in report.files],
+                    "available": eng.resolve(schema.id).available})  # fmt: skip
+        return
+    out.print(describe_pull(report), markup=False)
+
+
+@models_app.command("upgrade")
+@handle_errors
+def upgrade(
+    model: Annotated[
+        str | None, typer.Argument(help="one pulled model (default: every pulled model)")
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="only report what an upgrade would pull")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Pull a newer revision of pulled models (the Hub's commit moved) and better quants from the
+    catalog that fit this machine; the old revision's files are deleted, an old quant is kept."""
+    from ..catalog.upgrade import apply_upgrade, check_upgrades, pulled_models
+    from ..hardware import cached_hardware
+    from .progress import PullBars
+    from .pulling import describe_upgrade
+
+    eng = engine()
+    catalog = eng.registry.list()
+    targets = pulled_models(catalog)
+    if model is not None:
+        schema = eng.resolve(model)
+        if schema.id not in {m.id for m in targets}:
+            raise fail(f"{schema.id} is not pulled from the Hub; `car models pull {schema.id}` first", 1)
+        targets = [schema]
+    upgrades = check_upgrades(targets, catalog, cached_hardware())
+    if not check:
+        by_id = {m.id: m for m in catalog}
+        with PullBars(err, enabled=not as_json) as bars:
+            upgrades = [apply_upgrade(u, by_id, bars) for u in upgrades]
+        eng.registry.refresh_availability()
+    if as_json:
+        print_json([u.to_json() for u in upgrades])
+        return
+    for u in upgrades:
+        out.print(describe_upgrade(u, check), markup=False)
+    pending = sum(u.kind in ("revision", "quant") for u in upgrades)
+    if not upgrades:
+        out.print("no pulled models", style="dim")
+    elif check and pending:
+        out.print(f"{pending} upgrade(s) available: `car models upgrade` pulls them", style="dim")
 
 
 @models_app.command("discover")
@@ -164,12 +226,16 @@ def remove(
 @models_app.command("ps")
 @handle_errors
 def running(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Models loaded in the servers car supervises on this machine (any process): measured
-    resident memory of each server and its workers, and how long it has been idle."""
+    """What is loaded now: models in the servers car supervises on this machine (any process),
+    with the measured resident memory of each server and its workers, and models loaded in-process
+    by car processes (a `car serve`), with the memory their load added; how long each has been idle."""
+    from .pulling import loaded_rows
+
     eng = engine()
     rows = [s for s in eng.runtimes.statuses() if s.state in ("running", "restarting", "attached")]
+    loaded = loaded_rows(eng)
     if as_json:
-        print_json(rows)
+        print_json([r.model_dump(mode="json") for r in rows] + loaded)
         return
     table = Table(header_style="bold")
     for column in ("model", "runtime", "pid", "memory", "idle", "url"):
@@ -180,8 +246,50 @@ def running(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             f"{s.rss_mb:,.0f} MB" if s.rss_mb is not None else "-",
             "-" if s.idle_s is None else f"{s.idle_s:.0f}s", s.base_url or "-",
         )  # fmt: skip
+    for r in loaded:
+        memory = (
+            f"{r['measured_mb']:,.0f} MB" if r["measured_mb"] is not None else f"~{r['estimated_mb']:,.0f} MB"
+        )
+        idle = "busy" if r["state"] == "busy" else f"{r['idle_s']:.0f}s"
+        table.add_row(r["model"], f"in-process ({r['kind']})", str(r["pid"]), memory, idle, "-")
     out.print(table)
-    out.print(f"{len(rows)} running", style="dim")
+    out.print(f"{len(rows)} running, {len(loaded)} loaded in-process", style="dim")
+
+
+@models_app.command("pulled")
+@handle_errors
+def pulled(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Models whose files are on this machine: catalog models pulled from the Hub (their revision
+    and size on disk) and, when Ollama answers, what Ollama has pulled (its `/api/tags`)."""
+    from ..catalog.hub import read_ref
+    from ..catalog.locate import local_path
+    from ..catalog.pull import pull_plan
+    from ..catalog.upgrade import pulled_models
+    from ..runtimes.ollama import ollama_answers, ollama_host, ollama_tags
+
+    eng = engine()
+    rows: list[dict[str, Any]] = []
+    for m in pulled_models(eng.registry.list()):
+        plan = pull_plan(m)
+        path = local_path(m)
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        commit = (read_ref(plan.repo, plan.revision) or "?")[:12] if plan else ""
+        rows.append({"model": m.id, "source": f"{plan.repo}@{commit}"
+                     if plan else str(path), "size": sum(p.stat().st_size for p in files)})  # fmt: skip
+    host = ollama_host()
+    if ollama_answers(host):
+        rows += [{"model": f"ollama/{t.name}", "source": f"ollama {host} ({t.quantization_level or '?'})",
+                  "size": t.size} for t in ollama_tags(host)]  # fmt: skip
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(header_style="bold")
+    for column in ("model", "from", "size"):
+        table.add_column(column, no_wrap=True)
+    for r in rows:
+        table.add_row(r["model"], r["source"], f"{r['size'] / 1e6:,.1f} MB")
+    out.print(table)
+    out.print(f"{len(rows)} pulled", style="dim")
 
 
 @config_app.command("show")

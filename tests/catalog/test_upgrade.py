@@ -1,0 +1,105 @@
+"""`car models upgrade` against the fake Hub: a moved revision is found, pulled and the old files
+freed; a better quant that fits is pulled beside the old one; checking fetches nothing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from car_inference.catalog.hub import repo_dir
+from car_inference.catalog.locate import local_path
+from car_inference.catalog.pull import pull
+from car_inference.catalog.upgrade import apply_upgrade, check_upgrades, pulled_models, quant_rank
+from car_inference.hardware import CpuInfo, HardwareReport, MemoryInfo
+from car_inference.schema import ModelSchema
+from fakes.hf_hub import FakeHub
+
+REPO = "tiny/tiny-GGUF"
+V1, V2 = os.urandom(200_000), os.urandom(210_000)
+MACHINE = HardwareReport(os="linux", cpu=CpuInfo(model="test", arch="x86_64", cores=2, features=[]),
+                         memory=MemoryInfo(total_mb=2000, available_mb=1000))  # fmt: skip
+
+
+def quant(name: str, quality: float, size_mb: int, **source: object) -> ModelSchema:
+    return ModelSchema.model_validate({
+        "id": f"tiny/tiny:{name}", "name": "tiny", "provider": "tiny", "capabilities": ["generate"],
+        "quality": quality, "cost": {"size_mb": size_mb},
+        "source": {"kind": "gguf", "hf_repo": REPO, "filename": f"tiny-{name}.gguf"} | source,
+    })  # fmt: skip
+
+
+Q4, Q8, F16 = quant("q4_k_m", 0.3, 1), quant("q8_0", 0.4, 2), quant("f16", 0.5, 5000)
+
+
+def test_quant_rank() -> None:
+    assert [quant_rank(m) for m in ("a:q4_k_m", "a:iq3_xs", "a:q8_0", "a:f16", "a:bf16", "a:fp32", "a")] == [
+        4, 3, 8, 16, 16, 32, 0,
+    ]  # fmt: skip
+
+
+def test_a_moved_revision_is_found_pulled_and_the_old_one_freed(hub: FakeHub) -> None:
+    old = hub.publish(REPO, {"tiny-q4_k_m.gguf": V1, "README.md": b"v1"})
+    pull(Q4)
+    assert pulled_models([Q4, Q8]) == [Q4]
+    [current] = check_upgrades([Q4], [Q4], MACHINE)
+    assert current.kind == "current" and current.commit == old
+
+    new = hub.publish(REPO, {"tiny-q4_k_m.gguf": V2})
+    hub.requests.clear()
+    [found] = check_upgrades([Q4], [Q4], MACHINE)
+    assert (found.kind, found.commit, found.latest) == ("revision", old, new)
+    assert found.changed == ["tiny-q4_k_m.gguf"] and found.download_bytes == len(V2)
+    assert not hub.gets("/cdn/") and local_path(Q4).read_bytes() == V1, "checking downloads nothing"
+
+    done = apply_upgrade(found, {Q4.id: Q4})
+    assert done.applied and done.download_bytes == len(V2) and done.freed_bytes == len(V1)
+    assert local_path(Q4).read_bytes() == V2
+    assert not (repo_dir(REPO) / "snapshots" / old).exists()
+    assert sorted(p.name for p in (repo_dir(REPO) / "blobs").iterdir()) == [local_path(Q4).resolve().name]
+    assert check_upgrades([Q4], [Q4], MACHINE)[0].kind == "current"
+
+
+def test_a_new_commit_with_the_same_files_downloads_nothing(hub: FakeHub) -> None:
+    hub.publish(REPO, {"tiny-q4_k_m.gguf": V1})
+    pull(Q4)
+    new = hub.publish(REPO, {"README.md": b"docs only"})
+    [found] = check_upgrades([Q4], [Q4], MACHINE)
+    assert found.kind == "revision" and found.changed == [] and found.detail == "its files are unchanged"
+    done = apply_upgrade(found, {Q4.id: Q4})
+    assert done.download_bytes == 0 and done.freed_bytes == 0 and done.latest == new
+    assert local_path(Q4).read_bytes() == V1 and (repo_dir(REPO) / "refs" / "main").read_text() == new
+
+
+def test_a_better_quant_that_fits_is_pulled_beside_the_old_one(hub: FakeHub) -> None:
+    hub.publish(REPO, {"tiny-q4_k_m.gguf": V1, "tiny-q8_0.gguf": V2, "tiny-f16.gguf": b"big"})
+    pull(Q4)
+    catalog = [Q4, Q8, F16]
+    current, better = check_upgrades([Q4], catalog, MACHINE)
+    assert current.kind == "current"
+    assert better.kind == "quant" and better.target == Q8.id, "f16 is better but needs 6 GB: it does not fit"
+    assert better.detail == "quality 0.3 → 0.4, 2 MB"
+    done = apply_upgrade(better, {m.id: m for m in catalog})
+    assert done.applied and done.download_bytes == len(V2)
+    assert local_path(Q8).read_bytes() == V2 and local_path(Q4).read_bytes() == V1, "the old quant stays"
+    assert [u.kind for u in check_upgrades([Q4], catalog, MACHINE)] == ["current"], "q8 is pulled now"
+
+
+def test_a_pinned_revision_never_moves(hub: FakeHub) -> None:
+    commit = hub.publish(REPO, {"tiny-q4_k_m.gguf": V1})
+    pinned = quant("q4_k_m", 0.3, 1, revision=commit)
+    pull(pinned)
+    hub.publish(REPO, {"tiny-q4_k_m.gguf": V2})
+    [found] = check_upgrades([pinned], [pinned], MACHINE)
+    assert found.kind == "pinned" and found.detail == f"pinned to commit {commit[:12]}"
+    assert apply_upgrade(found, {pinned.id: pinned}).applied is False
+
+
+def test_checking_offline_is_one_line(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.publish(REPO, {"tiny-q4_k_m.gguf": V1})
+    pull(Q4)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from car_inference.errors import DownloadFailed
+
+    with pytest.raises(DownloadFailed, match=r"^cannot check for upgrades: the Hub is switched off"):
+        check_upgrades([Q4], [Q4], MACHINE)

@@ -1,0 +1,218 @@
+"""`car models pull|upgrade|pulled|ps` end to end: the Hub is tests/fakes/hf_hub.py on loopback,
+Ollama is tests/runtimes/fake_ollama.py (Ollama's native API, NDJSON pull stream)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from car_inference.backends.cache import ModelCache
+from car_inference.cli import app
+from car_inference.cli.pulling import loaded_dir
+from car_inference.runtimes.specs import free_port
+from fakes.hf_hub import FakeHub, serving_hub
+
+runner = CliRunner()
+FAKE_OLLAMA = Path(__file__).parents[1] / "runtimes" / "fake_ollama.py"
+WEIGHTS = os.urandom(400_000)
+
+_MODELS = """
+[[models]]
+id = "tiny/tiny:q4_k_m"
+name = "tiny"
+provider = "tiny"
+capabilities = ["generate"]
+quality = 0.3
+[models.source]
+kind = "gguf"
+hf_repo = "tiny/tiny-GGUF"
+filename = "tiny-q4_k_m.gguf"
+[models.cost]
+size_mb = 1
+
+[[models]]
+id = "tiny/tiny:q8_0"
+name = "tiny-q8"
+provider = "tiny"
+capabilities = ["generate"]
+quality = 0.4
+[models.source]
+kind = "gguf"
+hf_repo = "tiny/tiny-GGUF"
+filename = "tiny-q8_0.gguf"
+[models.cost]
+size_mb = 1
+"""
+
+
+def car(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def hub(isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    (isolated_home / "models.toml").write_text(_MODELS)
+    with serving_hub(tmp_path / "hf-cache", monkeypatch) as fake:
+        yield fake
+
+
+def test_pull_shows_each_file_and_says_what_came(hub: FakeHub) -> None:
+    commit = hub.publish("tiny/tiny-GGUF", {"tiny-q4_k_m.gguf": WEIGHTS})
+    code, out, _ = car("models", "show", "tiny")
+    assert "available: no" in out and "car models pull tiny/tiny:q4_k_m" in out
+    code, out, err = car("models", "pull", "tiny")
+    assert code == 0, err
+    assert out.startswith(
+        f"tiny/tiny:q4_k_m: pulled tiny/tiny-GGUF@{commit[:12]}, 1 file(s), 0.4 MB downloaded"
+    )
+    assert err.strip() == "tiny-q4_k_m.gguf: 0.4 MB, 0.4 MB downloaded, verified", "no bars off a terminal"
+    code, out, _ = car("models", "show", "tiny")
+    assert "available: yes" in out
+    code, out, _ = car("models", "pull", "tiny", "--json")
+    data = json.loads(out)
+    assert data["downloaded_bytes"] == 0 and data["commit"] == commit and data["available"] is True
+    assert data["files"][0]["digest"].startswith("sha256:")
+    code, out, _ = car("models", "pulled", "--json")
+    assert json.loads(out) == [{"model": "tiny/tiny:q4_k_m", "source": f"tiny/tiny-GGUF@{commit[:12]}",
+                                "size": len(WEIGHTS)}]  # fmt: skip
+
+
+def test_pull_errors_are_one_line(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = car("models", "pull", "tiny")
+    assert code == 1 and err.count("\n") == 1 and "no such repo on http://127.0.0.1" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = car("models", "pull", "tiny")
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith(
+        "error: could not pull tiny/tiny:q4_k_m from tiny/tiny-GGUF: the Hub is switched off"
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    code, _, err = car("models", "pull", "tiny")
+    assert code == 1 and err.count("\n") == 1 and "cannot reach http://127.0.0.1:" in err
+    assert "Traceback" not in err and "Retry" not in err
+
+
+def test_upgrade_checks_then_pulls_a_new_revision_and_a_better_quant(hub: FakeHub) -> None:
+    old = hub.publish("tiny/tiny-GGUF", {"tiny-q4_k_m.gguf": WEIGHTS, "tiny-q8_0.gguf": WEIGHTS * 2})
+    assert car("models", "pull", "tiny")[0] == 0
+    code, out, _ = car("models", "upgrade", "--check")
+    assert code == 0 and out.splitlines() == [
+        f"tiny/tiny:q4_k_m: up to date ({old[:12]})",
+        "tiny/tiny:q4_k_m: a better quant exists: tiny/tiny:q8_0 (quality 0.3 → 0.4, 1 MB)",
+        "1 upgrade(s) available: `car models upgrade` pulls them",
+    ]
+    new = hub.publish("tiny/tiny-GGUF", {"tiny-q4_k_m.gguf": WEIGHTS[::-1]})
+    code, out, _ = car("models", "upgrade", "tiny", "--check", "--json")
+    assert [(u["kind"], u["latest"], u["applied"]) for u in json.loads(out)] == [
+        ("revision", new, False), ("quant", None, False),
+    ]  # fmt: skip
+    code, out, err = car("models", "upgrade")
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"tiny/tiny:q4_k_m: upgraded {old[:12]} → {new[:12]}: tiny-q4_k_m.gguf changed; 0.4 MB downloaded, "
+        "0.4 MB of the old revision freed",
+        "tiny/tiny:q4_k_m: pulled the better quant tiny/tiny:q8_0 (quality 0.3 → 0.4, 1 MB); the old one "
+        "stays, `car models rm tiny/tiny:q4_k_m` deletes it",
+    ]
+    code, out, _ = car("models", "upgrade", "--check")
+    assert out.splitlines() == [
+        f"tiny/tiny:q4_k_m: up to date ({new[:12]})",
+        f"tiny/tiny:q8_0: up to date ({new[:12]})",
+    ]
+    code, _, err = car("models", "upgrade", "smollm2")
+    assert code == 1 and "is not pulled from the Hub" in err
+
+
+# --- Ollama --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ollama_host(monkeypatch: pytest.MonkeyPatch) -> str:
+    host = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("OLLAMA_HOST", host)
+    return host
+
+
+@pytest.fixture
+def running_ollama(ollama_host: str) -> Iterator[str]:
+    proc = subprocess.Popen([sys.executable, str(FAKE_OLLAMA), "serve"], env={"OLLAMA_HOST": ollama_host},
+                            stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stderr is not None and "Listening" in proc.stderr.readline().decode()
+    yield f"http://{ollama_host}"
+    proc.terminate()
+    proc.wait(5)
+
+
+def test_ollama_pull_streams_progress_and_lists_the_model(running_ollama: str) -> None:
+    code, out, err = car("models", "pull", "ollama/smollm2:135m")
+    assert code == 0, err
+    assert out.strip() == f"ollama/smollm2:135m: pulled by Ollama at {running_ollama}, 270.9 MB, Q4_K_M"
+    assert err.splitlines() == [
+        "  pulling manifest", "  pulling f535f83ec568 (270.9 MB)", "  pulling fbacade46b4d (0.0 MB)",
+        "  verifying sha256 digest", "  writing manifest", "  success",
+    ]  # fmt: skip
+    code, out, _ = car("models", "pulled", "--json")
+    rows = {r["model"]: r for r in json.loads(out)}
+    assert rows["ollama/smollm2:135m"]["size"] == 270_898_372 and "ollama/qwen3:0.6b" in rows
+    code, out, _ = car("models", "pull", "ollama/smollm2:135m", "--json")
+    assert json.loads(out)["pulled"]["digest"].startswith("f535f83ec568")
+
+
+def test_ollama_refusal_is_its_own_message(running_ollama: str) -> None:
+    code, _, err = car("models", "pull", "ollama/nosuch:7b")
+    assert code == 1 and err.splitlines() == [
+        "  pulling manifest",
+        f"error: Ollama at {running_ollama} could not pull nosuch:7b: "
+        "pull model manifest: file does not exist",
+    ]
+
+
+def test_ollama_is_started_for_a_pull_and_stopped_after(
+    ollama_host: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = car("models", "pull", "ollama/qwen3:0.6b")
+    assert code == 1 and err.startswith(
+        f"error: Ollama is not running at http://{ollama_host}, and `ollama` is not installed"
+    )
+    binary = tmp_path / "ollama"
+    binary.write_text(
+        f"#!{sys.executable}\nimport runpy\nrunpy.run_path({str(FAKE_OLLAMA)!r}, run_name='__main__')\n"
+    )
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CAR_OLLAMA_BIN", str(binary))
+    code, out, err = car("models", "pull", "ollama/qwen3:0.6b")
+    assert code == 0, err
+    assert out.strip() == f"ollama/qwen3:0.6b: pulled by Ollama at http://{ollama_host}, 522.7 MB, Q4_K_M"
+    code, out, _ = car("models", "ps", "--json")
+    assert json.loads(out) == [], "the ollama serve started for the pull is stopped"
+
+
+# --- ps: in-process models ------------------------------------------------------------------------
+
+
+def test_ps_lists_models_loaded_in_process_by_other_engines(isolated_home: Path) -> None:
+    cache = ModelCache(budget_mb=100, record_dir=loaded_dir(isolated_home))
+    entry = cache.get_or_load("gguf:test/tiny", 7, lambda: bytearray(64 * 2**20))
+    code, out, _ = car("models", "ps", "--json")
+    assert code == 0
+    [row] = json.loads(out)
+    assert row["model"] == "test/tiny" and row["runtime"] == "in-process" and row["kind"] == "gguf"
+    assert row["pid"] == os.getpid() and row["state"] == "idle" and row["estimated_mb"] == 7
+    assert row["measured_mb"] is None or row["measured_mb"] >= 60, "the 64 MB it allocated, when RSS saw it"
+    with entry.lock:
+        _, out, _ = car("models", "ps", "--json")
+        assert json.loads(out)[0]["state"] == "busy" and json.loads(out)[0]["idle_s"] == 0
+    _, out, _ = car("models", "ps")
+    assert "test/tiny" in out and "in-process (gguf)" in out and "0 running, 1 loaded in-process" in out
+    cache.clear()
+    assert json.loads(car("models", "ps", "--json")[1]) == []
