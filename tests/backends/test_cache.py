@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
-from car_inference.backends.cache import ModelCache
+from car_inference.backends.cache import ModelCache, read_records
 
 
 def test_lru_eviction_keeps_within_budget() -> None:
@@ -81,3 +85,47 @@ async def test_a_real_gguf_load_is_budgeted_by_its_measured_memory() -> None:
     # The weights (94 MB file) plus the KV cache and compute buffers llama.cpp allocates.
     assert entry.measured_mb is not None and entry.measured_mb > 0
     assert entry.size_mb == entry.measured_mb and engine.cache.used_mb == entry.measured_mb
+
+
+def test_entries_know_when_they_were_loaded_used_and_busy() -> None:
+    cache = ModelCache(budget_mb=100)
+    entry = cache.get_or_load("a", 1, lambda: 1)
+    [loaded] = cache.loaded()
+    assert loaded.key == "a" and not loaded.busy and loaded.loaded_at <= loaded.last_used
+    time.sleep(0.25)
+    assert cache.loaded()[0].idle_s >= 0.2
+    with entry.lock:
+        assert entry.lock.locked() and cache.loaded()[0].busy and cache.loaded()[0].idle_s == 0
+    assert not entry.lock.locked() and cache.loaded()[0].idle_s < 0.1, "a use ends when the lock is released"
+    assert entry.lock.acquire(blocking=False) and not entry.lock.acquire(blocking=False), "still a lock"
+    entry.lock.release()
+
+
+def test_records_let_other_processes_see_what_is_loaded(tmp_path: Path) -> None:
+    folder = tmp_path / "loaded"
+    cache = ModelCache(budget_mb=100, record_dir=folder)
+    assert read_records(folder) == [], "nothing loaded: no record"
+    entry = cache.get_or_load("gguf:m", 3, lambda: 1)
+    [seen] = read_records(folder)
+    assert (seen.key, seen.pid, seen.estimated_mb, seen.busy) == ("gguf:m", os.getpid(), 3, False)
+    with entry.lock:
+        assert read_records(folder)[0].busy
+    assert not read_records(folder)[0].busy
+    cache.invalidate("gguf:m")
+    assert read_records(folder) == [] and not any(folder.iterdir())
+
+
+def test_records_of_dead_processes_are_dropped(tmp_path: Path) -> None:
+    folder = tmp_path / "loaded"
+    script = (
+        "import sys; from pathlib import Path; from car_inference.backends.cache import ModelCache;"
+        "c = ModelCache(100, record_dir=Path(sys.argv[1])); c.get_or_load('gguf:x', 1, lambda: 1);"
+        "import os; os._exit(0)"  # dies without running atexit: the record stays behind
+    )
+    subprocess.run([sys.executable, "-c", script, str(folder)], check=True)
+    [record] = folder.glob("loaded-*.json")
+    assert read_records(folder) == [] and not record.exists()
+    subprocess.run(
+        [sys.executable, "-c", script.replace("import os; os._exit(0)", "pass"), str(folder)], check=True
+    )
+    assert not any(folder.iterdir()), "a clean exit removes its own record"

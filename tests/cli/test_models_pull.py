@@ -3,11 +3,13 @@ Ollama is tests/runtimes/fake_ollama.py (Ollama's native API, NDJSON pull stream
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +86,39 @@ def test_pull_shows_each_file_and_says_what_came(hub: FakeHub) -> None:
     code, out, _ = car("models", "pulled", "--json")
     assert json.loads(out) == [{"model": "tiny/tiny:q4_k_m", "source": f"tiny/tiny-GGUF@{commit[:12]}",
                                 "size": len(WEIGHTS)}]  # fmt: skip
+
+
+def test_a_killed_pull_continues_in_the_next_one(hub: FakeHub, tmp_path: Path) -> None:
+    big = os.urandom(2_000_000)
+    hub.publish("tiny/tiny-GGUF", {"tiny-q4_k_m.gguf": big})
+    hub.slow["tiny-q4_k_m.gguf"] = 0.05  # 64 kB every 50 ms: about 1.5 s for the file
+    partial = (
+        tmp_path
+        / "hf-cache"
+        / "models--tiny--tiny-GGUF"
+        / "blobs"
+        / f"{hashlib.sha256(big).hexdigest()}.incomplete"
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "car_inference", "models", "pull", "tiny"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (partial.is_file() and partial.stat().st_size >= 300_000):
+            assert time.monotonic() < deadline and proc.poll() is None, "the pull never got going"
+            time.sleep(0.02)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup of any kind
+        proc.wait(10)
+    left = partial.stat().st_size
+    assert 300_000 <= left < len(big)
+    hub.slow.clear()
+    code, out, err = car("models", "pull", "tiny")
+    assert code == 0, err
+    assert f"continued from {left / 1e6:,.1f} MB left by an interrupted pull" in out
+    assert hub.gets("/cdn/")[-1][2] == f"bytes={left}-"
+    code, out, _ = car("models", "pull", "tiny", "--json")
+    assert json.loads(out)["downloaded_bytes"] == 0
+    assert Path(json.loads(out)["path"]).read_bytes() == big
 
 
 def test_pull_errors_are_one_line(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:

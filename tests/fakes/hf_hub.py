@@ -14,7 +14,8 @@ What it serves, in the Hub's own shapes (checked against huggingface_hub's ``fil
 
 Faults a test can script: ``cut(path, after=n, times=k)`` makes the next ``k`` downloads of ``path``
 send the full ``Content-Length`` but close the connection after ``n`` body bytes (an interrupted
-download); ``corrupt`` serves a path's bytes with one byte flipped. ``requests`` records
+download); ``slow[path] = s`` sends ``path`` in 64 kB pieces ``s`` seconds apart; ``corrupt``
+serves a path's bytes with one byte flipped. ``requests`` records
 ``(method, path, range header)``.
 Stdlib only: ``ThreadingHTTPServer`` in a daemon thread.
 """
@@ -26,6 +27,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,6 +65,7 @@ class FakeHub:
         self.blobs: dict[str, bytes] = {}  # sha256 -> bytes (the CDN)
         self.cut_after: dict[str, list[int]] = {}
         self.corrupt: set[str] = set()
+        self.slow: dict[str, float] = {}
         self.requests: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -228,7 +231,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 self.close_connection = True
                 return
-            self.wfile.write(chunk)
+            pause = hub.slow.get(name)
+            if pause is None:
+                self.wfile.write(chunk)
+                return
+            try:
+                for at in range(0, len(chunk), 65536):
+                    self.wfile.write(chunk[at : at + 65536])
+                    self.wfile.flush()
+                    time.sleep(pause)
+            except (BrokenPipeError, ConnectionResetError):  # the client went away (a killed pull)
+                self.close_connection = True
 
         def _revision(self, repo: str, rev: str) -> None:
             sha, files = hub.commit_of(repo, rev)

@@ -7,7 +7,7 @@ is not installed.
 tag's manifest lines ``{"status": "pulling <short digest>", "digest", "total", "completed"}`` as
 the layer arrives, then ``verifying sha256 digest``, ``writing manifest``, ``success``; an unknown
 tag gets ``{"error": "pull model manifest: file does not exist"}``. A pulled tag joins
-``/api/tags``."""
+``/api/tags``. ``broken:1b`` stops mid-layer (the connection closes), as a killed server would."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ TAGS = {
 LIBRARY = {
     "smollm2:135m": [("sha256:f535f83ec568" + "1" * 52, 270_898_304), ("sha256:fbacade46b4d" + "2" * 52, 68)],
     "qwen3:0.6b": [("sha256:7df6b6e09427" + "0" * 52, 522_653_767)],
+    "broken:1b": [("sha256:0123456789ab" + "3" * 52, 1_000_000)],
 }
 _STEPS = 4  # progress lines per layer
 
@@ -70,6 +71,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         for digest, size in layers:
             for step in range(1, _STEPS + 1):
+                if tag == "broken:1b" and step == 2:
+                    return
                 self._line({"status": f"pulling {digest[7:19]}", "digest": digest, "total": size,
                             "completed": size * step // _STEPS})  # fmt: skip
         for status in ("verifying sha256 digest", "writing manifest", "success"):

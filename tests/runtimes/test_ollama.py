@@ -1,4 +1,5 @@
-"""The Ollama runtime: one `ollama serve` for every Ollama model, its native model list registered.
+"""The Ollama runtime: one `ollama serve` for every Ollama model, its native model list registered;
+and Ollama's native API (runtimes/ollama.py): pull with a streamed NDJSON progress, list the tags.
 `ollama` here is tests/runtimes/fake_ollama.py (Ollama's API shapes), since Ollama is not installed."""
 
 from __future__ import annotations
@@ -12,8 +13,16 @@ from pathlib import Path
 import pytest
 
 from car_inference.config import CarConfig
+from car_inference.errors import DownloadFailed
 from car_inference.registry import UnifiedRegistry
 from car_inference.runtimes.managed import RuntimeSupervisor
+from car_inference.runtimes.ollama import (
+    OllamaProgress,
+    ollama_answers,
+    ollama_host,
+    ollama_pull,
+    ollama_tags,
+)
 from car_inference.runtimes.specs import free_port
 from car_inference.runtimes.state import pid_alive
 from car_inference.runtimes.supervisor import RuntimeState
@@ -86,3 +95,59 @@ def test_a_running_ollama_is_used_and_never_stopped(setup: tuple[RuntimeSupervis
     finally:
         if service.poll() is None:
             service.kill()
+
+
+# --- the native API: pull with progress, list ----------------------------------------------------
+
+
+@pytest.fixture
+def served(isolated_home: Path) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(FAKE), "serve"], env={"OLLAMA_HOST": f"127.0.0.1:{port}"},
+                            stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stderr is not None and "Listening" in proc.stderr.readline().decode()
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(5)
+
+
+def test_pull_streams_each_layer_and_the_tag_is_listed(served: str) -> None:
+    assert ollama_answers(served) and "smollm2:135m" not in [m.name for m in ollama_tags(served)]
+    events: list[OllamaProgress] = []
+    statuses = ollama_pull(served, "smollm2:135m", events.append)
+    assert [s.status for s in statuses] == [
+        "pulling manifest",
+        "verifying sha256 digest",
+        "writing manifest",
+        "success",
+    ]
+    layer = [e for e in events if e.digest == "sha256:f535f83ec568" + "1" * 52]
+    assert [e.completed for e in layer] == [67_724_576, 135_449_152, 203_173_728, 270_898_304]
+    assert {e.total for e in layer} == {270_898_304} and layer[0].status == "pulling f535f83ec568"
+    [pulled] = [m for m in ollama_tags(served) if m.name == "smollm2:135m"]
+    assert pulled.size == 270_898_372 and pulled.quantization_level == "Q4_K_M" and pulled.family == "smollm2"
+
+
+def test_pull_failures_are_one_line(served: str) -> None:
+    with pytest.raises(
+        DownloadFailed, match=r"could not pull nosuch:1b: pull model manifest: file does not exist$"
+    ):
+        ollama_pull(served, "nosuch:1b")
+    with pytest.raises(
+        DownloadFailed, match=r"stopped pulling broken:1b after 'pulling manifest'; pull again"
+    ):
+        ollama_pull(served, "broken:1b")
+    gone = f"http://127.0.0.1:{free_port()}"
+    assert not ollama_answers(gone)
+    with pytest.raises(DownloadFailed, match=rf"^cannot reach Ollama at {gone} to pull x:1b \("):
+        ollama_pull(gone, "x:1b")
+    with pytest.raises(DownloadFailed, match=rf"^cannot reach Ollama at {gone} \("):
+        ollama_tags(gone)
+
+
+def test_ollama_host_follows_ollamas_own_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    assert ollama_host() == "http://127.0.0.1:11434"
+    monkeypatch.setenv("OLLAMA_HOST", "0.0.0.0:9999")
+    assert ollama_host() == "http://0.0.0.0:9999"
+    assert ollama_host("http://gpu-box:11434/v1/") == "http://gpu-box:11434", "a model's own host wins"
