@@ -192,6 +192,7 @@ class Fleet:
             self._reachable, self._error = True, None
             if back:
                 self.epoch += 1
+                self._heartbeat_at = 0.0  # a Redis that restarted lost the heartbeat: beat now
             said, self._warned = self._warned, False
         if back and said:
             log.warning("Redis at %s is reachable again: the fleet's state is shared again", self.url)

@@ -3,6 +3,14 @@
 Periods are UTC calendar days and months. Totals live in memory for the router's fast checks and
 in the store's ``spend`` table; ``record`` re-reads the current period's totals from the store after
 writing, so spend from other processes counts from the next request on (``reload`` does it on demand).
+
+With a ``Fleet`` (``[coordination] redis_url``) the check is the fleet's, atomic, in Redis
+(``coord_spend.py``): ``reserve`` holds a call's estimate against every limit before the call and
+``record`` settles it with the real cost (``release`` when the call failed), so replicas calling at
+once cannot all pass a check that only one of them fits in. ``check`` reserves too, for callers
+that never hand the reservation back: their next ``record`` for the provider settles the oldest
+one (what is left lapses after ``coord_spend._HOLD_S``). While Redis is away, the local check
+above is used (one warning: ``Fleet``), and totals are re-seeded from the store when it returns.
 """
 
 from __future__ import annotations
@@ -10,16 +18,23 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
 from ..config import SpendLimit, SpendSettings
 from ..errors import SpendLimitExceeded
+from .coord_spend import _HOLD_S, FleetSpend, Limit
 from .store_api import StateStore
 
-__all__ = ["GLOBAL_SCOPE", "SpendControl", "SpendPeriodStatus", "SpendStatus"]
+if TYPE_CHECKING:
+    from .coord import Fleet
+
+__all__ = ["GLOBAL_SCOPE", "Reservation", "SpendControl", "SpendPeriodStatus", "SpendStatus"]
 
 GLOBAL_SCOPE = "global"
 _PERIODS = ("daily", "monthly")
@@ -55,16 +70,31 @@ def _period_bounds(now: float) -> tuple[float, float, float, float]:
     return day.timestamp(), day.timestamp() + 86_400, month.timestamp(), next_month.timestamp()
 
 
+@dataclass(slots=True)
+class Reservation:
+    """A call's estimate held against the fleet's limits until ``record`` or ``release``."""
+
+    provider: str
+    usd: float
+    rid: str  # its id in Redis
+    made: float  # time.monotonic()
+
+
 class SpendControl:
     def __init__(
         self,
         settings: SpendSettings | None = None,
         store: StateStore | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        fleet: Fleet | None = None,
     ) -> None:
         self.settings = settings or SpendSettings()
         self.store = store
         self._clock = clock
+        self._fleet = FleetSpend(fleet) if fleet is not None else None
+        self._unclaimed: dict[str, deque[Reservation]] = {}  # check()'s, by provider (lower case)
+        self._orphans: list[str] = []  # reservations Redis was away to release
         self._lock = threading.Lock()
         self._bounds = (0.0, 0.0, 0.0, 0.0)
         self._day: dict[str, float] = {}
@@ -98,11 +128,17 @@ class SpendControl:
             self._reload_locked()
 
     def _reload_locked(self) -> None:
-        if self.store is None:
-            return
-        day0, day1, month0, month1 = self._bounds
-        self._day = self.store.spend_by_provider(day0, day1)
-        self._month = self.store.spend_by_provider(month0, month1)
+        if self.store is not None:
+            day0, day1, month0, month1 = self._bounds
+            self._day = self.store.spend_by_provider(day0, day1)
+            self._month = self.store.spend_by_provider(month0, month1)
+        fleet = self._fleet
+        if fleet is not None and fleet.reachable:  # the fleet's totals where they are larger
+            totals = fleet.totals(self._clock())
+            if totals is not None:
+                for mine, theirs in zip((self._day, self._month), totals, strict=True):
+                    for provider, usd in theirs.items():
+                        mine[provider] = max(mine.get(provider, 0.0), usd)
 
     def _limits(self, provider: str) -> list[tuple[str, SpendLimit]]:
         scopes: list[tuple[str, SpendLimit]] = [(GLOBAL_SCOPE, self.settings)]
@@ -153,20 +189,92 @@ class SpendControl:
         return self._first_breach(provider, estimate_usd) is not None
 
     def check(self, provider: str, estimate_usd: float) -> None:
-        """Raise ``SpendLimitExceeded`` (the first limit it would break) or return."""
-        if not self.has_limits:
-            return
-        breach = self._first_breach(provider, estimate_usd)
-        if breach is not None:
-            raise breach
+        """Raise ``SpendLimitExceeded`` (the first limit it would break) or return. In a fleet the
+        estimate is held until the next ``record`` for ``provider`` (see the module's text)."""
+        reservation = self.reserve(provider, estimate_usd)
+        if reservation is not None:
+            with self._lock:
+                held = self._unclaimed.setdefault(provider.lower(), deque())
+                while held and time.monotonic() - held[0].made > _HOLD_S:
+                    held.popleft()  # lapsed in Redis too
+                held.append(reservation)
 
-    def record(self, provider: str, model_id: str, usd: float) -> None:
-        """Count money spent (the provider's reported or our estimated cost)."""
+    def reserve(self, provider: str, estimate_usd: float) -> Reservation | None:
+        """Like ``check``, and in a fleet hold the estimate until ``record(..., reservation=)`` or
+        ``release``: returns the reservation (None without limits, a fleet, or Redis)."""
+        if not self.has_limits:
+            return None
+        fleet = self._fleet
+        limits = self._fleet_limits(provider)
+        if not limits:  # none applies to this provider: nothing to hold
+            return None
+        if fleet is not None and fleet.reachable:
+            now = self._clock()
+            with self._lock:
+                self._roll(now)
+                if fleet.needs_seed(now):  # a fresh (or returned) Redis learns the store's totals
+                    self._reload_locked()
+                    fleet.seed(now, self._day, self._month)
+            self._release_orphans()
+            ok, rid, breach, spent = fleet.reserve(now, provider, estimate_usd, limits)
+            if ok and rid is not None:
+                return Reservation(provider, estimate_usd, rid, time.monotonic())
+            if breach is not None:
+                scope = GLOBAL_SCOPE if breach[0] == "*" else provider
+                raise SpendLimitExceeded(scope, breach[1], breach[2], spent, estimate_usd)
+            # Redis did not answer: this replica's own check below
+        breach_here = self._first_breach(provider, estimate_usd)
+        if breach_here is not None:
+            raise breach_here
+        return None
+
+    def _fleet_limits(self, provider: str) -> list[Limit]:
+        out: list[Limit] = []
+        for scope, limit in self._limits(provider):
+            name = "*" if scope == GLOBAL_SCOPE else provider.lower()
+            for period in _PERIODS:
+                cap = limit.daily_usd if period == "daily" else limit.monthly_usd
+                if cap is not None:
+                    out.append((name, period, cap))
+        return out
+
+    def release(self, reservation: Reservation | None) -> None:
+        """Give a reservation back (the call failed, or cost nothing)."""
+        if reservation is None or self._fleet is None:
+            return
+        if self._fleet.reachable:
+            self._fleet.release(reservation.rid)
+        if not self._fleet.reachable:
+            with self._lock:
+                self._orphans.append(reservation.rid)
+
+    def _release_orphans(self) -> None:
+        with self._lock:
+            orphans, self._orphans = self._orphans, []
+        for rid in orphans:
+            self.release(Reservation("", 0.0, rid, 0.0))
+
+    def record(
+        self, provider: str, model_id: str, usd: float, *, reservation: Reservation | None = None
+    ) -> None:
+        """Count money spent (the provider's reported or our estimated cost), settling
+        ``reservation`` (else, in a fleet, the oldest one ``check`` made for ``provider``)."""
+        if reservation is None and self._fleet is not None:
+            with self._lock:
+                held = self._unclaimed.get(provider.lower())
+                reservation = held.popleft() if held else None
         if usd <= 0:
+            self.release(reservation)
             return
         now = self._clock()
         if self.store is not None:
             self.store.add_spend(provider, model_id, usd, ts=now)
+        fleet = self._fleet
+        if fleet is not None and fleet.reachable:
+            if not fleet.settle(now, reservation.rid if reservation else None, provider, usd):
+                self.release(reservation)  # Redis went away: given back when it returns
+        elif reservation is not None:
+            self.release(reservation)
         with self._lock:
             self._roll(now)
             if self.store is not None and self.has_limits:
