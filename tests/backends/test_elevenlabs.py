@@ -77,12 +77,24 @@ async def test_bad_requests_fail_before_any_call(fake: FakeProviderServer, tmp_p
     assert fake.requests == []
 
 
-async def test_an_unknown_voice_is_the_services_404(fake: FakeProviderServer, tmp_path: Path) -> None:
+async def test_an_unknown_voice_is_invalid_input_listing_the_accounts_voices(
+    fake: FakeProviderServer, tmp_path: Path
+) -> None:
+    """The service's 404 voice_not_found becomes InvalidInput (exit 2 / HTTP 400) with the list."""
+    fake.speech.eleven_voices.add("cloned-voice-0001")
     request = SynthesizeRequest(text="hi", voice="no-such-voice", output_path=str(tmp_path / "a.wav"))
-    with pytest.raises(ProviderError, match="voice_id no-such-voice was not found") as info:
+    with pytest.raises(InvalidInput, match="has no voice 'no-such-voice'") as info:
         await make(tmp_path).synthesize(on_fake(fake, TTS), request)
-    assert info.value.status == 404 and not info.value.retryable
+    assert f"{DEFAULT_VOICE} (George)" in str(info.value) and "cloned-voice-0001" in str(info.value)
+    assert isinstance(info.value.__cause__, ProviderError) and info.value.__cause__.status == 404
+    assert [r.path for r in fake.requests] == ["/v1/text-to-speech/no-such-voice", "/v1/voices"]
     assert not (tmp_path / "a.wav").exists()
+
+
+async def test_voices_lists_the_account_voices(fake: FakeProviderServer, tmp_path: Path) -> None:
+    listed = await make(tmp_path).voices(on_fake(fake, TTS))
+    assert [(v.id, v.name) for v in listed.voices] == [(DEFAULT_VOICE, "George")]
+    assert listed.default == DEFAULT_VOICE and fake.requests[-1].api_key == KEY
 
 
 async def test_a_rate_limited_key_rotates(fake: FakeProviderServer, tmp_path: Path) -> None:

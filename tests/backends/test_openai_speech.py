@@ -103,6 +103,12 @@ async def test_bad_speech_requests_fail_before_any_call(fake: FakeProviderServer
     assert fake.requests == []
 
 
+async def test_voices_are_the_built_in_ones(fake: FakeProviderServer, tmp_path: Path) -> None:
+    listed = await make(tmp_path).voices(on_fake(fake, TTS))
+    assert listed.default == "alloy" and {"alloy", "nova", "marin"} <= set(listed.ids())
+    assert "voice_" in (listed.note or "") and not fake.requests  # no call: the API has no list
+
+
 async def test_a_custom_voice_id_is_passed_through(fake: FakeProviderServer, tmp_path: Path) -> None:
     request = SynthesizeRequest(text="hi", voice="voice_1234", output_path=str(tmp_path / "a.wav"))
     result = await make(tmp_path).synthesize(on_fake(fake, TTS), request)

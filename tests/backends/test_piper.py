@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import wave
@@ -16,7 +17,7 @@ from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig
 from car_inference.errors import InferenceFailed, InvalidInput
 from car_inference.requests import SynthesizeRequest
-from car_inference.schema import ModelSchema
+from car_inference.schema import ModelSchema, PiperSource
 
 JOE = "piper/en_us-joe-medium"
 FOX = "The quick brown fox jumps over the lazy dog."
@@ -168,3 +169,30 @@ async def test_voice_names_mapped_in_config(model: ModelSchema, tmp_path: Path) 
     )
     with pytest.raises(InvalidInput, match=mapped_wrong):
         await mapped.synthesize(model, SynthesizeRequest(text="Hi.", voice="echo", output_path=out))
+
+
+async def test_voices_are_listed_from_the_config_without_loading(model: ModelSchema, tmp_path: Path) -> None:
+    """--list-voices on Piper: the voice's own name, the default, and only the [speech] voices
+    entries that reach it (a mapping to a voice it lacks is not listed as working)."""
+    config = CarConfig(home=tmp_path, speech={"voices": {"alloy": "en_US-joe-medium", "echo": "nobody"}})
+    cache = ModelCache(config.local.cache_mb)
+    listed = await PiperBackend(BackendContext(config=config, cache=cache)).voices(model)
+    assert (listed.model, listed.ids(), listed.default) == (JOE, ["en_US-joe-medium"], "en_US-joe-medium")
+    assert listed.aliases == {"alloy": "en_US-joe-medium"}
+    assert cache.keys() == []  # read from the .onnx.json, the model was not loaded
+
+
+async def test_a_multi_speaker_voice_lists_its_speakers(model: ModelSchema, tmp_path: Path) -> None:
+    onnx = voice_file(model)
+    config = json.loads(onnx.with_name(onnx.name + ".json").read_text())
+    config.update(num_speakers=2, speaker_id_map={"amy": 0, "bob": 1})
+    folder = tmp_path / "multi"
+    folder.mkdir()
+    (folder / "multi.onnx").symlink_to(onnx)
+    (folder / "multi.onnx.json").write_text(json.dumps(config))
+    multi = model.model_copy(
+        update={"id": "piper/multi", "name": "multi", "source": PiperSource(path=str(folder))}
+    )
+    settings = CarConfig(home=tmp_path, speech={"voices": {"nova": "bob", "alloy": "en_US-joe-medium"}})
+    listed = await PiperBackend(BackendContext(config=settings, cache=ModelCache(100))).voices(multi)
+    assert (listed.ids(), listed.default, listed.aliases) == (["amy", "bob"], "amy", {"nova": "bob"})

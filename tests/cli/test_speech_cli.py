@@ -76,6 +76,26 @@ def test_an_unknown_voice_is_a_usage_error_listing_the_voices(tmp_path: Path) ->
     assert not (tmp_path / "x.wav").exists()
 
 
+def test_list_voices_and_the_configured_openai_names(tmp_path: Path, isolated_home: Path) -> None:
+    """--list-voices shows what --voice takes; "alloy" speaks only once [speech] voices maps it."""
+    code, out, err = car("speak", "--list-voices")
+    assert code == 0, err
+    assert out.splitlines() == ["en_US-joe-medium  (default)"] and "piper/en_us-joe-medium: 1 voices" in err
+    code, _, err = car("speak", "hi", "--voice", "alloy", "-o", str(tmp_path / "a.wav"))
+    assert code == 2 and "its voices: en_US-joe-medium" in err and "[speech] voices" in err
+    (isolated_home / "config.toml").write_text('[speech]\nvoices = { alloy = "en_US-joe-medium" }\n')
+    code, out, _ = car("speak", "--list-voices", "--json")
+    assert code == 0 and json.loads(out)["aliases"] == {"alloy": "en_US-joe-medium"}
+    code, out, err = car("speak", "--list-voices")
+    assert "alloy -> en_US-joe-medium  ([speech] voices)" in out
+    code, out, err = car("speak", "hi", "--voice", "alloy", "-o", str(tmp_path / "a.wav"))
+    assert code == 0 and "voice en_US-joe-medium" in err
+    code, _, err = car("speak", "--list-voices", "-m", "whisper-base")
+    assert code == 1 and "does not declare text_to_speech" in err
+    code, _, err = car("speak")
+    assert code == 2 and "give the text to speak (or --list-voices)" in err
+
+
 def test_the_output_folder_must_exist(tmp_path: Path) -> None:
     target = tmp_path / "nonexistent" / "dir" / "x.wav"
     code, _, err = car("speak", "hi", "-o", str(target))

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import base64
+import inspect
+from pathlib import Path
+
 from car_inference.engine import InferenceEngine, SyncInferenceEngine
 from car_inference.requests import (
+    GenerateImageRequest,
     GenerateParams,
     GenerateRequest,
+    GenerateVideoRequest,
+    GroundRequest,
+    ImageBlock,
+    SynthesizeRequest,
+    TranscribeRequest,
 )
 from car_inference.stream import Done
+from fakes.images import text_sign
+from fakes.tiny_diffusers import build_ltx, build_sd, media_model
 
 SMOL = "huggingface/smollm2-135m-instruct:q4_1"
 
@@ -25,3 +37,50 @@ def test_sync_facade(local_engine: InferenceEngine) -> None:
         events = list(sync.stream(greedy("Say hi.", 8)))
         assert isinstance(events[-1], Done)
         assert sync.tokenize("smollm2", "hi").tokens
+
+
+def test_every_async_engine_method_has_a_blocking_twin() -> None:
+    """A coroutine method added to InferenceEngine without a SyncInferenceEngine wrapper fails here."""
+    missing = [
+        name
+        for name, member in inspect.getmembers(InferenceEngine, inspect.iscoroutinefunction)
+        if not name.startswith("_")
+        and (
+            not hasattr(SyncInferenceEngine, name)
+            or inspect.iscoroutinefunction(getattr(SyncInferenceEngine, name))
+        )
+    ]
+    assert missing == []
+
+
+def test_sync_speech_grounding_and_media(isolated_home: Path, tmp_path: Path) -> None:
+    """Piper speaks, Whisper hears it back, OCR boxes a sign's text, a tiny diffusers pipeline
+    paints and films: each through the blocking facade, on real local models."""
+    engine = InferenceEngine(home=isolated_home)
+    folder = tmp_path / "pipelines"
+    engine.register_model(media_model("test/tiny-sd", build_sd(folder / "sd"), "image_generation"))
+    engine.register_model(media_model("test/tiny-ltx", build_ltx(folder / "ltx"), "video_generation"))
+    with SyncInferenceEngine(engine) as sync:
+        spoken = sync.synthesize(SynthesizeRequest(text="Hello world.", output_path=str(tmp_path / "a.wav")))
+        heard = sync.transcribe(TranscribeRequest(audio_path=spoken.audio_path, language="en"))
+        assert "hello world" in heard.text.lower()
+        image = ImageBlock(data=base64.b64encode(text_sign()).decode(), media_type="image/png")
+        found = sync.ground(GroundRequest(prompt="exit 42", image=image))
+        assert [b.label for b in found.boxes] == ["exit 42"]
+        steps: list[tuple[int, int]] = []
+        painted = sync.generate_image(
+            GenerateImageRequest(
+                prompt="a red apple", model="test/tiny-sd", width=64, height=64, steps=2, seed=1
+            ),
+            progress=lambda done, total: steps.append((done, total)),
+        )
+        assert Path(painted.image_path).read_bytes().startswith(b"\x89PNG") and steps[-1] == (2, 2)
+        filmed = sync.generate_video(
+            GenerateVideoRequest(
+                prompt="a dog", model="test/tiny-ltx", width=64, height=64, steps=2, fps=8, duration_s=1.0
+            )
+        )
+        assert filmed.video_path.endswith(".mp4") and Path(filmed.video_path).stat().st_size > 0
+        assert sync.warm_up(["no-such-model"])[0] is not None
+        assert sync.model_health().speech.tts_model == "piper/en_us-joe-medium"
+        assert sync.list_voices().ids() == ["en_US-joe-medium"]

@@ -19,6 +19,7 @@ Kept apart from ``provider_server.py``, which routes here first (``route``). Wir
 * ``POST /v1/text-to-speech/{voice_id}`` (ElevenLabs: ``xi-api-key``, JSON text/model_id,
   ``output_format`` query) streams the same audio; a voice not in ``SpeechState.eleven_voices`` is
   ElevenLabs' 404 ``voice_not_found``.
+* ``GET /v1/voices`` (ElevenLabs) lists ``SpeechState.eleven_voices`` (George named, others cloned).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class SpeechState:
 
 def route(handler: Any, method: str, path: str) -> tuple[Any, bool, bool] | None:
     """(handler(reply, stream), consumes_queue, is_stream) for a speech endpoint, else None."""
+    if method == "GET" and path == "/v1/voices":
+        return (lambda reply, stream: _eleven_voices(handler)), False, False
     if method != "POST":
         return None
     if path == "/v1/audio/speech":
@@ -214,6 +217,23 @@ def _eleven_speech(handler: Any, voice_id: str) -> None:
         kind = fmt.split("_", maxsplit=1)[0]
         data = wav(text) if kind == "wav" else _samples(text, RATE) if kind == "pcm" else _audio(text, "mp3")
         _stream_audio(handler, data, _TYPES.get(kind, "audio/mpeg"))
+
+
+def _eleven_voices(handler: Any) -> None:
+    """ElevenLabs' voice list: every voice ``SpeechState.eleven_voices`` knows, premade ones named."""
+    if not handler.headers.get("xi-api-key"):
+        handler._send_bytes(401, b'{"detail": {"status": "invalid_api_key"}}', "application/json", None)
+        return
+    names = {"JBFqnCBsd6RMkjVDRZzb": "George"}
+    voices = [
+        {
+            "voice_id": v,
+            "name": names.get(v, f"voice {v[:6]}"),
+            "category": "premade" if v in names else "cloned",
+        }
+        for v in sorted(handler.fake.speech.eleven_voices)
+    ]
+    handler._send_json(200, {"voices": voices})
 
 
 def _eleven_transcription(handler: Any) -> None:

@@ -43,6 +43,15 @@ def test_speech_round_trip_and_missing_images_501(local_server: ServerThread) ->
     )
     audio = speech.read()
     assert audio[:4] == b"RIFF" and audio[8:12] == b"WAVE" and len(audio) > 10_000
+    # The voices "voice" takes, per model (default: the one "auto" speech runs on).
+    voices = httpx.get(local_server.url + "/v1/audio/voices").json()
+    assert voices["model"] == "piper/en_us-joe-medium" and voices["voices"] == [
+        {"id": "en_US-joe-medium", "name": None}
+    ]
+    unknown_model = httpx.get(local_server.url + "/v1/audio/voices", params={"model": "no-such-voice"})
+    assert unknown_model.status_code == 404 and "no-such-voice" in unknown_model.text
+    not_tts = httpx.get(local_server.url + "/v1/audio/voices", params={"model": "whisper-base"})
+    assert not_tts.status_code in (400, 501) and "text_to_speech" in not_tts.text
     assert speech.response.headers["x-car-model"] == "piper/en_us-joe-medium"
     # ... and back to text on the embedded Whisper.
     text = client.audio.transcriptions.create(model="auto", file=("fox.wav", audio, "audio/wav"))

@@ -44,6 +44,7 @@ from ..schema import ElevenLabsSource, ModelSchema
 from .media_files import output_path, read_upload
 from .openai_speech import AUDIO_MEDIA_TYPES, stream_to
 from .remote import Endpoint, ErrorSite, RemoteBackend, status_error, transport_error
+from .voices import Voice, VoiceList
 
 __all__ = ["ElevenLabsBackend"]
 
@@ -89,7 +90,13 @@ class ElevenLabsBackend(RemoteBackend):
             chunks = client.text_to_speech.convert(voice, model_id=endpoint.wire_model, **options)
             return await stream_to(target, chunks)
 
-        if not await self.with_keys(model, call):
+        try:
+            written = await self.with_keys(model, call)
+        except ProviderError as exc:
+            if exc.status == 404 and request.voice:  # voice_not_found: say which voices there are
+                raise await self._unknown_voice(model, request.voice) from exc
+            raise
+        if not written:
             raise ProviderError("the answer holds no audio", provider=model.provider, model=model.id)
         return SynthesizeResult(
             audio_path=str(target),
@@ -125,6 +132,24 @@ class ElevenLabsBackend(RemoteBackend):
         if unsupported:
             log.warning("%s (ElevenLabs) ignores %s", model.id, ", ".join(unsupported))
         return options
+
+    async def voices(self, model: ModelSchema) -> VoiceList:
+        """The account's voices (``voices.get_all``: ``GET /v1/voices``), premade ones included."""
+
+        async def call(client: elevenlabs.AsyncElevenLabs, endpoint: Endpoint) -> Any:
+            return await client.voices.get_all()
+
+        answer = await self.with_keys(model, call)
+        found = [
+            Voice(id=v.voice_id, name=getattr(v, "name", None) or None)
+            for v in getattr(answer, "voices", None) or ()
+        ]
+        return VoiceList(model=model.id, voices=found, default=DEFAULT_VOICE)
+
+    async def _unknown_voice(self, model: ModelSchema, voice: str) -> InvalidInput:
+        known = await self.voices(model)
+        listed = ", ".join(f"{v.id} ({v.name})" if v.name else v.id for v in known.voices)
+        return InvalidInput(f"{model.id} has no voice {voice!r}; the account's voices: {listed}")
 
     # --- transcription -------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from ..requests import (
 )
 from ..schema import ModelSchema
 from .media_files import output_path, read_upload
+from .voices import Voice, VoiceList
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -64,6 +65,15 @@ class OpenAISpeechMixin:
         kind: ClassVar[str]
 
         def with_keys(self, model: ModelSchema, call: Callable[[Any, Endpoint], Awaitable[Any]]) -> Any: ...
+
+    async def voices(self, model: ModelSchema) -> VoiceList:
+        """The Speech API's built-in voices (no call: the API has no list of them)."""
+        return VoiceList(
+            model=model.id,
+            voices=[Voice(id=v) for v in OPENAI_VOICES],
+            default=DEFAULT_VOICE,
+            note="also a custom voice id of the account (voice_...)",
+        )
 
     async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult:
         audio = Path(request.audio_path).expanduser()

@@ -26,6 +26,7 @@ from ..requests import SynthesizeRequest, SynthesizeResult
 from ..schema import ModelSchema, PiperSource
 from .base import BackendContext, run_blocking
 from .cache import CachedModel
+from .voices import Voice, VoiceList, aliases_for
 
 __all__ = ["MEDIA_TYPES", "PiperBackend", "write_audio"]
 
@@ -101,6 +102,36 @@ class PiperBackend:
             )
 
         return await run_blocking(work)
+
+    async def voices(self, model: ModelSchema) -> VoiceList:
+        """The speakers of a multi-speaker voice, else the voice itself (by name); read from the
+        voice's config, without loading the model."""
+        mapping = self.ctx.config.speech.voices
+
+        def read() -> VoiceList:
+            onnx = voice_file(model)
+            config_path = onnx.with_name(onnx.name + ".json")
+            try:
+                config = json.loads(config_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise InferenceFailed(
+                    f"{model.id}: cannot read the voice config {config_path}: {exc}"
+                ) from exc
+            speakers: dict[str, int] = dict(config.get("speaker_id_map") or {})
+            if int(config.get("num_speakers") or 1) > 1 and speakers:
+                default_id = int(config.get("default_speaker_id") or 0)
+                default = next((n for n, i in speakers.items() if i == default_id), None)
+                names = sorted(speakers)
+                aliases = aliases_for(mapping, names)
+            else:
+                default, names = model.name, [model.name]
+                own = _own_names(model)
+                aliases = {a: model.name for a, target in sorted(mapping.items()) if target.lower() in own}
+            return VoiceList(
+                model=model.id, voices=[Voice(id=n) for n in names], default=default, aliases=aliases
+            )
+
+        return await run_blocking(read)
 
 
 def voice_file(model: ModelSchema) -> Path:

@@ -52,13 +52,19 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
     def speak(
-        text: Annotated[str, typer.Argument(help="the text to say")],
+        text: Annotated[str | None, typer.Argument(help="the text to say")] = None,
         output: Annotated[
             Path | None,
             typer.Option("--output", "-o", help="audio file to write (default: a new temporary file)"),
         ] = None,
         model: ModelOpt = None,
-        voice: Annotated[str | None, typer.Option("--voice", help="voice or speaker name")] = None,
+        voice: Annotated[
+            str | None, typer.Option("--voice", help="voice or speaker name (--list-voices shows them)")
+        ] = None,
+        list_voices: Annotated[
+            bool,
+            typer.Option("--list-voices", help="list the model's voices (with -m, that model's) and exit"),
+        ] = False,
         speed: Annotated[
             float | None, typer.Option("--speed", min=0.1, max=10.0, help="1.0 is normal, 2.0 twice as fast")
         ] = None,
@@ -69,6 +75,11 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Say a text: write it as speech to an audio file and print the file's path."""
+        if list_voices:
+            _print_voices(model, as_json)
+            return
+        if text is None:
+            raise fail("say what? give the text to speak (or --list-voices)", EXIT_USAGE)
         fmt = audio_format.lower() if audio_format else _format_of(output)
         if fmt not in FORMATS:
             raise fail(f"--format must be one of {', '.join(FORMATS)}", EXIT_USAGE)
@@ -87,6 +98,23 @@ def register(app: typer.Typer) -> None:
             return
         out.print(result.audio_path, markup=False)
         err.print(f"{result.model_used} (voice {result.voice_used}, {result.media_type})", style="dim")
+
+
+def _print_voices(model: str | None, as_json: bool) -> None:
+    from ..engine.speech import list_voices  # lazily, as the engine is
+
+    voices = run(list_voices(engine(), model))
+    if as_json:
+        print_json(voices)
+        return
+    for voice in voices.voices:
+        mark = "  (default)" if voice.id == voices.default else ""
+        name = f"  {voice.name}" if voice.name and voice.name != voice.id else ""
+        out.print(f"{voice.id}{name}{mark}", markup=False)
+    for alias, target in voices.aliases.items():
+        out.print(f"{alias} -> {target}  ([speech] voices)", markup=False)
+    note = f"; {voices.note}" if voices.note else ""
+    err.print(f"{voices.model}: {len(voices.voices)} voices{note}", style="dim")
 
 
 speech_app = typer.Typer(help="Speech checks.", no_args_is_help=True)

@@ -4,22 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..requests import (
     Classification,
     ClassifyRequest,
     EmbedRequest,
     EmbedResult,
+    GenerateImageRequest,
+    GenerateImageResult,
     GenerateRequest,
+    GenerateVideoRequest,
+    GenerateVideoResult,
+    GroundRequest,
+    GroundResult,
     InferenceResult,
     RerankRequest,
     RerankResult,
+    SynthesizeRequest,
+    SynthesizeResult,
     TokenizeResult,
+    TranscribeRequest,
+    TranscribeResult,
 )
 from ..stream import StreamEvent
 from .core import InferenceEngine
+
+if TYPE_CHECKING:
+    from ..backends.voices import VoiceList
+    from ..errors import InferenceError
+    from ..routing import RoutingDecision
+    from ..schema import ModelSchema
+    from .health import ModelHealthReport
+
+Progress = Callable[[int, int], None]
 
 __all__ = ["SyncInferenceEngine"]
 
@@ -74,6 +93,57 @@ class SyncInferenceEngine:
 
     def detokenize(self, model: str, tokens: list[int]) -> TokenizeResult:
         return self._run(self.engine.detokenize(model, tokens))
+
+    def ground(self, request: GroundRequest) -> GroundResult:
+        return self._run(self.engine.ground(request))
+
+    def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+        return self._run(self.engine.transcribe(request))
+
+    def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
+        return self._run(self.engine.synthesize(request))
+
+    def list_voices(self, model: str | None = None) -> VoiceList:
+        from .speech import list_voices
+
+        return self._run(list_voices(self.engine, model))
+
+    def generate_image(
+        self, request: GenerateImageRequest, progress: Progress | None = None
+    ) -> GenerateImageResult:
+        """``progress(done, total)`` is called from a worker thread, as with the async engine."""
+        return self._run(self.engine.generate_image(request, progress=progress))
+
+    def generate_video(
+        self, request: GenerateVideoRequest, progress: Progress | None = None
+    ) -> GenerateVideoResult:
+        return self._run(self.engine.generate_video(request, progress=progress))
+
+    def warm_up(self, model_ids: Iterable[str]) -> list[InferenceError | None]:
+        return self._run(self.engine.warm_up(list(model_ids)))
+
+    def discover_endpoints(self, names: Iterable[str] | None = None) -> dict[str, list[str] | InferenceError]:
+        return self._run(self.engine.discover_endpoints(None if names is None else list(names)))
+
+    def route_async(self, request: GenerateRequest) -> RoutingDecision:
+        return self._run(self.engine.route_async(request))
+
+    def route_adaptive(self, prompt: str, **params: Any) -> RoutingDecision:
+        return self._run(self.engine.route_adaptive(prompt, **params))
+
+    # The engine's blocking methods, for a script that holds only this facade.
+
+    def route(self, request: GenerateRequest) -> RoutingDecision:
+        return self.engine.route(request)
+
+    def resolve(self, name: str) -> ModelSchema:
+        return self.engine.resolve(name)
+
+    def list_models(self) -> list[ModelSchema]:
+        return self.engine.list_models()
+
+    def model_health(self) -> ModelHealthReport:
+        return self.engine.model_health()
 
     def feedback(self, trace_id: str, score: float) -> None:
         self.engine.feedback(trace_id, score)

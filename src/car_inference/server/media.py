@@ -1,5 +1,5 @@
-"""Speech and image routes: ``/v1/audio/transcriptions`` (multipart upload), ``/v1/audio/speech``
-and ``/v1/images/generations``.
+"""Speech and image routes: ``/v1/audio/transcriptions`` (multipart upload), ``/v1/audio/speech``,
+``/v1/audio/voices`` (the voices ``voice`` takes) and ``/v1/images/generations``.
 
 They go to the engine like every other task. Where no backend for the capability is installed
 (the engine raises ModelUnavailable or UnsupportedMode), the answer is a 501 naming the missing
@@ -178,6 +178,16 @@ def register(app: FastAPI, state: ServerState) -> None:
         media_type = result.media_type or _SPEECH_FORMATS[fmt]
         return Response(audio, media_type=media_type, headers=car_headers(result.model_used))
 
+    @guarded(TTS, timeout_s=timeout_s, retry_hint=state.retry_hint)
+    async def voices(request: Request) -> Response:
+        """The voices ``voice`` takes on ``?model=`` (else the model "auto" speech runs on)."""
+        from ..engine.speech import list_voices
+
+        name = _model(request.query_params.get("model"))
+        async with asyncio.timeout(timeout_s):
+            result = await list_voices(engine, name)
+        return json_response(result.model_dump(mode="json"), headers=car_headers(result.model))
+
     @guarded(IMAGES, timeout_s=timeout_s, retry_hint=state.retry_hint)
     async def images(request: Request) -> Response:
         body = await read_json(request)
@@ -219,4 +229,5 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     app.add_route("/v1/audio/transcriptions", transcriptions, methods=["POST"])
     app.add_route("/v1/audio/speech", speech, methods=["POST"])
+    app.add_route("/v1/audio/voices", voices, methods=["GET"])
     app.add_route("/v1/images/generations", images, methods=["POST"])

@@ -336,6 +336,7 @@ def _paths() -> dict[str, Any]:
     audio = {f"audio/{kind}": binary for kind in ("wav", "mpeg", "flac", "pcm")}
     text = {"text/plain": {"schema": {"type": "string"}}}
     model_id = [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    model_query = [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"}}]
     video_id = [{"name": "video_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     chat = _operation("chat completion (stream: server-sent events)", ChatCompletionRequest, content=stream)
     return {
@@ -350,6 +351,9 @@ def _paths() -> dict[str, Any]:
         "/v1/audio/speech": {"post": _operation("text to speech", SpeechRequest, content=audio)},
         "/v1/audio/transcriptions": {
             "post": _operation("speech to text", TranscriptionForm, media="multipart/form-data")
+        },
+        "/v1/audio/voices": {
+            "get": _operation("the voices a text-to-speech model takes", parameters=model_query)
         },
         "/v1/images/generations": {"post": _operation("image generation", ImageRequest)},
         "/v1/images/edits": {"post": _operation("image edit", ImageEditForm, media="multipart/form-data")},
