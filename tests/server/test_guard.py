@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -19,6 +20,7 @@ from car_inference.engine import InferenceEngine
 from car_inference.server import ServerThread
 from car_inference.server.guard import authorized
 from fakes import FakeProviderServer, Reply
+from fakes.redis_service import RedisServer, redis_prefix, redis_url
 
 from .conftest import remote_home, serve
 
@@ -175,3 +177,82 @@ def test_a_stalled_body_holds_no_slot_and_gets_a_408(engine: InferenceEngine) ->
         for sock in stalled:
             sock.close()
         server.stop()
+
+
+def _replica(home: Path, fake: FakeProviderServer, prefix: str, url: str | None = None) -> InferenceEngine:
+    """An engine of one replica in a fleet bounded to 1 request in flight ([coordination])."""
+    remote_home(home, fake, "echo")
+    with (home / "config.toml").open("a") as config:
+        config.write(
+            f'[coordination]\nredis_url = "{url or redis_url()}"\nkey_prefix = "{prefix}"\n'
+            "global_concurrency = 1\nlease_s = 1.0\ntimeout_ms = 200\n"
+        )
+    return InferenceEngine(home=home)
+
+
+def test_the_fleets_concurrency_bound_holds_across_replicas(
+    fake_provider: FakeProviderServer, tmp_path: Path
+) -> None:
+    prefix = redis_prefix()
+    engines = [_replica(tmp_path / name, fake_provider, prefix) for name in ("a", "b")]
+    a, b = (serve(e, max_concurrency=4) for e in engines)
+    fake_provider.queue(Reply(text="slow answer", delay_s=1.0))
+    first = [{"role": "user", "content": "hold the fleet's one slot"}]
+    results: list[str] = []
+    slow = threading.Thread(
+        target=lambda: results.append(
+            sdk(a).chat.completions.create(model="fake/echo", messages=first).choices[0].message.content or ""
+        )
+    )
+    try:
+        slow.start()
+        deadline = time.monotonic() + 5
+        while not any(r.json and r.json.get("messages") == first for r in fake_provider.requests):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as info:  # B is idle, the fleet is not
+            sdk(b).chat.completions.create(model="fake/echo", messages=HI)
+        assert info.value.code == "server_busy" and "global_concurrency" in info.value.message
+        assert httpx.get(b.url + "/health").status_code == 200
+        metrics = httpx.get(b.url + "/metrics").text
+        assert "car_coordination_reachable 1.0" in metrics and "car_fleet_concurrency_limit 1.0" in metrics
+        assert "car_fleet_requests_in_flight 1.0" in metrics
+        slow.join()
+        assert results == ["slow answer"]
+        time.sleep(0.2)  # A gives its slot back in a task of its own, after the answer
+        reply = sdk(b).chat.completions.create(model="fake/echo", messages=HI)
+        assert reply.choices[0].message.content
+    finally:
+        slow.join()
+        for server in (a, b):
+            server.stop()
+        for engine in engines:
+            engine.close()
+
+
+def test_without_redis_each_replica_keeps_its_own_bound(
+    fake_provider: FakeProviderServer, tmp_path: Path
+) -> None:
+    redis = RedisServer()
+    redis.start()
+    engine = _replica(tmp_path / "a", fake_provider, redis_prefix(), url=redis.url)
+    server = serve(engine, max_concurrency=4)
+    try:
+        assert sdk(server).chat.completions.create(model="fake/echo", messages=HI).choices[0].message.content
+        redis.stop()
+        for _ in range(3):  # Redis is gone: requests keep succeeding (local bound only)
+            assert sdk(server).chat.completions.create(model="fake/echo", messages=HI).choices
+        health = httpx.get(server.url + "/v1/health").json()["coordination"]
+        assert health["reachable"] is False and health["error"]
+        assert "car_coordination_reachable 0.0" in httpx.get(server.url + "/metrics").text
+        redis.start()
+        deadline = time.monotonic() + 5
+        while "car_coordination_reachable 1.0" not in httpx.get(server.url + "/metrics").text:
+            assert time.monotonic() < deadline, "coordination did not resume"
+            time.sleep(0.05)
+        assert sdk(server).chat.completions.create(model="fake/echo", messages=HI).choices
+        assert engine.fleet is not None and engine.fleet.reachable
+    finally:
+        server.stop()
+        engine.close()
+        redis.stop()

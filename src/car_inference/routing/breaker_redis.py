@@ -43,6 +43,8 @@ from .breaker import CircuitBreakerRegistry, CircuitState, CoordinationHealth
 if TYPE_CHECKING:
     import redis
 
+    from .coord import Fleet
+
 __all__ = ["RedisBreakerRegistry", "circuit_breakers"]
 
 log = logging.getLogger("car_inference.routing.breaker")
@@ -142,8 +144,11 @@ def _entry(fails: Any, retry_ms: Any, probe: Any, times_opened: Any, now: float)
 class RedisBreakerRegistry(CircuitBreakerRegistry):
     """The fleet's breakers while Redis answers; this process's own (the base class) while not."""
 
-    def __init__(self, settings: BreakerSettings | None, coordination: CoordinationSettings) -> None:
+    def __init__(
+        self, settings: BreakerSettings | None, coordination: CoordinationSettings, fleet: Fleet | None = None
+    ) -> None:
         super().__init__(settings)
+        self.fleet = fleet  # the rest of the shared state: its health is reported with the breakers'
         try:
             import redis
             from redis.backoff import NoBackoff
@@ -374,12 +379,18 @@ class RedisBreakerRegistry(CircuitBreakerRegistry):
         return out
 
     def coordination(self) -> CoordinationHealth:
+        """Redis's state for the breakers and, with a fleet, for the rest of the shared state:
+        unreachable when either side found it so."""
+        reachable, error = self._reachable, self._error
+        if self.fleet is not None and not self.fleet.reachable:
+            fleet = self.fleet.health()
+            reachable, error = False, error or fleet.error or "not reached yet"
         return CoordinationHealth(
             backend="redis",
             url=self._url,
-            reachable=self._reachable,
+            reachable=reachable,
             latency_ms=None if self._latency_ms is None else round(self._latency_ms, 3),
-            error=self._error,
+            error=error,
         )
 
     def close(self) -> None:
@@ -404,9 +415,9 @@ def _refresh_loop(ref: weakref.ref[RedisBreakerRegistry], stop: threading.Event)
 
 
 def circuit_breakers(
-    settings: BreakerSettings, coordination: CoordinationSettings | None = None
+    settings: BreakerSettings, coordination: CoordinationSettings | None = None, fleet: Fleet | None = None
 ) -> CircuitBreakerRegistry:
     """The fleet's breakers when ``[coordination] redis_url`` is set, else this process's own."""
     if coordination is None or coordination.redis_url is None:
         return CircuitBreakerRegistry(settings)
-    return RedisBreakerRegistry(settings, coordination)
+    return RedisBreakerRegistry(settings, coordination, fleet)

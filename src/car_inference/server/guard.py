@@ -10,7 +10,10 @@ and leaves streaming responses alone. In order, for HTTP:
 3. The body is read in full before the request takes a concurrency slot: a body over
    ``server.max_body_mb`` is refused with 413 (at once when ``Content-Length`` says so), one that
    has not arrived within ``server.body_timeout_s`` with 408; both close the connection.
-4. Beyond ``server.max_concurrency`` requests in flight, 429 with ``Retry-After``.
+4. Beyond ``server.max_concurrency`` requests in flight, 429 with ``Retry-After``; with
+   ``[coordination] global_concurrency`` (and ``redis_url``), also beyond that many across the
+   fleet (``routing/coord_limit.py``: leases in Redis that lapse when a replica dies; local only,
+   with a warning, while Redis is away).
 
 A WebSocket handshake without a valid key is refused (HTTP 403); JSON-RPC calls on an open socket
 take a slot of the same concurrency bound each.
@@ -23,6 +26,7 @@ import contextlib
 import hmac
 from typing import Any
 
+from ..routing.coord_limit import FleetLimiter
 from .common import HEADER_MODEL, ServerState, dumps
 from .errors import ApiError, describe, error_body
 
@@ -82,10 +86,16 @@ class Guard:
         self.state = state
         self.keys = [k.encode() for k in state.settings.api_keys]
         self.routes = routes
+        fleet = getattr(state.engine, "fleet", None)
+        bound = state.engine.config.coordination.global_concurrency
+        self.fleet_limiter = FleetLimiter(fleet, bound) if fleet is not None and bound else None
+        state.metrics.watch_fleet(fleet, self.fleet_limiter)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]
-        if kind == "http":
+        if kind == "lifespan" and self.fleet_limiter is not None:
+            await self.app(scope, receive, self._on_shutdown(send))
+        elif kind == "http":
             await self._http(scope, receive, send)
         elif kind == "websocket":
             if self.keys and not authorized(scope["headers"], self.keys):
@@ -94,6 +104,36 @@ class Guard:
             await self.app(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    def _on_shutdown(self, send: Any) -> Any:
+        """``send`` that gives the fleet's slots back before the server says it has stopped."""
+        limiter = self.fleet_limiter
+        assert limiter is not None
+
+        async def send_then(message: dict[str, Any]) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await limiter.aclose()
+            await send(message)
+
+        return send_then
+
+    async def _fleet_slot(self, send: Any, route: str) -> bool | None:
+        """A slot of the fleet's bound: True (held), None (no bound, or Redis away), or False
+        (the fleet is full: answered 429 here)."""
+        if self.fleet_limiter is None:
+            return None
+        slot = await self.fleet_limiter.acquire()
+        if slot is False:
+            busy = ApiError(
+                429,
+                f"the fleet is at its limit of {self.fleet_limiter.limit} concurrent requests "
+                "([coordination] global_concurrency); retry shortly",
+                type="rate_limit_error",
+                code="server_busy",
+                retry_after=1,
+            )
+            self.state.metrics.request(route, None, await self._refuse(send, busy))
+        return slot
 
     def _too_large(self) -> ApiError:
         return ApiError(
@@ -178,6 +218,10 @@ class Guard:
             )
             metrics.request(route, None, await self._refuse(send, busy))
             return
+        slot = None if path in UNLIMITED_PATHS else await self._fleet_slot(send, route)
+        if slot is False:
+            limiter.release()
+            return
         outcome: dict[str, Any] = {"status": 500, "model": None, "started": False}
 
         async def watch(message: dict[str, Any]) -> None:
@@ -209,6 +253,8 @@ class Guard:
             metrics.in_flight.dec()
             if path not in UNLIMITED_PATHS:
                 limiter.release()
+            if slot and self.fleet_limiter is not None:
+                self.fleet_limiter.release(slot)
             metrics.request(route, outcome["model"], int(outcome["status"]))
 
 

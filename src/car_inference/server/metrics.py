@@ -8,6 +8,7 @@ resolved (``-`` when none was), errors are exception class names.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,6 +21,10 @@ from prometheus_client import (
 
 from ..errors import AllModelsFailed, ModelUnavailable, ProviderError
 from ..requests import TokenUsage
+
+if TYPE_CHECKING:
+    from ..routing.coord import Fleet
+    from ..routing.coord_limit import FleetLimiter
 
 __all__ = ["CONTENT_TYPE", "NO_MODEL", "Metrics"]
 
@@ -56,6 +61,33 @@ class Metrics:
         )
         self.decisions = Counter(
             "car_routing_decisions", "Routing decisions by strategy", ["strategy"], registry=r
+        )
+
+    def watch_fleet(self, fleet: Fleet | None, limiter: FleetLimiter | None) -> None:
+        """Gauges of the replica's link to the fleet (``[coordination] redis_url``), read when
+        scraped: whether Redis answers (0: degraded to local-only), the reloads of learned router
+        state other replicas caused, and the fleet's concurrency slots."""
+        if fleet is None:
+            return
+        r = self.registry
+        Gauge(
+            "car_coordination_reachable", "1 while the fleet's Redis answers, 0 while degraded to local",
+            registry=r,
+        ).set_function(lambda: float(fleet.reachable))  # fmt: skip
+        Gauge(
+            "car_router_reloads", "Reloads of learned router state announced by other replicas", registry=r
+        ).set_function(lambda: float(fleet.reloads))
+        if limiter is None:
+            return
+        Gauge(
+            "car_fleet_requests_in_flight", "Requests in flight across the fleet at the last slot taken",
+            registry=r,
+        ).set_function(lambda: float(limiter.fleet_in_flight or 0))  # fmt: skip
+        Gauge("car_fleet_slots_held", "Fleet concurrency slots this replica holds", registry=r).set_function(
+            lambda: float(limiter.held)
+        )
+        Gauge("car_fleet_concurrency_limit", "[coordination] global_concurrency", registry=r).set_function(
+            lambda: float(limiter.limit)
         )
 
     def request(self, route: str, model: str | None, status: int) -> None:
