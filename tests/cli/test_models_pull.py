@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from car_inference.runtimes.specs import free_port
 from fakes.hf_hub import FakeHub, serving_hub
 
 runner = CliRunner()
+README = Path(__file__).resolve().parents[2] / "README.md"
 FAKE_OLLAMA = Path(__file__).parents[1] / "runtimes" / "fake_ollama.py"
 WEIGHTS = os.urandom(400_000)
 
@@ -251,3 +254,57 @@ def test_ps_lists_models_loaded_in_process_by_other_engines(isolated_home: Path)
     assert "test/tiny" in out and "in-process (gguf)" in out and "0 running, 1 loaded in-process" in out
     cache.clear()
     assert json.loads(car("models", "ps", "--json")[1]) == []
+
+
+# --- the README's "Pulling models" transcript -----------------------------------------------------
+
+
+def _transcript() -> list[tuple[list[str], dict[str, str], list[str]]]:
+    """The ``console`` block of the README's "Pulling models": (args, environment, lines shown)."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("\n## Pulling models\n") :]
+    section = section[: section.index("\n## ", 5)]
+    block = section[section.index("```console\n") + len("```console\n") :]
+    commands: list[tuple[list[str], dict[str, str], list[str]]] = []
+    for line in block[: block.index("```")].splitlines():
+        if line.startswith("$ "):
+            words = shlex.split(line[2:])
+            env = dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_]+=", w))
+            words = words[len(env) :]
+            assert words[0] == "car", line
+            commands.append((words[1:], env, []))
+        else:
+            commands[-1][2].append(line)
+    return commands
+
+
+def _shown(expected: str) -> re.Pattern[str]:
+    """A transcript line as a pattern: ``...`` stands for what differs between runs."""
+    return re.compile(".*".join(re.escape(piece) for piece in expected.split("...")))
+
+
+def test_the_readme_transcript_runs(
+    hub: FakeHub, monkeypatch: pytest.MonkeyPatch, running_ollama: str
+) -> None:
+    hub.publish("Qwen/Qwen3-0.6B-GGUF", {"Qwen3-0.6B-Q8_0.gguf": os.urandom(600_000)})
+    hub.publish("Qwen/Qwen3-1.7B-GGUF", {"Qwen3-1.7B-Q8_0.gguf": os.urandom(1_800_000)})
+    hub.cut("Qwen3-1.7B-Q8_0.gguf", after=200_000, times=5)  # the first pull of it breaks off
+    before = {  # what changes on the Hub between the transcript's commands
+        "models upgrade --check": lambda: hub.publish(
+            "Qwen/Qwen3-0.6B-GGUF", {"Qwen3-0.6B-Q8_0.gguf": os.urandom(700_000)}
+        ),
+    }
+    commands = _transcript()
+    assert len(commands) >= 8
+    for args, env, lines in commands:
+        if (setup := before.get(" ".join(args))) is not None:
+            setup()
+        with monkeypatch.context() as scoped:
+            for name, value in env.items():
+                scoped.setenv(name, value)
+            result = runner.invoke(app, args)
+        shown = (result.stderr + result.stdout).splitlines()
+        assert result.exit_code == (1 if lines[-1].startswith("error:") else 0), (args, shown)
+        assert len(shown) == len(lines), (args, shown)
+        for expected, line in zip(lines, shown, strict=True):
+            assert _shown(expected).fullmatch(line), f"car {' '.join(args)}: {line!r} is not {expected!r}"

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import ModelUnavailable
+from ..errors import DownloadFailed, ModelUnavailable
 from ..hardware import HardwareReport, recommend
 from ..schema import ModelSchema
 from .hub import HubClient, hub_offline, read_ref, repo_dir
@@ -141,9 +141,9 @@ def check_upgrades(
     endpoint: str | None = None,
 ) -> list[Upgrade]:
     """For each pulled model: its revision check, and a better quant when there is one."""
+    if not models:
+        return []
     if hub_offline():
-        from ..errors import DownloadFailed
-
         raise DownloadFailed("cannot check for upgrades: the Hub is switched off (HF_HUB_OFFLINE is set)")
     found: list[Upgrade] = []
     with HubClient(endpoint) as hub:
