@@ -227,6 +227,11 @@ class StateSettings(_Section):
     by default, or a PostgreSQL database several replicas share."""
 
     url: str | None = Field(default=None, description='e.g. "postgresql://car@db:5432/car"; None: SQLite')
+    buffer_records: int = Field(
+        default=10_000,
+        ge=0,
+        description="PostgreSQL unreachable: records kept in memory until it returns; later ones are dropped",
+    )
 
 
 class CoordinationSettings(_Section):

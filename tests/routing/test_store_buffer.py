@@ -9,16 +9,19 @@ the same at the cost of an ``initdb`` per run and binaries CI may not have.)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
+from car_inference.config import CarConfig
 from car_inference.routing.store import TraceRow
-from car_inference.routing.store_api import state_health
+from car_inference.routing.store_api import open_store, state_health
 from car_inference.routing.store_pg import PgOutcomeStore
 from fakes.services import postgres_schema_url
 from fakes.tcp_proxy import TcpProxy
@@ -138,3 +141,13 @@ def test_the_bookkeepers_batches_survive_an_outage(url: str, proxy: TcpProxy) ->
         keeper.close()
         store.close()
     assert _traces(url) == [f"k{i:02d}" for i in range(60)]
+
+
+def test_the_bound_is_the_state_sections_buffer_records(url: str, tmp_path: Path) -> None:
+    config = CarConfig(home=tmp_path, state={"url": url, "buffer_records": 3})
+    store = open_store(config.state.url, config.paths.state_db, buffer_records=config.state.buffer_records)
+    with contextlib.closing(store):
+        assert isinstance(store, PgOutcomeStore) and store.buffer_limit == 3
+    assert CarConfig(home=tmp_path).state.buffer_records == 10_000
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        CarConfig(home=tmp_path, state={"buffer_records": -1})

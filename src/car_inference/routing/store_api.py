@@ -98,9 +98,10 @@ def is_postgres_url(url: str) -> bool:
     return urlsplit(url).scheme in POSTGRES_SCHEMES
 
 
-def open_store(url: str | None, sqlite_path: Path) -> StateStore:
-    """The store ``[state] url`` names: PostgreSQL for a ``postgresql://`` URL, else the SQLite
-    file at ``sqlite_path``."""
+def open_store(url: str | None, sqlite_path: Path, *, buffer_records: int = 10_000) -> StateStore:
+    """The store ``[state] url`` names: PostgreSQL for a ``postgresql://`` URL (keeping up to
+    ``buffer_records`` writes in memory while it is unreachable), else the SQLite file at
+    ``sqlite_path``."""
     if url is None:
         from .store import OutcomeStore
 
@@ -112,7 +113,7 @@ def open_store(url: str | None, sqlite_path: Path) -> StateStore:
         )
     from .store_pg import PgOutcomeStore
 
-    return PgOutcomeStore(url)
+    return PgOutcomeStore(url, buffer_limit=buffer_records)
 
 
 class StateHealth(BaseModel):
