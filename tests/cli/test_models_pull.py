@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -204,6 +205,24 @@ def test_ollama_pull_streams_progress_and_lists_the_model(running_ollama: str) -
     assert rows["ollama/smollm2:135m"]["size"] == 270_898_372 and "ollama/qwen3:0.6b" in rows
     code, out, _ = car("models", "pull", "ollama/smollm2:135m", "--json")
     assert json.loads(out)["pulled"]["digest"].startswith("f535f83ec568")
+
+
+def test_ollama_upgrade_pulls_again_and_says_whether_it_changed(running_ollama: str) -> None:
+    assert car("models", "pull", "ollama/smollm2:135m")[0] == 0
+    code, out, _ = car("models", "upgrade", "ollama/smollm2:135m", "--check")
+    assert code == 0 and out.splitlines()[0] == (
+        "ollama/smollm2:135m: Ollama cannot tell without pulling; "
+        "`car models upgrade ollama/smollm2:135m` pulls its latest version"
+    )
+    code, out, _ = car("models", "upgrade", "ollama/smollm2:135m")
+    assert code == 0 and out.strip() == "ollama/smollm2:135m: up to date (f535f83ec568)"
+    new = "sha256:9999aaaabbbb" + "4" * 52
+    httpx.post(f"{running_ollama}/fake/library", json={"tag": "smollm2:135m", "layers": [[new, 300_000_000]]})
+    code, out, _ = car("models", "upgrade", "ollama/smollm2:135m", "--json")
+    [done] = json.loads(out)
+    assert (done["kind"], done["commit"][:12], done["latest"][:12], done["applied"]) == (
+        "revision", "f535f83ec568", "9999aaaabbbb", True,
+    )  # fmt: skip
 
 
 def test_ollama_refusal_is_its_own_message(running_ollama: str) -> None:

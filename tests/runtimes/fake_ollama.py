@@ -7,7 +7,8 @@ is not installed.
 tag's manifest lines ``{"status": "pulling <short digest>", "digest", "total", "completed"}`` as
 the layer arrives, then ``verifying sha256 digest``, ``writing manifest``, ``success``; an unknown
 tag gets ``{"error": "pull model manifest: file does not exist"}``. A pulled tag joins
-``/api/tags``. ``broken:1b`` stops mid-layer (the connection closes), as a killed server would."""
+``/api/tags``. ``POST /fake/library`` (tests only) puts a new version of a tag in the registry.
+``broken:1b`` stops mid-layer (the connection closes), as a killed server would."""
 
 from __future__ import annotations
 
@@ -55,6 +56,11 @@ def _pulled(tag: str, layers: list[tuple[str, int]]) -> dict[str, object]:
 
 class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
+        if self.path == "/fake/library":  # tests only: a new version of a tag in the registry
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            LIBRARY[body["tag"]] = [(str(d), int(n)) for d, n in body["layers"]]
+            self._send(200, {"ok": True})
+            return
         if self.path != "/api/pull":
             self._send(404, {"error": "not found"})
             return

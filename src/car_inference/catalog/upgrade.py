@@ -30,7 +30,7 @@ __all__ = ["Upgrade", "apply_upgrade", "check_upgrades", "pulled_models", "quant
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _BITS = re.compile(r"(?:^|[^a-z])i?q(\d+)|(?:^|[^a-z])b?fp?(16|32)")
 
-UpgradeKind = Literal["revision", "quant", "current", "pinned"]
+UpgradeKind = Literal["revision", "quant", "current", "pinned", "unchecked"]
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Upgrade:
     detail: str = ""
     applied: bool = False
     freed_bytes: int = 0
+    source: Literal["hub", "ollama"] = "hub"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

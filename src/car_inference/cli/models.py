@@ -143,22 +143,27 @@ def upgrade(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Pull a newer revision of pulled models (the Hub's commit moved) and better quants from the
-    catalog that fit this machine; the old revision's files are deleted, an old quant is kept."""
-    from ..catalog.upgrade import apply_upgrade, check_upgrades, pulled_models
+    catalog that fit this machine; the old revision's files are deleted, an old quant is kept.
+    A named Ollama model (`ollama/<tag>`) is pulled again through Ollama."""
+    from ..catalog.upgrade import Upgrade, apply_upgrade, check_upgrades, pulled_models
     from ..hardware import cached_hardware
     from .progress import PullBars
-    from .pulling import describe_upgrade
+    from .pulling import describe_upgrade, find_model, upgrade_ollama
 
     eng = engine()
     catalog = eng.registry.list()
     targets = pulled_models(catalog)
-    if model is not None:
-        schema = eng.resolve(model)
-        if schema.id not in {m.id for m in targets}:
-            raise fail(f"{schema.id} is not pulled from the Hub; `car models pull {schema.id}` first", 1)
-        targets = [schema]
-    upgrades = check_upgrades(targets, catalog, cached_hardware())
-    if not check:
+    schema = find_model(eng, model) if model is not None else None
+    upgrades: list[Upgrade]
+    if schema is not None and schema.kind == "ollama":
+        upgrades = [upgrade_ollama(eng, schema, PullBars(err, enabled=not as_json), check)]
+    else:
+        if schema is not None:
+            if schema.id not in {m.id for m in targets}:
+                raise fail(f"{schema.id} is not pulled from the Hub; `car models pull {schema.id}` first", 1)
+            targets = [schema]
+        upgrades = check_upgrades(targets, catalog, cached_hardware())
+    if not check and (schema is None or schema.kind != "ollama"):
         by_id = {m.id: m for m in catalog}
         with PullBars(err, enabled=not as_json) as bars:
             upgrades = [apply_upgrade(u, by_id, bars) for u in upgrades]

@@ -22,6 +22,7 @@ __all__ = [
     "loaded_dir",
     "loaded_rows",
     "pull_ollama",
+    "upgrade_ollama",
 ]
 
 
@@ -67,6 +68,10 @@ def describe_upgrade(u: Upgrade, checking: bool) -> str:
         return f"{u.model_id}: up to date ({(u.commit or '?')[:12]})"
     if u.kind == "pinned":
         return f"{u.model_id}: {u.detail}; nothing to upgrade"
+    if u.kind == "unchecked":
+        return f"{u.model_id}: {u.detail}"
+    if u.source == "ollama":
+        return f"{u.model_id}: upgraded {(u.commit or '?')[:12]} → {(u.latest or '?')[:12]}: {u.detail}"
     if u.kind == "quant":
         if checking:
             return f"{u.model_id}: a better quant exists: {u.target} ({u.detail})"
@@ -108,6 +113,25 @@ def pull_ollama(eng: Any, model: ModelSchema, bars: PullBars) -> tuple[str, Olla
     finally:
         if started is not None:
             started.stop()
+
+
+def upgrade_ollama(eng: Any, model: ModelSchema, bars: PullBars, checking: bool) -> Upgrade:
+    """Ollama has no "is there a newer version" call: an upgrade pulls the tag again (Ollama fetches
+    only the layers that changed) and compares the model's digest before and after."""
+    if checking:
+        return Upgrade(model.id, "unchecked", source="ollama", detail="Ollama cannot tell without pulling; "
+                       f"`car models upgrade {model.id}` pulls its latest version")  # fmt: skip
+    source: Any = model.source
+    host = ollama_host(source.host)
+    wanted = source.model_tag if ":" in source.model_tag else source.model_tag + ":latest"
+    before = next((m for m in ollama_tags(host) if m.name == wanted), None) if ollama_answers(host) else None
+    _, after = pull_ollama(eng, model, bars)
+    old, new = before.digest if before else None, after.digest if after else None
+    if old == new:
+        return Upgrade(model.id, "current", commit=new, source="ollama")
+    size = f"{(after.size if after else 0) / 1e6:,.1f} MB"
+    return Upgrade(model.id, "revision", commit=old, latest=new, applied=True, source="ollama",
+                   detail=f"Ollama pulled a new version ({size})")  # fmt: skip
 
 
 def loaded_dir(home: Path) -> Path:
