@@ -11,10 +11,10 @@ import pytest
 from car_inference.backends.gemini import GeminiBackend
 from car_inference.catalog import load_builtin
 from car_inference.errors import InvalidInput, ProviderError, UnsupportedMode
-from car_inference.requests import GenerateImageRequest
+from car_inference.requests import GenerateImageRequest, GenerateVideoRequest
 from car_inference.schema import ModelSchema
 from fakes import FakeProviderServer, Fault
-from fakes.provider_media import png
+from fakes.provider_media import FAKE_MP4, png
 from fakes.remote_kit import remote_backend
 
 CATALOG = {m.id: m for m in load_builtin().models}
@@ -111,3 +111,79 @@ async def test_blocked_prompts_and_provider_errors(fake: FakeProviderServer, tmp
     with pytest.raises(ProviderError) as unavailable:
         await be.generate_image(nano(fake), GenerateImageRequest(prompt="x"))
     assert unavailable.value.status == 503 and unavailable.value.retryable
+
+
+# --- video: Gemini Omni Flash through the Interactions API ---------------------------------------
+
+OMNI = "google/gemini-omni-flash"
+
+
+def omni(fake: FakeProviderServer) -> ModelSchema:
+    schema = CATALOG[OMNI]
+    return schema.model_copy(
+        update={"source": schema.source.model_copy(update={"base_url": fake.gemini_base_url})}
+    )
+
+
+async def test_video_runs_the_interaction_and_writes_the_mp4(
+    fake: FakeProviderServer, tmp_path: Path
+) -> None:
+    """create (background) -> get until completed -> the model_output step's video, on one key."""
+    fake.media.video_polls = 3
+    seen: list[tuple[int, int]] = []
+    start = tmp_path / "start.png"
+    start.write_bytes(png(8, 8))
+    request = GenerateVideoRequest(
+        prompt="a dog on the moon", seed=9, image_path=str(start), output_path=str(tmp_path / "dog.mp4")
+    )
+    result = await make(tmp_path).generate_video(
+        omni(fake), request, progress=lambda d, t: seen.append((d, t))
+    )
+    assert Path(result.video_path).read_bytes() == FAKE_MP4 and result.video_path == str(tmp_path / "dog.mp4")
+    assert (result.model_used, result.media_type, result.seed) == (OMNI, "video/mp4", 9)
+    create, *polls = fake.requests
+    assert create.method == "POST" and create.path.endswith("/interactions") and create.api_key == KEY
+    body = create.json
+    assert body["model"] == "gemini-omni-1.1-flash" and body["background"] is True
+    assert body["response_modalities"] == ["video"]
+    assert body["generation_config"] == {"seed": 9, "video_config": {"task": "image_to_video"}}
+    (turn,) = body["input"]
+    text, image = turn["content"]
+    assert text == {"type": "text", "text": "a dog on the moon"}
+    assert image["type"] == "image" and base64.b64decode(image["data"]) == png(8, 8)
+    assert [p.method for p in polls] == ["GET"] * 3 and {p.api_key for p in polls} == {KEY}
+    assert seen == [(0, 1), (1, 1)]
+
+
+async def test_a_video_the_answer_links_to_is_downloaded(fake: FakeProviderServer, tmp_path: Path) -> None:
+    fake.media.video_as_uri = True
+    result = await make(tmp_path).generate_video(omni(fake), GenerateVideoRequest(prompt="waves"))
+    assert Path(result.video_path).read_bytes() == FAKE_MP4
+    assert fake.requests[-1].path.startswith("/files/") and fake.requests[-1].api_key == KEY
+
+
+async def test_what_gemini_video_cannot_do_is_refused_before_any_call(
+    fake: FakeProviderServer, tmp_path: Path
+) -> None:
+    backend = make(tmp_path)
+    for extra, field in (
+        ({"duration_s": 6}, "duration_s"),
+        ({"width": 1280, "height": 720}, "width"),
+        ({"fps": 30}, "fps"),
+        ({"negative_prompt": "blur"}, "negative_prompt"),
+        ({"format": "gif"}, "video/gif"),
+    ):
+        with pytest.raises(UnsupportedMode, match=field):
+            await backend.generate_video(omni(fake), GenerateVideoRequest(prompt="x", **extra))
+    assert fake.requests == []
+
+
+async def test_a_failed_interaction_and_provider_errors(fake: FakeProviderServer, tmp_path: Path) -> None:
+    fake.media.video_failure = "the prompt was blocked by safety filters"
+    with pytest.raises(ProviderError, match="ended failed: the prompt was blocked by safety filters"):
+        await make(tmp_path).generate_video(omni(fake), GenerateVideoRequest(prompt="x"))
+    fake.media.video_failure = None
+    fake.queue(Fault.rate_limit(retry_after=30))
+    with pytest.raises(ProviderError) as info:
+        await make(tmp_path).generate_video(omni(fake), GenerateVideoRequest(prompt="x"))
+    assert info.value.status == 429 and info.value.retryable  # translated, not the SDK's own error

@@ -16,6 +16,7 @@ the ``openai`` SDK's types (``ImagesResponse``, ``Video``):
   answers a PNG as an ``inlineData`` part, sized from ``imageConfig`` (the tier's pixels on the
   longer side of ``aspectRatio``; 1024x1024 without one), or a ``promptFeedback`` block when
   ``MediaState.gemini_block`` names a reason. It takes a queued item like any generation.
+* Gemini's Interactions API for video: ``provider_interactions.py``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any
+
+from . import provider_interactions
 
 __all__ = ["FAKE_MP4", "MediaState", "png", "route"]
 
@@ -70,11 +73,14 @@ class MediaState:
     files: dict[str, bytes] = field(default_factory=dict)  # image URLs this server serves
     forms: list[dict[str, Any]] = field(default_factory=list)  # every multipart request, parsed
     gemini_block: str | None = None  # Gemini image prompts are blocked with this reason
+    interactions: dict[str, dict[str, Any]] = field(default_factory=dict)  # provider_interactions.py
+    video_as_uri: bool = False  # finished interactions link to the video instead of inlining it
 
     def reset(self) -> None:
         self.video_polls, self.video_failure, self.video_content = 2, None, FAKE_MP4
-        self.gemini_block = None
+        self.gemini_block, self.video_as_uri = None, False
         self.jobs.clear()
+        self.interactions.clear()
         self.files.clear()
         self.forms.clear()
 
@@ -89,6 +95,8 @@ def route(handler: Any, method: str, path: str) -> tuple[Any, bool, bool] | None
         return (lambda reply, stream: _create_video(handler)), True, False
     if method == "POST" and (gemini := _GEMINI_IMAGE.match(path)):
         return (lambda reply, stream: _gemini_image(handler, gemini.group(1))), True, False
+    if (interaction := provider_interactions.route(handler, method, path)) is not None:
+        return interaction
     if method == "GET" and path.startswith("/files/"):
         return (lambda reply, stream: _file(handler, path.removeprefix("/files/"))), False, False
     match = _VIDEO.match(path)
@@ -234,7 +242,7 @@ def _file(handler: Any, name: str) -> None:
     if data is None:
         handler._send_error(404, f"No file {name} (fake provider).")
     else:
-        handler._send_bytes(200, data, "image/png", None)
+        handler._send_bytes(200, data, "video/mp4" if name.endswith(".mp4") else "image/png", None)
 
 
 def _gemini_image(handler: Any, model: str) -> None:

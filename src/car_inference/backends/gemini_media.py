@@ -1,4 +1,5 @@
-"""Hosted image generation on Gemini's native image models (Nano Banana), through google-genai.
+"""Hosted image generation on Gemini's native image models (Nano Banana), through google-genai
+(video: gemini_video.py).
 
 Mixed into the Gemini backend. An image is a ``generateContent`` call with
 ``response_modalities=["IMAGE"]``: the prompt, then the images to edit as inline parts; the answer
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 from ..errors import ProviderError, UnsupportedMode
 from ..requests import GenerateImageRequest, GenerateImageResult
 from ..schema import ModelSchema
+from .gemini_video import GeminiVideoMixin
 from .media_files import output_path, read_upload, refuse_unset, variant_path, write_atomic
 
 if TYPE_CHECKING:
@@ -37,8 +39,9 @@ _TIERS = ((1024, "1K"), (2048, "2K"), (4096, "4K"))
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 
 
-class GeminiMediaMixin:
-    """``generate_image`` for the Gemini backend (its ``make_client`` returns a ``genai.Client``)."""
+class GeminiMediaMixin(GeminiVideoMixin):
+    """``generate_image`` for the Gemini backend (its ``make_client`` returns a ``genai.Client``);
+    ``generate_video`` comes from ``GeminiVideoMixin`` (gemini_video.py)."""
 
     if TYPE_CHECKING:  # provided by RemoteBackend
         kind: ClassVar[str]
