@@ -93,3 +93,37 @@ def test_an_unreachable_database_is_a_key_stats_error(tmp_path: Path) -> None:
     with pytest.raises(KeyStatsError) as info:
         open_key_stats(config)
     assert "s3cret" not in str(info.value) and "127.0.0.1:1" in str(info.value)
+
+
+def _pool_worker(config: CarConfig, start: object) -> None:
+    from car_inference.keys import KeyPool
+
+    keys = KeyPool(config, env={"OPENAI_API_KEY": KEY}, store=None, fleet=None)
+    start.wait()  # type: ignore[attr-defined]
+    for i in range(ROUNDS):
+        keys.report("OPENAI_API_KEY", KEY, status=500 if i % 5 == 0 else 200, retry_after=None)
+        keys.flush()  # a write per request
+    keys.close()
+
+
+KEY = "sk-test-key-aaaaaaaa0001"
+
+
+def test_key_pools_of_two_processes_share_their_counts(config: CarConfig) -> None:
+    """The key pool itself on either database: what `car keys stats` shows is every process's."""
+    from car_inference.keys import KeyPool
+
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_pool_worker, args=(config, start)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    pool = KeyPool(config, env={"OPENAI_API_KEY": KEY}, store=None, fleet=None)
+    (row,) = pool.stats(["OPENAI_API_KEY"])["OPENAI_API_KEY"]
+    pool.close()
+    assert (row.requests, row.failures, row.last_status) == (2 * ROUNDS, 2 * ROUNDS // 5, 200)
+    assert config.paths.state_db.exists() == (config.state.url is None)  # PostgreSQL: no state.db

@@ -3,8 +3,9 @@ skipped after a 401/403, with statistics kept on disk.
 
 Keys for a variable come from ``secrets.resolve_keys``: the variable, its plural
 (``OPENAI_API_KEYS=k1,k2``), ``config.keys`` and the OS keyring. Each key is known by a sha256
-fingerprint: the statistics (table ``key_stats`` in ``$CAR_HOME/state.db``, beside the router's
-tables) hold fingerprints, masked keys (``sk-…1a2b``) and counters, never a key.
+fingerprint: the statistics (table ``key_stats`` beside the router's state: ``$CAR_HOME/state.db``,
+or the PostgreSQL database of ``[state] url`` that replicas share; see ``keys_store``) hold
+fingerprints, masked keys (``sk-…1a2b``) and counters, never a key.
 
 Selection (``acquire``): among the variable's usable keys, the least recently handed out, so load
 spreads round-robin. A key that answered 429 cools down for the provider's Retry-After, else
@@ -40,12 +41,10 @@ import hashlib
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel
 
 from .config import CarConfig
+from .keys_store import KeyStatsDB, KeyStatsError, open_key_stats
 from .secrets import ResolvedKey, SecretStore, resolve_keys
 
 if TYPE_CHECKING:
@@ -65,34 +65,6 @@ log = logging.getLogger(__name__)
 
 _SAVE_INTERVAL_S = 1.0
 _HEALTH_STATUSES = frozenset({429, 401, 403})
-_BUSY_TIMEOUT_S = 10.0
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS key_stats (
-        fingerprint TEXT PRIMARY KEY, env_var TEXT NOT NULL, masked TEXT NOT NULL,
-        requests INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
-        rate_limits INTEGER NOT NULL DEFAULT 0, last_used REAL, last_status INTEGER,
-        cooling_until REAL, disabled INTEGER NOT NULL DEFAULT 0)""",
-    "CREATE TABLE IF NOT EXISTS key_stats_imports (path TEXT PRIMARY KEY, imported_at REAL NOT NULL)",
-)
-# Counters add this process's increments to whatever other processes wrote; last_status and the
-# health fields are overwritten only by a process that has news about them.
-_UPSERT = """
-INSERT INTO key_stats (fingerprint, env_var, masked, requests, failures, rate_limits, last_used,
-                       last_status, cooling_until, disabled)
-VALUES (:fp, :env_var, :masked, :requests, :failures, :rate_limits, :last_used, :last_status,
-        :cooling_until, :disabled)
-ON CONFLICT (fingerprint) DO UPDATE SET
-    env_var = excluded.env_var,
-    masked = excluded.masked,
-    requests = requests + excluded.requests,
-    failures = failures + excluded.failures,
-    rate_limits = rate_limits + excluded.rate_limits,
-    last_used = max(coalesce(last_used, excluded.last_used), coalesce(excluded.last_used, last_used)),
-    last_status = CASE WHEN :reported THEN excluded.last_status ELSE last_status END,
-    cooling_until = CASE WHEN :health THEN excluded.cooling_until ELSE cooling_until END,
-    disabled = CASE WHEN :health THEN excluded.disabled ELSE disabled END
-"""
 
 
 def fingerprint(key: str) -> str:
@@ -231,8 +203,8 @@ class KeyPool:
         self._pending: dict[str, _Pending] = {}
         self._last_save = 0.0
         self._timer: threading.Timer | None = None
-        self._conn = self._open()
-        if self._conn is not None and legacy_path is not None:
+        self._db = self._open()
+        if self._db is not None and legacy_path is not None:
             self._import_legacy(legacy_path)
         self._refresh()
         _LIVE_POOLS.add(self)
@@ -454,20 +426,11 @@ class KeyPool:
 
     # --- persistence ---------------------------------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection | None:
+    def _open(self) -> KeyStatsDB | None:
         try:
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(
-                str(self.db_path), timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
-            conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            return conn
-        except (OSError, sqlite3.Error) as exc:
-            log.warning("key statistics stay in memory: cannot use %s: %s", self.db_path, exc)
+            return open_key_stats(self.config)
+        except KeyStatsError as exc:
+            log.warning("key statistics stay in memory: %s", exc)
             return None
 
     def _import_legacy(self, path: Path) -> None:
@@ -481,48 +444,27 @@ class KeyPool:
             log.warning("ignoring unreadable key statistics in %s", path)
             return
         entries = data.get("keys", {}) if isinstance(data, dict) else {}
-        rows = [
-            _row(fp, raw, reported=True, health=True)
-            for fp, raw in (entries.items() if isinstance(entries, dict) else ())
-            if isinstance(raw, dict) and isinstance(raw.get("env_var"), str)
-        ]
-        assert self._conn is not None
+        assert self._db is not None
         try:
-            with self._transaction() as conn:
-                done = conn.execute(
-                    "INSERT OR IGNORE INTO key_stats_imports (path, imported_at) VALUES (?, ?)",
-                    (str(path.resolve()), time.time()),
-                )
-                if done.rowcount:
-                    conn.executemany(_UPSERT, [r for r in rows if r is not None])
-        except (sqlite3.Error, TypeError, ValueError) as exc:
+            rows = [
+                _row(fp, raw, reported=True, health=True)
+                for fp, raw in (entries.items() if isinstance(entries, dict) else ())
+                if isinstance(raw, dict) and isinstance(raw.get("env_var"), str)
+            ]
+            self._db.import_once(str(path.resolve()), rows)
+        except (KeyStatsError, TypeError, ValueError) as exc:
             log.warning("could not import key statistics from %s: %s", path, exc)
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE (the write lock up front), COMMIT or ROLLBACK."""
-        assert self._conn is not None
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
 
     def _refresh(self) -> None:
         """Take every process's counts and health from the database (pending increments of this
         process are added on top)."""
-        if self._conn is None:
+        if self._db is None:
             return
         with self._lock:
             try:
-                rows = self._conn.execute(
-                    "SELECT fingerprint, env_var, masked, requests, failures, rate_limits, last_used,"
-                    " last_status, cooling_until, disabled FROM key_stats"
-                ).fetchall()
-            except sqlite3.Error as exc:
-                log.warning("could not read key statistics from %s: %s", self.db_path, exc)
+                rows = self._db.read()
+            except KeyStatsError as exc:
+                log.warning("could not read key statistics: %s", exc)
                 return
             for fp, env_var, masked, requests, failures, rate_limits, used, status, cooling, off in rows:
                 record = self._records.get(fp)
@@ -544,7 +486,7 @@ class KeyPool:
             if not self._pending:
                 return
             self._last_save = self._clock()
-            if self._conn is None:
+            if self._db is None:
                 self._pending.clear()
                 return
             rows = [
@@ -552,10 +494,9 @@ class KeyPool:
                 for fp, p in self._pending.items()
             ]
             try:
-                with self._transaction() as conn:
-                    conn.executemany(_UPSERT, rows)
-            except sqlite3.Error as exc:
-                log.warning("could not save key statistics to %s: %s", self.db_path, exc)
+                self._db.write(rows)
+            except KeyStatsError as exc:
+                log.warning("could not save key statistics: %s", exc)
                 return  # kept pending: the next write tries again
             self._pending.clear()
             self._refresh()
@@ -564,9 +505,9 @@ class KeyPool:
         """Write what is pending and close the database."""
         with self._lock:
             self.flush()
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            if self._db is not None:
+                self._db.close()
+                self._db = None
         if self._own_fleet and self.fleet is not None:
             self.fleet.close()
             self.fleet = None
