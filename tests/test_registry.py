@@ -7,6 +7,7 @@ import pytest
 from car_inference.catalog import load_builtin
 from car_inference.config import load_config
 from car_inference.errors import ModelNotFound
+from car_inference.kinds import Locality
 from car_inference.registry import ModelFilter, UnifiedRegistry
 from car_inference.schema import ModelCapability, ModelSchema
 
@@ -106,10 +107,14 @@ def test_delegated_models_need_a_registered_runner() -> None:
             "source": {"kind": "delegated", "hint": "x"},
         }
     )
-    registry = UnifiedRegistry([schema])
+    served: set[str] = set()
+    registry = UnifiedRegistry([schema], runner_check=lambda m: m.id in served)
     assert not registry.get("host/app").available  # type: ignore[union-attr]
-    registry.set_runner_registered(True)
+    assert "no inference runner is registered" in registry.unavailable_reason(schema)
+    served.add("host/app")
+    registry.refresh_availability(Locality.RUNNER)
     assert registry.get("host/app").available  # type: ignore[union-attr]
+    assert UnifiedRegistry([schema]).get("host/app").available is False, "no runner check: none registered"
 
 
 def test_from_config_reads_the_user_catalog_and_config_keys(isolated_home: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigError
+from .schema import KINDS
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -99,10 +100,8 @@ def config_error(
     return ConfigError(message, path=str(path), line=locate(text, clean), field=field or None)
 
 
-_UNION_TAGS = {
-    "gguf", "sentence", "piper", "whisper", "openai", "anthropic", "gemini", "elevenlabs",
-    "ollama", "vllm", "delegated", "diffusers",
-}  # fmt: skip
+# The tags of ModelSource's union: every kind in the table (kinds.py).
+_UNION_TAGS = frozenset(KINDS)
 
 
 def validate_file(model: type[T], data: Any, path: Path, text: str, prefix: Sequence[str | int] = ()) -> T:

@@ -19,6 +19,7 @@ from .catalog import Catalog, EndpointConfig, load_catalog
 from .catalog.locate import local_path
 from .config import CarConfig
 from .errors import ModelNotFound, ModelUnavailable, close_matches
+from .kinds import Locality
 from .schema import TASK_CAPABILITIES, HostConfig, ModelCapability, ModelSchema
 
 __all__ = ["ModelFilter", "UnifiedRegistry"]
@@ -27,6 +28,8 @@ KeyCheck = Callable[[str], bool]
 BackendCheck = Callable[[str], bool]
 # The capabilities whose task the backend of a source kind implements (see backends.base).
 TaskCheck = Callable[[str], frozenset[ModelCapability]]
+# Is a runner registered for this (delegated) model? The engine's runner table answers.
+RunnerCheck = Callable[[ModelSchema], bool]
 
 
 class ModelFilter(BaseModel):
@@ -74,13 +77,14 @@ class UnifiedRegistry:
         key_check: KeyCheck | None = None,
         backend_check: BackendCheck | None = None,
         task_check: TaskCheck | None = None,
+        runner_check: RunnerCheck | None = None,
     ) -> None:
         self.hosts = dict(hosts or {})
         self.endpoints = list(endpoints or [])
         self._key_check = key_check or env_key_check()
         self._backend_check = backend_check or (lambda kind: True)
         self._task_check = task_check
-        self._runner_registered = False
+        self._runner_check = runner_check or (lambda schema: False)
         self._models: dict[str, ModelSchema] = {}
         self._names: dict[str, str] = {}
         # Bumped whenever a model or its availability changes: caches of derived data (the
@@ -97,6 +101,7 @@ class UnifiedRegistry:
         key_check: KeyCheck | None = None,
         backend_check: BackendCheck | None = None,
         task_check: TaskCheck | None = None,
+        runner_check: RunnerCheck | None = None,
     ) -> UnifiedRegistry:
         catalog: Catalog = load_catalog(config.paths.models_file)
         return cls(
@@ -106,6 +111,7 @@ class UnifiedRegistry:
             key_check=key_check or env_key_check(config),
             backend_check=backend_check,
             task_check=task_check,
+            runner_check=runner_check,
         )
 
     # --- registration ------------------------------------------------------------------------
@@ -143,15 +149,14 @@ class UnifiedRegistry:
         keys = [schema.id, schema.name, base, short, short.split(":", 1)[0], *schema.aliases]
         return [k.lower() for k in keys]
 
-    def set_runner_registered(self, registered: bool) -> None:
-        self._runner_registered = registered
-        self.refresh_availability()
-
     # --- availability ------------------------------------------------------------------------
 
-    def refresh_availability(self) -> None:
+    def refresh_availability(self, locality: Locality | None = None) -> None:
+        """Recompute availability, of every model or of those whose kind has ``locality``."""
         for model_id, schema in list(self._models.items()):
-            self._models[model_id] = schema.model_copy(update={"available": self._compute_available(schema)})
+            if locality is None or schema.spec.locality is locality:
+                available = self._compute_available(schema)
+                self._models[model_id] = schema.model_copy(update={"available": available})
         self.version += 1
 
     def implements(self, schema: ModelSchema, capability: ModelCapability) -> bool:
@@ -177,44 +182,49 @@ class UnifiedRegistry:
         )
 
     def _can_reach(self, schema: ModelSchema) -> bool:
-        """Files present, runner registered, endpoint configured or key set."""
+        """Files present, server configured, key set or runner registered: what the kind's
+        locality asks (kinds.py)."""
+        return self._reach_problem(schema) is None
+
+    def _reach_problem(self, schema: ModelSchema) -> str | None:
+        return _REACH[schema.spec.locality](self, schema)
+
+    def _files_problem(self, schema: ModelSchema) -> str | None:
+        try:
+            local_path(schema)
+        except ModelUnavailable as exc:
+            return exc.reason
+        return None
+
+    def _server_problem(self, schema: ModelSchema) -> str | None:
+        return None  # configured; reachability is checked when it is used or discovered
+
+    def _key_problem(self, schema: ModelSchema) -> str | None:
         source = schema.source
-        if schema.in_process:
-            try:
-                local_path(schema)
-            except ModelUnavailable:
-                return False
-            return True
-        if source.kind == "delegated":
-            return self._runner_registered
-        if source.kind in ("ollama", "vllm"):
-            return True  # configured; reachability is checked when it is used or discovered
         base_url = getattr(source, "base_url", None)
         key_env = getattr(source, "api_key_env", None)
         if getattr(source, "needs_key", True) is False:
-            return bool(base_url)
-        return isinstance(key_env, str) and bool(key_env) and self._key_check(key_env)
+            return None if base_url else "no base_url is configured"
+        if isinstance(key_env, str) and key_env:
+            if self._key_check(key_env):
+                return None
+            return f"set {key_env} (or store it with `car secrets put {key_env}`)"
+        return "not configured"
+
+    def _runner_problem(self, schema: ModelSchema) -> str | None:
+        if self._runner_check(schema):
+            return None
+        return "no inference runner is registered for it (InferenceEngine.register_runner or runner.register)"
 
     def unavailable_reason(self, schema: ModelSchema) -> str:
         """Why ``schema`` cannot run, in words a user can act on."""
         if not self._backend_check(schema.kind):
-            hint = _EXTRA_HINT.get(schema.kind, "see README")
-            return f"no backend installed for {schema.kind!r} models ({hint})"
+            return f"no backend installed for {schema.kind!r} models ({schema.spec.install_hint()})"
         missing = self._missing_tasks(schema)
         if missing is not None:
             tasks = ", ".join(str(c) for c in missing)
             return f"the {schema.kind} backend does not implement {tasks} (nothing here can run it)"
-        if schema.in_process:
-            try:
-                local_path(schema)
-            except ModelUnavailable as exc:
-                return exc.reason
-        if schema.kind == "delegated":
-            return "no inference runner is registered"
-        key_env = getattr(schema.source, "api_key_env", None)
-        if key_env:
-            return f"set {key_env} (or store it with `car secrets put {key_env}`)"
-        return "not configured"
+        return self._reach_problem(schema) or "not configured"
 
     # --- lookup ------------------------------------------------------------------------------
 
@@ -257,17 +267,10 @@ class UnifiedRegistry:
         return found
 
 
-_EXTRA_HINT = {
-    "gguf": "pip install 'car-inference[gguf]'",
-    "sentence": "pip install 'car-inference[sentence]'",
-    "openai": "pip install 'car-inference[openai]'",
-    "anthropic": "pip install 'car-inference[anthropic]'",
-    "gemini": "pip install 'car-inference[gemini]'",
-    "ollama": "pip install 'car-inference[openai]'",
-    "vllm": "pip install 'car-inference[openai]'",
-    "piper": "pip install 'car-inference[speech]'",
-    "whisper": "pip install 'car-inference[speech]'",
-    "diffusers": "pip install 'car-inference[diffusers]'",
-    "rapidocr": "pip install 'car-inference[ocr]'",
-    "elevenlabs": "pip install 'car-inference[elevenlabs]'",
+# What makes a model reachable, by the locality of its kind: a problem in words, or None.
+_REACH: dict[Locality, Callable[[UnifiedRegistry, ModelSchema], str | None]] = {
+    Locality.IN_PROCESS: UnifiedRegistry._files_problem,
+    Locality.SERVER: UnifiedRegistry._server_problem,
+    Locality.REMOTE: UnifiedRegistry._key_problem,
+    Locality.RUNNER: UnifiedRegistry._runner_problem,
 }

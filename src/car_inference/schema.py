@@ -1,18 +1,38 @@
 """Model descriptions: what a model can do, where it lives, what it costs. Types only, no I/O.
 
-A ``ModelSchema`` is catalog data. Its ``source`` is a discriminated union on ``kind``; the engine
-picks a backend by that kind, so adding an OpenAI-compatible host is data, not code.
+A ``ModelSchema`` is catalog data. Its ``source`` is a discriminated union on ``kind`` whose members
+are the source classes of the table of kinds (``kinds.py``; the classes are in ``sources.py``); the
+engine picks a backend by that kind, so adding an OpenAI-compatible host is data, not code.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .kinds import ApiProtocol, KindSpec, Locality, load_kinds
+from .sources import (
+    AnthropicSource,
+    DelegatedSource,
+    DiffusersSource,
+    ElevenLabsSource,
+    GeminiSource,
+    GgufSource,
+    OllamaSource,
+    OpenAISource,
+    PiperSource,
+    RapidOcrSource,
+    RemoteApiSource,
+    SentenceSource,
+    VllmSource,
+    WhisperSource,
+)
 
 __all__ = [
     "ALL_CAPABILITIES",
+    "KINDS",
     "TASK_CAPABILITIES",
     "AnthropicSource",
     "ApiProtocol",
@@ -31,6 +51,8 @@ __all__ = [
     "OpenAISource",
     "PerformanceEnvelope",
     "PiperSource",
+    "RapidOcrSource",
+    "RemoteApiSource",
     "SentenceSource",
     "VllmSource",
     "WhisperSource",
@@ -90,181 +112,52 @@ class GenerateParam(StrEnum):
     CACHE_CONTROL = "cache_control"
 
 
-class ApiProtocol(StrEnum):
-    OPENAI_CHAT = "openai_chat"
-    ANTHROPIC_MESSAGES = "anthropic_messages"
-    GEMINI = "gemini"
-    ELEVENLABS = "elevenlabs"
+# --- sources: the union of every kind in the table (kinds.py) ----------------------------------
+
+# Every kind, built-in and from plugins (read here, once: the union below is fixed from then on).
+KINDS: dict[str, KindSpec] = load_kinds()
+
+if TYPE_CHECKING:  # the type checker sees the built-in classes; the runtime union is the table's
+    ModelSource = (
+        GgufSource | SentenceSource | PiperSource | WhisperSource | DiffusersSource | RapidOcrSource
+        | OpenAISource | AnthropicSource | GeminiSource | ElevenLabsSource | OllamaSource | VllmSource
+        | DelegatedSource
+    )  # fmt: skip
+else:
+    ModelSource = Annotated[Union[tuple(s.source for s in KINDS.values())], Field(discriminator="kind")]  # noqa: UP007
+
+IN_PROCESS_KINDS = frozenset(k for k, s in KINDS.items() if s.locality is Locality.IN_PROCESS)
+SERVER_KINDS = frozenset(k for k, s in KINDS.items() if s.locality is Locality.SERVER)
+REMOTE_KINDS = frozenset(k for k, s in KINDS.items() if s.locality is Locality.REMOTE)
+RUNNER_KINDS = frozenset(k for k, s in KINDS.items() if s.locality is Locality.RUNNER)
+# The wire protocols a [hosts] entry may declare: those of the kinds that have one.
+PROTOCOLS = frozenset(str(s.protocol) for s in KINDS.values() if s.protocol)
+
+
+_RemoteApi = RemoteApiSource  # its former name here
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# --- sources ------------------------------------------------------------------------------------
-
-
-class _LocalFiles(_Strict):
-    """Where local weights are: a path, a resource inside an installed package, or an HF repo."""
-
-    path: str | None = None
-    package: str | None = Field(default=None, description="importable package holding the files")
-    resource: str | None = Field(default=None, description="file or folder inside `package`")
-    hf_repo: str | None = Field(default=None, description="Hugging Face repo to pull from")
-    revision: str | None = None
-
-    @model_validator(mode="after")
-    def _one_location(self) -> _LocalFiles:
-        if not (self.path or self.package or self.hf_repo):
-            raise ValueError("needs one of `path`, `package` or `hf_repo`")
-        return self
-
-
-class GgufSource(_LocalFiles):
-    """A GGUF file run in-process by llama.cpp."""
-
-    kind: Literal["gguf"] = "gguf"
-    filename: str | None = Field(default=None, description="file within `hf_repo` to pull")
-    mmproj: str | None = Field(default=None, description="vision projector file, for VL models")
-    pooling: str | None = Field(default=None, description="embedding pooling: mean, cls, last")
-    system_prompt: str | None = Field(
-        default=None, description="system text for requests that bring none (a tiny model answers better)"
-    )
-    managed: bool = Field(default=False, description="served by a llama.cpp server we start, not in-process")
-
-
-class SentenceSource(_LocalFiles):
-    """A sentence-transformers model directory: a bi-encoder or a cross-encoder."""
-
-    kind: Literal["sentence"] = "sentence"
-    cross_encoder: bool = False
-
-
-class PiperSource(_LocalFiles):
-    """A Piper ONNX voice (``resource`` or ``filename`` names the .onnx file)."""
-
-    kind: Literal["piper"] = "piper"
-    filename: str | None = None
-
-
-class WhisperSource(_Strict):
-    """A CTranslate2 Whisper model for faster-whisper. ``packages`` lists installed packages whose
-    ``data`` folders together hold the model, with ``model.bin`` split into ``.partN`` files."""
-
-    kind: Literal["whisper"] = "whisper"
-    path: str | None = None
-    packages: list[str] = Field(default_factory=list)
-    hf_repo: str | None = None
-
-    @model_validator(mode="after")
-    def _one_location(self) -> WhisperSource:
-        if not (self.path or self.packages or self.hf_repo):
-            raise ValueError("needs one of `path`, `packages` or `hf_repo`")
-        return self
-
-
-class DiffusersSource(_LocalFiles):
-    """A diffusers pipeline folder (``model_index.json`` and its components) run in-process."""
-
-    kind: Literal["diffusers"] = "diffusers"
-    dtype: str | None = Field(default=None, description="torch dtype on a GPU; the CPU runs float32")
-    allow_patterns: list[str] = Field(default_factory=list, description="files to pull (default: all)")
-    ignore_patterns: list[str] = Field(default_factory=list, description="files a pull skips")
-
-
-class RapidOcrSource(_LocalFiles):
-    """RapidOCR's ONNX text detector and recogniser (grounds text targets), in-process."""
-
-    kind: Literal["rapidocr"] = "rapidocr"
-
-
-class _RemoteApi(_Strict):
-    """A hosted API. ``host`` names an entry of the catalog's ``[hosts]`` table, which supplies
-    ``base_url`` and ``api_key_env`` unless the model sets them itself."""
-
-    host: str | None = None
-    base_url: str | None = None
-    api_key_env: str | None = None
-    model_name: str | None = Field(default=None, description="the name on the wire")
-    headers: dict[str, str] = Field(default_factory=dict)
-
-
-class OpenAISource(_RemoteApi):
-    """Any server speaking OpenAI Chat Completions: OpenAI, OpenRouter, Groq, vLLM, LM Studio..."""
-
-    kind: Literal["openai"] = "openai"
-    needs_key: bool = True
-
-
-class AnthropicSource(_RemoteApi):
-    kind: Literal["anthropic"] = "anthropic"
-
-
-class GeminiSource(_RemoteApi):
-    kind: Literal["gemini"] = "gemini"
-
-
-class ElevenLabsSource(_RemoteApi):
-    kind: Literal["elevenlabs"] = "elevenlabs"
-
-
-class OllamaSource(_Strict):
-    """A model served by an Ollama host, reached through its OpenAI-compatible ``/v1``."""
-
-    kind: Literal["ollama"] = "ollama"
-    host: str = "http://127.0.0.1:11434"
-    model_tag: str
-    managed: bool = Field(default=False, description="start `ollama serve` if it is not running")
-
-
-class VllmSource(_Strict):
-    """A model served by a vLLM (or other OpenAI-compatible) server we may start and supervise."""
-
-    kind: Literal["vllm"] = "vllm"
-    endpoint: str = "http://127.0.0.1:8000"
-    model_name: str
-    api_key_env: str | None = None
-    hf_repo: str | None = Field(default=None, description="what `vllm serve` loads, if we start it")
-    managed: bool = Field(default=False, description="we start `vllm serve` on first use")
-
-
-class DelegatedSource(_Strict):
-    """Inference done by a runner the host application registers at run time."""
-
-    kind: Literal["delegated"] = "delegated"
-    hint: str | None = None
-
-
-ModelSource = Annotated[
-    GgufSource
-    | SentenceSource
-    | PiperSource
-    | WhisperSource
-    | DiffusersSource
-    | RapidOcrSource
-    | OpenAISource
-    | AnthropicSource
-    | GeminiSource
-    | ElevenLabsSource
-    | OllamaSource
-    | VllmSource
-    | DelegatedSource,
-    Field(discriminator="kind"),
-]
-
-IN_PROCESS_KINDS = frozenset({"gguf", "sentence", "piper", "whisper", "diffusers", "rapidocr"})
-SERVER_KINDS = frozenset({"ollama", "vllm"})
-REMOTE_KINDS = frozenset({"openai", "anthropic", "gemini", "elevenlabs"})
-
-
 class HostConfig(_Strict):
-    """Connection data for a hosted API, shared by the models that name it."""
+    """Connection data for a hosted API, shared by the models that name it. ``protocol``, when
+    set, is the wire protocol the host speaks: a model naming the host must be of a kind that
+    speaks it (checked when the catalog loads)."""
 
-    protocol: ApiProtocol = ApiProtocol.OPENAI_CHAT
+    protocol: str | None = None
     base_url: str | None = None
     api_key_env: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     description: str | None = None
+
+    @field_validator("protocol")
+    @classmethod
+    def _known_protocol(cls, value: str | None) -> str | None:
+        if value is not None and value not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {value!r}; known: {', '.join(sorted(PROTOCOLS))}")
+        return value
 
 
 # --- money and speed ------------------------------------------------------------------------------
@@ -338,8 +231,6 @@ class ModelSchema(BaseModel):
     # Computed by the registry (file present, package installed, key set, endpoint configured).
     available: bool = False
 
-    _local_kinds: ClassVar[frozenset[str]] = IN_PROCESS_KINDS | SERVER_KINDS
-
     @model_validator(mode="after")
     def _check_id(self) -> ModelSchema:
         if "/" not in self.id:
@@ -351,9 +242,14 @@ class ModelSchema(BaseModel):
         return self.source.kind
 
     @property
+    def spec(self) -> KindSpec:
+        """The table's entry for this model's kind (kinds.py)."""
+        return KINDS[self.source.kind]
+
+    @property
     def is_local(self) -> bool:
         """Runs on this machine: in-process or on a server we reach (vLLM, Ollama)."""
-        return self.source.kind in self._local_kinds
+        return self.spec.locality.is_local
 
     @property
     def is_remote(self) -> bool:
@@ -361,7 +257,7 @@ class ModelSchema(BaseModel):
 
     @property
     def in_process(self) -> bool:
-        return self.source.kind in IN_PROCESS_KINDS
+        return self.spec.locality is Locality.IN_PROCESS
 
     def has_capability(self, capability: ModelCapability | str) -> bool:
         return ModelCapability(capability) in self.capabilities

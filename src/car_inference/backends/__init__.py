@@ -1,81 +1,47 @@
-"""The backend table: source kind -> backend class, imported only when a model of that kind runs.
+"""The backend table: source kind -> backend, imported only when a model of that kind runs.
 
-Built-in backends register here exactly like third-party ones do through the entry-point group
-``car_inference.backends`` (name = source kind, value = ``module:Class``). This table is the only
-place that maps kinds to code; nothing else branches on provider names.
+It is read off the one table of kinds (``kinds.py``), which holds the built-in kinds and those that
+plugins add through the entry-point group ``car_inference.backends``. Nothing else maps kinds to
+code; nothing branches on provider names.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass
-from functools import cache
-from importlib.metadata import entry_points
 from typing import Any
 
 from ..errors import ModelUnavailable
+from ..kinds import BackendTarget, KindSpec, _importable
+from ..schema import KINDS, ModelCapability
 
-__all__ = ["BACKENDS", "BackendSpec", "backend_available", "load_backend_class", "spec_for"]
+__all__ = ["BACKENDS", "BackendSpec", "backend_available", "backend_tasks", "load_backend_class", "spec_for"]
 
 
 @dataclass(frozen=True)
 class BackendSpec:
-    target: str  # "module:Class"
+    target: BackendTarget  # "module:Class", or a factory taking the BackendContext
     requires: tuple[str, ...] = ()  # importable modules the backend needs
     extra: str | None = None  # the pip extra that installs them
+
+    @classmethod
+    def of(cls, kind: KindSpec) -> BackendSpec:
+        return cls(kind.backend, kind.requires, kind.extra)
 
     def installed(self) -> bool:
         return all(_importable(m) for m in self.requires)
 
-
-BACKENDS: dict[str, BackendSpec] = {
-    "gguf": BackendSpec("car_inference.backends.llamacpp:LlamaCppBackend", ("llama_cpp",), "gguf"),
-    "sentence": BackendSpec(
-        "car_inference.backends.sentence:SentenceBackend", ("sentence_transformers",), "sentence"
-    ),
-    "piper": BackendSpec("car_inference.backends.piper:PiperBackend", ("piper", "onnxruntime"), "speech"),
-    "whisper": BackendSpec(
-        "car_inference.backends.whisper:WhisperBackend", ("faster_whisper", "ctranslate2", "av"), "speech"
-    ),
-    "diffusers": BackendSpec(
-        "car_inference.backends.diffusers:DiffusersBackend", ("diffusers", "torch"), "diffusers"
-    ),
-    "rapidocr": BackendSpec(
-        "car_inference.backends.ocr:RapidOcrBackend", ("rapidocr_onnxruntime", "onnxruntime"), "ocr"
-    ),
-    # One OpenAI Chat Completions backend for OpenAI and every compatible server (hosts are data).
-    "openai": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),
-    "ollama": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),
-    "vllm": BackendSpec("car_inference.backends.openai_compat:OpenAICompatBackend", ("openai",), "openai"),
-    "anthropic": BackendSpec(
-        "car_inference.backends.anthropic:AnthropicBackend", ("anthropic",), "anthropic"
-    ),
-    "gemini": BackendSpec("car_inference.backends.gemini:GeminiBackend", ("google.genai",), "gemini"),
-    "elevenlabs": BackendSpec(
-        "car_inference.backends.elevenlabs:ElevenLabsBackend", ("elevenlabs",), "elevenlabs"
-    ),
-}
+    def install_hint(self) -> str:
+        if self.extra:
+            return f"pip install 'car-inference[{self.extra}]'"
+        return "install its dependencies"
 
 
-@cache
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-@cache
-def _plugin_specs() -> dict[str, BackendSpec]:
-    found: dict[str, BackendSpec] = {}
-    for ep in entry_points(group="car_inference.backends"):
-        found.setdefault(ep.name, BackendSpec(ep.value))
-    return found
+BACKENDS: dict[str, BackendSpec] = {kind: BackendSpec.of(spec) for kind, spec in KINDS.items()}
 
 
 def spec_for(kind: str) -> BackendSpec | None:
-    return BACKENDS.get(kind) or _plugin_specs().get(kind)
+    return BACKENDS.get(kind)
 
 
 def backend_available(kind: str) -> bool:
@@ -83,14 +49,35 @@ def backend_available(kind: str) -> bool:
     return spec is not None and spec.installed()
 
 
-def load_backend_class(kind: str, model_id: str) -> type[Any]:
-    """The backend class for ``kind``; ``ModelUnavailable`` naming ``model_id`` and the extra to
-    install when it is missing."""
+def load_backend_class(kind: str, model_id: str) -> Any:
+    """The backend class (or factory) for ``kind``; ``ModelUnavailable`` naming ``model_id`` and
+    the extra to install when it is missing."""
     spec = spec_for(kind)
     if spec is None:
         raise ModelUnavailable(model_id, f"no backend serves {kind!r} models")
     if not spec.installed():
-        hint = f"pip install 'car-inference[{spec.extra}]'" if spec.extra else "install its dependencies"
-        raise ModelUnavailable(model_id, f"the {kind} backend needs {', '.join(spec.requires)}: {hint}")
+        raise ModelUnavailable(
+            model_id, f"the {kind} backend needs {', '.join(spec.requires)}: {spec.install_hint()}"
+        )
+    if not isinstance(spec.target, str):
+        return spec.target
     module_name, _, attr = spec.target.partition(":")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def backend_tasks(kind: str) -> frozenset[ModelCapability]:
+    """The capabilities whose task the backend of ``kind`` implements (read from its source when
+    it is a ``module:Class`` target, so that no SDK is imported to find out)."""
+    from .base import TASK_PROTOCOLS, _protocol_methods, class_tasks
+
+    spec = spec_for(kind)
+    if spec is None:
+        return frozenset()
+    if isinstance(spec.target, str):
+        return class_tasks(spec.target)
+    target = spec.target
+    return frozenset(
+        capability
+        for capability, protocol in TASK_PROTOCOLS.items()
+        if all(callable(getattr(target, name, None)) for name in _protocol_methods(protocol))
+    )

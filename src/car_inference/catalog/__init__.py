@@ -3,11 +3,13 @@
 A catalog file has three tables, all optional:
 
 - ``[hosts.NAME]``: connection data for a hosted API (protocol, ``base_url``, ``api_key_env``),
-  shared by the models whose source says ``host = "NAME"``;
+  shared by the models whose source says ``host = "NAME"``; a host's ``protocol`` must be the one
+  the model's kind speaks (the table of kinds, ``kinds.py``);
 - ``[[models]]``: ``ModelSchema`` entries. A user entry whose ``id`` is already in the catalog is
   merged over it (so ``cost.input_per_mtok`` alone can be overridden);
 - ``[[endpoints]]``: an OpenAI-compatible server (vLLM, Ollama, llama.cpp server, LM Studio, any
-  base URL) and the models it serves, each of which becomes a catalog model ``NAME/MODEL``.
+  base URL) and the models it serves, each of which becomes a catalog model ``NAME/MODEL`` whose
+  source its kind's source class makes (``endpoint_source``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import copy
 import functools
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .._tomlfile import config_error, read_toml, validate_file
 from ..errors import ConfigError
-from ..schema import HostConfig, ModelCapability, ModelSchema
+from ..schema import KINDS, HostConfig, ModelCapability, ModelSchema, RemoteApiSource
 
 __all__ = ["Catalog", "EndpointConfig", "load_builtin", "load_catalog"]
 
@@ -33,7 +35,7 @@ class EndpointConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
-    kind: Literal["openai", "vllm", "ollama"] = "openai"
+    kind: str = Field(default="openai", description="a kind whose source an endpoint can produce")
     base_url: str
     api_key_env: str | None = None
     models: list[str] = Field(default_factory=list)
@@ -41,40 +43,37 @@ class EndpointConfig(BaseModel):
     context_length: int = Field(default=0, ge=0)
     discover: bool = Field(default=False, description="list the server's /v1/models at start-up")
 
-    def to_schemas(self, served: list[str] | None = None) -> list[ModelSchema]:
-        out = []
-        for wire_name in served if served is not None else self.models:
-            if self.kind == "ollama":
-                source: dict[str, Any] = {
-                    "kind": "ollama",
-                    "host": _strip_v1(self.base_url),
-                    "model_tag": wire_name,
-                }
-            elif self.kind == "vllm":
-                source = {"kind": "vllm", "endpoint": _strip_v1(self.base_url), "model_name": wire_name,
-                          "api_key_env": self.api_key_env}  # fmt: skip
-            else:
-                source = {"kind": "openai", "base_url": self.base_url, "api_key_env": self.api_key_env,
-                          "model_name": wire_name, "needs_key": self.api_key_env is not None}  # fmt: skip
-            out.append(
-                ModelSchema.model_validate(
-                    {
-                        "id": f"{self.name}/{wire_name}",
-                        "name": wire_name,
-                        "provider": self.name,
-                        "capabilities": self.capabilities,
-                        "context_length": self.context_length,
-                        "source": source,
-                        "tags": ["endpoint"],
-                    }
-                )
+    @field_validator("kind")
+    @classmethod
+    def _endpoint_kind(cls, kind: str) -> str:
+        if kind not in ENDPOINT_KINDS:
+            raise ValueError(
+                f"an endpoint's kind is one of {', '.join(sorted(ENDPOINT_KINDS))}, not {kind!r}"
             )
-        return out
+        return kind
+
+    def to_schemas(self, served: list[str] | None = None) -> list[ModelSchema]:
+        make = KINDS[self.kind].source.endpoint_source  # type: ignore[attr-defined]
+        return [
+            ModelSchema.model_validate(
+                {
+                    "id": f"{self.name}/{wire_name}",
+                    "name": wire_name,
+                    "provider": self.name,
+                    "capabilities": self.capabilities,
+                    "context_length": self.context_length,
+                    "source": make(self.base_url, self.api_key_env, wire_name),
+                    "tags": ["endpoint"],
+                }
+            )
+            for wire_name in (served if served is not None else self.models)
+        ]
 
 
-def _strip_v1(url: str) -> str:
-    url = url.rstrip("/")
-    return url[:-3] if url.endswith("/v1") else url
+# The kinds an [[endpoints]] entry may have: those whose source class can describe a served model.
+ENDPOINT_KINDS = frozenset(
+    k for k, s in KINDS.items() if callable(getattr(s.source, "endpoint_source", None))
+)
 
 
 class _CatalogFile(BaseModel):
@@ -113,19 +112,28 @@ def _read(path: Path) -> tuple[_CatalogFile, str]:
 
 
 def _resolve_host(schema: ModelSchema, hosts: dict[str, HostConfig], origin: str) -> ModelSchema:
+    """Fill a hosted API's source from the ``[hosts]`` entry it names (an Ollama source's ``host``
+    is a URL, not a name: only ``RemoteApiSource`` kinds name hosts)."""
     source = schema.source
-    host_name = getattr(source, "host", None)
-    if not isinstance(host_name, str) or source.kind in ("ollama",):
+    if not isinstance(source, RemoteApiSource) or source.host is None:
         return schema
-    host = hosts.get(host_name)
+    host = hosts.get(source.host)
     if host is None:
         raise ConfigError(
-            f"model {schema.id} names unknown host {host_name!r}", path=origin, field="source.host"
+            f"model {schema.id} names unknown host {source.host!r}", path=origin, field="source.host"
+        )
+    speaks = schema.spec.protocol
+    if host.protocol is not None and host.protocol != speaks:
+        raise ConfigError(
+            f"model {schema.id} is a {schema.kind!r} model (protocol {speaks or 'none'}) but its host "
+            f"{source.host!r} speaks {host.protocol}",
+            path=origin,
+            field="source.kind",
         )
     update = {
-        "base_url": source.base_url or host.base_url,  # type: ignore[union-attr]
-        "api_key_env": source.api_key_env or host.api_key_env,  # type: ignore[union-attr]
-        "headers": {**host.headers, **source.headers},  # type: ignore[union-attr]
+        "base_url": source.base_url or host.base_url,
+        "api_key_env": source.api_key_env or host.api_key_env,
+        "headers": {**host.headers, **source.headers},
     }
     return schema.model_copy(update={"source": source.model_copy(update=update)})
 

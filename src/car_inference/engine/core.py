@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import backends as backend_table
-from ..backends.base import Backend, BackendContext, class_tasks, run_blocking
+from ..backends.base import Backend, BackendContext, run_blocking
 from ..backends.cache import ModelCache
+from ..backends.delegated import RunnerRegistration, RunnerTable
 from ..config import CarConfig, load_config
-from ..errors import InferenceError, ModelUnavailable, UnsupportedMode
+from ..errors import InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode
 from ..keys import KeyPool
+from ..kinds import Locality
 from ..registry import UnifiedRegistry
 from ..routing import (
     AdaptiveRouter,
@@ -58,14 +60,18 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
     def __init__(self, config: CarConfig | None = None, *, home: Path | None = None) -> None:
         self.config = config if config is not None else load_config(home)
         self.keys = KeyPool.for_config(self.config)
+        self.runners = RunnerTable()  # what runs delegated models (register_runner)
         self.registry = UnifiedRegistry.from_config(
             self.config,
             key_check=self.keys.has_key,
             backend_check=backend_table.backend_available,
-            task_check=_backend_tasks,
+            task_check=backend_table.backend_tasks,
+            runner_check=self.runners.serves,
         )
         self.cache = ModelCache(self.config.local.cache_mb)
-        self._backend_ctx = BackendContext(config=self.config, cache=self.cache, keys=self.keys)
+        self._backend_ctx = BackendContext(
+            config=self.config, cache=self.cache, keys=self.keys, extras={"runners": self.runners}
+        )
         self._backends: dict[str, Backend] = {}
         self._backends_lock = threading.Lock()
         self.runtimes = RuntimeSupervisor(self.config, self.registry)  # servers we start on first use
@@ -122,6 +128,50 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
 
     def register_model(self, schema: ModelSchema) -> ModelSchema:
         return self.registry.register(schema)
+
+    def register_runner(
+        self,
+        runner: Any,
+        models: Iterable[str | ModelSchema] | None = None,
+        *,
+        timeout_s: float | None = None,
+        name: str | None = None,
+    ) -> RunnerRegistration:
+        """Let ``runner`` run delegated models (see backends/delegated.py for what a runner is):
+        those named in ``models`` (ids or names of delegated models, or ``ModelSchema``s, which
+        are added to the catalog until the runner is unregistered), or every delegated model when
+        ``models`` is None. They become available and are routed like any other model."""
+        wanted = None if models is None else [self._runner_model(item) for item in models]
+        ids = None if wanted is None else [schema.id for schema, _ in wanted]
+        registration = self.runners.add(runner, models=ids, timeout_s=timeout_s, name=name)
+        for schema, new in wanted or ():
+            if new:
+                self.registry.register(schema)
+                registration.owned_models.append(schema.id)
+        self.registry.refresh_availability(Locality.RUNNER)
+        return registration
+
+    def _runner_model(self, item: str | ModelSchema) -> tuple[ModelSchema, bool]:
+        """(the model a runner would serve, whether it is new to the catalog); only a model of a
+        runner kind (``delegated``) takes a runner."""
+        known = self.registry.get(item.id) if isinstance(item, ModelSchema) else self.resolve(item)
+        schema = known or item
+        assert isinstance(schema, ModelSchema)
+        if schema.spec.locality is not Locality.RUNNER:
+            raise InvalidInput(f"{schema.id} is a {schema.kind} model; runners serve delegated ones")
+        return schema, known is None
+
+    def unregister_runner(self, registration: RunnerRegistration | Any) -> bool:
+        """Stop using a runner (its registration, or the runner object); the models it served
+        become unavailable unless another runner serves them, and those it added are removed."""
+        removed = self.runners.remove(registration)
+        if removed is None:
+            return False
+        for model_id in removed.owned_models:
+            if self.runners.find(model_id) is None:
+                self.registry.unregister(model_id)
+        self.registry.refresh_availability(Locality.RUNNER)
+        return True
 
     def register_endpoint(
         self, base_url: str, model: str, *, api_key_env: str | None = None, name: str = "endpoint"
@@ -221,12 +271,6 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
                 str(capability), model.kind, f"the {model.kind} backend does not implement {method}"
             )
         return fn
-
-
-def _backend_tasks(kind: str) -> frozenset[ModelCapability]:
-    """The capabilities whose task the backend class of ``kind`` implements."""
-    spec = backend_table.spec_for(kind)
-    return class_tasks(spec.target) if spec is not None else frozenset()
 
 
 def _flush_at_exit(ref: weakref.ref[Bookkeeper]) -> None:

@@ -2,7 +2,8 @@
 
 ``model_health()`` answers "what can this engine do right now": models by provider and capability,
 the configured defaults and whether they can run, the routing settings, where four sample requests
-would go, the benchmark priors in use, circuit breaker states and spend against limits.
+would go, the benchmark priors in use, circuit breaker states, spend against limits, and each source
+kind of the table (kinds.py) with its backend and models.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import InferenceError
 from ..hardware import HardwareOverview, hardware_overview
+from ..kinds import Locality
 from ..requests import ClassifyRequest, GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
 from ..routing import (
     ModelProfile,
@@ -26,17 +28,18 @@ from ..routing import (
 )
 from ..routing.breaker import CoordinationHealth
 from ..runtimes.supervisor import RuntimeStatus
-from ..schema import ALL_CAPABILITIES, ModelCapability, ModelSchema
+from ..schema import ALL_CAPABILITIES, KINDS, ModelCapability, ModelSchema
 from .speech import SpeechHealthReport, speech_health
 
 if TYPE_CHECKING:
+    from ..backends.delegated import RunnerTable
     from ..config import CarConfig
     from ..registry import UnifiedRegistry
     from ..routing import CircuitBreakerRegistry, OutcomeTracker, RoutingDecision, SpendControl, StateStore
     from ..runtimes.managed import RuntimeSupervisor
     from .bookkeeping import Bookkeeper
 
-__all__ = ["HealthMixin", "ModelHealthReport"]
+__all__ = ["HealthMixin", "KindHealth", "ModelHealthReport"]
 
 
 class ModelDefaultHealth(BaseModel):
@@ -78,6 +81,19 @@ class RoutingScenarioHealth(BaseModel):
     strategy: str | None
 
 
+class KindHealth(BaseModel):
+    """One source kind of the table (kinds.py): whether its backend is installed, its models."""
+
+    kind: str
+    locality: str
+    origin: str = Field(description="built-in, or the plugin distribution that added it")
+    backend_installed: bool
+    install_hint: str | None = Field(default=None, description="what installs the backend, when it is not")
+    models: int
+    available_models: int
+    runners: int | None = Field(default=None, description="registered runners, for runner kinds (delegated)")
+
+
 class ModelBenchmarkPriorHealth(BaseModel):
     model_id: str
     model_name: str | None
@@ -113,6 +129,7 @@ class ModelHealthReport(BaseModel):
         default=None, description="where breaker state is shared (local or Redis), reachable, latency"
     )
     hardware: HardwareOverview | None = Field(default=None, description="this machine and what fits on it")
+    kinds: list[KindHealth] = Field(default_factory=list, description="source kinds and their backends")
 
 
 _SCENARIOS = (
@@ -146,6 +163,7 @@ class HealthMixin:
     bookkeeper: Bookkeeper
     runtimes: RuntimeSupervisor
     store: StateStore
+    runners: RunnerTable
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
@@ -183,6 +201,7 @@ class HealthMixin:
             state=state_health(self.store, self.config.state.url or str(self.config.paths.state_db)),
             coordination=self.breakers.coordination(),
             hardware=hardware_overview(models),  # detection is cached for the process
+            kinds=_kind_health(models, len(self.runners.list())),
         )
 
     def routing_scenarios(self) -> list[RoutingScenarioHealth]:
@@ -300,6 +319,27 @@ def _providers(models: list[ModelSchema], registry: UnifiedRegistry) -> list[Mod
                 remote_models=sum(not m.is_local for m in group),
                 available_models=sum(m.available for m in group),
                 capabilities=[c for c in ALL_CAPABILITIES if c in caps],
+            )
+        )
+    return out
+
+
+def _kind_health(models: list[ModelSchema], runners: int) -> list[KindHealth]:
+    """Every kind of the table, with what its backend needs and its models' counts."""
+    out = []
+    for kind, spec in KINDS.items():
+        group = [m for m in models if m.kind == kind]
+        installed = spec.installed()
+        out.append(
+            KindHealth(
+                kind=kind,
+                locality=str(spec.locality),
+                origin=spec.origin,
+                backend_installed=installed,
+                install_hint=None if installed else spec.install_hint(),
+                models=len(group),
+                available_models=sum(m.available for m in group),
+                runners=runners if spec.locality is Locality.RUNNER else None,
             )
         )
     return out

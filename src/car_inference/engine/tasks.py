@@ -127,7 +127,7 @@ class TaskMixin:
         model = self._classifier(request)
         if request.method == "embedding" and not model.has_capability(ModelCapability.EMBED):
             raise UnsupportedMode("classify/embedding", model.kind, f"{model.id} has no embeddings")
-        if request.method == "likelihood" and model.kind != "gguf":
+        if request.method == "likelihood" and not model.spec.scores_labels:
             raise UnsupportedMode(
                 "classify/likelihood", model.kind, f"{model.id} exposes no token likelihoods"
             )

@@ -1,0 +1,311 @@
+"""Delegated models: inference the host application supplies (the seed's ``InferenceRunner``).
+
+A model whose source is ``{kind = "delegated"}`` runs on a *runner* the host registers at run time,
+``InferenceEngine.register_runner(runner, models=[...])``, or a JSON-RPC client that sends
+``runner.register`` (server/runner_rpc.py). Until one is registered the model is unavailable; then
+it is routed, falls back and is recorded like any other model. A runner is either
+
+- an async callable ``runner(model, request)`` taking the ``ModelSchema`` and ``GenerateRequest``
+  and returning the text (``str``), a ``GenerationOutput`` or a dict of its fields, or an async
+  iterator of text pieces / stream events (a streamed answer); or
+- an object with the backend task methods (``generate``/``stream``, ``embed``, ``rerank``,
+  ``classify``, ``transcribe``, ``synthesize``, ``generate_image``, ``generate_video``) with the
+  signatures of ``backends.base``'s protocols: it does the tasks it has.
+
+A registration's ``timeout_s`` bounds a whole answer (and, streamed, the wait for each event); a
+runner that does not answer in time fails the attempt as a retryable timeout, so the router's
+fallbacks take over. Cancelling the caller cancels the runner's call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from ..errors import InferenceError, ModelUnavailable, ProviderError, UnsupportedMode
+from ..requests import (
+    Classification,
+    ClassifyRequest,
+    EmbedRequest,
+    EmbedResult,
+    GenerateImageRequest,
+    GenerateImageResult,
+    GenerateRequest,
+    GenerateVideoRequest,
+    GenerateVideoResult,
+    RerankRequest,
+    RerankResult,
+    SynthesizeRequest,
+    SynthesizeResult,
+    TranscribeRequest,
+    TranscribeResult,
+)
+from ..schema import ModelSchema
+from ..stream import (
+    Done,
+    ErrorEvent,
+    StreamAccumulator,
+    StreamEvent,
+    TextDelta,
+    ThinkingDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    UsageEvent,
+)
+from .base import BackendContext, GenerationOutput
+
+__all__ = ["DelegatedBackend", "RunnerRegistration", "RunnerTable", "as_output"]
+
+T = TypeVar("T")
+R = TypeVar("R", bound=BaseModel)
+_names = itertools.count(1)
+
+
+@dataclass(eq=False)
+class RunnerRegistration:
+    """One registered runner: the models it serves (None: every delegated model), its timeout, and
+    the models its registration added to the catalog (removed with it)."""
+
+    runner: Any
+    models: frozenset[str] | None = None
+    timeout_s: float | None = None
+    name: str = ""
+    owned_models: list[str] = field(default_factory=list)
+
+    def serves(self, model_id: str) -> bool:
+        return self.models is None or model_id in self.models
+
+
+class RunnerTable:
+    """The runners registered with an engine; the latest registration serving a model wins."""
+
+    def __init__(self) -> None:
+        self._entries: list[RunnerRegistration] = []
+
+    def add(
+        self,
+        runner: Any,
+        *,
+        models: list[str] | None = None,
+        timeout_s: float | None = None,
+        name: str | None = None,
+    ) -> RunnerRegistration:
+        if not (callable(runner) or any(callable(getattr(runner, m, None)) for m in _TASK_METHODS)):
+            raise TypeError("a runner is an async callable or an object with task methods (generate, ...)")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError("timeout_s must be positive")
+        entry = RunnerRegistration(
+            runner,
+            None if models is None else frozenset(models),
+            timeout_s,
+            name or getattr(runner, "__name__", None) or f"runner-{next(_names)}",
+        )
+        self._entries.append(entry)
+        return entry
+
+    def remove(self, registration: RunnerRegistration | Any) -> RunnerRegistration | None:
+        """Drop a registration (or every registration of a runner object); the one dropped."""
+        for entry in reversed(self._entries):
+            if entry is registration or entry.runner is registration:
+                self._entries.remove(entry)
+                return entry
+        return None
+
+    def find(self, model_id: str) -> RunnerRegistration | None:
+        return next((e for e in reversed(self._entries) if e.serves(model_id)), None)
+
+    def serves(self, model: ModelSchema) -> bool:
+        return self.find(model.id) is not None
+
+    def list(self) -> list[RunnerRegistration]:
+        return list(self._entries)
+
+
+_TASK_METHODS = (
+    "generate", "stream", "embed", "rerank", "classify", "transcribe", "synthesize",
+    "generate_image", "generate_video",
+)  # fmt: skip
+
+
+# What a runner may stream besides text pieces (route events are the engine's own).
+_EVENT_TYPES = (TextDelta, ThinkingDelta, ToolCallStart, ToolCallDelta, UsageEvent, Done)
+
+
+def as_output(value: Any, model_id: str, runner: str) -> GenerationOutput:
+    """What a runner answered, as a ``GenerationOutput``: text, the output itself, or its fields."""
+    if isinstance(value, GenerationOutput):
+        return value
+    if isinstance(value, str):
+        return GenerationOutput(text=value)
+    if isinstance(value, Done):
+        return GenerationOutput.from_done(value, None)
+    if isinstance(value, dict):
+        try:
+            return GenerationOutput.model_validate(value)
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"]
+            raise _runner_error(runner, model_id, f"answered an invalid result: {problem}") from None
+    raise _runner_error(runner, model_id, f"answered a {type(value).__name__}, not text or a result")
+
+
+def _runner_error(runner: str, model_id: str, message: str, **kw: Any) -> ProviderError:
+    return ProviderError(message, provider=f"runner {runner}", model=model_id, **kw)
+
+
+class DelegatedBackend:
+    """Every task of a delegated model, handed to the runner registered for it."""
+
+    kind = "delegated"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.runners: RunnerTable = ctx.extras.setdefault("runners", RunnerTable())
+
+    def _registration(self, model: ModelSchema) -> RunnerRegistration:
+        entry = self.runners.find(model.id)
+        if entry is None:
+            raise ModelUnavailable(model.id, "no inference runner is registered for it")
+        return entry
+
+    async def _bounded(self, entry: RunnerRegistration, model: ModelSchema, work: Awaitable[T]) -> T:
+        """``work`` within the registration's timeout; a runner's own failure becomes ours."""
+        try:
+            async with asyncio.timeout(entry.timeout_s):
+                return await work
+        except TimeoutError:
+            raise _runner_error(
+                entry.name, model.id, f"no answer in {entry.timeout_s:g} s", retryable=True, timeout=True
+            ) from None
+        except (InferenceError, StopAsyncIteration):
+            raise
+        except Exception as exc:
+            raise _runner_error(entry.name, model.id, f"failed: {type(exc).__name__}: {exc}") from exc
+
+    # --- generation --------------------------------------------------------------------------
+
+    def _invoke(self, entry: RunnerRegistration, model: ModelSchema, request: GenerateRequest, *,
+                streaming: bool) -> Any:  # fmt: skip
+        """Start the runner on ``request``: an awaitable (a whole answer) or an async iterator."""
+        runner = entry.runner
+        for name in ("stream", "generate") if streaming else ("generate", "stream"):
+            method = getattr(runner, name, None)
+            if callable(method):
+                return method(model, request)
+        if not callable(runner):
+            raise UnsupportedMode(
+                "generate", "delegated", f"the runner for {model.id} does not generate text"
+            )
+        return runner(model, request)
+
+    async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:
+        entry = self._registration(model)
+        value = self._invoke(entry, model, request, streaming=False)
+        if not isinstance(value, AsyncIterator):
+            return as_output(await self._bounded(entry, model, value), model.id, entry.name)
+        done: Done | None = None
+        async with contextlib.aclosing(self._events(entry, model, value)) as events:
+            async for event in events:
+                done = event if isinstance(event, Done) else done
+        assert done is not None  # _events always ends with Done
+        return GenerationOutput.from_done(done, None)
+
+    async def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
+        entry = self._registration(model)
+        value = self._invoke(entry, model, request, streaming=True)
+        if isinstance(value, AsyncIterator):
+            async with contextlib.aclosing(self._events(entry, model, value)) as events:
+                async for event in events:
+                    yield event
+            return
+        out = as_output(await self._bounded(entry, model, value), model.id, entry.name)
+        if out.text:
+            yield TextDelta(text=out.text)
+        yield Done(text=out.text, tool_calls=out.tool_calls, thinking=out.thinking, usage=out.usage,
+                   finish_reason=out.finish_reason)  # fmt: skip
+
+    async def _events(
+        self, entry: RunnerRegistration, model: ModelSchema, items: AsyncIterator[Any]
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """A runner's stream as events (text pieces become deltas), each within the timeout,
+        always ending with ``Done``."""
+        accumulator = StreamAccumulator()
+        try:
+            while True:
+                try:
+                    item = await self._bounded(entry, model, anext(items))
+                except StopAsyncIteration:
+                    break
+                event = TextDelta(text=item) if isinstance(item, str) else item
+                if isinstance(event, ErrorEvent):
+                    raise _runner_error(entry.name, model.id, event.message, retryable=event.retryable)
+                if not isinstance(event, _EVENT_TYPES):
+                    raise _runner_error(entry.name, model.id, f"streamed a {type(item).__name__}")
+                accumulator.push(event)
+                yield event
+                if isinstance(event, Done):
+                    return
+        finally:
+            await _close(items)
+        text, calls = accumulator.finish()
+        yield Done(text=text, tool_calls=calls, thinking=accumulator.thinking, usage=accumulator.usage)
+
+    # --- the other tasks -----------------------------------------------------------------------
+
+    async def _forward(
+        self, model: ModelSchema, method: str, result: type[R], *args: Any, **kwargs: Any
+    ) -> R:
+        """The runner's ``method`` on this request; its answer as ``result`` (a dict of its fields is
+        validated into one)."""
+        entry = self._registration(model)
+        fn: Callable[..., Awaitable[Any]] | None = getattr(entry.runner, method, None)
+        if not callable(fn):
+            raise UnsupportedMode(
+                method, "delegated", f"the runner registered for {model.id} has no {method}"
+            )
+        value = await self._bounded(entry, model, fn(model, *args, **kwargs))
+        if isinstance(value, result):
+            return value
+        try:
+            return result.model_validate(value)
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"]
+            raise _runner_error(
+                entry.name, model.id, f"answered an invalid {method} result: {problem}"
+            ) from None
+
+    async def embed(self, model: ModelSchema, request: EmbedRequest) -> EmbedResult:
+        return await self._forward(model, "embed", EmbedResult, request)
+
+    async def rerank(self, model: ModelSchema, request: RerankRequest) -> RerankResult:
+        return await self._forward(model, "rerank", RerankResult, request)
+
+    async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:
+        return await self._forward(model, "classify", Classification, request)
+
+    async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult:
+        return await self._forward(model, "transcribe", TranscribeResult, request)
+
+    async def synthesize(self, model: ModelSchema, request: SynthesizeRequest) -> SynthesizeResult:
+        return await self._forward(model, "synthesize", SynthesizeResult, request)
+
+    async def generate_image(
+        self, model: ModelSchema, request: GenerateImageRequest, progress: Any = None
+    ) -> GenerateImageResult:
+        return await self._forward(model, "generate_image", GenerateImageResult, request, progress=progress)
+
+    async def generate_video(
+        self, model: ModelSchema, request: GenerateVideoRequest, progress: Any = None
+    ) -> GenerateVideoResult:
+        return await self._forward(model, "generate_video", GenerateVideoResult, request, progress=progress)
+
+
+async def _close(value: Any) -> None:
+    close = getattr(value, "aclose", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            await close()

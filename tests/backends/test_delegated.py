@@ -1,0 +1,248 @@
+"""Delegated models run on runners the host registers in Python (InferenceEngine.register_runner):
+real engines, real runners (async functions, generators, objects); no patching."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from car_inference.backends.base import GenerationOutput
+from car_inference.engine import InferenceEngine
+from car_inference.errors import (
+    AllModelsFailed,
+    InvalidInput,
+    ModelNotFound,
+    ModelUnavailable,
+    ProviderError,
+    UnsupportedMode,
+)
+from car_inference.requests import ClassifyRequest, EmbedRequest, GenerateRequest, TokenUsage
+from car_inference.schema import ModelSchema
+from car_inference.stream import Done, TextDelta, ThinkingDelta, UsageEvent
+
+CATALOG = """
+[[models]]
+id = "host/echo"
+name = "echo"
+provider = "host"
+capabilities = ["generate", "embed"]
+context_length = 8192
+[models.source]
+kind = "delegated"
+
+[[models]]
+id = "host/slow"
+name = "slow"
+provider = "host"
+capabilities = ["generate"]
+context_length = 8192
+fallbacks = ["host/echo"]
+[models.source]
+kind = "delegated"
+"""
+
+
+@pytest.fixture
+def engine(isolated_home: Path) -> Any:
+    (isolated_home / "models.toml").write_text(CATALOG)
+    (isolated_home / "config.toml").write_text("[routing]\nprefer_local = false\nexploration_rate = 0.0\n")
+    engine = InferenceEngine()
+    yield engine
+    engine.close()
+
+
+def _ask(prompt: str, model: str | None = None) -> GenerateRequest:
+    return GenerateRequest(prompt=prompt, model=model)
+
+
+async def _echo(model: ModelSchema, request: GenerateRequest) -> str:
+    return f"{model.name}: {request.last_user_text()}"
+
+
+async def test_a_delegated_model_runs_only_while_a_runner_serves_it(engine: InferenceEngine) -> None:
+    echo = engine.resolve("host/echo")
+    assert not echo.available
+    assert "no inference runner is registered" in engine.registry.unavailable_reason(echo)
+    with pytest.raises(ModelUnavailable, match="no inference runner is registered"):
+        await engine.generate(_ask("hi", "host/echo"))
+
+    registration = engine.register_runner(_echo, ["echo"])  # a name resolves like anywhere else
+    assert registration.models == {"host/echo"} and registration.name == "_echo"
+    assert engine.resolve("host/echo").available and not engine.resolve("host/slow").available
+    result = await engine.generate(_ask("hi", "host/echo"))
+    assert result.text == "echo: hi" and result.model_used == "host/echo" and result.trace_id
+
+    assert engine.unregister_runner(_echo)  # by the runner object, as well as by registration
+    assert not engine.resolve("host/echo").available
+    assert not engine.unregister_runner(_echo)
+
+
+async def test_the_router_takes_a_delegated_model_like_any_other(engine: InferenceEngine) -> None:
+    brought = ModelSchema.model_validate(
+        {"id": "app/best", "name": "best", "provider": "app", "capabilities": ["generate"],
+         "context_length": 100000, "quality": 1.0, "source": {"kind": "delegated", "hint": "the app"}}
+    )  # fmt: skip
+    registration = engine.register_runner(_echo, [brought])
+    decision = engine.route(_ask("Summarize local-first AI in one sentence."))
+    assert decision.model_id == "app/best"
+    result = await engine.generate(_ask("Summarize local-first AI in one sentence."))
+    assert result.model_used == "app/best" and result.text.startswith("best: ")
+    engine.unregister_runner(registration)  # the model it brought leaves with it
+    with pytest.raises(ModelNotFound):
+        engine.resolve("app/best")
+
+
+async def test_a_streaming_runner_streams_and_also_answers_whole(engine: InferenceEngine) -> None:
+    async def runner(model: ModelSchema, request: GenerateRequest) -> AsyncIterator[Any]:
+        yield ThinkingDelta(text="hmm")
+        for piece in ("one ", "two"):
+            await asyncio.sleep(0)
+            yield piece
+        yield UsageEvent(usage=TokenUsage(prompt_tokens=3, completion_tokens=2, total_tokens=5))
+
+    engine.register_runner(runner, ["host/echo"])
+    events = [e async for e in engine.stream(_ask("count", "host/echo"))]
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    done = events[-1]
+    assert deltas == ["one ", "two"] and isinstance(done, Done)
+    assert done.text == "one two" and done.thinking == "hmm" and done.usage is not None
+    assert done.usage.total_tokens == 5 and done.model_used == "host/echo"
+    result = await engine.generate(_ask("count", "host/echo"))
+    assert result.text == "one two" and result.usage is not None and result.usage.completion_tokens == 2
+
+
+async def test_a_whole_answer_streams_as_one_delta(engine: InferenceEngine) -> None:
+    async def runner(model: ModelSchema, request: GenerateRequest) -> dict[str, Any]:
+        return {"text": "all at once", "finish_reason": "stop"}
+
+    engine.register_runner(runner, ["host/echo"])
+    events = [e async for e in engine.stream(_ask("x", "host/echo"))]
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["all at once"]
+    assert isinstance(events[-1], Done) and events[-1].text == "all at once"
+
+
+class TaskRunner:
+    """A runner object: it generates and embeds, and classifies nothing."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:
+        self.seen.append(request.last_user_text())
+        return GenerationOutput(text="object says hi")
+
+    async def embed(self, model: ModelSchema, request: EmbedRequest) -> dict[str, Any]:
+        vectors = [[float(len(t)), 1.0] for t in request.texts]
+        return {"embeddings": vectors, "model_used": model.id, "dimensions": 2}
+
+
+async def test_a_runner_object_does_the_tasks_it_has(engine: InferenceEngine) -> None:
+    runner = TaskRunner()
+    engine.register_runner(runner, ["host/echo"])
+    assert (await engine.generate(_ask("yo", "host/echo"))).text == "object says hi" and runner.seen == ["yo"]
+    embedded = await engine.embed(EmbedRequest(texts=["abc", "de"], model="host/echo"))
+    assert embedded.embeddings == [[3.0, 1.0], [2.0, 1.0]] and embedded.dimensions == 2
+    with pytest.raises(UnsupportedMode, match="does not declare classify"):
+        await engine.classify(ClassifyRequest(text="x", labels=["a", "b"], model="host/echo"))
+
+
+async def test_a_runner_that_takes_too_long_times_out_and_the_fallback_answers(
+    engine: InferenceEngine,
+) -> None:
+    cancelled = asyncio.Event()
+
+    async def slow(model: ModelSchema, request: GenerateRequest) -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "too late"
+
+    engine.register_runner(slow, ["host/slow"], timeout_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(AllModelsFailed, match=r"host/slow: no answer in 0.2 s") as caught:
+        await engine.generate(_ask("hi", "host/slow"))  # its fallback (host/echo) has no runner yet
+    timeout = dict(caught.value.attempts)["host/slow"]
+    assert isinstance(timeout, ProviderError) and timeout.retryable and timeout.timeout
+    assert "no inference runner is registered" in str(dict(caught.value.attempts)["host/echo"])
+    assert cancelled.is_set()
+    assert time.monotonic() - started < 5
+    engine.register_runner(_echo, ["host/echo"])
+    result = await engine.generate(_ask("hi", "host/slow"))
+    assert result.model_used == "host/echo" and result.text == "echo: hi"
+
+
+async def test_cancelling_the_caller_cancels_the_runner(engine: InferenceEngine) -> None:
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def waits(model: ModelSchema, request: GenerateRequest) -> AsyncIterator[str]:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        yield "never"
+
+    engine.register_runner(waits, ["host/echo"])
+    task = asyncio.create_task(engine.generate(_ask("hi", "host/echo")))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled.is_set()
+
+
+@pytest.mark.parametrize(
+    ("answer", "words"),
+    [
+        (RuntimeError("boom"), "failed: RuntimeError: boom"),
+        (42, "answered a int, not text or a result"),
+        ({"txt": "typo"}, "answered an invalid result"),
+    ],
+)
+async def test_a_runner_failure_is_a_provider_error_naming_it(
+    engine: InferenceEngine, answer: Any, words: str
+) -> None:
+    async def runner(model: ModelSchema, request: GenerateRequest) -> Any:
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    engine.register_runner(runner, ["host/echo"], name="flaky")
+    with pytest.raises(ProviderError, match=words) as caught:
+        await engine.generate(_ask("hi", "host/echo"))
+    assert "runner flaky host/echo" in str(caught.value)
+
+
+def test_only_delegated_models_take_runners(engine: InferenceEngine) -> None:
+    with pytest.raises(InvalidInput, match="is a gguf model; runners serve delegated ones"):
+        engine.register_runner(_echo, ["huggingface/smollm2-135m-instruct:q4_1"])
+    with pytest.raises(ModelNotFound, match="host/echo"):
+        engine.register_runner(_echo, ["host/ecoh"])
+    with pytest.raises(TypeError, match="async callable or an object with task methods"):
+        engine.register_runner(object(), ["host/echo"])
+    with pytest.raises(ValueError, match="timeout_s must be positive"):
+        engine.register_runner(_echo, ["host/echo"], timeout_s=0)
+    assert engine.runners.list() == [] and not engine.resolve("host/echo").available
+
+
+async def test_a_runner_for_every_delegated_model_and_the_latest_wins(engine: InferenceEngine) -> None:
+    async def other(model: ModelSchema, request: GenerateRequest) -> str:
+        return "other"
+
+    engine.register_runner(_echo)  # every delegated model
+    assert engine.resolve("host/echo").available and engine.resolve("host/slow").available
+    assert (await engine.generate(_ask("a", "host/slow"))).text == "slow: a"
+    latest = engine.register_runner(other, ["host/slow"])
+    assert (await engine.generate(_ask("a", "host/slow"))).text == "other"
+    engine.unregister_runner(latest)
+    assert (await engine.generate(_ask("a", "host/slow"))).text == "slow: a"
+    health = {k.kind: k for k in engine.model_health().kinds}
+    assert health["delegated"].runners == 1 and health["delegated"].available_models == 2
