@@ -200,6 +200,21 @@ def test_what_the_hub_lacks_is_named(hub: FakeHub, publish: bool, model: ModelSc
         pull(model)
 
 
+def test_a_gated_repo_needs_hf_token_which_never_goes_to_the_cdn(
+    hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS})
+    hub.gated[REPO] = "hf_secret"
+    with pytest.raises(
+        DownloadFailed, match=r"refused access \(HTTP 401\); a gated or private repo needs .* HF_TOKEN"
+    ):
+        pull(gguf_model())
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert pull(gguf_model()).path.read_bytes() == WEIGHTS
+    sent = {path.split("/")[1]: auth for path, auth in hub.auth[-2:]}
+    assert sent == {"tiny": "Bearer hf_secret", "cdn": None}, "the token stays on the Hub"
+
+
 def test_an_unreachable_endpoint_fails_at_once_in_one_line(
     hub: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:

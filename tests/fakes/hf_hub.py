@@ -15,7 +15,9 @@ What it serves, in the Hub's own shapes (checked against huggingface_hub's ``fil
 Faults a test can script: ``cut(path, after=n, times=k)`` makes the next ``k`` downloads of ``path``
 send the full ``Content-Length`` but close the connection after ``n`` body bytes (an interrupted
 download); ``slow[path] = s`` sends ``path`` in 64 kB pieces ``s`` seconds apart; ``corrupt``
-serves a path's bytes with one byte flipped. ``requests`` records
+serves a path's bytes with one byte flipped; ``gated[repo] = token`` answers ``401``
+(``X-Error-Code: GatedRepo``) unless the request carries ``Authorization: Bearer <token>``; ``auth``
+records the Authorization header of each request, by path. ``requests`` records
 ``(method, path, range header)``.
 Stdlib only: ``ThreadingHTTPServer`` in a daemon thread.
 """
@@ -66,6 +68,8 @@ class FakeHub:
         self.cut_after: dict[str, list[int]] = {}
         self.corrupt: set[str] = set()
         self.slow: dict[str, float] = {}
+        self.gated: dict[str, str] = {}
+        self.auth: list[tuple[str, str | None]] = []
         self.requests: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -158,6 +162,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _route(self, *, body: bool) -> None:
             path = urlsplit(self.path).path
             hub.requests.append((self.command, path, self.headers.get("Range")))
+            hub.auth.append((path, self.headers.get("Authorization")))
             if m := _RESOLVE.match(path):
                 self._resolve(m["repo"], unquote(m["rev"]), unquote(m["path"]), body)
             elif m := _REVISION_API.match(path):
@@ -167,7 +172,16 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             else:
                 self._error(404, "RepoNotFound", "Repository not found")
 
+        def _refused(self, repo: str) -> bool:
+            token = hub.gated.get(repo)
+            if token is None or self.headers.get("Authorization") == f"Bearer {token}":
+                return False
+            self._error(401, "GatedRepo", f"Access to model {repo} is restricted.")
+            return True
+
         def _resolve(self, repo: str, rev: str, name: str, body: bool) -> None:
+            if self._refused(repo):
+                return None
             sha, files = hub.commit_of(repo, rev)
             if sha is None:
                 return self._error(404, "RepoNotFound", "Repository not found")
@@ -244,6 +258,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
 
         def _revision(self, repo: str, rev: str) -> None:
+            if self._refused(repo):
+                return None
             sha, files = hub.commit_of(repo, rev)
             if sha is None:
                 return self._error(404, "RepoNotFound", "Repository not found")
