@@ -59,6 +59,7 @@ if TYPE_CHECKING:
         SpendControl,
         StateStore,
     )
+    from ..routing.spend import Reservation
     from .bookkeeping import Bookkeeper
 
 __all__ = ["DONE_TOOL_INSTRUCTION", "GenerationMixin", "Routing"]
@@ -190,14 +191,16 @@ class GenerationMixin:
         if media and model.in_process and not model.has_capability(ModelCapability.VISION):
             mode = "/".join(sorted(media)) + "-input"
             raise UnsupportedMode(mode, model.kind, f"{model.id} reads text only (no vision)")
+        reservation = None  # the estimate held against the fleet's spend limits until recorded
         if self.spend.has_limits and not model.in_process:
             estimate = model.cost.estimate(decision.estimated_input_tokens, request.params.max_tokens)
             try:
-                self.spend.check(model.provider, estimate)
+                reservation = self.spend.reserve(model.provider, estimate)
             except SpendLimitExceeded as exc:
                 exc.refuses_request = first and decision.strategy in _CALLER_CHOSE
                 raise
         if not self.breakers.allow(model.id):
+            self.spend.release(reservation)
             raise CircuitOpen(model.id)
         attempt = _Attempt(
             uuid.uuid4().hex,
@@ -207,6 +210,7 @@ class GenerationMixin:
             decision.reason,
             request.last_user_text(),
             time.time(),
+            reservation,
         )
         return backend, attempt
 
@@ -231,6 +235,7 @@ class GenerationMixin:
         the model's learned quality."""
         weight = failure_weight(exc)
         self.breakers.record_failure(model.id, weight)
+        self.spend.release(attempt.reservation)
         self.bookkeeper.submit(
             self._record,
             attempt,
@@ -241,6 +246,7 @@ class GenerationMixin:
 
     def _abandoned(self, attempt: _Attempt) -> None:
         """The consumer stopped (a closed stream, a cancelled task): a trace, no verdict on the model."""
+        self.spend.release(attempt.reservation)
         self.bookkeeper.submit(self._record, attempt, success=None)
 
     def _succeeded(
@@ -288,7 +294,9 @@ class GenerationMixin:
         )
         self.tracker.record_signals(attempt.trace_id, detect_signals(request, result))
         if usage.cost_usd:
-            self.spend.record(model.provider, model.id, usage.cost_usd)
+            self.spend.record(model.provider, model.id, usage.cost_usd, reservation=attempt.reservation)
+        else:
+            self.spend.release(attempt.reservation)
 
     @staticmethod
     def _routing(
@@ -443,6 +451,7 @@ class _Attempt:
     reason: str
     prompt: str
     started_at: float  # wall clock, for the trace
+    reservation: Reservation | None = None  # its estimate, held against the fleet's spend limits
 
 
 def _tool_name(tool: dict[str, Any]) -> str | None:
