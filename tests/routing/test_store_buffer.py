@@ -151,3 +151,32 @@ def test_the_bound_is_the_state_sections_buffer_records(url: str, tmp_path: Path
     assert CarConfig(home=tmp_path).state.buffer_records == 10_000
     with pytest.raises(ValueError, match="greater than or equal to 0"):
         CarConfig(home=tmp_path, state={"buffer_records": -1})
+
+
+def test_v1_health_shows_what_waits_and_what_was_lost(url: str, proxy: TcpProxy, tmp_path: Path) -> None:
+    """Through the real server: /v1/health's state section counts the buffered and dropped records."""
+    import httpx
+
+    from car_inference.engine import InferenceEngine
+    from car_inference.server import ServerThread, create_app
+
+    (tmp_path / "config.toml").write_text(f'[state]\nurl = "{_through(url, proxy)}"\n')
+    engine = InferenceEngine(home=tmp_path)
+    try:
+        with ServerThread(create_app(engine)) as server:
+            proxy.stop()
+            for i in range(3):
+                engine.store.add_spend("acme", "p/m", 0.1, ts=float(i))
+            # spend totals still answer (the last ones read plus the buffered spend): limits hold
+            assert engine.store.spend_by_provider(0.0) == {"acme": pytest.approx(0.3)}
+            assert engine.store.spend_by_provider(0.0, 1.5) == {"acme": pytest.approx(0.2)}
+            state = httpx.get(f"{server.url}/v1/health", timeout=30).json()["state"]
+            assert state["backend"] == "postgresql" and state["buffered"] == 3 and state["dropped"] == 0
+            assert "unreachable" in state["error"]
+            proxy.start()
+            assert _wait(lambda: getattr(engine.store, "buffered", None) == 0)
+            state = httpx.get(f"{server.url}/v1/health", timeout=30).json()["state"]
+            assert state["buffered"] == 0 and state["error"] is None and state["round_trip_ms"] > 0
+            assert engine.store.spend_by_provider(0.0) == {"acme": pytest.approx(0.3)}
+    finally:
+        engine.close()

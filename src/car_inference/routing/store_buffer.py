@@ -7,7 +7,8 @@ in-memory buffer of at most ``buffer_limit`` records, and return at once what th
 the database (``record_trace``: no quick-retry lookup, the quality it was given). The writes of a
 ``batch()`` whose transaction was lost with the connection go back to the buffer's front, before
 the ones that came after them. Reads fail at once with ``psycopg.OperationalError`` while it is
-down, instead of waiting for the pool.
+down, instead of waiting for the pool, except spend totals: the last totals read for the same
+window plus the buffered spend, so spend limits and ``/v1/health`` keep working.
 
 Every ``retry_s`` (a timer, and any write or read that comes along) the store tries one connection;
 once it connects, the buffer is written in order, in transactions of ``REPLAY_CHUNK`` records under
@@ -76,6 +77,7 @@ class BufferedWrites(StoreBase):
         self._timer: threading.Timer | None = None
         self.dropped = 0  # records lost to the bound, since the store opened
         self.replayed = 0  # buffered records written once the database returned
+        self._spend_seen: dict[tuple[float, float | None], dict[str, float]] = {}
 
     # --- subclass plumbing ---------------------------------------------------------------------
 
@@ -225,6 +227,29 @@ class BufferedWrites(StoreBase):
                 f"the PostgreSQL state store {self.location} is unreachable ({self._down_reason});"
                 f" {len(self._buffer)} records are waiting in memory"
             )
+
+    # --- spend totals: answered from memory while the database is away -----------------------
+
+    def spend_by_provider(self, since: float, until: float | None = None) -> dict[str, float]:
+        """The database's totals; while it is unreachable, the last totals it gave for this window
+        plus the buffered spend inside it (spend limits keep counting through an outage)."""
+        window = (since, until)
+        try:
+            totals = StoreBase.spend_by_provider(self, since, until)
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            with self._buf_lock:
+                totals = dict(self._spend_seen.get(window, {}))
+                for name, args, _kwargs in self._buffer:
+                    if name == "add_spend" and since <= args[3] and (until is None or args[3] < until):
+                        totals[args[0]] = totals.get(args[0], 0.0) + float(args[2])
+            return totals
+        with self._buf_lock:
+            if len(self._spend_seen) > 16:  # a few windows (this day, this month) are read over and over
+                self._spend_seen.clear()
+            self._spend_seen[window] = totals
+        return totals
 
     # --- the buffered writes -------------------------------------------------------------------
 
