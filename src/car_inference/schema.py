@@ -172,6 +172,7 @@ class CostModel(_Strict):
     per_1k_characters: float | None = Field(default=None, description="text-to-speech")
     per_minute: float | None = Field(default=None, description="speech-to-text")
     per_image: float | None = None
+    per_second: float | None = Field(default=None, description="video generation, per second of video")
     size_mb: int | None = None
 
     def estimate(self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> float:

@@ -10,7 +10,8 @@ import pytest
 
 from car_inference.backends.gemini import GeminiBackend
 from car_inference.catalog import load_builtin
-from car_inference.errors import InvalidInput, ProviderError, UnsupportedMode
+from car_inference.engine import InferenceEngine
+from car_inference.errors import InvalidInput, ProviderError, SpendLimitExceeded, UnsupportedMode
 from car_inference.requests import GenerateImageRequest, GenerateVideoRequest
 from car_inference.schema import ModelSchema
 from fakes import FakeProviderServer, Fault
@@ -187,3 +188,25 @@ async def test_a_failed_interaction_and_provider_errors(fake: FakeProviderServer
     with pytest.raises(ProviderError) as info:
         await make(tmp_path).generate_video(omni(fake), GenerateVideoRequest(prompt="x"))
     assert info.value.status == 429 and info.value.retryable  # translated, not the SDK's own error
+
+
+async def test_the_engine_charges_gemini_video_per_second(
+    fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Hosted video counts against [spend]: the catalog's per-second price times the estimate is
+    checked first (a job that could cross the limit never starts), what came out is recorded."""
+    (isolated_home / "models.toml").write_text(f'[hosts.gemini]\nbase_url = "{fake.gemini_base_url}"\n')
+    (isolated_home / "config.toml").write_text("[spend]\ndaily_usd = 0.5\n")
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    engine = InferenceEngine(home=isolated_home)
+    try:
+        done = await engine.generate_video(GenerateVideoRequest(prompt="a dog", model="omni-flash"))
+        seconds = done.duration_s or 4.0  # the fake's mp4 has no length; the estimate is charged
+        assert engine.spend.status().by_provider_today == {"google": pytest.approx(0.10 * seconds)}
+        engine.spend.record("google", OMNI, 0.2)
+        before = len(fake.requests)
+        with pytest.raises(SpendLimitExceeded):
+            await engine.generate_video(GenerateVideoRequest(prompt="another", model="omni-flash"))
+        assert len(fake.requests) == before  # refused before the call
+    finally:
+        engine.close()

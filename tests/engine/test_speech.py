@@ -10,7 +10,7 @@ import pytest
 
 from car_inference.engine import InferenceEngine
 from car_inference.engine.speech import speech_model, speech_smoke, transcription_cost, word_error_rate
-from car_inference.errors import InferenceError, ModelUnavailable, SpendLimitExceeded
+from car_inference.errors import InferenceError, ModelUnavailable, SpendLimitExceeded, UnsupportedMode
 from car_inference.requests import SynthesizeRequest, TranscribeRequest
 from car_inference.schema import ModelCapability, WhisperSource
 from fakes import FakeProviderServer
@@ -144,6 +144,21 @@ def test_speech_health_lists_a_misconfiguration_instead_of_failing(engine_with) 
     assert speech.tts_model is None and speech.local_tts_default is None and speech.remote_tts_default is None
     assert speech.stt_model == WHISPER  # the other direction is unaffected
     assert any("text_to_speech (local)" in p and "en_us-joe-medum" in p for p in speech.problems)
+
+
+async def test_list_voices_follows_the_speech_policy(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with('voices = { alloy = "en_US-joe-medium" }')
+    local = await engine.list_voices()
+    assert (local.model, local.ids(), local.aliases) == (
+        PIPER,
+        ["en_US-joe-medium"],
+        {"alloy": "en_US-joe-medium"},
+    )
+    engine.config.speech.prefer_local = False
+    hosted = await engine.list_voices()
+    assert hosted.model == HOSTED_TTS and hosted.default == "alloy" and hosted.aliases == {}
+    with pytest.raises(UnsupportedMode, match="does not declare text_to_speech"):
+        await engine.list_voices(WHISPER)
 
 
 # --- the smoke test ------------------------------------------------------------------------------

@@ -31,10 +31,11 @@ from ..requests import (
     TranscribeResult,
 )
 from ..schema import ModelCapability, ModelSchema
-from .speech import charged, speech_model, synthesis_cost, transcription_cost
+from .speech import charged, list_voices, speech_model, synthesis_cost, transcription_cost
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
+    from ..backends.voices import VoiceList
     from ..config import CarConfig
     from ..registry import UnifiedRegistry
     from ..routing import SpendControl
@@ -170,6 +171,10 @@ class TaskMixin:
         cost = synthesis_cost(model, request.text)
         return await charged(self.spend, model, cost, lambda: method(model, request))
 
+    async def list_voices(self, model: str | None = None) -> VoiceList:
+        """The voices ``voice`` takes on ``model`` (else the speech policy's model; engine/speech.py)."""
+        return await list_voices(self, model)
+
     async def generate_image(
         self, request: GenerateImageRequest, progress: Callable[[int, int], None] | None = None
     ) -> GenerateImageResult:
@@ -191,7 +196,14 @@ class TaskMixin:
     ) -> GenerateVideoResult:
         model = self._media_model(request.model, ModelCapability.VIDEO_GENERATION)
         method = self._task_method(model, ModelCapability.VIDEO_GENERATION, "generate_video")
-        return await method(model, request, progress=progress)
+        # Hosted video costs the catalog's per-second price: checked first, recorded for what came out.
+        price = 0.0 if model.in_process else model.cost.per_second or 0.0
+        if price:
+            self.spend.check(model.provider, price * request.duration_s)
+        result: GenerateVideoResult = await method(model, request, progress=progress)
+        if price:
+            self.spend.record(model.provider, model.id, price * (result.duration_s or request.duration_s))
+        return result
 
     def media_model(self, name: str | None, capability: ModelCapability) -> ModelSchema:
         """The model a media request would run on; raises now what running it would raise (an
