@@ -4,6 +4,10 @@ real engines, real runners (async functions, generators, objects); no patching."
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +28,16 @@ from car_inference.errors import (
 from car_inference.requests import ClassifyRequest, EmbedRequest, GenerateRequest, TokenUsage
 from car_inference.schema import ModelSchema
 from car_inference.stream import Done, TextDelta, ThinkingDelta, UsageEvent
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_examples() -> list[str]:
+    """The Python blocks of the README's section on delegated models."""
+    text = README.read_text()
+    section = text.split("## Host-supplied inference (delegated models)\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
 
 CATALOG = """
 [[models]]
@@ -246,3 +260,14 @@ async def test_a_runner_for_every_delegated_model_and_the_latest_wins(engine: In
     assert (await engine.generate(_ask("a", "host/slow"))).text == "slow: a"
     health = {k.kind: k for k in engine.model_health().kinds}
     assert health["delegated"].runners == 1 and health["delegated"].available_models == 2
+
+
+def test_the_readme_example_runs(isolated_home: Path, tmp_path: Path) -> None:
+    example = readme_examples()[0]
+    env = {**os.environ, "CAR_HOME": str(isolated_home)}
+    done = subprocess.run(
+        [sys.executable, "-c", example], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "echo: hi\n"  # what the README says it prints

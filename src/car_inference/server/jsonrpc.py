@@ -3,6 +3,8 @@
 Every message is a request (with ``id``), a notification (without) or a batch (a list of them).
 Each request runs in its own task, so several can be in flight on one socket and answers come
 back in the order they finish; ``cancel`` stops one by id, and a closed socket stops them all.
+A client may also run delegated models for the server (``runner.register``; server/runner_rpc.py):
+the server then sends it ``infer`` requests and reads its responses on the same socket.
 ``infer`` with ``"stream": true`` (or ``infer.stream``) sends each engine event as an
 ``infer.event`` notification ``{"request_id", "event"}`` and then the final result as the
 response. The ``infer`` result has exactly the keys of ``InferenceResult``'s wire contract.
@@ -43,11 +45,14 @@ from .errors import (
 )
 from .grounding import rpc_ground
 from .images import rpc_generate_image, rpc_generate_video
+from .runner_rpc import RUNNER_METHODS, RpcRunner
 from .speech_rpc import rpc_synthesize, rpc_transcribe
 
 __all__ = ["METHODS", "Session", "register"]
 
 REQUEST_CANCELLED = -32800
+# Methods the concurrency limit does not count: they free work or feed a call in flight.
+_UNCOUNTED = frozenset({"cancel", "runner.event"})
 EVENT_METHOD = "infer.event"
 
 Params = dict[str, Any]
@@ -84,6 +89,7 @@ class Session:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._send_lock = asyncio.Lock()
         self._open = True
+        self.runner: RpcRunner | None = None  # set by runner.register (server/runner_rpc.py)
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -104,6 +110,9 @@ class Session:
             pass
         finally:
             self._open = False
+            if self.runner is not None:  # its calls in flight fail now; its models go
+                self.runner.close()
+                self.runner = None
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
@@ -177,6 +186,9 @@ class Session:
         rid = data.get("id")
         notification = "id" not in data
         name = data.get("method")
+        if name is None and ("result" in data or "error" in data) and self.runner is not None:
+            self.runner.deliver(data)  # a runner's answer to one of our calls (a late one is dropped)
+            return None
         if data.get("jsonrpc") != "2.0" or not isinstance(name, str):
             return _error(
                 rid, INVALID_REQUEST, 'invalid request: needs "jsonrpc": "2.0" and a "method" string'
@@ -199,7 +211,7 @@ class Session:
     async def _run(self, name: str, method: Method, params: Params, rid: Any) -> dict[str, Any]:
         metrics = self.state.metrics
         limiter = self.state.limiter
-        counted = name != "cancel"
+        counted = name not in _UNCOUNTED
         if counted and not limiter.try_acquire():
             busy = ApiError(
                 429,
@@ -443,6 +455,7 @@ METHODS: dict[str, Method] = {
     "ground": rpc_ground,
     "transcribe": rpc_transcribe,
     "synthesize": rpc_synthesize,
+    **RUNNER_METHODS,
 }
 
 

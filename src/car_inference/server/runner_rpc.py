@@ -1,0 +1,233 @@
+"""A WebSocket client as the runner of delegated models: the host supplies inference over JSON-RPC.
+
+The client sends ``runner.register`` with the models it runs (ids of delegated models in the
+catalog, or model objects, which are added until it goes), an optional ``name`` and ``timeout_s``.
+From then on those models are available and routed like any other; each call on one becomes an
+``infer`` request from the server to the client::
+
+    server -> client  {"jsonrpc": "2.0", "id": "car-runner-1", "method": "infer",
+                       "params": {"prompt": "...", "model": {...ModelSchema},
+                                  "request": {...GenerateRequest}, "stream": false}}
+    client -> server  {"jsonrpc": "2.0", "id": "car-runner-1", "result": {"text": "..."}}
+
+The result has ``GenerationOutput``'s fields (``text``, ``tool_calls``, ``usage``, ...); an error
+object fails the attempt (``data.retryable`` says whether another model may succeed). While
+answering, the client may send ``runner.event`` notifications ``{"id", "event"}`` with stream events
+(``text_delta``...), which a streaming caller receives as they come. When the caller gives up or the
+registration's timeout passes, the server sends the notification ``cancel {"id"}``. When the client
+disconnects, its calls in flight fail at once (retryable: the router's fallbacks take over) and its
+models are unavailable again. ``runner.unregister`` ends the registration without closing the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from ..backends.base import GenerationOutput
+from ..backends.delegated import RunnerRegistration, as_output
+from ..errors import InferenceError, ProviderError
+from ..requests import GenerateRequest
+from ..schema import ModelSchema
+from ..stream import Done, StreamAccumulator, StreamEvent
+from .errors import ApiError
+
+if TYPE_CHECKING:
+    from .jsonrpc import Params, Session
+
+__all__ = ["RUNNER_METHODS", "RpcRunner"]
+
+_EVENTS: TypeAdapter[StreamEvent] = TypeAdapter(StreamEvent)
+_call_ids = itertools.count(1)
+
+
+class RpcRunner:
+    """The runner one WebSocket session registered: engine calls become ``infer`` requests to it."""
+
+    def __init__(self, session: Session, name: str) -> None:
+        self.session = session
+        self.name = name
+        self.registration: RunnerRegistration | None = None
+        self.closed = False
+        self._calls: dict[str, tuple[str, asyncio.Queue[tuple[str, Any]]]] = {}  # id -> (model, queue)
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- the runner protocol (backends/delegated.py) ------------------------------------------
+
+    async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:
+        async for item in self._exchange(model, request, stream=False):
+            if isinstance(item, GenerationOutput):
+                return item
+        raise self._gone(model)  # pragma: no cover - _exchange ends with a result or raises
+
+    async def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
+        accumulator = StreamAccumulator()
+        async for item in self._exchange(model, request, stream=True):
+            if isinstance(item, GenerationOutput):
+                text, calls = accumulator.finish()
+                yield Done(
+                    text=item.text or text,
+                    tool_calls=item.tool_calls or calls,
+                    thinking=item.thinking or accumulator.thinking,
+                    usage=item.usage or accumulator.usage,
+                    finish_reason=item.finish_reason,
+                )
+                return
+            accumulator.push(item)
+            yield item
+
+    async def _exchange(
+        self, model: ModelSchema, request: GenerateRequest, *, stream: bool
+    ) -> AsyncGenerator[StreamEvent | GenerationOutput, None]:
+        """Send one ``infer`` call; yield the events the client streams, then its result."""
+        if self.closed:
+            raise self._gone(model)
+        call_id = f"car-runner-{next(_call_ids)}"
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._calls[call_id] = (model.id, queue)
+        answered = False
+        try:
+            params = {
+                "prompt": request.last_user_text(),  # for a runner that needs no more than that
+                "model": model.model_dump(mode="json"),
+                "request": request.model_dump(mode="json", exclude_none=True),
+                "stream": stream,
+            }
+            await self.session.send({"jsonrpc": "2.0", "id": call_id, "method": "infer", "params": params})
+            while True:
+                what, value = await queue.get()
+                if what == "event":
+                    yield value
+                    continue
+                answered = True
+                if what == "error":
+                    raise value
+                if what == "gone":
+                    raise self._gone(model)
+                yield as_output(value, model.id, self.name)
+                return
+        finally:
+            self._calls.pop(call_id, None)
+            if not answered and not self.closed:  # the caller gave up or the timeout passed
+                self._in_background(self.session.notify("cancel", {"id": call_id}))
+
+    def _gone(self, model: ModelSchema) -> ProviderError:
+        return ProviderError(
+            "the runner disconnected before answering", provider=f"runner {self.name}", model=model.id,
+            retryable=True,
+        )  # fmt: skip
+
+    def _in_background(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- what the client sends -------------------------------------------------------------------
+
+    def deliver(self, message: dict[str, Any]) -> bool:
+        """A response to one of our calls; False when it answers no call in flight."""
+        call = self._calls.get(message.get("id"))  # type: ignore[arg-type]
+        if call is None:
+            return False
+        model_id, queue = call
+        error = message.get("error")
+        if error is None:
+            queue.put_nowait(("result", message.get("result")))
+            return True
+        info = error if isinstance(error, dict) else {}
+        data = info.get("data")
+        retryable = isinstance(data, dict) and bool(data.get("retryable", False))
+        failure = ProviderError(
+            str(info.get("message") or "the runner failed"),
+            provider=f"runner {self.name}",
+            model=model_id,
+            retryable=retryable,
+        )
+        queue.put_nowait(("error", failure))
+        return True
+
+    def event(self, call_id: Any, raw: Any) -> None:
+        call = self._calls.get(call_id)
+        if call is None:
+            return  # a late event for a call that is over
+        model_id, queue = call
+        try:
+            queue.put_nowait(("event", _EVENTS.validate_python(raw)))
+        except ValidationError as exc:
+            problem = exc.errors()[0]["msg"]
+            message = f"streamed an invalid event: {problem}"
+            failure = ProviderError(message, provider=f"runner {self.name}", model=model_id)
+            queue.put_nowait(("error", failure))
+
+    def close(self) -> None:
+        """The socket closed: every call in flight fails now, and the registration ends."""
+        self.closed = True
+        for _, queue in self._calls.values():
+            queue.put_nowait(("gone", None))
+        if self.registration is not None:
+            self.session.engine.unregister_runner(self.registration)
+            self.registration = None
+
+
+# --- methods ------------------------------------------------------------------------------------------
+
+
+def _model(item: Any, index: int) -> str | ModelSchema:
+    if isinstance(item, str) and item:
+        return item
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str) or "/" not in item["id"]:
+        raise ApiError(400, "each of `models` is a model id or an object with an id like host/name",
+                       code="invalid_value", param=f"models.{index}")  # fmt: skip
+    provider, _, name = item["id"].partition("/")
+    data = {"name": name, "provider": provider, "capabilities": ["generate"], "source": {"kind": "delegated"}}
+    return ModelSchema.model_validate({**data, **item})
+
+
+async def _register(session: Session, params: Params, rid: Any) -> Any:
+    models = params.get("models")
+    if not isinstance(models, list) or not models:
+        raise ApiError(400, "`models` must be a non-empty list of the models this runner serves",
+                       code="invalid_value", param="models")  # fmt: skip
+    timeout_s = params.get("timeout_s")
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float)
+                                  or timeout_s <= 0):  # fmt: skip
+        raise ApiError(400, "`timeout_s` must be a positive number", code="invalid_value", param="timeout_s")
+    name = params.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ApiError(400, "`name` must be a string", code="invalid_value", param="name")
+    wanted = [_model(item, i) for i, item in enumerate(models)]
+    previous = session.runner
+    if previous is not None:  # registering again replaces what this session runs
+        previous.close()
+    runner = RpcRunner(session, name or f"ws-{id(session):x}")
+    try:
+        runner.registration = session.engine.register_runner(
+            runner, wanted, timeout_s=float(timeout_s) if timeout_s is not None else None, name=runner.name
+        )
+    except InferenceError:
+        session.runner = None
+        raise
+    session.runner = runner
+    served = sorted(runner.registration.models or ())
+    return {"runner": runner.name, "models": served, "timeout_s": timeout_s}
+
+
+async def _unregister(session: Session, params: Params, rid: Any) -> Any:
+    runner, session.runner = session.runner, None
+    if runner is None:
+        return {"unregistered": False}
+    runner.close()
+    return {"unregistered": True}
+
+
+async def _event(session: Session, params: Params, rid: Any) -> Any:
+    if session.runner is not None:
+        session.runner.event(params.get("id"), params.get("event"))
+    return None
+
+
+RUNNER_METHODS = {"runner.register": _register, "runner.unregister": _unregister, "runner.event": _event}

@@ -1,0 +1,277 @@
+"""A WebSocket client runs delegated models for the server (runner.register): a real server, a real
+runner client and real callers over JSON-RPC and HTTP; the fallback is the embedded SmolLM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from car_inference.config import ServerSettings
+from car_inference.engine import InferenceEngine
+from car_inference.server import ServerThread, create_app
+
+from .conftest import SMOL
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_examples() -> list[str]:
+    """The Python blocks of the README's section on delegated models."""
+    section = README.read_text().split("## Host-supplied inference (delegated models)\n", 1)[1]
+    return re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
+
+
+DELEGATED = """
+[[models]]
+id = "host/echo"
+name = "echo"
+provider = "host"
+capabilities = ["generate"]
+context_length = 8192
+[models.source]
+kind = "delegated"
+hint = "a JSON-RPC client"
+
+[[models]]
+id = "host/careful"
+name = "careful"
+provider = "host"
+capabilities = ["generate"]
+context_length = 8192
+fallbacks = ["{smol}"]
+[models.source]
+kind = "delegated"
+"""
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceEngine]:
+    home: Path = tmp_path_factory.mktemp("runner-home")
+    (home / "models.toml").write_text(DELEGATED.replace("{smol}", SMOL))
+    engine = InferenceEngine(home=home)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine: InferenceEngine) -> Iterator[ServerThread]:
+    with ServerThread(create_app(engine, ServerSettings(request_timeout_s=30))) as thread:
+        yield thread
+
+
+def _rpc(method: str, params: Any = None, rid: Any = None) -> str:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "params": params or {}}
+    if rid is not None:
+        message["id"] = rid
+    return json.dumps(message)
+
+
+async def _recv(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))  # type: ignore[no-any-return]
+
+
+async def _register(ws: ClientConnection, **params: Any) -> dict[str, Any]:
+    await ws.send(_rpc("runner.register", params, rid="reg"))
+    reply = await _recv(ws)
+    assert reply["id"] == "reg"
+    return reply
+
+
+def _available(engine: InferenceEngine, model: str) -> bool:
+    found = engine.registry.get(model)
+    return found is not None and found.available
+
+
+async def _eventually(check: Any, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_client_runs_a_delegated_model_for_ws_and_http_callers(
+    server: ServerThread, engine: InferenceEngine
+) -> None:
+    assert not _available(engine, "host/echo")
+    async with connect(server.ws_url) as runner, connect(server.ws_url) as caller:
+        reply = await _register(runner, models=["host/echo"], name="echoer")
+        assert reply["result"] == {"runner": "echoer", "models": ["host/echo"], "timeout_s": None}
+        assert _available(engine, "host/echo")
+
+        await caller.send(_rpc("infer", {"prompt": "ping", "model": "host/echo"}, rid=1))
+        call = await _recv(runner)
+        assert call["method"] == "infer" and call["params"]["stream"] is False
+        assert call["params"]["model"]["id"] == "host/echo"
+        assert call["params"]["request"]["prompt"] == call["params"]["prompt"] == "ping"
+        answer = {"text": "pong", "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": answer}))
+        result = (await _recv(caller))["result"]
+        assert result["text"] == "pong" and result["model_used"] == "host/echo"
+        assert result["usage"]["completion_tokens"] == 1
+
+        async def serve_one() -> None:  # the same runner answers an HTTP caller
+            call = await _recv(runner)
+            prompt = call["params"]["request"]["messages"][-1]["content"]
+            await runner.send(
+                json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": {"text": f"<{prompt}>"}})
+            )
+
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            body = {"model": "host/echo", "messages": [{"role": "user", "content": "hi"}]}
+            response, _ = await asyncio.gather(http.post("/v1/chat/completions", json=body), serve_one())
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"] == "<hi>"
+    await _eventually(lambda: not _available(engine, "host/echo"))
+
+
+async def test_a_streaming_caller_gets_the_runner_events_as_they_come(server: ServerThread) -> None:
+    async with connect(server.ws_url) as runner, connect(server.ws_url) as caller:
+        await _register(runner, models=["host/echo"])
+        await caller.send(_rpc("infer", {"prompt": "count", "model": "host/echo", "stream": True}, rid="s"))
+        call = await _recv(runner)
+        assert call["params"]["stream"] is True
+        for piece in ("one ", "two"):
+            event = {"type": "text_delta", "text": piece}
+            await runner.send(_rpc("runner.event", {"id": call["id"], "event": event}))
+            seen = await _recv(caller)  # the route event first, then this delta
+            while seen["params"]["event"]["type"] != "text_delta":
+                seen = await _recv(caller)
+            assert seen["params"]["event"]["text"] == piece
+        await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": {"text": ""}}))
+        final = await _recv(caller)
+        while "result" not in final:
+            final = await _recv(caller)
+        assert final["id"] == "s" and final["result"]["text"] == "one two"
+
+
+async def test_a_runner_that_does_not_answer_in_time_is_told_to_cancel(server: ServerThread) -> None:
+    async with connect(server.ws_url) as runner, connect(server.ws_url) as caller:
+        reply = await _register(runner, models=["host/echo"], timeout_s=0.5)
+        assert reply["result"]["timeout_s"] == 0.5
+        started = time.monotonic()
+        await caller.send(_rpc("infer", {"prompt": "slow", "model": "host/echo"}, rid=2))
+        call = await _recv(runner)
+        cancel = await _recv(runner)  # never answered: the server gives up and says so
+        assert cancel == {"jsonrpc": "2.0", "method": "cancel", "params": {"id": call["id"]}}
+        error = (await _recv(caller))["error"]
+        assert time.monotonic() - started < 5
+        assert "no answer in 0.5 s" in error["message"] and error["data"]["retryable"] is True
+        # A late answer to a call that is over is ignored, and the runner still serves.
+        await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": {"text": "late"}}))
+        await caller.send(_rpc("infer", {"prompt": "again", "model": "host/echo"}, rid=3))
+        call = await _recv(runner)
+        await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": {"text": "ok"}}))
+        assert (await _recv(caller))["result"]["text"] == "ok"
+
+
+async def test_a_caller_that_cancels_cancels_the_runner_call(server: ServerThread) -> None:
+    async with connect(server.ws_url) as runner, connect(server.ws_url) as caller:
+        await _register(runner, models=["host/echo"])
+        await caller.send(_rpc("infer", {"prompt": "never mind", "model": "host/echo"}, rid=4))
+        call = await _recv(runner)
+        await caller.send(_rpc("cancel", {"id": 4}, rid=5))
+        replies = {r["id"]: r for r in [await _recv(caller), await _recv(caller)]}
+        assert replies[4]["error"]["message"] == "request cancelled"
+        assert await _recv(runner) == {"jsonrpc": "2.0", "method": "cancel", "params": {"id": call["id"]}}
+
+
+async def test_a_runner_that_disconnects_mid_request_fails_the_call_at_once(
+    server: ServerThread, engine: InferenceEngine
+) -> None:
+    async with connect(server.ws_url) as caller:
+        runner = await connect(server.ws_url)
+        await _register(runner, models=["host/echo"])
+        await caller.send(_rpc("infer", {"prompt": "hello?", "model": "host/echo"}, rid=6))
+        await _recv(runner)  # the call arrived; the runner goes away without answering
+        started = time.monotonic()
+        await runner.close()
+        error = (await _recv(caller))["error"]
+        assert time.monotonic() - started < 5
+        assert "host/echo" in error["message"] and "disconnected before answering" in error["message"]
+        assert error["data"]["retryable"] is True
+        await _eventually(lambda: not _available(engine, "host/echo"))
+        # Now the model is unavailable, and says why.
+        await caller.send(_rpc("infer", {"prompt": "anyone?", "model": "host/echo"}, rid=7))
+        error = (await _recv(caller))["error"]
+        assert "no inference runner is registered" in error["message"]
+
+
+async def test_a_disconnect_mid_request_falls_back_to_the_next_model(server: ServerThread) -> None:
+    async with connect(server.ws_url) as caller:
+        runner = await connect(server.ws_url)
+        await _register(runner, models=["host/careful"])
+        params = {"prompt": "Say hi", "model": "host/careful", "params": {"max_tokens": 4, "temperature": 0}}
+        await caller.send(_rpc("infer", params, rid=8))
+        await _recv(runner)
+        await runner.close()
+        result = (await _recv(caller, timeout=60))["result"]
+        assert result["model_used"] == SMOL and result["text"]
+
+
+async def test_a_runner_error_fails_the_attempt_with_its_message(server: ServerThread) -> None:
+    async with connect(server.ws_url) as runner, connect(server.ws_url) as caller:
+        await _register(runner, models=["host/echo"])
+        await caller.send(_rpc("infer", {"prompt": "x", "model": "host/echo"}, rid=9))
+        call = await _recv(runner)
+        failure = {"code": -32000, "message": "GPU on fire", "data": {"retryable": True}}
+        await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "error": failure}))
+        error = (await _recv(caller))["error"]
+        assert "GPU on fire" in error["message"] and error["data"]["retryable"] is True
+
+
+async def test_models_a_runner_brings_come_and_go_with_it(
+    server: ServerThread, engine: InferenceEngine
+) -> None:
+    async with connect(server.ws_url) as runner:
+        reply = await _register(runner, models=[{"id": "ws/brought", "capabilities": ["generate"]}])
+        assert reply["result"]["models"] == ["ws/brought"]
+        brought = engine.registry.get("ws/brought")
+        assert brought is not None and brought.available and brought.kind == "delegated"
+        await runner.send(_rpc("runner.unregister", rid="u"))
+        assert (await _recv(runner))["result"] == {"unregistered": True}
+        assert engine.registry.get("ws/brought") is None
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "words"),
+    [
+        ({"models": [SMOL]}, 400, "runners serve delegated ones"),
+        ({"models": []}, 400, "`models` must be a non-empty list"),
+        ({"models": ["host/ecoh"]}, 404, "host/echo"),
+        ({"models": ["host/echo"], "timeout_s": -1}, 400, "`timeout_s` must be a positive number"),
+        ({"models": [{"id": "no-slash"}]}, 400, "an id like host/name"),
+        ({"models": [{"id": "x/y", "capabilities": ["dance"]}]}, 400, "capabilities"),
+    ],
+)
+async def test_bad_registrations_are_refused_clearly(
+    server: ServerThread, params: dict[str, Any], status: int, words: str
+) -> None:
+    async with connect(server.ws_url) as runner:
+        error = (await _register(runner, **params))["error"]
+    assert error["data"]["status"] == status and words in error["message"], error
+
+
+async def test_the_readme_runner_client_runs(server: ServerThread, engine: InferenceEngine) -> None:
+    namespace: dict[str, Any] = {"__name__": "readme_example"}
+    exec(readme_examples()[1], namespace)  # defines serve_as_runner; runs nothing on import
+    runner = asyncio.create_task(namespace["serve_as_runner"](server.ws_url))
+    try:
+        await _eventually(lambda: _available(engine, "app/shout"))
+        async with connect(server.ws_url) as caller:
+            await caller.send(_rpc("infer", {"prompt": "hello there", "model": "app/shout"}, rid=1))
+            assert (await _recv(caller))["result"]["text"] == "HELLO THERE"
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    await _eventually(lambda: engine.registry.get("app/shout") is None)
