@@ -103,3 +103,26 @@ def test_checking_offline_is_one_line(hub: FakeHub, monkeypatch: pytest.MonkeyPa
 
     with pytest.raises(DownloadFailed, match=r"^cannot check for upgrades: the Hub is switched off"):
         check_upgrades([Q4], [Q4], MACHINE)
+
+
+def test_a_snapshot_model_upgrade_keeps_the_blobs_both_revisions_share(hub: FakeHub) -> None:
+    model = ModelSchema.model_validate({
+        "id": "tiny/embed", "name": "embed", "provider": "tiny", "capabilities": ["embed"],
+        "source": {"kind": "sentence", "hf_repo": "tiny/embed"},
+    })  # fmt: skip
+    config, weights = b'{"dim": 8}', os.urandom(50_000)
+    files = {"config.json": config, "modules.json": b"[]", "1_Pooling/config.json": b"{}",
+             "model.safetensors": weights}  # fmt: skip
+    old = hub.publish("tiny/embed", files)
+    pull(model)
+    new = hub.publish("tiny/embed", {"model.safetensors": weights[::-1]})
+    [found] = check_upgrades([model], [model], MACHINE)
+    assert found.kind == "revision" and found.changed == ["model.safetensors"]
+    done = apply_upgrade(found, {model.id: model})
+    assert done.freed_bytes == len(weights) and done.latest == new
+    assert not (repo_dir("tiny/embed") / "snapshots" / old).exists()
+    folder = local_path(model)
+    assert folder.name == new and (folder / "config.json").read_bytes() == config
+    assert (folder / "1_Pooling" / "config.json").read_bytes() == b"{}"
+    assert (folder / "model.safetensors").read_bytes() == weights[::-1]
+    assert len(list((repo_dir("tiny/embed") / "blobs").iterdir())) == 4
