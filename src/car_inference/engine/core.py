@@ -35,6 +35,7 @@ from ..routing import (
     open_store,
 )
 from ..routing.breaker_redis import circuit_breakers
+from ..routing.coord import Fleet
 from ..runtimes.managed import RuntimeSupervisor
 from ..schema import ModelCapability, ModelSchema
 from .bookkeeping import Bookkeeper
@@ -59,7 +60,8 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
 
     def __init__(self, config: CarConfig | None = None, *, home: Path | None = None) -> None:
         self.config = config if config is not None else load_config(home)
-        self.keys = KeyPool.for_config(self.config)
+        self.fleet = Fleet.for_settings(self.config.coordination)  # state shared with replicas, or None
+        self.keys = KeyPool.for_config(self.config, fleet=self.fleet)
         self.runners = RunnerTable()  # what runs delegated models (register_runner)
         self.registry = UnifiedRegistry.from_config(
             self.config,
@@ -84,8 +86,10 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.tracker = OutcomeTracker(self.store, self.config.routing)
         self._import_legacy_profiles(home / "models" / "outcome_profiles.json")
         apply_benchmark_priors(self.tracker, load_all_benchmark_priors(home))
-        self.breakers = circuit_breakers(self.config.breaker, self.config.coordination)  # shared via Redis?
-        self.spend = SpendControl(self.config.spend, self.store)
+        self.breakers = circuit_breakers(self.config.breaker, self.config.coordination, self.fleet)
+        self.spend = SpendControl(self.config.spend, self.store, fleet=self.fleet)
+        if self.fleet is not None:
+            self.fleet.share_learning(self.tracker)
         self.router = AdaptiveRouter(
             self.config.routing, self.tracker, self.breakers, self.spend, meter=EngineMeter(self)
         )
@@ -116,6 +120,8 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.store.close()
         self.runtimes.close()
         self.breakers.close()
+        if self.fleet is not None:
+            self.fleet.close()
 
     # --- models ------------------------------------------------------------------------------
 
