@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from car_inference.config import CarConfig, CoordinationSettings, RemoteSettings
+from car_inference.config import CarConfig, CoordinationSettings, RemoteSettings, load_config
+from car_inference.errors import ConfigError
 from car_inference.keys import KeyPool, fingerprint
 from car_inference.routing import OutcomeTracker
 from car_inference.routing.coord import Fleet
@@ -204,3 +205,16 @@ def test_sharing_resumes_when_redis_returns(tmp_path: Path, caplog: pytest.LogCa
         a.close()
         b.close()
         server.stop()
+
+
+def test_settings_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text(
+        f'[coordination]\nredis_url = "{redis_url()}"\nglobal_concurrency = 40\nlease_s = 2.5\n'
+    )
+    config = load_config(tmp_path, env={"CAR_COORDINATION__GLOBAL_CONCURRENCY": "12"})
+    assert config.coordination.global_concurrency == 12 and config.coordination.lease_s == 2.5
+    assert Fleet.for_settings(CoordinationSettings()) is None  # no redis_url: local only
+    with pytest.raises(ConfigError, match="global_concurrency"):
+        load_config(tmp_path, env={"CAR_COORDINATION__GLOBAL_CONCURRENCY": "0"})
+    with pytest.raises(ConfigError, match="lease_s"):
+        load_config(tmp_path, env={"CAR_COORDINATION__LEASE_S": "0.1"})
