@@ -50,6 +50,7 @@ EXPECTED_FAILURES = {
     'car image "make it winter" --edit lighthouse.png -o winter.png -m sd-turbo': (1, "car models pull"),
     'car image "a red fox" -m gpt-image-2 -s 1536x1024 -n 2 -o fox.png': (1, "OPENAI_API_KEY"),
     'car video "waves on a beach at sunset" -m ltx-video -d 4 -o waves.mp4': (1, "car models pull"),
+    'car video "a lighthouse beam sweeping the sea" -m omni-flash -o beam.mp4': (1, "GEMINI_API_KEY"),
     # The block's [state] url is an example host; tests/cli/test_state_cli.py migrates for real.
     "car state migrate": (2, "no PostgreSQL to migrate to"),
 }
