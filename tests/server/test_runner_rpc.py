@@ -275,3 +275,22 @@ async def test_the_readme_runner_client_runs(server: ServerThread, engine: Infer
         with contextlib.suppress(asyncio.CancelledError):
             await runner
     await _eventually(lambda: engine.registry.get("app/shout") is None)
+
+
+async def test_an_invalid_stream_event_fails_the_call_and_registering_again_replaces(
+    server: ServerThread, engine: InferenceEngine
+) -> None:
+    async with connect(server.ws_url) as runner, connect(server.ws_url) as caller:
+        await _register(runner, models=["host/echo"])
+        await caller.send(_rpc("infer", {"prompt": "x", "model": "host/echo", "stream": True}, rid=10))
+        call = await _recv(runner)
+        await runner.send(_rpc("runner.event", {"id": call["id"], "event": {"type": "confetti"}}))
+        reply = await _recv(caller)
+        while "error" not in reply:
+            reply = await _recv(caller)
+        assert "streamed an invalid event" in reply["error"]["message"]
+        assert await _recv(runner) == {"jsonrpc": "2.0", "method": "cancel", "params": {"id": call["id"]}}
+        # A second registration replaces the first: host/careful now, host/echo no more.
+        assert (await _register(runner, models=["host/careful"]))["result"]["models"] == ["host/careful"]
+        assert _available(engine, "host/careful") and not _available(engine, "host/echo")
+        assert len(engine.runners.list()) == 1

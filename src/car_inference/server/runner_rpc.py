@@ -103,6 +103,8 @@ class RpcRunner:
                 if what == "event":
                     yield value
                     continue
+                if what == "invalid":  # we refuse what it streams: the call is over, tell it so
+                    raise value
                 answered = True
                 if what == "error":
                     raise value
@@ -161,7 +163,7 @@ class RpcRunner:
             problem = exc.errors()[0]["msg"]
             message = f"streamed an invalid event: {problem}"
             failure = ProviderError(message, provider=f"runner {self.name}", model=model_id)
-            queue.put_nowait(("error", failure))
+            queue.put_nowait(("invalid", failure))
 
     def close(self) -> None:
         """The socket closed: every call in flight fails now, and the registration ends."""
