@@ -29,6 +29,7 @@ from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import tracing
 from ..backends.base import TextGenerator, run_blocking
 from ..errors import (
     AllModelsFailed,
@@ -137,9 +138,14 @@ class GenerationMixin:
     async def _route_off_loop(self, request: GenerateRequest) -> RoutingDecision:
         """``route`` for the async paths: a long request may be counted on a local tokenizer
         (milliseconds, a vocabulary load the first time), so it is routed off the event loop."""
-        if len(request.text_for_analysis()) < ROUTE_IN_THREAD_CHARS:
-            return self.route(request)
-        return await run_blocking(lambda: self.route(request))
+        with tracing.span(tracing.ROUTE) as span:
+            if len(request.text_for_analysis()) < ROUTE_IN_THREAD_CHARS:
+                decision = self.route(request)
+            else:
+                decision = await run_blocking(lambda: self.route(request))
+            if span is not None:
+                tracing.set_attributes(span, **_route_fields(decision))
+            return decision
 
     def _with_decision(self, request: GenerateRequest, decision: RoutingDecision) -> GenerateRequest:
         if request.params.budget_tokens == 0 and decision.thinking_budget > 0:
@@ -212,6 +218,7 @@ class GenerationMixin:
             time.time(),
             reservation,
         )
+        attempt.span = tracing.start(tracing.ATTEMPT, model=model.id, trace_id=attempt.trace_id, first=first)
         return backend, attempt
 
     def _attempts(
@@ -234,6 +241,7 @@ class GenerationMixin:
         but counts nowhere: not toward the breaker (a half-open probe is handed on), not against
         the model's learned quality."""
         weight = failure_weight(exc)
+        tracing.end(attempt.span, exc, outcome="failure" if weight else "refused")
         self.breakers.record_failure(model.id, weight)
         self.spend.release(attempt.reservation)
         self.bookkeeper.submit(
@@ -246,6 +254,7 @@ class GenerationMixin:
 
     def _abandoned(self, attempt: _Attempt) -> None:
         """The consumer stopped (a closed stream, a cancelled task): a trace, no verdict on the model."""
+        tracing.end(attempt.span, outcome="abandoned")
         self.spend.release(attempt.reservation)
         self.bookkeeper.submit(self._record, attempt, success=None)
 
@@ -259,20 +268,22 @@ class GenerationMixin:
     ) -> None:
         self.breakers.record_success(model.id)
         latency_ms = (time.perf_counter() - started) * 1000
+        tracing.end(attempt.span, outcome="success", latency_ms=latency_ms)
         self.bookkeeper.submit(self._record_success, model, attempt, request, result, latency_ms)
 
     def _record(self, attempt: _Attempt, **outcome: Any) -> None:
-        self.tracker.record_attempt(
-            attempt.model_id,
-            InferenceTask.GENERATE,
-            attempt.family,
-            attempt.reason,
-            attempt.prompt,
-            trace_id=attempt.trace_id,
-            started_at=attempt.started_at,
-            cluster=attempt.cluster,
-            **outcome,
-        )
+        with tracing.span(tracing.RECORD, attempt.span, model=attempt.model_id, trace_id=attempt.trace_id):
+            self.tracker.record_attempt(
+                attempt.model_id,
+                InferenceTask.GENERATE,
+                attempt.family,
+                attempt.reason,
+                attempt.prompt,
+                trace_id=attempt.trace_id,
+                started_at=attempt.started_at,
+                cluster=attempt.cluster,
+                **outcome,
+            )
 
     def _record_success(
         self,
@@ -317,6 +328,13 @@ class GenerationMixin:
     async def generate(self, request: GenerateRequest) -> InferenceResult:
         """Generate text. Routes when ``request.model`` is None; falls back on failure. Raises
         ``AllModelsFailed`` (listing every attempt) when no candidate answers."""
+        with tracing.span(tracing.GENERATE, max_tokens=request.params.max_tokens) as span:
+            result = await self._generate(request)
+            if span is not None:
+                tracing.set_attributes(span, **_answer_fields(result))
+            return result
+
+    async def _generate(self, request: GenerateRequest) -> InferenceResult:
         start = time.perf_counter()
         decision = await self._route_off_loop(request)
         request = self._with_decision(request, decision)
@@ -324,7 +342,10 @@ class GenerationMixin:
         for index, model, backend, attempt in self._attempts(decision, request, attempts):
             attempt_start = time.perf_counter()
             try:
-                out = await backend.generate(model, self._prepare(request, model))
+                with tracing.span(
+                    tracing.PROVIDER_CALL, attempt.span, model=model.id, provider=model.provider
+                ):
+                    out = await backend.generate(model, self._prepare(request, model))
             except InferenceError as exc:
                 self._failed(model, attempt, exc)
                 attempts.append((model.id, exc))
@@ -338,7 +359,7 @@ class GenerationMixin:
             return result
         raise _final_error(attempts)
 
-    async def stream(self, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
+    def stream(self, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
         """Stream events: a ``RouteEvent`` first, content events, then ``Done`` carrying the trace
         id, model, latency, usage and the whole text. When a model fails the next candidate takes
         over, announced by another ``RouteEvent`` (strategy "fallback"); after text went out it
@@ -346,6 +367,12 @@ class GenerationMixin:
         A failure with no candidate left, or in a tool call or JSON answer (no other model can
         finish those), ends the stream with an ``ErrorEvent``; a consumer that stops reading stops
         the generation."""
+        events = self._stream(request)
+        return tracing.traced_stream(
+            tracing.GENERATE, events, current=True, on_item=_on_event, max_tokens=request.params.max_tokens
+        )
+
+    async def _stream(self, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
         start = time.perf_counter()
         decision = await self._route_off_loop(request)
         request = self._with_decision(request, decision)
@@ -407,7 +434,10 @@ class GenerationMixin:
             )
             prefill = bool(getattr(backend, "assistant_prefill", False))
             prepared = self._prepare(continuation(request, prefix, prefill=prefill), model)
-            events = backend.stream(model, prepared)
+            events = tracing.traced_stream(
+                tracing.PROVIDER_CALL, backend.stream(model, prepared), parent=attempt.span, model=model.id,
+                provider=model.provider,
+            )  # fmt: skip
             async with contextlib.aclosing(joined(events, prefix) if prefix else events) as events:
                 async for event in events:
                     if isinstance(event, Done):
@@ -452,6 +482,34 @@ class _Attempt:
     prompt: str
     started_at: float  # wall clock, for the trace
     reservation: Reservation | None = None  # its estimate, held against the fleet's spend limits
+    span: Any = None  # its tracing span (None: tracing is off)
+
+
+def _route_fields(decision: RoutingDecision) -> dict[str, Any]:
+    return {
+        "model": decision.model_id,
+        "strategy": str(decision.strategy),
+        "reason": decision.reason,
+        "task_family": decision.task_family,
+        "fallbacks": decision.fallbacks,
+    }
+
+
+def _answer_fields(answer: InferenceResult | Done) -> dict[str, Any]:
+    """The seed's ``inference.generate`` fields, from a result or a stream's final event."""
+    usage = answer.usage
+    return {
+        "model": answer.model_used,
+        "latency_ms": answer.latency_ms,
+        "ttft_ms": answer.time_to_first_token_ms,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+    }
+
+
+def _on_event(span: Any, event: StreamEvent) -> None:
+    if isinstance(event, Done):
+        tracing.set_attributes(span, **_answer_fields(event))
 
 
 def _tool_name(tool: dict[str, Any]) -> str | None:

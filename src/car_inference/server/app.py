@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .. import __version__
+from .. import __version__, tracing
 from ..config import ServerSettings
 from ..engine import InferenceEngine
 from ..errors import InferenceError
@@ -48,6 +48,7 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     # engine/bookkeeping.py); whatever is queued is written when the server stops.
     engine.bookkeeper.delay_s = settings.record_delay_ms / 1000
     engine.bookkeeper.start_writer()
+    tracing.configure_from_env()  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT says where
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -136,4 +137,5 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     app.add_exception_handler(Exception, unexpected_error)
     known = frozenset(getattr(r, "path", "") for r in app.router.routes)
     app.add_middleware(Guard, state=state, routes=known)
+    app.add_middleware(tracing.TraceContextMiddleware)  # outermost: the client's traceparent
     return app
