@@ -348,6 +348,10 @@ class KeyPool:
             self._refresh()  # keys another process disabled are reset too
             changed = 0
             fleet = self.fleet.key_health() if self.fleet is not None else {}
+            if fleet:  # keys only the fleet refused: known here once resolved
+                for name in [env_var] if env_var is not None else sorted(self.known_variables()):
+                    for resolved in self._resolve(name):
+                        self._record(name, resolved.value)
             cleared = []
             for fp, record in self._records.items():
                 if env_var not in (None, record.env_var):

@@ -85,7 +85,8 @@ def test_a_refused_key_is_disabled_for_all_and_reset_for_all(
     _wait(lambda: b.key_health().get(fingerprint(K1)) is not None, limit=FRESH)
     assert pb.acquire(VAR) is None and not pb.has_key(VAR)  # every key refused somewhere
     assert [r.state for r in pb.stats([VAR])[VAR]] == ["disabled", "disabled"]
-    assert pb.reset(VAR) == 2  # on B: A's refusals are lifted too
+    fresh = _pool(tmp_path / "c", b)  # `car keys reset` on B: a pool that has used no key yet
+    assert fresh.reset(VAR) == 2  # A's refusals are lifted, for every replica
     _wait(lambda: not a.key_health(), limit=FRESH)
     assert {pa.acquire(VAR) for _ in range(4)} == {K1, K2}
 
