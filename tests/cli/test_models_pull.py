@@ -327,3 +327,28 @@ def test_the_readme_transcript_runs(
         assert len(shown) == len(lines), (args, shown)
         for expected, line in zip(lines, shown, strict=True):
             assert _shown(expected).fullmatch(line), f"car {' '.join(args)}: {line!r} is not {expected!r}"
+
+
+def test_ps_shows_what_another_engine_loaded_with_its_measured_memory(isolated_home: Path) -> None:
+    script = (
+        "import asyncio, sys; from car_inference.engine import InferenceEngine;"
+        "eng = InferenceEngine(); assert asyncio.run(eng.warm_up(['smollm2'])) == [None];"
+        "print('loaded', flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "loaded"
+        code, out, _ = car("models", "ps", "--json")
+        assert code == 0
+        [row] = json.loads(out)
+        assert row["model"] == "huggingface/smollm2-135m-instruct:q4_1" and row["pid"] == proc.pid
+        assert row["runtime"] == "in-process" and row["state"] == "idle" and row["idle_s"] < 60
+        assert row["measured_mb"] is not None and row["measured_mb"] > 50, (
+            "what the load added to that process"
+        )
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert json.loads(car("models", "ps", "--json")[1]) == [], "a dead process's record is dropped"

@@ -70,7 +70,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
             task_check=backend_table.backend_tasks,
             runner_check=self.runners.serves,
         )
-        self.cache = ModelCache(self.config.local.cache_mb)
+        self.cache = ModelCache(self.config.local.cache_mb, record_dir=self.config.home / "loaded")
         self._backend_ctx = BackendContext(
             config=self.config, cache=self.cache, keys=self.keys, extras={"runners": self.runners}
         )
