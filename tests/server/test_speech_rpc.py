@@ -51,3 +51,14 @@ async def test_bad_speech_calls_are_invalid_params(local_server: ServerThread) -
         )
         unknown = (await call(ws, "synthesize", {"text": "hi", "voice": "nosuch"}, rid=10))["error"]
         assert "has no voice 'nosuch'" in unknown["message"]
+
+
+async def test_voices_over_json_rpc(local_server: ServerThread) -> None:
+    async with connect(local_server.ws_url) as ws:
+        listed = (await call(ws, "voices", {}))["result"]
+        assert listed["model"] == "piper/en_us-joe-medium" and listed["default"] == "en_US-joe-medium"
+        assert [v["id"] for v in listed["voices"]] == ["en_US-joe-medium"]
+        error = (await call(ws, "voices", {"model": 3}, rid=2))["error"]
+        assert error["code"] == -32602 and error["data"]["param"] == "model"
+        unknown = (await call(ws, "voices", {"model": "no-such-voice"}, rid=3))["error"]
+        assert "no-such-voice" in unknown["message"]

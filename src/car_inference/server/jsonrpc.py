@@ -46,7 +46,7 @@ from .errors import (
 from .grounding import rpc_ground
 from .images import rpc_generate_image, rpc_generate_video
 from .runner_rpc import RUNNER_METHODS, RpcRunner
-from .speech_rpc import rpc_synthesize, rpc_transcribe
+from .speech_rpc import rpc_synthesize, rpc_transcribe, rpc_voices
 
 __all__ = ["METHODS", "Session", "register"]
 
@@ -455,6 +455,7 @@ METHODS: dict[str, Method] = {
     "ground": rpc_ground,
     "transcribe": rpc_transcribe,
     "synthesize": rpc_synthesize,
+    "voices": rpc_voices,
     **RUNNER_METHODS,
 }
 

@@ -1,4 +1,4 @@
-"""JSON-RPC ``transcribe`` and ``synthesize``: speech over the WebSocket, audio as base64.
+"""JSON-RPC ``transcribe``, ``synthesize`` and ``voices``: speech over the WebSocket, audio as base64.
 
 Like the audio routes, a remote caller never names a file on the server: ``transcribe`` takes the
 audio as ``audio`` (base64, a data: URL too) and ``synthesize`` answers it as ``audio``; the
@@ -20,7 +20,7 @@ from ..requests import SynthesizeRequest, TranscribeRequest
 from .errors import ApiError
 from .media import _without_path
 
-__all__ = ["rpc_synthesize", "rpc_transcribe"]
+__all__ = ["rpc_synthesize", "rpc_transcribe", "rpc_voices"]
 
 _SERVER_PATHS = ("audio_path", "output_path", "reference_audio_path")
 
@@ -71,3 +71,14 @@ async def rpc_synthesize(session: Any, params: dict[str, Any], rid: Any) -> Any:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {**result.model_dump(mode="json", exclude={"audio_path"}), "audio": data}
+
+
+async def rpc_voices(session: Any, params: dict[str, Any], rid: Any) -> Any:
+    """The voices ``voice`` takes on ``model`` (else on the model "auto" speech runs on)."""
+    from ..engine.speech import list_voices
+
+    model = params.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "`model` must be a string", param="model")
+    result = await list_voices(session.engine, None if model in (None, "", "auto") else model)
+    return result.model_dump(mode="json")
