@@ -25,7 +25,7 @@ from typing import Any
 from .config import CarConfig, redact_url
 from .routing.store_sql import dialect
 
-__all__ = ["KeyStatsDB", "KeyStatsError", "open_key_stats"]
+__all__ = ["KeyStatsDB", "KeyStatsError", "PgKeyStats", "SqliteKeyStats", "open_key_stats"]
 
 _TABLES = (
     """CREATE TABLE IF NOT EXISTS key_stats (
@@ -129,7 +129,7 @@ class KeyStatsDB:
         raise NotImplementedError
 
 
-class _SqliteKeyStats(KeyStatsDB):
+class SqliteKeyStats(KeyStatsDB):
     backend = "sqlite"
 
     def __init__(self, path: Path, busy_timeout_s: float = 10.0) -> None:
@@ -169,7 +169,7 @@ class _SqliteKeyStats(KeyStatsDB):
             self._conn.close()
 
 
-class _PgKeyStats(KeyStatsDB):
+class PgKeyStats(KeyStatsDB):
     backend = "postgresql"
 
     def __init__(self, url: str, connect_timeout_s: float = 5.0) -> None:
@@ -227,5 +227,5 @@ def open_key_stats(config: CarConfig) -> KeyStatsDB:
         from .routing.store_api import is_postgres_url
 
         if is_postgres_url(url):
-            return _PgKeyStats(url)
-    return _SqliteKeyStats(config.paths.state_db)
+            return PgKeyStats(url)
+    return SqliteKeyStats(config.paths.state_db)

@@ -10,6 +10,8 @@ import typer
 from typer.testing import CliRunner
 
 from car_inference.cli.state import register
+from car_inference.config import CarConfig
+from car_inference.keys import KeyPool
 from car_inference.routing.store import OutcomeStore, TraceRow
 from car_inference.routing.store_pg import PgOutcomeStore
 from fakes.services import postgres_schema_url
@@ -17,6 +19,7 @@ from fakes.services import postgres_schema_url
 app = typer.Typer()
 register(app)
 runner = CliRunner()
+KEY = "sk-test-key-aaaaaaaa0001"
 
 
 def car(*args: str) -> tuple[int, str, str]:
@@ -36,6 +39,10 @@ def _fill(path: Path) -> None:
         store.adjust_quality("t1", "quick_retry", 0.25, explicit=False)
         store.add_spend("acme", "p/a", 0.5, ts=100.0)
         store.add_spend("acme", "p/a", 0.5, ts=100.0)  # the same amount twice is two entries
+    keys = KeyPool(CarConfig(home=path.parent), env={"OPENAI_API_KEY": KEY}, store=None, fleet=None)
+    for status in (200, 429, 200):
+        keys.report("OPENAI_API_KEY", KEY, status=status, retry_after=None)
+    keys.close()
 
 
 def test_migrate_copies_everything_once(isolated_home: Path) -> None:
@@ -46,7 +53,7 @@ def test_migrate_copies_everything_once(isolated_home: Path) -> None:
     assert code == 0, err
     first = {t["table"]: t for t in json.loads(out)["tables"]}
     assert {t: first[t]["copied"] for t in first} == {
-        "profiles": 2, "task_stats": 6, "traces": 6, "feedback": 2, "spend": 2,
+        "profiles": 2, "task_stats": 6, "traces": 6, "feedback": 2, "spend": 2, "key_stats": 1,
     }  # fmt: skip
     with OutcomeStore(isolated_home / "state.db") as lite, PgOutcomeStore(url) as pg:
         assert pg.profiles() == lite.profiles()
@@ -54,6 +61,12 @@ def test_migrate_copies_everything_once(isolated_home: Path) -> None:
         assert [pg.trace(f"t{i}") for i in range(6)] == [lite.trace(f"t{i}") for i in range(6)]
         assert pg.feedback_for("t1") == lite.feedback_for("t1")
         assert pg.spend_by_provider(0.0) == lite.spend_by_provider(0.0) == {"acme": 1.0}
+    shared = KeyPool(
+        CarConfig(home=isolated_home, state={"url": url}), env={"OPENAI_API_KEY": KEY}, store=None, fleet=None
+    )
+    (stats,) = shared.stats(["OPENAI_API_KEY"])["OPENAI_API_KEY"]
+    shared.close()
+    assert (stats.requests, stats.rate_limits, stats.last_status) == (3, 1, 200)
     code, out, _ = car("state", "migrate")  # again: nothing copied twice
     assert code == 0 and "already there" in out
     with PgOutcomeStore(url) as pg:

@@ -1,8 +1,8 @@
 """``car state migrate``: a SQLite ``state.db`` copied into the PostgreSQL store replicas share.
 
 Idempotent: a row already in PostgreSQL is left as it is (profiles and task statistics by model
-and key, traces by id, feedback and spend entries by their whole content, as many times as the
-file has them), so running the copy again,
+and key, traces by id, key statistics by key fingerprint, feedback and spend entries by their
+whole content, as many times as the file has them), so running the copy again,
 or after an interrupted run, adds nothing twice. Counters are copied, not added: a model whose
 counters PostgreSQL has already (replicas that wrote before the copy) keeps them, and the report
 says how many rows were already there. Run it before the replicas start writing.
@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from ..config import redact_url
 from ..errors import ConfigError
+from ..keys_store import PgKeyStats
 from .store import OutcomeStore
 from .store_pg_sql import COPY_COLUMNS
 
@@ -51,6 +52,7 @@ def copy_sqlite_state(sqlite_path: Path, url: str, *, chunk_rows: int = 5000) ->
     counts = dict.fromkeys(COPY_COLUMNS, 0)
     copied = dict.fromkeys(COPY_COLUMNS, 0)
     with PgOutcomeStore(url) as target:
+        PgKeyStats(url).close()  # the key statistics' tables, as the replicas' key pools make them
         for table, rows in _read_sqlite(sqlite_path, chunk_rows):
             counts[table] += sum(r.get("n", 1) for r in rows)
             copied[table] += target.insert_missing({table: rows})[table]
@@ -72,7 +74,10 @@ def _read_sqlite(path: Path, chunk_rows: int) -> Iterator[tuple[str, list[dict[s
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
+        present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         for table, (columns, key) in COPY_COLUMNS.items():
+            if table not in present:  # key_stats: only where a key pool ran
+                continue
             if key is not None:
                 cursor = conn.execute(f"SELECT {columns} FROM {table}")
             else:  # identical entries (two equal spends in one instant) are counted, not merged

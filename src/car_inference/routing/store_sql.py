@@ -204,6 +204,12 @@ COPY_COLUMNS: dict[str, tuple[str, str | None]] = {
     "traces": (TRACE_COLUMNS, "trace_id"),
     "feedback": ("trace_id, kind, value, created_at", None),
     "spend": ("ts, provider, model_id, usd", None),
+    # the key pool's statistics (keys_store.py), when this machine's pool kept any
+    "key_stats": (
+        "fingerprint, env_var, masked, requests, failures, rate_limits, last_used, last_status,"
+        " cooling_until, disabled",
+        "fingerprint",
+    ),
 }
 
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
