@@ -33,6 +33,9 @@ CHAT = "/v1/chat/completions"
 BREAKER_COOLDOWN_S = 30.0  # long: a breaker a test opened stays open for the rest of the module
 THRESHOLD = 3
 KEY_ENV = "FAKE_ENDPOINT_KEY"
+POOL_KEYS = ("sk-pool-one", "sk-pool-two")
+PAY_PER_MTOK = 1_000.0  # $0.001 a token: a short answer costs about a cent
+PAY_DAILY_USD = 0.25
 
 
 def replica_key(index: int) -> str:
@@ -69,27 +72,46 @@ def _body(model: str, text: str = "Say hello.") -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 16}
 
 
+def _models_toml(fakes: dict[str, FakeProviderServer]) -> str:
+    """Each fake is an ``[[endpoints]]`` table serving ``m`` (``pay``: a priced model). Each
+    replica calls with a key of its own (``KEY_ENV``), so a fake can answer each differently;
+    ``pool/m`` takes the fleet's two keys ``POOL_KEYS`` (``[keys]``)."""
+    out = []
+    for name, fake in fakes.items():
+        if name == "pay":
+            continue
+        key_env = "POOL_API_KEY" if name == "pool" else KEY_ENV
+        out.append(
+            endpoint_toml(name, fake.openai_base_url, ["m"], ["generate"]) + f'api_key_env = "{key_env}"\n'
+        )
+    out.append(
+        f'[[models]]\nid = "pay/m"\nname = "pay-m"\nprovider = "pay"\ncapabilities = ["generate"]\n'
+        f"context_length = 8192\n[models.cost]\ninput_per_mtok = {PAY_PER_MTOK}\n"
+        f'output_per_mtok = {PAY_PER_MTOK}\n[models.source]\nkind = "openai"\n'
+        f'base_url = "{fakes["pay"].openai_base_url}"\nmodel_name = "m"\napi_key_env = "{KEY_ENV}"\n'
+    )
+    return "".join(out)
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     state_url = postgres_schema_url()  # skips (fails under CAR_REQUIRE_SERVICES=1) without PostgreSQL
     redis = RedisServer()  # likewise without redis-server
     redis.start()
-    fakes = {name: FakeProviderServer().start() for name in ("up", "brk", "brk2")}
-    # Each replica calls the provider with a key of its own (KEY_ENV), so the fake can answer
-    # each replica differently.
-    models = "".join(
-        endpoint_toml(name, fake.openai_base_url, ["m"], ["generate"]) + f'api_key_env = "{KEY_ENV}"\n'
-        for name, fake in fakes.items()
-    )
+    fakes = {name: FakeProviderServer().start() for name in ("up", "brk", "brk2", "r1", "r2", "pool", "pay")}
     prefix = redis_prefix()
     config = (
         f'[state]\nurl = "{state_url}"\n'
         f'[coordination]\nredis_url = "{redis.url}"\nkey_prefix = "{prefix}"\n'
         f"[breaker]\nfailure_threshold = {THRESHOLD}\ncooldown_s = {BREAKER_COOLDOWN_S}\n"
-        "[routing]\nexploration_rate = 0.0\nseed = 7\n[remote]\ntimeout_s = 10\n"
+        "[routing]\nexploration = 0.0\nseed = 7\n[remote]\ntimeout_s = 10\n"
+        f'[keys]\nPOOL_API_KEY = ["{POOL_KEYS[0]}", "{POOL_KEYS[1]}"]\n'
+        f"[spend.providers.pay]\ndaily_usd = {PAY_DAILY_USD}\n"
     )
     root: Path = tmp_path_factory.mktemp("replicas")
-    replicas = ReplicaFleet(root, 3, config, models, env={}, env_of=lambda i: {KEY_ENV: replica_key(i)})
+    replicas = ReplicaFleet(
+        root, 3, config, _models_toml(fakes), env={}, env_of=lambda i: {KEY_ENV: replica_key(i)}
+    )
     client = RoundRobin(replicas)
     try:
         replicas.start()
@@ -109,8 +131,9 @@ def _warm(fleet: Fleet) -> None:
     and builds its client (seconds on a busy machine), which no timing below should include.
     The provider answers 400, which counts for no breaker."""
     for name, fake in fleet.fakes.items():
+        for key in [*POOL_KEYS, *(replica_key(i) for i in range(len(fleet.replicas)))]:
+            fake.set_key_behavior(key, Fault.bad_request("warming up"))
         for index in range(len(fleet.replicas)):
-            fake.set_key_behavior(replica_key(index), Fault.bad_request("warming up"))
             response = fleet.client.to(index, CHAT, _body(f"{name}/m"))
             assert response.status_code == 400, response.text
         fake.reset()
@@ -150,6 +173,107 @@ def _all_refuse(fleet: Fleet, model: str) -> None:
             assert response.json()["error"]["code"] == "circuit_open"
             assert float(response.headers["retry-after"]) > 0
     assert len(fake.requests) == before
+
+
+def _auto(fleet: Fleet, index: int) -> str:
+    """The model replica ``index`` routes a request naming none to (its decision alone)."""
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16, "record": False}
+    response = fleet.client.to(index, "/v1/route", body)
+    assert response.status_code == 200, response.text
+    return str(response.json()["decision"]["model_id"])
+
+
+def test_outcomes_fed_to_one_replica_change_routing_on_all(fleet: Fleet) -> None:
+    """Answers from ``r2/m`` that replica 0 alone produced (fast, successful) make every replica
+    route to it; replicas 1 and 2 never called it, so they learn it from the shared store, reloaded
+    when replica 0 announces the change, within a second."""
+    before = {index: _auto(fleet, index) for index in range(len(fleet.replicas))}
+    assert len(set(before.values())) == 1 and before[0] not in ("r2/m", "brk/m", "brk2/m"), before
+    for _ in range(6):
+        response = fleet.client.to(0, CHAT, _body("r2/m"))
+        assert response.status_code == 200, response.text
+    fed = time.monotonic()
+    took = {}
+    for index in (1, 2):
+        wait_for(lambda i=index: _auto(fleet, i) == "r2/m", 3.0, f"replica {index} routes to r2/m")  # type: ignore[misc]
+        took[index] = round(time.monotonic() - fed, 3)
+    print(f"after replica 0's outcomes, replicas route to r2/m within {took} s (was {before[0]})")
+    assert max(took.values()) <= 1.0, took
+    assert _auto(fleet, 0) == "r2/m"
+    assert not [r for r in fleet.fakes["r2"].requests if r.api_key != replica_key(0)]
+
+
+def test_a_key_cooled_by_a_429_on_one_replica_is_skipped_by_all(fleet: Fleet) -> None:
+    fake = fleet.fakes["pool"]
+    for _ in range(2 * len(fleet.replicas)):
+        _, response = fleet.client.post(CHAT, _body("pool/m"))
+        assert response.status_code == 200, response.text
+    used = [r.api_key for r in fake.requests]
+    assert set(used) == set(POOL_KEYS), used  # each replica spreads its calls over both keys
+    fake.set_key_behavior(POOL_KEYS[0], Fault.rate_limit(retry_after=120))
+    limited = len(fake.requests)
+    while not any(r.api_key == POOL_KEYS[0] for r in fake.requests[limited:]):
+        response = fleet.client.to(0, CHAT, _body("pool/m"))
+        assert response.status_code == 200, response.text  # the 429 sends it to the other key
+        assert len(fake.requests) < limited + 10
+    time.sleep(0.3)  # a few of the fleet's refreshes (refresh_ms = 50)
+    seen = len(fake.requests)
+    for _ in range(4 * len(fleet.replicas)):
+        _, response = fleet.client.post(CHAT, _body("pool/m"))
+        assert response.status_code == 200, response.text
+    after = [r.api_key for r in fake.requests[seen:]]
+    assert len(after) == 4 * len(fleet.replicas) and set(after) == {POOL_KEYS[1]}, after
+
+
+def _spent(fleet: Fleet, provider: str) -> float:
+    import psycopg
+
+    with psycopg.connect(fleet.state_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(usd), 0) FROM spend WHERE provider = %s", (provider,)
+        ).fetchone()
+    return float(row[0]) if row else 0.0
+
+
+def test_a_daily_spend_limit_holds_across_replicas(fleet: Fleet) -> None:
+    """Nine clients race calls to a priced model through the balancer; the provider's daily limit
+    is shared: what was spent exceeds it by at most one call in flight per replica."""
+    results: list[tuple[int, str]] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        refusals = 0
+        for k in range(100):  # until refused a few times, waiting a little after each refusal
+            _, response = fleet.client.post(CHAT, _body("pay/m", f"client {n} call {k}"))
+            code = response.json()["error"]["code"] if response.status_code != 200 else ""
+            with lock:
+                results.append((response.status_code, code))
+            if code:
+                refusals += 1
+                if refusals == 8:
+                    return
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(9)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    passed = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] != 200]
+    assert refused and all(code == "spend_limit_exceeded" for _, code in refused), set(refused)
+    costs = []
+    import psycopg
+
+    wait_for(lambda: _spent(fleet, "pay") > 0, 5.0, "the spend records")
+    time.sleep(0.5)  # the last records' commit
+    with psycopg.connect(fleet.state_url, autocommit=True) as conn:
+        costs = [float(r[0]) for r in conn.execute("SELECT usd FROM spend WHERE provider = 'pay'").fetchall()]
+    spent = sum(costs)
+    print(f"{len(passed)} calls passed, {len(refused)} refused; spent ${spent:.4f} of ${PAY_DAILY_USD}")
+    assert len(costs) == len(passed)
+    assert spent <= PAY_DAILY_USD + len(fleet.replicas) * max(costs) + 1e-9, (spent, costs)
+    assert spent >= PAY_DAILY_USD / 2  # the limit, not something else, stopped the calls
 
 
 def _refused(response: httpx.Response) -> bool:
