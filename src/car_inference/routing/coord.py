@@ -144,6 +144,7 @@ class Fleet:
         self._warned = False
         self.epoch = 0  # bumped on each (re)connection
         self._keys: dict[str, KeyHealth] = {}
+        self._generation = 0  # bumped by this replica's own key writes: a read begun before is stale
         self._heartbeat_at = 0.0
         self._dirty_since: float | None = None
         self._followers: list[Callable[[], None]] = []
@@ -218,14 +219,15 @@ class Fleet:
         """Read the fleet's key health, beat the heart, announce a change (or learn that Redis is
         away, or back)."""
         started = time.perf_counter()
+        generation = self._generation
+        before = self._keys if self._reachable else {}
         try:
             rows = self._read_keys(keys=[self.key("keys")], args=[])
         except self.errors as exc:
             self.lost(exc)
             return
         now = time.monotonic()
-        before = self._keys if self._reachable else {}
-        self._keys = {
+        read = {
             (fp.decode() if isinstance(fp, bytes) else str(fp)): KeyHealth(
                 disabled=kind in (b"d", "d"),
                 cooling_until=None if kind in (b"d", "d") else now + int(ms) / 1000,
@@ -233,7 +235,11 @@ class Fleet:
             for fp, kind, ms in rows
         }
         self._found((time.perf_counter() - started) * 1000)
-        cleared = [fp for fp in before if fp not in self._keys]
+        cleared: list[str] = []
+        with self._lock:
+            if generation == self._generation:  # no put or clear of this replica raced the read
+                self._keys = read
+                cleared = [fp for fp in before if fp not in read]
         if cleared:  # reset somewhere, or a cooldown over: replicas drop their own copies too
             for listener in list(self._key_listeners):
                 listener(cleared)
@@ -266,7 +272,9 @@ class Fleet:
             return  # Redis away, or the fleet already holds a longer refusal (the next read has it)
         now = time.monotonic()
         health = KeyHealth(disabled, None if disabled else now + (cooling_s or 0.0))
-        self._keys = {**self._keys, fp: health}  # replaced, never mutated: readers iterate freely
+        with self._lock:
+            self._generation += 1
+            self._keys = {**self._keys, fp: health}  # replaced, never mutated: readers iterate freely
 
     def on_keys_cleared(self, listener: Callable[[list[str]], None]) -> None:
         """Call ``listener(fingerprints)`` (from the fleet's thread) when keys the fleet had
@@ -282,7 +290,9 @@ class Fleet:
         except self.errors as exc:
             self.lost(exc)
             return
-        self._keys = {fp: h for fp, h in self._keys.items() if fp not in fps}
+        with self._lock:
+            self._generation += 1
+            self._keys = {fp: h for fp, h in self._keys.items() if fp not in fps}
 
     # --- router notifications ------------------------------------------------------------------
 
