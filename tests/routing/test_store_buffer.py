@@ -160,23 +160,24 @@ def test_v1_health_shows_what_waits_and_what_was_lost(url: str, proxy: TcpProxy,
     from car_inference.engine import InferenceEngine
     from car_inference.server import ServerThread, create_app
 
-    (tmp_path / "config.toml").write_text(f'[state]\nurl = "{_through(url, proxy)}"\n')
+    (tmp_path / "config.toml").write_text(f'[state]\nurl = "{_through(url, proxy)}"\nbuffer_records = 3\n')
     engine = InferenceEngine(home=tmp_path)
     try:
         with ServerThread(create_app(engine)) as server:
             proxy.stop()
-            for i in range(3):
+            for i in range(4):  # the fourth is beyond [state] buffer_records
                 engine.store.add_spend("acme", "p/m", 0.1, ts=float(i))
             # spend totals still answer (the last ones read plus the buffered spend): limits hold
             assert engine.store.spend_by_provider(0.0) == {"acme": pytest.approx(0.3)}
             assert engine.store.spend_by_provider(0.0, 1.5) == {"acme": pytest.approx(0.2)}
             state = httpx.get(f"{server.url}/v1/health", timeout=30).json()["state"]
-            assert state["backend"] == "postgresql" and state["buffered"] == 3 and state["dropped"] == 0
+            assert state["backend"] == "postgresql" and state["buffered"] == 3 and state["dropped"] == 1
             assert "unreachable" in state["error"]
             proxy.start()
             assert _wait(lambda: getattr(engine.store, "buffered", None) == 0)
             state = httpx.get(f"{server.url}/v1/health", timeout=30).json()["state"]
-            assert state["buffered"] == 0 and state["error"] is None and state["round_trip_ms"] > 0
+            assert state["buffered"] == 0 and state["dropped"] == 1
+            assert state["error"] is None and state["round_trip_ms"] > 0
             assert engine.store.spend_by_provider(0.0) == {"acme": pytest.approx(0.3)}
     finally:
         engine.close()

@@ -82,7 +82,8 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
     def _init_routing(self) -> None:
         home = self.config.home
         home.mkdir(parents=True, exist_ok=True)
-        self.store = open_store(self.config.state.url, self.config.paths.state_db)
+        state = self.config.state
+        self.store = open_store(state.url, self.config.paths.state_db, buffer_records=state.buffer_records)
         self.tracker = OutcomeTracker(self.store, self.config.routing)
         self._import_legacy_profiles(home / "models" / "outcome_profiles.json")
         apply_benchmark_priors(self.tracker, load_all_benchmark_priors(home))
