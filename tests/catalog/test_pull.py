@@ -228,3 +228,19 @@ def test_an_unreachable_endpoint_fails_at_once_in_one_line(
     assert time.monotonic() - started < 2, "no retries before saying so"
     assert str(caught.value).startswith(f"cannot reach http://127.0.0.1:{port} (")
     assert "\n" not in str(caught.value) and caught.value.__cause__ is None
+
+
+def test_two_pulls_at_once_download_the_file_once(hub: FakeHub) -> None:
+    import threading
+
+    hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS})
+    hub.slow["tiny-q4.gguf"] = 0.005
+    reports = []
+    threads = [threading.Thread(target=lambda: reports.append(pull(gguf_model()))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(reports) == 2 and sorted(r.downloaded_bytes for r in reports) == [0, len(WEIGHTS)]
+    assert len(hub.gets("/cdn/")) == 1, "the second waited on huggingface_hub's lock file and found the blob"
+    assert reports[0].path.read_bytes() == WEIGHTS
