@@ -244,3 +244,16 @@ def test_two_pulls_at_once_download_the_file_once(hub: FakeHub) -> None:
     assert len(reports) == 2 and sorted(r.downloaded_bytes for r in reports) == [0, len(WEIGHTS)]
     assert len(hub.gets("/cdn/")) == 1, "the second waited on huggingface_hub's lock file and found the blob"
     assert reports[0].path.read_bytes() == WEIGHTS
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS})
+    (tmp_path / "not-a-folder").write_text("a file where the cache should be")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "not-a-folder"))
+    with pytest.raises(
+        DownloadFailed, match=r"^could not pull tiny/tiny:q4 into .*not-a-folder: \[Errno"
+    ) as caught:
+        pull(gguf_model())
+    assert "\n" not in str(caught.value)

@@ -151,15 +151,18 @@ def pull(model: ModelSchema, progress: PullProgress | None = None, endpoint: str
             f"could not pull {model.id} from {plan.repo}: the Hub is switched off (HF_HUB_OFFLINE is set); "
             + hint
         )
-    with HubClient(endpoint) as hub:
-        remotes = remote_files(plan, hub)
-        commit = remotes[0].commit
-        report = PullReport(model.id, plan.repo, plan.revision, commit, Path(), previous_commit=previous)
+    try:
+        with HubClient(endpoint) as hub:
+            remotes = remote_files(plan, hub)
+            commit = remotes[0].commit
+            report = PullReport(model.id, plan.repo, plan.revision, commit, Path(), previous_commit=previous)
+            for remote in remotes:
+                report.files.append(_fetch_one(hub, remote, progress))
         for remote in remotes:
-            report.files.append(_fetch_one(hub, remote, progress))
-    for remote in remotes:
-        link_snapshot(plan.repo, commit, remote.path, remote.etag)
-    write_ref(plan.repo, plan.revision, commit)
+            link_snapshot(plan.repo, commit, remote.path, remote.etag)
+        write_ref(plan.repo, plan.revision, commit)
+    except OSError as exc:  # a full or read-only disk while writing the cache
+        raise DownloadFailed(f"could not pull {model.id} into {hf_cache_dir()}: {exc}") from None
     report.path = local_path(model)
     return report
 
@@ -191,9 +194,4 @@ def _on_disk(model: ModelSchema) -> bool:
 
 def pull_model(model: ModelSchema, progress: PullProgress | None = None) -> Path:
     """``pull`` for callers that want the local file or folder (``InferenceEngine.pull``)."""
-    try:
-        return pull(model, progress).path
-    except (DownloadFailed, UnsupportedMode):
-        raise
-    except OSError as exc:  # a full or read-only disk while writing the cache
-        raise DownloadFailed(f"could not pull {model.id} into {hf_cache_dir()}: {exc}") from None
+    return pull(model, progress).path
