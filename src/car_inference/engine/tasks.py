@@ -30,7 +30,9 @@ from ..requests import (
     TranscribeRequest,
     TranscribeResult,
 )
+from ..routing import InferenceTask
 from ..schema import ModelCapability, ModelSchema
+from .media import image_cost, run_media, video_cost
 from .speech import charged, list_voices, speech_model, synthesis_cost, transcription_cost
 
 if TYPE_CHECKING:
@@ -182,28 +184,30 @@ class TaskMixin:
         total)`` is called from a worker thread as steps finish (local models) or a job advances."""
         model = self._media_model(request.model, ModelCapability.IMAGE_GENERATION)
         method = self._task_method(model, ModelCapability.IMAGE_GENERATION, "generate_image")
-        # Hosted images cost the catalog's per-image price: checked against spend limits first.
-        price = 0.0 if model.in_process else model.cost.per_image or 0.0
-        if price:
-            self.spend.check(model.provider, price * (request.variant_count or 1))
-        result = await method(model, request, progress=progress)
-        if price:
-            self.spend.record(model.provider, model.id, price * max(1, len(result.image_paths)))
-        return result
+        # Priced (hosted: per image) and recorded as an outcome like a text call (engine/media.py).
+        return await run_media(
+            self,  # type: ignore[arg-type]  # self is the InferenceEngine
+            model,
+            InferenceTask.GENERATE_IMAGE,
+            request.prompt,
+            lambda result: image_cost(model, request, result),
+            lambda: method(model, request, progress=progress),
+        )
 
     async def generate_video(
         self, request: GenerateVideoRequest, progress: Callable[[int, int], None] | None = None
     ) -> GenerateVideoResult:
         model = self._media_model(request.model, ModelCapability.VIDEO_GENERATION)
         method = self._task_method(model, ModelCapability.VIDEO_GENERATION, "generate_video")
-        # Hosted video costs the catalog's per-second price: checked first, recorded for what came out.
-        price = 0.0 if model.in_process else model.cost.per_second or 0.0
-        if price:
-            self.spend.check(model.provider, price * request.duration_s)
-        result: GenerateVideoResult = await method(model, request, progress=progress)
-        if price:
-            self.spend.record(model.provider, model.id, price * (result.duration_s or request.duration_s))
-        return result
+        # Priced (hosted: per second of video) and recorded as an outcome (engine/media.py).
+        return await run_media(
+            self,  # type: ignore[arg-type]  # self is the InferenceEngine
+            model,
+            InferenceTask.GENERATE_VIDEO,
+            request.prompt,
+            lambda result: video_cost(model, request, result),
+            lambda: method(model, request, progress=progress),
+        )
 
     def media_model(self, name: str | None, capability: ModelCapability) -> ModelSchema:
         """The model a media request would run on; raises now what running it would raise (an

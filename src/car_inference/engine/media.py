@@ -1,0 +1,102 @@
+"""Image and video calls, priced and recorded like text calls.
+
+``run_media`` wraps one ``generate_image`` / ``generate_video`` call on its model:
+
+- **spend**: a hosted model's catalog price (``per_image``, ``per_second`` of video) times the
+  request's estimate is checked against the ``[spend]`` limits first, so a call that could cross
+  them never starts; what came out (images written, seconds of video, else the estimate) is
+  recorded after. In-process models cost nothing.
+- **outcomes**: the attempt is recorded in the outcome tracker (task ``generate_image`` /
+  ``generate_video``, its latency, success or the error's class) through the bookkeeper, as a
+  generation is, so ``car spend``, the profiles and the traces see media calls too. Input the
+  caller must fix (``InvalidInput``, ``UnsupportedMode``) is not the model's failure and is not
+  counted; a call the caller stopped waiting for is not recorded.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from ..errors import InferenceError, InvalidInput, UnsupportedMode
+from ..requests import GenerateImageRequest, GenerateImageResult, GenerateVideoRequest, GenerateVideoResult
+from ..routing import InferenceTask
+from ..schema import ModelSchema
+
+if TYPE_CHECKING:
+    from ..routing import OutcomeTracker, SpendControl
+    from .bookkeeping import Bookkeeper
+
+__all__ = ["image_cost", "run_media", "video_cost"]
+
+T = TypeVar("T", GenerateImageResult, GenerateVideoResult)
+
+
+class _Engine(Protocol):
+    spend: SpendControl
+    tracker: OutcomeTracker
+    bookkeeper: Bookkeeper
+
+
+def image_cost(
+    model: ModelSchema, request: GenerateImageRequest, result: GenerateImageResult | None
+) -> float:
+    """The catalog's price for the images asked for (``result`` None) or written."""
+    price = 0.0 if model.in_process else model.cost.per_image or 0.0
+    count = (request.variant_count or 1) if result is None else max(1, len(result.image_paths))
+    return price * count
+
+
+def video_cost(
+    model: ModelSchema, request: GenerateVideoRequest, result: GenerateVideoResult | None
+) -> float:
+    """The catalog's price for the seconds asked for (``result`` None) or made (else asked for)."""
+    price = 0.0 if model.in_process else model.cost.per_second or 0.0
+    seconds = (result.duration_s if result is not None else None) or request.duration_s
+    return price * seconds
+
+
+async def run_media(
+    engine: _Engine,
+    model: ModelSchema,
+    task: InferenceTask,
+    prompt: str,
+    cost: Callable[[T | None], float],
+    call: Callable[[], Awaitable[T]],
+) -> T:
+    estimate = cost(None)
+    if estimate:
+        engine.spend.check(model.provider, estimate)
+    trace_id, started_at, start = uuid.uuid4().hex, time.time(), time.perf_counter()
+    family = "image" if task is InferenceTask.GENERATE_IMAGE else "video"
+
+    def record(success: bool, error: InferenceError | None = None) -> None:
+        engine.bookkeeper.submit(
+            engine.tracker.record_attempt,
+            model.id,
+            task,
+            family,
+            "media",
+            prompt,
+            trace_id=trace_id,
+            started_at=started_at,
+            success=success,
+            latency_ms=(time.perf_counter() - start) * 1000,
+            error_class=type(error).__name__ if error is not None else None,
+            message=str(error) if error is not None else "",
+        )
+
+    try:
+        result = await call()
+    except (InvalidInput, UnsupportedMode):
+        raise  # the request's fault, not the model's
+    except InferenceError as exc:
+        record(False, exc)
+        raise
+    spent = cost(result) if estimate else 0.0
+    if spent:
+        engine.spend.record(model.provider, model.id, spent)
+    record(True)
+    return result

@@ -1,0 +1,60 @@
+"""Image and video calls are priced and recorded like text calls (engine/media.py): a tiny local
+diffusers pipeline for successes, Gemini video on the fake provider for a hosted failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from car_inference.engine import InferenceEngine
+from car_inference.errors import ProviderError, SpendLimitExceeded, UnsupportedMode
+from car_inference.requests import GenerateImageRequest, GenerateVideoRequest
+from fakes import FakeProviderServer
+from fakes.tiny_diffusers import build_sd, media_model
+
+SD, OMNI = "test/tiny-sd", "google/gemini-omni-flash"
+
+
+@pytest.fixture
+def engine(fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
+    (isolated_home / "models.toml").write_text(f'[hosts.gemini]\nbase_url = "{fake.gemini_base_url}"\n')
+    (isolated_home / "config.toml").write_text("[spend]\ndaily_usd = 1.0\n")
+    monkeypatch.setenv("GEMINI_API_KEY", "gemini-media-outcomes")
+    engine = InferenceEngine(home=isolated_home)
+    engine.register_model(media_model(SD, build_sd(tmp_path / "sd"), "image_generation"))
+    yield engine
+    engine.close()
+
+
+def profile(engine: InferenceEngine, model_id: str):  # type: ignore[no-untyped-def]
+    return next((p for p in engine.export_profiles() if p.model_id == model_id), None)
+
+
+async def test_a_local_image_is_an_outcome_and_costs_nothing(engine: InferenceEngine, tmp_path: Path) -> None:
+    request = GenerateImageRequest(prompt="a red apple", model=SD, width=64, height=64, steps=1, seed=1)
+    await engine.generate_image(request.model_copy(update={"output_path": str(tmp_path / "a.png")}))
+    sd = profile(engine, SD)
+    assert sd is not None and (sd.total_calls, sd.success_count, sd.fail_count) == (1, 1, 0)
+    assert sd.task_stats["image"].calls == 1 and sd.total_latency_ms > 0
+    assert engine.spend.status().by_provider_today == {}
+
+
+async def test_a_hosted_video_failure_is_counted_and_a_refusal_is_not(
+    engine: InferenceEngine, fake: FakeProviderServer
+) -> None:
+    fake.media.video_failure = "blocked"
+    with pytest.raises(ProviderError, match="blocked"):
+        await engine.generate_video(GenerateVideoRequest(prompt="x", model=OMNI))
+    with pytest.raises(UnsupportedMode):  # the request's fault: not the model's
+        await engine.generate_video(GenerateVideoRequest(prompt="x", model=OMNI, duration_s=6))
+    omni = profile(engine, OMNI)
+    assert omni is not None and (omni.total_calls, omni.success_count, omni.fail_count) == (1, 0, 1)
+    assert engine.spend.status().by_provider_today == {}  # a failed call is not charged
+    fake.media.video_failure = None
+    await engine.generate_video(GenerateVideoRequest(prompt="x", model=OMNI))
+    assert engine.spend.status().by_provider_today == {"google": pytest.approx(0.40)}  # 4 s at $0.10
+    engine.spend.record("google", OMNI, 0.5)
+    with pytest.raises(SpendLimitExceeded):
+        await engine.generate_video(GenerateVideoRequest(prompt="x", model=OMNI))
+    assert profile(engine, OMNI).total_calls == 2  # type: ignore[union-attr]  # refused before the call
