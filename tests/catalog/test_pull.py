@@ -257,3 +257,18 @@ def test_a_cache_that_cannot_be_written_is_one_line(
     ) as caught:
         pull(gguf_model())
     assert "\n" not in str(caught.value)
+
+
+def test_an_endpoint_that_is_not_a_hub_is_named(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fakes import FakeProviderServer
+
+    snapshot = ModelSchema.model_validate({
+        "id": "t/e", "name": "e", "provider": "t", "capabilities": ["embed"],
+        "source": {"kind": "sentence", "hf_repo": "t/e"},
+    })  # fmt: skip
+    with FakeProviderServer() as other:  # an OpenAI-compatible server, not a Hub
+        monkeypatch.setenv("HF_ENDPOINT", other.base_url)
+        for model in (gguf_model(), snapshot):
+            with pytest.raises(DownloadFailed) as caught:
+                pull(model)
+            assert "\n" not in str(caught.value) and other.base_url in str(caught.value)

@@ -190,8 +190,13 @@ class HubClient:
     def revision(self, repo: str, revision: str) -> tuple[str, list[str]]:
         """The commit ``revision`` names and the repo's files at it."""
         url = f"{self.endpoint}/api/models/{repo}/revision/{quote(revision, safe='')}"
-        data = self._send("GET", url, f"{repo}@{revision}").json()
-        return str(data["sha"]), [str(s["rfilename"]) for s in data.get("siblings", [])]
+        response = self._send("GET", url, f"{repo}@{revision}")
+        try:
+            data = response.json()
+            return str(data["sha"]), [str(s["rfilename"]) for s in data.get("siblings", [])]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise DownloadFailed(f"{repo}@{revision}: {self.endpoint} does not answer like a Hugging Face "
+                                 "Hub (no commit and file list); check HF_ENDPOINT") from None  # fmt: skip
 
     def file(self, repo: str, path: str, revision: str) -> RemoteFile:
         """What the Hub says about one file: commit, ETag, size and where its bytes are."""

@@ -123,8 +123,12 @@ def ollama_tags(host: str, timeout_s: float = 5.0) -> list[OllamaModel]:
         raise DownloadFailed(f"cannot reach Ollama at {host} ({exc})") from None
     if response.status_code >= 400:
         raise DownloadFailed(f"Ollama at {host} could not list its models: {_error_of(response)}")
+    try:
+        items = response.json().get("models", [])
+    except (ValueError, AttributeError):
+        raise DownloadFailed(f"{host} does not answer like Ollama (GET /api/tags is not its JSON)") from None
     models = []
-    for item in response.json().get("models", []):
+    for item in items:
         details = item.get("details") or {}
         models.append(
             OllamaModel(
