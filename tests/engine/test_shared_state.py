@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from car_inference.requests import GenerateRequest
+from car_inference.routing.store import SCHEMA_VERSION
 from fakes.services import postgres_schema_url
 
 from .conftest import RemoteEngine
@@ -49,7 +50,7 @@ def test_the_health_report_shows_the_state_backend_and_its_latency(remote_engine
     try:
         state = engine.model_health().state
         assert state is not None and state.backend == "postgresql" and state.location == url
-        assert state.schema_version == 2 and state.error is None
+        assert state.schema_version == SCHEMA_VERSION and state.error is None
         assert state.round_trip_ms is not None and 0 < state.round_trip_ms < 1000
     finally:
         engine.close()
@@ -60,6 +61,6 @@ def test_an_engine_without_a_state_url_keeps_sqlite(remote_engine: RemoteEngine)
     try:
         state = engine.model_health().state
         assert state is not None and state.backend == "sqlite" and state.location.endswith("state.db")
-        assert state.schema_version == 2 and state.round_trip_ms is not None
+        assert state.schema_version == SCHEMA_VERSION and state.round_trip_ms is not None
     finally:
         engine.close()
