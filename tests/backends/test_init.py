@@ -69,3 +69,26 @@ def test_each_hosted_backend_declares_what_it_imports(kind: str) -> None:
         assert dist is not None, f"{kind}: {module} ({providers[module]}) is not in the {spec.extra} extra"
         installed = Version(importlib.metadata.version(dist))
         assert installed in declared[dist].specifier, f"{dist} {installed} is outside {declared[dist]}"
+
+
+def test_a_backend_given_as_a_class_or_a_factory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from car_inference.schema import ModelCapability
+
+    class Embeds:
+        def __init__(self, ctx: object) -> None:
+            self.ctx = ctx
+
+        async def embed(self, model: object, request: object) -> None: ...
+
+    def factory(ctx: object) -> Embeds:
+        return Embeds(ctx)
+
+    monkeypatch.setitem(backends.BACKENDS, "cls", backends.BackendSpec(Embeds))
+    monkeypatch.setitem(backends.BACKENDS, "fn", backends.BackendSpec(factory))
+    assert backends.backend_tasks("cls") == {ModelCapability.EMBED}
+    assert backends.backend_tasks("fn") >= {ModelCapability.EMBED, ModelCapability.GENERATE}
+    assert (
+        backends.load_backend_class("cls", "m/x") is Embeds
+        and backends.load_backend_class("fn", "m/x") is factory
+    )
+    assert backends.backend_tasks("teleport") == frozenset()

@@ -76,6 +76,8 @@ def backend_tasks(kind: str) -> frozenset[ModelCapability]:
     if isinstance(spec.target, str):
         return class_tasks(spec.target)
     target = spec.target
+    if not isinstance(target, type):  # a factory function: what it makes is known only once made
+        return frozenset(TASK_PROTOCOLS)
     return frozenset(
         capability
         for capability, protocol in TASK_PROTOCOLS.items()
