@@ -38,22 +38,28 @@ class TemplateIndex:
     """Which prefixes repeat, and the template signature of a request."""
 
     def __init__(self, max_prefixes: int = _MAX_PREFIXES) -> None:
-        self._seen: OrderedDict[str, int] = OrderedDict()
+        # prefix hash -> [requests with a text unlike the first one's, hash of the first one's text]
+        self._seen: OrderedDict[str, list[int]] = OrderedDict()
         self._max = max_prefixes
 
     def signature(self, request: GenerateRequest, text: str) -> str | None:
-        """``"p" + hash`` of the request's prefix once ``PREFIX_REPEATS`` requests have started
-        with it, else None. ``text``: the request's text as the router analyses it (the last user
-        turn). Counts this request."""
+        """``"p" + hash`` of the request's prefix once ``PREFIX_REPEATS`` requests *with different
+        texts* have started with it, else None: the same question asked twice is a repeat, not a
+        task (on RouterDC, MMLU's duplicated questions became one-question "templates" that every
+        model had to be tried in again). ``text``: the request's text as the router analyses it
+        (the last user turn). Counts this request."""
         head = _head(request, text)
         if len(head) < PREFIX_CHARS // 2:
             return None
         key = hashlib.blake2b(head.encode("utf-8", "replace"), digest_size=5).hexdigest()
-        seen = self._seen.get(key, 0) + 1
-        self._seen[key] = seen
-        if seen == 1 and len(self._seen) > self._max:
-            self._seen.popitem(last=False)
-        return "p" + key if seen >= PREFIX_REPEATS else None
+        entry = self._seen.get(key)
+        if entry is None:
+            self._seen[key] = entry = [1, hash(text)]
+            if len(self._seen) > self._max:
+                self._seen.popitem(last=False)
+        elif entry[0] < PREFIX_REPEATS and hash(text) != entry[1]:
+            entry[0] += 1
+        return "p" + key if entry[0] >= PREFIX_REPEATS else None
 
 
 def _head(request: GenerateRequest, text: str) -> str:
