@@ -294,3 +294,18 @@ async def test_an_invalid_stream_event_fails_the_call_and_registering_again_repl
         assert (await _register(runner, models=["host/careful"]))["result"]["models"] == ["host/careful"]
         assert _available(engine, "host/careful") and not _available(engine, "host/echo")
         assert len(engine.runners.list()) == 1
+
+
+async def test_an_http_caller_gets_a_clear_answer_when_the_runner_goes(server: ServerThread) -> None:
+    runner = await connect(server.ws_url)
+    await _register(runner, models=["host/echo"])
+
+    async def vanish() -> None:
+        await _recv(runner)  # the call arrived; the runner goes away without answering
+        await runner.close()
+
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        body = {"model": "host/echo", "messages": [{"role": "user", "content": "hi"}]}
+        response, _ = await asyncio.gather(http.post("/v1/chat/completions", json=body), vanish())
+    assert response.status_code in (502, 503), response.text
+    assert "disconnected before answering" in response.json()["error"]["message"]
