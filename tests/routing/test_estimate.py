@@ -6,24 +6,14 @@ from car_inference.routing.estimate import (
     ALL,
     DIFFICULTY_PSEUDO_CALLS,
     DRIFT_VAR,
+    FAMILY_BASE_PSEUDO_CALLS,
     StatsRow,
     belief,
     difficulty,
+    family_level,
     noise_of,
     posterior,
-    residual,
 )
-
-
-def test_residual_is_measured_against_the_other_models() -> None:
-    assert residual(0.8, 10, [(0.0, 0.0, 0.0, 0.0)]) == pytest.approx(0.3)  # nobody seen: vs 0.5
-    # Family: others scored 2 of 10; the model's own 5 of 5 do not count toward its baseline.
-    family = (7.0, 15.0, 5.0, 5.0)
-    assert residual(1.0, 10, [family]) == pytest.approx(1.0 - (5 + 2) / 20)
-    # The cluster refines the family baseline with the others' cluster rows.
-    cluster = (1.0, 10.0, 0.0, 0.0)
-    base_family = (5 + 2) / 20
-    assert residual(0.0, 10, [family, cluster]) == pytest.approx(-(10 * base_family + 1) / 20)
 
 
 def _stats(total: float, n: float) -> StatsRow:
@@ -79,3 +69,28 @@ def test_difficulty_is_how_much_observed_models_beat_their_priors() -> None:
 def test_evidence_moves_a_model_away_from_its_prior() -> None:
     bad, _var, n = belief(0.9, 0.02, [_stats(8.0, 40.0)], noise_of(0.9))
     assert bad < 0.35 and n == 40
+
+
+def test_the_family_level_counts_each_cluster_against_its_own_baseline() -> None:
+    """Simpson's paradox: A beats everyone by 0.05 in both clusters, but was mostly observed in
+    the hard one, so its raw family mean (0.33) is below B's (0.71). Re-based on this cluster,
+    A's family evidence says what it is: 0.05 above the cluster's baseline, B 0.05 below."""
+    hard = {ALL: _stats(30.0, 100.0), "a": _stats(0.35 * 90, 90.0), "b": _stats(0.25 * 10, 10.0)}
+    easy = {ALL: _stats(70.0, 100.0), "a": _stats(0.75 * 10, 10.0), "b": _stats(0.65 * 90, 90.0)}
+    family = {ALL: _stats(100.0, 200.0), "a": _stats(39.0, 100.0), "b": _stats(61.0, 100.0)}
+    here: dict[str, StatsRow] = {}  # a third cluster, nobody observed yet: the family's baseline
+    level = family_level(family, here, [hard, easy, here])
+    mean = {m: level[m].decayed_sum / level[m].decayed_n for m in ("a", "b")}
+    assert mean["a"] == pytest.approx(0.5 + 0.05) and mean["b"] == pytest.approx(0.5 - 0.05)
+    assert level[ALL] is family[ALL] and level["a"].calls == 100  # counts kept, only the mean re-based
+    # Observed in this cluster: its own baseline (shrunk toward the family's) and its rows, which
+    # belief() subtracts from the family level's count, are taken into account.
+    here = {ALL: _stats(9.0, 10.0), "a": _stats(4.5, 5.0)}
+    level = family_level(family, here, [hard, easy, here])
+    base = (FAMILY_BASE_PSEUDO_CALLS * 0.5 + 9.0) / (FAMILY_BASE_PSEUDO_CALLS + 10.0)
+    assert level["a"].decayed_n == pytest.approx(100.0 + 5.0)
+    assert level["a"].decayed_sum / level["a"].decayed_n == pytest.approx(base + 0.05)
+    # A model seen only here has no evidence from elsewhere: the level's own count is zero.
+    only_here = {ALL: _stats(9.0, 10.0), "c": _stats(4.0, 5.0)}
+    level = family_level({ALL: _stats(9.0, 10.0), "c": _stats(4.0, 5.0)}, only_here, [only_here])
+    assert level["c"].decayed_n == pytest.approx(5.0)

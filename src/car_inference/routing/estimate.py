@@ -7,7 +7,10 @@ keys of ``store.stat_keys``) is a Gaussian belief refined from the widest level 
                      context's difficulty: how much the models observed there beat their own priors
                      (``difficulty``, shrunk while the context is new); var = prior_sd²
     (a model never seen in the family: its record elsewhere, discounted by BETWEEN_FAMILIES)
-    family    its calls in the family outside this cluster     drift = DRIFT_VAR[0]
+    family    its calls in the family's other clusters, each     drift = DRIFT_VAR[0]
+              counted as its lead over everyone in its own
+              cluster, re-based on this cluster's baseline
+              (``family_level``: no Simpson's paradox)
     cluster   its calls in this cluster                          drift = DRIFT_VAR[1]
     (a templated request has one level, its template, with DRIFT_VAR[0])
     at each level:  var0 = var + drift;  noise = clamp(q·(1-q), 0.04, 0.25) at the prior's q
@@ -19,7 +22,10 @@ context is for everyone, with the widest uncertainty; never the context's averag
 samples from these beliefs (Thompson sampling), so exploration comes from uncertainty and fades
 where evidence is strong.
 
-What the RouterDC replay (``benchmarks/routing.py``) decided: the prior's offset by difficulty (an
+What the RouterDC replay (``benchmarks/routing.py``) decided: the family level in leads over each
+cluster's baseline, not raw means (over 6 seeds the same mean, 0.4939, and less than half the seed
+spread: sd 0.0029 instead of 0.0064; a seed where one model, picked for a hard benchmark, was
+never tried on an easy one of the same family went from 0.481 to 0.492); the prior's offset by difficulty (an
 untried model at 0.5 in a context where everyone scores 0.8 was never tried again: lock-in); no
 level for the model's record in *other* families (a model great at math was then tried on
 everything, and one bad at code never on multiple choice); each level's evidence from its mean,
@@ -29,7 +35,7 @@ not from differences of decayed sums (which decay at different paces and stop su
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ALL = "*"  # the model id of baseline rows (store.ALL)
 
@@ -40,10 +46,10 @@ __all__ = [
     "StatsRow",
     "belief",
     "difficulty",
+    "family_level",
     "first_look",
     "noise_of",
     "posterior",
-    "residual",
 ]
 
 
@@ -78,24 +84,13 @@ class StatsRow:
     total_output_tokens: int = 0
 
 
-def residual(quality: float, k: float, levels: Iterable[tuple[float, float, float, float]]) -> float:
-    """How much better than other models an observation was: quality minus the other models'
-    baseline here, their decayed (sum, n) at the family then cluster level, each shrunk toward the
-    one above with ``k`` pseudo-observations from 0.5 (``levels``: all models' sum and n, then this
-    model's own, per level)."""
-    base = 0.5
-    for total_all, n_all, total_own, n_own in levels:
-        others = n_all - n_own
-        if others > 1e-9:
-            base = (k * base + total_all - total_own) / (k + others)
-    return quality - base
-
-
 _NOISE_MIN, _NOISE_MAX = 0.04, 0.25
 # How far a model's quality in one context may lie from the level above (variances): its prior ->
 # the family, the family -> the cluster (or template). Chosen on the RouterDC replay.
 DRIFT_VAR = (0.0, 0.10**2)
 DIFFICULTY_PSEUDO_CALLS = 20.0  # shrinks a context's difficulty offset toward 0 while it is new
+# Shrinks a cluster's baseline toward its family's while the cluster is new (``family_level``).
+FAMILY_BASE_PSEUDO_CALLS = 10.0
 # How far a model's quality in a family it was never seen in may lie from its record elsewhere.
 BETWEEN_FAMILIES = 0.15**2
 
@@ -136,6 +131,50 @@ def difficulty(levels: list[dict[str, StatsRow]], priors: dict[str, float]) -> f
                 expected += row.calls * priors.get(model_id, 0.5)
         return (everyone.quality_sum - expected) / (everyone.calls + DIFFICULTY_PSEUDO_CALLS)
     return 0.0
+
+
+def family_level(
+    family: dict[str, StatsRow], here: dict[str, StatsRow], siblings: Iterable[dict[str, StatsRow]]
+) -> dict[str, StatsRow]:
+    """The family level as beliefs read it: each model's record in the family's *other* clusters
+    (``siblings``, this cluster's rows ``here`` excluded), every observation counted as how much
+    better than everyone it did in its own cluster, re-based on this cluster's baseline. Raw family
+    means mix clusters in proportions that differ per model (Simpson's paradox): on RouterDC a model
+    mostly picked for a hard Chinese benchmark looked weak on an easy English one of the same family
+    and was not tried there again. Rows keep the family's counts and answer lengths; their decayed
+    mean is replaced, and their decayed count is the siblings' plus this cluster's (``belief``
+    subtracts the latter)."""
+    here_all, family_all = here.get(ALL), family.get(ALL)
+    base = 0.5
+    if family_all is not None and family_all.decayed_n > 0:
+        base = family_all.decayed_sum / family_all.decayed_n
+    if here_all is not None and here_all.decayed_n > 0:
+        base = (FAMILY_BASE_PSEUDO_CALLS * base + here_all.decayed_sum) / (
+            FAMILY_BASE_PSEUDO_CALLS + here_all.decayed_n
+        )
+    weight: dict[str, float] = {}
+    lead: dict[str, float] = {}
+    for rows in siblings:
+        everyone = rows.get(ALL)
+        if rows is here or everyone is None or everyone.decayed_n <= 0:
+            continue
+        cluster_base = everyone.decayed_sum / everyone.decayed_n
+        for model_id, row in rows.items():
+            if model_id != ALL and row.decayed_n > 0:
+                weight[model_id] = weight.get(model_id, 0.0) + row.decayed_n
+                lead[model_id] = lead.get(model_id, 0.0) + row.decayed_sum - row.decayed_n * cluster_base
+    out: dict[str, StatsRow] = {}
+    for model_id, row in family.items():
+        if model_id == ALL:
+            out[model_id] = row
+            continue
+        below = here.get(model_id)
+        n = weight.get(model_id, 0.0) + (below.decayed_n if below is not None else 0.0)
+        w = weight.get(model_id)
+        seen = base + lead[model_id] / w if w else base
+        seen = 0.0 if seen < 0.0 else 1.0 if seen > 1.0 else seen
+        out[model_id] = replace(row, decayed_n=n, decayed_sum=n * seen)
+    return out
 
 
 def first_look(mean: float, var: float, profile: ProfileRow | None) -> tuple[float, float]:

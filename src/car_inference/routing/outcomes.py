@@ -23,7 +23,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..config import RoutingSettings
-from .estimate import ProfileRow, StatsRow, belief, difficulty, first_look, noise_of
+from .estimate import ProfileRow, StatsRow, belief, difficulty, family_level, first_look, noise_of
 from .priors import BenchmarkPrior
 from .profiles import ModelProfile, TaskStats, export_profile, export_stats, row_fields, sum_rows
 from .signals import ImplicitSignal, ImplicitSignalType
@@ -99,6 +99,10 @@ class OutcomeTracker:
         self._traces: OrderedDict[str, _Trace] = OrderedDict()  # only without a store
         self._recent_prompts: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self.priors_version = 0  # bumped when benchmark priors change, for the router's caches
+        self._version = 0  # bumped by every change to the stats: the family levels' cache key
+        self._family_views: dict[str, tuple[int, dict[str, StatsRow]]] = {}
+        self._siblings: dict[str, list[str]] = {}  # family -> its family|cluster keys
+        self._indexed = -1  # len(self._stats) when _siblings was built
         # Called after each change written to the store: a fleet tells the other replicas, which
         # then call reload() (routing/coord.py).
         self.on_change: Callable[[], None] | None = None
@@ -324,6 +328,7 @@ class OutcomeTracker:
             s.decayed_n = s.decayed_n * QUALITY_DECAY + 1.0
             s.total_output_tokens += output_tokens
             s.updated_at = now
+        self._version += 1
         if success and latency_ms is not None:
             window = self._latencies.get(model_id)
             if window is None:
@@ -382,6 +387,7 @@ class OutcomeTracker:
                     s.quality_sum += delta
                     s.decayed_sum += delta
                     s.ema_quality = min(1.0, max(0.0, s.ema_quality + EMA_ALPHA * delta))
+            self._version += 1
         if self.on_change is not None:
             self.on_change()
 
@@ -436,9 +442,37 @@ class OutcomeTracker:
     ) -> tuple[dict[str, ProfileRow], list[dict[str, StatsRow]], dict[str, float]]:
         """Read-only views for the router's scoring loop: the profiles, the stats of each of the
         request's keys (``stat_keys``: family, then narrower), and the latency p50s."""
+        keys = stat_keys(family, cluster)
         empty: dict[str, StatsRow] = {}
-        stats = self._stats
-        return self._profiles, [stats.get(key, empty) for key in stat_keys(family, cluster)], self._p50
+        if len(keys) == 1:
+            return self._profiles, [self._stats.get(keys[0], empty)], self._p50
+        return (
+            self._profiles,
+            [self._family_view(keys[0], keys[1]), self._stats.get(keys[1], empty)],
+            self._p50,
+        )
+
+    def _family_view(self, family: str, key: str) -> dict[str, StatsRow]:
+        """The family level of requests counted under ``key`` (``estimate.family_level``), kept
+        until the stats change."""
+        cached = self._family_views.get(key)
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        version, stats = self._version, self._stats
+        empty: dict[str, StatsRow] = {}
+        if self._indexed != len(stats):
+            siblings: dict[str, list[str]] = {}
+            for k in list(stats):  # list(): a copy made without releasing the GIL
+                head, sep, _ = k.partition("|")
+                if sep and head != "template":
+                    siblings.setdefault(head, []).append(k)
+            self._siblings, self._indexed = siblings, len(stats)
+        here = stats.get(key, empty)
+        level = family_level(
+            stats.get(family, empty), here, [stats.get(k, empty) for k in self._siblings.get(family, ())]
+        )
+        self._family_views[key] = (version, level)
+        return level
 
     def benchmark_prior(self, model_id: str) -> BenchmarkPrior | None:
         return self._priors.get(model_id)
@@ -537,6 +571,8 @@ class OutcomeTracker:
                     profiles[model_id] = ProfileRow(ema_quality=prior.overall_score)
             p50 = {m: _median(w) for m, w in latencies.items() if len(w) >= MIN_LATENCY_SAMPLES}
             self._profiles, self._stats, self._latencies, self._p50 = profiles, stats, latencies, p50
+            self._version += 1
+            self._indexed = -1
 
 
 def _median(values: Iterable[float]) -> float:
