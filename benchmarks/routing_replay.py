@@ -281,8 +281,16 @@ def run_labelled(
 
 
 def fixed_policies(train: Sequence[Prompt], test: Sequence[Prompt], pricing: Pricing) -> dict[str, Score]:
-    """Best single model (chosen on train), random, per-prompt oracle."""
+    """Best single model (chosen on train), the best model per benchmark (chosen on train with every
+    model's score of every prompt: full information, the ceiling of a router that recognises each
+    task perfectly and never explores), random, per-prompt oracle."""
     best = max(IDS, key=lambda m: statistics.fmean(p.scores[m] for p in train))
+    by_bench: dict[str, list[Prompt]] = defaultdict(list)
+    for p in train:
+        by_bench[p.bench].append(p)
+    per_bench = {
+        b: max(IDS, key=lambda m: statistics.fmean(p.scores[m] for p in ps)) for b, ps in by_bench.items()
+    }
     n = len(test)
     oracle_q = oracle_c = 0.0
     for p in test:
@@ -294,6 +302,10 @@ def fixed_policies(train: Sequence[Prompt], test: Sequence[Prompt], pricing: Pri
         f"always the best single model ({best.split('/')[1]})": Score(
             statistics.fmean(p.scores[best] for p in test),
             sum(pricing.cost(best, p) for p in test) / n * 1000,
+        ),
+        "best model per benchmark (full information, the ceiling of task recognition)": Score(
+            statistics.fmean(p.scores[per_bench[p.bench]] for p in test),
+            sum(pricing.cost(per_bench[p.bench], p) for p in test) / n * 1000,
         ),
         "random model (expected)": Score(
             statistics.fmean(statistics.fmean(p.scores.values()) for p in test),
