@@ -118,6 +118,17 @@ def test_check_holds_until_the_next_record_for_the_provider(fleets: list[Fleet])
     b.check("openai", 0.8)
 
 
+def test_spend_a_caller_reports_settles_no_hold(fleets: list[Fleet]) -> None:
+    """engine.report's money was spent on a call we never held an estimate for: it must not
+    settle (and so free) the estimate another call in flight holds."""
+    a, b = SpendControl(DAILY, fleet=fleets[0]), SpendControl(DAILY, fleet=fleets[1])
+    a.check("openai", 0.7)
+    a.record("openai", "openai/x", 0.1, settles=False)  # 0.1 spent, the 0.7 still held
+    with pytest.raises(SpendLimitExceeded):
+        b.check("openai", 0.3)
+    b.check("openai", 0.2)
+
+
 def test_a_dead_replicas_reservations_lapse_after_the_lease(
     coordination: CoordinationSettings, fleets: list[Fleet]
 ) -> None:

@@ -80,7 +80,9 @@ class LearningMixin:
         )  # fmt: skip
         if cost_usd:
             schema = self.registry.get(chosen)
-            self.spend.record(schema.provider if schema is not None else "unknown", chosen, cost_usd)
+            provider = schema.provider if schema is not None else "unknown"
+            # The caller made this call: no estimate of ours was held for it, none is settled.
+            self.spend.record(provider, chosen, cost_usd, settles=False)
         return trace_id
 
     def open_trace(self, decision: RoutingDecision) -> str:

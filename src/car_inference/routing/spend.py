@@ -255,11 +255,18 @@ class SpendControl:
             self.release(Reservation("", 0.0, rid, 0.0))
 
     def record(
-        self, provider: str, model_id: str, usd: float, *, reservation: Reservation | None = None
+        self,
+        provider: str,
+        model_id: str,
+        usd: float,
+        *,
+        reservation: Reservation | None = None,
+        settles: bool = True,
     ) -> None:
         """Count money spent (the provider's reported or our estimated cost), settling
-        ``reservation`` (else, in a fleet, the oldest one ``check`` made for ``provider``)."""
-        if reservation is None and self._fleet is not None:
+        ``reservation`` (else, in a fleet, the oldest one ``check`` made for ``provider``; not with
+        ``settles=False``: money a caller spent on a call we never held an estimate for)."""
+        if reservation is None and settles and self._fleet is not None:
             with self._lock:
                 held = self._unclaimed.get(provider.lower())
                 reservation = held.popleft() if held else None
