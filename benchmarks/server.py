@@ -13,6 +13,23 @@ To split what is added between the engine and the HTTP layer, the same request a
 ``InferenceEngine.generate`` in this process (no server), against the same upstream.
 
     .venv/bin/python benchmarks/server.py [--requests 2000] [--concurrent-requests 4000]
+
+The replica setup (``--replicas``) instead compares, in one run, two ``car serve`` processes in
+front of the same upstream: one on the embedded defaults (SQLite ``state.db``, coordination in the
+process) and one configured as a replica of a fleet (``[state] url`` on PostgreSQL, ``[coordination]
+redis_url`` with a global concurrency limit, so every request takes a fleet slot in Redis, and a
+daily spend limit in both, so every call reserves its estimate: in Redis for the replica, in the
+process for SQLite); two setups in between say where the difference goes. Rounds alternate
+between the setups; each round measures sequential requests' latency (p50, p99), the server
+process's CPU time per request (user + system, from /proc, its writer and coordination threads
+included, counted until the server is idle again, so the round's outcome records are written;
+PostgreSQL's and Redis's own CPU is not counted) and how long after the last answer its writes
+went on; the report gives min / median / max over the rounds. It creates a database ``car_bench_<random>``
+(dropped at the end) and uses a Redis key prefix of its own (deleted at the end).
+
+    .venv/bin/python benchmarks/server.py --replicas [--rounds 7] [--replica-requests 300] \\
+        [--postgres-admin-url postgresql://postgres@127.0.0.1:5432/postgres] \\
+        [--redis-url redis://127.0.0.1:6379/0]
 """
 
 from __future__ import annotations
@@ -127,6 +144,7 @@ def _run_proxy(port: int, upstream: str) -> None:
 
 
 def _run_server(port: int, upstream: str, home: str) -> None:
+    """Our server in ``home`` (whose config.toml, when there, says where its state lives)."""
     import uvicorn
 
     from car_inference.engine import InferenceEngine
@@ -134,10 +152,14 @@ def _run_server(port: int, upstream: str, home: str) -> None:
     from car_inference.server.run import uvicorn_config
 
     models = f'[[endpoints]]\nname = "up"\nbase_url = "{upstream}/v1"\nmodels = ["{WIRE_MODEL}"]\n'
+    Path(home).mkdir(parents=True, exist_ok=True)
     Path(home, "models.toml").write_text(models)
     engine = InferenceEngine(home=Path(home))
     settings = engine.config.server.model_copy(update={"port": port, "max_concurrency": 256})
-    uvicorn.Server(uvicorn_config(create_app(engine, settings), settings, log_level="warning")).run()
+    try:
+        uvicorn.Server(uvicorn_config(create_app(engine, settings), settings, log_level="warning")).run()
+    finally:
+        engine.close()  # its store's and coordination's threads end with it
 
 
 # --- the client -------------------------------------------------------------------------------------------
@@ -238,6 +260,11 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=2000, help="sequential requests per target")
     parser.add_argument("--concurrent-requests", type=int, default=4000, help="requests at concurrency 16")
+    parser.add_argument("--replicas", action="store_true", help="compare the replica setup with SQLite")
+    parser.add_argument("--rounds", type=int, default=7, help="--replicas: rounds per setup")
+    parser.add_argument("--replica-requests", type=int, default=300, help="--replicas: requests per round")
+    parser.add_argument("--postgres-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--role", choices=["upstream", "server", "proxy"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -251,6 +278,9 @@ def main() -> None:
         return
     if args.role == "proxy":
         _run_proxy(args.port, args.upstream)
+        return
+    if args.replicas:
+        _replica_setup(args)
         return
 
     up_port, car_port, proxy_port = _free_port(), _free_port(), _free_port()
@@ -351,6 +381,186 @@ def _report(
         f"at p50 and +{floor99:.2f} ms at p99 on this machine"
     )
     print(f"added p50 {added:.2f} ms: target {'met' if added <= 2 else 'MISSED'}")
+
+
+# --- the replica setup: PostgreSQL + Redis against SQLite ----------------------------------------------
+
+_SPEND = "[spend]\ndaily_usd = 1000000.0\n"  # a limit no run reaches: every call reserves its estimate
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _fleet_services(admin_url: str, redis_url: str) -> tuple[str, str, Any]:
+    """A fresh database and a Redis key prefix of this run's own; returns (state url, prefix,
+    cleanup)."""
+    import uuid
+
+    import psycopg
+    import redis
+
+    name = f"car_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    client.ping()
+    prefix = f"{name}:"
+
+    def cleanup() -> None:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+    return admin_url.rsplit("/", 1)[0] + "/" + name, prefix, cleanup
+
+
+def _settle(pid: int, limit_s: float = 120.0) -> float:
+    """Seconds until the server is idle again (under 5% of a core over 0.3 s): its writer thread
+    has written the round's outcome records, so their CPU time counts in the round's."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s:
+        cpu = _cpu_s(pid)
+        time.sleep(0.3)
+        if _cpu_s(pid) - cpu < 0.015:
+            break
+    return max(0.0, time.perf_counter() - started - 0.3)
+
+
+def _replica_round(client: httpx.Client, url: str, pid: int, n: int) -> tuple[float, float, float, float]:
+    """(p50 ms, p99 ms, CPU ms per request of the server, seconds its writes took after the last
+    answer) over ``n`` sequential requests."""
+    cpu = _cpu_s(pid)
+    latencies = _sequential(client, url, f"up/{WIRE_MODEL}", n)
+    behind = _settle(pid)
+    used = (_cpu_s(pid) - cpu) * 1000 / n
+    return statistics.median(latencies), _percentile(latencies, 0.99), used, behind
+
+
+def _replica_setup(args: Any) -> None:
+    state_url, prefix, cleanup = _fleet_services(args.postgres_admin_url, args.redis_url)
+    state = f'[state]\nurl = "{state_url}"\n'
+    redis = f'[coordination]\nredis_url = "{args.redis_url}"\nkey_prefix = "{prefix}"\n'
+    setups = {  # the full replica last; the two between it and SQLite say where its cost goes
+        "sqlite": _SPEND,
+        "postgres": state + _SPEND,
+        "postgres+redis": state + redis + _SPEND,
+        "replica": state + redis + "global_concurrency = 256\n" + _SPEND,
+    }
+    up_port = _free_port()
+    upstream = f"http://127.0.0.1:{up_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAR_")}
+    me = [sys.executable, __file__]
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            procs = [subprocess.Popen([*me, "--role", "upstream", "--port", str(up_port)], env=env)]
+            urls: dict[str, tuple[str, int]] = {}
+            for name, config in setups.items():
+                home, port = Path(root, name), _free_port()
+                home.mkdir()
+                (home / "config.toml").write_text(config)
+                cmd = [
+                    *me,
+                    "--role",
+                    "server",
+                    "--port",
+                    str(port),
+                    "--upstream",
+                    upstream,
+                    "--home",
+                    str(home),
+                ]
+                procs.append(subprocess.Popen(cmd, env=env))
+                urls[name] = (f"http://127.0.0.1:{port}", procs[-1].pid)
+            try:
+                _wait(upstream + "/v1/models")
+                rows = _replica_rounds(urls, args)
+            finally:
+                _stop_all(procs, names=["upstream", *setups])
+    finally:
+        cleanup()
+    _replica_report(rows, args)
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]], names: list[str], limit_s: float = 30.0) -> None:
+    """SIGTERM each process, and SIGKILL (saying so) one still running ``limit_s`` later."""
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + limit_s
+    for proc, name in zip(procs, names, strict=True):
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(
+                f"warning: the {name} server had not stopped {limit_s:.0f} s after SIGTERM; killed",
+                file=sys.stderr,
+            )
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _replica_rounds(
+    urls: dict[str, tuple[str, int]], args: Any
+) -> dict[str, list[tuple[float, float, float, float]]]:
+    rows: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in urls}
+    with httpx.Client(timeout=60) as client:
+        for base, _ in urls.values():
+            _wait(base + "/health")
+            _sequential(client, base + "/v1/chat/completions", f"up/{WIRE_MODEL}", 100)  # warm up
+        names = list(urls)
+        for index in range(args.rounds):  # alternating, so drift hits both alike
+            for name in names if index % 2 == 0 else names[::-1]:
+                base, pid = urls[name]
+                rows[name].append(
+                    _replica_round(client, base + "/v1/chat/completions", pid, args.replica_requests)
+                )
+    return rows
+
+
+def _spread(values: list[float], unit: str, signed: bool = False) -> str:
+    low, mid, high = min(values), statistics.median(values), max(values)
+    form = ("+" if signed else "") + (".1f" if unit == "s" else ".2f")
+    return f"{mid:{form}} {unit} ({low:{form}} / {high:{form}})"
+
+
+def _replica_report(rows: dict[str, list[tuple[float, float, float, float]]], args: Any) -> None:
+    lite = rows["sqlite"]
+    cpu = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(f"car serve as a fleet replica vs on SQLite, in front of the same upstream ({cpu})")
+    print(
+        f"{args.rounds} alternating rounds of {args.replica_requests} sequential requests per setup; "
+        "median (min / max) over rounds; a daily spend limit in every setup\n"
+    )
+    _row(
+        "setup",
+        "latency p50",
+        "latency p99",
+        "server CPU per request",
+        "writes done after the last answer (0.3 s steps)",
+    )
+    _row("---", "---", "---", "---", "---")
+    labels = {
+        "sqlite": "SQLite state.db, coordination in the process",
+        "postgres": "PostgreSQL state",
+        "postgres+redis": "+ Redis coordination (breakers, keys, spend reservations, notices)",
+        "replica": "+ global_concurrency (a fleet slot in Redis per request): the replica setup",
+    }
+    for name, setup in rows.items():
+        cells = [_spread([r[col] for r in setup], "ms") for col in range(3)]
+        cells.append(_spread([r[3] for r in setup], "s"))
+        _row(labels[name], *cells)
+    print("\nadded over SQLite, per round (median (min / max)):\n")
+    _row("setup", "latency p50", "latency p99", "server CPU per request")
+    _row("---", "---", "---", "---")
+    for name, setup in rows.items():
+        if name != "sqlite":
+            added = [[f[col] - s[col] for s, f in zip(lite, setup, strict=True)] for col in range(3)]
+            _row(labels[name], *[_spread(a, "ms", signed=True) for a in added])
 
 
 if __name__ == "__main__":
