@@ -145,6 +145,38 @@ def targets(r: dict[str, float]) -> None:
     )
 
 
+# Weights (quality, latency, cost) from quality only to cost first, for the frontier section.
+FRONTIER = ((1.0, 0.0, 0.0), (0.9, 0.03, 0.07), (0.85, 0.05, 0.10), (0.8, 0.05, 0.15), (0.6, 0.25, 0.15),
+            (0.3, 0.1, 0.6))  # fmt: skip
+
+
+def section_frontier(train: list[Prompt], test: list[Prompt], pricing: Pricing, seeds: int) -> None:
+    """Quality against cost as the cost weight grows, after warm-up: where the router's frontier
+    passes the cost-aware target (>= 95 % of the best single model's quality at <= 30 % of its
+    cost), and which weights get there. The three named settings are points of it."""
+    print(f"\n## Quality and cost by weights, after warm-up: {pricing.name}\n")
+    fixed = fixed_policies(train, test, pricing)
+    best = next(s for k, s in fixed.items() if k.startswith("always the best"))
+    rows = []
+    for wq, wl, wc in FRONTIER:
+        settings = RoutingSettings(quality_weight=wq, latency_weight=wl, cost_weight=wc)
+        ours = [run_router(settings, pricing, train, test, s, warm=True) for s in range(seeds)]
+        bandit = [run_labelled(settings, pricing, train, test, s, warm=True) for s in range(seeds)]
+        q = statistics.fmean(s.quality for s in ours)
+        share = statistics.fmean(s.usd_per_1k for s in ours) / best.usd_per_1k
+        met = q >= 0.95 * best.quality and share <= 0.30
+        rows.append((
+            f"{wq} / {wl} / {wc}", *_mean_sd(ours), f"{share:.0%}",
+            *_mean_sd(bandit), "met" if met else "-",
+        ))  # fmt: skip
+    print(table(
+        ["weights (quality / latency / cost)", f"car-inference ({seeds} seeds)", "$ per 1k",
+         "of best single's cost", "labelled bandit", "$ per 1k", ">= 95 % quality at <= 30 % cost"],
+        rows,
+    ))  # fmt: skip
+    print(f"\nbest single model: {best.quality:.4f} at ${best.usd_per_1k:.4f} per 1k requests")
+
+
 def synthetic(i: int) -> ModelSchema:
     local = i % 3 == 0
     return ModelSchema.model_validate(
@@ -340,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spread = section_replay(train, test, spread_pricing(train), seeds)
         print("\n### Targets (spread prices)\n")
         targets(spread)
+        section_frontier(train, test, spread_pricing(train), seeds)
     section_latency(test, samples=300 if args.quick else 1000)
     section_features(test)
     section_store()
