@@ -113,7 +113,7 @@ def pull_model(
     eng = engine()
     schema = find_model(eng, model)
     bars = PullBars(err, enabled=not as_json)
-    if schema.kind == "ollama":
+    if schema.spec.runtime == "ollama":  # Ollama pulls its own models
         host, found = pull_ollama(eng, schema, bars)
         if as_json:
             print_json({"model": schema.id, "host": host, "pulled": found.model_dump() if found else None})
@@ -155,7 +155,7 @@ def upgrade(
     targets = pulled_models(catalog)
     schema = find_model(eng, model) if model is not None else None
     upgrades: list[Upgrade]
-    if schema is not None and schema.kind == "ollama":
+    if schema is not None and schema.spec.runtime == "ollama":
         upgrades = [upgrade_ollama(eng, schema, PullBars(err, enabled=not as_json), check)]
     else:
         if schema is not None:
