@@ -70,3 +70,16 @@ def test_the_load_balancers_name_the_ports_the_replicas_listen_on() -> None:
     assert set(re.findall(r"server r\d 127\.0\.0\.1:(\d+)", haproxy)) == started
     assert "client_max_body_size 32m" in nginx and "proxy_read_timeout 600s" in nginx
     assert "maxconn 64" in haproxy
+
+
+def test_the_readme_links_here_and_the_link_back_resolves() -> None:
+    readme = README.read_text()
+    assert "docs/deployment.md" in readme
+    anchor = re.search(r"\(\.\./README\.md#([^)]+)\)", DOC.read_text())
+    assert anchor is not None
+    headings = [
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in readme.splitlines()
+        if line.startswith("#")
+    ]
+    assert anchor.group(1) in headings
