@@ -10,10 +10,13 @@ import pytest
 from car_inference.engine import InferenceEngine
 from car_inference.errors import ProviderError, SpendLimitExceeded, UnsupportedMode
 from car_inference.requests import GenerateImageRequest, GenerateVideoRequest
+from car_inference.routing import InferenceTask
+from car_inference.schema import ModelCapability
 from fakes import FakeProviderServer
 from fakes.tiny_diffusers import build_sd, media_model
 
 SD, OMNI = "test/tiny-sd", "google/gemini-omni-flash"
+GEMINI_IMAGE = "google/gemini-3.1-flash-image"
 
 
 @pytest.fixture
@@ -58,3 +61,35 @@ async def test_a_hosted_video_failure_is_counted_and_a_refusal_is_not(
     with pytest.raises(SpendLimitExceeded):
         await engine.generate_video(GenerateVideoRequest(prompt="x", model=OMNI))
     assert profile(engine, OMNI).total_calls == 2  # type: ignore[union-attr]  # refused before the call
+
+
+async def test_an_image_request_naming_no_model_is_routed_by_what_calls_showed(
+    engine: InferenceEngine, tmp_path: Path
+) -> None:
+    """Two local image models, one whose calls failed, and Gemini's hosted one, which takes no
+    ``steps``: the router picks the other local model (Gemini, when it leads, refuses ``steps``
+    and the request goes on to the next model), and records the call for the next choice."""
+    other = "test/tiny-sd-2"
+    engine.register_model(media_model(other, build_sd(tmp_path / "sd2"), "image_generation"))
+    for i in range(30):
+        engine.tracker.record_attempt(
+            SD, InferenceTask.GENERATE_IMAGE, "image", "media", trace_id=f"bad-{i}", started_at=0.0,
+            success=False, latency_ms=500.0,
+        )  # fmt: skip
+    for i in range(30):  # Gemini's calls went well: it leads, and must pass a `steps` request on
+        engine.tracker.record_attempt(
+            GEMINI_IMAGE, InferenceTask.GENERATE_IMAGE, "image", "media", trace_id=f"good-{i}",
+            started_at=0.0, success=True, latency_ms=500.0,
+        )  # fmt: skip
+    # No exploration draw: the ranking is the beliefs' (Gemini leads by what its calls showed).
+    engine.config.routing = engine.config.routing.model_copy(update={"exploration": 0.0})
+    ranked = engine._media_models(None, ModelCapability.IMAGE_GENERATION)
+    assert ranked[0].id == GEMINI_IMAGE and ranked[1].id == other
+    for n in range(3):
+        request = GenerateImageRequest(prompt="a red apple", width=64, height=64, steps=1, seed=n)
+        await engine.generate_image(request.model_copy(update={"output_path": str(tmp_path / f"{n}.png")}))
+    engine.bookkeeper.flush()
+    chosen = profile(engine, other)
+    assert chosen is not None and chosen.success_count == 3
+    assert profile(engine, SD).total_calls == 30  # type: ignore[union-attr]  # never chosen again
+    assert profile(engine, GEMINI_IMAGE).total_calls == 30  # type: ignore[union-attr]  # refusals uncounted

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from ..errors import InferenceError, InvalidInput, UnsupportedMode
 from ..requests import GenerateImageRequest, GenerateImageResult, GenerateVideoRequest, GenerateVideoResult
 from ..routing import InferenceTask
+from ..routing.media import MEDIA_FAMILY
 from ..schema import ModelSchema
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ async def run_media(
     if estimate:
         engine.spend.check(model.provider, estimate)
     trace_id, started_at, start = uuid.uuid4().hex, time.time(), time.perf_counter()
-    family = "image" if task is InferenceTask.GENERATE_IMAGE else "video"
+    family = MEDIA_FAMILY[task]
 
     def record(success: bool, error: InferenceError | None = None) -> None:
         engine.bookkeeper.submit(

@@ -6,11 +6,12 @@ With no model named, each uses the configured model for its capability (``[prefe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Tokenizer
-from ..errors import ModelUnavailable, UnsupportedMode
+from ..errors import InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode
 from ..requests import (
     Classification,
     ClassifyRequest,
@@ -31,6 +32,7 @@ from ..requests import (
     TranscribeResult,
 )
 from ..routing import InferenceTask
+from ..routing.media import MEDIA_FAMILY, choose_media
 from ..schema import ModelCapability, ModelSchema
 from .media import image_cost, run_media, video_cost
 from .speech import charged, list_voices, speech_model, synthesis_cost, transcription_cost
@@ -40,10 +42,16 @@ if TYPE_CHECKING:
     from ..backends.voices import VoiceList
     from ..config import CarConfig
     from ..registry import UnifiedRegistry
-    from ..routing import SpendControl
+    from ..routing import AdaptiveRouter, OutcomeTracker, SpendControl
 
 __all__ = ["TaskMixin"]
 
+log = logging.getLogger("car_inference.engine")
+
+_MEDIA_TASK = {
+    ModelCapability.IMAGE_GENERATION: InferenceTask.GENERATE_IMAGE,
+    ModelCapability.VIDEO_GENERATION: InferenceTask.GENERATE_VIDEO,
+}
 _MEDIA_METHODS = {
     ModelCapability.IMAGE_GENERATION: "generate_image",
     ModelCapability.VIDEO_GENERATION: "generate_video",
@@ -55,6 +63,8 @@ class TaskMixin:
     registry: UnifiedRegistry
     config: CarConfig
     spend: SpendControl
+    tracker: OutcomeTracker
+    router: AdaptiveRouter
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
@@ -182,51 +192,82 @@ class TaskMixin:
     ) -> GenerateImageResult:
         """An image (or an edit of ``request.image_paths``) written to a file. ``progress(done,
         total)`` is called from a worker thread as steps finish (local models) or a job advances."""
-        model = self._media_model(request.model, ModelCapability.IMAGE_GENERATION)
-        method = self._task_method(model, ModelCapability.IMAGE_GENERATION, "generate_image")
-        # Priced (hosted: per image) and recorded as an outcome like a text call (engine/media.py).
-        return await run_media(
-            self,  # type: ignore[arg-type]  # self is the InferenceEngine
-            model,
-            InferenceTask.GENERATE_IMAGE,
-            request.prompt,
-            lambda result: image_cost(model, request, result),
-            lambda: method(model, request, progress=progress),
-        )
+        return await self._media(
+            request.model, ModelCapability.IMAGE_GENERATION, request.prompt,
+            lambda m, result: image_cost(m, request, result),
+            lambda method, m: method(m, request, progress=progress),
+        )  # fmt: skip
 
     async def generate_video(
         self, request: GenerateVideoRequest, progress: Callable[[int, int], None] | None = None
     ) -> GenerateVideoResult:
-        model = self._media_model(request.model, ModelCapability.VIDEO_GENERATION)
-        method = self._task_method(model, ModelCapability.VIDEO_GENERATION, "generate_video")
-        # Priced (hosted: per second of video) and recorded as an outcome (engine/media.py).
-        return await run_media(
-            self,  # type: ignore[arg-type]  # self is the InferenceEngine
-            model,
-            InferenceTask.GENERATE_VIDEO,
-            request.prompt,
-            lambda result: video_cost(model, request, result),
-            lambda: method(model, request, progress=progress),
-        )
+        return await self._media(
+            request.model, ModelCapability.VIDEO_GENERATION, request.prompt,
+            lambda m, result: video_cost(m, request, result),
+            lambda method, m: method(m, request, progress=progress),
+        )  # fmt: skip
+
+    async def _media(
+        self,
+        name: str | None,
+        capability: ModelCapability,
+        prompt: str,
+        cost: Callable[[ModelSchema, Any], float],
+        call: Callable[[Callable[..., Any], ModelSchema], Awaitable[Any]],
+    ) -> Any:
+        """Run a media request on its model, priced (hosted: per image, per second of video) and
+        recorded as an outcome like a text call (engine/media.py). A routed request that its first
+        model cannot serve as asked (``steps`` on a hosted model, say) goes to the next one; the
+        first refusal is the answer when none can."""
+        models = self._media_models(name, capability, lambda m: cost(m, None))
+        refused: InferenceError | None = None
+        for model in models:
+            method = self._task_method(model, capability, _MEDIA_METHODS[capability])
+            try:
+                return await run_media(
+                    self,  # type: ignore[arg-type]  # self is the InferenceEngine
+                    model, _MEDIA_TASK[capability], prompt,
+                    lambda result, m=model: cost(m, result),  # type: ignore[misc]
+                    lambda method=method, m=model: call(method, m),  # type: ignore[misc]
+                )  # fmt: skip
+            except (InvalidInput, UnsupportedMode) as exc:
+                if len(models) == 1:
+                    raise
+                log.info("%s cannot serve this %s request: %s", model.id, capability, exc)
+                refused = refused or exc
+        assert refused is not None
+        raise refused
 
     def media_model(self, name: str | None, capability: ModelCapability) -> ModelSchema:
         """The model a media request would run on; raises now what running it would raise (an
         unknown, unavailable or unsuitable model), e.g. before a video job is accepted."""
-        model = self._media_model(name, capability)
+        model = self._media_models(name, capability)[0]
         self._task_method(model, capability, _MEDIA_METHODS[capability])
         return model
 
-    def _media_model(self, name: str | None, capability: ModelCapability) -> ModelSchema:
-        """The named model; else the configured one; else the available model that can do it with
-        the best quality prior, local ones first under ``routing.prefer_local`` (and on ties)."""
+    def _media_models(
+        self,
+        name: str | None,
+        capability: ModelCapability,
+        price: Callable[[ModelSchema], float] | None = None,
+    ) -> list[ModelSchema]:
+        """The named model; else the configured one; else the router's ranking of the available
+        models that can do it (``routing/media.py``: what their calls showed, latency and
+        ``price``, the cost of this request on a model)."""
         if name or self.default_model(capability) is not None:
-            return self._model_for(name, capability)
+            return [self._model_for(name, capability)]
         available = self.registry.query(capabilities=[capability], available_only=True)
         if not available:
-            return self._model_for(None, capability)  # raises, saying none is configured
-        local_first = self.config.routing.prefer_local
-
-        def rank(m: ModelSchema) -> tuple[bool, float, bool, str]:
-            return (local_first and m.is_remote, -(m.quality or 0.0), m.is_remote, m.id)
-
-        return min(available, key=rank)
+            return [self._model_for(None, capability)]  # raises, saying none is configured
+        blocked = self.router.breakers.blocked()
+        choice = choose_media(
+            available,
+            family=MEDIA_FAMILY[_MEDIA_TASK[capability]],
+            price=price or (lambda m: 0.0),
+            tracker=self.tracker,
+            settings=self.config.routing,
+            rng=self.router.rng,
+            blocked=blocked.__contains__,
+        )
+        log.debug("%s routed to %s: %s", capability, choice.model.id, choice.reason)
+        return choice.models

@@ -149,6 +149,11 @@ class AdaptiveRouter:
 
     # --- deciding ------------------------------------------------------------------------------
 
+    @property
+    def rng(self) -> random.Random:
+        """The router's random source (Thompson draws), seeded by ``[routing] seed``."""
+        return self._rng
+
     def decide(
         self,
         request: GenerateRequest,
