@@ -78,7 +78,7 @@ def choose_media(
         )
         scored.append((-score, i, m, mean, math.sqrt(var), n))
     scored.sort(key=lambda row: (row[0], row[1]))
-    _score, _i, first, mean, sd, n = scored[0]
+    _score, _i, _first, mean, sd, n = scored[0]
     reason = (
         f"{family}: quality {mean:.2f} ± {sd:.2f} after {n} calls, best of {len(scored)} by "
         "quality, latency and price"
