@@ -80,7 +80,7 @@ def test_list_voices_and_the_configured_openai_names(tmp_path: Path, isolated_ho
     """--list-voices shows what --voice takes; "alloy" speaks only once [speech] voices maps it."""
     code, out, err = car("speak", "--list-voices")
     assert code == 0, err
-    assert out.splitlines() == ["en_US-joe-medium  (default)"] and "piper/en_us-joe-medium: 1 voices" in err
+    assert out.splitlines() == ["en_US-joe-medium  (default)"] and "piper/en_us-joe-medium: 1 voice" in err
     code, _, err = car("speak", "hi", "--voice", "alloy", "-o", str(tmp_path / "a.wav"))
     assert code == 2 and "its voices: en_US-joe-medium" in err and "[speech] voices" in err
     (isolated_home / "config.toml").write_text('[speech]\nvoices = { alloy = "en_US-joe-medium" }\n')

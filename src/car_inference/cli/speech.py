@@ -114,7 +114,8 @@ def _print_voices(model: str | None, as_json: bool) -> None:
     for alias, target in voices.aliases.items():
         out.print(f"{alias} -> {target}  ([speech] voices)", markup=False)
     note = f"; {voices.note}" if voices.note else ""
-    err.print(f"{voices.model}: {len(voices.voices)} voices{note}", style="dim")
+    count = len(voices.voices)
+    err.print(f"{voices.model}: {count} voice{'' if count == 1 else 's'}{note}", style="dim")
 
 
 speech_app = typer.Typer(help="Speech checks.", no_args_is_help=True)
