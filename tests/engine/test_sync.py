@@ -84,3 +84,20 @@ def test_sync_speech_grounding_and_media(isolated_home: Path, tmp_path: Path) ->
         assert sync.warm_up(["no-such-model"])[0] is not None
         assert sync.model_health().speech.tts_model == "piper/en_us-joe-medium"
         assert sync.list_voices().ids() == ["en_US-joe-medium"]
+
+
+def test_a_runner_registered_through_the_facade_serves_its_model(isolated_home: Path) -> None:
+    """A delegated model served by an async function, called from blocking code."""
+    (isolated_home / "models.toml").write_text(
+        '[[models]]\nid = "host/echo"\nname = "echo"\nprovider = "host"\ncapabilities = ["generate"]\n'
+        'context_length = 4096\n[models.source]\nkind = "delegated"\n'
+    )
+
+    async def echo(model: object, request: GenerateRequest) -> str:
+        return "echo: " + (request.prompt or "")
+
+    with SyncInferenceEngine(InferenceEngine(home=isolated_home)) as sync:
+        registration = sync.register_runner(echo, ["host/echo"])
+        assert sync.generate(GenerateRequest(prompt="hi", model="host/echo")).text == "echo: hi"
+        assert sync.unregister_runner(registration) is True
+        assert not sync.engine.registry.get("host/echo").available  # type: ignore[union-attr]

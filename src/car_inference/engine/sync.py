@@ -32,6 +32,7 @@ from ..stream import StreamEvent
 from .core import InferenceEngine
 
 if TYPE_CHECKING:
+    from ..backends.delegated import RunnerRegistration
     from ..backends.voices import VoiceList
     from ..errors import InferenceError
     from ..routing import RoutingDecision
@@ -155,6 +156,20 @@ class SyncInferenceEngine:
             return await fn(self.engine)
 
         return self._run(run())
+
+    def register_runner(
+        self,
+        runner: Any,
+        models: Iterable[str | ModelSchema] | None = None,
+        *,
+        timeout_s: float | None = None,
+        name: str | None = None,
+    ) -> RunnerRegistration:
+        """``InferenceEngine.register_runner``; an async runner runs on this facade's loop thread."""
+        return self.engine.register_runner(runner, models, timeout_s=timeout_s, name=name)
+
+    def unregister_runner(self, registration: RunnerRegistration | Any) -> bool:
+        return self.engine.unregister_runner(registration)
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
