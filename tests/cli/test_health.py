@@ -120,3 +120,27 @@ def test_speech_health_shows_each_direction(isolated_home: Path) -> None:
     code, out, _ = car("health", "--local")
     assert "speech (local first, no hosted fallback):" in out and "text to speech: none" in out
     assert "no-such-voice" in out
+
+
+def test_model_kinds_are_one_line_with_what_can_run(isolated_home: Path) -> None:
+    """The kinds table's health (kinds.py): per kind with models, available/total."""
+    code, out, err = car("health", "--local")
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("model kinds (available/total): "))
+    assert "gguf 1/" in line and "piper 1/1" in line and "openai 0/" in line  # no key: no hosted model
+    kinds = {k["kind"]: k for k in json.loads(car("health", "--local", "--json")[1])["kinds"]}
+    assert f"gguf {kinds['gguf']['available_models']}/{kinds['gguf']['models']}" in line
+
+
+def test_a_state_database_away_shows_what_waits(capsys: pytest.CaptureFixture[str]) -> None:
+    from car_inference.cli.health import _print_state
+
+    _print_state({
+        "backend": "postgresql", "location": "postgresql://db/car", "error": "OperationalError: down",
+        "buffered": 3, "dropped": 1,
+    })  # fmt: skip
+    out = capsys.readouterr().out
+    assert (
+        "unreachable" in out
+        and "3 writes waiting in memory for it, 1 lost beyond [state] buffer_records" in out
+    )

@@ -173,6 +173,8 @@ def test_v1_health_shows_what_waits_and_what_was_lost(url: str, proxy: TcpProxy,
             state = httpx.get(f"{server.url}/v1/health", timeout=30).json()["state"]
             assert state["backend"] == "postgresql" and state["buffered"] == 3 and state["dropped"] == 1
             assert "unreachable" in state["error"]
+            metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+            assert "car_state_buffered_records 3.0" in metrics and "car_state_dropped_records 1.0" in metrics
             proxy.start()
             assert _wait(lambda: getattr(engine.store, "buffered", None) == 0)
             state = httpx.get(f"{server.url}/v1/health", timeout=30).json()["state"]

@@ -111,7 +111,27 @@ def _print_report(report: dict[str, Any], source: dict[str, str | None]) -> None
     _print_breakers(report.get("circuit_breakers") or {}, source["from"] == "server")
     _print_state(report.get("state"))
     _print_speech(report.get("speech"))
+    _print_kinds(report.get("kinds") or [])
     _print_extras(report)
+
+
+def _print_kinds(kinds: list[dict[str, Any]]) -> None:
+    """One line: the source kinds with models, how many can run; a kind without its backend,
+    with the install hint (kinds.py; a plugin's kinds say where they came from)."""
+    if not kinds:
+        return
+    shown = [
+        f"{k['kind']} {k['available_models']}/{k['models']}"
+        + (f" ({k['origin']})" if k.get("origin") not in (None, "built-in") else "")
+        for k in kinds
+        if k.get("models")
+    ]
+    out.print("model kinds (available/total): " + ", ".join(shown), markup=False)
+    for k in kinds:
+        if k.get("models") and not k.get("backend_installed"):
+            out.print(
+                f"  {k['kind']}: no backend installed ({k.get('install_hint') or 'see README'})", markup=False
+            )
 
 
 def _print_speech(speech: dict[str, Any] | None) -> None:
@@ -142,6 +162,12 @@ def _print_state(state: dict[str, Any] | None) -> None:
         out.print(f"{where} [red]unreachable[/] ({escape(str(state['error']))})")
     else:
         out.print(f"{where}, schema {state['schema_version']}, {state['round_trip_ms']:.2f} ms round trip")
+    if state.get("buffered") or state.get("dropped"):
+        out.print(
+            f"  {state.get('buffered', 0)} writes waiting in memory for it, "
+            f"{state.get('dropped', 0)} lost beyond [state] buffer_records",
+            markup=False,
+        )
 
 
 def _print_extras(report: dict[str, Any]) -> None:

@@ -63,6 +63,21 @@ class Metrics:
             "car_routing_decisions", "Routing decisions by strategy", ["strategy"], registry=r
         )
 
+    def watch_state(self, store: object) -> None:
+        """Gauges of a state store that buffers writes while its database is away (PostgreSQL,
+        ``[state] buffer_records``), read when scraped: records waiting, records lost."""
+        if not hasattr(store, "buffered"):
+            return
+        r = self.registry
+        Gauge(
+            "car_state_buffered_records", "Writes waiting in memory for the state database to return",
+            registry=r,
+        ).set_function(lambda: float(getattr(store, "buffered", 0)))  # fmt: skip
+        Gauge(
+            "car_state_dropped_records", "Writes lost beyond [state] buffer_records since the start",
+            registry=r,
+        ).set_function(lambda: float(getattr(store, "dropped", 0)))  # fmt: skip
+
     def watch_fleet(self, fleet: Fleet | None, limiter: FleetLimiter | None) -> None:
         """Gauges of the replica's link to the fleet (``[coordination] redis_url``), read when
         scraped: whether Redis answers (0: degraded to local-only), the reloads of learned router
