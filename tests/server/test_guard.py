@@ -256,3 +256,41 @@ def test_without_redis_each_replica_keeps_its_own_bound(
         server.stop()
         engine.close()
         redis.stop()
+
+
+def test_json_rpc_calls_take_the_fleets_slots_too(fake_provider: FakeProviderServer, tmp_path: Path) -> None:
+    """A JSON-RPC call over /ws on an idle replica is refused while the fleet's one slot is held
+    elsewhere, and served once it is given back."""
+    from websockets.sync.client import connect
+
+    prefix = redis_prefix()
+    engines = [_replica(tmp_path / name, fake_provider, prefix) for name in ("a", "b")]
+    a, b = (serve(e, max_concurrency=4) for e in engines)
+    fake_provider.queue(Reply(text="slow answer", delay_s=1.0))
+    first = [{"role": "user", "content": "hold the fleet's one slot from JSON-RPC"}]
+    slow = threading.Thread(
+        target=lambda: sdk(a).chat.completions.create(model="fake/echo", messages=first)  # type: ignore[arg-type]
+    )
+    call = {"jsonrpc": "2.0", "id": 1, "method": "infer", "params": {"model": "fake/echo", "prompt": "hi"}}
+    try:
+        slow.start()
+        deadline = time.monotonic() + 5
+        while not any(r.json and r.json.get("messages") == first for r in fake_provider.requests):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with connect(b.url.replace("http", "ws") + "/ws") as ws:
+            ws.send(json.dumps(call))
+            answer = json.loads(ws.recv())
+            assert "error" in answer, answer
+            error = answer["error"]
+            assert "global_concurrency" in error["message"]
+            slow.join()
+            time.sleep(0.2)  # A gives its slot back in a task of its own
+            ws.send(json.dumps(call))
+            assert json.loads(ws.recv())["result"]["text"]
+    finally:
+        slow.join()
+        for server in (a, b):
+            server.stop()
+        for engine in engines:
+            engine.close()

@@ -19,6 +19,7 @@ from .errors import ApiError
 
 if TYPE_CHECKING:
     from ..engine import InferenceEngine
+    from ..routing.coord_limit import FleetLimiter
     from .metrics import Metrics
 
 __all__ = [
@@ -67,6 +68,8 @@ class ServerState:
     settings: ServerSettings
     metrics: Metrics
     limiter: Limiter
+    # The fleet's bound ([coordination] global_concurrency), set by the guard; None without one.
+    fleet_limiter: FleetLimiter | None = None
     # Requests (HTTP) and JSON-RPC messages being answered: what `stop` cuts short.
     active: set[asyncio.Task[Any]] = field(default_factory=set)
     stopping: bool = False

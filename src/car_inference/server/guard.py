@@ -90,6 +90,7 @@ class Guard:
         bound = state.engine.config.coordination.global_concurrency
         self.fleet_limiter = FleetLimiter(fleet, bound) if fleet is not None and bound else None
         state.metrics.watch_fleet(fleet, self.fleet_limiter)
+        state.fleet_limiter = self.fleet_limiter  # JSON-RPC calls take the fleet's slots too
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         kind = scope["type"]

@@ -222,6 +222,20 @@ class Session:
             )
             metrics.request(f"ws:{name}", None, 429)
             return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(busy))}
+        fleet = self.state.fleet_limiter if counted else None
+        slot = await fleet.acquire() if fleet is not None else None
+        if fleet is not None and slot is False:
+            limiter.release()
+            busy = ApiError(
+                429,
+                f"the fleet is at its limit of {fleet.limit} concurrent requests "
+                "([coordination] global_concurrency); retry shortly",
+                type="rate_limit_error",
+                code="server_busy",
+                retry_after=1,
+            )
+            metrics.request(f"ws:{name}", None, 429)
+            return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(busy))}
         task = asyncio.current_task()
         if rid is not None and task is not None:
             self.in_flight[rid] = task
@@ -254,6 +268,8 @@ class Session:
         finally:
             if counted:
                 limiter.release()
+            if fleet is not None:
+                fleet.release(slot)
             if rid is not None and self.in_flight.get(rid) is task:
                 del self.in_flight[rid]
         model = result.get("model_used") if isinstance(result, dict) else None
