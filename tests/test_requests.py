@@ -200,6 +200,9 @@ def test_speech_and_image_requests_take_numbers_only() -> None:
         SynthesizeRequest(text="hi", speed=0)
     with pytest.raises(ValidationError):
         SynthesizeRequest(text="hi", speed=5e-324)  # Piper's length scale would be infinite
+    for field in ("text", "voice", "output_path"):
+        with pytest.raises(ValidationError, match=f"{field} contains a NUL character"):
+            SynthesizeRequest(**{"text": "hi", field: "a\x00b"})  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
         GenerateImageRequest(prompt="cat", seed=False)  # type: ignore[arg-type]
     with pytest.raises(ValidationError):

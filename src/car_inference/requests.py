@@ -486,6 +486,16 @@ class SynthesizeRequest(_Model):
     voice_instruction: str | None = None
     strict_capabilities: bool = False
 
+    @model_validator(mode="after")
+    def _no_nul(self) -> SynthesizeRequest:
+        """A NUL character can be neither spoken nor passed to a speech engine or a file name
+        (Piper failed on one with "embedded null character", a 500): refused up front."""
+        for name in ("text", "voice", "language", "output_path", "reference_audio_path", "reference_text"):
+            value = getattr(self, name)
+            if isinstance(value, str) and "\x00" in value:
+                raise ValueError(f"{name} contains a NUL character (\\x00)")
+        return self
+
 
 class SynthesizeResult(_Model):
     audio_path: str

@@ -85,6 +85,8 @@ def test_bad_media_requests_are_400(local_server: ServerThread) -> None:
             path,
             response.text,
         )
+    nul = httpx.post(url + "/audio/speech", json={"input": "a\x00b"})  # schemathesis found a 500
+    assert nul.status_code == 400 and "NUL character" in nul.json()["error"]["message"], nul.text
     no_file = httpx.post(url + "/audio/transcriptions", files={"model": (None, "auto")})
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
     not_multipart = httpx.post(url + "/audio/transcriptions", json={"file": "x"})
