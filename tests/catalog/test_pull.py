@@ -235,12 +235,20 @@ def test_two_pulls_at_once_download_the_file_once(hub: FakeHub) -> None:
 
     hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS})
     hub.slow["tiny-q4.gguf"] = 0.005
-    reports = []
-    threads = [threading.Thread(target=lambda: reports.append(pull(gguf_model()))) for _ in range(2)]
+    reports, errors = [], []
+
+    def one() -> None:
+        try:
+            reports.append(pull(gguf_model()))
+        except Exception as exc:  # the assertion below shows it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    assert errors == []
     assert len(reports) == 2 and sorted(r.downloaded_bytes for r in reports) == [0, len(WEIGHTS)]
     assert len(hub.gets("/cdn/")) == 1, "the second waited on huggingface_hub's lock file and found the blob"
     assert reports[0].path.read_bytes() == WEIGHTS

@@ -22,6 +22,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,9 @@ def write_ref(repo: str, revision: str, commit: str) -> None:
         return
     ref = repo_dir(repo) / "refs" / revision
     ref.parent.mkdir(parents=True, exist_ok=True)
-    ref.write_text(commit)
+    part = ref.with_name(f".{ref.name}.{os.getpid()}.{threading.get_ident()}")
+    part.write_text(commit)
+    os.replace(part, ref)  # a reader (another pull) never sees a half-written ref
 
 
 def link_snapshot(repo: str, commit: str, path: str, etag: str) -> Path:
@@ -95,14 +98,15 @@ def link_snapshot(repo: str, commit: str, path: str, etag: str) -> Path:
     link = root / "snapshots" / commit / path
     link.parent.mkdir(parents=True, exist_ok=True)
     blob = root / "blobs" / etag
-    if link.is_symlink() or link.exists():
-        if link.resolve() == blob.resolve():
-            return link
-        link.unlink()
+    if (link.is_symlink() or link.exists()) and link.resolve() == blob.resolve():
+        return link
+    # Made beside it and renamed over it: two pulls linking the same file at once both succeed.
+    part = link.with_name(f".{link.name}.{os.getpid()}.{threading.get_ident()}")
     try:
-        link.symlink_to(os.path.relpath(blob, link.parent))
+        part.symlink_to(os.path.relpath(blob, link.parent))
     except OSError:  # no symlinks on this file system: a copy
-        shutil.copy2(blob, link)
+        shutil.copy2(blob, part)
+    os.replace(part, link)
     return link
 
 
