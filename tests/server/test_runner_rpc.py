@@ -69,6 +69,15 @@ def server(engine: InferenceEngine) -> Iterator[ServerThread]:
         yield thread
 
 
+@pytest.fixture(autouse=True)
+def closed_circuits(engine: InferenceEngine) -> Iterator[None]:
+    """Each test is a scenario of its own: failures an earlier one provoked on purpose (timeouts,
+    disconnects) must not leave a circuit open that refuses this one's calls before any runner
+    sees them."""
+    engine.router.breakers.reset()
+    yield
+
+
 def _rpc(method: str, params: Any = None, rid: Any = None) -> str:
     message: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "params": params or {}}
     if rid is not None:
