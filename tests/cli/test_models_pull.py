@@ -259,7 +259,13 @@ def test_ollama_is_started_for_a_pull_and_stopped_after(
 
 def test_ps_lists_models_loaded_in_process_by_other_engines(isolated_home: Path) -> None:
     cache = ModelCache(budget_mb=100, record_dir=loaded_dir(isolated_home))
-    entry = cache.get_or_load("gguf:test/tiny", 7, lambda: bytearray(64 * 2**20))
+
+    def load() -> bytearray:  # 64 MB written, page by page: zero pages from calloc never count in RSS
+        weights = bytearray(64 * 2**20)
+        weights[::4096] = b"\x01" * (len(weights) // 4096)
+        return weights
+
+    entry = cache.get_or_load("gguf:test/tiny", 7, load)
     code, out, _ = car("models", "ps", "--json")
     assert code == 0
     [row] = json.loads(out)
