@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import sys
@@ -57,13 +58,22 @@ def test_each_entry_has_its_own_lock_and_invalidate_drops_it() -> None:
     assert cache.get("a") is None and cache.get("b") is b
 
 
+def _weights() -> mmap.mmap:
+    """64 MB of fresh pages, each written: RSS grows by them even in a big test process, which
+    could serve a bytearray from memory it freed earlier (RSS then barely moves)."""
+    weights = mmap.mmap(-1, 64 * 2**20)
+    for at in range(0, len(weights), 4096):
+        weights[at] = 1
+    return weights
+
+
 def test_the_budget_counts_measured_memory_not_the_estimate() -> None:
     cache = ModelCache(budget_mb=100)
-    a = cache.get_or_load("a", 1, lambda: bytearray(64 * 2**20))  # zero-filled: its pages are resident
+    a = cache.get_or_load("a", 1, _weights)
     assert a.estimated_mb == 1 and a.measured_mb is not None and a.measured_mb >= 48
     assert a.size_mb == a.measured_mb and cache.used_mb == a.measured_mb
     # Estimated at 1 MB, b would fit beside a; measured at 64 MB it does not, so a goes.
-    b = cache.get_or_load("b", 1, lambda: bytearray(64 * 2**20))
+    b = cache.get_or_load("b", 1, _weights)
     assert cache.keys() == ["b"] and cache.evictions == ["a"]
     assert cache.used_mb == b.measured_mb
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shlex
@@ -260,9 +261,12 @@ def test_ollama_is_started_for_a_pull_and_stopped_after(
 def test_ps_lists_models_loaded_in_process_by_other_engines(isolated_home: Path) -> None:
     cache = ModelCache(budget_mb=100, record_dir=loaded_dir(isolated_home))
 
-    def load() -> bytearray:  # 64 MB written, page by page: zero pages from calloc never count in RSS
-        weights = bytearray(64 * 2**20)
-        weights[::4096] = b"\x01" * (len(weights) // 4096)
+    def load() -> mmap.mmap:
+        # 64 MB of fresh pages, each written: a new mapping, so RSS grows even in a big process that
+        # has freed memory to reuse (a bytearray could be served from it and move RSS by 5 MB)
+        weights = mmap.mmap(-1, 64 * 2**20)
+        for at in range(0, len(weights), 4096):
+            weights[at] = 1
         return weights
 
     entry = cache.get_or_load("gguf:test/tiny", 7, load)
