@@ -27,11 +27,10 @@ from ..schema import ModelSchema
 from .complexity import TaskComplexity
 from .outcomes import InferenceTask, OutcomeTracker
 from .pool import default_latency_ms
-from .scoring import weights
+from .scoring import _COST_FLOOR, weights
 
 __all__ = ["MEDIA_FAMILY", "MediaChoice", "choose_media"]
 
-_COST_FLOOR = 1e-5
 # The family a media task's outcomes are learned under.
 MEDIA_FAMILY = {InferenceTask.GENERATE_IMAGE: "image", InferenceTask.GENERATE_VIDEO: "video"}
 
@@ -66,10 +65,11 @@ def choose_media(
     if settings.prefer_local:
         pool = [m for m in pool if m.is_local] or pool
     wq, wl, wc = weights(settings, TaskComplexity.MEDIUM, RoutingWorkload.BACKGROUND)
+    # The context's difficulty is measured against every candidate's prior, as the text scorer does.
+    priors = {m.id: m.quality if m.quality is not None else 0.5 for m in pool}
     scored: list[tuple[float, int, ModelSchema, float, float, int]] = []
     for i, m in enumerate(pool):
-        prior = m.quality if m.quality is not None else 0.5
-        mean, var, n = tracker.belief(m.id, family, prior)
+        mean, var, n = tracker.belief(m.id, family, priors[m.id], priors=priors)
         draw = mean + settings.exploration * math.sqrt(var) * rng.gauss(0.0, 1.0)
         draw = 0.0 if draw < 0.0 else 1.0 if draw > 1.0 else draw
         latency = tracker.latency_p50(m.id) or default_latency_ms(m)
