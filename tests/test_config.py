@@ -87,3 +87,14 @@ def test_redacted_masks_secrets(isolated_home: Path) -> None:
     config.server.api_keys = ["server-secret-123456"]
     shown = str(config.redacted())
     assert "sk-abcdefghijklmnop" not in shown and "server-secret-123456" not in shown
+
+
+def test_old_routing_keys_load_with_a_warning(isolated_home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Keys of earlier routers still load (a config must not break on upgrade) and say they do nothing."""
+    (isolated_home / "config.toml").write_text(
+        "[routing]\nexploration_rate = 0\nprior_strength = 10\nmin_observations = 3\n"
+    )
+    with caplog.at_level("WARNING"):
+        routing = load_config(isolated_home).routing
+    assert routing.exploration == 0.0 and not hasattr(routing, "prior_strength")
+    assert "min_observations, prior_strength: unused by this router" in caplog.text

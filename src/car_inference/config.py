@@ -113,7 +113,7 @@ def _default_models() -> ModelChoices:
 
 _LEGACY_ROUTING = frozenset({
     "exploration_rate", "quality_first_cold_start", "min_observations", "bootstrap_min_task_observations",
-    "bootstrap_quality_floor",
+    "bootstrap_quality_floor", "prior_strength",
 })  # fmt: skip
 
 
@@ -125,7 +125,6 @@ class RoutingSettings(_Section):
         default=2.0, ge=1, description="latency weight multiplier for interactive work"
     )
     prefer_local: bool = False
-    prior_strength: float = Field(default=10.0, ge=0, description="pseudo-observations of a prior")
     prior_sd: float = Field(
         default=0.15, gt=0, le=1, description="uncertainty (standard deviation) of a model's prior quality"
     )
@@ -142,8 +141,9 @@ class RoutingSettings(_Section):
     @model_validator(mode="before")
     @classmethod
     def _legacy_keys(cls, data: Any) -> Any:
-        """Settings of the old cold-start and epsilon-greedy router: exploration now comes from
-        the uncertainty of each model's belief. ``exploration_rate = 0`` still means none."""
+        """Settings of the old cold-start and epsilon-greedy router (and ``prior_strength``, read by
+        the residuals it no longer keeps): exploration now comes from the uncertainty of each
+        model's belief. ``exploration_rate = 0`` still means none."""
         if isinstance(data, dict) and _LEGACY_ROUTING.intersection(data):
             data = dict(data)
             rate = data.pop("exploration_rate", None)
@@ -153,7 +153,7 @@ class RoutingSettings(_Section):
             for key in dropped:
                 del data[key]
             if dropped:
-                log.warning("[routing] %s: unused (exploration is Thompson sampling)", ", ".join(dropped))
+                log.warning("[routing] %s: unused by this router (see README, Routing)", ", ".join(dropped))
         return data
 
 

@@ -16,7 +16,7 @@ from .helpers import FakeClock
 @pytest.fixture(params=["memory", "sqlite"])
 def tracker(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> OutcomeTracker:
     store = OutcomeStore(tmp_path / "state.db") if request.param == "sqlite" else None
-    return OutcomeTracker(store, RoutingSettings(prior_strength=10), clock=clock)
+    return OutcomeTracker(store, RoutingSettings(), clock=clock)
 
 
 def _run(tracker: OutcomeTracker, model: str, family: str, ok: bool, latency: float = 100.0) -> str:
@@ -47,7 +47,7 @@ def test_record_attempt_counts_like_start_then_finish(
 ) -> None:
     def make(name: str) -> OutcomeTracker:
         store = OutcomeStore(tmp_path / f"{name}.db") if with_store else None
-        return OutcomeTracker(store, RoutingSettings(prior_strength=10), clock=clock)
+        return OutcomeTracker(store, RoutingSettings(), clock=clock)
 
     two_steps, one_step = make("two"), make("one")
     for i, ok in enumerate((True, False, True, True)):
