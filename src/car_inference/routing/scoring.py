@@ -15,11 +15,21 @@ Score of a candidate, higher is better::
     wc = cost_weight    * {simple: 1.5, medium: 1, complex: 0.5}
 
 Latency is the observed p50 (3+ successful calls), else the benchmark's latency for the family,
-else the catalog's. Cost is the price of the input tokens plus the *expected* output tokens: the
-model's mean answer length in the narrowest context where it has answered (cluster or template,
-family, else all its calls; shrunk toward ``TYPICAL_OUTPUT_TOKENS`` with ``OUTPUT_PRIOR_CALLS``
-pseudo-calls), never more than ``max_tokens``. (Spend limits, in
-``router._candidates``, still assume the worst case, all of ``max_tokens``.)
+else the catalog's. Cost is the price of the input tokens plus the *expected* output tokens,
+never more than ``max_tokens``. The task, more than the model, decides whether an answer is a
+letter or a program, so the prior of a model's answer length is the context's: everyone's mean
+in the narrowest of the request's keys with counted answers, shrunk toward
+``TYPICAL_OUTPUT_TOKENS``; the model's own answers there move it, each shrinkage with
+``OUTPUT_PRIOR_CALLS`` pseudo-calls. Where the context counted nothing: the model's mean over
+all its calls, else ``TYPICAL_OUTPUT_TOKENS``. (Spend limits, in ``router._candidates``, still
+assume the worst case, all of ``max_tokens``.)
+
+Models new to a context used to be priced at the typical 256 tokens: on the RouterDC replay,
+where multiple-choice answers are 12 tokens, that made them look 20x dearer, and the cost-aware
+weights never tried them (0.4768 against 0.4978 now, 6 seeds; the labelled bandit 0.4958).
+With one pseudo-call instead of five behind the context's length, the default weights lost
+0.003 (0.4966 against 0.4997, 6 seeds): untried models in new contexts looked as cheap as the
+tried one at once and were explored more, which does not pay on this data.
 
 The loop computes ``wq*Q - wl/2*log10(latency) - wc/3*log10(cost + 1e-5)`` in one pass, gives back
 what lies past a cap for the few candidates over 100x the fastest latency or 1000x the cheapest
@@ -45,11 +55,18 @@ from ..config import RoutingSettings
 from ..requests import RoutingWorkload
 from .complexity import TaskComplexity
 from .decision import _SCORE, _Row
-from .estimate import DRIFT_VAR, ProfileRow, StatsRow, belief, difficulty, first_look, noise_of
+from .estimate import ALL, DRIFT_VAR, ProfileRow, StatsRow, belief, difficulty, first_look, noise_of
 from .outcomes import OutcomeTracker
 from .pool import TYPICAL_OUTPUT_TOKENS, ModelView
 
-__all__ = ["DRAW_CORRELATION", "OUTPUT_PRIOR_CALLS", "Context", "expected_output_tokens", "score_candidates"]
+__all__ = [
+    "DRAW_CORRELATION",
+    "OUTPUT_PRIOR_CALLS",
+    "Context",
+    "context_length",
+    "expected_output_tokens",
+    "score_candidates",
+]
 
 OUTPUT_PRIOR_CALLS = 5.0
 # How much of each candidate's Thompson noise is shared by all candidates of a decision (above).
@@ -81,23 +98,40 @@ def weights(st: RoutingSettings, complexity: TaskComplexity, workload: RoutingWo
     return wq / total, wl / total, wc / total
 
 
-def expected_output_tokens(total_out: int, successes: int, max_tokens: int) -> float:
-    """Mean answer length so far, shrunk toward the typical one and capped at ``max_tokens``.
-    No token counted at all (a caller that never reports them) means unknown, not zero."""
-    prior = min(max_tokens, TYPICAL_OUTPUT_TOKENS)
+def expected_output_tokens(
+    total_out: int, successes: int, max_tokens: int, prior: float | None = None
+) -> float:
+    """Mean answer length so far, shrunk toward ``prior`` (the context's length; by default the
+    typical one) with ``OUTPUT_PRIOR_CALLS`` pseudo-calls and capped at ``max_tokens``. No token
+    counted at all (a caller that never reports them) means unknown, not zero."""
+    prior = min(float(max_tokens), TYPICAL_OUTPUT_TOKENS if prior is None else prior)
     if total_out <= 0:
-        return float(prior)
+        return prior
     expected = (OUTPUT_PRIOR_CALLS * prior + total_out) / (OUTPUT_PRIOR_CALLS + successes)
     return expected if expected < max_tokens else float(max_tokens)
 
 
-def _answer_length(profile: ProfileRow, rows: list[StatsRow | None], max_tokens: int) -> float:
-    """Expected output tokens: the narrowest context where the model answered with counted tokens
-    (answers to a multiple-choice template and to a coding one differ tenfold), else its totals."""
-    for row in reversed(rows):
+def context_length(levels: list[dict[str, StatsRow]], max_tokens: int) -> tuple[int, float | None]:
+    """(level, everyone's expected answer length there) for the narrowest of the request's levels
+    with counted answers; (-1, None) where none has any."""
+    for i in range(len(levels) - 1, -1, -1):
+        row = levels[i].get(ALL)
         if row is not None and row.success_count and row.total_output_tokens:
-            return expected_output_tokens(row.total_output_tokens, row.success_count, max_tokens)
-    return expected_output_tokens(profile.total_output_tokens, profile.success_count, max_tokens)
+            return i, expected_output_tokens(row.total_output_tokens, row.success_count, max_tokens)
+    return -1, None
+
+
+def _answer_length(
+    profile: ProfileRow, rows: list[StatsRow | None], max_tokens: int, level: int, ctx_len: float | None
+) -> float:
+    """Expected output tokens of one model: its answers at the context's ``level`` shrunk toward
+    the context's length ``ctx_len``; without a context length, its totals (module docstring)."""
+    if ctx_len is None:
+        return expected_output_tokens(profile.total_output_tokens, profile.success_count, max_tokens)
+    row = rows[level]
+    if row is None or not row.success_count or not row.total_output_tokens:
+        return ctx_len
+    return expected_output_tokens(row.total_output_tokens, row.success_count, max_tokens, ctx_len)
 
 
 def score_candidates(
@@ -121,7 +155,8 @@ def score_candidates(
     offset = difficulty(levels, {m: e[0] for m, e in table.items()})
     prior_var = st.prior_sd * st.prior_sd
     untried_var = prior_var + sum(DRIFT_VAR[: len(levels)])
-    default_out = expected_output_tokens(0, 0, max_tokens)
+    level, ctx_len = context_length(levels, max_tokens)
+    default_out = expected_output_tokens(0, 0, max_tokens) if ctx_len is None else ctx_len
     explore = st.exploration
     gauss = rng.gauss
     lean = _SHARED_PART * gauss(0.0, 1.0) if explore else 0.0  # shared by every candidate
@@ -138,7 +173,7 @@ def score_candidates(
         p = profiles.get(mid)
         if p is not None and p.total_calls:
             own = [lv.get(mid) for lv in levels]
-            out_tokens = _answer_length(p, own, max_tokens)
+            out_tokens = _answer_length(p, own, max_tokens, level, ctx_len)
             var = prior_var
             if own[0] is None:
                 mean, var = first_look(mean, var, p)
