@@ -22,7 +22,7 @@ from car_inference.server import (
     create_app,
     is_loopback,
 )
-from car_inference.server.run import uvicorn_config
+from car_inference.server.run import serve, uvicorn_config
 
 
 def test_loopback_addresses() -> None:
@@ -121,3 +121,23 @@ async def test_stopping_answers_json_rpc_calls_in_flight(server_engine: Inferenc
     stopper.join()
     assert reply["id"] == "long" and reply["error"]["code"] == -32016
     assert reply["error"]["data"]["code"] == "server_shutdown" and reply["error"]["data"]["retryable"] is True
+
+
+def test_a_stop_requested_before_start_ends_the_server_once_started() -> None:
+    """``stop_requested``: a Ctrl-C that came before uvicorn's own handlers were in place (car
+    serve remembers it) stops the server as soon as it has started, gracefully."""
+    asked: list[bool] = []
+
+    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+
+    def stop_requested() -> bool:
+        asked.append(True)
+        return True
+
+    started = time.monotonic()
+    serve(app, ServerSettings(port=0), log_level="warning", stop_requested=stop_requested)
+    assert asked and time.monotonic() - started < 10

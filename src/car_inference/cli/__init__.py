@@ -6,13 +6,18 @@ import signal
 import threading
 from typing import Annotated
 
+_interrupted: list[int] = []
+
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:
-    raise SystemExit(130)  # no traceback, the exit status of any other Ctrl-C
+    # Remembered, not raised: an exception raised from a signal handler lands in whatever code runs
+    # then, and where that is a weakref callback or a __del__ (the import system runs some), Python
+    # prints "Exception ignored" and drops it: the Ctrl-C was lost and the command carried on.
+    _interrupted.append(signum)
 
 
 # Ctrl-C during the imports below (a few hundred ms, before any command handles it) exits 130
-# quietly; the usual KeyboardInterrupt is back once they are done.
+# quietly once they are done; the usual KeyboardInterrupt is back after them.
 _QUIET_START = (
     threading.current_thread() is threading.main_thread()
     and signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -29,6 +34,8 @@ from .runtimes import runtimes_app  # noqa: E402
 
 if _QUIET_START:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _interrupted:
+        raise SystemExit(130)  # no traceback, the exit status of any other Ctrl-C
 
 app = typer.Typer(
     name="car",

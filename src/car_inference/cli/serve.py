@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -11,6 +14,36 @@ from ..config import load_config
 from .common import EXIT_USAGE, err, fail, handle_errors
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+EXIT_INTERRUPTED = 130
+
+
+class _StartInterrupts:
+    """Ctrl-C while the server starts (imports, the engine, uvicorn's own start) is remembered and
+    acted on at the next step, not raised where it lands: a KeyboardInterrupt raised inside a
+    weakref callback or a ``__del__`` is dropped by Python ("Exception ignored"), and the server
+    then came up and ran as if never interrupted (1 start in 50 on a loaded machine). Once
+    uvicorn runs, its own handler takes Ctrl-C (a graceful shutdown); it gives this one back
+    after and re-raises the signal, which lands here too."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: object = None
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.seen = True
+
+    def __enter__(self) -> _StartInterrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+
+    def check(self) -> None:
+        if self.seen:
+            raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def register(app: typer.Typer) -> None:
@@ -33,29 +66,38 @@ def register(app: typer.Typer) -> None:
         (CAR_SERVER_API_KEYS or server.api_keys in config.toml). Ctrl-C stops it (exit 130)."""
         if log_level not in _LOG_LEVELS:
             raise fail(f"--log-level must be one of {', '.join(_LOG_LEVELS)}", EXIT_USAGE)
-        config = load_config()
-        update = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-        settings = config.server.model_copy(update=update)
-        try:
-            from ..server import BindRefused, PortInUse, bind, check_bind, create_app
-            from ..server import serve as run_server
-        except ImportError as exc:
-            missing = (
-                f"the server needs its extra ({exc.name} is missing): pip install 'car-inference[server]'"
-            )
-            raise fail(missing) from None
-        try:
-            check_bind(settings.host, settings.api_keys)
-            # Bound before anything is printed or loaded: a taken port is one line and exit 1.
-            sock = bind(settings.host, settings.port)
-        except BindRefused as exc:
-            raise fail(str(exc), EXIT_USAGE) from None
-        except PortInUse as exc:
-            raise fail(str(exc)) from None
-        # The app makes the engine and closes it at shutdown (before uvicorn re-raises the signal).
-        app = create_app(settings=settings)
-        where = f"http://{settings.host}:{sock.getsockname()[1]}"
-        keys = "API keys required" if settings.api_keys else "no API keys"
-        ws = where.replace("http", "ws", 1)
-        err.print(escape(f"car serve: {where}/v1 (OpenAI API), {ws}/ws (JSON-RPC); {keys}"))
-        run_server(app, settings, log_level=log_level, sock=sock)
+        with _StartInterrupts() as interrupts:
+            _serve(host, port, log_level, interrupts)
+        interrupts.check()
+
+
+def _serve(host: str | None, port: int | None, log_level: str, interrupts: _StartInterrupts) -> None:
+    config = load_config()
+    update = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    settings = config.server.model_copy(update=update)
+    try:
+        from ..server import BindRefused, PortInUse, bind, check_bind, create_app
+        from ..server import serve as run_server
+    except ImportError as exc:
+        missing = f"the server needs its extra ({exc.name} is missing): pip install 'car-inference[server]'"
+        raise fail(missing) from None
+    interrupts.check()
+    try:
+        check_bind(settings.host, settings.api_keys)
+        # Bound before anything is printed or loaded: a taken port is one line and exit 1.
+        sock = bind(settings.host, settings.port)
+    except BindRefused as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+    except PortInUse as exc:
+        raise fail(str(exc)) from None
+    # The app makes the engine and closes it at shutdown (before uvicorn re-raises the signal).
+    app = create_app(settings=settings)
+    if interrupts.seen:
+        app.state.car.engine.close()
+        sock.close()
+        interrupts.check()
+    where = f"http://{settings.host}:{sock.getsockname()[1]}"
+    keys = "API keys required" if settings.api_keys else "no API keys"
+    ws = where.replace("http", "ws", 1)
+    err.print(escape(f"car serve: {where}/v1 (OpenAI API), {ws}/ws (JSON-RPC); {keys}"))
+    run_server(app, settings, log_level=log_level, sock=sock, stop_requested=lambda: interrupts.seen)

@@ -8,6 +8,7 @@ import ipaddress
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -79,7 +80,17 @@ def uvicorn_config(
 class Server(uvicorn.Server):
     """uvicorn's server, which first asks the app's work in flight to end (streams with an error
     event and ``[DONE]``, waiting requests with a 503) so that a shutdown takes a moment, cuts
-    nothing silently, and leaves no task writing to a closed store."""
+    nothing silently, and leaves no task writing to a closed store. ``stop_requested``: asked once
+    started, for a stop asked for before uvicorn's own signal handlers were in place."""
+
+    def __init__(self, config: uvicorn.Config, stop_requested: Callable[[], bool] | None = None) -> None:
+        super().__init__(config)
+        self._stop_requested = stop_requested
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self._stop_requested is not None and self._stop_requested():
+            self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = getattr(getattr(self.config.app, "state", None), "car", None)
@@ -103,12 +114,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(
-    app: Any, settings: ServerSettings, *, log_level: str = "info", sock: socket.socket | None = None
+    app: Any,
+    settings: ServerSettings,
+    *,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM), on ``sock`` when given (see ``bind``)."""
+    """Serve until interrupted (Ctrl-C / SIGTERM), on ``sock`` when given (see ``bind``). A
+    ``stop_requested`` that says yes once the server has started stops it at once (gracefully)."""
     check_bind(settings.host, settings.api_keys)
     sock = sock if sock is not None else bind(settings.host, settings.port)
-    Server(uvicorn_config(app, settings, log_level=log_level)).run(sockets=[sock])
+    Server(uvicorn_config(app, settings, log_level=log_level), stop_requested).run(sockets=[sock])
 
 
 class ServerThread:
