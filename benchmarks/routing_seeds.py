@@ -1,0 +1,49 @@
+"""One router setting over chosen seeds, after warm-up: the quick loop for trying a change.
+
+    .venv/bin/python benchmarks/routing_seeds.py default --seeds 0 1 2 3 4 5
+    .venv/bin/python benchmarks/routing_seeds.py cost-aware --pricing spread --exploration 0.7
+
+Prints each seed's held-out score and $ per 1k requests, then the mean ± sd; the labelled bandit
+with ``--labelled``. About 10 s per seed on a quiet 2-core machine (``routing.py`` is the full
+report; this is the same replay, ``routing_replay.run_router``, for one row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from routing_replay import SETTINGS, load_split, run_labelled, run_router, size_pricing, spread_pricing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("setting", choices=sorted(SETTINGS))
+    parser.add_argument("--pricing", choices=("size", "spread"), default="size")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
+    parser.add_argument("--exploration", type=float, help="override [routing] exploration")
+    parser.add_argument("--cold", action="store_true", help="no warm-up")
+    parser.add_argument("--labelled", action="store_true", help="the labelled Thompson bandit instead")
+    args = parser.parse_args()
+    train, test = load_split()
+    pricing = size_pricing() if args.pricing == "size" else spread_pricing(train)
+    settings = SETTINGS[args.setting]
+    if args.exploration is not None:
+        settings = settings.model_copy(update={"exploration": args.exploration})
+    run = run_labelled if args.labelled else run_router
+    scores = []
+    for seed in args.seeds:
+        started = time.perf_counter()
+        score = run(settings, pricing, train, test, seed, warm=not args.cold)
+        scores.append(score.quality)
+        took = time.perf_counter() - started
+        print(f"seed {seed}: {score.quality:.4f}  ${score.usd_per_1k:.4f} per 1k  ({took:.0f} s)", flush=True)
+    sd = statistics.pstdev(scores) if len(scores) > 1 else 0.0
+    print(f"mean {statistics.fmean(scores):.4f} ± {sd:.4f} over {len(scores)} seeds")
+
+
+if __name__ == "__main__":
+    main()
