@@ -39,7 +39,7 @@ def test_noise_is_bounded_near_certain_means() -> None:
 def test_an_untried_model_keeps_its_prior_with_the_widest_uncertainty() -> None:
     mean, var, n = belief(0.8, 0.02, [None, None], 0.16)
     assert (mean, n) == (0.8, 0)
-    assert var == pytest.approx(0.02 + sum(DRIFT_VAR))
+    assert var == pytest.approx(0.02 + sum(DRIFT_VAR[:2]))
 
 
 def test_each_level_counts_only_what_narrower_levels_do_not_hold() -> None:
@@ -94,3 +94,22 @@ def test_the_family_level_counts_each_cluster_against_its_own_baseline() -> None
     only_here = {ALL: _stats(9.0, 10.0), "c": _stats(4.0, 5.0)}
     level = family_level({ALL: _stats(9.0, 10.0), "c": _stats(4.0, 5.0)}, only_here, [only_here])
     assert level["c"].decayed_n == pytest.approx(5.0)
+
+
+def test_a_template_level_is_counted_under_no_other_key() -> None:
+    """A template's outcomes are counted under its key alone, so with ``detached`` the cluster
+    level keeps all of its own calls, where nested levels subtract the level below."""
+    family, cluster, template = _stats(16.0, 20.0), _stats(8.0, 10.0), _stats(3.0, 10.0)
+    mean, var, n = belief(0.5, 0.02, [family, cluster, template], 0.25, detached=True)
+    expected = posterior(
+        0.5,
+        0.02,
+        [(10.0, 10.0 * 0.8, DRIFT_VAR[0]), (10.0, 10.0 * 0.8, DRIFT_VAR[1]), (10.0, 3.0, DRIFT_VAR[2])],
+        0.25,
+    )
+    assert (mean, var) == pytest.approx(expected) and n == 10
+    nested, _v, _n = belief(0.5, 0.02, [family, cluster, template], 0.25)
+    assert nested != pytest.approx(mean)  # nested: the cluster's 10 calls were all the template's
+    # A model never seen around the template but seen in it: its template outcomes still count.
+    alone, _v, n = belief(0.5, 0.02, [None, None, template], 0.25, detached=True)
+    assert alone < 0.45 and n == 10

@@ -675,3 +675,25 @@ def test_requests_sharing_a_prefix_are_learned_as_one_task() -> None:
     templates = {d.prompt_cluster.split("/", 1)[1] for d in decisions[1:] if d.prompt_cluster}
     assert len(families) > 1 and len(templates) == 1
     assert [d.model_id for d in decisions[-30:]].count("a/good") >= 28
+
+
+def test_a_new_template_starts_from_what_its_context_knows() -> None:
+    """A template is learned under its own key, but its first requests are judged from the
+    requests around it (same family rules), not from scratch: the model that does well there
+    starts ahead in the template, with less uncertainty than a stranger."""
+    reg = registry(remote("a/good", quality=0.5), remote("b/bad", quality=0.5))
+    router = make_router(RoutingSettings(exploration=0))
+    for i in range(60):
+        model = ("a/good", "b/bad")[i % 2]
+        router.tracker.record_attempt(
+            model, family="chat", cluster="latin-short", trace_id=f"t{i}", started_at=0.0,
+            success=True, score=0.9 if model == "a/good" else 0.2,
+        )  # fmt: skip
+    prefix = "Reply as the assistant of the Blue Cafe, in one sentence, politely and briefly. " * 2
+    router.decide(GenerateRequest(prompt=prefix + "Are you open today?"), reg)
+    d = router.decide(GenerateRequest(prompt=prefix + "Do you sell tea?"), reg)
+    assert d.prompt_cluster is not None and "/" in d.prompt_cluster
+    assert (d.task_family, d.prompt_cluster.split("/")[0]) == ("chat", "latin-short")
+    by_id = {c.model_id: c for c in d.candidates}
+    assert by_id["a/good"].quality > by_id["b/bad"].quality + 0.3
+    assert d.model_id == "a/good" and by_id["a/good"].quality_observations == 0  # none in the template yet

@@ -1,7 +1,8 @@
 """The quality model: what the router expects a model to score in a context, and how sure it is.
 
-A model's quality in a request's context (its family, then its cluster; or its template alone: the
-keys of ``store.stat_keys``) is a Gaussian belief refined from the widest level to the narrowest::
+A model's quality in a request's context (its family, then its cluster, then its template where it
+has one; ``OutcomeTracker.views``) is a Gaussian belief refined from the widest level to the
+narrowest::
 
     prior     mean = the model's prior (benchmark score for the family, catalog, else 0.5) plus the
                      context's difficulty: how much the models observed there beat their own priors
@@ -12,7 +13,9 @@ keys of ``store.stat_keys``) is a Gaussian belief refined from the widest level 
               cluster, re-based on this cluster's baseline
               (``family_level``: no Simpson's paradox)
     cluster   its calls in this cluster                          drift = DRIFT_VAR[1]
-    (a templated request has one level, its template, with DRIFT_VAR[0])
+    template  (a templated request) its calls in the template    drift = DRIFT_VAR[2]
+              (counted there alone: the family and cluster levels are the requests around it, so a
+              new template starts from what they know, not from scratch)
     at each level:  var0 = var + drift;  noise = clamp(q·(1-q), 0.04, 0.25) at the prior's q
                     var  = 1 / (1/var0 + n/noise);  mean = var · (mean/var0 + n·m/noise)
 
@@ -86,8 +89,8 @@ class StatsRow:
 
 _NOISE_MIN, _NOISE_MAX = 0.04, 0.25
 # How far a model's quality in one context may lie from the level above (variances): its prior ->
-# the family, the family -> the cluster (or template). Chosen on the RouterDC replay.
-DRIFT_VAR = (0.0, 0.10**2)
+# the family, the family -> the cluster, the cluster -> a template. Chosen on the RouterDC replay.
+DRIFT_VAR = (0.0, 0.10**2, 0.10**2)
 DIFFICULTY_PSEUDO_CALLS = 20.0  # shrinks a context's difficulty offset toward 0 while it is new
 # Shrinks a cluster's baseline toward its family's while the cluster is new (``family_level``).
 FAMILY_BASE_PSEUDO_CALLS = 10.0
@@ -189,17 +192,22 @@ def first_look(mean: float, var: float, profile: ProfileRow | None) -> tuple[flo
     return (mean / var + seen / obs_var) / precision, 1.0 / precision
 
 
-def belief(mean: float, var: float, rows: list[StatsRow | None], noise: float) -> tuple[float, float, int]:
+def belief(
+    mean: float, var: float, rows: list[StatsRow | None], noise: float, *, detached: bool = False
+) -> tuple[float, float, int]:
     """A model's quality belief from its prior in this context (``mean``, ``var``) and its rows for
-    the request's keys (family, then family|cluster; None where it has none): (mean, variance,
-    calls in the narrowest key). Each level counts what the level below it does not hold."""
+    the request's keys (family, then family|cluster, then for a templated request its template;
+    None where it has none): (mean, variance, calls in the narrowest key). Each level counts what
+    the level below it does not hold; ``detached``: the last row (a template's) is counted under
+    no other key, so the level above it keeps all its own calls."""
     depth = len(rows)
     levels: list[tuple[float, float, float]] = []
     n = 0
     for i, row in enumerate(rows):
         if row is None:
-            break
-        below = rows[i + 1] if i + 1 < depth else None
+            levels.append((0.0, 0.0, DRIFT_VAR[i]))  # never observed here: drift only
+            continue
+        below = rows[i + 1] if i + 1 < depth and not (detached and i + 2 == depth) else None
         # The level's weight is the calls the level below does not hold; its evidence is its mean
         # quality (decayed rows of different keys decay at different paces, so their sums do not
         # subtract, but their means compare).
@@ -211,5 +219,4 @@ def belief(mean: float, var: float, rows: list[StatsRow | None], noise: float) -
         if i == depth - 1:
             n = row.calls
     mean, var = posterior(mean, var, levels, noise)
-    var += sum(DRIFT_VAR[len(levels) : depth])  # levels never observed: drift only
     return mean, var, n

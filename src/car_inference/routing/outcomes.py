@@ -33,6 +33,7 @@ from .store import (
     QUALITY_DECAY,
     TraceRow,
     baseline_rows,
+    is_templated,
     stat_keys,
     trace_quality,
 )
@@ -425,7 +426,7 @@ class OutcomeTracker:
         var = self.settings.prior_sd**2
         if rows and rows[0] is None:
             mean, var = first_look(mean, var, self._profiles.get(model_id))
-        mean, var, n = belief(mean, var, rows, noise_of(mean))
+        mean, var, n = belief(mean, var, rows, noise_of(mean), detached=is_templated(cluster))
         return (0.0 if mean < 0.0 else 1.0 if mean > 1.0 else mean), var, n
 
     def observations(self, model_id: str, family: str) -> int:
@@ -440,17 +441,19 @@ class OutcomeTracker:
     def views(
         self, family: str, cluster: str | None
     ) -> tuple[dict[str, ProfileRow], list[dict[str, StatsRow]], dict[str, float]]:
-        """Read-only views for the router's scoring loop: the profiles, the stats of each of the
-        request's keys (``stat_keys``: family, then narrower), and the latency p50s."""
-        keys = stat_keys(family, cluster)
+        """Read-only views for the router's scoring loop: the profiles, the rows of each level of
+        the request's context (family, then family|cluster, then for a templated request
+        ``coarse/<signature>`` its template, which ``stat_keys`` counts under no other key), and the
+        latency p50s."""
         empty: dict[str, StatsRow] = {}
-        if len(keys) == 1:
-            return self._profiles, [self._stats.get(keys[0], empty)], self._p50
-        return (
-            self._profiles,
-            [self._family_view(keys[0], keys[1]), self._stats.get(keys[1], empty)],
-            self._p50,
-        )
+        if not cluster:
+            return self._profiles, [self._stats.get(family, empty)], self._p50
+        coarse, sep, _ = cluster.partition("/")
+        key = f"{family}|{coarse}"
+        levels = [self._family_view(family, key), self._stats.get(key, empty)]
+        if sep:
+            levels.append(self._stats.get(stat_keys(family, cluster)[0], empty))
+        return self._profiles, levels, self._p50
 
     def _family_view(self, family: str, key: str) -> dict[str, StatsRow]:
         """The family level of requests counted under ``key`` (``estimate.family_level``), kept

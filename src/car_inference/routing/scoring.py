@@ -58,6 +58,7 @@ from .decision import _SCORE, _Row
 from .estimate import ALL, DRIFT_VAR, ProfileRow, StatsRow, belief, difficulty, first_look, noise_of
 from .outcomes import OutcomeTracker
 from .pool import TYPICAL_OUTPUT_TOKENS, ModelView
+from .store import is_templated
 
 __all__ = [
     "DRAW_CORRELATION",
@@ -155,6 +156,7 @@ def score_candidates(
     offset = difficulty(levels, {m: e[0] for m, e in table.items()})
     prior_var = st.prior_sd * st.prior_sd
     untried_var = prior_var + sum(DRIFT_VAR[: len(levels)])
+    detached = is_templated(ctx.cluster)
     level, ctx_len = context_length(levels, max_tokens)
     default_out = expected_output_tokens(0, 0, max_tokens) if ctx_len is None else ctx_len
     explore = st.exploration
@@ -177,7 +179,7 @@ def score_candidates(
             var = prior_var
             if own[0] is None:
                 mean, var = first_look(mean, var, p)
-            mean, var, n = belief(mean, var, own, noise_of(mean))
+            mean, var, n = belief(mean, var, own, noise_of(mean), detached=detached)
         else:
             out_tokens, var, n = default_out, untried_var, 0
         sd = sqrt(var)

@@ -39,6 +39,7 @@ from .store_base import (
     TraceRow,
     baseline_rows,
     dict_rows,
+    is_templated,
     stat_keys,
     trace_quality,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "QualityChange",
     "TraceRow",
     "baseline_rows",
+    "is_templated",
     "stat_keys",
     "trace_quality",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "TraceRow",
     "baseline_rows",
     "dict_rows",
+    "is_templated",
     "stat_keys",
     "trace_quality",
 ]
@@ -84,6 +85,11 @@ def stat_keys(family: str, cluster: str | None) -> tuple[str, ...]:
         return (family,)
     _coarse, sep, template = cluster.partition("/")
     return (f"template|{template}",) if sep else (family, f"{family}|{cluster}")
+
+
+def is_templated(cluster: str | None) -> bool:
+    """Whether a request's cluster carries a template signature (``coarse/<signature>``)."""
+    return cluster is not None and "/" in cluster
 
 
 def baseline_rows(family: str, cluster: str | None) -> tuple[tuple[str, str], ...]:
