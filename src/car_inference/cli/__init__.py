@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from typing import Annotated
 
-_interrupted: list[int] = []
-
-
-def _interrupted_while_starting(signum: int, frame: object) -> None:
-    # Remembered, not raised: an exception raised from a signal handler lands in whatever code runs
-    # then, and where that is a weakref callback or a __del__ (the import system runs some), Python
-    # prints "Exception ignored" and drops it: the Ctrl-C was lost and the command carried on.
-    _interrupted.append(signum)
-
+from .interrupts import Interrupts
 
 # Ctrl-C during the imports below (a few hundred ms, before any command handles it) exits 130
-# quietly once they are done; the usual KeyboardInterrupt is back after them.
-_QUIET_START = (
-    threading.current_thread() is threading.main_thread()
-    and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-)
-if _QUIET_START:
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+# quietly once they are done (``interrupts``); the usual KeyboardInterrupt is back after them.
+_starting = Interrupts().install()
 
 import typer  # noqa: E402
 
@@ -32,10 +17,8 @@ from . import generate, ground, hardware, health, keys, media, routing, serve, s
 from .models import config_app, models_app  # noqa: E402
 from .runtimes import runtimes_app  # noqa: E402
 
-if _QUIET_START:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    if _interrupted:
-        raise SystemExit(130)  # no traceback, the exit status of any other Ctrl-C
+_starting.restore()
+_starting.check()
 
 app = typer.Typer(
     name="car",

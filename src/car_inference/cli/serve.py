@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-from types import FrameType
 from typing import Annotated
 
 import typer
@@ -12,38 +9,9 @@ from rich.markup import escape
 
 from ..config import load_config
 from .common import EXIT_USAGE, err, fail, handle_errors
+from .interrupts import Interrupts
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-EXIT_INTERRUPTED = 130
-
-
-class _StartInterrupts:
-    """Ctrl-C while the server starts (imports, the engine, uvicorn's own start) is remembered and
-    acted on at the next step, not raised where it lands: a KeyboardInterrupt raised inside a
-    weakref callback or a ``__del__`` is dropped by Python ("Exception ignored"), and the server
-    then came up and ran as if never interrupted (1 start in 50 on a loaded machine). Once
-    uvicorn runs, its own handler takes Ctrl-C (a graceful shutdown); it gives this one back
-    after and re-raises the signal, which lands here too."""
-
-    def __init__(self) -> None:
-        self.seen = False
-        self._previous: object = None
-
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        self.seen = True
-
-    def __enter__(self) -> _StartInterrupts:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
-
-    def check(self) -> None:
-        if self.seen:
-            raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def register(app: typer.Typer) -> None:
@@ -66,12 +34,14 @@ def register(app: typer.Typer) -> None:
         (CAR_SERVER_API_KEYS or server.api_keys in config.toml). Ctrl-C stops it (exit 130)."""
         if log_level not in _LOG_LEVELS:
             raise fail(f"--log-level must be one of {', '.join(_LOG_LEVELS)}", EXIT_USAGE)
-        with _StartInterrupts() as interrupts:
+        # Ctrl-C until uvicorn's own handler takes over (``interrupts``); uvicorn gives the
+        # signal back after its graceful shutdown, and it lands here too.
+        with Interrupts() as interrupts:
             _serve(host, port, log_level, interrupts)
         interrupts.check()
 
 
-def _serve(host: str | None, port: int | None, log_level: str, interrupts: _StartInterrupts) -> None:
+def _serve(host: str | None, port: int | None, log_level: str, interrupts: Interrupts) -> None:
     config = load_config()
     update = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = config.server.model_copy(update=update)
