@@ -27,7 +27,7 @@ from ..schema import ModelSchema
 from .complexity import TaskComplexity
 from .outcomes import InferenceTask, OutcomeTracker
 from .pool import default_latency_ms
-from .scoring import _COST_FLOOR, weights
+from .scoring import COST_FLOOR, weights
 
 __all__ = ["MEDIA_FAMILY", "MediaChoice", "choose_media"]
 
@@ -74,7 +74,7 @@ def choose_media(
         draw = 0.0 if draw < 0.0 else 1.0 if draw > 1.0 else draw
         latency = tracker.latency_p50(m.id) or default_latency_ms(m)
         score = (
-            wq * draw - wl / 2 * math.log10(max(latency, 1.0)) - wc / 3 * math.log10(price(m) + _COST_FLOOR)
+            wq * draw - wl / 2 * math.log10(max(latency, 1.0)) - wc / 3 * math.log10(price(m) + COST_FLOOR)
         )
         scored.append((-score, i, m, mean, math.sqrt(var), n))
     scored.sort(key=lambda row: (row[0], row[1]))

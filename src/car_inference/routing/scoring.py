@@ -61,6 +61,7 @@ from .pool import TYPICAL_OUTPUT_TOKENS, ModelView
 from .store import is_templated
 
 __all__ = [
+    "COST_FLOOR",
     "DRAW_CORRELATION",
     "OUTPUT_PRIOR_CALLS",
     "Context",
@@ -73,7 +74,7 @@ OUTPUT_PRIOR_CALLS = 5.0
 # How much of each candidate's Thompson noise is shared by all candidates of a decision (above).
 DRAW_CORRELATION = 0.75
 _SHARED_PART, _OWN_PART = math.sqrt(DRAW_CORRELATION), math.sqrt(1.0 - DRAW_CORRELATION)
-_COST_FLOOR = 1e-5
+COST_FLOOR = 1e-5  # USD added to every cost before its log: free models compare, not -inf
 _QUALITY_MULT = {TaskComplexity.SIMPLE: 0.75, TaskComplexity.MEDIUM: 1.0, TaskComplexity.COMPLEX: 1.5}
 _SPEED_MULT = {TaskComplexity.SIMPLE: 1.5, TaskComplexity.MEDIUM: 1.0, TaskComplexity.COMPLEX: 0.5}
 
@@ -197,7 +198,7 @@ def score_candidates(
         score = (
             wq * q
             - lat_scale * log10(latency if latency > 1.0 else 1.0)
-            - cost_scale * log10(cost + _COST_FLOOR)
+            - cost_scale * log10(cost + COST_FLOOR)
         )
         mean = 0.0 if mean < 0.0 else 1.0 if mean > 1.0 else mean
         rows.append((score, mean, n, latency, cost, v, sd, q, out_tokens, score + wq * (mean - q)))
@@ -212,15 +213,15 @@ def _capped(
     lat_scale, cost_scale = wl / 2, wc / 3
     log10 = math.log10
     fastest = fastest if fastest > 1.0 else 1.0
-    lat_cap, cost_cap = 100 * fastest, 1000 * (cheapest + _COST_FLOOR)
-    if slowest > lat_cap or dearest + _COST_FLOOR > cost_cap:
+    lat_cap, cost_cap = 100 * fastest, 1000 * (cheapest + COST_FLOOR)
+    if slowest > lat_cap or dearest + COST_FLOOR > cost_cap:
         for i, row in enumerate(rows):
             latency, cost = row[3], row[4]
             fix = lat_scale * log10(latency / lat_cap) if latency > lat_cap else 0.0
-            if cost + _COST_FLOOR > cost_cap:
-                fix += cost_scale * log10((cost + _COST_FLOOR) / cost_cap)
+            if cost + COST_FLOOR > cost_cap:
+                fix += cost_scale * log10((cost + COST_FLOOR) / cost_cap)
             if fix:
                 rows[i] = (row[0] + fix, *row[1:9], row[9] + fix)
-    offset = wl + wc + lat_scale * log10(fastest) + cost_scale * log10(cheapest + _COST_FLOOR)
+    offset = wl + wc + lat_scale * log10(fastest) + cost_scale * log10(cheapest + COST_FLOOR)
     rows.sort(key=_SCORE, reverse=True)  # stable: ties keep catalog order
     return rows, offset
