@@ -1,22 +1,6 @@
-"""Shared by the hosted-provider backend tests: one fake provider server per module, reset per test."""
+"""Shared by the hosted-provider backend tests: one fake provider server per module, reset per test
+(``fakes.server_fixtures``)."""
 
-from __future__ import annotations
+from fakes.server_fixtures import fake, server
 
-from collections.abc import Iterator
-
-import pytest
-
-from fakes import FakeProviderServer
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeProviderServer]:
-    with FakeProviderServer() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(server: FakeProviderServer) -> Iterator[FakeProviderServer]:
-    server.reset()
-    yield server
-    server.reset()
+__all__ = ["fake", "server"]
