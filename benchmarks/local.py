@@ -70,6 +70,10 @@ def row(name: str, ours: float, raw: float, unit: str, ratio: str, target: str) 
 def raw_llama() -> Any:
     from llama_cpp import Llama
 
+    from car_inference.backends import ggml_cpu
+
+    # The same weight layouts as ours: where llama.cpp runs AMX kernels, they crash (ggml_cpu.py).
+    ggml_cpu.apply(None)
     model = next(m for m in load_builtin().models if m.id == SMOL)
     return Llama(str(local_path(model)), n_ctx=N_CTX, n_threads=THREADS, n_batch=512, verbose=False)
 

@@ -165,6 +165,11 @@ class LocalSettings(_Section):
     n_batch: int = Field(default=512, ge=1)
     n_gpu_layers: int = 0
     cache_mb: int = Field(default=4096, ge=0, description="memory budget for loaded models")
+    repack_weights: bool | None = Field(
+        default=None,
+        description="llama.cpp's repacked weight layouts (extra buffer types); unset: on, except "
+        "where llama.cpp runs AMX kernels, which crash on some CPUs (backends/ggml_cpu.py)",
+    )
 
 
 class RemoteSettings(_Section):

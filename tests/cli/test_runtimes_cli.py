@@ -91,7 +91,7 @@ def test_start_supervises_in_the_foreground_and_stop_ends_it(isolated_home: Path
         code, out, _ = car("runtimes", "logs", MODEL, "-n", "5")
         assert code == 0 and len(out.splitlines()) == 5 and '"GET /v1/models HTTP/1.1" 200' in out
         code, out, _ = car("runtimes", "logs", MODEL, "-n", "100000")
-        assert code == 0 and out.startswith("--- car:") and "llama_cpp.server" in out.splitlines()[0]
+        assert code == 0 and out.startswith("--- car:") and "runtimes.llamacpp_server" in out.splitlines()[0]
 
         code, out, _ = car("runtimes", "start", MODEL)  # a second start finds it running
         assert code == 0 and "already running" in out

