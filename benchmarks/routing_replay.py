@@ -164,6 +164,8 @@ class Score:
     quality: float
     usd_per_1k: float
     picks: dict[str, int] = field(default_factory=dict)
+    # benchmark -> (sum of scores, prompts), for where a policy loses (routing_seeds --by-benchmark)
+    by_bench: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
 # --- the router, through the engine --------------------------------------------------------------
@@ -183,6 +185,7 @@ def replay(engine: InferenceEngine, prompts: Sequence[Prompt], pricing: Pricing)
     """Route each prompt, reveal only the chosen model's score, report it back."""
     total_q = total_cost = 0.0
     picks: dict[str, int] = defaultdict(int)
+    by_bench: dict[str, tuple[float, int]] = defaultdict(lambda: (0.0, 0))
     for p in prompts:
         decision = engine.route(GenerateRequest(prompt=p.question))
         model = decision.model_id
@@ -194,7 +197,9 @@ def replay(engine: InferenceEngine, prompts: Sequence[Prompt], pricing: Pricing)
         total_q += score
         total_cost += cost
         picks[model] += 1
-    return Score(total_q / len(prompts), total_cost / len(prompts) * 1000, dict(picks))
+        q, n = by_bench[p.bench]
+        by_bench[p.bench] = (q + score, n + 1)
+    return Score(total_q / len(prompts), total_cost / len(prompts) * 1000, dict(picks), dict(by_bench))
 
 
 def run_router(
@@ -258,12 +263,15 @@ class LabelledThompson:
 
     def run(self, prompts: Sequence[Prompt]) -> Score:
         q = c = 0.0
+        by_bench: dict[str, tuple[float, int]] = defaultdict(lambda: (0.0, 0))
         for p in prompts:
             m = self.choose(p)
             self.learn(p, m)
             q += p.scores[m]
             c += self.pricing.cost(m, p)
-        return Score(q / len(prompts), c / len(prompts) * 1000)
+            bq, bn = by_bench[p.bench]
+            by_bench[p.bench] = (bq + p.scores[m], bn + 1)
+        return Score(q / len(prompts), c / len(prompts) * 1000, by_bench=dict(by_bench))
 
 
 def run_labelled(

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/routing_seeds.py default --seeds 0 1 2 3 4 5
     .venv/bin/python benchmarks/routing_seeds.py cost-aware --pricing spread --exploration 0.7
+    .venv/bin/python benchmarks/routing_seeds.py default --weights 0.9 0.03 0.07
 
 Prints each seed's held-out score and $ per 1k requests, then the mean ± sd; the labelled bandit
 with ``--labelled``. About 10 s per seed on a quiet 2-core machine (``routing.py`` is the full
@@ -14,7 +15,28 @@ import argparse
 import statistics
 import time
 
-from routing_replay import SETTINGS, load_split, run_labelled, run_router, size_pricing, spread_pricing
+from routing_replay import (
+    SETTINGS,
+    Prompt,
+    Score,
+    load_split,
+    run_labelled,
+    run_router,
+    size_pricing,
+    spread_pricing,
+)
+
+
+def losses(score: Score, train: list[Prompt], test: list[Prompt]) -> str:
+    """Each benchmark's loss against its best model (chosen on train, scored on the same held-out
+    prompts), as a share of the whole held-out score."""
+    out = []
+    for bench, (total, _) in sorted(score.by_bench.items()):
+        ps = [p for p in train if p.bench == bench]
+        best = max(ps[0].scores, key=lambda m: statistics.fmean(p.scores[m] for p in ps))
+        ref = sum(p.scores[best] for p in test if p.bench == bench)
+        out.append(f"{bench} {(total - ref) / len(test):+.4f}")
+    return ", ".join(out)
 
 
 def main() -> None:
@@ -25,14 +47,21 @@ def main() -> None:
     parser.add_argument("--pricing", choices=("size", "spread"), default="size")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--exploration", type=float, help="override [routing] exploration")
+    parser.add_argument("--weights", type=float, nargs=3, metavar=("Q", "L", "C"),
+                        help="override the setting's quality, latency and cost weights")  # fmt: skip
     parser.add_argument("--cold", action="store_true", help="no warm-up")
     parser.add_argument("--labelled", action="store_true", help="the labelled Thompson bandit instead")
+    parser.add_argument("--by-benchmark", action="store_true",
+                        help="per seed, each benchmark's loss against its best model")  # fmt: skip
     args = parser.parse_args()
     train, test = load_split()
     pricing = size_pricing() if args.pricing == "size" else spread_pricing(train)
     settings = SETTINGS[args.setting]
     if args.exploration is not None:
         settings = settings.model_copy(update={"exploration": args.exploration})
+    if args.weights is not None:
+        wq, wl, wc = args.weights
+        settings = settings.model_copy(update={"quality_weight": wq, "latency_weight": wl, "cost_weight": wc})
     run = run_labelled if args.labelled else run_router
     scores = []
     for seed in args.seeds:
@@ -41,6 +70,8 @@ def main() -> None:
         scores.append(score.quality)
         took = time.perf_counter() - started
         print(f"seed {seed}: {score.quality:.4f}  ${score.usd_per_1k:.4f} per 1k  ({took:.0f} s)", flush=True)
+        if args.by_benchmark:
+            print("  " + losses(score, train, test), flush=True)
     sd = statistics.pstdev(scores) if len(scores) > 1 else 0.0
     print(f"mean {statistics.fmean(scores):.4f} ± {sd:.4f} over {len(scores)} seeds")
 
