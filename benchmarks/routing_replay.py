@@ -88,7 +88,7 @@ class Pricing:
 SETTINGS = {  # the three cost weights reported
     "quality only": RoutingSettings(quality_weight=1.0, latency_weight=0.0, cost_weight=0.0),
     "default": RoutingSettings(),
-    "cost-aware": RoutingSettings(quality_weight=0.3, latency_weight=0.1, cost_weight=0.6),
+    "cost-aware": RoutingSettings(quality_weight=0.85, latency_weight=0.05, cost_weight=0.10),
 }
 
 

@@ -126,8 +126,8 @@ def test_exploration_comes_from_uncertainty_and_fades_with_evidence() -> None:
 
 def test_interactive_work_weighs_latency_more() -> None:
     reg = registry(
-        remote("a/slow-better", quality=0.9, latency_ms=6000), remote("b/fast", quality=0.4, latency_ms=600)
-    )
+        remote("a/slow-better", quality=0.6, latency_ms=6000), remote("b/fast", quality=0.55, latency_ms=600)
+    )  # 10x slower for 5 points: worth it in the background, not when a person waits
     settings = RoutingSettings(exploration=0, interactive_latency_boost=3)
     router = make_router(settings)
     interactive = router.decide(HELLO, reg)
@@ -140,8 +140,8 @@ def test_interactive_work_weighs_latency_more() -> None:
 
 def test_complex_tasks_weigh_quality_more() -> None:
     reg = registry(
-        remote("a/premium", quality=0.9, price=(3, 15)), remote("b/budget", quality=0.75, price=(0.1, 0.4))
-    )
+        remote("a/premium", quality=0.9, price=(3, 15)), remote("b/budget", quality=0.85, price=(0.1, 0.4))
+    )  # 30x the price for 5 points: not for a simple question, worth it for a complex task
     router = make_router(RoutingSettings(exploration=0))
     simple = router.decide(GenerateRequest(prompt="What is the capital of France?"), reg)
     complex_ = router.decide(
@@ -192,7 +192,7 @@ def test_scores_follow_the_documented_formula(slow_ms: float) -> None:
     settings = RoutingSettings(exploration=0)
     request = GenerateRequest(prompt="hi", params=GenerateParams(max_tokens=100))
     decision = make_router(settings).decide(request, reg)
-    wq, wl, wc = 0.6 * 0.75, 0.25 * 1.5 * 2.0, 0.15 * 1.5  # simple, interactive
+    wq, wl, wc = 0.9 * 0.75, 0.03 * 1.5 * 2.0, 0.07 * 1.5  # simple, interactive
     total = wq + wl + wc
     wq, wl, wc = wq / total, wl / total, wc / total
     est_in = decision.estimated_input_tokens

@@ -14,6 +14,15 @@ Score of a candidate, higher is better::
     wl = latency_weight * {simple: 1.5, medium: 1, complex: 0.5} * (interactive_latency_boost if interactive)
     wc = cost_weight    * {simple: 1.5, medium: 1, complex: 0.5}
 
+What the weights trade: a decade of cost is worth ``wc/3`` of utility and a decade of latency
+``wl/2``, so at the default weights (0.9 / 0.03 / 0.07, medium complexity) a model ten times
+dearer must be 0.07/3/0.9 = 2.6 points of quality better, ten times slower 1.7 points. The earlier
+defaults (0.6 / 0.25 / 0.15: 8 points per decade of cost, 21 per decade of latency) went for the
+cheapest models wherever prices differ as markets set them: on the RouterDC replay with prices
+spread 0.05..3.20 $/M they scored 0.36 against the best single model's 0.475 and the new defaults'
+0.494 (at a quarter of its cost); with prices within 10 % of each other the new defaults lose
+0.002 (0.4978 against 0.4996, 6 seeds), still above the labelled bandit at the same weights (0.4949).
+
 Latency is the observed p50 (3+ successful calls), else the benchmark's latency for the family,
 else the catalog's. Cost is the price of the input tokens plus the *expected* output tokens,
 never more than ``max_tokens``. The task, more than the model, decides whether an answer is a
