@@ -3,7 +3,7 @@
 llama.cpp repacks weights into "extra buffer types" at load: layouts for AVX2/AVX-512 kernels
 (``CPU_REPACK``) and, on CPUs with Intel AMX, tiles for its AMX kernels. The AMX path crashes on
 some Sapphire-Rapids-class machines: a segmentation fault in ``ggml_backend_amx_mul_mat`` at the
-first decode (upstream ggml-org/llama.cpp#20824, closed without a fix; ollama and DSPy's CI hit
+first decode (upstream ggml-org/llama.cpp#20824, unfixed; ollama users and DSPy's CI hit
 it too). Seen on this project's CI machine with llama-cpp-python 0.3.35 and 0.3.36 built for the
 machine: every generation died, SmolLM2 included. So where the loaded llama.cpp reports AMX,
 models load without extra buffer types (``llama_model_params.use_extra_bufts = false``): the
