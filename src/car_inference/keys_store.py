@@ -18,10 +18,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import sqlite_wal
 from .config import CarConfig, redact_url
 from .routing.store_sql import dialect
 
@@ -84,10 +85,8 @@ class KeyStatsDB:
         self._tables = tuple(self.sql.q(t.format(**words)) for t in _TABLES)
         self._lock = threading.Lock()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[Any]:
+    def _transaction(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
-        yield
 
     def _many(self, conn: Any, sql: str, rows: list[dict[str, Any]]) -> None:
         raise NotImplementedError
@@ -136,27 +135,14 @@ class SqliteKeyStats(KeyStatsDB):
         super().__init__(str(path))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(
-                str(path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn = sqlite_wal.connect(path, busy_timeout_s=busy_timeout_s)
             for statement in self._tables:
                 self._conn.execute(statement)
         except (OSError, sqlite3.Error) as exc:
             raise KeyStatsError(f"{path}: {exc}") from exc
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE (the write lock up front), COMMIT or ROLLBACK."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite_wal.immediate(self._conn)
 
     def _many(self, conn: Any, sql: str, rows: list[dict[str, Any]]) -> None:
         conn.executemany(sql, rows)

@@ -25,10 +25,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from .. import sqlite_wal
 from .store_base import (
     ALL,
     EMA_ALPHA,
@@ -72,25 +73,12 @@ class OutcomeStore(StoreBase):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._batch_depth = 0
-        self._conn = sqlite3.connect(
-            str(self.path), timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
-        )
+        self._conn = sqlite_wal.connect(self.path, busy_timeout_s=busy_timeout_ms / 1000)
         self._conn.row_factory = dict_rows
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
         self._migrate()
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE (the write lock up front: no upgrade deadlocks), COMMIT or ROLLBACK."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite_wal.immediate(self._conn)
 
     @contextmanager
     def _tx(self, *, counters: bool = False) -> Iterator[sqlite3.Connection]:
