@@ -5,6 +5,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from car_inference.backends.base import (
     iterate_in_thread,
     label_distribution,
     ranked_result,
+    run_blocking,
 )
 from car_inference.requests import RerankRequest
 from car_inference.schema import TASK_CAPABILITIES, ModelCapability
@@ -60,6 +62,39 @@ async def test_a_consumer_that_stops_reading_stops_the_producer() -> None:
     count = len(produced)
     await asyncio.sleep(0.05)
     assert len(produced) == count, "nothing is produced after the consumer left"
+
+
+async def test_work_runs_on_the_executor_given() -> None:
+    one = ThreadPoolExecutor(max_workers=1, thread_name_prefix="only")
+
+    def names(_: threading.Event) -> Iterator[str]:
+        yield threading.current_thread().name
+
+    assert await run_blocking(lambda: threading.current_thread().name, one) == "only_0"
+    assert [n async for n in iterate_in_thread(names, one)] == ["only_0"]
+    assert (await run_blocking(lambda: threading.current_thread().name)).startswith("car-model")
+
+
+async def test_a_stream_given_up_while_it_waited_for_its_thread_never_starts() -> None:
+    one = ThreadPoolExecutor(max_workers=1)
+    release = threading.Event()
+    one.submit(release.wait, 5)  # the only thread is busy
+    started = threading.Event()
+
+    def work(_: threading.Event) -> Iterator[int]:
+        started.set()
+        yield 1
+
+    agen = iterate_in_thread(work, one)
+    waiting = asyncio.ensure_future(agen.__anext__())
+    await asyncio.sleep(0.05)
+    waiting.cancel()  # the consumer leaves before the thread is free
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await agen.aclose()
+    release.set()
+    await asyncio.get_running_loop().run_in_executor(one, lambda: None)  # after the queued work
+    assert not started.is_set()
 
 
 def test_label_distribution_sums_to_one_sorted() -> None:

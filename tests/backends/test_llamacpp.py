@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 
 import pytest
 
@@ -157,6 +158,31 @@ async def test_concurrent_requests_share_one_instance_safely(
 ) -> None:
     outs = await asyncio.gather(*(backend.generate(model, greedy("Name a fruit.", 8)) for _ in range(4)))
     assert len({o.text for o in outs}) == 1
+
+
+async def test_all_llama_cpp_work_runs_on_one_thread(
+    backend: LlamaCppBackend, model: ModelSchema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Overlapping requests, of every kind, decode on LLAMA_THREAD alone: llama.cpp called from
+    several threads gives the process several OpenMP pools, and once they hold more threads than
+    CPUs every later step sleeps between its parts (3x slower decode on 2 cores, for good)."""
+    import llama_cpp.llama_cpp as lib
+
+    threads: set[str] = set()
+    decode = lib.llama_decode
+
+    def recording(*args: object) -> int:
+        threads.add(threading.current_thread().name)
+        return int(decode(*args))
+
+    monkeypatch.setattr(lib, "llama_decode", recording)
+    await asyncio.gather(
+        *(backend.generate(model, greedy(f"Count to {i}.", 6)) for i in range(3)),
+        backend.embed(model, EmbedRequest(texts=["a", "b"])),
+        backend.classify(model, ClassifyRequest(text="I love it", labels=["positive", "negative"])),
+        backend.rerank(model, RerankRequest(query="capital", documents=["Paris", "bananas"])),
+    )
+    assert threads == {"car-llama_0"}
 
 
 async def test_yes_no_rerank_equals_a_fresh_forward_pass(

@@ -18,7 +18,7 @@ import importlib.util
 import math
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
@@ -293,9 +293,9 @@ _END = object()
 _MODEL_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="car-model")
 
 
-async def run_blocking(fn: Callable[[], T]) -> T:
-    """Run blocking model work in the model thread pool, off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(_MODEL_THREADS, fn)
+async def run_blocking(fn: Callable[[], T], executor: Executor | None = None) -> T:
+    """Run blocking model work in the model thread pool (or ``executor``), off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(executor or _MODEL_THREADS, fn)
 
 
 def label_distribution(labels: list[str], logits: list[float], model_id: str, method: str) -> Classification:
@@ -321,9 +321,10 @@ def ranked_result(request: RerankRequest, scores: list[float], model_id: str, me
 
 
 async def iterate_in_thread(
-    make_iterator: Callable[[threading.Event], Iterator[T]],
+    make_iterator: Callable[[threading.Event], Iterator[T]], executor: Executor | None = None
 ) -> AsyncGenerator[T, None]:
-    """Run a blocking iterator in a worker thread and yield its items on the event loop.
+    """Run a blocking iterator in a worker thread (of ``executor``, by default the model thread
+    pool) and yield its items on the event loop.
 
     The iterator gets a ``threading.Event`` that is set when the consumer stops reading (breaks
     out, is cancelled, or closes the generator); it must check it between items and return, so a
@@ -338,6 +339,9 @@ async def iterate_in_thread(
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def produce() -> None:
+        if cancelled.is_set():  # given up while it waited for a thread: start nothing
+            put(_END)
+            return
         try:
             for item in make_iterator(cancelled):
                 if cancelled.is_set():
@@ -348,7 +352,7 @@ async def iterate_in_thread(
         finally:
             put(_END)
 
-    worker = loop.run_in_executor(_MODEL_THREADS, produce)
+    worker = loop.run_in_executor(executor or _MODEL_THREADS, produce)
     try:
         while True:
             item = await queue.get()

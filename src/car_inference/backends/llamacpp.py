@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from threading import Event
 from typing import Any
@@ -63,7 +64,15 @@ from .chat_template import TagSplitter, chat_messages, parse_tool_call_block, re
 from .prompts import DEFAULT_RERANK_INSTRUCTION, classify_prompt, rerank_prompt
 from .vision import chat_handler, has_images, mmproj_path, run_vision
 
-__all__ = ["LlamaCppBackend", "LoadedGguf"]
+__all__ = ["LLAMA_THREAD", "LlamaCppBackend", "LoadedGguf"]
+
+# Every llama.cpp call of the process runs on this one thread. llama.cpp parallelises each step
+# with OpenMP, and libgomp gives every calling thread a pool of its own; once the process holds
+# more pool threads than CPUs, libgomp stops spinning between steps and sleeps instead. On 2 cores
+# SmolLM2's decode fell from 93 to 32 tokens/s for good after the first two requests that
+# overlapped (each waited for the model in its own pool thread), as under `car serve`. Requests
+# for GGUF models queue here in order; they took turns on the model lock before.
+LLAMA_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="car-llama")
 
 MAX_VOCABS = 4  # vocabulary-only loads kept for counting prompt tokens at routing time
 
@@ -203,7 +212,7 @@ class LlamaCppBackend:
         )
 
     def warm_up(self, model: ModelSchema) -> None:
-        self._entry(model)
+        LLAMA_THREAD.submit(self._entry, model).result()
 
     def _vocab(self, model: ModelSchema) -> LoadedGguf:
         """The tokenizer of ``model``: the loaded model's when it is in the cache, else a
@@ -362,7 +371,7 @@ class LlamaCppBackend:
                 yield ToolCallDelta(index=index, arguments=arguments)
 
     def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
-        return iterate_in_thread(lambda cancelled: self._run(model, request, cancelled))
+        return iterate_in_thread(lambda cancelled: self._run(model, request, cancelled), LLAMA_THREAD)
 
     async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:
         start = time.perf_counter()
@@ -383,7 +392,7 @@ class LlamaCppBackend:
             with entry.lock:
                 return entry.instance.tokenize(text, special=False)
 
-        return await run_blocking(work)
+        return await run_blocking(work, LLAMA_THREAD)
 
     async def detokenize(self, model: ModelSchema, tokens: list[int]) -> str:
         def work() -> str:
@@ -398,7 +407,7 @@ class LlamaCppBackend:
                     )
                 return loaded.llm.detokenize(tokens).decode("utf-8", errors="replace")
 
-        return await run_blocking(work)
+        return await run_blocking(work, LLAMA_THREAD)
 
     # --- embeddings, rerank, classify ---------------------------------------------------------
 
@@ -416,7 +425,7 @@ class LlamaCppBackend:
             dims = len(vectors[0]) if vectors else 0
             return EmbedResult.model_construct(embeddings=vectors, model_used=model.id, dimensions=dims)
 
-        return await run_blocking(work)
+        return await run_blocking(work, LLAMA_THREAD)
 
     async def rerank(self, model: ModelSchema, request: RerankRequest) -> RerankResult:
         """Yes/no reranking: one forward pass per document (the shared prefix is evaluated once and
@@ -436,7 +445,7 @@ class LlamaCppBackend:
                     scores.append(1.0 / (1.0 + math.exp(-(logits[yes] - logits[no]))))
                 return scores
 
-        scores = await run_blocking(work) if request.documents else []
+        scores = await run_blocking(work, LLAMA_THREAD) if request.documents else []
         return ranked_result(request, scores, model.id, "yes-no-logits")
 
     async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:
@@ -468,7 +477,7 @@ class LlamaCppBackend:
                     out.append(_logsumexp(logps))
                 return out
 
-        logps = await run_blocking(work)
+        logps = await run_blocking(work, LLAMA_THREAD)
         return label_distribution(request.labels, logps, model.id, "likelihood")
 
     @staticmethod
