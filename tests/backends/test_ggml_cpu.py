@@ -49,3 +49,24 @@ def test_a_model_loaded_without_repacking_still_answers() -> None:
     llm = llama_cpp.Llama(str(local_path(model)), n_ctx=256, n_threads=1, verbose=False)
     out = llm.create_completion("The capital of France is", max_tokens=4, temperature=0)
     assert "Paris" in out["choices"][0]["text"]
+
+
+def test_default_threads_are_the_physical_cores_this_process_may_use() -> None:
+    import os
+    from pathlib import Path
+
+    threads = ggml_cpu.default_threads()
+    topology = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list")
+    if not hasattr(os, "sched_getaffinity") or not topology.is_file():
+        assert threads is None, "unknown topology: llama-cpp-python's own default"
+        return
+    cpus = len(os.sched_getaffinity(0))
+    siblings = topology.read_text().strip()
+    per_core = 1 if siblings.isdigit() else None
+    assert threads is not None and 1 <= threads <= cpus
+    if per_core == 1:  # one thread per core (this project's machines): every CPU
+        assert threads == cpus
+
+
+def test_cpu_lists_are_counted() -> None:
+    assert [ggml_cpu.cpu_list_length(t) for t in ("0", "0,8\n", "0-1", "0-3,8-11")] == [1, 2, 2, 8]

@@ -18,9 +18,11 @@ function once; the wrapper reads the choice of the process's latest ``apply``.
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV", "amx_in_use", "apply", "from_env", "repack_weights"]
+__all__ = ["ENV", "amx_in_use", "apply", "cpu_list_length", "default_threads", "from_env", "repack_weights"]
 
 ENV = "CAR_LLAMA_REPACK"
 _choice: list[bool] = [True]  # the process's current choice, read by the wrapper
@@ -69,3 +71,27 @@ def _wrap(original: Any) -> Any:
 
     default_params._car_wrapped = True  # type: ignore[attr-defined]
     return default_params
+
+
+@functools.cache
+def default_threads() -> int | None:
+    """Threads for a model when ``[local] n_threads`` is unset: the physical cores this process
+    may run on (Linux: its CPU affinity, less hyperthread siblings), or None where that cannot be
+    read (llama-cpp-python's own default then: half the logical CPUs). That default assumes two
+    hyperthreads per core; on a 2-vCPU machine with one thread per core it used one core of two,
+    and SmolLM2 decoded 53 tokens/s instead of 90."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+        siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text()
+    except (AttributeError, OSError):
+        return None
+    return max(1, cpus // max(1, cpu_list_length(siblings)))
+
+
+def cpu_list_length(text: str) -> int:
+    """How many CPUs a Linux CPU list names ("0", "0,8", "0-1", "0-3,8-11")."""
+    count = 0
+    for part in text.strip().split(","):
+        low, _, high = part.partition("-")
+        count += int(high) - int(low) + 1 if high else 1
+    return count

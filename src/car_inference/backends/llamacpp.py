@@ -179,8 +179,9 @@ class LlamaCppBackend:
             "verbose": False,
             "embedding": embedding,
         }
-        if self.settings.n_threads:
-            kwargs["n_threads"] = self.settings.n_threads
+        threads = self.settings.n_threads or ggml_cpu.default_threads()
+        if threads:
+            kwargs["n_threads"] = threads
         source = model.source
         if embedding:
             # A chat model's GGUF names no pooling; mean over tokens gives one vector per text.

@@ -194,8 +194,9 @@ class LlamaCppServerSpec(RuntimeSpec):
             "--n_batch", str(config.local.n_batch),
             "--n_gpu_layers", str(config.local.n_gpu_layers),
         ]  # fmt: skip
-        if config.local.n_threads:
-            argv += ["--n_threads", str(config.local.n_threads)]
+        threads = config.local.n_threads or ggml_cpu.default_threads()
+        if threads:
+            argv += ["--n_threads", str(threads)]
         name = instance_name(self.name, model.id)
         repack = config.local.repack_weights
         env = {} if repack is None else {ggml_cpu.ENV: "1" if repack else "0"}
