@@ -149,9 +149,13 @@ def bench_generation(reps: int, decode_tokens: int, prompt_tokens: int) -> list[
         pre_raw.append(len(long_tokens) / t)
         t, _, _ = ours(long_prompt, 1)
         pre_ours.append(len(long_tokens) / t)
+
     # Requests that overlap, as under `car serve`, must leave later ones as fast: llama.cpp called
     # from several threads once made every later decode 3x slower (llamacpp.LLAMA_THREAD).
-    loop.run_until_complete(asyncio.gather(*(ours_run(backend, model, story, 16) for _ in range(4))))
+    async def overlapping() -> None:
+        await asyncio.gather(*(ours_run(backend, model, story, 16) for _ in range(4)))
+
+    loop.run_until_complete(overlapping())
     decode_after = []
     for _ in range(reps):
         t, total, n = ours(story, decode_tokens)
