@@ -84,14 +84,18 @@ class _OpenAIReplies:
         include_usage = bool((self._body.get("stream_options") or {}).get("include_usage"))
         self._between = reply.delay_between_chunks_s
 
+        fields = {  # every chunk's, the usage chunk's too
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake",
+        }
+
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
             payload: dict[str, Any] = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "service_tier": "default",
-                "system_fingerprint": "fp_fake",
+                **fields,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
             }
             if include_usage:
@@ -118,16 +122,7 @@ class _OpenAIReplies:
                 )
         self._final_event(chunk({}, finish))
         if include_usage:
-            final = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "service_tier": "default",
-                "system_fingerprint": "fp_fake",
-                "choices": [],
-                "usage": usage,
-            }
+            final = {**fields, "choices": [], "usage": usage}
             self._final_event(self._sse(final))
         self._final_event(b"data: [DONE]\n\n")
         self._end_stream()
