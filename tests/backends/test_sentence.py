@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
 
 import pytest
 
@@ -116,3 +118,26 @@ async def test_cross_encoder_rerank_scores_pairs(backend: SentenceBackend, model
 
     with pytest.raises(UnsupportedMode, match="scores pairs"):
         await backend.embed(cross, EmbedRequest(texts=["x"]))
+
+
+async def test_all_torch_work_runs_on_one_thread(
+    backend: SentenceBackend, model: ModelSchema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Overlapping requests encode on TORCH_THREAD alone (torch's OpenMP pools, one per calling
+    thread, throttle each other past the CPU count: 10-25 % fewer sentences/s on 2 cores)."""
+    from sentence_transformers import SentenceTransformer
+
+    threads: set[str] = set()
+    encode = SentenceTransformer.encode
+
+    def recording(self: SentenceTransformer, *args: object, **kwargs: object) -> object:
+        threads.add(threading.current_thread().name)
+        return encode(self, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(SentenceTransformer, "encode", recording)
+    await asyncio.gather(
+        *(backend.embed(model, EmbedRequest(texts=[f"text {i}"])) for i in range(3)),
+        backend.rerank(model, RerankRequest(query="capital", documents=["Paris", "bananas"])),
+        backend.classify(model, ClassifyRequest(text="I love it", labels=["positive", "negative"])),
+    )
+    assert threads == {"car-torch_0"}

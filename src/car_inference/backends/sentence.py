@@ -8,6 +8,7 @@ snapshot. Queries of models that declare a ``query_instruction`` (Qwen3-Embeddin
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..catalog.locate import local_path
@@ -24,7 +25,12 @@ from ..schema import ModelSchema, SentenceSource
 from .base import BackendContext, label_distribution, ranked_result, run_blocking
 from .cache import CachedModel
 
-__all__ = ["SentenceBackend"]
+__all__ = ["TORCH_THREAD", "SentenceBackend"]
+
+# sentence-transformers work of the process runs on this one thread, for the reason llama.cpp's does
+# (``llamacpp.LLAMA_THREAD``): torch's CPU kernels use OpenMP, which keeps a pool per calling
+# thread and, with more pool threads than CPUs, sleeps between parallel steps.
+TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="car-torch")
 
 # Similarities (cosine, in [-1, 1]) become a distribution with softmax(sim / T); T = 0.05 turns a
 # 0.1 gap in similarity into a 7x odds ratio, roughly how far apart an obvious label sits.
@@ -74,7 +80,7 @@ class SentenceBackend:
         return isinstance(model.source, SentenceSource) and model.source.cross_encoder
 
     def warm_up(self, model: ModelSchema) -> None:
-        self._entry(model)
+        TORCH_THREAD.submit(self._entry, model).result()
 
     def _encode(self, model: ModelSchema, texts: list[str], normalize: bool, count: bool = False) -> Any:
         """A (len(texts), dim) float32 array, and with ``count`` the number of tokens the model
@@ -126,7 +132,7 @@ class SentenceBackend:
                 prompt_tokens=tokens,
             )
 
-        return await run_blocking(work)
+        return await run_blocking(work, TORCH_THREAD)
 
     async def rerank(self, model: ModelSchema, request: RerankRequest) -> RerankResult:
         if not request.documents:
@@ -147,7 +153,7 @@ class SentenceBackend:
             sims = vectors[1:] @ vectors[0]
             return [float(s) for s in sims], "embedding-similarity"
 
-        scores, method = await run_blocking(work)
+        scores, method = await run_blocking(work, TORCH_THREAD)
         return ranked_result(request, scores, model.id, method)
 
     async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:
@@ -157,5 +163,5 @@ class SentenceBackend:
             vectors = self._encode(model, [request.text, *request.labels], normalize=True)
             return [float(s) / CLASSIFY_TEMPERATURE for s in vectors[1:] @ vectors[0]]
 
-        logits = await run_blocking(work)
+        logits = await run_blocking(work, TORCH_THREAD)
         return label_distribution(request.labels, logits, model.id, "embedding")
