@@ -38,7 +38,7 @@ from car_inference.backends.prompts import (
     rerank_prompt,
     score_from_rerank_output,
 )
-from car_inference.backends.sentence import SentenceBackend
+from car_inference.backends.sentence import TORCH_THREAD, SentenceBackend
 from car_inference.catalog import load_builtin
 from car_inference.catalog.locate import local_path
 from car_inference.config import CarConfig, LocalSettings
@@ -156,18 +156,20 @@ def bench_generation(reps: int, decode_tokens: int, prompt_tokens: int) -> list[
         await asyncio.gather(*(ours_run(backend, model, story, 16) for _ in range(4)))
 
     loop.run_until_complete(overlapping())
-    decode_after = []
-    for _ in range(reps):
+    decode_after, raw_after = [], []
+    for _ in range(reps):  # alternating with the raw library again: the same period's floor
+        t, total, n = raw_run(llm, story, decode_tokens)
+        raw_after.append((n - 1) / (total - t))
         t, total, n = ours(story, decode_tokens)
         decode_after.append((n - 1) / (total - t))
     loop.close()
     d_o, d_r = best(decode_ours, higher=True), best(decode_raw, higher=True)
-    d_a = best(decode_after, higher=True)
+    d_a, d_ra = best(decode_after, higher=True), best(raw_after, higher=True)
     p_o, p_r = best(pre_ours, higher=True), best(pre_raw, higher=True)
     t_o, t_r = best(ttft_ours), best(ttft_raw)
     return [
         row("decode", d_o, d_r, "tok/s", f"{d_o / d_r:.3f}", ">= 0.95"),
-        row("decode after 4 overlapping requests", d_a, d_r, "tok/s", f"{d_a / d_r:.3f}", ">= 0.95"),
+        row("decode after 4 overlapping requests", d_a, d_ra, "tok/s", f"{d_a / d_ra:.3f}", ">= 0.95"),
         row(f"prefill ({len(long_tokens)} tok)", p_o, p_r, "tok/s", f"{p_o / p_r:.3f}", ">= 0.95"),
         row("TTFT (short prompt)", t_o, t_r, "ms", f"{t_o - t_r:+.2f} ms", "<= +5 ms"),
     ]
@@ -195,13 +197,15 @@ def bench_embeddings(reps: int) -> list[list[str]]:
         loop.run_until_complete(backend.embed(model, request))
 
     def theirs() -> None:
-        raw.encode(
+        # On the thread our backend runs torch on, as for llama.cpp (sentence.TORCH_THREAD).
+        TORCH_THREAD.submit(
+            raw.encode,
             sentences,
             batch_size=32,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
-        )
+        ).result()
 
     ours()
     theirs()
