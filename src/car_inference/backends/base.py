@@ -293,6 +293,17 @@ _END = object()
 _MODEL_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="car-model")
 
 
+def openmp_thread(name: str) -> ThreadPoolExecutor:
+    """One thread for all of a native library's compute calls in this process (``run_blocking``
+    and ``iterate_in_thread`` take it as their executor). llama.cpp and torch parallelise each step
+    with OpenMP, and libgomp keeps a pool of threads per *calling* thread; once the process holds
+    more pool threads than CPUs it stops spinning between steps and sleeps. Called from the model
+    pool, the first requests that overlapped made every later one slower for good: on 2 cores
+    SmolLM2's decode fell from 93 to 32 tokens/s, MiniLM's embeddings by 10-25 %. Work for the
+    library's models then queues here in order (it took turns on each model's lock before)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+
 async def run_blocking(fn: Callable[[], T], executor: Executor | None = None) -> T:
     """Run blocking model work in the model thread pool (or ``executor``), off the event loop."""
     return await asyncio.get_running_loop().run_in_executor(executor or _MODEL_THREADS, fn)

@@ -21,7 +21,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from threading import Event
 from typing import Any
@@ -56,6 +55,7 @@ from .base import (
     GenerationOutput,
     iterate_in_thread,
     label_distribution,
+    openmp_thread,
     ranked_result,
     run_blocking,
 )
@@ -66,13 +66,8 @@ from .vision import chat_handler, has_images, mmproj_path, run_vision
 
 __all__ = ["LLAMA_THREAD", "LlamaCppBackend", "LoadedGguf"]
 
-# Every llama.cpp call of the process runs on this one thread. llama.cpp parallelises each step
-# with OpenMP, and libgomp gives every calling thread a pool of its own; once the process holds
-# more pool threads than CPUs, libgomp stops spinning between steps and sleeps instead. On 2 cores
-# SmolLM2's decode fell from 93 to 32 tokens/s for good after the first two requests that
-# overlapped (each waited for the model in its own pool thread), as under `car serve`. Requests
-# for GGUF models queue here in order; they took turns on the model lock before.
-LLAMA_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="car-llama")
+# Every llama.cpp call of the process runs on this one thread (``base.openmp_thread``: why).
+LLAMA_THREAD = openmp_thread("car-llama")
 
 MAX_VOCABS = 4  # vocabulary-only loads kept for counting prompt tokens at routing time
 

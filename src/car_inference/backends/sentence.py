@@ -8,7 +8,6 @@ snapshot. Queries of models that declare a ``query_instruction`` (Qwen3-Embeddin
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..catalog.locate import local_path
@@ -22,15 +21,14 @@ from ..requests import (
     RerankResult,
 )
 from ..schema import ModelSchema, SentenceSource
-from .base import BackendContext, label_distribution, ranked_result, run_blocking
+from .base import BackendContext, label_distribution, openmp_thread, ranked_result, run_blocking
 from .cache import CachedModel
 
 __all__ = ["TORCH_THREAD", "SentenceBackend"]
 
-# sentence-transformers work of the process runs on this one thread, for the reason llama.cpp's does
-# (``llamacpp.LLAMA_THREAD``): torch's CPU kernels use OpenMP, which keeps a pool per calling
-# thread and, with more pool threads than CPUs, sleeps between parallel steps.
-TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="car-torch")
+# Every sentence-transformers (torch) call of the process runs on this one thread
+# (``base.openmp_thread``: why).
+TORCH_THREAD = openmp_thread("car-torch")
 
 # Similarities (cosine, in [-1, 1]) become a distribution with softmax(sim / T); T = 0.05 turns a
 # 0.1 gap in similarity into a 7x odds ratio, roughly how far apart an obvious label sits.
