@@ -136,6 +136,17 @@ class RoutingSettings(_Section):
         le=4,
         description="Thompson sampling scale: 1 samples each model's quality belief, 0 routes on its mean",
     )
+    settle_after: int = Field(
+        default=1500,
+        ge=0,
+        description="outcomes in a context after which its Thompson draws narrow to settled_width",
+    )
+    settled_width: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="a settled context's draws, as a share of each belief's uncertainty (1: never narrow)",
+    )
 
     seed: int | None = None
     max_fallbacks: int = Field(default=3, ge=0)

@@ -13,7 +13,12 @@ from car_inference.requests import GenerateParams, GenerateRequest, RoutingWorkl
 from car_inference.routing import RoutingStrategy
 from car_inference.routing.estimate import ALL, DIFFICULTY_PSEUDO_CALLS, StatsRow
 from car_inference.routing.pool import TYPICAL_OUTPUT_TOKENS
-from car_inference.routing.scoring import OUTPUT_PRIOR_CALLS, context_length, expected_output_tokens
+from car_inference.routing.scoring import (
+    OUTPUT_PRIOR_CALLS,
+    context_length,
+    expected_output_tokens,
+    exploration_width,
+)
 
 from .helpers import make_router, registry, remote
 
@@ -122,6 +127,54 @@ def test_exploration_comes_from_uncertainty_and_fades_with_evidence() -> None:
     assert any(s is RoutingStrategy.EXPLORE for _, s in picks[:40])
     greedy = make_router(RoutingSettings(exploration=0.0))
     assert {greedy.decide(HELLO, reg).model_id for _ in range(20)} == {"a/good"}
+
+
+def test_exploration_width_narrows_once_the_narrowest_level_has_settle_after_outcomes() -> None:
+    st = RoutingSettings(settle_after=100, settled_width=0.25)
+    cluster = {ALL: StatsRow(calls=99)}
+    assert exploration_width(st, []) == 1.0
+    assert exploration_width(st, [{}, {}]) == 1.0  # nothing counted yet
+    assert exploration_width(st, [{ALL: StatsRow(calls=5000)}, cluster]) == 1.0
+    cluster[ALL].calls = 100
+    assert exploration_width(st, [{}, cluster]) == 0.25
+    # a new template explores in full, however well known the cluster around it
+    assert exploration_width(st, [{}, cluster, {ALL: StatsRow(calls=3)}]) == 1.0
+    assert exploration_width(RoutingSettings(settle_after=100, settled_width=1.0), [cluster]) == 1.0
+
+
+def _picks_of_runner_up(settings: RoutingSettings, lead: float, runner_up: float) -> tuple[int, list[str]]:
+    """A context with 150 outcomes of a/lead and 50 of b/runner-up, then 400 decisions without
+    outcomes: how often b/runner-up is picked, and the reasons given."""
+    reg = registry(remote("a/lead", quality=0.6), remote("b/runner-up", quality=0.6))
+    router = make_router(settings, seed=11)
+    d = router.decide(HELLO, reg)
+    for i in range(200):
+        model, score = ("a/lead", lead) if i % 4 else ("b/runner-up", runner_up)
+        router.tracker.record_attempt(
+            model, family=d.task_family, cluster=d.prompt_cluster, trace_id=f"t{i}", started_at=0.0,
+            success=True, score=score,
+        )  # fmt: skip
+    decisions = [router.decide(HELLO, reg) for _ in range(400)]
+    return sum(d.model_id == "b/runner-up" for d in decisions), [d.reason for d in decisions]
+
+
+def test_a_settled_context_stops_exploring_a_runner_up_it_knows_to_be_worse() -> None:
+    """Four points behind on 50 outcomes: whole beliefs still give the runner-up a share of the
+    requests; once the context has ``settle_after`` outcomes, draws at a quarter of the width
+    leave the leader nearly all of them, and the reason says why."""
+    unsettled, reasons = _picks_of_runner_up(RoutingSettings(settle_after=10_000), 0.62, 0.58)
+    assert unsettled >= 40
+    assert not any("settled" in r for r in reasons)
+    settled, reasons = _picks_of_runner_up(RoutingSettings(settle_after=200), 0.62, 0.58)
+    assert settled <= 4
+    assert all("settled context: draws at 0.25 of the uncertainty" in r for r in reasons)
+
+
+def test_a_settled_context_still_tries_a_model_whose_belief_overlaps_the_leaders() -> None:
+    """Settling narrows draws, it does not freeze the choice: where the beliefs are as good as
+    tied, both models keep getting requests."""
+    picks, _ = _picks_of_runner_up(RoutingSettings(settle_after=200), 0.60, 0.60)
+    assert 60 <= picks <= 340
 
 
 def test_interactive_work_weighs_latency_more() -> None:

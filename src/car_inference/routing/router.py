@@ -192,7 +192,7 @@ class AdaptiveRouter:
                 view, estimate = min(over_budget, key=itemgetter(1))
                 self.spend.check(view.provider, estimate)
             raise _no_candidates(set(a.required), excluded)
-        rows, offset = score_candidates(
+        rows, offset, width = score_candidates(
             cands, self._family_table(a.ctx.family), self.tracker, self.settings, a.ctx, self._rng,
             workload=request.params.workload, est_in=a.est_in, max_tokens=request.params.max_tokens,
         )  # fmt: skip
@@ -212,6 +212,9 @@ class AdaptiveRouter:
                     f"{best_mean[5].model_id} scores best at its mean"
                 )
             chosen_id, quality = pick[5].model_id, pick[1]
+            if width < 1.0:
+                note = f"{note}; " if note else ""
+                note += f"settled context: draws at {width:.2f} of the uncertainty"
             reason = _reason(strategy, a.ctx, pick, len(rows), len(excluded), relaxed, note)
         return self._decision(request, a, rows, offset, notes, chosen_id, strategy, reason, quality,
                               measure, exact, excluded, registry)  # fmt: skip

@@ -7,7 +7,9 @@ Score of a candidate, higher is better::
     Q = a draw from the model's quality belief in this context (``estimate.belief``): mean +
         exploration * sd * z, clamped to 0..1; with ``exploration = 0`` the mean itself. The
         candidates' z share part of their noise: z = sqrt(ρ)·Z + sqrt(1-ρ)·N(0, 1) with one Z per
-        decision, ρ = ``DRAW_CORRELATION`` (see below)
+        decision, ρ = ``DRAW_CORRELATION`` (see below); exploration = ``[routing] exploration``
+        times the context's width (``exploration_width``: 1, then ``settled_width`` once the
+        context has ``settle_after`` outcomes; see "Settling" below)
     L = 1 - min(1, log10(latency / fastest candidate's latency) / 2)      # 100x slower -> 0
     C = 1 - min(1, log10((cost + 1e-5) / (cheapest cost + 1e-5)) / 3)      # 1000x dearer -> 0
     wq = quality_weight * {simple: 0.75, medium: 1, complex: 1.5}
@@ -52,6 +54,25 @@ lean favours uncertainty and only by models whose uncertainty is large enough to
 RouterDC replay, default weights after warm-up, 12 seeds: ρ = 0 0.4945, ρ = 0.75 0.4988 (labelled
 bandit 0.4976 on the same seeds); 6 seeds: ρ = 0.5 0.4965, ρ = 0.9 0.4966 and ρ = 1 0.4978, each
 with a seed that locked in (0.485): some independent noise is what keeps every model reachable.
+
+Settling: plain Thompson sampling keeps exploring close models for as long as their beliefs
+overlap, which is what minimises regret over an unbounded horizon but over-explores over a finite
+one (Chapelle and Li, "An Empirical Evaluation of Thompson Sampling", 2011, found narrower
+posteriors better in practice). So a context explores with whole beliefs for its first
+``settle_after`` outcomes (1,500) and then draws at ``settled_width`` (a quarter) of each belief's
+width: a model still gets tried where its belief overlaps the leader's by more than about a
+quarter of its uncertainty, and a leader known to be a few points ahead keeps its requests. The
+count is the narrowest level's (a template's own outcomes for a templated request), so a new
+template explores in full even inside a well-known cluster. RouterDC replay, default weights
+after warm-up, size prices, 12 seeds: 0.4975 with whole beliefs throughout, 0.5022 settling
+after 1,500 (0.5005 after 1,000, 0.5017 after 2,000; 600 and 300 let some seeds lock in on a
+runner-up: 0.4977 ± 0.011 and 0.4989 ± 0.006 on 6 seeds); width 0.1 / 0.25 / 0.5: 0.5021 /
+0.5027 / 0.5019 (6 seeds). It helps the whole stream, warm-up included, not only the held-out
+part (all 20,600 prompts: 0.5124 -> 0.5159; the labelled Thompson bandit 0.5060 -> 0.5106 when
+it settles the same way, ``routing_seeds.py --labelled --settle``), and from cold (0.4874 ->
+0.4903), quality only (0.4938 -> 0.4984), cost-aware (0.4978 -> 0.5031), with a shared prefix
+per benchmark (0.4985 -> 0.5026). The price is slower discovery of a model that improves later: a settled
+context still follows its leader's decaying mean, but a runner-up's must overlap it by more.
 """
 
 from __future__ import annotations
@@ -76,6 +97,7 @@ __all__ = [
     "Context",
     "context_length",
     "expected_output_tokens",
+    "exploration_width",
     "score_candidates",
 ]
 
@@ -107,6 +129,13 @@ def weights(st: RoutingSettings, complexity: TaskComplexity, workload: RoutingWo
     wc = st.cost_weight * speed
     total = wq + wl + wc or 1.0
     return wq / total, wl / total, wc / total
+
+
+def exploration_width(st: RoutingSettings, levels: list[dict[str, StatsRow]]) -> float:
+    """How wide the Thompson draws are in this context (its narrowest level): the whole belief
+    for its first ``settle_after`` outcomes, ``settled_width`` of it after that (module docstring)."""
+    row = levels[-1].get(ALL) if levels else None
+    return st.settled_width if row is not None and row.calls >= st.settle_after else 1.0
 
 
 def expected_output_tokens(
@@ -156,11 +185,12 @@ def score_candidates(
     workload: RoutingWorkload,
     est_in: int,
     max_tokens: int,
-) -> tuple[list[_Row], float]:
+) -> tuple[list[_Row], float, float]:
     """Score and sort the candidates, best (sampled) score first; see the module docstring.
-    Returns the rows and the constant to add to their scores to show them."""
+    Returns the rows, the constant to add to their scores to show them, and the draws' width
+    (``exploration_width``)."""
     if not cands:
-        return [], 0.0
+        return [], 0.0, 1.0
     wq, wl, wc = weights(st, ctx.complexity, workload)
     profiles, levels, p50 = tracker.views(ctx.family, ctx.cluster)
     offset = difficulty(levels, {m: e[0] for m, e in table.items()})
@@ -169,7 +199,8 @@ def score_candidates(
     detached = is_templated(ctx.cluster)
     level, ctx_len = context_length(levels, max_tokens)
     default_out = expected_output_tokens(0, 0, max_tokens) if ctx_len is None else ctx_len
-    explore = st.exploration
+    width = exploration_width(st, levels)
+    explore = st.exploration * width
     gauss = rng.gauss
     lean = _SHARED_PART * gauss(0.0, 1.0) if explore else 0.0  # shared by every candidate
     lat_scale, cost_scale = wl / 2, wc / 3
@@ -211,7 +242,7 @@ def score_candidates(
         )
         mean = 0.0 if mean < 0.0 else 1.0 if mean > 1.0 else mean
         rows.append((score, mean, n, latency, cost, v, sd, q, out_tokens, score + wq * (mean - q)))
-    return _capped(rows, fastest, slowest, cheapest, dearest, wl, wc)
+    return (*_capped(rows, fastest, slowest, cheapest, dearest, wl, wc), width)
 
 
 def _capped(
