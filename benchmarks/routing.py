@@ -7,7 +7,8 @@
 Sections: (a) replay of real per-prompt outcomes under bandit feedback (``routing_replay.py``: the
 engine routes, only the chosen model's score is revealed and reported back), from cold and after
 a warm-up, at three cost weights, 5 seeds, next to the best single model, random, the per-prompt
-oracle and a Thompson bandit given the benchmark label; (b) the same under a second price
+oracle and a Thompson bandit given the benchmark label (plain, and settling as the router does:
+``[routing] settle_after``); (b) the same under a second price
 assumption; (c) decision latency with 50 and 500 catalog models, featurization apart; (d) outcome
 write cost (SQLite); (e) token-estimate calibration against the SmolLM2 tokenizer.
 """
@@ -89,6 +90,12 @@ def section_replay(train: list[Prompt], test: list[Prompt], pricing: Pricing, se
             bandit = [run_labelled(settings, pricing, train, test, s, warm=warm) for s in range(seeds)]
             rows.append((f"car-inference, {label}, {phase}", *_mean_sd(ours)))
             rows.append((f"labelled Thompson bandit, {label}, {phase}", *_mean_sd(bandit)))
+            if label == "default":
+                settled = [run_labelled(settings, pricing, train, test, s, warm=warm, settle=True)
+                           for s in range(seeds)]  # fmt: skip
+                rows.append(
+                    (f"labelled bandit settling as the router does, {label}, {phase}", *_mean_sd(settled))
+                )
             out[f"{label}|{phase}|router"] = statistics.fmean(s.quality for s in ours)
             out[f"{label}|{phase}|router_sd"] = (
                 statistics.pstdev(s.quality for s in ours) if seeds > 1 else 0.0
@@ -112,9 +119,11 @@ def section_prefixed(train: list[Prompt], test: list[Prompt], pricing: Pricing, 
     settings = SETTINGS["default"]
     ours = [run_router(settings, pricing, train, test, s, warm=True) for s in range(seeds)]
     bandit = [run_labelled(settings, pricing, train, test, s, warm=True) for s in range(seeds)]
+    settled = [run_labelled(settings, pricing, train, test, s, warm=True, settle=True) for s in range(seeds)]
     rows = [
         ("car-inference, default, after warm-up", *_mean_sd(ours)),
         ("labelled Thompson bandit, default, after warm-up", *_mean_sd(bandit)),
+        ("labelled bandit settling as the router does, default, after warm-up", *_mean_sd(settled)),
     ]
     print(table(["policy", f"held-out mean score ({seeds} seeds)", "$ per 1k requests"], rows))
 

@@ -32,7 +32,7 @@ import statistics
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from car_inference.config import CarConfig, RoutingSettings
@@ -166,6 +166,7 @@ class Score:
     picks: dict[str, int] = field(default_factory=dict)
     # benchmark -> (sum of scores, prompts), for where a policy loses (routing_seeds --by-benchmark)
     by_bench: dict[str, tuple[float, int]] = field(default_factory=dict)
+    warmup_quality: float | None = None  # mean score over the warm-up prompts, when there was one
 
 
 # --- the router, through the engine --------------------------------------------------------------
@@ -211,11 +212,12 @@ def run_router(
     with tempfile.TemporaryDirectory() as tmp:
         engine = new_engine(Path(tmp), settings, pricing, seed)
         try:
+            before = None
             if warm:
                 warmup = list(train)
                 random.Random(seed + 1000).shuffle(warmup)
-                replay(engine, warmup, pricing)
-            return replay(engine, order, pricing)
+                before = replay(engine, warmup, pricing).quality
+            return replace(replay(engine, order, pricing), warmup_quality=before)
         finally:
             engine.close()
 
@@ -226,25 +228,34 @@ def run_router(
 class LabelledThompson:
     """Thompson sampling per benchmark label: Beta(1 + sum of scores, 1 + sum of misses) per
     (benchmark, model), scored with the router's utility (``scoring.weights``, the same cost and
-    latency terms, expected output tokens learned per label and model)."""
+    latency terms, expected output tokens learned per label and model). ``settle``: after
+    ``settings.settle_after`` outcomes of a label, draws at ``settings.settled_width`` of their
+    spread around the mean, as the router does (``scoring.exploration_width``); the issue's
+    baseline does not settle."""
 
-    def __init__(self, settings: RoutingSettings, pricing: Pricing, seed: int) -> None:
-        self.settings, self.pricing = settings, pricing
+    def __init__(
+        self, settings: RoutingSettings, pricing: Pricing, seed: int, *, settle: bool = False
+    ) -> None:
+        self.settings, self.pricing, self.settle = settings, pricing, settle
         self.rng = random.Random(seed)
         self.ab: dict[tuple[str, str], list[float]] = defaultdict(lambda: [1.0, 1.0])
         self.tokens: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self.seen: dict[str, int] = defaultdict(int)
 
     def choose(self, p: Prompt) -> str:
         feats = TextFeatures(p.question)
         wq, wl, wc = weights(self.settings, complexity_of(feats), RoutingWorkload.INTERACTIVE)
         best, best_u = IDS[0], -math.inf
+        settled = self.settle and self.seen[p.bench] >= self.settings.settle_after
+        width = self.settings.settled_width if settled else 1.0
         for m in IDS:
             a, b = self.ab[p.bench, m]
             total, n = self.tokens[p.bench, m]
             out = total / n if n else 256.0
             cost = self.pricing.usd_per_mtok[m] * (p.in_tokens + out) / 1e6
+            mean = a / (a + b)
             u = (
-                wq * self.rng.betavariate(a, b)
+                wq * (mean + width * (self.rng.betavariate(a, b) - mean))
                 - wl / 2 * math.log10(self.pricing.latency_ms[m])
                 - wc / 3 * math.log10(cost + _COST_FLOOR)
             )
@@ -257,6 +268,7 @@ class LabelledThompson:
         ab = self.ab[p.bench, m]
         ab[0] += s
         ab[1] += 1.0 - s
+        self.seen[p.bench] += 1
         tok = self.tokens[p.bench, m]
         tok[0] += OUTPUT_TOKENS[p.bench]
         tok[1] += 1
@@ -276,16 +288,17 @@ class LabelledThompson:
 
 def run_labelled(
     settings: RoutingSettings, pricing: Pricing, train: Sequence[Prompt], test: Sequence[Prompt], seed: int,
-    *, warm: bool,
+    *, warm: bool, settle: bool = False,
 ) -> Score:  # fmt: skip
     order = list(test)
     random.Random(seed).shuffle(order)
-    bandit = LabelledThompson(settings, pricing, seed)
+    bandit = LabelledThompson(settings, pricing, seed, settle=settle)
+    before = None
     if warm:
         warmup = list(train)
         random.Random(seed + 1000).shuffle(warmup)
-        bandit.run(warmup)
-    return bandit.run(order)
+        before = bandit.run(warmup).quality
+    return replace(bandit.run(order), warmup_quality=before)
 
 
 def fixed_policies(train: Sequence[Prompt], test: Sequence[Prompt], pricing: Pricing) -> dict[str, Score]:

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/routing_seeds.py default --seeds 0 1 2 3 4 5
     .venv/bin/python benchmarks/routing_seeds.py cost-aware --pricing spread --exploration 0.7
     .venv/bin/python benchmarks/routing_seeds.py default --weights 0.9 0.03 0.07
+    .venv/bin/python benchmarks/routing_seeds.py default --shared-prefix --labelled [--settle]
 
 Prints each seed's held-out score and $ per 1k requests, then the mean ± sd; the labelled bandit
 with ``--labelled``. About 10 s per seed on a quiet 2-core machine (``routing.py`` is the full
@@ -24,6 +25,7 @@ from routing_replay import (
     run_router,
     size_pricing,
     spread_pricing,
+    with_shared_prefix,
 )
 
 
@@ -47,33 +49,51 @@ def main() -> None:
     parser.add_argument("--pricing", choices=("size", "spread"), default="size")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     parser.add_argument("--exploration", type=float, help="override [routing] exploration")
+    parser.add_argument("--settle-after", type=int, help="override [routing] settle_after")
+    parser.add_argument("--settled-width", type=float, help="override [routing] settled_width")
     parser.add_argument("--weights", type=float, nargs=3, metavar=("Q", "L", "C"),
                         help="override the setting's quality, latency and cost weights")  # fmt: skip
     parser.add_argument("--cold", action="store_true", help="no warm-up")
+    parser.add_argument("--shared-prefix", action="store_true",
+                        help="every benchmark's prompts behind a shared prefix of its own")  # fmt: skip
     parser.add_argument("--labelled", action="store_true", help="the labelled Thompson bandit instead")
+    parser.add_argument("--settle", action="store_true",
+                        help="with --labelled: the bandit settles as the router does")  # fmt: skip
     parser.add_argument("--by-benchmark", action="store_true",
                         help="per seed, each benchmark's loss against its best model")  # fmt: skip
     args = parser.parse_args()
     train, test = load_split()
+    if args.shared_prefix:
+        train, test = with_shared_prefix(train), with_shared_prefix(test)
     pricing = size_pricing() if args.pricing == "size" else spread_pricing(train)
     settings = SETTINGS[args.setting]
-    if args.exploration is not None:
-        settings = settings.model_copy(update={"exploration": args.exploration})
+    for name in ("exploration", "settle_after", "settled_width"):
+        if getattr(args, name) is not None:
+            settings = settings.model_copy(update={name: getattr(args, name)})
     if args.weights is not None:
         wq, wl, wc = args.weights
         settings = settings.model_copy(update={"quality_weight": wq, "latency_weight": wl, "cost_weight": wc})
-    run = run_labelled if args.labelled else run_router
-    scores = []
+    scores, streams = [], []
     for seed in args.seeds:
         started = time.perf_counter()
-        score = run(settings, pricing, train, test, seed, warm=not args.cold)
+        if args.labelled:
+            score = run_labelled(settings, pricing, train, test, seed, warm=not args.cold, settle=args.settle)
+        else:
+            score = run_router(settings, pricing, train, test, seed, warm=not args.cold)
         scores.append(score.quality)
         took = time.perf_counter() - started
-        print(f"seed {seed}: {score.quality:.4f}  ${score.usd_per_1k:.4f} per 1k  ({took:.0f} s)", flush=True)
+        stream = ""
+        if score.warmup_quality is not None:  # the whole stream, warm-up included
+            total = score.warmup_quality * len(train) + score.quality * len(test)
+            streams.append(total / (len(train) + len(test)))
+            stream = f"  (warm-up {score.warmup_quality:.4f}, whole stream {streams[-1]:.4f})"
+        line = f"seed {seed}: {score.quality:.4f}  ${score.usd_per_1k:.4f} per 1k{stream}  ({took:.0f} s)"
+        print(line, flush=True)
         if args.by_benchmark:
             print("  " + losses(score, train, test), flush=True)
     sd = statistics.pstdev(scores) if len(scores) > 1 else 0.0
-    print(f"mean {statistics.fmean(scores):.4f} ± {sd:.4f} over {len(scores)} seeds")
+    whole = f"; whole stream {statistics.fmean(streams):.4f}" if streams else ""
+    print(f"mean {statistics.fmean(scores):.4f} ± {sd:.4f} over {len(scores)} seeds{whole}")
 
 
 if __name__ == "__main__":
