@@ -167,6 +167,8 @@ class Score:
     # benchmark -> (sum of scores, prompts), for where a policy loses (routing_seeds --by-benchmark)
     by_bench: dict[str, tuple[float, int]] = field(default_factory=dict)
     warmup_quality: float | None = None  # mean score over the warm-up prompts, when there was one
+    # (prompt, context, model, strategy) of each routed prompt, for routing_seeds --contexts
+    routes: list[tuple[Prompt, str, str, str]] = field(default_factory=list)
 
 
 # --- the router, through the engine --------------------------------------------------------------
@@ -187,9 +189,13 @@ def replay(engine: InferenceEngine, prompts: Sequence[Prompt], pricing: Pricing)
     total_q = total_cost = 0.0
     picks: dict[str, int] = defaultdict(int)
     by_bench: dict[str, tuple[float, int]] = defaultdict(lambda: (0.0, 0))
+    routes = []
     for p in prompts:
         decision = engine.route(GenerateRequest(prompt=p.question))
         model = decision.model_id
+        routes.append(
+            (p, f"{decision.task_family}|{decision.prompt_cluster}", model, decision.strategy.value)
+        )
         score, cost = p.scores[model], pricing.cost(model, p)
         engine.report(
             decision, score=score, cost_usd=cost, latency_ms=pricing.latency_ms[model],
@@ -200,7 +206,8 @@ def replay(engine: InferenceEngine, prompts: Sequence[Prompt], pricing: Pricing)
         picks[model] += 1
         q, n = by_bench[p.bench]
         by_bench[p.bench] = (q + score, n + 1)
-    return Score(total_q / len(prompts), total_cost / len(prompts) * 1000, dict(picks), dict(by_bench))
+    return Score(total_q / len(prompts), total_cost / len(prompts) * 1000, dict(picks), dict(by_bench),
+                 routes=routes)  # fmt: skip
 
 
 def run_router(

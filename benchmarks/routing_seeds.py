@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/routing_seeds.py cost-aware --pricing spread --exploration 0.7
     .venv/bin/python benchmarks/routing_seeds.py default --weights 0.9 0.03 0.07
     .venv/bin/python benchmarks/routing_seeds.py default --shared-prefix --labelled [--settle]
+    .venv/bin/python benchmarks/routing_seeds.py default --seeds 0 --contexts mmlu
 
 Prints each seed's held-out score and $ per 1k requests, then the mean ± sd; the labelled bandit
 with ``--labelled``. About 10 s per seed on a quiet 2-core machine (``routing.py`` is the full
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import Counter, defaultdict
 
 from routing_replay import (
     SETTINGS,
@@ -41,6 +43,28 @@ def losses(score: Score, train: list[Prompt], test: list[Prompt]) -> str:
     return ", ".join(out)
 
 
+def contexts(score: Score, bench: str, n_test: int, top: int = 4) -> str:
+    """``bench``'s held-out prompts by the router's context (largest first): each context's loss
+    against its best model there (as a share of the whole held-out score), then per model its
+    true mean on those prompts and how often it was picked."""
+    by: dict[str, list[tuple[Prompt, str, str]]] = defaultdict(list)
+    for p, context, model, strategy in score.routes:
+        if p.bench == bench:
+            by[context].append((p, model, strategy))
+    lines = []
+    for context, rows in sorted(by.items(), key=lambda kv: -len(kv[1]))[:top]:
+        true = {m: statistics.fmean(p.scores[m] for p, _, _ in rows) for m in rows[0][0].scores}
+        best = max(true, key=true.__getitem__)
+        got = sum(p.scores[m] for p, m, _ in rows)
+        explored = sum(s == "explore" for *_, s in rows)
+        lines.append(f"  {context}: {len(rows)} prompts, {explored} explored, "
+                     f"loss {(got - true[best] * len(rows)) / n_test:+.4f}")  # fmt: skip
+        picked = Counter(m for _, m, _ in rows)
+        for m in sorted(true, key=true.__getitem__, reverse=True):
+            lines.append(f"    {m.split('/')[-1]:28s} true {true[m]:.3f}  picked {picked[m]}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -59,6 +83,8 @@ def main() -> None:
     parser.add_argument("--labelled", action="store_true", help="the labelled Thompson bandit instead")
     parser.add_argument("--settle", action="store_true",
                         help="with --labelled: the bandit settles as the router does")  # fmt: skip
+    parser.add_argument("--contexts", metavar="BENCH",
+                        help="per seed, BENCH's held-out prompts by the router's context")  # fmt: skip
     parser.add_argument("--by-benchmark", action="store_true",
                         help="per seed, each benchmark's loss against its best model")  # fmt: skip
     args = parser.parse_args()
@@ -91,6 +117,8 @@ def main() -> None:
         print(line, flush=True)
         if args.by_benchmark:
             print("  " + losses(score, train, test), flush=True)
+        if args.contexts:
+            print(contexts(score, args.contexts, len(test)), flush=True)
     sd = statistics.pstdev(scores) if len(scores) > 1 else 0.0
     whole = f"; whole stream {statistics.fmean(streams):.4f}" if streams else ""
     print(f"mean {statistics.fmean(scores):.4f} ± {sd:.4f} over {len(scores)} seeds{whole}")
