@@ -35,6 +35,7 @@ def test_model_health_report_describes_the_engine(isolated_home: Path) -> None:
     assert scenarios["interactive_vision"].model_id is None, "nothing local can see images"
     assert "vision" in scenarios["interactive_vision"].reason
     assert report.routing_quality_weight == engine.config.routing.quality_weight
+    assert (report.routing_settle_after, report.routing_settled_width) == (1500, 0.25)
     assert report.spend is not None
     assert {m.id for m in report.speech.local_models} >= {"piper/en_us-joe-medium"}
     json.loads(report.model_dump_json())

@@ -114,6 +114,8 @@ class ModelHealthReport(BaseModel):
     capabilities: list[ModelCapabilityHealth]
     routing_prefer_local: bool
     routing_exploration: float
+    routing_settle_after: int
+    routing_settled_width: float
     routing_prior_sd: float
     routing_quality_weight: float
     routing_latency_weight: float
@@ -188,6 +190,8 @@ class HealthMixin:
             capabilities=[_capability_health(c, models) for c in ALL_CAPABILITIES],
             routing_prefer_local=routing.prefer_local,
             routing_exploration=routing.exploration,
+            routing_settle_after=routing.settle_after,
+            routing_settled_width=routing.settled_width,
             routing_prior_sd=routing.prior_sd,
             routing_quality_weight=routing.quality_weight,
             routing_latency_weight=routing.latency_weight,
