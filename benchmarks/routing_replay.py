@@ -41,7 +41,7 @@ from car_inference.registry import UnifiedRegistry
 from car_inference.requests import GenerateRequest, RoutingWorkload
 from car_inference.routing import estimate_tokens
 from car_inference.routing.complexity import TextFeatures, complexity_of
-from car_inference.routing.scoring import weights
+from car_inference.routing.scoring import TEMPLATE_SETTLE_SHARE, weights
 from car_inference.schema import ModelSchema
 
 # shared/ sits beside the repository checkout.
@@ -235,10 +235,11 @@ def run_router(
 class LabelledThompson:
     """Thompson sampling per benchmark label: Beta(1 + sum of scores, 1 + sum of misses) per
     (benchmark, model), scored with the router's utility (``scoring.weights``, the same cost and
-    latency terms, expected output tokens learned per label and model). ``settle``: after
-    ``settings.settle_after`` outcomes of a label, draws at ``settings.settled_width`` of their
-    spread around the mean, as the router does (``scoring.exploration_width``); the issue's
-    baseline does not settle."""
+    latency terms, expected output tokens learned per label and model). ``settle``: after as many
+    outcomes of a label as a template needs (``settle_after`` times ``TEMPLATE_SETTLE_SHARE``: a
+    label, like a template, is one task), draws at ``settings.settled_width`` of their spread
+    around the mean, as the router does (``scoring.exploration_width``); the issue's baseline does
+    not settle."""
 
     def __init__(
         self, settings: RoutingSettings, pricing: Pricing, seed: int, *, settle: bool = False
@@ -253,7 +254,7 @@ class LabelledThompson:
         feats = TextFeatures(p.question)
         wq, wl, wc = weights(self.settings, complexity_of(feats), RoutingWorkload.INTERACTIVE)
         best, best_u = IDS[0], -math.inf
-        settled = self.settle and self.seen[p.bench] >= self.settings.settle_after
+        settled = self.settle and self.seen[p.bench] >= self.settings.settle_after * TEMPLATE_SETTLE_SHARE
         width = self.settings.settled_width if settled else 1.0
         for m in IDS:
             a, b = self.ab[p.bench, m]

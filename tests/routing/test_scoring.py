@@ -15,6 +15,7 @@ from car_inference.routing.estimate import ALL, DIFFICULTY_PSEUDO_CALLS, StatsRo
 from car_inference.routing.pool import TYPICAL_OUTPUT_TOKENS
 from car_inference.routing.scoring import (
     OUTPUT_PRIOR_CALLS,
+    TEMPLATE_SETTLE_SHARE,
     context_length,
     expected_output_tokens,
     exploration_width,
@@ -132,14 +133,21 @@ def test_exploration_comes_from_uncertainty_and_fades_with_evidence() -> None:
 def test_exploration_width_narrows_once_the_narrowest_level_has_settle_after_outcomes() -> None:
     st = RoutingSettings(settle_after=100, settled_width=0.25)
     cluster = {ALL: StatsRow(calls=99)}
-    assert exploration_width(st, []) == 1.0
-    assert exploration_width(st, [{}, {}]) == 1.0  # nothing counted yet
-    assert exploration_width(st, [{ALL: StatsRow(calls=5000)}, cluster]) == 1.0
+    assert exploration_width(st, [], templated=False) == 1.0
+    assert exploration_width(st, [{}, {}], templated=False) == 1.0  # nothing counted yet
+    assert exploration_width(st, [{ALL: StatsRow(calls=5000)}, cluster], templated=False) == 1.0
     cluster[ALL].calls = 100
-    assert exploration_width(st, [{}, cluster]) == 0.25
-    # a new template explores in full, however well known the cluster around it
-    assert exploration_width(st, [{}, cluster, {ALL: StatsRow(calls=3)}]) == 1.0
-    assert exploration_width(RoutingSettings(settle_after=100, settled_width=1.0), [cluster]) == 1.0
+    assert exploration_width(st, [{}, cluster], templated=False) == 0.25
+    unsettled = RoutingSettings(settle_after=100, settled_width=1.0)
+    assert exploration_width(unsettled, [cluster], templated=False) == 1.0
+    # a new template explores in full, however well known the cluster around it; a template,
+    # one task, settles after TEMPLATE_SETTLE_SHARE of settle_after
+    template = {ALL: StatsRow(calls=3)}
+    assert exploration_width(st, [{}, cluster, template], templated=True) == 1.0
+    template[ALL].calls = math.ceil(100 * TEMPLATE_SETTLE_SHARE)
+    assert (
+        TEMPLATE_SETTLE_SHARE < 1 and exploration_width(st, [{}, cluster, template], templated=True) == 0.25
+    )
 
 
 def _picks_of_runner_up(settings: RoutingSettings, lead: float, runner_up: float) -> tuple[int, list[str]]:

@@ -63,7 +63,12 @@ posteriors better in practice). So a context explores with whole beliefs for its
 width: a model still gets tried where its belief overlaps the leader's by more than about a
 quarter of its uncertainty, and a leader known to be a few points ahead keeps its requests. The
 count is the narrowest level's (a template's own outcomes for a templated request), so a new
-template explores in full even inside a well-known cluster. RouterDC replay, default weights
+template explores in full even inside a well-known cluster. A template settles after half as many
+(``TEMPLATE_SETTLE_SHARE``): its requests are one application's, one task, and its beliefs start
+from its family's and cluster's, while a family|cluster context mixes tasks, where settling early
+let some seeds lock in on a runner-up (below). With a shared prefix per benchmark (every prompt
+templated), 12 seeds: 0.5017 settling templates after 1,500, 0.5033 after 750 (500: a seed locked
+in); without prefixes templates are few and small and nothing changed. RouterDC replay, default weights
 after warm-up, size prices, 12 seeds: 0.4975 with whole beliefs throughout, 0.5022 settling
 after 1,500 (0.5005 after 1,000, 0.5017 after 2,000; 600 and 300 let some seeds lock in on a
 runner-up: 0.4977 ± 0.011 and 0.4989 ± 0.006 on 6 seeds); width 0.1 / 0.25 / 0.5: 0.5021 /
@@ -95,6 +100,7 @@ __all__ = [
     "COST_FLOOR",
     "DRAW_CORRELATION",
     "OUTPUT_PRIOR_CALLS",
+    "TEMPLATE_SETTLE_SHARE",
     "Context",
     "context_length",
     "expected_output_tokens",
@@ -103,6 +109,8 @@ __all__ = [
 ]
 
 OUTPUT_PRIOR_CALLS = 5.0
+# A template settles after this share of ``settle_after`` outcomes (module docstring, Settling).
+TEMPLATE_SETTLE_SHARE = 0.5
 # How much of each candidate's Thompson noise is shared by all candidates of a decision (above).
 DRAW_CORRELATION = 0.75
 _SHARED_PART, _OWN_PART = math.sqrt(DRAW_CORRELATION), math.sqrt(1.0 - DRAW_CORRELATION)
@@ -132,11 +140,13 @@ def weights(st: RoutingSettings, complexity: TaskComplexity, workload: RoutingWo
     return wq / total, wl / total, wc / total
 
 
-def exploration_width(st: RoutingSettings, levels: list[dict[str, StatsRow]]) -> float:
+def exploration_width(st: RoutingSettings, levels: list[dict[str, StatsRow]], *, templated: bool) -> float:
     """How wide the Thompson draws are in this context (its narrowest level): the whole belief
-    for its first ``settle_after`` outcomes, ``settled_width`` of it after that (module docstring)."""
+    for its first ``settle_after`` outcomes (a template: ``TEMPLATE_SETTLE_SHARE`` of them),
+    ``settled_width`` of it after that (module docstring)."""
     row = levels[-1].get(ALL) if levels else None
-    return st.settled_width if row is not None and row.calls >= st.settle_after else 1.0
+    after = st.settle_after * TEMPLATE_SETTLE_SHARE if templated else st.settle_after
+    return st.settled_width if row is not None and row.calls >= after else 1.0
 
 
 def expected_output_tokens(
@@ -200,7 +210,7 @@ def score_candidates(
     detached = is_templated(ctx.cluster)
     level, ctx_len = context_length(levels, max_tokens)
     default_out = expected_output_tokens(0, 0, max_tokens) if ctx_len is None else ctx_len
-    width = exploration_width(st, levels)
+    width = exploration_width(st, levels, templated=detached)
     explore = st.exploration * width
     gauss = rng.gauss
     lean = _SHARED_PART * gauss(0.0, 1.0) if explore else 0.0  # shared by every candidate
