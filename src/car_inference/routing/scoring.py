@@ -73,8 +73,8 @@ after warm-up, size prices, 12 seeds: 0.4975 with whole beliefs throughout, 0.50
 after 1,500 (0.5005 after 1,000, 0.5017 after 2,000; 600 and 300 let some seeds lock in on a
 runner-up: 0.4977 ± 0.011 and 0.4989 ± 0.006 on 6 seeds); width 0.1 / 0.25 / 0.5: 0.5021 /
 0.5027 / 0.5019 (6 seeds). It helps the whole stream, warm-up included, not only the held-out
-part (all 20,600 prompts: 0.5124 -> 0.5159; the labelled Thompson bandit 0.5060 -> 0.5106 when
-it settles the same way, ``routing_seeds.py --labelled --settle``), and from cold (0.4874 ->
+part (all 20,600 prompts: 0.5124 -> 0.5159; the labelled Thompson bandit 0.5060 -> 0.5119 when
+it settles as a template does, ``routing_seeds.py --labelled --settle``), and from cold (0.4874 ->
 0.4903), quality only (0.4938 -> 0.4984), cost-aware (0.4978 -> 0.5031), with a shared prefix
 per benchmark (0.4985 -> 0.5026). The price is slower discovery of a model that improves later:
 a settled context still follows its leader's decaying mean, but a runner-up's belief must overlap
