@@ -139,7 +139,7 @@ class RoutingSettings(_Section):
     settle_after: int = Field(
         default=1500,
         ge=0,
-        description="outcomes in a context after which its Thompson draws narrow to settled_width",
+        description="outcomes in a context (a template: half as many) before draws narrow to settled_width",
     )
     settled_width: float = Field(
         default=0.25,
