@@ -145,9 +145,8 @@ def test_exploration_width_narrows_once_the_narrowest_level_has_settle_after_out
     template = {ALL: StatsRow(calls=3)}
     assert exploration_width(st, [{}, cluster, template], templated=True) == 1.0
     template[ALL].calls = math.ceil(100 * TEMPLATE_SETTLE_SHARE)
-    assert (
-        TEMPLATE_SETTLE_SHARE < 1 and exploration_width(st, [{}, cluster, template], templated=True) == 0.25
-    )
+    assert TEMPLATE_SETTLE_SHARE < 1
+    assert exploration_width(st, [{}, cluster, template], templated=True) == 0.25
 
 
 def _picks_of_runner_up(settings: RoutingSettings, lead: float, runner_up: float) -> tuple[int, list[str]]:
@@ -176,6 +175,27 @@ def test_a_settled_context_stops_exploring_a_runner_up_it_knows_to_be_worse() ->
     settled, reasons = _picks_of_runner_up(RoutingSettings(settle_after=200), 0.62, 0.58)
     assert settled <= 4
     assert all("settled context: draws at 0.25 of the uncertainty" in r for r in reasons)
+
+
+def test_a_template_settles_through_the_router_after_its_share_of_settle_after() -> None:
+    """The router passes a templated request's own count: a template (one application's
+    requests) settles after ``TEMPLATE_SETTLE_SHARE`` of ``settle_after`` outcomes."""
+    prefix = "Reply as the assistant of the Blue Cafe, in one sentence, politely and briefly. " * 2
+    reg = registry(remote("a/one", quality=0.6), remote("b/two", quality=0.6))
+    router = make_router(RoutingSettings(settle_after=100), seed=2)
+    router.decide(GenerateRequest(prompt=prefix + "Are you open today?"), reg)
+    request = GenerateRequest(prompt=prefix + "Do you sell tea?")
+    d = router.decide(request, reg)
+    assert d.prompt_cluster is not None and "/" in d.prompt_cluster
+    needed = math.ceil(100 * TEMPLATE_SETTLE_SHARE)
+    for i in range(needed):
+        if i == needed - 1:
+            assert "settled context" not in router.decide(request, reg).reason
+        router.tracker.record_attempt(
+            "a/one", family=d.task_family, cluster=d.prompt_cluster, trace_id=f"t{i}", started_at=0.0,
+            success=True, score=0.7,
+        )  # fmt: skip
+    assert "settled context" in router.decide(request, reg).reason
 
 
 def test_a_settled_context_still_tries_a_model_whose_belief_overlaps_the_leaders() -> None:

@@ -69,8 +69,8 @@ from its family's and cluster's, while a family|cluster context mixes tasks, whe
 let some seeds lock in on a runner-up (below). With a shared prefix per benchmark (every prompt
 templated), 12 seeds: 0.5017 settling templates after 1,500, 0.5033 after 750 (500: a seed
 locked in); without prefixes templates are few and small and nothing changed. RouterDC replay,
-default weights after warm-up, size prices, 12 seeds: 0.4975 with whole beliefs throughout, 0.5022 settling
-after 1,500 (0.5005 after 1,000, 0.5017 after 2,000; 600 and 300 let some seeds lock in on a
+default weights after warm-up, size prices, 12 seeds: 0.4975 with whole beliefs throughout,
+0.5022 settling after 1,500 (0.5005 after 1,000, 0.5017 after 2,000; 600 and 300 let some seeds lock in on a
 runner-up: 0.4977 ± 0.011 and 0.4989 ± 0.006 on 6 seeds); width 0.1 / 0.25 / 0.5: 0.5021 /
 0.5027 / 0.5019 (6 seeds). It helps the whole stream, warm-up included, not only the held-out
 part (all 20,600 prompts: 0.5124 -> 0.5159; the labelled Thompson bandit 0.5060 -> 0.5119 when
