@@ -7,12 +7,15 @@ from car_inference.routing.estimate import (
     DIFFICULTY_PSEUDO_CALLS,
     DRIFT_VAR,
     FAMILY_BASE_PSEUDO_CALLS,
+    TEMPLATE_SHIFT_MIN_AROUND,
+    TEMPLATE_SHIFT_PSEUDO_CALLS,
     StatsRow,
     belief,
     difficulty,
     family_level,
     noise_of,
     posterior,
+    template_shift,
 )
 
 
@@ -113,3 +116,33 @@ def test_a_template_level_is_counted_under_no_other_key() -> None:
     # A model never seen around the template but seen in it: its template outcomes still count.
     alone, _v, n = belief(0.5, 0.02, [None, None, template], 0.25, detached=True)
     assert alone < 0.45 and n == 10
+
+
+def test_a_template_is_measured_against_the_requests_around_it() -> None:
+    """A template where everyone scores 0.3, in a cluster where they score 0.8: the gap, shrunk
+    while either side is thin; nothing where the cluster around it is too thin to compare with."""
+    k = TEMPLATE_SHIFT_PSEUDO_CALLS
+    cluster, template = {ALL: _stats(160.0, 200.0)}, {ALL: _stats(30.0, 100.0)}
+    shift = template_shift([{}, cluster, template])
+    assert shift == pytest.approx((0.3 - 0.8) * 100 / (100 + k) * 200 / (200 + k))
+    assert template_shift([{}, cluster]) == 0.0  # an untemplated request
+    assert template_shift([{}, cluster, {}]) == 0.0  # a template with no outcome yet
+    thin = {ALL: _stats(0.8 * (TEMPLATE_SHIFT_MIN_AROUND - 1), TEMPLATE_SHIFT_MIN_AROUND - 1)}
+    assert template_shift([{}, thin, template]) == 0.0
+    # a cluster whose requests are all templated: measured against the family's baseline
+    assert template_shift([cluster, {}, template]) == pytest.approx(shift)
+
+
+def test_the_shift_moves_only_the_levels_above_a_detached_template() -> None:
+    family, cluster, template = _stats(16.0, 20.0), _stats(8.0, 10.0), _stats(3.0, 10.0)
+    mean, var, _n = belief(0.5, 0.02, [family, cluster, template], 0.25, detached=True, shift=-0.4)
+    expected = posterior(
+        0.5,
+        0.02,
+        [(10.0, 10.0 * 0.4, DRIFT_VAR[0]), (10.0, 10.0 * 0.4, DRIFT_VAR[1]), (10.0, 3.0, DRIFT_VAR[2])],
+        0.25,
+    )
+    assert (mean, var) == pytest.approx(expected)
+    # no effect on nested levels (an untemplated request has no template to shift toward)
+    nested = belief(0.5, 0.02, [family, cluster], 0.25)
+    assert belief(0.5, 0.02, [family, cluster], 0.25, shift=-0.4) == nested

@@ -198,6 +198,37 @@ def test_a_template_settles_through_the_router_after_its_share_of_settle_after()
     assert "settled context" in router.decide(request, reg).reason
 
 
+def test_a_model_seen_only_around_a_harder_template_is_judged_at_the_templates_level() -> None:
+    """Both models score 0.8 in the cluster; in a template inside it one scores 0.3 and the other
+    was never tried. Carrying the cluster's 0.8 into the template would make the untried model look
+    far better than the tried one there, and be explored as if it were; measured against the
+    template's baseline it is expected about as good (their leads were equal around it). The
+    tracker's belief is the router's."""
+    prefix = "Answer as the legal desk of the Blue Cafe, in one line, citing the clause number. " * 2
+    reg = registry(remote("a/one", quality=0.6), remote("b/two", quality=0.6))
+    router = make_router(RoutingSettings(exploration=0), seed=3)
+    router.decide(GenerateRequest(prompt=prefix + "May we play music after ten?"), reg)
+    request = GenerateRequest(prompt=prefix + "Who pays for a broken window?")
+    d = router.decide(request, reg)
+    assert d.prompt_cluster is not None and "/" in d.prompt_cluster
+    around = d.prompt_cluster.partition("/")[0]
+    outcomes = [("a/one", around, 0.8)] * 100 + [("b/two", around, 0.8)] * 100
+    outcomes += [("a/one", d.prompt_cluster, 0.3)] * 100
+    for i, (model_id, cluster, score) in enumerate(outcomes):
+        router.tracker.record_attempt(
+            model_id, family=d.task_family, cluster=cluster, trace_id=f"t{i}", started_at=0.0,
+            success=True, score=score,
+        )  # fmt: skip
+    after = {c.model_id: c for c in router.decide(request, reg).candidates}
+    assert after["a/one"].quality == pytest.approx(0.3, abs=0.03)
+    assert 0.3 < after["b/two"].quality < 0.45  # not the cluster's 0.8
+    priors = {m: router.prior(m, d.task_family) for m in after}
+    mean, _var, _n = router.tracker.belief(
+        "b/two", d.task_family, priors["b/two"], cluster=d.prompt_cluster, priors=priors
+    )
+    assert after["b/two"].quality == pytest.approx(mean, abs=1e-12)
+
+
 def test_a_settled_context_still_tries_a_model_whose_belief_overlaps_the_leaders() -> None:
     """Settling narrows draws, it does not freeze the choice: where the beliefs are as good as
     tied, both models keep getting requests."""

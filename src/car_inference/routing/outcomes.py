@@ -23,7 +23,16 @@ from enum import StrEnum
 from typing import Any
 
 from ..config import RoutingSettings
-from .estimate import ProfileRow, StatsRow, belief, difficulty, family_level, first_look, noise_of
+from .estimate import (
+    ProfileRow,
+    StatsRow,
+    belief,
+    difficulty,
+    family_level,
+    first_look,
+    noise_of,
+    template_shift,
+)
 from .priors import BenchmarkPrior
 from .profiles import ModelProfile, TaskStats, export_profile, export_stats, row_fields, sum_rows
 from .signals import ImplicitSignal, ImplicitSignalType
@@ -426,7 +435,9 @@ class OutcomeTracker:
         var = self.settings.prior_sd**2
         if rows and rows[0] is None:
             mean, var = first_look(mean, var, self._profiles.get(model_id))
-        mean, var, n = belief(mean, var, rows, noise_of(mean), detached=is_templated(cluster))
+        templated = is_templated(cluster)
+        shift = template_shift(levels) if templated else 0.0
+        mean, var, n = belief(mean, var, rows, noise_of(mean), detached=templated, shift=shift)
         return (0.0 if mean < 0.0 else 1.0 if mean > 1.0 else mean), var, n
 
     def observations(self, model_id: str, family: str) -> int:

@@ -91,7 +91,17 @@ from ..config import RoutingSettings
 from ..requests import RoutingWorkload
 from .complexity import TaskComplexity
 from .decision import _SCORE, _Row
-from .estimate import ALL, DRIFT_VAR, ProfileRow, StatsRow, belief, difficulty, first_look, noise_of
+from .estimate import (
+    ALL,
+    DRIFT_VAR,
+    ProfileRow,
+    StatsRow,
+    belief,
+    difficulty,
+    first_look,
+    noise_of,
+    template_shift,
+)
 from .outcomes import OutcomeTracker
 from .pool import TYPICAL_OUTPUT_TOKENS, ModelView
 from .store import is_templated
@@ -208,6 +218,7 @@ def score_candidates(
     prior_var = st.prior_sd * st.prior_sd
     untried_var = prior_var + sum(DRIFT_VAR[: len(levels)])
     detached = is_templated(ctx.cluster)
+    shift = template_shift(levels) if detached else 0.0
     level, ctx_len = context_length(levels, max_tokens)
     default_out = expected_output_tokens(0, 0, max_tokens) if ctx_len is None else ctx_len
     width = exploration_width(st, levels, templated=detached)
@@ -231,7 +242,7 @@ def score_candidates(
             var = prior_var
             if own[0] is None:
                 mean, var = first_look(mean, var, p)
-            mean, var, n = belief(mean, var, own, noise_of(mean), detached=detached)
+            mean, var, n = belief(mean, var, own, noise_of(mean), detached=detached, shift=shift)
         else:
             out_tokens, var, n = default_out, untried_var, 0
         sd = sqrt(var)
