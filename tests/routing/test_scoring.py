@@ -177,16 +177,23 @@ def test_a_settled_context_stops_exploring_a_runner_up_it_knows_to_be_worse() ->
     assert all("settled context: draws at 0.25 of the uncertainty" in r for r in reasons)
 
 
+def _templated(router, reg, prefix: str, first: str, second: str):  # type: ignore[no-untyped-def]
+    """A request whose prefix an earlier one started: the router gives it a template; returns the
+    request and its decision."""
+    router.decide(GenerateRequest(prompt=prefix + first), reg)
+    request = GenerateRequest(prompt=prefix + second)
+    decision = router.decide(request, reg)
+    assert decision.prompt_cluster is not None and "/" in decision.prompt_cluster
+    return request, decision
+
+
 def test_a_template_settles_through_the_router_after_its_share_of_settle_after() -> None:
     """The router passes a templated request's own count: a template (one application's
     requests) settles after ``TEMPLATE_SETTLE_SHARE`` of ``settle_after`` outcomes."""
     prefix = "Reply as the assistant of the Blue Cafe, in one sentence, politely and briefly. " * 2
     reg = registry(remote("a/one", quality=0.6), remote("b/two", quality=0.6))
     router = make_router(RoutingSettings(settle_after=100), seed=2)
-    router.decide(GenerateRequest(prompt=prefix + "Are you open today?"), reg)
-    request = GenerateRequest(prompt=prefix + "Do you sell tea?")
-    d = router.decide(request, reg)
-    assert d.prompt_cluster is not None and "/" in d.prompt_cluster
+    request, d = _templated(router, reg, prefix, "Are you open today?", "Do you sell tea?")
     needed = math.ceil(100 * TEMPLATE_SETTLE_SHARE)
     for i in range(needed):
         if i == needed - 1:
@@ -207,10 +214,9 @@ def test_a_model_seen_only_around_a_harder_template_is_judged_at_the_templates_l
     prefix = "Answer as the legal desk of the Blue Cafe, in one line, citing the clause number. " * 2
     reg = registry(remote("a/one", quality=0.6), remote("b/two", quality=0.6))
     router = make_router(RoutingSettings(exploration=0), seed=3)
-    router.decide(GenerateRequest(prompt=prefix + "May we play music after ten?"), reg)
-    request = GenerateRequest(prompt=prefix + "Who pays for a broken window?")
-    d = router.decide(request, reg)
-    assert d.prompt_cluster is not None and "/" in d.prompt_cluster
+    request, d = _templated(
+        router, reg, prefix, "May we play music after ten?", "Who pays for a broken window?"
+    )
     around = d.prompt_cluster.partition("/")[0]
     outcomes = [("a/one", around, 0.8)] * 100 + [("b/two", around, 0.8)] * 100
     outcomes += [("a/one", d.prompt_cluster, 0.3)] * 100
