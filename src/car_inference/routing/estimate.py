@@ -35,18 +35,19 @@ level for the model's record in *other* families (a model great at math was then
 everything, and one bad at code never on multiple choice); each level's evidence from its mean,
 not from differences of decayed sums (which decay at different paces and stop subtracting).
 
-A template's levels above it in its own baseline (``template_shift``): the evidence of the family
-and cluster levels is moved by the template's baseline less the cluster's, as the family level is
-re-based per cluster. Without it a model little tried in a template harder than its cluster kept
-the cluster's level: in MMLU's moral scenarios (every model 0.1-0.27, in a cluster where they score
-0.5-0.6) such a model looked 0.2 better than the ones tried there, and exploration took 170 of
-the template's 277 held-out requests (seed 0); seed 1 lost 0.0015 of the total there, now 0.0003.
-The gap is shrunk with ``TEMPLATE_SHIFT_PSEUDO_CALLS`` on both sides and
+The levels above a template, in the template's baseline (``template_shift``): the evidence of
+the family and cluster levels is moved by the template's baseline less the cluster's, as the family
+level is re-based per cluster. Without it a model little tried in a template harder than its
+cluster kept the cluster's level: in MMLU's moral scenarios (every model 0.1-0.27, in a cluster
+where they score 0.5-0.6) such a model looked 0.2 better than the ones tried there, and
+exploration took 170 of the template's 277 held-out requests (seed 0); seed 1 lost 0.0015 of the
+total there, now 0.0003. The gap is shrunk with ``TEMPLATE_SHIFT_PSEUDO_CALLS`` on both sides and
 taken only against a cluster (else family) with ``TEMPLATE_SHIFT_MIN_AROUND`` outcomes: with a
 shared prefix per benchmark every request is templated and the cluster holds only the handful
 that came before each template was recognised; measured against those, seeds locked in on a
-runner-up (3 of 6 at 10 pseudo-calls and no minimum, 1 of 9 at 20). RouterDC replay, default weights after
-warm-up, 12 seeds: 0.5021 -> 0.5027, 11 seeds better, one 0.0002 worse; shared prefix unchanged.
+runner-up (3 of 6 at 10 pseudo-calls and no minimum, 1 of 9 at 20). RouterDC replay, default
+weights after warm-up, 12 seeds: 0.5021 -> 0.5027, 11 seeds better, one 0.0002 worse; shared
+prefix unchanged.
 """
 
 from __future__ import annotations

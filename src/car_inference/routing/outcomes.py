@@ -435,9 +435,8 @@ class OutcomeTracker:
         var = self.settings.prior_sd**2
         if rows and rows[0] is None:
             mean, var = first_look(mean, var, self._profiles.get(model_id))
-        templated = is_templated(cluster)
-        shift = template_shift(levels) if templated else 0.0
-        mean, var, n = belief(mean, var, rows, noise_of(mean), detached=templated, shift=shift)
+        detached, shift = is_templated(cluster), template_shift(levels)
+        mean, var, n = belief(mean, var, rows, noise_of(mean), detached=detached, shift=shift)
         return (0.0 if mean < 0.0 else 1.0 if mean > 1.0 else mean), var, n
 
     def observations(self, model_id: str, family: str) -> int:

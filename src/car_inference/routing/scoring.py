@@ -218,7 +218,7 @@ def score_candidates(
     prior_var = st.prior_sd * st.prior_sd
     untried_var = prior_var + sum(DRIFT_VAR[: len(levels)])
     detached = is_templated(ctx.cluster)
-    shift = template_shift(levels) if detached else 0.0
+    shift = template_shift(levels)  # 0 for an untemplated request
     level, ctx_len = context_length(levels, max_tokens)
     default_out = expected_output_tokens(0, 0, max_tokens) if ctx_len is None else ctx_len
     width = exploration_width(st, levels, templated=detached)
