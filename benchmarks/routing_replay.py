@@ -92,7 +92,10 @@ SETTINGS = {  # the three cost weights reported
 }
 
 
-def load_split(seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
+def load_split(seed: int = 0, *, swap: bool = False) -> tuple[list[Prompt], list[Prompt]]:
+    """(warm-up, held-out) prompts. ``swap``: the other way round, the held-out prompts learned
+    from and the warm-up ones scored (a second split of the same data, to check that a setting
+    chosen on the first carries over)."""
     train: list[Prompt] = []
     test: list[Prompt] = []
     for f in sorted(DATA.glob("*.json")):
@@ -112,7 +115,7 @@ def load_split(seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
             half = len(prompts) // 2
             train += prompts[:half]
             test += prompts[half:]
-    return train, test
+    return (test, train) if swap else (train, test)
 
 
 def with_shared_prefix(prompts: Sequence[Prompt]) -> list[Prompt]:

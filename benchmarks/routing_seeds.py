@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/routing_seeds.py default --weights 0.9 0.03 0.07
     .venv/bin/python benchmarks/routing_seeds.py default --shared-prefix --labelled [--settle]
     .venv/bin/python benchmarks/routing_seeds.py default --seeds 0 --contexts mmlu
+    .venv/bin/python benchmarks/routing_seeds.py default --swap   # the split the other way round
 
 Prints each seed's held-out score and $ per 1k requests, then the mean ± sd; the labelled bandit
 with ``--labelled``. About 10 s per seed on a quiet 2-core machine (``routing.py`` is the full
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="no warm-up")
     parser.add_argument("--shared-prefix", action="store_true",
                         help="every benchmark's prompts behind a shared prefix of its own")  # fmt: skip
+    parser.add_argument("--swap", action="store_true",
+                        help="learn from the held-out prompts and score the warm-up ones")  # fmt: skip
     parser.add_argument("--labelled", action="store_true", help="the labelled Thompson bandit instead")
     parser.add_argument("--settle", action="store_true",
                         help="with --labelled: the bandit settles as the router does")  # fmt: skip
@@ -88,7 +91,7 @@ def main() -> None:
     parser.add_argument("--by-benchmark", action="store_true",
                         help="per seed, each benchmark's loss against its best model")  # fmt: skip
     args = parser.parse_args()
-    train, test = load_split()
+    train, test = load_split(swap=args.swap)
     if args.shared_prefix:
         train, test = with_shared_prefix(train), with_shared_prefix(test)
     pricing = size_pricing() if args.pricing == "size" else spread_pricing(train)
