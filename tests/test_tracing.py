@@ -5,6 +5,7 @@ Off, every hook is a no-op."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -185,6 +186,11 @@ def test_off_it_is_a_no_op() -> None:
     gen = events()
     assert tracing.traced_stream(tracing.GENERATE, gen) is gen  # not even a wrapper
 
+    async def double(x: int) -> int:
+        return 2 * x
+
+    assert asyncio.run(tracing.traced_task("inference.embed", double, model="m")(2)) == 4
+
 
 class _Collector(BaseHTTPRequestHandler):
     received: ClassVar[list[tuple[str, str, bytes]]] = []
@@ -224,3 +230,41 @@ def test_configured_by_the_otel_variables_it_exports_over_otlp() -> None:
     finally:
         tracing.uninstall()
         collector.shutdown()
+
+
+def test_the_other_tasks_are_spans_below_the_request(
+    exporter: InMemorySpanExporter, fake: FakeProviderServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An embedding request (the fake provider's OpenAI embeddings) is one ``inference.embed`` span
+    below the server's; a provider failure marks it failed; a local tokenize has its own span."""
+    monkeypatch.setenv("EMB_KEY", "key-emb")
+    (tmp_path / "models.toml").write_text(
+        '[[models]]\nid = "acme/emb"\nname = "emb"\nprovider = "acme"\ncapabilities = ["embed"]\n'
+        'context_length = 8192\n[models.source]\nkind = "openai"\n'
+        f'base_url = "{fake.openai_base_url}"\napi_key_env = "EMB_KEY"\nmodel_name = "emb"\n'
+    )
+    engine = InferenceEngine(home=tmp_path)
+    try:
+        with ServerThread(create_app(engine)) as thread:
+            body = {"model": "acme/emb", "input": ["one", "two"]}
+            r = httpx.post(f"{thread.url}/v1/embeddings", json=body, headers={"traceparent": TRACEPARENT})
+            assert r.status_code == 200, r.text
+            spans = _finished(exporter)
+            (http,) = [s for s in spans if s.name.startswith("POST /v1/embeddings")]
+            (embed,) = _by_name(spans, "inference.embed")
+            assert _parent(http) == int(CLIENT_SPAN, 16) and _parent(embed) == http.context.span_id
+            assert (embed.attributes["model"], embed.attributes["provider"]) == ("acme/emb", "acme")
+            assert embed.status.status_code != StatusCode.ERROR
+
+            exporter.clear()
+            fake.set_key_behavior("key-emb", Fault.server_error())
+            r = httpx.post(f"{thread.url}/v1/embeddings", json=body, headers={"traceparent": TRACEPARENT})
+            assert r.status_code >= 500, r.text
+            (failed,) = _by_name(_finished(exporter), "inference.embed")
+            assert failed.status.status_code == StatusCode.ERROR
+        exporter.clear()
+        result = asyncio.run(engine.tokenize("smollm2", "hi"))
+        (tokenize,) = _by_name(exporter.get_finished_spans(), "inference.tokenize")
+        assert result.tokens and tokenize.attributes["model"] == result.model_used
+    finally:
+        engine.close()

@@ -12,6 +12,12 @@ Spans (the seed's ``inference.generate`` and its fields; the others named after 
   ``model``, ``provider``;
 - ``inference.record``: the attempt's outcome written to the state store (later, on the writer
   thread: a child of its attempt); ``model``, ``trace_id``.
+- the other tasks, one span each around the backend's call (``traced_task``):
+  ``inference.embed``, ``inference.rerank``, ``inference.classify``, ``inference.transcribe``,
+  ``inference.synthesize``, ``inference.voices``, ``inference.generate_image``,
+  ``inference.generate_video``, ``inference.ground`` (a grounder's own; a VLM grounds through
+  ``inference.generate``), ``inference.tokenize``, ``inference.detokenize``; ``model``,
+  ``provider``. A failed call marks its span failed.
 
 With the server, ``car serve`` wraps each HTTP request in a server span whose parent is the
 client's W3C ``traceparent`` (and ``tracestate``), so a request's spans on any replica join the
@@ -31,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 __all__ = [
@@ -49,6 +55,7 @@ __all__ = [
     "span",
     "start",
     "traced_stream",
+    "traced_task",
     "uninstall",
 ]
 
@@ -171,6 +178,17 @@ def _span(name: str, parent: Any, attributes: dict[str, Any]) -> Iterator[Any]:
         raise
     finally:
         s.end()
+
+
+def traced_task(name: str, fn: Callable[..., Awaitable[T]], **attributes: Any) -> Callable[..., Awaitable[T]]:
+    """``fn`` (an async callable) with each call inside a span ``name`` (``span``: a no-op when
+    tracing is off, checked per call, so a provider installed later is used)."""
+
+    async def call(*args: Any, **kwargs: Any) -> T:
+        with span(name, **attributes):
+            return await fn(*args, **kwargs)
+
+    return call
 
 
 def traced_stream(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import backends as backend_table
+from .. import tracing
 from ..backends.base import Backend, BackendContext, run_blocking
 from ..backends.cache import ModelCache
 from ..backends.delegated import RunnerRegistration, RunnerTable
@@ -277,7 +278,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
             raise UnsupportedMode(
                 str(capability), model.kind, f"the {model.kind} backend does not implement {method}"
             )
-        return fn
+        return tracing.traced_task(f"inference.{method}", fn, model=model.id, provider=model.provider)
 
 
 def _flush_at_exit(ref: weakref.ref[Bookkeeper]) -> None:

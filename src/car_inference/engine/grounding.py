@@ -12,6 +12,7 @@ import base64
 import functools
 from typing import TYPE_CHECKING
 
+from .. import tracing
 from ..backends.base import run_blocking
 from ..backends.image_input import media_type, read_image
 from ..errors import InvalidInput, ModelUnavailable, UnsupportedMode
@@ -49,7 +50,8 @@ async def ground(engine: InferenceEngine, request: GroundRequest) -> GroundResul
     width, height = image_size(data)
     backend = engine._runnable(model)  # an unpulled model says which pull it needs, here
     if isinstance(backend, Grounder):
-        return await backend.ground(model, request, data)
+        with tracing.span("inference.ground", model=model.id, provider=model.provider):
+            return await backend.ground(model, request, data)
     style = style_for(model)
     image = ImageBlock(data=base64.b64encode(data).decode(), media_type=media_type(data))
     text = TextBlock(text=grounding_prompt(style, request.prompt, width, height))

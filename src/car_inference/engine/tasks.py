@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from .. import tracing
 from ..backends.base import Tokenizer
 from ..errors import InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode
 from ..requests import (
@@ -95,11 +96,14 @@ class TaskMixin:
 
     async def tokenize(self, model: str, text: str) -> TokenizeResult:
         schema, backend = self._tokenizer(model)
-        return TokenizeResult(model_used=schema.id, tokens=await backend.tokenize(schema, text))
+        with tracing.span("inference.tokenize", model=schema.id, provider=schema.provider):
+            tokens = await backend.tokenize(schema, text)
+        return TokenizeResult(model_used=schema.id, tokens=tokens)
 
     async def detokenize(self, model: str, tokens: list[int]) -> TokenizeResult:
         schema, backend = self._tokenizer(model)
-        text = await backend.detokenize(schema, tokens)
+        with tracing.span("inference.detokenize", model=schema.id, provider=schema.provider):
+            text = await backend.detokenize(schema, tokens)
         return TokenizeResult(model_used=schema.id, tokens=list(tokens), text=text)
 
     # --- embeddings, rerank, classify --------------------------------------------------------
