@@ -145,8 +145,9 @@ def test_anthropic_stream_status_error(fake: FakeProviderServer) -> None:
 
 def test_anthropic_hang_malformed_and_cut(fake: FakeProviderServer) -> None:
     """hang -> anthropic.APITimeoutError; malformed -> json.JSONDecodeError (stream and non-stream);
-    cut stream -> the *raw* ``httpx2.RemoteProtocolError`` (the Anthropic SDK does not wrap errors raised
-    while iterating a stream); cut non-stream -> anthropic.APIConnectionError."""
+    cut stream -> ``httpx2.RemoteProtocolError``, raw before anthropic 2.17, since then wrapped in
+    anthropic.APIConnectionError (the backend's ``translate`` takes either); cut non-stream ->
+    anthropic.APIConnectionError."""
     client = ant(fake, timeout=0.5)
     fake.queue(Fault.hang(10))
     with pytest.raises(anthropic.APITimeoutError):
@@ -158,11 +159,13 @@ def test_anthropic_hang_malformed_and_cut(fake: FakeProviderServer) -> None:
         list(client.messages.create(model="m", max_tokens=5, messages=USER, stream=True))
     fake.queue(Fault.cut_stream(2), Fault.cut_stream())
     deltas: list[str] = []
-    with pytest.raises(httpx2.RemoteProtocolError):
+    with pytest.raises((httpx2.RemoteProtocolError, anthropic.APIConnectionError)) as cut:
         for event in client.messages.create(model="m", max_tokens=5, messages=USER, stream=True):
             if event.type == "content_block_delta":
                 deltas.append(event.delta.text)
     assert deltas == ["echo", ": he"]
+    raw = cut.value.__cause__ if isinstance(cut.value, anthropic.APIConnectionError) else cut.value
+    assert isinstance(raw, httpx2.RemoteProtocolError)
     with pytest.raises(anthropic.APIConnectionError):
         client.messages.create(model="m", max_tokens=5, messages=USER)
 
