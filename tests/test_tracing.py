@@ -46,10 +46,11 @@ def fake() -> Iterator[FakeProviderServer]:
         yield server
 
 
-def _model(name: str, fake: FakeProviderServer, extra: str = "") -> str:
+def _model(name: str, fake: FakeProviderServer, extra: str = "", capability: str = "generate") -> str:
     return (
-        f'[[models]]\nid = "acme/{name}"\nname = "{name}"\nprovider = "acme"\ncapabilities = ["generate"]\n'
-        f'context_length = 32768\nquality = 0.9\n{extra}[models.source]\nkind = "openai"\n'
+        f'[[models]]\nid = "acme/{name}"\nname = "{name}"\nprovider = "acme"\n'
+        f'capabilities = ["{capability}"]\ncontext_length = 32768\nquality = 0.9\n'
+        f'{extra}[models.source]\nkind = "openai"\n'
         f'base_url = "{fake.openai_base_url}"\napi_key_env = "{name.upper()}_KEY"\nmodel_name = "{name}"\n'
     )
 
@@ -238,11 +239,7 @@ def test_the_other_tasks_are_spans_below_the_request(
     """An embedding request (the fake provider's OpenAI embeddings) is one ``inference.embed`` span
     below the server's; a provider failure marks it failed; a local tokenize has its own span."""
     monkeypatch.setenv("EMB_KEY", "key-emb")
-    (tmp_path / "models.toml").write_text(
-        '[[models]]\nid = "acme/emb"\nname = "emb"\nprovider = "acme"\ncapabilities = ["embed"]\n'
-        'context_length = 8192\n[models.source]\nkind = "openai"\n'
-        f'base_url = "{fake.openai_base_url}"\napi_key_env = "EMB_KEY"\nmodel_name = "emb"\n'
-    )
+    (tmp_path / "models.toml").write_text(_model("emb", fake, capability="embed"))
     engine = InferenceEngine(home=tmp_path)
     try:
         with ServerThread(create_app(engine)) as thread:
