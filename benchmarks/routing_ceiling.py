@@ -1,7 +1,7 @@
 """What a router could reach on the RouterDC replay with *full information*: every model's score of
 every warm-up prompt, none of the exploration that bandit feedback costs.
 
-    .venv/bin/python benchmarks/routing_ceiling.py            # splits 0-2, about 2 minutes
+    .venv/bin/python benchmarks/routing_ceiling.py            # splits 0-2, 2-5 minutes
     .venv/bin/python benchmarks/routing_ceiling.py --swap     # the same splits the other way round
 
 (``routing.py`` replays split 0: the files without a train file are halved by the split's seed.)
@@ -24,9 +24,9 @@ features could beat the per-benchmark ceiling; this measures whether it does on 
 
 from __future__ import annotations
 
+import argparse
 import re
 import statistics
-import sys
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -131,7 +131,13 @@ def one_split(seed: int, *, swap: bool) -> dict[str, float]:
 
 
 def main() -> None:
-    swap = "--swap" in sys.argv[1:]
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--swap", action="store_true", help="learn from the held-out prompts, score the warm-up ones"
+    )
+    swap = parser.parse_args().swap
     which = "warm-up prompts, learning from the held-out ones" if swap else "held-out prompts"
     print(f"Full-information ceilings on the RouterDC replay's {which} (quality only)")
     runs = [one_split(seed, swap=swap) for seed in (0, 1, 2)]
