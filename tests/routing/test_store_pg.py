@@ -181,6 +181,26 @@ def test_batch_commits_once_and_is_invisible_until_then(store: PgOutcomeStore, u
         assert store.spend_by_provider(0.0) == {"p": 4.0}
 
 
+def test_a_failed_write_in_a_pipelined_batch_is_undone_alone(store: PgOutcomeStore) -> None:
+    """A batch sends its writes pipelined: a write whose statement fails in the database (seen only
+    at its sync) or that raises in Python after its statements went out is rolled back alone; the
+    writes before and after it commit with the batch, counters included."""
+    with store.batch():
+        store.record_trace(_row("ok-1", "p/a"), success=True, latency_ms=2.0)
+        with pytest.raises(psycopg.IntegrityError):
+            store.record_trace(_row("ok-1", "p/a"), success=True, latency_ms=2.0)  # its id is taken
+        # Pipelined, float("slow") in _count raises before the INSERT's own error comes back:
+        with pytest.raises((ValueError, psycopg.DataError)):
+            store.record_trace(_row("bad-2", "p/a"), success=True, latency_ms="slow")  # type: ignore[arg-type]
+        store.record_trace(_row("ok-3", "p/a"), success=False, latency_ms=4.0)
+        store.add_spend("p", "p/a", 0.5, 1.0)
+    assert store.trace("ok-1") is not None and store.trace("ok-3") is not None
+    assert store.trace("bad-2") is None
+    (profile,) = [p for p in store.profiles() if p["model_id"] == "p/a"]
+    assert (profile["total_calls"], profile["success_count"], profile["fail_count"]) == (2, 1, 1)
+    assert store.spend_by_provider(0.0) == {"p": 0.5}
+
+
 def _replica(url: str, worker: int) -> None:
     """A replica's bookkeeping: batches of outcomes over several models, in an order of its own
     (opposite orders are how two transactions holding row locks would deadlock)."""

@@ -18,7 +18,10 @@ How replicas share it without losing updates:
   migrate once.
 
 Connections come from a ``psycopg_pool`` pool; a ``batch()`` holds one for the calling thread,
-and the store's other calls on that thread run in it (as savepoints), so they see its writes.
+and the store's other calls on that thread run in it (as savepoints), so they see its writes. A
+batch runs in pipeline mode: each write's statements go out together and wait for the database
+once (twice when it reads a row), not once per statement, which is what a database on another
+machine charges for (``benchmarks/state_store.py --rtt-ms``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
 from ..config import redact_url
@@ -120,7 +123,8 @@ class PgOutcomeStore(BufferedWrites):
         (a batch took it when it began)."""
         batch: Conn | None = getattr(self._local, "conn", None)
         if batch is not None:
-            with batch.transaction():
+            pipe: psycopg.Pipeline | None = getattr(self._local, "pipe", None)
+            with batch.transaction() if pipe is None else self._savepoint(batch, pipe):
                 yield batch
             return
         with self._pool.connection() as conn, conn.transaction():
@@ -167,19 +171,43 @@ class PgOutcomeStore(BufferedWrites):
                 raise
 
     def _open_batch(self, stack: ExitStack) -> Conn | None:
-        """A batch's connection and transaction, the write lock taken; None when unreachable."""
+        """A batch's connection and transaction, the write lock taken, in pipeline mode (see
+        ``_savepoint``); None when unreachable."""
         if not self._available():
             return None
         try:
             conn = stack.enter_context(self._pool.connection())
             stack.enter_context(conn.transaction())
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            if psycopg.Pipeline.is_supported():  # libpq >= 14 (psycopg-binary bundles one)
+                self._local.pipe = stack.enter_context(conn.pipeline())
+                stack.callback(setattr, self._local, "pipe", None)
         except Exception as exc:
             if not unreachable(exc):
                 raise
             self._went_down(exc)
             return None
         return conn
+
+    @contextmanager
+    def _savepoint(self, conn: Conn, pipe: psycopg.Pipeline) -> Iterator[None]:
+        """One write of a batch: its SAVEPOINT, statements and RELEASE go out together and come
+        back in one round trip (a statement whose rows are read costs one more), where psycopg's
+        ``transaction()`` in pipeline mode syncs on entering and leaving. A write that fails, in
+        the database or in Python, is rolled back to its savepoint alone."""
+        conn.execute("SAVEPOINT car_write")  # one name: a write's savepoint is gone before the next's
+        try:
+            yield
+            conn.execute("RELEASE SAVEPOINT car_write")
+            pipe.sync()  # a failed statement raises here: the RELEASE behind it did not run
+        except BaseException:
+            if not (conn.broken or conn.closed):
+                with suppress(psycopg.Error):  # the write's own error is the one to raise
+                    pipe.sync()
+                conn.execute("ROLLBACK TO SAVEPOINT car_write")
+                conn.execute("RELEASE SAVEPOINT car_write")
+                pipe.sync()
+            raise
 
     def _in_batch(self) -> bool:
         return getattr(self._local, "conn", None) is not None or getattr(self._local, "dead", False)
