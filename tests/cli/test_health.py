@@ -144,3 +144,14 @@ def test_a_state_database_away_shows_what_waits(capsys: pytest.CaptureFixture[st
         "unreachable" in out
         and "3 writes waiting in memory for it, 1 lost beyond [state] buffer_records" in out
     )
+
+
+def test_records_the_store_has_not_caught_up_with_show(capsys: pytest.CaptureFixture[str]) -> None:
+    from car_inference.cli.health import _print_state
+
+    state = {"backend": "postgresql", "location": "postgresql://db/car", "schema_version": 3,
+             "round_trip_ms": 0.4, "pending": 120, "lag_s": 0.05}  # fmt: skip
+    _print_state(state)
+    assert "not written yet" not in capsys.readouterr().out, "a writer's window is not a lag"
+    _print_state({**state, "pending": 5400, "lag_s": 42.4})
+    assert "5400 answers' records not written yet, the oldest 42 s ago" in capsys.readouterr().out

@@ -6,17 +6,19 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from car_inference.engine.bookkeeping import Bookkeeper
+from car_inference.engine.bookkeeping import WRITER_BATCH, Bookkeeper
 from car_inference.routing.store import OutcomeStore
 
 
 async def test_writes_wait_for_the_next_turn_and_keep_their_order() -> None:
-    keeper, done = Bookkeeper(), []
+    keeper = Bookkeeper()
+    done: list[int] = []
     for i in range(3):
         keeper.submit(done.append, i)
     assert done == [], "nothing runs while the caller still holds the loop"
@@ -25,7 +27,8 @@ async def test_writes_wait_for_the_next_turn_and_keep_their_order() -> None:
 
 
 async def test_flush_runs_what_is_queued_now() -> None:
-    keeper, done = Bookkeeper(), []
+    keeper = Bookkeeper()
+    done: list[str] = []
     keeper.submit(done.append, "a")
     keeper.flush()
     assert done == ["a"]
@@ -34,13 +37,15 @@ async def test_flush_runs_what_is_queued_now() -> None:
 
 
 def test_without_a_loop_writes_happen_at_once() -> None:
-    keeper, done = Bookkeeper(), []
+    keeper = Bookkeeper()
+    done: list[int] = []
     keeper.submit(done.append, 1)
     assert done == [1]
 
 
 async def test_a_failing_record_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    keeper, done = Bookkeeper(), []
+    keeper = Bookkeeper()
+    done: list[str] = []
 
     def broken() -> None:
         raise RuntimeError("disk full")
@@ -87,9 +92,9 @@ def test_a_failing_write_is_undone_alone_in_a_store_batch(tmp_path: Path) -> Non
 
     keeper._pending.extend(
         [
-            (store.add_spend, ("p", "m", 1.0, 1.0), {}),
-            (half_written, (), {}),
-            (store.add_spend, ("p", "m", 2.0, 1.0), {}),
+            (0.0, store.add_spend, ("p", "m", 1.0, 1.0), {}),
+            (0.0, half_written, (), {}),
+            (0.0, store.add_spend, ("p", "m", 2.0, 1.0), {}),
         ]
     )
     keeper.flush()
@@ -135,3 +140,52 @@ async def test_a_writer_thread_writes_off_the_loop(tmp_path: Path) -> None:
     keeper.close()  # stops the thread and writes what is left
     assert store.spend_by_provider(0.0) == {"p": 7.0}
     store.close()
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_writer_that_falls_behind_says_so_and_writes_the_backlog_in_batches(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A store slower than the answers: ``pending`` and ``lag_s`` show the queue, the writer warns
+    once the oldest record is ``warn_after_s`` old, writes the backlog ``WRITER_BATCH`` records per
+    commit (each lets go of the store's lock), and says when it has caught up."""
+    commits: list[int] = []
+    current: list[int] = []
+
+    @contextlib.contextmanager
+    def batch() -> Iterator[None]:
+        current.clear()
+        yield
+        commits.append(len(current))
+
+    stuck = threading.Event()
+
+    def hang() -> None:  # the store hangs on the first record
+        stuck.wait(10)
+        current.append(-1)
+
+    keeper = Bookkeeper(batch, warn_after_s=0.2)
+    keeper.start_writer()
+    assert (keeper.pending, keeper.lag_s) == (0, 0.0)
+    keeper.submit(hang)
+    _wait_for(lambda: keeper.pending == 0)
+    total = 2 * WRITER_BATCH + 10
+    for i in range(total):
+        keeper.submit(current.append, i)
+    assert keeper.pending == total
+    with caplog.at_level(logging.WARNING, logger="car_inference.engine"):
+        time.sleep(0.25)
+        assert keeper.lag_s >= 0.2
+        stuck.set()
+        _wait_for(lambda: keeper.pending == 0 and "caught up" in caplog.text)
+        keeper.close()
+    assert commits == [1, WRITER_BATCH, WRITER_BATCH, 10]
+    behind = [r.getMessage() for r in caplog.records if "behind the answers" in r.getMessage()]
+    assert len(behind) == 1 and f"({total} waiting)" in behind[0]
+    assert keeper.lag_s == 0.0

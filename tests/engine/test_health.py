@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 from car_inference.engine import InferenceEngine
+from car_inference.engine.bookkeeping import Bookkeeper
 from car_inference.schema import ModelCapability
 
 
@@ -75,3 +78,24 @@ def test_profiles_export_import_round_trip(isolated_home: Path, tmp_path: Path) 
     data = json.loads(path.read_text())
     row = next(p for p in data if p["model_id"] == "qwen/qwen3-4b:q4_k_m")
     assert row["total_calls"] == 5 and set(row) >= {"ema_quality", "task_stats", "quality_per_1k_tokens"}
+
+
+def test_health_shows_the_records_not_yet_written(isolated_home: Path) -> None:
+    engine = InferenceEngine()
+    # Writes that stall outside the store's own batch (a PostgreSQL store's reads take other
+    # connections meanwhile; SQLite's one connection would hold them until the batch ends).
+    keeper = engine.bookkeeper = Bookkeeper()
+    stuck = threading.Event()
+    keeper.start_writer()
+    keeper.submit(stuck.wait, 10)  # the store hangs on this record
+    keeper.submit(print, end="")  # and this one waits behind it
+    deadline = time.monotonic() + 10
+    while keeper.pending != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(0.05)
+    state = engine.model_health().state
+    assert state is not None and state.pending == 1 and state.lag_s >= 0.05
+    stuck.set()
+    engine.close()
+    assert (keeper.pending, keeper.lag_s) == (0, 0.0)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import REGISTRY
 
+from car_inference.engine.bookkeeping import Bookkeeper
 from car_inference.errors import AllModelsFailed, InferenceFailed, ModelNotFound, ProviderError
 from car_inference.requests import TokenUsage
 from car_inference.server.metrics import Metrics
@@ -47,3 +50,12 @@ def test_each_app_has_its_own_registry() -> None:
     assert sample(b, "car_routing_decisions_total", strategy="explicit") is None
     assert REGISTRY.get_sample_value("car_routing_decisions_total", {"strategy": "explicit"}) is None
     assert b"car_routing_decisions_total" in a.render()
+
+
+def test_the_writer_queue_is_a_gauge() -> None:
+    metrics, keeper = Metrics(), Bookkeeper()
+    metrics.watch_records(keeper)
+    assert sample(metrics, "car_records_pending") == 0 and sample(metrics, "car_records_lag_seconds") == 0
+    keeper._pending.append((time.monotonic() - 5.0, print, (), {}))  # a record waiting 5 s
+    assert sample(metrics, "car_records_pending") == 1
+    assert (sample(metrics, "car_records_lag_seconds") or 0) >= 5.0

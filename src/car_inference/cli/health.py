@@ -162,6 +162,12 @@ def _print_state(state: dict[str, Any] | None) -> None:
         out.print(f"{where} [red]unreachable[/] ({escape(str(state['error']))})")
     else:
         out.print(f"{where}, schema {state['schema_version']}, {state['round_trip_ms']:.2f} ms round trip")
+    if state.get("lag_s", 0) >= 1:  # records wait a writer's window (50 ms) when it keeps up
+        out.print(
+            f"  {state.get('pending', 0)} answers' records not written yet, the oldest "
+            f"{state['lag_s']:.0f} s ago: the store is not keeping up",
+            markup=False,
+        )
     if state.get("buffered") or state.get("dropped"):
         out.print(
             f"  {state.get('buffered', 0)} writes waiting in memory for it, "

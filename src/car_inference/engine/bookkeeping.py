@@ -21,6 +21,12 @@ Where the writes run:
 What the writer trades: a crash loses at most the last ``delay_s`` of records (the database itself
 stays consistent: every commit is atomic), and spend recorded in that window is not yet counted by
 a limit check in another process.
+
+When the store cannot keep up (a PostgreSQL far away, a fleet whose counter writes take turns
+under one lock), records wait here: learning, spend and traces lag behind the answers, and the
+queue holds their requests in memory. ``pending`` and ``lag_s`` say so (the health report's
+``state``, ``/metrics``), and the writer warns once the oldest waiting record is ``warn_after_s``
+old, and again when it has caught up.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ __all__ = ["Bookkeeper"]
 
 log = logging.getLogger("car_inference.engine")
 
+WRITER_BATCH = 256  # records per commit of the writer thread at most
+
 
 class Bookkeeper:
     def __init__(
@@ -47,11 +55,14 @@ class Bookkeeper:
         *,
         delay_s: float = 0.0,
         chunk: int = 8,
+        warn_after_s: float = 30.0,
     ) -> None:
         """``batch``: the transaction a group of writes runs in (none: each write on its own);
         ``delay_s``: how long the writer thread waits for more records to share its commit;
-        ``chunk``: how many records one loop turn writes."""
-        self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = deque()
+        ``chunk``: how many records one loop turn writes; ``warn_after_s``: how late the oldest
+        waiting record may be before the writer warns that the store is not keeping up."""
+        # (submitted at, by time.monotonic(); the write and its arguments)
+        self._pending: deque[tuple[float, Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = deque()
         self._lock = threading.Lock()
         self._scheduled: asyncio.Handle | None = None
         self._batch = batch or contextlib.nullcontext
@@ -60,6 +71,8 @@ class Bookkeeper:
         self._writer: threading.Thread | None = None
         self._wake: threading.Event | None = None
         self._stopping = False
+        self.warn_after_s = warn_after_s
+        self._behind = False  # warned that records lag; said again when caught up
 
     def start_writer(self) -> None:
         """Write from a thread of its own from now on (a server: the SQLite work, WAL checkpoints
@@ -78,10 +91,28 @@ class Bookkeeper:
                 break
             time.sleep(self.delay_s)  # let the records of this window share the commit
             self._wake.clear()
-            self.flush()
+            # A backlog goes in batches of WRITER_BATCH: each commit lets go of the store's write
+            # lock (other replicas' writers take turns) and the lag is checked between them.
+            while self._pending and not self._stopping:
+                self._check_lag()
+                self.flush(WRITER_BATCH)
+            self._check_lag()
+
+    @property
+    def pending(self) -> int:
+        """Records waiting to be written."""
+        return len(self._pending)
+
+    @property
+    def lag_s(self) -> float:
+        """How long the oldest waiting record has waited (0 when none waits)."""
+        try:
+            return max(0.0, time.monotonic() - self._pending[0][0])
+        except IndexError:
+            return 0.0
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self._pending.append((fn, args, kwargs))
+        self._pending.append((time.monotonic(), fn, args, kwargs))
         if self._wake is not None:
             self._wake.set()
             return
@@ -103,6 +134,21 @@ class Bookkeeper:
             except RuntimeError:
                 self.flush()
 
+    def _check_lag(self) -> None:
+        """Warn once while the oldest waiting record is older than ``warn_after_s``; say when the
+        queue has caught up."""
+        lag = self.lag_s
+        if not self._behind and lag >= self.warn_after_s:
+            self._behind = True
+            log.warning(
+                "outcome records are %.1f s behind the answers (%d waiting): the state store is not "
+                "keeping up, so learning, spend and traces lag and the waiting records hold memory",
+                lag, len(self._pending),
+            )  # fmt: skip
+        elif self._behind and lag < self.warn_after_s / 10:
+            self._behind = False
+            log.warning("outcome records caught up (%d waiting, %.1f s behind)", len(self._pending), lag)
+
     def flush(self, limit: int | None = None) -> None:
         """Run the queued writes now (all of them, or the first ``limit``), in order, in one batch."""
         with self._lock:
@@ -112,13 +158,20 @@ class Bookkeeper:
             try:
                 with self._batch():
                     for _ in range(todo):
-                        fn, args, kwargs = self._pending.popleft()
+                        _, fn, args, kwargs = self._pending.popleft()
                         try:
                             fn(*args, **kwargs)
                         except Exception:  # a lost record must be visible, never raised into a request
                             log.exception("recording an outcome failed")
             except Exception:  # the batch's own commit failed (disk full, say): logged, not raised
                 log.exception("writing a batch of outcome records failed")
+
+    def flush_unless_writer(self) -> None:
+        """``flush()`` where the writes run on the caller's loop (a report then counts the last
+        answers); with a writer thread, nothing: its queue may be long and the store slow, and a
+        health report must not wait for them (it says what waits instead)."""
+        if self._writer is None:
+            self.flush()
 
     def close(self) -> None:
         if self._writer is not None and self._wake is not None:

@@ -174,7 +174,7 @@ class HealthMixin:
         def _classifier(self, request: ClassifyRequest) -> ModelSchema: ...
 
     def model_health(self) -> ModelHealthReport:
-        self.bookkeeper.flush()
+        self.bookkeeper.flush_unless_writer()
         models = self.registry.list()
         routing = self.config.routing
         return ModelHealthReport(
@@ -202,7 +202,12 @@ class HealthMixin:
             spend=self.spend.status(),
             speech=speech_health(self),  # type: ignore[arg-type]  # self is the InferenceEngine
             runtimes=self.runtimes.statuses(),
-            state=state_health(self.store, self.config.state.url or str(self.config.paths.state_db)),
+            state=state_health(
+                self.store,
+                self.config.state.url or str(self.config.paths.state_db),
+                pending=self.bookkeeper.pending,
+                lag_s=self.bookkeeper.lag_s,
+            ),
             coordination=self.breakers.coordination(),
             hardware=hardware_overview(models),  # detection is cached for the process
             kinds=_kind_health(models, len(self.runners.list())),

@@ -126,10 +126,13 @@ class StateHealth(BaseModel):
     error: str | None = None
     buffered: int = 0  # records waiting in memory for an unreachable database (PostgreSQL)
     dropped: int = 0  # records lost since the store opened: the database was away and the buffer full
+    pending: int = 0  # answers' records the engine has not written yet (its writer's queue)
+    lag_s: float = 0.0  # how long the oldest of those has waited: the store keeps up when this is small
 
 
-def state_health(store: StateStore, location: str) -> StateHealth:
-    """Read the schema version through ``store`` and time it; what waits in memory, what was lost."""
+def state_health(store: StateStore, location: str, *, pending: int = 0, lag_s: float = 0.0) -> StateHealth:
+    """Read the schema version through ``store`` and time it; what waits in memory, what was lost;
+    ``pending`` / ``lag_s``: the engine's records not yet written and the oldest one's wait."""
     start = time.perf_counter()
     try:
         version = store.schema_version
@@ -140,6 +143,8 @@ def state_health(store: StateStore, location: str) -> StateHealth:
             error=f"{type(exc).__name__}: {exc}",
             buffered=int(getattr(store, "buffered", 0)),
             dropped=int(getattr(store, "dropped", 0)),
+            pending=pending,
+            lag_s=round(lag_s, 3),
         )
     elapsed = (time.perf_counter() - start) * 1000
     return StateHealth(
@@ -149,4 +154,6 @@ def state_health(store: StateStore, location: str) -> StateHealth:
         round_trip_ms=elapsed,
         buffered=int(getattr(store, "buffered", 0)),
         dropped=int(getattr(store, "dropped", 0)),
+        pending=pending,
+        lag_s=round(lag_s, 3),
     )

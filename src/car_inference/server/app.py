@@ -45,6 +45,7 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     settings = settings if settings is not None else engine.config.server
     state = ServerState(engine, settings, Metrics(), Limiter(settings.max_concurrency))
     state.metrics.watch_state(engine.store)
+    state.metrics.watch_records(engine.bookkeeper)
     # A server answers many requests a second: their outcome records share commits (see
     # engine/bookkeeping.py); whatever is queued is written when the server stops.
     engine.bookkeeper.delay_s = settings.record_delay_ms / 1000

@@ -23,6 +23,7 @@ from ..errors import AllModelsFailed, ModelUnavailable, ProviderError
 from ..requests import TokenUsage
 
 if TYPE_CHECKING:
+    from ..engine.bookkeeping import Bookkeeper
     from ..routing.coord import Fleet
     from ..routing.coord_limit import FleetLimiter
 
@@ -77,6 +78,19 @@ class Metrics:
             "car_state_dropped_records", "Writes lost beyond [state] buffer_records since the start",
             registry=r,
         ).set_function(lambda: float(getattr(store, "dropped", 0)))  # fmt: skip
+
+    def watch_records(self, bookkeeper: Bookkeeper) -> None:
+        """Gauges of the engine's writer queue, read when scraped: answers' records not written
+        yet and how long the oldest has waited (a store that does not keep up shows here first)."""
+        r = self.registry
+        Gauge(
+            "car_records_pending", "Outcome, spend and trace records not yet written to the state store",
+            registry=r,
+        ).set_function(lambda: float(bookkeeper.pending))  # fmt: skip
+        Gauge(
+            "car_records_lag_seconds", "How long the oldest record not yet written has waited",
+            registry=r,
+        ).set_function(lambda: bookkeeper.lag_s)  # fmt: skip
 
     def watch_fleet(self, fleet: Fleet | None, limiter: FleetLimiter | None) -> None:
         """Gauges of the replica's link to the fleet (``[coordination] redis_url``), read when
