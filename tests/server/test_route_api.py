@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from car_inference.engine import InferenceEngine
+from car_inference.engine.bookkeeping import Bookkeeper
 from car_inference.server import ServerThread, create_app
 from fakes import FakeProviderServer
 
@@ -72,3 +75,33 @@ def test_route_refuses_bad_bodies(routed: tuple[httpx.Client, InferenceEngine]) 
         assert response.json()["error"]["param"] == param
     unknown = http.post("/v1/route", json={"messages": ASK, "model": "fake/gamma"})
     assert unknown.status_code == 404 and "fake/gamma" in unknown.json()["error"]["message"]
+
+
+def test_feedback_behind_a_slow_store_holds_up_no_other_request(
+    tmp_path_factory: pytest.TempPathFactory, fake_provider: FakeProviderServer
+) -> None:
+    """Feedback writes its answer's record first, behind whatever the writer has queued: with the
+    store stalled, that request waits (off the event loop) and every other request is answered."""
+    home = remote_home(tmp_path_factory.mktemp("slow-home"), fake_provider, "alpha")
+    engine = InferenceEngine(home=home)
+    with ServerThread(create_app(engine)) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        stuck = threading.Event()
+        keeper = engine.bookkeeper = Bookkeeper()  # writes that stall outside the store's batch
+        keeper.start_writer()
+        keeper.submit(stuck.wait, 20)
+        trace_id = http.post("/v1/route", json={"messages": ASK}).json()["trace_id"]
+        answers: list[httpx.Response] = []
+        waiting = threading.Thread(
+            target=lambda: answers.append(http.post("/v1/feedback", json={"trace_id": trace_id, "score": 1}))
+        )
+        waiting.start()
+        time.sleep(0.2)
+        assert not answers, "the feedback waits for its record"
+        started = time.monotonic()
+        assert http.get("/v1/models", timeout=5).status_code == 200
+        assert time.monotonic() - started < 2
+        assert http.get("/v1/health", timeout=5).status_code == 200
+        stuck.set()
+        waiting.join(20)
+        assert answers and answers[0].status_code == 200 and answers[0].json()["recorded"] is True
+    engine.close()

@@ -437,7 +437,8 @@ async def _feedback(session: Session, params: Params, rid: Any) -> Any:
             400, "`score` must be a number from 0 (bad) to 1 (good)", code="invalid_value", param="score"
         )
     try:
-        session.engine.feedback(trace_id, float(score))
+        # Off the loop: it writes the answer's record first, behind whatever the writer has queued.
+        await asyncio.to_thread(session.engine.feedback, trace_id, float(score))
     except ValueError as exc:
         raise ApiError(400, str(exc), code="invalid_value", param="score") from None
     return {"trace_id": trace_id, "score": float(score), "recorded": True}

@@ -105,7 +105,8 @@ def register(app: FastAPI, state: ServerState) -> None:
         if isinstance(score, bool) or not isinstance(score, int | float):
             raise ApiError(400, "`score` must be a number from 0 (bad) to 1 (good)", param="score")
         try:
-            engine.feedback(trace_id, float(score))
+            # Off the loop: it writes the answer's record first, behind whatever the writer has queued.
+            await asyncio.to_thread(engine.feedback, trace_id, float(score))
         except ValueError as exc:
             raise ApiError(400, str(exc), param="score") from None
         return json_response({"trace_id": trace_id, "score": float(score), "recorded": True})
