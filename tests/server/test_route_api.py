@@ -105,3 +105,27 @@ def test_feedback_behind_a_slow_store_holds_up_no_other_request(
         waiting.join(20)
         assert answers and answers[0].status_code == 200 and answers[0].json()["recorded"] is True
     engine.close()
+
+
+def test_a_route_whose_trace_waits_for_the_store_holds_up_no_other_request(
+    tmp_path_factory: pytest.TempPathFactory, fake_provider: FakeProviderServer
+) -> None:
+    """The writer thread holds the store (SQLite's one connection) for its batch: a recorded
+    decision's trace waits for it off the event loop, and other requests are answered meanwhile."""
+    home = remote_home(tmp_path_factory.mktemp("busy-home"), fake_provider, "alpha")
+    engine = InferenceEngine(home=home)
+    with ServerThread(create_app(engine)) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        stuck = threading.Event()
+        engine.bookkeeper.submit(stuck.wait, 20)  # the writer's batch stalls, holding the store
+        time.sleep(0.1)
+        answers: list[httpx.Response] = []
+        ask = {"messages": ASK}
+        waiting = threading.Thread(target=lambda: answers.append(http.post("/v1/route", json=ask)))
+        waiting.start()
+        time.sleep(0.2)
+        assert not answers, "the trace waits for the store"
+        assert http.get("/v1/models", timeout=5).status_code == 200
+        stuck.set()
+        waiting.join(20)
+        assert answers and answers[0].status_code == 200 and answers[0].json()["trace_id"]
+    engine.close()

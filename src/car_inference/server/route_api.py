@@ -10,6 +10,8 @@ exactly as an answer it produced would.
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,7 +37,9 @@ def register(app: FastAPI, state: ServerState) -> None:
         call = chat_request(body)
         decision = await engine.route_async(call.request)
         state.metrics.decision(str(decision.strategy))
-        trace_id = engine.open_trace(decision) if record else None
+        # The trace is written at once (feedback may follow at once), off the loop: a store that
+        # is slow or busy with the writer's batch holds this request only.
+        trace_id = await asyncio.to_thread(engine.open_trace, decision) if record else None
         return json_response({"trace_id": trace_id, "decision": decision.model_dump(mode="json")})
 
     app.add_route("/v1/route", route, methods=["POST"])
