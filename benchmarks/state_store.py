@@ -181,7 +181,7 @@ def main() -> None:
 
     db = f"car_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(args.postgres_admin_url, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {db}")  # type: ignore[arg-type]  # a name made here
+        admin.execute(f"CREATE DATABASE {db}")  # a name made here
     admin_url = urlsplit(args.postgres_admin_url)
     proxy = None
     if args.rtt_ms > 0:
@@ -229,7 +229,7 @@ def main() -> None:
         if proxy is not None:
             proxy.kill()
         with psycopg.connect(args.postgres_admin_url, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")  # type: ignore[arg-type]
+            admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
 
 
 if __name__ == "__main__":

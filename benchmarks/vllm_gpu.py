@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from car_inference.engine import InferenceEngine
-from car_inference.requests import GenerateRequest
+from car_inference.requests import GenerateParams, GenerateRequest
 from car_inference.runtimes.specs import VllmSpec, free_port
 from car_inference.runtimes.state import pid_alive
 from car_inference.runtimes.supervisor import RuntimeSettings, RuntimeState
@@ -59,7 +59,7 @@ def _model(repo: str, port: int, context: int) -> ModelSchema:
 
 def _request() -> GenerateRequest:
     return GenerateRequest(
-        model="bench/vllm-model", prompt=PROMPT, params={"max_tokens": 16, "temperature": 0}
+        model="bench/vllm-model", prompt=PROMPT, params=GenerateParams(max_tokens=16, temperature=0)
     )
 
 

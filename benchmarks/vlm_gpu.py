@@ -112,6 +112,7 @@ def raw(
         answer = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=1024)
         if run:
             best = min(best, time.perf_counter() - start)
+        assert isinstance(answer, dict)  # not streamed
         text = answer["choices"][0]["message"]["content"] or ""
     boxes = parse_grounding(text, 640, 480, style)
     return best, (boxes[0] if boxes else None), text
