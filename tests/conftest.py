@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pytest
 
@@ -21,6 +22,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["CAR_NO_SPINNER"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+if TYPE_CHECKING:
+    import _socket  # socket.socket's base, where typeshed declares connect and connect_ex
+
+    from _typeshed import ReadableBuffer
+
+    from car_inference.engine import InferenceEngine
+
+    _Address: TypeAlias = tuple[Any, ...] | str | ReadableBuffer  # what socket.connect takes
 
 _real_connect = REAL_CONNECT
 _real_connect_ex = REAL_CONNECT_EX
@@ -42,13 +52,13 @@ class NetworkBlocked(RuntimeError):
     pass
 
 
-def _guarded_connect(self: socket.socket, address: object) -> None:
+def _guarded_connect(self: _socket.socket, address: _Address) -> None:
     if not _allowed(address):
         raise NetworkBlocked(f"tests may only connect to loopback, not {address!r}")
     return _real_connect(self, address)
 
 
-def _guarded_connect_ex(self: socket.socket, address: object) -> int:
+def _guarded_connect_ex(self: _socket.socket, address: _Address) -> int:
     if not _allowed(address):
         raise NetworkBlocked(f"tests may only connect to loopback, not {address!r}")
     return _real_connect_ex(self, address)
@@ -83,7 +93,7 @@ def session_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def local_engine(session_home: Path):  # type: ignore[no-untyped-def]
+def local_engine(session_home: Path) -> InferenceEngine:
     """One engine over the embedded models for the whole session (loading them costs seconds)."""
     from car_inference.engine import InferenceEngine
 

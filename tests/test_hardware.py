@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from car_inference.engine import InferenceEngine
 from car_inference.hardware import (
     CpuInfo,
     GpuInfo,
@@ -53,7 +54,8 @@ NVIDIA A100-SXM4-80GB, [N/A], [N/A]
 
 def test_detects_this_machine() -> None:
     report = detect_hardware()
-    assert report.cpu.cores == os.cpu_count() >= 1
+    cores = os.cpu_count()
+    assert cores is not None and report.cpu.cores == cores >= 1
     assert report.cpu.arch and report.cpu.model
     assert 0 < (report.memory.available_mb or 0) <= report.memory.total_mb
     if shutil.which("nvidia-smi") is None and not Path("/dev/nvidia0").exists():
@@ -167,7 +169,7 @@ def test_process_memory_grows_with_an_allocation() -> None:
     assert before > 0 and after - before > 32
 
 
-def test_the_health_report_carries_the_hardware(local_engine) -> None:  # type: ignore[no-untyped-def]
+def test_the_health_report_carries_the_hardware(local_engine: InferenceEngine) -> None:
     health = local_engine.model_health()
     assert health.hardware is not None
     assert health.hardware.hardware is cached_hardware()

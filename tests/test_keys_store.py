@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from car_inference.config import CarConfig
+from car_inference.config import CarConfig, StateSettings
 from car_inference.keys_store import KeyStatsError, open_key_stats
 from fakes.services import postgres_schema_url
 
@@ -18,7 +18,7 @@ ROUNDS = 200
 @pytest.fixture(params=["sqlite", "postgresql"])
 def config(request: pytest.FixtureRequest, tmp_path: Path) -> CarConfig:
     url = postgres_schema_url() if request.param == "postgresql" else None
-    return CarConfig(home=tmp_path, state={"url": url})
+    return CarConfig(home=tmp_path, state=StateSettings(url=url))
 
 
 def _row(fp: str = "fp1", **counts: object) -> dict[str, object]:
@@ -89,7 +89,7 @@ def test_where_they_live(config: CarConfig) -> None:
 
 
 def test_an_unreachable_database_is_a_key_stats_error(tmp_path: Path) -> None:
-    config = CarConfig(home=tmp_path, state={"url": "postgresql://car:s3cret@127.0.0.1:1/car"})
+    config = CarConfig(home=tmp_path, state=StateSettings(url="postgresql://car:s3cret@127.0.0.1:1/car"))
     with pytest.raises(KeyStatsError) as info:
         open_key_stats(config)
     assert "s3cret" not in str(info.value) and "127.0.0.1:1" in str(info.value)

@@ -60,7 +60,9 @@ def test_kind_sets_backends_hints_and_runtimes_derive_from_the_table() -> None:
 
 def test_locality_decides_local_in_process_and_what_makes_a_model_available() -> None:
     def model(source: dict[str, object]) -> ModelSchema:
-        return ModelSchema(id="a/b", name="b", provider="a", capabilities=["generate"], source=source)  # type: ignore[arg-type]
+        return ModelSchema.model_validate(
+            {"id": "a/b", "name": "b", "provider": "a", "capabilities": ["generate"], "source": source}
+        )
 
     registry = UnifiedRegistry(key_check=lambda env: env == "SET_KEY")
     cases = {

@@ -10,6 +10,7 @@ from car_inference.errors import ModelNotFound
 from car_inference.kinds import Locality
 from car_inference.registry import ModelFilter, UnifiedRegistry
 from car_inference.schema import ModelCapability, ModelSchema
+from fakes.optional import some
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def test_get_and_find_by_id_name_alias_case_insensitively(registry: UnifiedRegis
                  "smollm2-135m-instruct"):  # fmt: skip
         found = registry.find(name)
         assert found is not None and found.id == smol, name
-    assert registry.find("Qwen3-8B").id == "qwen/qwen3-8b:q4_k_m"  # type: ignore[union-attr]
+    assert some(registry.find("Qwen3-8B")).id == "qwen/qwen3-8b:q4_k_m"
 
 
 def test_unknown_model_suggests_close_matches(registry: UnifiedRegistry) -> None:
@@ -39,11 +40,11 @@ def test_unknown_model_suggests_close_matches(registry: UnifiedRegistry) -> None
 def test_availability_is_honest(
     registry: UnifiedRegistry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    assert registry.get("huggingface/smollm2-135m-instruct:q4_1").available  # type: ignore[union-attr]
-    assert registry.get("sentence-transformers/all-minilm-l6-v2").available  # type: ignore[union-attr]
+    assert some(registry.get("huggingface/smollm2-135m-instruct:q4_1")).available
+    assert some(registry.get("sentence-transformers/all-minilm-l6-v2")).available
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     registry.refresh_availability()
-    assert not registry.get("qwen/qwen3-8b:q4_k_m").available, "not pulled"  # type: ignore[union-attr]
+    assert not some(registry.get("qwen/qwen3-8b:q4_k_m")).available, "not pulled"
     openai_models = registry.query(provider="openai", capabilities=[ModelCapability.GENERATE])
     assert openai_models and all(m.available for m in openai_models), (
         "the key check says OPENAI_API_KEY is set"
@@ -88,12 +89,14 @@ def test_register_replaces_and_unregister_restores_names(registry: UnifiedRegist
     )
     registered = registry.register(schema)
     assert registered.available, "a configured endpoint is available"
-    assert registry.find("gemma").id == schema.id  # type: ignore[union-attr]
-    assert registry.find("smollm2").id.startswith("huggingface/"), "first registration keeps a shared alias"  # type: ignore[union-attr]
+    assert some(registry.find("gemma")).id == schema.id
+    assert some(registry.find("smollm2")).id.startswith("huggingface/"), (
+        "first registration keeps a shared alias"
+    )
     registry.unregister(schema.id)
     assert registry.find("gemma") is None
     n = len(registry)
-    registry.register(registry.get("huggingface/smollm2-135m-instruct:q4_1"))  # type: ignore[arg-type]
+    registry.register(some(registry.get("huggingface/smollm2-135m-instruct:q4_1")))
     assert len(registry) == n
 
 
@@ -109,12 +112,14 @@ def test_delegated_models_need_a_registered_runner() -> None:
     )
     served: set[str] = set()
     registry = UnifiedRegistry([schema], runner_check=lambda m: m.id in served)
-    assert not registry.get("host/app").available  # type: ignore[union-attr]
+    assert not some(registry.get("host/app")).available
     assert "no inference runner is registered" in registry.unavailable_reason(schema)
     served.add("host/app")
     registry.refresh_availability(Locality.RUNNER)
-    assert registry.get("host/app").available  # type: ignore[union-attr]
-    assert UnifiedRegistry([schema]).get("host/app").available is False, "no runner check: none registered"
+    assert some(registry.get("host/app")).available
+    assert some(UnifiedRegistry([schema]).get("host/app")).available is False, (
+        "no runner check: none registered"
+    )
 
 
 def test_from_config_reads_the_user_catalog_and_config_keys(isolated_home: Path) -> None:
@@ -145,14 +150,14 @@ def test_available_means_a_backend_implements_the_task() -> None:
         model = registry.get(model_id)
         assert model is not None and not model.available, model_id
         assert f"does not implement {task}" in registry.unavailable_reason(model)
-    assert registry.get("openai/gpt-4o-mini").available, "classify is not implemented, generate is"  # type: ignore[union-attr]
-    assert registry.get("openai/text-embedding-3-small").available  # type: ignore[union-attr]
+    assert some(registry.get("openai/gpt-4o-mini")).available, "classify is not implemented, generate is"
+    assert some(registry.get("openai/text-embedding-3-small")).available
     classifiers = registry.query(available_only=True, capabilities=[ModelCapability.CLASSIFY])
     assert classifiers and not any(m.kind == "openai" for m in classifiers), "no classify method there"
     # A backend that gains the method makes its models available, with no other change.
     implemented["openai"] |= {ModelCapability.IMAGE_GENERATION}
     registry.refresh_availability()
-    assert registry.get("openai/gpt-image-2").available  # type: ignore[union-attr]
+    assert some(registry.get("openai/gpt-image-2")).available
 
 
 def test_a_models_toml_entry_gives_a_builtin_model_its_fallbacks(tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ def test_a_request_needs_a_prompt_or_messages() -> None:
     with pytest.raises(ValidationError, match="prompt"):
         GenerateRequest()
     with pytest.raises(ValidationError):
-        GenerateRequest(prompt="x", params={"temperature": 5})
+        GenerateRequest.model_validate({"prompt": "x", "params": {"temperature": 5}})
     with pytest.raises(ValidationError):
         GenerateRequest(prompt="x", unknown_field=1)  # type: ignore[call-arg]
 
@@ -188,11 +188,11 @@ def test_numbers_in_range_pass() -> None:
 def test_tool_choice_is_a_mode_or_a_declared_tool() -> None:
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
     for choice in ("auto", "none", "required", "weather"):
-        GenerateRequest(prompt="x", tools=tools, params={"tool_choice": choice})
+        GenerateRequest(prompt="x", tools=tools, params=GenerateParams(tool_choice=choice))
     with pytest.raises(ValidationError, match=r"sometimes.*weather"):
-        GenerateRequest(prompt="x", tools=tools, params={"tool_choice": "sometimes"})
+        GenerateRequest(prompt="x", tools=tools, params=GenerateParams(tool_choice="sometimes"))
     with pytest.raises(ValidationError, match="none given"):
-        GenerateRequest(prompt="x", params={"tool_choice": "weather"})
+        GenerateRequest(prompt="x", params=GenerateParams(tool_choice="weather"))
 
 
 def test_speech_and_image_requests_take_numbers_only() -> None:
@@ -204,8 +204,8 @@ def test_speech_and_image_requests_take_numbers_only() -> None:
         with pytest.raises(ValidationError, match=f"{field} contains a NUL character"):
             SynthesizeRequest(**{"text": "hi", field: "a\x00b"})  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
-        GenerateImageRequest(prompt="cat", seed=False)  # type: ignore[arg-type]
+        GenerateImageRequest(prompt="cat", seed=False)
     with pytest.raises(ValidationError):
-        RerankRequest(query="q", documents=["a"], top_n=True)  # type: ignore[arg-type]
+        RerankRequest(query="q", documents=["a"], top_n=True)
     with pytest.raises(ValidationError):
         EmbedRequest.model_validate({"texts": ["a"], "is_query": "yes"})

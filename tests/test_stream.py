@@ -18,7 +18,7 @@ from car_inference.stream import (
 
 def test_accumulator_assembles_text_thinking_and_tool_calls_by_index() -> None:
     acc = StreamAccumulator()
-    for event in [
+    events: list[StreamEvent] = [
         ThinkingDelta(text="let me "),
         ThinkingDelta(text="think"),
         TextDelta(text="Hel"),
@@ -29,7 +29,8 @@ def test_accumulator_assembles_text_thinking_and_tool_calls_by_index() -> None:
         ToolCallDelta(index=1, arguments="{}"),
         ToolCallDelta(index=0, arguments="1}"),
         UsageEvent(usage=TokenUsage(prompt_tokens=3, completion_tokens=2, total_tokens=5)),
-    ]:
+    ]
+    for event in events:
         acc.push(event)
     text, calls = acc.finish()
     assert text == "Hello"
@@ -57,5 +58,10 @@ def test_malformed_tool_arguments_are_kept_not_lost() -> None:
 
 def test_events_round_trip_through_json_by_type() -> None:
     adapter = TypeAdapter(StreamEvent)
-    for event in [TextDelta(text="a"), ToolCallStart(index=0, name="f"), Done(text="x", model_used="m")]:
+    events: list[StreamEvent] = [
+        TextDelta(text="a"),
+        ToolCallStart(index=0, name="f"),
+        Done(text="x", model_used="m"),
+    ]
+    for event in events:
         assert adapter.validate_json(adapter.dump_json(event)) == event

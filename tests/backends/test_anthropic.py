@@ -12,7 +12,18 @@ import pytest
 from car_inference.backends.anthropic import AnthropicBackend
 from car_inference.catalog import load_builtin
 from car_inference.errors import ProviderError, UnsupportedMode
-from car_inference.requests import AudioBlock, GenerateRequest, ImageBlock, Message, TextBlock, ToolCall
+from car_inference.requests import (
+    AudioBlock,
+    ContentBlock,
+    GenerateParams,
+    GenerateRequest,
+    ImageBlock,
+    Message,
+    ResponseFormat,
+    TextBlock,
+    ThinkingMode,
+    ToolCall,
+)
 from car_inference.schema import ModelSchema
 from car_inference.stream import Done, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart
 from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
@@ -132,7 +143,7 @@ async def test_multi_turn_with_tool_results(fake: FakeProviderServer, be: Anthro
 
 
 async def test_images_and_unsupported_media(fake: FakeProviderServer, be: AnthropicBackend) -> None:
-    images = [
+    images: list[ContentBlock] = [
         ImageBlock(data=PNG, media_type="image/png"),
         ImageBlock(url="https://example.com/cat.jpg"),
         ImageBlock(url=f"data:image/webp;base64,{PNG}"),
@@ -169,26 +180,29 @@ async def test_images_and_unsupported_media(fake: FakeProviderServer, be: Anthro
 async def test_tool_choice_and_parallel_calls(
     fake: FakeProviderServer, be: AnthropicBackend, choice: str | None, parallel: bool | None, wire: Any
 ) -> None:
-    params = {"tool_choice": choice, "parallel_tool_calls": parallel}
+    params = GenerateParams(tool_choice=choice, parallel_tool_calls=parallel)
     await be.generate(model(fake), GenerateRequest(prompt="weather?", tools=[WEATHER], params=params))
     assert sent(fake)["tool_choice"] == wire
 
 
 async def test_json_output(fake: FakeProviderServer, be: AnthropicBackend) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    fmt = ResponseFormat(type="json_schema", json_schema={"name": "answer", "schema": schema})
     out = await be.generate(budget_model(fake), GenerateRequest(prompt="q", response_format=fmt))
     assert sent(fake)["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
     assert json.loads(out.text) == {"answer": "q"}
     # Haiku 5.5 declares no response_format, and json_object has no native form: an instruction
-    for schema_model, request_fmt in ((model(fake), fmt), (budget_model(fake), {"type": "json_object"})):
+    for schema_model, request_fmt in (
+        (model(fake), fmt),
+        (budget_model(fake), ResponseFormat(type="json_object")),
+    ):
         await be.generate(schema_model, GenerateRequest(prompt="q", response_format=request_fmt))
         body = sent(fake)
         assert "output_config" not in body and "JSON" in body["system"][0]["text"]
 
 
 async def test_params_omitted_when_unsupported(fake: FakeProviderServer, be: AnthropicBackend) -> None:
-    params = {"temperature": 0.3, "top_p": 0.9, "top_k": 20, "max_tokens": 64, "stop": ["END"], "seed": 7}
+    params = GenerateParams(temperature=0.3, top_p=0.9, top_k=20, max_tokens=64, stop=["END"], seed=7)
     await be.generate(model(fake), GenerateRequest(prompt="x", params=params))
     body = sent(fake)
     assert {"temperature", "top_p", "top_k", "seed"}.isdisjoint(body)
@@ -212,38 +226,47 @@ async def test_params_omitted_when_unsupported(fake: FakeProviderServer, be: Ant
 async def test_adaptive_thinking_mapping(
     fake: FakeProviderServer, be: AnthropicBackend, params: dict[str, Any], thinking: Any, output_config: Any
 ) -> None:
-    await be.generate(model(fake), GenerateRequest(prompt="x", params=params))
+    await be.generate(model(fake), GenerateRequest(prompt="x", params=GenerateParams.model_validate(params)))
     body = sent(fake)
     assert body.get("thinking") == thinking and body.get("output_config") == output_config
 
 
 async def test_budget_thinking_mapping(fake: FakeProviderServer, be: AnthropicBackend) -> None:
     request = GenerateRequest(
-        prompt="x", params={"budget_tokens": 4000, "max_tokens": 1000, "temperature": 0.2}
+        prompt="x", params=GenerateParams(budget_tokens=4000, max_tokens=1000, temperature=0.2)
     )
     await be.generate(budget_model(fake), request)
     body = sent(fake)
     assert body["thinking"] == {"type": "enabled", "budget_tokens": 4000}
     assert body["max_tokens"] == 5000 and "temperature" not in body  # thinking fixes the temperature
     await be.generate(
-        budget_model(fake), GenerateRequest(prompt="x", params={"thinking": "on", "budget_tokens": 10})
+        budget_model(fake),
+        GenerateRequest(prompt="x", params=GenerateParams(thinking=ThinkingMode.ON, budget_tokens=10)),
     )
     assert sent(fake)["thinking"] == {"type": "enabled", "budget_tokens": 1024}
-    await be.generate(budget_model(fake), GenerateRequest(prompt="x", params={"thinking": "on"}))
+    await be.generate(
+        budget_model(fake), GenerateRequest(prompt="x", params=GenerateParams(thinking=ThinkingMode.ON))
+    )
     assert sent(fake)["thinking"] == {"type": "enabled", "budget_tokens": 8000}  # medium effort
     assert sent(fake)["max_tokens"] == 8000 + 1024
-    await be.generate(budget_model(fake), GenerateRequest(prompt="x", params={"thinking": "off"}))
+    await be.generate(
+        budget_model(fake), GenerateRequest(prompt="x", params=GenerateParams(thinking=ThinkingMode.OFF))
+    )
     assert sent(fake)["thinking"] == {"type": "disabled"}
 
 
 async def test_thinking_kept_apart(fake: FakeProviderServer, be: AnthropicBackend) -> None:
     fake.queue(Reply(text="42", thinking="let me think"), Reply(text="42", thinking="let me think"))
-    events = await events_of(be, model(fake), GenerateRequest(prompt="x", params={"thinking": "on"}))
+    events = await events_of(
+        be, model(fake), GenerateRequest(prompt="x", params=GenerateParams(thinking=ThinkingMode.ON))
+    )
     assert "".join(e.text for e in events if isinstance(e, ThinkingDelta)) == "let me think"
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "42"
     done = events[-1]
     assert isinstance(done, Done) and (done.text, done.thinking) == ("42", "let me think")
-    out = await be.generate(model(fake), GenerateRequest(prompt="x", params={"thinking": "off"}))
+    out = await be.generate(
+        model(fake), GenerateRequest(prompt="x", params=GenerateParams(thinking=ThinkingMode.OFF))
+    )
     assert (out.text, out.thinking) == ("42", None)
 
 
@@ -257,7 +280,7 @@ async def test_tool_loop_with_thinking_sends_the_signed_blocks_back(
         Reply(text="never reached"),
     )
     ask = Message(role="user", content="Weather in Oslo?")
-    on = {"thinking": "on"}
+    on = GenerateParams(thinking=ThinkingMode.ON)
     first = await be.generate(model(fake), GenerateRequest(messages=[ask], tools=tools, params=on))
     assert (
         first.provider_output_items

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
+from typing import TypedDict
 
 import av
 import numpy as np
@@ -21,6 +22,19 @@ from fakes.tiny_diffusers import build_ltx, build_sd, media_model
 
 SD = "test/tiny-sd"
 LTX = "test/tiny-ltx"
+
+
+class _ImageBase(TypedDict):
+    prompt: str
+    model: str
+    width: int
+    height: int
+    seed: int
+
+
+class _VideoBase(_ImageBase):
+    fps: int
+    duration_s: float
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +80,7 @@ async def test_steps_guidance_negative_prompt_and_variants_reach_the_pipeline(
     engine: InferenceEngine, tmp_path: Path
 ) -> None:
     seen: list[tuple[int, int]] = []
-    base = {"prompt": "a cat", "model": SD, "width": 64, "height": 64, "seed": 3}
+    base: _ImageBase = {"prompt": "a cat", "model": SD, "width": 64, "height": 64, "seed": 3}
     plain = await engine.generate_image(GenerateImageRequest(**base, output_path=str(tmp_path / "p.png")))
     result = await engine.generate_image(
         GenerateImageRequest(
@@ -219,7 +233,7 @@ def test_a_pipeline_not_on_disk_says_how_to_get_it(tmp_path: Path) -> None:
         id="stabilityai/sd-turbo-test",
         name="sd-turbo-test",
         provider="stabilityai",
-        capabilities=["image_generation"],
+        capabilities=[ModelCapability.IMAGE_GENERATION],
         source=DiffusersSource(hf_repo="stabilityai/not-pulled-here"),
     )
     schema = engine.register_model(pulled)
@@ -259,7 +273,7 @@ def test_with_no_model_named_quality_decides_unless_local_is_preferred(engine: I
         id="host/painter",
         name="painter",
         provider="host",
-        capabilities=["image_generation"],
+        capabilities=[ModelCapability.IMAGE_GENERATION],
         quality=0.9,
         source=OpenAISource(base_url="http://127.0.0.1:9/v1", needs_key=False),
     )
@@ -279,7 +293,7 @@ async def test_video_from_an_image_runs_the_image_to_video_pipeline(
 ) -> None:
     picture = tmp_path / "first.png"
     Image.new("RGB", (80, 48), (250, 200, 0)).save(picture)
-    base = {
+    base: _VideoBase = {
         "prompt": "it moves",
         "model": LTX,
         "width": 64,

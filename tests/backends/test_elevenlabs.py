@@ -15,6 +15,7 @@ from car_inference.errors import InvalidInput, ProviderError, UnsupportedMode
 from car_inference.requests import SynthesizeRequest, TranscribeRequest
 from car_inference.schema import ModelSchema
 from fakes import FakeProviderServer, Fault
+from fakes.optional import some
 from fakes.provider_speech import spoken_text, wav
 from fakes.remote_kit import remote_backend
 
@@ -130,7 +131,7 @@ async def test_the_engine_runs_elevenlabs_with_a_key(
 ) -> None:
     monkeypatch.delenv("ELEVENLABS_API_KEY", raising=False)
     engine = InferenceEngine(CarConfig(home=tmp_path / "home"))
-    assert not engine.registry.get(TTS).available
+    assert not some(engine.registry.get(TTS)).available
     monkeypatch.setenv("ELEVENLABS_API_KEY", KEY)
     for model_id in (TTS, STT):
         assert engine.register_model(on_fake(fake, model_id)).available

@@ -15,11 +15,15 @@ from car_inference.catalog import load_builtin
 from car_inference.errors import InvalidInput, ProviderError, ProviderRejectedInput, UnsupportedMode
 from car_inference.requests import (
     AudioBlock,
+    ContentBlock,
     EmbedRequest,
+    GenerateParams,
     GenerateRequest,
     ImageBlock,
     Message,
+    ResponseFormat,
     TextBlock,
+    ThinkingMode,
     ToolCall,
     VideoBlock,
 )
@@ -129,7 +133,7 @@ async def test_multi_turn_with_function_results(fake: FakeProviderServer, be: Ge
 
 
 async def test_media_inline_and_by_url(fake: FakeProviderServer, be: GeminiBackend) -> None:
-    blocks = [
+    blocks: list[ContentBlock] = [
         TextBlock(text="what is this?"),
         ImageBlock(data=PNG, media_type="image/png"),
         ImageBlock(url=f"data:image/jpeg;base64,{PNG}"),
@@ -172,7 +176,9 @@ async def test_tools_and_tool_choice(
     fake: FakeProviderServer, be: GeminiBackend, choice: str, calling: dict[str, Any]
 ) -> None:
     request = GenerateRequest(
-        prompt="weather?", tools=[WEATHER], params={"tool_choice": choice, "parallel_tool_calls": False}
+        prompt="weather?",
+        tools=[WEATHER],
+        params=GenerateParams(tool_choice=choice, parallel_tool_calls=False),
     )
     await be.generate(model(fake), request)
     body = sent(fake)
@@ -186,13 +192,13 @@ async def test_tools_and_tool_choice(
 
 async def test_json_modes(fake: FakeProviderServer, be: GeminiBackend) -> None:
     out = await be.generate(
-        model(fake), GenerateRequest(prompt="data", response_format={"type": "json_object"})
+        model(fake), GenerateRequest(prompt="data", response_format=ResponseFormat(type="json_object"))
     )
     assert config_of(fake)["responseMimeType"] == "application/json" and json.loads(out.text) == {
         "echo": "data"
     }
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
-    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    fmt = ResponseFormat(type="json_schema", json_schema={"name": "a", "schema": schema})
     out = await be.generate(model(fake), GenerateRequest(prompt="q", response_format=fmt))
     assert config_of(fake)["responseJsonSchema"] == schema and json.loads(out.text) == {"answer": "q"}
     await be.generate(budget_model(fake), GenerateRequest(prompt="q", response_format=fmt))
@@ -201,7 +207,7 @@ async def test_json_modes(fake: FakeProviderServer, be: GeminiBackend) -> None:
 
 
 async def test_params_sent_and_omitted(fake: FakeProviderServer, be: GeminiBackend) -> None:
-    params = {"temperature": 0.3, "top_p": 0.9, "top_k": 20, "max_tokens": 64, "stop": ["END"], "seed": 7}
+    params = GenerateParams(temperature=0.3, top_p=0.9, top_k=20, max_tokens=64, stop=["END"], seed=7)
     await be.generate(model(fake), GenerateRequest(prompt="x", params=params))
     config = config_of(fake)
     assert (config["temperature"], config["topP"], config["topK"], config["maxOutputTokens"]) == (
@@ -238,11 +244,13 @@ def _thinking(fake: FakeProviderServer) -> dict[str, Any] | None:
 async def test_thinking_mapping(
     fake: FakeProviderServer, be: GeminiBackend, params: dict[str, Any], levels: Any, budget: Any
 ) -> None:
-    await be.generate(model(fake), GenerateRequest(prompt="x", params=params))
+    await be.generate(model(fake), GenerateRequest(prompt="x", params=GenerateParams.model_validate(params)))
     assert _thinking(fake) == levels
     if params.get("reasoning_effort"):
         return
-    await be.generate(budget_model(fake), GenerateRequest(prompt="x", params=params))
+    await be.generate(
+        budget_model(fake), GenerateRequest(prompt="x", params=GenerateParams.model_validate(params))
+    )
     assert _thinking(fake) == budget
 
 
@@ -265,7 +273,9 @@ async def test_stream_thoughts_and_function_calls(fake: FakeProviderServer, be: 
     assert json.loads(next(e for e in events if isinstance(e, ToolCallDelta)).arguments) == args
     done = events[-1]
     assert isinstance(done, Done) and done.tool_calls[0].arguments == args and done.thinking == "call it"
-    out = await be.generate(model(fake), GenerateRequest(prompt="x", params={"thinking": "off"}))
+    out = await be.generate(
+        model(fake), GenerateRequest(prompt="x", params=GenerateParams(thinking=ThinkingMode.OFF))
+    )
     assert (out.text, out.thinking) == ("42", None)
 
 
@@ -322,10 +332,10 @@ async def test_input_refusals_are_the_requests_and_a_bad_key_is_not(
     assert info.value.status == 400 and failure_weight(info.value) == 0
     # Gemini answers a bad key with 400 INVALID_ARGUMENT: that is the key's fault, not the input's.
     fake.queue(Fault.bad_request("API key not valid. Please pass a valid API key."))
-    with pytest.raises(ProviderError) as info:
+    with pytest.raises(ProviderError) as bad_key:
         await be.generate(model(fake), GenerateRequest(prompt="x"))
-    assert info.value.status == 401 and not isinstance(info.value, InvalidInput)
-    assert failure_weight(info.value) == 2
+    assert bad_key.value.status == 401 and not isinstance(bad_key.value, InvalidInput)
+    assert failure_weight(bad_key.value) == 2
 
 
 async def test_hang_malformed_and_cut(fake: FakeProviderServer, tmp_path: Path) -> None:
@@ -378,7 +388,7 @@ async def test_thought_signatures_of_function_calls_go_back_with_them(
         Reply(text="cold"),
     )
     ask = Message(role="user", content="Weather in Oslo?")
-    on = {"thinking": "on"}
+    on = GenerateParams(thinking=ThinkingMode.ON)
     first = await be.generate(model(fake), GenerateRequest(messages=[ask], tools=[WEATHER], params=on))
     (item,) = first.provider_output_items
     assert item["type"] == "thought_signature" and item["call_id"] == "c1" and item["signature"]

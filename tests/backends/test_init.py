@@ -44,7 +44,7 @@ def test_each_hosted_backend_declares_what_it_imports(kind: str) -> None:
     from packaging.version import Version
 
     spec = backends.spec_for(kind)
-    assert spec is not None and spec.extra is not None
+    assert spec is not None and spec.extra is not None and isinstance(spec.target, str)
     source = importlib.util.find_spec(spec.target.partition(":")[0])
     assert source is not None and source.origin is not None
     tree = ast.parse(Path(source.origin).read_text())

@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import threading
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> LlamaCppBackend:
     return LlamaCppBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
 
 
-def greedy(prompt: str, max_tokens: int = 24, **kw: object) -> GenerateRequest:
+def greedy(prompt: str, max_tokens: int = 24, **kw: Any) -> GenerateRequest:
     return GenerateRequest(
         prompt=prompt, params=GenerateParams(temperature=0, max_tokens=max_tokens, **kw), **{}
     )

@@ -15,11 +15,15 @@ from car_inference.catalog import load_builtin
 from car_inference.errors import ProviderError, UnsupportedMode
 from car_inference.requests import (
     AudioBlock,
+    ContentBlock,
     EmbedRequest,
+    GenerateParams,
     GenerateRequest,
     ImageBlock,
     Message,
+    ResponseFormat,
     TextBlock,
+    ThinkingMode,
     ToolCall,
     VideoBlock,
 )
@@ -117,7 +121,7 @@ async def test_multi_turn_with_tool_results(fake: FakeProviderServer, be: OpenAI
 
 
 async def test_images_base64_and_urls(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
-    images = [
+    images: list[ContentBlock] = [
         ImageBlock(data=PNG, media_type="image/png", detail="low"),
         ImageBlock(url="https://example.com/cat.jpg"),
         ImageBlock(url=f"data:image/png;base64,{PNG}"),
@@ -163,7 +167,9 @@ async def test_tool_choice_and_parallel_calls(
     fake: FakeProviderServer, be: OpenAICompatBackend, choice: str, wire: Any
 ) -> None:
     request = GenerateRequest(
-        prompt="weather?", tools=[WEATHER], params={"tool_choice": choice, "parallel_tool_calls": False}
+        prompt="weather?",
+        tools=[WEATHER],
+        params=GenerateParams(tool_choice=choice, parallel_tool_calls=False),
     )
     await be.generate(model(fake), request)
     body = sent(fake)
@@ -181,12 +187,12 @@ async def test_tools_refused_for_a_model_without_them(
 
 async def test_json_modes(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
     out = await be.generate(
-        model(fake), GenerateRequest(prompt="data", response_format={"type": "json_object"})
+        model(fake), GenerateRequest(prompt="data", response_format=ResponseFormat(type="json_object"))
     )
     assert sent(fake)["response_format"] == {"type": "json_object"}
     assert json.loads(out.text) == {"echo": "data"}
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    fmt = ResponseFormat(type="json_schema", json_schema={"name": "answer", "schema": schema, "strict": True})
     out = await be.generate(model(fake), GenerateRequest(prompt="q", response_format=fmt))
     assert sent(fake)["response_format"] == {
         "type": "json_schema",
@@ -202,7 +208,7 @@ async def test_json_modes(fake: FakeProviderServer, be: OpenAICompatBackend) -> 
 
 
 async def test_params_omitted_when_unsupported(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
-    params = {"temperature": 0.3, "top_p": 0.9, "top_k": 20, "max_tokens": 64, "stop": ["END"], "seed": 7}
+    params = GenerateParams(temperature=0.3, top_p=0.9, top_k=20, max_tokens=64, stop=["END"], seed=7)
     await be.generate(model(fake), GenerateRequest(prompt="x", params=params))
     body = sent(fake)
     for name in ("temperature", "top_p", "top_k", "stop", "seed", "max_tokens"):
@@ -231,7 +237,7 @@ async def test_params_omitted_when_unsupported(fake: FakeProviderServer, be: Ope
 async def test_reasoning_effort_mapping(
     fake: FakeProviderServer, be: OpenAICompatBackend, params: dict[str, Any], effort: str | None
 ) -> None:
-    await be.generate(model(fake), GenerateRequest(prompt="x", params=params))
+    await be.generate(model(fake), GenerateRequest(prompt="x", params=GenerateParams.model_validate(params)))
     assert sent(fake).get("reasoning_effort") == effort
 
 
@@ -243,7 +249,9 @@ async def test_thinking_kept_apart_and_dropped_when_off(
     assert "".join(e.text for e in events if isinstance(e, ThinkingDelta)) == "let me think"
     done = events[-1]
     assert isinstance(done, Done) and done.text == "42" and done.thinking == "let me think"
-    out = await be.generate(model(fake), GenerateRequest(prompt="x", params={"thinking": "off"}))
+    out = await be.generate(
+        model(fake), GenerateRequest(prompt="x", params=GenerateParams(thinking=ThinkingMode.OFF))
+    )
     assert out.text == "42" and out.thinking is None
 
 

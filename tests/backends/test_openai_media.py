@@ -15,7 +15,7 @@ from car_inference.config import CarConfig, SpendSettings
 from car_inference.engine import InferenceEngine
 from car_inference.errors import InvalidInput, ProviderError, SpendLimitExceeded, UnsupportedMode
 from car_inference.requests import GenerateImageRequest, GenerateVideoRequest, VideoMode
-from car_inference.schema import ModelSchema, OpenAISource
+from car_inference.schema import ModelCapability, ModelSchema, OpenAISource
 from fakes import FakeProviderServer, Fault
 from fakes.provider_media import FAKE_MP4, png
 from fakes.remote_kit import remote_backend
@@ -36,7 +36,7 @@ def image_model(fake: FakeProviderServer, model_id: str = "openai/gpt-image-2") 
     )
 
 
-def hosted(fake: FakeProviderServer, wire_name: str, capability: str) -> ModelSchema:
+def hosted(fake: FakeProviderServer, wire_name: str, capability: ModelCapability) -> ModelSchema:
     source = OpenAISource(base_url=fake.openai_base_url, api_key_env="OPENAI_API_KEY", model_name=wire_name)
     return ModelSchema(
         id=f"host/{wire_name}", name=wire_name, provider="host", capabilities=[capability], source=source
@@ -117,7 +117,7 @@ async def test_edit_uploads_the_images_and_the_mask(fake: FakeProviderServer, tm
 async def test_an_image_behind_a_url_is_fetched(fake: FakeProviderServer, tmp_path: Path) -> None:
     be = make(tmp_path)
     result = await be.generate_image(
-        hosted(fake, "dall-e-3", "image_generation"),
+        hosted(fake, "dall-e-3", ModelCapability.IMAGE_GENERATION),
         GenerateImageRequest(prompt="a cat", width=512, height=512, output_path=str(tmp_path / "c.png")),
     )
     fetch = fake.requests[-1]
@@ -170,7 +170,7 @@ async def test_video_job_is_created_polled_and_downloaded_with_one_key(
     fake.queue(Fault.rate_limit(retry_after=5))  # the first key is rate limited at creation
     seen: list[tuple[int, int]] = []
     result = await be.generate_video(
-        hosted(fake, "sora-2", "video_generation"),
+        hosted(fake, "sora-2", ModelCapability.VIDEO_GENERATION),
         GenerateVideoRequest(prompt="a dog on the moon", duration_s=8, output_path=str(tmp_path / "v.mp4")),
         progress=lambda done, total: seen.append((done, total)),
     )
@@ -199,7 +199,7 @@ async def test_video_from_an_image_uploads_it_as_the_reference(
     picture = tmp_path / "first.png"
     picture.write_bytes(png(16, 16, "frame"))
     await make(tmp_path).generate_video(
-        hosted(fake, "sora-2", "video_generation"),
+        hosted(fake, "sora-2", ModelCapability.VIDEO_GENERATION),
         GenerateVideoRequest(
             prompt="it moves",
             mode=VideoMode.IMAGE_TO_VIDEO,
@@ -216,7 +216,7 @@ async def test_video_from_an_image_uploads_it_as_the_reference(
 
 async def test_video_failures(fake: FakeProviderServer, tmp_path: Path) -> None:
     be = make(tmp_path)
-    model = hosted(fake, "sora-2", "video_generation")
+    model = hosted(fake, "sora-2", ModelCapability.VIDEO_GENERATION)
     fake.media.video_failure = "The prompt was blocked by moderation."
     with pytest.raises(ProviderError, match="failed: The prompt was blocked by moderation"):
         await be.generate_video(model, GenerateVideoRequest(prompt="x", output_path=str(tmp_path / "a.mp4")))

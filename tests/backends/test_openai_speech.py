@@ -16,6 +16,7 @@ from car_inference.errors import InvalidInput, ProviderError
 from car_inference.requests import SynthesizeRequest, TranscribeRequest
 from car_inference.schema import ModelSchema
 from fakes import FakeProviderServer, Fault
+from fakes.optional import some
 from fakes.provider_speech import spoken_text, wav
 from fakes.remote_kit import remote_backend
 
@@ -201,7 +202,7 @@ async def test_the_engine_runs_hosted_speech_both_ways(
     engine = InferenceEngine(CarConfig(home=tmp_path / "home"))
     for model_id in (STT, TTS):
         engine.register_model(on_fake(fake, model_id))
-    assert engine.registry.get(TTS).available and engine.registry.get(STT).available
+    assert some(engine.registry.get(TTS)).available and some(engine.registry.get(STT)).available
     spoken = await engine.synthesize(
         SynthesizeRequest(text="round trip works", model=TTS, output_path=str(tmp_path / "a.wav"))
     )
@@ -216,5 +217,5 @@ async def test_without_a_key_hosted_speech_is_unavailable(
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     engine = InferenceEngine(CarConfig(home=tmp_path / "home"))
     engine.register_model(on_fake(fake, TTS))
-    assert not engine.registry.get(TTS).available
+    assert not some(engine.registry.get(TTS)).available
     engine.close()

@@ -7,6 +7,7 @@ import os
 import tempfile
 import wave
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import pytest
 
@@ -14,7 +15,7 @@ from car_inference.backends.base import BackendContext
 from car_inference.backends.cache import ModelCache
 from car_inference.backends.piper import PiperBackend, voice_file
 from car_inference.catalog import load_builtin
-from car_inference.config import CarConfig
+from car_inference.config import CarConfig, SpeechSettings
 from car_inference.errors import InferenceFailed, InvalidInput
 from car_inference.requests import SynthesizeRequest
 from car_inference.schema import ModelSchema, PiperSource
@@ -77,7 +78,12 @@ async def test_speed_changes_the_duration(backend: PiperBackend, model: ModelSch
 
 async def test_other_formats(backend: PiperBackend, model: ModelSchema, tmp_path: Path) -> None:
     magic = {"mp3": (b"ID3", b"\xff\xf3", b"\xff\xfb", b"\xff\xf2"), "flac": (b"fLaC",)}
-    for fmt, media_type in (("pcm", "audio/pcm"), ("mp3", "audio/mpeg"), ("flac", "audio/flac")):
+    formats: tuple[tuple[Literal["pcm", "mp3", "flac"], str], ...] = (
+        ("pcm", "audio/pcm"),
+        ("mp3", "audio/mpeg"),
+        ("flac", "audio/flac"),
+    )
+    for fmt, media_type in formats:
         target = tmp_path / f"hello.{fmt}"
         result = await backend.synthesize(
             model, SynthesizeRequest(text="Hello.", output_path=str(target), format=fmt)
@@ -135,6 +141,12 @@ async def test_an_unwritable_output_path_is_an_error(
             await backend.synthesize(model, SynthesizeRequest(text="Hi.", output_path=str(locked / "x.wav")))
 
 
+class _StrictArgs(TypedDict):
+    text: str
+    output_path: str
+    strict_capabilities: bool
+
+
 async def test_voices_and_unsupported_controls(
     backend: PiperBackend, model: ModelSchema, tmp_path: Path
 ) -> None:
@@ -146,7 +158,7 @@ async def test_voices_and_unsupported_controls(
     for voice in ("alloy", "nosuch"):
         with pytest.raises(InvalidInput, match=rf"has no voice '{voice}'; its voices: en_US-joe-medium"):
             await backend.synthesize(model, SynthesizeRequest(text="Hi.", voice=voice, output_path=out))
-    strict = {"text": "Hi.", "output_path": out, "strict_capabilities": True}
+    strict: _StrictArgs = {"text": "Hi.", "output_path": out, "strict_capabilities": True}
     with pytest.raises(InvalidInput, match="does not support voice_instruction"):
         await backend.synthesize(model, SynthesizeRequest(**strict, voice_instruction="whisper it"))
     with pytest.raises(InvalidInput, match="speaks en-us, not fr"):
@@ -159,7 +171,9 @@ async def test_voices_and_unsupported_controls(
 
 
 async def test_voice_names_mapped_in_config(model: ModelSchema, tmp_path: Path) -> None:
-    config = CarConfig(home=tmp_path, speech={"voices": {"alloy": "en_US-joe-medium", "echo": "nobody"}})
+    config = CarConfig(
+        home=tmp_path, speech=SpeechSettings(voices={"alloy": "en_US-joe-medium", "echo": "nobody"})
+    )
     mapped = PiperBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
     out = str(tmp_path / "v.wav")
     alloy = await mapped.synthesize(model, SynthesizeRequest(text="Hi.", voice="alloy", output_path=out))
@@ -174,7 +188,9 @@ async def test_voice_names_mapped_in_config(model: ModelSchema, tmp_path: Path) 
 async def test_voices_are_listed_from_the_config_without_loading(model: ModelSchema, tmp_path: Path) -> None:
     """--list-voices on Piper: the voice's own name, the default, and only the [speech] voices
     entries that reach it (a mapping to a voice it lacks is not listed as working)."""
-    config = CarConfig(home=tmp_path, speech={"voices": {"alloy": "en_US-joe-medium", "echo": "nobody"}})
+    config = CarConfig(
+        home=tmp_path, speech=SpeechSettings(voices={"alloy": "en_US-joe-medium", "echo": "nobody"})
+    )
     cache = ModelCache(config.local.cache_mb)
     listed = await PiperBackend(BackendContext(config=config, cache=cache)).voices(model)
     assert (listed.model, listed.ids(), listed.default) == (JOE, ["en_US-joe-medium"], "en_US-joe-medium")
@@ -193,6 +209,8 @@ async def test_a_multi_speaker_voice_lists_its_speakers(model: ModelSchema, tmp_
     multi = model.model_copy(
         update={"id": "piper/multi", "name": "multi", "source": PiperSource(path=str(folder))}
     )
-    settings = CarConfig(home=tmp_path, speech={"voices": {"nova": "bob", "alloy": "en_US-joe-medium"}})
+    settings = CarConfig(
+        home=tmp_path, speech=SpeechSettings(voices={"nova": "bob", "alloy": "en_US-joe-medium"})
+    )
     listed = await PiperBackend(BackendContext(config=settings, cache=ModelCache(100))).voices(multi)
     assert (listed.ids(), listed.default, listed.aliases) == (["amy", "bob"], "amy", {"nova": "bob"})

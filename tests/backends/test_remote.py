@@ -51,6 +51,7 @@ from car_inference.requests import (
     GenerateRequest,
     ImageBlock,
     Message,
+    ThinkingMode,
     ToolCall,
     VideoBlock,
 )
@@ -146,7 +147,6 @@ def test_an_input_refusal_is_the_requests_fault(status: int, request_caused: boo
 
 
 def test_transport_error_classes() -> None:
-    where = {"provider": "p", "model": "m"}
     for exc, word in [
         (TimeoutError(), "timed out"),
         (json.JSONDecodeError("x", "doc", 0), "malformed"),
@@ -154,9 +154,9 @@ def test_transport_error_classes() -> None:
         (StreamIncomplete("no finish_reason"), "stream ended early"),
         (ValueError("bad chunk"), "malformed"),
     ]:
-        err = transport_error(exc, **where)
+        err = transport_error(exc, provider="p", model="m")
         assert err is not None and err.status is None and err.retryable and word in str(err)
-    assert transport_error(KeyError("a bug"), **where) is None
+    assert transport_error(KeyError("a bug"), provider="p", model="m") is None
 
 
 # --- conversions ---------------------------------------------------------------------------------
@@ -197,13 +197,14 @@ def test_normalized_fills_tool_ids_in_order() -> None:
 
 def test_thinking_plan_and_effort() -> None:
     luna, llama = CATALOG["openai/gpt-6-luna"], CATALOG["openrouter/llama-3.3-70b-instruct"]
-    assert thinking_plan(llama, GenerateParams(thinking="on")).mode == "default"  # declares neither
+    # llama declares neither
+    assert thinking_plan(llama, GenerateParams(thinking=ThinkingMode.ON)).mode == "default"
     assert thinking_plan(luna, GenerateParams()).mode == "default"
-    assert thinking_plan(luna, GenerateParams(thinking="off")).mode == "off"
+    assert thinking_plan(luna, GenerateParams(thinking=ThinkingMode.OFF)).mode == "off"
     on = thinking_plan(luna, GenerateParams(budget_tokens=8000))
     assert (on.mode, on.effort, on.budget) == ("on", "high", 8000)
     assert thinking_plan(luna, GenerateParams(reasoning_effort="low")).effort == "low"
-    assert thinking_plan(luna, GenerateParams(thinking="on")) == ThinkingPlan("on", None, 0)
+    assert thinking_plan(luna, GenerateParams(thinking=ThinkingMode.ON)) == ThinkingPlan("on", None, 0)
     assert [effort_for_budget(b) for b in (1024, 2048, 7999, 8000)] == ["low", "medium", "medium", "high"]
 
 

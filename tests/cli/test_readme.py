@@ -84,7 +84,8 @@ class Block:
 
 def _fences(text: str) -> Iterator[tuple[str, str, list[str]]]:
     """(section heading, fence language, lines) of each fenced block."""
-    section, lang, body = "", None, []
+    section, lang = "", None
+    body: list[str] = []
     for line in text.splitlines():
         if lang is None and line.startswith("## "):
             section = line[3:].strip()
@@ -108,7 +109,9 @@ def _commands_of_line(line: str, exports: dict[str, str]) -> list[Command]:
     # `[--flag]` marks an optional flag: the test runs the command with it.
     tokens = [re.sub(r"^\[(-.*)\]$", r"\1", t) for t in shlex.split(line, comments=True)]
     if tokens[:1] == ["export"]:
-        exports.update(t.split("=", 1) for t in tokens[1:])  # type: ignore[arg-type]
+        for t in tokens[1:]:
+            name, value = t.split("=", 1)
+            exports[name] = value
         return []
     found = []
     for segment in _split(tokens, "&&"):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 from typer.testing import CliRunner
@@ -44,7 +45,7 @@ def _setup(home: Path) -> None:
     (home / "config.toml").write_text("[local]\nn_ctx = 512\nn_threads = 1\n")
 
 
-def _instances() -> dict[str, dict]:  # type: ignore[type-arg]
+def _instances() -> dict[str, dict[str, Any]]:
     code, out, _ = car("runtimes", "list", "--json")
     assert code == 0
     return {i["name"]: i for i in json.loads(out)["instances"]}
@@ -75,7 +76,7 @@ def test_start_supervises_in_the_foreground_and_stop_ends_it(isolated_home: Path
     )
     try:
         assert child.stdout is not None
-        lines = []
+        lines: list[str] = []
         while not lines or lines[-1] != "}":  # the status object, printed once it answers
             line = child.stdout.readline()
             assert line, f"start ended early: {child.stderr.read() if child.stderr else ''}"

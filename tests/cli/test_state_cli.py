@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from car_inference.cli.state import register
-from car_inference.config import CarConfig
+from car_inference.config import CarConfig, StateSettings
 from car_inference.keys import KeyPool
 from car_inference.routing.store import OutcomeStore, TraceRow
 from car_inference.routing.store_pg import PgOutcomeStore
@@ -62,7 +62,10 @@ def test_migrate_copies_everything_once(isolated_home: Path) -> None:
         assert pg.feedback_for("t1") == lite.feedback_for("t1")
         assert pg.spend_by_provider(0.0) == lite.spend_by_provider(0.0) == {"acme": 1.0}
     shared = KeyPool(
-        CarConfig(home=isolated_home, state={"url": url}), env={"OPENAI_API_KEY": KEY}, store=None, fleet=None
+        CarConfig(home=isolated_home, state=StateSettings(url=url)),
+        env={"OPENAI_API_KEY": KEY},
+        store=None,
+        fleet=None,
     )
     (stats,) = shared.stats(["OPENAI_API_KEY"])["OPENAI_API_KEY"]
     shared.close()

@@ -11,7 +11,7 @@ from car_inference.requests import (
     GenerateParams,
     GenerateRequest,
 )
-from car_inference.stream import Done, TextDelta
+from car_inference.stream import Done, RouteEvent, TextDelta
 
 SMOL = "huggingface/smollm2-135m-instruct:q4_1"
 
@@ -96,6 +96,7 @@ async def test_a_stopped_stream_is_an_abandoned_trace_and_done_is_not(local_engi
     await anext(stream)  # the first token
     await stream.aclose()  # the consumer walks away
     local_engine.bookkeeper.flush()
+    assert isinstance(route, RouteEvent)
     row = local_engine.store.trace(route.trace_id)
     assert row is not None and row["outcome"] == "abandoned" and row["quality"] is None
     # Stopping right after Done is not abandoning: the answer was delivered.
@@ -104,7 +105,9 @@ async def test_a_stopped_stream_is_an_abandoned_trace_and_done_is_not(local_engi
             trace = event.trace_id
             break
     local_engine.bookkeeper.flush()
-    assert local_engine.store.trace(trace)["outcome"] == "success"  # type: ignore[index]
+    assert trace is not None
+    done_row = local_engine.store.trace(trace)
+    assert done_row is not None and done_row["outcome"] == "success"
 
 
 async def test_a_cut_answer_says_so_and_an_ordinary_one_keeps_its_keys(local_engine: InferenceEngine) -> None:

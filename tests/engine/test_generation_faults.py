@@ -28,6 +28,7 @@ from car_inference.errors import (
 )
 from car_inference.requests import (
     AudioBlock,
+    ContentBlock,
     GenerateParams,
     GenerateRequest,
     ImageBlock,
@@ -209,8 +210,11 @@ async def test_input_a_named_model_cannot_take_is_unsupported(
         },
         config="[breaker]\nfailure_threshold = 1\n",
     )
-    video = [TextBlock(text="What happens?"), VideoBlock(url="https://example.com/v.mp4")]
-    audio = [TextBlock(text="Transcribe."), AudioBlock(data="UklGRg==", media_type="audio/wav")]
+    video: list[ContentBlock] = [TextBlock(text="What happens?"), VideoBlock(url="https://example.com/v.mp4")]
+    audio: list[ContentBlock] = [
+        TextBlock(text="Transcribe."),
+        AudioBlock(data="UklGRg==", media_type="audio/wav"),
+    ]
     for name, blocks in (("alpha", video), ("claude", audio), ("claude", video)):
         request = GenerateRequest(messages=[Message(role="user", content=blocks)], model=name)
         with pytest.raises(UnsupportedMode):
@@ -228,7 +232,10 @@ async def test_input_no_candidate_can_take_is_the_callers_error_not_an_outage(
     candidate and came back as AllModelsFailed (a 502). Every attempt refused the input, so the
     answer is that refusal (a 400 from the server), and no breaker counts it."""
     engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 1\n")
-    audio = [TextBlock(text="Hear this."), AudioBlock(data="UklGRg==", media_type="audio/ogg")]
+    audio: list[ContentBlock] = [
+        TextBlock(text="Hear this."),
+        AudioBlock(data="UklGRg==", media_type="audio/ogg"),
+    ]
     request = GenerateRequest(messages=[Message(role="user", content=audio)])
     with pytest.raises(UnsupportedMode):
         await engine.generate(request)
@@ -241,7 +248,10 @@ async def test_images_to_the_local_text_model_are_unsupported_and_trip_nothing(
 ) -> None:
     engine = remote_engine(TWO, config="[breaker]\nfailure_threshold = 1\n")
     local = "huggingface/smollm2-135m-instruct:q4_1"
-    image = [TextBlock(text="What is this?"), ImageBlock(data=PNG, media_type="image/png")]
+    image: list[ContentBlock] = [
+        TextBlock(text="What is this?"),
+        ImageBlock(data=PNG, media_type="image/png"),
+    ]
     for _ in range(3):
         request = GenerateRequest(messages=[Message(role="user", content=image)], model=local)
         with pytest.raises(UnsupportedMode, match="image"):
@@ -360,7 +370,7 @@ async def test_feedback_moves_the_learned_quality(remote_engine: RemoteEngine) -
     before = engine.tracker.task_stats(result.model_used, result.routing.decision.task_family)
     engine.feedback(result.trace_id, 0.0)
     after = engine.tracker.task_stats(result.model_used, result.routing.decision.task_family)
-    assert after.ema_quality < before.ema_quality
+    assert before is not None and after is not None and after.ema_quality < before.ema_quality
     with pytest.raises(TraceNotFound):
         engine.feedback("no-such-trace", 1.0)
     with pytest.raises(ValueError, match=r"0\.\.1"):

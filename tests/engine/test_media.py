@@ -3,6 +3,7 @@ diffusers pipeline for successes, Gemini video on the fake provider for a hosted
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,10 @@ import pytest
 from car_inference.engine import InferenceEngine
 from car_inference.errors import ProviderError, SpendLimitExceeded, UnsupportedMode
 from car_inference.requests import GenerateImageRequest, GenerateVideoRequest
-from car_inference.routing import InferenceTask
+from car_inference.routing import InferenceTask, ModelProfile
 from car_inference.schema import ModelCapability
 from fakes import FakeProviderServer
+from fakes.optional import some
 from fakes.tiny_diffusers import build_sd, media_model
 
 SD, OMNI = "test/tiny-sd", "google/gemini-omni-flash"
@@ -20,7 +22,9 @@ GEMINI_IMAGE = "google/gemini-3.1-flash-image"
 
 
 @pytest.fixture
-def engine(fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):  # type: ignore[no-untyped-def]
+def engine(
+    fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[InferenceEngine]:
     (isolated_home / "models.toml").write_text(f'[hosts.gemini]\nbase_url = "{fake.gemini_base_url}"\n')
     (isolated_home / "config.toml").write_text("[spend]\ndaily_usd = 1.0\n")
     monkeypatch.setenv("GEMINI_API_KEY", "gemini-media-outcomes")
@@ -30,7 +34,7 @@ def engine(fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.Mo
     engine.close()
 
 
-def profile(engine: InferenceEngine, model_id: str):  # type: ignore[no-untyped-def]
+def profile(engine: InferenceEngine, model_id: str) -> ModelProfile | None:
     return next((p for p in engine.export_profiles() if p.model_id == model_id), None)
 
 
@@ -60,7 +64,7 @@ async def test_a_hosted_video_failure_is_counted_and_a_refusal_is_not(
     engine.spend.record("google", OMNI, 0.5)
     with pytest.raises(SpendLimitExceeded):
         await engine.generate_video(GenerateVideoRequest(prompt="x", model=OMNI))
-    assert profile(engine, OMNI).total_calls == 2  # type: ignore[union-attr]  # refused before the call
+    assert some(profile(engine, OMNI)).total_calls == 2  # refused before the call
 
 
 async def test_an_image_request_naming_no_model_is_routed_by_what_calls_showed(
@@ -91,5 +95,5 @@ async def test_an_image_request_naming_no_model_is_routed_by_what_calls_showed(
     engine.bookkeeper.flush()
     chosen = profile(engine, other)
     assert chosen is not None and chosen.success_count == 3
-    assert profile(engine, SD).total_calls == 30  # type: ignore[union-attr]  # never chosen again
-    assert profile(engine, GEMINI_IMAGE).total_calls == 30  # type: ignore[union-attr]  # refusals uncounted
+    assert some(profile(engine, SD)).total_calls == 30  # never chosen again
+    assert some(profile(engine, GEMINI_IMAGE)).total_calls == 30  # refusals uncounted

@@ -38,7 +38,7 @@ async def test_count_is_the_rendered_prompt_on_its_tokenizer(small_ctx_engine: I
     counted = meter.count(smollm, request)
     assert small_ctx_engine.cache.keys() == []  # counted on a vocabulary-only load, no weights
     result = await small_ctx_engine.generate(request.model_copy(update={"model": SMOLLM}))
-    assert counted == result.usage.prompt_tokens
+    assert result.usage is not None and counted == result.usage.prompt_tokens
     assert meter.count(smollm, request) == counted  # now on the loaded model: same count
 
 

@@ -4,7 +4,9 @@ the catalog's OpenAI speech models on the fake provider server (a user ``[hosts.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -21,8 +23,16 @@ WHISPER, PIPER = "systran/faster-whisper-base", "piper/en_us-joe-medium"
 HOSTED_STT, HOSTED_TTS = "openai/gpt-transcribe", "openai/gpt-4o-mini-tts"
 
 
+class BuildEngine(Protocol):
+    """The ``engine_with`` fixture: an engine for these ``[speech]`` lines, with an OpenAI key or not."""
+
+    def __call__(self, speech: str = "", key: bool = True, extra: str = "") -> InferenceEngine: ...
+
+
 @pytest.fixture
-def engine_with(fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def engine_with(
+    fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[BuildEngine]:
     """An engine whose OpenAI host is the fake, with ``[speech]`` lines and an OpenAI key or not."""
     engines: list[InferenceEngine] = []
 
@@ -45,15 +55,16 @@ def chosen(engine: InferenceEngine, capability: ModelCapability) -> str:
     return speech_model(engine, None, capability).id
 
 
-def test_local_speech_wins_by_default_even_with_a_key(engine_with) -> None:  # type: ignore[no-untyped-def]
+def test_local_speech_wins_by_default_even_with_a_key(engine_with: BuildEngine) -> None:
     engine = engine_with()
-    assert engine.registry.get(HOSTED_TTS).available  # the key makes it runnable...
+    hosted = engine.registry.get(HOSTED_TTS)
+    assert hosted is not None and hosted.available  # the key makes it runnable...
     assert (chosen(engine, STT), chosen(engine, TTS)) == (WHISPER, PIPER)  # ...but local comes first
 
 
 async def test_prefer_local_false_from_the_environment_runs_the_hosted_models(
-    engine_with, fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    engine_with: BuildEngine, fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("CAR_SPEECH__PREFER_LOCAL", "false")
     engine = engine_with()
     spoken = await engine.synthesize(
@@ -65,12 +76,12 @@ async def test_prefer_local_false_from_the_environment_runs_the_hosted_models(
     assert spoken_text(Path(spoken.audio_path).read_bytes()) == "hosted first"
 
 
-def test_prefer_local_false_without_a_key_stays_local(engine_with) -> None:  # type: ignore[no-untyped-def]
+def test_prefer_local_false_without_a_key_stays_local(engine_with: BuildEngine) -> None:
     engine = engine_with("prefer_local = false", key=False)
     assert (chosen(engine, STT), chosen(engine, TTS)) == (WHISPER, PIPER)
 
 
-def test_each_side_has_its_preferred_model(engine_with, fake: FakeProviderServer) -> None:  # type: ignore[no-untyped-def]
+def test_each_side_has_its_preferred_model(engine_with: BuildEngine, fake: FakeProviderServer) -> None:
     engine = engine_with('prefer_local = false\npreferred_remote_tts = "studio/tts-1"')
     studio = engine.register_endpoint(fake.openai_base_url, "tts-1", name="studio")
     engine.register_model(studio.model_copy(update={"capabilities": [TTS], "quality": 0.1}))
@@ -80,7 +91,7 @@ def test_each_side_has_its_preferred_model(engine_with, fake: FakeProviderServer
     assert (chosen(engine, STT), chosen(engine, TTS)) == (WHISPER, PIPER)
 
 
-def test_a_pinned_model_and_a_named_model_win(engine_with) -> None:  # type: ignore[no-untyped-def]
+def test_a_pinned_model_and_a_named_model_win(engine_with: BuildEngine) -> None:
     engine = engine_with(extra=f'[preferred]\ntext_to_speech = "{HOSTED_TTS}"\n')
     assert chosen(engine, TTS) == HOSTED_TTS
     assert speech_model(engine, PIPER, TTS).id == PIPER
@@ -89,17 +100,18 @@ def test_a_pinned_model_and_a_named_model_win(engine_with) -> None:  # type: ign
 def without_local_stt(engine: InferenceEngine, tmp_path: Path) -> None:
     """Whisper's files made to be missing, so no local speech-to-text model is available."""
     whisper = engine.registry.get(WHISPER)
+    assert whisper is not None
     source = WhisperSource(path=str(tmp_path / "no-such-model"))
     assert not engine.register_model(whisper.model_copy(update={"source": source})).available
 
 
-def test_with_no_local_model_a_hosted_one_steps_in(engine_with, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_with_no_local_model_a_hosted_one_steps_in(engine_with: BuildEngine, tmp_path: Path) -> None:
     engine = engine_with()
     without_local_stt(engine, tmp_path)
     assert chosen(engine, STT) == HOSTED_STT
 
 
-async def test_no_remote_fallback_keeps_hosted_models_out(engine_with, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+async def test_no_remote_fallback_keeps_hosted_models_out(engine_with: BuildEngine, tmp_path: Path) -> None:
     engine = engine_with("allow_remote_fallback = false")
     without_local_stt(engine, tmp_path)
     assert chosen(engine, STT) == WHISPER  # the configured default: its run says what is missing
@@ -107,7 +119,7 @@ async def test_no_remote_fallback_keeps_hosted_models_out(engine_with, tmp_path:
         await engine.transcribe(TranscribeRequest(audio_path=str(tmp_path / "a.wav")))
 
 
-def test_a_preferred_name_not_in_the_catalog_is_an_error(engine_with) -> None:  # type: ignore[no-untyped-def]
+def test_a_preferred_name_not_in_the_catalog_is_an_error(engine_with: BuildEngine) -> None:
     engine = engine_with('preferred_local_tts = "piper/en_us-joe-medum"')
     with pytest.raises(InferenceError, match="en_us-joe-medum") as info:
         chosen(engine, TTS)
@@ -117,7 +129,7 @@ def test_a_preferred_name_not_in_the_catalog_is_an_error(engine_with) -> None:  
 # --- health ------------------------------------------------------------------------------------
 
 
-def test_speech_health_says_what_each_direction_runs(engine_with, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_speech_health_says_what_each_direction_runs(engine_with: BuildEngine, tmp_path: Path) -> None:
     engine = engine_with(f'preferred_remote_tts = "{HOSTED_TTS}"\nvoices = {{ alloy = "en_US-joe-medium" }}')
     speech = engine.model_health().speech
     assert (speech.stt_model, speech.tts_model) == (WHISPER, PIPER) and speech.stt_available
@@ -139,14 +151,14 @@ def test_speech_health_says_what_each_direction_runs(engine_with, tmp_path: Path
     )
 
 
-def test_speech_health_lists_a_misconfiguration_instead_of_failing(engine_with) -> None:  # type: ignore[no-untyped-def]
+def test_speech_health_lists_a_misconfiguration_instead_of_failing(engine_with: BuildEngine) -> None:
     speech = engine_with('preferred_local_tts = "piper/en_us-joe-medum"', key=False).model_health().speech
     assert speech.tts_model is None and speech.local_tts_default is None and speech.remote_tts_default is None
     assert speech.stt_model == WHISPER  # the other direction is unaffected
     assert any("text_to_speech (local)" in p and "en_us-joe-medum" in p for p in speech.problems)
 
 
-async def test_list_voices_follows_the_speech_policy(engine_with) -> None:  # type: ignore[no-untyped-def]
+async def test_list_voices_follows_the_speech_policy(engine_with: BuildEngine) -> None:
     engine = engine_with('voices = { alloy = "en_US-joe-medium" }')
     local = await engine.list_voices()
     assert (local.model, local.ids(), local.aliases) == (
@@ -179,7 +191,9 @@ def test_word_error_rate(said: str, heard: str, rate: float) -> None:
     assert word_error_rate(said, heard) == pytest.approx(rate)
 
 
-async def test_the_smoke_test_runs_each_side_asked_for(engine_with, fake: FakeProviderServer) -> None:  # type: ignore[no-untyped-def]
+async def test_the_smoke_test_runs_each_side_asked_for(
+    engine_with: BuildEngine, fake: FakeProviderServer
+) -> None:
     engine = engine_with()
     before = set(Path(tempfile.gettempdir()).glob("car-smoke-*"))
     report = await speech_smoke(engine, local=False, remote=True, text="Testing the remote path.")
@@ -195,7 +209,7 @@ async def test_the_smoke_test_runs_each_side_asked_for(engine_with, fake: FakePr
     assert report.paths[0].word_error_rate == pytest.approx(0.25)
 
 
-async def test_a_smoke_side_without_models_says_so(engine_with) -> None:  # type: ignore[no-untyped-def]
+async def test_a_smoke_side_without_models_says_so(engine_with: BuildEngine) -> None:
     engine = engine_with(key=False)
     with pytest.raises(ModelUnavailable, match="no remote text_to_speech model is available"):
         await speech_smoke(engine, local=False, remote=True)
@@ -205,8 +219,8 @@ async def test_a_smoke_side_without_models_says_so(engine_with) -> None:  # type
 
 
 async def test_hosted_speech_counts_against_spend_limits(
-    engine_with, fake: FakeProviderServer, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    engine_with: BuildEngine, fake: FakeProviderServer, tmp_path: Path
+) -> None:
     engine = engine_with(extra="[spend]\ndaily_usd = 0.02\n")
     text = "x" * 1000  # $0.015 at gpt-4o-mini-tts's $0.015 per 1k characters
     spoken = await engine.synthesize(
@@ -227,9 +241,10 @@ async def test_hosted_speech_counts_against_spend_limits(
     assert (spoken.model_used, local.model_used) == (HOSTED_TTS, PIPER)
 
 
-def test_the_cost_of_audio_of_unknown_length_is_none(tmp_path: Path, engine_with) -> None:  # type: ignore[no-untyped-def]
+def test_the_cost_of_audio_of_unknown_length_is_none(tmp_path: Path, engine_with: BuildEngine) -> None:
     engine = engine_with()
     hosted, local = engine.registry.get(HOSTED_STT), engine.registry.get(WHISPER)
+    assert hosted is not None and local is not None
     clip = tmp_path / "a.wav"
     clip.write_bytes(wav("one two three four"))  # 1.2 s
     assert transcription_cost(hosted, str(clip)) == pytest.approx(0.0045 * 1.2 / 60)

@@ -9,7 +9,7 @@ import base64
 import json
 import struct
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .provider_wire import (
     Reply,
@@ -24,8 +24,40 @@ from .provider_wire import (
     _tokens,
 )
 
+if TYPE_CHECKING:
+    from .provider_server import FakeProviderServer
 
-class _OpenAIReplies:
+
+class _Plumbing:
+    """What the mixins use of the request handler (``provider_server._Handler``), declared for the
+    type checker only: at run time the handler itself supplies all of it."""
+
+    if TYPE_CHECKING:
+        _body: dict[str, Any]
+        _path: str
+        _protocol: str
+        _gemini_model: str
+        _between: float
+
+        @property
+        def fake(self) -> FakeProviderServer: ...
+        def _send_json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None: ...
+        def _send_error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None: ...
+        def _common_headers(self, protocol: str) -> dict[str, str]: ...
+        def _start_stream(self, protocol: str) -> None: ...
+        def _write_event(self, data: bytes) -> None: ...
+        def _content_event(self, data: bytes) -> None: ...
+        def _final_event(self, data: bytes) -> None: ...
+        def _end_stream(self) -> None: ...
+        @staticmethod
+        def _sse(payload: Any, event: str | None = None) -> bytes: ...
+        def _resolve(self, reply: Reply) -> tuple[str, list[ToolCallSpec], int, int, int]: ...
+        def _model(self, default: str) -> str: ...
+        def _gemini_list_models(self, reply: Reply, stream: bool) -> None: ...
+        def _gemini_get_model(self, reply: Reply, stream: bool) -> None: ...
+
+
+class _OpenAIReplies(_Plumbing):
     """OpenAI's chat, legacy completions, embeddings; model lists in every provider's shape."""
 
     def _openai_usage(self, prompt: int, completion: int, reasoning: int, cached: int) -> dict[str, Any]:
@@ -237,7 +269,7 @@ class _OpenAIReplies:
     # Anthropic -----------------------------------------------------------------------------------
 
 
-class _AnthropicReplies:
+class _AnthropicReplies(_Plumbing):
     """Anthropic's messages and token counts."""
 
     def _anthropic_usage(self, reply: Reply, prompt: int, completion: int) -> dict[str, Any]:
@@ -378,7 +410,7 @@ class _AnthropicReplies:
     # Gemini --------------------------------------------------------------------------------------
 
 
-class _GeminiReplies:
+class _GeminiReplies(_Plumbing):
     """Gemini's generateContent, embedContent, countTokens and models."""
 
     def _gemini_usage(self, reply: Reply, prompt: int, completion: int, thoughts: int) -> dict[str, Any]:

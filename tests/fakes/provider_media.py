@@ -116,6 +116,7 @@ def _form(handler: Any) -> dict[str, Any]:
     for part in message.iter_parts() if message.is_multipart() else []:
         name = part.get_param("name", header="content-disposition")
         payload = part.get_payload(decode=True) or b""
+        assert isinstance(payload, bytes)  # decode=True: a leaf part's bytes, None (-> b"") for a multipart
         filename = part.get_filename()
         value: Any = (filename, payload, part.get_content_type()) if filename else payload.decode()
         if isinstance(name, str) and name.endswith("[]"):

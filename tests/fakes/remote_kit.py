@@ -13,7 +13,7 @@ from car_inference.keys import KeyPool
 
 __all__ = ["PNG", "WEATHER", "remote_backend"]
 
-WEATHER = {
+WEATHER: dict[str, Any] = {  # an OpenAI function schema, as GenerateRequest.tools takes it
     "type": "function",
     "function": {
         "name": "get_weather",

@@ -6,12 +6,14 @@ from __future__ import annotations
 import anthropic
 import openai
 import pydantic
+from anthropic.types import MessageParam
 from google import genai
 from google.genai import types as genai_types
+from openai.types.chat import ChatCompletionMessageParam
 
 from .provider_server import FakeProviderServer
 
-__all__ = ["USER", "Answer", "ant", "gem", "oai"]
+__all__ = ["ANT_USER", "USER", "Answer", "ant", "gem", "oai"]
 
 
 class Answer(pydantic.BaseModel):
@@ -22,7 +24,9 @@ class Answer(pydantic.BaseModel):
     tags: list[str]
 
 
-USER = [{"role": "user", "content": "hello there"}]
+# The same user turn, typed for each SDK's ``messages`` parameter.
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
+ANT_USER: list[MessageParam] = [{"role": "user", "content": "hello there"}]
 
 
 def oai(fake: FakeProviderServer, key: str = "sk-test", timeout: float = 10.0) -> openai.OpenAI:

@@ -16,10 +16,11 @@ import pytest
 from google.genai import errors as genai_errors
 from google.genai import types as genai_types
 
+from .optional import some
 from .provider_server import FakeProviderServer, Fault, Reply, ToolCallSpec
-from .sdk_clients import USER, Answer, ant, gem, oai
+from .sdk_clients import ANT_USER, Answer, ant, gem, oai
 
-WEATHER_TOOL_ANTHROPIC = {
+WEATHER_TOOL_ANTHROPIC: anthropic.types.ToolParam = {
     "name": "get_weather",
     "description": "Weather for a city",
     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
@@ -39,12 +40,14 @@ FULL_REPLY = Reply(
 
 def test_anthropic_non_stream(fake: FakeProviderServer) -> None:
     fake.queue(FULL_REPLY)
-    system = [{"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}]
+    system: list[anthropic.types.TextBlockParam] = [
+        {"type": "text", "text": "be brief", "cache_control": {"type": "ephemeral"}}
+    ]
     message = ant(fake).messages.create(
         model="claude-sonnet-4-6",
         max_tokens=100,
         system=system,
-        messages=USER,
+        messages=ANT_USER,
         tools=[WEATHER_TOOL_ANTHROPIC],
         thinking={"type": "enabled", "budget_tokens": 1024},
     )
@@ -76,6 +79,7 @@ def test_anthropic_echo_usage_and_finish_reason_translation(fake: FakeProviderSe
     message = ant(fake).messages.create(
         model="m", max_tokens=10, messages=[{"role": "user", "content": [{"type": "text", "text": "blocks"}]}]
     )
+    assert isinstance(message.content[0], anthropic.types.TextBlock)
     assert message.content[0].text == "echo: blocks" and message.stop_reason == "max_tokens"
     usage = message.usage
     assert (usage.input_tokens, usage.output_tokens) == (5, 9)
@@ -85,12 +89,15 @@ def test_anthropic_echo_usage_and_finish_reason_translation(fake: FakeProviderSe
 def test_anthropic_stream_helper(fake: FakeProviderServer) -> None:
     fake.queue(FULL_REPLY, FULL_REPLY)
     client = ant(fake)
-    whole = client.messages.create(model="m", max_tokens=100, messages=USER)
-    with client.messages.stream(model="m", max_tokens=100, messages=USER) as stream:
+    whole = client.messages.create(model="m", max_tokens=100, messages=ANT_USER)
+    with client.messages.stream(model="m", max_tokens=100, messages=ANT_USER) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == "Checking the weather."
     assert [b.type for b in final.content] == ["thinking", "text", "tool_use"]
+    assert isinstance(final.content[0], anthropic.types.ThinkingBlock)
+    assert isinstance(whole.content[0], anthropic.types.ThinkingBlock)
+    assert isinstance(final.content[2], anthropic.types.ToolUseBlock)
     assert final.content[0].thinking == FULL_REPLY.thinking
     assert final.content[0].signature == whole.content[0].signature
     assert final.content[2].input == {"city": "Paris", "days": [1, 2]}
@@ -99,7 +106,7 @@ def test_anthropic_stream_helper(fake: FakeProviderServer) -> None:
 
 def test_anthropic_raw_stream_events(fake: FakeProviderServer) -> None:
     fake.queue(FULL_REPLY)
-    events = list(ant(fake).messages.create(model="m", max_tokens=100, messages=USER, stream=True))
+    events = list(ant(fake).messages.create(model="m", max_tokens=100, messages=ANT_USER, stream=True))
     kinds = [e.type for e in events]
     assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
     assert kinds.count("content_block_start") == kinds.count("content_block_stop") == 3
@@ -123,13 +130,17 @@ def test_anthropic_raw_stream_events(fake: FakeProviderServer) -> None:
     ],
 )
 def test_anthropic_status_errors(
-    fake: FakeProviderServer, fault: Fault, error_cls: type, status: int, error_type: str
+    fake: FakeProviderServer,
+    fault: Fault,
+    error_cls: type[anthropic.APIStatusError],
+    status: int,
+    error_type: str,
 ) -> None:
     fake.queue(fault)
     with pytest.raises(error_cls) as info:
-        ant(fake).messages.create(model="m", max_tokens=5, messages=USER)
+        ant(fake).messages.create(model="m", max_tokens=5, messages=ANT_USER)
     assert info.value.status_code == status and info.value.type == error_type
-    assert info.value.body["type"] == "error"
+    assert isinstance(info.value.body, dict) and info.value.body["type"] == "error"
     if status == 429:
         assert info.value.response.headers["retry-after"] == "2"
 
@@ -138,7 +149,7 @@ def test_anthropic_stream_status_error(fake: FakeProviderServer) -> None:
     fake.queue(Fault.rate_limit())
     with (
         pytest.raises(anthropic.RateLimitError),
-        ant(fake).messages.stream(model="m", max_tokens=5, messages=USER),
+        ant(fake).messages.stream(model="m", max_tokens=5, messages=ANT_USER),
     ):
         pass
 
@@ -151,35 +162,36 @@ def test_anthropic_hang_malformed_and_cut(fake: FakeProviderServer) -> None:
     client = ant(fake, timeout=0.5)
     fake.queue(Fault.hang(10))
     with pytest.raises(anthropic.APITimeoutError):
-        client.messages.create(model="m", max_tokens=5, messages=USER)
+        client.messages.create(model="m", max_tokens=5, messages=ANT_USER)
     fake.queue(Fault.malformed_json(), Fault.malformed_json())
     with pytest.raises(json.JSONDecodeError):
-        client.messages.create(model="m", max_tokens=5, messages=USER)
+        client.messages.create(model="m", max_tokens=5, messages=ANT_USER)
     with pytest.raises(json.JSONDecodeError):
-        list(client.messages.create(model="m", max_tokens=5, messages=USER, stream=True))
+        list(client.messages.create(model="m", max_tokens=5, messages=ANT_USER, stream=True))
     fake.queue(Fault.cut_stream(2), Fault.cut_stream())
     deltas: list[str] = []
     with pytest.raises((httpx2.RemoteProtocolError, anthropic.APIConnectionError)) as cut:
-        for event in client.messages.create(model="m", max_tokens=5, messages=USER, stream=True):
+        for event in client.messages.create(model="m", max_tokens=5, messages=ANT_USER, stream=True):
             if event.type == "content_block_delta":
+                assert isinstance(event.delta, anthropic.types.TextDelta)
                 deltas.append(event.delta.text)
     assert deltas == ["echo", ": he"]
     raw = cut.value.__cause__ if isinstance(cut.value, anthropic.APIConnectionError) else cut.value
     assert isinstance(raw, httpx2.RemoteProtocolError)
     with pytest.raises(anthropic.APIConnectionError):
-        client.messages.create(model="m", max_tokens=5, messages=USER)
+        client.messages.create(model="m", max_tokens=5, messages=ANT_USER)
 
 
 def test_anthropic_models_and_count_tokens(fake: FakeProviderServer) -> None:
     client = ant(fake)
     assert "claude-sonnet-4-6" in [m.id for m in client.models.list()]
-    assert client.messages.count_tokens(model="m", messages=USER).input_tokens > 0
+    assert client.messages.count_tokens(model="m", messages=ANT_USER).input_tokens > 0
 
 
 async def test_anthropic_async_stream(fake: FakeProviderServer) -> None:
     client = anthropic.AsyncAnthropic(base_url=fake.anthropic_base_url, api_key="k", max_retries=0)
     fake.queue(FULL_REPLY)
-    async with client.messages.stream(model="m", max_tokens=100, messages=USER) as stream:
+    async with client.messages.stream(model="m", max_tokens=100, messages=ANT_USER) as stream:
         final = await stream.get_final_message()
     assert [b.type for b in final.content] == ["thinking", "text", "tool_use"]
     await client.close()
@@ -189,7 +201,7 @@ async def test_anthropic_async_stream(fake: FakeProviderServer) -> None:
 # Gemini
 # ---------------------------------------------------------------------------------------------------------
 
-GEMINI_TOOLS = [
+GEMINI_TOOLS: genai_types.ToolListUnion = [
     genai_types.Tool(
         function_declarations=[
             genai_types.FunctionDeclaration(
@@ -215,14 +227,16 @@ def test_gemini_generate_content(fake: FakeProviderServer) -> None:
     # google-genai 3.x defaults to api_version "v1" (not v1beta) and sends the key in x-goog-api-key
     assert recorded.path == "/v1/models/gemini-2.5-flash:generateContent"
     assert recorded.json["contents"] == [{"parts": [{"text": "weather?"}], "role": "user"}]
-    parts = response.candidates[0].content.parts
+    candidate = some(response.candidates)[0]
+    parts = some(some(candidate.content).parts)
     assert parts[0].thought is True and parts[0].text == FULL_REPLY.thinking
     assert parts[1].text == "Checking the weather." and not parts[1].thought
     assert parts[1].thought_signature  # bytes, decoded from base64 by the SDK
-    assert response.function_calls[0].name == "get_weather"
-    assert response.function_calls[0].args == {"city": "Paris", "days": [1, 2]}
-    assert response.candidates[0].finish_reason == genai_types.FinishReason.STOP
-    usage = response.usage_metadata
+    function_calls = some(response.function_calls)
+    assert function_calls[0].name == "get_weather"
+    assert function_calls[0].args == {"city": "Paris", "days": [1, 2]}
+    assert candidate.finish_reason == genai_types.FinishReason.STOP
+    usage = some(response.usage_metadata)
     assert usage.thoughts_token_count and usage.prompt_token_count and usage.candidates_token_count
     assert usage.total_token_count == (
         usage.prompt_token_count + usage.candidates_token_count + usage.thoughts_token_count
@@ -245,11 +259,11 @@ def test_gemini_stream(fake: FakeProviderServer) -> None:
     chunks = list(client.models.generate_content_stream(model="gemini-2.5-flash", contents="x"))
     assert fake.requests[-1].path == "/v1/models/gemini-2.5-flash:streamGenerateContent"
     assert fake.requests[-1].query == {"alt": "sse"}
-    parts = [p for c in chunks for p in (c.candidates[0].content.parts or [])]
-    assert "".join(p.text for p in parts if p.thought) == "thoughts here"
+    parts = [p for c in chunks for p in (some(some(c.candidates)[0].content).parts or [])]
+    assert "".join(some(p.text) for p in parts if p.thought) == "thoughts here"
     assert "".join(p.text or "" for p in parts if not p.thought) == "streamed gemini text"
-    assert chunks[-1].candidates[0].finish_reason == genai_types.FinishReason.STOP
-    assert chunks[-1].usage_metadata.thoughts_token_count
+    assert some(chunks[-1].candidates)[0].finish_reason == genai_types.FinishReason.STOP
+    assert some(chunks[-1].usage_metadata).thoughts_token_count
     calls = [
         fc
         for c in client.models.generate_content_stream(model="m", contents="x")
@@ -271,7 +285,11 @@ def test_gemini_stream(fake: FakeProviderServer) -> None:
 )
 @pytest.mark.parametrize("stream", [False, True])
 def test_gemini_status_errors(
-    fake: FakeProviderServer, fault: Fault, error_cls: type, expected: tuple[int, str], stream: bool
+    fake: FakeProviderServer,
+    fault: Fault,
+    error_cls: type[genai_errors.APIError],
+    expected: tuple[int, str],
+    stream: bool,
 ) -> None:
     fake.queue(fault)
     client = gem(fake)
@@ -310,9 +328,10 @@ def test_gemini_hang_malformed_and_cut(fake: FakeProviderServer) -> None:
 
 def test_gemini_embeddings_and_models(fake: FakeProviderServer) -> None:
     client = gem(fake)
-    result = client.models.embed_content(model="text-embedding-004", contents=["alpha", "beta"])
+    texts: list[genai_types.ContentUnion] = ["alpha", "beta"]
+    result = client.models.embed_content(model="text-embedding-004", contents=texts)
     assert fake.requests[-1].path == "/v1/models/text-embedding-004:batchEmbedContents"
-    vectors = [e.values for e in result.embeddings or []]
+    vectors = [some(e.values) for e in result.embeddings or []]
     assert len(vectors) == 2 and len(vectors[0]) == 8 and vectors[0] != vectors[1]
     floats = oai(fake).embeddings.create(model="e", input="alpha", encoding_format="float").data[0].embedding
     assert vectors[0] == pytest.approx(floats)  # same deterministic vector on every protocol

@@ -16,11 +16,12 @@ import httpx
 import openai
 import pytest
 from google.genai import errors as genai_errors
+from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageFunctionToolCall
 
 from .provider_server import DEFAULT_SERVED_MODELS, FakeProviderServer, Fault, Reply, ToolCallSpec
-from .sdk_clients import USER, Answer, ant, gem, oai
+from .sdk_clients import ANT_USER, USER, Answer, ant, gem, oai
 
-WEATHER_TOOL_OPENAI = {
+WEATHER_TOOL_OPENAI: ChatCompletionFunctionToolParam = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -53,7 +54,7 @@ def test_recorded_requests_and_api_key_sources(fake: FakeProviderServer) -> None
     rec = fake.requests[-1]
     assert rec.api_key == "q-key" and rec.protocol == "gemini" and rec.query == {"key": "q-key"}
     oai(fake, key="sk-1").chat.completions.create(model="gpt-4o-mini", messages=USER)
-    ant(fake, key="sk-ant-2").messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=USER)
+    ant(fake, key="sk-ant-2").messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=ANT_USER)
     client = gem(fake, key="g-3")
     client.models.generate_content(model="gemini-2.5-flash", contents="hi")
     assert [(r.protocol, r.api_key) for r in fake.requests[1:]] == [
@@ -72,7 +73,8 @@ def test_recorded_requests_and_api_key_sources(fake: FakeProviderServer) -> None
 def test_queue_is_fifo_across_protocols(fake: FakeProviderServer) -> None:
     fake.queue(Reply(text="first"), Reply(text="second"), Fault.server_error(), Reply(text="fourth"))
     assert oai(fake).chat.completions.create(model="m", messages=USER).choices[0].message.content == "first"
-    message = ant(fake).messages.create(model="m", max_tokens=5, messages=USER)
+    message = ant(fake).messages.create(model="m", max_tokens=5, messages=ANT_USER)
+    assert isinstance(message.content[0], anthropic.types.TextBlock)
     assert message.content[0].text == "second"
     client = gem(fake)
     with pytest.raises(genai_errors.ServerError):
@@ -94,7 +96,7 @@ def test_key_behavior(fake: FakeProviderServer) -> None:
     with pytest.raises(openai.AuthenticationError):
         oai(fake, key="bad").models.list()
     with pytest.raises(anthropic.AuthenticationError):
-        ant(fake, key="bad-ant").messages.create(model="m", max_tokens=5, messages=USER)
+        ant(fake, key="bad-ant").messages.create(model="m", max_tokens=5, messages=ANT_USER)
     bad_gemini = gem(fake, key="bad-g")  # hold the reference (see gem())
     with pytest.raises(genai_errors.ClientError) as info:
         bad_gemini.models.generate_content(model="gemini-2.5-flash", contents="x")
@@ -197,6 +199,7 @@ def test_openai_tool_call_non_stream(fake: FakeProviderServer) -> None:
     assert calls[0].id == "call_fixed" and calls[0].type == "function"
     assert calls[0].function.name == "get_weather"
     assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert isinstance(calls[1], ChatCompletionMessageFunctionToolCall)
     assert calls[1].id.startswith("call_") and calls[1].function.arguments == '{"city": "Ro'
     assert fake.requests[-1].json["tools"] == [WEATHER_TOOL_OPENAI]
 
@@ -209,7 +212,8 @@ def test_openai_tool_call_stream(fake: FakeProviderServer) -> None:
     stream = oai(fake).chat.completions.create(
         model="m", messages=USER, tools=[WEATHER_TOOL_OPENAI], stream=True
     )
-    text, calls, finish = "", {}, None
+    text, finish = "", None
+    calls: dict[int, dict[str, Any]] = {}
     for chunk in stream:
         delta = chunk.choices[0].delta
         text += delta.content or ""
@@ -263,7 +267,11 @@ def test_openai_json_modes(fake: FakeProviderServer) -> None:
 )
 @pytest.mark.parametrize("stream", [False, True])
 def test_openai_status_errors(
-    fake: FakeProviderServer, fault: Fault, error_cls: type, status: int, stream: bool
+    fake: FakeProviderServer,
+    fault: Fault,
+    error_cls: type[openai.APIStatusError],
+    status: int,
+    stream: bool,
 ) -> None:
     fake.queue(fault)
     with pytest.raises(error_cls) as info:

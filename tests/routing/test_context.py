@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from car_inference.requests import GenerateRequest
+from car_inference.requests import GenerateRequest, Message
 from car_inference.routing.context import PREFIX_CHARS, PREFIX_REPEATS, TemplateIndex
 from car_inference.routing.store import stat_keys
 
@@ -40,7 +40,7 @@ def test_the_system_prompt_leads_the_signature() -> None:
     index = TemplateIndex()
     system = "You are the support assistant of ACME. Answer politely and cite the manual section. " * 2
     asks = [
-        GenerateRequest(messages=[{"role": "system", "content": system}, {"role": "user", "content": q}])
+        GenerateRequest(messages=[Message(role="system", content=system), Message(role="user", content=q)])
         for q in ("Where is my order?", "How do I reset it?")
     ]
     assert index.signature(asks[0], "Where is my order?") is None

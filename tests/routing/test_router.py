@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +14,7 @@ from car_inference.requests import (
     GenerateRequest,
     ImageBlock,
     IntentHint,
+    Message,
     ThinkingMode,
 )
 from car_inference.routing import (
@@ -28,15 +31,19 @@ from car_inference.routing.router import (
     METER_MAX_MESSAGES,
     PREFERRED_REASON,
 )
-from car_inference.schema import ModelSchema
+from car_inference.schema import ModelCapability, ModelSchema
 
 from .helpers import FakeClock, TableMeter, local, make_router, registry, remote
 
 HELLO = GenerateRequest(prompt="say hello in one sentence")
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+TOOLS: list[dict[str, Any]] = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+]
 
 
-def decide_many(router: AdaptiveRouter, reg, n: int, request: GenerateRequest = HELLO) -> list[str]:  # type: ignore[no-untyped-def]
+def decide_many(
+    router: AdaptiveRouter, reg: UnifiedRegistry, n: int, request: GenerateRequest = HELLO
+) -> list[str]:
     return [router.decide(request, reg).model_id for _ in range(n)]
 
 
@@ -131,7 +138,9 @@ def test_tools_vision_and_require_filter_candidates() -> None:
     assert vision.estimated_input_tokens >= 800
     both = router.decide(GenerateRequest(prompt="x", tools=TOOLS, images=[image]), reg)
     assert both.model_id == "d/all"
-    required = router.decide(GenerateRequest(prompt="hi", intent=IntentHint(require=["code"])), reg)
+    required = router.decide(
+        GenerateRequest(prompt="hi", intent=IntentHint(require=[ModelCapability.CODE])), reg
+    )
     assert required.model_id == "d/all"
 
 
@@ -236,7 +245,7 @@ def test_a_named_hosted_model_or_a_huge_request_is_never_counted() -> None:
     reg = registry(local("vllm/tiny", context=4096), remote("b/small", context=4096))
     meter = TableMeter(counts={"vllm/tiny": 10, "b/small": 10})
     many = GenerateRequest(
-        messages=[{"role": "user", "content": "word " * 3}] * (METER_MAX_MESSAGES + 1), model="b/small"
+        messages=[Message(role="user", content="word " * 3)] * (METER_MAX_MESSAGES + 1), model="b/small"
     )
     make_router(meter=meter).decide(many, reg)
     named = GenerateRequest(prompt="word " * 2500, model="b/small")
@@ -493,7 +502,7 @@ def test_routes_over_the_builtin_catalog() -> None:
     assert len(decision.fallbacks) == router.settings.max_fallbacks
 
 
-def test_concurrent_decisions_and_outcomes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_decisions_and_outcomes(tmp_path: Path) -> None:
     import threading
 
     from car_inference.routing import OutcomeStore, OutcomeTracker

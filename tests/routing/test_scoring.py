@@ -9,8 +9,9 @@ import math
 import pytest
 
 from car_inference.config import RoutingSettings
+from car_inference.registry import UnifiedRegistry
 from car_inference.requests import GenerateParams, GenerateRequest, RoutingWorkload
-from car_inference.routing import RoutingStrategy
+from car_inference.routing import AdaptiveRouter, RoutingDecision, RoutingStrategy
 from car_inference.routing.estimate import ALL, DIFFICULTY_PSEUDO_CALLS, StatsRow
 from car_inference.routing.pool import TYPICAL_OUTPUT_TOKENS
 from car_inference.routing.scoring import (
@@ -49,7 +50,7 @@ def test_context_length_is_the_narrowest_level_with_counted_answers() -> None:
     assert context_length([{}, {}], 1024) == (-1, None)
 
 
-def _answer(router, reg, model_id: str, tokens: int, n: int) -> None:  # type: ignore[no-untyped-def]
+def _answer(router: AdaptiveRouter, reg: UnifiedRegistry, model_id: str, tokens: int, n: int) -> None:
     for i in range(n):
         d = router.decide(QUESTION, reg)
         router.tracker.record_attempt(
@@ -177,7 +178,9 @@ def test_a_settled_context_stops_exploring_a_runner_up_it_knows_to_be_worse() ->
     assert all("settled context: draws at 0.25 of the uncertainty" in r for r in reasons)
 
 
-def _templated(router, reg, prefix: str, first: str, second: str):  # type: ignore[no-untyped-def]
+def _templated(
+    router: AdaptiveRouter, reg: UnifiedRegistry, prefix: str, first: str, second: str
+) -> tuple[GenerateRequest, RoutingDecision]:
     """A request whose prefix an earlier one started: the router gives it a template; returns the
     request and its decision."""
     router.decide(GenerateRequest(prompt=prefix + first), reg)
@@ -217,6 +220,7 @@ def test_a_model_seen_only_around_a_harder_template_is_judged_at_the_templates_l
     request, d = _templated(
         router, reg, prefix, "May we play music after ten?", "Who pays for a broken window?"
     )
+    assert d.prompt_cluster is not None
     around = d.prompt_cluster.partition("/")[0]
     outcomes = [("a/one", around, 0.8)] * 100 + [("b/two", around, 0.8)] * 100
     outcomes += [("a/one", d.prompt_cluster, 0.3)] * 100

@@ -13,8 +13,8 @@ from car_inference.routing.store import OutcomeStore
 from .helpers import FakeClock
 
 
-def at(*ymdhm: int) -> FakeClock:
-    return FakeClock(datetime(*ymdhm, tzinfo=UTC).timestamp())  # type: ignore[misc]
+def at(year: int, month: int, day: int, hour: int, minute: int) -> FakeClock:
+    return FakeClock(datetime(year, month, day, hour, minute, tzinfo=UTC).timestamp())
 
 
 def test_no_limits_never_blocks() -> None:

@@ -149,9 +149,10 @@ def _hammer(location: Location, worker: int, rounds: int) -> None:
     store.close()
 
 
-def _context() -> multiprocessing.context.BaseContext:
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+def _context() -> multiprocessing.context.ForkContext | multiprocessing.context.SpawnContext:
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def test_two_processes_never_lose_updates(location: Location) -> None:

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
-from car_inference.config import CarConfig
+from car_inference.config import CarConfig, StateSettings
 from car_inference.routing.store import TraceRow
 from car_inference.routing.store_api import open_store, state_health
 from car_inference.routing.store_pg import PgOutcomeStore
@@ -144,13 +144,13 @@ def test_the_bookkeepers_batches_survive_an_outage(url: str, proxy: TcpProxy) ->
 
 
 def test_the_bound_is_the_state_sections_buffer_records(url: str, tmp_path: Path) -> None:
-    config = CarConfig(home=tmp_path, state={"url": url, "buffer_records": 3})
+    config = CarConfig(home=tmp_path, state=StateSettings(url=url, buffer_records=3))
     store = open_store(config.state.url, config.paths.state_db, buffer_records=config.state.buffer_records)
     with contextlib.closing(store):
         assert isinstance(store, PgOutcomeStore) and store.buffer_limit == 3
     assert CarConfig(home=tmp_path).state.buffer_records == 10_000
     with pytest.raises(ValueError, match="greater than or equal to 0"):
-        CarConfig(home=tmp_path, state={"buffer_records": -1})
+        CarConfig.model_validate({"home": tmp_path, "state": {"buffer_records": -1}})
 
 
 def test_v1_health_shows_what_waits_and_what_was_lost(url: str, proxy: TcpProxy, tmp_path: Path) -> None:

@@ -191,7 +191,7 @@ def test_a_failed_write_in_a_pipelined_batch_is_undone_alone(store: PgOutcomeSto
             store.record_trace(_row("ok-1", "p/a"), success=True, latency_ms=2.0)  # its id is taken
         # Pipelined, float("slow") in _count raises before the INSERT's own error comes back:
         with pytest.raises((ValueError, psycopg.DataError)):
-            store.record_trace(_row("bad-2", "p/a"), success=True, latency_ms="slow")  # type: ignore[arg-type]
+            store.record_trace(_row("bad-2", "p/a"), success=True, latency_ms="slow")
         store.record_trace(_row("ok-3", "p/a"), success=False, latency_ms=4.0)
         store.add_spend("p", "p/a", 0.5, 1.0)
     assert store.trace("ok-1") is not None and store.trace("ok-3") is not None
@@ -219,9 +219,10 @@ def _replica(url: str, worker: int) -> None:
                     store.add_spend("acme", model, 0.001)
 
 
-def _context() -> multiprocessing.context.BaseContext:
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+def _context() -> multiprocessing.context.ForkContext | multiprocessing.context.SpawnContext:
+    if "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def test_replicas_batching_at_once_lose_no_update(url: str) -> None:

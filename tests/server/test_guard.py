@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -25,7 +26,7 @@ from fakes.redis_service import RedisServer, redis_prefix, redis_url
 from .conftest import remote_home, serve
 
 KEYS = ["key-one", "key-two"]
-HI = [{"role": "user", "content": "hi"}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ async def test_websocket_handshake_needs_a_key(server: ServerThread) -> None:
 
 
 def test_bodies_over_the_limit_are_413(server: ServerThread) -> None:
-    big = [{"role": "user", "content": "x" * 20_000}]
+    big: list[ChatCompletionMessageParam] = [{"role": "user", "content": "x" * 20_000}]
     with pytest.raises(openai.APIStatusError) as info:
         sdk(server).chat.completions.create(model="fake/echo", messages=big)
     assert info.value.status_code == 413 and info.value.code == "request_too_large"
@@ -114,7 +115,7 @@ async def test_requests_over_the_concurrency_bound_are_429(
 ) -> None:
     fake_provider.queue(Reply(text="slow answer", delay_s=1.0))
     results: list[str] = []
-    first = [{"role": "user", "content": "take your time"}]
+    first: list[ChatCompletionMessageParam] = [{"role": "user", "content": "take your time"}]
     slow = threading.Thread(
         target=lambda: results.append(
             sdk(server).chat.completions.create(model="fake/echo", messages=first).choices[0].message.content
@@ -197,7 +198,7 @@ def test_the_fleets_concurrency_bound_holds_across_replicas(
     engines = [_replica(tmp_path / name, fake_provider, prefix) for name in ("a", "b")]
     a, b = (serve(e, max_concurrency=4) for e in engines)
     fake_provider.queue(Reply(text="slow answer", delay_s=1.0))
-    first = [{"role": "user", "content": "hold the fleet's one slot"}]
+    first: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hold the fleet's one slot"}]
     results: list[str] = []
     slow = threading.Thread(
         target=lambda: results.append(
@@ -274,10 +275,10 @@ def test_json_rpc_calls_take_the_fleets_slots_too(fake_provider: FakeProviderSer
     engines = [_replica(tmp_path / name, fake_provider, prefix) for name in ("a", "b")]
     a, b = (serve(e, max_concurrency=4) for e in engines)
     fake_provider.queue(Reply(text="slow answer", delay_s=1.0))
-    first = [{"role": "user", "content": "hold the fleet's one slot from JSON-RPC"}]
-    slow = threading.Thread(
-        target=lambda: sdk(a).chat.completions.create(model="fake/echo", messages=first)  # type: ignore[arg-type]
-    )
+    first: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "hold the fleet's one slot from JSON-RPC"}
+    ]
+    slow = threading.Thread(target=lambda: sdk(a).chat.completions.create(model="fake/echo", messages=first))
     call = {"jsonrpc": "2.0", "id": 1, "method": "infer", "params": {"model": "fake/echo", "prompt": "hi"}}
     try:
         slow.start()

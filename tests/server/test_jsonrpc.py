@@ -200,7 +200,7 @@ async def test_cancel_stops_a_stream(local_server: ServerThread, server_engine: 
         await ws.send(rpc("infer.stream", params, rid="long"))
         assert json.loads(await ws.recv())["params"]["event"]["type"] == "route"
         await ws.send(rpc("cancel", {"id": "long"}, rid="stop"))
-        answers = {}
+        answers: dict[str, Any] = {}
         while len(answers) < 2:
             message = json.loads(await ws.recv())
             if "id" in message:

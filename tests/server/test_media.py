@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -136,7 +136,9 @@ class MediaEngine(InferenceEngine):
         Path(request.output_path).write_bytes(b"RIFF" + request.text.encode())
         return SynthesizeResult(audio_path=request.output_path, media_type="audio/wav", model_used="test/tts")
 
-    async def generate_image(self, request: GenerateImageRequest) -> GenerateImageResult:
+    async def generate_image(
+        self, request: GenerateImageRequest, progress: Callable[[int, int], None] | None = None
+    ) -> GenerateImageResult:
         assert request.output_path is not None
         Path(request.output_path).write_bytes(b"\x89PNG" + f"{request.width}x{request.height}".encode())
         return GenerateImageResult(

@@ -6,18 +6,27 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import cast
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import (
+    ChatCompletionAssistantMessageParam,
+    ChatCompletionContentPartParam,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageParam,
+)
 
 from car_inference.engine import InferenceEngine
 from car_inference.server import ServerThread, create_app
 from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
+from fakes.optional import some
 
 from .conftest import MINILM, SMOL, remote_home
 
-HI = [{"role": "user", "content": "Say hello."}]
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +221,7 @@ def test_wrong_types_and_unknown_tool_choices_are_400(http: httpx.Client) -> Non
 
 # --- tools through a hosted model (the fake provider) ---------------------------------------------------
 
-WEATHER = {
+WEATHER: ChatCompletionFunctionToolParam = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -240,7 +249,7 @@ def test_tool_call_round_trip(tool_server: ServerThread, fake_provider: FakeProv
         Reply(tool_calls=[ToolCallSpec("get_weather", {"city": "Paris"}, id="call_abc")]),
         Reply(text="It is sunny in Paris."),
     )
-    messages: list[dict[str, object]] = [{"role": "user", "content": "Weather in Paris?"}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Weather in Paris?"}]
     first = client.chat.completions.create(
         model="fake/gpt-tools",
         messages=messages,
@@ -250,11 +259,15 @@ def test_tool_call_round_trip(tool_server: ServerThread, fake_provider: FakeProv
     )
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
     call = choice.message.tool_calls[0]
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
     assert call.id == "call_abc" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
     messages += [
-        choice.message.model_dump(exclude_none=True),
+        # The SDK's reply message sent back as it is: its dump has the shape of the request's
+        # assistant message, which the SDK types separately (a TypedDict, not the response model).
+        cast(ChatCompletionAssistantMessageParam, choice.message.model_dump(exclude_none=True)),
         {"role": "tool", "tool_call_id": call.id, "content": "sunny, 24C"},
     ]
     final = client.chat.completions.create(model="fake/gpt-tools", messages=messages, tools=[WEATHER])
@@ -282,8 +295,8 @@ def test_tool_calls_stream_as_deltas(tool_server: ServerThread, fake_provider: F
         )
     )
     calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
-    assert calls[0].id == "call_x" and calls[0].function.name == "get_weather"
-    assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == {"city": "Oslo"}
+    assert calls[0].id == "call_x" and some(calls[0].function).name == "get_weather"
+    assert json.loads("".join(some(tc.function).arguments or "" for tc in calls)) == {"city": "Oslo"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -292,7 +305,7 @@ def test_images_and_json_mode_reach_the_provider(
 ) -> None:
     client = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0)
     fake_provider.reset()
-    content = [
+    content: list[ChatCompletionContentPartParam] = [
         {"type": "text", "text": "Describe both."},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},

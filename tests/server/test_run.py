@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import connect
 
 from car_inference.config import ServerSettings
@@ -78,7 +79,10 @@ def test_stopping_answers_what_is_in_flight(server_engine: InferenceEngine) -> N
     """A stream ends with an error event and [DONE], a waiting request gets a 503, and the server
     is down within a moment (it waited 5 s, then cut the stream with neither)."""
     server = ServerThread(create_app(server_engine)).start()
-    long = {"model": "smollm2", "messages": [{"role": "user", "content": "Write a long story."}]}
+    long: dict[str, object] = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "Write a long story."}],
+    }
     long["max_tokens"] = 2000
     plain: list[httpx.Response] = []
     waiting = threading.Thread(
@@ -128,7 +132,7 @@ def test_a_stop_requested_before_start_ends_the_server_once_started() -> None:
     serve remembers it) stops the server as soon as it has started, gracefully."""
     asked: list[bool] = []
 
-    async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})

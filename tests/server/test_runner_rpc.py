@@ -86,7 +86,7 @@ def _rpc(method: str, params: Any = None, rid: Any = None) -> str:
 
 
 async def _recv(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))  # type: ignore[no-any-return]
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
 async def _register(ws: ClientConnection, **params: Any) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from car_inference.engine import InferenceEngine
 from car_inference.server import ServerThread, create_app
@@ -145,7 +146,7 @@ def test_failure_after_the_first_token_is_an_error_event(
     stream = client.chat.completions.create(
         model="fake/first", messages=[{"role": "user", "content": "tell me more"}], stream=True
     )
-    received = []
+    received: list[ChatCompletionChunk] = []
     with pytest.raises(openai.APIError) as info:
         received.extend(stream)
     assert any(c.choices and c.choices[0].delta.content for c in received)
@@ -166,7 +167,7 @@ def test_request_timeout_is_504_for_streams_and_plain_calls(
                 out = client.chat.completions.create(
                     model="auto", messages=[{"role": "user", "content": "x"}], tools=[WEATHER], stream=stream
                 )
-                list(out) if stream else None  # type: ignore[call-overload]
+                list(out) if stream else None
             assert info.value.status_code == 504 and info.value.code == "request_timeout"
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -32,7 +34,7 @@ from car_inference.server.translate import (
 USER = {"role": "user", "content": "hi"}
 
 
-def bad(body: dict[str, object], fn=chat_request) -> ApiError:  # type: ignore[no-untyped-def]
+def bad(body: dict[str, object], fn: Callable[[dict[str, Any]], object] = chat_request) -> ApiError:
     with pytest.raises(ApiError) as info:
         fn(body)
     assert info.value.status == 400
@@ -77,6 +79,7 @@ def test_chat_messages_roles_and_content_parts() -> None:
     assert isinstance(blocks, list) and blocks[0].type == "text"
     image = blocks[1]
     assert isinstance(image, ImageBlock) and image.data == "AAAA" and image.media_type == "image/png"
+    assert isinstance(blocks[2], ImageBlock)
     assert image.detail == "high" and blocks[2].url == "https://x.test/a.jpg"
     assert blocks[3].type == "audio" and blocks[3].media_type == "audio/mpeg"
     assert assistant.tool_calls[0].arguments == {"a": 1}
@@ -155,12 +158,13 @@ def test_chat_refusals_name_the_field() -> None:
 def test_legacy_completion_request() -> None:
     call = completion_request({"prompt": ["Once upon"], "max_tokens": 5, "stop": ["\n"]})
     assert call.request.prompt == "Once upon" and call.request.params.raw_prompt
-    for body, param in (
+    cases: list[tuple[dict[str, object], str]] = [
         ({"prompt": [1, 2]}, "prompt"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": "x", "echo": True}, "echo"),
-    ):
+    ]
+    for body, param in cases:
         assert bad(body, completion_request).param == param
 
 
