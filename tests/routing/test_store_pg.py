@@ -5,6 +5,7 @@ stores share run on both in test_store.py."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import re
@@ -21,7 +22,7 @@ import pytest
 from car_inference.errors import ConfigError
 from car_inference.routing.store import SCHEMA_VERSION, OutcomeStore, TraceRow
 from car_inference.routing.store_api import open_store, state_health
-from car_inference.routing.store_pg import PgOutcomeStore
+from car_inference.routing.store_pg import WRITE_LOCK, PgOutcomeStore
 from car_inference.routing.store_sql import schema_text
 from fakes.services import postgres_schema_url
 
@@ -199,6 +200,59 @@ def test_a_failed_write_in_a_pipelined_batch_is_undone_alone(store: PgOutcomeSto
     (profile,) = [p for p in store.profiles() if p["model_id"] == "p/a"]
     assert (profile["total_calls"], profile["success_count"], profile["fail_count"]) == (2, 1, 1)
     assert store.spend_by_provider(0.0) == {"p": 0.5}
+
+
+def _write_lock_free(other: psycopg.Connection) -> bool:
+    """Whether another session could take the fleet's write lock now (autocommit: let go at once)."""
+    row = other.execute("SELECT pg_try_advisory_xact_lock(%s)", (WRITE_LOCK,)).fetchone()
+    return bool(row and row[0])
+
+
+def test_a_batch_holds_the_write_lock_for_its_counters_only(store: PgOutcomeStore, url: str) -> None:
+    """Outcomes and spend go in first, their counter changes are held back: other replicas' batches
+    take the lock meanwhile. A write that reads counted state (feedback) takes the lock and applies
+    what was held back first, so it finds the rows it adjusts."""
+    with _sql(url) as other:
+        with store.batch():
+            store.record_trace(_row("d-1", "p/a"), success=True, latency_ms=2.0)
+            store.add_spend("p", "p/a", 0.1, 1.0)
+            assert _write_lock_free(other), "nothing counted yet: the lock is not taken"
+            change = store.adjust_quality("d-1", "explicit", 0.25, explicit=True)
+            assert change is not None and (change.old, change.new) == (1.0, 0.25)
+            assert not _write_lock_free(other), "counting (and adjusting) takes it until the commit"
+        assert _write_lock_free(other)
+        with store.batch():
+            store.record_trace(_row("d-2", "p/a"), success=False, latency_ms=2.0)
+        assert _write_lock_free(other)
+    (profile,) = [p for p in store.profiles() if p["model_id"] == "p/a"]
+    assert (profile["total_calls"], profile["success_count"], profile["fail_count"]) == (2, 1, 1)
+    assert profile["quality_sum"] == pytest.approx(0.25)  # 1.0 counted, then adjusted to 0.25; 0.0
+    code = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/a"}["code"]
+    assert (code["calls"], code["quality_sum"]) == (2, pytest.approx(0.25))
+
+
+def test_counters_a_column_refuses_lose_only_their_write(
+    store: PgOutcomeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The counter changes held back are applied together; one the database refuses (a total
+    beyond BIGINT) is applied again write by write: only that write's counters are lost, and the
+    log says so. Its trace and the other writes stand."""
+    full = 2**63 - 10
+    store.replace_profiles(
+        [{"model_id": "p/big", "total_calls": 1, "success_count": 1, "fail_count": 0, "total_latency_ms": 1.0,
+          "total_input_tokens": 0, "total_output_tokens": full, "quality_sum": 1.0, "ema_quality": 1.0,
+          "updated_at": 1.0}],
+        [],
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="car_inference.state"), store.batch():
+        store.record_trace(_row("c-1", "p/a"), success=True, latency_ms=1.0, output_tokens=5)
+        store.record_trace(_row("c-2", "p/big"), success=True, latency_ms=1.0, output_tokens=100)
+        store.record_trace(_row("c-3", "p/a"), success=True, latency_ms=1.0, output_tokens=5)
+    profiles = {p["model_id"]: p for p in store.profiles()}
+    assert (profiles["p/a"]["total_calls"], profiles["p/a"]["total_output_tokens"]) == (2, 10)
+    assert (profiles["p/big"]["total_calls"], profiles["p/big"]["total_output_tokens"]) == (1, full)
+    assert all(store.trace(t) is not None for t in ("c-1", "c-2", "c-3"))
+    assert "counters were refused" in caplog.text and "out of range" in caplog.text
 
 
 def _replica(url: str, worker: int) -> None:

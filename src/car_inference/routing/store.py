@@ -81,7 +81,7 @@ class OutcomeStore(StoreBase):
         return sqlite_wal.immediate(self._conn)
 
     @contextmanager
-    def _tx(self, *, counters: bool = False) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, counters: bool = False, defer: bool = False) -> Iterator[sqlite3.Connection]:
         """One write transaction; inside ``batch()`` a savepoint of the batch's transaction,
         undone alone on error. (``BEGIN IMMEDIATE`` serializes every writer, counters or not.)"""
         with self._lock:

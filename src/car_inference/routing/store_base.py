@@ -115,9 +115,15 @@ class StoreBase:
 
     # --- plumbing (each store's own) -----------------------------------------------------------
 
-    def _tx(self, *, counters: bool = False) -> AbstractContextManager[Any]:
-        """One write transaction (a savepoint inside ``batch()``), yielding the connection."""
+    def _tx(self, *, counters: bool = False, defer: bool = False) -> AbstractContextManager[Any]:
+        """One write transaction (a savepoint inside ``batch()``), yielding the connection.
+        ``counters``: it changes profiles/task_stats; ``defer``: only through ``_counter`` (a
+        store may hold those changes back to the end of a batch)."""
         raise NotImplementedError
+
+    def _counter(self, conn: Any, sql: str, rows: list[dict[str, Any]]) -> None:
+        """Run a counter statement (already in the dialect) once per row, now."""
+        self._many(conn, sql, rows)
 
     def _read(self) -> AbstractContextManager[Any]:
         """A connection to read from (the calling thread's batch one, if any)."""
@@ -249,7 +255,7 @@ class StoreBase:
         base = None if success is None else (1.0 if success else 0.0)
         outcome = "abandoned" if success is None else ("success" if success else "failure")
         quality = base if score is None or base is None else score
-        with self._tx(counters=success is not None) as conn:
+        with self._tx(counters=success is not None, defer=True) as conn:
             previous = self._quick_retry_of(conn, row, retry_window_s)
             self._x(
                 conn,
@@ -298,12 +304,12 @@ class StoreBase:
             "alpha": EMA_ALPHA,
             "decay": QUALITY_DECAY,
         }
-        conn.execute(self.sql.profile_upsert, params)
+        self._counter(conn, self.sql.profile_upsert, [params])
         rows = [{**params, "key": key} for key in stat_keys(trace.family, trace.cluster)]
         rows += [
             {**params, "model_id": m, "key": key} for m, key in baseline_rows(trace.family, trace.cluster)
         ]
-        self._many(conn, self.sql.task_upsert, rows)
+        self._counter(conn, self.sql.task_upsert, rows)
 
     def adjust_quality(
         self, trace_id: str, kind: str, value: float, *, explicit: bool, now: float | None = None

@@ -8,11 +8,15 @@ How replicas share it without losing updates:
 
 - every counter changes by SQL arithmetic in an upsert (``calls = t.calls + 1``), never by writing
   back a value read earlier, and one outcome is one transaction (or one savepoint of a ``batch()``);
-- transactions that change counters (finishing or recording a trace, feedback, an import) first
-  take one transaction-scoped advisory lock, ``WRITE_LOCK``: writers of counters take turns, as
+- transactions that change counters (finishing or recording a trace, feedback, an import) take
+  one transaction-scoped advisory lock, ``WRITE_LOCK``: writers of counters take turns, as
   SQLite's ``BEGIN IMMEDIATE`` makes them. Without it two replicas' batches, each touching several
   models' rows in its own order, could deadlock; with it "a trace is counted once" holds across
-  replicas too. Readers never wait for it, and traces and spend are written without it;
+  replicas too. Readers never wait for it, and traces and spend are written without it. A batch
+  holds it only for its counters: its recorded outcomes' counter changes are held back and
+  applied together at its end (one round trip under the lock), so replicas' writers overlap in
+  everything else; a write that reads counted state (finishing a trace, feedback) takes the lock
+  where it comes and applies what was held back first;
 - the schema is versioned in a ``schema_version`` table with the SQLite store's numbers and
   migrations applied in order, under a second advisory lock so that replicas starting together
   migrate once.
@@ -117,28 +121,90 @@ class PgOutcomeStore(BufferedWrites):
             raise
 
     @contextmanager
-    def _tx(self, *, counters: bool = False) -> Iterator[Conn]:
+    def _tx(self, *, counters: bool = False, defer: bool = False) -> Iterator[Conn]:
         """One write transaction; inside ``batch()`` a savepoint of the batch's transaction, undone
-        alone on error. ``counters``: it changes profiles/task_stats, so it takes ``WRITE_LOCK``
-        (a batch took it when it began)."""
+        alone on error. ``counters``: it changes profiles/task_stats, so it takes ``WRITE_LOCK``;
+        in a batch, a ``defer`` write's counter statements wait for the batch's end instead
+        (``_apply_deferred``), and any other such write takes the lock first (at the top level:
+        a lock taken in a savepoint that rolls back would be let go with the row locks kept)."""
         batch: Conn | None = getattr(self._local, "conn", None)
-        if batch is not None:
-            pipe: psycopg.Pipeline | None = getattr(self._local, "pipe", None)
-            with batch.transaction() if pipe is None else self._savepoint(batch, pipe):
+        if batch is None:
+            with self._pool.connection() as conn, conn.transaction():
+                if counters:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                yield conn
+            return
+        pipe: psycopg.Pipeline | None = getattr(self._local, "pipe", None)
+        if pipe is None:  # a batch without pipeline mode, or a replay: it took the lock up front
+            with batch.transaction():
                 yield batch
             return
-        with self._pool.connection() as conn, conn.transaction():
-            if counters:
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-            yield conn
+        held = counters and defer and not self._local.locked
+        if counters and not held and not self._local.locked:
+            self._apply_deferred(batch, pipe, lock=True)
+        group: list[tuple[str, list[dict[str, Any]]]] = []
+        self._local.group = group if held else None
+        try:
+            with self._savepoint(batch, pipe):
+                yield batch
+        finally:
+            self._local.group = None
+        if group:  # the write stood: its counter changes go with the batch's
+            self._local.deferred.append(group)
+
+    def _counter(self, conn: Any, sql: str, rows: list[dict[str, Any]]) -> None:
+        group: list[tuple[str, list[dict[str, Any]]]] | None = getattr(self._local, "group", None)
+        if group is None:
+            super()._counter(conn, sql, rows)
+        else:
+            group.append((sql, rows))
+
+    def _apply_deferred(self, conn: Conn, pipe: psycopg.Pipeline, *, lock: bool = False) -> None:
+        """Take ``WRITE_LOCK`` (when there are held-back counter changes, or ``lock``) and apply
+        the counter changes held back so far, in their order, in one round trip. Should one be
+        refused (a value out of its column's range, say), they are applied again one write at a
+        time, each in a savepoint: only that write's counters are lost, and the log says so."""
+        groups, self._local.deferred = self._local.deferred, []
+        if self._local.locked or not (groups or lock):
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+        self._local.locked = True
+        if not groups:
+            return
+        conn.execute("SAVEPOINT car_counters")
+        try:
+            for group in groups:
+                self._run_group(conn, group)
+            conn.execute("RELEASE SAVEPOINT car_counters")
+            pipe.sync()
+        except psycopg.Error as exc:
+            if unreachable(exc) or conn.broken or conn.closed:
+                raise
+            with suppress(psycopg.Error):
+                pipe.sync()
+            conn.execute("ROLLBACK TO SAVEPOINT car_counters")
+            conn.execute("RELEASE SAVEPOINT car_counters")
+            pipe.sync()
+            for group in groups:
+                try:
+                    with self._savepoint(conn, pipe):
+                        self._run_group(conn, group)
+                except psycopg.Error as refused:
+                    if unreachable(refused):
+                        raise
+                    log.warning("an outcome's counters were refused and are not counted: %s", refused)
+
+    def _run_group(self, conn: Conn, group: list[tuple[str, list[dict[str, Any]]]]) -> None:
+        for sql, rows in group:
+            super()._counter(conn, sql, rows)
 
     @contextmanager
     def batch(self) -> Iterator[None]:
         """Group the writes made inside (on this thread) into one transaction and one commit. Each
         write stays atomic on its own (a savepoint); the batch commits what succeeded. Nested
-        batches join the outer one. The write lock is taken up front: a lock taken inside a
-        savepoint that rolls back would be let go while the batch still holds row locks. A batch
-        whose connection is lost puts the writes it had made back in the buffer."""
+        batches join the outer one. The write lock is taken for the counters only (``_tx``,
+        ``_apply_deferred``), outside any savepoint. A batch whose connection is lost puts the
+        writes it had made back in the buffer."""
         if getattr(self._local, "conn", None) is not None or getattr(self._local, "dead", False):
             yield
             return
@@ -157,8 +223,12 @@ class PgOutcomeStore(BufferedWrites):
                 self._local.conn, self._local.journal = conn, journal
                 try:
                     yield
+                    pipe = getattr(self._local, "pipe", None)
+                    if pipe is not None:  # the counter changes held back, under the lock
+                        self._apply_deferred(conn, pipe)
                 finally:
                     self._local.conn = self._local.journal = None
+                    self._local.deferred, self._local.locked = [], False
                 body_done = True
                 if conn.broken or conn.closed:  # psycopg ends a dead connection's block silently
                     raise psycopg.OperationalError("the connection was lost before the batch's commit")
@@ -178,10 +248,13 @@ class PgOutcomeStore(BufferedWrites):
         try:
             conn = stack.enter_context(self._pool.connection())
             stack.enter_context(conn.transaction())
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            self._local.deferred, self._local.locked = [], False
             if psycopg.Pipeline.is_supported():  # libpq >= 14 (psycopg-binary bundles one)
                 self._local.pipe = stack.enter_context(conn.pipeline())
                 stack.callback(setattr, self._local, "pipe", None)
+            else:  # each write waits for its statements anyway: the lock up front, as a replay
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                self._local.locked = True
         except Exception as exc:
             if not unreachable(exc):
                 raise
