@@ -135,6 +135,17 @@ def test_quick_retry_lookup_and_prune(location: Location) -> None:
         assert store.start_trace(_row("c", prompt_hash="h", started_at=400.0), retry_window_s=120) is None
         assert store.prune_traces(older_than=300.0) == 2
         assert store.trace("a") is None and store.trace("c") is not None
+        with store.batch():  # in a batch (PostgreSQL: pipelined, the row read after the write's sync)
+            first = store.record_trace(
+                _row("d", prompt_hash="h", started_at=450.0), success=True, retry_window_s=120
+            )
+            again = store.record_trace(
+                _row("e", prompt_hash="h", started_at=460.0), success=False, retry_window_s=120
+            )
+            alone = store.record_trace(
+                _row("f", prompt_hash="k", started_at=460.0), success=True, retry_window_s=120
+            )
+        assert (first, again, alone) == (("c", 1.0), ("d", 0.0), (None, 1.0))
 
 
 def _hammer(location: Location, worker: int, rounds: int) -> None:

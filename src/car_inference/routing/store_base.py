@@ -12,7 +12,7 @@ difference is added to its rows' quality sums in the same transaction.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -191,7 +191,7 @@ class StoreBase:
                 (row.trace_id, row.model_id, row.task, row.family, row.cluster, row.reason,
                  row.prompt_hash, row.started_at),
             )  # fmt: skip
-            return previous
+        return previous()
 
     def finish_trace(
         self,
@@ -265,18 +265,20 @@ class StoreBase:
                  error, base, quality, score if base is not None else None),
             )  # fmt: skip
             if success is None or quality is None:
-                return previous, 0.0
-            if score is not None:
-                self._x(
-                    conn,
-                    "INSERT INTO feedback (trace_id, kind, value, created_at) VALUES (?, 'explicit', ?, ?)",
-                    (row.trace_id, score, now),
-                )
-            self._count(
-                conn, row, success=success, latency_ms=latency_ms, input_tokens=input_tokens,
-                output_tokens=output_tokens, quality=quality, now=now,
-            )  # fmt: skip
-            return previous, quality
+                quality = 0.0
+            else:
+                if score is not None:
+                    self._x(
+                        conn,
+                        "INSERT INTO feedback (trace_id, kind, value, created_at)"
+                        " VALUES (?, 'explicit', ?, ?)",
+                        (row.trace_id, score, now),
+                    )
+                self._count(
+                    conn, row, success=success, latency_ms=latency_ms, input_tokens=input_tokens,
+                    output_tokens=output_tokens, quality=quality, now=now,
+                )  # fmt: skip
+        return previous(), quality
 
     def _count(
         self,
@@ -439,17 +441,26 @@ class StoreBase:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _quick_retry_of(self, conn: Any, row: TraceRow, window_s: float | None) -> str | None:
-        """The latest earlier trace of the same prompt started within ``window_s`` (not a failure)."""
+    def _quick_retry_of(self, conn: Any, row: TraceRow, window_s: float | None) -> Callable[[], str | None]:
+        """The latest earlier trace of the same prompt started within ``window_s`` (not a failure),
+        asked now and read once the write is over (``_later``)."""
         if window_s is None or not row.prompt_hash:
-            return None
-        hit = self._x(
-            conn,
-            "SELECT trace_id FROM traces WHERE prompt_hash = ? AND started_at >= ?"
-            " AND outcome != 'failure' ORDER BY started_at DESC LIMIT 1",
-            (row.prompt_hash, row.started_at - window_s),
-        ).fetchone()
-        return str(hit["trace_id"]) if hit else None
+            return lambda: None
+        found = self._later(
+            self._x(
+                conn,
+                "SELECT trace_id FROM traces WHERE prompt_hash = ? AND started_at >= ?"
+                " AND outcome != 'failure' ORDER BY started_at DESC LIMIT 1",
+                (row.prompt_hash, row.started_at - window_s),
+            )
+        )
+        return lambda: str(hit["trace_id"]) if (hit := found()) else None
+
+    def _later(self, cursor: Any) -> Callable[[], Any]:
+        """A query's first row, read now; a store that sends a write's statements together reads
+        it once they have all come back instead (one wait for the database, not two)."""
+        row = cursor.fetchone()
+        return lambda: row
 
 
 def _trace_row(row: dict[str, Any]) -> TraceRow:

@@ -159,6 +159,11 @@ class PgOutcomeStore(BufferedWrites):
         else:
             group.append((sql, rows))
 
+    def _later(self, cursor: Any) -> Callable[[], Any]:
+        if getattr(self._local, "pipe", None) is None or getattr(self._local, "conn", None) is None:
+            return super()._later(cursor)
+        return cursor.fetchone  # the write's sync brings its row back with the rest
+
     def _apply_deferred(self, conn: Conn, pipe: psycopg.Pipeline, *, lock: bool = False) -> None:
         """Take ``WRITE_LOCK`` (when there are held-back counter changes, or ``lock``) and apply
         the counter changes held back so far, in their order, in one round trip. Should one be
