@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -189,3 +190,42 @@ def test_a_writer_that_falls_behind_says_so_and_writes_the_backlog_in_batches(
     behind = [r.getMessage() for r in caplog.records if "behind the answers" in r.getMessage()]
     assert len(behind) == 1 and f"({total} waiting)" in behind[0]
     assert keeper.lag_s == 0.0
+
+
+@pytest.mark.parametrize("pause", [True, False])
+def test_a_pausing_writer_lets_the_loop_thread_run_between_its_records(pause: bool) -> None:
+    """Records that hold the GIL (Python work, as psycopg's pipelined batches are): a writer that
+    pauses lets another thread in about every PAUSE_EVERY_S; one that does not, only when the
+    interpreter forces a switch (here made 100 ms long, so the difference is plain)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.1)
+    keeper = Bookkeeper(pause=pause)
+    try:
+
+        def busy() -> None:  # 2 ms of Python, GIL held
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+
+        keeper.start_writer()
+        stuck = threading.Event()
+        keeper.submit(stuck.wait, 10)  # the writer's batch starts once all 40 records wait
+        _wait_for(lambda: keeper.pending == 0)
+        for _ in range(40):
+            keeper.submit(busy)
+        stuck.set()
+        gaps, last = [], time.perf_counter()
+        while True:  # this thread's turns while the batch runs: the longest wait between them
+            time.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+            if not keeper.pending:
+                break
+    finally:
+        keeper.close()
+        sys.setswitchinterval(interval)
+    if pause:
+        assert max(gaps) < 0.05, max(gaps)
+    else:
+        assert max(gaps) >= 0.05, "without pauses the writer holds the GIL until a forced switch"

@@ -46,6 +46,7 @@ __all__ = ["Bookkeeper"]
 log = logging.getLogger("car_inference.engine")
 
 WRITER_BATCH = 256  # records per commit of the writer thread at most
+PAUSE_EVERY_S = 0.001  # the writer thread lets go of the GIL this often (see Bookkeeper.flush)
 
 
 class Bookkeeper:
@@ -56,11 +57,13 @@ class Bookkeeper:
         delay_s: float = 0.0,
         chunk: int = 8,
         warn_after_s: float = 30.0,
+        pause: bool = False,
     ) -> None:
         """``batch``: the transaction a group of writes runs in (none: each write on its own);
         ``delay_s``: how long the writer thread waits for more records to share its commit;
         ``chunk``: how many records one loop turn writes; ``warn_after_s``: how late the oldest
-        waiting record may be before the writer warns that the store is not keeping up."""
+        waiting record may be before the writer warns that the store is not keeping up;
+        ``pause``: the writer thread lets go of the GIL every ``PAUSE_EVERY_S`` of records (``flush``)."""
         # (submitted at, by time.monotonic(); the write and its arguments)
         self._pending: deque[tuple[float, Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = deque()
         self._lock = threading.Lock()
@@ -72,6 +75,7 @@ class Bookkeeper:
         self._wake: threading.Event | None = None
         self._stopping = False
         self.warn_after_s = warn_after_s
+        self.pause = pause
         self._behind = False  # warned that records lag; said again when caught up
 
     def start_writer(self) -> None:
@@ -95,7 +99,7 @@ class Bookkeeper:
             # lock (other replicas' writers take turns) and the lag is checked between them.
             while self._pending and not self._stopping:
                 self._check_lag()
-                self.flush(WRITER_BATCH)
+                self.flush(WRITER_BATCH, pause=self.pause)
             self._check_lag()
 
     @property
@@ -149,12 +153,17 @@ class Bookkeeper:
             self._behind = False
             log.warning("outcome records caught up (%d waiting, %.1f s behind)", len(self._pending), lag)
 
-    def flush(self, limit: int | None = None) -> None:
-        """Run the queued writes now (all of them, or the first ``limit``), in order, in one batch."""
+    def flush(self, limit: int | None = None, *, pause: bool = False) -> None:
+        """Run the queued writes now (all of them, or the first ``limit``), in order, in one batch.
+        ``pause`` (the writer thread): let go of the GIL between records once a millisecond of
+        them has run, so that a request the loop has waiting runs then instead of after the batch
+        (a store that waits little for its database, as a pipelined PostgreSQL batch, would
+        otherwise hold it for up to the interpreter's 5 ms switch interval at a time)."""
         with self._lock:
             if not self._pending:
                 return
             todo = len(self._pending) if limit is None else min(limit, len(self._pending))
+            paused = time.perf_counter()
             try:
                 with self._batch():
                     for _ in range(todo):
@@ -163,6 +172,9 @@ class Bookkeeper:
                             fn(*args, **kwargs)
                         except Exception:  # a lost record must be visible, never raised into a request
                             log.exception("recording an outcome failed")
+                        if pause and (now := time.perf_counter()) - paused >= PAUSE_EVERY_S:
+                            time.sleep(0)
+                            paused = now
             except Exception:  # the batch's own commit failed (disk full, say): logged, not raised
                 log.exception("writing a batch of outcome records failed")
 

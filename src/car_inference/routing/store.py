@@ -66,6 +66,7 @@ class OutcomeStore(StoreBase):
 
     backend = "sqlite"
     sql = dialect("sqlite")
+    writer_pause = False  # its C code lets go of the GIL while it works (see StateStore)
 
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 10_000) -> None:
         self.path = Path(path)

@@ -29,6 +29,9 @@ class StateStore(Protocol):
     """The public interface both stores implement (see ``OutcomeStore`` for each method's contract)."""
 
     backend: str  # "sqlite" or "postgresql": where the learned state lives
+    # Whether a writer thread should let go of the GIL between its records (Bookkeeper.flush):
+    # SQLite's C code already does while it works; psycopg's pipelined batches are mostly Python.
+    writer_pause: bool
 
     @property
     def schema_version(self) -> int: ...

@@ -68,6 +68,7 @@ class PgOutcomeStore(BufferedWrites):
 
     backend = "postgresql"
     sql = dialect("postgresql")
+    writer_pause = True  # a pipelined batch waits little and runs psycopg's Python (see StateStore)
 
     def __init__(
         self,
