@@ -171,10 +171,9 @@ class PgOutcomeStore(BufferedWrites):
         refused (a value out of its column's range, say), they are applied again one write at a
         time, each in a savepoint: only that write's counters are lost, and the log says so."""
         groups, self._local.deferred = self._local.deferred, []
-        if self._local.locked or not (groups or lock):
-            return
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
-        self._local.locked = True
+        if not self._local.locked and (groups or lock):
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            self._local.locked = True
         if not groups:
             return
         conn.execute("SAVEPOINT car_counters")
@@ -229,13 +228,12 @@ class PgOutcomeStore(BufferedWrites):
                 self._local.conn, self._local.journal = conn, journal
                 try:
                     yield
-                    pipe = getattr(self._local, "pipe", None)
-                    if pipe is not None:  # the counter changes held back, under the lock
-                        self._apply_deferred(conn, pipe)
                 finally:
                     self._local.conn = self._local.journal = None
-                    self._local.deferred, self._local.locked = [], False
                 body_done = True
+                pipe = getattr(self._local, "pipe", None)
+                if pipe is not None and not (conn.broken or conn.closed):
+                    self._apply_deferred(conn, pipe)  # the counter changes held back, under the lock
                 if conn.broken or conn.closed:  # psycopg ends a dead connection's block silently
                     raise psycopg.OperationalError("the connection was lost before the batch's commit")
         except Exception as exc:
@@ -247,8 +245,9 @@ class PgOutcomeStore(BufferedWrites):
                 raise
 
     def _open_batch(self, stack: ExitStack) -> Conn | None:
-        """A batch's connection and transaction, the write lock taken, in pipeline mode (see
-        ``_savepoint``); None when unreachable."""
+        """A batch's connection and transaction in pipeline mode (``_savepoint``; the write lock
+        comes later, ``_apply_deferred``), or without it and the lock taken where libpq lacks
+        pipeline mode; None when unreachable."""
         if not self._available():
             return None
         try:
