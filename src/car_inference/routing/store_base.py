@@ -117,8 +117,9 @@ class StoreBase:
 
     def _tx(self, *, counters: bool = False, defer: bool = False) -> AbstractContextManager[Any]:
         """One write transaction (a savepoint inside ``batch()``), yielding the connection.
-        ``counters``: it changes profiles/task_stats; ``defer``: only through ``_counter`` (a
-        store may hold those changes back to the end of a batch)."""
+        ``counters``: it changes profiles/task_stats; ``defer``: it changes them only through
+        ``_counter`` and reads none of them, so a store may hold those changes back to the end of
+        a batch."""
         raise NotImplementedError
 
     def _counter(self, conn: Any, sql: str, rows: list[dict[str, Any]]) -> None:
