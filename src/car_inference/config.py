@@ -218,6 +218,11 @@ class ServerSettings(_Section):
     record_delay_ms: float = Field(
         default=50.0, ge=0, le=10_000, description="outcome records of this window share one commit"
     )
+    # The writer's queue holds each answer's record (its request and result) in memory until the
+    # state store has it: past this many, requests are refused (503) until it catches up.
+    max_pending_records: int = Field(
+        default=50_000, ge=0, description="503 beyond this many records not yet written; 0: never"
+    )
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="a request body must arrive within this long (408 otherwise)"
     )

@@ -18,6 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from car_inference.engine import InferenceEngine
+from car_inference.engine.bookkeeping import Bookkeeper
 from car_inference.server import ServerThread
 from car_inference.server.guard import authorized
 from fakes import FakeProviderServer, Reply
@@ -302,3 +303,55 @@ def test_json_rpc_calls_take_the_fleets_slots_too(fake_provider: FakeProviderSer
             server.stop()
         for engine in engines:
             engine.close()
+
+
+def test_a_store_far_behind_sheds_requests_with_a_503(
+    fake_provider: FakeProviderServer, tmp_path: Path
+) -> None:
+    """With server.max_pending_records records not yet written (each holds its request in
+    memory), HTTP requests and JSON-RPC calls get 503 state_store_behind with Retry-After until the
+    writer catches up; /health, /metrics and the health report still answer."""
+    from websockets.sync.client import connect
+
+    engine = InferenceEngine(home=remote_home(tmp_path / "home", fake_provider, "echo"))
+    server = serve(engine, max_pending_records=3)
+    stuck = threading.Event()
+    # Writes that stall outside the store's own batch (SQLite's one connection would hold the
+    # health report's read until the batch ends; a PostgreSQL store's reads take other connections).
+    keeper = engine.bookkeeper = Bookkeeper()
+    keeper.start_writer()
+    try:
+        keeper.submit(stuck.wait, 20)  # the store hangs: what follows waits behind it
+        deadline = time.monotonic() + 5
+        while keeper.pending:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert sdk(server, "x").chat.completions.create(model="fake/echo", messages=HI).choices
+        for _ in range(2):
+            keeper.submit(print, end="")
+        assert keeper.pending == 3
+        http = httpx.Client(base_url=server.url, timeout=10)
+        refused = http.post("/v1/chat/completions", json={"model": "fake/echo", "messages": HI})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        error = refused.json()["error"]
+        assert error["code"] == "state_store_behind" and "max_pending_records" in error["message"]
+        assert http.get("/health").status_code == 200 and http.get("/metrics").status_code == 200
+        assert http.get("/v1/health").json()["state"]["pending"] == 3  # it says why
+        params = {"model": "fake/echo", "prompt": "hi"}
+        call = {"jsonrpc": "2.0", "id": 1, "method": "infer", "params": params}
+        with connect(server.url.replace("http", "ws") + "/ws") as ws:
+            ws.send(json.dumps(call))
+            answer = json.loads(ws.recv())
+            assert answer["error"]["code"] == -32017 and answer["error"]["data"]["retryable"] is True
+            stuck.set()
+            while keeper.pending:
+                assert time.monotonic() < deadline + 10
+                time.sleep(0.01)
+            ws.send(json.dumps(call))
+            assert json.loads(ws.recv())["result"]["text"]
+        again = http.post("/v1/chat/completions", json={"model": "fake/echo", "messages": HI})
+        assert again.status_code == 200
+    finally:
+        stuck.set()
+        server.stop()
+        engine.close()

@@ -8,6 +8,7 @@ front of all of them. The protocol is documented in docs/protocol.md.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -94,7 +95,9 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
 
     @guarded()
     async def model_health(request: Request) -> Response:
-        return json_response(engine.model_health().model_dump(mode="json"))
+        # Off the loop: it reads the state store (a slow or busy one holds this request only).
+        report = await asyncio.to_thread(engine.model_health)
+        return json_response(report.model_dump(mode="json"))
 
     async def metrics(request: Request) -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)

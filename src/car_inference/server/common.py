@@ -89,6 +89,22 @@ class ServerState:
     def shutdown_error(self) -> ApiError:
         return ApiError(503, SHUTTING_DOWN, type="server_error", code="server_shutdown", retry_after=1)
 
+    def behind_error(self) -> ApiError | None:
+        """The refusal while the state store is ``server.max_pending_records`` records behind the
+        answers (their requests wait in memory for it): shed load rather than grow without bound."""
+        limit = self.settings.max_pending_records
+        pending = self.engine.bookkeeper.pending
+        if not limit or pending < limit:
+            return None
+        return ApiError(
+            503,
+            f"the state store is {pending} records behind the answers (server.max_pending_records = "
+            f"{limit}); retry shortly",
+            type="server_error",
+            code="state_store_behind",
+            retry_after=1,
+        )
+
     @property
     def max_body_bytes(self) -> int:
         return int(self.settings.max_body_mb * 1024 * 1024)

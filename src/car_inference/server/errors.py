@@ -274,6 +274,7 @@ RPC_CODES: dict[str | None, int] = {
     "request_timeout": -32007,
     "server_busy": -32008,
     "server_shutdown": -32016,
+    "state_store_behind": -32017,
     "trace_not_found": -32009,
     "capability_unavailable": -32010,
     "circuit_open": -32011,

@@ -212,6 +212,10 @@ class Session:
         metrics = self.state.metrics
         limiter = self.state.limiter
         counted = name not in _UNCOUNTED
+        behind = self.state.behind_error() if counted else None
+        if behind is not None:
+            metrics.request(f"ws:{name}", None, 503)
+            return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(behind))}
         if counted and not limiter.try_acquire():
             busy = ApiError(
                 429,
@@ -421,7 +425,7 @@ async def _models_list(session: Session, params: Params, rid: Any) -> Any:
 
 
 async def _health(session: Session, params: Params, rid: Any) -> Any:
-    return session.engine.model_health().model_dump(mode="json")
+    return (await asyncio.to_thread(session.engine.model_health)).model_dump(mode="json")
 
 
 async def _route(session: Session, params: Params, rid: Any) -> Any:
