@@ -337,6 +337,7 @@ def test_a_store_far_behind_sheds_requests_with_a_503(
         assert error["code"] == "state_store_behind" and "max_pending_records" in error["message"]
         assert http.get("/health").status_code == 200 and http.get("/metrics").status_code == 200
         assert http.get("/v1/health").json()["state"]["pending"] == 3  # it says why
+        assert http.get("/v1/models").status_code == 200  # a read writes no record: served
         params = {"model": "fake/echo", "prompt": "hi"}
         call = {"jsonrpc": "2.0", "id": 1, "method": "infer", "params": params}
         with connect(server.url.replace("http", "ws") + "/ws") as ws:

@@ -11,8 +11,8 @@ and leaves streaming responses alone. In order, for HTTP:
    ``server.max_body_mb`` is refused with 413 (at once when ``Content-Length`` says so), one that
    has not arrived within ``server.body_timeout_s`` with 408; both close the connection.
 4. While the state store is ``server.max_pending_records`` records behind, 503
-   ``state_store_behind`` with ``Retry-After`` (the records hold their requests in memory), but
-   for ``/v1/health`` (it says how far behind) and the paths of 1.
+   ``state_store_behind`` with ``Retry-After`` for requests with a body (the records hold their
+   requests in memory); reads (``GET``: ``/v1/health`` says how far behind) are still served.
 5. Beyond ``server.max_concurrency`` requests in flight, 429 with ``Retry-After``; with
    ``[coordination] global_concurrency`` (and ``redis_url``), also beyond that many across the
    fleet (``routing/coord_limit.py``: leases in Redis that lapse when a replica dies; local only,
@@ -37,8 +37,6 @@ __all__ = ["Guard", "authorized"]
 
 OPEN_PATHS = frozenset({"/health"})
 UNLIMITED_PATHS = frozenset({"/health", "/metrics"})
-# Answered while the state store is far behind: what an operator reads to see why.
-UNSHED_PATHS = UNLIMITED_PATHS | {"/v1/health"}
 
 Scope = dict[str, Any]
 
@@ -212,7 +210,9 @@ class Guard:
                 return
             except _Gone:
                 return
-        behind = None if path in UNSHED_PATHS else self.state.behind_error()
+        # Only requests that write records are shed (reads, polls and deletes write none).
+        writes = scope["method"] not in _BODILESS
+        behind = self.state.behind_error() if writes else None
         if behind is not None:
             metrics.request(route, None, await self._refuse(send, behind))
             return
