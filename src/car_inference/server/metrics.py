@@ -7,7 +7,7 @@ resolved (``-`` when none was), errors are exception class names.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -64,33 +64,39 @@ class Metrics:
             "car_routing_decisions", "Routing decisions by strategy", ["strategy"], registry=r
         )
 
+    def _gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """A gauge whose value is read when scraped."""
+        Gauge(name, help_text, registry=self.registry).set_function(read)
+
     def watch_state(self, store: object) -> None:
         """Gauges of a state store that buffers writes while its database is away (PostgreSQL,
         ``[state] buffer_records``), read when scraped: records waiting, records lost."""
         if not hasattr(store, "buffered"):
             return
-        r = self.registry
-        Gauge(
-            "car_state_buffered_records", "Writes waiting in memory for the state database to return",
-            registry=r,
-        ).set_function(lambda: float(getattr(store, "buffered", 0)))  # fmt: skip
-        Gauge(
-            "car_state_dropped_records", "Writes lost beyond [state] buffer_records since the start",
-            registry=r,
-        ).set_function(lambda: float(getattr(store, "dropped", 0)))  # fmt: skip
+        self._gauge(
+            "car_state_buffered_records",
+            "Writes waiting in memory for the state database to return",
+            lambda: float(getattr(store, "buffered", 0)),
+        )
+        self._gauge(
+            "car_state_dropped_records",
+            "Writes lost beyond [state] buffer_records since the start",
+            lambda: float(getattr(store, "dropped", 0)),
+        )
 
     def watch_records(self, bookkeeper: Bookkeeper) -> None:
         """Gauges of the engine's writer queue, read when scraped: answers' records not written
         yet and how long the oldest has waited (a store that does not keep up shows here first)."""
-        r = self.registry
-        Gauge(
-            "car_records_pending", "Outcome, spend and trace records not yet written to the state store",
-            registry=r,
-        ).set_function(lambda: float(bookkeeper.pending))  # fmt: skip
-        Gauge(
-            "car_records_lag_seconds", "How long the oldest record not yet written has waited",
-            registry=r,
-        ).set_function(lambda: bookkeeper.lag_s)  # fmt: skip
+        self._gauge(
+            "car_records_pending",
+            "Outcome, spend and trace records not yet written to the state store",
+            lambda: float(bookkeeper.pending),
+        )
+        self._gauge(
+            "car_records_lag_seconds",
+            "How long the oldest record not yet written has waited",
+            lambda: bookkeeper.lag_s,
+        )
 
     def watch_fleet(self, fleet: Fleet | None, limiter: FleetLimiter | None) -> None:
         """Gauges of the replica's link to the fleet (``[coordination] redis_url``), read when
@@ -98,25 +104,28 @@ class Metrics:
         state other replicas caused, and the fleet's concurrency slots."""
         if fleet is None:
             return
-        r = self.registry
-        Gauge(
-            "car_coordination_reachable", "1 while the fleet's Redis answers, 0 while degraded to local",
-            registry=r,
-        ).set_function(lambda: float(fleet.reachable))  # fmt: skip
-        Gauge(
-            "car_router_reloads", "Reloads of learned router state announced by other replicas", registry=r
-        ).set_function(lambda: float(fleet.reloads))
+        self._gauge(
+            "car_coordination_reachable",
+            "1 while the fleet's Redis answers, 0 while degraded to local",
+            lambda: float(fleet.reachable),
+        )
+        self._gauge(
+            "car_router_reloads",
+            "Reloads of learned router state announced by other replicas",
+            lambda: float(fleet.reloads),
+        )
         if limiter is None:
             return
-        Gauge(
-            "car_fleet_requests_in_flight", "Requests in flight across the fleet at the last slot taken",
-            registry=r,
-        ).set_function(lambda: float(limiter.fleet_in_flight or 0))  # fmt: skip
-        Gauge("car_fleet_slots_held", "Fleet concurrency slots this replica holds", registry=r).set_function(
-            lambda: float(limiter.held)
+        self._gauge(
+            "car_fleet_requests_in_flight",
+            "Requests in flight across the fleet at the last slot taken",
+            lambda: float(limiter.fleet_in_flight or 0),
         )
-        Gauge("car_fleet_concurrency_limit", "[coordination] global_concurrency", registry=r).set_function(
-            lambda: float(limiter.limit)
+        self._gauge(
+            "car_fleet_slots_held", "Fleet concurrency slots this replica holds", lambda: float(limiter.held)
+        )
+        self._gauge(
+            "car_fleet_concurrency_limit", "[coordination] global_concurrency", lambda: float(limiter.limit)
         )
 
     def request(self, route: str, model: str | None, status: int) -> None:
