@@ -66,3 +66,32 @@ def test_without_waiting_a_locked_database_is_an_error(tmp_path: Path) -> None:
     first.execute("CREATE TABLE t (x INTEGER)")
     with immediate(first), pytest.raises(sqlite3.OperationalError, match="locked"), immediate(second):
         pass
+
+
+def test_a_new_database_waits_for_a_writer_before_switching_to_wal(tmp_path: Path) -> None:
+    """Two processes opening a new state.db together: the switch to WAL met the other's write lock
+    and failed at once ("database is locked"), without waiting for the busy timeout."""
+    path = tmp_path / "a.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # rollback journal
+    other.execute("CREATE TABLE t (x INTEGER)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES (1)")
+    release = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        conn = connect(path, busy_timeout_s=5)
+    finally:
+        release.join()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT x FROM t").fetchall() == [(1,)]
+
+
+def test_the_switch_to_wal_gives_up_at_the_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("CREATE TABLE t (x INTEGER)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES (1)")
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        connect(path, busy_timeout_s=0.2)
+    other.execute("ROLLBACK")

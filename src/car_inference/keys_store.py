@@ -136,8 +136,9 @@ class SqliteKeyStats(KeyStatsDB):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite_wal.connect(path, busy_timeout_s=busy_timeout_s)
-            for statement in self._tables:
-                self._conn.execute(statement)
+            with sqlite_wal.immediate(self._conn):  # the write lock first, waiting for it
+                for statement in self._tables:
+                    self._conn.execute(statement)
         except (OSError, sqlite3.Error) as exc:
             raise KeyStatsError(f"{path}: {exc}") from exc
 
