@@ -7,15 +7,19 @@ through the official SDK; faults are injected per model by targeting its API key
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
+from car_inference.engine.bookkeeping import Bookkeeper
 from car_inference.errors import (
     AllModelsFailed,
     InvalidInput,
@@ -467,3 +471,44 @@ async def test_a_cancelled_request_is_an_abandoned_trace_not_a_failure(
     profile = engine.tracker.profile("acme/alpha")
     assert profile is None or profile.total_calls == 0, "a cancel is no verdict on the model"
     assert engine.breakers.allow("acme/alpha")
+
+
+async def test_records_waiting_for_a_slow_store_hold_the_answer_not_the_conversation(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    """While the store is behind, each waiting record holds what it will write (counts, the
+    answer's text for its signals), not the request: six answers to a 2 MB conversation each
+    leave well under one conversation's worth of memory behind them."""
+    engine = remote_engine(TWO)
+    warm = req(model="acme/alpha")  # imports and connections first, then memory is measured
+    assert (await engine.generate(warm)).text and [e async for e in engine.stream(warm)]
+    keeper = engine.bookkeeper = Bookkeeper()
+    stuck = threading.Event()
+    keeper.start_writer()
+    keeper.submit(stuck.wait, 30)  # the store stalls: every record from here on waits
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(6):
+            history = [
+                Message(role="user", content=f"{i}" + "x" * 2_000_000),
+                Message(role="assistant", content="Noted."),
+                Message(role="user", content="Say hello."),
+            ]
+            params = GenerateParams(max_tokens=8)
+            request = GenerateRequest(model="acme/alpha", messages=history, params=params)
+            if i % 2:
+                assert [e async for e in engine.stream(request) if isinstance(e, Done)]
+            else:
+                assert (await engine.generate(request)).text
+            del history, request
+        fake.reset()  # the fake server keeps what it received; the engine must not
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        stuck.set()
+    assert keeper.pending >= 6, "the records were still waiting while memory was measured"
+    assert held < 1_000_000, f"{held:,} bytes held by 6 waiting records"
+    keeper.close()
+    assert keeper.pending == 0

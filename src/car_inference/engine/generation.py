@@ -43,8 +43,8 @@ from ..errors import (
     UnsupportedMode,
 )
 from ..grounding import answer_boxes
-from ..requests import GenerateRequest, InferenceResult, TokenUsage
-from ..routing import InferenceTask, RoutingDecision, RoutingStrategy, detect_signals, failure_weight
+from ..requests import GenerateRequest, InferenceResult, TokenUsage, ToolCall
+from ..routing import InferenceTask, RoutingDecision, RoutingStrategy, answer_signals, failure_weight
 from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, ErrorEvent, RouteEvent, StreamEvent, UsageEvent
 from .resume import Sent, continuation, join_text, joined
@@ -262,14 +262,24 @@ class GenerationMixin:
         self,
         model: ModelSchema,
         attempt: _Attempt,
-        request: GenerateRequest,
         result: InferenceResult,
         started: float,
     ) -> None:
         self.breakers.record_success(model.id)
         latency_ms = (time.perf_counter() - started) * 1000
         tracing.end(attempt.span, outcome="success", latency_ms=latency_ms)
-        self.bookkeeper.submit(self._record_success, model, attempt, request, result, latency_ms)
+        # What the record needs, not the request and result: a backlog of records (a slow store)
+        # then holds each answer's text, not its conversation, images and routing explanation.
+        self.bookkeeper.submit(
+            self._record_success,
+            model,
+            attempt,
+            result.usage or TokenUsage(),
+            result.time_to_first_token_ms,
+            result.text,
+            result.tool_calls,
+            latency_ms,
+        )
 
     def _record(self, attempt: _Attempt, **outcome: Any) -> None:
         with tracing.span(tracing.RECORD, attempt.span, model=attempt.model_id, trace_id=attempt.trace_id):
@@ -289,21 +299,22 @@ class GenerationMixin:
         self,
         model: ModelSchema,
         attempt: _Attempt,
-        request: GenerateRequest,
-        result: InferenceResult,
+        usage: TokenUsage,
+        ttft_ms: float | None,
+        text: str,
+        tool_calls: list[ToolCall],
         latency_ms: float,
     ) -> None:
         """Deferred (see bookkeeping): the outcome, its implicit signals, and the spend."""
-        usage = result.usage or TokenUsage()
         self._record(
             attempt,
             success=True,
             latency_ms=latency_ms,
             input_tokens=usage.prompt_tokens,
             output_tokens=usage.completion_tokens,
-            ttft_ms=result.time_to_first_token_ms,
+            ttft_ms=ttft_ms,
         )
-        self.tracker.record_signals(attempt.trace_id, detect_signals(request, result))
+        self.tracker.record_signals(attempt.trace_id, answer_signals(text, tool_calls))
         if usage.cost_usd:
             self.spend.record(model.provider, model.id, usage.cost_usd, reservation=attempt.reservation)
         else:
@@ -354,7 +365,7 @@ class GenerationMixin:
                 self._abandoned(attempt)
                 raise
             result = _result(model, out, attempt.trace_id, start)
-            self._succeeded(model, attempt, request, result, attempt_start)
+            self._succeeded(model, attempt, result, attempt_start)
             result._routing = self._routing(decision, index, attempts)
             return result
         raise _final_error(attempts)
@@ -443,7 +454,7 @@ class GenerationMixin:
                     if isinstance(event, Done):
                         whole = event.model_copy(update={"text": join_text(prefix, event.text)})
                         done = _finish_done(model, whole, attempt.trace_id, sent.start, sent.ttft_ms, usage)
-                        self._succeeded(model, attempt, request, _as_result(done), attempt_start)
+                        self._succeeded(model, attempt, _as_result(done), attempt_start)
                         finished = True
                         yield done
                         return

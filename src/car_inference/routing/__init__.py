@@ -44,7 +44,7 @@ from .priors import (
     load_benchmark_priors,
 )
 from .router import AdaptiveRouter, RoutingDecision, RoutingStrategy, ScoredCandidate
-from .signals import ImplicitSignal, ImplicitSignalType, detect_signals
+from .signals import ImplicitSignal, ImplicitSignalType, answer_signals, detect_signals
 from .spend import SpendControl, SpendPeriodStatus, SpendStatus
 from .store import OutcomeStore
 from .store_api import StateHealth, StateStore, open_store, state_health
@@ -70,6 +70,7 @@ __all__ = [
     "StateStore",
     "TaskComplexity",
     "TaskStats",
+    "answer_signals",
     "apply_benchmark_priors",
     "assess_complexity",
     "benchmark_priors_paths",

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..requests import GenerateRequest, InferenceResult
+from ..requests import GenerateRequest, InferenceResult, ToolCall
 
-__all__ = ["DEFAULT_WEIGHTS", "ImplicitSignal", "ImplicitSignalType", "detect_signals"]
+__all__ = ["DEFAULT_WEIGHTS", "ImplicitSignal", "ImplicitSignalType", "answer_signals", "detect_signals"]
 
 
 class ImplicitSignalType(StrEnum):
@@ -68,11 +69,16 @@ def _python_blocks_fail(text: str) -> bool:
 
 def detect_signals(request: GenerateRequest | None, result: InferenceResult) -> list[ImplicitSignal]:
     """The implicit signals one result shows (quick retries are detected by the tracker)."""
+    return answer_signals(result.text, result.tool_calls)
+
+
+def answer_signals(text: str, tool_calls: Sequence[ToolCall]) -> list[ImplicitSignal]:
+    """The implicit signals of an answer's text and tool calls (what ``detect_signals`` reads)."""
     signals: list[ImplicitSignal] = []
-    if any(call.invalid_arguments is not None for call in result.tool_calls):
+    if any(call.invalid_arguments is not None for call in tool_calls):
         signals.append(ImplicitSignal(ImplicitSignalType.TOOL_JSON_INVALID))
-    if not result.text.strip() and not result.tool_calls:
+    if not text.strip() and not tool_calls:
         signals.append(ImplicitSignal(ImplicitSignalType.EMPTY_RESPONSE))
-    elif "```" in result.text and _python_blocks_fail(result.text):
+    elif "```" in text and _python_blocks_fail(text):
         signals.append(ImplicitSignal(ImplicitSignalType.CODE_COMPILE_FAILED))
     return signals
