@@ -8,6 +8,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import random
 import re
 import signal
 import threading
@@ -146,6 +147,37 @@ def test_same_results_as_sqlite(store: PgOutcomeStore, tmp_path: Path) -> None:
         assert store.feedback_for("c") == lite.feedback_for("c")
         assert store.recent_latencies() == lite.recent_latencies()
         assert store.spend_by_provider(0.0) == lite.spend_by_provider(0.0)
+
+
+def test_a_batchs_counters_merged_leave_the_rows_one_by_one_would(
+    store: PgOutcomeStore, tmp_path: Path
+) -> None:
+    """A batch applies its counter changes as one statement per table, each row changed once
+    (``merge_counters``); the rows must be those SQLite's one-upsert-per-change leaves: sums,
+    EMAs and decayed sums over rows new in the batch, rows already there, and a row at 0 calls."""
+    rng = random.Random(7)
+    zero = {"model_id": "p/c", "total_calls": 0, "success_count": 0, "fail_count": 0, "total_latency_ms": 0.0,
+            "total_input_tokens": 0, "total_output_tokens": 0, "quality_sum": 0.0, "ema_quality": 0.9,
+            "updated_at": 1.0}  # fmt: skip
+    with OutcomeStore(tmp_path / "state.db") as lite:
+        for s in (store, lite):
+            s.replace_profiles([zero], [])
+        for batch in range(3):
+            outcomes = [
+                (f"m{batch}-{i}", rng.choice(MODELS), rng.choice(("code", "math")), rng.random() < 0.8,
+                 rng.choice((None, rng.random())), rng.uniform(10, 900), rng.randrange(1, 300))
+                for i in range(40)
+            ]  # fmt: skip
+            for s in (store, lite):
+                with s.batch():
+                    for k, (trace_id, model, family, ok, score, latency, out) in enumerate(outcomes):
+                        s.record_trace(
+                            _row(trace_id, model, family), success=ok, latency_ms=latency, input_tokens=7,
+                            output_tokens=out, score=score if ok else None, now=10.0 * batch + k,
+                        )  # fmt: skip
+        assert len(store.task_stats()) > 10
+        assert _approx_rows(store.profiles(), lite.profiles())
+        assert _approx_rows(store.task_stats(), lite.task_stats())
 
 
 def test_replace_profiles_restores_whole_rows(store: PgOutcomeStore) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 from ..config import redact_url
 from ..errors import ConfigError
 from .store_buffer import BufferedWrites, unreachable
-from .store_pg_sql import COPY_COLUMNS, insert_missing
+from .store_pg_sql import COPY_COLUMNS, insert_missing, merge_counters
 from .store_sql import dialect
 
 try:
@@ -178,8 +178,7 @@ class PgOutcomeStore(BufferedWrites):
             return
         conn.execute("SAVEPOINT car_counters")
         try:
-            for group in groups:
-                self._run_group(conn, group)
+            self._run_merged(conn, groups)
             conn.execute("RELEASE SAVEPOINT car_counters")
             pipe.sync()
         except psycopg.Error as exc:
@@ -202,6 +201,19 @@ class PgOutcomeStore(BufferedWrites):
     def _run_group(self, conn: Conn, group: list[tuple[str, list[dict[str, Any]]]]) -> None:
         for sql, rows in group:
             super()._counter(conn, sql, rows)
+
+    def _run_merged(self, conn: Conn, groups: list[list[tuple[str, list[dict[str, Any]]]]]) -> None:
+        """The held-back counter changes as one statement per table (``merge_counters``: each row
+        changed once, as their updates in order would have left it), not one per change: a batch
+        of 16 answers sent ~110 upserts, each costing the writer thread Python time (the GIL)."""
+        rows = ((sql, row) for group in groups for sql, many in group for row in many)
+        merged = merge_counters(rows, self.sql.profile_upsert, self.sql.task_upsert)
+        if merged is None:
+            for group in groups:
+                self._run_group(conn, group)
+            return
+        for sql, params in merged:
+            conn.execute(sql, params)
 
     @contextmanager
     def batch(self) -> Iterator[None]:
