@@ -32,8 +32,8 @@ def _enter_wal(conn: sqlite3.Connection, path: str | Path, busy_timeout_s: float
 
     The switch needs the exclusive lock while this connection holds a read lock, so when another
     connection holds the write lock SQLite answers "database is locked" at once instead of calling
-    the busy handler (it could deadlock), or leaves the mode as it was: two processes opening a new
-    ``state.db`` together hit this. So the switch is tried again until the timeout."""
+    the busy handler (it could deadlock): two processes opening a new ``state.db`` together hit
+    this. So the switch is tried again until the timeout."""
     deadline = time.monotonic() + busy_timeout_s
     delay = 0.001
     while True:
@@ -45,11 +45,9 @@ def _enter_wal(conn: sqlite3.Connection, path: str | Path, busy_timeout_s: float
             if time.monotonic() >= deadline:
                 raise
         else:
-            if mode in ("wal", "memory"):
-                return
-            if time.monotonic() >= deadline:
+            if mode not in ("wal", "memory"):  # SQLite kept the old mode (a file system without WAL)
                 log.warning("%s stays in journal mode %r: it could not be switched to WAL", path, mode)
-                return
+            return
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
 
