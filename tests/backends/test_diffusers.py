@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from pathlib import Path
 from typing import TypedDict
 
@@ -320,3 +321,25 @@ async def test_video_from_an_image_runs_the_image_to_video_pipeline(
                 prompt="x", model=LTX, mode=VideoMode.AUDIO_TO_VIDEO, audio_path=str(picture)
             )
         )
+
+
+async def test_every_pipeline_call_runs_on_one_thread(engine: InferenceEngine) -> None:
+    """Images and videos asked for at once run one after another on one thread: torch keeps an
+    OpenMP pool per calling thread, and calls spread over the model pool left a pool each (and two
+    pipelines loading at once on two threads failed: "Unsupported device type 'meta'")."""
+    threads: set[str] = set()
+
+    def progress(done: int, total: int) -> None:
+        threads.add(threading.current_thread().name)
+
+    images = [GenerateImageRequest(prompt="a cat", model=SD, width=64, height=64, seed=i) for i in range(3)]
+    videos = [
+        GenerateVideoRequest(prompt="a dog", model=LTX, width=64, height=64, fps=8, duration_s=0.5, seed=i)
+        for i in range(2)
+    ]
+    results = await asyncio.gather(
+        *(engine.generate_image(r, progress=progress) for r in images),
+        *(engine.generate_video(r, progress=progress) for r in videos),
+    )
+    assert len(results) == 5 and len(threads) == 1, threads
+    assert next(iter(threads)).startswith("car-diffusers")
