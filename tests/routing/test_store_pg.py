@@ -234,6 +234,34 @@ def test_a_failed_write_in_a_pipelined_batch_is_undone_alone(store: PgOutcomeSto
     assert store.spend_by_provider(0.0) == {"p": 0.5}
 
 
+@pytest.mark.parametrize("lead", [0, 1, 2])
+def test_refused_writes_do_not_break_the_connection(url: str, lead: int) -> None:
+    """Refused writes in a batch leave the batch, later batches and plain writes working. psycopg
+    counted a statement whose PREPARE went out in the aborted part of a pipeline as prepared, and
+    every later use of it on that connection failed ("prepared statement ... does not exist"); the
+    writes before the refused ones shift which of the repeated statements crosses psycopg's
+    threshold there."""
+    with PgOutcomeStore(url) as store:
+        with store.batch():
+            for i in range(lead):
+                store.record_trace(_row(f"lead-{i}", "p/a", started_at=100.0), success=True, latency_ms=1.0)
+            store.record_trace(_row("taken", "p/a", started_at=100.0), success=True, latency_ms=1.0)
+            for _ in range(5):
+                with pytest.raises(psycopg.IntegrityError):
+                    store.record_trace(_row("taken", "p/a"), success=True, latency_ms=1.0)
+            store.record_trace(_row("after", "p/a", started_at=100.0), success=True, latency_ms=1.0)
+        for batch in range(2):
+            with store.batch():
+                for i in range(4):
+                    store.record_trace(
+                        _row(f"b{batch}-{i}", "p/a", started_at=100.0), success=True, latency_ms=1.0
+                    )
+                store.add_spend("p", "p/a", 0.5, 1.0)
+        store.record_trace(_row("plain", "p/a", started_at=100.0), success=True, latency_ms=1.0)
+        (profile,) = [p for p in store.profiles() if p["model_id"] == "p/a"]
+        assert profile["total_calls"] == lead + 2 + 8 + 1 and store.spend_by_provider(0.0) == {"p": 1.0}
+
+
 def _write_lock_free(other: psycopg.Connection) -> bool:
     """Whether another session could take the fleet's write lock now (autocommit: let go at once)."""
     row = other.execute("SELECT pg_try_advisory_xact_lock(%s)", (WRITE_LOCK,)).fetchone()

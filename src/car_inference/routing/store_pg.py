@@ -89,7 +89,11 @@ class PgOutcomeStore(BufferedWrites):
             url,
             min_size=1,
             max_size=max_connections,
-            kwargs={"row_factory": dict_row, "autocommit": True},
+            # No statement is prepared: psycopg (3.3.9) counts a statement as prepared when its
+            # PREPARE went out in a pipeline segment that a failed write aborted, and every later
+            # use of it on that connection then fails ("prepared statement _pg3_2 does not exist"):
+            # one refused record would break the connection's batches for good.
+            kwargs={"row_factory": dict_row, "autocommit": True, "prepare_threshold": None},
             check=ConnectionPool.check_connection,  # a connection the server dropped is replaced
             open=False,
             timeout=connect_timeout_s,  # waiting for a connection: bounded like connecting
