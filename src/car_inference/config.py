@@ -255,6 +255,12 @@ class StateSettings(_Section):
         ge=0,
         description="PostgreSQL unreachable: records kept in memory until it returns; later ones are dropped",
     )
+    trace_retention_days: float = Field(
+        default=30.0,
+        ge=0,
+        description="traces (and their feedback) older than this are deleted, hourly by `car serve` or by"
+        " `car state prune`; the learned counters and the spend ledger stay; 0: keep every trace",
+    )
 
 
 class CoordinationSettings(_Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import typer
@@ -117,3 +118,22 @@ def test_car_health_names_the_state_backend(isolated_home: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert "learned state: postgresql at postgresql://postgres:***@127.0.0.1" in result.stdout
     assert "ms round trip" in result.stdout and ":pw@" not in result.stdout
+
+
+def test_prune_deletes_traces_older_than_the_retention(isolated_home: Path) -> None:
+    now = time.time()
+    with OutcomeStore(isolated_home / "state.db") as store:
+        for i, age_days in enumerate((40, 31, 2)):
+            row = TraceRow(f"t{i}", "p/a", "generate", "code", None, "r", None, now - age_days * 86_400)
+            store.record_trace(row, success=True, latency_ms=1.0)
+    code, out, err = car("state", "prune", "--json")  # the default retention: 30 days
+    assert code == 0, err
+    assert json.loads(out) == {"deleted": 2, "older_than_days": 30.0}
+    code, out, _ = car("state", "prune", "--older-than-days", "1")
+    assert code == 0 and "deleted 1 traces older than 1 days" in out
+    code, out, _ = car("state", "prune", "--older-than-days", "0")
+    assert code == 0 and "kept every trace" in out
+    code, _, err = car("state", "prune", "--older-than-days", "-1")
+    assert code == 2 and "--older-than-days" in err
+    with OutcomeStore(isolated_home / "state.db") as store:
+        assert [p["total_calls"] for p in store.profiles()] == [3], "the learned counters stay"

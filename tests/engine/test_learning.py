@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
 
 from car_inference.requests import GenerateRequest
 from car_inference.routing.outcomes import InferenceTask
+from car_inference.routing.store import TraceRow
+from car_inference.routing.store_api import PRUNE_CHUNK
 
 from .conftest import RemoteEngine
 
@@ -84,3 +87,24 @@ async def test_route_adaptive_takes_the_params_that_change_the_decision(remote_e
     row = next(c for c in short.candidates if c.model_id == "acme/alpha")
     assert row.expected_output_tokens == 40
     assert row.cost_usd == pytest.approx((short.estimated_input_tokens + 40) / 1e6)
+
+
+def test_old_traces_are_pruned_by_the_retention_a_chunk_at_a_time(remote_engine: RemoteEngine) -> None:
+    """``[state] trace_retention_days``: traces older than it go (more than one chunk of them),
+    newer ones and the learned counters stay."""
+    engine = remote_engine(TWO, config="[state]\ntrace_retention_days = 7\n")
+    old, now = time.time() - 8 * 86_400, time.time()
+    with engine.store.batch():
+        for i in range(PRUNE_CHUNK + 3):
+            row = TraceRow(f"old-{i}", "acme/alpha", "generate", "chat", None, "t", None, old + i)
+            engine.store.record_trace(row, success=True, latency_ms=5.0)
+        engine.store.record_trace(
+            TraceRow("new", "acme/alpha", "generate", "chat", None, "t", None, now),
+            success=True,
+            latency_ms=5.0,
+        )
+    calls = [p["total_calls"] for p in engine.store.profiles()]
+    assert engine.prune_traces() == PRUNE_CHUNK + 3
+    assert engine.store.trace("old-0") is None and engine.store.trace("new") is not None
+    assert [p["total_calls"] for p in engine.store.profiles()] == calls
+    assert engine.prune_traces(older_than_days=0) == 0 and engine.store.trace("new") is not None

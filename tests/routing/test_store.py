@@ -128,6 +128,21 @@ def test_feedback_replaces_and_signals_lower_quality(location: Location) -> None
         assert [f["kind"] for f in store.feedback_for("t1")] == ["quick_retry", "explicit", "empty_response"]
 
 
+def test_prune_takes_the_oldest_traces_a_chunk_at_a_time(location: Location) -> None:
+    """``limit``: the oldest traces first, their feedback with them; counters stay."""
+    with contextlib.closing(_open(location)) as store:
+        for i, started in enumerate((50.0, 10.0, 30.0, 20.0, 500.0)):
+            store.record_trace(_row(f"t{i}", started_at=started), success=True, score=0.5)
+        assert store.prune_traces(older_than=100.0, limit=2) == 2
+        assert [store.trace(f"t{i}") is not None for i in range(5)] == [True, False, True, False, True]
+        assert store.feedback_for("t1") == [] and len(store.feedback_for("t0")) == 1
+        assert store.prune_traces(older_than=100.0, limit=2) == 2
+        assert store.prune_traces(older_than=100.0, limit=2) == 0
+        assert store.trace("t4") is not None
+        (profile,) = store.profiles()
+        assert profile["total_calls"] == 5
+
+
 def test_quick_retry_lookup_and_prune(location: Location) -> None:
     with contextlib.closing(_open(location)) as store:
         assert store.start_trace(_row("a", prompt_hash="h", started_at=100.0), retry_window_s=120) is None

@@ -4,6 +4,7 @@ start-up discovery and who owns the engine."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import httpx
@@ -11,6 +12,7 @@ import openai
 import pytest
 
 from car_inference.engine import InferenceEngine
+from car_inference.routing.store import TraceRow
 from car_inference.server import ServerThread, create_app
 from fakes import FakeProviderServer
 
@@ -93,3 +95,23 @@ def test_an_error_escaping_a_route_is_still_an_openai_500(server_engine: Inferen
         response = httpx.get(server.url + "/v1/boom")
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "internal_error" and "secret" not in response.text
+
+
+def test_the_server_deletes_traces_older_than_the_retention(tmp_path: Path) -> None:
+    """`car serve` prunes at start (and hourly): an old trace goes, a recent one stays."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text("[state]\ntrace_retention_days = 10\n")
+    engine = InferenceEngine(home=home)
+    now = time.time()
+    for trace_id, age_days in (("old", 11), ("recent", 9)):
+        row = TraceRow(trace_id, "p/a", "generate", "chat", None, "t", None, now - age_days * 86_400)
+        engine.store.record_trace(row, success=True, latency_ms=1.0)
+    try:
+        with ServerThread(create_app(engine)):
+            deadline = time.monotonic() + 10
+            while engine.store.trace("old") is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert engine.store.trace("old") is None and engine.store.trace("recent") is not None
+    finally:
+        engine.close()

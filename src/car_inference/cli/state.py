@@ -1,4 +1,5 @@
-"""`car state migrate`: move the learned state from the SQLite file into shared PostgreSQL."""
+"""`car state migrate`: move the learned state from the SQLite file into shared PostgreSQL;
+`car state prune`: delete old traces."""
 
 from __future__ import annotations
 
@@ -54,3 +55,33 @@ def migrate(
     for t in result.tables:
         table.add_row(t.table, str(t.source_rows), str(t.copied), str(t.already_there))
     out.print(table)
+
+
+@state_app.command("prune")
+@handle_errors
+def prune(
+    days: Annotated[
+        float | None,
+        typer.Option(
+            "--older-than-days", min=0, help="default: [state] trace_retention_days (30); 0 deletes nothing"
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result object as JSON")] = False,
+) -> None:
+    """Delete traces (and their feedback) older than the retention, as `car serve` does every hour.
+    The learned router state and the spend ledger stay."""
+    from ..routing.store_api import open_store, prune_old_traces
+
+    config = load_config()
+    days = config.state.trace_retention_days if days is None else days
+    store = open_store(config.state.url, config.paths.state_db)
+    try:
+        deleted = prune_old_traces(store, days)
+    finally:
+        store.close()
+    if as_json:
+        print_json({"deleted": deleted, "older_than_days": days})
+        return
+    out.print(
+        f"deleted {deleted} traces older than {days:g} days" if days > 0 else "kept every trace (0 days)"
+    )

@@ -10,6 +10,7 @@ engine records for an answer it produced itself, so the router learns from it id
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -18,8 +19,10 @@ from ..errors import TraceNotFound
 from ..requests import GenerateParams, GenerateRequest
 from ..routing import OutcomeTracker, RoutingDecision
 from ..routing.outcomes import InferenceTask
+from ..routing.store_api import prune_old_traces
 
 if TYPE_CHECKING:
+    from ..config import CarConfig
     from ..registry import UnifiedRegistry
     from ..routing import SpendControl, StateStore
     from .bookkeeping import Bookkeeper
@@ -29,6 +32,7 @@ __all__ = ["LearningMixin"]
 
 class LearningMixin:
     if TYPE_CHECKING:  # provided by InferenceEngine
+        config: CarConfig
         tracker: OutcomeTracker
         store: StateStore
         spend: SpendControl
@@ -106,3 +110,13 @@ class LearningMixin:
             latency_ms = (time.time() - trace["started_at"]) * 1000
             self.tracker.record_complete(trace_id, latency_ms)
         self.tracker.record_feedback(trace_id, score)
+
+    def prune_traces(
+        self, older_than_days: float | None = None, *, stop: threading.Event | None = None
+    ) -> int:
+        """Delete the traces (and their feedback) started more than ``older_than_days`` ago
+        (default: ``[state] trace_retention_days``; 0 keeps them all), a chunk per transaction,
+        until none is left or ``stop`` is set (``routing.store_api.prune_old_traces``). The learned
+        counters and the spend ledger stay. Returns how many went."""
+        days = self.config.state.trace_retention_days if older_than_days is None else older_than_days
+        return prune_old_traces(self.store, days, stop=stop)

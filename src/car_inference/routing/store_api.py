@@ -7,6 +7,8 @@ picks one from the ``[state] url`` setting.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
@@ -20,7 +22,21 @@ from ..config import redact_url
 from ..errors import ConfigError
 from .store import QualityChange, TraceRow
 
-__all__ = ["StateHealth", "StateStore", "is_postgres_url", "open_store", "redact_url", "state_health"]
+__all__ = [
+    "PRUNE_CHUNK",
+    "StateHealth",
+    "StateStore",
+    "is_postgres_url",
+    "open_store",
+    "prune_old_traces",
+    "redact_url",
+    "state_health",
+]
+
+log = logging.getLogger("car_inference.state")
+
+# Traces deleted per transaction by ``prune_old_traces``: each commit lets the other writers in.
+PRUNE_CHUNK = 5_000
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -80,7 +96,7 @@ class StateStore(Protocol):
 
     def feedback_for(self, trace_id: str) -> list[dict[str, Any]]: ...
 
-    def prune_traces(self, older_than: float) -> int: ...
+    def prune_traces(self, older_than: float, *, limit: int | None = None) -> int: ...
 
     def profiles(self) -> list[dict[str, Any]]: ...
 
@@ -160,3 +176,24 @@ def state_health(store: StateStore, location: str, *, pending: int = 0, lag_s: f
         pending=pending,
         lag_s=round(lag_s, 3),
     )
+
+
+def prune_old_traces(
+    store: StateStore, older_than_days: float, *, stop: threading.Event | None = None
+) -> int:
+    """Delete the traces (and their feedback) started more than ``older_than_days`` ago (0: none),
+    ``PRUNE_CHUNK`` per transaction, until none is left or ``stop`` is set. The learned counters
+    and the spend ledger stay. Returns how many went."""
+    if older_than_days <= 0:
+        return 0
+    cutoff = time.time() - older_than_days * 86_400
+    total = 0
+    while True:
+        gone = store.prune_traces(cutoff, limit=PRUNE_CHUNK)
+        total += gone
+        if gone < PRUNE_CHUNK or (stop is not None and stop.is_set()):
+            break
+        time.sleep(0.01)  # between chunks: the writer thread and other replicas take their turn
+    if total:
+        log.info("deleted %d traces older than %g days", total, older_than_days)
+    return total

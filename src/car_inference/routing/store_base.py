@@ -374,15 +374,17 @@ class StoreBase:
                 )
             )
 
-    def prune_traces(self, older_than: float) -> int:
-        """Delete traces (and their feedback) started before ``older_than``; counters stay."""
+    def prune_traces(self, older_than: float, *, limit: int | None = None) -> int:
+        """Delete traces (and their feedback) started before ``older_than``, the oldest ``limit``
+        of them (None: all) in one transaction; counters stay. Returns how many traces went."""
+        chosen = "SELECT trace_id FROM traces WHERE started_at < ?"
+        params: tuple[float, ...] | tuple[float, int] = (older_than,)
+        if limit is not None:
+            chosen += " ORDER BY started_at LIMIT ?"
+            params = (older_than, limit)
         with self._tx() as conn:
-            self._x(
-                conn,
-                "DELETE FROM feedback WHERE trace_id IN (SELECT trace_id FROM traces WHERE started_at < ?)",
-                (older_than,),
-            )
-            return int(self._x(conn, "DELETE FROM traces WHERE started_at < ?", (older_than,)).rowcount)
+            self._x(conn, f"DELETE FROM feedback WHERE trace_id IN ({chosen})", params)
+            return int(self._x(conn, f"DELETE FROM traces WHERE trace_id IN ({chosen})", params).rowcount)
 
     # --- profiles ------------------------------------------------------------------------------
 

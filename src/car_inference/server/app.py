@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -35,6 +36,20 @@ from .openapi import openapi_schema
 __all__ = ["create_app"]
 
 log = logging.getLogger("car_inference.server")
+
+# Traces older than ``[state] trace_retention_days`` are deleted at start and this often after.
+PRUNE_EVERY_S = 3600.0
+
+
+async def _prune_traces_periodically(engine: InferenceEngine, stop: threading.Event) -> None:
+    """``engine.prune_traces`` at start and every ``PRUNE_EVERY_S``, off the event loop (until
+    ``stop``): without it every request's trace stays in the state store for good."""
+    while True:
+        try:
+            await asyncio.to_thread(engine.prune_traces, stop=stop)
+        except Exception as exc:  # the store away, say: the next round tries again
+            log.warning("deleting old traces failed: %s", exc)
+        await asyncio.sleep(PRUNE_EVERY_S)
 
 
 def create_app(engine: InferenceEngine | None = None, settings: ServerSettings | None = None) -> FastAPI:
@@ -65,9 +80,13 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
         # cyclic collector's way, so that its full collections stay short mid-request.
         gc.collect()
         gc.freeze()
+        stop_pruning = threading.Event()
+        pruning = asyncio.create_task(_prune_traces_periodically(engine, stop_pruning))
         try:
             yield
         finally:
+            stop_pruning.set()  # a chunk under way finishes; none starts after it
+            pruning.cancel()
             if owned:
                 engine.close()
             else:
