@@ -270,15 +270,9 @@ class GenerationMixin:
         tracing.end(attempt.span, outcome="success", latency_ms=latency_ms)
         # What the record needs, not the request and result: a backlog of records (a slow store)
         # then holds each answer's text, not its conversation, images and routing explanation.
+        usage, ttft_ms = result.usage or TokenUsage(), result.time_to_first_token_ms
         self.bookkeeper.submit(
-            self._record_success,
-            model,
-            attempt,
-            result.usage or TokenUsage(),
-            result.time_to_first_token_ms,
-            result.text,
-            result.tool_calls,
-            latency_ms,
+            self._record_success, model, attempt, usage, ttft_ms, result.text, result.tool_calls, latency_ms
         )
 
     def _record(self, attempt: _Attempt, **outcome: Any) -> None:
