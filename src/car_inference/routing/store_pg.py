@@ -62,6 +62,16 @@ MIGRATE_LOCK = int.from_bytes(b"car-migr", "big") >> 1
 Conn = psycopg.Connection[DictRow]
 
 
+def _stop_preparing(conn: Conn) -> None:
+    """After a failure in a pipelined batch: this connection prepares no statement any more.
+    psycopg (3.3.9) counts a statement as prepared when its PREPARE went out in the part of the
+    pipeline the failure aborted, and every later use of it on the connection then fails
+    ("prepared statement _pg3_0 does not exist"): one refused write broke the rest of its batch and
+    every later batch on that connection. Without preparing, no statement is looked up by name;
+    the pool replaces each connection within the hour (``max_lifetime``), preparing again."""
+    conn.prepare_threshold = None
+
+
 class PgOutcomeStore(BufferedWrites):
     """PostgreSQL-backed outcome storage. Open one per process; it is thread-safe. While the
     database is unreachable, writes wait in memory (``store_buffer``; ``buffer_limit`` records)."""
@@ -89,11 +99,7 @@ class PgOutcomeStore(BufferedWrites):
             url,
             min_size=1,
             max_size=max_connections,
-            # No statement is prepared: psycopg (3.3.9) counts a statement as prepared when its
-            # PREPARE went out in a pipeline segment that a failed write aborted, and every later
-            # use of it on that connection then fails ("prepared statement _pg3_2 does not exist"):
-            # one refused record would break the connection's batches for good.
-            kwargs={"row_factory": dict_row, "autocommit": True, "prepare_threshold": None},
+            kwargs={"row_factory": dict_row, "autocommit": True},
             check=ConnectionPool.check_connection,  # a connection the server dropped is replaced
             open=False,
             timeout=connect_timeout_s,  # waiting for a connection: bounded like connecting
@@ -190,6 +196,7 @@ class PgOutcomeStore(BufferedWrites):
                 raise
             with suppress(psycopg.Error):
                 pipe.sync()
+            _stop_preparing(conn)
             conn.execute("ROLLBACK TO SAVEPOINT car_counters")
             conn.execute("RELEASE SAVEPOINT car_counters")
             pipe.sync()
@@ -301,6 +308,7 @@ class PgOutcomeStore(BufferedWrites):
             if not (conn.broken or conn.closed):
                 with suppress(psycopg.Error):  # the write's own error is the one to raise
                     pipe.sync()
+                _stop_preparing(conn)
                 cmd.execute("ROLLBACK TO SAVEPOINT car_write")
                 cmd.execute("RELEASE SAVEPOINT car_write")
                 pipe.sync()
