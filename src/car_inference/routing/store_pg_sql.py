@@ -48,9 +48,8 @@ INSERT INTO profiles AS p (model_id, total_calls, success_count, fail_count, tot
                            total_input_tokens, total_output_tokens, quality_sum, ema_quality, updated_at)
 SELECT model_id, k, ok, fail, latency, in_tok, out_tok, q, e0, now FROM m
 ON CONFLICT (model_id) DO UPDATE SET
-    ema_quality = CASE WHEN p.total_calls = 0 THEN excluded.ema_quality
-                       ELSE (SELECT p.ema_quality * m.ak + m.e FROM m
-                             WHERE m.model_id = excluded.model_id) END,
+    ema_quality = (SELECT CASE WHEN p.total_calls = 0 THEN m.e0 ELSE p.ema_quality * m.ak + m.e END
+                   FROM m WHERE m.model_id = excluded.model_id),
     total_calls = p.total_calls + excluded.total_calls,
     success_count = p.success_count + excluded.success_count,
     fail_count = p.fail_count + excluded.fail_count,
@@ -74,13 +73,10 @@ INSERT INTO task_stats AS t (model_id, key, calls, success_count, fail_count, to
                              total_output_tokens)
 SELECT model_id, key, k, ok, fail, latency, q, ds, dn, e0, now, out_tok FROM m
 ON CONFLICT (model_id, key) DO UPDATE SET
-    ema_quality = CASE WHEN t.calls = 0 THEN excluded.ema_quality
-                       ELSE (SELECT t.ema_quality * m.ak + m.e FROM m
-                             WHERE m.model_id = excluded.model_id AND m.key = excluded.key) END,
-    decayed_sum = (SELECT t.decayed_sum * m.dk FROM m
-                   WHERE m.model_id = excluded.model_id AND m.key = excluded.key) + excluded.decayed_sum,
-    decayed_n = (SELECT t.decayed_n * m.dk FROM m
-                 WHERE m.model_id = excluded.model_id AND m.key = excluded.key) + excluded.decayed_n,
+    (ema_quality, decayed_sum, decayed_n) = (
+        SELECT CASE WHEN t.calls = 0 THEN m.e0 ELSE t.ema_quality * m.ak + m.e END,
+               t.decayed_sum * m.dk + m.ds, t.decayed_n * m.dk + m.dn
+        FROM m WHERE m.model_id = excluded.model_id AND m.key = excluded.key),
     calls = t.calls + excluded.calls,
     success_count = t.success_count + excluded.success_count,
     fail_count = t.fail_count + excluded.fail_count,
