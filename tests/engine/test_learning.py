@@ -108,3 +108,26 @@ def test_old_traces_are_pruned_by_the_retention_a_chunk_at_a_time(remote_engine:
     assert engine.store.trace("old-0") is None and engine.store.trace("new") is not None
     assert [p["total_calls"] for p in engine.store.profiles()] == calls
     assert engine.prune_traces(older_than_days=0) == 0 and engine.store.trace("new") is not None
+
+
+def test_the_spend_ledger_of_past_days_is_rolled_up(remote_engine: RemoteEngine) -> None:
+    """``engine.compact_spend``: yesterday's entries (more than one chunk) become one per
+    provider and model; today's stay as they are, the totals the limits read as before."""
+    engine = remote_engine(TWO)
+    now = time.time()
+    today = now // 86_400 * 86_400
+    with engine.store.batch():
+        for i in range(PRUNE_CHUNK + 3):
+            engine.store.add_spend("acme", "acme/alpha" if i % 2 else "acme/beta", 0.25, ts=today - 1 - i)
+        engine.store.add_spend("acme", "acme/alpha", 1.0, ts=now)
+
+    def totals() -> tuple[dict[str, float], ...]:
+        return engine.store.spend_by_provider(today - 86_400, today), engine.store.spend_by_provider(today)
+
+    before = totals()
+    assert engine.compact_spend() == PRUNE_CHUNK + 3
+    assert engine.compact_spend() == 0
+    assert totals() == before
+    with engine.store._read() as conn:  # type: ignore[attr-defined]
+        rows = sorted((r["ts"], r["model_id"]) for r in conn.execute("SELECT ts, model_id FROM spend"))
+    assert rows == [(today - 86_400, "acme/alpha"), (today - 86_400, "acme/beta"), (now, "acme/alpha")]

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -250,6 +251,51 @@ def test_spend_by_provider_window(location: Location) -> None:
         store.add_spend("anthropic", "anthropic/b", 4.0, ts=200.0)
         assert store.spend_by_provider(150.0) == {"openai": 2.0, "anthropic": 4.0}
         assert store.spend_by_provider(0.0, 150.0) == {"openai": 1.0}
+
+
+DAY = 86_400.0
+D0 = 20_000 * DAY  # a midnight UTC (2024-10-04)
+
+
+def _spend_rows(store: StateStore) -> list[tuple[float, str, str]]:
+    return sorted((r["ts"], r["provider"], r["model_id"]) for r in _all_spend(store))
+
+
+def _all_spend(store: StateStore) -> list[dict[str, Any]]:
+    with store._read() as conn:  # type: ignore[attr-defined]  # both stores read rows as dicts
+        return list(conn.execute("SELECT ts, provider, model_id, usd FROM spend"))
+
+
+def test_compact_spend_rolls_past_days_up_and_keeps_every_total(location: Location) -> None:
+    """A chunk at a time, oldest day first: one entry per day, provider and model at the day's
+    midnight; every day's and month's totals as before; entries from ``before`` on untouched."""
+    entries = [
+        (D0 + 5.0, "openai", "openai/a", 0.25), (D0 + 7.0, "openai", "openai/a", 0.5),
+        (D0 + 9.0, "openai", "openai/b", 1.0), (D0 + 11.0, "anthropic", "anthropic/c", 2.0),
+        (D0 + DAY - 1.0, "openai", "openai/a", 4.0),  # the day's last second
+        (D0 + DAY + 3.0, "openai", "openai/a", 8.0), (D0 + DAY + 4.0, "openai", "openai/a", 16.0),
+        (D0 + 2 * DAY + 1.0, "openai", "openai/a", 32.0),  # "today": stays as it is
+    ]  # fmt: skip
+    with contextlib.closing(_open(location)) as store:
+        for ts, provider, model, usd in entries:
+            store.add_spend(provider, model, usd, ts=ts)
+        windows = [(D0, D0 + DAY), (D0 + DAY, D0 + 2 * DAY), (D0, D0 + 31 * DAY), (0.0, None)]
+        before = [store.spend_by_provider(a, b) for a, b in windows]
+        today = D0 + 2 * DAY
+        assert store.compact_spend(today, limit=3) == 3  # the first day's three oldest
+        assert store.compact_spend(today, limit=3) == 2  # the rest of that day
+        assert store.compact_spend(today, limit=3) == 2  # the second day
+        assert store.compact_spend(today, limit=3) == 0  # nothing left: roll-ups are not taken again
+        assert [store.spend_by_provider(a, b) for a, b in windows] == before
+        assert _spend_rows(store) == [
+            (D0, "anthropic", "anthropic/c"), (D0, "openai", "openai/a"), (D0, "openai", "openai/b"),
+            (D0 + DAY, "openai", "openai/a"), (D0 + 2 * DAY + 1.0, "openai", "openai/a"),
+        ]  # fmt: skip
+        # a late entry for a rolled-up day (a replayed buffer) joins that day's roll-up
+        store.add_spend("openai", "openai/a", 64.0, ts=D0 + 100.0)
+        assert store.compact_spend(today) == 1 and store.compact_spend(today) == 0
+        assert len(_all_spend(store)) == 5
+        assert store.spend_by_provider(D0, D0 + DAY)["openai"] == pytest.approx(69.75)
 
 
 def test_batch_commits_once_and_is_invisible_until_then(tmp_path: Path) -> None:

@@ -458,3 +458,40 @@ def test_the_servers_writer_thread_batches_into_postgres(store: PgOutcomeStore) 
     keeper.close()
     assert sum(p["total_calls"] for p in store.profiles()) == 40
     assert store.spend_by_provider(0.0) == {"acme": 20.0}
+
+
+def test_replicas_rolling_up_the_same_day_count_each_entry_once(store: PgOutcomeStore, url: str) -> None:
+    """Two replicas compacting one day at once (small chunks, each its own store): every entry is
+    taken by one of them, so the day's total stays (a read-then-delete would count some twice)."""
+    day0, usd = 20_000 * 86_400.0, 0.125
+    with _sql(url) as conn:
+        conn.execute(
+            "INSERT INTO spend (ts, provider, model_id, usd)"
+            " SELECT %s + i * 0.01, 'openai', 'openai/a', %s FROM generate_series(1, 4000) AS i",
+            (day0, usd),
+        )
+    stores = [store, PgOutcomeStore(url)]
+    start = threading.Barrier(2)
+    taken = [0, 0]
+
+    def left() -> int:
+        with _sql(url) as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM spend WHERE ts > %s", (day0,)).fetchall()
+            return int(count[0])
+
+    def compact(i: int) -> None:
+        start.wait()
+        while left():  # 0 from a chunk the other took meanwhile: more may be left
+            taken[i] += stores[i].compact_spend(day0 + 86_400, limit=50)
+
+    threads = [threading.Thread(target=compact, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stores[1].close()
+    assert sum(taken) == 4000 and min(taken) > 0, taken  # both did part of the work
+    assert store.spend_by_provider(day0, day0 + 86_400) == {"openai": pytest.approx(4000 * usd)}
+    with _sql(url) as conn:
+        rows = conn.execute("SELECT ts FROM spend").fetchall()
+    assert {r[0] for r in rows} == {day0}, "only the day's roll-up (or two, when both inserted it)"

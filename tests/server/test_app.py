@@ -98,7 +98,8 @@ def test_an_error_escaping_a_route_is_still_an_openai_500(server_engine: Inferen
 
 
 def test_the_server_deletes_traces_older_than_the_retention(tmp_path: Path) -> None:
-    """`car serve` prunes at start (and hourly): an old trace goes, a recent one stays."""
+    """`car serve` prunes at start (and hourly): an old trace goes, a recent one stays; the
+    spend ledger's past days are rolled up, today's entries stay as they are."""
     home = tmp_path / "home"
     home.mkdir()
     (home / "config.toml").write_text("[state]\ntrace_retention_days = 10\n")
@@ -107,11 +108,22 @@ def test_the_server_deletes_traces_older_than_the_retention(tmp_path: Path) -> N
     for trace_id, age_days in (("old", 11), ("recent", 9)):
         row = TraceRow(trace_id, "p/a", "generate", "chat", None, "t", None, now - age_days * 86_400)
         engine.store.record_trace(row, success=True, latency_ms=1.0)
+    day = (now // 86_400 - 3) * 86_400  # a midnight UTC three days ago
+    for ts in (day + 100, day + 200, now):
+        engine.store.add_spend("openai", "openai/a", 0.5, ts=ts)
+    rolled_up = {day, now}
     try:
         with ServerThread(create_app(engine)):
             deadline = time.monotonic() + 10
-            while engine.store.trace("old") is not None and time.monotonic() < deadline:
+            while _spend_times(engine) != rolled_up and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert engine.store.trace("old") is None and engine.store.trace("recent") is not None
+            assert _spend_times(engine) == rolled_up
+            assert engine.store.spend_by_provider(0.0) == {"openai": 1.5}
     finally:
         engine.close()
+
+
+def _spend_times(engine: InferenceEngine) -> set[float]:
+    with engine.store._read() as conn:  # type: ignore[attr-defined]
+        return {r["ts"] for r in conn.execute("SELECT ts FROM spend")}

@@ -1,5 +1,5 @@
 """`car state migrate`: move the learned state from the SQLite file into shared PostgreSQL;
-`car state prune`: delete old traces."""
+`car state prune`: delete old traces, roll up the spend ledger."""
 
 from __future__ import annotations
 
@@ -68,20 +68,23 @@ def prune(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result object as JSON")] = False,
 ) -> None:
-    """Delete traces (and their feedback) older than the retention, as `car serve` does every hour.
-    The learned router state and the spend ledger stay."""
-    from ..routing.store_api import open_store, prune_old_traces
+    """Delete traces (and their feedback) older than the retention and roll the spend ledger's
+    past days up into one entry per day, provider and model, as `car serve` does every hour. The
+    learned router state and the spend totals stay."""
+    from ..routing.store_api import compact_old_spend, open_store, prune_old_traces
 
     config = load_config()
     days = config.state.trace_retention_days if days is None else days
     store = open_store(config.state.url, config.paths.state_db)
     try:
         deleted = prune_old_traces(store, days)
+        rolled = compact_old_spend(store)
     finally:
         store.close()
     if as_json:
-        print_json({"deleted": deleted, "older_than_days": days})
+        print_json({"deleted": deleted, "older_than_days": days, "spend_entries_rolled_up": rolled})
         return
     out.print(
         f"deleted {deleted} traces older than {days:g} days" if days > 0 else "kept every trace (0 days)"
     )
+    out.print(f"rolled {rolled} spend entries up into daily totals")

@@ -19,7 +19,7 @@ from ..errors import TraceNotFound
 from ..requests import GenerateParams, GenerateRequest
 from ..routing import OutcomeTracker, RoutingDecision
 from ..routing.outcomes import InferenceTask
-from ..routing.store_api import prune_old_traces
+from ..routing.store_api import compact_old_spend, prune_old_traces
 
 if TYPE_CHECKING:
     from ..config import CarConfig
@@ -120,3 +120,9 @@ class LearningMixin:
         counters and the spend ledger stay. Returns how many went."""
         days = self.config.state.trace_retention_days if older_than_days is None else older_than_days
         return prune_old_traces(self.store, days, stop=stop)
+
+    def compact_spend(self, *, stop: threading.Event | None = None) -> int:
+        """Roll the spend ledger's entries of past UTC days into one per day, provider and model
+        (``routing.store_api.compact_old_spend``); the limits' totals stay. Returns how many
+        entries went."""
+        return compact_old_spend(self.store, stop=stop)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,11 +21,13 @@ from pydantic import BaseModel
 from ..config import redact_url
 from ..errors import ConfigError
 from .store import QualityChange, TraceRow
+from .store_base import DAY_S
 
 __all__ = [
     "PRUNE_CHUNK",
     "StateHealth",
     "StateStore",
+    "compact_old_spend",
     "is_postgres_url",
     "open_store",
     "prune_old_traces",
@@ -35,7 +37,8 @@ __all__ = [
 
 log = logging.getLogger("car_inference.state")
 
-# Traces deleted per transaction by ``prune_old_traces``: each commit lets the other writers in.
+# Rows deleted per transaction by ``prune_old_traces`` and ``compact_old_spend``: each commit
+# lets the other writers in.
 PRUNE_CHUNK = 5_000
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -97,6 +100,8 @@ class StateStore(Protocol):
     def feedback_for(self, trace_id: str) -> list[dict[str, Any]]: ...
 
     def prune_traces(self, older_than: float, *, limit: int | None = None) -> int: ...
+
+    def compact_spend(self, before: float, *, limit: int | None = None) -> int: ...
 
     def profiles(self) -> list[dict[str, Any]]: ...
 
@@ -187,13 +192,33 @@ def prune_old_traces(
     if older_than_days <= 0:
         return 0
     cutoff = time.time() - older_than_days * 86_400
-    total = 0
-    while True:
-        gone = store.prune_traces(cutoff, limit=PRUNE_CHUNK)
-        total += gone
-        if gone < PRUNE_CHUNK or (stop is not None and stop.is_set()):
-            break
-        time.sleep(0.01)  # between chunks: the writer thread and other replicas take their turn
+    total = _in_chunks(lambda: store.prune_traces(cutoff, limit=PRUNE_CHUNK), stop, whole=PRUNE_CHUNK)
     if total:
         log.info("deleted %d traces older than %g days", total, older_than_days)
     return total
+
+
+def compact_old_spend(
+    store: StateStore, *, stop: threading.Event | None = None, now: float | None = None
+) -> int:
+    """Roll the spend entries of every UTC day before today (``now``'s) into one entry per day,
+    provider and model (``StateStore.compact_spend``), ``PRUNE_CHUNK`` entries per transaction,
+    until none is left or ``stop`` is set: the ledger then grows by days, not by calls, and the
+    day's and month's totals the limits read stay what they were. Returns how many entries went."""
+    today = int((time.time() if now is None else now) // DAY_S) * DAY_S
+    total = _in_chunks(lambda: store.compact_spend(today, limit=PRUNE_CHUNK), stop, whole=None)
+    if total:
+        log.info("rolled %d spend entries up into daily totals", total)
+    return total
+
+
+def _in_chunks(step: Callable[[], int], stop: threading.Event | None, *, whole: int | None) -> int:
+    """Call ``step`` (one transaction; how many rows it took) until it takes none (or fewer than
+    ``whole``) or ``stop`` is set; the sum."""
+    total = 0
+    while True:
+        done = step()
+        total += done
+        if not done or (whole is not None and done < whole) or (stop is not None and stop.is_set()):
+            return total
+        time.sleep(0.01)  # between chunks: the writer thread and other replicas take their turn

@@ -23,6 +23,8 @@ from .store_sql import SCHEMA_VERSION, Dialect
 
 __all__ = [
     "ALL",
+    "DAY_ENTRIES",
+    "DAY_S",
     "EMA_ALPHA",
     "QUALITY_DECAY",
     "SCHEMA_VERSION",
@@ -46,6 +48,20 @@ _INSERT_TRACE = (
     " outcome, completed_at, latency_ms, ttft_ms, input_tokens, output_tokens, error_class, error, base,"
     " quality, feedback) VALUES (" + ", ".join("?" * 19) + ")"
 )
+
+_SPEND_INSERT = "INSERT INTO spend (ts, provider, model_id, usd) VALUES (?, ?, ?, ?)"
+# A day's roll-up entry for a provider and model takes more (the first, should two exist).
+_ADD_TO_DAY = (
+    "UPDATE spend SET usd = usd + ? WHERE id ="
+    " (SELECT MIN(id) FROM spend WHERE ts = ? AND provider = ? AND model_id = ?)"
+)
+DAY_S = 86_400  # a UTC day in Unix time (which has no leap seconds)
+# Spend entries that are not a day's roll-up (at midnight UTC, ``compact_spend``): the product is
+# a multiple of a day whether the cast truncates (SQLite) or rounds (PostgreSQL).
+_LOOSE_SPEND = "ts <> CAST(ts / 86400 AS BIGINT) * 86400"
+# Up to a limit of a day's entries between its midnight and an end, oldest first.
+_NO_LIMIT = 2**62
+DAY_ENTRIES = "SELECT id FROM spend WHERE ts > ? AND ts < ? ORDER BY ts, id LIMIT ?"
 
 
 @dataclass(slots=True, frozen=True)
@@ -425,11 +441,7 @@ class StoreBase:
 
     def add_spend(self, provider: str, model_id: str, usd: float, ts: float | None = None) -> None:
         with self._tx() as conn:
-            self._x(
-                conn,
-                "INSERT INTO spend (ts, provider, model_id, usd) VALUES (?, ?, ?, ?)",
-                (time.time() if ts is None else ts, provider, model_id, float(usd)),
-            )
+            self._x(conn, _SPEND_INSERT, (time.time() if ts is None else ts, provider, model_id, float(usd)))
 
     def spend_by_provider(self, since: float, until: float | None = None) -> dict[str, float]:
         """Total USD per provider for entries with ``since <= ts < until``."""
@@ -441,6 +453,40 @@ class StoreBase:
         with self._read() as conn:
             rows = self._x(conn, query + " GROUP BY provider", args).fetchall()
         return {r["provider"]: float(r["usd"] or 0.0) for r in rows}
+
+    def compact_spend(self, before: float, *, limit: int | None = None) -> int:
+        """Roll up to ``limit`` (None: all) of the spend entries of the oldest UTC day with entries
+        before ``before`` into that day's totals, in one transaction: one entry per provider and
+        model at the day's midnight, so that every day's and month's sums (all the limits read)
+        stay what they were. Returns how many entries went; 0 when nothing is left to roll up."""
+        with self._tx() as conn:
+            row = self._x(conn, f"SELECT MIN(ts) AS t FROM spend WHERE ts < ? AND {_LOOSE_SPEND}", (before,))
+            first = row.fetchone()["t"]
+            if first is None:
+                return 0
+            day0 = float(int(first // DAY_S) * DAY_S)
+            day1 = min(day0 + DAY_S, before)
+            gone = self._take_spend(conn, day0, day1, _NO_LIMIT if limit is None else limit)
+            totals: dict[tuple[str, str], float] = {}
+            for r in gone:
+                key = (r["provider"], r["model_id"])
+                totals[key] = totals.get(key, 0.0) + float(r["usd"])
+            for (provider, model_id), usd in totals.items():
+                args = (usd, day0, provider, model_id)
+                if not self._x(conn, _ADD_TO_DAY, args).rowcount:
+                    self._x(conn, _SPEND_INSERT, (day0, provider, model_id, usd))
+            return len(gone)
+
+    def _take_spend(self, conn: Any, day0: float, day1: float, limit: int) -> list[dict[str, Any]]:
+        """Delete and return (provider, model, usd) the oldest ``limit`` entries strictly between
+        ``day0`` and ``day1``. Here a read and a delete of the same rows, in a transaction no other
+        writer enters (SQLite's); PostgreSQL's store deletes and returns them in one statement."""
+        args = (day0, day1, limit)
+        chosen = f"FROM spend WHERE id IN ({DAY_ENTRIES})"
+        taken = self._x(conn, f"SELECT provider, model_id, usd {chosen}", args)
+        rows: list[dict[str, Any]] = taken.fetchall()
+        self._x(conn, f"DELETE {chosen}", args)
+        return rows
 
     # --- helpers -------------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from ..config import redact_url
 from ..errors import ConfigError
+from .store_base import DAY_ENTRIES
 from .store_buffer import BufferedWrites, unreachable
 from .store_pg_sql import COPY_COLUMNS, insert_missing, merge_counters
 from .store_sql import dialect
@@ -355,6 +356,12 @@ class PgOutcomeStore(BufferedWrites):
             conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (new,))
         else:
             conn.execute("UPDATE schema_version SET version = %s", (new,))
+
+    def _take_spend(self, conn: Any, day0: float, day1: float, limit: int) -> list[dict[str, Any]]:
+        """One statement: a replica rolling up the same day meanwhile gets other rows, or none."""
+        sql = f"DELETE FROM spend WHERE id IN ({DAY_ENTRIES}) RETURNING provider, model_id, usd"
+        rows: list[dict[str, Any]] = self._x(conn, sql, (day0, day1, limit)).fetchall()
+        return rows
 
     def _many(self, conn: Any, sql: str, rows: list[dict[str, Any]]) -> int:
         if not rows:

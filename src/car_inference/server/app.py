@@ -37,18 +37,22 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("car_inference.server")
 
-# Traces older than ``[state] trace_retention_days`` are deleted at start and this often after.
+# Traces older than ``[state] trace_retention_days`` are deleted, and the spend ledger's past days
+# rolled up, at start and this often after.
 PRUNE_EVERY_S = 3600.0
 
 
-async def _prune_traces_periodically(engine: InferenceEngine, stop: threading.Event) -> None:
-    """``engine.prune_traces`` at start and every ``PRUNE_EVERY_S``, off the event loop (until
-    ``stop``): without it every request's trace stays in the state store for good."""
+async def _prune_periodically(engine: InferenceEngine, stop: threading.Event) -> None:
+    """``engine.prune_traces`` and ``engine.compact_spend`` at start and every ``PRUNE_EVERY_S``,
+    off the event loop (until ``stop``): without them every request's trace and every paid call's
+    spend entry stay in the state store for good."""
     while True:
-        try:
-            await asyncio.to_thread(engine.prune_traces, stop=stop)
-        except Exception as exc:  # the store away, say: the next round tries again
-            log.warning("deleting old traces failed: %s", exc)
+        jobs = (("deleting old traces", engine.prune_traces), ("rolling up spend", engine.compact_spend))
+        for what, job in jobs:
+            try:
+                await asyncio.to_thread(job, stop=stop)
+            except Exception as exc:  # the store away, say: the next round tries again
+                log.warning("%s failed: %s", what, exc)
         await asyncio.sleep(PRUNE_EVERY_S)
 
 
@@ -81,7 +85,7 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
         gc.collect()
         gc.freeze()
         stop_pruning = threading.Event()
-        pruning = asyncio.create_task(_prune_traces_periodically(engine, stop_pruning))
+        pruning = asyncio.create_task(_prune_periodically(engine, stop_pruning))
         try:
             yield
         finally:
