@@ -144,6 +144,23 @@ def test_prune_takes_the_oldest_traces_a_chunk_at_a_time(location: Location) -> 
         assert profile["total_calls"] == 5
 
 
+def test_recent_latencies_are_each_models_newest_successes_oldest_first(location: Location) -> None:
+    with contextlib.closing(_open(location)) as store:
+        for i, (model, ok, done) in enumerate(
+            [
+                ("p/a", True, 5.0),
+                ("p/a", True, 3.0),
+                ("p/a", False, 9.0),
+                ("p/a", True, 7.0),
+                ("p/b", True, 1.0),
+            ]
+        ):
+            store.record_trace(_row(f"t{i}", model), success=ok, latency_ms=10.0 * (i + 1), now=done)
+        store.start_trace(_row("pending", "p/c"))  # nothing finished: no window
+        assert store.recent_latencies(limit_per_model=2) == {"p/a": [10.0, 40.0], "p/b": [50.0]}
+        assert store.recent_latencies()["p/a"] == [20.0, 10.0, 40.0]
+
+
 def test_quick_retry_lookup_and_prune(location: Location) -> None:
     with contextlib.closing(_open(location)) as store:
         assert store.start_trace(_row("a", prompt_hash="h", started_at=100.0), retry_window_s=120) is None
