@@ -161,6 +161,16 @@ def test_recent_latencies_are_each_models_newest_successes_oldest_first(location
         assert store.recent_latencies()["p/a"] == [20.0, 10.0, 40.0]
 
 
+def test_task_stats_since_a_time_are_the_rows_written_from_then_on(location: Location) -> None:
+    with contextlib.closing(_open(location)) as store:
+        store.record_trace(_row("a", "p/a"), success=True, now=100.0)
+        store.record_trace(_row("b", "p/b", family="math"), success=True, now=200.0)
+        assert len(store.task_stats()) == len(store.task_stats(since=0.0)) > 0
+        recent = store.task_stats(since=150.0)
+        assert recent and {r["model_id"] for r in recent} == {"p/b", "*"}
+        assert all(r["updated_at"] == 200.0 for r in recent) and store.task_stats(since=201.0) == []
+
+
 def test_quick_retry_lookup_and_prune(location: Location) -> None:
     with contextlib.closing(_open(location)) as store:
         assert store.start_trace(_row("a", prompt_hash="h", started_at=100.0), retry_window_s=120) is None

@@ -35,6 +35,7 @@ from .estimate import (
 )
 from .priors import BenchmarkPrior
 from .profiles import ModelProfile, TaskStats, export_profile, export_stats, row_fields, sum_rows
+from .reload import StoreReader
 from .signals import ImplicitSignal, ImplicitSignalType
 from .store import (
     ALL,
@@ -116,6 +117,7 @@ class OutcomeTracker:
         # Called after each change written to the store: a fleet tells the other replicas, which
         # then call reload() (routing/coord.py).
         self.on_change: Callable[[], None] | None = None
+        self._reader = StoreReader(store, LATENCY_WINDOW) if store is not None else None
         if store is not None:
             self.reload()
 
@@ -565,25 +567,21 @@ class OutcomeTracker:
         for by_model in self._stats.values():
             by_model[ALL] = sum_rows(s for model_id, s in by_model.items() if model_id != ALL)
 
-    def reload(self) -> None:
-        """Re-read profiles, stats and recent latencies from the store (other processes' writes)."""
-        if self.store is None:
+    def reload(self, *, full: bool = False) -> None:
+        """Re-read what other processes wrote: profiles and the stats that changed (everything,
+        recent latencies included, when ``full``, the first time and now and then: ``reload.py``)."""
+        if self._reader is None:
             return
-        profiles = {r.pop("model_id"): ProfileRow(**r) for r in self.store.profiles()}
-        stats: dict[str, dict[str, StatsRow]] = {}
-        for r in self.store.task_stats():
-            model_id, key = r.pop("model_id"), r.pop("key")
-            stats.setdefault(key, {})[model_id] = StatsRow(**r)
-        latencies = {
-            m: deque(values, maxlen=LATENCY_WINDOW)
-            for m, values in self.store.recent_latencies(LATENCY_WINDOW).items()
-        }
+        got = self._reader.read(self._stats, full=full)
+        profiles = got.profiles
         with self._lock:
             for model_id, prior in self._priors.items():
                 if model_id not in profiles:
                     profiles[model_id] = ProfileRow(ema_quality=prior.overall_score)
-            p50 = {m: _median(w) for m, w in latencies.items() if len(w) >= MIN_LATENCY_SAMPLES}
-            self._profiles, self._stats, self._latencies, self._p50 = profiles, stats, latencies, p50
+            if got.latencies is not None:
+                self._latencies = got.latencies
+                self._p50 = {m: _median(w) for m, w in got.latencies.items() if len(w) >= MIN_LATENCY_SAMPLES}
+            self._profiles, self._stats = profiles, got.stats
             self._version += 1
             self._indexed = -1
 

@@ -412,9 +412,13 @@ class StoreBase:
         with self._read() as conn:
             return list(conn.execute("SELECT * FROM profiles ORDER BY model_id"))
 
-    def task_stats(self) -> list[dict[str, Any]]:
+    def task_stats(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Every ``task_stats`` row, or those updated at ``since`` or later (by the writer's clock)."""
         with self._read() as conn:
-            return list(conn.execute("SELECT * FROM task_stats ORDER BY model_id, key"))
+            if since is None:
+                return list(conn.execute("SELECT * FROM task_stats ORDER BY model_id, key"))
+            sql = "SELECT * FROM task_stats WHERE updated_at >= ? ORDER BY model_id, key"
+            return list(self._x(conn, sql, (since,)))
 
     def recent_latencies(self, limit_per_model: int = 256) -> dict[str, list[float]]:
         """The latest successful latencies per model, oldest first: for each model with a profile
