@@ -1,4 +1,4 @@
-"""What rolling the spend ledger up buys: the month's totals read before and after, and its cost.
+"""The spend ledger: what rolling it up buys, and what recording a paid call costs with limits set.
 
 Each paid call adds a spend entry; the spend limits read the day's and the month's totals per
 provider (at start, and when a new UTC day begins). ``compact_old_spend`` (run by ``car serve``
@@ -6,6 +6,9 @@ hourly and by ``car state prune``) rolls every past day's entries into one per d
 model. This loads ``--entries`` entries spread over the last ``--days`` days (10 models of two
 providers), reads the month's totals (min / median / max of ``--reads``), rolls the ledger up,
 reads again, and prints the ratio. The floor for the read is the same query on the rolled-up rows.
+Then it adds ``--today`` entries dated today and times ``SpendControl.record`` with a monthly
+limit set (``--calls`` calls, each writing its entry; the totals re-read at most every second),
+against the store's ``add_spend`` alone (the floor: the write every record makes).
 
     .venv/bin/python benchmarks/spend_ledger.py [--entries 3000000] [--days 30] \\
         [--postgres-admin-url postgresql://root@127.0.0.1:5432/postgres]   # (default: SQLite)
@@ -24,6 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
+from car_inference.config import SpendSettings
+from car_inference.routing.spend import SpendControl
 from car_inference.routing.store_api import compact_old_spend, open_store
 from car_inference.routing.store_base import DAY_S
 
@@ -51,6 +56,26 @@ def _reads(store: Any, since: float, times: int) -> list[float]:
     return out
 
 
+def _records(store: Any, calls: int) -> tuple[list[float], list[float], list[float]]:
+    """Milliseconds per ``SpendControl.record`` (limits set) and per bare ``add_spend``, alternating,
+    and per re-read of the totals (what a record pays once a second)."""
+    spend = SpendControl(SpendSettings(monthly_usd=1e9), store)
+    record, floor = [], []
+    reread = []
+    for _ in range(5):
+        start = time.perf_counter()
+        spend.reload()
+        reread.append((time.perf_counter() - start) * 1000)
+    for _ in range(calls):
+        start = time.perf_counter()
+        spend.record("openai", "openai/m0", 0.001)
+        record.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        store.add_spend("openai", "openai/m0", 0.001)
+        floor.append((time.perf_counter() - start) * 1000)
+    return record, floor, reread
+
+
 def _spread(values: list[float], fmt: str = "{:.2f}") -> str:
     return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
@@ -62,6 +87,8 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=3_000_000)
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--reads", type=int, default=5)
+    parser.add_argument("--today", type=int, default=100_000, help="entries dated today")
+    parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--postgres-admin-url", help="measure PostgreSQL (a new database) instead of SQLite")
     args = parser.parse_args()
 
@@ -85,6 +112,14 @@ def main() -> None:
             rolled = compact_old_spend(store, now=now)
             took = time.perf_counter() - start
             after = _reads(store, month0, args.reads)
+            today = now // DAY_S * DAY_S
+            step = (now - today) / args.today
+            _load(
+                store,
+                [(today + i * step, *models[i % len(models)], 0.001) for i in range(args.today)],
+                url is not None,
+            )
+            record, floor, reread = _records(store, args.calls)
             if url is not None:  # the deleted rows' space, as autovacuum would give it back
                 with psycopg.connect(url, autocommit=True) as conn:
                     conn.execute("VACUUM spend")
@@ -102,6 +137,11 @@ def main() -> None:
         after = vacuumed
     print(f"  before / after (median): {statistics.median(before) / statistics.median(after):,.0f}x")
     print(f"  rolled up {rolled:,} entries in {took:.1f} s ({took / max(rolled, 1) * 1e6:.1f} µs each)")
+    print(f"  with {args.today:,} entries today, ms per paid call (min / median / max of {args.calls}):")
+    print(f"    SpendControl.record, monthly limit set: {_spread(record, '{:.3f}')}")
+    print(f"    add_spend alone (floor):                {_spread(floor, '{:.3f}')}")
+    print(f"    record / floor (median): {statistics.median(record) / statistics.median(floor):.2f}x")
+    print(f"    the totals' re-read (at most once a second; every record paid it before): {_spread(reread)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 
 from car_inference.config import SpendLimit, SpendSettings
 from car_inference.errors import SpendLimitExceeded
-from car_inference.routing.spend import SpendControl
+from car_inference.routing.spend import EARLIER_DAYS_S, REFRESH_S, SpendControl
 from car_inference.routing.store import OutcomeStore
 
 from .helpers import FakeClock
@@ -74,13 +74,37 @@ def test_spend_persists_and_is_shared_through_the_store(tmp_path: Path) -> None:
     first = SpendControl(settings, OutcomeStore(tmp_path / "state.db"), clock)
     second = SpendControl(settings, OutcomeStore(tmp_path / "state.db"), clock)
     first.record("openai", "openai/x", 0.6)
-    second.record("anthropic", "anthropic/y", 0.3)  # re-reads: sees the other process's 0.6
+    second.record("anthropic", "anthropic/y", 0.05)  # within REFRESH_S of its last read: no re-read
+    assert not second.would_exceed("openai", 0.2)
+    clock.advance(REFRESH_S)
+    second.record("anthropic", "anthropic/y", 0.25)  # re-reads: sees the other process's 0.6
     assert second.would_exceed("openai", 0.2)
     assert not first.would_exceed("openai", 0.2)  # not yet reloaded
     first.reload()
     assert first.would_exceed("openai", 0.2)
     restarted = SpendControl(settings, OutcomeStore(tmp_path / "state.db"), clock)
     assert restarted.status().by_provider_today == {"openai": 0.6, "anthropic": 0.3}
+
+
+def test_the_months_earlier_days_are_re_read_less_often_than_today(tmp_path: Path) -> None:
+    """The month = today (re-read every REFRESH_S) + the earlier days (every EARLIER_DAYS_S): a
+    late entry for an earlier day counts within that; ``reload`` reads both at once."""
+    clock = at(2025, 5, 5, 8, 0)
+    store = OutcomeStore(tmp_path / "state.db")
+    store.add_spend("openai", "openai/x", 0.4, ts=clock() - 3 * 86_400)
+    spend = SpendControl(SpendSettings(monthly_usd=1.0), store, clock)
+    assert spend.status().by_provider_month == {"openai": pytest.approx(0.4)}
+    store.add_spend("openai", "openai/x", 0.3, ts=clock() - 2 * 86_400)  # a replayed buffer, say
+    store.add_spend("openai", "openai/x", 0.1, ts=clock())  # another process, today
+    clock.advance(REFRESH_S)
+    spend.record("openai", "openai/x", 0.05)
+    assert spend.headroom("openai") == pytest.approx(1.0 - 0.4 - 0.1 - 0.05)  # today's, not the late one
+    clock.advance(EARLIER_DAYS_S)
+    spend.record("openai", "openai/x", 0.05)
+    assert spend.headroom("openai") == pytest.approx(1.0 - 0.4 - 0.3 - 0.1 - 0.1)
+    store.add_spend("openai", "openai/x", 0.02, ts=clock() - 86_400)
+    spend.reload()
+    assert spend.headroom("openai") == pytest.approx(1.0 - 0.4 - 0.3 - 0.1 - 0.1 - 0.02)
 
 
 def test_headroom_is_the_tightest_remaining_limit() -> None:
