@@ -3,9 +3,10 @@
 A busy fleet reloads the learned state up to four times a second on each replica (``coord.py``).
 Reading every ``task_stats`` row and every model's latency window each time cost a median 63 ms
 per reload (42 ms of the thread's CPU, holding the GIL the server's event loop needs) with 50
-models, 5,500 rows and 200,000 traces on PostgreSQL; reading the changes, 7 ms when 50 rows change
-between reloads 250 ms apart and 24 ms when 300 random ones do (so that most rows fall within the
-slack), by ``benchmarks/state_reload.py [--changed N]``. So a reload reads everything
+models, 5,500 rows and 200,000 traces on PostgreSQL; reading the changes, 4 ms when 50 rows change
+between reloads 250 ms apart and 15-18 ms when 300 random ones do (so that most rows fall within
+the slack; 21-24 ms with a 5 s slack), by ``benchmarks/state_reload.py [--changed N]``. So a
+reload reads everything
 on its first call and then at most every ``FULL_EVERY_S``; in between it reads the profiles (a row
 per model) and the ``task_stats`` rows updated since the newest one it has seen, less
 ``SLACK_S``, and keeps its latency windows (this replica's own calls keep feeding them; the
@@ -13,8 +14,11 @@ others' arrive with the next full read).
 
 ``updated_at`` is the writing replica's clock when it wrote: a write that committed more than
 ``SLACK_S`` after that time, or one from a clock running that far behind, is missed by the reads
-in between and picked up by the next full one. A clock running ahead cannot hold the reads back:
-the newest time seen is capped at this replica's own clock.
+in between and picked up by the next full one. The writer thread takes that time when it writes a
+record, not when the answer was given, and commits at the end of its batch, well within the
+slack; records replayed after a database outage keep their old time and come with a full read. A
+clock running ahead cannot hold the reads back: the newest time seen is capped at this replica's
+own clock.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .store_api import StateStore
 __all__ = ["FULL_EVERY_S", "SLACK_S", "Snapshot", "StoreReader"]
 
 FULL_EVERY_S = 30.0
-SLACK_S = 5.0
+SLACK_S = 2.0
 
 
 @dataclass(slots=True)

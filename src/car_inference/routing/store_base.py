@@ -413,12 +413,15 @@ class StoreBase:
             return list(conn.execute("SELECT * FROM profiles ORDER BY model_id"))
 
     def task_stats(self, since: float | None = None) -> list[dict[str, Any]]:
-        """Every ``task_stats`` row, or those updated at ``since`` or later (by the writer's clock)."""
+        """Every ``task_stats`` row (by model and key), or those updated at ``since`` or later by
+        the writer's clock, in no order (a reload's read: fetched at once, unsorted)."""
         with self._read() as conn:
             if since is None:
-                return list(conn.execute("SELECT * FROM task_stats ORDER BY model_id, key"))
-            sql = "SELECT * FROM task_stats WHERE updated_at >= ? ORDER BY model_id, key"
-            return list(self._x(conn, sql, (since,)))
+                return list(conn.execute("SELECT * FROM task_stats ORDER BY model_id, key").fetchall())
+            rows: list[dict[str, Any]] = self._x(
+                conn, "SELECT * FROM task_stats WHERE updated_at >= ?", (since,)
+            ).fetchall()
+            return rows
 
     def recent_latencies(self, limit_per_model: int = 256) -> dict[str, list[float]]:
         """The latest successful latencies per model, oldest first: for each model with a profile
