@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import pytest
 
 from car_inference.routing.estimate import (
@@ -146,3 +149,10 @@ def test_the_shift_moves_only_the_levels_above_a_detached_template() -> None:
     # no effect on nested levels (an untemplated request has no template to shift toward)
     nested = belief(0.5, 0.02, [family, cluster], 0.25)
     assert belief(0.5, 0.02, [family, cluster], 0.25, shift=-0.4) == nested
+
+
+def test_with_decayed_is_a_copy_with_only_the_decayed_record_changed() -> None:
+    values: dict[str, Any] = {f.name: float(i + 1) for i, f in enumerate(dataclasses.fields(StatsRow))}
+    row = StatsRow(**values)
+    assert row.with_decayed(40.0, 30.0) == dataclasses.replace(row, decayed_n=40.0, decayed_sum=30.0)
+    assert row.decayed_n != 40.0, "the row itself is unchanged"

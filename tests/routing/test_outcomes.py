@@ -241,3 +241,29 @@ def test_reload_sees_another_process_writes(tmp_path: Path) -> None:
     ours.record_feedback(trace, 0.0)
     theirs.reload()
     assert theirs.task_stats("p/a", "code").quality_sum == pytest.approx(5.0)  # type: ignore[union-attr]
+
+
+def _cluster_run(tracker: OutcomeTracker, model: str, family: str, cluster: str) -> None:
+    trace = tracker.record_start(model, family=family, cluster=cluster)
+    tracker.record_complete(trace, 100.0)
+
+
+def test_a_familys_view_is_rebuilt_when_its_stats_change_and_only_then(tracker: OutcomeTracker) -> None:
+    """The family level is cached per family: an outcome elsewhere keeps it, one in the family, a
+    template's outcome aside, an import and a reload rebuild it."""
+    for cluster in ("latin-mc", "latin-short"):
+        _cluster_run(tracker, "p/a", "reasoning", cluster)
+    view = tracker.views("reasoning", "latin-mc")[1][0]
+    _cluster_run(tracker, "p/b", "code", "latin-short")
+    _cluster_run(tracker, "p/b", "reasoning", "latin-mc/pabc")  # a template: counted in no family's view
+    assert tracker.views("reasoning", "latin-mc")[1][0] is view
+    _cluster_run(tracker, "p/b", "reasoning", "latin-short")
+    view = tracker.views("reasoning", "latin-mc")[1][0]
+    assert "p/b" in view
+    imported = ModelProfile.model_validate(
+        {"model_id": "p/c", "total_calls": 4, "success_count": 4, "ema_quality": 0.9,
+         "task_stats": {"reasoning": {"calls": 4, "success_count": 4, "quality_sum": 4.0,
+                                      "decayed_sum": 4.0, "decayed_n": 4.0, "ema_quality": 1.0}}}
+    )  # fmt: skip
+    tracker.import_profiles([imported])
+    assert "p/c" in tracker.views("reasoning", "latin-mc")[1][0], "an import is seen at once"

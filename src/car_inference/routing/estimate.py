@@ -53,7 +53,7 @@ prefix unchanged.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 ALL = "*"  # the model id of baseline rows (store.ALL)
 
@@ -103,6 +103,14 @@ class StatsRow:
     ema_quality: float = 0.0
     updated_at: float = 0.0
     total_output_tokens: int = 0
+
+    def with_decayed(self, decayed_n: float, decayed_sum: float) -> StatsRow:
+        """A copy with another decayed record (``dataclasses.replace`` took 6 µs of a family
+        level's ~10 per model, rebuilt after most outcomes: its fields spelt out here)."""
+        return StatsRow(
+            self.calls, self.success_count, self.fail_count, self.total_latency_ms, self.quality_sum,
+            decayed_sum, decayed_n, self.ema_quality, self.updated_at, self.total_output_tokens,
+        )  # fmt: skip
 
 
 _NOISE_MIN, _NOISE_MAX = 0.04, 0.25
@@ -198,7 +206,7 @@ def family_level(
         w = weight.get(model_id)
         seen = base + lead[model_id] / w if w else base
         seen = 0.0 if seen < 0.0 else 1.0 if seen > 1.0 else seen
-        out[model_id] = replace(row, decayed_n=n, decayed_sum=n * seen)
+        out[model_id] = row.with_decayed(n, n * seen)
     return out
 
 

@@ -110,8 +110,9 @@ class OutcomeTracker:
         self._traces: OrderedDict[str, _Trace] = OrderedDict()  # only without a store
         self._recent_prompts: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self.priors_version = 0  # bumped when benchmark priors change, for the router's caches
-        self._version = 0  # bumped by every change to the stats: the family levels' cache key
-        self._family_views: dict[str, tuple[int, dict[str, StatsRow]]] = {}
+        self._version = 0  # bumped when the stats are replaced (reload, import): every family's view
+        self._family_gen: dict[str, int] = {}  # bumped by a change under a family: its view only
+        self._family_views: dict[str, tuple[tuple[int, int], dict[str, StatsRow]]] = {}
         self._siblings: dict[str, list[str]] = {}  # family -> its family|cluster keys
         self._indexed = -1  # len(self._stats) when _siblings was built
         # Called after each change written to the store: a fleet tells the other replicas, which
@@ -340,7 +341,8 @@ class OutcomeTracker:
             s.decayed_n = s.decayed_n * QUALITY_DECAY + 1.0
             s.total_output_tokens += output_tokens
             s.updated_at = now
-        self._version += 1
+        if not is_templated(cluster):  # a template's rows are in no family's view
+            self._family_gen[family] = self._family_gen.get(family, 0) + 1
         if success and latency_ms is not None:
             window = self._latencies.get(model_id)
             if window is None:
@@ -399,7 +401,8 @@ class OutcomeTracker:
                     s.quality_sum += delta
                     s.decayed_sum += delta
                     s.ema_quality = min(1.0, max(0.0, s.ema_quality + EMA_ALPHA * delta))
-            self._version += 1
+            if not family.startswith("template|"):
+                self._family_gen[family] = self._family_gen.get(family, 0) + 1
         if self.on_change is not None:
             self.on_change()
 
@@ -469,11 +472,13 @@ class OutcomeTracker:
 
     def _family_view(self, family: str, key: str) -> dict[str, StatsRow]:
         """The family level of requests counted under ``key`` (``estimate.family_level``), kept
-        until the stats change."""
+        until the family's stats change: an outcome in another family keeps it (under load nearly
+        every decision followed some outcome, and rebuilding doubled a decision's p50)."""
+        version = (self._version, self._family_gen.get(family, 0))
         cached = self._family_views.get(key)
-        if cached is not None and cached[0] == self._version:
+        if cached is not None and cached[0] == version:
             return cached[1]
-        version, stats = self._version, self._stats
+        stats = self._stats
         empty: dict[str, StatsRow] = {}
         if self._indexed != len(stats):
             siblings: dict[str, list[str]] = {}
@@ -535,6 +540,7 @@ class OutcomeTracker:
                 for key, ts in mp.task_stats.items():
                     self._stats.setdefault(key, {})[mp.model_id] = StatsRow(**ts.model_dump())
             self._rebuild_baselines()
+            self._version += 1  # every family's view is stale
             model_rows = []
             for mp in parsed:
                 families = [(k, self._stats[k][mp.model_id]) for k in mp.task_stats if "|" not in k]
