@@ -21,9 +21,9 @@ class Clock:
         return self.now
 
 
-def _write(tracker: OutcomeTracker, model: str, *, latency: float = 50.0) -> None:
+def _write(tracker: OutcomeTracker, model: str) -> None:
     trace = tracker.record_start(model, family="code")
-    tracker.record_complete(trace, latency)
+    tracker.record_complete(trace, 50.0)
 
 
 def _set_updated_at(db: Path, model: str, calls: int, updated_at: float) -> None:
@@ -74,16 +74,3 @@ def test_a_clock_running_ahead_does_not_hide_later_changes(tmp_path: Path) -> No
     _write(writer, "p/b")
     clock.now += 1
     assert reader.read(first.stats).stats["code"]["p/b"].calls == 2
-
-
-def test_the_trackers_reload_between_full_reads_sees_new_counts(tmp_path: Path) -> None:
-    db = tmp_path / "state.db"
-    ours = OutcomeTracker(OutcomeStore(db), RoutingSettings())
-    theirs = OutcomeTracker(OutcomeStore(db), RoutingSettings())
-    for _ in range(3):
-        _write(theirs, "p/a", latency=80.0)
-    ours.reload()
-    assert ours.observations("p/a", "code") == 3
-    assert ours.latency_p50("p/a") is None  # other processes' latencies: with the next full read
-    ours.reload(full=True)
-    assert ours.latency_p50("p/a") == 80.0

@@ -63,20 +63,19 @@ class StoreReader:
         self.store = store
         self.window = window
         self._clock, self._wall = clock, wall
-        self._full_at: float | None = None
-        self._seen: float | None = None  # the newest updated_at read, capped at our clock
+        self._full_at: float | None = None  # None: nothing read yet
+        self._seen = 0.0  # the newest updated_at read, capped at our clock
 
     def read(self, current: dict[str, dict[str, StatsRow]], *, full: bool = False) -> Snapshot:
         """The store's state, merged over ``current`` (which is not changed) when only the changes
         are read; everything when ``full``, the first time, or ``FULL_EVERY_S`` after the last."""
         now = self._clock()
-        whole = full or self._seen is None or self._full_at is None or now - self._full_at >= FULL_EVERY_S
+        whole = full or self._full_at is None or now - self._full_at >= FULL_EVERY_S
         profiles = {r.pop("model_id"): ProfileRow(**r) for r in self.store.profiles()}
-        since = None if whole or self._seen is None else self._seen - SLACK_S
-        rows = self.store.task_stats(since)
+        rows = self.store.task_stats(None if whole else self._seen - SLACK_S)
         stats: dict[str, dict[str, StatsRow]] = {} if whole else dict(current)
         fresh: set[str] = set()  # keys whose inner dict is already a copy
-        newest = self._seen if not whole and self._seen is not None else 0.0
+        newest = 0.0 if whole else self._seen
         for r in rows:
             model_id, key = r.pop("model_id"), r.pop("key")
             if key not in fresh:

@@ -63,8 +63,8 @@ DAY_S = 86_400  # a UTC day in Unix time (which has no leap seconds)
 # Spend entries that are not a day's roll-up (at midnight UTC, ``compact_spend``): the product is
 # a multiple of a day whether the cast truncates (SQLite) or rounds (PostgreSQL).
 _LOOSE_SPEND = "ts <> CAST(ts / 86400 AS BIGINT) * 86400"
-# Up to a limit of a day's entries between its midnight and an end, oldest first.
 _NO_LIMIT = 2**62
+# Up to a limit of a day's entries between its midnight and an end, oldest first.
 DAY_ENTRIES = "SELECT id FROM spend WHERE ts > ? AND ts < ? ORDER BY ts, id LIMIT ?"
 
 
@@ -417,7 +417,7 @@ class StoreBase:
         the writer's clock, in no order (a reload's read: fetched at once, unsorted)."""
         with self._read() as conn:
             if since is None:
-                return list(conn.execute("SELECT * FROM task_stats ORDER BY model_id, key").fetchall())
+                return conn.execute("SELECT * FROM task_stats ORDER BY model_id, key").fetchall()
             rows: list[dict[str, Any]] = self._x(
                 conn, "SELECT * FROM task_stats WHERE updated_at >= ?", (since,)
             ).fetchall()
