@@ -56,10 +56,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 ALL = "*"  # the model id of baseline rows (store.ALL)
+EMA_ALPHA = 0.1
+# Per-observation decay of the quality sums the router reads: an effective memory of about
+# 1 / (1 - 0.999) = 1,000 observations per (model, family), so a model that changes is noticed.
+QUALITY_DECAY = 0.999
 
 __all__ = [
     "BETWEEN_FAMILIES",
     "DRIFT_VAR",
+    "EMA_ALPHA",
+    "QUALITY_DECAY",
     "TEMPLATE_SHIFT_MIN_AROUND",
     "TEMPLATE_SHIFT_PSEUDO_CALLS",
     "ProfileRow",
@@ -88,6 +94,27 @@ class ProfileRow:
     ema_quality: float = 0.5
     updated_at: float = 0.0
 
+    def add(
+        self, quality: float, success: bool, latency_ms: float | None, in_tok: int, out_tok: int, now: float
+    ) -> None:
+        """Count one outcome (the arithmetic of the store's profile upsert)."""
+        self.ema_quality = (
+            quality if self.total_calls == 0 else _ema(self.ema_quality, quality - self.ema_quality)
+        )
+        self.total_calls += 1
+        self.success_count += success
+        self.fail_count += not success
+        self.total_latency_ms += latency_ms or 0.0
+        self.total_input_tokens += in_tok
+        self.total_output_tokens += out_tok
+        self.quality_sum += quality
+        self.updated_at = now
+
+    def shift(self, delta: float) -> None:
+        """An outcome counted before re-scored by ``delta`` (feedback, a signal)."""
+        self.quality_sum += delta
+        self.ema_quality = min(1.0, max(0.0, _ema(self.ema_quality, delta)))
+
 
 @dataclass(slots=True)
 class StatsRow:
@@ -104,6 +131,25 @@ class StatsRow:
     updated_at: float = 0.0
     total_output_tokens: int = 0
 
+    def add(self, quality: float, success: bool, latency_ms: float | None, out_tok: int, now: float) -> None:
+        """Count one outcome (the arithmetic of the store's task_stats upsert)."""
+        self.ema_quality = quality if self.calls == 0 else _ema(self.ema_quality, quality - self.ema_quality)
+        self.calls += 1
+        self.success_count += success
+        self.fail_count += not success
+        self.total_latency_ms += latency_ms or 0.0
+        self.quality_sum += quality
+        self.decayed_sum = self.decayed_sum * QUALITY_DECAY + quality
+        self.decayed_n = self.decayed_n * QUALITY_DECAY + 1.0
+        self.total_output_tokens += out_tok
+        self.updated_at = now
+
+    def shift(self, delta: float) -> None:
+        """An outcome counted before re-scored by ``delta`` (feedback, a signal)."""
+        self.quality_sum += delta
+        self.decayed_sum += delta
+        self.ema_quality = min(1.0, max(0.0, _ema(self.ema_quality, delta)))
+
     def with_decayed(self, decayed_n: float, decayed_sum: float) -> StatsRow:
         """A copy with another decayed record (``dataclasses.replace`` took 6 µs of a family
         level's ~10 per model, rebuilt after most outcomes: its fields spelt out here)."""
@@ -111,6 +157,10 @@ class StatsRow:
             self.calls, self.success_count, self.fail_count, self.total_latency_ms, self.quality_sum,
             decayed_sum, decayed_n, self.ema_quality, self.updated_at, self.total_output_tokens,
         )  # fmt: skip
+
+
+def _ema(ema: float, step: float) -> float:
+    return ema + EMA_ALPHA * step
 
 
 _NOISE_MIN, _NOISE_MAX = 0.04, 0.25

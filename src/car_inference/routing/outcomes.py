@@ -39,8 +39,6 @@ from .reload import StoreReader
 from .signals import ImplicitSignal, ImplicitSignalType
 from .store import (
     ALL,
-    EMA_ALPHA,
-    QUALITY_DECAY,
     TraceRow,
     baseline_rows,
     is_templated,
@@ -311,17 +309,7 @@ class OutcomeTracker:
         p = self._profiles.get(model_id)
         if p is None:
             p = self._profiles[model_id] = ProfileRow()
-        p.ema_quality = (
-            quality if p.total_calls == 0 else p.ema_quality + EMA_ALPHA * (quality - p.ema_quality)
-        )
-        p.total_calls += 1
-        p.success_count += success
-        p.fail_count += not success
-        p.total_latency_ms += latency_ms or 0.0
-        p.total_input_tokens += input_tokens
-        p.total_output_tokens += output_tokens
-        p.quality_sum += quality
-        p.updated_at = now
+        p.add(quality, success, latency_ms, input_tokens, output_tokens, now)
         rows = [(model_id, key) for key in stat_keys(family, cluster)]
         rows += list(baseline_rows(family, cluster))
         for row_model, key in rows:
@@ -331,16 +319,7 @@ class OutcomeTracker:
             s = by_model.get(row_model)
             if s is None:
                 s = by_model[row_model] = StatsRow()
-            s.ema_quality = quality if s.calls == 0 else s.ema_quality + EMA_ALPHA * (quality - s.ema_quality)
-            s.calls += 1
-            s.success_count += success
-            s.fail_count += not success
-            s.total_latency_ms += latency_ms or 0.0
-            s.quality_sum += quality
-            s.decayed_sum = s.decayed_sum * QUALITY_DECAY + quality
-            s.decayed_n = s.decayed_n * QUALITY_DECAY + 1.0
-            s.total_output_tokens += output_tokens
-            s.updated_at = now
+            s.add(quality, success, latency_ms, output_tokens, now)
         if not is_templated(cluster):  # a template's rows are in no family's view
             self._family_gen[family] = self._family_gen.get(family, 0) + 1
         if success and latency_ms is not None:
@@ -390,17 +369,14 @@ class OutcomeTracker:
         with self._lock:
             p = self._profiles.get(model_id)
             if p is not None:
-                p.quality_sum += delta
-                p.ema_quality = min(1.0, max(0.0, p.ema_quality + EMA_ALPHA * delta))
+                p.shift(delta)
             family, cluster = keys[0], keys[-1].split("|", 1)[1] if len(keys) > 1 else None
             rows = [(model_id, key) for key in keys]
             rows += list(baseline_rows(family, cluster))
             for row_model, key in rows:
                 s = self._stats.get(key, {}).get(row_model)
                 if s is not None:
-                    s.quality_sum += delta
-                    s.decayed_sum += delta
-                    s.ema_quality = min(1.0, max(0.0, s.ema_quality + EMA_ALPHA * delta))
+                    s.shift(delta)
             if not family.startswith("template|"):
                 self._family_gen[family] = self._family_gen.get(family, 0) + 1
         if self.on_change is not None:

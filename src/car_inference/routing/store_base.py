@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from .estimate import ALL
+from .estimate import ALL, EMA_ALPHA, QUALITY_DECAY
 from .store_sql import SCHEMA_VERSION, Dialect
 
 __all__ = [
@@ -38,10 +38,6 @@ __all__ = [
     "trace_quality",
 ]
 
-EMA_ALPHA = 0.1
-# Per-observation decay of the quality sums the router reads: an effective memory of about
-# 1 / (1 - 0.999) = 1,000 observations per (model, family), so a model that changes is noticed.
-QUALITY_DECAY = 0.999
 
 _INSERT_TRACE = (
     "INSERT INTO traces (trace_id, model_id, task, family, cluster, reason, prompt_hash, started_at,"
