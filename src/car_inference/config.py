@@ -261,6 +261,12 @@ class StateSettings(_Section):
         description="traces (and their feedback) older than this are deleted, hourly by `car serve` or by"
         " `car state prune`; the learned counters and the spend ledger stay; 0: keep every trace",
     )
+    template_retention_days: float = Field(
+        default=90.0,
+        ge=0,
+        description="the learned rows of a template (a prompt prefix many requests share) not seen for this"
+        " long are deleted, hourly by `car serve` or by `car state prune`; 0: keep every template",
+    )
 
 
 class CoordinationSettings(_Section):

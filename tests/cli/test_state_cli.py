@@ -126,19 +126,27 @@ def test_prune_deletes_traces_older_than_the_retention(isolated_home: Path) -> N
         for i, age_days in enumerate((40, 31, 2)):
             row = TraceRow(f"t{i}", "p/a", "generate", "code", None, "r", None, now - age_days * 86_400)
             store.record_trace(row, success=True, latency_ms=1.0)
+        for i, age_days in enumerate((100, 95, 5)):  # three templates, two dormant for 90 days
+            row = TraceRow(f"x{i}", "p/a", "generate", "code", f"coarse/p{i}", "r", None, now)
+            store.record_trace(row, success=True, latency_ms=1.0, now=now - age_days * 86_400)
         yesterday = (now // 86_400 - 1) * 86_400
         for ts in (yesterday + 100, yesterday + 200, now):
             store.add_spend("openai", "openai/a", 0.5, ts=ts)
     code, out, err = car("state", "prune", "--json")  # the default retention: 30 days
     assert code == 0, err
-    assert json.loads(out) == {"deleted": 2, "older_than_days": 30.0, "spend_entries_rolled_up": 2}
-    code, out, _ = car("state", "prune", "--older-than-days", "1")
+    assert json.loads(out) == {
+        "deleted": 2, "older_than_days": 30.0, "templates_forgotten": 2, "templates_older_than_days": 90.0,
+        "spend_entries_rolled_up": 2,
+    }  # fmt: skip
+    code, out, _ = car("state", "prune", "--older-than-days", "1", "--templates-older-than-days", "1")
     assert code == 0 and "deleted 1 traces older than 1 days" in out
+    assert "forgot 1 templates not seen for 1 days" in out
     assert "rolled 0 spend entries up into daily totals" in out
-    code, out, _ = car("state", "prune", "--older-than-days", "0")
-    assert code == 0 and "kept every trace" in out
+    code, out, _ = car("state", "prune", "--older-than-days", "0", "--templates-older-than-days", "0")
+    assert code == 0 and "kept every trace" in out and "kept every template" in out
     code, _, err = car("state", "prune", "--older-than-days", "-1")
     assert code == 2 and "--older-than-days" in err
     with OutcomeStore(isolated_home / "state.db") as store:
-        assert [p["total_calls"] for p in store.profiles()] == [3], "the learned counters stay"
+        assert [p["total_calls"] for p in store.profiles()] == [6], "the learned counters stay"
+        assert {r["key"] for r in store.task_stats()} == {"code"}, "and the rows under no template"
         assert store.spend_by_provider(0.0) == {"openai": 1.5}

@@ -110,6 +110,26 @@ def test_old_traces_are_pruned_by_the_retention_a_chunk_at_a_time(remote_engine:
     assert engine.prune_traces(older_than_days=0) == 0 and engine.store.trace("new") is not None
 
 
+def test_dormant_templates_are_forgotten_in_the_store_and_the_router(remote_engine: RemoteEngine) -> None:
+    """``engine.forget_templates``: a template not seen for ``template_retention_days`` leaves the
+    store and this process's router; one seen since stays in both, and so do the family's rows."""
+    engine = remote_engine(TWO, config="[state]\ntemplate_retention_days = 7\n")
+    old, now = time.time() - 8 * 86_400, time.time()
+    for i, (cluster, at) in enumerate((("coarse/pold", old), ("coarse/pnew", now), (None, old))):
+        row = TraceRow(f"t{i}", "acme/alpha", "generate", "chat", cluster, "t", None, at)
+        engine.store.record_trace(row, success=True, latency_ms=5.0, now=at)
+    engine.tracker.reload(full=True)
+    _, levels, _ = engine.tracker.views("chat", "coarse/pold")
+    assert "acme/alpha" in levels[-1], "the template's row, before"
+    assert engine.forget_templates() == 1
+    assert {r["key"] for r in engine.store.task_stats()} == {"chat", "template|pnew"}
+    _, levels, _ = engine.tracker.views("chat", "coarse/pold")
+    assert levels[-1] == {}, "and in the router"
+    _, levels, _ = engine.tracker.views("chat", "coarse/pnew")
+    assert "acme/alpha" in levels[-1]
+    assert engine.forget_templates() == 0 and engine.forget_templates(older_than_days=0) == 0
+
+
 def test_the_spend_ledger_of_past_days_is_rolled_up(remote_engine: RemoteEngine) -> None:
     """``engine.compact_spend``: yesterday's entries (more than one chunk) become one per
     provider and model; today's stay as they are, the totals the limits read as before."""

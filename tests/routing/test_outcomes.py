@@ -248,6 +248,26 @@ def _cluster_run(tracker: OutcomeTracker, model: str, family: str, cluster: str)
     tracker.record_complete(trace, 100.0)
 
 
+def test_forget_drops_templates_not_updated_since_and_keeps_the_rest(
+    tracker: OutcomeTracker, clock: FakeClock
+) -> None:
+    """The mirror's side of ``forget_templates``: a key whose rows are all older than the cutoff
+    goes; one updated since (here, counted in memory after the store's delete) stays."""
+    _cluster_run(tracker, "p/a", "code", "latin-short/pold")
+    _cluster_run(tracker, "p/a", "code", "latin-short/pback")
+    _cluster_run(tracker, "p/a", "code", "latin-short")
+    clock.advance(100.0)
+    _cluster_run(tracker, "p/b", "code", "latin-short/pback")  # came back
+    tracker.views("code", "latin-short")  # the family view and its sibling index, built
+    tracker.forget(["template|pold", "template|pback", "template|pnone"], older_than=clock() - 50.0)
+    assert tracker.views("code", "latin-short/pold")[1][-1] == {}
+    assert set(tracker.views("code", "latin-short/pback")[1][-1]) == {"p/a", "p/b", "*"}
+    assert tracker.task_stats("p/a", "code") is not None
+    _cluster_run(tracker, "p/b", "code", "latin-mc")  # a new cluster, as many keys as before
+    family_level = tracker.views("code", "latin-short")[1][0]
+    assert family_level["p/b"].decayed_n == pytest.approx(1.0), "the family level counts its outcome"
+
+
 def test_a_familys_view_is_rebuilt_when_its_stats_change_and_only_then(tracker: OutcomeTracker) -> None:
     """The family level is cached per family: an outcome elsewhere keeps it, one in the family, a
     template's outcome aside, an import and a reload rebuild it."""

@@ -144,6 +144,33 @@ def test_prune_takes_the_oldest_traces_a_chunk_at_a_time(location: Location) -> 
         assert profile["total_calls"] == 5
 
 
+def test_forget_templates_deletes_dormant_templates_whole_oldest_first(location: Location) -> None:
+    """A template goes when none of its rows (any model's, the baseline's) was updated since the
+    cutoff; the rows under the family rules' keys are never touched."""
+    with contextlib.closing(_open(location)) as store:
+        for i, (model, cluster, now) in enumerate(
+            [
+                ("p/a", "coarse/pold", 100.0), ("p/b", "coarse/pold", 110.0),  # dormant
+                ("p/a", "coarse/pmid", 120.0),  # dormant, newer
+                ("p/a", "coarse/plive", 50.0), ("p/b", "coarse/plive", 300.0),  # one row recent
+                ("p/a", "latin-short", 10.0),  # the family rules' keys
+            ]
+        ):  # fmt: skip
+            row = TraceRow(f"t{i}", model, "generate", "code", cluster, "test", None, 1.0)
+            store.record_trace(row, success=True, now=now)
+        keys = {r["key"] for r in store.task_stats()}
+        assert store.forget_templates(200.0, limit=1) == ["template|pold"]
+        assert store.forget_templates(200.0) == ["template|pmid"]
+        assert store.forget_templates(200.0) == []
+        assert {r["key"] for r in store.task_stats()} == keys - {"template|pold", "template|pmid"}
+        live = [r for r in store.task_stats() if r["key"] == "template|plive"]
+        assert {r["model_id"] for r in live} == {"p/a", "p/b", "*"}
+        assert store.forget_templates(400.0) == ["template|plive"]
+        assert {r["key"] for r in store.task_stats()} == {"code", "code|latin-short"}
+        (profile_a, _profile_b) = store.profiles()
+        assert profile_a["total_calls"] == 4, "a model's totals stay"
+
+
 def test_recent_latencies_are_each_models_newest_successes_oldest_first(location: Location) -> None:
     with contextlib.closing(_open(location)) as store:
         for i, (model, ok, done) in enumerate(

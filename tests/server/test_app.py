@@ -98,16 +98,18 @@ def test_an_error_escaping_a_route_is_still_an_openai_500(server_engine: Inferen
 
 
 def test_the_server_deletes_traces_older_than_the_retention(tmp_path: Path) -> None:
-    """`car serve` prunes at start (and hourly): an old trace goes, a recent one stays; the
-    spend ledger's past days are rolled up, today's entries stay as they are."""
+    """`car serve` prunes at start (and hourly): an old trace goes, a recent one stays; so does a
+    template unseen for its retention; the spend ledger's past days are rolled up, today's entries
+    stay as they are."""
     home = tmp_path / "home"
     home.mkdir()
-    (home / "config.toml").write_text("[state]\ntrace_retention_days = 10\n")
+    (home / "config.toml").write_text("[state]\ntrace_retention_days = 10\ntemplate_retention_days = 10\n")
     engine = InferenceEngine(home=home)
     now = time.time()
     for trace_id, age_days in (("old", 11), ("recent", 9)):
-        row = TraceRow(trace_id, "p/a", "generate", "chat", None, "t", None, now - age_days * 86_400)
-        engine.store.record_trace(row, success=True, latency_ms=1.0)
+        at = now - age_days * 86_400
+        row = TraceRow(trace_id, "p/a", "generate", "chat", f"coarse/p{trace_id}", "t", None, at)
+        engine.store.record_trace(row, success=True, latency_ms=1.0, now=at)
     day = (now // 86_400 - 3) * 86_400  # a midnight UTC three days ago
     for ts in (day + 100, day + 200, now):
         engine.store.add_spend("openai", "openai/a", 0.5, ts=ts)
@@ -118,6 +120,7 @@ def test_the_server_deletes_traces_older_than_the_retention(tmp_path: Path) -> N
             while _spend_times(engine) != rolled_up and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert engine.store.trace("old") is None and engine.store.trace("recent") is not None
+            assert {r["key"] for r in engine.store.task_stats()} == {"template|precent"}
             assert _spend_times(engine) == rolled_up
             assert engine.store.spend_by_provider(0.0) == {"openai": 1.5}
     finally:

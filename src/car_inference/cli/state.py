@@ -66,25 +66,46 @@ def prune(
             "--older-than-days", min=0, help="default: [state] trace_retention_days (30); 0 deletes nothing"
         ),
     ] = None,
+    template_days: Annotated[
+        float | None,
+        typer.Option(
+            "--templates-older-than-days",
+            min=0,
+            help="default: [state] template_retention_days (90); 0 forgets no template",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result object as JSON")] = False,
 ) -> None:
-    """Delete traces (and their feedback) older than the retention and roll the spend ledger's
-    past days up into one entry per day, provider and model, as `car serve` does every hour. The
-    learned router state and the spend totals stay."""
-    from ..routing.store_api import compact_old_spend, open_store, prune_old_traces
+    """Delete traces (and their feedback) older than the retention, forget the learned rows of
+    templates not seen for their retention, and roll the spend ledger's past days up into one
+    entry per day, provider and model, as `car serve` does every hour. The rest of the learned
+    router state and the spend totals stay."""
+    from ..routing.store_api import compact_old_spend, forget_dormant_templates, open_store, prune_old_traces
 
     config = load_config()
     days = config.state.trace_retention_days if days is None else days
+    template_days = config.state.template_retention_days if template_days is None else template_days
     store = open_store(config.state.url, config.paths.state_db)
     try:
         deleted = prune_old_traces(store, days)
+        forgotten = len(forget_dormant_templates(store, template_days))
         rolled = compact_old_spend(store)
     finally:
         store.close()
     if as_json:
-        print_json({"deleted": deleted, "older_than_days": days, "spend_entries_rolled_up": rolled})
+        print_json(
+            {
+                "deleted": deleted, "older_than_days": days, "templates_forgotten": forgotten,
+                "templates_older_than_days": template_days, "spend_entries_rolled_up": rolled,
+            }
+        )  # fmt: skip
         return
     out.print(
         f"deleted {deleted} traces older than {days:g} days" if days > 0 else "kept every trace (0 days)"
+    )
+    out.print(
+        f"forgot {forgotten} templates not seen for {template_days:g} days"
+        if template_days > 0
+        else "kept every template (0 days)"
     )
     out.print(f"rolled {rolled} spend entries up into daily totals")

@@ -19,7 +19,7 @@ from ..errors import TraceNotFound
 from ..requests import GenerateParams, GenerateRequest
 from ..routing import OutcomeTracker, RoutingDecision
 from ..routing.outcomes import InferenceTask
-from ..routing.store_api import compact_old_spend, prune_old_traces
+from ..routing.store_api import compact_old_spend, forget_dormant_templates, prune_old_traces
 
 if TYPE_CHECKING:
     from ..config import CarConfig
@@ -120,6 +120,19 @@ class LearningMixin:
         counters and the spend ledger stay. Returns how many went."""
         days = self.config.state.trace_retention_days if older_than_days is None else older_than_days
         return prune_old_traces(self.store, days, stop=stop)
+
+    def forget_templates(
+        self, older_than_days: float | None = None, *, stop: threading.Event | None = None
+    ) -> int:
+        """Delete the learned rows of the templates not seen for ``older_than_days`` (default:
+        ``[state] template_retention_days``; 0 keeps them all), in the store and in this process's
+        router (``routing.store_api.forget_dormant_templates``); other replicas drop them with their
+        next full reload. Returns how many templates went."""
+        days = self.config.state.template_retention_days if older_than_days is None else older_than_days
+        cutoff = time.time() - days * 86_400
+        keys = forget_dormant_templates(self.store, days, stop=stop)
+        self.tracker.forget(keys, cutoff)
+        return len(keys)
 
     def compact_spend(self, *, stop: threading.Event | None = None) -> int:
         """Roll the spend ledger's entries of past UTC days into one per day, provider and model

@@ -544,6 +544,17 @@ class OutcomeTracker:
                 self.on_change()
         return len(parsed)
 
+    def forget(self, keys: Iterable[str], older_than: float) -> None:
+        """Drop the rows of ``keys`` (templates the store forgot: ``StateStore.forget_templates``)
+        from the mirror, unless one of them was updated since ``older_than`` (counted here and
+        not yet in the store)."""
+        with self._lock:
+            for key in keys:
+                by_model = self._stats.get(key)
+                if by_model is not None and all(s.updated_at < older_than for s in by_model.values()):
+                    del self._stats[key]
+            self._indexed = -1  # the sibling index is rebuilt from the keys left
+
     def _rebuild_baselines(self) -> None:
         """Baseline rows as the sums of every model's rows."""
         for by_model in self._stats.values():

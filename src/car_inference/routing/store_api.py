@@ -28,6 +28,7 @@ __all__ = [
     "StateHealth",
     "StateStore",
     "compact_old_spend",
+    "forget_dormant_templates",
     "is_postgres_url",
     "open_store",
     "prune_old_traces",
@@ -40,6 +41,8 @@ log = logging.getLogger("car_inference.state")
 # Rows deleted per transaction by ``prune_old_traces`` and ``compact_old_spend``: each commit
 # lets the other writers in.
 PRUNE_CHUNK = 5_000
+# Templates whose rows ``forget_dormant_templates`` deletes per transaction.
+TEMPLATE_CHUNK = 500
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
@@ -102,6 +105,8 @@ class StateStore(Protocol):
     def prune_traces(self, older_than: float, *, limit: int | None = None) -> int: ...
 
     def compact_spend(self, before: float, *, limit: int | None = None) -> int: ...
+
+    def forget_templates(self, older_than: float, *, limit: int | None = None) -> list[str]: ...
 
     def profiles(self) -> list[dict[str, Any]]: ...
 
@@ -210,6 +215,30 @@ def compact_old_spend(
     if total:
         log.info("rolled %d spend entries up into daily totals", total)
     return total
+
+
+def forget_dormant_templates(
+    store: StateStore, older_than_days: float, *, stop: threading.Event | None = None
+) -> list[str]:
+    """Delete the learned rows of every template not seen for ``older_than_days`` (0: none),
+    ``TEMPLATE_CHUNK`` templates per transaction, until none is left or ``stop`` is set: an
+    application whose prompts start with something that changes (a date, a user's name) makes a new
+    template every day, and every full reload of the learned state reads all their rows. Returns
+    the templates' keys."""
+    if older_than_days <= 0:
+        return []
+    cutoff = time.time() - older_than_days * 86_400
+    keys: list[str] = []
+
+    def step() -> int:
+        chunk = store.forget_templates(cutoff, limit=TEMPLATE_CHUNK)
+        keys.extend(chunk)
+        return len(chunk)
+
+    _in_chunks(step, stop, whole=TEMPLATE_CHUNK)
+    if keys:
+        log.info("forgot %d templates not seen for %g days", len(keys), older_than_days)
+    return keys
 
 
 def _in_chunks(step: Callable[[], int], stop: threading.Event | None, *, whole: int | None) -> int:

@@ -402,6 +402,26 @@ class StoreBase:
             self._x(conn, f"DELETE FROM feedback WHERE trace_id IN ({chosen})", params)
             return int(self._x(conn, f"DELETE FROM traces WHERE trace_id IN ({chosen})", params).rowcount)
 
+    def forget_templates(self, older_than: float, *, limit: int | None = None) -> list[str]:
+        """Delete the ``task_stats`` rows of up to ``limit`` (None: all) templates none of whose
+        rows was updated since ``older_than``, the longest dormant first, in one transaction that
+        holds off the counters' writers; returns their keys. A template's rows are counted under
+        no other key, so nothing else changes; one that comes back starts from its family and
+        cluster again."""
+        dormant = (
+            "SELECT key FROM task_stats WHERE key LIKE 'template|%' GROUP BY key"
+            " HAVING MAX(updated_at) < ? ORDER BY MAX(updated_at), key"
+        )
+        params: tuple[float, ...] | tuple[float, int] = (older_than,)
+        if limit is not None:
+            dormant += " LIMIT ?"
+            params = (older_than, limit)
+        with self._tx(counters=True) as conn:
+            keys = [r["key"] for r in self._x(conn, dormant, params).fetchall()]
+            if keys:  # the same templates: no counter is written meanwhile
+                self._x(conn, f"DELETE FROM task_stats WHERE key IN ({dormant})", params)
+        return keys
+
     # --- profiles ------------------------------------------------------------------------------
 
     def profiles(self) -> list[dict[str, Any]]:

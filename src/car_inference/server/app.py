@@ -37,17 +37,23 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("car_inference.server")
 
-# Traces older than ``[state] trace_retention_days`` are deleted, and the spend ledger's past days
-# rolled up, at start and this often after.
+# Traces older than ``[state] trace_retention_days`` and templates not seen for
+# ``template_retention_days`` are deleted, and the spend ledger's past days rolled up, at start and
+# this often after.
 PRUNE_EVERY_S = 3600.0
 
 
 async def _prune_periodically(engine: InferenceEngine, stop: threading.Event) -> None:
-    """``engine.prune_traces`` and ``engine.compact_spend`` at start and every ``PRUNE_EVERY_S``,
-    off the event loop (until ``stop``): without them every request's trace and every paid call's
-    spend entry stay in the state store for good."""
+    """``engine.prune_traces``, ``engine.forget_templates`` and ``engine.compact_spend`` at start
+    and every ``PRUNE_EVERY_S``, off the event loop (until ``stop``): without them every request's
+    trace, every template ever seen and every paid call's spend entry stay in the state store for
+    good."""
     while True:
-        jobs = (("deleting old traces", engine.prune_traces), ("rolling up spend", engine.compact_spend))
+        jobs = (
+            ("deleting old traces", engine.prune_traces),
+            ("forgetting dormant templates", engine.forget_templates),
+            ("rolling up spend", engine.compact_spend),
+        )
         for what, job in jobs:
             try:
                 await asyncio.to_thread(job, stop=stop)
