@@ -215,18 +215,24 @@ def replay(engine: InferenceEngine, prompts: Sequence[Prompt], pricing: Pricing)
 
 def run_router(
     settings: RoutingSettings, pricing: Pricing, train: Sequence[Prompt], test: Sequence[Prompt], seed: int,
-    *, warm: bool,
+    *, warm: bool, late: str | None = None,
 ) -> Score:  # fmt: skip
+    """``late``: a model kept out of the catalog until the warm-up is over (a new release joining
+    a deployment whose contexts have settled)."""
     order = list(test)
     random.Random(seed).shuffle(order)
     with tempfile.TemporaryDirectory() as tmp:
         engine = new_engine(Path(tmp), settings, pricing, seed)
         try:
             before = None
+            if late is not None:
+                engine.registry.unregister(late)
             if warm:
                 warmup = list(train)
                 random.Random(seed + 1000).shuffle(warmup)
                 before = replay(engine, warmup, pricing).quality
+            if late is not None:
+                engine.registry.register(schema(late, pricing.usd_per_mtok[late], pricing.latency_ms[late]))
             return replace(replay(engine, order, pricing), warmup_quality=before)
         finally:
             engine.close()
@@ -248,6 +254,7 @@ class LabelledThompson:
         self, settings: RoutingSettings, pricing: Pricing, seed: int, *, settle: bool = False
     ) -> None:
         self.settings, self.pricing, self.settle = settings, pricing, settle
+        self.ids = list(IDS)  # the models it may choose
         self.rng = random.Random(seed)
         self.ab: dict[tuple[str, str], list[float]] = defaultdict(lambda: [1.0, 1.0])
         self.tokens: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -256,10 +263,10 @@ class LabelledThompson:
     def choose(self, p: Prompt) -> str:
         feats = TextFeatures(p.question)
         wq, wl, wc = weights(self.settings, complexity_of(feats), RoutingWorkload.INTERACTIVE)
-        best, best_u = IDS[0], -math.inf
+        best, best_u = self.ids[0], -math.inf
         settled = self.settle and self.seen[p.bench] >= self.settings.settle_after * TEMPLATE_SETTLE_SHARE
         width = self.settings.settled_width if settled else 1.0
-        for m in IDS:
+        for m in self.ids:
             a, b = self.ab[p.bench, m]
             total, n = self.tokens[p.bench, m]
             out = total / n if n else 256.0
@@ -299,16 +306,20 @@ class LabelledThompson:
 
 def run_labelled(
     settings: RoutingSettings, pricing: Pricing, train: Sequence[Prompt], test: Sequence[Prompt], seed: int,
-    *, warm: bool, settle: bool = False,
+    *, warm: bool, settle: bool = False, late: str | None = None,
 ) -> Score:  # fmt: skip
+    """``late`` as for ``run_router``."""
     order = list(test)
     random.Random(seed).shuffle(order)
     bandit = LabelledThompson(settings, pricing, seed, settle=settle)
+    if late is not None:
+        bandit.ids.remove(late)
     before = None
     if warm:
         warmup = list(train)
         random.Random(seed + 1000).shuffle(warmup)
         before = bandit.run(warmup).quality
+    bandit.ids = list(IDS)
     return replace(bandit.run(order), warmup_quality=before)
 
 

@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/routing_seeds.py default --shared-prefix --labelled [--settle]
     .venv/bin/python benchmarks/routing_seeds.py default --seeds 0 --contexts mmlu
     .venv/bin/python benchmarks/routing_seeds.py default --swap   # the split the other way round
+    .venv/bin/python benchmarks/routing_seeds.py default --late zephyr-7b-beta  # joins after warm-up
 
 Prints each seed's held-out score and $ per 1k requests, then the mean ± sd; the labelled bandit
 with ``--labelled``. About 10 s per seed on a quiet 2-core machine (``routing.py`` is the full
@@ -20,6 +21,7 @@ import time
 from collections import Counter, defaultdict
 
 from routing_replay import (
+    IDS,
     SETTINGS,
     Prompt,
     Score,
@@ -83,6 +85,8 @@ def main() -> None:
                         help="every benchmark's prompts behind a shared prefix of its own")  # fmt: skip
     parser.add_argument("--swap", action="store_true",
                         help="learn from the held-out prompts and score the warm-up ones")  # fmt: skip
+    parser.add_argument("--late", metavar="MODEL",
+                        help="keep MODEL (zephyr-7b-beta, say) out until the warm-up is over")  # fmt: skip
     parser.add_argument("--labelled", action="store_true", help="the labelled Thompson bandit instead")
     parser.add_argument("--settle", action="store_true",
                         help="with --labelled: the bandit settles as the router does")  # fmt: skip
@@ -102,13 +106,18 @@ def main() -> None:
     if args.weights is not None:
         wq, wl, wc = args.weights
         settings = settings.model_copy(update={"quality_weight": wq, "latency_weight": wl, "cost_weight": wc})
+    late = next((m for m in IDS if m.split("/")[-1] == args.late), None) if args.late else None
+    if args.late and late is None:
+        parser.error(f"--late: no model {args.late!r} in the data ({', '.join(IDS)})")
     scores, streams = [], []
     for seed in args.seeds:
         started = time.perf_counter()
         if args.labelled:
-            score = run_labelled(settings, pricing, train, test, seed, warm=not args.cold, settle=args.settle)
+            score = run_labelled(
+                settings, pricing, train, test, seed, warm=not args.cold, settle=args.settle, late=late
+            )
         else:
-            score = run_router(settings, pricing, train, test, seed, warm=not args.cold)
+            score = run_router(settings, pricing, train, test, seed, warm=not args.cold, late=late)
         scores.append(score.quality)
         took = time.perf_counter() - started
         stream = ""

@@ -83,7 +83,8 @@ def test_migrate_copies_everything_once(isolated_home: Path) -> None:
 def test_a_version_1_file_is_migrated_then_copied(isolated_home: Path) -> None:
     db = isolated_home / "state.db"
     _fill(db)
-    conn = sqlite3.connect(db)  # as schema 1 was: residual sums, no answer lengths per context
+    conn = sqlite3.connect(db)  # as schema 1 was: residual sums, no answer lengths or joined_at
+    conn.execute("ALTER TABLE task_stats DROP COLUMN joined_at")
     conn.execute("ALTER TABLE profiles ADD COLUMN resid_sum REAL NOT NULL DEFAULT 0")
     conn.execute("ALTER TABLE task_stats ADD COLUMN resid_sum REAL NOT NULL DEFAULT 0")
     conn.execute("ALTER TABLE task_stats DROP COLUMN total_output_tokens")
@@ -92,7 +93,7 @@ def test_a_version_1_file_is_migrated_then_copied(isolated_home: Path) -> None:
     conn.close()
     code, out, err = car("state", "migrate", "--to", postgres_schema_url(), "--json")
     assert code == 0, err
-    assert json.loads(out)["schema_version"] == 3
+    assert json.loads(out)["schema_version"] == 4
 
 
 def test_usage_errors_are_one_line_with_status_2(isolated_home: Path) -> None:

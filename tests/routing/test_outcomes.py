@@ -243,6 +243,18 @@ def test_reload_sees_another_process_writes(tmp_path: Path) -> None:
     assert theirs.task_stats("p/a", "code").quality_sum == pytest.approx(5.0)  # type: ignore[union-attr]
 
 
+def test_a_row_knows_when_its_model_joined_the_context(tracker: OutcomeTracker) -> None:
+    """The mirror sets ``joined_at`` as the store does (the key's outcomes before the model's
+    first there), and a reload reads the same."""
+    for model in ("p/a", "p/a", "p/b", "p/a", "p/c"):
+        _run(tracker, model, "code", True)
+    joined = {m: tracker.task_stats(m, "code").joined_at for m in ("p/a", "p/b", "p/c")}  # type: ignore[union-attr]
+    assert joined == {"p/a": 0, "p/b": 2, "p/c": 4}
+    if tracker.store is not None:
+        tracker.reload(full=True)
+        assert {m: tracker.task_stats(m, "code").joined_at for m in joined} == joined  # type: ignore[union-attr]
+
+
 def _cluster_run(tracker: OutcomeTracker, model: str, family: str, cluster: str) -> None:
     trace = tracker.record_start(model, family=family, cluster=cluster)
     tracker.record_complete(trace, 100.0)

@@ -20,6 +20,7 @@ from car_inference.routing.scoring import (
     context_length,
     expected_output_tokens,
     exploration_width,
+    is_newcomer,
 )
 
 from .helpers import make_router, registry, remote
@@ -244,6 +245,48 @@ def test_a_settled_context_still_tries_a_model_whose_belief_overlaps_the_leaders
     tied, both models keep getting requests."""
     picks, _ = _picks_of_runner_up(RoutingSettings(settle_after=200), 0.60, 0.60)
     assert 60 <= picks <= 340
+
+
+def test_a_model_new_to_a_settled_context_draws_whole_until_it_has_been_there_as_long() -> None:
+    """A context that settled with two models; a third joins (a new release): it draws whole, not
+    at the settled width, so it is tried although its prior is below the leader's known quality,
+    and it keeps whole draws for ``settle_after`` of the context's outcomes after its first there
+    (as long as the others had), then settles with the rest. The reason says so."""
+    reg = registry(
+        remote("a/lead", quality=0.6), remote("b/runner-up", quality=0.6), remote("c/new", quality=0.45)
+    )
+    router = make_router(RoutingSettings(settle_after=200), seed=5)
+    d = router.decide(HELLO, reg)
+
+    def record(model: str, score: float, i: int) -> None:
+        router.tracker.record_attempt(
+            model, family=d.task_family, cluster=d.prompt_cluster, trace_id=f"{model}{i}", started_at=0.0,
+            success=True, score=score,
+        )  # fmt: skip
+
+    for i in range(200):
+        record("a/lead", 0.62, i) if i % 4 else record("b/runner-up", 0.58, i)
+    decisions = [router.decide(HELLO, reg) for _ in range(300)]
+    assert sum(x.model_id == "c/new" for x in decisions) >= 15, "untried: whole draws"
+    assert all(
+        "settled context: draws at 0.25 of the uncertainty (1 new here: whole)" in x.reason for x in decisions
+    )
+    record("c/new", 0.6, 0)  # joined at the context's 200th outcome
+    for i in range(1, 199):
+        record("a/lead", 0.62, 1000 + i)
+    new = router.decide(HELLO, reg)
+    assert "(1 new here: whole)" in new.reason  # 199 outcomes since it joined
+    record("a/lead", 0.62, 2000)
+    assert "new here" not in router.decide(HELLO, reg).reason  # 200: settled with the rest
+
+
+def test_a_model_that_joined_before_the_context_settled_settles_with_it() -> None:
+    """``is_newcomer``: a model without a row there, or one that joined after the context settled
+    and has not been there for ``settle_count`` outcomes since; not one that joined before."""
+    assert is_newcomer(None, 500, 200)
+    assert is_newcomer(StatsRow(calls=3, joined_at=300), 499, 200)
+    assert not is_newcomer(StatsRow(calls=3, joined_at=300), 500, 200)
+    assert not is_newcomer(StatsRow(calls=3, joined_at=150), 200, 200), "it explored before settling"
 
 
 def test_interactive_work_weighs_latency_more() -> None:

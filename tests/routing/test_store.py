@@ -68,11 +68,13 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 def _downgrade(db: Path, version: int) -> None:
-    """Make a current file look as an older version wrote it: schema 2 had the residual sums,
-    schema 1 no answer lengths per context either."""
+    """Make a current file look as an older version wrote it: schema 3 had no joined_at, schema 2
+    the residual sums too, schema 1 no answer lengths per context either."""
     conn = sqlite3.connect(db)
-    conn.execute("ALTER TABLE profiles ADD COLUMN resid_sum REAL NOT NULL DEFAULT 0")
-    conn.execute("ALTER TABLE task_stats ADD COLUMN resid_sum REAL NOT NULL DEFAULT 0")
+    conn.execute("ALTER TABLE task_stats DROP COLUMN joined_at")
+    if version <= 2:
+        conn.execute("ALTER TABLE profiles ADD COLUMN resid_sum REAL NOT NULL DEFAULT 0")
+        conn.execute("ALTER TABLE task_stats ADD COLUMN resid_sum REAL NOT NULL DEFAULT 0")
     if version == 1:
         conn.execute("ALTER TABLE task_stats DROP COLUMN total_output_tokens")
     conn.execute(f"PRAGMA user_version = {version}")
@@ -80,18 +82,20 @@ def _downgrade(db: Path, version: int) -> None:
     conn.close()
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_older_database_is_migrated_in_place(tmp_path: Path, version: int) -> None:
     """Schema 1 had no answer lengths per context (the column is added), schema 2 kept residual
-    sums nothing reads (dropped); the rows stay."""
+    sums nothing reads (dropped), schema 3 no joined_at (added: 0, every model joined at the
+    start); the rows stay."""
     db = tmp_path / "state.db"
     with OutcomeStore(db) as store:
         store.record_trace(_row("t1"), success=True, latency_ms=10.0, output_tokens=7)
     _downgrade(db, version)
     with OutcomeStore(db) as store:
-        assert store.schema_version == SCHEMA_VERSION == 3
+        assert store.schema_version == SCHEMA_VERSION == 4
         rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
         assert rows["code"]["calls"] == 1 and "resid_sum" not in rows["code"]
+        assert rows["code"]["joined_at"] == 0
         assert rows["code"]["total_output_tokens"] == (0 if version == 1 else 7)
         assert "resid_sum" not in store.profiles()[0]
         store.record_trace(_row("t2"), success=True, latency_ms=10.0, output_tokens=5)
@@ -169,6 +173,27 @@ def test_forget_templates_deletes_dormant_templates_whole_oldest_first(location:
         assert {r["key"] for r in store.task_stats()} == {"code", "code|latin-short"}
         (profile_a, _profile_b) = store.profiles()
         assert profile_a["total_calls"] == 4, "a model's totals stay"
+
+
+def test_a_row_records_how_far_into_its_contexts_life_its_model_joined(location: Location) -> None:
+    """``joined_at``: the key's baseline calls before the row's first outcome, set once, in a
+    batch as alone (the baseline rows of an outcome are counted after its model's rows)."""
+    with contextlib.closing(_open(location)) as store:
+        for i in range(3):
+            store.record_trace(_row(f"a{i}", "p/a"), success=True)
+        with store.batch():
+            store.record_trace(_row("b0", "p/b"), success=True)
+            store.record_trace(_row("a3", "p/a"), success=True)
+            store.record_trace(_row("c0", "p/c"), success=True)
+        store.record_trace(_row("d0", "p/d", family="math"), success=True)
+        joined = {
+            (r["model_id"], r["key"]): r["joined_at"] for r in store.task_stats() if r["model_id"] != "*"
+        }
+        assert joined == {
+            ("p/a", "code"): 0, ("p/a", "code|latin-short"): 0, ("p/b", "code"): 3,
+            ("p/b", "code|latin-short"): 3, ("p/c", "code"): 5, ("p/c", "code|latin-short"): 5,
+            ("p/d", "math"): 0, ("p/d", "math|latin-short"): 0,
+        }  # fmt: skip
 
 
 def test_recent_latencies_are_each_models_newest_successes_oldest_first(location: Location) -> None:

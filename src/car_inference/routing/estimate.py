@@ -130,6 +130,7 @@ class StatsRow:
     ema_quality: float = 0.0
     updated_at: float = 0.0
     total_output_tokens: int = 0
+    joined_at: int = 0  # the key's baseline calls before this row's first outcome (``scoring``)
 
     def add(self, quality: float, success: bool, latency_ms: float | None, out_tok: int, now: float) -> None:
         """Count one outcome (the arithmetic of the store's task_stats upsert)."""
@@ -156,6 +157,7 @@ class StatsRow:
         return StatsRow(
             self.calls, self.success_count, self.fail_count, self.total_latency_ms, self.quality_sum,
             decayed_sum, decayed_n, self.ema_quality, self.updated_at, self.total_output_tokens,
+            self.joined_at,
         )  # fmt: skip
 
 

@@ -317,8 +317,9 @@ class OutcomeTracker:
             if by_model is None:
                 by_model = self._stats[key] = {}
             s = by_model.get(row_model)
-            if s is None:
-                s = by_model[row_model] = StatsRow()
+            if s is None:  # joined now: after the key's outcomes so far (its baseline comes last)
+                base = by_model.get(ALL)
+                s = by_model[row_model] = StatsRow(joined_at=base.calls if base is not None else 0)
             s.add(quality, success, latency_ms, output_tokens, now)
         if not is_templated(cluster):  # a template's rows are in no family's view
             self._family_gen[family] = self._family_gen.get(family, 0) + 1

@@ -30,6 +30,7 @@ class TaskStats(BaseModel):
     ema_quality: float = 0.0
     updated_at: int = 0
     total_output_tokens: int = 0
+    joined_at: int = 0
 
     @model_validator(mode="after")
     def _fill(self) -> TaskStats:

@@ -192,7 +192,7 @@ class AdaptiveRouter:
                 view, estimate = min(over_budget, key=itemgetter(1))
                 self.spend.check(view.provider, estimate)
             raise _no_candidates(set(a.required), excluded)
-        rows, offset, width = score_candidates(
+        rows, offset, width, newcomers = score_candidates(
             cands, self._family_table(a.ctx.family), self.tracker, self.settings, a.ctx, self._rng,
             workload=request.params.workload, est_in=a.est_in, max_tokens=request.params.max_tokens,
         )  # fmt: skip
@@ -215,6 +215,8 @@ class AdaptiveRouter:
             if width < 1.0:
                 note = f"{note}; " if note else ""
                 note += f"settled context: draws at {width:.2f} of the uncertainty"
+                if newcomers:
+                    note += f" ({newcomers} new here: whole)"
             reason = _reason(strategy, a.ctx, pick, len(rows), len(excluded), relaxed, note)
         return self._decision(request, a, rows, offset, notes, chosen_id, strategy, reason, quality,
                               measure, exact, excluded, registry)  # fmt: skip

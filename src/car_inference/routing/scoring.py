@@ -79,6 +79,19 @@ it settles as a template does, ``routing_seeds.py --labelled --settle``), and fr
 per benchmark (0.4985 -> 0.5026). The price is slower discovery of a model that improves later:
 a settled context still follows its leader's decaying mean, but a runner-up's belief must overlap
 it by more before it is tried again.
+
+Newcomers: a model that joins a context after it has settled (a new release added to the catalog,
+say) has not had the whole-belief exploration the others had, so it is not held to the settled
+width (``is_newcomer``): it draws whole while it has no outcome there and then until the context
+has had ``settle_after`` outcomes since its first (``task_stats.joined_at``, the key's baseline
+count when the model's row was made), as long as every other model had. Held to the settled
+width, a better model unlucky in its first few tries froze below the leader for good: RouterDC
+replay with zephyr (the best model of MMLU's main context) added after the warm-up, 12 seeds,
+0.4893 ± 0.009 -> 0.4974 ± 0.004 (seed 2: 0.4756 -> 0.4982; zephyr had taken 5 of that context's
+3,144 held-out prompts). When every model is there from the start nothing changes (0.5028, and
+0.5443 on the swapped split, exactly as before). What it costs when the newcomer is no better
+where it is tried: 0.0005-0.0017 (chinese-mistral, mistral or dolphin-2.9 added late, 6 seeds:
+0.4964 -> 0.4959, 0.4995 -> 0.4979, 0.5010 -> 0.4993).
 """
 
 from __future__ import annotations
@@ -115,6 +128,7 @@ __all__ = [
     "context_length",
     "expected_output_tokens",
     "exploration_width",
+    "is_newcomer",
     "score_candidates",
 ]
 
@@ -153,10 +167,21 @@ def weights(st: RoutingSettings, complexity: TaskComplexity, workload: RoutingWo
 def exploration_width(st: RoutingSettings, levels: list[dict[str, StatsRow]], *, templated: bool) -> float:
     """How wide the Thompson draws are in this context (its narrowest level): the whole belief
     for its first ``settle_after`` outcomes (a template: ``TEMPLATE_SETTLE_SHARE`` of them),
-    ``settled_width`` of it after that (module docstring)."""
+    ``settled_width`` of it after that (module docstring). A model new to a settled context
+    still draws whole (``is_newcomer``)."""
     row = levels[-1].get(ALL) if levels else None
-    after = st.settle_after * TEMPLATE_SETTLE_SHARE if templated else st.settle_after
-    return st.settled_width if row is not None and row.calls >= after else 1.0
+    return st.settled_width if row is not None and row.calls >= _settle_count(st, templated) else 1.0
+
+
+def _settle_count(st: RoutingSettings, templated: bool) -> float:
+    return st.settle_after * TEMPLATE_SETTLE_SHARE if templated else st.settle_after
+
+
+def is_newcomer(row: StatsRow | None, context_calls: int, settle_count: float) -> bool:
+    """Whether a model draws whole in a settled context: it has no outcome there yet, or it joined
+    (its first outcome) after the context settled and the context has not had ``settle_count``
+    outcomes since, as long as every model had before the context settled (module docstring)."""
+    return row is None or (row.joined_at >= settle_count and context_calls - row.joined_at < settle_count)
 
 
 def expected_output_tokens(
@@ -206,12 +231,13 @@ def score_candidates(
     workload: RoutingWorkload,
     est_in: int,
     max_tokens: int,
-) -> tuple[list[_Row], float, float]:
+) -> tuple[list[_Row], float, float, int]:
     """Score and sort the candidates, best (sampled) score first; see the module docstring.
-    Returns the rows, the constant to add to their scores to show them, and the draws' width
-    (``exploration_width``)."""
+    Returns the rows, the constant to add to their scores to show them, the draws' width
+    (``exploration_width``) and how many candidates drew whole in a settled context
+    (``is_newcomer``)."""
     if not cands:
-        return [], 0.0, 1.0
+        return [], 0.0, 1.0, 0
     wq, wl, wc = weights(st, ctx.complexity, workload)
     profiles, levels, p50 = tracker.views(ctx.family, ctx.cluster)
     offset = difficulty(levels, {m: e[0] for m, e in table.items()})
@@ -223,6 +249,8 @@ def score_candidates(
     default_out = expected_output_tokens(0, 0, max_tokens) if ctx_len is None else ctx_len
     width = exploration_width(st, levels, templated=detached)
     explore = st.exploration * width
+    settled = (levels[-1][ALL].calls, _settle_count(st, detached)) if width < 1.0 else None
+    newcomers = 0
     gauss = rng.gauss
     lean = _SHARED_PART * gauss(0.0, 1.0) if explore else 0.0  # shared by every candidate
     lat_scale, cost_scale = wl / 2, wc / 3
@@ -236,6 +264,7 @@ def score_candidates(
         mean = prior + offset
         latency = p50.get(mid, latency)
         p = profiles.get(mid)
+        e = explore
         if p is not None and p.total_calls:
             own = [lv.get(mid) for lv in levels]
             out_tokens = _answer_length(p, own, max_tokens, level, ctx_len)
@@ -243,10 +272,14 @@ def score_candidates(
             if own[0] is None:
                 mean, var = first_look(mean, var, p)
             mean, var, n = belief(mean, var, own, noise_of(mean), detached=detached, shift=shift)
+            if settled is not None and is_newcomer(own[-1], *settled):
+                e, newcomers = st.exploration, newcomers + 1
         else:
             out_tokens, var, n = default_out, untried_var, 0
+            if settled is not None:
+                e, newcomers = st.exploration, newcomers + 1
         sd = sqrt(var)
-        q = mean + explore * sd * (lean + _OWN_PART * gauss(0.0, 1.0)) if explore else mean
+        q = mean + e * sd * (lean + _OWN_PART * gauss(0.0, 1.0)) if e else mean
         q = 0.0 if q < 0.0 else 1.0 if q > 1.0 else q
         cost = v.in_rate * est_in + v.out_rate * out_tokens
         if latency < fastest:  # noqa: PLR1730 (an if is faster than min() here)
@@ -264,7 +297,7 @@ def score_candidates(
         )
         mean = 0.0 if mean < 0.0 else 1.0 if mean > 1.0 else mean
         rows.append((score, mean, n, latency, cost, v, sd, q, out_tokens, score + wq * (mean - q)))
-    return (*_capped(rows, fastest, slowest, cheapest, dearest, wl, wc), width)
+    return (*_capped(rows, fastest, slowest, cheapest, dearest, wl, wc), width, newcomers)
 
 
 def _capped(

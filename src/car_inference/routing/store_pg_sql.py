@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .estimate import ALL
 from .store_sql import COPY_COLUMNS
 
 __all__ = ["COPY_COLUMNS", "insert_missing", "merge_counters"]
@@ -65,13 +66,15 @@ WITH m AS (
     SELECT * FROM unnest(%(model_id)s::text[], %(key)s::text[], %(k)s::bigint[], %(ok)s::bigint[],
                          %(fail)s::bigint[], %(latency)s::float8[], %(q)s::float8[], %(ds)s::float8[],
                          %(dn)s::float8[], %(dk)s::float8[], %(e0)s::float8[], %(e)s::float8[],
-                         %(ak)s::float8[], %(now)s::float8[], %(out_tok)s::bigint[])
-        AS m(model_id, key, k, ok, fail, latency, q, ds, dn, dk, e0, e, ak, now, out_tok)
+                         %(ak)s::float8[], %(now)s::float8[], %(out_tok)s::bigint[], %(j)s::bigint[])
+        AS m(model_id, key, k, ok, fail, latency, q, ds, dn, dk, e0, e, ak, now, out_tok, j)
 )
 INSERT INTO task_stats AS t (model_id, key, calls, success_count, fail_count, total_latency_ms,
                              quality_sum, decayed_sum, decayed_n, ema_quality, updated_at,
-                             total_output_tokens)
-SELECT model_id, key, k, ok, fail, latency, q, ds, dn, e0, now, out_tok FROM m
+                             total_output_tokens, joined_at)
+SELECT model_id, key, k, ok, fail, latency, q, ds, dn, e0, now, out_tok,
+       COALESCE((SELECT b.calls FROM task_stats b WHERE b.model_id = '*' AND b.key = m.key), 0) + j
+FROM m
 ON CONFLICT (model_id, key) DO UPDATE SET
     (ema_quality, decayed_sum, decayed_n) = (
         SELECT CASE WHEN t.calls = 0 THEN m.e0 ELSE t.ema_quality * m.ak + m.e END,
@@ -105,6 +108,7 @@ class _Fold:
     dn: float = 0.0
     dk: float = 1.0
     now: float = 0.0
+    j: int = 0  # for a new row: its key's baseline updates earlier in the batch (``joined_at``)
 
     def add(self, row: dict[str, Any]) -> None:
         a, d, q = row["alpha"], row["decay"], row["q"]
@@ -122,7 +126,7 @@ class _Fold:
 
 
 _PROFILE_FIELDS = ("k", "ok", "fail", "latency", "in_tok", "out_tok", "q", "e0", "e", "ak", "now")
-_TASK_FIELDS = ("k", "ok", "fail", "latency", "q", "ds", "dn", "dk", "e0", "e", "ak", "now", "out_tok")
+_TASK_FIELDS = ("k", "ok", "fail", "latency", "q", "ds", "dn", "dk", "e0", "e", "ak", "now", "out_tok", "j")
 
 
 def merge_counters(
@@ -132,11 +136,18 @@ def merge_counters(
     at most two statements, each changing every row once; None when a statement is neither upsert."""
     profiles: dict[str, _Fold] = {}
     tasks: dict[tuple[str, str], _Fold] = {}
+    baselines: dict[str, int] = {}  # key -> its baseline row's updates so far
     for sql, row in rows:
         if sql == profile_upsert:
             profiles.setdefault(row["model_id"], _Fold()).add(row)
         elif sql == task_upsert:
-            tasks.setdefault((row["model_id"], row["key"]), _Fold()).add(row)
+            model_id, key = row["model_id"], row["key"]
+            fold = tasks.get((model_id, key))
+            if fold is None:
+                fold = tasks[model_id, key] = _Fold(j=baselines.get(key, 0))
+            fold.add(row)
+            if model_id == ALL:
+                baselines[key] = baselines.get(key, 0) + 1
         else:
             return None
     out: list[tuple[str, dict[str, list[Any]]]] = []

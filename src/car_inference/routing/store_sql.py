@@ -23,7 +23,7 @@ __all__ = [
     "schema_text",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The words that differ: column types, identity keys, the scalar min/max of two values.
 _WORDS: dict[str, dict[str, str]] = {
@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS task_stats (
     ema_quality {real} NOT NULL DEFAULT 0,
     updated_at {real} NOT NULL DEFAULT 0,
     total_output_tokens {int} NOT NULL DEFAULT 0,
+    joined_at {int} NOT NULL DEFAULT 0,
     PRIMARY KEY (model_id, key)
 );
 CREATE TABLE IF NOT EXISTS traces (
@@ -120,6 +121,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: ("ALTER TABLE task_stats ADD COLUMN total_output_tokens {int} NOT NULL DEFAULT 0",),
     # 3: the decayed residual sums go: the router reads the decayed quality sums directly
     3: ("ALTER TABLE profiles DROP COLUMN resid_sum", "ALTER TABLE task_stats DROP COLUMN resid_sum"),
+    # 4: when a model joined each context (its rows of before count as joined at the start)
+    4: ("ALTER TABLE task_stats ADD COLUMN joined_at {int} NOT NULL DEFAULT 0",),
 }
 
 PROFILE_COLUMNS = (
@@ -128,7 +131,7 @@ PROFILE_COLUMNS = (
 )
 TASK_COLUMNS = (
     "model_id, key, calls, success_count, fail_count, total_latency_ms, quality_sum, decayed_sum,"
-    " decayed_n, ema_quality, updated_at, total_output_tokens"
+    " decayed_n, ema_quality, updated_at, total_output_tokens, joined_at"
 )
 TRACE_COLUMNS = (
     "trace_id, model_id, task, family, cluster, reason, prompt_hash, started_at, outcome, completed_at,"
@@ -152,11 +155,14 @@ ON CONFLICT (model_id) DO UPDATE SET
     updated_at = :now
 """
 
+# A new row's ``joined_at`` is the key's baseline count before this outcome (the model rows of an
+# outcome are counted before its baseline rows): how far into the context's life the model joined.
 _TASK_UPSERT = """
 INSERT INTO task_stats AS t (model_id, key, calls, success_count, fail_count, total_latency_ms,
                              quality_sum, decayed_sum, decayed_n, ema_quality, updated_at,
-                             total_output_tokens)
-VALUES (:model_id, :key, 1, :ok, :fail, :latency, :q, :q, 1, :q, :now, :out_tok)
+                             total_output_tokens, joined_at)
+VALUES (:model_id, :key, 1, :ok, :fail, :latency, :q, :q, 1, :q, :now, :out_tok,
+        COALESCE((SELECT b.calls FROM task_stats b WHERE b.model_id = '*' AND b.key = :key), 0))
 ON CONFLICT (model_id, key) DO UPDATE SET
     ema_quality = CASE WHEN t.calls = 0 THEN excluded.ema_quality
                        ELSE t.ema_quality + :alpha * (excluded.ema_quality - t.ema_quality) END,
