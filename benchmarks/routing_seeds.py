@@ -7,6 +7,7 @@
     .venv/bin/python benchmarks/routing_seeds.py default --seeds 0 --contexts mmlu
     .venv/bin/python benchmarks/routing_seeds.py default --swap   # the split the other way round
     .venv/bin/python benchmarks/routing_seeds.py default --late zephyr-7b-beta  # joins after warm-up
+    .venv/bin/python benchmarks/routing_seeds.py default --degrade zephyr-7b-beta  # gets worse then
 
 Prints each seed's held-out score and $ per 1k requests, then the mean ± sd; the labelled bandit
 with ``--labelled``. About 10 s per seed on a quiet 2-core machine (``routing.py`` is the full
@@ -19,6 +20,7 @@ import argparse
 import statistics
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 
 from routing_replay import (
     IDS,
@@ -87,6 +89,8 @@ def main() -> None:
                         help="learn from the held-out prompts and score the warm-up ones")  # fmt: skip
     parser.add_argument("--late", metavar="MODEL",
                         help="keep MODEL (zephyr-7b-beta, say) out until the warm-up is over")  # fmt: skip
+    parser.add_argument("--degrade", metavar="MODEL",
+                        help="after the warm-up MODEL scores what the weakest model does")  # fmt: skip
     parser.add_argument("--labelled", action="store_true", help="the labelled Thompson bandit instead")
     parser.add_argument("--settle", action="store_true",
                         help="with --labelled: the bandit settles as the router does")  # fmt: skip
@@ -106,9 +110,11 @@ def main() -> None:
     if args.weights is not None:
         wq, wl, wc = args.weights
         settings = settings.model_copy(update={"quality_weight": wq, "latency_weight": wl, "cost_weight": wc})
-    late = next((m for m in IDS if m.split("/")[-1] == args.late), None) if args.late else None
-    if args.late and late is None:
-        parser.error(f"--late: no model {args.late!r} in the data ({', '.join(IDS)})")
+    late = _model(parser, "--late", args.late)
+    degraded = _model(parser, "--degrade", args.degrade)
+    if degraded is not None:  # it now answers as the weakest model on the warm-up prompts did
+        weakest = min(IDS, key=lambda m: statistics.fmean(p.scores[m] for p in train))
+        test = [replace(p, scores={**p.scores, degraded: p.scores[weakest]}) for p in test]
     scores, streams = [], []
     for seed in args.seeds:
         started = time.perf_counter()
@@ -134,6 +140,16 @@ def main() -> None:
     sd = statistics.pstdev(scores) if len(scores) > 1 else 0.0
     whole = f"; whole stream {statistics.fmean(streams):.4f}" if streams else ""
     print(f"mean {statistics.fmean(scores):.4f} ± {sd:.4f} over {len(scores)} seeds{whole}")
+
+
+def _model(parser: argparse.ArgumentParser, flag: str, name: str | None) -> str | None:
+    """The data's model id for ``name`` (zephyr-7b-beta, say); a usage error if there is none."""
+    if name is None:
+        return None
+    found = next((m for m in IDS if m.split("/")[-1] == name), None)
+    if found is None:
+        parser.error(f"{flag}: no model {name!r} in the data ({', '.join(IDS)})")
+    return found
 
 
 if __name__ == "__main__":
