@@ -129,9 +129,9 @@ class LearningMixin:
         router (``routing.store_api.forget_dormant_templates``); other replicas drop them with their
         next full reload. Returns how many templates went."""
         days = self.config.state.template_retention_days if older_than_days is None else older_than_days
-        cutoff = time.time() - days * 86_400
-        keys = forget_dormant_templates(self.store, days, stop=stop)
-        self.tracker.forget(keys, cutoff)
+        now = time.time()
+        keys = forget_dormant_templates(self.store, days, stop=stop, now=now)
+        self.tracker.forget(keys, now - days * 86_400)
         return len(keys)
 
     def compact_spend(self, *, stop: threading.Event | None = None) -> int:

@@ -218,16 +218,20 @@ def compact_old_spend(
 
 
 def forget_dormant_templates(
-    store: StateStore, older_than_days: float, *, stop: threading.Event | None = None
+    store: StateStore,
+    older_than_days: float,
+    *,
+    stop: threading.Event | None = None,
+    now: float | None = None,
 ) -> list[str]:
     """Delete the learned rows of every template not seen for ``older_than_days`` (0: none),
     ``TEMPLATE_CHUNK`` templates per transaction, until none is left or ``stop`` is set: an
     application whose prompts start with something that changes (a date, a user's name) makes a new
     template every day, and every full reload of the learned state reads all their rows. Returns
-    the templates' keys."""
+    the templates' keys. ``now``: the time the age is counted from (default: the clock's)."""
     if older_than_days <= 0:
         return []
-    cutoff = time.time() - older_than_days * 86_400
+    cutoff = (time.time() if now is None else now) - older_than_days * 86_400
     keys: list[str] = []
 
     def step() -> int:
