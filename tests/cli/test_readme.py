@@ -312,7 +312,7 @@ def test_readme_block_runs(
 # and in the README.
 ACT_ONLY = {
     "chat", "serve", "feedback", "keys reset", "secrets put", "secrets rm", "profiles export",
-    "profiles import", "runtimes stop", "runtimes logs", "runtimes install",
+    "profiles import", "profiles forget", "runtimes stop", "runtimes logs", "runtimes install",
 }  # fmt: skip
 
 

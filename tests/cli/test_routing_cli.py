@@ -60,6 +60,12 @@ def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
     profiles = json.loads(path.read_text())
     assert code == 0 and any(p["model_id"].startswith("huggingface/smollm2") for p in profiles)
     assert car("profiles", "import", str(path))[0] == 0
+    code, out, _ = car("profiles", "forget", "smollm2-135m")
+    assert code == 0 and "forgot" in out and "huggingface/smollm2-135m" in out
+    code, out, _ = car("profiles", "forget", "smollm2-135m")
+    assert code == 0 and "nothing was learned about huggingface/smollm2-135m" in out
+    code, _, err = car("profiles", "forget", "smolm2-135m")
+    assert code == 2 and "smolm2-135m" in err and "smollm2-135m" in err, "unknown: named, close matches"
     path.write_text("{not json")
     code, _, err = car("profiles", "import", str(path))
     assert code == 1 and "profiles.json" in err

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from car_inference.errors import ModelNotFound
 from car_inference.requests import GenerateRequest
 from car_inference.routing.outcomes import InferenceTask
 from car_inference.routing.store import TraceRow
@@ -128,6 +129,26 @@ def test_dormant_templates_are_forgotten_in_the_store_and_the_router(remote_engi
     _, levels, _ = engine.tracker.views("chat", "coarse/pnew")
     assert "acme/alpha" in levels[-1]
     assert engine.forget_templates() == 0 and engine.forget_templates(older_than_days=0) == 0
+
+
+def test_a_forgotten_model_is_tried_again_as_a_new_one(remote_engine: RemoteEngine) -> None:
+    """``engine.forget_model``: after an upgrade behind the same name, say. In a settled context
+    the leader's record goes (store and router), and the router draws it whole again; a name
+    the registry does not know is refused with close matches."""
+    engine = remote_engine(TWO, routing="settle_after = 20")
+    decision = engine.route(ASK)
+    for i in range(30):
+        model = ("acme/alpha", 0.9) if i % 3 else ("bolt/beta", 0.3)
+        engine.report(decision, model_id=model[0], score=model[1], output_tokens=20)
+    # the local default model, never tried, draws whole; the two that were tried, not
+    assert "settled context: draws at 0.25 of the uncertainty (1 new here: whole)" in engine.route(ASK).reason
+    assert engine.forget_model("alpha") == ("acme/alpha", 3)  # its profile, its family's and cluster's rows
+    assert engine.tracker.profile("acme/alpha") is None
+    assert not any(r["model_id"] == "acme/alpha" for r in engine.store.task_stats())
+    assert "(2 new here: whole)" in engine.route(ASK).reason
+    assert engine.forget_model("acme/alpha") == ("acme/alpha", 0)
+    with pytest.raises(ModelNotFound, match="alpah"):
+        engine.forget_model("alpah")
 
 
 def test_the_spend_ledger_of_past_days_is_rolled_up(remote_engine: RemoteEngine) -> None:

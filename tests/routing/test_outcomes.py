@@ -255,6 +255,20 @@ def test_a_row_knows_when_its_model_joined_the_context(tracker: OutcomeTracker) 
         assert {m: tracker.task_stats(m, "code").joined_at for m in joined} == joined  # type: ignore[union-attr]
 
 
+def test_forget_model_drops_its_profile_and_rows_and_rebuilds_the_family_views(
+    tracker: OutcomeTracker,
+) -> None:
+    _cluster_run(tracker, "p/a", "code", "latin-short")
+    _cluster_run(tracker, "p/a", "code", "latin-mc")
+    _cluster_run(tracker, "p/b", "code", "latin-short")
+    assert "p/a" in tracker.views("code", "latin-short")[1][0]  # the family view, cached
+    tracker.forget_model("p/a")
+    assert tracker.profile("p/a") is None and tracker.task_stats("p/a", "code") is None
+    assert "p/a" not in tracker.views("code", "latin-short")[1][0]
+    assert tracker.task_stats("*", "code").calls == 3  # type: ignore[union-attr]
+    assert tracker.model_ids() == ["p/b"]
+
+
 def _cluster_run(tracker: OutcomeTracker, model: str, family: str, cluster: str) -> None:
     trace = tracker.record_start(model, family=family, cluster=cluster)
     tracker.record_complete(trace, 100.0)

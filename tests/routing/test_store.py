@@ -196,6 +196,20 @@ def test_a_row_records_how_far_into_its_contexts_life_its_model_joined(location:
         }  # fmt: skip
 
 
+def test_forget_model_deletes_its_profile_and_rows_and_nothing_else(location: Location) -> None:
+    with contextlib.closing(_open(location)) as store:
+        store.record_trace(_row("a", "p/a"), success=True)
+        store.record_trace(_row("b", "p/b", family="math"), success=True)
+        store.record_trace(_row("a2", "p/a", family="math"), success=True)
+        assert store.forget_model("p/a") == 5  # its profile and its rows under four keys
+        assert [p["model_id"] for p in store.profiles()] == ["p/b"]
+        rows = {(r["model_id"], r["key"]): r["calls"] for r in store.task_stats()}
+        assert not any(m == "p/a" for m, _ in rows)
+        assert rows[("*", "code")] == 1 and rows[("*", "math")] == 2, "the baselines keep its outcomes"
+        assert store.trace("a") is not None, "and its traces stay"
+        assert store.forget_model("p/a") == 0
+
+
 def test_recent_latencies_are_each_models_newest_successes_oldest_first(location: Location) -> None:
     with contextlib.closing(_open(location)) as store:
         for i, (model, ok, done) in enumerate(

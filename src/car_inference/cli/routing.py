@@ -1,4 +1,4 @@
-"""`car route`, `car feedback`, `car spend`, `car profiles export|import` (`car health`: health.py)."""
+"""`car route`, `car feedback`, `car spend`, `car profiles export|import|forget` (`car health`: health.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 from ..requests import GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
 from .common import engine, fail, handle_errors, money, out, print_json
 
-profiles_app = typer.Typer(help="Export or import learned model profiles.", no_args_is_help=True)
+profiles_app = typer.Typer(help="Export, import or forget learned model profiles.", no_args_is_help=True)
 
 _WEATHER_TOOL = {
     "type": "function",
@@ -139,6 +139,17 @@ def export_profiles(
     """Write the learned profiles in the seed's outcome_profiles.json shape."""
     count = engine().export_profiles_file(path)
     out.print(f"wrote {count} profile(s) to {path}")
+
+
+@profiles_app.command("forget")
+@handle_errors
+def forget_profile(model: Annotated[str, typer.Argument(help="a model id or name")]) -> None:
+    """Forget what the router learned about a model (after an upgrade behind the same name, say):
+    it is tried again in every context as a new model is. Its traces stay."""
+    model_id, gone = engine().forget_model(model)
+    out.print(
+        f"forgot {gone} learned row(s) of {model_id}" if gone else f"nothing was learned about {model_id}"
+    )
 
 
 @profiles_app.command("import")

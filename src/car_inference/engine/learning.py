@@ -134,6 +134,19 @@ class LearningMixin:
         self.tracker.forget(keys, now - days * 86_400)
         return len(keys)
 
+    def forget_model(self, name: str) -> tuple[str, int]:
+        """Forget what the router learned about a model (after it was upgraded behind the same
+        name, say): its profile and its rows in every context go, in the store and in this
+        process's router, and it is tried again as a new model is. ``name``: a model the router
+        learned about, or any name the registry resolves (``ModelNotFound`` otherwise, with close
+        matches). Returns its id and how many rows went (0: nothing was learned about it). Other
+        replicas drop its profile at their next reload and its rows at their next full one."""
+        model_id = name if name in self.tracker.model_ids() else self.registry.resolve(name).id
+        self.bookkeeper.flush()  # its queued outcomes first, or they would bring rows back
+        gone = self.store.forget_model(model_id)
+        self.tracker.forget_model(model_id)
+        return model_id, gone
+
     def compact_spend(self, *, stop: threading.Event | None = None) -> int:
         """Roll the spend ledger's entries of past UTC days into one per day, provider and model
         (``routing.store_api.compact_old_spend``); the limits' totals stay. Returns how many

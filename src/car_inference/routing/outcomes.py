@@ -192,15 +192,9 @@ class OutcomeTracker:
             raise ValueError(f"score must be within 0..1, got {score}")
         if self.store is None:
             self.record_start(
-                model_id,
-                task,
-                family,
-                reason,
-                prompt,
-                cluster=cluster,
-                trace_id=trace_id,
+                model_id, task, family, reason, prompt, cluster=cluster, trace_id=trace_id,
                 started_at=started_at,
-            )
+            )  # fmt: skip
             if success is None:
                 with self._lock:
                     trace = self._traces.get(trace_id)
@@ -555,6 +549,21 @@ class OutcomeTracker:
                 if by_model is not None and all(s.updated_at < older_than for s in by_model.values()):
                     del self._stats[key]
             self._indexed = -1  # the sibling index is rebuilt from the keys left
+
+    def forget_model(self, model_id: str) -> None:
+        """Drop what was learned about ``model_id`` (``StateStore.forget_model``): its profile
+        (back to its benchmark prior, if any) and its rows under every key. It is then tried as
+        a new model is, in full even where a context has settled (``scoring.is_newcomer``)."""
+        with self._lock:
+            prior = self._priors.get(model_id)
+            self._profiles.pop(model_id, None)
+            if prior is not None:
+                self._profiles[model_id] = ProfileRow(ema_quality=prior.overall_score)
+            for by_model in self._stats.values():
+                by_model.pop(model_id, None)
+            self._version += 1  # every family's view is stale
+        if self.on_change is not None:
+            self.on_change()
 
     def _rebuild_baselines(self) -> None:
         """Baseline rows as the sums of every model's rows."""

@@ -422,6 +422,15 @@ class StoreBase:
                 self._x(conn, f"DELETE FROM task_stats WHERE key IN ({dormant})", params)
         return keys
 
+    def forget_model(self, model_id: str) -> int:
+        """Delete ``model_id``'s profile and its ``task_stats`` rows under every key, in one
+        transaction that holds off the counters' writers; how many rows went. The baselines keep
+        its past outcomes (a settled context stays settled) and its traces stay."""
+        with self._tx(counters=True) as conn:
+            gone = self._x(conn, "DELETE FROM task_stats WHERE model_id = ?", (model_id,)).rowcount
+            gone += self._x(conn, "DELETE FROM profiles WHERE model_id = ?", (model_id,)).rowcount
+        return int(gone)
+
     # --- profiles ------------------------------------------------------------------------------
 
     def profiles(self) -> list[dict[str, Any]]:
