@@ -215,10 +215,11 @@ def replay(engine: InferenceEngine, prompts: Sequence[Prompt], pricing: Pricing)
 
 def run_router(
     settings: RoutingSettings, pricing: Pricing, train: Sequence[Prompt], test: Sequence[Prompt], seed: int,
-    *, warm: bool, late: str | None = None,
+    *, warm: bool, late: str | None = None, forget: str | None = None,
 ) -> Score:  # fmt: skip
     """``late``: a model kept out of the catalog until the warm-up is over (a new release joining
-    a deployment whose contexts have settled)."""
+    a deployment whose contexts have settled); ``forget``: a model whose learned record is
+    forgotten after the warm-up (``engine.forget_model``, as after an upgrade)."""
     order = list(test)
     random.Random(seed).shuffle(order)
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,6 +234,8 @@ def run_router(
                 before = replay(engine, warmup, pricing).quality
             if late is not None:
                 engine.registry.register(schema(late, pricing.usd_per_mtok[late], pricing.latency_ms[late]))
+            if forget is not None:
+                engine.forget_model(forget)
             return replace(replay(engine, order, pricing), warmup_quality=before)
         finally:
             engine.close()

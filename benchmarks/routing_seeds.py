@@ -8,6 +8,7 @@
     .venv/bin/python benchmarks/routing_seeds.py default --swap   # the split the other way round
     .venv/bin/python benchmarks/routing_seeds.py default --late zephyr-7b-beta  # joins after warm-up
     .venv/bin/python benchmarks/routing_seeds.py default --degrade zephyr-7b-beta  # gets worse then
+    .venv/bin/python benchmarks/routing_seeds.py default --upgrade metamath-mistral-7b [--forget]
 
 Prints each seed's held-out score and $ per 1k requests, then the mean ± sd; the labelled bandit
 with ``--labelled``. About 10 s per seed on a quiet 2-core machine (``routing.py`` is the full
@@ -91,6 +92,10 @@ def main() -> None:
                         help="keep MODEL (zephyr-7b-beta, say) out until the warm-up is over")  # fmt: skip
     parser.add_argument("--degrade", metavar="MODEL",
                         help="after the warm-up MODEL scores what the weakest model does")  # fmt: skip
+    parser.add_argument("--upgrade", metavar="MODEL",
+                        help="after the warm-up MODEL scores max(its, the best model's))")  # fmt: skip
+    parser.add_argument("--forget", action="store_true",
+                        help="with --upgrade: car profiles forget MODEL after the warm-up")  # fmt: skip
     parser.add_argument("--labelled", action="store_true", help="the labelled Thompson bandit instead")
     parser.add_argument("--settle", action="store_true",
                         help="with --labelled: the bandit settles as the router does")  # fmt: skip
@@ -115,6 +120,12 @@ def main() -> None:
     if degraded is not None:  # it now answers as the weakest model on the warm-up prompts did
         weakest = min(IDS, key=lambda m: statistics.fmean(p.scores[m] for p in train))
         test = [replace(p, scores={**p.scores, degraded: p.scores[weakest]}) for p in test]
+    upgraded = _model(parser, "--upgrade", args.upgrade)
+    if upgraded is not None:  # now at least as good as the best single model, prompt by prompt
+        best = max(IDS, key=lambda m: statistics.fmean(p.scores[m] for p in train))
+        test = [
+            replace(p, scores={**p.scores, upgraded: max(p.scores[upgraded], p.scores[best])}) for p in test
+        ]
     scores, streams = [], []
     for seed in args.seeds:
         started = time.perf_counter()
@@ -123,7 +134,10 @@ def main() -> None:
                 settings, pricing, train, test, seed, warm=not args.cold, settle=args.settle, late=late
             )
         else:
-            score = run_router(settings, pricing, train, test, seed, warm=not args.cold, late=late)
+            forget = upgraded if args.forget else None
+            score = run_router(
+                settings, pricing, train, test, seed, warm=not args.cold, late=late, forget=forget
+            )
         scores.append(score.quality)
         took = time.perf_counter() - started
         stream = ""
