@@ -280,6 +280,24 @@ def test_a_model_new_to_a_settled_context_draws_whole_until_it_has_been_there_as
     assert "new here" not in router.decide(HELLO, reg).reason  # 200: settled with the rest
 
 
+def test_a_newcomer_that_already_looks_better_keeps_its_requests() -> None:
+    """A newcomer's draws are whole only above its mean: one ahead of the settled leader on a few
+    outcomes is not displaced by its own wide draws falling below (whole both ways, it got 243 of
+    the 300 requests here)."""
+    reg = registry(remote("a/lead", quality=0.6), remote("c/new", quality=0.6))
+    router = make_router(RoutingSettings(settle_after=200), seed=7)
+    d = router.decide(HELLO, reg)
+    outcomes = [("a/lead", 0.62)] * 200 + [("c/new", 0.7)] * 20
+    for i, (model, score) in enumerate(outcomes):
+        router.tracker.record_attempt(
+            model, family=d.task_family, cluster=d.prompt_cluster, trace_id=f"t{i}", started_at=0.0,
+            success=True, score=score,
+        )  # fmt: skip
+    decisions = [router.decide(HELLO, reg) for _ in range(300)]
+    assert all("(1 new here: whole)" in x.reason for x in decisions)
+    assert sum(x.model_id == "c/new" for x in decisions) >= 270
+
+
 def test_a_model_that_joined_before_the_context_settled_settles_with_it() -> None:
     """``is_newcomer``: a model without a row there, or one that joined after the context settled
     and has not been there for ``settle_count`` outcomes since; not one that joined before."""

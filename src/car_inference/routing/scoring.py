@@ -82,16 +82,19 @@ it by more before it is tried again.
 
 Newcomers: a model that joins a context after it has settled (a new release added to the catalog,
 say) has not had the whole-belief exploration the others had, so it is not held to the settled
-width (``is_newcomer``): it draws whole while it has no outcome there and then until the context
-has had ``settle_after`` outcomes since its first (``task_stats.joined_at``, the key's baseline
-count when the model's row was made), as long as every other model had. Held to the settled
-width, a better model unlucky in its first few tries froze below the leader for good: RouterDC
-replay with zephyr (the best model of MMLU's main context) added after the warm-up, 12 seeds,
-0.4893 ± 0.009 -> 0.4974 ± 0.004 (seed 2: 0.4756 -> 0.4982; zephyr had taken 5 of that context's
-3,144 held-out prompts). When every model is there from the start nothing changes (0.5028, and
-0.5443 on the swapped split, exactly as before). What it costs when the newcomer is no better
-where it is tried: 0.0005-0.0017 (chinese-mistral, mistral or dolphin-2.9 added late, 6 seeds:
-0.4964 -> 0.4959, 0.4995 -> 0.4979, 0.5010 -> 0.4993).
+width (``is_newcomer``): while it has no outcome there, and then until the context has had
+``settle_after`` outcomes since its first (``task_stats.joined_at``, the key's baseline count when
+the model's row was made), as long as every other model had, its draws above its mean are whole
+and those below it at the settled width (optimistic: a newcomer that already looks better keeps
+its requests as a settled leader would). Held to the settled width, a better model unlucky in its
+first few tries froze below the leader for good: RouterDC replay with zephyr (the best model of
+MMLU's main context) added after the warm-up, 12 seeds, 0.4893 ± 0.009 -> 0.4987 ± 0.0026 (seed 2:
+0.4756 -> 0.4973; zephyr had taken 5 of that context's 3,144 held-out prompts). Whole draws both
+ways gave 0.4974 ± 0.0040, with a seed where zephyr, ahead but drawn wide, got 190 of those
+prompts and settled behind (0.4884; optimistic 0.4998). When every model is there from the start
+nothing changes (0.5028, and 0.5443 on the swapped split, exactly as before). What it costs when
+the newcomer is no better where it is tried (chinese-mistral, mistral or dolphin-2.9 added late, 6
+seeds): 0.4964 -> 0.4959, 0.4995 -> 0.4979, 0.5010 -> 0.4996.
 """
 
 from __future__ import annotations
@@ -178,9 +181,10 @@ def _settle_count(st: RoutingSettings, templated: bool) -> float:
 
 
 def is_newcomer(row: StatsRow | None, context_calls: int, settle_count: float) -> bool:
-    """Whether a model draws whole in a settled context: it has no outcome there yet, or it joined
-    (its first outcome) after the context settled and the context has not had ``settle_count``
-    outcomes since, as long as every model had before the context settled (module docstring)."""
+    """Whether a model draws whole (upwards) in a settled context: it has no outcome there yet, or
+    it joined (its first outcome) after the context settled and the context has not had
+    ``settle_count`` outcomes since, as long as every model had before the context settled
+    (module docstring)."""
     return row is None or (row.joined_at >= settle_count and context_calls - row.joined_at < settle_count)
 
 
@@ -279,7 +283,11 @@ def score_candidates(
             if settled is not None:
                 e, newcomers = st.exploration, newcomers + 1
         sd = sqrt(var)
-        q = mean + e * sd * (lean + _OWN_PART * gauss(0.0, 1.0)) if e else mean
+        if e:  # a newcomer (e > explore) draws whole upwards only: one that looks better stays so
+            z = lean + _OWN_PART * gauss(0.0, 1.0)
+            q = mean + (e if z > 0.0 else explore) * sd * z
+        else:
+            q = mean
         q = 0.0 if q < 0.0 else 1.0 if q > 1.0 else q
         cost = v.in_rate * est_in + v.out_rate * out_tokens
         if latency < fastest:  # noqa: PLR1730 (an if is faster than min() here)
