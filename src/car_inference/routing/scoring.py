@@ -171,7 +171,7 @@ def exploration_width(st: RoutingSettings, levels: list[dict[str, StatsRow]], *,
     """How wide the Thompson draws are in this context (its narrowest level): the whole belief
     for its first ``settle_after`` outcomes (a template: ``TEMPLATE_SETTLE_SHARE`` of them),
     ``settled_width`` of it after that (module docstring). A model new to a settled context
-    still draws whole (``is_newcomer``)."""
+    still draws whole above its mean (``is_newcomer``)."""
     row = levels[-1].get(ALL) if levels else None
     return st.settled_width if row is not None and row.calls >= _settle_count(st, templated) else 1.0
 

@@ -38,7 +38,6 @@ __all__ = [
     "trace_quality",
 ]
 
-
 _INSERT_TRACE = (
     "INSERT INTO traces (trace_id, model_id, task, family, cluster, reason, prompt_hash, started_at,"
     " outcome, completed_at, latency_ms, ttft_ms, input_tokens, output_tokens, error_class, error, base,"
