@@ -130,6 +130,40 @@ def with_shared_prefix(prompts: Sequence[Prompt]) -> list[Prompt]:
     return [Prompt(p.bench, heads[p.bench] + p.question, p.scores, p.in_tokens) for p in prompts]
 
 
+MULTIPLE_CHOICE = frozenset({"arc_challenge", "arc_easy", "mmlu", "cmmlu", "ceval"})
+
+
+def binary(prompts: Sequence[Prompt]) -> list[Prompt]:
+    """The same prompts with 0/1 outcomes, as the issue's held-out data has: a multiple-choice answer
+    is right when the model's top choice was (score > 0); a sampled fraction (GSM8K's ten answers,
+    code's pass rate) becomes one Bernoulli draw of it, fixed per prompt and model."""
+    out = []
+    for p in prompts:
+        if p.bench in MULTIPLE_CHOICE:
+            scores = {m: float(s > 0) for m, s in p.scores.items()}
+        else:
+            scores = {m: float(random.Random(f"{m}|{p.question}").random() < s) for m, s in p.scores.items()}
+        out.append(replace(p, scores=scores))
+    return out
+
+
+def issue_sized(
+    train: Sequence[Prompt], test: Sequence[Prompt], benches: Sequence[str], n_train: int, n_test: int
+) -> tuple[list[Prompt], list[Prompt]]:
+    """A deployment the size of the issue's held-out data: a few benchmarks, ``n_train`` warm-up and
+    ``n_test`` held-out prompts of each (fewer where the data has fewer), drawn with a fixed seed."""
+    rng = random.Random("issue-sized")
+
+    def take(ps: Sequence[Prompt], bench: str, n: int) -> list[Prompt]:
+        pool = [p for p in ps if p.bench == bench]
+        return rng.sample(pool, min(n, len(pool)))
+
+    return (
+        [p for b in benches for p in take(train, b, n_train)],
+        [p for b in benches for p in take(test, b, n_test)],
+    )
+
+
 def size_pricing() -> Pricing:
     """Price and latency proportional to parameter count: $0.20/M and 800 ms at 7.2B."""
     return Pricing(

@@ -9,10 +9,13 @@
     .venv/bin/python benchmarks/routing_seeds.py default --late zephyr-7b-beta  # joins after warm-up
     .venv/bin/python benchmarks/routing_seeds.py default --degrade zephyr-7b-beta  # gets worse then
     .venv/bin/python benchmarks/routing_seeds.py default --upgrade metamath-mistral-7b [--forget]
+    .venv/bin/python benchmarks/routing_seeds.py default --binary [--swap]  # 0/1 outcomes
+    .venv/bin/python benchmarks/routing_seeds.py default --binary --issue-sized [--shared-prefix]
 
-Prints each seed's held-out score and $ per 1k requests, then the mean ± sd; the labelled bandit
-with ``--labelled``. About 10 s per seed on a quiet 2-core machine (``routing.py`` is the full
-report; this is the same replay, ``routing_replay.run_router``, for one row).
+Prints the fixed policies (best single model, best per benchmark, random, oracle), each seed's
+held-out score and $ per 1k requests, then the mean ± sd; the labelled bandit with
+``--labelled``. About 10 s per seed on a quiet 2-core machine (``routing.py`` is the full report;
+this is the same replay, ``routing_replay.run_router``, for one row).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from routing_replay import (
     SETTINGS,
     Prompt,
     Score,
+    binary,
+    fixed_policies,
+    issue_sized,
     load_split,
     run_labelled,
     run_router,
@@ -96,6 +102,11 @@ def main() -> None:
                         help="after the warm-up MODEL scores max(its, the best model's))")  # fmt: skip
     parser.add_argument("--forget", action="store_true",
                         help="with --upgrade: car profiles forget MODEL after the warm-up")  # fmt: skip
+    parser.add_argument("--binary", action="store_true",
+                        help="0/1 outcomes (top choice right; one draw of a sampled fraction)")  # fmt: skip
+    parser.add_argument("--issue-sized", nargs="*", metavar="BENCH",
+                        help="only these benchmarks (default mmlu arc_challenge gsm8k), "
+                             "735 warm-up and 315 held-out prompts of each")  # fmt: skip
     parser.add_argument("--labelled", action="store_true", help="the labelled Thompson bandit instead")
     parser.add_argument("--settle", action="store_true",
                         help="with --labelled: the bandit settles as the router does")  # fmt: skip
@@ -105,6 +116,11 @@ def main() -> None:
                         help="per seed, each benchmark's loss against its best model")  # fmt: skip
     args = parser.parse_args()
     train, test = load_split(swap=args.swap)
+    if args.issue_sized is not None:
+        benches = args.issue_sized or ["mmlu", "arc_challenge", "gsm8k"]
+        train, test = issue_sized(train, test, benches, 735, 315)
+    if args.binary:
+        train, test = binary(train), binary(test)
     if args.shared_prefix:
         train, test = with_shared_prefix(train), with_shared_prefix(test)
     pricing = size_pricing() if args.pricing == "size" else spread_pricing(train)
@@ -126,7 +142,9 @@ def main() -> None:
         test = [
             replace(p, scores={**p.scores, upgraded: max(p.scores[upgraded], p.scores[best])}) for p in test
         ]
-    scores, streams = [], []
+    for name, fixed in fixed_policies(train, test, pricing).items():
+        print(f"{name}: {fixed.quality:.4f}  ${fixed.usd_per_1k:.4f} per 1k", flush=True)
+    scores, costs, streams = [], [], []
     for seed in args.seeds:
         started = time.perf_counter()
         if args.labelled:
@@ -139,6 +157,7 @@ def main() -> None:
                 settings, pricing, train, test, seed, warm=not args.cold, late=late, forget=forget
             )
         scores.append(score.quality)
+        costs.append(score.usd_per_1k)
         took = time.perf_counter() - started
         stream = ""
         if score.warmup_quality is not None:  # the whole stream, warm-up included
@@ -153,7 +172,8 @@ def main() -> None:
             print(contexts(score, args.contexts, len(test)), flush=True)
     sd = statistics.pstdev(scores) if len(scores) > 1 else 0.0
     whole = f"; whole stream {statistics.fmean(streams):.4f}" if streams else ""
-    print(f"mean {statistics.fmean(scores):.4f} ± {sd:.4f} over {len(scores)} seeds{whole}")
+    print(f"mean {statistics.fmean(scores):.4f} ± {sd:.4f} over {len(scores)} seeds, "
+          f"${statistics.fmean(costs):.4f} per 1k{whole}")  # fmt: skip
 
 
 def _model(parser: argparse.ArgumentParser, flag: str, name: str | None) -> str | None:
