@@ -3,13 +3,15 @@
     .venv/bin/python benchmarks/routing.py            # everything (several minutes on 2 cores)
     .venv/bin/python benchmarks/routing.py --quick    # 2 seeds, one pricing, fewer latency samples
     .venv/bin/python benchmarks/routing.py --tokens   # token-estimate calibration only
+    .venv/bin/python benchmarks/routing.py --binary   # the replay with 0/1 outcomes only
 
 Sections: (a) replay of real per-prompt outcomes under bandit feedback (``routing_replay.py``: the
 engine routes, only the chosen model's score is revealed and reported back), from cold and after
 a warm-up, at three cost weights, 5 seeds, next to the best single model, random, the per-prompt
 oracle and a Thompson bandit given the benchmark label (plain, and settling as the router does:
 ``[routing] settle_after``), with a shared prefix per benchmark, and with a model that joins after
-the warm-up; (b) the same under a second price
+the warm-up, and with 0/1 outcomes (right or wrong, on both splits, and a deployment the size the
+issue describes); (b) the same under a second price
 assumption; (c) decision latency with 50 and 500 catalog models, featurization apart; (d) outcome
 write cost (SQLite); (e) token-estimate calibration against the SmolLM2 tokenizer.
 """
@@ -45,7 +47,9 @@ from routing_replay import (
     Pricing,
     Prompt,
     Score,
+    binary,
     fixed_policies,
+    issue_sized,
     load_split,
     run_labelled,
     run_router,
@@ -145,6 +149,75 @@ def section_late(train: list[Prompt], test: list[Prompt], pricing: Pricing, seed
         ("car-inference, default, after warm-up", *_mean_sd(ours)),
         ("labelled Thompson bandit, default, after warm-up", *_mean_sd(bandit)),
     ]
+    print(table(["policy", f"held-out mean score ({seeds} seeds)", "$ per 1k requests"], rows))
+
+
+def section_binary(train: list[Prompt], test: list[Prompt], seeds: int) -> None:
+    """The replay with 0/1 outcomes (``routing_replay.binary``: a multiple-choice answer right or
+    wrong, one sampled answer's correctness), which is what production reveals and what the
+    issue's own held-out data records: default weights after warm-up on both splits, the
+    cost-aware setting with spread prices, the targets checked on these rows; then a deployment the
+    size of the issue's data (three benchmarks, 735 warm-up and 315 held-out prompts of each)."""
+    print("\n## Replay with 0/1 outcomes (right or wrong, as production reveals)\n")
+    settings, cheap = SETTINGS["default"], SETTINGS["cost-aware"]
+    rows: list[tuple[str, str, str]] = []
+    r: dict[str, float] = {}
+    b_train, b_test = binary(train), binary(test)
+    for split, (tr, te) in (("", (b_train, b_test)), ("swapped split: ", (b_test, b_train))):
+        size, spread = size_pricing(), spread_pricing(tr)
+        fixed = fixed_policies(tr, te, size)
+        best = next(s for k, s in fixed.items() if k.startswith("always the best"))
+        ceiling = next(s for k, s in fixed.items() if k.startswith("best model per benchmark"))
+        ours = [run_router(settings, size, tr, te, s, warm=True) for s in range(seeds)]
+        bandit = [run_labelled(settings, size, tr, te, s, warm=True) for s in range(seeds)]
+        settled = [run_labelled(settings, size, tr, te, s, warm=True, settle=True) for s in range(seeds)]
+        frugal = [run_router(cheap, spread, tr, te, s, warm=True) for s in range(seeds)]
+        best_spread = next(s for k, s in fixed_policies(tr, te, spread).items() if k.startswith("always"))
+        rows += [
+            (f"{split}always the best single model", f"{best.quality:.4f}", f"{best.usd_per_1k:.4f}"),
+            (f"{split}best model per benchmark, full information", f"{ceiling.quality:.4f}",
+             f"{ceiling.usd_per_1k:.4f}"),
+            (f"{split}car-inference, default, after warm-up", *_mean_sd(ours)),
+            (f"{split}labelled Thompson bandit, default, after warm-up", *_mean_sd(bandit)),
+            (f"{split}labelled bandit settling as the router does", *_mean_sd(settled)),
+            (f"{split}car-inference, cost-aware, spread prices (best single: "
+             f"${best_spread.usd_per_1k:.4f} per 1k)", *_mean_sd(frugal)),
+        ]  # fmt: skip
+        if not split:
+            r = {
+                "best": best.quality, "best_cost": best_spread.usd_per_1k, "ceiling": ceiling.quality,
+                "default|after warm-up|router": statistics.fmean(s.quality for s in ours),
+                "default|after warm-up|router_sd": statistics.pstdev(s.quality for s in ours),
+                "default|after warm-up|router_cost": statistics.fmean(s.usd_per_1k for s in ours),
+                "default|after warm-up|bandit": statistics.fmean(s.quality for s in bandit),
+                "default|after warm-up|bandit_cost": statistics.fmean(s.usd_per_1k for s in bandit),
+                "cost-aware|after warm-up|router": statistics.fmean(s.quality for s in frugal),
+                "cost-aware|after warm-up|router_cost": statistics.fmean(s.usd_per_1k for s in frugal),
+            }  # fmt: skip
+    print(table(["policy (size prices unless said)", f"held-out mean score ({seeds} seeds)",
+                 "$ per 1k requests"], rows))  # fmt: skip
+    print("\n### Targets (0/1 outcomes; the cost-aware rows with spread prices)\n")
+    targets(r)
+    section_issue_sized(train, test, 4 * seeds)
+
+
+def section_issue_sized(train: list[Prompt], test: list[Prompt], seeds: int) -> None:
+    """0/1 outcomes, three benchmarks, 735 warm-up and 315 held-out prompts of each (the size of
+    the issue's held-out data), with and without a shared prefix per benchmark."""
+    print("\n## A deployment the size of the issue's data (mmlu, arc_challenge, gsm8k; 0/1 outcomes)\n")
+    tr, te = issue_sized(train, test, ("mmlu", "arc_challenge", "gsm8k"), 735, 315)
+    tr, te = binary(tr), binary(te)
+    pricing, settings = size_pricing(), SETTINGS["default"]
+    fixed = fixed_policies(tr, te, pricing)
+    rows = [(name, f"{s.quality:.4f}", f"{s.usd_per_1k:.4f}") for name, s in fixed.items()]
+    for label, (a, b) in (
+        ("", (tr, te)),
+        (", shared prefix", (with_shared_prefix(tr), with_shared_prefix(te))),
+    ):
+        ours = [run_router(settings, pricing, a, b, s, warm=True) for s in range(seeds)]
+        bandit = [run_labelled(settings, pricing, a, b, s, warm=True) for s in range(seeds)]
+        rows.append((f"car-inference, default, after warm-up{label}", *_mean_sd(ours)))
+        rows.append((f"labelled Thompson bandit, default, after warm-up{label}", *_mean_sd(bandit)))
     print(table(["policy", f"held-out mean score ({seeds} seeds)", "$ per 1k requests"], rows))
 
 
@@ -407,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 seeds, one pricing, fewer latency samples")
     parser.add_argument("--tokens", action="store_true", help="only the token-estimate calibration")
     parser.add_argument("--latency", action="store_true", help="only decision and featurization latency")
+    parser.add_argument("--binary", action="store_true", help="only the replay with 0/1 outcomes")
     parser.add_argument("--seeds", type=int, default=None, help="router seeds (default 5, --quick 2)")
     args = parser.parse_args(argv)
     if args.tokens:
@@ -422,6 +496,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     train, test = load_split()
     seeds = args.seeds or (2 if args.quick else 5)
+    if args.binary:
+        section_binary(train, test, seeds)
+        return 0
     print(
         f"# Routing benchmark (RouterDC split2_model7: {len(train)} warm-up / {len(test)} held-out prompts)"
     )
@@ -430,6 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets(results)
     section_prefixed(train, test, size_pricing(), seeds)
     section_late(train, test, size_pricing(), seeds)
+    section_binary(train, test, seeds)
     if not args.quick:
         spread = section_replay(train, test, spread_pricing(train), seeds)
         print("\n### Targets (spread prices)\n")
