@@ -118,6 +118,9 @@ def main() -> None:
     train, test = load_split(swap=args.swap)
     if args.issue_sized is not None:
         benches = args.issue_sized or ["mmlu", "arc_challenge", "gsm8k"]
+        known = sorted({p.bench for p in train})
+        if unknown := [b for b in benches if b not in known]:
+            parser.error(f"--issue-sized: no benchmark {', '.join(unknown)} in the data ({', '.join(known)})")
         train, test = issue_sized(train, test, benches, 735, 315)
     if args.binary:
         train, test = binary(train), binary(test)
