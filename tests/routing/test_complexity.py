@@ -76,6 +76,8 @@ def test_length_tools_and_vision_add_points() -> None:
         ("Solve for x: 3x + 5 = 20", "math"),
         ("Why does ice float on water?", "reasoning"),
         ("Which of the following is a mammal?\nA. Shark\nB. Dolphin\nC. Trout\nD. Eel", "reasoning"),
+        ("What is 12 + 7?", "math"),
+        ("What is 12 + 7?\nA. 17\nB. 19\nC. 21\nD. 23", "reasoning"),  # multiple choice, any subject
         ("Write a short poem about autumn leaves.", "creative"),
         ("Hello! How are you today?", "chat"),
     ],
