@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .requests import TokenUsage, ToolCall
+from .requests import InferenceResult, TokenUsage, ToolCall
 
 __all__ = [
     "Done",
@@ -91,6 +91,22 @@ class Done(_Event):
     # Opaque items the provider needs back with this turn (Anthropic thinking blocks and their
     # signatures): give them to the next request as the assistant message's ``provider_items``.
     provider_output_items: list[dict[str, Any]] = Field(default_factory=list)
+
+    def result(self) -> InferenceResult:
+        """The answer as ``generate`` gives it (no bounding boxes: those are parsed per model)."""
+        return InferenceResult.model_construct(
+            text=self.text,
+            tool_calls=list(self.tool_calls),
+            bounding_boxes=[],
+            trace_id=self.trace_id or "",
+            model_used=self.model_used or "",
+            latency_ms=self.latency_ms or 0.0,
+            time_to_first_token_ms=self.time_to_first_token_ms,
+            usage=self.usage,
+            provider_output_items=list(self.provider_output_items),
+            thinking=self.thinking,
+            finish_reason=self.finish_reason,
+        )
 
 
 class ErrorEvent(_Event):

@@ -80,8 +80,8 @@ async def test_intent_deserializes_from_json_rpc_params(local_server: ServerThre
 async def test_streaming_sends_events_then_the_result(local_server: ServerThread) -> None:
     async with connect(local_server.ws_url) as ws:
         for method, params in (
-            ("infer", {"prompt": "Count to three.", "params": {"max_tokens": 6}, "stream": True}),
-            ("infer.stream", {"prompt": "Count to three.", "params": {"max_tokens": 6}}),
+            ("infer", {"prompt": "Count to three.", "params": {"max_tokens": 2}, "stream": True}),
+            ("infer.stream", {"prompt": "Count to three.", "params": {"max_tokens": 2}}),
         ):
             await ws.send(rpc(method, params, rid=7))
             events = []
@@ -97,6 +97,23 @@ async def test_streaming_sends_events_then_the_result(local_server: ServerThread
             assert (
                 message["result"]["text"] == text and message["result"]["trace_id"] == events[0]["trace_id"]
             )
+            # Cut at max_tokens: the result says so, as a call without streaming does.
+            assert message["result"]["finish_reason"] == "length"
+
+
+async def test_a_missing_media_backend_is_the_501_of_its_http_route(local_server: ServerThread) -> None:
+    # No image or video model here: /v1/images/generations and /v1/videos answer 501
+    # capability_unavailable (tests/server/test_media.py); data.status says the same over /ws.
+    async with connect(local_server.ws_url) as ws:
+        for method, capability in (
+            ("generate_image", "image_generation"),
+            ("generate_video", "video_generation"),
+        ):
+            error = (await call(ws, method, {"prompt": "a red apple"}))["error"]
+            assert error["code"] == -32010, error
+            assert error["data"]["status"] == 501 and error["data"]["code"] == "capability_unavailable"
+            assert error["data"]["capability"] == capability
+            assert error["message"].startswith(f"{capability} is not available on this server: ")
 
 
 async def test_embed_rerank_classify_tokenize(local_server: ServerThread) -> None:

@@ -448,7 +448,7 @@ class GenerationMixin:
                     if isinstance(event, Done):
                         whole = event.model_copy(update={"text": join_text(prefix, event.text)})
                         done = _finish_done(model, whole, attempt.trace_id, sent.start, sent.ttft_ms, usage)
-                        self._succeeded(model, attempt, _as_result(done), attempt_start)
+                        self._succeeded(model, attempt, done.result(), attempt_start)
                         finished = True
                         yield done
                         return
@@ -558,22 +558,6 @@ def _finish_done(
             "time_to_first_token_ms": ttft,
             "usage": _with_cost(model, done.usage or usage),
         }
-    )
-
-
-def _as_result(done: Done) -> InferenceResult:
-    return InferenceResult.model_construct(
-        text=done.text,
-        tool_calls=list(done.tool_calls),
-        bounding_boxes=[],
-        trace_id=done.trace_id or "",
-        model_used=done.model_used or "",
-        latency_ms=done.latency_ms or 0.0,
-        time_to_first_token_ms=done.time_to_first_token_ms,
-        usage=done.usage,
-        provider_output_items=list(done.provider_output_items),
-        thinking=done.thinking,
-        finish_reason=done.finish_reason,
     )
 
 

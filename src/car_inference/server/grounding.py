@@ -23,8 +23,9 @@ from ..requests import GroundRequest, GroundResult
 from .common import ServerState, car_headers, json_response, read_json
 from .errors import ApiError, guarded
 
-__all__ = ["ground_request", "register", "rpc_ground"]
+__all__ = ["GROUNDING", "ground_request", "register", "rpc_ground"]
 
+GROUNDING = "grounding"  # the capability a missing backend names (errors.describe)
 _SCHEMES = ("data", "http", "https")
 
 
@@ -54,7 +55,7 @@ async def run_ground(engine: InferenceEngine, request: GroundRequest, timeout_s:
 def register(app: FastAPI, state: ServerState) -> None:
     timeout_s = state.settings.request_timeout_s
 
-    @guarded("grounding", timeout_s=timeout_s, retry_hint=state.retry_hint)
+    @guarded(GROUNDING, timeout_s=timeout_s, retry_hint=state.retry_hint)
     async def ground(request: Request) -> Response:
         result = await run_ground(state.engine, ground_request(await read_json(request)), timeout_s)
         return json_response(result.model_dump(mode="json"), headers=car_headers(result.model_used))

@@ -43,7 +43,7 @@ from .common import ServerState, car_headers, json_response, read_json
 from .errors import ApiError, describe, guarded
 from .media import FormField, _without_path, parse_multipart
 
-__all__ = ["MAX_JOBS", "register", "rpc_generate_image", "rpc_generate_video"]
+__all__ = ["IMAGES", "MAX_JOBS", "VIDEOS", "register", "rpc_generate_image", "rpc_generate_video"]
 
 IMAGES = "image_generation"
 VIDEOS = "video_generation"

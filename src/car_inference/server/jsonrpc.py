@@ -43,8 +43,9 @@ from .errors import (
     describe,
     rpc_error,
 )
-from .grounding import rpc_ground
-from .images import rpc_generate_image, rpc_generate_video
+from .grounding import GROUNDING, rpc_ground
+from .images import IMAGES, VIDEOS, rpc_generate_image, rpc_generate_video
+from .media import STT, TTS
 from .runner_rpc import RUNNER_METHODS, RpcRunner
 from .speech_rpc import rpc_synthesize, rpc_transcribe, rpc_voices
 
@@ -266,7 +267,8 @@ class Session:
         except Exception as exc:
             if isinstance(exc, InferenceError):
                 metrics.failure(exc)
-            info = describe(exc, timeout_s=timeout_s, retry_hint=self.state.retry_hint)
+            capability = _CAPABILITIES.get(name)
+            info = describe(exc, capability=capability, timeout_s=timeout_s, retry_hint=self.state.retry_hint)
             metrics.request(f"ws:{name}", None, info.status)
             return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(info)}
         finally:
@@ -309,7 +311,7 @@ class Session:
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, Done):
-                    result = _result_of(event)
+                    result = event.result()
                     metrics.generation(
                         result.model_used, result.latency_ms, result.time_to_first_token_ms, result.usage
                     )
@@ -324,19 +326,6 @@ class Session:
                     route = event
                 await self.notify(EVENT_METHOD, {"request_id": rid, "event": event.model_dump(mode="json")})
         raise ApiError(502, "the stream ended without a result", type="upstream_error", code="stream_failed")
-
-
-def _result_of(done: Done) -> InferenceResult:
-    return InferenceResult(
-        text=done.text,
-        tool_calls=list(done.tool_calls),
-        trace_id=done.trace_id or "",
-        model_used=done.model_used or "",
-        latency_ms=done.latency_ms or 0.0,
-        time_to_first_token_ms=done.time_to_first_token_ms,
-        usage=done.usage,
-        thinking=done.thinking,
-    )
 
 
 # --- methods ----------------------------------------------------------------------------------------
@@ -478,6 +467,18 @@ METHODS: dict[str, Method] = {
     "synthesize": rpc_synthesize,
     "voices": rpc_voices,
     **RUNNER_METHODS,
+}
+
+
+# The methods whose HTTP routes answer a missing backend with a 501 naming the capability
+# (``errors.describe``): the same failure gets the same status (``data.status``) here.
+_CAPABILITIES = {
+    "generate_image": IMAGES,
+    "generate_video": VIDEOS,
+    "ground": GROUNDING,
+    "transcribe": STT,
+    "synthesize": TTS,
+    "voices": TTS,
 }
 
 

@@ -30,7 +30,7 @@ from .common import ServerState, car_headers, json_response, read_json
 from .errors import ApiError, guarded
 from .translate import AUTO
 
-__all__ = ["FormField", "parse_multipart", "register"]
+__all__ = ["STT", "TTS", "FormField", "parse_multipart", "register"]
 
 STT = "speech_to_text"
 TTS = "text_to_speech"
