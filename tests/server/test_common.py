@@ -14,6 +14,7 @@ def test_route_reasons_become_ascii_header_values() -> None:
     assert value.isascii() and "\r" not in value and "\n" not in value
     assert value == "adaptive: chat/simple -> smollm2 (quality >= 0.5 - est 20 ms)X-Evil: 1"
     assert ascii_header("café") == "cafe"
+    assert ascii_header("(quality 0.44 ± 0.15 from 2 obs") == "(quality 0.44 +- 0.15 from 2 obs"
     assert len(ascii_header("x" * 2000)) == 512
 
 

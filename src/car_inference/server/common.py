@@ -224,7 +224,7 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 
 # Punctuation the routing reasons use, spelled in ASCII; everything else non-ASCII is dropped.
-_ASCII = str.maketrans({"—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "×": "x", "…": "...", "·": "."})
+_ASCII = str.maketrans({"—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "×": "x", "…": "...", "·": ".", "±": "+-"})
 
 
 def ascii_header(value: str, limit: int = 512) -> str:
