@@ -53,6 +53,23 @@ def test_every_async_engine_method_has_a_blocking_twin() -> None:
     assert missing == []
 
 
+# The engine's blocking methods the facade leaves to ``sync.engine``: maintenance the CLI runs
+# with a stop event, and helpers of other methods.
+ENGINE_ONLY = {
+    "compact_spend", "prune_traces", "forget_templates", "export_profiles_file", "media_model",
+    "open_trace", "routing_scenarios",
+}  # fmt: skip
+
+
+def test_every_public_blocking_method_has_a_twin_or_is_named_engine_only() -> None:
+    missing = [
+        name
+        for name, member in inspect.getmembers(InferenceEngine, inspect.isfunction)
+        if not name.startswith("_") and not hasattr(SyncInferenceEngine, name) and name not in ENGINE_ONLY
+    ]
+    assert missing == []
+
+
 def test_sync_speech_grounding_and_media(isolated_home: Path, tmp_path: Path) -> None:
     """Piper speaks, Whisper hears it back, OCR boxes a sign's text, a tiny diffusers pipeline
     paints and films: each through the blocking facade, on real local models."""
@@ -101,3 +118,16 @@ def test_a_runner_registered_through_the_facade_serves_its_model(isolated_home: 
         assert sync.generate(GenerateRequest(prompt="hi", model="host/echo")).text == "echo: hi"
         assert sync.unregister_runner(registration) is True
         assert not sync.engine.registry.get("host/echo").available  # type: ignore[union-attr]
+
+
+def test_route_only_use_through_the_facade(isolated_home: Path) -> None:
+    """A script that runs the model itself: route, report the outcome, see it learned."""
+    with SyncInferenceEngine(InferenceEngine(home=isolated_home)) as sync:
+        decision = sync.route(GenerateRequest(prompt="Name a colour."))
+        trace = sync.report(decision, score=1.0, latency_ms=120.0, output_tokens=3)
+        assert trace
+        sync.flush()
+        profile = next(p for p in sync.export_profiles() if p.model_id == decision.model_id)
+        assert profile.total_calls == 1
+        assert sync.forget_model(decision.model_id)[0] == decision.model_id
+        assert all(p.model_id != decision.model_id for p in sync.export_profiles())

@@ -32,11 +32,15 @@ from ..stream import StreamEvent
 from .core import InferenceEngine
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..backends.delegated import RunnerRegistration
     from ..backends.voices import VoiceList
     from ..errors import InferenceError
     from ..routing import RoutingDecision
-    from ..schema import ModelSchema
+    from ..routing.profiles import ModelProfile
+    from ..routing.spend import SpendStatus
+    from ..schema import ModelCapability, ModelSchema
     from .health import ModelHealthReport
 
 Progress = Callable[[int, int], None]
@@ -148,6 +152,54 @@ class SyncInferenceEngine:
 
     def feedback(self, trace_id: str, score: float) -> None:
         self.engine.feedback(trace_id, score)
+
+    def report(
+        self,
+        decision: RoutingDecision,
+        *,
+        success: bool = True,
+        score: float | None = None,
+        cost_usd: float | None = None,
+        latency_ms: float | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int = 0,
+        model_id: str | None = None,
+        prompt: str | None = None,
+    ) -> str:
+        """The outcome of a decision the caller executed itself (``InferenceEngine.report``)."""
+        return self.engine.report(
+            decision, success=success, score=score, cost_usd=cost_usd, latency_ms=latency_ms,
+            input_tokens=input_tokens, output_tokens=output_tokens, model_id=model_id, prompt=prompt,
+        )  # fmt: skip
+
+    def forget_model(self, name: str) -> tuple[str, int]:
+        return self.engine.forget_model(name)
+
+    def register_model(self, schema: ModelSchema) -> ModelSchema:
+        return self.engine.register_model(schema)
+
+    def register_endpoint(
+        self, base_url: str, model: str, *, api_key_env: str | None = None, name: str = "endpoint"
+    ) -> ModelSchema:
+        return self.engine.register_endpoint(base_url, model, api_key_env=api_key_env, name=name)
+
+    def default_model(self, capability: ModelCapability) -> ModelSchema | None:
+        return self.engine.default_model(capability)
+
+    def spend_status(self) -> SpendStatus:
+        return self.engine.spend_status()
+
+    def export_profiles(self) -> list[ModelProfile]:
+        return self.engine.export_profiles()
+
+    def import_profiles(self, profiles: list[ModelProfile | dict[str, Any]]) -> int:
+        return self.engine.import_profiles(profiles)
+
+    def pull(self, name: str) -> Path:
+        return self.engine.pull(name)
+
+    def flush(self) -> None:
+        self.engine.flush()
 
     def call(self, fn: Callable[[InferenceEngine], Awaitable[T]]) -> T:
         """Run any engine coroutine: ``sync.call(lambda e: e.warm_up([...]))``."""
