@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -119,6 +122,24 @@ def test_car_health_names_the_state_backend(isolated_home: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert "learned state: postgresql at postgresql://postgres:***@127.0.0.1" in result.stdout
     assert "ms round trip" in result.stdout and ":pw@" not in result.stdout
+
+
+def test_an_unreachable_postgresql_refuses_the_start_in_one_line(isolated_home: Path) -> None:
+    # A real process: the key statistics, which live in the same database, used to warn first
+    # (two more lines through logging) before the state store's error.
+    env = {
+        **os.environ,
+        "CAR_HOME": str(isolated_home),
+        "CAR_STATE__URL": "postgresql://u:secret@127.0.0.1:1/db",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "car_inference", "health", "--local"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: PostgreSQL state store at"), lines
+    assert "not reachable" in lines[0] and "secret" not in done.stderr
 
 
 def test_prune_deletes_traces_older_than_the_retention(isolated_home: Path) -> None:

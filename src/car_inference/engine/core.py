@@ -61,6 +61,11 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
 
     def __init__(self, config: CarConfig | None = None, *, home: Path | None = None) -> None:
         self.config = config if config is not None else load_config(home)
+        # The learned state first: an unreachable PostgreSQL refuses the start with one error,
+        # before anything else (the key statistics) tries the same database.
+        self.config.home.mkdir(parents=True, exist_ok=True)
+        state = self.config.state
+        self.store = open_store(state.url, self.config.paths.state_db, buffer_records=state.buffer_records)
         self.fleet = Fleet.for_settings(self.config.coordination)  # state shared with replicas, or None
         self.keys = KeyPool.for_config(self.config, fleet=self.fleet)
         self.runners = RunnerTable()  # what runs delegated models (register_runner)
@@ -82,9 +87,6 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
 
     def _init_routing(self) -> None:
         home = self.config.home
-        home.mkdir(parents=True, exist_ok=True)
-        state = self.config.state
-        self.store = open_store(state.url, self.config.paths.state_db, buffer_records=state.buffer_records)
         self.tracker = OutcomeTracker(self.store, self.config.routing)
         self._import_legacy_profiles(home / "models" / "outcome_profiles.json")
         apply_benchmark_priors(self.tracker, load_all_benchmark_priors(home))
