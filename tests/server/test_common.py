@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from car_inference.server.common import Limiter, ascii_header, car_headers, dumps, parse_json
+from car_inference.server.common import Limiter, ascii_header, car_headers, dumps, parse_json, parse_object
 from car_inference.server.errors import ApiError
 
 
@@ -56,8 +56,14 @@ def test_parse_json_refuses_what_would_crash_later(raw: bytes, says: str) -> Non
             parse_json(text)
         assert info.value.status == 400 and info.value.code == "invalid_json"
         assert says in info.value.message
-    with pytest.raises(ApiError, match="not UTF-8"):
-        parse_json(b'{"a": "\xff"}')
+    # Strictly UTF-8: the bytes of a lone surrogate (CESU-8) and UTF-16 are refused, not decoded.
+    for body in (b'{"a": "\xff"}', b'{"a": "a\xed\xbf\xbfb"}', '{"a": 1}'.encode("utf-16")):
+        with pytest.raises(ApiError, match="not UTF-8"):
+            parse_json(body)
+    assert parse_json(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}  # a UTF-8 byte-order mark is fine
+    for body, kind in ((b"null", "null"), (b"[1]", "an array"), (b'"x"', "a string"), (b"3", "a number")):
+        with pytest.raises(ApiError, match=f"expected a JSON object, got {kind}"):
+            parse_object(body)
 
 
 def test_parse_json_keeps_what_is_valid() -> None:

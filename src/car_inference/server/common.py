@@ -33,6 +33,7 @@ __all__ = [
     "dumps",
     "json_response",
     "parse_json",
+    "parse_object",
     "read_json",
 ]
 
@@ -134,7 +135,6 @@ MAX_INT_DIGITS = 100
 # A JSON escape of a UTF-16 surrogate: the only way a lone surrogate (not UTF-8 encodable, so a
 # crash wherever the string is written out) can get into a parsed body.
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class _Refused(ValueError):
@@ -176,10 +176,12 @@ def _depth_exceeds(data: Any, limit: int) -> bool:
 
 def parse_json(raw: bytes | str) -> Any:
     """A JSON text as Python data, or an ``ApiError`` 400 (``invalid_json``) saying what is wrong:
-    malformed, not UTF-8, nested deeper than ``MAX_JSON_DEPTH``, an integer longer than
+    malformed, not UTF-8 (strictly: ``json.loads`` of bytes would take UTF-16 and the bytes of a
+    lone surrogate), nested deeper than ``MAX_JSON_DEPTH``, an integer longer than
     ``MAX_INT_DIGITS`` digits, NaN/Infinity, or a lone UTF-16 surrogate in a string."""
     try:
-        data = json.loads(raw, parse_int=_int, parse_float=_float, parse_constant=_constant)
+        text = raw.decode("utf-8-sig") if isinstance(raw, bytes) else raw
+        data = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
     except UnicodeDecodeError:
         raise _invalid("the body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
@@ -189,11 +191,10 @@ def parse_json(raw: bytes | str) -> Any:
     except ValueError as exc:  # _Refused, or a number Python will not convert
         raise _invalid(f"unacceptable JSON: {exc}") from None
     # Cheap tests first: most bodies cannot nest that deep or hold a surrogate escape at all.
-    opened = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    opened = text.count("[") + text.count("{")
     if opened > MAX_JSON_DEPTH and isinstance(data, dict | list) and _depth_exceeds(data, MAX_JSON_DEPTH):
         raise _invalid(f"JSON nested too deeply (at most {MAX_JSON_DEPTH} levels)")
-    found = _SURROGATE_BYTES.search(raw) if isinstance(raw, bytes) else _SURROGATE.search(raw)
-    if found is not None:
+    if _SURROGATE.search(text) is not None:
         try:
             dumps(data)
         except UnicodeEncodeError:
@@ -201,6 +202,17 @@ def parse_json(raw: bytes | str) -> Any:
                 "a string holds a lone UTF-16 surrogate (such as \\ud800): strings must be valid Unicode"
             ) from None
     return data
+
+
+def _json_kind(data: Any) -> str:
+    """What a JSON value is, in JSON's words."""
+    if data is None:
+        return "null"
+    if isinstance(data, bool):
+        return "a boolean"
+    if isinstance(data, int | float):
+        return "a number"
+    return "a string" if isinstance(data, str) else "an array" if isinstance(data, list) else "an object"
 
 
 def _invalid(message: str) -> ApiError:
@@ -213,18 +225,27 @@ async def read_json(request: Request) -> dict[str, Any]:
     if not body.strip():
         raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
     try:
-        data = parse_json(body)
+        return parse_object(body)
     except ApiError as exc:
+        if exc.message.startswith("expected"):
+            raise
         exc.message = f"the request body: {exc.message}"
         exc.args = (exc.message,)
         raise
+
+
+def parse_object(raw: bytes | str) -> dict[str, Any]:
+    """``parse_json`` of a text that must hold a JSON object."""
+    data = parse_json(raw)
     if not isinstance(data, dict):
-        raise ApiError(400, f"expected a JSON object, got a JSON {type(data).__name__}", code="invalid_json")
+        raise ApiError(400, f"expected a JSON object, got {_json_kind(data)}", code="invalid_json")
     return data
 
 
 # Punctuation the routing reasons use, spelled in ASCII; everything else non-ASCII is dropped.
-_ASCII = str.maketrans({"—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "×": "x", "…": "...", "·": ".", "±": "+-"})
+_ASCII = str.maketrans(
+    {"—": "-", "–": "-", "→": "->", "≥": ">=", "≤": "<=", "×": "x", "…": "...", "·": ".", "±": "+-"}
+)
 
 
 def ascii_header(value: str, limit: int = 512) -> str:
