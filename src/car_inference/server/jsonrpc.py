@@ -439,6 +439,10 @@ async def _feedback(session: Session, params: Params, rid: Any) -> Any:
 
 async def _cancel(session: Session, params: Params, rid: Any) -> Any:
     target = params.get("id")
+    if isinstance(target, bool) or not isinstance(target, str | int | float):
+        raise ApiError(
+            400, "`id` must be the string or number id of a request", code="invalid_value", param="id"
+        )
     task = session.in_flight.get(target)
     if task is None or task is asyncio.current_task():
         return {"id": target, "cancelled": False}
