@@ -26,6 +26,9 @@ async def test_speech_round_trip_over_json_rpc(local_server: ServerThread) -> No
         assert audio[:4] == b"RIFF" and len(audio) > 10_000 and "audio_path" not in spoken
         heard = (await call(ws, "transcribe", {"audio": spoken["audio"], "language": "en"}, rid=2))["result"]
         assert heard["model_used"] == "systran/faster-whisper-base" and "fox" in heard["text"].lower()
+        # A client's file name never reaches the file system: one with a NUL byte was a -32603.
+        odd = {"audio": spoken["audio"], "language": "en", "filename": "../fox.w\x00av"}
+        assert "fox" in (await call(ws, "transcribe", odd, rid=3))["result"]["text"].lower()
     assert not [
         p for p in os.listdir(tempfile.gettempdir()) if p.startswith(("car-rpc-audio-", "car-rpc-speech-"))
     ]

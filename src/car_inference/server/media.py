@@ -30,7 +30,7 @@ from .common import ServerState, car_headers, json_response, read_json
 from .errors import ApiError, guarded
 from .translate import AUTO
 
-__all__ = ["STT", "TTS", "FormField", "parse_multipart", "register"]
+__all__ = ["STT", "TTS", "FormField", "parse_multipart", "register", "upload_name"]
 
 STT = "speech_to_text"
 TTS = "text_to_speech"
@@ -38,6 +38,16 @@ IMAGES = "image_generation"
 
 _SPEECH_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "pcm": "audio/pcm"}
 _IMAGE_FORMATS = ("png", "jpeg", "webp")
+
+
+_SUFFIX = re.compile(r"\.[A-Za-z0-9]{1,8}")
+
+
+def upload_name(filename: str | None) -> str:
+    """The temporary file's name for an upload: ``audio`` with the client's suffix when it is a
+    plain one (``.wav``), else none; the client's name never reaches the file system."""
+    suffix = Path(filename or "").suffix if filename and "\x00" not in filename else ""
+    return "audio" + (suffix if _SUFFIX.fullmatch(suffix) else "")
 
 
 @dataclass(frozen=True)
@@ -119,7 +129,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         granularities = {f.text for k, f in fields.items() if k.startswith("timestamp_granularities")}
         workdir = Path(tempfile.mkdtemp(prefix="car-upload-"))
         try:
-            audio = workdir / ("audio" + Path(upload.filename or "audio.wav").suffix[:8])
+            audio = workdir / upload_name(upload.filename or "audio.wav")
             audio.write_bytes(upload.value)
             call = TranscribeRequest(
                 audio_path=str(audio),

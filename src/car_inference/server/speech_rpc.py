@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import InferenceError
 from ..requests import SynthesizeRequest, TranscribeRequest
 from .errors import ApiError
-from .media import _without_path
+from .media import _without_path, upload_name
 
 __all__ = ["rpc_synthesize", "rpc_transcribe", "rpc_voices"]
 
@@ -47,7 +47,7 @@ async def rpc_transcribe(session: Any, params: dict[str, Any], rid: Any) -> Any:
     name = str(params.get("filename") or "audio.wav")
     workdir = Path(tempfile.mkdtemp(prefix="car-rpc-audio-"))
     try:
-        audio = workdir / ("audio" + Path(name).suffix[:8])
+        audio = workdir / upload_name(name)
         audio.write_bytes(data)
         request = TranscribeRequest.model_validate({**fields, "audio_path": str(audio)})
         result = await session.engine.transcribe(request)
