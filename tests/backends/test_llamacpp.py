@@ -15,7 +15,7 @@ from car_inference.backends.cache import ModelCache
 from car_inference.backends.llamacpp import LlamaCppBackend, LoadedGguf
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig
-from car_inference.errors import TokenizationError, UnsupportedMode
+from car_inference.errors import InvalidInput, TokenizationError, UnsupportedMode
 from car_inference.requests import (
     ClassifyRequest,
     EmbedRequest,
@@ -109,6 +109,22 @@ async def test_json_mode_constrains_output(backend: LlamaCppBackend, model: Mode
         ),
     )
     assert isinstance(json.loads(out.text)["city"], str)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [{"type": "string", "pattern": "a+"}, {"type": "nonsense"}, {"$ref": "#"}, {"$ref": "#/$defs/nope"}],
+)
+async def test_a_schema_the_grammar_cannot_express_is_the_callers_error(
+    backend: LlamaCppBackend, model: ModelSchema, schema: dict[str, object]
+) -> None:
+    request = GenerateRequest(
+        prompt="?",
+        response_format=ResponseFormat(type="json_schema", json_schema={"name": "c", "schema": schema}),
+        params=GenerateParams(max_tokens=4),
+    )
+    with pytest.raises(InvalidInput, match="response_format.json_schema"):
+        await backend.generate(model, request)
 
 
 async def test_over_long_prompt_keeps_its_tail(backend: LlamaCppBackend, model: ModelSchema) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..catalog.locate import local_path
 from ..config import CarConfig
-from ..errors import InferenceFailed, TokenizationError, UnsupportedMode
+from ..errors import InferenceFailed, InvalidInput, TokenizationError, UnsupportedMode
 from ..requests import (
     Classification,
     ClassifyRequest,
@@ -279,7 +279,13 @@ class LlamaCppBackend:
         from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
         if fmt.type == "json_schema" and fmt.json_schema:
-            return LlamaGrammar.from_json_schema(json.dumps(fmt.json_schema["schema"]), verbose=False)
+            try:
+                return LlamaGrammar.from_json_schema(json.dumps(fmt.json_schema["schema"]), verbose=False)
+            except Exception as exc:  # the converter asserts, or raises on what it cannot express
+                reason = str(exc).strip() or type(exc).__name__
+                raise InvalidInput(
+                    f"response_format.json_schema: llama.cpp's grammar cannot express this schema ({reason})"
+                ) from None
         return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
 
     def _run(self, model: ModelSchema, request: GenerateRequest, cancelled: Event) -> Iterator[StreamEvent]:
