@@ -230,6 +230,11 @@ class ServerSettings(_Section):
     # 4 MB takes ~12 ms here (32 MB ~80 ms) and still holds a long prompt or a large image.
     ws_max_message_mb: float = Field(default=4.0, gt=0, description="largest JSON-RPC message")
     ws_max_batch: int = Field(default=100, ge=1, description="most calls in one JSON-RPC batch")
+    # Models a WebSocket client brings with runner.register (objects, not ids of delegated models
+    # in models.toml) are served when named; routed to other clients' requests only when on.
+    route_client_models: bool = Field(default=False, description="route requests to models clients bring")
+    # Requests one WebSocket may have in flight at once: one client cannot take every slot.
+    ws_max_in_flight: int = Field(default=16, ge=1, description="concurrent calls per WebSocket")
 
 
 class RuntimeSettings(_Section):

@@ -33,6 +33,7 @@ from .sources import (
 __all__ = [
     "ALL_CAPABILITIES",
     "KINDS",
+    "NAMED_ONLY",
     "TASK_CAPABILITIES",
     "AnthropicSource",
     "ApiProtocol",
@@ -57,6 +58,12 @@ __all__ = [
     "VllmSource",
     "WhisperSource",
 ]
+
+
+# A model with this tag is served only when a request names it: the router never picks it for a
+# request without a model (an operator's choice in models.toml, and every model a WebSocket
+# client brings with runner.register unless [server] route_client_models is on).
+NAMED_ONLY = "named-only"
 
 
 class ModelCapability(StrEnum):

@@ -246,6 +246,19 @@ async def test_models_a_runner_brings_come_and_go_with_it(
         assert reply["result"]["models"] == ["ws/brought"]
         brought = engine.registry.get("ws/brought")
         assert brought is not None and brought.available and brought.kind == "delegated"
+        # Served when named, never picked for another client's request without a model: that
+        # request's prompt would go to a stranger's runner.
+        assert brought.tags == ["named-only"]
+        async with connect(server.ws_url) as caller:
+            await caller.send(_rpc("route", {"prompt": "Say OK."}, rid="r"))
+            decision = (await _recv(caller))["result"]
+            assert decision["model_id"] != "ws/brought"
+            assert decision["excluded"]["ws/brought"] == "served only when named (tag named-only)"
+            await caller.send(_rpc("infer", {"prompt": "ping", "model": "ws/brought"}, rid=1))
+            call = await _recv(runner)
+            assert call["params"]["model"]["id"] == "ws/brought"
+            await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": {"text": "pong"}}))
+            assert (await _recv(caller))["result"]["text"] == "pong"
         await runner.send(_rpc("runner.unregister", rid="u"))
         assert (await _recv(runner))["result"] == {"unregistered": True}
         assert engine.registry.get("ws/brought") is None
@@ -318,3 +331,23 @@ async def test_an_http_caller_gets_a_clear_answer_when_the_runner_goes(server: S
         response, _ = await asyncio.gather(http.post("/v1/chat/completions", json=body), vanish())
     assert response.status_code in (502, 503), response.text
     assert "disconnected before answering" in response.json()["error"]["message"]
+
+
+async def test_one_socket_cannot_take_every_slot(engine: InferenceEngine) -> None:
+    """A client that keeps calls in flight (here to a runner that never answers) gets 429 past
+    [server] ws_max_in_flight on its own socket; another client is still served."""
+    settings = ServerSettings(request_timeout_s=30, ws_max_in_flight=2, max_concurrency=3)
+    with ServerThread(create_app(engine, settings)) as thread:
+        async with connect(thread.ws_url) as runner, connect(thread.ws_url) as hog:
+            await _register(runner, models=[{"id": "ws/tarpit"}])
+            for rid in (1, 2):
+                await hog.send(_rpc("infer", {"prompt": "x", "model": "ws/tarpit"}, rid=rid))
+            for _ in (1, 2):
+                assert (await _recv(runner))["method"] == "infer"  # both held by the runner
+            await hog.send(_rpc("infer", {"prompt": "x", "model": "ws/tarpit"}, rid=3))
+            refused = await _recv(hog)
+            assert refused["id"] == 3 and refused["error"]["data"]["status"] == 429
+            assert "ws_max_in_flight" in refused["error"]["message"]
+            async with connect(thread.ws_url) as other:
+                await other.send(_rpc("tokenize", {"text": "hi"}, rid="t"))
+                assert (await _recv(other))["result"]["tokens"]

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from ..registry import UnifiedRegistry
 from ..requests import GenerateRequest
-from ..schema import GenerateParam, ModelSchema
+from ..schema import NAMED_ONLY, GenerateParam, ModelSchema
 
 __all__ = [
     "TYPICAL_OUTPUT_TOKENS",
@@ -134,6 +134,8 @@ class CatalogView:
                     excluded[v.model_id] = "lacks " + ", ".join(sorted(missing))
                 elif not v.schema.available:
                     excluded[v.model_id] = "not available"
+                elif NAMED_ONLY in v.schema.tags:
+                    excluded[v.model_id] = f"served only when named (tag {NAMED_ONLY})"
                 else:
                     models.append(v)
             pool = self._pools[required] = ModelPool(models, excluded)

@@ -87,6 +87,7 @@ class Session:
         self.engine = state.engine
         self.in_flight: dict[Any, asyncio.Task[Any]] = {}
         self.cancelled: set[Any] = set()
+        self.active = 0  # counted calls of this socket in flight (at most [server] ws_max_in_flight)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._send_lock = asyncio.Lock()
         self._open = True
@@ -209,6 +210,12 @@ class Session:
         reply = await self._run(name, method, params, rid)
         return None if notification else reply
 
+    def _busy(self, name: str, rid: Any, message: str) -> dict[str, Any]:
+        """A 429 ``server_busy`` answer (retry after a second)."""
+        self.state.metrics.request(f"ws:{name}", None, 429)
+        busy = ApiError(429, message, type="rate_limit_error", code="server_busy", retry_after=1)
+        return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(busy))}
+
     async def _run(self, name: str, method: Method, params: Params, rid: Any) -> dict[str, Any]:
         metrics = self.state.metrics
         limiter = self.state.limiter
@@ -217,33 +224,22 @@ class Session:
         if behind is not None:
             metrics.request(f"ws:{name}", None, 503)
             return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(behind))}
+        own_limit = self.state.settings.ws_max_in_flight
+        if counted and self.active >= own_limit:
+            message = f"this connection has {self.active} calls in flight, its limit"
+            return self._busy(name, rid, message + " ([server] ws_max_in_flight); wait for one to finish")
         if counted and not limiter.try_acquire():
-            busy = ApiError(
-                429,
-                f"the server is at its limit of {limiter.limit} concurrent requests",
-                type="rate_limit_error",
-                code="server_busy",
-                retry_after=1,
-            )
-            metrics.request(f"ws:{name}", None, 429)
-            return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(busy))}
+            return self._busy(name, rid, f"the server is at its limit of {limiter.limit} concurrent requests")
         fleet = self.state.fleet_limiter if counted else None
         slot = await fleet.acquire() if fleet is not None else None
         if fleet is not None and slot is False:
             limiter.release()
-            busy = ApiError(
-                429,
-                f"the fleet is at its limit of {fleet.limit} concurrent requests "
-                "([coordination] global_concurrency); retry shortly",
-                type="rate_limit_error",
-                code="server_busy",
-                retry_after=1,
-            )
-            metrics.request(f"ws:{name}", None, 429)
-            return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(busy))}
+            message = f"the fleet is at its limit of {fleet.limit} concurrent requests"
+            return self._busy(name, rid, message + " ([coordination] global_concurrency); retry shortly")
         task = asyncio.current_task()
         if rid is not None and task is not None:
             self.in_flight[rid] = task
+        self.active += counted
         timeout_s = self.state.settings.request_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
@@ -274,6 +270,7 @@ class Session:
         finally:
             if counted:
                 limiter.release()
+                self.active -= 1
             if fleet is not None:
                 fleet.release(slot)
             if rid is not None and self.in_flight.get(rid) is task:

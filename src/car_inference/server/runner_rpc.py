@@ -32,7 +32,7 @@ from ..backends.base import GenerationOutput
 from ..backends.delegated import RunnerRegistration, as_output
 from ..errors import InferenceError, ProviderError
 from ..requests import GenerateRequest
-from ..schema import ModelSchema
+from ..schema import NAMED_ONLY, ModelSchema
 from ..stream import Done, StreamAccumulator, StreamEvent
 from .errors import ApiError
 
@@ -178,7 +178,9 @@ class RpcRunner:
 # --- methods ------------------------------------------------------------------------------------------
 
 
-def _model(item: Any, index: int) -> str | ModelSchema:
+def _model(item: Any, index: int, *, routed: bool) -> str | ModelSchema:
+    """A model id, or the schema of a model the client brings (``NAMED_ONLY`` unless ``routed``:
+    another client's request without a model must not reach a stranger's runner)."""
     if isinstance(item, str) and item:
         return item
     if not isinstance(item, dict) or not isinstance(item.get("id"), str) or "/" not in item["id"]:
@@ -186,7 +188,10 @@ def _model(item: Any, index: int) -> str | ModelSchema:
                        code="invalid_value", param=f"models.{index}")  # fmt: skip
     provider, _, name = item["id"].partition("/")
     data = {"name": name, "provider": provider, "capabilities": ["generate"], "source": {"kind": "delegated"}}
-    return ModelSchema.model_validate({**data, **item})
+    schema = ModelSchema.model_validate({**data, **item})
+    if not routed and NAMED_ONLY not in schema.tags:
+        schema.tags.append(NAMED_ONLY)
+    return schema
 
 
 async def _register(session: Session, params: Params, rid: Any) -> Any:
@@ -201,7 +206,11 @@ async def _register(session: Session, params: Params, rid: Any) -> Any:
     name = params.get("name")
     if name is not None and not isinstance(name, str):
         raise ApiError(400, "`name` must be a string", code="invalid_value", param="name")
-    wanted = [_model(item, i) for i, item in enumerate(models)]
+    settings = session.state.settings
+    routed = settings.route_client_models
+    wanted = [_model(item, i, routed=routed) for i, item in enumerate(models)]
+    if timeout_s is not None:  # a runner never holds a caller longer than a request may last
+        timeout_s = min(float(timeout_s), settings.request_timeout_s)
     previous = session.runner
     if previous is not None:  # registering again replaces what this session runs
         previous.close()
