@@ -59,6 +59,8 @@ def test_data_urls(tmp_path: Path, site: str) -> None:
     assert data_url(ImageBlock(url=f"{site}/a.png"), 5) == expected
     assert data_url(ImageBlock(data=B64), 5) == expected
     assert data_url(ImageBlock(data=B64, media_type="image/x-test"), 5) == f"data:image/x-test;base64,{B64}"
+    # Without ;base64 the payload is percent-encoded bytes; other characters are their UTF-8.
+    assert read_image(ImageBlock(url="data:image/png,%89PNG€"), 5) == b"\x89PNG\xe2\x82\xac"
     given = "data:image/jpeg;base64,AAAA"
     assert data_url(ImageBlock(url=given), 5) == given  # passed on untouched
 
@@ -78,6 +80,7 @@ def test_what_cannot_be_read_is_invalid_input(tmp_path: Path, site: str) -> None
         (ImageBlock(url="data:image/png;base64"), "needs a ','"),
         (ImageBlock(url=f"{site}/gone.png"), "HTTP 404"),
         (ImageBlock(url="http://"), "cannot fetch"),
+        (ImageBlock(url="http://[::1"), "malformed"),  # urlparse raises ValueError
     ]
     for block, message in cases:
         with pytest.raises(InvalidInput, match=message):

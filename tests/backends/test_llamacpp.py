@@ -123,7 +123,7 @@ async def test_a_schema_the_grammar_cannot_express_is_the_callers_error(
         response_format=ResponseFormat(type="json_schema", json_schema={"name": "c", "schema": schema}),
         params=GenerateParams(max_tokens=4),
     )
-    with pytest.raises(InvalidInput, match="response_format.json_schema"):
+    with pytest.raises(InvalidInput, match=r"response_format\.json_schema"):
         await backend.generate(model, request)
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import Iterator
 
 import pytest
 
 from car_inference.backends.ocr import match_text
 from car_inference.engine import InferenceEngine
+from car_inference.errors import InvalidInput
 from car_inference.requests import GroundRequest, ImageBlock
 from fakes.images import text_sign
 
@@ -59,6 +61,20 @@ async def test_every_line_and_no_match(engine: InferenceEngine, sign: bytes) -> 
 
 async def test_it_is_the_default_without_a_vision_model(engine: InferenceEngine, sign: bytes) -> None:
     assert (await engine.ground(_ask(sign, "hello", model=None))).model_used == OCR
+
+
+async def test_an_image_the_ocr_cannot_read_is_the_callers_error(engine: InferenceEngine) -> None:
+    from PIL import Image
+
+    thin = io.BytesIO()
+    Image.new("RGB", (1, 60000), "white").save(thin, "PNG")  # RapidOCR cannot scale it
+    for image, words in (
+        (b"GIF89a\x10\x00\x10\x00" + b"junk" * 8, "cannot be decoded"),
+        (thin.getvalue(), "1x60000"),
+    ):
+        with pytest.raises(InvalidInput, match=words) as info:
+            await engine.ground(_ask(image, "x"))
+        assert "BytesIO" not in str(info.value)
 
 
 def test_match_text_reads_line_and_character_boxes() -> None:

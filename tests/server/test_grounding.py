@@ -91,6 +91,8 @@ def test_ocr_is_the_default_for_text_without_a_vision_model(tmp_path: Path) -> N
         ({"prompt": "car", "image": "/etc/passwd"}, 400, "no files"),
         ({"prompt": "car", "image": "file:///etc/passwd"}, 400, "no files"),
         ({"prompt": "car", "image": 7}, 400, "`image` must be"),
+        ({"prompt": "car", "image": "http://[::1"}, 400, "malformed"),
+        ({"prompt": "car", "image": "data:image/png,€"}, 400, "is not a PNG"),  # was a 500
         ({"prompt": "car", "image": {"data": "!!"}, "model": "fake-gemini"}, 400, "base64"),
         ({"prompt": "car", "image": {"data": STREET}, "model": "nope-gemini"}, 404, "fake-gemini"),
         ({"prompt": "car", "image": {"data": STREET}, "extra": 1}, 400, "extra"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, unquote_to_bytes, urlparse
 
 from ..errors import InvalidInput
 from ..requests import ImageBlock
@@ -29,8 +29,13 @@ def read_image(block: ImageBlock, timeout_s: float) -> bytes:
         header, sep, payload = url.partition(",")
         if not sep:
             raise InvalidInput("a data: URL needs a ',' before its payload")
-        return _b64(payload) if header.endswith(";base64") else unquote(payload).encode("latin-1")
-    scheme = urlparse(url).scheme.lower()
+        if header.endswith(";base64"):
+            return _b64(payload)
+        return _checked(unquote_to_bytes(payload), "the data: URL")  # percent-encoded bytes
+    try:
+        scheme = urlparse(url).scheme.lower()
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        raise InvalidInput(f"the image URL is malformed: {exc}") from None
     if scheme in ("http", "https"):
         return _fetch(url, timeout_s)
     path = Path(unquote(urlparse(url).path) if scheme == "file" else url).expanduser()

@@ -10,12 +10,13 @@ It finds text, not objects: "the red car" finds nothing unless the words are pai
 from __future__ import annotations
 
 import difflib
+import io
 import re
 import time
 from typing import Any
 
 from ..catalog.locate import local_path
-from ..errors import InferenceFailed
+from ..errors import InferenceError, InferenceFailed, InvalidInput
 from ..requests import BoundingBox, GroundRequest, GroundResult
 from ..schema import ModelSchema
 from .base import BackendContext, run_blocking
@@ -64,7 +65,7 @@ class RapidOcrBackend:
                 try:
                     lines, _ = entry.instance(image, return_word_box=True)
                 except Exception as exc:  # onnxruntime and OpenCV raise their own types
-                    raise InferenceFailed(f"{model.id}: OCR failed: {exc}") from exc
+                    raise _failure(model, image, (width, height), exc) from exc
             return list(lines or [])
 
         start = time.perf_counter()
@@ -75,6 +76,22 @@ class RapidOcrBackend:
         if not boxes:
             summary += f" ({model.id} finds text; for objects use a vision model: {VISION_HINT})"
         return GroundResult(boxes=boxes, raw_text=summary, model_used=model.id, width=width, height=height)
+
+
+def _failure(model: ModelSchema, image: bytes, size: tuple[int, int], exc: Exception) -> InferenceError:
+    """What an OCR failure was: the caller's image when it does not decode, or has a shape the
+    OCR cannot scale (RapidOCR's ResizeImgError, with no message, for 1x60000 px), each a 400;
+    otherwise the model's failure."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(image)) as opened:
+            opened.verify()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):  # what PIL raises
+        return InvalidInput(f"the image cannot be decoded (its header says {size[0]}x{size[1]} px)")
+    if type(exc).__name__ == "ResizeImgError":
+        return InvalidInput(f"the image's shape ({size[0]}x{size[1]} px) is one the OCR cannot scale")
+    return InferenceFailed(f"{model.id}: OCR failed: {str(exc) or type(exc).__name__}")
 
 
 def match_text(lines: list[Line], target: str) -> list[BoundingBox]:

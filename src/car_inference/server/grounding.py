@@ -37,11 +37,18 @@ def ground_request(body: dict[str, Any]) -> GroundRequest:
     if not isinstance(image, dict):
         raise ApiError(400, '`image` must be a data: or http(s) URL, or {"data": base64}', param="image")
     url = image.get("url")
-    if isinstance(url, str) and urlparse(url).scheme.lower() not in _SCHEMES:
+    if isinstance(url, str) and _scheme(url) not in _SCHEMES:
         raise ApiError(400, "`image.url` must be a data: or http(s) URL (no files)", param="image")
     model = body.get("model")
     fields = {**body, "image": image, "model": None if model == "auto" else model}
     return GroundRequest.model_validate(fields)
+
+
+def _scheme(url: str) -> str:
+    try:
+        return urlparse(url).scheme.lower()
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        raise ApiError(400, f"`image.url` is malformed: {exc}", param="image") from None
 
 
 async def run_ground(engine: InferenceEngine, request: GroundRequest, timeout_s: float) -> GroundResult:
