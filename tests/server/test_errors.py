@@ -93,6 +93,20 @@ def test_validation_errors_name_the_field() -> None:
     assert described.message.startswith("messages[0].content")
 
 
+class _StayingClient:
+    """An ASGI receive: an empty body, then nothing (a client that does not disconnect)."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    async def __call__(self) -> dict[str, object]:
+        if not self.sent:
+            self.sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()
+        return {}
+
+
 async def _awaited(response: Awaitable[Response]) -> Response:
     """A guarded route's call as a coroutine (``guarded`` types it an Awaitable), for asyncio.run."""
     return await response
@@ -104,7 +118,8 @@ def test_unexpected_errors_are_generic_500s_logged_server_side(caplog: pytest.Lo
         raise RuntimeError("secret internals at /home/me")
 
     with caplog.at_level(logging.ERROR, logger="car_inference.server"):
-        response = asyncio.run(_awaited(broken(Request({"type": "http", "method": "GET", "headers": []}))))
+        scope = {"type": "http", "method": "GET", "headers": []}
+        response = asyncio.run(_awaited(broken(Request(scope, receive=_StayingClient()))))
     assert response.status_code == 500
     body = json.loads(bytes(response.body))
     assert body["error"]["code"] == "internal_error" and "secret" not in bytes(response.body).decode()

@@ -5,6 +5,7 @@ is really the fake provider, for the tool-call round trip."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import cast
 
@@ -341,3 +342,23 @@ def test_an_open_circuit_is_a_503_with_retry_after(
     )
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "circuit_open", refused.text
     assert 1 <= int(refused.headers["retry-after"]) <= 30  # the breaker's cooldown_s, counting down
+
+
+def test_a_client_that_gives_up_frees_the_model(
+    http: httpx.Client, local_server: ServerThread, server_engine: InferenceEngine
+) -> None:
+    """A non-streaming answer nobody will read stops when its client disconnects (streams
+    already did): it held the model for everyone else until max_tokens ran out."""
+    warm = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert warm.status_code == 200
+    story = "Write a very long story about a dragon, at least 3000 words."  # 4,000 tokens: 67 s here
+    long = {"messages": [{"role": "user", "content": story}], "max_tokens": 4000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(local_server.url + "/v1/chat/completions", json=long, timeout=2.0)
+    entry = server_engine.cache.get(f"gguf:{SMOL}")
+    assert entry is not None
+    deadline = time.monotonic() + 5
+    while not entry.lock.acquire(blocking=False):
+        assert time.monotonic() < deadline, "the abandoned generation kept the model"
+        time.sleep(0.02)
+    entry.lock.release()

@@ -19,6 +19,7 @@ Status decisions (documented in docs/protocol.md):
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -242,7 +243,7 @@ def guarded(
         @functools.wraps(fn)
         async def endpoint(request: Request) -> Response:
             try:
-                return await fn(request)
+                return await _unless_gone(request, fn)
             except Exception as exc:
                 info = describe(exc, capability=capability, timeout_s=timeout_s, retry_hint=retry_hint)
                 return error_response(info)
@@ -250,6 +251,30 @@ def guarded(
         return endpoint
 
     return wrap
+
+
+async def _unless_gone(request: Request, fn: Callable[[Request], Awaitable[Response]]) -> Response:
+    """``fn(request)``, cancelled when the client disconnects first: an answer nobody will read
+    must not hold a model (a generation stops at its next token once its task is cancelled; a
+    streaming route returns its response at once and watches the client itself)."""
+    await request.body()  # read and kept first: after it, receive() only says "disconnected"
+    work = asyncio.ensure_future(fn(request))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():  # the client left (or the server stops): end the work, then go
+            work.cancel()
+            await asyncio.wait((work,))
+    if work.cancelled():  # nobody reads this
+        return Response(status_code=499)
+    return work.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # --- JSON-RPC -------------------------------------------------------------------------------------
