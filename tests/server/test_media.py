@@ -74,6 +74,7 @@ def test_bad_media_requests_are_400(local_server: ServerThread) -> None:
     url = local_server.url + "/v1"
     cases = [
         ("/audio/speech", {"model": "auto"}, "input"),
+        ("/audio/speech", {"input": "x" * 4097}, "input"),  # at most 4,096 characters, as OpenAI
         ("/audio/speech", {"input": "hi", "response_format": "opus"}, "response_format"),
         ("/images/generations", {"prompt": "x", "response_format": "url"}, "response_format"),
         ("/images/generations", {"prompt": "x", "size": "big"}, "size"),

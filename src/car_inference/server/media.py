@@ -36,6 +36,7 @@ STT = "speech_to_text"
 TTS = "text_to_speech"
 IMAGES = "image_generation"
 
+MAX_SPEECH_CHARS = 4096
 _SPEECH_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "pcm": "audio/pcm"}
 _IMAGE_FORMATS = ("png", "jpeg", "webp")
 
@@ -160,6 +161,9 @@ def register(app: FastAPI, state: ServerState) -> None:
         text = body.get("input")
         if not isinstance(text, str) or not text:
             raise ApiError(400, "`input` must be the text to speak", param="input")
+        if len(text) > MAX_SPEECH_CHARS:  # OpenAI's limit; Piper runs on, holding the voice
+            message = f"`input` is {len(text)} characters; at most {MAX_SPEECH_CHARS} (split longer texts)"
+            raise ApiError(400, message, param="input")
         fmt = body.get("response_format") or "wav"
         if not isinstance(fmt, str) or fmt not in _SPEECH_FORMATS:
             raise ApiError(
