@@ -142,6 +142,8 @@ async def test_models_list_health_and_feedback(
     async with connect(local_server.ws_url) as ws:
         models = (await call(ws, "models.list", {"capability": "embed", "available": True}))["result"]
         assert MINILM in {m["id"] for m in models} and all("embed" in m["capabilities"] for m in models)
+        stringly = await call(ws, "models.list", {"available": "false"})  # bool("false") was True
+        assert stringly["error"]["code"] == -32602 and stringly["error"]["data"]["param"] == "available"
         health = (await call(ws, "health"))["result"]
         assert health["available_models"] >= 2 and {d["capability"] for d in health["defaults"]} >= {
             "generate"

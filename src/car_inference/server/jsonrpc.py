@@ -400,11 +400,13 @@ async def _models_list(session: Session, params: Params, rid: Any) -> Any:
         known = ", ".join(c.value for c in ModelCapability)
         raise ApiError(400, f"`capability` must be one of {known}", code="invalid_value", param="capability")
     available = params.get("available")
+    if available is not None and not isinstance(available, bool):  # bool("false") is True
+        raise ApiError(400, "`available` must be true or false", code="invalid_value", param="available")
     models = []
     for model in session.engine.list_models():
         if capability is not None and not model.has_capability(capability):
             continue
-        if available is not None and model.available != bool(available):
+        if available is not None and model.available != available:
             continue
         models.append(model.summary())
     return models

@@ -448,7 +448,9 @@ def rerank_request(body: dict[str, Any]) -> tuple[RerankRequest, bool]:
     if body.get("instruction") is not None:
         data["instruction"] = body["instruction"]
     returns = body.get("return_documents", True)
-    return _validated(RerankRequest, data), bool(returns)
+    if not isinstance(returns, bool):  # bool("false") is True
+        raise _bad("`return_documents` must be true or false", "return_documents")
+    return _validated(RerankRequest, data), returns
 
 
 def rerank_response(result: RerankResult, return_documents: bool) -> dict[str, Any]:
