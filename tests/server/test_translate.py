@@ -229,7 +229,11 @@ def test_embeddings_and_rerank() -> None:
     assert rerank.documents == ["a", "b"] and rerank.top_n == 1 and documents is False
     assert bad({"query": "q", "documents": [3]}, rerank_request).param == "documents[0]"
     assert bad({"documents": ["a"]}, rerank_request).param == "query"
-    no = {"query": "q", "documents": ["a"], "return_documents": "false"}  # bool("false") was True
+    no: dict[str, object] = {
+        "query": "q",
+        "documents": ["a"],
+        "return_documents": "false",
+    }  # bool("false") was True
     assert bad(no, rerank_request).param == "return_documents"
     ranked = RerankResult(ranked=[RerankedDocument(index=1, score=0.9, document="b")], model_used="r")
     out = rerank_response(ranked, True)
