@@ -3,8 +3,10 @@ loopback port, in front of a real engine."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,19 @@ from fakes import FakeProviderServer
 
 SMOL = "huggingface/smollm2-135m-instruct:q4_1"
 MINILM = "sentence-transformers/all-minilm-l6-v2"
+
+
+def model_freed(engine: InferenceEngine, why: str, model: str = SMOL, within_s: float = 5) -> Any:
+    """The cache entry of ``model`` once no generation holds it; fails saying ``why`` after
+    ``within_s`` seconds."""
+    entry = engine.cache.get(f"gguf:{model}")
+    assert entry is not None
+    deadline = time.monotonic() + within_s
+    while not entry.lock.acquire(blocking=False):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.01)
+    entry.lock.release()
+    return entry
 
 
 def endpoint_toml(

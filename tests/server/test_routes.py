@@ -5,7 +5,6 @@ is really the fake provider, for the tool-call round trip."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import cast
 
@@ -25,7 +24,7 @@ from car_inference.server import ServerThread, create_app
 from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
 from fakes.optional import some
 
-from .conftest import MINILM, SMOL, remote_home
+from .conftest import MINILM, SMOL, model_freed, remote_home
 
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
 
@@ -355,10 +354,4 @@ def test_a_client_that_gives_up_frees_the_model(
     long = {"messages": [{"role": "user", "content": story}], "max_tokens": 4000, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(local_server.url + "/v1/chat/completions", json=long, timeout=2.0)
-    entry = server_engine.cache.get(f"gguf:{SMOL}")
-    assert entry is not None
-    deadline = time.monotonic() + 5
-    while not entry.lock.acquire(blocking=False):
-        assert time.monotonic() < deadline, "the abandoned generation kept the model"
-        time.sleep(0.02)
-    entry.lock.release()
+    model_freed(server_engine, "the abandoned generation kept the model")

@@ -20,7 +20,7 @@ from car_inference.server.translate import chat_request
 from car_inference.stream import Done, RouteEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart
 from fakes import FakeProviderServer, Fault, Reply
 
-from .conftest import SMOL
+from .conftest import SMOL, model_freed
 from .test_routes import WEATHER
 
 MODELS = """
@@ -61,13 +61,7 @@ def test_client_disconnect_stops_the_generation(
             if received >= 4:
                 break
     # The connection is closed: the server notices, closes the engine's stream, the model stops.
-    entry = server_engine.cache.get(f"gguf:{SMOL}")
-    assert entry is not None
-    deadline = time.monotonic() + 5
-    while not entry.lock.acquire(blocking=False):
-        assert time.monotonic() < deadline, "the model kept generating after the client left"
-        time.sleep(0.01)
-    entry.lock.release()
+    entry = model_freed(server_engine, "the model kept generating after the client left")
     assert entry.instance.llm.n_tokens < 400, "it stopped long before max_tokens"
     # Kept as an abandoned trace (written on the server loop's next turn), counted for nothing.
     deadline = time.monotonic() + 5
