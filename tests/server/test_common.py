@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from car_inference.server.common import Limiter, ascii_header, car_headers, dumps, parse_json, parse_object
+from car_inference.server.common import Limiter, as_object, ascii_header, car_headers, dumps, parse_json
 from car_inference.server.errors import ApiError
 
 
@@ -63,7 +63,7 @@ def test_parse_json_refuses_what_would_crash_later(raw: bytes, says: str) -> Non
     assert parse_json(b'\xef\xbb\xbf{"a": 1}') == {"a": 1}  # a UTF-8 byte-order mark is fine
     for body, kind in ((b"null", "null"), (b"[1]", "an array"), (b'"x"', "a string"), (b"3", "a number")):
         with pytest.raises(ApiError, match=f"expected a JSON object, got {kind}"):
-            parse_object(body)
+            as_object(parse_json(body))
 
 
 def test_parse_json_keeps_what_is_valid() -> None:

@@ -28,12 +28,12 @@ __all__ = [
     "HEADER_TRACE",
     "Limiter",
     "ServerState",
+    "as_object",
     "ascii_header",
     "car_headers",
     "dumps",
     "json_response",
     "parse_json",
-    "parse_object",
     "read_json",
 ]
 
@@ -225,18 +225,16 @@ async def read_json(request: Request) -> dict[str, Any]:
     if not body.strip():
         raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
     try:
-        return parse_object(body)
+        data = parse_json(body)
     except ApiError as exc:
-        if exc.message.startswith("expected"):
-            raise
         exc.message = f"the request body: {exc.message}"
         exc.args = (exc.message,)
         raise
+    return as_object(data)
 
 
-def parse_object(raw: bytes | str) -> dict[str, Any]:
-    """``parse_json`` of a text that must hold a JSON object."""
-    data = parse_json(raw)
+def as_object(data: Any) -> dict[str, Any]:
+    """``data`` if it is a JSON object; a 400 naming what it is otherwise."""
     if not isinstance(data, dict):
         raise ApiError(400, f"expected a JSON object, got {_json_kind(data)}", code="invalid_json")
     return data
