@@ -196,6 +196,8 @@ def _fingerprint(files: list[Path]) -> str:
 def _decode_error(exc: BaseException) -> str:
     """What went wrong decoding, without PyAV's errno and the path it repeats: "Invalid data found
     when processing input (not an audio or video file FFmpeg can read: raw PCM needs a WAV header)"."""
+    if isinstance(exc, IndexError):  # PyAV found no audio stream to take (an image, say)
+        return "the file holds no audio stream"
     text = getattr(exc, "strerror", None) or str(exc)
     if "Invalid data" in text:
         return f"{text} (not an audio or video file FFmpeg can read; raw PCM needs a WAV header)"
