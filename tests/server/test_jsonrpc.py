@@ -8,6 +8,7 @@ import json
 import re
 from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError
@@ -114,6 +115,11 @@ async def test_a_missing_media_backend_is_the_501_of_its_http_route(local_server
             assert error["data"]["status"] == 501 and error["data"]["code"] == "capability_unavailable"
             assert error["data"]["capability"] == capability
             assert error["message"].startswith(f"{capability} is not available on this server: ")
+
+
+def test_plain_http_on_ws_says_to_upgrade(local_server: ServerThread) -> None:
+    reply = httpx.get(local_server.url + "/ws")
+    assert reply.status_code == 426 and "WebSocket" in reply.json()["error"]["message"]
 
 
 async def test_embed_rerank_classify_tokenize(local_server: ServerThread) -> None:

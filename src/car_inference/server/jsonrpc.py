@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, overload
 
 from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..errors import InferenceError
@@ -41,6 +43,7 @@ from .errors import (
     PARSE_ERROR,
     ApiError,
     describe,
+    error_response,
     rpc_error,
 )
 from .grounding import GROUNDING, rpc_ground
@@ -490,3 +493,9 @@ def register(app: FastAPI, state: ServerState) -> None:
         await Session(websocket, state).run()
 
     app.add_api_websocket_route("/ws", websocket_endpoint)
+
+    async def plain_http(request: Request) -> Response:  # a browser or curl without the upgrade
+        message = "/ws speaks JSON-RPC 2.0 over a WebSocket: connect with a WebSocket client"
+        return error_response(describe(ApiError(426, message, code="upgrade_required")))
+
+    app.add_route("/ws", plain_http, methods=["GET"])
