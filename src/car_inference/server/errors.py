@@ -23,11 +23,11 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -56,6 +56,7 @@ __all__ = [
     "error_response",
     "guarded",
     "rpc_error",
+    "validated",
 ]
 
 log = logging.getLogger("car_inference.server")
@@ -105,6 +106,9 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
 def validation_info(exc: ValidationError, prefix: str = "") -> ErrorInfo:
     """A pydantic error as a 400 naming the first offending field (``messages[0].content``)."""
     errors = exc.errors(include_url=False, include_input=False)
@@ -118,6 +122,22 @@ def validation_info(exc: ValidationError, prefix: str = "") -> ErrorInfo:
         400, "invalid_request_error", "invalid_value", message, where or None, "ValidationError",
         extra={"details": details},
     )  # fmt: skip
+
+
+def validated(cls: type[_M], data: dict[str, Any], names: Mapping[str, str]) -> _M:
+    """``cls.model_validate(data)``, its error naming the field as the client sent it (``names``:
+    ours to theirs, ``voice_instruction`` to ``instructions``) rather than as the engine calls it."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        info = validation_info(exc)
+        head, dot, rest = (info.param or "").partition(".")
+        theirs = names.get(head)
+        if theirs is None:
+            raise
+        param = theirs + dot + rest
+        message = f"{param}: {info.message.split(': ', 1)[-1]}"
+        raise ApiError(400, message, code="invalid_value", param=param) from None
 
 
 # Provider statuses that mean "this request is malformed" rather than "this provider failed".

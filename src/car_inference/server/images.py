@@ -40,12 +40,15 @@ from ..errors import InferenceError
 from ..requests import GenerateImageRequest, GenerateVideoRequest, VideoMode
 from ..schema import ModelCapability
 from .common import ServerState, car_headers, json_response, read_json
-from .errors import ApiError, describe, guarded
+from .errors import ApiError, describe, guarded, validated
 from .media import FormField, _without_path, parse_multipart
 
 __all__ = ["IMAGES", "MAX_JOBS", "VIDEOS", "register", "rpc_generate_image", "rpc_generate_video"]
 
 IMAGES = "image_generation"
+# Our request fields as OpenAI's image and video requests name them, for error messages.
+_IMAGE_NAMES = {"format": "output_format", "variant_count": "n", "width": "size", "height": "size"}
+_VIDEO_NAMES = {"duration_s": "seconds", "width": "size", "height": "size", "image_path": "input_reference"}
 VIDEOS = "video_generation"
 MAX_JOBS = 64
 PROGRESS_METHOD = "generate.progress"
@@ -230,7 +233,8 @@ def register(app: FastAPI, state: ServerState) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="car-edit-"))
         try:
             mask = fields.get("mask")
-            call = GenerateImageRequest.model_validate(
+            call = validated(
+                GenerateImageRequest,
                 {
                     "prompt": prompt,
                     "model": _model(fields["model"].text if "model" in fields else None),
@@ -240,7 +244,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                     "format": fmt,
                     "output_path": str(workdir / f"out.{fmt}"),
                 }
-                | _size(fields["size"].text if "size" in fields else None)
+                | _size(fields["size"].text if "size" in fields else None),
+                _IMAGE_NAMES,
             )
             async with asyncio.timeout(timeout_s):
                 result = await engine.generate_image(call)
@@ -277,13 +282,14 @@ def register(app: FastAPI, state: ServerState) -> None:
                 "negative_prompt": body.get("negative_prompt"),
                 **_size(body.get("size")),
             }
-            call = GenerateVideoRequest(
-                prompt=prompt,
-                model=_model(body.get("model")),
-                mode=VideoMode.IMAGE_TO_VIDEO if image else VideoMode.TEXT_TO_VIDEO,
-                image_path=image,
+            wanted = {
+                "prompt": prompt,
+                "model": _model(body.get("model")),
+                "mode": VideoMode.IMAGE_TO_VIDEO if image else VideoMode.TEXT_TO_VIDEO,
+                "image_path": image,
                 **{k: v for k, v in options.items() if v is not None},
-            )
+            }
+            call = validated(GenerateVideoRequest, wanted, _VIDEO_NAMES)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise

@@ -27,7 +27,7 @@ from starlette.responses import PlainTextResponse, Response
 from ..errors import InferenceError
 from ..requests import GenerateImageRequest, SynthesizeRequest, TranscribeRequest
 from .common import ServerState, car_headers, json_response, read_json
-from .errors import ApiError, guarded
+from .errors import ApiError, guarded, validated
 from .translate import AUTO
 
 __all__ = ["STT", "TTS", "FormField", "parse_multipart", "register", "upload_name"]
@@ -37,6 +37,8 @@ TTS = "text_to_speech"
 IMAGES = "image_generation"
 
 MAX_SPEECH_CHARS = 4096
+# SynthesizeRequest's fields as OpenAI's speech request names them, for error messages.
+_SPEECH_NAMES = {"text": "input", "voice_instruction": "instructions", "format": "response_format"}
 _SPEECH_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "pcm": "audio/pcm"}
 _IMAGE_FORMATS = ("png", "jpeg", "webp")
 
@@ -171,7 +173,8 @@ def register(app: FastAPI, state: ServerState) -> None:
             )
         workdir = Path(tempfile.mkdtemp(prefix="car-speech-"))
         try:
-            call = SynthesizeRequest.model_validate(
+            call = validated(
+                SynthesizeRequest,
                 {
                     "text": text,
                     "model": _model(body.get("model")),
@@ -180,7 +183,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                     "speed": body.get("speed"),
                     "voice_instruction": body.get("instructions"),
                     "output_path": str(workdir / f"speech.{fmt}"),
-                }
+                },
+                _SPEECH_NAMES,
             )
             async with asyncio.timeout(timeout_s):
                 result = await engine.synthesize(call)
