@@ -126,16 +126,17 @@ def validation_info(exc: ValidationError, prefix: str = "") -> ErrorInfo:
 
 def validated(cls: type[_M], data: dict[str, Any], names: Mapping[str, str]) -> _M:
     """``cls.model_validate(data)``, its error naming the field as the client sent it (``names``:
-    ours to theirs, ``voice_instruction`` to ``instructions``) rather than as the engine calls it."""
+    ours to theirs, ``voice_instruction`` to ``instructions``; to "" for a level of ours the
+    client never sent, such as ``params``) rather than as the engine calls it."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
         info = validation_info(exc)
-        head, dot, rest = (info.param or "").partition(".")
+        head, _, rest = (info.param or "").partition(".")
         theirs = names.get(head)
         if theirs is None:
             raise
-        param = theirs + dot + rest
+        param = f"{theirs}.{rest}" if theirs and rest else theirs or rest
         message = f"{param}: {info.message.split(': ', 1)[-1]}"
         raise ApiError(400, message, code="invalid_value", param=param) from None
 

@@ -33,7 +33,7 @@ from ..requests import (
 )
 from ..schema import ModelSchema
 from ..stream import parse_tool_arguments
-from .errors import ApiError, validation_info
+from .errors import ApiError, validated, validation_info
 
 __all__ = [
     "GenerationCall",
@@ -85,14 +85,9 @@ def _model(body: dict[str, Any]) -> str | None:
 
 def _validated(cls: type[Any], data: dict[str, Any]) -> Any:
     try:
-        return cls.model_validate(data)
+        return validated(cls, data, {"params": ""})  # our nesting; the client sent top-level fields
     except ValidationError as exc:
         info = validation_info(exc)
-        param = info.param or ""
-        if param.startswith("params."):  # our nesting; the client sent a top-level field
-            param = param[len("params.") :]
-            message = f"{param}: " + info.message.split(": ", 1)[-1]
-            raise _bad(message, param) from None
         raise _bad(info.message, info.param) from None
 
 
