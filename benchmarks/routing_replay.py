@@ -34,6 +34,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from car_inference.config import CarConfig, RoutingSettings
 from car_inference.engine import InferenceEngine
@@ -205,8 +206,9 @@ class Score:
     # benchmark -> (sum of scores, prompts), for where a policy loses (routing_seeds --by-benchmark)
     by_bench: dict[str, tuple[float, int]] = field(default_factory=dict)
     warmup_quality: float | None = None  # mean score over the warm-up prompts, when there was one
-    # (prompt, context, model, strategy) of each routed prompt, for routing_seeds --contexts
-    routes: list[tuple[Prompt, str, str, str]] = field(default_factory=list)
+    # (prompt, context, model, strategy, the model with the best utility at the beliefs' means) of
+    # each routed prompt, for routing_seeds --contexts and --decompose
+    routes: list[tuple[Prompt, str, str, str, str]] = field(default_factory=list)
 
 
 # --- the router, through the engine --------------------------------------------------------------
@@ -222,6 +224,10 @@ def new_engine(home: Path, settings: RoutingSettings, pricing: Pricing, seed: in
     return engine
 
 
+def _mean_score(row: tuple[Any, ...]) -> float:
+    return float(row[9])  # a candidate's utility at its belief's mean (``routing.decision._Row``)
+
+
 def replay(engine: InferenceEngine, prompts: Sequence[Prompt], pricing: Pricing) -> Score:
     """Route each prompt, reveal only the chosen model's score, report it back."""
     total_q = total_cost = 0.0
@@ -231,9 +237,9 @@ def replay(engine: InferenceEngine, prompts: Sequence[Prompt], pricing: Pricing)
     for p in prompts:
         decision = engine.route(GenerateRequest(prompt=p.question))
         model = decision.model_id
-        routes.append(
-            (p, f"{decision.task_family}|{decision.prompt_cluster}", model, decision.strategy.value)
-        )
+        believed = max(decision._rows, key=_mean_score)[5].model_id  # what no draw would have picked
+        context = f"{decision.task_family}|{decision.prompt_cluster}"
+        routes.append((p, context, model, decision.strategy.value, believed))
         score, cost = p.scores[model], pricing.cost(model, p)
         engine.report(
             decision, score=score, cost_usd=cost, latency_ms=pricing.latency_ms[model],

@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/routing_seeds.py default --weights 0.9 0.03 0.07
     .venv/bin/python benchmarks/routing_seeds.py default --shared-prefix --labelled [--settle]
     .venv/bin/python benchmarks/routing_seeds.py default --seeds 0 --contexts mmlu
+    .venv/bin/python benchmarks/routing_seeds.py default --decompose  # belief vs exploration
     .venv/bin/python benchmarks/routing_seeds.py default --swap   # the split the other way round
     .venv/bin/python benchmarks/routing_seeds.py default --late zephyr-7b-beta  # joins after warm-up
     .venv/bin/python benchmarks/routing_seeds.py default --degrade zephyr-7b-beta  # gets worse then
@@ -60,7 +61,7 @@ def contexts(score: Score, bench: str, n_test: int, top: int = 4) -> str:
     against its best model there (as a share of the whole held-out score), then per model its
     true mean on those prompts and how often it was picked."""
     by: dict[str, list[tuple[Prompt, str, str]]] = defaultdict(list)
-    for p, context, model, strategy in score.routes:
+    for p, context, model, strategy, _ in score.routes:
         if p.bench == bench:
             by[context].append((p, model, strategy))
     lines = []
@@ -75,6 +76,26 @@ def contexts(score: Score, bench: str, n_test: int, top: int = 4) -> str:
         for m in sorted(true, key=true.__getitem__, reverse=True):
             lines.append(f"    {m.split('/')[-1]:28s} true {true[m]:.3f}  picked {picked[m]}")
     return "\n".join(lines)
+
+
+def decompose(score: Score) -> str:
+    """The held-out loss against each context's best model in hindsight (the router's contexts;
+    the best model on their held-out prompts, full information), in two parts: prompts where the
+    model the router believed best (the best utility at the beliefs' means) was not the context's
+    best, and prompts where a draw picked another model than the one believed best."""
+    by: dict[str, list[tuple[Prompt, str, str]]] = defaultdict(list)
+    for p, context, model, _, believed in score.routes:
+        by[context].append((p, model, believed))
+    misbelief = explored = 0.0
+    for rows in by.values():
+        best = max(rows[0][0].scores, key=lambda m: sum(p.scores[m] for p, _, _ in rows))
+        misbelief += sum(p.scores[best] - p.scores[b] for p, _, b in rows)
+        explored += sum(p.scores[b] - p.scores[m] for p, m, b in rows)
+    n = len(score.routes)
+    share = sum(m != b for _, _, m, _, b in score.routes) / n
+    return (f"  against each context's best: {score.quality + (misbelief + explored) / n:.4f}; "
+            f"lost to belief {misbelief / n:.4f}, to draws {explored / n:.4f} "
+            f"({share:.1%} of prompts drew another model)")  # fmt: skip
 
 
 def main() -> None:
@@ -112,6 +133,8 @@ def main() -> None:
                         help="with --labelled: the bandit settles as the router does")  # fmt: skip
     parser.add_argument("--contexts", metavar="BENCH",
                         help="per seed, BENCH's held-out prompts by the router's context")  # fmt: skip
+    parser.add_argument("--decompose", action="store_true",
+                        help="per seed, the loss to each context's best model: belief vs draws")  # fmt: skip
     parser.add_argument("--by-benchmark", action="store_true",
                         help="per seed, each benchmark's loss against its best model")  # fmt: skip
     args = parser.parse_args()
@@ -173,6 +196,8 @@ def main() -> None:
             print("  " + losses(score, train, test), flush=True)
         if args.contexts:
             print(contexts(score, args.contexts, len(test)), flush=True)
+        if args.decompose:
+            print(decompose(score), flush=True)
     sd = statistics.pstdev(scores) if len(scores) > 1 else 0.0
     whole = f"; whole stream {statistics.fmean(streams):.4f}" if streams else ""
     print(f"mean {statistics.fmean(scores):.4f} ± {sd:.4f} over {len(scores)} seeds, "
