@@ -93,6 +93,23 @@ def test_validation_errors_name_the_field() -> None:
     assert described.message.startswith("messages[0].content")
 
 
+def test_validation_errors_report_the_union_branch_the_input_took() -> None:
+    """Content given as a list is reported where the list is wrong, not as 'not a string', and
+    without pydantic's branch names; a wrong type for an object field names no class of ours."""
+    image = {"type": "image", "data": "AAAA", "detail": "ultra"}
+    with pytest.raises(ValidationError) as info:
+        GenerateRequest.model_validate({"messages": [{"role": "user", "content": [image]}]})
+    described = describe(info.value)
+    assert described.param == "messages[0].content[0].image.detail"
+    assert described.message == "messages[0].content[0].image.detail: Input should be 'auto', 'low' or 'high'"
+    with pytest.raises(ValidationError) as info:
+        GenerateRequest.model_validate({"prompt": "hi", "intent": 5})
+    assert describe(info.value).message == "intent: Input should be an object"
+    with pytest.raises(ValidationError) as info:
+        GenerateRequest.model_validate({"prompt": 5, "max_tokens": "many"})
+    assert describe(info.value).message == "prompt: Input should be a valid string (and 1 more error(s))"
+
+
 class _StayingClient:
     """An ASGI receive: an empty body, then nothing (a client that does not disconnect)."""
 

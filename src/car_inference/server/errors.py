@@ -109,14 +109,45 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 _M = TypeVar("_M", bound=BaseModel)
 
 
+# Where pydantic names the branch of a union an error came from ("str", "list[...]",
+# "function-after[...]") inside an error's location: not a field the client sent.
+_BRANCHES = frozenset({"str", "int", "float", "bool", "bytes", "list", "dict", "none"})
+# Messages that name our classes ("a valid dictionary or instance of IntentHint"): JSON's word.
+_OBJECT_TYPES = frozenset({"model_type", "dict_type", "model_attributes_type"})
+
+
+def _branch_at(loc: tuple[int | str, ...]) -> int:
+    """The index of the first union branch name in ``loc``; -1 where there is none."""
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and ("[" in part or part in _BRANCHES):
+            return i
+    return -1
+
+
+def _first_error(errors: list[Any]) -> tuple[tuple[int | str, ...], str, int]:
+    """The location (union branch names removed) and message of the error to report, and how many
+    errors that accounts for: the first, or where it is one branch of a union, the branch that got
+    furthest into the input (content given as a list fails the ``str`` branch at once and the list
+    branch at the offending part)."""
+    first = errors[0]
+    loc = tuple(first["loc"])
+    at, same = _branch_at(loc), [first]
+    if at >= 0:
+        same = [e for e in errors if tuple(e["loc"])[:at] == loc[:at] and _branch_at(tuple(e["loc"])) == at]
+        first = max(same, key=lambda e: len(e["loc"]))
+        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in _BRANCHES)))
+    message = "Input should be an object" if first.get("type") in _OBJECT_TYPES else str(first["msg"])
+    return loc, message, len(same)
+
+
 def validation_info(exc: ValidationError, prefix: str = "") -> ErrorInfo:
     """A pydantic error as a 400 naming the first offending field (``messages[0].content``)."""
     errors = exc.errors(include_url=False, include_input=False)
-    first = errors[0] if errors else {"loc": (), "msg": str(exc)}
-    where = _loc((*((prefix,) if prefix else ()), *first["loc"]))
-    message = f"{where}: {first['msg']}" if where else str(first["msg"])
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error(s))"
+    loc, msg, covered = _first_error(errors) if errors else ((), str(exc), 0)
+    where = _loc((*((prefix,) if prefix else ()), *loc))
+    message = f"{where}: {msg}" if where else msg
+    if len(errors) > covered:
+        message += f" (and {len(errors) - covered} more error(s))"
     details = [{"param": _loc(tuple(e["loc"])), "message": e["msg"]} for e in errors]
     return ErrorInfo(
         400, "invalid_request_error", "invalid_value", message, where or None, "ValidationError",
