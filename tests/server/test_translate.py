@@ -155,6 +155,19 @@ def test_chat_refusals_name_the_field() -> None:
     assert error.param == "response_format" and "json_schema" in error.message
 
 
+def test_media_part_options_are_checked_where_the_client_wrote_them() -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "ultra"}}
+    error = bad({"messages": [{"role": "user", "content": [image]}]})
+    assert error.param == "messages[0].content[0].image_url.detail"
+    assert "auto, low, high" in error.message and '"ultra"' in error.message
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "exe"}}
+    error = bad({"messages": [{"role": "user", "content": [audio]}]})
+    assert error.param == "messages[0].content[0].input_audio.format" and "wav, mp3" in error.message
+    flac = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "flac"}}
+    request = chat_request({"messages": [{"role": "user", "content": [flac]}]}).request
+    assert request.messages and request.messages[0].content[0].media_type == "audio/flac"  # type: ignore[union-attr]
+
+
 def test_legacy_completion_request() -> None:
     call = completion_request({"prompt": ["Once upon"], "max_tokens": 5, "stop": ["\n"]})
     assert call.request.prompt == "Once upon" and call.request.params.raw_prompt

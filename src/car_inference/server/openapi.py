@@ -61,7 +61,9 @@ class ImagePart(_Part):
 
 class InputAudio(_Part):
     data: str = Field(description="base64 audio")
-    format: str = Field(default="wav", description="wav or mp3")
+    format: str = Field(
+        default="wav", description="wav, mp3, flac, ogg, opus, aac, m4a, webm or aiff (OpenAI: wav, mp3)"
+    )
 
 
 class AudioPart(_Part):

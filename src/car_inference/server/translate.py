@@ -15,6 +15,7 @@ import re
 import struct
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,22 @@ _PARAMS = (
     "temperature", "top_p", "seed", "reasoning_effort", "parallel_tool_calls",
     "top_k", "repeat_penalty", "thinking", "workload",
 )  # fmt: skip
-_AUDIO_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg"}
+# input_audio formats: OpenAI's (wav, mp3) and those other providers' audio models take.
+_AUDIO_TYPES = {
+    "wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg", "opus": "audio/opus",
+    "aac": "audio/aac", "m4a": "audio/mp4", "webm": "audio/webm", "aiff": "audio/aiff",
+}  # fmt: skip
+_DETAILS = ("auto", "low", "high")
+
+
+def _one_of(value: Any, allowed: Iterable[str], where: str) -> str:
+    """``value`` where it is one of ``allowed``; a 400 naming the choices otherwise."""
+    choices = list(allowed)
+    if not isinstance(value, str) or value not in choices:
+        raise _bad(f"{where}: expected one of {', '.join(choices)}, got {json.dumps(value)[:40]}", where)
+    return value
+
+
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w-]+=[^;,]*)*)(;base64)?,(.*)$", re.DOTALL)
 
 
@@ -121,14 +137,14 @@ def _part(part: Any, where: str) -> dict[str, Any]:
         url = image.get("url") if isinstance(image, dict) else image
         block = {"type": "image", **_media_url(url, f"{where}.image_url")}
         if isinstance(image, dict) and image.get("detail") is not None:
-            block["detail"] = image["detail"]
+            block["detail"] = _one_of(image["detail"], _DETAILS, f"{where}.image_url.detail")
         return block
     if kind == "input_audio":
         audio = part.get("input_audio")
         if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
             raise _bad(f"{where}.input_audio: expected {{data, format}}", f"{where}.input_audio")
-        fmt = str(audio.get("format") or "wav")
-        return {"type": "audio", "data": audio["data"], "media_type": _AUDIO_TYPES.get(fmt, f"audio/{fmt}")}
+        fmt = _one_of(audio.get("format") or "wav", _AUDIO_TYPES, f"{where}.input_audio.format")
+        return {"type": "audio", "data": audio["data"], "media_type": _AUDIO_TYPES[fmt]}
     raise _bad(f"{where}: content part type {kind!r} is not supported", f"{where}.type")
 
 
