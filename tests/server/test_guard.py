@@ -155,6 +155,44 @@ def _stalled(port: int, key: str = KEYS[0]) -> socket.socket:
     return sock
 
 
+def _chunked(body: bytes, size: int = 65536) -> bytes:
+    chunks = [body[i : i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%b\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_an_oversized_body_sent_in_full_still_reads_its_413(server: ServerThread, framing: str) -> None:
+    """Most clients send the whole body without waiting (no ``Expect: 100-continue``): the server
+    reads and drops the rest of it before answering, since closing a connection with unread data
+    resets it and the client saw the reset instead of the 413."""
+    body = b"x" * 8_000_000
+    length = f"Content-Length: {len(body)}" if framing == "content-length" else "Transfer-Encoding: chunked"
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+        f"Content-Type: application/json\r\n{length}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + (body if framing == "content-length" else _chunked(body)))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"request_too_large" in answer
+
+
+def test_a_client_waiting_for_100_continue_gets_its_413_without_sending(server: ServerThread) -> None:
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 8000000\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):  # the server answers and closes: no body was read
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"100 Continue" not in answer
+
+
 def test_a_stalled_body_holds_no_slot_and_gets_a_408(engine: InferenceEngine) -> None:
     server = serve(engine, api_keys=KEYS, max_concurrency=1, body_timeout_s=1.5)
     stalled = [_stalled(server.port) for _ in range(4)]

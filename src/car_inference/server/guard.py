@@ -8,8 +8,10 @@ and leaves streaming responses alone. In order, for HTTP:
 2. With ``server.api_keys`` set, ``Authorization: Bearer <key>`` must match one of them,
    compared in constant time; otherwise 401.
 3. The body is read in full before the request takes a concurrency slot: a body over
-   ``server.max_body_mb`` is refused with 413 (at once when ``Content-Length`` says so), one that
-   has not arrived within ``server.body_timeout_s`` with 408; both close the connection.
+   ``server.max_body_mb`` is refused with 413 (at once when ``Content-Length`` says so and the
+   client waits for ``100 Continue``; a client already sending has up to ``DRAIN_BYTES`` more read
+   and dropped first, so it reads the 413 instead of a reset), one that has not arrived within
+   ``server.body_timeout_s`` with 408; both close the connection.
 4. While the state store is ``server.max_pending_records`` records behind, 503
    ``state_store_behind`` with ``Retry-After`` for requests with a body (the records hold their
    requests in memory); reads (``GET``: ``/v1/health`` says how far behind) are still served.
@@ -146,16 +148,22 @@ class Guard:
             code="request_too_large",
         )
 
-    async def _body(self, receive: Any, length: int | None) -> Any:
+    async def _body(self, receive: Any, headers: list[tuple[bytes, bytes]]) -> Any:
         """Read the body (at most server.max_body_mb, within server.body_timeout_s) and return a
         ``receive`` that replays it. Raises ``_Refused`` (413, 408) or ``_Gone``."""
+        length = _content_length(headers)
         settings = self.state.settings
         if length is not None and length > self.state.max_body_bytes:
+            # A client that asked to wait (``Expect: 100-continue``) sends nothing until we read:
+            # its answer goes at once; any other is sending the body already.
+            if not _expects_continue(headers):
+                await _drain(receive, settings.body_timeout_s)
             raise _Refused(self._too_large())
         try:
             async with asyncio.timeout(settings.body_timeout_s):
                 body = await _read_body(receive, self.state.max_body_bytes)
         except _TooLarge:
+            await _drain(receive, settings.body_timeout_s)
             raise _Refused(self._too_large()) from None
         except TimeoutError:
             timeout = ApiError(
@@ -203,7 +211,7 @@ class Guard:
             # The whole body is read before the request takes a concurrency slot, under
             # server.body_timeout_s: a client that stalls mid-body holds no slot, and is answered.
             try:
-                receive = await self._body(receive, _content_length(headers))
+                receive = await self._body(receive, headers)
             except _Refused as refused:
                 status = await self._refuse(send, refused.error, {"connection": "close"})
                 metrics.request(route, None, status)
@@ -282,6 +290,29 @@ async def _read_body(receive: Any, limit: int) -> bytes:
         chunks.append(body)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+# What is read and dropped of a refused body, at most, before its 413 (``_drain``).
+DRAIN_BYTES = 64 * 1024 * 1024
+
+
+async def _drain(receive: Any, timeout_s: float) -> None:
+    """Read and drop what the client still sends of a body refused as too large (at most
+    ``DRAIN_BYTES``, within ``timeout_s``) so that the 413 reaches it: closing a connection that
+    holds unread data resets it, and the client sees the reset, not the answer (the reason for
+    nginx's lingering close). Nothing is kept; a body larger still gets the reset."""
+    left = DRAIN_BYTES
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            while left > 0:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                left -= len(message.get("body", b""))
+
+
+def _expects_continue(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in headers)
 
 
 def _replay(body: bytes, receive: Any) -> Any:
