@@ -90,6 +90,36 @@ async def test_word_timestamps_are_monotonic(
     assert all(a.start <= b.start and a.end <= b.end for a, b in itertools.pairwise(words))
 
 
+def _with_silence(source: Path, target: Path, before_s: float, after_s: float) -> Path:
+    """``source`` (16-bit mono WAV) with digital silence before and after it."""
+    with wave.open(str(source), "rb") as wav:
+        params, frames = wav.getparams(), wav.readframes(wav.getnframes())
+    before, after = (b"\0\0" * int(seconds * params.framerate) for seconds in (before_s, after_s))
+    with wave.open(str(target), "wb") as out:
+        out.setparams(params)
+        out.writeframes(before + frames + after)
+    return target
+
+
+async def test_silence_is_empty_text_and_speech_amid_silence_is_heard_whole(
+    backend: WhisperBackend, model: ModelSchema, fox_wav: Path, tmp_path: Path
+) -> None:
+    """No speech at all (VAD) answers "" without decoding (Whisper looped on it for seconds); any
+    speech is transcribed from the whole file, silence around it included."""
+    silent = tmp_path / "silent.wav"
+    with wave.open(str(fox_wav), "rb") as src, wave.open(str(silent), "wb") as out:
+        out.setparams(src.getparams())
+        out.writeframes(b"\0\0" * (src.getframerate() // 2))  # half a second
+    quiet = await backend.transcribe(model, TranscribeRequest(audio_path=str(silent)))
+    assert quiet.text == "" and quiet.words == [] and quiet.language is None and quiet.model_used == WHISPER
+    said = await backend.transcribe(model, TranscribeRequest(audio_path=str(silent), language="en"))
+    assert said.text == "" and said.language == "en"
+    padded = _with_silence(fox_wav, tmp_path / "padded.wav", 2.0, 3.0)
+    heard = await backend.transcribe(model, TranscribeRequest(audio_path=str(padded), timestamps=True))
+    assert _heard(heard.text), heard.text
+    assert heard.words and heard.words[0].start >= 1.0  # the file's clock (2 s in; Whisper's timing is rough)
+
+
 async def test_missing_and_bad_audio_files_are_named(
     backend: WhisperBackend, model: ModelSchema, tmp_path: Path
 ) -> None:
