@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import tempfile
@@ -214,3 +215,22 @@ async def test_a_multi_speaker_voice_lists_its_speakers(model: ModelSchema, tmp_
     )
     listed = await PiperBackend(BackendContext(config=settings, cache=ModelCache(100))).voices(multi)
     assert (listed.ids(), listed.default, listed.aliases) == (["amy", "bob"], "amy", {"nova": "bob"})
+
+
+async def test_a_caller_that_stops_waiting_stops_the_synthesis(
+    backend: PiperBackend, model: ModelSchema
+) -> None:
+    """Cancelled (a client that went away), a long synthesis stops at its next sentence and frees
+    the voice, instead of speaking all 400 sentences (a minute or more here) for nobody."""
+    backend.warm_up(model)
+    request = SynthesizeRequest(text=" ".join([FOX] * 400))
+    task = asyncio.create_task(backend.synthesize(model, request))
+    entry = backend.ctx.cache.get(f"piper:{model.id}")
+    assert entry is not None
+    while not entry.lock.locked():  # the synthesis has started
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(entry.lock.acquire, timeout=10)
+    entry.lock.release()

@@ -74,6 +74,7 @@ __all__ = [
     "label_distribution",
     "ranked_result",
     "run_blocking",
+    "run_stoppable",
 ]
 
 
@@ -307,6 +308,18 @@ def openmp_thread(name: str) -> ThreadPoolExecutor:
 async def run_blocking(fn: Callable[[], T], executor: Executor | None = None) -> T:
     """Run blocking model work in the model thread pool (or ``executor``), off the event loop."""
     return await asyncio.get_running_loop().run_in_executor(executor or _MODEL_THREADS, fn)
+
+
+async def run_stoppable(work: Callable[[threading.Event], T], executor: Executor | None = None) -> T:
+    """``run_blocking`` for work done in steps (a diffusion step, a sentence): ``work`` gets an
+    event that is set when the caller stops waiting (cancelled: a client that went away), and is
+    to check it between steps and give up, so a thread is not held for an answer nobody reads."""
+    stop = threading.Event()
+    try:
+        return await run_blocking(lambda: work(stop), executor)
+    except asyncio.CancelledError:
+        stop.set()
+        raise
 
 
 def label_distribution(labels: list[str], logits: list[float], model_id: str, method: str) -> Classification:

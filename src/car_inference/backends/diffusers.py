@@ -19,7 +19,6 @@ as its image-to-video sibling, on the same loaded components.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import secrets
 import threading
@@ -32,7 +31,7 @@ from ..catalog.locate import local_path
 from ..errors import DeviceError, InferenceFailed, InvalidInput, UnsupportedMode
 from ..requests import GenerateImageRequest, GenerateImageResult, GenerateVideoRequest, GenerateVideoResult
 from ..schema import DiffusersSource, ModelSchema
-from .base import BackendContext, openmp_thread, run_blocking
+from .base import BackendContext, openmp_thread, run_blocking, run_stoppable
 from .cache import CachedModel
 from .media_files import (
     IMAGE_MEDIA_TYPES,
@@ -159,7 +158,7 @@ class DiffusersBackend:
                 call = _Call(model, pipe, self.kind, progress, stop)
                 return call.run(kwargs, given, _defaults(model, ("steps", "guidance")), seed).images
 
-        images = await _in_thread(work)
+        images = await run_stoppable(work, DIFFUSERS_THREAD)
         paths = [variant_path(target, i) for i in range(len(images))]
 
         def save() -> None:  # encoding a large PNG takes a while: not on the event loop
@@ -209,7 +208,7 @@ class DiffusersBackend:
                 frames = call.run(kwargs, given, _defaults(model, ("steps", "guidance")), seed).frames[0]
             return _uint8_frames(frames)
 
-        pixels = await _in_thread(work)
+        pixels = await run_stoppable(work, DIFFUSERS_THREAD)
         await run_blocking(lambda: write_atomic(target, encode_video(pixels, fps, request.format)))
         return GenerateVideoResult(
             video_path=str(target),
@@ -281,16 +280,6 @@ class _Call:
 # slower (112 -> 141-161 ms, 2 cores) though no two calls overlapped. Calls queue here in order;
 # sentence-transformers has its own thread, so embeddings never wait behind a picture.
 DIFFUSERS_THREAD = openmp_thread("car-diffusers")
-
-
-async def _in_thread(work: Callable[[threading.Event], Any]) -> Any:
-    """Run ``work`` on the pipelines' thread; if the caller stops waiting, tell it to stop."""
-    stop = threading.Event()
-    try:
-        return await run_blocking(lambda: work(stop), DIFFUSERS_THREAD)
-    except asyncio.CancelledError:
-        stop.set()
-        raise
 
 
 def _given(request: Any, fields: tuple[str, ...]) -> dict[str, Any]:

@@ -15,7 +15,9 @@ import logging
 import os
 import secrets
 import tempfile
+import threading
 import wave
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,7 +26,7 @@ from ..catalog.locate import local_path
 from ..errors import InferenceFailed, InvalidInput, UnsupportedMode
 from ..requests import SynthesizeRequest, SynthesizeResult
 from ..schema import ModelSchema, PiperSource
-from .base import BackendContext, run_blocking
+from .base import BackendContext, run_blocking, run_stoppable
 from .cache import CachedModel
 from .voices import Voice, VoiceList, aliases_for
 
@@ -74,7 +76,7 @@ class PiperBackend:
         target = _output_path(request.output_path, fmt)
         voice_names = self.ctx.config.speech.voices
 
-        def work() -> SynthesizeResult:
+        def work(stop: threading.Event) -> SynthesizeResult:
             from piper import SynthesisConfig
 
             entry = self._entry(model)
@@ -87,10 +89,7 @@ class PiperBackend:
                 length_scale=voice.config.length_scale / request.speed if request.speed else None,
             )
             with entry.lock:
-                try:
-                    pcm = b"".join(chunk.audio_int16_bytes for chunk in voice.synthesize(text, config))
-                except (RuntimeError, ValueError, KeyError) as exc:
-                    raise InferenceFailed(f"{model.id} could not synthesize the text: {exc}") from exc
+                pcm = _sentences(model, voice.synthesize(text, config), stop)
             if not pcm:
                 raise InvalidInput(f"{model.id}: the text has nothing to pronounce: {text[:60]!r}")
             write_audio(target, pcm, voice.config.sample_rate, fmt)
@@ -101,7 +100,7 @@ class PiperBackend:
                 voice_used=voice_used,
             )
 
-        return await run_blocking(work)
+        return await run_stoppable(work)
 
     async def voices(self, model: ModelSchema) -> VoiceList:
         """The speakers of a multi-speaker voice, else the voice itself (by name); read from the
@@ -132,6 +131,20 @@ class PiperBackend:
             )
 
         return await run_blocking(read)
+
+
+def _sentences(model: ModelSchema, chunks: Iterable[Any], stop: threading.Event) -> bytes:
+    """The PCM of Piper's chunks (one a sentence), read until ``stop`` is set: a caller that went
+    away stops the synthesis at the next sentence instead of holding the voice for all of them."""
+    pcm = []
+    try:
+        for chunk in chunks:
+            if stop.is_set():
+                raise InferenceFailed(f"{model.id}: synthesis stopped, its caller went away")
+            pcm.append(chunk.audio_int16_bytes)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise InferenceFailed(f"{model.id} could not synthesize the text: {exc}") from exc
+    return b"".join(pcm)
 
 
 def voice_file(model: ModelSchema) -> Path:
