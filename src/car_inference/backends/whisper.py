@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from ..catalog.locate import local_path, whisper_parts
 from ..errors import InferenceFailed, InvalidInput, ModelUnavailable
 from ..requests import TranscribedWord, TranscribeRequest, TranscribeResult
 from ..schema import ModelSchema, WhisperSource
-from .base import BackendContext, run_blocking
+from .base import BackendContext, run_stoppable
 from .cache import CachedModel
 
 __all__ = ["WhisperBackend", "assemble_split_model"]
@@ -85,7 +87,7 @@ class WhisperBackend:
         if not os.access(audio, os.R_OK):
             raise InvalidInput(f"audio file is not readable: {audio}")
 
-        def work() -> TranscribeResult:
+        def work(stop: threading.Event) -> TranscribeResult:
             entry = self._entry(model)
             whisper = entry.instance
             language = _language(model, whisper, request.language)
@@ -100,7 +102,7 @@ class WhisperBackend:
                         initial_prompt=request.prompt or None,
                         word_timestamps=request.timestamps,
                     )
-                    segments = list(segments)  # decoding happens while iterating
+                    segments = _until(stop, segments, model.id)  # decoding happens while iterating
                 except RuntimeError as exc:  # the model itself (CTranslate2), not the input
                     raise InferenceFailed(f"{model.id} failed on {audio}: {exc}") from exc
             words = [
@@ -115,7 +117,18 @@ class WhisperBackend:
                 words=words,
             )
 
-        return await run_blocking(work)
+        return await run_stoppable(work)
+
+
+def _until(stop: threading.Event, segments: Iterable[Any], model_id: str) -> list[Any]:
+    """Whisper's segments (a 30-second window each), read until ``stop`` is set: a caller that
+    went away stops the transcription at the next window."""
+    out = []
+    for segment in segments:
+        if stop.is_set():
+            raise InferenceFailed(f"{model_id}: transcription stopped, its caller went away")
+        out.append(segment)
+    return out
 
 
 def _samples(audio: Path, rate: int) -> Any:
