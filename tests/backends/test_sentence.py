@@ -10,7 +10,7 @@ import pytest
 
 from car_inference.backends.base import BackendContext
 from car_inference.backends.cache import ModelCache
-from car_inference.backends.sentence import SentenceBackend
+from car_inference.backends.sentence import SLICE, SentenceBackend
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig
 from car_inference.requests import ClassifyRequest, EmbedRequest, RerankRequest
@@ -141,3 +141,33 @@ async def test_all_torch_work_runs_on_one_thread(
         backend.classify(model, ClassifyRequest(text="I love it", labels=["positive", "negative"])),
     )
     assert threads == {"car-torch_0"}
+
+
+async def test_a_large_request_is_encoded_in_slices_in_order(
+    backend: SentenceBackend, model: ModelSchema
+) -> None:
+    texts = [f"sentence number {i} about {'cats' if i % 2 else 'trains'}" for i in range(2 * SLICE + 10)]
+    result = await backend.embed(model, EmbedRequest(texts=texts))
+    assert len(result.embeddings) == len(texts)
+    for i in (0, SLICE - 1, SLICE, 2 * SLICE + 9):  # each side of each slice's edge
+        single = await backend.embed(model, EmbedRequest(texts=[texts[i]]))
+        assert _cos(single.embeddings[0], result.embeddings[i]) == pytest.approx(1.0, abs=1e-5)
+
+
+async def test_a_caller_that_stops_waiting_frees_the_thread_within_a_slice(
+    backend: SentenceBackend, model: ModelSchema
+) -> None:
+    """40,000 texts take most of a minute here; cancelled (a client that went away), the encoding
+    stops at its next slice and the model, and the one thread every sentence model shares, are free."""
+    backend.warm_up(model)
+    texts = [f"text {i} of a very large request" for i in range(40_000)]
+    task = asyncio.create_task(backend.embed(model, EmbedRequest(texts=texts)))
+    entry = backend.ctx.cache.get(f"sentence:{model.id}")
+    assert entry is not None
+    while not entry.lock.locked():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(entry.lock.acquire, timeout=10)
+    entry.lock.release()

@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosedError
 
 from car_inference.engine import InferenceEngine
 from car_inference.server import ServerThread
+from car_inference.server.translate import MAX_EMBED_INPUTS, MAX_RERANK_DOCUMENTS
 
 from .conftest import MINILM, SMOL, serve
 
@@ -140,6 +141,12 @@ async def test_embed_rerank_classify_tokenize(local_server: ServerThread) -> Non
         assert tokens["model_used"] == SMOL and tokens["tokens"]
         text = (await call(ws, "detokenize", {"tokens": tokens["tokens"]}))["result"]  # default model
         assert text["text"] == "Hello world"
+        many = (await call(ws, "embed", {"texts": ["x"] * (MAX_EMBED_INPUTS + 1)}))["error"]
+        assert (
+            many["code"] == -32602 and many["data"]["param"] == "texts" and "at most 2048" in many["message"]
+        )
+        docs = {"query": "q", "documents": ["d"] * (MAX_RERANK_DOCUMENTS + 1)}
+        assert (await call(ws, "rerank", docs))["error"]["data"]["param"] == "documents"
 
 
 async def test_models_list_health_and_feedback(

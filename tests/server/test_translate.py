@@ -20,6 +20,8 @@ from car_inference.requests import (
 )
 from car_inference.server.errors import ApiError
 from car_inference.server.translate import (
+    MAX_EMBED_INPUTS,
+    MAX_RERANK_DOCUMENTS,
     chat_completion,
     chat_request,
     completion_request,
@@ -231,6 +233,9 @@ def test_embeddings_and_rerank() -> None:
     assert bad({"input": [[1, 2]]}, embed_request).param == "input"
     assert bad({"input": "x", "encoding_format": "hex"}, embed_request).param == "encoding_format"
     assert bad({"input": "x", "dimensions": 8}, embed_request).param == "dimensions"
+    assert len(embed_request({"input": ["x"] * MAX_EMBED_INPUTS})[0].texts) == MAX_EMBED_INPUTS
+    too_many = bad({"input": ["x"] * (MAX_EMBED_INPUTS + 1)}, embed_request)
+    assert too_many.param == "input" and "2049 items; at most 2048" in too_many.message
     result = EmbedResult(embeddings=[[0.5, -1.0]], model_used="e", dimensions=2, prompt_tokens=3)
     packed = embeddings_response(result, "base64")["data"][0]["embedding"]
     assert struct.unpack("<2f", base64.b64decode(packed)) == (0.5, -1.0)
@@ -242,6 +247,8 @@ def test_embeddings_and_rerank() -> None:
     assert rerank.documents == ["a", "b"] and rerank.top_n == 1 and documents is False
     assert bad({"query": "q", "documents": [3]}, rerank_request).param == "documents[0]"
     assert bad({"documents": ["a"]}, rerank_request).param == "query"
+    docs: dict[str, object] = {"query": "q", "documents": ["a"] * (MAX_RERANK_DOCUMENTS + 1)}
+    assert bad(docs, rerank_request).param == "documents"
     no: dict[str, object] = {
         "query": "q",
         "documents": ["a"],

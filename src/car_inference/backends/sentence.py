@@ -8,7 +8,9 @@ snapshot. Queries of models that declare a ``query_instruction`` (Qwen3-Embeddin
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from ..catalog.locate import local_path
 from ..errors import InferenceFailed, UnsupportedMode
@@ -21,7 +23,7 @@ from ..requests import (
     RerankResult,
 )
 from ..schema import ModelSchema, SentenceSource
-from .base import BackendContext, label_distribution, openmp_thread, ranked_result, run_blocking
+from .base import BackendContext, label_distribution, openmp_thread, ranked_result, run_stoppable
 from .cache import CachedModel
 
 __all__ = ["TORCH_THREAD", "SentenceBackend"]
@@ -34,6 +36,26 @@ TORCH_THREAD = openmp_thread("car-torch")
 # 0.1 gap in similarity into a 7x odds ratio, roughly how far apart an obvious label sits.
 CLASSIFY_TEMPERATURE = 0.05
 BATCH_SIZE = 32
+# A large request is encoded this many texts at a time, checking between slices whether its caller
+# has gone (``_sliced``): a slice of short texts takes 0.1-0.5 s here, long ones a few seconds.
+SLICE = 256
+_X = TypeVar("_X")
+
+
+def _sliced(run: Callable[[list[_X]], Any], items: Sequence[_X], stop: threading.Event | None) -> Any:
+    """``run(items)`` a ``SLICE`` at a time, results concatenated (numpy rows), stopping with
+    ``InferenceFailed`` once ``stop`` is set: an abandoned request frees the model's thread, which
+    every sentence model shares, within a slice."""
+    import numpy as np
+
+    if len(items) <= SLICE:
+        return run(list(items))
+    parts = []
+    for start in range(0, len(items), SLICE):
+        if stop is not None and stop.is_set():
+            raise InferenceFailed("stopped: the caller went away")
+        parts.append(run(list(items[start : start + SLICE])))
+    return np.concatenate(parts)
 
 
 def _quiet_transformers() -> None:
@@ -80,21 +102,33 @@ class SentenceBackend:
     def warm_up(self, model: ModelSchema) -> None:
         TORCH_THREAD.submit(self._entry, model).result()
 
-    def _encode(self, model: ModelSchema, texts: list[str], normalize: bool, count: bool = False) -> Any:
+    def _encode(
+        self,
+        model: ModelSchema,
+        texts: list[str],
+        normalize: bool,
+        count: bool = False,
+        stop: threading.Event | None = None,
+    ) -> Any:
         """A (len(texts), dim) float32 array, and with ``count`` the number of tokens the model
-        read (special tokens included, each text cut at its window); blocking."""
+        read (special tokens included, each text cut at its window); blocking, stopping between
+        slices once ``stop`` is set."""
         if self._is_cross_encoder(model):
             raise UnsupportedMode(
                 "embed", "sentence cross-encoder", f"{model.id} scores pairs; it has no embeddings"
             )
         entry = self._entry(model)
         with entry.lock:
-            vectors = entry.instance.encode(
+            vectors = _sliced(
+                lambda part: entry.instance.encode(
+                    part,
+                    batch_size=BATCH_SIZE,
+                    normalize_embeddings=normalize,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                ),
                 texts,
-                batch_size=BATCH_SIZE,
-                normalize_embeddings=normalize,
-                convert_to_numpy=True,
-                show_progress_bar=False,
+                stop,
             )
             if not count:
                 return vectors
@@ -117,10 +151,10 @@ class SentenceBackend:
             else request.texts
         )
 
-        def work() -> EmbedResult:
+        def work(stop: threading.Event) -> EmbedResult:
             if not texts:
                 return EmbedResult.model_construct(embeddings=[], model_used=model.id, dimensions=0)
-            vectors, tokens = self._encode(model, texts, request.normalize, count=True)
+            vectors, tokens = self._encode(model, texts, request.normalize, count=True, stop=stop)
             # model_construct: these are floats from numpy already; validating 1000x384 of them
             # one by one would cost more than the lists themselves.
             return EmbedResult.model_construct(
@@ -130,36 +164,38 @@ class SentenceBackend:
                 prompt_tokens=tokens,
             )
 
-        return await run_blocking(work, TORCH_THREAD)
+        return await run_stoppable(work, TORCH_THREAD)
 
     async def rerank(self, model: ModelSchema, request: RerankRequest) -> RerankResult:
         if not request.documents:
             return RerankResult(ranked=[], model_used=model.id, method="none")
 
-        def work() -> tuple[list[float], str]:
+        def work(stop: threading.Event) -> tuple[list[float], str]:
             if self._is_cross_encoder(model):
                 entry = self._entry(model)
                 with entry.lock:
-                    scores = entry.instance.predict(
+                    scores = _sliced(
+                        lambda part: entry.instance.predict(
+                            part, batch_size=BATCH_SIZE, show_progress_bar=False
+                        ),
                         [(request.query, d) for d in request.documents],
-                        batch_size=BATCH_SIZE,
-                        show_progress_bar=False,
+                        stop,
                     )
                 return [float(s) for s in scores], "cross-encoder"
             query = self._query_texts(model, [request.query], request.instruction)
-            vectors = self._encode(model, query + request.documents, normalize=True)
+            vectors = self._encode(model, query + request.documents, normalize=True, stop=stop)
             sims = vectors[1:] @ vectors[0]
             return [float(s) for s in sims], "embedding-similarity"
 
-        scores, method = await run_blocking(work, TORCH_THREAD)
+        scores, method = await run_stoppable(work, TORCH_THREAD)
         return ranked_result(request, scores, model.id, method)
 
     async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:
         """Cosine similarity between the text and each label, softmax-normalised."""
 
-        def work() -> list[float]:
-            vectors = self._encode(model, [request.text, *request.labels], normalize=True)
+        def work(stop: threading.Event) -> list[float]:
+            vectors = self._encode(model, [request.text, *request.labels], normalize=True, stop=stop)
             return [float(s) / CLASSIFY_TEMPERATURE for s in vectors[1:] @ vectors[0]]
 
-        logits = await run_blocking(work, TORCH_THREAD)
+        logits = await run_stoppable(work, TORCH_THREAD)
         return label_distribution(request.labels, logits, model.id, "embedding")

@@ -51,6 +51,7 @@ from .images import IMAGES, VIDEOS, rpc_generate_image, rpc_generate_video
 from .media import STT, TTS
 from .runner_rpc import RUNNER_METHODS, RpcRunner
 from .speech_rpc import rpc_synthesize, rpc_transcribe, rpc_voices
+from .translate import MAX_EMBED_INPUTS, MAX_RERANK_DOCUMENTS, check_batch
 
 __all__ = ["METHODS", "Session", "register"]
 
@@ -363,13 +364,15 @@ async def _infer_stream(session: Session, params: Params, rid: Any) -> Any:
 
 
 async def _embed(session: Session, params: Params, rid: Any) -> Any:
-    result = await session.engine.embed(EmbedRequest.model_validate(_auto(params)))
-    return result.model_dump(mode="json")
+    request = EmbedRequest.model_validate(_auto(params))
+    check_batch(request.texts, MAX_EMBED_INPUTS, "texts")
+    return (await session.engine.embed(request)).model_dump(mode="json")
 
 
 async def _rerank(session: Session, params: Params, rid: Any) -> Any:
-    result = await session.engine.rerank(RerankRequest.model_validate(_auto(params)))
-    return result.model_dump(mode="json")
+    request = RerankRequest.model_validate(_auto(params))
+    check_batch(request.documents, MAX_RERANK_DOCUMENTS, "documents")
+    return (await session.engine.rerank(request)).model_dump(mode="json")
 
 
 async def _classify(session: Session, params: Params, rid: Any) -> Any:

@@ -404,6 +404,19 @@ def text_completion(result: InferenceResult, max_tokens: int) -> dict[str, Any]:
 # --- embeddings and rerank ------------------------------------------------------------------------------
 
 
+# The most items one request may embed or rerank: OpenAI's embeddings limit and Cohere's rerank
+# limit. One request holds the thread every local sentence model shares until it is done (40,000
+# short texts: most of a minute on 2 cores), so the server caps it as those APIs do.
+MAX_EMBED_INPUTS = 2048
+MAX_RERANK_DOCUMENTS = 1000
+
+
+def check_batch(items: list[Any], limit: int, param: str) -> None:
+    """A 400 naming ``param`` when a request holds more than ``limit`` items."""
+    if len(items) > limit:
+        raise _bad(f"`{param}` holds {len(items)} items; at most {limit} per request", param)
+
+
 def embed_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
     """(request, encoding_format) for ``/v1/embeddings``; auto/omitted model = the default embedder."""
     texts = body.get("input")
@@ -413,6 +426,7 @@ def embed_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
         raise _bad("`input` must be a string or a non-empty list of strings", "input")
     if not all(isinstance(t, str) for t in texts):
         raise _bad("`input` must hold strings (token arrays are not supported)", "input")
+    check_batch(texts, MAX_EMBED_INPUTS, "input")
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise _bad("`encoding_format` must be float or base64", "encoding_format")
@@ -449,6 +463,7 @@ def rerank_request(body: dict[str, Any]) -> tuple[RerankRequest, bool]:
     documents = body.get("documents")
     if not isinstance(documents, list):
         raise _bad("`documents` must be a list of strings or {text} objects", "documents")
+    check_batch(documents, MAX_RERANK_DOCUMENTS, "documents")
     texts = []
     for i, doc in enumerate(documents):
         text = doc.get("text") if isinstance(doc, dict) else doc
