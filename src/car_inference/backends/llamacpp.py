@@ -272,7 +272,7 @@ class LlamaCppBackend:
         keep_bos = tokens[:1] if loaded.add_bos and tokens and tokens[0] == loaded.llm.token_bos() else []
         return keep_bos + tokens[len(tokens) - max_prompt + len(keep_bos) :], True
 
-    def _grammar(self, request: GenerateRequest) -> Any:
+    def _grammar(self, request: GenerateRequest, llm: Any) -> Any:
         fmt = request.response_format
         if fmt is None or fmt.type == "text":
             return None
@@ -280,12 +280,11 @@ class LlamaCppBackend:
 
         if fmt.type == "json_schema" and fmt.json_schema:
             try:
-                return LlamaGrammar.from_json_schema(json.dumps(fmt.json_schema["schema"]), verbose=False)
+                grammar = LlamaGrammar.from_json_schema(json.dumps(fmt.json_schema["schema"]), verbose=False)
             except Exception as exc:  # the converter asserts, or raises on what it cannot express
-                reason = str(exc).strip() or type(exc).__name__
-                raise InvalidInput(
-                    f"response_format.json_schema: llama.cpp's grammar cannot express this schema ({reason})"
-                ) from None
+                raise _inexpressible(str(exc).strip() or type(exc).__name__) from None
+            _check_grammar(llm, grammar)
+            return grammar
         return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
 
     def _run(self, model: ModelSchema, request: GenerateRequest, cancelled: Event) -> Iterator[StreamEvent]:
@@ -328,7 +327,7 @@ class LlamaCppBackend:
                 min_p=0.05,
                 temp=params.temperature,
                 repeat_penalty=params.repeat_penalty,
-                grammar=self._grammar(request),
+                grammar=self._grammar(request, llm),
             )
             stopped = False
             try:
@@ -490,6 +489,27 @@ class LlamaCppBackend:
             m = float(logits.max())
             total += float(logits[token]) - m - math.log(float((_exp(logits - m)).sum()))
         return total
+
+
+def _inexpressible(reason: str) -> InvalidInput:
+    return InvalidInput(
+        f"response_format.json_schema: llama.cpp's grammar cannot express this schema ({reason})"
+    )
+
+
+def _check_grammar(llm: Any, grammar: Any) -> None:
+    """Build the grammar's sampler once, as generation will, and free it: llama.cpp returns no
+    sampler for a grammar it refuses (over 'sane' rule counts: a regex bound such as {1,2000} in a
+    schema's pattern), and llama-cpp-python adds that NULL to its sampler chain, which segfaulted
+    the whole server on the first token."""
+    import llama_cpp
+
+    sampler = llama_cpp.llama_sampler_init_grammar(
+        llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+    )
+    if not sampler:
+        raise _inexpressible("llama.cpp refused the grammar it converts to: too many rules")
+    llama_cpp.llama_sampler_free(sampler)
 
 
 def _default_system(model: ModelSchema) -> str | None:
