@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from car_inference.errors import (
+    MAX_NAME_CHARS,
     AllModelsFailed,
     ConfigError,
     InferenceError,
@@ -54,3 +55,13 @@ def test_close_matches_uses_similarity_and_substrings() -> None:
     assert close_matches("qwen/qwen3-9b:q4_k_m", pool)[0] in pool[:2]
     assert "openai/gpt-6-luna" in close_matches("luna", pool)
     assert close_matches("zzzzzz", pool) == []
+
+
+def test_a_name_longer_than_any_model_is_neither_compared_nor_echoed_whole() -> None:
+    huge = "qwen" * 250_000  # a megabyte: difflib over the catalog took 0.14 s a request
+    assert close_matches(huge, ["qwen/qwen3-8b:q4_k_m", "qwen"]) == []
+    err = ModelNotFound(huge)
+    assert len(str(err)) < 400 and str(err).endswith("(1,000,000 characters)")
+    assert err.name.startswith("qwenqwen") and len(err.name) < 300
+    exact = "q" * MAX_NAME_CHARS
+    assert ModelNotFound(exact).name == exact
