@@ -122,15 +122,26 @@ def _has_code(text: str, lower: str, words: set[bytes]) -> bool:
     return False
 
 
+SAMPLE_CHARS = 65_536  # ``TextFeatures`` reads at most about this much of a text
+
+
 class TextFeatures:
     """One pass over a text, shared by the token estimate, complexity and family rules: lower-cased
     text, its words, line structure, and whether it looks like code or math."""
 
     __slots__ = (
-        "choice_lines", "cjk", "classes", "code", "list_lines", "lower", "math", "text", "word_set", "words",
+        "choice_lines", "cjk", "classes", "code", "length", "list_lines", "lower", "math", "scale", "text",
+        "word_set", "words",
     )  # fmt: skip
 
     def __init__(self, text: str) -> None:
+        # A text past SAMPLE_CHARS is read from its first and last halves of that (``text``), its
+        # token estimate scaled by ``scale``: 28 MB took 0.46 s on 2 cores, for rules a sample
+        # decides as well, on the thread every request's routing shares.
+        self.length = len(text)
+        if self.length > SAMPLE_CHARS:
+            text = text[: SAMPLE_CHARS // 2] + "\n" + text[-SAMPLE_CHARS // 2 :]
+        self.scale = self.length / len(text) if text else 1.0
         self.text = text
         lower = self.lower = text.lower()
         raw = lower.encode("utf-8", "replace")
@@ -189,7 +200,7 @@ def _estimate(f: TextFeatures) -> int:
         + _PER_CJK * f.cjk
         + _PER_OTHER_NON_ASCII * other
     )
-    return max(1, round(est))
+    return max(1, round(est * f.scale))
 
 
 # --- complexity -----------------------------------------------------------------------------------
@@ -213,7 +224,7 @@ def assess_complexity(text: str, *, has_tools: bool = False, has_vision: bool = 
 
 
 def complexity_of(f: TextFeatures, *, has_tools: bool = False, has_vision: bool = False) -> TaskComplexity:
-    n = len(f.text)
+    n = f.length
     words = f.word_set
     points = (n > 600) + (n > 2000) + (n > 8000) + has_tools + has_vision + f.math
     if f.code or (not words.isdisjoint(_CODE_ACTIONS) and not words.isdisjoint(_CODE_OBJECTS)):
@@ -355,7 +366,7 @@ def cluster_of(f: TextFeatures) -> str:
     script = "cjk" if f.cjk * 5 >= len(text) > 0 else "latin"
     if f.choice_lines >= 2:
         shape = "mc"
-    elif len(text) > 1500:
+    elif f.length > 1500:
         shape = "long"
     else:
         shape = "short"
