@@ -12,7 +12,7 @@ import pytest
 
 from car_inference.backends.base import BackendContext
 from car_inference.backends.cache import ModelCache
-from car_inference.backends.llamacpp import LlamaCppBackend, LoadedGguf
+from car_inference.backends.llamacpp import LlamaCppBackend, LoadedGguf, _default_system
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig
 from car_inference.errors import InvalidInput, TokenizationError, UnsupportedMode
@@ -141,6 +141,53 @@ async def test_over_long_prompt_keeps_its_tail(backend: LlamaCppBackend, model: 
     assert out.usage.prompt_tokens <= 8192 - 8
 
 
+async def test_a_long_prompt_is_read_in_batches_a_cancel_can_stop(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    """A prompt of thousands of tokens is read a batch (n_batch) at a time: cancelled while it is
+    read, the model is free within a batch, where it was held for the whole prompt."""
+    backend.warm_up(model)
+    entry = backend.ctx.cache.get(f"gguf:{SMOL}")
+    assert entry is not None
+    task = asyncio.ensure_future(backend.generate(model, greedy("filler words " * 2500 + "Say OK.", 4)))
+    while not entry.lock.locked():
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # into the prompt
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(entry.lock.acquire, timeout=5)
+    loaded: LoadedGguf = entry.instance
+    entry.lock.release()
+    assert loaded.llm.n_tokens < 5000, "it stopped before reading the whole prompt"
+
+
+async def test_a_prompt_read_in_batches_answers_as_the_library_does(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    """The batches are the ones ``llm.eval`` makes, so the greedy answer to a prompt longer than a
+    batch is the raw library's, token for token."""
+    request = greedy("The history of the city, told briefly. " * 150 + "Summarise it in one sentence.", 12)
+    ours = await backend.generate(model, request)
+    entry = backend.ctx.cache.get(f"gguf:{SMOL}")
+    assert entry is not None
+    with entry.lock:
+        loaded: LoadedGguf = entry.instance
+        llm = loaded.llm
+        tokens = backend._prompt_tokens(loaded, request, _default_system(model))[0]
+        assert len(tokens) > 2 * llm.n_batch
+        llm.reset()
+        raw: list[int] = []
+        p = request.params
+        for token in llm.generate(
+            tokens, top_k=40, top_p=p.top_p, min_p=0.05, temp=0, repeat_penalty=p.repeat_penalty
+        ):
+            if loaded.is_eog(token) or len(raw) == 12:
+                break
+            raw.append(token)
+    assert ours.text == llm.detokenize(raw).decode("utf-8", "replace").strip()
+
+
 async def test_images_are_refused_by_a_text_model(backend: LlamaCppBackend, model: ModelSchema) -> None:
     with pytest.raises(UnsupportedMode):
         await backend.generate(model, GenerateRequest(prompt="?", images=[ImageBlock(url="http://x/y.png")]))
@@ -252,3 +299,29 @@ async def test_gguf_embeddings_are_normalised(backend: LlamaCppBackend, model: M
     result = await backend.embed(model, EmbedRequest(texts=["a cat", "a dog"]))
     assert result.dimensions == 576 and len(result.embeddings) == 2
     assert math.isclose(math.fsum(v * v for v in result.embeddings[0]), 1.0, rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("task", ["classify", "rerank"])
+async def test_a_caller_that_stops_waiting_frees_the_model_at_the_next_item(
+    backend: LlamaCppBackend, model: ModelSchema, task: str
+) -> None:
+    """Cancelled (a client that went away), likelihood classification and reranking stop at their
+    next label or document instead of scoring all 300 (15-20 s here) for nobody. (Classification
+    reads all labels in one prompt first: that prefill is not interrupted.)"""
+    backend.warm_up(model)
+    items = [f"option number {i}" for i in range(300)]
+    call = (
+        backend.classify(model, ClassifyRequest(text="Pick one", labels=items))
+        if task == "classify"
+        else backend.rerank(model, RerankRequest(query="q", documents=items))
+    )
+    running = asyncio.ensure_future(call)
+    entry = backend.ctx.cache.get(f"gguf:{model.id}")
+    assert entry is not None
+    while not entry.lock.locked():
+        await asyncio.sleep(0.01)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert await asyncio.to_thread(entry.lock.acquire, timeout=5)
+    entry.lock.release()

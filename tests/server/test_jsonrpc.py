@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosedError
 
 from car_inference.engine import InferenceEngine
 from car_inference.server import ServerThread
-from car_inference.server.translate import MAX_EMBED_INPUTS, MAX_RERANK_DOCUMENTS
+from car_inference.server.translate import MAX_CLASSIFY_LABELS, MAX_EMBED_INPUTS, MAX_RERANK_DOCUMENTS
 
 from .conftest import MINILM, SMOL, serve
 
@@ -147,6 +147,8 @@ async def test_embed_rerank_classify_tokenize(local_server: ServerThread) -> Non
         )
         docs = {"query": "q", "documents": ["d"] * (MAX_RERANK_DOCUMENTS + 1)}
         assert (await call(ws, "rerank", docs))["error"]["data"]["param"] == "documents"
+        labels = {"text": "t", "labels": ["l"] * (MAX_CLASSIFY_LABELS + 1)}
+        assert (await call(ws, "classify", labels))["error"]["data"]["param"] == "labels"
 
 
 async def test_models_list_health_and_feedback(

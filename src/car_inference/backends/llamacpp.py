@@ -58,6 +58,7 @@ from .base import (
     openmp_thread,
     ranked_result,
     run_blocking,
+    run_stoppable,
 )
 from .cache import CachedModel
 from .chat_template import TagSplitter, chat_messages, parse_tool_call_block, render_chat
@@ -102,6 +103,9 @@ def _quiet_llama_cpp() -> None:
     _LOG_CALLBACK.append(forward)
 
 
+_NEVER = Event()  # a stop that is never set
+
+
 @dataclass
 class LoadedGguf:
     llm: Any  # llama_cpp.Llama
@@ -120,22 +124,43 @@ class LoadedGguf:
 
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def last_logits(self, tokens: list[int]) -> Any:
-        """Logits after ``tokens``, reusing the KV cache for the prefix already evaluated."""
-        import llama_cpp
-        import numpy as np
-
-        llm = self.llm
-        prefix = 0
-        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens, strict=False):
+    def cached(self, tokens: list[int]) -> int:
+        """How many of ``tokens`` (all but the last, which must be evaluated for its logits) the
+        KV cache holds already."""
+        llm, prefix = self.llm, 0
+        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens[:-1], strict=False):
             if a != b:
                 break
             prefix += 1
-        prefix = min(prefix, len(tokens) - 1)  # the last token must be evaluated to get its logits
-        llm.n_tokens = prefix  # eval() drops the KV cache beyond this point
-        llm.eval(tokens[prefix:])
-        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype("float64")
+        return prefix
+
+    def prefill(self, tokens: list[int], stop: Event, *, whole: bool = False) -> bool:
+        """Evaluate ``tokens`` past the cached prefix in the batches ``llm.eval`` makes (n_batch
+        from the prefix on), checking ``stop`` between them; False when it was set. A long prompt
+        takes seconds to read (8K tokens: a minute under load on 2 cores), and a caller that went
+        away held the model through all of it. Unless ``whole``, the last batch is left for
+        ``generate`` to evaluate, as one call would: the same batches, the same logits."""
+        llm = self.llm
+        start = self.cached(tokens)
+        step = llm.n_batch
+        end = len(tokens) if whole else start + (len(tokens) - 1 - start) // step * step
+        llm.n_tokens = start  # eval() drops the KV cache beyond this point
+        for i in range(start, end, step):
+            if stop.is_set():
+                return False
+            llm.eval(tokens[i : min(i + step, end)])
+        return True
+
+    def last_logits(self, tokens: list[int], stop: Event | None = None) -> Any:
+        """Logits after ``tokens``, reusing the KV cache for the prefix already evaluated;
+        ``InferenceFailed`` once ``stop`` is set (``prefill``)."""
+        import llama_cpp
+        import numpy as np
+
+        if not self.prefill(tokens, stop or _NEVER, whole=True):
+            raise InferenceFailed("stopped: the caller went away")
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype("float64")
 
 
 class LlamaCppBackend:
@@ -320,6 +345,8 @@ class LlamaCppBackend:
                         yield event
                     tool_index += kind == "tool_call"
 
+            if not loaded.prefill(tokens, cancelled):
+                return  # the caller went away while the prompt was read
             gen = llm.generate(
                 tokens,
                 top_k=params.top_k if params.top_k is not None else 40,
@@ -433,7 +460,7 @@ class LlamaCppBackend:
         kept in the KV cache); score = sigmoid(logit("yes") - logit("no")) at the last position."""
         instruction = request.instruction or DEFAULT_RERANK_INSTRUCTION
 
-        def work() -> list[float]:
+        def work(stop: Event) -> list[float]:
             entry = self._entry(model)
             with entry.lock:
                 loaded: LoadedGguf = entry.instance
@@ -441,19 +468,21 @@ class LlamaCppBackend:
                 no = loaded.tokenize("no", special=False)[0]
                 scores = []
                 for doc in request.documents:
+                    if stop.is_set():  # the caller went away: free the model for the next one
+                        raise InferenceFailed(f"{model.id}: reranking stopped, its caller went away")
                     tokens = loaded.tokenize(rerank_prompt(instruction, request.query, doc), special=True)
-                    logits = loaded.last_logits(tokens[-(loaded.n_ctx - 1) :])
+                    logits = loaded.last_logits(tokens[-(loaded.n_ctx - 1) :], stop)
                     scores.append(1.0 / (1.0 + math.exp(-(logits[yes] - logits[no]))))
                 return scores
 
-        scores = await run_blocking(work, LLAMA_THREAD) if request.documents else []
+        scores = await run_stoppable(work, LLAMA_THREAD) if request.documents else []
         return ranked_result(request, scores, model.id, "yes-no-logits")
 
     async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:
         """Zero-shot: log P(label | prompt) for each label, each followed by end-of-turn, summed
         over the label's tokens (and its capitalised spelling), normalised across labels."""
 
-        def work() -> list[float]:
+        def work(stop: Event) -> list[float]:
             entry = self._entry(model)
             with entry.lock:
                 loaded: LoadedGguf = entry.instance
@@ -470,22 +499,26 @@ class LlamaCppBackend:
                 eot = loaded.llm.token_eos()
                 out = []
                 for label in request.labels:
+                    if stop.is_set():  # the caller went away: free the model for the next one
+                        raise InferenceFailed(f"{model.id}: classification stopped, its caller went away")
                     spellings = dict.fromkeys([label, label[:1].upper() + label[1:]])
                     logps = [
-                        self._sequence_logprob(loaded, base, [*loaded.tokenize(s, special=False), eot])
+                        self._sequence_logprob(loaded, base, [*loaded.tokenize(s, special=False), eot], stop)
                         for s in spellings
                     ]
                     out.append(_logsumexp(logps))
                 return out
 
-        logps = await run_blocking(work, LLAMA_THREAD)
+        logps = await run_stoppable(work, LLAMA_THREAD)
         return label_distribution(request.labels, logps, model.id, "likelihood")
 
     @staticmethod
-    def _sequence_logprob(loaded: LoadedGguf, prefix: list[int], continuation: list[int]) -> float:
+    def _sequence_logprob(
+        loaded: LoadedGguf, prefix: list[int], continuation: list[int], stop: Event
+    ) -> float:
         total = 0.0
         for i, token in enumerate(continuation):
-            logits = loaded.last_logits(prefix + continuation[:i])
+            logits = loaded.last_logits(prefix + continuation[:i], stop)
             m = float(logits.max())
             total += float(logits[token]) - m - math.log(float((_exp(logits - m)).sum()))
         return total

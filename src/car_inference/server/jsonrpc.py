@@ -51,7 +51,7 @@ from .images import IMAGES, VIDEOS, rpc_generate_image, rpc_generate_video
 from .media import STT, TTS
 from .runner_rpc import RUNNER_METHODS, RpcRunner
 from .speech_rpc import rpc_synthesize, rpc_transcribe, rpc_voices
-from .translate import MAX_EMBED_INPUTS, MAX_RERANK_DOCUMENTS, check_batch
+from .translate import MAX_CLASSIFY_LABELS, MAX_EMBED_INPUTS, MAX_RERANK_DOCUMENTS, check_batch
 
 __all__ = ["METHODS", "Session", "register"]
 
@@ -376,7 +376,9 @@ async def _rerank(session: Session, params: Params, rid: Any) -> Any:
 
 
 async def _classify(session: Session, params: Params, rid: Any) -> Any:
-    result = await session.engine.classify(ClassifyRequest.model_validate(_auto(params)))
+    request = ClassifyRequest.model_validate(_auto(params))
+    check_batch(request.labels, MAX_CLASSIFY_LABELS, "labels")
+    result = await session.engine.classify(request)
     return result.model_dump(mode="json")
 
 

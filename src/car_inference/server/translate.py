@@ -409,6 +409,7 @@ def text_completion(result: InferenceResult, max_tokens: int) -> dict[str, Any]:
 # short texts: most of a minute on 2 cores), so the server caps it as those APIs do.
 MAX_EMBED_INPUTS = 2048
 MAX_RERANK_DOCUMENTS = 1000
+MAX_CLASSIFY_LABELS = 1000  # each label is scored: embedded, or a likelihood pass of the LLM
 
 
 def check_batch(items: list[Any], limit: int, param: str) -> None:
