@@ -171,3 +171,24 @@ async def test_a_caller_that_stops_waiting_frees_the_thread_within_a_slice(
         await task
     assert await asyncio.to_thread(entry.lock.acquire, timeout=10)
     entry.lock.release()
+
+
+async def test_a_small_request_is_served_between_the_slices_of_a_large_one(
+    backend: SentenceBackend, model: ModelSchema
+) -> None:
+    """200 texts of 2,000 characters take 8-10 s; a one-text embedding sent meanwhile waits for
+    one slice of them (SLICE_CHARS), not for all (2,048 such texts held the thread 96 s)."""
+    backend.warm_up(model)
+    long_texts = [f"document {i}: " + "words of a long report " * 90 for i in range(200)]
+    big = asyncio.ensure_future(backend.embed(model, EmbedRequest(texts=long_texts)))
+    entry = backend.ctx.cache.get(f"sentence:{model.id}")
+    assert entry is not None
+    while not entry.lock.locked():
+        await asyncio.sleep(0.01)
+    small = asyncio.ensure_future(backend.embed(model, EmbedRequest(texts=["a short one"])))
+    done, _ = await asyncio.wait({big, small}, return_when=asyncio.FIRST_COMPLETED)
+    assert small in done and not big.done(), "the small request waited for the whole large one"
+    assert len((await small).embeddings) == 1
+    big.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await big

@@ -8,8 +8,8 @@ snapshot. Queries of models that declare a ``query_instruction`` (Qwen3-Embeddin
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..catalog.locate import local_path
@@ -23,7 +23,7 @@ from ..requests import (
     RerankResult,
 )
 from ..schema import ModelSchema, SentenceSource
-from .base import BackendContext, label_distribution, openmp_thread, ranked_result, run_stoppable
+from .base import BackendContext, label_distribution, openmp_thread, ranked_result, run_blocking
 from .cache import CachedModel
 
 __all__ = ["TORCH_THREAD", "SentenceBackend"]
@@ -36,26 +36,35 @@ TORCH_THREAD = openmp_thread("car-torch")
 # 0.1 gap in similarity into a 7x odds ratio, roughly how far apart an obvious label sits.
 CLASSIFY_TEMPERATURE = 0.05
 BATCH_SIZE = 32
-# A large request is encoded this many texts at a time, checking between slices whether its caller
-# has gone (``_sliced``): a slice of short texts takes 0.1-0.5 s here, long ones a few seconds.
+# A large request is encoded a slice at a time, each slice its own turn on the thread every
+# sentence model shares (``_slices``): other requests' work runs between them, and a request whose
+# caller has gone stops at the next one. A slice holds at most SLICE texts and about SLICE_CHARS
+# characters (a text counts up to the ~2,000 characters a 512-token window reads): 2,048 texts of
+# 2,000 characters took 96 s in one turn, during which a one-text embedding waited.
 SLICE = 256
+SLICE_CHARS = 32_768
 _X = TypeVar("_X")
 
 
-def _sliced(run: Callable[[list[_X]], Any], items: Sequence[_X], stop: threading.Event | None) -> Any:
-    """``run(items)`` a ``SLICE`` at a time, results concatenated (numpy rows), stopping with
-    ``InferenceFailed`` once ``stop`` is set: an abandoned request frees the model's thread, which
-    every sentence model shares, within a slice."""
-    import numpy as np
+def _slices(items: Sequence[_X], size: Callable[[_X], int]) -> Iterator[list[_X]]:
+    part: list[_X] = []
+    chars = 0
+    for item in items:
+        n = min(size(item), 2_048)
+        if part and (len(part) >= SLICE or chars + n > SLICE_CHARS):
+            yield part
+            part, chars = [], 0
+        part.append(item)
+        chars += n
+    if part:
+        yield part
 
-    if len(items) <= SLICE:
-        return run(list(items))
-    parts = []
-    for start in range(0, len(items), SLICE):
-        if stop is not None and stop.is_set():
-            raise InferenceFailed("stopped: the caller went away")
-        parts.append(run(list(items[start : start + SLICE])))
-    return np.concatenate(parts)
+
+async def _in_turns(
+    run: Callable[[list[_X]], Any], items: Sequence[_X], size: Callable[[_X], int]
+) -> list[Any]:
+    """``run`` on each slice of ``items`` (``_slices``), a turn on the torch thread each."""
+    return [await run_blocking(functools.partial(run, part), TORCH_THREAD) for part in _slices(items, size)]
 
 
 def _quiet_transformers() -> None:
@@ -102,40 +111,38 @@ class SentenceBackend:
     def warm_up(self, model: ModelSchema) -> None:
         TORCH_THREAD.submit(self._entry, model).result()
 
-    def _encode(
-        self,
-        model: ModelSchema,
-        texts: list[str],
-        normalize: bool,
-        count: bool = False,
-        stop: threading.Event | None = None,
-    ) -> Any:
-        """A (len(texts), dim) float32 array, and with ``count`` the number of tokens the model
-        read (special tokens included, each text cut at its window); blocking, stopping between
-        slices once ``stop`` is set."""
+    def _encode_part(self, model: ModelSchema, texts: list[str], normalize: bool) -> tuple[Any, int]:
+        """One slice: a (len(texts), dim) float32 array and the number of tokens the model read
+        (special tokens included, each text cut at its window); blocking."""
         if self._is_cross_encoder(model):
             raise UnsupportedMode(
                 "embed", "sentence cross-encoder", f"{model.id} scores pairs; it has no embeddings"
             )
         entry = self._entry(model)
         with entry.lock:
-            vectors = _sliced(
-                lambda part: entry.instance.encode(
-                    part,
-                    batch_size=BATCH_SIZE,
-                    normalize_embeddings=normalize,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                ),
+            vectors = entry.instance.encode(
                 texts,
-                stop,
+                batch_size=BATCH_SIZE,
+                normalize_embeddings=normalize,
+                convert_to_numpy=True,
+                show_progress_bar=False,
             )
-            if not count:
-                return vectors
             # The fast tokenizer again, ids only: about 1% of the encode time.
             limit = entry.instance.max_seq_length
             ids = entry.instance.tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
             return vectors, sum(len(i) for i in ids)
+
+    async def _encode(self, model: ModelSchema, texts: list[str], normalize: bool) -> tuple[Any, int]:
+        """All of ``texts`` (``_encode_part``), a slice a turn on the torch thread."""
+        import numpy as np
+
+        parts = await _in_turns(lambda part: self._encode_part(model, part, normalize), texts, len)
+        return np.concatenate([v for v, _ in parts]), sum(n for _, n in parts)
+
+    def _predict_part(self, model: ModelSchema, pairs: list[tuple[str, str]]) -> Any:
+        entry = self._entry(model)
+        with entry.lock:
+            return entry.instance.predict(pairs, batch_size=BATCH_SIZE, show_progress_bar=False)
 
     @staticmethod
     def _query_texts(model: ModelSchema, texts: list[str], instruction: str | None) -> list[str]:
@@ -151,51 +158,38 @@ class SentenceBackend:
             else request.texts
         )
 
-        def work(stop: threading.Event) -> EmbedResult:
-            if not texts:
-                return EmbedResult.model_construct(embeddings=[], model_used=model.id, dimensions=0)
-            vectors, tokens = self._encode(model, texts, request.normalize, count=True, stop=stop)
-            # model_construct: these are floats from numpy already; validating 1000x384 of them
-            # one by one would cost more than the lists themselves.
-            return EmbedResult.model_construct(
-                embeddings=vectors.tolist(),
-                model_used=model.id,
-                dimensions=int(vectors.shape[1]),
-                prompt_tokens=tokens,
-            )
-
-        return await run_stoppable(work, TORCH_THREAD)
+        if not texts:
+            return EmbedResult.model_construct(embeddings=[], model_used=model.id, dimensions=0)
+        vectors, tokens = await self._encode(model, texts, request.normalize)
+        # model_construct: these are floats from numpy already; validating 1000x384 of them one by
+        # one would cost more than the lists themselves.
+        return EmbedResult.model_construct(
+            embeddings=vectors.tolist(),
+            model_used=model.id,
+            dimensions=int(vectors.shape[1]),
+            prompt_tokens=tokens,
+        )
 
     async def rerank(self, model: ModelSchema, request: RerankRequest) -> RerankResult:
         if not request.documents:
             return RerankResult(ranked=[], model_used=model.id, method="none")
 
-        def work(stop: threading.Event) -> tuple[list[float], str]:
-            if self._is_cross_encoder(model):
-                entry = self._entry(model)
-                with entry.lock:
-                    scores = _sliced(
-                        lambda part: entry.instance.predict(
-                            part, batch_size=BATCH_SIZE, show_progress_bar=False
-                        ),
-                        [(request.query, d) for d in request.documents],
-                        stop,
-                    )
-                return [float(s) for s in scores], "cross-encoder"
+        if self._is_cross_encoder(model):
+            parts = await _in_turns(
+                lambda part: self._predict_part(model, part),
+                [(request.query, d) for d in request.documents],
+                lambda pair: len(pair[0]) + len(pair[1]),
+            )
+            scores, method = [float(x) for part in parts for x in part], "cross-encoder"
+        else:
             query = self._query_texts(model, [request.query], request.instruction)
-            vectors = self._encode(model, query + request.documents, normalize=True, stop=stop)
-            sims = vectors[1:] @ vectors[0]
-            return [float(s) for s in sims], "embedding-similarity"
-
-        scores, method = await run_stoppable(work, TORCH_THREAD)
+            vectors, _ = await self._encode(model, query + request.documents, normalize=True)
+            scores, method = [float(x) for x in vectors[1:] @ vectors[0]], "embedding-similarity"
         return ranked_result(request, scores, model.id, method)
 
     async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:
         """Cosine similarity between the text and each label, softmax-normalised."""
 
-        def work(stop: threading.Event) -> list[float]:
-            vectors = self._encode(model, [request.text, *request.labels], normalize=True, stop=stop)
-            return [float(s) / CLASSIFY_TEMPERATURE for s in vectors[1:] @ vectors[0]]
-
-        logits = await run_stoppable(work, TORCH_THREAD)
+        vectors, _ = await self._encode(model, [request.text, *request.labels], normalize=True)
+        logits = [float(x) / CLASSIFY_TEMPERATURE for x in vectors[1:] @ vectors[0]]
         return label_distribution(request.labels, logits, model.id, "embedding")
