@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
+import re
+import resource
 import tempfile
 import wave
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Literal, TypedDict
+from typing import Literal, TypedDict, TypeVar
 
 import pytest
 
 from car_inference.backends.base import BackendContext
 from car_inference.backends.cache import ModelCache
-from car_inference.backends.piper import PiperBackend, voice_file
+from car_inference.backends.piper import PiperBackend, _fits, _pieces, voice_file
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig, SpeechSettings
 from car_inference.errors import InferenceFailed, InvalidInput
@@ -23,6 +27,16 @@ from car_inference.schema import ModelSchema, PiperSource
 
 JOE = "piper/en_us-joe-medium"
 FOX = "The quick brown fox jumps over the lazy dog."
+# One sentence of 416 characters, 865 phoneme ids: longer than Piper gets in one run.
+DICKENS = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age "
+    "of foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season "
+    "of Light, it was the season of Darkness, it was the spring of hope, it was the winter of "
+    "despair, we had everything before us, we had nothing before us, we were all going direct to "
+    "Heaven, we were all going direct the other way."
+)
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +53,40 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> PiperBackend:
 def _wav_seconds(path: str | Path) -> float:
     with wave.open(str(path), "rb") as wav:
         return wav.getnframes() / wav.getframerate()
+
+
+def _unpunctuated(length: int, choices: Sequence[str], sep: str = "") -> str:
+    """``length`` characters of ``choices`` drawn at random and joined by ``sep``: no sentence end,
+    nothing to cut at but spaces."""
+    rng = random.Random(length)
+    drawn = [rng.choice(choices) for _ in range(length)]
+    return sep.join(drawn)[:length].strip()
+
+
+def _status_kb(field: str) -> int:
+    found = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    assert found, field
+    return int(found[1])
+
+
+async def _peak_rss_growth_mb(call: Callable[[], Awaitable[T]], cap_gb: float = 6.0) -> tuple[T, float]:
+    """``call()``'s result and how much the process's peak RSS grew over it, in MB (Linux's VmHWM,
+    reset first), with its address space capped ``cap_gb`` above its size meanwhile: a regression
+    fails the test instead of taking the machine's memory (unbounded, 4,096 characters took 24 GB)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    except OSError:
+        pytest.skip("measures peak memory in Linux's /proc/self")
+    before = _status_kb("VmRSS")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = _status_kb("VmSize") * 1024 + int(cap_gb * 2**30)
+    limit = min(v for v in (cap, soft, hard) if v != resource.RLIM_INFINITY)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        result = await call()
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    return result, (_status_kb("VmHWM") - before) / 1024
 
 
 def test_the_voice_config_sits_beside_the_onnx_file(model: ModelSchema) -> None:
@@ -224,6 +272,60 @@ async def test_a_caller_that_stops_waiting_stops_the_synthesis(
     the voice, instead of speaking all 400 sentences (a minute or more here) for nobody."""
     backend.warm_up(model)
     request = SynthesizeRequest(text=" ".join([FOX] * 400))
+    task = asyncio.create_task(backend.synthesize(model, request))
+    entry = backend.ctx.cache.get(f"piper:{model.id}")
+    assert entry is not None
+    while not entry.lock.locked():  # the synthesis has started
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await asyncio.to_thread(entry.lock.acquire, timeout=10)
+    entry.lock.release()
+
+
+async def test_long_unpunctuated_text_is_spoken_in_bounded_memory(
+    backend: PiperBackend, model: ModelSchema, tmp_path: Path
+) -> None:
+    """4,096 characters (the API's most) without . ! or ?: Piper took them for one sentence and
+    spoke it in one run of its model, whose memory grows with its audio (3.4 GB for 1,000
+    characters; 4,096 got the process killed at 24 GB). Cut in pieces, the peak grows ~0.4 GB."""
+    await backend.synthesize(model, SynthesizeRequest(text=FOX, output_path=str(tmp_path / "warm.wav")))
+    text = _unpunctuated(4096, ["hello", "world", "speech", "without", "an", "end"], " ")
+    target = tmp_path / "long.wav"
+    request = SynthesizeRequest(text=text, output_path=str(target))
+    result, growth_mb = await _peak_rss_growth_mb(lambda: backend.synthesize(model, request))
+    assert growth_mb < 1500
+    assert result.audio_path == str(target) and target.read_bytes()[:4] == b"RIFF"
+    assert len(text) / 30 < _wav_seconds(target) < len(text) / 10  # ~210 s: all of it is spoken
+
+
+def test_sentences_that_fit_are_kept_and_an_overlong_one_is_cut_at_commas(
+    backend: PiperBackend, model: ModelSchema
+) -> None:
+    """Piper gets the text as it was unless a sentence is too long for one run of its model: then
+    each sentence on its own, the long one cut at the comma nearest its middle (then in halves)."""
+    voice = backend._entry(model).instance
+    fits = _fits(voice, None)
+    assert list(_pieces(f"{FOX} {FOX}", fits)) == [f"{FOX} {FOX}"]
+    pieces = list(_pieces(f"{FOX} {DICKENS} {FOX}", fits))
+    assert len(pieces) == 4 and pieces[0] == FOX and pieces[-1] == FOX
+    assert pieces[1].endswith(",") and " ".join(pieces[1:3]) == DICKENS
+    # Slower speech is longer audio for the same text: shorter pieces.
+    assert len(list(_pieces(DICKENS, _fits(voice, 0.25)))) > 2
+    hard = _unpunctuated(600, "bcdfghjklmnpqrstvwxz0123456789")  # no space: cut hard, nothing lost
+    cut = list(_pieces(hard, fits))
+    assert len(cut) > 1 and "".join(cut) == hard and all(fits(p) for p in cut)
+
+
+async def test_a_caller_that_stops_waiting_stops_unpunctuated_text_too(
+    backend: PiperBackend, model: ModelSchema
+) -> None:
+    """The same for text without a sentence end (1,000 characters here, nearly 5 minutes of
+    speech): Piper spoke it in one run that nothing could stop (~30 s here, 3.4 GB); in pieces,
+    the synthesis stops at the end of the piece it is in."""
+    backend.warm_up(model)
+    request = SynthesizeRequest(text=_unpunctuated(1000, "bcdfghjklmnpqrstvwxz0123456789   "))
     task = asyncio.create_task(backend.synthesize(model, request))
     entry = backend.ctx.cache.get(f"piper:{model.id}")
     assert entry is not None
