@@ -166,6 +166,10 @@ async def test_text_with_nothing_to_say_is_an_error(
     with pytest.raises(InvalidInput, match="nothing to pronounce"):
         await backend.synthesize(model, SynthesizeRequest(text="...", output_path=str(tmp_path / "x.wav")))
     assert not (tmp_path / "x.wav").exists()
+    before = set(Path(tempfile.gettempdir()).glob("car-tts-*"))
+    with pytest.raises(InvalidInput, match="nothing to pronounce"):
+        await backend.synthesize(model, SynthesizeRequest(text="..."))  # into a temporary file
+    assert set(Path(tempfile.gettempdir()).glob("car-tts-*")) == before, "the failed request's file stayed"
 
 
 async def test_an_unwritable_output_path_is_an_error(

@@ -113,7 +113,15 @@ class PiperBackend:
                 voice_used=voice_used,
             )
 
-        return await run_stoppable(work)
+        def work_or_clean(stop: threading.Event) -> SynthesizeResult:
+            try:
+                return work(stop)
+            except BaseException:
+                if not request.output_path:  # our temporary file: nobody will read it
+                    target.unlink(missing_ok=True)
+                raise
+
+        return await run_stoppable(work_or_clean)
 
     async def voices(self, model: ModelSchema) -> VoiceList:
         """The speakers of a multi-speaker voice, else the voice itself (by name); read from the
