@@ -235,6 +235,13 @@ class ServerSettings(_Section):
     route_client_models: bool = Field(default=False, description="route requests to models clients bring")
     # Requests one WebSocket may have in flight at once: one client cannot take every slot.
     ws_max_in_flight: int = Field(default=16, ge=1, description="concurrent calls per WebSocket")
+    # Requests one client (its API key when the server has keys, else its address) may have in
+    # flight at once, HTTP and JSON-RPC together: 64 long chats from one client answered every
+    # other client 429 while they ran. Behind a proxy that hides addresses, with no keys, every
+    # client is one: raise it or set 0 (no bound) there.
+    max_in_flight_per_client: int = Field(
+        default=16, ge=0, description="requests in flight from one client (key, else address); 0: no bound"
+    )
 
 
 class RuntimeSettings(_Section):

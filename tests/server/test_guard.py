@@ -144,6 +144,37 @@ async def test_requests_over_the_concurrency_bound_are_429(
     assert 'car_requests_total{model="-",route="/v1/chat/completions",status="429"} 1.0' in metrics
 
 
+async def test_one_client_cannot_take_every_slot(
+    engine: InferenceEngine, fake_provider: FakeProviderServer
+) -> None:
+    """With max_in_flight_per_client, a client (here: an API key) over its share is refused with
+    429 client_busy, over HTTP and JSON-RPC alike, while another client is served at once."""
+    server = serve(engine, api_keys=KEYS, max_concurrency=8, max_in_flight_per_client=1)
+    fake_provider.queue(Reply(text="slow answer", delay_s=1.0))
+    first: list[ChatCompletionMessageParam] = [{"role": "user", "content": "mine, slowly"}]
+    slow = threading.Thread(
+        target=lambda: sdk(server, KEYS[0]).chat.completions.create(model="fake/echo", messages=first)
+    )
+    slow.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not any(r.json and r.json.get("messages") == first for r in fake_provider.requests):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as info:
+            sdk(server, KEYS[0]).chat.completions.create(model="fake/echo", messages=HI)
+        assert info.value.code == "client_busy" and "max_in_flight_per_client" in info.value.message
+        other = sdk(server, KEYS[1]).chat.completions.create(model="fake/echo", messages=HI)
+        assert other.choices[0].message.content
+        async with connect(server.ws_url, additional_headers={"Authorization": f"Bearer {KEYS[0]}"}) as ws:
+            await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "health"}))
+            busy = json.loads(await ws.recv())["error"]
+        assert busy["data"]["status"] == 429 and "max_in_flight_per_client" in busy["message"]
+    finally:
+        slow.join()
+        server.stop()
+
+
 def _stalled(port: int, key: str = KEYS[0]) -> socket.socket:
     """A client that sends its headers and 10 of the 200 body bytes it announced, then waits."""
     sock = socket.create_connection(("127.0.0.1", port))

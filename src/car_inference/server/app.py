@@ -69,7 +69,8 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     owned = engine is None
     engine = engine if engine is not None else InferenceEngine()
     settings = settings if settings is not None else engine.config.server
-    state = ServerState(engine, settings, Metrics(), Limiter(settings.max_concurrency))
+    limiter = Limiter(settings.max_concurrency, settings.max_in_flight_per_client)
+    state = ServerState(engine, settings, Metrics(), limiter)
     state.metrics.watch_state(engine.store)
     state.metrics.watch_records(engine.bookkeeper)
     # A server answers many requests a second: their outcome records share commits (see

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,21 +45,48 @@ HEADER_REASON = "x-car-route-reason"
 
 
 class Limiter:
-    """A bound on requests in flight, shared by HTTP routes and JSON-RPC calls. The server runs
-    on one event loop, so a plain counter is enough."""
+    """A bound on requests in flight, shared by HTTP routes and JSON-RPC calls, and on those of
+    one client (``per_client``; 0: none). The server runs on one event loop, so plain counters
+    are enough."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_client: int = 0) -> None:
         self.limit = limit
+        self.per_client = per_client
         self.in_flight = 0
+        self.clients: dict[str, int] = {}
 
-    def try_acquire(self) -> bool:
+    def client_full(self, client: str | None) -> bool:
+        """Whether ``client`` has its share in flight already."""
+        return bool(self.per_client) and client is not None and self.clients.get(client, 0) >= self.per_client
+
+    def try_acquire(self, client: str | None = None) -> bool:
         if self.in_flight >= self.limit:
             return False
         self.in_flight += 1
+        if client is not None:
+            self.clients[client] = self.clients.get(client, 0) + 1
         return True
 
-    def release(self) -> None:
+    def release(self, client: str | None = None) -> None:
         self.in_flight -= 1
+        if client is not None:
+            left = self.clients.get(client, 0) - 1
+            if left > 0:
+                self.clients[client] = left
+            else:
+                self.clients.pop(client, None)
+
+
+def client_of(scope: Mapping[str, Any], keyed: bool) -> str | None:
+    """Who sent a request, for ``Limiter.per_client``: its bearer key (hashed) on a server with
+    API keys, else its address; None when neither is known."""
+    if keyed:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                return "key:" + hashlib.blake2b(value, digest_size=8).hexdigest()
+        return None
+    peer = scope.get("client")
+    return f"addr:{peer[0]}" if peer else None
 
 
 SHUTTING_DOWN = "the server is shutting down; retry shortly"

@@ -15,7 +15,9 @@ and leaves streaming responses alone. In order, for HTTP:
 4. While the state store is ``server.max_pending_records`` records behind, 503
    ``state_store_behind`` with ``Retry-After`` for requests with a body (the records hold their
    requests in memory); reads (``GET``: ``/v1/health`` says how far behind) are still served.
-5. Beyond ``server.max_concurrency`` requests in flight, 429 with ``Retry-After``; with
+5. Beyond ``server.max_in_flight_per_client`` requests in flight from one client (its API key,
+   else its address), 429 ``client_busy``; beyond ``server.max_concurrency`` in all, 429 with
+   ``Retry-After``; with
    ``[coordination] global_concurrency`` (and ``redis_url``), also beyond that many across the
    fleet (``routing/coord_limit.py``: leases in Redis that lapse when a replica dies; local only,
    with a warning, while Redis is away).
@@ -32,7 +34,7 @@ import hmac
 from typing import Any
 
 from ..routing.coord_limit import FleetLimiter
-from .common import HEADER_MODEL, ServerState, dumps
+from .common import HEADER_MODEL, ServerState, client_of, dumps
 from .errors import ApiError, describe, error_body
 
 __all__ = ["Guard", "authorized"]
@@ -225,7 +227,19 @@ class Guard:
             metrics.request(route, None, await self._refuse(send, behind))
             return
         limiter = self.state.limiter
-        if path not in UNLIMITED_PATHS and not limiter.try_acquire():
+        client = client_of(scope, bool(self.keys)) if limiter.per_client else None
+        if path not in UNLIMITED_PATHS and limiter.client_full(client):
+            mine = ApiError(
+                429,
+                f"this client has {limiter.per_client} requests in flight, its limit "
+                "([server] max_in_flight_per_client); wait for one to finish",
+                type="rate_limit_error",
+                code="client_busy",
+                retry_after=1,
+            )
+            metrics.request(route, None, await self._refuse(send, mine))
+            return
+        if path not in UNLIMITED_PATHS and not limiter.try_acquire(client):
             busy = ApiError(
                 429,
                 f"the server is at its limit of {limiter.limit} concurrent requests "
@@ -238,7 +252,7 @@ class Guard:
             return
         slot = None if path in UNLIMITED_PATHS else await self._fleet_slot(send, route)
         if slot is False:
-            limiter.release()
+            limiter.release(client)
             return
         outcome: dict[str, Any] = {"status": 500, "model": None, "started": False}
 
@@ -270,7 +284,7 @@ class Guard:
             state.active.discard(task)
             metrics.in_flight.dec()
             if path not in UNLIMITED_PATHS:
-                limiter.release()
+                limiter.release(client)
             if slot and self.fleet_limiter is not None:
                 self.fleet_limiter.release(slot)
             metrics.request(route, outcome["model"], int(outcome["status"]))

@@ -35,7 +35,7 @@ from ..requests import (
 )
 from ..schema import ModelCapability
 from ..stream import Done, ErrorEvent, RouteEvent
-from .common import ServerState, parse_json
+from .common import ServerState, client_of, parse_json
 from .errors import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -96,6 +96,8 @@ class Session:
         self._send_lock = asyncio.Lock()
         self._open = True
         self.runner: RpcRunner | None = None  # set by runner.register (server/runner_rpc.py)
+        per_client = state.limiter.per_client
+        self.client = client_of(websocket.scope, bool(state.settings.api_keys)) if per_client else None
 
     async def run(self) -> None:
         await self.ws.accept()
@@ -214,10 +216,10 @@ class Session:
         reply = await self._run(name, method, params, rid)
         return None if notification else reply
 
-    def _busy(self, name: str, rid: Any, message: str) -> dict[str, Any]:
-        """A 429 ``server_busy`` answer (retry after a second)."""
+    def _busy(self, name: str, rid: Any, message: str, code: str = "server_busy") -> dict[str, Any]:
+        """A 429 ``server_busy`` (or ``code``) answer (retry after a second)."""
         self.state.metrics.request(f"ws:{name}", None, 429)
-        busy = ApiError(429, message, type="rate_limit_error", code="server_busy", retry_after=1)
+        busy = ApiError(429, message, type="rate_limit_error", code=code, retry_after=1)
         return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(busy))}
 
     async def _run(self, name: str, method: Method, params: Params, rid: Any) -> dict[str, Any]:
@@ -232,12 +234,17 @@ class Session:
         if counted and self.active >= own_limit:
             message = f"this connection has {self.active} calls in flight, its limit"
             return self._busy(name, rid, message + " ([server] ws_max_in_flight); wait for one to finish")
-        if counted and not limiter.try_acquire():
+        if counted and limiter.client_full(self.client):
+            message = f"this client has {limiter.per_client} calls in flight, its limit"
+            return self._busy(
+                name, rid, message + " ([server] max_in_flight_per_client); wait for one to finish"
+            )
+        if counted and not limiter.try_acquire(self.client):
             return self._busy(name, rid, f"the server is at its limit of {limiter.limit} concurrent requests")
         fleet = self.state.fleet_limiter if counted else None
         slot = await fleet.acquire() if fleet is not None else None
         if fleet is not None and slot is False:
-            limiter.release()
+            limiter.release(self.client)
             message = f"the fleet is at its limit of {fleet.limit} concurrent requests"
             return self._busy(name, rid, message + " ([coordination] global_concurrency); retry shortly")
         task = asyncio.current_task()
@@ -273,7 +280,7 @@ class Session:
             return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(info)}
         finally:
             if counted:
-                limiter.release()
+                limiter.release(self.client)
                 self.active -= 1
             if fleet is not None:
                 fleet.release(slot)
