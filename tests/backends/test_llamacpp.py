@@ -28,6 +28,8 @@ from car_inference.requests import (
 from car_inference.schema import ModelSchema
 from car_inference.stream import Done, TextDelta
 
+from .helpers import cancel_once_started
+
 SMOL = "huggingface/smollm2-135m-instruct:q4_1"
 
 
@@ -315,13 +317,4 @@ async def test_a_caller_that_stops_waiting_frees_the_model_at_the_next_item(
         if task == "classify"
         else backend.rerank(model, RerankRequest(query="q", documents=items))
     )
-    running = asyncio.ensure_future(call)
-    entry = backend.ctx.cache.get(f"gguf:{model.id}")
-    assert entry is not None
-    while not entry.lock.locked():
-        await asyncio.sleep(0.01)
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
-    assert await asyncio.to_thread(entry.lock.acquire, timeout=5)
-    entry.lock.release()
+    await cancel_once_started(asyncio.ensure_future(call), backend.ctx.cache.get(f"gguf:{model.id}"), 5)

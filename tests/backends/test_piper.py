@@ -25,6 +25,8 @@ from car_inference.errors import InferenceFailed, InvalidInput
 from car_inference.requests import SynthesizeRequest
 from car_inference.schema import ModelSchema, PiperSource
 
+from .helpers import cancel_once_started
+
 JOE = "piper/en_us-joe-medium"
 FOX = "The quick brown fox jumps over the lazy dog."
 # One sentence of 416 characters, 865 phoneme ids: longer than Piper gets in one run.
@@ -277,15 +279,7 @@ async def test_a_caller_that_stops_waiting_stops_the_synthesis(
     backend.warm_up(model)
     request = SynthesizeRequest(text=" ".join([FOX] * 400))
     task = asyncio.create_task(backend.synthesize(model, request))
-    entry = backend.ctx.cache.get(f"piper:{model.id}")
-    assert entry is not None
-    while not entry.lock.locked():  # the synthesis has started
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert await asyncio.to_thread(entry.lock.acquire, timeout=10)
-    entry.lock.release()
+    await cancel_once_started(task, backend.ctx.cache.get(f"piper:{model.id}"), within_s=10)
 
 
 async def test_long_unpunctuated_text_is_spoken_in_bounded_memory(
@@ -331,12 +325,4 @@ async def test_a_caller_that_stops_waiting_stops_unpunctuated_text_too(
     backend.warm_up(model)
     request = SynthesizeRequest(text=_unpunctuated(1000, "bcdfghjklmnpqrstvwxz0123456789   "))
     task = asyncio.create_task(backend.synthesize(model, request))
-    entry = backend.ctx.cache.get(f"piper:{model.id}")
-    assert entry is not None
-    while not entry.lock.locked():  # the synthesis has started
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert await asyncio.to_thread(entry.lock.acquire, timeout=10)
-    entry.lock.release()
+    await cancel_once_started(task, backend.ctx.cache.get(f"piper:{model.id}"), within_s=10)

@@ -16,6 +16,8 @@ from car_inference.config import CarConfig
 from car_inference.requests import ClassifyRequest, EmbedRequest, RerankRequest
 from car_inference.schema import ModelSchema
 
+from .helpers import cancel_once_started
+
 MINILM = "sentence-transformers/all-minilm-l6-v2"
 
 
@@ -162,15 +164,7 @@ async def test_a_caller_that_stops_waiting_frees_the_thread_within_a_slice(
     backend.warm_up(model)
     texts = [f"text {i} of a very large request" for i in range(40_000)]
     task = asyncio.create_task(backend.embed(model, EmbedRequest(texts=texts)))
-    entry = backend.ctx.cache.get(f"sentence:{model.id}")
-    assert entry is not None
-    while not entry.lock.locked():
-        await asyncio.sleep(0.01)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert await asyncio.to_thread(entry.lock.acquire, timeout=10)
-    entry.lock.release()
+    await cancel_once_started(task, backend.ctx.cache.get(f"sentence:{model.id}"), within_s=10)
 
 
 async def test_a_small_request_is_served_between_the_slices_of_a_large_one(
