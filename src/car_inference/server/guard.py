@@ -87,6 +87,11 @@ class _Refused(Exception):
 _BODILESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
 
+def _busy(message: str, code: str = "server_busy") -> ApiError:
+    """A 429 that says to retry after a second."""
+    return ApiError(429, message, type="rate_limit_error", code=code, retry_after=1)
+
+
 class Guard:
     def __init__(self, app: Any, state: ServerState, routes: frozenset[str] = frozenset()) -> None:
         self.app = app
@@ -132,13 +137,9 @@ class Guard:
             return None
         slot = await self.fleet_limiter.acquire()
         if slot is False:
-            busy = ApiError(
-                429,
+            busy = _busy(
                 f"the fleet is at its limit of {self.fleet_limiter.limit} concurrent requests "
-                "([coordination] global_concurrency); retry shortly",
-                type="rate_limit_error",
-                code="server_busy",
-                retry_after=1,
+                "([coordination] global_concurrency); retry shortly"
             )
             self.state.metrics.request(route, None, await self._refuse(send, busy))
         return slot
@@ -229,26 +230,18 @@ class Guard:
         limiter = self.state.limiter
         client = client_of(scope, bool(self.keys)) if limiter.per_client else None
         if path not in UNLIMITED_PATHS and limiter.client_full(client):
-            mine = ApiError(
-                429,
+            mine = _busy(
                 f"this client has {limiter.per_client} requests in flight, its limit "
                 "([server] max_in_flight_per_client); wait for one to finish",
-                type="rate_limit_error",
-                code="client_busy",
-                retry_after=1,
+                "client_busy",
             )
             metrics.request(route, None, await self._refuse(send, mine))
             return
         if path not in UNLIMITED_PATHS and not limiter.try_acquire(client):
-            busy = ApiError(
-                429,
-                f"the server is at its limit of {limiter.limit} concurrent requests "
-                "(server.max_concurrency); retry shortly",
-                type="rate_limit_error",
-                code="server_busy",
-                retry_after=1,
+            full = (
+                f"the server is at its limit of {limiter.limit} concurrent requests (server.max_concurrency)"
             )
-            metrics.request(route, None, await self._refuse(send, busy))
+            metrics.request(route, None, await self._refuse(send, _busy(full + "; retry shortly")))
             return
         slot = None if path in UNLIMITED_PATHS else await self._fleet_slot(send, route)
         if slot is False:
