@@ -157,7 +157,6 @@ class SentenceBackend:
             if request.is_query
             else request.texts
         )
-
         if not texts:
             return EmbedResult.model_construct(embeddings=[], model_used=model.id, dimensions=0)
         vectors, tokens = await self._encode(model, texts, request.normalize)
@@ -173,7 +172,6 @@ class SentenceBackend:
     async def rerank(self, model: ModelSchema, request: RerankRequest) -> RerankResult:
         if not request.documents:
             return RerankResult(ranked=[], model_used=model.id, method="none")
-
         if self._is_cross_encoder(model):
             parts = await _in_turns(
                 lambda part: self._predict_part(model, part),
@@ -189,7 +187,6 @@ class SentenceBackend:
 
     async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:
         """Cosine similarity between the text and each label, softmax-normalised."""
-
         vectors, _ = await self._encode(model, [request.text, *request.labels], normalize=True)
         logits = [float(x) / CLASSIFY_TEMPERATURE for x in vectors[1:] @ vectors[0]]
         return label_distribution(request.labels, logits, model.id, "embedding")
