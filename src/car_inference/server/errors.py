@@ -51,6 +51,7 @@ from ..errors import (
 __all__ = [
     "ApiError",
     "ErrorInfo",
+    "busy",
     "describe",
     "error_body",
     "error_response",
@@ -116,12 +117,13 @@ _BRANCHES = frozenset({"str", "int", "float", "bool", "bytes", "list", "dict", "
 _OBJECT_TYPES = frozenset({"model_type", "dict_type", "model_attributes_type"})
 
 
+def _is_branch(part: int | str) -> bool:
+    return isinstance(part, str) and ("[" in part or part in _BRANCHES)
+
+
 def _branch_at(loc: tuple[int | str, ...]) -> int:
     """The index of the first union branch name in ``loc``; -1 where there is none."""
-    for i, part in enumerate(loc):
-        if isinstance(part, str) and ("[" in part or part in _BRANCHES):
-            return i
-    return -1
+    return next((i for i, part in enumerate(loc) if _is_branch(part)), -1)
 
 
 def _first_error(errors: list[Any]) -> tuple[tuple[int | str, ...], str, int]:
@@ -135,7 +137,7 @@ def _first_error(errors: list[Any]) -> tuple[tuple[int | str, ...], str, int]:
     if at >= 0:
         same = [e for e in errors if tuple(e["loc"])[:at] == loc[:at] and _branch_at(tuple(e["loc"])) == at]
         first = max(same, key=lambda e: len(e["loc"]))
-        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in _BRANCHES)))
+        loc = tuple(p for p in first["loc"] if not _is_branch(p))
     message = "Input should be an object" if first.get("type") in _OBJECT_TYPES else str(first["msg"])
     return loc, message, len(same)
 
@@ -170,6 +172,11 @@ def validated(cls: type[_M], data: dict[str, Any], names: Mapping[str, str]) -> 
         param = f"{theirs}.{rest}" if theirs and rest else theirs or rest
         message = f"{param}: {info.message.split(': ', 1)[-1]}"
         raise ApiError(400, message, code="invalid_value", param=param) from None
+
+
+def busy(message: str, code: str = "server_busy") -> ApiError:
+    """A 429 that says to retry after a second (a bound on requests in flight is reached)."""
+    return ApiError(429, message, type="rate_limit_error", code=code, retry_after=1)
 
 
 # Provider statuses that mean "this request is malformed" rather than "this provider failed".

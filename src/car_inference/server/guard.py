@@ -35,7 +35,7 @@ from typing import Any
 
 from ..routing.coord_limit import FleetLimiter
 from .common import HEADER_MODEL, ServerState, client_of, dumps
-from .errors import ApiError, describe, error_body
+from .errors import ApiError, busy, describe, error_body
 
 __all__ = ["Guard", "authorized"]
 
@@ -87,11 +87,6 @@ class _Refused(Exception):
 _BODILESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
 
-def _busy(message: str, code: str = "server_busy") -> ApiError:
-    """A 429 that says to retry after a second."""
-    return ApiError(429, message, type="rate_limit_error", code=code, retry_after=1)
-
-
 class Guard:
     def __init__(self, app: Any, state: ServerState, routes: frozenset[str] = frozenset()) -> None:
         self.app = app
@@ -137,11 +132,11 @@ class Guard:
             return None
         slot = await self.fleet_limiter.acquire()
         if slot is False:
-            busy = _busy(
+            full = busy(
                 f"the fleet is at its limit of {self.fleet_limiter.limit} concurrent requests "
                 "([coordination] global_concurrency); retry shortly"
             )
-            self.state.metrics.request(route, None, await self._refuse(send, busy))
+            self.state.metrics.request(route, None, await self._refuse(send, full))
         return slot
 
     def _too_large(self) -> ApiError:
@@ -230,7 +225,7 @@ class Guard:
         limiter = self.state.limiter
         client = client_of(scope, bool(self.keys)) if limiter.per_client else None
         if path not in UNLIMITED_PATHS and limiter.client_full(client):
-            mine = _busy(
+            mine = busy(
                 f"this client has {limiter.per_client} requests in flight, its limit "
                 "([server] max_in_flight_per_client); wait for one to finish",
                 "client_busy",
@@ -241,7 +236,7 @@ class Guard:
             full = (
                 f"the server is at its limit of {limiter.limit} concurrent requests (server.max_concurrency)"
             )
-            metrics.request(route, None, await self._refuse(send, _busy(full + "; retry shortly")))
+            metrics.request(route, None, await self._refuse(send, busy(full + "; retry shortly")))
             return
         slot = None if path in UNLIMITED_PATHS else await self._fleet_slot(send, route)
         if slot is False:

@@ -42,6 +42,7 @@ from .errors import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     ApiError,
+    busy,
     describe,
     error_response,
     rpc_error,
@@ -219,8 +220,7 @@ class Session:
     def _busy(self, name: str, rid: Any, message: str, code: str = "server_busy") -> dict[str, Any]:
         """A 429 ``server_busy`` (or ``code``) answer (retry after a second)."""
         self.state.metrics.request(f"ws:{name}", None, 429)
-        busy = ApiError(429, message, type="rate_limit_error", code=code, retry_after=1)
-        return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(busy))}
+        return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(busy(message, code)))}
 
     async def _run(self, name: str, method: Method, params: Params, rid: Any) -> dict[str, Any]:
         metrics = self.state.metrics
