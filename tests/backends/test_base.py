@@ -17,7 +17,9 @@ from car_inference.backends.base import (
     label_distribution,
     ranked_result,
     run_blocking,
+    until_stopped,
 )
+from car_inference.errors import InferenceFailed
 from car_inference.requests import RerankRequest
 from car_inference.schema import TASK_CAPABILITIES, ModelCapability
 
@@ -158,3 +160,22 @@ def test_a_backend_that_defines_a_task_method_implements_it(
     }
     assert class_tasks("painters:Chatty") == {ModelCapability.GENERATE}
     assert class_tasks("painters:Odd") == {ModelCapability.SPEECH_TO_TEXT}
+
+
+def test_until_stopped_ends_work_at_its_next_step() -> None:
+    """Once the caller has gone (``run_stoppable`` sets the event) no further step is taken: a
+    Whisper window, a Piper piece, a label or document scored by llama.cpp."""
+    stop = threading.Event()
+    taken: list[int] = []
+
+    def steps() -> Iterator[int]:
+        for i in range(23):
+            taken.append(i)
+            if i == 2:
+                stop.set()  # the caller goes away during the third step
+            yield i
+
+    with pytest.raises(InferenceFailed, match=r"^m: transcription stopped: its caller went away$"):
+        list(until_stopped(steps(), stop, "m: transcription"))
+    assert taken == [0, 1, 2]
+    assert list(until_stopped(iter(range(3)), threading.Event(), "m")) == [0, 1, 2]

@@ -17,7 +17,7 @@ import importlib
 import importlib.util
 import math
 import threading
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import InferenceFailed
 from ..requests import (
     Classification,
     ClassifyRequest,
@@ -75,6 +76,7 @@ __all__ = [
     "ranked_result",
     "run_blocking",
     "run_stoppable",
+    "until_stopped",
 ]
 
 
@@ -308,6 +310,15 @@ def openmp_thread(name: str) -> ThreadPoolExecutor:
 async def run_blocking(fn: Callable[[], T], executor: Executor | None = None) -> T:
     """Run blocking model work in the model thread pool (or ``executor``), off the event loop."""
     return await asyncio.get_running_loop().run_in_executor(executor or _MODEL_THREADS, fn)
+
+
+def until_stopped(items: Iterable[T], stop: threading.Event, what: str) -> Iterator[T]:
+    """``items`` one at a time until ``stop`` is set (``run_stoppable``: the caller went away),
+    then ``InferenceFailed`` saying ``what`` stopped: the work frees its model at the next step."""
+    for item in items:
+        if stop.is_set():
+            raise InferenceFailed(f"{what} stopped: its caller went away")
+        yield item
 
 
 async def run_stoppable(work: Callable[[threading.Event], T], executor: Executor | None = None) -> T:

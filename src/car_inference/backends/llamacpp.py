@@ -59,6 +59,7 @@ from .base import (
     ranked_result,
     run_blocking,
     run_stoppable,
+    until_stopped,
 )
 from .cache import CachedModel
 from .chat_template import TagSplitter, chat_messages, parse_tool_call_block, render_chat
@@ -158,7 +159,7 @@ class LoadedGguf:
         import numpy as np
 
         if not self.prefill(tokens, stop or _NEVER, whole=True):
-            raise InferenceFailed("stopped: the caller went away")
+            raise InferenceFailed("reading the prompt stopped: its caller went away")
         ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype("float64")
 
@@ -467,9 +468,7 @@ class LlamaCppBackend:
                 yes = loaded.tokenize("yes", special=False)[0]
                 no = loaded.tokenize("no", special=False)[0]
                 scores = []
-                for doc in request.documents:
-                    if stop.is_set():  # the caller went away: free the model for the next one
-                        raise InferenceFailed(f"{model.id}: reranking stopped, its caller went away")
+                for doc in until_stopped(request.documents, stop, f"{model.id}: reranking"):
                     tokens = loaded.tokenize(rerank_prompt(instruction, request.query, doc), special=True)
                     logits = loaded.last_logits(tokens[-(loaded.n_ctx - 1) :], stop)
                     scores.append(1.0 / (1.0 + math.exp(-(logits[yes] - logits[no]))))
@@ -498,9 +497,7 @@ class LlamaCppBackend:
                 )
                 eot = loaded.llm.token_eos()
                 out = []
-                for label in request.labels:
-                    if stop.is_set():  # the caller went away: free the model for the next one
-                        raise InferenceFailed(f"{model.id}: classification stopped, its caller went away")
+                for label in until_stopped(request.labels, stop, f"{model.id}: classification"):
                     spellings = dict.fromkeys([label, label[:1].upper() + label[1:]])
                     logps = [
                         self._sequence_logprob(loaded, base, [*loaded.tokenize(s, special=False), eot], stop)

@@ -27,7 +27,7 @@ from ..catalog.locate import local_path
 from ..errors import InferenceFailed, InvalidInput, UnsupportedMode
 from ..requests import SynthesizeRequest, SynthesizeResult
 from ..schema import ModelSchema, PiperSource
-from .base import BackendContext, run_blocking, run_stoppable
+from .base import BackendContext, run_blocking, run_stoppable, until_stopped
 from .cache import CachedModel
 from .voices import Voice, VoiceList, aliases_for
 
@@ -159,9 +159,7 @@ def _sentences(model: ModelSchema, chunks: Iterable[Any], stop: threading.Event)
     away stops the synthesis at the next sentence instead of holding the voice for all of them."""
     pcm = []
     try:
-        for chunk in chunks:
-            if stop.is_set():
-                raise InferenceFailed(f"{model.id}: synthesis stopped, its caller went away")
+        for chunk in until_stopped(chunks, stop, f"{model.id}: synthesis"):
             pcm.append(chunk.audio_int16_bytes)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise InferenceFailed(f"{model.id} could not synthesize the text: {exc}") from exc

@@ -21,7 +21,6 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from ..catalog.locate import local_path, whisper_parts
 from ..errors import InferenceFailed, InvalidInput, ModelUnavailable
 from ..requests import TranscribedWord, TranscribeRequest, TranscribeResult
 from ..schema import ModelSchema, WhisperSource
-from .base import BackendContext, run_stoppable
+from .base import BackendContext, run_stoppable, until_stopped
 from .cache import CachedModel
 
 __all__ = ["WhisperBackend", "assemble_split_model"]
@@ -102,7 +101,8 @@ class WhisperBackend:
                         initial_prompt=request.prompt or None,
                         word_timestamps=request.timestamps,
                     )
-                    segments = _until(stop, segments, model.id)  # decoding happens while iterating
+                    # decoding happens while iterating: a 30-second window a step
+                    segments = list(until_stopped(segments, stop, f"{model.id}: transcription"))
                 except RuntimeError as exc:  # the model itself (CTranslate2), not the input
                     raise InferenceFailed(f"{model.id} failed on {audio}: {exc}") from exc
             words = [
@@ -118,17 +118,6 @@ class WhisperBackend:
             )
 
         return await run_stoppable(work)
-
-
-def _until(stop: threading.Event, segments: Iterable[Any], model_id: str) -> list[Any]:
-    """Whisper's segments (a 30-second window each), read until ``stop`` is set: a caller that
-    went away stops the transcription at the next window."""
-    out = []
-    for segment in segments:
-        if stop.is_set():
-            raise InferenceFailed(f"{model_id}: transcription stopped, its caller went away")
-        out.append(segment)
-    return out
 
 
 def _samples(audio: Path, rate: int) -> Any:
