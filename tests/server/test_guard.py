@@ -3,6 +3,7 @@ through the official SDK against a real server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -24,7 +25,7 @@ from car_inference.server.guard import authorized
 from fakes import FakeProviderServer, Reply
 from fakes.redis_service import RedisServer, redis_prefix, redis_url
 
-from .conftest import remote_home, serve
+from .conftest import SMOL, remote_home, serve
 
 KEYS = ["key-one", "key-two"]
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
@@ -173,6 +174,49 @@ async def test_one_client_cannot_take_every_slot(
     finally:
         slow.join()
         server.stop()
+
+
+async def test_a_local_model_takes_turns_between_clients(server_engine: InferenceEngine) -> None:
+    """One client's four generations queue behind its first on the local model; another client's
+    one runs after that first, not fifth (backends.fair: turns by API key, else address)."""
+    server = serve(server_engine, api_keys=KEYS, max_concurrency=16)
+    finished: list[str] = []
+    count: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Count from 1 to 300, separated by commas."}
+    ]
+
+    async def chat(key: str, name: str) -> None:
+        sdk = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+        stream = await sdk.chat.completions.create(
+            model=SMOL,
+            messages=count,
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+        )
+        async for _ in stream:
+            started.set()
+        finished.append(name)
+
+    def in_flight() -> float:
+        text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEYS[0]}"}).text
+        line = next(ln for ln in text.splitlines() if ln.startswith("car_requests_in_flight "))
+        return float(line.split()[1])
+
+    try:
+        await asyncio.to_thread(sdk(server).models.list)  # the model is loaded by the first below
+        started = asyncio.Event()
+        tasks = [asyncio.create_task(chat(KEYS[0], "one-0"))]
+        await asyncio.wait_for(started.wait(), 60)  # its generation holds the model
+        tasks += [asyncio.create_task(chat(KEYS[0], f"one-{i}")) for i in range(1, 4)]
+        while await asyncio.to_thread(in_flight) < 5:  # its three more, and this /metrics
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # ... past routing, queued for the model's thread
+        tasks.append(asyncio.create_task(chat(KEYS[1], "two")))
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    finally:
+        server.stop()
+    assert finished.index("two") <= 2, finished  # in arrival order it was last
 
 
 def _stalled(port: int, key: str = KEYS[0]) -> socket.socket:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -49,6 +50,7 @@ from ..requests import (
 )
 from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, StreamEvent
+from .fair import FairExecutor
 
 if TYPE_CHECKING:
     from ..config import CarConfig
@@ -296,20 +298,22 @@ _END = object()
 _MODEL_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="car-model")
 
 
-def openmp_thread(name: str) -> ThreadPoolExecutor:
+def openmp_thread(name: str) -> Executor:
     """One thread for all of a native library's compute calls in this process (``run_blocking``
     and ``iterate_in_thread`` take it as their executor). llama.cpp and torch parallelise each step
     with OpenMP, and libgomp keeps a pool of threads per *calling* thread; once the process holds
     more pool threads than CPUs it stops spinning between steps and sleeps. Called from the model
     pool, the first requests that overlapped made every later one slower for good: on 2 cores
     SmolLM2's decode fell from 93 to 32 tokens/s, MiniLM's embeddings by 10-25 %. Work for the
-    library's models then queues here in order (it took turns on each model's lock before)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    library's models then queues here, in fair turns between clients (``fair.FairExecutor``)."""
+    return FairExecutor(name)
 
 
 async def run_blocking(fn: Callable[[], T], executor: Executor | None = None) -> T:
-    """Run blocking model work in the model thread pool (or ``executor``), off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(executor or _MODEL_THREADS, fn)
+    """Run blocking model work in the model thread pool (or ``executor``), off the event loop, in
+    the caller's context (``fair.CLIENT`` says whose turn a model lock gives)."""
+    in_context = functools.partial(contextvars.copy_context().run, fn)
+    return await asyncio.get_running_loop().run_in_executor(executor or _MODEL_THREADS, in_context)
 
 
 def until_stopped(items: Iterable[T], stop: threading.Event, what: str) -> Iterator[T]:
@@ -387,7 +391,7 @@ async def iterate_in_thread(
         finally:
             put(_END)
 
-    worker = loop.run_in_executor(executor or _MODEL_THREADS, produce)
+    worker = loop.run_in_executor(executor or _MODEL_THREADS, contextvars.copy_context().run, produce)
     try:
         while True:
             item = await queue.get()

@@ -35,16 +35,18 @@ from types import TracebackType
 from typing import Any
 
 from ..hardware import process_memory_mb
+from .fair import FairLock
 
 __all__ = ["CachedModel", "LoadedModel", "ModelCache", "UseLock", "read_records"]
 
 
 class UseLock:
-    """The entry's lock (llama.cpp and torch models are not safe from two threads): a
-    ``threading.Lock`` that also stamps the entry's last use when a use starts and ends."""
+    """The entry's lock (llama.cpp and torch models are not safe from two threads): a lock taken
+    in fair turns between clients (``fair.FairLock``) that also stamps the entry's last use when a
+    use starts and ends."""
 
     def __init__(self, on_use: Callable[[bool], None]) -> None:
-        self._lock = threading.Lock()
+        self._lock = FairLock()
         self._on_use = on_use
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:

@@ -33,6 +33,7 @@ import contextlib
 import hmac
 from typing import Any
 
+from ..backends.fair import CLIENT
 from ..routing.coord_limit import FleetLimiter
 from .common import HEADER_MODEL, ServerState, client_of, dumps
 from .errors import ApiError, busy, describe, error_body
@@ -223,7 +224,7 @@ class Guard:
             metrics.request(route, None, await self._refuse(send, behind))
             return
         limiter = self.state.limiter
-        client = client_of(scope, bool(self.keys)) if limiter.per_client else None
+        client = client_of(scope, bool(self.keys))
         if path not in UNLIMITED_PATHS and limiter.client_full(client):
             mine = busy(
                 f"this client has {limiter.per_client} requests in flight, its limit "
@@ -258,6 +259,7 @@ class Guard:
         if task is not None:
             state.active.add(task)
         metrics.in_flight.inc()
+        turns = CLIENT.set(client)  # local models take turns by client (backends.fair)
         try:
             await self.app(scope, receive, watch)
         except asyncio.CancelledError:
@@ -269,6 +271,7 @@ class Guard:
                 with contextlib.suppress(OSError):
                     outcome["status"] = await self._refuse(send, state.shutdown_error())
         finally:
+            CLIENT.reset(turns)
             state.active.discard(task)
             metrics.in_flight.dec()
             if path not in UNLIMITED_PATHS:

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ..backends.fair import CLIENT
 from ..errors import InferenceError
 from ..requests import (
     ClassifyRequest,
@@ -97,10 +98,10 @@ class Session:
         self._send_lock = asyncio.Lock()
         self._open = True
         self.runner: RpcRunner | None = None  # set by runner.register (server/runner_rpc.py)
-        per_client = state.limiter.per_client
-        self.client = client_of(websocket.scope, bool(state.settings.api_keys)) if per_client else None
+        self.client = client_of(websocket.scope, bool(state.settings.api_keys))
 
     async def run(self) -> None:
+        CLIENT.set(self.client)  # the calls' tasks inherit it: local models take turns by client
         await self.ws.accept()
         try:
             while True:
