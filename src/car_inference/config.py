@@ -226,6 +226,10 @@ class ServerSettings(_Section):
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="a request body must arrive within this long (408 otherwise)"
     )
+    # uvicorn has no bound on how long headers take: slow-header connections held a descriptor each.
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="a request's headers must arrive within this long (408, closed)"
+    )
     # A WebSocket message is parsed on the event loop in one go, every other client waiting:
     # 4 MB takes ~12 ms here (32 MB ~80 ms) and still holds a long prompt or a large image.
     ws_max_message_mb: float = Field(default=4.0, gt=0, description="largest JSON-RPC message")

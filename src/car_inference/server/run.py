@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 
 from ..config import ServerSettings
+from .common import ServerState
 from .logs import install_redaction
 from .transport import coalescing_protocol
 
@@ -59,7 +60,7 @@ def check_bind(host: str, api_keys: list[str]) -> None:
 def uvicorn_config(
     app: Any, settings: ServerSettings, *, log_level: str = "info", **extra: Any
 ) -> uvicorn.Config:
-    protocol = coalescing_protocol()
+    protocol = coalescing_protocol(settings.header_timeout_s)
     if protocol is not None:
         extra.setdefault("http", protocol)
     config = uvicorn.Config(
@@ -133,12 +134,17 @@ class ServerThread:
 
     with ServerThread(create_app(engine)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+
+    uvicorn's part of the settings (header timeout, WebSocket message size) are the app's own
+    unless ``settings`` is given; host and port are always loopback and a free port.
     """
 
     def __init__(
         self, app: Any, settings: ServerSettings | None = None, *, log_level: str = "warning"
     ) -> None:
-        settings = settings or ServerSettings()
+        if settings is None:
+            state = getattr(getattr(app, "state", None), "car", None)
+            settings = state.settings if isinstance(state, ServerState) else ServerSettings()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))

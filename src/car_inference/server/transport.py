@@ -7,6 +7,14 @@ machine, measured by benchmarks/server.py). ``CoalescingHttpTools`` gives the pr
 that gathers every write made in one turn of the event loop and sends them together at the end of
 that turn: a plain response goes out in one write, and a stream's chunks leave as soon as the
 code producing them yields to the loop, so nothing waits longer than the turn it was made in.
+
+The same protocol bounds how long a request's headers may take (``server.header_timeout_s``):
+uvicorn has no such bound, and a client that sends its headers a byte at a time (or opens a
+connection and sends part of them) held its connection, and a file descriptor, for ever; tens of
+thousands of them exhausted the server's descriptors. The clock starts when the connection opens
+and again when a response ends (a kept-alive connection idles for uvicorn's 5 s keep-alive first);
+headers not complete when it runs out get a 408 and the connection is closed. Bodies have their
+own bound (``server.body_timeout_s``, in the guard).
 """
 
 from __future__ import annotations
@@ -62,18 +70,58 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+_SLOW = b"request headers not complete within server.header_timeout_s"
+HEADERS_TOO_SLOW = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(_SLOW), _SLOW)
+)
+
+
 @cache
-def coalescing_protocol() -> type | None:
-    """uvicorn's httptools protocol over a ``CoalescingTransport``; None when httptools is not
-    installed (uvicorn then picks its default protocol)."""
+def coalescing_protocol(header_timeout_s: float) -> type | None:
+    """uvicorn's httptools protocol over a ``CoalescingTransport``, closing connections whose
+    request headers take over ``header_timeout_s``; None when httptools is not installed (uvicorn
+    then picks its default protocol)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return None
 
     class CoalescingHttpTools(HttpToolsProtocol):
+        _headers_due: asyncio.TimerHandle | None = None
+
         def connection_made(self, transport: Any) -> None:
             # It stands in for the transport it wraps (every other attribute is delegated).
             super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport, self.loop)))
+            self._await_headers()
+
+        def _await_headers(self) -> None:
+            self._headers_arrived()
+            self._headers_due = self.loop.call_later(header_timeout_s, self._headers_too_slow)
+
+        def _headers_arrived(self) -> None:
+            if self._headers_due is not None:
+                self._headers_due.cancel()
+                self._headers_due = None
+
+        def _headers_too_slow(self) -> None:
+            self._headers_due = None
+            if not self.transport.is_closing():
+                self.transport.write(HEADERS_TOO_SLOW)
+                self.transport.close()
+
+        def on_headers_complete(self) -> None:
+            self._headers_arrived()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            waiting = not self.pipeline  # a pipelined request's headers have arrived already
+            super().on_response_complete()
+            if waiting and not self.transport.is_closing():
+                self._await_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._headers_arrived()
+            super().connection_lost(exc)
 
     return CoalescingHttpTools
