@@ -1,0 +1,89 @@
+"""One client's short chat while another client's long chats hold the local model, through `car serve`.
+
+    python benchmarks/fairness.py [--reps 3] [--backlog 8]
+
+Client A (one API key) sends ``--backlog`` chats of 128 tokens at once to SmolLM2 (llama.cpp, one
+generation at a time); 0.3 s later client B (another key) sends one chat of 16 tokens. Printed: B's
+latency alone, and with A's backlog in arrival order (the model thread a plain single-thread pool,
+as before ``backends.fair``) and in fair turns (``FairExecutor``), alternating in one run, with
+min / median / max over the repetitions and the ratio to B alone. In arrival order B waits for
+all of A's chats; in fair turns for the one in progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import openai
+from openai.types.chat import ChatCompletionMessageParam
+
+from car_inference.backends import llamacpp
+from car_inference.backends.fair import FairExecutor
+from car_inference.config import ServerSettings
+from car_inference.engine import InferenceEngine
+from car_inference.server import create_app
+from car_inference.server.run import ServerThread
+
+SMOL = "huggingface/smollm2-135m-instruct:q4_1"
+KEYS = ["client-a", "client-b"]
+STORY: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Write a long story about a dragon."}]
+
+
+async def chat(url: str, key: str, tokens: int) -> float:
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=600) as sdk:
+        start = time.perf_counter()
+        await sdk.chat.completions.create(model=SMOL, messages=STORY, max_tokens=tokens, temperature=0)
+        return time.perf_counter() - start
+
+
+async def trial(url: str, backlog: int) -> float:
+    """B's latency while A's backlog is in flight."""
+    theirs = [asyncio.create_task(chat(url, KEYS[0], 128)) for _ in range(backlog)]
+    await asyncio.sleep(0.3)
+    mine = await chat(url, KEYS[1], 16)
+    await asyncio.gather(*theirs)
+    return mine
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--backlog", type=int, default=8)
+    args = parser.parse_args()
+    engine = InferenceEngine()
+    modes: dict[str, Executor] = {
+        "arrival order": ThreadPoolExecutor(max_workers=1, thread_name_prefix="car-llama-fifo"),
+        "fair turns": FairExecutor("car-llama-fair"),
+    }
+    try:
+        with ServerThread(create_app(engine, ServerSettings(api_keys=KEYS))) as server:
+            asyncio.run(chat(server.url, KEYS[1], 4))  # load the model
+            alone = [asyncio.run(chat(server.url, KEYS[1], 16)) for _ in range(args.reps)]
+            waits: dict[str, list[float]] = {name: [] for name in modes}
+            for _ in range(args.reps):
+                for name, executor in modes.items():
+                    llamacpp.LLAMA_THREAD = executor
+                    waits[name].append(asyncio.run(trial(server.url, args.backlog)))
+    finally:
+        engine.close()
+    floor = statistics.median(alone)
+    print(f"B's 16-token chat alone (min / median / max): {spread(alone)}")
+    for name, values in waits.items():
+        ratio = statistics.median(values) / floor
+        behind = f"... behind A's {args.backlog} chats of 128 tokens, {name}"
+        print(f"{behind}: {spread(values)} ({ratio:.1f}x alone)")
+
+
+if __name__ == "__main__":
+    main()
