@@ -112,6 +112,23 @@ def test_bodies_over_the_limit_are_413(server: ServerThread) -> None:
     )
 
 
+def test_a_chunked_body_over_the_limit_that_arrived_whole_is_answered_at_once(server: ServerThread) -> None:
+    """Headers and all of a 20 KB chunked body in one write: the guard's first read holds the whole
+    body, past the limit. It was answered only after body_timeout_s (30 s): the guard waited to
+    drain more body that would never come."""
+    body = json.dumps({"model": "fake/echo", "messages": [{"role": "user", "content": "x" * 20_000}]})
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head + _chunked(body.encode(), 4096))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+
+
 async def test_requests_over_the_concurrency_bound_are_429(
     server: ServerThread, fake_provider: FakeProviderServer
 ) -> None:

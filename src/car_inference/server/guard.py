@@ -73,7 +73,8 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 class _TooLarge(Exception):
-    pass
+    def __init__(self, more: bool) -> None:
+        self.more = more  # whether the client is still sending the body
 
 
 class _Gone(Exception):
@@ -161,8 +162,9 @@ class Guard:
         try:
             async with asyncio.timeout(settings.body_timeout_s):
                 body = await _read_body(receive, self.state.max_body_bytes)
-        except _TooLarge:
-            await _drain(receive, settings.body_timeout_s)
+        except _TooLarge as big:
+            if big.more:  # the last part already read: nothing more will come to drain
+                await _drain(receive, settings.body_timeout_s)
             raise _Refused(self._too_large()) from None
         except TimeoutError:
             timeout = ApiError(
@@ -291,7 +293,7 @@ async def _read_body(receive: Any, limit: int) -> bytes:
         body = message.get("body", b"")
         size += len(body)
         if size > limit:
-            raise _TooLarge
+            raise _TooLarge(bool(message.get("more_body", False)))
         chunks.append(body)
         if not message.get("more_body", False):
             return b"".join(chunks)
