@@ -161,9 +161,15 @@ def test_the_executor_passes_errors_skips_cancelled_work_and_refuses_after_shutd
 
 def test_shutdown_can_cancel_what_waits() -> None:
     pool = FairExecutor("test-fair")
-    gate = threading.Event()
-    running = pool.submit(gate.wait, 5)
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait(5)
+
+    running = pool.submit(hold)
     waiting = pool.submit(lambda: "never")
+    assert started.wait(5)
     threading.Timer(0.1, gate.set).start()
     pool.shutdown(wait=True, cancel_futures=True)
     assert running.result() is True
