@@ -6,12 +6,14 @@ import asyncio
 import json
 import math
 import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from car_inference.backends.base import BackendContext
 from car_inference.backends.cache import ModelCache
+from car_inference.backends.fair import CLIENT
 from car_inference.backends.llamacpp import LlamaCppBackend, LoadedGguf, _default_system
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig
@@ -318,3 +320,38 @@ async def test_a_caller_that_stops_waiting_frees_the_model_at_the_next_item(
         else backend.rerank(model, RerankRequest(query="q", documents=items))
     )
     await cancel_once_started(asyncio.ensure_future(call), backend.ctx.cache.get(f"gguf:{model.id}"), 5)
+
+
+@pytest.mark.parametrize("task", ["classify", "rerank", "embed"])
+async def test_a_long_batch_takes_turns_with_another_clients_request(
+    backend: LlamaCppBackend, model: ModelSchema, task: str
+) -> None:
+    """Client a's 30 labels or documents take a turn of the llama.cpp thread each (texts to
+    embed: 32 a turn); client b's request, sent once a's work has started, is answered before a's
+    is done. In one turn, b waited for all of a's."""
+    if task == "embed":
+        await backend.embed(model, EmbedRequest(texts=["warm"]))
+    else:
+        backend.warm_up(model)
+    items = [f"option number {i}" for i in range(30 if task != "embed" else 160)]
+    calls = {
+        "classify": lambda: backend.classify(model, ClassifyRequest(text="Pick one", labels=items)),
+        "rerank": lambda: backend.rerank(model, RerankRequest(query="q", documents=items)),
+        "embed": lambda: backend.embed(model, EmbedRequest(texts=items)),
+    }
+    finished: list[str] = []
+
+    async def run_as(client: str, work: Callable[[], Awaitable[object]]) -> None:
+        CLIENT.set(client)  # this task's own context
+        await work()
+        finished.append(client)
+
+    first = asyncio.create_task(run_as("a", calls[task]))
+    entry = backend.ctx.cache.get(f"{'gguf-embed' if task == 'embed' else 'gguf'}:{model.id}")
+    assert entry is not None
+    while not entry.lock.locked():  # a's work has started
+        await asyncio.sleep(0.005)
+    small = {"embed": lambda: backend.embed(model, EmbedRequest(texts=["hi"]))}
+    await asyncio.create_task(run_as("b", small.get(task, lambda: backend.tokenize(model, "hi"))))
+    await first
+    assert finished == ["b", "a"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import math
@@ -20,10 +21,10 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from threading import Event
-from typing import Any
+from typing import Any, TypeVar
 
 from ..catalog.locate import local_path
 from ..config import CarConfig
@@ -57,9 +58,7 @@ from .base import (
     label_distribution,
     openmp_thread,
     ranked_result,
-    run_blocking,
     run_stoppable,
-    until_stopped,
 )
 from .cache import CachedModel
 from .chat_template import TagSplitter, chat_messages, parse_tool_call_block, render_chat
@@ -70,6 +69,10 @@ __all__ = ["LLAMA_THREAD", "LlamaCppBackend", "LoadedGguf"]
 
 # Every llama.cpp call of the process runs on this one thread (``base.openmp_thread``: why).
 LLAMA_THREAD = openmp_thread("car-llama")
+# Texts per turn of that thread when embedding (``LlamaCppBackend._turns``).
+EMBED_SLICE = 32
+_I = TypeVar("_I")
+_R = TypeVar("_R")
 
 MAX_VOCABS = 4  # vocabulary-only loads kept for counting prompt tokens at routing time
 
@@ -416,29 +419,35 @@ class LlamaCppBackend:
     # --- tokens ------------------------------------------------------------------------------
 
     async def tokenize(self, model: ModelSchema, text: str) -> list[int]:
-        def work() -> list[int]:
-            entry = self._entry(model)
-            with entry.lock:
-                return entry.instance.tokenize(text, special=False)
-
-        return await run_blocking(work, LLAMA_THREAD)
+        [tokens] = await self._turns(model, [text], lambda loaded, t, _: loaded.tokenize(t, special=False))
+        return tokens
 
     async def detokenize(self, model: ModelSchema, tokens: list[int]) -> str:
-        def work() -> str:
-            entry = self._entry(model)
-            with entry.lock:
-                loaded: LoadedGguf = entry.instance
-                n_vocab = loaded.llm.n_vocab()
-                bad = [t for t in tokens if not 0 <= t < n_vocab]
-                if bad:
-                    raise TokenizationError(
-                        f"token ids out of range for {model.id} (vocab {n_vocab}): {bad[:5]}"
-                    )
-                return loaded.llm.detokenize(tokens).decode("utf-8", errors="replace")
+        def text(loaded: LoadedGguf, ids: list[int], _: Event) -> str:
+            n_vocab = loaded.llm.n_vocab()
+            bad = [t for t in ids if not 0 <= t < n_vocab]
+            if bad:
+                raise TokenizationError(f"token ids out of range for {model.id} (vocab {n_vocab}): {bad[:5]}")
+            return loaded.llm.detokenize(ids).decode("utf-8", errors="replace")
 
-        return await run_blocking(work, LLAMA_THREAD)
+        [decoded] = await self._turns(model, [tokens], text)
+        return decoded
 
     # --- embeddings, rerank, classify ---------------------------------------------------------
+
+    async def _turns(
+        self, model: ModelSchema, items: Sequence[_I], step: Callable[[LoadedGguf, _I, Event], _R], **kw: bool
+    ) -> list[_R]:
+        """``step`` on each item, a turn of the llama.cpp thread each (``fair.FairExecutor``): other
+        clients' work runs between items (a document of 1,000 took 0.1 s, all of them 100 s in one
+        turn), and a caller that went away stops at the next one."""
+
+        def work(item: _I, stop: Event) -> _R:
+            entry = self._entry(model, **kw)
+            with entry.lock:
+                return step(entry.instance, item, stop)
+
+        return [await run_stoppable(functools.partial(work, item), LLAMA_THREAD) for item in items]
 
     async def embed(self, model: ModelSchema, request: EmbedRequest) -> EmbedResult:
         instruction = request.instruction or model.query_instruction
@@ -446,67 +455,60 @@ class LlamaCppBackend:
             f"Instruct: {instruction}\nQuery: {t}" if request.is_query and instruction else t
             for t in request.texts
         ]
-
-        def work() -> EmbedResult:
-            entry = self._entry(model, embedding=True)
-            with entry.lock:
-                vectors = entry.instance.llm.embed(texts, normalize=request.normalize)
-            dims = len(vectors[0]) if vectors else 0
-            return EmbedResult.model_construct(embeddings=vectors, model_used=model.id, dimensions=dims)
-
-        return await run_blocking(work, LLAMA_THREAD)
+        parts = [texts[i : i + EMBED_SLICE] for i in range(0, len(texts), EMBED_SLICE)]
+        done = await self._turns(
+            model,
+            parts,
+            lambda loaded, part, _: loaded.llm.embed(part, normalize=request.normalize),
+            embedding=True,
+        )
+        vectors = [v for part in done for v in part]
+        dims = len(vectors[0]) if vectors else 0
+        return EmbedResult.model_construct(embeddings=vectors, model_used=model.id, dimensions=dims)
 
     async def rerank(self, model: ModelSchema, request: RerankRequest) -> RerankResult:
-        """Yes/no reranking: one forward pass per document (the shared prefix is evaluated once and
-        kept in the KV cache); score = sigmoid(logit("yes") - logit("no")) at the last position."""
+        """Yes/no reranking: one forward pass per document (the shared prefix stays in the KV cache
+        unless another request ran between two documents); score = sigmoid(logit("yes") -
+        logit("no")) at the last position."""
         instruction = request.instruction or DEFAULT_RERANK_INSTRUCTION
 
-        def work(stop: Event) -> list[float]:
-            entry = self._entry(model)
-            with entry.lock:
-                loaded: LoadedGguf = entry.instance
-                yes = loaded.tokenize("yes", special=False)[0]
-                no = loaded.tokenize("no", special=False)[0]
-                scores = []
-                for doc in until_stopped(request.documents, stop, f"{model.id}: reranking"):
-                    tokens = loaded.tokenize(rerank_prompt(instruction, request.query, doc), special=True)
-                    logits = loaded.last_logits(tokens[-(loaded.n_ctx - 1) :], stop)
-                    scores.append(1.0 / (1.0 + math.exp(-(logits[yes] - logits[no]))))
-                return scores
+        def score(loaded: LoadedGguf, doc: str, stop: Event) -> float:
+            yes, no = (loaded.tokenize(word, special=False)[0] for word in ("yes", "no"))
+            tokens = loaded.tokenize(rerank_prompt(instruction, request.query, doc), special=True)
+            logits = loaded.last_logits(tokens[-(loaded.n_ctx - 1) :], stop)
+            return 1.0 / (1.0 + math.exp(-(logits[yes] - logits[no])))
 
-        scores = await run_stoppable(work, LLAMA_THREAD) if request.documents else []
+        scores = await self._turns(model, request.documents, score)
         return ranked_result(request, scores, model.id, "yes-no-logits")
 
     async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:
         """Zero-shot: log P(label | prompt) for each label, each followed by end-of-turn, summed
         over the label's tokens (and its capitalised spelling), normalised across labels."""
 
-        def work(stop: Event) -> list[float]:
-            entry = self._entry(model)
-            with entry.lock:
-                loaded: LoadedGguf = entry.instance
-                prompt = render_chat(
-                    loaded.template,
-                    [{"role": "user", "content": classify_prompt(request.text, request.labels)}],
-                    bos_token=loaded.bos,
-                    eos_token=loaded.eos,
-                    thinking=ThinkingMode.OFF,
-                )
-                base = loaded.tokenize(
-                    prompt, special=True, add_bos=loaded.add_bos and not prompt.startswith(loaded.bos)
-                )
-                eot = loaded.llm.token_eos()
-                out = []
-                for label in until_stopped(request.labels, stop, f"{model.id}: classification"):
-                    spellings = dict.fromkeys([label, label[:1].upper() + label[1:]])
-                    logps = [
-                        self._sequence_logprob(loaded, base, [*loaded.tokenize(s, special=False), eot], stop)
-                        for s in spellings
-                    ]
-                    out.append(_logsumexp(logps))
-                return out
+        def prompt_tokens(loaded: LoadedGguf, _: object, __: Event) -> list[int]:
+            prompt = render_chat(
+                loaded.template,
+                [{"role": "user", "content": classify_prompt(request.text, request.labels)}],
+                bos_token=loaded.bos,
+                eos_token=loaded.eos,
+                thinking=ThinkingMode.OFF,
+            )
+            return loaded.tokenize(
+                prompt, special=True, add_bos=loaded.add_bos and not prompt.startswith(loaded.bos)
+            )
 
-        logps = await run_stoppable(work, LLAMA_THREAD)
+        def logp(loaded: LoadedGguf, label: str, stop: Event) -> float:
+            eot = loaded.llm.token_eos()
+            spellings = dict.fromkeys([label, label[:1].upper() + label[1:]])
+            return _logsumexp(
+                [
+                    self._sequence_logprob(loaded, base, [*loaded.tokenize(s, special=False), eot], stop)
+                    for s in spellings
+                ]
+            )
+
+        [base] = await self._turns(model, [None], prompt_tokens)
+        logps = await self._turns(model, request.labels, logp)
         return label_distribution(request.labels, logps, model.id, "likelihood")
 
     @staticmethod
