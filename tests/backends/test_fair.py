@@ -8,14 +8,14 @@ import contextvars
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future
 from typing import TypeVar
 
 import pytest
 
 from car_inference.backends.base import run_blocking
-from car_inference.backends.fair import CLIENT, FairExecutor, FairLock, FairTurns
+from car_inference.backends.fair import CLIENT, FairExecutor, FairLock, FairTurns, step_by_step
 
 T = TypeVar("T")
 
@@ -232,3 +232,19 @@ async def test_run_blocking_carries_the_client_to_the_model_thread() -> None:
     finally:
         CLIENT.reset(token)
     assert seen.result() is None  # a plain executor call does not carry it: run_blocking does
+
+
+def test_step_by_step_holds_the_lock_only_while_each_item_is_made() -> None:
+    lock = FairLock()
+    held: list[bool] = []
+
+    def made() -> Iterator[int]:
+        for i in range(3):
+            held.append(lock.locked())
+            yield i
+
+    seen = []
+    for item in step_by_step(made(), lock):
+        seen.append((item, lock.locked()))
+    assert seen == [(0, False), (1, False), (2, False)] and held == [True, True, True]
+    assert not lock.locked()

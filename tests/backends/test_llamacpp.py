@@ -6,14 +6,12 @@ import asyncio
 import json
 import math
 import threading
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from car_inference.backends.base import BackendContext
 from car_inference.backends.cache import ModelCache
-from car_inference.backends.fair import CLIENT
 from car_inference.backends.llamacpp import LlamaCppBackend, LoadedGguf, _default_system
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig
@@ -30,7 +28,7 @@ from car_inference.requests import (
 from car_inference.schema import ModelSchema
 from car_inference.stream import Done, TextDelta
 
-from .helpers import cancel_once_started
+from .helpers import cancel_once_started, finish_order
 
 SMOL = "huggingface/smollm2-135m-instruct:q4_1"
 
@@ -339,19 +337,8 @@ async def test_a_long_batch_takes_turns_with_another_clients_request(
         "rerank": lambda: backend.rerank(model, RerankRequest(query="q", documents=items)),
         "embed": lambda: backend.embed(model, EmbedRequest(texts=items)),
     }
-    finished: list[str] = []
-
-    async def run_as(client: str, work: Callable[[], Awaitable[object]]) -> None:
-        CLIENT.set(client)  # this task's own context
-        await work()
-        finished.append(client)
-
-    first = asyncio.create_task(run_as("a", calls[task]))
-    entry = backend.ctx.cache.get(f"{'gguf-embed' if task == 'embed' else 'gguf'}:{model.id}")
-    assert entry is not None
-    while not entry.lock.locked():  # a's work has started
-        await asyncio.sleep(0.005)
+    key = f"{'gguf-embed' if task == 'embed' else 'gguf'}:{model.id}"
     small = {"embed": lambda: backend.embed(model, EmbedRequest(texts=["hi"]))}
-    await asyncio.create_task(run_as("b", small.get(task, lambda: backend.tokenize(model, "hi"))))
-    await first
+    short = small.get(task, lambda: backend.tokenize(model, "hi"))
+    finished = await finish_order(lambda: backend.ctx.cache.get(key), calls[task], short)
     assert finished == ["b", "a"]

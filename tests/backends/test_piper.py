@@ -25,7 +25,7 @@ from car_inference.errors import InferenceFailed, InvalidInput
 from car_inference.requests import SynthesizeRequest
 from car_inference.schema import ModelSchema, PiperSource
 
-from .helpers import cancel_once_started
+from .helpers import cancel_once_started, finish_order
 
 JOE = "piper/en_us-joe-medium"
 FOX = "The quick brown fox jumps over the lazy dog."
@@ -280,6 +280,21 @@ async def test_a_caller_that_stops_waiting_stops_the_synthesis(
     request = SynthesizeRequest(text=" ".join([FOX] * 400))
     task = asyncio.create_task(backend.synthesize(model, request))
     await cancel_once_started(task, backend.ctx.cache.get(f"piper:{model.id}"), within_s=10)
+
+
+async def test_a_long_synthesis_takes_turns_with_another_clients(
+    backend: PiperBackend, model: ModelSchema
+) -> None:
+    """Client a's 30 sentences take a turn of the voice each; client b's one sentence, sent once
+    a's has started, is spoken before a's is done (in one turn it waited for all 30)."""
+    backend.warm_up(model)
+    long = SynthesizeRequest(text=" ".join([FOX] * 30))
+    finished = await finish_order(
+        lambda: backend.ctx.cache.get(f"piper:{model.id}"),
+        lambda: backend.synthesize(model, long),
+        lambda: backend.synthesize(model, SynthesizeRequest(text=FOX)),
+    )
+    assert finished == ["b", "a"]
 
 
 async def test_long_unpunctuated_text_is_spoken_in_bounded_memory(

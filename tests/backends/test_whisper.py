@@ -23,6 +23,8 @@ from car_inference.errors import InferenceFailed, InvalidInput
 from car_inference.requests import SynthesizeRequest, TranscribeRequest
 from car_inference.schema import ModelSchema, WhisperSource
 
+from .helpers import finish_order
+
 WHISPER = "systran/faster-whisper-base"
 JOE = "piper/en_us-joe-medium"
 FOX = "The quick brown fox jumps over the lazy dog."
@@ -118,6 +120,23 @@ async def test_silence_is_empty_text_and_speech_amid_silence_is_heard_whole(
     heard = await backend.transcribe(model, TranscribeRequest(audio_path=str(padded), timestamps=True))
     assert _heard(heard.text), heard.text
     assert heard.words and heard.words[0].start >= 1.0  # the file's clock (2 s in; Whisper's timing is rough)
+
+
+async def test_a_long_transcription_takes_turns_with_another_clients(
+    backend: WhisperBackend, model: ModelSchema, ctx: BackendContext, fox_wav: Path, tmp_path: Path
+) -> None:
+    """Client a's 40 seconds of speech take a turn of the model per 30-second window; client b's
+    one sentence, sent once a's has started, is transcribed before a's is done (in one turn it
+    waited for all of it)."""
+    long = tmp_path / "long.wav"
+    speech = SynthesizeRequest(text=" ".join([FOX] * 14), output_path=str(long))
+    await PiperBackend(ctx).synthesize(_builtin(JOE), speech)
+    finished = await finish_order(
+        lambda: ctx.cache.get(f"whisper:{model.id}"),
+        lambda: backend.transcribe(model, TranscribeRequest(audio_path=str(long))),
+        lambda: backend.transcribe(model, TranscribeRequest(audio_path=str(fox_wav))),
+    )
+    assert finished == ["b", "a"]
 
 
 async def test_missing_and_bad_audio_files_are_named(

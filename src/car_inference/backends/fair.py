@@ -21,12 +21,13 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-__all__ = ["CLIENT", "FairExecutor", "FairLock", "FairTurns"]
+__all__ = ["CLIENT", "FairExecutor", "FairLock", "FairTurns", "step_by_step"]
 
 # Who the work is for (set by the server around each request; None: the library's own caller).
 CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("car_inference_client", default=None)
@@ -199,3 +200,16 @@ class FairLock:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+def step_by_step(items: Iterable[Item], lock: AbstractContextManager[Any]) -> Iterator[Item]:
+    """``items``, holding ``lock`` only while each is made (a Whisper window, a Piper sentence):
+    between steps the model's next turn can go to another client (``FairLock``)."""
+    steps = iter(items)
+    while True:
+        with lock:
+            try:
+                item = next(steps)
+            except StopIteration:
+                return
+        yield item

@@ -29,6 +29,7 @@ from ..requests import SynthesizeRequest, SynthesizeResult
 from ..schema import ModelSchema, PiperSource
 from .base import BackendContext, run_blocking, run_stoppable, until_stopped
 from .cache import CachedModel
+from .fair import step_by_step
 from .voices import Voice, VoiceList, aliases_for
 
 __all__ = ["MEDIA_TYPES", "PiperBackend", "write_audio"]
@@ -101,8 +102,9 @@ class PiperBackend:
             )
             with entry.lock:
                 pieces = _pieces(text, _fits(voice, request.speed))
-                chunks = (chunk for piece in pieces for chunk in voice.synthesize(piece, config))
-                pcm = _sentences(model, chunks, stop)
+            # a sentence a step and a turn on the voice
+            chunks = (chunk for piece in pieces for chunk in voice.synthesize(piece, config))
+            pcm = _sentences(model, step_by_step(chunks, entry.lock), stop)
             if not pcm:
                 raise InvalidInput(f"{model.id}: the text has nothing to pronounce: {text[:60]!r}")
             write_audio(target, pcm, voice.config.sample_rate, fmt)

@@ -30,6 +30,7 @@ from ..requests import TranscribedWord, TranscribeRequest, TranscribeResult
 from ..schema import ModelSchema, WhisperSource
 from .base import BackendContext, run_stoppable, until_stopped
 from .cache import CachedModel
+from .fair import step_by_step
 
 __all__ = ["WhisperBackend", "assemble_split_model"]
 
@@ -93,18 +94,19 @@ class WhisperBackend:
             samples = _samples(audio, whisper.feature_extractor.sampling_rate)
             if not _has_speech(samples):  # module docstring: Whisper would loop on it for seconds
                 return TranscribeResult(text="", model_used=model.id, language=language)
-            with entry.lock:
-                try:
+            try:
+                with entry.lock:
                     segments, info = whisper.transcribe(
                         samples,
                         language=language,
                         initial_prompt=request.prompt or None,
                         word_timestamps=request.timestamps,
                     )
-                    # decoding happens while iterating: a 30-second window a step
-                    segments = list(until_stopped(segments, stop, f"{model.id}: transcription"))
-                except RuntimeError as exc:  # the model itself (CTranslate2), not the input
-                    raise InferenceFailed(f"{model.id} failed on {audio}: {exc}") from exc
+                # decoding happens while iterating, a 30-second window a step and a turn on the model
+                windows = step_by_step(segments, entry.lock)
+                segments = list(until_stopped(windows, stop, f"{model.id}: transcription"))
+            except RuntimeError as exc:  # the model itself (CTranslate2), not the input
+                raise InferenceFailed(f"{model.id} failed on {audio}: {exc}") from exc
             words = [
                 TranscribedWord(word=w.word.strip(), start=_seconds(w.start), end=_seconds(w.end))
                 for s in segments
