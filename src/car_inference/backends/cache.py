@@ -31,7 +31,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from ..hardware import process_memory_mb
@@ -40,35 +39,24 @@ from .fair import FairLock
 __all__ = ["CachedModel", "LoadedModel", "ModelCache", "UseLock", "read_records"]
 
 
-class UseLock:
+class UseLock(FairLock):
     """The entry's lock (llama.cpp and torch models are not safe from two threads): a lock taken
     in fair turns between clients (``fair.FairLock``) that also stamps the entry's last use when a
     use starts and ends."""
 
     def __init__(self, on_use: Callable[[bool], None]) -> None:
-        self._lock = FairLock()
+        super().__init__()
         self._on_use = on_use
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        got = self._lock.acquire(blocking, timeout)
+        got = super().acquire(blocking, timeout)
         if got:
             self._on_use(True)
         return got
 
     def release(self) -> None:
         self._on_use(False)
-        self._lock.release()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
+        super().release()
 
 
 @dataclass
