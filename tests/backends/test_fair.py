@@ -60,12 +60,27 @@ def test_idle_time_is_not_banked() -> None:
     turns.add("busy", "next")
     turns.add("late", "l1")
     turns.add("late", "l2")
-    assert turns.pop() == ("late", "l1")  # level with busy's last turn, which busy has had
-    turns.charge("late", 1.0)
-    assert turns.pop() == ("busy", "next")  # a tie: the earlier waiter
+    assert turns.pop() == ("busy", "next")  # late starts level with busy: a tie, the earlier waiter
     turns.charge("busy", 1.0)
+    assert turns.pop() == ("late", "l1")
+    turns.charge("late", 1.0)
     turns.add("busy", "after")
     assert [turns.pop(), turns.pop()] == [("late", "l2"), ("busy", "after")]  # they alternate
+
+
+def test_after_an_idle_model_past_use_is_not_held_against_anyone() -> None:
+    """b used the model for 10 s; later, with the model idle, a and b come at once: they
+    alternate (before, a newcomer a had the model until its own 10 s had caught up with b's)."""
+    turns: FairTurns[str] = FairTurns()
+    turns.add("b", "b-early")
+    assert turns.pop() == ("b", "b-early")
+    turns.charge("b", 10.0)
+    for item in ("a1", "a2"):
+        turns.add("a", item)
+    turns.add("b", "b1")
+    assert turns.pop() == ("a", "a1")
+    turns.charge("a", 1.0)
+    assert [turns.pop(), turns.pop()] == [("b", "b1"), ("a", "a2")]
 
 
 def test_a_waiter_can_be_taken_back_and_idle_clients_are_forgotten() -> None:

@@ -40,7 +40,8 @@ class FairTurns(Generic[Item]):
 
     Each client has a virtual time, the model seconds it has been charged; the next turn goes to the
     waiting client with the smallest, ties to the one waiting longest. A client that starts waiting
-    is moved up to the virtual time of the turn that started last, so being idle earns nothing."""
+    is moved up to the virtual time of the turn that started last (or, when the model was idle,
+    of the turn that ended last), so being idle earns nothing and costs nothing."""
 
     def __init__(self) -> None:
         self._waiting: dict[str | None, deque[tuple[int, Item]]] = {}
@@ -84,8 +85,11 @@ class FairTurns(Generic[Item]):
         return False
 
     def charge(self, client: str | None, seconds: float) -> None:
-        """Count a finished turn's model time against ``client``."""
+        """Count a finished turn's model time against ``client``. When nobody waits, the clock
+        moves to where that turn ended: after an idle model, whoever comes next starts level."""
         self._time[client] = self._time.get(client, self._now) + seconds
+        if not self._waiting:
+            self._now = max(self._now, self._time[client])
         if len(self._time) > 4 * len(self._waiting) + 64:
             # Idle clients at or behind the clock would restart from it anyway.
             for idle in [c for c, t in self._time.items() if c not in self._waiting and t <= self._now]:
