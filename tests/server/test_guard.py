@@ -193,44 +193,50 @@ async def test_one_client_cannot_take_every_slot(
         server.stop()
 
 
-async def test_a_local_model_takes_turns_between_clients(server_engine: InferenceEngine) -> None:
+@pytest.mark.parametrize("transport", ["http", "json-rpc"])
+async def test_a_local_model_takes_turns_between_clients(
+    server_engine: InferenceEngine, transport: str
+) -> None:
     """One client's four generations queue behind its first on the local model; another client's
-    one runs after that first, not fifth (backends.fair: turns by API key, else address)."""
+    one runs after that first, not fifth (backends.fair: turns by API key, else address; over
+    HTTP the guard says who the client is, over JSON-RPC the socket's session)."""
     server = serve(server_engine, api_keys=KEYS, max_concurrency=16)
     finished: list[str] = []
-    count: list[ChatCompletionMessageParam] = [
-        {"role": "user", "content": "Count from 1 to 300, separated by commas."}
-    ]
+    prompt = "Count from 1 to 300, separated by commas."
 
-    async def chat(key: str, name: str) -> None:
+    async def chats(key: str, names: list[str]) -> None:
         sdk = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
-        stream = await sdk.chat.completions.create(
-            model=SMOL,
-            messages=count,
-            max_tokens=48,
-            temperature=0,
-            stream=True,
-        )
-        async for _ in stream:
-            started.set()
-        finished.append(name)
 
-    def in_flight() -> float:
-        text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEYS[0]}"}).text
-        line = next(ln for ln in text.splitlines() if ln.startswith("car_requests_in_flight "))
-        return float(line.split()[1])
+        async def one(name: str) -> None:
+            await sdk.chat.completions.create(
+                model=SMOL, messages=[{"role": "user", "content": prompt}], max_tokens=96, temperature=0
+            )
+            finished.append(name)
 
+        await asyncio.gather(*(one(name) for name in names))
+
+    async def calls(key: str, names: list[str]) -> None:
+        async with connect(server.ws_url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+            params = {"prompt": prompt, "model": SMOL, "params": {"max_tokens": 96, "temperature": 0}}
+            for name in names:
+                await ws.send(json.dumps({"jsonrpc": "2.0", "id": name, "method": "infer", "params": params}))
+            for _ in names:
+                reply = json.loads(await ws.recv())
+                assert "result" in reply, reply
+                finished.append(reply["id"])
+
+    send = chats if transport == "http" else calls
     try:
-        await asyncio.to_thread(sdk(server).models.list)  # the model is loaded by the first below
-        started = asyncio.Event()
-        tasks = [asyncio.create_task(chat(KEYS[0], "one-0"))]
-        await asyncio.wait_for(started.wait(), 60)  # its generation holds the model
-        tasks += [asyncio.create_task(chat(KEYS[0], f"one-{i}")) for i in range(1, 4)]
-        while await asyncio.to_thread(in_flight) < 5:  # its three more, and this /metrics
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # ... past routing, queued for the model's thread
-        tasks.append(asyncio.create_task(chat(KEYS[1], "two")))
-        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        await asyncio.to_thread(sdk(server).models.list)
+        await send(KEYS[0], ["warm"])  # the model is loaded (by the client with the backlog)
+        finished.clear()
+        entry = server_engine.cache.get(f"gguf:{SMOL}")
+        assert entry is not None
+        first = asyncio.create_task(send(KEYS[0], [f"one-{i}" for i in range(4)]))
+        while not entry.lock.locked():  # one of them holds the model
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.3)  # ... and the other three are queued for its thread
+        await asyncio.wait_for(asyncio.gather(first, send(KEYS[1], ["two"])), 120)
     finally:
         server.stop()
     assert finished.index("two") <= 2, finished  # in arrival order it was last
