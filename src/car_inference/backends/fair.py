@@ -46,7 +46,7 @@ class FairTurns(Generic[Item]):
     def __init__(self) -> None:
         self._waiting: dict[str | None, deque[tuple[int, Item]]] = {}
         self._time: dict[str | None, float] = {}
-        self._now = 0.0  # virtual time of the turn that started last
+        self._now = 0.0  # the clock: where the last turn started (ended, if nobody waited then)
         self._seq = itertools.count()
 
     def __len__(self) -> int:
