@@ -28,6 +28,22 @@ from .helpers import finish_order
 WHISPER = "systran/faster-whisper-base"
 JOE = "piper/en_us-joe-medium"
 FOX = "The quick brown fox jumps over the lazy dog."
+# About 63 seconds spoken by the embedded voice: three of Whisper's 30-second windows.
+LONG_SPEECH = (
+    "Seven silver swans swam silently across the misty lake at dawn. A farmer in a red coat counted"
+    " his sheep twice before breakfast. The old clock in the hallway chimed eleven times although it"
+    " was noon. Children ran along the beach collecting shells of every colour. My neighbour bakes"
+    " bread on Sundays and shares it with the whole street. The train to the coast was late because"
+    " of snow on the line. She painted the kitchen door green and the windows a pale shade of blue."
+    " Two owls argued loudly in the oak tree behind the library. The museum opens at nine and closes"
+    " early on public holidays. We planted tomatoes, beans and a row of sunflowers by the fence. A"
+    " small boat carried letters and medicine to the island every Tuesday. The mechanic found a"
+    " loose wire under the seat of the bus. Thunder rolled over the hills while the dogs hid under"
+    " the table. He learned to play the violin from a teacher who lived next door. The bakery on the"
+    " corner sells warm pretzels until the afternoon. Rain fell all night and the river rose above"
+    " the old stone bridge. Our team won the match after a long and difficult second half. The"
+    " astronaut described the view of the earth as calm and bright."
+)
 # Not "jumps": Piper adds random noise, and about one rendering in 25 is heard as "jumped".
 FOX_WORDS = ("quick", "brown", "fox", "lazy", "dog")
 
@@ -125,11 +141,14 @@ async def test_silence_is_empty_text_and_speech_amid_silence_is_heard_whole(
 async def test_a_long_transcription_takes_turns_with_another_clients(
     backend: WhisperBackend, model: ModelSchema, ctx: BackendContext, fox_wav: Path, tmp_path: Path
 ) -> None:
-    """Client a's 40 seconds of speech take a turn of the model per 30-second window; client b's
+    """Client a's minute of speech takes a turn of the model per 30-second window; client b's
     one sentence, sent once a's has started, is transcribed before a's is done (in one turn it
-    waited for all of it)."""
+    waited for all of it). b's last turn (which finds its windows done) comes after a's second
+    window, so a needs a third for the order to say anything: at 40 s both ended together and
+    the order was a race (CI, stop 28). Sentences that differ: the same one repeated made
+    Whisper fall back to sampling again and again (16 s for a window)."""
     long = tmp_path / "long.wav"
-    speech = SynthesizeRequest(text=" ".join([FOX] * 14), output_path=str(long))
+    speech = SynthesizeRequest(text=LONG_SPEECH, output_path=str(long))
     await PiperBackend(ctx).synthesize(_builtin(JOE), speech)
     finished = await finish_order(
         lambda: ctx.cache.get(f"whisper:{model.id}"),
