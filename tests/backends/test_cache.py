@@ -6,9 +6,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from car_inference.backends.cache import ModelCache, read_records
+from car_inference.backends.cache import RECORD_EVERY_S, ModelCache, read_records
 
 
 def test_lru_eviction_keeps_within_budget() -> None:
@@ -119,10 +120,51 @@ def test_records_let_other_processes_see_what_is_loaded(tmp_path: Path) -> None:
     [seen] = read_records(folder)
     assert (seen.key, seen.pid, seen.estimated_mb, seen.busy) == ("gguf:m", os.getpid(), 3, False)
     with entry.lock:
-        assert read_records(folder)[0].busy
-    assert not read_records(folder)[0].busy
+        assert _soon(lambda: read_records(folder)[0].busy), "a use shows within RECORD_EVERY_S"
+    assert _soon(lambda: not read_records(folder)[0].busy)
     cache.invalidate("gguf:m")
     assert read_records(folder) == [] and not any(folder.iterdir())
+
+
+def _soon(check: Callable[[], bool], within_s: float = 5.0) -> bool:
+    """Whether ``check()`` holds within ``within_s`` (the record's writer thread writes uses)."""
+    deadline = time.monotonic() + within_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_burst_of_uses_is_written_once_and_ends_idle(tmp_path: Path) -> None:
+    """Each use flips a model busy and idle; 1,000 of them in a row are a handful of record writes
+    (one per RECORD_EVERY_S), not 2,000, and the last one written says idle."""
+    folder = tmp_path / "loaded"
+    cache = ModelCache(budget_mb=100, record_dir=folder)
+    entry = cache.get_or_load("gguf:m", 3, lambda: 1)
+    record = cache.record
+    assert record is not None and record.writes == 1, "a load is written at once"
+    start = time.monotonic()
+    for _ in range(1000):
+        with entry.lock:
+            pass
+    elapsed = time.monotonic() - start
+    assert _soon(lambda: record.writes >= 2)
+    time.sleep(3 * RECORD_EVERY_S)
+    assert record.writes <= 2 + elapsed / RECORD_EVERY_S
+    assert not read_records(folder)[0].busy
+
+
+def test_nothing_writes_a_closed_record(tmp_path: Path) -> None:
+    folder = tmp_path / "loaded"
+    cache = ModelCache(budget_mb=100, record_dir=folder)
+    entry = cache.get_or_load("gguf:m", 3, lambda: 1)
+    assert cache.record is not None
+    with entry.lock:
+        cache.record.close()  # what the process does at exit, a use still running
+    time.sleep(3 * RECORD_EVERY_S)
+    cache.get_or_load("gguf:n", 3, lambda: 2)
+    assert not any(folder.iterdir())
 
 
 def test_records_of_dead_processes_are_dropped(tmp_path: Path) -> None:

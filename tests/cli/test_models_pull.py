@@ -276,9 +276,12 @@ def test_ps_lists_models_loaded_in_process_by_other_engines(isolated_home: Path)
     assert row["model"] == "test/tiny" and row["runtime"] == "in-process" and row["kind"] == "gguf"
     assert row["pid"] == os.getpid() and row["state"] == "idle" and row["estimated_mb"] == 7
     assert row["measured_mb"] is None or row["measured_mb"] >= 60, "the 64 MB it allocated, when RSS saw it"
-    with entry.lock:
-        _, out, _ = car("models", "ps", "--json")
-        assert json.loads(out)[0]["state"] == "busy" and json.loads(out)[0]["idle_s"] == 0
+    with entry.lock:  # a use reaches the record within RECORD_EVERY_S
+        deadline = time.monotonic() + 5
+        while (row := json.loads(car("models", "ps", "--json")[1])[0])["state"] != "busy":
+            assert time.monotonic() < deadline, row
+            time.sleep(0.02)
+        assert row["idle_s"] == 0
     _, out, _ = car("models", "ps")
     assert "test/tiny" in out and "in-process (gguf)" in out and "0 running, 1 loaded in-process" in out
     cache.clear()
