@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 import subprocess
@@ -181,3 +182,29 @@ def test_records_of_dead_processes_are_dropped(tmp_path: Path) -> None:
         [sys.executable, "-c", script.replace("import os; os._exit(0)", "pass"), str(folder)], check=True
     )
     assert not any(folder.iterdir()), "a clean exit removes its own record"
+
+
+def test_closing_or_dropping_a_cache_removes_its_record(tmp_path: Path) -> None:
+    closed = ModelCache(budget_mb=100, record_dir=tmp_path / "closed")
+    closed.get_or_load("gguf:m", 3, lambda: 1)
+    closed.close()
+    assert not any((tmp_path / "closed").iterdir())
+    dropped = ModelCache(budget_mb=100, record_dir=tmp_path / "dropped")
+    entry = dropped.get_or_load("gguf:m", 3, lambda: 1)
+    with entry.lock:  # its record's writer thread runs for a while: it must not keep the cache
+        pass
+    del dropped, entry
+    gc.collect()
+    assert _soon(lambda: not any((tmp_path / "dropped").iterdir()))
+
+
+def test_two_caches_of_one_process_keep_records_of_their_own(tmp_path: Path) -> None:
+    """Two engines on one home in one process (``car models ps`` run in-process makes one): each
+    records its own models, and closing one leaves the other's (they shared loaded-<pid>.json)."""
+    folder = tmp_path / "loaded"
+    first, second = ModelCache(100, record_dir=folder), ModelCache(100, record_dir=folder)
+    first.get_or_load("gguf:a", 3, lambda: 1)
+    second.get_or_load("gguf:b", 3, lambda: 2)
+    assert sorted(r.key for r in read_records(folder)) == ["gguf:a", "gguf:b"]
+    second.close()
+    assert [r.key for r in read_records(folder)] == ["gguf:a"]

@@ -109,3 +109,16 @@ def test_register_endpoint_makes_a_model_for_base_url() -> None:
     schema = engine.register_endpoint("http://127.0.0.1:9999/v1", "my-model")
     assert schema.id == "endpoint/my-model" and schema.available
     assert engine.resolve("endpoint/my-model").source.base_url == "http://127.0.0.1:9999/v1"  # type: ignore[union-attr]
+
+
+async def test_a_closed_engine_takes_its_models_out_of_ps(tmp_path: Path) -> None:
+    """``car models ps`` in another process reads the engine's record of its loaded models: once
+    the engine is closed, it lists none of them (before, they stayed until the process ended)."""
+    from car_inference.backends.cache import read_records
+
+    engine = InferenceEngine(home=tmp_path / "home")
+    await engine.warm_up([SMOL])
+    folder = tmp_path / "home" / "loaded"
+    assert [r.key for r in read_records(folder)] == [f"gguf:{SMOL}"]
+    engine.close()
+    assert read_records(folder) == [] and not any(folder.iterdir())

@@ -11,7 +11,7 @@ their deltas and the first load of an engine also pays for importing its library
 while weights mmapped from a file count only once touched (that understates until then).
 
 Each entry knows when it was loaded and last used (a use ends when its lock is released), which
-``car models ps`` shows. A cache given a ``record_dir`` keeps ``loaded-<pid>.json`` there up to date
+``car models ps`` shows. A cache given a ``record_dir`` keeps ``loaded-<pid>-<n>.json`` there up to date
 and deletes it at exit, so ``car models ps`` in another process sees what a ``car serve`` has
 loaded; ``read_records`` skips records of dead processes. Loads and unloads are written at once;
 a model starting or stopping being used is written by a thread of the record's own at most every
@@ -21,9 +21,9 @@ ms, 5-10 % of a short embedding and more than a llama.cpp tokenize, twice per us
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
+import itertools
 import json
 import os
 import threading
@@ -42,6 +42,7 @@ __all__ = ["RECORD_EVERY_S", "CachedModel", "LoadedModel", "ModelCache", "UseLoc
 
 RECORD_EVERY_S = 0.2  # a use starting or ending reaches the record this late at most (plus a write)
 RECORD_IDLE_S = 10.0  # the record's writer thread ends after this long without a change
+_CACHES = itertools.count()  # names each cache's record in this process
 
 
 class UseLock(FairLock):
@@ -109,13 +110,11 @@ class ModelCache:
         self._guard = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
         self.evictions: list[str] = []
-        self.record = (
-            _Record(record_dir / f"loaded-{os.getpid()}.json", self.loaded)
-            if record_dir is not None
-            else None
-        )
-        if self.record is not None:
-            atexit.register(_drop_record, weakref.ref(self))
+        self.record: _Record | None = None
+        if record_dir is not None:
+            name = f"loaded-{os.getpid()}-{next(_CACHES)}.json"  # a process may have several engines
+            self.record = _Record(record_dir / name, weakref.WeakMethod(self.loaded))
+            weakref.finalize(self, self.record.close)  # collected, or the process exits
 
     def get(self, key: str) -> CachedModel | None:
         with self._guard:
@@ -174,6 +173,11 @@ class ModelCache:
             key, _ = self._entries.popitem(last=False)
             self.evictions.append(key)
 
+    def close(self) -> None:
+        """Remove the record (the engine is closed); what is loaded stays until it is dropped."""
+        if self.record is not None:
+            self.record.close()
+
     def invalidate(self, key: str) -> None:
         with self._guard:
             self._entries.pop(key, None)
@@ -194,12 +198,13 @@ class ModelCache:
 
 
 class _Record:
-    """``path``, the JSON record of what ``snapshot()`` says is loaded: written now (``write``, for
+    """``path``, the JSON record of what ``snapshot()()`` says is loaded (a weak method: the
+    cache's finalizer closes its record, which must not keep it alive): written now (``write``, for
     loads and unloads) or by a thread of its own within ``RECORD_EVERY_S`` (``soon``, for uses,
     which come in bursts: one write carries all of a burst's). Writes take turns, each of the state
     when it starts, so the last one written is the newest; none after ``close``."""
 
-    def __init__(self, path: Path, snapshot: Callable[[], list[LoadedModel]]) -> None:
+    def __init__(self, path: Path, snapshot: Callable[[], Callable[[], list[LoadedModel]] | None]) -> None:
         self.path = path
         self._snapshot = snapshot
         self._writing = threading.Lock()
@@ -214,12 +219,13 @@ class _Record:
             if self._closed:
                 return
             self.writes += 1
-            models = [vars(m) for m in self._snapshot()]
+            snapshot = self._snapshot()
+            models = [vars(m) for m in snapshot()] if snapshot is not None else []
             if not models:
                 self.path.unlink(missing_ok=True)
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{id(self)}.tmp")  # two engines of one process, one home
+            tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps({"pid": os.getpid(), "models": models}))
             tmp.replace(self.path)
 
@@ -248,12 +254,6 @@ class _Record:
         with self._writing, contextlib.suppress(OSError):
             self._closed = True
             self.path.unlink(missing_ok=True)
-
-
-def _drop_record(ref: weakref.ref[ModelCache]) -> None:
-    cache = ref()
-    if cache is not None and cache.record is not None:
-        cache.record.close()
 
 
 def read_records(record_dir: Path) -> list[LoadedModel]:

@@ -118,11 +118,13 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.bookkeeper.flush()
 
     def close(self) -> None:
-        """Write pending records and key statistics and close the outcome store."""
+        """Write pending records and key statistics, close the outcome store, and take this
+        engine's loaded models out of ``car models ps``."""
         self.bookkeeper.close()
         self.keys.flush()
         self.store.close()
         self.runtimes.close()
+        self.cache.close()
         self.breakers.close()
         if self.fleet is not None:
             self.fleet.close()
