@@ -8,6 +8,7 @@ Rows (targets from issue 3):
   prefill tokens/s     ours / raw llama-cpp-python          target >= 0.95
   TTFT overhead        ours - raw (ms)                      target <= 5 ms
   embeddings/s         ours / raw SentenceTransformer       target >= 0.95 (1,000 sentences)
+  embedding latency    ours - raw, one short text through InferenceEngine (no target)
   rerank               one-pass / generate 3 tokens per doc target >= 3x faster, same order
 
 Same GGUF file, same thread count and context size on both sides. Runs alternate between the two,
@@ -218,6 +219,47 @@ def bench_embeddings(reps: int) -> list[list[str]]:
     return [row("embeddings (1,000 sentences)", o, r, "texts/s", f"{o / r:.3f}", ">= 0.95")]
 
 
+def bench_embed_one(reps: int, calls: int = 100) -> list[list[str]]:
+    """One short text per request through ``InferenceEngine.embed`` as a server runs it (routing,
+    the model's fair turns, its ``car models ps`` record), against the raw model's ``encode`` on
+    the same thread: the median of ``calls`` requests per run, the best run."""
+    import statistics
+    import tempfile
+
+    from sentence_transformers import SentenceTransformer
+
+    from car_inference.engine import InferenceEngine
+
+    model = next(m for m in load_builtin().models if m.id == MINILM)
+    raw = SentenceTransformer(str(local_path(model)), device="cpu", local_files_only=True)
+    engine = InferenceEngine(home=Path(tempfile.mkdtemp(prefix="car-bench-")))
+    loop = asyncio.new_event_loop()
+    request = EmbedRequest(texts=["What is the capital of France?"], model=MINILM)
+
+    def ours() -> None:
+        loop.run_until_complete(engine.embed(request))
+
+    def theirs() -> None:
+        TORCH_THREAD.submit(
+            raw.encode,
+            request.texts,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        ).result()
+
+    ours()
+    theirs()
+    t_ours, t_raw = [], []
+    for _ in range(reps):
+        t_raw.append(statistics.median(_time(theirs) for _ in range(calls)))
+        t_ours.append(statistics.median(_time(ours) for _ in range(calls)))
+    loop.close()
+    engine.close()
+    o, r = best(t_ours) * 1000, best(t_raw) * 1000
+    return [row("embedding, one short text (engine)", o, r, "ms", f"{o - r:+.2f} ms", "")]
+
+
 def _time(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -303,6 +345,7 @@ def main() -> None:
     print(f"threads={THREADS} n_ctx={N_CTX} reps={args.reps} python={sys.version.split()[0]}", flush=True)
     rows = bench_generation(args.reps, args.decode_tokens, args.prompt_tokens)
     rows += bench_embeddings(args.reps)
+    rows += bench_embed_one(args.reps)
     rerank_rows, note = bench_rerank(args.reps)
     rows += rerank_rows
     header = ["measure", "car-inference", "raw library", "ratio", "target"]
