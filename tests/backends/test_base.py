@@ -1,16 +1,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from car_inference.backends.base import (
+    PAUSE,
     TASK_PROTOCOLS,
     class_tasks,
     iterate_in_thread,
@@ -19,6 +21,7 @@ from car_inference.backends.base import (
     run_blocking,
     until_stopped,
 )
+from car_inference.backends.fair import CLIENT, FairExecutor
 from car_inference.errors import InferenceFailed
 from car_inference.requests import RerankRequest
 from car_inference.schema import TASK_CAPABILITIES, ModelCapability
@@ -64,6 +67,51 @@ async def test_a_consumer_that_stops_reading_stops_the_producer() -> None:
     count = len(produced)
     await asyncio.sleep(0.05)
     assert len(produced) == count, "nothing is produced after the consumer left"
+
+
+def _submit_as(executor: FairExecutor, client: str, fn: Callable[[], object]) -> None:
+    context = contextvars.copy_context()
+    context.run(CLIENT.set, client)
+    context.run(executor.submit, fn)
+
+
+async def test_an_iterator_that_pauses_lets_other_clients_work_run_then_goes_on() -> None:
+    """``PAUSE`` gives the thread up: the work another client queued meanwhile runs, then the
+    rest of the iterator, on the same thread; the consumer never sees ``PAUSE``."""
+    executor, order = FairExecutor("paused"), []
+
+    def paused(_: threading.Event) -> Iterator[object]:
+        yield 1
+        _submit_as(executor, "b", lambda: order.append(("b", threading.current_thread().name)))
+        yield PAUSE
+        order.append(("a", threading.current_thread().name))
+        yield 2
+
+    CLIENT.set("a")
+    assert [n async for n in iterate_in_thread(paused, executor)] == [1, 2]
+    assert [who for who, _ in order] == ["b", "a"] and len({thread for _, thread in order}) == 1
+
+
+async def test_a_paused_iterator_given_up_is_closed_without_going_on() -> None:
+    executor, gate, steps = FairExecutor("given-up"), threading.Event(), []
+
+    def paused(_: threading.Event) -> Iterator[object]:
+        try:
+            yield 1
+            _submit_as(executor, "b", lambda: gate.wait(10))  # holds the thread until let go
+            yield PAUSE
+            steps.append("went on")
+            yield 2
+        finally:
+            steps.append("closed")
+
+    CLIENT.set("a")
+    async for item in iterate_in_thread(paused, executor):
+        assert item == 1
+        break  # the consumer leaves while the rest waits behind b's work
+    gate.set()
+    await asyncio.get_running_loop().run_in_executor(None, executor.submit(lambda: None).result, 10)
+    assert steps == ["closed"]
 
 
 async def test_work_runs_on_the_executor_given() -> None:

@@ -95,6 +95,45 @@ def test_a_waiter_can_be_taken_back_and_idle_clients_are_forgotten() -> None:
     assert len(turns._time) < 100
 
 
+def test_work_that_resumes_goes_before_its_clients_later_work() -> None:
+    """A paused piece of work continues before what its client queued after it, and says whether
+    another client waits (what a long generation asks between its steps)."""
+    turns: FairTurns[str] = FairTurns()
+    assert not turns.others_wait("a")
+    turns.add("a", "a-next")
+    assert not turns.others_wait("a") and turns.others_wait("b") and turns.others_wait(None)
+    turns.add("a", "a-rest", first=True)
+    turns.add("b", "b0")
+    assert turns.others_wait("a")
+    assert [turns.pop(), turns.pop(), turns.pop()] == [("a", "a-rest"), ("a", "a-next"), ("b", "b0")]
+
+
+def test_the_executor_resumes_paused_work_first_and_says_who_waits() -> None:
+    pool = FairExecutor("test-resume")
+    started, release, order, seen = threading.Event(), threading.Event(), [], []
+
+    def first() -> None:
+        started.set()
+        release.wait(5)
+        seen.append(pool.others_waiting())  # a's own later work does not count; b's does
+        order.append("a0")
+        pool.resume(order.append, "a0-rest")
+
+    try:
+        submit_as(pool, "a", as_client("a", first))  # as iterate_in_thread runs it: in a's context
+        assert started.wait(5)
+        submit_as(pool, "a", lambda: order.append("a1"))
+        as_client("a", lambda: seen.append(pool.others_waiting()))()
+        submit_as(pool, "b", lambda: order.append("b0"))
+        release.set()
+        submit_as(pool, "b", lambda: None).result(5)
+        submit_as(pool, "a", lambda: None).result(5)
+    finally:
+        pool.shutdown()
+    assert seen == [False, True]
+    assert order == ["a0", "b0", "a0-rest", "a1"]
+
+
 def test_the_executor_runs_one_clients_backlog_after_anothers_next_turn() -> None:
     """Client a queues four pieces of work behind one in progress; b's one piece runs next, not
     fifth. Each client's own work keeps its order. One thread runs everything."""

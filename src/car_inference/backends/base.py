@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from .cache import ModelCache
 
 __all__ = [
+    "PAUSE",
     "TASK_PROTOCOLS",
     "Backend",
     "BackendContext",
@@ -298,7 +299,7 @@ _END = object()
 _MODEL_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="car-model")
 
 
-def openmp_thread(name: str) -> Executor:
+def openmp_thread(name: str) -> FairExecutor:
     """One thread for all of a native library's compute calls in this process (``run_blocking``
     and ``iterate_in_thread`` take it as their executor). llama.cpp and torch parallelise each step
     with OpenMP, and libgomp keeps a pool of threads per *calling* thread; once the process holds
@@ -359,6 +360,11 @@ def ranked_result(request: RerankRequest, scores: list[float], model_id: str, me
     return RerankResult(ranked=docs, model_used=model_id, method=method)
 
 
+# What an iterator run by ``iterate_in_thread`` yields to give its thread to waiting work: the
+# rest of it is queued again (``FairExecutor.resume``) and continues at its next turn.
+PAUSE: Any = object()
+
+
 async def iterate_in_thread(
     make_iterator: Callable[[threading.Event], Iterator[T]], executor: Executor | None = None
 ) -> AsyncGenerator[T, None]:
@@ -367,31 +373,50 @@ async def iterate_in_thread(
 
     The iterator gets a ``threading.Event`` that is set when the consumer stops reading (breaks
     out, is cancelled, or closes the generator); it must check it between items and return, so a
-    stream nobody reads stops generating. Exceptions raised in the thread re-raise here.
+    stream nobody reads stops generating. Exceptions raised in the thread re-raise here. When it
+    yields ``PAUSE`` (having let go of what it holds), its thread is given up and the rest runs
+    later as new work of the same caller, first among that caller's (another client's turn).
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
     cancelled = threading.Event()
+    pool = executor or _MODEL_THREADS
+    context = contextvars.copy_context()
+    resume = getattr(pool, "resume", pool.submit)
 
     def put(item: Any) -> None:
         with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-    def produce() -> None:
-        if cancelled.is_set():  # given up while it waited for a thread: start nothing
+    def produce(items: Iterator[T] | None = None) -> None:
+        if cancelled.is_set() and items is None:  # given up while it waited for a thread: start nothing
             put(_END)
             return
+        ended = True
         try:
-            for item in make_iterator(cancelled):
+            if items is None:
+                items = make_iterator(cancelled)
+            elif cancelled.is_set():  # paused, then given up: closed below, without going on
+                return
+            for item in items:
                 if cancelled.is_set():
                     break
+                if item is PAUSE:
+                    resume(context.run, produce, items)
+                    ended = False
+                    return
                 put(item)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             put(_Failure(exc))
         finally:
-            put(_END)
+            if ended:
+                if items is not None:
+                    close = getattr(items, "close", None)
+                    if close is not None:
+                        close()
+                put(_END)
 
-    worker = loop.run_in_executor(executor or _MODEL_THREADS, contextvars.copy_context().run, produce)
+    worker = loop.run_in_executor(pool, context.run, produce)
     try:
         while True:
             item = await queue.get()

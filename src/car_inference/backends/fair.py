@@ -52,12 +52,21 @@ class FairTurns(Generic[Item]):
     def __len__(self) -> int:
         return sum(len(q) for q in self._waiting.values())
 
-    def add(self, client: str | None, item: Item) -> None:
+    def add(self, client: str | None, item: Item, *, first: bool = False) -> None:
+        """Queue ``item`` for ``client``, after its other waiting work or, when ``first`` (work
+        that was paused to let others go and continues now), before it."""
         queue = self._waiting.get(client)
         if queue is None:
             queue = self._waiting[client] = deque()
             self._time[client] = max(self._time.get(client, 0.0), self._now)
-        queue.append((next(self._seq), item))
+        if first and queue:
+            queue.appendleft((queue[0][0] - 1, item))
+        else:
+            queue.append((next(self._seq), item))
+
+    def others_wait(self, client: str | None) -> bool:
+        """Whether work of a client other than ``client`` is waiting."""
+        return len(self._waiting) > (client in self._waiting)
 
     def pop(self) -> tuple[str | None, Item] | None:
         """The next turn: (client, item), or None when nobody waits."""
@@ -110,11 +119,27 @@ class FairExecutor(Executor):
         self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._submit(fn, args, kwargs, first=False)
+
+    def resume(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        """``submit`` for the rest of work that paused (``others_waiting``): it goes before the
+        same client's other waiting work, which came after it."""
+        return self._submit(fn, args, {}, first=True)
+
+    def others_waiting(self) -> bool:
+        """Whether another client's work waits for this thread (the caller's client: ``CLIENT``):
+        long work asks between its steps, and pauses (``iterate_in_thread``'s ``PAUSE``)."""
+        with self._lock:
+            return self._turns.others_wait(CLIENT.get())
+
+    def _submit(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], *, first: bool
+    ) -> Future[Any]:
         future: Future[Any] = Future()
         work = (future, lambda: fn(*args, **kwargs))
         client = CLIENT.get()
         with self._lock:
-            self._turns.add(client, work)
+            self._turns.add(client, work, first=first)
             try:
                 self._inner.submit(self._dispatch)
             except RuntimeError:  # shut down: nothing will run it
