@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from car_inference.backends.chat_template import (
+    StopMatcher,
     TagSplitter,
     chat_messages,
     parse_tool_call_block,
@@ -99,3 +100,14 @@ def test_parse_tool_call_block() -> None:
     assert parse_tool_call_block('{"name": "f", "arguments": "{}"}') == ("f", "{}")
     assert parse_tool_call_block("not json") is None
     assert parse_tool_call_block('{"arguments": {}}') is None
+
+
+def test_stop_strings_are_found_across_pieces_and_held_back_until_decided() -> None:
+    stops = StopMatcher(["###", "", "END"])
+    assert stops.feed("Hello #") == ("Hello ", False)  # "#" may begin "###"
+    assert stops.feed("# x") == ("## x", False)  # it did not
+    assert stops.feed(" E") == (" ", False)
+    assert stops.feed("ND and more") == ("", True)
+    assert StopMatcher([]).feed("E") == ("E", False)
+    tail = StopMatcher(["END"])
+    assert tail.feed("the EN") == ("the ", False) and tail.flush() == "EN"

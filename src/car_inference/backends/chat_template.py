@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from ..errors import UnsupportedMode
 from ..requests import GenerateRequest, Message, ThinkingMode
 
-__all__ = ["TagSplitter", "chat_messages", "render_chat"]
+__all__ = ["StopMatcher", "TagSplitter", "chat_messages", "render_chat"]
 
 CHATML = (
     "{% for message in messages %}"
@@ -206,3 +206,33 @@ def parse_tool_call_block(block: str) -> tuple[str, str] | None:
         return None
     args = data.get("arguments", data.get("parameters", {}))
     return data["name"], args if isinstance(args, str) else json.dumps(args)
+
+
+class StopMatcher:
+    """Finds stop strings across token boundaries, holding back text that may begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
+        if hits:
+            pos = min(h[0] for h in hits)
+            out, self.pending = self.pending[:pos], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out

@@ -4,7 +4,8 @@ one-pass yes/no reranking and likelihood classification.
 Every call holds the loaded instance's lock in a worker thread; the event loop never blocks.
 Generation runs our own token loop over ``Llama.generate`` (the same sampler chain
 ``create_completion`` uses) so that we count tokens exactly, stop at a token boundary when the
-consumer goes away, and split ``<think>``/``<tool_call>`` blocks as they stream.
+consumer goes away, split ``<think>``/``<tool_call>`` blocks as they stream, and pause between
+tokens (or prompt batches) for another client's waiting work (``llama_turns``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from threading import Event
 from typing import Any, TypeVar
@@ -52,6 +53,7 @@ from ..stream import (
 )
 from . import ggml_cpu
 from .base import (
+    PAUSE,
     BackendContext,
     GenerationOutput,
     iterate_in_thread,
@@ -61,7 +63,8 @@ from .base import (
     run_stoppable,
 )
 from .cache import CachedModel
-from .chat_template import TagSplitter, chat_messages, parse_tool_call_block, render_chat
+from .chat_template import StopMatcher, TagSplitter, chat_messages, parse_tool_call_block, render_chat
+from .llama_turns import Turns, resumable
 from .prompts import DEFAULT_RERANK_INSTRUCTION, classify_prompt, rerank_prompt
 from .vision import chat_handler, has_images, mmproj_path, run_vision
 
@@ -144,16 +147,18 @@ class LoadedGguf:
         takes seconds to read (8K tokens: a minute under load on 2 cores), and a caller that went
         away held the model through all of it. Unless ``whole``, the last batch is left for
         ``generate`` to evaluate, as one call would: the same batches, the same logits."""
+        return all(not stop.is_set() for _ in self.prefill_steps(tokens, whole=whole))
+
+    def prefill_steps(self, tokens: list[int], *, whole: bool = False) -> Iterator[None]:
+        """``prefill``, yielding before each batch (to check a stop, or to pause)."""
         llm = self.llm
         start = self.cached(tokens)
         step = llm.n_batch
         end = len(tokens) if whole else start + (len(tokens) - 1 - start) // step * step
         llm.n_tokens = start  # eval() drops the KV cache beyond this point
         for i in range(start, end, step):
-            if stop.is_set():
-                return False
+            yield
             llm.eval(tokens[i : min(i + step, end)])
-        return True
 
     def last_logits(self, tokens: list[int], stop: Event | None = None) -> Any:
         """Logits after ``tokens``, reusing the KV cache for the prefix already evaluated;
@@ -335,7 +340,7 @@ class LlamaCppBackend:
                 # Requests that ask for reproducibility get a full prefill; others reuse the prefix.
                 llm.reset()
             splitter = TagSplitter({"think", "tool_call"} if request.tools else {"think"})
-            stops = _StopMatcher(params.stop)
+            stops = StopMatcher(params.stop)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             acc = StreamAccumulator()
             tool_index = 0
@@ -349,29 +354,40 @@ class LlamaCppBackend:
                         yield event
                     tool_index += kind == "tool_call"
 
-            if not loaded.prefill(tokens, cancelled):
-                return  # the caller went away while the prompt was read
-            gen = llm.generate(
-                tokens,
-                top_k=params.top_k if params.top_k is not None else 40,
-                top_p=params.top_p,
-                min_p=0.05,
-                temp=params.temperature,
-                repeat_penalty=params.repeat_penalty,
-                grammar=self._grammar(request, llm),
+            grammar = self._grammar(request, llm)
+            turns = Turns(
+                llm, entry.lock, LLAMA_THREAD.others_waiting, allowed=resumable(llm, seed=params.seed)
             )
+            for _ in loaded.prefill_steps(tokens):
+                if cancelled.is_set():
+                    return  # the caller went away while the prompt was read
+                if turns.due():
+                    yield from turns.pause()
+
+            def start(ids: list[int]) -> Generator[int, Any, None]:
+                return llm.generate(
+                    ids,
+                    top_k=params.top_k if params.top_k is not None else 40,
+                    top_p=params.top_p,
+                    min_p=0.05,
+                    temp=params.temperature,
+                    repeat_penalty=params.repeat_penalty,
+                    grammar=grammar,
+                )
+
             stopped = False
-            try:
-                for token in gen:
-                    if cancelled.is_set() or loaded.is_eog(token):
+            with contextlib.closing(turns.tokens(start, tokens)) as generation:
+                for token in generation:
+                    if token is PAUSE:
+                        yield token
+                    elif cancelled.is_set() or loaded.is_eog(token):
                         break
-                    generated += 1
-                    text, stopped = stops.feed(decoder.decode(llm.detokenize([token])))
-                    yield from events(splitter.feed(text))
-                    if stopped or generated >= max_tokens:
-                        break
-            finally:
-                gen.close()
+                    else:
+                        generated += 1
+                        text, stopped = stops.feed(decoder.decode(llm.detokenize([token])))
+                        yield from events(splitter.feed(text))
+                        if stopped or generated >= max_tokens:
+                            break
             tail = decoder.decode(b"", final=True) + ("" if stopped else stops.flush())
             yield from events(splitter.feed(tail) + splitter.flush())
         usage = TokenUsage(
@@ -557,33 +573,3 @@ def _exp(x: Any) -> Any:
 def _logsumexp(values: list[float]) -> float:
     m = max(values)
     return m + math.log(sum(math.exp(v - m) for v in values))
-
-
-class _StopMatcher:
-    """Finds stop strings across token boundaries, holding back text that may begin one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
-        if hits:
-            pos = min(h[0] for h in hits)
-            out, self.pending = self.pending[:pos], ""
-            return out, True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
-        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
