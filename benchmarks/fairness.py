@@ -5,15 +5,18 @@
 Client A (one API key) sends ``--backlog`` chats of 128 tokens at once to SmolLM2 (llama.cpp, one
 generation at a time); 0.3 s later client B (another key) sends one chat of 16 tokens. Printed: B's
 latency alone, and with A's backlog in arrival order (the model thread a plain single-thread pool,
-as before ``backends.fair``) and in fair turns (``FairExecutor``), alternating in one run, with
-min / median / max over the repetitions and the ratio to B alone. In arrival order B waits for
-all of A's chats; in fair turns for the one in progress.
+as before ``backends.fair``), in fair turns with each generation one turn (``FairExecutor``, as
+before ``backends.llama_turns``), and in fair turns where a generation pauses for waiting work,
+alternating in one run, with min / median / max over the repetitions and the ratio to B alone.
+In arrival order B waits for all of A's chats; in fair turns for the one in progress; with
+pauses, for at most a turn of it (``llama_turns.TURN_S``, more once switching costs more).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import statistics
 import time
@@ -24,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from car_inference.backends import llamacpp
+from car_inference.backends import llama_turns, llamacpp
 from car_inference.backends.fair import FairExecutor
 from car_inference.config import ServerSettings
 from car_inference.engine import InferenceEngine
@@ -34,6 +37,13 @@ from car_inference.server.run import ServerThread
 SMOL = "huggingface/smollm2-135m-instruct:q4_1"
 KEYS = ["client-a", "client-b"]
 STORY: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Write a long story about a dragon."}]
+
+
+class ArrivalOrder(ThreadPoolExecutor):
+    """The model thread before fair turns: work in the order it came."""
+
+    def others_waiting(self) -> bool:
+        return False
 
 
 async def chat(url: str, key: str, tokens: int) -> float:
@@ -62,9 +72,10 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=8)
     args = parser.parse_args()
     engine = InferenceEngine()
-    modes: dict[str, Executor] = {
-        "arrival order": ThreadPoolExecutor(max_workers=1, thread_name_prefix="car-llama-fifo"),
-        "fair turns": FairExecutor("car-llama-fair"),
+    modes: dict[str, tuple[Executor, float]] = {  # the model thread, llama_turns.TURN_S
+        "arrival order": (ArrivalOrder(max_workers=1, thread_name_prefix="car-llama-fifo"), math.inf),
+        "fair turns, a generation one turn": (FairExecutor("car-llama-fair"), math.inf),
+        "fair turns, generations pause": (FairExecutor("car-llama-pause"), llama_turns.TURN_S),
     }
     try:
         with ServerThread(create_app(engine, ServerSettings(api_keys=KEYS))) as server:
@@ -72,8 +83,8 @@ def main() -> None:
             alone = [asyncio.run(chat(server.url, KEYS[1], 16)) for _ in range(args.reps)]
             waits: dict[str, list[float]] = {name: [] for name in modes}
             for _ in range(args.reps):
-                for name, executor in modes.items():
-                    llamacpp.LLAMA_THREAD = executor
+                for name, (executor, turn_s) in modes.items():
+                    llamacpp.LLAMA_THREAD, llama_turns.TURN_S = executor, turn_s  # type: ignore[assignment]
                     waits[name].append(asyncio.run(trial(server.url, args.backlog)))
     finally:
         engine.close()
