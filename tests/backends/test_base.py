@@ -92,6 +92,23 @@ async def test_an_iterator_that_pauses_lets_other_clients_work_run_then_goes_on(
     assert [who for who, _ in order] == ["b", "a"] and len({thread for _, thread in order}) == 1
 
 
+async def test_an_iterator_can_pause_on_a_pool_of_several_threads() -> None:
+    """The rest of a paused iterator may start on another thread of the pool before the first
+    part has returned: it runs in a context of its own (one context cannot be entered twice)."""
+    pool = ThreadPoolExecutor(max_workers=4)
+
+    def paused(_: threading.Event) -> Iterator[object]:
+        for i in range(20):
+            yield i
+            yield PAUSE
+
+    try:
+        for _ in range(10):
+            assert [n async for n in iterate_in_thread(paused, pool)] == list(range(20))
+    finally:
+        pool.shutdown()
+
+
 async def test_a_paused_iterator_given_up_is_closed_without_going_on() -> None:
     executor, gate, steps = FairExecutor("given-up"), threading.Event(), []
 
@@ -106,9 +123,9 @@ async def test_a_paused_iterator_given_up_is_closed_without_going_on() -> None:
             steps.append("closed")
 
     CLIENT.set("a")
-    async for item in iterate_in_thread(paused, executor):
-        assert item == 1
-        break  # the consumer leaves while the rest waits behind b's work
+    items = iterate_in_thread(paused, executor)
+    assert await anext(items) == 1
+    await items.aclose()  # the consumer leaves while the rest waits behind b's work
     gate.set()
     await asyncio.get_running_loop().run_in_executor(None, executor.submit(lambda: None).result, 10)
     assert steps == ["closed"]

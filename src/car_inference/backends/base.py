@@ -401,8 +401,8 @@ async def iterate_in_thread(
             for item in items:
                 if cancelled.is_set():
                     break
-                if item is PAUSE:
-                    resume(context.run, produce, items)
+                if item is PAUSE:  # in a copy: a pool of several threads may start it before we return
+                    resume(contextvars.copy_context().run, produce, items)
                     ended = False
                     return
                 put(item)
