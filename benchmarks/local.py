@@ -197,23 +197,7 @@ def bench_embeddings(reps: int) -> list[list[str]]:
     def ours() -> None:
         loop.run_until_complete(backend.embed(model, request))
 
-    def theirs() -> None:
-        # On the thread our backend runs torch on, as for llama.cpp (sentence.TORCH_THREAD).
-        TORCH_THREAD.submit(
-            raw.encode,
-            sentences,
-            batch_size=32,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        ).result()
-
-    ours()
-    theirs()
-    t_ours, t_raw = [], []
-    for _ in range(reps):
-        t_raw.append(_time(theirs))
-        t_ours.append(_time(ours))
+    t_ours, t_raw = _alternate(reps, ours, lambda: _raw_encode(raw, sentences, batch_size=32))
     loop.close()
     o, r = 1000 / best(t_ours), 1000 / best(t_raw)
     return [row("embeddings (1,000 sentences)", o, r, "texts/s", f"{o / r:.3f}", ">= 0.95")]
@@ -239,25 +223,39 @@ def bench_embed_one(reps: int, calls: int = 100) -> list[list[str]]:
     def ours() -> None:
         loop.run_until_complete(engine.embed(request))
 
-    def theirs() -> None:
-        TORCH_THREAD.submit(
-            raw.encode,
-            request.texts,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        ).result()
+    def median_of_calls(fn: Callable[[], Any]) -> float:
+        return statistics.median(_time(fn) for _ in range(calls))
 
-    ours()
-    theirs()
-    t_ours, t_raw = [], []
-    for _ in range(reps):
-        t_raw.append(statistics.median(_time(theirs) for _ in range(calls)))
-        t_ours.append(statistics.median(_time(ours) for _ in range(calls)))
+    t_ours, t_raw = _alternate(reps, ours, lambda: _raw_encode(raw, request.texts), median_of_calls)
     loop.close()
     engine.close()
     o, r = best(t_ours) * 1000, best(t_raw) * 1000
     return [row("embedding, one short text (engine)", o, r, "ms", f"{o - r:+.2f} ms", "")]
+
+
+def _raw_encode(raw: Any, texts: list[str], **kw: Any) -> None:
+    """The raw model's ``encode`` on the thread our backend runs torch on (sentence.TORCH_THREAD),
+    as for llama.cpp."""
+    TORCH_THREAD.submit(
+        raw.encode, texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False, **kw
+    ).result()
+
+
+def _alternate(
+    reps: int,
+    ours: Callable[[], Any],
+    theirs: Callable[[], Any],
+    measure: Callable[[Callable[[], Any]], float] | None = None,
+) -> tuple[list[float], list[float]]:
+    """Both warmed once, then ``reps`` runs of each, alternating: (ours, theirs) times."""
+    measure = measure or _time
+    ours()
+    theirs()
+    t_ours, t_raw = [], []
+    for _ in range(reps):
+        t_raw.append(measure(theirs))
+        t_ours.append(measure(ours))
+    return t_ours, t_raw
 
 
 def _time(fn: Callable[[], Any]) -> float:
