@@ -87,7 +87,6 @@ class Turns:
         self.llm, self.lock, self.others_waiting, self.allowed = llm, lock, others_waiting, allowed
         self.started = time.perf_counter()
         self.switch_s = 0.0
-        self.pauses = 0
         self._saved: SavedState | None = None
 
     def due(self) -> bool:
@@ -108,7 +107,6 @@ class Turns:
         start = time.perf_counter()
         restore(self.llm, state)
         self.switch_s = spent + time.perf_counter() - start
-        self.pauses += 1
         self.started = time.perf_counter()
 
     def tokens(
