@@ -190,6 +190,35 @@ def _is_timeout(exc: ProviderError) -> bool:
 RetryHint = Callable[[BaseException], "float | None"]
 
 
+# Exceptions described by their class alone, in order (a subclass before its base): (class, status,
+# type, code, param). ``_LAST`` is tried after the provider errors, whose classes they include.
+_TABLE: tuple[tuple[type[BaseException], int, str, str, str | None], ...] = (
+    (TraceNotFound, 404, "invalid_request_error", "trace_not_found", "trace_id"),
+    (ModelUnavailable, 503, "server_error", "model_unavailable", "model"),
+    (UnsupportedMode, 400, "invalid_request_error", "unsupported_mode", None),
+    (InvalidInput, 400, "invalid_request_error", "invalid_input", None),
+    (TokenizationError, 400, "invalid_request_error", "tokenization_error", None),
+    (SpendLimitExceeded, 402, "insufficient_quota", "spend_limit_exceeded", None),
+    (DeviceError, 503, "server_error", "device_unavailable", None),
+)
+_LAST: tuple[tuple[type[BaseException], int, str, str, str | None], ...] = (
+    (DownloadFailed, 502, "upstream_error", "download_failed", None),
+    (ConfigError, 500, "server_error", "configuration_error", None),
+    (InferenceError, 500, "server_error", "inference_failed", None),
+)
+
+
+def _simple(
+    exc: BaseException,
+    name: str,
+    table: tuple[tuple[type[BaseException], int, str, str, str | None], ...] = _TABLE,
+) -> ErrorInfo | None:
+    for cls, status, kind, code, param in table:
+        if isinstance(exc, cls):
+            return ErrorInfo(status, kind, code, str(exc), param, name)
+    return None
+
+
 def describe(
     exc: BaseException,
     *,
@@ -224,25 +253,14 @@ def describe(
             404, "invalid_request_error", "model_not_found", message, "model", name,
             extra={"suggestions": exc.suggestions},
         )  # fmt: skip
-    if isinstance(exc, TraceNotFound):
-        return ErrorInfo(404, "invalid_request_error", "trace_not_found", str(exc), "trace_id", name)
-    if isinstance(exc, ModelUnavailable):
-        return ErrorInfo(503, "server_error", "model_unavailable", str(exc), "model", name, retryable=False)
-    if isinstance(exc, UnsupportedMode):
-        return ErrorInfo(400, "invalid_request_error", "unsupported_mode", str(exc), None, name)
-    if isinstance(exc, InvalidInput):
-        return ErrorInfo(400, "invalid_request_error", "invalid_input", str(exc), None, name)
-    if isinstance(exc, TokenizationError):
-        return ErrorInfo(400, "invalid_request_error", "tokenization_error", str(exc), None, name)
-    if isinstance(exc, SpendLimitExceeded):
-        return ErrorInfo(402, "insufficient_quota", "spend_limit_exceeded", str(exc), None, name)
+    simple = _simple(exc, name)
+    if simple is not None:
+        return simple
     if isinstance(exc, CircuitOpen):
         retry = getattr(exc, "retry_after", None)
         if retry is None and retry_hint is not None:
             retry = retry_hint(exc)
         return ErrorInfo(503, "server_error", "circuit_open", str(exc), None, name, True, retry)
-    if isinstance(exc, DeviceError):
-        return ErrorInfo(503, "server_error", "device_unavailable", str(exc), None, name)
     if isinstance(exc, ProviderError) and exc.status in _INPUT_REFUSED:
         # The provider refused what the client sent (a bad tool schema, ...): the client's to fix.
         return ErrorInfo(
@@ -262,12 +280,9 @@ def describe(
             502, "upstream_error", "all_models_failed", str(exc), None, name, retryable,
             extra={"attempts": attempts},
         )  # fmt: skip
-    if isinstance(exc, DownloadFailed):
-        return ErrorInfo(502, "upstream_error", "download_failed", str(exc), None, name)
-    if isinstance(exc, ConfigError):
-        return ErrorInfo(500, "server_error", "configuration_error", str(exc), None, name)
-    if isinstance(exc, InferenceError):
-        return ErrorInfo(500, "server_error", "inference_failed", str(exc), None, name)
+    simple = _simple(exc, name, _LAST)
+    if simple is not None:
+        return simple
     if isinstance(exc, TimeoutError):
         message = "the request did not finish in time"
         if timeout_s:
