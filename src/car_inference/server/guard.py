@@ -196,55 +196,12 @@ class Guard:
             if path in self.routes
             else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         )
+        admitted = await self._admit(scope, receive, send, route)
+        if admitted is None:
+            return
+        receive, client, slot = admitted
         metrics = self.state.metrics
-        headers = scope["headers"]
-        if self.keys and not authorized(headers, self.keys):
-            error = ApiError(
-                401,
-                "missing or invalid API key: send `Authorization: Bearer <key>` with a key of this server",
-                type="authentication_error",
-                code="invalid_api_key",
-            )
-            status = await self._refuse(send, error, {"www-authenticate": "Bearer"})
-            metrics.request(route, None, status)
-            return
-        if scope["method"] not in _BODILESS:
-            # The whole body is read before the request takes a concurrency slot, under
-            # server.body_timeout_s: a client that stalls mid-body holds no slot, and is answered.
-            try:
-                receive = await self._body(receive, headers)
-            except _Refused as refused:
-                status = await self._refuse(send, refused.error, {"connection": "close"})
-                metrics.request(route, None, status)
-                return
-            except _Gone:
-                return
-        # Only requests that write records are shed (reads, polls and deletes write none).
-        writes = scope["method"] not in _BODILESS
-        behind = self.state.behind_error() if writes else None
-        if behind is not None:
-            metrics.request(route, None, await self._refuse(send, behind))
-            return
         limiter = self.state.limiter
-        client = client_of(scope, bool(self.keys))
-        if path not in UNLIMITED_PATHS and limiter.client_full(client):
-            mine = busy(
-                f"this client has {limiter.per_client} requests in flight, its limit "
-                "([server] max_in_flight_per_client); wait for one to finish",
-                "client_busy",
-            )
-            metrics.request(route, None, await self._refuse(send, mine))
-            return
-        if path not in UNLIMITED_PATHS and not limiter.try_acquire(client):
-            full = (
-                f"the server is at its limit of {limiter.limit} concurrent requests (server.max_concurrency)"
-            )
-            metrics.request(route, None, await self._refuse(send, busy(full + "; retry shortly")))
-            return
-        slot = None if path in UNLIMITED_PATHS else await self._fleet_slot(send, route)
-        if slot is False:
-            limiter.release(client)
-            return
         outcome: dict[str, Any] = {"status": 500, "model": None, "started": False}
 
         async def watch(message: dict[str, Any]) -> None:
@@ -281,6 +238,65 @@ class Guard:
             if slot and self.fleet_limiter is not None:
                 self.fleet_limiter.release(slot)
             metrics.request(route, outcome["model"], int(outcome["status"]))
+
+    async def _admit(
+        self, scope: Scope, receive: Any, send: Any, route: str
+    ) -> tuple[Any, str | None, bool | None] | None:
+        """Everything a request passes before it runs: its API key, its whole body (read under
+        ``server.body_timeout_s``), the shedding of writes while the store is behind, the client's
+        and the server's concurrency limits and the fleet's slot. Returns the body's ``receive``,
+        the client and the fleet slot; None when the request was refused (and answered) or gone."""
+        path = scope["path"]
+        metrics = self.state.metrics
+        headers = scope["headers"]
+        if self.keys and not authorized(headers, self.keys):
+            error = ApiError(
+                401,
+                "missing or invalid API key: send `Authorization: Bearer <key>` with a key of this server",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+            status = await self._refuse(send, error, {"www-authenticate": "Bearer"})
+            metrics.request(route, None, status)
+            return None
+        if scope["method"] not in _BODILESS:
+            # The whole body is read before the request takes a concurrency slot, under
+            # server.body_timeout_s: a client that stalls mid-body holds no slot, and is answered.
+            try:
+                receive = await self._body(receive, headers)
+            except _Refused as refused:
+                status = await self._refuse(send, refused.error, {"connection": "close"})
+                metrics.request(route, None, status)
+                return None
+            except _Gone:
+                return None
+        # Only requests that write records are shed (reads, polls and deletes write none).
+        writes = scope["method"] not in _BODILESS
+        behind = self.state.behind_error() if writes else None
+        if behind is not None:
+            metrics.request(route, None, await self._refuse(send, behind))
+            return None
+        limiter = self.state.limiter
+        client = client_of(scope, bool(self.keys))
+        if path not in UNLIMITED_PATHS and limiter.client_full(client):
+            mine = busy(
+                f"this client has {limiter.per_client} requests in flight, its limit "
+                "([server] max_in_flight_per_client); wait for one to finish",
+                "client_busy",
+            )
+            metrics.request(route, None, await self._refuse(send, mine))
+            return None
+        if path not in UNLIMITED_PATHS and not limiter.try_acquire(client):
+            full = (
+                f"the server is at its limit of {limiter.limit} concurrent requests (server.max_concurrency)"
+            )
+            metrics.request(route, None, await self._refuse(send, busy(full + "; retry shortly")))
+            return None
+        slot = None if path in UNLIMITED_PATHS else await self._fleet_slot(send, route)
+        if slot is False:
+            limiter.release(client)
+            return None
+        return receive, client, slot
 
 
 async def _read_body(receive: Any, limit: int) -> bytes:
