@@ -155,3 +155,24 @@ def test_records_the_store_has_not_caught_up_with_show(capsys: pytest.CaptureFix
     assert "not written yet" not in capsys.readouterr().out, "a writer's window is not a lag"
     _print_state({**state, "pending": 5400, "lag_s": 42.4})
     assert "5400 answers' records not written yet, the oldest 42 s ago" in capsys.readouterr().out
+
+
+def test_the_text_report_shows_the_priors_in_use_and_spend(
+    isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the README says `car health` reports, in the text as in --json: priors and spend."""
+    code, out, err = car("health", "--local")
+    assert code == 0, err
+    assert "benchmark priors: none" in out
+    assert "spend: today $0.00 (no limit); this month $0.00 (no limit)" in out
+    priors = tmp_path / "priors.json"
+    priors.write_text(
+        '[{"model_id": "huggingface/smollm2-135m-instruct:q4_1", "overall_score": 0.77,'
+        ' "task_scores": {"code": 0.66}}]'
+    )
+    monkeypatch.setenv("CAR_BENCHMARK_PRIORS_PATH", str(priors))
+    (isolated_home / "config.toml").write_text("[spend]\ndaily_usd = 1.5\n")
+    code, out, err = car("health", "--local")
+    assert code == 0, err
+    assert f"huggingface/smollm2-135m-instruct:q4_1: 0.77 overall (code 0.66) from {priors}" in out
+    assert "spend: today $0.00 of $1.50 ($1.50 left); this month $0.00 (no limit)" in out

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import CarConfig, load_config
-from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json
+from .common import EXIT_USAGE, engine, err, fail, handle_errors, money, out, print_json
 
 # A server on this machine answers its health report in milliseconds; a port nobody listens on
 # is refused at once. The timeout only bounds a server that is stuck.
@@ -108,11 +108,48 @@ def _print_report(report: dict[str, Any], source: dict[str, str | None]) -> None
         out.print(f"  default {d['capability']}: {escape(d['configured_model'])} {state}")
     for s in report["routing_scenarios"]:
         out.print(f"  {s['name']}: {escape(s['model_id'] or '-')} ({s['strategy'] or 'no candidate'})")
+    _print_priors(report.get("benchmark_priors") or [])
     _print_breakers(report.get("circuit_breakers") or {}, source["from"] == "server")
+    _print_spend(report.get("spend"))
     _print_state(report.get("state"))
     _print_speech(report.get("speech"))
     _print_kinds(report.get("kinds") or [])
     _print_extras(report)
+
+
+def _print_priors(priors: list[dict[str, Any]]) -> None:
+    """The benchmark priors in use (``CAR_BENCHMARK_PRIORS_PATH`` and the home's files), a line
+    per model: its overall score, its task scores and the file it came from."""
+    if not priors:
+        out.print("benchmark priors: none (untried models start from the catalog's quality)")
+        return
+    out.print("benchmark priors:")
+    for p in priors:
+        tasks = ", ".join(f"{task} {score:.2f}" for task, score in sorted(p["task_scores"].items()))
+        out.print(
+            f"  {p['model_id']}: {p['overall_score']:.2f} overall"
+            + (f" ({tasks})" if tasks else "")
+            + f" from {p['source_path']}",
+            markup=False,
+        )
+
+
+def _print_spend(spend: dict[str, Any] | None) -> None:
+    """Spend today and this month, each against its limit (``car spend`` has the table)."""
+    if not spend:
+        return
+    parts = []
+    for e in spend["entries"]:
+        scope = "" if e["scope"] == "global" else f"{e['scope']} "
+        when = "today" if e["period"] == "daily" else "this month"
+        limit = e.get("limit_usd")
+        shown = f"{scope}{when} {money(e['spent_usd'])}"
+        if limit is None:
+            shown += " (no limit)"
+        else:
+            shown += f" of {money(limit)} ({money(e['remaining_usd'] or 0.0)} left)"
+        parts.append(shown)
+    out.print("spend: " + "; ".join(parts), markup=False)
 
 
 def _print_kinds(kinds: list[dict[str, Any]]) -> None:
