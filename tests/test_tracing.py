@@ -6,6 +6,8 @@ Off, every hook is a no-op."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -235,6 +237,33 @@ def test_configured_by_the_otel_variables_it_exports_over_otlp() -> None:
     finally:
         tracing.uninstall()
         collector.shutdown()
+
+
+def test_a_collector_that_does_not_answer_holds_the_exit_up_one_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The exporter retries a silent collector for 10 s and more; at exit (uninstall, also the
+    atexit handler) the queued spans get ``SHUTDOWN_S``, and the loss is logged."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections are taken by the kernel, never answered
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}/v1/traces"
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", endpoint)
+            assert tracing.configure_from_env({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint})
+            with tracing.span(tracing.ROUTE, model="m"):
+                pass
+            started = time.perf_counter()
+            with caplog.at_level(logging.WARNING, logger="car_inference.tracing"):
+                tracing.uninstall()
+            took = time.perf_counter() - started
+        assert tracing.SHUTDOWN_S <= took < tracing.SHUTDOWN_S + 1.0, took
+        assert "the last ones are dropped" in caplog.text
+        assert not tracing.active()
+    finally:
+        tracing.uninstall()
+        silent.close()
 
 
 def test_the_other_tasks_are_spans_below_the_request(

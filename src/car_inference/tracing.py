@@ -26,7 +26,10 @@ caller's trace.
 Configuration: the standard OpenTelemetry variables. ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) makes ``configure_from_env`` (called by ``car serve``)
 export spans over OTLP/HTTP in batches, with ``OTEL_SERVICE_NAME`` (default ``car-inference``) and
-the exporter's own variables (headers, timeout); ``OTEL_SDK_DISABLED=true`` keeps it off. A program
+the exporter's own variables (headers, timeout); ``OTEL_SDK_DISABLED=true`` keeps it off. The
+spans still queued are sent when the process exits (or ``uninstall``), for at most
+``SHUTDOWN_S``: a collector that does not answer costs a stopping server one second, not the
+exporter's retries (10 s and more). A program
 embedding the library calls ``install(tracer_provider)`` with a provider of its own (tests use the
 SDK's in-memory exporter that way). Needs the ``otel`` extra (``opentelemetry-sdk`` and the OTLP
 exporter); without it, or unconfigured, every hook is one global check and nothing else.
@@ -34,9 +37,11 @@ exporter); without it, or unconfigured, every hook is one global check and nothi
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -67,6 +72,9 @@ ATTEMPT = "inference.attempt"
 PROVIDER_CALL = "inference.provider_call"
 RECORD = "inference.record"
 
+# How long the spans still queued may take to reach the collector at exit (``uninstall``).
+SHUTDOWN_S = 1.0
+
 
 class _State:
     tracer: Any = None  # an opentelemetry Tracer once installed; None: every hook is a no-op
@@ -89,12 +97,19 @@ def install(provider: Any) -> None:
     _state.tracer = provider.get_tracer("car_inference", __version__)
 
 
-def uninstall() -> None:
-    """Stop tracing (the spans already ended are exported by a provider ``configure_from_env`` made)."""
+def uninstall(timeout_s: float = SHUTDOWN_S) -> None:
+    """Stop tracing. The spans already ended are exported by a provider ``configure_from_env``
+    made, for at most ``timeout_s`` (the exporter retries a collector that does not answer for
+    10 s and more: its shutdown runs on a daemon thread, given up on after that)."""
     _state.tracer = None
     provider, _state.provider = _state.provider, None
-    if provider is not None:
-        provider.shutdown()
+    if provider is None:
+        return
+    closing = threading.Thread(target=provider.shutdown, name="car-otel-shutdown", daemon=True)
+    closing.start()
+    closing.join(timeout_s)
+    if closing.is_alive():
+        log.warning("tracing: the collector took no spans within %g s; the last ones are dropped", timeout_s)
 
 
 def configure_from_env(environ: Mapping[str, str] | None = None) -> bool:
@@ -117,10 +132,13 @@ def configure_from_env(environ: Mapping[str, str] | None = None) -> bool:
         )
         return False
     name = env.get("OTEL_SERVICE_NAME") or "car-inference"
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    # Shut down at exit by uninstall (bounded), not by the provider's own handler (unbounded).
+    provider = TracerProvider(resource=Resource.create({"service.name": name}), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # reads the OTEL_* variables
     install(provider)
     _state.provider = provider
+    atexit.unregister(uninstall)  # once, however often tracing is configured again
+    atexit.register(uninstall)
     log.info("tracing: spans exported over OTLP to %s as service %s", endpoint, name)
     return True
 
