@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,30 @@ def test_a_models_toml_entry_gives_a_builtin_model_its_fallbacks(tmp_path: Path)
     assert model is not None and model.fallbacks == ["claude-haiku-5-5", "smollm2"]
     assert model.capabilities == builtin.capabilities and model.source == builtin.source, "merged over"
     assert builtin.fallbacks == [], "the catalog configures none"
+
+
+def test_why_none_names_what_would_make_a_model_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A task with no runnable model: each reason with the models it stops, commonest first."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # nothing pulled
+    registry = UnifiedRegistry(load_builtin().models, key_check=lambda env: False)
+    why = registry.why_none(ModelCapability.IMAGE_GENERATION)
+    assert "car models pull stabilityai/sd-turbo" in why
+    assert "openai/gpt-image-2: set OPENAI_API_KEY" in why and "GEMINI_API_KEY" in why
+    hosted = registry.why_none(ModelCapability.TEXT_TO_SPEECH, local=False)
+    assert hosted.startswith(
+        "elevenlabs/eleven-multilingual-v2, elevenlabs/eleven-flash-v2-5: set ELEVENLABS"
+    )
+    assert "piper" not in hosted
+    # An available model whose backend lacks the task is named with that reason.
+    implemented = {"openai": frozenset({ModelCapability.GENERATE})}
+    registry = UnifiedRegistry(
+        load_builtin().models,
+        key_check=lambda env: env == "OPENAI_API_KEY",
+        task_check=lambda kind: implemented.get(kind, frozenset(ModelCapability)),
+    )
+    assert re.search(
+        r"openai/\S+, openai/\S+ and \d+ more: the openai backend does not implement classify",
+        registry.why_none(ModelCapability.CLASSIFY, local=False),
+    )
+    empty = UnifiedRegistry([])
+    assert empty.why_none(ModelCapability.EMBED) == "the catalog has no embed model (models.toml can add one)"

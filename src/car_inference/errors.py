@@ -55,6 +55,13 @@ class ModelUnavailable(InferenceError):
         self.reason = reason
         super().__init__(f"model {model_id} is not available: {reason}")
 
+    @classmethod
+    def none_for(cls, capability: str, reason: str) -> ModelUnavailable:
+        """No model of ``capability`` can run (``model_id`` is the capability's name)."""
+        error = cls(capability, reason)
+        error.args = (f"no {capability} model can run here: {reason}",)
+        return error
+
 
 class DownloadFailed(InferenceError):
     """Fetching model files (an explicit pull) failed."""

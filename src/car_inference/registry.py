@@ -226,6 +226,26 @@ class UnifiedRegistry:
             return f"the {schema.kind} backend does not implement {tasks} (nothing here can run it)"
         return self._reach_problem(schema) or "not configured"
 
+    def why_none(self, capability: ModelCapability, *, local: bool | None = None) -> str:
+        """Why no model of ``capability`` (of one side: ``local``) can run, in words a user can
+        act on: each reason with the catalog models it stops, the commonest first."""
+        stopped: dict[str, list[str]] = {}
+        for m in self.query(capabilities=[capability]):
+            if local is not None and m.is_local != local:
+                continue
+            if not m.available:
+                stopped.setdefault(self.unavailable_reason(m), []).append(m.id)
+            elif not self.implements(m, capability):
+                stopped.setdefault(f"the {m.kind} backend does not implement {capability}", []).append(m.id)
+        side = "" if local is None else "local " if local else "hosted "
+        if not stopped:
+            return f"the catalog has no {side}{capability} model (models.toml can add one)"
+        parts = []
+        for reason, ids in sorted(stopped.items(), key=lambda kv: -len(kv[1]))[:4]:
+            more = f" and {len(ids) - 2} more" if len(ids) > 2 else ""
+            parts.append(f"{', '.join(ids[:2])}{more}: {reason}")
+        return "; ".join(parts)
+
     # --- lookup ------------------------------------------------------------------------------
 
     def list(self) -> list[ModelSchema]:

@@ -112,9 +112,10 @@ def test_mistakes_are_one_line_usage_errors(home: Path, tmp_path: Path) -> None:
     assert code == 1 and "does not declare video_generation" in err
 
 
-def test_without_a_model_says_none_is_configured(isolated_home: Path) -> None:
+def test_without_a_model_says_what_would_make_one_run(isolated_home: Path) -> None:
     code, _, err = car("video", "x")
-    assert code == 1 and "no model is configured for video_generation" in err
+    assert code == 1 and "no video_generation model can run here: " in err
+    assert "car models pull lightricks/ltx-video" in err and "GEMINI_API_KEY" in err
 
 
 def test_the_progress_bar_follows_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:

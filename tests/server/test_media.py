@@ -67,7 +67,7 @@ def test_speech_round_trip_and_missing_images_501(local_server: ServerThread) ->
     assert error.status_code == 501 and error.code == "capability_unavailable"
     assert error.type == "not_implemented_error"
     assert "image_generation is not available on this server: " in error.message
-    assert "no model is configured for image_generation" in error.message
+    assert "car models pull stabilityai/sd-turbo" in error.message and "OPENAI_API_KEY" in error.message
 
 
 def test_bad_media_requests_are_400(local_server: ServerThread) -> None:

@@ -351,7 +351,8 @@ async def speech_smoke(
             (stt, ModelCapability.SPEECH_TO_TEXT),
         ):
             if model is None:
-                raise ModelUnavailable(str(capability), f"no {side} {capability} model is available")
+                why = engine.registry.why_none(capability, local=side == "local")
+                raise ModelUnavailable.none_for(f"{side} {capability}", why)
         assert tts is not None and stt is not None
         folder = Path(tempfile.mkdtemp(prefix="car-smoke-"))
         try:

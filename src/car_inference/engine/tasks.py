@@ -119,7 +119,7 @@ class TaskMixin:
         available = self.registry.query(capabilities=[capability], available_only=True, local_only=True)
         if available:
             return available[0]
-        raise ModelUnavailable(str(capability), f"no model is configured for {capability}")
+        raise ModelUnavailable.none_for(str(capability), self.registry.why_none(capability))
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         model = self._model_for(request.model, ModelCapability.EMBED)
