@@ -36,6 +36,22 @@ def test_version_via_the_console_script() -> None:
         assert out.returncode == 0 and out.stdout.startswith("car-inference "), command
 
 
+def test_usage_errors_are_one_line_with_exit_status_2() -> None:
+    """The README: errors are one line on stderr, exit 2 for usage errors (click's own are a
+    usage line, a hint and a box); the help of a group named alone is still the help."""
+    script = str(Path(sys.executable).parent / "car")
+    for args, says in (
+        (["generate", "--bogus", "hi"], "error: No such option: --bogus (`car generate --help`)"),
+        (["generate", "-t", "3", "hi"], "error: Invalid value for '--temperature'"),
+        (["nosuchcmd"], "error: No such command 'nosuchcmd'."),
+    ):
+        run = subprocess.run([script, *args], capture_output=True, text=True, check=False)
+        assert run.returncode == 2 and run.stdout == "", args
+        assert len(run.stderr.strip().splitlines()) == 1 and run.stderr.startswith(says), run.stderr
+    group = subprocess.run([script, "models"], capture_output=True, text=True, check=False)
+    assert group.returncode == 2 and "pull" in group.stdout + group.stderr
+
+
 def test_models_list_filters_and_json() -> None:
     code, out, _ = car("models", "list", "--json", "--local", "--available")
     assert code == 0

@@ -58,8 +58,27 @@ def _root(
     pass
 
 
+# click's exception root, which typer vendors from 0.2x on: found through a class typer exports.
+_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
+    """The console script: every error one line on stderr, usage errors included (click's own
+    are a usage line, a hint and a box), exit status 2 for those."""
+    from .common import err
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except _CLICK_EXCEPTION as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `car models` alone: typer printed the help
+            raise SystemExit(2) from None
+        ctx = getattr(exc, "ctx", None)
+        see = f" (`{ctx.command_path} --help`)" if ctx is not None else ""
+        err.print(f"error: {exc.format_message()}{see}", markup=False)
+        raise SystemExit(exc.exit_code) from None
+    except typer.Abort:  # end of input at a prompt
+        err.print("aborted", markup=False)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:  # before a command's own handling (typer building the commands)
         raise SystemExit(130) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
