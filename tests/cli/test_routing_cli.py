@@ -45,7 +45,7 @@ def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
     trace = json.loads(out)["trace_id"]
     assert car("feedback", trace, "0.8")[0] == 0
     code, _, err = car("feedback", "unknown-trace", "0.8")
-    assert code == 1 and "no such trace" in err
+    assert code == 2 and "no such trace" in err, "an unknown trace is named wrongly, as a model"
     assert car("feedback", trace, "7")[0] == 2, "score outside 0..1 is a usage error"
 
     code, out, _ = car("spend", "--json")

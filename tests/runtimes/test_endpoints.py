@@ -73,3 +73,6 @@ def test_cli_discover(fake: FakeProviderServer, isolated_home: Path) -> None:
     )
     result = CliRunner().invoke(app, ["models", "discover"])
     assert result.exit_code == 1 and "off" in result.stderr
+    (isolated_home / "models.toml").write_text("")
+    result = CliRunner().invoke(app, ["models", "discover"])
+    assert result.exit_code == 2 and "no [[endpoints]] in models.toml" in result.stderr, "configuration"

@@ -17,7 +17,14 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import ConfigError, InferenceError, InvalidInput, ModelNotFound, TokenizationError
+from ..errors import (
+    ConfigError,
+    InferenceError,
+    InvalidInput,
+    ModelNotFound,
+    TokenizationError,
+    TraceNotFound,
+)
 
 T = TypeVar("T")
 
@@ -43,7 +50,8 @@ def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
 
 
 # Errors in what the user typed or configured; token ids a vocabulary does not have are one.
-_USAGE_ERRORS = (ModelNotFound, ConfigError, InvalidInput, TokenizationError)
+# What the caller asked for wrongly (a model or trace that does not exist, input, configuration).
+_USAGE_ERRORS = (ModelNotFound, TraceNotFound, ConfigError, InvalidInput, TokenizationError)
 
 
 def _exit_code(exc: InferenceError) -> int:

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from ..schema import ModelCapability
-from .common import engine, err, fail, handle_errors, out, print_json, run
+from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json, run
 
 models_app = typer.Typer(help="List, inspect and pull models.", no_args_is_help=True)
 config_app = typer.Typer(help="Show settings.", no_args_is_help=True)
@@ -192,7 +192,7 @@ def discover(
     eng = engine()
     names = endpoint or [e.name for e in eng.registry.endpoints]
     if not names:
-        raise fail("no [[endpoints]] in models.toml", 1)
+        raise fail("no [[endpoints]] in models.toml", EXIT_USAGE)
     report = run(eng.discover_endpoints(names))
     if as_json:
         print_json({k: v if isinstance(v, list) else {"error": str(v)} for k, v in report.items()})
