@@ -148,6 +148,14 @@ class OpenAISource(RemoteApiSource):
 
     kind: Literal["openai"] = "openai"
     needs_key: bool = True
+    system_prompt: str | None = Field(
+        default=None, description="system text for requests that bring none (as a GGUF source's)"
+    )
+    repeat_penalty_field: str | None = Field(
+        default=None,
+        description="the body field a server takes the repeat penalty in (llama.cpp server: "
+        "repeat_penalty, vLLM: repetition_penalty); unset: the penalty is not sent",
+    )
 
     @classmethod
     def endpoint_source(cls, base_url: str, api_key_env: str | None, wire_name: str) -> dict[str, Any]:

@@ -223,6 +223,30 @@ async def test_params_omitted_when_unsupported(fake: FakeProviderServer, be: Ope
     assert "reasoning_effort" not in body
 
 
+async def test_a_sources_system_prompt_and_repeat_penalty_field(
+    fake: FakeProviderServer, be: OpenAICompatBackend
+) -> None:
+    """What a managed llama.cpp server's model gets (runtimes.managed): the GGUF's system prompt
+    for a request without one, and the repeat penalty in the server's own body field."""
+    base = model(fake, "openrouter/llama-3.3-70b-instruct")
+    source = base.source.model_copy(
+        update={"system_prompt": "Be correct.", "repeat_penalty_field": "repeat_penalty"}
+    )
+    served = base.model_copy(update={"source": source})
+    await be.generate(served, GenerateRequest(prompt="x", params=GenerateParams(repeat_penalty=1.1)))
+    body = sent(fake)
+    assert (
+        body["messages"][0] == {"role": "system", "content": "Be correct."} and body["repeat_penalty"] == 1.1
+    )
+    await be.generate(served, GenerateRequest(prompt="x", context="Mine."))
+    body = sent(fake)
+    assert body["messages"][0] == {"role": "system", "content": "Mine."}, "the request's own wins"
+    assert "repeat_penalty" not in body, "1.0 (off) is not sent"
+    await be.generate(base, GenerateRequest(prompt="x", params=GenerateParams(repeat_penalty=1.1)))
+    body = sent(fake)
+    assert body["messages"][0]["role"] == "user" and "repeat_penalty" not in body, "OpenAI's API has neither"
+
+
 @pytest.mark.parametrize(
     ("params", "effort"),
     [

@@ -64,6 +64,18 @@ async def test_generate_starts_the_server_and_goes_through_it(engine: InferenceE
     assert status.state is RuntimeState.RUNNING and status.base_url and status.pid == runtime.pid
 
 
+async def test_the_server_gets_the_models_system_prompt_and_repeat_penalty(engine: InferenceEngine) -> None:
+    """A request that brings neither: the catalog's system prompt and repeat penalty (SmolLM2's
+    defaults) reach the server as they reach llama.cpp in-process, so the answers agree (without
+    them the server's SmolLM2 answered "L'Étoile, la Cité, ...")."""
+    request = GenerateRequest(
+        model=MANAGED_ID, prompt="What is the capital of France?", params=GenerateParams(max_tokens=16)
+    )
+    served = await engine.generate(request)
+    local = await engine.generate(request.model_copy(update={"model": SMOLLM2}))
+    assert "Paris" in local.text and served.text == local.text
+
+
 async def test_a_crash_between_requests_is_survived(engine: InferenceEngine) -> None:
     first = await engine.generate(_request())
     runtime = engine.runtimes.runtime_for(engine.resolve(MANAGED_ID))

@@ -142,6 +142,9 @@ class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
         params = request.params
         plan = thinking_plan(model, params)
         system, turns = conversation(request)
+        source = model.source
+        if not system and isinstance(source, OpenAISource):
+            system = source.system_prompt or ""
         fmt = request.response_format
         wants_json = fmt is not None and fmt.type != "text"
         native_json = wants_json and model.supports_param(GenerateParam.RESPONSE_FORMAT)
@@ -160,6 +163,9 @@ class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
                 body["max_completion_tokens" if reasoning else "max_tokens"] = value
             else:  # top_k is not OpenAI's, but vLLM, llama.cpp and others take it
                 body[param.value] = value
+        field = source.repeat_penalty_field if isinstance(source, OpenAISource) else None
+        if field and params.repeat_penalty != 1.0:
+            body[field] = params.repeat_penalty
         effort = "low" if plan.mode == "off" else plan.effort
         if reasoning and effort:
             body["reasoning_effort"] = effort

@@ -251,6 +251,10 @@ class ManagedBackend:
                 model_name=self.runtime.spec.wire_name(model),
                 api_key_env=key_env,
                 needs_key=key_env is not None,
+                # What the model does in-process, the server's way: a GGUF's system prompt and
+                # its repeat penalty (SmolLM2's catalog defaults) in the server's body field.
+                system_prompt=getattr(model.source, "system_prompt", None),
+                repeat_penalty_field=self.runtime.spec.repeat_penalty_field,
             )
             target = self._targets[key] = model.model_copy(update={"source": source})
         return target

@@ -122,6 +122,8 @@ class RuntimeSpec:
     health_path: str = "/v1/models"
     install_hint: str = ""
     per_model: bool = True  # one server per model (else one for all of the kind's models)
+    # The body field its OpenAI API takes a repeat penalty in (an extension of the API), or None.
+    repeat_penalty_field: str | None = None
 
     def instance(self, model: ModelSchema) -> str:
         return instance_name(self.name, model.id if self.per_model else None)
@@ -160,6 +162,7 @@ class RuntimeSpec:
 class LlamaCppServerSpec(RuntimeSpec):
     name = "llamacpp"
     kind = "gguf"
+    repeat_penalty_field = "repeat_penalty"
     install_hint = "pip install 'car-inference[runtimes]' (llama-cpp-python[server])"
     # The server's own imports beyond llama_cpp (llama-cpp-python's `server` extra).
     _needs = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
@@ -210,6 +213,7 @@ VLLM_PIP_SPEC = "vllm>=0.8.0"
 class VllmSpec(RuntimeSpec):
     name = "vllm"
     kind = "vllm"
+    repeat_penalty_field = "repetition_penalty"
     health_path = "/health"
     install_hint = "put `vllm` on PATH, set $CAR_VLLM_BIN, or run `car runtimes install vllm`"
 
