@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 from .interrupts import Interrupts
 
@@ -59,7 +59,10 @@ def _root(
 
 
 # click's exception root, which typer vendors from 0.2x on: found through a class typer exports.
-_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+# (Typed as its subclass BadParameter, which adds nothing main() uses.)
+_CLICK_EXCEPTION = cast(
+    "type[typer.BadParameter]", next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+)
 
 
 def main() -> None:
