@@ -209,3 +209,11 @@ def test_speech_and_image_requests_take_numbers_only() -> None:
         RerankRequest(query="q", documents=["a"], top_n=True)
     with pytest.raises(ValidationError):
         EmbedRequest.model_validate({"texts": ["a"], "is_query": "yes"})
+
+
+def test_a_raw_prompt_needs_a_prompt() -> None:
+    """raw_prompt with only messages reached llama.cpp with zero tokens (an AssertionError, a 500
+    over JSON-RPC): the request is refused when it is made."""
+    with pytest.raises(ValidationError, match="raw_prompt"):
+        GenerateRequest(messages=[Message(role="user", content="x")], params=GenerateParams(raw_prompt=True))
+    assert GenerateRequest(prompt="<|im_start|>x", params=GenerateParams(raw_prompt=True)).prompt

@@ -259,6 +259,8 @@ class GenerateRequest(_Model):
     def _has_input(self) -> GenerateRequest:
         if not self.prompt and not self.messages:
             raise ValueError("a request needs a `prompt` or `messages`")
+        if self.params.raw_prompt and not self.prompt:
+            raise ValueError("`raw_prompt` sends `prompt` as it is: it needs a non-empty `prompt`")
         choice = self.params.tool_choice
         if choice is not None and choice not in TOOL_CHOICE_MODES and choice not in self.tool_names():
             tools = ", ".join(self.tool_names()) or "none given"

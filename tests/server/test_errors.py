@@ -82,6 +82,12 @@ def test_details_travel_with_the_error() -> None:
     assert (
         media.status == 501 and media.message == "text_to_speech is not available on this server: no backend"
     )
+    named = describe(
+        UnsupportedMode("text_to_speech", "gguf", "smollm2 does not declare it"), capability="tts"
+    )
+    assert named.status == 400 and named.code == "unsupported_mode", (
+        "the client's mistake, not the server's lack"
+    )
     assert "30 s" in describe(TimeoutError(), timeout_s=30).message
 
 

@@ -148,9 +148,9 @@ def test_video_job_create_poll_download(client: openai.OpenAI) -> None:
 def test_video_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError, match="tiny-ltxx"):
         client.videos.create(model="test/tiny-ltxx", prompt="x")
-    with pytest.raises(openai.APIStatusError, match="does not declare video_generation") as unsuited:
+    with pytest.raises(openai.BadRequestError, match="does not declare video_generation") as unsuited:
         client.videos.create(model=SD, prompt="x")
-    assert unsuited.value.status_code == 501  # the server's word for a capability it cannot serve
+    assert unsuited.value.code == "unsupported_mode"  # the client named an image model for a video
     # Input only the model can judge fails the job, with the reason.
     job = client.videos.create(model=LTX, prompt="x", size="70x64", seconds="1")  # type: ignore[arg-type]
     failed = client.videos.poll(job.id, poll_interval_ms=50)

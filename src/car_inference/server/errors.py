@@ -227,7 +227,7 @@ def describe(
     retry_hint: RetryHint | None = None,
 ) -> ErrorInfo:
     """The client-facing description of ``exc``. ``capability`` marks the speech/image endpoints,
-    where a missing backend is a 501 naming it; ``retry_hint`` says when an open circuit closes
+    where no model to run it is a 501 naming it; ``retry_hint`` says when an open circuit closes
     (its ``Retry-After``)."""
     name = type(exc).__name__
     if isinstance(exc, ApiError):
@@ -238,7 +238,9 @@ def describe(
         )
     if isinstance(exc, ValidationError):
         return validation_info(exc)
-    if capability is not None and isinstance(exc, ModelUnavailable | UnsupportedMode):
+    # No model for a capability is the server's lack (501); a model named for a task it does not
+    # declare (UnsupportedMode) is the client's mistake, a 400 below, as on every other route.
+    if capability is not None and isinstance(exc, ModelUnavailable):
         reason = exc.reason
         return ErrorInfo(
             501, "not_implemented_error", "capability_unavailable",
