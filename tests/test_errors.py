@@ -8,6 +8,7 @@ from car_inference.errors import (
     ModelNotFound,
     ProviderError,
     SpendLimitExceeded,
+    TraceNotFound,
     UnsupportedMode,
     close_matches,
 )
@@ -65,3 +66,9 @@ def test_a_name_longer_than_any_model_is_neither_compared_nor_echoed_whole() -> 
     assert err.name.startswith("qwenqwen") and len(err.name) < 300
     exact = "q" * MAX_NAME_CHARS
     assert ModelNotFound(exact).name == exact
+
+
+def test_a_long_trace_id_is_not_echoed_whole() -> None:
+    """Feedback for a 1 MB trace id answered 404 with the whole megabyte in its message."""
+    message = str(TraceNotFound("t" * 1_000_000))
+    assert len(message) < MAX_NAME_CHARS + 100 and "1,000,000 characters" in message

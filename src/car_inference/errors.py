@@ -210,7 +210,7 @@ class TraceNotFound(InferenceError):
 
     def __init__(self, trace_id: str) -> None:
         self.trace_id = trace_id
-        super().__init__(f"no such trace: {trace_id}")
+        super().__init__(f"no such trace: {shortened(trace_id)}")  # a 1 MB id is not echoed back
 
 
 class AllModelsFailed(InferenceFailed):

@@ -272,6 +272,8 @@ async def test_hostile_messages_get_an_answer(local_server: ServerThread) -> Non
         for params, param in (
             ({"prompt": "x", "params": {"temperature": True}}, "params.temperature"),
             ({"prompt": "x", "params": {"tool_choice": "sometimes"}}, None),
+            ({"prompt": "x", "stream": "yes"}, "stream"),  # was silently not streamed
+            ({"messages": [{"role": "user", "content": "x"}], "params": {"raw_prompt": True}}, None),  # a 500
         ):
             reply = await call(ws, "infer", params, rid=2)
             assert reply["error"]["code"] == -32602, reply

@@ -76,6 +76,9 @@ def test_bad_media_requests_are_400(local_server: ServerThread) -> None:
         ("/audio/speech", {"model": "auto"}, "input"),
         ("/audio/speech", {"input": "x" * 4097}, "input"),  # at most 4,096 characters, as OpenAI
         ("/audio/speech", {"input": "hi", "response_format": "opus"}, "response_format"),
+        ("/audio/speech", {"input": "hi", "response_format": []}, "response_format"),  # was WAV
+        ("/images/generations", {"prompt": "x", "response_format": []}, "response_format"),
+        ("/images/generations", {"prompt": "x", "output_format": 0}, "output_format"),
         ("/images/generations", {"prompt": "x", "response_format": "url"}, "response_format"),
         ("/images/generations", {"prompt": "x", "size": "big"}, "size"),
         ("/images/generations", {}, "prompt"),

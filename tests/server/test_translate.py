@@ -142,6 +142,9 @@ def test_chat_refusals_name_the_field() -> None:
     assert bad({"messages": [USER], "n": 3}).param == "n"
     assert bad({"messages": [USER], "logprobs": True}).param == "logprobs"
     assert bad({"messages": [USER], "stream": "yes"}).param == "stream"
+    # A falsy value of the wrong type is refused, not taken for the default (it was).
+    assert bad({"messages": [USER], "stream": 0}).param == "stream"
+    assert bad({"messages": [USER], "stream_options": []}).param == "stream_options"
     assert bad({"messages": [USER], "top_p": 0}).param == "top_p"
     assert bad({"messages": [USER], "tool_choice": {"type": "function"}}).param == "tool_choice"
     assert bad({"messages": [{"role": "tool", "content": "x"}]}).param == "messages[0].tool_call_id"

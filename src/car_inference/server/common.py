@@ -275,6 +275,13 @@ _ASCII = str.maketrans(
 )
 
 
+def given(body: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``body[key]``, or ``default`` when it is absent or null: a value of a wrong type, even a
+    falsy one (``[]``, ``0``, ``""``), goes on to its check instead of becoming the default."""
+    value = body.get(key)
+    return default if value is None else value
+
+
 def ascii_header(value: str, limit: int = 512) -> str:
     """``value`` as a safe HTTP header value: ASCII, printable, one line, at most ``limit`` chars."""
     if value.isascii() and value.isprintable():

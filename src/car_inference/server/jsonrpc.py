@@ -304,7 +304,10 @@ class Session:
     async def infer(self, params: Params, rid: Any, *, stream: bool = False) -> Any:
         params = _auto(params)
         if "stream" in params:
-            stream = stream or params.get("stream") is True
+            flag = params.get("stream")
+            if flag is not None and not isinstance(flag, bool):
+                raise ApiError(400, "`stream` must be a boolean", param="stream")
+            stream = stream or flag is True
             params = {k: v for k, v in params.items() if k != "stream"}
         request = GenerateRequest.model_validate(params)
         if stream:

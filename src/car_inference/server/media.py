@@ -26,7 +26,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from ..errors import InferenceError
 from ..requests import GenerateImageRequest, SynthesizeRequest, TranscribeRequest
-from .common import ServerState, car_headers, json_response, read_json
+from .common import ServerState, car_headers, given, json_response, read_json
 from .errors import ApiError, guarded, validated
 from .translate import AUTO
 
@@ -166,7 +166,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         if len(text) > MAX_SPEECH_CHARS:  # OpenAI's limit; Piper runs on, holding the voice
             message = f"`input` is {len(text)} characters; at most {MAX_SPEECH_CHARS} (split longer texts)"
             raise ApiError(400, message, param="input")
-        fmt = body.get("response_format") or "wav"
+        fmt = given(body, "response_format", "wav")
         if not isinstance(fmt, str) or fmt not in _SPEECH_FORMATS:
             raise ApiError(
                 400, f"`response_format` must be one of {', '.join(_SPEECH_FORMATS)}", param="response_format"
@@ -212,9 +212,9 @@ def register(app: FastAPI, state: ServerState) -> None:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "`prompt` must describe the image", param="prompt")
-        if (body.get("response_format") or "b64_json") != "b64_json":
+        if given(body, "response_format", "b64_json") != "b64_json":
             raise ApiError(400, "only response_format b64_json is supported", param="response_format")
-        fmt = body.get("output_format") or "png"
+        fmt = given(body, "output_format", "png")
         if not isinstance(fmt, str) or fmt not in _IMAGE_FORMATS:
             raise ApiError(400, "`output_format` must be png, jpeg or webp", param="output_format")
         size = _size(body.get("size"))

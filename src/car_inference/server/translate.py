@@ -34,6 +34,7 @@ from ..requests import (
 )
 from ..schema import ModelSchema
 from ..stream import parse_tool_arguments
+from .common import given
 from .errors import ApiError, validated, validation_info
 
 __all__ = [
@@ -143,7 +144,7 @@ def _part(part: Any, where: str) -> dict[str, Any]:
         audio = part.get("input_audio")
         if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
             raise _bad(f"{where}.input_audio: expected {{data, format}}", f"{where}.input_audio")
-        fmt = _one_of(audio.get("format") or "wav", _AUDIO_TYPES, f"{where}.input_audio.format")
+        fmt = _one_of(given(audio, "format", "wav"), _AUDIO_TYPES, f"{where}.input_audio.format")
         return {"type": "audio", "data": audio["data"], "media_type": _AUDIO_TYPES[fmt]}
     raise _bad(f"{where}: content part type {kind!r} is not supported", f"{where}.type")
 
@@ -253,10 +254,10 @@ def _response_format(fmt: Any) -> dict[str, Any] | None:
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream") or False
+    stream = given(body, "stream", False)
     if not isinstance(stream, bool):
         raise _bad("`stream` must be a boolean", "stream")
-    options = body.get("stream_options") or {}
+    options = given(body, "stream_options", {})
     if not isinstance(options, dict):
         raise _bad("`stream_options` must be an object", "stream_options")
     return stream, bool(options.get("include_usage"))
@@ -428,7 +429,7 @@ def embed_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
     if not all(isinstance(t, str) for t in texts):
         raise _bad("`input` must hold strings (token arrays are not supported)", "input")
     check_batch(texts, MAX_EMBED_INPUTS, "input")
-    encoding = body.get("encoding_format") or "float"
+    encoding = given(body, "encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise _bad("`encoding_format` must be float or base64", "encoding_format")
     if body.get("dimensions") is not None:
