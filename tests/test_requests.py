@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from car_inference.requests import (
+    MAX_MESSAGES,
     BoundingBox,
     EmbedRequest,
     GenerateImageRequest,
@@ -217,3 +218,11 @@ def test_a_raw_prompt_needs_a_prompt() -> None:
     with pytest.raises(ValidationError, match="raw_prompt"):
         GenerateRequest(messages=[Message(role="user", content="x")], params=GenerateParams(raw_prompt=True))
     assert GenerateRequest(prompt="<|im_start|>x", params=GenerateParams(raw_prompt=True)).prompt
+
+
+def test_messages_are_at_most_max_messages() -> None:
+    """A chat template's rendering and tokenization grow faster than its turns: a bound."""
+    turn = Message(role="user", content="x")
+    assert len(GenerateRequest(messages=[turn] * MAX_MESSAGES).messages or []) == MAX_MESSAGES
+    with pytest.raises(ValidationError, match="at most 4096"):
+        GenerateRequest(messages=[turn] * (MAX_MESSAGES + 1))

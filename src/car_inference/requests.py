@@ -209,6 +209,9 @@ class ResponseFormat(_Model):
 
 ToolChoice = Literal["auto", "none", "required"] | str
 TOOL_CHOICE_MODES = ("auto", "none", "required")
+# The most messages one request may hold: rendering and tokenizing a chat template is superlinear
+# in its turns (15,000 one-word messages held SmolLM2's tokenizer 14 s); far above any real chat.
+MAX_MESSAGES = 4096
 
 # Numbers as JSON numbers only: pydantic's lax mode reads `true` as 1 and "0.7" as 0.7, which
 # hides a client's mistake. Integers fit what providers take (int32 counts, int64 seeds).
@@ -245,7 +248,7 @@ class GenerateRequest(_Model):
     is appended as a last user turn). ``context`` is system text. ``model`` None means route."""
 
     prompt: str = ""
-    messages: list[Message] | None = None
+    messages: list[Message] | None = Field(default=None, max_length=MAX_MESSAGES)
     model: str | None = None
     params: GenerateParams = Field(default_factory=GenerateParams)
     context: str | None = None

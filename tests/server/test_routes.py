@@ -105,6 +105,9 @@ def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
     texts = ["Hello world", "The quick brown fox jumps over the lazy dog"]
     counted = client.embeddings.create(model="auto", input=texts)
     assert counted.usage.prompt_tokens == counted.usage.total_tokens == (2 + 2) + (9 + 2)
+    # A body over BIG_BODY is parsed on a worker thread (server.common.read_json): same answer.
+    big = client.embeddings.create(model="auto", input=["red", "filler " * 50_000], encoding_format="float")
+    assert big.data[0].embedding == pytest.approx(floats.data[0].embedding, abs=1e-6) and len(big.data) == 2
 
 
 def test_rerank_cohere_shape(http: httpx.Client) -> None:

@@ -138,6 +138,8 @@ def test_chat_parameters() -> None:
 
 def test_chat_refusals_name_the_field() -> None:
     assert bad({"messages": []}).param == "messages"
+    many = bad({"messages": [USER] * 4097})
+    assert many.param == "messages" and "4,097 messages; at most 4,096" in many.message
     assert bad({"messages": [USER], "model": 3}).param == "model"
     assert bad({"messages": [USER], "n": 3}).param == "n"
     assert bad({"messages": [USER], "logprobs": True}).param == "logprobs"

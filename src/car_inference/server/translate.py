@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..requests import (
+    MAX_MESSAGES,
     TOOL_CHOICE_MODES,
     EmbedRequest,
     EmbedResult,
@@ -186,6 +187,8 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
 def _messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not messages:
         raise _bad("`messages` must be a non-empty list", "messages")
+    if len(messages) > MAX_MESSAGES:  # checked first: translating 700,000 took 3 s of the loop
+        raise _bad(f"`messages` holds {len(messages):,} messages; at most {MAX_MESSAGES:,}", "messages")
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
