@@ -10,6 +10,7 @@ tokens (or prompt batches) for another client's waiting work (``llama_turns``).
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextlib
 import ctypes
@@ -18,6 +19,7 @@ import json
 import logging
 import math
 import random
+import re
 import sys
 import threading
 import time
@@ -64,6 +66,7 @@ from .base import (
 )
 from .cache import CachedModel
 from .chat_template import StopMatcher, TagSplitter, chat_messages, parse_tool_call_block, render_chat
+from .control_text import control_pattern, neutralize, tokenize_around
 from .llama_turns import Turns, resumable
 from .prompts import DEFAULT_RERANK_INSTRUCTION, classify_prompt, rerank_prompt
 from .vision import chat_handler, has_images, mmproj_path, run_vision
@@ -125,6 +128,11 @@ class LoadedGguf:
 
     def tokenize(self, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    @functools.cached_property
+    def controls(self) -> re.Pattern[str] | None:
+        """The text of the model's control tokens (``control_text``); read once, ~50 ms."""
+        return control_pattern(self.llm, self.vocab)
 
     def is_eog(self, token: int) -> bool:
         import llama_cpp
@@ -279,6 +287,10 @@ class LlamaCppBackend:
             if tools and (not loaded.template or "tools" not in loaded.template):
                 raise UnsupportedMode("tool-use", "gguf", "this model's chat template has no tool support")
             messages = chat_messages(request, "gguf")
+            found: list[str] = []
+            if loaded.controls is not None:  # the client's control-token text stays text
+                messages = neutralize(messages, loaded.controls, found)
+                tools = neutralize(tools, loaded.controls, found)
             if system and not any(m["role"] == "system" for m in messages):
                 messages.insert(0, {"role": "system", "content": system})
             text = render_chat(
@@ -290,14 +302,22 @@ class LlamaCppBackend:
                 thinking=params.thinking,
             )
             add_bos = loaded.add_bos and not (loaded.bos and text.startswith(loaded.bos))
+            if found:
+                return tokenize_around(
+                    text, found, lambda t, sp, bos: loaded.tokenize(t, special=sp, add_bos=bos), add_bos
+                )
             tokens = loaded.tokenize(text, special=True, add_bos=add_bos)
         return tokens
 
     def _prompt_tokens(
-        self, loaded: LoadedGguf, request: GenerateRequest, system: str | None
+        self,
+        loaded: LoadedGguf,
+        request: GenerateRequest,
+        system: str | None,
+        rendered: list[int] | None = None,
     ) -> tuple[list[int], bool]:
         params = request.params
-        tokens = self._render_tokens(loaded, request, system)
+        tokens = self._render_tokens(loaded, request, system) if rendered is None else rendered
         # Keep the tail of an over-long prompt, leaving min(max_tokens, ctx/4) for the answer.
         headroom = min(params.max_tokens, loaded.n_ctx // 4)
         max_prompt = loaded.n_ctx - headroom
@@ -321,8 +341,11 @@ class LlamaCppBackend:
             return grammar
         return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
 
-    def _run(self, model: ModelSchema, request: GenerateRequest, cancelled: Event) -> Iterator[StreamEvent]:
-        """The blocking token loop; yields stream events, ending with ``Done``."""
+    def _run(
+        self, model: ModelSchema, request: GenerateRequest, cancelled: Event, *, rendered: list[int] | None
+    ) -> Iterator[StreamEvent]:
+        """The blocking token loop; yields stream events, ending with ``Done``. ``rendered``: the
+        prompt's tokens before truncation (``stream``), None for a request with images."""
         entry = self._entry(model)
         params = request.params
         with entry.lock:
@@ -331,7 +354,7 @@ class LlamaCppBackend:
             if has_images(request):
                 yield from run_vision(llm, model, request, _default_system(model), cancelled)
                 return
-            tokens, truncated = self._prompt_tokens(loaded, request, _default_system(model))
+            tokens, truncated = self._prompt_tokens(loaded, request, _default_system(model), rendered)
             max_tokens = min(params.max_tokens, loaded.n_ctx - len(tokens))
             llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
             if params.temperature == 0 or params.seed is not None:
@@ -418,8 +441,19 @@ class LlamaCppBackend:
                 yield ToolCallStart(index=index, id=f"call_{index}", name=name)
                 yield ToolCallDelta(index=index, arguments=arguments)
 
-    def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
-        return iterate_in_thread(lambda cancelled: self._run(model, request, cancelled), LLAMA_THREAD)
+    async def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
+        # The prompt is rendered and tokenized on a worker thread (the vocabulary is read-only),
+        # not in a turn of the llama.cpp thread: a huge prompt (4,096 turns: 1.3 s here) delays
+        # its own request, not every other client's.
+        rendered = None
+        if not has_images(request):
+            rendered = await asyncio.to_thread(
+                self._render_tokens, self._vocab(model), request, _default_system(model)
+            )
+        run = functools.partial(self._run, model, request, rendered=rendered)
+        async with contextlib.aclosing(iterate_in_thread(run, LLAMA_THREAD)) as events:
+            async for event in events:
+                yield event
 
     async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:
         start = time.perf_counter()
