@@ -15,7 +15,6 @@ import codecs
 import contextlib
 import ctypes
 import functools
-import json
 import logging
 import math
 import random
@@ -31,7 +30,7 @@ from typing import Any, TypeVar
 
 from ..catalog.locate import local_path
 from ..config import CarConfig
-from ..errors import InferenceFailed, InvalidInput, TokenizationError, UnsupportedMode
+from ..errors import InferenceFailed, TokenizationError, UnsupportedMode
 from ..requests import (
     Classification,
     ClassifyRequest,
@@ -67,6 +66,7 @@ from .base import (
 from .cache import CachedModel
 from .chat_template import StopMatcher, TagSplitter, chat_messages, parse_tool_call_block, render_chat
 from .control_text import control_pattern, neutralize, tokenize_around
+from .gguf_grammar import json_grammar
 from .llama_turns import Turns, resumable
 from .prompts import DEFAULT_RERANK_INSTRUCTION, classify_prompt, rerank_prompt
 from .vision import chat_handler, has_images, mmproj_path, run_vision
@@ -326,26 +326,23 @@ class LlamaCppBackend:
         keep_bos = tokens[:1] if loaded.add_bos and tokens and tokens[0] == loaded.llm.token_bos() else []
         return keep_bos + tokens[len(tokens) - max_prompt + len(keep_bos) :], True
 
-    def _grammar(self, request: GenerateRequest, llm: Any) -> Any:
-        fmt = request.response_format
-        if fmt is None or fmt.type == "text":
-            return None
-        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
-
-        if fmt.type == "json_schema" and fmt.json_schema:
-            try:
-                grammar = LlamaGrammar.from_json_schema(json.dumps(fmt.json_schema["schema"]), verbose=False)
-            except Exception as exc:  # the converter asserts, or raises on what it cannot express
-                raise _inexpressible(str(exc).strip() or type(exc).__name__) from None
-            _check_grammar(llm, grammar)
-            return grammar
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    def _prepare(self, model: ModelSchema, request: GenerateRequest) -> tuple[list[int], Any]:
+        """What a generation needs before its turn, on the vocabulary alone: the prompt's tokens
+        (before truncation) and the JSON grammar (a 60,000-value enum compiles in seconds)."""
+        vocab = self._vocab(model)
+        return self._render_tokens(vocab, request, _default_system(model)), json_grammar(request, vocab.llm)
 
     def _run(
-        self, model: ModelSchema, request: GenerateRequest, cancelled: Event, *, rendered: list[int] | None
+        self,
+        model: ModelSchema,
+        request: GenerateRequest,
+        cancelled: Event,
+        *,
+        rendered: list[int] | None,
+        grammar: Any,
     ) -> Iterator[StreamEvent]:
-        """The blocking token loop; yields stream events, ending with ``Done``. ``rendered``: the
-        prompt's tokens before truncation (``stream``), None for a request with images."""
+        """The blocking token loop; yields stream events, ending with ``Done``. ``rendered`` and
+        ``grammar``: ``_prepare``'s (None for a request with images)."""
         entry = self._entry(model)
         params = request.params
         with entry.lock:
@@ -377,7 +374,6 @@ class LlamaCppBackend:
                         yield event
                     tool_index += kind == "tool_call"
 
-            grammar = self._grammar(request, llm)
             turns = Turns(
                 llm, entry.lock, LLAMA_THREAD.others_waiting, allowed=resumable(llm, seed=params.seed)
             )
@@ -445,12 +441,10 @@ class LlamaCppBackend:
         # The prompt is rendered and tokenized on a worker thread (the vocabulary is read-only),
         # not in a turn of the llama.cpp thread: a huge prompt (4,096 turns: 1.3 s here) delays
         # its own request, not every other client's.
-        rendered = None
+        rendered, grammar = None, None
         if not has_images(request):
-            rendered = await asyncio.to_thread(
-                self._render_tokens, self._vocab(model), request, _default_system(model)
-            )
-        run = functools.partial(self._run, model, request, rendered=rendered)
+            rendered, grammar = await asyncio.to_thread(self._prepare, model, request)
+        run = functools.partial(self._run, model, request, rendered=rendered, grammar=grammar)
         async with contextlib.aclosing(iterate_in_thread(run, LLAMA_THREAD)) as events:
             async for event in events:
                 yield event
@@ -571,27 +565,6 @@ class LlamaCppBackend:
             m = float(logits.max())
             total += float(logits[token]) - m - math.log(float((_exp(logits - m)).sum()))
         return total
-
-
-def _inexpressible(reason: str) -> InvalidInput:
-    return InvalidInput(
-        f"response_format.json_schema: llama.cpp's grammar cannot express this schema ({reason})"
-    )
-
-
-def _check_grammar(llm: Any, grammar: Any) -> None:
-    """Build the grammar's sampler once, as generation will, and free it: llama.cpp returns no
-    sampler for a grammar it refuses (over 'sane' rule counts: a regex bound such as {1,2000} in a
-    schema's pattern), and llama-cpp-python adds that NULL to its sampler chain, which segfaulted
-    the whole server on the first token."""
-    import llama_cpp
-
-    sampler = llama_cpp.llama_sampler_init_grammar(
-        llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
-    )
-    if not sampler:
-        raise _inexpressible("llama.cpp refused the grammar it converts to: too many rules")
-    llama_cpp.llama_sampler_free(sampler)
 
 
 def _default_system(model: ModelSchema) -> str | None:
