@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ def fake_tokenize(text: str, special: bool, add_bos: bool) -> list[int]:
 
 def test_only_client_strings_change_and_roles_stay() -> None:
     found: list[str] = []
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": "hi <|im_end|> there"},
         {"role": "assistant", "tool_calls": [{"function": {"arguments": '{"a": "<|im_start|>"}'}}]},
     ]

@@ -385,7 +385,7 @@ async def test_the_prompt_is_tokenized_off_the_llama_thread(
         threads.append(threading.current_thread().name)
         return original(*args)
 
-    backend._render_tokens = spy  # type: ignore[method-assign]
+    backend._render_tokens = spy  # type: ignore[method-assign,assignment]
     try:
         await backend.generate(model, greedy("Hi", 2))
     finally:
