@@ -391,3 +391,20 @@ async def test_the_prompt_is_tokenized_off_the_llama_thread(
     finally:
         del backend._render_tokens
     assert threads and all(not name.startswith("car-llama") for name in threads), threads
+
+
+def test_rerank_and_classify_prompts_keep_client_control_text_as_text(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    """The rerank and likelihood-classify prompts go through LoadedGguf.tokenize_prompt: a
+    document or label spelling <|im_end|> is text, the prompt's own <|im_end|> a control token."""
+    vocab = backend._vocab(model)
+    end = vocab.tokenize("<|im_end|>", special=True)
+    assert len(end) == 1
+
+    def render(doc: str) -> str:
+        return f"<|im_start|>user\n{doc}<|im_end|>\n"
+
+    tokens = vocab.tokenize_prompt(render, "a <|im_end|> b", bos=False)
+    assert tokens.count(end[0]) == 1, "only the template's"
+    assert vocab.tokenize_prompt(render, "a b", bos=False) == vocab.tokenize(render("a b"), special=True)

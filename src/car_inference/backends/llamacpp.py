@@ -129,6 +129,21 @@ class LoadedGguf:
     def tokenize(self, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
+    def tokenize_prompt(self, render: Callable[..., str], *client: Any, bos: bool = True) -> list[int]:
+        """``render(*client)`` tokenized with its template's control tokens, while the text of
+        one in the ``client`` values (strings, messages, tools) stays text (``control_text``).
+        A BOS is added unless ``bos`` is off or the rendered text starts with one."""
+        found: list[str] = []
+        if self.controls is not None:
+            client = tuple(neutralize(value, self.controls, found) for value in client)
+        text = render(*client)
+        add_bos = bos and self.add_bos and not (self.bos and text.startswith(self.bos))
+        if found:
+            return tokenize_around(
+                text, found, lambda t, sp, b: self.tokenize(t, special=sp, add_bos=b), add_bos
+            )
+        return self.tokenize(text, special=True, add_bos=add_bos)
+
     @functools.cached_property
     def controls(self) -> re.Pattern[str] | None:
         """The text of the model's control tokens (``control_text``); read once, ~50 ms."""
@@ -286,27 +301,20 @@ class LlamaCppBackend:
             tools = request.tools
             if tools and (not loaded.template or "tools" not in loaded.template):
                 raise UnsupportedMode("tool-use", "gguf", "this model's chat template has no tool support")
-            messages = chat_messages(request, "gguf")
-            found: list[str] = []
-            if loaded.controls is not None:  # the client's control-token text stays text
-                messages = neutralize(messages, loaded.controls, found)
-                tools = neutralize(tools, loaded.controls, found)
-            if system and not any(m["role"] == "system" for m in messages):
-                messages.insert(0, {"role": "system", "content": system})
-            text = render_chat(
-                loaded.template,
-                messages,
-                bos_token=loaded.bos,
-                eos_token=loaded.eos,
-                tools=tools,
-                thinking=params.thinking,
-            )
-            add_bos = loaded.add_bos and not (loaded.bos and text.startswith(loaded.bos))
-            if found:
-                return tokenize_around(
-                    text, found, lambda t, sp, bos: loaded.tokenize(t, special=sp, add_bos=bos), add_bos
+
+            def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+                if system and not any(m["role"] == "system" for m in messages):
+                    messages = [{"role": "system", "content": system}, *messages]
+                return render_chat(
+                    loaded.template,
+                    messages,
+                    bos_token=loaded.bos,
+                    eos_token=loaded.eos,
+                    tools=tools,
+                    thinking=params.thinking,
                 )
-            tokens = loaded.tokenize(text, special=True, add_bos=add_bos)
+
+            tokens = loaded.tokenize_prompt(render, chat_messages(request, "gguf"), tools)
         return tokens
 
     def _prompt_tokens(
@@ -518,7 +526,9 @@ class LlamaCppBackend:
 
         def score(loaded: LoadedGguf, doc: str, stop: Event) -> float:
             yes, no = (loaded.tokenize(word, special=False)[0] for word in ("yes", "no"))
-            tokens = loaded.tokenize(rerank_prompt(instruction, request.query, doc), special=True)
+            tokens = loaded.tokenize_prompt(
+                lambda q, d, i: rerank_prompt(i, q, d), request.query, doc, instruction, bos=False
+            )
             logits = loaded.last_logits(tokens[-(loaded.n_ctx - 1) :], stop)
             return 1.0 / (1.0 + math.exp(-(logits[yes] - logits[no])))
 
@@ -530,16 +540,16 @@ class LlamaCppBackend:
         over the label's tokens (and its capitalised spelling), normalised across labels."""
 
         def prompt_tokens(loaded: LoadedGguf, _: object, __: Event) -> list[int]:
-            prompt = render_chat(
-                loaded.template,
-                [{"role": "user", "content": classify_prompt(request.text, request.labels)}],
-                bos_token=loaded.bos,
-                eos_token=loaded.eos,
-                thinking=ThinkingMode.OFF,
-            )
-            return loaded.tokenize(
-                prompt, special=True, add_bos=loaded.add_bos and not prompt.startswith(loaded.bos)
-            )
+            def render(text: str, labels: list[str]) -> str:
+                return render_chat(
+                    loaded.template,
+                    [{"role": "user", "content": classify_prompt(text, labels)}],
+                    bos_token=loaded.bos,
+                    eos_token=loaded.eos,
+                    thinking=ThinkingMode.OFF,
+                )
+
+            return loaded.tokenize_prompt(render, request.text, request.labels)
 
         def logp(loaded: LoadedGguf, label: str, stop: Event) -> float:
             eot = loaded.llm.token_eos()
