@@ -12,6 +12,7 @@ from car_inference.requests import (
     GenerateImageRequest,
     GenerateParams,
     GenerateRequest,
+    GenerateVideoRequest,
     ImageBlock,
     InferenceResult,
     Message,
@@ -226,3 +227,14 @@ def test_messages_are_at_most_max_messages() -> None:
     assert len(GenerateRequest(messages=[turn] * MAX_MESSAGES).messages or []) == MAX_MESSAGES
     with pytest.raises(ValidationError, match="at most 4096"):
         GenerateRequest(messages=[turn] * (MAX_MESSAGES + 1))
+
+
+def test_image_and_video_requests_have_upper_bounds() -> None:
+    """A width of 10**9 or a million variants is a 400 (ValidationError), not an allocation."""
+    for bad in ({"width": 10**9}, {"height": 8193}, {"steps": 10**6}, {"variant_count": 11}):
+        with pytest.raises(ValidationError):
+            GenerateImageRequest.model_validate({"prompt": "cat", **bad})
+    assert GenerateImageRequest(prompt="cat", width=8192, height=8192, variant_count=10).width == 8192
+    for bad in ({"duration_s": 601}, {"fps": 241}, {"width": 8193}, {"steps": 1001}):
+        with pytest.raises(ValidationError):
+            GenerateVideoRequest.model_validate({"prompt": "waves", **bad})

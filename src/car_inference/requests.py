@@ -509,16 +509,22 @@ class SynthesizeResult(_Model):
     voice_used: str | None = None
 
 
+MAX_PIXELS_SIDE = 8192
+MAX_STEPS = 1000
+
+
 class GenerateImageRequest(_Model):
     prompt: str
     model: str | None = None
     negative_prompt: str | None = None
-    width: int = Field(default=1024, ge=64)
-    height: int = Field(default=1024, ge=64)
-    steps: Int | None = Field(default=None, ge=1)
+    # Upper bounds far above what any pipeline or API takes (8K, OpenAI's n of 10), so that a
+    # client's typo (a width of 10**9) is a 400, not an allocation that fails or never ends.
+    width: int = Field(default=1024, ge=64, le=MAX_PIXELS_SIDE)
+    height: int = Field(default=1024, ge=64, le=MAX_PIXELS_SIDE)
+    steps: Int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance: Float | None = None
     seed: Int | None = Field(default=None, ge=-_INT64 - 1, le=_INT64)
-    variant_count: int | None = Field(default=None, ge=1)
+    variant_count: int | None = Field(default=None, ge=1, le=10)
     output_path: str | None = None
     format: Literal["png", "jpeg", "webp"] = "png"
     image_paths: list[str] = Field(default_factory=list, description="images to edit (or take as references)")
@@ -547,15 +553,15 @@ class GenerateVideoRequest(_Model):
     mode: VideoMode = VideoMode.TEXT_TO_VIDEO
     image_path: str | None = None
     audio_path: str | None = None
-    duration_s: float = Field(default=4.0, gt=0)
-    fps: int = Field(default=24, ge=1)
-    width: int = Field(default=768, ge=64)
-    height: int = Field(default=512, ge=64)
+    duration_s: float = Field(default=4.0, gt=0, le=600)
+    fps: int = Field(default=24, ge=1, le=240)
+    width: int = Field(default=768, ge=64, le=MAX_PIXELS_SIDE)
+    height: int = Field(default=512, ge=64, le=MAX_PIXELS_SIDE)
     seed: int | None = None
     output_path: str | None = None
     format: Literal["mp4", "mov", "gif"] = "mp4"
     negative_prompt: str | None = None
-    steps: int | None = Field(default=None, ge=1)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance: float | None = None
 
     @model_validator(mode="after")

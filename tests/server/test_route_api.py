@@ -129,3 +129,14 @@ def test_a_route_whose_trace_waits_for_the_store_holds_up_no_other_request(
         waiting.join(20)
         assert answers and answers[0].status_code == 200 and answers[0].json()["trace_id"]
     engine.close()
+
+
+def test_a_named_model_that_cannot_chat_is_a_400_not_a_decision(
+    routed: tuple[httpx.Client, InferenceEngine],
+) -> None:
+    """An embedding model named for a chat: the 400 of /v1/chat/completions (it returned a
+    generate decision for it, and kept a pending trace)."""
+    http, _engine = routed
+    refused = http.post("/v1/route", json={"messages": ASK, "model": "all-MiniLM-L6-v2"})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_mode"
+    assert "does not declare generate" in refused.json()["error"]["message"]

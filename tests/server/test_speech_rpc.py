@@ -46,6 +46,7 @@ async def test_bad_speech_calls_are_invalid_params(local_server: ServerThread) -
                 ("transcribe", {}, "audio"),
                 ("transcribe", {"audio_path": "/etc/passwd"}, "audio_path"),
                 ("synthesize", {"text": "hi", "output_path": "/tmp/x.wav"}, "output_path"),
+                ("synthesize", {"text": "a" * 4097}, "text"),  # HTTP's limit (it ran 30 s uncapped)
             ]
         ):
             error = (await call(ws, method, params, rid=rid))["error"]

@@ -16,6 +16,8 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..errors import UnsupportedMode
+from ..schema import ModelCapability
 from .common import ServerState, json_response, read_json
 from .errors import ApiError, guarded
 from .translate import chat_request
@@ -36,6 +38,11 @@ def register(app: FastAPI, state: ServerState) -> None:
         body.pop("stream", None)  # nothing is generated, so nothing streams
         call = chat_request(body)
         decision = await engine.route_async(call.request)
+        chosen = engine.registry.get(decision.model_id)
+        if chosen is not None and not chosen.has_capability(ModelCapability.GENERATE):
+            # A named model that cannot answer a chat: the 400 /v1/chat/completions gives, not a
+            # decision (and a pending trace) for a call that would fail.
+            raise UnsupportedMode("generate", chosen.kind, f"{chosen.id} does not declare generate")
         state.metrics.decision(str(decision.strategy))
         # The trace is written at once (feedback may follow at once), off the loop: a store that
         # is slow or busy with the writer's batch holds this request only.

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import InferenceError
 from ..requests import SynthesizeRequest, TranscribeRequest
 from .errors import ApiError
-from .media import _without_path, upload_name
+from .media import MAX_SPEECH_CHARS, _without_path, upload_name
 
 __all__ = ["rpc_synthesize", "rpc_transcribe", "rpc_voices"]
 
@@ -60,6 +60,10 @@ async def rpc_transcribe(session: Any, params: dict[str, Any], rid: Any) -> Any:
 
 async def rpc_synthesize(session: Any, params: dict[str, Any], rid: Any) -> Any:
     fields = _fields(params)
+    text = fields.get("text")
+    if isinstance(text, str) and len(text) > MAX_SPEECH_CHARS:  # the HTTP route's limit
+        message = f"`text` is {len(text)} characters; at most {MAX_SPEECH_CHARS} (split longer texts)"
+        raise ApiError(400, message, param="text")
     workdir = Path(tempfile.mkdtemp(prefix="car-rpc-speech-"))
     try:
         target = workdir / f"speech.{fields.get('format', 'wav')}"
