@@ -158,6 +158,16 @@ def test_chat_refusals_name_the_field() -> None:
     )
     image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x"}}]}
     assert bad({"messages": [image]}).param == "messages[0].content[0].image_url"
+    # Checked before routing: with no vision or tool model these were 503 "no candidate".
+    broken = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}],
+    }
+    assert "not valid base64" in bad({"messages": [broken]}).message
+    assert bad({"messages": [USER], "tools": [{}]}).param == "tools[0].function.name"
+    assert bad({"messages": [USER], "tools": [{"type": "function", "function": {}}]}).param == (
+        "tools[0].function.name"
+    )
     error = bad({"messages": [USER], "response_format": {"type": "json_schema"}})
     assert error.param == "response_format" and "json_schema" in error.message
 
