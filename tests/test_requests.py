@@ -22,6 +22,7 @@ from car_inference.requests import (
     TextBlock,
     TokenUsage,
     ToolCall,
+    TranscribeRequest,
 )
 from car_inference.schema import ModelCapability
 
@@ -238,3 +239,12 @@ def test_image_and_video_requests_have_upper_bounds() -> None:
     for bad in ({"duration_s": 601}, {"fps": 241}, {"width": 8193}, {"steps": 1001}):
         with pytest.raises(ValidationError):
             GenerateVideoRequest.model_validate({"prompt": "waves", **bad})
+
+
+def test_request_flags_take_json_booleans_only() -> None:
+    """pydantic's lax mode took "yes" for true: a client's mistake went through unseen."""
+    with pytest.raises(ValidationError):
+        TranscribeRequest.model_validate({"audio_path": "a.wav", "timestamps": "yes"})
+    with pytest.raises(ValidationError):
+        GenerateRequest.model_validate({"prompt": "x", "params": {"raw_prompt": 1}})
+    assert TranscribeRequest(audio_path="a.wav", timestamps=True).timestamps

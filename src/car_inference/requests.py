@@ -186,11 +186,21 @@ class TaskHint(StrEnum):
     TRANSLATE = "translate"
 
 
+# Numbers and booleans as JSON's only: pydantic's lax mode reads `true` as 1, "0.7" as 0.7 and
+# "yes" as true, which hides a client's mistake. Integers fit what providers take (int32 counts,
+# int64 seeds).
+_INT32 = 2**31 - 1
+_INT64 = 2**63 - 1
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+
+
 class IntentHint(_Model):
     """What the caller knows about the task: a family, a local-first wish, required capabilities."""
 
     task: TaskHint | None = None
-    prefer_local: bool = False
+    prefer_local: Bool = False
     require: list[ModelCapability] = Field(default_factory=list)
 
 
@@ -213,14 +223,6 @@ TOOL_CHOICE_MODES = ("auto", "none", "required")
 # in its turns (15,000 one-word messages held SmolLM2's tokenizer 14 s); far above any real chat.
 MAX_MESSAGES = 4096
 
-# Numbers as JSON numbers only: pydantic's lax mode reads `true` as 1 and "0.7" as 0.7, which
-# hides a client's mistake. Integers fit what providers take (int32 counts, int64 seeds).
-_INT32 = 2**31 - 1
-_INT64 = 2**63 - 1
-Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]
-Int = Annotated[int, Strict()]
-Bool = Annotated[bool, Strict()]
-
 
 class GenerateParams(_Model):
     temperature: Float = Field(default=0.7, ge=0.0, le=2.0, description="0 means greedy")
@@ -238,7 +240,7 @@ class GenerateParams(_Model):
     )
     parallel_tool_calls: Bool | None = None
     workload: RoutingWorkload = RoutingWorkload.INTERACTIVE
-    raw_prompt: bool = Field(
+    raw_prompt: Bool = Field(
         default=False, description="send `prompt` as-is, without the chat template (text completion)"
     )
 
@@ -255,7 +257,7 @@ class GenerateRequest(_Model):
     tools: list[dict[str, Any]] | None = Field(default=None, description="OpenAI function schemas")
     images: list[ContentBlock] | None = None
     response_format: ResponseFormat | None = None
-    cache_control: bool = False
+    cache_control: Bool = False
     intent: IntentHint | None = None
 
     @model_validator(mode="after")
@@ -462,7 +464,7 @@ class TranscribeRequest(_Model):
     model: str | None = None
     language: str | None = None
     prompt: str | None = None
-    timestamps: bool = False
+    timestamps: Bool = False
 
 
 class TranscribedWord(_Model):
@@ -489,7 +491,7 @@ class SynthesizeRequest(_Model):
     reference_audio_path: str | None = None
     reference_text: str | None = None
     voice_instruction: str | None = None
-    strict_capabilities: bool = False
+    strict_capabilities: Bool = False
 
     @model_validator(mode="after")
     def _no_nul(self) -> SynthesizeRequest:
