@@ -106,9 +106,12 @@ async def test_the_router_takes_a_delegated_model_like_any_other(engine: Inferen
     assert decision.model_id == "app/best"
     result = await engine.generate(_ask("Summarize local-first AI in one sentence."))
     assert result.model_used == "app/best" and result.text.startswith("best: ")
-    engine.unregister_runner(registration)  # the model it brought leaves with it
+    engine.breakers.record_failure("app/best")  # a breaker that has seen it
+    assert "app/best" in engine.model_health().circuit_breakers
+    engine.unregister_runner(registration)  # the model it brought leaves with it, breaker too
     with pytest.raises(ModelNotFound):
         engine.resolve("app/best")
+    assert "app/best" not in engine.model_health().circuit_breakers
 
 
 async def test_a_streaming_runner_streams_and_also_answers_whole(engine: InferenceEngine) -> None:

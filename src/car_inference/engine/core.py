@@ -182,6 +182,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         for model_id in removed.owned_models:
             if self.runners.find(model_id) is None:
                 self.registry.unregister(model_id)
+                self.breakers.reset(model_id)  # not listed in health after it left (it was)
         self.registry.refresh_availability(Locality.RUNNER)
         return True
 
