@@ -168,6 +168,8 @@ def test_chat_refusals_name_the_field() -> None:
     assert bad({"messages": [USER], "tools": [{"type": "function", "function": {}}]}).param == (
         "tools[0].function.name"
     )
+    bare = chat_request({"messages": [USER], "tools": [{"name": "f", "parameters": {}}]}).request
+    assert bare.tool_names() == ["f"], "the bare shape the library takes stays accepted"
     error = bad({"messages": [USER], "response_format": {"type": "json_schema"}})
     assert error.param == "response_format" and "json_schema" in error.message
 

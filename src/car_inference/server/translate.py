@@ -281,7 +281,8 @@ def chat_request(body: dict[str, Any]) -> GenerationCall:
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise _bad("`tools` must be a list of function tools", "tools")
     for i, tool in enumerate(tools or []):
-        fn = tool.get("function")
+        # OpenAI's {type, function: {name}} or a bare {name}, the shapes GenerateRequest.tool_names reads.
+        fn = tool.get("function", tool)
         if tool.get("type", "function") == "function" and not (
             isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"]
         ):
