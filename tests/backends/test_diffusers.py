@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict
 
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from car_inference.backends.diffusers import pick_device
+from car_inference.backends.fair import CLIENT
 from car_inference.engine import InferenceEngine
 from car_inference.errors import InvalidInput, ModelUnavailable, UnsupportedMode
 from car_inference.requests import GenerateImageRequest, GenerateVideoRequest, VideoMode
@@ -95,13 +97,63 @@ async def test_steps_guidance_negative_prompt_and_variants_reach_the_pipeline(
         ),
         progress=lambda done, total: seen.append((done, total)),
     )
-    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert seen == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]  # both images' steps
     assert result.image_paths == [str(tmp_path / "v.webp"), str(tmp_path / "v-2.webp")]
     images = [Image.open(p) for p in result.image_paths]
     assert all(i.format == "WEBP" and i.size == (64, 64) for i in images)
     assert np.asarray(images[0]).tobytes() != np.asarray(images[1]).tobytes()
     assert result.media_type == "image/webp"
     assert Path(plain.image_path).is_file()
+    # Variant i is the picture seed + i gives alone.
+    alone = await engine.generate_image(
+        GenerateImageRequest(
+            prompt="a cat",
+            model=SD,
+            width=64,
+            height=64,
+            seed=4,
+            steps=3,
+            guidance=4.0,
+            negative_prompt="blue",
+            format="webp",
+            output_path=str(tmp_path / "alone.webp"),
+        )
+    )
+    assert np.asarray(Image.open(alone.image_path)).tobytes() == np.asarray(images[1]).tobytes()
+
+
+async def test_another_clients_picture_goes_between_variants(engine: InferenceEngine, tmp_path: Path) -> None:
+    """Client A asks for four variants, client B for one picture while A's first is made: B's
+    picture is made after A's first variant, not after all four (``fair.FairExecutor``)."""
+    order: list[str] = []
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def progress_of(who: str) -> Callable[[int, int], None]:
+        def progress(done: int, total: int) -> None:
+            if done == total or (who == "A" and done % 20 == 0):
+                order.append(f"{who}{done}")
+            loop.call_soon_threadsafe(started.set)
+
+        return progress
+
+    async def as_client(client: str, request: GenerateImageRequest, who: str) -> None:
+        CLIENT.set(client)
+        await engine.generate_image(request, progress=progress_of(who))
+
+    def picture(prompt: str, steps: int, count: int | None) -> GenerateImageRequest:
+        path = str(tmp_path / f"{prompt}.png")
+        return GenerateImageRequest(
+            prompt=prompt, model=SD, width=64, height=64, steps=steps, variant_count=count, output_path=path
+        )
+
+    big, small = picture("a", 20, 4), picture("b", 2, None)
+    first = asyncio.create_task(as_client("client-a", big, "A"))
+    await started.wait()
+    await as_client("client-b", small, "B")
+    await first
+    assert "A40" in order and order.index("B2") < order.index("A40"), order  # before A's second ended
+    assert order[-1] == "A80"
 
 
 async def test_without_a_seed_the_result_names_the_one_used(engine: InferenceEngine, tmp_path: Path) -> None:

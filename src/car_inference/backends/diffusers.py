@@ -15,10 +15,15 @@ never dropped; the model's ``default_params`` (steps, guidance, width, height, f
 duration_s) fill what the request left out. With ``image_paths`` an image pipeline runs as its
 image-to-image sibling (``AutoPipelineForImage2Image``), and with ``image_path`` a video pipeline
 as its image-to-video sibling, on the same loaded components.
+
+Several images (``variant_count``) are one pipeline call each, variant i seeded with seed + i:
+each call is a turn on the model, so another client's picture does not wait for all of them,
+and a variant a user likes is the picture a single request with its seed gives again.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import secrets
 import threading
@@ -52,7 +57,6 @@ _PARAM_NAMES = {
     "negative_prompt": "negative_prompt",
     "steps": "num_inference_steps",
     "guidance": "guidance_scale",
-    "variant_count": "num_images_per_prompt",
 }
 
 
@@ -141,9 +145,10 @@ class DiffusersBackend:
         target = output_path(request.output_path, request.format, "car-image-")
         width, height = _size(model, request)
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        given = _given(request, ("negative_prompt", "steps", "guidance", "variant_count"))
+        given = _given(request, ("negative_prompt", "steps", "guidance"))
+        count = request.variant_count or 1
 
-        def work(stop: threading.Event) -> list[Any]:
+        def work(stop: threading.Event, index: int) -> list[Any]:
             entry = self._entry(model)
             with entry.lock:
                 pipe = entry.instance.pipe
@@ -155,10 +160,16 @@ class DiffusersBackend:
                 else:
                     _check_size(model, pipe, width, height)
                     kwargs |= {"width": width, "height": height}
-                call = _Call(model, pipe, self.kind, progress, stop)
-                return call.run(kwargs, given, _defaults(model, ("steps", "guidance")), seed).images
+                call = _Call(model, pipe, self.kind, _share(progress, index, count), stop)
+                defaults = _defaults(model, ("steps", "guidance"))
+                return call.run(kwargs, given, defaults, _variant_seed(seed, index)).images
 
-        images = await run_stoppable(work, DIFFUSERS_THREAD)
+        # One pipeline call per image, each its own turn on the model (``fair.FairExecutor``):
+        # another client's picture goes between this one's variants, and variant i is the picture
+        # a single request with seed + i gives.
+        images: list[Any] = []
+        for index in range(count):
+            images += await run_stoppable(functools.partial(work, index=index), DIFFUSERS_THREAD)
         paths = [variant_path(target, i) for i in range(len(images))]
 
         def save() -> None:  # encoding a large PNG takes a while: not on the event loop
@@ -280,6 +291,19 @@ class _Call:
 # slower (112 -> 141-161 ms, 2 cores) though no two calls overlapped. Calls queue here in order;
 # sentence-transformers has its own thread, so embeddings never wait behind a picture.
 DIFFUSERS_THREAD = openmp_thread("car-diffusers")
+
+
+def _variant_seed(seed: int, index: int) -> int:
+    """Variant ``index``'s seed: ``seed + index``, wrapped into what torch's generator takes."""
+    value = seed + index
+    return value - 2**64 if value >= 2**64 else value
+
+
+def _share(progress: Progress | None, index: int, count: int) -> Progress | None:
+    """Progress of variant ``index`` of ``count`` as progress of the whole request."""
+    if progress is None or count == 1:
+        return progress
+    return lambda done, total: progress(index * total + done, count * total)
 
 
 def _given(request: Any, fields: tuple[str, ...]) -> dict[str, Any]:
