@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": "errors",
     "ProviderError": "errors",
     "SpendLimitExceeded": "errors",
+    "StateUnavailable": "errors",
     "AllModelsFailed": "errors",
     # schema
     "ModelCapability": "schema",
@@ -105,6 +106,7 @@ if TYPE_CHECKING:  # pragma: no cover
         ModelUnavailable,
         ProviderError,
         SpendLimitExceeded,
+        StateUnavailable,
         TokenizationError,
         UnsupportedMode,
     )

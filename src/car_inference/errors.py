@@ -24,6 +24,7 @@ __all__ = [
     "ProviderError",
     "ProviderRejectedInput",
     "SpendLimitExceeded",
+    "StateUnavailable",
     "TokenizationError",
     "TraceNotFound",
     "UnsupportedMode",
@@ -195,6 +196,16 @@ class SpendLimitExceeded(InferenceError):
             f"{period} spend limit for {scope} is ${limit_usd:.2f}; spent ${spent_usd:.4f}, "
             f"this request would add about ${estimate_usd:.4f}"
         )
+
+
+class StateUnavailable(InferenceError):
+    """The shared learned-state store (PostgreSQL) cannot be read now. Writes wait in memory
+    meanwhile, so nothing is lost; a read (feedback on an answer, an export) can be retried after
+    ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class CircuitOpen(InferenceFailed):

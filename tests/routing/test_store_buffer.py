@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from car_inference.config import CarConfig, StateSettings
+from car_inference.errors import StateUnavailable
 from car_inference.routing.store import TraceRow
 from car_inference.routing.store_api import open_store, state_health
 from car_inference.routing.store_pg import PgOutcomeStore
@@ -82,8 +83,9 @@ def test_writes_wait_in_memory_up_to_the_bound_and_reach_the_database_when_it_re
         assert time.monotonic() - started < 10  # the first write notices; the others do not wait
         assert results[0] == (None, 1.0) and results[1] == (None, 0.0)  # what it knew without the database
         assert (store.buffered, store.dropped) == (5, 3)
-        with pytest.raises(psycopg.OperationalError, match="unreachable"):
-            store.profiles()  # reads fail at once
+        with pytest.raises(StateUnavailable, match="unreachable") as refused:
+            store.profiles()  # reads fail at once, saying when to try again
+        assert refused.value.retry_after == 0.2
         health = state_health(store, url)
         assert (health.buffered, health.dropped) == (5, 3) and health.error is not None
         assert "records are kept in memory" in caplog.text and "dropped" in caplog.text
@@ -181,5 +183,45 @@ def test_v1_health_shows_what_waits_and_what_was_lost(url: str, proxy: TcpProxy,
             assert state["buffered"] == 0 and state["dropped"] == 1
             assert state["error"] is None and state["round_trip_ms"] > 0
             assert engine.store.spend_by_provider(0.0) == {"acme": pytest.approx(0.3)}
+    finally:
+        engine.close()
+
+
+def test_feedback_while_the_store_is_away_is_a_503_saying_so_and_works_once_it_returns(
+    url: str, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """Feedback reads the answer's trace: with PostgreSQL away that is a 503 `state_unavailable`
+    with Retry-After (it was a 500 with a traceback in the log), and the same call succeeds once
+    the store is back."""
+    import httpx
+
+    from car_inference.engine import InferenceEngine
+    from car_inference.server import ServerThread, create_app
+
+    (tmp_path / "config.toml").write_text(f'[state]\nurl = "{_through(url, proxy)}"\n')
+    engine = InferenceEngine(home=tmp_path)
+    try:
+        with (
+            ServerThread(create_app(engine)) as server,
+            httpx.Client(base_url=server.url, timeout=30) as http,
+        ):
+            routed = http.post("/v1/route", json={"messages": [{"role": "user", "content": "Say hi."}]})
+            trace_id = routed.json()["trace_id"]
+            proxy.stop()
+            refused = http.post("/v1/feedback", json={"trace_id": trace_id, "score": 0.5})
+            assert refused.status_code == 503, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "state_unavailable" and "unreachable" in error["message"]
+            assert int(refused.headers["retry-after"]) >= 1
+            proxy.start()
+            deadline = time.monotonic() + 20
+            while (
+                answer := http.post("/v1/feedback", json={"trace_id": trace_id, "score": 0.5})
+            ).status_code == 503:
+                assert time.monotonic() < deadline, answer.text
+                time.sleep(0.2)
+            assert answer.status_code == 200 and answer.json()["recorded"] is True
+        trace = engine.store.trace(trace_id)
+        assert trace is not None and trace["quality"] == 0.5
     finally:
         engine.close()

@@ -21,6 +21,7 @@ from car_inference.errors import (
     ModelUnavailable,
     ProviderError,
     SpendLimitExceeded,
+    StateUnavailable,
     TokenizationError,
     TraceNotFound,
     UnsupportedMode,
@@ -45,6 +46,7 @@ def _provider(status: int | None, message: str = "boom") -> ProviderError:
         (TokenizationError("bad ids"), 400, "tokenization_error"),
         (SpendLimitExceeded("openai", "daily", 1.0, 0.99, 0.05), 402, "spend_limit_exceeded"),
         (CircuitOpen("m"), 503, "circuit_open"),
+        (StateUnavailable("the PostgreSQL state store is unreachable", 1.0), 503, "state_unavailable"),
         (_provider(500), 502, "provider_error"),
         (_provider(429), 502, "provider_error"),
         (_provider(400), 400, "provider_rejected_input"),  # the client's input, not the provider's fault

@@ -6,9 +6,10 @@ write and every later one (traces, outcomes, feedback, spend) are appended, in o
 in-memory buffer of at most ``buffer_limit`` records, and return at once what they can say without
 the database (``record_trace``: no quick-retry lookup, the quality it was given). The writes of a
 ``batch()`` whose transaction was lost with the connection go back to the buffer's front, before
-the ones that came after them. Reads fail at once with ``psycopg.OperationalError`` while it is
-down, instead of waiting for the pool, except spend totals: the last totals read for the same
-window plus the buffered spend, so spend limits and ``/v1/health`` keep working.
+the ones that came after them. Reads fail at once with ``errors.StateUnavailable`` (the server's
+503 with ``Retry-After``) while it is down, instead of waiting for the pool, except spend totals:
+the last totals read for the same window plus the buffered spend, so spend limits and
+``/v1/health`` keep working.
 
 Every ``retry_s`` (a timer, and any write or read that comes along) the store tries one connection;
 once it connects, the buffer is written in order, in transactions of ``REPLAY_CHUNK`` records under
@@ -34,6 +35,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import PoolTimeout
 
+from ..errors import StateUnavailable
 from .store_base import QualityChange, StoreBase, TraceRow
 
 __all__ = ["REPLAY_CHUNK", "BufferedWrites", "unreachable"]
@@ -50,7 +52,7 @@ def unreachable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database could not be reached (rather than refusing a statement):
     no pooled connection in time, a broken or refused connection (no SQLSTATE, class 08), or the
     server shutting down (class 57: admin shutdown, crash recovery)."""
-    if isinstance(exc, PoolTimeout):
+    if isinstance(exc, PoolTimeout | StateUnavailable):
         return True
     if not isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return False
@@ -223,9 +225,10 @@ class BufferedWrites(StoreBase):
     def _check_readable(self) -> None:
         """Reads fail at once while the database is away (none of them is buffered)."""
         if self._down_since is not None and not self._in_batch() and not self.recover():
-            raise psycopg.OperationalError(
+            raise StateUnavailable(
                 f"the PostgreSQL state store {self.location} is unreachable ({self._down_reason});"
-                f" {len(self._buffer)} records are waiting in memory"
+                f" {len(self._buffer)} records are waiting in memory",
+                retry_after=self.retry_s,
             )
 
     # --- spend totals: answered from memory while the database is away -----------------------

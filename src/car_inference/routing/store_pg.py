@@ -37,7 +37,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
 from ..config import redact_url
-from ..errors import ConfigError
+from ..errors import ConfigError, StateUnavailable
 from .store_base import DAY_ENTRIES
 from .store_buffer import BufferedWrites, unreachable
 from .store_pg_sql import COPY_COLUMNS, insert_missing, merge_counters
@@ -127,10 +127,15 @@ class PgOutcomeStore(BufferedWrites):
         try:
             with self._pool.connection() as conn:
                 yield conn
-        except Exception as exc:
-            if unreachable(exc):
-                self._went_down(exc)
+        except StateUnavailable:
             raise
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            self._went_down(exc)
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            message = f"the PostgreSQL state store {self.location} is unreachable ({reason})"
+            raise StateUnavailable(message, retry_after=self.retry_s) from exc
 
     @contextmanager
     def _tx(self, *, counters: bool = False, defer: bool = False) -> Iterator[Conn]:

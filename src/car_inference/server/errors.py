@@ -10,7 +10,7 @@ Status decisions (documented in docs/protocol.md):
 - malformed JSON, wrong types, missing fields, UnsupportedMode, TokenizationError: 400
 - ModelNotFound, TraceNotFound: 404
 - SpendLimitExceeded: 402 (not 429: waiting a few seconds does not help, and SDKs retry 429)
-- ModelUnavailable, CircuitOpen, DeviceError: 503
+- ModelUnavailable, CircuitOpen, DeviceError, StateUnavailable (the shared state store is away): 503
 - ProviderError, AllModelsFailed, DownloadFailed: 502; a provider timeout: 504; a provider's
   400/413/422 (it refused the input the client sent): 400 ``provider_rejected_input``
 - our own per-request timeout: 504
@@ -43,6 +43,7 @@ from ..errors import (
     ModelUnavailable,
     ProviderError,
     SpendLimitExceeded,
+    StateUnavailable,
     TokenizationError,
     TraceNotFound,
     UnsupportedMode,
@@ -258,6 +259,9 @@ def describe(
     simple = _simple(exc, name)
     if simple is not None:
         return simple
+    if isinstance(exc, StateUnavailable):
+        retry = exc.retry_after
+        return ErrorInfo(503, "server_error", "state_unavailable", str(exc), None, name, True, retry)
     if isinstance(exc, CircuitOpen):
         retry = getattr(exc, "retry_after", None)
         if retry is None and retry_hint is not None:
@@ -376,6 +380,7 @@ RPC_CODES: dict[str | None, int] = {
     "server_busy": -32008,
     "server_shutdown": -32016,
     "state_store_behind": -32017,
+    "state_unavailable": -32017,
     "trace_not_found": -32009,
     "capability_unavailable": -32010,
     "circuit_open": -32011,
