@@ -96,7 +96,7 @@ def test_a_version_1_file_is_migrated_then_copied(isolated_home: Path) -> None:
     conn.close()
     code, out, err = car("state", "migrate", "--to", postgres_schema_url(), "--json")
     assert code == 0, err
-    assert json.loads(out)["schema_version"] == 4
+    assert json.loads(out)["schema_version"] == 5
 
 
 def test_usage_errors_are_one_line_with_status_2(isolated_home: Path) -> None:

@@ -68,10 +68,14 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 
 def _downgrade(db: Path, version: int) -> None:
-    """Make a current file look as an older version wrote it: schema 3 had no joined_at, schema 2
-    the residual sums too, schema 1 no answer lengths per context either."""
+    """Make a current file look as an older version wrote it: schema 4 had no store ids, schema 3
+    no joined_at either, schema 2 the residual sums too, schema 1 no answer lengths per context
+    either."""
     conn = sqlite3.connect(db)
-    conn.execute("ALTER TABLE task_stats DROP COLUMN joined_at")
+    conn.execute("DROP TABLE store_identity")
+    conn.execute("DROP TABLE merged_stores")
+    if version <= 3:
+        conn.execute("ALTER TABLE task_stats DROP COLUMN joined_at")
     if version <= 2:
         conn.execute("ALTER TABLE profiles ADD COLUMN resid_sum REAL NOT NULL DEFAULT 0")
         conn.execute("ALTER TABLE task_stats ADD COLUMN resid_sum REAL NOT NULL DEFAULT 0")
@@ -82,22 +86,23 @@ def _downgrade(db: Path, version: int) -> None:
     conn.close()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_an_older_database_is_migrated_in_place(tmp_path: Path, version: int) -> None:
     """Schema 1 had no answer lengths per context (the column is added), schema 2 kept residual
     sums nothing reads (dropped), schema 3 no joined_at (added: 0, every model joined at the
-    start); the rows stay."""
+    start), schema 4 no store ids (the tables are added); the rows stay."""
     db = tmp_path / "state.db"
     with OutcomeStore(db) as store:
         store.record_trace(_row("t1"), success=True, latency_ms=10.0, output_tokens=7)
     _downgrade(db, version)
     with OutcomeStore(db) as store:
-        assert store.schema_version == SCHEMA_VERSION == 4
+        assert store.schema_version == SCHEMA_VERSION == 5
         rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
         assert rows["code"]["calls"] == 1 and "resid_sum" not in rows["code"]
         assert rows["code"]["joined_at"] == 0
         assert rows["code"]["total_output_tokens"] == (0 if version == 1 else 7)
         assert "resid_sum" not in store.profiles()[0]
+        assert len(store.store_id()) == 32 and store.store_id() == store.store_id()
         store.record_trace(_row("t2"), success=True, latency_ms=10.0, output_tokens=5)
         rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
         assert rows["code"]["calls"] == 2 and rows["code"]["total_output_tokens"] == (

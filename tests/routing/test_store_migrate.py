@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,8 +38,8 @@ def test_small_chunks_copy_the_same_rows(tmp_path: Path) -> None:
 
 
 def test_a_second_copy_adds_only_new_rows_and_keeps_counters(tmp_path: Path) -> None:
-    """Rows already in PostgreSQL stay as they are: new traces and spend are added, a model's
-    counters are not overwritten (run the copy before replicas write)."""
+    """A file's counters are added once: a second copy of it adds its new traces and spend, and
+    leaves the counters as the first copy made them."""
     db = tmp_path / "state.db"
     url = postgres_schema_url()
     _fill(db, range(4))
@@ -52,6 +53,42 @@ def test_a_second_copy_adds_only_new_rows_and_keeps_counters(tmp_path: Path) -> 
     with PgOutcomeStore(url) as pg:
         assert {p["model_id"]: p["total_calls"] for p in pg.profiles()} == before
         assert pg.trace("t5") is not None
+
+
+def _by(rows: list[dict[str, Any]], *key: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+    return {tuple(r[k] for k in key): r for r in rows}
+
+
+def test_another_machines_counters_are_added_to_those_there_once(tmp_path: Path) -> None:
+    """Two machines' files into one database (or a file into one replicas already write to): the
+    second's counters add to the first's, so the counts still equal the traces; copying the
+    second again adds nothing twice."""
+    url = postgres_schema_url()
+    one, two = tmp_path / "one.db", tmp_path / "two.db"
+    _fill(one, range(6))
+    _fill(two, range(100, 109))  # the same three models, other traces
+    copy_sqlite_state(one, url)
+    result = copy_sqlite_state(two, url, chunk_rows=4)
+    tables = {t.table: t for t in result.tables}
+    assert result.counters_added and (tables["profiles"].added_to, tables["profiles"].copied) == (3, 0)
+    assert tables["traces"].copied == 9
+    with OutcomeStore(one) as a, OutcomeStore(two) as b, PgOutcomeStore(url) as pg:
+        merged, left, right = (_by(s.profiles(), "model_id") for s in (pg, a, b))
+        for model, row in merged.items():
+            for column in ("total_calls", "success_count", "fail_count", "total_latency_ms", "quality_sum"):
+                assert row[column] == pytest.approx(left[model][column] + right[model][column])
+        traces = [pg.trace(f"t{i}") for i in [*range(6), *range(100, 109)]]
+        assert sum(int(p["total_calls"]) for p in merged.values()) == len(traces) == 15
+        assert all(t is not None for t in traces)
+        stats, lstats, rstats = (_by(s.task_stats(), "model_id", "key") for s in (pg, a, b))
+        assert set(stats) == set(lstats) | set(rstats)
+        for k, row in stats.items():
+            calls = (lstats.get(k) or {}).get("calls", 0) + (rstats.get(k) or {}).get("calls", 0)
+            assert row["calls"] == calls
+    again = copy_sqlite_state(two, url)
+    assert not again.counters_added
+    with PgOutcomeStore(url) as pg:
+        assert _by(pg.profiles(), "model_id") == merged
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:

@@ -64,8 +64,8 @@ def _columns(schema: str) -> dict[str, list[str]]:
 def test_the_tables_are_the_sqlite_stores(store: PgOutcomeStore, url: str) -> None:
     """Same tables and columns as SQLite: `car state migrate` copies rows as they are."""
     pg, lite = _columns(schema_text("postgresql")), _columns(schema_text("sqlite"))
-    assert pg == lite and len(pg) == 5
-    assert store.schema_version == SCHEMA_VERSION == 4
+    assert pg == lite and len(pg) == 7
+    assert store.schema_version == SCHEMA_VERSION == 5
     with _sql(url) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
 
@@ -78,12 +78,15 @@ def test_newer_schema_is_refused(url: str) -> None:
         PgOutcomeStore(url)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_an_older_database_is_migrated_in_place(url: str, version: int) -> None:
     with PgOutcomeStore(url) as store:
         store.record_trace(_row("t1"), success=True, latency_ms=10.0, output_tokens=7)
-    with _sql(url) as conn:  # schema 3: no joined_at; 2: residual sums; 1: no answer lengths either
-        conn.execute("ALTER TABLE task_stats DROP COLUMN joined_at")
+    with _sql(url) as conn:  # 4: no store ids; 3: no joined_at; 2: residual sums; 1: no answer lengths
+        conn.execute("DROP TABLE store_identity")
+        conn.execute("DROP TABLE merged_stores")
+        if version <= 3:
+            conn.execute("ALTER TABLE task_stats DROP COLUMN joined_at")
         if version <= 2:
             conn.execute("ALTER TABLE profiles ADD COLUMN resid_sum DOUBLE PRECISION NOT NULL DEFAULT 0")
             conn.execute("ALTER TABLE task_stats ADD COLUMN resid_sum DOUBLE PRECISION NOT NULL DEFAULT 0")
@@ -91,7 +94,7 @@ def test_an_older_database_is_migrated_in_place(url: str, version: int) -> None:
             conn.execute("ALTER TABLE task_stats DROP COLUMN total_output_tokens")
         conn.execute("UPDATE schema_version SET version = %s", (version,))
     with PgOutcomeStore(url) as store:
-        assert store.schema_version == 4
+        assert store.schema_version == SCHEMA_VERSION
         rows = {r["key"]: r for r in store.task_stats() if r["model_id"] == "p/m"}
         assert rows["code"]["calls"] == 1 and "resid_sum" not in rows["code"]
         assert rows["code"]["joined_at"] == 0

@@ -34,7 +34,8 @@ def migrate(
     as_json: Annotated[bool, typer.Option("--json", help="print the result object as JSON")] = False,
 ) -> None:
     """Copy outcomes, traces, feedback, learned router state and spend from SQLite into
-    PostgreSQL. Rows already there are kept, so running it twice copies nothing twice."""
+    PostgreSQL. The file's learned counters are added to those there, once per file; other rows
+    already there are kept, so running it twice copies nothing twice."""
     from ..routing.store_api import is_postgres_url
     from ..routing.store_migrate import copy_sqlite_state
 
@@ -50,11 +51,15 @@ def migrate(
         return
     out.print(f"{escape(result.source)} -> {escape(result.target)} (schema {result.schema_version})")
     table = Table(header_style="bold")
-    for column in ("table", "rows in SQLite", "copied", "already there"):
+    for column in ("table", "rows in SQLite", "copied", "added to", "already there"):
         table.add_column(column)
     for t in result.tables:
-        table.add_row(t.table, str(t.source_rows), str(t.copied), str(t.already_there))
+        table.add_row(t.table, str(t.source_rows), str(t.copied), str(t.added_to), str(t.already_there))
     out.print(table)
+    if not result.counters_added:
+        out.print(
+            "this file's learned counters were added by an earlier copy: only rows not there were copied"
+        )
 
 
 @state_app.command("prune")

@@ -12,6 +12,7 @@ difference is added to its rows' quality sums in the same transaction.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -192,6 +193,18 @@ class StoreBase:
     def schema_version(self) -> int:
         with self._read() as conn:
             return self._get_version(conn)
+
+    def store_id(self) -> str:
+        """This database's id, random, made on first use: ``car state migrate`` records the ids
+        of the files whose counters it added, so that a file's counters are added once."""
+        with self._tx() as conn:
+            self._x(
+                conn,
+                "INSERT INTO store_identity (one, store_id, created_at) VALUES (1, ?, ?)"
+                " ON CONFLICT (one) DO NOTHING",
+                (uuid.uuid4().hex, time.time()),
+            )
+            return str(self._x(conn, "SELECT store_id FROM store_identity").fetchone()["store_id"])
 
     # --- traces --------------------------------------------------------------------------------
 

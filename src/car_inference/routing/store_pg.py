@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
@@ -40,7 +41,14 @@ from ..config import redact_url
 from ..errors import ConfigError, StateUnavailable
 from .store_base import DAY_ENTRIES
 from .store_buffer import BufferedWrites, unreachable
-from .store_pg_sql import COPY_COLUMNS, insert_missing, merge_counters
+from .store_pg_sql import (
+    COPY_COLUMNS,
+    COUNTER_TABLES,
+    add_counters,
+    insert_missing,
+    merge_counters,
+    present_rows,
+)
 from .store_sql import dialect
 
 try:
@@ -391,6 +399,31 @@ class PgOutcomeStore(BufferedWrites):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def add_counters(
+        self, store_id: str, source: str, chunks: Iterable[tuple[str, list[dict[str, Any]]]]
+    ) -> dict[str, tuple[int, int]] | None:
+        """Add another store's counter rows (``car state migrate``: ``chunks`` of the tables in
+        ``COUNTER_TABLES``) to these, in one transaction, once per ``store_id``: per table, (rows
+        inserted, rows added to). None when that store's counters were added before."""
+        out = dict.fromkeys(COUNTER_TABLES, (0, 0))
+        with self._tx(counters=True) as conn, conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO merged_stores (store_id, source, merged_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (store_id) DO NOTHING",
+                (store_id, source, time.time()),
+            )
+            if cur.rowcount != 1:
+                return None
+            for table, rows in chunks:
+                key = COPY_COLUMNS[table][1] or ""
+                columns = [[r[k.strip()] for r in rows] for k in key.split(",")]
+                there = cur.execute(present_rows(table), columns).fetchone()
+                cur.executemany(add_counters(table), rows)
+                inserted, added = out[table]
+                found = int(next(iter(there.values()))) if there else 0
+                out[table] = (inserted + len(rows) - found, added + found)
+        return out
 
     def insert_missing(self, rows: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
         """Copy rows of other stores' tables (``car state migrate``), each unless already there,

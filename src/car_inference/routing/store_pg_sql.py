@@ -14,7 +14,18 @@ from typing import Any
 from .estimate import ALL
 from .store_sql import COPY_COLUMNS
 
-__all__ = ["COPY_COLUMNS", "insert_missing", "merge_counters"]
+__all__ = [
+    "COPY_COLUMNS",
+    "COUNTER_TABLES",
+    "add_counters",
+    "insert_missing",
+    "merge_counters",
+    "present_rows",
+]
+
+# The tables of learned counters: ``car state migrate`` adds a file's rows to these (once per file).
+COUNTER_TABLES = ("profiles", "task_stats")
+_CALLS = {"profiles": "total_calls", "task_stats": "calls"}
 
 
 def insert_missing(table: str) -> str:
@@ -31,6 +42,33 @@ def insert_missing(table: str) -> str:
         f"INSERT INTO {table} ({columns}) SELECT {values} FROM generate_series(1,"
         f" %(n)s - (SELECT COUNT(*) FROM {table} WHERE {same}))"
     )
+
+
+def add_counters(table: str) -> str:
+    """Add one row of another store's counters (``car state migrate``) to this one's: sums and
+    decayed sums add (two histories' evidence), the EMA is the two weighted by their calls, a
+    row's ``updated_at`` the later and its ``joined_at`` the earlier; a row not there is inserted."""
+    columns, key = COPY_COLUMNS[table]
+    names = [c.strip() for c in columns.split(",")]
+    keys = {k.strip() for k in (key or "").split(",")}
+    n = _CALLS[table]
+    special = {
+        "ema_quality": f"CASE WHEN t.{n} + excluded.{n} > 0 THEN (t.ema_quality * t.{n}"
+        f" + excluded.ema_quality * excluded.{n}) / (t.{n} + excluded.{n}) ELSE t.ema_quality END",
+        "updated_at": "GREATEST(t.updated_at, excluded.updated_at)",
+        "joined_at": "LEAST(t.joined_at, excluded.joined_at)",
+    }
+    sets = ", ".join(f"{c} = {special.get(c, f't.{c} + excluded.{c}')}" for c in names if c not in keys)
+    values = ", ".join(f"%({c})s" for c in names)
+    return f"INSERT INTO {table} AS t ({columns}) VALUES ({values}) ON CONFLICT ({key}) DO UPDATE SET {sets}"
+
+
+def present_rows(table: str) -> str:
+    """How many of the given keys (one array per key column, in order) ``table`` holds."""
+    _, key = COPY_COLUMNS[table]
+    keys = ", ".join(k.strip() for k in (key or "").split(","))
+    arrays = ", ".join("%s::text[]" for _ in keys.split(","))
+    return f"SELECT COUNT(*) FROM {table} JOIN unnest({arrays}) AS k({keys}) USING ({keys})"
 
 
 # A batch's held-back counter changes (``store_pg._apply_deferred``), as one statement per table:

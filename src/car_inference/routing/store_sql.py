@@ -23,7 +23,7 @@ __all__ = [
     "schema_text",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The words that differ: column types, identity keys, the scalar min/max of two values.
 _WORDS: dict[str, dict[str, str]] = {
@@ -43,7 +43,23 @@ _WORDS: dict[str, dict[str, str]] = {
     },
 }
 
-_SCHEMA = """
+# This database's id (one row, made on first use: ``StoreBase.store_id``), and the ids of the
+# stores whose counters ``car state migrate`` has added to this one's (each store's, once).
+_IDENTITY_TABLES = """
+CREATE TABLE IF NOT EXISTS store_identity (
+    one {int} PRIMARY KEY CHECK (one = 1),
+    store_id TEXT NOT NULL,
+    created_at {real} NOT NULL
+);
+CREATE TABLE IF NOT EXISTS merged_stores (
+    store_id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    merged_at {real} NOT NULL
+);
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS profiles (
     model_id TEXT PRIMARY KEY,
     total_calls {int} NOT NULL DEFAULT 0,
@@ -112,8 +128,10 @@ CREATE TABLE IF NOT EXISTS spend (
     model_id TEXT NOT NULL,
     usd {real} NOT NULL
 );
-CREATE INDEX IF NOT EXISTS spend_by_ts ON spend (ts)
+CREATE INDEX IF NOT EXISTS spend_by_ts ON spend (ts);
 """
+    + _IDENTITY_TABLES
+)
 
 # Statements that bring a database of schema version N - 1 to N (the schema creates the latest).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -123,6 +141,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: ("ALTER TABLE profiles DROP COLUMN resid_sum", "ALTER TABLE task_stats DROP COLUMN resid_sum"),
     # 4: when a model joined each context (its rows of before count as joined at the start)
     4: ("ALTER TABLE task_stats ADD COLUMN joined_at {int} NOT NULL DEFAULT 0",),
+    # 5: store ids, so that ``car state migrate`` adds a file's counters once
+    5: tuple(s for s in _IDENTITY_TABLES.split(";") if s.strip()),
 }
 
 PROFILE_COLUMNS = (
