@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "AllModelsFailed",
@@ -29,6 +30,7 @@ __all__ = [
     "TraceNotFound",
     "UnsupportedMode",
     "close_matches",
+    "validation_summary",
 ]
 
 
@@ -260,3 +262,12 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]
             if len(found) >= n:
                 break
     return found
+
+
+def validation_summary(exc: Any) -> str:
+    """A pydantic ``ValidationError`` in one line: each field's location and message."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg', '')}" if where else str(err.get("msg", "")))
+    return "; ".join(parts) or str(exc)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 
 import pytest
 
-from car_inference.errors import ModelNotFound
+from car_inference.errors import InvalidInput, ModelNotFound
 from car_inference.requests import GenerateRequest
 from car_inference.routing.outcomes import InferenceTask
 from car_inference.routing.store import TraceRow
@@ -78,8 +79,53 @@ def test_open_trace_then_feedback_completes_it(remote_engine: RemoteEngine) -> N
 
 def test_report_refuses_a_score_out_of_range(remote_engine: RemoteEngine) -> None:
     engine = remote_engine(TWO)
-    with pytest.raises(ValueError, match=r"0\.\.1"):
+    with pytest.raises(InvalidInput, match=r"0\.\.1"):
         engine.report(engine.route(ASK), score=1.5)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("latency_ms", math.inf, "latency_ms must be a finite number >= 0"),
+        ("latency_ms", -1e9, "latency_ms must be a finite number >= 0"),
+        ("cost_usd", math.inf, "cost_usd must be a finite number >= 0"),
+        ("cost_usd", math.nan, "cost_usd must be a finite number >= 0"),
+        ("cost_usd", "0.1", "cost_usd must be a number, not str"),
+        ("score", math.nan, "score must be 0..1"),
+        ("output_tokens", -(10**9), "output_tokens must be a whole number >= 0"),
+        ("input_tokens", 2.5, "input_tokens must be a whole number >= 0"),
+        ("success", "no", "success must be True or False"),
+    ],
+)
+def test_report_refuses_numbers_no_outcome_has_and_records_nothing(
+    remote_engine: RemoteEngine, field: str, value: object, says: str
+) -> None:
+    """An infinite latency or cost, a negative token count, NaN: each was written into the
+    counters and the spend ledger for good (an infinite spend refused every paid call)."""
+    engine = remote_engine(TWO)
+    decision = engine.route(ASK)
+    with pytest.raises(InvalidInput, match=says):
+        engine.report(decision, **{field: value})  # type: ignore[arg-type]
+    engine.flush()
+    assert engine.store.profiles() == [] and engine.store.spend_by_provider(0.0) == {}
+
+
+def test_report_and_feedback_name_what_is_wrong(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
+    decision = engine.route(ASK)
+    with pytest.raises(ModelNotFound, match="alpah") as unknown:
+        engine.report(decision, model_id="alpah")
+    assert "acme/alpha" in unknown.value.suggestions
+    assert engine.store.profiles() == []
+    with pytest.raises(InvalidInput, match="must be a RoutingDecision, not str"):
+        engine.report("acme/alpha")  # type: ignore[arg-type]
+    trace_id = engine.report(decision, model_id="beta")  # a name resolves to its id
+    assert engine.store.trace(trace_id)["model_id"] == "bolt/beta"  # type: ignore[index]
+    for score in (math.nan, 1.5, -0.1):
+        with pytest.raises(InvalidInput, match=r"feedback score must be 0\.\.1"):
+            engine.feedback(trace_id, score)
+    with pytest.raises(InvalidInput, match="must be a number, not str"):
+        engine.feedback(trace_id, "0.5")  # type: ignore[arg-type]
 
 
 async def test_route_adaptive_takes_the_params_that_change_the_decision(remote_engine: RemoteEngine) -> None:
@@ -88,6 +134,10 @@ async def test_route_adaptive_takes_the_params_that_change_the_decision(remote_e
     row = next(c for c in short.candidates if c.model_id == "acme/alpha")
     assert row.expected_output_tokens == 40
     assert row.cost_usd == pytest.approx((short.estimated_input_tokens + 40) / 1e6)
+    with pytest.raises(InvalidInput, match="route_adaptive: max_tokens"):
+        await engine.route_adaptive("Summarise this paragraph.", max_tokens=-1)
+    with pytest.raises(InvalidInput, match="max_tokns: Extra inputs are not permitted"):
+        await engine.route_adaptive("Summarise this paragraph.", max_tokns=5)
 
 
 def test_old_traces_are_pruned_by_the_retention_a_chunk_at_a_time(remote_engine: RemoteEngine) -> None:

@@ -43,4 +43,5 @@ def test_postgres_dialect_differs_only_in_words_and_parameters() -> None:
         pg.q("SELECT * FROM t WHERE a = ? AND b LIKE '5%'") == "SELECT * FROM t WHERE a = %s AND b LIKE '5%%'"
     )
     assert pg.q("SELECT x::text FROM t WHERE k = :key") == "SELECT x::text FROM t WHERE k = %(key)s"
-    assert len(lite.schema) == len(pg.schema) and lite.migrations.keys() == pg.migrations.keys() == {2, 3, 4, 5}
+    assert len(lite.schema) == len(pg.schema)
+    assert lite.migrations.keys() == pg.migrations.keys() == {2, 3, 4, 5}

@@ -10,12 +10,15 @@ engine records for an answer it produced itself, so the router learns from it id
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from ..errors import TraceNotFound
+from pydantic import ValidationError
+
+from ..errors import InvalidInput, TraceNotFound, validation_summary
 from ..requests import GenerateParams, GenerateRequest
 from ..routing import OutcomeTracker, RoutingDecision
 from ..routing.outcomes import InferenceTask
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
     from ..config import CarConfig
     from ..registry import UnifiedRegistry
     from ..routing import SpendControl, StateStore
+    from ..schema import ModelSchema
     from .bookkeeping import Bookkeeper
 
 __all__ = ["LearningMixin"]
@@ -40,6 +44,7 @@ class LearningMixin:
         registry: UnifiedRegistry
 
         async def _route_off_loop(self, request: GenerateRequest) -> RoutingDecision: ...
+        def resolve(self, name: str) -> ModelSchema: ...
 
     async def route_async(self, request: GenerateRequest) -> RoutingDecision:
         """``route`` for async callers: a long request is routed off the event loop."""
@@ -48,7 +53,10 @@ class LearningMixin:
     async def route_adaptive(self, prompt: str, **params: Any) -> RoutingDecision:
         """The decision for a plain prompt (the seed's ``route_adaptive``); ``params`` are
         ``GenerateParams`` fields that change it (``max_tokens``, ``workload``, ``thinking``...)."""
-        request = GenerateRequest(prompt=prompt, params=GenerateParams.model_validate(params))
+        try:
+            request = GenerateRequest(prompt=prompt, params=GenerateParams.model_validate(params))
+        except ValidationError as exc:
+            raise InvalidInput(f"route_adaptive: {validation_summary(exc)}") from None
         return await self._route_off_loop(request)
 
     def report(
@@ -68,10 +76,20 @@ class LearningMixin:
         answered), ``score`` (0..1, its quality when known: replaces success's 1/0), what it
         cost and how long it took, its output tokens (they teach the router answer lengths, hence
         expected costs), and ``model_id`` when the caller ran another model than the chosen one.
-        ``prompt`` enables the quick-retry signal. Returns the trace id."""
-        if score is not None and not 0.0 <= score <= 1.0:
-            raise ValueError(f"score must be within 0..1, got {score}")
-        chosen = model_id or decision.model_id
+        ``prompt`` enables the quick-retry signal. Returns the trace id. A value that cannot be
+        an outcome (a negative or infinite cost, latency or token count, a score outside 0..1, a
+        model not in the catalog) is ``InvalidInput`` (``ModelNotFound``), and nothing is recorded:
+        the learned state and the spend ledger keep no number they cannot use."""
+        if not isinstance(decision, RoutingDecision):
+            raise InvalidInput(f"report: decision must be a RoutingDecision, not {type(decision).__name__}")
+        if not isinstance(success, bool):
+            raise InvalidInput(f"report: success must be True or False, not {success!r}")
+        score = _measure("score", score, high=1.0)
+        cost_usd = _measure("cost_usd", cost_usd)
+        latency_ms = _measure("latency_ms", latency_ms)
+        input_tokens = _count("input_tokens", input_tokens)
+        output_tokens = _count("output_tokens", output_tokens) or 0
+        chosen = decision.model_id if model_id is None else self.resolve(model_id).id
         trace_id = uuid.uuid4().hex
         now = time.time()
         self.bookkeeper.flush()  # keep this process's records in order
@@ -100,8 +118,11 @@ class LearningMixin:
         """A quality rating (0 bad .. 1 good) for the answer of ``trace_id``; it replaces what the
         tracker inferred for that trace and moves the model's learned quality. A trace still
         pending (a route-only decision from ``open_trace``) is completed as answered first."""
-        if not 0.0 <= score <= 1.0:
-            raise ValueError(f"feedback score must be within 0..1, got {score}")
+        rating = _measure("feedback score", score, high=1.0)
+        if rating is None:
+            raise InvalidInput("feedback score must be a number from 0 (bad) to 1 (good), not None")
+        if not isinstance(trace_id, str) or not trace_id:
+            raise InvalidInput(f"feedback trace_id must be a trace id string, not {trace_id!r}")
         self.bookkeeper.flush()
         trace = self.store.trace(trace_id)
         if trace is None:
@@ -109,7 +130,7 @@ class LearningMixin:
         if trace["outcome"] == "pending":
             latency_ms = (time.time() - trace["started_at"]) * 1000
             self.tracker.record_complete(trace_id, latency_ms)
-        self.tracker.record_feedback(trace_id, score)
+        self.tracker.record_feedback(trace_id, rating)
 
     def prune_traces(
         self, older_than_days: float | None = None, *, stop: threading.Event | None = None
@@ -152,3 +173,25 @@ class LearningMixin:
         (``routing.store_api.compact_old_spend``); the limits' totals stay. Returns how many
         entries went."""
         return compact_old_spend(self.store, stop=stop)
+
+
+def _measure(name: str, value: object, *, high: float = math.inf) -> float | None:
+    """``value`` as a finite float within 0..``high`` (None stays None), else ``InvalidInput``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{name} must be a number, not {type(value).__name__}")
+    number = float(value)
+    if not 0.0 <= number <= high or math.isinf(number):
+        bound = "0..1" if high == 1.0 else "a finite number >= 0"
+        raise InvalidInput(f"{name} must be {bound}, got {value!r}")
+    return number
+
+
+def _count(name: str, value: object) -> int | None:
+    """``value`` as a count >= 0 (None stays None), else ``InvalidInput``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{name} must be a whole number >= 0, got {value!r}")
+    return value

@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..backends.fair import CLIENT
-from ..errors import InferenceError
+from ..errors import InferenceError, InvalidInput
 from ..requests import (
     ClassifyRequest,
     EmbedRequest,
@@ -450,7 +450,7 @@ async def _feedback(session: Session, params: Params, rid: Any) -> Any:
     try:
         # Off the loop: it writes the answer's record first, behind whatever the writer has queued.
         await asyncio.to_thread(session.engine.feedback, trace_id, float(score))
-    except ValueError as exc:
+    except InvalidInput as exc:
         raise ApiError(400, str(exc), code="invalid_value", param="score") from None
     return {"trace_id": trace_id, "score": float(score), "recorded": True}
 

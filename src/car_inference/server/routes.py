@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import InferenceError
+from ..errors import InferenceError, InvalidInput
 from ..requests import InferenceResult
 from .common import ServerState, car_headers, json_response, read_json
 from .errors import ApiError, guarded
@@ -107,7 +107,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         try:
             # Off the loop: it writes the answer's record first, behind whatever the writer has queued.
             await asyncio.to_thread(engine.feedback, trace_id, float(score))
-        except ValueError as exc:
+        except InvalidInput as exc:
             raise ApiError(400, str(exc), param="score") from None
         return json_response({"trace_id": trace_id, "score": float(score), "recorded": True})
 
