@@ -30,6 +30,7 @@ __all__ = [
     "TraceNotFound",
     "UnsupportedMode",
     "close_matches",
+    "expect",
     "validation_summary",
 ]
 
@@ -271,3 +272,11 @@ def validation_summary(exc: Any) -> str:
         where = ".".join(str(p) for p in err.get("loc", ()))
         parts.append(f"{where}: {err.get('msg', '')}" if where else str(err.get("msg", "")))
     return "; ".join(parts) or str(exc)
+
+
+def expect(value: Any, kind: type, what: str) -> None:
+    """``InvalidInput`` unless ``value`` is a ``kind``: a public method handed a string or a dict
+    where it takes a request says so (``generate takes a GenerateRequest, not str``) instead of
+    failing on an attribute deep inside."""
+    if not isinstance(value, kind):
+        raise InvalidInput(f"{what} takes a {kind.__name__}, not {type(value).__name__}")

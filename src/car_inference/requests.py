@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from .schema import ModelCapability
+from .textcheck import unpaired_surrogate
 
 __all__ = [
     "AudioBlock",
@@ -66,6 +67,22 @@ __all__ = [
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class _Input(_Model):
+    """A request: its client text, nested models included, is checked once for unpaired
+    surrogates (results and the parts of a request are not checked on their own)."""
+
+    @model_validator(mode="after")
+    def _whole_characters(self) -> Any:
+        """An unpaired surrogate ("\\ud800", which Python strings and JSON escapes allow) is no
+        character: no tokenizer, file name or speech engine takes it (a UnicodeEncodeError deep
+        in a backend). Refused here in every string a request holds, nested ones included."""
+        for name, value in self.__dict__.items():
+            bad = unpaired_surrogate(value)
+            if bad is not None:
+                raise ValueError(f"{name} contains an unpaired surrogate ({bad}): not valid Unicode text")
+        return self
 
 
 class _OmitEmpty(_Model):
@@ -245,7 +262,7 @@ class GenerateParams(_Model):
     )
 
 
-class GenerateRequest(_Model):
+class GenerateRequest(_Input):
     """A text generation request. ``prompt`` alone, or ``messages`` (``prompt``, when also given,
     is appended as a last user turn). ``context`` is system text. ``model`` None means route."""
 
@@ -380,7 +397,7 @@ class InferenceResult(_OmitEmpty):
 # --- other tasks ----------------------------------------------------------------------------------
 
 
-class EmbedRequest(_Model):
+class EmbedRequest(_Input):
     texts: list[str]
     model: str | None = None
     is_query: Bool = False
@@ -395,7 +412,7 @@ class EmbedResult(_Model):
     prompt_tokens: int | None = None
 
 
-class RerankRequest(_Model):
+class RerankRequest(_Input):
     query: str
     documents: list[str]
     model: str | None = None
@@ -415,7 +432,7 @@ class RerankResult(_Model):
     method: str | None = None
 
 
-class ClassifyRequest(_Model):
+class ClassifyRequest(_Input):
     text: str
     labels: list[str] = Field(min_length=1)
     model: str | None = None
@@ -445,7 +462,7 @@ class TokenizeResult(_Model):
     text: str | None = None
 
 
-class GroundRequest(_Model):
+class GroundRequest(_Input):
     prompt: str
     image: ImageBlock
     model: str | None = None
@@ -459,7 +476,7 @@ class GroundResult(_Model):
     height: int | None = None
 
 
-class TranscribeRequest(_Model):
+class TranscribeRequest(_Input):
     audio_path: str
     model: str | None = None
     language: str | None = None
@@ -480,7 +497,7 @@ class TranscribeResult(_Model):
     words: list[TranscribedWord] = Field(default_factory=list)
 
 
-class SynthesizeRequest(_Model):
+class SynthesizeRequest(_Input):
     text: str
     model: str | None = None
     voice: str | None = None
@@ -515,7 +532,7 @@ MAX_PIXELS_SIDE = 8192
 MAX_STEPS = 1000
 
 
-class GenerateImageRequest(_Model):
+class GenerateImageRequest(_Input):
     prompt: str
     model: str | None = None
     negative_prompt: str | None = None
@@ -549,7 +566,7 @@ class VideoMode(StrEnum):
     AUDIO_TO_VIDEO = "audio_to_video"
 
 
-class GenerateVideoRequest(_Model):
+class GenerateVideoRequest(_Input):
     prompt: str
     model: str | None = None
     mode: VideoMode = VideoMode.TEXT_TO_VIDEO

@@ -377,7 +377,7 @@ async def test_feedback_moves_the_learned_quality(remote_engine: RemoteEngine) -
     assert before is not None and after is not None and after.ema_quality < before.ema_quality
     with pytest.raises(TraceNotFound):
         engine.feedback("no-such-trace", 1.0)
-    with pytest.raises(ValueError, match=r"0\.\.1"):
+    with pytest.raises(InvalidInput, match=r"0\.\.1"):
         engine.feedback(result.trace_id, 3.0)
 
 

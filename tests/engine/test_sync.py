@@ -6,7 +6,10 @@ import base64
 import inspect
 from pathlib import Path
 
+import pytest
+
 from car_inference.engine import InferenceEngine, SyncInferenceEngine
+from car_inference.errors import InferenceError, InvalidInput
 from car_inference.requests import (
     GenerateImageRequest,
     GenerateParams,
@@ -134,3 +137,49 @@ def test_route_only_use_through_the_facade(isolated_home: Path) -> None:
         assert profile.total_calls == 1
         assert sync.forget_model(decision.model_id)[0] == decision.model_id
         assert all(p.model_id != decision.model_id for p in sync.export_profiles())
+
+
+def test_prompt_keywords_reach_request_and_params(local_engine: InferenceEngine) -> None:
+    with SyncInferenceEngine(local_engine) as sync:
+        result = sync.generate("Say hi.", max_tokens=3, temperature=0, model="smollm2")
+        assert result.model_used == SMOL and result.usage is not None and result.usage.completion_tokens <= 3
+        with pytest.raises(InvalidInput, match="max_tokns: Extra inputs are not permitted"):
+            sync.generate("Say hi.", max_tokns=3)
+        with pytest.raises(InvalidInput, match="max_tokens: Input should be greater than or equal to 1"):
+            sync.generate("Say hi.", max_tokens=-1)
+        with pytest.raises(InvalidInput, match="generate takes a GenerateRequest, not dict"):
+            sync.generate({"prompt": "Say hi."})  # type: ignore[arg-type]
+
+
+def test_a_closed_facade_refuses_calls_and_closes_the_engine_it_made(isolated_home: Path) -> None:
+    """Used after close, a call used to wait for ever on the stopped loop; leaving the block did
+    not close the engine (its models stayed in `car models ps`)."""
+    sync = SyncInferenceEngine(home=isolated_home)
+    with sync:
+        sync.generate(greedy("Say hi.", 1, model="smollm2"))
+        assert list((isolated_home / "loaded").iterdir())  # this process holds SmolLM2
+    assert not list((isolated_home / "loaded").iterdir())
+    with pytest.raises(InferenceError, match="closed"):
+        sync.generate("Say hi.")
+    sync.close()  # twice is fine
+
+
+def test_a_call_from_the_loop_thread_is_refused_not_a_deadlock(isolated_home: Path) -> None:
+    """An async runner runs on the facade's loop thread: a blocking call from there would wait for
+    itself for ever."""
+    (isolated_home / "models.toml").write_text(
+        '[[models]]\nid = "host/echo"\nname = "echo"\nprovider = "host"\ncapabilities = ["generate"]\n'
+        'context_length = 4096\n[models.source]\nkind = "delegated"\n'
+    )
+    with SyncInferenceEngine(home=isolated_home) as sync:
+
+        async def nested(model: object, request: GenerateRequest) -> str:
+            try:
+                sync.tokenize("smollm2", "x")
+            except InferenceError as exc:
+                return str(exc)
+            return "no error"
+
+        sync.register_runner(nested, ["host/echo"])
+        text = sync.generate(GenerateRequest(prompt="hi", model="host/echo")).text
+        assert "own event-loop thread" in text

@@ -71,3 +71,26 @@ async def test_speech_and_media_say_what_is_missing(local_engine: InferenceEngin
         await local_engine.transcribe(TranscribeRequest(audio_path=str(tmp_path / "none.wav")))
     with pytest.raises(ModelUnavailable, match="image_generation"):
         await local_engine.generate_image(GenerateImageRequest(prompt="a cat"))
+
+
+async def test_wrong_types_and_broken_text_are_invalid_input(local_engine: InferenceEngine) -> None:
+    """A string where a request goes, a token list of strings, text with an unpaired surrogate:
+    each was an AttributeError, TypeError or UnicodeEncodeError from deep inside."""
+    calls = [
+        (local_engine.generate("hello"), "generate takes a GenerateRequest, not str"),  # type: ignore[arg-type]
+        (local_engine.embed(None), "embed takes a EmbedRequest, not NoneType"),  # type: ignore[arg-type]
+        (local_engine.rerank({"query": "q"}), "rerank takes a RerankRequest, not dict"),  # type: ignore[arg-type]
+        (local_engine.tokenize("smollm2", 5), "tokenize's text takes a str, not int"),  # type: ignore[arg-type]
+        (local_engine.tokenize("smollm2", "a \ud800 b"), r"unpaired surrogate \(\\ud800\)"),
+        (local_engine.detokenize("smollm2", ["a"]), "list of token ids"),  # type: ignore[list-item]
+    ]
+    for call, says in calls:
+        with pytest.raises(InvalidInput, match=says):
+            await call
+    with pytest.raises(InvalidInput, match="resolve takes a str, not NoneType"):
+        local_engine.resolve(None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="route takes a GenerateRequest"):
+        local_engine.route("hello")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="stream takes a GenerateRequest"):
+        async for _ in local_engine.stream("hello"):  # type: ignore[arg-type]
+            pass

@@ -23,7 +23,7 @@ from ..backends.base import Backend, BackendContext, run_blocking
 from ..backends.cache import ModelCache
 from ..backends.delegated import RunnerRegistration, RunnerTable
 from ..config import CarConfig, load_config
-from ..errors import InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode
+from ..errors import InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode, expect
 from ..keys import KeyPool
 from ..kinds import Locality
 from ..registry import UnifiedRegistry
@@ -133,6 +133,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
 
     def resolve(self, name: str) -> ModelSchema:
         """The model called ``name`` (id, name or alias); ``ModelNotFound`` suggests close names."""
+        expect(name, str, "resolve")
         return self.registry.resolve(name)
 
     def list_models(self) -> list[ModelSchema]:

@@ -41,6 +41,7 @@ from ..errors import (
     ModelUnavailable,
     SpendLimitExceeded,
     UnsupportedMode,
+    expect,
 )
 from ..grounding import answer_boxes
 from ..requests import GenerateRequest, InferenceResult, TokenUsage, ToolCall
@@ -113,6 +114,7 @@ class GenerationMixin:
     def route(self, request: GenerateRequest) -> RoutingDecision:
         """The routing decision for ``request``: explicit model, preferred model, or adaptive.
         Its ``fallbacks`` are the ones that will run (see ``_fallback_policy``)."""
+        expect(request, GenerateRequest, "route")
         decision = self.router.decide(request, self.registry, preferred=self.config.preferred.generate)
         return self._fallback_policy(decision)
 
@@ -333,6 +335,7 @@ class GenerationMixin:
     async def generate(self, request: GenerateRequest) -> InferenceResult:
         """Generate text. Routes when ``request.model`` is None; falls back on failure. Raises
         ``AllModelsFailed`` (listing every attempt) when no candidate answers."""
+        expect(request, GenerateRequest, "generate")
         with tracing.span(tracing.GENERATE, max_tokens=request.params.max_tokens) as span:
             result = await self._generate(request)
             if span is not None:
@@ -372,6 +375,7 @@ class GenerationMixin:
         A failure with no candidate left, or in a tool call or JSON answer (no other model can
         finish those), ends the stream with an ``ErrorEvent``; a consumer that stops reading stops
         the generation."""
+        expect(request, GenerateRequest, "stream")
         events = self._stream(request)
         return tracing.traced_stream(
             tracing.GENERATE, events, current=True, on_item=_on_event, max_tokens=request.params.max_tokens

@@ -7,6 +7,9 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import ValidationError
+
+from ..errors import InferenceError, InvalidInput, validation_summary
 from ..requests import (
     Classification,
     ClassifyRequest,
@@ -14,6 +17,7 @@ from ..requests import (
     EmbedResult,
     GenerateImageRequest,
     GenerateImageResult,
+    GenerateParams,
     GenerateRequest,
     GenerateVideoRequest,
     GenerateVideoResult,
@@ -36,7 +40,6 @@ if TYPE_CHECKING:
 
     from ..backends.delegated import RunnerRegistration
     from ..backends.voices import VoiceList
-    from ..errors import InferenceError
     from ..routing import RoutingDecision
     from ..routing.profiles import ModelProfile
     from ..routing.spend import SpendStatus
@@ -53,28 +56,36 @@ T = TypeVar("T")
 class SyncInferenceEngine:
     """Blocking facade: the same methods as ``InferenceEngine``, run on a private event-loop thread.
 
-    Use it from scripts and notebooks; inside async code use ``InferenceEngine`` directly (calling
-    this from the loop thread itself would deadlock).
+    Use it from scripts and notebooks; inside async code use ``InferenceEngine`` directly (a call
+    from the loop thread itself, as an async runner's, is refused: it would wait for itself).
+    ``close`` (or leaving a ``with`` block) stops the loop and closes the engine it made; an engine
+    passed in stays open for its owner. A closed facade refuses calls.
     """
 
     def __init__(self, engine: InferenceEngine | None = None, **kwargs: Any) -> None:
+        self._owns = engine is None
         self.engine = engine if engine is not None else InferenceEngine(**kwargs)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="car-inference-loop", daemon=True)
         self._thread.start()
+        self._closed = False
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed or threading.current_thread() is self._thread:
+            coro.close()  # never awaited: no "coroutine was never awaited" warning
+            if self._closed:
+                raise InferenceError("this SyncInferenceEngine is closed")
+            raise InferenceError(
+                "SyncInferenceEngine called from its own event-loop thread (an async runner?): "
+                "await the InferenceEngine (its .engine) there instead"
+            )
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def generate(self, request: GenerateRequest | str, **kwargs: Any) -> InferenceResult:
-        if isinstance(request, str):
-            request = GenerateRequest(prompt=request, **kwargs)
-        return self._run(self.engine.generate(request))
+        return self._run(self.engine.generate(_request(request, kwargs)))
 
     def stream(self, request: GenerateRequest | str, **kwargs: Any) -> Iterator[StreamEvent]:
-        if isinstance(request, str):
-            request = GenerateRequest(prompt=request, **kwargs)
-        agen = self.engine.stream(request)
+        agen = self.engine.stream(_request(request, kwargs))
         try:
             while True:
                 try:
@@ -224,8 +235,17 @@ class SyncInferenceEngine:
         return self.engine.unregister_runner(registration)
 
     def close(self) -> None:
+        """Stop the loop thread and close the engine this facade made (``InferenceEngine.close``:
+        pending records written, loaded models released). Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+        if self._owns:
+            self.engine.close()
 
     def __enter__(self) -> SyncInferenceEngine:
         return self
@@ -236,3 +256,22 @@ class SyncInferenceEngine:
 
 async def _anext(agen: AsyncIterator[T]) -> T:
     return await agen.__anext__()
+
+
+def _request(request: GenerateRequest | str, fields: dict[str, Any]) -> GenerateRequest:
+    """``generate("Hi.", max_tokens=8, model="smollm2")``: a prompt with request fields and
+    ``GenerateParams`` fields side by side, as a ``GenerateRequest``; a wrong field or value is
+    ``InvalidInput`` naming it."""
+    if not isinstance(request, str):
+        if fields:
+            raise InvalidInput("keyword fields go with a prompt string, not with a GenerateRequest")
+        return request
+    params = {k: fields.pop(k) for k in list(fields) if k in GenerateParams.model_fields}
+    if params and "params" in fields:
+        raise InvalidInput(f"{', '.join(params)}: give them in params= or as keywords, not both")
+    try:
+        if params:
+            fields["params"] = GenerateParams(**params)
+        return GenerateRequest(prompt=request, **fields)
+    except ValidationError as exc:
+        raise InvalidInput(f"generate: {validation_summary(exc)}") from None

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import tracing
 from ..backends.base import Tokenizer
-from ..errors import InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode
+from ..errors import InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode, expect
 from ..requests import (
     Classification,
     ClassifyRequest,
@@ -35,6 +35,7 @@ from ..requests import (
 from ..routing import InferenceTask
 from ..routing.media import MEDIA_FAMILY, choose_media
 from ..schema import ModelCapability, ModelSchema
+from ..textcheck import unpaired_surrogate
 from .media import image_cost, run_media, video_cost
 from .speech import charged, list_voices, speech_model, synthesis_cost, transcription_cost
 
@@ -95,12 +96,20 @@ class TaskMixin:
         return model, backend
 
     async def tokenize(self, model: str, text: str) -> TokenizeResult:
+        expect(text, str, "tokenize's text")
+        bad = unpaired_surrogate(text)
+        if bad is not None:
+            raise InvalidInput(f"text contains an unpaired surrogate ({bad}): not valid Unicode text")
         schema, backend = self._tokenizer(model)
         with tracing.span("inference.tokenize", model=schema.id, provider=schema.provider):
             tokens = await backend.tokenize(schema, text)
         return TokenizeResult(model_used=schema.id, tokens=tokens)
 
     async def detokenize(self, model: str, tokens: list[int]) -> TokenizeResult:
+        if not isinstance(tokens, list | tuple) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens
+        ):
+            raise InvalidInput("detokenize takes a list of token ids (whole numbers)")
         schema, backend = self._tokenizer(model)
         with tracing.span("inference.detokenize", model=schema.id, provider=schema.provider):
             text = await backend.detokenize(schema, tokens)
@@ -122,12 +131,14 @@ class TaskMixin:
         raise ModelUnavailable.none_for(str(capability), self.registry.why_none(capability))
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
+        expect(request, EmbedRequest, "embed")
         model = self._model_for(request.model, ModelCapability.EMBED)
         return await self._task_method(model, ModelCapability.EMBED, "embed")(model, request)
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
         """Documents ordered by relevance. With no model: the configured reranker, else embedding
         similarity on the default embedding model."""
+        expect(request, RerankRequest, "rerank")
         if not request.documents:
             return RerankResult(ranked=[], model_used=None, method="none")
         model = self._model_for(request.model, ModelCapability.RERANK, ModelCapability.EMBED)
@@ -141,6 +152,7 @@ class TaskMixin:
         """Zero-shot classification: label log-likelihoods on a generative model, or similarity
         on an embedding model. With no model: the configured classifier, else the default
         embedding model, else the default generation model."""
+        expect(request, ClassifyRequest, "classify")
         model = self._classifier(request)
         if request.method == "embedding" and not model.has_capability(ModelCapability.EMBED):
             raise UnsupportedMode("classify/embedding", model.kind, f"{model.id} has no embeddings")
@@ -166,6 +178,7 @@ class TaskMixin:
 
     async def ground(self, request: GroundRequest) -> GroundResult:
         """Boxes for ``request.prompt`` in pixels of the image (engine/grounding.py)."""
+        expect(request, GroundRequest, "ground")
         from .grounding import ground
 
         return await ground(self, request)  # type: ignore[arg-type]  # self is the InferenceEngine
@@ -176,12 +189,14 @@ class TaskMixin:
     # kind; one not installed or lacking the task raises ModelUnavailable / UnsupportedMode.
 
     async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+        expect(request, TranscribeRequest, "transcribe")
         model = speech_model(self, request.model, ModelCapability.SPEECH_TO_TEXT)
         method = self._task_method(model, ModelCapability.SPEECH_TO_TEXT, "transcribe")
         cost = transcription_cost(model, request.audio_path)  # hosted speech counts against spend limits
         return await charged(self.spend, model, cost, lambda: method(model, request))
 
     async def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
+        expect(request, SynthesizeRequest, "synthesize")
         model = speech_model(self, request.model, ModelCapability.TEXT_TO_SPEECH)
         method = self._task_method(model, ModelCapability.TEXT_TO_SPEECH, "synthesize")
         cost = synthesis_cost(model, request.text)
@@ -196,6 +211,7 @@ class TaskMixin:
     ) -> GenerateImageResult:
         """An image (or an edit of ``request.image_paths``) written to a file. ``progress(done,
         total)`` is called from a worker thread as steps finish (local models) or a job advances."""
+        expect(request, GenerateImageRequest, "generate_image")
         return await self._media(
             request.model, ModelCapability.IMAGE_GENERATION, request.prompt,
             lambda m, result: image_cost(m, request, result),
@@ -205,6 +221,7 @@ class TaskMixin:
     async def generate_video(
         self, request: GenerateVideoRequest, progress: Callable[[int, int], None] | None = None
     ) -> GenerateVideoResult:
+        expect(request, GenerateVideoRequest, "generate_video")
         return await self._media(
             request.model, ModelCapability.VIDEO_GENERATION, request.prompt,
             lambda m, result: video_cost(m, request, result),

@@ -1,0 +1,47 @@
+"""Text that no encoder can write: unpaired UTF-16 surrogates in Python strings.
+
+JSON escapes (``"\\ud800"``) and Python literals make strings holding a lone surrogate; encoding
+one to UTF-8 raises ``UnicodeEncodeError`` in whatever backend meets it first (llama.cpp's
+tokenizer, a file name, Hugging Face tokenizers' ``TypeError``). Requests refuse them at
+validation (``requests._Model``), so the error names the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel
+
+__all__ = ["unpaired_surrogate"]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unpaired_surrogate(value: object) -> str | None:
+    """The first unpaired surrogate in ``value`` (a string, or strings nested in lists, tuples,
+    dicts, keys included, and pydantic models) as ``\\uXXXX``; None when there is none. ASCII
+    strings cost one ``isascii``; a walk with a stack, not calls, keeps a request's check to
+    microseconds."""
+    stack: list[Any] = [value]
+    pop, push = stack.pop, stack.extend
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is str:
+            if not item.isascii():
+                found = _SURROGATE.search(item)
+                if found is not None:
+                    return f"\\u{ord(found.group()):04x}"
+        elif item is None or kind is int or kind is float or kind is bool:
+            continue
+        elif kind is list or kind is tuple:
+            push(item)
+        elif kind is dict:
+            push(item)
+            push(item.values())
+        elif isinstance(item, BaseModel):
+            push(item.__dict__.values())
+        elif isinstance(item, str):  # a str subclass (an enum's value)
+            push([str(item)])
+    return None
