@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import pytest
 
 from car_inference.engine import InferenceEngine
 from car_inference.engine.bookkeeping import Bookkeeper
+from car_inference.errors import InvalidInput
 from car_inference.schema import ModelCapability
 
 
@@ -78,6 +82,21 @@ def test_profiles_export_import_round_trip(isolated_home: Path, tmp_path: Path) 
     data = json.loads(path.read_text())
     row = next(p for p in data if p["model_id"] == "qwen/qwen3-4b:q4_k_m")
     assert row["total_calls"] == 5 and set(row) >= {"ema_quality", "task_stats", "quality_per_1k_tokens"}
+    # A file named like the old fixed temporary file is the user's: left alone. Exports running
+    # at once each write a whole file (they shared "<name>.tmp" and failed with FileNotFoundError).
+    mine = tmp_path / "outcome_profiles.json.tmp"
+    mine.write_text("keep me")
+    with ThreadPoolExecutor(4) as pool:
+        assert all(n >= 1 for n in pool.map(lambda _: engine.export_profiles_file(path), range(24)))
+    assert mine.read_text() == "keep me" and json.loads(path.read_text())
+    assert sorted(p.name for p in tmp_path.glob("*profiles*")) == [
+        "outcome_profiles.json",
+        "outcome_profiles.json.tmp",
+    ]
+    with pytest.raises(InvalidInput, match="is a folder"):
+        engine.export_profiles_file(tmp_path)
+    with pytest.raises(InvalidInput, match="does not exist"):
+        engine.export_profiles_file(tmp_path / "none" / "p.json")
 
 
 def test_health_shows_the_records_not_yet_written(isolated_home: Path) -> None:
