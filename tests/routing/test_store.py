@@ -413,3 +413,26 @@ def test_batch_commits_once_and_is_invisible_until_then(tmp_path: Path) -> None:
         store.add_spend("p", "m", 1.0, 1.0)  # plain transactions work again after a batch
         assert store.spend_by_provider(0.0) == {"p": 4.0}
         other.close()
+
+
+@pytest.mark.parametrize("content", [b"hello", b"\x00\xff" * 4096])
+def test_a_file_that_is_not_a_database_is_named_and_left_as_it_is(tmp_path: Path, content: bytes) -> None:
+    db = tmp_path / "state.db"
+    db.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"state\.db: the learned-state database cannot be read") as info:
+        OutcomeStore(db)
+    assert "move it aside" in str(info.value) and db.read_bytes() == content
+
+
+def test_a_database_locked_past_the_timeout_says_so(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    OutcomeStore(db).close()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(ConfigError, match="locked by another process"):
+            OutcomeStore(db, busy_timeout_ms=200)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    OutcomeStore(db).close()  # free again: it opens

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import sqlite_wal
+from ..errors import ConfigError
 from .store_base import (
     ALL,
     EMA_ALPHA,
@@ -74,9 +75,15 @@ class OutcomeStore(StoreBase):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._batch_depth = 0
-        self._conn = sqlite_wal.connect(self.path, busy_timeout_s=busy_timeout_ms / 1000)
-        self._conn.row_factory = dict_rows
-        self._migrate()
+        conn: sqlite3.Connection | None = None
+        try:
+            self._conn = conn = sqlite_wal.connect(self.path, busy_timeout_s=busy_timeout_ms / 1000)
+            conn.row_factory = dict_rows
+            self._migrate()
+        except sqlite3.DatabaseError as exc:  # not a database, damaged, or locked past the timeout
+            if conn is not None:
+                conn.close()
+            raise ConfigError(_unopenable(exc), path=self.location) from exc
 
     def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         return sqlite_wal.immediate(self._conn)
@@ -144,3 +151,14 @@ class OutcomeStore(StoreBase):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unopenable(exc: sqlite3.DatabaseError) -> str:
+    """Why the state file cannot be opened, and what to do: the file is left as it is."""
+    reason = str(exc) or type(exc).__name__
+    if "locked" in reason or "busy" in reason:
+        return f"the learned-state database is locked by another process ({reason}); try again when it ends"
+    return (
+        f"the learned-state database cannot be read ({reason}); it was left as it is: move it aside"
+        " to start with empty state, or restore it from a backup"
+    )
