@@ -195,6 +195,7 @@ def test_coordination_resumes_when_redis_returns(caplog: pytest.LogCaptureFixtur
                 a.record_failure("p/m")  # the first call finds Redis gone; local from then on
             assert not a.allow("p/m")  # this replica's own breaker still works
             _wait(lambda: a.coordination().reachable is False and b.coordination().reachable is False, 2.0)
+            assert a.coordination().latency_ms is None  # no stale round trip while it is away
             assert b.allow("p/m")  # B never saw those failures: no coordination while Redis is away
             server.start()
             _wait(lambda: a.coordination().reachable and b.coordination().reachable, limit=3.0)

@@ -389,7 +389,8 @@ class RedisBreakerRegistry(CircuitBreakerRegistry):
             backend="redis",
             url=self._url,
             reachable=reachable,
-            latency_ms=None if self._latency_ms is None else round(self._latency_ms, 3),
+            # the last round trip, while Redis answers (a stale one would read as a live figure)
+            latency_ms=None if self._latency_ms is None or not reachable else round(self._latency_ms, 3),
             error=error,
         )
 

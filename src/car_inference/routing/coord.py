@@ -207,7 +207,7 @@ class Fleet:
             return None
 
     def health(self) -> FleetHealth:
-        latency = None if self._latency_ms is None else round(self._latency_ms, 3)
+        latency = None if self._latency_ms is None or not self._reachable else round(self._latency_ms, 3)
         return FleetHealth(self._reachable, self._error, latency, self.replica)
 
     # --- the thread's work ---------------------------------------------------------------------
