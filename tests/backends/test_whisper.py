@@ -164,7 +164,7 @@ async def test_missing_and_bad_audio_files_are_named(
     missing = tmp_path / "nope.wav"
     with pytest.raises(InvalidInput, match=re.escape(f"audio file not found: {missing}")):
         await backend.transcribe(model, TranscribeRequest(audio_path=str(missing)))
-    with pytest.raises(InvalidInput, match="audio file not found"):
+    with pytest.raises(InvalidInput, match="audio file is a folder, not a file"):
         await backend.transcribe(model, TranscribeRequest(audio_path=str(tmp_path)))  # a folder
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"RIFF not really a wave file" * 20)

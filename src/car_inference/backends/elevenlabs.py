@@ -20,7 +20,6 @@ other hosted backends (``with_keys``).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 try:
@@ -41,7 +40,7 @@ from ..requests import (
     TranscribeResult,
 )
 from ..schema import ElevenLabsSource, ModelSchema
-from .media_files import output_path, read_upload
+from .media_files import output_path, read_upload, readable_file
 from .openai_speech import AUDIO_MEDIA_TYPES, stream_to
 from .remote import Endpoint, ErrorSite, RemoteBackend, status_error, transport_error
 from .voices import Voice, VoiceList
@@ -154,9 +153,7 @@ class ElevenLabsBackend(RemoteBackend):
     # --- transcription -------------------------------------------------------------------------
 
     async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult:
-        audio = Path(request.audio_path).expanduser()
-        if not audio.is_file():
-            raise InvalidInput(f"audio file not found: {audio}")
+        audio = readable_file(request.audio_path, "audio file")
         if request.prompt:
             raise UnsupportedMode("prompt", self.kind, f"{model.id} (Scribe) takes no prompt")
         upload = read_upload(str(audio))

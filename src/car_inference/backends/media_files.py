@@ -29,6 +29,7 @@ __all__ = [
     "image_bytes",
     "output_path",
     "read_upload",
+    "readable_file",
     "refuse_unset",
     "variant_path",
     "write_atomic",
@@ -38,6 +39,19 @@ IMAGE_MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/we
 VIDEO_MEDIA_TYPES = {"mp4": "video/mp4", "mov": "video/quicktime", "gif": "image/gif"}
 # PyAV container and codec per video format; h264 needs even sides (yuv420p), gif takes palettes.
 _VIDEO_CODECS = {"mp4": ("mp4", "libx264", "yuv420p"), "mov": ("mov", "libx264", "yuv420p")}
+
+
+def readable_file(path: str, what: str) -> Path:
+    """``path`` (``~`` expanded) when it is a file this process can read; otherwise
+    ``InvalidInput`` saying which of missing, a folder or unreadable it is."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise InvalidInput(f"{what} is a folder, not a file: {file}")
+    if not file.is_file():
+        raise InvalidInput(f"{what} not found: {file}")
+    if not os.access(file, os.R_OK):
+        raise InvalidInput(f"{what} is not readable: {file}")
+    return file
 
 
 def output_path(requested: str | None, fmt: str, prefix: str) -> Path:

@@ -35,7 +35,7 @@ from ..requests import (
     TranscribeResult,
 )
 from ..schema import ModelSchema
-from .media_files import output_path, read_upload
+from .media_files import output_path, read_upload, readable_file
 from .voices import Voice, VoiceList
 
 if TYPE_CHECKING:
@@ -76,9 +76,7 @@ class OpenAISpeechMixin:
         )
 
     async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult:
-        audio = Path(request.audio_path).expanduser()
-        if not audio.is_file():
-            raise InvalidInput(f"audio file not found: {audio}")
+        audio = readable_file(request.audio_path, "audio file")
         upload = read_upload(str(audio))
         options: dict[str, Any] = {"response_format": "verbose_json" if request.timestamps else "json"}
         if request.timestamps:

@@ -16,7 +16,6 @@ before: the check never trims what Whisper hears.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import tempfile
@@ -31,6 +30,7 @@ from ..schema import ModelSchema, WhisperSource
 from .base import BackendContext, run_stoppable, until_stopped
 from .cache import CachedModel
 from .fair import step_by_step
+from .media_files import readable_file
 
 __all__ = ["WhisperBackend", "assemble_split_model"]
 
@@ -81,11 +81,7 @@ class WhisperBackend:
         self._entry(model)
 
     async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult:
-        audio = Path(request.audio_path).expanduser()
-        if not audio.is_file():
-            raise InvalidInput(f"audio file not found: {audio}")
-        if not os.access(audio, os.R_OK):
-            raise InvalidInput(f"audio file is not readable: {audio}")
+        audio = readable_file(request.audio_path, "audio file")
 
         def work(stop: threading.Event) -> TranscribeResult:
             entry = self._entry(model)
