@@ -87,6 +87,9 @@ async def test_wrong_types_and_broken_text_are_invalid_input(local_engine: Infer
     for call, says in calls:
         with pytest.raises(InvalidInput, match=says):
             await call
+    for labels, says in ((["yes", "yes"], "the label 'yes' twice"), (["yes", " "], "an empty label")):
+        with pytest.raises(InvalidInput, match=says):
+            await local_engine.classify(ClassifyRequest(text="Is it?", labels=labels))
     with pytest.raises(InvalidInput, match="resolve takes a str, not NoneType"):
         local_engine.resolve(None)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="route takes a GenerateRequest"):

@@ -153,6 +153,12 @@ class TaskMixin:
         on an embedding model. With no model: the configured classifier, else the default
         embedding model, else the default generation model."""
         expect(request, ClassifyRequest, "classify")
+        seen: set[str] = set()
+        for label in request.labels:
+            if not label.strip() or label in seen:
+                why = "an empty label" if not label.strip() else f"the label {label!r} twice"
+                raise InvalidInput(f"labels hold {why}: each label must be a distinct, non-empty name")
+            seen.add(label)
         model = self._classifier(request)
         if request.method == "embedding" and not model.has_capability(ModelCapability.EMBED):
             raise UnsupportedMode("classify/embedding", model.kind, f"{model.id} has no embeddings")
