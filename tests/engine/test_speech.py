@@ -11,8 +11,20 @@ from typing import Protocol
 import pytest
 
 from car_inference.engine import InferenceEngine
-from car_inference.engine.speech import speech_model, speech_smoke, transcription_cost, word_error_rate
-from car_inference.errors import InferenceError, ModelUnavailable, SpendLimitExceeded, UnsupportedMode
+from car_inference.engine.speech import (
+    speech_model,
+    speech_smoke,
+    transcription_cost,
+    with_output_format,
+    word_error_rate,
+)
+from car_inference.errors import (
+    InferenceError,
+    InvalidInput,
+    ModelUnavailable,
+    SpendLimitExceeded,
+    UnsupportedMode,
+)
 from car_inference.requests import SynthesizeRequest, TranscribeRequest
 from car_inference.schema import ModelCapability, WhisperSource
 from fakes import FakeProviderServer
@@ -252,3 +264,17 @@ def test_the_cost_of_audio_of_unknown_length_is_none(tmp_path: Path, engine_with
     notes = tmp_path / "a.txt"
     notes.write_text("not audio")
     assert transcription_cost(hosted, str(notes)) is None
+
+
+def test_an_output_name_gives_the_format_left_out() -> None:
+    """``hello.mp3`` with no format was WAV data under an mp3 name."""
+    as_named = with_output_format(SynthesizeRequest(text="Hi.", output_path="/tmp/hello.mp3"))
+    assert as_named.format == "mp3"
+    assert with_output_format(SynthesizeRequest(text="Hi.", output_path="/tmp/a.raw")).format == "pcm"
+    assert with_output_format(SynthesizeRequest(text="Hi.", output_path="/tmp/a.ogg")).format == "wav"
+    assert (
+        with_output_format(SynthesizeRequest(text="Hi.", output_path="/tmp/a.wav", format="wav")).format
+        == "wav"
+    )
+    with pytest.raises(InvalidInput, match=r"names a \.mp3 file but format is 'flac'"):
+        with_output_format(SynthesizeRequest(text="Hi.", output_path="/tmp/a.mp3", format="flac"))

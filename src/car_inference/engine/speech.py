@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from pydantic import BaseModel, Field
 
 from ..backends.voices import VoiceList
-from ..errors import InferenceError, ModelUnavailable
+from ..errors import InferenceError, InvalidInput, ModelUnavailable
 from ..requests import SynthesizeRequest, SynthesizeResult, TranscribeRequest, TranscribeResult
 from ..schema import ModelCapability, ModelSchema
 
@@ -238,6 +238,25 @@ def speech_health(engine: _Engine) -> SpeechHealthReport:
 
 
 # --- what hosted speech costs -------------------------------------------------------------------
+
+
+AUDIO_SUFFIXES = {"wav": "wav", "mp3": "mp3", "flac": "flac", "pcm": "pcm", "raw": "pcm"}
+
+
+def with_output_format(request: SynthesizeRequest) -> SynthesizeRequest:
+    """The format an ``output_path`` names by its suffix, when the request left ``format`` out
+    (``hello.mp3`` is an mp3, not WAV data under that name); a suffix that names another audio
+    format than a ``format`` given is ``InvalidInput``. Other suffixes keep the format."""
+    if not request.output_path:
+        return request
+    named = AUDIO_SUFFIXES.get(Path(request.output_path).suffix.lower().lstrip("."))
+    if named is None or named == request.format:
+        return request
+    if "format" in request.model_fields_set:
+        raise InvalidInput(
+            f"output_path {request.output_path!r} names a .{named} file but format is {request.format!r}"
+        )
+    return request.model_copy(update={"format": named})
 
 
 def synthesis_cost(model: ModelSchema, text: str) -> float:

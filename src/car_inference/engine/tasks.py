@@ -37,7 +37,7 @@ from ..routing.media import MEDIA_FAMILY, choose_media
 from ..schema import ModelCapability, ModelSchema
 from ..textcheck import unpaired_surrogate
 from .media import image_cost, run_media, video_cost
-from .speech import charged, list_voices, speech_model, synthesis_cost, transcription_cost
+from .speech import charged, list_voices, speech_model, synthesis_cost, transcription_cost, with_output_format
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
@@ -203,6 +203,7 @@ class TaskMixin:
 
     async def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
         expect(request, SynthesizeRequest, "synthesize")
+        request = with_output_format(request)
         model = speech_model(self, request.model, ModelCapability.TEXT_TO_SPEECH)
         method = self._task_method(model, ModelCapability.TEXT_TO_SPEECH, "synthesize")
         cost = synthesis_cost(model, request.text)
