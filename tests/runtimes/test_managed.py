@@ -3,6 +3,7 @@ use and the engine's requests go to it; other models are untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Iterator
@@ -74,6 +75,18 @@ async def test_the_server_gets_the_models_system_prompt_and_repeat_penalty(engin
     served = await engine.generate(request)
     local = await engine.generate(request.model_copy(update={"model": SMOLLM2}))
     assert "Paris" in local.text and served.text == local.text
+
+
+async def test_requests_at_once_take_turns_instead_of_cutting_each_other(engine: InferenceEngine) -> None:
+    """llama-cpp-python's server cuts the answer in progress (a bare [DONE]) when another request
+    arrives unless told not to: the first answer failed "stream ended early"."""
+    await engine.generate(_request())  # started
+    longer = asyncio.create_task(engine.generate(_request(max_tokens=24)))
+    await asyncio.sleep(0.3)  # the longer one is streaming
+    shorter = await engine.generate(_request())
+    result = await longer
+    assert result.finish_reason == "length" and shorter.finish_reason == "length"
+    assert len(result.text) > len(shorter.text)  # 24 tokens, not cut short
 
 
 async def test_a_crash_between_requests_is_survived(engine: InferenceEngine) -> None:

@@ -196,6 +196,9 @@ class LlamaCppServerSpec(RuntimeSpec):
             "--n_ctx", str(context),
             "--n_batch", str(config.local.n_batch),
             "--n_gpu_layers", str(config.local.n_gpu_layers),
+            # Its default cuts the answer in progress (a bare [DONE]) whenever another request
+            # arrives, a health probe's GET /v1/models included: requests must wait their turn.
+            "--interrupt_requests", "False",
         ]  # fmt: skip
         threads = config.local.n_threads or ggml_cpu.default_threads()
         if threads:
