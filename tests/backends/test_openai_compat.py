@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from car_inference.backends.openai_compat import OpenAICompatBackend
-from car_inference.backends.remote import PLACEHOLDER_KEY
+from car_inference.backends.remote import PLACEHOLDER_KEY, answer_budget
 from car_inference.catalog import load_builtin
 from car_inference.errors import ProviderError, UnsupportedMode
 from car_inference.requests import (
@@ -381,6 +381,49 @@ async def test_malformed_json(fake: FakeProviderServer, be: OpenAICompatBackend)
     with pytest.raises(ProviderError) as info:
         await be.generate(model(fake), GenerateRequest(prompt="x"))
     assert (info.value.status, info.value.retryable) == (None, True) and "malformed" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("chunk", "says"),
+    [
+        (b'{"choices": "none"}', "choices is str, not list"),
+        (b'{"choices": [{"delta": {"content": 7}}]}', "content is int, not str"),
+        (b'{"choices": [{"delta": {"tool_calls": [{"index": 0, "function": "f"}]}}]}', "function is str"),
+        (b'{"choices": [{"delta": {"content": "a"}, "finish_reason": 7}]}', "finish_reason is int"),
+    ],
+)
+async def test_chunks_of_the_wrong_shape_are_a_provider_error(
+    fake: FakeProviderServer, be: OpenAICompatBackend, chunk: bytes, says: str
+) -> None:
+    """An upstream's JSON of the wrong shape was an AttributeError or TypeError (a 500 through
+    `car serve`, no fallback) or, for finish_reason, a 400 blamed on the client."""
+    fake.queue(Fault.raw_stream(chunk, b"[DONE]"))
+    with pytest.raises(ProviderError, match=f"malformed response: MalformedResponse: .*{says}") as info:
+        await be.generate(model(fake), GenerateRequest(prompt="x"))
+    assert info.value.retryable
+
+
+async def test_usage_of_the_wrong_shape_is_left_out(
+    fake: FakeProviderServer, be: OpenAICompatBackend
+) -> None:
+    finish = b'{"choices": [{"delta": {"content": "hi"}, "finish_reason": "stop"}]'
+    fake.queue(
+        Fault.raw_stream(finish + b', "usage": {"prompt_tokens": "3", "completion_tokens": 2}}', b"[DONE]")
+    )
+    out = await be.generate(model(fake), GenerateRequest(prompt="x"))
+    assert out.text == "hi" and out.usage is not None
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (0, 2)
+
+
+async def test_an_upstream_ignoring_max_tokens_is_cut(
+    fake: FakeProviderServer, be: OpenAICompatBackend
+) -> None:
+    """A stream that went on past max_tokens (for ever, from a broken server) was read whole:
+    memory grew without end. It is cut at ``answer_budget`` and ends as "length"."""
+    chunk = b'{"choices": [{"delta": {"content": "' + b"x" * 64 + b'"}}]}'
+    fake.queue(Fault.raw_stream(*[chunk] * 5000, b"[DONE]"))
+    out = await be.generate(model(fake), GenerateRequest(prompt="x", params=GenerateParams(max_tokens=5)))
+    assert out.finish_reason == "length" and answer_budget(5) - 64 < len(out.text) <= answer_budget(5)
 
 
 async def test_stream_cut_midway(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:

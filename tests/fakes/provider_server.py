@@ -492,6 +492,12 @@ class _Handler(_OpenAIReplies, _AnthropicReplies, _GeminiReplies, BaseHTTPReques
                 return
             self._send_bytes(200, b'{"id": "broken", "object": ', "application/json", None)
             return
+        if fault.kind == "raw_stream":
+            self._start_stream(self._protocol)
+            for data in fault.events:
+                self._write_event(b"data: " + data + b"\n\n")
+            self._end_stream()
+            return
         if fault.kind == "cut_stream":
             if stream and success is not None:
                 self._cut_after = max(0, fault.after_chunks)

@@ -83,7 +83,7 @@ class Reply:
 class Fault:
     """A scripted failure. Build one with the classmethods."""
 
-    kind: str  # "status" | "hang" | "malformed_json" | "cut_stream"
+    kind: str  # "status" | "hang" | "malformed_json" | "cut_stream" | "raw_stream"
     status: int = 500
     message: str = ""
     retry_after: float | None = None
@@ -91,6 +91,7 @@ class Fault:
     after_chunks: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     reply: Reply | None = None  # cut_stream: what the stream carries until the cut (default: the echo)
+    events: tuple[bytes, ...] = ()  # raw_stream: each event's data, sent as it is
 
     @classmethod
     def rate_limit(cls, retry_after: float | None = 1.0) -> Fault:
@@ -125,6 +126,12 @@ class Fault:
     @classmethod
     def cut_stream(cls, after_chunks: int = 2, reply: Reply | None = None) -> Fault:
         return cls("cut_stream", status=200, after_chunks=after_chunks, reply=reply)
+
+    @classmethod
+    def raw_stream(cls, *events: bytes) -> Fault:
+        """A 200 event stream of exactly these ``data:`` payloads, then its end: chunks of the wrong
+        shape, or a stream that ignores ``max_tokens``."""
+        return cls("raw_stream", status=200, events=events)
 
 
 @dataclass

@@ -58,6 +58,7 @@ from .remote import (
     Endpoint,
     ErrorSite,
     Finish,
+    MalformedResponse,
     ProviderItems,
     RemoteBackend,
     StreamIncomplete,
@@ -286,38 +287,40 @@ class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
             async for chunk in _sse_json(response):
                 if "error" in chunk:
                     raise openai.APIError(_error_message(chunk), response.request, body=chunk)
-                usage = chunk.get("usage") or usage
-                for choice in (chunk.get("choices") or [])[:1]:
-                    delta = choice.get("delta") or {}
+                usage = _field(chunk, "usage", dict) or usage
+                for raw_choice in (_field(chunk, "choices", list) or [])[:1]:
+                    choice = _shape(raw_choice, dict, "choices[0]")
+                    delta = _field(choice, "delta", dict) or {}
                     reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                     if isinstance(reasoning, str) and reasoning:
                         yield ThinkingDelta(text=reasoning)
-                    if delta.get("content"):
-                        yield TextDelta(text=delta["content"])
-                    for call in delta.get("tool_calls") or []:
-                        index = call.get("index", 0)
-                        function = call.get("function") or {}
+                    if content := _field(delta, "content", str):
+                        yield TextDelta(text=content)
+                    for raw_call in _field(delta, "tool_calls", list) or []:
+                        call = _shape(raw_call, dict, "tool_calls[]")
+                        index = _field(call, "index", int) or 0
+                        function = _field(call, "function", dict) or {}
                         if index not in started:
                             started.add(index)
-                            yield ToolCallStart(
-                                index=index, id=call.get("id"), name=function.get("name") or ""
-                            )
-                        if function.get("arguments"):
-                            yield ToolCallDelta(index=index, arguments=function["arguments"])
-                    finish = choice.get("finish_reason") or finish
+                            name = _field(function, "name", str) or ""
+                            yield ToolCallStart(index=index, id=_field(call, "id", str), name=name)
+                        if arguments := _field(function, "arguments", str):
+                            yield ToolCallDelta(index=index, arguments=arguments)
+                    finish = _field(choice, "finish_reason", str) or finish
         finally:
             await response.aclose()
         if finish is None:
             raise StreamIncomplete("no finish_reason")
         yield Finish(finish)
         if usage is not None:
-            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            details = usage.get("prompt_tokens_details")
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
             yield UsageEvent(
                 usage=usage_of(
-                    usage.get("prompt_tokens"),
-                    usage.get("completion_tokens"),
-                    usage.get("total_tokens"),
-                    cached,
+                    _count(usage.get("prompt_tokens")),
+                    _count(usage.get("completion_tokens")),
+                    _count(usage.get("total_tokens")),
+                    _count(cached),
                 )
             )
 
@@ -366,13 +369,18 @@ def _arguments_json(arguments: dict[str, Any], invalid: str | None) -> str:
     return invalid if invalid is not None else json.dumps(arguments)
 
 
+# One server-sent event line at most: a token's chunk is a few hundred bytes, an image in a
+# Responses item some megabytes; a line past this is no stream a model sends.
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+
+
 async def _sse_json(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
     """The JSON objects of a server-sent event stream, up to ``[DONE]``. A payload that is not a
     JSON object raises ValueError (the stream is broken, not the request). Lines are split on
     bytes (httpx's text and line decoders cost more than the JSON itself); blank separators,
     comments and ``event:`` lines are skipped."""
     done = False
-    pending = b""
+    pending = bytearray()  # the unfinished line: appended to, and each byte searched once
     encoded = response.headers.get("content-encoding", "identity").lower() not in ("", "identity")
     chunks = response.aiter_bytes() if encoded else response.aiter_raw()  # raw: no decoder to pass
     async for chunk in chunks:
@@ -380,8 +388,15 @@ async def _sse_json(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
         # its connection with it, and the next request would pay for a new one.
         if done:
             continue
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
+        searched = len(pending)
+        pending += chunk
+        if pending.find(b"\n", searched) < 0:
+            if len(pending) > MAX_EVENT_BYTES:
+                raise MalformedResponse(f"a stream line is longer than {MAX_EVENT_BYTES} bytes")
+            continue
+        last = pending.rfind(b"\n")
+        lines = bytes(pending[:last]).split(b"\n")
+        del pending[: last + 1]
         for line in lines:
             if line.startswith(b"data:"):
                 value = _sse_data(line)
@@ -389,7 +404,7 @@ async def _sse_json(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
                     done = True
                     break
                 yield value
-    if not done and pending.startswith(b"data:") and (value := _sse_data(pending)) is not None:
+    if not done and pending.startswith(b"data:") and (value := _sse_data(bytes(pending))) is not None:
         yield value
 
 
@@ -402,6 +417,25 @@ def _sse_data(line: bytes) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise ValueError(f"stream chunk is not a JSON object: {data[:80]!r}")
     return value
+
+
+def _shape(value: Any, kind: type, where: str) -> Any:
+    """``value`` when it is a ``kind``, else ``MalformedResponse`` (a provider error, so a
+    fallback runs) naming the field; the stream's JSON is the upstream's, not ours to trust."""
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise MalformedResponse(f"{where} is {type(value).__name__}, not {kind.__name__}")
+
+
+def _field(parent: dict[str, Any], name: str, kind: type) -> Any:
+    """``parent[name]`` checked by ``_shape``; None when absent or null."""
+    value = parent.get(name)
+    return None if value is None else _shape(value, kind, name)
+
+
+def _count(value: Any) -> int | None:
+    """A token count from the upstream's usage: a whole number >= 0, else unknown (None)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _error_message(chunk: dict[str, Any]) -> str:

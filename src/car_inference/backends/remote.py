@@ -100,6 +100,11 @@ class StreamIncomplete(Exception):
     """The provider's stream ended without its final event (finish reason / message_stop)."""
 
 
+class MalformedResponse(ValueError):
+    """What the provider sent does not have the wire format's shape (a field of the wrong type,
+    a line past ``MAX_EVENT_BYTES``): a provider error, so the next key or model is tried."""
+
+
 @dataclass(frozen=True)
 class Finish:
     """Yielded by ``events`` (not a stream event): why generation stopped, in OpenAI's words
@@ -164,6 +169,13 @@ def status_error(
     return cls(
         text, provider=provider, model=model, status=status, retryable=retryable, retry_after=retry_after
     )
+
+
+def answer_budget(max_tokens: int) -> int:
+    """The most characters an answer of ``max_tokens`` tokens can hold, generously (a token is a
+    few characters; 32 covers long runs of spaces or digits): past it, an upstream that streams
+    on is ignoring ``max_tokens``, and reading on would only grow memory."""
+    return 32 * max_tokens + 4096
 
 
 def transport_error(
@@ -379,6 +391,7 @@ class RemoteBackend:
         endpoint = self.endpoint(model)
         payload = self.build(model, endpoint, request)
         hide_thinking = request.params.thinking is ThinkingMode.OFF
+        budget = answer_budget(request.params.max_tokens)
         tried: set[str] = set()
         last: ProviderError | None = None
         while (key := self._next_key(endpoint, model, tried)) is not None:
@@ -389,6 +402,7 @@ class RemoteBackend:
             ttft: float | None = None
             started = False
             error: ProviderError | None = None
+            spent = 0  # characters of the answer so far, thinking and tool arguments included
             try:
                 client = self._client(endpoint, key)
                 async with contextlib.aclosing(self.events(client, endpoint, model, payload)) as events:
@@ -399,11 +413,19 @@ class RemoteBackend:
                             items = event.items
                         elif isinstance(event, UsageEvent):
                             acc.push(event)
-                        elif not (hide_thinking and isinstance(event, ThinkingDelta)):
-                            ttft = ttft or round((time.perf_counter() - start) * 1000, 3)
-                            acc.push(event)
-                            started = True
-                            yield event
+                        else:
+                            spent += len(
+                                getattr(event, "text", None) or getattr(event, "arguments", None) or ""
+                            )
+                            if spent > budget:  # an upstream that ignores max_tokens: cut it here
+                                log.warning("%s answered past max_tokens; the answer is cut", model.id)
+                                finish = "length"
+                                break
+                            if not (hide_thinking and isinstance(event, ThinkingDelta)):
+                                ttft = ttft or round((time.perf_counter() - start) * 1000, 3)
+                                acc.push(event)
+                                started = True
+                                yield event
             except Exception as exc:
                 error = self.translate(exc, endpoint, model, key)
                 if error is None:
