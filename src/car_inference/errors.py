@@ -270,7 +270,8 @@ def validation_summary(exc: Any) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"{where}: {err.get('msg', '')}" if where else str(err.get("msg", "")))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")  # a validator's own words
+        parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or str(exc)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -316,3 +317,35 @@ def test_a_cut_answer_says_so() -> None:
     assert code == 0 and out.strip() and "cut at the 3-token limit" in err
     code, _, err = car("generate", "What is the capital of France?", "-n", "40", "--no-stream")
     assert code == 0 and "cut at" not in err  # a whole answer has no note (nor a finish_reason key)
+
+
+def test_arguments_no_request_takes_are_one_line_with_status_2(isolated_home: Path, tmp_path: Path) -> None:
+    """Through the real script (argv bytes that are not UTF-8 arrive as lone surrogates): each
+    of these ended in a pydantic or UnicodeDecodeError traceback, exit 1."""
+    script = str(Path(sys.executable).parent / "car")
+    home_file = tmp_path / "home-file"
+    home_file.write_text("x")
+    bad_toml = tmp_path / "bad-home"
+    bad_toml.mkdir()
+    (bad_toml / "config.toml").write_bytes(b'[defaults]\ngenerate = "\xff"\n')
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        ([script, "generate", "hi \udcff", "-n", "2"], {}, "error: prompt contains an unpaired surrogate"),
+        ([script, "route", ""], {}, "error: a request needs a `prompt` or `messages`"),
+        ([script, "generate", "hi", "--seed", "9" * 23], {}, "error: seed: Input should be less than"),
+        (
+            [script, "route", "hi"],
+            {"CAR_HOME": str(home_file)},
+            f"error: {home_file}: the car home (CAR_HOME)",
+        ),
+        (
+            [script, "route", "hi"],
+            {"CAR_HOME": str(bad_toml)},
+            "error: " + str(bad_toml / "config.toml") + ": not UTF-8",
+        ),
+    ]
+    for argv, env, says in cases:
+        environ = {**os.environ, "CAR_HOME": str(isolated_home), **env}
+        argv_bytes = [os.fsencode(a) for a in argv]
+        run = subprocess.run(argv_bytes, capture_output=True, text=True, check=False, env=environ)
+        assert run.returncode == 2 and run.stderr.startswith(says), (argv, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr

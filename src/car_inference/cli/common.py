@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
 
@@ -24,6 +24,7 @@ from ..errors import (
     ModelNotFound,
     TokenizationError,
     TraceNotFound,
+    validation_summary,
 )
 
 T = TypeVar("T")
@@ -72,6 +73,8 @@ def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
             raise typer.Exit(EXIT_USAGE) from None
         except InferenceError as exc:
             raise fail(_one_line(str(exc)), _exit_code(exc)) from None
+        except ValidationError as exc:  # a request or setting built from the command's arguments
+            raise fail(_one_line(validation_summary(exc)), EXIT_USAGE) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
 

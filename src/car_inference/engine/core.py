@@ -23,7 +23,7 @@ from ..backends.base import Backend, BackendContext, run_blocking
 from ..backends.cache import ModelCache
 from ..backends.delegated import RunnerRegistration, RunnerTable
 from ..config import CarConfig, load_config
-from ..errors import InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode, expect
+from ..errors import ConfigError, InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode, expect
 from ..keys import KeyPool
 from ..kinds import Locality
 from ..registry import UnifiedRegistry
@@ -63,7 +63,12 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.config = config if config is not None else load_config(home)
         # The learned state first: an unreachable PostgreSQL refuses the start with one error,
         # before anything else (the key statistics) tries the same database.
-        self.config.home.mkdir(parents=True, exist_ok=True)
+        try:
+            self.config.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file of that name, a folder we may not create
+            raise ConfigError(
+                f"the car home (CAR_HOME) cannot be a folder here: {exc.strerror}", path=str(self.config.home)
+            ) from exc
         state = self.config.state
         self.store = open_store(state.url, self.config.paths.state_db, buffer_records=state.buffer_records)
         self.fleet = Fleet.for_settings(self.config.coordination)  # state shared with replicas, or None
