@@ -13,11 +13,12 @@ import io
 import mimetypes
 import os
 import secrets
+import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import InferenceFailed, InvalidInput, UnsupportedMode
 from ..schema import ModelSchema
@@ -25,6 +26,7 @@ from ..schema import ModelSchema
 __all__ = [
     "IMAGE_MEDIA_TYPES",
     "VIDEO_MEDIA_TYPES",
+    "atomic_file",
     "encode_video",
     "image_bytes",
     "output_path",
@@ -56,13 +58,20 @@ def readable_file(path: str, what: str) -> Path:
 
 def output_path(requested: str | None, fmt: str, prefix: str) -> Path:
     """The file to write: the requested one, whose folder must exist (a typo in a path must not
-    silently create folders), else a new name in the temporary folder."""
+    silently create folders), else a new name in the temporary folder. A symbolic link is
+    written through (its file is replaced, the link stays); a folder, a device, a FIFO or a
+    socket is refused: the atomic rename would put a regular file in its place."""
     if requested:
         target = Path(requested).expanduser()
+        if target.is_symlink():
+            target = target.resolve()
         if not target.parent.is_dir():
-            raise InvalidInput(f"cannot write {target}: the folder {target.parent} does not exist")
+            why = "is not a folder" if target.parent.exists() else "does not exist"
+            raise InvalidInput(f"cannot write {target}: {target.parent} {why}")
         if target.is_dir():
             raise InvalidInput(f"cannot write {target}: it is a folder")
+        if target.exists() and not target.is_file():
+            raise InvalidInput(f"cannot write {target}: it is not a regular file (a device, FIFO or socket)")
         return target
     # Named now, created by the write: a generation that fails leaves no empty file behind.
     return Path(tempfile.gettempdir()) / f"{prefix}{secrets.token_hex(8)}.{fmt}"
@@ -73,19 +82,34 @@ def variant_path(first: Path, index: int) -> Path:
     return first if index == 0 else first.with_name(f"{first.stem}-{index + 1}{first.suffix}")
 
 
-def write_atomic(target: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(target: Path, *, what: str = "", keep_empty: bool = True) -> Iterator[BinaryIO]:
+    """A new file beside ``target`` to write, renamed over it when the block ends: readers see
+    the old file or the whole new one, and a failed write leaves no part behind. The file gets
+    the umask's permissions (``os.open``, not mkstemp's 0600), or those of the file it replaces
+    (a private file stays private). ``keep_empty=False``: nothing written, nothing replaced. An
+    ``OSError`` (disk full, no permission) is ``InferenceFailed`` naming ``what`` and the file."""
     temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
     try:
-        # os.open rather than mkstemp: the file gets the umask's permissions, not 0600.
         handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(temp, stat.S_IMODE(os.stat(target).st_mode))
         with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(temp, target)
+            yield file
+            written = file.tell()
+        if keep_empty or written:
+            os.replace(temp, target)
     except OSError as exc:
-        raise InferenceFailed(f"cannot write {target}: {exc}") from exc
+        raise InferenceFailed(f"cannot write {what}{target}: {exc}") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    """``data`` written to ``target`` through ``atomic_file``."""
+    with atomic_file(target) as file:
+        file.write(data)
 
 
 def image_bytes(image: Any, fmt: str) -> bytes:

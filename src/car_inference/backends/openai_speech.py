@@ -18,15 +18,12 @@ the same endpoints. Keys rotate and errors translate as for chat (``with_keys``)
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import InferenceFailed, InvalidInput, ProviderError
+from ..errors import InvalidInput, ProviderError
 from ..requests import (
     SynthesizeRequest,
     SynthesizeResult,
@@ -35,7 +32,7 @@ from ..requests import (
     TranscribeResult,
 )
 from ..schema import ModelSchema
-from .media_files import output_path, read_upload, readable_file
+from .media_files import atomic_file, output_path, read_upload, readable_file
 from .voices import Voice, VoiceList
 
 if TYPE_CHECKING:
@@ -149,19 +146,9 @@ def _speech_options(model: ModelSchema, request: SynthesizeRequest) -> dict[str,
 
 async def stream_to(target: Path, chunks: Any) -> int:
     """Write an async byte stream to ``target`` atomically; the bytes written (0: nothing is)."""
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
     size = 0
-    try:
-        handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(handle, "wb") as file:
-            async for chunk in chunks:
-                file.write(chunk)
-                size += len(chunk)
-        if size:
-            os.replace(temp, target)
-    except OSError as exc:
-        raise InferenceFailed(f"cannot write {target}: {exc}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+    with atomic_file(target, keep_empty=False) as file:
+        async for chunk in chunks:
+            file.write(chunk)
+            size += len(chunk)
     return size

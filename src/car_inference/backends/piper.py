@@ -9,13 +9,10 @@ ever reads half a file.
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import logging
-import os
 import re
-import secrets
-import tempfile
 import threading
 import wave
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +27,7 @@ from ..schema import ModelSchema, PiperSource
 from .base import BackendContext, run_blocking, run_stoppable, until_stopped
 from .cache import CachedModel
 from .fair import step_by_step
+from .media_files import atomic_file, output_path
 from .voices import Voice, VoiceList, aliases_for
 
 __all__ = ["MEDIA_TYPES", "PiperBackend", "write_audio"]
@@ -85,7 +83,7 @@ class PiperBackend:
             hint = "encoding needs PyAV: pip install 'car-inference[speech]'"
             raise UnsupportedMode(f"synthesize format {fmt}", "piper", hint)
         _check_unsupported_controls(model, request)
-        target = _output_path(request.output_path, fmt)
+        target = output_path(request.output_path, fmt, "car-tts-")
         voice_names = self.ctx.config.speech.voices
 
         def work(stop: threading.Event) -> SynthesizeResult:
@@ -290,48 +288,27 @@ def _check_unsupported_controls(model: ModelSchema, request: SynthesizeRequest) 
     log.warning("%s (piper) ignores %s", model.id, ", ".join(requested))
 
 
-def _output_path(requested: str | None, fmt: str) -> Path:
-    """The file to write: the requested one, whose folder must exist (a typo in a path must not
-    silently create folders), else a new temporary file."""
-    if requested:
-        target = Path(requested).expanduser()
-        if not target.parent.is_dir():
-            why = "is not a folder" if target.parent.exists() else "does not exist"
-            raise InvalidInput(f"cannot write {target}: {target.parent} {why}")
-        if target.is_dir():
-            raise InvalidInput(f"cannot write {target}: it is a folder")
-        return target
-    handle, name = tempfile.mkstemp(prefix="car-tts-", suffix=f".{fmt}")
-    os.close(handle)
-    return Path(name)
-
-
 def write_audio(target: Path, pcm: bytes, sample_rate: int, fmt: str) -> None:
-    """Write 16-bit mono ``pcm`` to ``target`` as ``fmt``, atomically (temp file + rename)."""
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
-    try:
-        # os.open rather than mkstemp: the file gets the umask's permissions, not 0600.
-        handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as exc:
-        raise InferenceFailed(f"cannot write audio to {target}: {exc}") from exc
-    try:
-        with os.fdopen(handle, "wb") as file:
-            if fmt == "wav":
-                with wave.open(file, "wb") as wav:
-                    wav.setnchannels(1)
-                    wav.setsampwidth(2)
-                    wav.setframerate(sample_rate)
-                    wav.writeframes(pcm)
-            elif fmt == "pcm":
-                file.write(pcm)
-            else:
-                _encode(file, pcm, sample_rate, fmt)
-        os.replace(temp, target)
-    except (OSError, ValueError) as exc:  # PyAV's errors derive from both
-        raise InferenceFailed(f"cannot write audio to {target}: {exc}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+    """Write 16-bit mono ``pcm`` to ``target`` as ``fmt``, atomically (``media_files.atomic_file``).
+    Compressed formats are encoded in memory first: PyAV writing to the file itself printed its
+    own traceback when the disk was full."""
+    if fmt not in ("wav", "pcm"):
+        encoded = io.BytesIO()
+        try:
+            _encode(encoded, pcm, sample_rate, fmt)
+        except (OSError, ValueError) as exc:  # PyAV's errors derive from both
+            raise InferenceFailed(f"cannot encode audio as {fmt}: {exc}") from exc
+    with atomic_file(target, what="audio to ") as file:
+        if fmt == "wav":
+            with wave.open(file, "wb") as wav:
+                wav.setnchannels(1)
+                wav.setsampwidth(2)
+                wav.setframerate(sample_rate)
+                wav.writeframes(pcm)
+        elif fmt == "pcm":
+            file.write(pcm)
+        else:
+            file.write(encoded.getvalue())
 
 
 def _encode(file: BinaryIO, pcm: bytes, sample_rate: int, fmt: str) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from ..errors import InferenceError, InvalidInput
+from ..errors import InferenceError
 from ..hardware import HardwareOverview, hardware_overview
 from ..kinds import Locality
 from ..requests import ClassifyRequest, GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
@@ -305,19 +305,16 @@ class HealthMixin:
     def export_profiles_file(self, path: Path) -> int:
         """Write the profiles to ``path`` as JSON, atomically: a temporary file of its own beside
         it (concurrent exports do not share one, a file named like it is left alone) renamed over
-        it, so a reader sees the old file or the new one. A folder, or a path whose folder does
-        not exist, is ``InvalidInput``. Returns how many profiles were written."""
+        it, so a reader sees the old file or the new one. A folder, a device or a path whose
+        folder does not exist is ``InvalidInput`` (``media_files.output_path``). Returns how many
+        profiles were written."""
         import json
 
-        from ..backends.media_files import write_atomic
+        from ..backends.media_files import output_path, write_atomic
 
-        path = Path(path)
-        if path.is_dir():
-            raise InvalidInput(f"{path} is a folder: give the file to write")
-        if not path.parent.is_dir():
-            raise InvalidInput(f"cannot write {path}: its folder {path.parent} does not exist")
+        target = output_path(str(path), "json", "car-profiles-")
         profiles = [p.model_dump(mode="json") for p in self.export_profiles()]
-        write_atomic(path, json.dumps(profiles, indent=2).encode())
+        write_atomic(target, json.dumps(profiles, indent=2).encode())
         return len(profiles)
 
 
