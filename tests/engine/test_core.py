@@ -122,3 +122,15 @@ async def test_a_closed_engine_takes_its_models_out_of_ps(tmp_path: Path) -> Non
     assert [r.key for r in read_records(folder)] == [f"gguf:{SMOL}"]
     engine.close()
     assert read_records(folder) == [] and not any(folder.iterdir())
+
+
+def test_a_configured_name_the_catalog_lacks_is_said_at_start(
+    isolated_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in [defaults]/[preferred] was passed over in silence: routing went on as if unset."""
+    (isolated_home / "config.toml").write_text('[preferred]\ngenerate = "qwen3-9b"\n')
+    with caplog.at_level("WARNING", logger="car_inference.engine"):
+        engine = InferenceEngine()
+    engine.close()
+    (line,) = [r.getMessage() for r in caplog.records if "not in the catalog" in r.getMessage()]
+    assert "[preferred] generate names 'qwen3-9b'" in line and "qwen/qwen3-8b:q4_k_m" in line

@@ -23,7 +23,15 @@ from ..backends.base import Backend, BackendContext, run_blocking
 from ..backends.cache import ModelCache
 from ..backends.delegated import RunnerRegistration, RunnerTable
 from ..config import CarConfig, load_config
-from ..errors import ConfigError, InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode, expect
+from ..errors import (
+    ConfigError,
+    InferenceError,
+    InvalidInput,
+    ModelNotFound,
+    ModelUnavailable,
+    UnsupportedMode,
+    expect,
+)
 from ..keys import KeyPool
 from ..kinds import Locality
 from ..registry import UnifiedRegistry
@@ -88,7 +96,25 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self._backends: dict[str, Backend] = {}
         self._backends_lock = threading.Lock()
         self.runtimes = RuntimeSupervisor(self.config, self.registry)  # servers we start on first use
+        self._warn_unknown_choices()
         self._init_routing()
+
+    def _warn_unknown_choices(self) -> None:
+        """A ``[defaults]``/``[preferred]`` name the catalog does not know is said once at start
+        (with close names): it is passed over until a model of that name is registered (a
+        delegated runner, a discovered endpoint), so a typo would otherwise go unnoticed."""
+        for section in ("preferred", "defaults"):
+            choices = getattr(self.config, section)
+            for capability, name in choices.model_dump().items():
+                if name and self.registry.find(name) is None:
+                    try:
+                        self.registry.resolve(name)
+                    except ModelNotFound as exc:
+                        near = f" (did you mean {', '.join(exc.suggestions)}?)" if exc.suggestions else ""
+                        log.warning(
+                            "config [%s] %s names %r, which is not in the catalog%s: it is passed over",
+                            section, capability, name, near,
+                        )  # fmt: skip
 
     def _init_routing(self) -> None:
         home = self.config.home
