@@ -29,6 +29,16 @@ async def test_lists_served_models(fake: FakeProviderServer) -> None:
     assert await list_served_models(endpoint) == ["Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B-Instruct"]
 
 
+async def test_ids_that_are_no_model_name_are_skipped_and_repeats_kept_once(
+    fake: FakeProviderServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A null id became "box/None" (and "None" went upstream), a number "box/5"."""
+    fake.served_models = [None, 5, "", "has space", "a/../b", "Qwen/Qwen3-8B", "Qwen/Qwen3-8B", "x" * 300]  # type: ignore[list-item]
+    endpoint = EndpointConfig(name="box", kind="vllm", base_url=fake.openai_base_url)
+    assert await list_served_models(endpoint) == ["Qwen/Qwen3-8B"]
+    assert "6 model id(s)" in caplog.text
+
+
 async def test_unreachable_or_failing_server_is_a_provider_error(
     fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -73,6 +83,10 @@ def test_cli_discover(fake: FakeProviderServer, isolated_home: Path) -> None:
     )
     result = CliRunner().invoke(app, ["models", "discover"])
     assert result.exit_code == 1 and "off" in result.stderr
+    result = CliRunner().invoke(app, ["models", "discover", "nosuch"])
+    assert (
+        result.exit_code == 2 and "no endpoint named nosuch in models.toml (endpoints: off)" in result.stderr
+    )
     (isolated_home / "models.toml").write_text("")
     result = CliRunner().invoke(app, ["models", "discover"])
     assert result.exit_code == 2 and "no [[endpoints]] in models.toml" in result.stderr, "configuration"

@@ -190,9 +190,14 @@ def discover(
 ) -> None:
     """Ask the OpenAI-compatible endpoints in models.toml which models they serve."""
     eng = engine()
-    names = endpoint or [e.name for e in eng.registry.endpoints]
+    known = [e.name for e in eng.registry.endpoints]
+    names = endpoint or known
     if not names:
         raise fail("no [[endpoints]] in models.toml", EXIT_USAGE)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        listed = ", ".join(known) or "none"
+        raise fail(f"no endpoint named {', '.join(unknown)} in models.toml (endpoints: {listed})", EXIT_USAGE)
     report = run(eng.discover_endpoints(names))
     if as_json:
         print_json({k: v if isinstance(v, list) else {"error": str(v)} for k, v in report.items()})

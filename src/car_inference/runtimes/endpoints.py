@@ -4,7 +4,9 @@ for endpoints marked ``discover = true``; never on the routing path."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import httpx
 
@@ -12,6 +14,11 @@ from ..catalog import EndpointConfig
 from ..errors import ProviderError
 
 __all__ = ["list_served_models"]
+
+log = logging.getLogger(__name__)
+# A served model's name: no spaces or control characters, at most 256 characters (Ollama's
+# "llama3.2:3b", vLLM's "Qwen/Qwen3-8B", LM Studio's "lmstudio-community/...-GGUF").
+_MODEL_ID = re.compile(r"[^\s\x00-\x1f]{1,256}")
 
 
 async def list_served_models(endpoint: EndpointConfig, *, timeout_s: float = 5.0) -> list[str]:
@@ -35,8 +42,16 @@ async def list_served_models(endpoint: EndpointConfig, *, timeout_s: float = 5.0
         )  # fmt: skip
     try:
         data = response.json()["data"]
-        return [str(item["id"]) for item in data]
+        ids = [item["id"] for item in data]
     except (ValueError, KeyError, TypeError):
         raise ProviderError(
             f"{url} did not answer with an OpenAI model list", provider=endpoint.name, model="*"
         ) from None
+    # Ids become catalog ids ``<endpoint>/<id>`` and go back upstream as they are: a null, a
+    # number, an empty or spaced name or a path-like one is no model name; repeats are one model.
+    usable = [i for i in ids if isinstance(i, str) and _MODEL_ID.fullmatch(i) and ".." not in i]
+    if len(usable) < len(ids):
+        log.warning(
+            "%s: %d model id(s) of %s skipped (not a model name)", endpoint.name, len(ids) - len(usable), url
+        )
+    return list(dict.fromkeys(usable))
