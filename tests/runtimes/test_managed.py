@@ -99,6 +99,18 @@ async def test_a_crash_between_requests_is_survived(engine: InferenceEngine) -> 
     assert again.text == first.text
 
 
+async def test_a_crash_under_a_request_waits_for_the_restart(engine: InferenceEngine) -> None:
+    """The first request after a crash went to the dead port at once ("connection failed"), and
+    the failures it counted kept the model's circuit open long after the restart."""
+    first = await engine.generate(_request())
+    runtime = engine.runtimes.runtime_for(engine.resolve(MANAGED_ID))
+    assert runtime.pid is not None
+    os.kill(runtime.pid, signal.SIGKILL)
+    again = await engine.generate(_request())  # no wait here: it meets the crash itself
+    assert again.text == first.text and runtime.restarts == 1
+    assert engine.breakers.allow(MANAGED_ID)
+
+
 async def test_warm_up_starts_it_ahead_of_the_first_request(engine: InferenceEngine) -> None:
     assert await engine.warm_up([MANAGED_ID]) == [None]
     assert engine.runtimes.runtime_for(engine.resolve(MANAGED_ID)).state is RuntimeState.RUNNING

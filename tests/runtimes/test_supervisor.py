@@ -124,6 +124,24 @@ def test_a_server_that_never_answers_is_replaced_not_doubled(isolated_home: Path
     assert len(pids) == 2 and not any(pid_alive(p) for p in pids), "each try stopped, none left behind"
 
 
+def test_a_caller_that_stops_waiting_ends_the_wait_within_a_tick(isolated_home: Path) -> None:
+    """Ctrl-C during a start: the waiting thread held the process until the start deadline (the
+    executor is joined on exit), 28 s in the audit; with ``stop`` set it gives up at once."""
+    code = "import time; time.sleep(600)"
+    launch = Launch("slow", "llamacpp", [sys.executable, "-c", code], "127.0.0.1", free_port(), "/v1/models")
+    settings = FAST.model_copy(update={"start_timeout_s": 30.0})
+    runtime = ManagedRuntime(LlamaCppServerSpec(), "slow", isolated_home, lambda: launch, settings)
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeFailed, match="start abandoned"):
+            runtime.ensure(stop)
+        assert time.monotonic() - started < 2
+    finally:
+        runtime.stop()
+
+
 def _collect_pids(runtime: ManagedRuntime, pids: list[int]) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and runtime.state is not RuntimeState.FAILED:

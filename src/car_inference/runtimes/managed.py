@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import CarConfig
-from ..errors import ModelNotFound, close_matches
+from ..errors import ModelNotFound, ProviderError, close_matches
 from ..schema import ModelSchema, OpenAISource
 from .specs import RUNTIME_FOR_KIND, Launch, RuntimeSpec, is_managed, runtime_specs
 from .state import RunFiles, pid_alive, run_dir, tree_rss_mb
@@ -221,6 +221,9 @@ def stop_elsewhere(home: Path, name: str, timeout_s: float = 30.0) -> bool:
     return files.locked_elsewhere() is False
 
 
+CRASH_WAIT_S = 1.0  # how long a connection failure waits to see whether the server is exiting
+
+
 class ManagedBackend:
     """The backend of a model whose server we start: ensure the server answers, then hand the
     call to the OpenAI-compatible backend with the model pointed at that server."""
@@ -236,10 +239,27 @@ class ManagedBackend:
     async def _ready(self, model: ModelSchema) -> tuple[Any, ModelSchema]:
         url = self.runtime.ready_url()
         if url is None:
-            url = await asyncio.to_thread(self.runtime.ensure)
+            stop = threading.Event()
+            try:
+                url = await asyncio.to_thread(self.runtime.ensure, stop)
+            except asyncio.CancelledError:
+                stop.set()  # the waiting thread gives up at its next tick
+                raise
             self._after_start()  # on the loop: what it serves joins the registry here
         target = self._target(model, url)
         return self._lookup(target), target
+
+    async def _crashed_under(self, exc: ProviderError, pid: int | None) -> bool:
+        """A call failed because the server this process runs (``pid`` when the call went out)
+        died under it: it is restarting, or has restarted, so one more try is worth it rather
+        than a failure of the model. A killed server closes its sockets while it exits, so its
+        end is waited for a moment (``CRASH_WAIT_S``)."""
+        if exc.status is not None or exc.timeout or pid is None:
+            return False
+        deadline = time.monotonic() + CRASH_WAIT_S
+        while self.runtime.pid == pid and self.runtime.alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.runtime.pid != pid or not self.runtime.alive()
 
     def _target(self, model: ModelSchema, url: str) -> ModelSchema:
         key = (model.id, url)
@@ -263,17 +283,32 @@ class ManagedBackend:
         self.runtime.ensure()
 
     async def generate(self, model: ModelSchema, request: Any) -> Any:
-        backend, target = await self._ready(model)
-        with self.runtime.busy():
-            return await backend.generate(target, request)
+        for again in (False, True):
+            backend, target = await self._ready(model)
+            pid = self.runtime.pid
+            with self.runtime.busy():
+                try:
+                    return await backend.generate(target, request)
+                except ProviderError as exc:
+                    if again or not await self._crashed_under(exc, pid):
+                        raise
+        raise AssertionError("unreachable")
 
     async def stream(self, model: ModelSchema, request: Any) -> AsyncGenerator[Any, None]:
-        backend, target = await self._ready(model)
-        with self.runtime.busy():
-            events = backend.stream(target, request)
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    yield event
+        for again in (False, True):
+            backend, target = await self._ready(model)
+            pid, sent = self.runtime.pid, False
+            with self.runtime.busy():
+                events = backend.stream(target, request)
+                try:
+                    async with contextlib.aclosing(events):
+                        async for event in events:
+                            sent = True
+                            yield event
+                    return
+                except ProviderError as exc:  # before any event: the restarted server takes it
+                    if sent or again or not await self._crashed_under(exc, pid):
+                        raise
 
     async def embed(self, model: ModelSchema, request: Any) -> Any:
         backend, target = await self._ready(model)

@@ -126,21 +126,33 @@ class ManagedRuntime:
 
     # --- use -----------------------------------------------------------------------------------
 
+    def alive(self) -> bool:
+        """Whether the server this process started still runs (a crash is seen here at once; the
+        monitor notices it a tick later). True for a server another process owns or runs."""
+        proc = self._proc
+        return proc is None or proc.poll() is None
+
     def ready_url(self) -> str | None:
         """The server's URL when it is known to answer now, without blocking (the hot path)."""
         state, url = self._state, self._url
         if state is RuntimeState.RUNNING:
-            return url
+            return url if self.alive() else None
         fresh = time.monotonic() - self._checked_at < self.settings.recheck_s
         if state in (RuntimeState.ATTACHED, RuntimeState.EXTERNAL) and fresh:
             return url
         return None
 
-    def ensure(self) -> str:
+    def ensure(self, stop: threading.Event | None = None) -> str:
         """Start the server (or attach to it) and wait until it answers; its base URL. Blocking:
-        async callers run it in a thread. Raises ``RuntimeFailed`` when it cannot be had in time."""
+        async callers run it in a thread, with ``stop`` set when they stop waiting (Ctrl-C: the
+        wait ends within a tick instead of at the start deadline). Raises ``RuntimeFailed`` when
+        it cannot be had in time, or was abandoned."""
         deadline = time.monotonic() + self.start_timeout_s
         while True:
+            if stop is not None and stop.is_set():
+                raise RuntimeFailed(
+                    "start abandoned: its caller stopped waiting", runtime=self.name, model=self.model_id
+                )
             with self._cv:
                 if self._recently_failed():
                     raise RuntimeFailed(
