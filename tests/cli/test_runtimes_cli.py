@@ -116,6 +116,11 @@ def test_unknown_names_and_runtimes_are_clear_errors(isolated_home: Path) -> Non
     assert code == 2 and "not found: smollm2-servd" in err and MODEL in err
     code, _, err = car("runtimes", "logs", MODEL)
     assert code == 1 and "has no log yet" in err
+    # Names the help promises, said for what they are rather than "model not found".
+    code, _, err = car("runtimes", "stop", "smollm2")
+    assert code == 2 and "smollm2-135m-instruct:q4_1 is not a managed model" in err
+    code, _, err = car("runtimes", "logs", "ollama")
+    assert code == 2 and "no managed model runs on ollama" in err
     code, _, err = car("runtimes", "install", "ollama")
     assert code == 2 and "only vllm is provisioned" in err
     code, out, _ = car("runtimes", "install", "vllm", "--dry-run")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import CarConfig
-from ..errors import ModelNotFound, ProviderError, close_matches
+from ..errors import InvalidInput, ModelNotFound, ProviderError, close_matches
 from ..schema import ModelSchema, OpenAISource
 from .specs import RUNTIME_FOR_KIND, Launch, RuntimeSpec, is_managed, runtime_specs
 from .state import RunFiles, pid_alive, run_dir, tree_rss_mb
@@ -102,6 +102,11 @@ class RuntimeSupervisor:
         found = self.registry.find(name) if self.registry is not None else None
         if found is not None and is_managed(found):
             return self.runtime_for(found)
+        hint = "mark a model `managed = true` in its [models.source] in models.toml"
+        if found is not None:  # known, but runs in-process or on a server nobody starts for it
+            raise InvalidInput(f"{found.id} is not a managed model, so no runtime runs it: {hint}")
+        if name in RUNTIME_FOR_KIND.values():
+            raise InvalidInput(f"no managed model runs on {name}: {hint}")
         names = [self.spec_for(m).instance(m) for m in models] + [m.id for m in models]
         raise ModelNotFound(name, close_matches(name, names, n=3))
 
