@@ -147,7 +147,7 @@ def test_tokenize_and_detokenize() -> None:
     code, out, _ = car("detokenize", "smollm2", *map(str, tokens))
     assert code == 0 and out.strip() == "Hello world"
     code, _, err = car("tokenize", "openai/gpt-6-luna", "hi")
-    assert code == 1 and "tokenize/detokenize" in err and "remote" in err
+    assert code == 2 and "tokenize/detokenize" in err and "remote" in err
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +277,7 @@ def test_chat_ctrl_c_stops_the_answer_then_quits(isolated_home: Path) -> None:
 
 def test_rerank_on_a_model_that_cannot_names_rerank() -> None:
     code, _, err = car("rerank", "capital of France", "Paris.", "Bananas.", "-m", "smollm2")
-    assert code == 1 and "does not declare rerank" in err and "embed" not in err
+    assert code == 2 and "does not declare rerank" in err and "embed" not in err
 
 
 def test_detokenize_unknown_ids_is_a_usage_error() -> None:

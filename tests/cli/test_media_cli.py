@@ -109,7 +109,7 @@ def test_mistakes_are_one_line_usage_errors(home: Path, tmp_path: Path) -> None:
     code, _, err = car("image", "x", "-s", "65x64")
     assert code == 2 and "multiples of 2 pixels" in err and len(err.strip().splitlines()) == 1
     code, _, err = car("video", "x", "-m", "test/tiny-sd")
-    assert code == 1 and "does not declare video_generation" in err
+    assert code == 2 and "does not declare video_generation" in err
 
 
 def test_without_a_model_says_what_would_make_one_run(isolated_home: Path) -> None:

@@ -91,7 +91,7 @@ def test_list_voices_and_the_configured_openai_names(tmp_path: Path, isolated_ho
     code, out, err = car("speak", "hi", "--voice", "alloy", "-o", str(tmp_path / "a.wav"))
     assert code == 0 and "voice en_US-joe-medium" in err
     code, _, err = car("speak", "--list-voices", "-m", "whisper-base")
-    assert code == 1 and "does not declare text_to_speech" in err
+    assert code == 2 and "does not declare text_to_speech" in err
     code, _, err = car("speak")
     assert code == 2 and "give the text to speak (or --list-voices)" in err
 

@@ -24,6 +24,7 @@ from ..errors import (
     ModelNotFound,
     TokenizationError,
     TraceNotFound,
+    UnsupportedMode,
     validation_summary,
 )
 
@@ -52,7 +53,8 @@ def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
 
 # Errors in what the user typed or configured; token ids a vocabulary does not have are one.
 # What the caller asked for wrongly (a model or trace that does not exist, input, configuration).
-_USAGE_ERRORS = (ModelNotFound, TraceNotFound, ConfigError, InvalidInput, TokenizationError)
+# What the caller must change (HTTP 400/404 from the server): exit 2; failures of the work: exit 1.
+_USAGE_ERRORS = (ModelNotFound, TraceNotFound, ConfigError, InvalidInput, TokenizationError, UnsupportedMode)
 
 
 def _exit_code(exc: InferenceError) -> int:
