@@ -68,4 +68,9 @@ def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
     assert code == 2 and "smolm2-135m" in err and "smollm2-135m" in err, "unknown: named, close matches"
     path.write_text("{not json")
     code, _, err = car("profiles", "import", str(path))
-    assert code == 1 and "profiles.json" in err
+    assert code == 2 and "profiles.json is not a JSON profiles file" in err
+    code, _, err = car("profiles", "import", str(tmp_path / "none.json"))
+    assert code == 2 and "cannot read" in err and "No such file" in err
+    path.write_text("[1, 2]")
+    code, _, err = car("profiles", "import", str(path))
+    assert code == 2 and "Input should be a valid dictionary" in err and "Traceback" not in err

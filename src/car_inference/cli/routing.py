@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..requests import GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
-from .common import engine, fail, handle_errors, money, out, print_json
+from .common import EXIT_USAGE, engine, fail, handle_errors, money, out, print_json
 
 profiles_app = typer.Typer(help="Export, import or forget learned model profiles.", no_args_is_help=True)
 
@@ -157,10 +157,12 @@ def forget_profile(model: Annotated[str, typer.Argument(help="a model id or name
 def import_profiles(path: Annotated[Path, typer.Argument(help="an outcome_profiles.json file")]) -> None:
     """Merge profiles from an outcome_profiles.json file."""
     try:
-        data: Any = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise fail(f"{path}: {exc}") from None
+        data: Any = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise fail(f"cannot read {path}: {exc.strerror or exc}", EXIT_USAGE) from None
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise fail(f"{path} is not a JSON profiles file: {exc}", EXIT_USAGE) from None
     if not isinstance(data, list):
-        raise fail(f"{path}: expected a JSON list of profiles")
+        raise fail(f"{path}: expected a JSON list of profiles", EXIT_USAGE)
     count = engine().import_profiles(data)
     out.print(f"imported {count} profile(s) from {path}")
