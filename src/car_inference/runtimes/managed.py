@@ -226,9 +226,6 @@ def stop_elsewhere(home: Path, name: str, timeout_s: float = 30.0) -> bool:
     return files.locked_elsewhere() is False
 
 
-CRASH_WAIT_S = 1.0  # how long a connection failure waits to see whether the server is exiting
-
-
 class ManagedBackend:
     """The backend of a model whose server we start: ensure the server answers, then hand the
     call to the OpenAI-compatible backend with the model pointed at that server."""
@@ -254,17 +251,22 @@ class ManagedBackend:
         target = self._target(model, url)
         return self._lookup(target), target
 
-    async def _crashed_under(self, exc: ProviderError, pid: int | None) -> bool:
-        """A call failed because the server this process runs (``pid`` when the call went out)
-        died under it: it is restarting, or has restarted, so one more try is worth it rather
-        than a failure of the model. A killed server closes its sockets while it exits, so its
-        end is waited for a moment (``CRASH_WAIT_S``)."""
+    async def _back_after_crash(self, exc: ProviderError, pid: int | None) -> bool:
+        """Whether a call that failed because the server this process runs (``pid`` when the
+        call went out) died under it can run once more: True once the restarted server answers.
+        False for any other failure (the same server still answers), for a server another process
+        runs, and when none answers again within the start timeout."""
         if exc.status is not None or exc.timeout or pid is None:
             return False
-        deadline = time.monotonic() + CRASH_WAIT_S
-        while self.runtime.pid == pid and self.runtime.alive() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return self.runtime.pid != pid or not self.runtime.alive()
+        runtime = self.runtime
+        if runtime.pid == pid and runtime.alive() and await asyncio.to_thread(runtime.answers):
+            return False
+        deadline = time.monotonic() + runtime.start_timeout_s
+        while time.monotonic() < deadline:
+            if runtime.ready_url() is not None and await asyncio.to_thread(runtime.answers):
+                return True
+            await asyncio.sleep(0.1)
+        return False
 
     def _target(self, model: ModelSchema, url: str) -> ModelSchema:
         key = (model.id, url)
@@ -295,7 +297,7 @@ class ManagedBackend:
                 try:
                     return await backend.generate(target, request)
                 except ProviderError as exc:
-                    if again or not await self._crashed_under(exc, pid):
+                    if again or not await self._back_after_crash(exc, pid):
                         raise
         raise AssertionError("unreachable")
 
@@ -312,7 +314,7 @@ class ManagedBackend:
                             yield event
                     return
                 except ProviderError as exc:  # before any event: the restarted server takes it
-                    if sent or again or not await self._crashed_under(exc, pid):
+                    if sent or again or not await self._back_after_crash(exc, pid):
                         raise
 
     async def embed(self, model: ModelSchema, request: Any) -> Any:

@@ -132,6 +132,11 @@ class ManagedRuntime:
         proc = self._proc
         return proc is None or proc.poll() is None
 
+    def answers(self) -> bool:
+        """Whether the server at the current URL answers its health check now (one GET, 1 s)."""
+        url = self._url
+        return url is not None and _healthy(url + self.spec.health_path)
+
     def ready_url(self) -> str | None:
         """The server's URL when it is known to answer now, without blocking (the hot path)."""
         state, url = self._state, self._url
