@@ -70,14 +70,11 @@ class _Model(BaseModel):
 
 
 class _Input(_Model):
-    """A request: its client text, nested models included, is checked once for unpaired
-    surrogates (results and the parts of a request are not checked on their own)."""
+    """A request: every string it holds, nested ones included, is checked once for unpaired
+    surrogates ("\\ud800": no tokenizer, file name or speech engine takes one; ``textcheck``)."""
 
     @model_validator(mode="after")
     def _whole_characters(self) -> Any:
-        """An unpaired surrogate ("\\ud800", which Python strings and JSON escapes allow) is no
-        character: no tokenizer, file name or speech engine takes it (a UnicodeEncodeError deep
-        in a backend). Refused here in every string a request holds, nested ones included."""
         for name, value in self.__dict__.items():
             bad = unpaired_surrogate(value)
             if bad is not None:
