@@ -262,11 +262,14 @@ class ManagedBackend:
         if runtime.pid == pid and runtime.alive() and await asyncio.to_thread(runtime.answers):
             return False
         deadline = time.monotonic() + runtime.start_timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and runtime.state not in (
+            RuntimeState.FAILED,
+            RuntimeState.STOPPED,
+        ):
             if runtime.ready_url() is not None and await asyncio.to_thread(runtime.answers):
                 return True
             await asyncio.sleep(0.1)
-        return False
+        return False  # it gave up restarting, or was stopped: the call's own error stands
 
     def _target(self, model: ModelSchema, url: str) -> ModelSchema:
         key = (model.id, url)
