@@ -102,6 +102,7 @@ def test_parse_retry_after_seconds_and_http_date() -> None:
     assert parse_retry_after(date, now=now.timestamp()) == pytest.approx(30)
     assert parse_retry_after(format_datetime(now - timedelta(seconds=5), usegmt=True), now.timestamp()) == 0
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after("99999999") == 3600  # capped: it cools a key
 
 
 @pytest.mark.parametrize(

@@ -121,8 +121,14 @@ class ProviderItems:
     items: list[dict[str, Any]]
 
 
+# The longest wait a provider's Retry-After is taken at: it cools the key it came on, and a
+# broken or hostile server's "99999999" would otherwise shelve a key for years.
+MAX_RETRY_AFTER_S = 3600.0
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header: delta seconds, or an HTTP-date."""
+    """Seconds from a Retry-After header: delta seconds, or an HTTP-date; at most
+    ``MAX_RETRY_AFTER_S``."""
     if not value:
         return None
     value = value.strip()
@@ -134,7 +140,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         except (TypeError, ValueError, IndexError):
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
-    return max(0.0, seconds) if math.isfinite(seconds) else None
+    return min(MAX_RETRY_AFTER_S, max(0.0, seconds)) if math.isfinite(seconds) else None
 
 
 class ErrorSite(TypedDict):
