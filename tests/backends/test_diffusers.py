@@ -85,18 +85,16 @@ async def test_steps_guidance_negative_prompt_and_variants_reach_the_pipeline(
     seen: list[tuple[int, int]] = []
     base: _ImageBase = {"prompt": "a cat", "model": SD, "width": 64, "height": 64, "seed": 3}
     plain = await engine.generate_image(GenerateImageRequest(**base, output_path=str(tmp_path / "p.png")))
-    result = await engine.generate_image(
-        GenerateImageRequest(
-            **base,
-            steps=3,
-            guidance=4.0,
-            negative_prompt="blue",
-            variant_count=2,
-            format="webp",
-            output_path=str(tmp_path / "v.webp"),
-        ),
-        progress=lambda done, total: seen.append((done, total)),
+    variants = GenerateImageRequest(
+        **base,
+        steps=3,
+        guidance=4.0,
+        negative_prompt="blue",
+        variant_count=2,
+        format="webp",
+        output_path=str(tmp_path / "v.webp"),
     )
+    result = await engine.generate_image(variants, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]  # both images' steps
     assert result.image_paths == [str(tmp_path / "v.webp"), str(tmp_path / "v-2.webp")]
     images = [Image.open(p) for p in result.image_paths]
@@ -105,20 +103,8 @@ async def test_steps_guidance_negative_prompt_and_variants_reach_the_pipeline(
     assert result.media_type == "image/webp"
     assert Path(plain.image_path).is_file()
     # Variant i is the picture seed + i gives alone.
-    alone = await engine.generate_image(
-        GenerateImageRequest(
-            prompt="a cat",
-            model=SD,
-            width=64,
-            height=64,
-            seed=4,
-            steps=3,
-            guidance=4.0,
-            negative_prompt="blue",
-            format="webp",
-            output_path=str(tmp_path / "alone.webp"),
-        )
-    )
+    second = {"seed": 4, "variant_count": None, "output_path": str(tmp_path / "alone.webp")}
+    alone = await engine.generate_image(variants.model_copy(update=second))
     assert np.asarray(Image.open(alone.image_path)).tobytes() == np.asarray(images[1]).tobytes()
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..engine.speech import AUDIO_SUFFIXES
 from ..requests import SynthesizeRequest, TranscribeRequest
 from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json, run, spinner
 
@@ -166,8 +167,7 @@ def _format_of(output: Path | None) -> str:
     suffix = output.suffix.lower().lstrip(".") if output else ""
     if not suffix:
         return "wav"
-    if suffix == "raw":
-        return "pcm"
-    if suffix not in FORMATS:
+    named = AUDIO_SUFFIXES.get(suffix)  # the library's reading of a name (raw: pcm)
+    if named is None:
         raise fail(f"cannot write .{suffix} files; name a .wav, .mp3, .flac or .pcm file", EXIT_USAGE)
-    return suffix
+    return named

@@ -106,15 +106,16 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         for section in ("preferred", "defaults"):
             choices = getattr(self.config, section)
             for capability, name in choices.model_dump().items():
-                if name and self.registry.find(name) is None:
-                    try:
-                        self.registry.resolve(name)
-                    except ModelNotFound as exc:
-                        near = f" (did you mean {', '.join(exc.suggestions)}?)" if exc.suggestions else ""
-                        log.warning(
-                            "config [%s] %s names %r, which is not in the catalog%s: it is passed over",
-                            section, capability, name, near,
-                        )  # fmt: skip
+                if not name:
+                    continue
+                try:
+                    self.registry.resolve(name)
+                except ModelNotFound as exc:
+                    near = f" (did you mean {', '.join(exc.suggestions)}?)" if exc.suggestions else ""
+                    log.warning(
+                        "config [%s] %s names %r, which is not in the catalog%s: it is passed over",
+                        section, capability, name, near,
+                    )  # fmt: skip
 
     def _init_routing(self) -> None:
         home = self.config.home

@@ -293,7 +293,8 @@ class ManagedBackend:
         self.runtime.ensure()
 
     async def generate(self, model: ModelSchema, request: Any) -> Any:
-        for again in (False, True):
+        again = False
+        while True:  # twice at most: once more when the server died under the first call
             backend, target = await self._ready(model)
             pid = self.runtime.pid
             with self.runtime.busy():
@@ -302,7 +303,7 @@ class ManagedBackend:
                 except ProviderError as exc:
                     if again or not await self._back_after_crash(exc, pid):
                         raise
-        raise AssertionError("unreachable")
+            again = True
 
     async def stream(self, model: ModelSchema, request: Any) -> AsyncGenerator[Any, None]:
         for again in (False, True):
