@@ -39,7 +39,10 @@ def test_speech_round_trip_and_missing_images_501(local_server: ServerThread) ->
         client.audio.speech.create(model="auto", voice="alloy", input="Hi.", response_format="wav")
     assert "has no voice 'alloy'; its voices: en_US-joe-medium" in unknown.value.message
     speech = client.audio.speech.create(
-        model="auto", voice="en_US-joe-medium", input="The quick brown fox.", response_format="wav"
+        model="auto",
+        voice="en_US-joe-medium",
+        input="The quick brown fox jumps over the lazy dog.",
+        response_format="wav",
     )
     audio = speech.read()
     assert audio[:4] == b"RIFF" and audio[8:12] == b"WAVE" and len(audio) > 10_000
@@ -55,7 +58,9 @@ def test_speech_round_trip_and_missing_images_501(local_server: ServerThread) ->
     assert speech.response.headers["x-car-model"] == "piper/en_us-joe-medium"
     # ... and back to text on the embedded Whisper.
     text = client.audio.transcriptions.create(model="auto", file=("fox.wav", audio, "audio/wav"))
-    assert "fox" in text.text.lower()
+    # Piper's voice varies from run to run ("fox" came back once as "box"): most words, not each.
+    heard = set(text.text.lower().replace(".", "").split())
+    assert len(heard & {"quick", "brown", "fox", "jumps", "lazy", "dog"}) >= 4, text.text
     # Audio that is not audio is the caller's mistake: 400, not 500.
     with pytest.raises(openai.BadRequestError) as bad:
         client.audio.transcriptions.create(model="auto", file=("a.wav", WAV, "audio/wav"))
