@@ -90,3 +90,51 @@ def test_cli_discover(fake: FakeProviderServer, isolated_home: Path) -> None:
     (isolated_home / "models.toml").write_text("")
     result = CliRunner().invoke(app, ["models", "discover"])
     assert result.exit_code == 2 and "no [[endpoints]] in models.toml" in result.stderr, "configuration"
+
+
+async def test_endpoints_are_asked_together(isolated_home: Path) -> None:
+    """Each endpoint that never answers cost `car serve`'s start its timeout in turn; they are
+    asked at once, so both requests are open on the silent server at the same time."""
+    import socket
+    import threading
+
+    open_now, most = 0, 0
+    lock = threading.Lock()
+
+    def hold(conn: socket.socket) -> None:
+        nonlocal open_now, most
+        with lock:
+            open_now += 1
+            most = max(most, open_now)
+        with conn:
+            while conn.recv(4096):  # until the client gives up and closes
+                pass
+        with lock:
+            open_now -= 1
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=hold, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    (isolated_home / "config.toml").write_text("[remote]\nconnect_timeout_s = 1.0\n")
+    (isolated_home / "models.toml").write_text(
+        "".join(
+            f'[[endpoints]]\nname = "{n}"\nbase_url = "http://127.0.0.1:{port}/v1"\ndiscover = true\n'
+            for n in ("mute1", "mute2")
+        )
+    )
+    try:
+        report = await InferenceEngine().discover_endpoints()
+    finally:
+        listener.close()
+    assert list(report) == ["mute1", "mute2"], "in the configuration's order"
+    assert all(isinstance(r, ProviderError) and r.retryable for r in report.values())
+    assert most == 2

@@ -8,6 +8,7 @@ wraps them. The class is assembled from focused mixins: generation and routing
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import logging
@@ -238,18 +239,23 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         from ..runtimes.endpoints import list_served_models
 
         wanted = set(names) if names is not None else None
+        chosen = [
+            e for e in self.registry.endpoints
+            if (e.discover if wanted is None else e.name in wanted)
+        ]  # fmt: skip
+        timeout_s = self.config.remote.connect_timeout_s
+        # Asked together: a hanging endpoint costs the start its timeout once, not once per endpoint.
+        answers = await asyncio.gather(
+            *(list_served_models(e, timeout_s=timeout_s) for e in chosen), return_exceptions=True
+        )
         report: dict[str, list[str] | InferenceError] = {}
-        for endpoint in self.registry.endpoints:
-            if (wanted is None and not endpoint.discover) or (
-                wanted is not None and endpoint.name not in wanted
-            ):
-                continue
-            try:
-                served = await list_served_models(endpoint, timeout_s=self.config.remote.connect_timeout_s)
-            except InferenceError as exc:
-                report[endpoint.name] = exc
-                continue
-            report[endpoint.name] = [self.registry.register(s).id for s in endpoint.to_schemas(served)]
+        for endpoint, served in zip(chosen, answers, strict=True):
+            if isinstance(served, InferenceError):
+                report[endpoint.name] = served
+            elif isinstance(served, BaseException):
+                raise served
+            else:
+                report[endpoint.name] = [self.registry.register(s).id for s in endpoint.to_schemas(served)]
         return report
 
     def pull(self, name: str) -> Path:
