@@ -18,7 +18,7 @@ from car_inference.runtimes.managed import ManagedBackend, RuntimeSupervisor
 from car_inference.runtimes.specs import VllmSpec
 from car_inference.runtimes.supervisor import RuntimeState
 from car_inference.schema import ModelSchema
-from car_inference.stream import Done, TextDelta
+from car_inference.stream import Done, TextDelta, UsageEvent
 
 from .helpers import FAST, MANAGED_ID, SMOLLM2, managed_smollm2, small_config, wait_for
 
@@ -63,6 +63,25 @@ async def test_generate_starts_the_server_and_goes_through_it(engine: InferenceE
     health = engine.model_health()
     [status] = [s for s in health.runtimes if s.model_id == MANAGED_ID]
     assert status.state is RuntimeState.RUNNING and status.base_url and status.pid == runtime.pid
+
+
+async def test_answers_carry_usage_counted_on_the_models_vocabulary(engine: InferenceEngine) -> None:
+    """llama-cpp-python's server sends no usage in a stream (and our backend always streams), so
+    served answers had ``usage: null``: the counts come from the GGUF's own vocabulary and agree
+    with what the same request costs in-process."""
+    request = _request(max_tokens=12)
+    served = await engine.generate(request)
+    local = await engine.generate(request.model_copy(update={"model": SMOLLM2}))
+    assert served.finish_reason == local.finish_reason == "length"
+    assert served.usage is not None and local.usage is not None
+    assert served.usage.prompt_tokens == local.usage.prompt_tokens > 10
+    assert served.usage.completion_tokens == local.usage.completion_tokens == 12
+    assert served.usage.total_tokens == served.usage.prompt_tokens + 12
+    events = [e async for e in engine.stream(request)]
+    [usage] = [e.usage for e in events if isinstance(e, UsageEvent)]
+    assert isinstance(events[-1], Done) and events[-1].usage is not None
+    assert events[-1].usage.total_tokens == usage.total_tokens
+    assert usage.completion_tokens == 12 and usage.prompt_tokens == local.usage.prompt_tokens
 
 
 async def test_the_server_gets_the_models_system_prompt_and_repeat_penalty(engine: InferenceEngine) -> None:

@@ -183,6 +183,10 @@ class PromptCounter(Protocol):
 
     def count_prompt_tokens(self, model: ModelSchema, request: GenerateRequest) -> int: ...
 
+    def count_text_tokens(self, model: ModelSchema, text: str) -> int:
+        """The tokens of ``text`` as the model writes it (no BOS, control tokens as text)."""
+        ...
+
 
 # What the engine holds for a model kind: an object doing one or more of the tasks above. Callers
 # narrow it with isinstance (the protocols are runtime-checkable) before calling a task.

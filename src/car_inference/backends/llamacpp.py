@@ -289,6 +289,11 @@ class LlamaCppBackend:
         window. Blocking (tokenizing); read-only on the vocabulary, so no model lock is taken."""
         return len(self._render_tokens(self._vocab(model), request, _default_system(model)))
 
+    def count_text_tokens(self, model: ModelSchema, text: str) -> int:
+        """The tokens of an answer's ``text``: what a server that reports no usage generated (a
+        count of the text as written, which greedy and sampled answers alike tokenize back to)."""
+        return len(self._vocab(model).tokenize(text, special=False)) if text else 0
+
     # --- generation --------------------------------------------------------------------------
 
     def _render_tokens(self, loaded: LoadedGguf, request: GenerateRequest, system: str | None) -> list[int]:

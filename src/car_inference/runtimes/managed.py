@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import signal
 import threading
@@ -19,9 +21,12 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..backends.base import PromptCounter
 from ..config import CarConfig
-from ..errors import InvalidInput, ModelNotFound, ProviderError, close_matches
+from ..errors import InferenceError, InvalidInput, ModelNotFound, ProviderError, close_matches
+from ..requests import TokenUsage
 from ..schema import ModelSchema, OpenAISource
+from ..stream import Done, UsageEvent
 from .specs import RUNTIME_FOR_KIND, Launch, RuntimeSpec, is_managed, runtime_specs
 from .state import RunFiles, pid_alive, run_dir, tree_rss_mb
 from .supervisor import ManagedRuntime, RuntimeSettings, RuntimeState, RuntimeStatus
@@ -32,6 +37,8 @@ if TYPE_CHECKING:
 __all__ = ["ManagedBackend", "RuntimeSupervisor", "disk_status", "stop_elsewhere"]
 
 BackendLookup = Callable[[ModelSchema], "Backend"]
+
+log = logging.getLogger(__name__)
 
 
 class RuntimeSupervisor:
@@ -299,11 +306,15 @@ class ManagedBackend:
             pid = self.runtime.pid
             with self.runtime.busy():
                 try:
-                    return await backend.generate(target, request)
+                    output = await backend.generate(target, request)
+                    break
                 except ProviderError as exc:
                     if again or not await self._back_after_crash(exc, pid):
                         raise
             again = True
+        if output.usage is None and (usage := await self._count_usage(model, request, output)) is not None:
+            output = output.model_copy(update={"usage": usage})
+        return output
 
     async def stream(self, model: ModelSchema, request: Any) -> AsyncGenerator[Any, None]:
         for again in (False, True):
@@ -315,11 +326,46 @@ class ManagedBackend:
                     async with contextlib.aclosing(events):
                         async for event in events:
                             sent = True
+                            if isinstance(event, Done) and event.usage is None:
+                                usage = await self._count_usage(model, request, event)
+                                if usage is not None:
+                                    yield UsageEvent(usage=usage)
+                                    yield event.model_copy(update={"usage": usage})
+                                    continue
                             yield event
                     return
                 except ProviderError as exc:  # before any event: the restarted server takes it
                     if sent or again or not await self._back_after_crash(exc, pid):
                         raise
+
+    async def _count_usage(self, model: ModelSchema, request: Any, answer: Any) -> TokenUsage | None:
+        """Usage the server left out (llama-cpp-python's server sends none in a stream, and our
+        backend always streams), counted on the model's own vocabulary in-process: the prompt as
+        the chat template renders it, the answer as written. None where the model's kind has no
+        local tokenizer here; counting never fails the answer."""
+        try:
+            counter = self._lookup(model)
+        except InferenceError:
+            return None
+        if not isinstance(counter, PromptCounter):
+            return None
+        written = (answer.thinking or "") + answer.text
+        written += "".join(json.dumps(c.arguments) for c in answer.tool_calls)
+
+        def count() -> tuple[int, int]:
+            return counter.count_prompt_tokens(model, request), counter.count_text_tokens(model, written)
+
+        try:
+            prompt, completion = await asyncio.to_thread(count)
+        except (InferenceError, OSError, ValueError, RuntimeError) as exc:
+            log.debug("could not count the tokens of %s's answer: %s", model.id, exc)
+            return None
+        return TokenUsage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            context_window=model.context_length,
+        )
 
     async def embed(self, model: ModelSchema, request: Any) -> Any:
         backend, target = await self._ready(model)
