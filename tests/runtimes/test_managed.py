@@ -77,6 +77,7 @@ async def test_answers_carry_usage_counted_on_the_models_vocabulary(engine: Infe
     assert served.usage.prompt_tokens == local.usage.prompt_tokens > 10
     assert served.usage.completion_tokens == local.usage.completion_tokens == 12
     assert served.usage.total_tokens == served.usage.prompt_tokens + 12
+    assert served.usage.context_window == local.usage.context_window > 0
     events = [e async for e in engine.stream(request)]
     [usage] = [e.usage for e in events if isinstance(e, UsageEvent)]
     assert isinstance(events[-1], Done) and events[-1].usage is not None

@@ -90,7 +90,9 @@ class RuntimeSupervisor:
         with self._lock:
             backend = self._backends.get(runtime.name)
             if backend is None:
-                backend = self._backends[runtime.name] = ManagedBackend(runtime, lookup, self.apply_served)
+                backend = self._backends[runtime.name] = ManagedBackend(
+                    runtime, lookup, self.apply_served, self.config
+                )
             return backend
 
     def managed_models(self) -> list[ModelSchema]:
@@ -238,9 +240,14 @@ class ManagedBackend:
     call to the OpenAI-compatible backend with the model pointed at that server."""
 
     def __init__(
-        self, runtime: ManagedRuntime, lookup: BackendLookup, after_start: Callable[[], None]
+        self,
+        runtime: ManagedRuntime,
+        lookup: BackendLookup,
+        after_start: Callable[[], None],
+        config: CarConfig,
     ) -> None:
         self.runtime = runtime
+        self._config = config
         self._lookup = lookup
         self._after_start = after_start
         self._targets: dict[tuple[str, str], ModelSchema] = {}
@@ -364,7 +371,7 @@ class ManagedBackend:
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
-            context_window=model.context_length,
+            context_window=self.runtime.spec.context_window(model, self._config),
         )
 
     async def embed(self, model: ModelSchema, request: Any) -> Any:

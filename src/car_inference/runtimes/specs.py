@@ -142,6 +142,10 @@ class RuntimeSpec:
     def launch(self, model: ModelSchema, config: CarConfig) -> Launch:
         raise NotImplementedError
 
+    def context_window(self, model: ModelSchema, config: CarConfig) -> int:
+        """The window the server runs ``model`` with (usage's ``context_window``)."""
+        return model.context_length
+
     def served(self, base_url: str, timeout_s: float = 2.0) -> list[str]:
         """Model names the running server serves (OpenAI ``GET /v1/models``)."""
         response = httpx.get(base_url + "/v1/models", timeout=timeout_s)
@@ -181,12 +185,16 @@ class LlamaCppServerSpec(RuntimeSpec):
         except PackageNotFoundError:
             return None
 
+    def context_window(self, model: ModelSchema, config: CarConfig) -> int:
+        """``local.n_ctx`` capped by the model's own window, as in-process."""
+        return min(config.local.n_ctx, model.context_length or config.local.n_ctx)
+
     def launch(self, model: ModelSchema, config: CarConfig) -> Launch:
         from ..catalog.locate import local_path
 
         argv = self.require(model.id)
         host, port = "127.0.0.1", free_port()
-        context = min(config.local.n_ctx, model.context_length or config.local.n_ctx)
+        context = self.context_window(model, config)
         argv = [
             *argv,
             "--model", str(local_path(model)),
