@@ -27,6 +27,7 @@ async def test_capital_of_france_is_paris(local_engine: InferenceEngine) -> None
     assert len(result.trace_id) == 32
     assert result.latency_ms > 0 and result.time_to_first_token_ms is not None
     assert result.time_to_first_token_ms <= result.latency_ms
+    assert result.time_to_first_token_ms == round(result.time_to_first_token_ms, 3), "as latency_ms"
     assert result.usage is not None and result.usage.cost_usd == 0.0
     assert set(result.model_dump()) == {
         "text", "tool_calls", "trace_id", "model_used", "latency_ms", "time_to_first_token_ms", "usage"

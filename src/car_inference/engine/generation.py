@@ -543,12 +543,17 @@ def _result(model: ModelSchema, out: GenerationOutput, trace_id: str, start: flo
         trace_id=trace_id,
         model_used=model.id,
         latency_ms=round((time.perf_counter() - start) * 1000, 3),
-        time_to_first_token_ms=out.time_to_first_token_ms,
+        time_to_first_token_ms=_ms(out.time_to_first_token_ms),
         usage=_with_cost(model, out.usage),
         provider_output_items=out.provider_output_items,
         thinking=out.thinking,
         finish_reason=out.finish_reason,
     )
+
+
+def _ms(value: float | None) -> float | None:
+    """Milliseconds to the microsecond, as ``latency_ms`` (a backend's own measure may be raw)."""
+    return None if value is None else round(value, 3)
 
 
 def _finish_done(
@@ -559,7 +564,7 @@ def _finish_done(
             "model_used": model.id,
             "trace_id": trace,
             "latency_ms": round((time.perf_counter() - start) * 1000, 3),
-            "time_to_first_token_ms": ttft,
+            "time_to_first_token_ms": _ms(ttft),
             "usage": _with_cost(model, done.usage or usage),
         }
     )
