@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -101,13 +102,14 @@ def test_loopback_hosts_need_no_keys(host: str, monkeypatch: pytest.MonkeyPatch)
     assert ran == [host]
 
 
-def _start(home: Path, port: int, *extra: str) -> subprocess.Popen[str]:
+def _start(home: Path, port: int, *extra: str, **popen: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "car_inference", "serve", "--port", str(port), *extra],
         env={**os.environ, "CAR_HOME": str(home)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
 
 
@@ -121,6 +123,25 @@ def _wait_healthy(process: subprocess.Popen[str], port: int) -> None:
             pass
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
+
+
+def test_started_in_the_background_of_a_script_still_exits_130_on_sigint(isolated_home: Path) -> None:
+    """A script's `car serve &` starts with SIGINT ignored (no job control). uvicorn still stops
+    on it, then gives the signal back to the ignoring handler, and the exit status was 0."""
+    port = _free_port()
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    process = _start(isolated_home, port, "--log-level", "warning", preexec_fn=ignore_sigint)
+    try:
+        _wait_healthy(process, port)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130 and "Traceback" not in err, err
 
 
 def test_a_taken_port_is_one_line_before_any_banner(isolated_home: Path) -> None:

@@ -37,11 +37,13 @@ def register(app: typer.Typer) -> None:
         # Ctrl-C until uvicorn's own handler takes over (``interrupts``); uvicorn gives the
         # signal back after its graceful shutdown, and it lands here too.
         with Interrupts() as interrupts:
-            _serve(host, port, log_level, interrupts)
+            stopped_by = _serve(host, port, log_level, interrupts)
         interrupts.check()
+        if stopped_by is not None:  # the signal given back was ignored (`car serve &` in a script)
+            raise SystemExit(128 + stopped_by)
 
 
-def _serve(host: str | None, port: int | None, log_level: str, interrupts: Interrupts) -> None:
+def _serve(host: str | None, port: int | None, log_level: str, interrupts: Interrupts) -> int | None:
     config = load_config()
     update = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     settings = config.server.model_copy(update=update)
@@ -70,4 +72,4 @@ def _serve(host: str | None, port: int | None, log_level: str, interrupts: Inter
     keys = "API keys required" if settings.api_keys else "no API keys"
     ws = where.replace("http", "ws", 1)
     err.print(escape(f"car serve: {where}/v1 (OpenAI API), {ws}/ws (JSON-RPC); {keys}"))
-    run_server(app, settings, log_level=log_level, sock=sock, stop_requested=lambda: interrupts.seen)
+    return run_server(app, settings, log_level=log_level, sock=sock, stop_requested=lambda: interrupts.seen)

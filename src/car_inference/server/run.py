@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -87,6 +88,12 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, stop_requested: Callable[[], bool] | None = None) -> None:
         super().__init__(config)
         self._stop_requested = stop_requested
+        self.stopped_by: int | None = None  # the first signal that asked it to stop
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = sig
+        super().handle_exit(sig, frame)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -121,12 +128,17 @@ def serve(
     log_level: str = "info",
     sock: socket.socket | None = None,
     stop_requested: Callable[[], bool] | None = None,
-) -> None:
+) -> int | None:
     """Serve until interrupted (Ctrl-C / SIGTERM), on ``sock`` when given (see ``bind``). A
-    ``stop_requested`` that says yes once the server has started stops it at once (gracefully)."""
+    ``stop_requested`` that says yes once the server has started stops it at once (gracefully).
+    Returns the signal that stopped it, if one did and the process is still here: uvicorn gives
+    the signal back to the handler in place before it, and one the parent set to be ignored (a
+    script's ``car serve &``) does nothing, so the caller decides the exit status."""
     check_bind(settings.host, settings.api_keys)
     sock = sock if sock is not None else bind(settings.host, settings.port)
-    Server(uvicorn_config(app, settings, log_level=log_level), stop_requested).run(sockets=[sock])
+    server = Server(uvicorn_config(app, settings, log_level=log_level), stop_requested)
+    server.run(sockets=[sock])
+    return server.stopped_by
 
 
 class ServerThread:
