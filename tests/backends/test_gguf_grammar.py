@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from car_inference.backends.gguf_grammar import json_grammar
+from car_inference.backends.gguf_grammar import MAX_UPPER, bounded, json_grammar
 from car_inference.errors import InvalidInput
 from car_inference.requests import GenerateRequest, ResponseFormat
 
@@ -35,3 +35,60 @@ def test_a_schema_compiles_on_a_vocabulary_only_model() -> None:
     fmt = ResponseFormat(type="json_schema", json_schema={"name": "c", "schema": refused})
     with pytest.raises(InvalidInput, match="too many rules"):
         json_grammar(request(fmt), vocab)
+
+
+def test_a_refused_grammar_is_not_written_whole_to_the_log(capfd: pytest.CaptureFixture[str]) -> None:
+    """llama.cpp logs the grammar it refuses, a client's schema written out: 24 KB a line."""
+    from llama_cpp import Llama
+
+    from car_inference.backends.gguf_grammar import MAX_LINE_CHARS
+    from car_inference.backends.llamacpp import _quiet_llama_cpp
+    from car_inference.catalog import load_builtin
+    from car_inference.catalog.locate import local_path
+
+    _quiet_llama_cpp()
+    smol = next(m for m in load_builtin().models if m.id == "huggingface/smollm2-135m-instruct:q4_1")
+    vocab = Llama(str(local_path(smol)), vocab_only=True, verbose=False)
+    capfd.readouterr()
+    with pytest.raises(InvalidInput, match="too many rules"):
+        json_grammar(_schema({"type": "string", "pattern": "^(a|b|c|d){1,2000}$"}), vocab)
+    logged = capfd.readouterr().err
+    assert "error parsing grammar" in logged and "characters left out" in logged
+    assert max(len(line) for line in logged.splitlines()) < MAX_LINE_CHARS + 100
+
+
+def _schema(schema: object) -> GenerateRequest:
+    return request(ResponseFormat(type="json_schema", json_schema={"name": "x", "schema": schema}))
+
+
+def test_huge_repetition_bounds_are_refused_before_the_converter_writes_them_out() -> None:
+    """minLength 1e9 grew the server past 19 GB (the converter writes the item out that many
+    times, uncancellably); minLength 3e7 took 68 s while other clients waited."""
+    deep = {"type": "object", "properties": {"tags": {"type": "array", "items": {"minLength": 10**9}}}}
+    with pytest.raises(InvalidInput, match=r"schema\.properties\.tags\.items\.minLength is 1000000000"):
+        json_grammar(_schema(deep), llm=None)
+    with pytest.raises(InvalidInput, match="minItems is above its maxItems"):
+        json_grammar(_schema({"type": "array", "minItems": 3, "maxItems": 2}), llm=None)
+    with pytest.raises(InvalidInput, match="maxLength must be a whole number >= 0"):
+        json_grammar(_schema({"type": "string", "maxLength": -1}), llm=None)
+
+
+def test_a_huge_maximum_is_lowered_and_names_and_data_are_not_keywords() -> None:
+    from llama_cpp import Llama
+
+    from car_inference.catalog import load_builtin
+    from car_inference.catalog.locate import local_path
+
+    smol = next(m for m in load_builtin().models if m.id == "huggingface/smollm2-135m-instruct:q4_1")
+    vocab = Llama(str(local_path(smol)), vocab_only=True, verbose=False)
+    schema = {
+        "type": "object",
+        "properties": {"minLength": {"type": "string", "maxLength": 10**12}},  # a property so named
+        "default": {"minItems": "not a keyword here"},
+    }
+    out = bounded(schema)
+    assert out["properties"]["minLength"]["maxLength"] == MAX_UPPER
+    assert out["default"] == schema["default"] and schema["properties"]["minLength"]["maxLength"] == 10**12
+    grammar = json_grammar(_schema(schema), vocab)
+    assert grammar is not None and len(grammar._grammar) < 100 * MAX_UPPER, "it compiles (1,500 did not)"
+    assert bounded({"minItems": 2_000, "maxItems": 10**9}) == {"minItems": 2_000, "maxItems": 2_000}

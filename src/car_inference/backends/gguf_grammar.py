@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import InvalidInput
 from ..requests import GenerateRequest
+
+# llama-cpp-python's converter writes a bound out as that many copies of its item: minLength 3e7
+# took 68 s and a billion grew the server past 19 GB, uncancellably. A minimum above MAX_REPEAT is
+# refused. A maximum is written as nested optional copies, which llama.cpp refuses past about
+# 1,000 ("too many rules"): one above MAX_UPPER is taken as MAX_UPPER (or the minimum, if larger),
+# so the answer still fits the schema a client sent ("maxLength": 65535 means "no real limit").
+MAX_REPEAT = 10_000
+MAX_UPPER = 1_000
+_MINIMA = {"minLength": "maxLength", "minItems": "maxItems", "minProperties": "maxProperties"}
 
 
 def json_grammar(request: GenerateRequest, llm: Any) -> Any:
@@ -19,13 +34,60 @@ def json_grammar(request: GenerateRequest, llm: Any) -> Any:
     from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
     if fmt.type == "json_schema" and fmt.json_schema:
+        schema = bounded(fmt.json_schema["schema"])
         try:
-            grammar = LlamaGrammar.from_json_schema(json.dumps(fmt.json_schema["schema"]), verbose=False)
+            grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
         except Exception as exc:  # the converter asserts, or raises on what it cannot express
             raise _inexpressible(str(exc).strip() or type(exc).__name__) from None
         _check_grammar(llm, grammar)
         return grammar
     return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+
+
+def bounded(schema: Any, where: str = "schema") -> Any:
+    """``schema`` with every length, item and property count checked (whole numbers >= 0, the
+    minimum not above the maximum, minima at most ``MAX_REPEAT``) and maxima above ``MAX_UPPER``
+    lowered to it, in it and in every schema it holds; ``InvalidInput`` naming the place."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in _SUBSCHEMA and isinstance(value, dict):
+            out[key] = bounded(value, f"{where}.{key}")
+        elif key in _SUBSCHEMA and isinstance(value, list):
+            out[key] = [bounded(v, f"{where}.{key}[{i}]") for i, v in enumerate(value)]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: bounded(v, f"{where}.{key}.{name}") for name, v in value.items()}
+    for low_key, high_key in _MINIMA.items():
+        low, high = (_count(out, k, where) for k in (low_key, high_key))
+        if low is not None and low > MAX_REPEAT:
+            raise InvalidInput(
+                f"response_format.json_schema: {where}.{low_key} is {low}; a local model's grammar "
+                f"takes at most {MAX_REPEAT}"
+            )
+        if low is not None and high is not None and low > high:
+            raise InvalidInput(f"response_format.json_schema: {where}.{low_key} is above its {high_key}")
+        if high is not None and high > MAX_UPPER:
+            out[high_key] = max(MAX_UPPER, low or 0)
+    return out
+
+
+# Keywords whose value is a schema (or a list of them), and those whose value maps names to schemas.
+_SUBSCHEMA = frozenset(
+    {"items", "prefixItems", "additionalProperties", "additionalItems", "contains", "not",
+     "anyOf", "oneOf", "allOf", "if", "then", "else", "propertyNames", "unevaluatedItems",
+     "unevaluatedProperties"}
+)  # fmt: skip
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+
+
+def _count(schema: dict[str, Any], key: str, where: str) -> int | None:
+    value = schema.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"response_format.json_schema: {where}.{key} must be a whole number >= 0")
+    return value
 
 
 def _inexpressible(reason: str) -> InvalidInput:
@@ -41,9 +103,39 @@ def _check_grammar(llm: Any, grammar: Any) -> None:
     the whole server on the first token."""
     import llama_cpp
 
-    sampler = llama_cpp.llama_sampler_init_grammar(
-        llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
-    )
+    with _stderr_capped():
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+        )
     if not sampler:
         raise _inexpressible("llama.cpp refused the grammar it converts to: too many rules")
     llama_cpp.llama_sampler_free(sampler)
+
+
+MAX_LINE_CHARS = 1_000  # of a line llama.cpp writes while it parses a grammar
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stderr_capped() -> Iterator[None]:
+    """llama.cpp writes a grammar it refuses to the process's stderr whole (``fprintf``, not its
+    log callback): a client's schema written out, 24 KB a line, in the server's log. For the few
+    milliseconds of the parse, file descriptor 2 goes to a temporary file, whose lines are then
+    written on, each cut at ``MAX_LINE_CHARS``. Anything another thread writes meanwhile is
+    written on the same way."""
+    with _STDERR_LOCK, tempfile.TemporaryFile() as caught:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            for raw in caught:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if len(line) > MAX_LINE_CHARS:
+                    line = f"{line[:MAX_LINE_CHARS]}... ({len(line) - MAX_LINE_CHARS} characters left out)"
+                sys.stderr.write(line + "\n")
+            sys.stderr.flush()
