@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import threading
 
-from car_inference.server.common import Limiter, as_object, ascii_header, car_headers, dumps, parse_json
+import pytest
+from starlette.requests import Request
+
+from car_inference.server.common import (
+    BIG_BODY,
+    Limiter,
+    as_object,
+    ascii_header,
+    car_headers,
+    dumps,
+    parse_json,
+    read_call,
+)
 from car_inference.server.errors import ApiError
 
 
@@ -76,3 +89,30 @@ def test_parse_json_keeps_what_is_valid() -> None:
     }
     assert parse_json('{"text": "a \\\\ud800 b"}') == {"text": "a \\ud800 b"}  # an escaped backslash
     assert parse_json(b"[" * 60 + b"]" * 60)  # many brackets, but shallow enough
+
+
+def _request(body: bytes) -> Request:
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request({"type": "http", "method": "POST", "headers": [], "path": "/"}, receive)
+
+
+async def test_a_large_body_is_parsed_and_built_off_the_event_loop() -> None:
+    """A 31 MB chat of a million content parts held every other client 5.4 s: it was parsed on a
+    worker thread but translated and validated on the event loop."""
+    seen: list[threading.Thread] = []
+
+    def build(body: dict[str, object]) -> object:
+        seen.append(threading.current_thread())
+        return body["x"]
+
+    small = json.dumps({"x": 1}).encode()
+    large = json.dumps({"x": 2, "pad": "p" * BIG_BODY}).encode()
+    assert await read_call(_request(small), build) == 1
+    assert await read_call(_request(large), build) == 2
+    assert seen[0] is threading.current_thread() and seen[1] is not threading.current_thread()
+    with pytest.raises(ApiError, match="the request body: "):
+        await read_call(_request(large[:-1]), build)
+    with pytest.raises(ApiError, match="expected a JSON object, got an array"):
+        await read_call(_request(b"[" + b" " * BIG_BODY + b"]"), build)

@@ -11,6 +11,7 @@ exactly as an answer it produced would.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -18,9 +19,9 @@ from starlette.responses import Response
 
 from ..errors import UnsupportedMode
 from ..schema import ModelCapability
-from .common import ServerState, json_response, read_json
+from .common import ServerState, json_response, read_call
 from .errors import ApiError, guarded
-from .translate import chat_request
+from .translate import GenerationCall, chat_request
 
 __all__ = ["register"]
 
@@ -31,12 +32,7 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     @api
     async def route(request: Request) -> Response:
-        body = await read_json(request)
-        record = body.pop("record", True)
-        if not isinstance(record, bool):
-            raise ApiError(400, "`record` must be true or false", param="record")
-        body.pop("stream", None)  # nothing is generated, so nothing streams
-        call = chat_request(body)
+        record, call = await read_call(request, _route_call)
         decision = await engine.route_async(call.request)
         chosen = engine.registry.get(decision.model_id)
         if chosen is not None and not chosen.has_capability(ModelCapability.GENERATE):
@@ -50,3 +46,11 @@ def register(app: FastAPI, state: ServerState) -> None:
         return json_response({"trace_id": trace_id, "decision": decision.model_dump(mode="json")})
 
     app.add_route("/v1/route", route, methods=["POST"])
+
+
+def _route_call(body: dict[str, Any]) -> tuple[bool, GenerationCall]:
+    record = body.pop("record", True)
+    if not isinstance(record, bool):
+        raise ApiError(400, "`record` must be true or false", param="record")
+    body.pop("stream", None)  # nothing is generated, so nothing streams
+    return record, chat_request(body)

@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from ..errors import InferenceError, InvalidInput
 from ..requests import InferenceResult
-from .common import ServerState, car_headers, json_response, read_json
+from .common import ServerState, car_headers, json_response, read_call, read_json
 from .errors import ApiError, guarded
 from .sse import ChatChunks, CompletionChunks, EventStream
 from .translate import (
@@ -62,24 +62,24 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     @api
     async def chat_completions(request: Request) -> Response:
-        call = chat_request(await read_json(request))
+        call = await read_call(request, chat_request)
         return await generate(call, chat_completion, ChatChunks)
 
     @api
     async def completions(request: Request) -> Response:
-        call = completion_request(await read_json(request))
+        call = await read_call(request, completion_request)
         return await generate(call, text_completion, CompletionChunks)
 
     @api
     async def embeddings(request: Request) -> Response:
-        embed, encoding = embed_request(await read_json(request))
+        embed, encoding = await read_call(request, embed_request)
         async with asyncio.timeout(timeout_s):
             result = await engine.embed(embed)
         return json_response(embeddings_response(result, encoding), headers=car_headers(result.model_used))
 
     @api
     async def rerank(request: Request) -> Response:
-        call, return_documents = rerank_request(await read_json(request))
+        call, return_documents = await read_call(request, rerank_request)
         async with asyncio.timeout(timeout_s):
             result = await engine.rerank(call)
         body = rerank_response(result, return_documents)
