@@ -475,20 +475,22 @@ class LlamaCppBackend:
 
     # --- tokens ------------------------------------------------------------------------------
 
+    # Tokens go through the vocabulary alone, read-only, on a worker thread: not a turn of the
+    # thread every GGUF client shares (detokenizing 500,000 ids, a Python loop in
+    # llama-cpp-python, held another client's 4-token answer 45 s), and no weights are loaded.
     async def tokenize(self, model: ModelSchema, text: str) -> list[int]:
-        [tokens] = await self._turns(model, [text], lambda loaded, t, _: loaded.tokenize(t, special=False))
-        return tokens
+        return await asyncio.to_thread(lambda: self._vocab(model).tokenize(text, special=False))
 
     async def detokenize(self, model: ModelSchema, tokens: list[int]) -> str:
-        def text(loaded: LoadedGguf, ids: list[int], _: Event) -> str:
-            n_vocab = loaded.llm.n_vocab()
-            bad = [t for t in ids if not 0 <= t < n_vocab]
+        def text() -> str:
+            llm = self._vocab(model).llm
+            n_vocab = llm.n_vocab()
+            bad = [t for t in tokens if not 0 <= t < n_vocab]
             if bad:
                 raise TokenizationError(f"token ids out of range for {model.id} (vocab {n_vocab}): {bad[:5]}")
-            return loaded.llm.detokenize(ids).decode("utf-8", errors="replace")
+            return bytes(llm.detokenize(tokens)).decode("utf-8", errors="replace")
 
-        [decoded] = await self._turns(model, [tokens], text)
-        return decoded
+        return await asyncio.to_thread(text)
 
     # --- embeddings, rerank, classify ---------------------------------------------------------
 
