@@ -9,6 +9,8 @@ from pydantic import ValidationError
 
 from car_inference.requests import (
     MAX_MESSAGES,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
     BoundingBox,
     EmbedRequest,
     GenerateImageRequest,
@@ -198,6 +200,20 @@ def test_tool_choice_is_a_mode_or_a_declared_tool() -> None:
         GenerateRequest(prompt="x", tools=tools, params=GenerateParams(tool_choice="sometimes"))
     with pytest.raises(ValidationError, match="none given"):
         GenerateRequest(prompt="x", params=GenerateParams(tool_choice="weather"))
+    # It answered in plain text with 200: "required" promises a call, and there is nothing to call.
+    with pytest.raises(ValidationError, match="'required' needs `tools`"):
+        GenerateRequest(prompt="x", params=GenerateParams(tool_choice="required"))
+    GenerateRequest(prompt="x", params=GenerateParams(tool_choice="none"))  # nothing to call: fine
+
+
+def test_stop_strings_are_bounded() -> None:
+    """Each one is checked against the answer at every token: 500,000 of them made a 4-token
+    answer take 6.5 s and other clients' answers five times slower."""
+    GenerateParams(stop=["\n"] * MAX_STOPS)
+    with pytest.raises(ValidationError, match=f"at most {MAX_STOPS} items"):
+        GenerateParams(stop=["x"] * (MAX_STOPS + 1))
+    with pytest.raises(ValidationError, match=f"at most {MAX_STOP_CHARS} characters"):
+        GenerateParams(stop=["x" * (MAX_STOP_CHARS + 1)])
 
 
 def test_speech_and_image_requests_take_numbers_only() -> None:

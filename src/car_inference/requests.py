@@ -234,8 +234,10 @@ class ResponseFormat(_Model):
 ToolChoice = Literal["auto", "none", "required"] | str
 TOOL_CHOICE_MODES = ("auto", "none", "required")
 # The most messages one request may hold: rendering and tokenizing a chat template is superlinear
-# in its turns (15,000 one-word messages held SmolLM2's tokenizer 14 s); far above any real chat.
-MAX_MESSAGES = 4096
+# in its turns (15,000 one-word messages held SmolLM2's tokenizer 14 s); far above any real chat;
+# stop strings are checked at every token (500,000 made a 4-token answer take 6.5 s).
+MAX_MESSAGES, MAX_STOPS, MAX_STOP_CHARS = 4096, 256, 4096
+StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class GenerateParams(_Model):
@@ -243,7 +245,7 @@ class GenerateParams(_Model):
     top_p: Float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: Int | None = Field(default=None, ge=0, le=_INT32)
     max_tokens: Int = Field(default=1024, ge=1, le=_INT32)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[StopText] = Field(default_factory=list, max_length=MAX_STOPS)
     seed: Int | None = Field(default=None, ge=-_INT64 - 1, le=_INT64)
     repeat_penalty: Float = Field(default=1.0, gt=0.0)
     thinking: ThinkingMode = ThinkingMode.AUTO
@@ -280,7 +282,8 @@ class GenerateRequest(_Input):
             raise ValueError("a request needs a `prompt` or `messages`")
         if self.params.raw_prompt and not self.prompt:
             raise ValueError("`raw_prompt` sends `prompt` as it is: it needs a non-empty `prompt`")
-        choice = self.params.tool_choice
+        if (choice := self.params.tool_choice) == "required" and not self.tools:
+            raise ValueError("tool_choice 'required' needs `tools` to call one of")
         if choice is not None and choice not in TOOL_CHOICE_MODES and choice not in self.tool_names():
             tools = ", ".join(self.tool_names()) or "none given"
             raise ValueError(
