@@ -246,6 +246,13 @@ class ServerSettings(_Section):
     max_in_flight_per_client: int = Field(
         default=16, ge=0, description="requests in flight from one client (key, else address); 0: no bound"
     )
+    # Image URLs the server fetches for clients (backends/image_input.py): on, a client could reach
+    # loopback and internal services through the server (SSRF) or probe their ports.
+    fetch_private_urls: bool = Field(
+        default=False,
+        description="whether the server fetches image URLs that point at loopback or private "
+        "addresses for clients",
+    )
 
 
 class RuntimeSettings(_Section):

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from car_inference.config import ServerSettings
 from car_inference.engine import InferenceEngine
 from car_inference.server import ServerThread, create_app
 from fakes import FakeProviderServer, Reply
@@ -120,3 +124,47 @@ async def test_json_rpc_ground(server: ServerThread, fake_provider: FakeProvider
         await ws.send(json.dumps({"jsonrpc": "2.0", "id": 4, "method": "ground", "params": {"prompt": "x"}}))
         error = json.loads(await ws.recv())["error"]
         assert "image" in error["message"]
+
+
+class _Street(BaseHTTPRequestHandler):
+    seen: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.seen.append(self.path)
+        body = base64.b64decode(STREET)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_image_urls_on_loopback_are_refused_unless_fetch_private_urls(
+    server: ServerThread, ground_engine: InferenceEngine, fake_provider: FakeProviderServer
+) -> None:
+    """A client could probe the server's network through the image it names (SSRF): a URL on a
+    loopback address is a 400 naming the setting, fetched only with fetch_private_urls on."""
+    site = ThreadingHTTPServer(("127.0.0.1", 0), _Street)
+    threading.Thread(target=site.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    url = f"http://127.0.0.1:{site.server_address[1]}/street.png"
+    body = {"prompt": "the red car", "image": url, "model": "fake-gemini"}
+    try:
+        for image in (url, "http://127.0.0.1:1/a.png", "http://localhost:1/a.png"):
+            reply = post(server, body | {"image": image})
+            assert reply.status_code == 400, reply.text
+            assert "fetch_private_urls" in reply.text and "refused" not in reply.text.lower()
+        assert _Street.seen == []
+        trusted = create_app(ground_engine, ServerSettings(fetch_private_urls=True))
+        with ServerThread(trusted) as running:
+            fake_provider.queue(Reply(text='[{"box_2d": [100, 200, 600, 800], "label": "red car"}]'))
+            reply = post(running, body)
+        assert reply.status_code == 200, reply.text
+        assert (reply.json()["width"], reply.json()["height"]) == (1000, 500)
+        assert _Street.seen == ["/street.png"]
+    finally:
+        ground_engine.private_urls_ok = False  # as the module's server set it
+        site.shutdown()
+        site.server_close()

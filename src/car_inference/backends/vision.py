@@ -104,10 +104,11 @@ def chat_handler(model: ModelSchema, projector: Path) -> Any:
 
 
 def vision_messages(
-    request: GenerateRequest, system: str | None, timeout_s: float = 30.0
+    request: GenerateRequest, system: str | None, timeout_s: float = 30.0, *, private_ok: bool = True
 ) -> list[dict[str, Any]]:
     """The request in llama-cpp-python's chat format: text parts and ``image_url`` parts whose
-    URL is a data: URL (files read, http(s) URLs fetched here). Audio and video are refused."""
+    URL is a data: URL (files read, http(s) URLs fetched here; ``private_ok=False``: not from
+    loopback or private addresses, backends/image_input.py). Audio and video are refused."""
     messages = request.chat_messages()  # the request's context comes first as a system message
     out: list[dict[str, Any]] = []
     if system and not any(m.role == "system" for m in messages):
@@ -121,7 +122,7 @@ def vision_messages(
             if isinstance(block, TextBlock):
                 parts.append({"type": "text", "text": block.text})
             elif isinstance(block, ImageBlock):
-                url = data_url(block, timeout_s)  # read or fetched here, never inside llama.cpp
+                url = data_url(block, timeout_s, private_ok=private_ok)  # here, never inside llama.cpp
                 parts.append({"type": "image_url", "image_url": {"url": url}})
             else:
                 raise UnsupportedMode(
@@ -132,10 +133,17 @@ def vision_messages(
 
 
 def run_vision(
-    llm: Any, model: ModelSchema, request: GenerateRequest, system: str | None, cancelled: Event
+    llm: Any,
+    model: ModelSchema,
+    request: GenerateRequest,
+    system: str | None,
+    cancelled: Event,
+    *,
+    private_ok: bool = True,
 ) -> Iterator[StreamEvent]:
     """One multimodal chat completion (blocking; the caller holds the model's lock). The answer
-    comes in one piece: llama-cpp-python reports exact usage only for a whole completion."""
+    comes in one piece: llama-cpp-python reports exact usage only for a whole completion.
+    ``private_ok``: as for ``vision_messages``."""
     if getattr(llm, "chat_handler", None) is None:
         raise UnsupportedMode(
             "image-content-block",
@@ -147,7 +155,7 @@ def run_vision(
     params = request.params
     try:
         answer = llm.create_chat_completion(
-            messages=vision_messages(request, system),
+            messages=vision_messages(request, system, private_ok=private_ok),
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,

@@ -97,6 +97,9 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self._backends: dict[str, Backend] = {}
         self._backends_lock = threading.Lock()
         self.runtimes = RuntimeSupervisor(self.config, self.registry)  # servers we start on first use
+        # Image URLs on loopback/private addresses are fetched (library, CLI); the server turns it
+        # off for its clients unless [server] fetch_private_urls (backends/image_input.py).
+        self.private_urls_ok: bool = True
         self._warn_unknown_choices()
         self._init_routing()
 

@@ -46,7 +46,7 @@ async def ground(engine: InferenceEngine, request: GroundRequest) -> GroundResul
     if not request.prompt.strip():
         raise InvalidInput("grounding needs a target to find (an empty prompt was given)")
     model = grounding_model(engine, request.model)
-    data = await load_image(request.image, engine.config.remote.timeout_s)
+    data = await load_image(request.image, engine.config.remote.timeout_s, private_ok=engine.private_urls_ok)
     width, height = image_size(data)
     backend = engine._runnable(model)  # an unpulled model says which pull it needs, here
     if isinstance(backend, Grounder):
@@ -101,6 +101,7 @@ def grounding_model(engine: InferenceEngine, name: str | None) -> ModelSchema:
     return min(available, key=rank)
 
 
-async def load_image(block: ImageBlock, timeout_s: float) -> bytes:
-    """The image's bytes (backends/image_input.py), read or fetched off the event loop."""
-    return await run_blocking(functools.partial(read_image, block, timeout_s))
+async def load_image(block: ImageBlock, timeout_s: float, *, private_ok: bool = True) -> bytes:
+    """The image's bytes (backends/image_input.py), read or fetched off the event loop;
+    ``private_ok=False``: a URL on a loopback or private address is refused."""
+    return await run_blocking(functools.partial(read_image, block, timeout_s, private_ok=private_ok))

@@ -69,6 +69,7 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     owned = engine is None
     engine = engine if engine is not None else InferenceEngine()
     settings = settings if settings is not None else engine.config.server
+    engine.private_urls_ok = settings.fetch_private_urls  # image URLs clients send (SSRF)
     limiter = Limiter(settings.max_concurrency, settings.max_in_flight_per_client)
     state = ServerState(engine, settings, Metrics(), limiter)
     state.metrics.watch_state(engine.store)
