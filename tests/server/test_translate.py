@@ -190,11 +190,14 @@ def test_media_part_options_are_checked_where_the_client_wrote_them() -> None:
 def test_legacy_completion_request() -> None:
     call = completion_request({"prompt": ["Once upon"], "max_tokens": 5, "stop": ["\n"]})
     assert call.request.prompt == "Once upon" and call.request.params.raw_prompt
+    shaped = completion_request({"prompt": "x", "response_format": {"type": "json_object"}})
+    assert shaped.request.response_format is not None and shaped.request.response_format.type == "json_object"
     cases: list[tuple[dict[str, object], str]] = [
         ({"prompt": [1, 2]}, "prompt"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "response_format": "json"}, "response_format"),
     ]
     for body, param in cases:
         assert bad(body, completion_request).param == param

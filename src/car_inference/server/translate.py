@@ -315,7 +315,10 @@ def completion_request(body: dict[str, Any]) -> GenerationCall:
     if body.get("best_of") not in (None, 1) or isinstance(body.get("best_of"), bool):
         raise _bad("only best_of = 1 is supported", "best_of")
     params = _params(body) | {"raw_prompt": True}
-    data = {"prompt": prompt, "model": _model(body), "params": params, "intent": body.get("intent")}
+    data = {
+        "prompt": prompt, "model": _model(body), "params": params, "intent": body.get("intent"),
+        "response_format": _response_format(body.get("response_format")),  # vLLM's extension too
+    }  # fmt: skip
     stream, include_usage = _stream_flags(body)
     return GenerationCall(_validated(GenerateRequest, data), stream, include_usage)
 
