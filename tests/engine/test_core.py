@@ -134,3 +134,16 @@ def test_a_configured_name_the_catalog_lacks_is_said_at_start(
     engine.close()
     (line,) = [r.getMessage() for r in caplog.records if "not in the catalog" in r.getMessage()]
     assert "[preferred] generate names 'qwen3-9b'" in line and "qwen/qwen3-8b:q4_k_m" in line
+
+
+def test_private_image_urls_setting_reaches_every_backend(isolated_home: Path) -> None:
+    """The server turns the fetching of loopback/private image URLs off on its engine; the GGUF
+    backend (vision chats) reads it from the context every backend shares, so it cannot drift."""
+    engine = InferenceEngine()
+    try:
+        backend = engine._backend(engine.resolve("smollm2"))
+        assert engine.private_urls_ok is True and backend.ctx.private_urls_ok is True  # type: ignore[attr-defined]
+        engine.private_urls_ok = False
+        assert backend.ctx.private_urls_ok is False  # type: ignore[attr-defined]
+    finally:
+        engine.close()

@@ -124,6 +124,9 @@ class BackendContext:
     cache: ModelCache
     keys: KeyProvider | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # Whether image URLs on loopback or private addresses are fetched (``image_input``): the
+    # engine's ``private_urls_ok``, off in the server for its clients.
+    private_urls_ok: bool = True
 
 
 @runtime_checkable

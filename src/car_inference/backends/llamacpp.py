@@ -362,7 +362,10 @@ class LlamaCppBackend:
             loaded: LoadedGguf = entry.instance
             llm = loaded.llm
             if has_images(request):
-                yield from run_vision(llm, model, request, _default_system(model), cancelled)
+                private_ok = self.ctx.private_urls_ok  # image URLs a server's client sent
+                yield from run_vision(
+                    llm, model, request, _default_system(model), cancelled, private_ok=private_ok
+                )
                 return
             tokens, truncated = self._prompt_tokens(loaded, request, _default_system(model), rendered)
             max_tokens = min(params.max_tokens, loaded.n_ctx - len(tokens))

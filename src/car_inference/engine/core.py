@@ -97,11 +97,19 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self._backends: dict[str, Backend] = {}
         self._backends_lock = threading.Lock()
         self.runtimes = RuntimeSupervisor(self.config, self.registry)  # servers we start on first use
-        # Image URLs on loopback/private addresses are fetched (library, CLI); the server turns it
-        # off for its clients unless [server] fetch_private_urls (backends/image_input.py).
-        self.private_urls_ok: bool = True
         self._warn_unknown_choices()
         self._init_routing()
+
+    @property
+    def private_urls_ok(self) -> bool:
+        """Whether image URLs on loopback or private addresses are fetched: yes for the library
+        and the CLI; the server turns it off for its clients unless ``[server]
+        fetch_private_urls`` (``backends/image_input.py``). Every backend sees the same value."""
+        return self._backend_ctx.private_urls_ok
+
+    @private_urls_ok.setter
+    def private_urls_ok(self, value: bool) -> None:
+        self._backend_ctx.private_urls_ok = value
 
     def _warn_unknown_choices(self) -> None:
         """A ``[defaults]``/``[preferred]`` name the catalog does not know is said once at start
