@@ -56,6 +56,13 @@ def test_metrics_count_requests_tokens_and_decisions(local_server: ServerThread)
 def test_unknown_routes_and_methods_are_openai_errors(local_server: ServerThread) -> None:
     missing = httpx.post(local_server.url + "/v1/nothing-here", json={})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_route"
+    assert "/openapi.json lists the routes" in missing.json()["error"]["message"]
+    # They said "the API lives under /v1", of a path under /v1: these live on the WebSocket.
+    rpc = httpx.post(local_server.url + "/v1/tokenize", json={})
+    assert rpc.json()["error"]["message"] == (
+        "no route POST /v1/tokenize; tokenize is a JSON-RPC method on /ws (docs/protocol.md)"
+    )
+    assert "lives under /v1" in httpx.get(local_server.url + "/chat").json()["error"]["message"]
     wrong = httpx.get(local_server.url + "/v1/chat/completions")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
 

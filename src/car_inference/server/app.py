@@ -147,10 +147,7 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
-            message = (
-                f"no route {request.method} {request.url.path}; the API lives under /v1 (see /v1/models)"
-            )
-            error = ApiError(404, message, code="unknown_route")
+            error = ApiError(404, _no_route(request.method, request.url.path), code="unknown_route")
         elif exc.status_code == 405:
             error = ApiError(
                 405,
@@ -175,3 +172,13 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     app.add_middleware(Guard, state=state, routes=known)
     app.add_middleware(tracing.TraceContextMiddleware)  # outermost: the client's traceparent
     return app
+
+
+def _no_route(method: str, path: str) -> str:
+    """A 404's message: where the thing asked for is, when we can tell."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if path.startswith("/v1/") and name in jsonrpc.METHODS:
+        return f"no route {method} {path}; {name} is a JSON-RPC method on /ws (docs/protocol.md)"
+    if path.startswith("/v1/"):
+        return f"no route {method} {path}; /openapi.json lists the routes"
+    return f"no route {method} {path}; the API lives under /v1 (see /v1/models)"
