@@ -91,11 +91,11 @@ def test_parse_json_keeps_what_is_valid() -> None:
     assert parse_json(b"[" * 60 + b"]" * 60)  # many brackets, but shallow enough
 
 
-def _request(body: bytes) -> Request:
+def _request(body: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> Request:
     async def receive() -> dict[str, object]:
         return {"type": "http.request", "body": body, "more_body": False}
 
-    return Request({"type": "http", "method": "POST", "headers": [], "path": "/"}, receive)
+    return Request({"type": "http", "method": "POST", "headers": headers or [], "path": "/"}, receive)
 
 
 async def test_a_large_body_is_parsed_and_built_off_the_event_loop() -> None:
@@ -116,3 +116,15 @@ async def test_a_large_body_is_parsed_and_built_off_the_event_loop() -> None:
         await read_call(_request(large[:-1]), build)
     with pytest.raises(ApiError, match="expected a JSON object, got an array"):
         await read_call(_request(b"[" + b" " * BIG_BODY + b"]"), build)
+
+
+async def test_a_compressed_body_is_a_415_naming_its_encoding() -> None:
+    """A gzip body was read as JSON and answered "not UTF-8 text"."""
+    import gzip
+
+    body = gzip.compress(b'{"x": 1}')
+    with pytest.raises(ApiError) as info:
+        await read_call(_request(body, [(b"content-encoding", b"gzip")]), dict)
+    assert info.value.status == 415 and "Content-Encoding gzip" in info.value.message
+    plain = _request(b'{"x": 1}', [(b"content-encoding", b"identity")])
+    assert await read_call(plain, dict) == {"x": 1}

@@ -198,6 +198,7 @@ def test_legacy_completion_request() -> None:
         ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": "x", "echo": True}, "echo"),
         ({"prompt": "x", "response_format": "json"}, "response_format"),
+        ({"prompt": "x", "stream_options": {"include_usage": "false"}}, "stream_options.include_usage"),
     ]
     for body, param in cases:
         assert bad(body, completion_request).param == param

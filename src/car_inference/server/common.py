@@ -265,6 +265,12 @@ async def read_call(request: Request, build: Callable[[dict[str, Any]], T]) -> T
     engine's request); a 400 saying what is wrong otherwise. A large body is parsed *and* built on
     a worker thread: half a second of parsing 28 MB on the event loop was half a second of no
     answers for every other client, and validating a million content parts took 5 s more."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):  # read as JSON, a gzip body was "not UTF-8 text"
+        raise ApiError(
+            415, f"Content-Encoding {encoding} is not supported: send the body uncompressed",
+            code="unsupported_content_encoding",
+        )  # fmt: skip
     body = await request.body()
     if not body.strip():
         raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")

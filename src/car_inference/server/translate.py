@@ -268,7 +268,10 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     options = given(body, "stream_options", {})
     if not isinstance(options, dict):
         raise _bad("`stream_options` must be an object", "stream_options")
-    return stream, bool(options.get("include_usage"))
+    include_usage = given(options, "include_usage", False)
+    if not isinstance(include_usage, bool):  # "false" was read as true
+        raise _bad("`stream_options.include_usage` must be a boolean", "stream_options.include_usage")
+    return stream, include_usage
 
 
 def chat_request(body: dict[str, Any]) -> GenerationCall:
