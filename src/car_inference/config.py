@@ -175,7 +175,10 @@ class LocalSettings(_Section):
         default=8192, ge=256, description="context loaded for GGUF models (capped by the model's)"
     )
     n_threads: int | None = Field(default=None, ge=1)
-    n_batch: int = Field(default=512, ge=1)
+    # Prompt tokens a llama.cpp turn reads at most: another client waits up to one batch. 128 reads
+    # 3,000 tokens as fast as 512 did here (79 against 76 tokens/s) with a quarter of the wait,
+    # and the same greedy answer.
+    n_batch: int = Field(default=128, ge=1)
     n_gpu_layers: int = 0
     cache_mb: int = Field(default=4096, ge=0, description="memory budget for loaded models")
     repack_weights: bool | None = Field(
