@@ -31,6 +31,7 @@ from car_inference.server.translate import (
     rerank_request,
     rerank_response,
     text_completion,
+    usage_json,
 )
 
 USER = {"role": "user", "content": "hi"}
@@ -202,6 +203,15 @@ def test_legacy_completion_request() -> None:
     ]
     for body, param in cases:
         assert bad(body, completion_request).param == param
+
+
+def test_a_cut_prompt_is_said_in_usage() -> None:
+    """A prompt longer than a local model's context keeps its tail; over HTTP nothing said so."""
+    cut = TokenUsage(prompt_tokens=5, completion_tokens=3, total_tokens=8, needs_compaction=True)
+    assert usage_json(cut) == {
+        "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8, "needs_compaction": True
+    }  # fmt: skip
+    assert "needs_compaction" not in (usage_json(cut.model_copy(update={"needs_compaction": False})) or {})
 
 
 def test_results_in_openai_shape() -> None:

@@ -339,6 +339,8 @@ def usage_json(usage: TokenUsage | None) -> dict[str, Any] | None:
     }
     if usage.cached_prompt_tokens is not None:
         out["prompt_tokens_details"] = {"cached_tokens": usage.cached_prompt_tokens}
+    if usage.needs_compaction:  # the prompt was cut to its tail to fit: otherwise silent over HTTP
+        out["needs_compaction"] = True
     return out
 
 
