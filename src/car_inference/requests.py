@@ -543,7 +543,7 @@ class GenerateImageRequest(_Input):
     steps: Int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance: Float | None = None
     seed: Int | None = Field(default=None, ge=-_INT64 - 1, le=_INT64)
-    variant_count: int | None = Field(default=None, ge=1, le=10)
+    variant_count: Int | None = Field(default=None, ge=1, le=10)
     output_path: str | None = None
     format: Literal["png", "jpeg", "webp"] = "png"
     image_paths: list[str] = Field(default_factory=list, description="images to edit (or take as references)")
@@ -573,10 +573,10 @@ class GenerateVideoRequest(_Input):
     image_path: str | None = None
     audio_path: str | None = None
     duration_s: float = Field(default=4.0, gt=0, le=600)
-    fps: int = Field(default=24, ge=1, le=240)
+    fps: Int = Field(default=24, ge=1, le=240)
     width: int = Field(default=768, ge=64, le=MAX_PIXELS_SIDE)
     height: int = Field(default=512, ge=64, le=MAX_PIXELS_SIDE)
-    seed: int | None = None
+    seed: Int | None = Field(default=None, ge=-_INT64 - 1, le=_INT64)
     output_path: str | None = None
     format: Literal["mp4", "mov", "gif"] = "mp4"
     negative_prompt: str | None = None

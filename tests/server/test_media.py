@@ -90,6 +90,11 @@ def test_bad_media_requests_are_400(local_server: ServerThread) -> None:
         # Named as the client sent them, not as our request models call them.
         ("/audio/speech", {"input": "hi", "instructions": 5}, "instructions"),
         ("/videos", {"prompt": "x", "seconds": -1}, "seconds"),
+        # Coerced before: 1.5 frames a second became 1, "2" images 2, a 31-digit seed passed.
+        ("/videos", {"prompt": "x", "fps": 1.5}, "fps"),
+        ("/videos", {"prompt": "x", "fps": "24"}, "fps"),
+        ("/videos", {"prompt": "x", "seed": 10**30}, "seed"),
+        ("/images/generations", {"prompt": "x", "n": "2"}, "n"),
     ]
     for path, body, param in cases:
         response = httpx.post(url + path, json=body)

@@ -41,13 +41,12 @@ from ..requests import GenerateImageRequest, GenerateVideoRequest, VideoMode
 from ..schema import ModelCapability
 from .common import ServerState, car_headers, json_response, read_json
 from .errors import ApiError, describe, guarded, validated
-from .media import FormField, _without_path, parse_multipart
+from .media import IMAGE_FIELD_NAMES, FormField, _without_path, parse_multipart
 
 __all__ = ["IMAGES", "MAX_JOBS", "VIDEOS", "register", "rpc_generate_image", "rpc_generate_video"]
 
 IMAGES = "image_generation"
-# Our request fields as OpenAI's image and video requests name them, for error messages.
-_IMAGE_NAMES = {"format": "output_format", "variant_count": "n", "width": "size", "height": "size"}
+# Our request fields as OpenAI's video requests name them, for error messages.
 _VIDEO_NAMES = {"duration_s": "seconds", "width": "size", "height": "size", "image_path": "input_reference"}
 VIDEOS = "video_generation"
 MAX_JOBS = 64
@@ -76,9 +75,15 @@ def _size(value: Any) -> dict[str, int]:
     return {"width": width, "height": height}
 
 
-def _number(value: Any, name: str, kind: type = int) -> Any:
-    if value in (None, ""):
+def _number(value: Any, name: str, kind: type = int, *, text: bool = False) -> Any:
+    """``value`` as ``kind``: a JSON number (a whole one for int: 1.5 frames a second was read as
+    1), or, where ``text`` (a multipart form field), the text of one."""
+    if value is None or (text and value == ""):
         return None
+    if isinstance(value, bool) or (isinstance(value, str) and not text):
+        raise ApiError(400, f"`{name}` must be a number", param=name)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ApiError(400, f"`{name}` must be a whole number", param=name)
     try:
         number = kind(value)
     except (TypeError, ValueError, OverflowError):
@@ -238,14 +243,14 @@ def register(app: FastAPI, state: ServerState) -> None:
                 {
                     "prompt": prompt,
                     "model": _model(fields["model"].text if "model" in fields else None),
-                    "variant_count": _number(fields["n"].text, "n") if "n" in fields else None,
+                    "variant_count": _number(fields["n"].text, "n", text=True) if "n" in fields else None,
                     "image_paths": [_save(workdir, f"image{i}", f) for i, f in enumerate(uploads)],
                     "mask_path": _save(workdir, "mask", mask) if mask is not None and mask.value else None,
                     "format": fmt,
                     "output_path": str(workdir / f"out.{fmt}"),
                 }
                 | _size(fields["size"].text if "size" in fields else None),
-                _IMAGE_NAMES,
+                IMAGE_FIELD_NAMES,
             )
             async with asyncio.timeout(timeout_s):
                 result = await engine.generate_image(call)
@@ -262,9 +267,9 @@ def register(app: FastAPI, state: ServerState) -> None:
         if content_type.lower().startswith("multipart/form-data"):
             fields = parse_multipart(await request.body(), content_type)
             body: dict[str, Any] = {k: f.text for k, f in fields.items() if f.filename is None}
-            reference = fields.get("input_reference")
+            reference, form = fields.get("input_reference"), True
         else:
-            body, reference = await read_json(request), None
+            body, reference, form = await read_json(request), None, False
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "`prompt` must describe the video", param="prompt")
@@ -274,11 +279,11 @@ def register(app: FastAPI, state: ServerState) -> None:
                 _save(workdir, "reference", reference) if reference is not None and reference.value else None
             )
             options = {
-                "duration_s": _number(body.get("seconds"), "seconds", float),
-                "fps": _number(body.get("fps"), "fps"),
-                "seed": _number(body.get("seed"), "seed"),
-                "steps": _number(body.get("steps"), "steps"),
-                "guidance": _number(body.get("guidance"), "guidance", float),
+                "duration_s": _number(body.get("seconds"), "seconds", float, text=True),  # OpenAI: "4"
+                "fps": _number(body.get("fps"), "fps", text=form),
+                "seed": _number(body.get("seed"), "seed", text=form),
+                "steps": _number(body.get("steps"), "steps", text=form),
+                "guidance": _number(body.get("guidance"), "guidance", float, text=form),
                 "negative_prompt": body.get("negative_prompt"),
                 **_size(body.get("size")),
             }

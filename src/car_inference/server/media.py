@@ -35,6 +35,8 @@ __all__ = ["STT", "TTS", "FormField", "parse_multipart", "register", "upload_nam
 STT = "speech_to_text"
 TTS = "text_to_speech"
 IMAGES = "image_generation"
+# Our image request's fields as OpenAI's image requests name them, for error messages.
+IMAGE_FIELD_NAMES = {"format": "output_format", "variant_count": "n", "width": "size", "height": "size"}
 
 MAX_SPEECH_CHARS = 4096
 # SynthesizeRequest's fields as OpenAI's speech request names them, for error messages.
@@ -220,7 +222,8 @@ def register(app: FastAPI, state: ServerState) -> None:
         size = _size(body.get("size"))
         workdir = Path(tempfile.mkdtemp(prefix="car-image-"))
         try:
-            call = GenerateImageRequest.model_validate(
+            call = validated(
+                GenerateImageRequest,
                 {
                     "prompt": prompt,
                     "model": _model(body.get("model")),
@@ -232,7 +235,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                     "format": fmt,
                     "output_path": str(workdir / f"image.{fmt}"),
                     **({"width": size[0], "height": size[1]} if size else {}),
-                }
+                },
+                IMAGE_FIELD_NAMES,  # errors name the client's fields
             )
             async with asyncio.timeout(timeout_s):
                 result = await engine.generate_image(call)
