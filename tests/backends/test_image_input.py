@@ -28,22 +28,9 @@ IMAGE = png(5, 4, (10, 200, 30))
 B64 = base64.b64encode(IMAGE).decode()
 
 
-class _Images(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        found = self.path == "/a.png"
-        body = IMAGE if found else b"missing"
-        self.send_response(200 if found else 404)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def site() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Images)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Site)  # the image at /a.png
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
