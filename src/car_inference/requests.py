@@ -233,9 +233,7 @@ class ResponseFormat(_Model):
 
 ToolChoice = Literal["auto", "none", "required"] | str
 TOOL_CHOICE_MODES = ("auto", "none", "required")
-# The most messages one request may hold: rendering and tokenizing a chat template is superlinear
-# in its turns (15,000 one-word messages held SmolLM2's tokenizer 14 s); far above any real chat;
-# stop strings are checked at every token (500,000 made a 4-token answer take 6.5 s).
+# A request's most messages (15,000 held SmolLM2's chat template 14 s) and stops (500,000: 6.5 s).
 MAX_MESSAGES, MAX_STOPS, MAX_STOP_CHARS = 4096, 256, 4096
 StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
@@ -284,16 +282,15 @@ class GenerateRequest(_Input):
             raise ValueError("`raw_prompt` sends `prompt` as it is: it needs a non-empty `prompt`")
         if (choice := self.params.tool_choice) == "required" and not self.tools:
             raise ValueError("tool_choice 'required' needs `tools` to call one of")
-        if choice is not None and choice not in TOOL_CHOICE_MODES and choice not in self.tool_names():
+        if choice not in (None, *TOOL_CHOICE_MODES) and choice not in self.tool_names():
             tools = ", ".join(self.tool_names()) or "none given"
             raise ValueError(
-                f"tool_choice {choice!r} is neither auto, none nor required, nor a tool of `tools` ({tools})"
+                f"tool_choice {choice!r} is neither auto, none, required nor a tool of ({tools})"
             )
         return self
 
     def tool_names(self) -> list[str]:
-        """The function names ``tools`` declares (OpenAI's ``{type, function: {name}}`` or a bare
-        ``{name}``)."""
+        """The function names ``tools`` declares (OpenAI's ``{type, function: {name}}``, or ``{name}``)."""
         names = []
         for tool in self.tools or []:
             fn = tool.get("function", tool)

@@ -290,8 +290,7 @@ class LlamaCppBackend:
         return len(self._render_tokens(self._vocab(model), request, _default_system(model)))
 
     def count_text_tokens(self, model: ModelSchema, text: str) -> int:
-        """The tokens of an answer's ``text``: what a server that reports no usage generated (a
-        count of the text as written, which greedy and sampled answers alike tokenize back to)."""
+        """The tokens of an answer's ``text`` as written: usage for a server that reports none."""
         return len(self._vocab(model).tokenize(text, special=False)) if text else 0
 
     # --- generation --------------------------------------------------------------------------
@@ -362,10 +361,8 @@ class LlamaCppBackend:
             loaded: LoadedGguf = entry.instance
             llm = loaded.llm
             if has_images(request):
-                private_ok = self.ctx.private_urls_ok  # image URLs a server's client sent
-                yield from run_vision(
-                    llm, model, request, _default_system(model), cancelled, private_ok=private_ok
-                )
+                system, private_ok = _default_system(model), self.ctx.private_urls_ok  # (a client's URLs)
+                yield from run_vision(llm, model, request, system, cancelled, private_ok=private_ok)
                 return
             tokens, truncated = self._prompt_tokens(loaded, request, _default_system(model), rendered)
             max_tokens = min(params.max_tokens, loaded.n_ctx - len(tokens))
@@ -478,9 +475,8 @@ class LlamaCppBackend:
 
     # --- tokens ------------------------------------------------------------------------------
 
-    # Tokens go through the vocabulary alone, read-only, on a worker thread: not a turn of the
-    # thread every GGUF client shares (detokenizing 500,000 ids, a Python loop in
-    # llama-cpp-python, held another client's 4-token answer 45 s), and no weights are loaded.
+    # Tokens go through the vocabulary alone (no weights) on a worker thread, not a turn of the shared
+    # llama thread: detokenizing 500,000 ids (a Python loop) held another client's answer 45 s.
     async def tokenize(self, model: ModelSchema, text: str) -> list[int]:
         return await asyncio.to_thread(lambda: self._vocab(model).tokenize(text, special=False))
 
@@ -491,7 +487,7 @@ class LlamaCppBackend:
             bad = [t for t in tokens if not 0 <= t < n_vocab]
             if bad:
                 raise TokenizationError(f"token ids out of range for {model.id} (vocab {n_vocab}): {bad[:5]}")
-            return bytes(llm.detokenize(tokens)).decode("utf-8", errors="replace")
+            return llm.detokenize(tokens).decode("utf-8", errors="replace")
 
         return await asyncio.to_thread(text)
 
