@@ -176,6 +176,52 @@ async def test_images_reach_the_projector_and_text_still_runs(fake_vl: Inference
     assert answer.text and answer.usage and answer.usage.completion_tokens <= 4
 
 
+async def test_image_urls_are_fetched_before_the_models_turn(
+    fake_vl: InferenceEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The images were fetched inside the turn of the thread every GGUF client shares: a slow URL
+    held them all for up to the fetch timeout. A spy records where the fetch runs."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from car_inference.backends import vision
+
+    class Site(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = png(32, 24)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    threads: list[str] = []
+    original = vision.data_url
+
+    def spy(*args: Any, **kwargs: Any) -> str:
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vision, "data_url", spy)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Site)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/a.png"
+    request = GenerateRequest(
+        messages=[Message(role="user", content=[ImageBlock(url=url), TextBlock(text="What is this?")])],
+        model="test/fake-vl",
+        params=GenerateParams(max_tokens=4, temperature=0),
+    )
+    try:
+        with pytest.raises(InferenceFailed, match="mtmd"):  # the fetched image reached llama.cpp
+            await fake_vl.generate(request)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert threads and not any(name.startswith("car-llama") for name in threads), threads
+
+
 async def test_a_text_model_refuses_images(isolated_home: Path) -> None:
     engine = InferenceEngine()
     try:
@@ -191,5 +237,11 @@ async def test_a_text_model_refuses_images(isolated_home: Path) -> None:
         )
         with pytest.raises(UnsupportedMode, match="no vision projector"):
             await engine.generate(request)
+        # Refused before any image is fetched: an unreachable URL is not the error.
+        unreachable = request.model_copy(
+            update={"messages": [Message(role="user", content=[ImageBlock(url="http://127.0.0.1:9/a.png")])]}
+        )
+        with pytest.raises(UnsupportedMode, match="no vision projector"):
+            await engine.generate(unreachable)
     finally:
         engine.close()

@@ -69,7 +69,7 @@ from .control_text import control_pattern, neutralize, tokenize_around
 from .gguf_grammar import json_grammar
 from .llama_turns import Turns, resumable
 from .prompts import DEFAULT_RERANK_INSTRUCTION, classify_prompt, rerank_prompt
-from .vision import chat_handler, has_images, mmproj_path, run_vision
+from .vision import chat_handler, check_vision, has_images, mmproj_path, run_vision, vision_messages
 
 __all__ = ["LLAMA_THREAD", "LlamaCppBackend", "LoadedGguf"]
 
@@ -338,9 +338,14 @@ class LlamaCppBackend:
         keep_bos = tokens[:1] if loaded.add_bos and tokens and tokens[0] == loaded.llm.token_bos() else []
         return keep_bos + tokens[len(tokens) - max_prompt + len(keep_bos) :], True
 
-    def _prepare(self, model: ModelSchema, request: GenerateRequest) -> tuple[list[int], Any]:
-        """What a generation needs before its turn, on the vocabulary alone: the prompt's tokens
-        (before truncation) and the JSON grammar (a 60,000-value enum compiles in seconds)."""
+    def _prepare(self, model: ModelSchema, request: GenerateRequest) -> tuple[Any, Any]:
+        """What a generation needs before its turn: the prompt's tokens (before truncation) and the
+        JSON grammar (a 60,000-value enum compiles in seconds), on the vocabulary alone; for images,
+        the vision chat's messages with every image fetched (a slow URL held every GGUF client)."""
+        if has_images(request):
+            check_vision(model, request)
+            system, private_ok = _default_system(model), self.ctx.private_urls_ok  # (a client's URLs)
+            return vision_messages(request, system, private_ok=private_ok), None
         vocab = self._vocab(model)
         return self._render_tokens(vocab, request, _default_system(model)), json_grammar(request, vocab.llm)
 
@@ -350,19 +355,18 @@ class LlamaCppBackend:
         request: GenerateRequest,
         cancelled: Event,
         *,
-        rendered: list[int] | None,
+        rendered: Any,
         grammar: Any,
     ) -> Iterator[StreamEvent]:
         """The blocking token loop; yields stream events, ending with ``Done``. ``rendered`` and
-        ``grammar``: ``_prepare``'s (None for a request with images)."""
+        ``grammar``: ``_prepare``'s (``rendered`` the vision chat's messages for images)."""
         entry = self._entry(model)
         params = request.params
         with entry.lock:
             loaded: LoadedGguf = entry.instance
             llm = loaded.llm
             if has_images(request):
-                system, private_ok = _default_system(model), self.ctx.private_urls_ok  # (a client's URLs)
-                yield from run_vision(llm, model, request, system, cancelled, private_ok=private_ok)
+                yield from run_vision(llm, model, request, rendered, cancelled)
                 return
             tokens, truncated = self._prompt_tokens(loaded, request, _default_system(model), rendered)
             max_tokens = min(params.max_tokens, loaded.n_ctx - len(tokens))
@@ -454,9 +458,7 @@ class LlamaCppBackend:
         # The prompt is rendered and tokenized on a worker thread (the vocabulary is read-only),
         # not in a turn of the llama.cpp thread: a huge prompt (4,096 turns: 1.3 s here) delays
         # its own request, not every other client's.
-        rendered, grammar = None, None
-        if not has_images(request):
-            rendered, grammar = await asyncio.to_thread(self._prepare, model, request)
+        rendered, grammar = await asyncio.to_thread(self._prepare, model, request)
         run = functools.partial(self._run, model, request, rendered=rendered, grammar=grammar)
         async with contextlib.aclosing(iterate_in_thread(run, LLAMA_THREAD)) as events:
             async for event in events:

@@ -27,6 +27,7 @@ __all__ = [
     "GENERIC_HANDLER",
     "HANDLERS",
     "chat_handler",
+    "check_vision",
     "handler_name",
     "has_images",
     "mmproj_path",
@@ -132,19 +133,10 @@ def vision_messages(
     return out
 
 
-def run_vision(
-    llm: Any,
-    model: ModelSchema,
-    request: GenerateRequest,
-    system: str | None,
-    cancelled: Event,
-    *,
-    private_ok: bool = True,
-) -> Iterator[StreamEvent]:
-    """One multimodal chat completion (blocking; the caller holds the model's lock). The answer
-    comes in one piece: llama-cpp-python reports exact usage only for a whole completion.
-    ``private_ok``: as for ``vision_messages``."""
-    if getattr(llm, "chat_handler", None) is None:
+def check_vision(model: ModelSchema, request: GenerateRequest) -> None:
+    """``UnsupportedMode`` for a request a local vision chat cannot run: checked before any image
+    is fetched."""
+    if mmproj_path(model) is None:
         raise UnsupportedMode(
             "image-content-block",
             "gguf",
@@ -152,10 +144,22 @@ def run_vision(
         )
     if request.tools:
         raise UnsupportedMode("tool-use", "gguf", "tools and images together are not supported locally")
+
+
+def run_vision(
+    llm: Any, model: ModelSchema, request: GenerateRequest, messages: list[dict[str, Any]], cancelled: Event
+) -> Iterator[StreamEvent]:
+    """One multimodal chat completion of ``messages`` (``vision_messages``' output, images already
+    fetched: a slow URL must not hold the model's turn). Blocking; the caller holds the model's
+    lock. The answer comes in one piece: llama-cpp-python reports exact usage only for a whole
+    completion."""
+    if getattr(llm, "chat_handler", None) is None:
+        check_vision(model, request)  # a model without a projector says so
+        raise InferenceFailed(f"{model.id}: loaded without its vision projector")
     params = request.params
     try:
         answer = llm.create_chat_completion(
-            messages=vision_messages(request, system, private_ok=private_ok),
+            messages=messages,
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
