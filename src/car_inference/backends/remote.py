@@ -40,6 +40,7 @@ from ..requests import (
 from ..schema import ModelSchema, _RemoteApi
 from ..stream import Done, StreamAccumulator, StreamEvent, ThinkingDelta, UsageEvent
 from .base import BackendContext, GenerationOutput, KeyProvider
+from .image_urls import has_image_urls, inline_image_urls, on_private_network
 
 # The backends import the conversion helpers below too; these are the names others may use.
 __all__ = [
@@ -384,6 +385,13 @@ class RemoteBackend:
 
     # --- the task protocol ---------------------------------------------------------------------
 
+    def _guarded_images(self, base_url: str, request: GenerateRequest) -> GenerateRequest:
+        """An upstream on this network would fetch a client's image URLs from inside it: they are
+        fetched here instead, private addresses refused, and sent inline (``image_urls``)."""
+        if not on_private_network(base_url):
+            return request  # a hosted provider fetches them from the internet
+        return inline_image_urls(request, self.ctx.config.remote.timeout_s)
+
     async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:
         """Consumes the stream, so every answer has a measured time to first token."""
         async with contextlib.aclosing(self.stream(model, request)) as events:
@@ -395,6 +403,8 @@ class RemoteBackend:
     async def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
         start = time.perf_counter()
         endpoint = self.endpoint(model)
+        if not self.ctx.private_urls_ok and endpoint.base_url and has_image_urls(request):
+            request = await asyncio.to_thread(self._guarded_images, endpoint.base_url, request)
         payload = self.build(model, endpoint, request)
         hide_thinking = request.params.thinking is ThinkingMode.OFF
         budget = answer_budget(request.params.max_tokens)
