@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from car_inference.backends.gguf_grammar import MAX_UPPER, bounded, json_grammar
@@ -81,7 +83,7 @@ def test_a_huge_maximum_is_lowered_and_names_and_data_are_not_keywords() -> None
 
     smol = next(m for m in load_builtin().models if m.id == "huggingface/smollm2-135m-instruct:q4_1")
     vocab = Llama(str(local_path(smol)), vocab_only=True, verbose=False)
-    schema = {
+    schema: dict[str, Any] = {
         "type": "object",
         "properties": {"minLength": {"type": "string", "maxLength": 10**12}},  # a property so named
         "default": {"minItems": "not a keyword here"},

@@ -96,7 +96,7 @@ class _Site(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.seen.append((self.path, self.headers.get("Host", "")))
-        port = self.server.server_address[1]
+        port = int(self.server.server_address[1])  # type: ignore[index]
         location = {
             "/to-loopback": f"http://127.0.0.1:{port}/a.png",
             "/to-same-host": "/a.png",

@@ -12,7 +12,14 @@ import pytest
 from car_inference.backends.image_urls import has_image_urls, on_private_network
 from car_inference.engine import InferenceEngine
 from car_inference.errors import InvalidInput
-from car_inference.requests import GenerateParams, GenerateRequest, ImageBlock, Message, TextBlock
+from car_inference.requests import (
+    ContentBlock,
+    GenerateParams,
+    GenerateRequest,
+    ImageBlock,
+    Message,
+    TextBlock,
+)
 from fakes import FakeProviderServer
 from fakes.images import png
 
@@ -26,7 +33,7 @@ def test_where_an_upstream_is() -> None:
 
 
 def _ask(model: str, image: ImageBlock) -> GenerateRequest:
-    content = [image, TextBlock(text="What is this?")]
+    content: list[ContentBlock] = [image, TextBlock(text="What is this?")]
     return GenerateRequest(
         model=model, messages=[Message(role="user", content=content)], params=GenerateParams(max_tokens=4)
     )

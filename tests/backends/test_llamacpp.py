@@ -218,7 +218,7 @@ async def test_tokens_are_counted_on_the_vocabulary_off_the_llama_thread(
         threads.append(threading.current_thread().name)
         return original(m)
 
-    backend._vocab = spy  # type: ignore[method-assign]
+    backend._vocab = spy  # type: ignore[method-assign,assignment]
     try:
         ids = await backend.tokenize(model, "Hello world " * 2_000)
         text = await backend.detokenize(model, ids)

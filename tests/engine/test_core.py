@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,9 +142,9 @@ def test_private_image_urls_setting_reaches_every_backend(isolated_home: Path) -
     backend (vision chats) reads it from the context every backend shares, so it cannot drift."""
     engine = InferenceEngine()
     try:
-        backend = engine._backend(engine.resolve("smollm2"))
-        assert engine.private_urls_ok is True and backend.ctx.private_urls_ok is True  # type: ignore[attr-defined]
+        backend: Any = engine._backend(engine.resolve("smollm2"))
+        assert engine.private_urls_ok is True and backend.ctx.private_urls_ok is True
         engine.private_urls_ok = False
-        assert backend.ctx.private_urls_ok is False  # type: ignore[attr-defined]
+        assert backend.ctx.private_urls_ok is False
     finally:
         engine.close()
