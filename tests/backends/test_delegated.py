@@ -114,6 +114,28 @@ async def test_the_router_takes_a_delegated_model_like_any_other(engine: Inferen
     assert "app/best" not in engine.model_health().circuit_breakers
 
 
+async def test_a_model_a_runner_brought_is_its_alone(engine: InferenceEngine) -> None:
+    """Another runner registering it (or serving every delegated model) took its calls."""
+    brought = ModelSchema.model_validate(
+        {"id": "app/own", "name": "own", "provider": "app", "capabilities": ["generate"],
+         "source": {"kind": "delegated"}}
+    )  # fmt: skip
+
+    async def other(model: ModelSchema, request: GenerateRequest) -> str:
+        return "not the owner"
+
+    owner = engine.register_runner(_echo, [brought], name="owner")
+    with pytest.raises(InvalidInput, match=r"app/own is served by the runner that brought it \(owner\)"):
+        engine.register_runner(other, ["app/own"])
+    everything = engine.register_runner(other)  # every delegated model
+    try:
+        assert engine.runners.find("app/own") is owner
+        assert (await engine.generate(_ask("hi", model="app/own"))).text.startswith("own: ")
+    finally:
+        engine.unregister_runner(everything)
+        engine.unregister_runner(owner)
+
+
 async def test_a_streaming_runner_streams_and_also_answers_whole(engine: InferenceEngine) -> None:
     async def runner(model: ModelSchema, request: GenerateRequest) -> AsyncIterator[Any]:
         yield ThinkingDelta(text="hmm")

@@ -264,6 +264,30 @@ async def test_models_a_runner_brings_come_and_go_with_it(
         assert engine.registry.get("ws/brought") is None
 
 
+async def test_another_client_cannot_take_over_a_model_a_runner_brought(server: ServerThread) -> None:
+    """A second socket registering the same id took the calls, prompts included, until it left."""
+    async with connect(server.ws_url) as owner, connect(server.ws_url) as thief:
+        await _register(owner, models=[{"id": "ws/mine", "capabilities": ["generate"]}], name="owner")
+        refused = (await _register(thief, models=["ws/mine"]))["error"]
+        assert (
+            refused["data"]["status"] == 400
+            and "served by the runner that brought it (owner)" in refused["message"]
+        )
+        async with connect(server.ws_url) as caller:
+            await caller.send(_rpc("infer", {"prompt": "secret", "model": "ws/mine"}, rid=1))
+            call = await _recv(owner)
+            assert call["params"]["model"]["id"] == "ws/mine"
+            await owner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": {"text": "ok"}}))
+            assert (await _recv(caller))["result"]["text"] == "ok"
+        # An event id that is no call id (a list raised TypeError in the server: -32603 and a
+        # traceback in its log).
+        await owner.send(
+            _rpc("runner.event", {"id": ["a"], "event": {"type": "text_delta", "text": "x"}}, rid=2)
+        )
+        bad = await _recv(owner)
+        assert bad["error"]["code"] == -32602 and bad["error"]["data"]["param"] == "id"
+
+
 @pytest.mark.parametrize(
     ("params", "status", "words"),
     [

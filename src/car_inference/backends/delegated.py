@@ -118,7 +118,11 @@ class RunnerTable:
         return None
 
     def find(self, model_id: str) -> RunnerRegistration | None:
-        return next((e for e in reversed(self._entries) if e.serves(model_id)), None)
+        """The runner for ``model_id``: the one that brought it to the catalog, if one did (no
+        other runner, not even one serving every delegated model, gets its calls), else the
+        latest that serves it."""
+        owner = next((e for e in self._entries if model_id in e.owned_models), None)
+        return owner or next((e for e in reversed(self._entries) if e.serves(model_id)), None)
 
     def serves(self, model: ModelSchema) -> bool:
         return self.find(model.id) is not None

@@ -200,6 +200,10 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         ``models`` is None. They become available and are routed like any other model."""
         wanted = None if models is None else [self._runner_model(item) for item in models]
         ids = None if wanted is None else [schema.id for schema, _ in wanted]
+        for model_id in ids or ():
+            owner = next((r for r in self.runners.list() if model_id in r.owned_models), None)
+            if owner is not None:  # another client's model: its calls (prompts) would come here
+                raise InvalidInput(f"{model_id} is served by the runner that brought it ({owner.name})")
         registration = self.runners.add(runner, models=ids, timeout_s=timeout_s, name=name)
         for schema, new in wanted or ():
             if new:

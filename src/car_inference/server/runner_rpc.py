@@ -236,8 +236,11 @@ async def _unregister(session: Session, params: Params, rid: Any) -> Any:
 
 
 async def _event(session: Session, params: Params, rid: Any) -> Any:
+    call_id = params.get("id")
+    if isinstance(call_id, bool) or not isinstance(call_id, str | int):  # a list raised TypeError
+        raise ApiError(400, "`id` must be the id of one of our calls", code="invalid_value", param="id")
     if session.runner is not None:
-        session.runner.event(params.get("id"), params.get("event"))
+        session.runner.event(call_id, params.get("event"))
     return None
 
 
