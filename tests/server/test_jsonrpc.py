@@ -280,6 +280,22 @@ async def test_hostile_messages_get_an_answer(local_server: ServerThread) -> Non
             assert reply["error"]["data"].get("param") == param
         odd = await call(ws, "models.list", {"capability": ["embed"]}, rid=3)  # unhashable: was a crash
         assert odd["error"]["code"] == -32602 and odd["error"]["data"]["param"] == "capability"
+        # A binary frame's bad bytes were replaced in silence ("a\xffb" tokenized as "a\ufffdb").
+        await ws.send(b'{"jsonrpc":"2.0","id":4,"method":"tokenize","params":{"text":"a\xffb"}}')
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert reply["error"]["code"] == -32700 and "not UTF-8 text" in reply["error"]["message"]
+        await ws.send(rpc("tokenize", {"text": "ab"}, rid=5).encode())  # binary UTF-8 is fine
+        assert "result" in json.loads(await asyncio.wait_for(ws.recv(), 10))
+        # Two calls with one id: two replies with it, and cancel reached only one.
+        await ws.send(
+            rpc("infer", {"prompt": "Tell me about rivers.", "params": {"max_tokens": 24}}, rid="dup")
+        )
+        await ws.send(rpc("health", rid="dup"))
+        first = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        assert first["error"]["code"] == -32600 and "already in flight" in first["error"]["message"]
+        assert "result" in json.loads(await asyncio.wait_for(ws.recv(), 60))
+        typo = await call(ws, "infr", {}, rid=6)
+        assert "did you mean infer or infer.stream?" in typo["error"]["message"]
 
 
 async def test_batches_are_bounded(local_server: ServerThread) -> None:

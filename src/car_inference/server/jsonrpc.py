@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..backends.fair import CLIENT
-from ..errors import InferenceError, InvalidInput
+from ..errors import InferenceError, InvalidInput, close_matches
 from ..requests import (
     ClassifyRequest,
     EmbedRequest,
@@ -108,9 +108,7 @@ class Session:
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
-                raw = message.get("text")
-                if raw is None:
-                    raw = (message.get("bytes") or b"").decode("utf-8", errors="replace")
+                raw: str | bytes = message.get("text") or message.get("bytes") or b""
                 task = asyncio.create_task(self._message(raw))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -139,7 +137,7 @@ class Session:
     async def notify(self, method: str, params: Params) -> None:
         await self.send({"jsonrpc": "2.0", "method": method, "params": params})
 
-    async def _message(self, raw: str) -> None:
+    async def _message(self, raw: str | bytes) -> None:
         """Answer one WebSocket message; whatever goes wrong, the client gets an answer."""
         try:
             await self._answer(raw)
@@ -147,7 +145,19 @@ class Session:
             info = describe(exc)  # logs what is not ours
             await self.send({"jsonrpc": "2.0", "id": None, "error": rpc_error(info)})
 
-    async def _answer(self, raw: str) -> None:
+    async def _answer(self, raw: str | bytes) -> None:
+        if isinstance(raw, bytes):  # a binary frame: its bad bytes were replaced, silently
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                await self.send(
+                    _error(
+                        None,
+                        PARSE_ERROR,
+                        f"parse error: the message is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                    )
+                )
+                return
         limit = self.state.settings.ws_max_message_mb
         if len(raw) > limit * 1024 * 1024:  # uvicorn refuses such frames first under `car serve`
             await self.send(
@@ -205,12 +215,11 @@ class Session:
             )
         method = METHODS.get(name)
         if method is None:
+            close = close_matches(name, list(METHODS))
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
             known = ", ".join(sorted(METHODS))
-            return (
-                None
-                if notification
-                else _error(rid, METHOD_NOT_FOUND, f"method not found: {name} (methods: {known})")
-            )
+            message = f"method not found: {name} ({hint}methods: {known})"
+            return None if notification else _error(rid, METHOD_NOT_FOUND, message)
         params = data.get("params", {})
         params = {} if params is None else params
         if not isinstance(params, dict):
@@ -224,6 +233,8 @@ class Session:
         return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(busy(message, code)))}
 
     async def _run(self, name: str, method: Method, params: Params, rid: Any) -> dict[str, Any]:
+        if rid is not None and rid in self.in_flight:  # two replies with one id; cancel reached one
+            return _error(rid, INVALID_REQUEST, f"invalid request: id {rid!r} is already in flight here")
         metrics = self.state.metrics
         limiter = self.state.limiter
         counted = name not in _UNCOUNTED
