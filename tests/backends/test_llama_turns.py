@@ -34,6 +34,12 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> LlamaCppBackend:
     return LlamaCppBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
 
 
+def _one_turn(backend: LlamaCppBackend, model: ModelSchema) -> Any:
+    """Another client's work that needs a turn of the llama.cpp thread: a one-token answer
+    (tokenizing no longer takes one: it reads the vocabulary on a worker thread)."""
+    return lambda: backend.generate(model, greedy("hi", 1))
+
+
 def greedy(prompt: str, max_tokens: int, **kw: Any) -> GenerateRequest:
     return GenerateRequest(prompt=prompt, params=GenerateParams(temperature=0, max_tokens=max_tokens, **kw))
 
@@ -88,7 +94,7 @@ async def test_a_long_prompt_pauses_between_its_batches(backend: LlamaCppBackend
     async def run_long() -> None:
         answers["a"] = (await backend.generate(model, long)).text
 
-    finished = await finish_order(_entry(backend, model), run_long, lambda: backend.tokenize(model, "hi"))
+    finished = await finish_order(_entry(backend, model), run_long, _one_turn(backend, model))
     assert finished == ["b", "a"] and answers["a"] == alone.text
 
 
@@ -99,7 +105,7 @@ async def test_a_seeded_generation_is_one_turn(backend: LlamaCppBackend, model: 
     finished = await finish_order(
         _entry(backend, model),
         lambda: backend.generate(model, request),
-        lambda: backend.tokenize(model, "hi"),
+        _one_turn(backend, model),
     )
     assert finished == ["a", "b"]
 
