@@ -255,6 +255,24 @@ async def test_cancel_stops_a_stream(local_server: ServerThread, server_engine: 
         pytest.fail("the cancelled generation kept the model")
 
 
+async def test_calls_in_flight_count_in_the_metrics(local_server: ServerThread) -> None:
+    """car_requests_in_flight counted HTTP requests only: 16 embed calls over /ws showed as none."""
+
+    def in_flight() -> float:
+        text = httpx.get(local_server.url + "/metrics").text
+        return float(re.search(r"^car_requests_in_flight (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+    async with connect(local_server.ws_url) as ws:
+        params = {"prompt": "Write a long story.", "params": {"max_tokens": 200, "temperature": 0.9}}
+        await ws.send(rpc("infer.stream", params, rid="long"))
+        assert json.loads(await ws.recv())["params"]["event"]["type"] == "route"
+        assert await asyncio.to_thread(in_flight) == 2, "the stream and this /metrics request"
+        await ws.send(rpc("cancel", {"id": "long"}, rid="stop"))
+        while json.loads(await ws.recv()).get("id") != "long":
+            pass
+    assert await asyncio.to_thread(in_flight) == 1
+
+
 async def test_hostile_messages_get_an_answer(local_server: ServerThread) -> None:
     """The inputs that were a 500 over HTTP got no answer at all over the WebSocket."""
     head = '{"jsonrpc": "2.0", "id": 1, "method": "infer", "params": '

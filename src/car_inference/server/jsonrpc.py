@@ -263,6 +263,8 @@ class Session:
         if rid is not None and task is not None:
             self.in_flight[rid] = task
         self.active += counted
+        if counted:  # the gauge counted HTTP requests only: 16 embed calls showed as none
+            metrics.in_flight.inc()
         timeout_s = self.state.settings.request_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
@@ -294,6 +296,7 @@ class Session:
             if counted:
                 limiter.release(self.client)
                 self.active -= 1
+                metrics.in_flight.dec()
             if fleet is not None:
                 fleet.release(slot)
             if rid is not None and self.in_flight.get(rid) is task:
