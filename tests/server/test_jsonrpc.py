@@ -312,6 +312,13 @@ async def test_hostile_messages_get_an_answer(local_server: ServerThread) -> Non
         first = json.loads(await asyncio.wait_for(ws.recv(), 30))
         assert first["error"]["code"] == -32600 and "already in flight" in first["error"]["message"]
         assert "result" in json.loads(await asyncio.wait_for(ws.recv(), 60))
+        bad_ids: list[Any] = [{}, [1], 1.5, True]
+        for bad_id in bad_ids:  # named, not "expected a JSON-RPC 2.0 request object"
+            await ws.send(json.dumps({"jsonrpc": "2.0", "id": bad_id, "method": "health"}))
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert reply["error"]["code"] == -32600 and "`id` must be" in reply["error"]["message"]
+        empty = await call(ws, "embed", {"texts": []}, rid=7)  # as /v1/embeddings; was dimensions 0
+        assert empty["error"]["code"] == -32602 and empty["error"]["data"]["param"] == "texts"
         typo = await call(ws, "infr", {}, rid=6)
         assert "did you mean infer or infer.stream?" in typo["error"]["message"]
 

@@ -236,6 +236,11 @@ async def test_a_runner_error_fails_the_attempt_with_its_message(server: ServerT
         await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "error": failure}))
         error = (await _recv(caller))["error"]
         assert "GPU on fire" in error["message"] and error["data"]["retryable"] is True
+        # A bare string as the error: its text was lost ("the runner failed").
+        await caller.send(_rpc("infer", {"prompt": "x", "model": "host/echo"}, rid=10))
+        call = await _recv(runner)
+        await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "error": "boom"}))
+        assert "boom" in (await _recv(caller))["error"]["message"]
 
 
 async def test_models_a_runner_brings_come_and_go_with_it(

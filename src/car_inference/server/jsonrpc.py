@@ -201,8 +201,12 @@ class Session:
 
     async def call(self, data: Any) -> dict[str, Any] | None:
         """Run one request; its response (None for a notification)."""
-        if not isinstance(data, dict) or not _valid_id(data.get("id")):
+        if not isinstance(data, dict):
             return _error(None, INVALID_REQUEST, "invalid request: expected a JSON-RPC 2.0 request object")
+        if not _valid_id(data.get("id")):
+            return _error(
+                None, INVALID_REQUEST, "invalid request: `id` must be a string, a whole number or null"
+            )
         rid = data.get("id")
         notification = "id" not in data
         name = data.get("method")
@@ -390,6 +394,8 @@ async def _infer_stream(session: Session, params: Params, rid: Any) -> Any:
 
 async def _embed(session: Session, params: Params, rid: Any) -> Any:
     request = EmbedRequest.model_validate(_auto(params))
+    if not request.texts:  # as /v1/embeddings: it answered an empty success (dimensions 0)
+        raise ApiError(400, "`texts` must be a non-empty list of strings", param="texts")
     check_batch(request.texts, MAX_EMBED_INPUTS, "texts")
     return (await session.engine.embed(request)).model_dump(mode="json")
 

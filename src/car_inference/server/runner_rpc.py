@@ -140,7 +140,7 @@ class RpcRunner:
         if error is None:
             queue.put_nowait(("result", message.get("result")))
             return True
-        info = error if isinstance(error, dict) else {}
+        info = error if isinstance(error, dict) else {"message": error if isinstance(error, str) else None}
         data = info.get("data")
         retryable = isinstance(data, dict) and bool(data.get("retryable", False))
         failure = ProviderError(
