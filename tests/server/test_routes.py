@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import openai
@@ -314,6 +314,18 @@ def test_images_and_json_mode_reach_the_provider(
 ) -> None:
     client = openai.OpenAI(base_url=tool_server.url + "/v1", api_key="unused", max_retries=0)
     fake_provider.reset()
+    # The fake stands for a hosted provider, which fetches image URLs on the internet; on loopback
+    # it counts as an upstream on this network, whose image URLs the server fetches itself and
+    # inlines (tests/backends/test_image_urls.py). Here the URL must go through as it is.
+    engine: Any = tool_server.server.config.app.state.car.engine  # type: ignore[union-attr]
+    engine.private_urls_ok = True
+    try:
+        _images_and_json_mode(client, fake_provider)
+    finally:
+        engine.private_urls_ok = False
+
+
+def _images_and_json_mode(client: openai.OpenAI, fake_provider: FakeProviderServer) -> None:
     content: list[ChatCompletionContentPartParam] = [
         {"type": "text", "text": "Describe both."},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo=", "detail": "low"}},
