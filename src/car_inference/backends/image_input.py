@@ -28,7 +28,6 @@ __all__ = [
     "MAX_REDIRECTS",
     "PRIVATE_SETTING",
     "data_url",
-    "is_public_address",
     "media_type",
     "public_addresses",
     "read_image",
@@ -192,12 +191,6 @@ def public_addresses(host: str, port: int | None, shown: str) -> list[str]:
     if not addresses:
         raise InvalidInput(f"cannot fetch the image {shown}: {host} has no address")
     return addresses
-
-
-def is_public_address(address: str) -> bool:
-    """Whether ``address`` (an IP, an IPv6 scope allowed) is public: not loopback, private,
-    link-local, reserved, multicast, unspecified or shared, nor one of those inside IPv6."""
-    return _is_public(ipaddress.ip_address(address.partition("%")[0]))
 
 
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

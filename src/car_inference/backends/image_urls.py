@@ -12,12 +12,12 @@ with private addresses refused, and sent inline as data: URLs.
 from __future__ import annotations
 
 import functools
-import socket
 from typing import TypeGuard
 from urllib.parse import urlparse
 
+from ..errors import InvalidInput
 from ..requests import ContentBlock, GenerateRequest, ImageBlock, Message
-from .image_input import data_url, is_public_address
+from .image_input import data_url, public_addresses
 
 __all__ = ["has_image_urls", "inline_image_urls", "on_private_network"]
 
@@ -35,10 +35,10 @@ def on_private_network(base_url: str) -> bool:
     if not host:
         return True
     try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
+        public_addresses(host, None, base_url)  # the fetcher's own check of a host
+    except InvalidInput:
         return True
-    return not infos or not all(is_public_address(str(info[4][0])) for info in infos)
+    return False
 
 
 def inline_image_urls(request: GenerateRequest, timeout_s: float) -> GenerateRequest:
