@@ -10,7 +10,7 @@ import pytest
 
 from car_inference.backends.base import BackendContext
 from car_inference.backends.cache import ModelCache
-from car_inference.backends.sentence import SLICE, SentenceBackend
+from car_inference.backends.sentence import SLICE, SLICE_TOKENS, SentenceBackend, _by_tokens
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig
 from car_inference.requests import ClassifyRequest, EmbedRequest, RerankRequest
@@ -183,6 +183,61 @@ async def test_a_small_request_is_served_between_the_slices_of_a_large_one(
     done, _ = await asyncio.wait({big, small}, return_when=asyncio.FIRST_COMPLETED)
     assert small in done and not big.done(), "the small request waited for the whole large one"
     assert len((await small).embeddings) == 1
+    big.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await big
+
+
+def test_runs_hold_at_most_the_token_budget() -> None:
+    items = list("abcdef")
+    assert list(_by_tokens(items, [3, 3, 3, 9, 1, 1], budget=6)) == [["a", "b"], ["c"], ["d"], ["e", "f"]]
+    assert list(_by_tokens(items[:1], [50], budget=6)) == [["a"]]  # one item over the budget: alone
+    assert list(_by_tokens([], [], budget=6)) == []
+
+
+def _cjk_texts(n: int) -> list[str]:
+    """Texts of 128 CJK characters: one token a character (33,000 tokens for 256 of them, 4.5x
+    what as many English texts of that length read), so a slice by characters held 7.6 s."""
+    return ["".join(chr(0x4E00 + (i * 131 + j * 17) % 2000) for j in range(128)) for i in range(n)]
+
+
+async def test_turns_are_sized_by_tokens_not_characters(
+    backend: SentenceBackend, model: ModelSchema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each encode turn reads at most SLICE_TOKENS tokens, whatever the script; the tokens the
+    request reports are the tokenizer's own count."""
+    from sentence_transformers import SentenceTransformer
+
+    backend.warm_up(model)
+    tokenizer = backend.ctx.cache.get(f"sentence:{model.id}").instance.tokenizer  # type: ignore[union-attr]
+    runs: list[int] = []
+    encode = SentenceTransformer.encode
+
+    def recording(self: SentenceTransformer, sentences: list[str], *args: object, **kwargs: object) -> object:
+        runs.append(sum(len(i) for i in tokenizer(sentences, truncation=True, max_length=256)["input_ids"]))
+        return encode(self, sentences, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(SentenceTransformer, "encode", recording)
+    texts = _cjk_texts(64)
+    result = await backend.embed(model, EmbedRequest(texts=texts))
+    assert result.prompt_tokens == sum(runs) == 64 * 130
+    assert len(runs) >= 3 and max(runs) <= SLICE_TOKENS
+
+
+async def test_a_small_request_is_served_between_the_turns_of_a_large_cjk_one(
+    backend: SentenceBackend, model: ModelSchema
+) -> None:
+    """256 CJK texts of 128 characters: one slice by characters (7.6 s of the thread on two cores);
+    a one-text embedding sent meanwhile now waits for one turn of SLICE_TOKENS tokens."""
+    backend.warm_up(model)
+    big = asyncio.ensure_future(backend.embed(model, EmbedRequest(texts=_cjk_texts(256))))
+    entry = backend.ctx.cache.get(f"sentence:{model.id}")
+    assert entry is not None
+    while not entry.lock.locked():
+        await asyncio.sleep(0.01)
+    small = asyncio.ensure_future(backend.embed(model, EmbedRequest(texts=["a short one"])))
+    done, _ = await asyncio.wait({big, small}, return_when=asyncio.FIRST_COMPLETED)
+    assert small in done and not big.done(), "the small request waited for the whole large one"
     big.cancel()
     with pytest.raises(asyncio.CancelledError):
         await big
