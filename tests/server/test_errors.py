@@ -48,7 +48,7 @@ def _provider(status: int | None, message: str = "boom") -> ProviderError:
         (CircuitOpen("m"), 503, "circuit_open"),
         (StateUnavailable("the PostgreSQL state store is unreachable", 1.0), 503, "state_unavailable"),
         (_provider(500), 502, "provider_error"),
-        (_provider(429), 502, "provider_error"),
+        (_provider(429), 429, "upstream_rate_limited"),  # the SDK retries it after Retry-After
         (_provider(400), 400, "provider_rejected_input"),  # the client's input, not the provider's fault
         (_provider(422), 400, "provider_rejected_input"),
         (_provider(401), 502, "provider_error"),  # our key: not the client's to fix
@@ -58,6 +58,8 @@ def _provider(status: int | None, message: str = "boom") -> ProviderError:
             "upstream_timeout",
         ),
         (AllModelsFailed([("a", _provider(500)), ("b", InferenceFailed("x"))]), 502, "all_models_failed"),
+        (AllModelsFailed([("a", _provider(429)), ("b", _provider(429))]), 429, "upstream_rate_limited"),
+        (AllModelsFailed([("a", _provider(429)), ("b", _provider(500))]), 502, "all_models_failed"),
         (ConfigError("bad", path="/c.toml", line=3), 500, "configuration_error"),
         (InferenceFailed("model crashed"), 500, "inference_failed"),
         (TimeoutError(), 504, "request_timeout"),
@@ -80,6 +82,11 @@ def test_details_travel_with_the_error() -> None:
     assert [a["model"] for a in failed.extra["attempts"]] == ["a", "b"] and failed.retryable
     provider = describe(_provider(500))
     assert provider.retry_after == 3 and error_response(provider).headers["retry-after"] == "3"
+    limited = describe(_provider(429))
+    assert limited.type == "rate_limit_error" and limited.extra == {"upstream_status": 429}
+    assert error_response(limited).headers["retry-after"] == "3"
+    both = describe(AllModelsFailed([("a", _provider(429)), ("b", _provider(429))]))
+    assert both.retry_after == 3 and [a["model"] for a in both.extra["attempts"]] == ["a", "b"]
     media = describe(ModelUnavailable("piper/x", "no backend"), capability="text_to_speech")
     assert (
         media.status == 501 and media.message == "text_to_speech is not available on this server: no backend"

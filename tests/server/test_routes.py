@@ -347,6 +347,26 @@ def _images_and_json_mode(client: openai.OpenAI, fake_provider: FakeProviderServ
     assert sent["max_tokens"] == 50
 
 
+def test_a_provider_rate_limit_is_a_429_with_its_retry_after(
+    tool_server: ServerThread, fake_provider: FakeProviderServer
+) -> None:
+    """The SDK in front of us waits and retries a 429 as it would against the provider itself; a
+    502 would read as the provider being broken."""
+    fake_provider.reset()
+    fake_provider.queue(Fault.rate_limit(retry_after=2), Reply(text="now"))
+    url, body = tool_server.url + "/v1/chat/completions", {"model": "fake/gpt-tools", "messages": HI}
+    limited = httpx.post(url, json=body)
+    assert limited.status_code == 429, limited.text
+    error = limited.json()["error"]
+    assert (error["code"], error["type"], error["upstream_status"]) == (
+        "upstream_rate_limited",
+        "rate_limit_error",
+        429,
+    )
+    assert limited.headers["retry-after"] == "2"
+    assert httpx.post(url, json=body).json()["choices"][0]["message"]["content"] == "now"
+
+
 def test_an_open_circuit_is_a_503_with_retry_after(
     tool_server: ServerThread, fake_provider: FakeProviderServer
 ) -> None:

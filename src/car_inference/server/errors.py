@@ -12,7 +12,8 @@ Status decisions (documented in docs/protocol.md):
 - SpendLimitExceeded: 402 (not 429: waiting a few seconds does not help, and SDKs retry 429)
 - ModelUnavailable, CircuitOpen, DeviceError, StateUnavailable (the shared state store is away): 503
 - ProviderError, AllModelsFailed, DownloadFailed: 502; a provider timeout: 504; a provider's
-  400/413/422 (it refused the input the client sent): 400 ``provider_rejected_input``
+  400/413/422 (it refused the input the client sent): 400 ``provider_rejected_input``; a provider's
+  429 (every model tried was rate-limited): 429 ``upstream_rate_limited`` with its Retry-After
 - our own per-request timeout: 504
 - on the speech and image endpoints, ModelUnavailable / UnsupportedMode: 501 naming the capability
 """
@@ -184,6 +185,12 @@ def busy(message: str, code: str = "server_busy") -> ApiError:
 _INPUT_REFUSED = frozenset({400, 413, 422})
 
 
+def _upstream_busy(message: str, name: str, retry_after: float | None, extra: dict[str, Any]) -> ErrorInfo:
+    return ErrorInfo(
+        429, "rate_limit_error", "upstream_rate_limited", message, None, name, True, retry_after, extra
+    )
+
+
 def _is_timeout(exc: ProviderError) -> bool:
     return exc.status in (408, 504) or exc.timeout
 
@@ -273,6 +280,10 @@ def describe(
             400, "invalid_request_error", "provider_rejected_input", str(exc), None, name,
             extra={"upstream_status": exc.status},
         )  # fmt: skip
+    if isinstance(exc, ProviderError) and exc.status == 429:
+        # The provider's rate limit (every key of it resting): a 429 the client's SDK retries after
+        # the provider's Retry-After, told apart from our own bounds by its code.
+        return _upstream_busy(str(exc), name, exc.retry_after, {"upstream_status": 429})
     if isinstance(exc, ProviderError):
         timeout = _is_timeout(exc)
         return ErrorInfo(
@@ -281,6 +292,10 @@ def describe(
         )  # fmt: skip
     if isinstance(exc, AllModelsFailed):
         attempts = [{"model": m, "error": type(e).__name__, "message": str(e)} for m, e in exc.attempts]
+        limited = [e for _, e in exc.attempts if isinstance(e, ProviderError) and e.status == 429]
+        if limited and len(limited) == len(exc.attempts):
+            waits = [e.retry_after for e in limited if e.retry_after is not None]
+            return _upstream_busy(str(exc), name, min(waits, default=None), {"attempts": attempts})
         retryable = any(getattr(e, "retryable", False) for _, e in exc.attempts)
         return ErrorInfo(
             502, "upstream_error", "all_models_failed", str(exc), None, name, retryable,
@@ -375,6 +390,7 @@ RPC_CODES: dict[str | None, int] = {
     "provider_error": -32005,
     "provider_rejected_input": INVALID_PARAMS,
     "upstream_timeout": -32005,
+    "upstream_rate_limited": -32005,
     "all_models_failed": -32006,
     "request_timeout": -32007,
     "server_busy": -32008,
