@@ -101,6 +101,13 @@ async def test_streaming_sends_events_then_the_result(local_server: ServerThread
             )
             # Cut at max_tokens: the result says so, as a call without streaming does.
             assert message["result"]["finish_reason"] == "length"
+        # A streaming notification runs but sends nothing: no answer, and no events whose
+        # request_id (null) would tie them to no call.
+        await ws.send(json.dumps({"jsonrpc": "2.0", "method": "infer.stream", "params": {
+            "prompt": "Count to three.", "params": {"max_tokens": 2}}}))  # fmt: skip
+        await asyncio.sleep(0.5)  # the model is warm: the notification's answer is done by now
+        after = await call(ws, "health", rid="after")
+        assert after["id"] == "after" and "result" in after, after
 
 
 async def test_a_missing_media_backend_is_the_501_of_its_http_route(local_server: ServerThread) -> None:
@@ -186,6 +193,8 @@ async def test_protocol_errors(local_server: ServerThread) -> None:
         assert positional["error"]["code"] == -32602
         missing = await call(ws, "infer", {"params": SHORT}, rid=6)
         assert missing["error"]["code"] == -32602 and missing["error"]["data"]["error"] == "ValidationError"
+        assert missing["error"]["message"] == "a request needs a `prompt` or `messages`"  # no "Value error, "
+        assert missing["error"]["data"]["details"][0]["param"] is None  # the request, not a field ""
         wrong = await call(ws, "detokenize", {"tokens": ["a"]}, rid=7)
         assert wrong["error"]["code"] == -32602 and wrong["error"]["data"]["param"] == "tokens"
         not_found = await call(ws, "infer", {"prompt": "x", "model": "qwen3-9b"}, rid=8)
@@ -197,6 +206,27 @@ async def test_protocol_errors(local_server: ServerThread) -> None:
             error["data"]["error"] == "ModelNotFound"
             and "qwen/qwen3-8b:q4_k_m" in error["data"]["suggestions"]
         )
+
+
+async def test_methods_refuse_parameters_they_do_not_take(local_server: ServerThread) -> None:
+    """The methods that read their parameters one by one refuse a misspelt one as the methods with
+    a request model do (a misspelt filter listed every model)."""
+    async with connect(local_server.ws_url) as ws:
+        typo = await call(ws, "models.list", {"capabilty": "embed"})
+        error = typo["error"]
+        assert error["code"] == -32602 and error["data"]["param"] == "capabilty"
+        assert "did you mean capability?" in error["message"]
+        for method, params in (
+            ("health", {"verbose": True}),
+            ("tokenize", {"text": "hi", "modle": SMOL}),
+            ("cancel", {"id": 1, "force": True}),
+            ("feedback", {"trace_id": "t", "scor": 1}),
+        ):
+            refused = await call(ws, method, params)
+            assert refused["error"]["code"] == -32602, (method, refused)
+        infer = await call(ws, "infer", {"prompt": "x", "max_token": 3})  # a request model's own check
+        assert infer["error"]["code"] == -32602 and "max_token" in infer["error"]["message"]
+        assert "result" in await call(ws, "tokenize", {"text": "hi", "model": SMOL})
 
 
 async def test_concurrent_requests_batches_and_notifications(local_server: ServerThread) -> None:

@@ -140,8 +140,13 @@ def _first_error(errors: list[Any]) -> tuple[tuple[int | str, ...], str, int]:
         same = [e for e in errors if tuple(e["loc"])[:at] == loc[:at] and _branch_at(tuple(e["loc"])) == at]
         first = max(same, key=lambda e: len(e["loc"]))
         loc = tuple(p for p in first["loc"] if not _is_branch(p))
-    message = "Input should be an object" if first.get("type") in _OBJECT_TYPES else str(first["msg"])
+    message = "Input should be an object" if first.get("type") in _OBJECT_TYPES else _msg(first)
     return loc, message, len(same)
+
+
+def _msg(error: Any) -> str:
+    """pydantic's message without the "Value error, " it puts before a validator's own words."""
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 def validation_info(exc: ValidationError, prefix: str = "") -> ErrorInfo:
@@ -152,7 +157,7 @@ def validation_info(exc: ValidationError, prefix: str = "") -> ErrorInfo:
     message = f"{where}: {msg}" if where else msg
     if len(errors) > covered:
         message += f" (and {len(errors) - covered} more error(s))"
-    details = [{"param": _loc(tuple(e["loc"])), "message": e["msg"]} for e in errors]
+    details = [{"param": _loc(tuple(e["loc"])) or None, "message": _msg(e)} for e in errors]
     return ErrorInfo(
         400, "invalid_request_error", "invalid_value", message, where or None, "ValidationError",
         extra={"details": details},

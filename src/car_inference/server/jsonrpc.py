@@ -228,6 +228,11 @@ class Session:
         params = {} if params is None else params
         if not isinstance(params, dict):
             return _error(rid, INVALID_PARAMS, "invalid params: params must be an object (by name)")
+        unknown = _unknown_param(name, params)
+        if unknown is not None:  # as the methods validated by our request models refuse one
+            self.state.metrics.request(f"ws:{name}", None, 400)
+            error = rpc_error(describe(unknown))
+            return None if notification else {"jsonrpc": "2.0", "id": rid, "error": error}
         reply = await self._run(name, method, params, rid)
         return None if notification else reply
 
@@ -354,7 +359,9 @@ class Session:
                     else:
                         metrics.fallback([route.model_id])
                     route = event
-                await self.notify(EVENT_METHOD, {"request_id": rid, "event": event.model_dump(mode="json")})
+                if rid is not None:  # a notification (or id null) has no call to tie events to
+                    payload = {"request_id": rid, "event": event.model_dump(mode="json")}
+                    await self.notify(EVENT_METHOD, payload)
         raise ApiError(502, "the stream ended without a result", type="upstream_error", code="stream_failed")
 
 
@@ -510,6 +517,37 @@ METHODS: dict[str, Method] = {
     "voices": rpc_voices,
     **RUNNER_METHODS,
 }
+
+
+# The parameters of the methods that read theirs one by one (the others validate them with a
+# request model that refuses unknown fields): a misspelt one ("capabilty") is an error, not ignored.
+_PARAMS: dict[str, frozenset[str]] = {
+    "tokenize": frozenset({"text", "model"}),
+    "detokenize": frozenset({"tokens", "model"}),
+    "models.list": frozenset({"capability", "available"}),
+    "health": frozenset(),
+    "feedback": frozenset({"trace_id", "score"}),
+    "cancel": frozenset({"id"}),
+    "voices": frozenset({"model"}),
+    "runner.register": frozenset({"models", "timeout_s", "name"}),
+    "runner.unregister": frozenset(),
+    "runner.event": frozenset({"id", "event"}),
+}
+
+
+def _unknown_param(method: str, params: Params) -> ApiError | None:
+    """A 400 naming the first parameter ``method`` does not take (and close matches), or None."""
+    known = _PARAMS.get(method)
+    if known is None:
+        return None
+    extra = next((key for key in params if key not in known), None)
+    if extra is None:
+        return None
+    close = close_matches(extra, sorted(known))
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    takes = ", ".join(sorted(known)) or "none"
+    message = f"`{extra}` is not a parameter of {method} (it takes: {takes}){hint}"
+    return ApiError(400, message, code="invalid_value", param=extra)
 
 
 # The methods whose HTTP routes answer a missing backend with a 501 naming the capability
