@@ -242,6 +242,11 @@ class ServerSettings(_Section):
     route_client_models: bool = Field(default=False, description="route requests to models clients bring")
     # Requests one WebSocket may have in flight at once: one client cannot take every slot.
     ws_max_in_flight: int = Field(default=16, ge=1, description="concurrent calls per WebSocket")
+    # WebSockets one client may hold open: each is a file descriptor, and one client opening
+    # thousands (a leak, or on purpose) could use up the process's and leave no one able to connect.
+    ws_max_sockets_per_client: int = Field(
+        default=32, ge=0, description="WebSockets open from one client (key, else address); 0: no bound"
+    )
     # Requests one client (its API key when the server has keys, else its address) may have in
     # flight at once, HTTP and JSON-RPC together: 64 long chats from one client answered every
     # other client 429 while they ran. Behind a proxy that hides addresses, with no keys, every

@@ -15,8 +15,8 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
-from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from car_inference.engine import InferenceEngine
 from car_inference.engine.bookkeeping import Bookkeeper
@@ -190,6 +190,39 @@ async def test_one_client_cannot_take_every_slot(
         assert busy["data"]["status"] == 429 and "max_in_flight_per_client" in busy["message"]
     finally:
         slow.join()
+        server.stop()
+
+
+async def test_one_client_cannot_hold_every_socket(engine: InferenceEngine) -> None:
+    """Past ws_max_sockets_per_client, a client's new WebSocket is closed with 1013 (try again
+    later) and says why; another client connects, and a closed socket frees its place. Without
+    the bound, one client's 1,003 idle sockets (ulimit -n 1024) left `car serve` unable to answer
+    anyone."""
+    server = serve(engine, api_keys=KEYS, ws_max_sockets_per_client=2)
+
+    def auth(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    async def health(ws: ClientConnection) -> dict[str, object]:
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "health"}))
+        return json.loads(await ws.recv())  # type: ignore[no-any-return]
+
+    try:
+        first = await connect(server.ws_url, additional_headers=auth(KEYS[0]))
+        second = await connect(server.ws_url, additional_headers=auth(KEYS[0]))
+        third = await connect(server.ws_url, additional_headers=auth(KEYS[0]))
+        with pytest.raises(ConnectionClosed):
+            await health(third)
+        assert third.close_code == 1013 and "ws_max_sockets_per_client" in (third.close_reason or "")
+        async with connect(server.ws_url, additional_headers=auth(KEYS[1])) as other:
+            assert "result" in await health(other)
+        await first.close()
+        await asyncio.sleep(0.1)  # the server notices the close
+        async with connect(server.ws_url, additional_headers=auth(KEYS[0])) as again:
+            assert "result" in await health(again)
+        assert "result" in await health(second)
+        await second.close()
+    finally:
         server.stop()
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -106,6 +107,21 @@ class ServerState:
     # Requests (HTTP) and JSON-RPC messages being answered: what `stop` cuts short.
     active: set[asyncio.Task[Any]] = field(default_factory=set)
     stopping: bool = False
+    # WebSockets open, by client (``[server] ws_max_sockets_per_client``).
+    sockets: Counter[str | None] = field(default_factory=Counter)
+
+    def open_socket(self, client: str | None) -> bool:
+        """Count a WebSocket of ``client`` as open; False (not counted) when it holds its limit."""
+        limit = self.settings.ws_max_sockets_per_client
+        if limit and self.sockets[client] >= limit:
+            return False
+        self.sockets[client] += 1
+        return True
+
+    def close_socket(self, client: str | None) -> None:
+        self.sockets[client] -= 1
+        if self.sockets[client] <= 0:
+            del self.sockets[client]
 
     async def stop(self, grace_s: float = 1.0) -> None:
         """Ask everything in flight to end now, with an answer: a stream ends with an error

@@ -58,6 +58,7 @@ from .translate import MAX_CLASSIFY_LABELS, MAX_EMBED_INPUTS, MAX_RERANK_DOCUMEN
 __all__ = ["METHODS", "Session", "register"]
 
 REQUEST_CANCELLED = -32800
+TRY_AGAIN_LATER = 1013  # the WebSocket close code for "over a limit: come back later" (RFC 6455)
 # Methods the concurrency limit does not count: they free work or feed a call in flight.
 _UNCOUNTED = frozenset({"cancel", "runner.event"})
 EVENT_METHOD = "infer.event"
@@ -103,6 +104,12 @@ class Session:
     async def run(self) -> None:
         CLIENT.set(self.client)  # the calls' tasks inherit it: local models take turns by client
         await self.ws.accept()
+        if not self.state.open_socket(self.client):
+            limit = self.state.settings.ws_max_sockets_per_client
+            self.state.metrics.request("/ws", None, 429)
+            reason = f"this client has {limit} WebSockets open (server.ws_max_sockets_per_client)"
+            await self.ws.close(code=TRY_AGAIN_LATER, reason=reason)
+            return
         try:
             while True:
                 message = await self.ws.receive()
@@ -118,6 +125,7 @@ class Session:
             pass
         finally:
             self._open = False
+            self.state.close_socket(self.client)
             if self.runner is not None:  # its calls in flight fail now; its models go
                 self.runner.close()
                 self.runner = None
