@@ -143,6 +143,60 @@ async def test_a_writer_thread_writes_off_the_loop(tmp_path: Path) -> None:
     store.close()
 
 
+async def test_thread_on_loop_starts_the_writer_for_a_record_made_on_a_loop() -> None:
+    """The engine's keeper: a synchronous caller's record is written at once, as before; the first
+    made on an event loop starts the writer thread, which writes it and the rest off the loop."""
+    keeper = Bookkeeper(thread_on_loop=True)
+    threads: list[str] = []
+
+    def record() -> None:
+        threads.append(threading.current_thread().name)
+
+    await asyncio.to_thread(keeper.submit, record)  # no loop in that thread: at once, there
+    assert len(threads) == 1 and threads[0] != "car-inference-records"
+    keeper.submit(record)
+    keeper.submit(record)
+    for _ in range(200):
+        if len(threads) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert threads[1:] == ["car-inference-records"] * 2
+    keeper.close()
+    keeper.submit(record)  # after close no thread starts again; the loop writes it
+    await asyncio.sleep(0)
+    assert threads[3:] == [threading.current_thread().name]
+
+
+async def test_a_write_locked_state_db_does_not_stall_a_library_callers_loop(tmp_path: Path) -> None:
+    """Another program holding state.db's write lock kept the caller's event loop waiting while an
+    answer's record waited for it (2.9 s of a 4 s lock; up to the 10 s busy timeout); now the
+    writer thread waits, the loop runs on, and the record is written once the lock is let go."""
+    import sqlite3
+
+    from car_inference.engine import InferenceEngine
+    from car_inference.requests import GenerateRequest
+
+    engine = InferenceEngine(home=tmp_path)
+    request = GenerateRequest(prompt="Hi", params={"max_tokens": 2, "temperature": 0})
+    other = sqlite3.connect(str(tmp_path / "state.db"), isolation_level=None, check_same_thread=False)
+    try:
+        await engine.generate(request)  # loads the model
+        engine.flush()
+        other.execute("BEGIN IMMEDIATE")  # held until the checks below
+        result = await engine.generate(request)
+        started = time.monotonic()
+        for _ in range(5):  # the turns on which the record used to be written on the loop
+            await asyncio.sleep(0.01)
+        assert time.monotonic() - started < 2.0, "the loop waited for the lock"
+        assert engine.bookkeeper.pending > 0  # its record waits for the lock, off the loop
+        other.execute("COMMIT")
+        engine.flush()
+        assert engine.store.trace(result.trace_id) is not None
+    finally:
+        other.close()
+        engine.close()
+
+
 def _wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

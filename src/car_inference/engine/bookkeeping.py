@@ -9,10 +9,14 @@ still queued right there. Routing reads the tracker's in-memory mirror, updated 
 circuit breakers stay synchronous because the very next attempt depends on them.
 
 Where the writes run:
-- on the event loop by default (the library, the CLI): a loop turn after the answer, ``chunk``
-  records per turn, so that ``asyncio.run`` still sees them written and a request arriving
-  meanwhile waits for one chunk, not the queue;
-- on a writer thread of their own once ``start_writer()`` is called, as ``car serve`` does: the
+- on the event loop by default: a loop turn after the answer, ``chunk`` records per turn, so that
+  a request arriving meanwhile waits for one chunk, not the queue;
+- without a loop (a synchronous caller), at once;
+- on a writer thread of their own once ``start_writer()`` is called, as ``car serve`` does, or,
+  with ``thread_on_loop`` (the engine's), from the first record submitted on an event loop (a
+  library caller's application): a state.db write-locked by another process for 4 s (a CLI
+  command, another program on the same home) stalled that caller's whole event loop for 2.9 s
+  while a record waited for the lock, where the writer thread waits for it alone. The thread: the
   first queued record wakes it, it waits ``delay_s`` for others to share the commit, and SQLite
   does its work (pages, WAL checkpoints and their fsync) without the GIL, so the loop keeps
   serving. On the server benchmark this halved the requests slowed by record writes (p99 +8.7 ->
@@ -58,12 +62,14 @@ class Bookkeeper:
         chunk: int = 8,
         warn_after_s: float = 30.0,
         pause: bool = False,
+        thread_on_loop: bool = False,
     ) -> None:
         """``batch``: the transaction a group of writes runs in (none: each write on its own);
         ``delay_s``: how long the writer thread waits for more records to share its commit;
         ``chunk``: how many records one loop turn writes; ``warn_after_s``: how late the oldest
         waiting record may be before the writer warns that the store is not keeping up;
-        ``pause``: the writer thread lets go of the GIL every ``PAUSE_EVERY_S`` of records (``flush``)."""
+        ``pause``: the writer thread lets go of the GIL every ``PAUSE_EVERY_S`` of records (``flush``);
+        ``thread_on_loop``: the first record submitted on an event loop starts the writer thread."""
         # (submitted at, by time.monotonic(); the write and its arguments)
         self._pending: deque[tuple[float, Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = deque()
         self._lock = threading.Lock()
@@ -77,6 +83,7 @@ class Bookkeeper:
         self.warn_after_s = warn_after_s
         self.pause = pause
         self._behind = False  # warned that records lag; said again when caught up
+        self.thread_on_loop = thread_on_loop
 
     def start_writer(self) -> None:
         """Write from a thread of its own from now on (a server: the SQLite work, WAL checkpoints
@@ -124,6 +131,11 @@ class Bookkeeper:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop to defer to: write now
             self.flush()
+            return
+        if self.thread_on_loop and not self._stopping:
+            self.start_writer()
+            assert self._wake is not None
+            self._wake.set()
             return
         if self._scheduled is None:
             self._scheduled = loop.call_soon(self._drain)
@@ -186,11 +198,12 @@ class Bookkeeper:
             self.flush()
 
     def close(self) -> None:
+        self.thread_on_loop = False  # records submitted after close are written where they are made
         if self._writer is not None and self._wake is not None:
             self._stopping = True
             self._wake.set()
             self._writer.join(timeout=10)
-            self._writer = None
+            self._writer = self._wake = None  # records submitted after this are not left queued
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None

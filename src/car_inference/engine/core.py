@@ -141,7 +141,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.router = AdaptiveRouter(
             self.config.routing, self.tracker, self.breakers, self.spend, meter=EngineMeter(self)
         )
-        self.bookkeeper = Bookkeeper(self.store.batch, pause=self.store.writer_pause)
+        self.bookkeeper = Bookkeeper(self.store.batch, pause=self.store.writer_pause, thread_on_loop=True)
         # Records still queued when the program ends (a script that never calls close, a loop that
         # stopped before the drain) are written on the way out.
         atexit.register(_flush_at_exit, weakref.ref(self.bookkeeper))
