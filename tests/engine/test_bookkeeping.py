@@ -174,10 +174,10 @@ async def test_a_write_locked_state_db_does_not_stall_a_library_callers_loop(tmp
     import sqlite3
 
     from car_inference.engine import InferenceEngine
-    from car_inference.requests import GenerateRequest
+    from car_inference.requests import GenerateParams, GenerateRequest
 
     engine = InferenceEngine(home=tmp_path)
-    request = GenerateRequest(prompt="Hi", params={"max_tokens": 2, "temperature": 0})
+    request = GenerateRequest(prompt="Hi", params=GenerateParams(max_tokens=2, temperature=0))
     other = sqlite3.connect(str(tmp_path / "state.db"), isolation_level=None, check_same_thread=False)
     try:
         await engine.generate(request)  # loads the model

@@ -205,7 +205,7 @@ async def test_one_client_cannot_hold_every_socket(engine: InferenceEngine) -> N
 
     async def health(ws: ClientConnection) -> dict[str, object]:
         await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "health"}))
-        return json.loads(await ws.recv())  # type: ignore[no-any-return]
+        return json.loads(await ws.recv())
 
     try:
         first = await connect(server.ws_url, additional_headers=auth(KEYS[0]))
