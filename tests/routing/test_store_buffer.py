@@ -100,6 +100,27 @@ def test_writes_wait_in_memory_up_to_the_bound_and_reach_the_database_when_it_re
     assert _traces(url) == [f"t{i}" for i in range(6)]  # in order; t6, t7 and the spend were lost
 
 
+def test_reads_work_again_within_a_retry_of_the_database_returning(url: str, proxy: TcpProxy) -> None:
+    """The pool's own reconnect backs off (1, 2, 4 ... s): after a 36 s outage a replica answered
+    503 for 19 s more, after 138 s for 110 s. Once the store's retry connects, it reads and writes
+    through a new pool at once."""
+    store = PgOutcomeStore(_through(url, proxy), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
+    try:
+        store.record_trace(_row("before"), success=True, now=1.0)
+        proxy.stop()
+        store.record_trace(_row("during"), success=True, now=2.0)
+        assert store.buffered == 1
+        time.sleep(8)  # the pool's reconnect attempts back off meanwhile: its next one is ~8 s away
+        proxy.start()
+        returned = time.monotonic()
+        assert _wait(lambda: store.buffered == 0, timeout_s=4.0), "the buffer waited for the pool"
+        assert store.trace("during") is not None  # a read through the pool, at once
+        assert time.monotonic() - returned < 4.0
+    finally:
+        store.close()
+    assert _traces(url) == ["before", "during"]
+
+
 def test_a_batch_cut_before_its_commit_is_written_in_order_later(url: str, proxy: TcpProxy) -> None:
     store = PgOutcomeStore(_through(url, proxy), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
     try:

@@ -70,6 +70,17 @@ MIGRATE_LOCK = int.from_bytes(b"car-migr", "big") >> 1
 
 Conn = psycopg.Connection[DictRow]
 
+# libpq settings of every pooled connection: a database that stops answering without closing the
+# connection (a network partition) is noticed in seconds, not after the kernel's ~15 minutes of
+# retransmissions: keepalive probes after 10 s idle, and unacknowledged data for 15 s, end it.
+LIBPQ_TIMEOUTS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 15_000,
+}
+
 
 def _stop_preparing(conn: Conn) -> None:
     """After a failure in a pipelined batch: this connection prepares no statement any more.
@@ -101,19 +112,11 @@ class PgOutcomeStore(BufferedWrites):
         self.url = url
         self.location = redact_url(url)
         self.connect_timeout_s = connect_timeout_s
+        self.max_connections = max_connections
         self._local = threading.local()
         self._init_buffer(buffer_limit, retry_s)
         _probe(url, connect_timeout_s)  # a clear error now beats a pool that retries in the background
-        self._pool: ConnectionPool[Conn] = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=max_connections,
-            kwargs={"row_factory": dict_row, "autocommit": True},
-            check=ConnectionPool.check_connection,  # a connection the server dropped is replaced
-            open=False,
-            timeout=connect_timeout_s,  # waiting for a connection: bounded like connecting
-            name="car-state",
-        )
+        self._pool = self._new_pool()
         self._pool.open(wait=True, timeout=connect_timeout_s)
         try:
             self._migrate()
@@ -122,6 +125,18 @@ class PgOutcomeStore(BufferedWrites):
             raise
 
     # --- plumbing ------------------------------------------------------------------------------
+
+    def _new_pool(self) -> ConnectionPool[Conn]:
+        return ConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.max_connections,
+            kwargs={"row_factory": dict_row, "autocommit": True, **LIBPQ_TIMEOUTS},
+            check=ConnectionPool.check_connection,  # a connection the server dropped is replaced
+            open=False,
+            timeout=self.connect_timeout_s,  # waiting for a connection: bounded like connecting
+            name="car-state",
+        )
 
     @contextmanager
     def _read(self) -> Iterator[Conn]:
@@ -340,6 +355,15 @@ class PgOutcomeStore(BufferedWrites):
         psycopg.connect(
             self.url, connect_timeout=max(1, round(min(self.connect_timeout_s, 2))), autocommit=True
         ).close()
+        # The database answers again, but the pool may be waiting out its own reconnect backoff
+        # (1, 2, 4 ... 128 s): replicas came back 19 s after a 36 s outage and 110 s after a 138 s
+        # one, answering 503 meanwhile. A new pool connects now; the old one is closed once the
+        # calls that hold its connections are done with them.
+        old, self._pool = self._pool, self._new_pool()
+        self._pool.open(wait=False)
+        closing = threading.Timer(self.connect_timeout_s + 1, old.close, kwargs={"timeout": 1.0})
+        closing.daemon = True
+        closing.start()
 
     def _replay(self, records: list[Any], run: Callable[[Any], None]) -> None:
         with self._pool.connection() as conn, conn.transaction():
