@@ -155,6 +155,33 @@ def test_reloads_are_debounced(fleets: tuple[Fleet, Fleet]) -> None:
     assert all(y - x >= 0.2 for x, y in itertools.pairwise(calls))
 
 
+def test_a_reload_the_state_store_cannot_serve_is_retried_quietly(
+    fleets: tuple[Fleet, Fleet], caplog: pytest.LogCaptureFixture
+) -> None:
+    """While PostgreSQL is away every notice's reload failed with a traceback (108 in 4 minutes
+    on one replica) and still counted as a reload; now it logs nothing above debug, is not
+    counted, and is tried again a second later, so the replica catches up without a new notice."""
+    from car_inference.errors import StateUnavailable
+
+    a, b = fleets
+    calls: list[float] = []
+
+    def reload() -> None:
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise StateUnavailable("the PostgreSQL state store is unreachable", 1.0)
+
+    _wait(b.subscribed.is_set, limit=2.0)
+    b.follow(reload)
+    before = b.reloads
+    with caplog.at_level(logging.INFO, logger="car_inference"):
+        a.changed()  # one notice: a failed reload, a failed retry, then one that works
+        _wait(lambda: len(calls) >= 3, limit=5.0)
+    assert calls[1] - calls[0] >= 0.9 and calls[2] - calls[1] >= 0.9
+    assert b.reloads == before + 1
+    assert not [r for r in caplog.records if "reloading" in r.getMessage()], caplog.text
+
+
 def test_unreachable_redis_degrades_to_local_keys_and_says_so_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

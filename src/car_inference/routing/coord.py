@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import CoordinationSettings, redact_url
-from ..errors import ConfigError
+from ..errors import ConfigError, StateUnavailable
 
 if TYPE_CHECKING:
     import redis
@@ -55,6 +55,7 @@ log = logging.getLogger("car_inference.routing.coord")
 _RETRY_DOWN_S = 1.0
 _PUBLISH_AFTER_S = 0.1  # a change is announced this long after it was made (its commit is in)
 _RELOAD_EVERY_S = 0.25  # at most one reload this often per replica
+_RETRY_RELOAD_S = 1.0  # a reload that failed (the state store away) is tried again after this
 _CHANNEL = "router"
 
 # KEYS: keys hash. Returns fp, kind (d/c), remaining ms; forgets cooldowns that ended.
@@ -311,13 +312,21 @@ class Fleet:
         tracker.on_change = self.changed
         self.follow(tracker.reload)
 
-    def _reload(self) -> None:
+    def _reload(self) -> bool:
+        """Reload every follower; False when one failed (tried again a second later)."""
+        ok = True
         for reload in list(self._followers):
             try:
                 reload()
+            except StateUnavailable as exc:  # the store warned once already: no traceback per notice
+                log.debug("reloading the learned router state waits for the state store: %s", exc)
+                ok = False
             except Exception:  # a failed reload must not end the listener
                 log.exception("reloading the learned router state failed")
-        self.reloads += 1
+                ok = False
+        if ok:
+            self.reloads += 1
+        return ok
 
     def _listen(self, stop: threading.Event) -> None:
         """One subscription's life: reload at once (catching up), then on each other replica's
@@ -327,9 +336,10 @@ class Fleet:
             pubsub.subscribe(self.key(_CHANNEL))
             pubsub.get_message(timeout=self.settings.timeout_ms / 1000)  # the confirmation: subscribed
             self.subscribed.set()
-            self._reload()
-            due: float | None = None
             last = time.monotonic()
+            # A reload the state store could not serve (an outage) is tried again a second on,
+            # so a replica does not stay behind until the next notice.
+            due: float | None = None if self._reload() else last + _RETRY_RELOAD_S
             while not stop.is_set():
                 wait = 0.2 if due is None else max(0.0, due - time.monotonic())
                 message = pubsub.get_message(timeout=wait)
@@ -337,7 +347,8 @@ class Fleet:
                     due = due or max(time.monotonic(), last + _RELOAD_EVERY_S)
                 if due is not None and time.monotonic() >= due:
                     due, last = None, time.monotonic()
-                    self._reload()
+                    if not self._reload():
+                        due = last + _RETRY_RELOAD_S
         finally:
             self.subscribed.clear()
             pubsub.close()
