@@ -116,6 +116,9 @@ class PgOutcomeStore(BufferedWrites):
         self._local = threading.local()
         self._init_buffer(buffer_limit, retry_s)
         _probe(url, connect_timeout_s)  # a clear error now beats a pool that retries in the background
+        pool_log = logging.getLogger("psycopg.pool")
+        if pool_log.level == logging.NOTSET:  # each of its reconnect attempts warned (32 an outage):
+            pool_log.setLevel(logging.ERROR)  # the store's own warning says it once
         self._pool = self._new_pool()
         self._pool.open(wait=True, timeout=connect_timeout_s)
         try:
