@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from car_inference.engine import InferenceEngine
 from car_inference.requests import GenerateRequest
 from car_inference.routing.store import SCHEMA_VERSION
 from fakes.services import postgres_schema_url
@@ -39,6 +40,41 @@ def test_outcomes_reported_to_one_engine_change_routing_on_another(remote_engine
         assert picks.count("acme/alpha") == 0  # two learned from one's failures
         two.spend.reload()  # the spend ledger is shared too
         assert two.spend.status().entries[0].spent_usd == pytest.approx(0.001 * 30)
+    finally:
+        one.close()
+        two.close()
+
+
+def _answer(engine: InferenceEngine) -> str:
+    """An answer through the fake provider, on a loop of its own; its trace id."""
+    import asyncio
+
+    return asyncio.run(engine.generate(ASK)).trace_id
+
+
+def test_feedback_on_another_replica_waits_for_the_answering_ones_trace(remote_engine: RemoteEngine) -> None:
+    """A load balancer sends the feedback to another replica than the one that answered, before
+    that one's writer has committed the trace: it waits for it (up to SHARED_TRACE_WAIT_S) instead
+    of answering 404, which tells the client not to retry. A trace no replica wrote is still a 404."""
+    import time
+
+    from car_inference.engine.learning import SHARED_TRACE_WAIT_S
+    from car_inference.errors import TraceNotFound
+
+    config = f'[state]\nurl = "{postgres_schema_url()}"\n'
+    one, two = remote_engine(TWO, config=config), remote_engine(TWO, config=config)
+    one.bookkeeper.delay_s = 0.5  # a writer that commits half a second after the answer
+    one.bookkeeper.start_writer()
+    try:
+        trace_id = _answer(one)
+        assert two.store.trace(trace_id) is None  # not written yet
+        two.feedback(trace_id, 0.25)
+        feedback = two.store.feedback_for(trace_id)
+        assert [f["kind"] for f in feedback] == ["explicit"] and feedback[0]["value"] == 0.25
+        started = time.monotonic()
+        with pytest.raises(TraceNotFound):
+            two.feedback("no-such-trace", 1.0)
+        assert time.monotonic() - started >= SHARED_TRACE_WAIT_S
     finally:
         one.close()
         two.close()
