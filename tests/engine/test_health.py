@@ -118,3 +118,20 @@ def test_health_shows_the_records_not_yet_written(isolated_home: Path) -> None:
     stuck.set()
     engine.close()
     assert (keeper.pending, keeper.lag_s) == (0, 0.0)
+
+
+def test_a_state_table_dropped_by_hand_shows_in_the_report_which_still_answers(isolated_home: Path) -> None:
+    """With the spend table gone the report raised (/v1/health: 500) and with another table gone
+    it said the state was fine; now it answers, without spend, and `state.error` names the table."""
+    import sqlite3
+
+    engine = InferenceEngine(home=isolated_home)
+    try:
+        assert engine.model_health().state.error is None  # type: ignore[union-attr]
+        with sqlite3.connect(isolated_home / "state.db") as conn:
+            conn.execute("DROP TABLE spend")
+        report = engine.model_health()
+        assert report.spend is None
+        assert report.state is not None and "spend" in (report.state.error or "")
+    finally:
+        engine.close()

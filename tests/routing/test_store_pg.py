@@ -450,6 +450,19 @@ def test_state_health_times_a_read_and_reports_a_failure(store: PgOutcomeStore, 
     assert health.round_trip_ms is None and health.error is not None and "schema_version" in health.error
 
 
+def test_state_health_names_a_table_or_column_dropped_by_hand(store: PgOutcomeStore, url: str) -> None:
+    """Every write to a dropped table failed while the health report said the state was fine."""
+    assert store.schema_problem() is None
+    with _sql(url) as conn:
+        conn.execute("DROP TABLE feedback")
+    assert "feedback" in (store.schema_problem() or "")
+    with _sql(url) as conn:
+        conn.execute("ALTER TABLE traces DROP COLUMN quality")
+    health = state_health(store, url)  # the first problem, in the order of the tables
+    assert health.schema_version == SCHEMA_VERSION and health.error is not None
+    assert "traces" in health.error and "quality" in health.error
+
+
 def test_the_servers_writer_thread_batches_into_postgres(store: PgOutcomeStore) -> None:
     """`car serve`'s path: records queued on the loop, written by the bookkeeper's own thread in
     batches (a pooled connection of that thread), while this thread keeps reading."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from collections.abc import Awaitable
 
+import psycopg
 import pytest
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -64,6 +66,9 @@ def _provider(status: int | None, message: str = "boom") -> ProviderError:
         (InferenceFailed("model crashed"), 500, "inference_failed"),
         (TimeoutError(), 504, "request_timeout"),
         (ApiError(413, "too big", code="request_too_large"), 413, "request_too_large"),
+        # The state database refused a statement (a table dropped by hand): the server's set-up.
+        (sqlite3.OperationalError("no such table: feedback"), 503, "state_store_error"),
+        (psycopg.errors.UndefinedTable('relation "feedback" does not exist'), 503, "state_store_error"),
     ],
 )
 def test_statuses(exc: BaseException, status: int, code: str) -> None:

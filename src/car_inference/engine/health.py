@@ -9,6 +9,7 @@ kind of the table (kinds.py) with its backend and models.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,8 @@ from ..routing.breaker import CoordinationHealth
 from ..runtimes.supervisor import RuntimeStatus
 from ..schema import ALL_CAPABILITIES, KINDS, ModelCapability, ModelSchema
 from .speech import SpeechHealthReport, speech_health
+
+log = logging.getLogger("car_inference.engine")
 
 if TYPE_CHECKING:
     from ..backends.delegated import RunnerTable
@@ -199,7 +202,7 @@ class HealthMixin:
             routing_scenarios=self.routing_scenarios(),
             benchmark_priors=self._prior_health(models),
             circuit_breakers={k: dict(v) for k, v in self.breakers.snapshot().items()},
-            spend=self.spend.status(),
+            spend=self._spend_health(),
             speech=speech_health(self),  # type: ignore[arg-type]  # self is the InferenceEngine
             runtimes=self.runtimes.statuses(),
             state=state_health(
@@ -212,6 +215,16 @@ class HealthMixin:
             hardware=hardware_overview(models),  # detection is cached for the process
             kinds=_kind_health(models, len(self.runners.list())),
         )
+
+    def _spend_health(self) -> SpendStatus | None:
+        """Spend against the limits; None when the state store cannot say (its ``state`` entry
+        says why): the report is how an operator finds out what is wrong, so it must not fail."""
+        try:
+            return self.spend.status()
+        except Exception as exc:  # a table dropped by hand: /v1/health answered 500
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            log.warning("the health report has no spend: %s", reason)
+            return None
 
     def routing_scenarios(self) -> list[RoutingScenarioHealth]:
         """Where four typical requests would go now; routing them records nothing."""

@@ -57,6 +57,7 @@ class StateStore(Protocol):
 
     @property
     def schema_version(self) -> int: ...
+    def schema_problem(self) -> str | None: ...
 
     def close(self) -> None: ...
 
@@ -178,11 +179,22 @@ def state_health(store: StateStore, location: str, *, pending: int = 0, lag_s: f
             lag_s=round(lag_s, 3),
         )
     elapsed = (time.perf_counter() - start) * 1000
+    try:
+        problem = store.schema_problem()
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    error = None
+    if problem is not None:  # a table or column dropped by hand: every write to it fails
+        error = (
+            f"the database lacks part of schema {version} ({problem}): records that need it are "
+            "lost until it is repaired (a restart re-creates missing tables)"
+        )
     return StateHealth(
         backend=store.backend,
         location=redact_url(location),
         schema_version=version,
         round_trip_ms=elapsed,
+        error=error,
         buffered=int(getattr(store, "buffered", 0)),
         dropped=int(getattr(store, "dropped", 0)),
         pending=pending,

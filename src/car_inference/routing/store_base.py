@@ -20,7 +20,13 @@ from typing import Any
 
 from ..errors import ConfigError
 from .estimate import ALL, EMA_ALPHA, QUALITY_DECAY
-from .store_sql import SCHEMA_VERSION, Dialect
+from .store_sql import COPY_COLUMNS, SCHEMA_VERSION, Dialect
+
+# psycopg's errors for a missing table or column (SQLite's read "no such table/column: ...").
+_MISSING = frozenset({"UndefinedTable", "UndefinedColumn"})
+_SQLITE_MISSING = ("no such table", "no such column")
+# The tables ``schema_problem`` looks at (``key_stats`` is the key pool's file, not this store's).
+_CHECKED = ("profiles", "task_stats", "traces", "feedback", "spend")
 
 __all__ = [
     "ALL",
@@ -193,6 +199,22 @@ class StoreBase:
     def schema_version(self) -> int:
         with self._read() as conn:
             return self._get_version(conn)
+
+    def schema_problem(self) -> str | None:
+        """The first table or column of this schema the database lacks (dropped or altered by
+        hand: every write to it then fails), as the database words it; None when all are there."""
+        with self._read() as conn:
+            for table in _CHECKED:
+                columns = COPY_COLUMNS[table][0]
+                try:
+                    self._x(conn, f"SELECT {columns} FROM {table} LIMIT 0").fetchall()
+                except Exception as exc:  # each driver's own error for a missing table or column
+                    text = str(exc).strip()
+                    # The database away, say: not this check's to report.
+                    if type(exc).__name__ not in _MISSING and not text.startswith(_SQLITE_MISSING):
+                        raise
+                    return f"{table}: {text.splitlines()[0]}"
+        return None
 
     def store_id(self) -> str:
         """This database's id, random, made on first use: ``car state migrate`` records the ids

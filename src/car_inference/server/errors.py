@@ -10,7 +10,8 @@ Status decisions (documented in docs/protocol.md):
 - malformed JSON, wrong types, missing fields, UnsupportedMode, TokenizationError: 400
 - ModelNotFound, TraceNotFound: 404
 - SpendLimitExceeded: 402 (not 429: waiting a few seconds does not help, and SDKs retry 429)
-- ModelUnavailable, CircuitOpen, DeviceError, StateUnavailable (the shared state store is away): 503
+- ModelUnavailable, CircuitOpen, DeviceError, StateUnavailable (the shared state store is away): 503;
+  a database error of the state store's (sqlite3, psycopg: a table dropped by hand): 503 ``state_store_error``
 - ProviderError, AllModelsFailed, DownloadFailed: 502; a provider timeout: 504; a provider's
   400/413/422 (it refused the input the client sent): 400 ``provider_rejected_input``; a provider's
   429 (every model tried was rate-limited): 429 ``upstream_rate_limited`` with its Retry-After
@@ -190,6 +191,10 @@ def busy(message: str, code: str = "server_busy") -> ApiError:
 _INPUT_REFUSED = frozenset({400, 413, 422})
 
 
+# Where the state stores' drivers raise from: an error of theirs that reaches a route.
+_DATABASE_MODULES = frozenset({"sqlite3", "psycopg", "psycopg_pool"})
+
+
 def _upstream_busy(message: str, name: str, retry_after: float | None, extra: dict[str, Any]) -> ErrorInfo:
     return ErrorInfo(
         429, "rate_limit_error", "upstream_rate_limited", message, None, name, True, retry_after, extra
@@ -309,6 +314,16 @@ def describe(
     simple = _simple(exc, name, _LAST)
     if simple is not None:
         return simple
+    if type(exc).__module__.split(".")[0] in _DATABASE_MODULES:
+        # The state database refused a statement (a table dropped by hand, say): the server's
+        # set-up, not the request, and /v1/health's `state` names what is missing.
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        log.warning("the state store refused a request's statement: %s", reason)
+        return ErrorInfo(
+            503, "server_error", "state_store_error",
+            f"the state store refused a statement ({reason}); /v1/health's `state` says more",
+            None, name,
+        )  # fmt: skip
     if isinstance(exc, TimeoutError):
         message = "the request did not finish in time"
         if timeout_s:
@@ -402,6 +417,7 @@ RPC_CODES: dict[str | None, int] = {
     "server_shutdown": -32016,
     "state_store_behind": -32017,
     "state_unavailable": -32017,
+    "state_store_error": -32017,
     "trace_not_found": -32009,
     "capability_unavailable": -32010,
     "circuit_open": -32011,
