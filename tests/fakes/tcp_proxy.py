@@ -3,7 +3,9 @@ failing and coming back, without stopping the service other tests share.
 
 ``stop()`` closes the listening socket and every connection through it (the client sees its
 connection reset or closed, as when a server or the network goes away); ``start()`` listens again
-on the same port, so a client retrying the same URL reaches the service again.
+on the same port, so a client retrying the same URL reaches the service again. ``freeze()``
+holds every byte in either direction without closing anything (a hung server, or a partition the
+kernel has not noticed yet) until ``thaw()``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.start()
 
     def start(self) -> None:
@@ -47,7 +51,15 @@ class TcpProxy:
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
+    def freeze(self) -> None:
+        """Hold what either side sends, connections left open."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
+        self._flowing.set()
         self.stop()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -74,6 +86,7 @@ class TcpProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass

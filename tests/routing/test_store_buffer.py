@@ -121,6 +121,27 @@ def test_reads_work_again_within_a_retry_of_the_database_returning(url: str, pro
     assert _traces(url) == ["before", "during"]
 
 
+def test_the_health_read_is_given_up_on_when_the_database_hangs(url: str, proxy: TcpProxy) -> None:
+    """A database that stops answering without closing the connection held /v1/health for the
+    whole 36 s it was frozen, later reports queued behind; the report now says so within its
+    bound, a second one at once, and the next one after the database answers is whole again."""
+    store = PgOutcomeStore(_through(url, proxy), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
+    try:
+        assert state_health(store, url).error is None
+        proxy.freeze()
+        started = time.monotonic()
+        health = state_health(store, url, timeout_s=1.0)
+        assert health.error is not None and "no answer within 1 s" in health.error
+        again = state_health(store, url, timeout_s=1.0)
+        assert again.error is not None and "no answer to the read sent" in again.error
+        assert time.monotonic() - started < 3.0
+        proxy.thaw()
+        assert _wait(lambda: state_health(store, url).error is None, timeout_s=5.0)
+    finally:
+        proxy.thaw()
+        store.close()
+
+
 def test_a_batch_cut_before_its_commit_is_written_in_order_later(url: str, proxy: TcpProxy) -> None:
     store = PgOutcomeStore(_through(url, proxy), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
     try:

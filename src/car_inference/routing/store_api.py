@@ -162,12 +162,70 @@ class StateHealth(BaseModel):
     lag_s: float = 0.0  # how long the oldest of those has waited: the store keeps up when this is small
 
 
-def state_health(store: StateStore, location: str, *, pending: int = 0, lag_s: float = 0.0) -> StateHealth:
-    """Read the schema version through ``store`` and time it; what waits in memory, what was lost;
-    ``pending`` / ``lag_s``: the engine's records not yet written and the oldest one's wait."""
+# How long the health report waits for the state database's answer: a database that stops
+# answering without closing the connection (a hung server, a partition) held /v1/health for the
+# whole 36 s it was frozen, each later report queued behind the first.
+HEALTH_READ_S = 5.0
+_health_reads: dict[int, tuple[threading.Thread, float]] = {}  # per store: a read still out
+_health_lock = threading.Lock()
+
+
+def _read_schema(store: StateStore) -> tuple[int, float, str | None]:
+    """The schema version, how long reading it took (ms), and the first thing missing from the
+    schema (``StoreBase.schema_problem``)."""
     start = time.perf_counter()
+    version = store.schema_version
+    elapsed = (time.perf_counter() - start) * 1000
     try:
-        version = store.schema_version
+        problem = store.schema_problem()
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    return version, elapsed, problem
+
+
+def _bounded(store: StateStore, timeout_s: float) -> tuple[int, float, str | None]:
+    """``_read_schema`` in a thread of its own, given up on after ``timeout_s`` (TimeoutError; the
+    thread finishes when the database answers, and no second one starts meanwhile)."""
+    with _health_lock:
+        out = _health_reads.get(id(store))
+        if out is not None and out[0].is_alive():
+            raise TimeoutError(f"no answer to the read sent {time.monotonic() - out[1]:.0f} s ago")
+    result: list[Any] = []
+
+    def read() -> None:
+        try:
+            result.append(_read_schema(store))
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=read, name="car-state-health", daemon=True)
+    with _health_lock:
+        _health_reads[id(store)] = (thread, time.monotonic())
+    thread.start()
+    thread.join(timeout_s)
+    if not result:
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    with _health_lock:
+        _health_reads.pop(id(store), None)
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    answer: tuple[int, float, str | None] = result[0]
+    return answer
+
+
+def state_health(
+    store: StateStore,
+    location: str,
+    *,
+    pending: int = 0,
+    lag_s: float = 0.0,
+    timeout_s: float = HEALTH_READ_S,
+) -> StateHealth:
+    """Read the schema version through ``store`` and time it, and check its tables (given up on
+    after ``timeout_s``); what waits in memory, what was lost; ``pending`` / ``lag_s``: the
+    engine's records not yet written and the oldest one's wait."""
+    try:
+        version, elapsed, problem = _bounded(store, timeout_s)
     except Exception as exc:  # whatever the driver raises, the report says it rather than failing
         return StateHealth(
             backend=store.backend,
@@ -178,11 +236,6 @@ def state_health(store: StateStore, location: str, *, pending: int = 0, lag_s: f
             pending=pending,
             lag_s=round(lag_s, 3),
         )
-    elapsed = (time.perf_counter() - start) * 1000
-    try:
-        problem = store.schema_problem()
-    except Exception as exc:
-        problem = f"{type(exc).__name__}: {exc}"
     error = None
     if problem is not None:  # a table or column dropped by hand: every write to it fails
         error = (
