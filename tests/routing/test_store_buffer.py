@@ -94,7 +94,7 @@ def test_writes_wait_in_memory_up_to_the_bound_and_reach_the_database_when_it_re
         assert store.profiles()[0]["total_calls"] == 6
         health = state_health(store, url)
         assert (health.buffered, health.dropped, health.error) == (0, 3, None)
-        assert "reachable again" in caplog.text
+        assert "reachable again" in caplog.text and "5 buffered records written, 3 dropped" in caplog.text
     finally:
         store.close()
     assert _traces(url) == [f"t{i}" for i in range(6)]  # in order; t6, t7 and the spend were lost

@@ -79,6 +79,7 @@ class BufferedWrites(StoreBase):
         self._timer: threading.Timer | None = None
         self.dropped = 0  # records lost to the bound, since the store opened
         self.replayed = 0  # buffered records written once the database returned
+        self._replayed_before = self._dropped_before = 0  # the counts when this outage began
         self._spend_seen: dict[tuple[float, float | None], dict[str, float]] = {}
 
     # --- subclass plumbing ---------------------------------------------------------------------
@@ -114,6 +115,8 @@ class BufferedWrites(StoreBase):
             if self._down_since is not None:
                 return
             self._down_since = time.time()
+            self._replayed_before = self.replayed
+            self._dropped_before = self.dropped
             self._down_reason = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             log.warning(
                 "PostgreSQL state store %s is unreachable (%s): up to %d records are kept in memory and"
@@ -180,9 +183,10 @@ class BufferedWrites(StoreBase):
                 return False
             if self._down_since is not None:
                 log.warning(
-                    "PostgreSQL state store %s is reachable again after %.1f s: buffered records written"
-                    " (%d so far), %d dropped",
-                    self.location, time.time() - self._down_since, self.replayed, self.dropped,
+                    "PostgreSQL state store %s is reachable again, %.1f s after it was found away: %d"
+                    " buffered records written, %d dropped",
+                    self.location, time.time() - self._down_since, self.replayed - self._replayed_before,
+                    self.dropped - self._dropped_before,
                 )  # fmt: skip
             self._down_since = None
             return True
