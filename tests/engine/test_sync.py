@@ -183,3 +183,57 @@ def test_a_call_from_the_loop_thread_is_refused_not_a_deadlock(isolated_home: Pa
         sync.register_runner(nested, ["host/echo"])
         text = sync.generate(GenerateRequest(prompt="hi", model="host/echo")).text
         assert "own event-loop thread" in text
+
+
+def test_close_from_another_thread_ends_a_call_in_flight_with_an_error(isolated_home: Path) -> None:
+    """A thread in a call while another closed the facade waited for ever (the loop stopped under
+    it); now its call is cancelled, its cleanup runs, and it raises InferenceError."""
+    import threading
+    import time
+
+    sync = SyncInferenceEngine(home=isolated_home)
+    sync.generate(greedy("Say hi.", 1, model="smollm2"))  # loaded
+    outcome: list[BaseException | str] = []
+
+    def call() -> None:
+        try:
+            outcome.append(
+                sync.generate(greedy("Write a long story about a dragon.", 400, model="smollm2")).text
+            )
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=call)
+    worker.start()
+    time.sleep(1.0)  # the generation runs
+    sync.close()
+    worker.join(30)
+    assert not worker.is_alive(), "the call never returned"
+    assert isinstance(outcome[0], InferenceError) and "closed during the call" in str(outcome[0])
+
+
+def test_ctrl_c_during_a_call_stops_its_work(isolated_home: Path) -> None:
+    """KeyboardInterrupt reached the caller at once but the generation ran on to max_tokens (the
+    next call waited for it) and was recorded as a success; now it is cancelled: abandoned."""
+    import os
+    import signal
+    import sqlite3
+    import threading
+    import time
+
+    with SyncInferenceEngine(home=isolated_home) as sync:
+        sync.generate(greedy("Say hi.", 1, model="smollm2"))
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            sync.generate(greedy("Write a long story about a dragon.", 400, model="smollm2"))
+        timer.join()
+        rows: list[tuple[str]] = []
+        for _ in range(100):  # the cancellation runs on the loop thread, then its record is queued
+            sync.engine.flush()
+            with sqlite3.connect(isolated_home / "state.db") as conn:
+                rows = conn.execute("SELECT outcome FROM traces ORDER BY started_at").fetchall()
+            if len(rows) == 2:
+                break
+            time.sleep(0.1)
+        assert [r[0] for r in rows] == ["success", "abandoned"]

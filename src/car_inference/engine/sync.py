@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -79,7 +81,16 @@ class SyncInferenceEngine:
                 "SyncInferenceEngine called from its own event-loop thread (an async runner?): "
                 "await the InferenceEngine (its .engine) there instead"
             )
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            if self._closed:  # close() from another thread ended the call
+                raise InferenceError("this SyncInferenceEngine was closed during the call") from None
+            raise
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) in the caller: the work stops too
+            future.cancel()  # a generation went on to max_tokens, the next call waiting for it
+            raise
 
     def generate(self, request: GenerateRequest | str, **kwargs: Any) -> InferenceResult:
         return self._run(self.engine.generate(_request(request, kwargs)))
@@ -240,6 +251,11 @@ class SyncInferenceEngine:
         if self._closed:
             return
         self._closed = True
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            # Calls in flight from other threads are cancelled and their cleanup runs (a caller
+            # blocked in one waited for ever: the loop stopped under it); they raise InferenceError.
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_cancel_all(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         if not self._thread.is_alive():
@@ -252,6 +268,15 @@ class SyncInferenceEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _cancel_all(timeout_s: float = 5.0) -> None:
+    """Cancel every other task of this loop and give them ``timeout_s`` to finish."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s)
 
 
 async def _anext(agen: AsyncIterator[T]) -> T:
