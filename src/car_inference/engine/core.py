@@ -163,7 +163,8 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
 
     def close(self) -> None:
         """Write pending records and key statistics, close the outcome store, and take this
-        engine's loaded models out of ``car models ps``."""
+        engine's loaded models out of ``car models ps``. Its methods then raise InferenceError."""
+        self._closed = True
         self.bookkeeper.close()
         self.keys.flush()
         self.store.close()
@@ -285,6 +286,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
 
     async def warm_up(self, model_ids: Iterable[str]) -> list[InferenceError | None]:
         """Load models ahead of the first request; one entry per id (None when it loaded)."""
+        self._check_open()
         results: list[InferenceError | None] = []
         for model_id in model_ids:
             try:

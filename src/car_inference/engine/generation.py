@@ -48,6 +48,7 @@ from ..requests import GenerateRequest, InferenceResult, TokenUsage, ToolCall
 from ..routing import InferenceTask, RoutingDecision, RoutingStrategy, answer_signals, failure_weight
 from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, ErrorEvent, RouteEvent, StreamEvent, UsageEvent
+from .lifecycle import Lifecycle
 from .resume import Sent, continuation, join_text, joined
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ _CALLER_CHOSE = (RoutingStrategy.EXPLICIT, RoutingStrategy.PREFERRED)
 ROUTE_IN_THREAD_CHARS = 8000
 
 
-class GenerationMixin:
+class GenerationMixin(Lifecycle):
     # Provided by InferenceEngine.
     config: CarConfig
     registry: UnifiedRegistry
@@ -114,6 +115,7 @@ class GenerationMixin:
     def route(self, request: GenerateRequest) -> RoutingDecision:
         """The routing decision for ``request``: explicit model, preferred model, or adaptive.
         Its ``fallbacks`` are the ones that will run (see ``_fallback_policy``)."""
+        self._check_open()
         expect(request, GenerateRequest, "route")
         decision = self.router.decide(request, self.registry, preferred=self.config.preferred.generate)
         return self._fallback_policy(decision)
@@ -335,6 +337,7 @@ class GenerationMixin:
     async def generate(self, request: GenerateRequest) -> InferenceResult:
         """Generate text. Routes when ``request.model`` is None; falls back on failure. Raises
         ``AllModelsFailed`` (listing every attempt) when no candidate answers."""
+        self._check_open()
         expect(request, GenerateRequest, "generate")
         with tracing.span(tracing.GENERATE, max_tokens=request.params.max_tokens) as span:
             result = await self._generate(request)
@@ -375,6 +378,7 @@ class GenerationMixin:
         A failure with no candidate left, or in a tool call or JSON answer (no other model can
         finish those), ends the stream with an ``ErrorEvent``; a consumer that stops reading stops
         the generation."""
+        self._check_open()
         expect(request, GenerateRequest, "stream")
         events = self._stream(request)
         return tracing.traced_stream(

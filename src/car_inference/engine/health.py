@@ -30,6 +30,7 @@ from ..routing import (
 from ..routing.breaker import CoordinationHealth
 from ..runtimes.supervisor import RuntimeStatus
 from ..schema import ALL_CAPABILITIES, KINDS, ModelCapability, ModelSchema
+from .lifecycle import Lifecycle
 from .speech import SpeechHealthReport, speech_health
 
 log = logging.getLogger("car_inference.engine")
@@ -158,7 +159,7 @@ _WEATHER_TOOL = {
 _PIXEL = ImageBlock(data="iVBORw0KGgo=", media_type="image/png")
 
 
-class HealthMixin:
+class HealthMixin(Lifecycle):
     # Provided by InferenceEngine.
     config: CarConfig
     registry: UnifiedRegistry
@@ -177,6 +178,7 @@ class HealthMixin:
         def _classifier(self, request: ClassifyRequest) -> ModelSchema: ...
 
     def model_health(self) -> ModelHealthReport:
+        self._check_open()
         self.bookkeeper.flush_unless_writer()
         models = self.registry.list()
         routing = self.config.routing
@@ -303,6 +305,7 @@ class HealthMixin:
     # --- spend and profiles ----------------------------------------------------------------------
 
     def spend_status(self) -> SpendStatus:
+        self._check_open()
         self.bookkeeper.flush()
         return self.spend.status()
 

@@ -23,6 +23,7 @@ from ..requests import GenerateParams, GenerateRequest
 from ..routing import OutcomeTracker, RoutingDecision
 from ..routing.outcomes import InferenceTask
 from ..routing.store_api import compact_old_spend, forget_dormant_templates, prune_old_traces
+from .lifecycle import Lifecycle
 
 if TYPE_CHECKING:
     from ..config import CarConfig
@@ -37,7 +38,7 @@ __all__ = ["SHARED_TRACE_WAIT_S", "LearningMixin"]
 SHARED_TRACE_WAIT_S = 2.0
 
 
-class LearningMixin:
+class LearningMixin(Lifecycle):
     if TYPE_CHECKING:  # provided by InferenceEngine
         config: CarConfig
         tracker: OutcomeTracker
@@ -51,11 +52,13 @@ class LearningMixin:
 
     async def route_async(self, request: GenerateRequest) -> RoutingDecision:
         """``route`` for async callers: a long request is routed off the event loop."""
+        self._check_open()
         return await self._route_off_loop(request)
 
     async def route_adaptive(self, prompt: str, **params: Any) -> RoutingDecision:
         """The decision for a plain prompt (the seed's ``route_adaptive``); ``params`` are
         ``GenerateParams`` fields that change it (``max_tokens``, ``workload``, ``thinking``...)."""
+        self._check_open()
         try:
             request = GenerateRequest(prompt=prompt, params=GenerateParams.model_validate(params))
         except ValidationError as exc:
@@ -83,6 +86,7 @@ class LearningMixin:
         an outcome (a negative or infinite cost, latency or token count, a score outside 0..1, a
         model not in the catalog) is ``InvalidInput`` (``ModelNotFound``), and nothing is recorded:
         the learned state and the spend ledger keep no number they cannot use."""
+        self._check_open()
         if not isinstance(decision, RoutingDecision):
             raise InvalidInput(f"report: decision must be a RoutingDecision, not {type(decision).__name__}")
         if not isinstance(success, bool):
@@ -112,6 +116,7 @@ class LearningMixin:
 
     def open_trace(self, decision: RoutingDecision) -> str:
         """A pending trace for ``decision``, completed later by ``feedback(trace_id, score)``."""
+        self._check_open()
         return self.tracker.record_start(
             decision.model_id, InferenceTask.GENERATE, decision.task_family, decision.reason,
             cluster=decision.prompt_cluster,
@@ -121,6 +126,7 @@ class LearningMixin:
         """A quality rating (0 bad .. 1 good) for the answer of ``trace_id``; it replaces what the
         tracker inferred for that trace and moves the model's learned quality. A trace still
         pending (a route-only decision from ``open_trace``) is completed as answered first."""
+        self._check_open()
         rating = _measure("feedback score", score, high=1.0)
         if rating is None:
             raise InvalidInput("feedback score must be a number from 0 (bad) to 1 (good), not None")

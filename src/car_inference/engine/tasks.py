@@ -36,6 +36,7 @@ from ..routing import InferenceTask
 from ..routing.media import MEDIA_FAMILY, choose_media
 from ..schema import ModelCapability, ModelSchema
 from ..textcheck import unpaired_surrogate
+from .lifecycle import Lifecycle
 from .media import image_cost, run_media, video_cost
 from .speech import charged, list_voices, speech_model, synthesis_cost, transcription_cost, with_output_format
 
@@ -60,7 +61,7 @@ _MEDIA_METHODS = {
 }
 
 
-class TaskMixin:
+class TaskMixin(Lifecycle):
     # Provided by InferenceEngine.
     registry: UnifiedRegistry
     config: CarConfig
@@ -96,6 +97,7 @@ class TaskMixin:
         return model, backend
 
     async def tokenize(self, model: str, text: str) -> TokenizeResult:
+        self._check_open()
         expect(text, str, "tokenize's text")
         bad = unpaired_surrogate(text)
         if bad is not None:
@@ -106,6 +108,7 @@ class TaskMixin:
         return TokenizeResult(model_used=schema.id, tokens=tokens)
 
     async def detokenize(self, model: str, tokens: list[int]) -> TokenizeResult:
+        self._check_open()
         if not isinstance(tokens, list | tuple) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in tokens
         ):
@@ -131,6 +134,7 @@ class TaskMixin:
         raise ModelUnavailable.none_for(str(capability), self.registry.why_none(capability))
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
+        self._check_open()
         expect(request, EmbedRequest, "embed")
         model = self._model_for(request.model, ModelCapability.EMBED)
         return await self._task_method(model, ModelCapability.EMBED, "embed")(model, request)
@@ -138,6 +142,7 @@ class TaskMixin:
     async def rerank(self, request: RerankRequest) -> RerankResult:
         """Documents ordered by relevance. With no model: the configured reranker, else embedding
         similarity on the default embedding model."""
+        self._check_open()
         expect(request, RerankRequest, "rerank")
         if not request.documents:
             return RerankResult(ranked=[], model_used=None, method="none")
@@ -152,6 +157,7 @@ class TaskMixin:
         """Zero-shot classification: label log-likelihoods on a generative model, or similarity
         on an embedding model. With no model: the configured classifier, else the default
         embedding model, else the default generation model."""
+        self._check_open()
         expect(request, ClassifyRequest, "classify")
         seen: set[str] = set()
         for label in request.labels:
@@ -184,6 +190,7 @@ class TaskMixin:
 
     async def ground(self, request: GroundRequest) -> GroundResult:
         """Boxes for ``request.prompt`` in pixels of the image (engine/grounding.py)."""
+        self._check_open()
         expect(request, GroundRequest, "ground")
         from .grounding import ground
 
@@ -195,6 +202,7 @@ class TaskMixin:
     # kind; one not installed or lacking the task raises ModelUnavailable / UnsupportedMode.
 
     async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+        self._check_open()
         expect(request, TranscribeRequest, "transcribe")
         model = speech_model(self, request.model, ModelCapability.SPEECH_TO_TEXT)
         method = self._task_method(model, ModelCapability.SPEECH_TO_TEXT, "transcribe")
@@ -202,6 +210,7 @@ class TaskMixin:
         return await charged(self.spend, model, cost, lambda: method(model, request))
 
     async def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
+        self._check_open()
         expect(request, SynthesizeRequest, "synthesize")
         request = with_output_format(request)
         model = speech_model(self, request.model, ModelCapability.TEXT_TO_SPEECH)
@@ -218,6 +227,7 @@ class TaskMixin:
     ) -> GenerateImageResult:
         """An image (or an edit of ``request.image_paths``) written to a file. ``progress(done,
         total)`` is called from a worker thread as steps finish (local models) or a job advances."""
+        self._check_open()
         expect(request, GenerateImageRequest, "generate_image")
         return await self._media(
             request.model, ModelCapability.IMAGE_GENERATION, request.prompt,
@@ -228,6 +238,7 @@ class TaskMixin:
     async def generate_video(
         self, request: GenerateVideoRequest, progress: Callable[[int, int], None] | None = None
     ) -> GenerateVideoResult:
+        self._check_open()
         expect(request, GenerateVideoRequest, "generate_video")
         return await self._media(
             request.model, ModelCapability.VIDEO_GENERATION, request.prompt,
