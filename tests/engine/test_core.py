@@ -148,37 +148,3 @@ def test_private_image_urls_setting_reaches_every_backend(isolated_home: Path) -
         assert backend.ctx.private_urls_ok is False
     finally:
         engine.close()
-
-
-async def test_a_closed_engine_refuses_work_with_an_inference_error(isolated_home: Path) -> None:
-    """After close a generation ran (loading its model again) and lost its record, and feedback,
-    a report or the health report raised sqlite3's own error about a closed database."""
-    from car_inference.errors import InferenceError
-    from car_inference.requests import EmbedRequest, GenerateRequest
-
-    engine = InferenceEngine(home=isolated_home)
-    request = GenerateRequest(prompt="hi")
-    engine.close()
-    calls: list[Any] = [
-        lambda: engine.generate(request),
-        lambda: engine.embed(EmbedRequest(texts=["x"])),
-        lambda: engine.tokenize("smollm2", "x"),
-    ]
-    for call in calls:
-        with pytest.raises(InferenceError, match="closed"):
-            await call()
-    for blocking in (
-        lambda: engine.route(request),
-        lambda: engine.stream(request),
-        lambda: engine.feedback("trace", 1.0),
-        lambda: engine.report(engine_decision(), success=True),
-        engine.model_health,
-        engine.spend_status,
-    ):
-        with pytest.raises(InferenceError, match="closed"):
-            blocking()
-
-
-def engine_decision() -> Any:
-    """A stand-in decision: a closed engine refuses before looking at it."""
-    return object()
