@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
+from car_inference.engine import InferenceEngine
 from car_inference.errors import InvalidInput, ModelNotFound
 from car_inference.requests import GenerateRequest
 from car_inference.routing.outcomes import InferenceTask
@@ -92,8 +94,11 @@ def test_report_refuses_a_score_out_of_range(remote_engine: RemoteEngine) -> Non
         ("cost_usd", math.nan, "cost_usd must be a finite number >= 0"),
         ("cost_usd", "0.1", "cost_usd must be a number, not str"),
         ("score", math.nan, "score must be 0..1"),
-        ("output_tokens", -(10**9), "output_tokens must be a whole number >= 0"),
-        ("input_tokens", 2.5, "input_tokens must be a whole number >= 0"),
+        ("output_tokens", -(10**9), "output_tokens must be a whole number from 0"),
+        ("output_tokens", 2**63, "output_tokens must be a whole number from 0"),  # was OverflowError
+        ("input_tokens", 2.5, "input_tokens must be a whole number from 0"),
+        ("prompt", "a\ud800", "prompt holds an unpaired surrogate"),  # was stored as is
+        ("prompt", 123, "prompt must be a str"),  # was AttributeError
         ("success", "no", "success must be True or False"),
     ],
 )
@@ -126,6 +131,24 @@ def test_report_and_feedback_name_what_is_wrong(remote_engine: RemoteEngine) -> 
             engine.feedback(trace_id, score)
     with pytest.raises(InvalidInput, match="must be a number, not str"):
         engine.feedback(trace_id, "0.5")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="unpaired surrogate"):
+        engine.feedback("\ud800", 0.5)  # was UnicodeEncodeError from the store
+
+
+async def test_misused_engine_arguments_are_inference_errors(
+    remote_engine: RemoteEngine, tmp_path: Path
+) -> None:
+    """Each raised a bare error from deep inside, or did the wrong thing without one."""
+    engine = remote_engine(TWO)
+    with pytest.raises(InvalidInput, match="route_async takes a GenerateRequest, not dict"):
+        await engine.route_async({"prompt": "hi"})  # type: ignore[arg-type]  # was AttributeError
+    (result,) = await engine.warm_up("alpha")  # was one result a character
+    assert result is None
+    from_str = InferenceEngine(home=str(tmp_path))  # was TypeError
+    assert from_str.config.home == tmp_path
+    from_str.close()
+    with pytest.raises(InvalidInput, match="home must be a path or a str, not int"):
+        InferenceEngine(home=5)  # type: ignore[arg-type]
 
 
 async def test_route_adaptive_takes_the_params_that_change_the_decision(remote_engine: RemoteEngine) -> None:

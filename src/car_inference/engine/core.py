@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import functools
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable
@@ -68,7 +69,13 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
     settings built in code.
     """
 
-    def __init__(self, config: CarConfig | None = None, *, home: Path | None = None) -> None:
+    def __init__(
+        self, config: CarConfig | None = None, *, home: str | os.PathLike[str] | None = None
+    ) -> None:
+        if home is not None and not isinstance(home, Path):
+            if not isinstance(home, str | os.PathLike):  # a str was a bare TypeError from deep inside
+                raise InvalidInput(f"home must be a path or a str, not {type(home).__name__}")
+            home = Path(home)
         self.config = config if config is not None else load_config(home)
         # The learned state first: an unreachable PostgreSQL refuses the start with one error,
         # before anything else (the key statistics) tries the same database.
@@ -285,8 +292,11 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         return path
 
     async def warm_up(self, model_ids: Iterable[str]) -> list[InferenceError | None]:
-        """Load models ahead of the first request; one entry per id (None when it loaded)."""
+        """Load models ahead of the first request; one entry per id (None when it loaded). One id
+        alone may be given as a str (it was read one character at a time)."""
         self._check_open()
+        if isinstance(model_ids, str):
+            model_ids = [model_ids]
         results: list[InferenceError | None] = []
         for model_id in model_ids:
             try:

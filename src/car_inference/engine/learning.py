@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from ..errors import InvalidInput, TraceNotFound, validation_summary
+from ..errors import InvalidInput, TraceNotFound, expect, validation_summary
 from ..requests import GenerateParams, GenerateRequest
 from ..routing import OutcomeTracker, RoutingDecision
 from ..routing.outcomes import InferenceTask
 from ..routing.store_api import compact_old_spend, forget_dormant_templates, prune_old_traces
+from ..textcheck import unpaired_surrogate
 from .lifecycle import Lifecycle
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class LearningMixin(Lifecycle):
     async def route_async(self, request: GenerateRequest) -> RoutingDecision:
         """``route`` for async callers: a long request is routed off the event loop."""
         self._check_open()
+        expect(request, GenerateRequest, "route_async")
         return await self._route_off_loop(request)
 
     async def route_adaptive(self, prompt: str, **params: Any) -> RoutingDecision:
@@ -96,6 +98,7 @@ class LearningMixin(Lifecycle):
         latency_ms = _measure("latency_ms", latency_ms)
         input_tokens = _count("input_tokens", input_tokens)
         output_tokens = _count("output_tokens", output_tokens) or 0
+        prompt = _text("prompt", prompt)
         chosen = decision.model_id if model_id is None else self.resolve(model_id).id
         trace_id = uuid.uuid4().hex
         now = time.time()
@@ -132,6 +135,7 @@ class LearningMixin(Lifecycle):
             raise InvalidInput("feedback score must be a number from 0 (bad) to 1 (good), not None")
         if not isinstance(trace_id, str) or not trace_id:
             raise InvalidInput(f"feedback trace_id must be a trace id string, not {trace_id!r}")
+        _text("feedback trace_id", trace_id)
         self.bookkeeper.flush()
         trace = self._shared_trace(trace_id)
         if trace is None:
@@ -215,6 +219,19 @@ def _count(name: str, value: object) -> int | None:
     """``value`` as a count >= 0 (None stays None), else ``InvalidInput``."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"{name} must be a whole number >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise InvalidInput(f"{name} must be a whole number from 0 to 2**63 - 1, got {value!r}")
+    return value
+
+
+def _text(name: str, value: object) -> str | None:
+    """``value`` as text a database can hold (None stays None), else ``InvalidInput``: a lone
+    surrogate raised UnicodeEncodeError from the store, or was stored in a record."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a str, not {type(value).__name__}")
+    bad = unpaired_surrogate(value)
+    if bad is not None:
+        raise InvalidInput(f"{name} holds an unpaired surrogate ({bad}), which no encoder can write")
     return value
