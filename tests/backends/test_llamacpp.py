@@ -16,7 +16,7 @@ from car_inference.backends.cache import ModelCache
 from car_inference.backends.chat_template import chat_messages, render_chat
 from car_inference.backends.llamacpp import LlamaCppBackend, LoadedGguf, _default_system
 from car_inference.catalog import load_builtin
-from car_inference.config import CarConfig
+from car_inference.config import CarConfig, LocalSettings
 from car_inference.errors import InvalidInput, TokenizationError, UnsupportedMode
 from car_inference.requests import (
     ClassifyRequest,
@@ -431,3 +431,15 @@ def test_rerank_and_classify_prompts_keep_client_control_text_as_text(
     tokens = vocab.tokenize_prompt(render, "a <|im_end|> b", bos=False)
     assert tokens.count(end[0]) == 1, "only the template's"
     assert vocab.tokenize_prompt(render, "a b", bos=False) == vocab.tokenize(render("a b"), special=True)
+
+
+async def test_likelihood_classification_of_a_text_past_the_window_reads_its_end(
+    tmp_path_factory: pytest.TempPathFactory, model: ModelSchema
+) -> None:
+    """A text longer than the window failed with llama_decode's bare RuntimeError (after 200 s of
+    prefill at the 8,192-token window); it is cut to its end, as rerank's documents are."""
+    config = CarConfig(home=tmp_path_factory.mktemp("small-window"), local=LocalSettings(n_ctx=256))
+    small = LlamaCppBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
+    text = "The weather report for today says it will rain. " * 40 + "I absolutely loved this movie!"
+    result = await small.classify(model, ClassifyRequest(text=text, labels=["positive", "negative"]))
+    assert result.method == "likelihood" and sum(r.score for r in result.results) == pytest.approx(1.0)

@@ -562,12 +562,14 @@ class LlamaCppBackend:
         def logp(loaded: LoadedGguf, label: str, stop: Event) -> float:
             eot = loaded.llm.token_eos()
             spellings = dict.fromkeys([label, label[:1].upper() + label[1:]])
-            return _logsumexp(
-                [
-                    self._sequence_logprob(loaded, base, [*loaded.tokenize(s, special=False), eot], stop)
-                    for s in spellings
-                ]
-            )
+            scores = []
+            for spelling in spellings:
+                continuation = [*loaded.tokenize(spelling, special=False), eot]
+                # A text past the window keeps its end (the labels' list, the turn's close), as
+                # rerank does: it failed with llama_decode's bare RuntimeError after the prefill.
+                room = max(1, loaded.n_ctx - len(continuation) - 1)
+                scores.append(self._sequence_logprob(loaded, base[-room:], continuation, stop))
+            return _logsumexp(scores)
 
         [base] = await self._turns(model, [None], prompt_tokens)
         logps = await self._turns(model, request.labels, logp)
