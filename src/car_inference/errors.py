@@ -280,4 +280,5 @@ def expect(value: Any, kind: type, what: str) -> None:
     where it takes a request says so (``generate takes a GenerateRequest, not str``) instead of
     failing on an attribute deep inside."""
     if not isinstance(value, kind):
-        raise InvalidInput(f"{what} takes a {kind.__name__}, not {type(value).__name__}")
+        article = "an" if kind.__name__[:1] in "AEIOU" else "a"
+        raise InvalidInput(f"{what} takes {article} {kind.__name__}, not {type(value).__name__}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,7 +79,7 @@ async def test_wrong_types_and_broken_text_are_invalid_input(local_engine: Infer
     each was an AttributeError, TypeError or UnicodeEncodeError from deep inside."""
     calls = [
         (local_engine.generate("hello"), "generate takes a GenerateRequest, not str"),  # type: ignore[arg-type]
-        (local_engine.embed(None), "embed takes a EmbedRequest, not NoneType"),  # type: ignore[arg-type]
+        (local_engine.embed(None), "embed takes an EmbedRequest, not NoneType"),  # type: ignore[arg-type]
         (local_engine.rerank({"query": "q"}), "rerank takes a RerankRequest, not dict"),  # type: ignore[arg-type]
         (local_engine.tokenize("smollm2", 5), "tokenize's text takes a str, not int"),  # type: ignore[arg-type]
         (local_engine.tokenize("smollm2", "a \ud800 b"), r"unpaired surrogate \(\\ud800\)"),
@@ -92,6 +93,19 @@ async def test_wrong_types_and_broken_text_are_invalid_input(local_engine: Infer
             await local_engine.classify(ClassifyRequest(text="Is it?", labels=labels))
     with pytest.raises(InvalidInput, match="resolve takes a str, not NoneType"):
         local_engine.resolve(None)  # type: ignore[arg-type]
+    engine: Any = local_engine  # the calls below are typed wrong on purpose
+    misuse: list[tuple[Any, str]] = [  # each was a bare AttributeError, ValueError or TypeError
+        (lambda: engine.resolve(""), "the model name is empty"),
+        (lambda: engine.forget_model(None), "forget_model takes a str, not NoneType"),
+        (lambda: engine.default_model("nonsense"), "'nonsense' is not a capability"),
+        (lambda: engine.register_model({"id": "x"}), "register_model takes a ModelSchema, not dict"),
+        (lambda: engine.import_profiles(None), "import_profiles takes a list, not NoneType"),
+        (lambda: engine.import_profiles([{"x": 1}]), "import_profiles: "),
+        (lambda: engine.prune_traces("30"), "older_than_days must be a number >= 0, not '30'"),
+    ]
+    for blocking, says in misuse:
+        with pytest.raises(InvalidInput, match=says):
+            blocking()
     with pytest.raises(InvalidInput, match="route takes a GenerateRequest"):
         local_engine.route("hello")  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="stream takes a GenerateRequest"):

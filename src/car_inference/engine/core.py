@@ -186,12 +186,15 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
     def resolve(self, name: str) -> ModelSchema:
         """The model called ``name`` (id, name or alias); ``ModelNotFound`` suggests close names."""
         expect(name, str, "resolve")
+        if not name.strip():
+            raise InvalidInput("resolve: the model name is empty")
         return self.registry.resolve(name)
 
     def list_models(self) -> list[ModelSchema]:
         return self.registry.list()
 
     def register_model(self, schema: ModelSchema) -> ModelSchema:
+        expect(schema, ModelSchema, "register_model")
         return self.registry.register(schema)
 
     def register_runner(
@@ -312,6 +315,12 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
 
     def default_model(self, capability: ModelCapability) -> ModelSchema | None:
         """The configured model for ``capability`` (preferred, then default), if it resolves."""
+        if not isinstance(capability, ModelCapability):
+            try:
+                capability = ModelCapability(capability)
+            except ValueError:
+                known = ", ".join(c.value for c in ModelCapability)
+                raise InvalidInput(f"default_model: {capability!r} is not a capability ({known})") from None
         for name in (
             self.config.preferred.for_capability(capability),
             self.config.defaults.for_capability(capability),

@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from ..errors import InferenceError
+from ..errors import InferenceError, InvalidInput, expect, validation_summary
 from ..hardware import HardwareOverview, hardware_overview
 from ..kinds import Locality
 from ..requests import ClassifyRequest, GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
@@ -315,8 +315,13 @@ class HealthMixin(Lifecycle):
         return self.tracker.export_profiles()
 
     def import_profiles(self, profiles: list[ModelProfile | dict[str, Any]]) -> int:
-        """Merge profiles (e.g. from another machine's export); returns how many were imported."""
-        return self.tracker.import_profiles(profiles)
+        """Merge profiles (e.g. from another machine's export); returns how many were imported.
+        Anything but a list of profiles (the export's shape) is ``InvalidInput``."""
+        expect(profiles, list, "import_profiles")
+        try:
+            return self.tracker.import_profiles(profiles)
+        except ValidationError as exc:
+            raise InvalidInput(f"import_profiles: {validation_summary(exc)}") from None
 
     def export_profiles_file(self, path: Path) -> int:
         """Write the profiles to ``path`` as JSON, atomically: a temporary file of its own beside

@@ -167,6 +167,8 @@ class LearningMixin(Lifecycle):
         until none is left or ``stop`` is set (``routing.store_api.prune_old_traces``). The learned
         counters and the spend ledger stay. Returns how many went."""
         days = self.config.state.trace_retention_days if older_than_days is None else older_than_days
+        if isinstance(days, bool) or not isinstance(days, int | float) or not days >= 0:
+            raise InvalidInput(f"prune_traces: older_than_days must be a number >= 0, not {days!r}")
         return prune_old_traces(self.store, days, stop=stop)
 
     def forget_templates(
@@ -189,6 +191,7 @@ class LearningMixin(Lifecycle):
         learned about, or any name the registry resolves (``ModelNotFound`` otherwise, with close
         matches). Returns its id and how many rows went (0: nothing was learned about it). Other
         replicas drop its profile at their next reload and its rows at their next full one."""
+        expect(name, str, "forget_model")
         model_id = name if name in self.tracker.model_ids() else self.registry.resolve(name).id
         self.bookkeeper.flush()  # its queued outcomes first, or they would bring rows back
         gone = self.store.forget_model(model_id)
