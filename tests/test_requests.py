@@ -206,6 +206,15 @@ def test_tool_choice_is_a_mode_or_a_declared_tool() -> None:
     GenerateRequest(prompt="x", params=GenerateParams(tool_choice="none"))  # nothing to call: fine
 
 
+def test_a_tool_must_name_its_function() -> None:
+    """A tool naming no function was taken, and the request then failed as "no generate+tool_use
+    model can run here", which hid the real mistake."""
+    GenerateRequest(prompt="x", tools=[{"name": "weather", "parameters": {}}])  # the short form
+    for tool in ({"foo": "bar"}, {"type": "function", "function": {"parameters": {}}}, {"name": ""}):
+        with pytest.raises(ValidationError, match=r"tools\[0\] names no function"):
+            GenerateRequest(prompt="x", tools=[tool])
+
+
 def test_stop_strings_are_bounded() -> None:
     """Each one is checked against the answer at every token: 500,000 of them made a 4-token
     answer take 6.5 s and other clients' answers five times slower."""

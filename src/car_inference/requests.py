@@ -280,6 +280,13 @@ class GenerateRequest(_Input):
             raise ValueError("a request needs a `prompt` or `messages`")
         if self.params.raw_prompt and not self.prompt:
             raise ValueError("`raw_prompt` sends `prompt` as it is: it needs a non-empty `prompt`")
+        for i, tool in enumerate(self.tools or []):
+            fn = tool.get("function", tool)
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise ValueError(
+                    f"tools[{i}] names no function: OpenAI's {{type: function, function: {{name, "
+                    "parameters}}}}, or {name, parameters}"
+                )
         if (choice := self.params.tool_choice) == "required" and not self.tools:
             raise ValueError("tool_choice 'required' needs `tools` to call one of")
         if choice not in (None, *TOOL_CHOICE_MODES) and choice not in self.tool_names():

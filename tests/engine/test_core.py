@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from car_inference.engine import InferenceEngine
-from car_inference.errors import ModelNotFound, ModelUnavailable
+from car_inference.errors import InvalidInput, ModelNotFound, ModelUnavailable
 from car_inference.requests import (
     GenerateParams,
     GenerateRequest,
@@ -110,6 +110,10 @@ def test_register_endpoint_makes_a_model_for_base_url() -> None:
     schema = engine.register_endpoint("http://127.0.0.1:9999/v1", "my-model")
     assert schema.id == "endpoint/my-model" and schema.available
     assert engine.resolve("endpoint/my-model").source.base_url == "http://127.0.0.1:9999/v1"  # type: ignore[union-attr]
+    # "not a url" was taken, and the router then chose that endpoint for plain prompts.
+    for bad in ("not a url", "ftp://host/v1", "http://"):
+        with pytest.raises(InvalidInput, match="base_url is an http:// or https:// URL"):
+            engine.register_endpoint(bad, "m")
 
 
 async def test_a_closed_engine_takes_its_models_out_of_ps(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -42,6 +43,15 @@ class EndpointConfig(BaseModel):
     capabilities: list[ModelCapability] = Field(default_factory=lambda: [ModelCapability.GENERATE])
     context_length: int = Field(default=0, ge=0)
     discover: bool = Field(default=False, description="list the server's /v1/models at start-up")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        """An http(s) URL with a host: "not a url" was taken, and the router then chose it."""
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"an endpoint's base_url is an http:// or https:// URL, not {url!r}")
+        return url.strip()
 
     @field_validator("kind")
     @classmethod

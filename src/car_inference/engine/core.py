@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from .. import backends as backend_table
 from .. import tracing
 from ..backends.base import Backend, BackendContext, run_blocking
@@ -33,6 +35,7 @@ from ..errors import (
     ModelUnavailable,
     UnsupportedMode,
     expect,
+    validation_summary,
 )
 from ..keys import KeyPool
 from ..kinds import Locality
@@ -253,7 +256,10 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         (``{name}/{model}``) for this engine, e.g. for ``car generate --base-url``."""
         from ..catalog import EndpointConfig
 
-        endpoint = EndpointConfig(name=name, base_url=base_url, api_key_env=api_key_env, models=[model])
+        try:
+            endpoint = EndpointConfig(name=name, base_url=base_url, api_key_env=api_key_env, models=[model])
+        except ValidationError as exc:
+            raise InvalidInput(f"register_endpoint: {validation_summary(exc)}") from None
         return self.registry.register(endpoint.to_schemas()[0])
 
     async def discover_endpoints(
