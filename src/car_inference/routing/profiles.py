@@ -8,7 +8,7 @@ only) load too: their quality is taken to be their success rate.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,21 +16,28 @@ from .estimate import ProfileRow, StatsRow
 
 __all__ = ["ModelProfile", "TaskStats", "export_profile", "export_stats", "row_fields", "sum_rows"]
 
+# What an imported profile may hold (``car profiles import``): NaN failed deep in the store with a
+# traceback, and infinity or a negative count was taken (the router then believed 1.00 from no
+# calls, and the next export wrote `Infinity`, which is not JSON).
+Count = Annotated[int, Field(ge=0, lt=2**63)]
+Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Share = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
 
 class TaskStats(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    calls: int = 0
-    success_count: int = 0
-    fail_count: int = 0
-    total_latency_ms: float = 0.0
-    quality_sum: float | None = None
-    decayed_sum: float | None = None
-    decayed_n: float | None = None
-    ema_quality: float = 0.0
-    updated_at: int = 0
-    total_output_tokens: int = 0
-    joined_at: int = 0
+    calls: Count = 0
+    success_count: Count = 0
+    fail_count: Count = 0
+    total_latency_ms: Amount = 0.0
+    quality_sum: Amount | None = None
+    decayed_sum: Amount | None = None
+    decayed_n: Amount | None = None
+    ema_quality: Share = 0.0
+    updated_at: Count = 0
+    total_output_tokens: Count = 0
+    joined_at: Count = 0
 
     @model_validator(mode="after")
     def _fill(self) -> TaskStats:
@@ -48,16 +55,16 @@ class ModelProfile(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model_id: str
-    total_calls: int = 0
-    success_count: int = 0
-    fail_count: int = 0
-    total_latency_ms: float = 0
-    total_input_tokens: int = 0
-    total_output_tokens: int = 0
+    total_calls: Count = 0
+    success_count: Count = 0
+    fail_count: Count = 0
+    total_latency_ms: Amount = 0
+    total_input_tokens: Count = 0
+    total_output_tokens: Count = 0
     task_stats: dict[str, TaskStats] = Field(default_factory=dict)
-    ema_quality: float = 0.5
-    quality_per_1k_tokens: float = 0.0
-    updated_at: int = 0
+    ema_quality: Share = 0.5
+    quality_per_1k_tokens: Amount = 0.0
+    updated_at: Count = 0
 
 
 def row_fields(row: ProfileRow | StatsRow) -> dict[str, Any]:
