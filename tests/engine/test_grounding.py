@@ -196,3 +196,20 @@ async def test_not_an_image_is_invalid_input(engine: InferenceEngine) -> None:
     text = base64.b64encode(b"just some text, not a picture").decode()
     with pytest.raises(InvalidInput, match="not a PNG"):
         await engine.ground(GroundRequest(prompt="car", image=ImageBlock(data=text), model="fake-gemini"))
+
+
+async def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(engine: InferenceEngine) -> None:
+    """A 110 KB PNG of 30,000 x 30,000 px ended in PIL's DecompressionBombError (a traceback from
+    `car ground`); its header says its size, so it is refused first, for every model."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 30_000, 30_000, 1, 0, 0, 0, 0))
+    png = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
+    image = ImageBlock(data=base64.b64encode(png).decode())
+    for model in ("fake-gemini", "rapidocr"):
+        with pytest.raises(InvalidInput, match=r"30000x30000 pixels .* at most 64 megapixels"):
+            await engine.ground(GroundRequest(prompt="car", image=image, model=model))

@@ -40,6 +40,9 @@ PULL_HINT = (
 # Greedy, since a box should not depend on a sample. A few dozen boxes take ~1,000 tokens; the
 # rest is room for a hosted model's thinking, which counts against the same limit (Gemini).
 MAX_TOKENS = 2048
+# The most pixels an image to ground may have (8,000 x 8,000): it is decoded whole, a 110 KB PNG
+# of 30,000 x 30,000 px is 900 MB, and PIL warns past 89 megapixels (taking 10 s at 144).
+MAX_PIXELS = 64_000_000
 
 
 async def ground(engine: InferenceEngine, request: GroundRequest) -> GroundResult:
@@ -48,6 +51,11 @@ async def ground(engine: InferenceEngine, request: GroundRequest) -> GroundResul
     model = grounding_model(engine, request.model)
     data = await load_image(request.image, engine.config.remote.timeout_s, private_ok=engine.private_urls_ok)
     width, height = image_size(data)
+    if width * height > MAX_PIXELS:  # decoded, 30000 x 30000 px was PIL's DecompressionBombError
+        raise InvalidInput(
+            f"the image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels); grounding"
+            f" takes at most {MAX_PIXELS // 1_000_000} megapixels: scale it down"
+        )
     backend = engine._runnable(model)  # an unpulled model says which pull it needs, here
     if isinstance(backend, Grounder):
         with tracing.span("inference.ground", model=model.id, provider=model.provider):
