@@ -349,3 +349,23 @@ def test_arguments_no_request_takes_are_one_line_with_status_2(isolated_home: Pa
         run = subprocess.run(argv_bytes, capture_output=True, text=True, check=False, env=environ)
         assert run.returncode == 2 and run.stderr.startswith(says), (argv, run.stderr)
         assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_a_state_db_damaged_past_its_first_pages_is_one_line(isolated_home: Path) -> None:
+    """Random bytes get their one line at open; a database whose later pages are damaged (a disk
+    or copy fault) failed part way through almost every command with sqlite3's traceback."""
+    import random
+    import sqlite3
+
+    assert car("generate", "hi", "-n", "2")[0] == 0
+    path = isolated_home / "state.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(path.read_bytes())
+    rng = random.Random(1)
+    for i in range(12_288, len(data)):
+        data[i] = rng.randrange(256)
+    path.write_bytes(bytes(data))
+    code, out, err = car("spend")
+    assert code == 2 and "Traceback" not in out + err, err
+    assert "state.db) is damaged (database disk image is malformed)" in err

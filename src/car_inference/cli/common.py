@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import sqlite3
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -79,8 +80,21 @@ def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
             raise fail(_one_line(validation_summary(exc)), EXIT_USAGE) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+        except sqlite3.DatabaseError as exc:  # state.db damaged past its first pages: a traceback
+            raise fail(_damaged_state(exc), EXIT_USAGE) from None
 
     return wrapper
+
+
+def _damaged_state(exc: sqlite3.DatabaseError) -> str:
+    """The one line for a state database that fails part way (damaged pages, a full disk)."""
+    reason = str(exc) or type(exc).__name__
+    if "malformed" in reason or "not a database" in reason:
+        return (
+            f"the learned-state database ($CAR_HOME/state.db) is damaged ({reason}): move it aside to"
+            " start with empty state, or restore it from a backup"
+        )
+    return f"the learned-state database ($CAR_HOME/state.db) failed: {reason}"
 
 
 def _one_line(text: str) -> str:
