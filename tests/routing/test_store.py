@@ -436,3 +436,34 @@ def test_a_database_locked_past_the_timeout_says_so(tmp_path: Path) -> None:
         holder.execute("ROLLBACK")
         holder.close()
     OutcomeStore(db).close()  # free again: it opens
+
+
+def test_a_home_that_cannot_be_written_is_said_so_not_called_damage(tmp_path: Path) -> None:
+    """A read-only CAR_HOME was reported as a database that "cannot be read ... move it aside or
+    restore it from a backup": advice that could lose the learned state. Read-only through a bind
+    mount in a mount namespace of its own (root ignores file modes), where `unshare` may do so."""
+    import shutil
+    import subprocess
+    import sys
+
+    OutcomeStore(tmp_path / "state.db").close()
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here")
+    code = (
+        "from car_inference.routing.store import OutcomeStore\n"
+        f"OutcomeStore({str(tmp_path / 'state.db')!r})\n"
+    )
+    script = (
+        f"mount --bind {tmp_path} {tmp_path} && mount -o remount,bind,ro {tmp_path}"
+        f' && exec {sys.executable} -c "$CODE"'
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CODE": code},
+    )
+    if "mount" in done.stderr and "ConfigError" not in done.stderr:
+        pytest.skip(f"no read-only bind mount here: {done.stderr.strip()[:200]}")
+    assert f"{tmp_path} is not writable" in done.stderr and "backup" not in done.stderr, done.stderr

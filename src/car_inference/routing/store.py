@@ -22,6 +22,7 @@ how it reaches SQLite. Tables (``store_sql``; schema version in ``PRAGMA user_ve
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -83,7 +84,7 @@ class OutcomeStore(StoreBase):
         except sqlite3.DatabaseError as exc:  # not a database, damaged, or locked past the timeout
             if conn is not None:
                 conn.close()
-            raise ConfigError(_unopenable(exc), path=self.location) from exc
+            raise ConfigError(_unopenable(exc, self.path), path=self.location) from exc
 
     def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         return sqlite_wal.immediate(self._conn)
@@ -153,11 +154,15 @@ class OutcomeStore(StoreBase):
         self.close()
 
 
-def _unopenable(exc: sqlite3.DatabaseError) -> str:
+def _unopenable(exc: sqlite3.DatabaseError, path: Path) -> str:
     """Why the state file cannot be opened, and what to do: the file is left as it is."""
     reason = str(exc) or type(exc).__name__
     if "locked" in reason or "busy" in reason:
         return f"the learned-state database is locked by another process ({reason}); try again when it ends"
+    if ("readonly" in reason or "unable to open" in reason) and not os.access(path.parent, os.W_OK):
+        # Not damage: the folder (CAR_HOME) cannot be written, and "move it aside or restore it
+        # from a backup" pointed at the wrong fix, one that could lose the learned state.
+        return f"{path.parent} is not writable ({reason}): the learned state needs to write there"
     return (
         f"the learned-state database cannot be read ({reason}); it was left as it is: move it aside"
         " to start with empty state, or restore it from a backup"
