@@ -48,6 +48,7 @@ def test_log_tail_and_rotation(tmp_path: Path) -> None:
     with files.open_log() as log:
         log.write(b"".join(b"line %d\n" % i for i in range(100)))
     assert files.log_tail(3) == ["line 97", "line 98", "line 99"]
+    assert files.log_tail(0) == []  # `car runtimes logs -n 0` printed every line it read
     with open(files.log_path, "ab") as log:
         log.truncate(21 * 1024 * 1024)
     files.open_log().close()

@@ -118,7 +118,7 @@ def stop(name: NameArg, timeout: Annotated[float, typer.Option(help="seconds to 
 @handle_errors
 def logs(
     name: NameArg,
-    lines: Annotated[int, typer.Option("--lines", "-n", help="how many lines from the end")] = 50,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="how many lines from the end")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
 ) -> None:
     """The end of a runtime's log ($CAR_HOME/logs/NAME.log)."""

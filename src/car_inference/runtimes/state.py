@@ -174,4 +174,4 @@ class RunFiles:
                 text = f.read().decode("utf-8", "replace")
         except OSError:
             return []
-        return text.splitlines()[-lines:]
+        return text.splitlines()[-lines:] if lines > 0 else []  # [-0:] was every line read
