@@ -168,6 +168,8 @@ def test_prune_deletes_traces_older_than_the_retention(isolated_home: Path) -> N
     assert code == 0 and "kept every trace" in out and "kept every template" in out
     code, _, err = car("state", "prune", "--older-than-days", "-1")
     assert code == 2 and "--older-than-days" in err
+    code, out, err = car("state", "prune", "--templates-older-than-days", "inf", "--json")
+    assert code == 2 and out == "" and "finite number of days" in err  # --json printed Infinity
     with OutcomeStore(isolated_home / "state.db") as store:
         assert [p["total_calls"] for p in store.profiles()] == [6], "the learned counters stay"
         assert {r["key"] for r in store.task_stats()} == {"code"}, "and the rows under no template"

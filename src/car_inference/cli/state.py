@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -90,6 +91,9 @@ def prune(
     config = load_config()
     days = config.state.trace_retention_days if days is None else days
     template_days = config.state.template_retention_days if template_days is None else template_days
+    for option, value in (("--older-than-days", days), ("--templates-older-than-days", template_days)):
+        if not math.isfinite(value):  # inf deleted nothing and --json printed Infinity, not JSON
+            raise fail(f"{option} must be a finite number of days, not {value}", EXIT_USAGE)
     store = open_store(config.state.url, config.paths.state_db)
     try:
         deleted = prune_old_traces(store, days)

@@ -167,7 +167,7 @@ class LearningMixin(Lifecycle):
         until none is left or ``stop`` is set (``routing.store_api.prune_old_traces``). The learned
         counters and the spend ledger stay. Returns how many went."""
         days = self.config.state.trace_retention_days if older_than_days is None else older_than_days
-        if isinstance(days, bool) or not isinstance(days, int | float) or not days >= 0:
+        if isinstance(days, bool) or not isinstance(days, int | float) or not 0 <= days < math.inf:
             raise InvalidInput(f"prune_traces: older_than_days must be a number >= 0, not {days!r}")
         return prune_old_traces(self.store, days, stop=stop)
 
