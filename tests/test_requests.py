@@ -27,6 +27,7 @@ from car_inference.requests import (
     TokenUsage,
     ToolCall,
     TranscribeRequest,
+    VideoMode,
 )
 from car_inference.schema import ModelCapability
 
@@ -302,3 +303,13 @@ def test_unpaired_surrogates_are_refused_naming_the_field(build: Any, field: str
     with pytest.raises(ValidationError, match=f"{field} contains an unpaired surrogate"):
         build()
     assert GenerateRequest(prompt="héllo 😀 \u05e9\u05dc\u05d5\u05dd").prompt  # real non-ASCII text is fine
+
+
+def test_images_and_videos_from_text_need_a_prompt() -> None:
+    """`car image ""` went to the provider: a paid call with nothing to draw."""
+    for blank in ("", "  "):
+        with pytest.raises(ValidationError, match="an image needs a prompt"):
+            GenerateImageRequest(prompt=blank)
+        with pytest.raises(ValidationError, match="a video from text needs a prompt"):
+            GenerateVideoRequest(prompt=blank)
+    GenerateVideoRequest(prompt="", mode=VideoMode.IMAGE_TO_VIDEO, image_path="first.png")  # the image

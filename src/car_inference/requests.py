@@ -553,6 +553,12 @@ class GenerateImageRequest(_Input):
     image_paths: list[str] = Field(default_factory=list, description="images to edit (or take as references)")
     mask_path: str | None = Field(default=None, description="edits: transparent where the image may change")
 
+    @model_validator(mode="after")
+    def _has_prompt(self) -> GenerateImageRequest:
+        if not self.prompt.strip():  # it went to the provider: a paid call with nothing to draw
+            raise ValueError("an image needs a prompt (what to draw, or how to change the image)")
+        return self
+
 
 class GenerateImageResult(_Model):
     image_path: str
@@ -593,6 +599,8 @@ class GenerateVideoRequest(_Input):
             raise ValueError("image_to_video needs image_path")
         if self.mode is VideoMode.AUDIO_TO_VIDEO and not self.audio_path:
             raise ValueError("audio_to_video needs audio_path")
+        if self.mode is VideoMode.TEXT_TO_VIDEO and not self.prompt.strip():
+            raise ValueError("a video from text needs a prompt (what happens in it)")
         return self
 
 

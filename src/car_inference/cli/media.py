@@ -180,5 +180,6 @@ def _request(cls: type[Any], **fields: Any) -> Any:
         return cls(**fields)
     except ValidationError as exc:
         problem = exc.errors()[0]
-        where = ".".join(str(p) for p in problem["loc"]) or "request"
-        raise fail(f"{where}: {problem['msg']}", EXIT_USAGE) from None
+        where = ".".join(str(p) for p in problem["loc"])
+        message = str(problem["msg"]).removeprefix("Value error, ")  # a validator's own words
+        raise fail(f"{where}: {message}" if where else message, EXIT_USAGE) from None
