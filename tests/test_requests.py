@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -303,6 +304,17 @@ def test_unpaired_surrogates_are_refused_naming_the_field(build: Any, field: str
     with pytest.raises(ValidationError, match=f"{field} contains an unpaired surrogate"):
         build()
     assert GenerateRequest(prompt="héllo 😀 \u05e9\u05dc\u05d5\u05dd").prompt  # real non-ASCII text is fine
+
+
+def test_file_names_need_not_be_utf8_but_texts_must() -> None:
+    """A Linux file name may hold any bytes; Python reads the ones that are not UTF-8 as surrogates
+    (os.fsdecode) and writes them back when it opens the file: `car transcribe` and `car speak -o`
+    refused such names. The same byte in a text is named as a byte, not as Python's surrogate."""
+    name = os.fsdecode(b"/tmp/out\xff.wav")
+    assert SynthesizeRequest(text="ok", output_path=name).output_path == name
+    assert TranscribeRequest(audio_path=name).audio_path == name
+    with pytest.raises(ValidationError, match=r"text is not valid UTF-8 text \(it holds the byte 0xff"):
+        SynthesizeRequest(text=os.fsdecode(b"caf\xff"))
 
 
 def test_images_and_videos_from_text_need_a_prompt() -> None:

@@ -329,7 +329,11 @@ def test_arguments_no_request_takes_are_one_line_with_status_2(isolated_home: Pa
     bad_toml.mkdir()
     (bad_toml / "config.toml").write_bytes(b'[defaults]\ngenerate = "\xff"\n')
     cases: list[tuple[list[str], dict[str, str], str]] = [
-        ([script, "generate", "hi \udcff", "-n", "2"], {}, "error: prompt contains an unpaired surrogate"),
+        (
+            [script, "generate", "hi \udcff", "-n", "2"],
+            {},
+            "error: prompt is not valid UTF-8 text (it holds the byte 0xff",
+        ),
         ([script, "route", ""], {}, "error: a request needs a `prompt` or `messages`"),
         ([script, "generate", "hi", "--seed", "9" * 23], {}, "error: seed: Input should be less than"),
         (
