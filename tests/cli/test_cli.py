@@ -123,6 +123,21 @@ def test_chat_keeps_history_and_exits() -> None:
     assert out.count("car> ") == 2, "two turns answered; /clear and /exit are commands"
 
 
+def test_chat_checks_its_model_first_and_outlives_a_bad_turn() -> None:
+    """An unknown or non-generating model was found after the user's first message, and any
+    error (a line that is not text, say) ended the chat and lost its history; /help and a typo
+    such as /exti went to the model as prompts."""
+    code, out, err = car("chat", "-m", "all-minilm-l6-v2", input="hi\n")
+    assert code == 2 and "you>" not in out and "does not generate text" in err
+    code, out, err = car("chat", "-m", "smollm2-nosuch", input="hi\n")
+    assert code == 2 and "you>" not in out and "model not found" in err
+    turns = b"My name is Ada.\n\xff\n/exti\n/help\nhello\n/exit\n"
+    result = runner.invoke(app, ["chat", "-m", "smollm2", "-n", "4", "-t", "0"], input=turns)
+    code, out, err = result.exit_code, result.stdout, result.stderr
+    assert code == 0 and out.count("car> ") == 2, (out, err)
+    assert "not valid UTF-8" in err and "unknown command /exti" in err
+
+
 def test_embed_rerank_classify_json() -> None:
     code, out, _ = car("embed", "hello", "world", "--json")
     data = json.loads(out)

@@ -8,8 +8,11 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
+from ..errors import InferenceError, validation_summary
 from ..requests import GenerateParams, GenerateRequest, InferenceResult, Message, ThinkingMode
+from ..schema import ModelCapability
 from ..stream import Done, ErrorEvent, RouteEvent, TextDelta, ThinkingDelta, ToolCallStart
 from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json, run, spinner
 
@@ -170,8 +173,12 @@ def register(app: typer.Typer) -> None:
         /clear forgets, Ctrl-C during an answer stops the answer."""
         eng = engine()
         model = _ad_hoc_model(eng, base_url, api_key_env, model)
+        if model:  # before the first prompt: an unknown or non-generating model was found after it
+            schema = eng.resolve(model)
+            if not schema.has_capability(ModelCapability.GENERATE):
+                raise fail(f"{schema.id} does not generate text: chat needs a generation model", EXIT_USAGE)
         params = _params(max_tokens, temperature, thinking, None)
-        err.print("Type /exit to leave, /clear to start over.", style="dim")
+        err.print(HELP, style="dim")
         # One loop for the whole chat (remote clients keep their connections), but the prompt is
         # read outside it: a Ctrl-C at the prompt then interrupts input() at once, and one during
         # an answer cancels only that answer (asyncio.Runner turns SIGINT into a cancellation).
@@ -179,10 +186,16 @@ def register(app: typer.Typer) -> None:
             _chat_loop(runner, eng, model, system, params)
 
 
+HELP = "Type /exit to leave, /clear to start over."
+
+
 def _chat_loop(
     runner: asyncio.Runner, eng: Any, model: str | None, system: str | None, params: GenerateParams
 ) -> None:
     history: list[Message] = []
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:  # a line that is not UTF-8 is that turn's error, not the chat's end
+        reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("you> ").strip()
@@ -199,12 +212,27 @@ def _chat_loop(
             continue
         if not line:
             continue
-        history.append(Message(role="user", content=line))
-        request = GenerateRequest(messages=list(history), model=model, context=system, params=params)
+        if line.startswith("/") and " " not in line:  # /help, or a typo such as /exti
+            err.print(
+                HELP if line == "/help" else f"unknown command {line}: {HELP}", style="dim", markup=False
+            )
+            continue
+        try:
+            history.append(Message(role="user", content=line))
+            request = GenerateRequest(messages=list(history), model=model, context=system, params=params)
+        except ValidationError as exc:  # a line that is not text (bytes that are not UTF-8)
+            history.pop()
+            err.print(f"error: {validation_summary(exc)}", style="red", markup=False)
+            continue
         sys.stdout.write("car> ")
         shown: list[str] = []
         try:
             final = runner.run(_stream_to_terminal(eng, request, not history[:-1], shown))
+        except InferenceError as exc:  # this turn failed; the chat and its history go on
+            sys.stdout.write("\n")
+            err.print(f"error: {' '.join(str(exc).split())}", style="red", markup=False)
+            history.pop()
+            continue
         except (KeyboardInterrupt, asyncio.CancelledError):
             sys.stdout.write("\n")
             err.print("[stopped]", style="dim", markup=False)
