@@ -45,6 +45,8 @@ def test_usage_errors_are_one_line_with_exit_status_2() -> None:
         (["generate", "--bogus", "hi"], "error: No such option: --bogus (`car generate --help`)"),
         (["generate", "-t", "3", "hi"], "error: Invalid value for '--temperature'"),
         (["nosuchcmd"], "error: No such command 'nosuchcmd'."),
+        # pydantic's "Value error, " before a validator's own words was kept
+        (["generate", "hi", "--thinking", "maybe"], "error: Invalid value for '--thinking': 'maybe' is"),
     ):
         run = subprocess.run([script, *args], capture_output=True, text=True, check=False)
         assert run.returncode == 2 and run.stdout == "", args

@@ -77,7 +77,8 @@ def main() -> None:
             raise SystemExit(2) from None
         ctx = getattr(exc, "ctx", None)
         see = f" (`{ctx.command_path} --help`)" if ctx is not None else ""
-        err.print(f"error: {exc.format_message()}{see}", markup=False)
+        message = exc.format_message().replace(": Value error, ", ": ")  # a validator's own words
+        err.print(f"error: {message}{see}", markup=False)
         raise SystemExit(exc.exit_code) from None
     except typer.Abort:  # end of input at a prompt
         err.print("aborted", markup=False)
