@@ -356,7 +356,7 @@ def test_arguments_no_request_takes_are_one_line_with_status_2(isolated_home: Pa
         (
             [script, "route", "hi"],
             {"CAR_HOME": str(home_file)},
-            f"error: {home_file}: the car home (CAR_HOME)",
+            f"error: {home_file}: the car home (CAR_HOME) cannot be used: it is a file, not a folder",
         ),
         (
             [script, "route", "hi"],

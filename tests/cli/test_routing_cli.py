@@ -60,6 +60,8 @@ def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
     profiles = json.loads(path.read_text())
     assert code == 0 and any(p["model_id"].startswith("huggingface/smollm2") for p in profiles)
     assert car("profiles", "import", str(path))[0] == 0
+    code, out, _ = car("profiles", "export", "-")  # stdout, as `generate -` reads stdin
+    assert code == 0 and json.loads(out) == profiles
     code, out, _ = car("profiles", "forget", "smollm2-135m")
     assert code == 0 and "forgot" in out and "huggingface/smollm2-135m" in out
     code, out, _ = car("profiles", "forget", "smollm2-135m")

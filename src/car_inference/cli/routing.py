@@ -134,9 +134,12 @@ def register(app: typer.Typer) -> None:
 @profiles_app.command("export")
 @handle_errors
 def export_profiles(
-    path: Annotated[Path, typer.Argument(help="where to write outcome_profiles.json")],
+    path: Annotated[Path, typer.Argument(help="where to write outcome_profiles.json; - for stdout")],
 ) -> None:
     """Write the learned profiles in the seed's outcome_profiles.json shape."""
+    if str(path) == "-":  # as `car generate -` reads stdin (it wrote a file named "-")
+        print_json(engine().export_profiles())
+        return
     count = engine().export_profiles_file(path)
     out.print(f"wrote {count} profile(s) to {path}")
 

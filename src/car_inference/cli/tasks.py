@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         query: Annotated[str, typer.Argument(help="the query")],
         documents: Annotated[list[str], typer.Argument(help="documents to order")],
         model: ModelOpt = None,
-        top_n: Annotated[int | None, typer.Option("--top-n", min=0, help="keep the best N")] = None,
+        top_n: Annotated[int | None, typer.Option("--top-n", min=1, help="keep the best N")] = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Order documents by relevance to a query."""

@@ -85,9 +85,9 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         try:
             self.config.home.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a file of that name, a folder we may not create
-            raise ConfigError(
-                f"the car home (CAR_HOME) cannot be a folder here: {exc.strerror}", path=str(self.config.home)
-            ) from exc
+            home = self.config.home
+            why = "it is a file, not a folder" if home.is_file() else f"it cannot be made: {exc.strerror}"
+            raise ConfigError(f"the car home (CAR_HOME) cannot be used: {why}", path=str(home)) from exc
         state = self.config.state
         self.store = open_store(state.url, self.config.paths.state_db, buffer_records=state.buffer_records)
         self.fleet = Fleet.for_settings(self.config.coordination)  # state shared with replicas, or None
