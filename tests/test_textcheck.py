@@ -22,3 +22,16 @@ def test_text_and_other_values_pass() -> None:
         b"\xed\xa0\x80",
     ):
         assert unpaired_surrogate(value) is None
+
+
+def test_file_names_and_what_a_surrogate_means() -> None:
+    """A file name's bytes that are not UTF-8 come back through os.fsencode; a lone high surrogate
+    does not. In a text, a byte that is not UTF-8 is named as the byte."""
+    import os
+
+    from car_inference.textcheck import file_names, surrogate_problem
+
+    assert file_names(os.fsdecode(b"a\xff.wav")) and file_names([None, "b.wav"])
+    assert not file_names("a\ud800.wav") and not file_names(["ok", "a\ud800"])
+    assert surrogate_problem("\\udcff") == "is not valid UTF-8 text (it holds the byte 0xff, read as \\udcff)"
+    assert "unpaired surrogate (\\ud800)" in surrogate_problem("\\ud800")

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -23,7 +22,7 @@ from pydantic import (
 )
 
 from .schema import ModelCapability
-from .textcheck import unpaired_surrogate
+from .textcheck import file_names, surrogate_problem, unpaired_surrogate
 
 __all__ = [
     "AudioBlock",
@@ -77,33 +76,14 @@ class _Input(_Model):
     @model_validator(mode="after")
     def _whole_characters(self) -> Any:
         for name, value in self.__dict__.items():
-            if name.endswith(("_path", "_paths")) and _file_names(value):
+            if name.endswith(("_path", "_paths")) and file_names(value):
                 # A file name need not be UTF-8 on Linux: Python holds its other bytes as
                 # surrogates (os.fsdecode) and writes them back when it opens the file.
                 continue
             bad = unpaired_surrogate(value)
             if bad is not None:
-                raise ValueError(f"{name} {_surrogate_problem(bad)}")
+                raise ValueError(f"{name} {surrogate_problem(bad)}")
         return self
-
-
-def _file_names(value: Any) -> bool:
-    """Whether ``value`` (a path or a list of them) is file names the OS can be given back."""
-    try:
-        for path in value if isinstance(value, list) else [value]:
-            if path is not None:
-                os.fsencode(path)
-    except (UnicodeEncodeError, TypeError):
-        return False
-    return True
-
-
-def _surrogate_problem(bad: str) -> str:
-    """What an unpaired surrogate (``\\udcff``) in a text means to whoever sent it."""
-    code = int(bad[2:], 16)
-    if 0xDC80 <= code <= 0xDCFF:  # how Python reads a byte that is not UTF-8 (surrogateescape)
-        return f"is not valid UTF-8 text (it holds the byte 0x{code - 0xDC00:02x}, read as {bad})"
-    return f"contains an unpaired surrogate ({bad}): not valid Unicode text"
 
 
 class _OmitEmpty(_Model):

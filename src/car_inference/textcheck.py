@@ -8,12 +8,13 @@ validation (``requests._Model``), so the error names the field.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["unpaired_surrogate"]
+__all__ = ["file_names", "surrogate_problem", "unpaired_surrogate"]
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -45,3 +46,22 @@ def unpaired_surrogate(value: object) -> str | None:
         elif isinstance(item, str):  # a str subclass (an enum's value)
             push([str(item)])
     return None
+
+
+def file_names(value: Any) -> bool:
+    """Whether ``value`` (a path or a list of them) is file names the OS can be given back."""
+    try:
+        for path in value if isinstance(value, list) else [value]:
+            if path is not None:
+                os.fsencode(path)
+    except (UnicodeEncodeError, TypeError):
+        return False
+    return True
+
+
+def surrogate_problem(bad: str) -> str:
+    """What an unpaired surrogate (``\\udcff``) in a text means to whoever sent it."""
+    code = int(bad[2:], 16)
+    if 0xDC80 <= code <= 0xDCFF:  # how Python reads a byte that is not UTF-8 (surrogateescape)
+        return f"is not valid UTF-8 text (it holds the byte 0x{code - 0xDC00:02x}, read as {bad})"
+    return f"contains an unpaired surrogate ({bad}): not valid Unicode text"
