@@ -167,14 +167,11 @@ async def test_a_caller_that_stops_waiting_frees_the_thread_within_a_slice(
     await cancel_once_started(task, backend.ctx.cache.get(f"sentence:{model.id}"), within_s=10)
 
 
-async def test_a_small_request_is_served_between_the_slices_of_a_large_one(
-    backend: SentenceBackend, model: ModelSchema
-) -> None:
-    """200 texts of 2,000 characters take 8-10 s; a one-text embedding sent meanwhile waits for
-    one slice of them (SLICE_CHARS), not for all (2,048 such texts held the thread 96 s)."""
+async def _small_goes_between(backend: SentenceBackend, model: ModelSchema, texts: list[str]) -> None:
+    """A one-text embedding sent while ``texts`` are encoded finishes first: it waited for one
+    turn of theirs, not for all."""
     backend.warm_up(model)
-    long_texts = [f"document {i}: " + "words of a long report " * 90 for i in range(200)]
-    big = asyncio.ensure_future(backend.embed(model, EmbedRequest(texts=long_texts)))
+    big = asyncio.ensure_future(backend.embed(model, EmbedRequest(texts=texts)))
     entry = backend.ctx.cache.get(f"sentence:{model.id}")
     assert entry is not None
     while not entry.lock.locked():
@@ -186,6 +183,15 @@ async def test_a_small_request_is_served_between_the_slices_of_a_large_one(
     big.cancel()
     with pytest.raises(asyncio.CancelledError):
         await big
+
+
+async def test_a_small_request_is_served_between_the_slices_of_a_large_one(
+    backend: SentenceBackend, model: ModelSchema
+) -> None:
+    """200 texts of 2,000 characters take 8-10 s; a one-text embedding sent meanwhile waits for
+    one slice of them, not for all (2,048 such texts held the thread 96 s)."""
+    long_texts = [f"document {i}: " + "words of a long report " * 90 for i in range(200)]
+    await _small_goes_between(backend, model, long_texts)
 
 
 def test_runs_hold_at_most_the_token_budget() -> None:
@@ -229,15 +235,4 @@ async def test_a_small_request_is_served_between_the_turns_of_a_large_cjk_one(
 ) -> None:
     """256 CJK texts of 128 characters: one slice by characters (7.6 s of the thread on two cores);
     a one-text embedding sent meanwhile now waits for one turn of SLICE_TOKENS tokens."""
-    backend.warm_up(model)
-    big = asyncio.ensure_future(backend.embed(model, EmbedRequest(texts=_cjk_texts(256))))
-    entry = backend.ctx.cache.get(f"sentence:{model.id}")
-    assert entry is not None
-    while not entry.lock.locked():
-        await asyncio.sleep(0.01)
-    small = asyncio.ensure_future(backend.embed(model, EmbedRequest(texts=["a short one"])))
-    done, _ = await asyncio.wait({big, small}, return_when=asyncio.FIRST_COMPLETED)
-    assert small in done and not big.done(), "the small request waited for the whole large one"
-    big.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await big
+    await _small_goes_between(backend, model, _cjk_texts(256))
