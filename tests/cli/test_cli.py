@@ -390,3 +390,16 @@ def test_a_state_db_damaged_past_its_first_pages_is_one_line(isolated_home: Path
     code, out, err = car("spend")
     assert code == 2 and "Traceback" not in out + err, err
     assert "state.db) is damaged (database disk image is malformed)" in err
+
+
+def test_a_command_closes_its_engine_and_leaves_no_write_ahead_log(isolated_home: Path) -> None:
+    """The CLI never closed its engines: each command left state.db's -wal (127 KB) beside it,
+    and a copy of state.db alone missed the records in it."""
+    import sqlite3
+
+    assert car("generate", "hi", "-n", "2")[0] == 0
+    assert not (isolated_home / "state.db-wal").exists()
+    copy = isolated_home.parent / "copy.db"
+    copy.write_bytes((isolated_home / "state.db").read_bytes())
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM traces").fetchone()[0] == 1

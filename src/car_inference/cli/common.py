@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import math
@@ -40,11 +41,25 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 
+# The engines a command made, closed when it ends (``handle_errors``): never closed, each left
+# state.db's write-ahead log beside it, so a copy of state.db alone missed the last records.
+_ENGINES: list[Any] = []
+
+
 def engine() -> Any:
-    """A fresh engine for ``$CAR_HOME`` (imported lazily: `car --version` needs none of it)."""
+    """A fresh engine for ``$CAR_HOME`` (imported lazily: `car --version` needs none of it),
+    closed when the command ends."""
     from ..engine import InferenceEngine
 
-    return InferenceEngine()
+    made = InferenceEngine()
+    _ENGINES.append(made)
+    return made
+
+
+def _close_engines() -> None:
+    while _ENGINES:
+        with contextlib.suppress(Exception):  # the command's own outcome is what the user sees
+            _ENGINES.pop().close()
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
@@ -82,6 +97,8 @@ def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
             raise typer.Exit(130) from None
         except sqlite3.DatabaseError as exc:  # state.db damaged past its first pages: a traceback
             raise fail(_damaged_state(exc), EXIT_USAGE) from None
+        finally:
+            _close_engines()
 
     return wrapper
 

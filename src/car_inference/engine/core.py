@@ -176,7 +176,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         engine's loaded models out of ``car models ps``. Its methods then raise InferenceError."""
         self._closed = True
         self.bookkeeper.close()
-        self.keys.flush()
+        self.keys.close()  # its statistics written, its connection to state.db closed
         self.store.close()
         self.runtimes.close()
         self.cache.close()
