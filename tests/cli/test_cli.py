@@ -66,6 +66,11 @@ def test_models_list_filters_and_json() -> None:
     assert all("embed" in m["capabilities"] for m in json.loads(out))
     code, out, _ = car("models", "list", "--remote")
     assert code == 0 and "openai/" in out and "huggingface/smollm2" not in out
+    # Each printed an empty table and "0 model(s)", exit 0, as if the catalog had none.
+    code, _, err = car("models", "list", "--provider", "opneai")
+    assert code == 2 and "no provider 'opneai'" in err and "did you mean openai" in err
+    code, _, err = car("models", "list", "--local", "--remote")
+    assert code == 2 and "exclude each other" in err
 
 
 def test_models_show_and_unknown_model() -> None:

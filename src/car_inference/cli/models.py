@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..errors import close_matches
 from ..schema import ModelCapability
 from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json, run
 
@@ -36,7 +37,16 @@ def list_models(
     as_json: Annotated[bool, typer.Option("--json", help="print the model schemas as JSON")] = False,
 ) -> None:
     """The catalog: built-in models plus $CAR_HOME/models.toml."""
+    if local and remote:  # printed an empty table, as if the catalog had none
+        raise fail("--local and --remote exclude each other: give one, or neither for both", EXIT_USAGE)
     eng = engine()
+    if provider is not None:
+        providers = sorted({m.provider for m in eng.list_models()})
+        if provider not in providers:  # printed "0 model(s)" with no hint
+            close = close_matches(provider, providers)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            known = ", ".join(providers)
+            raise fail(f"no provider {provider!r} in the catalog (providers: {known}){hint}", EXIT_USAGE)
     models = eng.registry.query(
         capabilities=list(capability or []),
         local_only=local,
