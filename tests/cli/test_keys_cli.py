@@ -51,6 +51,8 @@ def test_secrets_put_errors(memory_keyring: MemoryKeyring) -> None:
     assert code == 2 and "no value" in err
     code, _, err = car("secrets", "put", "not a name", input="x")
     assert code == 2 and "not a valid secret name" in err
+    code, _, err = car("secrets", "put", "", input="x")  # said "no value given for " (the value)
+    assert code == 2 and "the secret's name is empty" in err
     previous = keyring.get_keyring()
     keyring.set_keyring(fail.Keyring())
     try:
@@ -77,6 +79,8 @@ def test_keys_stats_table_and_json(isolated_home: Path, monkeypatch: pytest.Monk
     assert code == 0 and "sk-…0001" in out and "cooling until" in out and A not in out
     code, out, _ = car("keys", "reset", "OPENAI_API_KEY")
     assert code == 0 and "reset 1 key(s)" in out
+    code, out, err = car("keys", "reset", "OPENAI_APIKEY")  # a bare "reset 0 key(s)" hid the typo
+    assert code == 0 and "reset 0 key(s)" in out and "did you mean OPENAI_API_KEY" in err
     code, out, _ = car("keys", "stats", "OPENAI_API_KEY", "--json")
     assert {r["state"] for r in json.loads(out)["OPENAI_API_KEY"]} == {"ok"}
 

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..config import load_config
+from ..errors import close_matches
 from ..keys import KeyPool, KeyStats
 from ..secrets import SecretStore
 from .common import err, fail, handle_errors, out, print_json
@@ -72,7 +73,13 @@ def stats(
 @handle_errors
 def reset(env_var: Annotated[str | None, typer.Argument(help="only this key variable")] = None) -> None:
     """Re-enable keys disabled after a 401/403 and end cooldowns."""
-    changed = _pool().reset(env_var)
+    pool = _pool()
+    if env_var is not None and env_var not in pool.known_variables():  # a bare "reset 0 key(s)" hid it
+        known = sorted(pool.known_variables())
+        close = close_matches(env_var, known)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        err.print(f"no key variable {env_var!r} is configured or used here (known: {', '.join(known)}){hint}")
+    changed = pool.reset(env_var)
     out.print(f"reset {changed} key(s)")
 
 
@@ -81,6 +88,8 @@ def reset(env_var: Annotated[str | None, typer.Argument(help="only this key vari
 def put(name: NameArg) -> None:
     """Store a key in the OS keyring: typed at a hidden prompt, or read from stdin when piped."""
     # Hidden prompt at a terminal (never echoed); piped input keeps it scriptable.
+    if not name.strip():  # said "no value given for " about the value
+        raise fail("the secret's name is empty: give the key variable it stands for, e.g. OPENAI_API_KEY", 2)
     value = typer.prompt(name, hide_input=True) if sys.stdin.isatty() else sys.stdin.read()
     value = value.strip()
     if not value:
