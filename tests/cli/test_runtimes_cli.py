@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +105,29 @@ def test_start_supervises_in_the_foreground_and_stop_ends_it(isolated_home: Path
         time.sleep(0.2)
         code, out, _ = car("runtimes", "stop", INSTANCE)
         assert code == 0 and "not running" in out
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_ctrl_c_stops_a_supervised_runtime_with_status_130(isolated_home: Path) -> None:
+    """Ctrl-C stopped it with status 0, where `car serve` and `car generate` exit 130."""
+    _setup(isolated_home)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "car_inference", "runtimes", "start", "smollm2-served", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CAR_HOME": str(isolated_home)},
+    )
+    try:
+        assert child.stdout is not None
+        while (line := child.stdout.readline()).rstrip("\n") != "}":  # running: the status printed
+            assert line, f"start ended early: {child.stderr.read() if child.stderr else ''}"
+        child.send_signal(signal.SIGINT)
+        assert child.wait(20) == 130
+        assert _instances()[INSTANCE]["state"] == "stopped"
     finally:
         if child.poll() is None:
             child.kill()

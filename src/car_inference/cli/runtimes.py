@@ -89,15 +89,18 @@ def start(
         return
     if not as_json:
         err.print("supervising; Ctrl-C or `car runtimes stop` stops it", style="dim")
+    interrupted = False
     try:
         while runtime.state not in (RuntimeState.STOPPED, RuntimeState.FAILED):
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        interrupted = True
     finally:
         runtime.stop()
-    if runtime.state is RuntimeState.FAILED:
+    if runtime.state is RuntimeState.FAILED and not interrupted:
         raise fail(f"{runtime.name}: {runtime.error}")
+    if interrupted:  # 130, as `car serve` and `car generate` exit on Ctrl-C (it was 0)
+        raise typer.Exit(130)
 
 
 @runtimes_app.command("stop")
