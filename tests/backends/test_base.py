@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from car_inference.backends.base import (
+    BACKLOG_HIGH,
     PAUSE,
     TASK_PROTOCOLS,
     class_tasks,
@@ -107,6 +108,52 @@ async def test_an_iterator_can_pause_on_a_pool_of_several_threads() -> None:
             assert [n async for n in iterate_in_thread(paused, pool)] == list(range(20))
     finally:
         pool.shutdown()
+
+
+def _pausing_when_behind(made: list[int], total: int) -> Callable[[threading.Event], Iterator[object]]:
+    """An iterator that pauses as llama.cpp's does when its reader is behind (``StreamControl``)."""
+
+    def items(control: threading.Event) -> Iterator[object]:
+        for i in range(total):
+            made.append(i)
+            yield i
+            if control.behind():  # type: ignore[attr-defined]
+                yield PAUSE
+
+    return items
+
+
+async def test_a_reader_that_stops_reading_parks_the_iterator_until_it_reads_on() -> None:
+    """A stream kept and not read generated on to the end, holding the model (the same caller's
+    next request waited 79 s for it); now it stays paused once BACKLOG_HIGH items wait unread,
+    and goes on, in order and whole, once its reader has read down to BACKLOG_LOW."""
+    made: list[int] = []
+    executor, total = FairExecutor("backlog"), 3 * BACKLOG_HIGH
+    items = iterate_in_thread(_pausing_when_behind(made, total), executor)
+    assert await anext(items) == 0
+    for _ in range(100):  # it makes items until its reader is BACKLOG_HIGH behind, then parks
+        await asyncio.sleep(0.01)
+    assert BACKLOG_HIGH <= len(made) <= BACKLOG_HIGH + 2, len(made)
+    assert await run_blocking(lambda: "the thread is free", executor) == "the thread is free"
+    rest = [n async for n in items]
+    assert [0, *rest] == list(range(total)) and len(made) == total
+
+
+async def test_a_parked_iterator_given_up_is_closed() -> None:
+    executor, steps = FairExecutor("parked"), []
+
+    def items(control: threading.Event) -> Iterator[object]:
+        try:
+            yield from _pausing_when_behind([], 10 * BACKLOG_HIGH)(control)
+        finally:
+            steps.append("closed")
+
+    stream = iterate_in_thread(items, executor)
+    await anext(stream)
+    await asyncio.sleep(0.5)  # parked behind its unread backlog
+    await stream.aclose()
+    await asyncio.get_running_loop().run_in_executor(None, executor.submit(lambda: None).result, 10)
+    assert steps == ["closed"]
 
 
 async def test_a_paused_iterator_given_up_is_closed_without_going_on() -> None:

@@ -443,3 +443,28 @@ async def test_likelihood_classification_of_a_text_past_the_window_reads_its_end
     text = "The weather report for today says it will rain. " * 40 + "I absolutely loved this movie!"
     result = await small.classify(model, ClassifyRequest(text=text, labels=["positive", "negative"]))
     assert result.method == "likelihood" and sum(r.score for r in result.results) == pytest.approx(1.0)
+
+
+async def test_a_stream_left_unread_gives_the_model_to_the_same_callers_next_request(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    """A stream kept in a variable and not read (nor closed) generated on to max_tokens holding
+    the model, and the same caller's next request waited for all of it (79 s); now it pauses once
+    its reader is BACKLOG_HIGH events behind, the next request runs, and read on it still gives
+    the whole greedy answer. Relative to the stream's own generation time in the same run."""
+    import time
+
+    request = greedy("Write a very long story about a dragon who learns to fly.", 700)
+    reference = (await backend.generate(model, request)).text
+    stream = backend.stream(model, request)
+    first = await anext(stream)  # started, then left unread
+    started = time.perf_counter()
+    await asyncio.sleep(0.2)
+    other = await backend.generate(model, greedy("Say hi.", 4))
+    waited = time.perf_counter() - started
+    rest = [event async for event in stream]
+    total = time.perf_counter() - started
+    assert other.text
+    text = "".join(e.text for e in [first, *rest] if isinstance(e, TextDelta))
+    assert text == reference  # paused and resumed, token for token
+    assert waited < total / 2, f"the next request waited {waited:.1f} s of the stream's {total:.1f} s"

@@ -371,6 +371,52 @@ def ranked_result(request: RerankRequest, scores: list[float], model_id: str, me
 # rest of it is queued again (``FairExecutor.resume``) and continues at its next turn.
 PAUSE: Any = object()
 
+# Items made but not yet read past which a pausing iterator stays paused until its reader has
+# caught up to BACKLOG_LOW: a stream kept in a variable and not read (nor closed) generated on to
+# max_tokens holding the model, and the same caller's next request waited for it (79 s).
+BACKLOG_HIGH = 128
+BACKLOG_LOW = 32
+
+
+class StreamControl(threading.Event):
+    """What ``iterate_in_thread`` hands its iterator: set when the consumer stops reading, and
+    ``behind()``, whether the consumer is BACKLOG_HIGH items behind (pause when you can)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._unread = 0
+        self._lock = threading.Lock()
+        self.parked: Iterator[Any] | None = None  # the rest of a paused iterator, waiting for reads
+
+    def behind(self) -> bool:
+        return self._unread >= BACKLOG_HIGH
+
+    def made(self) -> None:
+        with self._lock:
+            self._unread += 1
+
+    def park(self, items: Iterator[Any]) -> bool:
+        """Keep ``items`` (paused) until the reader catches up; False when it has meanwhile."""
+        with self._lock:
+            if self._unread < BACKLOG_HIGH or self.is_set():
+                return False
+            self.parked = items
+            return True
+
+    def read(self) -> Iterator[Any] | None:
+        """One item read; the parked rest to resume once the reader is down to BACKLOG_LOW."""
+        with self._lock:
+            self._unread -= 1
+            if self.parked is None or self._unread > BACKLOG_LOW:
+                return None
+            items, self.parked = self.parked, None
+            return items
+
+    def unpark(self) -> Iterator[Any] | None:
+        with self._lock:
+            items, self.parked = self.parked, None
+            return items
+
 
 async def iterate_in_thread(
     make_iterator: Callable[[threading.Event], Iterator[T]], executor: Executor | None = None
@@ -378,15 +424,16 @@ async def iterate_in_thread(
     """Run a blocking iterator in a worker thread (of ``executor``, by default the model thread
     pool) and yield its items on the event loop.
 
-    The iterator gets a ``threading.Event`` that is set when the consumer stops reading (breaks
-    out, is cancelled, or closes the generator); it must check it between items and return, so a
-    stream nobody reads stops generating. Exceptions raised in the thread re-raise here. When it
-    yields ``PAUSE`` (having let go of what it holds), its thread is given up and the rest runs
-    later as new work of the same caller, first among that caller's (another client's turn).
+    The iterator gets a ``StreamControl`` (a ``threading.Event``) that is set when the consumer
+    stops reading (breaks out, is cancelled, or closes the generator); it must check it between
+    items and return, so a stream nobody reads stops generating. Exceptions raised in the thread
+    re-raise here. When it yields ``PAUSE`` (having let go of what it holds), its thread is given
+    up and the rest runs later as new work of the same caller, first among that caller's (another
+    client's turn) -- or, while the consumer is ``behind()``, once it has read its backlog down.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
-    cancelled = threading.Event()
+    control = StreamControl()
     pool = executor or _MODEL_THREADS
     context = contextvars.copy_context()
     resume = getattr(pool, "resume", pool.submit)
@@ -395,23 +442,28 @@ async def iterate_in_thread(
         with contextlib.suppress(RuntimeError):  # loop closed: nobody is listening
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
+    def go_on(items: Iterator[T]) -> None:  # in a copy: a pool of several threads may start it first
+        resume(contextvars.copy_context().run, produce, items)
+
     def produce(items: Iterator[T] | None = None) -> None:
-        if cancelled.is_set() and items is None:  # given up while it waited for a thread: start nothing
+        if control.is_set() and items is None:  # given up while it waited for a thread: start nothing
             put(_END)
             return
         ended = True
         try:
             if items is None:
-                items = make_iterator(cancelled)
-            elif cancelled.is_set():  # paused, then given up: closed below, without going on
+                items = make_iterator(control)
+            elif control.is_set():  # paused, then given up: closed below, without going on
                 return
             for item in items:
-                if cancelled.is_set():
+                if control.is_set():
                     break
-                if item is PAUSE:  # in a copy: a pool of several threads may start it before we return
-                    resume(contextvars.copy_context().run, produce, items)
+                if item is PAUSE:
                     ended = False
+                    if not control.park(items):
+                        go_on(items)
                     return
+                control.made()
                 put(item)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             put(_Failure(exc))
@@ -431,10 +483,17 @@ async def iterate_in_thread(
                 break
             if isinstance(item, _Failure):
                 raise item.exc
+            parked = control.read()
+            if parked is not None:
+                go_on(parked)
             yield item
     finally:
-        # The worker notices at its next item and returns, releasing the model lock it holds.
-        cancelled.set()
+        # The worker notices at its next item and returns, releasing the model lock it holds; a
+        # parked rest is resumed to see it and close.
+        control.set()
+        parked = control.unpark()
+        if parked is not None:
+            go_on(parked)
         worker.add_done_callback(_consume_exception)
 
 

@@ -391,9 +391,12 @@ class LlamaCppBackend:
                         yield event
                     tool_index += kind == "tool_call"
 
-            turns = Turns(
-                llm, entry.lock, LLAMA_THREAD.others_waiting, allowed=resumable(llm, seed=params.seed)
-            )
+            behind = getattr(cancelled, "behind", None)  # the reader left its stream unread
+
+            def pause_due() -> bool:
+                return LLAMA_THREAD.others_waiting() or (behind is not None and behind())
+
+            turns = Turns(llm, entry.lock, pause_due, allowed=resumable(llm, seed=params.seed))
             for _ in loaded.prefill_steps(tokens):
                 if cancelled.is_set():
                     return  # the caller went away while the prompt was read
