@@ -66,15 +66,20 @@ def test_list_shows_runtimes_and_the_catalogs_managed_models(isolated_home: Path
     assert code == 0 and INSTANCE in out and "llamacpp (gguf models)" in out
 
 
-def test_start_supervises_in_the_foreground_and_stop_ends_it(isolated_home: Path) -> None:
-    _setup(isolated_home)
-    child = subprocess.Popen(
+def _start_in_a_child(home: Path) -> subprocess.Popen[str]:
+    """`car runtimes start smollm2-served --json` in a child process of its own."""
+    return subprocess.Popen(
         [sys.executable, "-m", "car_inference", "runtimes", "start", "smollm2-served", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "CAR_HOME": str(isolated_home)},
+        env={**os.environ, "CAR_HOME": str(home)},
     )
+
+
+def test_start_supervises_in_the_foreground_and_stop_ends_it(isolated_home: Path) -> None:
+    _setup(isolated_home)
+    child = _start_in_a_child(isolated_home)
     try:
         assert child.stdout is not None
         lines: list[str] = []
@@ -114,13 +119,7 @@ def test_start_supervises_in_the_foreground_and_stop_ends_it(isolated_home: Path
 def test_ctrl_c_stops_a_supervised_runtime_with_status_130(isolated_home: Path) -> None:
     """Ctrl-C stopped it with status 0, where `car serve` and `car generate` exit 130."""
     _setup(isolated_home)
-    child = subprocess.Popen(
-        [sys.executable, "-m", "car_inference", "runtimes", "start", "smollm2-served", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "CAR_HOME": str(isolated_home)},
-    )
+    child = _start_in_a_child(isolated_home)
     try:
         assert child.stdout is not None
         while (line := child.stdout.readline()).rstrip("\n") != "}":  # running: the status printed
