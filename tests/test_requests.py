@@ -151,6 +151,8 @@ def test_media_blocks_need_exactly_one_of_url_or_data() -> None:
     with pytest.raises(ValidationError):
         ImageBlock(url="https://x", data="aGVsbG8=")
     assert ImageBlock(data="aGVsbG8=", media_type="image/png").data
+    with pytest.raises(ValidationError, match=r"the media is empty \(0 bytes\)"):  # an empty file's
+        ImageBlock(data="")
 
 
 def test_json_schema_response_format_needs_a_schema() -> None:

@@ -122,6 +122,8 @@ class _MediaBlock(_Model):
 
     @model_validator(mode="after")
     def _one_of(self) -> _MediaBlock:
+        if self.data == "" and not self.url:  # an empty file: "give exactly one of" named fields
+            raise ValueError("the media is empty (0 bytes)")
         if bool(self.url) == bool(self.data):
             raise ValueError("give exactly one of `url` or `data`")
         return self

@@ -82,3 +82,6 @@ def test_ground_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "notes.png").write_text("not an image")
     code, _, err = car("ground", str(tmp_path / "notes.png"), "car", "-m", "ocr")
     assert code == 2 and "not a PNG" in err
+    (tmp_path / "empty.png").write_bytes(b"")  # said "give exactly one of `url` or `data`"
+    code, _, err = car("ground", str(tmp_path / "empty.png"), "car")
+    assert code == 2 and "empty.png is empty (0 bytes)" in err

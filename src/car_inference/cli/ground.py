@@ -57,4 +57,6 @@ def _image(value: str) -> ImageBlock:
         data = path.read_bytes()
     except OSError as exc:
         raise fail(f"cannot read {path}: {exc.strerror or exc}", EXIT_USAGE) from None
+    if not data:  # said "give exactly one of `url` or `data`", fields the user never set
+        raise fail(f"{path} is empty (0 bytes): not an image", EXIT_USAGE)
     return ImageBlock(data=base64.b64encode(data).decode())
