@@ -408,3 +408,15 @@ def test_a_command_closes_its_engine_and_leaves_no_write_ahead_log(isolated_home
     copy.write_bytes((isolated_home / "state.db").read_bytes())
     with sqlite3.connect(copy) as conn:
         assert conn.execute("SELECT COUNT(*) FROM traces").fetchone()[0] == 1
+
+
+def test_a_prompt_longer_than_the_window_is_said_to_be_cut(isolated_home: Path) -> None:
+    """A prompt past the model's window is read from its end, silently: a 50 KB prompt ran for
+    minutes and answered from its last few thousand tokens without a word."""
+    (isolated_home / "config.toml").write_text("[local]\nn_ctx = 256\n")
+    prompt = "The weather report for today says it will rain. " * 60 + "What is 2 + 2?"
+    code, out, err = car("generate", prompt, "-n", "4", "-t", "0", "--no-stream")
+    assert code == 0 and out.strip(), err
+    assert "the prompt was longer than the model's 256-token window: only its end was read" in err
+    code, _, err = car("generate", "What is 2 + 2?", "-n", "4", "-t", "0", "--no-stream")
+    assert code == 0 and "the prompt was longer" not in err

@@ -11,7 +11,7 @@ import typer
 from pydantic import ValidationError
 
 from ..errors import InferenceError, validation_summary
-from ..requests import GenerateParams, GenerateRequest, InferenceResult, Message, ThinkingMode
+from ..requests import GenerateParams, GenerateRequest, InferenceResult, Message, ThinkingMode, TokenUsage
 from ..schema import ModelCapability
 from ..stream import Done, ErrorEvent, RouteEvent, TextDelta, ThinkingDelta, ToolCallStart
 from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json, run, spinner
@@ -101,11 +101,20 @@ def _print_tool_calls(result: InferenceResult | Done) -> None:
         err.print(f"[tool call] {call.name}({call.arguments or call.invalid_arguments})", style="cyan")
 
 
-def _note_cut(finish_reason: str | None, max_tokens: int) -> None:
-    """Say on stderr when the answer was cut, so a truncated answer is not taken for a whole one."""
+def _note_cut(finish_reason: str | None, max_tokens: int, usage: TokenUsage | None = None) -> None:
+    """Say on stderr when the answer was cut, so a truncated answer is not taken for a whole one,
+    and when the prompt was (a 50 KB prompt was cut to the window's tail without a word)."""
     if finish_reason == "length":
         sys.stdout.flush()  # after the answer, not before it
         err.print(f"(cut at the {max_tokens}-token limit: raise it with -n)", style="dim", markup=False)
+    if usage is not None and usage.needs_compaction:
+        sys.stdout.flush()
+        window = f"{usage.context_window}-token " if usage.context_window else ""
+        err.print(
+            f"(the prompt was longer than the model's {window}window: only its end was read)",
+            style="dim",
+            markup=False,
+        )
 
 
 def register(app: typer.Typer) -> None:
@@ -148,7 +157,7 @@ def register(app: typer.Typer) -> None:
             final = run(_stream_to_terminal(eng, request, show_spinner=True))
             if final is not None:
                 _print_tool_calls(final)
-                _note_cut(final.finish_reason, max_tokens)
+                _note_cut(final.finish_reason, max_tokens, final.usage)
             return
         with spinner("Generating..."):
             result = run(eng.generate(request))
@@ -156,7 +165,7 @@ def register(app: typer.Typer) -> None:
             err.print(result.thinking, style="dim")
         sys.stdout.write(result.text + "\n")
         _print_tool_calls(result)
-        _note_cut(result.finish_reason, max_tokens)
+        _note_cut(result.finish_reason, max_tokens, result.usage)
 
     @app.command()
     @handle_errors
