@@ -86,6 +86,13 @@ class _Input(_Model):
         return self
 
 
+def _tool_name(tool: dict[str, Any]) -> str | None:
+    """The function name a tool declares (``{type, function: {name}}`` or ``{name}``), if any."""
+    fn = tool.get("function", tool)
+    name = fn.get("name") if isinstance(fn, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
 class _OmitEmpty(_Model):
     """Drops the fields named in ``omit_when_empty`` from the serialized form when they are empty."""
 
@@ -287,8 +294,7 @@ class GenerateRequest(_Input):
         if self.params.raw_prompt and not self.prompt:
             raise ValueError("`raw_prompt` sends `prompt` as it is: it needs a non-empty `prompt`")
         for i, tool in enumerate(self.tools or []):
-            fn = tool.get("function", tool)
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            if not _tool_name(tool):
                 raise ValueError(
                     f"tools[{i}] names no function: OpenAI's {{type: function, function: {{name, "
                     "parameters}}}}, or {name, parameters}"
@@ -304,12 +310,7 @@ class GenerateRequest(_Input):
 
     def tool_names(self) -> list[str]:
         """The function names ``tools`` declares (OpenAI's ``{type, function: {name}}``, or ``{name}``)."""
-        names = []
-        for tool in self.tools or []:
-            fn = tool.get("function", tool)
-            if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-                names.append(fn["name"])
-        return names
+        return [name for tool in self.tools or [] if (name := _tool_name(tool))]
 
     def chat_messages(self) -> list[Message]:
         """The conversation as messages: ``context`` as system, history, then ``prompt`` with

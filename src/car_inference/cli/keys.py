@@ -74,8 +74,8 @@ def stats(
 def reset(env_var: Annotated[str | None, typer.Argument(help="only this key variable")] = None) -> None:
     """Re-enable keys disabled after a 401/403 and end cooldowns."""
     pool = _pool()
-    if env_var is not None and env_var not in pool.known_variables():  # a bare "reset 0 key(s)" hid it
-        known = sorted(pool.known_variables())
+    known = sorted(pool.known_variables())
+    if env_var is not None and env_var not in known:  # a bare "reset 0 key(s)" hid it
         close = close_matches(env_var, known)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         err.print(f"no key variable {env_var!r} is configured or used here (known: {', '.join(known)}){hint}")
