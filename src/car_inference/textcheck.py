@@ -3,7 +3,7 @@
 JSON escapes (``"\\ud800"``) and Python literals make strings holding a lone surrogate; encoding
 one to UTF-8 raises ``UnicodeEncodeError`` in whatever backend meets it first (llama.cpp's
 tokenizer, a file name, Hugging Face tokenizers' ``TypeError``). Requests refuse them at
-validation (``requests._Model``), so the error names the field.
+validation (``requests_base._Input``), so the error names the field.
 """
 
 from __future__ import annotations
