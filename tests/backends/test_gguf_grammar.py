@@ -44,11 +44,11 @@ def test_a_refused_grammar_is_not_written_whole_to_the_log(capfd: pytest.Capture
     from llama_cpp import Llama
 
     from car_inference.backends.gguf_grammar import MAX_LINE_CHARS
-    from car_inference.backends.llamacpp import _quiet_llama_cpp
+    from car_inference.backends.gguf_loaded import quiet_llama_cpp
     from car_inference.catalog import load_builtin
     from car_inference.catalog.locate import local_path
 
-    _quiet_llama_cpp()
+    quiet_llama_cpp()
     smol = next(m for m in load_builtin().models if m.id == "huggingface/smollm2-135m-instruct:q4_1")
     vocab = Llama(str(local_path(smol)), vocab_only=True, verbose=False)
     capfd.readouterr()

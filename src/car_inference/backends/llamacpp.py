@@ -13,18 +13,13 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import ctypes
 import functools
-import logging
 import math
 import random
-import re
-import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass
 from threading import Event
 from typing import Any, TypeVar
 
@@ -65,8 +60,8 @@ from .base import (
 )
 from .cache import CachedModel
 from .chat_template import StopMatcher, TagSplitter, chat_messages, parse_tool_call_block, render_chat
-from .control_text import control_pattern, neutralize, tokenize_around
 from .gguf_grammar import json_grammar
+from .gguf_loaded import LoadedGguf, quiet_llama_cpp
 from .llama_turns import Turns, resumable
 from .prompts import DEFAULT_RERANK_INSTRUCTION, classify_prompt, rerank_prompt
 from .vision import chat_handler, check_vision, has_images, mmproj_path, run_vision, vision_messages
@@ -81,118 +76,6 @@ _I = TypeVar("_I")
 _R = TypeVar("_R")
 
 MAX_VOCABS = 4  # vocabulary-only loads kept for counting prompt tokens at routing time
-
-
-# ggml's log levels (ggml.h: DEBUG 1, INFO 2, WARN 3, ERROR 4; CONT 5 continues the last line).
-_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
-_LOG_CALLBACK: list[Any] = []  # ours once installed, kept referenced: llama.cpp holds a C pointer
-
-
-def _quiet_llama_cpp() -> None:
-    """Only llama.cpp's errors reach stderr unless the application asks for more. llama-cpp-python's
-    own log callback reads ggml's levels as numbered before ggml.h renumbered them, so a warning
-    (such as a vocabulary-only load's "n_ctx_seq > n_ctx_train (0)") passes as an error even with
-    ``verbose=False``; ours reads them right and honours the "llama-cpp-python" logger's level."""
-    import llama_cpp
-
-    logger = logging.getLogger("llama-cpp-python")
-    if logger.level == logging.NOTSET:
-        logger.setLevel(logging.ERROR)
-    if _LOG_CALLBACK:
-        return
-    last = [logging.ERROR]
-
-    @llama_cpp.llama_log_callback
-    def forward(level: int, text: bytes, _user_data: Any) -> None:
-        last[0] = last[0] if level == 5 else _GGML_LEVELS.get(level, logging.ERROR)
-        if last[0] >= logger.getEffectiveLevel():
-            sys.stderr.write(text.decode("utf-8", "replace"))
-            sys.stderr.flush()
-
-    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
-    _LOG_CALLBACK.append(forward)
-
-
-_NEVER = Event()  # a stop that is never set
-
-
-@dataclass
-class LoadedGguf:
-    llm: Any  # llama_cpp.Llama
-    template: str | None
-    bos: str
-    eos: str
-    add_bos: bool
-    n_ctx: int
-    vocab: Any
-
-    def tokenize(self, text: str, *, special: bool, add_bos: bool = False) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
-
-    def tokenize_prompt(self, render: Callable[..., str], *client: Any, bos: bool = True) -> list[int]:
-        """``render(*client)`` tokenized with its template's control tokens, while the text of
-        one in the ``client`` values (strings, messages, tools) stays text (``control_text``).
-        A BOS is added unless ``bos`` is off or the rendered text starts with one."""
-        found: list[str] = []
-        if self.controls is not None:
-            client = tuple(neutralize(value, self.controls, found) for value in client)
-        text = render(*client)
-        add_bos = bos and self.add_bos and not (self.bos and text.startswith(self.bos))
-        if found:
-            return tokenize_around(
-                text, found, lambda t, sp, b: self.tokenize(t, special=sp, add_bos=b), add_bos
-            )
-        return self.tokenize(text, special=True, add_bos=add_bos)
-
-    @functools.cached_property
-    def controls(self) -> re.Pattern[str] | None:
-        """The text of the model's control tokens (``control_text``); read once, ~50 ms."""
-        return control_pattern(self.llm, self.vocab)
-
-    def is_eog(self, token: int) -> bool:
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
-
-    def cached(self, tokens: list[int]) -> int:
-        """How many of ``tokens`` (all but the last, which must be evaluated for its logits) the
-        KV cache holds already."""
-        llm, prefix = self.llm, 0
-        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens[:-1], strict=False):
-            if a != b:
-                break
-            prefix += 1
-        return prefix
-
-    def prefill(self, tokens: list[int], stop: Event, *, whole: bool = False) -> bool:
-        """Evaluate ``tokens`` past the cached prefix in the batches ``llm.eval`` makes (n_batch
-        from the prefix on), checking ``stop`` between them; False when it was set. A long prompt
-        takes seconds to read (8K tokens: a minute under load on 2 cores), and a caller that went
-        away held the model through all of it. Unless ``whole``, the last batch is left for
-        ``generate`` to evaluate, as one call would: the same batches, the same logits."""
-        return all(not stop.is_set() for _ in self.prefill_steps(tokens, whole=whole))
-
-    def prefill_steps(self, tokens: list[int], *, whole: bool = False) -> Iterator[None]:
-        """``prefill``, yielding before each batch (to check a stop, or to pause)."""
-        llm = self.llm
-        start = self.cached(tokens)
-        step = llm.n_batch
-        end = len(tokens) if whole else start + (len(tokens) - 1 - start) // step * step
-        llm.n_tokens = start  # eval() drops the KV cache beyond this point
-        for i in range(start, end, step):
-            yield
-            llm.eval(tokens[i : min(i + step, end)])
-
-    def last_logits(self, tokens: list[int], stop: Event | None = None) -> Any:
-        """Logits after ``tokens``, reusing the KV cache for the prefix already evaluated;
-        ``InferenceFailed`` once ``stop`` is set (``prefill``)."""
-        import llama_cpp
-        import numpy as np
-
-        if not self.prefill(tokens, stop or _NEVER, whole=True):
-            raise InferenceFailed("reading the prompt stopped: its caller went away")
-        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype("float64")
 
 
 class LlamaCppBackend:
@@ -222,7 +105,7 @@ class LlamaCppBackend:
     ) -> LoadedGguf:
         import llama_cpp
 
-        _quiet_llama_cpp()
+        quiet_llama_cpp()
         kwargs: dict[str, Any] = {
             "n_ctx": self.context_window(model, self.ctx.config),
             "vocab_only": vocab_only,
