@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
+from threading import Event
 from typing import Any
 
 import pytest
@@ -245,3 +246,43 @@ async def test_a_text_model_refuses_images(isolated_home: Path) -> None:
             await engine.generate(unreachable)
     finally:
         engine.close()
+
+
+def test_an_answer_whose_caller_went_away_ends_at_the_next_token(tmp_path: Path) -> None:
+    """A vision answer comes whole, and one whose caller went away ran on to ``max_tokens`` with
+    the model held from everyone. No VLM weights here: ``run_vision``'s completion runs through a
+    real llama.cpp chat handler (SmolLM2's own template), text only, on the llama thread."""
+    from car_inference.backends.base import BackendContext
+    from car_inference.backends.cache import ModelCache
+    from car_inference.backends.llamacpp import LLAMA_THREAD, LlamaCppBackend
+    from car_inference.backends.vision import run_vision
+    from car_inference.catalog import load_builtin
+    from car_inference.catalog.locate import local_path
+    from car_inference.config import CarConfig
+    from car_inference.stream import Done
+
+    config = CarConfig(home=tmp_path)
+    backend = LlamaCppBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
+    model = next(m for m in load_builtin().models if m.id == "huggingface/smollm2-135m-instruct:q4_1")
+    request = GenerateRequest(prompt="?", params=GenerateParams(max_tokens=160, temperature=0))
+    messages = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
+
+    def answer(went_away: bool) -> tuple[list[Any], int]:
+        loaded = backend._load(model, str(local_path(model)), False)
+        llm = loaded.llm
+        llm.chat_handler = llama_chat_format.Jinja2ChatFormatter(
+            template=loaded.template or "", eos_token=loaded.eos, bos_token=loaded.bos
+        ).to_chat_handler()
+        cancelled = Event()
+        if went_away:
+            cancelled.set()
+        events = list(run_vision(llm, model, request, messages, cancelled))
+        return events, llm.n_tokens
+
+    whole, whole_tokens = LLAMA_THREAD.submit(answer, False).result()
+    done = whole[-1]
+    assert isinstance(done, Done) and done.usage is not None
+    assert done.usage.completion_tokens > 100, "the prompt would run long"
+    ended, ended_tokens = LLAMA_THREAD.submit(answer, True).result()
+    assert ended == []
+    assert ended_tokens <= done.usage.prompt_tokens + 1 < whole_tokens

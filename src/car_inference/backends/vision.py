@@ -152,7 +152,8 @@ def run_vision(
     """One multimodal chat completion of ``messages`` (``vision_messages``' output, images already
     fetched: a slow URL must not hold the model's turn). Blocking; the caller holds the model's
     lock. The answer comes in one piece: llama-cpp-python reports exact usage only for a whole
-    completion."""
+    completion. Once ``cancelled`` is set (the caller went away) the answer ends at the next token
+    (``_end_when``) instead of running on to ``max_tokens`` with the model held."""
     if getattr(llm, "chat_handler", None) is None:
         check_vision(model, request)  # a model without a projector says so
         raise InferenceFailed(f"{model.id}: loaded without its vision projector")
@@ -167,6 +168,7 @@ def run_vision(
             stop=params.stop or None,
             seed=params.seed,
             repeat_penalty=params.repeat_penalty,
+            logits_processor=_end_when(cancelled, llm.token_eos()),
         )
     except (ValueError, RuntimeError) as exc:  # the projector or an image that will not load
         raise InferenceFailed(f"{model.id}: llama.cpp could not run the images: {exc}") from exc
@@ -188,3 +190,21 @@ def run_vision(
         ),
         finish_reason=choice.get("finish_reason") or "stop",
     )
+
+
+def _end_when(cancelled: Event, eos: int) -> Any:
+    """A logits processor that leaves only the end-of-generation token once ``cancelled`` is set.
+    The multimodal handlers pass no stopping criteria on to ``create_completion``, and an exception
+    raised in llama.cpp's sampler callback is printed and swallowed; a forced end stops the
+    completion at its next token, and the model is free."""
+    import llama_cpp
+    import numpy as np
+
+    def process(_input_ids: Any, scores: Any) -> Any:
+        if not cancelled.is_set():
+            return scores
+        ended = np.full_like(scores, -np.inf)
+        ended[eos] = 0.0
+        return ended
+
+    return llama_cpp.LogitsProcessorList([process])
