@@ -187,6 +187,7 @@ async def test_one_client_cannot_take_every_slot(
         async with connect(server.ws_url, additional_headers={"Authorization": f"Bearer {KEYS[0]}"}) as ws:
             await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "health"}))
             busy = json.loads(await ws.recv())["error"]
+        assert busy["code"] == -32008 and busy["data"]["code"] == "client_busy"  # as over HTTP
         assert busy["data"]["status"] == 429 and "max_in_flight_per_client" in busy["message"]
     finally:
         slow.join()
@@ -513,6 +514,9 @@ def test_a_store_far_behind_sheds_requests_with_a_503(
             ws.send(json.dumps(call))
             answer = json.loads(ws.recv())
             assert answer["error"]["code"] == -32017 and answer["error"]["data"]["retryable"] is True
+            for read in ("health", "models.list"):  # as over HTTP, a call that writes no record
+                ws.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": read}))
+                assert "result" in json.loads(ws.recv()), read
             stuck.set()
             while keeper.pending:
                 assert time.monotonic() < deadline + 10

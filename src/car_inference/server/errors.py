@@ -414,6 +414,7 @@ RPC_CODES: dict[str | None, int] = {
     "all_models_failed": -32006,
     "request_timeout": -32007,
     "server_busy": -32008,
+    "client_busy": -32008,
     "server_shutdown": -32016,
     "state_store_behind": -32017,
     "state_unavailable": -32017,

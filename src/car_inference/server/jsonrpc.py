@@ -61,6 +61,8 @@ REQUEST_CANCELLED = -32800
 TRY_AGAIN_LATER = 1013  # the WebSocket close code for "over a limit: come back later" (RFC 6455)
 # Methods the concurrency limit does not count: they free work or feed a call in flight.
 _UNCOUNTED = frozenset({"cancel", "runner.event"})
+# Methods that write no record, answered while the state store is behind, as HTTP's reads are.
+_READS = frozenset({"health", "models.list", "voices"})
 EVENT_METHOD = "infer.event"
 
 Params = dict[str, Any]
@@ -255,7 +257,7 @@ class Session:
         metrics = self.state.metrics
         limiter = self.state.limiter
         counted = name not in _UNCOUNTED
-        behind = self.state.behind_error() if counted else None
+        behind = self.state.behind_error() if counted and name not in _READS else None
         if behind is not None:
             metrics.request(f"ws:{name}", None, 503)
             return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(describe(behind))}
@@ -266,7 +268,10 @@ class Session:
         if counted and limiter.client_full(self.client):
             message = f"this client has {limiter.per_client} calls in flight, its limit"
             return self._busy(
-                name, rid, message + " ([server] max_in_flight_per_client); wait for one to finish"
+                name,
+                rid,
+                message + " ([server] max_in_flight_per_client); wait for one to finish",
+                "client_busy",
             )
         if counted and not limiter.try_acquire(self.client):
             return self._busy(name, rid, f"the server is at its limit of {limiter.limit} concurrent requests")
