@@ -53,6 +53,37 @@ def test_metrics_count_requests_tokens_and_decisions(local_server: ServerThread)
         assert name in text, name
 
 
+def test_failures_are_counted_on_every_route(local_server: ServerThread) -> None:
+    """car_errors_total counted failures of chat and completions only: a failed embedding,
+    transcription or image request left no trace in it. A capability no model has names no model
+    (it was labelled model="image_generation")."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def errors() -> dict[tuple[str, str], float]:
+        text = httpx.get(local_server.url + "/metrics").text
+        family = next(f for f in text_string_to_metric_families(text) if f.name == "car_errors")
+        return {
+            (s.labels["model"], s.labels["error"]): s.value
+            for s in family.samples
+            if s.name == "car_errors_total"
+        }
+
+    client = openai.OpenAI(base_url=local_server.url + "/v1", api_key="unused", max_retries=0)
+    before = errors()
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="no-such-embedder", input="x")
+    with pytest.raises(openai.BadRequestError):
+        client.audio.transcriptions.create(model="whisper-base", file=("a.wav", b"not audio at all"))
+    with pytest.raises(openai.APIStatusError) as unavailable:
+        client.images.generate(prompt="a cat")
+    assert unavailable.value.status_code == 501
+    after = errors()
+    grew = {key for key, value in after.items() if value > before.get(key, 0)}
+    assert ("-", "ModelNotFound") in grew
+    assert ("-", "ModelUnavailable") in grew and not any(m == "image_generation" for m, _ in after)
+    assert ("-", "InvalidInput") in grew, grew  # the audio that cannot be decoded
+
+
 def test_unknown_routes_and_methods_are_openai_errors(local_server: ServerThread) -> None:
     missing = httpx.post(local_server.url + "/v1/nothing-here", json={})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_route"

@@ -7,7 +7,13 @@ import time
 from prometheus_client import REGISTRY
 
 from car_inference.engine.bookkeeping import Bookkeeper
-from car_inference.errors import AllModelsFailed, InferenceFailed, ModelNotFound, ProviderError
+from car_inference.errors import (
+    AllModelsFailed,
+    InferenceFailed,
+    ModelNotFound,
+    ModelUnavailable,
+    ProviderError,
+)
 from car_inference.requests import TokenUsage
 from car_inference.server.metrics import Metrics
 
@@ -42,6 +48,11 @@ def test_failures_count_against_the_models_that_failed() -> None:
     assert sample(metrics, "car_errors_total", model="p/a", error="ProviderError") == 2
     assert sample(metrics, "car_errors_total", model="p/b", error="InferenceFailed") == 1
     assert sample(metrics, "car_errors_total", model="-", error="ModelNotFound") == 1
+    # No model for a capability (the speech and image routes): no model to name.
+    metrics.failure(ModelUnavailable("image_generation", "no model has it"), "image_generation")
+    metrics.failure(ModelUnavailable("p/c", "not pulled"), "image_generation")
+    assert sample(metrics, "car_errors_total", model="-", error="ModelUnavailable") == 1
+    assert sample(metrics, "car_errors_total", model="p/c", error="ModelUnavailable") == 1
 
 
 def test_each_app_has_its_own_registry() -> None:

@@ -361,11 +361,21 @@ def guarded(
                 return await _unless_gone(request, fn)
             except Exception as exc:
                 info = describe(exc, capability=capability, timeout_s=timeout_s, retry_hint=retry_hint)
+                if isinstance(exc, InferenceError):
+                    _count(request, exc, capability)
                 return error_response(info)
 
         return endpoint
 
     return wrap
+
+
+def _count(request: Request, exc: InferenceError, capability: str | None) -> None:
+    """``exc`` in ``car_errors_total`` (``metrics.failure``), on every route of the app."""
+    app = request.scope.get("app")
+    server = getattr(getattr(app, "state", None), "car", None)  # ServerState, set by app.py
+    if server is not None:
+        server.metrics.failure(exc, capability)
 
 
 async def _unless_gone(request: Request, fn: Callable[[Request], Awaitable[Response]]) -> Response:

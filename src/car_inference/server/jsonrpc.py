@@ -308,9 +308,9 @@ class Session:
             metrics.request(f"ws:{name}", None, 499)
             return _error(rid, REQUEST_CANCELLED, "request cancelled")
         except Exception as exc:
-            if isinstance(exc, InferenceError):
-                metrics.failure(exc)
             capability = _CAPABILITIES.get(name)
+            if isinstance(exc, InferenceError):
+                metrics.failure(exc, capability)
             info = describe(exc, capability=capability, timeout_s=timeout_s, retry_hint=self.state.retry_hint)
             metrics.request(f"ws:{name}", None, info.status)
             return {"jsonrpc": "2.0", "id": rid, "error": rpc_error(info)}

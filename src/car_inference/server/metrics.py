@@ -160,15 +160,17 @@ class Metrics:
     def error(self, model: str | None, error: str) -> None:
         self.errors.labels(model or NO_MODEL, error).inc()
 
-    def failure(self, exc: BaseException) -> None:
-        """A request that failed: counted against the models that failed, where known."""
+    def failure(self, exc: BaseException, capability: str | None = None) -> None:
+        """A request that failed: counted against the models that failed, where known. On a route
+        of ``capability``, a ``ModelUnavailable`` naming the capability (no model has it) names no
+        model."""
         if isinstance(exc, AllModelsFailed):
             for model, error in exc.attempts:
                 self.error(model, type(error).__name__)
         elif isinstance(exc, ProviderError):
             self.error(exc.model, type(exc).__name__)
         elif isinstance(exc, ModelUnavailable):
-            self.error(exc.model_id, type(exc).__name__)
+            self.error(None if exc.model_id == capability else exc.model_id, type(exc).__name__)
         else:
             self.error(None, type(exc).__name__)
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import InferenceError, InvalidInput
+from ..errors import InvalidInput
 from ..requests import InferenceResult
 from .common import ServerState, car_headers, json_response, read_call, read_json
 from .errors import ApiError, guarded
@@ -45,12 +45,8 @@ def register(app: FastAPI, state: ServerState) -> None:
     async def generate(call: GenerationCall, render: Render, chunks: type[ChatChunks]) -> Response:
         if call.stream:
             return EventStream(state, engine.stream(call.request), chunks(call))
-        try:
-            async with asyncio.timeout(timeout_s):
-                result = await engine.generate(call.request)
-        except InferenceError as exc:
-            metrics.failure(exc)
-            raise
+        async with asyncio.timeout(timeout_s):
+            result = await engine.generate(call.request)  # a failure is counted by ``guarded``
         routing = result.routing
         if routing is not None:
             metrics.decision(str(routing.decision.strategy))
