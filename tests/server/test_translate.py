@@ -191,6 +191,7 @@ def test_media_part_options_are_checked_where_the_client_wrote_them() -> None:
 def test_legacy_completion_request() -> None:
     call = completion_request({"prompt": ["Once upon"], "max_tokens": 5, "stop": ["\n"]})
     assert call.request.prompt == "Once upon" and call.request.params.raw_prompt
+    assert completion_request({"prompt": "x", "tools": []}).request.prompt == "x"  # none given
     shaped = completion_request({"prompt": "x", "response_format": {"type": "json_object"}})
     assert shaped.request.response_format is not None and shaped.request.response_format.type == "json_object"
     cases: list[tuple[dict[str, object], str]] = [
@@ -198,6 +199,9 @@ def test_legacy_completion_request() -> None:
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": "x", "echo": True}, "echo"),
+        # Tools were accepted and dropped: the caller waited for a tool call that could not come.
+        ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"prompt": "x", "functions": [{"name": "f"}]}, "functions"),
         ({"prompt": "x", "response_format": "json"}, "response_format"),
         ({"prompt": "x", "stream_options": {"include_usage": "false"}}, "stream_options.include_usage"),
     ]

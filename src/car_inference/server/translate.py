@@ -317,6 +317,9 @@ def completion_request(body: dict[str, Any]) -> GenerationCall:
         raise _bad("`echo` is not supported", "echo")
     if body.get("best_of") not in (None, 1) or isinstance(body.get("best_of"), bool):
         raise _bad("only best_of = 1 is supported", "best_of")
+    for name in ("tools", "functions"):  # a raw prompt has no template to offer tools in
+        if body.get(name):
+            raise _bad(f"`{name}` needs /v1/chat/completions: a completion's prompt is sent as-is", name)
     params = _params(body) | {"raw_prompt": True}
     data = {
         "prompt": prompt, "model": _model(body), "params": params, "intent": body.get("intent"),
