@@ -221,8 +221,9 @@ class ServerSettings(_Section):
     record_delay_ms: float = Field(
         default=50.0, ge=0, le=10_000, description="outcome records of this window share one commit"
     )
-    # The writer's queue holds each answer's record (its request and result) in memory until the
-    # state store has it: past this many, requests are refused (503) until it catches up.
+    # The writer's queue holds each answer's record (its counts, last user turn and answer text) in
+    # memory until the state store has it: past this many, requests are refused (503) until it
+    # catches up.
     max_pending_records: int = Field(
         default=50_000, ge=0, description="503 beyond this many records not yet written; 0: never"
     )

@@ -13,8 +13,8 @@ and leaves streaming responses alone. In order, for HTTP:
    and dropped first, so it reads the 413 instead of a reset), one that has not arrived within
    ``server.body_timeout_s`` with 408; both close the connection.
 4. While the state store is ``server.max_pending_records`` records behind, 503
-   ``state_store_behind`` with ``Retry-After`` for requests with a body (the records hold their
-   requests in memory); reads (``GET``: ``/v1/health`` says how far behind) are still served.
+   ``state_store_behind`` with ``Retry-After`` for requests with a body (the records wait in
+   memory); reads (``GET``: ``/v1/health`` says how far behind) are still served.
 5. Beyond ``server.max_in_flight_per_client`` requests in flight from one client (its API key,
    else its address), 429 ``client_busy``; beyond ``server.max_concurrency`` in all, 429 with
    ``Retry-After``; with
