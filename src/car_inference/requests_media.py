@@ -21,6 +21,7 @@ __all__ = [
     "SynthesizeResult",
     "TranscribeRequest",
     "TranscribeResult",
+    "TranscribedSegment",
     "TranscribedWord",
     "VideoMode",
 ]
@@ -40,11 +41,27 @@ class TranscribedWord(_Model):
     end: float
 
 
+class TranscribedSegment(_Model):
+    """A stretch of the transcript with its times (seconds); the decoder's figures where the
+    model gives them (faster-whisper does, as OpenAI's verbose_json segments)."""
+
+    start: float
+    end: float
+    text: str
+    tokens: list[int] = Field(default_factory=list)
+    temperature: float | None = None
+    avg_logprob: float | None = None
+    compression_ratio: float | None = None
+    no_speech_prob: float | None = None
+
+
 class TranscribeResult(_Model):
     text: str
     model_used: str | None = None
     language: str | None = None
+    duration: float | None = Field(default=None, description="the audio's length in seconds, where known")
     words: list[TranscribedWord] = Field(default_factory=list)
+    segments: list[TranscribedSegment] = Field(default_factory=list)
 
 
 class SynthesizeRequest(_Input):

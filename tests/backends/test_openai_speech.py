@@ -175,9 +175,12 @@ async def test_timestamps_ask_for_word_timings(fake: FakeProviderServer, tmp_pat
     request = TranscribeRequest(audio_path=str(audio), timestamps=True)
     result = await make(tmp_path).transcribe(on_fake(fake, STT), request)
     form = fake.speech.transcribed[-1]
-    assert (form["response_format"], form["timestamp_granularities"]) == ("verbose_json", ["word"])
+    assert form["response_format"] == "verbose_json"
+    assert form["timestamp_granularities"] == ["word", "segment"]
     assert [(w.word, w.start, w.end) for w in result.words] == [("one", 0.0, 0.3), ("two", 0.3, 0.6)]
-    assert result.language == "english"
+    assert result.language == "english" and result.duration == 0.6
+    [segment] = result.segments
+    assert (segment.start, segment.end, segment.text, segment.avg_logprob) == (0.0, 0.6, "one two", -0.25)
 
 
 async def test_bad_audio_is_refused(fake: FakeProviderServer, tmp_path: Path) -> None:

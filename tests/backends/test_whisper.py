@@ -106,6 +106,11 @@ async def test_word_timestamps_are_monotonic(
         duration = wav.getnframes() / wav.getframerate()
     assert all(0 <= w.start <= w.end <= duration + 0.5 for w in words)
     assert all(a.start <= b.start and a.end <= b.end for a, b in itertools.pairwise(words))
+    # The audio's length and Whisper's segments (OpenAI's verbose_json and subtitles use them).
+    assert result.duration is not None and abs(result.duration - duration) < 0.05
+    assert result.segments and " ".join(s.text for s in result.segments) == result.text
+    assert all(0 <= s.start < s.end <= duration + 0.5 and s.tokens for s in result.segments)
+    assert all(s.avg_logprob is not None and s.avg_logprob < 0 for s in result.segments)
 
 
 def _with_silence(source: Path, target: Path, before_s: float, after_s: float) -> Path:
@@ -131,7 +136,7 @@ async def test_silence_is_empty_text_and_speech_amid_silence_is_heard_whole(
     quiet = await backend.transcribe(model, TranscribeRequest(audio_path=str(silent)))
     assert quiet.text == "" and quiet.words == [] and quiet.language is None and quiet.model_used == WHISPER
     said = await backend.transcribe(model, TranscribeRequest(audio_path=str(silent), language="en"))
-    assert said.text == "" and said.language == "en"
+    assert said.text == "" and said.language == "en" and said.duration and not said.segments
     padded = _with_silence(fox_wav, tmp_path / "padded.wav", 2.0, 3.0)
     heard = await backend.transcribe(model, TranscribeRequest(audio_path=str(padded), timestamps=True))
     assert _heard(heard.text), heard.text

@@ -197,7 +197,14 @@ def _transcription(handler: Any) -> None:
         "segments": [],
         "usage": usage,
     }
-    if "word" in (form.get("timestamp_granularities") or []):
+    granularities = form.get("timestamp_granularities") or ["segment"]  # the API's default
+    if "segment" in granularities:
+        answer["segments"] = [
+            {"id": 0, "seek": 0, "start": 0.0, "end": answer["duration"], "text": f" {text}",
+             "tokens": [50364, 400], "temperature": 0.0, "avg_logprob": -0.25,
+             "compression_ratio": 0.9, "no_speech_prob": 0.01}
+        ]  # fmt: skip
+    if "word" in granularities:
         answer["words"] = words
     handler._send_json(200, answer)
 

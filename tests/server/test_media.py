@@ -20,11 +20,12 @@ from car_inference.requests import (
     GenerateImageResult,
     SynthesizeRequest,
     SynthesizeResult,
+    TranscribedSegment,
     TranscribeRequest,
     TranscribeResult,
 )
 from car_inference.server import ServerThread, create_app
-from car_inference.server.media import parse_multipart
+from car_inference.server.media import parse_multipart, subtitles
 from fakes import FakeProviderServer
 from fakes.provider_speech import spoken_text
 
@@ -61,6 +62,27 @@ def test_speech_round_trip_and_missing_images_501(local_server: ServerThread) ->
     # Piper's voice varies from run to run ("fox" came back once as "box"): most words, not each.
     heard = set(text.text.lower().replace(".", "").split())
     assert len(heard & {"quick", "brown", "fox", "jumps", "lazy", "dog"}) >= 4, text.text
+    # The SDK sends a list as one part per item: only the last one ("segment") was read, and the
+    # word timestamps asked for were lost. verbose_json has OpenAI's duration and segments.
+    verbose = client.audio.transcriptions.create(
+        model="auto",
+        file=("fox.wav", audio, "audio/wav"),
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+    )
+    seconds = (len(audio) - 44) / (22050 * 2)  # Piper's 16-bit mono at 22,050 Hz
+    assert verbose.duration is not None and abs(verbose.duration - seconds) < 0.1
+    assert verbose.words and len(verbose.words) >= 6 and verbose.words[0].start < verbose.words[-1].end
+    assert verbose.segments and verbose.segments[0].text and verbose.segments[-1].end <= seconds + 0.5
+    assert verbose.segments[0].avg_logprob < 0 and verbose.segments[0].id == 0
+    srt = client.audio.transcriptions.create(
+        model="auto", file=("fox.wav", audio, "audio/wav"), response_format="srt"
+    )
+    assert str(srt).startswith("1\n00:00:0") and " --> 00:00:0" in str(srt)
+    vtt = client.audio.transcriptions.create(
+        model="auto", file=("fox.wav", audio, "audio/wav"), response_format="vtt"
+    )
+    assert str(vtt).startswith("WEBVTT\n\n00:00:0") and "fox" in str(vtt).lower()
     # Audio that is not audio is the caller's mistake: 400, not 500.
     with pytest.raises(openai.BadRequestError) as bad:
         client.audio.transcriptions.create(model="auto", file=("a.wav", WAV, "audio/wav"))
@@ -139,6 +161,32 @@ def test_multipart_keeps_binary_uploads_intact() -> None:
     assert fields["model"].text == "auto"
     upload = fields["file"]
     assert upload.value == WAV and upload.filename == "clip.wav" and upload.content_type == "audio/wav"
+
+
+def test_a_repeated_field_keeps_every_value() -> None:
+    """An SDK sends a list (image[], timestamp_granularities[]) as one part per item; a dict by
+    name kept only the last of them."""
+    parts = [("image[]", "a"), ("image[]", "b"), ("model", "x"), ("model", "y"), ("image", "c")]
+    body = "".join(
+        f'--B\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n' for name, value in parts
+    )
+    fields = parse_multipart((body + "--B--\r\n").encode(), "multipart/form-data; boundary=B")
+    assert [f.text for f in fields.listed("image")] == ["a", "b", "c"]
+    assert fields["model"].text == "y"  # a single field given twice: the last, as JSON's duplicate keys
+
+
+def test_subtitles_of_a_transcript() -> None:
+    segments = [
+        TranscribedSegment(start=0.0, end=1.5, text="Hello there."),
+        TranscribedSegment(start=1.5, end=3661.25, text="A long one."),
+    ]
+    result = TranscribeResult(text="Hello there. A long one.", segments=segments, duration=3662.0)
+    assert subtitles(result, "srt") == (
+        "1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n2\n00:00:01,500 --> 01:01:01,250\nA long one.\n"
+    )
+    assert subtitles(result, "vtt").startswith("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nHello there.\n")
+    whole = TranscribeResult(text="No segments.", duration=2.0)  # a model that gives none: one cue
+    assert subtitles(whole, "srt") == "1\n00:00:00,000 --> 00:00:02,000\nNo segments.\n"
 
 
 class MediaEngine(InferenceEngine):

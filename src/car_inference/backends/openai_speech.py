@@ -27,6 +27,7 @@ from ..errors import InvalidInput, ProviderError
 from ..requests import (
     SynthesizeRequest,
     SynthesizeResult,
+    TranscribedSegment,
     TranscribedWord,
     TranscribeRequest,
     TranscribeResult,
@@ -76,8 +77,8 @@ class OpenAISpeechMixin:
         audio = readable_file(request.audio_path, "audio file")
         upload = read_upload(str(audio))
         options: dict[str, Any] = {"response_format": "verbose_json" if request.timestamps else "json"}
-        if request.timestamps:
-            options["timestamp_granularities"] = ["word"]
+        if request.timestamps:  # segments cost nothing more; words add latency
+            options["timestamp_granularities"] = ["word", "segment"]
         if request.language:
             options["language"] = request.language
         if request.prompt:
@@ -95,7 +96,15 @@ class OpenAISpeechMixin:
             for w in getattr(answer, "words", None) or ()
         ]
         language = getattr(answer, "language", None) or request.language
-        return TranscribeResult(text=text.strip(), model_used=model.id, language=language, words=words)
+        duration = getattr(answer, "duration", None)
+        return TranscribeResult(
+            text=text.strip(),
+            model_used=model.id,
+            language=language,
+            duration=float(duration) if isinstance(duration, int | float) else None,
+            words=words,
+            segments=[_segment(s) for s in getattr(answer, "segments", None) or ()],
+        )
 
     async def synthesize(self, model: ModelSchema, request: SynthesizeRequest) -> SynthesizeResult:
         options = _speech_options(model, request)
@@ -152,3 +161,17 @@ async def stream_to(target: Path, chunks: Any) -> int:
             file.write(chunk)
             size += len(chunk)
     return size
+
+
+def _segment(segment: Any) -> TranscribedSegment:
+    """One of the Transcriptions API's verbose_json segments."""
+    return TranscribedSegment(
+        start=float(segment.start),
+        end=float(segment.end),
+        text=str(segment.text).strip(),
+        tokens=list(getattr(segment, "tokens", None) or ()),
+        temperature=getattr(segment, "temperature", None),
+        avg_logprob=getattr(segment, "avg_logprob", None),
+        compression_ratio=getattr(segment, "compression_ratio", None),
+        no_speech_prob=getattr(segment, "no_speech_prob", None),
+    )

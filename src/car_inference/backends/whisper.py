@@ -25,7 +25,7 @@ from typing import Any
 
 from ..catalog.locate import local_path, whisper_parts
 from ..errors import InferenceFailed, InvalidInput, ModelUnavailable
-from ..requests import TranscribedWord, TranscribeRequest, TranscribeResult
+from ..requests import TranscribedSegment, TranscribedWord, TranscribeRequest, TranscribeResult
 from ..schema import ModelSchema, WhisperSource
 from .base import BackendContext, run_stoppable, until_stopped
 from .cache import CachedModel
@@ -88,8 +88,9 @@ class WhisperBackend:
             whisper = entry.instance
             language = _language(model, whisper, request.language)
             samples = _samples(audio, whisper.feature_extractor.sampling_rate)
+            duration = _seconds(len(samples) / whisper.feature_extractor.sampling_rate)
             if not _has_speech(samples):  # module docstring: Whisper would loop on it for seconds
-                return TranscribeResult(text="", model_used=model.id, language=language)
+                return TranscribeResult(text="", model_used=model.id, language=language, duration=duration)
             try:
                 with entry.lock:
                     segments, info = whisper.transcribe(
@@ -112,7 +113,9 @@ class WhisperBackend:
                 text="".join(s.text for s in segments).strip(),
                 model_used=model.id,
                 language=info.language,
+                duration=duration,
                 words=words,
+                segments=[_segment(s) for s in segments],
             )
 
         return await run_stoppable(work)
@@ -137,6 +140,20 @@ def _has_speech(samples: Any) -> bool:
     from faster_whisper.vad import get_speech_timestamps
 
     return bool(get_speech_timestamps(samples))
+
+
+def _segment(segment: Any) -> TranscribedSegment:
+    """One of faster-whisper's segments, with the decoder's figures OpenAI's segments carry."""
+    return TranscribedSegment(
+        start=_seconds(segment.start),
+        end=_seconds(segment.end),
+        text=segment.text.strip(),
+        tokens=[int(t) for t in segment.tokens],
+        temperature=segment.temperature,
+        avg_logprob=float(segment.avg_logprob),
+        compression_ratio=float(segment.compression_ratio),
+        no_speech_prob=float(segment.no_speech_prob),
+    )
 
 
 def _seconds(value: float) -> float:

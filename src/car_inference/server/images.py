@@ -228,7 +228,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     @guarded(IMAGES, timeout_s=timeout_s)
     async def edits(request: Request) -> Response:
         fields = parse_multipart(await request.body(), request.headers.get("content-type", ""))
-        uploads = [f for name, f in fields.items() if name == "image" or name.startswith("image[")]
+        uploads = fields.listed("image")
         prompt = fields["prompt"].text if "prompt" in fields else ""
         if not uploads or not all(f.value for f in uploads):
             raise ApiError(400, "the `image` file to edit is required", param="image")

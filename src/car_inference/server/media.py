@@ -25,12 +25,18 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from ..errors import InferenceError
-from ..requests import GenerateImageRequest, SynthesizeRequest, TranscribeRequest
+from ..requests import (
+    GenerateImageRequest,
+    SynthesizeRequest,
+    TranscribedSegment,
+    TranscribeRequest,
+    TranscribeResult,
+)
 from .common import ServerState, car_headers, given, json_response, read_json
 from .errors import ApiError, guarded, validated
 from .translate import AUTO
 
-__all__ = ["STT", "TTS", "FormField", "parse_multipart", "register", "upload_name"]
+__all__ = ["STT", "TTS", "Form", "FormField", "parse_multipart", "register", "subtitles", "upload_name"]
 
 STT = "speech_to_text"
 TTS = "text_to_speech"
@@ -41,6 +47,7 @@ IMAGE_FIELD_NAMES = {"format": "output_format", "variant_count": "n", "width": "
 MAX_SPEECH_CHARS = 4096
 # SynthesizeRequest's fields as OpenAI's speech request names them, for error messages.
 _SPEECH_NAMES = {"text": "input", "voice_instruction": "instructions", "format": "response_format"}
+_TRANSCRIPT_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 _SPEECH_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "pcm": "audio/pcm"}
 _IMAGE_FORMATS = ("png", "jpeg", "webp")
 
@@ -66,7 +73,25 @@ class FormField:
         return self.value.decode("utf-8", errors="replace")
 
 
-def parse_multipart(body: bytes, content_type: str) -> dict[str, FormField]:
+class Form(dict[str, FormField]):
+    """A form's fields by name (the last of a repeated name, as JSON's duplicate keys), and
+    ``every``: all of them in order, for the fields a client repeats (``image[]``,
+    ``timestamp_granularities[]``: an SDK sends one part per list item)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.every: list[tuple[str, FormField]] = []
+
+    def add(self, name: str, field: FormField) -> None:
+        self[name] = field
+        self.every.append((name, field))
+
+    def listed(self, name: str) -> list[FormField]:
+        """Every value of list field ``name``: sent as ``name``, ``name[]`` or ``name[i]``."""
+        return [f for key, f in self.every if key == name or key.startswith(name + "[")]
+
+
+def parse_multipart(body: bytes, content_type: str) -> Form:
     """A ``multipart/form-data`` body as fields by name (the standard library's MIME parser:
     no extra dependency for one upload route)."""
     if not content_type.lower().startswith("multipart/form-data") or "boundary=" not in content_type:
@@ -75,15 +100,67 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, FormField]:
     message = BytesParser(policy=HTTP).parsebytes(head + body)
     if not message.is_multipart():
         raise ApiError(400, "the multipart body could not be parsed", code="invalid_body")
-    fields: dict[str, FormField] = {}
+    fields = Form()
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         if not isinstance(name, str):
             continue
         payload = part.get_payload(decode=True)
         value = payload if isinstance(payload, bytes) else b""
-        fields[name] = FormField(value, part.get_filename(), part.get_content_type())
+        fields.add(name, FormField(value, part.get_filename(), part.get_content_type()))
     return fields
+
+
+def _transcript(result: TranscribeResult, fmt: str, words: bool) -> Response:
+    """A transcription in OpenAI's ``response_format``: ``verbose_json`` has the duration and the
+    segments (and the words when asked for), ``srt`` and ``vtt`` are subtitles of the segments
+    (one cue for the whole text where the model gave none)."""
+    headers = car_headers(result.model_used)
+    if fmt == "text":
+        return PlainTextResponse(result.text, headers=headers)
+    if fmt in ("srt", "vtt"):
+        return PlainTextResponse(subtitles(result, fmt), headers=headers)
+    if fmt == "json":
+        return json_response({"text": result.text}, headers=headers)
+    body: dict[str, Any] = {
+        "task": "transcribe",
+        "language": result.language,
+        "duration": result.duration if result.duration is not None else 0.0,
+        "text": result.text,
+        "segments": [
+            {"id": i, "seek": 0, **s.model_dump(), **_decoder_figures(s)}
+            for i, s in enumerate(result.segments)
+        ],
+    }
+    if words:
+        body["words"] = [w.model_dump() for w in result.words]
+    return json_response(body, headers=headers)
+
+
+def _decoder_figures(segment: TranscribedSegment) -> dict[str, float]:
+    """OpenAI's segments always carry these; a model that gave none gets neutral values."""
+    figures = {"temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": 0.0, "no_speech_prob": 0.0}
+    return {k: v if (v := getattr(segment, k)) is not None else figures[k] for k in figures}
+
+
+def subtitles(result: TranscribeResult, fmt: str) -> str:
+    """``result`` as SRT or WebVTT cues, one per segment."""
+    cues = [(s.start, s.end, s.text) for s in result.segments] or [(0.0, result.duration or 0.0, result.text)]
+    comma = fmt == "srt"
+
+    def stamp(seconds: float) -> str:
+        ms = round(max(seconds, 0.0) * 1000)
+        h, rest = divmod(ms, 3_600_000)
+        m, rest = divmod(rest, 60_000)
+        sec, ms = divmod(rest, 1000)
+        return f"{h:02d}:{m:02d}:{sec:02d}{',' if comma else '.'}{ms:03d}"
+
+    blocks = [
+        (f"{i}\n" if comma else "") + f"{stamp(start)} --> {stamp(end)}\n{text}\n"
+        for i, (start, end, text) in enumerate(cues, 1)
+        if text
+    ]
+    return ("" if comma else "WEBVTT\n\n") + "\n".join(blocks)
 
 
 def _model(value: Any) -> str | None:
@@ -127,11 +204,10 @@ def register(app: FastAPI, state: ServerState) -> None:
         if upload is None or not upload.value:
             raise ApiError(400, "the `file` field with the audio is required", param="file")
         fmt = fields["response_format"].text if "response_format" in fields else "json"
-        if fmt not in ("json", "text", "verbose_json"):
-            raise ApiError(
-                400, "`response_format` must be json, text or verbose_json", param="response_format"
-            )
-        granularities = {f.text for k, f in fields.items() if k.startswith("timestamp_granularities")}
+        if fmt not in _TRANSCRIPT_FORMATS:
+            formats = ", ".join(_TRANSCRIPT_FORMATS)
+            raise ApiError(400, f"`response_format` must be one of {formats}", param="response_format")
+        granularities = {f.text for f in fields.listed("timestamp_granularities")}
         workdir = Path(tempfile.mkdtemp(prefix="car-upload-"))
         try:
             audio = workdir / upload_name(upload.filename or "audio.wav")
@@ -149,15 +225,7 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise _without_path(exc, workdir, upload.filename or "the upload") from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        headers = car_headers(result.model_used)
-        if fmt == "text":
-            return PlainTextResponse(result.text, headers=headers)
-        body: dict[str, Any] = {"text": result.text}
-        if fmt == "verbose_json":
-            body = {"task": "transcribe", "language": result.language, "text": result.text}
-            if result.words:
-                body["words"] = [w.model_dump() for w in result.words]
-        return json_response(body, headers=headers)
+        return _transcript(result, fmt, "word" in granularities)
 
     @guarded(TTS, timeout_s=timeout_s, retry_hint=state.retry_hint)
     async def speech(request: Request) -> Response:
