@@ -111,6 +111,13 @@ def test_edits(client: openai.OpenAI, fake_provider: FakeProviderServer) -> None
         picture.getvalue(),
         "image/png",
     )
+    # Several images (the SDK sends image[] once per file) all reach the model: one was kept.
+    second = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 0, 0)).save(second, format="PNG")
+    files = [("a.png", picture.getvalue(), "image/png"), ("b.png", second.getvalue(), "image/png")]
+    client.images.edit(model=HOSTED, image=files, prompt="both, red")
+    sent = fake_provider.media.forms[-1]["image"]
+    assert [content for _, content, _ in sent] == [picture.getvalue(), second.getvalue()]
     missing = httpx.post(f"{client.base_url}images/edits", files={"prompt": (None, "x")})
     assert missing.status_code == 400 and "`image` file to edit is required" in missing.text
     # A file that is no image is the caller's mistake, and the server's folders stay unnamed.
