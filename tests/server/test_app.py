@@ -84,6 +84,25 @@ def test_failures_are_counted_on_every_route(local_server: ServerThread) -> None
     assert ("-", "InvalidInput") in grew, grew  # the audio that cannot be decoded
 
 
+def test_an_error_a_retry_cannot_change_tells_the_sdk_not_to_retry(local_server: ServerThread) -> None:
+    """OpenAI's SDK retries every 5xx twice: a 501 for a capability no model has (or a 503 for a
+    model that is not pulled) reached the server three times per call, each after a back-off."""
+    client = openai.OpenAI(base_url=local_server.url + "/v1", api_key="unused", max_retries=2)
+
+    def served() -> float:
+        text = httpx.get(local_server.url + "/metrics").text
+        line = 'car_requests_total{model="-",route="/v1/images/generations",status="501"}'
+        return sum(float(row.split()[-1]) for row in text.splitlines() if row.startswith(line))
+
+    before = served()
+    with pytest.raises(openai.APIStatusError) as info:
+        client.images.generate(prompt="a cat")
+    assert info.value.status_code == 501 and info.value.response.headers["x-should-retry"] == "false"
+    assert served() == before + 1
+    busy = httpx.post(local_server.url + "/v1/chat/completions", json={"model": "no-such", "messages": []})
+    assert "x-should-retry" not in busy.headers  # a 4xx: the SDK does not retry those anyway
+
+
 def test_unknown_routes_and_methods_are_openai_errors(local_server: ServerThread) -> None:
     missing = httpx.post(local_server.url + "/v1/nothing-here", json={})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_route"

@@ -341,10 +341,20 @@ def error_body(info: ErrorInfo) -> dict[str, Any]:
     }
 
 
+# 5xx answers a retry cannot change until someone changes the server (a model not pulled, no key,
+# a bad config file, a state table dropped by hand). OpenAI's SDKs retry every 5xx twice unless
+# told not to: ``x-should-retry: false``, which they honour.
+PERMANENT = frozenset(
+    {"model_unavailable", "capability_unavailable", "configuration_error", "state_store_error"}
+)
+
+
 def error_response(info: ErrorInfo) -> Response:
     headers = {}
     if info.retry_after is not None:
         headers["retry-after"] = str(max(1, round(info.retry_after)))
+    elif info.code in PERMANENT:
+        headers["x-should-retry"] = "false"
     body = json.dumps(error_body(info), ensure_ascii=False, separators=(",", ":")).encode()
     return Response(body, info.status, headers, media_type="application/json")
 
