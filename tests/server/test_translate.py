@@ -144,6 +144,19 @@ def test_chat_refusals_name_the_field() -> None:
     assert bad({"messages": [USER], "model": 3}).param == "model"
     assert bad({"messages": [USER], "n": 3}).param == "n"
     assert bad({"messages": [USER], "logprobs": True}).param == "logprobs"
+    # Fields that change the answer were accepted and dropped (function_call gave plain text).
+    unhonoured: list[tuple[str, object]] = [
+        ("logit_bias", {"50256": -100}),
+        ("functions", [{"name": "f", "parameters": {}}]),
+        ("function_call", {"name": "f"}),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("modalities", ["text", "audio"]),
+        ("web_search_options", {"search_context_size": "low"}),
+    ]
+    for name, value in unhonoured:
+        assert bad({"messages": [USER], name: value}).param == name, name
+    kept = chat_request({"messages": [USER], "modalities": ["text"], "prediction": {"type": "content"}})
+    assert kept.request.messages, "text output and a prediction (a speed-up only) stay accepted"
     assert bad({"messages": [USER], "stream": "yes"}).param == "stream"
     # A falsy value of the wrong type is refused, not taken for the default (it was).
     assert bad({"messages": [USER], "stream": 0}).param == "stream"
@@ -202,6 +215,7 @@ def test_legacy_completion_request() -> None:
         # Tools were accepted and dropped: the caller waited for a tool call that could not come.
         ({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"prompt": "x", "functions": [{"name": "f"}]}, "functions"),
+        ({"prompt": "x", "logit_bias": {"50256": -100}}, "logit_bias"),
         ({"prompt": "x", "response_format": "json"}, "response_format"),
         ({"prompt": "x", "stream_options": {"include_usage": "false"}}, "stream_options.include_usage"),
     ]

@@ -4,7 +4,9 @@ Requests are checked field by field where the OpenAI shape differs from ours (co
 tool calls, ``stop`` as a string...), then validated in one go by pydantic; either way a problem
 is a 400 naming the OpenAI field (``messages[1].content[0].image_url``, ``temperature``).
 Unknown top-level fields are ignored, as OpenAI-compatible servers commonly do; fields we cannot
-honour (``n`` > 1, ``logprobs``, token-id prompts) are refused rather than silently dropped.
+honour that would change the answer (``n`` > 1, ``logprobs``, ``logit_bias``, legacy
+``functions``, audio output, web search, token-id prompts) are refused rather than silently
+dropped. ``frequency_penalty`` and ``presence_penalty`` are still ignored (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -223,6 +225,17 @@ def _messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
+# Fields that change the answer and that no model here honours (the SDK audit found them accepted
+# and dropped); ``prediction`` only speeds an answer up, and stays ignored.
+_UNHONOURED = {
+    "logit_bias": "token biases are not passed to any model",
+    "functions": "send them as `tools` (the legacy functions API is not served)",
+    "function_call": "send it as `tool_choice` (the legacy functions API is not served)",
+    "audio": "answers in audio are not supported",
+    "web_search_options": "no model here searches the web",
+}
+
+
 def _params(body: dict[str, Any]) -> dict[str, Any]:
     params = {k: body[k] for k in _PARAMS if body.get(k) is not None}
     max_tokens = body.get("max_completion_tokens")
@@ -237,6 +250,11 @@ def _params(body: dict[str, Any]) -> dict[str, Any]:
         raise _bad("only n = 1 is supported", "n")
     if body.get("logprobs") or body.get("top_logprobs"):
         raise _bad("logprobs are not supported", "logprobs")
+    for name, why in _UNHONOURED.items():  # each would change the answer: refused, never dropped
+        if body.get(name):
+            raise _bad(f"`{name}` is not supported: {why}", name)
+    if "audio" in (body.get("modalities") or ()):
+        raise _bad("`modalities` may only be text: answers in audio are not supported", "modalities")
     return params
 
 
