@@ -289,6 +289,12 @@ class GenerateRequest(_Input):
             )
         return self
 
+    def calls_tools(self) -> bool:
+        """Whether the model may call the request's tools: it has some, and ``tool_choice`` is not
+        "none" (with "none" they are context only, and a model without tool support may answer,
+        without them, as OpenAI's API answers in text)."""
+        return bool(self.tools) and self.params.tool_choice != "none"
+
     def tool_names(self) -> list[str]:
         """The function names ``tools`` declares (OpenAI's ``{type, function: {name}}``, or ``{name}``)."""
         return [name for tool in self.tools or [] if (name := _tool_name(tool))]

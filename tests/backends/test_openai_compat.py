@@ -183,6 +183,10 @@ async def test_tools_refused_for_a_model_without_them(
     with pytest.raises(UnsupportedMode, match="tool"):
         await be.generate(model(fake, "openai/gpt-6.2-astra"), GenerateRequest(prompt="x", tools=[WEATHER]))
     assert not fake.requests
+    # With tool_choice "none" they are context only: answered in text, the tools left out.
+    context_only = GenerateRequest(prompt="x", tools=[WEATHER], params=GenerateParams(tool_choice="none"))
+    assert (await be.generate(model(fake, "openai/gpt-6.2-astra"), context_only)).text
+    assert "tools" not in sent(fake) and "tool_choice" not in sent(fake)
 
 
 async def test_json_modes(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:

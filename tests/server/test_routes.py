@@ -228,6 +228,22 @@ def test_wrong_types_and_unknown_tool_choices_are_400(http: httpx.Client) -> Non
     assert unknown.status_code == 400 and "nowhere" in unknown.json()["error"]["message"]
 
 
+def test_tools_with_tool_choice_none_are_answered_in_text_by_a_model_without_tools(
+    http: httpx.Client,
+) -> None:
+    """With tool_choice "none" the tools are context only and OpenAI answers in text; a model
+    without tool support was refused (400), and a routed request had no candidate at all."""
+    for model in ("auto", "smollm2"):
+        body = {"model": model, "messages": HI, "tools": [WEATHER], "tool_choice": "none", "max_tokens": 4}
+        answered = http.post("/v1/chat/completions", json=body)
+        assert answered.status_code == 200, answered.text
+        message = answered.json()["choices"][0]["message"]
+        assert message["content"] and not message.get("tool_calls")
+    wanted = {"model": "smollm2", "messages": HI, "tools": [WEATHER], "max_tokens": 4}  # auto: may call
+    refused = http.post("/v1/chat/completions", json=wanted)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_mode"
+
+
 # --- tools through a hosted model (the fake provider) ---------------------------------------------------
 
 WEATHER: ChatCompletionFunctionToolParam = {

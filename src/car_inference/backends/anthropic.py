@@ -177,6 +177,8 @@ class AnthropicBackend(RemoteBackend):
         if not request.tools:
             return
         if not model.supports_param(GenerateParam.TOOLS):
+            if not request.calls_tools():
+                return  # tool_choice "none": the tools are context only, and this model answers without
             raise UnsupportedMode("tool-use", self.kind, f"{model.id} takes no tools")
         body["tools"] = [
             {"name": s.name, "description": s.description, "input_schema": s.parameters}

@@ -159,6 +159,8 @@ class GeminiBackend(GeminiMediaMixin, RemoteBackend):  # images: gemini_media.py
         if not request.tools:
             return
         if not model.supports_param(GenerateParam.TOOLS):
+            if not request.calls_tools():
+                return  # tool_choice "none": the tools are context only, and this model answers without
             raise UnsupportedMode("tool-use", self.kind, f"{model.id} takes no tools")
         declarations = [
             types.FunctionDeclaration(

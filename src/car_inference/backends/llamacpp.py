@@ -187,7 +187,10 @@ class LlamaCppBackend:
         else:
             tools = request.tools
             if tools and (not loaded.template or "tools" not in loaded.template):
-                raise UnsupportedMode("tool-use", "gguf", "this model's chat template has no tool support")
+                if request.calls_tools():
+                    reason = "this model's chat template has no tool support"
+                    raise UnsupportedMode("tool-use", "gguf", reason)
+                tools = None  # tool_choice "none": context only, and this template cannot show them
 
             def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
                 if system and not any(m["role"] == "system" for m in messages):
@@ -259,7 +262,7 @@ class LlamaCppBackend:
                 # (a 1-token batch instead of the whole prompt), enough to flip a greedy choice.
                 # Requests that ask for reproducibility get a full prefill; others reuse the prefix.
                 llm.reset()
-            splitter = TagSplitter({"think", "tool_call"} if request.tools else {"think"})
+            splitter = TagSplitter({"think", "tool_call"} if request.calls_tools() else {"think"})
             stops = StopMatcher(params.stop)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             acc = StreamAccumulator()

@@ -183,6 +183,8 @@ class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
         if not request.tools:
             return
         if not model.supports_param(GenerateParam.TOOLS):
+            if not request.calls_tools():
+                return  # tool_choice "none": the tools are context only, and this model answers without
             raise UnsupportedMode("tool-use", self.kind, f"{model.id} takes no tools on Chat Completions")
         body["tools"] = [
             {

@@ -142,7 +142,7 @@ def check_vision(model: ModelSchema, request: GenerateRequest) -> None:
             "gguf",
             f"{model.id} has no vision projector (mmproj) in the catalog; it reads text only",
         )
-    if request.tools:
+    if request.calls_tools():
         raise UnsupportedMode("tool-use", "gguf", "tools and images together are not supported locally")
 
 

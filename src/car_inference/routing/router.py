@@ -224,7 +224,7 @@ class AdaptiveRouter:
     def _analyse(self, request: GenerateRequest, est_in: int | None) -> _Analysis:
         """Family, cluster and template, complexity, needed capabilities and estimated input."""
         feats = TextFeatures(request.last_user_text())
-        has_tools = bool(request.tools)
+        has_tools = request.calls_tools()
         has_vision = bool(request.images or request.messages) and "image" in request.media_types()
         intent = request.intent
         if intent is not None and intent.task is not None:
