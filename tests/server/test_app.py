@@ -103,6 +103,22 @@ def test_an_error_a_retry_cannot_change_tells_the_sdk_not_to_retry(local_server:
     assert "x-should-retry" not in busy.headers  # a 4xx: the SDK does not retry those anyway
 
 
+def test_every_response_has_a_request_id(local_server: ServerThread) -> None:
+    """OpenAI's SDK reads x-request-id as ``_request_id`` (and an error's ``request_id``): it was
+    None on every response. An answer's is its trace id, the one feedback rates."""
+    client = openai.OpenAI(base_url=local_server.url + "/v1", api_key="unused", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert raw.headers["x-request-id"] == raw.headers["x-car-trace-id"]
+    assert raw.parse()._request_id == raw.headers["x-car-trace-id"]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("no-such-model")
+    assert missing.value.request_id and len(missing.value.request_id) == 32
+    ids = {httpx.get(local_server.url + path).headers.get("x-request-id") for path in ("/health", "/metrics")}
+    assert None not in ids and len(ids) == 2, ids
+
+
 def test_unknown_routes_and_methods_are_openai_errors(local_server: ServerThread) -> None:
     missing = httpx.post(local_server.url + "/v1/nothing-here", json={})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "unknown_route"

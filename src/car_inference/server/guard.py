@@ -31,11 +31,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import uuid
 from typing import Any
 
 from ..backends.fair import CLIENT
 from ..routing.coord_limit import FleetLimiter
-from .common import HEADER_MODEL, ServerState, client_of, dumps
+from .common import HEADER_MODEL, HEADER_TRACE, ServerState, client_of, dumps
 from .errors import ApiError, busy, describe, error_body
 
 __all__ = ["Guard", "authorized"]
@@ -44,6 +45,25 @@ OPEN_PATHS = frozenset({"/health"})
 UNLIMITED_PATHS = frozenset({"/health", "/metrics"})
 
 Scope = dict[str, Any]
+
+
+_TRACE = HEADER_TRACE.encode()
+
+
+def _with_request_id(send: Any) -> Any:
+    """``send`` that puts ``x-request-id`` on every response, refusals included, as OpenAI's API
+    does (its SDKs expose it as ``_request_id`` for a support question): the answer's trace id
+    where it has one (``x-car-trace-id``, what feedback rates), else a fresh one."""
+
+    async def stamped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            trace = next((value for name, value in headers if name == _TRACE), None)
+            headers.append((b"x-request-id", trace or uuid.uuid4().hex.encode()))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return stamped
 
 
 def authorized(headers: list[tuple[bytes, bytes]], keys: list[bytes]) -> bool:
@@ -187,6 +207,7 @@ class Guard:
         return info.status
 
     async def _http(self, scope: Scope, receive: Any, send: Any) -> None:
+        send = _with_request_id(send)
         path = scope["path"]
         if path in OPEN_PATHS:
             await self.app(scope, receive, send)
