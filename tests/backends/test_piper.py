@@ -14,11 +14,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Literal, TypedDict, TypeVar
 
+import numpy as np
 import pytest
 
 from car_inference.backends.base import BackendContext
 from car_inference.backends.cache import ModelCache
-from car_inference.backends.piper import PiperBackend, _fits, _pieces, voice_file
+from car_inference.backends.piper import PCM_RATE, PiperBackend, _fits, _pieces, resampled, voice_file
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig, SpeechSettings
 from car_inference.errors import InferenceFailed, InvalidInput
@@ -145,6 +146,29 @@ async def test_other_formats(backend: PiperBackend, model: ModelSchema, tmp_path
             assert len(data) % 2 == 0 and data[:4] != b"RIFF"  # raw s16le, no header
         else:
             assert data.startswith(magic[fmt]), fmt
+
+
+async def test_raw_pcm_is_at_24_khz_as_openais(
+    backend: PiperBackend, model: ModelSchema, tmp_path: Path
+) -> None:
+    """Raw pcm has no header to say its rate; OpenAI's and ElevenLabs' are 24 kHz, and a client
+    written for them played Piper's 22,050 Hz about 9 % fast."""
+    request = SynthesizeRequest(text="Hello there.", output_path=str(tmp_path / "a.wav"))
+    wav_result = await backend.synthesize(model, request)
+    with wave.open(wav_result.audio_path, "rb") as wav:
+        rate, frames = wav.getframerate(), wav.readframes(wav.getnframes())
+    assert rate == 22050
+    pcm = resampled(frames, rate, PCM_RATE)
+    assert abs(len(pcm) / 2 / PCM_RATE - len(frames) / 2 / rate) < 0.001  # the same duration
+    # A tone keeps its pitch: 440 Hz at 22,050 Hz is 440 Hz at 24,000 Hz.
+    t = np.arange(22050) / 22050
+    tone = (np.sin(2 * np.pi * 440 * t) * 10000).astype("<i2").tobytes()
+    out = np.frombuffer(resampled(tone, 22050, PCM_RATE), dtype="<i2").astype(float)
+    assert len(out) == 24000 and abs(np.argmax(np.abs(np.fft.rfft(out))) - 440) <= 1
+    target = tmp_path / "a.pcm"
+    await backend.synthesize(model, SynthesizeRequest(text="Hello there.", output_path=str(target)))
+    seconds = len(target.read_bytes()) / 2 / PCM_RATE
+    assert abs(seconds - len(frames) / 2 / rate) < 0.5  # Piper varies its timing a little per run
 
 
 async def test_without_an_output_path_a_temporary_file_is_made(

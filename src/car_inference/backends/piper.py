@@ -1,8 +1,10 @@
 """Piper text-to-speech in-process: an ONNX voice from an installed package, a path or a pulled file.
 
 A voice is an ``.onnx`` model with its ``.onnx.json`` config beside it. Audio comes out as 16-bit
-mono PCM at the voice's sample rate: written as WAV or raw PCM with the standard library, or
-encoded to MP3/FLAC with PyAV (which the ``speech`` extra installs; faster-whisper needs it too).
+mono PCM at the voice's sample rate: written as WAV with the standard library, or encoded to
+MP3/FLAC with PyAV (which the ``speech`` extra installs; faster-whisper needs it too). Raw PCM,
+which has no header to say its rate, is resampled to 24 kHz, the rate OpenAI's and ElevenLabs'
+``pcm`` have (``PCM_RATE``): a client written for them played Piper's 22,050 Hz 9 % fast.
 Files are written under a temporary name beside their target and renamed into place, so nobody
 ever reads half a file.
 """
@@ -30,11 +32,12 @@ from .fair import step_by_step
 from .media_files import atomic_file, output_path
 from .voices import Voice, VoiceList, aliases_for
 
-__all__ = ["MEDIA_TYPES", "PiperBackend", "write_audio"]
+__all__ = ["MEDIA_TYPES", "PCM_RATE", "PiperBackend", "resampled", "write_audio"]
 
 log = logging.getLogger(__name__)
 
 MEDIA_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "mp3": "audio/mpeg", "flac": "audio/flac"}
+PCM_RATE = 24_000  # raw pcm output, 16-bit mono little-endian, as OpenAI's and ElevenLabs' pcm
 _ENCODERS = {"mp3": "libmp3lame", "flac": "flac"}
 # The most phoneme ids Piper gets in one run of its model (at normal speed; proportionally fewer
 # slower): a run's memory grows with its audio, ~20 MB a second of speech. 800 ids are ~330
@@ -306,9 +309,23 @@ def write_audio(target: Path, pcm: bytes, sample_rate: int, fmt: str) -> None:
                 wav.setframerate(sample_rate)
                 wav.writeframes(pcm)
         elif fmt == "pcm":
-            file.write(pcm)
+            file.write(resampled(pcm, sample_rate, PCM_RATE))
         else:
             file.write(encoded.getvalue())
+
+
+def resampled(pcm: bytes, rate: int, target: int) -> bytes:
+    """16-bit mono ``pcm`` at ``rate`` as the same at ``target`` (linear interpolation: for speech
+    between 16 and 24 kHz, inaudibly different from a polyphase filter, and numpy only)."""
+    if rate == target or not pcm:
+        return pcm
+    import numpy as np
+
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    count = round(len(samples) * target / rate)
+    at = np.arange(count) * (rate / target)
+    out = np.interp(at, np.arange(len(samples)), samples)
+    return np.clip(np.rint(out), -32768, 32767).astype("<i2").tobytes()
 
 
 def _encode(file: BinaryIO, pcm: bytes, sample_rate: int, fmt: str) -> None:
