@@ -10,6 +10,7 @@ from car_inference.requests import (
     MAX_STOP_CHARS,
     MAX_STOPS,
     BoundingBox,
+    EmbedRequest,
     GenerateParams,
     GenerateRequest,
     ImageBlock,
@@ -199,6 +200,24 @@ def test_tool_choice_is_a_mode_or_a_declared_tool() -> None:
     with pytest.raises(ValidationError, match="'required' needs `tools`"):
         GenerateRequest(prompt="x", params=GenerateParams(tool_choice="required"))
     GenerateRequest(prompt="x", params=GenerateParams(tool_choice="none"))  # nothing to call: fine
+
+
+def test_tool_choice_none_leaves_the_tools_as_context() -> None:
+    tools = [{"name": "weather", "parameters": {}}]
+    assert GenerateRequest(prompt="x", tools=tools).calls_tools()
+    assert not GenerateRequest(
+        prompt="x", tools=tools, params=GenerateParams(tool_choice="none")
+    ).calls_tools()
+    assert not GenerateRequest(prompt="x").calls_tools()
+
+
+def test_an_embedding_needs_texts_each_with_something_in_it() -> None:
+    """An empty text got a vector, matching other texts by chance; no texts, an empty answer."""
+    assert EmbedRequest(texts=[" "]).texts == [" "]
+    with pytest.raises(ValidationError, match="at least one text"):
+        EmbedRequest(texts=[])
+    with pytest.raises(ValidationError, match=r"texts\[1\] is empty"):
+        EmbedRequest(texts=["a", ""])
 
 
 def test_a_tool_must_name_its_function() -> None:

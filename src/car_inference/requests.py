@@ -402,6 +402,16 @@ class EmbedRequest(_Input):
     instruction: str | None = None
     normalize: Bool = True
 
+    @model_validator(mode="after")
+    def _texts(self) -> EmbedRequest:
+        """Nothing to embed, or an empty text, is the caller's mistake (OpenAI's API refuses both):
+        a model gives an empty text a vector all the same, which matches other texts by chance."""
+        if not self.texts:
+            raise ValueError("texts must hold at least one text")
+        if (empty := next((i for i, t in enumerate(self.texts) if not t), None)) is not None:
+            raise ValueError(f"texts[{empty}] is empty; every text to embed needs at least one character")
+        return self
+
 
 class EmbedResult(_Model):
     embeddings: list[list[float]]

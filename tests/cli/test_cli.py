@@ -149,6 +149,8 @@ def test_embed_rerank_classify_json() -> None:
     code, out, _ = car("embed", "hello", "world", "--json")
     data = json.loads(out)
     assert code == 0 and data["dimensions"] == 384 and len(data["embeddings"]) == 2
+    code, _, err = car("embed", "hello", "")  # an empty text printed a vector
+    assert code == 2 and "text 2 is empty" in err
 
     docs = ["Bananas are yellow.", "Paris is the capital of France."]
     code, out, _ = car("rerank", "capital of France", *docs, "--json", "--top-n", "1")

@@ -282,6 +282,9 @@ def test_embeddings_and_rerank() -> None:
     assert bad({"input": [[1, 2]]}, embed_request).param == "input"
     assert bad({"input": "x", "encoding_format": "hex"}, embed_request).param == "encoding_format"
     assert bad({"input": "x", "dimensions": 8}, embed_request).param == "dimensions"
+    # An empty text got a vector (OpenAI refuses it): said, with where it is.
+    assert bad({"input": ["x", ""]}, embed_request).param == "input[1]"
+    assert bad({"input": ""}, embed_request).param == "input"
     assert len(embed_request({"input": ["x"] * MAX_EMBED_INPUTS})[0].texts) == MAX_EMBED_INPUTS
     too_many = bad({"input": ["x"] * (MAX_EMBED_INPUTS + 1)}, embed_request)
     assert too_many.param == "input" and "2049 items; at most 2048" in too_many.message

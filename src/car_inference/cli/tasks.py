@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """Embed texts (normalised vectors)."""
+        if (empty := next((i for i, t in enumerate(texts, 1) if not t), None)) is not None:
+            raise fail(f"text {empty} is empty: every text to embed needs at least one character", 2)
         eng = engine()
         with spinner("Embedding..."):
             result = run(eng.embed(EmbedRequest(texts=texts, model=model, is_query=query)))

@@ -472,6 +472,9 @@ def embed_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
         raise _bad("`input` must be a string or a non-empty list of strings", "input")
     if not all(isinstance(t, str) for t in texts):
         raise _bad("`input` must hold strings (token arrays are not supported)", "input")
+    if (empty := next((i for i, t in enumerate(texts) if not t), None)) is not None:
+        where = "input" if isinstance(body.get("input"), str) else f"input[{empty}]"
+        raise _bad(f"`{where}` is empty; every text to embed needs at least one character", where)
     check_batch(texts, MAX_EMBED_INPUTS, "input")
     encoding = given(body, "encoding_format", "float")
     if encoding not in ("float", "base64"):
