@@ -240,6 +240,10 @@ class GenerateParams(_Model):
     stop: list[StopText] = Field(default_factory=list, max_length=MAX_STOPS)
     seed: Int | None = Field(default=None, ge=-_INT64 - 1, le=_INT64)
     repeat_penalty: Float = Field(default=1.0, gt=0.0)
+    # OpenAI's: subtracted from a token's logit per earlier occurrence (frequency) or once it has
+    # occurred (presence); sent to the models that take them (``ModelSchema.supports_param``).
+    frequency_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: Float = Field(default=0.0, ge=-2.0, le=2.0)
     thinking: ThinkingMode = ThinkingMode.AUTO
     budget_tokens: Int = Field(default=0, ge=0, le=_INT32, description="extended-thinking budget; 0 = none")
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None

@@ -110,6 +110,8 @@ class GenerateParam(StrEnum):
     MAX_TOKENS = "max_tokens"
     STOP = "stop"
     SEED = "seed"
+    FREQUENCY_PENALTY = "frequency_penalty"
+    PRESENCE_PENALTY = "presence_penalty"
     TOOLS = "tools"
     TOOL_CHOICE = "tool_choice"
     PARALLEL_TOOL_CALLS = "parallel_tool_calls"

@@ -468,3 +468,20 @@ async def test_a_stream_left_unread_gives_the_model_to_the_same_callers_next_req
     text = "".join(e.text for e in [first, *rest] if isinstance(e, TextDelta))
     assert text == reference  # paused and resumed, token for token
     assert waited < total / 2, f"the next request waited {waited:.1f} s of the stream's {total:.1f} s"
+
+
+async def test_frequency_and_presence_penalties_reach_the_sampler(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    """OpenAI's penalties were accepted and dropped; llama.cpp's sampler takes both. Greedy and
+    without the catalog's repeat penalty, SmolLM2 falls into a loop that either one breaks."""
+    prompt = "Write a long poem about the sea."
+
+    def repeats(text: str) -> int:
+        words = text.split()
+        return len(words) - len(set(words))
+
+    plain = (await backend.generate(model, greedy(prompt, 48, repeat_penalty=1.0))).text
+    for penalty in ("frequency_penalty", "presence_penalty"):
+        kept = (await backend.generate(model, greedy(prompt, 48, repeat_penalty=1.0, **{penalty: 1.5}))).text
+        assert kept != plain and repeats(kept) < repeats(plain), (penalty, kept, plain)

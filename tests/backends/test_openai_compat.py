@@ -212,10 +212,13 @@ async def test_json_modes(fake: FakeProviderServer, be: OpenAICompatBackend) -> 
 
 
 async def test_params_omitted_when_unsupported(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
-    params = GenerateParams(temperature=0.3, top_p=0.9, top_k=20, max_tokens=64, stop=["END"], seed=7)
+    params = GenerateParams(
+        temperature=0.3, top_p=0.9, top_k=20, max_tokens=64, stop=["END"], seed=7,
+        frequency_penalty=0.5, presence_penalty=-0.25,
+    )  # fmt: skip
     await be.generate(model(fake), GenerateRequest(prompt="x", params=params))
     body = sent(fake)
-    for name in ("temperature", "top_p", "top_k", "stop", "seed", "max_tokens"):
+    for name in ("temperature", "top_p", "top_k", "stop", "seed", "max_tokens", "frequency_penalty"):
         assert name not in body
     assert body["max_completion_tokens"] == 64
     await be.generate(
@@ -224,7 +227,10 @@ async def test_params_omitted_when_unsupported(fake: FakeProviderServer, be: Ope
     body = sent(fake)
     assert (body["temperature"], body["top_p"], body["top_k"], body["max_tokens"]) == (0.3, 0.9, 20, 64)
     assert body["stop"] == ["END"] and body["seed"] == 7 and "max_completion_tokens" not in body
+    assert (body["frequency_penalty"], body["presence_penalty"]) == (0.5, -0.25)
     assert "reasoning_effort" not in body
+    await be.generate(model(fake, "openrouter/llama-3.3-70b-instruct"), GenerateRequest(prompt="x"))
+    assert "frequency_penalty" not in sent(fake) and "presence_penalty" not in sent(fake)  # 0: unsent
 
 
 async def test_a_sources_system_prompt_and_repeat_penalty_field(

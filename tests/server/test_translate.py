@@ -113,9 +113,12 @@ def test_chat_parameters() -> None:
             "stream_options": {"include_usage": True},
             "intent": {"task": "code", "prefer_local": True},
             "user": "ignored",
+            "frequency_penalty": 0.5,
+            "presence_penalty": -1,
         }
     )
     request, params = call.request, call.request.params
+    assert (params.frequency_penalty, params.presence_penalty) == (0.5, -1)  # were dropped
     assert request.model == "qwen3-8b" and call.stream and call.include_usage
     assert (params.temperature, params.top_p, params.max_tokens, params.stop, params.seed) == (
         0,
@@ -144,6 +147,7 @@ def test_chat_refusals_name_the_field() -> None:
     assert bad({"messages": [USER], "model": 3}).param == "model"
     assert bad({"messages": [USER], "n": 3}).param == "n"
     assert bad({"messages": [USER], "logprobs": True}).param == "logprobs"
+    assert bad({"messages": [USER], "frequency_penalty": 2.5}).param == "frequency_penalty"  # OpenAI: -2..2
     # Fields that change the answer were accepted and dropped (function_call gave plain text).
     unhonoured: list[tuple[str, object]] = [
         ("logit_bias", {"50256": -100}),

@@ -297,6 +297,8 @@ class LlamaCppBackend:
                     min_p=0.05,
                     temp=params.temperature,
                     repeat_penalty=params.repeat_penalty,
+                    frequency_penalty=params.frequency_penalty,
+                    presence_penalty=params.presence_penalty,
                     grammar=grammar,
                 )
 

@@ -168,6 +168,8 @@ def run_vision(
             stop=params.stop or None,
             seed=params.seed,
             repeat_penalty=params.repeat_penalty,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
             logits_processor=_end_when(cancelled, llm.token_eos()),
         )
     except (ValueError, RuntimeError) as exc:  # the projector or an image that will not load

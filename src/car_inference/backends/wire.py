@@ -144,7 +144,8 @@ def sampling(
 ) -> dict[GenerateParam, Any]:
     """The sampling values to send, each only when the model takes it: temperature (not while
     thinking, which fixes it), top_p when not 1, top_k when set, max_tokens capped by the model's
-    output limit, stop when non-empty, seed when set."""
+    output limit, stop when non-empty, seed when set, the frequency and presence penalties when
+    not 0."""
     out: dict[GenerateParam, Any] = {}
 
     def put(param: GenerateParam, value: Any) -> None:
@@ -161,6 +162,8 @@ def sampling(
     put(GenerateParam.MAX_TOKENS, max_tokens)
     put(GenerateParam.STOP, list(params.stop) or None)
     put(GenerateParam.SEED, params.seed)
+    put(GenerateParam.FREQUENCY_PENALTY, params.frequency_penalty or None)
+    put(GenerateParam.PRESENCE_PENALTY, params.presence_penalty or None)
     return out
 
 

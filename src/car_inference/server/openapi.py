@@ -146,6 +146,8 @@ class _Sampling(_Body):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=_INT32)
     stop: str | list[str] | None = None
     repeat_penalty: float | None = Field(default=None, gt=0, description="extension")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     thinking: ThinkingMode | None = Field(default=None, description="extension")
     workload: RoutingWorkload | None = Field(default=None, description="extension")

@@ -6,7 +6,7 @@ is a 400 naming the OpenAI field (``messages[1].content[0].image_url``, ``temper
 Unknown top-level fields are ignored, as OpenAI-compatible servers commonly do; fields we cannot
 honour that would change the answer (``n`` > 1, ``logprobs``, ``logit_bias``, legacy
 ``functions``, audio output, web search, token-id prompts) are refused rather than silently
-dropped. ``frequency_penalty`` and ``presence_penalty`` are still ignored (docs/protocol.md).
+dropped.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ AUTO = "auto"
 # OpenAI parameters that map 1:1 onto GenerateParams; the last four are our extensions.
 _PARAMS = (
     "temperature", "top_p", "seed", "reasoning_effort", "parallel_tool_calls",
-    "top_k", "repeat_penalty", "thinking", "workload",
+    "top_k", "repeat_penalty", "thinking", "workload", "frequency_penalty", "presence_penalty",
 )  # fmt: skip
 # input_audio formats: OpenAI's (wav, mp3) and those other providers' audio models take.
 _AUDIO_TYPES = {
