@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -282,7 +283,7 @@ class GenerateRequest(_Input):
             if not _tool_name(tool):
                 raise ValueError(
                     f"tools[{i}] names no function: OpenAI's {{type: function, function: {{name, "
-                    "parameters}}}}, or {name, parameters}"
+                    "parameters}}, or {name, parameters}"
                 )
         if (choice := self.params.tool_choice) == "required" and not self.tools:
             raise ValueError("tool_choice 'required' needs `tools` to call one of")
@@ -406,15 +407,16 @@ class EmbedRequest(_Input):
     instruction: str | None = None
     normalize: Bool = True
 
-    @model_validator(mode="after")
-    def _texts(self) -> EmbedRequest:
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, texts: list[str]) -> list[str]:
         """Nothing to embed, or an empty text, is the caller's mistake (OpenAI's API refuses both):
         a model gives an empty text a vector all the same, which matches other texts by chance."""
-        if not self.texts:
-            raise ValueError("texts must hold at least one text")
-        if (empty := next((i for i, t in enumerate(self.texts) if not t), None)) is not None:
-            raise ValueError(f"texts[{empty}] is empty; every text to embed needs at least one character")
-        return self
+        if not texts:
+            raise ValueError("must hold at least one text")
+        if (empty := next((i for i, t in enumerate(texts) if not t), None)) is not None:
+            raise ValueError(f"item {empty} is empty; every text to embed needs at least one character")
+        return texts
 
 
 class EmbedResult(_Model):

@@ -183,6 +183,12 @@ def test_chat_refusals_name_the_field() -> None:
     }
     assert "not valid base64" in bad({"messages": [broken]}).message
     assert bad({"messages": [USER], "tools": [{}]}).param == "tools[0].function.name"
+    # Checks across fields name the field too (param was null, as OpenAI's never is).
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {}}}
+    nowhere = {"type": "function", "function": {"name": "nowhere"}}
+    unknown = bad({"messages": [USER], "tools": [weather], "tool_choice": nowhere})
+    assert unknown.param == "tool_choice" and unknown.message.startswith("tool_choice 'nowhere' is neither")
+    assert bad({"messages": [USER], "tool_choice": "required"}).param == "tool_choice"
     assert bad({"messages": [USER], "tools": [{"type": "function", "function": {}}]}).param == (
         "tools[0].function.name"
     )

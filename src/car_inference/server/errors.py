@@ -25,6 +25,7 @@ import asyncio
 import functools
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -165,6 +166,27 @@ def validation_info(exc: ValidationError, prefix: str = "") -> ErrorInfo:
     )  # fmt: skip
 
 
+_FIELD_PATH = re.compile(r"([a-z_]+)((?:\[\d+\])*(?:\.[a-z_]+(?:\[\d+\])*)*) ")
+
+
+def _named_field(cls: type[BaseModel], message: str) -> str | None:
+    """The field a model-level check's ``message`` starts with (``tool_choice 'x' is neither...``,
+    ``tools[0] names no function``), when it is one of ``cls``'s fields or of a model it holds
+    (``params``: those the client sent at the top level); None otherwise."""
+    match = _FIELD_PATH.match(message)
+    if match is None:
+        return None
+    head = match.group(1)
+    fields = cls.model_fields
+    if head in fields:
+        return head + match.group(2)
+    for name, info in fields.items():
+        inner = info.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel) and head in inner.model_fields:
+            return f"{name}.{head}{match.group(2)}"
+    return None
+
+
 def validated(cls: type[_M], data: dict[str, Any], names: Mapping[str, str]) -> _M:
     """``cls.model_validate(data)``, its error naming the field as the client sent it (``names``:
     ours to theirs, ``voice_instruction`` to ``instructions``; to "" for a level of ours the
@@ -173,12 +195,16 @@ def validated(cls: type[_M], data: dict[str, Any], names: Mapping[str, str]) -> 
         return cls.model_validate(data)
     except ValidationError as exc:
         info = validation_info(exc)
-        head, _, rest = (info.param or "").partition(".")
+        # A check across fields has no location; its message starts with the field's path.
+        named = _named_field(cls, info.message) if info.param is None else None
+        head, _, rest = (named or info.param or "").partition(".")
         theirs = names.get(head)
-        if theirs is None:
+        if theirs is None and named is None:
             raise
+        if theirs is None:
+            raise ApiError(400, info.message, code="invalid_value", param=named) from None
         param = f"{theirs}.{rest}" if theirs and rest else theirs or rest
-        message = f"{param}: {info.message.split(': ', 1)[-1]}"
+        message = info.message if named else f"{param}: {info.message.split(': ', 1)[-1]}"
         raise ApiError(400, message, code="invalid_value", param=param) from None
 
 

@@ -413,9 +413,7 @@ async def _infer_stream(session: Session, params: Params, rid: Any) -> Any:
 
 
 async def _embed(session: Session, params: Params, rid: Any) -> Any:
-    request = EmbedRequest.model_validate(_auto(params))
-    if not request.texts:  # as /v1/embeddings: it answered an empty success (dimensions 0)
-        raise ApiError(400, "`texts` must be a non-empty list of strings", param="texts")
+    request = EmbedRequest.model_validate(_auto(params))  # texts: some, none empty (as /v1/embeddings)
     check_batch(request.texts, MAX_EMBED_INPUTS, "texts")
     return (await session.engine.embed(request)).model_dump(mode="json")
 
