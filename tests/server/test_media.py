@@ -83,6 +83,15 @@ def test_speech_round_trip_and_missing_images_501(local_server: ServerThread) ->
         model="auto", file=("fox.wav", audio, "audio/wav"), response_format="vtt"
     )
     assert str(vtt).startswith("WEBVTT\n\n00:00:0") and "fox" in str(vtt).lower()
+    # stream=True: the SDK iterated the plain JSON answer as no events at all, silently.
+    events = list(
+        client.audio.transcriptions.create(model="auto", file=("fox.wav", audio, "audio/wav"), stream=True)
+    )
+    assert [e.type for e in events][-1] == "transcript.text.done" and len(events) >= 2
+    done = events[-1]
+    assert done.type == "transcript.text.done"
+    assert "".join(e.delta for e in events if e.type == "transcript.text.delta") == done.text
+    assert "fox" in done.text.lower()
     # Audio that is not audio is the caller's mistake: 400, not 500.
     with pytest.raises(openai.BadRequestError) as bad:
         client.audio.transcriptions.create(model="auto", file=("a.wav", WAV, "audio/wav"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import shutil
 import tempfile
@@ -137,6 +138,19 @@ def _transcript(result: TranscribeResult, fmt: str, words: bool) -> Response:
     return json_response(body, headers=headers)
 
 
+def _transcript_events(result: TranscribeResult) -> Response:
+    """A transcription asked for with ``stream=true``, as OpenAI's streamed events: a
+    ``transcript.text.delta`` per segment, then ``transcript.text.done`` with the whole text (the
+    SDK iterated a plain JSON answer as no events at all). The segments come once the audio is
+    transcribed: the events carry the format, not earlier text."""
+    pieces = [s.text for s in result.segments] or [result.text]
+    deltas = [" " + p if i else p for i, p in enumerate(pieces) if p]
+    events = [{"type": "transcript.text.delta", "delta": d} for d in deltas]
+    events.append({"type": "transcript.text.done", "text": result.text})
+    body = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events)
+    return Response(body, media_type="text/event-stream", headers=car_headers(result.model_used))
+
+
 def _decoder_figures(segment: TranscribedSegment) -> dict[str, float]:
     """OpenAI's segments always carry these; a model that gave none gets neutral values."""
     figures = {"temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": 0.0, "no_speech_prob": 0.0}
@@ -208,6 +222,7 @@ def register(app: FastAPI, state: ServerState) -> None:
             formats = ", ".join(_TRANSCRIPT_FORMATS)
             raise ApiError(400, f"`response_format` must be one of {formats}", param="response_format")
         granularities = {f.text for f in fields.listed("timestamp_granularities")}
+        stream = "stream" in fields and fields["stream"].text.strip().lower() == "true"
         workdir = Path(tempfile.mkdtemp(prefix="car-upload-"))
         try:
             audio = workdir / upload_name(upload.filename or "audio.wav")
@@ -225,6 +240,8 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise _without_path(exc, workdir, upload.filename or "the upload") from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+        if stream:
+            return _transcript_events(result)
         return _transcript(result, fmt, "word" in granularities)
 
     @guarded(TTS, timeout_s=timeout_s, retry_hint=state.retry_hint)
