@@ -26,6 +26,9 @@ def test_readable_file_says_missing_folder_or_gives_the_path(tmp_path: Path) -> 
         readable_file(str(tmp_path / "none.wav"), "audio file")
     with pytest.raises(InvalidInput, match="audio file is a folder, not a file: "):
         readable_file(str(tmp_path), "audio file")
+    for empty in ("", "  "):  # "" is the current folder to Path: "a folder, not a file: ."
+        with pytest.raises(InvalidInput, match="no audio file given: the path is empty"):
+            readable_file(empty, "audio file")
 
 
 def test_write_atomic_leaves_no_part_file_and_variants_are_numbered(tmp_path: Path) -> None:

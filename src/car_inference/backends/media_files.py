@@ -46,6 +46,8 @@ _VIDEO_CODECS = {"mp4": ("mp4", "libx264", "yuv420p"), "mov": ("mov", "libx264",
 def readable_file(path: str, what: str) -> Path:
     """``path`` (``~`` expanded) when it is a file this process can read; otherwise
     ``InvalidInput`` saying which of missing, a folder or unreadable it is."""
+    if not path.strip():  # Path("") is ".", which was "a folder, not a file: ."
+        raise InvalidInput(f"no {what} given: the path is empty")
     file = Path(path).expanduser()
     if file.is_dir():
         raise InvalidInput(f"{what} is a folder, not a file: {file}")
