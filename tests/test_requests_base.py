@@ -35,3 +35,17 @@ def test_unpaired_surrogates_are_refused_naming_the_field(build: Any, field: str
     with pytest.raises(ValidationError, match=f"{field} contains an unpaired surrogate"):
         build()
     assert GenerateRequest(prompt="héllo 😀 \u05e9\u05dc\u05d5\u05dd").prompt  # real non-ASCII text is fine
+
+
+def test_an_assignment_is_checked_as_construction_is() -> None:
+    """Requests were mutable without a check: ``params.temperature = 5`` was taken, and the
+    request failed later, far from the mistake."""
+    request = GenerateRequest(prompt="hi")
+    with pytest.raises(ValidationError, match="temperature"):
+        request.params.temperature = 5
+    with pytest.raises(ValidationError, match="prompt"):
+        request.prompt = "bad \ud800"  # the whole-request checks run again too
+    with pytest.raises(ValidationError, match="texts"):
+        EmbedRequest(texts=["a"]).texts = []
+    request.params.temperature = 0.2  # a valid value is taken
+    assert request.params.temperature == 0.2

@@ -22,7 +22,9 @@ Bool = Annotated[bool, Strict()]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Assignments are checked as construction is: ``request.params.temperature = 5`` was taken,
+    # and the model failed (or silently clamped) later, far from the mistake.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
 
 class _Input(_Model):
