@@ -121,6 +121,14 @@ def test_generate_errors_are_one_line() -> None:
     assert code == 1 and "car models pull" in err and "Traceback" not in err
     code, _, err = car("generate", "  ")
     assert code == 2 and "empty" in err
+    # Options that were taken and dropped: -m "$MODEL" with the variable unset routed; --stream
+    # with --json printed the object alone.
+    script = str(Path(sys.executable).parent / "car")  # click's usage errors, as the console has them
+    for command in (("generate", "hi"), ("embed", "hi"), ("transcribe", "a.wav"), ("route", "hi")):
+        run = subprocess.run([script, *command, "-m", ""], capture_output=True, text=True, check=False)
+        assert run.returncode == 2 and "is empty; leave it out to let the router choose" in run.stderr
+    code, _, err = car("generate", "hi", "--json", "--stream")
+    assert code == 2 and "leave --stream out" in err
 
 
 def test_chat_keeps_history_and_exits() -> None:

@@ -12,7 +12,7 @@ import sqlite3
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -60,6 +60,20 @@ def _close_engines() -> None:
     while _ENGINES:
         with contextlib.suppress(Exception):  # the command's own outcome is what the user sees
             _ENGINES.pop().close()
+
+
+def named_model(value: str | None) -> str | None:
+    """``--model``'s check: an empty name (``-m "$MODEL"`` with the variable unset) is a usage
+    error, not a request to route: leaving the option out is how one asks for that."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("is empty; leave it out to let the router choose")
+    return value
+
+
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", callback=named_model, help="model id, name or alias")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result object as JSON")]
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:

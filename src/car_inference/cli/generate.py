@@ -14,10 +14,11 @@ from ..errors import InferenceError, validation_summary
 from ..requests import GenerateParams, GenerateRequest, InferenceResult, Message, ThinkingMode, TokenUsage
 from ..schema import ModelCapability
 from ..stream import Done, ErrorEvent, RouteEvent, TextDelta, ThinkingDelta, ToolCallStart
-from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json, run, spinner
+from .common import EXIT_USAGE, engine, err, fail, handle_errors, named_model, out, print_json, run, spinner
 
 ModelOpt = Annotated[
-    str | None, typer.Option("--model", "-m", help="model id, name or alias (default: route)")
+    str | None,
+    typer.Option("--model", "-m", callback=named_model, help="model id, name or alias (default: route)"),
 ]
 SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="system prompt")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="most tokens to generate")]
@@ -143,6 +144,8 @@ def register(app: typer.Typer) -> None:
             prompt = sys.stdin.read()
         if not prompt.strip():
             raise fail("the prompt is empty", 2)
+        if as_json and stream:  # --json printed the result object and the stream was dropped
+            raise fail("--json prints one result object at the end: leave --stream out", 2)
         eng = engine()
         request = GenerateRequest(
             prompt=prompt,

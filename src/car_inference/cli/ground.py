@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..requests import GroundRequest, ImageBlock
-from .common import EXIT_USAGE, engine, fail, handle_errors, out, print_json, run, spinner
+from .common import EXIT_USAGE, engine, fail, handle_errors, named_model, out, print_json, run, spinner
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,9 @@ def register(app: typer.Typer) -> None:
         target: Annotated[
             str, typer.Argument(help='what to find, e.g. "the red car" ("*": every text line, OCR)')
         ],
-        model: Annotated[str | None, typer.Option("--model", "-m", help="model id, name or alias")] = None,
+        model: Annotated[
+            str | None, typer.Option("--model", "-m", callback=named_model, help="model id, name or alias")
+        ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="print the result object as JSON")] = False,
     ) -> None:
         """Find TARGET in IMAGE: bounding boxes (x1, y1, x2, y2) in pixels of the image."""

@@ -19,10 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..requests import GenerateImageRequest, GenerateVideoRequest, VideoMode
-from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json, run
+from .common import EXIT_USAGE, JsonOpt, ModelOpt, engine, err, fail, handle_errors, out, print_json, run
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model id, name or alias")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result object as JSON")]
 SizeOpt = Annotated[str | None, typer.Option("--size", "-s", help="WIDTHxHEIGHT (default: the model's own)")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", min=1, help="denoising steps (local models)")]
 GuidanceOpt = Annotated[float | None, typer.Option("--guidance", help="guidance scale (local models)")]

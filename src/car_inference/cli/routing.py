@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..requests import GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
-from .common import EXIT_USAGE, engine, fail, handle_errors, money, out, print_json
+from .common import EXIT_USAGE, engine, fail, handle_errors, money, named_model, out, print_json
 
 profiles_app = typer.Typer(help="Export, import or forget learned model profiles.", no_args_is_help=True)
 
@@ -43,7 +43,9 @@ def register(app: typer.Typer) -> None:
         workload: Annotated[
             RoutingWorkload, typer.Option(help="interactive or background")
         ] = RoutingWorkload.INTERACTIVE,
-        model: Annotated[str | None, typer.Option("--model", "-m", help="an explicit model")] = None,
+        model: Annotated[
+            str | None, typer.Option("--model", "-m", callback=named_model, help="an explicit model")
+        ] = None,
         max_tokens: Annotated[
             int | None, typer.Option("--max-tokens", "-n", min=1, help="caps expected output and cost")
         ] = None,

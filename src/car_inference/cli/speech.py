@@ -9,10 +9,19 @@ import typer
 
 from ..engine.speech import AUDIO_SUFFIXES
 from ..requests import SynthesizeRequest, TranscribeRequest
-from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json, run, spinner
-
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model id, name or alias")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result object as JSON")]
+from .common import (
+    EXIT_USAGE,
+    JsonOpt,
+    ModelOpt,
+    engine,
+    err,
+    fail,
+    handle_errors,
+    out,
+    print_json,
+    run,
+    spinner,
+)
 
 FORMATS = ("wav", "mp3", "flac", "pcm")
 

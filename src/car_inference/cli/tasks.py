@@ -8,10 +8,7 @@ import typer
 from rich.table import Table
 
 from ..requests import ClassifyRequest, EmbedRequest, RerankRequest
-from .common import engine, fail, handle_errors, out, print_json, run, spinner, split_csv
-
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model id, name or alias")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result object as JSON")]
+from .common import JsonOpt, ModelOpt, engine, fail, handle_errors, out, print_json, run, spinner, split_csv
 
 
 def register(app: typer.Typer) -> None:
