@@ -279,6 +279,13 @@ class ModelSchema(BaseModel):
             return param not in (GenerateParam.EXTENDED_THINKING, GenerateParam.REASONING_EFFORT)
         return param in self.supported_params
 
+    def has_thinking_mode(self) -> bool:
+        """Whether the model reasons aloud on request: it declares extended thinking or a
+        reasoning effort (``thinking``, ``budget_tokens`` and ``reasoning_effort`` reach it)."""
+        return self.supports_param(GenerateParam.EXTENDED_THINKING) or self.supports_param(
+            GenerateParam.REASONING_EFFORT
+        )
+
     @property
     def size_mb(self) -> int | None:
         return self.cost.size_mb

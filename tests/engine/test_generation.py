@@ -10,6 +10,7 @@ from car_inference.requests import (
     EmbedRequest,
     GenerateParams,
     GenerateRequest,
+    ThinkingMode,
 )
 from car_inference.stream import Done, RouteEvent, TextDelta
 
@@ -89,6 +90,21 @@ async def test_unknown_and_unavailable_models_give_clear_errors(local_engine: In
         await local_engine.generate(greedy("x", model="claude-opus-5-5"))
     with pytest.raises(UnsupportedMode):
         await local_engine.embed(EmbedRequest(texts=["x"], model=SMOL))  # declares no embed capability
+
+
+async def test_thinking_on_a_model_without_a_thinking_mode_is_refused(local_engine: InferenceEngine) -> None:
+    """``thinking=on`` on SmolLM2 (no thinking mode) was ignored: the answer came without the
+    thinking asked for, and nothing said so. Named or routed, it is refused; auto and off run."""
+    on = GenerateRequest(
+        prompt="2+2?", model=SMOL, params=GenerateParams(thinking=ThinkingMode.ON, max_tokens=4)
+    )
+    with pytest.raises(UnsupportedMode, match="has no thinking mode"):
+        await local_engine.generate(on)
+    with pytest.raises(UnsupportedMode, match="has no thinking mode"):
+        await local_engine.generate(on.model_copy(update={"model": None}))  # no local model thinks
+    for mode in (ThinkingMode.AUTO, ThinkingMode.OFF):
+        params = GenerateParams(thinking=mode, max_tokens=4, temperature=0)
+        assert (await local_engine.generate(GenerateRequest(prompt="2+2?", model=SMOL, params=params))).text
 
 
 async def test_a_stopped_stream_is_an_abandoned_trace_and_done_is_not(local_engine: InferenceEngine) -> None:

@@ -188,10 +188,7 @@ def thinking_plan(model: ModelSchema, params: GenerateParams) -> ThinkingPlan:
     """Thinking is on when asked (``thinking=on``), or in ``auto`` when a budget or an effort is
     given; off when ``thinking=off``; otherwise the provider's default. Models that declare
     neither extended_thinking nor reasoning_effort get no thinking parameters at all."""
-    if not (
-        model.supports_param(GenerateParam.EXTENDED_THINKING)
-        or model.supports_param(GenerateParam.REASONING_EFFORT)
-    ):
+    if not model.has_thinking_mode():
         return ThinkingPlan("default")
     if params.thinking is ThinkingMode.OFF:
         return ThinkingPlan("off")

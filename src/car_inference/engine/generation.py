@@ -44,7 +44,7 @@ from ..errors import (
     expect,
 )
 from ..grounding import answer_boxes
-from ..requests import GenerateRequest, InferenceResult, TokenUsage, ToolCall
+from ..requests import GenerateRequest, InferenceResult, ThinkingMode, TokenUsage, ToolCall
 from ..routing import InferenceTask, RoutingDecision, RoutingStrategy, answer_signals, failure_weight
 from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, ErrorEvent, RouteEvent, StreamEvent, UsageEvent
@@ -201,6 +201,11 @@ class GenerationMixin(Lifecycle):
         if media and model.in_process and not model.has_capability(ModelCapability.VISION):
             mode = "/".join(sorted(media)) + "-input"
             raise UnsupportedMode(mode, model.kind, f"{model.id} reads text only (no vision)")
+        if request.params.thinking is ThinkingMode.ON and not model.has_thinking_mode():  # it was ignored
+            why = (
+                f"{model.id} has no thinking mode; leave thinking at auto, or use a model that reasons aloud"
+            )
+            raise UnsupportedMode("thinking", model.kind, why)
         reservation = None  # the estimate held against the fleet's spend limits until recorded
         if self.spend.has_limits and not model.in_process:
             estimate = model.cost.estimate(decision.estimated_input_tokens, request.params.max_tokens)
