@@ -129,6 +129,8 @@ def test_generate_errors_are_one_line() -> None:
         assert run.returncode == 2 and "is empty; leave it out to let the router choose" in run.stderr
     code, _, err = car("generate", "hi", "--json", "--stream")
     assert code == 2 and "leave --stream out" in err
+    code, _, err = car("generate", "hi", "--seed", str(2**64))  # it said "seed:", a request field
+    assert code == 2 and err.startswith("error: Invalid value for '--seed': "), err
 
 
 def test_chat_keeps_history_and_exits() -> None:

@@ -105,7 +105,10 @@ def test_mistakes_are_one_line_usage_errors(home: Path, tmp_path: Path) -> None:
     code, _, err = car("image", "x", "-o", str(tmp_path / "x.bmp"))
     assert code == 2 and "cannot write bmp files" in err
     code, _, err = car("image", "x", "--size", "32x32")
-    assert code == 2 and err.strip().startswith("error: width:")
+    # Named as the option the user typed, not as the request's field ("width:", "steps:").
+    assert code == 2 and err.strip().startswith("error: Invalid value for '--size' (width):")
+    code, _, err = car("image", "x", "--steps", "5000")
+    assert code == 2 and err.strip().startswith("error: Invalid value for '--steps': "), err
     code, _, err = car("image", "x", "-s", "65x64")
     assert code == 2 and "multiples of 2 pixels" in err and len(err.strip().splitlines()) == 1
     code, _, err = car("video", "x", "-m", "test/tiny-sd")

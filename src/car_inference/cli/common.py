@@ -10,6 +10,7 @@ import math
 import os
 import sqlite3
 import sys
+import typing
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
@@ -106,7 +107,7 @@ def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
         except InferenceError as exc:
             raise fail(_one_line(str(exc)), _exit_code(exc)) from None
         except ValidationError as exc:  # a request or setting built from the command's arguments
-            raise fail(_one_line(validation_summary(exc)), EXIT_USAGE) from None
+            raise fail(_one_line(_as_options(exc, fn)), EXIT_USAGE) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
         except sqlite3.DatabaseError as exc:  # state.db damaged past its first pages: a traceback
@@ -115,6 +116,55 @@ def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
             _close_engines()
 
     return wrapper
+
+
+# Request fields whose option has another name (a field no option of the command fills stays named).
+_FIELD_OPTIONS = {
+    "width": "--size",
+    "height": "--size",
+    "variant_count": "--count",
+    "duration_s": "--duration",
+    "negative_prompt": "--negative",
+    "output_path": "--output",
+}
+
+
+def _options(command: Callable[..., Any]) -> dict[str, str]:
+    """The command's options by parameter name: ``{"seed": "--seed", "max_tokens": "--max-tokens"}``
+    (the longest of each option's names, as typer reads them from the annotations)."""
+    try:
+        hints = typing.get_type_hints(command, include_extras=True)
+    except (NameError, TypeError):
+        return {}
+    options = {}
+    for name, hint in hints.items():
+        info = next(
+            (m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.OptionInfo)), None
+        )
+        if info is None:
+            continue
+        given = [info.default] if isinstance(info.default, str) and info.default.startswith("-") else []
+        names = [*given, *(info.param_decls or ())] or ["--" + name.replace("_", "-")]
+        options[name] = max(names, key=len)
+    return options
+
+
+def _as_options(exc: ValidationError, command: Callable[..., Any]) -> str:
+    """``exc`` in one line, a field the command has an option for named as that option
+    (``Invalid value for '--seed': ...``, as click says it), not as the request calls it."""
+    own = _options(command)
+    parts = []
+    for error in exc.errors():
+        loc = tuple(str(p) for p in error.get("loc", ()))
+        msg = str(error.get("msg", "")).removeprefix("Value error, ")
+        field = loc[-1] if loc else ""
+        if field in own:
+            parts.append(f"Invalid value for '{own[field]}': {msg}")
+        elif field in _FIELD_OPTIONS:  # filled by an option of another name: say which part
+            parts.append(f"Invalid value for '{_FIELD_OPTIONS[field]}' ({field}): {msg}")
+        else:
+            parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return "; ".join(parts) or validation_summary(exc)
 
 
 def _damaged_state(exc: sqlite3.DatabaseError) -> str:

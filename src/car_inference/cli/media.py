@@ -11,10 +11,9 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -60,20 +59,21 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate an image from a prompt (or edit one with --edit) and print the file's path."""
         fmt = _format(image_format, output, IMAGE_FORMATS, {"jpg": "jpeg"})
-        request = _request(
-            GenerateImageRequest,
-            prompt=prompt,
-            model=model,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            negative_prompt=negative,
-            variant_count=count if count > 1 else None,
-            image_paths=[str(p) for p in edit or []],
-            mask_path=str(mask) if mask else None,
-            format=fmt,
-            output_path=str(output) if output else None,
-            **_dimensions(size),
+        request = GenerateImageRequest.model_validate(
+            {
+                "prompt": prompt,
+                "model": model,
+                "steps": steps,
+                "guidance": guidance,
+                "seed": seed,
+                "negative_prompt": negative,
+                "variant_count": count if count > 1 else None,
+                "image_paths": [str(p) for p in edit or []],
+                "mask_path": str(mask) if mask else None,
+                "format": fmt,
+                "output_path": str(output) if output else None,
+                **_dimensions(size),
+            }
         )
         with progress_bar(err, "Editing" if edit else "Generating") as report:
             result = run(engine().generate_image(request, progress=report))
@@ -112,19 +112,20 @@ def register(app: typer.Typer) -> None:
         """Generate a video from a prompt and print the file's path."""
         fmt = _format(video_format, output, VIDEO_FORMATS, {})
         optional = {"duration_s": duration, "fps": fps, **_dimensions(size)}
-        request = _request(
-            GenerateVideoRequest,
-            prompt=prompt,
-            model=model,
-            steps=steps,
-            guidance=guidance,
-            seed=seed,
-            negative_prompt=negative,
-            mode=VideoMode.IMAGE_TO_VIDEO if from_image else VideoMode.TEXT_TO_VIDEO,
-            image_path=str(from_image) if from_image else None,
-            format=fmt,
-            output_path=str(output) if output else None,
-            **{k: v for k, v in optional.items() if v is not None},
+        request = GenerateVideoRequest.model_validate(
+            {
+                "prompt": prompt,
+                "model": model,
+                "steps": steps,
+                "guidance": guidance,
+                "seed": seed,
+                "negative_prompt": negative,
+                "mode": VideoMode.IMAGE_TO_VIDEO if from_image else VideoMode.TEXT_TO_VIDEO,
+                "image_path": str(from_image) if from_image else None,
+                "format": fmt,
+                "output_path": str(output) if output else None,
+                **{k: v for k, v in optional.items() if v is not None},
+            }
         )
         with progress_bar(err, "Generating") as report:
             result = run(engine().generate_video(request, progress=report))
@@ -170,14 +171,3 @@ def _dimensions(size: str | None) -> dict[str, int]:
     except ValueError:
         raise fail(f"--size must be WIDTHxHEIGHT, e.g. 512x512, not {size!r}", EXIT_USAGE) from None
     return {"width": width, "height": height}
-
-
-def _request(cls: type[Any], **fields: Any) -> Any:
-    """The request, or a usage error naming the field that is wrong."""
-    try:
-        return cls(**fields)
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(p) for p in problem["loc"])
-        message = str(problem["msg"]).removeprefix("Value error, ")  # a validator's own words
-        raise fail(f"{where}: {message}" if where else message, EXIT_USAGE) from None
