@@ -107,6 +107,43 @@ def test_feedback_behind_a_slow_store_holds_up_no_other_request(
     engine.close()
 
 
+def test_feedback_waits_for_a_locked_store_a_bounded_time_and_is_written_later(
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_provider: FakeProviderServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A state database another program holds write-locked kept a feedback request waiting up to
+    request_timeout_s (600 s). Past FEEDBACK_WAIT_S it is a 503 state_store_behind with
+    Retry-After, and the feedback is written once the lock is let go: nothing is lost."""
+    import sqlite3
+
+    from car_inference.server import common
+
+    monkeypatch.setattr(common, "FEEDBACK_WAIT_S", 0.5)
+    home = remote_home(tmp_path_factory.mktemp("locked-home"), fake_provider, "alpha")
+    engine = InferenceEngine(home=home)
+    with ServerThread(create_app(engine)) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        trace_id = http.post("/v1/route", json={"messages": ASK}).json()["trace_id"]
+        holder = sqlite3.connect(home / "state.db", timeout=1, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another program's write transaction
+        try:
+            started = time.monotonic()
+            busy = http.post("/v1/feedback", json={"trace_id": trace_id, "score": 0.25})
+            assert time.monotonic() - started < 5
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "state_store_behind"
+            assert busy.headers["retry-after"]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        deadline = time.monotonic() + 15
+        while (engine.store.trace(trace_id) or {}).get("feedback") != 0.25:
+            assert time.monotonic() < deadline, "the feedback was lost"
+            time.sleep(0.05)
+        again = http.post("/v1/feedback", json={"trace_id": trace_id, "score": 0.25})  # a safe retry
+        assert again.status_code == 200 and (engine.store.trace(trace_id) or {}).get("feedback") == 0.25
+    engine.close()
+
+
 def test_a_route_whose_trace_waits_for_the_store_holds_up_no_other_request(
     tmp_path_factory: pytest.TempPathFactory, fake_provider: FakeProviderServer
 ) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
+import logging
 import math
 import re
 import unicodedata
@@ -41,11 +43,17 @@ __all__ = [
     "parse_json",
     "read_call",
     "read_json",
+    "record_feedback",
 ]
+
+log = logging.getLogger(__name__)
 
 HEADER_MODEL = "x-car-model"
 HEADER_TRACE = "x-car-trace-id"
 HEADER_REASON = "x-car-route-reason"
+# How long a feedback request waits for the state store (the writer's queue, a lock another
+# program or replica holds) before it is answered 503 and written when the store lets it.
+FEEDBACK_WAIT_S = 10.0
 
 
 class Limiter:
@@ -347,3 +355,34 @@ def car_headers(model: str | None, trace_id: str | None = None, reason: str | No
     if reason:
         headers[HEADER_REASON] = ascii_header(reason)
     return headers
+
+
+async def record_feedback(engine: InferenceEngine, trace_id: str, score: float) -> None:
+    """``engine.feedback`` off the loop, waited for ``FEEDBACK_WAIT_S`` at most: it writes the
+    answer's record first, behind whatever the writer has queued, and a table another program
+    locked held the request until ``request_timeout_s``. Past the wait the client gets 503
+    ``state_store_behind`` with ``Retry-After``; the write goes on and lands when the store lets
+    it, and a retry of the same score changes nothing more."""
+    work = asyncio.ensure_future(asyncio.to_thread(engine.feedback, trace_id, score))
+    try:
+        await asyncio.wait_for(asyncio.shield(work), FEEDBACK_WAIT_S)
+    except TimeoutError:
+        work.add_done_callback(functools.partial(_late, trace_id))
+        raise ApiError(
+            503,
+            f"the state store did not take the feedback within {FEEDBACK_WAIT_S:g} s (its writes are "
+            "queued or a table is locked); it is written once the store lets it, and a retry is safe",
+            type="server_error",
+            code="state_store_behind",
+            retry_after=FEEDBACK_WAIT_S,
+        ) from None
+
+
+def _late(trace_id: str, work: asyncio.Future[Any]) -> None:
+    """A feedback that finished after its request was answered 503: a failure goes to the log,
+    where nobody else would see it."""
+    error = None if work.cancelled() else work.exception()
+    if error is not None:
+        log.warning(
+            "feedback for trace %s, written after its request was answered, failed: %s", trace_id, error
+        )

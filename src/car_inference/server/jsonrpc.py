@@ -36,7 +36,7 @@ from ..requests import (
 )
 from ..schema import ModelCapability
 from ..stream import Done, ErrorEvent, RouteEvent
-from .common import ServerState, client_of, parse_json
+from .common import ServerState, client_of, parse_json, record_feedback
 from .errors import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -486,8 +486,7 @@ async def _feedback(session: Session, params: Params, rid: Any) -> Any:
             400, "`score` must be a number from 0 (bad) to 1 (good)", code="invalid_value", param="score"
         )
     try:
-        # Off the loop: it writes the answer's record first, behind whatever the writer has queued.
-        await asyncio.to_thread(session.engine.feedback, trace_id, float(score))
+        await record_feedback(session.engine, trace_id, float(score))
     except InvalidInput as exc:
         raise ApiError(400, str(exc), code="invalid_value", param="score") from None
     return {"trace_id": trace_id, "score": float(score), "recorded": True}

@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from ..errors import InvalidInput
 from ..requests import InferenceResult
-from .common import ServerState, car_headers, json_response, read_call, read_json
+from .common import ServerState, car_headers, json_response, read_call, read_json, record_feedback
 from .errors import ApiError, guarded
 from .sse import ChatChunks, CompletionChunks, EventStream
 from .translate import (
@@ -101,8 +101,7 @@ def register(app: FastAPI, state: ServerState) -> None:
         if isinstance(score, bool) or not isinstance(score, int | float):
             raise ApiError(400, "`score` must be a number from 0 (bad) to 1 (good)", param="score")
         try:
-            # Off the loop: it writes the answer's record first, behind whatever the writer has queued.
-            await asyncio.to_thread(engine.feedback, trace_id, float(score))
+            await record_feedback(engine, trace_id, float(score))
         except InvalidInput as exc:
             raise ApiError(400, str(exc), param="score") from None
         return json_response({"trace_id": trace_id, "score": float(score), "recorded": True})
