@@ -78,7 +78,12 @@ class InferenceFailed(InferenceError):
 class InvalidInput(InferenceError):
     """The request's input cannot be used: an audio file that is missing or cannot be decoded,
     empty text, a language or voice the model does not have. The caller must change the request
-    (a 400 from the server, exit status 2 from the CLI); no other model would do better."""
+    (a 400 from the server, exit status 2 from the CLI); no other model would do better.
+    ``param`` names the request field at fault where one is (the server's error ``param``)."""
+
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class UnsupportedMode(InferenceError):

@@ -39,6 +39,7 @@ def test_speech_round_trip_and_missing_images_501(local_server: ServerThread) ->
     with pytest.raises(openai.BadRequestError) as unknown:
         client.audio.speech.create(model="auto", voice="alloy", input="Hi.", response_format="wav")
     assert "has no voice 'alloy'; its voices: en_US-joe-medium" in unknown.value.message
+    assert unknown.value.param == "voice"  # it was null: OpenAI names the field
     speech = client.audio.speech.create(
         model="auto",
         voice="en_US-joe-medium",
@@ -60,6 +61,9 @@ def test_speech_round_trip_and_missing_images_501(local_server: ServerThread) ->
     # ... and back to text on the embedded Whisper.
     text = client.audio.transcriptions.create(model="auto", file=("fox.wav", audio, "audio/wav"))
     # Piper's voice varies from run to run ("fox" came back once as "box"): most words, not each.
+    with pytest.raises(openai.BadRequestError) as unknown_language:
+        client.audio.transcriptions.create(model="auto", file=("fox.wav", audio, "audio/wav"), language="xx")
+    assert unknown_language.value.param == "language" and "'xx'" in unknown_language.value.message
     heard = set(text.text.lower().replace(".", "").split())
     assert len(heard & {"quick", "brown", "fox", "jumps", "lazy", "dog"}) >= 4, text.text
     # The SDK sends a list as one part per item: only the last one ("segment") was read, and the

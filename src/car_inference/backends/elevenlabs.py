@@ -148,7 +148,9 @@ class ElevenLabsBackend(RemoteBackend):
     async def _unknown_voice(self, model: ModelSchema, voice: str) -> InvalidInput:
         known = await self.voices(model)
         listed = ", ".join(f"{v.id} ({v.name})" if v.name else v.id for v in known.voices)
-        return InvalidInput(f"{model.id} has no voice {voice!r}; the account's voices: {listed}")
+        return InvalidInput(
+            f"{model.id} has no voice {voice!r}; the account's voices: {listed}", param="voice"
+        )
 
     # --- transcription -------------------------------------------------------------------------
 

@@ -131,7 +131,9 @@ def _speech_options(model: ModelSchema, request: SynthesizeRequest) -> dict[str,
         raise InvalidInput("there is no text to speak")
     voice = request.voice or DEFAULT_VOICE
     if voice not in OPENAI_VOICES and not voice.startswith("voice_"):
-        raise InvalidInput(f"{model.id} has no voice {voice!r}; its voices: {', '.join(OPENAI_VOICES)}")
+        raise InvalidInput(
+            f"{model.id} has no voice {voice!r}; its voices: {', '.join(OPENAI_VOICES)}", param="voice"
+        )
     # A custom voice goes out as an object, the SDK's shape for it; a built-in one by name.
     wire_voice: Any = voice if voice in OPENAI_VOICES else {"id": voice}
     options: dict[str, Any] = {"input": request.text, "voice": wire_voice, "response_format": request.format}

@@ -247,7 +247,9 @@ def _speaker(
     else:  # how to make this name work
         mapping = f'{{ {_toml_key(requested)} = "{names[0]}" }}'
         hint = f". To accept another name, map it in config.toml: [speech] voices = {mapping}"
-    raise InvalidInput(f"{model.id} has no voice {requested!r}; its voices: {', '.join(names)}{hint}")
+    raise InvalidInput(
+        f"{model.id} has no voice {requested!r}; its voices: {', '.join(names)}{hint}", param="voice"
+    )
 
 
 def _toml_key(name: str) -> str:

@@ -166,7 +166,7 @@ def _language(model: ModelSchema, whisper: Any, requested: str | None) -> str | 
         return None
     code = requested.lower().replace("_", "-").split("-")[0]
     if code not in whisper.supported_languages:
-        raise InvalidInput(f"{model.id} does not know the language {requested!r}")
+        raise InvalidInput(f"{model.id} does not know the language {requested!r}", param="language")
     return code
 
 

@@ -259,7 +259,7 @@ def _simple(
 ) -> ErrorInfo | None:
     for cls, status, kind, code, param in table:
         if isinstance(exc, cls):
-            return ErrorInfo(status, kind, code, str(exc), param, name)
+            return ErrorInfo(status, kind, code, str(exc), getattr(exc, "param", None) or param, name)
     return None
 
 
