@@ -369,7 +369,11 @@ def test_arguments_no_request_takes_are_one_line_with_status_2(isolated_home: Pa
             "error: prompt is not valid UTF-8 text (it holds the byte 0xff",
         ),
         ([script, "route", ""], {}, "error: a request needs a `prompt` or `messages`"),
-        ([script, "generate", "hi", "--seed", "9" * 23], {}, "error: seed: Input should be less than"),
+        (
+            [script, "generate", "hi", "--seed", "9" * 23],
+            {},
+            "error: Invalid value for '--seed': Input should be less than",
+        ),
         (
             [script, "route", "hi"],
             {"CAR_HOME": str(home_file)},
