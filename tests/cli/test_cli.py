@@ -83,6 +83,17 @@ def test_models_show_and_unknown_model() -> None:
     assert "model not found: qwen3-9b" in err and "did you mean: qwen/qwen3-8b:q4_k_m" in err
 
 
+def test_text_in_square_brackets_is_printed_not_read_as_a_style(isolated_home: Path) -> None:
+    """Rich reads "[sentence]" as a style and drops it: the install hint "pip install
+    'car-inference[sentence]'" read 'car-inference', and "[tool call]" vanished from its line."""
+    (isolated_home / "models.toml").write_text(
+        '[[models]]\nid = "me/demo"\nname = "demo [beta]"\nprovider = "me"\n'
+        'capabilities = ["generate"]\n[models.source]\nkind = "gguf"\npath = "/nowhere/[x].gguf"\n'
+    )
+    code, out, _ = car("models", "show", "me/demo")
+    assert code == 0 and "demo [beta]" in out and "[x].gguf" in out, out
+
+
 def test_config_show_reflects_file_and_environment(
     isolated_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

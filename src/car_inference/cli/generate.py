@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
 from ..errors import InferenceError, validation_summary
 from ..requests import GenerateParams, GenerateRequest, InferenceResult, Message, ThinkingMode, TokenUsage
@@ -86,7 +87,7 @@ async def _stream_to_terminal(
             elif isinstance(event, ThinkingDelta):
                 err.print(event.text, style="dim", end="")
             elif isinstance(event, ToolCallStart):
-                err.print(f"\n[tool call] {event.name}", style="cyan")
+                err.print(escape(f"\n[tool call] {event.name}"), style="cyan")
             elif isinstance(event, ErrorEvent):
                 sys.stdout.write("\n")
                 raise fail(event.message)
@@ -99,7 +100,9 @@ async def _stream_to_terminal(
 
 def _print_tool_calls(result: InferenceResult | Done) -> None:
     for call in result.tool_calls:
-        err.print(f"[tool call] {call.name}({call.arguments or call.invalid_arguments})", style="cyan")
+        err.print(
+            escape(f"[tool call] {call.name}({call.arguments or call.invalid_arguments})"), style="cyan"
+        )
 
 
 def _note_cut(finish_reason: str | None, max_tokens: int, usage: TokenUsage | None = None) -> None:

@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
             return
         size = f"{result.width}x{result.height}" if result.width else "?"
         if not result.boxes:
-            out.print(f"no box for {target!r} ({result.model_used}, image {size})")
+            out.print(escape(f"no box for {target!r} ({result.model_used}, image {size})"))
             out.print(escape(result.raw_text), style="dim")
             return
         table = Table(header_style="bold", caption=f"{result.model_used}, image {size} px")

@@ -220,9 +220,8 @@ def _print_extras(report: dict[str, Any]) -> None:
         if coord["backend"] == "local":
             out.print("breaker coordination: local (this process only)")
         elif coord.get("reachable") is False:
-            out.print(
-                f"breaker coordination: redis [red]unreachable[/], local meanwhile ({coord.get('error')})"
-            )
+            why = escape(str(coord.get("error")))
+            out.print(f"breaker coordination: redis [red]unreachable[/], local meanwhile ({why})")
         else:
             latency = coord.get("latency_ms")
             shown = f", {latency:.2f} ms round trip" if isinstance(latency, int | float) else ""

@@ -9,6 +9,7 @@ import sys
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..errors import close_matches
@@ -87,21 +88,21 @@ def show_model(
     if as_json:
         print_json(data)
         return
-    out.print(f"[bold]{schema.id}[/]  {schema.name}")
+    out.print(f"[bold]{escape(schema.id)}[/]  {escape(schema.name)}")
     if schema.description:
         out.print(schema.description)
     for key in ("provider", "family", "context_length", "max_output_tokens", "quality", "tags", "aliases"):
         if data.get(key) not in (None, [], "", 0):
-            out.print(f"  {key}: {data[key]}")
+            out.print(f"  {key}: {escape(str(data[key]))}")
     out.print(f"  capabilities: {', '.join(c.value for c in schema.capabilities)}")
-    out.print(f"  source: {data['source']}")
+    out.print(f"  source: {escape(str(data['source']))}")
     cost = {k: v for k, v in data["cost"].items() if v}
     if cost:
-        out.print(f"  cost: {cost}")
+        out.print(f"  cost: {escape(str(cost))}")
     if schema.available:
         out.print("  available: [green]yes[/]")
     else:
-        out.print(f"  available: [red]no[/] — {eng.registry.unavailable_reason(schema)}")
+        out.print(f"  available: [red]no[/] — {escape(eng.registry.unavailable_reason(schema))}")
 
 
 @models_app.command("pull")
@@ -215,12 +216,12 @@ def discover(
     failed = False
     for name, found in report.items():
         if isinstance(found, list):
-            out.print(f"[bold]{name}[/]: {len(found)} model(s)")
+            out.print(f"[bold]{escape(name)}[/]: {len(found)} model(s)")
             for model_id in found:
-                out.print(f"  {model_id}")
+                out.print(f"  {escape(model_id)}")
         else:
             failed = True
-            err.print(f"[bold red]{name}[/]: {found}")
+            err.print(f"[bold red]{escape(name)}[/]: {escape(str(found))}")
     if failed:
         raise typer.Exit(1)
 

@@ -8,6 +8,7 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import engine, err, fail, handle_errors, out, print_json, spinner
@@ -42,9 +43,9 @@ def list_runtimes(as_json: JsonOpt = False) -> None:
         print_json({"runtimes": kinds, "instances": [s.model_dump(mode="json") for s in instances]})
         return
     for row in kinds:
-        found = f"[green]{row['version'] or 'installed'}[/]"
-        where = found if row["installed"] else f"[dim]not installed: {row['install']}[/]"
-        out.print(f"[bold]{row['runtime']}[/] ({row['serves_kind']} models): {where}")
+        found = f"[green]{escape(str(row['version'] or 'installed'))}[/]"
+        where = found if row["installed"] else f"[dim]not installed: {escape(str(row['install']))}[/]"
+        out.print(f"[bold]{escape(str(row['runtime']))}[/] ({row['serves_kind']} models): {where}")
     table = Table(header_style="bold")
     for column in ("instance", "model", "state", "url", "pid", "owner", "restarts", "idle"):
         table.add_column(column, no_wrap=column in ("instance", "url"))
@@ -84,7 +85,8 @@ def start(
     owned = runtime.state is RuntimeState.RUNNING
     if not as_json:
         how = f"pid {status.pid}, log {status.log_path}" if owned else f"already running ({runtime.state})"
-        out.print(f"[bold]{runtime.name}[/] at {url}: {', '.join(status.served) or '-'} ({how})")
+        served = ", ".join(status.served) or "-"
+        out.print(f"[bold]{escape(runtime.name)}[/] at {escape(str(url))}: {escape(served)} ({escape(how)})")
     if not owned:
         return
     if not as_json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..requests import ClassifyRequest, EmbedRequest, RerankRequest
@@ -32,7 +33,7 @@ def register(app: typer.Typer) -> None:
         out.print(f"{result.model_used}: {len(result.embeddings)} x {result.dimensions}", style="dim")
         for text, vector in zip(texts, result.embeddings, strict=True):
             head = ", ".join(f"{v:+.4f}" for v in vector[:6])
-            out.print(f"{text[:40]!r:44} [{head}, ...]")
+            out.print(escape(f"{text[:40]!r:44} [{head}, ...]"))
 
     @app.command()
     @handle_errors
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
             return
         for item in result.results:
             bar = "█" * round(item.score * 30)
-            out.print(f"{item.label:>20}  {item.score:6.3f}  {bar}")
+            out.print(escape(f"{item.label:>20}  {item.score:6.3f}  {bar}"))
         out.print(f"{result.model_used} ({result.method})", style="dim")
 
     @app.command()
