@@ -216,6 +216,10 @@ class UnifiedRegistry:
             return None
         return "no inference runner is registered for it (InferenceEngine.register_runner or runner.register)"
 
+    def backend_installed(self, kind: str) -> bool:
+        """Whether the backend of ``kind`` models can be imported here (its extra is installed)."""
+        return bool(self._backend_check(kind))
+
     def unavailable_reason(self, schema: ModelSchema) -> str:
         """Why ``schema`` cannot run, in words a user can act on."""
         if not self._backend_check(schema.kind):

@@ -37,3 +37,5 @@ def test_hardware_text_output() -> None:
     assert result.exit_code == 0, result.stderr
     assert "CPU" in result.stdout and "RAM" in result.stdout and "best local models that fit" in result.stdout
     assert "all-minilm-l6-v2" in result.stdout
+    # A model that is not here says what brings it: a pull (or an extra, for a packaged one).
+    assert "available" in result.stdout and "no (car models pull)" in result.stdout

