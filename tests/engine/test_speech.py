@@ -127,8 +127,10 @@ async def test_no_remote_fallback_keeps_hosted_models_out(engine_with: BuildEngi
     engine = engine_with("allow_remote_fallback = false")
     without_local_stt(engine, tmp_path)
     assert chosen(engine, STT) == WHISPER  # the configured default: its run says what is missing
+    audio = tmp_path / "a.wav"
+    audio.write_bytes(b"RIFF")  # a file that is there: the model, not the file, is what is missing
     with pytest.raises(ModelUnavailable, match=WHISPER):
-        await engine.transcribe(TranscribeRequest(audio_path=str(tmp_path / "a.wav")))
+        await engine.transcribe(TranscribeRequest(audio_path=str(audio)))
 
 
 def test_a_preferred_name_not_in_the_catalog_is_an_error(engine_with: BuildEngine) -> None:
@@ -159,7 +161,8 @@ def test_speech_health_says_what_each_direction_runs(engine_with: BuildEngine, t
     speech = engine.model_health().speech
     assert (speech.stt_model, speech.stt_available, speech.local_stt_default) == (WHISPER, False, None)
     assert any(
-        p.startswith(f"speech_to_text: {WHISPER} would run but is not available") for p in speech.problems
+        p.startswith(f"speech_to_text: {WHISPER} is the model it would use, but it cannot run here")
+        for p in speech.problems
     )
 
 

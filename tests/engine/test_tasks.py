@@ -70,6 +70,10 @@ async def test_speech_and_media_say_what_is_missing(local_engine: InferenceEngin
     # is the caller's to fix, and a capability with no model says so.
     with pytest.raises(InvalidInput, match="audio file not found"):
         await local_engine.transcribe(TranscribeRequest(audio_path=str(tmp_path / "none.wav")))
+    # A missing file is said before a model that cannot run here (no key): the typo is the news.
+    missing = TranscribeRequest(audio_path=str(tmp_path / "none.wav"), model="openai/gpt-transcribe")
+    with pytest.raises(InvalidInput, match="audio file not found"):
+        await local_engine.transcribe(missing)
     with pytest.raises(ModelUnavailable, match="image_generation"):
         await local_engine.generate_image(GenerateImageRequest(prompt="a cat"))
 

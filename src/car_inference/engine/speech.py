@@ -205,7 +205,9 @@ def speech_health(engine: _Engine) -> SpeechHealthReport:
         fields[f"{short}_available"] = bool(model and model.available)
         if model is not None and not model.available:
             why = engine.registry.unavailable_reason(model)
-            problems.append(f"{capability}: {model.id} would run but is not available ({why})")
+            problems.append(
+                f"{capability}: {model.id} is the model it would use, but it cannot run here ({why})"
+            )
     defaults = {v for k, v in fields.items() if k.endswith("_default") and v}
     rows = [
         SpeechModelHealth(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import tracing
 from ..backends.base import Tokenizer
+from ..backends.media_files import readable_file
 from ..errors import InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode, expect
 from ..requests import (
     Classification,
@@ -204,6 +205,9 @@ class TaskMixin(Lifecycle):
     async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
         self._check_open()
         expect(request, TranscribeRequest, "transcribe")
+        if request.model:
+            self.resolve(request.model)  # a name in no catalog is said first, as everywhere
+        readable_file(request.audio_path, "audio file")  # then a typo in the path, not a missing extra
         model = speech_model(self, request.model, ModelCapability.SPEECH_TO_TEXT)
         method = self._task_method(model, ModelCapability.SPEECH_TO_TEXT, "transcribe")
         cost = transcription_cost(model, request.audio_path)  # hosted speech counts against spend limits
