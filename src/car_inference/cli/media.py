@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -61,12 +61,7 @@ def register(app: typer.Typer) -> None:
         fmt = _format(image_format, output, IMAGE_FORMATS, {"jpg": "jpeg"})
         request = GenerateImageRequest.model_validate(
             {
-                "prompt": prompt,
-                "model": model,
-                "steps": steps,
-                "guidance": guidance,
-                "seed": seed,
-                "negative_prompt": negative,
+                **_common(prompt, model, steps, guidance, seed, negative),
                 "variant_count": count if count > 1 else None,
                 "image_paths": [str(p) for p in edit or []],
                 "mask_path": str(mask) if mask else None,
@@ -114,12 +109,7 @@ def register(app: typer.Typer) -> None:
         optional = {"duration_s": duration, "fps": fps, **_dimensions(size)}
         request = GenerateVideoRequest.model_validate(
             {
-                "prompt": prompt,
-                "model": model,
-                "steps": steps,
-                "guidance": guidance,
-                "seed": seed,
-                "negative_prompt": negative,
+                **_common(prompt, model, steps, guidance, seed, negative),
                 "mode": VideoMode.IMAGE_TO_VIDEO if from_image else VideoMode.TEXT_TO_VIDEO,
                 "image_path": str(from_image) if from_image else None,
                 "format": fmt,
@@ -161,6 +151,25 @@ def _format(given: str | None, output: Path | None, known: tuple[str, ...], alia
     if fmt not in known:
         raise fail(f"cannot write {raw} files; use one of {', '.join(known)}", EXIT_USAGE)
     return fmt
+
+
+def _common(
+    prompt: str,
+    model: str | None,
+    steps: int | None,
+    guidance: float | None,
+    seed: int | None,
+    negative: str | None,
+) -> dict[str, Any]:
+    """The fields image and video requests share, from the options they share."""
+    return {
+        "prompt": prompt,
+        "model": model,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "negative_prompt": negative,
+    }
 
 
 def _dimensions(size: str | None) -> dict[str, int]:
