@@ -7,9 +7,12 @@ import pytest
 from car_inference.engine import InferenceEngine
 from car_inference.errors import ModelNotFound, ModelUnavailable, UnsupportedMode
 from car_inference.requests import (
+    AudioBlock,
     EmbedRequest,
     GenerateParams,
     GenerateRequest,
+    Message,
+    TextBlock,
     ThinkingMode,
 )
 from car_inference.stream import Done, RouteEvent, TextDelta
@@ -105,6 +108,16 @@ async def test_thinking_on_a_model_without_a_thinking_mode_is_refused(local_engi
     for mode in (ThinkingMode.AUTO, ThinkingMode.OFF):
         params = GenerateParams(thinking=mode, max_tokens=4, temperature=0)
         assert (await local_engine.generate(GenerateRequest(prompt="2+2?", model=SMOL, params=params))).text
+
+
+async def test_media_to_a_text_model_names_the_media(local_engine: InferenceEngine) -> None:
+    """Audio sent to SmolLM2 was refused as "reads text only (no vision)"."""
+    audio = AudioBlock(data="UklGRg==", media_type="audio/wav")
+    request = GenerateRequest(
+        messages=[Message(role="user", content=[audio, TextBlock(text="?")])], model=SMOL
+    )
+    with pytest.raises(UnsupportedMode, match="reads text only: no audio input"):
+        await local_engine.generate(request)
 
 
 async def test_a_stopped_stream_is_an_abandoned_trace_and_done_is_not(local_engine: InferenceEngine) -> None:

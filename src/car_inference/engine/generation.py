@@ -200,7 +200,9 @@ class GenerationMixin(Lifecycle):
         media = request.media_types()
         if media and model.in_process and not model.has_capability(ModelCapability.VISION):
             mode = "/".join(sorted(media)) + "-input"
-            raise UnsupportedMode(mode, model.kind, f"{model.id} reads text only (no vision)")
+            raise UnsupportedMode(
+                mode, model.kind, f"{model.id} reads text only: no {' or '.join(sorted(media))} input"
+            )
         if request.params.thinking is ThinkingMode.ON and not model.has_thinking_mode():  # it was ignored
             why = (
                 f"{model.id} has no thinking mode; leave thinking at auto, or use a model that reasons aloud"
