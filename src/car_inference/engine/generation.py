@@ -199,14 +199,11 @@ class GenerationMixin(Lifecycle):
         # is left to its provider (an endpoint's capabilities are often defaults, not facts).
         media = request.media_types()
         if media and model.in_process and not model.has_capability(ModelCapability.VISION):
-            mode = "/".join(sorted(media)) + "-input"
-            raise UnsupportedMode(
-                mode, model.kind, f"{model.id} reads text only: no {' or '.join(sorted(media))} input"
-            )
+            kinds = sorted(media)
+            why = f"{model.id} reads text only: no {' or '.join(kinds)} input"
+            raise UnsupportedMode("/".join(kinds) + "-input", model.kind, why)
         if request.params.thinking is ThinkingMode.ON and not model.has_thinking_mode():  # it was ignored
-            why = (
-                f"{model.id} has no thinking mode; leave thinking at auto, or use a model that reasons aloud"
-            )
+            why = f"{model.id} has no thinking mode; leave thinking at auto, or use a model that thinks"
             raise UnsupportedMode("thinking", model.kind, why)
         reservation = None  # the estimate held against the fleet's spend limits until recorded
         if self.spend.has_limits and not model.in_process:
