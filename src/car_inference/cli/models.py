@@ -29,7 +29,12 @@ def _price(value: float) -> str:
 def list_models(
     capability: Annotated[
         list[ModelCapability] | None,
-        typer.Option("--capability", "-c", help="required capability (repeatable)"),
+        typer.Option(
+            "--capability",
+            "-c",
+            metavar="CAPABILITY",  # the choices as one <list[...]> wrapped mid-word in the help
+            help="required capability (repeatable): " + ", ".join(c.value for c in ModelCapability),
+        ),
     ] = None,
     local: Annotated[bool, typer.Option("--local", help="only models that run on this machine")] = False,
     remote: Annotated[bool, typer.Option("--remote", help="only hosted models")] = False,
