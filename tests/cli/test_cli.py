@@ -149,6 +149,7 @@ def test_chat_keeps_history_and_exits() -> None:
     code, out, _ = car("chat", "-m", "smollm2", "-n", "12", "-t", "0", input=turns)
     assert code == 0
     assert out.count("car> ") == 2, "two turns answered; /clear and /exit are commands"
+    assert "you> " not in out and out.startswith("car> "), "piped input: no prompt ran into the answer"
 
 
 def test_chat_checks_its_model_first_and_outlives_a_bad_turn() -> None:
@@ -295,18 +296,20 @@ class _Output:
 
 
 def test_chat_ctrl_c_stops_the_answer_then_quits(isolated_home: Path) -> None:
+    import pty
+
+    keyboard, terminal = pty.openpty()  # a terminal on stdin, as a person's: the prompt shows
     chat = subprocess.Popen(
         [sys.executable, "-m", "car_inference", "chat", "-m", "smollm2", "-n", "4000", "-t", "0.8"],
-        stdin=subprocess.PIPE,
+        stdin=terminal,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    os.close(terminal)
     try:
         out = _Output(chat.stdout)
         at = out.wait_for("you> ")
-        assert chat.stdin is not None
-        chat.stdin.write(b"Write a very long story about a dragon, in ten chapters.\n")
-        chat.stdin.flush()
+        os.write(keyboard, b"Write a very long story about a dragon, in ten chapters.\n")
         at = out.wait_for(r"car> \S.{30}", at)  # the answer is coming
         chat.send_signal(signal.SIGINT)
         started = time.monotonic()
@@ -317,6 +320,7 @@ def test_chat_ctrl_c_stops_the_answer_then_quits(isolated_home: Path) -> None:
     finally:
         chat.kill()
         _, err = chat.communicate()
+        os.close(keyboard)
     assert b"[stopped]" in err and b"Traceback" not in err
 
 

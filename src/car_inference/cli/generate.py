@@ -208,12 +208,14 @@ def _chat_loop(
     runner: asyncio.Runner, eng: Any, model: str | None, system: str | None, params: GenerateParams
 ) -> None:
     history: list[Message] = []
+    # Piped input has no echo: the prompt only ran into the answer ("you> car> ...").
+    prompt = "you> " if sys.stdin.isatty() else ""
     reconfigure = getattr(sys.stdin, "reconfigure", None)
     if reconfigure is not None:  # a line that is not UTF-8 is that turn's error, not the chat's end
         reconfigure(errors="surrogateescape")
     while True:
         try:
-            line = input("you> ").strip()
+            line = input(prompt).strip()
         except EOFError:
             err.print()
             return
