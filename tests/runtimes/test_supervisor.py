@@ -55,7 +55,64 @@ def test_crash_is_restarted_with_backoff(supervisor: RuntimeSupervisor) -> None:
     assert runtime.pid != first and not pid_alive(first)
     assert runtime.ensure() == url, "same port after a restart: clients keep their URL"
     assert _models(url) == [MANAGED_ID]
-    assert runtime.files.log_path.read_text().count("--- car:") == 2
+    text = runtime.files.log_path.read_text()
+    assert text.count(" starting ") == 2
+    assert "exited with status -9; restart 1 in 0.2 s" in text, "a restart is said, not silent"
+
+
+def test_a_server_that_takes_the_port_while_ours_is_down_is_never_used(supervisor: RuntimeSupervisor) -> None:
+    """Ours crashed and another server took its port: the restart answered the health check
+    through that one, so car went on sending our model's requests to another model ("I AM THE
+    IMPOSTOR"), and restarted for ever, each restart failing to bind. Now the restart sees the
+    port serve another model, counts it a failure, and gives up."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Impostor(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"object": "list", "data": [{"id": "evil-model", "object": "model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    supervisor.settings.max_restarts = 2
+    supervisor.settings.backoff_s = 2.0  # the other server takes the port before our restart
+    runtime = supervisor.runtime_for(managed_smollm2())
+    url = runtime.ensure()
+    first = runtime.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    port = int(url.rsplit(":", 1)[1])
+    impostor: ThreadingHTTPServer | None = None
+    deadline = time.monotonic() + 1.5
+    while impostor is None:  # the port is free once the killed server is gone
+        try:
+            impostor = ThreadingHTTPServer(("127.0.0.1", port), Impostor)
+        except OSError:
+            assert time.monotonic() < deadline, "the port was not let go"
+            time.sleep(0.02)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    try:
+        states: list[tuple[RuntimeState, list[str]]] = []
+
+        def given_up() -> bool:
+            states.append((runtime.state, list(runtime.served)))
+            return runtime.state is RuntimeState.FAILED
+
+        wait_for(given_up, timeout_s=60, what="giving up")
+        assert (RuntimeState.RUNNING, ["evil-model"]) not in states, "the other model was taken for ours"
+        assert "taken by a server that serves ['evil-model'], not test/smollm2-served" in (
+            runtime.error or ""
+        )
+        with pytest.raises(RuntimeFailed):
+            runtime.ensure()
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
 
 
 def test_gives_up_after_repeated_failures(supervisor: RuntimeSupervisor, tmp_path: Path) -> None:
@@ -74,7 +131,7 @@ def test_gives_up_after_repeated_failures(supervisor: RuntimeSupervisor, tmp_pat
     assert info.value.retryable and runtime.state is RuntimeState.FAILED and runtime.restarts == 1
     with pytest.raises(RuntimeFailed):  # right after, callers get the failure without a new start
         runtime.ensure()
-    assert runtime.files.log_path.read_text().count("--- car:") == 2
+    assert runtime.files.log_path.read_text().count(" starting ") == 2
     assert runtime.files.read_state() is None and not runtime.files.locked_elsewhere()
 
 

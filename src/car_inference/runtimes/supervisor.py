@@ -73,6 +73,8 @@ class RuntimeStatus(BaseModel):
 
 
 _START_TIMEOUT_S = {"llamacpp": 60.0, "vllm": 900.0, "ollama": 30.0}  # vLLM may download weights first
+# A server that ran this long before it exited restarts as new; a shorter run is one more failure.
+STABLE_S = 30.0
 
 
 class ManagedRuntime:
@@ -234,20 +236,28 @@ class ManagedRuntime:
     def _check_serves(self, launch: Launch) -> None:
         """A server found on our port must serve our model: another model there is never used
         in its place."""
+        problem = self._impostor(launch)
+        if problem is not None:
+            raise RuntimeFailed(
+                f"{problem}; give this model another port", runtime=self.name, model=self.model_id
+            )
+
+    def _impostor(self, launch: Launch) -> str | None:
+        """What is wrong when the server answering on ``launch``'s port does not serve our model
+        (None when it does, or when the runtime names no model); ``served`` is what it lists."""
         if launch.served_model is None:
-            return
+            return None
         try:
             served = self.spec.served(launch.base_url)
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             served = []
-        if launch.served_model not in served:
-            raise RuntimeFailed(
-                f"{launch.base_url} is taken by a server that serves {served or 'nothing we can list'}, "
-                f"not {launch.served_model}; give this model another port",
-                runtime=self.name,
-                model=self.model_id,
-            )
-        self.served = served
+        if launch.served_model in served:
+            self.served = served
+            return None
+        return (
+            f"{launch.base_url} is taken by a server that serves {served or 'nothing we can list'}, "
+            f"not {launch.served_model}"
+        )
 
     def _attached(self, url: str, state: RuntimeState) -> str:
         self._url, self._state, self._checked_at = url, state, time.monotonic()
@@ -281,11 +291,13 @@ class ManagedRuntime:
                     self._set(RuntimeState.FAILED, f"cannot run {launch.argv[0]}: {exc}")
                     break
                 if self._wait_healthy(proc, launch):
-                    failures = 0
                     self._set_running(launch)
+                    ran = time.monotonic()
                     if self._watch(proc) != "exited":
                         break
                     self.error = f"exited with status {proc.returncode}"
+                    if time.monotonic() - ran >= STABLE_S:  # a crash after a good run starts afresh;
+                        failures = 0  # one at every start is a loop: it counts toward giving up
                 elif proc.poll() is not None:
                     self.error = f"exited with status {proc.returncode} while starting"
                 self._terminate()  # one that never answered goes before the next try takes its port
@@ -299,7 +311,9 @@ class ManagedRuntime:
                     break
                 self.restarts += 1
                 self._set(RuntimeState.RESTARTING)
-                self._sleep(min(self.settings.backoff_s * 2 ** (failures - 1), self.settings.backoff_max_s))
+                delay = min(self.settings.backoff_s * 2 ** (failures - 1), self.settings.backoff_max_s)
+                self._say(f"{self.error}; restart {self.restarts} in {delay:g} s")  # they were silent
+                self._sleep(delay)
         finally:
             self._terminate()
             self.files.clear_state()
@@ -307,6 +321,12 @@ class ManagedRuntime:
             self.files.unlock()
             if self._state is not RuntimeState.FAILED:
                 self._set(RuntimeState.STOPPED)
+
+    def _say(self, message: str) -> None:
+        """``message`` in car's log (a warning) and in the server's log, where its lines are."""
+        log.warning("runtime %s: %s", self.name, message)
+        with contextlib.suppress(OSError), self.files.open_log() as out:
+            out.write(f"--- car: {time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n".encode())
 
     def _spawn(self, launch: Launch) -> subprocess.Popen[bytes]:
         out = self.files.open_log()
@@ -337,7 +357,10 @@ class ManagedRuntime:
             if proc.poll() is not None or self._should_stop():
                 return False
             if _healthy(url):
-                return True
+                # The port may answer for another server (one that took it while ours was down):
+                # ours cannot bind it, and that one's model must never answer in our model's place.
+                self.error = self._impostor(launch)
+                return self.error is None
             self._sleep(self.settings.tick_s)
         self.error = f"no answer from {url} within {self.start_timeout_s:g} s"
         return False
