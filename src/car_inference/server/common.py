@@ -376,11 +376,14 @@ async def record_feedback(engine: InferenceEngine, trace_id: str, score: float) 
             code="state_store_behind",
             retry_after=FEEDBACK_WAIT_S,
         ) from None
+    except asyncio.CancelledError:  # the client went away: the write goes on all the same
+        work.add_done_callback(functools.partial(_late, trace_id))
+        raise
 
 
 def _late(trace_id: str, work: asyncio.Future[Any]) -> None:
-    """A feedback that finished after its request was answered 503: a failure goes to the log,
-    where nobody else would see it."""
+    """A feedback that finished after its request was answered 503 (or its client left): a
+    failure goes to the log, where nobody else would see it."""
     error = None if work.cancelled() else work.exception()
     if error is not None:
         log.warning(
