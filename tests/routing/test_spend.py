@@ -117,3 +117,35 @@ def test_headroom_is_the_tightest_remaining_limit() -> None:
     assert spend.headroom("openai") == pytest.approx(0.75)
     assert spend.headroom("anthropic") == pytest.approx(4.75)
     assert SpendControl(SpendSettings(), None).headroom("openai") == float("inf")
+
+
+def test_a_status_read_during_the_writers_batch_does_not_deadlock(tmp_path: Path) -> None:
+    """The writer thread records spend inside the store's batch (store lock, then spend lock);
+    ``status`` read the store under the spend lock (spend, then store). Taken in opposite orders,
+    the two threads waited for each other for ever: a fleet test hung its 600 s."""
+    import threading
+    import time
+
+    store = OutcomeStore(tmp_path / "state.db")
+    spend = SpendControl(SpendSettings(daily_usd=10.0), store)
+    in_batch, recorded = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with store.batch():
+            in_batch.set()
+            time.sleep(0.3)  # status() starts meanwhile, on the other thread
+            spend.record("openai", "openai/x", 0.5)
+        recorded.set()
+
+    statuses: list[object] = []
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    assert in_batch.wait(5)
+    reader = threading.Thread(target=lambda: statuses.append(spend.status()), daemon=True)
+    reader.start()
+    reader.join(10)
+    thread.join(10)
+    assert recorded.is_set() and statuses, "the writer and status() waited for each other"
+    entry = spend.status().entry("global", "daily")
+    assert entry is not None and entry.spent_usd == 0.5
+    store.close()

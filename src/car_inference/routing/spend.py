@@ -19,11 +19,12 @@ above is used (one warning: ``Fleet``), and totals are re-seeded from the store 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -110,6 +111,16 @@ class SpendControl:
         self._providers = {name.lower(): limit for name, limit in self.settings.providers.items()}
         self._roll(clock())  # sets the periods and reads their totals from the store
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The spend lock, taken after the store's where the store has one (SQLite). The writer
+        thread records spend inside the store's batch (store, then spend) while ``status`` read
+        the store under the spend lock (spend, then store): the two threads deadlocked (a test
+        hung its 600 s). One order for both: the store's lock (re-entrant), then ours."""
+        outer = getattr(self.store, "thread_lock", None)
+        with outer if outer is not None else contextlib.nullcontext(), self._lock:
+            yield
+
     @property
     def has_limits(self) -> bool:
         s = self.settings
@@ -133,7 +144,7 @@ class SpendControl:
 
     def reload(self) -> None:
         """Re-read this day's and month's totals from the store."""
-        with self._lock:
+        with self._locked():
             self._reload_locked(whole=True)
 
     def _reload_locked(self, *, whole: bool = False) -> None:
@@ -170,7 +181,7 @@ class SpendControl:
         return sum(v for p, v in totals.items() if p.lower() == key)
 
     def _first_breach(self, provider: str, estimate_usd: float) -> SpendLimitExceeded | None:
-        with self._lock:
+        with self._locked():
             self._roll(self._clock())
             for scope, limit in self._limits(provider):
                 for period in _PERIODS:
@@ -187,7 +198,7 @@ class SpendControl:
         that apply to it (``inf`` when none does)."""
         if not self.has_limits:
             return math.inf
-        with self._lock:
+        with self._locked():
             self._roll(self._clock())
             room = math.inf
             for scope, limit in self._limits(provider):
@@ -208,7 +219,7 @@ class SpendControl:
         estimate is held until the next ``record`` for ``provider`` (see the module's text)."""
         reservation = self.reserve(provider, estimate_usd)
         if reservation is not None:
-            with self._lock:
+            with self._locked():
                 held = self._unclaimed.setdefault(provider.lower(), deque())
                 while held and time.monotonic() - held[0].made > _HOLD_S:
                     held.popleft()  # lapsed in Redis too
@@ -225,7 +236,7 @@ class SpendControl:
             return None
         if fleet is not None and fleet.reachable:
             now = self._clock()
-            with self._lock:
+            with self._locked():
                 self._roll(now)
                 if fleet.needs_seed(now):  # a fresh (or returned) Redis learns the store's totals
                     self._reload_locked()
@@ -260,11 +271,11 @@ class SpendControl:
         if self._fleet.reachable:
             self._fleet.release(reservation.rid)
         if not self._fleet.reachable:
-            with self._lock:
+            with self._locked():
                 self._orphans.append(reservation.rid)
 
     def _release_orphans(self) -> None:
-        with self._lock:
+        with self._locked():
             orphans, self._orphans = self._orphans, []
         for rid in orphans:
             self.release(Reservation("", 0.0, rid, 0.0))
@@ -282,7 +293,7 @@ class SpendControl:
         ``reservation`` (else, in a fleet, the oldest one ``check`` made for ``provider``; not with
         ``settles=False``: money a caller spent on a call we never held an estimate for)."""
         if reservation is None and settles and self._fleet is not None:
-            with self._lock:
+            with self._locked():
                 held = self._unclaimed.get(provider.lower())
                 reservation = held.popleft() if held else None
         if usd <= 0:
@@ -297,7 +308,7 @@ class SpendControl:
                 self.release(reservation)  # Redis went away: given back when it returns
         elif reservation is not None:
             self.release(reservation)
-        with self._lock:
+        with self._locked():
             self._roll(now)
             self._day[provider] = self._day.get(provider, 0.0) + usd
             self._month[provider] = self._month.get(provider, 0.0) + usd
@@ -305,7 +316,7 @@ class SpendControl:
                 self._reload_locked()  # other processes' spend counts against the limits too
 
     def status(self) -> SpendStatus:
-        with self._lock:
+        with self._locked():
             now = self._clock()
             self._roll(now)
             self._reload_locked(whole=True)  # every process's spend, not only what this one counted

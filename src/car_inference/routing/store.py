@@ -70,6 +70,12 @@ class OutcomeStore(StoreBase):
     sql = dialect("sqlite")
     writer_pause = False  # its C code lets go of the GIL while it works (see StateStore)
 
+    @property
+    def thread_lock(self) -> threading.RLock:
+        """The lock every use of the one connection holds (a writer's whole batch included): a
+        component that reads the store under a lock of its own takes this one first."""
+        return self._lock
+
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 10_000) -> None:
         self.path = Path(path)
         self.location = str(self.path)
