@@ -4,7 +4,7 @@ Re-exported by ``requests``, where every task's models are imported from."""
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -53,6 +53,26 @@ class TranscribedSegment(_Model):
     avg_logprob: float | None = None
     compression_ratio: float | None = None
     no_speech_prob: float | None = None
+
+    @classmethod
+    def of(cls, segment: Any) -> TranscribedSegment:
+        """A decoder's segment (faster-whisper's, or the Transcriptions API's verbose_json one:
+        the same attribute names), times to the millisecond, its figures as plain numbers."""
+
+        def number(name: str) -> float | None:
+            value = getattr(segment, name, None)
+            return None if value is None else float(value)
+
+        return cls(
+            start=round(float(segment.start), 3),
+            end=round(float(segment.end), 3),
+            text=str(segment.text).strip(),
+            tokens=[int(t) for t in getattr(segment, "tokens", None) or ()],
+            temperature=number("temperature"),
+            avg_logprob=number("avg_logprob"),
+            compression_ratio=number("compression_ratio"),
+            no_speech_prob=number("no_speech_prob"),
+        )
 
 
 class TranscribeResult(_Model):

@@ -103,7 +103,7 @@ class OpenAISpeechMixin:
             language=language,
             duration=float(duration) if isinstance(duration, int | float) else None,
             words=words,
-            segments=[_segment(s) for s in getattr(answer, "segments", None) or ()],
+            segments=[TranscribedSegment.of(s) for s in getattr(answer, "segments", None) or ()],
         )
 
     async def synthesize(self, model: ModelSchema, request: SynthesizeRequest) -> SynthesizeResult:
@@ -163,17 +163,3 @@ async def stream_to(target: Path, chunks: Any) -> int:
             file.write(chunk)
             size += len(chunk)
     return size
-
-
-def _segment(segment: Any) -> TranscribedSegment:
-    """One of the Transcriptions API's verbose_json segments."""
-    return TranscribedSegment(
-        start=float(segment.start),
-        end=float(segment.end),
-        text=str(segment.text).strip(),
-        tokens=list(getattr(segment, "tokens", None) or ()),
-        temperature=getattr(segment, "temperature", None),
-        avg_logprob=getattr(segment, "avg_logprob", None),
-        compression_ratio=getattr(segment, "compression_ratio", None),
-        no_speech_prob=getattr(segment, "no_speech_prob", None),
-    )

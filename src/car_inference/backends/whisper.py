@@ -115,7 +115,7 @@ class WhisperBackend:
                 language=info.language,
                 duration=duration,
                 words=words,
-                segments=[_segment(s) for s in segments],
+                segments=[TranscribedSegment.of(s) for s in segments],
             )
 
         return await run_stoppable(work)
@@ -140,20 +140,6 @@ def _has_speech(samples: Any) -> bool:
     from faster_whisper.vad import get_speech_timestamps
 
     return bool(get_speech_timestamps(samples))
-
-
-def _segment(segment: Any) -> TranscribedSegment:
-    """One of faster-whisper's segments, with the decoder's figures OpenAI's segments carry."""
-    return TranscribedSegment(
-        start=_seconds(segment.start),
-        end=_seconds(segment.end),
-        text=segment.text.strip(),
-        tokens=[int(t) for t in segment.tokens],
-        temperature=segment.temperature,
-        avg_logprob=float(segment.avg_logprob),
-        compression_ratio=float(segment.compression_ratio),
-        no_speech_prob=float(segment.no_speech_prob),
-    )
 
 
 def _seconds(value: float) -> float:
