@@ -25,11 +25,12 @@ _GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: loggin
 _LOG_CALLBACK: list[Any] = []  # ours once installed, kept referenced: llama.cpp holds a C pointer
 
 
-def quiet_llama_cpp() -> None:
+def quiet_llama_cpp(threshold: int | None = None) -> None:
     """Only llama.cpp's errors reach stderr unless the application asks for more. llama-cpp-python's
     own log callback reads ggml's levels as numbered before ggml.h renumbered them, so a warning
     (such as a vocabulary-only load's "n_ctx_seq > n_ctx_train (0)") passes as an error even with
-    ``verbose=False``; ours reads them right and honours the "llama-cpp-python" logger's level."""
+    ``verbose=False``; ours reads them right and honours the "llama-cpp-python" logger's level,
+    or ``threshold`` when given (a ``Llama(verbose=True)`` sets that logger to DEBUG)."""
     import llama_cpp
 
     logger = logging.getLogger("llama-cpp-python")
@@ -42,7 +43,7 @@ def quiet_llama_cpp() -> None:
     @llama_cpp.llama_log_callback
     def forward(level: int, text: bytes, _user_data: Any) -> None:
         last[0] = last[0] if level == 5 else _GGML_LEVELS.get(level, logging.ERROR)
-        if last[0] >= logger.getEffectiveLevel():
+        if last[0] >= (threshold if threshold is not None else logger.getEffectiveLevel()):
             sys.stderr.write(text.decode("utf-8", "replace"))
             sys.stderr.flush()
 
