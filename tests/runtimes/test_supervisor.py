@@ -18,7 +18,8 @@ import pytest
 from car_inference.runtimes.managed import RuntimeSupervisor, stop_elsewhere
 from car_inference.runtimes.specs import Launch, LlamaCppServerSpec, RuntimeFailed, free_port
 from car_inference.runtimes.state import pid_alive
-from car_inference.runtimes.supervisor import ManagedRuntime, RuntimeState
+from car_inference.runtimes.supervisor import NEVER_ANSWERED_TRIES, ManagedRuntime, RuntimeState
+from car_inference.schema import ModelSchema
 
 from .helpers import FAST, MANAGED_ID, managed_smollm2, small_config, wait_for
 
@@ -42,6 +43,8 @@ def test_starts_waits_for_health_and_records_it(supervisor: RuntimeSupervisor) -
     log = runtime.files.log_path
     text = log.read_text()
     assert log.parent.name == "logs" and "--- car:" in text and "runtimes.llamacpp_server" in text
+    assert "llama_model_loader" not in text, "the model's metadata (2,100 info lines) stays out"
+    assert len(text.splitlines()) < 100
     assert runtime.ensure() == url, "a second use finds it running"
 
 
@@ -115,15 +118,18 @@ def test_a_server_that_takes_the_port_while_ours_is_down_is_never_used(superviso
         impostor.server_close()
 
 
-def test_gives_up_after_repeated_failures(supervisor: RuntimeSupervisor, tmp_path: Path) -> None:
+def _broken_model(tmp_path: Path) -> ModelSchema:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"not a gguf file at all")
     model = managed_smollm2("test/broken")
-    model = model.model_copy(
+    return model.model_copy(
         update={"source": model.source.model_copy(update={"package": None, "path": str(broken)})}
     )
+
+
+def test_gives_up_after_repeated_failures(supervisor: RuntimeSupervisor, tmp_path: Path) -> None:
     supervisor.settings.max_restarts = 1
-    runtime = supervisor.runtime_for(model)
+    runtime = supervisor.runtime_for(_broken_model(tmp_path))
     with pytest.raises(RuntimeFailed) as info:
         runtime.ensure()
     message = str(info.value)
@@ -132,7 +138,32 @@ def test_gives_up_after_repeated_failures(supervisor: RuntimeSupervisor, tmp_pat
     with pytest.raises(RuntimeFailed):  # right after, callers get the failure without a new start
         runtime.ensure()
     assert runtime.files.log_path.read_text().count(" starting ") == 2
-    assert runtime.files.read_state() is None and not runtime.files.locked_elsewhere()
+    assert not runtime.files.locked_elsewhere()
+
+
+def test_a_server_that_never_answered_gives_up_soon_and_says_so_to_other_processes(
+    supervisor: RuntimeSupervisor, tmp_path: Path
+) -> None:
+    """A corrupt GGUF waited through every restart's backoff (5 by default, about 38 s) before its
+    error, and afterwards `car runtimes list` (another process) showed it `stopped`, not why."""
+    assert supervisor.settings.max_restarts == 5
+    runtime = supervisor.runtime_for(_broken_model(tmp_path))
+    with pytest.raises(RuntimeFailed) as info:
+        runtime.ensure()
+    assert f"gave up after {NEVER_ANSWERED_TRIES + 1} failures in a row" in str(info.value)
+    text = runtime.files.log_path.read_text()
+    assert text.count(" starting ") == NEVER_ANSWERED_TRIES + 1
+    assert "llama_model_load: error loading model" in text, "llama.cpp's reason stays in the log"
+    other = RuntimeSupervisor(small_config(supervisor.home), settings=FAST.model_copy())
+    [status] = [s for s in other.statuses() if s.name == runtime.name]
+    assert status.state is RuntimeState.FAILED and status.base_url is None
+    assert status.error is not None and "gave up after 3 failures" in status.error
+    time.sleep(runtime.settings.backoff_max_s + 0.1)  # past the failure's hold: a use starts afresh
+    with pytest.raises(RuntimeFailed):
+        runtime.ensure()
+    assert runtime.files.log_path.read_text().count(" starting ") == 2 * (NEVER_ANSWERED_TRIES + 1)
+    assert stop_elsewhere(supervisor.home, runtime.name, timeout_s=1) is False
+    assert runtime.name not in [s.name for s in other.statuses()], "stop clears the failed record"
 
 
 def test_a_port_held_by_a_server_of_another_model_is_refused(supervisor: RuntimeSupervisor) -> None:

@@ -55,6 +55,9 @@ def list_runtimes(as_json: JsonOpt = False) -> None:
             str(s.owner_pid or "-"), str(s.restarts), _ago(s.idle_s),
         )  # fmt: skip
     out.print(table)
+    for s in instances:
+        if s.error:  # why one failed (its owner gave up), or its owner died
+            out.print(f"{escape(s.name)}: {escape(s.error)}", style="red" if s.state == "failed" else "dim")
     out.print(f"{len(instances)} instance(s)", style="dim")
 
 
@@ -103,6 +106,11 @@ def start(
         raise fail(f"{runtime.name}: {runtime.error}")
     if interrupted:  # 130, as `car serve` and `car generate` exit on Ctrl-C (it was 0)
         raise typer.Exit(130)
+    why = _STOPPED_BECAUSE.get(runtime.stopped_because or "", "stopped")
+    err.print(f"{escape(runtime.name)}: stopped ({why})")  # it ended without a word
+
+
+_STOPPED_BECAUSE = {"idle": "idle timeout", "stop": "`car runtimes stop`"}
 
 
 @runtimes_app.command("stop")

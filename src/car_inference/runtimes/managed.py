@@ -191,7 +191,9 @@ def disk_status(home: Path, name: str) -> RuntimeStatus | None:
     if record is None:
         return None
     owned = files.locked_elsewhere()
-    state = RuntimeState(record.get("state", "stopped")) if owned else RuntimeState.STOPPED
+    failed = record.get("state") == RuntimeState.FAILED  # its owner gave up: the record says why
+    state = RuntimeState(record.get("state", "stopped")) if owned or failed else RuntimeState.STOPPED
+    error = record.get("error") if failed else None if owned else "owner gone; record left behind"
     used = files.used_at()
     return RuntimeStatus(
         name=name,
@@ -207,7 +209,7 @@ def disk_status(home: Path, name: str) -> RuntimeStatus | None:
         served=list(record.get("served") or []),
         rss_mb=tree_rss_mb(pid) if owned and isinstance(pid := record.get("pid"), int) else None,
         log_path=str(files.log_path),
-        error=None if owned else "owner gone; record left behind",
+        error=error,
     )
 
 
@@ -266,24 +268,23 @@ class ManagedBackend:
         return self._lookup(target), target
 
     async def _back_after_crash(self, exc: ProviderError, pid: int | None) -> bool:
-        """Whether a call that failed because the server this process runs (``pid`` when the
-        call went out) died under it can run once more: True once the restarted server answers.
-        False for any other failure (the same server still answers), for a server another process
-        runs, and when none answers again within the start timeout."""
+        """Whether a call that failed because its server (``pid`` when the call went out) died
+        under it can run once more: True once the restarted server answers, whether this process
+        runs it or another one does (an attached process failed at once before). False for any
+        other failure (the same server still answers), for an external server, and when none
+        answers again within the start timeout."""
         if exc.status is not None or exc.timeout or pid is None:
             return False
         runtime = self.runtime
-        if runtime.pid == pid and runtime.alive() and await asyncio.to_thread(runtime.answers):
+        if runtime.server_pid() == pid and runtime.alive() and await asyncio.to_thread(runtime.answers):
             return False
         deadline = time.monotonic() + runtime.start_timeout_s
-        while time.monotonic() < deadline and runtime.state not in (
-            RuntimeState.FAILED,
-            RuntimeState.STOPPED,
-        ):
-            if runtime.ready_url() is not None and await asyncio.to_thread(runtime.answers):
-                return True
+        while time.monotonic() < deadline:
+            back = await asyncio.to_thread(runtime.comeback)
+            if back is not None:
+                return back  # False: it gave up restarting, or was stopped: the call's error stands
             await asyncio.sleep(0.1)
-        return False  # it gave up restarting, or was stopped: the call's own error stands
+        return False
 
     def _target(self, model: ModelSchema, url: str) -> ModelSchema:
         key = (model.id, url)
@@ -310,7 +311,7 @@ class ManagedBackend:
         again = False
         while True:  # twice at most: once more when the server died under the first call
             backend, target = await self._ready(model)
-            pid = self.runtime.pid
+            pid = self.runtime.server_pid()
             with self.runtime.busy():
                 try:
                     output = await backend.generate(target, request)
@@ -326,7 +327,7 @@ class ManagedBackend:
     async def stream(self, model: ModelSchema, request: Any) -> AsyncGenerator[Any, None]:
         for again in (False, True):
             backend, target = await self._ready(model)
-            pid, sent = self.runtime.pid, False
+            pid, sent = self.runtime.server_pid(), False
             with self.runtime.busy():
                 events = backend.stream(target, request)
                 try:

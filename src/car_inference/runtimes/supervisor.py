@@ -75,6 +75,11 @@ class RuntimeStatus(BaseModel):
 _START_TIMEOUT_S = {"llamacpp": 60.0, "vllm": 900.0, "ollama": 30.0}  # vLLM may download weights first
 # A server that ran this long before it exited restarts as new; a shorter run is one more failure.
 STABLE_S = 30.0
+# A server that has not answered once since its first start is retried this often, not
+# ``max_restarts`` times: what stops it is most likely its files or flags (a corrupt GGUF waited
+# through the whole backoff, about 38 s, for the same error), and one retry covers a port taken
+# in between or memory a previous server had not yet released.
+NEVER_ANSWERED_TRIES = 2
 
 
 class ManagedRuntime:
@@ -113,6 +118,7 @@ class ManagedRuntime:
         self.started_at: float | None = None
         self.served: list[str] = []
         self.error: str | None = None
+        self.stopped_because: str | None = None  # why the owner's last run ended (None: it runs)
 
     @property
     def state(self) -> RuntimeState:
@@ -133,6 +139,36 @@ class ManagedRuntime:
         monitor notices it a tick later). True for a server another process owns or runs."""
         proc = self._proc
         return proc is None or proc.poll() is None
+
+    def server_pid(self) -> int | None:
+        """The server's pid: ours, or the one its owner recorded when another process runs it."""
+        if self._state is RuntimeState.ATTACHED:
+            pid = (self.files.read_state() or {}).get("pid")
+            return pid if isinstance(pid, int) else None
+        return self.pid
+
+    def comeback(self) -> bool | None:
+        """After the server died under a request: True once a server answers again (ours
+        restarted, or the owner's when another process runs it), False when none will (given up,
+        stopped, an external server, an owner gone), None while one still may. One probe."""
+        state = self._state
+        if state is RuntimeState.ATTACHED:
+            return self._owner_restarted()
+        if state in (RuntimeState.RUNNING, RuntimeState.STARTING, RuntimeState.RESTARTING):
+            return True if self.ready_url() is not None and self.answers() else None
+        return False
+
+    def _owner_restarted(self) -> bool | None:
+        if not self.files.locked_elsewhere():
+            return False  # its owner is gone, and with it the server (the next request starts one)
+        record = self.files.read_state() or {}
+        url = record.get("base_url")
+        if record.get("state") != RuntimeState.RUNNING or not isinstance(url, str):
+            return None  # still restarting
+        if not _healthy(url + self.spec.health_path):
+            return None  # the owner has not seen the crash yet
+        self._attached(url, RuntimeState.ATTACHED)
+        return True
 
     def answers(self) -> bool:
         """Whether the server at the current URL answers its health check now (one GET, 1 s)."""
@@ -282,7 +318,8 @@ class ManagedRuntime:
 
     def _monitor(self) -> None:
         launch = self._launch_once()
-        failures = 0
+        failures, answered = 0, False
+        self.stopped_because = None
         try:
             while not self._should_stop():
                 try:
@@ -292,8 +329,10 @@ class ManagedRuntime:
                     break
                 if self._wait_healthy(proc, launch):
                     self._set_running(launch)
-                    ran = time.monotonic()
-                    if self._watch(proc) != "exited":
+                    ran, answered = time.monotonic(), True
+                    ended = self._watch(proc)
+                    if ended != "exited":
+                        self.stopped_because = ended
                         break
                     self.error = f"exited with status {proc.returncode}"
                     if time.monotonic() - ran >= STABLE_S:  # a crash after a good run starts afresh;
@@ -304,7 +343,12 @@ class ManagedRuntime:
                 if self._should_stop():
                     break
                 failures += 1
-                if failures > self.settings.max_restarts:
+                tries = (
+                    self.settings.max_restarts
+                    if answered
+                    else min(self.settings.max_restarts, NEVER_ANSWERED_TRIES)
+                )
+                if failures > tries:
                     self._set(
                         RuntimeState.FAILED, f"{self.error}; gave up after {failures} failures in a row"
                     )
@@ -316,10 +360,14 @@ class ManagedRuntime:
                 self._sleep(delay)
         finally:
             self._terminate()
-            self.files.clear_state()
+            if self._state is RuntimeState.FAILED:  # other processes (`car runtimes list`) see why
+                self.files.write_state(self._record(launch, RuntimeState.FAILED))
+            else:
+                self.files.clear_state()
             self.files.clear_stop()
             self.files.unlock()
             if self._state is not RuntimeState.FAILED:
+                self.stopped_because = self.stopped_because or "stop"
                 self._set(RuntimeState.STOPPED)
 
     def _say(self, message: str) -> None:
@@ -435,6 +483,7 @@ class ManagedRuntime:
             "state": str(state), "pid": self.pid, "owner_pid": os.getpid(),
             "base_url": launch.base_url, "started_at": self.started_at, "restarts": self.restarts,
             "served": self.served, "argv": launch.argv,
+            "error": self.error if state is RuntimeState.FAILED else None,
         }  # fmt: skip
 
     # --- control and reports -------------------------------------------------------------------
