@@ -68,6 +68,14 @@ def test_a_name_longer_than_any_model_is_neither_compared_nor_echoed_whole() -> 
     assert ModelNotFound(exact).name == exact
 
 
+def test_a_name_with_an_unpaired_surrogate_makes_a_printable_message() -> None:
+    """print(error) raised UnicodeEncodeError: the name went into the message as it was."""
+    err = ModelNotFound("gpt\ud800x")
+    assert str(err) == "model not found: gpt\\ud800x"
+    str(err).encode("utf-8")
+    assert err.name == "gpt\ud800x", "the name itself is kept as given"
+
+
 def test_a_long_trace_id_is_not_echoed_whole() -> None:
     """Feedback for a 1 MB trace id answered 404 with the whole megabyte in its message."""
     message = str(TraceNotFound("t" * 1_000_000))

@@ -45,7 +45,9 @@ class ModelNotFound(InferenceError):
     def __init__(self, name: str, suggestions: Iterable[str] = ()) -> None:
         self.name = shortened(name)
         self.suggestions = list(suggestions)
-        message = f"model not found: {self.name}"
+        # A name with an unpaired surrogate ("\ud800") made a message print() could not write.
+        shown = self.name.encode("utf-8", "backslashreplace").decode("utf-8")
+        message = f"model not found: {shown}"
         if self.suggestions:
             message += f" (did you mean: {', '.join(self.suggestions)}?)"
         super().__init__(message)
@@ -207,9 +209,10 @@ class SpendLimitExceeded(InferenceError):
 
 
 class StateUnavailable(InferenceError):
-    """The shared learned-state store (PostgreSQL) cannot be read now. Writes wait in memory
-    meanwhile, so nothing is lost; a read (feedback on an answer, an export) can be retried after
-    ``retry_after`` seconds."""
+    """The learned-state store cannot be used now: the shared one (PostgreSQL) is unreachable
+    (writes wait in memory meanwhile, so nothing is lost), or another process keeps ``state.db``
+    write-locked past its busy timeout (that write was not made). Retry after ``retry_after``
+    seconds."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         self.retry_after = retry_after

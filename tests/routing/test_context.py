@@ -17,6 +17,33 @@ def test_a_prefix_becomes_a_template_once_it_repeats() -> None:
     assert index.signature(first, first.prompt) == sig  # the question does not matter
 
 
+def test_a_prefix_whose_template_has_learned_rows_is_one_at_once() -> None:
+    """A new process (a restart, another replica, `car route --explain`) routed a template's first
+    requests by the family rules: the rows learned under it were out of reach."""
+    first = GenerateRequest(prompt=FEW_SHOT + "Q: 3+3?")
+    sig = _recognised(first)
+    asked: list[str] = []
+
+    def learned(signature: str) -> bool:
+        asked.append(signature)
+        return signature == sig
+
+    fresh = TemplateIndex()
+    assert fresh.signature(first, first.prompt, learned) == sig
+    assert asked == [sig] and fresh.signature(first, first.prompt) == sig, "recognised from now on"
+    unknown = TemplateIndex()
+    assert unknown.signature(first, first.prompt, lambda s: False) is None
+
+
+def _recognised(request: GenerateRequest) -> str:
+    index = TemplateIndex()
+    other = GenerateRequest(prompt=FEW_SHOT + "Q: capital of Peru?")
+    index.signature(request, request.prompt)
+    sig = index.signature(other, other.prompt)
+    assert sig is not None
+    return sig
+
+
 def test_the_same_question_asked_again_is_not_a_template() -> None:
     index = TemplateIndex()
     question = GenerateRequest(prompt=FEW_SHOT + "Q: 3+3?")

@@ -199,6 +199,11 @@ def test_export_import_round_trip(tracker: OutcomeTracker, tmp_path: Path) -> No
     )
     reopened = OutcomeTracker(OutcomeStore(tmp_path / "other.db"), RoutingSettings())
     assert [p.model_dump() for p in reopened.export_profiles()] == [p.model_dump() for p in exported]
+    # No traces came with the profiles: the mean latency stands in for the p50 (an import scored
+    # a model learned at 900 ms at the catalog's 4,867 ms, and decided otherwise).
+    mean = sum(50 + i for i in range(12) if i % 4 != 0) / 9
+    assert fresh.latency_p50("p/a") == pytest.approx(mean) == reopened.latency_p50("p/a")
+    assert fresh.latency_p50("p/b") is not None
 
 
 def test_import_accepts_the_seed_shape() -> None:
@@ -232,7 +237,7 @@ def test_reload_sees_another_process_writes(tmp_path: Path) -> None:
     assert ours.profile("p/a") is None
     ours.reload()  # the changes: counters, not the latency windows (reload.py)
     assert ours.profile("p/a").total_calls == 5  # type: ignore[union-attr]
-    assert ours.latency_p50("p/a") is None
+    assert ours.latency_p50("p/a") == 80, "the profile's mean latency until the traces' window is read"
     ours.reload(full=True)
     assert ours.latency_p50("p/a") == 80
     # feedback through one tracker for a trace the other started lands in the shared store
@@ -262,10 +267,13 @@ def test_forget_model_drops_its_profile_and_rows_and_rebuilds_the_family_views(
     _cluster_run(tracker, "p/a", "code", "latin-mc")
     _cluster_run(tracker, "p/b", "code", "latin-short")
     assert "p/a" in tracker.views("code", "latin-short")[1][0]  # the family view, cached
+    _cluster_run(tracker, "p/a", "code", "latin-mc")  # a third latency: the p50 is known
+    assert tracker.latency_p50("p/a") == 100.0
     tracker.forget_model("p/a")
     assert tracker.profile("p/a") is None and tracker.task_stats("p/a", "code") is None
+    assert tracker.latency_p50("p/a") is None, "as a new process knows it: the catalog's latency"
     assert "p/a" not in tracker.views("code", "latin-short")[1][0]
-    assert tracker.task_stats("*", "code").calls == 3  # type: ignore[union-attr]
+    assert tracker.task_stats("*", "code").calls == 4  # type: ignore[union-attr]
     assert tracker.model_ids() == ["p/b"]
 
 

@@ -73,6 +73,8 @@ def test_preferred_discovered_vllm_model_wins_generate_routing() -> None:
     assert decision.strategy is RoutingStrategy.PREFERRED
     assert decision.reason == PREFERRED_REASON == "preferred generation model override"
     assert decision.fallbacks == ["openai/big"]
+    # The candidates are its fallbacks: none was chosen (the first was labelled "chosen").
+    assert [c.notes for c in decision.candidates] == ["fallback: highest score"]
 
 
 def test_preferred_that_cannot_serve_the_request_is_skipped() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from car_inference.errors import ConfigError
+from car_inference.errors import ConfigError, StateUnavailable
 from car_inference.routing.store import SCHEMA_VERSION, OutcomeStore, TraceRow
 from car_inference.routing.store_api import StateStore, open_store
 from fakes.services import postgres_schema_url
@@ -436,6 +436,26 @@ def test_a_database_locked_past_the_timeout_says_so(tmp_path: Path) -> None:
         holder.execute("ROLLBACK")
         holder.close()
     OutcomeStore(db).close()  # free again: it opens
+
+
+def test_a_write_locked_out_past_the_timeout_is_state_unavailable_and_writes_nothing(tmp_path: Path) -> None:
+    """``report`` and ``feedback`` raised sqlite3's own "database is locked" at their caller."""
+    db = tmp_path / "state.db"
+    store = OutcomeStore(db, busy_timeout_ms=200)
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another program's write transaction
+    row = TraceRow("t1", "p/a", "generate", "code", None, "test", None, 1.0)
+    try:
+        with pytest.raises(StateUnavailable, match=f"{db} is locked by another process") as info:
+            store.record_trace(row, success=True, latency_ms=10.0)
+        assert info.value.retry_after == 0.2
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store.trace("t1") is None, "nothing was written"
+    store.record_trace(row, success=True, latency_ms=10.0)  # free again: written
+    assert store.trace("t1") is not None
+    store.close()
 
 
 def test_a_home_that_cannot_be_written_is_said_so_not_called_damage(tmp_path: Path) -> None:

@@ -21,14 +21,18 @@ better than the family rules (92 % vs 81 % purity) but split the data into 2,800
 the router lost 0.01 of quality to exploring them; so only repeated prefixes make a template.
 
 Costs a few microseconds (one 96-character hash and a dict). Prefix counts are kept per process
-in a bounded table: a restarted process relearns which prefixes repeat within ``PREFIX_REPEATS``
-requests, and the learned statistics, keyed by the signature, are in the store all along.
+in a bounded table; a prefix whose template has learned rows (in the store, from another process
+or an earlier run) is a template from its first request, so a restarted process, another replica
+or `car route --explain` (one request per process) sees what was learned under it at once: they
+routed a template's first requests by the family rules and explained "0 obs" for a model with
+113 outcomes there.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 
 from ..requests import GenerateRequest
 
@@ -47,12 +51,15 @@ class TemplateIndex:
         self._seen: OrderedDict[str, list[int]] = OrderedDict()
         self._max = max_prefixes
 
-    def signature(self, request: GenerateRequest, text: str) -> str | None:
+    def signature(
+        self, request: GenerateRequest, text: str, learned: Callable[[str], bool] | None = None
+    ) -> str | None:
         """``"p" + hash`` of the request's prefix once ``PREFIX_REPEATS`` requests *with different
         texts* have started with it, else None: the same question asked twice is a repeat, not a
         task (on RouterDC, MMLU's duplicated questions became one-question "templates" that every
         model had to be tried in again). ``text``: the request's text as the router analyses it
-        (the last user turn). Counts this request."""
+        (the last user turn). ``learned(signature)``: whether its template has learned rows, which
+        makes it one at once. Counts this request."""
         head = _head(request, text)
         if len(head) < PREFIX_CHARS // 2:
             return None
@@ -64,6 +71,8 @@ class TemplateIndex:
                 self._seen.popitem(last=False)
         elif entry[0] < PREFIX_REPEATS and hash(text) != entry[1]:
             entry[0] += 1
+        if entry[0] < PREFIX_REPEATS and learned is not None and learned("p" + key):
+            entry[0] = PREFIX_REPEATS
         return "p" + key if entry[0] >= PREFIX_REPEATS else None
 
 

@@ -58,10 +58,10 @@ _SCORE = itemgetter(0)
 _MEAN_SCORE = itemgetter(9)
 
 
-def _why(row: _Row, best: _Row, chosen: bool) -> str:
+def _why(row: _Row, best: _Row, chosen: bool, won: str = "chosen: highest score") -> str:
     """Why a candidate won or lost against the chosen one, term by term."""
     if chosen:
-        return "chosen: highest score"
+        return won
     reasons = []
     if row[1] < best[1] - 0.005:
         reasons.append(f"quality {row[1]:.2f} < {best[1]:.2f}")
@@ -105,12 +105,16 @@ class RoutingDecision(BaseModel):
     def candidates(self) -> list[ScoredCandidate]:
         if self._candidates is None:
             notes, offset, rows = self._notes, self._offset, self._rows
-            chosen = next((r for r in rows if r[5].model_id == self.model_id), rows[0] if rows else None)
+            chosen = next((r for r in rows if r[5].model_id == self.model_id), None)
+            # The chosen model is not scored when it was pinned (a preferred model): the rows are
+            # its fallbacks, compared with the best of them ("chosen" named one that was not).
+            best = chosen if chosen is not None else (rows[0] if rows else None)
+            won = "chosen: highest score" if chosen is not None else "fallback: highest score"
             out = []
             for row in rows:
                 score, q, n, lat, cost, v, sd, drawn, tokens, _mean_score = row
-                assert chosen is not None
-                note = notes.get(v.model_id) or _why(row, chosen, row is chosen)
+                assert best is not None
+                note = notes.get(v.model_id) or _why(row, best, row is best, won)
                 out.append(ScoredCandidate(
                     v.model_id, v.name, v.provider, v.is_local, q, n, lat, cost, score + offset, note, sd,
                     drawn, tokens,

@@ -491,6 +491,10 @@ class OutcomeTracker:
         s = self._stats.get(family, {}).get(model_id)
         return None if s is None else export_stats(s)
 
+    def has_rows(self, key: str) -> bool:
+        """Whether anything was learned under ``key`` (here, or in the store at the last load)."""
+        return bool(self._stats.get(key))
+
     def model_ids(self) -> list[str]:
         with self._lock:  # the engine's record writer may add a profile meanwhile
             return sorted(self._profiles)
@@ -527,6 +531,7 @@ class OutcomeTracker:
                 )  # fmt: skip
                 self._profiles[mp.model_id] = p
                 model_rows.append({"model_id": mp.model_id, **row_fields(p)})
+            self._profile_latencies()
             task_rows = [
                 {"model_id": model_id, "key": key, **row_fields(s)}
                 for key, by_model in self._stats.items()
@@ -561,6 +566,8 @@ class OutcomeTracker:
                 self._profiles[model_id] = ProfileRow(ema_quality=prior.overall_score)
             for by_model in self._stats.values():
                 by_model.pop(model_id, None)
+            self._latencies.pop(model_id, None)  # a new process knew none; this one kept its p50
+            self._p50.pop(model_id, None)
             self._version += 1  # every family's view is stale
         if self.on_change is not None:
             self.on_change()
@@ -585,8 +592,22 @@ class OutcomeTracker:
                 self._latencies = got.latencies
                 self._p50 = {m: _median(w) for m, w in got.latencies.items() if len(w) >= MIN_LATENCY_SAMPLES}
             self._profiles, self._stats = profiles, got.stats
+            self._profile_latencies()
             self._version += 1
             self._indexed = -1
+
+    def _profile_latencies(self) -> None:
+        """Under ``_lock``: a model without recent traces to take a p50 from (an imported profile,
+        traces pruned) is scored at its profile's mean latency, not the catalog's guess (an
+        import turned a learned 900 ms into 4,867). Calls whose latency was not known count as 0
+        in that mean, so it can only be lower than the truth when some were not."""
+        for model_id, p in self._profiles.items():
+            if (
+                model_id not in self._p50
+                and p.success_count >= MIN_LATENCY_SAMPLES
+                and p.total_latency_ms > 0
+            ):
+                self._p50[model_id] = p.total_latency_ms / p.success_count
 
 
 def _median(values: Iterable[float]) -> float:

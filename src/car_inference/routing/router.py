@@ -53,6 +53,7 @@ from .outcomes import InferenceTask, OutcomeTracker
 from .pool import LOCAL_FIRST, CatalogView, ModelPool, ModelView, PromptMeter
 from .scoring import Context, score_candidates
 from .spend import SpendControl
+from .store_base import template_key
 
 __all__ = ["AdaptiveRouter", "RoutingDecision", "RoutingStrategy", "ScoredCandidate"]
 
@@ -221,6 +222,9 @@ class AdaptiveRouter:
         return self._decision(request, a, rows, offset, notes, chosen_id, strategy, reason, quality,
                               measure, exact, excluded, registry)  # fmt: skip
 
+    def _template_learned(self, signature: str) -> bool:
+        return self.tracker.has_rows(template_key(signature))
+
     def _analyse(self, request: GenerateRequest, est_in: int | None) -> _Analysis:
         """Family, cluster and template, complexity, needed capabilities and estimated input."""
         feats = TextFeatures(request.last_user_text())
@@ -238,7 +242,7 @@ class AdaptiveRouter:
         cluster = None
         if self.use_clusters:
             cluster = cluster_of(feats)
-            template = self.templates.signature(request, feats.text)
+            template = self.templates.signature(request, feats.text, self._template_learned)
             if template is not None:
                 cluster += "/" + template
         required = {"generate"}

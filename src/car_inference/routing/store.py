@@ -26,12 +26,12 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .. import sqlite_wal
-from ..errors import ConfigError
+from ..errors import ConfigError, StateUnavailable
 from .store_base import (
     ALL,
     EMA_ALPHA,
@@ -82,18 +82,35 @@ class OutcomeStore(StoreBase):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._batch_depth = 0
+        self.busy_timeout_s = busy_timeout_ms / 1000
         conn: sqlite3.Connection | None = None
         try:
             self._conn = conn = sqlite_wal.connect(self.path, busy_timeout_s=busy_timeout_ms / 1000)
             conn.row_factory = dict_rows
             self._migrate()
-        except sqlite3.DatabaseError as exc:  # not a database, damaged, or locked past the timeout
+        except (sqlite3.DatabaseError, StateUnavailable) as exc:  # not a database, damaged, or locked
             if conn is not None:
                 conn.close()
-            raise ConfigError(_unopenable(exc, self.path), path=self.location) from exc
+            cause = exc.__cause__ if isinstance(exc, StateUnavailable) else exc  # locked past the timeout
+            reason = _unopenable(cause, self.path) if isinstance(cause, sqlite3.DatabaseError) else str(exc)
+            raise ConfigError(reason, path=self.location) from exc
 
-    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
-        return sqlite_wal.immediate(self._conn)
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction. A database another process keeps write-locked past
+        the busy timeout is ``StateUnavailable`` (nothing written, retry later): ``report`` and
+        ``feedback`` raised sqlite3's own "database is locked" at their caller."""
+        try:
+            with sqlite_wal.immediate(self._conn) as conn:
+                yield conn
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            raise StateUnavailable(
+                f"the learned-state database {self.location} is locked by another process ({exc}):"
+                " nothing was written; try again when it ends",
+                retry_after=self.busy_timeout_s,
+            ) from exc
 
     @contextmanager
     def _tx(self, *, counters: bool = False, defer: bool = False) -> Iterator[sqlite3.Connection]:

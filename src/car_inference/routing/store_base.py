@@ -106,7 +106,12 @@ def stat_keys(family: str, cluster: str | None) -> tuple[str, ...]:
     if not cluster:
         return (family,)
     _coarse, sep, template = cluster.partition("/")
-    return (f"template|{template}",) if sep else (family, f"{family}|{cluster}")
+    return (template_key(template),) if sep else (family, f"{family}|{cluster}")
+
+
+def template_key(signature: str) -> str:
+    """The task_stats key of a template signature (``context.TemplateIndex``)."""
+    return f"template|{signature}"
 
 
 def is_templated(cluster: str | None) -> bool:
