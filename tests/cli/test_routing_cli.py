@@ -17,6 +17,11 @@ def car(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def car_input(stdin: str, *args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, list(args), input=stdin)
+    return result.exit_code, result.stdout, result.stderr
+
+
 def test_route_explains_and_prints_json() -> None:
     code, out, _ = car("route", "Write a Python function that merges two sorted lists", "--explain")
     assert code == 0
@@ -38,6 +43,7 @@ def test_route_honours_preferred_model(isolated_home: Path) -> None:
     _, out, _ = car("route", "hi", "--json")
     data = json.loads(out)
     assert data["strategy"] == "preferred" and data["reason"] == "preferred generation model override"
+    assert all(not c["notes"].startswith("chosen") for c in data["candidates"]), "the preferred model was"
 
 
 def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
@@ -62,6 +68,8 @@ def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
     assert car("profiles", "import", str(path))[0] == 0
     code, out, _ = car("profiles", "export", "-")  # stdout, as `generate -` reads stdin
     assert code == 0 and json.loads(out) == profiles
+    code, out, _ = car_input(out, "profiles", "import", "-")  # stdin: `export - | import -`
+    assert code == 0 and f"imported {len(profiles)} profile(s)" in out
     code, out, _ = car("profiles", "forget", "smollm2-135m")
     assert code == 0 and "forgot" in out and "huggingface/smollm2-135m" in out
     code, out, _ = car("profiles", "forget", "smollm2-135m")

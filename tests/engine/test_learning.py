@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from car_inference.engine import InferenceEngine
-from car_inference.errors import InvalidInput, ModelNotFound
+from car_inference.errors import InvalidInput, ModelNotFound, UnsupportedMode
 from car_inference.requests import GenerateRequest
+from car_inference.routing.estimate import ProfileRow
 from car_inference.routing.outcomes import InferenceTask
 from car_inference.routing.store import TraceRow
 from car_inference.routing.store_api import PRUNE_CHUNK
@@ -77,6 +78,92 @@ def test_open_trace_then_feedback_completes_it(remote_engine: RemoteEngine) -> N
     engine.feedback(trace_id, 0.4)
     trace = engine.store.trace(trace_id)
     assert trace is not None and trace["outcome"] == "success" and trace["quality"] == 0.4
+
+
+def test_feedback_on_a_pending_trace_learns_no_made_up_latency(remote_engine: RemoteEngine) -> None:
+    """The time between the decision and its rating was recorded as the model's latency: rated
+    at once, a model looked 5,000 times faster than the others ("1 ms"); rated later, hours."""
+    engine = remote_engine(TWO)
+    for _ in range(4):
+        trace_id = engine.open_trace(engine.route(ASK))
+        time.sleep(0.01)
+        engine.feedback(trace_id, 0.8)
+        trace = engine.store.trace(trace_id)
+        assert trace is not None and trace["outcome"] == "success" and trace["latency_ms"] is None
+    assert (
+        engine.tracker.latency_p50("acme/alpha") is None and engine.tracker.latency_p50("bolt/beta") is None
+    )
+
+
+def test_feedback_on_a_pending_trace_takes_what_the_caller_measured(remote_engine: RemoteEngine) -> None:
+    """Route-only use over HTTP has only /v1/feedback: the call's latency, output tokens and cost
+    complete the pending trace as ``report`` would; on a finished trace they are refused."""
+    engine = remote_engine(TWO)
+    decision = engine.route(ASK)
+    trace_id = engine.open_trace(decision)
+    engine.feedback(trace_id, 0.5, latency_ms=640.0, output_tokens=77, cost_usd=0.003)
+    trace = engine.store.trace(trace_id)
+    assert trace is not None and trace["latency_ms"] == 640.0 and trace["output_tokens"] == 77
+    profile = engine.tracker.profile(decision.model_id)
+    assert profile is not None and profile.total_output_tokens == 77
+    assert engine.spend.status().entries[0].spent_usd == pytest.approx(0.003)
+    with pytest.raises(
+        InvalidInput, match=r"latency_ms complete a route-only decision .* is success already"
+    ):
+        engine.feedback(trace_id, 0.5, latency_ms=10.0)
+    with pytest.raises(InvalidInput, match="output_tokens must be a whole number"):
+        engine.feedback(trace_id, 0.5, output_tokens=-1)
+    engine.feedback(trace_id, 0.9)  # a rating alone still replaces the score
+    assert engine.store.trace(trace_id)["quality"] == 0.9  # type: ignore[index]
+
+
+def test_report_refuses_a_score_for_a_failed_call(remote_engine: RemoteEngine) -> None:
+    """``success=False, score=0.9`` counted as a good outcome of a call recorded as failed."""
+    engine = remote_engine(TWO)
+    decision = engine.route(ASK)
+    with pytest.raises(InvalidInput, match=r"a failed call .* has no answer to score"):
+        engine.report(decision, success=False, score=0.9)
+    assert (engine.tracker.profile(decision.model_id) or ProfileRow()).total_calls == 0, "nothing recorded"
+    engine.report(decision, success=False, score=0.0)  # consistent: taken
+    assert engine.tracker.profile(decision.model_id).fail_count == 1  # type: ignore[union-attr]
+
+
+def test_routing_to_or_reporting_a_model_that_does_not_generate_is_refused(
+    remote_engine: RemoteEngine,
+) -> None:
+    """Python and the CLI returned a decision for an embedding model (HTTP said 400), and a
+    report recorded a generation outcome for it."""
+    engine = remote_engine({**TWO, "vec": {"provider": "acme", "capabilities": ["embed"]}})
+    with pytest.raises(UnsupportedMode, match="acme/vec does not declare generate"):
+        engine.route(ASK.model_copy(update={"model": "acme/vec"}))
+    with pytest.raises(UnsupportedMode, match="report: acme/vec does not declare generate"):
+        engine.report(engine.route(ASK), model_id="acme/vec")
+
+
+def test_a_new_process_routes_a_learned_template_from_its_first_request(remote_engine: RemoteEngine) -> None:
+    """Which prefixes repeat is known per process, so a restarted engine (or `car route
+    --explain`, one request per process) routed an application's first requests by the family
+    rules, blind to the 113 outcomes learned under its template."""
+    app = (
+        "You are the support bot of ACME Corp. Answer in one short paragraph, politely, in plain English. "
+        * 2
+    )
+    one = remote_engine(TWO)
+    for question in ("Where is my order?", "How do I reset my password?", "Can I pay by card?"):
+        decision = one.route(GenerateRequest(prompt=question, context=app))
+        one.report(decision, score=1.0, latency_ms=300, output_tokens=40)
+    assert decision.prompt_cluster is not None and "/p" in decision.prompt_cluster
+    one.close()
+    two = remote_engine(TWO)  # the same home, as a new process
+    first = two.route(GenerateRequest(prompt="Do you ship abroad?", context=app))
+    assert first.prompt_cluster == decision.prompt_cluster
+    learned = {c.model_id: c.quality_observations for c in first.candidates}
+    assert sum(learned.values()) >= 2, learned
+
+
+def test_forget_model_with_an_empty_name_says_so(remote_engine: RemoteEngine) -> None:
+    with pytest.raises(InvalidInput, match="the model name is empty"):  # was "model not found: "
+        remote_engine(TWO).forget_model("")
 
 
 def test_report_refuses_a_score_out_of_range(remote_engine: RemoteEngine) -> None:

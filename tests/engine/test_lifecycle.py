@@ -34,6 +34,13 @@ async def test_a_closed_engine_refuses_work_with_an_inference_error(isolated_hom
         lambda: engine.report(engine_decision(), success=True),
         engine.model_health,
         engine.spend_status,
+        # The maintenance calls raised sqlite3.ProgrammingError; an export still answered.
+        lambda: engine.forget_model("smollm2"),
+        engine.export_profiles,
+        lambda: engine.import_profiles([]),
+        engine.prune_traces,
+        engine.forget_templates,
+        engine.compact_spend,
     ):
         with pytest.raises(InferenceError, match="closed"):
             blocking()

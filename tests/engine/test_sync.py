@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import inspect
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from car_inference.config import CarConfig
 from car_inference.engine import InferenceEngine, SyncInferenceEngine
 from car_inference.errors import InferenceError, InvalidInput
 from car_inference.requests import (
@@ -161,7 +164,56 @@ def test_a_closed_facade_refuses_calls_and_closes_the_engine_it_made(isolated_ho
     assert not list((isolated_home / "loaded").iterdir())
     with pytest.raises(InferenceError, match="closed"):
         sync.generate("Say hi.")
+    # The blocking methods answered after close (route, report, an export...), unlike the rest.
+    for call in (
+        lambda: sync.route(GenerateRequest(prompt="hi")),
+        lambda: sync.report(object(), success=True),  # type: ignore[arg-type]
+        lambda: sync.feedback("trace", 1.0),
+        sync.export_profiles,
+        sync.list_models,
+        lambda: sync.resolve("smollm2"),
+        sync.flush,
+    ):
+        with pytest.raises(InferenceError, match="SyncInferenceEngine is closed"):
+            call()
     sync.close()  # twice is fine
+
+
+def test_constructor_mistakes_are_said_not_taken(isolated_home: Path) -> None:
+    """A path given positionally was taken as the engine (AttributeError at the first call), and
+    settings given beside an engine were ignored."""
+    with pytest.raises(
+        InvalidInput, match=r"engine must be an InferenceEngine, not str \(a home folder is home"
+    ):
+        SyncInferenceEngine(str(isolated_home))  # type: ignore[arg-type]
+    engine = InferenceEngine(home=isolated_home)
+    try:
+        with pytest.raises(InvalidInput, match="home make a new engine"):
+            SyncInferenceEngine(engine, home=isolated_home)
+    finally:
+        engine.close()
+    with pytest.raises(InvalidInput, match="config must be a CarConfig, not str"):
+        InferenceEngine(str(isolated_home))  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="give config or home, not both"):
+        InferenceEngine(CarConfig(home=isolated_home), home=isolated_home)
+
+
+def test_a_facade_dropped_without_close_ends_its_loop_thread(isolated_home: Path) -> None:
+    """Each facade a loop made and dropped kept its loop thread (and three descriptors) for good."""
+    import gc
+
+    engine = InferenceEngine(home=isolated_home)
+    try:
+        before = sum(t.name == "car-inference-loop" for t in threading.enumerate())
+        for _ in range(5):
+            SyncInferenceEngine(engine).list_models()
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while sum(t.name == "car-inference-loop" for t in threading.enumerate()) > before:
+            assert time.monotonic() < deadline, "the dropped facades' threads still run"
+            time.sleep(0.05)
+    finally:
+        engine.close()
 
 
 def test_a_call_from_the_loop_thread_is_refused_not_a_deadlock(isolated_home: Path) -> None:

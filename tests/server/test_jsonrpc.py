@@ -172,6 +172,9 @@ async def test_models_list_health_and_feedback(
         }
         trace = (await call(ws, "infer", {"prompt": "hi", "params": SHORT}))["result"]["trace_id"]
         assert (await call(ws, "feedback", {"trace_id": trace, "score": 1}))["result"]["recorded"] is True
+        # What a caller measured completes a route-only (pending) trace; this one is an answer's.
+        late = await call(ws, "feedback", {"trace_id": trace, "score": 1, "latency_ms": 5})
+        assert late["error"]["data"]["param"] == "latency_ms" and "already" in late["error"]["message"]
         missing = await call(ws, "feedback", {"trace_id": "nope", "score": 1})
         assert missing["error"]["code"] == -32009 and missing["error"]["data"]["status"] == 404
 

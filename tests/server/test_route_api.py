@@ -67,6 +67,33 @@ def test_a_reported_outcome_teaches_the_router(routed: tuple[httpx.Client, Infer
     assert profile is not None and profile.total_calls == 8
 
 
+def test_feedback_completes_a_route_with_what_the_caller_measured(
+    routed: tuple[httpx.Client, InferenceEngine],
+) -> None:
+    """The time from /v1/route to /v1/feedback was learned as the model's latency (a model rated
+    at once looked 1 ms fast), and HTTP route-only use could not say answer lengths or cost."""
+    http, engine = routed
+    routed_ = http.post("/v1/route", json={"messages": ASK, "model": "fake/alpha"})
+    trace_id = routed_.json()["trace_id"]
+    assert routed_.headers["x-car-trace-id"] == trace_id == routed_.headers["x-request-id"]
+    bare = http.post("/v1/feedback", json={"trace_id": trace_id, "score": 1})
+    assert bare.status_code == 200, bare.text
+    assert engine.store.trace(trace_id)["latency_ms"] is None  # type: ignore[index]
+    trace_id = http.post("/v1/route", json={"messages": ASK, "model": "fake/alpha"}).json()["trace_id"]
+    body = {"trace_id": trace_id, "score": 0.5, "latency_ms": 812, "output_tokens": 40, "cost_usd": 0.0004}
+    measured = http.post("/v1/feedback", json=body)
+    assert measured.status_code == 200, measured.text
+    trace = engine.store.trace(trace_id)
+    assert trace is not None and trace["latency_ms"] == 812 and trace["output_tokens"] == 40
+    again = http.post("/v1/feedback", json=body)  # the trace is complete now
+    assert again.status_code == 400 and again.json()["error"]["param"] == "latency_ms"
+    for bad, param in (({"output_tokens": 1.5}, "output_tokens"), ({"cost_usd": "1"}, "cost_usd")):
+        refused = http.post("/v1/feedback", json={"trace_id": trace_id, "score": 1, **bad})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+    negative = http.post("/v1/feedback", json={"trace_id": trace_id, "score": 1, "latency_ms": -5})
+    assert negative.status_code == 400 and negative.json()["error"]["param"] == "latency_ms"
+
+
 def test_route_refuses_bad_bodies(routed: tuple[httpx.Client, InferenceEngine]) -> None:
     http, _engine = routed
     for body, param in (({"messages": ASK, "record": "yes"}, "record"), ({"messages": "hi"}, "messages")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -159,10 +160,15 @@ def forget_profile(model: Annotated[str, typer.Argument(help="a model id or name
 
 @profiles_app.command("import")
 @handle_errors
-def import_profiles(path: Annotated[Path, typer.Argument(help="an outcome_profiles.json file")]) -> None:
+def import_profiles(
+    path: Annotated[Path, typer.Argument(help="an outcome_profiles.json file; - for stdin")],
+) -> None:
     """Merge profiles from an outcome_profiles.json file."""
-    try:
-        data: Any = json.loads(path.read_text(encoding="utf-8"))
+    try:  # `-` is stdin, as export's `-` is stdout (`car profiles export - | ... import -`)
+        text = (
+            sys.stdin.buffer.read().decode("utf-8") if str(path) == "-" else path.read_text(encoding="utf-8")
+        )
+        data: Any = json.loads(text)
     except OSError as exc:
         raise fail(f"cannot read {path}: {exc.strerror or exc}", EXIT_USAGE) from None
     except ValueError as exc:  # not UTF-8, not JSON

@@ -75,6 +75,14 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
     def __init__(
         self, config: CarConfig | None = None, *, home: str | os.PathLike[str] | None = None
     ) -> None:
+        if config is not None and not isinstance(config, CarConfig):  # a path, positionally: AttributeError
+            raise InvalidInput(
+                f"config must be a CarConfig, not {type(config).__name__} (a home folder is home=...)"
+            )
+        if config is not None and home is not None:  # home was ignored: the config names its own
+            raise InvalidInput(
+                "give config or home, not both: a CarConfig has its home (CarConfig(home=...))"
+            )
         if home is not None and not isinstance(home, Path):
             if not isinstance(home, str | os.PathLike):  # a str was a bare TypeError from deep inside
                 raise InvalidInput(f"home must be a path or a str, not {type(home).__name__}")

@@ -311,12 +311,14 @@ class HealthMixin(Lifecycle):
 
     def export_profiles(self) -> list[ModelProfile]:
         """Learned profiles in the seed's ``outcome_profiles.json`` shape."""
+        self._check_open()
         self.bookkeeper.flush()
         return self.tracker.export_profiles()
 
     def import_profiles(self, profiles: list[ModelProfile | dict[str, Any]]) -> int:
         """Merge profiles (e.g. from another machine's export); returns how many were imported.
         Anything but a list of profiles (the export's shape) is ``InvalidInput``."""
+        self._check_open()
         expect(profiles, list, "import_profiles")
         try:
             return self.tracker.import_profiles(profiles)

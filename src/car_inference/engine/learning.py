@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from ..errors import InvalidInput, TraceNotFound, expect, validation_summary
+from ..errors import InvalidInput, TraceNotFound, UnsupportedMode, expect, validation_summary
 from ..requests import GenerateParams, GenerateRequest
 from ..routing import OutcomeTracker, RoutingDecision
 from ..routing.outcomes import InferenceTask
 from ..routing.store_api import compact_old_spend, forget_dormant_templates, prune_old_traces
+from ..schema import ModelCapability, ModelSchema
 from ..textcheck import unpaired_surrogate
 from .lifecycle import Lifecycle
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from ..config import CarConfig
     from ..registry import UnifiedRegistry
     from ..routing import SpendControl, StateStore
-    from ..schema import ModelSchema
     from .bookkeeping import Bookkeeper
 
 __all__ = ["SHARED_TRACE_WAIT_S", "LearningMixin"]
@@ -94,12 +94,16 @@ class LearningMixin(Lifecycle):
         if not isinstance(success, bool):
             raise InvalidInput(f"report: success must be True or False, not {success!r}")
         score = _measure("score", score, high=1.0)
+        if not success and score:  # it counted as a good outcome of a call recorded as failed
+            raise InvalidInput(
+                f"report: a failed call (success=False) has no answer to score, got score={score!r}"
+            )
         cost_usd = _measure("cost_usd", cost_usd)
         latency_ms = _measure("latency_ms", latency_ms)
         input_tokens = _count("input_tokens", input_tokens)
         output_tokens = _count("output_tokens", output_tokens) or 0
         prompt = _text("prompt", prompt)
-        chosen = decision.model_id if model_id is None else self.resolve(model_id).id
+        chosen = decision.model_id if model_id is None else self._generator(model_id, "report").id
         trace_id = uuid.uuid4().hex
         now = time.time()
         self.bookkeeper.flush()  # keep this process's records in order
@@ -110,12 +114,23 @@ class LearningMixin(Lifecycle):
             input_tokens=decision.estimated_input_tokens if input_tokens is None else input_tokens,
             output_tokens=output_tokens, error_class=None if success else "reported_failure", score=score,
         )  # fmt: skip
+        self._caller_spent(chosen, cost_usd)
+        return trace_id
+
+    def _caller_spent(self, model_id: str, cost_usd: float | None) -> None:
+        """What a call the caller made itself cost, in the spend ledger."""
         if cost_usd:
-            schema = self.registry.get(chosen)
+            schema = self.registry.get(model_id)
             provider = schema.provider if schema is not None else "unknown"
             # The caller made this call: no estimate of ours was held for it, none is settled.
-            self.spend.record(provider, chosen, cost_usd, settles=False)
-        return trace_id
+            self.spend.record(provider, model_id, cost_usd, settles=False)
+
+    def _generator(self, name: str, what: str) -> ModelSchema:
+        """The model ``name`` names, which must generate: a route-only outcome is a generation's."""
+        schema = self.resolve(name)
+        if not schema.has_capability(ModelCapability.GENERATE):
+            raise UnsupportedMode("generate", schema.kind, f"{what}: {schema.id} does not declare generate")
+        return schema
 
     def open_trace(self, decision: RoutingDecision) -> str:
         """A pending trace for ``decision``, completed later by ``feedback(trace_id, score)``."""
@@ -125,10 +140,22 @@ class LearningMixin(Lifecycle):
             cluster=decision.prompt_cluster,
         )  # fmt: skip
 
-    def feedback(self, trace_id: str, score: float) -> None:
+    def feedback(
+        self,
+        trace_id: str,
+        score: float,
+        *,
+        latency_ms: float | None = None,
+        output_tokens: int | None = None,
+        cost_usd: float | None = None,
+    ) -> None:
         """A quality rating (0 bad .. 1 good) for the answer of ``trace_id``; it replaces what the
         tracker inferred for that trace and moves the model's learned quality. A trace still
-        pending (a route-only decision from ``open_trace``) is completed as answered first."""
+        pending (a route-only decision from ``open_trace``) is completed as answered first, with
+        what the caller measured of its call: ``latency_ms``, ``output_tokens`` (they teach answer
+        lengths, hence expected costs) and ``cost_usd`` (into the spend ledger); a latency not
+        given stays unknown (the time until the rating is not the model's). Those three are
+        ``InvalidInput`` for a trace already complete: its outcome was recorded when it ended."""
         self._check_open()
         rating = _measure("feedback score", score, high=1.0)
         if rating is None:
@@ -136,13 +163,23 @@ class LearningMixin(Lifecycle):
         if not isinstance(trace_id, str) or not trace_id:
             raise InvalidInput(f"feedback trace_id must be a trace id string, not {trace_id!r}")
         _text("feedback trace_id", trace_id)
+        latency_ms = _measure("latency_ms", latency_ms)
+        output_tokens = _count("output_tokens", output_tokens)
+        cost_usd = _measure("cost_usd", cost_usd)
+        measured = {"latency_ms": latency_ms, "output_tokens": output_tokens, "cost_usd": cost_usd}
         self.bookkeeper.flush()
         trace = self._shared_trace(trace_id)
         if trace is None:
             raise TraceNotFound(trace_id)
         if trace["outcome"] == "pending":
-            latency_ms = (time.time() - trace["started_at"]) * 1000
-            self.tracker.record_complete(trace_id, latency_ms)
+            self.tracker.record_complete(trace_id, latency_ms, output_tokens=output_tokens or 0)
+            self._caller_spent(trace["model_id"], cost_usd)
+        elif given := [name for name, value in measured.items() if value is not None]:
+            raise InvalidInput(
+                f"feedback: {', '.join(given)} complete a route-only decision (a pending trace from "
+                f"open_trace or POST /v1/route); trace {trace_id} is {trace['outcome']} already",
+                param=given[0],
+            )
         self.tracker.record_feedback(trace_id, rating)
 
     def _shared_trace(self, trace_id: str) -> dict[str, Any] | None:
@@ -166,6 +203,7 @@ class LearningMixin(Lifecycle):
         (default: ``[state] trace_retention_days``; 0 keeps them all), a chunk per transaction,
         until none is left or ``stop`` is set (``routing.store_api.prune_old_traces``). The learned
         counters and the spend ledger stay. Returns how many went."""
+        self._check_open()
         days = self.config.state.trace_retention_days if older_than_days is None else older_than_days
         if isinstance(days, bool) or not isinstance(days, int | float) or not 0 <= days < math.inf:
             raise InvalidInput(f"prune_traces: older_than_days must be a number >= 0, not {days!r}")
@@ -178,6 +216,7 @@ class LearningMixin(Lifecycle):
         ``[state] template_retention_days``; 0 keeps them all), in the store and in this process's
         router (``routing.store_api.forget_dormant_templates``); other replicas drop them with their
         next full reload. Returns how many templates went."""
+        self._check_open()
         days = self.config.state.template_retention_days if older_than_days is None else older_than_days
         now = time.time()
         keys = forget_dormant_templates(self.store, days, stop=stop, now=now)
@@ -191,8 +230,9 @@ class LearningMixin(Lifecycle):
         learned about, or any name the registry resolves (``ModelNotFound`` otherwise, with close
         matches). Returns its id and how many rows went (0: nothing was learned about it). Other
         replicas drop its profile at their next reload and its rows at their next full one."""
+        self._check_open()
         expect(name, str, "forget_model")
-        model_id = name if name in self.tracker.model_ids() else self.registry.resolve(name).id
+        model_id = name if name in self.tracker.model_ids() else self.resolve(name).id
         self.bookkeeper.flush()  # its queued outcomes first, or they would bring rows back
         gone = self.store.forget_model(model_id)
         self.tracker.forget_model(model_id)
@@ -202,6 +242,7 @@ class LearningMixin(Lifecycle):
         """Roll the spend ledger's entries of past UTC days into one per day, provider and model
         (``routing.store_api.compact_old_spend``); the limits' totals stay. Returns how many
         entries went."""
+        self._check_open()
         return compact_old_spend(self.store, stop=stop)
 
 
@@ -210,11 +251,11 @@ def _measure(name: str, value: object, *, high: float = math.inf) -> float | Non
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInput(f"{name} must be a number, not {type(value).__name__}")
+        raise InvalidInput(f"{name} must be a number, not {type(value).__name__}", param=_field(name))
     number = float(value)
     if not 0.0 <= number <= high or math.isinf(number):
         bound = "0..1" if high == 1.0 else "a finite number >= 0"
-        raise InvalidInput(f"{name} must be {bound}, got {value!r}")
+        raise InvalidInput(f"{name} must be {bound}, got {value!r}", param=_field(name))
     return number
 
 
@@ -223,8 +264,13 @@ def _count(name: str, value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        raise InvalidInput(f"{name} must be a whole number from 0 to 2**63 - 1, got {value!r}")
+        raise InvalidInput(f"{name} must be a whole number from 0 to 2**63 - 1, got {value!r}", param=name)
     return value
+
+
+def _field(name: str) -> str:
+    """The request field a check's name is about ("feedback score": score)."""
+    return name.rsplit(" ", 1)[-1]
 
 
 def _text(name: str, value: object) -> str | None:

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -65,12 +66,25 @@ class SyncInferenceEngine:
     """
 
     def __init__(self, engine: InferenceEngine | None = None, **kwargs: Any) -> None:
+        if engine is not None and not isinstance(engine, InferenceEngine):
+            # A path given positionally was taken as the engine: AttributeError at the first call.
+            raise InvalidInput(
+                f"SyncInferenceEngine: engine must be an InferenceEngine, not {type(engine).__name__}"
+                " (a home folder is home=...)"
+            )
+        if engine is not None and kwargs:  # they were ignored: the engine given has its settings
+            raise InvalidInput(
+                f"SyncInferenceEngine: {', '.join(kwargs)} make a new engine; an engine given has its own"
+            )
         self._owns = engine is None
         self.engine = engine if engine is not None else InferenceEngine(**kwargs)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="car-inference-loop", daemon=True)
         self._thread.start()
         self._closed = False
+        # A facade dropped without close() kept its loop thread for good (one per facade made in
+        # a loop); its engine, if it made one, cleans up after itself as any engine does.
+        weakref.finalize(self, _stop_loop, self._loop, self._thread)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._closed or threading.current_thread() is self._thread:
@@ -158,22 +172,39 @@ class SyncInferenceEngine:
     def route_adaptive(self, prompt: str, **params: Any) -> RoutingDecision:
         return self._run(self.engine.route_adaptive(prompt, **params))
 
-    # The engine's blocking methods, for a script that holds only this facade.
+    # The engine's blocking methods, for a script that holds only this facade (refused once it is
+    # closed, as the rest are: route, report and export answered after close()).
+
+    def _live(self) -> InferenceEngine:
+        if self._closed:
+            raise InferenceError("this SyncInferenceEngine is closed")
+        return self.engine
 
     def route(self, request: GenerateRequest) -> RoutingDecision:
-        return self.engine.route(request)
+        return self._live().route(request)
 
     def resolve(self, name: str) -> ModelSchema:
-        return self.engine.resolve(name)
+        return self._live().resolve(name)
 
     def list_models(self) -> list[ModelSchema]:
-        return self.engine.list_models()
+        return self._live().list_models()
 
     def model_health(self) -> ModelHealthReport:
-        return self.engine.model_health()
+        return self._live().model_health()
 
-    def feedback(self, trace_id: str, score: float) -> None:
-        self.engine.feedback(trace_id, score)
+    def feedback(
+        self,
+        trace_id: str,
+        score: float,
+        *,
+        latency_ms: float | None = None,
+        output_tokens: int | None = None,
+        cost_usd: float | None = None,
+    ) -> None:
+        """A rating of ``trace_id``'s answer (``InferenceEngine.feedback``)."""
+        self._live().feedback(
+            trace_id, score, latency_ms=latency_ms, output_tokens=output_tokens, cost_usd=cost_usd
+        )
 
     def report(
         self,
@@ -189,39 +220,39 @@ class SyncInferenceEngine:
         prompt: str | None = None,
     ) -> str:
         """The outcome of a decision the caller executed itself (``InferenceEngine.report``)."""
-        return self.engine.report(
+        return self._live().report(
             decision, success=success, score=score, cost_usd=cost_usd, latency_ms=latency_ms,
             input_tokens=input_tokens, output_tokens=output_tokens, model_id=model_id, prompt=prompt,
         )  # fmt: skip
 
     def forget_model(self, name: str) -> tuple[str, int]:
-        return self.engine.forget_model(name)
+        return self._live().forget_model(name)
 
     def register_model(self, schema: ModelSchema) -> ModelSchema:
-        return self.engine.register_model(schema)
+        return self._live().register_model(schema)
 
     def register_endpoint(
         self, base_url: str, model: str, *, api_key_env: str | None = None, name: str = "endpoint"
     ) -> ModelSchema:
-        return self.engine.register_endpoint(base_url, model, api_key_env=api_key_env, name=name)
+        return self._live().register_endpoint(base_url, model, api_key_env=api_key_env, name=name)
 
     def default_model(self, capability: ModelCapability) -> ModelSchema | None:
-        return self.engine.default_model(capability)
+        return self._live().default_model(capability)
 
     def spend_status(self) -> SpendStatus:
-        return self.engine.spend_status()
+        return self._live().spend_status()
 
     def export_profiles(self) -> list[ModelProfile]:
-        return self.engine.export_profiles()
+        return self._live().export_profiles()
 
     def import_profiles(self, profiles: list[ModelProfile | dict[str, Any]]) -> int:
-        return self.engine.import_profiles(profiles)
+        return self._live().import_profiles(profiles)
 
     def pull(self, name: str) -> Path:
-        return self.engine.pull(name)
+        return self._live().pull(name)
 
     def flush(self) -> None:
-        self.engine.flush()
+        self._live().flush()
 
     def call(self, fn: Callable[[InferenceEngine], Awaitable[T]]) -> T:
         """Run any engine coroutine: ``sync.call(lambda e: e.warm_up([...]))``."""
@@ -268,6 +299,17 @@ class SyncInferenceEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """A dropped facade's loop: stopped, its thread ended (close() did this only when called)."""
+    if loop.is_closed():
+        return
+    loop.call_soon_threadsafe(loop.stop)
+    if thread is not threading.current_thread():
+        thread.join(timeout=5)
+        if not thread.is_alive():
+            loop.close()
 
 
 async def _cancel_all(timeout_s: float = 5.0) -> None:

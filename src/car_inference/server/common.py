@@ -357,13 +357,36 @@ def car_headers(model: str | None, trace_id: str | None = None, reason: str | No
     return headers
 
 
-async def record_feedback(engine: InferenceEngine, trace_id: str, score: float) -> None:
+# What a route-only caller measured of the call it made (``engine.feedback``'s keywords), besides
+# the score: numbers >= 0, tokens whole.
+MEASURED = ("latency_ms", "output_tokens", "cost_usd")
+
+
+def measured_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """``MEASURED`` fields of a feedback body, typed as JSON gives them (the engine checks ranges)."""
+    found: dict[str, Any] = {}
+    for name in MEASURED:
+        value = body.get(name)
+        if value is None:
+            continue
+        whole = name == "output_tokens"
+        if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
+            kind = "a whole number" if whole else "a number"
+            raise ApiError(400, f"`{name}` must be {kind} >= 0", code="invalid_value", param=name)
+        found[name] = value if whole else float(value)
+    return found
+
+
+async def record_feedback(
+    engine: InferenceEngine, trace_id: str, score: float, measured: dict[str, Any] | None = None
+) -> None:
     """``engine.feedback`` off the loop, waited for ``FEEDBACK_WAIT_S`` at most: it writes the
     answer's record first, behind whatever the writer has queued, and a table another program
     locked held the request until ``request_timeout_s``. Past the wait the client gets 503
     ``state_store_behind`` with ``Retry-After``; the write goes on and lands when the store lets
     it, and a retry of the same score changes nothing more."""
-    work = asyncio.ensure_future(asyncio.to_thread(engine.feedback, trace_id, score))
+    call = functools.partial(engine.feedback, trace_id, score, **(measured or {}))
+    work = asyncio.ensure_future(asyncio.to_thread(call))
     try:
         await asyncio.wait_for(asyncio.shield(work), FEEDBACK_WAIT_S)
     except TimeoutError:

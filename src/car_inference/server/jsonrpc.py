@@ -36,7 +36,7 @@ from ..requests import (
 )
 from ..schema import ModelCapability
 from ..stream import Done, ErrorEvent, RouteEvent
-from .common import ServerState, client_of, parse_json, record_feedback
+from .common import MEASURED, ServerState, client_of, measured_fields, parse_json, record_feedback
 from .errors import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -485,10 +485,11 @@ async def _feedback(session: Session, params: Params, rid: Any) -> Any:
         raise ApiError(
             400, "`score` must be a number from 0 (bad) to 1 (good)", code="invalid_value", param="score"
         )
+    measured = measured_fields(params)
     try:
-        await record_feedback(session.engine, trace_id, float(score))
+        await record_feedback(session.engine, trace_id, float(score), measured)
     except InvalidInput as exc:
-        raise ApiError(400, str(exc), code="invalid_value", param="score") from None
+        raise ApiError(400, str(exc), code="invalid_value", param=exc.param or "score") from None
     return {"trace_id": trace_id, "score": float(score), "recorded": True}
 
 
@@ -536,7 +537,7 @@ _PARAMS: dict[str, frozenset[str]] = {
     "detokenize": frozenset({"tokens", "model"}),
     "models.list": frozenset({"capability", "available"}),
     "health": frozenset(),
-    "feedback": frozenset({"trace_id", "score"}),
+    "feedback": frozenset({"trace_id", "score", *MEASURED}),
     "cancel": frozenset({"id"}),
     "voices": frozenset({"model"}),
     "runner.register": frozenset({"models", "timeout_s", "name"}),

@@ -209,6 +209,13 @@ class RouteRequest(ChatCompletionRequest):
 class FeedbackRequest(_Body):
     trace_id: str = Field(min_length=1, description="an answer's trace id (x-car-trace-id)")
     score: float = Field(ge=0, le=1, description="0 (bad) to 1 (good)")
+    latency_ms: float | None = Field(
+        default=None,
+        ge=0,
+        description="a /v1/route decision's call, as its caller measured it (else unknown)",
+    )
+    output_tokens: int | None = Field(default=None, ge=0, description="ditto: teaches answer lengths")
+    cost_usd: float | None = Field(default=None, ge=0, description="ditto: into the spend ledger")
 
 
 class SpeechRequest(_Body):

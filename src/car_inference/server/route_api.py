@@ -17,9 +17,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import UnsupportedMode
-from ..schema import ModelCapability
-from .common import ServerState, json_response, read_call
+from .common import HEADER_TRACE, ServerState, json_response, read_call
 from .errors import ApiError, guarded
 from .translate import GenerationCall, chat_request
 
@@ -33,17 +31,15 @@ def register(app: FastAPI, state: ServerState) -> None:
     @api
     async def route(request: Request) -> Response:
         record, call = await read_call(request, _route_call)
-        decision = await engine.route_async(call.request)
-        chosen = engine.registry.get(decision.model_id)
-        if chosen is not None and not chosen.has_capability(ModelCapability.GENERATE):
-            # A named model that cannot answer a chat: the 400 /v1/chat/completions gives, not a
-            # decision (and a pending trace) for a call that would fail.
-            raise UnsupportedMode("generate", chosen.kind, f"{chosen.id} does not declare generate")
+        decision = await engine.route_async(call.request)  # a named model must generate
         state.metrics.decision(str(decision.strategy))
         # The trace is written at once (feedback may follow at once), off the loop: a store that
         # is slow or busy with the writer's batch holds this request only.
         trace_id = await asyncio.to_thread(engine.open_trace, decision) if record else None
-        return json_response({"trace_id": trace_id, "decision": decision.model_dump(mode="json")})
+        headers = {HEADER_TRACE: trace_id} if trace_id else None  # x-request-id follows it, as for answers
+        return json_response(
+            {"trace_id": trace_id, "decision": decision.model_dump(mode="json")}, headers=headers
+        )
 
     app.add_route("/v1/route", route, methods=["POST"])
 

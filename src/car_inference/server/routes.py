@@ -13,7 +13,15 @@ from starlette.responses import Response
 
 from ..errors import InvalidInput
 from ..requests import InferenceResult
-from .common import ServerState, car_headers, json_response, read_call, read_json, record_feedback
+from .common import (
+    ServerState,
+    car_headers,
+    json_response,
+    measured_fields,
+    read_call,
+    read_json,
+    record_feedback,
+)
 from .errors import ApiError, guarded
 from .sse import ChatChunks, CompletionChunks, EventStream
 from .translate import (
@@ -100,10 +108,11 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, "`trace_id` must be the trace id of an answer", param="trace_id")
         if isinstance(score, bool) or not isinstance(score, int | float):
             raise ApiError(400, "`score` must be a number from 0 (bad) to 1 (good)", param="score")
+        measured = measured_fields(body)  # a route-only decision's call, measured by the caller
         try:
-            await record_feedback(engine, trace_id, float(score))
+            await record_feedback(engine, trace_id, float(score), measured)
         except InvalidInput as exc:
-            raise ApiError(400, str(exc), param="score") from None
+            raise ApiError(400, str(exc), param=exc.param or "score") from None
         return json_response({"trace_id": trace_id, "score": float(score), "recorded": True})
 
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
