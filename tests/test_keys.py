@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from car_inference import keys as keys_module
 from car_inference.config import CarConfig, RemoteSettings
 from car_inference.keys import KeyPool, fingerprint, legacy_stats_path
-from car_inference.secrets import SERVICE, SecretStore
+from car_inference.secrets import SERVICE, SecretStore, no_usable_key
 from fakes.keyring import MemoryKeyring
 
 A = "sk-test-key-aaaaaaaa0001"
@@ -180,6 +181,35 @@ def test_health_is_shared_between_pools(tmp_path: Path, clock: Clock) -> None:
     assert {r.masked: r.state for r in cli.stats([VAR])[VAR]} == {"sk-…0001": "disabled", "sk-…0002": "ok"}
     assert cli.reset(VAR) == 1
     assert server.stats([VAR])[VAR][0].state == "ok"
+
+
+def test_a_reset_elsewhere_reaches_a_process_whose_keys_are_all_refused(
+    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server whose only key was refused made no more requests, so it never wrote nor re-read
+    the keys' health: `car keys reset` (another process) said "reset 1 key(s)" and the server kept
+    answering "no usable key" until it was restarted."""
+    server = pool(tmp_path, clock, {VAR: A})
+    cli = pool(tmp_path, clock, {VAR: A})
+    server.report(VAR, A, status=401, retry_after=None)
+    assert server.acquire(VAR) is None and not server.has_key(VAR) and server.refused(VAR)
+    assert cli.reset(VAR) == 1
+    assert server.acquire(VAR) is None, "re-read at most every _RECHECK_S, not on every request"
+    monkeypatch.setattr(keys_module, "_RECHECK_S", 0.0)
+    assert server.acquire(VAR) == A and server.has_key(VAR) and not server.refused(VAR)
+
+
+def test_refused_keys_are_said_so_not_unset(tmp_path: Path, clock: Clock) -> None:
+    """A model whose key was refused was "not available: set OPENAI_API_KEY" with the variable set."""
+    keys = pool(tmp_path, clock, {VAR: A})
+    assert not keys.refused(VAR) and not keys.refused("NOT_SET_KEY")
+    keys.report(VAR, A, status=401, retry_after=None)
+    assert keys.refused(VAR)
+    assert no_usable_key(VAR, refused=True) == (
+        f"every key in {VAR} was refused by the provider (401/403) and is skipped: replace it, or run"
+        f" `car keys reset {VAR}` once it is valid again"
+    )
+    assert no_usable_key(VAR, refused=False).startswith(f"set {VAR} (or store it")
 
 
 _WORKER = textwrap.dedent(

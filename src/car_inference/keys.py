@@ -65,6 +65,10 @@ log = logging.getLogger(__name__)
 
 _SAVE_INTERVAL_S = 1.0
 _HEALTH_STATUSES = frozenset({429, 401, 403})
+# While every key of a variable is disabled, the database is read again this often when one is
+# asked for: `car keys reset` in another process never reached a server whose only key was
+# refused (it makes no requests, so it wrote nothing and never re-read the keys' health).
+_RECHECK_S = 2.0
 
 
 def fingerprint(key: str) -> str:
@@ -202,6 +206,7 @@ class KeyPool:
         self._records: dict[str, _Record] = {}
         self._pending: dict[str, _Pending] = {}
         self._last_save = 0.0
+        self._rechecked: dict[str, float] = {}  # variable -> when its disabled keys were re-read
         self._timer: threading.Timer | None = None
         self._db = self._open()
         if self._db is not None and legacy_path is not None:
@@ -248,8 +253,10 @@ class KeyPool:
         one free soonest; None when there is none or every one is disabled."""
         with self._lock:
             now = self._clock()
+            keys = self._resolve(env_var)
+            self._recheck_if_refused(env_var, keys)
             usable: list[tuple[str, _Record, float]] = []
-            for i, k in enumerate(self._resolve(env_var)):
+            for i, k in enumerate(keys):
                 record = self._record(env_var, k.value, i)
                 disabled, until = self._health(k.value, record)
                 if not disabled:
@@ -338,9 +345,29 @@ class KeyPool:
     def has_key(self, env_var: str) -> bool:
         """True when ``env_var`` has a key that is not disabled (the registry's key check)."""
         with self._lock:
-            return any(
-                not self._health(k.value, self._record(env_var, k.value))[0] for k in self._resolve(env_var)
-            )
+            keys = self._resolve(env_var)
+            self._recheck_if_refused(env_var, keys)
+            return any(not self._health(k.value, self._record(env_var, k.value))[0] for k in keys)
+
+    def refused(self, env_var: str) -> bool:
+        """True when ``env_var`` has keys and the provider refused every one (each is disabled)."""
+        with self._lock:
+            keys = self._resolve(env_var)
+            return bool(keys) and all(self._health(k.value, self._record(env_var, k.value))[0] for k in keys)
+
+    def _recheck_if_refused(self, env_var: str, keys: list[ResolvedKey]) -> None:
+        """Under ``_lock``: when every key of ``env_var`` is disabled, their health as the database
+        has it now (another process's `car keys reset`), at most every ``_RECHECK_S``."""
+        if not keys or self._db is None:
+            return
+        if not all(self._health(k.value, self._record(env_var, k.value))[0] for k in keys):
+            return
+        now = time.monotonic()
+        if now - self._rechecked.get(env_var, -_RECHECK_S) < _RECHECK_S:
+            return
+        self._rechecked[env_var] = now
+        self.flush()  # this process's own news first (a refusal not written yet would be lost)
+        self._refresh()
 
     def reset(self, env_var: str | None = None) -> int:
         """Re-enable disabled keys and end cooldowns (of ``env_var``, or all); how many changed."""

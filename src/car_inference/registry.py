@@ -21,6 +21,7 @@ from .config import CarConfig
 from .errors import ModelNotFound, ModelUnavailable, close_matches
 from .kinds import Locality
 from .schema import TASK_CAPABILITIES, HostConfig, ModelCapability, ModelSchema
+from .secrets import no_usable_key
 
 __all__ = ["ModelFilter", "UnifiedRegistry"]
 
@@ -78,10 +79,12 @@ class UnifiedRegistry:
         backend_check: BackendCheck | None = None,
         task_check: TaskCheck | None = None,
         runner_check: RunnerCheck | None = None,
+        key_refused: KeyCheck | None = None,
     ) -> None:
         self.hosts = dict(hosts or {})
         self.endpoints = list(endpoints or [])
         self._key_check = key_check or env_key_check()
+        self._key_refused = key_refused or (lambda env_var: False)
         self._backend_check = backend_check or (lambda kind: True)
         self._task_check = task_check
         self._runner_check = runner_check or (lambda schema: False)
@@ -102,7 +105,10 @@ class UnifiedRegistry:
         backend_check: BackendCheck | None = None,
         task_check: TaskCheck | None = None,
         runner_check: RunnerCheck | None = None,
+        key_refused: KeyCheck | None = None,
     ) -> UnifiedRegistry:
+        """``key_refused(env_var)``: whether the variable's keys are all refused by the provider
+        (the reason a model is unavailable then names, instead of "set" a variable that is set)."""
         catalog: Catalog = load_catalog(config.paths.models_file)
         return cls(
             catalog.models,
@@ -112,6 +118,7 @@ class UnifiedRegistry:
             backend_check=backend_check,
             task_check=task_check,
             runner_check=runner_check,
+            key_refused=key_refused,
         )
 
     # --- registration ------------------------------------------------------------------------
@@ -208,7 +215,7 @@ class UnifiedRegistry:
         if isinstance(key_env, str) and key_env:
             if self._key_check(key_env):
                 return None
-            return f"set {key_env} (or store it with `car secrets put {key_env}`)"
+            return no_usable_key(key_env, self._key_refused(key_env))
         return "not configured"
 
     def _runner_problem(self, schema: ModelSchema) -> str | None:

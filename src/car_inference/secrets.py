@@ -37,6 +37,7 @@ __all__ = [
     "SecretStore",
     "SecretStoreUnavailable",
     "atomic_write_text",
+    "no_usable_key",
     "resolve_keys",
 ]
 
@@ -211,3 +212,13 @@ def resolve_keys(
     if store is not None:
         add(_split(store.get(env_var)), "keyring")
     return found
+
+
+def no_usable_key(env_var: str, refused: bool) -> str:
+    """Why ``env_var`` gives no key, and what to do: set one, or replace (or reset) refused ones."""
+    if refused:
+        return (
+            f"every key in {env_var} was refused by the provider (401/403) and is skipped: replace it,"
+            f" or run `car keys reset {env_var}` once it is valid again"
+        )
+    return f"set {env_var} (or store it with `car secrets put {env_var}`)"

@@ -24,6 +24,7 @@ from car_inference.errors import (
     AllModelsFailed,
     InvalidInput,
     ModelNotFound,
+    ModelUnavailable,
     ProviderError,
     ProviderRejectedInput,
     SpendLimitExceeded,
@@ -83,6 +84,34 @@ async def test_a_failing_model_falls_back_and_is_recorded(
     profile = engine.tracker.profile("acme/alpha")
     assert profile is not None and profile.fail_count == 1
     assert engine.tracker.profile("bolt/beta").success_count == 1  # type: ignore[union-attr]
+
+
+async def test_a_refused_key_says_so_and_a_reset_elsewhere_brings_the_model_back(
+    remote_engine: RemoteEngine, fake: FakeProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After one 401 a server answered "no usable key in BETA_KEY: set it" (it was set) and, after
+    `car keys reset` in another process, kept answering so until restarted; the failed attempts
+    also opened the model's circuit."""
+    from car_inference import keys as keys_module
+    from car_inference.keys import KeyPool
+
+    monkeypatch.setattr(keys_module, "_RECHECK_S", 0.0)
+    engine = remote_engine(TWO)
+    fake.set_key_behavior("key-beta", Fault.unauthorized())
+    with pytest.raises(ProviderError, match="401"):
+        await engine.generate(req(model="beta"))
+    for _ in range(3):
+        with pytest.raises(
+            ModelUnavailable, match=r"not available: every key in BETA_KEY was refused .* `car keys reset BETA_KEY`"
+        ):
+            await engine.generate(req(model="beta"))
+    assert "every key in BETA_KEY was refused" in engine.registry.unavailable_reason(engine.resolve("beta"))
+    fake.set_key_behavior("key-beta", None)  # the provider takes the key again
+    elsewhere = KeyPool(engine.config, store=None)  # `car keys reset` in another process
+    assert elsewhere.reset("BETA_KEY") == 1
+    elsewhere.close()
+    result = await engine.generate(req(model="beta"))
+    assert result.model_used == "bolt/beta" and engine.breakers.allow("bolt/beta")
 
 
 async def test_a_named_model_is_never_replaced(remote_engine: RemoteEngine, fake: FakeProviderServer) -> None:

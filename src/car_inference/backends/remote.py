@@ -38,6 +38,7 @@ from ..requests import (
     ThinkingMode,
 )
 from ..schema import ModelSchema, _RemoteApi
+from ..secrets import no_usable_key
 from ..stream import Done, StreamAccumulator, StreamEvent, ThinkingDelta, UsageEvent
 from .base import BackendContext, GenerationOutput, KeyProvider
 from .image_urls import has_image_urls, inline_image_urls, on_private_network
@@ -339,10 +340,9 @@ class RemoteBackend:
             if tried:
                 return None
             if endpoint.needs_key:
-                raise ModelUnavailable(
-                    model.id,
-                    f"no usable key in {endpoint.key_env}: set it (or `car secrets put {endpoint.key_env}`)",
-                )
+                refused = getattr(self._keys, "refused", None)  # a KeyPool knows; a bare provider not
+                reason = no_usable_key(endpoint.key_env, bool(refused and refused(endpoint.key_env)))
+                raise ModelUnavailable(model.id, reason)  # as the registry says it
             return PLACEHOLDER_KEY
         return None if key in tried else key
 

@@ -104,6 +104,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.registry = UnifiedRegistry.from_config(
             self.config,
             key_check=self.keys.has_key,
+            key_refused=self.keys.refused,
             backend_check=backend_table.backend_available,
             task_check=backend_table.backend_tasks,
             runner_check=self.runners.serves,

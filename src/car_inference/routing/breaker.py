@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from ..config import BreakerSettings
-from ..errors import InvalidInput, UnsupportedMode
+from ..errors import InvalidInput, ModelUnavailable, UnsupportedMode
 
 __all__ = ["CircuitBreakerRegistry", "CircuitState", "CoordinationHealth", "failure_weight"]
 
@@ -39,9 +39,13 @@ class CircuitState(StrEnum):
 
 
 def failure_weight(error: BaseException) -> int:
-    """0 for an error the request caused, 2 for a provider's other client error
+    """0 for an error the request caused and for a model that cannot run here (``ModelUnavailable``:
+    no usable key, files not pulled; the router skips it anyway, and its circuit kept answering
+    ``circuit_open`` for 30 s after `car keys reset`), 2 for a provider's other client error
     (``ProviderError.is_client_error``: 401, 403, 404...), else 1 (429, 5xx, timeouts, cut streams)."""
-    if isinstance(error, InvalidInput | UnsupportedMode) or getattr(error, "caused_by_request", False):
+    if isinstance(error, InvalidInput | UnsupportedMode | ModelUnavailable):
+        return 0
+    if getattr(error, "caused_by_request", False):
         return 0
     return 2 if getattr(error, "is_client_error", False) else 1
 
