@@ -192,7 +192,11 @@ class RemoteSettings(_Section):
     """Calls to hosted APIs and OpenAI-compatible servers. SDK retries are always off: the engine
     retries by trying another key or another model."""
 
-    timeout_s: float = Field(default=120.0, gt=0, description="whole request, or between stream events")
+    timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="until the first stream event, and between events (SSE comments do not count)",
+    )
     connect_timeout_s: float = Field(default=10.0, gt=0)
     rate_limit_cooldown_s: float = Field(default=30.0, ge=0, description="a 429 without Retry-After")
 

@@ -386,6 +386,22 @@ async def test_hang_times_out(fake: FakeProviderServer, tmp_path: Path) -> None:
     assert info.value.timeout
 
 
+async def test_keep_alive_comments_alone_time_out(fake: FakeProviderServer, tmp_path: Path) -> None:
+    """The read timeout restarts at every byte: an upstream that sent only `: keep-alive`
+    comments held the call for ever (a CLI killed after 40 s with timeout_s = 3)."""
+    be = make(tmp_path, timeout_s=0.6)
+    fake.queue(Fault.keep_alive(seconds=10, every_s=0.1))
+    started = time.monotonic()
+    with pytest.raises(ProviderError) as info:
+        await be.generate(model(fake), GenerateRequest(prompt="x"))
+    assert time.monotonic() - started < 3
+    assert info.value.timeout and info.value.retryable and "timed out" in str(info.value)
+    slow = Reply(text="a slow but steady answer", delay_between_chunks_s=0.3)  # each gap under 0.6 s
+    fake.queue(slow)
+    result = await be.generate(model(fake), GenerateRequest(prompt="x"))
+    assert result.text == "a slow but steady answer"
+
+
 async def test_malformed_json(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:
     fake.queue(Fault.malformed_json())
     with pytest.raises(ProviderError) as info:

@@ -102,7 +102,8 @@ async def test_a_refused_key_says_so_and_a_reset_elsewhere_brings_the_model_back
         await engine.generate(req(model="beta"))
     for _ in range(3):
         with pytest.raises(
-            ModelUnavailable, match=r"not available: every key in BETA_KEY was refused .* `car keys reset BETA_KEY`"
+            ModelUnavailable,
+            match=r"not available: every key in BETA_KEY was refused .* `car keys reset BETA_KEY`",
         ):
             await engine.generate(req(model="beta"))
     assert "every key in BETA_KEY was refused" in engine.registry.unavailable_reason(engine.resolve("beta"))

@@ -492,6 +492,14 @@ class _Handler(_OpenAIReplies, _AnthropicReplies, _GeminiReplies, BaseHTTPReques
                 return
             self._send_bytes(200, b'{"id": "broken", "object": ', "application/json", None)
             return
+        if fault.kind == "keep_alive":
+            self._start_stream(self._protocol)
+            deadline = time.monotonic() + fault.seconds
+            while time.monotonic() < deadline:
+                self._write_event(b": keep-alive\n\n")
+                self.fake._sleep(fault.retry_after or 0.2)
+            self._end_stream()
+            return
         if fault.kind == "raw_stream":
             self._start_stream(self._protocol)
             for data in fault.events:

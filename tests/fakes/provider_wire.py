@@ -83,7 +83,7 @@ class Reply:
 class Fault:
     """A scripted failure. Build one with the classmethods."""
 
-    kind: str  # "status" | "hang" | "malformed_json" | "cut_stream" | "raw_stream"
+    kind: str  # "status" | "hang" | "malformed_json" | "cut_stream" | "raw_stream" | "keep_alive"
     status: int = 500
     message: str = ""
     retry_after: float | None = None
@@ -126,6 +126,12 @@ class Fault:
     @classmethod
     def cut_stream(cls, after_chunks: int = 2, reply: Reply | None = None) -> Fault:
         return cls("cut_stream", status=200, after_chunks=after_chunks, reply=reply)
+
+    @classmethod
+    def keep_alive(cls, seconds: float = 30, every_s: float = 0.2) -> Fault:
+        """A 200 event stream of SSE comments only (``: keep-alive``, every ``every_s``) for
+        ``seconds``, then its end: a proxy holding a request that the model never answers."""
+        return cls("keep_alive", status=200, seconds=seconds, retry_after=every_s)
 
     @classmethod
     def raw_stream(cls, *events: bytes) -> Fault:

@@ -27,7 +27,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar, TypedDict, TypeVar
@@ -213,6 +213,20 @@ def transport_error(
     return ProviderError(
         scrub(_clip(what), secrets), provider=provider, model=model, retryable=True, timeout=timeout
     )
+
+
+async def _paced(events: AsyncIterator[T], gap_s: float) -> AsyncGenerator[T, None]:
+    """``events``, each within ``gap_s`` of the one before (the first: of the request): the HTTP
+    read timeout restarts at every byte, so an upstream that sent only SSE keep-alive comments
+    (": keep-alive", every second) held a call for ever, its fallbacks never tried. Not the
+    consumer's time: only the wait for the next event is bounded."""
+    while True:
+        try:
+            async with asyncio.timeout(gap_s):
+                event = await anext(events)
+        except StopAsyncIteration:
+            return
+        yield event
 
 
 def _is_transport(exc: BaseException) -> bool:
@@ -422,7 +436,7 @@ class RemoteBackend:
             try:
                 client = self._client(endpoint, key)
                 async with contextlib.aclosing(self.events(client, endpoint, model, payload)) as events:
-                    async for event in events:
+                    async for event in _paced(events, self.ctx.config.remote.timeout_s):
                         if isinstance(event, Finish):
                             finish = event.reason
                         elif isinstance(event, ProviderItems):
