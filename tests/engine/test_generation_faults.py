@@ -42,6 +42,7 @@ from car_inference.requests import (
     VideoBlock,
 )
 from car_inference.routing import CircuitState, RoutingStrategy
+from car_inference.routing.complexity import estimate_tokens
 from car_inference.stream import Done, RouteEvent, TextDelta
 from fakes import FakeProviderServer, Fault, Reply
 from fakes.remote_kit import PNG
@@ -395,6 +396,36 @@ async def test_actual_spend_is_recorded_from_usage(remote_engine: RemoteEngine) 
     status = engine.spend_status()
     daily = status.entry("global", "daily")
     assert daily is not None and daily.spent_usd == pytest.approx(result.usage.cost_usd)
+
+
+async def test_an_answer_without_usage_is_spent_at_an_estimate_not_free(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    """Many OpenAI-compatible proxies drop the stream's usage: such answers were recorded as
+    costing $0, so a spend limit never stopped them (8 calls through a limit of 1.6)."""
+    engine = remote_engine(
+        {"cheap": {"provider": "acme", "price": 20_000.0}}, config="[spend]\ndaily_usd = 3\n"
+    )
+    answer = b'{"choices": [{"index": 0, "delta": {"content": "' + b"word " * 20 + b'"}}]}'
+    finish = b'{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}'
+    fake.queue(Fault.raw_stream(answer, finish, b"[DONE]"))
+    result = await engine.generate(req(model="cheap"))
+    assert result.usage is None, "no usage is made up for the answer"
+    engine.flush()
+    spent = engine.spend_status().entry("global", "daily").spent_usd  # type: ignore[union-attr]
+    decision = result.routing.decision
+    written = estimate_tokens("word " * 20)
+    assert spent == pytest.approx((decision.estimated_input_tokens + written) * 20_000 / 1e6)
+    assert spent > 0.5
+    refused = 0
+    for _ in range(8):
+        fake.queue(Fault.raw_stream(answer, finish, b"[DONE]"))
+        try:
+            await engine.generate(req(model="cheap"))
+        except SpendLimitExceeded:
+            refused += 1
+        engine.flush()
+    assert refused >= 2, "the limit stops them once the estimates add up"
 
 
 async def test_feedback_moves_the_learned_quality(remote_engine: RemoteEngine) -> None:

@@ -178,8 +178,9 @@ def test_unreachable_redis_falls_back_to_the_local_check(caplog: pytest.LogCaptu
         fleet = Fleet(coordination)
         try:
             spend = SpendControl(DAILY, fleet=fleet)
-            assert spend.reserve("openai", 0.6) is None  # checked here, nothing held
-            spend.record("openai", "openai/x", 0.6)
+            held = spend.reserve("openai", 0.6)  # checked and held here, not in Redis
+            assert held is not None and held.local
+            spend.record("openai", "openai/x", 0.6, reservation=held)
             with pytest.raises(SpendLimitExceeded):
                 spend.check("openai", 0.5)
         finally:
@@ -198,8 +199,8 @@ def test_spend_sharing_resumes_when_redis_returns() -> None:
         server.stop()
         _wait(lambda: not fa.reachable and not fb.reachable, limit=2.0)
         held = a.reserve("openai", 0.5)  # local check: requests keep passing
-        assert held is None
-        a.record("openai", "openai/x", 0.5)
+        assert held is not None and held.local
+        a.record("openai", "openai/x", 0.5, reservation=held)
         server.start()  # an empty Redis (no persistence): A seeds it from what it counted
         _wait(lambda: fa.reachable and fb.reachable, limit=3.0)
         assert a.reserve("openai", 0.1) is not None  # 0.8 seeded + 0.1 held

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -149,3 +151,41 @@ def test_a_status_read_during_the_writers_batch_does_not_deadlock(tmp_path: Path
     entry = spend.status().entry("global", "daily")
     assert entry is not None and entry.spent_usd == 0.5
     store.close()
+
+
+def test_estimates_in_flight_count_against_the_limits_of_a_lone_process() -> None:
+    """Without a fleet nothing was held: ten concurrent calls of one `car serve`, each costing
+    exactly its estimate, all passed a daily limit that three fitted in."""
+    spend = SpendControl(SpendSettings(daily_usd=0.002))
+    held = []
+    with pytest.raises(SpendLimitExceeded) as info:
+        for _ in range(10):
+            held.append(spend.reserve("openai", 0.0006))
+    assert len(held) == 3 and all(r is not None and r.local for r in held)
+    assert info.value.spent_usd == pytest.approx(0.0018), "the estimates in flight, said as spent"
+    assert spend.would_exceed("openai", 0.0006)
+    spend.release(held.pop())  # a call failed: its estimate is free again
+    assert not spend.would_exceed("openai", 0.0006)
+    spend.record("openai", "openai/x", 0.0005, reservation=held.pop())  # settled at its real cost
+    assert spend.status().entry("global", "daily").spent_usd == pytest.approx(0.0005)  # type: ignore[union-attr]
+    assert spend.headroom("openai") == pytest.approx(0.002 - 0.0005 - 0.0006)  # spent, and one in flight
+    spend.check("openai", 0.0008)  # a check holds nothing
+    assert spend.reserve("openai", 0.0008) is not None
+    with pytest.raises(SpendLimitExceeded):  # 0.0005 spent + 0.0006 and 0.0008 in flight
+        spend.reserve("openai", 0.0002)
+
+
+def test_concurrent_reservations_never_pass_together_past_a_limit() -> None:
+    spend = SpendControl(SpendSettings(daily_usd=1.0))
+    passed: list[object] = []
+
+    def call() -> None:
+        with contextlib.suppress(SpendLimitExceeded):
+            passed.append(spend.reserve("openai", 0.1))
+
+    threads = [threading.Thread(target=call) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(passed) == 10

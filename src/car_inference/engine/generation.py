@@ -49,6 +49,7 @@ from ..routing import InferenceTask, RoutingDecision, RoutingStrategy, answer_si
 from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, ErrorEvent, RouteEvent, StreamEvent, UsageEvent
 from .lifecycle import Lifecycle
+from .meter import unmetered_cost, with_cost
 from .resume import Sent, continuation, join_text, joined
 
 if TYPE_CHECKING:
@@ -230,6 +231,7 @@ class GenerationMixin(Lifecycle):
             request.last_user_text(),
             time.time(),
             reservation,
+            est_input=decision.estimated_input_tokens,
         )
         attempt.span = tracing.start(tracing.ATTEMPT, model=model.id, trace_id=attempt.trace_id, first=first)
         return backend, attempt
@@ -322,8 +324,11 @@ class GenerationMixin(Lifecycle):
             ttft_ms=ttft_ms,
         )
         self.tracker.record_signals(attempt.trace_id, answer_signals(text, tool_calls))
-        if usage.cost_usd:
-            self.spend.record(model.provider, model.id, usage.cost_usd, reservation=attempt.reservation)
+        cost = usage.cost_usd
+        if cost is None and not usage.total_tokens and not model.in_process:  # the answer had no usage
+            cost = unmetered_cost(model, attempt.est_input, text, tool_calls)
+        if cost:
+            self.spend.record(model.provider, model.id, cost, reservation=attempt.reservation)
         else:
             self.spend.release(attempt.reservation)
 
@@ -503,8 +508,9 @@ class _Attempt:
     reason: str
     prompt: str
     started_at: float  # wall clock, for the trace
-    reservation: Reservation | None = None  # its estimate, held against the fleet's spend limits
+    reservation: Reservation | None = None  # its estimate, held against the spend limits
     span: Any = None  # its tracing span (None: tracing is off)
+    est_input: int = 0  # the router's estimate of its prompt tokens
 
 
 def _route_fields(decision: RoutingDecision) -> dict[str, Any]:
@@ -540,14 +546,6 @@ def _tool_name(tool: dict[str, Any]) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _with_cost(model: ModelSchema, usage: TokenUsage | None) -> TokenUsage | None:
-    """Usage with ``cost_usd`` from the catalog's prices, unless the backend already set it."""
-    if usage is None or usage.cost_usd is not None:
-        return usage
-    cost = model.cost.estimate(usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens or 0)
-    return usage.model_copy(update={"cost_usd": cost})
-
-
 def _result(model: ModelSchema, out: GenerationOutput, trace_id: str, start: float) -> InferenceResult:
     return InferenceResult(
         text=out.text,
@@ -557,7 +555,7 @@ def _result(model: ModelSchema, out: GenerationOutput, trace_id: str, start: flo
         model_used=model.id,
         latency_ms=round((time.perf_counter() - start) * 1000, 3),
         time_to_first_token_ms=_ms(out.time_to_first_token_ms),
-        usage=_with_cost(model, out.usage),
+        usage=with_cost(model, out.usage),
         provider_output_items=out.provider_output_items,
         thinking=out.thinking,
         finish_reason=out.finish_reason,
@@ -578,7 +576,7 @@ def _finish_done(
             "trace_id": trace,
             "latency_ms": round((time.perf_counter() - start) * 1000, 3),
             "time_to_first_token_ms": _ms(ttft),
-            "usage": _with_cost(model, done.usage or usage),
+            "usage": with_cost(model, done.usage or usage),
         }
     )
 

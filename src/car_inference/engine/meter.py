@@ -10,19 +10,21 @@ and routing keeps its estimate: counting is a refinement and must never fail a r
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 from .. import backends as backend_table
 from ..backends.base import PromptCounter
 from ..errors import InferenceError
-from ..requests import GenerateRequest
+from ..requests import GenerateRequest, TokenUsage, ToolCall
+from ..routing.complexity import estimate_tokens
 from ..schema import ModelSchema
 
 if TYPE_CHECKING:
     from .core import InferenceEngine
 
-__all__ = ["EngineMeter"]
+__all__ = ["EngineMeter", "unmetered_cost", "with_cost"]
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +58,28 @@ class EngineMeter:
         except InferenceError as exc:
             log.debug("could not count prompt tokens on %s: %s", model.id, exc)
             return None
+
+
+def unmetered_cost(model: ModelSchema, est_input: int, text: str, tool_calls: list[ToolCall]) -> float:
+    """What an answer its provider sent without usage (many OpenAI-compatible proxies drop it)
+    cost at the catalog's prices: the router's prompt estimate and the answer's length in tokens.
+    Spend limits counted such answers as free, so a limit never stopped them."""
+    written = text + "".join(json.dumps(c.arguments) for c in tool_calls)
+    cost = model.cost.estimate(est_input, estimate_tokens(written))
+    if cost and model.id not in _UNMETERED_SAID:
+        _UNMETERED_SAID.add(model.id)
+        log.warning(
+            "%s answers without usage: its spend is estimated from the text (~$%.6f a call)", model.id, cost
+        )
+    return cost
+
+
+_UNMETERED_SAID: set[str] = set()
+
+
+def with_cost(model: ModelSchema, usage: TokenUsage | None) -> TokenUsage | None:
+    """Usage with ``cost_usd`` from the catalog's prices, unless the backend already set it."""
+    if usage is None or usage.cost_usd is not None:
+        return usage
+    cost = model.cost.estimate(usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens or 0)
+    return usage.model_copy(update={"cost_usd": cost})

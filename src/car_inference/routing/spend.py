@@ -15,11 +15,18 @@ once cannot all pass a check that only one of them fits in. ``check`` reserves t
 that never hand the reservation back: their next ``record`` for the provider settles the oldest
 one (what is left lapses after ``coord_spend._HOLD_S``). While Redis is away, the local check
 above is used (one warning: ``Fleet``), and totals are re-seeded from the store when it returns.
+
+Without a fleet (or while Redis is away) ``reserve`` holds the estimate in this process until
+``record`` or ``release``, and every check counts the estimates in flight: ten concurrent calls
+of a lone `car serve` each passed a check that only three fitted in, and spent three times a
+daily limit although each cost exactly its estimate. (Processes without a fleet still see only
+each other's recorded spend, within ``REFRESH_S``.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 import time
@@ -42,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["GLOBAL_SCOPE", "Reservation", "SpendControl", "SpendPeriodStatus", "SpendStatus"]
 
 GLOBAL_SCOPE = "global"
+_LOCAL_IDS = itertools.count(1)
 _PERIODS = ("daily", "monthly")
 REFRESH_S = 1.0
 EARLIER_DAYS_S = 60.0
@@ -83,8 +91,9 @@ class Reservation:
 
     provider: str
     usd: float
-    rid: str  # its id in Redis
+    rid: str  # its id in Redis, or in this process's holds (``local``)
     made: float  # time.monotonic()
+    local: bool = False  # held in this process (no fleet, or Redis away), not in Redis
 
 
 class SpendControl:
@@ -101,6 +110,7 @@ class SpendControl:
         self._clock = clock
         self._fleet = FleetSpend(fleet) if fleet is not None else None
         self._unclaimed: dict[str, deque[Reservation]] = {}  # check()'s, by provider (lower case)
+        self._held: dict[str, Reservation] = {}  # estimates in flight here, by rid (no fleet)
         self._orphans: list[str] = []  # reservations Redis was away to release
         self._lock = threading.Lock()
         self._bounds = (0.0, 0.0, 0.0, 0.0)
@@ -180,18 +190,50 @@ class SpendControl:
         key = scope.lower()
         return sum(v for p, v in totals.items() if p.lower() == key)
 
+    def _in_flight(self, scope: str) -> float:
+        """Under the lock: the estimates this process holds for calls in flight in ``scope``
+        (those older than ``_HOLD_S``, whose caller never settled them, lapse)."""
+        if not self._held:
+            return 0.0
+        now = time.monotonic()
+        for rid in [r for r, res in self._held.items() if now - res.made > _HOLD_S]:
+            del self._held[rid]
+        key = scope.lower()
+        return sum(r.usd for r in self._held.values() if scope == GLOBAL_SCOPE or r.provider.lower() == key)
+
     def _first_breach(self, provider: str, estimate_usd: float) -> SpendLimitExceeded | None:
+        """The first limit that ``estimate_usd`` more would break (on top of the spend recorded
+        and the estimates in flight here), None when it fits."""
         with self._locked():
-            self._roll(self._clock())
-            for scope, limit in self._limits(provider):
-                for period in _PERIODS:
-                    cap = limit.daily_usd if period == "daily" else limit.monthly_usd
-                    if cap is None:
-                        continue
-                    spent = self._spent(scope, period)
-                    if spent + estimate_usd > cap + 1e-12:
-                        return SpendLimitExceeded(scope, period, cap, spent, estimate_usd)
+            return self._breach_locked(provider, estimate_usd)
+
+    def _breach_locked(self, provider: str, estimate_usd: float) -> SpendLimitExceeded | None:
+        self._roll(self._clock())
+        for scope, limit in self._limits(provider):
+            flight = self._in_flight(scope)
+            for period in _PERIODS:
+                cap = limit.daily_usd if period == "daily" else limit.monthly_usd
+                if cap is None:
+                    continue
+                spent = self._spent(scope, period) + flight
+                if spent + estimate_usd > cap + 1e-12:
+                    return SpendLimitExceeded(scope, period, cap, spent, estimate_usd)
         return None
+
+    def _hold(self, provider: str, estimate_usd: float) -> Reservation | None:
+        """Check and hold ``estimate_usd`` here in one locked step, so concurrent calls cannot all
+        pass a check that only some of them fit in. Raises the breach; None for a free call."""
+        with self._locked():
+            breach = self._breach_locked(provider, estimate_usd)
+            if breach is not None:
+                raise breach
+            if estimate_usd <= 0:
+                return None
+            rid = f"local-{next(_LOCAL_IDS)}"
+            reservation = self._held[rid] = Reservation(
+                provider, estimate_usd, rid, time.monotonic(), local=True
+            )
+            return reservation
 
     def headroom(self, provider: str) -> float:
         """USD that may still be spent with ``provider`` now: the least remaining over the limits
@@ -202,10 +244,11 @@ class SpendControl:
             self._roll(self._clock())
             room = math.inf
             for scope, limit in self._limits(provider):
+                flight = self._in_flight(scope)
                 for period in _PERIODS:
                     cap = limit.daily_usd if period == "daily" else limit.monthly_usd
                     if cap is not None:
-                        room = min(room, cap - self._spent(scope, period))
+                        room = min(room, cap - self._spent(scope, period) - flight)
             return room
 
     def would_exceed(self, provider: str, estimate_usd: float) -> bool:
@@ -217,7 +260,7 @@ class SpendControl:
     def check(self, provider: str, estimate_usd: float) -> None:
         """Raise ``SpendLimitExceeded`` (the first limit it would break) or return. In a fleet the
         estimate is held until the next ``record`` for ``provider`` (see the module's text)."""
-        reservation = self.reserve(provider, estimate_usd)
+        reservation = self.reserve(provider, estimate_usd, hold_here=False)
         if reservation is not None:
             with self._locked():
                 held = self._unclaimed.setdefault(provider.lower(), deque())
@@ -225,9 +268,10 @@ class SpendControl:
                     held.popleft()  # lapsed in Redis too
                 held.append(reservation)
 
-    def reserve(self, provider: str, estimate_usd: float) -> Reservation | None:
-        """Like ``check``, and in a fleet hold the estimate until ``record(..., reservation=)`` or
-        ``release``: returns the reservation (None without limits, a fleet, or Redis)."""
+    def reserve(self, provider: str, estimate_usd: float, *, hold_here: bool = True) -> Reservation | None:
+        """Like ``check``, and hold the estimate until ``record(..., reservation=)`` or ``release``
+        (in the fleet's Redis, else in this process unless ``hold_here`` is False): returns the
+        reservation (None without limits that apply)."""
         if not self.has_limits:
             return None
         fleet = self._fleet
@@ -249,6 +293,8 @@ class SpendControl:
                 scope = GLOBAL_SCOPE if breach[0] == "*" else provider
                 raise SpendLimitExceeded(scope, breach[1], breach[2], spent, estimate_usd)
             # Redis did not answer: this replica's own check below
+        if hold_here:
+            return self._hold(provider, estimate_usd)
         breach_here = self._first_breach(provider, estimate_usd)
         if breach_here is not None:
             raise breach_here
@@ -266,6 +312,10 @@ class SpendControl:
 
     def release(self, reservation: Reservation | None) -> None:
         """Give a reservation back (the call failed, or cost nothing)."""
+        if reservation is not None and reservation.local:
+            with self._locked():
+                self._held.pop(reservation.rid, None)
+            return
         if reservation is None or self._fleet is None:
             return
         if self._fleet.reachable:
@@ -296,9 +346,11 @@ class SpendControl:
             with self._locked():
                 held = self._unclaimed.get(provider.lower())
                 reservation = held.popleft() if held else None
-        if usd <= 0:
-            self.release(reservation)
-            return
+        if usd <= 0 or (reservation is not None and reservation.local):
+            self.release(reservation)  # a hold here ends as the spend is counted below
+            if usd <= 0:
+                return
+            reservation = None
         now = self._clock()
         if self.store is not None:
             self.store.add_spend(provider, model_id, usd, ts=now)
