@@ -85,6 +85,7 @@ class UnifiedRegistry:
         self.endpoints = list(endpoints or [])
         self._key_check = key_check or env_key_check()
         self._key_refused = key_refused or (lambda env_var: False)
+        self.on_miss: Callable[[str], bool] | None = None
         self._backend_check = backend_check or (lambda kind: True)
         self._task_check = task_check
         self._runner_check = runner_check or (lambda schema: False)
@@ -280,8 +281,12 @@ class UnifiedRegistry:
         return self._models.get(model_id) if model_id else None
 
     def resolve(self, name: str) -> ModelSchema:
-        """Like ``find`` but raises ``ModelNotFound`` with up to three close names."""
+        """Like ``find`` but raises ``ModelNotFound`` with up to three close names. A name no
+        model has is first offered to ``on_miss`` (the engine asks a ``discover = true`` endpoint
+        the name points at what it serves), which returns whether it registered anything."""
         found = self.find(name)
+        if found is None and self.on_miss is not None and self.on_miss(name):
+            found = self.find(name)
         if found is None:
             near = close_matches(name, [*self._models, *self._names], n=6)
             ids = dict.fromkeys(self._names.get(k.lower(), k) for k in near)

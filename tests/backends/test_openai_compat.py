@@ -386,6 +386,24 @@ async def test_hang_times_out(fake: FakeProviderServer, tmp_path: Path) -> None:
     assert info.value.timeout
 
 
+async def test_a_server_that_ignores_stream_true_is_read_whole(
+    fake: FakeProviderServer, be: OpenAICompatBackend
+) -> None:
+    """One chat.completion object where a stream was asked for failed "stream ended early: no
+    finish_reason"; an HTML page said the same."""
+    weather = ToolCallSpec(name="get_weather", arguments={"city": "Paris"})
+    fake.queue(
+        Fault.ignore_stream(Reply(text="", tool_calls=[weather], prompt_tokens=9, completion_tokens=4))
+    )
+    result = await be.generate(model(fake), GenerateRequest(prompt="weather?", tools=[WEATHER]))
+    assert [c.name for c in result.tool_calls] == ["get_weather"] and result.tool_calls[0].arguments == {
+        "city": "Paris"
+    }
+    assert result.usage is not None and (result.usage.prompt_tokens, result.usage.completion_tokens) == (9, 4)
+    fake.queue(Fault.ignore_stream(Reply(text="whole answer")))
+    assert (await be.generate(model(fake), GenerateRequest(prompt="x"))).text == "whole answer"
+
+
 async def test_keep_alive_comments_alone_time_out(fake: FakeProviderServer, tmp_path: Path) -> None:
     """The read timeout restarts at every byte: an upstream that sent only `: keep-alive`
     comments held the call for ever (a CLI killed after 40 s with timeout_s = 3)."""

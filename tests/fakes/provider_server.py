@@ -492,6 +492,9 @@ class _Handler(_OpenAIReplies, _AnthropicReplies, _GeminiReplies, BaseHTTPReques
                 return
             self._send_bytes(200, b'{"id": "broken", "object": ', "application/json", None)
             return
+        if fault.kind == "ignore_stream" and success is not None:
+            success(fault.reply or Reply(), False)
+            return
         if fault.kind == "keep_alive":
             self._start_stream(self._protocol)
             deadline = time.monotonic() + fault.seconds

@@ -83,7 +83,8 @@ class Reply:
 class Fault:
     """A scripted failure. Build one with the classmethods."""
 
-    kind: str  # "status" | "hang" | "malformed_json" | "cut_stream" | "raw_stream" | "keep_alive"
+    # "status" | "hang" | "malformed_json" | "cut_stream" | "raw_stream" | "keep_alive" | "ignore_stream"
+    kind: str
     status: int = 500
     message: str = ""
     retry_after: float | None = None
@@ -132,6 +133,12 @@ class Fault:
         """A 200 event stream of SSE comments only (``: keep-alive``, every ``every_s``) for
         ``seconds``, then its end: a proxy holding a request that the model never answers."""
         return cls("keep_alive", status=200, seconds=seconds, retry_after=every_s)
+
+    @classmethod
+    def ignore_stream(cls, reply: Reply | None = None) -> Fault:
+        """The answer as one JSON object even when a stream was asked for (a server that
+        ignores ``"stream": true``)."""
+        return cls("ignore_stream", status=200, reply=reply)
 
     @classmethod
     def raw_stream(cls, *events: bytes) -> Fault:

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from car_inference.catalog import EndpointConfig
 from car_inference.cli import app
 from car_inference.engine import InferenceEngine
-from car_inference.errors import ProviderError
+from car_inference.errors import ModelNotFound, ProviderError
+from car_inference.requests import GenerateRequest
 from car_inference.runtimes.endpoints import list_served_models
 from fakes import FakeProviderServer, Fault
 
@@ -69,6 +70,45 @@ async def test_engine_registers_discovered_models(fake: FakeProviderServer, isol
     assert model.kind == "vllm" and model.source.model_name == "Qwen/Qwen3-8B"  # type: ignore[union-attr]
     failed = await engine.discover_endpoints(["off"])
     assert isinstance(failed["off"], ProviderError)
+
+
+def test_a_discoverable_endpoints_model_can_be_named_before_any_discovery(
+    fake: FakeProviderServer, isolated_home: Path
+) -> None:
+    """`car models discover` listed box/Qwen/Qwen3-8B, then `car generate -m box/Qwen/Qwen3-8B`
+    said "model not found": only `car serve` discovered, at its start."""
+    (isolated_home / "models.toml").write_text(
+        f'[[endpoints]]\nname = "box"\nbase_url = "{fake.openai_base_url}"\ndiscover = true\n'
+        f'[[endpoints]]\nname = "quiet"\nbase_url = "{fake.openai_base_url}"\n'
+    )
+    result = CliRunner().invoke(app, ["generate", "-m", "box/Qwen/Qwen3-8B", "Say hi.", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["model_used"] == "box/Qwen/Qwen3-8B"
+    result = CliRunner().invoke(app, ["generate", "-m", "quiet/Qwen/Qwen3-8B", "Say hi."])
+    assert result.exit_code == 2 and "model not found" in result.stderr, "discover = false: not asked"
+    engine = InferenceEngine()
+    asked = sum(r.path.endswith("/models") for r in fake.requests)
+    with pytest.raises(ModelNotFound):
+        engine.resolve("box/no-such-model")
+    with pytest.raises(ModelNotFound):
+        engine.resolve("box/no-such-model-either")
+    assert sum(r.path.endswith("/models") for r in fake.requests) == asked + 1, "asked once in 30 s"
+    engine.close()
+
+
+async def test_an_endpoints_failure_is_labelled_with_the_endpoint_not_openai(
+    fake: FakeProviderServer, isolated_home: Path
+) -> None:
+    """The user's own server failed as "openai fake/m returned 500": the wire protocol's name."""
+    (isolated_home / "models.toml").write_text(
+        f'[[endpoints]]\nname = "box"\nbase_url = "{fake.openai_base_url}"\nmodels = ["m"]\n'
+    )
+    engine = InferenceEngine()
+    fake.queue(Fault.server_error())
+    with pytest.raises(ProviderError) as info:
+        await engine.generate(GenerateRequest(prompt="hi", model="box/m"))
+    assert info.value.provider == "box" and str(info.value).startswith("box box/m returned 500")
+    engine.close()
 
 
 def test_cli_discover(fake: FakeProviderServer, isolated_home: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,8 +17,9 @@ from websockets.exceptions import ConnectionClosedError
 from car_inference.engine import InferenceEngine
 from car_inference.server import ServerThread
 from car_inference.server.translate import MAX_CLASSIFY_LABELS, MAX_EMBED_INPUTS, MAX_RERANK_DOCUMENTS
+from fakes import FakeProviderServer, Fault, Reply
 
-from .conftest import MINILM, SMOL, serve
+from .conftest import MINILM, SMOL, remote_home, serve
 
 LOCKED_KEYS = {
     "text",
@@ -408,3 +410,23 @@ async def test_a_busy_answer_is_retryable(server_engine: InferenceEngine) -> Non
             await ws.recv()
     finally:
         server.stop()
+
+
+async def test_a_cut_stream_stays_retryable_over_json_rpc(
+    tmp_path: Path, fake_provider: FakeProviderServer
+) -> None:
+    """SSE passes the stream's ``retryable`` on; JSON-RPC said ``retryable: false`` for the same
+    cut (docs/protocol.md: passed on)."""
+    engine = InferenceEngine(home=remote_home(tmp_path / "home", fake_provider, "alpha"))
+    server = serve(engine)
+    try:
+        fake_provider.queue(Fault.cut_stream(2, Reply(text="a longer answer that is cut short")))
+        async with connect(server.ws_url) as ws:
+            await ws.send(rpc("infer", {"prompt": "hi", "model": "fake/alpha", "stream": True}, rid=3))
+            while "id" not in (cut := json.loads(await ws.recv())):
+                pass  # the stream's events, then the reply
+        assert cut["error"]["data"]["code"] == "stream_failed", cut
+        assert cut["error"]["data"]["retryable"] is True
+    finally:
+        server.stop()
+        engine.close()

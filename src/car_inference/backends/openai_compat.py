@@ -286,7 +286,7 @@ class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
         finish: str | None = None
         usage: dict[str, Any] | None = None
         try:
-            async for chunk in _sse_json(response):
+            async for chunk in _chunks(response):
                 if "error" in chunk:
                     raise openai.APIError(_error_message(chunk), response.request, body=chunk)
                 usage = _field(chunk, "usage", dict) or usage
@@ -374,6 +374,43 @@ def _arguments_json(arguments: dict[str, Any], invalid: str | None) -> str:
 # One server-sent event line at most: a token's chunk is a few hundred bytes, an image in a
 # Responses item some megabytes; a line past this is no stream a model sends.
 MAX_EVENT_BYTES = 64 * 1024 * 1024
+
+
+async def _chunks(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
+    """The stream's chunks. A server that ignores ``"stream": true`` and answers one
+    ``chat.completion`` object gets it read as one chunk (it failed as "stream ended early"); a
+    body that is neither (an HTML page) is a ``MalformedResponse`` that says what came."""
+    kind = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind in ("", "text/event-stream"):
+        async for chunk in _sse_json(response):
+            yield chunk
+        return
+    if kind != "application/json":
+        raise MalformedResponse(f"the server answered {kind}, not an event stream")
+    whole = json.loads(await response.aread())
+    if not isinstance(whole, dict):
+        raise MalformedResponse(f"the answer is {type(whole).__name__}, not a JSON object")
+    yield _as_chunk(whole)
+
+
+def _as_chunk(whole: dict[str, Any]) -> dict[str, Any]:
+    """A ``chat.completion`` as the one stream chunk that says the same: each choice's message as
+    its delta (tool calls numbered, as deltas are)."""
+    if "error" in whole:
+        return whole
+    choices = []
+    for raw in _field(whole, "choices", list) or []:
+        choice = _shape(raw, dict, "choices[]")
+        message = dict(_field(choice, "message", dict) or {})
+        calls = _field(message, "tool_calls", list)
+        if calls:
+            message["tool_calls"] = [
+                {**_shape(c, dict, "tool_calls[]"), "index": i} for i, c in enumerate(calls)
+            ]
+        choices.append(
+            {"index": choice.get("index", 0), "delta": message, "finish_reason": choice.get("finish_reason")}
+        )
+    return {"choices": choices, "usage": whole.get("usage")}
 
 
 async def _sse_json(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:

@@ -246,7 +246,7 @@ def _clip(text: str, limit: int = 600) -> str:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A model's wire address: ``provider`` labels errors (the host, else the source kind)."""
+    """A model's wire address: ``provider`` labels errors (the host, else the model's provider)."""
 
     provider: str
     base_url: str | None
@@ -301,7 +301,7 @@ class RemoteBackend:
         if not source.base_url and self.needs_base_url:
             raise ModelUnavailable(model.id, "its source has no base_url (and no host that sets one)")
         return Endpoint(
-            source.host or source.kind,
+            source.host or model.provider or source.kind,  # an [[endpoints]] server: its name, not "openai"
             source.base_url,
             source.api_key_env,
             source.model_name or model.id.split("/", 1)[1],

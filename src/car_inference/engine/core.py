@@ -50,6 +50,7 @@ from ..routing import (
 )
 from ..routing.breaker_redis import circuit_breakers
 from ..routing.coord import Fleet
+from ..runtimes.endpoints import EndpointDiscovery
 from ..runtimes.managed import RuntimeSupervisor
 from ..schema import ModelCapability, ModelSchema
 from .bookkeeping import Bookkeeper
@@ -109,6 +110,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
             task_check=backend_table.backend_tasks,
             runner_check=self.runners.serves,
         )
+        self.registry.on_miss = EndpointDiscovery(self.registry, self.config.remote.connect_timeout_s)
         self.cache = ModelCache(self.config.local.cache_mb, record_dir=self.config.home / "loaded")
         self._backend_ctx = BackendContext(
             config=self.config, cache=self.cache, keys=self.keys, extras={"runners": self.runners}

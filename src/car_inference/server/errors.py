@@ -81,6 +81,7 @@ class ApiError(Exception):
         code: str | None = "invalid_value",
         param: str | None = None,
         retry_after: float | None = None,
+        retryable: bool | None = None,
     ) -> None:
         self.status = status
         self.message = message
@@ -88,6 +89,8 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        # None: a refusal that names a time to come back (busy, ...) is one a retry may cure.
+        self.retryable = retry_after is not None if retryable is None else retryable
         super().__init__(message)
 
 
@@ -275,10 +278,8 @@ def describe(
     (its ``Retry-After``)."""
     name = type(exc).__name__
     if isinstance(exc, ApiError):
-        # A refusal that names a time to come back (busy, ...) is one a retry may cure.
-        retryable = exc.retry_after is not None
         return ErrorInfo(
-            exc.status, exc.type, exc.code, exc.message, exc.param, name, retryable, exc.retry_after
+            exc.status, exc.type, exc.code, exc.message, exc.param, name, exc.retryable, exc.retry_after
         )
     if isinstance(exc, ValidationError):
         return validation_info(exc)

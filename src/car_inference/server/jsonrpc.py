@@ -365,7 +365,13 @@ class Session:
                     )
                     return result.model_dump(mode="json")
                 if isinstance(event, ErrorEvent):
-                    raise ApiError(502, event.message, type="upstream_error", code="stream_failed")
+                    raise ApiError(  # retryable as the stream's event says (SSE passes it on too)
+                        502,
+                        event.message,
+                        type="upstream_error",
+                        code="stream_failed",
+                        retryable=event.retryable,
+                    )
                 if isinstance(event, RouteEvent):
                     if route is None:
                         metrics.decision(event.strategy)
