@@ -27,7 +27,7 @@ from car_inference.requests import (
 from car_inference.schema import ModelSchema
 from car_inference.stream import Done, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart
 from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
-from fakes.remote_kit import PNG, WEATHER, remote_backend
+from fakes.remote_kit import PNG, WEATHER, keep_alive_alone_times_out, remote_backend
 
 CATALOG = {m.id: m for m in load_builtin().models}
 KEY = "sk-ant-test-key-000001"
@@ -405,19 +405,7 @@ async def test_status_faults(
 
 
 async def test_keep_alive_comments_alone_time_out(fake: FakeProviderServer, tmp_path: Path) -> None:
-    """The read timeout restarts at every byte: an upstream that sent only `: keep-alive`
-    comments held the call for ever (a CLI killed after 40 s with timeout_s = 3)."""
-    be = make(tmp_path, timeout_s=0.6)
-    fake.queue(Fault.keep_alive(seconds=10, every_s=0.1))
-    started = time.monotonic()
-    with pytest.raises(ProviderError) as info:
-        await be.generate(model(fake), GenerateRequest(prompt="x"))
-    assert time.monotonic() - started < 3
-    assert info.value.timeout and info.value.retryable and "timed out" in str(info.value)
-    slow = Reply(text="a slow but steady answer", delay_between_chunks_s=0.3)  # each gap under 0.6 s
-    fake.queue(slow)
-    result = await be.generate(model(fake), GenerateRequest(prompt="x"))
-    assert result.text == "a slow but steady answer"
+    await keep_alive_alone_times_out(make(tmp_path, timeout_s=0.6), model(fake), fake)
 
 
 async def test_hang_malformed_and_cut(fake: FakeProviderServer, tmp_path: Path) -> None:
