@@ -182,7 +182,9 @@ def test_ctrl_c_during_a_stream_ends_it_cleanly_and_fast(isolated_home: Path) ->
         if process.poll() is None:
             process.kill()
     assert process.returncode == 130, err
-    assert took < 2.0, f"shutdown took {took:.1f} s"
+    # Not a speed target: the answer would run on for 2,000 tokens (tens of seconds) if shutdown
+    # waited for it; on a quiet machine it ends in under a second, on a loaded one 3.6 s was seen.
+    assert took < 8.0, f"shutdown took {took:.1f} s"
     assert rest[-1] == "data: [DONE]" and '"code":"server_shutdown"' in rest[-2]
     for noise in ("Traceback", "CancelledError", "ProgrammingError", "Exception in ASGI"):
         assert noise not in err, err
