@@ -99,6 +99,26 @@ def test_profiles_export_import_round_trip(isolated_home: Path, tmp_path: Path) 
         engine.export_profiles_file(tmp_path / "none" / "p.json")
 
 
+def test_an_export_never_replaces_the_engines_own_files(isolated_home: Path, tmp_path: Path) -> None:
+    """`car profiles export $CAR_HOME/state.db` replaced the live database with JSON, exit 0."""
+    engine = InferenceEngine()
+    db = isolated_home / "state.db"
+    before = db.read_bytes()[:16]
+    for own in (db, isolated_home / "config.toml"):
+        with pytest.raises(InvalidInput, match="one of car's own files"):
+            engine.export_profiles_file(own)
+    link = tmp_path / "profiles.json"
+    link.symlink_to(db)
+    with pytest.raises(InvalidInput, match="one of car's own files"):
+        engine.export_profiles_file(link)
+    other = tmp_path / "other.db"
+    other.write_bytes(db.read_bytes())
+    with pytest.raises(InvalidInput, match="is an SQLite database"):
+        engine.export_profiles_file(other)
+    assert db.read_bytes()[:16] == before == b"SQLite format 3\x00"
+    engine.close()
+
+
 def test_health_shows_the_records_not_yet_written(isolated_home: Path) -> None:
     engine = InferenceEngine()
     # Writes that stall outside the store's own batch (a PostgreSQL store's reads take other

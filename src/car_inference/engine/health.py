@@ -336,9 +336,34 @@ class HealthMixin(Lifecycle):
         from ..backends.media_files import output_path, write_atomic
 
         target = output_path(str(path), "json", "car-profiles-")
+        _not_our_own(target, self.config.home)
         profiles = [p.model_dump(mode="json") for p in self.export_profiles()]
         write_atomic(target, json.dumps(profiles, indent=2).encode())
         return len(profiles)
+
+
+# The files of $CAR_HOME that a profiles export must never replace (nor any SQLite database).
+_OWN_FILES = ("state.db", "state.db-wal", "state.db-shm", "config.toml", "models.toml", "secrets.json")
+
+
+def _not_our_own(target: Path, home: Path) -> None:
+    """``InvalidInput`` when ``target`` is one of the engine's own files or any SQLite database:
+    `car profiles export $CAR_HOME/state.db` replaced the live database with JSON (exit 0), and a
+    running `car serve` went on writing into the deleted file."""
+    try:
+        own = {(home / name).resolve() for name in _OWN_FILES}
+        resolved = target.resolve()
+    except OSError:
+        return
+    if resolved in own:
+        raise InvalidInput(f"cannot write {target}: it is one of car's own files in {home}; export elsewhere")
+    try:
+        with open(resolved, "rb") as f:
+            database = f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return  # not there yet, or unreadable: the write says what is wrong
+    if database:
+        raise InvalidInput(f"cannot write {target}: it is an SQLite database; export to a .json file")
 
 
 def _providers(models: list[ModelSchema], registry: UnifiedRegistry) -> list[ModelProviderHealth]:
