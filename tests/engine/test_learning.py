@@ -117,6 +117,35 @@ def test_feedback_on_a_pending_trace_takes_what_the_caller_measured(remote_engin
     assert engine.store.trace(trace_id)["quality"] == 0.9  # type: ignore[index]
 
 
+def test_a_report_or_feedback_that_fails_midway_writes_nothing(remote_engine: RemoteEngine) -> None:
+    """They wrote the trace and its counters in one transaction and the spend in another: a
+    failure between them (a lock, a full disk, a kill) left the outcome counted without its spend,
+    and the retry the error advised counted it twice. A trigger makes the spend insert fail the
+    way a full disk does, after the trace and counters were written in the same transaction."""
+    import sqlite3
+
+    engine = remote_engine(TWO)
+    decision = engine.route(ASK)
+    conn = sqlite3.connect(engine.config.paths.state_db, isolation_level=None)
+    conn.execute("CREATE TRIGGER full BEFORE INSERT ON spend BEGIN SELECT RAISE(ABORT, 'disk is full'); END")
+    with pytest.raises(sqlite3.DatabaseError, match="disk is full"):
+        engine.report(decision, score=0.5, cost_usd=0.01, latency_ms=100)
+    assert conn.execute("SELECT COUNT(*) FROM traces").fetchone()[0] == 0, "the trace went with the spend"
+    assert conn.execute("SELECT COUNT(*) FROM task_stats WHERE calls > 0").fetchone()[0] == 0
+    profile = engine.tracker.profile(decision.model_id)
+    assert profile is None or profile.total_calls == 0, "the router's copy agrees with the store"
+    pending = engine.open_trace(decision)
+    with pytest.raises(sqlite3.DatabaseError, match="disk is full"):
+        engine.feedback(pending, 0.1, cost_usd=0.01)
+    assert engine.store.trace(pending)["outcome"] == "pending", "a retry can still complete it"  # type: ignore[index]
+    conn.execute("DROP TRIGGER full")
+    engine.feedback(pending, 0.1, cost_usd=0.01)  # the retry the error invites works, once
+    trace = engine.store.trace(pending)
+    assert trace is not None and trace["outcome"] == "success" and trace["quality"] == 0.1
+    assert conn.execute("SELECT COUNT(*) FROM spend").fetchone()[0] == 1
+    conn.close()
+
+
 def test_report_refuses_a_score_for_a_failed_call(remote_engine: RemoteEngine) -> None:
     """``success=False, score=0.9`` counted as a good outcome of a call recorded as failed."""
     engine = remote_engine(TWO)

@@ -10,10 +10,13 @@ engine records for an answer it produced itself, so the router learns from it id
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -34,6 +37,8 @@ if TYPE_CHECKING:
     from .bookkeeping import Bookkeeper
 
 __all__ = ["SHARED_TRACE_WAIT_S", "LearningMixin"]
+
+log = logging.getLogger(__name__)
 
 # How long feedback on a trace not in a shared store yet waits for another replica to write it.
 SHARED_TRACE_WAIT_S = 2.0
@@ -107,15 +112,34 @@ class LearningMixin(Lifecycle):
         trace_id = uuid.uuid4().hex
         now = time.time()
         self.bookkeeper.flush()  # keep this process's records in order
-        self.tracker.record_attempt(
-            chosen, InferenceTask.GENERATE, decision.task_family, decision.reason, prompt,
-            trace_id=trace_id, started_at=now - (latency_ms or 0.0) / 1000, success=success,
-            cluster=decision.prompt_cluster, latency_ms=latency_ms,
-            input_tokens=decision.estimated_input_tokens if input_tokens is None else input_tokens,
-            output_tokens=output_tokens, error_class=None if success else "reported_failure", score=score,
-        )  # fmt: skip
-        self._caller_spent(chosen, cost_usd)
+        # One transaction: the trace, its counters and its spend, or none of them (a retry after
+        # a failure counted the outcome twice, and a kill between them lost its spend).
+        with self._all_or_nothing():
+            self.tracker.record_attempt(
+                chosen, InferenceTask.GENERATE, decision.task_family, decision.reason, prompt,
+                trace_id=trace_id, started_at=now - (latency_ms or 0.0) / 1000, success=success,
+                cluster=decision.prompt_cluster, latency_ms=latency_ms,
+                input_tokens=decision.estimated_input_tokens if input_tokens is None else input_tokens,
+                output_tokens=output_tokens, error_class=None if success else "reported_failure", score=score,
+            )  # fmt: skip
+            self._caller_spent(chosen, cost_usd)
         return trace_id
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """The writes inside in one store transaction; when one fails the store rolls them all
+        back, and the router's and the spend limits' copies are read again from it (they had
+        taken the writes made before the failure)."""
+        try:
+            with self.store.batch():
+                yield
+        except BaseException:
+            try:
+                self.tracker.reload(full=True)
+                self.spend.reload()
+            except Exception:  # the failure in flight says what is wrong; this one is logged
+                log.exception("re-reading the learned state after a failed write failed")
+            raise
 
     def _caller_spent(self, model_id: str, cost_usd: float | None) -> None:
         """What a call the caller made itself cost, in the spend ledger."""
@@ -171,16 +195,18 @@ class LearningMixin(Lifecycle):
         trace = self._shared_trace(trace_id)
         if trace is None:
             raise TraceNotFound(trace_id)
-        if trace["outcome"] == "pending":
-            self.tracker.record_complete(trace_id, latency_ms, output_tokens=output_tokens or 0)
-            self._caller_spent(trace["model_id"], cost_usd)
-        elif given := [name for name, value in measured.items() if value is not None]:
+        given = [name for name, value in measured.items() if value is not None]
+        if given and trace["outcome"] != "pending":
             raise InvalidInput(
                 f"feedback: {', '.join(given)} complete a route-only decision (a pending trace from "
                 f"open_trace or POST /v1/route); trace {trace_id} is {trace['outcome']} already",
                 param=given[0],
             )
-        self.tracker.record_feedback(trace_id, rating)
+        with self._all_or_nothing():  # completion, spend and score together, or none (as ``report``)
+            if trace["outcome"] == "pending":
+                self.tracker.record_complete(trace_id, latency_ms, output_tokens=output_tokens or 0)
+                self._caller_spent(trace["model_id"], cost_usd)
+            self.tracker.record_feedback(trace_id, rating)
 
     def _shared_trace(self, trace_id: str) -> dict[str, Any] | None:
         """The trace; in a store other processes write (PostgreSQL: replicas), one not there yet

@@ -104,13 +104,19 @@ class OutcomeStore(StoreBase):
             with sqlite_wal.immediate(self._conn) as conn:
                 yield conn
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            raise StateUnavailable(
-                f"the learned-state database {self.location} is locked by another process ({exc}):"
-                " nothing was written; try again when it ends",
-                retry_after=self.busy_timeout_s,
-            ) from exc
+            why = str(exc)
+            if "locked" in why or "busy" in why:
+                raise StateUnavailable(
+                    f"the learned-state database {self.location} is locked by another process ({exc}):"
+                    " nothing was written; try again when it ends",
+                    retry_after=self.busy_timeout_s,
+                ) from exc
+            if "full" in why or "readonly" in why:  # the file is fine: the disk or its permissions
+                raise StateUnavailable(
+                    f"the learned-state database {self.location} cannot be written ({exc}): nothing was"
+                    " written; free space or give write permission, then try again"
+                ) from exc
+            raise
 
     @contextmanager
     def _tx(self, *, counters: bool = False, defer: bool = False) -> Iterator[sqlite3.Connection]:
@@ -186,6 +192,10 @@ def _unopenable(exc: sqlite3.DatabaseError, path: Path) -> str:
         # Not damage: the folder (CAR_HOME) cannot be written, and "move it aside or restore it
         # from a backup" pointed at the wrong fix, one that could lose the learned state.
         return f"{path.parent} is not writable ({reason}): the learned state needs to write there"
+    if "readonly" in reason:
+        return f"{path} is not writable ({reason}): the learned state needs to write it; it was left as it is"
+    if "full" in reason:
+        return f"the disk of {path} is full ({reason}): free space and try again; the file was left as it is"
     return (
         f"the learned-state database cannot be read ({reason}); it was left as it is: move it aside"
         " to start with empty state, or restore it from a backup"
