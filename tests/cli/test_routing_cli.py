@@ -70,6 +70,8 @@ def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
     assert code == 0 and json.loads(out) == profiles
     code, out, _ = car_input(out, "profiles", "import", "-")  # stdin: `export - | import -`
     assert code == 0 and f"imported {len(profiles)} profile(s)" in out
+    code, _, err = car_input("[" * 100_000, "profiles", "import", "-")  # was a RecursionError traceback
+    assert code == 2 and "nested too deeply" in err and "Traceback" not in err
     code, out, _ = car("profiles", "forget", "smollm2-135m")
     assert code == 0 and "forgot" in out and "huggingface/smollm2-135m" in out
     code, out, _ = car("profiles", "forget", "smollm2-135m")

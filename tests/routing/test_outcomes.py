@@ -321,3 +321,22 @@ def test_a_familys_view_is_rebuilt_when_its_stats_change_and_only_then(tracker: 
     )  # fmt: skip
     tracker.import_profiles([imported])
     assert "p/c" in tracker.views("reasoning", "latin-mc")[1][0], "an import is seen at once"
+
+
+def test_an_import_keeps_what_other_processes_counted_in_the_baselines(tmp_path: Path) -> None:
+    """A long-lived engine wrote every baseline from its stale copy: outcomes another process had
+    recorded since vanished from them (500 became 100 while the models' rows summed to 359)."""
+    db = tmp_path / "state.db"
+    ours = OutcomeTracker(OutcomeStore(db), RoutingSettings())
+    theirs = OutcomeTracker(OutcomeStore(db), RoutingSettings())
+    for _ in range(3):
+        _run(theirs, "p/a", "code", True)
+    ours.reload(full=True)
+    for _ in range(5):  # after our copy was read
+        _run(theirs, "p/b", "code", True)
+        _run(theirs, "p/b", "math", True)
+    seed = {"model_id": "p/c", "total_calls": 2, "task_stats": {"code": {"calls": 2, "success_count": 2}}}
+    assert ours.import_profiles([seed]) == 1
+    fresh = OutcomeTracker(OutcomeStore(db), RoutingSettings())
+    assert fresh.task_stats("*", "code").calls == 3 + 5 + 2  # type: ignore[union-attr]
+    assert fresh.task_stats("*", "math").calls == 5  # type: ignore[union-attr]

@@ -33,3 +33,35 @@ def test_an_imported_profile_holds_only_numbers_a_profile_can_have(field: str, v
         ModelProfile.model_validate({"model_id": "m", "task_stats": {"chat": {"calls": 3, field: value}}})
     with pytest.raises(ValidationError):
         ModelProfile.model_validate({"model_id": "m", "total_calls": -1})
+
+
+@pytest.mark.parametrize(
+    ("profile", "says"),
+    [
+        ({"model_id": "*"}, "model_id"),  # the baselines' name: every later export failed
+        ({"model_id": ""}, "model_id"),
+        ({"model_id": "a b"}, "model_id"),
+        ({"model_id": "m", "total_calls": 2**62}, "total_calls"),  # two of them overflowed SQLite
+        ({"model_id": "m", "total_latency_ms": 1e308}, "total_latency_ms"),  # two summed to inf
+        (
+            {"model_id": "m", "task_stats": {"chat": {"calls": 2, "quality_sum": 5.0}}},
+            "quality_sum 5.0 is more",
+        ),
+        (
+            {"model_id": "m", "task_stats": {"chat": {"calls": 2, "decayed_n": 1.0, "decayed_sum": 3.0}}},
+            "decayed_sum 3.0 is more",
+        ),
+    ],
+)
+def test_a_profile_holds_nothing_that_poisons_the_sums(profile: dict[str, object], says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        ModelProfile.model_validate(profile)
+
+
+def test_our_own_sums_and_the_seed_shape_still_load() -> None:
+    ok = ModelProfile.model_validate(
+        {"model_id": "huggingface/smollm2-135m-instruct:q4_1", "total_input_tokens": 10**13,
+         "task_stats": {"chat|latin-short": {"calls": 3, "quality_sum": 3.0000000001, "decayed_sum": 2.9,
+                                              "decayed_n": 2.9}}}
+    )  # fmt: skip
+    assert ok.task_stats["chat|latin-short"].calls == 3

@@ -173,6 +173,8 @@ def import_profiles(
         raise fail(f"cannot read {path}: {exc.strerror or exc}", EXIT_USAGE) from None
     except ValueError as exc:  # not UTF-8, not JSON
         raise fail(f"{path} is not a JSON profiles file: {exc}", EXIT_USAGE) from None
+    except RecursionError:  # "[[[[..." a hundred thousand deep: the decoder's traceback
+        raise fail(f"{path} is not a JSON profiles file: it is nested too deeply", EXIT_USAGE) from None
     if not isinstance(data, list):
         raise fail(f"{path}: expected a JSON list of profiles", EXIT_USAGE)
     count = engine().import_profiles(data)

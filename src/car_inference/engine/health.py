@@ -324,6 +324,11 @@ class HealthMixin(Lifecycle):
             return self.tracker.import_profiles(profiles)
         except ValidationError as exc:
             raise InvalidInput(f"import_profiles: {validation_summary(exc)}") from None
+        except OverflowError:  # each number fits, their sums (the baselines) do not: nothing stored
+            self.tracker.reload(full=True)  # the router's copy had taken them
+            raise InvalidInput(
+                "import_profiles: the profiles' counts add up past what can be stored"
+            ) from None
 
     def export_profiles_file(self, path: Path) -> int:
         """Write the profiles to ``path`` as JSON, atomically: a temporary file of its own beside

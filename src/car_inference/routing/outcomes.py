@@ -508,12 +508,21 @@ class OutcomeTracker:
         and task stats, in memory and in the store; baselines are rebuilt from all models' stats.
         Returns how many were imported."""
         parsed = [p if isinstance(p, ModelProfile) else ModelProfile.model_validate(p) for p in profiles]
+        ids = {mp.model_id for mp in parsed}
+        # The baselines written below are sums of this process's copy: read it fresh first (a
+        # long-lived engine's stale copy erased other processes' outcomes from every baseline).
+        self.reload(full=True)
         with self._lock:
+            touched: set[str] = set()
+            for key, by_model in self._stats.items():  # one pass: it was once per profile
+                if not ids.isdisjoint(by_model):
+                    touched.add(key)
+                    for model_id in ids & by_model.keys():
+                        del by_model[model_id]
             for mp in parsed:
-                for by_model in self._stats.values():
-                    by_model.pop(mp.model_id, None)
                 for key, ts in mp.task_stats.items():
                     self._stats.setdefault(key, {})[mp.model_id] = StatsRow(**ts.model_dump())
+                    touched.add(key)
             self._rebuild_baselines()
             self._version += 1  # every family's view is stale
             model_rows = []
@@ -532,11 +541,11 @@ class OutcomeTracker:
                 self._profiles[mp.model_id] = p
                 model_rows.append({"model_id": mp.model_id, **row_fields(p)})
             self._profile_latencies()
-            task_rows = [
+            task_rows = [  # the imported models' rows, and the baselines of the keys they change
                 {"model_id": model_id, "key": key, **row_fields(s)}
-                for key, by_model in self._stats.items()
-                for model_id, s in by_model.items()
-                if model_id == ALL or any(model_id == mp.model_id for mp in parsed)
+                for key in touched
+                for model_id, s in self._stats.get(key, {}).items()
+                if model_id in ids or model_id == ALL
             ]
         if self.store is not None:
             self.store.replace_profiles(model_rows, task_rows)

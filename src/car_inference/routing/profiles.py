@@ -19,9 +19,16 @@ __all__ = ["ModelProfile", "TaskStats", "export_profile", "export_stats", "row_f
 # What an imported profile may hold (``car profiles import``): NaN failed deep in the store with a
 # traceback, and infinity or a negative count was taken (the router then believed 1.00 from no
 # calls, and the next export wrote `Infinity`, which is not JSON).
-Count = Annotated[int, Field(ge=0, lt=2**63)]
-Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# The bounds leave room for sums: baselines add every model's rows, and two counts just under
+# 2**63 overflowed SQLite's integers (a traceback), two amounts of 1e308 stored infinity.
+Count = Annotated[int, Field(ge=0, lt=2**40)]  # calls: a trillion per model
+Tokens = Annotated[int, Field(ge=0, lt=2**50)]
+Amount = Annotated[float, Field(ge=0, le=1e15, allow_inf_nan=False)]
 Share = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+# A model id as the catalog has them; "*" names the baselines (every model's sums) and a profile
+# of that name made every later export fail.
+ModelId = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\s*][^\s]*$")]
+_SLACK = 1e-6  # float sums of outcomes each at most 1
 
 
 class TaskStats(BaseModel):
@@ -36,7 +43,7 @@ class TaskStats(BaseModel):
     decayed_n: Amount | None = None
     ema_quality: Share = 0.0
     updated_at: Count = 0
-    total_output_tokens: Count = 0
+    total_output_tokens: Tokens = 0
     joined_at: Count = 0
 
     @model_validator(mode="after")
@@ -48,19 +55,25 @@ class TaskStats(BaseModel):
             self.decayed_n = float(self.calls)
         if self.decayed_sum is None:
             self.decayed_sum = self.quality_sum * (self.decayed_n / self.calls) if self.calls else 0.0
+        # Each outcome's quality is 0..1: sums above their counts are no outcomes' (and made the
+        # baselines' means above 1, which every later export refused).
+        if self.quality_sum > self.calls * (1 + _SLACK) + _SLACK:
+            raise ValueError(f"quality_sum {self.quality_sum} is more than calls {self.calls}")
+        if self.decayed_sum > self.decayed_n * (1 + _SLACK) + _SLACK:
+            raise ValueError(f"decayed_sum {self.decayed_sum} is more than decayed_n {self.decayed_n}")
         return self
 
 
 class ModelProfile(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model_id: str
+    model_id: ModelId
     total_calls: Count = 0
     success_count: Count = 0
     fail_count: Count = 0
     total_latency_ms: Amount = 0
-    total_input_tokens: Count = 0
-    total_output_tokens: Count = 0
+    total_input_tokens: Tokens = 0
+    total_output_tokens: Tokens = 0
     task_stats: dict[str, TaskStats] = Field(default_factory=dict)
     ema_quality: Share = 0.5
     quality_per_1k_tokens: Amount = 0.0
