@@ -282,6 +282,25 @@ def test_legacy_json_is_imported_once(tmp_path: Path, clock: Clock) -> None:
     assert keys.stats([VAR])[VAR][0].requests == 8
 
 
+def test_a_legacy_file_with_values_no_key_has_cannot_break_the_pool(tmp_path: Path, clock: Clock) -> None:
+    """``"cooling_until": "soon"`` was stored as it was, and every hosted call failed with a
+    TypeError (HTTP 500 from the server) until `car keys reset`, the file gone or not; 1e300 as a
+    time and 1e400 as a count failed with OverflowError."""
+    legacy = legacy_stats_path(CarConfig(home=tmp_path))
+    poison = {
+        "env_var": VAR, "masked": "sk-…0001", "requests": 1e400, "failures": "2", "rate_limits": -3,
+        "last_used": 1e300, "last_status": "429", "cooling_until": "soon", "disabled": "no",
+    }  # fmt: skip
+    legacy.write_text(json.dumps({"version": 1, "keys": {fingerprint(A): poison}}))  # 1e400: Infinity
+    keys = KeyPool.for_config(CarConfig(home=tmp_path), env={VAR: A}, store=None, clock=clock)
+    assert keys.acquire(VAR) == A and keys.has_key(VAR)
+    row = keys.stats([VAR])[VAR][0]
+    assert (row.requests, row.failures, row.rate_limits, row.last_status, row.state) == (0, 0, 0, None, "ok")
+    legacy.unlink()
+    again = KeyPool.for_config(CarConfig(home=tmp_path), env={VAR: A}, store=None, clock=clock)
+    assert again.acquire(VAR) == A
+
+
 def test_unreadable_stats_file_is_ignored(
     tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:

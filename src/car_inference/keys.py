@@ -497,7 +497,9 @@ class KeyPool:
             except KeyStatsError as exc:
                 log.warning("could not read key statistics: %s", exc)
                 return
-            for fp, env_var, masked, requests, failures, rate_limits, used, status, cooling, off in rows:
+            for fp, env_var, masked, *values in rows:
+                requests, failures, rate_limits = (_count(v) for v in values[:3])
+                used, status, cooling, off = _time(values[3]), _status(values[4]), _time(values[5]), values[6]
                 record = self._records.get(fp)
                 if record is None:
                     record = self._records[fp] = _Record(env_var=env_var, masked=masked)
@@ -545,20 +547,42 @@ class KeyPool:
 
 
 def _row(fp: str, raw: dict[str, Any], *, reported: bool, health: bool) -> dict[str, Any]:
+    """A row to store: every value checked (a legacy file's ``"cooling_until": "soon"`` was
+    stored as it was, and every hosted call then failed with a TypeError until a reset)."""
     return {
         "fp": fp,
         "env_var": str(raw["env_var"]),
         "masked": str(raw.get("masked") or "…"),
-        "requests": int(raw.get("requests") or 0),
-        "failures": int(raw.get("failures") or 0),
-        "rate_limits": int(raw.get("rate_limits") or 0),
-        "last_used": raw.get("last_used"),
-        "last_status": raw.get("last_status"),
-        "cooling_until": raw.get("cooling_until"),
-        "disabled": bool(raw.get("disabled")),
+        "requests": _count(raw.get("requests")),
+        "failures": _count(raw.get("failures")),
+        "rate_limits": _count(raw.get("rate_limits")),
+        "last_used": _time(raw.get("last_used")),
+        "last_status": _status(raw.get("last_status")),
+        "cooling_until": _time(raw.get("cooling_until")),
+        "disabled": raw.get("disabled") is True or raw.get("disabled") == 1,
         "reported": reported,
         "health": health,
     }
+
+
+def _count(value: Any) -> int:
+    """A count as stored, or 0 for anything else (text, a float past any count, a negative)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 2**62:
+        return 0
+    return int(value)
+
+
+def _time(value: Any) -> float | None:
+    """Epoch seconds as stored, or None (unknown) for anything that is no time of this era."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e11:
+        return None
+    return float(value)
+
+
+def _status(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value < 600:
+        return None
+    return value
 
 
 def _counts(pending: _Pending) -> dict[str, int]:
