@@ -93,3 +93,35 @@ def test_resolution_order(tmp_path: Path, memory_keyring: MemoryKeyring) -> None
     assert "k-env" not in repr(found[0])
     assert resolve_keys("OPENAI_API_KEY", env={}) == []
     assert resolve_keys("X_API_KEY", env={"X_API_KEY": "v"}) == [ResolvedKey("v", "env")]
+
+
+def test_puts_at_once_keep_every_name(tmp_path: Path, memory_keyring: MemoryKeyring) -> None:
+    """Eight concurrent `car secrets put` left six names in the index; a name not there is never
+    looked up, so its stored key went unused (flock across processes, and threads, here)."""
+    import threading
+
+    names = [f"KEY_{i}" for i in range(32)]
+    start = threading.Barrier(len(names))
+
+    def put(name: str) -> None:
+        start.wait()
+        SecretStore(tmp_path).put(name, f"sk-{name.lower()}-value")
+
+    threads = [threading.Thread(target=put, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert SecretStore(tmp_path).names() == sorted(names)
+
+
+def test_an_unreadable_index_is_refused_not_replaced(tmp_path: Path, memory_keyring: MemoryKeyring) -> None:
+    """It was overwritten with the one name being stored: the others' keys were never used again."""
+    store = SecretStore(tmp_path)
+    store.put("KEY_A", "sk-a-value-1234")
+    (tmp_path / "secrets.json").write_text('{"names": ["KEY_A", ')  # cut short
+    with pytest.raises(ConfigError, match=r"secrets\.json cannot be read"):
+        store.put("KEY_B", "sk-b-value-1234")
+    with pytest.raises(ConfigError, match="delete it and put the keys again"):
+        store.delete("KEY_A")
+    assert (tmp_path / "secrets.json").read_text() == '{"names": ["KEY_A", '

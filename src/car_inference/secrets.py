@@ -18,12 +18,13 @@ stored here (names only, never values), written atomically.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -146,7 +147,8 @@ class SecretStore:
             raise SecretStoreUnavailable(
                 f"the keyring refused to store {name}: {type(exc).__name__}"
             ) from None
-        self._write_index(sorted({*self.names(), name}))
+        with self._index_locked():
+            self._write_index(sorted({*self._indexed(), name}))
 
     def get(self, name: str) -> str | None:
         """The stored value, or None when absent or when the keyring cannot be used."""
@@ -163,13 +165,14 @@ class SecretStore:
         """Remove ``name``; False when it was not stored."""
         check_name(name)
         keyring = self._keyring()
-        existed = name in self.names()
-        try:
-            keyring.delete_password(self.service, name)
-            existed = True
-        except keyring.errors.PasswordDeleteError:
-            pass
-        self._write_index([n for n in self.names() if n != name])
+        with self._index_locked():
+            existed = name in self._indexed()
+            try:
+                keyring.delete_password(self.service, name)
+                existed = True
+            except keyring.errors.PasswordDeleteError:
+                pass
+            self._write_index([n for n in self._indexed() if n != name])
         return existed
 
     def names(self) -> list[str]:
@@ -182,6 +185,34 @@ class SecretStore:
             return []
         names = data.get("names", []) if isinstance(data, dict) else []
         return sorted(n for n in names if isinstance(n, str) and _NAME.match(n))
+
+    def _indexed(self) -> list[str]:
+        """``names()`` for a change of the index: an unreadable index is refused, not replaced by
+        the one name being stored (the others' keys were then never looked up again)."""
+        try:
+            data = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"{self.index_path} cannot be read ({exc}): fix it, or delete it and put the keys again"
+                " (the keyring keeps their values; this file lists their names)",
+                path=str(self.index_path),
+            ) from None
+        names = data.get("names", []) if isinstance(data, dict) else []
+        return sorted(n for n in names if isinstance(n, str) and _NAME.match(n))
+
+    @contextlib.contextmanager
+    def _index_locked(self) -> Iterator[None]:
+        """The index's read, change and write as one step across processes: eight `car secrets
+        put` at once left six names in it (each wrote what it had read, plus its own)."""
+        self.index_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.index_path.with_name(self.index_path.name + ".lock"), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _write_index(self, names: list[str]) -> None:
         atomic_write_text(self.index_path, json.dumps({"names": names}, indent=2) + "\n")
