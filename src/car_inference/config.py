@@ -52,6 +52,16 @@ def car_home(env: Mapping[str, str] | None = None) -> Path:
     return Path(raw).expanduser() if raw else Path.home() / ".car"
 
 
+def make_home(home: Path) -> None:
+    """Create the car home if needed; ``ConfigError`` when it cannot be (a file of that name, a
+    folder that may not be made), one line instead of the traceback of the first write there."""
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "it is a file, not a folder" if home.is_file() else f"it cannot be made: {exc.strerror}"
+        raise ConfigError(f"the car home (CAR_HOME) cannot be used: {why}", path=str(home)) from exc
+
+
 class CarPaths(BaseModel):
     """Where things live under ``$CAR_HOME``."""
 
@@ -294,12 +304,14 @@ class StateSettings(_Section):
     trace_retention_days: float = Field(
         default=30.0,
         ge=0,
+        allow_inf_nan=False,  # inf passed here, then every prune failed naming --older-than-days
         description="traces (and their feedback) older than this are deleted, hourly by `car serve` or by"
         " `car state prune`; the learned counters and the spend ledger stay; 0: keep every trace",
     )
     template_retention_days: float = Field(
         default=90.0,
         ge=0,
+        allow_inf_nan=False,
         description="the learned rows of a template (a prompt prefix many requests share) not seen for this"
         " long are deleted, hourly by `car serve` or by `car state prune`; 0: keep every template",
     )

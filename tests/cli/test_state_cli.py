@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -111,6 +112,23 @@ def test_usage_errors_are_one_line_with_status_2(isolated_home: Path) -> None:
     _fill(isolated_home / "state.db")
     code, _, err = car("state", "migrate", "--to", "postgresql://u:secret@127.0.0.1:1/db")
     assert code == 2 and "not reachable" in err and "secret" not in err
+
+
+def test_prune_with_a_home_that_is_a_file_or_an_infinite_retention_is_one_line(
+    isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CAR_HOME that is a file gave prune a 50-line FileExistsError traceback; a retention of
+    inf passed the config and was then blamed on --older-than-days, which nobody passed."""
+    (isolated_home / "config.toml").write_text("[state]\ntrace_retention_days = inf\n")
+    code, _, err = car("state", "prune")
+    assert code == 2 and "[state.trace_retention_days]: Input should be a finite number" in err
+    assert "--older-than-days" not in err
+    home_file = tmp_path / "home-file"
+    home_file.write_text("")
+    monkeypatch.setenv("CAR_HOME", str(home_file))
+    code, _, err = car("state", "prune")
+    assert code == 2 and err.strip().endswith("cannot be used: it is a file, not a folder")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_car_health_names_the_state_backend(isolated_home: Path) -> None:

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import load_config, redact_url
+from ..config import load_config, make_home, redact_url
 from .common import EXIT_USAGE, fail, handle_errors, out, print_json
 
 state_app = typer.Typer(
@@ -94,6 +94,7 @@ def prune(
     for option, value in (("--older-than-days", days), ("--templates-older-than-days", template_days)):
         if not math.isfinite(value):  # inf deleted nothing and --json printed Infinity, not JSON
             raise fail(f"{option} must be a finite number of days, not {value}", EXIT_USAGE)
+    make_home(config.home)  # a CAR_HOME that is a file: one line, not a FileExistsError traceback
     store = open_store(config.state.url, config.paths.state_db)
     try:
         deleted = prune_old_traces(store, days)

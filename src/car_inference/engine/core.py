@@ -26,9 +26,8 @@ from .. import tracing
 from ..backends.base import Backend, BackendContext, run_blocking
 from ..backends.cache import ModelCache
 from ..backends.delegated import RunnerRegistration, RunnerTable
-from ..config import CarConfig, load_config
+from ..config import CarConfig, load_config, make_home
 from ..errors import (
-    ConfigError,
     InferenceError,
     InvalidInput,
     ModelNotFound,
@@ -91,12 +90,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.config = config if config is not None else load_config(home)
         # The learned state first: an unreachable PostgreSQL refuses the start with one error,
         # before anything else (the key statistics) tries the same database.
-        try:
-            self.config.home.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file of that name, a folder we may not create
-            home = self.config.home
-            why = "it is a file, not a folder" if home.is_file() else f"it cannot be made: {exc.strerror}"
-            raise ConfigError(f"the car home (CAR_HOME) cannot be used: {why}", path=str(home)) from exc
+        make_home(self.config.home)
         state = self.config.state
         self.store = open_store(state.url, self.config.paths.state_db, buffer_records=state.buffer_records)
         self.fleet = Fleet.for_settings(self.config.coordination)  # state shared with replicas, or None
