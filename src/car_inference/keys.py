@@ -458,10 +458,12 @@ class KeyPool:
     # --- persistence ---------------------------------------------------------------------------
 
     def _open(self) -> KeyStatsDB | None:
+        self.stats_error: str | None = None  # why the statistics live in memory only, if they do
         try:
             return open_key_stats(self.config)
         except KeyStatsError as exc:
             log.warning("key statistics stay in memory: %s", exc)
+            self.stats_error = str(exc)
             return None
 
     def _import_legacy(self, path: Path) -> None:

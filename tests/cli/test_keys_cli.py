@@ -85,6 +85,16 @@ def test_keys_stats_table_and_json(isolated_home: Path, monkeypatch: pytest.Monk
     assert {r["state"] for r in json.loads(out)["OPENAI_API_KEY"]} == {"ok"}
 
 
+def test_keys_commands_on_an_unusable_state_database_are_one_line_with_status_2(isolated_home: Path) -> None:
+    """They said "reset 0 key(s)" and exited 0 (with a warning) where every other command exits 2."""
+    (isolated_home / "state.db").write_bytes(b"not a database at all" * 300)
+    for args in (("keys", "reset"), ("keys", "stats")):
+        code, _, err = car(*args)
+        assert code == 2 and err.strip().splitlines() == [
+            f"error: the key statistics cannot be used: {isolated_home / 'state.db'}: file is not a database"
+        ]
+
+
 def test_keys_stats_without_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     code, out, _ = car("keys", "stats")
     assert code == 0 and "no API keys found" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Annotated
 
@@ -12,7 +13,7 @@ from ..config import load_config
 from ..errors import close_matches
 from ..keys import KeyPool, KeyStats
 from ..secrets import SecretStore
-from .common import err, fail, handle_errors, out, print_json
+from .common import EXIT_USAGE, err, fail, handle_errors, out, print_json
 
 keys_app = typer.Typer(help="API keys in rotation: health and statistics.", no_args_is_help=True)
 secrets_app = typer.Typer(help="Store API keys in the OS keyring.", no_args_is_help=True)
@@ -27,7 +28,19 @@ def register(app: typer.Typer) -> None:
 
 
 def _pool() -> KeyPool:
-    return KeyPool.for_config(load_config())
+    """The key pool, its statistics read from the state database; a database that cannot be used
+    is a configuration error (exit 2, as for every other command), not "reset 0 key(s)", exit 0."""
+    config = load_config()
+    quiet = logging.getLogger("car_inference.keys")
+    level, quiet.level = quiet.level, logging.ERROR  # its warning would repeat the error below
+    try:
+        pool = KeyPool.for_config(config)
+    finally:
+        quiet.setLevel(level)
+    if pool.stats_error is not None:
+        pool.close()
+        raise fail(f"the key statistics cannot be used: {pool.stats_error}", EXIT_USAGE)
+    return pool
 
 
 def _state(row: KeyStats) -> str:
