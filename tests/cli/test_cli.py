@@ -425,7 +425,7 @@ def test_a_state_db_damaged_past_its_first_pages_is_one_line(isolated_home: Path
     path.write_bytes(bytes(data))
     code, out, err = car("spend")
     assert code == 2 and "Traceback" not in out + err, err
-    assert "state.db) is damaged (database disk image is malformed)" in err
+    assert f"{path} is damaged (database disk image is malformed)" in err, "the path itself, not $CAR_HOME"
 
 
 def test_a_command_closes_its_engine_and_leaves_no_write_ahead_log(isolated_home: Path) -> None:

@@ -170,12 +170,25 @@ def _as_options(exc: ValidationError, command: Callable[..., Any]) -> str:
 def _damaged_state(exc: sqlite3.DatabaseError) -> str:
     """The one line for a state database that fails part way (damaged pages, a full disk)."""
     reason = str(exc) or type(exc).__name__
+    path = _state_path()
     if "malformed" in reason or "not a database" in reason:
         return (
-            f"the learned-state database ($CAR_HOME/state.db) is damaged ({reason}): move it aside to"
+            f"the learned-state database {path} is damaged ({reason}): move it aside to"
             " start with empty state, or restore it from a backup"
         )
-    return f"the learned-state database ($CAR_HOME/state.db) failed: {reason}"
+    if "full" in reason:
+        return f"the disk of the learned-state database {path} is full ({reason}): free space and try again"
+    return f"the learned-state database {path} failed: {reason}"
+
+
+def _state_path() -> str:
+    """The state database's path, as the message names it ($CAR_HOME/state.db was said literally)."""
+    from ..config import load_config
+
+    try:
+        return str(load_config().paths.state_db)
+    except InferenceError:
+        return "$CAR_HOME/state.db"
 
 
 def _one_line(text: str) -> str:
