@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel
 
 from .config import CarConfig
-from .keys_store import KeyStatsDB, KeyStatsError, open_key_stats
+from .keys_store import KeyStatsDB, KeyStatsError, as_count, as_status, as_time, key_row, open_key_stats
 from .secrets import ResolvedKey, SecretStore, resolve_keys
 
 if TYPE_CHECKING:
@@ -480,7 +480,7 @@ class KeyPool:
         assert self._db is not None
         try:
             rows = [
-                _row(fp, raw, reported=True, health=True)
+                key_row(fp, raw, reported=True, health=True)
                 for fp, raw in (entries.items() if isinstance(entries, dict) else ())
                 if isinstance(raw, dict) and isinstance(raw.get("env_var"), str)
             ]
@@ -500,8 +500,13 @@ class KeyPool:
                 log.warning("could not read key statistics: %s", exc)
                 return
             for fp, env_var, masked, *values in rows:
-                requests, failures, rate_limits = (_count(v) for v in values[:3])
-                used, status, cooling, off = _time(values[3]), _status(values[4]), _time(values[5]), values[6]
+                requests, failures, rate_limits = (as_count(v) for v in values[:3])
+                used, status, cooling, off = (
+                    as_time(values[3]),
+                    as_status(values[4]),
+                    as_time(values[5]),
+                    values[6],
+                )
                 record = self._records.get(fp)
                 if record is None:
                     record = self._records[fp] = _Record(env_var=env_var, masked=masked)
@@ -525,7 +530,7 @@ class KeyPool:
                 self._pending.clear()
                 return
             rows = [
-                {**_row(fp, asdict(self._records[fp]), reported=p.reported, health=p.health), **_counts(p)}
+                {**key_row(fp, asdict(self._records[fp]), reported=p.reported, health=p.health), **_counts(p)}
                 for fp, p in self._pending.items()
             ]
             try:
@@ -546,45 +551,6 @@ class KeyPool:
         if self._own_fleet and self.fleet is not None:
             self.fleet.close()
             self.fleet = None
-
-
-def _row(fp: str, raw: dict[str, Any], *, reported: bool, health: bool) -> dict[str, Any]:
-    """A row to store: every value checked (a legacy file's ``"cooling_until": "soon"`` was
-    stored as it was, and every hosted call then failed with a TypeError until a reset)."""
-    return {
-        "fp": fp,
-        "env_var": str(raw["env_var"]),
-        "masked": str(raw.get("masked") or "…"),
-        "requests": _count(raw.get("requests")),
-        "failures": _count(raw.get("failures")),
-        "rate_limits": _count(raw.get("rate_limits")),
-        "last_used": _time(raw.get("last_used")),
-        "last_status": _status(raw.get("last_status")),
-        "cooling_until": _time(raw.get("cooling_until")),
-        "disabled": raw.get("disabled") is True or raw.get("disabled") == 1,
-        "reported": reported,
-        "health": health,
-    }
-
-
-def _count(value: Any) -> int:
-    """A count as stored, or 0 for anything else (text, a float past any count, a negative)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 2**62:
-        return 0
-    return int(value)
-
-
-def _time(value: Any) -> float | None:
-    """Epoch seconds as stored, or None (unknown) for anything that is no time of this era."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e11:
-        return None
-    return float(value)
-
-
-def _status(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value < 600:
-        return None
-    return value
 
 
 def _counts(pending: _Pending) -> dict[str, int]:

@@ -26,7 +26,17 @@ from . import sqlite_wal
 from .config import CarConfig, redact_url
 from .routing.store_sql import dialect
 
-__all__ = ["KeyStatsDB", "KeyStatsError", "PgKeyStats", "SqliteKeyStats", "open_key_stats"]
+__all__ = [
+    "KeyStatsDB",
+    "KeyStatsError",
+    "PgKeyStats",
+    "SqliteKeyStats",
+    "as_count",
+    "as_status",
+    "as_time",
+    "key_row",
+    "open_key_stats",
+]
 
 _TABLES = (
     """CREATE TABLE IF NOT EXISTS key_stats (
@@ -216,3 +226,42 @@ def open_key_stats(config: CarConfig) -> KeyStatsDB:
         if is_postgres_url(url):
             return PgKeyStats(url)
     return SqliteKeyStats(config.paths.state_db)
+
+
+def key_row(fp: str, raw: dict[str, Any], *, reported: bool, health: bool) -> dict[str, Any]:
+    """A row to store: every value checked (a legacy file's ``"cooling_until": "soon"`` was
+    stored as it was, and every hosted call then failed with a TypeError until a reset)."""
+    return {
+        "fp": fp,
+        "env_var": str(raw["env_var"]),
+        "masked": str(raw.get("masked") or "…"),
+        "requests": as_count(raw.get("requests")),
+        "failures": as_count(raw.get("failures")),
+        "rate_limits": as_count(raw.get("rate_limits")),
+        "last_used": as_time(raw.get("last_used")),
+        "last_status": as_status(raw.get("last_status")),
+        "cooling_until": as_time(raw.get("cooling_until")),
+        "disabled": raw.get("disabled") is True or raw.get("disabled") == 1,
+        "reported": reported,
+        "health": health,
+    }
+
+
+def as_count(value: Any) -> int:
+    """A count as stored, or 0 for anything else (text, a float past any count, a negative)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 2**62:
+        return 0
+    return int(value)
+
+
+def as_time(value: Any) -> float | None:
+    """Epoch seconds as stored, or None (unknown) for anything that is no time of this era."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e11:
+        return None
+    return float(value)
+
+
+def as_status(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value < 600:
+        return None
+    return value

@@ -20,6 +20,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from statistics import median
 from typing import Any
 
 from ..config import RoutingSettings
@@ -34,7 +35,17 @@ from .estimate import (
     template_shift,
 )
 from .priors import BenchmarkPrior
-from .profiles import ModelProfile, TaskStats, export_profile, export_stats, row_fields, sum_rows
+from .profiles import (
+    ModelProfile,
+    TaskStats,
+    export_profile,
+    export_stats,
+    imported_profile,
+    mean_latencies,
+    replace_models,
+    row_fields,
+    sum_rows,
+)
 from .reload import StoreReader
 from .signals import ImplicitSignal, ImplicitSignalType
 from .store import (
@@ -323,7 +334,7 @@ class OutcomeTracker:
                 window = self._latencies[model_id] = deque(maxlen=LATENCY_WINDOW)
             window.append(float(latency_ms))
             if len(window) >= MIN_LATENCY_SAMPLES:
-                self._p50[model_id] = _median(window)
+                self._p50[model_id] = median(window)
 
     def record_feedback(self, trace_id: str, score: float) -> None:
         """Explicit feedback, 0 (bad) .. 1 (good): replaces the trace's quality score."""
@@ -513,34 +524,14 @@ class OutcomeTracker:
         # long-lived engine's stale copy erased other processes' outcomes from every baseline).
         self.reload(full=True)
         with self._lock:
-            touched: set[str] = set()
-            for key, by_model in self._stats.items():  # one pass: it was once per profile
-                if not ids.isdisjoint(by_model):
-                    touched.add(key)
-                    for model_id in ids & by_model.keys():
-                        del by_model[model_id]
-            for mp in parsed:
-                for key, ts in mp.task_stats.items():
-                    self._stats.setdefault(key, {})[mp.model_id] = StatsRow(**ts.model_dump())
-                    touched.add(key)
+            touched = replace_models(self._stats, parsed)
             self._rebuild_baselines()
             self._version += 1  # every family's view is stale
             model_rows = []
             for mp in parsed:
-                families = [(k, self._stats[k][mp.model_id]) for k in mp.task_stats if "|" not in k]
-                if families and sum(s.calls for _, s in families) == mp.total_calls:
-                    quality_sum = sum(s.quality_sum for _, s in families)
-                else:  # counts only: the EMA stands for every call
-                    quality_sum = mp.ema_quality * mp.total_calls
-                p = ProfileRow(
-                    total_calls=mp.total_calls, success_count=mp.success_count, fail_count=mp.fail_count,
-                    total_latency_ms=mp.total_latency_ms, total_input_tokens=mp.total_input_tokens,
-                    total_output_tokens=mp.total_output_tokens, quality_sum=quality_sum,
-                    ema_quality=mp.ema_quality, updated_at=mp.updated_at,
-                )  # fmt: skip
-                self._profiles[mp.model_id] = p
+                p = self._profiles[mp.model_id] = imported_profile(mp, self._stats)
                 model_rows.append({"model_id": mp.model_id, **row_fields(p)})
-            self._profile_latencies()
+            self._p50.update(mean_latencies(self._profiles, self._p50.keys(), MIN_LATENCY_SAMPLES))
             task_rows = [  # the imported models' rows, and the baselines of the keys they change
                 {"model_id": model_id, "key": key, **row_fields(s)}
                 for key in touched
@@ -599,27 +590,8 @@ class OutcomeTracker:
                     profiles[model_id] = ProfileRow(ema_quality=prior.overall_score)
             if got.latencies is not None:
                 self._latencies = got.latencies
-                self._p50 = {m: _median(w) for m, w in got.latencies.items() if len(w) >= MIN_LATENCY_SAMPLES}
+                self._p50 = {m: median(w) for m, w in got.latencies.items() if len(w) >= MIN_LATENCY_SAMPLES}
             self._profiles, self._stats = profiles, got.stats
-            self._profile_latencies()
+            self._p50.update(mean_latencies(self._profiles, self._p50.keys(), MIN_LATENCY_SAMPLES))
             self._version += 1
             self._indexed = -1
-
-    def _profile_latencies(self) -> None:
-        """Under ``_lock``: a model without recent traces to take a p50 from (an imported profile,
-        traces pruned) is scored at its profile's mean latency, not the catalog's guess (an
-        import turned a learned 900 ms into 4,867). Calls whose latency was not known count as 0
-        in that mean, so it can only be lower than the truth when some were not."""
-        for model_id, p in self._profiles.items():
-            if (
-                model_id not in self._p50
-                and p.success_count >= MIN_LATENCY_SAMPLES
-                and p.total_latency_ms > 0
-            ):
-                self._p50[model_id] = p.total_latency_ms / p.success_count
-
-
-def _median(values: Iterable[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2

@@ -14,7 +14,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .estimate import ProfileRow, StatsRow
 
-__all__ = ["ModelProfile", "TaskStats", "export_profile", "export_stats", "row_fields", "sum_rows"]
+__all__ = [
+    "ModelProfile",
+    "TaskStats",
+    "export_profile",
+    "export_stats",
+    "imported_profile",
+    "mean_latencies",
+    "replace_models",
+    "row_fields",
+    "sum_rows",
+]
 
 # What an imported profile may hold (``car profiles import``): NaN failed deep in the store with a
 # traceback, and infinity or a negative count was taken (the router then believed 1.00 from no
@@ -123,3 +133,51 @@ def sum_rows(rows: Iterable[StatsRow]) -> StatsRow:
         total.updated_at = max(total.updated_at, s.updated_at)
     total.ema_quality = total.quality_sum / total.calls if total.calls else 0.0
     return total
+
+
+def replace_models(stats: dict[str, dict[str, StatsRow]], parsed: list[ModelProfile]) -> set[str]:
+    """The imported models' rows in place of their old ones, in one pass over the keys (it was
+    one pass per profile: 16,000 profiles took 16.7 s). Returns the keys that changed."""
+    ids = {mp.model_id for mp in parsed}
+    touched: set[str] = set()
+    for key, by_model in stats.items():
+        if not ids.isdisjoint(by_model):
+            touched.add(key)
+            for model_id in ids & by_model.keys():
+                del by_model[model_id]
+    for mp in parsed:
+        for key, ts in mp.task_stats.items():
+            stats.setdefault(key, {})[mp.model_id] = StatsRow(**ts.model_dump())
+            touched.add(key)
+    return touched
+
+
+def imported_profile(mp: ModelProfile, stats: Mapping[str, Mapping[str, StatsRow]]) -> ProfileRow:
+    """An imported profile's totals; its quality sum from its family rows when they account for
+    every call, else the EMA stands for every call (seed files carry counts only)."""
+    families = [stats[k][mp.model_id] for k in mp.task_stats if "|" not in k]
+    if families and sum(s.calls for s in families) == mp.total_calls:
+        quality_sum = sum(s.quality_sum for s in families)
+    else:
+        quality_sum = mp.ema_quality * mp.total_calls
+    return ProfileRow(
+        total_calls=mp.total_calls, success_count=mp.success_count, fail_count=mp.fail_count,
+        total_latency_ms=mp.total_latency_ms, total_input_tokens=mp.total_input_tokens,
+        total_output_tokens=mp.total_output_tokens, quality_sum=quality_sum,
+        ema_quality=mp.ema_quality, updated_at=mp.updated_at,
+    )  # fmt: skip
+
+
+def mean_latencies(
+    profiles: Mapping[str, ProfileRow], known: Iterable[str], min_samples: int
+) -> dict[str, float]:
+    """Each profile's mean latency, for the models ``known`` has no p50 for (an imported profile,
+    pruned traces): scored at it, not at the catalog's guess (an import turned a learned 900 ms
+    into 4,867). Calls whose latency was not known count as 0 in it, so it can only be lower than
+    the truth when some were not."""
+    have = set(known)
+    return {
+        model_id: p.total_latency_ms / p.success_count
+        for model_id, p in profiles.items()
+        if model_id not in have and p.success_count >= min_samples and p.total_latency_ms > 0
+    }
