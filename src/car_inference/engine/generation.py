@@ -121,8 +121,7 @@ class GenerationMixin(Lifecycle):
         decision = self.router.decide(request, self.registry, preferred=self.config.preferred.generate)
         chosen = self.registry.get(decision.model_id)
         if chosen is not None and not chosen.has_capability(ModelCapability.GENERATE):
-            # A named model that cannot answer (an embedding model): the error its call would
-            # give, not a decision (and a pending trace or a report) for a call that would fail.
+            # A named model that cannot answer: its call's error, not a decision for a call that would fail.
             raise UnsupportedMode("generate", chosen.kind, f"{chosen.id} does not declare generate")
         return self._fallback_policy(decision)
 

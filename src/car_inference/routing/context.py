@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 from ..requests import GenerateRequest
 
-__all__ = ["PREFIX_CHARS", "PREFIX_REPEATS", "TemplateIndex"]
+__all__ = ["PREFIX_CHARS", "PREFIX_REPEATS", "TemplateIndex", "template_key"]
 
 PREFIX_CHARS = 96
 PREFIX_REPEATS = 2
@@ -90,3 +90,8 @@ def _head(request: GenerateRequest, text: str) -> str:
     elif len(head) < PREFIX_CHARS:
         head += "\n" + text
     return head[:PREFIX_CHARS]
+
+
+def template_key(signature: str) -> str:
+    """The task_stats key of a template signature (``store_base.stat_keys``)."""
+    return f"template|{signature}"

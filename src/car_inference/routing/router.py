@@ -47,13 +47,12 @@ from ..requests import GenerateRequest, ThinkingMode
 from ..schema import ModelSchema
 from .breaker import CircuitBreakerRegistry
 from .complexity import TaskComplexity, TextFeatures, _estimate, cluster_of, complexity_of, family_of
-from .context import TemplateIndex
+from .context import TemplateIndex, template_key
 from .decision import _MEAN_SCORE, RoutingDecision, RoutingStrategy, ScoredCandidate, _construct, _Row
 from .outcomes import InferenceTask, OutcomeTracker
 from .pool import LOCAL_FIRST, CatalogView, ModelPool, ModelView, PromptMeter
 from .scoring import Context, score_candidates
 from .spend import SpendControl
-from .store_base import template_key
 
 __all__ = ["AdaptiveRouter", "RoutingDecision", "RoutingStrategy", "ScoredCandidate"]
 

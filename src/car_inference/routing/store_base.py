@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from .context import template_key
 from .estimate import ALL, EMA_ALPHA, QUALITY_DECAY
 from .store_sql import COPY_COLUMNS, SCHEMA_VERSION, Dialect
 
@@ -107,11 +108,6 @@ def stat_keys(family: str, cluster: str | None) -> tuple[str, ...]:
         return (family,)
     _coarse, sep, template = cluster.partition("/")
     return (template_key(template),) if sep else (family, f"{family}|{cluster}")
-
-
-def template_key(signature: str) -> str:
-    """The task_stats key of a template signature (``context.TemplateIndex``)."""
-    return f"template|{signature}"
 
 
 def is_templated(cluster: str | None) -> bool:
