@@ -3,6 +3,7 @@ the catalog's OpenAI speech models on the fake provider server (a user ``[hosts.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,6 +255,22 @@ async def test_hosted_speech_counts_against_spend_limits(
     engine.spend.record("openai", HOSTED_TTS, 1.0)
     local = await engine.synthesize(SynthesizeRequest(text="free", output_path=str(tmp_path / "b.wav")))
     assert (spoken.model_used, local.model_used) == (HOSTED_TTS, PIPER)
+
+
+async def test_hosted_speech_calls_at_once_cannot_all_pass_a_limit(
+    engine_with: BuildEngine, fake: FakeProviderServer
+) -> None:
+    """Speech and media checked the limit without holding the estimate: calls at once each passed
+    a check that one of them fitted in (generation holds it; now these do too)."""
+    engine = engine_with(extra="[spend]\ndaily_usd = 0.02\n")
+    text = "x" * 1000  # $0.015 each
+    outcomes = await asyncio.gather(
+        *(engine.synthesize(SynthesizeRequest(text=text, model=HOSTED_TTS)) for _ in range(3)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(o, SpendLimitExceeded) for o in outcomes) == 2, outcomes
+    assert len(fake.requests) == 1
+    assert engine.spend.status().by_provider_today == {"openai": pytest.approx(0.015)}
 
 
 def test_the_cost_of_audio_of_unknown_length_is_none(tmp_path: Path, engine_with: BuildEngine) -> None:

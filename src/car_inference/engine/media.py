@@ -68,8 +68,8 @@ async def run_media(
     call: Callable[[], Awaitable[T]],
 ) -> T:
     estimate = cost(None)
-    if estimate:
-        engine.spend.check(model.provider, estimate)
+    # Held until the cost is recorded: concurrent calls cannot all pass a limit (as generation).
+    reservation = engine.spend.reserve(model.provider, estimate) if estimate else None
     trace_id, started_at, start = uuid.uuid4().hex, time.time(), time.perf_counter()
     family = MEDIA_FAMILY[task]
 
@@ -91,13 +91,15 @@ async def run_media(
 
     try:
         result = await call()
-    except (InvalidInput, UnsupportedMode):
-        raise  # the request's fault, not the model's
-    except InferenceError as exc:
-        record(False, exc)
+    except BaseException as exc:
+        engine.spend.release(reservation)
+        if isinstance(exc, InferenceError) and not isinstance(exc, InvalidInput | UnsupportedMode):
+            record(False, exc)  # the model's failure; the request's own fault counts nowhere
         raise
     spent = cost(result) if estimate else 0.0
     if spent:
-        engine.spend.record(model.provider, model.id, spent)
+        engine.spend.record(model.provider, model.id, spent, reservation=reservation)
+    else:
+        engine.spend.release(reservation)
     record(True)
     return result

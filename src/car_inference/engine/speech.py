@@ -284,10 +284,16 @@ async def charged(
         return await run()
     if cost is None:
         log.warning("%s: the audio's length is unknown, so its cost is not counted", model.id)
-    spend.check(model.provider, cost or 0.0)
-    result = await run()
+    reservation = spend.reserve(model.provider, cost or 0.0)  # held until recorded, as generation
+    try:
+        result = await run()
+    except BaseException:
+        spend.release(reservation)
+        raise
     if cost:
-        spend.record(model.provider, model.id, cost)
+        spend.record(model.provider, model.id, cost, reservation=reservation)
+    else:
+        spend.release(reservation)
     return result
 
 
