@@ -360,3 +360,38 @@ async def test_no_protocol_leaks_a_key(
     texts += [r.getMessage() for r in caplog.records]
     texts += [p.read_bytes().decode("latin-1") for p in tmp_path.glob("state.db*")]
     assert all(key not in text for text in texts)
+
+
+async def test_paced_bounds_only_the_wait_for_each_event() -> None:
+    """``remote._paced``: the consumer's own time between events is not counted, a wait past the
+    gap ends in TimeoutError, and a cancellation from outside stays a cancellation."""
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    from car_inference.backends.remote import _paced
+
+    async def upstream(pauses: list[float]) -> AsyncIterator[int]:
+        for i, pause in enumerate(pauses):
+            await asyncio.sleep(pause)
+            yield i
+
+    got = []
+    async for event in _paced(upstream([0.0, 0.2, 0.2]), 0.5):
+        got.append(event)
+        await asyncio.sleep(0.7)  # longer than the gap, on the consumer's side
+    assert got == [0, 1, 2]
+    got.clear()
+    with pytest.raises(TimeoutError, match=r"no stream event within 0\.3 s"):
+        async for event in _paced(upstream([0.0, 1.0]), 0.3):
+            got.append(event)
+    assert got == [0]
+
+    async def consume() -> None:
+        async for _ in _paced(upstream([0.0, 5.0]), 10):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
