@@ -272,6 +272,17 @@ class ModelSchema(BaseModel):
     def has_capability(self, capability: ModelCapability | str) -> bool:
         return ModelCapability(capability) in self.capabilities
 
+    def require(self, capability: ModelCapability | str, what: str = "") -> None:
+        """``UnsupportedMode`` (the request's fault: a 400) when the model does not declare
+        ``capability``; ``what`` prefixes the reason (the call it refuses)."""
+        if not self.has_capability(capability):
+            from .errors import UnsupportedMode
+
+            why = f"{self.id} does not declare {ModelCapability(capability)}"
+            raise UnsupportedMode(
+                str(ModelCapability(capability)), self.kind, f"{what}: {why}" if what else why
+            )
+
     def supports_param(self, param: GenerateParam) -> bool:
         """An empty ``supported_params`` list means the model takes the usual parameters,
         except extended thinking and reasoning effort, which must be declared."""

@@ -361,8 +361,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
     def _task_method(
         self, model: ModelSchema, capability: ModelCapability, method: str
     ) -> Callable[..., Any]:
-        if not model.has_capability(capability):
-            raise UnsupportedMode(str(capability), model.kind, f"{model.id} does not declare {capability}")
+        model.require(capability)
         backend = self._runnable(model)
         fn = getattr(backend, method, None)
         if fn is None:

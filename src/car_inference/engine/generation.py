@@ -120,9 +120,8 @@ class GenerationMixin(Lifecycle):
         expect(request, GenerateRequest, "route")
         decision = self.router.decide(request, self.registry, preferred=self.config.preferred.generate)
         chosen = self.registry.get(decision.model_id)
-        if chosen is not None and not chosen.has_capability(ModelCapability.GENERATE):
-            # A named model that cannot answer: its call's error, not a decision for a call that would fail.
-            raise UnsupportedMode("generate", chosen.kind, f"{chosen.id} does not declare generate")
+        if chosen is not None:  # a named model that cannot answer: its call's error, not a decision
+            chosen.require(ModelCapability.GENERATE)
         return self._fallback_policy(decision)
 
     def _fallback_policy(self, decision: RoutingDecision) -> RoutingDecision:

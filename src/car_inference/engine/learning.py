@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from ..errors import InvalidInput, TraceNotFound, UnsupportedMode, expect, validation_summary
+from ..errors import InvalidInput, TraceNotFound, expect, validation_summary
 from ..requests import GenerateParams, GenerateRequest
 from ..routing import OutcomeTracker, RoutingDecision
 from ..routing.outcomes import InferenceTask
@@ -108,7 +108,11 @@ class LearningMixin(Lifecycle):
         input_tokens = _count("input_tokens", input_tokens)
         output_tokens = _count("output_tokens", output_tokens) or 0
         prompt = _text("prompt", prompt)
-        chosen = decision.model_id if model_id is None else self._generator(model_id, "report").id
+        chosen = decision.model_id
+        if model_id is not None:  # the caller ran another model: a route-only outcome is a generation's
+            schema = self.resolve(model_id)
+            schema.require(ModelCapability.GENERATE, "report")
+            chosen = schema.id
         trace_id = uuid.uuid4().hex
         now = time.time()
         self.bookkeeper.flush()  # keep this process's records in order
@@ -148,13 +152,6 @@ class LearningMixin(Lifecycle):
             provider = schema.provider if schema is not None else "unknown"
             # The caller made this call: no estimate of ours was held for it, none is settled.
             self.spend.record(provider, model_id, cost_usd, settles=False)
-
-    def _generator(self, name: str, what: str) -> ModelSchema:
-        """The model ``name`` names, which must generate: a route-only outcome is a generation's."""
-        schema = self.resolve(name)
-        if not schema.has_capability(ModelCapability.GENERATE):
-            raise UnsupportedMode("generate", schema.kind, f"{what}: {schema.id} does not declare generate")
-        return schema
 
     def open_trace(self, decision: RoutingDecision) -> str:
         """A pending trace for ``decision``, completed later by ``feedback(trace_id, score)``."""
