@@ -114,6 +114,9 @@ class KeyProvider(Protocol):
 
     def acquire(self, env_var: str) -> str | None: ...
     def report(self, env_var: str, key: str, *, status: int | None, retry_after: float | None) -> None: ...
+    def refused(self, env_var: str) -> bool:
+        """Whether every key of ``env_var`` was refused by the provider (why ``acquire`` gives none)."""
+        ...
 
 
 @dataclass

@@ -297,6 +297,9 @@ class _EnvKeys:
     def report(self, env_var: str, key: str, *, status: int | None, retry_after: float | None) -> None:
         return None
 
+    def refused(self, env_var: str) -> bool:
+        return False  # nothing is remembered without a pool
+
 
 # --- the base backend ---------------------------------------------------------------------------
 
@@ -381,8 +384,7 @@ class RemoteBackend:
             if tried:
                 return None
             if endpoint.needs_key:
-                refused = getattr(self._keys, "refused", None)  # a KeyPool knows; a bare provider not
-                reason = no_usable_key(endpoint.key_env, bool(refused and refused(endpoint.key_env)))
+                reason = no_usable_key(endpoint.key_env, self._keys.refused(endpoint.key_env))
                 raise ModelUnavailable(model.id, reason)  # as the registry says it
             return PLACEHOLDER_KEY
         return None if key in tried else key
