@@ -85,6 +85,97 @@ context_length = 32768
     )
 
 
+ENDPOINT = """
+[[endpoints]]
+name = "gpubox"
+kind = "vllm"
+base_url = "http://gpubox:8000/v1"
+models = ["Qwen/Qwen3-8B", "small"]
+context_length = 32768
+"""
+
+
+def test_a_sourceless_entry_refines_an_endpoint_model(isolated_home: Path) -> None:
+    """A paid OpenAI-compatible endpoint was priced $0 (spend limits never saw it) unless the
+    user rewrote the whole model, source included, as a [[models]] entry."""
+    path = isolated_home / "models.toml"
+    path.write_text(
+        ENDPOINT
+        + """
+[[models]]
+id = "gpubox/Qwen/Qwen3-8B"
+quality = 0.7
+fallbacks = ["gpubox/small"]
+[models.cost]
+input_per_mtok = 0.5
+output_per_mtok = 1.5
+"""
+    )
+    catalog = load_catalog(path)
+    by_id = {m.id: m for m in catalog.models}
+    qwen = by_id["gpubox/Qwen/Qwen3-8B"]
+    assert qwen.cost.input_per_mtok == 0.5 and qwen.cost.output_per_mtok == 1.5
+    assert qwen.quality == 0.7 and qwen.fallbacks == ["gpubox/small"]
+    assert qwen.kind == "vllm" and qwen.context_length == 32768 and qwen.tags == ["endpoint"]
+    assert by_id["gpubox/small"].cost.output_per_mtok == 0, "only the entry named is refined"
+    (endpoint,) = catalog.endpoints
+    assert endpoint.to_schemas(["Qwen/Qwen3-8B"])[0].cost.input_per_mtok == 0.5, (
+        "a discovery's list of the same model is refined too"
+    )
+
+
+def test_a_refinement_of_a_discovered_model_waits_for_its_discovery(isolated_home: Path) -> None:
+    path = isolated_home / "models.toml"
+    path.write_text(
+        ENDPOINT.replace('models = ["Qwen/Qwen3-8B", "small"]', "discover = true")
+        + '\n[[models]]\nid = "gpubox/later"\n[models.cost]\noutput_per_mtok = 2.0\n'
+    )
+    catalog = load_catalog(path)
+    assert not any(m.id.startswith("gpubox/") for m in catalog.models), "nothing listed yet"
+    later, other = catalog.endpoints[0].to_schemas(["later", "other"])
+    assert later.cost.output_per_mtok == 2.0 and other.cost.output_per_mtok == 0
+
+
+def test_the_readmes_models_toml_example_loads(isolated_home: Path) -> None:
+    """The README's models.toml example (an override, a GGUF, an endpoint and its refinement)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = readme.split("`models.toml` adds or overrides")[1].split("```toml\n")[1].split("```")[0]
+    path = isolated_home / "models.toml"
+    path.write_text(example)
+    by_id = {m.id: m for m in load_catalog(path).models}
+    qwen = by_id["gpubox/Qwen/Qwen3-8B"]
+    assert qwen.kind == "vllm" and qwen.cost.output_per_mtok == 0.30 and qwen.quality == 0.6
+    assert qwen.fallbacks == ["qwen/qwen3-0.6b:q8_0"] and "qwen/qwen3-0.6b:q8_0" in by_id
+    assert by_id["me/mistral-7b:q4"].name == "my-mistral"
+
+
+@pytest.mark.parametrize(
+    ("entry", "line", "field", "says"),
+    [
+        ('id = "gpubox/typo"\nquality = 0.5\n', 9, "models.0.id", "neither lists 'typo'"),
+        (
+            'id = "gpubox/small"\n[models.cost]\ninput_per_mtok = "cheap"\n',
+            12,
+            "models.0.cost.input_per_mtok",
+            "",
+        ),
+        ('id = "gpubox/small"\nquality = 2\n', 11, "models.0.quality", ""),
+        ('id = "nobox/small"\nquality = 0.5\n', 9, "models.0.name", "Field required"),
+    ],
+)
+def test_a_bad_refinement_is_an_error_at_load(
+    isolated_home: Path, entry: str, line: int, field: str, says: str
+) -> None:
+    """Checked when the file is read: a discovered model's bad price would otherwise surface only
+    when the endpoint was first asked, on some request's path."""
+    path = isolated_home / "models.toml"
+    path.write_text(ENDPOINT + "\n[[models]]\n" + entry)
+    with pytest.raises(ConfigError) as info:
+        load_catalog(path)
+    assert (info.value.line, info.value.field) == (line, field)
+    assert says in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("text", "line", "field"),
     [

@@ -15,7 +15,7 @@ from car_inference.engine import InferenceEngine
 from car_inference.errors import ModelNotFound, ProviderError
 from car_inference.requests import GenerateRequest
 from car_inference.runtimes.endpoints import list_served_models
-from fakes import FakeProviderServer, Fault
+from fakes import FakeProviderServer, Fault, Reply
 
 
 @pytest.fixture
@@ -178,3 +178,27 @@ async def test_endpoints_are_asked_together(isolated_home: Path) -> None:
     assert list(report) == ["mute1", "mute2"], "in the configuration's order"
     assert all(isinstance(r, ProviderError) and r.retryable for r in report.values())
     assert most == 2
+
+
+async def test_a_discovered_endpoint_model_carries_its_declared_price_and_fallbacks(
+    fake: FakeProviderServer, isolated_home: Path
+) -> None:
+    """[[models]] entries without a source refine an endpoint's models: a discovered model is
+    charged its price (it was $0, so a spend limit never saw a paid endpoint) and a named model
+    that fails goes to its declared fallback on the same endpoint."""
+    (isolated_home / "models.toml").write_text(
+        f'[[endpoints]]\nname = "box"\nbase_url = "{fake.openai_base_url}"\ndiscover = true\n'
+        '[[models]]\nid = "box/Qwen/Qwen3-8B"\nfallbacks = ["box/meta-llama/Llama-3.1-8B-Instruct"]\n'
+        "[models.cost]\ninput_per_mtok = 100.0\noutput_per_mtok = 300.0\n"
+    )
+    engine = InferenceEngine()
+    fake.queue(Reply(text="paid answer", prompt_tokens=1000, completion_tokens=100))
+    result = await engine.generate(GenerateRequest(prompt="hi", model="box/Qwen/Qwen3-8B"))
+    assert result.text == "paid answer"
+    assert result.usage is not None and result.usage.cost_usd == pytest.approx(1000 * 100e-6 + 100 * 300e-6)
+    fake.queue(Fault.server_error())
+    result = await engine.generate(GenerateRequest(prompt="hi again", model="box/Qwen/Qwen3-8B"))
+    assert result.model_used == "box/meta-llama/Llama-3.1-8B-Instruct"
+    assert fake.requests[-1].json["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert result.usage is not None and result.usage.cost_usd == 0, "the fallback has no declared price"
+    engine.close()

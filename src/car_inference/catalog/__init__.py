@@ -9,7 +9,9 @@ A catalog file has three tables, all optional:
   merged over it (so ``cost.input_per_mtok`` alone can be overridden);
 - ``[[endpoints]]``: an OpenAI-compatible server (vLLM, Ollama, llama.cpp server, LM Studio, any
   base URL) and the models it serves, each of which becomes a catalog model ``NAME/MODEL`` whose
-  source its kind's source class makes (``endpoint_source``).
+  source its kind's source class makes (``endpoint_source``). A ``[[models]]`` entry without a
+  ``source`` whose id is ``NAME/MODEL`` refines that endpoint model (its ``cost``, ``quality``,
+  ``fallbacks``, ...), whether the model is listed or discovered.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .._tomlfile import config_error, read_toml, validate_file
 from ..errors import ConfigError
@@ -43,6 +45,9 @@ class EndpointConfig(BaseModel):
     capabilities: list[ModelCapability] = Field(default_factory=lambda: [ModelCapability.GENERATE])
     context_length: int = Field(default=0, ge=0)
     discover: bool = Field(default=False, description="list the server's /v1/models at start-up")
+    # [[models]] entries without a source that name one of this endpoint's models, by wire name:
+    # merged over the generated entry (a paid endpoint's prices, a quality prior, fallbacks).
+    _refinements: dict[str, dict[str, Any]] = PrivateAttr(default_factory=dict)
 
     @field_validator("base_url")
     @classmethod
@@ -63,21 +68,28 @@ class EndpointConfig(BaseModel):
         return kind
 
     def to_schemas(self, served: list[str] | None = None) -> list[ModelSchema]:
-        make = KINDS[self.kind].source.endpoint_source  # type: ignore[attr-defined]
         return [
-            ModelSchema.model_validate(
-                {
-                    "id": f"{self.name}/{wire_name}",
-                    "name": wire_name,
-                    "provider": self.name,
-                    "capabilities": self.capabilities,
-                    "context_length": self.context_length,
-                    "source": make(self.base_url, self.api_key_env, wire_name),
-                    "tags": ["endpoint"],
-                }
-            )
+            ModelSchema.model_validate(self._entry(wire_name))
             for wire_name in (served if served is not None else self.models)
         ]
+
+    def _entry(self, wire_name: str) -> dict[str, Any]:
+        make = KINDS[self.kind].source.endpoint_source  # type: ignore[attr-defined]
+        entry = {
+            "id": f"{self.name}/{wire_name}",
+            "name": wire_name,
+            "provider": self.name,
+            "capabilities": self.capabilities,
+            "context_length": self.context_length,
+            "source": make(self.base_url, self.api_key_env, wire_name),
+            "tags": ["endpoint"],
+        }
+        return _merge(entry, self._refinements.get(wire_name, {}))
+
+    def refine(self, wire_name: str, fields: dict[str, Any]) -> None:
+        """Merge ``fields`` (a ``[[models]]`` entry without a source) over the entry of
+        ``wire_name`` whenever it is made, listed or discovered."""
+        self._refinements[wire_name] = _merge(self._refinements.get(wire_name, {}), fields)
 
 
 # The kinds an [[endpoints]] entry may have: those whose source class can describe a served model.
@@ -182,6 +194,7 @@ def load_catalog(user_file: Path | None) -> Catalog:
     if user_file is not None and user_file.exists():
         parsed, text = _read(user_file)
         hosts = {name: _merge_host(hosts.get(name), h) for name, h in {**hosts, **parsed.hosts}.items()}
+        endpoints = parsed.endpoints
         for index, data in enumerate(parsed.models):
             model_id = data.get("id")
             if not isinstance(model_id, str):
@@ -194,8 +207,10 @@ def load_catalog(user_file: Path | None) -> Catalog:
                     field=f"models.{index}.id",
                 )
             base = entries.get(model_id, ({}, "", "", None))[0]
+            refines = not base and "source" not in data
+            if refines and _refine_endpoint(endpoints, data, user_file, text, index):
+                continue
             entries[model_id] = (_merge(base, data), str(user_file), text, index)
-        endpoints = parsed.endpoints
 
     models: list[ModelSchema] = []
     for data, origin, text, entry_index in entries.values():
@@ -213,6 +228,34 @@ def load_catalog(user_file: Path | None) -> Catalog:
                 models.append(schema)
                 seen.add(schema.id)
     return Catalog(models=models, hosts=hosts, endpoints=endpoints)
+
+
+def _refine_endpoint(
+    endpoints: list[EndpointConfig], data: dict[str, Any], path: Path, text: str, index: int
+) -> bool:
+    """A ``[[models]]`` entry ``NAME/MODEL`` without a source, where NAME is an endpoint of the
+    same file: kept as a refinement of that endpoint's model, checked now (a typo in a price is
+    an error at start-up, not when the model is first discovered). False for any other entry."""
+    prefix, _, wire_name = data["id"].partition("/")
+    endpoint = next((e for e in endpoints if e.name == prefix), None)
+    if endpoint is None or not wire_name:
+        return False
+    if wire_name not in endpoint.models and not endpoint.discover:
+        raise ConfigError(
+            f"model {data['id']} has no source and endpoint {prefix!r} neither lists {wire_name!r} "
+            "in its models nor discovers them: add it to the endpoint's models, or give the entry "
+            "a source",
+            path=str(path),
+            line=_entry_line(text, index),
+            field=f"models.{index}.id",
+        )
+    fields = {k: v for k, v in data.items() if k != "id"}
+    try:
+        ModelSchema.model_validate(_merge(endpoint._entry(wire_name), fields))
+    except ValidationError as exc:
+        raise config_error(exc, path, text, ("models", index)) from None
+    endpoint.refine(wire_name, fields)
+    return True
 
 
 def _merge_host(base: HostConfig | None, over: HostConfig) -> HostConfig:
