@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import threading
 import wave
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from car_inference.catalog.locate import whisper_parts
 from car_inference.config import CarConfig
 from car_inference.engine import InferenceEngine
 from car_inference.errors import InferenceFailed, InvalidInput
-from car_inference.requests import SynthesizeRequest, TranscribeRequest
+from car_inference.requests import SynthesizeRequest, TranscribedSegment, TranscribeRequest
 from car_inference.schema import ModelSchema, WhisperSource
 
 from .helpers import finish_order
@@ -161,6 +162,22 @@ async def test_a_long_transcription_takes_turns_with_another_clients(
         lambda: backend.transcribe(model, TranscribeRequest(audio_path=str(fox_wav))),
     )
     assert finished == ["b", "a"]
+
+
+async def test_each_segment_is_handed_over_as_it_is_decoded(
+    backend: WhisperBackend, model: ModelSchema, fox_wav: Path, tmp_path: Path
+) -> None:
+    """``on_segment`` (what a streamed transcription sends) gets the result's segments, in order,
+    from the worker thread decoding them, before the result exists."""
+    padded = _with_silence(fox_wav, tmp_path / "padded.wav", 1.0, 1.0)
+    handed: list[tuple[TranscribedSegment, str]] = []
+    heard = await backend.transcribe(
+        model,
+        TranscribeRequest(audio_path=str(padded), language="en"),
+        on_segment=lambda s: handed.append((s, threading.current_thread().name)),
+    )
+    assert heard.segments and [s for s, _ in handed] == heard.segments
+    assert all(thread != threading.main_thread().name for _, thread in handed)
 
 
 async def test_missing_and_bad_audio_files_are_named(

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from car_inference.backends.base import SegmentCallback
 from car_inference.engine import InferenceEngine
 from car_inference.requests import (
     GenerateImageRequest,
@@ -205,7 +206,9 @@ def test_subtitles_of_a_transcript() -> None:
 class MediaEngine(InferenceEngine):
     """An engine whose speech and image tasks act like installed backends."""
 
-    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+    async def transcribe(
+        self, request: TranscribeRequest, on_segment: SegmentCallback | None = None
+    ) -> TranscribeResult:
         audio = Path(request.audio_path).read_bytes()
         return TranscribeResult(
             text=f"{len(audio)} bytes heard", model_used="test/stt", language=request.language

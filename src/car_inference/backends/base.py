@@ -45,6 +45,7 @@ from ..requests import (
     SynthesizeResult,
     TokenUsage,
     ToolCall,
+    TranscribedSegment,
     TranscribeRequest,
     TranscribeResult,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "KeyProvider",
     "PromptCounter",
     "Reranker",
+    "SegmentCallback",
     "Synthesizer",
     "TextGenerator",
     "Tokenizer",
@@ -159,9 +161,16 @@ class Tokenizer(Protocol):
     async def detokenize(self, model: ModelSchema, tokens: list[int]) -> str: ...
 
 
+# Called with each stretch of a transcript as it is decoded, from the worker thread decoding it,
+# by backends that decode in steps (faster-whisper, a 30-second window a step); others call nothing.
+SegmentCallback = Callable[[TranscribedSegment], None]
+
+
 @runtime_checkable
 class Transcriber(Protocol):
-    async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult: ...
+    async def transcribe(
+        self, model: ModelSchema, request: TranscribeRequest, on_segment: SegmentCallback | None = None
+    ) -> TranscribeResult: ...
 
 
 @runtime_checkable

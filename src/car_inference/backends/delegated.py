@@ -58,7 +58,7 @@ from ..stream import (
     ToolCallStart,
     UsageEvent,
 )
-from .base import BackendContext, GenerationOutput
+from .base import BackendContext, GenerationOutput, SegmentCallback
 
 __all__ = ["DelegatedBackend", "RunnerRegistration", "RunnerTable", "as_output"]
 
@@ -291,7 +291,10 @@ class DelegatedBackend:
     async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:
         return await self._forward(model, "classify", Classification, request)
 
-    async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult:
+    async def transcribe(
+        self, model: ModelSchema, request: TranscribeRequest, on_segment: SegmentCallback | None = None
+    ) -> TranscribeResult:
+        """The whole transcript at once: ``on_segment`` is never called."""
         return await self._forward(model, "transcribe", TranscribeResult, request)
 
     async def synthesize(self, model: ModelSchema, request: SynthesizeRequest) -> SynthesizeResult:

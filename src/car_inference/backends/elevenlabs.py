@@ -40,6 +40,7 @@ from ..requests import (
     TranscribeResult,
 )
 from ..schema import ElevenLabsSource, ModelSchema
+from .base import SegmentCallback
 from .media_files import output_path, read_upload, readable_file
 from .openai_speech import AUDIO_MEDIA_TYPES, stream_to
 from .remote import Endpoint, ErrorSite, RemoteBackend, status_error, transport_error
@@ -154,7 +155,10 @@ class ElevenLabsBackend(RemoteBackend):
 
     # --- transcription -------------------------------------------------------------------------
 
-    async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult:
+    async def transcribe(
+        self, model: ModelSchema, request: TranscribeRequest, on_segment: SegmentCallback | None = None
+    ) -> TranscribeResult:
+        """The whole transcript at once: ``on_segment`` is never called."""
         audio = readable_file(request.audio_path, "audio file")
         if request.prompt:
             raise UnsupportedMode("prompt", self.kind, f"{model.id} (Scribe) takes no prompt")

@@ -33,6 +33,7 @@ from ..requests import (
     TranscribeResult,
 )
 from ..schema import ModelSchema
+from .base import SegmentCallback
 from .media_files import atomic_file, output_path, read_upload, readable_file
 from .voices import Voice, VoiceList
 
@@ -73,7 +74,10 @@ class OpenAISpeechMixin:
             note="also a custom voice id of the account (voice_...)",
         )
 
-    async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult:
+    async def transcribe(
+        self, model: ModelSchema, request: TranscribeRequest, on_segment: SegmentCallback | None = None
+    ) -> TranscribeResult:
+        """The whole transcript at once: ``on_segment`` is never called."""
         audio = readable_file(request.audio_path, "audio file")
         upload = read_upload(str(audio))
         options: dict[str, Any] = {"response_format": "verbose_json" if request.timestamps else "json"}

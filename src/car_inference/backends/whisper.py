@@ -27,7 +27,7 @@ from ..catalog.locate import local_path, whisper_parts
 from ..errors import InferenceFailed, InvalidInput, ModelUnavailable
 from ..requests import TranscribedSegment, TranscribedWord, TranscribeRequest, TranscribeResult
 from ..schema import ModelSchema, WhisperSource
-from .base import BackendContext, run_stoppable, until_stopped
+from .base import BackendContext, SegmentCallback, run_stoppable, until_stopped
 from .cache import CachedModel
 from .fair import step_by_step
 from .media_files import readable_file
@@ -80,7 +80,10 @@ class WhisperBackend:
     def warm_up(self, model: ModelSchema) -> None:
         self._entry(model)
 
-    async def transcribe(self, model: ModelSchema, request: TranscribeRequest) -> TranscribeResult:
+    async def transcribe(
+        self, model: ModelSchema, request: TranscribeRequest, on_segment: SegmentCallback | None = None
+    ) -> TranscribeResult:
+        """``on_segment`` gets each segment as its window is decoded (a server streams them)."""
         audio = readable_file(request.audio_path, "audio file")
 
         def work(stop: threading.Event) -> TranscribeResult:
@@ -101,21 +104,25 @@ class WhisperBackend:
                     )
                 # decoding happens while iterating, a 30-second window a step and a turn on the model
                 windows = step_by_step(segments, entry.lock)
-                segments = list(until_stopped(windows, stop, f"{model.id}: transcription"))
+                decoded = []
+                for segment in until_stopped(windows, stop, f"{model.id}: transcription"):
+                    decoded.append(segment)
+                    if on_segment is not None:
+                        on_segment(TranscribedSegment.of(segment))
             except RuntimeError as exc:  # the model itself (CTranslate2), not the input
                 raise InferenceFailed(f"{model.id} failed on {audio}: {exc}") from exc
             words = [
                 TranscribedWord(word=w.word.strip(), start=_seconds(w.start), end=_seconds(w.end))
-                for s in segments
+                for s in decoded
                 for w in s.words or ()
             ]
             return TranscribeResult(
-                text="".join(s.text for s in segments).strip(),
+                text="".join(s.text for s in decoded).strip(),
                 model_used=model.id,
                 language=info.language,
                 duration=duration,
                 words=words,
-                segments=[TranscribedSegment.of(s) for s in segments],
+                segments=[TranscribedSegment.of(s) for s in decoded],
             )
 
         return await run_stoppable(work)

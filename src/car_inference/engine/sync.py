@@ -41,6 +41,7 @@ from .core import InferenceEngine
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from ..backends.base import SegmentCallback
     from ..backends.delegated import RunnerRegistration
     from ..backends.voices import VoiceList
     from ..routing import RoutingDecision
@@ -138,8 +139,10 @@ class SyncInferenceEngine:
     def ground(self, request: GroundRequest) -> GroundResult:
         return self._run(self.engine.ground(request))
 
-    def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
-        return self._run(self.engine.transcribe(request))
+    def transcribe(
+        self, request: TranscribeRequest, on_segment: SegmentCallback | None = None
+    ) -> TranscribeResult:
+        return self._run(self.engine.transcribe(request, on_segment))
 
     def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
         return self._run(self.engine.synthesize(request))

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import tracing
-from ..backends.base import Tokenizer
+from ..backends.base import SegmentCallback, Tokenizer
 from ..backends.media_files import readable_file
 from ..errors import InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode, expect
 from ..requests import (
@@ -202,7 +202,12 @@ class TaskMixin(Lifecycle):
     # named, else the configured one for the capability. Each goes through the backend of its
     # kind; one not installed or lacking the task raises ModelUnavailable / UnsupportedMode.
 
-    async def transcribe(self, request: TranscribeRequest) -> TranscribeResult:
+    async def transcribe(
+        self, request: TranscribeRequest, on_segment: SegmentCallback | None = None
+    ) -> TranscribeResult:
+        """Speech in ``request.audio_path`` as text. ``on_segment(segment)`` is called from a
+        worker thread with each stretch of the transcript as it is decoded, by models that decode
+        in steps (local Whisper); a hosted model's whole answer comes at once, without calls."""
         self._check_open()
         expect(request, TranscribeRequest, "transcribe")
         if request.model:
@@ -211,7 +216,7 @@ class TaskMixin(Lifecycle):
         model = speech_model(self, request.model, ModelCapability.SPEECH_TO_TEXT)
         method = self._task_method(model, ModelCapability.SPEECH_TO_TEXT, "transcribe")
         cost = transcription_cost(model, request.audio_path)  # hosted speech counts against spend limits
-        return await charged(self.spend, model, cost, lambda: method(model, request))
+        return await charged(self.spend, model, cost, lambda: method(model, request, on_segment=on_segment))
 
     async def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
         self._check_open()

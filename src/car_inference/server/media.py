@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import re
 import shutil
 import tempfile
@@ -25,6 +24,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from ..engine.speech import speech_model
 from ..errors import InferenceError
 from ..requests import (
     GenerateImageRequest,
@@ -33,8 +33,10 @@ from ..requests import (
     TranscribeRequest,
     TranscribeResult,
 )
+from ..schema import ModelCapability
 from .common import ServerState, car_headers, given, json_response, read_json
 from .errors import ApiError, guarded, validated
+from .transcripts import TranscriptEvents
 from .translate import AUTO
 
 __all__ = ["STT", "TTS", "Form", "FormField", "parse_multipart", "register", "subtitles", "upload_name"]
@@ -138,19 +140,6 @@ def _transcript(result: TranscribeResult, fmt: str, words: bool) -> Response:
     return json_response(body, headers=headers)
 
 
-def _transcript_events(result: TranscribeResult) -> Response:
-    """A transcription asked for with ``stream=true``, as OpenAI's streamed events: a
-    ``transcript.text.delta`` per segment, then ``transcript.text.done`` with the whole text (the
-    SDK iterated a plain JSON answer as no events at all). The segments come once the audio is
-    transcribed: the events carry the format, not earlier text."""
-    pieces = [s.text for s in result.segments] or [result.text]
-    deltas = [" " + p if i else p for i, p in enumerate(pieces) if p]
-    events = [{"type": "transcript.text.delta", "delta": d} for d in deltas]
-    events.append({"type": "transcript.text.done", "text": result.text})
-    body = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events)
-    return Response(body, media_type="text/event-stream", headers=car_headers(result.model_used))
-
-
 def _decoder_figures(segment: TranscribedSegment) -> dict[str, float]:
     """OpenAI's segments always carry these; a model that gave none gets neutral values."""
     figures = {"temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": 0.0, "no_speech_prob": 0.0}
@@ -224,6 +213,8 @@ def register(app: FastAPI, state: ServerState) -> None:
         granularities = {f.text for f in fields.listed("timestamp_granularities")}
         stream = "stream" in fields and fields["stream"].text.strip().lower() == "true"
         workdir = Path(tempfile.mkdtemp(prefix="car-upload-"))
+        name = upload.filename or "the upload"
+        handed_over = False  # a stream removes the upload when its transcription ends
         try:
             audio = workdir / upload_name(upload.filename or "audio.wav")
             audio.write_bytes(upload.value)
@@ -234,14 +225,23 @@ def register(app: FastAPI, state: ServerState) -> None:
                 prompt=fields["prompt"].text if "prompt" in fields else None,
                 timestamps=fmt == "verbose_json" and "word" in granularities,
             )
+            if stream:
+                events = TranscriptEvents(
+                    state,
+                    lambda heard: engine.transcribe(call, on_segment=heard),
+                    speech_model(engine, call.model, ModelCapability.SPEECH_TO_TEXT).id,
+                    ended=lambda: shutil.rmtree(workdir, ignore_errors=True),
+                    clean=lambda exc: _without_path(exc, workdir, name),
+                )
+                handed_over = True
+                return await events.opening()
             async with asyncio.timeout(timeout_s):
                 result = await engine.transcribe(call)
         except InferenceError as exc:
-            raise _without_path(exc, workdir, upload.filename or "the upload") from None
+            raise _without_path(exc, workdir, name) from None
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        if stream:
-            return _transcript_events(result)
+            if not handed_over:
+                shutil.rmtree(workdir, ignore_errors=True)
         return _transcript(result, fmt, "word" in granularities)
 
     @guarded(TTS, timeout_s=timeout_s, retry_hint=state.retry_hint)
