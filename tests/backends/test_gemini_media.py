@@ -190,6 +190,18 @@ async def test_a_failed_interaction_and_provider_errors(fake: FakeProviderServer
     assert info.value.status == 429 and info.value.retryable  # translated, not the SDK's own error
 
 
+async def test_an_unreachable_interactions_api_is_a_provider_error(tmp_path: Path) -> None:
+    """The Interactions client's own connection error escaped untranslated: `car video` printed
+    a 100-line traceback, `car serve` failed the job as an internal error, no fallback ran."""
+    schema = CATALOG[OMNI]
+    closed = schema.model_copy(
+        update={"source": schema.source.model_copy(update={"base_url": "http://127.0.0.1:9"})}
+    )
+    with pytest.raises(ProviderError, match="connection failed: APIConnectionError") as info:
+        await make(tmp_path).generate_video(closed, GenerateVideoRequest(prompt="x"))
+    assert info.value.retryable and info.value.status is None and info.value.model == OMNI
+
+
 async def test_the_engine_charges_gemini_video_per_second(
     fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

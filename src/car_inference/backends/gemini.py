@@ -53,7 +53,7 @@ from ..requests import EmbedRequest, EmbedResult, GenerateRequest, Message, Text
 from ..schema import GeminiSource, GenerateParam, ModelSchema
 from ..stream import StreamEvent, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
 from .gemini_media import GeminiMediaMixin
-from .gemini_video import interaction_status_error
+from .gemini_video import interaction_connection_failed, interaction_status_error
 from .remote import (
     Endpoint,
     ErrorSite,
@@ -306,6 +306,8 @@ class GeminiBackend(GeminiMediaMixin, RemoteBackend):  # images: gemini_media.py
         if (answered := interaction_status_error(exc)) is not None:  # the Interactions API (video)
             status, message, headers = answered
             return status_error(status, message, headers=headers, **where)
+        if interaction_connection_failed(exc):
+            return transport_error(exc, connection=True, **where)
         if isinstance(exc, genai_errors.APIError):
             status = exc.code if isinstance(exc.code, int) else 200
             if status == 400 and _key_refused(exc):

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from .remote import Endpoint
 
-__all__ = ["GeminiVideoMixin", "interaction_status_error"]
+__all__ = ["GeminiVideoMixin", "interaction_connection_failed", "interaction_status_error"]
 
 Progress = Callable[[int, int], None]
 
@@ -208,6 +208,15 @@ def interaction_status_error(exc: Exception) -> tuple[int, str, Any] | None:
     message = error.get("message") if isinstance(error, dict) else None
     response = getattr(exc, "response", None)
     return status, str(message or exc), getattr(response, "headers", None)
+
+
+def interaction_connection_failed(exc: Exception) -> bool:
+    """The Interactions client's ``APIConnectionError`` (its ``APITimeoutError`` included),
+    matched by name as the module is private: unmatched, an unreachable Gemini escaped as a
+    traceback (`car video`) and an ``internal_error`` job (`car serve`)."""
+    return type(exc).__module__.startswith("google.genai") and any(
+        c.__name__ == "APIConnectionError" for c in type(exc).__mro__
+    )
 
 
 def _seconds(data: bytes) -> float | None:
