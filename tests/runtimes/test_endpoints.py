@@ -96,12 +96,15 @@ def test_a_discoverable_endpoints_model_can_be_named_before_any_discovery(
     engine.close()
 
 
-async def test_an_endpoints_failure_is_labelled_with_the_endpoint_not_openai(
-    fake: FakeProviderServer, isolated_home: Path
+@pytest.mark.parametrize("kind", ["openai", "vllm", "ollama"])
+async def test_an_endpoints_failure_is_labelled_with_the_endpoint_not_its_protocol(
+    fake: FakeProviderServer, isolated_home: Path, kind: str
 ) -> None:
-    """The user's own server failed as "openai fake/m returned 500": the wire protocol's name."""
+    """The user's own server failed as "openai box/m returned 500": the wire protocol's name
+    (for kind = "vllm", the README's own example, until later: "vllm box/m ...")."""
     (isolated_home / "models.toml").write_text(
-        f'[[endpoints]]\nname = "box"\nbase_url = "{fake.openai_base_url}"\nmodels = ["m"]\n'
+        f'[[endpoints]]\nname = "box"\nkind = "{kind}"\nbase_url = "{fake.openai_base_url}"\n'
+        'models = ["m"]\n'
     )
     engine = InferenceEngine()
     fake.queue(Fault.server_error())

@@ -113,13 +113,14 @@ class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
 
     def endpoint(self, model: ModelSchema) -> Endpoint:
         source = model.source
+        # An [[endpoints]] server's failures carry its name ("gpubox"), others the runtime's.
+        named = model.provider if "endpoint" in model.tags else None
         if isinstance(source, OllamaSource):
-            return Endpoint(
-                "ollama", source.host.rstrip("/") + "/v1", None, source.model_tag, needs_key=False
-            )
+            host = source.host.rstrip("/") + "/v1"
+            return Endpoint(named or "ollama", host, None, source.model_tag, needs_key=False)
         if isinstance(source, VllmSource):
             base = source.endpoint.rstrip("/") + "/v1"
-            return Endpoint("vllm", base, source.api_key_env, source.model_name, needs_key=False)
+            return Endpoint(named or "vllm", base, source.api_key_env, source.model_name, needs_key=False)
         return super().endpoint(model)
 
     def make_client(self, endpoint: Endpoint, key: str) -> openai.AsyncOpenAI:
