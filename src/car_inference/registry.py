@@ -31,6 +31,9 @@ BackendCheck = Callable[[str], bool]
 TaskCheck = Callable[[str], frozenset[ModelCapability]]
 # Is a runner registered for this (delegated) model? The engine's runner table answers.
 RunnerCheck = Callable[[ModelSchema], bool]
+# Why a model whose server we start (``managed``) cannot start here, or None: the engine asks the
+# runtimes (``runtimes.specs.runtime_problem``).
+RuntimeCheck = Callable[[ModelSchema], str | None]
 
 
 class ModelFilter(BaseModel):
@@ -80,6 +83,7 @@ class UnifiedRegistry:
         task_check: TaskCheck | None = None,
         runner_check: RunnerCheck | None = None,
         key_refused: KeyCheck | None = None,
+        runtime_check: RuntimeCheck | None = None,
     ) -> None:
         self.hosts = dict(hosts or {})
         self.endpoints = list(endpoints or [])
@@ -89,6 +93,7 @@ class UnifiedRegistry:
         self._backend_check = backend_check or (lambda kind: True)
         self._task_check = task_check
         self._runner_check = runner_check or (lambda schema: False)
+        self._runtime_check = runtime_check or (lambda schema: None)
         self._models: dict[str, ModelSchema] = {}
         self._names: dict[str, str] = {}
         # Bumped whenever a model or its availability changes: caches of derived data (the
@@ -107,9 +112,11 @@ class UnifiedRegistry:
         task_check: TaskCheck | None = None,
         runner_check: RunnerCheck | None = None,
         key_refused: KeyCheck | None = None,
+        runtime_check: RuntimeCheck | None = None,
     ) -> UnifiedRegistry:
         """``key_refused(env_var)``: whether the variable's keys are all refused by the provider
-        (the reason a model is unavailable then names, instead of "set" a variable that is set)."""
+        (the reason a model is unavailable then names, instead of "set" a variable that is set);
+        ``runtime_check(schema)``: why a model whose server we start cannot start here, or None."""
         catalog: Catalog = load_catalog(config.paths.models_file)
         return cls(
             catalog.models,
@@ -120,6 +127,7 @@ class UnifiedRegistry:
             task_check=task_check,
             runner_check=runner_check,
             key_refused=key_refused,
+            runtime_check=runtime_check,
         )
 
     # --- registration ------------------------------------------------------------------------
@@ -195,7 +203,7 @@ class UnifiedRegistry:
         return self._reach_problem(schema) is None
 
     def _reach_problem(self, schema: ModelSchema) -> str | None:
-        return _REACH[schema.spec.locality](self, schema)
+        return _REACH[schema.spec.locality](self, schema) or self._runtime_check(schema)
 
     def _files_problem(self, schema: ModelSchema) -> str | None:
         try:

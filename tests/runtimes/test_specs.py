@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from car_inference.config import CarConfig
+from car_inference.engine import InferenceEngine
 from car_inference.errors import ModelUnavailable
+from car_inference.requests import GenerateRequest
 from car_inference.runtimes.specs import (
     RUNTIME_FOR_KIND,
     VLLM_MIN,
@@ -22,6 +24,7 @@ from car_inference.runtimes.specs import (
     is_managed,
     parse_version,
     run_step,
+    runtime_problem,
     runtime_specs,
 )
 from car_inference.schema import ModelSchema
@@ -198,3 +201,34 @@ def test_vllm_is_asked_its_version_once_per_file(tmp_path: Path, monkeypatch: py
     assert calls.read_text() == "x", "vLLM imports torch to answer: one call is enough"
     write("0.12.1 ")  # a new install (another size) is asked again
     assert spec.version() == "0.12.1" and calls.read_text() == "xx"
+
+
+async def test_a_managed_model_whose_runtime_is_not_installed_is_not_available(
+    isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's managed vLLM model, with no vLLM here, was listed "available: yes" and kept
+    as a routing candidate and fallback, then failed with "the vllm runtime is not installed"."""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CAR_VLLM_BIN", raising=False)
+    specs = runtime_specs(isolated_home)
+    hint = specs["vllm"].install_hint
+    assert runtime_problem(specs, _vllm_model()) == f"the vllm runtime is not installed: {hint}"
+    assert runtime_problem(specs, _vllm_model(managed=False)) is None, "a server the user runs"
+    (isolated_home / "models.toml").write_text(
+        '[[models]]\nid = "local/qwen3-0.6b-vllm"\nname = "qwen3-0.6b"\nprovider = "local"\n'
+        'capabilities = ["generate"]\ncontext_length = 4096\nquality = 0.99\n'
+        '[models.source]\nkind = "vllm"\nmodel_name = "Qwen/Qwen3-0.6B"\nmanaged = true\n'
+    )
+    engine = InferenceEngine()
+    schema = engine.registry.find("local/qwen3-0.6b-vllm")
+    assert schema is not None and not schema.available
+    assert "vllm runtime is not installed" in engine.registry.unavailable_reason(schema)
+    decision = engine.route(GenerateRequest(prompt="Write a haiku about the sea."))
+    assert "local/qwen3-0.6b-vllm" not in [decision.model_id, *decision.fallbacks]
+    with pytest.raises(ModelUnavailable, match="the vllm runtime is not installed"):
+        await engine.generate(GenerateRequest(prompt="hi", model="local/qwen3-0.6b-vllm"))
+    # Once a vllm is there (found, its version not yet asked), the model is available again.
+    _fake_binary(tmp_path / "empty", "vllm", "0.11.0")
+    engine.registry.refresh_availability()
+    assert engine.registry.find("local/qwen3-0.6b-vllm").available  # type: ignore[union-attr]
+    engine.close()

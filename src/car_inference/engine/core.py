@@ -51,6 +51,7 @@ from ..routing.breaker_redis import circuit_breakers
 from ..routing.coord import Fleet
 from ..runtimes.endpoints import EndpointDiscovery
 from ..runtimes.managed import RuntimeSupervisor
+from ..runtimes.specs import runtime_problem, runtime_specs
 from ..schema import ModelCapability, ModelSchema
 from .bookkeeping import Bookkeeper
 from .generation import GenerationMixin
@@ -103,6 +104,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
             backend_check=backend_table.backend_available,
             task_check=backend_table.backend_tasks,
             runner_check=self.runners.serves,
+            runtime_check=functools.partial(runtime_problem, runtime_specs(self.config.home)),
         )
         self.registry.on_miss = EndpointDiscovery(self.registry, self.config.remote.connect_timeout_s)
         self.cache = ModelCache(self.config.local.cache_mb, record_dir=self.config.home / "loaded")

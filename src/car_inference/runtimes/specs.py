@@ -48,6 +48,7 @@ __all__ = [
     "instance_name",
     "is_managed",
     "parse_version",
+    "runtime_problem",
     "runtime_specs",
 ]
 
@@ -151,6 +152,11 @@ class RuntimeSpec:
         response = httpx.get(base_url + "/v1/models", timeout=timeout_s)
         response.raise_for_status()
         return [str(item["id"]) for item in response.json()["data"]]
+
+    def installed(self) -> bool:
+        """Whether a server can be started here, cheaply (it decides availability when a catalog
+        loads; ``require`` makes the full check on first use)."""
+        return self.command() is not None
 
     def require(self, model_id: str) -> list[str]:
         found = self.command()
@@ -257,6 +263,11 @@ class VllmSpec(RuntimeSpec):
     def command(self) -> list[str] | None:
         found = self.locate(self.home)
         return [str(found), "serve"] if found else None
+
+    def installed(self) -> bool:
+        """A ``vllm`` is there, its version unasked (``vllm --version`` imports torch: seconds)."""
+        override = os.environ.get("CAR_VLLM_BIN")
+        return bool(override and Path(override).is_file()) or bool(self.candidates(self.home))
 
     def version(self) -> str | None:
         found = self.locate(self.home)
@@ -400,3 +411,12 @@ RUNTIME_FOR_KIND: dict[str, str] = {
 def is_managed(model: ModelSchema) -> bool:
     """The model's source says we start its server."""
     return bool(getattr(model.source, "managed", False)) and model.kind in RUNTIME_FOR_KIND
+
+
+def runtime_problem(specs: dict[str, RuntimeSpec], model: ModelSchema) -> str | None:
+    """Why a managed model cannot run here: its runtime is not installed (it was listed as
+    available and routed to, then failed with exactly this). None for other models."""
+    if not is_managed(model):
+        return None
+    spec = specs[RUNTIME_FOR_KIND[model.kind]]
+    return None if spec.installed() else f"the {spec.name} runtime is not installed: {spec.install_hint}"
