@@ -8,6 +8,7 @@ Messages never contain secrets: provider errors carry status and message text on
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "UnsupportedMode",
     "close_matches",
     "expect",
+    "money",
     "validation_summary",
 ]
 
@@ -189,6 +191,18 @@ class ProviderRejectedInput(ProviderError, InvalidInput):
     still run, but it never counts toward the provider's circuit breaker."""
 
 
+def money(usd: float) -> str:
+    """Dollars with cents, and with the significant digits of an amount under a cent
+    (a $0.0001 limit is not "$0.00")."""
+    if usd == 0 or not math.isfinite(usd):
+        return f"${usd:.2f}"
+    decimals = min(10, max(2, 2 - math.floor(math.log10(abs(usd)))))
+    text = f"{usd:,.{decimals}f}"
+    whole, _, frac = text.partition(".")
+    frac = frac.rstrip("0").ljust(2, "0")
+    return f"${whole}.{frac}"
+
+
 class SpendLimitExceeded(InferenceError):
     """A request would take spend over a configured limit; refused before the call."""
 
@@ -203,8 +217,8 @@ class SpendLimitExceeded(InferenceError):
         # Set by the engine when the model the caller chose is over the limit: no fallback then.
         self.refuses_request = False
         super().__init__(
-            f"{period} spend limit for {scope} is ${limit_usd:.2f}; spent ${spent_usd:.4f}, "
-            f"this request would add about ${estimate_usd:.4f}"
+            f"{period} spend limit for {scope} is {money(limit_usd)}; spent {money(spent_usd)}, "
+            f"this request would add about {money(estimate_usd)}"
         )
 
 

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from car_inference.cli import app
-from car_inference.cli.common import money
+from car_inference.errors import money
 from fakes import FakeProviderServer
 
 runner = CliRunner()
@@ -238,6 +238,20 @@ def test_generate_on_an_ad_hoc_openai_compatible_server(
     assert code == 2 and "--api-key-env goes with --base-url" in err
     code, _, err = car("generate", "--base-url", "127.0.0.1:8000/v1", "-m", "x", "hi")
     assert code == 2 and "must be an http:// or https:// URL" in err
+
+
+def test_a_spend_limit_refusal_exits_2_and_keeps_the_limits_digits(
+    fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server answers it with a 402 (the command cannot get past it as it is): it exited 1,
+    and a limit under a cent read "$0.00"."""
+    fake.reset()
+    (isolated_home / "models.toml").write_text(f'[hosts.openai]\nbase_url = "{fake.openai_base_url}"\n')
+    (isolated_home / "config.toml").write_text("[spend]\ndaily_usd = 0.0000001\n")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-spend-test-key-0001")
+    code, _, err = car("generate", "-m", "openai/gpt-4o-mini", "hi")
+    assert code == 2 and "daily spend limit for global is $0.0000001; spent $0.00" in err, err
+    assert len(err.strip().splitlines()) == 1 and fake.requests == [], "refused before any call"
 
 
 def test_models_pull_json() -> None:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import math
 import os
 import sqlite3
 import sys
@@ -25,6 +24,7 @@ from ..errors import (
     InferenceError,
     InvalidInput,
     ModelNotFound,
+    SpendLimitExceeded,
     TokenizationError,
     TraceNotFound,
     UnsupportedMode,
@@ -85,7 +85,11 @@ def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
 # Errors in what the user typed or configured; token ids a vocabulary does not have are one.
 # What the caller asked for wrongly (a model or trace that does not exist, input, configuration).
 # What the caller must change (HTTP 400/404 from the server): exit 2; failures of the work: exit 1.
-_USAGE_ERRORS = (ModelNotFound, TraceNotFound, ConfigError, InvalidInput, TokenizationError, UnsupportedMode)
+# A spend limit is configuration the command cannot get past (the server's 402).
+_USAGE_ERRORS = (
+    ModelNotFound, TraceNotFound, ConfigError, InvalidInput, TokenizationError, UnsupportedMode,
+    SpendLimitExceeded,
+)  # fmt: skip
 
 
 def _exit_code(exc: InferenceError) -> int:
@@ -223,15 +227,3 @@ def spinner(message: str, enabled: bool = True) -> Iterator[None]:
 
 def split_csv(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
-
-
-def money(usd: float) -> str:
-    """Dollars with cents, and with the significant digits of an amount under a cent
-    (a $0.0001 limit is not "$0.00")."""
-    if usd == 0 or not math.isfinite(usd):
-        return f"${usd:.2f}"
-    decimals = min(10, max(2, 2 - math.floor(math.log10(abs(usd)))))
-    text = f"{usd:,.{decimals}f}"
-    whole, _, frac = text.partition(".")
-    frac = frac.rstrip("0").ljust(2, "0")
-    return f"${whole}.{frac}"

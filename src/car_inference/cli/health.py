@@ -16,7 +16,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..config import CarConfig, load_config
-from .common import EXIT_USAGE, engine, err, fail, handle_errors, money, out, print_json
+from ..errors import money
+from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json
 
 # A server on this machine answers its health report in milliseconds; a port nobody listens on
 # is refused at once. The timeout only bounds a server that is stuck.

@@ -10,8 +10,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..errors import money
 from ..requests import GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
-from .common import EXIT_USAGE, engine, fail, handle_errors, money, named_model, out, print_json
+from .common import EXIT_USAGE, engine, fail, handle_errors, named_model, out, print_json
 
 profiles_app = typer.Typer(help="Export, import or forget learned model profiles.", no_args_is_help=True)
 
