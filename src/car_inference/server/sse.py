@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from starlette.responses import Response
@@ -37,7 +37,7 @@ from .common import ServerState, car_headers, dumps
 from .errors import ErrorInfo, describe, error_body
 from .translate import GenerationCall, call_id, dumps_str, finish_reason, usage_json
 
-__all__ = ["SSE_DONE", "ChatChunks", "CompletionChunks", "EventStream", "sse"]
+__all__ = ["SSE_DONE", "ChatChunks", "CompletionChunks", "EventStream", "send_body", "sse", "until_gone"]
 
 Send = Any
 Receive = Any
@@ -162,6 +162,19 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
+async def until_gone(pump: Coroutine[Any, Any, None], receive: Receive) -> None:
+    """Run ``pump`` (a response's sending) until it ends or the client disconnects, whichever
+    comes first; the other is cancelled and waited for."""
+    sending = asyncio.ensure_future(pump)
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait((sending, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sending, watcher):
+            task.cancel()
+        await asyncio.gather(sending, watcher, return_exceptions=True)
+
+
 class EventStream(Response):
     """ASGI response for ``engine.stream(...)`` rendered by ``chunks`` (chat or legacy text)."""
 
@@ -174,14 +187,9 @@ class EventStream(Response):
         self.route: RouteEvent | None = None
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
-        pump = asyncio.create_task(self._pump(send))
-        watcher = asyncio.create_task(_wait_disconnect(receive))
         try:
-            await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+            await until_gone(self._pump(send), receive)
         finally:
-            for task in (pump, watcher):
-                task.cancel()
-            await asyncio.gather(pump, watcher, return_exceptions=True)
             aclose = getattr(self.events, "aclose", None)
             if aclose is not None:
                 try:
@@ -211,11 +219,11 @@ class EventStream(Response):
                 while not isinstance(event, Done | ErrorEvent):
                     data = self.chunks.event(event)
                     if data:
-                        await _body(send, data)
+                        await send_body(send, data)
                     event = await anext(self.events)
                 if isinstance(event, Done):
                     self._on_done(event)
-                    await _body(send, self.chunks.finish(event))
+                    await send_body(send, self.chunks.finish(event))
                 else:
                     await self._fail(send, event, started)
         except asyncio.CancelledError:
@@ -246,7 +254,7 @@ class EventStream(Response):
             if not started:
                 await self._fail(send, self.state.shutdown_error(), started)
                 return
-            await _body(send, self.chunks.error(info) + SSE_DONE)
+            await send_body(send, self.chunks.error(info) + SSE_DONE)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _start(self, send: Send) -> None:
@@ -260,7 +268,7 @@ class EventStream(Response):
         if route is not None:
             head = self.chunks.head(route)
             if head:
-                await _body(send, head)
+                await send_body(send, head)
 
     def _on_done(self, done: Done) -> None:
         model = done.model_used or (self.route.model_id if self.route else None)
@@ -283,7 +291,7 @@ class EventStream(Response):
                 metrics.error(model, info.error_class)
         with contextlib.suppress(OSError):
             if started:
-                await _body(send, self.chunks.error(info))
+                await send_body(send, self.chunks.error(info))
                 return
             headers = [(b"content-type", b"application/json")]
             if info.retry_after is not None:
@@ -292,7 +300,8 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": dumps(error_body(info))})
 
 
-async def _body(send: Send, data: bytes) -> None:
+async def send_body(send: Send, data: bytes) -> None:
+    """One more piece of a response's body."""
     await send({"type": "http.response.body", "body": data, "more_body": True})
 
 

@@ -25,7 +25,7 @@ from ..errors import InferenceError
 from ..requests import TranscribedSegment, TranscribeResult
 from .common import ServerState, car_headers
 from .errors import ErrorInfo, describe, error_body
-from .sse import sse
+from .sse import send_body, sse, until_gone
 
 __all__ = ["TranscriptEvents", "transcript_events"]
 
@@ -103,14 +103,11 @@ class TranscriptEvents(Response):
         return self
 
     async def __call__(self, scope: Any, receive: Receive, send: Send) -> None:
-        pump = asyncio.ensure_future(self._pump(send))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
         try:
-            await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+            await until_gone(self._pump(send), receive)
         finally:
-            for task in (pump, watcher, self.task):
-                task.cancel()
-            await asyncio.gather(pump, watcher, self.task, return_exceptions=True)
+            self.task.cancel()  # the client left: stop decoding at the next window
+            await asyncio.gather(self.task, return_exceptions=True)
 
     async def _pump(self, send: Send) -> None:
         headers = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
@@ -127,7 +124,7 @@ class TranscriptEvents(Response):
     async def _events(self, send: Send) -> None:
         first = True
         if self.head is not None and self.head.text:
-            await _body(send, _delta(self.head.text, first))
+            await send_body(send, _delta(self.head.text, first))
             first = False
         while True:
             getting = asyncio.ensure_future(self.segments.get())
@@ -139,7 +136,7 @@ class TranscriptEvents(Response):
                     raise
                 if (pump := asyncio.current_task()) is not None:
                     pump.uncancel()  # the server stops: say so in the stream, as sse.py does
-                await _body(send, sse(error_body(describe(self.state.shutdown_error()))))
+                await send_body(send, sse(error_body(describe(self.state.shutdown_error()))))
                 return
             if getting.done():
                 segment = getting.result()
@@ -149,14 +146,14 @@ class TranscriptEvents(Response):
                     break
                 segment = self.segments.get_nowait()
             if segment.text:
-                await _body(send, _delta(segment.text, first))
+                await send_body(send, _delta(segment.text, first))
                 first = False
         try:
             result = self.task.result()
         except Exception as exc:  # after the first words: an error event, not a status
-            await _body(send, sse(error_body(self._failure(exc))))
+            await send_body(send, sse(error_body(self._failure(exc))))
             return
-        await _body(send, sse({"type": "transcript.text.done", "text": result.text}))
+        await send_body(send, sse({"type": "transcript.text.done", "text": result.text}))
 
     def _failure(self, exc: Exception) -> ErrorInfo:
         if isinstance(exc, InferenceError):
@@ -165,12 +162,3 @@ class TranscriptEvents(Response):
         else:
             log.warning("a streamed transcription failed", exc_info=exc)
         return describe(exc, capability=STT, timeout_s=self.state.settings.request_timeout_s)
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _body(send: Send, data: bytes) -> None:
-    await send({"type": "http.response.body", "body": data, "more_body": True})
