@@ -103,8 +103,7 @@ async def test_an_endpoints_failure_is_labelled_with_the_endpoint_not_its_protoc
     """The user's own server failed as "openai box/m returned 500": the wire protocol's name
     (for kind = "vllm", the README's own example, until later: "vllm box/m ...")."""
     (isolated_home / "models.toml").write_text(
-        f'[[endpoints]]\nname = "box"\nkind = "{kind}"\nbase_url = "{fake.openai_base_url}"\n'
-        'models = ["m"]\n'
+        f'[[endpoints]]\nname = "box"\nkind = "{kind}"\nbase_url = "{fake.openai_base_url}"\nmodels = ["m"]\n'
     )
     engine = InferenceEngine()
     fake.queue(Fault.server_error())
