@@ -37,6 +37,13 @@ def test_version_via_the_console_script() -> None:
         assert out.returncode == 0 and out.stdout.startswith("car-inference "), command
 
 
+def test_help_shows_no_value_after_a_flag() -> None:
+    """typer 0.29 printed `--json <bool>`, `--help <bool>`, as if each flag took a value."""
+    for args in (["--help"], ["generate", "--help"], ["route", "--help"]):
+        code, out, _ = car(*args)
+        assert code == 0 and "--help" in out and "<bool>" not in out, args
+
+
 def test_usage_errors_are_one_line_with_exit_status_2() -> None:
     """The README: errors are one line on stderr, exit 2 for usage errors (click's own are a
     usage line, a hint and a box); the help of a group named alone is still the help."""
