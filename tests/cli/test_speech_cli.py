@@ -165,3 +165,58 @@ def test_speech_smoke_remote_in_words_and_its_limits(
         )
         assert code == 1 and "remote: WER 33%" in out
         assert "word error rate 33% is above --max-wer 20%" in err
+
+
+# About 40 seconds spoken by the embedded voice: two of Whisper's 30-second windows.
+TWO_WINDOWS = (
+    "Seven silver swans swam silently across the misty lake at dawn. A farmer in a red coat counted"
+    " his sheep twice before breakfast. The old clock in the hallway chimed eleven times although it"
+    " was noon. Children ran along the beach collecting shells of every colour. My neighbour bakes"
+    " bread on Sundays and shares it with the whole street. The train to the coast was late because"
+    " of snow on the line. She painted the kitchen door green and the windows a pale shade of blue."
+    " Two owls argued loudly in the oak tree behind the library. The museum opens at nine and closes"
+    " early on public holidays."
+)
+
+
+def test_in_a_terminal_the_transcript_is_printed_as_it_is_decoded(tmp_path: Path) -> None:
+    """On a terminal `car transcribe` prints each 30-second window's text as Whisper decodes it
+    (it printed nothing until the whole file was done), then ends the line; the words are those
+    the piped command prints whole."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "long.wav"
+    code, _, err = car("speak", TWO_WINDOWS, "-o", str(target))
+    assert code == 0, err
+    screen, terminal = pty.openpty()
+    command = [sys.executable, "-m", "car_inference", "transcribe", str(target), "-l", "en"]
+    child = subprocess.Popen(command, stdout=terminal, stderr=subprocess.PIPE)
+    os.close(terminal)
+    shown, first_words_at = b"", None
+    try:
+        while True:
+            ready, _, _ = select.select([screen], [], [], 120)
+            try:
+                chunk = os.read(screen, 4096) if ready else b""
+            except OSError:  # the child closed the terminal and it is drained
+                chunk = b""
+            if not chunk:
+                break
+            shown += chunk
+            if first_words_at is None and shown.strip():
+                first_words_at = time.monotonic()
+        _, stderr = child.communicate(timeout=120)
+        ended_at = time.monotonic()
+    finally:
+        child.kill()
+        os.close(screen)
+    assert child.returncode == 0 and b"Traceback" not in stderr, stderr
+    assert shown.endswith(b"\r\n") and first_words_at is not None, shown
+    assert ended_at - first_words_at > 1.0, "the first window was shown while the second was decoded"
+    code, piped, _ = car("transcribe", str(target), "-l", "en")
+    assert code == 0 and shown.decode().split() == piped.split(), (shown, piped)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..engine.speech import AUDIO_SUFFIXES
-from ..requests import SynthesizeRequest, TranscribeRequest
+from ..requests import SynthesizeRequest, TranscribedSegment, TranscribeRequest
 from .common import (
     EXIT_USAGE,
     JsonOpt,
@@ -47,8 +47,18 @@ def register(app: typer.Typer) -> None:
         request = TranscribeRequest(
             audio_path=str(audio), model=model, language=language, prompt=prompt, timestamps=timestamps
         )
-        with spinner("Transcribing..."):
-            result = run(engine().transcribe(request))
+        # In a terminal the text comes as Whisper decodes it, a 30-second window at a time (as
+        # `car generate` streams); piped, it is the result's text, whole.
+        live = out.is_terminal and not (as_json or timestamps)
+        shown: list[str] = []
+
+        def heard(segment: TranscribedSegment) -> None:
+            if segment.text:
+                out.print(("" if not shown else " ") + segment.text, end="", markup=False)
+                shown.append(segment.text)
+
+        with spinner("Transcribing...", enabled=not live):
+            result = run(engine().transcribe(request, on_segment=heard if live else None))
         if as_json:
             print_json(result)
             return
@@ -56,7 +66,7 @@ def register(app: typer.Typer) -> None:
             for word in result.words:
                 out.print(f"{word.start:8.2f} {word.end:8.2f}  {word.word}", markup=False)
         else:
-            out.print(result.text, markup=False)
+            out.print("" if shown else result.text, markup=False)  # a hosted model's comes whole
         err.print(f"{result.model_used} ({result.language or 'unknown language'})", style="dim")
 
     @app.command()
