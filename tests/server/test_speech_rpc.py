@@ -4,6 +4,7 @@ in front of the embedded Piper voice and Whisper base."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import tempfile
 
@@ -35,6 +36,17 @@ async def test_speech_round_trip_over_json_rpc(local_server: ServerThread) -> No
         # A client's file name never reaches the file system: one with a NUL byte was a -32603.
         odd = {"audio": spoken["audio"], "language": "en", "filename": "../fox.w\x00av"}
         assert "fox" in (await call(ws, "transcribe", odd, rid=3))["result"]["text"].lower()
+        # "stream": true sends each segment as it is decoded, then the result.
+        streamed = {"audio": spoken["audio"], "language": "en", "stream": True}
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 4, "method": "transcribe", "params": streamed}))
+        messages = [json.loads(await ws.recv())]
+        while "id" not in messages[-1]:
+            messages.append(json.loads(await ws.recv()))
+        *segments, answer = messages
+        assert segments and {m["method"] for m in segments} == {"transcribe.segment"}
+        assert {m["params"]["request_id"] for m in segments} == {4}
+        texts = [m["params"]["segment"]["text"] for m in segments]
+        assert texts == [seg["text"] for seg in answer["result"]["segments"]] and "fox" in texts[0].lower()
     assert _rpc_folders() <= before  # a server killed earlier on the machine may have left its own
 
 
@@ -45,6 +57,7 @@ async def test_bad_speech_calls_are_invalid_params(local_server: ServerThread) -
                 ("transcribe", {"audio": "not base64!"}, "audio"),
                 ("transcribe", {}, "audio"),
                 ("transcribe", {"audio_path": "/etc/passwd"}, "audio_path"),
+                ("transcribe", {"audio": "UklGRg==", "stream": "yes"}, "stream"),
                 ("synthesize", {"text": "hi", "output_path": "/tmp/x.wav"}, "output_path"),
                 ("synthesize", {"text": "a" * 4097}, "text"),  # HTTP's limit (it ran 30 s uncapped)
             ]

@@ -3,11 +3,14 @@
 Like the audio routes, a remote caller never names a file on the server: ``transcribe`` takes the
 audio as ``audio`` (base64, a data: URL too) and ``synthesize`` answers it as ``audio``; the
 temporary folder is gone afterwards and error messages do not show its path. ``"model": "auto"``
-(or none) leaves the choice to the ``[speech]`` policy.
+(or none) leaves the choice to the ``[speech]`` policy. ``transcribe`` with ``"stream": true``
+sends each segment as it is decoded, a ``transcribe.segment`` notification ``{"request_id",
+"segment"}``, before the result.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import shutil
@@ -16,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InferenceError
-from ..requests import SynthesizeRequest, TranscribeRequest
+from ..requests import SynthesizeRequest, TranscribedSegment, TranscribeRequest
 from .errors import ApiError
 from .media import MAX_SPEECH_CHARS, _without_path, upload_name
 
-__all__ = ["rpc_synthesize", "rpc_transcribe", "rpc_voices"]
+__all__ = ["SEGMENT_METHOD", "rpc_synthesize", "rpc_transcribe", "rpc_voices"]
+
+SEGMENT_METHOD = "transcribe.segment"
 
 _SERVER_PATHS = ("audio_path", "output_path", "reference_audio_path")
 
@@ -29,7 +34,7 @@ def _fields(params: dict[str, Any]) -> dict[str, Any]:
     for key in _SERVER_PATHS:
         if key in params:
             raise ApiError(400, f"`{key}` names a file on the server; send audio as base64", param=key)
-    return {k: v for k, v in params.items() if k not in ("audio", "filename") and v != "auto"}
+    return {k: v for k, v in params.items() if k not in ("audio", "filename", "stream") and v != "auto"}
 
 
 def _audio(value: Any) -> bytes:
@@ -43,19 +48,37 @@ def _audio(value: Any) -> bytes:
 
 async def rpc_transcribe(session: Any, params: dict[str, Any], rid: Any) -> Any:
     fields = _fields(params)
+    stream = params.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "`stream` must be true or false", param="stream")
     data = _audio(params.get("audio"))
     name = str(params.get("filename") or "audio.wav")
     workdir = Path(tempfile.mkdtemp(prefix="car-rpc-audio-"))
+    sent: list[asyncio.Future[None]] = []
     try:
         audio = workdir / upload_name(name)
         audio.write_bytes(data)
         request = TranscribeRequest.model_validate({**fields, "audio_path": str(audio)})
-        result = await session.engine.transcribe(request)
+        heard = _segments(session, rid, sent) if stream and rid is not None else None
+        result = await session.engine.transcribe(request, on_segment=heard)
     except InferenceError as exc:
         raise _without_path(exc, workdir, name) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    await asyncio.gather(*sent)  # every segment before the result
     return result.model_dump(mode="json")
+
+
+def _segments(session: Any, rid: Any, sent: list[asyncio.Future[None]]) -> Any:
+    """``on_segment`` for a streamed call: each segment a notification, in order (the engine calls
+    it from the thread decoding)."""
+    loop = asyncio.get_running_loop()
+
+    def send(segment: TranscribedSegment) -> None:
+        params = {"request_id": rid, "segment": segment.model_dump(mode="json")}
+        sent.append(asyncio.ensure_future(session.notify(SEGMENT_METHOD, params)))
+
+    return lambda segment: loop.call_soon_threadsafe(send, segment)
 
 
 async def rpc_synthesize(session: Any, params: dict[str, Any], rid: Any) -> Any:
