@@ -106,7 +106,8 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
             runner_check=self.runners.serves,
             runtime_check=functools.partial(runtime_problem, runtime_specs(self.config.home)),
         )
-        self.registry.on_miss = EndpointDiscovery(self.registry, self.config.remote.connect_timeout_s)
+        self.discovery = EndpointDiscovery(self.registry, self.config.remote.connect_timeout_s)
+        self.registry.on_miss = self.discovery
         self.cache = ModelCache(self.config.local.cache_mb, record_dir=self.config.home / "loaded")
         self._backend_ctx = BackendContext(
             config=self.config, cache=self.cache, keys=self.keys, extras={"runners": self.runners}

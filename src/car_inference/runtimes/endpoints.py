@@ -1,14 +1,21 @@
 """Ask an OpenAI-compatible server (vLLM, Ollama's /v1, llama.cpp server, LM Studio) which
-models it serves: ``GET {base_url}/models``. Used by ``car models discover`` and at server start
-for endpoints marked ``discover = true``; never on the routing path."""
+models it serves: ``GET {base_url}/models``. Used by ``car models discover``, at server start for
+endpoints marked ``discover = true``, and when a request names a model of such an endpoint that
+is not known yet (``EndpointDiscovery``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 import os
 import re
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
 
 import httpx
@@ -19,7 +26,7 @@ from ..errors import ProviderError
 if TYPE_CHECKING:
     from ..registry import UnifiedRegistry
 
-__all__ = ["EndpointDiscovery", "list_served_models", "list_served_models_now"]
+__all__ = ["SERVER_LOOP_WAIT_S", "EndpointDiscovery", "list_served_models", "list_served_models_now"]
 
 log = logging.getLogger(__name__)
 # A served model's name: no spaces or control characters, at most 256 characters (Ollama's
@@ -88,19 +95,29 @@ def _served(endpoint: EndpointConfig, url: str, response: httpx.Response) -> lis
 
 # A discoverable endpoint is asked again for a name it did not serve after this long at most.
 ASK_AGAIN_S = 30.0
+# How long a name on a server's event loop waits for the endpoint's list (a healthy one answers
+# in milliseconds).
+SERVER_LOOP_WAIT_S = 0.25
 
 
 class EndpointDiscovery:
     """The registry's ``on_miss``: a name ``<endpoint>/<model>`` no model has, whose endpoint says
     ``discover = true``, has that endpoint asked what it serves (at most every ``ASK_AGAIN_S``)
     and its models registered. `car models discover` listed them but `car generate -m` said
-    "model not found": only `car serve` discovered, at its start."""
+    "model not found": only `car serve` discovered, at its start.
+
+    A server sets ``loop_wait_s`` (``SERVER_LOOP_WAIT_S``): on its event loop the question goes
+    to a thread and is waited for that long at most. An endpoint slower than that (one that
+    accepts connections and never answers held the whole loop, every client's requests, for the
+    5 s timeout) gets the name answered "not found", and what it lists is registered on the loop
+    when it comes. Elsewhere (the CLI, a script) the caller waits for the answer."""
 
     def __init__(self, registry: UnifiedRegistry, timeout_s: float) -> None:
         self._registry = registry
         self._timeout_s = min(timeout_s, 5.0)  # a name on the request path: a down server costs this
         self._asked: dict[str, float] = {}
         self._lock = threading.Lock()
+        self.loop_wait_s: float | None = None  # None: wait for the answer, even on a loop
 
     def __call__(self, name: str) -> bool:
         prefix, sep, rest = name.partition("/")
@@ -116,12 +133,52 @@ class EndpointDiscovery:
             if now - self._asked.get(endpoint.name, -ASK_AGAIN_S) < ASK_AGAIN_S:
                 return False
             self._asked[endpoint.name] = now
+        loop = _running_loop() if self.loop_wait_s is not None else None
+        answer: Future[list[str]] = Future()
+        asking = threading.Thread(target=self._ask, args=(endpoint, answer), daemon=True)
+        asking.start()
         try:
-            served = list_served_models_now(endpoint, timeout_s=self._timeout_s)
+            served = answer.result(timeout=None if loop is None else self.loop_wait_s)
+        except FutureTimeout:
+            assert loop is not None
+            log.info("%s: asked what it serves; %s is not known until it answers", endpoint.name, name)
+            answer.add_done_callback(functools.partial(_on_loop, loop, self._late, endpoint))
+            return False
         except ProviderError as exc:
             log.warning("%s: %s", endpoint.name, exc)
             return False
+        self._register(endpoint, served)
+        return True
+
+    def _ask(self, endpoint: EndpointConfig, answer: Future[list[str]]) -> None:
+        try:
+            answer.set_result(list_served_models_now(endpoint, timeout_s=self._timeout_s))
+        except BaseException as exc:  # the caller's to see (ProviderError), or to log (a bug)
+            answer.set_exception(exc)
+
+    def _late(self, endpoint: EndpointConfig, answer: Future[list[str]]) -> None:
+        """An answer that came after the caller stopped waiting, on the loop."""
+        try:
+            self._register(endpoint, answer.result())
+        except ProviderError as exc:
+            log.warning("%s: %s", endpoint.name, exc)
+        except Exception:
+            log.warning("%s: asking what it serves failed", endpoint.name, exc_info=True)
+
+    def _register(self, endpoint: EndpointConfig, served: list[str]) -> None:
         for schema in endpoint.to_schemas(served):
             if self._registry.find(schema.id) is None:
                 self._registry.register(schema)
-        return True
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, call: Callable[..., None], *args: object) -> None:
+    """``call(*args)`` on ``loop``, unless the loop is gone (the process or test ended first)."""
+    with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+        loop.call_soon_threadsafe(call, *args)

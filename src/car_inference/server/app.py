@@ -25,6 +25,7 @@ from .. import __version__, tracing
 from ..config import ServerSettings
 from ..engine import InferenceEngine
 from ..errors import InferenceError
+from ..runtimes.endpoints import SERVER_LOOP_WAIT_S
 from . import grounding, images, jsonrpc, media, route_api, routes
 from .common import Limiter, ServerState, dumps, json_response
 from .errors import ApiError, describe, error_response, guarded
@@ -70,6 +71,7 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     engine = engine if engine is not None else InferenceEngine()
     settings = settings if settings is not None else engine.config.server
     engine.private_urls_ok = settings.fetch_private_urls  # image URLs clients send (SSRF)
+    engine.discovery.loop_wait_s = SERVER_LOOP_WAIT_S  # a slow endpoint must not hold the loop
     limiter = Limiter(settings.max_concurrency, settings.max_in_flight_per_client)
     state = ServerState(engine, settings, Metrics(), limiter)
     state.metrics.watch_state(engine.store)
