@@ -47,7 +47,8 @@ class ScriptedEngine(InferenceEngine):
     async def _scripted(
         self, script: str, request: TranscribeRequest, on_segment: SegmentCallback
     ) -> TranscribeResult:
-        on_segment(TranscribedSegment(start=0.0, end=30.0, text="First window."))
+        first = TranscribedSegment(start=0.0, end=30.0, text="First window.")
+        on_segment(first)
         try:
             if script == "HANG":
                 await asyncio.sleep(60)
@@ -59,8 +60,11 @@ class ScriptedEngine(InferenceEngine):
             STREAMS[script] = "cancelled"
             raise
         STREAMS[script] = "released" if released else "timed out"
-        on_segment(TranscribedSegment(start=30.0, end=41.0, text="Second window."))
-        return TranscribeResult(text="First window. Second window.", model_used="test/stt")
+        second = TranscribedSegment(start=30.0, end=41.0, text="Second window.")
+        on_segment(second)
+        return TranscribeResult(
+            text="First window. Second window.", model_used="test/stt", segments=[first, second]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -150,4 +154,18 @@ def test_a_client_that_leaves_a_streamed_transcription_stops_it(server: ServerTh
     assert STREAMS.get("HANG") == "cancelled", "the transcription was stopped, not left to run"
     while not _media_folders() <= before and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert _media_folders() <= before
+
+
+def test_a_stream_past_the_time_limit_ends_with_a_timeout_event(tmp_path: Path) -> None:
+    before = _media_folders()
+    engine = ScriptedEngine(home=tmp_path)
+    settings = engine.config.server.model_copy(update={"request_timeout_s": 1.0})
+    with ServerThread(create_app(engine, settings)) as slow:
+        answer = _stream(slow, b"HANG:" + WAV)
+    engine.close()
+    first, error = list(_events(iter(answer.text.splitlines())))
+    assert answer.status_code == 200 and first["delta"] == "First window."
+    assert error["error"]["code"] == "request_timeout"  # type: ignore[index]
+    assert "1 s, server.request_timeout_s" in error["error"]["message"]  # type: ignore[index]
     assert _media_folders() <= before
