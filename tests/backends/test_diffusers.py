@@ -179,6 +179,42 @@ async def test_an_image_to_edit_runs_the_image_to_image_pipeline(
         await engine.generate_image(GenerateImageRequest(prompt="x", model=SD, image_paths=[str(tmp_path)]))
 
 
+async def test_an_image_to_edit_is_bounded_before_it_is_decoded(
+    engine: InferenceEngine, tmp_path: Path
+) -> None:
+    """A 20,000-pixel PNG of a megabyte was a traceback (PIL's DecompressionBombError) and a 500
+    from the server; a 12,000 x 64 one was edited at that size (211 s, 788 MB on the tiny
+    pipeline), past the 8,192-pixel bound of every request; a size the model cannot make was
+    rounded for an edit, refused for a new picture."""
+    bomb, big = tmp_path / "bomb.png", tmp_path / "big.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # past PIL's own bound
+    Image.new("1", (9000, 9000)).save(big)  # under PIL's, over ours
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (12000, 64)).save(wide)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (96, 64)).save(small)
+    with pytest.raises(InvalidInput, match="cannot read the image .*could be decompression bomb"):
+        await engine.generate_image(GenerateImageRequest(prompt="x", model=SD, image_paths=[str(bomb)]))
+    with pytest.raises(InvalidInput, match="is 9000x9000: at most 67,108,864 pixels") as too_big:
+        await engine.generate_image(
+            GenerateImageRequest(prompt="x", model=SD, image_paths=[str(big)], width=64, height=64)
+        )
+    assert too_big.value.param == "image"
+    with pytest.raises(InvalidInput, match="more than 8192 pixels a side: ask for a size"):
+        await engine.generate_image(GenerateImageRequest(prompt="x", model=SD, image_paths=[str(wide)]))
+    made = await engine.generate_image(
+        GenerateImageRequest(
+            prompt="x", model=SD, image_paths=[str(wide)], width=128, height=64,
+            output_path=str(tmp_path / "w.png"),
+        )
+    )  # fmt: skip
+    assert _png(made.image_path).size == (128, 64), "with a size asked for, it is edited at that size"
+    with pytest.raises(InvalidInput, match="multiples of 2 pixels, not 65x64"):
+        await engine.generate_image(
+            GenerateImageRequest(prompt="x", model=SD, image_paths=[str(small)], width=65, height=64)
+        )
+
+
 async def test_bad_input_is_invalid_input(engine: InferenceEngine, tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="multiples of 2 pixels, not 65x64"):
         await engine.generate_image(GenerateImageRequest(prompt="x", model=SD, width=65, height=64))

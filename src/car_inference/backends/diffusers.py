@@ -35,6 +35,7 @@ from typing import Any
 from ..catalog.locate import local_path
 from ..errors import DeviceError, InferenceFailed, InvalidInput, UnsupportedMode
 from ..requests import GenerateImageRequest, GenerateImageResult, GenerateVideoRequest, GenerateVideoResult
+from ..requests_media import MAX_PIXELS_SIDE
 from ..schema import DiffusersSource, ModelSchema
 from .base import BackendContext, openmp_thread, run_blocking, run_stoppable
 from .cache import CachedModel
@@ -156,6 +157,8 @@ class DiffusersBackend:
                 if request.image_paths:
                     pipe = _image_to_image(model, pipe)
                     size = (width, height) if {"width", "height"} & request.model_fields_set else None
+                    if size is not None:
+                        _check_size(model, pipe, width, height)  # as for a new picture: never adjusted
                     kwargs["image"] = _open_image(request.image_paths[0], size, _multiple(pipe))
                 else:
                     _check_size(model, pipe, width, height)
@@ -392,17 +395,37 @@ def _image_to_video(model: ModelSchema, pipe: Any) -> Any:
 
 def _open_image(path: str, size: tuple[int, int] | None, multiple: int) -> Any:
     """The image to edit, RGB, at the requested size or its own, rounded down to what the model
-    makes."""
+    makes. Its size is checked from the header, before it is decoded: a 20,000-pixel PNG of 1 MB
+    was a traceback (PIL's DecompressionBombError), and a 12,000 x 64 one was edited at that
+    size, past the 8,192-pixel bound of every request."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(Path(path).expanduser()) as image:
+            _check_input_size(path, image.size, size)
             rgb = image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise InvalidInput(f"cannot read the image {path}: {exc}") from exc
     width, height = size or rgb.size
     size = (max(multiple, width // multiple * multiple), max(multiple, height // multiple * multiple))
     return rgb if rgb.size == size else rgb.resize(size)
+
+
+def _check_input_size(path: str, found: tuple[int, int], size: tuple[int, int] | None) -> None:
+    """An image to edit has at most MAX_PIXELS_SIDE² pixels (decoding more is the memory of a
+    bomb), and without a size asked for, sides of at most MAX_PIXELS_SIDE (it is edited at its
+    own size)."""
+    width, height = found
+    if width * height > MAX_PIXELS_SIDE**2:
+        raise InvalidInput(
+            f"the image {path} is {width}x{height}: at most {MAX_PIXELS_SIDE**2:,} pixels", param="image"
+        )
+    if size is None and max(width, height) > MAX_PIXELS_SIDE:
+        raise InvalidInput(
+            f"the image {path} is {width}x{height}, more than {MAX_PIXELS_SIDE} pixels a side: "
+            "ask for a size (width and height) to edit it at",
+            param="image",
+        )
 
 
 def _uint8_frames(frames: Any) -> list[Any]:
