@@ -182,6 +182,11 @@ class CostModel(_Strict):
     per_minute: float | None = Field(default=None, description="speech-to-text")
     per_image: float | None = None
     per_second: float | None = Field(default=None, description="video generation, per second of video")
+    max_video_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="video: the longest clip of a model that picks its own length (spend checks assume it)",
+    )
     size_mb: int | None = None
 
     def estimate(self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> float:

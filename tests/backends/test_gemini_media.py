@@ -206,16 +206,25 @@ async def test_the_engine_charges_gemini_video_per_second(
     fake: FakeProviderServer, isolated_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Hosted video counts against [spend]: the catalog's per-second price times the estimate is
-    checked first (a job that could cross the limit never starts), what came out is recorded."""
+    checked first (a job that could cross the limit never starts), what came out is recorded.
+    Omni Flash picks the length (3-10 s): it is checked at its longest, 10 s (it was checked at
+    the default 4 s and charged 10, twice a $0.50 daily limit in one call)."""
     (isolated_home / "models.toml").write_text(f'[hosts.gemini]\nbase_url = "{fake.gemini_base_url}"\n')
     (isolated_home / "config.toml").write_text("[spend]\ndaily_usd = 0.5\n")
     monkeypatch.setenv("GEMINI_API_KEY", KEY)
     engine = InferenceEngine(home=isolated_home)
     try:
+        with pytest.raises(SpendLimitExceeded, match=r"would add about \$1\.00"):
+            await engine.generate_video(GenerateVideoRequest(prompt="a dog", model="omni-flash"))
+        assert fake.requests == [], "refused before the call"
+    finally:
+        engine.close()
+    (isolated_home / "config.toml").write_text("[spend]\ndaily_usd = 1.5\n")
+    engine = InferenceEngine(home=isolated_home)
+    try:
         done = await engine.generate_video(GenerateVideoRequest(prompt="a dog", model="omni-flash"))
-        seconds = done.duration_s or 4.0  # the fake's mp4 has no length; the estimate is charged
-        assert engine.spend.status().by_provider_today == {"google": pytest.approx(0.10 * seconds)}
-        engine.spend.record("google", OMNI, 0.2)
+        assert done.duration_s is None  # the fake's mp4 has no length: its longest is charged
+        assert engine.spend.status().by_provider_today == {"google": pytest.approx(1.0)}
         before = len(fake.requests)
         with pytest.raises(SpendLimitExceeded):
             await engine.generate_video(GenerateVideoRequest(prompt="another", model="omni-flash"))

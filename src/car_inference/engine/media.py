@@ -53,9 +53,16 @@ def image_cost(
 def video_cost(
     model: ModelSchema, request: GenerateVideoRequest, result: GenerateVideoResult | None
 ) -> float:
-    """The catalog's price for the seconds asked for (``result`` None) or made (else asked for)."""
+    """The catalog's price for the seconds asked for (``result`` None) or made (else asked for).
+    Before the call, a model that picks the length itself is assumed to make its longest clip
+    (``cost.max_video_seconds``): Gemini Omni Flash was checked at the default 4 s and charged
+    10, twice a $0.50 daily limit in one call."""
     price = 0.0 if model.in_process else model.cost.per_second or 0.0
-    seconds = (result.duration_s if result is not None else None) or request.duration_s
+    made = result.duration_s if result is not None else None
+    seconds = made or request.duration_s
+    longest = model.cost.max_video_seconds
+    if not made and longest is not None and "duration_s" not in request.model_fields_set:
+        seconds = max(seconds, longest)  # not said how long it made: as long as it makes
     return price * seconds
 
 
