@@ -3,13 +3,14 @@ diffusers pipeline for successes, Gemini video on the fake provider for a hosted
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from car_inference.engine import InferenceEngine
-from car_inference.errors import ProviderError, SpendLimitExceeded, UnsupportedMode
+from car_inference.errors import CircuitOpen, ProviderError, SpendLimitExceeded, UnsupportedMode
 from car_inference.requests import GenerateImageRequest, GenerateVideoRequest
 from car_inference.routing import InferenceTask, ModelProfile
 from car_inference.schema import ModelCapability
@@ -60,7 +61,8 @@ async def test_a_hosted_video_failure_is_counted_and_a_refusal_is_not(
     assert engine.spend.status().by_provider_today == {}  # a failed call is not charged
     fake.media.video_failure = None
     await engine.generate_video(GenerateVideoRequest(prompt="x", model=OMNI))
-    assert engine.spend.status().by_provider_today == {"google": pytest.approx(0.40)}  # 4 s at $0.10
+    # The fake's mp4 says no length: the longest Omni Flash makes, 10 s at $0.10.
+    assert engine.spend.status().by_provider_today == {"google": pytest.approx(1.0)}
     engine.spend.record("google", OMNI, 0.5)
     with pytest.raises(SpendLimitExceeded):
         await engine.generate_video(GenerateVideoRequest(prompt="x", model=OMNI))
@@ -97,3 +99,56 @@ async def test_an_image_request_naming_no_model_is_routed_by_what_calls_showed(
     assert chosen is not None and chosen.success_count == 3
     assert some(profile(engine, SD)).total_calls == 30  # never chosen again
     assert some(profile(engine, GEMINI_IMAGE)).total_calls == 30  # refusals uncounted
+
+
+async def test_failing_media_calls_open_the_models_circuit(
+    engine: InferenceEngine, fake: FakeProviderServer
+) -> None:
+    """Ten 500s in a row from an image model left its circuit closed: every request paid the
+    wait for another failure, and "a model whose circuit is open is skipped" never held."""
+    fake.media.video_failure = "the service is overloaded"
+    for _ in range(3):  # [breaker] failure_threshold
+        with pytest.raises(ProviderError):
+            await engine.generate_video(GenerateVideoRequest(prompt="x", model=OMNI))
+    before = len(fake.requests)
+    with pytest.raises(CircuitOpen):
+        await engine.generate_video(GenerateVideoRequest(prompt="x", model=OMNI))
+    assert len(fake.requests) == before, "not called while its circuit is open"
+
+
+async def test_a_routed_image_the_spend_limit_keeps_from_a_hosted_model_runs_locally(
+    engine: InferenceEngine, tmp_path: Path
+) -> None:
+    """With the day's budget spent, a request naming no model got a 402 from the hosted model
+    the router ranked first, though the free local pipeline could serve it."""
+    for i in range(30):  # Gemini's calls went well: the router ranks it first
+        engine.tracker.record_attempt(
+            GEMINI_IMAGE, InferenceTask.GENERATE_IMAGE, "image", "media", trace_id=f"good-{i}",
+            started_at=0.0, success=True, latency_ms=500.0,
+        )  # fmt: skip
+    engine.config.routing = engine.config.routing.model_copy(update={"exploration": 0.0})
+    assert engine._media_models(None, ModelCapability.IMAGE_GENERATION)[0].id == GEMINI_IMAGE
+    engine.spend.record("google", GEMINI_IMAGE, 1.0)  # the daily limit, spent
+    request = GenerateImageRequest(prompt="a red apple", width=64, height=64, seed=1)
+    made = await engine.generate_image(request.model_copy(update={"output_path": str(tmp_path / "a.png")}))
+    assert made.model_used == SD
+    with pytest.raises(SpendLimitExceeded):  # named, it is the answer
+        await engine.generate_image(request.model_copy(update={"model": GEMINI_IMAGE}))
+
+
+async def test_a_hosted_video_the_caller_stops_waiting_for_is_charged(
+    engine: InferenceEngine, fake: FakeProviderServer
+) -> None:
+    """The provider bills a job it accepted: a cancelled one (a client that left, `DELETE
+    /v1/videos/{id}`, Ctrl-C) was charged nothing, so spend limits never saw it."""
+    fake.media.video_polls = 10_000
+    job = asyncio.ensure_future(engine.generate_video(GenerateVideoRequest(prompt="x", model=OMNI)))
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if fake.requests:
+            break
+    assert fake.requests, "the job was sent"
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert engine.spend.status().by_provider_today == {"google": pytest.approx(1.0)}  # its estimate

@@ -11,23 +11,33 @@
   generation is, so ``car spend``, the profiles and the traces see media calls too. Input the
   caller must fix (``InvalidInput``, ``UnsupportedMode``) is not the model's failure and is not
   counted; a call the caller stopped waiting for is not recorded.
+- **circuit breakers**: as for text, a model whose circuit is open is not called
+  (``CircuitOpen``), and each call's failure (weighted by ``failure_weight``) or success moves
+  its circuit: ten 500s in a row from an image model left it closed, every request paying for
+  another.
+- **cancelled**: a hosted call the caller stops waiting for is charged its estimate (the provider
+  bills a job it accepted; a cancelled video job kept running there, and spend limits never saw
+  it). In-process work stops at its next step and costs nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from ..errors import InferenceError, InvalidInput, UnsupportedMode
+from ..errors import CircuitOpen, InferenceError, InvalidInput, UnsupportedMode
 from ..requests import GenerateImageRequest, GenerateImageResult, GenerateVideoRequest, GenerateVideoResult
 from ..routing import InferenceTask
+from ..routing.breaker import failure_weight
 from ..routing.media import MEDIA_FAMILY
 from ..schema import ModelSchema
 
 if TYPE_CHECKING:
     from ..routing import OutcomeTracker, SpendControl
+    from ..routing.breaker import CircuitBreakerRegistry
     from .bookkeeping import Bookkeeper
 
 __all__ = ["image_cost", "run_media", "video_cost"]
@@ -39,6 +49,7 @@ class _Engine(Protocol):
     spend: SpendControl
     tracker: OutcomeTracker
     bookkeeper: Bookkeeper
+    breakers: CircuitBreakerRegistry
 
 
 def image_cost(
@@ -77,6 +88,9 @@ async def run_media(
     estimate = cost(None)
     # Held until the cost is recorded: concurrent calls cannot all pass a limit (as generation).
     reservation = engine.spend.reserve(model.provider, estimate) if estimate else None
+    if not engine.breakers.allow(model.id):
+        engine.spend.release(reservation)
+        raise CircuitOpen(model.id)
     trace_id, started_at, start = uuid.uuid4().hex, time.time(), time.perf_counter()
     family = MEDIA_FAMILY[task]
 
@@ -99,10 +113,16 @@ async def run_media(
     try:
         result = await call()
     except BaseException as exc:
-        engine.spend.release(reservation)
+        weight = failure_weight(exc) if isinstance(exc, InferenceError) else 0
+        engine.breakers.record_failure(model.id, weight)  # weight 0: only hands a probe on
+        if isinstance(exc, asyncio.CancelledError) and estimate:
+            engine.spend.record(model.provider, model.id, estimate, reservation=reservation)
+        else:
+            engine.spend.release(reservation)
         if isinstance(exc, InferenceError) and not isinstance(exc, InvalidInput | UnsupportedMode):
             record(False, exc)  # the model's failure; the request's own fault counts nowhere
         raise
+    engine.breakers.record_success(model.id)
     spent = cost(result) if estimate else 0.0
     if spent:
         engine.spend.record(model.provider, model.id, spent, reservation=reservation)

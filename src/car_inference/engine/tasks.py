@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 from .. import tracing
 from ..backends.base import SegmentCallback, Tokenizer
 from ..backends.media_files import readable_file
-from ..errors import InferenceError, InvalidInput, ModelUnavailable, UnsupportedMode, expect
+from ..errors import (
+    CircuitOpen,
+    InferenceError,
+    InvalidInput,
+    ModelUnavailable,
+    SpendLimitExceeded,
+    UnsupportedMode,
+    expect,
+)
 from ..requests import (
     Classification,
     ClassifyRequest,
@@ -265,8 +273,9 @@ class TaskMixin(Lifecycle):
     ) -> Any:
         """Run a media request on its model, priced (hosted: per image, per second of video) and
         recorded as an outcome like a text call (engine/media.py). A routed request that its first
-        model cannot serve as asked (``steps`` on a hosted model, say) goes to the next one; the
-        first refusal is the answer when none can."""
+        model cannot serve as asked (``steps`` on a hosted model, say), that a spend limit or an
+        open circuit keeps from it, goes to the next one (a free local pipeline, say); the first
+        refusal is the answer when none can."""
         models = self._media_models(name, capability, lambda m: cost(m, None))
         refused: InferenceError | None = None
         for model in models:
@@ -278,8 +287,8 @@ class TaskMixin(Lifecycle):
                     lambda result, m=model: cost(m, result),  # type: ignore[misc]
                     lambda method=method, m=model: call(method, m),  # type: ignore[misc]
                 )  # fmt: skip
-            except (InvalidInput, UnsupportedMode) as exc:
-                if len(models) == 1:
+            except (InvalidInput, UnsupportedMode, SpendLimitExceeded, CircuitOpen) as exc:
+                if len(models) == 1:  # a model named (or the only one): its refusal is the answer
                     raise
                 log.info("%s cannot serve this %s request: %s", model.id, capability, exc)
                 refused = refused or exc
