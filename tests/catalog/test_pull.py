@@ -155,6 +155,18 @@ def test_small_files_are_checked_against_their_git_blob_id(hub: FakeHub) -> None
         pull(model)
 
 
+def test_an_empty_file_of_a_repo_is_pulled(hub: FakeHub) -> None:
+    """A 0-byte file (a .gitkeep, an empty __init__.py) needs no transfer, so nothing created its
+    partial file and its rename failed: such a repo could never be pulled."""
+    model = ModelSchema.model_validate({
+        "id": "tiny/embed", "name": "embed", "provider": "tiny", "capabilities": ["embed"],
+        "source": {"kind": "sentence", "hf_repo": "tiny/embed"},
+    })  # fmt: skip
+    hub.publish("tiny/embed", {"config.json": b"{}", "empty.txt": b"", "model.safetensors": WEIGHTS[:1000]})
+    report = pull(model)
+    assert (report.path / "empty.txt").read_bytes() == b"" and local_path(model) == report.path
+
+
 def test_patterns_choose_the_snapshot_files(hub: FakeHub) -> None:
     model = ModelSchema.model_validate({
         "id": "tiny/pipe", "name": "pipe", "provider": "tiny", "capabilities": ["image_generation"],

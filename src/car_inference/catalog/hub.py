@@ -248,6 +248,7 @@ class HubClient:
                 with partial.open("rb") as f:
                     while chunk := f.read(_CHUNK):
                         hasher.update(chunk)
+            partial.touch()  # a file of 0 bytes has no transfer to create it (its rename failed)
             got = self._transfer(remote, partial, had, hasher, progress)
             _verify(remote, partial, had + got, hasher)
             partial.replace(blob)
