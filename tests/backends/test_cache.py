@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import mmap
 import os
 import subprocess
@@ -125,6 +126,21 @@ def test_records_let_other_processes_see_what_is_loaded(tmp_path: Path) -> None:
     assert _soon(lambda: not read_records(folder)[0].busy)
     cache.invalidate("gguf:m")
     assert read_records(folder) == [] and not any(folder.iterdir())
+
+
+def test_a_record_of_another_shape_is_read_as_far_as_it_goes(tmp_path: Path) -> None:
+    """A record written by another car version (a field more, one less) or damaged: `car models
+    ps` crashed on it with a TypeError traceback."""
+    folder = tmp_path / "loaded"
+    folder.mkdir()
+    now = time.time()
+    known = {"key": "gguf:a", "pid": os.getpid(), "measured_mb": None, "estimated_mb": 3.0,
+             "loaded_at": now, "last_used": now}  # fmt: skip
+    models = [known | {"device": "cuda:0"}, {"key": "gguf:b", "pid": os.getpid()}, "junk", None]
+    (folder / "loaded-1-1.json").write_text(json.dumps({"pid": os.getpid(), "models": models}))
+    (folder / "loaded-1-2.json").write_text(json.dumps({"pid": os.getpid(), "models": None}))
+    [seen] = read_records(folder)
+    assert seen.key == "gguf:a" and seen.estimated_mb == 3.0
 
 
 def _soon(check: Callable[[], bool], within_s: float = 5.0) -> bool:

@@ -22,6 +22,7 @@ ms, 5-10 % of a short embedding and more than a llama.cpp tokenize, twice per us
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import itertools
 import json
@@ -271,5 +272,19 @@ def read_records(record_dir: Path) -> list[LoadedModel]:
             with contextlib.suppress(OSError):
                 path.unlink()
             continue
-        found.extend(LoadedModel(**m) for m in data.get("models", []))
+        found.extend(m for m in map(_loaded, data.get("models") or []) if m is not None)
     return found
+
+
+_LOADED_FIELDS = frozenset(f.name for f in dataclasses.fields(LoadedModel))
+
+
+def _loaded(entry: object) -> LoadedModel | None:
+    """One model of a record, or None for an entry of another shape (a process of another car
+    version, a damaged file): `car models ps` crashed on one with a field it did not know."""
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return LoadedModel(**{k: v for k, v in entry.items() if k in _LOADED_FIELDS})
+    except TypeError:  # a field it needs is missing
+        return None
