@@ -4,6 +4,7 @@ links, refs), checked afterwards with huggingface_hub's own cache scanner."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from huggingface_hub import scan_cache_dir
 
 from car_inference.catalog.locate import local_path
 from car_inference.catalog.remove import remove_model
-from car_inference.errors import InvalidInput, ModelUnavailable
+from car_inference.errors import InferenceFailed, InvalidInput, ModelUnavailable
 from car_inference.schema import ModelSchema
 
 REPO = "someone/tiny-GGUF"
@@ -118,3 +119,17 @@ def test_what_car_did_not_pull_is_refused_with_what_to_do() -> None:
     })  # fmt: skip
     with pytest.raises(InvalidInput, match="served elsewhere"):
         remove_model(hosted)
+
+
+def test_a_file_the_cache_will_not_let_go_is_one_error_naming_it(cache: Path) -> None:
+    """A folder of the cache not ours to write (another user's, read-only): `car models rm` was a
+    40-line traceback. An immutable blob stands in for it (root may write anywhere else)."""
+    blob = cache / "models--someone--tiny-GGUF" / "blobs" / ("3" * 64)
+    if subprocess.run(["chattr", "+i", str(blob)], capture_output=True, check=False).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        with pytest.raises(InferenceFailed, match=r"could not remove someone/tiny:q8: .*3333") as info:
+            remove_model(_gguf("tiny-q8.gguf", model_id="someone/tiny:q8"))
+        assert "file(s) were removed before it" in str(info.value)  # its link went first
+    finally:
+        subprocess.run(["chattr", "-i", str(blob)], check=False)

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InvalidInput, ModelUnavailable
+from ..errors import InferenceFailed, InvalidInput, ModelUnavailable
 from ..schema import GgufSource, ModelSchema, PiperSource
 from .locate import hf_cache_dir
 
@@ -57,13 +57,18 @@ def remove_model(model: ModelSchema) -> Removal:
     root = hf_cache_dir() / ("models--" + repo.replace("/", "--"))
     files = _pulled_files(source)
     removal = Removal(model.id)
-    if root.is_dir():
-        if files is None:
-            removal.freed_bytes = _tree_bytes(root)
-            shutil.rmtree(root)
-            removal.paths.append(root)
-        else:
-            _remove_files(root, files, removal)
+    try:
+        if root.is_dir():
+            if files is None:
+                removal.freed_bytes = _tree_bytes(root)
+                shutil.rmtree(root)
+                removal.paths.append(root)
+            else:
+                _remove_files(root, files, removal)
+    except OSError as exc:  # a folder of the cache not ours to write: it was a traceback
+        where = exc.filename or root
+        done = f"; {len(removal.paths)} file(s) were removed before it" if removal.paths else ""
+        raise InferenceFailed(f"could not remove {model.id}: {exc.strerror or exc} ({where}){done}") from None
     if not removal.paths:
         raise ModelUnavailable(model.id, "its files are not in the Hugging Face cache: nothing to remove")
     return removal
