@@ -4,6 +4,7 @@ freed; a better quant that fits is pulled beside the old one; checking fetches n
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -58,6 +59,26 @@ def test_a_moved_revision_is_found_pulled_and_the_old_one_freed(hub: FakeHub) ->
     assert not (repo_dir(REPO) / "snapshots" / old).exists()
     assert sorted(p.name for p in (repo_dir(REPO) / "blobs").iterdir()) == [local_path(Q4).resolve().name]
     assert check_upgrades([Q4], [Q4], MACHINE)[0].kind == "current"
+
+
+def test_an_old_revision_that_will_not_go_leaves_the_upgrade_applied(
+    hub: FakeHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The old files of a folder not ours to write (an immutable blob stands in): the upgrade
+    was a traceback after the new revision had been pulled."""
+    hub.publish(REPO, {"tiny-q4_k_m.gguf": V1})
+    pull(Q4)
+    old_blob = local_path(Q4).resolve()
+    if subprocess.run(["chattr", "+i", str(old_blob)], capture_output=True, check=False).returncode:
+        pytest.skip("chattr +i is not available here")
+    try:
+        hub.publish(REPO, {"tiny-q4_k_m.gguf": V2})
+        [found] = check_upgrades([Q4], [Q4], MACHINE)
+        done = apply_upgrade(found, {Q4.id: Q4})
+        assert done.applied and local_path(Q4).read_bytes() == V2 and done.freed_bytes == 0
+        assert "the old revision's files could not all be removed" in caplog.text
+    finally:
+        subprocess.run(["chattr", "-i", str(old_blob)], check=False)
 
 
 def test_a_new_commit_with_the_same_files_downloads_nothing(hub: FakeHub) -> None:

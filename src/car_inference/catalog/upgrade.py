@@ -13,6 +13,7 @@ the catalog, and pulling it.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from .locate import local_path
 from .pull import PullPlan, PullProgress, pull, pull_plan, remote_files
 
 __all__ = ["Upgrade", "apply_upgrade", "check_upgrades", "pulled_models", "quant_rank"]
+
+log = logging.getLogger(__name__)
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _BITS = re.compile(r"(?:^|[^a-z])i?q(\d+)|(?:^|[^a-z])b?fp?(16|32)")
@@ -173,7 +176,13 @@ def apply_upgrade(
     upgrade.download_bytes, upgrade.latest, upgrade.applied = report.downloaded_bytes, report.commit, True
     plan = pull_plan(model)
     if plan is not None and upgrade.commit and upgrade.commit != report.commit:
-        upgrade.freed_bytes = _drop_revision(plan, upgrade.commit)
+        try:
+            upgrade.freed_bytes = _drop_revision(plan, upgrade.commit)
+        except OSError as exc:  # the new revision is in place; the old one's files stay
+            log.warning(
+                "%s: upgraded, but the old revision's files could not all be removed: %s (%s)",
+                upgrade.model_id, exc.strerror or exc, exc.filename,
+            )  # fmt: skip
     return upgrade
 
 
