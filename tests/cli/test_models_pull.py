@@ -4,6 +4,7 @@ Ollama is tests/runtimes/fake_ollama.py (Ollama's native API, NDJSON pull stream
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import mmap
 import os
@@ -12,6 +13,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +208,34 @@ def test_ollama_pull_streams_progress_and_lists_the_model(running_ollama: str) -
     assert rows["ollama/smollm2:135m"]["size"] == 270_898_372 and "ollama/qwen3:0.6b" in rows
     code, out, _ = car("models", "pull", "ollama/smollm2:135m", "--json")
     assert json.loads(out)["pulled"]["digest"].startswith("f535f83ec568")
+
+
+def test_pulled_lists_the_hubs_models_when_ollama_cannot_list_its_own(ollama_host: str) -> None:
+    """An Ollama that answers /api/version but fails /api/tags made `car models pulled` fail
+    whole: the Hub's models, which need no Ollama, were not listed either."""
+
+    class HalfOllama(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"version": "0.9.0"}' if self.path == "/api/version" else b'{"error": "internal"}'
+            self.send_response(200 if self.path == "/api/version" else 500)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    host, port = ollama_host.split(":")
+    server = http.server.ThreadingHTTPServer((host, int(port)), HalfOllama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code, out, err = car("models", "pulled", "--json")
+    finally:
+        server.shutdown()
+    assert code == 0 and "could not list its models: internal" in err, err
+    assert "huggingface/smollm2-135m-instruct:q4_1" not in out  # packaged, not pulled
+    assert isinstance(json.loads(out), list)
 
 
 def test_ollama_upgrade_pulls_again_and_says_whether_it_changed(running_ollama: str) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import close_matches
+from ..errors import InferenceError, close_matches
 from ..schema import ModelCapability
 from .common import EXIT_USAGE, engine, err, fail, handle_errors, out, print_json, run
 
@@ -304,8 +304,13 @@ def pulled(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
                      if plan else str(path), "size": sum(p.stat().st_size for p in files)})  # fmt: skip
     host = ollama_host()
     if ollama_answers(host):
+        try:
+            tags = ollama_tags(host)
+        except InferenceError as exc:  # the Hub's rows are listed still (it failed them all)
+            err.print(f"warning: {exc}", style="yellow", markup=False)
+            tags = []
         rows += [{"model": f"ollama/{t.name}", "source": f"ollama {host} ({t.quantization_level or '?'})",
-                  "size": t.size} for t in ollama_tags(host)]  # fmt: skip
+                  "size": t.size} for t in tags]  # fmt: skip
     if as_json:
         print_json(rows)
         return
