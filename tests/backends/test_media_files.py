@@ -58,6 +58,17 @@ def test_output_paths_write_through_links_and_refuse_what_is_not_a_file(tmp_path
         output_path(str(real / "x.wav"), "wav", "x-")
 
 
+def test_a_folder_no_file_can_be_made_in_is_refused_before_the_work(tmp_path: Path) -> None:
+    """/proc/out.png (or a read-only folder): the error came after the paid call, uncharged, and
+    counted against the model."""
+    with pytest.raises(InvalidInput, match=r"cannot write /proc/out\.png: "):
+        output_path("/proc/out.png", "png", "x-")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert output_path(str(folder / "out.png"), "png", "x-") == folder / "out.png"
+    assert list(folder.iterdir()) == [], "the check leaves nothing behind"
+
+
 def test_a_replaced_file_keeps_its_permissions(tmp_path: Path) -> None:
     private = tmp_path / "private.wav"
     private.write_bytes(b"old")

@@ -74,6 +74,11 @@ def output_path(requested: str | None, fmt: str, prefix: str) -> Path:
             raise InvalidInput(f"cannot write {target}: it is a folder")
         if target.exists() and not target.is_file():
             raise InvalidInput(f"cannot write {target}: it is not a regular file (a device, FIFO or socket)")
+        try:  # now, not after a paid or minutes-long call whose result then had nowhere to go
+            with tempfile.TemporaryFile(dir=target.parent):
+                pass
+        except OSError as exc:
+            raise InvalidInput(f"cannot write {target}: {exc.strerror or exc}") from None
         return target
     # Named now, created by the write: a generation that fails leaves no empty file behind.
     return Path(tempfile.gettempdir()) / f"{prefix}{secrets.token_hex(8)}.{fmt}"
