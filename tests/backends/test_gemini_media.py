@@ -81,6 +81,30 @@ async def test_edits_send_the_images_inline_and_variants_make_several_calls(
     assert [size_of(p) for p in result.image_paths] == [(1024, 1024), (1024, 1024)]
 
 
+async def test_variants_take_seed_plus_i_and_one_that_fails_keeps_the_others(
+    fake: FakeProviderServer, tmp_path: Path
+) -> None:
+    """Every call had the same seed (n paid copies of one picture; local models make variant i
+    with seed + i), and one failed variant threw away the images made and paid for."""
+    result = await make(tmp_path).generate_image(
+        nano(fake),
+        GenerateImageRequest(prompt="x", seed=7, variant_count=3, output_path=str(tmp_path / "s.png")),
+    )
+    assert sorted(r.json["generationConfig"]["seed"] for r in fake.requests) == [7, 8, 9]
+    assert len(result.image_paths) == 3
+    fake.requests.clear()
+    fake.queue(Fault.bad_request("blocked variant"))
+    kept = await make(tmp_path).generate_image(
+        nano(fake), GenerateImageRequest(prompt="x", variant_count=3, output_path=str(tmp_path / "k.png"))
+    )
+    assert len(fake.requests) == 3 and len(kept.image_paths) == 2
+    assert all(Path(p).read_bytes().startswith(b"\x89PNG") for p in kept.image_paths)
+    fake.queue(*[Fault.server_error(503)] * 2)
+    with pytest.raises(ProviderError) as none:
+        await make(tmp_path).generate_image(nano(fake), GenerateImageRequest(prompt="x", variant_count=2))
+    assert none.value.status == 503
+
+
 async def test_what_gemini_cannot_do_is_refused_before_any_call(
     fake: FakeProviderServer, tmp_path: Path
 ) -> None:

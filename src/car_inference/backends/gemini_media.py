@@ -14,12 +14,13 @@ prompts, steps, guidance and masks are not part of this API: asking for one is
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
-from ..errors import ProviderError, UnsupportedMode
+from ..errors import InferenceError, ProviderError, UnsupportedMode
 from ..requests import GenerateImageRequest, GenerateImageResult
 from ..schema import ModelSchema
 from .gemini_video import GeminiVideoMixin
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from .remote import Endpoint
 
 __all__ = ["ASPECT_RATIOS", "GeminiMediaMixin"]
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
@@ -62,23 +65,34 @@ class GeminiMediaMixin(GeminiVideoMixin):
         image_config = None
         if {"width", "height"} & request.model_fields_set:
             image_config = types.ImageConfig(**_image_config(self.kind, model, request.width, request.height))
-        config = types.GenerateContentConfig(
-            response_modalities=["IMAGE"], seed=request.seed, image_config=image_config
-        )
+        count = request.variant_count or 1
+        # Variant i with seed + i, as local models make them: one seed for all made n paid copies.
+        configs = [
+            types.GenerateContentConfig(
+                response_modalities=["IMAGE"],
+                seed=None if request.seed is None else request.seed + i,
+                image_config=image_config,
+            )
+            for i in range(count)
+        ]
         parts = [types.Part(text=request.prompt)]
         for image_path in request.image_paths:
             _, data, media_type = read_upload(image_path)
             parts.append(types.Part.from_bytes(data=data, mime_type=media_type))
         contents = [types.Content(role="user", parts=parts)]
 
-        async def call(client: Any, endpoint: Endpoint) -> Any:
-            return await client.aio.models.generate_content(
-                model=endpoint.wire_model, contents=contents, config=config
-            )
+        def call_with(config: Any) -> Any:
+            async def call(client: Any, endpoint: Endpoint) -> Any:
+                return await client.aio.models.generate_content(
+                    model=endpoint.wire_model, contents=contents, config=config
+                )
 
-        count = request.variant_count or 1
-        responses = await asyncio.gather(*(self.with_keys(model, call) for _ in range(count)))
-        images = [_image_of(model, r) for r in responses]
+            return call
+
+        answers = await asyncio.gather(
+            *(self.with_keys(model, call_with(c)) for c in configs), return_exceptions=True
+        )
+        images = _made(model, answers)
         paths = [variant_path(target, i) for i in range(len(images))]
         for (data, _), path in zip(images, paths, strict=True):
             write_atomic(path, data)
@@ -94,6 +108,26 @@ class GeminiMediaMixin(GeminiVideoMixin):
             seed=request.seed,
             image_paths=[str(p) for p in paths],
         )
+
+
+def _made(model: ModelSchema, answers: list[Any]) -> list[tuple[bytes, str]]:
+    """The images of the variants that came back. One that failed no longer discards the others
+    (made and paid for): they are kept, and the failure is logged; when none came, the first
+    failure is the answer."""
+    images, failures = [], []
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            failures.append(answer)
+            continue
+        try:
+            images.append(_image_of(model, answer))
+        except InferenceError as exc:
+            failures.append(exc)
+    if not images:
+        raise failures[0]
+    if failures:
+        log.warning("%s: %d of %d images failed: %s", model.id, len(failures), len(answers), failures[0])
+    return images
 
 
 class _ImageSize(TypedDict):
