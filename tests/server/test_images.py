@@ -8,6 +8,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import av
@@ -19,6 +20,7 @@ from websockets.asyncio.client import connect
 
 from car_inference.config import ServerSettings
 from car_inference.engine import InferenceEngine
+from car_inference.routing import InferenceTask
 from car_inference.schema import ModelCapability, ModelSchema, OpenAISource
 from car_inference.server import ServerThread, create_app
 from fakes import FakeProviderServer
@@ -221,3 +223,67 @@ async def _answer(ws: Any, rid: int) -> dict[str, Any]:
         if message.get("id") == rid:
             return message
     raise AssertionError(f"no answer to {rid}")
+
+
+def test_a_routed_video_job_goes_on_to_a_model_that_can_take_it(
+    tmp_path: Path, fake_provider: FakeProviderServer
+) -> None:
+    """A job naming no model was pinned to the router's first choice: a hosted model that takes
+    no `steps` failed every such job, while JSON-RPC's went on to the local pipeline."""
+    engine = InferenceEngine(home=tmp_path / "home")
+    engine.register_model(media_model(LTX, build_ltx(tmp_path / "ltx"), "video_generation"))
+    hosted = "fakehost/sora"
+    source = OpenAISource(base_url=fake_provider.openai_base_url, model_name="sora-2", needs_key=False)
+    engine.register_model(
+        ModelSchema(
+            id=hosted,
+            name="sora-2",
+            provider="fakehost",
+            capabilities=[ModelCapability.VIDEO_GENERATION],
+            source=source,
+        )
+    )
+    for i in range(30):  # its calls went well: the router ranks it first
+        engine.tracker.record_attempt(
+            hosted, InferenceTask.GENERATE_VIDEO, "video", "media", trace_id=f"good-{i}",
+            started_at=0.0, success=True, latency_ms=500.0,
+        )  # fmt: skip
+    engine.config.routing = engine.config.routing.model_copy(update={"exploration": 0.0})
+    assert engine.media_model(None, ModelCapability.VIDEO_GENERATION).id == hosted
+    try:
+        with ServerThread(create_app(engine)) as running:
+            client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+            job = client.videos.create(
+                prompt="waves",
+                seconds="1",  # type: ignore[arg-type]
+                size="64x64",  # type: ignore[arg-type]
+                extra_body={"steps": 2},
+            )
+            done = client.videos.poll(job.id, poll_interval_ms=50)
+        assert done.status == "completed" and done.model == LTX, done.error
+    finally:
+        engine.close()
+
+
+def test_one_client_cannot_hold_every_video_job(engine: InferenceEngine) -> None:
+    """One API key started as many jobs as the server takes (max_concurrency) and every other
+    client's first video was refused: jobs count against their client's share too."""
+    settings = ServerSettings(api_keys=["key-one-0000000001", "key-two-0000000002"],
+                              max_concurrency=4, max_in_flight_per_client=1)  # fmt: skip
+    with ServerThread(create_app(engine, settings)) as small:
+        one, two = (
+            openai.OpenAI(base_url=small.url + "/v1", api_key=key, max_retries=0) for key in settings.api_keys
+        )
+        slow = one.videos.create(
+            model=LTX,
+            prompt="x",
+            seconds="1",  # type: ignore[arg-type]
+            size="64x64",  # type: ignore[arg-type]
+            extra_body={"steps": 1000},
+        )
+        with pytest.raises(openai.RateLimitError, match="this client has 1 video jobs running") as busy:
+            one.videos.create(model=LTX, prompt="y", seconds="1", size="64x64")  # type: ignore[arg-type]
+        assert busy.value.code == "client_busy"
+        other = two.videos.create(model=LTX, prompt="y", seconds="1", size="64x64")  # type: ignore[arg-type]
+        one.delete(f"/videos/{slow.id}", cast_to=httpx.Response)  # cancels it
+        assert two.videos.poll(other.id, poll_interval_ms=50).status == "completed"

@@ -39,7 +39,7 @@ from starlette.responses import Response
 from ..errors import InferenceError
 from ..requests import GenerateImageRequest, GenerateVideoRequest, VideoMode
 from ..schema import ModelCapability
-from .common import ServerState, car_headers, json_response, read_json
+from .common import ServerState, car_headers, client_of, json_response, read_json
 from .errors import ApiError, describe, guarded, validated
 from .media import IMAGE_FIELD_NAMES, FormField, _without_path, parse_multipart
 
@@ -116,6 +116,7 @@ class _Job:
     path: Path | None = None
     media_type: str = "video/mp4"
     task: asyncio.Task[None] | None = None
+    owner: str | None = None  # the client that made it (client_of), for its share of jobs
 
     def video(self) -> dict[str, Any]:
         """The job as OpenAI's ``video`` object."""
@@ -152,14 +153,22 @@ class _Jobs:
             weakref.finalize(self, shutil.rmtree, str(self._folder), True)
         return self._folder
 
-    def running(self) -> int:
-        return sum(j.status in ("queued", "in_progress") for j in self.jobs.values())
-
-    def start(self, request: GenerateVideoRequest, workdir: Path) -> _Job:
-        size = f"{request.width}x{request.height}" if "width" in request.model_fields_set else "auto"
-        job = _Job(
-            f"video_{uuid.uuid4().hex}", request.prompt, request.model, f"{request.duration_s:g}", size
+    def running(self, owner: str | None = None) -> int:
+        """Jobs not finished: all of them, or ``owner``'s."""
+        return sum(
+            j.status in ("queued", "in_progress") and (owner is None or j.owner == owner)
+            for j in self.jobs.values()
         )
+
+    def start(
+        self, request: GenerateVideoRequest, workdir: Path, shown: str, owner: str | None = None
+    ) -> _Job:
+        """Run ``request`` as a job; ``shown`` is the model its object names until it is done (the
+        router's first choice for a request naming none, which still goes on to the next model
+        when that one cannot take it)."""
+        size = f"{request.width}x{request.height}" if "width" in request.model_fields_set else "auto"
+        job = _Job(f"video_{uuid.uuid4().hex}", request.prompt, shown, f"{request.duration_s:g}", size)
+        job.owner = owner
         target = self.folder / f"{job.id}.{request.format}"
         job.task = asyncio.create_task(
             self._run(job, request.model_copy(update={"output_path": str(target)}), workdir)
@@ -298,20 +307,16 @@ def register(app: FastAPI, state: ServerState) -> None:
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
+        owner = client_of(request.scope, bool(state.settings.api_keys))
         try:  # an unknown or unusable model is this request's error, not a failed job
             model = engine.media_model(call.model, ModelCapability.VIDEO_GENERATION)
-            if jobs.running() >= state.settings.max_concurrency:  # each holds a worker thread
-                raise ApiError(
-                    429,
-                    f"{jobs.running()} video jobs are running, the server's limit (max_concurrency)",
-                    type="rate_limit_error",
-                    code="server_busy",
-                    retry_after=5,
-                )
+            _job_room(jobs, state, owner)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        return json_response(jobs.start(call.model_copy(update={"model": model.id}), workdir).video())
+        # A request naming no model stays routed: its first model's refusal (``steps`` on a hosted
+        # one, a spend limit) hands it on, as over JSON-RPC (a pinned first choice failed the job).
+        return json_response(jobs.start(call, workdir, model.id, owner).video())
 
     @guarded(VIDEOS)
     async def retrieve_video(request: Request) -> Response:
@@ -376,6 +381,31 @@ def _suffix(data: bytes) -> str:
     if data.startswith(b"\xff\xd8"):
         return ".jpg"
     return ".webp" if data[8:12] == b"WEBP" else ".png"
+
+
+def _job_room(jobs: _Jobs, state: ServerState, owner: str | None) -> None:
+    """429 when the server runs ``max_concurrency`` jobs (each holds a worker thread), or this
+    client its ``max_in_flight_per_client`` (one API key started as many jobs as the server
+    takes, and every other client's first video was refused)."""
+    settings = state.settings
+    per_client = settings.max_in_flight_per_client
+    if per_client and owner is not None and jobs.running(owner) >= per_client:
+        raise ApiError(
+            429,
+            f"this client has {per_client} video jobs running, its limit "
+            "([server] max_in_flight_per_client); wait for one to finish",
+            type="rate_limit_error",
+            code="client_busy",
+            retry_after=5,
+        )
+    if jobs.running() >= settings.max_concurrency:
+        raise ApiError(
+            429,
+            f"{jobs.running()} video jobs are running, the server's limit (max_concurrency)",
+            type="rate_limit_error",
+            code="server_busy",
+            retry_after=5,
+        )
 
 
 def _progress(session: Any, rid: Any) -> Callable[[int, int], None]:
