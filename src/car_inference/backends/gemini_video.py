@@ -42,6 +42,7 @@ Progress = Callable[[int, int], None]
 
 VIDEO_DEADLINE_S = 1800.0  # an interaction that has not finished in half an hour is given up
 _FIRST_POLL_S, _MAX_POLL_S = 0.05, 5.0  # polls back off from 50 ms to 5 s
+_MAX_REDIRECTS = 5
 _PENDING = ("queued", "in_progress")
 _REFUSED = ("negative_prompt", "steps", "guidance", "audio_path")
 _CHOSEN_BY_MODEL = ("duration_s", "width", "height", "fps")
@@ -163,11 +164,20 @@ class GeminiVideoMixin:
         )
 
     async def _download(self, model: ModelSchema, client: Any, endpoint: Endpoint, uri: str) -> bytes:
-        """A video the answer only links to, fetched with the key that made it."""
+        """A video the answer only links to, fetched with the key that made it. Redirects are
+        followed here: the key (and the host's headers) go only to the link's own origin, never
+        to where a redirect points (httpx drops only ``Authorization`` on the way)."""
         key = str(getattr(client._api_client, "api_key", "") or "")
+        mine = {**dict(endpoint.headers), "x-goog-api-key": key}
+        url = origin = httpx.URL(uri)
         try:
-            async with httpx.AsyncClient(follow_redirects=True, timeout=120) as http:
-                response = await http.get(uri, headers={**dict(endpoint.headers), "x-goog-api-key": key})
+            async with httpx.AsyncClient(follow_redirects=False, timeout=120) as http:
+                for _ in range(_MAX_REDIRECTS + 1):
+                    same = (url.scheme, url.host, url.port) == (origin.scheme, origin.host, origin.port)
+                    response = await http.get(url, headers=mine if same else {})
+                    if not response.is_redirect or "location" not in response.headers:
+                        break
+                    url = url.join(response.headers["location"])
         except httpx.HTTPError as exc:
             raise ProviderError(
                 f"downloading the video failed: {type(exc).__name__}",
