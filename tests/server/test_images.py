@@ -267,7 +267,8 @@ def test_a_routed_video_job_goes_on_to_a_model_that_can_take_it(
 
 def test_one_client_cannot_hold_every_video_job(engine: InferenceEngine) -> None:
     """One API key started as many jobs as the server takes (max_concurrency) and every other
-    client's first video was refused: jobs count against their client's share too."""
+    client's first video was refused: jobs count against their client's share too. And another
+    key could read and delete them."""
     settings = ServerSettings(api_keys=["key-one-0000000001", "key-two-0000000002"],
                               max_concurrency=4, max_in_flight_per_client=1)  # fmt: skip
     with ServerThread(create_app(engine, settings)) as small:
@@ -285,5 +286,8 @@ def test_one_client_cannot_hold_every_video_job(engine: InferenceEngine) -> None
             one.videos.create(model=LTX, prompt="y", seconds="1", size="64x64")  # type: ignore[arg-type]
         assert busy.value.code == "client_busy"
         other = two.videos.create(model=LTX, prompt="y", seconds="1", size="64x64")  # type: ignore[arg-type]
+        for not_mine in (lambda: two.videos.retrieve(slow.id), lambda: two.videos.delete(slow.id)):
+            with pytest.raises(openai.NotFoundError):  # another key's job is unknown to it
+                not_mine()
         one.delete(f"/videos/{slow.id}", cast_to=httpx.Response)  # cancels it
         assert two.videos.poll(other.id, poll_interval_ms=50).status == "completed"

@@ -207,9 +207,12 @@ class _Jobs:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def get(self, video_id: str) -> _Job:
+    def get(self, video_id: str, request: Request) -> _Job:
+        """The job, for the client that made it: on a server with API keys another key's job is
+        unknown (any key holder could read, download and delete any job whose id it had)."""
         job = self.jobs.get(video_id)
-        if job is None:
+        keyed = bool(self.state.settings.api_keys)
+        if job is None or (keyed and job.owner != client_of(request.scope, keyed)):
             raise ApiError(404, f"no video job {video_id}", type="invalid_request_error", code="not_found")
         return job
 
@@ -320,18 +323,18 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     @guarded(VIDEOS)
     async def retrieve_video(request: Request) -> Response:
-        return json_response(jobs.get(request.path_params["video_id"]).video())
+        return json_response(jobs.get(request.path_params["video_id"], request).video())
 
     @guarded(VIDEOS)
     async def video_content(request: Request) -> Response:
-        job = jobs.get(request.path_params["video_id"])
+        job = jobs.get(request.path_params["video_id"], request)
         if job.status != "completed" or job.path is None:
             raise ApiError(409, f"video job {job.id} is {job.status}, not completed", code="video_not_ready")
         return Response(job.path.read_bytes(), media_type=job.media_type, headers=car_headers(job.model))
 
     @guarded(VIDEOS)
     async def delete_video(request: Request) -> Response:
-        job = jobs.get(request.path_params["video_id"])
+        job = jobs.get(request.path_params["video_id"], request)
         jobs.forget(job)
         return json_response({"id": job.id, "object": "video.deleted", "deleted": True})
 
