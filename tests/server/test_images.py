@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -291,3 +293,18 @@ def test_one_client_cannot_hold_every_video_job(engine: InferenceEngine) -> None
                 not_mine()
         one.delete(f"/videos/{slow.id}", cast_to=httpx.Response)  # cancels it
         assert two.videos.poll(other.id, poll_interval_ms=50).status == "completed"
+
+
+def test_the_finished_videos_go_with_the_server(engine: InferenceEngine) -> None:
+    """They were removed by an exit hook, which a SIGTERM (systemd, docker) never runs: every
+    finished video stayed in /tmp. The app's shutdown removes them."""
+    before = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("car-videos-")}
+    app = create_app(engine)
+    with ServerThread(app) as running:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        job = client.videos.create(model=LTX, prompt="y", seconds="1", size="64x64")  # type: ignore[arg-type]
+        assert client.videos.poll(job.id, poll_interval_ms=50).status == "completed"
+        made = {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("car-videos-")} - before
+        assert len(made) == 1
+    assert not (Path(tempfile.gettempdir()) / made.pop()).exists()
+    del app

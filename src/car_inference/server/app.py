@@ -101,6 +101,8 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
         finally:
             stop_pruning.set()  # a chunk under way finishes; none starts after it
             pruning.cancel()
+            for done in state.on_shutdown:
+                done()
             if owned:
                 engine.close()
             else:

@@ -117,6 +117,8 @@ class ServerState:
     stopping: bool = False
     # WebSockets open, by client (``[server] ws_max_sockets_per_client``).
     sockets: Counter[str | None] = field(default_factory=Counter)
+    # Run when the app shuts down, whatever stopped it (SIGTERM too: a process-exit hook is not).
+    on_shutdown: list[Callable[[], None]] = field(default_factory=list)
 
     def open_socket(self, client: str | None) -> bool:
         """Count a WebSocket of ``client`` as open; False (not counted) when it holds its limit."""

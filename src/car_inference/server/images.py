@@ -150,7 +150,10 @@ class _Jobs:
         makes a video leaves no folder behind), removed with the server."""
         if self._folder is None:
             self._folder = Path(tempfile.mkdtemp(prefix="car-videos-"))
-            weakref.finalize(self, shutil.rmtree, str(self._folder), True)
+            remove = weakref.finalize(self, shutil.rmtree, str(self._folder), True)
+            # On the app's shutdown too: a SIGTERM (systemd, docker) ends the process without
+            # running exit hooks, and every finished video stayed in /tmp.
+            self.state.on_shutdown.append(remove)
         return self._folder
 
     def running(self, owner: str | None = None) -> int:
