@@ -360,12 +360,21 @@ def _save(folder: Path, stem: str, upload: FormField) -> str:
 # --- JSON-RPC --------------------------------------------------------------------------------------
 
 
-def _rpc_fields(params: dict[str, Any]) -> dict[str, Any]:
-    """The request fields a remote caller may set: never a path on the server."""
+_RPC_FILES = ("images", "mask", "image")  # base64 files, by method: generate_image's, generate_video's
+
+
+def _rpc_fields(params: dict[str, Any], files: tuple[str, ...]) -> dict[str, Any]:
+    """The request fields a remote caller may set: never a path on the server, and only this
+    method's files (``image`` on generate_image, ``images`` on generate_video were dropped
+    without a word, and an unrelated picture came back)."""
     for key in _SERVER_PATHS:
         if key in params:
             raise ApiError(400, f"`{key}` names a file on the server; send images as base64", param=key)
-    return {k: v for k, v in params.items() if k not in ("images", "mask", "image") and v != "auto"}
+    for key in _RPC_FILES:
+        if key in params and key not in files:
+            hint = f"; did you mean `{files[0]}`?" if files else ""
+            raise ApiError(400, f"`{key}` is not a parameter of this method{hint}", param=key)
+    return {k: v for k, v in params.items() if k not in _RPC_FILES and v != "auto"}
 
 
 def _decode(value: Any, name: str, folder: Path, stem: str) -> str:
@@ -425,7 +434,7 @@ def _progress(session: Any, rid: Any) -> Callable[[int, int], None]:
 
 
 async def rpc_generate_image(session: Any, params: dict[str, Any], rid: Any) -> Any:
-    fields = _rpc_fields(params)
+    fields = _rpc_fields(params, ("images", "mask"))
     images = params.get("images") or []
     if not isinstance(images, list):
         raise ApiError(400, "`images` must be a list of base64 images", param="images")
@@ -449,7 +458,7 @@ async def rpc_generate_image(session: Any, params: dict[str, Any], rid: Any) -> 
 
 
 async def rpc_generate_video(session: Any, params: dict[str, Any], rid: Any) -> Any:
-    fields = _rpc_fields(params)
+    fields = _rpc_fields(params, ("image",))
     workdir = Path(tempfile.mkdtemp(prefix="car-rpc-video-"))
     try:
         if params.get("image") is not None:
