@@ -217,10 +217,11 @@ async def test_json_rpc_methods_with_progress(server: ServerThread) -> None:
         error = (await _answer(ws, 4))["error"]
         assert error["code"] == -32602 and "names a file on the server" in error["message"]
         # The other method's file: it was dropped without a word (an unrelated picture came back).
-        for rid, method, params, hint in (
+        cases: list[tuple[int, str, dict[str, Any], str]] = [
             (5, "generate_image", {"prompt": "x", "model": SD, "image": "aGk="}, "did you mean `images`"),
             (6, "generate_video", {"prompt": "x", "model": LTX, "images": ["aGk="]}, "did you mean `image`"),
-        ):
+        ]
+        for rid, method, params, hint in cases:
             await ws.send(json.dumps({"jsonrpc": "2.0", "id": rid, "method": method, "params": params}))
             error = (await _answer(ws, rid))["error"]
             assert error["code"] == -32602 and hint in error["message"], error
