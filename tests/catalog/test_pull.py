@@ -123,6 +123,20 @@ def test_an_interrupted_pull_continues_where_it_stopped(hub: FakeHub) -> None:
     assert report.path.read_bytes() == WEIGHTS and not partial.exists()
 
 
+def test_a_server_with_fewer_bytes_than_the_hub_lists_is_said_and_not_asked_again(hub: FakeHub) -> None:
+    """It answered a resume past its end with 416, shown as "answered HTTP 416", and the partial
+    file stayed: every later pull asked past the end again and failed the same way."""
+    model = gguf_model()
+    hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS})
+    sha = hashlib.sha256(WEIGHTS).hexdigest()
+    hub.blobs[sha] = WEIGHTS[:-1000]  # the CDN's copy is short
+    with pytest.raises(DownloadFailed, match=r"has only 2,999,000 of the 3,000,000 bytes the Hub lists"):
+        pull(model)
+    assert not (repo_dir(REPO) / "blobs" / f"{sha}.incomplete").exists()
+    hub.blobs[sha] = WEIGHTS  # mended: the next pull starts over and succeeds
+    assert pull(model).path.read_bytes() == WEIGHTS
+
+
 def test_a_corrupt_download_is_refused_and_deleted(hub: FakeHub) -> None:
     model = gguf_model()
     hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS})

@@ -277,6 +277,12 @@ class HubClient:
                 with self._http.stream("GET", remote.url, headers=headers, follow_redirects=True) as response:
                     if response.status_code == 416 and remote.size == have:
                         break
+                    if response.status_code == 416 and have:  # it has fewer bytes than the Hub says
+                        partial.unlink(missing_ok=True)  # or every later pull asks past its end
+                        raise DownloadFailed(
+                            f"{remote.repo}: {remote.path}: {response.url.host} has only {have:,} of "
+                            f"the {remote.size or 0:,} bytes the Hub lists; the partial file was removed"
+                        )
                     if response.status_code >= 400:
                         raise self._http_error(response, f"{remote.repo}: {remote.path}")
                     if have and response.status_code == 200:  # the server ignored Range: start over
