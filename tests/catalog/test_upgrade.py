@@ -11,7 +11,13 @@ import pytest
 from car_inference.catalog.hub import repo_dir
 from car_inference.catalog.locate import local_path
 from car_inference.catalog.pull import pull
-from car_inference.catalog.upgrade import apply_upgrade, check_upgrades, pulled_models, quant_rank
+from car_inference.catalog.upgrade import (
+    apply_each,
+    apply_upgrade,
+    check_upgrades,
+    pulled_models,
+    quant_rank,
+)
 from car_inference.hardware import CpuInfo, HardwareReport, MemoryInfo
 from car_inference.schema import ModelSchema
 from fakes.hf_hub import FakeHub
@@ -114,6 +120,31 @@ def test_a_pinned_revision_never_moves(hub: FakeHub) -> None:
     [found] = check_upgrades([pinned], [pinned], MACHINE)
     assert found.kind == "pinned" and found.detail == f"pinned to commit {commit[:12]}"
     assert apply_upgrade(found, {pinned.id: pinned}).applied is False
+
+
+def test_one_models_failure_does_not_stop_the_others(hub: FakeHub) -> None:
+    """A gated repo (or a bad hash) of one model stopped `car models upgrade` for every model,
+    and what had been upgraded already, its old files deleted, was not reported."""
+    other_repo = "tiny/other-GGUF"
+    other = quant("q4_k_m", 0.3, 1, hf_repo=other_repo, filename="other.gguf")
+    other = other.model_copy(update={"id": "tiny/other:q4_k_m"})
+    catalog = {other.id: other, Q4.id: Q4}
+    hub.publish(REPO, {"tiny-q4_k_m.gguf": V1})
+    hub.publish(other_repo, {"other.gguf": V1[:1000]})
+    pull(Q4)
+    pull(other)
+    hub.publish(REPO, {"tiny-q4_k_m.gguf": V2})
+    hub.publish(other_repo, {"other.gguf": V2[:1000]})
+    hub.gated[other_repo] = "hf_token_0001"
+    found = check_upgrades([other, Q4], [other, Q4], MACHINE)
+    assert [(u.model_id, u.kind) for u in found] == [(other.id, "failed"), (Q4.id, "revision")]
+    assert found[0].error is not None and "refused access (HTTP 401)" in found[0].error
+    del hub.gated[other_repo]
+    found = check_upgrades([other, Q4], [other, Q4], MACHINE)
+    hub.corrupt.add("other.gguf")  # the first one applied fails its hash
+    done = apply_each(found, catalog)
+    assert done[0].error is not None and "does not match" in done[0].error and not done[0].applied
+    assert done[1].applied and done[1].error is None and local_path(Q4).read_bytes() == V2
 
 
 def test_checking_offline_is_one_line(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:

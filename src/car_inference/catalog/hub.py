@@ -145,6 +145,10 @@ def _new_hash(remote: RemoteFile) -> hashlib._Hash | None:
 Progress = Callable[[int], None]
 
 
+class HubUnreachable(DownloadFailed):
+    """The endpoint itself cannot be reached: every model's pull or check would fail the same way."""
+
+
 class HubClient:
     """``HEAD``/``GET`` against one Hub endpoint; ``with HubClient() as hub: ...``."""
 
@@ -177,7 +181,7 @@ class HubClient:
 
     def _unreachable(self, exc: Exception) -> DownloadFailed:
         reason = str(exc).strip() or type(exc).__name__
-        return DownloadFailed(f"cannot reach {self.endpoint} ({reason}); check the network or HF_ENDPOINT")
+        return HubUnreachable(f"cannot reach {self.endpoint} ({reason}); check the network or HF_ENDPOINT")
 
     def _http_error(self, response: httpx.Response, what: str) -> DownloadFailed:
         code = response.headers.get("X-Error-Code", "")

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..errors import DownloadFailed, ModelUnavailable
+from ..errors import DownloadFailed, InferenceError, ModelUnavailable
 from ..hardware import HardwareReport, recommend
 from ..schema import ModelSchema
-from .hub import HubClient, hub_offline, read_ref, repo_dir
+from .hub import HubClient, HubUnreachable, hub_offline, read_ref, repo_dir
 from .locate import local_path
 from .pull import PullPlan, PullProgress, pull, pull_plan, remote_files
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _BITS = re.compile(r"(?:^|[^a-z])i?q(\d+)|(?:^|[^a-z])b?fp?(16|32)")
 
-UpgradeKind = Literal["revision", "quant", "current", "pinned", "unchecked"]
+UpgradeKind = Literal["revision", "quant", "current", "pinned", "unchecked", "failed"]
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Upgrade:
     applied: bool = False
     freed_bytes: int = 0
     source: Literal["hub", "ollama"] = "hub"
+    error: str | None = None  # why checking or applying it failed (kind "failed", or not applied)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,11 +153,34 @@ def check_upgrades(
     found: list[Upgrade] = []
     with HubClient(endpoint) as hub:
         for model in models:
-            found.append(_revision_check(model, hub))
+            try:  # one model's repo gated, gone or broken does not stop the others' checks
+                found.append(_revision_check(model, hub))
+            except HubUnreachable:
+                raise
+            except InferenceError as exc:
+                found.append(Upgrade(model.id, "failed", error=str(exc)))
             quant = _quant_check(model, catalog, hardware)
             if quant is not None:
                 found.append(quant)
     return found
+
+
+def apply_each(
+    upgrades: list[Upgrade], catalog: dict[str, ModelSchema], progress: PullProgress | None = None
+) -> list[Upgrade]:
+    """``apply_upgrade`` for each; one that fails (a bad hash, a gated repo) is reported with its
+    error and the rest go on (the first failure stopped them all, and the upgrades already made,
+    their old files deleted, were not reported)."""
+    done = []
+    for upgrade in upgrades:
+        try:
+            done.append(apply_upgrade(upgrade, catalog, progress))
+        except HubUnreachable:
+            raise
+        except InferenceError as exc:
+            upgrade.error = str(exc)
+            done.append(upgrade)
+    return done
 
 
 def apply_upgrade(

@@ -161,7 +161,7 @@ def upgrade(
     """Pull a newer revision of pulled models (the Hub's commit moved) and better quants from the
     catalog that fit this machine; the old revision's files are deleted, an old quant is kept.
     A named Ollama model (`ollama/<tag>`) is pulled again through Ollama."""
-    from ..catalog.upgrade import Upgrade, apply_upgrade, check_upgrades, pulled_models
+    from ..catalog.upgrade import Upgrade, apply_each, check_upgrades, pulled_models
     from ..hardware import cached_hardware
     from .progress import PullBars
     from .pulling import describe_upgrade, find_model, upgrade_ollama
@@ -182,18 +182,21 @@ def upgrade(
     if not check and (schema is None or schema.kind != "ollama"):
         by_id = {m.id: m for m in catalog}
         with PullBars(err, enabled=not as_json) as bars:
-            upgrades = [apply_upgrade(u, by_id, bars) for u in upgrades]
+            upgrades = apply_each(upgrades, by_id, bars)
         eng.registry.refresh_availability()
+    failed = sum(u.error is not None for u in upgrades)
     if as_json:
         print_json([u.to_json() for u in upgrades])
-        return
-    for u in upgrades:
-        out.print(describe_upgrade(u, check), markup=False)
-    pending = sum(u.kind in ("revision", "quant") for u in upgrades)
-    if not upgrades:
-        out.print("no pulled models", style="dim")
-    elif check and pending:
-        out.print(f"{pending} upgrade(s) available: `car models upgrade` pulls them", style="dim")
+    else:
+        for u in upgrades:
+            out.print(describe_upgrade(u, check), markup=False)
+        pending = sum(u.kind in ("revision", "quant") and u.error is None for u in upgrades)
+        if not upgrades:
+            out.print("no pulled models", style="dim")
+        elif check and pending:
+            out.print(f"{pending} upgrade(s) available: `car models upgrade` pulls them", style="dim")
+    if failed:  # each model was tried and reported; the status says not all went well
+        raise typer.Exit(1)
 
 
 @models_app.command("discover")

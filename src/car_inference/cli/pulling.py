@@ -64,6 +64,10 @@ def describe_pull(report: PullReport) -> str:
 
 
 def describe_upgrade(u: Upgrade, checking: bool) -> str:
+    if u.kind == "failed":
+        return f"{u.model_id}: could not check: {u.error}"
+    if u.error is not None:
+        return f"{u.model_id}: upgrade failed: {u.error}"
     if u.kind == "current":
         return f"{u.model_id}: up to date ({(u.commit or '?')[:12]})"
     if u.kind == "pinned":
