@@ -229,6 +229,8 @@ async def test_video_failures(fake: FakeProviderServer, tmp_path: Path) -> None:
         (GenerateVideoRequest(prompt="x", seed=3), "seed"),
         (GenerateVideoRequest(prompt="x", format="gif"), "gif"),
         (GenerateVideoRequest(prompt="x", mode=VideoMode.AUDIO_TO_VIDEO, audio_path="a.wav"), "audio"),
+        (GenerateVideoRequest(prompt="x", duration_s=0.4), "whole seconds, not 0.4"),  # went out as "0"
+        (GenerateVideoRequest(prompt="x", duration_s=4.5), "whole seconds, not 4.5"),
     ]:
         with pytest.raises(UnsupportedMode, match=what):
             await be.generate_video(model, request)
