@@ -165,13 +165,13 @@ class OpenAIMediaMixin:
             )
         if request.format != "mp4":
             raise UnsupportedMode(f"video/{request.format}", self.kind, f"{model.id} makes mp4 only")
-        seconds = request.duration_s
-        if seconds < 1 or seconds != int(seconds):  # 0.4 s went out as "0"; never adjusted
+        asked = request.duration_s
+        if asked < 1 or asked != int(asked):  # 0.4 s went out as "0"; never adjusted
             raise UnsupportedMode(
-                "duration_s", self.kind, f"{model.id} (the Videos API) makes whole seconds, not {seconds:g}"
+                "duration_s", self.kind, f"{model.id} (the Videos API) makes whole seconds, not {asked:g}"
             )
         target = output_path(request.output_path, request.format, "car-video-")
-        options: dict[str, Any] = {"prompt": request.prompt, "seconds": str(int(seconds))}
+        options: dict[str, Any] = {"prompt": request.prompt, "seconds": str(int(asked))}
         if {"width", "height"} & request.model_fields_set:
             options["size"] = f"{request.width}x{request.height}"
         if request.image_path:
