@@ -146,6 +146,7 @@ def test_video_job_create_poll_download(client: openai.OpenAI) -> None:
     assert video.status in ("queued", "in_progress") and video.model == LTX
     done = client.videos.poll(video.id, poll_interval_ms=50)
     assert done.status == "completed" and done.progress == 100 and done.completed_at
+    assert (done.seconds, done.size) == ("1.125", "64x64"), "what was made: 9 frames at 8 fps"
     content = client.videos.download_content(video.id).content
     with av.open(io.BytesIO(content), mode="r") as container:
         frames = list(container.decode(video=0))

@@ -207,6 +207,11 @@ class _Jobs:
                 result.media_type,
                 result.model_used,
             )
+            # What was made, not what was asked (a model that picks its length made 10 s of "4").
+            if result.duration_s:
+                job.seconds = f"{result.duration_s:g}"
+            if result.width and result.height:
+                job.size = f"{result.width}x{result.height}"
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
