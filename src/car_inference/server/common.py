@@ -332,6 +332,26 @@ _ASCII = str.maketrans(
 )
 
 
+def refuse_fields(
+    sent: Mapping[str, Any], takes: frozenset[str], at_default: Mapping[str, tuple[Any, ...]] | None = None
+) -> None:
+    """A 400 naming the first field of ``sent`` a route neither takes nor finds at a value it
+    honours (``at_default``: OpenAI's ``quality: "auto"``): `quality: "high"` and the like were
+    dropped without a word and the default came back, billed. A list field sent as ``name[]`` or
+    ``name[i]`` (a form) counts as ``name``."""
+    defaults = at_default or {}
+    for key, value in sent.items():
+        name = key.split("[", 1)[0]
+        if name in takes or value is None or value in defaults.get(name, ()):
+            continue
+        honoured = f" (only {', '.join(map(repr, defaults[name]))})" if name in defaults else ""
+        raise ApiError(
+            400,
+            f"`{name}` is not supported here{honoured}; this route takes: {', '.join(sorted(takes))}",
+            param=name,
+        )
+
+
 def given(body: Mapping[str, Any], key: str, default: Any) -> Any:
     """``body[key]``, or ``default`` when it is absent or null: a value of a wrong type, even a
     falsy one (``[]``, ``0``, ``""``), goes on to its check instead of becoming the default."""

@@ -34,12 +34,22 @@ from ..requests import (
     TranscribeResult,
 )
 from ..schema import ModelCapability
-from .common import ServerState, car_headers, given, json_response, read_json
+from .common import ServerState, car_headers, given, json_response, read_json, refuse_fields
 from .errors import ApiError, guarded, validated
 from .transcripts import TranscriptEvents
 from .translate import AUTO
 
 __all__ = ["STT", "TTS", "Form", "FormField", "parse_multipart", "register", "subtitles", "upload_name"]
+
+# What /v1/images/generations takes (OpenAI's fields that mean something here, and our extensions
+# for local models), and OpenAI's options honoured only at their default (the models choose).
+IMAGE_FIELDS = frozenset(
+    {"prompt", "model", "n", "size", "response_format", "output_format", "user",
+     "negative_prompt", "seed", "steps", "guidance"}
+)  # fmt: skip
+OPENAI_IMAGE_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "quality": ("auto",), "background": ("auto",), "moderation": ("auto",), "stream": (False,),
+}  # fmt: skip
 
 STT = "speech_to_text"
 TTS = "text_to_speech"
@@ -296,6 +306,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     @guarded(IMAGES, timeout_s=timeout_s, retry_hint=state.retry_hint)
     async def images(request: Request) -> Response:
         body = await read_json(request)
+        refuse_fields(body, IMAGE_FIELDS, OPENAI_IMAGE_DEFAULTS)
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "`prompt` must describe the image", param="prompt")
