@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from car_inference.engine import InferenceEngine
-from car_inference.errors import CircuitOpen, ProviderError, SpendLimitExceeded, UnsupportedMode
+from car_inference.errors import CircuitOpen, InvalidInput, ProviderError, SpendLimitExceeded, UnsupportedMode
 from car_inference.requests import GenerateImageRequest, GenerateVideoRequest
 from car_inference.routing import InferenceTask, ModelProfile
 from car_inference.schema import ModelCapability
@@ -152,3 +152,17 @@ async def test_a_hosted_video_the_caller_stops_waiting_for_is_charged(
     with pytest.raises(asyncio.CancelledError):
         await job
     assert engine.spend.status().by_provider_today == {"google": pytest.approx(1.0)}  # its estimate
+
+
+async def test_an_output_names_suffix_is_its_format_and_never_another(
+    engine: InferenceEngine, tmp_path: Path
+) -> None:
+    """JPEG bytes were written into x.png (`-o x.png -f jpeg`); as for speech, a suffix naming
+    another format than the one asked for is refused, and without one asked for it decides."""
+    request = GenerateImageRequest(prompt="a red apple", model=SD, width=64, height=64, steps=1, seed=1)
+    with pytest.raises(InvalidInput, match=r"names a \.png file but format is 'jpeg'"):
+        await engine.generate_image(
+            request.model_copy(update={"output_path": str(tmp_path / "x.png"), "format": "jpeg"})
+        )
+    made = await engine.generate_image(request.model_copy(update={"output_path": str(tmp_path / "x.jpg")}))
+    assert made.media_type == "image/jpeg" and (tmp_path / "x.jpg").read_bytes()[:2] == b"\xff\xd8"

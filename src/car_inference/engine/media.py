@@ -26,6 +26,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ..errors import CircuitOpen, InferenceError, InvalidInput, UnsupportedMode
@@ -40,9 +41,15 @@ if TYPE_CHECKING:
     from ..routing.breaker import CircuitBreakerRegistry
     from .bookkeeping import Bookkeeper
 
-__all__ = ["image_cost", "run_media", "video_cost"]
+__all__ = ["image_cost", "run_media", "video_cost", "with_suffix_format"]
 
 T = TypeVar("T", GenerateImageResult, GenerateVideoResult)
+R = TypeVar("R", GenerateImageRequest, GenerateVideoRequest)
+
+# The formats an output name's suffix names.
+SUFFIX_FORMATS = {
+    "png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp", "mp4": "mp4", "mov": "mov", "gif": "gif",
+}  # fmt: skip
 
 
 class _Engine(Protocol):
@@ -75,6 +82,24 @@ def video_cost(
     if not made and longest is not None and "duration_s" not in request.model_fields_set:
         seconds = max(seconds, longest)  # not said how long it made: as long as it makes
     return price * seconds
+
+
+def with_suffix_format(request: R) -> R:
+    """The format an ``output_path`` names by its suffix when the request left ``format`` out
+    (``cat.jpg`` is a JPEG); a suffix naming another format than a ``format`` given is
+    ``InvalidInput`` (JPEG bytes were written into ``x.png``), as for speech."""
+    if not request.output_path:
+        return request
+    named = SUFFIX_FORMATS.get(Path(request.output_path).suffix.lower().lstrip("."))
+    formats = getattr(type(request).model_fields["format"].annotation, "__args__", ())
+    if named is None or named == request.format or named not in formats:  # not this kind's suffix
+        return request
+    if "format" in request.model_fields_set:
+        raise InvalidInput(
+            f"output_path {request.output_path!r} names a .{named} file but format is {request.format!r}",
+            param="format",
+        )
+    return request.model_copy(update={"format": named})
 
 
 async def run_media(

@@ -46,7 +46,7 @@ from ..routing.media import MEDIA_FAMILY, choose_media
 from ..schema import ModelCapability, ModelSchema
 from ..textcheck import unpaired_surrogate
 from .lifecycle import Lifecycle
-from .media import image_cost, run_media, video_cost
+from .media import image_cost, run_media, video_cost, with_suffix_format
 from .speech import charged, list_voices, speech_model, synthesis_cost, transcription_cost, with_output_format
 
 if TYPE_CHECKING:
@@ -246,6 +246,7 @@ class TaskMixin(Lifecycle):
         total)`` is called from a worker thread as steps finish (local models) or a job advances."""
         self._check_open()
         expect(request, GenerateImageRequest, "generate_image")
+        request = with_suffix_format(request)
         return await self._media(
             request.model, ModelCapability.IMAGE_GENERATION, request.prompt,
             lambda m, result: image_cost(m, request, result),
@@ -257,6 +258,7 @@ class TaskMixin(Lifecycle):
     ) -> GenerateVideoResult:
         self._check_open()
         expect(request, GenerateVideoRequest, "generate_video")
+        request = with_suffix_format(request)
         return await self._media(
             request.model, ModelCapability.VIDEO_GENERATION, request.prompt,
             lambda m, result: video_cost(m, request, result),
