@@ -59,8 +59,14 @@ def test_packaged_model_needs_no_download() -> None:
 
 
 def test_remote_model_has_nothing_to_pull() -> None:
-    with pytest.raises(UnsupportedMode):
+    with pytest.raises(UnsupportedMode, match="served by its provider or server; nothing to download"):
         pull_model(_builtin("openai/gpt-6-luna"))
+    ollama = ModelSchema.model_validate({
+        "id": "ollama/tiny", "name": "tiny", "provider": "ollama", "capabilities": ["generate"],
+        "source": {"kind": "ollama", "model_tag": "tiny:1b"},
+    })  # fmt: skip
+    with pytest.raises(UnsupportedMode, match=r"Ollama keeps its models: .*`ollama pull tiny:1b`"):
+        pull_model(ollama)  # it said "served remotely", of a model on this machine's Ollama
 
 
 def test_offline_is_one_line_naming_the_repo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -238,6 +238,15 @@ def test_pulled_lists_the_hubs_models_when_ollama_cannot_list_its_own(ollama_hos
     assert isinstance(json.loads(out), list)
 
 
+def test_rm_of_an_ollama_model_says_who_keeps_it(ollama_host: str) -> None:
+    """`car models rm ollama/<tag>` said "model not found" (pull, upgrade and pulled take that
+    name), and a catalog Ollama model "nothing of it is on this disk"."""
+    code, _, err = car("models", "rm", "ollama/smollm2:135m")
+    assert code == 2 and "ollama/smollm2:135m is kept by Ollama: `ollama rm smollm2:135m` deletes it" in err
+    code, _, err = car("models", "pull", "openai/gpt-4o-mini")
+    assert code == 2 and "served by its provider or server; nothing to download" in err
+
+
 def test_ollama_upgrade_pulls_again_and_says_whether_it_changed(running_ollama: str) -> None:
     assert car("models", "pull", "ollama/smollm2:135m")[0] == 0
     code, out, _ = car("models", "upgrade", "ollama/smollm2:135m", "--check")

@@ -105,9 +105,14 @@ def pull_plan(model: ModelSchema) -> PullPlan | None:
     source = model.source
     repo = getattr(source, "hf_repo", None)
     if not model.in_process:
-        raise UnsupportedMode(
-            "pull", model.kind, f"{model.id} is served remotely; there is nothing to download"
+        runtime = model.spec.runtime
+        where = (
+            f"Ollama keeps its models: `car models pull {model.id}` asks it (the CLI), as does "
+            f"`ollama pull {getattr(source, 'model_tag', model.name)}`"
+            if runtime == "ollama"
+            else "it is served by its provider or server; nothing to download"
         )
+        raise UnsupportedMode("pull", model.kind, f"{model.id}: {where}")
     if not repo:
         return None
     revision = getattr(source, "revision", None) or "main"

@@ -50,6 +50,9 @@ def remove_model(model: ModelSchema) -> Removal:
         dist = package.split(",")[0].strip().replace("_", "-")
         raise InvalidInput(f"{model.id} comes with the package {package}, not a pull: `pip uninstall {dist}`")
     repo = getattr(source, "hf_repo", None)
+    if model.spec.runtime == "ollama":  # pulled through Ollama, which keeps it ("not on this disk" was false)
+        tag = getattr(source, "model_tag", model.name)
+        raise InvalidInput(f"{model.id} is kept by Ollama: `ollama rm {tag}` deletes it")
     if not repo:
         path = getattr(source, "path", None)
         what = f"your own file {path}" if path else "served elsewhere; nothing of it is on this disk"

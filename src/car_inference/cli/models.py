@@ -242,8 +242,9 @@ def remove(
 ) -> None:
     """Delete a pulled model's files from the Hugging Face cache and say how much that freed."""
     from ..catalog.remove import remove_model
+    from .pulling import find_model
 
-    schema = engine().resolve(model)
+    schema = find_model(engine(), model)  # `ollama/<tag>` too, as pull, upgrade and pulled take it
     removal = remove_model(schema)
     if as_json:
         print_json({"model": schema.id, "freed_bytes": removal.freed_bytes,
