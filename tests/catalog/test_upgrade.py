@@ -87,6 +87,20 @@ def test_an_old_revision_that_will_not_go_leaves_the_upgrade_applied(
         subprocess.run(["chattr", "-i", str(old_blob)], check=False)
 
 
+def test_each_quant_of_a_repo_is_checked_against_its_own_snapshot(hub: FakeHub) -> None:
+    """Pulling one quant moves the repo's ref: the other quant, still in the old snapshot, read
+    "up to date" for ever (and `car models pulled` showed the new commit for it)."""
+    old = hub.publish(REPO, {"tiny-q4_k_m.gguf": V1, "tiny-q8_0.gguf": V1[:5000]})
+    pull(Q4)
+    pull(Q8)
+    new = hub.publish(REPO, {"tiny-q4_k_m.gguf": V2, "tiny-q8_0.gguf": V2[:5000]})
+    [q4] = check_upgrades([Q4], [Q4], MACHINE)
+    apply_upgrade(q4, {Q4.id: Q4})
+    [q8] = check_upgrades([Q8], [Q4, Q8], MACHINE)
+    assert (q8.kind, q8.commit, q8.latest) == ("revision", old, new)
+    assert apply_upgrade(q8, {Q8.id: Q8}).applied and local_path(Q8).read_bytes() == V2[:5000]
+
+
 def test_a_new_commit_with_the_same_files_downloads_nothing(hub: FakeHub) -> None:
     hub.publish(REPO, {"tiny-q4_k_m.gguf": V1})
     pull(Q4)

@@ -26,7 +26,15 @@ from .hub import HubClient, HubUnreachable, hub_offline, read_ref, repo_dir
 from .locate import local_path
 from .pull import PullPlan, PullProgress, pull, pull_plan, remote_files
 
-__all__ = ["Upgrade", "apply_upgrade", "check_upgrades", "pulled_models", "quant_rank"]
+__all__ = [
+    "Upgrade",
+    "apply_each",
+    "apply_upgrade",
+    "cached_commit",
+    "check_upgrades",
+    "pulled_models",
+    "quant_rank",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +93,17 @@ def pulled_models(models: list[ModelSchema]) -> list[ModelSchema]:
     return found
 
 
-def _cached_commit(plan: PullPlan, model: ModelSchema) -> str | None:
-    commit = read_ref(plan.repo, plan.revision)
-    if commit is None:  # pulled by an older tool without a ref: the snapshot it was found in
+def cached_commit(plan: PullPlan, model: ModelSchema) -> str | None:
+    """The commit of the snapshot the model's files are in (the one ``local_path`` finds), else
+    the revision's ref. Not the ref first: a repo's ref moves when another model of it (another
+    quant) is pulled, and this one, still in the old snapshot, read "up to date" for ever."""
+    snapshots = repo_dir(plan.repo) / "snapshots"
+    try:
         path = local_path(model)
-        snapshots = repo_dir(plan.repo) / "snapshots"
-        commit = next((p.name for p in [path, *path.parents] if p.parent == snapshots), None)
-    return commit
+    except ModelUnavailable:
+        return read_ref(plan.repo, plan.revision)
+    found = next((p.name for p in [path, *path.parents] if p.parent == snapshots), None)
+    return found or read_ref(plan.repo, plan.revision)
 
 
 def _local_etag(repo: str, commit: str | None, path: str) -> str | None:
@@ -104,7 +116,7 @@ def _local_etag(repo: str, commit: str | None, path: str) -> str | None:
 def _revision_check(model: ModelSchema, hub: HubClient) -> Upgrade:
     plan = pull_plan(model)
     assert plan is not None  # pulled_models keeps only Hub models
-    commit = _cached_commit(plan, model)
+    commit = cached_commit(plan, model)
     if _COMMIT.match(plan.revision):
         return Upgrade(
             model.id, "pinned", commit, plan.revision, detail=f"pinned to commit {plan.revision[:12]}"

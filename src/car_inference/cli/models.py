@@ -291,10 +291,9 @@ def running(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 def pulled(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Models whose files are on this machine: catalog models pulled from the Hub (their revision
     and size on disk) and, when Ollama answers, what Ollama has pulled (its `/api/tags`)."""
-    from ..catalog.hub import read_ref
     from ..catalog.locate import local_path
     from ..catalog.pull import pull_plan
-    from ..catalog.upgrade import pulled_models
+    from ..catalog.upgrade import cached_commit, pulled_models
     from ..runtimes.ollama import ollama_answers, ollama_host, ollama_tags
 
     eng = engine()
@@ -303,7 +302,7 @@ def pulled(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         plan = pull_plan(m)
         path = local_path(m)
         files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-        commit = (read_ref(plan.repo, plan.revision) or "?")[:12] if plan else ""
+        commit = (cached_commit(plan, m) or "?")[:12] if plan else ""
         rows.append({"model": m.id, "source": f"{plan.repo}@{commit}"
                      if plan else str(path), "size": sum(p.stat().st_size for p in files)})  # fmt: skip
     host = ollama_host()
