@@ -10,6 +10,7 @@ import mmap
 import os
 import re
 import shlex
+import signal
 import stat
 import subprocess
 import sys
@@ -245,6 +246,28 @@ def test_rm_of_an_ollama_model_says_who_keeps_it(ollama_host: str) -> None:
     assert code == 2 and "ollama/smollm2:135m is kept by Ollama: `ollama rm smollm2:135m` deletes it" in err
     code, _, err = car("models", "pull", "openai/gpt-4o-mini")
     assert code == 2 and "served by its provider or server; nothing to download" in err
+
+
+def test_ctrl_c_during_a_pull_says_how_to_go_on(hub: FakeHub, tmp_path: Path) -> None:
+    """It exited 130 without a word; what came is kept and the next pull continues from it."""
+    hub.publish("tiny/tiny-GGUF", {"tiny-q4_k_m.gguf": WEIGHTS})
+    hub.slow["tiny-q4_k_m.gguf"] = 0.25  # 64 kB a quarter second: about 1.6 s in all
+    child = subprocess.Popen(
+        [sys.executable, "-m", "car_inference", "models", "pull", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    partial = tmp_path / "hf-cache" / "models--tiny--tiny-GGUF" / "blobs"
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".incomplete") and p.stat().st_size for p in partial.glob("*")):
+        assert time.monotonic() < deadline and child.poll() is None, "the pull did not start"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 130 and b"Traceback" not in err
+    assert b"stopped: `car models pull tiny` again continues where it stopped" in err, err
+    hub.slow.clear()
+    code, out, _ = car("models", "pull", "tiny", "--json")
+    assert code == 0 and json.loads(out)["files"][0]["resumed_from"] > 0
 
 
 def test_ollama_upgrade_pulls_again_and_says_whether_it_changed(running_ollama: str) -> None:

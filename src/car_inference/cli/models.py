@@ -137,8 +137,12 @@ def pull_model(
         what = f", {found.size / 1e6:,.1f} MB, {found.quantization_level or '?'}" if found else ""
         out.print(f"{schema.id}: pulled by Ollama at {host}{what}", markup=False)
         return
-    with bars:
-        report = pull(schema, bars)
+    try:
+        with bars:
+            report = pull(schema, bars)
+    except KeyboardInterrupt:  # it exited 130 without a word; what came is kept
+        err.print(f"stopped: `car models pull {model}` again continues where it stopped", markup=False)
+        raise
     eng.registry.refresh_availability()
     if as_json:
         print_json({"model": schema.id, "path": str(report.path), "repo": report.repo or None,
