@@ -215,6 +215,19 @@ async def test_an_image_to_edit_is_bounded_before_it_is_decoded(
         )
 
 
+async def test_a_progress_callback_that_raises_is_the_callers_error(engine: InferenceEngine) -> None:
+    """Its ValueError was read as the pipeline refusing the input: InvalidInput from the model,
+    and a routed request went on to the next model (perhaps a paid one)."""
+
+    def broken(done: int, total: int) -> None:
+        raise ValueError("my progress bar broke")
+
+    request = GenerateImageRequest(prompt="x", model=SD, width=64, height=64, steps=2)
+    with pytest.raises(ValueError, match="my progress bar broke") as info:
+        await engine.generate_image(request, progress=broken)
+    assert not isinstance(info.value, InvalidInput)
+
+
 async def test_bad_input_is_invalid_input(engine: InferenceEngine, tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="multiples of 2 pixels, not 65x64"):
         await engine.generate_image(GenerateImageRequest(prompt="x", model=SD, width=65, height=64))

@@ -236,6 +236,16 @@ class DiffusersBackend:
         )
 
 
+class _CallerFailed(Exception):
+    """The caller's progress callback raised ``error``: passed on as it is. Read as the
+    pipeline's ValueError it was the model's InvalidInput, and a routed request went on to the
+    next model (perhaps a paid one) over a bug in the caller's progress bar."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Call:
     """One pipeline call: the request's values under the pipeline's names, a seeded generator,
     and a step callback that reports progress and stops work nobody waits for."""
@@ -268,6 +278,8 @@ class _Call:
             return self.pipe(**kwargs)
         except _Stopped:
             raise InferenceFailed(f"{self.model.id}: generation stopped (the caller went away)") from None
+        except _CallerFailed as exc:  # the caller's own progress callback: its error, as it raised it
+            raise exc.error from None
         except ValueError as exc:  # pipelines check their inputs with ValueError
             raise InvalidInput(f"{self.model.id}: {exc}") from exc
         except torch.OutOfMemoryError as exc:
@@ -282,7 +294,10 @@ class _Call:
             if self.progress is not None:
                 # img2img runs only part of the schedule; the pipeline knows how much.
                 total = getattr(pipe, "num_timesteps", None) or steps
-                self.progress(step + 1, int(total))
+                try:
+                    self.progress(step + 1, int(total))
+                except Exception as exc:  # a ValueError read as the model refusing the input
+                    raise _CallerFailed(exc) from exc
             return tensors
 
         return on_step
