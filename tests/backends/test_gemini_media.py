@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import struct
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +16,7 @@ from car_inference.errors import InvalidInput, ProviderError, SpendLimitExceeded
 from car_inference.requests import GenerateImageRequest, GenerateVideoRequest
 from car_inference.schema import ModelSchema
 from fakes import FakeProviderServer, Fault
+from fakes.http_answer import answering
 from fakes.provider_media import FAKE_MP4, png
 from fakes.remote_kit import remote_backend
 
@@ -264,48 +262,22 @@ async def test_the_engine_charges_gemini_video_per_second(
 async def test_a_linked_video_keeps_the_key_to_its_own_origin(tmp_path: Path) -> None:
     """The key went to whatever host the video's link redirected to (httpx drops only
     Authorization on a cross-origin redirect, not x-goog-api-key)."""
-    seen: dict[str, dict[str, str]] = {}
-    Answer = Callable[[str], tuple[int, dict[str, str], bytes]]
+    with answering(lambda path: (200, {"content-type": "video/mp4"}, FAKE_MP4)) as other:
+        elsewhere = f"{other.url}/video.mp4"  # another port: another origin
 
-    def server(tag: str, answer: Answer) -> tuple[http.server.HTTPServer, int]:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                seen[tag + self.path] = dict(self.headers)
-                status, headers, body = answer(self.path)
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def home_answer(path: str) -> tuple[int, dict[str, str], bytes]:
+            return 302, {"location": "/moved" if path == "/files/v" else elsewhere}, b""
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        running = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=running.serve_forever, daemon=True).start()
-        return running, int(running.server_address[1])
-
-    other, other_port = server("other", lambda path: (200, {"content-type": "video/mp4"}, FAKE_MP4))
-    elsewhere = f"http://127.0.0.1:{other_port}/video.mp4"  # another port: another origin
-
-    def home_answer(path: str) -> tuple[int, dict[str, str], bytes]:
-        return 302, {"location": "/moved" if path == "/files/v" else elsewhere}, b""
-
-    home, port = server("home", home_answer)
-    schema = CATALOG[OMNI]
-    at_home = schema.model_copy(
-        update={"source": schema.source.model_copy(update={"base_url": f"http://127.0.0.1:{port}"})}
-    )
-    backend = make(tmp_path)
-    client = SimpleNamespace(_api_client=SimpleNamespace(api_key=KEY))
-    try:
-        data = await backend._download(
-            schema, client, backend.endpoint(at_home), f"http://127.0.0.1:{port}/files/v"
-        )
-    finally:
-        home.shutdown()
-        other.shutdown()
+        with answering(home_answer) as home:
+            schema = CATALOG[OMNI]
+            at_home = schema.model_copy(
+                update={"source": schema.source.model_copy(update={"base_url": home.url})}
+            )
+            backend = make(tmp_path)
+            client = SimpleNamespace(_api_client=SimpleNamespace(api_key=KEY))
+            data = await backend._download(schema, client, backend.endpoint(at_home), f"{home.url}/files/v")
     assert data == FAKE_MP4
-    assert seen["home/files/v"]["x-goog-api-key"] == KEY and seen["home/moved"]["x-goog-api-key"] == KEY
-    assert "x-goog-api-key" not in seen["other/video.mp4"], "another origin gets no key"
+    assert [(path, headers.get("x-goog-api-key")) for path, headers in home.seen] == [
+        ("/files/v", KEY), ("/moved", KEY),
+    ]  # fmt: skip
+    assert [headers.get("x-goog-api-key") for _, headers in other.seen] == [None], "another origin"

@@ -23,28 +23,13 @@ from car_inference.engine import InferenceEngine
 from car_inference.errors import InferenceFailed, InvalidInput
 from car_inference.requests import SynthesizeRequest, TranscribedSegment, TranscribeRequest
 from car_inference.schema import ModelSchema, WhisperSource
+from fakes.speech_texts import LONG_SPEECH
 
 from .helpers import finish_order
 
 WHISPER = "systran/faster-whisper-base"
 JOE = "piper/en_us-joe-medium"
 FOX = "The quick brown fox jumps over the lazy dog."
-# About 63 seconds spoken by the embedded voice: three of Whisper's 30-second windows.
-LONG_SPEECH = (
-    "Seven silver swans swam silently across the misty lake at dawn. A farmer in a red coat counted"
-    " his sheep twice before breakfast. The old clock in the hallway chimed eleven times although it"
-    " was noon. Children ran along the beach collecting shells of every colour. My neighbour bakes"
-    " bread on Sundays and shares it with the whole street. The train to the coast was late because"
-    " of snow on the line. She painted the kitchen door green and the windows a pale shade of blue."
-    " Two owls argued loudly in the oak tree behind the library. The museum opens at nine and closes"
-    " early on public holidays. We planted tomatoes, beans and a row of sunflowers by the fence. A"
-    " small boat carried letters and medicine to the island every Tuesday. The mechanic found a"
-    " loose wire under the seat of the bus. Thunder rolled over the hills while the dogs hid under"
-    " the table. He learned to play the violin from a teacher who lived next door. The bakery on the"
-    " corner sells warm pretzels until the afternoon. Rain fell all night and the river rose above"
-    " the old stone bridge. Our team won the match after a long and difficult second half. The"
-    " astronaut described the view of the earth as calm and bright."
-)
 # Not "jumps": Piper adds random noise, and about one rendering in 25 is heard as "jumped".
 FOX_WORDS = ("quick", "brown", "fox", "lazy", "dog")
 

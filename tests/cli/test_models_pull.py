@@ -4,7 +4,6 @@ Ollama is tests/runtimes/fake_ollama.py (Ollama's native API, NDJSON pull stream
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import mmap
 import os
@@ -14,7 +13,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ from car_inference.cli import app
 from car_inference.cli.pulling import loaded_dir
 from car_inference.runtimes.specs import free_port
 from fakes.hf_hub import FakeHub, serving_hub
+from fakes.http_answer import answering
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -215,27 +214,14 @@ def test_pulled_lists_the_hubs_models_when_ollama_cannot_list_its_own(ollama_hos
     """An Ollama that answers /api/version but fails /api/tags made `car models pulled` fail
     whole: the Hub's models, which need no Ollama, were not listed either."""
 
-    class HalfOllama(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b'{"version": "0.9.0"}' if self.path == "/api/version" else b'{"error": "internal"}'
-            self.send_response(200 if self.path == "/api/version" else 500)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def half_ollama(path: str) -> tuple[int, dict[str, str], bytes]:
+        if path == "/api/version":
+            return 200, {"content-type": "application/json"}, b'{"version": "0.9.0"}'
+        return 500, {"content-type": "application/json"}, b'{"error": "internal"}'
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    host, port = ollama_host.split(":")
-    server = http.server.ThreadingHTTPServer((host, int(port)), HalfOllama)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with answering(half_ollama, port=int(ollama_host.split(":")[1])):
         code, out, err = car("models", "pulled", "--json")
-    finally:
-        server.shutdown()
     assert code == 0 and "could not list its models: internal" in err, err
-    assert "huggingface/smollm2-135m-instruct:q4_1" not in out  # packaged, not pulled
     assert isinstance(json.loads(out), list)
 
 

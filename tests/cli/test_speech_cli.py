@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from car_inference.cli import app
 from fakes import FakeProviderServer
 from fakes.provider_speech import wav
+from fakes.speech_texts import TWO_WINDOWS
 
 runner = CliRunner()
 
@@ -165,18 +166,6 @@ def test_speech_smoke_remote_in_words_and_its_limits(
         )
         assert code == 1 and "remote: WER 33%" in out
         assert "word error rate 33% is above --max-wer 20%" in err
-
-
-# About 40 seconds spoken by the embedded voice: two of Whisper's 30-second windows.
-TWO_WINDOWS = (
-    "Seven silver swans swam silently across the misty lake at dawn. A farmer in a red coat counted"
-    " his sheep twice before breakfast. The old clock in the hallway chimed eleven times although it"
-    " was noon. Children ran along the beach collecting shells of every colour. My neighbour bakes"
-    " bread on Sundays and shares it with the whole street. The train to the coast was late because"
-    " of snow on the line. She painted the kitchen door green and the windows a pale shade of blue."
-    " Two owls argued loudly in the oak tree behind the library. The museum opens at nine and closes"
-    " early on public holidays."
-)
 
 
 def test_in_a_terminal_the_transcript_is_printed_as_it_is_decoded(tmp_path: Path) -> None:

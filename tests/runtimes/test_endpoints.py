@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ from car_inference.requests import GenerateRequest
 from car_inference.runtimes.endpoints import SERVER_LOOP_WAIT_S, list_served_models
 from car_inference.server import create_app
 from fakes import FakeProviderServer, Fault, Reply
+from fakes.http_answer import answering
 
 
 @pytest.fixture
@@ -212,22 +211,11 @@ async def test_a_discovered_endpoint_model_carries_its_declared_price_and_fallba
     engine.close()
 
 
-class _SlowModels(http.server.BaseHTTPRequestHandler):
-    """An OpenAI-compatible /models that answers after ``delay_s`` (forever: never answers)."""
-
-    delay_s = 0.8
-
-    def do_GET(self) -> None:
-        time.sleep(self.delay_s)
-        body = json.dumps({"object": "list", "data": [{"id": "late-model", "object": "model"}]}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+def _late_models(path: str) -> tuple[int, dict[str, str], bytes]:
+    """An OpenAI-compatible /models that answers after 0.8 s."""
+    time.sleep(0.8)
+    body = json.dumps({"object": "list", "data": [{"id": "late-model", "object": "model"}]}).encode()
+    return 200, {"content-type": "application/json"}, body
 
 
 async def test_a_slow_endpoint_never_holds_the_event_loop(isolated_home: Path) -> None:
@@ -237,30 +225,27 @@ async def test_a_slow_endpoint_never_holds_the_event_loop(isolated_home: Path) -
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # connections are accepted by the kernel and never answered
-    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowModels)
-    threading.Thread(target=slow.serve_forever, daemon=True).start()
-    (isolated_home / "models.toml").write_text(
-        f'[[endpoints]]\nname = "silent"\nbase_url = "http://127.0.0.1:{silent.getsockname()[1]}/v1"\n'
-        "discover = true\n"
-        f'[[endpoints]]\nname = "slow"\nbase_url = "http://127.0.0.1:{slow.server_address[1]}/v1"\n'
-        "discover = true\n"
-    )
-    engine = InferenceEngine()
-    create_app(engine)  # a server: names on its loop wait SERVER_LOOP_WAIT_S at most
-    assert engine.discovery.loop_wait_s == SERVER_LOOP_WAIT_S
-    try:
-        started = time.monotonic()
-        with pytest.raises(ModelNotFound):
-            engine.resolve("silent/some-model")
-        assert time.monotonic() - started < 1.0, "the loop waited for the endpoint's timeout"
-        with pytest.raises(ModelNotFound):
-            engine.resolve("slow/late-model")  # asked; its answer comes after the wait
-        for _ in range(50):  # what it lists is registered on the loop once it answers
-            await asyncio.sleep(0.1)
-            if engine.registry.find("slow/late-model") is not None:
-                break
-        assert engine.resolve("slow/late-model").id == "slow/late-model"
-    finally:
-        engine.close()
-        slow.shutdown()
-        silent.close()
+    with answering(_late_models) as slow:
+        (isolated_home / "models.toml").write_text(
+            f'[[endpoints]]\nname = "silent"\nbase_url = "http://127.0.0.1:{silent.getsockname()[1]}/v1"\n'
+            "discover = true\n"
+            f'[[endpoints]]\nname = "slow"\nbase_url = "{slow.url}/v1"\ndiscover = true\n'
+        )
+        engine = InferenceEngine()
+        create_app(engine)  # a server: names on its loop wait SERVER_LOOP_WAIT_S at most
+        assert engine.discovery.loop_wait_s == SERVER_LOOP_WAIT_S
+        try:
+            started = time.monotonic()
+            with pytest.raises(ModelNotFound):
+                engine.resolve("silent/some-model")
+            assert time.monotonic() - started < 1.0, "the loop waited for the endpoint's timeout"
+            with pytest.raises(ModelNotFound):
+                engine.resolve("slow/late-model")  # asked; its answer comes after the wait
+            for _ in range(50):  # what it lists is registered on the loop once it answers
+                await asyncio.sleep(0.1)
+                if engine.registry.find("slow/late-model") is not None:
+                    break
+            assert engine.resolve("slow/late-model").id == "slow/late-model"
+        finally:
+            engine.close()
+            silent.close()
