@@ -86,6 +86,8 @@ def test_pull_shows_each_file_and_says_what_came(hub: FakeHub) -> None:
     assert err.strip() == "tiny-q4_k_m.gguf: 0.4 MB, 0.4 MB downloaded, verified", "no bars off a terminal"
     code, out, _ = car("models", "show", "tiny")
     assert "available: yes" in out
+    code, out, err = car("models", "pull", "tiny")  # it said "verified" of a file it did not read
+    assert code == 0 and err.strip() == "tiny-q4_k_m.gguf: 0.4 MB, 0.0 MB downloaded, already there"
     code, out, _ = car("models", "pull", "tiny", "--json")
     data = json.loads(out)
     assert data["downloaded_bytes"] == 0 and data["commit"] == commit and data["available"] is True

@@ -27,6 +27,7 @@ class PullBars:
 
     def __init__(self, console: Console, enabled: bool = True) -> None:
         self._console = console
+        self._present: set[str] = set()  # files complete on disk when their pull started
         self._lines = enabled and not console.is_terminal
         enabled = enabled and console.is_terminal
         self._progress = Progress(
@@ -54,6 +55,8 @@ class PullBars:
 
     def file_started(self, path: str, total: int | None, done: int) -> None:
         self._tasks[path] = self._progress.add_task(path, total=total, completed=done)
+        if total is not None and done >= total:
+            self._present.add(path)
 
     def advance(self, path: str, n: int) -> None:
         self._progress.advance(self._tasks[path], n)
@@ -65,8 +68,10 @@ class PullBars:
             self._progress.update(task, completed=total)
         if self._lines:
             size = f"{total / 1e6:,.1f} MB" if total is not None else "size unknown"
+            # A file already in the cache is not read again: "verified" said what did not happen.
+            state = "already there" if path in self._present and not downloaded else "verified"
             self._console.print(
-                f"  {path}: {size}, {downloaded / 1e6:,.1f} MB downloaded, verified", markup=False
+                f"  {path}: {size}, {downloaded / 1e6:,.1f} MB downloaded, {state}", markup=False
             )
 
     # --- Ollama layers ----------------------------------------------------------------------------
