@@ -180,7 +180,7 @@ def upgrade(
     else:
         if schema is not None:
             if schema.id not in {m.id for m in targets}:
-                raise fail(f"{schema.id} is not pulled from the Hub; `car models pull {schema.id}` first", 1)
+                raise fail(_not_upgradable(schema), EXIT_USAGE)
             targets = [schema]
         upgrades = check_upgrades(targets, catalog, cached_hardware())
     if not check and (schema is None or schema.kind != "ollama"):
@@ -201,6 +201,21 @@ def upgrade(
             out.print(f"{pending} upgrade(s) available: `car models upgrade` pulls them", style="dim")
     if failed:  # each model was tried and reported; the status says not all went well
         raise typer.Exit(1)
+
+
+def _not_upgradable(schema: Any) -> str:
+    """Why ``car models upgrade`` has nothing to do for a model not pulled from the Hub: it sent
+    packaged and hosted models to `car models pull`, which does nothing for them or refuses."""
+    from ..catalog.pull import pull_plan
+
+    try:
+        plan = pull_plan(schema)
+    except InferenceError as exc:
+        return f"{schema.id} is not pulled from the Hub ({getattr(exc, 'reason', exc)}): nothing to upgrade"
+    if plan is None:
+        return (f"{schema.id} is not pulled from the Hub (its files come with a package, or are a file of "
+                "yours): upgrade the package with pip")  # fmt: skip
+    return f"{schema.id} is not pulled yet: `car models pull {schema.id}` first"
 
 
 @models_app.command("discover")
