@@ -187,6 +187,24 @@ def test_an_empty_file_of_a_repo_is_pulled(hub: FakeHub) -> None:
     assert (report.path / "empty.txt").read_bytes() == b"" and local_path(model) == report.path
 
 
+def test_a_sentence_model_skips_the_copies_for_other_runtimes(hub: FakeHub) -> None:
+    """The whole repo came: ONNX, OpenVINO and TensorFlow copies and PyTorch's .bin beside the
+    safetensors (about ten times the model for all-MiniLM-L6-v2)."""
+    model = ModelSchema.model_validate({
+        "id": "tiny/embed", "name": "embed", "provider": "tiny", "capabilities": ["embed"],
+        "source": {"kind": "sentence", "hf_repo": "tiny/embed"},
+    })  # fmt: skip
+    hub.publish("tiny/embed", {
+        "config.json": b"{}", "modules.json": b"[]", "model.safetensors": WEIGHTS[:1000],
+        "pytorch_model.bin": b"b" * 500, "onnx/model.onnx": b"o" * 500, "onnx/model_qint8.onnx": b"q",
+        "openvino/openvino_model.xml": b"x", "tf_model.h5": b"h", "1_Pooling/config.json": b"{}",
+    })  # fmt: skip
+    report = pull(model)
+    assert sorted(f.path for f in report.files) == [
+        "1_Pooling/config.json", "config.json", "model.safetensors", "modules.json",
+    ]  # fmt: skip
+
+
 def test_patterns_choose_the_snapshot_files(hub: FakeHub) -> None:
     model = ModelSchema.model_validate({
         "id": "tiny/pipe", "name": "pipe", "provider": "tiny", "capabilities": ["image_generation"],

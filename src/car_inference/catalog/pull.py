@@ -13,6 +13,7 @@ files are fetched (a blob that did not change is shared, not downloaded twice).
 from __future__ import annotations
 
 import fnmatch
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -78,6 +79,14 @@ class PullReport:
         return sum(f.downloaded for f in self.files)
 
 
+# Copies of a snapshot model's weights for other runtimes (ONNX, OpenVINO, TensorFlow, Flax,
+# Rust, Core ML): a sentence-transformers repo such as all-MiniLM-L6-v2 holds about ten times the
+# model in them, and nothing here loads them.
+OTHER_RUNTIMES = (
+    "onnx/", "openvino/", "coreml/", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite", "*.mlmodel",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class PullPlan:
     """Which files of which repo a model needs: named files, or a snapshot filtered by patterns."""
@@ -87,6 +96,9 @@ class PullPlan:
     files: tuple[str, ...] = ()  # empty: the whole snapshot (after the patterns)
     allow: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    # A snapshot's ``*.bin`` beside ``*.safetensors`` in the same folder is the same weights in
+    # PyTorch's older format: skipped (sentence-transformers loads the safetensors).
+    prefer_safetensors: bool = False
 
     def wants(self, path: str) -> bool:
         if self.files:
@@ -127,8 +139,10 @@ def pull_plan(model: ModelSchema) -> PullPlan | None:
         return PullPlan(
             repo, revision, allow=tuple(source.allow_patterns), ignore=tuple(source.ignore_patterns)
         )
-    if isinstance(source, SentenceSource | WhisperSource):
-        return PullPlan(repo, revision)
+    if isinstance(source, SentenceSource):
+        return PullPlan(repo, revision, ignore=OTHER_RUNTIMES, prefer_safetensors=True)
+    if isinstance(source, WhisperSource):  # CTranslate2's weights are model.bin: no safetensors rule
+        return PullPlan(repo, revision, ignore=OTHER_RUNTIMES)
     raise DownloadFailed(f"{model.id}: its source does not say which file of {repo} to fetch")
 
 
@@ -139,6 +153,9 @@ def remote_files(plan: PullPlan, hub: HubClient) -> list[RemoteFile]:
         return [first] + [hub.file(plan.repo, name, first.commit) for name in plan.files[1:]]
     commit, names = hub.revision(plan.repo, plan.revision)
     wanted = [name for name in names if plan.wants(name)]
+    if plan.prefer_safetensors:
+        safetensors = {posixpath.dirname(n) for n in wanted if n.endswith(".safetensors")}
+        wanted = [n for n in wanted if not (n.endswith(".bin") and posixpath.dirname(n) in safetensors)]
     if not wanted:
         raise DownloadFailed(f"{plan.repo}@{plan.revision}: none of its files match the model's patterns")
     return [hub.file(plan.repo, name, commit) for name in wanted]
