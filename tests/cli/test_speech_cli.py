@@ -186,7 +186,7 @@ def test_in_a_terminal_the_transcript_is_printed_as_it_is_decoded(tmp_path: Path
     command = [sys.executable, "-m", "car_inference", "transcribe", str(target), "-l", "en"]
     child = subprocess.Popen(command, stdout=terminal, stderr=subprocess.PIPE)
     os.close(terminal)
-    shown, first_words_at = b"", None
+    arrivals: list[tuple[float, bytes]] = []  # when each piece of the screen came
     try:
         while True:
             ready, _, _ = select.select([screen], [], [], 120)
@@ -196,16 +196,17 @@ def test_in_a_terminal_the_transcript_is_printed_as_it_is_decoded(tmp_path: Path
                 chunk = b""
             if not chunk:
                 break
-            shown += chunk
-            if first_words_at is None and shown.strip():
-                first_words_at = time.monotonic()
+            arrivals.append((time.monotonic(), chunk))
         _, stderr = child.communicate(timeout=120)
-        ended_at = time.monotonic()
     finally:
         child.kill()
         os.close(screen)
+    shown = b"".join(chunk for _, chunk in arrivals)
     assert child.returncode == 0 and b"Traceback" not in stderr, stderr
-    assert shown.endswith(b"\r\n") and first_words_at is not None, shown
-    assert ended_at - first_words_at > 1.0, "the first window was shown while the second was decoded"
+    assert shown.endswith(b"\r\n"), shown
     code, piped, _ = car("transcribe", str(target), "-l", "en")
     assert code == 0 and shown.decode().split() == piped.split(), (shown, piped)
+    # The first words came a window's decoding before the last ones (printed whole, both came in
+    # one write; timed to the process's exit, a loaded machine's teardown blurred it).
+    texts = [at for at, chunk in arrivals if chunk.strip()]
+    assert texts[-1] - texts[0] > 0.3, "the first window was shown while the second was decoded"
