@@ -133,6 +133,8 @@ def test_edits(client: openai.OpenAI, fake_provider: FakeProviderServer) -> None
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.edit(model=SD, image=("in.png", b"not a picture", "image/png"), prompt="x")
     assert "cannot read the image" in bad.value.message and "/tmp" not in bad.value.message
+    # Named as the client sent it (it read "cannot read the image the uploaded image").
+    assert "cannot read the image in.png: cannot identify image file 'in.png'" in bad.value.message
 
 
 # The SDK types videos.create's ``seconds`` and ``size`` as OpenAI's own choices ("4", "720x1280"...);

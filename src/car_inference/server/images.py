@@ -196,7 +196,7 @@ class _Jobs:
         except Exception as exc:
             if isinstance(exc, InferenceError):
                 exc = _without_path(
-                    _without_path(exc, workdir, "the reference image"), self.folder, "the video"
+                    _without_path(exc, workdir, "`input_reference`"), self.folder, "the video"
                 )
             info = describe(exc, capability=VIDEOS)
             job.status, job.error = "failed", {"code": info.code or "error", "message": info.message}
@@ -286,8 +286,9 @@ def register(app: FastAPI, state: ServerState) -> None:
             async with asyncio.timeout(timeout_s):
                 result = await engine.generate_image(call)
             payload = _images_payload(result.image_paths or [result.image_path], fmt)
-        except InferenceError as exc:
-            raise _without_path(exc, workdir, "the uploaded image") from None
+        except InferenceError as exc:  # named as the client sent it: "the image cat.png"
+            named = uploads[0].filename if len(uploads) == 1 and uploads[0].filename else "`image`"
+            raise _without_path(exc, workdir, named) from None
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return json_response(payload, headers=car_headers(result.model_used))
@@ -467,7 +468,7 @@ async def rpc_generate_image(session: Any, params: dict[str, Any], rid: Any) -> 
             base64.b64encode(Path(p).read_bytes()).decode() for p in result.image_paths or [result.image_path]
         ]
     except InferenceError as exc:
-        raise _without_path(exc, workdir, "the image") from None
+        raise _without_path(exc, workdir, "`images`") from None  # "the image `images`", the parameter
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     answer = result.model_dump(mode="json", exclude={"image_path", "image_paths"})
@@ -486,7 +487,7 @@ async def rpc_generate_video(session: Any, params: dict[str, Any], rid: Any) -> 
         result = await session.engine.generate_video(request, progress=_progress(session, rid))
         data = base64.b64encode(Path(result.video_path).read_bytes()).decode()
     except InferenceError as exc:
-        raise _without_path(exc, workdir, "the video") from None
+        raise _without_path(exc, workdir, "`image`") from None  # the first frame was called "the video"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {**result.model_dump(mode="json", exclude={"video_path"}), "video": data}
