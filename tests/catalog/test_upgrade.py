@@ -87,6 +87,20 @@ def test_an_old_revision_that_will_not_go_leaves_the_upgrade_applied(
         subprocess.run(["chattr", "-i", str(old_blob)], check=False)
 
 
+def test_an_old_revision_a_pinned_entry_uses_is_kept(hub: FakeHub) -> None:
+    """Upgrading deleted the old revision's files though another catalog entry, pinned to that
+    commit, still used them (the README says: files nothing else uses)."""
+    old = hub.publish(REPO, {"tiny-q4_k_m.gguf": V1})
+    pinned = quant("q4_k_m", 0.3, 1, revision=old).model_copy(update={"id": "tiny/tiny-pinned:q4_k_m"})
+    pull(Q4)
+    assert local_path(pinned).read_bytes() == V1
+    hub.publish(REPO, {"tiny-q4_k_m.gguf": V2})
+    [found] = check_upgrades([Q4], [Q4, pinned], MACHINE)
+    done = apply_upgrade(found, {Q4.id: Q4, pinned.id: pinned})
+    assert done.applied and done.freed_bytes == 0 and local_path(Q4).read_bytes() == V2
+    assert local_path(pinned).read_bytes() == V1, "the pinned entry keeps its files"
+
+
 def test_each_quant_of_a_repo_is_checked_against_its_own_snapshot(hub: FakeHub) -> None:
     """Pulling one quant moves the repo's ref: the other quant, still in the old snapshot, read
     "up to date" for ever (and `car models pulled` showed the new commit for it)."""

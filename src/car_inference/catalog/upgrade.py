@@ -211,7 +211,12 @@ def apply_upgrade(
     report = pull(model, progress, endpoint)
     upgrade.download_bytes, upgrade.latest, upgrade.applied = report.downloaded_bytes, report.commit, True
     plan = pull_plan(model)
-    if plan is not None and upgrade.commit and upgrade.commit != report.commit:
+    pinned = plan is not None and any(  # a catalog entry pinned to the old commit still uses it
+        getattr(m.source, "hf_repo", None) == plan.repo
+        and getattr(m.source, "revision", None) == upgrade.commit
+        for m in catalog.values()
+    )
+    if plan is not None and upgrade.commit and upgrade.commit != report.commit and not pinned:
         try:
             upgrade.freed_bytes = _drop_revision(plan, upgrade.commit)
         except OSError as exc:  # the new revision is in place; the old one's files stay
