@@ -133,3 +133,37 @@ def test_a_file_the_cache_will_not_let_go_is_one_error_naming_it(cache: Path) ->
         assert "file(s) were removed before it" in str(info.value)  # its link went first
     finally:
         subprocess.run(["chattr", "-i", str(blob)], check=False)
+
+
+def test_a_snapshot_model_keeps_what_another_entry_is_pinned_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rm` of a snapshot model deleted its whole repo: another catalog entry pinned to another
+    commit of it lost its files."""
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    root = hub / "models--org--embedder"
+    old, new = "c" * 40, "d" * 40
+    _blob(root, "4" * 64, 300)  # config.json, in both
+    _blob(root, "5" * 64, 700)  # the old weights
+    _blob(root, "6" * 64, 900)  # the new weights
+    _link(root, old, "config.json", "4" * 64)
+    _link(root, old, "model.safetensors", "5" * 64)
+    _link(root, new, "config.json", "4" * 64)
+    _link(root, new, "model.safetensors", "6" * 64)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(new)
+
+    def embedder(model_id: str, revision: str) -> ModelSchema:
+        return ModelSchema.model_validate({
+            "id": model_id, "name": "embedder", "provider": "org", "capabilities": ["embed"],
+            "source": {"kind": "sentence", "hf_repo": "org/embedder", "revision": revision},
+        })  # fmt: skip
+
+    latest, pinned = embedder("org/embedder", "main"), embedder("org/embedder-pinned", old)
+    removal = remove_model(latest, keep=frozenset({old}))
+    assert removal.freed_bytes == 900 and not (root / "snapshots" / new).exists()
+    assert (local_path(pinned) / "model.safetensors").read_bytes() == b"x" * 700
+    assert not (root / "refs" / "main").exists()
+    with pytest.raises(ModelUnavailable):
+        local_path(latest)

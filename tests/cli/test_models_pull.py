@@ -97,6 +97,24 @@ def test_pull_shows_each_file_and_says_what_came(hub: FakeHub) -> None:
                                 "size": len(WEIGHTS)}]  # fmt: skip
 
 
+def test_rm_of_a_snapshot_model_keeps_another_entrys_pinned_commit(hub: FakeHub, isolated_home: Path) -> None:
+    """The whole repo went: an entry pinned to another commit of it lost its files."""
+    old = hub.publish("tiny/embed", {"config.json": b"{}", "model.safetensors": b"old" * 100})
+    hub.publish("tiny/embed", {"model.safetensors": b"new" * 100})
+    entry = (
+        '\n[[models]]\nid = "tiny/{id}"\nname = "{id}"\nprovider = "tiny"\ncapabilities = ["embed"]\n'
+        '[models.source]\nkind = "sentence"\nhf_repo = "tiny/embed"\nrevision = "{rev}"\n'
+    )
+    (isolated_home / "models.toml").write_text(
+        _MODELS + entry.format(id="embed", rev="main") + entry.format(id="embed-pinned", rev=old)
+    )
+    assert car("models", "pull", "tiny/embed")[0] == 0 and car("models", "pull", "tiny/embed-pinned")[0] == 0
+    code, _, err = car("models", "rm", "tiny/embed")
+    assert code == 0, err
+    assert "available: yes" in car("models", "show", "tiny/embed-pinned")[1]
+    assert "available: no" in car("models", "show", "tiny/embed")[1]
+
+
 def test_a_killed_pull_continues_in_the_next_one(hub: FakeHub, tmp_path: Path) -> None:
     big = os.urandom(2_000_000)
     hub.publish("tiny/tiny-GGUF", {"tiny-q4_k_m.gguf": big})

@@ -41,9 +41,11 @@ def _pulled_files(source: object) -> list[str] | None:
     return files
 
 
-def remove_model(model: ModelSchema) -> Removal:
+def remove_model(model: ModelSchema, keep: frozenset[str] = frozenset()) -> Removal:
     """Delete ``model``'s pulled files from the HF cache. ``InvalidInput`` for a model whose files
-    are not ours to delete; ``ModelUnavailable`` when nothing of it is on disk."""
+    are not ours to delete; ``ModelUnavailable`` when nothing of it is on disk. ``keep``: commits
+    of the repo other catalog entries are pinned to (a snapshot model's repo went whole, and
+    such an entry lost its files)."""
     source = model.source
     package = getattr(source, "package", None) or ", ".join(getattr(source, "packages", None) or [])
     if package:
@@ -62,10 +64,12 @@ def remove_model(model: ModelSchema) -> Removal:
     removal = Removal(model.id)
     try:
         if root.is_dir():
-            if files is None:
+            if files is None and not keep & _snapshots(root):
                 removal.freed_bytes = _tree_bytes(root)
                 shutil.rmtree(root)
                 removal.paths.append(root)
+            elif files is None:
+                _remove_snapshots(root, keep, removal)
             else:
                 _remove_files(root, files, removal)
     except OSError as exc:  # a folder of the cache not ours to write: it was a traceback
@@ -75,6 +79,30 @@ def remove_model(model: ModelSchema) -> Removal:
     if not removal.paths:
         raise ModelUnavailable(model.id, "its files are not in the Hugging Face cache: nothing to remove")
     return removal
+
+
+def _snapshots(root: Path) -> set[str]:
+    folder = root / "snapshots"
+    return {d.name for d in folder.iterdir()} if folder.is_dir() else set()
+
+
+def _remove_snapshots(root: Path, keep: frozenset[str], removal: Removal) -> None:
+    """Every snapshot of the repo but those in ``keep``, the blobs only they linked, and the refs
+    that named them."""
+    snapshots = root / "snapshots"
+    kept = {p.resolve() for c in keep for p in (snapshots / c).rglob("*") if p.is_symlink()}
+    for snap in sorted(d for d in snapshots.iterdir() if d.name not in keep):
+        gone = {p.resolve() for p in snap.rglob("*") if p.is_symlink()}
+        shutil.rmtree(snap)
+        removal.paths.append(snap)
+        for blob in sorted(gone - kept):
+            if blob.is_file():
+                removal.freed_bytes += blob.stat().st_size
+                blob.unlink()
+                removal.paths.append(blob)
+    for ref in (root / "refs").rglob("*") if (root / "refs").is_dir() else []:
+        if ref.is_file() and ref.read_text().strip() not in keep:
+            ref.unlink()
 
 
 def _tree_bytes(root: Path) -> int:

@@ -263,8 +263,18 @@ def remove(
     from ..catalog.remove import remove_model
     from .pulling import find_model
 
-    schema = find_model(engine(), model)  # `ollama/<tag>` too, as pull, upgrade and pulled take it
-    removal = remove_model(schema)
+    eng = engine()
+    schema = find_model(eng, model)  # `ollama/<tag>` too, as pull, upgrade and pulled take it
+    repo = getattr(schema.source, "hf_repo", None)
+    pinned = frozenset(  # commits of the repo other entries are pinned to: theirs, not this model's
+        str(getattr(m.source, "revision", ""))
+        for m in eng.registry.list()
+        if m.id != schema.id
+        and repo
+        and getattr(m.source, "hf_repo", None) == repo
+        and re.fullmatch(r"[0-9a-f]{40}", getattr(m.source, "revision", None) or "")
+    )
+    removal = remove_model(schema, keep=pinned)
     if as_json:
         print_json({"model": schema.id, "freed_bytes": removal.freed_bytes,
                     "removed": [str(p) for p in removal.paths]})  # fmt: skip
