@@ -205,6 +205,20 @@ def test_a_sentence_model_skips_the_copies_for_other_runtimes(hub: FakeHub) -> N
     ]  # fmt: skip
 
 
+def test_a_split_gguf_is_pulled_whole_and_available_only_whole(hub: FakeHub) -> None:
+    """Only part 1 of `name-00001-of-00003.gguf` came, and the model read "available"."""
+    model = gguf_model(filename="big-00001-of-00003.gguf")
+    parts = {f"big-0000{i}-of-00003.gguf": WEIGHTS[i * 1000 : (i + 1) * 1000] for i in range(1, 4)}
+    hub.publish(REPO, parts)
+    report = pull(model)
+    assert sorted(f.path for f in report.files) == sorted(parts)
+    assert local_path(model).name == "big-00001-of-00003.gguf"
+    third = local_path(model).parent / "big-00003-of-00003.gguf"
+    third.unlink()  # a part gone: not available
+    with pytest.raises(ModelUnavailable):
+        local_path(model)
+
+
 def test_patterns_choose_the_snapshot_files(hub: FakeHub) -> None:
     model = ModelSchema.model_validate({
         "id": "tiny/pipe", "name": "pipe", "provider": "tiny", "capabilities": ["image_generation"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from ..errors import ModelUnavailable
@@ -29,6 +30,7 @@ __all__ = [
     "hf_cached_snapshot",
     "local_path",
     "package_dir",
+    "split_parts",
     "whisper_parts",
 ]
 
@@ -107,6 +109,20 @@ def whisper_parts(source: WhisperSource) -> list[Path] | None:
     return dirs
 
 
+_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def split_parts(filename: str) -> list[str]:
+    """The files of a split GGUF (llama.cpp's ``name-00001-of-00003.gguf``), first to last; for
+    a file that is not one, just it."""
+    match = _SPLIT.match(filename.rsplit("/", 1)[-1])
+    if match is None:
+        return [filename]
+    folder = filename.rsplit("/", 1)[0] + "/" if "/" in filename else ""
+    count = int(match["count"])
+    return [f"{folder}{match['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
 def local_path(schema: ModelSchema) -> Path:
     """The file or folder of a local model's weights. Raises ``ModelUnavailable`` with the pull
     command when they are not on disk: nothing is downloaded here."""
@@ -125,6 +141,9 @@ def local_path(schema: ModelSchema) -> Path:
             filename = getattr(source, "filename", None)
             if filename:
                 found = hf_cached_file(source.hf_repo, filename, source.revision)
+                # A split GGUF loads from its first part with the others beside it: all or none.
+                if found is not None and any(not (found.parent / n).exists() for n in split_parts(filename)):
+                    found = None
             else:
                 found = hf_cached_snapshot(source.hf_repo, source.revision)
     elif isinstance(source, WhisperSource):

@@ -30,7 +30,7 @@ from .hub import (
     repo_dir,
     write_ref,
 )
-from .locate import hf_cache_dir, local_path
+from .locate import hf_cache_dir, local_path, split_parts
 
 __all__ = [
     "PullPlan",
@@ -129,7 +129,7 @@ def pull_plan(model: ModelSchema) -> PullPlan | None:
         return None
     revision = getattr(source, "revision", None) or "main"
     if isinstance(source, GgufSource | PiperSource) and source.filename:
-        files = [source.filename]
+        files = split_parts(source.filename)  # a split GGUF's every part (part 1 alone was "available")
         if isinstance(source, GgufSource) and source.mmproj:
             files.append(source.mmproj)
         if isinstance(source, PiperSource):
