@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from car_inference.catalog import load_builtin
-from car_inference.catalog.hub import repo_dir
+from car_inference.catalog.hub import HubClient, repo_dir
 from car_inference.catalog.locate import local_path
 from car_inference.catalog.pull import pull, pull_model
 from car_inference.errors import DownloadFailed, ModelUnavailable, UnsupportedMode
 from car_inference.schema import ModelSchema
 from fakes.hf_hub import FakeHub
+from fakes.http_answer import answering
 
 REPO = "tiny/tiny-GGUF"
 WEIGHTS = os.urandom(3_000_000)
@@ -329,6 +330,18 @@ def test_a_cache_that_cannot_be_written_is_one_line(
     ) as caught:
         pull(gguf_model())
     assert "\n" not in str(caught.value)
+
+
+def test_an_endpoint_that_takes_the_request_and_never_answers_is_said_so() -> None:
+    """It said "cannot reach ... (timed out)" of a server it had reached, after a silent minute."""
+
+    def silent(path: str) -> tuple[int, dict[str, str], bytes]:
+        time.sleep(1.5)
+        return 200, {}, b"{}"
+
+    waited = pytest.raises(DownloadFailed, match=r"took the request but did not answer within 0\.3 s")
+    with answering(silent) as server, HubClient(server.url, read_s=0.3) as hub, waited:
+        hub.revision(REPO, "main")
 
 
 def test_an_endpoint_that_is_not_a_hub_is_named(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -152,10 +152,11 @@ class HubUnreachable(DownloadFailed):
 class HubClient:
     """``HEAD``/``GET`` against one Hub endpoint; ``with HubClient() as hub: ...``."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, read_s: float = 60.0) -> None:
         self.endpoint = endpoint or hub_endpoint()
         self._token = _token()
-        timeout = httpx.Timeout(timeout_s, read=60.0)
+        self._read_s = read_s
+        timeout = httpx.Timeout(timeout_s, read=read_s)
         self._http = httpx.Client(timeout=timeout, follow_redirects=False, trust_env=True)
 
     def __enter__(self) -> HubClient:
@@ -180,6 +181,9 @@ class HubClient:
         return response
 
     def _unreachable(self, exc: Exception) -> DownloadFailed:
+        if isinstance(exc, httpx.ReadTimeout):  # it was reached: "cannot reach (timed out)" was false
+            return HubUnreachable(f"{self.endpoint} took the request but did not answer within "
+                                  f"{self._read_s:g} s; check the network or HF_ENDPOINT")  # fmt: skip
         reason = str(exc).strip() or type(exc).__name__
         return HubUnreachable(f"cannot reach {self.endpoint} ({reason}); check the network or HF_ENDPOINT")
 
