@@ -135,8 +135,10 @@ class EndpointDiscovery:
             self._asked[endpoint.name] = now
         loop = _running_loop() if self.loop_wait_s is not None else None
         answer: Future[list[str]] = Future()
-        asking = threading.Thread(target=self._ask, args=(endpoint, answer), daemon=True)
-        asking.start()
+        if loop is None:  # nobody else waits on this thread: ask here
+            self._ask(endpoint, answer)
+        else:
+            threading.Thread(target=self._ask, args=(endpoint, answer), daemon=True).start()
         try:
             served = answer.result(timeout=None if loop is None else self.loop_wait_s)
         except FutureTimeout:

@@ -170,8 +170,9 @@ class _Jobs:
         router's first choice for a request naming none, which still goes on to the next model
         when that one cannot take it)."""
         size = f"{request.width}x{request.height}" if "width" in request.model_fields_set else "auto"
-        job = _Job(f"video_{uuid.uuid4().hex}", request.prompt, shown, f"{request.duration_s:g}", size)
-        job.owner = owner
+        job = _Job(
+            f"video_{uuid.uuid4().hex}", request.prompt, shown, f"{request.duration_s:g}", size, owner=owner
+        )
         target = self.folder / f"{job.id}.{request.format}"
         job.task = asyncio.create_task(
             self._run(job, request.model_copy(update={"output_path": str(target)}), workdir)
