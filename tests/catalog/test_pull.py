@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -357,3 +358,22 @@ def test_an_endpoint_that_is_not_a_hub_is_named(hub: FakeHub, monkeypatch: pytes
             with pytest.raises(DownloadFailed) as caught:
                 pull(model)
             assert "\n" not in str(caught.value) and other.base_url in str(caught.value)
+
+
+def test_a_disk_without_room_says_how_much_is_needed_in_units_that_show_it(
+    hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 3 MB file on a disk with 200 KB free; and a 300 KB one with 1 KB free read "needs 0 MB
+    more, but ... has 0 MB free". The disk's free space is the one thing faked."""
+    free = {"bytes": 200_000}
+    real = shutil.disk_usage
+    monkeypatch.setattr(
+        "car_inference.catalog.hub.shutil.disk_usage", lambda p: real(p)._replace(free=free["bytes"])
+    )
+    hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS})
+    with pytest.raises(DownloadFailed, match=r"needs 3\.0 MB more, but .* has 200,000 bytes free"):
+        pull(gguf_model())
+    free["bytes"] = 1_000
+    hub.publish(REPO, {"tiny-q4.gguf": WEIGHTS[:300_000]})
+    with pytest.raises(DownloadFailed, match=r"needs 300,000 bytes more, but .* has 1,000 bytes free"):
+        pull(gguf_model())

@@ -267,8 +267,8 @@ class HubClient:
             return
         free = shutil.disk_usage(folder).free
         if remote.size - had > free:
-            raise DownloadFailed(f"{remote.repo}: {remote.path} needs {(remote.size - had) / 1e6:,.0f} MB "
-                                 f"more, but {folder} has {free / 1e6:,.0f} MB free")  # fmt: skip
+            raise DownloadFailed(f"{remote.repo}: {remote.path} needs {_amount(remote.size - had)} "
+                                 f"more, but {folder} has {_amount(free)} free")  # fmt: skip
 
     def _transfer(
         self,
@@ -322,6 +322,12 @@ class HubClient:
             raise DownloadFailed(f"{remote.repo}: the download of {remote.path} broke off at {have:,}{total} "
                                  f"bytes ({exc}); pull again to continue from there") from None  # fmt: skip
         return tries + 1
+
+
+def _amount(n: int) -> str:
+    """Bytes as a person reads them: ``1,234 bytes`` under a megabyte (a 300 KB file "needed
+    0 MB more" of a disk with "0 MB free"), else ``12.3 MB``."""
+    return f"{n:,} bytes" if n < 1_000_000 else f"{n / 1e6:,.1f} MB"
 
 
 def _verify(remote: RemoteFile, partial: Path, size: int, hasher: hashlib._Hash | None) -> None:
