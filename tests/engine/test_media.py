@@ -166,3 +166,24 @@ async def test_an_output_names_suffix_is_its_format_and_never_another(
         )
     made = await engine.generate_image(request.model_copy(update={"output_path": str(tmp_path / "x.jpg")}))
     assert made.media_type == "image/jpeg" and (tmp_path / "x.jpg").read_bytes()[:2] == b"\xff\xd8"
+
+
+def test_a_video_model_refuses_at_once_what_it_would_refuse_of_the_request(
+    engine: InferenceEngine, fake: FakeProviderServer
+) -> None:
+    """A server starts a video job only after ``media_model``: `steps` named for Gemini Omni (no
+    such field there), or an estimate past the spend limit, was accepted as a job that then failed
+    (a 200 and a poll, not a 400/402 the client could act on)."""
+    video = ModelCapability.VIDEO_GENERATION
+    with pytest.raises(UnsupportedMode, match="steps"):
+        engine.media_model(OMNI, video, GenerateVideoRequest(prompt="waves", model=OMNI, steps=4))
+    with pytest.raises(UnsupportedMode, match="picks the length"):
+        engine.media_model(OMNI, video, GenerateVideoRequest(prompt="waves", model=OMNI, duration_s=4))
+    asked = GenerateVideoRequest(prompt="waves", model=OMNI)
+    assert engine.media_model(OMNI, video, asked).id == OMNI  # 10 s at $0.10: the $1 a day fits
+    engine.spend.record("google", OMNI, 0.5)
+    with pytest.raises(SpendLimitExceeded):
+        engine.media_model(OMNI, video, asked)
+    assert engine.media_model(OMNI, video).id == OMNI  # without the request, only the model is judged
+    assert engine.spend.status().by_provider_today == {"google": pytest.approx(0.5)}  # nothing held
+    assert not fake.requests  # nothing was sent

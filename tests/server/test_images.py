@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect
 from car_inference.config import ServerSettings
 from car_inference.engine import InferenceEngine
 from car_inference.routing import InferenceTask
-from car_inference.schema import ModelCapability, ModelSchema, OpenAISource
+from car_inference.schema import CostModel, ModelCapability, ModelSchema, OpenAISource
 from car_inference.server import ServerThread, create_app
 from fakes import FakeProviderServer
 from fakes.provider_media import png
@@ -325,3 +325,42 @@ def test_the_finished_videos_go_with_the_server(engine: InferenceEngine) -> None
         assert len(made) == 1
     assert not (Path(tempfile.gettempdir()) / made.pop()).exists()
     del app
+
+
+def test_a_video_the_named_model_would_refuse_is_refused_when_asked_for(
+    tmp_path: Path, fake_provider: FakeProviderServer
+) -> None:
+    """A named model's own rules (`steps` on the Videos API, whole seconds) and a spend limit the
+    estimate would pass were accepted as jobs that failed on the first poll: now a 400 / 402 at
+    creation, no job kept, nothing sent."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text("[spend]\ndaily_usd = 1.0\n")
+    engine = InferenceEngine(home=home)
+    source = OpenAISource(base_url=fake_provider.openai_base_url, model_name="sora-2", needs_key=False)
+    engine.register_model(
+        ModelSchema(
+            id="fakehost/sora",
+            name="sora-2",
+            provider="fakehost",
+            capabilities=[ModelCapability.VIDEO_GENERATION],
+            source=source,
+            cost=CostModel(per_second=0.1),
+        )
+    )
+    sent = len(fake_provider.requests)
+    try:
+        with ServerThread(create_app(engine)) as running:
+            client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+            with pytest.raises(openai.BadRequestError, match="steps") as steps:
+                client.videos.create(model="fakehost/sora", prompt="waves", extra_body={"steps": 2})
+            assert steps.value.code == "unsupported_mode"
+            with pytest.raises(openai.BadRequestError, match="whole seconds"):
+                client.videos.create(model="fakehost/sora", prompt="waves", extra_body={"seconds": "2.5"})
+            with pytest.raises(openai.APIStatusError, match="limit") as spend:
+                client.videos.create(model="fakehost/sora", prompt="waves", seconds="12")
+            assert spend.value.status_code == 402
+            assert engine.spend.status().by_provider_today == {}
+        assert len(fake_provider.requests) == sent
+    finally:
+        engine.close()

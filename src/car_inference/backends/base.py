@@ -74,6 +74,7 @@ __all__ = [
     "TextGenerator",
     "Tokenizer",
     "Transcriber",
+    "VideoChecker",
     "VideoGenerator",
     "class_tasks",
     "iterate_in_thread",
@@ -190,6 +191,15 @@ class VideoGenerator(Protocol):
     async def generate_video(
         self, model: ModelSchema, request: GenerateVideoRequest, progress: Any = None
     ) -> GenerateVideoResult: ...
+
+
+@runtime_checkable
+class VideoChecker(Protocol):
+    """A video backend that can say, without calling anything, what it would refuse of a request
+    (a field its API has no place for, a mode or format it cannot make): a server refuses such a
+    request when the job is asked for, not as a job that fails later."""
+
+    def check_video(self, model: ModelSchema, request: GenerateVideoRequest) -> None: ...
 
 
 @runtime_checkable

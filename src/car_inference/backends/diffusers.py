@@ -190,13 +190,17 @@ class DiffusersBackend:
             image_paths=[str(p) for p in paths],
         )
 
-    async def generate_video(
-        self, model: ModelSchema, request: GenerateVideoRequest, progress: Progress | None = None
-    ) -> GenerateVideoResult:
+    def check_video(self, model: ModelSchema, request: GenerateVideoRequest) -> None:
+        """What no pipeline here takes, refused before one loads (the rest needs the pipeline)."""
         if request.audio_path:
             raise UnsupportedMode(
                 str(request.mode), self.kind, f"{model.id} makes video from text or an image"
             )
+
+    async def generate_video(
+        self, model: ModelSchema, request: GenerateVideoRequest, progress: Progress | None = None
+    ) -> GenerateVideoResult:
+        self.check_video(model, request)
         target = output_path(request.output_path, request.format, "car-video-")
         width, height = _size(model, request)
         fps = int(_pick(model, request, "fps"))

@@ -97,7 +97,8 @@ class GeminiVideoMixin:
             seed=request.seed,
         )
 
-    def _video_input(self, model: ModelSchema, request: GenerateVideoRequest) -> tuple[list[Any], str]:
+    def check_video(self, model: ModelSchema, request: GenerateVideoRequest) -> None:
+        """What the interaction has no place for, refused before anything is sent."""
         refuse_unset(self.kind, model, request, _REFUSED, "Gemini")
         for field in _CHOSEN_BY_MODEL:
             if field in request.model_fields_set:
@@ -110,6 +111,9 @@ class GeminiVideoMixin:
             )
         if request.format != "mp4":
             raise UnsupportedMode(f"video/{request.format}", self.kind, f"{model.id} makes mp4 only")
+
+    def _video_input(self, model: ModelSchema, request: GenerateVideoRequest) -> tuple[list[Any], str]:
+        self.check_video(model, request)
         content: list[dict[str, Any]] = [{"type": "text", "text": request.prompt}]
         if request.image_path:
             _, data, media_type = read_upload(request.image_path)

@@ -153,9 +153,8 @@ class OpenAIMediaMixin:
 
     # --- video ---------------------------------------------------------------------------------
 
-    async def generate_video(
-        self, model: ModelSchema, request: GenerateVideoRequest, progress: Progress | None = None
-    ) -> GenerateVideoResult:
+    def check_video(self, model: ModelSchema, request: GenerateVideoRequest) -> None:
+        """What the Videos API has no place for, refused before anything is sent."""
         refuse_unset(self.kind, model, request, _VIDEO_EXTRAS, "the Videos API")
         if "fps" in request.model_fields_set:
             raise UnsupportedMode("fps", self.kind, f"{model.id} (the Videos API) picks its own frame rate")
@@ -170,6 +169,12 @@ class OpenAIMediaMixin:
             raise UnsupportedMode(
                 "duration_s", self.kind, f"{model.id} (the Videos API) makes whole seconds, not {asked:g}"
             )
+
+    async def generate_video(
+        self, model: ModelSchema, request: GenerateVideoRequest, progress: Progress | None = None
+    ) -> GenerateVideoResult:
+        self.check_video(model, request)
+        asked = request.duration_s
         target = output_path(request.output_path, request.format, "car-video-")
         options: dict[str, Any] = {"prompt": request.prompt, "seconds": str(int(asked))}
         if {"width", "height"} & request.model_fields_set:

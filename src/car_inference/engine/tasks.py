@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import tracing
-from ..backends.base import SegmentCallback, Tokenizer
+from ..backends.base import SegmentCallback, Tokenizer, VideoChecker
 from ..backends.media_files import readable_file
 from ..errors import (
     CircuitOpen,
@@ -297,11 +297,24 @@ class TaskMixin(Lifecycle):
         assert refused is not None
         raise refused
 
-    def media_model(self, name: str | None, capability: ModelCapability) -> ModelSchema:
+    def media_model(
+        self, name: str | None, capability: ModelCapability, request: GenerateVideoRequest | None = None
+    ) -> ModelSchema:
         """The model a media request would run on; raises now what running it would raise (an
-        unknown, unavailable or unsuitable model), e.g. before a video job is accepted."""
-        model = self._media_models(name, capability)[0]
+        unknown, unavailable or unsuitable model), e.g. before a video job is accepted. Given the
+        video ``request``, a model it must run on (named, configured, the only one) also refuses
+        now what it would refuse of it (a field its API has no place for; a spend limit its
+        estimate would pass): a job that could only fail is not started."""
+        models = self._media_models(name, capability)
+        model = models[0]
         self._task_method(model, capability, _MEDIA_METHODS[capability])
+        if request is not None and len(models) == 1:  # routed: a refusal hands it on instead
+            backend = self._runnable(model)
+            if isinstance(backend, VideoChecker):
+                backend.check_video(model, request)
+            breach = self.spend.breach(model.provider, video_cost(model, request, None))
+            if breach is not None:
+                raise breach
         return model
 
     def _media_models(

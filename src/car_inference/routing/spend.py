@@ -257,6 +257,14 @@ class SpendControl:
             return False
         return self._first_breach(provider, estimate_usd) is not None
 
+    def breach(self, provider: str, estimate_usd: float) -> SpendLimitExceeded | None:
+        """The limit spending ``estimate_usd`` more would break here, holding nothing (a request
+        refused early, before the call that will ``reserve`` it), None when it fits; a free call
+        (estimate 0) fits, as ``reserve`` is not asked for one."""
+        if not self.has_limits or not estimate_usd:
+            return None
+        return self._first_breach(provider, estimate_usd)
+
     def check(self, provider: str, estimate_usd: float) -> None:
         """Raise ``SpendLimitExceeded`` (the first limit it would break) or return. In a fleet the
         estimate is held until the next ``record`` for ``provider`` (see the module's text)."""

@@ -333,8 +333,8 @@ def register(app: FastAPI, state: ServerState) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         owner = client_of(request.scope, bool(state.settings.api_keys))
-        try:  # an unknown or unusable model is this request's error, not a failed job
-            model = engine.media_model(call.model, ModelCapability.VIDEO_GENERATION)
+        try:  # an unknown or unusable model, or one refusing this request, is its error, not a failed job
+            model = engine.media_model(call.model, ModelCapability.VIDEO_GENERATION, call)
             _job_room(jobs, state, owner)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
