@@ -287,6 +287,15 @@ async def test_video_sizes_must_fit_the_model(engine: InferenceEngine) -> None:
         await engine.generate_video(GenerateVideoRequest(prompt="x", model=LTX, width=70, height=64))
 
 
+async def test_a_video_shorter_than_the_least_the_model_makes_is_refused(engine: InferenceEngine) -> None:
+    """0.1 s at 1 fps made 5 s (the least frames the VAE makes, at 1 a second): refused, saying
+    the shortest it makes; a length the least frames are nearest to is still made."""
+    with pytest.raises(InvalidInput, match=r"at least 5 frames, 5 s at 1 fps, not 0.1 s"):
+        await engine.generate_video(
+            GenerateVideoRequest(prompt="x", model=LTX, width=64, height=64, fps=1, duration_s=0.1)
+        )
+
+
 async def test_no_model_named_picks_an_available_one(engine: InferenceEngine, tmp_path: Path) -> None:
     image = await engine.generate_image(
         GenerateImageRequest(prompt="x", width=64, height=64, output_path=str(tmp_path / "i.png"))

@@ -213,7 +213,7 @@ class DiffusersBackend:
             with entry.lock:
                 pipe = entry.instance.pipe
                 _check_size(model, pipe, width, height)
-                frames = _frame_count(pipe, duration * fps)
+                frames = _frame_count(model, pipe, duration, fps)
                 kwargs = {"prompt": request.prompt, "output_type": "np", "width": width, "height": height}
                 if request.image_path:  # the first frame: the image, at the video's size
                     pipe = _image_to_video(model, pipe)
@@ -366,14 +366,23 @@ def _check_size(model: ModelSchema, pipe: Any, width: int, height: int) -> None:
         )
 
 
-def _frame_count(pipe: Any, wanted: float) -> int:
-    """Frames as the VAE compresses them in time: ``k * ratio + 1`` nearest to ``wanted``."""
-    ratio = (
+def _frame_count(model: ModelSchema, pipe: Any, duration_s: float, fps: int) -> int:
+    """Frames as the VAE compresses them in time: ``k * ratio + 1`` nearest to the length asked
+    for, ``k`` at least 1. A length nearer none than that least (0.1 s at 1 fps made 5 s) is
+    ``InvalidInput`` naming the shortest it makes, never lengthened."""
+    ratio = int(
         getattr(pipe, "vae_temporal_compression_ratio", None)
         or getattr(pipe, "vae_scale_factor_temporal", None)
         or 1
     )
-    return max(1, round((wanted - 1) / ratio)) * int(ratio) + 1
+    steps = round((duration_s * fps - 1) / ratio)
+    if steps < 1:
+        least = ratio + 1
+        raise InvalidInput(
+            f"{model.id} makes at least {least} frames, {least / fps:g} s at {fps} fps,"
+            f" not {duration_s:g} s: ask for a longer video or more frames a second"
+        )
+    return steps * ratio + 1
 
 
 def _image_to_image(model: ModelSchema, pipe: Any) -> Any:
