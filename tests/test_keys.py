@@ -12,14 +12,18 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import psycopg
 import pytest
 
 from car_inference import keys as keys_module
-from car_inference.config import CarConfig, RemoteSettings
+from car_inference.config import CarConfig, RemoteSettings, StateSettings
 from car_inference.keys import KeyPool, fingerprint, legacy_stats_path
 from car_inference.secrets import SERVICE, SecretStore, no_usable_key
 from fakes.keyring import MemoryKeyring
+from fakes.services import postgres_schema_url
+from fakes.tcp_proxy import TcpProxy
 
 A = "sk-test-key-aaaaaaaa0001"
 B = "sk-test-key-bbbbbbbb0002"
@@ -362,3 +366,41 @@ def test_no_key_in_logs_or_reprs(tmp_path: Path, clock: Clock, caplog: pytest.Lo
     assert caplog.records  # it did log: rate limit and refusal
     for text in texts:
         assert A not in text and B not in text
+
+
+@pytest.mark.timeout(60)  # without the fix: held until the database answers, here never
+def test_a_database_that_stops_answering_never_holds_a_request(tmp_path: Path) -> None:
+    """A PostgreSQL that took the connection and stopped answering (a hung server) froze every
+    replica: the pool wrote its statistics on the caller's thread, the event loop, under the lock
+    each request takes. Now they are written on a thread of their own; the counts wait in memory
+    and reach the database when it answers again."""
+    url = postgres_schema_url()
+    target = urlsplit(url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    config = CarConfig(home=tmp_path, state=StateSettings(url=proxy.through(url)))
+    keys = KeyPool(config, env={VAR: A}, store=None, fleet=None)
+
+    def requests_written() -> int:
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute("SELECT requests FROM key_stats").fetchone()
+        return int(row[0]) if row else 0
+
+    try:
+        proxy.freeze()
+        started = time.monotonic()
+        for _ in range(5):
+            key = keys.acquire(VAR)
+            assert key == A
+            keys.report(VAR, key, status=429, retry_after=0.01)  # health news: written at once
+            keys.report(VAR, key, status=200, retry_after=None)
+        assert time.monotonic() - started < 1.0, "a request waited for the database"
+        assert requests_written() == 0
+        proxy.thaw()
+        deadline = time.monotonic() + 10
+        while requests_written() < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert requests_written() == 10
+    finally:
+        proxy.thaw()
+        keys.close()
+        proxy.close()

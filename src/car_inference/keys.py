@@ -69,6 +69,7 @@ _HEALTH_STATUSES = frozenset({429, 401, 403})
 # asked for: `car keys reset` in another process never reached a server whose only key was
 # refused (it makes no requests, so it wrote nothing and never re-read the keys' health).
 _RECHECK_S = 2.0
+_RECHECK_WAIT_S = 1.0  # the most a request waits for that re-read
 
 
 def fingerprint(key: str) -> str:
@@ -202,7 +203,11 @@ class KeyPool:
             if isinstance(secret_store, SecretStore)
             else None
         )
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the records; never held across a database call
+        # One database call, or a write and the read after it, at a time (off the request path:
+        # a database that stopped answering held the event loop, and every replica with it).
+        self._io_lock = threading.RLock()
+        self._flushing = self._flush_again = self._rechecking = False
         self._records: dict[str, _Record] = {}
         self._pending: dict[str, _Pending] = {}
         self._last_save = 0.0
@@ -251,10 +256,10 @@ class KeyPool:
     def acquire(self, env_var: str) -> str | None:
         """A key for ``env_var``: the least recently used healthy one; when all are cooling, the
         one free soonest; None when there is none or every one is disabled."""
+        self._recheck_if_refused(env_var)
         with self._lock:
             now = self._clock()
             keys = self._resolve(env_var)
-            self._recheck_if_refused(env_var, keys)
             usable: list[tuple[str, _Record, float]] = []
             for i, k in enumerate(keys):
                 record = self._record(env_var, k.value, i)
@@ -312,9 +317,28 @@ class KeyPool:
             else:
                 self.fleet.put_key(fingerprint(key), disabled=True)
         if due:
-            self.flush()
+            self._flush_soon()
         else:
             self._flush_later()
+
+    def _flush_soon(self) -> None:
+        """Write now, on a thread of its own: the caller (the event loop) never waits for the
+        database. News that comes while a write is under way is written right after it."""
+        with self._lock:
+            if self._flushing:
+                self._flush_again = True
+                return
+            self._flushing = True
+        threading.Thread(target=self._flush_until_done, name="car-key-stats", daemon=True).start()
+
+    def _flush_until_done(self) -> None:
+        while True:
+            self.flush()
+            with self._lock:
+                if not self._flush_again:
+                    self._flushing = False
+                    return
+                self._flush_again = False
 
     def _flush_later(self) -> None:
         """Counts not written at once are written within ``_SAVE_INTERVAL_S`` (a daemon timer),
@@ -344,9 +368,9 @@ class KeyPool:
 
     def has_key(self, env_var: str) -> bool:
         """True when ``env_var`` has a key that is not disabled (the registry's key check)."""
+        self._recheck_if_refused(env_var)
         with self._lock:
             keys = self._resolve(env_var)
-            self._recheck_if_refused(env_var, keys)
             return any(not self._health(k.value, self._record(env_var, k.value))[0] for k in keys)
 
     def refused(self, env_var: str) -> bool:
@@ -355,24 +379,40 @@ class KeyPool:
             keys = self._resolve(env_var)
             return bool(keys) and all(self._health(k.value, self._record(env_var, k.value))[0] for k in keys)
 
-    def _recheck_if_refused(self, env_var: str, keys: list[ResolvedKey]) -> None:
-        """Under ``_lock``: when every key of ``env_var`` is disabled, their health as the database
-        has it now (another process's `car keys reset`), at most every ``_RECHECK_S``."""
-        if not keys or self._db is None:
+    def _recheck_if_refused(self, env_var: str) -> None:
+        """When every key of ``env_var`` is disabled, their health as the database has it now
+        (another process's `car keys reset`), at most every ``_RECHECK_S``, waiting at most
+        ``_RECHECK_WAIT_S`` for it: a database that does not answer leaves the keys as they were."""
+        if self._db is None:
             return
-        if not all(self._health(k.value, self._record(env_var, k.value))[0] for k in keys):
-            return
-        now = time.monotonic()
-        if now - self._rechecked.get(env_var, -_RECHECK_S) < _RECHECK_S:
-            return
-        self._rechecked[env_var] = now
-        self.flush()  # this process's own news first (a refusal not written yet would be lost)
-        self._refresh()
+        with self._lock:
+            keys = self._resolve(env_var)
+            if not keys or self._rechecking:
+                return
+            if not all(self._health(k.value, self._record(env_var, k.value))[0] for k in keys):
+                return
+            now = time.monotonic()
+            if now - self._rechecked.get(env_var, -_RECHECK_S) < _RECHECK_S:
+                return
+            self._rechecked[env_var] = now
+            self._rechecking = True
+
+        def recheck() -> None:
+            try:
+                self.flush()  # this process's own news first (a refusal not written yet would be lost)
+                self._refresh()
+            finally:
+                with self._lock:
+                    self._rechecking = False
+
+        worker = threading.Thread(target=recheck, name="car-key-recheck", daemon=True)
+        worker.start()
+        worker.join(_RECHECK_WAIT_S)
 
     def reset(self, env_var: str | None = None) -> int:
         """Re-enable disabled keys and end cooldowns (of ``env_var``, or all); how many changed."""
+        self._refresh()  # keys another process disabled are reset too
         with self._lock:
-            self._refresh()  # keys another process disabled are reset too
             changed = 0
             fleet = self.fleet.key_health() if self.fleet is not None else {}
             if fleet:  # keys only the fleet refused: known here once resolved
@@ -411,9 +451,9 @@ class KeyPool:
     def stats(self, env_vars: Iterable[str] | None = None) -> dict[str, list[KeyStats]]:
         """Per variable, its configured keys (in resolution order) then keys seen before, with
         every process's counts."""
+        self.flush()
+        self._refresh()
         with self._lock:
-            self.flush()
-            self._refresh()
             now = self._clock()
             out: dict[str, list[KeyStats]] = {}
             for env_var in sorted(set(env_vars) if env_vars is not None else self.known_variables()):
@@ -491,66 +531,88 @@ class KeyPool:
     def _refresh(self) -> None:
         """Take every process's counts and health from the database (pending increments of this
         process are added on top)."""
-        if self._db is None:
+        db = self._db
+        if db is None:
             return
-        with self._lock:
+        with self._io_lock:  # never between a write and the records it changed
             try:
-                rows = self._db.read()
+                rows = db.read()
             except KeyStatsError as exc:
                 log.warning("could not read key statistics: %s", exc)
                 return
-            for fp, env_var, masked, *values in rows:
-                requests, failures, rate_limits = (as_count(v) for v in values[:3])
-                used, status, cooling, off = (
-                    as_time(values[3]),
-                    as_status(values[4]),
-                    as_time(values[5]),
-                    values[6],
-                )
-                record = self._records.get(fp)
-                if record is None:
-                    record = self._records[fp] = _Record(env_var=env_var, masked=masked)
-                pending = self._pending.get(fp, _Pending())
-                record.requests = requests + pending.requests
-                record.failures = failures + pending.failures
-                record.rate_limits = rate_limits + pending.rate_limits
-                record.last_used = max(used or 0.0, record.last_used or 0.0) or None
-                if not pending.reported:
-                    record.last_status = status
-                if not pending.health:
-                    record.cooling_until, record.disabled = cooling, bool(off)
+            with self._lock:
+                self._apply(rows)
+
+    def _apply(self, rows: list[tuple[Any, ...]]) -> None:
+        """Under ``_lock``: the database's rows, with this process's pending increments on top."""
+        for fp, env_var, masked, *values in rows:
+            requests, failures, rate_limits = (as_count(v) for v in values[:3])
+            used, status, cooling, off = (
+                as_time(values[3]),
+                as_status(values[4]),
+                as_time(values[5]),
+                values[6],
+            )
+            record = self._records.get(fp)
+            if record is None:
+                record = self._records[fp] = _Record(env_var=env_var, masked=masked)
+            pending = self._pending.get(fp, _Pending())
+            record.requests = requests + pending.requests
+            record.failures = failures + pending.failures
+            record.rate_limits = rate_limits + pending.rate_limits
+            record.last_used = max(used or 0.0, record.last_used or 0.0) or None
+            if not pending.reported:
+                record.last_status = status
+            if not pending.health:
+                record.cooling_until, record.disabled = cooling, bool(off)
 
     def flush(self) -> None:
-        """Write this process's increments and health news now, if there are any."""
-        with self._lock:
-            if not self._pending:
-                return
-            self._last_save = self._clock()
-            if self._db is None:
-                self._pending.clear()
-                return
-            rows = [
-                {**key_row(fp, asdict(self._records[fp]), reported=p.reported, health=p.health), **_counts(p)}
-                for fp, p in self._pending.items()
-            ]
+        """Write this process's increments and health news now, if there are any. The records
+        stay free meanwhile: requests take keys and report while the database is written."""
+        with self._io_lock:
+            with self._lock:
+                if not self._pending:
+                    return
+                self._last_save = self._clock()
+                db = self._db
+                if db is None:
+                    self._pending.clear()
+                    return
+                taken, self._pending = self._pending, {}
+                rows = [
+                    key_row(fp, asdict(self._records[fp]), reported=p.reported, health=p.health) | _counts(p)
+                    for fp, p in taken.items()
+                ]
             try:
-                self._db.write(rows)
+                db.write(rows)
             except KeyStatsError as exc:
                 log.warning("could not save key statistics: %s", exc)
-                return  # kept pending: the next write tries again
-            self._pending.clear()
+                with self._lock:  # kept pending: the next write tries again
+                    for fp, p in taken.items():
+                        _merge(self._pending.setdefault(fp, _Pending()), p)
+                return
             self._refresh()
 
     def close(self) -> None:
         """Write what is pending and close the database."""
-        with self._lock:
-            self.flush()
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        self.flush()
+        with self._io_lock:
+            with self._lock:
+                db, self._db = self._db, None
+            if db is not None:
+                db.close()
         if self._own_fleet and self.fleet is not None:
             self.fleet.close()
             self.fleet = None
+
+
+def _merge(into: _Pending, earlier: _Pending) -> None:
+    """A write that failed: its increments and news go back with those that came since."""
+    into.requests += earlier.requests
+    into.failures += earlier.failures
+    into.rate_limits += earlier.rate_limits
+    into.reported = into.reported or earlier.reported
+    into.health = into.health or earlier.health
 
 
 def _counts(pending: _Pending) -> dict[str, int]:

@@ -185,9 +185,14 @@ class PgKeyStats(KeyStatsDB):
 
     def _connect(self) -> Any:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            conn = self._psycopg.connect(
-                self.url, autocommit=True, connect_timeout=max(1, round(self.connect_timeout_s))
-            )
+            from .routing.store_pg import LIBPQ_TIMEOUTS  # psycopg is there: imported above
+
+            # A partitioned database ends the call in seconds, as for the store's connections.
+            options: dict[str, Any] = {
+                "connect_timeout": max(1, round(self.connect_timeout_s)),
+                **LIBPQ_TIMEOUTS,
+            }
+            conn = self._psycopg.connect(self.url, autocommit=True, **options)
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CREATE_LOCK,))
                 for statement in self._tables:

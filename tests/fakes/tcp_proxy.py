@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["TcpProxy"]
 
@@ -50,6 +51,13 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
+
+    def through(self, url: str) -> str:
+        """``url`` (``scheme://[user@]host:port/...``) sent through this proxy instead."""
+        parts = urlsplit(url)
+        netloc = parts.netloc.rsplit("@", 1)
+        host = f"127.0.0.1:{self.port}"
+        return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
 
     def freeze(self) -> None:
         """Hold what either side sends, connections left open."""

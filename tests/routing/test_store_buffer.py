@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -30,13 +30,6 @@ from fakes.tcp_proxy import TcpProxy
 
 def _row(trace_id: str, model: str = "p/m") -> TraceRow:
     return TraceRow(trace_id, model, "generate", "code", None, "test", None, 1.0)
-
-
-def _through(url: str, proxy: TcpProxy) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{proxy.port}"
-    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
 
 
 @pytest.fixture
@@ -70,7 +63,7 @@ def test_writes_wait_in_memory_up_to_the_bound_and_reach_the_database_when_it_re
     url: str, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="car_inference.state")
-    store = PgOutcomeStore(_through(url, proxy), buffer_limit=5, retry_s=0.2, connect_timeout_s=1)
+    store = PgOutcomeStore(proxy.through(url), buffer_limit=5, retry_s=0.2, connect_timeout_s=1)
     try:
         store.record_trace(_row("t0"), success=True, latency_ms=5.0, now=100.0)
         proxy.stop()
@@ -104,7 +97,7 @@ def test_reads_work_again_within_a_retry_of_the_database_returning(url: str, pro
     """The pool's own reconnect backs off (1, 2, 4 ... s): after a 36 s outage a replica answered
     503 for 19 s more, after 138 s for 110 s. Once the store's retry connects, it reads and writes
     through a new pool at once."""
-    store = PgOutcomeStore(_through(url, proxy), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
+    store = PgOutcomeStore(proxy.through(url), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
     try:
         store.record_trace(_row("before"), success=True, now=1.0)
         proxy.stop()
@@ -125,7 +118,7 @@ def test_the_health_read_is_given_up_on_when_the_database_hangs(url: str, proxy:
     """A database that stops answering without closing the connection held /v1/health for the
     whole 36 s it was frozen, later reports queued behind; the report now says so within its
     bound, a second one at once, and the next one after the database answers is whole again."""
-    store = PgOutcomeStore(_through(url, proxy), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
+    store = PgOutcomeStore(proxy.through(url), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
     try:
         assert state_health(store, url).error is None
         proxy.freeze()
@@ -143,7 +136,7 @@ def test_the_health_read_is_given_up_on_when_the_database_hangs(url: str, proxy:
 
 
 def test_a_batch_cut_before_its_commit_is_written_in_order_later(url: str, proxy: TcpProxy) -> None:
-    store = PgOutcomeStore(_through(url, proxy), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
+    store = PgOutcomeStore(proxy.through(url), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
     try:
         with store.batch():
             store.record_trace(_row("a"), success=True, now=1.0)
@@ -167,7 +160,7 @@ def test_the_bookkeepers_batches_survive_an_outage(url: str, proxy: TcpProxy) ->
     """`car serve`'s writer thread: records keep being queued through the outage, none is lost."""
     from car_inference.engine.bookkeeping import Bookkeeper
 
-    store = PgOutcomeStore(_through(url, proxy), buffer_limit=1000, retry_s=0.2, connect_timeout_s=1)
+    store = PgOutcomeStore(proxy.through(url), buffer_limit=1000, retry_s=0.2, connect_timeout_s=1)
     keeper = Bookkeeper(store.batch, delay_s=0.005)
     keeper.start_writer()
     try:
@@ -204,7 +197,7 @@ def test_v1_health_shows_what_waits_and_what_was_lost(url: str, proxy: TcpProxy,
     from car_inference.engine import InferenceEngine
     from car_inference.server import ServerThread, create_app
 
-    (tmp_path / "config.toml").write_text(f'[state]\nurl = "{_through(url, proxy)}"\nbuffer_records = 3\n')
+    (tmp_path / "config.toml").write_text(f'[state]\nurl = "{proxy.through(url)}"\nbuffer_records = 3\n')
     engine = InferenceEngine(home=tmp_path)
     try:
         with ServerThread(create_app(engine)) as server:
@@ -240,7 +233,7 @@ def test_feedback_while_the_store_is_away_is_a_503_saying_so_and_works_once_it_r
     from car_inference.engine import InferenceEngine
     from car_inference.server import ServerThread, create_app
 
-    (tmp_path / "config.toml").write_text(f'[state]\nurl = "{_through(url, proxy)}"\n')
+    (tmp_path / "config.toml").write_text(f'[state]\nurl = "{proxy.through(url)}"\n')
     engine = InferenceEngine(home=tmp_path)
     try:
         with (
