@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +20,9 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from car_inference.config import CarConfig, StateSettings
+from car_inference.config import CarConfig, SpendSettings, StateSettings
 from car_inference.errors import StateUnavailable
+from car_inference.routing.spend import SpendControl
 from car_inference.routing.store import TraceRow
 from car_inference.routing.store_api import open_store, state_health
 from car_inference.routing.store_pg import PgOutcomeStore
@@ -260,3 +262,60 @@ def test_feedback_while_the_store_is_away_is_a_503_saying_so_and_works_once_it_r
         assert trace is not None and trace["quality"] == 0.5
     finally:
         engine.close()
+
+
+def test_a_read_in_a_batch_that_could_not_connect_fails_over_to_memory_at_once(
+    url: str, proxy: TcpProxy
+) -> None:
+    """The writer thread's batch whose connection could not be opened: its spend re-read (every
+    second, with spend limits set) went to the pool and waited out its timeout, 5 s, while
+    holding the lock each request's spend check takes. It answers from memory at once now."""
+    store = PgOutcomeStore(proxy.through(url), buffer_limit=100, retry_s=30, connect_timeout_s=3)
+    try:
+        store.add_spend("acme", "p/m", 0.5, ts=100.0)
+        assert store.spend_by_provider(0.0) == {"acme": 0.5}
+        proxy.stop()
+        with store.batch():  # waits out the pool once: the outage is noticed here
+            store.add_spend("acme", "p/m", 0.25, ts=101.0)  # buffered
+            started = time.monotonic()
+            totals = store.spend_by_provider(0.0)
+            waited = time.monotonic() - started
+        assert totals == {"acme": 0.75} and waited < 1.0
+    finally:
+        proxy.start()
+        store.close()
+
+
+def test_a_spend_check_never_waits_for_a_database_that_went_away(url: str, proxy: TcpProxy) -> None:
+    """`car serve` with spend limits through a PostgreSQL outage: the writer thread's spend
+    re-read (once a second) waited out the pool's timeout under the spend lock, and every paid
+    request's limit check (`reserve`) and /health stalled 5 s at a time."""
+    store = PgOutcomeStore(proxy.through(url), buffer_limit=100, retry_s=30, connect_timeout_s=3)
+    offset = [0.0]
+    spend = SpendControl(SpendSettings(daily_usd=100.0), store, clock=lambda: time.time() + offset[0])
+    entered, go = threading.Event(), threading.Event()
+
+    def writer() -> None:  # the bookkeeper's writer thread: spend recorded inside its batch
+        with store.batch():
+            entered.set()
+            go.wait()
+            spend.record("acme", "p/m", 0.1)
+
+    proxy.stop()
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        assert entered.wait(10)  # the batch found the database away
+        offset[0] = 5.0  # the totals were read more than a second ago: this record re-reads them
+        go.set()
+        time.sleep(0.2)
+        started = time.monotonic()
+        spend.release(spend.reserve("acme", 0.1))
+        assert time.monotonic() - started < 1.0, "a spend check waited for the database"
+        thread.join(10)
+        assert spend.status().by_provider_today == {"acme": pytest.approx(0.1)}
+    finally:
+        go.set()
+        proxy.start()
+        thread.join(20)
+        store.close()

@@ -95,6 +95,10 @@ class BufferedWrites(StoreBase):
     def _in_batch(self) -> bool:
         raise NotImplementedError
 
+    def _in_dead_batch(self) -> bool:
+        """In a batch that could not open its connection (its writes go to the buffer)."""
+        return False
+
     def _journal(self, record: _Record) -> None:
         """A write that went through inside a batch: kept until the batch commits."""
 
@@ -227,8 +231,12 @@ class BufferedWrites(StoreBase):
         return fallback
 
     def _check_readable(self) -> None:
-        """Reads fail at once while the database is away (none of them is buffered)."""
-        if self._down_since is not None and not self._in_batch() and not self.recover():
+        """Reads fail at once while the database is away (none of them is buffered); inside a
+        batch that could not connect too (its spend re-read waited out the pool's 5 s, under the
+        lock each request's spend check takes, every second of an outage)."""
+        if self._down_since is None or (self._in_batch() and not self._in_dead_batch()):
+            return
+        if self._in_dead_batch() or not self.recover():
             raise StateUnavailable(
                 f"the PostgreSQL state store {self.location} is unreachable ({self._down_reason});"
                 f" {len(self._buffer)} records are waiting in memory",

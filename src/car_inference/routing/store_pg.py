@@ -349,6 +349,9 @@ class PgOutcomeStore(BufferedWrites):
     def _in_batch(self) -> bool:
         return getattr(self._local, "conn", None) is not None or getattr(self._local, "dead", False)
 
+    def _in_dead_batch(self) -> bool:
+        return bool(getattr(self._local, "dead", False))
+
     def _journal(self, record: Any) -> None:
         journal: list[Any] | None = getattr(self._local, "journal", None)
         if journal is not None:
