@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -404,12 +405,29 @@ class CarConfig(BaseModel):
         return data
 
 
+# Where else libpq and redis-py take a password: a query parameter (``?password=``), or a
+# keyword of a libpq connection string (``host=db password=...``). Each was shown in clear.
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+_SECRET_KEYWORD = re.compile(r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """``url`` with its password masked, fit for logs and reports."""
+    """``url`` with its passwords masked (in the user part, the query, or a libpq keyword
+    string), fit for logs, reports and ``/v1/health``."""
+    if "://" not in url:
+        return _SECRET_KEYWORD.sub(r"\1***", url)
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    pairs = parts.query.split("&") if parts.query else []
+    query = "&".join(
+        f"{pair.split('=', 1)[0]}=***" if pair.split("=", 1)[0].lower() in _SECRET_PARAMS else pair
+        for pair in pairs
+    )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing to hide: as given (urlunsplit drops the empty host of sqlite:///x)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _mask(secret: str) -> str:
