@@ -204,10 +204,12 @@ def test_report_refuses_a_score_out_of_range(remote_engine: RemoteEngine) -> Non
 @pytest.mark.parametrize(
     ("field", "value", "says"),
     [
-        ("latency_ms", math.inf, "latency_ms must be a finite number >= 0"),
-        ("latency_ms", -1e9, "latency_ms must be a finite number >= 0"),
-        ("cost_usd", math.inf, "cost_usd must be a finite number >= 0"),
-        ("cost_usd", math.nan, "cost_usd must be a finite number >= 0"),
+        ("latency_ms", math.inf, "latency_ms must be a number from 0 to 86,400,000"),
+        ("latency_ms", -1e9, "latency_ms must be a number from 0 to 86,400,000"),
+        ("latency_ms", 1e300, "latency_ms must be a number from 0 to 86,400,000"),
+        ("cost_usd", math.inf, "cost_usd must be a number from 0 to 10,000"),
+        ("cost_usd", math.nan, "cost_usd must be a number from 0 to 10,000"),
+        ("cost_usd", 1e308, "cost_usd must be a number from 0 to 10,000"),  # two made the spend inf
         ("cost_usd", "0.1", "cost_usd must be a number, not str"),
         ("score", math.nan, "score must be 0..1"),
         ("output_tokens", -(10**9), "output_tokens must be a whole number from 0"),

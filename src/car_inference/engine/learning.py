@@ -103,8 +103,8 @@ class LearningMixin(Lifecycle):
             raise InvalidInput(
                 f"report: a failed call (success=False) has no answer to score, got score={score!r}"
             )
-        cost_usd = _measure("cost_usd", cost_usd)
-        latency_ms = _measure("latency_ms", latency_ms)
+        cost_usd = _measure("cost_usd", cost_usd, high=MAX_CALL_USD)
+        latency_ms = _measure("latency_ms", latency_ms, high=MAX_LATENCY_MS)
         input_tokens = _count("input_tokens", input_tokens)
         output_tokens = _count("output_tokens", output_tokens) or 0
         prompt = _text("prompt", prompt)
@@ -184,9 +184,9 @@ class LearningMixin(Lifecycle):
         if not isinstance(trace_id, str) or not trace_id:
             raise InvalidInput(f"feedback trace_id must be a trace id string, not {trace_id!r}")
         _text("feedback trace_id", trace_id)
-        latency_ms = _measure("latency_ms", latency_ms)
+        latency_ms = _measure("latency_ms", latency_ms, high=MAX_LATENCY_MS)
         output_tokens = _count("output_tokens", output_tokens)
-        cost_usd = _measure("cost_usd", cost_usd)
+        cost_usd = _measure("cost_usd", cost_usd, high=MAX_CALL_USD)
         measured = {"latency_ms": latency_ms, "output_tokens": output_tokens, "cost_usd": cost_usd}
         self.bookkeeper.flush()
         trace = self._shared_trace(trace_id)
@@ -269,6 +269,13 @@ class LearningMixin(Lifecycle):
         return compact_old_spend(self.store, stop=stop)
 
 
+# What one call can be said to have cost or taken: two reports of 1e308 dollars made the day's
+# spend inf, and every paid model stayed refused for the rest of the month (a report of another
+# client's decision counts as spend for everyone).
+MAX_CALL_USD = 10_000.0
+MAX_LATENCY_MS = 86_400_000.0  # a day
+
+
 def _measure(name: str, value: object, *, high: float = math.inf) -> float | None:
     """``value`` as a finite float within 0..``high`` (None stays None), else ``InvalidInput``."""
     if value is None:
@@ -277,7 +284,13 @@ def _measure(name: str, value: object, *, high: float = math.inf) -> float | Non
         raise InvalidInput(f"{name} must be a number, not {type(value).__name__}", param=_field(name))
     number = float(value)
     if not 0.0 <= number <= high or math.isinf(number):
-        bound = "0..1" if high == 1.0 else "a finite number >= 0"
+        bound = (
+            "0..1"
+            if high == 1.0
+            else f"a number from 0 to {high:,.0f}"
+            if high < math.inf
+            else "a finite number >= 0"
+        )
         raise InvalidInput(f"{name} must be {bound}, got {value!r}", param=_field(name))
     return number
 
