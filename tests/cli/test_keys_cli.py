@@ -79,8 +79,10 @@ def test_keys_stats_table_and_json(isolated_home: Path, monkeypatch: pytest.Monk
     assert code == 0 and "sk-…0001" in out and "cooling until" in out and A not in out
     code, out, _ = car("keys", "reset", "OPENAI_API_KEY")
     assert code == 0 and "reset 1 key(s)" in out
-    code, out, err = car("keys", "reset", "OPENAI_APIKEY")  # a bare "reset 0 key(s)" hid the typo
-    assert code == 0 and "reset 0 key(s)" in out and "did you mean OPENAI_API_KEY" in err
+    for command in ("reset", "stats"):  # "reset 0 key(s)" / "no API keys found", exit 0, hid the typo
+        code, out, err = car("keys", command, "OPENAI_APIKEY")
+        assert code == 2 and not out and "error: no key variable 'OPENAI_APIKEY'" in err
+        assert "did you mean OPENAI_API_KEY" in err
     code, out, _ = car("keys", "stats", "OPENAI_API_KEY", "--json")
     assert {r["state"] for r in json.loads(out)["OPENAI_API_KEY"]} == {"ok"}
 

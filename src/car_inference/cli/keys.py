@@ -56,7 +56,9 @@ def stats(
     as_json: JsonOpt = False,
 ) -> None:
     """Requests, failures and rate limits per key (keys masked)."""
-    data = _pool().stats([env_var] if env_var else None)
+    pool = _pool()
+    _check_known(pool, env_var)
+    data = pool.stats([env_var] if env_var else None)
     if as_json:
         print_json({name: [row.model_dump(mode="json") for row in rows] for name, rows in data.items()})
         return
@@ -87,13 +89,21 @@ def stats(
 def reset(env_var: Annotated[str | None, typer.Argument(help="only this key variable")] = None) -> None:
     """Re-enable keys disabled after a 401/403 and end cooldowns."""
     pool = _pool()
-    known = sorted(pool.known_variables())
-    if env_var is not None and env_var not in known:  # a bare "reset 0 key(s)" hid it
-        close = close_matches(env_var, known)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        err.print(f"no key variable {env_var!r} is configured or used here (known: {', '.join(known)}){hint}")
+    _check_known(pool, env_var)
     changed = pool.reset(env_var)
     out.print(f"reset {changed} key(s)")
+
+
+def _check_known(pool: KeyPool, env_var: str | None) -> None:
+    """A variable no key is configured or used under is an error (exit 2) naming the known ones:
+    `reset` said "reset 0 key(s)" and `stats` "no API keys found", both exiting 0."""
+    known = sorted(pool.known_variables())
+    if env_var is not None and env_var not in known:
+        close = close_matches(env_var, known)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise fail(
+            f"no key variable {env_var!r} is configured or used here (known: {', '.join(known)}){hint}", 2
+        )
 
 
 @secrets_app.command("put")
