@@ -55,6 +55,10 @@ def test_chat_completion_routes_to_the_embedded_model(client: openai.OpenAI) -> 
     trace = raw.headers["x-car-trace-id"]
     assert completion.id == f"chatcmpl-{trace}"
     assert raw.headers["x-car-route-reason"].isascii() and SMOL in raw.headers["x-car-route-reason"]
+    # Any case, as model names are ("AUTO" was a 404 suggesting nothing).
+    shouted = client.chat.completions.with_raw_response.create(model="AUTO", messages=HI, max_tokens=2)
+    assert shouted.headers["x-car-model"] == SMOL and "x-car-route-reason" in shouted.headers
+    assert client.models.retrieve("Auto").id == "auto"
     # Model omitted (extra_body can drop it) routes the same way; a name selects.
     named = client.chat.completions.create(model="smollm2", messages=HI, max_tokens=4, stop=["\n"], seed=3)
     assert named.model == SMOL

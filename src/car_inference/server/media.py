@@ -37,7 +37,7 @@ from ..schema import ModelCapability
 from .common import ServerState, car_headers, given, json_response, read_json, refuse_fields
 from .errors import ApiError, guarded, validated
 from .transcripts import TranscriptEvents
-from .translate import AUTO
+from .translate import routed
 
 __all__ = ["STT", "TTS", "Form", "FormField", "parse_multipart", "register", "subtitles", "upload_name"]
 
@@ -177,7 +177,7 @@ def subtitles(result: TranscribeResult, fmt: str) -> str:
 
 
 def _model(value: Any) -> str | None:
-    if value is None or value in ("", AUTO):
+    if routed(value):
         return None
     if not isinstance(value, str):
         raise ApiError(400, "`model` must be a string", param="model")

@@ -25,7 +25,6 @@ from .common import (
 from .errors import ApiError, guarded
 from .sse import ChatChunks, CompletionChunks, EventStream
 from .translate import (
-    AUTO,
     GenerationCall,
     chat_completion,
     chat_request,
@@ -36,6 +35,7 @@ from .translate import (
     models_list,
     rerank_request,
     rerank_response,
+    routed,
     text_completion,
 )
 
@@ -96,7 +96,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     @api
     async def get_model(request: Request) -> Response:
         name = request.path_params["model_id"]
-        if name == AUTO:
+        if routed(name):
             return json_response(models_list([])["data"][0])
         return json_response(model_object(engine.resolve(name)))
 

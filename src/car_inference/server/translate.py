@@ -95,9 +95,15 @@ def _bad(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, code="invalid_value", param=param)
 
 
+def routed(model: Any) -> bool:
+    """Whether a request's ``model`` asks for routing: absent, empty or ``auto`` (any case, as
+    model names are: "AUTO" was a 404 naming no model)."""
+    return model is None or (isinstance(model, str) and model.strip().lower() in ("", AUTO))
+
+
 def _model(body: dict[str, Any]) -> str | None:
     model = body.get("model")
-    if model is None or model in ("", AUTO):
+    if routed(model):
         return None
     if not isinstance(model, str):
         raise _bad("`model` must be a string", "model")
