@@ -308,14 +308,22 @@ def smart_resize(
 
 
 def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from a PNG, JPEG, GIF, WebP or BMP header, without decoding the image."""
+    """(width, height) from a PNG, JPEG, GIF, WebP or BMP header, without decoding the image;
+    ``InvalidInput`` for a header of no pixels (a 0x0 GIF had boxes found outside its size)."""
+    width, height = _header_size(data)
+    if width <= 0 or height <= 0:
+        raise InvalidInput(f"the image's header says it is {width}x{height} pixels: it holds no picture")
+    return width, height
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         return struct.unpack(">II", data[16:24])
     if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
         return struct.unpack("<HH", data[6:10])
     if data[:2] == b"BM" and len(data) >= 26:
-        w, h = struct.unpack("<ii", data[18:26])
-        return w, abs(h)
+        w, h = struct.unpack("<Ii", data[18:26])  # as PIL reads it: a negative width passed the
+        return w, abs(h)  # size bound negative and PIL decoded 4294966656 px (a 500); h < 0: top-down
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         size = _webp_size(data)
         if size:

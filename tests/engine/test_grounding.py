@@ -4,6 +4,7 @@ server on loopback, the model choice, and the image inputs (base64, data: URL, f
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,26 @@ async def test_an_image_of_too_many_pixels_is_refused_before_it_is_decoded(engin
     for model in ("fake-gemini", "rapidocr"):
         with pytest.raises(InvalidInput, match=r"30000x30000 pixels .* at most 64 megapixels"):
             await engine.ground(GroundRequest(prompt="car", image=image, model=model))
+
+
+async def test_a_bmp_of_negative_width_or_a_gif_of_no_pixels_is_refused(engine: InferenceEngine) -> None:
+    """A BMP whose header says -640 px wide passed the size bound (negative) and PIL decoded it
+    as 4,294,966,656 px: a 500, and a traceback from `car ground`. A 0x0 GIF had boxes found
+    outside its size."""
+    import struct
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 24), "white").save(buffer, format="BMP")
+    bmp = bytearray(buffer.getvalue())
+    bmp[18:22] = struct.pack("<i", -640)
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8), "white").save(gif, format="GIF")
+    empty = bytearray(gif.getvalue())
+    empty[6:10] = struct.pack("<HH", 0, 0)
+    for data, says in ((bmp, r"4294966656x24 pixels"), (empty, r"0x0 pixels: it holds no picture")):
+        image = ImageBlock(data=base64.b64encode(bytes(data)).decode())
+        for model in ("fake-gemini", "rapidocr"):
+            with pytest.raises(InvalidInput, match=says):
+                await engine.ground(GroundRequest(prompt="exit", image=image, model=model))

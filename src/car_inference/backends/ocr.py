@@ -87,7 +87,7 @@ def _failure(model: ModelSchema, image: bytes, size: tuple[int, int], exc: Excep
     try:
         with Image.open(io.BytesIO(image)) as opened:
             opened.verify()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):  # what PIL raises
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
         return InvalidInput(f"the image cannot be decoded (its header says {size[0]}x{size[1]} px)")
     if type(exc).__name__ == "ResizeImgError":
         return InvalidInput(f"the image's shape ({size[0]}x{size[1]} px) is one the OCR cannot scale")
