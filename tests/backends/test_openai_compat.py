@@ -30,6 +30,7 @@ from car_inference.requests import (
 from car_inference.schema import ModelSchema
 from car_inference.stream import Done, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
 from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
+from fakes.http_answer import answering
 from fakes.remote_kit import PNG, WEATHER, keep_alive_alone_times_out, remote_backend
 
 CATALOG = {m.id: m for m in load_builtin().models}
@@ -551,3 +552,28 @@ async def test_embeddings(fake: FakeProviderServer, be: OpenAICompatBackend) -> 
     with pytest.raises(ProviderError) as info:
         await be.embed(schema, EmbedRequest(texts=["x"]))
     assert (info.value.status, info.value.retry_after) == (429, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        ([[1.0, 0.0]], r"holds 1 vectors .* for 3 inputs"),  # one vector for three inputs
+        ([], r"holds 0 vectors .* for 3 inputs"),
+        ([[1.0, 0.0]] * 2 + [[0.5]], "different or no dimensions"),
+        ([[1.0, 0.0], ["NaN", 1.0], [0.0, 1.0]], "not finite"),
+    ],
+)
+async def test_an_embeddings_answer_that_does_not_match_the_inputs_is_a_provider_error(
+    be: OpenAICompatBackend, data: list[list[Any]], says: str
+) -> None:
+    """An OpenAI-compatible host that answered one vector for three inputs (or none, or NaNs) was
+    passed on as success: vectors misaligned with their texts, and NaN is no JSON."""
+    vectors = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(data)]
+    body = json.dumps({"object": "list", "data": vectors, "model": "m"}).replace('"NaN"', "NaN").encode()
+    with answering(lambda path: (200, {"content-type": "application/json"}, body)) as host:
+        schema = CATALOG["openai/text-embedding-3-small"]
+        schema = schema.model_copy(
+            update={"source": schema.source.model_copy(update={"base_url": host.url + "/v1"})}
+        )
+        with pytest.raises(ProviderError, match=says):
+            await be.embed(schema, EmbedRequest(texts=["a", "b", "c"]))

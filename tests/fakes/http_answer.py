@@ -1,5 +1,6 @@
-"""A small HTTP server on loopback whose GET answers come from a function: for the odd server a
-test needs (one that redirects, answers half its API, or answers late) beside the full fakes."""
+"""A small HTTP server on loopback whose GET and POST answers come from a function: for the odd
+server a test needs (one that redirects, answers half its API, answers late, or answers a body no
+real provider should) beside the full fakes. A POST's body is read and not looked at."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def answering(answer: Answer, port: int = 0) -> Iterator[Answering]:
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.do_GET()
 
         def log_message(self, *args: object) -> None:
             pass

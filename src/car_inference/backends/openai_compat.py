@@ -34,6 +34,7 @@ Request mapping (a parameter goes out only when ``ModelSchema.supports_param`` s
 from __future__ import annotations
 
 import json
+import math
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -356,7 +357,7 @@ class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
         if not texts:
             return EmbedResult(embeddings=[], model_used=model.id, dimensions=0)
         response = await self.with_keys(model, call)
-        vectors = [list(d.embedding) for d in sorted(response.data, key=lambda d: d.index)]
+        vectors = _vectors(model, response.data or [], len(texts))
         if request.normalize:
             vectors = [unit_vector(v) for v in vectors]
         usage = getattr(response, "usage", None)
@@ -366,6 +367,26 @@ class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
             dimensions=len(vectors[0]) if vectors else 0,
             prompt_tokens=getattr(usage, "prompt_tokens", None),
         )
+
+
+def _vectors(model: ModelSchema, data: list[Any], count: int) -> list[list[float]]:
+    """One finite vector per input, in input order, else ``ProviderError`` saying what came: a
+    host that answered one vector for three inputs (or NaNs) was passed on, misaligned with them."""
+
+    def refuse(what: str) -> ProviderError:
+        return ProviderError(
+            f"the embeddings answer {what} for {count} inputs", provider=model.provider, model=model.id
+        )
+
+    indices = sorted(getattr(d, "index", -1) for d in data)
+    if indices != list(range(count)):
+        raise refuse(f"holds {len(data)} vectors (indices {indices[:5]}{'...' if len(indices) > 5 else ''})")
+    vectors = [[float(x) for x in d.embedding or ()] for d in sorted(data, key=lambda d: d.index)]
+    if any(not v or len(v) != len(vectors[0]) for v in vectors):
+        raise refuse("holds vectors of different or no dimensions")
+    if not all(math.isfinite(x) for v in vectors for x in v):
+        raise refuse("holds a number that is not finite (NaN or infinity)")
+    return vectors
 
 
 def _arguments_json(arguments: dict[str, Any], invalid: str | None) -> str:
