@@ -433,16 +433,49 @@ def test_rerank_and_classify_prompts_keep_client_control_text_as_text(
     assert vocab.tokenize_prompt(render, "a b", bos=False) == vocab.tokenize(render("a b"), special=True)
 
 
-async def test_likelihood_classification_of_a_text_past_the_window_reads_its_end(
-    tmp_path_factory: pytest.TempPathFactory, model: ModelSchema
-) -> None:
-    """A text longer than the window failed with llama_decode's bare RuntimeError (after 200 s of
-    prefill at the 8,192-token window); it is cut to its end, as rerank's documents are."""
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> LlamaCppBackend:
     config = CarConfig(home=tmp_path_factory.mktemp("small-window"), local=LocalSettings(n_ctx=256))
-    small = LlamaCppBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
-    text = "The weather report for today says it will rain. " * 40 + "I absolutely loved this movie!"
-    result = await small.classify(model, ClassifyRequest(text=text, labels=["positive", "negative"]))
-    assert result.method == "likelihood" and sum(r.score for r in result.results) == pytest.approx(1.0)
+    return LlamaCppBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
+
+
+def test_a_text_past_its_room_is_cut_and_the_rest_of_the_prompt_kept(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    vocab = backend._vocab(model)
+
+    def render(text: str, query: str) -> str:
+        return f"<|im_start|>user\nQuery: {query}\nDocument: {text}<|im_end|>\n"
+
+    tokens = vocab.fit_prompt(render, "word " * 2000, "capital of France", room=200, what="query")
+    assert 180 <= len(tokens) <= 200
+    assert "Query: capital of France" in vocab.llm.detokenize(tokens).decode()
+    assert tokens[-2:] == vocab.tokenize("<|im_end|>\n", special=True)  # the turn's close
+    assert vocab.fit_prompt(render, "a b", "q", room=200, what="query") == vocab.tokenize_prompt(
+        render, "a b", "q"
+    )
+    with pytest.raises(InvalidInput, match=r"the query alone take \d+ tokens; the model's window holds"):
+        vocab.fit_prompt(render, "word " * 2000, "q " * 400, room=200, what="query")
+
+
+async def test_a_text_or_document_past_the_window_keeps_the_labels_and_the_query(
+    small: LlamaCppBackend, model: ModelSchema
+) -> None:
+    """Past the window the prompt's end was kept, and it begins with the instruction, labels and
+    query: a football text was "politics" at 91 % whatever the labels' order, and a document
+    scored the same for any query. Now the text is cut, the rest kept whole."""
+    text = "The striker scored twice in the final. " * 60
+    labels = ["sports", "politics", "cooking"]
+    one = await small.classify(model, ClassifyRequest(text=text, labels=labels))
+    other = await small.classify(model, ClassifyRequest(text=text, labels=labels[::-1]))
+    assert one.method == "likelihood" and sum(r.score for r in one.results) == pytest.approx(1.0)
+    assert {r.label: r.score for r in one.results} != {r.label: r.score for r in other.results}
+    doc = "Paris is the capital of France. " * 60
+    scores = [
+        (await small.rerank(model, RerankRequest(query=q, documents=[doc]))).ranked[0].score
+        for q in ("What is the capital of France?", "How do I bake sourdough bread?")
+    ]
+    assert scores[0] != scores[1]
 
 
 async def test_a_stream_left_unread_gives_the_model_to_the_same_callers_next_request(

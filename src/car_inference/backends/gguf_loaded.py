@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from threading import Event
 from typing import Any
 
-from ..errors import InferenceFailed
+from ..errors import InferenceFailed, InvalidInput
 from .control_text import control_pattern, neutralize, tokenize_around
 
 __all__ = ["LoadedGguf", "quiet_llama_cpp"]
+
+log = logging.getLogger(__name__)
 
 # ggml's log levels (ggml.h: DEBUG 1, INFO 2, WARN 3, ERROR 4; CONT 5 continues the last line).
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
@@ -81,6 +83,30 @@ class LoadedGguf:
                 text, found, lambda t, sp, b: self.tokenize(t, special=sp, add_bos=b), add_bos
             )
         return self.tokenize(text, special=True, add_bos=add_bos)
+
+    def fit_prompt(
+        self, render: Callable[..., str], text: str, *rest: Any, room: int, what: str, bos: bool = True
+    ) -> list[int]:
+        """``tokenize_prompt(render, text, *rest)`` in at most ``room`` tokens: a ``text`` that
+        does not fit is cut from its end, the rest of the prompt (instruction, query, labels, the
+        turn's close) kept whole; ``InvalidInput`` when ``what`` alone does not fit. Scoring the
+        prompt's tail instead dropped exactly those: a football text was "politics" at 91 %
+        whatever the labels' order, a document scored the same for any query."""
+        tokens = self.tokenize_prompt(render, text, *rest, bos=bos)
+        kept = text
+        while len(tokens) > room:
+            if not kept:
+                raise InvalidInput(
+                    f"the {what} alone take {len(tokens)} tokens; the model's window holds {self.n_ctx}"
+                )
+            over = len(tokens) - room
+            own = max(1, len(self.tokenize(kept, special=False)))
+            cut = over * len(kept) // own + 8  # characters for the tokens over, and a few more
+            kept = kept[: max(0, len(kept) - cut)]
+            tokens = self.tokenize_prompt(render, kept, *rest, bos=bos)
+        if kept is not text:
+            log.info("a text of %d characters was cut to %d to fit in %d tokens", len(text), len(kept), room)
+        return tokens
 
     @functools.cached_property
     def controls(self) -> re.Pattern[str] | None:

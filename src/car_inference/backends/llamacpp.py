@@ -425,10 +425,11 @@ class LlamaCppBackend:
 
         def score(loaded: LoadedGguf, doc: str, stop: Event) -> float:
             yes, no = (loaded.tokenize(word, special=False)[0] for word in ("yes", "no"))
-            tokens = loaded.tokenize_prompt(
-                lambda q, d, i: rerank_prompt(i, q, d), request.query, doc, instruction, bos=False
-            )
-            logits = loaded.last_logits(tokens[-(loaded.n_ctx - 1) :], stop)
+            tokens = loaded.fit_prompt(
+                lambda d, q, i: rerank_prompt(i, q, d), doc, request.query, instruction,
+                room=loaded.n_ctx - 1, what="query and instruction", bos=False,
+            )  # fmt: skip
+            logits = loaded.last_logits(tokens, stop)
             return 1.0 / (1.0 + math.exp(-(logits[yes] - logits[no])))
 
         scores = await self._turns(model, request.documents, score)
@@ -437,6 +438,11 @@ class LlamaCppBackend:
     async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:
         """Zero-shot: log P(label | prompt) for each label, each followed by end-of-turn, summed
         over the label's tokens (and its capitalised spelling), normalised across labels."""
+
+        def spellings(loaded: LoadedGguf, label: str) -> list[list[int]]:
+            eot = loaded.llm.token_eos()
+            named = dict.fromkeys([label, label[:1].upper() + label[1:]])
+            return [[*loaded.tokenize(spelling, special=False), eot] for spelling in named]
 
         def prompt_tokens(loaded: LoadedGguf, _: object, __: Event) -> list[int]:
             def render(text: str, labels: list[str]) -> str:
@@ -448,18 +454,17 @@ class LlamaCppBackend:
                     thinking=ThinkingMode.OFF,
                 )
 
-            return loaded.tokenize_prompt(render, request.text, request.labels)
+            # Every label is scored after the same prompt, with room for the longest of them
+            # (past the window, the text is cut; its end was kept, and the labels went).
+            longest = max(len(c) for label in request.labels for c in spellings(loaded, label))
+            room = loaded.n_ctx - longest - 1
+            return loaded.fit_prompt(render, request.text, request.labels, room=room, what="labels")
 
         def logp(loaded: LoadedGguf, label: str, stop: Event) -> float:
-            eot = loaded.llm.token_eos()
-            spellings = dict.fromkeys([label, label[:1].upper() + label[1:]])
-            scores = []
-            for spelling in spellings:
-                continuation = [*loaded.tokenize(spelling, special=False), eot]
-                # A text past the window keeps its end (the labels' list, the turn's close), as
-                # rerank does: it failed with llama_decode's bare RuntimeError after the prefill.
-                room = max(1, loaded.n_ctx - len(continuation) - 1)
-                scores.append(self._sequence_logprob(loaded, base[-room:], continuation, stop))
+            scores = [
+                self._sequence_logprob(loaded, base, continuation, stop)
+                for continuation in spellings(loaded, label)
+            ]
             return _logsumexp(scores)
 
         [base] = await self._turns(model, [None], prompt_tokens)
