@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from car_inference.engine import InferenceEngine
-from car_inference.errors import InvalidInput, ModelUnavailable, UnsupportedMode
+from car_inference.errors import InvalidInput, ModelNotFound, ModelUnavailable, UnsupportedMode
 from car_inference.requests import (
     ClassifyRequest,
     EmbedRequest,
@@ -16,6 +16,8 @@ from car_inference.requests import (
     GenerateRequest,
     RerankRequest,
 )
+
+from .conftest import RemoteEngine
 
 SMOL = "huggingface/smollm2-135m-instruct:q4_1"
 
@@ -115,3 +117,29 @@ async def test_wrong_types_and_broken_text_are_invalid_input(local_engine: Infer
     with pytest.raises(InvalidInput, match="stream takes a GenerateRequest"):
         async for _ in local_engine.stream("hello"):  # type: ignore[arg-type]
             pass
+
+
+async def test_a_hosted_embedding_model_reranks_by_similarity(remote_engine: RemoteEngine) -> None:
+    """With a hosted embedder as [defaults] embed, every rerank without a model failed ("mode
+    embed not implemented on backend openai: ... does not implement rerank"), though the docs
+    say the default embedding model ranks by similarity. And no documents answered 200 for a
+    model that does not exist."""
+    engine = remote_engine(
+        {"emb": {"provider": "x", "capabilities": ["embed"]}}, config='[defaults]\nembed = "x/emb"\n'
+    )
+    docs = ["Paris is the capital of France.", "Bananas are yellow.", "Rome is in Italy."]
+    ranked = await engine.rerank(RerankRequest(query="capital of France?", documents=docs))
+    assert ranked.model_used == "x/emb" and ranked.method == "embedding-similarity"
+    query = (
+        await engine.embed(EmbedRequest(texts=["capital of France?"], model="x/emb", is_query=True))
+    ).embeddings
+    vectors = (await engine.embed(EmbedRequest(texts=docs, model="x/emb"))).embeddings
+    expected = sorted(
+        ((sum(a * b for a, b in zip(query[0], v, strict=True)), i) for i, v in enumerate(vectors)),
+        reverse=True,
+    )
+    assert [(d.index, d.score) for d in ranked.ranked] == [(i, pytest.approx(s)) for s, i in expected]
+    assert (await engine.rerank(RerankRequest(query="q", documents=[]))).model_used == "x/emb"
+    with pytest.raises(ModelNotFound, match="x/embb"):
+        await engine.rerank(RerankRequest(query="q", documents=[], model="x/embb"))
+    engine.close()

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import tracing
-from ..backends.base import SegmentCallback, Tokenizer, VideoChecker
+from ..backends.base import SegmentCallback, Tokenizer, VideoChecker, ranked_result
 from ..backends.media_files import readable_file
 from ..errors import (
     CircuitOpen,
@@ -153,14 +153,31 @@ class TaskMixin(Lifecycle):
         similarity on the default embedding model."""
         self._check_open()
         expect(request, RerankRequest, "rerank")
-        if not request.documents:
-            return RerankResult(ranked=[], model_used=None, method="none")
         model = self._model_for(request.model, ModelCapability.RERANK, ModelCapability.EMBED)
         # A reranker reranks, an embedding model ranks by similarity; a model that is neither
         # is told it cannot rerank (not that it cannot embed).
         reranks, embeds = (model.has_capability(c) for c in (ModelCapability.RERANK, ModelCapability.EMBED))
+        if embeds and not reranks and not hasattr(self._runnable(model), "rerank"):
+            # A hosted embedder: "mode embed not implemented ... does not implement rerank".
+            self._task_method(model, ModelCapability.EMBED, "embed")
+            return await self._similarity(model, request) if request.documents else _no_documents(model)
         capability = ModelCapability.EMBED if embeds and not reranks else ModelCapability.RERANK
-        return await self._task_method(model, capability, "rerank")(model, request)
+        method = self._task_method(model, capability, "rerank")
+        if not request.documents:  # after the model is known to rerank: an unknown one was a 200
+            return _no_documents(model)
+        return await method(model, request)
+
+    async def _similarity(self, model: ModelSchema, request: RerankRequest) -> RerankResult:
+        """Documents ranked by cosine similarity to the query on an embedding model whose backend
+        embeds only (a hosted one), as the sentence backend ranks on its own."""
+        instruction = request.instruction
+        query = await self.embed(
+            EmbedRequest(texts=[request.query], model=model.id, is_query=True, instruction=instruction)
+        )
+        documents = await self.embed(EmbedRequest(texts=request.documents, model=model.id))
+        q = query.embeddings[0]
+        scores = [sum(a * b for a, b in zip(q, d, strict=True)) for d in documents.embeddings]
+        return ranked_result(request, scores, model.id, "embedding-similarity")
 
     async def classify(self, request: ClassifyRequest) -> Classification:
         """Zero-shot classification: label log-likelihoods on a generative model, or similarity
@@ -343,3 +360,7 @@ class TaskMixin(Lifecycle):
         )
         log.debug("%s routed to %s: %s", capability, choice.model.id, choice.reason)
         return choice.models
+
+
+def _no_documents(model: ModelSchema) -> RerankResult:
+    return RerankResult(ranked=[], model_used=model.id, method="none")
