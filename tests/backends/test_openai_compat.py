@@ -234,6 +234,26 @@ async def test_params_omitted_when_unsupported(fake: FakeProviderServer, be: Ope
     assert "frequency_penalty" not in sent(fake) and "presence_penalty" not in sent(fake)  # 0: unsent
 
 
+async def test_stop_strings_a_model_takes_none_of_are_applied_to_its_answer(
+    fake: FakeProviderServer, be: OpenAICompatBackend
+) -> None:
+    """OpenAI's reasoning models take no `stop`: it was dropped, and the answer ran on past the
+    stop string with finish_reason "stop". The answer is cut there now, streamed or not, across
+    chunk boundaries, and the upstream closed."""
+    params = GenerateParams(stop=["STOP", "HALT"])
+    fake.queue(Reply(text="alpha beta STOPHERE gamma delta", chunk_chars=3))
+    result = await be.generate(model(fake), GenerateRequest(prompt="x", params=params))
+    assert "stop" not in sent(fake)
+    assert (result.text, result.finish_reason) == ("alpha beta ", "stop")
+    fake.queue(Reply(text="one two HALT three", chunk_chars=2))
+    events = await events_of(be, model(fake), GenerateRequest(prompt="x", params=params))
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "one two "
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "stop"
+    fake.queue(Reply(text="no stop string here, ST", chunk_chars=4))  # a stop's start held, then given
+    done = await be.generate(model(fake), GenerateRequest(prompt="x", params=params))
+    assert done.text == "no stop string here, ST"
+
+
 async def test_a_sources_system_prompt_and_repeat_penalty_field(
     fake: FakeProviderServer, be: OpenAICompatBackend
 ) -> None:

@@ -37,10 +37,11 @@ from ..requests import (
     GenerateRequest,
     ThinkingMode,
 )
-from ..schema import ModelSchema, _RemoteApi
+from ..schema import GenerateParam, ModelSchema, _RemoteApi
 from ..secrets import no_usable_key
-from ..stream import Done, StreamAccumulator, StreamEvent, ThinkingDelta, UsageEvent
+from ..stream import Done, StreamAccumulator, StreamEvent, TextDelta, ThinkingDelta, UsageEvent
 from .base import BackendContext, GenerationOutput, KeyProvider
+from .chat_template import StopMatcher
 from .image_urls import has_image_urls, inline_image_urls, on_private_network
 
 # The backends import the conversion helpers below too; these are the names others may use.
@@ -213,6 +214,25 @@ def transport_error(
     return ProviderError(
         scrub(_clip(what), secrets), provider=provider, model=model, retryable=True, timeout=timeout
     )
+
+
+async def _cut_at_stops(events: AsyncIterator[Any], stops: list[str]) -> AsyncGenerator[Any, None]:
+    """The answer's text up to the first of ``stops``, then a ``Finish("stop")`` and the end (the
+    upstream closed), for a model whose API takes no ``stop`` (OpenAI's reasoning models): it was
+    dropped, and the answer ran on past it with finish_reason "stop"."""
+    matcher = StopMatcher(stops)
+    async for event in events:
+        if not isinstance(event, TextDelta):
+            yield event
+            continue
+        text, hit = matcher.feed(event.text)
+        if text:
+            yield TextDelta(text=text)
+        if hit:
+            yield Finish("stop")
+            return
+    if rest := matcher.flush():
+        yield TextDelta(text=rest)
 
 
 async def _paced(events: AsyncIterator[T], gap_s: float) -> AsyncGenerator[T, None]:
@@ -451,6 +471,7 @@ class RemoteBackend:
         payload = self.build(model, endpoint, request)
         hide_thinking = request.params.thinking is ThinkingMode.OFF
         budget = answer_budget(request.params.max_tokens)
+        stops = [] if model.supports_param(GenerateParam.STOP) else [s for s in request.params.stop if s]
         tried: set[str] = set()
         last: ProviderError | None = None
         while (key := self._next_key(endpoint, model, tried)) is not None:
@@ -468,8 +489,9 @@ class RemoteBackend:
                 async with (
                     contextlib.aclosing(self.events(client, endpoint, model, payload)) as events,
                     contextlib.aclosing(_paced(events, gap_s)) as paced,  # its timer ends with it
+                    contextlib.aclosing(_cut_at_stops(paced, stops) if stops else paced) as cut,
                 ):
-                    async for event in paced:
+                    async for event in cut:
                         if isinstance(event, Finish):
                             finish = event.reason
                         elif isinstance(event, ProviderItems):
