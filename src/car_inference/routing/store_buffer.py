@@ -263,7 +263,9 @@ class BufferedWrites(StoreBase):
         with self._buf_lock:
             if len(self._spend_seen) > 16:  # a few windows (this day, this month) are read over and over
                 self._spend_seen.clear()
-            self._spend_seen[window] = totals
+            # A copy: the caller's dict is its own (SpendControl adds each call's spend to it, and
+            # the outage's answer, this copy plus the buffered spend, counted that spend twice).
+            self._spend_seen[window] = dict(totals)
         return totals
 
     # --- the buffered writes -------------------------------------------------------------------
