@@ -12,6 +12,7 @@ import sqlite3
 import pytest
 
 from car_inference.engine.resume import CONTINUE_INSTRUCTION, continuation, join_text
+from car_inference.errors import InvalidInput, ProviderError
 from car_inference.requests import GenerateParams, GenerateRequest, ImageBlock, Message, TextBlock
 from car_inference.stream import Done, ErrorEvent, RouteEvent, StreamEvent, TextDelta, ToolCallStart
 from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
@@ -190,3 +191,29 @@ def test_continuation_keeps_the_parameters(prefix: str) -> None:
     request = req("Capital?", model="alpha", tools=[WEATHER])
     resumed = continuation(request, prefix, prefill=False)
     assert resumed.params == request.params and resumed.tools == request.tools and resumed.model == "alpha"
+
+
+async def test_feedback_on_a_stream_another_model_finished_goes_to_that_model(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    """The client of a stream that broke mid-way holds the first model's trace id (its headers
+    had gone out): a rating of it was recorded as the failed model's quality (1.0 for an answer
+    another model wrote). It goes to the trace that finished the answer now; a rating of any
+    other failed call is refused, having no answer to score."""
+    engine = remote_engine(TWO)
+    fake.queue(Fault.cut_stream(after_chunks=3, reply=Reply(text=ANSWER)), Reply(text=ANSWER[12:]))
+    events = [e async for e in engine.stream(req())]
+    first, switch = routes(events)
+    engine.feedback(first.trace_id, score=1.0)
+    engine.flush()
+    assert engine.store.trace(switch.trace_id)["feedback"] == 1.0  # type: ignore[index]
+    assert engine.store.trace(first.trace_id)["feedback"] is None  # type: ignore[index]
+    fake.queue(Fault.server_error(500))
+    with pytest.raises(ProviderError):
+        await engine.generate(req(model="acme/alpha"))
+    engine.flush()
+    with sqlite3.connect(engine.config.paths.state_db) as db:
+        failed = [t for (t,) in db.execute("SELECT trace_id FROM traces WHERE outcome = 'failure'")]
+    assert first.trace_id in failed and len(failed) == 2
+    with pytest.raises(InvalidInput, match=r"is a failed call \(ProviderError\): it has no answer to score"):
+        engine.feedback(next(t for t in failed if t != first.trace_id), score=0.5)

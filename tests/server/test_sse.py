@@ -4,6 +4,7 @@ the request timeout holds for streams too."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +113,35 @@ def test_headers_name_the_model_that_answers_after_a_fallback(
         assert response.headers["x-car-route-reason"].startswith("fallback 1 after fake/first")
         chunks = list(response.parse())
     assert chunks[0].model == SMOL and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_chunks_after_a_mid_stream_fallback_name_the_model_that_wrote_them(
+    client: openai.OpenAI, fake_provider: FakeProviderServer, remote: InferenceEngine, server: ServerThread
+) -> None:
+    """After a stream broke mid-way the chunks (and the usage of the model that finished) still
+    named the first model; and a rating of the trace in the headers, the only one the client
+    has, was recorded as that failed model's quality."""
+    cut = Fault.cut_stream(after_chunks=2, reply=Reply(text="The answer is long and", chunk_chars=4))
+    fake_provider.queue(cut, Reply(text=" it goes on."))
+    with client.chat.completions.with_streaming_response.create(
+        model="auto",
+        messages=[{"role": "user", "content": "Tell me"}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        first, trace = response.headers["x-car-model"], response.headers["x-car-trace-id"]
+        chunks = list(response.parse())
+    models = [c.model for c in chunks]
+    assert models[0] == first and models[-1] != first
+    assert models == [first] * models.count(first) + [models[-1]] * (len(models) - models.count(first))
+    assert chunks[-1].usage is not None  # the usage of the model that finished, under its name
+    answer = httpx.post(server.url + "/v1/feedback", json={"trace_id": trace, "score": 1.0})
+    assert answer.status_code == 200, answer.text
+    remote.flush()
+    with sqlite3.connect(remote.config.paths.state_db) as db:
+        rated = db.execute("SELECT model_id, outcome FROM traces WHERE feedback = 1.0").fetchall()
+    assert rated == [(models[-1], "success")]
 
 
 def test_failure_before_the_first_token_is_an_http_error(

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         )
         self._backends: dict[str, Backend] = {}
         self._backends_lock = threading.Lock()
+        self._handed: OrderedDict[str, str] = OrderedDict()  # LearningMixin._hand_on
         self.runtimes = RuntimeSupervisor(self.config, self.registry)  # servers we start on first use
         self._warn_unknown_choices()
         self._init_routing()

@@ -110,6 +110,7 @@ class GenerationMixin(Lifecycle):
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
         def _runnable(self, model: ModelSchema) -> Backend: ...
+        def _hand_on(self, broken: str, taker: str) -> None: ...
 
     # --- routing -------------------------------------------------------------------------------
 
@@ -403,8 +404,10 @@ class GenerationMixin(Lifecycle):
         request = self._with_decision(request, decision)
         attempts: list[tuple[str, InferenceError]] = []
         sent = Sent(start=start)
-        broke = ""  # the last model whose stream broke (candidates skipped at the gates never ran)
+        broke = handed = ""  # the last model whose stream broke; its trace, if its content went out
         for index, model, backend, attempt in self._attempts(decision, request, attempts):
+            if handed:  # the client holds that trace's id: its feedback is this one's
+                self._hand_on(handed, attempt.trace_id)
             if sent.text:
                 attempt.reason += (
                     f"; resumes after {len(sent.prefix)} characters, the stream broken on {broke}"
@@ -419,13 +422,11 @@ class GenerationMixin(Lifecycle):
             if outcome.error is None:
                 return
             attempts.append((model.id, outcome.error))
-            broke = model.id
+            broke, handed = model.id, (attempt.trace_id if sent.any else "")
             unfinishable = sent.unfinishable(request)
             if unfinishable:
-                message = (
-                    f"the stream broke in {unfinishable}, which no other model can finish: {outcome.error}"
-                )
-                yield ErrorEvent(message=message, retryable=_retryable(outcome.error))
+                why = f"the stream broke in {unfinishable}, which no other model can finish: {outcome.error}"
+                yield ErrorEvent(message=why, retryable=_retryable(outcome.error))
                 return
         error = _final_error(attempts)
         if not sent.any:

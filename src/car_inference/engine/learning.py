@@ -16,6 +16,7 @@ import math
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # How long feedback on a trace not in a shared store yet waits for another replica to write it.
 SHARED_TRACE_WAIT_S = 2.0
+HANDED_ON_KEPT = 10_000  # broken streams whose feedback is passed on to the trace that finished them
+HANDED_ON_HOPS = 8
 
 
 class LearningMixin(Lifecycle):
@@ -52,6 +55,7 @@ class LearningMixin(Lifecycle):
         spend: SpendControl
         bookkeeper: Bookkeeper
         registry: UnifiedRegistry
+        _handed: OrderedDict[str, str]  # broken stream's trace -> the trace that finished it
 
         async def _route_off_loop(self, request: GenerateRequest) -> RoutingDecision: ...
         def resolve(self, name: str) -> ModelSchema: ...
@@ -192,6 +196,7 @@ class LearningMixin(Lifecycle):
         trace = self._shared_trace(trace_id)
         if trace is None:
             raise TraceNotFound(trace_id)
+        trace_id, trace = self._answering(trace_id, trace)
         given = [name for name, value in measured.items() if value is not None]
         if given and trace["outcome"] != "pending":
             raise InvalidInput(
@@ -204,6 +209,32 @@ class LearningMixin(Lifecycle):
                 self.tracker.record_complete(trace_id, latency_ms, output_tokens=output_tokens or 0)
                 self._caller_spent(trace["model_id"], cost_usd)
             self.tracker.record_feedback(trace_id, rating)
+
+    def _hand_on(self, broken: str, taker: str) -> None:
+        """A stream broke on trace ``broken`` after its content went out, and ``taker`` finished
+        the answer: the client holds ``broken``'s id (the headers had gone), so feedback on it goes
+        to ``taker``. Kept for the last ``HANDED_ON_KEPT`` such streams, in this process."""
+        self._handed[broken] = taker
+        while len(self._handed) > HANDED_ON_KEPT:
+            self._handed.popitem(last=False)
+
+    def _answering(self, trace_id: str, trace: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The trace whose model answered: a broken stream's is followed to the one that finished
+        it; any other failed call has no answer to score (a rating of one was recorded as that
+        failed model's quality: 1.0 for an answer another model wrote)."""
+        for _ in range(HANDED_ON_HOPS):
+            taker = self._handed.get(trace_id) if trace["outcome"] == "failure" else None
+            followed = self._shared_trace(taker) if taker else None
+            if followed is None:
+                break
+            trace_id, trace = taker, followed  # type: ignore[assignment]
+        if trace["outcome"] == "failure":
+            raise InvalidInput(
+                f"trace {trace_id} is a failed call ({trace.get('error_class') or 'an error'}): it has"
+                " no answer to score",
+                param="trace_id",
+            )
+        return trace_id, trace
 
     def _shared_trace(self, trace_id: str) -> dict[str, Any] | None:
         """The trace; in a store other processes write (PostgreSQL: replicas), one not there yet

@@ -217,8 +217,10 @@ class EventStream(Response):
                 await self._start(send)
                 started = True
                 while not isinstance(event, Done | ErrorEvent):
-                    data = self.chunks.event(event)
-                    if data:
+                    if isinstance(event, RouteEvent):  # another model took over: its name from here
+                        self._on_route(event)
+                        self.chunks.model = event.model_id
+                    elif data := self.chunks.event(event):
                         await send_body(send, data)
                     event = await anext(self.events)
                 if isinstance(event, Done):
