@@ -141,6 +141,26 @@ def test_a_configured_name_the_catalog_lacks_is_said_at_start(
     assert "[preferred] generate names 'qwen3-9b'" in line and "qwen/qwen3-8b:q4_k_m" in line
 
 
+def test_a_spend_limit_no_model_is_billed_under_is_said_at_start(
+    isolated_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """[spend.providers.gemini] limited nothing (Gemini's models are billed under "google") and a
+    typo (opnai) as little, in silence: a money limit off over a name."""
+    (isolated_home / "config.toml").write_text(
+        "[spend.providers.gemini]\ndaily_usd = 1.0\n[spend.providers.opnai]\ndaily_usd = 1.0\n"
+        "[spend.providers.openai]\ndaily_usd = 1.0\n"
+    )
+    with caplog.at_level("WARNING", logger="car_inference.engine"):
+        engine = InferenceEngine()
+    engine.close()
+    lines = sorted(r.getMessage() for r in caplog.records if "[spend.providers." in r.getMessage())
+    assert len(lines) == 2, lines  # openai is a provider
+    assert (
+        "[spend.providers.gemini]" in lines[0] and "models of host gemini are billed under google" in lines[0]
+    )
+    assert "[spend.providers.opnai]" in lines[1] and "did you mean openai" in lines[1]
+
+
 def test_private_image_urls_setting_reaches_every_backend(isolated_home: Path) -> None:
     """The server turns the fetching of loopback/private image URLs off on its engine; the GGUF
     backend (vision chats) reads it from the context every backend shares, so it cannot drift."""

@@ -34,6 +34,7 @@ from ..errors import (
     ModelNotFound,
     ModelUnavailable,
     UnsupportedMode,
+    close_matches,
     expect,
     validation_summary,
 )
@@ -118,6 +119,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self._handed: OrderedDict[str, str] = OrderedDict()  # LearningMixin._hand_on
         self.runtimes = RuntimeSupervisor(self.config, self.registry)  # servers we start on first use
         self._warn_unknown_choices()
+        self._warn_unknown_spend_scopes()
         self._init_routing()
 
     @property
@@ -148,6 +150,29 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
                         "config [%s] %s names %r, which is not in the catalog%s: it is passed over",
                         section, capability, name, near,
                     )  # fmt: skip
+
+    def _warn_unknown_spend_scopes(self) -> None:
+        """A ``[spend.providers.NAME]`` no model is billed under limits nothing: said once at start
+        (Gemini's models are billed under "google", so a ``gemini`` limit let every call through)."""
+        models = self.registry.list()
+        providers = {m.provider.lower() for m in models}
+        billed: dict[str, set[str]] = {}  # host (as models.toml names it) -> the providers it bills
+        for m in models:
+            if host := getattr(m.source, "host", None):
+                billed.setdefault(str(host).lower(), set()).add(m.provider)
+        for name in self.config.spend.providers:
+            if name.lower() in providers:
+                continue
+            if hosts := sorted(billed.get(name.lower(), ())):
+                hint = f": the models of host {name} are billed under {', '.join(hosts)}"
+            else:
+                near = close_matches(name, sorted(providers))
+                hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            log.warning(
+                "config [spend.providers.%s] limits a provider no model is billed under%s: it limits"
+                " nothing until one is",
+                name, hint,
+            )  # fmt: skip
 
     def _init_routing(self) -> None:
         home = self.config.home
