@@ -114,6 +114,23 @@ def test_usage_errors_are_one_line_with_status_2(isolated_home: Path) -> None:
     assert code == 2 and "not reachable" in err and "secret" not in err
 
 
+def test_a_file_damaged_part_way_is_named_not_the_homes_state_db(isolated_home: Path, tmp_path: Path) -> None:
+    """`--from bad.db` with a damaged page said $CAR_HOME/state.db is damaged and should be moved
+    aside: a file that did not exist (the home's state is in PostgreSQL), or a healthy one."""
+    bad = tmp_path / "bad.db"
+    with OutcomeStore(bad) as store:
+        for i in range(400):
+            row = TraceRow(f"t{i}", "p/a", "generate", "code", "latin-short", "r" * 200, None, i)
+            store.record_trace(row, success=True, latency_ms=1.0)
+    data = bytearray(bad.read_bytes())
+    page = 4096
+    data[page * 3 : page * 4] = b"\xff" * page
+    bad.write_bytes(bytes(data))
+    code, _, err = car("state", "migrate", "--from", str(bad), "--to", postgres_schema_url())
+    assert code == 2 and err.strip().splitlines() == [err.strip()], err
+    assert str(bad) in err and "cannot be read" in err and "state.db" not in err
+
+
 def test_prune_with_a_home_that_is_a_file_or_an_infinite_retention_is_one_line(
     isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

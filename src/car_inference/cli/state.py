@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import sqlite3
 from pathlib import Path
 from typing import Annotated
 
@@ -46,7 +47,15 @@ def migrate(
         raise fail("no PostgreSQL to migrate to: pass --to postgresql://... or set [state] url", EXIT_USAGE)
     if not is_postgres_url(url):
         raise fail(f"--to must be a postgresql:// URL, not {redact_url(url)!r}", EXIT_USAGE)
-    result = copy_sqlite_state(source or config.paths.state_db, url)
+    path = source or config.paths.state_db
+    try:
+        result = copy_sqlite_state(path, url)
+    except sqlite3.DatabaseError as exc:  # part way: the handler would name $CAR_HOME/state.db
+        raise fail(
+            f"{path}: the SQLite state cannot be read ({exc or type(exc).__name__}); it was left as it is,"
+            " and what was copied before stays (a second run copies nothing twice)",
+            EXIT_USAGE,
+        ) from None
     if as_json:
         print_json(result)
         return
