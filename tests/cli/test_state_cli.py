@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import typer
@@ -77,6 +78,10 @@ def test_migrate_copies_everything_once(isolated_home: Path) -> None:
     assert (stats.requests, stats.rate_limits, stats.last_status) == (3, 1, 200)
     code, out, _ = car("state", "migrate")  # again: nothing copied twice
     assert code == 0 and "already there" in out
+    # Where it went as libpq resolved it (a bare postgresql:// reaches the local socket's server).
+    parts = urlsplit(url)
+    server = f"{parts.username}@{parts.hostname}:{parts.port or 5432}{parts.path}"
+    assert f"that is {server}" in " ".join(out.split())
     with PgOutcomeStore(url) as pg:
         assert sum(p["total_calls"] for p in pg.profiles()) == 6
         assert pg.spend_by_provider(0.0) == {"acme": 1.0}

@@ -59,7 +59,8 @@ def migrate(
     if as_json:
         print_json(result)
         return
-    out.print(f"{escape(result.source)} -> {escape(result.target)} (schema {result.schema_version})")
+    where = f"{result.target}, that is {result.server}" if result.server else result.target
+    out.print(f"{escape(result.source)} -> {escape(where)} (schema {result.schema_version})")
     table = Table(header_style="bold")
     for column in ("table", "rows in SQLite", "copied", "added to", "already there"):
         table.add_column(column)

@@ -43,6 +43,7 @@ class TableCopy(BaseModel):
 class StateCopy(BaseModel):
     source: str
     target: str
+    server: str = ""  # the target as libpq resolved it: user@host:port/database
     schema_version: int
     tables: list[TableCopy]
     # False: an earlier copy of this file (its store id) added its counters; they were not again.
@@ -80,10 +81,11 @@ def copy_sqlite_state(sqlite_path: Path, url: str, *, chunk_rows: int = 5000) ->
         rest = tuple(t for t in COPY_COLUMNS if merged is None or t not in merged)
         for table, rows in tally(_read_sqlite(sqlite_path, chunk_rows, rest)):
             copied[table] += target.insert_missing({table: rows})[table]
-        version = target.schema_version
+        version, server = target.schema_version, target.server()
     return StateCopy(
         source=str(sqlite_path),
         target=redact_url(url),
+        server=server,
         schema_version=version,
         tables=[
             TableCopy(

@@ -127,6 +127,13 @@ class PgOutcomeStore(BufferedWrites):
             self._pool.close()
             raise
 
+    def server(self) -> str:
+        """Where the connections go as libpq resolved the URL (``user@host:port/database``): a
+        bare ``postgresql://`` reaches the local socket's server and the user's database."""
+        with self._pool.connection() as conn:
+            info = conn.info
+            return f"{info.user}@{info.host}:{info.port}/{info.dbname}"
+
     # --- plumbing ------------------------------------------------------------------------------
 
     def _new_pool(self) -> ConnectionPool[Conn]:
