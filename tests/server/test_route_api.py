@@ -159,6 +159,9 @@ def test_feedback_waits_for_a_locked_store_a_bounded_time_and_is_written_later(
             assert time.monotonic() - started < 5
             assert busy.status_code == 503 and busy.json()["error"]["code"] == "state_store_behind"
             assert busy.headers["retry-after"]
+            # Not "it is written once the store lets it": with the database away it was then lost.
+            assert "may still be written" in busy.json()["error"]["message"]
+            assert "send it again" in busy.json()["error"]["message"]
         finally:
             holder.execute("ROLLBACK")
             holder.close()

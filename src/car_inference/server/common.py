@@ -405,8 +405,9 @@ async def record_feedback(
     """``engine.feedback`` off the loop, waited for ``FEEDBACK_WAIT_S`` at most: it writes the
     answer's record first, behind whatever the writer has queued, and a table another program
     locked held the request until ``request_timeout_s``. Past the wait the client gets 503
-    ``state_store_behind`` with ``Retry-After``; the write goes on and lands when the store lets
-    it, and a retry of the same score changes nothing more."""
+    ``state_store_behind`` with ``Retry-After``; the write goes on and may land (not if the
+    database stays away: it was promised and then lost), so the client is told to send it again;
+    the same score twice changes nothing more."""
     call = functools.partial(engine.feedback, trace_id, score, **(measured or {}))
     work = asyncio.ensure_future(asyncio.to_thread(call))
     try:
@@ -416,7 +417,8 @@ async def record_feedback(
         raise ApiError(
             503,
             f"the state store did not take the feedback within {FEEDBACK_WAIT_S:g} s (its writes are "
-            "queued or a table is locked); it is written once the store lets it, and a retry is safe",
+            "queued, a table is locked, or the database is away); it may still be written, which"
+            " is not certain: send it again (the same score twice changes nothing more)",
             type="server_error",
             code="state_store_behind",
             retry_after=FEEDBACK_WAIT_S,
