@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import sys
 import threading
 import time
@@ -56,6 +57,32 @@ async def test_a_failing_record_is_logged_not_raised(caplog: pytest.LogCaptureFi
     with caplog.at_level(logging.ERROR, logger="car_inference.engine"):
         keeper.flush()
     assert done == ["after"] and "recording an outcome failed" in caplog.text
+
+
+def test_a_batch_whose_commit_fails_keeps_its_records_to_try_again(caplog: pytest.LogCaptureFixture) -> None:
+    """A state.db that could not be written (a disk I/O error at the commit) lost the batch's
+    records for good: the traces were gone, their feedback a 404, and health said nothing was
+    dropped. They wait at the front of the queue now, in order, and are written once it works."""
+    written: list[int] = []
+    commits = iter([False, False, True])  # the first two commits fail, the third works
+
+    @contextlib.contextmanager
+    def batch() -> Iterator[None]:
+        mark = len(written)
+        yield
+        if not next(commits):
+            del written[mark:]  # rolled back
+            raise sqlite3.OperationalError("disk I/O error")
+
+    keeper = Bookkeeper(batch)
+    for i in range(3):
+        keeper.submit(written.append, i)  # no loop: each is written (and fails) at once
+    with caplog.at_level(logging.WARNING, logger="car_inference.engine"):
+        keeper.flush()
+    assert written == [0, 1, 2]
+    failed = [r for r in caplog.records if "writing a batch of outcome records failed" in r.getMessage()]
+    assert len(failed) == 1, "said once for the whole failure"
+    assert "outcome records are written again" in caplog.text
 
 
 async def test_the_writer_groups_the_records_of_its_delay_into_one_batch() -> None:

@@ -83,6 +83,7 @@ class Bookkeeper:
         self.warn_after_s = warn_after_s
         self.pause = pause
         self._behind = False  # warned that records lag; said again when caught up
+        self._failing = False  # a batch's commit failed: its records wait to be tried again
         self.thread_on_loop = thread_on_loop
 
     def start_writer(self) -> None:
@@ -176,10 +177,12 @@ class Bookkeeper:
                 return
             todo = len(self._pending) if limit is None else min(limit, len(self._pending))
             paused = time.perf_counter()
+            taken: list[tuple[float, Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = []
             try:
                 with self._batch():
                     for _ in range(todo):
-                        _, fn, args, kwargs = self._pending.popleft()
+                        taken.append(record := self._pending.popleft())
+                        _, fn, args, kwargs = record
                         try:
                             fn(*args, **kwargs)
                         except Exception:  # a lost record must be visible, never raised into a request
@@ -187,8 +190,17 @@ class Bookkeeper:
                         if pause and (now := time.perf_counter()) - paused >= PAUSE_EVERY_S:
                             time.sleep(0)
                             paused = now
-            except Exception:  # the batch's own commit failed (disk full, say): logged, not raised
-                log.exception("writing a batch of outcome records failed")
+            except Exception:  # the batch's own commit failed (disk full, I/O error): rolled back,
+                # its records wait at the front to be tried again (they were dropped, the traces
+                # gone and their feedback a 404); the queue's bound refuses requests meanwhile
+                self._pending.extendleft(reversed(taken))
+                if not self._failing:
+                    log.exception("writing a batch of outcome records failed; they are kept to try again")
+                self._failing = True
+                return
+            if self._failing:
+                log.warning("outcome records are written again (%d were waiting)", len(taken))
+                self._failing = False
 
     def flush_unless_writer(self) -> None:
         """``flush()`` where the writes run on the caller's loop (a report then counts the last
