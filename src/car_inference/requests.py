@@ -257,6 +257,11 @@ class GenerateParams(_Model):
         default=False, description="send `prompt` as-is, without the chat template (text completion)"
     )
 
+    @property
+    def asks_thinking(self) -> bool:
+        """Whether the request asks for reasoning: ``thinking=on``, or an effort other than none."""
+        return self.thinking is ThinkingMode.ON or self.reasoning_effort not in (None, "none")
+
 
 class GenerateRequest(_Input):
     """A text generation request. ``prompt`` alone, or ``messages`` (``prompt``, when also given,

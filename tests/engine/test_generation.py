@@ -108,6 +108,14 @@ async def test_thinking_on_a_model_without_a_thinking_mode_is_refused(local_engi
     for mode in (ThinkingMode.AUTO, ThinkingMode.OFF):
         params = GenerateParams(thinking=mode, max_tokens=4, temperature=0)
         assert (await local_engine.generate(GenerateRequest(prompt="2+2?", model=SMOL, params=params))).text
+    # OpenAI's way to ask the same, reasoning_effort, was ignored while thinking=on was refused.
+    effort = GenerateRequest(
+        prompt="2+2?", model=SMOL, params=GenerateParams(reasoning_effort="high", max_tokens=4)
+    )
+    with pytest.raises(UnsupportedMode, match="leave thinking and reasoning_effort unset"):
+        await local_engine.generate(effort)
+    none = effort.model_copy(update={"params": GenerateParams(reasoning_effort="none", max_tokens=4)})
+    assert (await local_engine.generate(none)).text  # no reasoning asked for
 
 
 async def test_media_to_a_text_model_names_the_media(local_engine: InferenceEngine) -> None:

@@ -44,7 +44,7 @@ from ..errors import (
     expect,
 )
 from ..grounding import answer_boxes
-from ..requests import GenerateRequest, InferenceResult, ThinkingMode, TokenUsage, ToolCall
+from ..requests import GenerateRequest, InferenceResult, TokenUsage, ToolCall
 from ..routing import InferenceTask, RoutingDecision, RoutingStrategy, answer_signals, failure_weight
 from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, ErrorEvent, RouteEvent, StreamEvent, UsageEvent
@@ -200,15 +200,14 @@ class GenerationMixin(Lifecycle):
         backend = self._runnable(model)
         if not isinstance(backend, TextGenerator):
             raise UnsupportedMode("generate", model.kind, f"the {model.kind} backend does not generate text")
-        # A local model without vision reads no images: refused before it is loaded. A hosted one
-        # is left to its provider (an endpoint's capabilities are often defaults, not facts).
+        # Images: a local model without vision is refused before it loads; a hosted one, its provider's.
         media = request.media_types()
         if media and model.in_process and not model.has_capability(ModelCapability.VISION):
             kinds = sorted(media)
             why = f"{model.id} reads text only: no {' or '.join(kinds)} input"
             raise UnsupportedMode("/".join(kinds) + "-input", model.kind, why)
-        if request.params.thinking is ThinkingMode.ON and not model.has_thinking_mode():  # it was ignored
-            why = f"{model.id} has no thinking mode; leave thinking at auto, or use a model that thinks"
+        if request.params.asks_thinking and not model.has_thinking_mode():  # it was ignored
+            why = f"{model.id} has no thinking mode: leave thinking and reasoning_effort unset"
             raise UnsupportedMode("thinking", model.kind, why)
         reservation = None  # the estimate held against the fleet's spend limits until recorded
         if self.spend.has_limits and not model.in_process:
