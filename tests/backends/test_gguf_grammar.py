@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -94,3 +95,29 @@ def test_a_huge_maximum_is_lowered_and_names_and_data_are_not_keywords() -> None
     grammar = json_grammar(_schema(schema), vocab)
     assert grammar is not None and len(grammar._grammar) < 100 * MAX_UPPER, "it compiles (1,500 did not)"
     assert bounded({"minItems": 2_000, "maxItems": 10**9}) == {"minItems": 2_000, "maxItems": 2_000}
+
+
+def test_an_integer_range_is_kept_by_the_grammar_and_other_numeric_bounds_are_refused() -> None:
+    """The converter writes no numeric bound: {"minimum": 10, "maximum": 20} answered 123 with a
+    200, a schema "enforced with a grammar" broken. An integer range of at most MAX_UPPER values
+    becomes its enum, which the grammar holds; other bounds are refused, not silently dropped."""
+    ranged = {"type": "integer", "minimum": 10, "maximum": 20, "description": "n"}
+    assert bounded(ranged) == {"description": "n", "enum": list(range(10, 21))}
+    exclusive = {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 4}
+    assert bounded({"properties": {"n": exclusive}}) == {"properties": {"n": {"enum": [1, 2, 3]}}}
+    schema = {"type": "object", "properties": {"n": ranged}, "required": ["n"]}
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    rules = LlamaGrammar.from_json_schema(json.dumps(bounded(schema)), verbose=False)._grammar
+    assert '"10"' in rules and '"20"' in rules and '"21"' not in rules
+    for refused, place in (
+        ({"type": "number", "minimum": 0, "maximum": 1}, "schema.minimum"),
+        ({"type": "integer", "minimum": 0}, "schema.minimum"),
+        (
+            {"properties": {"x": {"type": "integer", "maximum": 10**9, "minimum": 0}}},
+            "schema.properties.x.minimum",
+        ),
+        ({"type": "integer", "minimum": 0, "maximum": 9, "multipleOf": 3}, "schema.minimum"),
+    ):
+        with pytest.raises(InvalidInput, match=rf"{place} cannot be kept by a local model's grammar"):
+            bounded(refused)

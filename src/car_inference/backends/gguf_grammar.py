@@ -69,7 +69,33 @@ def bounded(schema: Any, where: str = "schema") -> Any:
             raise InvalidInput(f"response_format.json_schema: {where}.{low_key} is above its {high_key}")
         if high is not None and high > MAX_UPPER:
             out[high_key] = max(MAX_UPPER, low or 0)
-    return out
+    return _numeric_bounds(out, where)
+
+
+def _numeric_bounds(schema: dict[str, Any], where: str) -> dict[str, Any]:
+    """The converter writes no numeric bound into the grammar: {"minimum": 10, "maximum": 20}
+    answered 123, 200 with a schema it broke. An integer range of at most ``MAX_UPPER`` values
+    becomes the enum of its values (which the grammar holds); any other bound is ``InvalidInput``
+    rather than a schema silently not kept."""
+    given = [k for k in _NUMERIC_BOUNDS if k in schema]
+    if not given:
+        return schema
+    low, high = schema.get("minimum"), schema.get("maximum")
+    low = schema["exclusiveMinimum"] + 1 if _whole(schema.get("exclusiveMinimum")) else low
+    high = schema["exclusiveMaximum"] - 1 if _whole(schema.get("exclusiveMaximum")) else high
+    ranged = schema.get("type") == "integer" and "multipleOf" not in schema
+    if ranged and isinstance(low, int) and isinstance(high, int) and 0 <= high - low < MAX_UPPER:
+        kept = {k: v for k, v in schema.items() if k not in _NUMERIC_BOUNDS and k != "type"}
+        return kept | {"enum": list(range(low, high + 1))}
+    raise InvalidInput(
+        f"response_format.json_schema: {where}.{given[0]} cannot be kept by a local model's grammar"
+        f" (it holds an integer range of at most {MAX_UPPER} values, as both minimum and maximum;"
+        " no other numeric bound)"
+    )
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # Keywords whose value is a schema (or a list of them), and those whose value maps names to schemas.
@@ -79,6 +105,7 @@ _SUBSCHEMA = frozenset(
      "unevaluatedProperties"}
 )  # fmt: skip
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 
 
 def _count(schema: dict[str, Any], key: str, where: str) -> int | None:
