@@ -191,6 +191,8 @@ def test_embed_rerank_classify_json() -> None:
     assert code == 0 and data["results"][0]["label"] == "sports"
     code, out, _ = car("classify", "The striker scored a goal", "--labels", "sports,politics")
     assert code == 0 and "sports" in out.splitlines()[0]
+    code, _, err = car("classify", "The striker scored a goal", "--labels", "sports,")  # ran on one, at 100 %
+    assert code == 2 and "has an empty label" in err
 
 
 def test_tokenize_and_detokenize() -> None:

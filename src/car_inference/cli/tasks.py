@@ -73,6 +73,8 @@ def register(app: typer.Typer) -> None:
         names = split_csv(labels)
         if not names:
             raise fail("--labels needs at least one label", 2)
+        if len(names) != len(labels.split(",")):  # "a," ran on "a" alone, at 100 %
+            raise fail(f"--labels {labels!r} has an empty label: separate the labels by single commas", 2)
         if method not in ("auto", "likelihood", "embedding"):
             raise fail("--method must be auto, likelihood or embedding", 2)
         eng = engine()
