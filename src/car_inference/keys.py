@@ -53,8 +53,17 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel
 
 from .config import CarConfig
-from .keys_store import KeyStatsDB, KeyStatsError, as_count, as_status, as_time, key_row, open_key_stats
-from .secrets import ResolvedKey, SecretStore, resolve_keys
+from .keys_store import (
+    KeyStatsDB,
+    KeyStatsError,
+    Pending,
+    as_count,
+    as_status,
+    as_time,
+    key_row,
+    open_key_stats,
+)
+from .secrets import CachedSecrets, ResolvedKey, SecretStore, resolve_keys
 
 if TYPE_CHECKING:
     from .routing.coord import Fleet
@@ -124,44 +133,6 @@ class _Record:
         return self.cooling_until is not None and self.cooling_until > now
 
 
-@dataclass
-class _Pending:
-    """What this process learned about a key since its last write."""
-
-    requests: int = 0
-    failures: int = 0
-    rate_limits: int = 0
-    reported: bool = False  # last_status is news
-    health: bool = False  # cooling_until / disabled are news
-
-
-class _CachedKeyring:
-    """Keyring lookups are slow (D-Bus, Keychain) and may prompt to unlock: only names stored with
-    `car secrets put` (the index) are looked up, each at most once per ``ttl_s``."""
-
-    def __init__(self, store: SecretStore, ttl_s: float, clock: Callable[[], float]) -> None:
-        self.store = store
-        self.ttl_s = ttl_s
-        self.clock = clock
-        self._values: dict[str, tuple[float, str | None]] = {}
-        self._names: tuple[float, list[str]] = (float("-inf"), [])
-
-    def names(self) -> list[str]:
-        now = self.clock()
-        if self._names[0] <= now:
-            self._names = (now + self.ttl_s, self.store.names())
-        return self._names[1]
-
-    def get(self, name: str) -> str | None:
-        if name not in self.names():
-            return None
-        now = self.clock()
-        hit = self._values.get(name)
-        if hit is None or hit[0] <= now:
-            hit = self._values[name] = (now + self.ttl_s, self.store.get(name))
-        return hit[1]
-
-
 class KeyPool:
     """API keys per key variable; implements ``backends.base.KeyProvider``.
 
@@ -199,7 +170,7 @@ class KeyPool:
         self._clock = clock
         secret_store = SecretStore(config.home) if store == "default" else store
         self._keyring = (
-            _CachedKeyring(secret_store, keyring_ttl_s, clock)
+            CachedSecrets(secret_store, keyring_ttl_s, clock)
             if isinstance(secret_store, SecretStore)
             else None
         )
@@ -209,7 +180,7 @@ class KeyPool:
         self._io_lock = threading.RLock()
         self._flushing = self._flush_again = self._rechecking = False
         self._records: dict[str, _Record] = {}
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, Pending] = {}
         self._last_save = 0.0
         self._rechecked: dict[str, float] = {}  # variable -> when its disabled keys were re-read
         self._timer: threading.Timer | None = None
@@ -282,7 +253,7 @@ class KeyPool:
         with self._lock:
             now = self._clock()
             record = self._record(env_var, key)
-            pending = self._pending.setdefault(fingerprint(key), _Pending())
+            pending = self._pending.setdefault(fingerprint(key), Pending())
             record.requests += 1
             pending.requests += 1
             record.last_status = status
@@ -316,10 +287,7 @@ class KeyPool:
                 self.fleet.put_key(fingerprint(key), cooling_s=(record.cooling_until or now) - now)
             else:
                 self.fleet.put_key(fingerprint(key), disabled=True)
-        if due:
-            self._flush_soon()
-        else:
-            self._flush_later()
+        self._flush_soon() if due else self._flush_later()
 
     def _flush_soon(self) -> None:
         """Write now, on a thread of its own: the caller (the event loop) never waits for the
@@ -363,7 +331,7 @@ class KeyPool:
                 record = self._records.get(fp)
                 if record is not None and (record.disabled or record.cooling_until is not None):
                     record.disabled, record.cooling_until = False, None
-                    self._pending.setdefault(fp, _Pending()).health = True
+                    self._pending.setdefault(fp, Pending()).health = True
         self._flush_later()
 
     def has_key(self, env_var: str) -> bool:
@@ -428,7 +396,7 @@ class KeyPool:
                 if record.disabled or record.cooling_until or fp in fleet:
                     record.disabled = False
                     record.cooling_until = None
-                    self._pending.setdefault(fp, _Pending()).health = True
+                    self._pending.setdefault(fp, Pending()).health = True
                     changed += 1
         if self.fleet is not None:
             self.fleet.clear_keys(list(fleet) if env_var is None else cleared)
@@ -556,7 +524,7 @@ class KeyPool:
             record = self._records.get(fp)
             if record is None:
                 record = self._records[fp] = _Record(env_var=env_var, masked=masked)
-            pending = self._pending.get(fp, _Pending())
+            pending = self._pending.get(fp, Pending())
             record.requests = requests + pending.requests
             record.failures = failures + pending.failures
             record.rate_limits = rate_limits + pending.rate_limits
@@ -580,7 +548,7 @@ class KeyPool:
                     return
                 taken, self._pending = self._pending, {}
                 rows = [
-                    key_row(fp, asdict(self._records[fp]), reported=p.reported, health=p.health) | _counts(p)
+                    key_row(fp, asdict(self._records[fp]), reported=p.reported, health=p.health) | p.counts()
                     for fp, p in taken.items()
                 ]
             try:
@@ -589,7 +557,7 @@ class KeyPool:
                 log.warning("could not save key statistics: %s", exc)
                 with self._lock:  # kept pending: the next write tries again
                     for fp, p in taken.items():
-                        _merge(self._pending.setdefault(fp, _Pending()), p)
+                        self._pending.setdefault(fp, Pending()).merge(p)
                 return
             self._refresh()
 
@@ -604,19 +572,6 @@ class KeyPool:
         if self._own_fleet and self.fleet is not None:
             self.fleet.close()
             self.fleet = None
-
-
-def _merge(into: _Pending, earlier: _Pending) -> None:
-    """A write that failed: its increments and news go back with those that came since."""
-    into.requests += earlier.requests
-    into.failures += earlier.failures
-    into.rate_limits += earlier.rate_limits
-    into.reported = into.reported or earlier.reported
-    into.health = into.health or earlier.health
-
-
-def _counts(pending: _Pending) -> dict[str, int]:
-    return {"requests": pending.requests, "failures": pending.failures, "rate_limits": pending.rate_limits}
 
 
 def _weak_listener(pool: KeyPool) -> Callable[[list[str]], None]:

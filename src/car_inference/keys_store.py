@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from .routing.store_sql import dialect
 __all__ = [
     "KeyStatsDB",
     "KeyStatsError",
+    "Pending",
     "PgKeyStats",
     "SqliteKeyStats",
     "as_count",
@@ -37,6 +39,29 @@ __all__ = [
     "key_row",
     "open_key_stats",
 ]
+
+
+@dataclass
+class Pending:
+    """What a process learned about a key since its last write: increments and news."""
+
+    requests: int = 0
+    failures: int = 0
+    rate_limits: int = 0
+    reported: bool = False  # last_status is news
+    health: bool = False  # cooling_until / disabled are news
+
+    def counts(self) -> dict[str, int]:
+        return {"requests": self.requests, "failures": self.failures, "rate_limits": self.rate_limits}
+
+    def merge(self, earlier: Pending) -> None:
+        """A write that failed: its increments and news go back with those that came since."""
+        self.requests += earlier.requests
+        self.failures += earlier.failures
+        self.rate_limits += earlier.rate_limits
+        self.reported = self.reported or earlier.reported
+        self.health = self.health or earlier.health
+
 
 _TABLES = (
     """CREATE TABLE IF NOT EXISTS key_stats (

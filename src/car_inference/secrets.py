@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +34,7 @@ from .errors import ConfigError, InferenceError
 
 __all__ = [
     "SERVICE",
+    "CachedSecrets",
     "ResolvedKey",
     "SecretStore",
     "SecretStoreUnavailable",
@@ -216,6 +217,33 @@ class SecretStore:
 
     def _write_index(self, names: list[str]) -> None:
         atomic_write_text(self.index_path, json.dumps({"names": names}, indent=2) + "\n")
+
+
+class CachedSecrets:
+    """Keyring lookups are slow (D-Bus, Keychain) and may prompt to unlock: only names stored with
+    `car secrets put` (the index) are looked up, each at most once per ``ttl_s``."""
+
+    def __init__(self, store: SecretStore, ttl_s: float, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._values: dict[str, tuple[float, str | None]] = {}
+        self._names: tuple[float, list[str]] = (float("-inf"), [])
+
+    def names(self) -> list[str]:
+        now = self.clock()
+        if self._names[0] <= now:
+            self._names = (now + self.ttl_s, self.store.names())
+        return self._names[1]
+
+    def get(self, name: str) -> str | None:
+        if name not in self.names():
+            return None
+        now = self.clock()
+        hit = self._values.get(name)
+        if hit is None or hit[0] <= now:
+            hit = self._values[name] = (now + self.ttl_s, self.store.get(name))
+        return hit[1]
 
 
 def resolve_keys(
