@@ -10,12 +10,14 @@ from car_inference.requests import (
     MAX_STOP_CHARS,
     MAX_STOPS,
     BoundingBox,
+    ClassifyRequest,
     EmbedRequest,
     GenerateParams,
     GenerateRequest,
     ImageBlock,
     InferenceResult,
     Message,
+    RerankRequest,
     ResponseFormat,
     TextBlock,
     TokenUsage,
@@ -262,3 +264,13 @@ def test_request_flags_take_json_booleans_only() -> None:
     with pytest.raises(ValidationError):
         GenerateRequest.model_validate({"prompt": "x", "params": {"raw_prompt": 1}})
     assert TranscribeRequest(audio_path="a.wav", timestamps=True).timestamps
+
+
+def test_an_empty_query_or_text_is_refused() -> None:
+    """A rerank by an empty query ordered the documents by chance, and an empty text was
+    classified all the same: both answered 200."""
+    with pytest.raises(ValidationError, match="query"):
+        RerankRequest(query="", documents=["a", "b"])
+    with pytest.raises(ValidationError, match="text"):
+        ClassifyRequest(text="", labels=["a", "b"])
+    assert RerankRequest(query="q", documents=["", "b"]).documents == ["", "b"]  # an empty document ranks

@@ -432,7 +432,7 @@ class EmbedResult(_Model):
 
 
 class RerankRequest(_Input):
-    query: str
+    query: str = Field(min_length=1)  # an empty one ranked every document by chance, answered 200
     documents: list[str]
     model: str | None = None
     top_n: Int | None = Field(default=None, ge=0)
@@ -452,7 +452,7 @@ class RerankResult(_Model):
 
 
 class ClassifyRequest(_Input):
-    text: str
+    text: str = Field(min_length=1)  # an empty one was classified all the same, answered 200
     labels: list[str] = Field(min_length=1)
     model: str | None = None
     method: Literal["auto", "likelihood", "embedding"] = "auto"

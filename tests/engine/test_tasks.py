@@ -139,6 +139,8 @@ async def test_a_hosted_embedding_model_reranks_by_similarity(remote_engine: Rem
         reverse=True,
     )
     assert [(d.index, d.score) for d in ranked.ranked] == [(i, pytest.approx(s)) for s, i in expected]
+    blank = await engine.rerank(RerankRequest(query="capital of France?", documents=["", docs[0]]))
+    assert {d.index: d.score for d in blank.ranked}[0] == 0.0  # an empty document matches nothing
     assert (await engine.rerank(RerankRequest(query="q", documents=[]))).model_used == "x/emb"
     with pytest.raises(ModelNotFound, match="x/embb"):
         await engine.rerank(RerankRequest(query="q", documents=[], model="x/embb"))

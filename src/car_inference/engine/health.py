@@ -273,7 +273,7 @@ class HealthMixin(Lifecycle):
         model = self.default_model(capability)
         if model is None and capability is ModelCapability.CLASSIFY:
             with contextlib.suppress(InferenceError):  # what classify() uses when nothing is configured
-                model = self._classifier(ClassifyRequest(text="", labels=["x"]))
+                model = self._classifier(ClassifyRequest(text="x", labels=["x"]))
         return ModelDefaultHealth(
             capability=capability,
             configured_model=configured or (model.id if model else ""),

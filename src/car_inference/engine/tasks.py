@@ -174,9 +174,14 @@ class TaskMixin(Lifecycle):
         query = await self.embed(
             EmbedRequest(texts=[request.query], model=model.id, is_query=True, instruction=instruction)
         )
-        documents = await self.embed(EmbedRequest(texts=request.documents, model=model.id))
         q = query.embeddings[0]
-        scores = [sum(a * b for a, b in zip(q, d, strict=True)) for d in documents.embeddings]
+        kept = [i for i, d in enumerate(request.documents) if d]  # an empty document matches nothing: 0
+        scores = [0.0] * len(request.documents)
+        if kept:
+            texts = [request.documents[i] for i in kept]
+            vectors = (await self.embed(EmbedRequest(texts=texts, model=model.id))).embeddings
+            for i, vector in zip(kept, vectors, strict=True):
+                scores[i] = sum(a * b for a, b in zip(q, vector, strict=True))
         return ranked_result(request, scores, model.id, "embedding-similarity")
 
     async def classify(self, request: ClassifyRequest) -> Classification:
