@@ -307,21 +307,15 @@ MAX_CALL_USD = 10_000.0
 MAX_LATENCY_MS = 86_400_000.0  # a day
 
 
-def _measure(name: str, value: object, *, high: float = math.inf) -> float | None:
+def _measure(name: str, value: object, *, high: float) -> float | None:
     """``value`` as a finite float within 0..``high`` (None stays None), else ``InvalidInput``."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInput(f"{name} must be a number, not {type(value).__name__}", param=_field(name))
     number = float(value)
-    if not 0.0 <= number <= high or math.isinf(number):
-        bound = (
-            "0..1"
-            if high == 1.0
-            else f"a number from 0 to {high:,.0f}"
-            if high < math.inf
-            else "a finite number >= 0"
-        )
+    if not 0.0 <= number <= high:  # NaN and inf fail it too
+        bound = "0..1" if high == 1.0 else f"a number from 0 to {high:,.0f}"
         raise InvalidInput(f"{name} must be {bound}, got {value!r}", param=_field(name))
     return number
 
