@@ -135,6 +135,8 @@ def test_plain_http_on_ws_says_to_upgrade(local_server: ServerThread) -> None:
 async def test_embed_rerank_classify_tokenize(local_server: ServerThread) -> None:
     async with connect(local_server.ws_url) as ws:
         embedded = (await call(ws, "embed", {"texts": ["red", "blue"], "model": "auto"}))["result"]
+        shouted = (await call(ws, "embed", {"texts": ["red"], "model": "AUTO"}))["result"]  # was not found
+        assert shouted["model_used"] == embedded["model_used"]
         assert (
             embedded["model_used"] == MINILM
             and embedded["dimensions"] == 384

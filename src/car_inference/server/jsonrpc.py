@@ -53,7 +53,7 @@ from .images import IMAGES, VIDEOS, rpc_generate_image, rpc_generate_video
 from .media import STT, TTS
 from .runner_rpc import RUNNER_METHODS, RpcRunner
 from .speech_rpc import rpc_synthesize, rpc_transcribe, rpc_voices
-from .translate import AUTO, MAX_CLASSIFY_LABELS, MAX_EMBED_INPUTS, MAX_RERANK_DOCUMENTS, check_batch
+from .translate import MAX_CLASSIFY_LABELS, MAX_EMBED_INPUTS, MAX_RERANK_DOCUMENTS, check_batch, routed
 
 __all__ = ["METHODS", "Session", "register"]
 
@@ -82,8 +82,7 @@ def _valid_id(value: Any) -> bool:
 
 def _auto(params: Params) -> Params:
     """``"model": "auto"`` means no model: route (generation) or the capability's default."""
-    model = params.get("model")
-    if isinstance(model, str) and model.strip().lower() == AUTO:  # any case, as model names
+    if params.get("model") and routed(params["model"]):  # "auto" in any case; "" stays an error
         return {**params, "model": None}
     return params
 
