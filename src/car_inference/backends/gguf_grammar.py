@@ -9,7 +9,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..errors import InvalidInput
 from ..requests import GenerateRequest
@@ -84,7 +84,7 @@ def _numeric_bounds(schema: dict[str, Any], where: str) -> dict[str, Any]:
     low = schema["exclusiveMinimum"] + 1 if _whole(schema.get("exclusiveMinimum")) else low
     high = schema["exclusiveMaximum"] - 1 if _whole(schema.get("exclusiveMaximum")) else high
     ranged = schema.get("type") == "integer" and "multipleOf" not in schema
-    if ranged and isinstance(low, int) and isinstance(high, int) and 0 <= high - low < MAX_UPPER:
+    if ranged and _whole(low) and _whole(high) and 0 <= high - low < MAX_UPPER:
         kept = {k: v for k, v in schema.items() if k not in _NUMERIC_BOUNDS and k != "type"}
         return kept | {"enum": list(range(low, high + 1))}
     raise InvalidInput(
@@ -94,7 +94,7 @@ def _numeric_bounds(schema: dict[str, Any], where: str) -> dict[str, Any]:
     )
 
 
-def _whole(value: Any) -> bool:
+def _whole(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
