@@ -357,6 +357,11 @@ def test_detokenize_unknown_ids_is_a_usage_error() -> None:
     assert code == 2 and "out of range" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_negative_token_id_is_an_id_not_an_option() -> None:
+    code, _, err = car("detokenize", "smollm2", "-1", "--json")
+    assert code == 2 and "out of range" in err and "[-1]" in err and "No such option" not in err
+
+
 def test_a_model_id_of_the_wrong_type_says_so(isolated_home: Path) -> None:
     (isolated_home / "models.toml").write_text('[[models]]\nid = 3\nname = "x"\n')
     code, _, err = car("models", "list")

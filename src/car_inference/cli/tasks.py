@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
             return
         out.print(" ".join(str(t) for t in result.tokens))
 
-    @app.command()
+    @app.command(context_settings={"ignore_unknown_options": True})  # "-1" is an id to refuse, not a flag
     @handle_errors
     def detokenize(
         model: Annotated[str, typer.Argument(help="a local model")],
