@@ -12,8 +12,8 @@ import asyncio
 import gc
 import logging
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -82,6 +82,41 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     engine.bookkeeper.start_writer()
     tracing.configure_from_env()  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT says where
 
+    lifespan = _lifespan(engine, state, owned=owned)
+    app = FastAPI(
+        title="car-inference",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # ours is written out (openapi.py): the routes are plain Starlette ones
+    )
+    app.state.car = state
+    schema = openapi_schema(__version__)
+    app.openapi = lambda: schema  # type: ignore[method-assign]
+    install_redaction(settings.api_keys)
+    openapi_body = dumps(schema)
+
+    _add_plain_routes(app, state, openapi_body)
+    routes.register(app, state)
+    media.register(app, state)
+    images.register(app, state)
+    route_api.register(app, state)
+    grounding.register(app, state)
+    jsonrpc.register(app, state)
+    _add_error_handlers(app)
+    known = frozenset(getattr(r, "path", "") for r in app.router.routes)
+    app.add_middleware(Guard, state=state, routes=known)
+    app.add_middleware(tracing.TraceContextMiddleware)  # outermost: the client's traceparent
+    return app
+
+
+def _lifespan(
+    engine: InferenceEngine, state: ServerState, *, owned: bool
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's start (endpoint discovery, a frozen heap, state pruning) and its stop (shutdown
+    hooks, then the engine closed if the app made it, else flushed)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         report = await engine.discover_endpoints()
@@ -108,19 +143,12 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
             else:
                 engine.flush()
 
-    app = FastAPI(
-        title="car-inference",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,  # ours is written out (openapi.py): the routes are plain Starlette ones
-    )
-    app.state.car = state
-    schema = openapi_schema(__version__)
-    app.openapi = lambda: schema  # type: ignore[method-assign]
-    install_redaction(settings.api_keys)
-    openapi_body = dumps(schema)
+    return lifespan
+
+
+def _add_plain_routes(app: FastAPI, state: ServerState, openapi_body: bytes) -> None:
+    """/health, /v1/health, /metrics and /openapi.json."""
+    engine = state.engine
 
     async def openapi(request: Request) -> Response:
         return Response(openapi_body, media_type="application/json")
@@ -141,12 +169,11 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     app.add_route("/v1/health", model_health, methods=["GET"])
     app.add_route("/metrics", metrics, methods=["GET"])
     app.add_route("/openapi.json", openapi, methods=["GET"])
-    routes.register(app, state)
-    media.register(app, state)
-    images.register(app, state)
-    route_api.register(app, state)
-    grounding.register(app, state)
-    jsonrpc.register(app, state)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Starlette's own errors (unknown route, wrong method, a body FastAPI refused) and anything a
+    route let through, in the API's error shape."""
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -172,10 +199,6 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, unexpected_error)
-    known = frozenset(getattr(r, "path", "") for r in app.router.routes)
-    app.add_middleware(Guard, state=state, routes=known)
-    app.add_middleware(tracing.TraceContextMiddleware)  # outermost: the client's traceparent
-    return app
 
 
 def _no_route(method: str, path: str) -> str:

@@ -266,6 +266,38 @@ def _simple(
     return None
 
 
+def _upstream(exc: BaseException, name: str) -> ErrorInfo | None:
+    """A provider's failure (or every candidate's) as the client sees it; None for anything else."""
+    if isinstance(exc, ProviderError) and exc.status in _INPUT_REFUSED:
+        # The provider refused what the client sent (a bad tool schema, ...): the client's to fix.
+        return ErrorInfo(
+            400, "invalid_request_error", "provider_rejected_input", str(exc), None, name,
+            extra={"upstream_status": exc.status},
+        )  # fmt: skip
+    if isinstance(exc, ProviderError) and exc.status == 429:
+        # The provider's rate limit (every key of it resting): a 429 the client's SDK retries after
+        # the provider's Retry-After, told apart from our own bounds by its code.
+        return _upstream_busy(str(exc), name, exc.retry_after, {"upstream_status": 429})
+    if isinstance(exc, ProviderError):
+        timeout = _is_timeout(exc)
+        return ErrorInfo(
+            504 if timeout else 502, "upstream_error", "upstream_timeout" if timeout else "provider_error",
+            str(exc), None, name, exc.retryable, exc.retry_after, {"upstream_status": exc.status},
+        )  # fmt: skip
+    if isinstance(exc, AllModelsFailed):
+        attempts = [{"model": m, "error": type(e).__name__, "message": str(e)} for m, e in exc.attempts]
+        limited = [e for _, e in exc.attempts if isinstance(e, ProviderError) and e.status == 429]
+        if limited and len(limited) == len(exc.attempts):
+            waits = [e.retry_after for e in limited if e.retry_after is not None]
+            return _upstream_busy(str(exc), name, min(waits, default=None), {"attempts": attempts})
+        retryable = any(getattr(e, "retryable", False) for _, e in exc.attempts)
+        return ErrorInfo(
+            502, "upstream_error", "all_models_failed", str(exc), None, name, retryable,
+            extra={"attempts": attempts},
+        )  # fmt: skip
+    return None
+
+
 def describe(
     exc: BaseException,
     *,
@@ -311,33 +343,9 @@ def describe(
         if retry is None and retry_hint is not None:
             retry = retry_hint(exc)
         return ErrorInfo(503, "server_error", "circuit_open", str(exc), None, name, True, retry)
-    if isinstance(exc, ProviderError) and exc.status in _INPUT_REFUSED:
-        # The provider refused what the client sent (a bad tool schema, ...): the client's to fix.
-        return ErrorInfo(
-            400, "invalid_request_error", "provider_rejected_input", str(exc), None, name,
-            extra={"upstream_status": exc.status},
-        )  # fmt: skip
-    if isinstance(exc, ProviderError) and exc.status == 429:
-        # The provider's rate limit (every key of it resting): a 429 the client's SDK retries after
-        # the provider's Retry-After, told apart from our own bounds by its code.
-        return _upstream_busy(str(exc), name, exc.retry_after, {"upstream_status": 429})
-    if isinstance(exc, ProviderError):
-        timeout = _is_timeout(exc)
-        return ErrorInfo(
-            504 if timeout else 502, "upstream_error", "upstream_timeout" if timeout else "provider_error",
-            str(exc), None, name, exc.retryable, exc.retry_after, {"upstream_status": exc.status},
-        )  # fmt: skip
-    if isinstance(exc, AllModelsFailed):
-        attempts = [{"model": m, "error": type(e).__name__, "message": str(e)} for m, e in exc.attempts]
-        limited = [e for _, e in exc.attempts if isinstance(e, ProviderError) and e.status == 429]
-        if limited and len(limited) == len(exc.attempts):
-            waits = [e.retry_after for e in limited if e.retry_after is not None]
-            return _upstream_busy(str(exc), name, min(waits, default=None), {"attempts": attempts})
-        retryable = any(getattr(e, "retryable", False) for _, e in exc.attempts)
-        return ErrorInfo(
-            502, "upstream_error", "all_models_failed", str(exc), None, name, retryable,
-            extra={"attempts": attempts},
-        )  # fmt: skip
+    upstream = _upstream(exc, name)
+    if upstream is not None:
+        return upstream
     simple = _simple(exc, name, _LAST)
     if simple is not None:
         return simple
