@@ -31,6 +31,7 @@ from ..requests import (
     ClassifyRequest,
     EmbedRequest,
     EmbedResult,
+    GenerateParams,
     GenerateRequest,
     RerankRequest,
     RerankResult,
@@ -289,20 +290,8 @@ class LlamaCppBackend:
                 if turns.due():
                     yield from turns.pause()
 
-            def start(ids: list[int]) -> Generator[int, Any, None]:
-                return llm.generate(
-                    ids,
-                    top_k=params.top_k if params.top_k is not None else 40,
-                    top_p=params.top_p,
-                    min_p=0.05,
-                    temp=params.temperature,
-                    repeat_penalty=params.repeat_penalty,
-                    frequency_penalty=params.frequency_penalty,
-                    presence_penalty=params.presence_penalty,
-                    grammar=grammar,
-                )
-
             stopped = False
+            start = functools.partial(_sample, llm, params, grammar)
             with contextlib.closing(turns.tokens(start, tokens)) as generation:
                 for token in generation:
                     if token is PAUSE:
@@ -325,9 +314,7 @@ class LlamaCppBackend:
             cost_usd=0.0,
             needs_compaction=truncated,
         )
-        calls = acc.tool_calls()
-        finish = "tool_calls" if calls else "length" if generated >= max_tokens and not stopped else "stop"
-        yield Done(text=acc.text, tool_calls=calls, thinking=acc.thinking, usage=usage, finish_reason=finish)
+        yield _done(acc, usage, cut=generated >= max_tokens and not stopped)
 
     @staticmethod
     def _segment_events(kind: str, piece: str, thinking: ThinkingMode, index: int) -> Iterator[StreamEvent]:
@@ -496,3 +483,25 @@ def _exp(x: Any) -> Any:
 def _logsumexp(values: list[float]) -> float:
     m = max(values)
     return m + math.log(sum(math.exp(v - m) for v in values))
+
+
+def _sample(llm: Any, params: GenerateParams, grammar: Any, ids: list[int]) -> Generator[int, Any, None]:
+    """llama.cpp's token generator for ``ids`` under the request's sampling parameters."""
+    return llm.generate(
+        ids,
+        top_k=params.top_k if params.top_k is not None else 40,
+        top_p=params.top_p,
+        min_p=0.05,
+        temp=params.temperature,
+        repeat_penalty=params.repeat_penalty,
+        frequency_penalty=params.frequency_penalty,
+        presence_penalty=params.presence_penalty,
+        grammar=grammar,
+    )
+
+
+def _done(acc: StreamAccumulator, usage: TokenUsage, *, cut: bool) -> Done:
+    """The last event: what was written, with the reason it ended (``cut``: at ``max_tokens``)."""
+    calls = acc.tool_calls()
+    finish = "tool_calls" if calls else "length" if cut else "stop"
+    return Done(text=acc.text, tool_calls=calls, thinking=acc.thinking, usage=usage, finish_reason=finish)
