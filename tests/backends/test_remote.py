@@ -91,6 +91,15 @@ def test_mask_and_scrub() -> None:
     assert scrub("nothing secret", [PLACEHOLDER_KEY, None, ""]) == "nothing secret"
 
 
+def test_a_key_near_the_clip_is_masked_before_the_message_is_cut() -> None:
+    key = "proxy-SECRET-key-555666777"  # no pattern knows it: only the exact key masks it
+    message = "y" * 570 + f" key {key} is invalid"
+    error = status_error(401, message, provider="p", model="m", secrets=[key])
+    assert "SECRET" not in str(error) and "5556667" not in str(error)
+    timeout = transport_error(ValueError(message), provider="p", model="m", secrets=[key])
+    assert timeout is not None and "SECRET" not in str(timeout)
+
+
 # --- errors --------------------------------------------------------------------------------------
 
 

@@ -170,7 +170,7 @@ def status_error(
     2xx/3xx here means an error event inside an accepted stream: retryable, status None."""
     if retry_after is None and headers is not None:
         retry_after = parse_retry_after(headers.get("retry-after"))
-    text = scrub(_clip(message or f"HTTP {status}"), secrets)
+    text = _clip(scrub(message or f"HTTP {status}", secrets))  # scrub first: a cut key would pass
     if status < 400:
         return ProviderError(text, provider=provider, model=model, retryable=True, retry_after=retry_after)
     retryable = status in RETRYABLE_STATUS or status >= 500
@@ -212,7 +212,7 @@ def transport_error(
     else:
         return None
     return ProviderError(
-        scrub(_clip(what), secrets), provider=provider, model=model, retryable=True, timeout=timeout
+        _clip(scrub(what, secrets)), provider=provider, model=model, retryable=True, timeout=timeout
     )
 
 
