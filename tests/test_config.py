@@ -82,6 +82,13 @@ def test_bad_environment_value_names_the_variable(isolated_home: Path) -> None:
         load_config(isolated_home, env={"CAR_NOPE__X": "1"})
 
 
+@pytest.mark.parametrize("line", ["[runtimes]\ntick_s = inf", "[server]\nrequest_timeout_s = nan"])
+def test_no_setting_takes_infinity_or_nan(isolated_home: Path, line: str) -> None:
+    (isolated_home / "config.toml").write_text(line + "\n")
+    with pytest.raises(ConfigError, match="finite number"):
+        load_config(isolated_home, env={})
+
+
 def test_redacted_masks_secrets(isolated_home: Path) -> None:
     config = CarConfig(home=isolated_home, keys={"OPENAI_API_KEY": ["sk-abcdefghijklmnop"]})
     config.server.api_keys = ["server-secret-123456"]

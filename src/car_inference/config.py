@@ -93,7 +93,9 @@ class CarPaths(BaseModel):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No setting means infinity: `tick_s = inf` crashed the runtime monitor (a timestamp out of
+    # range); "never" is 0 or unset where a setting has it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelChoices(_Section):
@@ -305,14 +307,12 @@ class StateSettings(_Section):
     trace_retention_days: float = Field(
         default=30.0,
         ge=0,
-        allow_inf_nan=False,  # inf passed here, then every prune failed naming --older-than-days
         description="traces (and their feedback) older than this are deleted, hourly by `car serve` or by"
         " `car state prune`; the learned counters and the spend ledger stay; 0: keep every trace",
     )
     template_retention_days: float = Field(
         default=90.0,
         ge=0,
-        allow_inf_nan=False,
         description="the learned rows of a template (a prompt prefix many requests share) not seen for this"
         " long are deleted, hourly by `car serve` or by `car state prune`; 0: keep every template",
     )
