@@ -22,6 +22,7 @@ from car_inference.errors import (
     ModelNotFound,
     ModelUnavailable,
     ProviderError,
+    ProviderRejectedInput,
     SpendLimitExceeded,
     StateUnavailable,
     TokenizationError,
@@ -53,6 +54,11 @@ def _provider(status: int | None, message: str = "boom") -> ProviderError:
         (_provider(429), 429, "upstream_rate_limited"),  # the SDK retries it after Retry-After
         (_provider(400), 400, "provider_rejected_input"),  # the client's input, not the provider's fault
         (_provider(422), 400, "provider_rejected_input"),
+        (  # what status_error makes of a 400: an InvalidInput too, still the provider's refusal
+            ProviderRejectedInput("bad tool schema", provider="openai", model="openai/x", status=400),
+            400,
+            "provider_rejected_input",
+        ),
         (_provider(401), 502, "provider_error"),  # our key: not the client's to fix
         (
             ProviderError("timed out", provider="p", model="m", retryable=True, timeout=True),

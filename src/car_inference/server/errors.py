@@ -332,6 +332,10 @@ def describe(
             404, "invalid_request_error", "model_not_found", message, "model", name,
             extra={"suggestions": exc.suggestions},
         )  # fmt: skip
+    # Before the table: ProviderRejectedInput is an InvalidInput too, and its code says whose it is.
+    upstream = _upstream(exc, name)
+    if upstream is not None:
+        return upstream
     simple = _simple(exc, name)
     if simple is not None:
         return simple
@@ -343,9 +347,6 @@ def describe(
         if retry is None and retry_hint is not None:
             retry = retry_hint(exc)
         return ErrorInfo(503, "server_error", "circuit_open", str(exc), None, name, True, retry)
-    upstream = _upstream(exc, name)
-    if upstream is not None:
-        return upstream
     simple = _simple(exc, name, _LAST)
     if simple is not None:
         return simple
