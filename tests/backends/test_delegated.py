@@ -4,6 +4,7 @@ real engines, real runners (async functions, generators, objects); no patching."
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -27,7 +28,7 @@ from car_inference.errors import (
 )
 from car_inference.requests import ClassifyRequest, EmbedRequest, GenerateRequest, TokenUsage
 from car_inference.schema import ModelSchema
-from car_inference.stream import Done, TextDelta, ThinkingDelta, UsageEvent
+from car_inference.stream import Done, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -163,6 +164,57 @@ async def test_a_whole_answer_streams_as_one_delta(engine: InferenceEngine) -> N
     events = [e async for e in engine.stream(_ask("x", "host/echo"))]
     assert [e.text for e in events if isinstance(e, TextDelta)] == ["all at once"]
     assert isinstance(events[-1], Done) and events[-1].text == "all at once"
+
+
+async def test_a_whole_answer_streams_its_tool_calls_and_fills_in_its_usage(engine: InferenceEngine) -> None:
+    async def runner(model: ModelSchema, request: GenerateRequest) -> dict[str, Any]:
+        call = {"id": "c1", "name": "get_weather", "arguments": {"city": "Oslo"}}
+        return {"text": "", "tool_calls": [call], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+
+    engine.register_runner(runner, ["host/echo"])
+    events = [e async for e in engine.stream(_ask("x", "host/echo"))]
+    starts = [e for e in events if isinstance(e, ToolCallStart)]
+    arguments = "".join(e.arguments for e in events if isinstance(e, ToolCallDelta))
+    assert [s.name for s in starts] == ["get_weather"] and json.loads(arguments) == {"city": "Oslo"}
+    done = events[-1]
+    assert isinstance(done, Done) and done.usage is not None
+    assert (done.usage.total_tokens, done.usage.context_window) == (7, 8192)  # it said 0 and 0
+    result = await engine.generate(_ask("x", "host/echo"))
+    assert result.usage is not None and (result.usage.total_tokens, result.usage.context_window) == (7, 8192)
+
+
+def _sync_raises(model: ModelSchema, request: GenerateRequest) -> str:
+    raise RuntimeError("sync boom")
+
+
+def _sync_answers(model: ModelSchema, request: GenerateRequest) -> str:
+    time.sleep(0.05)  # a blocking runner: in a worker thread, not on the loop
+    return f"sync: {request.last_user_text()}"
+
+
+async def test_a_plain_function_runner_runs_in_a_thread_and_its_failure_falls_back(
+    engine: InferenceEngine,
+) -> None:
+    engine.register_runner(_sync_raises, ["host/slow"])
+    with pytest.raises(AllModelsFailed) as caught:  # its fallback, host/echo, has no runner yet
+        await engine.generate(_ask("hi", "host/slow"))
+    failure = dict(caught.value.attempts)["host/slow"]
+    assert isinstance(failure, ProviderError) and "failed: RuntimeError: sync boom" in str(failure)
+    engine.register_runner(_sync_answers, ["host/echo"])
+    result = await engine.generate(_ask("hi", "host/slow"))
+    assert result.model_used == "host/echo" and result.text == "sync: hi"
+    events = [e async for e in engine.stream(_ask("yo", "host/echo"))]
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["sync: yo"]
+
+
+async def test_an_embedding_runner_must_answer_one_vector_per_text(engine: InferenceEngine) -> None:
+    class OneVector:
+        async def embed(self, model: ModelSchema, request: EmbedRequest) -> dict[str, Any]:
+            return {"embeddings": [[1.0, 0.0]], "model_used": model.id, "dimensions": 2}
+
+    engine.register_runner(OneVector(), ["host/echo"])
+    with pytest.raises(ProviderError, match="holds 1 vectors for 2 texts"):
+        await engine.embed(EmbedRequest(texts=["a", "b"], model="host/echo"))
 
 
 class TaskRunner:

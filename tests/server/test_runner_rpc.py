@@ -380,3 +380,42 @@ async def test_one_socket_cannot_take_every_slot(engine: InferenceEngine) -> Non
             async with connect(thread.ws_url) as other:
                 await other.send(_rpc("tokenize", {"text": "hi"}, rid="t"))
                 assert (await _recv(other))["result"]["tokens"]
+
+
+async def test_a_result_only_runner_streams_its_text_and_tool_calls_to_an_sse_caller(
+    server: ServerThread,
+) -> None:
+    """A runner that answers with a result (no runner.event): a streaming caller still gets the text
+    and the tool calls as deltas, not just the role and the finish."""
+    answers = iter(
+        [
+            {"text": "HELLO STREAM"},
+            {"text": "", "tool_calls": [{"id": "c1", "name": "get_weather", "arguments": {"city": "Oslo"}}]},
+        ]
+    )
+    async with connect(server.ws_url) as runner:
+        await _register(runner, models=["host/echo"])
+
+        async def serve_one() -> None:
+            call = await _recv(runner)
+            assert call["params"]["stream"] is True
+            await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": next(answers)}))
+
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            body = {"model": "host/echo", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+            for expected in ("text", "tool"):
+                response, _ = await asyncio.gather(http.post("/v1/chat/completions", json=body), serve_one())
+                assert response.status_code == 200, response.text
+                chunks = [
+                    json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")
+                ]
+                deltas = [c["choices"][0]["delta"] for c in chunks if c.get("choices")]
+                if expected == "text":
+                    assert "".join(d.get("content") or "" for d in deltas) == "HELLO STREAM"
+                else:
+                    calls = [t for d in deltas for t in d.get("tool_calls") or []]
+                    assert calls and calls[0]["function"]["name"] == "get_weather"
+                    arguments = "".join(t["function"].get("arguments") or "" for t in calls)
+                    assert json.loads(arguments) == {"city": "Oslo"}
+                    finish = [c["choices"][0].get("finish_reason") for c in chunks if c.get("choices")]
+                    assert "tool_calls" in finish

@@ -5,9 +5,10 @@ A model whose source is ``{kind = "delegated"}`` runs on a *runner* the host reg
 ``runner.register`` (server/runner_rpc.py). Until one is registered the model is unavailable; then
 it is routed, falls back and is recorded like any other model. A runner is either
 
-- an async callable ``runner(model, request)`` taking the ``ModelSchema`` and ``GenerateRequest``
-  and returning the text (``str``), a ``GenerationOutput`` or a dict of its fields, or an async
-  iterator of text pieces / stream events (a streamed answer); or
+- a callable ``runner(model, request)`` (async; a plain function runs in a worker thread) taking
+  the ``ModelSchema`` and ``GenerateRequest`` and returning the text (``str``), a
+  ``GenerationOutput`` or a dict of its fields, or an async iterator of text pieces / stream events
+  (a streamed answer); or
 - an object with the backend task methods (``generate``/``stream``, ``embed``, ``rerank``,
   ``classify``, ``transcribe``, ``synthesize``, ``generate_image``, ``generate_video``) with the
   signatures of ``backends.base``'s protocols: it does the tasks it has.
@@ -21,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -43,6 +46,7 @@ from ..requests import (
     RerankResult,
     SynthesizeRequest,
     SynthesizeResult,
+    TokenUsage,
     TranscribeRequest,
     TranscribeResult,
 )
@@ -60,7 +64,7 @@ from ..stream import (
 )
 from .base import BackendContext, GenerationOutput, SegmentCallback
 
-__all__ = ["DelegatedBackend", "RunnerRegistration", "RunnerTable", "as_output"]
+__all__ = ["DelegatedBackend", "RunnerRegistration", "RunnerTable", "as_output", "result_events"]
 
 T = TypeVar("T")
 R = TypeVar("R", bound=BaseModel)
@@ -141,21 +145,64 @@ _TASK_METHODS = (
 _EVENT_TYPES = (TextDelta, ThinkingDelta, ToolCallStart, ToolCallDelta, UsageEvent, Done)
 
 
-def as_output(value: Any, model_id: str, runner: str) -> GenerationOutput:
-    """What a runner answered, as a ``GenerationOutput``: text, the output itself, or its fields."""
+def as_output(value: Any, model_id: str, runner: str, context_length: int = 0) -> GenerationOutput:
+    """What a runner answered, as a ``GenerationOutput``: text, the output itself, or its fields;
+    its usage's total and context window filled in where it left them out (0)."""
     if isinstance(value, GenerationOutput):
-        return value
-    if isinstance(value, str):
-        return GenerationOutput(text=value)
-    if isinstance(value, Done):
-        return GenerationOutput.from_done(value, None)
-    if isinstance(value, dict):
+        out = value
+    elif isinstance(value, str):
+        out = GenerationOutput(text=value)
+    elif isinstance(value, Done):
+        out = GenerationOutput.from_done(value, None)
+    elif isinstance(value, dict):
         try:
-            return GenerationOutput.model_validate(value)
+            out = GenerationOutput.model_validate(value)
         except ValidationError as exc:
             problem = exc.errors()[0]["msg"]
             raise _runner_error(runner, model_id, f"answered an invalid result: {problem}") from None
-    raise _runner_error(runner, model_id, f"answered a {type(value).__name__}, not text or a result")
+    else:
+        raise _runner_error(runner, model_id, f"answered a {type(value).__name__}, not text or a result")
+    if out.usage is not None and (usage := filled_usage(out.usage, context_length)) is not out.usage:
+        out = out.model_copy(update={"usage": usage})
+    return out
+
+
+def result_events(out: GenerationOutput, streamed: StreamAccumulator) -> Iterator[StreamEvent]:
+    """The end of a stream whose runner answered ``out`` as a result: what it did not stream
+    already (the rest of its thinking and text, its tool calls), then ``Done``. A streaming client
+    saw only the role and the finish otherwise."""
+    text, calls = streamed.finish()
+    if out.thinking and not streamed.thinking:
+        yield ThinkingDelta(text=out.thinking)
+    if out.text.startswith(text) and len(out.text) > len(text):
+        yield TextDelta(text=out.text[len(text) :])
+    if not calls:
+        for index, call in enumerate(out.tool_calls):
+            yield ToolCallStart(index=index, id=call.id, name=call.name)
+            yield ToolCallDelta(index=index, arguments=call.invalid_arguments or json.dumps(call.arguments))
+    yield Done(
+        text=out.text or text,
+        tool_calls=out.tool_calls or calls,
+        thinking=out.thinking or streamed.thinking,
+        usage=out.usage or streamed.usage,
+        finish_reason=out.finish_reason,
+    )
+
+
+def _done_with_usage(done: Done, context_length: int) -> Done:
+    if done.usage is None or (usage := filled_usage(done.usage, context_length)) is done.usage:
+        return done
+    return done.model_copy(update={"usage": usage})
+
+
+def filled_usage(usage: TokenUsage, context_length: int) -> TokenUsage:
+    """``usage`` with ``total_tokens`` (prompt + completion) and ``context_window`` (the model's)
+    where a runner gave 0: they were reported as 0 alongside the counts it did give."""
+    total = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+    window = usage.context_window or context_length
+    if (total, window) == (usage.total_tokens, usage.context_window):
+        return usage
+    return usage.model_copy(update={"total_tokens": total, "context_window": window})
 
 
 def _runner_error(runner: str, model_id: str, message: str, **kw: Any) -> ProviderError:
@@ -192,25 +239,45 @@ class DelegatedBackend:
 
     # --- generation --------------------------------------------------------------------------
 
-    def _invoke(self, entry: RunnerRegistration, model: ModelSchema, request: GenerateRequest, *,
-                streaming: bool) -> Any:  # fmt: skip
-        """Start the runner on ``request``: an awaitable (a whole answer) or an async iterator."""
+    async def _start(self, entry: RunnerRegistration, model: ModelSchema, fn: Callable[..., Any],
+                     *args: Any, **kwargs: Any) -> Any:  # fmt: skip
+        """``fn(model, *args)``: what an async runner returns (an awaitable or an async iterator,
+        the caller's to consume), or the answer of a plain function, run in a worker thread (it
+        may block) within the timeout. Either's exception is the runner's failure, a ProviderError."""
+        if not _is_async(fn):
+            return await self._bounded(entry, model, asyncio.to_thread(fn, model, *args, **kwargs))
+        try:
+            return fn(model, *args, **kwargs)
+        except InferenceError:
+            raise
+        except Exception as exc:  # raised before its first await (a sync wrapper, a bad signature)
+            raise _runner_error(entry.name, model.id, f"failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _invoke(self, entry: RunnerRegistration, model: ModelSchema, request: GenerateRequest, *,
+                      streaming: bool) -> Any:  # fmt: skip
+        """Start the runner on ``request``: an awaitable, an async iterator or (a plain function's)
+        the answer itself."""
         runner = entry.runner
         for name in ("stream", "generate") if streaming else ("generate", "stream"):
             method = getattr(runner, name, None)
             if callable(method):
-                return method(model, request)
+                return await self._start(entry, model, method, request)
         if not callable(runner):
             raise UnsupportedMode(
                 "generate", "delegated", f"the runner for {model.id} does not generate text"
             )
-        return runner(model, request)
+        return await self._start(entry, model, runner, request)
+
+    async def _answer(self, entry: RunnerRegistration, model: ModelSchema, value: Any) -> GenerationOutput:
+        if inspect.isawaitable(value):
+            value = await self._bounded(entry, model, value)
+        return as_output(value, model.id, entry.name, model.context_length)
 
     async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:
         entry = self._registration(model)
-        value = self._invoke(entry, model, request, streaming=False)
+        value = await self._invoke(entry, model, request, streaming=False)
         if not isinstance(value, AsyncIterator):
-            return as_output(await self._bounded(entry, model, value), model.id, entry.name)
+            return await self._answer(entry, model, value)
         done: Done | None = None
         async with contextlib.aclosing(self._events(entry, model, value)) as events:
             async for event in events:
@@ -220,17 +287,14 @@ class DelegatedBackend:
 
     async def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
         entry = self._registration(model)
-        value = self._invoke(entry, model, request, streaming=True)
+        value = await self._invoke(entry, model, request, streaming=True)
         if isinstance(value, AsyncIterator):
             async with contextlib.aclosing(self._events(entry, model, value)) as events:
                 async for event in events:
                     yield event
             return
-        out = as_output(await self._bounded(entry, model, value), model.id, entry.name)
-        if out.text:
-            yield TextDelta(text=out.text)
-        yield Done(text=out.text, tool_calls=out.tool_calls, thinking=out.thinking, usage=out.usage,
-                   finish_reason=out.finish_reason)  # fmt: skip
+        for event in result_events(await self._answer(entry, model, value), StreamAccumulator()):
+            yield event
 
     async def _events(
         self, entry: RunnerRegistration, model: ModelSchema, items: AsyncIterator[Any]
@@ -250,13 +314,15 @@ class DelegatedBackend:
                 if not isinstance(event, _EVENT_TYPES):
                     raise _runner_error(entry.name, model.id, f"streamed a {type(item).__name__}")
                 accumulator.push(event)
-                yield event
                 if isinstance(event, Done):
+                    yield _done_with_usage(event, model.context_length)
                     return
+                yield event
         finally:
             await _close(items)
         text, calls = accumulator.finish()
-        yield Done(text=text, tool_calls=calls, thinking=accumulator.thinking, usage=accumulator.usage)
+        done = Done(text=text, tool_calls=calls, thinking=accumulator.thinking, usage=accumulator.usage)
+        yield _done_with_usage(done, model.context_length)
 
     # --- the other tasks -----------------------------------------------------------------------
 
@@ -271,7 +337,9 @@ class DelegatedBackend:
             raise UnsupportedMode(
                 method, "delegated", f"the runner registered for {model.id} has no {method}"
             )
-        value = await self._bounded(entry, model, fn(model, *args, **kwargs))
+        value = await self._start(entry, model, fn, *args, **kwargs)
+        if inspect.isawaitable(value):
+            value = await self._bounded(entry, model, value)
         if isinstance(value, result):
             return value
         try:
@@ -316,3 +384,12 @@ async def _close(value: Any) -> None:
     if close is not None:
         with contextlib.suppress(Exception):
             await close()
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` starts asynchronous work (an ``async def`` function or generator, or
+    an object whose ``__call__`` is one) rather than doing the work there and then."""
+    call = getattr(fn, "__call__", None)  # noqa: B004 - a callable object's own method
+    return any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (fn, call) if f is not None
+    )

@@ -6,7 +6,9 @@ With no model named, each uses the configured model for its capability (``[prefe
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +20,7 @@ from ..errors import (
     InferenceError,
     InvalidInput,
     ModelUnavailable,
+    ProviderError,
     SpendLimitExceeded,
     UnsupportedMode,
     expect,
@@ -146,7 +149,8 @@ class TaskMixin(Lifecycle):
         self._check_open()
         expect(request, EmbedRequest, "embed")
         model = self._model_for(request.model, ModelCapability.EMBED)
-        return await self._task_method(model, ModelCapability.EMBED, "embed")(model, request)
+        result = await self._task_method(model, ModelCapability.EMBED, "embed")(model, request)
+        return _checked_vectors(model, result, len(request.texts))
 
     async def rerank(self, request: RerankRequest) -> RerankResult:
         """Documents ordered by relevance. With no model: the configured reranker, else embedding
@@ -369,3 +373,26 @@ class TaskMixin(Lifecycle):
 
 def _no_documents(model: ModelSchema) -> RerankResult:
     return RerankResult(ranked=[], model_used=model.id, method="none")
+
+
+def _checked_vectors(model: ModelSchema, result: EmbedResult, count: int) -> EmbedResult:
+    """``result`` if it holds one finite vector of ``dimensions`` per text, else ``ProviderError``
+    saying what came: a backend (a runner, a plug-in) that answered one vector for two texts was
+    passed on, misaligned with them."""
+    vectors = result.embeddings
+    problem = (
+        f"{len(vectors)} vectors"
+        if len(vectors) != count
+        else f"vectors of other than its {result.dimensions} dimensions"
+        if any(len(v) != result.dimensions for v in vectors)
+        else "a number that is not finite (NaN or infinity)"
+        if not all(map(math.isfinite, itertools.chain.from_iterable(vectors)))
+        else None
+    )
+    if problem is not None:
+        raise ProviderError(
+            f"the embeddings answer holds {problem} for {count} texts",
+            provider=model.provider,
+            model=model.id,
+        )
+    return result

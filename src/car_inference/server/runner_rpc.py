@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import TypeAdapter, ValidationError
 
 from ..backends.base import GenerationOutput
-from ..backends.delegated import RunnerRegistration, as_output
+from ..backends.delegated import RunnerRegistration, as_output, result_events
 from ..errors import InferenceError, ProviderError
 from ..requests import GenerateRequest
 from ..schema import NAMED_ONLY, ModelSchema
-from ..stream import Done, StreamAccumulator, StreamEvent
+from ..stream import StreamAccumulator, StreamEvent
 from .errors import ApiError
 
 if TYPE_CHECKING:
@@ -68,14 +68,8 @@ class RpcRunner:
         accumulator = StreamAccumulator()
         async for item in self._exchange(model, request, stream=True):
             if isinstance(item, GenerationOutput):
-                text, calls = accumulator.finish()
-                yield Done(
-                    text=item.text or text,
-                    tool_calls=item.tool_calls or calls,
-                    thinking=item.thinking or accumulator.thinking,
-                    usage=item.usage or accumulator.usage,
-                    finish_reason=item.finish_reason,
-                )
+                for event in result_events(item, accumulator):
+                    yield event
                 return
             accumulator.push(item)
             yield item
@@ -110,7 +104,7 @@ class RpcRunner:
                     raise value
                 if what == "gone":
                     raise self._gone(model)
-                yield as_output(value, model.id, self.name)
+                yield as_output(value, model.id, self.name, model.context_length)
                 return
         finally:
             self._calls.pop(call_id, None)
