@@ -429,6 +429,29 @@ async def test_hang_malformed_and_cut(fake: FakeProviderServer, tmp_path: Path) 
     assert "".join(received) == "echo: he" and info.value.status is None and info.value.retryable
 
 
+_START = b'{"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", '
+_START += b'"content": [], "model": "m", "usage": {"input_tokens": 1, "output_tokens": 0}}}'
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        [b'{"type": "message_start"}'],  # no message
+        [_START, b'{"type": "content_block_start", "index": 0}'],  # no content_block
+        [_START, b'{"type": "message_delta", "usage": {"output_tokens": 1}}'],  # no delta
+    ],
+)
+async def test_a_malformed_event_is_a_provider_error(
+    fake: FakeProviderServer, tmp_path: Path, events: list[bytes]
+) -> None:
+    """The SDK builds events without validating them: a missing field was an AttributeError (a 500
+    from the server, no fallback)."""
+    fake.queue(Fault.raw_stream(*events, b'{"type": "message_stop"}'))
+    with pytest.raises(ProviderError, match="malformed") as info:
+        await make(tmp_path).generate(model(fake), GenerateRequest(prompt="x"))
+    assert info.value.retryable
+
+
 async def test_rotation_to_second_key(fake: FakeProviderServer, tmp_path: Path) -> None:
     other = "sk-ant-test-key-000002"
     be = make(tmp_path, {"ANTHROPIC_API_KEYS": f"{KEY},{other}"})

@@ -506,7 +506,11 @@ class _Handler(_OpenAIReplies, _AnthropicReplies, _GeminiReplies, BaseHTTPReques
         if fault.kind == "raw_stream":
             self._start_stream(self._protocol)
             for data in fault.events:
-                self._write_event(b"data: " + data + b"\n\n")
+                named = b""  # Anthropic's SDK reads an event's kind from its `event:` line
+                if self._protocol == "anthropic":
+                    with contextlib.suppress(ValueError, AttributeError):
+                        named = b"event: " + json.loads(data).get("type", "").encode() + b"\n"
+                self._write_event(named + b"data: " + data + b"\n\n")
             self._end_stream()
             return
         if fault.kind == "cut_stream":

@@ -61,6 +61,7 @@ from .remote import (
     Endpoint,
     ErrorSite,
     Finish,
+    MalformedResponse,
     ProviderItems,
     RemoteBackend,
     StreamIncomplete,
@@ -273,6 +274,7 @@ class AnthropicBackend(RemoteBackend):
         counts = {"input": 0, "output": 0, "read": 0, "created": 0}
         finished = False
         stop_reason: str | None = None
+        kind = "first"
         try:
             async for event in stream:
                 kind = event.type
@@ -314,6 +316,10 @@ class AnthropicBackend(RemoteBackend):
                     stop_reason = event.delta.stop_reason or stop_reason
                 elif kind == "message_stop":
                     finished = True
+        except (AttributeError, TypeError, KeyError) as exc:
+            # The SDK builds events without validating them: a field the event must carry came as
+            # None or another type. The provider's malformed answer, not a bug of ours (a 500).
+            raise MalformedResponse(f"a malformed {kind} event ({type(exc).__name__}: {exc})") from exc
         finally:
             await stream.close()
         if not finished:
