@@ -477,6 +477,20 @@ async def test_an_upstream_ignoring_max_tokens_is_cut(
     fake.queue(Fault.raw_stream(*[chunk] * 5000, b"[DONE]"))
     out = await be.generate(model(fake), GenerateRequest(prompt="x", params=GenerateParams(max_tokens=5)))
     assert out.finish_reason == "length" and answer_budget(5) - 64 < len(out.text) <= answer_budget(5)
+    # One piece past the whole budget (a server that ignores "stream" and max_tokens) keeps its head.
+    fake.queue(
+        Fault.raw_stream(b'{"choices": [{"delta": {"content": "' + b"y" * 50_000 + b'"}}]}', b"[DONE]")
+    )
+    out = await be.generate(model(fake), GenerateRequest(prompt="x", params=GenerateParams(max_tokens=5)))
+    assert (out.finish_reason, out.text) == ("length", "y" * answer_budget(5))
+
+
+async def test_an_error_field_that_is_null_is_no_error(
+    fake: FakeProviderServer, be: OpenAICompatBackend
+) -> None:
+    chunk = b'{"choices": [{"delta": {"content": "fine"}, "finish_reason": "stop"}], "error": null}'
+    fake.queue(Fault.raw_stream(chunk, b"[DONE]"))
+    assert (await be.generate(model(fake), GenerateRequest(prompt="x"))).text == "fine"
 
 
 async def test_stream_cut_midway(fake: FakeProviderServer, be: OpenAICompatBackend) -> None:

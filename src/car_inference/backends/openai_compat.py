@@ -289,7 +289,7 @@ class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
         usage: dict[str, Any] | None = None
         try:
             async for chunk in _chunks(response):
-                if "error" in chunk:
+                if chunk.get("error") is not None:  # `"error": null` beside content is no error
                     raise openai.APIError(_error_message(chunk), response.request, body=chunk)
                 usage = _field(chunk, "usage", dict) or usage
                 for raw_choice in (_field(chunk, "choices", list) or [])[:1]:

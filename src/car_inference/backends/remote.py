@@ -283,6 +283,19 @@ def _is_transport(exc: BaseException) -> bool:
     return module in ("httpx", "httpx2", "httpcore", "h11", "aiohttp")
 
 
+def _size(event: Any) -> int:
+    """Characters of the answer an event carries (text, thinking or tool arguments)."""
+    return len(getattr(event, "text", None) or getattr(event, "arguments", None) or "")
+
+
+def _within(event: Any, room: int) -> Any:
+    """The first ``room`` characters of a text or thinking piece; None for anything else (a tool
+    call's arguments cut are no JSON) or when nothing of it fits."""
+    if room <= 0 or not isinstance(event, TextDelta | ThinkingDelta):
+        return None
+    return event.model_copy(update={"text": event.text[:room]})
+
+
 def _clip(text: str, limit: int = 600) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -499,18 +512,23 @@ class RemoteBackend:
                         elif isinstance(event, UsageEvent):
                             acc.push(event)
                         else:
-                            spent += len(
+                            # An upstream that ignores max_tokens is cut at the budget, keeping
+                            # the part of the piece that crosses it (one huge piece was all lost).
+                            size = len(
                                 getattr(event, "text", None) or getattr(event, "arguments", None) or ""
                             )
-                            if spent > budget:  # an upstream that ignores max_tokens: cut it here
+                            over = spent + size > budget
+                            kept = _within(event, budget - spent) if over else event
+                            spent += size
+                            if kept is not None and not (hide_thinking and isinstance(kept, ThinkingDelta)):
+                                ttft = ttft or round((time.perf_counter() - start) * 1000, 3)
+                                acc.push(kept)
+                                started = True
+                                yield kept
+                            if over:
                                 log.warning("%s answered past max_tokens; the answer is cut", model.id)
                                 finish = "length"
                                 break
-                            if not (hide_thinking and isinstance(event, ThinkingDelta)):
-                                ttft = ttft or round((time.perf_counter() - start) * 1000, 3)
-                                acc.push(event)
-                                started = True
-                                yield event
             except Exception as exc:
                 error = self.translate(exc, endpoint, model, key)
                 if error is None:
