@@ -4,6 +4,7 @@ use and the engine's requests go to it; other models are untouched."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -12,8 +13,16 @@ from pathlib import Path
 import pytest
 
 from car_inference.engine import InferenceEngine
-from car_inference.errors import ModelNotFound, ModelUnavailable
+from car_inference.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelUnavailable,
+    ProviderError,
+    ProviderRejectedInput,
+    UnsupportedMode,
+)
 from car_inference.requests import GenerateParams, GenerateRequest
+from car_inference.runtimes.llamacpp_wire import upstream_error
 from car_inference.runtimes.managed import ManagedBackend, RuntimeSupervisor
 from car_inference.runtimes.specs import VllmSpec
 from car_inference.runtimes.supervisor import RuntimeState
@@ -210,3 +219,89 @@ def test_runtime_settings_come_from_config_toml_and_the_environment(
         assert eng.runtimes.runtime_for(managed_smollm2()).settings is settings
     finally:
         eng.close()
+
+
+# --- what a served GGUF cannot take is the client's error, as in-process -------------------------
+
+
+async def test_a_prompt_past_the_window_is_the_clients_error_not_the_models(engine: InferenceEngine) -> None:
+    """A prompt longer than the server's n_ctx cut its stream ("stream ended early"), counted as
+    the model failing: three of them opened its circuit for every client. In-process the prompt is
+    cut to its tail; a server takes messages, so it is refused before anything is sent."""
+    runtime = engine.runtimes.runtime_for(engine.resolve(MANAGED_ID))
+    long = _request(max_tokens=8).model_copy(update={"prompt": "word " * 600})  # n_ctx is 512
+    for _ in range(4):
+        with pytest.raises(InvalidInput, match=r"the prompt is \d+ tokens; .* 512-token window") as info:
+            await engine.generate(long)
+        assert info.value.param == "messages"
+    assert runtime.state is RuntimeState.STOPPED, "refused before the server was started for it"
+    assert engine.breakers.allow(MANAGED_ID)
+    result = await engine.generate(_request())
+    assert result.text.strip() and engine.breakers.allow(MANAGED_ID)
+    with pytest.raises(InvalidInput):  # the running server is not asked either
+        [e async for e in engine.stream(long)]
+    assert engine.breakers.allow(MANAGED_ID)
+
+
+_COLOR = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+    "type": "object", "properties": {"color": {"type": "string"}}, "required": ["color"]}}}  # fmt: skip
+
+
+async def test_a_json_schema_holds_the_served_answer_as_in_process(engine: InferenceEngine) -> None:
+    """llama-cpp-python's server refuses the json_schema type with a 500 (its traceback and install
+    paths in the client's error, counted against the model); its own json_object with a schema
+    holds the answer to the same grammar the in-process backend uses."""
+    request = GenerateRequest.model_validate({
+        **_request(max_tokens=24).model_dump(), "prompt": "What color is the sky? Answer in JSON.",
+        "response_format": _COLOR,
+    })  # fmt: skip
+    served = await engine.generate(request)
+    answer = json.loads(served.text)  # the schema held it: an object whose color is a string
+    assert isinstance(answer, dict) and set(answer) == {"color"} and isinstance(answer["color"], str)
+    assert served.finish_reason == "stop" and engine.breakers.allow(MANAGED_ID)
+    bad = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "number", "minimum": 0.5}}}
+    unbound = GenerateRequest.model_validate({**request.model_dump(), "response_format": bad})
+    for model in (MANAGED_ID, SMOLLM2):
+        with pytest.raises(InvalidInput, match=r"minimum cannot be kept by a local model's grammar"):
+            await engine.generate(unbound.model_copy(update={"model": model}))
+    assert engine.breakers.allow(MANAGED_ID)
+
+
+async def test_tools_on_a_template_without_tool_support_are_refused_as_in_process(
+    engine: InferenceEngine,
+) -> None:
+    """The server answered a required tool call with text (finish_reason stop, usage null) for a
+    models.toml entry that declares no parameters (the README's); the catalog's SmolLM2 declares
+    its own, without tools, and was refused by the OpenAI backend with another message."""
+    plain = managed_smollm2("test/smollm2-plain").model_copy(update={"supported_params": []})
+    engine.register_model(plain)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    request = GenerateRequest.model_validate(
+        {**_request().model_dump(), "tools": tools, "params": {"max_tokens": 8, "tool_choice": "required"}}
+    )
+    errors = []
+    for model in (plain.id, MANAGED_ID, SMOLLM2):
+        with pytest.raises(UnsupportedMode) as info:
+            await engine.generate(request.model_copy(update={"model": model}))
+        errors.append(str(info.value))
+    assert errors[0] == errors[1] == errors[2] and "chat template has no tool support" in errors[0]
+    assert engine.runtimes.runtime_for(plain).state is RuntimeState.STOPPED, "refused before it started"
+    context_only = request.model_copy(
+        update={"params": request.params.model_copy(update={"tool_choice": "none"})}
+    )
+    served = await engine.generate(context_only)  # tools as context: answered, with usage
+    assert served.usage is not None and served.usage.prompt_tokens > 0
+
+
+def test_a_servers_error_loses_its_traceback_and_a_validation_error_is_the_requests() -> None:
+    raw = ProviderError(
+        "1 validation error: {'msg': \"Input should be 'text'\"} File \"/opt/venv/lib/python3.11/"
+        'site-packages/llama_cpp/server/app.py", line 376, in create_chat_completion POST /v1/chat',
+        provider="local", model=MANAGED_ID, status=500,
+    )  # fmt: skip
+    cleaned = upstream_error(raw)
+    assert isinstance(cleaned, ProviderRejectedInput) and cleaned.status == 400
+    assert "/opt/venv" not in str(cleaned) and "Input should be 'text'" in str(cleaned)
+    crash = ProviderError('boom File "/opt/x.py", line 1, in f', provider="local", model="m", status=500)
+    assert str(upstream_error(crash)) == "local m returned 500: boom"
+    assert not isinstance(upstream_error(crash), InvalidInput)

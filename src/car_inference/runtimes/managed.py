@@ -253,6 +253,7 @@ class ManagedBackend:
         self._lookup = lookup
         self._after_start = after_start
         self._targets: dict[tuple[str, str], ModelSchema] = {}
+        self._llama_wire: Any = None
 
     async def _ready(self, model: ModelSchema) -> tuple[Any, ModelSchema]:
         url = self.runtime.ready_url()
@@ -265,7 +266,40 @@ class ManagedBackend:
                 raise
             self._after_start()  # on the loop: what it serves joins the registry here
         target = self._target(model, url)
-        return self._lookup(target), target
+        return self._wire(self._lookup(target)), target
+
+    def _wire(self, backend: Any) -> Any:
+        """The OpenAI-compatible backend, or for a llama.cpp server the one that writes a JSON
+        schema the way that server takes it (``llamacpp_wire.LlamaServerWire``)."""
+        if self.runtime.spec.name != "llamacpp" or not hasattr(backend, "ctx"):
+            return backend
+        if self._llama_wire is None:
+            from .llamacpp_wire import LlamaServerWire
+
+            self._llama_wire = LlamaServerWire(backend.ctx)
+        return self._llama_wire
+
+    async def _preflight(self, model: ModelSchema, request: Any) -> int | None:
+        """A llama.cpp server's request checked as in-process before it goes (or the server
+        starts): what it cannot take is the client's error, never the model's failure. The
+        prompt's tokens when counted."""
+        if self.runtime.spec.name != "llamacpp":
+            return None
+        try:
+            counter = self._lookup(model)
+        except InferenceError:
+            return None
+        from .llamacpp_wire import preflight
+
+        window = self.runtime.spec.context_window(model, self._config)
+        return await asyncio.to_thread(preflight, counter, model, request, window)
+
+    def _upstream(self, exc: ProviderError) -> ProviderError:
+        if self.runtime.spec.name != "llamacpp":
+            return exc
+        from .llamacpp_wire import upstream_error
+
+        return upstream_error(exc)
 
     async def _back_after_crash(self, exc: ProviderError, pid: int | None) -> bool:
         """Whether a call that failed because its server (``pid`` when the call went out) died
@@ -308,6 +342,7 @@ class ManagedBackend:
         self.runtime.ensure()
 
     async def generate(self, model: ModelSchema, request: Any) -> Any:
+        prompt = await self._preflight(model, request)
         again = False
         while True:  # twice at most: once more when the server died under the first call
             backend, target = await self._ready(model)
@@ -318,13 +353,16 @@ class ManagedBackend:
                     break
                 except ProviderError as exc:
                     if again or not await self._back_after_crash(exc, pid):
-                        raise
+                        raise self._upstream(exc) from None
             again = True
-        if output.usage is None and (usage := await self._count_usage(model, request, output)) is not None:
-            output = output.model_copy(update={"usage": usage})
+        if output.usage is None:
+            usage = await self._count_usage(model, request, output, prompt)
+            if usage is not None:
+                output = output.model_copy(update={"usage": usage})
         return output
 
     async def stream(self, model: ModelSchema, request: Any) -> AsyncGenerator[Any, None]:
+        prompt = await self._preflight(model, request)
         for again in (False, True):
             backend, target = await self._ready(model)
             pid, sent = self.runtime.server_pid(), False
@@ -335,7 +373,7 @@ class ManagedBackend:
                         async for event in events:
                             sent = True
                             if isinstance(event, Done) and event.usage is None:
-                                usage = await self._count_usage(model, request, event)
+                                usage = await self._count_usage(model, request, event, prompt)
                                 if usage is not None:
                                     yield UsageEvent(usage=usage)
                                     yield event.model_copy(update={"usage": usage})
@@ -344,9 +382,11 @@ class ManagedBackend:
                     return
                 except ProviderError as exc:  # before any event: the restarted server takes it
                     if sent or again or not await self._back_after_crash(exc, pid):
-                        raise
+                        raise self._upstream(exc) from None
 
-    async def _count_usage(self, model: ModelSchema, request: Any, answer: Any) -> TokenUsage | None:
+    async def _count_usage(
+        self, model: ModelSchema, request: Any, answer: Any, prompt: int | None = None
+    ) -> TokenUsage | None:
         """Usage the server left out (llama-cpp-python's server sends none in a stream, and our
         backend always streams), counted on the model's own vocabulary in-process: the prompt as
         the chat template renders it, the answer as written. None where the model's kind has no
@@ -361,17 +401,18 @@ class ManagedBackend:
         written += "".join(json.dumps(c.arguments) for c in answer.tool_calls)
 
         def count() -> tuple[int, int]:
-            return counter.count_prompt_tokens(model, request), counter.count_text_tokens(model, written)
+            counted = prompt if prompt is not None else counter.count_prompt_tokens(model, request)
+            return counted, counter.count_text_tokens(model, written)
 
         try:
-            prompt, completion = await asyncio.to_thread(count)
+            prompt_tokens, completion = await asyncio.to_thread(count)
         except (InferenceError, OSError, ValueError, RuntimeError) as exc:
             log.debug("could not count the tokens of %s's answer: %s", model.id, exc)
             return None
         return TokenUsage(
-            prompt_tokens=prompt,
+            prompt_tokens=prompt_tokens,
             completion_tokens=completion,
-            total_tokens=prompt + completion,
+            total_tokens=prompt_tokens + completion,
             context_window=self.runtime.spec.context_window(model, self._config),
         )
 
