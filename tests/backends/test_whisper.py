@@ -178,6 +178,11 @@ async def test_missing_and_bad_audio_files_are_named(
     with pytest.raises(InvalidInput, match=re.escape(f"could not transcribe {garbage}: ")) as info:
         await backend.transcribe(model, TranscribeRequest(audio_path=str(garbage)))
     assert "Errno" not in str(info.value) and str(info.value).count(str(garbage)) == 1  # said once
+    for name, data in (("cut.ogg", b"OggS"), ("x.aac", b"x"), ("empty.flac", b"")):
+        bad = tmp_path / name  # PyAV's EOFError (click said "aborted"), or no samples: an empty answer
+        bad.write_bytes(data)
+        with pytest.raises(InvalidInput, match=re.escape(f"could not transcribe {bad}: ")):
+            await backend.transcribe(model, TranscribeRequest(audio_path=str(bad)))
 
 
 async def test_an_unknown_language_is_an_error(

@@ -4,6 +4,7 @@ the catalog's OpenAI speech models on the fake provider server (a user ``[hosts.
 from __future__ import annotations
 
 import asyncio
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,6 +285,19 @@ def test_the_cost_of_audio_of_unknown_length_is_none(tmp_path: Path, engine_with
     notes = tmp_path / "a.txt"
     notes.write_text("not audio")
     assert transcription_cost(hosted, str(notes)) is None
+    # What a WAV written to a pipe says (RIFF and data sizes 0xFFFFFFFF): 27 hours, $7.31 for 1.2 s.
+    piped = tmp_path / "piped.wav"
+    data = bytearray(clip.read_bytes())
+    at = data.index(b"data") + 4
+    data[4:8] = data[at : at + 4] = struct.pack("<I", 0xFFFFFFFF)
+    piped.write_bytes(bytes(data))
+    assert transcription_cost(hosted, str(piped)) == pytest.approx(0.0045 * 1.2 / 60, rel=0.01)
+    rate0 = tmp_path / "rate0.wav"  # a header that says 0 Hz: a ZeroDivisionError (a 500)
+    rate0.write_bytes(bytes(data[:24]) + struct.pack("<I", 0) + bytes(data[28:]))
+    assert transcription_cost(hosted, str(rate0)) is None
+    cut = tmp_path / "cut.ogg"  # PyAV's EOFError, which click took for Ctrl-D ("aborted")
+    cut.write_bytes(b"OggS")
+    assert transcription_cost(hosted, str(cut)) is None
 
 
 def test_an_output_name_gives_the_format_left_out() -> None:

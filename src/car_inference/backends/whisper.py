@@ -131,13 +131,17 @@ class WhisperBackend:
 def _samples(audio: Path, rate: int) -> Any:
     """The file's audio as mono float samples at ``rate`` (PyAV); a file it cannot read is the
     client's error, said plainly."""
+    from av.error import FFmpegError
     from faster_whisper.audio import decode_audio
 
     try:
+        if audio.stat().st_size == 0:  # PyAV read an empty .flac as no samples: an empty transcript
+            raise InvalidInput(f"could not transcribe {audio}: the file is empty")
         return decode_audio(str(audio), sampling_rate=rate)
-    # PyAV's decode errors derive from OSError/ValueError; a file with no audio stream at all (an
-    # image) is an IndexError.
-    except (OSError, ValueError, IndexError) as exc:
+    # PyAV's decode errors are FFmpegErrors (most also OSError/ValueError; a cut .ogg or .aac is
+    # an EOFError, which click took for Ctrl-D); a file with no audio stream (an image) is an
+    # IndexError.
+    except (FFmpegError, OSError, ValueError, EOFError, IndexError) as exc:
         raise InvalidInput(f"could not transcribe {audio}: {_decode_error(exc)}") from exc
 
 

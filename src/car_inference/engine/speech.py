@@ -309,7 +309,7 @@ def audio_seconds(path: Path) -> float | None:
     try:
         with av.open(str(path)) as container:
             return container.duration / 1_000_000 if container.duration else None
-    except (OSError, ValueError):  # PyAV's errors derive from both
+    except (av.error.FFmpegError, OSError, ValueError, EOFError):  # a cut .ogg is an av EOFError
         return None
 
 
@@ -418,8 +418,13 @@ async def _round_trip(
 
 
 def _wav_seconds(path: Path) -> float | None:
+    """A WAV's length from its header, its frame count capped by the bytes the file holds: a WAV
+    written to a pipe says 0xFFFFFFFF (27 hours, priced as such); None for a rate of 0."""
     try:
         with wave.open(str(path), "rb") as audio:
-            return audio.getnframes() / audio.getframerate()
-    except (OSError, EOFError, wave.Error):
+            rate, frame_bytes = audio.getframerate(), audio.getsampwidth() * audio.getnchannels()
+            if rate <= 0 or frame_bytes <= 0:
+                return None
+            return min(audio.getnframes(), path.stat().st_size // frame_bytes) / rate
+    except (OSError, EOFError, wave.Error, RuntimeError):  # RuntimeError: a chunk past the file's end
         return None
