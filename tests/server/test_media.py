@@ -137,6 +137,9 @@ def test_bad_media_requests_are_400(local_server: ServerThread) -> None:
         ("/videos", {"prompt": "x", "fps": "24"}, "fps"),
         ("/videos", {"prompt": "x", "seed": 10**30}, "seed"),
         ("/images/generations", {"prompt": "x", "n": "2"}, "n"),
+        # OpenAI's SSE speech stream got raw WAV bytes back; an unknown field was dropped.
+        ("/audio/speech", {"input": "hi", "stream_format": "sse"}, "stream_format"),
+        ("/audio/speech", {"input": "hi", "foo": 1}, "foo"),
     ]
     for path, body, param in cases:
         response = httpx.post(url + path, json=body)
@@ -151,6 +154,10 @@ def test_bad_media_requests_are_400(local_server: ServerThread) -> None:
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
     not_multipart = httpx.post(url + "/audio/transcriptions", json={"file": "x"})
     assert not_multipart.status_code == 400
+    hot = httpx.post(
+        url + "/audio/transcriptions", files={"file": ("a.wav", WAV), "temperature": (None, "0.8")}
+    )
+    assert hot.status_code == 400 and hot.json()["error"]["param"] == "temperature", hot.text
 
 
 def test_undecodable_audio_is_a_400_without_server_paths(local_server: ServerThread) -> None:
@@ -287,5 +294,10 @@ def test_the_audio_routes_follow_the_speech_policy(
         )
         assert heard.headers["x-car-model"] == "openai/gpt-transcribe"
         assert heard.parse().text == "hosted by policy"
-    assert [r.path for r in fake_provider.requests] == ["/v1/audio/speech", "/v1/audio/transcriptions"]
+        # Subtitles of a hosted transcript have real times (it was one cue from 0:00 to 0:00).
+        srt = client.audio.transcriptions.create(
+            model="auto", file=("a.wav", spoken.content, "audio/wav"), response_format="srt"
+        )
+        assert "00:00:00,000 --> 00:00:00,900\nhosted by policy" in str(srt), srt
+    assert [r.path for r in fake_provider.requests] == ["/v1/audio/speech"] + ["/v1/audio/transcriptions"] * 2
     engine.close()

@@ -11,6 +11,7 @@ import os
 import tempfile
 import threading
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import pytest
 from car_inference.backends.base import SegmentCallback
 from car_inference.engine import InferenceEngine
 from car_inference.errors import InferenceFailed, InvalidInput
-from car_inference.requests import TranscribedSegment, TranscribeRequest, TranscribeResult
+from car_inference.requests import TranscribedSegment, TranscribedWord, TranscribeRequest, TranscribeResult
 from car_inference.server import ServerThread, create_app
+from car_inference.server.transcripts import with_times
 
 # What the scripted engine does (the audio's first bytes say which): segments that come
 # while the test holds the rest back, a failure after the first words, one that never ends.
@@ -169,3 +171,21 @@ def test_a_stream_past_the_time_limit_ends_with_a_timeout_event(tmp_path: Path) 
     assert error["error"]["code"] == "request_timeout"  # type: ignore[index]
     assert "1 s, server.request_timeout_s" in error["error"]["message"]  # type: ignore[index]
     assert _media_folders() <= before
+
+
+def test_a_transcript_without_segments_gets_times_from_its_words_or_its_file(tmp_path: Path) -> None:
+    """A hosted model answers text and words: subtitles were one cue from 0:00 to 0:00."""
+    words = [
+        TranscribedWord(word=w, start=i * 0.5, end=i * 0.5 + 0.4)
+        for i, w in enumerate(["Hi", "there.", "Bye"])
+    ]
+    timed = with_times(
+        TranscribeResult(text="Hi there. Bye", words=words, duration=2.0), tmp_path / "none.wav"
+    )
+    assert [(s.start, s.end, s.text) for s in timed.segments] == [(0.0, 0.9, "Hi there."), (1.0, 1.4, "Bye")]
+    clip = tmp_path / "a.wav"
+    with wave.open(str(clip), "wb") as out:  # 1.5 s of silence at 16 kHz
+        out.setnchannels(1), out.setsampwidth(2), out.setframerate(16_000)
+        out.writeframes(b"\0\0" * 24_000)
+    whole = with_times(TranscribeResult(text="Hello."), clip)
+    assert whole.duration == 1.5 and [(s.start, s.end) for s in whole.segments] == [(0.0, 1.5)]

@@ -36,7 +36,7 @@ from ..requests import (
 from ..schema import ModelCapability
 from .common import ServerState, car_headers, given, json_response, read_json, refuse_fields
 from .errors import ApiError, guarded, validated
-from .transcripts import TranscriptEvents
+from .transcripts import TranscriptEvents, with_times
 from .translate import routed
 
 __all__ = ["STT", "TTS", "Form", "FormField", "parse_multipart", "register", "subtitles", "upload_name"]
@@ -61,6 +61,15 @@ MAX_SPEECH_CHARS = 4096
 # SynthesizeRequest's fields as OpenAI's speech request names them, for error messages.
 _SPEECH_NAMES = {"text": "input", "voice_instruction": "instructions", "format": "response_format"}
 _TRANSCRIPT_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+_TIMED_FORMATS = ("verbose_json", "srt", "vtt")
+# What each route takes; anything else is a 400 naming it (OpenAI's `stream_format: "sse"` got raw
+# WAV bytes back, `temperature: 0.8` was dropped), except at the value it means by default.
+_TRANSCRIBE_FIELDS = frozenset(
+    {"file", "model", "language", "prompt", "response_format", "timestamp_granularities", "stream"}
+)
+_TRANSCRIBE_DEFAULTS = {"temperature": ("0", "0.0")}
+_SPEECH_FIELDS = frozenset({"model", "input", "voice", "response_format", "speed", "instructions"})
+_SPEECH_DEFAULTS = {"stream_format": ("audio",)}
 _SPEECH_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "pcm": "audio/pcm"}
 _IMAGE_FORMATS = ("png", "jpeg", "webp")
 
@@ -220,6 +229,9 @@ def register(app: FastAPI, state: ServerState) -> None:
         if fmt not in _TRANSCRIPT_FORMATS:
             formats = ", ".join(_TRANSCRIPT_FORMATS)
             raise ApiError(400, f"`response_format` must be one of {formats}", param="response_format")
+        refuse_fields(
+            {k: f.text for k, f in fields.items() if k != "file"}, _TRANSCRIBE_FIELDS, _TRANSCRIBE_DEFAULTS
+        )
         granularities = {f.text for f in fields.listed("timestamp_granularities")}
         stream = "stream" in fields and fields["stream"].text.strip().lower() == "true"
         workdir = Path(tempfile.mkdtemp(prefix="car-upload-"))
@@ -235,6 +247,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                 prompt=fields["prompt"].text if "prompt" in fields else None,
                 timestamps=fmt == "verbose_json" and "word" in granularities,
             )
+            if fmt in _TIMED_FORMATS and not call.timestamps:  # a hosted model's times: its words
+                call.timestamps = speech_model(engine, call.model, ModelCapability.SPEECH_TO_TEXT).is_remote
             if stream:
                 events = TranscriptEvents(
                     state,
@@ -247,6 +261,8 @@ def register(app: FastAPI, state: ServerState) -> None:
                 return await events.opening()
             async with asyncio.timeout(timeout_s):
                 result = await engine.transcribe(call)
+            if fmt in _TIMED_FORMATS:
+                result = with_times(result, audio)
         except InferenceError as exc:
             raise _without_path(exc, workdir, name) from None
         finally:
@@ -257,6 +273,7 @@ def register(app: FastAPI, state: ServerState) -> None:
     @guarded(TTS, timeout_s=timeout_s, retry_hint=state.retry_hint)
     async def speech(request: Request) -> Response:
         body = await read_json(request)
+        refuse_fields(body, _SPEECH_FIELDS, _SPEECH_DEFAULTS)
         text = body.get("input")
         if not isinstance(text, str) or not text:
             raise ApiError(400, "`input` must be the text to speak", param="input")

@@ -16,17 +16,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.responses import Response
 
+from ..engine.speech import audio_seconds
 from ..errors import InferenceError
-from ..requests import TranscribedSegment, TranscribeResult
+from ..requests import TranscribedSegment, TranscribedWord, TranscribeResult
 from .common import ServerState, car_headers
 from .errors import ErrorInfo, describe, error_body
 from .sse import send_body, sse, until_gone
 
-__all__ = ["TranscriptEvents", "transcript_events"]
+__all__ = ["TranscriptEvents", "transcript_events", "with_times"]
 
 
 Send = Any
@@ -158,3 +160,30 @@ class TranscriptEvents(Response):
             exc = self.clean(exc)
             self.state.metrics.failure(exc, STT)
         return describe(exc, capability=STT, timeout_s=self.state.settings.request_timeout_s)  # logs a bug
+
+
+# A subtitle cue made of words ends after a sentence or this many words.
+CUE_WORDS = 12
+
+
+def with_times(result: TranscribeResult, audio: Path) -> TranscribeResult:
+    """``result`` with the times subtitles and verbose_json need where the model gave none (a
+    hosted model answers text and words): segments made of its words, else one over the whole
+    file, and the duration read off the file. Subtitles were a cue from 0:00 to 0:00."""
+    duration = result.duration if result.duration is not None else audio_seconds(audio)
+    segments = result.segments or _cues(result.words)
+    if not segments and result.text and duration:
+        segments = [TranscribedSegment(start=0.0, end=round(duration, 3), text=result.text)]
+    return result.model_copy(update={"duration": duration, "segments": segments})
+
+
+def _cues(words: list[TranscribedWord]) -> list[TranscribedSegment]:
+    cues: list[TranscribedSegment] = []
+    run: list[TranscribedWord] = []
+    for i, word in enumerate(words):
+        run.append(word)
+        if len(run) >= CUE_WORDS or word.word.endswith((".", "?", "!")) or i == len(words) - 1:
+            text = " ".join(w.word for w in run)
+            cues.append(TranscribedSegment(start=run[0].start, end=run[-1].end, text=text))
+            run = []
+    return cues
