@@ -258,6 +258,29 @@ async def test_hosted_speech_counts_against_spend_limits(
     assert (spoken.model_used, local.model_used) == (HOSTED_TTS, PIPER)
 
 
+async def test_hosted_first_speech_over_its_limit_runs_locally_unless_named(
+    engine_with: BuildEngine, fake: FakeProviderServer, tmp_path: Path
+) -> None:
+    """Every request naming no model was refused while the free local models could answer."""
+    engine = engine_with("prefer_local = false", extra="[spend]\ndaily_usd = 0.001\n")
+    engine.spend.record("openai", HOSTED_TTS, 0.002)
+    spoken = await engine.synthesize(SynthesizeRequest(text="Hi there.", output_path=str(tmp_path / "a.wav")))
+    assert spoken.model_used == PIPER
+    heard = await engine.transcribe(TranscribeRequest(audio_path=spoken.audio_path))
+    assert heard.model_used == WHISPER and not fake.requests
+    with pytest.raises(SpendLimitExceeded):  # a named model is never replaced
+        await engine.synthesize(SynthesizeRequest(text="Hi there.", model=HOSTED_TTS))
+
+
+def test_a_preferred_model_of_the_other_side_is_an_error(engine_with: BuildEngine) -> None:
+    """It was passed over without a word; health lists it even where that side is not used now."""
+    engine = engine_with(f'preferred_local_tts = "{HOSTED_TTS}"')
+    with pytest.raises(InferenceError, match=r"preferred_local_tts = '.*' is a hosted model"):
+        chosen(engine, TTS)
+    hosted_first = engine_with(f'prefer_local = false\npreferred_local_tts = "{HOSTED_TTS}"')
+    assert any("preferred_local_tts" in p for p in hosted_first.model_health().speech.problems)
+
+
 async def test_hosted_speech_calls_at_once_cannot_all_pass_a_limit(
     engine_with: BuildEngine, fake: FakeProviderServer
 ) -> None:

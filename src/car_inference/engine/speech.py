@@ -5,7 +5,7 @@ capability (the user pinned it); else the available model that ranks first on
 
 1. its side: local first under ``prefer_local`` (the default), hosted first otherwise;
 2. the side's preferred model (``preferred_local_stt`` / ``preferred_remote_stt`` and the ``_tts``
-   pair): each applies only to models of its own side;
+   pair): each names a model of its own side (a hosted one under ``preferred_local_tts`` is an error);
 3. the ``[defaults]`` model for the capability;
 4. the quality prior, then the id (a stable choice).
 
@@ -13,6 +13,9 @@ capability (the user pinned it); else the available model that ranks first on
 local model available the choice is the configured default, whose run then says what is missing
 (``car pull``). With no available model at all, the same. A preferred name that is not in the
 catalog is an error naming it, not a silent skip: a typo in config.toml must not go unnoticed.
+
+A hosted model the policy chose whose spend limit would refuse the request gives way to the local
+side's first model (``within_spend``); one the request names or ``[preferred]`` pins never does.
 
 ``speech_health`` (the ``speech`` part of ``car health`` / ``/v1/health``) says, per direction, the
 preferred models, each side's first model and what a request naming no model runs now.
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from pydantic import BaseModel, Field
 
 from ..backends.voices import VoiceList
-from ..errors import InferenceError, InvalidInput, ModelUnavailable
+from ..errors import ConfigError, InferenceError, InvalidInput, ModelUnavailable
 from ..requests import SynthesizeRequest, SynthesizeResult, TranscribeRequest, TranscribeResult
 from ..schema import ModelCapability, ModelSchema
 
@@ -61,6 +64,7 @@ __all__ = [
     "speech_smoke",
     "synthesis_cost",
     "transcription_cost",
+    "within_spend",
     "word_error_rate",
 ]
 
@@ -81,6 +85,10 @@ class _Engine(Protocol):
 
     def resolve(self, name: str) -> ModelSchema: ...
     def _model_for(self, name: str | None, capability: ModelCapability) -> ModelSchema: ...
+
+
+class _SpendEngine(_Engine, Protocol):
+    spend: SpendControl
 
 
 class _VoiceEngine(_Engine, Protocol):
@@ -115,6 +123,27 @@ def speech_model(engine: _Engine, name: str | None, capability: ModelCapability)
     return other
 
 
+def within_spend(
+    engine: _SpendEngine,
+    name: str | None,
+    capability: ModelCapability,
+    model: ModelSchema,
+    cost: float | None,
+) -> ModelSchema:
+    """``model``, unless the policy chose it (no model named or pinned), it is hosted, its spend
+    limit refuses this request's estimate and a local model can run it instead: a request naming
+    no model was refused while a free model could answer it (routing leaves such models out)."""
+    if name or engine.config.preferred.for_capability(capability) or model.is_local:
+        return model
+    if engine.spend.breach(model.provider, cost or 0.0) is None:
+        return model
+    local = side_model(engine, capability, local=True)
+    if local is None:
+        return model  # its run says which limit
+    log.info("%s would pass a spend limit: %s (local) runs instead", model.id, local.id)
+    return local
+
+
 async def list_voices(engine: _VoiceEngine, name: str | None = None) -> VoiceList:
     """The voices ``voice`` takes on model ``name``, else on the model the speech policy picks for
     text to speech; ``aliases`` are the ``[speech] voices`` names that reach one of them."""
@@ -127,8 +156,15 @@ async def list_voices(engine: _VoiceEngine, name: str | None = None) -> VoiceLis
 def side_model(engine: _Engine, capability: ModelCapability, local: bool) -> ModelSchema | None:
     """The available model of one side (local or hosted) ranked first: the side's preferred
     model, the ``[defaults]`` model, then the quality prior and the id. None when there is none."""
-    preferred = getattr(engine.config.speech, SPEECH_CAPABILITIES[capability][0 if local else 1])
+    setting = SPEECH_CAPABILITIES[capability][0 if local else 1]
+    preferred = getattr(engine.config.speech, setting)
     wanted = engine.resolve(preferred).id if preferred else None
+    if wanted is not None and engine.resolve(wanted).is_local != local:  # it was silently passed over
+        other = SPEECH_CAPABILITIES[capability][1 if local else 0]
+        raise ConfigError(
+            f"[speech] {setting} = {preferred!r} is a {'hosted' if local else 'local'} model; "
+            f"{setting} names a {'local' if local else 'hosted'} one ({other} takes this one)"
+        )
     default = engine.config.defaults.for_capability(capability)
     default_model = engine.registry.find(default) if default else None
     default_id = default_model.id if default_model is not None else None

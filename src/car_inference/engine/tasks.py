@@ -50,7 +50,15 @@ from ..schema import ModelCapability, ModelSchema
 from ..textcheck import unpaired_surrogate
 from .lifecycle import Lifecycle
 from .media import image_cost, run_media, video_cost, with_suffix_format
-from .speech import charged, list_voices, speech_model, synthesis_cost, transcription_cost, with_output_format
+from .speech import (
+    charged,
+    list_voices,
+    speech_model,
+    synthesis_cost,
+    transcription_cost,
+    with_output_format,
+    within_spend,
+)
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
@@ -61,6 +69,7 @@ if TYPE_CHECKING:
 
 __all__ = ["TaskMixin"]
 
+STT, TTS = ModelCapability.SPEECH_TO_TEXT, ModelCapability.TEXT_TO_SPEECH
 log = logging.getLogger("car_inference.engine")
 
 _MEDIA_TASK = {
@@ -247,18 +256,22 @@ class TaskMixin(Lifecycle):
         if request.model:
             self.resolve(request.model)  # a name in no catalog is said first, as everywhere
         readable_file(request.audio_path, "audio file")  # then a typo in the path, not a missing extra
-        model = speech_model(self, request.model, ModelCapability.SPEECH_TO_TEXT)
-        method = self._task_method(model, ModelCapability.SPEECH_TO_TEXT, "transcribe")
+        model = speech_model(self, request.model, STT)
         cost = transcription_cost(model, request.audio_path)  # hosted speech counts against spend limits
+        if (affordable := within_spend(self, request.model, STT, model, cost)) is not model:
+            model, cost = affordable, transcription_cost(affordable, request.audio_path)
+        method = self._task_method(model, STT, "transcribe")
         return await charged(self.spend, model, cost, lambda: method(model, request, on_segment=on_segment))
 
     async def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
         self._check_open()
         expect(request, SynthesizeRequest, "synthesize")
         request = with_output_format(request)
-        model = speech_model(self, request.model, ModelCapability.TEXT_TO_SPEECH)
-        method = self._task_method(model, ModelCapability.TEXT_TO_SPEECH, "synthesize")
+        model = speech_model(self, request.model, TTS)
         cost = synthesis_cost(model, request.text)
+        if (affordable := within_spend(self, request.model, TTS, model, cost)) is not model:
+            model, cost = affordable, synthesis_cost(affordable, request.text)
+        method = self._task_method(model, TTS, "synthesize")
         return await charged(self.spend, model, cost, lambda: method(model, request))
 
     async def list_voices(self, model: str | None = None) -> VoiceList:
