@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from car_inference.config import CarConfig
-from car_inference.errors import DownloadFailed
+from car_inference.errors import DownloadFailed, ModelNotFound
 from car_inference.registry import UnifiedRegistry
 from car_inference.runtimes.managed import RuntimeSupervisor
 from car_inference.runtimes.ollama import (
@@ -151,3 +151,56 @@ def test_ollama_host_follows_ollamas_own_variable(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("OLLAMA_HOST", "0.0.0.0:9999")
     assert ollama_host() == "http://0.0.0.0:9999"
     assert ollama_host("http://gpu-box:11434/v1/") == "http://gpu-box:11434", "a model's own host wins"
+
+
+def _named(port: int) -> ModelSchema:
+    """The README's kind of entry: an Ollama tag under an id of the catalog's own."""
+    return _model(port).model_copy(update={"id": "local/qwen-ollama", "name": "qwen-ollama"})
+
+
+def test_tags_are_registered_when_ollama_runs_elsewhere_and_a_catalog_tag_is_not_doubled(
+    isolated_home: Path, ollama_bin: Path
+) -> None:
+    """Only a process that launched `ollama serve` itself registered its tags: with an Ollama
+    service (external) or another process's (attached), ollama/llama3.2:1b did not exist, and
+    `car generate -m ollama/llama3.2:1b` never found it. The owner added ollama/qwen3:0.6b next
+    to local/qwen-ollama, the same tag twice."""
+    port = free_port()
+    service = subprocess.Popen(
+        [sys.executable, str(FAKE), "serve"], env={"OLLAMA_HOST": f"127.0.0.1:{port}"}, stderr=subprocess.PIPE
+    )
+    sups: list[RuntimeSupervisor] = []
+
+    def supervisor() -> RuntimeSupervisor:
+        sups.append(RuntimeSupervisor(CarConfig(home=isolated_home), UnifiedRegistry([_named(port)]), FAST))
+        return sups[-1]
+
+    try:
+        assert service.stderr is not None and "Listening" in service.stderr.readline().decode()
+        external = supervisor()
+        assert external.find("ollama").ensure() and external.find("ollama").state is RuntimeState.EXTERNAL
+        external.apply_served()
+        assert external.registry.resolve("ollama/llama3.2:1b").source.host == f"http://127.0.0.1:{port}"
+        assert external.registry.find("ollama/qwen3:0.6b") is None, "local/qwen-ollama has that tag"
+        asked = supervisor()  # a fresh process (the CLI): the name alone finds the running Ollama's tag
+        assert asked.registry.resolve("ollama/llama3.2:1b").source.model_tag == "llama3.2:1b"
+        assert asked.find("ollama").state is RuntimeState.STOPPED, "nothing was started for it"
+        with pytest.raises(ModelNotFound):
+            asked.registry.resolve("ollama/nosuch:1b")
+        service.terminate()
+        service.wait(5)
+        owner = supervisor()
+        assert owner.find("ollama").ensure() and owner.find("ollama").state is RuntimeState.RUNNING
+        owner.apply_served()
+        assert owner.registry.find("ollama/llama3.2:1b") is not None
+        assert owner.registry.find("ollama/qwen3:0.6b") is None, "the owner doubled it too"
+        attached = supervisor()
+        assert attached.find("ollama").ensure() and attached.find("ollama").state is RuntimeState.ATTACHED
+        attached.apply_served()
+        assert attached.registry.find("ollama/llama3.2:1b") is not None
+        assert attached.registry.find("ollama/qwen3:0.6b") is None
+    finally:
+        for sup in reversed(sups):
+            sup.close()
+        if service.poll() is None:
+            service.kill()

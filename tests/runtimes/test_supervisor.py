@@ -10,14 +10,16 @@ import sys
 import textwrap
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
 
 from car_inference.runtimes.managed import RuntimeSupervisor, stop_elsewhere
 from car_inference.runtimes.specs import Launch, LlamaCppServerSpec, RuntimeFailed, free_port
-from car_inference.runtimes.state import pid_alive
+from car_inference.runtimes.state import RunFiles, pid_alive
 from car_inference.runtimes.supervisor import NEVER_ANSWERED_TRIES, ManagedRuntime, RuntimeState
 from car_inference.schema import ModelSchema
 
@@ -324,3 +326,74 @@ def test_server_stops_when_the_owning_process_exits(isolated_home: Path) -> None
     assert not pid_alive(seen["pid"]), "stopped at exit, before the process ended"
     sup = RuntimeSupervisor(small_config(isolated_home), settings=FAST)
     assert [s.state for s in sup.statuses()] == [], "no record left behind"
+
+
+def test_an_attached_processs_request_in_flight_keeps_the_owners_server(
+    supervisor: RuntimeSupervisor,
+) -> None:
+    """The owner idle-stopped the server in the middle of an attached process's answer: that use
+    reached its idle clock only when the request began and ended. Two supervisors on one home
+    stand for two processes (each takes the owner's lock through a file of its own)."""
+    supervisor.settings.idle_timeout_s = 1.0
+    owner = supervisor.runtime_for(managed_smollm2())
+    url = owner.ensure()
+    other = RuntimeSupervisor(small_config(supervisor.home), settings=FAST.model_copy())
+    try:
+        attached = other.runtime_for(managed_smollm2())
+        assert attached.ensure() == url and attached.state is RuntimeState.ATTACHED
+        with attached.busy():  # a long answer streams in the attached process
+            time.sleep(2.5)
+            assert owner.state is RuntimeState.RUNNING, "stopped under the attached process's request"
+        wait_for(lambda: owner.state is RuntimeState.STOPPED, timeout_s=15, what="the idle stop after it")
+    finally:
+        other.close()
+
+
+class _Serving(BaseHTTPRequestHandler):
+    served: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        data = [{"id": name, "object": "model"} for name in self.served]
+        body = json.dumps({"object": "list", "data": data}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_an_attached_process_uses_only_the_owners_running_server_of_its_model(isolated_home: Path) -> None:
+    """An attached process took any server answering at the owner's URL: while the owner restarted
+    ours, another server that took the port got the user's prompt ("model not found"). It now
+    attaches only when the owner's record says running and the server there serves the model."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Serving)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    spec = LlamaCppServerSpec()
+    name = spec.instance(managed_smollm2())
+    owner = RunFiles(isolated_home, name)
+    assert owner.try_lock()  # another process owns it
+
+    def attach(state: str, served: list[str]) -> str:
+        _Serving.served = served
+        owner.write_state({"state": state, "base_url": url, "served_model": MANAGED_ID, "pid": 1})
+        settings = FAST.model_copy(update={"start_timeout_s": 0.5})
+        runtime = ManagedRuntime(spec, name, isolated_home, lambda: pytest.fail("not the owner"), settings)
+        return runtime.ensure()
+
+    try:
+        for state, served in (
+            ("restarting", [MANAGED_ID]),
+            ("starting", ["evil-model"]),
+            ("running", ["evil-model"]),
+        ):
+            with pytest.raises(RuntimeFailed, match=r"not ready within 0\.5 s"):
+                attach(state, served)
+        assert attach("running", [MANAGED_ID]) == url
+    finally:
+        owner.unlock()
+        server.shutdown()
+        server.server_close()

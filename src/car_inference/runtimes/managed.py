@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -21,13 +22,16 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
+
 from ..backends.base import PromptCounter
 from ..config import CarConfig
 from ..errors import InferenceError, InvalidInput, ModelNotFound, ProviderError, close_matches
 from ..requests import TokenUsage
 from ..schema import ModelSchema, OpenAISource
 from ..stream import Done, UsageEvent
-from .specs import RUNTIME_FOR_KIND, Launch, RuntimeSpec, is_managed, runtime_specs
+from .ollama import ollama_host
+from .specs import RUNTIME_FOR_KIND, RuntimeSpec, is_managed, runtime_specs
 from .state import RunFiles, pid_alive, run_dir, tree_rss_mb
 from .supervisor import ManagedRuntime, RuntimeSettings, RuntimeState, RuntimeStatus
 
@@ -55,8 +59,10 @@ class RuntimeSupervisor:
         self.specs = runtime_specs(self.home)
         self._runtimes: dict[str, ManagedRuntime] = {}
         self._backends: dict[str, ManagedBackend] = {}
-        self._served_queue: list[tuple[Launch, list[str]]] = []
+        self._served_queue: list[tuple[str, str, list[str]]] = []
         self._lock = threading.Lock()
+        if registry is not None and hasattr(registry, "on_miss"):  # `ollama/<tag>` of a running Ollama
+            registry.on_miss = functools.partial(self._on_miss, registry.on_miss)
 
     # --- lookup --------------------------------------------------------------------------------
 
@@ -77,7 +83,7 @@ class RuntimeSupervisor:
                     lambda: spec.launch(model, self.config),
                     self.settings,
                     model_id=model.id if spec.per_model else None,
-                    on_ready=self._register_served,
+                    on_ready=functools.partial(self._register_served, spec.name),
                 )
             return runtime
 
@@ -121,27 +127,29 @@ class RuntimeSupervisor:
 
     # --- what the servers serve ----------------------------------------------------------------
 
-    def _register_served(self, launch: Launch, served: list[str]) -> None:
-        """Called on the monitor thread: queue what a started server serves for ``apply_served``,
-        which runs where the registry is used (the registry is not thread-safe)."""
+    def _register_served(self, runtime: str, base_url: str, served: list[str]) -> None:
+        """Called on the monitor thread (or a request's): queue what a server serves for
+        ``apply_served``, which runs where the registry is used (the registry is not thread-safe)."""
         with self._lock:
-            self._served_queue.append((launch, served))
+            self._served_queue.append((runtime, base_url, served))
 
     def apply_served(self) -> None:
         """Add the served models the catalog does not know yet (e.g. every pulled Ollama tag)."""
         with self._lock:
             queued, self._served_queue = self._served_queue, []
-        for launch, served in queued:
-            self._register(launch, served)
+        for runtime, base_url, served in queued:
+            self._register(runtime, base_url, served)
 
-    def _register(self, launch: Launch, served: list[str]) -> None:
+    def _register(self, runtime: str, base_url: str, served: list[str]) -> None:
         if self.registry is None:
             return
-        spec = self.specs[launch.runtime]
+        spec = self.specs[runtime]
+        # A tag the catalog has under another id (local/qwen-ollama for qwen3:0.6b) is not added twice.
+        known = {name for m in self.registry.list() if (name := spec.serves_as(m, base_url))}
         for wire_name in served:
-            source = spec.served_source(launch, wire_name)
+            source = spec.served_source(base_url, wire_name)
             model_id = f"{spec.name}/{wire_name}"
-            if source is None or self.registry.find(model_id) is not None:
+            if source is None or wire_name in known or self.registry.find(model_id) is not None:
                 continue
             self.registry.register(
                 ModelSchema.model_validate({
@@ -149,6 +157,25 @@ class RuntimeSupervisor:
                     "capabilities": ["generate"], "source": source, "tags": ["runtime"],
                 })
             )  # fmt: skip
+
+    def _on_miss(self, previous: Callable[[str], bool] | None, name: str) -> bool:
+        """The registry's hook for a name it does not know, after the one it had: ``ollama/<tag>``
+        when an Ollama the catalog's managed models use answers (run by any process, or a system
+        service) registers the tags it lists. Nothing is started for it."""
+        if previous is not None and previous(name):
+            return True
+        spec = self.specs["ollama"]
+        if not name.lower().startswith(spec.name + "/"):
+            return False
+        hosts = {str(getattr(m.source, "host", "")) for m in self.managed_models() if m.kind == spec.kind}
+        for host in sorted(h for h in hosts if h):
+            base_url = ollama_host(host)
+            try:
+                served = spec.served(base_url, timeout_s=1.0)
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                continue
+            self._register(spec.name, base_url, served)
+        return self.registry is not None and self.registry.find(name) is not None
 
     # --- reports and control -------------------------------------------------------------------
 

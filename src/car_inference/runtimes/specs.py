@@ -164,8 +164,13 @@ class RuntimeSpec:
             raise ModelUnavailable(model_id, f"the {self.name} runtime is not installed: {self.install_hint}")
         return found
 
-    def served_source(self, launch: Launch, wire_name: str) -> dict[str, Any] | None:
-        """A catalog source for a served model the catalog lacks (None: do not register it)."""
+    def served_source(self, base_url: str, wire_name: str) -> dict[str, Any] | None:
+        """A catalog source for a model the server at ``base_url`` serves that the catalog lacks
+        (None: do not register it)."""
+        return None
+
+    def serves_as(self, model: ModelSchema, base_url: str) -> str | None:
+        """``model``'s name on the server at ``base_url`` when it is one of that server's models."""
         return None
 
 
@@ -393,8 +398,14 @@ class OllamaSpec(RuntimeSpec):
         response.raise_for_status()
         return [str(item["name"]) for item in response.json().get("models", [])]
 
-    def served_source(self, launch: Launch, wire_name: str) -> dict[str, Any] | None:
-        return {"kind": "ollama", "host": launch.base_url, "model_tag": wire_name, "managed": True}
+    def served_source(self, base_url: str, wire_name: str) -> dict[str, Any] | None:
+        return {"kind": "ollama", "host": base_url, "model_tag": wire_name, "managed": True}
+
+    def serves_as(self, model: ModelSchema, base_url: str) -> str | None:
+        source: Any = model.source
+        if model.kind != self.kind or _host_port(source.host, 11434) != _host_port(base_url, 11434):
+            return None
+        return str(source.model_tag)
 
 
 def runtime_specs(home: Path | None) -> dict[str, RuntimeSpec]:

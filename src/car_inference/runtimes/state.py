@@ -13,13 +13,16 @@ Logs go to ``$CAR_HOME/logs/NAME.log``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunFiles", "pid_alive", "run_dir", "tree_rss_mb"]
+__all__ = ["RunFiles", "die_with_parent", "pid_alive", "run_dir", "signal_group", "tree_rss_mb"]
 
 _LOG_KEEP_BYTES = 20 * 1024 * 1024  # a log past this is moved to NAME.log.1 at the next start
 
@@ -41,6 +44,23 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True  # no /proc here: existing is all we can tell
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def signal_group(pid: int, sig: signal.Signals) -> None:
+    """``sig`` to the process group ``pid`` leads (a server and its workers), if it still exists."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+# prctl(PR_SET_PDEATHSIG, SIGTERM): looked up now, so the child between fork and exec only calls it.
+_PR_SET_PDEATHSIG = 1
+_prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform.startswith("linux") else None
+
+
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM when the thread that started it dies (Linux only)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def tree_rss_mb(pid: int) -> float | None:

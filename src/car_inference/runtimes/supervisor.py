@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import weakref
@@ -36,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from ..config import RuntimeSettings
 from .specs import Launch, RuntimeFailed, RuntimeSpec
-from .state import RunFiles, tree_rss_mb
+from .state import RunFiles, die_with_parent, signal_group, tree_rss_mb
 
 __all__ = ["ManagedRuntime", "RuntimeFailed", "RuntimeSettings", "RuntimeState", "RuntimeStatus"]
 
@@ -94,7 +92,7 @@ class ManagedRuntime:
         settings: RuntimeSettings,
         *,
         model_id: str | None = None,
-        on_ready: Callable[[Launch, list[str]], None] | None = None,
+        on_ready: Callable[[str, list[str]], None] | None = None,
     ) -> None:
         self.spec = spec
         self.name = name
@@ -114,6 +112,7 @@ class ManagedRuntime:
         self._failed_at = 0.0
         self._last_used = time.time()
         self._busy = 0
+        self._beating = False  # an attached process's heartbeat thread runs (``_heartbeat``)
         self.restarts = 0
         self.started_at: float | None = None
         self.served: list[str] = []
@@ -162,13 +161,30 @@ class ManagedRuntime:
         if not self.files.locked_elsewhere():
             return False  # its owner is gone, and with it the server (the next request starts one)
         record = self.files.read_state() or {}
+        url = self._owners_server(record)
+        if url is None:
+            return None  # still restarting, or the owner has not seen the crash yet
+        self._attach(url, RuntimeState.ATTACHED, record.get("served"))
+        return True
+
+    def _owners_server(self, record: dict[str, Any]) -> str | None:
+        """The URL of the owner's server when its record says it runs and the server there answers
+        for our model. Not while the owner (re)starts it: a server that took the port meanwhile
+        answers the health check too, and an attached process sent it our prompts."""
         url = record.get("base_url")
         if record.get("state") != RuntimeState.RUNNING or not isinstance(url, str):
-            return None  # still restarting
+            return None
         if not _healthy(url + self.spec.health_path):
-            return None  # the owner has not seen the crash yet
-        self._attached(url, RuntimeState.ATTACHED)
-        return True
+            return None
+        wanted = record.get("served_model")
+        if wanted is not None:
+            try:
+                served = self.spec.served(url)
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                return None
+            if wanted not in served:
+                return None  # the owner's monitor sees it too, and restarts or gives up
+        return url
 
     def answers(self) -> bool:
         """Whether the server at the current URL answers its health check now (one GET, 1 s)."""
@@ -224,15 +240,33 @@ class ManagedRuntime:
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
-        """A request in flight: never idle-stopped under it."""
+        """A request in flight: never idle-stopped under it, by this process (``_busy``) or by the
+        owner when another process runs the server (``_heartbeat``)."""
         with self._cv:
             self._busy += 1
+            beat = self._state is RuntimeState.ATTACHED and not self._beating
+            self._beating = self._beating or beat
+        if beat:
+            threading.Thread(target=self._heartbeat, name=f"runtime-{self.name}-use", daemon=True).start()
         try:
             yield
         finally:
             with self._cv:
                 self._busy -= 1
                 self.touch()
+                self._cv.notify_all()
+
+    def _heartbeat(self) -> None:
+        """While an attached process has requests in flight, its use reaches the owner's idle
+        clock (``NAME.used``) every tick: touched only when a request began and ended, a long
+        one was idle-stopped under it by the owner."""
+        with self._cv:
+            try:
+                while self._busy:
+                    self.files.touch_used()
+                    self._cv.wait(self.settings.tick_s)
+            finally:
+                self._beating = False
 
     def _recently_failed(self) -> bool:
         """Gave up within the last ``backoff_max_s``: callers get the failure, not a new start."""
@@ -260,14 +294,16 @@ class ManagedRuntime:
             if _healthy(launch.base_url + launch.health_path):
                 self.files.unlock()  # someone runs it outside our care: use it, never stop it
                 self._check_serves(launch)
-                return self._attached(launch.base_url, RuntimeState.EXTERNAL)
+                return self._attach(  # _check_serves listed what it serves, if we name a model
+                    launch.base_url, RuntimeState.EXTERNAL, self.served if launch.served_model else None
+                )
             self._start_owner()
             return None
-        record = self.files.read_state()
-        url = record.get("base_url") if record else None
-        if isinstance(url, str) and _healthy(url + self.spec.health_path):
-            return self._attached(url, RuntimeState.ATTACHED)
-        return None  # the owner is still starting it
+        record = self.files.read_state() or {}
+        url = self._owners_server(record)
+        if url is not None:
+            return self._attach(url, RuntimeState.ATTACHED, record.get("served"))
+        return None  # the owner is still starting it (or restarting it)
 
     def _check_serves(self, launch: Launch) -> None:
         """A server found on our port must serve our model: another model there is never used
@@ -295,9 +331,25 @@ class ManagedRuntime:
             f"not {launch.served_model}"
         )
 
-    def _attached(self, url: str, state: RuntimeState) -> str:
+    def _attach(self, url: str, state: RuntimeState, served: Any) -> str:
+        """Use a server another process runs: what it serves is registered as when we start one
+        (Ollama's tags; ``served`` is its owner's record of them, else it is asked)."""
         self._url, self._state, self._checked_at = url, state, time.monotonic()
+        if not isinstance(served, list):
+            try:
+                served = self.spec.served(url)
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                served = []
+        self.served = [str(name) for name in served]
+        self._announce(url)
         return url
+
+    def _announce(self, url: str) -> None:
+        if self._on_ready is not None:
+            try:
+                self._on_ready(url, self.served)
+            except Exception:  # registering what it serves must not take the server down
+                log.exception("runtime %s: on_ready failed", self.name)
 
     def _launch_once(self) -> Launch:
         if self._launch is None:
@@ -389,7 +441,7 @@ class ManagedRuntime:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **launch.env},
                 start_new_session=True,  # its own process group: a stop reaches its workers too
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, resolved beforehand
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl, resolved beforehand
             )
         finally:
             out.close()
@@ -420,11 +472,7 @@ class ManagedRuntime:
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             self.served = []
         self.files.write_state(self._record(launch, RuntimeState.RUNNING))
-        if self._on_ready is not None:
-            try:
-                self._on_ready(launch, self.served)
-            except Exception:  # registering what it serves must not take the server down
-                log.exception("runtime %s: on_ready failed", self.name)
+        self._announce(launch.base_url)
         self._set(RuntimeState.RUNNING)
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> str:
@@ -468,13 +516,13 @@ class ManagedRuntime:
         if proc is None:
             return
         if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(self.settings.stop_grace_s)
             except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
-        _signal_group(proc.pid, signal.SIGKILL)  # workers the server left behind
+        signal_group(proc.pid, signal.SIGKILL)  # workers the server left behind
         self._proc = None
 
     def _record(self, launch: Launch, state: RuntimeState) -> dict[str, Any]:
@@ -482,7 +530,7 @@ class ManagedRuntime:
             "name": self.name, "runtime": self.spec.name, "model_id": self.model_id,
             "state": str(state), "pid": self.pid, "owner_pid": os.getpid(),
             "base_url": launch.base_url, "started_at": self.started_at, "restarts": self.restarts,
-            "served": self.served, "argv": launch.argv,
+            "served": self.served, "served_model": launch.served_model, "argv": launch.argv,
             "error": self.error if state is RuntimeState.FAILED else None,
         }  # fmt: skip
 
@@ -528,21 +576,6 @@ def _healthy(url: str) -> bool:
         return httpx.get(url, timeout=1.0).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-# prctl(PR_SET_PDEATHSIG, SIGTERM): looked up now, so the child between fork and exec only calls it.
-_PR_SET_PDEATHSIG = 1
-_prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform.startswith("linux") else None
-
-
-def _die_with_parent() -> None:
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 # Servers this process owns, stopped when it exits (the server and the CLI alike).
