@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +90,47 @@ def test_no_setting_takes_infinity_or_nan(isolated_home: Path, line: str) -> Non
     (isolated_home / "config.toml").write_text(line + "\n")
     with pytest.raises(ConfigError, match="finite number"):
         load_config(isolated_home, env={})
+
+
+def test_environment_names_under_keys_keep_their_case_and_conflicts_are_said(isolated_home: Path) -> None:
+    config = load_config(isolated_home, env={"CAR_KEYS__OPENAI_API_KEY": "sk-a,sk-b"})
+    assert config.keys == {"OPENAI_API_KEY": ["sk-a", "sk-b"]}  # was openai_api_key: never read
+    with pytest.raises(ConfigError, match=r"\$CAR_KEYS__A__B: keys.A is a value"):  # a TypeError
+        load_config(isolated_home, env={"CAR_KEYS__A": "x", "CAR_KEYS__A__B": "y"})
+    (isolated_home / "config.toml").write_text("[routing]\nprefer_local = true\n")
+    with pytest.raises(ConfigError, match=r"\$CAR_ROUTING__PREFER_LOCAL__X: routing.prefer_local is a value"):
+        load_config(isolated_home, env={"CAR_ROUTING__PREFER_LOCAL__X": "1"})
+    (isolated_home / "config.toml").unlink()
+    with pytest.raises(ConfigError, match=r"\$CAR_ROUTING__PREFER_LOCAL__X") as info:  # not config.toml
+        load_config(isolated_home, env={"CAR_ROUTING__PREFER_LOCAL__X": "1"})
+    assert "config.toml" not in str(info.value)
+
+
+def test_a_byte_order_mark_is_not_a_toml_error(isolated_home: Path) -> None:
+    (isolated_home / "config.toml").write_text("\ufeff[routing]\nprefer_local = false\n", encoding="utf-8")
+    assert load_config(isolated_home, env={}).routing.prefer_local is False
+
+
+def test_a_car_home_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> None:
+    """A PermissionError traceback from the CLI and the Python API (not an InferenceError)."""
+    home = tmp_path / "locked"
+    home.mkdir()
+    home.chmod(0)
+    code = (
+        "from car_inference.config import load_config\n"
+        "from car_inference.errors import ConfigError\n"
+        f"from pathlib import Path\ntry:\n    load_config(Path({str(home)!r}))\nexcept ConfigError as exc:\n    print('ConfigError:', exc)\n"
+    )
+    # root reads any folder: drop the capabilities that let it (as setpriv(1) does for a user).
+    caps = "-dac_override,-dac_read_search"
+    drop = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"] if os.geteuid() == 0 else []
+    try:
+        done = subprocess.run(
+            [*drop, sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        home.chmod(0o700)
+    assert done.returncode == 0 and "ConfigError:" in done.stdout and "Permission denied" in done.stdout, done
 
 
 def test_redacted_masks_secrets(isolated_home: Path) -> None:

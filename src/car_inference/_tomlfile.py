@@ -24,7 +24,7 @@ _KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"'.]+)\s*=")
 def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     """Parse ``path``; a syntax error becomes a ConfigError with the parser's line."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad) is not TOML
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", path=str(path)) from exc
     except UnicodeDecodeError as exc:
@@ -113,3 +113,12 @@ def validate_file(model: type[T], data: Any, path: Path, text: str, prefix: Sequ
         return model.model_validate(data)
     except ValidationError as exc:
         raise config_error(exc, path, text, prefix) from None
+
+
+def readable_exists(path: Path) -> bool:
+    """Whether ``path`` exists; a folder above it that cannot be searched (mode 000, another
+    user's) is a ``ConfigError`` naming it, not a PermissionError traceback."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise ConfigError(f"cannot be read: {exc.strerror or exc}", path=str(path)) from None

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ._tomlfile import read_toml, validate_file
+from ._tomlfile import read_toml, readable_exists, validate_file
 from .errors import ConfigError
 from .schema import ModelCapability
 
@@ -455,15 +455,25 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[tuple[str, 
         if name in _SHORT_ENV:
             path: tuple[str, ...] = _SHORT_ENV[name]
         elif name.startswith("CAR_") and "__" in name:
-            path = tuple(part.lower() for part in name[4:].split("__"))
+            parts = name[4:].split("__")
+            # Setting names are lower case; under [keys] the name is an environment variable's
+            # (CAR_KEYS__OPENAI_API_KEY was stored as openai_api_key, which no provider reads).
+            path = tuple(
+                p if i == 1 and parts[0].lower() == "keys" else p.lower() for i, p in enumerate(parts)
+            )
         else:
             continue
         section = path[0]
         if section not in CarConfig.model_fields or section == "home":
             raise ConfigError(f"unknown setting section {section!r}", path=f"${name}")
         target = data.setdefault(section, {})
-        for part in path[1:-1]:
-            target = target.setdefault(part, {})
+        for depth, part in enumerate(path[1:-1], 2):
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):  # CAR_KEYS__A and CAR_KEYS__A__B: a TypeError
+                raise ConfigError(
+                    f"{'.'.join(path[:depth])} is a value, not a table of settings", path=f"${name}"
+                )
+            target = child
         list_field = path in {("server", "api_keys")} or section == "keys"
         try:
             target[path[-1]] = _env_value(value, list_field)
@@ -480,7 +490,7 @@ def load_config(home: Path | None = None, env: Mapping[str, str] | None = None) 
     path = home / "config.toml"
     data: dict[str, Any] = {}
     text = ""
-    if path.exists():
+    if readable_exists(path):
         data, text = read_toml(path)
         validate_file(CarConfig, data, path, text)  # file errors point into the file
     applied = _apply_env(data, env)
@@ -489,7 +499,9 @@ def load_config(home: Path | None = None, env: Mapping[str, str] | None = None) 
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(str(p) for p in err["loc"])
-        culprit = next((name for name, p in applied if loc[: len(p)] == p), None)
+        # The variable that set this field, or one above or below it (CAR_ROUTING__PREFER_LOCAL__X
+        # made prefer_local a table; the file is not to blame).
+        culprit = next((name for name, p in applied if loc[: len(p)] == p or p[: len(loc)] == loc), None)
         if culprit:
             raise ConfigError(err["msg"], path=f"${culprit}", field=".".join(loc)) from None
         raise ConfigError(err["msg"], path=str(path), field=".".join(loc)) from None

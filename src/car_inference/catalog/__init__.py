@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from .._tomlfile import config_error, read_toml, validate_file
+from .._tomlfile import config_error, read_toml, readable_exists, validate_file
 from ..errors import ConfigError
 from ..schema import KINDS, HostConfig, ModelCapability, ModelSchema, RemoteApiSource
 
@@ -191,7 +191,7 @@ def load_catalog(user_file: Path | None) -> Catalog:
         entries[data["id"]] = (copy.deepcopy(data), origin, "", None)
 
     endpoints: list[EndpointConfig] = []
-    if user_file is not None and user_file.exists():
+    if user_file is not None and readable_exists(user_file):
         parsed, text = _read(user_file)
         hosts = {name: _merge_host(hosts.get(name), h) for name, h in {**hosts, **parsed.hosts}.items()}
         endpoints = parsed.endpoints
