@@ -87,6 +87,14 @@ def test_preferred_that_cannot_serve_the_request_is_skipped() -> None:
     assert router.decide(HELLO, reg, preferred="nope/none").model_id in {"a/text", "b/tools"}
 
 
+def test_a_preferred_model_that_is_not_available_is_skipped_saying_so() -> None:
+    """It was the decision (strategy preferred) while generation ran another model without a word."""
+    reg = UnifiedRegistry([remote("a/keyless"), local("l/free")], key_check=lambda env: False)
+    decision = make_router().decide(HELLO, reg, preferred="a/keyless")
+    assert decision.model_id == "l/free" and decision.strategy is not RoutingStrategy.PREFERRED
+    assert "preferred a/keyless not available" in decision.reason
+
+
 def test_explicit_model_wins_with_no_fallbacks_and_no_scoring() -> None:
     """A named model is never replaced by the router (the engine adds the user's configured
     fallbacks for it), and it pays for no candidate scoring."""

@@ -173,11 +173,15 @@ class AdaptiveRouter:
         strategy, note = RoutingStrategy.ADAPTIVE, ""
         if preferred:
             found = registry.find(preferred)
-            if found is not None and a.required <= {c.value for c in found.capabilities}:
+            if found is not None and found.available and a.required <= {c.value for c in found.capabilities}:
                 pinned, strategy = found, RoutingStrategy.PREFERRED
-            else:
+            else:  # routed instead, saying why (an unavailable one was "chosen", then replaced)
                 note = f"preferred {preferred} " + (
-                    "not in catalog" if found is None else "lacks a capability"
+                    "not in catalog"
+                    if found is None
+                    else "not available"
+                    if not found.available
+                    else "lacks a capability"
                 )
         exact: dict[str, int] = {}  # model id -> prompt tokens on its own tokenizer
         measure = self._measurer(request, exact)
