@@ -178,3 +178,70 @@ def test_unknown_names_and_runtimes_are_clear_errors(isolated_home: Path) -> Non
     assert code == 2 and "only vllm is provisioned" in err
     code, out, _ = car("runtimes", "install", "vllm", "--dry-run")
     assert code == 0 and "'vllm>=0.8.0'" in out and str(isolated_home / "runtimes" / "vllm") in out
+
+
+def test_runtimes_start_follows_the_configured_idle_timeout(isolated_home: Path) -> None:
+    """`[runtimes] idle_timeout_s` was overwritten by the option's default (run until stopped):
+    only --idle-timeout stopped it. The built-in 15 minutes still does not apply to it."""
+    _setup(isolated_home)
+    with (isolated_home / "config.toml").open("a") as f:
+        f.write("[runtimes]\nidle_timeout_s = 1\n")
+    child = subprocess.run(
+        [sys.executable, "-m", "car_inference", "runtimes", "start", "smollm2-served"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "CAR_HOME": str(isolated_home)},
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    assert f"{INSTANCE}: stopped (idle timeout)" in child.stderr
+
+
+def test_a_stop_that_times_out_says_it_is_still_stopping(isolated_home: Path) -> None:
+    """It printed "not running" with status 0 for a server that was running (and then stopped)."""
+    from car_inference.runtimes.state import RunFiles
+
+    _setup(isolated_home)
+    owner = RunFiles(isolated_home, INSTANCE)
+    assert owner.try_lock()  # a process that supervises it and has not seen the request yet
+    owner.write_state({"name": INSTANCE, "state": "running", "owner_pid": 4242, "pid": 4243})
+    try:
+        code, out, err = car("runtimes", "stop", INSTANCE, "--timeout", "0.3")
+        assert code == 1 and "not running" not in out
+        assert f"{INSTANCE}: still stopping after 0.3 s; its owner (pid 4242) was asked" in " ".join(
+            err.split()
+        )
+        assert owner.stop_requested(), "the request stays for the owner"
+    finally:
+        owner.unlock()
+    code, out, _ = car("runtimes", "stop", INSTANCE)  # the owner is gone: its record is cleared
+    assert code == 0 and "not running" in out
+
+
+def test_a_per_model_runtimes_name_lists_its_instances(isolated_home: Path) -> None:
+    """`car runtimes start llamacpp` said no managed model runs on llamacpp while one did."""
+    _setup(isolated_home)
+    code, _, err = car("runtimes", "start", "llamacpp")
+    assert code == 2 and "llamacpp runs one server per model" in err and INSTANCE in err
+
+
+def test_an_old_vllm_is_named_with_the_version_gate(isolated_home: Path, tmp_path: Path) -> None:
+    """An old vllm on PATH was "not installed" in `car runtimes list` and in the model's error."""
+    old = tmp_path / "bin" / "vllm"
+    old.parent.mkdir()
+    old.write_text(f"#!{sys.executable}\nprint('0.7.3')\n")
+    old.chmod(0o755)
+    (isolated_home / "models.toml").write_text(
+        '[[models]]\nid = "test/qwen-vllm"\nname = "qwen-vllm"\nprovider = "test"\n'
+        'capabilities = ["generate"]\n[models.source]\nkind = "vllm"\n'
+        'endpoint = "http://127.0.0.1:19199"\nmodel_name = "Qwen/Qwen3-0.6B"\nmanaged = true\n'
+    )
+    env = {**os.environ, "CAR_HOME": str(isolated_home), "PATH": f"{old.parent}:{os.environ['PATH']}"}
+    env.pop("CAR_VLLM_BIN", None)
+    said = f"vllm 0.7.3 at {old} is older than 0.8.0"
+    for argv in (["runtimes", "list"], ["generate", "-m", "qwen-vllm", "--no-stream", "hi"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "car_inference", *argv],
+            capture_output=True, text=True, timeout=120, check=False, env=env,
+        )  # fmt: skip
+        shown = " ".join((done.stdout + done.stderr).split())
+        assert said in shown and "vllm runtime is not installed" not in shown, shown
+        assert "CAR_VLLM_BIN" in shown

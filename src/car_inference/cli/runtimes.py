@@ -33,18 +33,20 @@ def list_runtimes(as_json: JsonOpt = False) -> None:
     """Each runtime (installed? version) and each instance: running ones (in any process) and the
     catalog's managed models that nothing runs yet."""
     eng = engine()
-    kinds = [
-        {"runtime": spec.name, "serves_kind": spec.kind, "installed": spec.command() is not None,
-         "version": spec.version(), "install": spec.install_hint}
-        for spec in eng.runtimes.specs.values()
-    ]  # fmt: skip
+    kinds = []
+    for spec in eng.runtimes.specs.values():
+        problem = spec.problem()  # not just "not installed": an old vllm found is said so
+        kinds.append({
+            "runtime": spec.name, "serves_kind": spec.kind, "installed": problem is None,
+            "version": spec.version(), "install": spec.install_hint, "problem": problem,
+        })  # fmt: skip
     instances = eng.runtimes.statuses()
     if as_json:
         print_json({"runtimes": kinds, "instances": [s.model_dump(mode="json") for s in instances]})
         return
     for row in kinds:
         found = f"[green]{escape(str(row['version'] or 'installed'))}[/]"
-        where = found if row["installed"] else f"[dim]not installed: {escape(str(row['install']))}[/]"
+        where = found if row["installed"] else f"[dim]{escape(str(row['problem']))}[/]"
         out.print(f"[bold]{escape(str(row['runtime']))}[/] ({row['serves_kind']} models): {where}")
     table = Table(header_style="bold")
     for column in ("instance", "model", "state", "url", "pid", "owner", "restarts", "idle"):
@@ -66,7 +68,11 @@ def list_runtimes(as_json: JsonOpt = False) -> None:
 def start(
     name: NameArg,
     idle_timeout: Annotated[
-        float | None, typer.Option(help="stop after this many idle seconds (default: run until stopped)")
+        float | None,
+        typer.Option(
+            help="stop after this many idle seconds; 0: never (default: [runtimes] idle_timeout_s "
+            "when config.toml or CAR_RUNTIMES__IDLE_TIMEOUT_S sets it, else run until stopped)"
+        ),
     ] = None,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait for it to answer")] = None,
     as_json: JsonOpt = False,
@@ -76,7 +82,11 @@ def start(
     from ..runtimes.supervisor import RuntimeState
 
     eng = engine()
-    eng.runtimes.settings.idle_timeout_s = idle_timeout
+    settings = eng.runtimes.settings
+    if idle_timeout is not None:
+        settings.idle_timeout_s = idle_timeout
+    elif "idle_timeout_s" not in settings.model_fields_set:  # only the built-in 15 minutes
+        settings.idle_timeout_s = None  # a server started on purpose runs until stopped
     if timeout is not None:
         eng.runtimes.settings.start_timeout_s = timeout
     runtime = eng.runtimes.find(name)
@@ -121,7 +131,7 @@ def stop(name: NameArg, timeout: Annotated[float, typer.Option(help="seconds to 
 
     eng = engine()
     runtime = eng.runtimes.find(name)
-    if stop_elsewhere(eng.runtimes.home, runtime.name, timeout_s=timeout):
+    if stop_elsewhere(eng.runtimes.home, runtime.name, timeout_s=timeout):  # still running: an error
         out.print(f"{runtime.name}: stopped")
     else:
         out.print(f"{runtime.name}: not running")

@@ -26,7 +26,14 @@ import httpx
 
 from ..backends.base import PromptCounter
 from ..config import CarConfig
-from ..errors import InferenceError, InvalidInput, ModelNotFound, ProviderError, close_matches
+from ..errors import (
+    InferenceError,
+    InferenceFailed,
+    InvalidInput,
+    ModelNotFound,
+    ProviderError,
+    close_matches,
+)
 from ..requests import TokenUsage
 from ..schema import ModelSchema, OpenAISource
 from ..stream import Done, UsageEvent
@@ -121,6 +128,12 @@ class RuntimeSupervisor:
         if found is not None:  # known, but runs in-process or on a server nobody starts for it
             raise InvalidInput(f"{found.id} is not a managed model, so no runtime runs it: {hint}")
         if name in RUNTIME_FOR_KIND.values():
+            on_it = [self.spec_for(m).instance(m) for m in models if self.spec_for(m).name == name]
+            if on_it:  # one server per model: which one is meant
+                raise InvalidInput(
+                    f"{name} runs one server per model: name one of its instances ({', '.join(on_it)}) "
+                    "or a managed model"
+                )
             raise InvalidInput(f"no managed model runs on {name}: {hint}")
         names = [self.spec_for(m).instance(m) for m in models] + [m.id for m in models]
         raise ModelNotFound(name, close_matches(name, names, n=3))
@@ -243,7 +256,8 @@ def disk_status(home: Path, name: str) -> RuntimeStatus | None:
 def stop_elsewhere(home: Path, name: str, timeout_s: float = 30.0) -> bool:
     """Ask the process that owns ``name`` to stop it and wait until it has. A record whose owner
     died (its lock is free) is cleaned up, and a server still alive from it is sent SIGTERM.
-    False when nothing was running."""
+    False when nothing was running; ``InferenceFailed`` when it still runs after ``timeout_s``
+    (its owner stops it when it sees the request)."""
     files = RunFiles(home, name)
     if not files.locked_elsewhere():
         record = files.read_state()
@@ -260,8 +274,16 @@ def stop_elsewhere(home: Path, name: str, timeout_s: float = 30.0) -> bool:
         if not files.locked_elsewhere():
             files.clear_stop()
             return True
-        time.sleep(0.2)
-    return files.locked_elsewhere() is False
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    if not files.locked_elsewhere():
+        files.clear_stop()
+        return True
+    owner = (files.read_state() or {}).get("owner_pid")
+    raise InferenceFailed(
+        f"{name}: still stopping after {timeout_s:g} s; its owner"
+        + (f" (pid {owner})" if owner else "")
+        + " was asked and stops it when it sees the request (`car runtimes list` shows when)"
+    )
 
 
 class ManagedBackend:

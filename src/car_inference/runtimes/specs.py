@@ -158,10 +158,17 @@ class RuntimeSpec:
         loads; ``require`` makes the full check on first use)."""
         return self.command() is not None
 
+    def problem(self) -> str | None:
+        """Why no server can be started here (None when one can): the full check, which
+        ``require`` raises and `car runtimes list` shows."""
+        if self.command() is not None:
+            return None
+        return f"the {self.name} runtime is not installed: {self.install_hint}"
+
     def require(self, model_id: str) -> list[str]:
         found = self.command()
         if found is None:
-            raise ModelUnavailable(model_id, f"the {self.name} runtime is not installed: {self.install_hint}")
+            raise ModelUnavailable(model_id, self.problem() or f"the {self.name} runtime is not installed")
         return found
 
     def served_source(self, base_url: str, wire_name: str) -> dict[str, Any] | None:
@@ -230,6 +237,7 @@ class LlamaCppServerSpec(RuntimeSpec):
 
 VLLM_MIN = (0, 8, 0)  # the oldest release whose `vllm serve` flags this spec was written against
 VLLM_PIP_SPEC = "vllm>=0.8.0"
+_MIN = ".".join(map(str, VLLM_MIN))
 
 
 class VllmSpec(RuntimeSpec):
@@ -278,6 +286,24 @@ class VllmSpec(RuntimeSpec):
         found = self.locate(self.home)
         parsed = binary_version(found) if found else None
         return ".".join(map(str, parsed)) if parsed else None
+
+    def problem(self) -> str | None:
+        """Not "not installed" when a vllm was found and skipped: which, and why."""
+        if self.command() is not None:
+            return None
+        skipped = []
+        for candidate in self.candidates(self.home):
+            found = binary_version(candidate)
+            if found is None:
+                skipped.append(f"{candidate} does not tell its version (`vllm --version` failed)")
+            elif found < VLLM_MIN:
+                skipped.append(f"vllm {'.'.join(map(str, found))} at {candidate} is older than {_MIN}")
+        if not skipped:
+            return super().problem()
+        return (
+            f"{'; '.join(skipped)}: upgrade it (`pip install -U '{VLLM_PIP_SPEC}'`), set $CAR_VLLM_BIN "
+            "to it to use it anyway, or run `car runtimes install vllm`"
+        )
 
     def serve_args(self, model: ModelSchema) -> list[str]:
         """What follows ``vllm serve``: the weights, where to listen, the name to serve them as."""
