@@ -224,3 +224,42 @@ def test_unknown_host_reference_is_reported(isolated_home: Path) -> None:
     )
     with pytest.raises(ConfigError, match="unknown host 'nowhere'"):
         load_catalog(path)
+
+
+MINE = '[[models]]\nid = "me/mine"\nname = "{name}"\nprovider = "me"\ncapabilities = ["generate"]\n'
+MINE += 'context_length = 4096\n[models.source]\nkind = "openai"\nbase_url = "http://127.0.0.1:9/v1"\n'
+
+
+def test_a_user_model_taking_a_built_in_name_is_an_error(isolated_home: Path) -> None:
+    """The built-in kept the name, and the user's model could never be reached by it."""
+    path = isolated_home / "models.toml"
+    path.write_text(MINE.format(name="smollm2"))
+    with pytest.raises(ConfigError, match=r"me/mine: the name 'smollm2' is already huggingface/smollm2"):
+        load_catalog(path)
+    path.write_text(MINE.format(name="mine"))
+    assert any(m.id == "me/mine" for m in load_catalog(path).models)
+
+
+def test_an_endpoint_named_like_a_provider_cannot_shadow_its_models(isolated_home: Path) -> None:
+    """openai/gpt-4o-mini stayed the built-in: requests meant for the user's server went to OpenAI."""
+    path = isolated_home / "models.toml"
+    path.write_text(
+        '[[endpoints]]\nname = "openai"\nbase_url = "http://127.0.0.1:9/v1"\nmodels = ["gpt-4o-mini"]\n'
+    )
+    with pytest.raises(ConfigError, match="endpoint 'openai' would serve openai/gpt-4o-mini, a built-in"):
+        load_catalog(path)
+    # Endpoint models are named as their server calls them: a built-in's name is fine there.
+    path.write_text('[[endpoints]]\nname = "box"\nbase_url = "http://127.0.0.1:9/v1"\nmodels = ["smollm2"]\n')
+    assert any(m.id == "box/smollm2" for m in load_catalog(path).models)
+
+
+def test_an_id_or_an_endpoint_defined_twice_is_an_error(isolated_home: Path) -> None:
+    path = isolated_home / "models.toml"
+    path.write_text(MINE.format(name="a") + MINE.format(name="b"))
+    with pytest.raises(ConfigError, match="model me/mine is defined twice") as info:
+        load_catalog(path)
+    assert "models.toml:10" in str(info.value)  # the second entry's line
+    twice = '[[endpoints]]\nname = "box"\nbase_url = "http://127.0.0.1:9/v1"\nmodels = ["a"]\n'
+    path.write_text(twice + twice.replace('"a"', '"b"'))
+    with pytest.raises(ConfigError, match="endpoint 'box' is defined twice"):
+        load_catalog(path)

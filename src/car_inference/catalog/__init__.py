@@ -195,6 +195,7 @@ def load_catalog(user_file: Path | None) -> Catalog:
         parsed, text = _read(user_file)
         hosts = {name: _merge_host(hosts.get(name), h) for name, h in {**hosts, **parsed.hosts}.items()}
         endpoints = parsed.endpoints
+        _check_unique(parsed, user_file, text)
         for index, data in enumerate(parsed.models):
             model_id = data.get("id")
             if not isinstance(model_id, str):
@@ -221,13 +222,62 @@ def load_catalog(user_file: Path | None) -> Catalog:
                 raise config_error(exc, Path(origin), Path(origin).read_text(), ("models",)) from None
             raise config_error(exc, Path(origin), text, ("models", entry_index)) from None
         models.append(_resolve_host(schema, hosts, origin))
-    seen = {m.id for m in models}
+    seen = {m.id: origin for m, (_, origin, _, _) in zip(models, entries.values(), strict=True)}
+    named = {i for i, o in seen.items() if o == str(user_file)}  # [[models]] entries of the file
     for endpoint in endpoints:
         for schema in endpoint.to_schemas():
             if schema.id not in seen:
                 models.append(schema)
-                seen.add(schema.id)
+                seen[schema.id] = str(user_file)
+            elif seen[schema.id] != str(user_file):  # requests meant for it went to the built-in's host
+                raise ConfigError(
+                    f"endpoint {endpoint.name!r} would serve {schema.id}, a built-in model's id: give the "
+                    f"endpoint another name (or point the provider elsewhere with [hosts.{endpoint.name}])",
+                    path=str(user_file),
+                    field=f"endpoints.{endpoints.index(endpoint)}.name",
+                )
+    if user_file is not None:  # an endpoint's models are named as the server calls them: not checked
+        _check_names(models, named, user_file)
     return Catalog(models=models, hosts=hosts, endpoints=endpoints)
+
+
+def _check_unique(parsed: _CatalogFile, path: Path, text: str) -> None:
+    """Each id and each endpoint name once in the file: a second entry merged into the first, and
+    two endpoints of one name split its models between their servers, without a word."""
+    first: dict[str, int] = {}
+    for index, data in enumerate(parsed.models):
+        model_id = data.get("id")
+        if isinstance(model_id, str) and first.setdefault(model_id, index) != index:
+            raise ConfigError(
+                f"model {model_id} is defined twice (also at entry {first[model_id] + 1}): merge them",
+                path=str(path),
+                line=_entry_line(text, index),
+                field=f"models.{index}.id",
+            )
+    names: dict[str, int] = {}
+    for index, endpoint in enumerate(parsed.endpoints):
+        if names.setdefault(endpoint.name, index) != index:
+            raise ConfigError(
+                f"endpoint {endpoint.name!r} is defined twice: give each a name of its own",
+                path=str(path),
+                field=f"endpoints.{index}.name",
+            )
+
+
+def _check_names(models: list[ModelSchema], user_ids: set[str], path: Path) -> None:
+    """A name or alias of a model of ``path`` that another model has too: lookups found the
+    built-in one (registered first), and the user's model could not be reached by it."""
+    owner: dict[str, str] = {}
+    for model in sorted(models, key=lambda m: m.id in user_ids):  # the built-ins first
+        for name in dict.fromkeys(n.lower() for n in (model.name, *model.aliases)):
+            other = owner.setdefault(name, model.id)
+            if other != model.id and model.id in user_ids:
+                raise ConfigError(
+                    f"model {model.id}: the name {name!r} is already {other}'s: choose another, or "
+                    f"override {other} by its id",
+                    path=str(path),
+                    field="models.name",
+                )
 
 
 def _refine_endpoint(
