@@ -490,6 +490,10 @@ def load_config(home: Path | None = None, env: Mapping[str, str] | None = None) 
     path = home / "config.toml"
     data: dict[str, Any] = {}
     text = ""
+    if home.is_file():  # `car config show` said "not present" and exited 0
+        raise ConfigError(
+            "the car home (CAR_HOME) cannot be used: it is a file, not a folder", path=str(home)
+        )
     if readable_exists(path):
         data, text = read_toml(path)
         validate_file(CarConfig, data, path, text)  # file errors point into the file

@@ -293,6 +293,23 @@ def test_config_show_prints_toml(isolated_home: Path) -> None:
     assert "[preferred]\n# generate = (not set)\n" in out  # unset settings are comments, not None
 
 
+def test_config_show_escapes_control_characters_and_refuses_a_file_home(
+    isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (isolated_home / "config.toml").write_text('[defaults]\ngenerate = "a\\u007fb"\n')
+    code, out, _ = car("config", "show")
+    assert code == 0 and tomllib.loads(out)["defaults"]["generate"] == "a\x7fb"  # a raw DEL: no TOML
+    monkeypatch.setenv("CAR_HOME", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("")
+    code, _, err = car("config", "show")  # it said "not present" and exited 0
+    assert code == 2 and "it is a file, not a folder" in err
+
+
+def test_a_provider_filter_ignores_case() -> None:
+    code, out, err = car("models", "list", "--provider", "OpenAI")
+    assert code == 0 and "no provider" not in err and "openai/" in out
+
+
 class _Output:
     """A child's stdout read as it comes (a prompt has no newline), to wait for text in it."""
 

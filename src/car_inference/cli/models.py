@@ -48,7 +48,7 @@ def list_models(
     eng = engine()
     if provider is not None:
         providers = sorted({m.provider for m in eng.list_models()})
-        if provider not in providers:  # printed "0 model(s)" with no hint
+        if provider.lower() not in {p.lower() for p in providers}:  # printed "0 model(s)" with no hint
             close = close_matches(provider, providers)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             known = ", ".join(providers)
@@ -406,8 +406,8 @@ def _value(value: Any) -> str:
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, int | float):
         return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, str):  # DEL is a control character TOML wants escaped (json leaves it)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(_value(v) for v in value if v is not None) + "]"
     if isinstance(value, dict):
