@@ -100,7 +100,8 @@ def config_error(
     clean = [p for i, p in enumerate(loc) if not (i and loc[i - 1] == "source" and p in _UNION_TAGS)]
     field = ".".join(str(p) for p in clean)
     more = len(exc.errors()) - 1
-    message = err["msg"] + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+    msg = err["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's own message
+    message = msg + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
     return ConfigError(message, path=str(path), line=locate(text, clean), field=field or None)
 
 

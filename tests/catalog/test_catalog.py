@@ -263,3 +263,11 @@ def test_an_id_or_an_endpoint_defined_twice_is_an_error(isolated_home: Path) -> 
     path.write_text(twice + twice.replace('"a"', '"b"'))
     with pytest.raises(ConfigError, match="endpoint 'box' is defined twice"):
         load_catalog(path)
+
+
+def test_a_validators_message_comes_without_pydantics_prefix(isolated_home: Path) -> None:
+    path = isolated_home / "models.toml"
+    path.write_text(MINE.replace('"me/mine"', '"justname"').format(name="x"))
+    with pytest.raises(ConfigError, match="id 'justname' must look like") as info:
+        load_catalog(path)
+    assert "Value error" not in str(info.value)
