@@ -215,7 +215,7 @@ async def test_a_managed_model_whose_runtime_is_not_installed_is_not_available(
     assert runtime_problem(specs, _vllm_model()) == f"the vllm runtime is not installed: {hint}"
     assert runtime_problem(specs, _vllm_model(managed=False)) is None, "a server the user runs"
     (isolated_home / "models.toml").write_text(
-        '[[models]]\nid = "local/qwen3-0.6b-vllm"\nname = "qwen3-0.6b"\nprovider = "local"\n'
+        '[[models]]\nid = "local/qwen3-0.6b-vllm"\nname = "qwen3-0.6b-vllm"\nprovider = "local"\n'
         'capabilities = ["generate"]\ncontext_length = 4096\nquality = 0.99\n'
         '[models.source]\nkind = "vllm"\nmodel_name = "Qwen/Qwen3-0.6B"\nmanaged = true\n'
     )
