@@ -14,7 +14,7 @@ from keyring.backends import fail
 from car_inference.config import CarConfig
 from car_inference.errors import ConfigError, InferenceError
 from car_inference.secrets import SERVICE, ResolvedKey, SecretStore, SecretStoreUnavailable, resolve_keys
-from fakes.keyring import MemoryKeyring
+from fakes.keyring import FileKeyring, MemoryKeyring
 
 SECRET = "sk-secret-value-12345678"
 
@@ -120,8 +120,61 @@ def test_an_unreadable_index_is_refused_not_replaced(tmp_path: Path, memory_keyr
     store = SecretStore(tmp_path)
     store.put("KEY_A", "sk-a-value-1234")
     (tmp_path / "secrets.json").write_text('{"names": ["KEY_A", ')  # cut short
-    with pytest.raises(ConfigError, match=r"secrets\.json cannot be read"):
+    with pytest.raises(ConfigError, match=r"secrets\.json: cannot be read"):
         store.put("KEY_B", "sk-b-value-1234")
     with pytest.raises(ConfigError, match="delete it and put the keys again"):
         store.delete("KEY_A")
     assert (tmp_path / "secrets.json").read_text() == '{"names": ["KEY_A", '
+
+
+def test_puts_at_once_keep_every_value_in_a_file_keyring(tmp_path: Path) -> None:
+    """keyrings.alt's file backend (the README's headless suggestion) rewrites its file whole: puts
+    at once kept every name in the index but lost values, older ones included."""
+    import threading
+
+    previous = keyring.get_keyring()
+    keyring.set_keyring(FileKeyring(tmp_path / "keyring.json"))
+    try:
+        SecretStore(tmp_path).put("OLDER", "sk-older-value")
+        names = [f"KEY_{i}" for i in range(12)]
+        start = threading.Barrier(len(names))
+
+        def put(name: str) -> None:
+            start.wait()
+            SecretStore(tmp_path).put(name, f"sk-{name.lower()}-value")
+
+        threads = [threading.Thread(target=put, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        store = SecretStore(tmp_path)
+        assert {n: store.get(n) for n in [*names, "OLDER"]} == {
+            **{n: f"sk-{n.lower()}-value" for n in names},
+            "OLDER": "sk-older-value",
+        }
+    finally:
+        keyring.set_keyring(previous)
+
+
+@pytest.mark.parametrize("index", ["[1, 2]", '{"names": "OPENAI_API_KEY"}'])
+def test_an_index_of_the_wrong_shape_is_refused_and_nothing_is_stored(
+    tmp_path: Path, memory_keyring: MemoryKeyring, index: str
+) -> None:
+    """`[1, 2]` was replaced by the one new name; a string of names was read letter by letter; and
+    a refused put had stored its value already, unlisted."""
+    (tmp_path / "secrets.json").write_text(index)
+    with pytest.raises(ConfigError, match=r'not \{"names": \[\.\.\.\]\}'):
+        SecretStore(tmp_path).put("NEWONE", "sk-new-value-1234")
+    assert (tmp_path / "secrets.json").read_text() == index and not memory_keyring.data
+
+
+def test_a_key_a_header_cannot_carry_is_skipped_and_refused(
+    tmp_path: Path, memory_keyring: MemoryKeyring
+) -> None:
+    """A pasted zero-width space failed every request it was picked for ("malformed response")."""
+    env = {"OPENAI_API_KEYS": "sk-good-key-1,sk-bad-key-2\u200b,sk-line\nbreak"}
+    assert [k.value for k in resolve_keys("OPENAI_API_KEY", env=env)] == ["sk-good-key-1"]
+    with pytest.raises(ConfigError, match="a character an HTTP header cannot carry"):
+        SecretStore(tmp_path).put("OPENAI_API_KEY", "sk-bad\u200b")
+    assert [k.value for k in resolve_keys("OPENAI_API_KEY", env={"OPENAI_API_KEY": "sk a\tb"})] == ["sk a\tb"]

@@ -39,6 +39,8 @@ __all__ = [
     "SecretStore",
     "SecretStoreUnavailable",
     "atomic_write_text",
+    "check_name",
+    "header_safe",
     "no_usable_key",
     "resolve_keys",
 ]
@@ -141,15 +143,24 @@ class SecretStore:
         value = value.strip()
         if not value:
             raise ConfigError(f"refusing to store an empty value for {name}")
+        if not header_safe(value):
+            raise ConfigError(
+                f"refusing to store {name}: it holds a character an HTTP header cannot carry "
+                "(a zero-width space, a line break, a non-ASCII letter?)"
+            )
         keyring = self._keyring()
-        try:
-            keyring.set_password(self.service, name, value)
-        except keyring.errors.KeyringError as exc:
-            raise SecretStoreUnavailable(
-                f"the keyring refused to store {name}: {type(exc).__name__}"
-            ) from None
+        # The keyring's write inside the index's lock, after the index reads: a file keyring
+        # rewrites its whole file, and puts at once lost each other's values (and older ones);
+        # a value stored before an unreadable index refused the put was kept, never listed.
         with self._index_locked():
-            self._write_index(sorted({*self._indexed(), name}))
+            names = self.indexed()
+            try:
+                keyring.set_password(self.service, name, value)
+            except keyring.errors.KeyringError as exc:
+                raise SecretStoreUnavailable(
+                    f"the keyring refused to store {name}: {type(exc).__name__}"
+                ) from None
+            self._write_index(sorted({*names, name}))
 
     def get(self, name: str) -> str | None:
         """The stored value, or None when absent or when the keyring cannot be used."""
@@ -167,27 +178,25 @@ class SecretStore:
         check_name(name)
         keyring = self._keyring()
         with self._index_locked():
-            existed = name in self._indexed()
+            existed = name in self.indexed()
             try:
                 keyring.delete_password(self.service, name)
                 existed = True
             except keyring.errors.PasswordDeleteError:
                 pass
-            self._write_index([n for n in self._indexed() if n != name])
+            self._write_index([n for n in self.indexed() if n != name])
         return existed
 
     def names(self) -> list[str]:
+        """The stored names; an unreadable index reads as none, with a warning (key resolution
+        must go on: the environment and config.toml still give keys). ``indexed`` refuses it."""
         try:
-            data = json.loads(self.index_path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError):
+            return self.indexed()
+        except ConfigError:
             log.warning("ignoring unreadable %s", self.index_path)
             return []
-        names = data.get("names", []) if isinstance(data, dict) else []
-        return sorted(n for n in names if isinstance(n, str) and _NAME.match(n))
 
-    def _indexed(self) -> list[str]:
+    def indexed(self) -> list[str]:
         """``names()`` for a change of the index: an unreadable index is refused, not replaced by
         the one name being stored (the others' keys were then never looked up again)."""
         try:
@@ -195,13 +204,18 @@ class SecretStore:
         except FileNotFoundError:
             return []
         except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"{self.index_path} cannot be read ({exc}): fix it, or delete it and put the keys again"
-                " (the keyring keeps their values; this file lists their names)",
-                path=str(self.index_path),
-            ) from None
-        names = data.get("names", []) if isinstance(data, dict) else []
-        return sorted(n for n in names if isinstance(n, str) and _NAME.match(n))
+            problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        else:
+            names = data.get("names") if isinstance(data, dict) else None
+            if isinstance(names, list):
+                return sorted(n for n in names if isinstance(n, str) and _NAME.match(n))
+            # `[1, 2]` was replaced, `{"names": "OPENAI_API_KEY"}` read letter by letter
+            problem = 'not {"names": [...]}'
+        raise ConfigError(
+            f"cannot be read ({problem}): fix it, or delete it and put the keys again"
+            " (the keyring keeps their values; this file lists their names)",
+            path=str(self.index_path),
+        )
 
     @contextlib.contextmanager
     def _index_locked(self) -> Iterator[None]:
@@ -260,7 +274,7 @@ def resolve_keys(
 
     def add(values: list[str], source: str) -> None:
         for value in values:
-            if value not in seen:
+            if value not in seen and _sendable(value, env_var, source):
                 seen.add(value)
                 found.append(ResolvedKey(value, source))
 
@@ -271,6 +285,31 @@ def resolve_keys(
     if store is not None:
         add(_split(store.get(env_var)), "keyring")
     return found
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def header_safe(value: str) -> bool:
+    """Whether ``value`` can go in an HTTP header (printable ASCII, spaces and tabs)."""
+    return all(" " <= c <= "~" or c == "\t" for c in value)
+
+
+def _sendable(value: str, env_var: str, source: str) -> bool:
+    """A key an HTTP header can carry; another (a pasted zero-width space or line break) failed
+    every request it was picked for as a "malformed response", never rotated past: skipped, said
+    once per variable and source (never the key)."""
+    if header_safe(value):
+        return True
+    if (env_var, source) not in _WARNED:
+        _WARNED.add((env_var, source))
+        log.warning(
+            "a key in %s (%s) holds a character an HTTP header cannot carry (a pasted zero-width "
+            "space or line break?): it is skipped",
+            env_var,
+            source,
+        )
+    return False
 
 
 def no_usable_key(env_var: str, refused: bool) -> str:

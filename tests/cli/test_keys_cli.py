@@ -49,7 +49,7 @@ def test_secrets_put_list_rm(memory_keyring: MemoryKeyring, isolated_home: Path)
 def test_secrets_put_errors(memory_keyring: MemoryKeyring) -> None:
     code, _, err = car("secrets", "put", "OPENAI_API_KEY", input="\n")
     assert code == 2 and "no value" in err
-    code, _, err = car("secrets", "put", "not a name", input="x")
+    code, _, err = car("secrets", "put", "not a name", input="")  # the name first, before any value
     assert code == 2 and "not a valid secret name" in err
     code, _, err = car("secrets", "put", "", input="x")  # said "no value given for " (the value)
     assert code == 2 and "the secret's name is empty" in err
@@ -112,3 +112,12 @@ def test_secrets_list_without_a_keyring_says_so() -> None:
     finally:
         keyring.set_keyring(previous)
     assert code == 1 and out == "" and "keyring backend" in err and len(err.strip().splitlines()) == 1
+
+
+def test_secrets_list_of_an_unreadable_index_is_an_error(
+    memory_keyring: MemoryKeyring, isolated_home: Path
+) -> None:
+    """It printed nothing and exited 0: "nothing stored", which was not so."""
+    (isolated_home / "secrets.json").write_text('{"names": ["OPENAI_API_KEY", ')
+    code, out, err = car("secrets", "list")
+    assert code == 2 and "cannot be read" in err and not out

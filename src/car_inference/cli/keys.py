@@ -12,7 +12,7 @@ from rich.table import Table
 from ..config import load_config
 from ..errors import close_matches
 from ..keys import KeyPool, KeyStats
-from ..secrets import SecretStore
+from ..secrets import SecretStore, check_name
 from .common import EXIT_USAGE, err, fail, handle_errors, out, print_json
 
 keys_app = typer.Typer(help="API keys in rotation: health and statistics.", no_args_is_help=True)
@@ -113,6 +113,7 @@ def put(name: NameArg) -> None:
     # Hidden prompt at a terminal (never echoed); piped input keeps it scriptable.
     if not name.strip():  # said "no value given for " about the value
         raise fail("the secret's name is empty: give the key variable it stands for, e.g. OPENAI_API_KEY", 2)
+    check_name(name)  # before the prompt: a bad name was said only after the secret was typed
     value = typer.prompt(name, hide_input=True) if sys.stdin.isatty() else sys.stdin.read()
     value = value.strip()
     if not value:
@@ -127,7 +128,7 @@ def list_secrets(as_json: JsonOpt = False) -> None:
     """Names of the keys stored with `car secrets put` (never their values)."""
     store = SecretStore(load_config().home)
     store.ensure_available()  # without a keyring an empty list would say "nothing stored": not so
-    names = store.names()
+    names = store.indexed()  # an unreadable index is an error, not "nothing stored"
     if as_json:
         print_json(names)
         return
