@@ -167,13 +167,19 @@ class UnifiedRegistry:
 
     # --- availability ------------------------------------------------------------------------
 
-    def refresh_availability(self, locality: Locality | None = None) -> None:
-        """Recompute availability, of every model or of those whose kind has ``locality``."""
+    def refresh_availability(self, locality: Locality | None = None) -> bool:
+        """Recompute availability, of every model or of those whose kind has ``locality``;
+        whether any changed (``version`` moves only then: the router's views stay cached)."""
+        changed = False
         for model_id, schema in list(self._models.items()):
             if locality is None or schema.spec.locality is locality:
                 available = self._compute_available(schema)
-                self._models[model_id] = schema.model_copy(update={"available": available})
-        self.version += 1
+                if available != schema.available:
+                    self._models[model_id] = schema.model_copy(update={"available": available})
+                    changed = True
+        if changed:
+            self.version += 1
+        return changed
 
     def implements(self, schema: ModelSchema, capability: ModelCapability) -> bool:
         """Does the backend of ``schema`` implement ``capability``'s task? True for capabilities

@@ -172,3 +172,29 @@ def test_private_image_urls_setting_reaches_every_backend(isolated_home: Path) -
         assert backend.ctx.private_urls_ok is False
     finally:
         engine.close()
+
+
+def test_hosted_models_follow_a_key_set_after_start(
+    isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Availability was computed at start only: a server that started without a key (or with keys
+    all refused) said "not configured" after `car secrets put` / `car keys reset` until restarted."""
+    import time
+
+    from car_inference.engine.core import KEY_RECHECK_S
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEYS", raising=False)
+    engine = InferenceEngine()
+    try:
+        hosted = "openai/gpt-4o-mini"
+        assert not engine.registry.get(hosted).available  # type: ignore[union-attr]
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-set-later-1234567")
+        time.sleep(KEY_RECHECK_S)
+        engine.route(GenerateRequest(prompt="hi", model=hosted))  # a named model: no longer refused
+        assert any(m.id == hosted and m.available for m in engine.list_models())
+        monkeypatch.delenv("OPENAI_API_KEY")
+        time.sleep(KEY_RECHECK_S)
+        assert hosted not in {m.id for m in engine.list_models() if m.available}
+    finally:
+        engine.close()

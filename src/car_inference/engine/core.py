@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -66,6 +67,10 @@ __all__ = ["InferenceEngine"]
 
 log = logging.getLogger("car_inference.engine")
 
+# How old hosted models' availability may be (``keys_fresh``): as often as a refused key's reset
+# elsewhere is seen (keys.py).
+KEY_RECHECK_S = 2.0
+
 
 class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
     """One API over every model in the registry.
@@ -108,6 +113,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
             runner_check=self.runners.serves,
             runtime_check=functools.partial(runtime_problem, runtime_specs(self.config.home)),
         )
+        self._keys_checked_at = 0.0  # keys_fresh
         self.discovery = EndpointDiscovery(self.registry, self.config.remote.connect_timeout_s)
         self.registry.on_miss = self.discovery
         self.cache = ModelCache(self.config.local.cache_mb, record_dir=self.config.home / "loaded")
@@ -229,7 +235,18 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         return self.registry.resolve(name)
 
     def list_models(self) -> list[ModelSchema]:
+        self.keys_fresh()
         return self.registry.list()
+
+    def keys_fresh(self) -> None:
+        """Hosted models' availability follows their keys now, at most ``KEY_RECHECK_S`` old: a
+        key reset from another process, stored with `car secrets put` or refused (401) moved it
+        only at start, so a server that started with refused keys said "not configured" until
+        restarted, and one whose keys were all refused kept routing to those models."""
+        now = time.monotonic()
+        if now >= self._keys_checked_at:
+            self._keys_checked_at = now + KEY_RECHECK_S
+            self.registry.refresh_availability(Locality.REMOTE)
 
     def register_model(self, schema: ModelSchema) -> ModelSchema:
         expect(schema, ModelSchema, "register_model")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import InferenceError
 
 __all__ = ["Lifecycle"]
@@ -13,6 +15,10 @@ class Lifecycle:
     report raised sqlite3's own error about a closed database."""
 
     _closed = False
+
+    if TYPE_CHECKING:  # InferenceEngine's: hosted models' availability following their keys
+
+        def keys_fresh(self) -> None: ...
 
     def _check_open(self) -> None:
         if self._closed:
