@@ -14,6 +14,7 @@ from car_inference.server.common import (
     as_object,
     ascii_header,
     car_headers,
+    client_of,
     dumps,
     parse_json,
     read_call,
@@ -128,3 +129,14 @@ async def test_a_compressed_body_is_a_415_naming_its_encoding() -> None:
     assert info.value.status == 415 and "Content-Encoding gzip" in info.value.message
     plain = _request(b'{"x": 1}', [(b"content-encoding", b"identity")])
     assert await read_call(plain, dict) == {"x": 1}
+
+
+def test_one_key_is_one_client_however_its_header_is_written() -> None:
+    """`bearer a`, `BEARER a` and `Bearer  a` were clients of their own: each had its own share of
+    the per-client limit, and a video job made with one was a 404 when polled with another."""
+    scopes = [
+        {"headers": [(b"authorization", v)]} for v in (b"Bearer a", b"bearer a", b"BEARER a", b"Bearer  a ")
+    ]
+    assert len({client_of(scope, True) for scope in scopes}) == 1
+    assert client_of({"headers": [(b"authorization", b"Bearer b")]}, True) != client_of(scopes[0], True)
+    assert client_of({"headers": [(b"authorization", b"Basic a")]}, True) is None

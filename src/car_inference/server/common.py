@@ -89,14 +89,24 @@ class Limiter:
                 self.clients.pop(client, None)
 
 
+def bearer_token(headers: Any) -> bytes:
+    """The token of an ``Authorization: Bearer`` header (any case of the scheme, spaces around
+    the token dropped); empty when there is none."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else b""
+    return b""
+
+
 def client_of(scope: Mapping[str, Any], keyed: bool) -> str | None:
     """Who sent a request, for ``Limiter.per_client``: its bearer key (hashed) on a server with
     API keys, else its address; None when neither is known."""
     if keyed:
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                return "key:" + hashlib.blake2b(value, digest_size=8).hexdigest()
-        return None
+        token = bearer_token(scope.get("headers", ()))
+        # The token as matched (authorized), not the raw header: "bearer a" and "Bearer  a" were
+        # clients of their own, each with its own share of the limits.
+        return "key:" + hashlib.blake2b(token, digest_size=8).hexdigest() if token else None
     peer = scope.get("client")
     return f"addr:{peer[0]}" if peer else None
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..backends.fair import CLIENT
 from ..routing.coord_limit import FleetLimiter
-from .common import HEADER_MODEL, HEADER_TRACE, ServerState, client_of, dumps
+from .common import HEADER_MODEL, HEADER_TRACE, ServerState, bearer_token, client_of, dumps
 from .errors import ApiError, busy, describe, error_body
 
 __all__ = ["Guard", "authorized"]
@@ -69,13 +69,7 @@ def _with_request_id(send: Any) -> Any:
 def authorized(headers: list[tuple[bytes, bytes]], keys: list[bytes]) -> bool:
     """Whether the ``Authorization: Bearer`` header holds one of ``keys``. Every key is compared,
     each in constant time, so timing tells nothing about which prefix matched."""
-    given = b""
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            if scheme.lower() == b"bearer":
-                given = token.strip()
-            break
+    given = bearer_token(headers)
     ok = False
     for key in keys:
         ok |= hmac.compare_digest(given, key)
