@@ -182,6 +182,7 @@ def test_health_is_shared_between_pools(tmp_path: Path, clock: Clock) -> None:
     server = pool(tmp_path, clock, {VAR + "S": f"{A},{B}"})
     cli = pool(tmp_path, clock, {VAR + "S": f"{A},{B}"})
     server.report(VAR, A, status=401, retry_after=None)
+    server.flush()  # written on the pool's own thread: the CLI comes later (it failed under load)
     assert {r.masked: r.state for r in cli.stats([VAR])[VAR]} == {"sk-…0001": "disabled", "sk-…0002": "ok"}
     assert cli.reset(VAR) == 1
     assert server.stats([VAR])[VAR][0].state == "ok"
@@ -196,6 +197,7 @@ def test_a_reset_elsewhere_reaches_a_process_whose_keys_are_all_refused(
     server = pool(tmp_path, clock, {VAR: A})
     cli = pool(tmp_path, clock, {VAR: A})
     server.report(VAR, A, status=401, retry_after=None)
+    server.flush()
     assert server.acquire(VAR) is None and not server.has_key(VAR) and server.refused(VAR)
     assert cli.reset(VAR) == 1
     assert server.acquire(VAR) is None, "re-read at most every _RECHECK_S, not on every request"
