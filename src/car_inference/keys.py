@@ -224,9 +224,9 @@ class KeyPool:
             until = theirs if until is None else max(until, theirs)
         return record.disabled or fleet.disabled, until
 
-    def acquire(self, env_var: str) -> str | None:
-        """A key for ``env_var``: the least recently used healthy one; when all are cooling, the
-        one free soonest; None when there is none or every one is disabled."""
+    def acquire(self, env_var: str, *, resting: bool = True) -> str | None:
+        """The least recently used healthy key of ``env_var``, else (``resting``) the one cooling
+        that is free soonest; None when none is, or when every one is disabled."""
         self._recheck_if_refused(env_var)
         with self._lock:
             now = self._clock()
@@ -237,11 +237,11 @@ class KeyPool:
                 disabled, until = self._health(k.value, record)
                 if not disabled:
                     usable.append((k.value, record, until if until is not None and until > now else 0.0))
-            if not usable:
-                return None
             healthy = [(k, r, u) for k, r, u in usable if not u]
             if healthy:
                 key, record, _ = min(healthy, key=lambda kru: (kru[1].last_used or 0.0, kru[1].order))
+            elif not usable or not resting:
+                return None
             else:
                 key, record, _ = min(usable, key=lambda kru: (kru[2], kru[1].order))
             record.last_used = now
@@ -406,12 +406,12 @@ class KeyPool:
     # --- statistics ----------------------------------------------------------------------------
 
     def known_variables(self) -> set[str]:
-        """Variables with recorded statistics, configured keys, stored secrets or an
-        ``*_API_KEY(S)`` environment variable."""
+        """Variables with recorded statistics, configured keys, stored secrets or an ``*_API_KEY(S)``
+        environment variable but car's own (CAR_SERVER_API_KEYS: its clients' keys, no provider's)."""
         env = os.environ if self._env is None else self._env
         names = {r.env_var for r in self._records.values()} | set(self.config.keys)
-        names |= {n for n in env if n.endswith("_API_KEY")}
-        names |= {n[:-1] for n in env if n.endswith("_API_KEYS")}
+        keyed = (n for n in env if n.endswith(("_API_KEY", "_API_KEYS")) and not n.startswith("CAR_"))
+        names |= {n.removesuffix("S") for n in keyed}
         if self._keyring is not None:
             names |= set(self._keyring.names())
         return names

@@ -519,6 +519,21 @@ async def test_rotation_to_second_key(fake: FakeProviderServer, tmp_path: Path) 
     ]
 
 
+async def test_with_every_key_resting_a_request_sends_one_probe(
+    fake: FakeProviderServer, tmp_path: Path
+) -> None:
+    """Each request called the provider once per key, every one resting for its Retry-After."""
+    keys = [KEY, "sk-openai-test-key-0002", "sk-openai-test-key-0003"]
+    be = make(tmp_path, {"OPENAI_API_KEY": KEY, "OPENAI_API_KEYS": ",".join(keys[1:])})
+    for key in keys:
+        fake.set_key_behavior(key, Fault.rate_limit(retry_after=30))
+    for _ in range(3):
+        with pytest.raises(ProviderError) as info:
+            await be.generate(model(fake), GenerateRequest(prompt="x"))
+        assert info.value.status == 429
+    assert len(fake.requests) == 3 + 1 + 1  # every key once while healthy, then one probe each
+
+
 # --- sources -------------------------------------------------------------------------------------
 
 

@@ -322,7 +322,7 @@ class _EnvKeys:
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
 
-    def acquire(self, env_var: str) -> str | None:
+    def acquire(self, env_var: str, *, resting: bool = True) -> str | None:
         candidates = [os.environ.get(env_var, ""), *os.environ.get(env_var + "S", "").split(",")]
         candidates += self.ctx.config.keys.get(env_var, [])
         return next((k.strip() for k in candidates if k.strip()), None)
@@ -412,7 +412,9 @@ class RemoteBackend:
             if endpoint.needs_key and not tried:
                 raise ModelUnavailable(model.id, "its source names no API key variable (api_key_env)")
             return PLACEHOLDER_KEY if not tried else None
-        key = self._keys.acquire(endpoint.key_env)
+        # After a failure, only a key not resting: with every key cooling after 429s, a request
+        # sent one call per key (each refused for its Retry-After) instead of one probe.
+        key = self._keys.acquire(endpoint.key_env, resting=not tried)
         if key is None:
             if tried:
                 return None
