@@ -323,9 +323,12 @@ def test_short_keys_show_their_last_characters(tmp_path: Path, clock: Clock) -> 
 
 def test_known_variables_for_stats(tmp_path: Path, clock: Clock) -> None:
     keys = pool(
-        tmp_path, clock, {"GROQ_API_KEYS": "g1-abcdefghijk", "HOME": "/x"}, keys={"MISTRAL_API_KEY": [C]}
+        tmp_path,
+        clock,
+        {"GROQ_API_KEYS": "g1-abcdefghijk", "HOME": "/x", "CAR_SERVER_API_KEYS": "client-key-12345"},
+        keys={"MISTRAL_API_KEY": [C]},
     )
-    assert set(keys.stats()) == {"GROQ_API_KEY", "MISTRAL_API_KEY"}
+    assert set(keys.stats()) == {"GROQ_API_KEY", "MISTRAL_API_KEY"}  # not car serve's clients' keys
     assert legacy_stats_path(CarConfig(home=tmp_path)) == tmp_path / "key_pool_stats.json"
     stored = KeyPool.for_config(CarConfig(home=tmp_path), store=None)
     assert (stored.db_path, stored.legacy_path) == (tmp_path / "state.db", tmp_path / "key_pool_stats.json")
