@@ -310,3 +310,16 @@ def test_a_pausing_writer_lets_the_loop_thread_run_between_its_records(pause: bo
         assert max(gaps) < 0.05, max(gaps)
     else:
         assert max(gaps) >= 0.05, "without pauses the writer holds the GIL until a forced switch"
+
+
+def test_close_does_not_wait_out_the_writers_delay() -> None:
+    """The writer slept ``delay_s`` (a server's record_delay_ms, up to 10 s) before close could
+    stop it: SIGTERM took that long. Its records are still written."""
+    written: list[int] = []
+    keeper = Bookkeeper(contextlib.nullcontext, delay_s=10.0)
+    keeper.start_writer()
+    keeper.submit(written.append, 1)
+    time.sleep(0.1)  # the writer is in its wait
+    started = time.monotonic()
+    keeper.close()
+    assert time.monotonic() - started < 2 and written == [1]

@@ -80,6 +80,7 @@ class Bookkeeper:
         self._writer: threading.Thread | None = None
         self._wake: threading.Event | None = None
         self._stopping = False
+        self._halt = threading.Event()  # set by close: the writer's wait for its window ends
         self.warn_after_s = warn_after_s
         self.pause = pause
         self._behind = False  # warned that records lag; said again when caught up
@@ -92,6 +93,7 @@ class Bookkeeper:
         if self._writer is not None:
             return
         self._wake = threading.Event()
+        self._halt.clear()
         self._writer = threading.Thread(target=self._write_loop, name="car-inference-records", daemon=True)
         self._writer.start()
 
@@ -101,7 +103,10 @@ class Bookkeeper:
             self._wake.wait()
             if self._stopping:
                 break
-            time.sleep(self.delay_s)  # let the records of this window share the commit
+            # Let the records of this window share the commit; close() ends the wait at once (a
+            # sleep held a server's shutdown for record_delay_ms, up to 10 s).
+            if self._halt.wait(self.delay_s):
+                break
             self._wake.clear()
             # A backlog goes in batches of WRITER_BATCH: each commit lets go of the store's write
             # lock (other replicas' writers take turns) and the lag is checked between them.
@@ -213,6 +218,7 @@ class Bookkeeper:
         self.thread_on_loop = False  # records submitted after close are written where they are made
         if self._writer is not None and self._wake is not None:
             self._stopping = True
+            self._halt.set()
             self._wake.set()
             self._writer.join(timeout=10)
             self._writer = self._wake = None  # records submitted after this are not left queued
