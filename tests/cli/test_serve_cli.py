@@ -226,3 +226,45 @@ def test_ctrl_c_while_starting_is_quiet(isolated_home: Path, delay_s: float) -> 
     # 130, or ended by the signal itself (-2) when it lands while uvicorn hands it back on the way
     # out: a shell reports both as 130. What matters is that nothing is printed.
     assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
+
+
+def test_sigterm_sends_the_spans_still_queued(isolated_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn ends a SIGTERM by the signal itself, so the at-exit flush never ran: a replica
+    stopped by systemd or Kubernetes lost its last batch of spans (up to 5 s of traces)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    bodies: list[bytes] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            bodies.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    collector = HTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    monkeypatch.setenv(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{collector.server_address[1]}/v1/traces"
+    )
+    port = _free_port()
+    process = _start(isolated_home, port, "--log-level", "warning")
+    try:
+        _wait_healthy(process, port)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/route",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        collector.shutdown()
+    assert any(b"inference.route" in body for body in bodies)

@@ -80,9 +80,11 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     # engine/bookkeeping.py); whatever is queued is written when the server stops.
     engine.bookkeeper.delay_s = settings.record_delay_ms / 1000
     engine.bookkeeper.start_writer()
-    tracing.configure_from_env()  # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT says where
+    # OTLP export when OTEL_EXPORTER_OTLP_ENDPOINT says where; what this app set up it also
+    # flushes as it stops (at exit was too late: uvicorn ends a SIGTERM by the signal itself).
+    traced_here = not tracing.active() and tracing.configure_from_env()
 
-    lifespan = _lifespan(engine, state, owned=owned)
+    lifespan = _lifespan(engine, state, owned=owned, traced=traced_here)
     app = FastAPI(
         title="car-inference",
         version=__version__,
@@ -112,7 +114,7 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
 
 
 def _lifespan(
-    engine: InferenceEngine, state: ServerState, *, owned: bool
+    engine: InferenceEngine, state: ServerState, *, owned: bool, traced: bool
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """The app's start (endpoint discovery, a frozen heap, state pruning) and its stop (shutdown
     hooks, then the engine closed if the app made it, else flushed)."""
@@ -142,6 +144,8 @@ def _lifespan(
                 engine.close()
             else:
                 engine.flush()
+            if traced:
+                tracing.uninstall()  # the spans still queued, for at most a second
 
     return lifespan
 
