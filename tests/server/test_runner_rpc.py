@@ -419,3 +419,21 @@ async def test_a_result_only_runner_streams_its_text_and_tool_calls_to_an_sse_ca
                     assert json.loads(arguments) == {"city": "Oslo"}
                     finish = [c["choices"][0].get("finish_reason") for c in chunks if c.get("choices")]
                     assert "tool_calls" in finish
+
+
+async def test_models_clients_bring_share_one_metrics_label(server: ServerThread) -> None:
+    """Each id a client brought added some 21 series to /metrics, kept after it left: any client
+    could grow it without end (300 ids: 100 KB -> 3.5 MB)."""
+    async with connect(server.ws_url) as runner:
+        await _register(runner, models=[{"id": "ws/metric-me-1234567", "capabilities": ["generate"]}])
+
+        async def serve_one() -> None:
+            call = await _recv(runner)
+            await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": {"text": "ok"}}))
+
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            body = {"model": "ws/metric-me-1234567", "messages": [{"role": "user", "content": "hi"}]}
+            response, _ = await asyncio.gather(http.post("/v1/chat/completions", json=body), serve_one())
+            assert response.status_code == 200, response.text
+            metrics = (await http.get("/metrics")).text
+    assert "metric-me-1234567" not in metrics and 'model="client-model"' in metrics

@@ -75,6 +75,7 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     limiter = Limiter(settings.max_concurrency, settings.max_in_flight_per_client)
     state = ServerState(engine, settings, Metrics(), limiter)
     state.metrics.watch_state(engine.store)
+    state.metrics.client_model = lambda model: any(model in r.owned_models for r in engine.runners.list())
     state.metrics.watch_records(engine.bookkeeper)
     # A server answers many requests a second: their outcome records share commits (see
     # engine/bookkeeping.py); whatever is queued is written when the server stops.

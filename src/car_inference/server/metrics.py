@@ -2,7 +2,8 @@
 apps in one process (tests, an embedding application) keep separate counts.
 
 Label values are bounded: routes are the server's own paths, models are catalog ids the engine
-resolved (``-`` when none was), errors are exception class names.
+resolved (``-`` when none was; ``client-model`` for one a client brought with ``runner.register``:
+any client could add series without end), errors are exception class names.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ if TYPE_CHECKING:
     from ..routing.coord import Fleet
     from ..routing.coord_limit import FleetLimiter
 
-__all__ = ["CONTENT_TYPE", "NO_MODEL", "Metrics"]
+__all__ = ["CLIENT_MODEL", "CONTENT_TYPE", "NO_MODEL", "Metrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 NO_MODEL = "-"
+CLIENT_MODEL = "client-model"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -128,8 +130,14 @@ class Metrics:
             "car_fleet_concurrency_limit", "[coordination] global_concurrency", lambda: float(limiter.limit)
         )
 
+    # Whether a model is one a client brought (set by the app: the engine's runners know).
+    client_model: Callable[[str], bool] = staticmethod(lambda model: False)
+
+    def _model(self, model: str | None) -> str:
+        return NO_MODEL if not model else CLIENT_MODEL if self.client_model(model) else model
+
     def request(self, route: str, model: str | None, status: int) -> None:
-        self.requests.labels(route, model or NO_MODEL, str(status)).inc()
+        self.requests.labels(route, self._model(model), str(status)).inc()
 
     def generation(
         self,
@@ -139,6 +147,7 @@ class Metrics:
         usage: TokenUsage | None,
     ) -> None:
         """One answered generation (the model that answered)."""
+        model = self._model(model)
         if latency_ms is not None:
             self.latency.labels(model).observe(latency_ms / 1000)
         if ttft_ms is not None:
@@ -155,10 +164,10 @@ class Metrics:
     def fallback(self, failed: Iterable[str]) -> None:
         """Models that failed before another one answered."""
         for model in failed:
-            self.fallbacks.labels(model).inc()
+            self.fallbacks.labels(self._model(model)).inc()
 
     def error(self, model: str | None, error: str) -> None:
-        self.errors.labels(model or NO_MODEL, error).inc()
+        self.errors.labels(self._model(model), error).inc()
 
     def failure(self, exc: BaseException, capability: str | None = None) -> None:
         """A request that failed: counted against the models that failed, where known. On a route
