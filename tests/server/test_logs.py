@@ -22,6 +22,8 @@ def test_redact_masks_keys_tokens_and_key_like_query_values() -> None:
     assert redact("authorization: Bearer abc.def") == f"authorization: Bearer {MASK}"
     assert redact(f"x {KEY} y", [KEY]) == f"x {MASK} y"
     assert redact("GET /v1/models?limit=3") == "GET /v1/models?limit=3"
+    # A short key is masked where it stands whole, not inside words ("St***rted server pro***ess").
+    assert redact("Started server process; key a used", ["a"]) == f"Started server process; key {MASK} used"
 
 
 class _Records(logging.Handler):

@@ -27,10 +27,12 @@ _QUERY_SECRET = re.compile(
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with bearer tokens, key-like query values and each of ``secrets`` masked."""
+    """``text`` with bearer tokens, key-like query values and each of ``secrets`` masked where it
+    stands as a whole token: a key "a" turned "Started server process" into "St***rted ...", and
+    which letters were masked told the reader the keys."""
     for secret in secrets:
         if secret and secret in text:
-            text = text.replace(secret, MASK)
+            text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", MASK, text)
     if "=" in text:
         text = _QUERY_SECRET.sub(rf"\g<1>{MASK}", text)
     if "earer" in text or "EARER" in text:
