@@ -119,7 +119,9 @@ def test_a_car_home_that_cannot_be_read_is_a_config_error(tmp_path: Path) -> Non
     code = (
         "from car_inference.config import load_config\n"
         "from car_inference.errors import ConfigError\n"
-        f"from pathlib import Path\ntry:\n    load_config(Path({str(home)!r}))\nexcept ConfigError as exc:\n    print('ConfigError:', exc)\n"
+        "from pathlib import Path\n"
+        f"try:\n    load_config(Path({str(home)!r}))\n"
+        "except ConfigError as exc:\n    print('ConfigError:', exc)\n"
     )
     # root reads any folder: drop the capabilities that let it (as setpriv(1) does for a user).
     caps = "-dac_override,-dac_read_search"
@@ -168,3 +170,20 @@ def test_old_routing_keys_load_with_a_warning(isolated_home: Path, caplog: pytes
         routing = load_config(isolated_home).routing
     assert routing.exploration == 0.0 and not hasattr(routing, "prior_strength")
     assert "min_observations, prior_strength: unused by this router" in caplog.text
+
+
+def test_a_key_of_the_wrong_type_stays_out_of_the_errors_context(isolated_home: Path) -> None:
+    """pydantic's error, with the value it saw, was the ConfigError's __context__: error reporters
+    that ship exception chains shipped the key."""
+    (isolated_home / "config.toml").write_text('[keys]\nOPENAI_API_KEY = "sk-single-UUUUUUUUsng1"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(isolated_home, env={})
+    chain: list[BaseException] = []
+    exc: BaseException | None = info.value
+    while exc is not None:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    assert not any("UUUUUUUU" in str(e) for e in chain), chain
+    with pytest.raises(ConfigError) as info:
+        load_config(isolated_home.parent, env={"CAR_KEYS__OPENAI_API_KEY": '[["sk-env-VVVVVVVVenv1"]]'})
+    assert info.value.__context__ is None

@@ -113,7 +113,10 @@ def validate_file(model: type[T], data: Any, path: Path, text: str, prefix: Sequ
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise config_error(exc, path, text, prefix) from None
+        error = config_error(exc, path, text, prefix)
+    # Raised outside the except: pydantic's error (the value, a key in [keys]) stays out of its
+    # __context__, which error reporters ship even when the traceback hides it.
+    raise error
 
 
 def readable_exists(path: Path) -> bool:

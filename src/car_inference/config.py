@@ -506,7 +506,8 @@ def load_config(home: Path | None = None, env: Mapping[str, str] | None = None) 
         # The variable that set this field, or one above or below it (CAR_ROUTING__PREFER_LOCAL__X
         # made prefer_local a table; the file is not to blame).
         culprit = next((name for name, p in applied if loc[: len(p)] == p or p[: len(loc)] == loc), None)
-        if culprit:
-            raise ConfigError(err["msg"], path=f"${culprit}", field=".".join(loc)) from None
-        raise ConfigError(err["msg"], path=str(path), field=".".join(loc)) from None
-    return config
+        where = f"${culprit}" if culprit else str(path)
+        error = ConfigError(err["msg"], path=where, field=".".join(loc))
+    else:
+        return config
+    raise error  # outside the except: no __context__ holding the value (a key) pydantic saw
