@@ -68,6 +68,9 @@ def test_served_at_openapi_json(fuzz_server: ServerThread) -> None:
     served = httpx.get(fuzz_server.url + "/openapi.json")
     assert served.status_code == 200 and served.headers["content-type"] == "application/json"
     assert served.json() == openapi_schema(__version__)
+    # The bearer scheme applies (generated clients send the key), except on the liveness probe.
+    document = served.json()
+    assert document["security"] == [{"bearer": []}] and document["paths"]["/health"]["get"]["security"] == []
 
 
 @SCHEMA.parametrize()

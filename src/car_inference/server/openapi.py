@@ -378,7 +378,7 @@ def _paths() -> dict[str, Any]:
         },
         "/v1/ground": {"post": _operation("boxes for a target in an image, in its pixels", GroundBody)},
         "/v1/health": {"get": _operation("the engine's model health report")},
-        "/health": {"get": _operation("liveness")},
+        "/health": {"get": _operation("liveness", security=[])},  # open: the only route without a key
         "/metrics": {"get": _operation("Prometheus metrics", content=text)},
     }
 
@@ -397,6 +397,8 @@ def openapi_schema(version: str) -> dict[str, Any]:
             "router. Send `Authorization: Bearer <key>` when the server has API keys.",
         },
         "paths": _paths(),
+        # Declared for every operation (generated clients then send the key); /health needs none.
+        "security": [{"bearer": []}],
         "components": {
             "schemas": defs.get("$defs", {}),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
