@@ -45,7 +45,7 @@ def _pool() -> KeyPool:
 
 def _state(row: KeyStats) -> str:
     if row.state == "cooling" and row.cooling_until is not None:
-        return f"cooling until {row.cooling_until:%H:%M:%S}"
+        return f"cooling until {row.cooling_until.astimezone():%H:%M:%S}"  # local time, as last used
     return row.state if row.source is not None else f"{row.state} (not configured now)"
 
 
@@ -77,7 +77,7 @@ def stats(
                 str(row.requests),
                 str(row.failures),
                 str(row.rate_limits),
-                f"{row.last_used:%Y-%m-%d %H:%M:%S}" if row.last_used else "-",
+                f"{row.last_used.astimezone():%Y-%m-%d %H:%M:%S}" if row.last_used else "-",
                 str(row.last_status) if row.last_status is not None else "-",
                 _state(row),
             )
