@@ -177,6 +177,17 @@ def test_without_a_traceparent_the_server_starts_a_trace(
     assert generate.context.trace_id == http.context.trace_id
 
 
+def test_server_spans_are_named_by_route_not_by_the_clients_path(
+    exporter: InMemorySpanExporter, server: tuple[ServerThread, InferenceEngine]
+) -> None:
+    """A made-up path (or a job id) named a span of its own: a client chose span names freely."""
+    thread, _engine = server
+    httpx.get(f"{thread.url}/v1/does/not/exist/qqqqqqqq")
+    httpx.get(f"{thread.url}/v1/models/some-model-id")
+    names = {s.name for s in _finished(exporter) if s.name.startswith("GET")}
+    assert names == {"GET other", "GET /v1/models/{id}"}
+
+
 def test_off_it_is_a_no_op() -> None:
     assert not tracing.active()
     assert tracing.start(tracing.ATTEMPT, model="m") is None

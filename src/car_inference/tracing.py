@@ -298,8 +298,9 @@ class TraceContextMiddleware:
     ``traceparent``/``tracestate`` (when given), current while the request is handled, so the
     engine's spans join the caller's trace. Passes requests straight through when tracing is off."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, name_of: Callable[[str], str] = lambda path: path) -> None:
         self.app = app
+        self.name_of = name_of  # the span's name from the path: bounded (a client's ids and made-up paths)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if _state.tracer is None or scope["type"] != "http":
@@ -316,7 +317,7 @@ class TraceContextMiddleware:
         parent = TraceContextTextMapPropagator().extract(carrier) if carrier else None
         method, path = scope.get("method", "GET"), scope.get("path", "")
         s = _state.tracer.start_span(
-            f"{method} {path}",
+            f"{method} {self.name_of(path)}",
             context=parent,
             kind=trace.SpanKind.SERVER,
             attributes={"http.request.method": method, "url.path": path},

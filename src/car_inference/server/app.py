@@ -9,6 +9,7 @@ front of all of them. The protocol is documented in docs/protocol.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import threading
@@ -29,7 +30,7 @@ from ..runtimes.endpoints import SERVER_LOOP_WAIT_S
 from . import grounding, images, jsonrpc, media, route_api, routes
 from .common import Limiter, ServerState, dumps, json_response
 from .errors import ApiError, describe, error_response, guarded
-from .guard import Guard
+from .guard import Guard, route_label
 from .logs import install_redaction
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import openapi_schema
@@ -110,7 +111,8 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
     _add_error_handlers(app)
     known = frozenset(getattr(r, "path", "") for r in app.router.routes)
     app.add_middleware(Guard, state=state, routes=known)
-    app.add_middleware(tracing.TraceContextMiddleware)  # outermost: the client's traceparent
+    # Outermost: the client's traceparent; spans named by route as the metrics label them.
+    app.add_middleware(tracing.TraceContextMiddleware, name_of=functools.partial(route_label, routes=known))
     return app
 
 

@@ -66,6 +66,14 @@ def _with_request_id(send: Any) -> Any:
     return stamped
 
 
+def route_label(path: str, routes: frozenset[str]) -> str:
+    """A bounded name for ``path`` (metrics' label, spans' name): a route of the server as it is,
+    a model's page as its template, anything else ``other`` (a client's made-up paths and ids)."""
+    if path in routes:
+        return path
+    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+
+
 def authorized(headers: list[tuple[bytes, bytes]], keys: list[bytes]) -> bool:
     """Whether the ``Authorization: Bearer`` header holds one of ``keys``. Every key is compared,
     each in constant time, so timing tells nothing about which prefix matched."""
@@ -206,11 +214,7 @@ class Guard:
         if path in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        route = (
-            path
-            if path in self.routes
-            else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
-        )
+        route = route_label(path, self.routes)
         admitted = await self._admit(scope, receive, send, route)
         if admitted is None:
             return
