@@ -73,6 +73,9 @@ def test_a_taken_port_is_one_clear_error() -> None:
     sock = bind("127.0.0.1", 0)
     assert sock.getsockname()[1] > 0
     sock.close()
+    with pytest.raises(PortInUse) as info:  # an address not ours: no advice about the port
+        bind("192.0.2.1", 0)
+    assert "cannot listen on 192.0.2.1:0" in str(info.value) and "--port" not in str(info.value)
 
 
 def test_stopping_answers_what_is_in_flight(server_engine: InferenceEngine) -> None:

@@ -68,7 +68,8 @@ def _serve(host: str | None, port: int | None, log_level: str, interrupts: Inter
         app.state.car.engine.close()
         sock.close()
         interrupts.check()
-    where = f"http://{settings.host}:{sock.getsockname()[1]}"
+    host = f"[{settings.host.strip('[]')}]" if ":" in settings.host else settings.host  # an IPv6 URL
+    where = f"http://{host}:{sock.getsockname()[1]}"
     keys = "API keys required" if settings.api_keys else "no API keys"
     ws = where.replace("http", "ws", 1)
     err.print(escape(f"car serve: {where}/v1 (OpenAI API), {ws}/ws (JSON-RPC); {keys}"))

@@ -117,8 +117,9 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host.strip("[]"), port), family=family, backlog=2048)
     except OSError as exc:
-        reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
-        raise PortInUse(f"cannot listen on {host}:{port}: {reason} (choose another with --port)") from None
+        taken = exc.errno == errno.EADDRINUSE  # the port's hint only then (not for a host not ours)
+        reason = "the port is in use (choose another with --port)" if taken else exc.strerror or str(exc)
+        raise PortInUse(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def serve(
