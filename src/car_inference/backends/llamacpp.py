@@ -151,7 +151,7 @@ class LlamaCppBackend:
     def warm_up(self, model: ModelSchema) -> None:
         LLAMA_THREAD.submit(self._entry, model).result()
 
-    def _vocab(self, model: ModelSchema) -> LoadedGguf:
+    def vocab(self, model: ModelSchema) -> LoadedGguf:
         """The tokenizer of ``model``: the loaded model's when it is in the cache, else a
         vocabulary-only load (no weights: ~0.2 s, a few MB), kept for the next request."""
         entry = self.ctx.cache.get(f"gguf:{model.id}")
@@ -171,11 +171,11 @@ class LlamaCppBackend:
     def count_prompt_tokens(self, model: ModelSchema, request: GenerateRequest) -> int:
         """The prompt tokens of ``request`` before any truncation: what routing compares with the
         window. Blocking (tokenizing); read-only on the vocabulary, so no model lock is taken."""
-        return len(self._render_tokens(self._vocab(model), request, _default_system(model)))
+        return len(self._render_tokens(self.vocab(model), request, _default_system(model)))
 
     def count_text_tokens(self, model: ModelSchema, text: str) -> int:
         """The tokens of an answer's ``text`` as written: usage for a server that reports none."""
-        return len(self._vocab(model).tokenize(text, special=False)) if text else 0
+        return len(self.vocab(model).tokenize(text, special=False)) if text else 0
 
     # --- generation --------------------------------------------------------------------------
 
@@ -233,7 +233,7 @@ class LlamaCppBackend:
             check_vision(model, request)
             system, private_ok = _default_system(model), self.ctx.private_urls_ok  # (a client's URLs)
             return vision_messages(request, system, private_ok=private_ok), None
-        vocab = self._vocab(model)
+        vocab = self.vocab(model)
         return self._render_tokens(vocab, request, _default_system(model)), json_grammar(request, vocab.llm)
 
     def _run(
@@ -358,11 +358,11 @@ class LlamaCppBackend:
     # Tokens go through the vocabulary alone (no weights) on a worker thread, not a turn of the shared
     # llama thread: detokenizing 500,000 ids (a Python loop) held another client's answer 45 s.
     async def tokenize(self, model: ModelSchema, text: str) -> list[int]:
-        return await asyncio.to_thread(lambda: self._vocab(model).tokenize(text, special=False))
+        return await asyncio.to_thread(lambda: self.vocab(model).tokenize(text, special=False))
 
     async def detokenize(self, model: ModelSchema, tokens: list[int]) -> str:
         def text() -> str:
-            llm = self._vocab(model).llm
+            llm = self.vocab(model).llm
             n_vocab = llm.n_vocab()
             bad = [t for t in tokens if not 0 <= t < n_vocab]
             if bad:

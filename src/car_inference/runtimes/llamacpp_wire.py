@@ -61,7 +61,7 @@ def preflight(counter: Any, model: ModelSchema, request: GenerateRequest, window
             f"(at most {window - room} tokens) or lower max_tokens",
             param="messages",
         )
-    vocab = getattr(counter, "_vocab", None)  # LlamaCppBackend's vocabulary-only load
+    vocab = getattr(counter, "vocab", None)  # LlamaCppBackend.vocab: a vocabulary-only load
     if request.response_format is not None and request.response_format.type == "json_schema" and vocab:
         json_grammar(request, vocab(model).llm)  # a schema its grammar cannot hold: InvalidInput
     return prompt
