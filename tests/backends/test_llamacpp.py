@@ -214,18 +214,18 @@ async def test_tokens_are_counted_on_the_vocabulary_off_the_llama_thread(
     """Detokenizing 500,000 ids (a Python loop in llama-cpp-python) was one turn of the thread
     every GGUF client shares: another client's 4-token answer waited 45 s behind it."""
     threads: list[str] = []
-    original = backend._vocab
+    original = backend.vocab
 
     def spy(m: ModelSchema) -> Any:
         threads.append(threading.current_thread().name)
         return original(m)
 
-    backend._vocab = spy  # type: ignore[method-assign,assignment]
+    backend.vocab = spy  # type: ignore[method-assign,assignment]
     try:
         ids = await backend.tokenize(model, "Hello world " * 2_000)
         text = await backend.detokenize(model, ids)
     finally:
-        del backend._vocab
+        del backend.vocab
     assert text == "Hello world " * 2_000 and len(ids) >= 4_000
     assert len(threads) == 2 and all(not name.startswith("car-llama") for name in threads), threads
 
