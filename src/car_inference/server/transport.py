@@ -70,9 +70,13 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
-_SLOW = b"request headers not complete within server.header_timeout_s"
+# In the API's error shape, as every other error (it was plain text).
+_SLOW = (
+    b'{"error":{"message":"request headers not complete within server.header_timeout_s",'
+    b'"type":"timeout_error","param":null,"code":"header_timeout"}}'
+)
 HEADERS_TOO_SLOW = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
     b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(_SLOW), _SLOW)
 )
 
