@@ -496,3 +496,11 @@ def test_a_prompt_longer_than_the_window_is_said_to_be_cut(isolated_home: Path) 
     assert "the prompt was longer than the model's 256-token window: only its end was read" in err
     code, _, err = car("generate", "What is 2 + 2?", "-n", "4", "-t", "0", "--no-stream")
     assert code == 0 and "the prompt was longer" not in err
+
+
+def test_embed_dash_reads_texts_from_stdin() -> None:
+    """`car embed -` embedded the text "-"; `car generate -` reads stdin."""
+    code, out, _ = car("embed", "-", "--json", input="first text\n\nsecond text\n")
+    assert code == 0 and len(json.loads(out)["embeddings"]) == 2
+    code, _, err = car("embed", "-", input="\n")
+    assert code == 2 and "stdin held no text" in err

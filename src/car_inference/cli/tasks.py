@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -16,12 +17,16 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
     def embed(
-        texts: Annotated[list[str], typer.Argument(help="texts to embed")],
+        texts: Annotated[list[str], typer.Argument(help="texts to embed; - reads stdin, a text a line")],
         model: ModelOpt = None,
         query: Annotated[bool, typer.Option("--query", help="embed as search queries")] = False,
         as_json: JsonOpt = False,
     ) -> None:
         """Embed texts (normalised vectors)."""
+        if texts == ["-"]:  # as `car generate -` reads its prompt (it embedded the text "-")
+            texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+            if not texts:
+                raise fail("stdin held no text to embed", 2)
         if (empty := next((i for i, t in enumerate(texts, 1) if not t), None)) is not None:
             raise fail(f"text {empty} is empty: every text to embed needs at least one character", 2)
         eng = engine()
