@@ -1,7 +1,7 @@
 """Every `car` command the README shows runs: a documented flag cannot go missing.
 
 The README is parsed, not copied: each fenced ``bash`` block's `car` lines (also inside `&&`
-chains, after `VAR=value`, or fed by `echo ... |`), with the block's `export`s, and each transcript
+chains, after `VAR=value`, or fed by `echo ... |` or `printf ... |`), with the block's `export`s, and each transcript
 block (``$ car ...`` followed by what it prints). The commands of a block run in order, in-process
 through typer's runner, in a fresh ``$CAR_HOME`` and working folder. A command must exit 0 without
 a traceback, unless this file lists it as failing on purpose; what the README says it prints
@@ -119,6 +119,8 @@ def _commands_of_line(line: str, exports: dict[str, str]) -> list[Command]:
         stdin = None
         if len(piped) == 2 and piped[0][:1] == ["echo"]:
             stdin = " ".join(piped[0][1:]) + "\n"
+        elif len(piped) == 2 and piped[0][:1] == ["printf"]:  # its format's escapes, as printf(1)
+            stdin = piped[0][1].encode().decode("unicode_escape")
         env = dict(exports)
         words = piped[-1]
         while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
