@@ -1,11 +1,12 @@
 """Every `car` command the README shows runs: a documented flag cannot go missing.
 
 The README is parsed, not copied: each fenced ``bash`` block's `car` lines (also inside `&&`
-chains, after `VAR=value`, or fed by `echo ... |` or `printf ... |`), with the block's `export`s, and each transcript
-block (``$ car ...`` followed by what it prints). The commands of a block run in order, in-process
-through typer's runner, in a fresh ``$CAR_HOME`` and working folder. A command must exit 0 without
-a traceback, unless this file lists it as failing on purpose; what the README says it prints
-(``# -> text`` after a command, the lines of a transcript) must be what it prints.
+chains, after `VAR=value`, or fed by `echo ... |` or `printf ... |`), with the block's
+`export`s, and each transcript block (``$ car ...`` followed by what it prints). The commands of
+a block run in order, in-process through typer's runner, in a fresh ``$CAR_HOME`` and working
+folder. A command must exit 0 without a traceback, unless this file lists it as failing on
+purpose; what the README says it prints (``# -> text`` after a command, the lines of a
+transcript) must be what it prints.
 
 Hosted models run against the fake provider server (the real SDKs over loopback): the blocks under
 "Hosted models" get keys for every provider and a models.toml that points the hosts at it. What

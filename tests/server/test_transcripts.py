@@ -185,7 +185,9 @@ def test_a_transcript_without_segments_gets_times_from_its_words_or_its_file(tmp
     assert [(s.start, s.end, s.text) for s in timed.segments] == [(0.0, 0.9, "Hi there."), (1.0, 1.4, "Bye")]
     clip = tmp_path / "a.wav"
     with wave.open(str(clip), "wb") as out:  # 1.5 s of silence at 16 kHz
-        out.setnchannels(1), out.setsampwidth(2), out.setframerate(16_000)
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16_000)
         out.writeframes(b"\0\0" * 24_000)
     whole = with_times(TranscribeResult(text="Hello."), clip)
     assert whole.duration == 1.5 and [(s.start, s.end) for s in whole.segments] == [(0.0, 1.5)]
