@@ -98,21 +98,27 @@ def test_resolution_order(tmp_path: Path, memory_keyring: MemoryKeyring) -> None
 def test_puts_at_once_keep_every_name(tmp_path: Path, memory_keyring: MemoryKeyring) -> None:
     """Eight concurrent `car secrets put` left six names in the index; a name not there is never
     looked up, so its stored key went unused (flock across processes, and threads, here)."""
+    names = _put_at_once(tmp_path, 32)
+    assert SecretStore(tmp_path).names() == sorted(names)
+
+
+def _put_at_once(home: Path, count: int) -> list[str]:
+    """``count`` puts (KEY_i = sk-key_i-value) from threads released together; the names."""
     import threading
 
-    names = [f"KEY_{i}" for i in range(32)]
+    names = [f"KEY_{i}" for i in range(count)]
     start = threading.Barrier(len(names))
 
     def put(name: str) -> None:
         start.wait()
-        SecretStore(tmp_path).put(name, f"sk-{name.lower()}-value")
+        SecretStore(home).put(name, f"sk-{name.lower()}-value")
 
     threads = [threading.Thread(target=put, args=(n,)) for n in names]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert SecretStore(tmp_path).names() == sorted(names)
+    return names
 
 
 def test_an_unreadable_index_is_refused_not_replaced(tmp_path: Path, memory_keyring: MemoryKeyring) -> None:
@@ -130,24 +136,11 @@ def test_an_unreadable_index_is_refused_not_replaced(tmp_path: Path, memory_keyr
 def test_puts_at_once_keep_every_value_in_a_file_keyring(tmp_path: Path) -> None:
     """keyrings.alt's file backend (the README's headless suggestion) rewrites its file whole: puts
     at once kept every name in the index but lost values, older ones included."""
-    import threading
-
     previous = keyring.get_keyring()
     keyring.set_keyring(FileKeyring(tmp_path / "keyring.json"))
     try:
         SecretStore(tmp_path).put("OLDER", "sk-older-value")
-        names = [f"KEY_{i}" for i in range(12)]
-        start = threading.Barrier(len(names))
-
-        def put(name: str) -> None:
-            start.wait()
-            SecretStore(tmp_path).put(name, f"sk-{name.lower()}-value")
-
-        threads = [threading.Thread(target=put, args=(n,)) for n in names]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        names = _put_at_once(tmp_path, 12)
         store = SecretStore(tmp_path)
         assert {n: store.get(n) for n in [*names, "OLDER"]} == {
             **{n: f"sk-{n.lower()}-value" for n in names},
