@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 HEAVY = ("llama_cpp", "torch", "sentence_transformers", "transformers", "openai", "anthropic", "google.genai",
          "fastapi", "uvicorn", "numpy")  # fmt: skip
@@ -43,3 +44,23 @@ def test_py_typed_marker_ships() -> None:
     from importlib import resources
 
     assert resources.files("car_inference").joinpath("py.typed").is_file()
+
+
+def test_every_export_type_checks_for_a_strict_user(tmp_path: Path) -> None:
+    """`__all__` was computed (`[*_EXPORTS]`), which mypy cannot read: under --strict every
+    `from car_inference import X` was an attr-defined error. It is a literal list, the same names."""
+    import car_inference
+    from car_inference import _EXPORTS
+
+    assert sorted(car_inference.__all__) == sorted(["__version__", *_EXPORTS])
+    script = "from car_inference import " + ", ".join(_EXPORTS) + "\n"
+    script += "".join(f"print({name})\n" for name in _EXPORTS)
+    (tmp_path / "user.py").write_text(script)  # outside the project: its mypy settings not read
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "user.py"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout

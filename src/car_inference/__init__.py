@@ -31,6 +31,7 @@ _EXPORTS: dict[str, str] = {
     "SpendLimitExceeded": "errors",
     "StateUnavailable": "errors",
     "AllModelsFailed": "errors",
+    "TraceNotFound": "errors",
     # schema
     "ModelCapability": "schema",
     "ModelSchema": "schema",
@@ -60,11 +61,25 @@ _EXPORTS: dict[str, str] = {
     "SynthesizeRequest": "requests",
     "GenerateImageRequest": "requests",
     "GenerateVideoRequest": "requests",
+    "TokenizeResult": "requests",
+    "GroundResult": "requests",
+    "TranscribeResult": "requests",
+    "SynthesizeResult": "requests",
+    "GenerateImageResult": "requests",
+    "GenerateVideoResult": "requests",
     # streaming
     "StreamAccumulator": "stream",
     "TextDelta": "stream",
     "ThinkingDelta": "stream",
     "Done": "stream",
+    "RouteEvent": "stream",
+    "ToolCallStart": "stream",
+    "ToolCallDelta": "stream",
+    "UsageEvent": "stream",
+    "ErrorEvent": "stream",
+    "StreamEvent": "stream",
+    # routing
+    "RoutingDecision": "routing",
     # registry and config
     "UnifiedRegistry": "registry",
     "ModelFilter": "registry",
@@ -75,7 +90,76 @@ _EXPORTS: dict[str, str] = {
     "SyncInferenceEngine": "engine",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+# A literal list (mypy --strict reads no other form): a user's `from car_inference import X` was an
+# attr-defined error for every name. tests/test_package.py checks it is exactly _EXPORTS.
+__all__ = [
+    "AllModelsFailed",
+    "CarConfig",
+    "Classification",
+    "ClassifyRequest",
+    "ConfigError",
+    "DeviceError",
+    "Done",
+    "DownloadFailed",
+    "EmbedRequest",
+    "EmbedResult",
+    "ErrorEvent",
+    "GenerateImageRequest",
+    "GenerateImageResult",
+    "GenerateParam",
+    "GenerateParams",
+    "GenerateRequest",
+    "GenerateVideoRequest",
+    "GenerateVideoResult",
+    "GroundRequest",
+    "GroundResult",
+    "ImageBlock",
+    "InferenceEngine",
+    "InferenceError",
+    "InferenceFailed",
+    "InferenceResult",
+    "IntentHint",
+    "InvalidInput",
+    "Message",
+    "ModelCapability",
+    "ModelFilter",
+    "ModelNotFound",
+    "ModelSchema",
+    "ModelUnavailable",
+    "ProviderError",
+    "RerankRequest",
+    "RerankResult",
+    "ResponseFormat",
+    "RouteEvent",
+    "RoutingDecision",
+    "RoutingWorkload",
+    "SpendLimitExceeded",
+    "StateUnavailable",
+    "StreamAccumulator",
+    "StreamEvent",
+    "SyncInferenceEngine",
+    "SynthesizeRequest",
+    "SynthesizeResult",
+    "TaskHint",
+    "TextBlock",
+    "TextDelta",
+    "ThinkingDelta",
+    "ThinkingMode",
+    "TokenUsage",
+    "TokenizationError",
+    "TokenizeResult",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolCallStart",
+    "TraceNotFound",
+    "TranscribeRequest",
+    "TranscribeResult",
+    "UnifiedRegistry",
+    "UnsupportedMode",
+    "UsageEvent",
+    "__version__",
+    "load_config",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -92,8 +176,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import CarConfig, load_config
-    from .engine import InferenceEngine, SyncInferenceEngine
+    from .config import (
+        CarConfig,
+        load_config,
+    )
+    from .engine import (
+        InferenceEngine,
+        SyncInferenceEngine,
+    )
     from .errors import (
         AllModelsFailed,
         ConfigError,
@@ -108,19 +198,26 @@ if TYPE_CHECKING:  # pragma: no cover
         SpendLimitExceeded,
         StateUnavailable,
         TokenizationError,
+        TraceNotFound,
         UnsupportedMode,
     )
-    from .registry import ModelFilter, UnifiedRegistry
+    from .registry import (
+        ModelFilter,
+        UnifiedRegistry,
+    )
     from .requests import (
         Classification,
         ClassifyRequest,
         EmbedRequest,
         EmbedResult,
         GenerateImageRequest,
+        GenerateImageResult,
         GenerateParams,
         GenerateRequest,
         GenerateVideoRequest,
+        GenerateVideoResult,
         GroundRequest,
+        GroundResult,
         ImageBlock,
         InferenceResult,
         IntentHint,
@@ -130,12 +227,33 @@ if TYPE_CHECKING:  # pragma: no cover
         ResponseFormat,
         RoutingWorkload,
         SynthesizeRequest,
+        SynthesizeResult,
         TaskHint,
         TextBlock,
         ThinkingMode,
+        TokenizeResult,
         TokenUsage,
         ToolCall,
         TranscribeRequest,
+        TranscribeResult,
     )
-    from .schema import GenerateParam, ModelCapability, ModelSchema
-    from .stream import Done, StreamAccumulator, TextDelta, ThinkingDelta
+    from .routing import (
+        RoutingDecision,
+    )
+    from .schema import (
+        GenerateParam,
+        ModelCapability,
+        ModelSchema,
+    )
+    from .stream import (
+        Done,
+        ErrorEvent,
+        RouteEvent,
+        StreamAccumulator,
+        StreamEvent,
+        TextDelta,
+        ThinkingDelta,
+        ToolCallDelta,
+        ToolCallStart,
+        UsageEvent,
+    )
