@@ -437,3 +437,23 @@ async def test_models_clients_bring_share_one_metrics_label(server: ServerThread
             assert response.status_code == 200, response.text
             metrics = (await http.get("/metrics")).text
     assert "metric-me-1234567" not in metrics and 'model="client-model"' in metrics
+
+
+async def test_a_client_cannot_bring_a_model_under_a_catalog_provider_or_by_a_bare_name(
+    server: ServerThread, engine: InferenceEngine
+) -> None:
+    """`openai/gpt-4o` with the alias `gpt-4` took other clients' prompts that meant OpenAI (HTTP
+    ones too), answered as if OpenAI had; `app/gpt-4` took the bare `gpt-4`."""
+    async with connect(server.ws_url) as runner:
+        for model, param in (
+            ({"id": "openai/gpt-4o"}, "models.0.id"),
+            ({"id": "app/gpt-4o", "aliases": ["gpt-4"]}, "models.0"),
+            ({"id": "app/gpt-4o", "name": "gpt-4"}, "models.0"),
+        ):
+            reply = await _register(runner, models=[model])
+            assert reply["error"]["data"]["param"] == param, reply
+        assert (await _register(runner, models=[{"id": "app/gpt-4"}]))["result"]["models"] == ["app/gpt-4"]
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+            body = {"model": "gpt-4", "messages": [{"role": "user", "content": "meant for someone else"}]}
+            assert (await http.post("/v1/chat/completions", json=body)).status_code == 404
+        assert engine.registry.find("gpt-4") is None and engine.registry.find("app/gpt-4") is not None

@@ -31,6 +31,7 @@ from pydantic import TypeAdapter, ValidationError
 from ..backends.base import GenerationOutput
 from ..backends.delegated import RunnerRegistration, as_output, result_events
 from ..errors import InferenceError, ProviderError
+from ..kinds import Locality
 from ..requests import GenerateRequest
 from ..schema import NAMED_ONLY, ModelSchema
 from ..stream import StreamAccumulator, StreamEvent
@@ -172,17 +173,28 @@ class RpcRunner:
 # --- methods ------------------------------------------------------------------------------------------
 
 
-def _model(item: Any, index: int, *, routed: bool) -> str | ModelSchema:
+def _model(item: Any, index: int, *, routed: bool, taken: frozenset[str]) -> str | ModelSchema:
     """A model id, or the schema of a model the client brings (``NAMED_ONLY`` unless ``routed``:
-    another client's request without a model must not reach a stranger's runner)."""
+    another client's request without a model must not reach a stranger's runner). Its id is in a
+    namespace of its own, not one of ``taken`` (this server's providers, hosts and endpoints), and
+    it has no aliases: `openai/gpt-4o` with the alias `gpt-4` took other clients' prompts, HTTP
+    ones included, that meant OpenAI."""
     if isinstance(item, str) and item:
         return item
-    if not isinstance(item, dict) or not isinstance(item.get("id"), str) or "/" not in item["id"]:
+    model_id = item.get("id") if isinstance(item, dict) else None
+    provider, _, name = model_id.partition("/") if isinstance(model_id, str) else ("", "", "")
+    if not provider or not name or len(model_id or "") > 200 or not (model_id or "").isprintable():
         raise ApiError(400, "each of `models` is a model id or an object with an id like host/name",
                        code="invalid_value", param=f"models.{index}")  # fmt: skip
-    provider, _, name = item["id"].partition("/")
+    if provider.lower() in taken:
+        raise ApiError(400, f"`{provider}/` is a provider of this server's catalog: a model a client brings "
+                       "takes a namespace of its own (e.g. app/...)", code="invalid_value",
+                       param=f"models.{index}.id")  # fmt: skip
+    if item.get("aliases") or item.get("name", name) != name:
+        raise ApiError(400, "a model a client brings is found by its id only: no `aliases` or other `name`",
+                       code="invalid_value", param=f"models.{index}")  # fmt: skip
     data = {"name": name, "provider": provider, "capabilities": ["generate"], "source": {"kind": "delegated"}}
-    schema = ModelSchema.model_validate({**data, **item})
+    schema = ModelSchema.model_validate({**data, **item, "provider": provider, "name": name})
     if not routed and NAMED_ONLY not in schema.tags:
         schema.tags.append(NAMED_ONLY)
     return schema
@@ -202,7 +214,16 @@ async def _register(session: Session, params: Params, rid: Any) -> Any:
         raise ApiError(400, "`name` must be a string", code="invalid_value", param="name")
     settings = session.state.settings
     routed = settings.route_client_models
-    wanted = [_model(item, i, routed=routed) for i, item in enumerate(models)]
+    registry = session.engine.registry
+    taken = frozenset(
+        name.lower()
+        for name in (
+            *(m.provider for m in registry.list() if m.spec.locality is not Locality.RUNNER),
+            *registry.hosts,
+            *(e.name for e in registry.endpoints),
+        )
+    )
+    wanted = [_model(item, i, routed=routed, taken=taken) for i, item in enumerate(models)]
     if timeout_s is not None:  # a runner never holds a caller longer than a request may last
         timeout_s = min(float(timeout_s), settings.request_timeout_s)
     previous = session.runner
