@@ -60,6 +60,7 @@ async def test_bad_speech_calls_are_invalid_params(local_server: ServerThread) -
                 ("transcribe", {"audio": "UklGRg==", "stream": "yes"}, "stream"),
                 ("synthesize", {"text": "hi", "output_path": "/tmp/x.wav"}, "output_path"),
                 ("synthesize", {"text": "a" * 4097}, "text"),  # HTTP's limit (it ran 30 s uncapped)
+                ("synthesize", {"text": "hi", "stream": True}, "stream"),  # transcribe's: was ignored
             ]
         ):
             error = (await call(ws, method, params, rid=rid))["error"]
@@ -72,6 +73,9 @@ async def test_bad_speech_calls_are_invalid_params(local_server: ServerThread) -
         )
         unknown = (await call(ws, "synthesize", {"text": "hi", "voice": "nosuch"}, rid=10))["error"]
         assert "has no voice 'nosuch'" in unknown["message"]
+        # "auto" is the default only for model, voice and language: the text "auto" is spoken.
+        spoken = (await call(ws, "synthesize", {"text": "auto", "voice": "auto"}, rid=11))["result"]
+        assert spoken["audio"], spoken
 
 
 async def test_voices_over_json_rpc(local_server: ServerThread) -> None:

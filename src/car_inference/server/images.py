@@ -382,6 +382,9 @@ def _save(folder: Path, stem: str, upload: FormField) -> str:
 _RPC_FILES = ("images", "mask", "image")  # base64 files, by method: generate_image's, generate_video's
 
 
+_RPC_AUTO = frozenset({"model", "size", "quality", "background"})
+
+
 def _rpc_fields(params: dict[str, Any], files: tuple[str, ...]) -> dict[str, Any]:
     """The request fields a remote caller may set: never a path on the server, and only this
     method's files (``image`` on generate_image, ``images`` on generate_video were dropped
@@ -393,7 +396,8 @@ def _rpc_fields(params: dict[str, Any], files: tuple[str, ...]) -> dict[str, Any
         if key in params and key not in files:
             hint = f"; did you mean `{files[0]}`?" if files else ""
             raise ApiError(400, f"`{key}` is not a parameter of this method{hint}", param=key)
-    return {k: v for k, v in params.items() if k not in _RPC_FILES and v != "auto"}
+    # "auto" is the default only where it means one (`prompt: "auto"` is a prompt)
+    return {k: v for k, v in params.items() if k not in _RPC_FILES and not (k in _RPC_AUTO and v == "auto")}
 
 
 def _decode(value: Any, name: str, folder: Path, stem: str) -> str:

@@ -30,11 +30,18 @@ SEGMENT_METHOD = "transcribe.segment"
 _SERVER_PATHS = ("audio_path", "output_path", "reference_audio_path")
 
 
-def _fields(params: dict[str, Any]) -> dict[str, Any]:
+# The parameters whose "auto" means "choose for me" (`text: "auto"` is the word to speak).
+_AUTO = frozenset({"model", "voice", "language"})
+
+
+def _fields(params: dict[str, Any], upload: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The request's fields: ``upload`` (transcribe's audio, its name, stream) taken apart, "auto"
+    left out where it means the default; anything else goes to the request model, which refuses
+    what it does not take (synthesize dropped `stream: true` without a word)."""
     for key in _SERVER_PATHS:
         if key in params:
             raise ApiError(400, f"`{key}` names a file on the server; send audio as base64", param=key)
-    return {k: v for k, v in params.items() if k not in ("audio", "filename", "stream") and v != "auto"}
+    return {k: v for k, v in params.items() if k not in upload and not (k in _AUTO and v == "auto")}
 
 
 def _audio(value: Any) -> bytes:
@@ -47,7 +54,7 @@ def _audio(value: Any) -> bytes:
 
 
 async def rpc_transcribe(session: Any, params: dict[str, Any], rid: Any) -> Any:
-    fields = _fields(params)
+    fields = _fields(params, ("audio", "filename", "stream"))
     stream = params.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "`stream` must be true or false", param="stream")
