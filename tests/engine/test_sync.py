@@ -159,9 +159,13 @@ def test_a_closed_facade_refuses_calls_and_closes_the_engine_it_made(isolated_ho
     not close the engine (its models stayed in `car models ps`)."""
     sync = SyncInferenceEngine(home=isolated_home)
     with sync:
+        assert sync.warm_up("smollm2") == [None]  # one id as a str (it was split into letters)
         sync.generate(greedy("Say hi.", 1, model="smollm2"))
         assert list((isolated_home / "loaded").iterdir())  # this process holds SmolLM2
+        with pytest.raises(InvalidInput, match="no endpoint named 'gpubox'"):  # answered {}
+            sync.discover_endpoints("gpubox")
     assert not list((isolated_home / "loaded").iterdir())
+    assert sync.engine.cache.keys() == []  # let go of, though `sync` is still referenced
     with pytest.raises(InferenceError, match="closed"):
         sync.generate("Say hi.")
     # The blocking methods answered after close (route, report, an export...), unlike the rest.

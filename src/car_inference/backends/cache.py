@@ -175,9 +175,11 @@ class ModelCache:
             self.evictions.append(key)
 
     def close(self) -> None:
-        """Remove the record (the engine is closed); what is loaded stays until it is dropped."""
+        """Remove the record and let go of every loaded model (the engine is closed): they stayed
+        in memory while the engine object was referenced (a notebook's `engine` after `with`)."""
         if self.record is not None:
             self.record.close()
+        self.clear()
 
     def invalidate(self, key: str) -> None:
         with self._guard:

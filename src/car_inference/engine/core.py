@@ -67,7 +67,7 @@ __all__ = ["InferenceEngine"]
 
 log = logging.getLogger("car_inference.engine")
 
-# How old hosted models' availability may be (``keys_fresh``): as often as a refused key's reset
+# How old hosted models' availability may be (``_keys_fresh``): as often as a refused key's reset
 # elsewhere is seen (keys.py).
 KEY_RECHECK_S = 2.0
 
@@ -113,7 +113,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
             runner_check=self.runners.serves,
             runtime_check=functools.partial(runtime_problem, runtime_specs(self.config.home)),
         )
-        self._keys_checked_at = 0.0  # keys_fresh
+        self._keys_checked_at = 0.0  # _keys_fresh
         self.discovery = EndpointDiscovery(self.registry, self.config.remote.connect_timeout_s)
         self.registry.on_miss = self.discovery
         self.cache = ModelCache(self.config.local.cache_mb, record_dir=self.config.home / "loaded")
@@ -235,10 +235,10 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         return self.registry.resolve(name)
 
     def list_models(self) -> list[ModelSchema]:
-        self.keys_fresh()
+        self._keys_fresh()
         return self.registry.list()
 
-    def keys_fresh(self) -> None:
+    def _keys_fresh(self) -> None:
         """Hosted models' availability follows their keys now, at most ``KEY_RECHECK_S`` old: a
         key reset from another process, stored with `car secrets put` or refused (401) moved it
         only at start, so a server that started with refused keys said "not configured" until
@@ -322,11 +322,18 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         model ids registered or the error that stopped it."""
         from ..runtimes.endpoints import list_served_models
 
-        wanted = set(names) if names is not None else None
+        wanted = {names} if isinstance(names, str) else set(names) if names is not None else None
         chosen = [
             e for e in self.registry.endpoints
             if (e.discover if wanted is None else e.name in wanted)
         ]  # fmt: skip
+        unknown = sorted((wanted or set()) - {e.name for e in chosen})
+        if unknown:  # a typo asked nothing and answered {} without a word
+            known = [e.name for e in self.registry.endpoints]
+            raise InvalidInput(
+                f"no endpoint named {', '.join(map(repr, unknown))} in models.toml"
+                + (f" (endpoints: {', '.join(known)})" if known else " (it has no [[endpoints]])")
+            )
         timeout_s = self.config.remote.connect_timeout_s
         # Asked together: a hanging endpoint costs the start its timeout once, not once per endpoint.
         answers = await asyncio.gather(

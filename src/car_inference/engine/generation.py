@@ -119,7 +119,7 @@ class GenerationMixin(Lifecycle):
         Its ``fallbacks`` are the ones that will run (see ``_fallback_policy``)."""
         self._check_open()
         expect(request, GenerateRequest, "route")
-        self.keys_fresh()
+        self._keys_fresh()
         decision = self.router.decide(request, self.registry, preferred=self.config.preferred.generate)
         chosen = self.registry.get(decision.model_id)
         if chosen is not None:  # a named model that cannot answer: its call's error, not a decision

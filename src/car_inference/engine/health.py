@@ -180,7 +180,7 @@ class HealthMixin(Lifecycle):
     def model_health(self) -> ModelHealthReport:
         self._check_open()
         self.bookkeeper.flush_unless_writer()
-        self.keys_fresh()
+        self._keys_fresh()
         models = self.registry.list()
         routing = self.config.routing
         return ModelHealthReport(

@@ -18,7 +18,7 @@ class Lifecycle:
 
     if TYPE_CHECKING:  # InferenceEngine's: hosted models' availability following their keys
 
-        def keys_fresh(self) -> None: ...
+        def _keys_fresh(self) -> None: ...
 
     def _check_open(self) -> None:
         if self._closed:

@@ -163,11 +163,14 @@ class SyncInferenceEngine:
     ) -> GenerateVideoResult:
         return self._run(self.engine.generate_video(request, progress=progress))
 
+    # A str goes through as it is (the engine takes one id or name alone): list() split it into
+    # characters, each "not found", and nothing was loaded or asked, without an error.
     def warm_up(self, model_ids: Iterable[str]) -> list[InferenceError | None]:
-        return self._run(self.engine.warm_up(list(model_ids)))
+        return self._run(self.engine.warm_up(model_ids if isinstance(model_ids, str) else list(model_ids)))
 
     def discover_endpoints(self, names: Iterable[str] | None = None) -> dict[str, list[str] | InferenceError]:
-        return self._run(self.engine.discover_endpoints(None if names is None else list(names)))
+        wanted = None if names is None else names if isinstance(names, str) else list(names)
+        return self._run(self.engine.discover_endpoints(wanted))
 
     def route_async(self, request: GenerateRequest) -> RoutingDecision:
         return self._run(self.engine.route_async(request))
