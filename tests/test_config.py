@@ -187,3 +187,14 @@ def test_a_key_of_the_wrong_type_stays_out_of_the_errors_context(isolated_home: 
     with pytest.raises(ConfigError) as info:
         load_config(isolated_home.parent, env={"CAR_KEYS__OPENAI_API_KEY": '[["sk-env-VVVVVVVVenv1"]]'})
     assert info.value.__context__ is None
+
+
+def test_printing_the_config_shows_no_key_or_password(isolated_home: Path) -> None:
+    """print(engine.config) showed every key and URL password in clear (a notebook, a log line)."""
+    (isolated_home / "config.toml").write_text(
+        '[keys]\nOPENAI_API_KEY = ["sk-SECRET1"]\n[server]\napi_keys = ["car-SECRET2"]\n'
+        '[state]\nurl = "postgresql://car:SECRET3@db/car"\n[coordination]\nredis_url = "redis://:SECRET4@cache/0"\n'
+    )
+    config = load_config(isolated_home, env={})
+    shown = f"{config!r} {config} {config.server!r} {config.state!r} {config.coordination!r}"
+    assert "SECRET" not in shown and config.keys["OPENAI_API_KEY"] == ["sk-SECRET1"]

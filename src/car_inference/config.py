@@ -231,7 +231,8 @@ class SpendSettings(SpendLimit):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8642, ge=0, le=65535)
-    api_keys: list[str] = Field(default_factory=list)
+    # repr=False here and below: print(engine.config) showed every key (and URL passwords) in clear
+    api_keys: list[str] = Field(default_factory=list, repr=False)
     max_body_mb: float = Field(default=32.0, gt=0)
     max_concurrency: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)
@@ -298,7 +299,9 @@ class StateSettings(_Section):
     """Where the learned state (outcomes, traces, feedback, spend) lives: ``$CAR_HOME/state.db``
     by default, or a PostgreSQL database several replicas share."""
 
-    url: str | None = Field(default=None, description='e.g. "postgresql://car@db:5432/car"; None: SQLite')
+    url: str | None = Field(
+        default=None, repr=False, description='e.g. "postgresql://car@db:5432/car"; None: SQLite'
+    )
     buffer_records: int = Field(
         default=10_000,
         ge=0,
@@ -324,7 +327,9 @@ class CoordinationSettings(_Section):
     learned router state changed. None: each replica keeps its own in memory. An unreachable
     Redis degrades to that, with a warning, and sharing resumes when it answers again."""
 
-    redis_url: str | None = Field(default=None, description='e.g. "redis://cache:6379/0"; None: local only')
+    redis_url: str | None = Field(
+        default=None, repr=False, description='e.g. "redis://cache:6379/0"; None: local only'
+    )
     key_prefix: str = Field(default="car:", min_length=1, description="one fleet's keys on a shared Redis")
     refresh_ms: float = Field(
         default=50.0, ge=5, le=1000, description="how often a replica reads the fleet's open breakers"
@@ -377,6 +382,7 @@ class CarConfig(BaseModel):
     coordination: CoordinationSettings = Field(default_factory=CoordinationSettings)
     keys: dict[str, list[str]] = Field(
         default_factory=dict,
+        repr=False,
         description="extra API keys per key variable, e.g. OPENAI_API_KEY = ['sk-1', 'sk-2']",
     )
     home: Path = Field(default_factory=car_home, exclude=True)
