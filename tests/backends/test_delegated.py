@@ -217,6 +217,22 @@ async def test_an_embedding_runner_must_answer_one_vector_per_text(engine: Infer
         await engine.embed(EmbedRequest(texts=["a", "b"], model="host/echo"))
 
 
+async def test_an_async_function_returning_an_async_iterator_streams(engine: InferenceEngine) -> None:
+    """The README allows it; it was "answered a async_generator, not text or a result"."""
+
+    async def pieces() -> AsyncIterator[str]:
+        for piece in ("one ", "two"):
+            yield piece
+
+    async def runner(model: ModelSchema, request: GenerateRequest) -> AsyncIterator[str]:
+        return pieces()
+
+    engine.register_runner(runner, ["host/echo"])
+    events = [e async for e in engine.stream(_ask("x", "host/echo"))]
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["one ", "two"]
+    assert (await engine.generate(_ask("x", "host/echo"))).text == "one two"
+
+
 class TaskRunner:
     """A runner object: it generates and embeds, and classifies nothing."""
 

@@ -255,29 +255,25 @@ class DelegatedBackend:
 
     async def _invoke(self, entry: RunnerRegistration, model: ModelSchema, request: GenerateRequest, *,
                       streaming: bool) -> Any:  # fmt: skip
-        """Start the runner on ``request``: an awaitable, an async iterator or (a plain function's)
-        the answer itself."""
+        """The runner's answer to ``request``: an async iterator (a stream) or a whole answer (an
+        awaitable is awaited within the timeout: an ``async def`` may return either)."""
         runner = entry.runner
-        for name in ("stream", "generate") if streaming else ("generate", "stream"):
-            method = getattr(runner, name, None)
-            if callable(method):
-                return await self._start(entry, model, method, request)
-        if not callable(runner):
+        names = ("stream", "generate") if streaming else ("generate", "stream")
+        method = next((m for n in names if callable(m := getattr(runner, n, None))), runner)
+        if not callable(method):
             raise UnsupportedMode(
                 "generate", "delegated", f"the runner for {model.id} does not generate text"
             )
-        return await self._start(entry, model, runner, request)
-
-    async def _answer(self, entry: RunnerRegistration, model: ModelSchema, value: Any) -> GenerationOutput:
+        value = await self._start(entry, model, method, request)
         if inspect.isawaitable(value):
             value = await self._bounded(entry, model, value)
-        return as_output(value, model.id, entry.name, model.context_length)
+        return value
 
     async def generate(self, model: ModelSchema, request: GenerateRequest) -> GenerationOutput:
         entry = self._registration(model)
         value = await self._invoke(entry, model, request, streaming=False)
         if not isinstance(value, AsyncIterator):
-            return await self._answer(entry, model, value)
+            return as_output(value, model.id, entry.name, model.context_length)
         done: Done | None = None
         async with contextlib.aclosing(self._events(entry, model, value)) as events:
             async for event in events:
@@ -293,7 +289,8 @@ class DelegatedBackend:
                 async for event in events:
                     yield event
             return
-        for event in result_events(await self._answer(entry, model, value), StreamAccumulator()):
+        out = as_output(value, model.id, entry.name, model.context_length)
+        for event in result_events(out, StreamAccumulator()):
             yield event
 
     async def _events(
