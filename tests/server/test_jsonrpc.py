@@ -368,6 +368,10 @@ async def test_batches_are_bounded(local_server: ServerThread) -> None:
         assert "101 calls (at most 100)" in refused["error"]["message"]
         await ws.send(json.dumps([json.loads(rpc("models.list", rid=i)) for i in range(100)]))
         assert len(json.loads(await ws.recv())) == 100
+        # Counted calls past ws_max_in_flight (16) wait their turn: 84 of them were server_busy.
+        await ws.send(json.dumps([json.loads(rpc("tokenize", {"text": "x"}, rid=i)) for i in range(40)]))
+        answers = json.loads(await ws.recv())
+        assert len(answers) == 40 and not [a for a in answers if "error" in a], answers[:3]
 
 
 async def test_a_message_over_4_mb_closes_the_socket(local_server: ServerThread) -> None:
