@@ -436,3 +436,25 @@ async def test_a_cut_stream_stays_retryable_over_json_rpc(
     finally:
         server.stop()
         engine.close()
+
+
+async def test_calls_cut_by_a_closing_socket_are_counted_as_client_gone(local_server: ServerThread) -> None:
+    """They were counted under no status at all (a `cancel` was a 499, as a client gone over HTTP)."""
+
+    def gone() -> float:
+        text = httpx.get(local_server.url + "/metrics").text
+        line = re.search(
+            r'car_requests_total\{[^}]*model="-",route="ws:infer.stream",status="499"\} (\S+)', text
+        )
+        return float(line.group(1)) if line else 0.0
+
+    before = gone()
+    async with connect(local_server.ws_url) as ws:
+        params = {"prompt": "Count to fifty.", "model": "smollm2", "params": {"max_tokens": 200}}
+        await ws.send(rpc("infer.stream", params, rid="s"))
+        await ws.recv()  # under way
+    for _ in range(100):
+        if gone() > before:
+            break
+        await asyncio.sleep(0.05)
+    assert gone() == before + 1

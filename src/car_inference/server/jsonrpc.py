@@ -309,6 +309,7 @@ class Session:
                     "error": rpc_error(describe(self.state.shutdown_error())),
                 }
             if rid is None or rid not in self.cancelled:
+                metrics.request(f"ws:{name}", None, 499)  # the socket closed: counted, as over HTTP
                 raise
             self.cancelled.discard(rid)
             if task is not None:
