@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import inspect
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -293,3 +296,29 @@ def test_ctrl_c_during_a_call_stops_its_work(isolated_home: Path) -> None:
                 break
             time.sleep(0.1)
         assert [r[0] for r in rows] == ["success", "abandoned"]
+
+
+def test_a_stream_dropped_after_close_says_nothing(isolated_home: Path) -> None:
+    """Its generator's close ran on the stopped loop: an "Exception ignored ... is closed" traceback."""
+    code = (
+        "import gc\n"
+        "from car_inference import SyncInferenceEngine\n"
+        "engine = SyncInferenceEngine()\n"
+        "events = engine.stream('Count to ten.', model='smollm2', max_tokens=20)\n"
+        "next(events)\n"
+        "engine.close()\n"
+        "del events\n"
+        "gc.collect()\n"
+        "print('done')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CAR_HOME": str(isolated_home)},
+        check=False,
+    )
+    assert done.returncode == 0 and "done" in done.stdout and "Exception ignored" not in done.stderr, (
+        done.stderr
+    )

@@ -119,7 +119,10 @@ class SyncInferenceEngine:
                 except StopAsyncIteration:
                     return
         finally:
-            self._run(agen.aclose())
+            # A stream dropped after close() (or alive at exit) has no loop to close it on: its
+            # engine is closed already; raising here was an "Exception ignored" traceback.
+            if not self._closed and self._loop.is_running():
+                self._run(agen.aclose())
 
     def embed(self, request: EmbedRequest) -> EmbedResult:
         return self._run(self.engine.embed(request))
