@@ -195,8 +195,7 @@ class Session:
             what = "an empty batch" if not items else f"a batch of {len(items)} calls (at most {limit})"
             await self.send(_error(None, INVALID_REQUEST, f"invalid request: {what}"))
             return
-        # At most the socket's free in-flight slots run at once; the rest wait their turn (a batch
-        # of 100 quick calls had 84 refused server_busy, though ws_max_batch allows 100).
+        # The socket's free in-flight slots at once, the rest in turn (84 of 100 were server_busy).
         turns = asyncio.Semaphore(max(1, self.state.settings.ws_max_in_flight - self.active))
 
         async def in_turn(item: Any) -> dict[str, Any] | None:
