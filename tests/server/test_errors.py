@@ -193,3 +193,14 @@ def test_a_refusal_with_a_retry_time_is_retryable() -> None:
     data = rpc_error(describe(busy))["data"]
     assert data["retryable"] is True and data["retry_after"] == 1
     assert rpc_error(describe(ApiError(400, "bad")))["data"]["retryable"] is False
+
+
+def test_a_misspelt_field_is_named_with_the_one_it_was_meant_for() -> None:
+    """`text` sent to embed said only "texts: Field required", never naming `text`."""
+    from car_inference.requests import EmbedRequest
+
+    with pytest.raises(ValidationError) as info:
+        EmbedRequest.model_validate({"text": ["a"]})
+    described = describe(info.value)
+    assert described.param == "text"
+    assert described.message.startswith("text: Extra inputs are not permitted; did you mean texts?")

@@ -50,6 +50,7 @@ from ..errors import (
     TokenizationError,
     TraceNotFound,
     UnsupportedMode,
+    close_matches,
 )
 
 __all__ = [
@@ -154,10 +155,31 @@ def _msg(error: Any) -> str:
     return str(error["msg"]).removeprefix("Value error, ")
 
 
+def _misspelt(errors: list[Any]) -> tuple[Any, list[str]]:
+    """The first field sent that the model does not take and that looks like a field it misses
+    beside it, with those close names; (None, []) when there is none."""
+    for extra in (e for e in errors if e.get("type") == "extra_forbidden"):
+        parent, name = tuple(extra["loc"][:-1]), str(extra["loc"][-1])
+        missing = [
+            str(e["loc"][-1]) for e in errors if e.get("type") == "missing" and tuple(e["loc"][:-1]) == parent
+        ]
+        near = close_matches(name, missing)
+        if near:
+            return extra, near
+    return None, []
+
+
 def validation_info(exc: ValidationError, prefix: str = "") -> ErrorInfo:
     """A pydantic error as a 400 naming the first offending field (``messages[0].content``)."""
     errors = exc.errors(include_url=False, include_input=False)
+    # A field the model does not take that looks like one it misses goes first, saying so (`text`
+    # sent to embed said "texts: Field required" and never named `text`).
+    typo, near = _misspelt(errors)
+    if typo is not None:
+        errors = [typo, *(e for e in errors if e is not typo)]
     loc, msg, covered = _first_error(errors) if errors else ((), str(exc), 0)
+    if typo is not None:
+        msg += f"; did you mean {', '.join(near)}?"
     where = _loc((*((prefix,) if prefix else ()), *loc))
     message = f"{where}: {msg}" if where else msg
     if len(errors) > covered:
