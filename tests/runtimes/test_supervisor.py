@@ -70,19 +70,9 @@ def test_a_server_that_takes_the_port_while_ours_is_down_is_never_used(superviso
     through that one, so car went on sending our model's requests to another model ("I AM THE
     IMPOSTOR"), and restarted for ever, each restart failing to bind. Now the restart sees the
     port serve another model, counts it a failure, and gives up."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Impostor(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps({"object": "list", "data": [{"id": "evil-model", "object": "model"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
+    class Impostor(_Serving):
+        served: ClassVar[list[str]] = ["evil-model"]
 
     supervisor.settings.max_restarts = 2
     supervisor.settings.backoff_s = 2.0  # the other server takes the port before our restart
