@@ -80,3 +80,11 @@ def test_a_long_trace_id_is_not_echoed_whole() -> None:
     """Feedback for a 1 MB trace id answered 404 with the whole megabyte in its message."""
     message = str(TraceNotFound("t" * 1_000_000))
     assert len(message) < MAX_NAME_CHARS + 100 and "1,000,000 characters" in message
+
+
+def test_provider_error_names_a_model_once() -> None:
+    """The message said "openai openai/gpt-4o-mini returned 429" for a catalog id."""
+    named = ProviderError("slow down", provider="openai", model="openai/gpt-4o-mini", status=429)
+    assert str(named) == "openai/gpt-4o-mini returned 429: slow down"
+    upstream = ProviderError("boom", provider="openai", model="gpt-4o-mini")
+    assert str(upstream) == "openai gpt-4o-mini: boom"

@@ -162,7 +162,8 @@ class ProviderError(InferenceError):
         self.retryable = retryable
         self.retry_after = retry_after
         self.timeout = timeout  # no answer in time (ours or the provider's 408/504)
-        prefix = f"{provider} {model}"
+        # "openai/gpt-4o-mini returned 429", not "openai openai/gpt-4o-mini ..."
+        prefix = model if model.startswith(f"{provider}/") else f"{provider} {model}"
         if status is not None:
             prefix += f" returned {status}"
         super().__init__(f"{prefix}: {message}")

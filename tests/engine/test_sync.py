@@ -180,6 +180,7 @@ def test_a_closed_facade_refuses_calls_and_closes_the_engine_it_made(isolated_ho
         sync.list_models,
         lambda: sync.resolve("smollm2"),
         sync.flush,
+        lambda: sync.register_runner(lambda request: "hi", ["app/after-close"]),  # was taken
     ):
         with pytest.raises(InferenceError, match="SyncInferenceEngine is closed"):
             call()
@@ -322,3 +323,14 @@ def test_a_stream_dropped_after_close_says_nothing(isolated_home: Path) -> None:
     assert done.returncode == 0 and "done" in done.stdout and "Exception ignored" not in done.stderr, (
         done.stderr
     )
+
+
+def test_every_public_method_has_a_docstring() -> None:
+    """help() on a facade method said nothing: the blocking ones take the engine's docstring."""
+    undocumented = [
+        name
+        for name, method in vars(SyncInferenceEngine).items()
+        if callable(method) and not name.startswith("_") and not (method.__doc__ or "").strip()
+    ]
+    assert undocumented == []
+    assert SyncInferenceEngine.generate.__doc__ == InferenceEngine.generate.__doc__

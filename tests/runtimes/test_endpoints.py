@@ -114,7 +114,7 @@ async def test_an_endpoints_failure_is_labelled_with_the_endpoint_not_its_protoc
     fake.queue(Fault.server_error())
     with pytest.raises(ProviderError) as info:
         await engine.generate(GenerateRequest(prompt="hi", model="box/m"))
-    assert info.value.provider == "box" and str(info.value).startswith("box box/m returned 500")
+    assert info.value.provider == "box" and str(info.value).startswith("box/m returned 500")
     engine.close()
 
 

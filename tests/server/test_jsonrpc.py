@@ -278,7 +278,8 @@ async def test_cancel_stops_a_stream(local_server: ServerThread, server_engine: 
                 answers[message["id"]] = message
         assert answers["stop"]["result"] == {"id": "long", "cancelled": True}
         assert answers["long"]["error"]["code"] == -32800
-        for bad in ([1], {"a": 1}, True, None):  # not a request id: a params error, not -32603
+        # not a request id (1.0 is refused as a request's id too): a params error, not -32603
+        for bad in ([1], {"a": 1}, True, None, 1.0):
             error = (await call(ws, "cancel", {"id": bad}, rid="bad"))["error"]
             assert error["code"] == -32602 and error["data"]["param"] == "id", error
     entry = server_engine.cache.get(f"gguf:{SMOL}")

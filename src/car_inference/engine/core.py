@@ -235,6 +235,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         return self.registry.resolve(name)
 
     def list_models(self) -> list[ModelSchema]:
+        """Every model of the catalog, with whether it can run here now (``available``)."""
         self._keys_fresh()
         return self.registry.list()
 
@@ -249,6 +250,8 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
             self.registry.refresh_availability(Locality.REMOTE)
 
     def register_model(self, schema: ModelSchema) -> ModelSchema:
+        """Add (or, by the same id, replace) a model in this engine's catalog, in memory only;
+        returned with its availability computed now."""
         expect(schema, ModelSchema, "register_model")
         return self.registry.register(schema)
 

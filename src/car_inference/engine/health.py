@@ -178,6 +178,7 @@ class HealthMixin(Lifecycle):
         def _classifier(self, request: ClassifyRequest) -> ModelSchema: ...
 
     def model_health(self) -> ModelHealthReport:
+        """Each model's availability, circuit, key and outcome figures (what `car health` prints)."""
         self._check_open()
         self.bookkeeper.flush_unless_writer()
         self._keys_fresh()
@@ -306,6 +307,7 @@ class HealthMixin(Lifecycle):
     # --- spend and profiles ----------------------------------------------------------------------
 
     def spend_status(self) -> SpendStatus:
+        """Spend so far against each configured limit (records still queued are written first)."""
         self._check_open()
         self.bookkeeper.flush()
         return self.spend.status()

@@ -280,7 +280,7 @@ class SyncInferenceEngine:
         name: str | None = None,
     ) -> RunnerRegistration:
         """``InferenceEngine.register_runner``; an async runner runs on this facade's loop thread."""
-        return self.engine.register_runner(runner, models, timeout_s=timeout_s, name=name)
+        return self._live().register_runner(runner, models, timeout_s=timeout_s, name=name)
 
     def unregister_runner(self, registration: RunnerRegistration | Any) -> bool:
         return self.engine.unregister_runner(registration)
@@ -351,3 +351,15 @@ def _request(request: GenerateRequest | str, fields: dict[str, Any]) -> Generate
         return GenerateRequest(prompt=request, **fields)
     except ValidationError as exc:
         raise InvalidInput(f"generate: {validation_summary(exc)}") from None
+
+
+def _shared_docs() -> None:
+    """``help(SyncInferenceEngine.generate)`` says what ``InferenceEngine.generate`` does (the
+    facade's methods had no docstrings of their own)."""
+    for name, method in vars(SyncInferenceEngine).items():
+        source = getattr(InferenceEngine, name, None)
+        if callable(method) and not name.startswith("_") and not method.__doc__ and source is not None:
+            method.__doc__ = source.__doc__
+
+
+_shared_docs()

@@ -118,6 +118,7 @@ class TaskMixin(Lifecycle):
         return model, backend
 
     async def tokenize(self, model: str, text: str) -> TokenizeResult:
+        """``text``'s token ids in ``model``'s vocabulary, as the model sees them (no template)."""
         self._check_open()
         expect(text, str, "tokenize's text")
         bad = unpaired_surrogate(text)
@@ -129,6 +130,7 @@ class TaskMixin(Lifecycle):
         return TokenizeResult(model_used=schema.id, tokens=tokens)
 
     async def detokenize(self, model: str, tokens: list[int]) -> TokenizeResult:
+        """The text ``tokens`` (ids in ``model``'s vocabulary) spell; an id out of range is InvalidInput."""
         self._check_open()
         if not isinstance(tokens, list | tuple) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in tokens
@@ -155,6 +157,7 @@ class TaskMixin(Lifecycle):
         raise ModelUnavailable.none_for(str(capability), self.registry.why_none(capability))
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """One vector per text, in order, on the named model or the default embedding model."""
         self._check_open()
         expect(request, EmbedRequest, "embed")
         model = self._model_for(request.model, ModelCapability.EMBED)
@@ -264,6 +267,8 @@ class TaskMixin(Lifecycle):
         return await charged(self.spend, model, cost, lambda: method(model, request, on_segment=on_segment))
 
     async def synthesize(self, request: SynthesizeRequest) -> SynthesizeResult:
+        """Speech for ``request.text`` (audio bytes in the asked format), on the model the speech
+        policy picks when none is named."""
         self._check_open()
         expect(request, SynthesizeRequest, "synthesize")
         request = with_output_format(request)
@@ -295,6 +300,7 @@ class TaskMixin(Lifecycle):
     async def generate_video(
         self, request: GenerateVideoRequest, progress: Callable[[int, int], None] | None = None
     ) -> GenerateVideoResult:
+        """A video for ``request.prompt``; ``progress(done, total)`` is called from a worker thread."""
         self._check_open()
         expect(request, GenerateVideoRequest, "generate_video")
         request = with_suffix_format(request)

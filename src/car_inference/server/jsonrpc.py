@@ -509,9 +509,9 @@ async def _feedback(session: Session, params: Params, rid: Any) -> Any:
 
 async def _cancel(session: Session, params: Params, rid: Any) -> Any:
     target = params.get("id")
-    if isinstance(target, bool) or not isinstance(target, str | int | float):
+    if target is None or not _valid_id(target):  # the ids a request may carry (1.0 is none)
         raise ApiError(
-            400, "`id` must be the string or number id of a request", code="invalid_value", param="id"
+            400, "`id` must be the string or whole-number id of a request", code="invalid_value", param="id"
         )
     task = session.in_flight.get(target)
     if task is None or task is asyncio.current_task():
