@@ -61,6 +61,7 @@ class ModelUnavailable(InferenceError):
     def __init__(self, model_id: str, reason: str) -> None:
         self.model_id = model_id
         self.reason = reason
+        self.no_model_for_capability = False  # True from none_for: no model at all, not this one
         super().__init__(f"model {model_id} is not available: {reason}")
 
     @classmethod
@@ -68,6 +69,7 @@ class ModelUnavailable(InferenceError):
         """No model of ``capability`` can run (``model_id`` is the capability's name)."""
         error = cls(capability, reason)
         error.args = (f"no {capability} model can run here: {reason}",)
+        error.no_model_for_capability = True
         return error
 
 

@@ -411,6 +411,10 @@ class EmbedRequest(_Input):
     is_query: Bool = False
     instruction: str | None = None
     normalize: Bool = True
+    # A text longer than the model's window: its first tokens up to the window are embedded and
+    # its index is in the result's ``truncated`` (True, what sentence-transformers and llama.cpp
+    # do), or the request is InvalidInput naming it (False, as OpenAI's API answers).
+    truncate: Bool = True
 
     @field_validator("texts")
     @classmethod
@@ -429,6 +433,8 @@ class EmbedResult(_Model):
     model_used: str
     dimensions: int
     prompt_tokens: int | None = None
+    # The texts cut at the model's window (their indices): only their beginning was embedded.
+    truncated: list[int] = Field(default_factory=list)
 
 
 class RerankRequest(_Input):

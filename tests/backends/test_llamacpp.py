@@ -325,7 +325,13 @@ async def test_likelihood_classification_is_a_distribution(
 
 async def test_gguf_embeddings_are_normalised(backend: LlamaCppBackend, model: ModelSchema) -> None:
     result = await backend.embed(model, EmbedRequest(texts=["a cat", "a dog"]))
-    assert result.dimensions == 576 and len(result.embeddings) == 2
+    assert result.dimensions == 576 and len(result.embeddings) == 2 and result.truncated == []
+    # llama.cpp embeds a text's first n_batch tokens: the cut one is named, or refused on asking.
+    long = "word " * 3000
+    cut = await backend.embed(model, EmbedRequest(texts=["a cat", long]))
+    assert cut.truncated == [1] and len(cut.embeddings) == 2
+    with pytest.raises(InvalidInput, match=r"texts\[1\] is \d+ tokens; .* reads at most \d+"):
+        await backend.embed(model, EmbedRequest(texts=["a cat", long], truncate=False))
     assert math.isclose(math.fsum(v * v for v in result.embeddings[0]), 1.0, rel_tol=1e-3)
 
 

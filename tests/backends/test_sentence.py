@@ -13,6 +13,7 @@ from car_inference.backends.cache import ModelCache
 from car_inference.backends.sentence import SLICE, SLICE_TOKENS, SentenceBackend, _by_tokens
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig
+from car_inference.errors import InvalidInput
 from car_inference.requests import ClassifyRequest, EmbedRequest, RerankRequest
 from car_inference.schema import ModelSchema
 
@@ -45,6 +46,19 @@ async def test_embeddings_are_normalised_and_batched_in_order(
     assert all(math.isclose(_cos(v, v), 1.0, rel_tol=1e-4) for v in result.embeddings)
     single = await backend.embed(model, EmbedRequest(texts=[texts[42]]))
     assert _cos(single.embeddings[0], result.embeddings[42]) == pytest.approx(1.0, abs=1e-5)
+
+
+async def test_a_text_past_the_window_is_said(backend: SentenceBackend, model: ModelSchema) -> None:
+    """Texts sharing their first 256 tokens came back as one vector without a word: the cut ones
+    are named in ``truncated``, and with ``truncate=False`` the request is refused."""
+    head = "word " * 300
+    texts = ["short", head + "about cats", head + "about dogs"]
+    result = await backend.embed(model, EmbedRequest(texts=texts))
+    assert result.truncated == [1, 2] and result.prompt_tokens == 3 + 256 + 256
+    with pytest.raises(InvalidInput, match=r"texts\[1\] is 30\d tokens; .* reads at most 256") as info:
+        await backend.embed(model, EmbedRequest(texts=texts, truncate=False))
+    assert info.value.param == "texts[1]"
+    assert (await backend.embed(model, EmbedRequest(texts=["short"], truncate=False))).truncated == []
 
 
 async def test_similar_texts_are_closer(backend: SentenceBackend, model: ModelSchema) -> None:

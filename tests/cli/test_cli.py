@@ -180,6 +180,9 @@ def test_embed_rerank_classify_json() -> None:
     assert code == 0 and data["dimensions"] == 384 and len(data["embeddings"]) == 2
     code, _, err = car("embed", "hello", "")  # an empty text printed a vector
     assert code == 2 and "text 2 is empty" in err
+    code, out, err = car("embed", "hello", "word " * 300, "--json")  # cut at 256 tokens, unsaid
+    assert code == 0 and json.loads(out)["truncated"] == [1]
+    assert "text 2 is longer than sentence-transformers/all-minilm-l6-v2 reads" in err
 
     docs = ["Bananas are yellow.", "Paris is the capital of France."]
     code, out, _ = car("rerank", "capital of France", *docs, "--json", "--top-n", "1")

@@ -13,10 +13,16 @@ import pytest
 
 from car_inference.engine import InferenceEngine
 from car_inference.engine.grounding import load_image
-from car_inference.errors import InvalidInput, ModelNotFound, ModelUnavailable, UnsupportedMode
+from car_inference.errors import (
+    InferenceError,
+    InvalidInput,
+    ModelNotFound,
+    ModelUnavailable,
+    UnsupportedMode,
+)
 from car_inference.grounding import GroundingOutputError
 from car_inference.requests import BoundingBox, GenerateRequest, GroundRequest, ImageBlock
-from fakes import FakeProviderServer, Reply
+from fakes import FakeProviderServer, Fault, Reply
 from fakes.images import png
 
 IMAGE = png(640, 480, (200, 30, 30))
@@ -146,6 +152,24 @@ async def test_default_model_prefers_quality_among_vision_models(
 ) -> None:
     fake.queue(Reply(text="[]"))
     assert (await engine.ground(_request())).model_used == "google/fake-gemini"
+
+
+async def test_default_model_passes_over_an_open_circuit(
+    engine: InferenceEngine, fake: FakeProviderServer
+) -> None:
+    """Every request without a model went to the best one while its circuit was open: a 503 for
+    the whole cooldown though another model could ground."""
+    failures = 0
+    while "google/fake-gemini" not in engine.router.breakers.blocked():
+        fake.queue(Fault.server_error())
+        with pytest.raises(InferenceError):
+            await engine.ground(_request())
+        failures += 1
+        assert failures < 10
+    fake.queue(Reply(text='[{"bbox_2d": [161, 119, 322, 357]}]'))
+    result = await engine.ground(_request())
+    assert result.model_used == "vlmhost/qwen2.5-vl-72b" and len(result.boxes) == 1
+    assert fake.pending == 0
 
 
 async def test_model_choice_errors(engine: InferenceEngine) -> None:

@@ -52,6 +52,17 @@ async def test_embed_rerank_classify_defaults(local_engine: InferenceEngine) -> 
     )
     assert ranked.ranked[0].index == 1 and len(ranked.ranked) == 2 and ranked.method == "embedding-similarity"
     assert (await local_engine.rerank(RerankRequest(query="q", documents=[]))).ranked == []
+    # An empty document scores 0 unseen (MiniLM ranked "" first); copies of one document tie
+    # exactly and keep input order (their scores differed in the last digits, the later first).
+    query = "capital of France?"
+    docs = ["Bananas are yellow.", "", "Paris is in France.", "Bananas are yellow.", ""]
+    odd = await local_engine.rerank(RerankRequest(query=query, documents=docs))
+    order = [d.index for d in odd.ranked]
+    assert order[0] == 2 and order[-2:] == [1, 4] and order.index(0) + 1 == order.index(3)
+    scores = {d.index: d.score for d in odd.ranked}
+    assert scores[1] == scores[4] == 0.0 and scores[0] == scores[3] > 0.0
+    empty = await local_engine.rerank(RerankRequest(query=query, documents=["", ""], top_n=1))
+    assert [(d.index, d.score) for d in empty.ranked] == [(0, 0.0)]
 
     label = await local_engine.classify(
         ClassifyRequest(text="I won the tennis final", labels=["sports", "finance"])

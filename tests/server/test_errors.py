@@ -98,10 +98,13 @@ def test_details_travel_with_the_error() -> None:
     assert error_response(limited).headers["retry-after"] == "3"
     both = describe(AllModelsFailed([("a", _provider(429)), ("b", _provider(429))]))
     assert both.retry_after == 3 and [a["model"] for a in both.extra["attempts"]] == ["a", "b"]
-    media = describe(ModelUnavailable("piper/x", "no backend"), capability="text_to_speech")
+    media = describe(ModelUnavailable.none_for("piper", "no backend"), capability="text_to_speech")
     assert (
         media.status == 501 and media.message == "text_to_speech is not available on this server: no backend"
     )
+    # One model that cannot run (not pulled) is its 503, not the capability's 501.
+    one = describe(ModelUnavailable("piper/x", "not pulled"), capability="text_to_speech")
+    assert one.status == 503 and one.code == "model_unavailable" and "piper/x" in one.message
     named = describe(
         UnsupportedMode("text_to_speech", "gguf", "smollm2 does not declare it"), capability="tts"
     )

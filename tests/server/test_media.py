@@ -109,6 +109,12 @@ def test_speech_round_trip_and_missing_images_501(local_server: ServerThread) ->
     assert error.type == "not_implemented_error"
     assert "image_generation is not available on this server: " in error.message
     assert "car models pull stabilityai/sd-turbo" in error.message and "OPENAI_API_KEY" in error.message
+    # A named model that is not pulled is that model's 503, as on /v1/rerank: it was this 501
+    # saying image generation was missing while other image models answered on the server.
+    with pytest.raises(openai.APIStatusError) as named:
+        client.images.generate(model="sd-turbo", prompt="a red apple")
+    assert named.value.status_code == 503 and named.value.code == "model_unavailable"
+    assert "stabilityai/sd-turbo" in named.value.message and "car models pull" in named.value.message
 
 
 def test_bad_media_requests_are_400(local_server: ServerThread) -> None:

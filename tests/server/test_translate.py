@@ -302,6 +302,17 @@ def test_embeddings_and_rerank() -> None:
     packed = embeddings_response(result, "base64")["data"][0]["embedding"]
     assert struct.unpack("<2f", base64.b64decode(packed)) == (0.5, -1.0)
     assert embeddings_response(result, "float")["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+    assert "truncated" not in embeddings_response(result, "float")
+    cut = result.model_copy(update={"truncated": [0]})
+    assert embeddings_response(cut, "float")["truncated"] == [0]
+    assert embed_request({"input": "x", "truncate": False})[0].truncate is False
+    assert bad({"input": "x", "truncate": "no"}, embed_request).param == "truncate"
+    # Fields a route does not take were dropped without a word (`dimension`: 384-d vectors came).
+    typo = bad({"input": "x", "dimension": 64}, embed_request)
+    assert typo.param == "dimension" and "did you mean `dimensions`?" in typo.message
+    top_k = bad({"query": "q", "documents": ["a", "b"], "top_k": 1}, rerank_request)
+    assert top_k.param == "top_k" and "did you mean `top_n`?" in top_k.message
+    assert embed_request({"input": "x", "user": "u-1"})[0].texts == ["x"]  # OpenAI's, not used
 
     rerank, documents = rerank_request(
         {"query": "q", "documents": ["a", {"text": "b"}], "top_n": 1, "return_documents": False}

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import InferenceFailed
+from ..errors import InferenceFailed, InvalidInput
 from ..requests import (
     Classification,
     ClassifyRequest,
@@ -375,6 +375,20 @@ def label_distribution(labels: list[str], logits: list[float], model_id: str, me
     results = [ClassifyResult(label=lab, score=w / total) for lab, w in zip(labels, weights, strict=True)]
     results.sort(key=lambda r: -r.score)
     return Classification(results=results, model_used=model_id, method=method)
+
+
+def over_window(model: ModelSchema, counts: list[int], window: int, truncate: bool) -> list[int]:
+    """The indices of the texts longer than ``window`` tokens (``counts``: each text's, uncut);
+    with ``truncate`` False the first of them is ``InvalidInput`` naming it and the window."""
+    cut = [i for i, n in enumerate(counts) if n > window]
+    if cut and not truncate:
+        i = cut[0]
+        raise InvalidInput(
+            f"texts[{i}] is {counts[i]} tokens; {model.id} reads at most {window}: split it, or "
+            f"allow truncation to embed its first {window}",
+            param=f"texts[{i}]",
+        )
+    return cut
 
 
 def ranked_result(request: RerankRequest, scores: list[float], model_id: str, method: str) -> RerankResult:

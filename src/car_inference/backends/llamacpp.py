@@ -56,6 +56,7 @@ from .base import (
     iterate_in_thread,
     label_distribution,
     openmp_thread,
+    over_window,
     ranked_result,
     run_stoppable,
 )
@@ -394,6 +395,14 @@ class LlamaCppBackend:
             for t in request.texts
         ]
         parts = [texts[i : i + EMBED_SLICE] for i in range(0, len(texts), EMBED_SLICE)]
+
+        def counted(loaded: LoadedGguf, part: list[str], _: Event) -> tuple[list[int], int]:
+            """Each text's tokens, uncut, and the window llama.cpp cuts embeddings at (n_batch)."""
+            return [len(loaded.llm.tokenize(t.encode("utf-8"))) for t in part], loaded.llm.n_batch
+
+        counts = await self._turns(model, parts, counted, embedding=True)
+        window = counts[0][1] if counts else 0
+        cut = over_window(model, [n for part, _ in counts for n in part], window, request.truncate)
         done = await self._turns(
             model,
             parts,
@@ -402,7 +411,13 @@ class LlamaCppBackend:
         )
         vectors = [v for part in done for v in part]
         dims = len(vectors[0]) if vectors else 0
-        return EmbedResult.model_construct(embeddings=vectors, model_used=model.id, dimensions=dims)
+        return EmbedResult.model_construct(
+            embeddings=vectors,
+            model_used=model.id,
+            dimensions=dims,
+            prompt_tokens=sum(min(n, window) for part, _ in counts for n in part),
+            truncated=cut,
+        )
 
     async def rerank(self, model: ModelSchema, request: RerankRequest) -> RerankResult:
         """Yes/no reranking: one forward pass per document (the shared prefix stays in the KV cache

@@ -23,7 +23,14 @@ from ..requests import (
     RerankResult,
 )
 from ..schema import ModelSchema, SentenceSource
-from .base import BackendContext, label_distribution, openmp_thread, ranked_result, run_blocking
+from .base import (
+    BackendContext,
+    label_distribution,
+    openmp_thread,
+    over_window,
+    ranked_result,
+    run_blocking,
+)
 from .cache import CachedModel
 
 __all__ = ["TORCH_THREAD", "SentenceBackend"]
@@ -136,15 +143,25 @@ class SentenceBackend:
     def _is_cross_encoder(model: ModelSchema) -> bool:
         return isinstance(model.source, SentenceSource) and model.source.cross_encoder
 
+    def _no_cross_encoder(self, model: ModelSchema) -> None:
+        if self._is_cross_encoder(model):
+            raise UnsupportedMode(
+                "embed", "sentence cross-encoder", f"{model.id} scores pairs; it has no embeddings"
+            )
+
     def warm_up(self, model: ModelSchema) -> None:
         TORCH_THREAD.submit(self._entry, model).result()
+
+    @staticmethod
+    def _window(instance: Any) -> int:
+        return getattr(instance, "max_seq_length", None) or getattr(instance, "max_length", None) or 512
 
     def _token_counts(self, model: ModelSchema, items: list[Any]) -> list[int]:
         """The tokens the model reads of each text or (query, document) pair, special tokens
         included and cut at its window; blocking (the fast tokenizer, ids only)."""
         entry = self._entry(model)
         instance = entry.instance
-        limit = getattr(instance, "max_seq_length", None) or getattr(instance, "max_length", None) or 512
+        limit = self._window(instance)
         with entry.lock:
             if items and isinstance(items[0], tuple):
                 firsts, seconds = [a for a, _ in items], [b for _, b in items]
@@ -152,6 +169,13 @@ class SentenceBackend:
             else:
                 ids = instance.tokenizer(items, truncation=True, max_length=limit)["input_ids"]
         return [len(i) for i in ids]
+
+    def _cut_texts(self, model: ModelSchema, texts: list[str], truncate: bool) -> list[int]:
+        """The indices of ``texts`` longer than the model's window (``over_window``); blocking."""
+        entry = self._entry(model)
+        with entry.lock:
+            ids = entry.instance.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+        return over_window(model, [len(i) for i in ids], self._window(entry.instance), truncate)
 
     def _encode_part(self, model: ModelSchema, texts: list[str], normalize: bool) -> Any:
         """One run: a (len(texts), dim) float32 array; blocking."""
@@ -170,10 +194,7 @@ class SentenceBackend:
         the tokens read."""
         import numpy as np
 
-        if self._is_cross_encoder(model):
-            raise UnsupportedMode(
-                "embed", "sentence cross-encoder", f"{model.id} scores pairs; it has no embeddings"
-            )
+        self._no_cross_encoder(model)
         count = functools.partial(self._token_counts, model)
         parts, tokens = await _in_turns(
             lambda part: self._encode_part(model, part, normalize), count, texts, len
@@ -200,6 +221,10 @@ class SentenceBackend:
         )
         if not texts:
             return EmbedResult.model_construct(embeddings=[], model_used=model.id, dimensions=0)
+        self._no_cross_encoder(model)
+        # Cut silently, two texts sharing their first 256 tokens came back as one vector.
+        check = functools.partial(self._cut_texts, model, texts, request.truncate)
+        cut = await run_blocking(check, TORCH_THREAD)
         vectors, tokens = await self._encode(model, texts, request.normalize)
         # model_construct: these are floats from numpy already; validating 1000x384 of them one by
         # one would cost more than the lists themselves.
@@ -208,6 +233,7 @@ class SentenceBackend:
             model_used=model.id,
             dimensions=int(vectors.shape[1]),
             prompt_tokens=tokens,
+            truncated=cut,
         )
 
     async def rerank(self, model: ModelSchema, request: RerankRequest) -> RerankResult:

@@ -10,7 +10,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..requests import ClassifyRequest, EmbedRequest, RerankRequest
-from .common import JsonOpt, ModelOpt, engine, fail, handle_errors, out, print_json, run, spinner, split_csv
+from .common import (
+    JsonOpt,
+    ModelOpt,
+    engine,
+    err,
+    fail,
+    handle_errors,
+    out,
+    print_json,
+    run,
+    spinner,
+    split_csv,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +44,10 @@ def register(app: typer.Typer) -> None:
         eng = engine()
         with spinner("Embedding..."):
             result = run(eng.embed(EmbedRequest(texts=texts, model=model, is_query=query)))
+        if result.truncated:  # on stderr, so that --json stays one document
+            cut = ", ".join(str(i + 1) for i in result.truncated)
+            model = result.model_used
+            err.print(f"note: text {cut} is longer than {model} reads; only its beginning was embedded")
         if as_json:
             print_json(result)
             return

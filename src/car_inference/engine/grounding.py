@@ -99,14 +99,17 @@ def grounding_model(engine: InferenceEngine, name: str | None) -> ModelSchema:
         return configured
     available = engine.registry.query(capabilities=[ModelCapability.GROUNDING], available_only=True)
     if not available:
-        raise ModelUnavailable("grounding", f"no grounding model is available: {PULL_HINT}")
+        raise ModelUnavailable.none_for("grounding", PULL_HINT)
     local_first = engine.config.routing.prefer_local
 
     def rank(m: ModelSchema) -> tuple[bool, bool, float, bool, str]:
         sees = m.has_capability(ModelCapability.VISION)
         return (not sees, local_first and m.is_remote, -(m.quality or 0.0), m.is_remote, m.id)
 
-    return min(available, key=rank)
+    # A model whose circuit is open is passed over while another can ground (every request was
+    # its 503 for the whole cooldown); with none left, the first is refused as before.
+    blocked = engine.router.breakers.blocked()
+    return min([m for m in available if m.id not in blocked] or available, key=rank)
 
 
 async def load_image(block: ImageBlock, timeout_s: float, *, private_ok: bool = True) -> bytes:

@@ -173,15 +173,17 @@ class TaskMixin(Lifecycle):
         # A reranker reranks, an embedding model ranks by similarity; a model that is neither
         # is told it cannot rerank (not that it cannot embed).
         reranks, embeds = (model.has_capability(c) for c in (ModelCapability.RERANK, ModelCapability.EMBED))
+        scorer: Callable[[ModelSchema, RerankRequest], Awaitable[RerankResult]]
         if embeds and not reranks and not hasattr(self._runnable(model), "rerank"):
             # A hosted embedder: "mode embed not implemented ... does not implement rerank".
             self._task_method(model, ModelCapability.EMBED, "embed")
-            return await self._similarity(model, request) if request.documents else _no_documents(model)
-        capability = ModelCapability.EMBED if embeds and not reranks else ModelCapability.RERANK
-        method = self._task_method(model, capability, "rerank")
+            scorer = self._similarity
+        else:
+            capability = ModelCapability.EMBED if embeds and not reranks else ModelCapability.RERANK
+            scorer = self._task_method(model, capability, "rerank")
         if not request.documents:  # after the model is known to rerank: an unknown one was a 200
             return _no_documents(model)
-        return await method(model, request)
+        return await _distinct_scores(model, request, scorer)
 
     async def _similarity(self, model: ModelSchema, request: RerankRequest) -> RerankResult:
         """Documents ranked by cosine similarity to the query on an embedding model whose backend
@@ -191,13 +193,8 @@ class TaskMixin(Lifecycle):
             EmbedRequest(texts=[request.query], model=model.id, is_query=True, instruction=instruction)
         )
         q = query.embeddings[0]
-        kept = [i for i, d in enumerate(request.documents) if d]  # an empty document matches nothing: 0
-        scores = [0.0] * len(request.documents)
-        if kept:
-            texts = [request.documents[i] for i in kept]
-            vectors = (await self.embed(EmbedRequest(texts=texts, model=model.id))).embeddings
-            for i, vector in zip(kept, vectors, strict=True):
-                scores[i] = sum(a * b for a, b in zip(q, vector, strict=True))
+        vectors = (await self.embed(EmbedRequest(texts=request.documents, model=model.id))).embeddings
+        scores = [sum(a * b for a, b in zip(q, v, strict=True)) for v in vectors]
         return ranked_result(request, scores, model.id, "embedding-similarity")
 
     async def classify(self, request: ClassifyRequest) -> Classification:
@@ -392,6 +389,29 @@ class TaskMixin(Lifecycle):
 
 def _no_documents(model: ModelSchema) -> RerankResult:
     return RerankResult(ranked=[], model_used=model.id, method="none")
+
+
+async def _distinct_scores(
+    model: ModelSchema,
+    request: RerankRequest,
+    scorer: Callable[[ModelSchema, RerankRequest], Awaitable[RerankResult]],
+) -> RerankResult:
+    """``scorer``'s ranking with each distinct document scored once and an empty one scored 0
+    unseen (as the docs say): a local model ranked "" first, and two copies of one document got
+    scores a batch's float noise apart, the later one first against "ties keep input order"."""
+    distinct = list(dict.fromkeys(d for d in request.documents if d))
+    if not distinct:
+        return ranked_result(request, [0.0] * len(request.documents), model.id, "none")
+    result = await scorer(model, request.model_copy(update={"documents": distinct, "top_n": None}))
+    if sorted(r.index for r in result.ranked) != list(range(len(distinct))):
+        raise ProviderError(
+            f"answered {len(result.ranked)} scores for {len(distinct)} documents",
+            provider=model.provider,
+            model=model.id,
+        )
+    score = {distinct[r.index]: r.score for r in result.ranked}
+    scores = [score.get(d, 0.0) for d in request.documents]
+    return ranked_result(request, scores, result.model_used or model.id, result.method or "rerank")
 
 
 def _checked_vectors(model: ModelSchema, result: EmbedResult, count: int) -> EmbedResult:

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..config import ServerSettings
-from ..errors import CircuitOpen
+from ..errors import CircuitOpen, close_matches
 from .errors import ApiError
 
 T = TypeVar("T")
@@ -355,9 +355,11 @@ def refuse_fields(
         if name in takes or value is None or value in defaults.get(name, ()):
             continue
         honoured = f" (only {', '.join(map(repr, defaults[name]))})" if name in defaults else ""
+        near = close_matches(name, takes, n=1) if not honoured else []
+        hint = f" (did you mean `{near[0]}`?)" if near else ""
         raise ApiError(
             400,
-            f"`{name}` is not supported here{honoured}; this route takes: {', '.join(sorted(takes))}",
+            f"`{name}` is not supported here{honoured}{hint}; this route takes: {', '.join(sorted(takes))}",
             param=name,
         )
 

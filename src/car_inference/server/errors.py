@@ -338,8 +338,10 @@ def describe(
     if isinstance(exc, ValidationError):
         return validation_info(exc)
     # No model for a capability is the server's lack (501); a model named for a task it does not
-    # declare (UnsupportedMode) is the client's mistake, a 400 below, as on every other route.
-    if capability is not None and isinstance(exc, ModelUnavailable):
+    # declare (UnsupportedMode) is the client's mistake, a 400 below, as on every other route. A
+    # model that cannot run here (not pulled, no key) is the 503 naming it, as on every route: it
+    # was a 501 saying the capability was missing while other models of it answered.
+    if capability is not None and isinstance(exc, ModelUnavailable) and exc.no_model_for_capability:
         reason = exc.reason
         return ErrorInfo(
             501, "not_implemented_error", "capability_unavailable",

@@ -38,7 +38,7 @@ from ..requests import (
 )
 from ..schema import ModelSchema
 from ..stream import parse_tool_arguments
-from .common import given
+from .common import given, refuse_fields
 from .errors import ApiError, validated, validation_info
 
 __all__ = [
@@ -469,8 +469,16 @@ def check_batch(items: list[Any], limit: int, param: str) -> None:
         raise _bad(f"`{param}` holds {len(items)} items; at most {limit} per request", param)
 
 
+# OpenAI's fields (`user` is taken and not used) and our extensions.
+_EMBED_FIELDS = frozenset(
+    {"input", "model", "encoding_format", "dimensions", "user", "is_query", "instruction", "truncate"}
+)
+_RERANK_FIELDS = frozenset({"query", "documents", "model", "top_n", "return_documents", "instruction"})
+
+
 def embed_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
     """(request, encoding_format) for ``/v1/embeddings``; auto/omitted model = the default embedder."""
+    refuse_fields(body, _EMBED_FIELDS)  # `dimension` and the like were dropped without a word
     texts = body.get("input")
     if isinstance(texts, str):
         texts = [texts]
@@ -488,7 +496,7 @@ def embed_request(body: dict[str, Any]) -> tuple[EmbedRequest, str]:
     if body.get("dimensions") is not None:
         raise _bad("`dimensions` is not supported: vectors keep the model's size", "dimensions")
     data = {"texts": texts, "model": _model(body)}
-    for key in ("is_query", "instruction"):  # extensions
+    for key in ("is_query", "instruction", "truncate"):  # extensions
         if body.get(key) is not None:
             data[key] = body[key]
     return _validated(EmbedRequest, data), encoding
@@ -510,11 +518,14 @@ def embeddings_response(result: EmbedResult, encoding: str) -> dict[str, Any]:
         ],
         "model": result.model_used,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        # Our extension, only when some text was cut at the model's window: their indices.
+        **({"truncated": result.truncated} if result.truncated else {}),
     }
 
 
 def rerank_request(body: dict[str, Any]) -> tuple[RerankRequest, bool]:
     """(request, return_documents) for ``/v1/rerank`` (the Cohere/Jina shape)."""
+    refuse_fields(body, _RERANK_FIELDS)  # `top_k: 1` answered every document
     documents = body.get("documents")
     if not isinstance(documents, list):
         raise _bad("`documents` must be a list of strings or {text} objects", "documents")
