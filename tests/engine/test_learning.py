@@ -117,6 +117,39 @@ def test_feedback_on_a_pending_trace_takes_what_the_caller_measured(remote_engin
     assert engine.store.trace(trace_id)["quality"] == 0.9  # type: ignore[index]
 
 
+def test_two_feedbacks_at_once_charge_the_call_once(remote_engine: RemoteEngine) -> None:
+    """Two feedbacks on one pending trace at once (the retry a 503 advises, two replicas) both read
+    it pending, and each recorded the caller's cost: a $1 call was $2 in everyone's ledger. A lock
+    held on the database lets both read the trace before either writes."""
+    import sqlite3
+    import threading
+
+    first, second = remote_engine(TWO), remote_engine(TWO)  # two processes on one state.db
+    trace_id = first.open_trace(first.route(ASK))
+    first.flush()
+    lock = sqlite3.connect(first.config.paths.state_db, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    failed: list[BaseException] = []
+
+    def rate(engine: InferenceEngine) -> None:
+        try:
+            engine.feedback(trace_id, 0.9, cost_usd=1.0)
+        except BaseException as exc:  # pragma: no cover - the assertion below shows it
+            failed.append(exc)
+
+    threads = [threading.Thread(target=rate, args=(e,)) for e in (first, second)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # both have read the trace, pending, and wait for the write lock
+    lock.execute("COMMIT")
+    for thread in threads:
+        thread.join(30)
+    assert failed == []
+    assert lock.execute("SELECT COUNT(*), SUM(usd) FROM spend").fetchone() == (1, 1.0)
+    assert lock.execute("SELECT quality FROM traces WHERE trace_id = ?", (trace_id,)).fetchone() == (0.9,)
+    lock.close()
+
+
 def test_a_report_or_feedback_that_fails_midway_writes_nothing(remote_engine: RemoteEngine) -> None:
     """They wrote the trace and its counters in one transaction and the spend in another: a
     failure between them (a lock, a full disk, a kill) left the outcome counted without its spend,
@@ -214,6 +247,9 @@ def test_report_refuses_a_score_out_of_range(remote_engine: RemoteEngine) -> Non
         ("score", math.nan, "score must be 0..1"),
         ("output_tokens", -(10**9), "output_tokens must be a whole number from 0"),
         ("output_tokens", 2**63, "output_tokens must be a whole number from 0"),  # was OverflowError
+        # Two of 2**63 - 1 turned the sums REAL and broke `car profiles export` for good.
+        ("output_tokens", 2**63 - 1, "output_tokens must be a whole number from 0 to 20,000,000"),
+        ("input_tokens", 20_000_001, "input_tokens must be a whole number from 0 to 20,000,000"),
         ("input_tokens", 2.5, "input_tokens must be a whole number from 0"),
         ("prompt", "a\ud800", "prompt holds an unpaired surrogate"),  # was stored as is
         ("prompt", 123, "prompt must be a str"),  # was AttributeError
@@ -242,6 +278,12 @@ def test_report_and_feedback_name_what_is_wrong(remote_engine: RemoteEngine) -> 
     assert engine.store.profiles() == []
     with pytest.raises(InvalidInput, match="must be a RoutingDecision, not str"):
         engine.report("acme/alpha")  # type: ignore[arg-type]
+    # The decision's own model is checked too (one rebuilt from JSON may name anything): "*" was
+    # recorded and counted twice in the baselines, an embedding model as a generation.
+    with pytest.raises(ModelNotFound):
+        engine.report(decision.model_copy(update={"model_id": "*"}))
+    with pytest.raises(UnsupportedMode):
+        engine.report(decision.model_copy(update={"model_id": "sentence-transformers/all-minilm-l6-v2"}))
     trace_id = engine.report(decision, model_id="beta")  # a name resolves to its id
     assert engine.store.trace(trace_id)["model_id"] == "bolt/beta"  # type: ignore[index]
     for score in (math.nan, 1.5, -0.1):

@@ -112,11 +112,12 @@ class LearningMixin(Lifecycle):
         input_tokens = _count("input_tokens", input_tokens)
         output_tokens = _count("output_tokens", output_tokens) or 0
         prompt = _text("prompt", prompt)
-        chosen = decision.model_id
-        if model_id is not None:  # the caller ran another model: a route-only outcome is a generation's
-            schema = self.resolve(model_id)
-            schema.require(ModelCapability.GENERATE, "report")
-            chosen = schema.id
+        # The model the caller ran (another than the chosen one, or the decision's own, which a
+        # caller may have rebuilt from JSON: "*", an unknown or an embedding model was recorded,
+        # and "*" counted twice in the baselines): a route-only outcome is a generation's.
+        schema = self.resolve(decision.model_id if model_id is None else model_id)
+        schema.require(ModelCapability.GENERATE, "report")
+        chosen = schema.id
         trace_id = uuid.uuid4().hex
         now = time.time()
         self.bookkeeper.flush()  # keep this process's records in order
@@ -205,8 +206,10 @@ class LearningMixin(Lifecycle):
                 param=given[0],
             )
         with self._all_or_nothing():  # completion, spend and score together, or none (as ``report``)
-            if trace["outcome"] == "pending":
-                self.tracker.record_complete(trace_id, latency_ms, output_tokens=output_tokens or 0)
+            # Spent only by the call that completed it: two at once (a retry the 503 advises) both
+            # saw it pending, and a $1 call was $2 in the ledger.
+            done = trace["outcome"] == "pending"
+            if done and self.tracker.record_complete(trace_id, latency_ms, output_tokens=output_tokens or 0):
                 self._caller_spent(trace["model_id"], cost_usd)
             self.tracker.record_feedback(trace_id, rating)
 
@@ -305,6 +308,10 @@ class LearningMixin(Lifecycle):
 # client's decision counts as spend for everyone).
 MAX_CALL_USD = 10_000.0
 MAX_LATENCY_MS = 86_400_000.0  # a day
+# Tokens one call can read or write (ten times the largest context windows): two reports of
+# 2**63 - 1 overflowed the context's sums to REAL, every model there was then priced at all of
+# max_tokens, and `car profiles export` failed for good (profiles hold at most 2**50).
+MAX_CALL_TOKENS = 20_000_000
 
 
 def _measure(name: str, value: object, *, high: float) -> float | None:
@@ -321,11 +328,14 @@ def _measure(name: str, value: object, *, high: float) -> float | None:
 
 
 def _count(name: str, value: object) -> int | None:
-    """``value`` as a count >= 0 (None stays None), else ``InvalidInput``."""
+    """``value`` as a token count one call can have (None stays None), else ``InvalidInput``."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-        raise InvalidInput(f"{name} must be a whole number from 0 to 2**63 - 1, got {value!r}", param=name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CALL_TOKENS:
+        raise InvalidInput(
+            f"{name} must be a whole number from 0 to {MAX_CALL_TOKENS:,} (one call's tokens), got {value!r}",
+            param=name,
+        )
     return value
 
 

@@ -243,9 +243,10 @@ class OutcomeTracker:
         input_tokens: int = 0,
         output_tokens: int = 0,
         ttft_ms: float | None = None,
-    ) -> None:
-        """The attempt succeeded. A trace is counted once; later calls for it are ignored."""
-        self._finish(
+    ) -> bool:
+        """The attempt succeeded. A trace is counted once; later calls for it are ignored (False:
+        this call did not complete it)."""
+        return self._finish(
             trace_id, True, latency_ms=latency_ms, input_tokens=input_tokens, output_tokens=output_tokens,
             ttft_ms=ttft_ms, error_class=None, message=None,
         )  # fmt: skip
@@ -268,7 +269,7 @@ class OutcomeTracker:
         ttft_ms: float | None,
         error_class: str | None,
         message: str | None,
-    ) -> None:
+    ) -> bool:
         now = self._clock()
         if self.store is not None:
             done = self.store.finish_trace(
@@ -276,14 +277,14 @@ class OutcomeTracker:
                 output_tokens=output_tokens, ttft_ms=ttft_ms, error_class=error_class, error=message, now=now,
             )  # fmt: skip
             if done is None:
-                return
+                return False
             row, quality = done
             model_id, family, cluster = row.model_id, row.family, row.cluster
         else:
             with self._lock:
                 t = self._traces.get(trace_id)
                 if t is None or t.outcome != "pending":
-                    return
+                    return False
                 t.outcome = "success" if success else "failure"
                 t.base = 1.0 if success else 0.0
                 t.quality = trace_quality(t.base, t.penalty, t.feedback)
@@ -294,6 +295,7 @@ class OutcomeTracker:
                 model_id, family=family, cluster=cluster, success=success, latency_ms=latency_ms,
                 input_tokens=input_tokens, output_tokens=output_tokens, quality=quality, now=now,
             )  # fmt: skip
+        return True
 
     def _observe(
         self,
