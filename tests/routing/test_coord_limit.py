@@ -39,6 +39,28 @@ async def test_slots_are_shared_given_back_and_lapse_with_a_dead_replica() -> No
         fb.close()
 
 
+async def test_a_lost_give_back_is_set_right_by_the_heartbeat() -> None:
+    """A release whose DECR a Redis blip lost left the counter one high, and the heartbeat only
+    renewed it: the fleet answered server_busy for good. The count held here is written."""
+    settings = CoordinationSettings(redis_url=redis_url(), key_prefix=redis_prefix(), lease_s=0.6)
+    fa, fb = Fleet(settings), Fleet(settings)
+    la, lb = FleetLimiter(fa, 2), FleetLimiter(fb, 2)
+    try:
+        assert await la.acquire() is True and await la.acquire() is True
+        assert await lb.acquire() is False
+        la.held -= 1  # what a release leaves when its DECR never reached Redis
+        started = time.monotonic()
+        while await lb.acquire() is not True:
+            assert time.monotonic() - started < settings.lease_s, "the lost slot stayed taken"
+            await asyncio.sleep(0.05)
+        assert la.held == 1 and await la.acquire() is False  # A's one and B's one: full
+    finally:
+        await la.aclose()
+        await lb.aclose()
+        fa.close()
+        fb.close()
+
+
 async def test_without_redis_nothing_is_counted() -> None:
     settings = CoordinationSettings(
         redis_url=f"redis://127.0.0.1:{closed_port()}/0", key_prefix=redis_prefix(), timeout_ms=200

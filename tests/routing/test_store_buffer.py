@@ -137,6 +137,56 @@ def test_the_health_read_is_given_up_on_when_the_database_hangs(url: str, proxy:
         store.close()
 
 
+def test_a_spend_read_the_database_does_not_answer_holds_no_paid_request(url: str, proxy: TcpProxy) -> None:
+    """The health report read the spend totals under the spend lock: with the database hung,
+    every paid request (``reserve``, on the server's event loop) waited on that lock as long, and
+    the whole replica stopped answering. The store is read before the lock is taken."""
+    store = PgOutcomeStore(proxy.through(url), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
+    spend = SpendControl(SpendSettings(daily_usd=5.0), store)
+    reader = threading.Thread(target=spend.status, daemon=True)
+    try:
+        proxy.freeze()
+        reader.start()
+        time.sleep(0.5)  # the status read is out, waiting on the database
+        assert reader.is_alive()
+        taken: list[object] = []
+        request = threading.Thread(target=lambda: taken.append(spend.reserve("openai", 0.01)), daemon=True)
+        request.start()
+        request.join(2.0)
+        assert taken and taken[0] is not None, "a paid request waited on the hung database's read"
+    finally:
+        proxy.thaw()
+        reader.join(15)
+        store.close()
+
+
+def test_v1_health_answers_within_its_bound_while_the_database_hangs(
+    url: str, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    """With spend limits set, /v1/health read the spend totals after the bounded schema read gave
+    up, and waited on the hung database without bound (6.5 minutes in one run)."""
+    import httpx
+
+    from car_inference.engine import InferenceEngine
+    from car_inference.server import ServerThread, create_app
+
+    config = f'[state]\nurl = "{proxy.through(url)}"\n[spend]\ndaily_usd = 5.0\n'
+    (tmp_path / "config.toml").write_text(config)
+    engine = InferenceEngine(home=tmp_path)
+    try:
+        with ServerThread(create_app(engine)) as server:
+            assert httpx.get(f"{server.url}/v1/health", timeout=30).json()["spend"] is not None
+            proxy.freeze()
+            started = time.monotonic()
+            report = httpx.get(f"{server.url}/v1/health", timeout=30).json()
+            assert time.monotonic() - started < 8.0
+            assert report["spend"] is None and "no answer within" in report["state"]["error"]
+            proxy.thaw()
+    finally:
+        proxy.thaw()
+        engine.close()
+
+
 def test_a_batch_cut_before_its_commit_is_written_in_order_later(url: str, proxy: TcpProxy) -> None:
     store = PgOutcomeStore(proxy.through(url), buffer_limit=100, retry_s=0.2, connect_timeout_s=1)
     try:

@@ -184,6 +184,16 @@ class HealthMixin(Lifecycle):
         self._keys_fresh()
         models = self.registry.list()
         routing = self.config.routing
+        # The database first, bounded: while it does not answer (a hung server: the bounded read
+        # timed out) the spend totals, read from it, are left out (None; ``state`` says why) rather
+        # than waited for. A database that refuses is another matter: its totals come from what
+        # was read last and what waits in memory.
+        state = state_health(
+            self.store,
+            self.config.state.url or str(self.config.paths.state_db),
+            pending=self.bookkeeper.pending,
+            lag_s=self.bookkeeper.lag_s,
+        )
         return ModelHealthReport(
             total_models=len(models),
             available_models=sum(m.available for m in models),
@@ -206,15 +216,10 @@ class HealthMixin(Lifecycle):
             routing_scenarios=self.routing_scenarios(),
             benchmark_priors=self._prior_health(models),
             circuit_breakers={k: dict(v) for k, v in self.breakers.snapshot().items()},
-            spend=self._spend_health(),
+            spend=None if (state.error or "").startswith("TimeoutError") else self._spend_health(),
             speech=speech_health(self),  # type: ignore[arg-type]  # self is the InferenceEngine
             runtimes=self.runtimes.statuses(),
-            state=state_health(
-                self.store,
-                self.config.state.url or str(self.config.paths.state_db),
-                pending=self.bookkeeper.pending,
-                lag_s=self.bookkeeper.lag_s,
-            ),
+            state=state,
             coordination=self.breakers.coordination(),
             hardware=hardware_overview(models),  # detection is cached for the process
             kinds=_kind_health(models, len(self.runners.list())),

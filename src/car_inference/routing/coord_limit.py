@@ -3,9 +3,11 @@
 Each replica holds a counter ``conc:<replica>`` (its requests in flight, ``PX lease_s``) listed in
 the set ``conc``. Taking a slot is one script: the sum of the live replicas' counters (a counter
 that expired belongs to a dead replica and is forgotten) against the bound, then ``INCR`` of this
-replica's own; giving it back is ``DECR`` (never below 0). A heartbeat task refreshes the
-counter's lease every ``lease_s / 3`` (and writes this replica's count again if Redis lost it), so a
-replica killed with requests in flight gives its slots back within ``lease_s``.
+replica's own; giving it back is ``DECR`` (never below 0). A heartbeat task writes the count
+this replica holds, with a fresh lease, every ``lease_s / 3``: a replica killed with requests in
+flight gives its slots back within ``lease_s``, and a take or give-back whose answer Redis lost is
+set right at the next beat (a slot taken or given back while a beat is on its way may be off by
+one until the next).
 
 The server's event loop makes these calls, with redis-py's asyncio client (a request waits on
 them: at most ``timeout_ms``). Degrade, never fail: while the ``Fleet`` finds Redis unreachable,
@@ -52,13 +54,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
-# KEYS: this replica's counter, the set. ARGV: replica, count held here, lease ms.
+# KEYS: this replica's counter, the set. ARGV: replica, count held here, lease ms. The count is
+# written, not only its lease renewed: a release lost to a Redis blip left the counter one high,
+# renewed for ever, and the fleet answered server_busy until this replica restarted.
 _BEAT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-else
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
@@ -136,7 +136,7 @@ class FleetLimiter:
         try:
             await self._scripts["release"](keys=[self._mine], args=[self._lease_ms])
         except self.fleet.errors as exc:
-            self.fleet.lost(exc)  # the counter lapses, or the heartbeat writes it again
+            self.fleet.lost(exc)  # the next heartbeat writes the count held
 
     async def _beat_loop(self) -> None:
         while True:

@@ -96,6 +96,19 @@ class Reservation:
     local: bool = False  # held in this process (no fleet, or Redis away), not in Redis
 
 
+@dataclass(slots=True, frozen=True)
+class _Totals:
+    """What ``SpendControl._fetch`` read, for the periods of ``bounds``: the day's totals by
+    provider and the earlier days of the month's (with when they were read) from the store, the
+    fleet's (day, month) from Redis; None where nothing was read."""
+
+    at: float
+    bounds: tuple[float, float, float, float]
+    day: dict[str, float] | None
+    earlier: tuple[dict[str, float], float] | None
+    theirs: tuple[dict[str, float], dict[str, float]] | None
+
+
 class SpendControl:
     def __init__(
         self,
@@ -158,23 +171,47 @@ class SpendControl:
             self._reload_locked(whole=True)
 
     def _reload_locked(self, *, whole: bool = False) -> None:
+        self._install(self._fetch(whole=whole))
+
+    def _reload_unlocked(self, *, whole: bool = False) -> None:
+        """``_reload_locked`` with the store and Redis read before the lock is taken: a database
+        that stopped answering held the lock for as long, and every paid request (``reserve``,
+        on the server's event loop) waited on it, /health and all."""
+        fetched = self._fetch(whole=whole)
+        with self._locked():
+            self._install(fetched)
+
+    def _fetch(self, *, whole: bool) -> _Totals:
+        """This period's totals as the store and the fleet have them (reads only)."""
         now = self._clock()
-        self._read_at = now
+        day0, day1, month0, _ = self._bounds
+        day: dict[str, float] | None = None
+        earlier: tuple[dict[str, float], float] | None = None
         if self.store is not None:
-            day0, day1, month0, _ = self._bounds
             if whole or not 0 <= now - self._earlier_at < EARLIER_DAYS_S:
-                self._earlier, self._earlier_at = self.store.spend_by_provider(month0, day0), now
-            self._day = self.store.spend_by_provider(day0, day1)
+                earlier = self.store.spend_by_provider(month0, day0), now
+            day = self.store.spend_by_provider(day0, day1)
+        fleet = self._fleet
+        theirs = fleet.totals(self._clock()) if fleet is not None and fleet.reachable else None
+        return _Totals(now, self._bounds, day, earlier, theirs)
+
+    def _install(self, fetched: _Totals) -> None:
+        """Under the lock: ``fetched`` as this period's totals (unless the period rolled meanwhile),
+        the fleet's where they are larger."""
+        if fetched.bounds != self._bounds:
+            return  # read for the day before: _roll has read the new one
+        self._read_at = fetched.at
+        if fetched.earlier is not None:
+            self._earlier, self._earlier_at = fetched.earlier
+        if fetched.day is not None:
+            self._day = fetched.day
             self._month = dict(self._earlier)
             for provider, usd in self._day.items():
                 self._month[provider] = self._month.get(provider, 0.0) + usd
-        fleet = self._fleet
-        if fleet is not None and fleet.reachable:  # the fleet's totals where they are larger
-            totals = fleet.totals(self._clock())
-            if totals is not None:
-                for mine, theirs in zip((self._day, self._month), totals, strict=True):
-                    for provider, usd in theirs.items():
-                        mine[provider] = max(mine.get(provider, 0.0), usd)
+        if fetched.theirs is not None:
+            for mine, theirs in zip((self._day, self._month), fetched.theirs, strict=True):
+                for provider, usd in theirs.items():
+                    mine[provider] = max(mine.get(provider, 0.0), usd)
 
     def _limits(self, provider: str) -> list[tuple[str, SpendLimit]]:
         scopes: list[tuple[str, SpendLimit]] = [(GLOBAL_SCOPE, self.settings)]
@@ -372,14 +409,18 @@ class SpendControl:
             self._roll(now)
             self._day[provider] = self._day.get(provider, 0.0) + usd
             self._month[provider] = self._month.get(provider, 0.0) + usd
-            if self.store is not None and self.has_limits and not 0 <= now - self._read_at < REFRESH_S:
-                self._reload_locked()  # other processes' spend counts against the limits too
+            due = self.store is not None and self.has_limits and not 0 <= now - self._read_at < REFRESH_S
+            if due:
+                self._read_at = now  # one refresh at a time
+        if due:
+            self._reload_unlocked()  # other processes' spend counts against the limits too
 
     def status(self) -> SpendStatus:
+        now = self._clock()
         with self._locked():
-            now = self._clock()
             self._roll(now)
-            self._reload_locked(whole=True)  # every process's spend, not only what this one counted
+        self._reload_unlocked(whole=True)  # every process's spend, not only what this one counted
+        with self._locked():
             entries = []
             scopes: list[tuple[str, SpendLimit]] = [(GLOBAL_SCOPE, self.settings)]
             scopes += [(name, limit) for name, limit in self.settings.providers.items()]
