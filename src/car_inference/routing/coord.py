@@ -153,7 +153,16 @@ class Fleet:
         self._stop = threading.Event()
         self.reloads = 0  # reloads done on notifications (tests, /metrics)
         self.subscribed = threading.Event()  # set while the listener holds its subscription
+        self._refused: BaseException | None = None  # the first read's error, when Redis answered one
         self._refresh()
+        if isinstance(self._refused, redis.ResponseError | redis.AuthenticationError):
+            self.redis.close()
+            self._pubsub_client.close()
+            raise ConfigError(
+                f"Redis at {self.url} refused it ({type(self._refused).__name__}: {self._refused}): a "
+                "wrong database, password or server, not an outage; fix [coordination] redis_url",
+                field="coordination.redis_url",
+            ) from None
         self._threads: list[threading.Thread] = []
         if threads:
             ref = weakref.ref(self)
@@ -225,6 +234,8 @@ class Fleet:
         try:
             rows = self._read_keys(keys=[self.key("keys")], args=[])
         except self.errors as exc:
+            if not self.epoch and self._refused is None:  # at start: a URL the server refuses is said
+                self._refused = exc
             self.lost(exc)
             return
         now = time.monotonic()
