@@ -85,6 +85,27 @@ def test_bad_environment_value_names_the_variable(isolated_home: Path) -> None:
         load_config(isolated_home, env={"CAR_NOPE__X": "1"})
 
 
+@pytest.mark.parametrize(
+    ("name", "url", "says"),
+    [
+        # libpq split at the first "@" and named "ss@127.0.0.1" as the host in its error
+        ("CAR_STATE__URL", "postgresql://car:p@ss@127.0.0.1/car", "holds a bare '@': write it %40"),
+        # the driver quoted the bad escape back: the password, whole
+        ("CAR_STATE__URL", "postgresql://car:s3cr%t@127.0.0.1/car", "holds a bare '%': write it %25"),
+        ("CAR_COORDINATION__REDIS_URL", "redis://:p@ss@127.0.0.1:6379/0", "holds a bare '@'"),
+        ("CAR_COORDINATION__REDIS_URL", "http://:s3cretpw@127.0.0.1:6379/0", "must start with redis://"),
+    ],
+)
+def test_a_url_a_driver_would_misread_is_refused_without_its_password(
+    isolated_home: Path, name: str, url: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(isolated_home, env={name: url})
+    message = str(info.value)
+    assert says in message and "***" in message and "Value error" not in message
+    assert "ss@" not in message and "s3cr" not in message
+
+
 @pytest.mark.parametrize("line", ["[runtimes]\ntick_s = inf", "[server]\nrequest_timeout_s = nan"])
 def test_no_setting_takes_infinity_or_nan(isolated_home: Path, line: str) -> None:
     (isolated_home / "config.toml").write_text(line + "\n")

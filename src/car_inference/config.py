@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._tomlfile import read_toml, readable_exists, validate_file
 from .errors import ConfigError
@@ -320,6 +320,11 @@ class StateSettings(_Section):
         " long are deleted, hourly by `car serve` or by `car state prune`; 0: keep every template",
     )
 
+    @field_validator("url")
+    @classmethod
+    def _url_userinfo(cls, url: str | None) -> str | None:
+        return None if url is None else checked_userinfo(url)
+
 
 class CoordinationSettings(_Section):
     """State several replicas share live through Redis: circuit breakers, API keys' cooldowns and
@@ -344,10 +349,13 @@ class CoordinationSettings(_Section):
 
     @model_validator(mode="after")
     def _scheme(self) -> CoordinationSettings:
-        if self.redis_url is not None and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+        url = self.redis_url
+        if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
-                f"redis_url must start with redis://, rediss:// or unix://, not {self.redis_url!r}"
+                f"redis_url must start with redis://, rediss:// or unix://, not {redact_url(url)!r}"
             )
+        if url is not None:
+            checked_userinfo(url, "redis_url: ")
         return self
 
 
@@ -436,6 +444,19 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+def checked_userinfo(url: str, prefix: str = "") -> str:
+    """``url``, unless its user or password holds what the database's driver reads otherwise than
+    we do: a bare "@" (libpq split there and named the rest of the password as the host in its
+    error) or a "%" not starting an escape (quoted back whole by the driver)."""
+    userinfo = urlsplit(url).netloc.rpartition("@")[0] if "://" in url else ""
+    bad = "@" if "@" in userinfo else "%" if re.search(r"%(?![0-9A-Fa-f]{2})", userinfo) else None
+    if bad is not None:
+        escape = {"@": "%40", "%": "%25"}[bad]
+        where = redact_url(url)
+        raise ValueError(f"{prefix}the user or password in {where} holds a bare {bad!r}: write it {escape}")
+    return url
+
+
 def _mask(secret: str) -> str:
     return secret[:3] + "…" + secret[-2:] if len(secret) > 8 else "…"
 
@@ -513,7 +534,7 @@ def load_config(home: Path | None = None, env: Mapping[str, str] | None = None) 
         # made prefer_local a table; the file is not to blame).
         culprit = next((name for name, p in applied if loc[: len(p)] == p or p[: len(loc)] == loc), None)
         where = f"${culprit}" if culprit else str(path)
-        error = ConfigError(err["msg"], path=where, field=".".join(loc))
+        error = ConfigError(err["msg"].removeprefix("Value error, "), path=where, field=".".join(loc))
     else:
         return config
     raise error  # outside the except: no __context__ holding the value (a key) pydantic saw
