@@ -33,6 +33,17 @@ def test_route_explains_and_prints_json() -> None:
     assert decision["candidates"][0]["model_id"] == decision["model_id"]
 
 
+def test_route_reads_a_dash_prompt_from_stdin() -> None:
+    """`car route -` routed the text "-" (a chat request), where `car generate -` reads stdin."""
+    ask = "Write a Python function that merges two sorted lists and prove its complexity"
+    piped = json.loads(car_input(ask, "route", "-", "--json")[1])
+    given = json.loads(car("route", ask, "--json")[1])
+    assert piped["task_family"] == given["task_family"] == "code"
+    assert piped["estimated_input_tokens"] == given["estimated_input_tokens"]
+    code, _, err = car_input("  \n", "route", "-")
+    assert code == 2 and "the prompt is empty" in err
+
+
 def test_route_with_tools_or_vision_needs_a_capable_model() -> None:
     code, _, err = car("route", "What is in this image?", "--vision")
     assert code == 1 and "vision" in err and "Traceback" not in err
@@ -70,6 +81,8 @@ def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
     assert code == 0 and json.loads(out) == profiles
     code, out, _ = car_input(out, "profiles", "import", "-")  # stdin: `export - | import -`
     assert code == 0 and f"imported {len(profiles)} profile(s)" in out
+    # "Merge" said nothing of what an import replaces: the models whose outcomes it replaced.
+    assert "replaced what was learned here for huggingface/smollm2-135m-instruct:q4_1 (" in out
     code, _, err = car_input("[" * 100_000, "profiles", "import", "-")  # was a RecursionError traceback
     assert code == 2 and "nested too deeply" in err and "Traceback" not in err
     code, out, _ = car("profiles", "forget", "smollm2-135m")

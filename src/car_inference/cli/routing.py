@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
     def route(
-        prompt: Annotated[str, typer.Argument(help="the request to route (nothing is generated)")],
+        prompt: Annotated[
+            str, typer.Argument(help="the request to route (nothing is generated); - reads stdin")
+        ],
         explain: Annotated[
             bool, typer.Option("--explain", help="show every candidate and exclusion")
         ] = False,
@@ -56,6 +58,10 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Show where a request would go and why."""
+        if prompt == "-":  # as `car generate -` reads it (the text "-" was routed)
+            prompt = sys.stdin.read()
+        if not prompt.strip():
+            raise fail("the prompt is empty", 2)
         request = GenerateRequest(
             prompt=prompt,
             model=model,
@@ -164,7 +170,8 @@ def forget_profile(model: Annotated[str, typer.Argument(help="a model id or name
 def import_profiles(
     path: Annotated[Path, typer.Argument(help="an outcome_profiles.json file; - for stdin")],
 ) -> None:
-    """Merge profiles from an outcome_profiles.json file."""
+    """Load profiles from an outcome_profiles.json file: each replaces that model's learned state
+    here (other models keep theirs; importing a file twice counts it once)."""
     try:  # `-` is stdin, as export's `-` is stdout (`car profiles export - | ... import -`)
         text = (
             sys.stdin.buffer.read().decode("utf-8") if str(path) == "-" else path.read_text(encoding="utf-8")
@@ -178,5 +185,11 @@ def import_profiles(
         raise fail(f"{path} is not a JSON profiles file: it is nested too deeply", EXIT_USAGE) from None
     if not isinstance(data, list):
         raise fail(f"{path}: expected a JSON list of profiles", EXIT_USAGE)
-    count = engine().import_profiles(data)
+    eng = engine()
+    ids = {p.get("model_id") for p in data if isinstance(p, dict)}
+    had = {p.model_id: p.total_calls for p in eng.export_profiles() if p.model_id in ids and p.total_calls}
+    count = eng.import_profiles(data)
     out.print(f"imported {count} profile(s) from {path}")
+    if had:  # "merge" said nothing of the 601 outcomes a 5-call profile replaced
+        lost = ", ".join(f"{model} ({calls:,} calls)" for model, calls in sorted(had.items()))
+        out.print(f"replaced what was learned here for {lost}")

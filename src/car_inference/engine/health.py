@@ -324,7 +324,8 @@ class HealthMixin(Lifecycle):
         return self.tracker.export_profiles()
 
     def import_profiles(self, profiles: list[ModelProfile | dict[str, Any]]) -> int:
-        """Merge profiles (e.g. from another machine's export); returns how many were imported.
+        """Load profiles (e.g. from another machine's export), each replacing that model's learned
+        state here (other models keep theirs); returns how many were imported.
         Anything but a list of profiles (the export's shape) is ``InvalidInput``."""
         self._check_open()
         expect(profiles, list, "import_profiles")
