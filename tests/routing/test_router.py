@@ -95,6 +95,32 @@ def test_a_preferred_model_that_is_not_available_is_skipped_saying_so() -> None:
     assert "preferred a/keyless not available" in decision.reason
 
 
+def test_a_preferred_model_with_an_open_circuit_is_routed_around_saying_so() -> None:
+    """The decision said "preferred" while generation skipped the model (its circuit open) for a
+    fallback: route and --explain promised a model that would not run."""
+    breakers = CircuitBreakerRegistry(BreakerSettings())
+    reg = registry(remote("a/best", quality=0.9), remote("b/other", quality=0.6))
+    router = make_router(breakers=breakers)
+    for _ in range(3):
+        breakers.record_failure("a/best")
+    decision = router.decide(HELLO, reg, preferred="a/best")
+    assert decision.model_id == "b/other" and decision.strategy is not RoutingStrategy.PREFERRED
+    assert "preferred a/best circuit open" in decision.reason
+
+
+def test_a_preferred_model_past_a_spend_limit_refuses_the_request_in_the_decision() -> None:
+    """The engine refuses a request its preferred model would take past a limit; the decision
+    named that model with fallbacks that never ran."""
+    spend = SpendControl(SpendSettings(daily_usd=0.001), None)
+    reg = registry(remote("a/dear", price=(100.0, 100.0)), local("l/free"))
+    router = make_router(spend=spend)
+    with pytest.raises(SpendLimitExceeded):
+        router.decide(
+            GenerateRequest(prompt="hi", params=GenerateParams(max_tokens=1000)), reg, preferred="a/dear"
+        )
+    assert router.decide(HELLO, reg, preferred="l/free").strategy is RoutingStrategy.PREFERRED
+
+
 def test_explicit_model_wins_with_no_fallbacks_and_no_scoring() -> None:
     """A named model is never replaced by the router (the engine adds the user's configured
     fallbacks for it), and it pays for no candidate scoring."""

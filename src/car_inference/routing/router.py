@@ -172,17 +172,9 @@ class AdaptiveRouter:
             return self._explicit(request, pinned, a)
         strategy, note = RoutingStrategy.ADAPTIVE, ""
         if preferred:
-            found = registry.find(preferred)
-            if found is not None and found.available and a.required <= {c.value for c in found.capabilities}:
-                pinned, strategy = found, RoutingStrategy.PREFERRED
-            else:  # routed instead, saying why (an unavailable one was "chosen", then replaced)
-                note = f"preferred {preferred} " + (
-                    "not in catalog"
-                    if found is None
-                    else "not available"
-                    if not found.available
-                    else "lacks a capability"
-                )
+            pinned, note = self._preferred(preferred, registry, a, request.params.max_tokens)
+            if pinned is not None:
+                strategy = RoutingStrategy.PREFERRED
         exact: dict[str, int] = {}  # model id -> prompt tokens on its own tokenizer
         measure = self._measurer(request, exact)
         pool = self._catalog.pool(a.required)
@@ -261,6 +253,34 @@ class AdaptiveRouter:
             est_in=est_in if est_in is not None else self._estimate_input(request, feats),
             prefer_local=self.settings.prefer_local or (intent is not None and intent.prefer_local),
         )
+
+    def _preferred(
+        self, name: str, registry: UnifiedRegistry, a: _Analysis, max_tokens: int | None
+    ) -> tuple[ModelSchema | None, str]:
+        """The ``[preferred]`` model when it can take this request, else (None, why it is passed
+        over: the request is routed, and the decision says so). One whose circuit is open is passed
+        over, as the engine would (it was "chosen" and then skipped for a fallback); one this
+        request would take past a spend limit refuses it, as the engine does (``SpendLimitExceeded``:
+        the decision listed fallbacks that never ran)."""
+        found = registry.find(name)
+        why = (
+            "not in catalog"
+            if found is None
+            else "not available"
+            if not found.available
+            else "lacks a capability"
+            if not a.required <= {c.value for c in found.capabilities}
+            else "circuit open"
+            if found.id in self.breakers.blocked()
+            else None
+        )
+        if why is not None or found is None:
+            return None, f"preferred {name} {why}"
+        if self.spend is not None and not found.in_process:
+            breach = self.spend.breach(found.provider, found.cost.estimate(a.est_in, max_tokens))
+            if breach is not None:
+                raise breach
+        return found, ""
 
     def _explicit(self, request: GenerateRequest, pinned: ModelSchema, a: _Analysis) -> RoutingDecision:
         """The caller named the model: no candidates, no scoring, no fallbacks (the engine adds
