@@ -255,7 +255,7 @@ class AdaptiveRouter:
         )
 
     def _preferred(
-        self, name: str, registry: UnifiedRegistry, a: _Analysis, max_tokens: int | None
+        self, name: str, registry: UnifiedRegistry, a: _Analysis, max_tokens: int
     ) -> tuple[ModelSchema | None, str]:
         """The ``[preferred]`` model when it can take this request, else (None, why it is passed
         over: the request is routed, and the decision says so). One whose circuit is open is passed
