@@ -112,6 +112,7 @@ class CatalogView:
         self.meter = meter
         self._key: tuple[int, int] = (0, -1)
         self.models: dict[str, ModelView] = {}
+        self._unavailable: dict[str, str] = {}  # model id -> why it cannot run (the registry's words)
         self._pools: dict[frozenset[str], ModelPool] = {}
         self.version = 0  # bumped on every rebuild, for caches keyed on the catalog
 
@@ -119,7 +120,10 @@ class CatalogView:
         key = (id(registry), registry.version)
         if key != self._key:
             # The key goes last: a thread that reads it meanwhile at worst rebuilds once more.
-            self.models = {m.id: ModelView.of(m, self.meter) for m in registry.list()}
+            listed = registry.list()
+            self.models = {m.id: ModelView.of(m, self.meter) for m in listed}
+            # --explain said only "not available" where the registry knows why (every key refused)
+            self._unavailable = {m.id: registry.unavailable_reason(m) for m in listed if not m.available}
             self._pools = {}
             self.version += 1
             self._key = key
@@ -133,10 +137,15 @@ class CatalogView:
                 if missing:
                     excluded[v.model_id] = "lacks " + ", ".join(sorted(missing))
                 elif not v.schema.available:
-                    excluded[v.model_id] = "not available"
+                    why = self._unavailable.get(v.model_id)
+                    excluded[v.model_id] = f"not available: {_clip(why)}" if why else "not available"
                 elif NAMED_ONLY in v.schema.tags:
                     excluded[v.model_id] = f"served only when named (tag {NAMED_ONLY})"
                 else:
                     models.append(v)
             pool = self._pools[required] = ModelPool(models, excluded)
         return pool
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
