@@ -94,6 +94,29 @@ def test_feedback_completes_a_route_with_what_the_caller_measured(
     assert negative.status_code == 400 and negative.json()["error"]["param"] == "latency_ms"
 
 
+def test_feedback_says_a_routed_call_failed(routed: tuple[httpx.Client, InferenceEngine]) -> None:
+    """A route-only caller over HTTP could only rate its failed call 0, counted as an answer (a
+    success of quality 0); Python's report(success=False) recorded a failure."""
+    http, engine = routed
+    before = engine.tracker.profile("fake/alpha")
+    fails, successes = (before.fail_count, before.success_count) if before is not None else (0, 0)
+    trace_id = http.post("/v1/route", json={"messages": ASK, "model": "fake/alpha"}).json()["trace_id"]
+    failed = http.post("/v1/feedback", json={"trace_id": trace_id, "success": False, "latency_ms": 30000})
+    assert failed.status_code == 200, failed.text
+    assert failed.json() == {"trace_id": trace_id, "score": 0.0, "recorded": True, "success": False}
+    trace = engine.store.trace(trace_id)
+    assert trace is not None and trace["outcome"] == "failure" and trace["error_class"] == "reported_failure"
+    profile = engine.tracker.profile("fake/alpha")
+    assert profile is not None and (profile.fail_count, profile.success_count) == (fails + 1, successes)
+    for body, param in (
+        ({"trace_id": trace_id, "success": False}, "trace_id"),  # a failed call already
+        ({"trace_id": "x", "success": "no"}, "success"),
+        ({"trace_id": "x", "success": False, "score": 0.5}, "score"),  # a failed call has no answer
+    ):
+        refused = http.post("/v1/feedback", json=body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+
+
 def test_route_refuses_bad_bodies(routed: tuple[httpx.Client, InferenceEngine]) -> None:
     http, _engine = routed
     for body, param in (({"messages": ASK, "record": "yes"}, "record"), ({"messages": "hi"}, "messages")):

@@ -174,6 +174,7 @@ class LearningMixin(Lifecycle):
         latency_ms: float | None = None,
         output_tokens: int | None = None,
         cost_usd: float | None = None,
+        success: bool = True,
     ) -> None:
         """A quality rating (0 bad .. 1 good) for the answer of ``trace_id``; it replaces what the
         tracker inferred for that trace and moves the model's learned quality. A trace still
@@ -181,11 +182,21 @@ class LearningMixin(Lifecycle):
         what the caller measured of its call: ``latency_ms``, ``output_tokens`` (they teach answer
         lengths, hence expected costs) and ``cost_usd`` (into the spend ledger); a latency not
         given stays unknown (the time until the rating is not the model's). Those three are
-        ``InvalidInput`` for a trace already complete: its outcome was recorded when it ended."""
+        ``InvalidInput`` for a trace already complete: its outcome was recorded when it ended.
+        ``success=False`` (score 0) completes a pending trace as a failed call instead, as
+        ``report(decision, success=False)`` records one: a route-only caller over HTTP could only
+        rate its failed call 0, which counted as an answer."""
         self._check_open()
         rating = _measure("feedback score", score, high=1.0)
         if rating is None:
             raise InvalidInput("feedback score must be a number from 0 (bad) to 1 (good), not None")
+        if not isinstance(success, bool):
+            raise InvalidInput(f"feedback success must be True or False, not {success!r}", param="success")
+        if not success and rating:
+            raise InvalidInput(
+                f"feedback: a failed call (success=False) has no answer to score, got score={score!r}",
+                param="score",
+            )
         if not isinstance(trace_id, str) or not trace_id:
             raise InvalidInput(f"feedback trace_id must be a trace id string, not {trace_id!r}")
         _text("feedback trace_id", trace_id)
@@ -199,6 +210,7 @@ class LearningMixin(Lifecycle):
             raise TraceNotFound(trace_id)
         trace_id, trace = self._answering(trace_id, trace)
         given = [name for name, value in measured.items() if value is not None]
+        given += [] if success else ["success"]
         if given and trace["outcome"] != "pending":
             raise InvalidInput(
                 f"feedback: {', '.join(given)} complete a route-only decision (a pending trace from "
@@ -208,8 +220,13 @@ class LearningMixin(Lifecycle):
         with self._all_or_nothing():  # completion, spend and score together, or none (as ``report``)
             # Spent only by the call that completed it: two at once (a retry the 503 advises) both
             # saw it pending, and a $1 call was $2 in the ledger.
-            done = trace["outcome"] == "pending"
-            if done and self.tracker.record_complete(trace_id, latency_ms, output_tokens=output_tokens or 0):
+            pending = trace["outcome"] == "pending"
+            if not success:
+                if self.tracker.record_failure(trace_id, "reported_failure", latency_ms=latency_ms):
+                    self._caller_spent(trace["model_id"], cost_usd)
+                return
+            tokens = output_tokens or 0
+            if pending and self.tracker.record_complete(trace_id, latency_ms, output_tokens=tokens):
                 self._caller_spent(trace["model_id"], cost_usd)
             self.tracker.record_feedback(trace_id, rating)
 

@@ -209,10 +209,16 @@ class SyncInferenceEngine:
         latency_ms: float | None = None,
         output_tokens: int | None = None,
         cost_usd: float | None = None,
+        success: bool = True,
     ) -> None:
         """A rating of ``trace_id``'s answer (``InferenceEngine.feedback``)."""
         self._live().feedback(
-            trace_id, score, latency_ms=latency_ms, output_tokens=output_tokens, cost_usd=cost_usd
+            trace_id,
+            score,
+            latency_ms=latency_ms,
+            output_tokens=output_tokens,
+            cost_usd=cost_usd,
+            success=success,
         )
 
     def report(

@@ -251,10 +251,13 @@ class OutcomeTracker:
             ttft_ms=ttft_ms, error_class=None, message=None,
         )  # fmt: skip
 
-    def record_failure(self, trace_id: str, error_class: str, message: str = "") -> None:
-        """The attempt failed (``error_class``: the exception's class name, or an HTTP status)."""
-        self._finish(
-            trace_id, False, latency_ms=None, input_tokens=0, output_tokens=0, ttft_ms=None,
+    def record_failure(
+        self, trace_id: str, error_class: str, message: str = "", *, latency_ms: float | None = None
+    ) -> bool:
+        """The attempt failed (``error_class``: the exception's class name, or an HTTP status);
+        False when the trace was unknown or complete already."""
+        return self._finish(
+            trace_id, False, latency_ms=latency_ms, input_tokens=0, output_tokens=0, ttft_ms=None,
             error_class=error_class, message=message[:500],
         )  # fmt: skip
 

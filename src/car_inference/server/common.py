@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..config import ServerSettings
-from ..errors import CircuitOpen, close_matches
+from ..errors import CircuitOpen, InvalidInput, close_matches
 from .errors import ApiError
 
 T = TypeVar("T")
@@ -409,6 +409,31 @@ def measured_fields(body: dict[str, Any]) -> dict[str, Any]:
             raise ApiError(400, f"`{name}` must be {kind} >= 0", code="invalid_value", param=name)
         found[name] = value if whole else float(value)
     return found
+
+
+async def feedback_call(engine: InferenceEngine, body: dict[str, Any]) -> dict[str, Any]:
+    """``POST /v1/feedback`` and the JSON-RPC ``feedback``: ``{trace_id, score}``, a route-only
+    call's measurements (``MEASURED``), or ``success: false`` (no score, or 0) for a call that
+    failed; the answer ``{trace_id, score, recorded}`` (``success`` too when given)."""
+    trace_id, score, success = body.get("trace_id"), body.get("score"), body.get("success", True)
+    if not isinstance(trace_id, str) or not trace_id:
+        raise ApiError(400, "`trace_id` must be the trace id of an answer", param="trace_id")
+    if not isinstance(success, bool):
+        raise ApiError(400, "`success` must be true or false", param="success")
+    if score is None and not success:
+        score = 0.0  # a failed call has no answer to rate
+    if isinstance(score, bool) or not isinstance(score, int | float):
+        raise ApiError(400, "`score` must be a number from 0 (bad) to 1 (good)", param="score")
+    measured = measured_fields(body)  # a route-only decision's call, measured by the caller
+    if not success:
+        measured["success"] = False
+    try:
+        await record_feedback(engine, trace_id, float(score), measured)
+    except InvalidInput as exc:
+        raise ApiError(400, str(exc), param=exc.param or "score") from None
+    return {"trace_id": trace_id, "score": float(score), "recorded": True} | (
+        {} if success else {"success": False}
+    )
 
 
 async def record_feedback(

@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..backends.fair import CLIENT
-from ..errors import InferenceError, InvalidInput, close_matches
+from ..errors import InferenceError, close_matches
 from ..requests import (
     ClassifyRequest,
     EmbedRequest,
@@ -36,7 +36,7 @@ from ..requests import (
 )
 from ..schema import ModelCapability
 from ..stream import Done, ErrorEvent, RouteEvent
-from .common import MEASURED, ServerState, client_of, measured_fields, parse_json, record_feedback
+from .common import MEASURED, ServerState, client_of, feedback_call, parse_json
 from .errors import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -493,18 +493,7 @@ async def _route(session: Session, params: Params, rid: Any) -> Any:
 
 
 async def _feedback(session: Session, params: Params, rid: Any) -> Any:
-    trace_id = _string(params, "trace_id")
-    score = params.get("score")
-    if isinstance(score, bool) or not isinstance(score, int | float):
-        raise ApiError(
-            400, "`score` must be a number from 0 (bad) to 1 (good)", code="invalid_value", param="score"
-        )
-    measured = measured_fields(params)
-    try:
-        await record_feedback(session.engine, trace_id, float(score), measured)
-    except InvalidInput as exc:
-        raise ApiError(400, str(exc), code="invalid_value", param=exc.param or "score") from None
-    return {"trace_id": trace_id, "score": float(score), "recorded": True}
+    return await feedback_call(session.engine, params)
 
 
 async def _cancel(session: Session, params: Params, rid: Any) -> Any:
@@ -551,7 +540,7 @@ _PARAMS: dict[str, frozenset[str]] = {
     "detokenize": frozenset({"tokens", "model"}),
     "models.list": frozenset({"capability", "available"}),
     "health": frozenset(),
-    "feedback": frozenset({"trace_id", "score", *MEASURED}),
+    "feedback": frozenset({"trace_id", "score", "success", *MEASURED}),
     "cancel": frozenset({"id"}),
     "voices": frozenset({"model"}),
     "runner.register": frozenset({"models", "timeout_s", "name"}),

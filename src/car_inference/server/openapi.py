@@ -208,7 +208,12 @@ class RouteRequest(ChatCompletionRequest):
 
 class FeedbackRequest(_Body):
     trace_id: str = Field(min_length=1, description="an answer's trace id (x-car-trace-id)")
-    score: float = Field(ge=0, le=1, description="0 (bad) to 1 (good)")
+    score: float | None = Field(
+        default=None, ge=0, le=1, description="0 (bad) to 1 (good); with success false: 0"
+    )
+    success: bool = Field(
+        default=True, description="false: a /v1/route decision's call failed (no answer to score)"
+    )
     latency_ms: float | None = Field(
         default=None,
         ge=0,

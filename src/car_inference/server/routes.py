@@ -11,18 +11,16 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import InvalidInput
 from ..requests import InferenceResult
 from .common import (
     ServerState,
     car_headers,
+    feedback_call,
     json_response,
-    measured_fields,
     read_call,
     read_json,
-    record_feedback,
 )
-from .errors import ApiError, guarded
+from .errors import guarded
 from .sse import ChatChunks, CompletionChunks, EventStream
 from .translate import (
     GenerationCall,
@@ -102,18 +100,7 @@ def register(app: FastAPI, state: ServerState) -> None:
 
     @api
     async def feedback(request: Request) -> Response:
-        body = await read_json(request)
-        trace_id, score = body.get("trace_id"), body.get("score")
-        if not isinstance(trace_id, str) or not trace_id:
-            raise ApiError(400, "`trace_id` must be the trace id of an answer", param="trace_id")
-        if isinstance(score, bool) or not isinstance(score, int | float):
-            raise ApiError(400, "`score` must be a number from 0 (bad) to 1 (good)", param="score")
-        measured = measured_fields(body)  # a route-only decision's call, measured by the caller
-        try:
-            await record_feedback(engine, trace_id, float(score), measured)
-        except InvalidInput as exc:
-            raise ApiError(400, str(exc), param=exc.param or "score") from None
-        return json_response({"trace_id": trace_id, "score": float(score), "recorded": True})
+        return json_response(await feedback_call(engine, await read_json(request)))
 
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
