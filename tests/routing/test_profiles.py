@@ -51,6 +51,14 @@ def test_an_imported_profile_holds_only_numbers_a_profile_can_have(field: str, v
             {"model_id": "m", "task_stats": {"chat": {"calls": 2, "decayed_n": 1.0, "decayed_sum": 3.0}}},
             "decayed_sum 3.0 is more",
         ),
+        # 10**6 successes in 601 calls was imported (as were keys "" and " chat")
+        ({"model_id": "m", "total_calls": 601, "success_count": 10**6}, "add up to more than calls 601"),
+        (
+            {"model_id": "m", "task_stats": {"chat": {"calls": 2, "success_count": 2, "fail_count": 1}}},
+            "add up to more than calls 2",
+        ),
+        ({"model_id": "m", "task_stats": {"": {"calls": 1}}}, "a key is empty"),
+        ({"model_id": "m", "task_stats": {" chat": {"calls": 1}}}, "a key is empty"),
     ],
 )
 def test_a_profile_holds_nothing_that_poisons_the_sums(profile: dict[str, object], says: str) -> None:

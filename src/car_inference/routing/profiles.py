@@ -71,7 +71,16 @@ class TaskStats(BaseModel):
             raise ValueError(f"quality_sum {self.quality_sum} is more than calls {self.calls}")
         if self.decayed_sum > self.decayed_n * (1 + _SLACK) + _SLACK:
             raise ValueError(f"decayed_sum {self.decayed_sum} is more than decayed_n {self.decayed_n}")
+        _outcomes_within(self.success_count, self.fail_count, self.calls)
         return self
+
+
+def _outcomes_within(successes: int, failures: int, calls: int) -> None:
+    """Successes and failures are some of the calls: 10**6 successes in 601 calls was imported."""
+    if successes + failures > calls:
+        raise ValueError(
+            f"success_count {successes} and fail_count {failures} add up to more than calls {calls}"
+        )
 
 
 class ModelProfile(BaseModel):
@@ -88,6 +97,13 @@ class ModelProfile(BaseModel):
     ema_quality: Share = 0.5
     quality_per_1k_tokens: Amount = 0.0
     updated_at: Count = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelProfile:
+        _outcomes_within(self.success_count, self.fail_count, self.total_calls)
+        if any(not key.strip() or key != key.strip() for key in self.task_stats):
+            raise ValueError("task_stats: a key is empty or has spaces around it (keys are task families)")
+        return self
 
 
 def row_fields(row: ProfileRow | StatsRow) -> dict[str, Any]:
