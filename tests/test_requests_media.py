@@ -32,6 +32,13 @@ def test_speech_and_image_requests_take_numbers_only() -> None:
         RerankRequest(query="q", documents=["a"], top_n=True)
     with pytest.raises(ValidationError):
         EmbedRequest.model_validate({"texts": ["a"], "is_query": "yes"})
+    # A video request took `steps: true` as 1 step, NaN guidance and sizes as strings.
+    for bad in ({"steps": True}, {"guidance": float("nan")}, {"width": "512"}, {"duration_s": "4"}):
+        with pytest.raises(ValidationError):
+            GenerateVideoRequest.model_validate({"prompt": "waves", **bad})
+    with pytest.raises(ValidationError):
+        GenerateImageRequest.model_validate({"prompt": "cat", "height": 512.5})
+    assert GenerateVideoRequest(prompt="waves", duration_s=4, guidance=3).duration_s == 4.0
 
 
 def test_image_and_video_requests_have_upper_bounds() -> None:

@@ -125,8 +125,8 @@ class GenerateImageRequest(_Input):
     negative_prompt: str | None = None
     # Upper bounds far above what any pipeline or API takes (8K, OpenAI's n of 10), so that a
     # client's typo (a width of 10**9) is a 400, not an allocation that fails or never ends.
-    width: int = Field(default=1024, ge=64, le=MAX_PIXELS_SIDE)
-    height: int = Field(default=1024, ge=64, le=MAX_PIXELS_SIDE)
+    width: Int = Field(default=1024, ge=64, le=MAX_PIXELS_SIDE)
+    height: Int = Field(default=1024, ge=64, le=MAX_PIXELS_SIDE)
     steps: Int | None = Field(default=None, ge=1, le=MAX_STEPS)
     guidance: Float | None = None
     seed: Int | None = Field(default=None, ge=-_INT64 - 1, le=_INT64)
@@ -165,16 +165,17 @@ class GenerateVideoRequest(_Input):
     mode: VideoMode = VideoMode.TEXT_TO_VIDEO
     image_path: str | None = None
     audio_path: str | None = None
-    duration_s: float = Field(default=4.0, gt=0, le=600)
+    # Strict as the image request's: `steps: true` was 1 step, NaN guidance reached the pipeline.
+    duration_s: Float = Field(default=4.0, gt=0, le=600)
     fps: Int = Field(default=24, ge=1, le=240)
-    width: int = Field(default=768, ge=64, le=MAX_PIXELS_SIDE)
-    height: int = Field(default=512, ge=64, le=MAX_PIXELS_SIDE)
+    width: Int = Field(default=768, ge=64, le=MAX_PIXELS_SIDE)
+    height: Int = Field(default=512, ge=64, le=MAX_PIXELS_SIDE)
     seed: Int | None = Field(default=None, ge=-_INT64 - 1, le=_INT64)
     output_path: str | None = None
     format: Literal["mp4", "mov", "gif"] = "mp4"
     negative_prompt: str | None = None
-    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
-    guidance: float | None = None
+    steps: Int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    guidance: Float | None = None
 
     @model_validator(mode="after")
     def _inputs_match_mode(self) -> GenerateVideoRequest:

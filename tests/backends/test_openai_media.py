@@ -123,6 +123,8 @@ async def test_an_image_behind_a_url_is_fetched(fake: FakeProviderServer, tmp_pa
     fetch = fake.requests[-1]
     assert fetch.method == "GET" and fetch.path.startswith("/files/") and fetch.api_key is None
     assert png_size(result.image_path) == (512, 512)
+    # The answer has no `size`: the image's header says it (the CLI printed "NonexNone").
+    assert (result.width, result.height) == (512, 512)
 
 
 @pytest.mark.parametrize(

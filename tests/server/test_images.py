@@ -129,6 +129,15 @@ def test_edits(client: openai.OpenAI, fake_provider: FakeProviderServer) -> None
     assert [content for _, content, _ in sent] == [picture.getvalue(), second.getvalue()]
     missing = httpx.post(f"{client.base_url}images/edits", files={"prompt": (None, "x")})
     assert missing.status_code == 400 and "`image` file to edit is required" in missing.text
+    # URLs asked for got `url: None` with a 200; generations refuses it the same way.
+    with pytest.raises(openai.BadRequestError) as url:
+        client.images.edit(
+            model=HOSTED,
+            image=("in.png", picture.getvalue(), "image/png"),
+            prompt="red",
+            response_format="url",
+        )
+    assert url.value.param == "response_format"
     # A file that is no image is the caller's mistake, and the server's folders stay unnamed.
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.edit(model=SD, image=("in.png", b"not a picture", "image/png"), prompt="x")

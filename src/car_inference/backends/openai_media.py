@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import InvalidInput, ProviderError, UnsupportedMode
+from ..errors import InferenceError, InvalidInput, ProviderError, UnsupportedMode
+from ..grounding import image_size
 from ..requests import (
     GenerateImageRequest,
     GenerateImageResult,
@@ -108,6 +110,9 @@ class OpenAIMediaMixin:
         if progress is not None:
             progress(1, 1)
         width, height = _size_of(getattr(response, "size", None))
+        if width is None:  # the answer left `size` out (DALL-E style hosts): the image's own header
+            with contextlib.suppress(InferenceError):
+                width, height = image_size(images[0])
         return GenerateImageResult(
             image_path=str(target),
             media_type=IMAGE_MEDIA_TYPES[request.format],

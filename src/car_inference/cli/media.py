@@ -77,8 +77,9 @@ def register(app: typer.Typer) -> None:
             return
         for path in result.image_paths or [result.image_path]:
             out.print(path, markup=False)
-        seed_note = f", seed {result.seed}" if result.seed is not None else ""
-        err.print(f"{result.model_used} ({result.width}x{result.height}{seed_note})", style="dim")
+        facts = [f"{result.width}x{result.height}"] if result.width and result.height else []  # not NonexNone
+        facts += [f"seed {result.seed}"] if result.seed is not None else []
+        err.print(f"{result.model_used}" + (f" ({', '.join(facts)})" if facts else ""), style="dim")
 
     @app.command()
     @handle_errors

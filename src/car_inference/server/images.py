@@ -266,6 +266,8 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, "the `image` file to edit is required", param="image")
         if not prompt:
             raise ApiError(400, "`prompt` must say how to change the image", param="prompt")
+        if "response_format" in fields and fields["response_format"].text != "b64_json":  # url: None came
+            raise ApiError(400, "only response_format b64_json is supported", param="response_format")
         fmt = fields["output_format"].text if "output_format" in fields else "png"
         workdir = Path(tempfile.mkdtemp(prefix="car-edit-"))
         try:
