@@ -132,6 +132,9 @@ def test_gemini_box_2d_is_read_whatever_the_family() -> None:
 def test_boxes_are_ordered_and_clamped_to_the_image() -> None:
     answer = '[{"bbox_2d": [120, 90, -5, 10]}]'
     assert parse_grounding(answer, 100, 80, GENERIC) == [_box(0, 10, 100, 80)]
+    # a box partly outside is clamped; one the model gave as a point stays one
+    assert parse_grounding('[{"bbox_2d": [90, 10, 140, 20]}]', 100, 80, GENERIC) == [_box(90, 10, 100, 20)]
+    assert parse_grounding('[{"bbox_2d": [30, 10, 30, 20]}]', 100, 80, GENERIC) == [_box(30, 10, 30, 20)]
 
 
 def test_an_answer_without_boxes_is_no_boxes() -> None:
@@ -149,6 +152,9 @@ def test_an_answer_without_boxes_is_no_boxes() -> None:
         ("{'box_2d': [1, 2, oops, 4]}", "box_2d"),
         ("<|box_start|>(1,2)<|box_end|>", "no coordinates"),
         ('[{"bbox_2d": [1, 2, 3, NaN]}]', "not four numbers"),
+        # wholly outside the image: clamped, a point at the corner came back as the answer
+        ('[{"box_2d": [1100, 1100, 1200, 1200], "label": "x"}]', "a box outside the 100x100 image"),
+        ('[{"bbox_2d": [150, 10, 190, 40]}]', "a box outside the 100x100 image"),
     ],
 )
 def test_malformed_answers_say_what_was_received(answer: str, what: str) -> None:

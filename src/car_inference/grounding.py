@@ -167,7 +167,13 @@ def parse_grounding(
         if re.search(r"bbox_2d|box_2d|<\|box_start\|>", text):
             raise _unreadable(text, "a box key or tag with no coordinates")
         return []
-    return [_to_pixels(key, values, label, width, height, style) for key, values, label in found]
+    boxes = [_to_pixels(key, values, label, width, height, style) for key, values, label in found]
+    for box, (key, values, _) in zip(boxes, found, strict=True):
+        given_area = values[0] != values[2] and values[1] != values[3]  # either order of axes
+        if width is not None and given_area and (box.x1 == box.x2 or box.y1 == box.y2):
+            # wholly outside the image: clamped, it was a point at the corner, "never a wrong box"
+            raise _unreadable(text, f"a box outside the {width}x{height} image: {key} {json.dumps(values)}")
+    return boxes
 
 
 def _tag_boxes(text: str, pattern: re.Pattern[str]) -> list[tuple[str, list[float], str | None]]:
