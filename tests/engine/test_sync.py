@@ -325,6 +325,15 @@ def test_a_stream_dropped_after_close_says_nothing(isolated_home: Path) -> None:
     )
 
 
+def test_route_takes_a_prompt_string_as_generate_does(isolated_home: Path) -> None:
+    with SyncInferenceEngine(home=isolated_home) as sync:
+        decision = sync.route("Write a Python function that merges two sorted lists", max_tokens=64)
+        assert decision.task_family == "code"
+        assert sync.route(GenerateRequest(prompt="hi", model="smollm2")).strategy == "explicit"
+        with pytest.raises(InvalidInput):
+            sync.route("hi", max_tokens=-1)
+
+
 def test_every_public_method_has_a_docstring() -> None:
     """help() on a facade method said nothing: the blocking ones take the engine's docstring."""
     undocumented = [

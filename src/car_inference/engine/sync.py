@@ -189,8 +189,10 @@ class SyncInferenceEngine:
             raise InferenceError("this SyncInferenceEngine is closed")
         return self.engine
 
-    def route(self, request: GenerateRequest) -> RoutingDecision:
-        return self._live().route(request)
+    def route(self, request: GenerateRequest | str, **kwargs: Any) -> RoutingDecision:
+        """``InferenceEngine.route``; a prompt string with request fields as ``generate`` takes
+        (``route("Hi.", max_tokens=8)``): a str was refused while ``generate`` took one."""
+        return self._live().route(_request(request, kwargs))
 
     def resolve(self, name: str) -> ModelSchema:
         return self._live().resolve(name)
