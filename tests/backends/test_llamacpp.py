@@ -26,9 +26,10 @@ from car_inference.requests import (
     ImageBlock,
     RerankRequest,
     ResponseFormat,
+    ThinkingMode,
 )
 from car_inference.schema import ModelSchema
-from car_inference.stream import Done, TextDelta
+from car_inference.stream import Done, TextDelta, ToolCallStart
 
 from .helpers import cancel_once_started, finish_order
 
@@ -526,3 +527,16 @@ async def test_frequency_and_presence_penalties_reach_the_sampler(
     for penalty in ("frequency_penalty", "presence_penalty"):
         kept = (await backend.generate(model, greedy(prompt, 48, repeat_penalty=1.0, **{penalty: 1.5}))).text
         assert kept != plain and repeats(kept) < repeats(plain), (penalty, kept, plain)
+
+
+def test_a_tool_call_has_an_id_of_its_own() -> None:
+    """Every local answer's first call was "call_0": a tool loop's turns reused it, and an agent that
+    matches results to calls by id (as OpenAI's API expects) mixed them up."""
+    block = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    ids = [
+        event.id
+        for _ in range(2)
+        for event in LlamaCppBackend._segment_events("tool", block, ThinkingMode.AUTO, 0)
+        if isinstance(event, ToolCallStart)
+    ]
+    assert len(ids) == 2 and ids[0] != ids[1] and all(i and i.startswith("call_") for i in ids)

@@ -101,6 +101,11 @@ def test_an_error_a_retry_cannot_change_tells_the_sdk_not_to_retry(local_server:
     assert served() == before + 1
     busy = httpx.post(local_server.url + "/v1/chat/completions", json={"model": "no-such", "messages": []})
     assert "x-should-retry" not in busy.headers  # a 4xx: the SDK does not retry those anyway
+    # A streamed request for a model that is not pulled: the same 503, which lacked the header
+    # (the SDK sent it three times).
+    body = {"model": "qwen3-8b", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    streamed = httpx.post(local_server.url + "/v1/chat/completions", json=body)
+    assert streamed.status_code == 503 and streamed.headers["x-should-retry"] == "false"
 
 
 def test_every_response_has_a_request_id(local_server: ServerThread) -> None:

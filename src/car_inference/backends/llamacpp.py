@@ -18,6 +18,7 @@ import math
 import random
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from threading import Event
@@ -330,7 +331,8 @@ class LlamaCppBackend:
                 yield TextDelta(text=f"<tool_call>{piece}</tool_call>")
             else:
                 name, arguments = parsed
-                yield ToolCallStart(index=index, id=f"call_{index}", name=name)
+                # unique, as OpenAI's: "call_0" in every answer collided across a tool loop's turns
+                yield ToolCallStart(index=index, id=f"call_{uuid.uuid4().hex[:24]}", name=name)
                 yield ToolCallDelta(index=index, arguments=arguments)
 
     async def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:

@@ -409,14 +409,17 @@ PERMANENT = frozenset(
 )
 
 
-def error_response(info: ErrorInfo) -> Response:
-    headers = {}
+def error_headers(info: ErrorInfo) -> dict[str, str]:
+    """When to come back (``retry-after``), or that a retry cannot help (``x-should-retry:
+    false``, which OpenAI's SDKs honour): for every error response, streamed requests' too."""
     if info.retry_after is not None:
-        headers["retry-after"] = str(max(1, round(info.retry_after)))
-    elif info.code in PERMANENT:
-        headers["x-should-retry"] = "false"
+        return {"retry-after": str(max(1, round(info.retry_after)))}
+    return {"x-should-retry": "false"} if info.code in PERMANENT else {}
+
+
+def error_response(info: ErrorInfo) -> Response:
     body = json.dumps(error_body(info), ensure_ascii=False, separators=(",", ":")).encode()
-    return Response(body, info.status, headers, media_type="application/json")
+    return Response(body, info.status, error_headers(info), media_type="application/json")
 
 
 def guarded(

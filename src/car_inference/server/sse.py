@@ -34,7 +34,7 @@ from ..stream import (
     ToolCallStart,
 )
 from .common import ServerState, car_headers, dumps
-from .errors import ErrorInfo, describe, error_body
+from .errors import ErrorInfo, describe, error_body, error_headers
 from .translate import GenerationCall, call_id, dumps_str, finish_reason, usage_json
 
 __all__ = ["SSE_DONE", "ChatChunks", "CompletionChunks", "EventStream", "send_body", "sse", "until_gone"]
@@ -295,9 +295,8 @@ class EventStream(Response):
             if started:
                 await send_body(send, self.chunks.error(info))
                 return
-            headers = [(b"content-type", b"application/json")]
-            if info.retry_after is not None:
-                headers.append((b"retry-after", str(max(1, round(info.retry_after))).encode()))
+            headers = [(b"content-type", b"application/json")]  # a streamed request was retried
+            headers += [(k.encode(), v.encode()) for k, v in error_headers(info).items()]  # when permanent
             await send({"type": "http.response.start", "status": info.status, "headers": headers})
             await send({"type": "http.response.body", "body": dumps(error_body(info))})
 
