@@ -50,8 +50,13 @@ def _entry(backend: LlamaCppBackend, model: ModelSchema) -> Any:
 
 @pytest.mark.parametrize(
     "params",
-    [{}, {"repeat_penalty": 1.3}, {"response_format": ResponseFormat(type="json_object")}],
-    ids=["plain", "repeat_penalty", "json"],
+    [
+        {},
+        {"repeat_penalty": 1.3},
+        {"response_format": ResponseFormat(type="json_object")},
+        {"seed": 7},  # greedy draws nothing: a seed (many clients always send one) kept the model
+    ],
+    ids=["plain", "repeat_penalty", "json", "greedy_seed"],
 )
 async def test_a_long_generation_pauses_for_another_clients_and_answers_the_same(
     backend: LlamaCppBackend, model: ModelSchema, params: dict[str, Any]

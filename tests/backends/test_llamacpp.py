@@ -14,7 +14,7 @@ import pytest
 from car_inference.backends.base import BackendContext
 from car_inference.backends.cache import ModelCache
 from car_inference.backends.chat_template import chat_messages, render_chat
-from car_inference.backends.llamacpp import LlamaCppBackend, LoadedGguf, _default_system
+from car_inference.backends.llamacpp import LlamaCppBackend, LoadedGguf, _default_system, seed32
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig, LocalSettings
 from car_inference.errors import InvalidInput, TokenizationError, UnsupportedMode
@@ -89,6 +89,30 @@ async def test_seeded_sampling_repeats_and_differs_across_seeds(
     assert one.text == again.text
     others = {(await backend.generate(model, req(s))).text for s in (2, 3, 4)}
     assert len(others | {one.text}) > 1
+    # Seeds past 32 bits: -1 was llama.cpp's "random seed" (a new answer each time), 2**32 + 1 was 1.
+    negative = {(await backend.generate(model, req(-1))).text for _ in range(2)}
+    assert len(negative) == 1
+    assert (await backend.generate(model, req(2**32 + 1))).text != one.text
+
+
+def test_seed32_keeps_what_fits_and_hashes_the_rest() -> None:
+    assert [seed32(s) for s in (0, 42, 0xFFFFFFFE)] == [0, 42, 0xFFFFFFFE]
+    wide = [seed32(s) for s in (-1, 0xFFFFFFFF, 2**32 + 42, -(2**63), 2**63 - 1)]
+    assert all(0 <= s < 0xFFFFFFFF for s in wide) and 42 not in wide and len(set(wide)) == len(wide)
+    assert seed32(-1) == seed32(-1)
+
+
+async def test_a_raw_prompts_think_tags_stay_in_its_text(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    """/v1/completions is raw text in, raw text out: the "<think>" a model without a thinking mode
+    wrote was split off, and the completion showed none of it."""
+    lines = "Line: <think>x</think> y\n" * 3 + "Line:"
+    request = GenerateRequest(
+        prompt=lines, params=GenerateParams(temperature=0, max_tokens=24, stop=["\n"], raw_prompt=True)
+    )
+    result = await backend.generate(model, request)
+    assert "<think>x</think>" in result.text and not result.thinking
 
 
 async def test_stop_strings_and_max_tokens(backend: LlamaCppBackend, model: ModelSchema) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import codecs
 import contextlib
 import functools
+import hashlib
 import math
 import random
 import threading
@@ -259,13 +260,16 @@ class LlamaCppBackend:
                 return
             tokens, truncated = self._prompt_tokens(loaded, request, _default_system(model), rendered)
             max_tokens = min(params.max_tokens, loaded.n_ctx - len(tokens))
-            llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
+            llm.set_seed(seed32(params.seed) if params.seed is not None else random.getrandbits(32))
             if params.temperature == 0 or params.seed is not None:
                 # Reusing the cached KV prefix changes the last position's logits in the low bits
                 # (a 1-token batch instead of the whole prompt), enough to flip a greedy choice.
                 # Requests that ask for reproducibility get a full prefill; others reuse the prefix.
                 llm.reset()
-            splitter = TagSplitter({"think", "tool_call"} if request.calls_tools() else {"think"})
+            # A raw prompt's answer is raw text: its "<think>" was split off and /v1/completions,
+            # which shows no thinking, lost it without a trace.
+            tags = {"think"} if not params.raw_prompt else set()
+            splitter = TagSplitter(tags | {"tool_call"} if request.calls_tools() else tags)
             stops = StopMatcher(params.stop)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             acc = StreamAccumulator()
@@ -285,7 +289,9 @@ class LlamaCppBackend:
             def pause_due() -> bool:
                 return LLAMA_THREAD.others_waiting() or (behind is not None and behind())
 
-            turns = Turns(llm, entry.lock, pause_due, allowed=resumable(llm, seed=params.seed))
+            # Greedy decoding draws nothing: its seed does not keep other clients waiting to the end.
+            seed = None if params.temperature == 0 else params.seed
+            turns = Turns(llm, entry.lock, pause_due, allowed=resumable(llm, seed=seed))
             for _ in loaded.prefill_steps(tokens):
                 if cancelled.is_set():
                     return  # the caller went away while the prompt was read
@@ -485,6 +491,16 @@ class LlamaCppBackend:
             m = float(logits.max())
             total += float(logits[token]) - m - math.log(float((_exp(logits - m)).sum()))
         return total
+
+
+def seed32(seed: int) -> int:
+    """A request's seed (64-bit) as llama.cpp's 32-bit one: itself where it fits, else a hash of it
+    into 0..2**32 - 2. It was cut to 32 bits: -1 became 0xFFFFFFFF, llama.cpp's "pick a random
+    seed" (a seeded request answered differently each time), and 2**32 + 42 answered as 42."""
+    if 0 <= seed < 0xFFFFFFFF:
+        return seed
+    digest = hashlib.blake2b(seed.to_bytes(9, "little", signed=True), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 0xFFFFFFFF
 
 
 def _default_system(model: ModelSchema) -> str | None:
