@@ -431,7 +431,7 @@ def test_arguments_no_request_takes_are_one_line_with_status_2(isolated_home: Pa
             {},
             "error: prompt is not valid UTF-8 text (it holds the byte 0xff",
         ),
-        ([script, "route", ""], {}, "error: a request needs a `prompt` or `messages`"),
+        ([script, "route", ""], {}, "error: the prompt is empty"),  # as `car generate ""` says
         (
             [script, "generate", "hi", "--seed", "9" * 23],
             {},
