@@ -97,10 +97,11 @@ class UnsupportedMode(InferenceError):
     the request's input (video to a model that reads no video). Caused by the request: no verdict
     on the model's health."""
 
-    def __init__(self, mode: str, backend: str, reason: str) -> None:
+    def __init__(self, mode: str, backend: str, reason: str, *, param: str | None = None) -> None:
         self.mode = mode
         self.backend = backend
         self.reason = reason
+        self.param = param  # the request field that asks for it, where one does (an error's ``param``)
         super().__init__(f"mode {mode} not implemented on backend {backend}: {reason}")
 
 

@@ -121,3 +121,37 @@ def test_an_integer_range_is_kept_by_the_grammar_and_other_numeric_bounds_are_re
     ):
         with pytest.raises(InvalidInput, match=rf"{place} cannot be kept by a local model's grammar"):
             bounded(refused)
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        # written as if absent by the converter: the answers broke them, with strict true
+        (
+            {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+            "schema.uniqueItems cannot be kept",
+        ),
+        ({"type": "object", "maxProperties": 1}, "schema.maxProperties cannot be kept"),
+        ({"type": "array", "contains": {"const": 1}}, "schema.contains cannot be kept"),
+        ({"properties": {"a": {"not": {"type": "null"}}}}, "schema.properties.a.not cannot be kept"),
+        # shapes the converter failed on in Python's words ("'str' object has no attribute 'items'")
+        ({"type": "object", "properties": "bad"}, "schema.properties must be an object"),
+        ({"enum": []}, "schema.enum must be a non-empty list"),
+        (False, "the schema is `false`"),
+    ],
+)
+def test_a_schema_the_grammar_cannot_keep_is_refused_naming_the_field(schema: Any, says: str) -> None:
+    fmt = ResponseFormat(type="json_schema", json_schema={"name": "c", "schema": schema})
+    with pytest.raises(InvalidInput, match=says) as info:
+        json_grammar(request(fmt), llm=None)
+    assert info.value.param == "response_format"
+
+
+def test_an_anything_schema_is_any_json() -> None:
+    """`true` and `{}` are valid schemas of any value: true was refused, "'bool' object has no attribute"."""
+    anything: tuple[Any, ...] = (True, {})
+    for schema in anything:
+        fmt = ResponseFormat(type="json_schema", json_schema={"name": "c", "schema": schema})
+        assert "object" in json_grammar(request(fmt), llm=None)._grammar
+    harmless = {"type": "array", "items": {"type": "string"}, "uniqueItems": False, "minProperties": 0}
+    assert bounded(harmless) == harmless

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import math
@@ -564,3 +565,32 @@ def test_a_tool_call_has_an_id_of_its_own() -> None:
         if isinstance(event, ToolCallStart)
     ]
     assert len(ids) == 2 and ids[0] != ids[1] and all(i and i.startswith("call_") for i in ids)
+
+
+_TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("choice", ["required", "get_weather"])
+def test_a_tool_choice_a_local_model_cannot_keep_is_refused(
+    backend: LlamaCppBackend, model: ModelSchema, choice: str
+) -> None:
+    """`required` and a named function were not enforced: the answer came in text (finish "stop")
+    or called another tool. A template that shows tools (the embedded one does not) is refused
+    the choice it cannot keep; "auto" goes on."""
+    loaded = dataclasses.replace(backend.vocab(model), template=_TOOLS_TEMPLATE)
+    ask = "Weather in Paris?"
+    request = GenerateRequest(prompt=ask, tools=[_WEATHER], params=GenerateParams(tool_choice=choice))
+    with pytest.raises(UnsupportedMode, match="cannot be enforced on a local model") as info:
+        backend._render_tokens(loaded, request, None)
+    assert info.value.param == "tool_choice"
+    auto = GenerateRequest(prompt=ask, tools=[_WEATHER], params=GenerateParams(tool_choice="auto"))
+    assert backend._render_tokens(loaded, auto, None)
+    # The embedded template shows no tools at all: named as `tools`, the field to drop.
+    with pytest.raises(UnsupportedMode, match="no tool support") as plain:
+        backend._render_tokens(backend.vocab(model), auto, None)
+    assert plain.value.param == "tools"

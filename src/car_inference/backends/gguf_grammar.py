@@ -34,7 +34,12 @@ def json_grammar(request: GenerateRequest, llm: Any) -> Any:
     from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
     if fmt.type == "json_schema" and fmt.json_schema:
-        schema = bounded(fmt.json_schema["schema"])
+        given = fmt.json_schema["schema"]
+        if given is False:
+            raise _refused("the schema is `false`: no answer can match it")
+        if given is True or given == {}:  # any JSON value ("'bool' object has no attribute 'get'")
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        schema = bounded(given)
         try:
             grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
         except Exception as exc:  # the converter asserts, or raises on what it cannot express
@@ -50,6 +55,7 @@ def bounded(schema: Any, where: str = "schema") -> Any:
     lowered to it, in it and in every schema it holds; ``InvalidInput`` naming the place."""
     if not isinstance(schema, dict):
         return schema
+    _keepable(schema, where)
     out = dict(schema)
     for key, value in schema.items():
         if key in _SUBSCHEMA and isinstance(value, dict):
@@ -61,12 +67,9 @@ def bounded(schema: Any, where: str = "schema") -> Any:
     for low_key, high_key in _MINIMA.items():
         low, high = (_count(out, k, where) for k in (low_key, high_key))
         if low is not None and low > MAX_REPEAT:
-            raise InvalidInput(
-                f"response_format.json_schema: {where}.{low_key} is {low}; a local model's grammar "
-                f"takes at most {MAX_REPEAT}"
-            )
+            raise _refused(f"{where}.{low_key} is {low}; a local model's grammar takes at most {MAX_REPEAT}")
         if low is not None and high is not None and low > high:
-            raise InvalidInput(f"response_format.json_schema: {where}.{low_key} is above its {high_key}")
+            raise _refused(f"{where}.{low_key} is above its {high_key}")
         if high is not None and high > MAX_UPPER:
             out[high_key] = max(MAX_UPPER, low or 0)
     return _numeric_bounds(out, where)
@@ -87,11 +90,44 @@ def _numeric_bounds(schema: dict[str, Any], where: str) -> dict[str, Any]:
     if ranged and _whole(low) and _whole(high) and 0 <= high - low < MAX_UPPER:
         kept = {k: v for k, v in schema.items() if k not in _NUMERIC_BOUNDS and k != "type"}
         return kept | {"enum": list(range(low, high + 1))}
-    raise InvalidInput(
-        f"response_format.json_schema: {where}.{given[0]} cannot be kept by a local model's grammar"
+    raise _refused(
+        f"{where}.{given[0]} cannot be kept by a local model's grammar"
         f" (it holds an integer range of at most {MAX_UPPER} values, as both minimum and maximum;"
         " no other numeric bound)"
     )
+
+
+# Keywords the converter writes nothing for: uniqueItems answered ["c","b","b"] and
+# maxProperties 2 three properties, with strict true. Refused, as OpenAI's strict mode refuses them
+# (their harmless values aside).
+_UNKEPT = frozenset(
+    {"uniqueItems", "contains", "minContains", "maxContains", "minProperties", "maxProperties",
+     "dependentRequired", "dependentSchemas", "not", "if", "then", "else", "patternProperties",
+     "propertyNames", "unevaluatedItems", "unevaluatedProperties"}
+)  # fmt: skip
+_HARMLESS: dict[str, Any] = {"uniqueItems": False, "minProperties": 0}
+
+
+def _keepable(schema: dict[str, Any], where: str) -> None:
+    """``InvalidInput`` for a keyword the grammar cannot keep, or a malformed one the converter
+    failed on with Python's words ("'str' object has no attribute 'items'")."""
+    for key in _UNKEPT.intersection(schema):
+        if key not in _HARMLESS or schema[key] != _HARMLESS[key]:
+            raise _refused(
+                f"{where}.{key} cannot be kept by a local model's grammar (it keeps type, properties,"
+                " required, additionalProperties, items, prefixItems, minItems/maxItems,"
+                " minLength/maxLength, pattern, format, enum, const, anyOf/oneOf/allOf and $ref)"
+            )
+    for key, kind, what in (("properties", dict, "an object"), ("required", list, "a list of names")):
+        if key in schema and not isinstance(schema[key], kind):
+            raise _refused(f"{where}.{key} must be {what}")
+    enum = schema.get("enum")
+    if "enum" in schema and (not isinstance(enum, list) or not enum):
+        raise _refused(f"{where}.enum must be a non-empty list: an empty one matches nothing")
+
+
+def _refused(what: str) -> InvalidInput:
+    return InvalidInput(f"response_format.json_schema: {what}", param="response_format")
 
 
 def _whole(value: Any) -> TypeGuard[int]:
@@ -113,14 +149,12 @@ def _count(schema: dict[str, Any], key: str, where: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"response_format.json_schema: {where}.{key} must be a whole number >= 0")
+        raise _refused(f"{where}.{key} must be a whole number >= 0")
     return value
 
 
 def _inexpressible(reason: str) -> InvalidInput:
-    return InvalidInput(
-        f"response_format.json_schema: llama.cpp's grammar cannot express this schema ({reason})"
-    )
+    return _refused(f"llama.cpp's grammar cannot express this schema ({reason})")
 
 
 def _check_grammar(llm: Any, grammar: Any) -> None:

@@ -193,8 +193,16 @@ class LlamaCppBackend:
             if tools and (not loaded.template or "tools" not in loaded.template):
                 if request.calls_tools():
                     reason = "this model's chat template has no tool support"
-                    raise UnsupportedMode("tool-use", "gguf", reason)
+                    raise UnsupportedMode("tool-use", "gguf", reason, param="tools")
                 tools = None  # tool_choice "none": context only, and this template cannot show them
+            choice = params.tool_choice
+            if tools and choice not in (None, "auto", "none"):
+                # Not enforced, it answered in text (finish "stop") or called another tool.
+                reason = (
+                    f"tool_choice {choice!r} cannot be enforced on a local model (it may answer in "
+                    'text or call another tool): send "auto", or use a hosted model'
+                )
+                raise UnsupportedMode("tool_choice", "gguf", reason, param="tool_choice")
 
             def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
                 if system and not any(m["role"] == "system" for m in messages):

@@ -206,10 +206,10 @@ class GenerationMixin(Lifecycle):
         if media and model.in_process and not model.has_capability(ModelCapability.VISION):
             kinds = sorted(media)
             why = f"{model.id} reads text only: no {' or '.join(kinds)} input"
-            raise UnsupportedMode("/".join(kinds) + "-input", model.kind, why)
+            raise UnsupportedMode("/".join(kinds) + "-input", model.kind, why, param="messages")
         if request.params.asks_thinking and not model.has_thinking_mode():  # it was ignored
             why = f"{model.id} has no thinking mode: leave thinking and reasoning_effort unset"
-            raise UnsupportedMode("thinking", model.kind, why)
+            raise UnsupportedMode("thinking", model.kind, why, param="thinking")
         reservation = None  # the estimate held against the fleet's spend limits until recorded
         if self.spend.has_limits and not model.in_process:
             estimate = model.cost.estimate(decision.estimated_input_tokens, request.params.max_tokens)
