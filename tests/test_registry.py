@@ -36,6 +36,16 @@ def test_unknown_model_suggests_close_matches(registry: UnifiedRegistry) -> None
     assert info.value.name == "qwen3-9b"
     assert "qwen/qwen3-8b:q4_k_m" in info.value.suggestions
     assert all("/" in s for s in info.value.suggestions), "suggestions are ids"
+    # for a task, models that do it: a completion was offered a text-to-speech voice
+    with pytest.raises(ModelNotFound) as voice:
+        registry.resolve("en_us-joe-mediun")
+    assert "piper/en_us-joe-medium" in voice.value.suggestions
+    with pytest.raises(ModelNotFound) as text:
+        registry.resolve("en_us-joe-mediun", ModelCapability.GENERATE)
+    assert text.value.suggestions == []
+    with pytest.raises(ModelNotFound) as qwen:
+        registry.resolve("qwen3-9b", ModelCapability.GENERATE)
+    assert "qwen/qwen3-8b:q4_k_m" in qwen.value.suggestions
 
 
 def test_availability_is_honest(

@@ -296,17 +296,20 @@ class UnifiedRegistry:
         model_id = self._names.get(name.lower())
         return self._models.get(model_id) if model_id else None
 
-    def resolve(self, name: str) -> ModelSchema:
-        """Like ``find`` but raises ``ModelNotFound`` with up to three close names. A name no
+    def resolve(self, name: str, capability: ModelCapability | None = None) -> ModelSchema:
+        """Like ``find`` but raises ``ModelNotFound`` with up to three close names (of models
+        with ``capability``, when given). A name no
         model has is first offered to ``on_miss`` (the engine asks a ``discover = true`` endpoint
         the name points at what it serves), which returns whether it registered anything."""
         found = self.find(name)
         if found is None and self.on_miss is not None and self.on_miss(name):
             found = self.find(name)
         if found is None:
-            near = close_matches(name, [*self._models, *self._names], n=6)
-            ids = dict.fromkeys(self._names.get(k.lower(), k) for k in near)
-            raise ModelNotFound(name, list(ids)[:3])
+            near = close_matches(name, [*self._models, *self._names], n=6 if capability is None else 12)
+            ids = list(dict.fromkeys(self._names.get(k.lower(), k) for k in near))
+            if capability is not None:  # only models that can do it: a voice was offered for a completion
+                ids = [i for i in ids if i in self._models and self._models[i].has_capability(capability)]
+            raise ModelNotFound(name, ids[:3])
         return found
 
     def query(self, flt: ModelFilter | None = None, **kwargs: object) -> builtins.list[ModelSchema]:

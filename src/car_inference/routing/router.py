@@ -44,7 +44,7 @@ from ..config import RoutingSettings
 from ..errors import ModelUnavailable
 from ..registry import UnifiedRegistry
 from ..requests import GenerateRequest, ThinkingMode
-from ..schema import ModelSchema
+from ..schema import ModelCapability, ModelSchema
 from .breaker import CircuitBreakerRegistry
 from .complexity import TaskComplexity, TextFeatures, _estimate, cluster_of, complexity_of, family_of
 from .context import TemplateIndex, template_key
@@ -166,7 +166,7 @@ class AdaptiveRouter:
         unknown ``request.model``, ``SpendLimitExceeded`` when only spend limits stand in the way,
         and ``ModelUnavailable`` when no model can serve it."""
         self._catalog.sync(registry)
-        pinned = registry.resolve(request.model) if request.model else None
+        pinned = registry.resolve(request.model, ModelCapability.GENERATE) if request.model else None
         a = self._analyse(request, estimated_input_tokens)
         if pinned is not None:
             return self._explicit(request, pinned, a)
