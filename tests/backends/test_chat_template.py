@@ -56,6 +56,11 @@ def test_chat_messages_keep_tool_turns_and_refuse_media() -> None:
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool"]
     assert msgs[2]["tool_calls"][0]["function"] == {"name": "weather", "arguments": {"city": "Oslo"}}
     assert msgs[3]["tool_call_id"] == "c1"
+    # A template that shows no tool_calls (SmolLM2's): the calls are the turn's text, or they
+    # vanished and the tool's result answered nothing.
+    shown = chat_messages(req, "gguf", calls_as_text=True)[2]
+    assert "tool_calls" not in shown
+    assert shown["content"] == '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>'
     with pytest.raises(UnsupportedMode) as info:
         chat_messages(GenerateRequest(prompt="see", images=[ImageBlock(url="http://x/y.png")]), "gguf")
     assert info.value.mode == "image-content-block" and info.value.backend == "gguf"

@@ -25,9 +25,11 @@ from car_inference.requests import (
     GenerateParams,
     GenerateRequest,
     ImageBlock,
+    Message,
     RerankRequest,
     ResponseFormat,
     ThinkingMode,
+    ToolCall,
 )
 from car_inference.schema import ModelSchema
 from car_inference.stream import Done, TextDelta, ToolCallStart
@@ -594,3 +596,20 @@ def test_a_tool_choice_a_local_model_cannot_keep_is_refused(
     with pytest.raises(UnsupportedMode, match="no tool support") as plain:
         backend._render_tokens(backend.vocab(model), auto, None)
     assert plain.value.param == "tools"
+
+
+def test_a_past_tool_call_is_in_the_prompt_of_a_template_without_tools(
+    backend: LlamaCppBackend, model: ModelSchema
+) -> None:
+    """SmolLM2's template shows no tool_calls: an assistant turn's calls vanished from the prompt,
+    leaving an empty turn and a tool result answering nothing."""
+    call = ToolCall(id="c1", name="get_weather", arguments={"city": "Paris"})
+    history = [
+        Message(role="user", content="Weather in Paris?"),
+        Message(role="assistant", tool_calls=[call]),
+        Message(role="tool", tool_call_id="c1", content="18C and sunny"),
+    ]
+    vocab = backend.vocab(model)
+    tokens = backend._render_tokens(vocab, GenerateRequest(messages=history), None)
+    prompt = vocab.llm.detokenize(tokens).decode()
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in prompt

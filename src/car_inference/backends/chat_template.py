@@ -68,9 +68,14 @@ def render_chat(
     return _compile(template or CHATML).render(**kwargs)
 
 
-def chat_messages(request: GenerateRequest, backend: str) -> list[dict[str, Any]]:
+def chat_messages(
+    request: GenerateRequest, backend: str, *, calls_as_text: bool = False
+) -> list[dict[str, Any]]:
     """The request as template messages (plain dicts). Media blocks are refused: text models
-    cannot see them, and silently dropping an image would answer a different question."""
+    cannot see them, and silently dropping an image would answer a different question.
+    ``calls_as_text``: the template shows no ``tool_calls``, so an assistant turn's calls are
+    written into its content as ``<tool_call>`` blocks (they vanished, and the tool results that
+    follow answered nothing)."""
     out: list[dict[str, Any]] = []
     for message in request.chat_messages():
         if message.media():
@@ -80,7 +85,14 @@ def chat_messages(request: GenerateRequest, backend: str) -> list[dict[str, Any]
                 backend,
                 "this local model reads text only; route media to a vision model",
             )
-        out.append(_message_dict(message))
+        item = _message_dict(message)
+        if calls_as_text and item.pop("tool_calls", None):
+            blocks = [
+                "<tool_call>" + json.dumps({"name": c.name, "arguments": c.arguments}) + "</tool_call>"
+                for c in message.tool_calls
+            ]
+            item["content"] = "\n".join([item["content"], *blocks] if item["content"] else blocks)
+        out.append(item)
     return out
 
 

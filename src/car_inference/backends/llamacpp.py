@@ -216,7 +216,10 @@ class LlamaCppBackend:
                     thinking=params.thinking,
                 )
 
-            tokens = loaded.tokenize_prompt(render, chat_messages(request, "gguf"), tools)
+            as_text = not loaded.template or "tool_calls" not in loaded.template
+            tokens = loaded.tokenize_prompt(
+                render, chat_messages(request, "gguf", calls_as_text=as_text), tools
+            )
         return tokens
 
     def _prompt_tokens(
