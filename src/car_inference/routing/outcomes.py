@@ -237,13 +237,9 @@ class OutcomeTracker:
             self.record_signal(previous, ImplicitSignal(ImplicitSignalType.QUICK_RETRY))
 
     def record_complete(
-        self,
-        trace_id: str,
-        latency_ms: float | None,
-        input_tokens: int = 0,
-        output_tokens: int = 0,
+        self, trace_id: str, latency_ms: float | None, input_tokens: int = 0, output_tokens: int = 0,
         ttft_ms: float | None = None,
-    ) -> bool:
+    ) -> bool:  # fmt: skip
         """The attempt succeeded. A trace is counted once; later calls for it are ignored (False:
         this call did not complete it)."""
         return self._finish(
