@@ -189,3 +189,16 @@ def test_concurrent_reservations_never_pass_together_past_a_limit() -> None:
     for t in threads:
         t.join()
     assert len(passed) == 10
+
+
+def test_totals_read_outside_the_lock_lose_nothing_counted_meanwhile(tmp_path: Path) -> None:
+    """The store is read before the lock is taken (a hung database held it, and every paid
+    request with it): spend this process counted between that read and its use stays counted."""
+    clock = at(2025, 3, 10, 12, 0)
+    spend = SpendControl(SpendSettings(daily_usd=1.0), OutcomeStore(tmp_path / "state.db"), clock)
+    spend.record("openai", "openai/x", 0.25)
+    stale = spend._fetch(whole=True)  # a read begun before the next record...
+    spend.record("openai", "openai/x", 0.5)
+    with spend._locked():
+        spend._install(stale, keep_larger=True)  # ...and used after it
+    assert spend.would_exceed("openai", 0.26) and not spend.would_exceed("openai", 0.24)

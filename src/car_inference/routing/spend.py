@@ -76,6 +76,10 @@ class SpendStatus(BaseModel):
         return next((e for e in self.entries if e.scope == scope and e.period == period), None)
 
 
+def _larger(mine: dict[str, float], theirs: dict[str, float]) -> dict[str, float]:
+    return {p: max(mine.get(p, 0.0), theirs.get(p, 0.0)) for p in mine.keys() | theirs.keys()}
+
+
 def _period_bounds(now: float) -> tuple[float, float, float, float]:
     """(day start, next day start, month start, next month start) in epoch seconds, UTC."""
     t = datetime.fromtimestamp(now, UTC)
@@ -179,7 +183,7 @@ class SpendControl:
         on the server's event loop) waited on it, /health and all."""
         fetched = self._fetch(whole=whole)
         with self._locked():
-            self._install(fetched)
+            self._install(fetched, keep_larger=True)
 
     def _fetch(self, *, whole: bool) -> _Totals:
         """This period's totals as the store and the fleet have them (reads only)."""
@@ -195,19 +199,23 @@ class SpendControl:
         theirs = fleet.totals(self._clock()) if fleet is not None and fleet.reachable else None
         return _Totals(now, self._bounds, day, earlier, theirs)
 
-    def _install(self, fetched: _Totals) -> None:
+    def _install(self, fetched: _Totals, *, keep_larger: bool = False) -> None:
         """Under the lock: ``fetched`` as this period's totals (unless the period rolled meanwhile),
-        the fleet's where they are larger."""
+        the fleet's where they are larger. ``keep_larger``: read outside the lock, so spend this
+        process counted meanwhile may be missing from it; totals only grow within a period, so
+        each provider keeps the larger of the two (a reload after a rolled-back write replaces)."""
         if fetched.bounds != self._bounds:
             return  # read for the day before: _roll has read the new one
         self._read_at = fetched.at
         if fetched.earlier is not None:
             self._earlier, self._earlier_at = fetched.earlier
         if fetched.day is not None:
-            self._day = fetched.day
-            self._month = dict(self._earlier)
-            for provider, usd in self._day.items():
-                self._month[provider] = self._month.get(provider, 0.0) + usd
+            day, month = fetched.day, dict(self._earlier)
+            for provider, usd in day.items():
+                month[provider] = month.get(provider, 0.0) + usd
+            if keep_larger:
+                day, month = _larger(self._day, day), _larger(self._month, month)
+            self._day, self._month = day, month
         if fetched.theirs is not None:
             for mine, theirs in zip((self._day, self._month), fetched.theirs, strict=True):
                 for provider, usd in theirs.items():
