@@ -44,6 +44,12 @@ def test_route_reads_a_dash_prompt_from_stdin() -> None:
     assert code == 2 and "the prompt is empty" in err
 
 
+def test_route_explains_a_named_model_without_an_empty_table() -> None:
+    code, out, _ = car("route", "hi", "-m", "smollm2", "--explain")
+    assert code == 0 and "no candidates were scored: the model was named" in out
+    assert "candidates (quality" not in out
+
+
 def test_route_with_tools_or_vision_needs_a_capable_model() -> None:
     code, _, err = car("route", "What is in this image?", "--vision")
     assert code == 1 and "vision" in err and "Traceback" not in err

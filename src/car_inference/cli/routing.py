@@ -88,6 +88,9 @@ def register(app: typer.Typer) -> None:
             out.print("fallbacks: " + ", ".join(decision.fallbacks))
         if not explain:
             return
+        if not decision.candidates:  # an empty table was printed for a named model
+            out.print("no candidates were scored: the model was named, so nothing was routed")
+            return
         table = Table(header_style="bold", title="candidates (quality: belief mean ± sd, and the draw)")
         for column in ("model", "score", "quality", "drawn", "obs", "latency ms", "out tok", "cost", "why"):
             table.add_column(column)
