@@ -248,9 +248,10 @@ class CircuitOpen(InferenceFailed):
 class TraceNotFound(InferenceError):
     """Feedback named a trace id the outcome store has never seen."""
 
-    def __init__(self, trace_id: str) -> None:
+    def __init__(self, trace_id: str, hint: str = "") -> None:
         self.trace_id = trace_id
-        super().__init__(f"no such trace: {shortened(trace_id)}")  # a 1 MB id is not echoed back
+        message = f"no such trace: {shortened(trace_id)}"  # a 1 MB id is not echoed back
+        super().__init__(f"{message} ({hint})" if hint else message)
 
 
 class AllModelsFailed(InferenceFailed):

@@ -207,7 +207,7 @@ class LearningMixin(Lifecycle):
         self.bookkeeper.flush()
         trace = self._shared_trace(trace_id)
         if trace is None:
-            raise TraceNotFound(trace_id)
+            raise TraceNotFound(trace_id, self._not_shared_yet())
         trace_id, trace = self._answering(trace_id, trace)
         given = [name for name, value in measured.items() if value is not None]
         given += [] if success else ["success"]
@@ -269,6 +269,17 @@ class LearningMixin(Lifecycle):
             time.sleep(0.05)
             trace = self.store.trace(trace_id)
         return trace
+
+    def _not_shared_yet(self) -> str:
+        """What a trace missing from a shared store after the wait may be: a 404 said only "no
+        such trace", while the replica that answered held it in memory (its database away)."""
+        if self.store.backend != "postgresql":
+            return ""
+        return (
+            f"not in the shared store after {SHARED_TRACE_WAIT_S:g} s; if another replica answered"
+            " it while its database was away, it is written when the database returns: send the"
+            " feedback again then"
+        )
 
     def prune_traces(
         self, older_than_days: float | None = None, *, stop: threading.Event | None = None
