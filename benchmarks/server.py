@@ -357,7 +357,7 @@ def _report(
             f"chat completion {label} (sequential)",
             f"{q['car']:.2f} ms",
             f"{q['direct']:.2f} ms",
-            f"+{extra:.2f} ms",
+            f"{extra:+.2f} ms",
             target,
         )
     _row(
@@ -367,18 +367,18 @@ def _report(
         f"{car_rps / direct_rps:.2f}×",
         "",
     )
-    _row("p99 at concurrency 16", f"{c99[0]:.2f} ms", f"{c99[1]:.2f} ms", f"+{c99[0] - c99[1]:.2f} ms", "")
+    _row("p99 at concurrency 16", f"{c99[0]:.2f} ms", f"{c99[1]:.2f} ms", f"{c99[0] - c99[1]:+.2f} ms", "")
     in_engine = p50["engine"] - p50["direct"]
     print(
-        f"\nof the +{added:.2f} ms at p50: engine.generate in-process (router, outcome store, openai SDK "
-        f"streaming) takes {p50['engine']:.2f} ms, +{in_engine:.2f} ms over the direct call; the HTTP "
-        f"server in front of it adds +{p50['car'] - p50['engine']:.2f} ms"
+        f"\nof the {added:+.2f} ms at p50: engine.generate in-process (router, outcome store, openai SDK "
+        f"streaming) takes {p50['engine']:.2f} ms, {in_engine:+.2f} ms over the direct call; the HTTP "
+        f"server in front of it adds {p50['car'] - p50['engine']:+.2f} ms"
     )
     floor = p50["proxy"] - p50["direct"]
     floor99 = p99["proxy"] - p99["direct"]
     print(
-        f"for scale: a minimal FastAPI + httpx proxy (no SDK, no routing, no records) adds +{floor:.2f} ms "
-        f"at p50 and +{floor99:.2f} ms at p99 on this machine"
+        f"for scale: a minimal FastAPI + httpx proxy (no SDK, no routing, no records) adds {floor:+.2f} ms "
+        f"at p50 and {floor99:+.2f} ms at p99 on this machine"
     )
     print(f"added p50 {added:.2f} ms: target {'met' if added <= 2 else 'MISSED'}")
 
