@@ -170,12 +170,14 @@ class SentenceBackend:
                 ids = instance.tokenizer(items, truncation=True, max_length=limit)["input_ids"]
         return [len(i) for i in ids]
 
-    def _cut_texts(self, model: ModelSchema, texts: list[str], truncate: bool) -> list[int]:
-        """The indices of ``texts`` longer than the model's window (``over_window``); blocking."""
+    def _cut_texts(self, model: ModelSchema, texts: list[str], truncate: bool) -> tuple[list[int], list[int]]:
+        """The indices of ``texts`` longer than the model's window (``over_window``) and the
+        tokens the model reads of each (cut at it); blocking."""
         entry = self._entry(model)
         with entry.lock:
             ids = entry.instance.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
-        return over_window(model, [len(i) for i in ids], self._window(entry.instance), truncate)
+        window, full = self._window(entry.instance), [len(i) for i in ids]
+        return over_window(model, full, window, truncate), [min(n, window) for n in full]
 
     def _encode_part(self, model: ModelSchema, texts: list[str], normalize: bool) -> Any:
         """One run: a (len(texts), dim) float32 array; blocking."""
@@ -189,13 +191,21 @@ class SentenceBackend:
                 show_progress_bar=False,
             )
 
-    async def _encode(self, model: ModelSchema, texts: list[str], normalize: bool) -> tuple[Any, int]:
+    async def _encode(
+        self, model: ModelSchema, texts: list[str], normalize: bool, counts: list[int] | None = None
+    ) -> tuple[Any, int]:
         """All of ``texts`` (``_encode_part``), a run a turn on the torch thread; the vectors and
-        the tokens read."""
+        the tokens read. ``counts``: each text's tokens, when counted already (not twice)."""
         import numpy as np
 
         self._no_cross_encoder(model)
-        count = functools.partial(self._token_counts, model)
+        count: Callable[[list[str]], list[int]] = functools.partial(self._token_counts, model)
+        if counts is not None:
+            left = iter(counts)  # the slices come in order
+
+            def count(part: list[str]) -> list[int]:
+                return [next(left) for _ in part]
+
         parts, tokens = await _in_turns(
             lambda part: self._encode_part(model, part, normalize), count, texts, len
         )
@@ -224,8 +234,8 @@ class SentenceBackend:
         self._no_cross_encoder(model)
         # Cut silently, two texts sharing their first 256 tokens came back as one vector.
         check = functools.partial(self._cut_texts, model, texts, request.truncate)
-        cut = await run_blocking(check, TORCH_THREAD)
-        vectors, tokens = await self._encode(model, texts, request.normalize)
+        cut, counts = await run_blocking(check, TORCH_THREAD)
+        vectors, tokens = await self._encode(model, texts, request.normalize, counts)
         # model_construct: these are floats from numpy already; validating 1000x384 of them one by
         # one would cost more than the lists themselves.
         return EmbedResult.model_construct(

@@ -138,14 +138,10 @@ class CatalogView:
                     excluded[v.model_id] = "lacks " + ", ".join(sorted(missing))
                 elif not v.schema.available:
                     why = self._unavailable.get(v.model_id)
-                    excluded[v.model_id] = f"not available: {_clip(why)}" if why else "not available"
+                    excluded[v.model_id] = f"not available: {why}" if why else "not available"
                 elif NAMED_ONLY in v.schema.tags:
                     excluded[v.model_id] = f"served only when named (tag {NAMED_ONLY})"
                 else:
                     models.append(v)
             pool = self._pools[required] = ModelPool(models, excluded)
         return pool
-
-
-def _clip(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
