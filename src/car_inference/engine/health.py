@@ -26,6 +26,7 @@ from ..routing import (
     benchmark_priors_paths,
     load_benchmark_priors,
     state_health,
+    went_unanswered,
 )
 from ..routing.breaker import CoordinationHealth
 from ..runtimes.supervisor import RuntimeStatus
@@ -216,7 +217,7 @@ class HealthMixin(Lifecycle):
             routing_scenarios=self.routing_scenarios(),
             benchmark_priors=self._prior_health(models),
             circuit_breakers={k: dict(v) for k, v in self.breakers.snapshot().items()},
-            spend=None if (state.error or "").startswith("TimeoutError") else self._spend_health(),
+            spend=None if went_unanswered(state) else self._spend_health(),
             speech=speech_health(self),  # type: ignore[arg-type]  # self is the InferenceEngine
             runtimes=self.runtimes.statuses(),
             state=state,

@@ -47,7 +47,7 @@ from .router import AdaptiveRouter, RoutingDecision, RoutingStrategy, ScoredCand
 from .signals import ImplicitSignal, ImplicitSignalType, answer_signals, detect_signals
 from .spend import SpendControl, SpendPeriodStatus, SpendStatus
 from .store import OutcomeStore
-from .store_api import StateHealth, StateStore, open_store, state_health
+from .store_api import StateHealth, StateStore, open_store, state_health, went_unanswered
 
 __all__ = [
     "AdaptiveRouter",
@@ -83,4 +83,5 @@ __all__ = [
     "prompt_cluster",
     "state_health",
     "task_family",
+    "went_unanswered",
 ]

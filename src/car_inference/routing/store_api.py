@@ -34,6 +34,7 @@ __all__ = [
     "prune_old_traces",
     "redact_url",
     "state_health",
+    "went_unanswered",
 ]
 
 log = logging.getLogger("car_inference.state")
@@ -253,6 +254,12 @@ def state_health(
         pending=pending,
         lag_s=round(lag_s, 3),
     )
+
+
+def went_unanswered(health: StateHealth) -> bool:
+    """Whether ``health``'s read got no answer in time (a hung database, as ``state_health``
+    says it), not a refusal: reads of the database would wait as long."""
+    return (health.error or "").startswith(f"{TimeoutError.__name__}: ")
 
 
 def prune_old_traces(
