@@ -307,6 +307,12 @@ class StateSettings(_Section):
         ge=0,
         description="PostgreSQL unreachable: records kept in memory until it returns; later ones are dropped",
     )
+    answer_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="PostgreSQL: a connection held this long waiting for the database is closed and the"
+        " database counted as unreachable (a server that hangs without closing its connections)",
+    )
     trace_retention_days: float = Field(
         default=30.0,
         ge=0,

@@ -105,7 +105,8 @@ def prune(
         if not math.isfinite(value):  # inf deleted nothing and --json printed Infinity, not JSON
             raise fail(f"{option} must be a finite number of days, not {value}", EXIT_USAGE)
     make_home(config.home)  # a CAR_HOME that is a file: one line, not a FileExistsError traceback
-    store = open_store(config.state.url, config.paths.state_db)
+    state = config.state
+    store = open_store(state.url, config.paths.state_db, answer_timeout_s=state.answer_timeout_s)
     try:
         deleted = prune_old_traces(store, days)
         forgotten = len(forget_dormant_templates(store, template_days))

@@ -100,7 +100,12 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         # before anything else (the key statistics) tries the same database.
         make_home(self.config.home)
         state = self.config.state
-        self.store = open_store(state.url, self.config.paths.state_db, buffer_records=state.buffer_records)
+        self.store = open_store(
+            state.url,
+            self.config.paths.state_db,
+            buffer_records=state.buffer_records,
+            answer_timeout_s=state.answer_timeout_s,
+        )
         self.fleet = Fleet.for_settings(self.config.coordination)  # state shared with replicas, or None
         self.keys = KeyPool.for_config(self.config, fleet=self.fleet)
         self.runners = RunnerTable()  # what runs delegated models (register_runner)

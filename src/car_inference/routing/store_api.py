@@ -131,9 +131,12 @@ def is_postgres_url(url: str) -> bool:
     return urlsplit(url).scheme in POSTGRES_SCHEMES
 
 
-def open_store(url: str | None, sqlite_path: Path, *, buffer_records: int = 10_000) -> StateStore:
+def open_store(
+    url: str | None, sqlite_path: Path, *, buffer_records: int = 10_000, answer_timeout_s: float = 30.0
+) -> StateStore:
     """The store ``[state] url`` names: PostgreSQL for a ``postgresql://`` URL (keeping up to
-    ``buffer_records`` writes in memory while it is unreachable), else the SQLite file at
+    ``buffer_records`` writes in memory while it is unreachable, and counting it unreachable
+    when a connection waits ``answer_timeout_s`` for it), else the SQLite file at
     ``sqlite_path``."""
     if url is None:
         from .store import OutcomeStore
@@ -146,7 +149,7 @@ def open_store(url: str | None, sqlite_path: Path, *, buffer_records: int = 10_0
         )
     from .store_pg import PgOutcomeStore
 
-    return PgOutcomeStore(url, buffer_limit=buffer_records)
+    return PgOutcomeStore(url, buffer_limit=buffer_records, answer_timeout_s=answer_timeout_s)
 
 
 class StateHealth(BaseModel):

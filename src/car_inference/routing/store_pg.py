@@ -49,6 +49,7 @@ from .store_pg_sql import (
     merge_counters,
     present_rows,
 )
+from .store_pg_watch import Watchdog
 from .store_sql import dialect
 
 try:
@@ -108,10 +109,12 @@ class PgOutcomeStore(BufferedWrites):
         connect_timeout_s: float = 5.0,
         buffer_limit: int = 10_000,
         retry_s: float = 1.0,
+        answer_timeout_s: float = 30.0,
     ) -> None:
         self.url = url
         self.location = redact_url(url)
         self.connect_timeout_s = connect_timeout_s
+        self._watch = Watchdog(answer_timeout_s, self.location)  # a database that hangs (store_pg_watch)
         self.max_connections = max_connections
         self._local = threading.local()
         self._init_buffer(buffer_limit, retry_s)
@@ -125,12 +128,13 @@ class PgOutcomeStore(BufferedWrites):
             self._migrate()
         except BaseException:
             self._pool.close()
+            self._watch.close()
             raise
 
     def server(self) -> str:
         """Where the connections go as libpq resolved the URL (``user@host:port/database``): a
         bare ``postgresql://`` reaches the local socket's server and the user's database."""
-        with self._pool.connection() as conn:
+        with self._connection() as conn:
             info = conn.info
             return f"{info.user}@{info.host}:{info.port}/{info.dbname}"
 
@@ -142,11 +146,21 @@ class PgOutcomeStore(BufferedWrites):
             min_size=1,
             max_size=self.max_connections,
             kwargs={"row_factory": dict_row, "autocommit": True, **LIBPQ_TIMEOUTS},
-            check=ConnectionPool.check_connection,  # a connection the server dropped is replaced
+            check=self._check,  # a connection the server dropped is replaced
             open=False,
             timeout=self.connect_timeout_s,  # waiting for a connection: bounded like connecting
             name="car-state",
         )
+
+    def _check(self, conn: Conn) -> None:
+        with self._watch.watch(conn):  # the check's round trip waits like any other
+            ConnectionPool.check_connection(conn)
+
+    @contextmanager
+    def _connection(self) -> Iterator[Conn]:
+        """A pooled connection, cut if the database holds it past ``answer_timeout_s``."""
+        with self._pool.connection() as conn, self._watch.watch(conn):
+            yield conn
 
     @contextmanager
     def _read(self) -> Iterator[Conn]:
@@ -158,7 +172,7 @@ class PgOutcomeStore(BufferedWrites):
             return
         self._check_readable()
         try:
-            with self._pool.connection() as conn:
+            with self._connection() as conn:
                 yield conn
         except StateUnavailable:
             raise
@@ -179,7 +193,7 @@ class PgOutcomeStore(BufferedWrites):
         a lock taken in a savepoint that rolls back would be let go with the row locks kept)."""
         batch: Conn | None = getattr(self._local, "conn", None)
         if batch is None:
-            with self._pool.connection() as conn, conn.transaction():
+            with self._connection() as conn, conn.transaction():
                 if counters:
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
                 yield conn
@@ -313,7 +327,7 @@ class PgOutcomeStore(BufferedWrites):
         if not self._available():
             return None
         try:
-            conn = stack.enter_context(self._pool.connection())
+            conn = stack.enter_context(self._connection())
             stack.enter_context(conn.transaction())
             self._local.deferred, self._local.locked = [], False
             if psycopg.Pipeline.is_supported():  # libpq >= 14 (psycopg-binary bundles one)
@@ -379,7 +393,7 @@ class PgOutcomeStore(BufferedWrites):
         closing.start()
 
     def _replay(self, records: list[Any], run: Callable[[Any], None]) -> None:
-        with self._pool.connection() as conn, conn.transaction():
+        with self._connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             self._local.conn = conn
             try:
@@ -391,7 +405,8 @@ class PgOutcomeStore(BufferedWrites):
     @contextmanager
     def _migration(self) -> Iterator[Conn]:
         """The schema is brought up to date under ``MIGRATE_LOCK``: replicas starting together
-        migrate once."""
+        migrate once. Not under the watchdog: waiting for another replica's migration is
+        expected, and a schema change may take its time."""
         with self._pool.connection() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -430,6 +445,7 @@ class PgOutcomeStore(BufferedWrites):
         if self._timer is not None:
             self._timer.cancel()
         self._pool.close()
+        self._watch.close()
 
     def __enter__(self) -> PgOutcomeStore:
         return self
