@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import struct
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +377,60 @@ async def test_batches_are_bounded(local_server: ServerThread) -> None:
         await ws.send(json.dumps([json.loads(rpc("tokenize", {"text": "x"}, rid=i)) for i in range(40)]))
         answers = json.loads(await ws.recv())
         assert len(answers) == 40 and not [a for a in answers if "error" in a], answers[:3]
+
+
+def test_a_client_that_reads_no_answers_is_not_read_without_bound(server_engine: InferenceEngine) -> None:
+    """A client that sent and never read made the server hold every message and its answer until
+    the socket closed (11 MB a message, 3 GB in an audit). Past a bound of unanswered messages
+    the server stops reading: the client's sends stall in its own socket, and once it reads,
+    every message is answered, none lost. (A raw socket with a 4 KB receive buffer: a WebSocket
+    library keeps reading into memory for its caller.)"""
+    server = serve(server_engine, ws_max_in_flight=1, ws_max_message_mb=1)
+    # An unknown method: its -32601 answer repeats the name. 150 of them, 135 MB, are more than
+    # the kernel's buffers hold both ways (a loopback socket's grow to 32 MB here).
+    n = 150
+    payload = [json.dumps({"jsonrpc": "2.0", "id": i, "method": "m" * 900_000}).encode() for i in range(n)]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sent = 0
+    try:
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        reader = sock.makefile("rb")
+        while reader.readline() not in (b"\r\n", b""):
+            pass
+
+        def send_all() -> None:
+            nonlocal sent
+            for body in payload:  # a client frame, masked with a zero key
+                sock.sendall(bytes([0x81, 0xFF]) + struct.pack(">Q", len(body)) + bytes(4) + body)
+                sent += 1
+
+        sender = threading.Thread(target=send_all, daemon=True)
+        sender.start()
+        time.sleep(5)
+        assert sent < n, "the server read every message from a client that reads nothing"
+        answers = [json.loads(_server_frame(reader)) for _ in range(n)]
+        sender.join(30)
+        assert sorted(a["id"] for a in answers) == list(range(n))
+        assert all(a["error"]["code"] == -32601 for a in answers)
+    finally:
+        sock.close()
+        server.stop()
+
+
+def _server_frame(reader: Any) -> bytes:
+    """One unmasked frame's payload, as a server sends it."""
+    head = reader.read(2)
+    size = head[1] & 0x7F
+    if size == 126:
+        size = struct.unpack(">H", reader.read(2))[0]
+    elif size == 127:
+        size = struct.unpack(">Q", reader.read(8))[0]
+    return bytes(reader.read(size))
 
 
 async def test_a_message_over_4_mb_closes_the_socket(local_server: ServerThread) -> None:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any, overload
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.requests import Request
@@ -27,16 +27,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..backends.fair import CLIENT
 from ..errors import InferenceError, close_matches
-from ..requests import (
-    ClassifyRequest,
-    EmbedRequest,
-    GenerateRequest,
-    InferenceResult,
-    RerankRequest,
-)
-from ..schema import ModelCapability
+from ..requests import GenerateRequest, InferenceResult
 from ..stream import Done, ErrorEvent, RouteEvent
-from .common import MEASURED, ServerState, client_of, feedback_call, parse_json
+from .common import ServerState, client_of, parse_json
 from .errors import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -48,12 +41,8 @@ from .errors import (
     error_response,
     rpc_error,
 )
-from .grounding import GROUNDING, rpc_ground
-from .images import IMAGES, VIDEOS, rpc_generate_image, rpc_generate_video
-from .media import STT, TTS
-from .runner_rpc import RUNNER_METHODS, RpcRunner
-from .speech_rpc import rpc_synthesize, rpc_transcribe, rpc_voices
-from .translate import MAX_CLASSIFY_LABELS, MAX_EMBED_INPUTS, MAX_RERANK_DOCUMENTS, check_batch, routed
+from .rpc_methods import CAPABILITIES, METHODS, Method, Params, auto, unknown_param, valid_id
+from .runner_rpc import RpcRunner
 
 __all__ = ["METHODS", "Session", "register"]
 
@@ -65,26 +54,12 @@ _UNCOUNTED = frozenset({"cancel", "runner.event"})
 _READS = frozenset({"health", "models.list", "voices"})
 EVENT_METHOD = "infer.event"
 
-Params = dict[str, Any]
-Method = Callable[["Session", Params, Any], Awaitable[Any]]
-
 
 def _error(rid: Any, code: int, message: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
     if data:
         error["data"] = data
     return {"jsonrpc": "2.0", "id": rid, "error": error}
-
-
-def _valid_id(value: Any) -> bool:
-    return value is None or (isinstance(value, str | int) and not isinstance(value, bool))
-
-
-def _auto(params: Params) -> Params:
-    """``"model": "auto"`` means no model: route (generation) or the capability's default."""
-    if params.get("model") and routed(params["model"]):  # "auto" in any case; "" stays an error
-        return {**params, "model": None}
-    return params
 
 
 class Session:
@@ -98,6 +73,11 @@ class Session:
         self.cancelled: set[Any] = set()
         self.active = 0  # counted calls of this socket in flight (at most [server] ws_max_in_flight)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Messages read and not yet answered (their answers sent): past a bound the socket is not
+        # read until some are, so a client that sends and never reads holds a bounded amount.
+        self._unanswered = 0
+        self._unanswered_bytes = 0
+        self._answered = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._open = True
         self.runner: RpcRunner | None = None  # set by runner.register (server/runner_rpc.py)
@@ -114,6 +94,7 @@ class Session:
             return
         try:
             while True:
+                await self._room()
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
@@ -121,6 +102,10 @@ class Session:
                 task = asyncio.create_task(self._message(raw))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                size = len(raw)
+                self._unanswered += 1
+                self._unanswered_bytes += size
+                task.add_done_callback(functools.partial(self._answered_one, size))
                 self.state.active.add(task)
                 task.add_done_callback(self.state.active.discard)
         except WebSocketDisconnect:
@@ -135,6 +120,24 @@ class Session:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _room(self) -> None:
+        """Wait while this socket has more unanswered messages than a client that reads its
+        answers ever has: each holds its text, its parsed form and its answer until the answer
+        is sent, and a client that never read them grew the server by 11 MB a message, for as
+        long as it kept the socket open. Messages then wait in the client's socket instead;
+        one that reads, pipelining up to the in-flight limit and its batches, never waits here."""
+        settings = self.state.settings
+        frames = 2 * settings.ws_max_in_flight + 16
+        size = 2 * settings.ws_max_message_mb * 1024 * 1024
+        while self._unanswered >= frames or self._unanswered_bytes >= size:
+            self._answered.clear()
+            await self._answered.wait()
+
+    def _answered_one(self, size: int, _: object) -> None:
+        self._unanswered -= 1
+        self._unanswered_bytes -= size
+        self._answered.set()
 
     async def send(self, payload: Any) -> None:
         if not self._open:
@@ -220,7 +223,7 @@ class Session:
         """Run one request; its response (None for a notification)."""
         if not isinstance(data, dict):
             return _error(None, INVALID_REQUEST, "invalid request: expected a JSON-RPC 2.0 request object")
-        if not _valid_id(data.get("id")):
+        if not valid_id(data.get("id")):
             return _error(
                 None, INVALID_REQUEST, "invalid request: `id` must be a string, a whole number or null"
             )
@@ -245,7 +248,7 @@ class Session:
         params = {} if params is None else params
         if not isinstance(params, dict):
             return _error(rid, INVALID_PARAMS, "invalid params: params must be an object (by name)")
-        unknown = _unknown_param(name, params)
+        unknown = unknown_param(name, params)
         if unknown is not None:  # as the methods validated by our request models refuse one
             self.state.metrics.request(f"ws:{name}", None, 400)
             error = rpc_error(describe(unknown))
@@ -316,7 +319,7 @@ class Session:
             metrics.request(f"ws:{name}", None, 499)
             return _error(rid, REQUEST_CANCELLED, "request cancelled")
         except Exception as exc:
-            capability = _CAPABILITIES.get(name)
+            capability = CAPABILITIES.get(name)
             if isinstance(exc, InferenceError):
                 metrics.failure(exc, capability)
             info = describe(exc, capability=capability, timeout_s=timeout_s, retry_hint=self.state.retry_hint)
@@ -346,7 +349,7 @@ class Session:
         metrics.generation(result.model_used, result.latency_ms, result.time_to_first_token_ms, result.usage)
 
     async def infer(self, params: Params, rid: Any, *, stream: bool = False) -> Any:
-        params = _auto(params)
+        params = auto(params)
         if "stream" in params:
             flag = params.get("stream")
             if flag is not None and not isinstance(flag, bool):
@@ -390,190 +393,6 @@ class Session:
                     payload = {"request_id": rid, "event": event.model_dump(mode="json")}
                     await self.notify(EVENT_METHOD, payload)
         raise ApiError(502, "the stream ended without a result", type="upstream_error", code="stream_failed")
-
-
-# --- methods ----------------------------------------------------------------------------------------
-
-
-@overload
-def _string(params: Params, key: str) -> str: ...
-@overload
-def _string(params: Params, key: str, *, required: bool) -> str | None: ...
-def _string(params: Params, key: str, *, required: bool = True) -> str | None:
-    value = params.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, f"`{key}` must be a non-empty string", code="invalid_value", param=key)
-    return value
-
-
-def _tokenizer_model(session: Session, params: Params) -> str:
-    name = _string(_auto(params), "model", required=False)
-    if name:
-        return name
-    model = session.engine.default_model(ModelCapability.GENERATE)
-    if model is None:
-        raise ApiError(400, "`model` is required: no default generation model is configured", param="model")
-    return model.id
-
-
-async def _infer(session: Session, params: Params, rid: Any) -> Any:
-    return await session.infer(params, rid)
-
-
-async def _infer_stream(session: Session, params: Params, rid: Any) -> Any:
-    return await session.infer(params, rid, stream=True)
-
-
-async def _embed(session: Session, params: Params, rid: Any) -> Any:
-    request = EmbedRequest.model_validate(_auto(params))  # texts: some, none empty (as /v1/embeddings)
-    check_batch(request.texts, MAX_EMBED_INPUTS, "texts")
-    return (await session.engine.embed(request)).model_dump(mode="json")
-
-
-async def _rerank(session: Session, params: Params, rid: Any) -> Any:
-    request = RerankRequest.model_validate(_auto(params))
-    check_batch(request.documents, MAX_RERANK_DOCUMENTS, "documents")
-    return (await session.engine.rerank(request)).model_dump(mode="json")
-
-
-async def _classify(session: Session, params: Params, rid: Any) -> Any:
-    request = ClassifyRequest.model_validate(_auto(params))
-    check_batch(request.labels, MAX_CLASSIFY_LABELS, "labels")
-    result = await session.engine.classify(request)
-    return result.model_dump(mode="json")
-
-
-async def _tokenize(session: Session, params: Params, rid: Any) -> Any:
-    text = params.get("text")
-    if not isinstance(text, str):
-        raise ApiError(400, "`text` must be a string", code="invalid_value", param="text")
-    result = await session.engine.tokenize(_tokenizer_model(session, params), text)
-    return result.model_dump(mode="json")
-
-
-async def _detokenize(session: Session, params: Params, rid: Any) -> Any:
-    tokens = params.get("tokens")
-    if not isinstance(tokens, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in tokens
-    ):
-        raise ApiError(400, "`tokens` must be a list of integers", code="invalid_value", param="tokens")
-    result = await session.engine.detokenize(_tokenizer_model(session, params), tokens)
-    return result.model_dump(mode="json")
-
-
-async def _models_list(session: Session, params: Params, rid: Any) -> Any:
-    capability = params.get("capability")
-    if capability is not None and (
-        not isinstance(capability, str) or capability not in {c.value for c in ModelCapability}
-    ):
-        known = ", ".join(c.value for c in ModelCapability)
-        raise ApiError(400, f"`capability` must be one of {known}", code="invalid_value", param="capability")
-    available = params.get("available")
-    if available is not None and not isinstance(available, bool):  # bool("false") is True
-        raise ApiError(400, "`available` must be true or false", code="invalid_value", param="available")
-    models = []
-    for model in session.engine.list_models():
-        if capability is not None and not model.has_capability(capability):
-            continue
-        if available is not None and model.available != available:
-            continue
-        models.append(model.summary())
-    return models
-
-
-async def _health(session: Session, params: Params, rid: Any) -> Any:
-    return (await asyncio.to_thread(session.engine.model_health)).model_dump(mode="json")
-
-
-async def _route(session: Session, params: Params, rid: Any) -> Any:
-    request = GenerateRequest.model_validate(_auto(params))
-    return session.engine.route(request).model_dump(mode="json")
-
-
-async def _feedback(session: Session, params: Params, rid: Any) -> Any:
-    return await feedback_call(session.engine, params)
-
-
-async def _cancel(session: Session, params: Params, rid: Any) -> Any:
-    target = params.get("id")
-    if target is None or not _valid_id(target):  # the ids a request may carry (1.0 is none)
-        raise ApiError(
-            400, "`id` must be the string or whole-number id of a request", code="invalid_value", param="id"
-        )
-    task = session.in_flight.get(target)
-    if task is None or task is asyncio.current_task():
-        return {"id": target, "cancelled": False}
-    session.cancelled.add(target)
-    task.cancel()
-    return {"id": target, "cancelled": True}
-
-
-METHODS: dict[str, Method] = {
-    "infer": _infer,
-    "infer.stream": _infer_stream,
-    "embed": _embed,
-    "rerank": _rerank,
-    "classify": _classify,
-    "tokenize": _tokenize,
-    "detokenize": _detokenize,
-    "models.list": _models_list,
-    "health": _health,
-    "route": _route,
-    "feedback": _feedback,
-    "cancel": _cancel,
-    "generate_image": rpc_generate_image,
-    "generate_video": rpc_generate_video,
-    "ground": rpc_ground,
-    "transcribe": rpc_transcribe,
-    "synthesize": rpc_synthesize,
-    "voices": rpc_voices,
-    **RUNNER_METHODS,
-}
-
-
-# The parameters of the methods that read theirs one by one (the others validate them with a
-# request model that refuses unknown fields): a misspelt one ("capabilty") is an error, not ignored.
-_PARAMS: dict[str, frozenset[str]] = {
-    "tokenize": frozenset({"text", "model"}),
-    "detokenize": frozenset({"tokens", "model"}),
-    "models.list": frozenset({"capability", "available"}),
-    "health": frozenset(),
-    "feedback": frozenset({"trace_id", "score", "success", *MEASURED}),
-    "cancel": frozenset({"id"}),
-    "voices": frozenset({"model"}),
-    "runner.register": frozenset({"models", "timeout_s", "name"}),
-    "runner.unregister": frozenset(),
-    "runner.event": frozenset({"id", "event"}),
-}
-
-
-def _unknown_param(method: str, params: Params) -> ApiError | None:
-    """A 400 naming the first parameter ``method`` does not take (and close matches), or None."""
-    known = _PARAMS.get(method)
-    if known is None:
-        return None
-    extra = next((key for key in params if key not in known), None)
-    if extra is None:
-        return None
-    close = close_matches(extra, sorted(known))
-    hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    takes = ", ".join(sorted(known)) or "none"
-    message = f"`{extra}` is not a parameter of {method} (it takes: {takes}){hint}"
-    return ApiError(400, message, code="invalid_value", param=extra)
-
-
-# The methods whose HTTP routes answer a missing backend with a 501 naming the capability
-# (``errors.describe``): the same failure gets the same status (``data.status``) here.
-_CAPABILITIES = {
-    "generate_image": IMAGES,
-    "generate_video": VIDEOS,
-    "ground": GROUNDING,
-    "transcribe": STT,
-    "synthesize": TTS,
-    "voices": TTS,
-}
 
 
 def register(app: FastAPI, state: ServerState) -> None:

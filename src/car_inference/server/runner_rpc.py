@@ -38,7 +38,8 @@ from ..stream import StreamAccumulator, StreamEvent
 from .errors import ApiError
 
 if TYPE_CHECKING:
-    from .jsonrpc import Params, Session
+    from .jsonrpc import Session
+    from .rpc_methods import Params
 
 __all__ = ["RUNNER_METHODS", "RpcRunner"]
 
