@@ -171,6 +171,15 @@ def test_estimate_tokens_matches_the_smollm2_tokenizer() -> None:
     assert statistics.median(errors) < 0.07
 
 
+def test_a_long_run_of_letters_is_many_tokens() -> None:
+    """10,000 a's were estimated as one token (one word), so a spend limit let a 2 MB prompt
+    through as 118 tokens; now every such text is within a factor of two of SmolLM2's count."""
+    tok = _tokenizer()
+    for text in ("a" * 10_000, "abcdefghij" * 1_000, ("x" * 40 + " ") * 250, "internationalization " * 100):
+        real = len(tok.tokenize(text.encode(), add_bos=False, special=False))
+        assert real / 2 <= estimate_tokens(text) <= real * 2, (text[:20], real, estimate_tokens(text))
+
+
 def test_analysis_is_fast() -> None:
     prompt = (
         "Please write a short summary of the following article about renewable energy adoption in Europe. "
