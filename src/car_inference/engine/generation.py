@@ -32,28 +32,37 @@ from typing import TYPE_CHECKING, Any
 from .. import tracing
 from ..backends.base import TextGenerator, run_blocking
 from ..errors import (
-    AllModelsFailed,
     CircuitOpen,
     InferenceError,
     InferenceFailed,
-    InvalidInput,
     ModelNotFound,
     ModelUnavailable,
     SpendLimitExceeded,
     UnsupportedMode,
     expect,
 )
-from ..grounding import answer_boxes
 from ..requests import GenerateRequest, InferenceResult, TokenUsage, ToolCall
 from ..routing import InferenceTask, RoutingDecision, RoutingStrategy, answer_signals, failure_weight
 from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, ErrorEvent, RouteEvent, StreamEvent, UsageEvent
+from .attempts import (
+    Attempt,
+    StreamOutcome,
+    answer_fields,
+    final_error,
+    finish_done,
+    on_event,
+    result_of,
+    retryable,
+    route_fields,
+    tool_name,
+)
 from .lifecycle import Lifecycle
-from .meter import unmetered_cost, with_cost
+from .meter import unmetered_cost
 from .resume import Sent, continuation, join_text, joined
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend, GenerationOutput
+    from ..backends.base import Backend
     from ..config import CarConfig
     from ..registry import UnifiedRegistry
     from ..routing import (
@@ -63,7 +72,6 @@ if TYPE_CHECKING:
         SpendControl,
         StateStore,
     )
-    from ..routing.spend import Reservation
     from .bookkeeping import Bookkeeper
 
 __all__ = ["DONE_TOOL_INSTRUCTION", "GenerationMixin", "Routing"]
@@ -154,7 +162,7 @@ class GenerationMixin(Lifecycle):
             else:
                 decision = await run_blocking(lambda: self.route(request))
             if span is not None:
-                tracing.set_attributes(span, **_route_fields(decision))
+                tracing.set_attributes(span, **route_fields(decision))
             return decision
 
     def _with_decision(self, request: GenerateRequest, decision: RoutingDecision) -> GenerateRequest:
@@ -172,7 +180,7 @@ class GenerationMixin(Lifecycle):
             defaults = {k: v for k, v in model.default_params.items() if k not in given}
             if defaults:
                 update["params"] = request.params.model_copy(update=defaults)
-        if request.tools and any(_tool_name(t) == "done" for t in request.tools):
+        if request.tools and any(tool_name(t) == "done" for t in request.tools):
             update["context"] = f"{request.context or ''}\n\n{DONE_TOOL_INSTRUCTION}"
         return request.model_copy(update=update) if update else request
 
@@ -194,7 +202,7 @@ class GenerationMixin(Lifecycle):
 
     def _open_attempt(
         self, model: ModelSchema, decision: RoutingDecision, request: GenerateRequest, *, first: bool
-    ) -> tuple[TextGenerator, _Attempt]:
+    ) -> tuple[TextGenerator, Attempt]:
         """Pass the gates and open an attempt: (backend, attempt). Raises why the model is skipped.
         A model the caller chose (explicit or preferred) that would break a spend limit refuses
         the whole request; a fallback that would is skipped."""
@@ -221,7 +229,7 @@ class GenerationMixin(Lifecycle):
         if not self.breakers.allow(model.id):
             self.spend.release(reservation)
             raise CircuitOpen(model.id)
-        attempt = _Attempt(
+        attempt = Attempt(
             uuid.uuid4().hex,
             model.id,
             decision.task_family,
@@ -237,7 +245,7 @@ class GenerationMixin(Lifecycle):
 
     def _attempts(
         self, decision: RoutingDecision, request: GenerateRequest, attempts: list[tuple[str, InferenceError]]
-    ) -> Iterator[tuple[int, ModelSchema, TextGenerator, _Attempt]]:
+    ) -> Iterator[tuple[int, ModelSchema, TextGenerator, Attempt]]:
         """The candidates that pass the gates, as (index, model, backend, attempt); a candidate
         that does not is added to ``attempts`` with why (or refuses the whole request)."""
         for index, model in enumerate(self._candidates(decision, attempts)):
@@ -250,7 +258,7 @@ class GenerationMixin(Lifecycle):
                 continue
             yield index, model, backend, attempt
 
-    def _failed(self, model: ModelSchema, attempt: _Attempt, exc: InferenceError) -> None:
+    def _failed(self, model: ModelSchema, attempt: Attempt, exc: InferenceError) -> None:
         """A failed attempt. One the request caused (weight 0) is kept as a trace with its error
         but counts nowhere: not toward the breaker (a half-open probe is handed on), not against
         the model's learned quality."""
@@ -266,7 +274,7 @@ class GenerationMixin(Lifecycle):
             message=str(exc),
         )
 
-    def _abandoned(self, attempt: _Attempt) -> None:
+    def _abandoned(self, attempt: Attempt) -> None:
         """The consumer stopped (a closed stream, a cancelled task): a trace, no verdict on the model."""
         tracing.end(attempt.span, outcome="abandoned")
         self.spend.release(attempt.reservation)
@@ -275,7 +283,7 @@ class GenerationMixin(Lifecycle):
     def _succeeded(
         self,
         model: ModelSchema,
-        attempt: _Attempt,
+        attempt: Attempt,
         result: InferenceResult,
         started: float,
     ) -> None:
@@ -289,7 +297,7 @@ class GenerationMixin(Lifecycle):
             self._record_success, model, attempt, usage, ttft_ms, result.text, result.tool_calls, latency_ms
         )
 
-    def _record(self, attempt: _Attempt, **outcome: Any) -> None:
+    def _record(self, attempt: Attempt, **outcome: Any) -> None:
         with tracing.span(tracing.RECORD, attempt.span, model=attempt.model_id, trace_id=attempt.trace_id):
             self.tracker.record_attempt(
                 attempt.model_id,
@@ -306,7 +314,7 @@ class GenerationMixin(Lifecycle):
     def _record_success(
         self,
         model: ModelSchema,
-        attempt: _Attempt,
+        attempt: Attempt,
         usage: TokenUsage,
         ttft_ms: float | None,
         text: str,
@@ -355,7 +363,7 @@ class GenerationMixin(Lifecycle):
         with tracing.span(tracing.GENERATE, max_tokens=request.params.max_tokens) as span:
             result = await self._generate(request)
             if span is not None:
-                tracing.set_attributes(span, **_answer_fields(result))
+                tracing.set_attributes(span, **answer_fields(result))
             return result
 
     async def _generate(self, request: GenerateRequest) -> InferenceResult:
@@ -377,11 +385,11 @@ class GenerationMixin(Lifecycle):
             except asyncio.CancelledError:
                 self._abandoned(attempt)
                 raise
-            result = _result(model, out, attempt.trace_id, start)
+            result = result_of(model, out, attempt.trace_id, start)
             self._succeeded(model, attempt, result, attempt_start)
             result._routing = self._routing(decision, index, attempts)
             return result
-        raise _final_error(attempts)
+        raise final_error(attempts)
 
     def stream(self, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
         """Stream events: a ``RouteEvent`` first, content events, then ``Done`` carrying the trace
@@ -395,7 +403,7 @@ class GenerationMixin(Lifecycle):
         expect(request, GenerateRequest, "stream")
         events = self._stream(request)
         return tracing.traced_stream(
-            tracing.GENERATE, events, current=True, on_item=_on_event, max_tokens=request.params.max_tokens
+            tracing.GENERATE, events, current=True, on_item=on_event, max_tokens=request.params.max_tokens
         )
 
     async def _stream(self, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
@@ -412,7 +420,7 @@ class GenerationMixin(Lifecycle):
                 attempt.reason += (
                     f"; resumes after {len(sent.prefix)} characters, the stream broken on {broke}"
                 )
-            outcome = _Outcome()
+            outcome = StreamOutcome()
             run = self._stream_attempt(
                 model, backend, attempt, self._routing(decision, index, attempts), request, sent, outcome
             )
@@ -426,22 +434,22 @@ class GenerationMixin(Lifecycle):
             unfinishable = sent.unfinishable(request)
             if unfinishable:
                 why = f"the stream broke in {unfinishable}, which no other model can finish: {outcome.error}"
-                yield ErrorEvent(message=why, retryable=_retryable(outcome.error))
+                yield ErrorEvent(message=why, retryable=retryable(outcome.error))
                 return
-        error = _final_error(attempts)
+        error = final_error(attempts)
         if not sent.any:
             raise error
-        yield ErrorEvent(message=str(error), retryable=_retryable(error))
+        yield ErrorEvent(message=str(error), retryable=retryable(error))
 
     async def _stream_attempt(
         self,
         model: ModelSchema,
         backend: TextGenerator,
-        attempt: _Attempt,
+        attempt: Attempt,
         routing: Routing,
         request: GenerateRequest,
         sent: Sent,
-        outcome: _Outcome,
+        outcome: StreamOutcome,
     ) -> AsyncGenerator[StreamEvent, None]:
         """One model's part of a stream; ``outcome.error`` says why it failed (None: it finished).
         After text went out it is asked to continue that text (resume.py)."""
@@ -468,7 +476,7 @@ class GenerationMixin(Lifecycle):
                 async for event in events:
                     if isinstance(event, Done):
                         whole = event.model_copy(update={"text": join_text(prefix, event.text)})
-                        done = _finish_done(model, whole, attempt.trace_id, sent.start, sent.ttft_ms, usage)
+                        done = finish_done(model, whole, attempt.trace_id, sent.start, sent.ttft_ms, usage)
                         self._succeeded(model, attempt, done.result(), attempt_start)
                         finished = True
                         yield done
@@ -487,114 +495,3 @@ class GenerationMixin(Lifecycle):
         else:
             outcome.error = InferenceFailed(f"{model.id}: the stream ended without a final event")
         self._failed(model, attempt, outcome.error)
-
-
-@dataclass(slots=True)
-class _Outcome:
-    """How one model's part of a stream ended: the error that stopped it, None when it finished."""
-
-    error: InferenceError | None = None
-
-
-@dataclass(slots=True)
-class _Attempt:
-    """One model's try at a request: written as one trace when it is over (bookkeeping)."""
-
-    trace_id: str
-    model_id: str
-    family: str
-    cluster: str | None
-    reason: str
-    prompt: str
-    started_at: float  # wall clock, for the trace
-    reservation: Reservation | None = None  # its estimate, held against the spend limits
-    span: Any = None  # its tracing span (None: tracing is off)
-    est_input: int = 0  # the router's estimate of its prompt tokens
-
-
-def _route_fields(decision: RoutingDecision) -> dict[str, Any]:
-    return {
-        "model": decision.model_id,
-        "strategy": str(decision.strategy),
-        "reason": decision.reason,
-        "task_family": decision.task_family,
-        "fallbacks": decision.fallbacks,
-    }
-
-
-def _answer_fields(answer: InferenceResult | Done) -> dict[str, Any]:
-    """The seed's ``inference.generate`` fields, from a result or a stream's final event."""
-    usage = answer.usage
-    return {
-        "model": answer.model_used,
-        "latency_ms": answer.latency_ms,
-        "ttft_ms": answer.time_to_first_token_ms,
-        "prompt_tokens": usage.prompt_tokens if usage else None,
-        "completion_tokens": usage.completion_tokens if usage else None,
-    }
-
-
-def _on_event(span: Any, event: StreamEvent) -> None:
-    if isinstance(event, Done):
-        tracing.set_attributes(span, **_answer_fields(event))
-
-
-def _tool_name(tool: dict[str, Any]) -> str | None:
-    fn = tool.get("function", tool)
-    name = fn.get("name") if isinstance(fn, dict) else None
-    return name if isinstance(name, str) else None
-
-
-def _result(model: ModelSchema, out: GenerationOutput, trace_id: str, start: float) -> InferenceResult:
-    return InferenceResult(
-        text=out.text,
-        tool_calls=out.tool_calls,
-        bounding_boxes=answer_boxes(out.text, model),
-        trace_id=trace_id,
-        model_used=model.id,
-        latency_ms=round((time.perf_counter() - start) * 1000, 3),
-        time_to_first_token_ms=_ms(out.time_to_first_token_ms),
-        usage=with_cost(model, out.usage),
-        provider_output_items=out.provider_output_items,
-        thinking=out.thinking,
-        finish_reason=out.finish_reason,
-    )
-
-
-def _ms(value: float | None) -> float | None:
-    """Milliseconds to the microsecond, as ``latency_ms`` (a backend's own measure may be raw)."""
-    return None if value is None else round(value, 3)
-
-
-def _finish_done(
-    model: ModelSchema, done: Done, trace: str, start: float, ttft: float | None, usage: TokenUsage | None
-) -> Done:
-    return done.model_copy(
-        update={
-            "model_used": model.id,
-            "trace_id": trace,
-            "latency_ms": round((time.perf_counter() - start) * 1000, 3),
-            "time_to_first_token_ms": _ms(ttft),
-            "usage": with_cost(model, done.usage or usage),
-        }
-    )
-
-
-def _retryable(error: InferenceError) -> bool:
-    if isinstance(error, AllModelsFailed):
-        return any(getattr(e, "retryable", False) for _, e in error.attempts)
-    return bool(getattr(error, "retryable", False))
-
-
-def _final_error(attempts: list[tuple[str, InferenceError]]) -> InferenceError:
-    if not attempts:
-        return ModelUnavailable("generate", "no model could take the request")
-    errors = [e for _, e in attempts]
-    spend = [e for e in errors if isinstance(e, SpendLimitExceeded)]
-    if spend and all(isinstance(e, SpendLimitExceeded | CircuitOpen | ModelUnavailable) for e in errors):
-        return spend[0]  # refused by policy, not broken: say so
-    if len(attempts) == 1:
-        return errors[0]
-    if all(isinstance(e, InvalidInput | UnsupportedMode) for e in errors):
-        return errors[0]  # no model could take this input: the caller's to fix (a 4xx), not an outage
-    return AllModelsFailed(attempts)
