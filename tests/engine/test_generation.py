@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from car_inference.engine import InferenceEngine
-from car_inference.errors import ModelNotFound, ModelUnavailable, UnsupportedMode
+from car_inference.errors import ModelNotFound, ModelUnavailable, ProviderError, UnsupportedMode
 from car_inference.requests import (
     AudioBlock,
     EmbedRequest,
@@ -15,7 +15,11 @@ from car_inference.requests import (
     TextBlock,
     ThinkingMode,
 )
+from car_inference.routing.complexity import estimate_tokens
 from car_inference.stream import Done, RouteEvent, TextDelta
+from fakes import FakeProviderServer, Fault, Reply
+
+from .conftest import RemoteEngine
 
 SMOL = "huggingface/smollm2-135m-instruct:q4_1"
 
@@ -164,3 +168,51 @@ async def test_a_cut_answer_says_so_and_an_ordinary_one_keeps_its_keys(local_eng
     assert set(whole.model_dump(mode="json")) == {
         "text", "tool_calls", "trace_id", "model_used", "latency_ms", "time_to_first_token_ms", "usage",
     }  # fmt: skip
+
+
+# --- what a call cut short spends ----------------------------------------------------------------
+
+PRICEY = {"cheap": {"provider": "acme", "price": 20_000.0}}  # $0.02 a thousand tokens, in and out
+
+
+def _spent(engine: InferenceEngine) -> float:
+    engine.flush()
+    entry = engine.spend_status().entry("global", "daily")
+    return entry.spent_usd if entry is not None else 0.0
+
+
+async def test_a_stream_its_consumer_leaves_is_spent_for_the_prompt_and_what_was_written(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    """The provider bills a call whose client went away; it was released as if free, so a client
+    that disconnected after the first words spent past every limit."""
+    engine = remote_engine(PRICEY, config="[spend]\ndaily_usd = 100\n")
+    request = GenerateRequest(prompt="Tell me a story.", model="cheap", params=GenerateParams(max_tokens=300))
+    fake.queue(Reply(text="once upon a time " * 40, chunk_chars=17, delay_s=0.01))
+    written = ""
+    events = engine.stream(request)
+    async for event in events:
+        if isinstance(event, TextDelta):
+            written += event.text
+            if len(written) > 60:
+                break
+    await events.aclose()
+    prompt = engine.route(request).estimated_input_tokens
+    assert _spent(engine) == pytest.approx((prompt + estimate_tokens(written)) * 20_000 / 1e6)
+
+
+async def test_a_stream_that_breaks_after_text_is_spent_for_it_and_one_that_never_wrote_is_not(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    engine = remote_engine(PRICEY, config="[spend]\ndaily_usd = 100\n")
+    request = GenerateRequest(prompt="Say hello.", model="cheap", params=GenerateParams(max_tokens=64))
+    fake.queue(Fault.server_error(500))
+    with pytest.raises(ProviderError):  # before any output: a named model's own error
+        [e async for e in engine.stream(request)]
+    assert _spent(engine) == 0.0
+    fake.queue(Fault.cut_stream(after_chunks=3, reply=Reply(text="hello there " * 20)))
+    events = [e async for e in engine.stream(request)]
+    written = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert written and not isinstance(events[-1], Done)
+    prompt = engine.route(request).estimated_input_tokens
+    assert _spent(engine) == pytest.approx((prompt + estimate_tokens(written)) * 20_000 / 1e6)

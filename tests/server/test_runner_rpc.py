@@ -457,3 +457,28 @@ async def test_a_client_cannot_bring_a_model_under_a_catalog_provider_or_by_a_ba
             body = {"model": "gpt-4", "messages": [{"role": "user", "content": "meant for someone else"}]}
             assert (await http.post("/v1/chat/completions", json=body)).status_code == 404
         assert engine.registry.find("gpt-4") is None and engine.registry.find("app/gpt-4") is not None
+
+
+async def test_what_a_clients_runner_says_it_cost_is_not_the_servers_spend(tmp_path: Path) -> None:
+    """A runner answering with `usage.cost_usd: 10` put $10 in the server's ledger against its $5
+    daily limit: every client's paid calls, and free models' too, were then refused. A client's
+    runner neither reserves against the limits nor adds to them; its caller still sees the cost."""
+    (tmp_path / "config.toml").write_text("[spend]\ndaily_usd = 5.0\n")
+    engine = InferenceEngine(home=tmp_path)
+    try:
+        with ServerThread(create_app(engine, ServerSettings(request_timeout_s=30))) as thread:
+            async with connect(thread.ws_url) as runner, connect(thread.ws_url) as caller:
+                await _register(runner, models=[{"id": "ws/dear"}])
+                for rid in (1, 2):
+                    await caller.send(_rpc("infer", {"prompt": "x", "model": "ws/dear"}, rid=rid))
+                    call = await _recv(runner)
+                    usage = {"prompt_tokens": 1, "completion_tokens": 1, "cost_usd": 10.0}
+                    answer = {"text": "ok", "usage": usage}
+                    await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": answer}))
+                    result = (await _recv(caller))["result"]
+                    assert result["text"] == "ok" and result["usage"]["cost_usd"] == 10.0
+        engine.flush()
+        assert engine.spend.status().by_provider_today == {}
+        assert engine.store.spend_by_provider(0.0) == {}
+    finally:
+        engine.close()

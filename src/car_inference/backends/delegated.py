@@ -73,14 +73,17 @@ _names = itertools.count(1)
 
 @dataclass(eq=False)
 class RunnerRegistration:
-    """One registered runner: the models it serves (None: every delegated model), its timeout, and
-    the models its registration added to the catalog (removed with it)."""
+    """One registered runner: the models it serves (None: every delegated model), its timeout, the
+    models its registration added to the catalog (removed with it), and whether the costs it
+    reports are the engine owner's spend (``spends``: True for a runner the host registers in
+    process; a client's runner over the server's socket is not, see server/runner_rpc.py)."""
 
     runner: Any
     models: frozenset[str] | None = None
     timeout_s: float | None = None
     name: str = ""
     owned_models: list[str] = field(default_factory=list)
+    spends: bool = True
 
     def serves(self, model_id: str) -> bool:
         return self.models is None or model_id in self.models
@@ -130,6 +133,12 @@ class RunnerTable:
 
     def serves(self, model: ModelSchema) -> bool:
         return self.find(model.id) is not None
+
+    def spends(self, model_id: str) -> bool:
+        """Whether what ``model_id`` costs is the owner's spend: False when a runner that does not
+        spend (a client's) serves it."""
+        entry = self.find(model_id)
+        return entry is None or entry.spends
 
     def list(self) -> list[RunnerRegistration]:
         return list(self._entries)

@@ -21,6 +21,7 @@ from ..errors import (
 from ..grounding import answer_boxes
 from ..requests import InferenceResult, TokenUsage
 from ..routing import RoutingDecision
+from ..routing.complexity import estimate_tokens
 from ..schema import ModelSchema
 from ..stream import Done, StreamEvent
 from .meter import with_cost
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Attempt",
+    "Partial",
     "StreamOutcome",
     "answer_fields",
     "final_error",
@@ -64,6 +66,28 @@ class Attempt:
     reservation: Reservation | None = None  # its estimate, held against the spend limits
     span: Any = None  # its tracing span (None: tracing is off)
     est_input: int = 0  # the router's estimate of its prompt tokens
+    spends: bool = True  # what it costs is the engine owner's spend (GenerationMixin._spends)
+
+
+@dataclass(slots=True)
+class Partial:
+    """What a call cut short had cost its provider when it stopped: the prompt, once ``sent``,
+    and ``written``, the text it had streamed; ``usage``, what the provider said so far (an
+    Anthropic stream reports the prompt's tokens in its first event)."""
+
+    sent: bool = False
+    written: str = ""
+    usage: TokenUsage | None = None
+
+    def cost(self, model: ModelSchema, est_input: int) -> float:
+        """At the catalog's prices, the provider's counts where it gave them, else estimates."""
+        usage = self.usage
+        if usage is not None and usage.cost_usd:
+            return usage.cost_usd
+        prompt = usage.prompt_tokens if usage is not None and usage.prompt_tokens else est_input
+        out = usage.completion_tokens if usage is not None and usage.completion_tokens else 0
+        out = max(out, estimate_tokens(self.written)) if self.written else out
+        return model.cost.estimate(prompt if self.sent else 0, out)
 
 
 def route_fields(decision: RoutingDecision) -> dict[str, Any]:

@@ -47,6 +47,7 @@ from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, ErrorEvent, RouteEvent, StreamEvent, UsageEvent
 from .attempts import (
     Attempt,
+    Partial,
     StreamOutcome,
     answer_fields,
     final_error,
@@ -63,6 +64,7 @@ from .resume import Sent, continuation, join_text, joined
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
+    from ..backends.delegated import RunnerTable
     from ..config import CarConfig
     from ..registry import UnifiedRegistry
     from ..routing import (
@@ -114,6 +116,7 @@ class GenerationMixin(Lifecycle):
     spend: SpendControl
     store: StateStore
     bookkeeper: Bookkeeper
+    runners: RunnerTable
 
     if TYPE_CHECKING:  # provided by InferenceEngine and the other mixins
 
@@ -219,7 +222,8 @@ class GenerationMixin(Lifecycle):
             why = f"{model.id} has no thinking mode: leave thinking and reasoning_effort unset"
             raise UnsupportedMode("thinking", model.kind, why, param="thinking")
         reservation = None  # the estimate held against the fleet's spend limits until recorded
-        if self.spend.has_limits and not model.in_process:
+        spends = self._spends(model)  # decided now: a runner may be gone when the spend is recorded
+        if self.spend.has_limits and spends:
             estimate = model.cost.estimate(decision.estimated_input_tokens, request.params.max_tokens)
             try:
                 reservation = self.spend.reserve(model.provider, estimate)
@@ -239,6 +243,7 @@ class GenerationMixin(Lifecycle):
             time.time(),
             reservation,
             est_input=decision.estimated_input_tokens,
+            spends=spends,
         )
         attempt.span = tracing.start(tracing.ATTEMPT, model=model.id, trace_id=attempt.trace_id, first=first)
         return backend, attempt
@@ -258,14 +263,16 @@ class GenerationMixin(Lifecycle):
                 continue
             yield index, model, backend, attempt
 
-    def _failed(self, model: ModelSchema, attempt: Attempt, exc: InferenceError) -> None:
+    def _failed(
+        self, model: ModelSchema, attempt: Attempt, exc: InferenceError, cut: Partial | None = None
+    ) -> None:
         """A failed attempt. One the request caused (weight 0) is kept as a trace with its error
         but counts nowhere: not toward the breaker (a half-open probe is handed on), not against
-        the model's learned quality."""
+        the model's learned quality. ``cut``: what a stream had produced when it broke, spent."""
         weight = failure_weight(exc)
         tracing.end(attempt.span, exc, outcome="failure" if weight else "refused")
         self.breakers.record_failure(model.id, weight)
-        self.spend.release(attempt.reservation)
+        self._settle_cut(model, attempt, cut)
         self.bookkeeper.submit(
             self._record,
             attempt,
@@ -274,11 +281,30 @@ class GenerationMixin(Lifecycle):
             message=str(exc),
         )
 
-    def _abandoned(self, attempt: Attempt) -> None:
-        """The consumer stopped (a closed stream, a cancelled task): a trace, no verdict on the model."""
+    def _abandoned(self, model: ModelSchema, attempt: Attempt, cut: Partial) -> None:
+        """The consumer stopped (a closed stream, a cancelled task): a trace, no verdict on the
+        model, and what the provider was asked for so far as spend (``_settle_cut``)."""
         tracing.end(attempt.span, outcome="abandoned")
-        self.spend.release(attempt.reservation)
+        self._settle_cut(model, attempt, cut)
         self.bookkeeper.submit(self._record, attempt, success=None)
+
+    def _spends(self, model: ModelSchema) -> bool:
+        """Whether what ``model`` costs is this engine's spend: not a local model, nor a model a
+        client's runner serves (its reported cost is not the owner's money)."""
+        return not model.in_process and self.runners.spends(model.id)
+
+    def _settle_cut(self, model: ModelSchema, attempt: Attempt, cut: Partial | None) -> None:
+        """A call cut short (the consumer went, the stream broke) was billed by its provider for
+        the prompt and what it had written: that much is spent, at least (it was released, and
+        a client that disconnected early spent past every limit). A call that failed before it
+        wrote anything costs nothing. Deferred, as the success's spend."""
+        cost = cut.cost(model, attempt.est_input) if cut is not None and attempt.spends else 0.0
+        if cost:
+            self.bookkeeper.submit(
+                self.spend.record, model.provider, model.id, cost, reservation=attempt.reservation
+            )
+        else:
+            self.spend.release(attempt.reservation)
 
     def _succeeded(
         self,
@@ -334,7 +360,7 @@ class GenerationMixin(Lifecycle):
         cost = usage.cost_usd
         if cost is None and not usage.total_tokens and not model.in_process:  # the answer had no usage
             cost = unmetered_cost(model, attempt.est_input, text, tool_calls)
-        if cost:
+        if cost and attempt.spends:
             self.spend.record(model.provider, model.id, cost, reservation=attempt.reservation)
         else:
             self.spend.release(attempt.reservation)
@@ -383,7 +409,7 @@ class GenerationMixin(Lifecycle):
                 attempts.append((model.id, exc))
                 continue
             except asyncio.CancelledError:
-                self._abandoned(attempt)
+                self._abandoned(model, attempt, Partial(sent=True))  # the prompt was sent, at least
                 raise
             result = result_of(model, out, attempt.trace_id, start)
             self._succeeded(model, attempt, result, attempt_start)
@@ -490,8 +516,10 @@ class GenerationMixin(Lifecycle):
             outcome.error = exc
         except (GeneratorExit, asyncio.CancelledError):
             if not finished:  # a consumer that stops after Done has its answer
-                self._abandoned(attempt)
+                self._abandoned(model, attempt, Partial(True, sent.prefix[len(prefix) :], usage))
             raise
         else:
             outcome.error = InferenceFailed(f"{model.id}: the stream ended without a final event")
-        self._failed(model, attempt, outcome.error)
+        written = sent.prefix[len(prefix) :]
+        cut = Partial(True, written, usage) if written or usage is not None else None
+        self._failed(model, attempt, outcome.error, cut)

@@ -238,6 +238,10 @@ async def _register(session: Session, params: Params, rid: Any) -> Any:
     except InferenceError:
         session.runner = None
         raise
+    # What a client's runner says its answers cost is not the server owner's money: it neither
+    # reserves against nor adds to the spend limits (a runner reporting $10 an answer used up the
+    # global daily limit, and every client's paid and free calls were refused).
+    runner.registration.spends = False
     session.runner = runner
     served = sorted(runner.registration.models or ())
     return {"runner": runner.name, "models": served, "timeout_s": timeout_s}
