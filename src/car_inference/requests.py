@@ -353,12 +353,16 @@ class GenerateRequest(_Input):
 
 
 class TokenUsage(_Model):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    context_window: int = 0
-    cost_usd: float | None = None
-    cached_prompt_tokens: int | None = None
+    """Token counts and cost, never negative: a runner answering ``prompt_tokens: -5`` reached
+    the metrics' counters, which raised, and its caller got a 500 (now the runner's answer is
+    invalid: a 502 naming it)."""
+
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    total_tokens: int = Field(default=0, ge=0)
+    context_window: int = Field(default=0, ge=0)
+    cost_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cached_prompt_tokens: int | None = Field(default=None, ge=0)
     needs_compaction: bool = False
 
 

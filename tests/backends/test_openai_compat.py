@@ -466,6 +466,13 @@ async def test_usage_of_the_wrong_shape_is_left_out(
     out = await be.generate(model(fake), GenerateRequest(prompt="x"))
     assert out.text == "hi" and out.usage is not None
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (0, 2)
+    # Negative counts (usage is never negative now) count as 0: the answer that came is kept.
+    fake.queue(
+        Fault.raw_stream(finish + b', "usage": {"prompt_tokens": -3, "completion_tokens": 2}}', b"[DONE]")
+    )
+    out = await be.generate(model(fake), GenerateRequest(prompt="x"))
+    assert out.text == "hi" and out.usage is not None
+    assert (out.usage.prompt_tokens, out.usage.total_tokens) == (0, 2)
 
 
 async def test_an_upstream_ignoring_max_tokens_is_cut(

@@ -34,6 +34,7 @@ from car_inference.backends.wire import (
     normalized,
     sampling,
     thinking_plan,
+    usage_of,
 )
 from car_inference.catalog import load_builtin
 from car_inference.config import CarConfig, RemoteSettings
@@ -404,3 +405,12 @@ async def test_paced_bounds_only_the_wait_for_each_event() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_a_providers_negative_counts_are_zero_not_an_error() -> None:
+    """Usage is never negative (a runner's -5 reached the metrics and was a 500); what a broken
+    OpenAI-compatible server, Anthropic or Gemini reports that way counts as 0, the answer kept."""
+    usage = usage_of(-3, 2, -1, -4)
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (0, 2, 2)
+    assert usage.cached_prompt_tokens == 0
+    assert usage_of(None, None, None, None).total_tokens == 0

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from car_inference.backends.remote import answer_budget
 from car_inference.config import ServerSettings
 from car_inference.engine import InferenceEngine
 from car_inference.server import ServerThread, create_app
@@ -482,3 +483,58 @@ async def test_what_a_clients_runner_says_it_cost_is_not_the_servers_spend(tmp_p
         assert engine.store.spend_by_provider(0.0) == {}
     finally:
         engine.close()
+
+
+async def test_negative_token_counts_from_a_runner_are_its_invalid_answer_not_a_500(
+    server: ServerThread,
+) -> None:
+    """`prompt_tokens: -5` reached the metrics' counters, which raised: the caller got -32603
+    internal_error (a 500 over HTTP). It is the runner's invalid answer, named, as a 502."""
+    async with connect(server.ws_url) as runner, connect(server.ws_url) as caller:
+        await _register(runner, models=[{"id": "ws/negative"}])
+        await caller.send(_rpc("infer", {"prompt": "x", "model": "ws/negative"}, rid=1))
+        call = await _recv(runner)
+        answer = {"text": "ok", "usage": {"prompt_tokens": -5, "completion_tokens": 2}}
+        await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": answer}))
+        error = (await _recv(caller))["error"]
+        assert error["data"]["status"] == 502 and "invalid result" in error["message"], error
+
+        await caller.send(_rpc("infer", {"prompt": "x", "model": "ws/negative", "stream": True}, rid=2))
+        call = await _recv(runner)
+        event = {"type": "usage", "usage": {"prompt_tokens": 1, "completion_tokens": -3}}
+        await runner.send(_rpc("runner.event", {"id": call["id"], "event": event}))
+        reply = await _recv(caller)
+        while "error" not in reply:
+            reply = await _recv(caller)
+        assert reply["error"]["data"]["status"] == 502 and "invalid event" in reply["error"]["message"]
+
+
+async def test_a_runner_that_writes_past_max_tokens_is_cut_as_an_upstream_would_be(
+    server: ServerThread,
+) -> None:
+    """A runner streaming 150 pieces of 2 MB to a caller asking for 5 tokens sent it a 315 MB
+    result. What passes the answer's budget (``remote.answer_budget``) is cut: the caller gets
+    the head, finished as "length", and the runner is told to cancel."""
+    budget = answer_budget(5)
+    async with connect(server.ws_url, max_size=None) as runner, connect(server.ws_url) as caller:
+        await _register(runner, models=[{"id": "ws/verbose"}])
+        params = {"prompt": "x", "model": "ws/verbose", "stream": True, "params": {"max_tokens": 5}}
+        await caller.send(_rpc("infer", params, rid=1))
+        call = await _recv(runner)
+        for _ in range(20):
+            event = {"type": "text_delta", "text": "y" * 1000}
+            await runner.send(_rpc("runner.event", {"id": call["id"], "event": event}))
+        reply = await _recv(caller)
+        while "result" not in reply and "error" not in reply:
+            reply = await _recv(caller)
+        result = reply["result"]
+        assert result["finish_reason"] == "length" and result["text"] == "y" * budget
+        assert await _recv(runner) == {"jsonrpc": "2.0", "method": "cancel", "params": {"id": call["id"]}}
+
+        # A result (not streamed) of more than the budget keeps its head, as "length".
+        await caller.send(_rpc("infer", {**params, "stream": False}, rid=2))
+        call = await _recv(runner)
+        answer = {"text": "z" * (budget * 3)}
+        await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": answer}))
+        result = (await _recv(caller))["result"]
+        assert result["finish_reason"] == "length" and result["text"] == "z" * budget

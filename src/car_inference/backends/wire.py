@@ -49,12 +49,14 @@ __all__ = [
 
 
 def usage_of(prompt: int | None, completion: int | None, total: int | None, cached: int | None) -> TokenUsage:
-    prompt, completion = prompt or 0, completion or 0
+    """A provider's counts as ``TokenUsage``; a negative one (a broken OpenAI-compatible server)
+    counts as 0 rather than failing an answer that arrived."""
+    prompt, completion = max(prompt or 0, 0), max(completion or 0, 0)
     return TokenUsage(
         prompt_tokens=prompt,
         completion_tokens=completion,
-        total_tokens=total or prompt + completion,
-        cached_prompt_tokens=cached,
+        total_tokens=max(total or 0, 0) or prompt + completion,
+        cached_prompt_tokens=None if cached is None else max(cached, 0),
     )
 
 

@@ -24,17 +24,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from ..backends.base import GenerationOutput
 from ..backends.delegated import RunnerRegistration, as_output, result_events
+from ..backends.remote import answer_budget
 from ..errors import InferenceError, ProviderError
 from ..kinds import Locality
 from ..requests import GenerateRequest
 from ..schema import NAMED_ONLY, ModelSchema
-from ..stream import StreamAccumulator, StreamEvent
+from ..stream import Done, StreamAccumulator, StreamEvent, TextDelta
 from .errors import ApiError
 
 if TYPE_CHECKING:
@@ -55,7 +57,7 @@ class RpcRunner:
         self.name = name
         self.registration: RunnerRegistration | None = None
         self.closed = False
-        self._calls: dict[str, tuple[str, asyncio.Queue[tuple[str, Any]]]] = {}  # id -> (model, queue)
+        self._calls: dict[str, _Call] = {}  # our calls in flight, by id
         self._background: set[asyncio.Task[Any]] = set()
 
     # --- the runner protocol (backends/delegated.py) ------------------------------------------
@@ -64,11 +66,21 @@ class RpcRunner:
         async for item in self._exchange(model, request, stream=False):
             if isinstance(item, GenerationOutput):
                 return item
+            if isinstance(item, _Cut):  # events nobody asked for, past the answer's budget
+                message = "streamed past the answer's max_tokens to a call that asked for a result"
+                raise ProviderError(message, provider=f"runner {self.name}", model=model.id)
         raise self._gone(model)  # pragma: no cover - _exchange ends with a result or raises
 
     async def stream(self, model: ModelSchema, request: GenerateRequest) -> AsyncGenerator[StreamEvent, None]:
         accumulator = StreamAccumulator()
         async for item in self._exchange(model, request, stream=True):
+            if isinstance(item, _Cut):  # past the answer's budget: what came, ended as max_tokens would
+                text, calls = accumulator.finish()
+                thinking, usage = accumulator.thinking, accumulator.usage
+                yield Done(
+                    text=text, tool_calls=calls, thinking=thinking, usage=usage, finish_reason="length"
+                )
+                return
             if isinstance(item, GenerationOutput):
                 for event in result_events(item, accumulator):
                     yield event
@@ -78,13 +90,15 @@ class RpcRunner:
 
     async def _exchange(
         self, model: ModelSchema, request: GenerateRequest, *, stream: bool
-    ) -> AsyncGenerator[StreamEvent | GenerationOutput, None]:
-        """Send one ``infer`` call; yield the events the client streams, then its result."""
+    ) -> AsyncGenerator[StreamEvent | GenerationOutput | _Cut, None]:
+        """Send one ``infer`` call; yield the events the client streams, then its result (or
+        ``_CUT`` where its answer passed the budget of the request's ``max_tokens``)."""
         if self.closed:
             raise self._gone(model)
         call_id = f"car-runner-{next(_call_ids)}"
+        budget = answer_budget(request.params.max_tokens)
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self._calls[call_id] = (model.id, queue)
+        self._calls[call_id] = _Call(model.id, queue, budget)
         answered = False
         try:
             params = {
@@ -99,6 +113,9 @@ class RpcRunner:
                 if what == "event":
                     yield value
                     continue
+                if what == "cut":  # the runner is told to stop (cancel) and the caller gets it
+                    yield _CUT
+                    return
                 if what == "invalid":  # we refuse what it streams: the call is over, tell it so
                     raise value
                 answered = True
@@ -106,7 +123,10 @@ class RpcRunner:
                     raise value
                 if what == "gone":
                     raise self._gone(model)
-                yield as_output(value, model.id, self.name, model.context_length)
+                out = as_output(value, model.id, self.name, model.context_length)
+                if len(out.text) > budget:  # as an upstream that ignores max_tokens is cut
+                    out = out.model_copy(update={"text": out.text[:budget], "finish_reason": "length"})
+                yield out
                 return
         finally:
             self._calls.pop(call_id, None)
@@ -129,9 +149,9 @@ class RpcRunner:
     def deliver(self, message: dict[str, Any]) -> bool:
         """A response to one of our calls; False when it answers no call in flight."""
         call = self._calls.get(message.get("id"))  # type: ignore[arg-type]
-        if call is None:
-            return False
-        model_id, queue = call
+        if call is None or call.cut:
+            return call is not None
+        model_id, queue = call.model_id, call.queue
         error = message.get("error")
         if error is None:
             queue.put_nowait(("result", message.get("result")))
@@ -150,25 +170,55 @@ class RpcRunner:
 
     def event(self, call_id: Any, raw: Any) -> None:
         call = self._calls.get(call_id)
-        if call is None:
-            return  # a late event for a call that is over
-        model_id, queue = call
+        if call is None or call.cut:
+            return  # a late event for a call that is over, or past its budget
         try:
-            queue.put_nowait(("event", _EVENTS.validate_python(raw)))
+            event = _EVENTS.validate_python(raw)
         except ValidationError as exc:
             problem = exc.errors()[0]["msg"]
             message = f"streamed an invalid event: {problem}"
-            failure = ProviderError(message, provider=f"runner {self.name}", model=model_id)
-            queue.put_nowait(("invalid", failure))
+            failure = ProviderError(message, provider=f"runner {self.name}", model=call.model_id)
+            call.queue.put_nowait(("invalid", failure))
+            return
+        written = getattr(event, "text", None) or getattr(event, "arguments", None) or ""
+        if isinstance(written, str) and written:
+            room = call.budget - call.spent
+            call.spent += len(written)
+            if call.spent > call.budget:  # a runner streaming past max_tokens: 315 MB reached a caller
+                call.cut = True
+                if isinstance(event, TextDelta) and room > 0:  # the head of the piece that crosses
+                    call.queue.put_nowait(("event", TextDelta(text=event.text[:room])))
+                call.queue.put_nowait(("cut", None))
+                return
+        call.queue.put_nowait(("event", event))
 
     def close(self) -> None:
         """The socket closed: every call in flight fails now, and the registration ends."""
         self.closed = True
-        for _, queue in self._calls.values():
-            queue.put_nowait(("gone", None))
+        for call in self._calls.values():
+            call.queue.put_nowait(("gone", None))
         if self.registration is not None:
             self.session.engine.unregister_runner(self.registration)
             self.registration = None
+
+
+@dataclass(slots=True)
+class _Call:
+    """One of our calls to the runner: its model, what it answers (in order), and how many
+    characters of answer it may stream (``remote.answer_budget``) and has."""
+
+    model_id: str
+    queue: asyncio.Queue[tuple[str, Any]]
+    budget: int
+    spent: int = 0
+    cut: bool = False
+
+
+class _Cut:
+    """What ``_exchange`` yields where the runner's answer passed its budget."""
+
+
+_CUT = _Cut()
 
 
 # --- methods ------------------------------------------------------------------------------------------
