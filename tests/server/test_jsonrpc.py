@@ -377,6 +377,12 @@ async def test_batches_are_bounded(local_server: ServerThread) -> None:
         await ws.send(json.dumps([json.loads(rpc("tokenize", {"text": "x"}, rid=i)) for i in range(40)]))
         answers = json.loads(await ws.recv())
         assert len(answers) == 40 and not [a for a in answers if "error" in a], answers[:3]
+        # Two batches sent together share the slots (each sized its turns alone: 24 of 40 busy).
+        for first in (0, 20):
+            batch = [json.loads(rpc("tokenize", {"text": "x"}, rid=first + i)) for i in range(20)]
+            await ws.send(json.dumps(batch))
+        answers = json.loads(await ws.recv()) + json.loads(await ws.recv())
+        assert len(answers) == 40 and not [a for a in answers if "error" in a], answers[:3]
 
 
 def test_a_client_that_reads_no_answers_is_not_read_without_bound(server_engine: InferenceEngine) -> None:
