@@ -538,3 +538,31 @@ async def test_a_runner_that_writes_past_max_tokens_is_cut_as_an_upstream_would_
         await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": answer}))
         result = (await _recv(caller))["result"]
         assert result["finish_reason"] == "length" and result["text"] == "z" * budget
+
+
+async def test_a_refused_second_registration_keeps_the_first(
+    server: ServerThread, engine: InferenceEngine
+) -> None:
+    """Registering again with a model no runner may take (a GGUF id) failed, and the socket's
+    first registration was gone too: its model a 404 for everyone."""
+    async with connect(server.ws_url) as runner:
+        await _register(runner, models=[{"id": "ws/keep"}], timeout_s=9)
+        refused = await _register(runner, models=[SMOL])
+        assert "error" in refused
+        assert _available(engine, "ws/keep") and len(engine.runners.list()) == 1
+        assert engine.runners.list()[0].timeout_s == 9
+
+
+async def test_unregistering_with_a_call_in_flight_says_so_and_cancels_it(server: ServerThread) -> None:
+    """The caller was told "the runner disconnected" though its socket was open, and the runner
+    never got `cancel` for the call it was working on."""
+    async with connect(server.ws_url) as runner, connect(server.ws_url) as caller:
+        await _register(runner, models=[{"id": "ws/leaving"}])
+        await caller.send(_rpc("infer", {"prompt": "x", "model": "ws/leaving"}, rid=1))
+        call = await _recv(runner)
+        await runner.send(_rpc("runner.unregister", rid="bye"))
+        got = [await _recv(runner), await _recv(runner)]
+        assert {"jsonrpc": "2.0", "method": "cancel", "params": {"id": call["id"]}} in got
+        assert {"jsonrpc": "2.0", "id": "bye", "result": {"unregistered": True}} in got
+        error = (await _recv(caller))["error"]
+        assert "unregistered before answering" in error["message"], error

@@ -57,6 +57,7 @@ class RpcRunner:
         self.name = name
         self.registration: RunnerRegistration | None = None
         self.closed = False
+        self._why = "disconnected"  # how it ended: "disconnected", or "unregistered" (socket open)
         self._calls: dict[str, _Call] = {}  # our calls in flight, by id
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -118,11 +119,11 @@ class RpcRunner:
                     return
                 if what == "invalid":  # we refuse what it streams: the call is over, tell it so
                     raise value
+                if what == "gone":  # unanswered: told to cancel unless its socket went
+                    raise self._gone(model)
                 answered = True
                 if what == "error":
                     raise value
-                if what == "gone":
-                    raise self._gone(model)
                 out = as_output(value, model.id, self.name, model.context_length)
                 if len(out.text) > budget:  # as an upstream that ignores max_tokens is cut
                     out = out.model_copy(update={"text": out.text[:budget], "finish_reason": "length"})
@@ -130,12 +131,14 @@ class RpcRunner:
                 return
         finally:
             self._calls.pop(call_id, None)
-            if not answered and not self.closed:  # the caller gave up or the timeout passed
+            # The caller gave up, the timeout passed, or the runner unregistered with the call
+            # in flight: it is told to stop, unless its socket is gone.
+            if not answered and (not self.closed or self._why == "unregistered"):
                 self._in_background(self.session.notify("cancel", {"id": call_id}))
 
     def _gone(self, model: ModelSchema) -> ProviderError:
         return ProviderError(
-            "the runner disconnected before answering", provider=f"runner {self.name}", model=model.id,
+            f"the runner {self._why} before answering", provider=f"runner {self.name}", model=model.id,
             retryable=True,
         )  # fmt: skip
 
@@ -192,9 +195,12 @@ class RpcRunner:
                 return
         call.queue.put_nowait(("event", event))
 
-    def close(self) -> None:
-        """The socket closed: every call in flight fails now, and the registration ends."""
+    def close(self, *, unregistered: bool = False) -> None:
+        """The socket closed (or, ``unregistered``, the runner asked to stop running models with
+        its socket open): every call in flight fails now, and the registration ends."""
         self.closed = True
+        if unregistered:
+            self._why = "unregistered"
         for call in self._calls.values():
             call.queue.put_nowait(("gone", None))
         if self.registration is not None:
@@ -278,30 +284,54 @@ async def _register(session: Session, params: Params, rid: Any) -> Any:
     if timeout_s is not None:  # a runner never holds a caller longer than a request may last
         timeout_s = min(float(timeout_s), settings.request_timeout_s)
     previous = session.runner
+    kept = _kept(session, previous)
     if previous is not None:  # registering again replaces what this session runs
-        previous.close()
-    runner = RpcRunner(session, name or f"ws-{id(session):x}")
+        previous.close(unregistered=True)
     try:
-        runner.registration = session.engine.register_runner(
-            runner, wanted, timeout_s=float(timeout_s) if timeout_s is not None else None, name=runner.name
-        )
+        runner = _registered(session, name or f"ws-{id(session):x}", wanted, timeout_s)
     except InferenceError:
         session.runner = None
+        if previous is not None and kept is not None:  # a refused registration replaces nothing
+            session.runner = _registered(session, previous.name, *kept)
         raise
+    session.runner = runner
+    served = sorted((runner.registration.models if runner.registration else None) or ())
+    return {"runner": runner.name, "models": served, "timeout_s": timeout_s}
+
+
+def _registered(
+    session: Session, name: str, models: list[str | ModelSchema], timeout_s: float | None
+) -> RpcRunner:
+    runner = RpcRunner(session, name)
+    runner.registration = session.engine.register_runner(
+        runner, models, timeout_s=float(timeout_s) if timeout_s is not None else None, name=name
+    )
     # What a client's runner says its answers cost is not the server owner's money: it neither
     # reserves against nor adds to the spend limits (a runner reporting $10 an answer used up the
     # global daily limit, and every client's paid and free calls were refused).
     runner.registration.spends = False
-    session.runner = runner
-    served = sorted(runner.registration.models or ())
-    return {"runner": runner.name, "models": served, "timeout_s": timeout_s}
+    return runner
+
+
+def _kept(session: Session, runner: RpcRunner | None) -> tuple[list[str | ModelSchema], float | None] | None:
+    """What ``runner`` serves, to register again if its replacement is refused (a second
+    `runner.register` naming a model no runner may take dropped the first's models for all)."""
+    registration = runner.registration if runner is not None else None
+    if registration is None or registration.models is None:
+        return None
+    registry = session.engine.registry
+    models: list[str | ModelSchema] = []
+    for model_id in sorted(registration.models):
+        schema = registry.get(model_id) if model_id in registration.owned_models else None
+        models.append(schema if schema is not None else model_id)
+    return models, registration.timeout_s
 
 
 async def _unregister(session: Session, params: Params, rid: Any) -> Any:
     runner, session.runner = session.runner, None
     if runner is None:
         return {"unregistered": False}
-    runner.close()
+    runner.close(unregistered=True)
     return {"unregistered": True}
 
 
