@@ -77,6 +77,24 @@ async def test_engine_registers_discovered_models(fake: FakeProviderServer, isol
     assert isinstance(failed["off"], ProviderError)
 
 
+async def test_an_endpoint_named_after_a_provider_takes_none_of_its_models_ids(
+    fake: FakeProviderServer, isolated_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An endpoint named "openai" that discovered gpt-4o-mini replaced the built-in
+    openai/gpt-4o-mini in `car serve`: its prompts went to that server without OpenAI's key,
+    while `car generate` still sent them to OpenAI. A catalog model's id stays its own."""
+    fake.served_models = ["gpt-4o-mini", "my-own-model"]
+    (isolated_home / "models.toml").write_text(
+        f'[[endpoints]]\nname = "openai"\nbase_url = "{fake.openai_base_url}"\ndiscover = true\n'
+    )
+    engine = InferenceEngine()
+    built_in = engine.resolve("openai/gpt-4o-mini")
+    assert await engine.discover_endpoints() == {"openai": ["openai/my-own-model"]}
+    assert engine.resolve("openai/gpt-4o-mini") is built_in and "endpoint" not in built_in.tags
+    assert "openai/gpt-4o-mini, a catalog model's id: not registered" in caplog.text
+    engine.close()
+
+
 def test_a_discoverable_endpoints_model_can_be_named_before_any_discovery(
     fake: FakeProviderServer, isolated_home: Path
 ) -> None:

@@ -328,7 +328,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         """Ask each configured endpoint (``[[endpoints]]`` in models.toml; by default those with
         ``discover = true``) which models it serves and register them. Returns, per endpoint, the
         model ids registered or the error that stopped it."""
-        from ..runtimes.endpoints import list_served_models
+        from ..runtimes.endpoints import claimable, list_served_models
 
         wanted = {names} if isinstance(names, str) else set(names) if names is not None else None
         chosen = [
@@ -354,7 +354,8 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
             elif isinstance(served, BaseException):
                 raise served
             else:
-                report[endpoint.name] = [self.registry.register(s).id for s in endpoint.to_schemas(served)]
+                claimed = claimable(self.registry, endpoint, served)
+                report[endpoint.name] = [self.registry.register(s).id for s in claimed]
         return report
 
     def pull(self, name: str) -> Path:

@@ -25,6 +25,7 @@ from ..errors import ProviderError
 
 if TYPE_CHECKING:
     from ..registry import UnifiedRegistry
+    from ..schema import ModelSchema
 
 __all__ = ["SERVER_LOOP_WAIT_S", "EndpointDiscovery", "list_served_models", "list_served_models_now"]
 
@@ -98,6 +99,26 @@ ASK_AGAIN_S = 30.0
 # How long a name on a server's event loop waits for the endpoint's list (a healthy one answers
 # in milliseconds).
 SERVER_LOOP_WAIT_S = 0.25
+
+
+def claimable(registry: UnifiedRegistry, endpoint: EndpointConfig, served: list[str]) -> list[ModelSchema]:
+    """The models ``endpoint`` says it serves, less those whose id a catalog model that is not an
+    endpoint's already has (warned): an endpoint named ``openai`` that discovered ``gpt-4o-mini``
+    took `openai/gpt-4o-mini` from OpenAI in `car serve`, sending its prompts to that server
+    without its key, while `car generate` still sent them to OpenAI. Listed ones are refused
+    when models.toml is read (catalog)."""
+    claimed = []
+    for schema in endpoint.to_schemas(served):
+        existing = registry.get(schema.id)
+        if existing is not None and "endpoint" not in existing.tags:
+            log.warning(
+                "endpoint %r serves %s, a catalog model's id: not registered (give the endpoint another"
+                " name, or point the provider elsewhere with [hosts.%s])",
+                endpoint.name, schema.id, endpoint.name,
+            )  # fmt: skip
+            continue
+        claimed.append(schema)
+    return claimed
 
 
 class EndpointDiscovery:
