@@ -13,9 +13,10 @@ source's fields for one served model.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "AnthropicSource",
@@ -50,6 +51,25 @@ def strip_v1(url: str) -> str:
     """``http://h:8000/v1`` -> ``http://h:8000`` (servers whose source keeps the bare host)."""
     url = url.rstrip("/")
     return url[:-3] if url.endswith("/v1") else url
+
+
+def _server_url(url: str) -> str:
+    """A server's address as ``http(s)://host[:port]``: a port out of range ("99999",
+    "notaport") was a ValueError traceback on first use and a 500 through `car serve`, and 0 was
+    taken for the default port."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not a server address like http://127.0.0.1:8000")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or (port is None and parts.netloc.endswith(":")):
+        raise ValueError(f"{url!r} has no valid port (1-65535)")
+    return url
+
+
+ServerUrl = Annotated[str, AfterValidator(_server_url)]
 
 
 # --- files on this machine ------------------------------------------------------------------------
@@ -182,7 +202,7 @@ class OllamaSource(SourceBase):
     """A model served by an Ollama host, reached through its OpenAI-compatible ``/v1``."""
 
     kind: Literal["ollama"] = "ollama"
-    host: str = "http://127.0.0.1:11434"
+    host: ServerUrl = "http://127.0.0.1:11434"
     model_tag: str
     managed: bool = Field(default=False, description="start `ollama serve` if it is not running")
 
@@ -195,7 +215,7 @@ class VllmSource(SourceBase):
     """A model served by a vLLM (or other OpenAI-compatible) server we may start and supervise."""
 
     kind: Literal["vllm"] = "vllm"
-    endpoint: str = "http://127.0.0.1:8000"
+    endpoint: ServerUrl = "http://127.0.0.1:8000"
     model_name: str
     api_key_env: str | None = None
     hf_repo: str | None = Field(default=None, description="what `vllm serve` loads, if we start it")

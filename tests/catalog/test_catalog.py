@@ -271,3 +271,24 @@ def test_a_validators_message_comes_without_pydantics_prefix(isolated_home: Path
     with pytest.raises(ConfigError, match="id 'justname' must look like") as info:
         load_catalog(path)
     assert "Value error" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("source", "bad"),
+    [
+        ('kind = "vllm"\nmodel_name = "m"\nmanaged = true\nendpoint = "http://127.0.0.1:99999"\n', "99999"),
+        ('kind = "vllm"\nmodel_name = "m"\nendpoint = "http://127.0.0.1:notaport"\n', "notaport"),
+        ('kind = "vllm"\nmodel_name = "m"\nendpoint = "http://127.0.0.1:0"\n', ":0"),
+        ('kind = "ollama"\nmodel_tag = "m"\nhost = "ftp://box"\n', "ftp://box"),
+    ],
+)
+def test_a_servers_bad_address_is_an_error_at_load(isolated_home: Path, source: str, bad: str) -> None:
+    """`endpoint = "http://127.0.0.1:99999"` loaded, was listed as available, and failed on first
+    use with a ValueError traceback (a 500 through `car serve`, routed requests too); port 0
+    became 8000."""
+    path = isolated_home / "models.toml"
+    entry = '[[models]]\nid = "me/served"\nname = "served"\nprovider = "me"\ncapabilities = ["generate"]\n'
+    path.write_text(f"{entry}[models.source]\n{source}")
+    with pytest.raises(ConfigError) as info:
+        load_catalog(path)
+    assert bad in str(info.value) and info.value.field is not None and "models.0.source" in info.value.field
