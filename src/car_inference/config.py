@@ -374,6 +374,13 @@ class SpeechSettings(_Section):
     preferred_remote_tts: str | None = None
     # Other clients' voice names (OpenAI's "alloy") for a local voice; unmapped unknown names are errors.
     voices: dict[str, str] = Field(default_factory=dict, description='e.g. alloy = "en_US-joe-medium"')
+    max_audio_s: float = Field(
+        default=7200.0,
+        gt=0,
+        le=86_400,
+        description="the longest audio a local transcription decodes (seconds; 16 kHz mono float"
+        " samples take 64 KB a second, more while decoding: 2 hours about 1.3 GB)",
+    )
 
 
 class CarConfig(BaseModel):

@@ -253,3 +253,18 @@ async def test_engine_speaks_and_transcribes_with_its_default_models(
     assert heard.model_used == WHISPER
     assert _words(heard.text) >= {"hello", "world", "speech", "test"}, heard.text
     assert (isolated_home / "cache" / "whisper").is_dir()
+
+
+async def test_audio_longer_than_the_bound_is_refused_before_it_is_all_decoded(
+    model: ModelSchema, fox_wav: Path, tmp_path: Path
+) -> None:
+    """A file's size says nothing of its audio's length (1.3 MB of FLAC held 2 hours of silence
+    and took 1.3 GB to decode): decoding stops at `[speech] max_audio_s`, as the client's error."""
+    config = CarConfig(home=tmp_path / "home", speech={"max_audio_s": 60})  # type: ignore[arg-type]
+    backend = WhisperBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
+    long = _with_silence(fox_wav, tmp_path / "long.wav", 0.0, 65.0)
+    with pytest.raises(InvalidInput, match=r"longer than 60 s \(\[speech\] max_audio_s\)"):
+        await backend.transcribe(model, TranscribeRequest(audio_path=str(long)))
+    short = _with_silence(fox_wav, tmp_path / "short.wav", 0.0, 30.0)
+    result = await backend.transcribe(model, TranscribeRequest(audio_path=str(short)))
+    assert _heard(result.text) and result.duration is not None and 30 < result.duration < 60

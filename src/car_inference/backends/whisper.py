@@ -90,8 +90,9 @@ class WhisperBackend:
             entry = self._entry(model)
             whisper = entry.instance
             language = _language(model, whisper, request.language)
-            samples = _samples(audio, whisper.feature_extractor.sampling_rate)
-            duration = _seconds(len(samples) / whisper.feature_extractor.sampling_rate)
+            rate = whisper.feature_extractor.sampling_rate
+            samples = _samples(audio, rate, self.ctx.config.speech.max_audio_s)
+            duration = _seconds(len(samples) / rate)
             if not _has_speech(samples):  # module docstring: Whisper would loop on it for seconds
                 return TranscribeResult(text="", model_used=model.id, language=language, duration=duration)
             try:
@@ -128,21 +129,57 @@ class WhisperBackend:
         return await run_stoppable(work)
 
 
-def _samples(audio: Path, rate: int) -> Any:
-    """The file's audio as mono float samples at ``rate`` (PyAV); a file it cannot read is the
-    client's error, said plainly."""
+def _samples(audio: Path, rate: int, max_s: float) -> Any:
+    """The file's audio as mono float samples at ``rate`` (PyAV); a file it cannot read, or one
+    longer than ``max_s`` seconds, is the client's error, said plainly."""
     from av.error import FFmpegError
-    from faster_whisper.audio import decode_audio
 
     try:
         if audio.stat().st_size == 0:  # PyAV read an empty .flac as no samples: an empty transcript
             raise InvalidInput(f"could not transcribe {audio}: the file is empty")
-        return decode_audio(str(audio), sampling_rate=rate)
+        return _decode(audio, rate, max_s)
     # PyAV's decode errors are FFmpegErrors (most also OSError/ValueError; a cut .ogg or .aac is
     # an EOFError, which click took for Ctrl-D); a file with no audio stream (an image) is an
     # IndexError.
     except (FFmpegError, OSError, ValueError, EOFError, IndexError) as exc:
         raise InvalidInput(f"could not transcribe {audio}: {_decode_error(exc)}") from exc
+
+
+def _decode(audio: Path, rate: int, max_s: float) -> Any:
+    """faster-whisper's ``decode_audio``, stopped at ``max_s`` seconds: a compressed file's
+    length says nothing of its audio's (1.3 MB of FLAC held 2 hours of silence and took 1.3 GB
+    to decode; the 32 MB a request may carry would be two days of it, about 11 GB)."""
+    import av
+    import numpy as np
+
+    resampler = av.audio.resampler.AudioResampler(format="s16", layout="mono", rate=rate)
+    limit, total = int(max_s * rate), 0
+    pieces = []
+    with av.open(str(audio), mode="r", metadata_errors="ignore") as container:
+        frames = container.decode(audio=0)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                frame = None
+            except av.error.InvalidDataError:  # a damaged frame is skipped, as faster-whisper does
+                continue
+            if frame is not None:
+                frame.pts = None  # timestamps are not checked (faster-whisper's own decoding)
+            for out in resampler.resample(frame):  # None flushes the resampler
+                piece = out.to_ndarray().reshape(-1)
+                total += piece.size
+                if total > limit:
+                    raise InvalidInput(
+                        f"could not transcribe {audio}: its audio is longer than {max_s:g} s"
+                        " ([speech] max_audio_s); split it", param="file",
+                    )  # fmt: skip
+                pieces.append(piece)
+            if frame is None:
+                break
+    if not pieces:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(pieces).astype(np.float32) / 32768.0
 
 
 def _has_speech(samples: Any) -> bool:
