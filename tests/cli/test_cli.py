@@ -196,6 +196,9 @@ def test_embed_rerank_classify_json() -> None:
     assert code == 0 and "sports" in out.splitlines()[0]
     code, _, err = car("classify", "The striker scored a goal", "--labels", "sports,")  # ran on one, at 100 %
     assert code == 2 and "has an empty label" in err
+    # The option repeated: every label counts (`-l a -l b` kept only b, at 1.000).
+    code, out, _ = car("classify", "The striker scored a goal", "-l", "politics", "-l", "sports", "--json")
+    assert code == 0 and {r["label"] for r in json.loads(out)["results"]} == {"politics", "sports"}
 
 
 def test_tokenize_and_detokenize() -> None:

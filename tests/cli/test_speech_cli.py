@@ -153,6 +153,8 @@ def test_speech_smoke_remote_in_words_and_its_limits(
 ) -> None:
     code, _, err = car("speech", "smoke", "--no-local")
     assert code == 2 and "nothing to test" in err
+    code, _, err = car("speech", "smoke", "--text", " ")  # spoke the default sentence instead
+    assert code == 2 and "--text is empty" in err
     with FakeProviderServer() as fake:
         (isolated_home / "models.toml").write_text(f'[hosts.openai]\nbase_url = "{fake.openai_base_url}"\n')
         monkeypatch.setenv("OPENAI_API_KEY", "sk-cli-smoke")

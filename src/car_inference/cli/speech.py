@@ -161,6 +161,8 @@ def smoke(
     """Say a sentence and transcribe it back: word error rate and timings per side."""
     if not (local or remote):
         raise fail("nothing to test: --no-local without --remote", EXIT_USAGE)
+    if text is not None and not text.strip():  # it spoke the default sentence instead, unsaid
+        raise fail("--text is empty: give a sentence to say, or leave --text out", EXIT_USAGE)
     from ..engine.speech import speech_smoke  # lazily, as the engine is: start-up stays quick
 
     with spinner("Speaking and listening..."):

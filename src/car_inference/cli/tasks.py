@@ -85,17 +85,22 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def classify(
         text: Annotated[str, typer.Argument(help="the text to classify")],
-        labels: Annotated[str, typer.Option("--labels", "-l", help="comma-separated labels")],
+        labels: Annotated[
+            list[str], typer.Option("--labels", "-l", help="labels: comma-separated, or the option repeated")
+        ],
         model: ModelOpt = None,
         method: Annotated[str, typer.Option(help="auto, likelihood (LLM) or embedding")] = "auto",
         as_json: JsonOpt = False,
     ) -> None:
         """Zero-shot classification over the given labels."""
-        names = split_csv(labels)
+        names: list[str] = []  # `-l a -l b` kept only b, and answered 1.000 for it
+        for given in labels:
+            some = split_csv(given)
+            if len(some) != len(given.split(",")):  # "a," ran on "a" alone, at 100 %
+                raise fail(f"--labels {given!r} has an empty label: separate the labels by single commas", 2)
+            names += some
         if not names:
             raise fail("--labels needs at least one label", 2)
-        if len(names) != len(labels.split(",")):  # "a," ran on "a" alone, at 100 %
-            raise fail(f"--labels {labels!r} has an empty label: separate the labels by single commas", 2)
         if method not in ("auto", "likelihood", "embedding"):
             raise fail("--method must be auto, likelihood or embedding", 2)
         eng = engine()
