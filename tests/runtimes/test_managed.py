@@ -166,6 +166,31 @@ async def test_a_crash_under_an_attached_process_request_waits_for_the_owners_re
         other.close()
 
 
+async def test_an_attached_process_takes_over_when_the_owner_stops_its_server(isolated_home: Path) -> None:
+    """The owner stopping (`car runtimes stop`, Ctrl-C, its process ending) left an attached one
+    failing at the dead address ("All connection attempts failed") until three failures opened
+    the model's circuit; only after the cooldown did a request start a server. It starts one
+    under the request that met the stop, as after a crash, and the circuit stays closed."""
+    owner = InferenceEngine(config=small_config(isolated_home))
+    owner.runtimes.settings = FAST.model_copy()
+    owner.register_model(managed_smollm2())
+    other = InferenceEngine(config=small_config(isolated_home))
+    other.runtimes.settings = FAST.model_copy()
+    other.register_model(managed_smollm2())
+    try:
+        first = await owner.generate(_request())
+        assert (await other.generate(_request())).text == first.text
+        attached = other.runtimes.runtime_for(other.resolve(MANAGED_ID))
+        assert attached.state is RuntimeState.ATTACHED
+        owner.close()  # stops the server it owns
+        again = await other.generate(_request())
+        assert again.text == first.text and other.breakers.allow(MANAGED_ID)
+        assert attached.state is RuntimeState.RUNNING and attached.pid is not None
+    finally:
+        owner.close()
+        other.close()
+
+
 async def test_warm_up_starts_it_ahead_of_the_first_request(engine: InferenceEngine) -> None:
     assert await engine.warm_up([MANAGED_ID]) == [None]
     assert engine.runtimes.runtime_for(engine.resolve(MANAGED_ID)).state is RuntimeState.RUNNING

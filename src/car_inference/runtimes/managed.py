@@ -356,10 +356,11 @@ class ManagedBackend:
         runs it or another one does (an attached process failed at once before). False for any
         other failure (the same server still answers), for an external server, and when none
         answers again within the start timeout."""
-        if exc.status is not None or exc.timeout or pid is None:
+        if exc.status is not None or exc.timeout:
             return False
         runtime = self.runtime
-        if runtime.server_pid() == pid and runtime.alive() and await asyncio.to_thread(runtime.answers):
+        same = pid is None or runtime.server_pid() == pid  # None: an owner gone took its record along
+        if same and runtime.alive() and await asyncio.to_thread(runtime.answers):
             return False
         deadline = time.monotonic() + runtime.start_timeout_s
         while time.monotonic() < deadline:

@@ -159,13 +159,27 @@ class ManagedRuntime:
 
     def _owner_restarted(self) -> bool | None:
         if not self.files.locked_elsewhere():
-            return False  # its owner is gone, and with it the server (the next request starts one)
+            return self._take_over()
         record = self.files.read_state() or {}
         url = self._owners_server(record)
         if url is None:
             return None  # still restarting, or the owner has not seen the crash yet
         self._attach(url, RuntimeState.ATTACHED, record.get("served"))
         return True
+
+    def _take_over(self) -> bool | None:
+        """The owner is gone (stopped, or its process ended) and its server with it: this process
+        starts one, as its own after a crash. It failed the call instead, kept offering the dead
+        address for ``recheck_s``, and three such failures opened the model's circuit for its
+        cooldown before a request started a server. True when one answers at once (another
+        process took over first), None while it starts, False when it cannot be started."""
+        with self._cv:
+            if self._state is RuntimeState.ATTACHED:
+                self._state, self._url, self._checked_at = RuntimeState.STOPPED, None, 0.0
+            try:
+                return True if self._claim() is not None else None
+            except RuntimeFailed:
+                return False
 
     def _owners_server(self, record: dict[str, Any]) -> str | None:
         """The URL of the owner's server when its record says it runs and the server there answers
