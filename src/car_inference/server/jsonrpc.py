@@ -199,6 +199,7 @@ class Session:
             what = "an empty batch" if not items else f"a batch of {len(items)} calls (at most {limit})"
             await self.send(_error(None, INVALID_REQUEST, f"invalid request: {what}"))
             return
+
         async def in_turn(item: Any) -> dict[str, Any] | None:
             # The socket's free in-flight slots at once, the rest in turn (84 of 100 were
             # server_busy); slots are counted when taken, so batches sent together, and single
