@@ -198,3 +198,32 @@ def test_hosted_models_follow_a_key_set_after_start(
         assert hosted not in {m.id for m in engine.list_models() if m.available}
     finally:
         engine.close()
+
+
+def test_a_stream_left_open_past_the_engines_close_is_no_traceback(isolated_home: Path) -> None:
+    """`async for ... in engine.stream(...): break`, then `engine.close()`: the stream finalized
+    at the loop's end recorded its abandoned attempt on the closed store, and the program ended
+    on a traceback about a closed database. The record is dropped with one warning."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import asyncio\n"
+        "from car_inference.engine import InferenceEngine\n"
+        "from car_inference.requests import GenerateParams, GenerateRequest\n"
+        "async def main():\n"
+        "    engine = InferenceEngine()\n"
+        "    request = GenerateRequest(prompt='Count to ten.', params=GenerateParams(max_tokens=16))\n"
+        "    async for event in engine.stream(request):\n"
+        "        if event.type == 'text_delta':\n"
+        "            break\n"
+        "    engine.close()\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "CAR_HOME": str(isolated_home)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "came after the engine closed and is not written" in out.stderr

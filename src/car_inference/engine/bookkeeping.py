@@ -86,6 +86,9 @@ class Bookkeeper:
         self._behind = False  # warned that records lag; said again when caught up
         self._failing = False  # a batch's commit failed: its records wait to be tried again
         self.thread_on_loop = thread_on_loop
+        # Set by its owner once the store it writes to is closed (InferenceEngine.close): a record
+        # submitted later is dropped with a warning instead of failing on the closed store.
+        self.retired = False
 
     def start_writer(self) -> None:
         """Write from a thread of its own from now on (a server: the SQLite work, WAL checkpoints
@@ -129,6 +132,12 @@ class Bookkeeper:
             return 0.0
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        if self.retired:  # a stream left unclosed, finalized after the engine closed: a traceback
+            log.warning(  # about a closed database at exit, and the record lost all the same
+                "an outcome record came after the engine closed and is not written (close a stream"
+                " you leave early, e.g. with contextlib.aclosing, before closing the engine)"
+            )
+            return
         self._pending.append((time.monotonic(), fn, args, kwargs))
         if self._wake is not None:
             self._wake.set()

@@ -224,6 +224,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.bookkeeper.close()
         self.keys.close()  # its statistics written, its connection to state.db closed
         self.store.close()
+        self.bookkeeper.retired = True  # what a stream left open records later is dropped, said
         self.runtimes.close()
         self.cache.close()
         self.breakers.close()
