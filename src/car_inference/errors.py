@@ -211,8 +211,16 @@ class SpendLimitExceeded(InferenceError):
     """A request would take spend over a configured limit; refused before the call."""
 
     def __init__(
-        self, scope: str, period: str, limit_usd: float, spent_usd: float, estimate_usd: float
+        self,
+        scope: str,
+        period: str,
+        limit_usd: float,
+        spent_usd: float,
+        estimate_usd: float,
+        held_usd: float | None = None,
     ) -> None:
+        """``spent_usd``: spent and held by calls in flight together; ``held_usd``: the part
+        held, when known (None: the fleet's Redis counted both as one)."""
         self.scope = scope
         self.period = period
         self.limit_usd = limit_usd
@@ -220,8 +228,15 @@ class SpendLimitExceeded(InferenceError):
         self.estimate_usd = estimate_usd
         # Set by the engine when the model the caller chose is over the limit: no fallback then.
         self.refuses_request = False
+        # Estimates held by calls in flight were reported as "spent" ($0.0451 while $0.0001 was).
+        if held_usd is None:
+            so_far = f"spent or held by calls in flight {money(spent_usd)}"
+        elif held_usd > 0:
+            so_far = f"spent {money(spent_usd - held_usd)} and {money(held_usd)} held by calls in flight"
+        else:
+            so_far = f"spent {money(spent_usd)}"
         super().__init__(
-            f"{period} spend limit for {scope} is {money(limit_usd)}; spent {money(spent_usd)}, "
+            f"{period} spend limit for {scope} is {money(limit_usd)}; {so_far}, "
             f"this request would add about {money(estimate_usd)}"
         )
 

@@ -162,7 +162,9 @@ def test_estimates_in_flight_count_against_the_limits_of_a_lone_process() -> Non
         for _ in range(10):
             held.append(spend.reserve("openai", 0.0006))
     assert len(held) == 3 and all(r is not None and r.local for r in held)
-    assert info.value.spent_usd == pytest.approx(0.0018), "the estimates in flight, said as spent"
+    assert info.value.spent_usd == pytest.approx(0.0018), "spent and in flight together"
+    # ... but the message tells them apart: "spent $0.0451" was said while $0.0001 was spent.
+    assert "spent $0.00 and $0.0018 held by calls in flight" in str(info.value), str(info.value)
     assert spend.would_exceed("openai", 0.0006)
     spend.release(held.pop())  # a call failed: its estimate is free again
     assert not spend.would_exceed("openai", 0.0006)

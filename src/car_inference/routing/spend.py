@@ -262,7 +262,7 @@ class SpendControl:
                     continue
                 spent = self._spent(scope, period) + flight
                 if spent + estimate_usd > cap + 1e-12:
-                    return SpendLimitExceeded(scope, period, cap, spent, estimate_usd)
+                    return SpendLimitExceeded(scope, period, cap, spent, estimate_usd, held_usd=flight)
         return None
 
     def _hold(self, provider: str, estimate_usd: float) -> Reservation | None:
