@@ -278,6 +278,20 @@ async def test_rotation_is_bounded_by_the_keys(fake: FakeProviderServer, tmp_pat
     assert pool.acquire("OPENAI_API_KEY") == KEY_B
 
 
+async def test_every_key_rate_limited_waits_for_the_soonest(fake: FakeProviderServer, tmp_path: Path) -> None:
+    """The last key's Retry-After was passed on (12 s) while the first was free after 7."""
+    be, _ = backend(tmp_path, {"OPENAI_API_KEYS": f"{KEY_A},{KEY_B}"})
+    fake.set_key_behavior(KEY_A, Fault.rate_limit(retry_after=7))
+    fake.set_key_behavior(KEY_B, Fault.rate_limit(retry_after=12))
+    with pytest.raises(ProviderError) as info:
+        await be.generate(openai_model(fake), GenerateRequest(prompt="hi"))
+    assert [r.api_key for r in fake.requests] == [KEY_A, KEY_B]
+    assert info.value.status == 429 and info.value.retry_after == 7
+    with pytest.raises(ProviderError) as info:  # streamed, the same
+        [e async for e in be.stream(openai_model(fake), GenerateRequest(prompt="hi"))]
+    assert info.value.status == 429 and info.value.retry_after is not None and info.value.retry_after <= 7
+
+
 async def test_no_rotation_on_server_errors_or_single_key(fake: FakeProviderServer, tmp_path: Path) -> None:
     be, _ = backend(tmp_path, {"OPENAI_API_KEYS": f"{KEY_A},{KEY_B}"})
     fake.queue(Fault.server_error(502))

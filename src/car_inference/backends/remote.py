@@ -187,6 +187,16 @@ def answer_budget(max_tokens: int) -> int:
     return 32 * max_tokens + 4096
 
 
+def _soonest(before: ProviderError | None, error: ProviderError) -> ProviderError:
+    """The error a key rotation ends with: the last key's, but when every key tried was rate
+    limited, waiting for the soonest of their ``Retry-After``s (the last key's 12 s was passed
+    on while the first was free again after 7)."""
+    if before is not None and before.status == error.status == 429 and before.retry_after is not None:
+        if error.retry_after is None or before.retry_after < error.retry_after:
+            error.retry_after = before.retry_after
+    return error
+
+
 def transport_error(
     exc: BaseException,
     *,
@@ -455,7 +465,7 @@ class RemoteBackend:
             if error is None:
                 self._report(endpoint, key, 200, None)
                 return result
-            last = error
+            last = _soonest(last, error)
             if not self._failed(endpoint, key, error, started=False):
                 break
         assert last is not None
@@ -551,7 +561,7 @@ class RemoteBackend:
                     provider_output_items=items,
                 )
                 return
-            last = error
+            last = _soonest(last, error)
             if not self._failed(endpoint, key, error, started):
                 break
         assert last is not None
