@@ -191,9 +191,10 @@ def _soonest(before: ProviderError | None, error: ProviderError) -> ProviderErro
     """The error a key rotation ends with: the last key's, but when every key tried was rate
     limited, waiting for the soonest of their ``Retry-After``s (the last key's 12 s was passed
     on while the first was free again after 7)."""
-    if before is not None and before.status == error.status == 429 and before.retry_after is not None:
-        if error.retry_after is None or before.retry_after < error.retry_after:
-            error.retry_after = before.retry_after
+    limited = before is not None and before.status == error.status == 429
+    soonest = before.retry_after if limited and before is not None else None
+    if soonest is not None and (error.retry_after is None or soonest < error.retry_after):
+        error.retry_after = soonest
     return error
 
 
