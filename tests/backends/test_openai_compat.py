@@ -633,3 +633,17 @@ async def test_an_embeddings_answer_that_does_not_match_the_inputs_is_a_provider
         )
         with pytest.raises(ProviderError, match=says):
             await be.embed(schema, EmbedRequest(texts=["a", "b", "c"]))
+
+
+async def test_a_stream_ended_by_done_without_a_finish_reason_is_whole(
+    fake: FakeProviderServer, be: OpenAICompatBackend
+) -> None:
+    """Some proxies drop the finish_reason: a stream that said `[DONE]` was refused as "stream
+    ended early" (a fallback, or exit 1). One that ends without either is still cut."""
+    chunk = b'{"choices": [{"delta": {"content": "partial"}, "finish_reason": null}]}'
+    fake.queue(Fault.raw_stream(chunk, b"[DONE]"))
+    out = await be.generate(model(fake), GenerateRequest(prompt="x"))
+    assert (out.text, out.finish_reason) == ("partial", "stop")
+    fake.queue(Fault.raw_stream(chunk))
+    with pytest.raises(ProviderError, match="stream ended early"):
+        await be.generate(model(fake), GenerateRequest(prompt="x"))

@@ -287,8 +287,10 @@ class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
         started: set[int] = set()
         finish: str | None = None
         usage: dict[str, Any] | None = None
+        said_done = False
         try:
             async for chunk in _chunks(response):
+                said_done = said_done or chunk is DONE
                 if chunk.get("error") is not None:  # `"error": null` beside content is no error
                     raise openai.APIError(_error_message(chunk), response.request, body=chunk)
                 usage = _field(chunk, "usage", dict) or usage
@@ -313,8 +315,9 @@ class OpenAICompatBackend(OpenAIMediaMixin, OpenAISpeechMixin, RemoteBackend):
                     finish = _field(choice, "finish_reason", str) or finish
         finally:
             await response.aclose()
-        if finish is None:
+        if finish is None and not said_done:  # cut: no finish_reason, and no [DONE] either
             raise StreamIncomplete("no finish_reason")
+        finish = finish or "stop"  # [DONE] ends the stream; some proxies drop the finish_reason
         yield Finish(finish)
         if usage is not None:
             details = usage.get("prompt_tokens_details")
@@ -435,11 +438,15 @@ def _as_chunk(whole: dict[str, Any]) -> dict[str, Any]:
     return {"choices": choices, "usage": whole.get("usage")}
 
 
+# What ``_sse_json`` yields for ``[DONE]``: an empty chunk (nothing in it), the stream's end said.
+DONE: dict[str, Any] = {}
+
+
 async def _sse_json(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of a server-sent event stream, up to ``[DONE]``. A payload that is not a
-    JSON object raises ValueError (the stream is broken, not the request). Lines are split on
-    bytes (httpx's text and line decoders cost more than the JSON itself); blank separators,
-    comments and ``event:`` lines are skipped."""
+    """The JSON objects of a server-sent event stream, up to ``[DONE]`` (then ``DONE``). A
+    payload that is not a JSON object raises ValueError (the stream is broken, not the request).
+    Lines are split on bytes (httpx's text and line decoders cost more than the JSON itself);
+    blank separators, comments and ``event:`` lines are skipped."""
     done = False
     pending = bytearray()  # the unfinished line: appended to, and each byte searched once
     encoded = response.headers.get("content-encoding", "identity").lower() not in ("", "identity")
@@ -463,6 +470,7 @@ async def _sse_json(response: httpx2.Response) -> AsyncIterator[dict[str, Any]]:
                 value = _sse_data(line)
                 if value is None:
                     done = True
+                    yield DONE
                     break
                 yield value
     if not done and pending.startswith(b"data:") and (value := _sse_data(bytes(pending))) is not None:
