@@ -13,7 +13,14 @@ from keyring.backends import fail
 
 from car_inference.config import CarConfig
 from car_inference.errors import ConfigError, InferenceError
-from car_inference.secrets import SERVICE, ResolvedKey, SecretStore, SecretStoreUnavailable, resolve_keys
+from car_inference.secrets import (
+    SERVICE,
+    ResolvedKey,
+    SecretStore,
+    SecretStoreUnavailable,
+    no_usable_key,
+    resolve_keys,
+)
 from fakes.keyring import FileKeyring, MemoryKeyring
 
 SECRET = "sk-secret-value-12345678"
@@ -171,3 +178,13 @@ def test_a_key_a_header_cannot_carry_is_skipped_and_refused(
     with pytest.raises(ConfigError, match="a character an HTTP header cannot carry"):
         SecretStore(tmp_path).put("OPENAI_API_KEY", "sk-bad\u200b")
     assert [k.value for k in resolve_keys("OPENAI_API_KEY", env={"OPENAI_API_KEY": "sk a\tb"})] == ["sk a\tb"]
+
+
+def test_a_variable_whose_every_key_is_unsendable_is_said_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its only key skipped for a zero-width space, the model said "set OPENAI_API_KEY", though it was."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEYS", "sk-test-key-bb\u200bbbbbbb0002")
+    why = no_usable_key("OPENAI_API_KEY", refused=False)
+    assert "holds a character an HTTP header cannot carry" in why and "set it again without it" in why
+    monkeypatch.delenv("OPENAI_API_KEYS")
+    assert no_usable_key("OPENAI_API_KEY", refused=False).startswith("set OPENAI_API_KEY")

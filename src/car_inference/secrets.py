@@ -319,4 +319,10 @@ def no_usable_key(env_var: str, refused: bool) -> str:
             f"every key in {env_var} was refused by the provider (401/403) and is skipped: replace it,"
             f" or run `car keys reset {env_var}` once it is valid again"
         )
+    given = _split(os.environ.get(env_var)) + _split(os.environ.get(env_var + "S"))
+    if given and not any(header_safe(value) for value in given):  # set, said "set OPENAI_API_KEY"
+        return (
+            f"every key in {env_var} holds a character an HTTP header cannot carry (a pasted"
+            " zero-width space or line break) and is skipped: set it again without it"
+        )
     return f"set {env_var} (or store it with `car secrets put {env_var}`)"
