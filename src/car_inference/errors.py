@@ -44,14 +44,17 @@ class InferenceError(Exception):
 class ModelNotFound(InferenceError):
     """No model in the catalog matches the name; ``suggestions`` holds close names."""
 
-    def __init__(self, name: str, suggestions: Iterable[str] = ()) -> None:
+    def __init__(self, name: str, suggestions: Iterable[str] = (), why: str | None = None) -> None:
         self.name = shortened(name)
         self.suggestions = list(suggestions)
+        self.why = why  # what may have kept it from being found (an endpoint that did not answer)
         # A name with an unpaired surrogate ("\ud800") made a message print() could not write.
         shown = self.name.encode("utf-8", "backslashreplace").decode("utf-8")
         message = f"model not found: {shown}"
         if self.suggestions:
             message += f" (did you mean: {', '.join(self.suggestions)}?)"
+        if why:
+            message += f"; {why}"
         super().__init__(message)
 
 

@@ -90,6 +90,7 @@ class UnifiedRegistry:
         self._key_check = key_check or env_key_check()
         self._key_refused = key_refused or (lambda env_var: False)
         self.on_miss: Callable[[str], bool] | None = None
+        self.miss_reason: Callable[[str], str | None] | None = None  # why on_miss found nothing
         self._backend_check = backend_check or (lambda kind: True)
         self._task_check = task_check
         self._runner_check = runner_check or (lambda schema: False)
@@ -309,7 +310,8 @@ class UnifiedRegistry:
             ids = list(dict.fromkeys(self._names.get(k.lower(), k) for k in near))
             if capability is not None:  # only models that can do it: a voice was offered for a completion
                 ids = [i for i in ids if i in self._models and self._models[i].has_capability(capability)]
-            raise ModelNotFound(name, ids[:3])
+            why = self.miss_reason(name) if self.miss_reason is not None else None
+            raise ModelNotFound(name, ids[:3], why)
         return found
 
     def query(self, flt: ModelFilter | None = None, **kwargs: object) -> builtins.list[ModelSchema]:

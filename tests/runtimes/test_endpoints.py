@@ -119,6 +119,18 @@ def test_a_discoverable_endpoints_model_can_be_named_before_any_discovery(
     engine.close()
 
 
+def test_a_model_of_a_discover_endpoint_that_does_not_answer_says_why(isolated_home: Path) -> None:
+    """`car generate -m deadbox/foo` said only "model not found" (and the server "does not
+    exist"); that the endpoint never answered was in a log line."""
+    with answering(lambda path: (500, {}, b"")) as box:
+        (isolated_home / "models.toml").write_text(
+            f'[[endpoints]]\nname = "deadbox"\nbase_url = "{box.url}/v1"\ndiscover = true\n'
+        )
+        result = CliRunner().invoke(app, ["generate", "-m", "deadbox/foo", "Say hi."])
+    assert result.exit_code == 2 and "model not found: deadbox/foo" in result.stderr
+    assert "endpoint deadbox could not say what it serves" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("kind", ["openai", "vllm", "ollama"])
 async def test_an_endpoints_failure_is_labelled_with_the_endpoint_not_its_protocol(
     fake: FakeProviderServer, isolated_home: Path, kind: str

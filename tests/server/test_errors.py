@@ -89,6 +89,9 @@ def test_details_travel_with_the_error() -> None:
     found = describe(ModelNotFound("qwen3-9b", ["qwen/qwen3-8b:q4_k_m"]))
     assert found.param == "model" and found.extra["suggestions"] == ["qwen/qwen3-8b:q4_k_m"]
     assert "qwen3-9b" in found.message and "qwen/qwen3-8b:q4_k_m" in found.message
+    # An endpoint that never said what it serves is named (it was only in the server's log).
+    why = "endpoint deadbox could not say what it serves: ReadTimeout"
+    assert describe(ModelNotFound("deadbox/foo", [], why)).message.endswith(f"does not exist. ({why})")
     failed = describe(AllModelsFailed([("a", _provider(500)), ("b", InferenceFailed("x"))]))
     assert [a["model"] for a in failed.extra["attempts"]] == ["a", "b"] and failed.retryable
     provider = describe(_provider(500))

@@ -107,6 +107,8 @@ def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
             err.print(f"[bold red]error:[/] model not found: {escape(exc.name)}", markup=True)
             if exc.suggestions:
                 err.print(f"did you mean: {', '.join(exc.suggestions)}?")
+            if exc.why:
+                err.print(escape(exc.why), markup=True)
             raise typer.Exit(EXIT_USAGE) from None
         except InferenceError as exc:
             raise fail(_one_line(str(exc)), _exit_code(exc)) from None

@@ -121,6 +121,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self._keys_checked_at = 0.0  # _keys_fresh
         self.discovery = EndpointDiscovery(self.registry, self.config.remote.connect_timeout_s)
         self.registry.on_miss = self.discovery
+        self.registry.miss_reason = self.discovery.why
         self.cache = ModelCache(self.config.local.cache_mb, record_dir=self.config.home / "loaded")
         self._backend_ctx = BackendContext(
             config=self.config, cache=self.cache, keys=self.keys, extras={"runners": self.runners}

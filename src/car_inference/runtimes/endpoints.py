@@ -137,6 +137,7 @@ class EndpointDiscovery:
         self._registry = registry
         self._timeout_s = min(timeout_s, 5.0)  # a name on the request path: a down server costs this
         self._asked: dict[str, float] = {}
+        self._unanswered: dict[str, str] = {}  # endpoint -> why its last question found nothing
         self._lock = threading.Lock()
         self.loop_wait_s: float | None = None  # None: wait for the answer, even on a loop
 
@@ -165,13 +166,23 @@ class EndpointDiscovery:
         except FutureTimeout:
             assert loop is not None
             log.info("%s: asked what it serves; %s is not known until it answers", endpoint.name, name)
+            self._unanswered[endpoint.name] = (
+                f"endpoint {endpoint.name} was asked what it serves and has not answered yet"
+            )
             answer.add_done_callback(functools.partial(_on_loop, loop, self._late, endpoint))
             return False
         except ProviderError as exc:
             log.warning("%s: %s", endpoint.name, exc)
+            self._unanswered[endpoint.name] = f"endpoint {endpoint.name} could not say what it serves: {exc}"
             return False
         self._register(endpoint, served)
         return True
+
+    def why(self, name: str) -> str | None:
+        """Why ``name`` may be missing: its ``discover`` endpoint's last question went unanswered
+        (a "model not found" said nothing of the endpoint that never answered)."""
+        prefix = name.partition("/")[0].lower()
+        return next((why for e, why in self._unanswered.items() if e.lower() == prefix), None)
 
     def _ask(self, endpoint: EndpointConfig, answer: Future[list[str]]) -> None:
         try:
@@ -185,10 +196,12 @@ class EndpointDiscovery:
             self._register(endpoint, answer.result())
         except ProviderError as exc:
             log.warning("%s: %s", endpoint.name, exc)
-        except Exception:
+            self._unanswered[endpoint.name] = f"endpoint {endpoint.name} could not say what it serves: {exc}"
+        except Exception:  # a bug: logged whole
             log.warning("%s: asking what it serves failed", endpoint.name, exc_info=True)
 
     def _register(self, endpoint: EndpointConfig, served: list[str]) -> None:
+        self._unanswered.pop(endpoint.name, None)
         for schema in endpoint.to_schemas(served):
             if self._registry.find(schema.id) is None:
                 self._registry.register(schema)

@@ -352,6 +352,8 @@ def describe(
         message = f"The model `{exc.name}` does not exist."
         if exc.suggestions:
             message += f" Did you mean: {', '.join(exc.suggestions)}?"
+        if exc.why:  # an endpoint that did not say what it serves: the log was the only place
+            message += f" ({exc.why})"
         return ErrorInfo(
             404, "invalid_request_error", "model_not_found", message, "model", name,
             extra={"suggestions": exc.suggestions},
