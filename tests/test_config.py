@@ -113,6 +113,22 @@ def test_no_setting_takes_infinity_or_nan(isolated_home: Path, line: str) -> Non
         load_config(isolated_home, env={})
 
 
+@pytest.mark.parametrize(
+    ("line", "env"),
+    [
+        ("[runtimes]\ntick_s = 1e10", {}),
+        ("", {"CAR_RUNTIMES__BACKOFF_S": "1e12"}),
+        ("[server]\nrequest_timeout_s = 2e8", {}),
+    ],
+)
+def test_no_duration_is_past_a_waits_reach(isolated_home: Path, line: str, env: dict[str, str]) -> None:
+    """`tick_s = 1e10` was accepted and crashed the runtime monitor (OverflowError: a wait past
+    threading's TIMEOUT_MAX); every `*_s` setting is at most 1e8 seconds (about three years)."""
+    (isolated_home / "config.toml").write_text(line + "\n")
+    with pytest.raises(ConfigError, match="at most 100,000,000 seconds"):
+        load_config(isolated_home, env=env)
+
+
 def test_environment_names_under_keys_keep_their_case_and_conflicts_are_said(isolated_home: Path) -> None:
     config = load_config(isolated_home, env={"CAR_KEYS__OPENAI_API_KEY": "sk-a,sk-b"})
     assert config.keys == {"OPENAI_API_KEY": ["sk-a", "sk-b"]}  # was openai_api_key: never read

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ._tomlfile import read_toml, readable_exists, validate_file
 from .errors import ConfigError
@@ -92,10 +100,23 @@ class CarPaths(BaseModel):
         return self.home / "cache"
 
 
+# The longest duration a setting may name (about three years): past threading's TIMEOUT_MAX
+# (9.2e9 s) a wait raised OverflowError, and `tick_s = 1e10` crashed the runtime monitor.
+MAX_SECONDS = 1e8
+
+
 class _Section(BaseModel):
     # No setting means infinity: `tick_s = inf` crashed the runtime monitor (a timestamp out of
     # range); "never" is 0 or unset where a setting has it.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _bounded_seconds(cls, value: Any, info: ValidationInfo) -> Any:
+        name = info.field_name or ""
+        if name.endswith("_s") and isinstance(value, int | float) and value > MAX_SECONDS:
+            raise ValueError(f"at most {MAX_SECONDS:,.0f} seconds")
+        return value
 
 
 class ModelChoices(_Section):
