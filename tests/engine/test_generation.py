@@ -8,9 +8,11 @@ from car_inference.engine import InferenceEngine
 from car_inference.errors import ModelNotFound, ModelUnavailable, ProviderError, UnsupportedMode
 from car_inference.requests import (
     AudioBlock,
+    ContentBlock,
     EmbedRequest,
     GenerateParams,
     GenerateRequest,
+    ImageBlock,
     Message,
     TextBlock,
     ThinkingMode,
@@ -18,6 +20,7 @@ from car_inference.requests import (
 from car_inference.routing.complexity import estimate_tokens
 from car_inference.stream import Done, RouteEvent, TextDelta
 from fakes import FakeProviderServer, Fault, Reply
+from fakes.remote_kit import PNG
 
 from .conftest import RemoteEngine
 
@@ -216,3 +219,29 @@ async def test_a_stream_that_breaks_after_text_is_spent_for_it_and_one_that_neve
     assert written and not isinstance(events[-1], Done)
     prompt = engine.route(request).estimated_input_tokens
     assert _spent(engine) == pytest.approx((prompt + estimate_tokens(written)) * 20_000 / 1e6)
+
+
+async def test_images_to_a_hosted_model_without_vision_are_refused_before_the_call(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    """An endpoint's text-only server (declared without `vision`) was sent the image, dropped it
+    and answered as if it had seen it; a model declared with `vision` still gets it."""
+    engine = remote_engine(
+        {
+            "textonly": {"capabilities": ["generate"]},
+            "seeing": {"capabilities": ["generate", "vision"]},
+        }
+    )
+    image: list[ContentBlock] = [
+        TextBlock(text="What is this?"),
+        ImageBlock(data=PNG, media_type="image/png"),
+    ]
+    with pytest.raises(UnsupportedMode, match="image"):
+        await engine.generate(
+            GenerateRequest(messages=[Message(role="user", content=image)], model="textonly")
+        )
+    assert fake.requests == [] and engine.breakers.allow("textonly/textonly")
+    seen = await engine.generate(
+        GenerateRequest(messages=[Message(role="user", content=image)], model="seeing")
+    )
+    assert seen.model_used == "seeing/seeing" and len(fake.requests) == 1

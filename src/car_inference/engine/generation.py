@@ -212,9 +212,12 @@ class GenerationMixin(Lifecycle):
         backend = self._runnable(model)
         if not isinstance(backend, TextGenerator):
             raise UnsupportedMode("generate", model.kind, f"the {model.kind} backend does not generate text")
-        # Images: a local model without vision is refused before it loads; a hosted one, its provider's.
+        # Media: a local model without vision is refused before it loads; any model without it is
+        # refused images (an endpoint's text-only server dropped them and answered anyway); other
+        # media to a hosted model are its provider's to judge.
         media = request.media_types()
-        if media and model.in_process and not model.has_capability(ModelCapability.VISION):
+        unseen = model.in_process or "image" in media
+        if media and unseen and not model.has_capability(ModelCapability.VISION):
             kinds = sorted(media)
             why = f"{model.id} reads text only: no {' or '.join(kinds)} input"
             raise UnsupportedMode("/".join(kinds) + "-input", model.kind, why, param="messages")
