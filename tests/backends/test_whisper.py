@@ -232,6 +232,36 @@ def test_assembly_joins_parts_in_numeric_order(tmp_path: Path) -> None:
         assemble_split_model([one, two], root)
 
 
+def test_a_joined_folder_cut_short_is_joined_again(tmp_path: Path) -> None:
+    """A truncated model.bin in the joined folder failed every transcription: the folder was
+    reused because it existed."""
+    one = tmp_path / "one"
+    one.mkdir()
+    for i in (1, 2):
+        (one / f"w.bin.part{i}").write_bytes(b"x" * 1000)
+    folder = assemble_split_model([one], tmp_path / "cache")
+    with open(folder / "w.bin", "r+b") as cut:
+        cut.truncate(10)
+    assert assemble_split_model([one], tmp_path / "cache") == folder
+    assert (folder / "w.bin").read_bytes() == b"x" * 2000
+
+
+async def test_a_joined_model_that_does_not_load_is_joined_again(
+    model: ModelSchema, fox_wav: Path, tmp_path: Path
+) -> None:
+    """Damaged at its full size (what a size check cannot see), it failed "could not load" on
+    every call while `car health` said ok: it is joined again once, and transcribes."""
+    config = CarConfig(home=tmp_path / "home")
+    backend = WhisperBackend(BackendContext(config=config, cache=ModelCache(config.local.cache_mb)))
+    weights = backend.model_dir(model) / "model.bin"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as damaged:
+        damaged.write(b"\0" * 4096)
+    assert weights.stat().st_size == size
+    result = await backend.transcribe(model, TranscribeRequest(audio_path=str(fox_wav)))
+    assert _heard(result.text), result.text
+
+
 def test_a_path_source_is_used_as_it_is(backend: WhisperBackend, model: ModelSchema, tmp_path: Path) -> None:
     folder = backend.model_dir(model)
     direct = model.model_copy(update={"source": WhisperSource(path=str(folder))})

@@ -16,6 +16,7 @@ before: the check never trims what Whisper hears.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 import tempfile
@@ -33,6 +34,8 @@ from .fair import step_by_step
 from .media_files import readable_file
 
 __all__ = ["WhisperBackend", "assemble_split_model"]
+
+log = logging.getLogger("car_inference.whisper")
 
 COMPUTE_TYPE = "int8"
 _PART = re.compile(r"^(?P<name>.+)\.part(?P<index>\d+)$")
@@ -64,7 +67,7 @@ class WhisperBackend:
             folder = self.model_dir(model)
             from faster_whisper import WhisperModel
 
-            try:
+            def whisper() -> Any:
                 return WhisperModel(
                     str(folder),
                     device="cpu",
@@ -72,6 +75,20 @@ class WhisperBackend:
                     cpu_threads=self.ctx.config.local.n_threads or 0,
                     local_files_only=True,
                 )
+
+            try:
+                return whisper()
+            except (OSError, ValueError, RuntimeError) as exc:
+                cache = self.ctx.config.paths.cache_dir / "whisper"
+                if folder.parent != cache:  # a folder the user gave is theirs to mend
+                    raise InferenceFailed(f"could not load {model.id} from {folder}: {exc}") from exc
+                log.warning(
+                    "%s: its joined folder %s does not load (%s): joined again", model.id, folder, exc
+                )
+            shutil.rmtree(folder, ignore_errors=True)  # damaged at its full size: joined again, once
+            folder = self.model_dir(model)
+            try:
+                return whisper()
             except (OSError, ValueError, RuntimeError) as exc:
                 raise InferenceFailed(f"could not load {model.id} from {folder}: {exc}") from exc
 
@@ -227,8 +244,11 @@ def assemble_split_model(parts: list[Path], root: Path) -> Path:
             raise InferenceFailed(f"{name} is split into parts {sorted(pieces)}, not 1..{len(pieces)}")
     inputs = [*whole.values(), *(p for pieces in split.values() for _, p in sorted(pieces.items()))]
     target = root / _fingerprint(inputs)
-    if target.is_dir():
+    sizes = {name: file.stat().st_size for name, file in whole.items()}
+    sizes |= {name: sum(p.stat().st_size for p in pieces.values()) for name, pieces in split.items()}
+    if target.is_dir() and _sized(target, sizes):
         return target
+    shutil.rmtree(target, ignore_errors=True)  # damaged (a file cut short): built again, once
     try:
         root.mkdir(parents=True, exist_ok=True)
         building = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
@@ -255,6 +275,15 @@ def assemble_split_model(parts: list[Path], root: Path) -> Path:
     finally:
         shutil.rmtree(building, ignore_errors=True)  # gone already when the rename succeeded
     return target
+
+
+def _sized(folder: Path, sizes: dict[str, int]) -> bool:
+    """Whether every file of an assembled folder is there at the size it was built at: a
+    truncated model.bin failed every transcription, the folder reused because it existed."""
+    try:
+        return all((folder / name).stat().st_size == size for name, size in sizes.items())
+    except OSError:
+        return False
 
 
 def _fingerprint(files: list[Path]) -> str:
