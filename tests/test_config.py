@@ -129,6 +129,16 @@ def test_no_duration_is_past_a_waits_reach(isolated_home: Path, line: str, env: 
         load_config(isolated_home, env=env)
 
 
+def test_voice_aliases_from_the_environment_keep_their_case(isolated_home: Path) -> None:
+    """CAR_SPEECH__VOICES__MyVoice was stored as myvoice (aliases match as written: never), and
+    a JSON table for CAR_SPEECH__VOICES was "Input should be a valid dictionary"."""
+    config = load_config(isolated_home, env={"CAR_SPEECH__VOICES__MyVoice": "en_US-joe-medium"})
+    assert config.speech.voices == {"MyVoice": "en_US-joe-medium"}
+    config = load_config(isolated_home, env={"CAR_SPEECH__VOICES": '{"Alloy": "en_US-joe-medium"}'})
+    assert config.speech.voices == {"Alloy": "en_US-joe-medium"}
+    assert load_config(isolated_home, env={"CAR_SPEECH__PREFER_LOCAL": "false"}).speech.prefer_local is False
+
+
 def test_environment_names_under_keys_keep_their_case_and_conflicts_are_said(isolated_home: Path) -> None:
     config = load_config(isolated_home, env={"CAR_KEYS__OPENAI_API_KEY": "sk-a,sk-b"})
     assert config.keys == {"OPENAI_API_KEY": ["sk-a", "sk-b"]}  # was openai_api_key: never read

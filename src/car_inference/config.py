@@ -502,12 +502,30 @@ _SHORT_ENV = {
 }
 
 
-def _env_value(raw: str, list_field: bool) -> Any:
+# Tables whose names are the user's, not settings: kept as written (a voice alias is matched as
+# given, and CAR_SPEECH__VOICES__MyVoice was stored as myvoice, never matching "MyVoice").
+_NAMED_TABLES = (("keys",), ("speech", "voices"))
+
+
+def _env_value(raw: str, list_field: bool, table: bool = False) -> Any:
     if list_field:
         if raw.strip().startswith("["):
             return json.loads(raw)
         return [part.strip() for part in raw.split(",") if part.strip()]
+    if table and raw.strip().startswith("{"):  # CAR_SPEECH__VOICES='{"alloy": "..."}'
+        return json.loads(raw)
     return raw
+
+
+def _env_path(parts: list[str]) -> tuple[str, ...]:
+    """An environment variable's setting path: lower case, but for a name in ``_NAMED_TABLES``
+    (CAR_KEYS__OPENAI_API_KEY was stored as openai_api_key, which no provider reads)."""
+    path = [p.lower() for p in parts]
+    for table in _NAMED_TABLES:
+        at = len(table)
+        if tuple(path[:at]) == table and len(parts) > at:
+            path[at] = parts[at]
+    return tuple(path)
 
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
@@ -516,12 +534,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[tuple[str, 
         if name in _SHORT_ENV:
             path: tuple[str, ...] = _SHORT_ENV[name]
         elif name.startswith("CAR_") and "__" in name:
-            parts = name[4:].split("__")
-            # Setting names are lower case; under [keys] the name is an environment variable's
-            # (CAR_KEYS__OPENAI_API_KEY was stored as openai_api_key, which no provider reads).
-            path = tuple(
-                p if i == 1 and parts[0].lower() == "keys" else p.lower() for i, p in enumerate(parts)
-            )
+            path = _env_path(name[4:].split("__"))
         else:
             continue
         section = path[0]
@@ -537,7 +550,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> list[tuple[str, 
             target = child
         list_field = path in {("server", "api_keys")} or section == "keys"
         try:
-            target[path[-1]] = _env_value(value, list_field)
+            target[path[-1]] = _env_value(value, list_field, table=path in _NAMED_TABLES)
         except ValueError as exc:
             raise ConfigError(f"not valid JSON: {exc}", path=f"${name}") from exc
         applied.append((name, path))
