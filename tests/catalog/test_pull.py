@@ -292,7 +292,9 @@ def test_an_unreachable_endpoint_fails_at_once_in_one_line(
     with pytest.raises(DownloadFailed) as caught:
         pull(gguf_model())
     assert time.monotonic() - started < 2, "no retries before saying so"
-    assert str(caught.value).startswith(f"cannot reach http://127.0.0.1:{port} (")
+    # ... naming the model and repo it was pulling ("cannot reach ..." named neither)
+    prefix = f"could not pull tiny/tiny:q4 from {REPO}: cannot reach http://127.0.0.1:{port} ("
+    assert str(caught.value).startswith(prefix), str(caught.value)
     assert "\n" not in str(caught.value) and caught.value.__cause__ is None
 
 

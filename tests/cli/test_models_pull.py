@@ -115,7 +115,9 @@ def test_rm_of_a_snapshot_model_keeps_another_entrys_pinned_commit(hub: FakeHub,
     assert "available: no" in car("models", "show", "tiny/embed")[1]
 
 
-def test_a_killed_pull_continues_in_the_next_one(hub: FakeHub, tmp_path: Path) -> None:
+def test_a_killed_pull_continues_in_the_next_one(
+    hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     big = os.urandom(2_000_000)
     hub.publish("tiny/tiny-GGUF", {"tiny-q4_k_m.gguf": big})
     hub.slow["tiny-q4_k_m.gguf"] = 0.05  # 64 kB every 50 ms: about 1.5 s for the file
@@ -146,6 +148,10 @@ def test_a_killed_pull_continues_in_the_next_one(hub: FakeHub, tmp_path: Path) -
     code, out, _ = car("models", "pull", "tiny", "--json")
     assert json.loads(out)["downloaded_bytes"] == 0
     assert Path(json.loads(out)["path"]).read_bytes() == big
+    # Offline, a model on disk is there: a script making sure of it failed (exit 1) offline.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = car("models", "pull", "tiny")
+    assert code == 0 and "nothing to download" in out, err
 
 
 def test_pull_errors_are_one_line(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ files are fetched (a blob that did not change is shared, not downloaded twice).
 from __future__ import annotations
 
 import fnmatch
+import logging
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..errors import DownloadFailed, ModelUnavailable, UnsupportedMode
 from ..schema import DiffusersSource, GgufSource, ModelSchema, PiperSource, SentenceSource, WhisperSource
 from .hub import (
     HubClient,
+    HubUnreachable,
     RemoteFile,
     hub_endpoint,
     hub_offline,
@@ -31,6 +33,8 @@ from .hub import (
     write_ref,
 )
 from .locate import hf_cache_dir, local_path, split_parts
+
+log = logging.getLogger("car_inference.pull")
 
 __all__ = [
     "PullPlan",
@@ -168,10 +172,12 @@ def pull(model: ModelSchema, progress: PullProgress | None = None, endpoint: str
         return PullReport(model.id, "", "", "", local_path(model))
     previous = read_ref(plan.repo, plan.revision)
     if hub_offline():
-        hint = "its files are on disk" if _on_disk(model) else "unset HF_HUB_OFFLINE to download"
+        if _on_disk(model):  # a script making sure a model is there failed offline although it was
+            log.warning("HF_HUB_OFFLINE is set: %s is on disk, not checked for a newer revision", model.id)
+            return PullReport(model.id, "", "", "", local_path(model))
         raise DownloadFailed(
-            f"could not pull {model.id} from {plan.repo}: the Hub is switched off (HF_HUB_OFFLINE is set); "
-            + hint
+            f"could not pull {model.id} from {plan.repo}: the Hub is switched off (HF_HUB_OFFLINE is set);"
+            " unset HF_HUB_OFFLINE to download"
         )
     try:
         with HubClient(endpoint) as hub:
@@ -185,6 +191,8 @@ def pull(model: ModelSchema, progress: PullProgress | None = None, endpoint: str
         write_ref(plan.repo, plan.revision, commit)
     except OSError as exc:  # a full or read-only disk while writing the cache
         raise DownloadFailed(f"could not pull {model.id} into {hf_cache_dir()}: {exc}") from None
+    except HubUnreachable as exc:  # "cannot reach https://huggingface.co" named no model
+        raise HubUnreachable(f"could not pull {model.id} from {plan.repo}: {exc}") from None
     report.path = local_path(model)
     return report
 
