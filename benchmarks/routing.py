@@ -325,17 +325,17 @@ def section_latency(test: list[Prompt], samples: int) -> None:
             candidates = len(router.decide(prompts[0], reg).candidates)
             for p in prompts[:200]:  # warm up
                 router.decide(p, reg)
-            timings = _decide_timings(router, reg, prompts, record=False)
-            loaded = _decide_timings(router, reg, prompts, record=True)
+            runs = [_decide_timings(router, reg, prompts, record=False) for _ in range(LATENCY_RUNS)]
+            loaded = [_decide_timings(router, reg, prompts, record=True) for _ in range(LATENCY_RUNS)]
             rows.append(
                 (
                     total,
                     label,
                     candidates,
-                    f"{_pct(timings, 0.5):.0f}",
-                    f"{_pct(timings, 0.99):.0f}",
-                    f"{statistics.fmean(timings) * 1e6:.0f}",
-                    f"{_pct(loaded, 0.5):.0f} / {_pct(loaded, 0.99):.0f}",
+                    _runs(runs, 0.5),
+                    _runs(runs, 0.99),
+                    _runs([[statistics.fmean(t)] for t in runs], 0.0),
+                    f"{_runs(loaded, 0.5)} / {_runs(loaded, 0.99)}",
                 )
             )
     headers = [
@@ -350,6 +350,7 @@ def section_latency(test: list[Prompt], samples: int) -> None:
     print(table(headers, rows))
     print(
         "\n(RouterDC held-out prompts, mean 400 characters; the target is p50 <= 1 ms with 50 models."
+        f"\n Each figure: the median run of {LATENCY_RUNS} (min-max over the runs), 1,000 decisions a run."
         "\n Last column: an earlier request's outcome recorded before each decision, as under load.)"
     )
 
@@ -361,7 +362,7 @@ def _decide_timings(
     requests earlier is recorded before each one (the family level it changed is rebuilt)."""
     earlier = [router.decide(p, reg) for p in prompts[:50]]
     timings = []
-    for i, p in enumerate(prompts * max(1, 3000 // len(prompts))):
+    for i, p in enumerate((prompts * (1000 // len(prompts) + 1))[:1000]):
         if record:
             d = earlier[i % 50]
             trace = router.tracker.record_start(d.model_id, family=d.task_family, cluster=d.prompt_cluster)
@@ -375,6 +376,15 @@ def _decide_timings(
 
 def _pct(timings: list[float], q: float) -> float:
     return timings[int(len(timings) * q)] * 1e6
+
+
+LATENCY_RUNS = 5
+
+
+def _runs(runs: list[list[float]], q: float) -> str:
+    """The ``q`` quantile of each run's sorted seconds, in µs: the median run (min-max)."""
+    per = sorted(_pct(t, q) for t in runs)
+    return f"{statistics.median(per):.0f} ({per[0]:.0f}-{per[-1]:.0f})"
 
 
 def section_store() -> None:
@@ -460,17 +470,20 @@ def section_features(test: list[Prompt]) -> None:
     print("\n## (c2) Featurization alone (family, cluster, complexity, template signature)\n")
     router = new_router(RoutingSettings())
     prompts = [p.question for p in random.Random(5).sample(test, 1000)]
-    timings = []
-    for text in prompts * 3:
-        request = GenerateRequest(prompt=text)
-        start = time.perf_counter()
-        feats = TextFeatures(text)
-        family_of(feats), cluster_of(feats), complexity_of(feats, has_tools=False, has_vision=False)
-        router.templates.signature(request, text)
-        timings.append(time.perf_counter() - start)
-    timings.sort()
+    runs = []
+    for _ in range(LATENCY_RUNS):
+        timings = []
+        for text in prompts:
+            request = GenerateRequest(prompt=text)
+            start = time.perf_counter()
+            feats = TextFeatures(text)
+            family_of(feats), cluster_of(feats), complexity_of(feats, has_tools=False, has_vision=False)
+            router.templates.signature(request, text)
+            timings.append(time.perf_counter() - start)
+        runs.append(sorted(timings))
     print(
-        f"p50 {timings[len(timings) // 2] * 1e6:.0f} µs, p99 {timings[int(len(timings) * 0.99)] * 1e6:.0f} µs"
+        f"p50 {_runs(runs, 0.5)} µs, p99 {_runs(runs, 0.99)} µs"
+        f" (the median run of {LATENCY_RUNS}, min-max over the runs; 1,000 prompts a run)"
     )
 
 
