@@ -312,15 +312,22 @@ async def test_cancelling_the_caller_cancels_the_runner(engine: InferenceEngine)
         (RuntimeError("boom"), "failed: RuntimeError: boom"),
         (42, "answered a int, not text or a result"),
         ({"txt": "typo"}, "answered an invalid result"),
+        ({"text": "x", "finish_reason": "garbage"}, "finish_reason 'garbage' is not one of"),
+        (Done(text="x", finish_reason="garbage"), "finish_reason 'garbage' is not one of"),
+        ("stream", "finish_reason 'garbage' is not one of"),  # a streamed Done, the same
     ],
 )
 async def test_a_runner_failure_is_a_provider_error_naming_it(
     engine: InferenceEngine, answer: Any, words: str
 ) -> None:
+    async def streamed() -> Any:
+        yield "x"
+        yield Done(text="x", finish_reason="garbage")
+
     async def runner(model: ModelSchema, request: GenerateRequest) -> Any:
         if isinstance(answer, Exception):
             raise answer
-        return answer
+        return streamed() if answer == "stream" else answer
 
     engine.register_runner(runner, ["host/echo"], name="flaky")
     with pytest.raises(ProviderError, match=words) as caught:

@@ -171,9 +171,23 @@ def as_output(value: Any, model_id: str, runner: str, context_length: int = 0) -
             raise _runner_error(runner, model_id, f"answered an invalid result: {problem}") from None
     else:
         raise _runner_error(runner, model_id, f"answered a {type(value).__name__}, not text or a result")
+    _check_finish(out.finish_reason, model_id, runner)
     if out.usage is not None and (usage := filled_usage(out.usage, context_length)) is not out.usage:
         out = out.model_copy(update={"usage": usage})
     return out
+
+
+# What a generation may say it finished for (OpenAI's words, which every wire speaks through us).
+FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter"})
+
+
+def _check_finish(reason: str | None, model_id: str, runner: str) -> None:
+    """A runner's ``finish_reason`` is one we pass on: "garbage" reached callers over HTTP too."""
+    if reason is not None and reason not in FINISH_REASONS:
+        known = ", ".join(sorted(FINISH_REASONS))
+        raise _runner_error(
+            runner, model_id, f"answered an invalid result: finish_reason {reason!r} is not one of {known}"
+        )
 
 
 def result_events(out: GenerationOutput, streamed: StreamAccumulator) -> Iterator[StreamEvent]:
@@ -321,6 +335,7 @@ class DelegatedBackend:
                     raise _runner_error(entry.name, model.id, f"streamed a {type(item).__name__}")
                 accumulator.push(event)
                 if isinstance(event, Done):
+                    _check_finish(event.finish_reason, model.id, entry.name)
                     yield _done_with_usage(event, model.context_length)
                     return
                 yield event
