@@ -161,6 +161,21 @@ def test_a_spend_limit_no_model_is_billed_under_is_said_at_start(
     assert "[spend.providers.opnai]" in lines[1] and "did you mean openai" in lines[1]
 
 
+def test_a_keys_name_no_model_reads_is_said_at_start(
+    isolated_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`[keys] openai_api_key = [...]` (lower case) was never read and OpenAI stayed unavailable,
+    without a word."""
+    (isolated_home / "config.toml").write_text(
+        '[keys]\nopenai_api_key = ["sk-a"]\nANTHROPIC_API_KEY = ["sk-b"]\n'
+    )
+    with caplog.at_level("WARNING", logger="car_inference.engine"):
+        engine = InferenceEngine()
+    engine.close()
+    (line,) = [r.getMessage() for r in caplog.records if "[keys]" in r.getMessage()]
+    assert "[keys] openai_api_key is no model's key variable (did you mean OPENAI_API_KEY?)" in line
+
+
 def test_private_image_urls_setting_reaches_every_backend(isolated_home: Path) -> None:
     """The server turns the fetching of loopback/private image URLs off on its engine; the GGUF
     backend (vision chats) reads it from the context every backend shares, so it cannot drift."""

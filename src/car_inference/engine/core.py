@@ -132,6 +132,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.runtimes = RuntimeSupervisor(self.config, self.registry)  # servers we start on first use
         self._warn_unknown_choices()
         self._warn_unknown_spend_scopes()
+        self._warn_unknown_key_names()
         self._init_routing()
 
     @property
@@ -185,6 +186,19 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
                 " nothing until one is",
                 name, hint,
             )  # fmt: skip
+
+    def _warn_unknown_key_names(self) -> None:
+        """A ``[keys]`` name no model reads its key from is said once at start: the keys under
+        `openai_api_key` (lower case) were never used, and OpenAI stayed unavailable unsaid."""
+        used = {getattr(m.source, "api_key_env", None) for m in self.registry.list()}
+        used |= {e.api_key_env for e in self.registry.endpoints}
+        names = sorted(n for n in used if isinstance(n, str) and n)
+        for name in self.config.keys:
+            if name in names:
+                continue
+            near = [n for n in names if n.lower() == name.lower()] or close_matches(name, names)
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            log.warning("config [keys] %s is no model's key variable%s: its keys are not used", name, hint)
 
     def _init_routing(self) -> None:
         home = self.config.home
