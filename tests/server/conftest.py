@@ -48,7 +48,9 @@ def remote_home(home: Path, fake: FakeProviderServer, *models: str, extra: str =
     """A $CAR_HOME whose models.toml serves ``models`` from ``fake`` as ``fake/<model>``."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "models.toml").write_text(
-        endpoint_toml("fake", fake.openai_base_url, list(models), ["generate", "tool_use"]) + extra
+        # It stands for a hosted provider's models, which read images (`vision`: images to a
+        # model without it are refused before the call).
+        endpoint_toml("fake", fake.openai_base_url, list(models), ["generate", "tool_use", "vision"]) + extra
     )
     (home / "config.toml").write_text(
         "[routing]\nexploration_rate = 0.0\nseed = 7\n[remote]\ntimeout_s = 5\n"

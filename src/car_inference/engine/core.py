@@ -329,11 +329,16 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self, base_url: str, model: str, *, api_key_env: str | None = None, name: str = "endpoint"
     ) -> ModelSchema:
         """Make ``model`` on an OpenAI-compatible server at ``base_url`` a catalog model
-        (``{name}/{model}``) for this engine, e.g. for ``car generate --base-url``."""
+        (``{name}/{model}``) for this engine, e.g. for ``car generate --base-url``. It takes
+        images too (``vision``): the caller who names a server knows what it reads, and a model
+        without vision is refused images before the call."""
         from ..catalog import EndpointConfig
 
+        seen = [ModelCapability.GENERATE, ModelCapability.VISION]
         try:
-            endpoint = EndpointConfig(name=name, base_url=base_url, api_key_env=api_key_env, models=[model])
+            endpoint = EndpointConfig(
+                name=name, base_url=base_url, api_key_env=api_key_env, models=[model], capabilities=seen
+            )
         except ValidationError as exc:
             raise InvalidInput(f"register_endpoint: {validation_summary(exc)}") from None
         return self.registry.register(endpoint.to_schemas()[0])
