@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -60,6 +59,7 @@ from .keys_store import (
     as_count,
     as_status,
     as_time,
+    import_legacy,
     key_row,
     open_key_stats,
 )
@@ -186,7 +186,7 @@ class KeyPool:
         self._timer: threading.Timer | None = None
         self._db = self._open()
         if self._db is not None and legacy_path is not None:
-            self._import_legacy(legacy_path)
+            import_legacy(self._db, legacy_path)
         self._refresh()
         _LIVE_POOLS.add(self)
 
@@ -246,6 +246,17 @@ class KeyPool:
                 key, record, _ = min(usable, key=lambda kru: (kru[2], kru[1].order))
             record.last_used = now
             return key
+
+    def rest_left(self, env_var: str) -> float:
+        """Seconds until a key of ``env_var`` that is not disabled is free again: 0 while one is
+        (or none is usable at all), else how long the soonest of those cooling after a 429 rests."""
+        with self._lock:
+            now, left = self._clock(), float("inf")
+            for i, k in enumerate(self._resolve(env_var)):
+                disabled, until = self._health(k.value, self._record(env_var, k.value, i))
+                if not disabled:
+                    left = min(left, max(0.0, (until or 0.0) - now))
+            return 0.0 if left == float("inf") else left
 
     def report(self, env_var: str, key: str, *, status: int | None, retry_after: float | None) -> None:
         """How a request with ``key`` went: 2xx clears a cooldown, 429 starts one, 401/403
@@ -473,28 +484,6 @@ class KeyPool:
             log.warning("key statistics stay in memory: %s", exc)
             self.stats_error = str(exc)
             return None
-
-    def _import_legacy(self, path: Path) -> None:
-        """Add the counts of an earlier version's JSON file, once (the import is recorded in the
-        same transaction, so two processes starting together do not both add them)."""
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError):
-            log.warning("ignoring unreadable key statistics in %s", path)
-            return
-        entries = data.get("keys", {}) if isinstance(data, dict) else {}
-        assert self._db is not None
-        try:
-            rows = [
-                key_row(fp, raw, reported=True, health=True)
-                for fp, raw in (entries.items() if isinstance(entries, dict) else ())
-                if isinstance(raw, dict) and isinstance(raw.get("env_var"), str)
-            ]
-            self._db.import_once(str(path.resolve()), rows)
-        except (KeyStatsError, TypeError, ValueError) as exc:
-            log.warning("could not import key statistics from %s: %s", path, exc)
 
     def _refresh(self) -> None:
         """Take every process's counts and health from the database (pending increments of this

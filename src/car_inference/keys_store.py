@@ -14,6 +14,8 @@ tries again at its next write. A PostgreSQL connection that broke is opened agai
 
 from __future__ import annotations
 
+import json
+import logging
 import sqlite3
 import threading
 import time
@@ -27,6 +29,8 @@ from . import sqlite_wal
 from .config import CarConfig, redact_url
 from .routing.store_sql import dialect
 
+log = logging.getLogger("car_inference.keys")
+
 __all__ = [
     "KeyStatsDB",
     "KeyStatsError",
@@ -36,6 +40,7 @@ __all__ = [
     "as_count",
     "as_status",
     "as_time",
+    "import_legacy",
     "key_row",
     "open_key_stats",
 ]
@@ -295,3 +300,25 @@ def as_status(value: Any) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value < 600:
         return None
     return value
+
+
+def import_legacy(db: KeyStatsDB, path: Path) -> None:
+    """Add the counts of an earlier version's JSON statistics file, once (the import is recorded
+    in the same transaction, so two processes starting together do not both add them)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable key statistics in %s", path)
+        return
+    entries = data.get("keys", {}) if isinstance(data, dict) else {}
+    try:
+        rows = [
+            key_row(fp, raw, reported=True, health=True)
+            for fp, raw in (entries.items() if isinstance(entries, dict) else ())
+            if isinstance(raw, dict) and isinstance(raw.get("env_var"), str)
+        ]
+        db.import_once(str(path.resolve()), rows)
+    except (KeyStatsError, TypeError, ValueError) as exc:
+        log.warning("could not import key statistics from %s: %s", path, exc)

@@ -27,6 +27,7 @@ from car_inference.requests import (
     ToolCall,
     VideoBlock,
 )
+from car_inference.routing import failure_weight
 from car_inference.schema import ModelSchema
 from car_inference.stream import Done, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
 from fakes import FakeProviderServer, Fault, Reply, ToolCallSpec
@@ -526,10 +527,12 @@ async def test_rotation_to_second_key(fake: FakeProviderServer, tmp_path: Path) 
     ]
 
 
-async def test_with_every_key_resting_a_request_sends_one_probe(
+async def test_with_every_key_resting_a_request_is_answered_429_without_a_call(
     fake: FakeProviderServer, tmp_path: Path
 ) -> None:
-    """Each request called the provider once per key, every one resting for its Retry-After."""
+    """Each request called the provider once per key, every one resting for its Retry-After;
+    then one probe a request, each a 429 that counted toward the model's circuit. While every
+    key rests, the 429 is answered here, with how long the soonest rests."""
     keys = [KEY, "sk-openai-test-key-0002", "sk-openai-test-key-0003"]
     be = make(tmp_path, {"OPENAI_API_KEY": KEY, "OPENAI_API_KEYS": ",".join(keys[1:])})
     for key in keys:
@@ -537,8 +540,10 @@ async def test_with_every_key_resting_a_request_sends_one_probe(
     for _ in range(3):
         with pytest.raises(ProviderError) as info:
             await be.generate(model(fake), GenerateRequest(prompt="x"))
-        assert info.value.status == 429
-    assert len(fake.requests) == 3 + 1 + 1  # every key once while healthy, then one probe each
+        assert info.value.status == 429 and info.value.retry_after is not None
+        assert 0 < info.value.retry_after <= 30
+    assert len(fake.requests) == 3  # every key once while healthy, then none while all rest
+    assert "is rate limited by" in str(info.value) and failure_weight(info.value) == 0
 
 
 # --- sources -------------------------------------------------------------------------------------

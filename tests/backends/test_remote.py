@@ -154,7 +154,9 @@ def test_an_input_refusal_is_the_requests_fault(status: int, request_caused: boo
     err = status_error(status, "boom", provider="p", model="m")
     assert isinstance(err, ProviderRejectedInput) is request_caused
     assert isinstance(err, InvalidInput) is request_caused, "the caller must change the request"
-    assert err.caused_by_request is request_caused and (failure_weight(err) == 0) is request_caused
+    assert err.caused_by_request is request_caused
+    # Counted toward the breaker unless the request caused it, or a rate limit (the key rests).
+    assert (failure_weight(err) == 0) is (request_caused or status == 429)
 
 
 def test_transport_error_classes() -> None:

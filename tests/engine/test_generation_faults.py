@@ -122,6 +122,10 @@ async def test_a_named_model_is_never_replaced(remote_engine: RemoteEngine, fake
     with pytest.raises(ProviderError) as info:
         await engine.generate(req(model="beta"))
     assert info.value.status == 429 and info.value.model == "bolt/beta"
+    with pytest.raises(ProviderError) as info:  # its key rests: the same 429, no call, no other model
+        await engine.generate(req(model="beta"))
+    assert info.value.status == 429 and info.value.model == "bolt/beta" and len(fake.requests) == 1
+    engine.keys.reset("BETA_KEY")
     fake.set_key_behavior("key-beta", Fault.unauthorized())
     with pytest.raises(ProviderError, match="401"):
         await engine.generate(req(model="beta"))
@@ -324,12 +328,14 @@ async def test_no_request_is_lost_under_intermittent_faults(
         routing="quality_weight = 1.0\nlatency_weight = 0\ncost_weight = 0",
         config="[breaker]\nfailure_threshold = 100\n",
     )
-    faults = [Fault.server_error(), Fault.rate_limit(0.1), Fault.malformed_json(), Fault.cut_stream(0)]
+    # A rate limit of a millisecond: its key rests that long (answered here meanwhile, no call).
+    faults = [Fault.server_error(), Fault.rate_limit(0.001), Fault.malformed_json(), Fault.cut_stream(0)]
     outcomes = []
     for i in range(12):
         fake.queue(faults[i // 2 % 4], Reply()) if i % 2 == 0 else fake.queue(Reply())
         outcomes.append(await engine.generate(req(f"request {i}")))
-    assert all(r.text.startswith("echo: request") for r in outcomes)
+    answered = [(r.model_used, r.text[:30]) for r in outcomes]
+    assert all(r.text.startswith("echo: request") for r in outcomes), answered
     assert sum(r.routing.strategy == "fallback" for r in outcomes) == 6
 
 

@@ -42,11 +42,13 @@ def test_client_error_counts_double(clock: FakeClock) -> None:
     throttled = ProviderError("slow down", provider="p", model="m", status=429)
     assert failure_weight(bad_key) == 2
     assert failure_weight(ProviderError("no such model", provider="p", model="m", status=404)) == 2
-    assert failure_weight(throttled) == 1
+    assert failure_weight(throttled) == 0  # a rate limit: the key rests, the model is not broken
     assert failure_weight(TimeoutError()) == 1
     cb.record_failure("m", weight=failure_weight(bad_key))
     assert cb.state("m") is CircuitState.CLOSED
     cb.record_failure("m", weight=failure_weight(throttled))
+    assert cb.state("m") is CircuitState.CLOSED  # a 429 counts nothing
+    cb.record_failure("m", weight=failure_weight(TimeoutError()))
     assert cb.state("m") is CircuitState.OPEN  # 2 + 1 = threshold
 
 

@@ -121,6 +121,10 @@ class KeyProvider(Protocol):
         """Whether every key of ``env_var`` was refused by the provider (why ``acquire`` gives none)."""
         ...
 
+    def rest_left(self, env_var: str) -> float:
+        """Seconds until a usable key of ``env_var`` is free after a 429; 0 while one is."""
+        ...
+
 
 @dataclass
 class BackendContext:

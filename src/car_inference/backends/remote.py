@@ -187,6 +187,21 @@ def answer_budget(max_tokens: int) -> int:
     return 32 * max_tokens + 4096
 
 
+def _resting(endpoint: Endpoint, model: ModelSchema, left: float) -> ProviderError:
+    """Every usable key rests after the provider's 429: answered as the provider's 429 would be,
+    without calling it (each request probed it once more, and three such 429s opened the model's
+    circuit: a 503 for its cooldown where the key was free again in seconds)."""
+    return ProviderError(
+        f"{model.id}: every key in {endpoint.key_env} is rate limited by {endpoint.provider} for"
+        f" {left:.1f} s more (its Retry-After)",
+        provider=endpoint.provider,
+        model=model.id,
+        status=429,
+        retryable=True,
+        retry_after=left,
+    )
+
+
 def _soonest(before: ProviderError | None, error: ProviderError) -> ProviderError:
     """The error a key rotation ends with: the last key's, but when every key tried was rate
     limited, waiting for the soonest of their ``Retry-After``s (the last key's 12 s was passed
@@ -344,6 +359,9 @@ class _EnvKeys:
     def refused(self, env_var: str) -> bool:
         return False  # nothing is remembered without a pool
 
+    def rest_left(self, env_var: str) -> float:
+        return 0.0
+
 
 # --- the base backend ---------------------------------------------------------------------------
 
@@ -423,6 +441,8 @@ class RemoteBackend:
             if endpoint.needs_key and not tried:
                 raise ModelUnavailable(model.id, "its source names no API key variable (api_key_env)")
             return PLACEHOLDER_KEY if not tried else None
+        if not tried and (left := self._keys.rest_left(endpoint.key_env)) > 0:
+            raise _resting(endpoint, model, left)
         # After a failure, only a key not resting: with every key cooling after 429s, a request
         # sent one call per key (each refused for its Retry-After) instead of one probe.
         key = self._keys.acquire(endpoint.key_env, resting=not tried)

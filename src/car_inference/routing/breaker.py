@@ -39,13 +39,16 @@ class CircuitState(StrEnum):
 
 
 def failure_weight(error: BaseException) -> int:
-    """0 for an error the request caused and for a model that cannot run here (``ModelUnavailable``:
+    """0 for an error the request caused, for a model that cannot run here (``ModelUnavailable``:
     no usable key, files not pulled; the router skips it anyway, and its circuit kept answering
-    ``circuit_open`` for 30 s after `car keys reset`), 2 for a provider's other client error
-    (``ProviderError.is_client_error``: 401, 403, 404...), else 1 (429, 5xx, timeouts, cut streams)."""
+    ``circuit_open`` for 30 s after `car keys reset`) and for a rate limit (429: the key pool rests
+    the key for its Retry-After and answers 429 meanwhile, without a call; counted here it opened
+    the circuit for its whole cooldown, and a 429 says nothing of the model's answers), 2 for a
+    provider's other client error (``ProviderError.is_client_error``: 401, 403, 404...), else 1
+    (5xx, timeouts, cut streams)."""
     if isinstance(error, InvalidInput | UnsupportedMode | ModelUnavailable):
         return 0
-    if getattr(error, "caused_by_request", False):
+    if getattr(error, "caused_by_request", False) or getattr(error, "status", None) == 429:
         return 0
     return 2 if getattr(error, "is_client_error", False) else 1
 
