@@ -117,6 +117,21 @@ def test_all_cooling_returns_the_one_free_first(tmp_path: Path, clock: Clock) ->
     assert {r.state for r in keys.stats([VAR])[VAR]} == {"cooling"}
 
 
+def test_rest_left_is_the_soonest_wait_while_every_usable_key_rests(tmp_path: Path, clock: Clock) -> None:
+    """What a request is told while every key rests after a 429 (answered without a call)."""
+    keys = pool(tmp_path, clock, {VAR + "S": f"{A},{B}"})
+    assert keys.rest_left(VAR) == 0.0
+    keys.report(VAR, A, status=429, retry_after=50)
+    assert keys.rest_left(VAR) == 0.0  # B is free
+    keys.report(VAR, B, status=429, retry_after=20)
+    assert keys.rest_left(VAR) == pytest.approx(20.0)
+    clock.now += 15
+    assert keys.rest_left(VAR) == pytest.approx(5.0)
+    keys.report(VAR, B, status=401, retry_after=None)  # B refused: A's wait is what is left
+    assert keys.rest_left(VAR) == pytest.approx(35.0)
+    assert keys.rest_left("NO_SUCH_KEY") == 0.0
+
+
 def test_success_ends_a_cooldown(tmp_path: Path, clock: Clock) -> None:
     keys = pool(tmp_path, clock, {VAR: A})
     keys.report(VAR, A, status=429, retry_after=100)
