@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from car_inference.runtimes.state import RunFiles, pid_alive
+import pytest
+
+from car_inference.runtimes.state import RunFiles, die_with_parent, pid_alive
 
 
 def test_lock_excludes_other_holders_until_released(tmp_path: Path) -> None:
@@ -65,3 +68,26 @@ def test_pid_alive_sees_zombies_as_dead() -> None:
     assert not pid_alive(child.pid)
     child.wait()
     assert not pid_alive(child.pid)
+
+
+def test_a_server_is_started_behind_a_wrapper_that_execs_it_in_its_place(tmp_path: Path) -> None:
+    """Parent-death signalling ran as Popen's preexec_fn, Python code between fork and exec that
+    at times hung the child on a lock another thread held when it forked. The wrapper is a
+    program of its own: the server then runs under the pid Popen gave, and its signal is set."""
+    asks = "import ctypes; s = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(s)); print(s.value)"
+    argv = die_with_parent([sys.executable, "-c", asks])  # PR_GET_PDEATHSIG
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0 and int(proc.stdout) == signal.SIGTERM
+    child = subprocess.Popen(die_with_parent([sys.executable, "-c", "import os; print(os.getpid())"]),
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    out, _ = child.communicate(timeout=30)
+    assert int(out) == child.pid, "the wrapper execs the server: one process, one pid"
+    missing = tmp_path / "no-such-server"
+    with pytest.raises(FileNotFoundError):
+        die_with_parent([str(missing)])
+    with pytest.raises(FileNotFoundError):
+        die_with_parent(["no-such-server-on-path"])
+    script = tmp_path / "server"
+    script.write_text("#!/bin/sh\n")
+    with pytest.raises(PermissionError):
+        die_with_parent([str(script)])

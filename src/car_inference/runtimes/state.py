@@ -13,10 +13,11 @@ Logs go to ``$CAR_HOME/logs/NAME.log``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import errno
 import fcntl
 import json
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -52,15 +53,32 @@ def signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-# prctl(PR_SET_PDEATHSIG, SIGTERM): looked up now, so the child between fork and exec only calls it.
-_PR_SET_PDEATHSIG = 1
-_prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform.startswith("linux") else None
+# The server's argv behind a small Python that asks for SIGTERM when its parent (the thread that
+# started it) dies, checks the parent is still there, and execs the server in its own place.
+# This ran as Popen's preexec_fn: Python code between fork and exec, which in a process of many
+# threads (llama.cpp's, torch's, ours) hung the child at times on a lock another thread held when
+# it forked (two hung starts in one CI run, each until the test's 10-minute timeout).
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)  # the parent went before prctl: no orphan\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
-def die_with_parent() -> None:
-    """In a child before exec: SIGTERM when the thread that started it dies (Linux only)."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+def die_with_parent(argv: list[str], path: str | None = None) -> list[str]:
+    """``argv`` started so that the server gets SIGTERM when the thread that started it dies
+    (Linux; elsewhere ``argv`` as it is). Its pid is the server's: the wrapper execs it. A
+    command that cannot run raises here, as Popen would (``path``: the child's PATH)."""
+    if not sys.platform.startswith("linux") or not sys.executable:
+        return argv
+    exe = argv[0] if os.sep in argv[0] else shutil.which(argv[0], path=path)
+    if exe is None or not os.path.isfile(exe):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+    if not os.access(exe, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), argv[0])
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), exe, *argv[1:]]
 
 
 def tree_rss_mb(pid: int) -> float | None:

@@ -448,14 +448,14 @@ class ManagedRuntime:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             out.write(f"--- car: {stamp} starting {' '.join(launch.argv)}\n".encode())
             out.flush()
+            env = {**os.environ, **launch.env}
             proc = subprocess.Popen(
-                launch.argv,
+                die_with_parent(launch.argv, env.get("PATH")),  # gone with the thread that started it
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **launch.env},
+                env=env,
                 start_new_session=True,  # its own process group: a stop reaches its workers too
-                preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl, resolved beforehand
             )
         finally:
             out.close()
