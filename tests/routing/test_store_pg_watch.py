@@ -13,9 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import psycopg
 import pytest
 
 from car_inference.errors import StateUnavailable
@@ -23,6 +21,8 @@ from car_inference.routing.store import TraceRow
 from car_inference.routing.store_pg import PgOutcomeStore
 from fakes.services import postgres_schema_url
 from fakes.tcp_proxy import TcpProxy
+
+from .pg_outage import proxy_in_front_of, trace_ids, wait_until
 
 
 def _row(trace_id: str) -> TraceRow:
@@ -36,24 +36,11 @@ def url() -> str:
 
 @pytest.fixture
 def proxy(url: str) -> Iterator[TcpProxy]:
-    target = urlsplit(url)
-    p = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
-    yield p
-    p.close()
+    with proxy_in_front_of(url) as p:
+        yield p
 
 
-def _wait(predicate: object, timeout_s: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _traces(url: str) -> list[str]:
-    with psycopg.connect(url, autocommit=True) as conn:
-        return [r[0] for r in conn.execute("SELECT trace_id FROM traces ORDER BY completed_at, trace_id")]
+_wait, _traces = wait_until, trace_ids
 
 
 def test_a_batch_the_database_stops_answering_is_buffered_not_held_for_ever(

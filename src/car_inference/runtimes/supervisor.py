@@ -168,10 +168,8 @@ class ManagedRuntime:
         return True
 
     def _take_over(self) -> bool | None:
-        """The owner is gone (stopped, or its process ended) and its server with it: this process
-        starts one, as its own after a crash. It failed the call instead, kept offering the dead
-        address for ``recheck_s``, and three such failures opened the model's circuit for its
-        cooldown before a request started a server. True when one answers at once (another
+        """The owner went with its server: start one, as after a crash (the call failed, and
+        three such failures opened the model's circuit). True when one answers at once (another
         process took over first), None while it starts, False when it cannot be started."""
         with self._cv:
             if self._state is RuntimeState.ATTACHED:
