@@ -209,3 +209,17 @@ def test_why_none_names_what_would_make_a_model_run(monkeypatch: pytest.MonkeyPa
     )
     empty = UnifiedRegistry([])
     assert empty.why_none(ModelCapability.EMBED) == "the catalog has no embed model (models.toml can add one)"
+
+
+def test_recheck_refreshes_a_stale_flag_and_says_why_not() -> None:
+    """A model's flag is computed at refreshes; recheck computes it now (a key set since)."""
+    keys: set[str] = set()
+    registry = UnifiedRegistry(load_builtin().models, key_check=lambda env: env in keys)
+    model = registry.get("openai/gpt-4o-mini")
+    assert model is not None and not model.available
+    assert registry.recheck(model) is not None and "OPENAI_API_KEY" in str(registry.recheck(model))
+    keys.add("OPENAI_API_KEY")  # no refresh
+    before = registry.version
+    assert registry.recheck(model) is None
+    fresh = registry.get("openai/gpt-4o-mini")
+    assert fresh is not None and fresh.available and registry.version == before + 1

@@ -245,6 +245,16 @@ class UnifiedRegistry:
         """Whether the backend of ``kind`` models can be imported here (its extra is installed)."""
         return bool(self._backend_check(kind))
 
+    def recheck(self, schema: ModelSchema) -> str | None:
+        """Why ``schema`` cannot run now, its availability refreshed first: None when it can. Its
+        flag may be stale (a key reset in another replica is seen at the next refresh, and until
+        then a request naming it was told "not available: not configured")."""
+        available = self._compute_available(schema)
+        if available != schema.available and self._models.get(schema.id) is schema:
+            self._models[schema.id] = schema.model_copy(update={"available": available})
+            self.version += 1
+        return None if available else self.unavailable_reason(schema)
+
     def unavailable_reason(self, schema: ModelSchema) -> str:
         """Why ``schema`` cannot run, in words a user can act on."""
         if not self._backend_check(schema.kind):

@@ -245,3 +245,20 @@ async def test_images_to_a_hosted_model_without_vision_are_refused_before_the_ca
         GenerateRequest(messages=[Message(role="user", content=image)], model="seeing")
     )
     assert seen.model_used == "seeing/seeing" and len(fake.requests) == 1
+
+
+async def test_a_named_model_whose_availability_is_stale_runs_once_it_can(
+    remote_engine: RemoteEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica whose models' availability was last computed while the key was refused (reset in
+    another replica since) told a request naming the model "not available: not configured"
+    until its next refresh. The model is checked again when named, and runs."""
+    engine = remote_engine({"alpha": {}})
+    monkeypatch.delenv("ALPHA_KEY")
+    engine.registry.refresh_availability()
+    with pytest.raises(ModelUnavailable, match="set ALPHA_KEY"):
+        await engine.generate(GenerateRequest(prompt="hi", model="alpha"))
+    monkeypatch.setenv("ALPHA_KEY", "key-alpha")  # no refresh: its flag still says unavailable
+    assert not engine.resolve("alpha").available
+    result = await engine.generate(GenerateRequest(prompt="hi", model="alpha"))
+    assert result.model_used == "alpha/alpha" and engine.resolve("alpha").available

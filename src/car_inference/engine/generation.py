@@ -196,7 +196,9 @@ class GenerationMixin(Lifecycle):
         is in no catalog is added to ``attempts`` (with close names) when its turn comes."""
         first = self.registry.get(decision.model_id)
         if decision.strategy == RoutingStrategy.EXPLICIT and first is not None and not first.available:
-            raise ModelUnavailable(first.id, self.registry.unavailable_reason(first))
+            why = self.registry.recheck(first)  # None: it can run now, its flag was stale
+            if why is not None:
+                raise ModelUnavailable(first.id, why)
         for name in (decision.model_id, *decision.fallbacks):
             try:
                 yield self.registry.get(name) or self.registry.resolve(name)
