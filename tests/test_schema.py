@@ -76,3 +76,18 @@ def test_supported_params_defaults_exclude_thinking_and_effort() -> None:
 def test_cost_estimate_is_per_million_tokens() -> None:
     schema = _schema(cost={"input_per_mtok": 2.0, "output_per_mtok": 10.0})
     assert schema.cost.estimate(1_000_000, 100_000) == pytest.approx(3.0)
+
+
+def test_cost_of_cached_and_written_prompt_tokens() -> None:
+    cost = {
+        "input_per_mtok": 2.0,
+        "output_per_mtok": 10.0,
+        "cached_input_per_mtok": 0.2,
+        "cache_write_per_mtok": 2.5,
+    }
+    schema = _schema(cost=cost)
+    assert schema.cost.estimate(1_000_000, 0, 400_000, 500_000) == pytest.approx(0.2 + 0.08 + 1.25)
+    # counts past the prompt are bounded by it: reads first, then writes
+    assert schema.cost.estimate(100, 0, 80, 80) == pytest.approx((80 * 0.2 + 20 * 2.5) / 1e6)
+    plain = _schema(cost={"input_per_mtok": 2.0})  # no cache prices: both at the input price
+    assert plain.cost.estimate(1_000_000, 0, 400_000, 500_000) == pytest.approx(2.0)

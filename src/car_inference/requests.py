@@ -363,6 +363,9 @@ class TokenUsage(_Model):
     context_window: int = Field(default=0, ge=0)
     cost_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     cached_prompt_tokens: int | None = Field(default=None, ge=0)
+    # Prompt tokens the provider wrote to its cache on this call (Anthropic bills them above its
+    # input price); part of prompt_tokens, like cached_prompt_tokens.
+    cache_write_prompt_tokens: int | None = Field(default=None, ge=0)
     needs_compaction: bool = False
 
 

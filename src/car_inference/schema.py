@@ -178,6 +178,10 @@ class CostModel(_Strict):
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
     cached_input_per_mtok: float | None = None
+    cache_write_per_mtok: float | None = Field(
+        default=None,
+        description="prompt tokens written to the provider's cache (Anthropic: 1.25x input); unset: input",
+    )
     per_1k_characters: float | None = Field(default=None, description="text-to-speech")
     per_minute: float | None = Field(default=None, description="speech-to-text")
     per_image: float | None = None
@@ -189,16 +193,28 @@ class CostModel(_Strict):
     )
     size_mb: int | None = None
 
-    def estimate(self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> float:
-        """USD for a call; ``cached_input_tokens`` (part of ``input_tokens``) at the cached price."""
+    def estimate(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        written_input_tokens: int = 0,
+    ) -> float:
+        """USD for a call; ``cached_input_tokens`` (read from the provider's cache) and
+        ``written_input_tokens`` (written to it), both part of ``input_tokens``, at their prices."""
         cached = min(cached_input_tokens, input_tokens)
-        cached_price = (
-            self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
-        )
-        fresh = input_tokens - cached
+        written = min(written_input_tokens, input_tokens - cached)
+        fresh = input_tokens - cached - written
         return (
-            fresh * self.input_per_mtok + cached * cached_price + output_tokens * self.output_per_mtok
+            fresh * self.input_per_mtok
+            + cached * _or(self.cached_input_per_mtok, self.input_per_mtok)
+            + written * _or(self.cache_write_per_mtok, self.input_per_mtok)
+            + output_tokens * self.output_per_mtok
         ) / 1e6
+
+
+def _or(price: float | None, otherwise: float) -> float:
+    return otherwise if price is None else price
 
 
 class PerformanceEnvelope(_Strict):

@@ -92,7 +92,8 @@ async def test_text_with_system_and_usage(fake: FakeProviderServer, be: Anthropi
     assert usage is not None
     # Anthropic's input_tokens leave cached ones out: prompt = 5 + 4 read + 2 written
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (11, 9, 20)
-    assert usage.cached_prompt_tokens == 4 and usage.context_window == 1_000_000
+    assert usage.cached_prompt_tokens == 4 and usage.cache_write_prompt_tokens == 2
+    assert usage.context_window == 1_000_000
     assert out.time_to_first_token_ms is not None
 
 

@@ -52,8 +52,9 @@ def remote_engine(
     """Build an engine whose catalog has OpenAI-compatible / Anthropic models served by ``fake``.
 
     ``models`` maps a name to its spec: ``provider``, ``quality``, ``kind`` (openai/anthropic),
-    ``price`` (USD per 1M tokens, in and out), ``params`` (supported_params), ``fallbacks`` (the
-    models to try when it fails), ``capabilities``; each model gets its
+    ``price`` (USD per 1M tokens, in and out) or ``cost`` (the catalog's cost table), ``params``
+    (supported_params), ``fallbacks`` (the models to try when it fails), ``capabilities``; each
+    model gets its
     own key variable ``<NAME>_KEY`` set to ``key-<name>`` so faults can target one model.
     ``routing`` lines go into config.toml's [routing] table, ``config`` is appended as is.
     """
@@ -80,6 +81,7 @@ def remote_engine(
                 entry["fallbacks"] = spec["fallbacks"]
             if "price" in spec:
                 entry["cost"] = {"input_per_mtok": spec["price"], "output_per_mtok": spec["price"]}
+            entry["cost"] = spec.get("cost", entry.get("cost"))
             text += _model_toml(entry)
         (isolated_home / "models.toml").write_text(text)
         (isolated_home / "config.toml").write_text(

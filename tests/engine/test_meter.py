@@ -10,6 +10,9 @@ import pytest
 from car_inference.engine import InferenceEngine
 from car_inference.engine.meter import EngineMeter
 from car_inference.requests import GenerateParams, GenerateRequest
+from fakes import FakeProviderServer, Reply
+
+from .conftest import RemoteEngine
 
 SMOLLM = "huggingface/smollm2-135m-instruct:q4_1"
 
@@ -73,3 +76,32 @@ def test_routing_imports_no_sdk(isolated_home: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+async def test_cache_reads_and_writes_are_priced_apart(
+    remote_engine: RemoteEngine, fake: FakeProviderServer
+) -> None:
+    """Anthropic bills the prompt tokens it writes to its cache at 1.25x input and those it reads
+    at a tenth: both were charged at the plain input price (a cache write undercounted spend)."""
+    cost = {
+        "input_per_mtok": 4.0,
+        "output_per_mtok": 20.0,
+        "cached_input_per_mtok": 0.4,
+        "cache_write_per_mtok": 5.0,
+    }
+    engine = remote_engine({"claude": {"kind": "anthropic", "provider": "anthropic", "cost": cost}})
+    fake.queue(
+        Reply(
+            text="ok",
+            prompt_tokens=1000,
+            completion_tokens=100,
+            cached_tokens=2000,
+            cache_creation_tokens=3000,
+        )
+    )
+    result = await engine.generate(GenerateRequest(model="anthropic/claude", prompt="hi"))
+    usage = result.usage
+    assert usage is not None and usage.prompt_tokens == 6000
+    assert (usage.cached_prompt_tokens, usage.cache_write_prompt_tokens) == (2000, 3000)
+    # 1,000 fresh at $4, 2,000 read at $0.40, 3,000 written at $5, 100 out at $20 (per million)
+    assert usage.cost_usd == pytest.approx((1000 * 4.0 + 2000 * 0.4 + 3000 * 5.0 + 100 * 20.0) / 1e6)

@@ -30,7 +30,8 @@ Request mapping (a parameter goes out only when ``ModelSchema.supports_param`` s
 - ``cache_control`` (models declaring it): ``{"type": "ephemeral"}`` on the system prompt and on
   the last block of the last user turn.
 - usage: ``prompt_tokens`` = input + cache read + cache creation tokens (Anthropic's
-  ``input_tokens`` leaves cached ones out), ``cached_prompt_tokens`` = cache read tokens. Stop
+  ``input_tokens`` leaves cached ones out), ``cached_prompt_tokens`` = cache read tokens,
+  ``cache_write_prompt_tokens`` = cache creation tokens (priced at ``cache_write_per_mtok``). Stop
   reasons in OpenAI's words: end_turn/stop_sequence -> stop, max_tokens -> length, tool_use ->
   tool_calls, refusal -> content_filter.
 
@@ -329,7 +330,8 @@ class AnthropicBackend(RemoteBackend):
         if kept:
             yield ProviderItems([kept[i] for i in sorted(kept)])
         prompt = counts["input"] + counts["read"] + counts["created"]
-        yield UsageEvent(usage=usage_of(prompt, counts["output"], None, counts["read"]))
+        usage = usage_of(prompt, counts["output"], None, counts["read"], counts["created"])
+        yield UsageEvent(usage=usage)
 
     def translate(
         self, exc: Exception, endpoint: Endpoint, model: ModelSchema, key: str

@@ -48,15 +48,23 @@ __all__ = [
 # --- request conversion helpers -----------------------------------------------------------------
 
 
-def usage_of(prompt: int | None, completion: int | None, total: int | None, cached: int | None) -> TokenUsage:
+def usage_of(
+    prompt: int | None,
+    completion: int | None,
+    total: int | None,
+    cached: int | None,
+    written: int | None = None,
+) -> TokenUsage:
     """A provider's counts as ``TokenUsage``; a negative one (a broken OpenAI-compatible server)
-    counts as 0 rather than failing an answer that arrived."""
+    counts as 0 rather than failing an answer that arrived. ``written``: tokens written to the
+    provider's prompt cache (Anthropic's cache creation)."""
     prompt, completion = max(prompt or 0, 0), max(completion or 0, 0)
     return TokenUsage(
         prompt_tokens=prompt,
         completion_tokens=completion,
         total_tokens=max(total or 0, 0) or prompt + completion,
         cached_prompt_tokens=None if cached is None else max(cached, 0),
+        cache_write_prompt_tokens=None if written is None else max(written, 0),
     )
 
 

@@ -81,5 +81,10 @@ def with_cost(model: ModelSchema, usage: TokenUsage | None) -> TokenUsage | None
     """Usage with ``cost_usd`` from the catalog's prices, unless the backend already set it."""
     if usage is None or usage.cost_usd is not None:
         return usage
-    cost = model.cost.estimate(usage.prompt_tokens, usage.completion_tokens, usage.cached_prompt_tokens or 0)
+    cost = model.cost.estimate(
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.cached_prompt_tokens or 0,
+        usage.cache_write_prompt_tokens or 0,
+    )
     return usage.model_copy(update={"cost_usd": cost})
