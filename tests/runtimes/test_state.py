@@ -52,6 +52,11 @@ def test_log_tail_and_rotation(tmp_path: Path) -> None:
         log.write(b"".join(b"line %d\n" % i for i in range(100)))
     assert files.log_tail(3) == ["line 97", "line 98", "line 99"]
     assert files.log_tail(0) == []  # `car runtimes logs -n 0` printed every line it read
+    assert files.log_tail(3, this_run=True) == ["line 97", "line 98", "line 99"]  # no start line: all
+    with files.open_log() as log:
+        log.write(b"--- car: start 2026-12-07 10:00:00: llama-server\nready\n")
+    assert files.log_tail(3) == ["line 99", "--- car: start 2026-12-07 10:00:00: llama-server", "ready"]
+    assert files.log_tail(3, this_run=True) == ["--- car: start 2026-12-07 10:00:00: llama-server", "ready"]
     with open(files.log_path, "ab") as log:
         log.truncate(21 * 1024 * 1024)
     files.open_log().close()

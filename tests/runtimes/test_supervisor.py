@@ -61,7 +61,7 @@ def test_crash_is_restarted_with_backoff(supervisor: RuntimeSupervisor) -> None:
     assert runtime.ensure() == url, "same port after a restart: clients keep their URL"
     assert _models(url) == [MANAGED_ID]
     text = runtime.files.log_path.read_text()
-    assert text.count(" starting ") == 2
+    assert text.count("--- car: start ") == 2
     assert "exited with status -9; restart 1 in 0.2 s" in text, "a restart is said, not silent"
 
 
@@ -129,7 +129,7 @@ def test_gives_up_after_repeated_failures(supervisor: RuntimeSupervisor, tmp_pat
     assert info.value.retryable and runtime.state is RuntimeState.FAILED and runtime.restarts == 1
     with pytest.raises(RuntimeFailed):  # right after, callers get the failure without a new start
         runtime.ensure()
-    assert runtime.files.log_path.read_text().count(" starting ") == 2
+    assert runtime.files.log_path.read_text().count("--- car: start ") == 2
     assert not runtime.files.locked_elsewhere()
 
 
@@ -144,7 +144,7 @@ def test_a_server_that_never_answered_gives_up_soon_and_says_so_to_other_process
         runtime.ensure()
     assert f"gave up after {NEVER_ANSWERED_TRIES + 1} failures in a row" in str(info.value)
     text = runtime.files.log_path.read_text()
-    assert text.count(" starting ") == NEVER_ANSWERED_TRIES + 1
+    assert text.count("--- car: start ") == NEVER_ANSWERED_TRIES + 1
     assert "llama_model_load: error loading model" in text, "llama.cpp's reason stays in the log"
     other = RuntimeSupervisor(small_config(supervisor.home), settings=FAST.model_copy())
     [status] = [s for s in other.statuses() if s.name == runtime.name]
@@ -153,7 +153,7 @@ def test_a_server_that_never_answered_gives_up_soon_and_says_so_to_other_process
     time.sleep(runtime.settings.backoff_max_s + 0.1)  # past the failure's hold: a use starts afresh
     with pytest.raises(RuntimeFailed):
         runtime.ensure()
-    assert runtime.files.log_path.read_text().count(" starting ") == 2 * (NEVER_ANSWERED_TRIES + 1)
+    assert runtime.files.log_path.read_text().count("--- car: start ") == 2 * (NEVER_ANSWERED_TRIES + 1)
     assert stop_elsewhere(supervisor.home, runtime.name, timeout_s=1) is False
     assert runtime.name not in [s.name for s in other.statuses()], "stop clears the failed record"
 
@@ -196,8 +196,13 @@ def test_a_server_that_never_answers_is_replaced_not_doubled(isolated_home: Path
     pids: list[int] = []
     watcher = threading.Thread(target=lambda: _collect_pids(runtime, pids), daemon=True)
     watcher.start()
-    with pytest.raises(RuntimeFailed, match=r"not ready within 1 s; last log lines: .* loading forever"):
+    with runtime.files.open_log() as earlier:  # a run of another day: its lines are not this failure's
+        earlier.write(b"--- car: start 2026-01-01 00:00:00: old-server\nerror: out of memory\n")
+    with pytest.raises(
+        RuntimeFailed, match=r"not ready within 1 s; last log lines: .* loading forever"
+    ) as caught:
         runtime.ensure()  # the caller's deadline covers one try; the monitor goes on trying
+    assert "out of memory" not in str(caught.value) and "old-server" not in str(caught.value)
     wait_for(lambda: runtime.state is RuntimeState.FAILED, timeout_s=10, what="the monitor to give up")
     watcher.join(5)
     assert runtime.error is not None and "no answer from" in runtime.error

@@ -107,6 +107,9 @@ def tree_rss_mb(pid: int) -> float | None:
     return round(total_kb / 1024, 1) if found else None
 
 
+START_MARK = "--- car: start "  # the line written to a runtime's log before each start
+
+
 class RunFiles:
     def __init__(self, home: Path, name: str) -> None:
         self.name = name
@@ -203,7 +206,9 @@ class RunFiles:
                 os.replace(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
         return open(self.log_path, "ab")  # handed to the child; the caller closes it
 
-    def log_tail(self, lines: int = 20) -> list[str]:
+    def log_tail(self, lines: int = 20, *, this_run: bool = False) -> list[str]:
+        """The log's last ``lines`` lines; ``this_run``: none from before the last start (the
+        line ``_spawn`` writes), so a failure does not show an earlier run's lines as its own."""
         try:
             with open(self.log_path, "rb") as f:
                 f.seek(0, os.SEEK_END)
@@ -212,4 +217,8 @@ class RunFiles:
                 text = f.read().decode("utf-8", "replace")
         except OSError:
             return []
-        return text.splitlines()[-lines:] if lines > 0 else []  # [-0:] was every line read
+        found = text.splitlines()
+        if this_run:
+            starts = [i for i, line in enumerate(found) if line.startswith(START_MARK)]
+            found = found[starts[-1] :] if starts else found
+        return found[-lines:] if lines > 0 else []  # [-0:] was every line read

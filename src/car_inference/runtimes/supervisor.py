@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from ..config import RuntimeSettings
 from .specs import Launch, RuntimeFailed, RuntimeSpec
-from .state import RunFiles, die_with_parent, signal_group, tree_rss_mb
+from .state import START_MARK, RunFiles, die_with_parent, signal_group, tree_rss_mb
 
 __all__ = ["ManagedRuntime", "RuntimeFailed", "RuntimeSettings", "RuntimeState", "RuntimeStatus"]
 
@@ -230,7 +230,7 @@ class ManagedRuntime:
                         self.error or "failed",
                         runtime=self.name,
                         model=self.model_id,
-                        log=self.files.log_tail(),
+                        log=self.files.log_tail(this_run=True),
                     )
                 url = self.ready_url() or self._claim()
                 if url is not None:
@@ -242,7 +242,7 @@ class ManagedRuntime:
                         f"not ready within {self.start_timeout_s:g} s",
                         runtime=self.name,
                         model=self.model_id,
-                        log=self.files.log_tail(),
+                        log=self.files.log_tail(this_run=True),
                     )
                 self._cv.wait(min(left, self.settings.tick_s))
 
@@ -444,7 +444,7 @@ class ManagedRuntime:
         out = self.files.open_log()
         try:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            out.write(f"--- car: {stamp} starting {' '.join(launch.argv)}\n".encode())
+            out.write(f"{START_MARK}{stamp}: {' '.join(launch.argv)}\n".encode())
             out.flush()
             env = {**os.environ, **launch.env}
             proc = subprocess.Popen(
