@@ -281,6 +281,26 @@ def test_a_preferred_model_of_the_other_side_is_an_error(engine_with: BuildEngin
     assert any("preferred_local_tts" in p for p in hosted_first.model_health().speech.problems)
 
 
+def test_a_preferred_model_that_cannot_do_the_direction_is_an_error(engine_with: BuildEngine) -> None:
+    """A voice named as the preferred speech-to-text model was passed over just as silently."""
+    engine = engine_with(f'preferred_local_stt = "{PIPER}"')
+    with pytest.raises(InferenceError, match=r"preferred_local_stt = '.*' cannot do speech_to_text"):
+        chosen(engine, STT)
+    assert chosen(engine, TTS) == PIPER  # the other direction is unaffected
+    speech = engine.model_health().speech
+    assert any("cannot do speech_to_text (it does text_to_speech)" in p for p in speech.problems)
+
+
+def test_health_names_a_voice_alias_that_matches_no_voice(engine_with: BuildEngine) -> None:
+    """Every request naming the alias failed, and nothing said so before one did."""
+    mapped = engine_with('voices = { alloy = "en_US-joe-medium", echo = "en_US-joe-medum", nova = "0" }')
+    problems = mapped.model_health().speech.problems
+    assert problems == [
+        "[speech] voices: echo -> 'en_US-joe-medum' is no local voice (voices: en_US-joe-medium)",
+        "[speech] voices: nova -> '0' is no local voice (voices: en_US-joe-medium)",  # one speaker
+    ]
+
+
 async def test_hosted_speech_calls_at_once_cannot_all_pass_a_limit(
     engine_with: BuildEngine, fake: FakeProviderServer
 ) -> None:

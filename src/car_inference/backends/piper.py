@@ -11,6 +11,7 @@ ever reads half a file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..catalog.locate import local_path
-from ..errors import InferenceFailed, InvalidInput, UnsupportedMode
+from ..errors import InferenceError, InferenceFailed, InvalidInput, UnsupportedMode
 from ..requests import SynthesizeRequest, SynthesizeResult
 from ..schema import ModelSchema, PiperSource
 from .base import BackendContext, run_blocking, run_stoppable, until_stopped
@@ -32,7 +33,7 @@ from .fair import step_by_step
 from .media_files import atomic_file, output_path
 from .voices import Voice, VoiceList, aliases_for
 
-__all__ = ["MEDIA_TYPES", "PCM_RATE", "PiperBackend", "resampled", "write_audio"]
+__all__ = ["MEDIA_TYPES", "PCM_RATE", "PiperBackend", "resampled", "unmatched_voice_aliases", "write_audio"]
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,29 @@ def _check_language(model: ModelSchema, config: Any, request: SynthesizeRequest)
     if request.strict_capabilities:
         raise InvalidInput(f"{model.id} speaks {config.espeak_voice}, not {request.language}")
     log.warning("%s speaks %s, not %s", model.id, config.espeak_voice, request.language)
+
+
+def unmatched_voice_aliases(mapping: dict[str, str], models: Iterable[ModelSchema]) -> list[str]:
+    """``[speech] voices`` entries whose target is no Piper voice of the catalog (by name or alias)
+    nor a speaker of an installed multi-speaker voice: every request naming the alias fails, and
+    only ``car health`` can say so before one does."""
+    if not mapping:
+        return []
+    voices = [m for m in models if m.source.kind == PiperBackend.kind]
+    known: set[str] = set().union(*(_own_names(m) for m in voices)) if voices else set()
+    for model in voices:
+        with contextlib.suppress(InferenceError, OSError, ValueError, AttributeError):
+            onnx = voice_file(model)  # installed voices only; others have no speakers to read
+            config = json.loads(onnx.with_name(onnx.name + ".json").read_text())
+            speakers = config.get("speaker_id_map") or {}
+            known.update(str(name).lower() for name in speakers)
+            known.update(str(n) for n in range(int(config.get("num_speakers") or 1)) if speakers)
+    names = sorted(m.name for m in voices) or ["none installed"]
+    return [
+        f"[speech] voices: {alias} -> {target!r} is no local voice (voices: {', '.join(names)})"
+        for alias, target in sorted(mapping.items())
+        if target.lower() not in known
+    ]
 
 
 def _own_names(model: ModelSchema) -> set[str]:

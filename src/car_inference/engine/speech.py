@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, Field
 
+from ..backends.piper import unmatched_voice_aliases
 from ..backends.voices import VoiceList
 from ..errors import ConfigError, InferenceError, InvalidInput, ModelUnavailable
 from ..requests import SynthesizeRequest, SynthesizeResult, TranscribeRequest, TranscribeResult
@@ -158,13 +159,17 @@ def side_model(engine: _Engine, capability: ModelCapability, local: bool) -> Mod
     model, the ``[defaults]`` model, then the quality prior and the id. None when there is none."""
     setting = SPEECH_CAPABILITIES[capability][0 if local else 1]
     preferred = getattr(engine.config.speech, setting)
-    wanted = engine.resolve(preferred).id if preferred else None
-    if wanted is not None and engine.resolve(wanted).is_local != local:  # it was silently passed over
+    named = engine.resolve(preferred) if preferred else None
+    wanted = named.id if named is not None else None
+    if named is not None and named.is_local != local:  # it was silently passed over
         other = SPEECH_CAPABILITIES[capability][1 if local else 0]
         raise ConfigError(
             f"[speech] {setting} = {preferred!r} is a {'hosted' if local else 'local'} model; "
             f"{setting} names a {'local' if local else 'hosted'} one ({other} takes this one)"
         )
+    if named is not None and not named.has_capability(capability):  # passed over just as silently
+        does = ", ".join(c for c in SPEECH_CAPABILITIES if named.has_capability(c)) or "no speech"
+        raise ConfigError(f"[speech] {setting} = {preferred!r} cannot do {capability} (it does {does})")
     default = engine.config.defaults.for_capability(capability)
     default_model = engine.registry.find(default) if default else None
     default_id = default_model.id if default_model is not None else None
@@ -244,6 +249,7 @@ def speech_health(engine: _Engine) -> SpeechHealthReport:
             problems.append(
                 f"{capability}: {model.id} is the model it would use, but it cannot run here ({why})"
             )
+    problems.extend(unmatched_voice_aliases(policy.voices, engine.registry.list()))
     defaults = {v for k, v in fields.items() if k.endswith("_default") and v}
     rows = [
         SpeechModelHealth(
