@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -544,6 +545,33 @@ async def test_with_every_key_resting_a_request_is_answered_429_without_a_call(
         assert 0 < info.value.retry_after <= 30
     assert len(fake.requests) == 3  # every key once while healthy, then none while all rest
     assert "is rate limited by" in str(info.value) and failure_weight(info.value) == 0
+
+
+async def test_a_keyless_server_that_answered_429_rests_for_its_retry_after(
+    fake: FakeProviderServer, be: OpenAICompatBackend
+) -> None:
+    """A server reached without a key (a vLLM of one's own) was probed by every request while it
+    asked to be left alone: key pools only rest keys. It rests as a key would."""
+    source = {"kind": "openai", "base_url": fake.openai_base_url, "model_name": "qwen", "needs_key": False}
+    keyless = ModelSchema.model_validate(
+        {
+            "id": "gpubox/qwen",
+            "name": "qwen",
+            "provider": "gpubox",
+            "capabilities": ["generate"],
+            "source": source,
+        }
+    )
+    fake.set_key_behavior(PLACEHOLDER_KEY, Fault.rate_limit(retry_after=1))
+    for _ in range(3):
+        with pytest.raises(ProviderError) as info:
+            await be.generate(keyless, GenerateRequest(prompt="x"))
+        assert info.value.status == 429 and info.value.retry_after is not None and info.value.retry_after <= 1
+    assert len(fake.requests) == 1 and "it is rate limited by" in str(info.value)
+    fake.set_key_behavior(PLACEHOLDER_KEY, None)
+    await asyncio.sleep((info.value.retry_after or 0) + 0.05)
+    assert (await be.generate(keyless, GenerateRequest(prompt="x"))).text == "echo: x"
+    assert len(fake.requests) == 2 and fake.requests[-1].api_key == PLACEHOLDER_KEY
 
 
 # --- sources -------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -43,6 +42,7 @@ from ..stream import Done, StreamAccumulator, StreamEvent, TextDelta, ThinkingDe
 from .base import BackendContext, GenerationOutput, KeyProvider
 from .chat_template import StopMatcher
 from .image_urls import has_image_urls, inline_image_urls, on_private_network
+from .remote_keys import EnvKeys, KeylessRest, resting, soonest
 
 # The backends import the conversion helpers below too; these are the names others may use.
 __all__ = [
@@ -187,32 +187,6 @@ def answer_budget(max_tokens: int) -> int:
     return 32 * max_tokens + 4096
 
 
-def _resting(endpoint: Endpoint, model: ModelSchema, left: float) -> ProviderError:
-    """Every usable key rests after the provider's 429: answered as the provider's 429 would be,
-    without calling it (each request probed it once more, and three such 429s opened the model's
-    circuit: a 503 for its cooldown where the key was free again in seconds)."""
-    return ProviderError(
-        f"{model.id}: every key in {endpoint.key_env} is rate limited by {endpoint.provider} for"
-        f" {left:.1f} s more (its Retry-After)",
-        provider=endpoint.provider,
-        model=model.id,
-        status=429,
-        retryable=True,
-        retry_after=left,
-    )
-
-
-def _soonest(before: ProviderError | None, error: ProviderError) -> ProviderError:
-    """The error a key rotation ends with: the last key's, but when every key tried was rate
-    limited, waiting for the soonest of their ``Retry-After``s (the last key's 12 s was passed
-    on while the first was free again after 7)."""
-    limited = before is not None and before.status == error.status == 429
-    soonest = before.retry_after if limited and before is not None else None
-    if soonest is not None and (error.retry_after is None or soonest < error.retry_after):
-        error.retry_after = soonest
-    return error
-
-
 def transport_error(
     exc: BaseException,
     *,
@@ -342,27 +316,6 @@ class Endpoint:
     needs_key: bool = True
 
 
-class _EnvKeys:
-    """Keys straight from the environment and config, for a backend built without a key pool."""
-
-    def __init__(self, ctx: BackendContext) -> None:
-        self.ctx = ctx
-
-    def acquire(self, env_var: str, *, resting: bool = True) -> str | None:
-        candidates = [os.environ.get(env_var, ""), *os.environ.get(env_var + "S", "").split(",")]
-        candidates += self.ctx.config.keys.get(env_var, [])
-        return next((k.strip() for k in candidates if k.strip()), None)
-
-    def report(self, env_var: str, key: str, *, status: int | None, retry_after: float | None) -> None:
-        return None
-
-    def refused(self, env_var: str) -> bool:
-        return False  # nothing is remembered without a pool
-
-    def rest_left(self, env_var: str) -> float:
-        return 0.0
-
-
 # --- the base backend ---------------------------------------------------------------------------
 
 
@@ -378,7 +331,8 @@ class RemoteBackend:
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
         self.settings = ctx.config.remote
-        self._keys: KeyProvider = ctx.keys if ctx.keys is not None else _EnvKeys(ctx)
+        self._keys: KeyProvider = ctx.keys if ctx.keys is not None else EnvKeys(ctx)
+        self._keyless = KeylessRest(self.settings)
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Any, ...], Any]]
         self._clients = weakref.WeakKeyDictionary()
         self._clients_lock = threading.Lock()
@@ -436,13 +390,14 @@ class RemoteBackend:
 
     def _next_key(self, endpoint: Endpoint, model: ModelSchema, tried: set[str]) -> str | None:
         """A key not tried yet; None when the rotation is exhausted. The first call raises
-        ``ModelUnavailable`` when the model needs a key and none is usable."""
+        ``ModelUnavailable`` when the model needs a key and none is usable, and the provider's 429
+        when every usable key (or the keyless server) rests after one."""
         if not endpoint.key_env:
             if endpoint.needs_key and not tried:
                 raise ModelUnavailable(model.id, "its source names no API key variable (api_key_env)")
-            return PLACEHOLDER_KEY if not tried else None
+            return self._keyless_key(endpoint, model) if not tried else None
         if not tried and (left := self._keys.rest_left(endpoint.key_env)) > 0:
-            raise _resting(endpoint, model, left)
+            raise resting(endpoint, model, left)
         # After a failure, only a key not resting: with every key cooling after 429s, a request
         # sent one call per key (each refused for its Retry-After) instead of one probe.
         key = self._keys.acquire(endpoint.key_env, resting=not tried)
@@ -452,11 +407,18 @@ class RemoteBackend:
             if endpoint.needs_key:
                 reason = no_usable_key(endpoint.key_env, self._keys.refused(endpoint.key_env))
                 raise ModelUnavailable(model.id, reason)  # as the registry says it
-            return PLACEHOLDER_KEY
+            return self._keyless_key(endpoint, model)
         return None if key in tried else key
 
+    def _keyless_key(self, endpoint: Endpoint, model: ModelSchema) -> str:
+        if (left := self._keyless.left(endpoint)) > 0:
+            raise resting(endpoint, model, left)
+        return PLACEHOLDER_KEY
+
     def _report(self, endpoint: Endpoint, key: str, status: int | None, retry_after: float | None) -> None:
-        if endpoint.key_env and key != PLACEHOLDER_KEY:
+        if key == PLACEHOLDER_KEY:
+            self._keyless.report(endpoint, status, retry_after)
+        elif endpoint.key_env:
             self._keys.report(endpoint.key_env, key, status=status, retry_after=retry_after)
 
     def _failed(self, endpoint: Endpoint, key: str, error: ProviderError, started: bool) -> bool:
@@ -486,7 +448,7 @@ class RemoteBackend:
             if error is None:
                 self._report(endpoint, key, 200, None)
                 return result
-            last = _soonest(last, error)
+            last = soonest(last, error)
             if not self._failed(endpoint, key, error, started=False):
                 break
         assert last is not None
@@ -582,7 +544,7 @@ class RemoteBackend:
                     provider_output_items=items,
                 )
                 return
-            last = _soonest(last, error)
+            last = soonest(last, error)
             if not self._failed(endpoint, key, error, started):
                 break
         assert last is not None
