@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from car_inference.backends.base import GenerationOutput
+from car_inference.backends.delegated import result_events
 from car_inference.engine import InferenceEngine
 from car_inference.errors import (
     AllModelsFailed,
@@ -26,9 +27,17 @@ from car_inference.errors import (
     ProviderError,
     UnsupportedMode,
 )
-from car_inference.requests import ClassifyRequest, EmbedRequest, GenerateRequest, TokenUsage
+from car_inference.requests import ClassifyRequest, EmbedRequest, GenerateRequest, TokenUsage, ToolCall
 from car_inference.schema import ModelSchema
-from car_inference.stream import Done, TextDelta, ThinkingDelta, ToolCallDelta, ToolCallStart, UsageEvent
+from car_inference.stream import (
+    Done,
+    StreamAccumulator,
+    TextDelta,
+    ThinkingDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    UsageEvent,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -154,6 +163,34 @@ async def test_a_streaming_runner_streams_and_also_answers_whole(engine: Inferen
     assert done.usage.total_tokens == 5 and done.model_used == "host/echo"
     result = await engine.generate(_ask("count", "host/echo"))
     assert result.text == "one two" and result.usage is not None and result.usage.completion_tokens == 2
+
+
+async def test_a_runner_that_contradicts_its_own_stream_is_an_invalid_answer(engine: InferenceEngine) -> None:
+    async def orphan_arguments(model: ModelSchema, request: GenerateRequest) -> AsyncIterator[Any]:
+        yield ToolCallDelta(index=0, arguments='{"city": "Oslo"}')  # no ToolCallStart: no id, no name
+
+    engine.register_runner(orphan_arguments, ["host/echo"])
+    with pytest.raises(ProviderError, match="arguments for tool call 0 before its tool_call_start"):
+        await engine.generate(_ask("x", "host/echo"))
+    with pytest.raises(ProviderError, match="answered a result whose text does not continue"):
+        list(result_events(GenerationOutput(text="xyz"), _streamed(TextDelta(text="abc")), "host/echo", "r"))
+    call = ToolCallStart(index=0, id="c1", name="get_weather")
+    streamed = _streamed(call, ToolCallDelta(index=0, arguments='{"city": "Oslo"}'))
+    other = GenerationOutput(
+        text="", tool_calls=[ToolCall(id="c1", name="get_weather", arguments={"city": "Rome"})]
+    )
+    with pytest.raises(ProviderError, match="tool calls are not the ones it streamed"):
+        list(result_events(other, streamed, "host/echo", "r"))
+    longer = result_events(GenerationOutput(text="abcdef"), _streamed(TextDelta(text="abc")), "m", "r")
+    more = [e.text for e in longer if isinstance(e, TextDelta)]
+    assert more == ["def"]  # a result that goes on from the stream streams the rest
+
+
+def _streamed(*events: Any) -> StreamAccumulator:
+    accumulator = StreamAccumulator()
+    for event in events:
+        accumulator.push(event)
+    return accumulator
 
 
 async def test_a_whole_answer_streams_as_one_delta(engine: InferenceEngine) -> None:

@@ -348,6 +348,29 @@ async def test_an_invalid_stream_event_fails_the_call_and_registering_again_repl
         assert len(engine.runners.list()) == 1
 
 
+async def test_a_runner_whose_answer_contradicts_its_stream_fails_the_call(server: ServerThread) -> None:
+    """Streamed "abc", answered "xyz": the client saw one answer, the record and a non-streaming
+    caller got another. Arguments for a tool call never started made a call without id or name.
+    Both are the runner's invalid answer."""
+    cases: list[tuple[list[dict[str, Any]], dict[str, Any] | None, str]] = [
+        ([{"type": "text_delta", "text": "abc"}], {"text": "xyz"}, "whose text does not continue the text"),
+        ([{"type": "tool_call_delta", "index": 0, "arguments": "{}"}], None, "before its tool_call_start"),
+    ]
+    async with connect(server.ws_url) as runner, connect(server.ws_url) as caller:
+        await _register(runner, models=["host/echo"])
+        for rid, (events, result, problem) in enumerate(cases):
+            await caller.send(_rpc("infer", {"prompt": "x", "model": "host/echo", "stream": True}, rid=rid))
+            call = await _recv(runner)
+            for event in events:
+                await runner.send(_rpc("runner.event", {"id": call["id"], "event": event}))
+            if result is not None:
+                await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": result}))
+            reply = await _recv(caller)
+            while "error" not in reply and "result" not in reply:
+                reply = await _recv(caller)
+            assert problem in reply["error"]["message"], reply
+
+
 async def test_an_http_caller_gets_a_clear_answer_when_the_runner_goes(server: ServerThread) -> None:
     runner = await connect(server.ws_url)
     await _register(runner, models=["host/echo"])

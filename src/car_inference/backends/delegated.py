@@ -64,7 +64,14 @@ from ..stream import (
 )
 from .base import BackendContext, GenerationOutput, SegmentCallback
 
-__all__ = ["DelegatedBackend", "RunnerRegistration", "RunnerTable", "as_output", "result_events"]
+__all__ = [
+    "DelegatedBackend",
+    "RunnerRegistration",
+    "RunnerTable",
+    "as_output",
+    "result_events",
+    "stream_problem",
+]
 
 T = TypeVar("T")
 R = TypeVar("R", bound=BaseModel)
@@ -190,15 +197,25 @@ def _check_finish(reason: str | None, model_id: str, runner: str) -> None:
         )
 
 
-def result_events(out: GenerationOutput, streamed: StreamAccumulator) -> Iterator[StreamEvent]:
+def result_events(
+    out: GenerationOutput, streamed: StreamAccumulator, model_id: str, runner: str
+) -> Iterator[StreamEvent]:
     """The end of a stream whose runner answered ``out`` as a result: what it did not stream
     already (the rest of its thinking and text, its tool calls), then ``Done``. A streaming client
-    saw only the role and the finish otherwise."""
+    saw only the role and the finish otherwise. A result that contradicts what was streamed (text
+    "xyz" after "abc", other tool calls) is the runner's invalid answer: the client saw one answer
+    and the record, the spend and a non-streaming caller would have had another."""
     text, calls = streamed.finish()
-    if out.thinking and not streamed.thinking:
-        yield ThinkingDelta(text=out.thinking)
-    if out.text.startswith(text) and len(out.text) > len(text):
-        yield TextDelta(text=out.text[len(text) :])
+    yield from _rest(streamed.thinking or "", out.thinking or "", ThinkingDelta, "thinking", model_id, runner)
+    yield from _rest(text, out.text, TextDelta, "text", model_id, runner)
+    if (
+        calls
+        and out.tool_calls
+        and [(c.name, c.arguments) for c in calls] != [(c.name, c.arguments) for c in out.tool_calls]
+    ):
+        raise _runner_error(
+            runner, model_id, "answered a result whose tool calls are not the ones it streamed"
+        )
     if not calls:
         for index, call in enumerate(out.tool_calls):
             yield ToolCallStart(index=index, id=call.id, name=call.name)
@@ -210,6 +227,35 @@ def result_events(out: GenerationOutput, streamed: StreamAccumulator) -> Iterato
         usage=out.usage or streamed.usage,
         finish_reason=out.finish_reason,
     )
+
+
+def _rest(
+    streamed: str,
+    final: str,
+    event: type[TextDelta] | type[ThinkingDelta],
+    what: str,
+    model_id: str,
+    runner: str,
+) -> Iterator[StreamEvent]:
+    """The part of a result's ``final`` text past what was ``streamed`` of it (none where the
+    result leaves it out)."""
+    if not final or final == streamed:
+        return
+    if not final.startswith(streamed):
+        raise _runner_error(
+            runner, model_id, f"answered a result whose {what} does not continue the {what} it streamed"
+        )
+    yield event(text=final[len(streamed) :])
+
+
+def stream_problem(event: StreamEvent, started: set[int]) -> str | None:
+    """What is wrong with a runner's streamed ``event`` given the tool calls ``started`` so far
+    (which it updates): arguments for a call never started made a call without id or name."""
+    if isinstance(event, ToolCallStart):
+        started.add(event.index)
+    elif isinstance(event, ToolCallDelta) and event.index not in started:
+        return f"streamed arguments for tool call {event.index} before its tool_call_start"
+    return None
 
 
 def _done_with_usage(done: Done, context_length: int) -> Done:
@@ -313,7 +359,7 @@ class DelegatedBackend:
                     yield event
             return
         out = as_output(value, model.id, entry.name, model.context_length)
-        for event in result_events(out, StreamAccumulator()):
+        for event in result_events(out, StreamAccumulator(), model.id, entry.name):
             yield event
 
     async def _events(
@@ -322,6 +368,7 @@ class DelegatedBackend:
         """A runner's stream as events (text pieces become deltas), each within the timeout,
         always ending with ``Done``."""
         accumulator = StreamAccumulator()
+        started: set[int] = set()
         try:
             while True:
                 try:
@@ -333,6 +380,8 @@ class DelegatedBackend:
                     raise _runner_error(entry.name, model.id, event.message, retryable=event.retryable)
                 if not isinstance(event, _EVENT_TYPES):
                     raise _runner_error(entry.name, model.id, f"streamed a {type(item).__name__}")
+                if problem := stream_problem(event, started):
+                    raise _runner_error(entry.name, model.id, problem)
                 accumulator.push(event)
                 if isinstance(event, Done):
                     _check_finish(event.finish_reason, model.id, entry.name)

@@ -24,13 +24,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from ..backends.base import GenerationOutput
-from ..backends.delegated import RunnerRegistration, as_output, result_events
+from ..backends.delegated import RunnerRegistration, as_output, result_events, stream_problem
 from ..backends.remote import answer_budget
 from ..errors import InferenceError, ProviderError
 from ..kinds import Locality
@@ -83,7 +83,7 @@ class RpcRunner:
                 )
                 return
             if isinstance(item, GenerationOutput):
-                for event in result_events(item, accumulator):
+                for event in result_events(item, accumulator, model.id, self.name):
                     yield event
                 return
             accumulator.push(item)
@@ -183,6 +183,10 @@ class RpcRunner:
             failure = ProviderError(message, provider=f"runner {self.name}", model=call.model_id)
             call.queue.put_nowait(("invalid", failure))
             return
+        if wrong := stream_problem(event, call.started):
+            failure = ProviderError(wrong, provider=f"runner {self.name}", model=call.model_id)
+            call.queue.put_nowait(("invalid", failure))
+            return
         written = getattr(event, "text", None) or getattr(event, "arguments", None) or ""
         if isinstance(written, str) and written:
             room = call.budget - call.spent
@@ -218,6 +222,7 @@ class _Call:
     budget: int
     spent: int = 0
     cut: bool = False
+    started: set[int] = field(default_factory=set)  # the tool calls it started streaming
 
 
 class _Cut:
