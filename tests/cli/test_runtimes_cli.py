@@ -195,6 +195,15 @@ def test_runtimes_start_follows_the_configured_idle_timeout(isolated_home: Path)
     assert f"{INSTANCE}: stopped (idle timeout)" in child.stderr
 
 
+def test_start_options_out_of_range_are_named_as_the_options(isolated_home: Path) -> None:
+    """ "start_timeout_s: Input should be greater than 0" named a setting, not what was typed."""
+    _setup(isolated_home)
+    for args, flag in ((["--timeout", "0"], "--timeout"), (["--idle-timeout", "-5"], "--idle-timeout")):
+        code, _, err = car("runtimes", "start", INSTANCE, *args)
+        assert code == 2 and f"Invalid value for '{flag}'" in " ".join(err.split()), err
+    assert _instances()[INSTANCE]["state"] == "stopped"  # nothing was started
+
+
 def test_a_stop_that_times_out_says_it_is_still_stopping(isolated_home: Path) -> None:
     """It printed "not running" with status 0 for a server that was running (and then stopped)."""
     from car_inference.runtimes.state import RunFiles

@@ -132,6 +132,8 @@ _FIELD_OPTIONS = {
     "duration_s": "--duration",
     "negative_prompt": "--negative",
     "output_path": "--output",
+    "idle_timeout_s": "--idle-timeout",  # car runtimes start: [runtimes] settings
+    "start_timeout_s": "--timeout",
 }
 
 

@@ -88,7 +88,7 @@ def start(
     elif "idle_timeout_s" not in settings.model_fields_set:  # only the built-in 15 minutes
         settings.idle_timeout_s = None  # a server started on purpose runs until stopped
     if timeout is not None:
-        eng.runtimes.settings.start_timeout_s = timeout
+        settings.start_timeout_s = timeout
     runtime = eng.runtimes.find(name)
     with spinner(f"Starting {runtime.name}..."):
         url = runtime.ensure()
