@@ -224,8 +224,13 @@ def test_a_new_process_routes_a_learned_template_from_its_first_request(remote_e
 
 
 def test_forget_model_with_an_empty_name_says_so(remote_engine: RemoteEngine) -> None:
+    engine = remote_engine(TWO)
     with pytest.raises(InvalidInput, match="the model name is empty"):  # was "model not found: "
-        remote_engine(TWO).forget_model("")
+        engine.forget_model("")
+    engine.report(engine.route(ASK), score=0.5)
+    with pytest.raises(InvalidInput, match="names the contexts' baselines"):  # it deleted them all
+        engine.forget_model("*")
+    assert engine.tracker.task_stats("*", engine.route(ASK).task_family) is not None  # still there
 
 
 def test_report_refuses_a_score_out_of_range(remote_engine: RemoteEngine) -> None:
@@ -284,6 +289,14 @@ def test_report_and_feedback_name_what_is_wrong(remote_engine: RemoteEngine) -> 
         engine.report(decision.model_copy(update={"model_id": "*"}))
     with pytest.raises(UnsupportedMode):
         engine.report(decision.model_copy(update={"model_id": "sentence-transformers/all-minilm-l6-v2"}))
+    # open_trace checks the same (the decision with "*" made every later `car profiles export` fail)
+    for bad, error in (("*", ModelNotFound), ("acme/alpah", ModelNotFound),
+                       ("sentence-transformers/all-minilm-l6-v2", UnsupportedMode)):  # fmt: skip
+        with pytest.raises(error):
+            engine.open_trace(decision.model_copy(update={"model_id": bad}))
+    with pytest.raises(InvalidInput, match="open_trace: decision must be a RoutingDecision, not dict"):
+        engine.open_trace({"model_id": "acme/alpha"})  # type: ignore[arg-type]
+    assert engine.store.profiles() == [] and engine.export_profiles() == []
     trace_id = engine.report(decision, model_id="beta")  # a name resolves to its id
     assert engine.store.trace(trace_id)["model_id"] == "bolt/beta"  # type: ignore[index]
     for score in (math.nan, 1.5, -0.1):

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from ..errors import InvalidInput, TraceNotFound, expect, validation_summary
 from ..requests import GenerateParams, GenerateRequest
 from ..routing import OutcomeTracker, RoutingDecision
+from ..routing.estimate import ALL
 from ..routing.outcomes import InferenceTask
 from ..routing.store_api import compact_old_spend, forget_dormant_templates, prune_old_traces
 from ..schema import ModelCapability, ModelSchema
@@ -112,12 +113,7 @@ class LearningMixin(Lifecycle):
         input_tokens = _count("input_tokens", input_tokens)
         output_tokens = _count("output_tokens", output_tokens) or 0
         prompt = _text("prompt", prompt)
-        # The model the caller ran (another than the chosen one, or the decision's own, which a
-        # caller may have rebuilt from JSON: "*", an unknown or an embedding model was recorded,
-        # and "*" counted twice in the baselines): a route-only outcome is a generation's.
-        schema = self.resolve(decision.model_id if model_id is None else model_id)
-        schema.require(ModelCapability.GENERATE, "report")
-        chosen = schema.id
+        chosen = self._decided_model(decision, "report", model_id)
         trace_id = uuid.uuid4().hex
         now = time.time()
         self.bookkeeper.flush()  # keep this process's records in order
@@ -159,12 +155,26 @@ class LearningMixin(Lifecycle):
             self.spend.record(provider, model_id, cost_usd, settles=False)
 
     def open_trace(self, decision: RoutingDecision) -> str:
-        """A pending trace for ``decision``, completed later by ``feedback(trace_id, score)``."""
+        """A pending trace for ``decision``, completed later by ``feedback(trace_id, score)``. Its
+        model is checked as ``report`` checks it: a decision rebuilt from JSON naming "*" (the
+        baselines' id: every later ``car profiles export`` failed on it), an unknown or an
+        embedding model is ``InvalidInput`` / ``ModelNotFound`` / ``UnsupportedMode``."""
         self._check_open()
+        chosen = self._decided_model(decision, "open_trace")
         return self.tracker.record_start(
-            decision.model_id, InferenceTask.GENERATE, decision.task_family, decision.reason,
+            chosen, InferenceTask.GENERATE, decision.task_family, decision.reason,
             cluster=decision.prompt_cluster,
         )  # fmt: skip
+
+    def _decided_model(self, decision: RoutingDecision, method: str, model_id: str | None = None) -> str:
+        """The catalog id of the model a route-only outcome is about: ``decision``'s (which a caller
+        may have rebuilt from JSON: "*", an unknown or an embedding model was recorded, and "*"
+        counted twice in the baselines), or the ``model_id`` the caller ran instead."""
+        if not isinstance(decision, RoutingDecision):
+            raise InvalidInput(f"{method}: decision must be a RoutingDecision, not {type(decision).__name__}")
+        schema = self.resolve(decision.model_id if model_id is None else model_id)
+        schema.require(ModelCapability.GENERATE, method)
+        return schema.id
 
     def feedback(
         self,
@@ -317,6 +327,8 @@ class LearningMixin(Lifecycle):
         replicas drop its profile at their next reload and its rows at their next full one."""
         self._check_open()
         expect(name, str, "forget_model")
+        if name == ALL:  # the baselines' rows: every context's, which no model upgrade concerns
+            raise InvalidInput(f"forget_model: {ALL!r} names the contexts' baselines, not a model")
         model_id = name if name in self.tracker.model_ids() else self.resolve(name).id
         self.bookkeeper.flush()  # its queued outcomes first, or they would bring rows back
         gone = self.store.forget_model(model_id)
