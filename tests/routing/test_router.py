@@ -119,6 +119,13 @@ def test_a_preferred_model_past_a_spend_limit_refuses_the_request_in_the_decisio
             GenerateRequest(prompt="hi", params=GenerateParams(max_tokens=1000)), reg, preferred="a/dear"
         )
     assert router.decide(HELLO, reg, preferred="l/free").strategy is RoutingStrategy.PREFERRED
+    # A model the request names is refused the same way: `car route -m` and POST /v1/route
+    # approved what generation refuses, and a route-only client ran it past the limit.
+    named = GenerateRequest(prompt="hi", model="a/dear", params=GenerateParams(max_tokens=1000))
+    with pytest.raises(SpendLimitExceeded):
+        router.decide(named, reg)
+    cheap = named.model_copy(update={"params": GenerateParams(max_tokens=1)})
+    assert router.decide(cheap, reg).strategy is RoutingStrategy.EXPLICIT  # one that fits is not
 
 
 def test_explicit_model_wins_with_no_fallbacks_and_no_scoring() -> None:

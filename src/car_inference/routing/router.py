@@ -276,15 +276,24 @@ class AdaptiveRouter:
         )
         if why is not None or found is None:
             return None, f"preferred {name} {why}"
-        if self.spend is not None and not found.in_process:
-            breach = self.spend.breach(found.provider, found.cost.estimate(a.est_in, max_tokens))
+        self._within_limits(found, a, max_tokens)
+        return found, ""
+
+    def _within_limits(self, model: ModelSchema, a: _Analysis, max_tokens: int) -> None:
+        """Raise ``SpendLimitExceeded`` where this request would take the caller's chosen model past
+        a spend limit, as the engine refuses it before the call (there is no other model to route
+        to). ``car route -m`` and ``POST /v1/route`` approved it, and a route-only client ran it."""
+        if self.spend is not None and not model.in_process:
+            breach = self.spend.breach(model.provider, model.cost.estimate(a.est_in, max_tokens))
             if breach is not None:
                 raise breach
-        return found, ""
 
     def _explicit(self, request: GenerateRequest, pinned: ModelSchema, a: _Analysis) -> RoutingDecision:
         """The caller named the model: no candidates, no scoring, no fallbacks (the engine adds
-        the ones configured for it). Its predicted quality is the mean of its belief here."""
+        the ones configured for it). Its predicted quality is the mean of its belief here. One this
+        request would take past a spend limit is refused here (an open circuit is not: the engine
+        then tries the model's own fallbacks)."""
+        self._within_limits(pinned, a, request.params.max_tokens)
         quality = self._expected_quality(pinned.id, a.ctx)
         exact: dict[str, int] = {}
         return self._decision(request, a, [], 0.0, {}, pinned.id, RoutingStrategy.EXPLICIT,
