@@ -80,6 +80,11 @@ def test_feedback_completes_a_route_with_what_the_caller_measured(
     assert bare.status_code == 200, bare.text
     assert engine.store.trace(trace_id)["latency_ms"] is None  # type: ignore[index]
     trace_id = http.post("/v1/route", json={"messages": ASK, "model": "fake/alpha"}).json()["trace_id"]
+    # A misspelt field was dropped: the trace completed without it, and the real one was refused.
+    misspelt = http.post("/v1/feedback", json={"trace_id": trace_id, "score": 0.5, "latency": 812})
+    assert misspelt.status_code == 400 and misspelt.json()["error"]["param"] == "latency", misspelt.text
+    assert "did you mean latency_ms?" in misspelt.json()["error"]["message"]
+    assert engine.store.trace(trace_id)["outcome"] == "pending"  # type: ignore[index]
     body = {"trace_id": trace_id, "score": 0.5, "latency_ms": 812, "output_tokens": 40, "cost_usd": 0.0004}
     measured = http.post("/v1/feedback", json=body)
     assert measured.status_code == 200, measured.text

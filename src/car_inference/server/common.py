@@ -394,6 +394,7 @@ def car_headers(model: str | None, trace_id: str | None = None, reason: str | No
 # What a route-only caller measured of the call it made (``engine.feedback``'s keywords), besides
 # the score: numbers >= 0, tokens whole.
 MEASURED = ("latency_ms", "output_tokens", "cost_usd")
+FEEDBACK_FIELDS = frozenset({"trace_id", "score", "success", *MEASURED})
 
 
 def measured_fields(body: dict[str, Any]) -> dict[str, Any]:
@@ -415,6 +416,13 @@ async def feedback_call(engine: InferenceEngine, body: dict[str, Any]) -> dict[s
     """``POST /v1/feedback`` and the JSON-RPC ``feedback``: ``{trace_id, score}``, a route-only
     call's measurements (``MEASURED``), or ``success: false`` (no score, or 0) for a call that
     failed; the answer ``{trace_id, score, recorded}`` (``success`` too when given)."""
+    if extra := next((key for key in body if key not in FEEDBACK_FIELDS), None):
+        # A misspelt `latency` completed the trace without it, and the real one was then refused.
+        close = close_matches(extra, sorted(FEEDBACK_FIELDS))
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        takes = ", ".join(sorted(FEEDBACK_FIELDS))
+        raise ApiError(400, f"`{extra}` is not a field of feedback (it takes: {takes}){hint}",
+                       code="invalid_value", param=extra)  # fmt: skip
     trace_id, score, success = body.get("trace_id"), body.get("score"), body.get("success", True)
     if not isinstance(trace_id, str) or not trace_id:
         raise ApiError(400, "`trace_id` must be the trace id of an answer", param="trace_id")

@@ -14,7 +14,7 @@ from ..errors import close_matches
 from ..requests import ClassifyRequest, EmbedRequest, GenerateRequest, RerankRequest
 from ..requests_media import SynthesizeRequest, TranscribeRequest
 from ..schema import ModelCapability
-from .common import MEASURED, feedback_call
+from .common import FEEDBACK_FIELDS, feedback_call
 from .errors import ApiError
 from .grounding import GROUNDING, rpc_ground
 from .images import IMAGES, VIDEOS, rpc_generate_image, rpc_generate_video
@@ -205,7 +205,7 @@ _PARAMS: dict[str, frozenset[str]] = {
     "detokenize": frozenset({"tokens", "model"}),
     "models.list": frozenset({"capability", "available"}),
     "health": frozenset(),
-    "feedback": frozenset({"trace_id", "score", "success", *MEASURED}),
+    "feedback": FEEDBACK_FIELDS,
     "cancel": frozenset({"id"}),
     "voices": frozenset({"model"}),
     "runner.register": frozenset({"models", "timeout_s", "name"}),
