@@ -219,6 +219,16 @@ def test_old_routing_keys_load_with_a_warning(isolated_home: Path, caplog: pytes
     assert "min_observations, prior_strength: unused by this router" in caplog.text
 
 
+def test_routing_weights_all_zero_are_refused(isolated_home: Path) -> None:
+    """Every candidate scored 0 and the catalog's order chose (a 0.15-quality model over 0.97)."""
+    weights = "[routing]\nquality_weight = 0\nlatency_weight = 0\ncost_weight = 0\n"
+    (isolated_home / "config.toml").write_text(weights)
+    with pytest.raises(ConfigError, match="are all 0: nothing would tell models apart"):
+        load_config(isolated_home, env={})
+    (isolated_home / "config.toml").write_text(weights.replace("cost_weight = 0", "cost_weight = 1"))
+    assert load_config(isolated_home, env={}).routing.cost_weight == 1  # cost alone is a choice
+
+
 def test_a_key_of_the_wrong_type_stays_out_of_the_errors_context(isolated_home: Path) -> None:
     """pydantic's error, with the value it saw, was the ConfigError's __context__: error reporters
     that ship exception chains shipped the key."""

@@ -203,6 +203,16 @@ class RoutingSettings(_Section):
                 log.warning("[routing] %s: unused by this router (see README, Routing)", ", ".join(dropped))
         return data
 
+    @model_validator(mode="after")
+    def _some_weight(self) -> RoutingSettings:
+        """All three weights 0 scored every model 0, and the order of the catalog chose."""
+        if not (self.quality_weight or self.latency_weight or self.cost_weight):
+            raise ValueError(
+                "quality_weight, latency_weight and cost_weight are all 0: nothing would tell models"
+                " apart; give one a positive weight (the defaults are 0.9, 0.03 and 0.07)"
+            )
+        return self
+
 
 class LocalSettings(_Section):
     n_ctx: int = Field(
