@@ -82,6 +82,10 @@ def test_profiles_export_import_round_trip(isolated_home: Path, tmp_path: Path) 
     data = json.loads(path.read_text())
     row = next(p for p in data if p["model_id"] == "qwen/qwen3-4b:q4_k_m")
     assert row["total_calls"] == 5 and set(row) >= {"ema_quality", "task_stats", "quality_per_1k_tokens"}
+    with pytest.raises(InvalidInput, match="import_profiles: qwen/qwen3-4b:q4_k_m has two profiles"):
+        engine.import_profiles([row, {**row, "total_calls": 9, "success_count": 9, "fail_count": 0}])
+    kept = next(p for p in engine.export_profiles() if p.model_id == row["model_id"])
+    assert kept.total_calls == 5  # nothing of the refused file was taken
     # A file named like the old fixed temporary file is the user's: left alone. Exports running
     # at once each write a whole file (they shared "<name>.tmp" and failed with FileNotFoundError).
     mine = tmp_path / "outcome_profiles.json.tmp"

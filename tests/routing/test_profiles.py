@@ -5,7 +5,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from car_inference.routing.profiles import ModelProfile, TaskStats
+from car_inference.routing.profiles import ModelProfile, TaskStats, parsed_profiles
 
 
 def test_seed_task_stats_get_their_success_rate_as_quality() -> None:
@@ -59,6 +59,11 @@ def test_an_imported_profile_holds_only_numbers_a_profile_can_have(field: str, v
         ),
         ({"model_id": "m", "task_stats": {"": {"calls": 1}}}, "a key is empty"),
         ({"model_id": "m", "task_stats": {" chat": {"calls": 1}}}, "a key is empty"),
+        # 500 calls in one family of a 1-call profile: every model's quality there went to ~0
+        (
+            {"model_id": "m", "total_calls": 1, "task_stats": {"chat": {"calls": 500}}},
+            "more than total_calls 1",
+        ),
     ],
 )
 def test_a_profile_holds_nothing_that_poisons_the_sums(profile: dict[str, object], says: str) -> None:
@@ -66,9 +71,16 @@ def test_a_profile_holds_nothing_that_poisons_the_sums(profile: dict[str, object
         ModelProfile.model_validate(profile)
 
 
+def test_a_model_given_twice_is_refused() -> None:
+    """ "imported 2", and the last of the two silently kept."""
+    with pytest.raises(ValueError, match="a/x has two profiles"):
+        parsed_profiles([{"model_id": "a/x"}, {"model_id": "b/y"}, {"model_id": "a/x", "total_calls": 3}])
+    assert [p.model_id for p in parsed_profiles([{"model_id": "a/x"}, {"model_id": "b/y"}])] == ["a/x", "b/y"]
+
+
 def test_our_own_sums_and_the_seed_shape_still_load() -> None:
     ok = ModelProfile.model_validate(
-        {"model_id": "huggingface/smollm2-135m-instruct:q4_1", "total_input_tokens": 10**13,
+        {"model_id": "huggingface/smollm2-135m-instruct:q4_1", "total_input_tokens": 10**13, "total_calls": 3,
          "task_stats": {"chat|latin-short": {"calls": 3, "quality_sum": 3.0000000001, "decayed_sum": 2.9,
                                               "decayed_n": 2.9}}}
     )  # fmt: skip

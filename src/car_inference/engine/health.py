@@ -334,6 +334,8 @@ class HealthMixin(Lifecycle):
             return self.tracker.import_profiles(profiles)
         except ValidationError as exc:
             raise InvalidInput(f"import_profiles: {validation_summary(exc)}") from None
+        except ValueError as exc:  # a model given twice
+            raise InvalidInput(f"import_profiles: {exc}") from None
         except OverflowError:  # each number fits, their sums (the baselines) do not: nothing stored
             self.tracker.reload(full=True)  # the router's copy had taken them
             raise InvalidInput(

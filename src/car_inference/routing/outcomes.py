@@ -42,6 +42,7 @@ from .profiles import (
     export_stats,
     imported_profile,
     mean_latencies,
+    parsed_profiles,
     replace_models,
     row_fields,
     sum_rows,
@@ -519,7 +520,7 @@ class OutcomeTracker:
         """Restore profiles (the ``outcome_profiles.json`` shape): each replaces the model's profile
         and task stats, in memory and in the store; baselines are rebuilt from all models' stats.
         Returns how many were imported."""
-        parsed = [p if isinstance(p, ModelProfile) else ModelProfile.model_validate(p) for p in profiles]
+        parsed = parsed_profiles(profiles)
         ids = {mp.model_id for mp in parsed}
         # The baselines written below are sums of this process's copy: read it fresh first (a
         # long-lived engine's stale copy erased other processes' outcomes from every baseline).
