@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -349,6 +350,11 @@ async def test_likelihood_classification_is_a_distribution(
     assert sum(r.score for r in result.results) == pytest.approx(1.0)
     assert result.results[0].score >= result.results[1].score
     assert result.label == "positive"
+    # A label is read a token at a time in one turn: 1,500 tokens held the model for minutes.
+    started = time.monotonic()
+    with pytest.raises(InvalidInput, match=r"label 'a a a a .*' is \d+ tokens: .* at most 64 tokens") as info:
+        await backend.classify(model, ClassifyRequest(text="x", labels=["a " * 1500, "b"]))
+    assert info.value.param == "labels" and time.monotonic() - started < 5
 
 
 async def test_gguf_embeddings_are_normalised(backend: LlamaCppBackend, model: ModelSchema) -> None:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from ..catalog.locate import local_path
 from ..config import CarConfig
-from ..errors import InferenceFailed, TokenizationError, UnsupportedMode
+from ..errors import InferenceFailed, InvalidInput, TokenizationError, UnsupportedMode
 from ..requests import (
     Classification,
     ClassifyRequest,
@@ -80,6 +80,10 @@ _I = TypeVar("_I")
 _R = TypeVar("_R")
 
 MAX_VOCABS = 4  # vocabulary-only loads kept for counting prompt tokens at routing time
+# A likelihood label is read a token at a time (two spellings), in one turn on the model: a
+# 1,500-token label held SmolLM2 for 6 minutes, and another client's 4-token chat waited 343 s.
+# Labels are class names; 64 tokens is a long sentence.
+MAX_LABEL_TOKENS = 64
 
 
 class LlamaCppBackend:
@@ -478,6 +482,14 @@ class LlamaCppBackend:
             # Every label is scored after the same prompt, with room for the longest of them
             # (past the window, the text is cut; its end was kept, and the labels went).
             longest = max(len(c) for label in request.labels for c in spellings(loaded, label))
+            if longest - 1 > MAX_LABEL_TOKENS:
+                label = max(request.labels, key=lambda x: max(len(c) for c in spellings(loaded, x)))
+                raise InvalidInput(
+                    f"label {_clip(label)!r} is {longest - 1} tokens: likelihood classification reads"
+                    f" a label a token at a time, and takes labels of at most {MAX_LABEL_TOKENS} tokens"
+                    ' (method "embedding" takes longer ones)',
+                    param="labels",
+                )
             room = loaded.n_ctx - longest - 1
             return loaded.fit_prompt(render, request.text, request.labels, room=room, what="labels")
 
@@ -516,6 +528,10 @@ def seed32(seed: int) -> int:
 
 def _default_system(model: ModelSchema) -> str | None:
     return model.source.system_prompt if isinstance(model.source, GgufSource) else None
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _exp(x: Any) -> Any:
