@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 
 import pytest
 
@@ -197,6 +198,22 @@ def test_image_size_of_each_format(fmt: str) -> None:
     buffer = io.BytesIO()
     pil.new("RGB", (123, 45), "red").save(buffer, format=fmt)
     assert image_size(buffer.getvalue()) == (123, 45)
+
+
+def test_a_gif_is_as_large_as_its_largest_frame() -> None:
+    """A screen of 10x10 holding a 1200x1200 frame passed the pixel bound unseen (12000x12000 was
+    decoded at 900 MB) and its boxes were clamped to 10x10."""
+    pil = pytest.importorskip("PIL.Image")
+    buffer = io.BytesIO()
+    pil.new("P", (1200, 900), 0).save(buffer, format="GIF")
+    data = bytearray(buffer.getvalue())
+    data[6:10] = struct.pack("<HH", 10, 10)  # the logical screen says 10x10
+    assert image_size(bytes(data)) == (1200, 900)
+    frames = [pil.new("P", (50, 40), i) for i in range(3)]
+    animated = io.BytesIO()
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:])
+    assert image_size(animated.getvalue()) == (50, 40)
+    assert image_size(animated.getvalue()[:40]) == (50, 40)  # cut short: what was read
 
 
 def test_image_size_of_lossless_webp() -> None:

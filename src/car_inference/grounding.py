@@ -325,8 +325,8 @@ def image_size(data: bytes) -> tuple[int, int]:
 def _header_size(data: bytes) -> tuple[int, int]:
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         return struct.unpack(">II", data[16:24])
-    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
-        return struct.unpack("<HH", data[6:10])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 13:
+        return _gif_size(data)
     if data[:2] == b"BM" and len(data) >= 26:
         w, h = struct.unpack("<Ii", data[18:26])  # as PIL reads it: a negative width passed the
         return w, abs(h)  # size bound negative and PIL decoded 4294966656 px (a 500); h < 0: top-down
@@ -339,6 +339,38 @@ def _header_size(data: bytes) -> tuple[int, int]:
         if size:
             return size
     raise InvalidInput("the image is not a PNG, JPEG, GIF, WebP or BMP file (or its header is cut)")
+
+
+def _gif_size(data: bytes) -> tuple[int, int]:
+    """A GIF's size as decoders take it: its logical screen, grown to hold every frame. A 107 KB
+    GIF whose screen said 10x10 held a 12000x12000 frame: past the pixel bound unseen, decoded at
+    900 MB, and its boxes clamped to 10x10."""
+    width, height = struct.unpack("<HH", data[6:10])
+    pos = 13 + _color_table(data[10])
+    while pos < len(data):
+        block = data[pos]
+        if block == 0x21:  # an extension: its label, then data sub-blocks
+            pos = _past_sub_blocks(data, pos + 2)
+        elif block == 0x2C and pos + 10 <= len(data):  # a frame: where it lies, and how large
+            left, top, w, h = struct.unpack("<HHHH", data[pos + 1 : pos + 9])
+            width, height = max(width, left + w), max(height, top + h)
+            pos = _past_sub_blocks(data, pos + 11 + _color_table(data[pos + 9]))  # + LZW code size
+        else:  # the trailer (0x3B), or a file cut short
+            break
+    return width, height
+
+
+def _color_table(flags: int) -> int:
+    return 3 * (2 << (flags & 7)) if flags & 0x80 else 0
+
+
+def _past_sub_blocks(data: bytes, pos: int) -> int:
+    while pos < len(data):
+        size = data[pos]
+        pos += 1 + size
+        if size == 0:
+            break
+    return pos
 
 
 def _webp_size(data: bytes) -> tuple[int, int] | None:

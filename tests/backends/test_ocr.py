@@ -77,6 +77,27 @@ async def test_an_image_the_ocr_cannot_read_is_the_callers_error(engine: Inferen
         assert "BytesIO" not in str(info.value)
 
 
+async def test_a_palette_gif_is_read_as_the_same_picture(engine: InferenceEngine, sign: bytes) -> None:
+    """RapidOCR took a GIF's palette indices for grey levels: no text, answered 200 with no box."""
+    from PIL import Image
+
+    gif = io.BytesIO()
+    Image.open(io.BytesIO(sign)).convert("P", dither=Image.Dither.NONE).save(gif, "GIF")
+    [box] = (await engine.ground(_ask(gif.getvalue(), "exit 42"))).boxes
+    assert 290 <= box.x1 <= 310 and 405 <= box.x2 <= 425, box
+
+
+async def test_a_jpeg_cut_short_is_the_callers_error(engine: InferenceEngine, sign: bytes) -> None:
+    """It was a 500 inference_failed: verify() does not read a JPEG's image data."""
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(sign)).convert("RGB").save(jpeg, "JPEG")
+    cut = jpeg.getvalue()[: len(jpeg.getvalue()) // 3]
+    with pytest.raises(InvalidInput, match="cannot be decoded: it is cut short"):
+        await engine.ground(_ask(cut, "exit"))
+
+
 def test_match_text_reads_line_and_character_boxes() -> None:
     quad = [[0, 0], [100, 0], [100, 20], [0, 20]]
     chars = [[[i * 10, 0], [i * 10 + 9, 0], [i * 10 + 9, 20], [i * 10, 20]] for i in range(10)]

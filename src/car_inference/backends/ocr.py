@@ -60,10 +60,11 @@ class RapidOcrBackend:
         width, height = image_size(image)
 
         def work() -> list[Line]:
+            picture = _picture(image, (width, height))
             entry = self._engine(model)
             with entry.lock:
                 try:
-                    lines, _ = entry.instance(image, return_word_box=True)
+                    lines, _ = entry.instance(picture, return_word_box=True)
                 except Exception as exc:  # onnxruntime and OpenCV raise their own types
                     raise _failure(model, image, (width, height), exc) from exc
             return list(lines or [])
@@ -76,6 +77,26 @@ class RapidOcrBackend:
         if not boxes:
             summary += f" ({model.id} finds text; for objects use a vision model: {VISION_HINT})"
         return GroundResult(boxes=boxes, raw_text=summary, model_used=model.id, width=width, height=height)
+
+
+def _picture(image: bytes, size: tuple[int, int]) -> Any:
+    """The caller's image decoded whole, in a mode the OCR reads as colours: RapidOCR took a
+    palette image's (a GIF's) indices for grey levels and read no text in it, and a JPEG cut
+    short failed inside it as the model's fault (a 500); here it is the caller's (a 400)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(image)) as opened:
+            opened.load()
+            if opened.mode in ("RGB", "RGBA", "L", "LA"):
+                return opened.copy()
+            alpha = opened.mode in ("PA", "P") and "transparency" in opened.info
+            return opened.convert("RGBA" if alpha or opened.mode == "PA" else "RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        cut = ": it is cut short" if "truncated" in str(exc) else ""  # PIL's other words name a BytesIO
+        raise InvalidInput(
+            f"the image cannot be decoded{cut} (its header says {size[0]}x{size[1]} px)"
+        ) from None
 
 
 def _failure(model: ModelSchema, image: bytes, size: tuple[int, int], exc: Exception) -> InferenceError:
