@@ -188,6 +188,9 @@ def test_embed_rerank_classify_json() -> None:
     code, out, _ = car("rerank", "capital of France", *docs, "--json", "--top-n", "1")
     data = json.loads(out)
     assert code == 0 and [d["index"] for d in data["ranked"]] == [1]
+    # A document is shown as given: "[/oops]" was a MarkupError traceback, "[bold]x[/bold]" restyled
+    code, out, err = car("rerank", "q", "[/oops] closing tag", "[bold]styled[/bold] doc")
+    assert code == 0 and "[/oops] closing tag" in out and "[bold]styled[/bold] doc" in out, err
 
     code, out, _ = car("classify", "The striker scored a goal", "--labels", "sports, politics", "--json")
     data = json.loads(out)

@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
         for column in ("rank", "score", "index", "document"):
             table.add_column(column)
         for rank, doc in enumerate(result.ranked, start=1):
-            table.add_row(str(rank), f"{doc.score:.4f}", str(doc.index), doc.document)
+            table.add_row(str(rank), f"{doc.score:.4f}", str(doc.index), escape(doc.document))
         out.print(table)
 
     @app.command()
