@@ -173,6 +173,23 @@ def test_video_job_create_poll_download(client: openai.OpenAI) -> None:
         client.videos.retrieve(video.id)
 
 
+def test_a_json_input_reference_makes_an_image_to_video_job(
+    client: openai.OpenAI, server: ServerThread
+) -> None:
+    """Taken in JSON and dropped: the job ran as text-to-video without a word."""
+    reference = "data:image/png;base64," + base64.b64encode(png(64, 64, "red")).decode()
+    body = {"model": LTX, "prompt": "a dog", "seconds": "1", "size": "64x64", "fps": 8, "seed": 2}
+    bad = httpx.post(server.url + "/v1/videos", json={**body, "input_reference": "not base64!"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input_reference", bad.text
+    firsts = []
+    for extra in ({}, {"input_reference": reference}):
+        job = httpx.post(server.url + "/v1/videos", json={**body, **extra}, timeout=30).json()
+        assert client.videos.poll(job["id"], poll_interval_ms=50).status == "completed"
+        with av.open(io.BytesIO(client.videos.download_content(job["id"]).content), mode="r") as container:
+            firsts.append(next(container.decode(video=0)).to_ndarray().tobytes())
+    assert firsts[0] != firsts[1], "the same first frame: the reference was not used"
+
+
 def test_video_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError, match="tiny-ltxx"):
         client.videos.create(model="test/tiny-ltxx", prompt="x")

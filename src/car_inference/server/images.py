@@ -311,9 +311,15 @@ def register(app: FastAPI, state: ServerState) -> None:
             raise ApiError(400, "`prompt` must describe the video", param="prompt")
         workdir = Path(tempfile.mkdtemp(prefix="car-video-in-"))
         try:
-            image = (
-                _save(workdir, "reference", reference) if reference is not None and reference.value else None
-            )
+            inline = None if form else body.get("input_reference")  # JSON: base64 or a data: URL
+            if inline is not None:  # it was taken and dropped: the job ran as text-to-video
+                image: str | None = _decode(inline, "input_reference", workdir, "reference")
+            else:
+                image = (
+                    _save(workdir, "reference", reference)
+                    if reference is not None and reference.value
+                    else None
+                )
             options = {
                 "duration_s": _number(body.get("seconds"), "seconds", float, text=True),  # OpenAI: "4"
                 "fps": _number(body.get("fps"), "fps", text=form),
