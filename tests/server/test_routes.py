@@ -5,6 +5,7 @@ is really the fake provider, for the tool-call round trip."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any, cast
 
@@ -118,6 +119,15 @@ def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
     # A body over BIG_BODY is parsed on a worker thread (server.common.read_json): same answer.
     big = client.embeddings.create(model="auto", input=["red", "filler " * 50_000], encoding_format="float")
     assert big.data[0].embedding == pytest.approx(floats.data[0].embedding, abs=1e-6) and len(big.data) == 2
+
+
+def test_an_embedding_text_past_the_window_is_named_as_the_clients_input(http: httpx.Client) -> None:
+    """With truncation refused, the error named the engine's `texts[0]`."""
+    body = {"model": "auto", "input": ["red", "word " * 2000], "truncate": False}
+    refused = http.post("/v1/embeddings", json=body)
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["param"] == "input[1]", refused.text
+    assert error["message"].startswith("input[1] is ") and "texts" not in error["message"]
 
 
 def test_rerank_cohere_shape(http: httpx.Client) -> None:
@@ -372,7 +382,7 @@ def test_a_provider_rate_limit_is_a_429_with_its_retry_after(
     """The SDK in front of us waits and retries a 429 as it would against the provider itself; a
     502 would read as the provider being broken."""
     fake_provider.reset()
-    fake_provider.queue(Fault.rate_limit(retry_after=2), Reply(text="now"))
+    fake_provider.queue(Fault.rate_limit(retry_after=1), Reply(text="now"))
     url, body = tool_server.url + "/v1/chat/completions", {"model": "fake/gpt-tools", "messages": HI}
     limited = httpx.post(url, json=body)
     assert limited.status_code == 429, limited.text
@@ -382,7 +392,11 @@ def test_a_provider_rate_limit_is_a_429_with_its_retry_after(
         "rate_limit_error",
         429,
     )
-    assert limited.headers["retry-after"] == "2"
+    assert limited.headers["retry-after"] == "1"
+    # The server (reached without a key) rests for its Retry-After: answered here, no call.
+    again = httpx.post(url, json=body)
+    assert again.status_code == 429 and len(fake_provider.requests) == 1, again.text
+    time.sleep(float(again.headers["retry-after"]) + 0.1)
     assert httpx.post(url, json=body).json()["choices"][0]["message"]["content"] == "now"
 
 

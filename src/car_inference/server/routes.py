@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..errors import InvalidInput
 from ..requests import InferenceResult
 from .common import (
     ServerState,
@@ -75,8 +76,14 @@ def register(app: FastAPI, state: ServerState) -> None:
     @api
     async def embeddings(request: Request) -> Response:
         embed, encoding = await read_call(request, embed_request)
-        async with asyncio.timeout(timeout_s):
-            result = await engine.embed(embed)
+        try:
+            async with asyncio.timeout(timeout_s):
+                result = await engine.embed(embed)
+        except InvalidInput as exc:  # the engine's `texts[0]` is the client's `input[0]`
+            if not (exc.param or "").startswith("texts"):
+                raise
+            param = (exc.param or "").replace("texts", "input", 1)
+            raise InvalidInput(str(exc).replace(exc.param or "", param, 1), param=param) from None
         return json_response(embeddings_response(result, encoding), headers=car_headers(result.model_used))
 
     @api
