@@ -90,6 +90,11 @@ async def test_embedding_rerank_puts_the_relevant_document_first(
     assert result.ranked[0].index == 1
     assert [d.score for d in result.ranked] == sorted((d.score for d in result.ranked), reverse=True)
     assert (await backend.rerank(model, RerankRequest(query="x", documents=[]))).ranked == []
+    # A text against itself is at most 1 (float error gave 1.0000001), for any text.
+    same = ["Paris", "The cat sat on the mat.", "x", "日本語のテキスト"]
+    for text in same:
+        [top] = (await backend.rerank(model, RerankRequest(query=text, documents=[text]))).ranked
+        assert 0.99 < top.score <= 1.0, (text, top.score)
 
 
 async def test_embedding_classification(backend: SentenceBackend, model: ModelSchema) -> None:

@@ -77,6 +77,7 @@ __all__ = [
     "VideoChecker",
     "VideoGenerator",
     "class_tasks",
+    "cosine",
     "iterate_in_thread",
     "label_distribution",
     "ranked_result",
@@ -393,6 +394,12 @@ def over_window(model: ModelSchema, counts: list[int], window: int, truncate: bo
             param=f"texts[{i}]",
         )
     return cut
+
+
+def cosine(dot: float) -> float:
+    """A dot product of unit vectors as a cosine: float error put a text against itself at
+    1.0000001, past what a cosine can be."""
+    return min(1.0, max(-1.0, float(dot)))
 
 
 def ranked_result(request: RerankRequest, scores: list[float], model_id: str, method: str) -> RerankResult:

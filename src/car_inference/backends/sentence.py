@@ -25,6 +25,7 @@ from ..requests import (
 from ..schema import ModelSchema, SentenceSource
 from .base import (
     BackendContext,
+    cosine,
     label_distribution,
     openmp_thread,
     over_window,
@@ -260,7 +261,7 @@ class SentenceBackend:
         else:
             query = self._query_texts(model, [request.query], request.instruction)
             vectors, _ = await self._encode(model, query + request.documents, normalize=True)
-            scores, method = [float(x) for x in vectors[1:] @ vectors[0]], "embedding-similarity"
+            scores, method = [cosine(x) for x in vectors[1:] @ vectors[0]], "embedding-similarity"
         return ranked_result(request, scores, model.id, method)
 
     async def classify(self, model: ModelSchema, request: ClassifyRequest) -> Classification:

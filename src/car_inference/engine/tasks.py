@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import tracing
-from ..backends.base import SegmentCallback, Tokenizer, VideoChecker, ranked_result
+from ..backends.base import SegmentCallback, Tokenizer, VideoChecker, cosine, ranked_result
 from ..backends.media_files import readable_file
 from ..errors import (
     CircuitOpen,
@@ -194,7 +194,7 @@ class TaskMixin(Lifecycle):
         )
         q = query.embeddings[0]
         vectors = (await self.embed(EmbedRequest(texts=request.documents, model=model.id))).embeddings
-        scores = [sum(a * b for a, b in zip(q, v, strict=True)) for v in vectors]
+        scores = [cosine(sum(a * b for a, b in zip(q, v, strict=True))) for v in vectors]
         return ranked_result(request, scores, model.id, "embedding-similarity")
 
     async def classify(self, request: ClassifyRequest) -> Classification:
