@@ -67,6 +67,19 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
         OutcomeStore(db)
 
 
+def test_a_table_dropped_by_hand_is_back_after_a_restart(tmp_path: Path) -> None:
+    """The health report says "a restart re-creates missing tables": it did not (the current
+    schema ran nothing), and every feedback failed until the table was made by hand."""
+    db = tmp_path / "state.db"
+    OutcomeStore(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE feedback")
+    conn.commit()
+    conn.close()
+    with OutcomeStore(db) as store:
+        assert store.schema_problem() is None
+
+
 def _downgrade(db: Path, version: int) -> None:
     """Make a current file look as an older version wrote it: schema 4 had no store ids, schema 3
     no joined_at either, schema 2 the residual sums too, schema 1 no answer lengths per context

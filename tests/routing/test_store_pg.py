@@ -456,6 +456,11 @@ def test_state_health_names_a_table_or_column_dropped_by_hand(store: PgOutcomeSt
     with _sql(url) as conn:
         conn.execute("DROP TABLE feedback")
     assert "feedback" in (store.schema_problem() or "")
+    with PgOutcomeStore(url) as restarted:  # as the message says, a restart puts the table back
+        assert restarted.schema_problem() is None  # it did not: every feedback was a 503 for good
+    assert store.schema_problem() is None
+    with _sql(url) as conn:
+        conn.execute("DROP TABLE feedback")
     with _sql(url) as conn:
         conn.execute("ALTER TABLE traces DROP COLUMN quality")
     health = state_health(store, url)  # the first problem, in the order of the tables

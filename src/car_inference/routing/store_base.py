@@ -187,7 +187,9 @@ class StoreBase:
                     f"written by a newer car-inference (schema {version} > {SCHEMA_VERSION})",
                     path=self.location,
                 )
-            if version == 0:  # a new database: the latest schema at once
+            # A new database: the latest schema at once. The current schema: the same statements
+            # (all IF NOT EXISTS) put back a table dropped by hand, as schema_problem promises.
+            if version in (0, SCHEMA_VERSION):
                 for statement in self.sql.schema:
                     conn.execute(statement)
             else:
