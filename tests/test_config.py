@@ -52,6 +52,12 @@ def test_environment_overrides_the_file(isolated_home: Path) -> None:
     assert config.preferred.generate == "qwen3-4b"
 
 
+def test_server_api_keys_from_the_file_lose_their_surrounding_spaces(isolated_home: Path) -> None:
+    """`" k3 "` matched no bearer token (a client's is stripped), and still allowed 0.0.0.0."""
+    (isolated_home / "config.toml").write_text('[server]\napi_keys = [" k3 ", "k4 x", "  "]\n')
+    assert load_config(isolated_home, env={}).server.api_keys == ["k3", "k4 x"]
+
+
 def test_bad_toml_names_file_and_line(isolated_home: Path) -> None:
     path = isolated_home / "config.toml"
     path.write_text("[routing]\nprefer_local = true\ncost_weight = = 3\n")

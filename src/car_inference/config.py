@@ -265,6 +265,15 @@ class ServerSettings(_Section):
     # repr=False here and below: print(engine.config) showed every key (and URL passwords) in clear
     api_keys: list[str] = Field(default_factory=list, repr=False)
     max_body_mb: float = Field(default=32.0, gt=0)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _stripped(cls, keys: list[str]) -> list[str]:
+        """Keys without the spaces around them, as a client's bearer token is read (and as
+        CAR_SERVER_API_KEYS splits them): `" k3 "` in config.toml matched no token, ever, and
+        still let the server listen beyond loopback. An empty key is no key."""
+        return [k.strip() for k in keys if k.strip()]
+
     max_concurrency: int = Field(default=64, ge=1)
     request_timeout_s: float = Field(default=600.0, gt=0)
     record_delay_ms: float = Field(
