@@ -136,6 +136,10 @@ def test_unknown_routes_and_methods_are_openai_errors(local_server: ServerThread
     assert "lives under /v1" in httpx.get(local_server.url + "/chat").json()["error"]["message"]
     wrong = httpx.get(local_server.url + "/v1/chat/completions")
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    # A trailing slash was a 307 to http://<the client's Host header>/..., the body posted twice.
+    slash = httpx.post(local_server.url + "/v1/chat/completions/", json={}, headers={"Host": "evil.example"})
+    assert slash.status_code == 404 and "location" not in slash.headers, slash.headers
+    assert slash.json()["error"]["message"].endswith("no trailing slash: /v1/chat/completions")
 
 
 def test_an_app_without_an_engine_makes_and_closes_its_own(isolated_home: Path) -> None:

@@ -95,6 +95,9 @@ def create_app(engine: InferenceEngine | None = None, settings: ServerSettings |
         redoc_url=None,
         openapi_url=None,  # ours is written out (openapi.py): the routes are plain Starlette ones
     )
+    # `/v1/chat/completions/` was a 307 to an http:// URL built from the client's Host header (a
+    # client that follows it posts its body twice, in clear behind TLS): an unknown route instead.
+    app.router.redirect_slashes = False
     app.state.car = state
     schema = openapi_schema(__version__)
     app.openapi = lambda: schema  # type: ignore[method-assign]
@@ -211,6 +214,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 def _no_route(method: str, path: str) -> str:
     """A 404's message: where the thing asked for is, when we can tell."""
     name = path.rstrip("/").rsplit("/", 1)[-1]
+    if path.startswith("/v1/") and path.endswith("/") and len(path) > 4:
+        return f"no route {method} {path}; the routes have no trailing slash: {path.rstrip('/')}"
     if path.startswith("/v1/") and name in jsonrpc.METHODS:
         return f"no route {method} {path}; {name} is a JSON-RPC method on /ws (docs/protocol.md)"
     if path.startswith("/v1/"):
