@@ -248,12 +248,13 @@ def test_settings_from_the_file_and_the_environment(tmp_path: Path) -> None:
         load_config(tmp_path, env={"CAR_COORDINATION__LEASE_S": "0.1"})
 
 
-def test_a_url_redis_refuses_is_a_configuration_error_not_an_outage() -> None:
+def test_a_url_redis_refuses_is_a_configuration_error_not_an_outage(caplog: pytest.LogCaptureFixture) -> None:
     """A database index Redis does not have started the replica "unreachable" for good (exit 0),
     its spend limits, breakers and concurrency bound its own, waiting for a return never to come."""
     base = redis_url().rsplit("/", 1)[0]
     with pytest.raises(ConfigError, match=r"refused it .*DB index is out of range.*not an outage.*redis_url"):
         Fleet(CoordinationSettings(redis_url=f"{base}/99", key_prefix=redis_prefix()))
+    assert "unreachable" not in caplog.text  # an outage's warning came first, contradicting it
     # A Redis that does not answer is an outage still: the replica starts and shares when it can.
     away = Fleet(CoordinationSettings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", timeout_ms=200))
     try:

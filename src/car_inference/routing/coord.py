@@ -154,8 +154,9 @@ class Fleet:
         self.reloads = 0  # reloads done on notifications (tests, /metrics)
         self.subscribed = threading.Event()  # set while the listener holds its subscription
         self._refused: BaseException | None = None  # the first read's error, when Redis answered one
+        self._refusals = (redis.ResponseError, redis.AuthenticationError)  # a wrong URL, not an outage
         self._refresh()
-        if isinstance(self._refused, redis.ResponseError | redis.AuthenticationError):
+        if isinstance(self._refused, self._refusals):
             self.redis.close()
             self._pubsub_client.close()
             raise ConfigError(
@@ -236,6 +237,8 @@ class Fleet:
         except self.errors as exc:
             if not self.epoch and self._refused is None:  # at start: a URL the server refuses is said
                 self._refused = exc
+                if isinstance(exc, self._refusals):
+                    return  # not an outage: __init__ refuses to start, without an outage's warning first
             self.lost(exc)
             return
         now = time.monotonic()
