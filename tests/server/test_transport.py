@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 
@@ -110,6 +111,7 @@ def test_headers_that_take_too_long_get_408_and_the_connection_closes() -> None:
             assert answer.startswith(b"HTTP/1.1 408") and b"server.header_timeout_s" in answer
             body = json.loads(answer.split(b"\r\n\r\n", 1)[1])  # the API's error shape (was plain text)
             assert body["error"]["code"] == "header_timeout" and b"application/json" in answer
+            assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", answer), answer  # as every response
 
             with socket.create_connection(address, timeout=10) as trickle:
                 trickle.sendall(b"GET /health HTTP/1.1\r\nHo")

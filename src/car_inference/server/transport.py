@@ -20,6 +20,7 @@ own bound (``server.body_timeout_s``, in the guard).
 from __future__ import annotations
 
 import asyncio
+import uuid
 from functools import cache
 from typing import Any, cast
 
@@ -75,10 +76,15 @@ _SLOW = (
     b'{"error":{"message":"request headers not complete within server.header_timeout_s",'
     b'"type":"timeout_error","param":null,"code":"header_timeout"}}'
 )
-HEADERS_TOO_SLOW = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-    b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(_SLOW), _SLOW)
-)
+
+
+def headers_too_slow() -> bytes:
+    """The 408 for headers that took too long, with an ``x-request-id`` as every other response
+    has (the README promises one on each)."""
+    return (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nx-request-id: %b\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (uuid.uuid4().hex.encode(), len(_SLOW), _SLOW)
+    )
 
 
 @cache
@@ -111,7 +117,7 @@ def coalescing_protocol(header_timeout_s: float) -> type | None:
         def _headers_too_slow(self) -> None:
             self._headers_due = None
             if not self.transport.is_closing():
-                self.transport.write(HEADERS_TOO_SLOW)
+                self.transport.write(headers_too_slow())
                 self.transport.close()
 
         def on_headers_complete(self) -> None:
