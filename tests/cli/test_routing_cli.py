@@ -89,6 +89,11 @@ def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
     assert code == 0 and f"imported {len(profiles)} profile(s)" in out
     # "Merge" said nothing of what an import replaces: the models whose outcomes it replaced.
     assert "replaced what was learned here for huggingface/smollm2-135m-instruct:q4_1 (" in out
+    # A profile of a model this catalog lacks is kept, and named: a misspelt id was taken silently.
+    misspelt = [{"model_id": "huggingface/smollm2-135m-instruct:q4_2", "total_calls": 0}]
+    code, _, err = car_input(json.dumps(misspelt), "profiles", "import", "-")
+    assert code == 0 and "huggingface/smollm2-135m-instruct:q4_2 is not in this catalog" in err
+    assert "did you mean huggingface/smollm2-135m-instruct:q4_1" in err
     code, _, err = car_input("[" * 100_000, "profiles", "import", "-")  # was a RecursionError traceback
     assert code == 2 and "nested too deeply" in err and "Traceback" not in err
     code, out, _ = car("profiles", "forget", "smollm2-135m")

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import money
 from ..requests import GenerateParams, GenerateRequest, ImageBlock, RoutingWorkload
-from .common import EXIT_USAGE, engine, fail, handle_errors, named_model, out, print_json
+from .common import EXIT_USAGE, engine, err, fail, handle_errors, named_model, out, print_json
 
 profiles_app = typer.Typer(help="Export, import or forget learned model profiles.", no_args_is_help=True)
 
@@ -196,3 +196,18 @@ def import_profiles(
     if had:  # "merge" said nothing of the 601 outcomes a 5-call profile replaced
         lost = ", ".join(f"{model} ({calls:,} calls)" for model, calls in sorted(had.items()))
         out.print(f"replaced what was learned here for {lost}")
+    _say_unknown(eng, sorted(i for i in ids if isinstance(i, str) and eng.registry.find(i) is None))
+
+
+def _say_unknown(eng: Any, unknown: list[str]) -> None:
+    """Profiles of models this catalog lacks are kept (a model may be added later) but named: a
+    misspelt id was imported without a word, and nothing ever routes to it."""
+    from ..errors import close_matches
+
+    known = [m.id for m in eng.registry.list()]
+    for model_id in unknown:
+        near = close_matches(model_id, known)
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        err.print(
+            f"warning: {model_id} is not in this catalog: its profile is kept, unused{hint}", markup=False
+        )
