@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from car_inference.config import DEFAULT_GENERATE_MODEL, CarConfig, car_home, load_config, redact_url
+from car_inference.config import DEFAULT_GENERATE_MODEL, CarConfig, car_home, load_config
 from car_inference.errors import ConfigError
 
 
@@ -193,25 +193,6 @@ def test_redacted_masks_secrets(isolated_home: Path) -> None:
     config.server.api_keys = ["server-secret-123456"]
     shown = str(config.redacted())
     assert "sk-abcdefghijklmnop" not in shown and "server-secret-123456" not in shown
-
-
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        ("postgresql://car:s3cret@db:5432/car", "postgresql://car:***@db:5432/car"),
-        # libpq and redis-py take a password in the query too: /v1/health showed it to every client
-        (
-            "postgresql://car@db/car?sslmode=require&password=hunter2",
-            "postgresql://car@db/car?sslmode=require&password=***",
-        ),
-        ("redis://cache:6379/0?PassWord=topsecret", "redis://cache:6379/0?PassWord=***"),
-        ("host=db dbname=car password=hunter2 user=car", "host=db dbname=car password=*** user=car"),
-        ("host=db password='two words' sslpassword=x", "host=db password=*** sslpassword=***"),
-        ("sqlite:///tmp/state.db", "sqlite:///tmp/state.db"),
-    ],
-)
-def test_a_url_is_shown_without_its_passwords(url: str, shown: str) -> None:
-    assert redact_url(url) == shown
 
 
 def test_old_routing_keys_load_with_a_warning(isolated_home: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -29,6 +28,7 @@ from pydantic import (
 
 from ._tomlfile import read_toml, readable_exists, validate_file
 from .errors import ConfigError
+from .redaction import checked_userinfo, mask_secret, redact_url
 from .schema import ModelCapability
 
 log = logging.getLogger("car_inference.config")
@@ -463,55 +463,13 @@ class CarConfig(BaseModel):
     def redacted(self) -> dict[str, Any]:
         """The settings with secrets masked, for `car config show`."""
         data = self.model_dump(mode="json")
-        data["server"]["api_keys"] = [_mask(k) for k in self.server.api_keys]
-        data["keys"] = {name: [_mask(k) for k in keys] for name, keys in self.keys.items()}
+        data["server"]["api_keys"] = [mask_secret(k) for k in self.server.api_keys]
+        data["keys"] = {name: [mask_secret(k) for k in keys] for name, keys in self.keys.items()}
         data["home"] = str(self.home)
         data["state"]["url"] = redact_url(self.state.url) if self.state.url else None
         redis_url = self.coordination.redis_url
         data["coordination"]["redis_url"] = redact_url(redis_url) if redis_url else None
         return data
-
-
-# Where else libpq and redis-py take a password: a query parameter (``?password=``), or a
-# keyword of a libpq connection string (``host=db password=...``). Each was shown in clear.
-_SECRET_PARAMS = frozenset({"password", "sslpassword"})
-_SECRET_KEYWORD = re.compile(r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its passwords masked (in the user part, the query, or a libpq keyword
-    string), fit for logs, reports and ``/v1/health``."""
-    if "://" not in url:
-        return _SECRET_KEYWORD.sub(r"\1***", url)
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
-    pairs = parts.query.split("&") if parts.query else []
-    query = "&".join(
-        f"{pair.split('=', 1)[0]}=***" if pair.split("=", 1)[0].lower() in _SECRET_PARAMS else pair
-        for pair in pairs
-    )
-    if (netloc, query) == (parts.netloc, parts.query):
-        return url  # nothing to hide: as given (urlunsplit drops the empty host of sqlite:///x)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def checked_userinfo(url: str, prefix: str = "") -> str:
-    """``url``, unless its user or password holds what the database's driver reads otherwise than
-    we do: a bare "@" (libpq split there and named the rest of the password as the host in its
-    error) or a "%" not starting an escape (quoted back whole by the driver)."""
-    userinfo = urlsplit(url).netloc.rpartition("@")[0] if "://" in url else ""
-    bad = "@" if "@" in userinfo else "%" if re.search(r"%(?![0-9A-Fa-f]{2})", userinfo) else None
-    if bad is not None:
-        escape = {"@": "%40", "%": "%25"}[bad]
-        where = redact_url(url)
-        raise ValueError(f"{prefix}the user or password in {where} holds a bare {bad!r}: write it {escape}")
-    return url
-
-
-def _mask(secret: str) -> str:
-    return secret[:3] + "…" + secret[-2:] if len(secret) > 8 else "…"
 
 
 _SHORT_ENV = {

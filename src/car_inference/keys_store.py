@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from . import sqlite_wal
-from .config import CarConfig, redact_url
+from .config import CarConfig
+from .redaction import redact_url
 from .routing.store_sql import dialect
 
 log = logging.getLogger("car_inference.keys")

@@ -12,7 +12,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import load_config, make_home, redact_url
+from ..config import load_config, make_home
+from ..redaction import redact_url
 from .common import EXIT_USAGE, fail, handle_errors, out, print_json
 
 state_app = typer.Typer(

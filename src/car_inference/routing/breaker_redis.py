@@ -36,8 +36,9 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..config import BreakerSettings, CoordinationSettings, redact_url
+from ..config import BreakerSettings, CoordinationSettings
 from ..errors import ConfigError
+from ..redaction import redact_url
 from .breaker import CircuitBreakerRegistry, CircuitState, CoordinationHealth
 
 if TYPE_CHECKING:

@@ -39,8 +39,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..config import CoordinationSettings, redact_url
+from ..config import CoordinationSettings
 from ..errors import ConfigError, StateUnavailable
+from ..redaction import redact_url
 
 if TYPE_CHECKING:
     import redis

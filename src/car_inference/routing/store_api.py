@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from ..config import redact_url
 from ..errors import ConfigError
+from ..redaction import redact_url
 from .store import QualityChange, TraceRow
 from .store_base import DAY_S
 

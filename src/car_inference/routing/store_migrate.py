@@ -23,9 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ..config import redact_url
 from ..errors import ConfigError
 from ..keys_store import PgKeyStats
+from ..redaction import redact_url
 from .store import OutcomeStore
 from .store_pg_sql import COPY_COLUMNS, COUNTER_TABLES
 

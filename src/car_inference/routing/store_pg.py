@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from typing import Any
 
-from ..config import redact_url
 from ..errors import ConfigError, StateUnavailable
+from ..redaction import redact_url
 from .store_base import DAY_ENTRIES
 from .store_buffer import BufferedWrites, unreachable
 from .store_pg_sql import (
