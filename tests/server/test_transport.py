@@ -113,6 +113,14 @@ def test_headers_that_take_too_long_get_408_and_the_connection_closes() -> None:
             assert body["error"]["code"] == "header_timeout" and b"application/json" in answer
             assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", answer), answer  # as every response
 
+            for garbage in (b"HELLO\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):  # TLS to HTTP
+                with socket.create_connection(address, timeout=10) as confused:
+                    confused.sendall(garbage)
+                    answer = _read_all(confused)
+                assert answer.startswith(b"HTTP/1.1 400") and b"x-request-id: " in answer, answer
+                error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]  # was plain text
+                assert error["code"] == "invalid_http" and error["message"], error
+
             with socket.create_connection(address, timeout=10) as trickle:
                 trickle.sendall(b"GET /health HTTP/1.1\r\nHo")
                 time.sleep(0.15)

@@ -14,12 +14,14 @@ connection and sends part of them) held its connection, and a file descriptor, f
 thousands of them exhausted the server's descriptors. The clock starts when the connection opens
 and again when a response ends (a kept-alive connection idles for uvicorn's 5 s keep-alive first);
 headers not complete when it runs out get a 408 and the connection is closed. Bodies have their
-own bound (``server.body_timeout_s``, in the guard).
+own bound (``server.body_timeout_s``, in the guard). Bytes that are no HTTP request get a 400 in
+the API's error shape (uvicorn's own was plain text), each with an ``x-request-id``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from functools import cache
 from typing import Any, cast
@@ -71,20 +73,26 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
-# In the API's error shape, as every other error (it was plain text).
-_SLOW = (
-    b'{"error":{"message":"request headers not complete within server.header_timeout_s",'
-    b'"type":"timeout_error","param":null,"code":"header_timeout"}}'
-)
-
-
 def headers_too_slow() -> bytes:
-    """The 408 for headers that took too long, with an ``x-request-id`` as every other response
-    has (the README promises one on each)."""
-    return (
-        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nx-request-id: %b\r\n"
-        b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (uuid.uuid4().hex.encode(), len(_SLOW), _SLOW)
-    )
+    """The 408 for headers that took too long: in the API's error shape (it was plain text)."""
+    message = "request headers not complete within server.header_timeout_s"
+    return _canned(b"408 Request Timeout", message, "timeout_error", "header_timeout")
+
+
+def not_http(message: str) -> bytes:
+    """The 400 for bytes that are no HTTP request (a garbage request line, TLS to a plain port):
+    uvicorn's own answer was plain text without a request id."""
+    return _canned(b"400 Bad Request", message, "invalid_request_error", "invalid_http")
+
+
+def _canned(status: bytes, message: str, kind: str, code: str) -> bytes:
+    """A response written before any request reached the app, closing the connection; with an
+    ``x-request-id`` as every other response has (the README promises one on each)."""
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    return b"HTTP/1.1 %b\r\ncontent-type: application/json\r\nx-request-id: %b\r\n" % (
+        status,
+        uuid.uuid4().hex.encode(),
+    ) + b"content-length: %d\r\nconnection: close\r\n\r\n%b" % (len(body), body)
 
 
 @cache
@@ -119,6 +127,10 @@ def coalescing_protocol(header_timeout_s: float) -> type | None:
             if not self.transport.is_closing():
                 self.transport.write(headers_too_slow())
                 self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            self.transport.write(not_http(msg))
+            self.transport.close()
 
         def on_headers_complete(self) -> None:
             self._headers_arrived()
