@@ -107,6 +107,31 @@ def test_last_logits_reuse_the_cache_and_equal_a_fresh_pass(loaded: LoadedGguf) 
 
 
 @llama_test
+def test_continuation_logprobs_in_one_pass_equal_a_token_at_a_time(loaded: LoadedGguf) -> None:
+    """A likelihood label's tokens are scored from one batched evaluation (a token at a time was
+    one evaluation each); the numbers are the same, and the cache stays usable."""
+    import numpy as np
+
+    prefix = _words(loaded, 3)
+    continuation = loaded.tokenize(" and then the fourteenth word", special=False)
+    never = threading.Event()
+    loaded.llm.reset()
+    batched = loaded.continuation_logprobs(prefix, continuation, never)
+    one_by_one = []
+    for i, token in enumerate(continuation):
+        logits = loaded.last_logits(prefix + continuation[:i])
+        one_by_one.append(float(logits[token] - logits.max() - np.log(np.exp(logits - logits.max()).sum())))
+    assert len(batched) == len(continuation)
+    assert max(abs(a - b) for a, b in zip(batched, one_by_one, strict=True)) < 5e-2, (batched, one_by_one)
+    assert all(value <= 0 for value in batched)
+    stop = threading.Event()
+    stop.set()
+    loaded.llm.reset()
+    with pytest.raises(Exception, match="caller went away"):
+        loaded.continuation_logprobs(prefix, continuation, stop)
+
+
+@llama_test
 def test_is_eog_knows_the_end_of_turn_token(loaded: LoadedGguf) -> None:
     assert loaded.is_eog(loaded.llm.token_eos())
     assert not loaded.is_eog(loaded.tokenize("Paris", special=False)[0])

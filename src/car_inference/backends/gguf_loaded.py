@@ -157,3 +157,45 @@ class LoadedGguf:
             raise InferenceFailed("reading the prompt stopped: its caller went away")
         ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype("float64")
+
+    def continuation_logprobs(self, prefix: list[int], continuation: list[int], stop: Event) -> list[float]:
+        """log P(token | everything before it) for each token of ``continuation`` after ``prefix``,
+        from one batched evaluation with logits at every position: read a token at a time, a
+        label of n tokens was n evaluations (and a long one held the model for minutes). Falls
+        back to that where this llama-cpp-python has no batch to ask every position's logits of."""
+        llm = self.llm
+        batch, context = getattr(llm, "_batch", None), getattr(llm, "_ctx", None)
+        if batch is None or context is None or not hasattr(batch, "set_batch") or not prefix:
+            return [
+                _logprob(self.last_logits(prefix + continuation[:i], stop), t)
+                for i, t in enumerate(continuation)
+            ]
+        import llama_cpp
+        import numpy as np
+
+        if not self.prefill(prefix[:-1], stop, whole=True):
+            raise InferenceFailed("reading the prompt stopped: its caller went away")
+        tokens = [prefix[-1], *continuation[:-1]]  # the logits at each predict the next one
+        context.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+        found: list[float] = []
+        for start in range(0, len(tokens), llm.n_batch):
+            if stop.is_set():
+                raise InferenceFailed("reading the prompt stopped: its caller went away")
+            chunk = tokens[start : start + llm.n_batch]
+            batch.set_batch(batch=chunk, n_past=llm.n_tokens, logits_all=True)
+            context.decode(batch)
+            llm.input_ids[llm.n_tokens : llm.n_tokens + len(chunk)] = chunk
+            llm.n_tokens += len(chunk)
+            for j in range(len(chunk)):
+                ptr = llama_cpp.llama_get_logits_ith(llm.ctx, j)
+                logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype("float64")
+                found.append(_logprob(logits, continuation[start + j]))
+        return found
+
+
+def _logprob(logits: Any, token: int) -> float:
+    """log softmax(logits)[token], computed stably."""
+    import numpy as np
+
+    m = float(logits.max())
+    return float(logits[token]) - m - float(np.log(np.exp(logits - m).sum()))

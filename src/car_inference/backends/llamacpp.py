@@ -80,9 +80,10 @@ _I = TypeVar("_I")
 _R = TypeVar("_R")
 
 MAX_VOCABS = 4  # vocabulary-only loads kept for counting prompt tokens at routing time
-# A likelihood label is read a token at a time (two spellings), in one turn on the model: a
-# 1,500-token label held SmolLM2 for 6 minutes, and another client's 4-token chat waited 343 s.
-# Labels are class names; 64 tokens is a long sentence.
+# A likelihood label is scored in two spellings, in one turn on the model, after a prompt that
+# lists every label: read a token at a time (as it was), a 1,500-token label held SmolLM2 for 6
+# minutes while another client's 4-token chat waited 343 s. Each spelling is one batched pass now
+# (``LoadedGguf.continuation_logprobs``); labels are class names, and 64 tokens is a long sentence.
 MAX_LABEL_TOKENS = 64
 
 
@@ -485,9 +486,9 @@ class LlamaCppBackend:
             if longest - 1 > MAX_LABEL_TOKENS:
                 label = max(request.labels, key=lambda x: max(len(c) for c in spellings(loaded, x)))
                 raise InvalidInput(
-                    f"label {_clip(label)!r} is {longest - 1} tokens: likelihood classification reads"
-                    f" a label a token at a time, and takes labels of at most {MAX_LABEL_TOKENS} tokens"
-                    ' (method "embedding" takes longer ones)',
+                    f"label {_clip(label)!r} is {longest - 1} tokens: likelihood classification takes"
+                    f' class names of at most {MAX_LABEL_TOKENS} tokens (method "embedding" takes'
+                    " longer ones)",
                     param="labels",
                 )
             room = loaded.n_ctx - longest - 1
@@ -495,7 +496,7 @@ class LlamaCppBackend:
 
         def logp(loaded: LoadedGguf, label: str, stop: Event) -> float:
             scores = [
-                self._sequence_logprob(loaded, base, continuation, stop)
+                math.fsum(loaded.continuation_logprobs(base, continuation, stop))
                 for continuation in spellings(loaded, label)
             ]
             return _logsumexp(scores)
@@ -503,17 +504,6 @@ class LlamaCppBackend:
         [base] = await self._turns(model, [None], prompt_tokens)
         logps = await self._turns(model, request.labels, logp)
         return label_distribution(request.labels, logps, model.id, "likelihood")
-
-    @staticmethod
-    def _sequence_logprob(
-        loaded: LoadedGguf, prefix: list[int], continuation: list[int], stop: Event
-    ) -> float:
-        total = 0.0
-        for i, token in enumerate(continuation):
-            logits = loaded.last_logits(prefix + continuation[:i], stop)
-            m = float(logits.max())
-            total += float(logits[token]) - m - math.log(float((_exp(logits - m)).sum()))
-        return total
 
 
 def seed32(seed: int) -> int:
@@ -532,12 +522,6 @@ def _default_system(model: ModelSchema) -> str | None:
 
 def _clip(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _exp(x: Any) -> Any:
-    import numpy as np
-
-    return np.exp(x)
 
 
 def _logsumexp(values: list[float]) -> float:
