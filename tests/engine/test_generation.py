@@ -108,8 +108,9 @@ async def test_thinking_on_a_model_without_a_thinking_mode_is_refused(local_engi
     on = GenerateRequest(
         prompt="2+2?", model=SMOL, params=GenerateParams(thinking=ThinkingMode.ON, max_tokens=4)
     )
-    with pytest.raises(UnsupportedMode, match="has no thinking mode"):
+    with pytest.raises(UnsupportedMode, match="has no thinking mode") as refused:
         await local_engine.generate(on)
+    assert refused.value.param == "thinking"
     with pytest.raises(UnsupportedMode, match="has no thinking mode"):
         await local_engine.generate(on.model_copy(update={"model": None}))  # no local model thinks
     for mode in (ThinkingMode.AUTO, ThinkingMode.OFF):
@@ -119,8 +120,9 @@ async def test_thinking_on_a_model_without_a_thinking_mode_is_refused(local_engi
     effort = GenerateRequest(
         prompt="2+2?", model=SMOL, params=GenerateParams(reasoning_effort="high", max_tokens=4)
     )
-    with pytest.raises(UnsupportedMode, match="leave thinking and reasoning_effort unset"):
+    with pytest.raises(UnsupportedMode, match="leave thinking and reasoning_effort unset") as refused:
         await local_engine.generate(effort)
+    assert refused.value.param == "reasoning_effort"  # the field the client sent (was "thinking")
     none = effort.model_copy(update={"params": GenerateParams(reasoning_effort="none", max_tokens=4)})
     assert (await local_engine.generate(none)).text  # no reasoning asked for
 

@@ -41,7 +41,7 @@ from ..errors import (
     UnsupportedMode,
     expect,
 )
-from ..requests import GenerateRequest, InferenceResult, TokenUsage, ToolCall
+from ..requests import GenerateRequest, InferenceResult, ThinkingMode, TokenUsage, ToolCall
 from ..routing import InferenceTask, RoutingDecision, RoutingStrategy, answer_signals, failure_weight
 from ..schema import ModelCapability, ModelSchema
 from ..stream import Done, ErrorEvent, RouteEvent, StreamEvent, UsageEvent
@@ -225,7 +225,8 @@ class GenerationMixin(Lifecycle):
             raise UnsupportedMode("/".join(kinds) + "-input", model.kind, why, param="messages")
         if request.params.asks_thinking and not model.has_thinking_mode():  # it was ignored
             why = f"{model.id} has no thinking mode: leave thinking and reasoning_effort unset"
-            raise UnsupportedMode("thinking", model.kind, why, param="thinking")
+            asked = "thinking" if request.params.thinking is ThinkingMode.ON else "reasoning_effort"
+            raise UnsupportedMode("thinking", model.kind, why, param=asked)  # the field the client sent
         reservation = None  # the estimate held against the fleet's spend limits until recorded
         spends = self._spends(model)  # decided now: a runner may be gone when the spend is recorded
         if self.spend.has_limits and spends:
