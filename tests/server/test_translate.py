@@ -277,6 +277,8 @@ def test_results_in_openai_shape() -> None:
         "total_tokens": 8,
         "prompt_tokens_details": {"cached_tokens": 2},
     }
+    empty = result.model_copy(update={"tool_calls": [], "text": ""})  # a stop on the first word
+    assert chat_completion(empty, max_tokens=100)["choices"][0]["message"]["content"] == ""  # was null
     plain = result.model_copy(update={"tool_calls": [], "text": "abc"})
     assert text_completion(plain, max_tokens=3)["choices"][0] == {
         "index": 0,

@@ -411,7 +411,10 @@ def _result_finish(result: InferenceResult, max_tokens: int) -> str:
 
 
 def chat_completion(result: InferenceResult, max_tokens: int) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": result.text or None}
+    # null only beside tool calls, as OpenAI answers: an empty answer (a stop on its first word)
+    # is "" (it was null, while its stream sent "")
+    content = result.text if result.text or not result.tool_calls else None
+    message: dict[str, Any] = {"role": "assistant", "content": content}
     if result.thinking:
         message["reasoning_content"] = result.thinking
     if result.tool_calls:
