@@ -131,6 +131,16 @@ async def test_stop_strings_and_max_tokens(backend: LlamaCppBackend, model: Mode
     assert short.finish_reason == "length"
 
 
+async def test_a_cut_inside_a_character_leaves_it_out(backend: LlamaCppBackend, model: ModelSchema) -> None:
+    """max_tokens ending between the bytes of an emoji gave a U+FFFD the model never wrote."""
+    prompt = "Repeat: héllo 🎉👩‍👩‍👧 中文"
+    full = (await backend.generate(model, greedy(prompt, 32))).text
+    assert any(ord(c) > 0xFFFF for c in full)  # the answer holds 4-byte characters to cut
+    for max_tokens in range(1, 10):
+        text = (await backend.generate(model, greedy(prompt, max_tokens))).text
+        assert "\ufffd" not in text and full.startswith(text), (max_tokens, text)
+
+
 async def test_json_mode_constrains_output(backend: LlamaCppBackend, model: ModelSchema) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     out = await backend.generate(

@@ -328,7 +328,10 @@ class LlamaCppBackend:
                         yield from events(splitter.feed(text))
                         if stopped or generated >= max_tokens:
                             break
-            tail = decoder.decode(b"", final=True) + ("" if stopped else stops.flush())
+            # A character whose bytes did not all come before the end (max_tokens cut an emoji in
+            # two) is left out: decoded whole, it was a U+FFFD the model never wrote.
+            decoder.reset()
+            tail = "" if stopped else stops.flush()
             yield from events(splitter.feed(tail) + splitter.flush())
         usage = TokenUsage(
             prompt_tokens=len(tokens),
