@@ -202,6 +202,13 @@ def test_tool_choice_is_a_mode_or_a_declared_tool() -> None:
     with pytest.raises(ValidationError, match="'required' needs `tools`"):
         GenerateRequest(prompt="x", params=GenerateParams(tool_choice="required"))
     GenerateRequest(prompt="x", params=GenerateParams(tool_choice="none"))  # nothing to call: fine
+    # OpenAI's named-function object is the tool's name (it was refused outside the HTTP routes)
+    named = GenerateParams.model_validate(
+        {"tool_choice": {"type": "function", "function": {"name": "weather"}}}
+    )
+    assert named.tool_choice == "weather"
+    with pytest.raises(ValidationError):
+        GenerateParams.model_validate({"tool_choice": {"type": "function", "function": {}}})
 
 
 def test_tool_choice_none_leaves_the_tools_as_context() -> None:

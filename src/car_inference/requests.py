@@ -257,6 +257,18 @@ class GenerateParams(_Model):
         default=False, description="send `prompt` as-is, without the chat template (text completion)"
     )
 
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _named_function(cls, choice: Any) -> Any:
+        """OpenAI's ``{"type": "function", "function": {"name": ...}}`` is the tool's name: over
+        HTTP it was read so, and JSON-RPC said it "should be 'auto', 'none' or 'required'"."""
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            function = choice.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+            if isinstance(name, str) and name:
+                return name
+        return choice
+
     @property
     def asks_thinking(self) -> bool:
         """Whether the request asks for reasoning: ``thinking=on``, or an effort other than none."""
@@ -283,7 +295,7 @@ class GenerateRequest(_Input):
         if not self.prompt and not self.messages:
             raise ValueError("a request needs a `prompt` or `messages`")
         if self.params.raw_prompt and not self.prompt:
-            raise ValueError("`raw_prompt` sends `prompt` as it is: it needs a non-empty `prompt`")
+            raise ValueError("raw_prompt sends `prompt` as it is: it needs a non-empty `prompt`")
         for i, tool in enumerate(self.tools or []):
             if not _tool_name(tool):
                 raise ValueError(

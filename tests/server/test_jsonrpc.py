@@ -85,6 +85,31 @@ async def test_intent_deserializes_from_json_rpc_params(local_server: ServerThre
         assert bad["error"]["code"] == -32602 and bad["error"]["data"]["param"] == "intent.task"
 
 
+async def test_checks_across_fields_name_their_field(local_server: ServerThread) -> None:
+    """They came back with `param: null` (HTTP named them), and OpenAI's named-function
+    tool_choice object was refused as "should be 'auto', 'none' or 'required'"."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    cases = (
+        ({"prompt": "x", "params": {"tool_choice": "required"}}, "params.tool_choice"),
+        ({"prompt": "x", "tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools[0]"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "params": {"raw_prompt": True}},
+            "params.raw_prompt",
+        ),
+        ({"prompt": "x", "tools": [weather], "params": {"tool_choice": "sometimes"}}, "params.tool_choice"),
+    )
+    async with connect(local_server.ws_url) as ws:
+        for params, param in cases:
+            for method in ("infer", "route"):
+                error = (await call(ws, method, params))["error"]
+                assert error["code"] == -32602 and error["data"]["param"] == param, (method, error)
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        decision = await call(
+            ws, "route", {"prompt": "x", "tools": [weather], "params": {"tool_choice": named}}
+        )
+        assert "error" not in decision or "should be" not in decision["error"]["message"], decision
+
+
 async def test_streaming_sends_events_then_the_result(local_server: ServerThread) -> None:
     async with connect(local_server.ws_url) as ws:
         for method, params in (
@@ -331,9 +356,12 @@ async def test_hostile_messages_get_an_answer(local_server: ServerThread) -> Non
             assert says in reply["error"]["message"]
         for params, param in (
             ({"prompt": "x", "params": {"temperature": True}}, "params.temperature"),
-            ({"prompt": "x", "params": {"tool_choice": "sometimes"}}, None),
+            ({"prompt": "x", "params": {"tool_choice": "sometimes"}}, "params.tool_choice"),
             ({"prompt": "x", "stream": "yes"}, "stream"),  # was silently not streamed
-            ({"messages": [{"role": "user", "content": "x"}], "params": {"raw_prompt": True}}, None),  # a 500
+            (
+                {"messages": [{"role": "user", "content": "x"}], "params": {"raw_prompt": True}},
+                "params.raw_prompt",
+            ),
         ):
             reply = await call(ws, "infer", params, rid=2)
             assert reply["error"]["code"] == -32602, reply

@@ -40,6 +40,7 @@ from .errors import (
     describe,
     error_response,
     rpc_error,
+    validated,
 )
 from .rpc_methods import CAPABILITIES, METHODS, Method, Params, auto, unknown_param, valid_id
 from .runner_rpc import RpcRunner
@@ -370,7 +371,7 @@ class Session:
                 raise ApiError(400, "`stream` must be a boolean", param="stream")
             stream = stream or flag is True
             params = {k: v for k, v in params.items() if k != "stream"}
-        request = GenerateRequest.model_validate(params)
+        request = validated(GenerateRequest, params, {})  # a check across fields names its field too
         if stream:
             return await self._stream(request, rid)
         result = await self.engine.generate(request)

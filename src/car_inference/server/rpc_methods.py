@@ -15,7 +15,7 @@ from ..requests import ClassifyRequest, EmbedRequest, GenerateRequest, RerankReq
 from ..requests_media import SynthesizeRequest, TranscribeRequest
 from ..schema import ModelCapability
 from .common import FEEDBACK_FIELDS, feedback_call
-from .errors import ApiError
+from .errors import ApiError, validated
 from .grounding import GROUNDING, rpc_ground
 from .images import IMAGES, VIDEOS, rpc_generate_image, rpc_generate_video
 from .media import STT, TTS
@@ -136,7 +136,7 @@ async def _health(session: Session, params: Params, rid: Any) -> Any:
 
 
 async def _route(session: Session, params: Params, rid: Any) -> Any:
-    request = GenerateRequest.model_validate(auto(params))
+    request = validated(GenerateRequest, auto(params), {})
     return session.engine.route(request).model_dump(mode="json")
 
 
