@@ -99,6 +99,8 @@ async def test_wrong_types_and_broken_text_are_invalid_input(local_engine: Infer
         (local_engine.embed(None), "embed takes an EmbedRequest, not NoneType"),  # type: ignore[arg-type]
         (local_engine.rerank({"query": "q"}), "rerank takes a RerankRequest, not dict"),  # type: ignore[arg-type]
         (local_engine.tokenize("smollm2", 5), "tokenize's text takes a str, not int"),  # type: ignore[arg-type]
+        (local_engine.tokenize(5, "x"), "tokenize's model takes a str, not int"),  # type: ignore[arg-type]
+        (local_engine.detokenize(None, [1]), "detokenize's model takes a str"),  # type: ignore[arg-type]
         (local_engine.tokenize("smollm2", "a \ud800 b"), r"unpaired surrogate \(\\ud800\)"),
         (local_engine.detokenize("smollm2", ["a"]), "list of token ids"),  # type: ignore[list-item]
     ]

@@ -120,6 +120,7 @@ class TaskMixin(Lifecycle):
     async def tokenize(self, model: str, text: str) -> TokenizeResult:
         """``text``'s token ids in ``model``'s vocabulary, as the model sees them (no template)."""
         self._check_open()
+        expect(model, str, "tokenize's model")  # was "resolve takes a str", naming no argument
         expect(text, str, "tokenize's text")
         bad = unpaired_surrogate(text)
         if bad is not None:
@@ -132,6 +133,7 @@ class TaskMixin(Lifecycle):
     async def detokenize(self, model: str, tokens: list[int]) -> TokenizeResult:
         """The text ``tokens`` (ids in ``model``'s vocabulary) spell; an id out of range is InvalidInput."""
         self._check_open()
+        expect(model, str, "detokenize's model")
         if not isinstance(tokens, list | tuple) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in tokens
         ):
