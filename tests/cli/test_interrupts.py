@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +51,34 @@ def test_a_handler_of_the_program_s_own_is_left_alone() -> None:
         assert calls == [signal.SIGINT] and not interrupts.seen
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_ctrl_c_while_the_first_is_acted_on_leaves_at_once(isolated_home: Path) -> None:
+    """The exit after a Ctrl-C waits for the model's worker, inside llama.cpp for up to seconds: a
+    second Ctrl-C then printed a threading traceback ("Exception ignored ... _shutdown") and often
+    ended in a segfault (10 of 14 runs), or killed the process by the signal (status -2)."""
+    import pty
+
+    for gap_s in (0.0, 0.02):
+        screen, terminal = pty.openpty()  # a terminal: the answer is printed as it comes
+        child = subprocess.Popen(
+            [sys.executable, "-m", "car_inference", "generate", "Tell me a very long story about dragons",
+             "-m", "smollm2", "-n", "4000"],
+            stdout=terminal, stderr=subprocess.PIPE, env={**os.environ, "CAR_HOME": str(isolated_home)},
+        )  # fmt: skip
+        os.close(terminal)
+        try:
+            seen = b""
+            while len(seen) < 40:  # the answer is coming: the model's worker is busy
+                seen += os.read(screen, 1024)
+            child.send_signal(signal.SIGINT)
+            time.sleep(gap_s)
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+            _, err = child.communicate(timeout=30)
+        finally:
+            child.kill()
+            os.close(screen)
+        text = err.decode(errors="replace")
+        assert child.returncode == EXIT_INTERRUPTED, (child.returncode, text)
+        assert "Traceback" not in text and "Exception ignored" not in text, text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, cast
 
-from .interrupts import Interrupts
+from .interrupts import EXIT_INTERRUPTED, Interrupts, leave_now
 
 # Ctrl-C during the imports below (a few hundred ms, before any command handles it) exits 130
 # quietly once they are done (``interrupts``); the usual KeyboardInterrupt is back after them.
@@ -84,5 +84,7 @@ def main() -> None:
         err.print("aborted", markup=False)
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # before a command's own handling (typer building the commands)
-        raise SystemExit(130) from None
+        leave_now()
+    if code == EXIT_INTERRUPTED:  # a Ctrl-C, acted on: out now, a second one cannot interrupt that
+        leave_now()
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -30,6 +30,7 @@ from ..errors import (
     UnsupportedMode,
     validation_summary,
 )
+from .interrupts import leave_at_the_next
 
 T = TypeVar("T")
 
@@ -115,6 +116,7 @@ def handle_errors(fn: Callable[..., T]) -> Callable[..., T]:
         except ValidationError as exc:  # a request or setting built from the command's arguments
             raise fail(_one_line(_as_options(exc, fn)), EXIT_USAGE) from None
         except KeyboardInterrupt:
+            leave_at_the_next()  # a second Ctrl-C while the exit waits for a worker: out at once
             raise typer.Exit(130) from None
         except sqlite3.DatabaseError as exc:  # state.db damaged past its first pages: a traceback
             raise fail(_damaged_state(exc), EXIT_USAGE) from None

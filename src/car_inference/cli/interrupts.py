@@ -11,12 +11,15 @@ installed its own keeps it. No import of typer or anything heavy: the CLI instal
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 import threading
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["EXIT_INTERRUPTED", "Interrupts"]
+__all__ = ["EXIT_INTERRUPTED", "Interrupts", "leave_at_the_next", "leave_now"]
 
 EXIT_INTERRUPTED = 130
 
@@ -58,4 +61,29 @@ class Interrupts:
     def check(self) -> None:
         """Exit 130 if a Ctrl-C came."""
         if self.seen:
+            leave_at_the_next()
             raise SystemExit(EXIT_INTERRUPTED)
+
+
+def leave_at_the_next() -> None:
+    """Once a Ctrl-C is being acted on (the command ends with 130), a second one ends the process
+    at once, with the same status. The exit waits for the model's worker thread, still inside
+    llama.cpp for up to seconds; a second Ctrl-C then broke that wait with a threading traceback,
+    and the interpreter went on to finalize under the running native thread (a segfault)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _leave_now)
+
+
+def _leave_now(signum: int, frame: FrameType | None) -> None:
+    leave_now()
+
+
+def leave_now() -> NoReturn:
+    """End an interrupted command (status 130) without the interpreter's exit: that waits for the
+    model's worker thread (seconds inside llama.cpp), and a Ctrl-C in its last steps, after Python
+    put the default handler back, killed the process by the signal (status -2). The command has
+    closed its engine by now; only the output is flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(EXIT_INTERRUPTED)
