@@ -212,6 +212,24 @@ def test_tokenize_and_detokenize() -> None:
     assert code == 0 and out.strip() == "Hello world"
     code, _, err = car("tokenize", "openai/gpt-6-luna", "hi")
     assert code == 2 and "tokenize/detokenize" in err and "remote" in err
+    # `-` reads stdin, as `car generate -` does (the one-character text "-" was tokenized)
+    code, out, _ = car("tokenize", "smollm2", "-", "--json", input="Hello world")
+    assert code == 0 and json.loads(out)["tokens"] == tokens
+
+
+def test_a_dash_reads_stdin_for_classify_and_rerank() -> None:
+    """They classified and ranked against the one-character text "-", and `embed - x` embedded it."""
+    code, out, _ = car(
+        "classify", "-", "--labels", "sports,politics", "--json", input="The striker scored a goal"
+    )
+    assert code == 0 and json.loads(out)["results"][0]["label"] == "sports"
+    docs = ["Bananas are yellow.", "Paris is the capital of France."]
+    code, out, _ = car("rerank", "-", *docs, "--json", "--top-n", "1", input="capital of France")
+    assert code == 0 and [d["index"] for d in json.loads(out)["ranked"]] == [1]
+    code, _, err = car("classify", "-", "--labels", "a,b", input="  \n")
+    assert code == 2 and "stdin held no text to classify" in err
+    code, _, err = car("embed", "-", "extra", input="hello\n")
+    assert code == 2 and "give it alone" in err
 
 
 @pytest.fixture(scope="module")

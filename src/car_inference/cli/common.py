@@ -83,6 +83,17 @@ def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
     return typer.Exit(code)
 
 
+def from_stdin(value: str, what: str) -> str:
+    """``value``, or stdin when it is ``-``, as `car generate -` reads its prompt: `car classify -`,
+    `rerank -` and `tokenize MODEL -` worked on the one-character text "-" and said nothing."""
+    if value != "-":
+        return value
+    text = sys.stdin.read()
+    if not text.strip():
+        raise fail(f"stdin held no {what}", EXIT_USAGE)
+    return text
+
+
 # Errors in what the user typed or configured; token ids a vocabulary does not have are one.
 # What the caller asked for wrongly (a model or trace that does not exist, input, configuration).
 # What the caller must change (HTTP 400/404 from the server): exit 2; failures of the work: exit 1.

@@ -16,6 +16,7 @@ from .common import (
     engine,
     err,
     fail,
+    from_stdin,
     handle_errors,
     out,
     print_json,
@@ -39,6 +40,8 @@ def register(app: typer.Typer) -> None:
             texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
             if not texts:
                 raise fail("stdin held no text to embed", 2)
+        elif "-" in texts:  # stdin unread, "-" embedded as a text
+            raise fail("- reads the texts from stdin, a text a line: give it alone, or texts alone", 2)
         if (empty := next((i for i, t in enumerate(texts, 1) if not t), None)) is not None:
             raise fail(f"text {empty} is empty: every text to embed needs at least one character", 2)
         eng = engine()
@@ -59,13 +62,14 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
     def rerank(
-        query: Annotated[str, typer.Argument(help="the query")],
+        query: Annotated[str, typer.Argument(help="the query; - reads stdin")],
         documents: Annotated[list[str], typer.Argument(help="documents to order")],
         model: ModelOpt = None,
         top_n: Annotated[int | None, typer.Option("--top-n", min=1, help="keep the best N")] = None,
         as_json: JsonOpt = False,
     ) -> None:
-        """Order documents by relevance to a query."""
+        """Order documents by relevance to a query (- reads the query from stdin)."""
+        query = from_stdin(query, "query")
         eng = engine()
         with spinner("Ranking..."):
             result = run(
@@ -84,7 +88,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     @handle_errors
     def classify(
-        text: Annotated[str, typer.Argument(help="the text to classify")],
+        text: Annotated[str, typer.Argument(help="the text to classify; - reads stdin")],
         labels: Annotated[
             list[str], typer.Option("--labels", "-l", help="labels: comma-separated, or the option repeated")
         ],
@@ -92,7 +96,8 @@ def register(app: typer.Typer) -> None:
         method: Annotated[str, typer.Option(help="auto, likelihood (LLM) or embedding")] = "auto",
         as_json: JsonOpt = False,
     ) -> None:
-        """Zero-shot classification over the given labels."""
+        """Zero-shot classification over the given labels (- reads the text from stdin)."""
+        text = from_stdin(text, "text to classify")
         names: list[str] = []  # `-l a -l b` kept only b, and answered 1.000 for it
         for given in labels:
             some = split_csv(given)
@@ -118,11 +123,11 @@ def register(app: typer.Typer) -> None:
     @handle_errors
     def tokenize(
         model: Annotated[str, typer.Argument(help="a local model")],
-        text: Annotated[str, typer.Argument(help="text to tokenize")],
+        text: Annotated[str, typer.Argument(help="text to tokenize; - reads stdin")],
         as_json: JsonOpt = False,
     ) -> None:
-        """Token ids of a text under a local model's tokenizer."""
-        result = run(engine().tokenize(model, text))
+        """Token ids of a text under a local model's tokenizer (- reads it from stdin, as it is)."""
+        result = run(engine().tokenize(model, from_stdin(text, "text to tokenize")))
         if as_json:
             print_json(result)
             return
