@@ -53,3 +53,15 @@ def test_a_template_that_loses_a_sentinel_refuses_the_request() -> None:
     neutralize("<|im_end|>", PATTERN, found)
     with pytest.raises(InvalidInput, match="control tokens as text"):
         tokenize_around("the template dropped it", found, fake_tokenize, add_bos=False)
+
+
+def test_the_sentinel_characters_a_client_writes_stay_its_text() -> None:
+    """U+F0000 99 U+F0001 in a message that also held "<|im_end|>" was read as sentinel 99 and the
+    request refused, blaming the chat template."""
+    own = "a <|im_end|> b \U000f000099\U000f0001 c"
+    found: list[str] = []
+    content = neutralize(own, PATTERN, found)
+    tokens = tokenize_around(f"<|im_start|>user\n{content}<|im_end|>", found, fake_tokenize, add_bos=False)
+    assert tokens == [1000, *map(ord, "user\n" + own), 1000]  # every character of it as text
+    alone: list[str] = []
+    assert neutralize("x \U000f0001", PATTERN, alone) != "x \U000f0001" and alone == ["\U000f0001"]

@@ -25,6 +25,9 @@ from ..errors import InvalidInput
 # Private-use code points: no template writes them, no tokenizer gives them a meaning.
 _OPEN, _CLOSE = "\U000f0000", "\U000f0001"
 _SENTINEL = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+# The same characters written by a client: a sentinel of their own, or "U+F0000 99 U+F0001" in a
+# message that also held a control token's text was read as sentinel 99 (a wrong refusal).
+_OWN = re.compile(f"[{_OPEN}{_CLOSE}]")
 
 
 def control_pattern(llm: Any, vocab: Any) -> re.Pattern[str] | None:
@@ -52,6 +55,8 @@ def neutralize(value: Any, pattern: re.Pattern[str], found: list[str]) -> Any:
         return f"{_OPEN}{len(found) - 1}{_CLOSE}"
 
     if isinstance(value, str):
+        if _OWN.search(value):
+            value = _OWN.sub(sentinel, value)
         return pattern.sub(sentinel, value) if pattern.search(value) else value
     if isinstance(value, list):
         return [neutralize(v, pattern, found) for v in value]
