@@ -99,8 +99,6 @@ class LearningMixin(Lifecycle):
         model not in the catalog) is ``InvalidInput`` (``ModelNotFound``), and nothing is recorded:
         the learned state and the spend ledger keep no number they cannot use."""
         self._check_open()
-        if not isinstance(decision, RoutingDecision):
-            raise InvalidInput(f"report: decision must be a RoutingDecision, not {type(decision).__name__}")
         if not isinstance(success, bool):
             raise InvalidInput(f"report: success must be True or False, not {success!r}")
         score = _measure("score", score, high=1.0)
