@@ -85,8 +85,9 @@ def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
     assert car("profiles", "import", str(path))[0] == 0
     code, out, _ = car("profiles", "export", "-")  # stdout, as `generate -` reads stdin
     assert code == 0 and json.loads(out) == profiles
-    code, out, _ = car_input(out, "profiles", "import", "-")  # stdin: `export - | import -`
+    code, out, err = car_input(out, "profiles", "import", "-")  # stdin: `export - | import -`
     assert code == 0 and f"imported {len(profiles)} profile(s)" in out
+    assert "unused" not in err, "an export's own keys are the router's"
     # "Merge" said nothing of what an import replaces: the models whose outcomes it replaced.
     assert "replaced what was learned here for huggingface/smollm2-135m-instruct:q4_1 (" in out
     # A profile of a model this catalog lacks is kept, and named: a misspelt id was taken silently.
@@ -94,6 +95,11 @@ def test_feedback_spend_health_and_profiles(tmp_path: Path) -> None:
     code, _, err = car_input(json.dumps(misspelt), "profiles", "import", "-")
     assert code == 0 and "huggingface/smollm2-135m-instruct:q4_2 is not in this catalog" in err
     assert "did you mean huggingface/smollm2-135m-instruct:q4_1" in err
+    # A task key the router never reads is kept, and named: "Code" was imported without a word.
+    stats = {k: {"calls": 1} for k in ("Code", "code", "code|latin-short", "template|p0123456789")}
+    odd = [{"model_id": "huggingface/smollm2-135m-instruct:q4_1", "total_calls": 1, "task_stats": stats}]
+    code, _, err = car_input(json.dumps(odd), "profiles", "import", "-")
+    assert code == 0 and "task_stats 'Code' kept, unused" in err and "'code'" not in err
     code, _, err = car_input("[" * 100_000, "profiles", "import", "-")  # was a RecursionError traceback
     assert code == 2 and "nested too deeply" in err and "Traceback" not in err
     code, out, _ = car("profiles", "forget", "smollm2-135m")

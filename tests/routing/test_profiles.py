@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 from pydantic import ValidationError
 
-from car_inference.routing.profiles import ModelProfile, TaskStats, parsed_profiles
+from car_inference.routing.profiles import ModelProfile, TaskStats, parsed_profiles, unread_keys
 
 
 def test_seed_task_stats_get_their_success_rate_as_quality() -> None:
@@ -85,3 +86,24 @@ def test_our_own_sums_and_the_seed_shape_still_load() -> None:
                                               "decayed_n": 2.9}}}
     )  # fmt: skip
     assert ok.task_stats["chat|latin-short"].calls == 3
+
+
+def test_an_updated_at_ahead_of_the_clock_is_refused() -> None:
+    # Milliseconds, or a clock years ahead: its template was never forgotten.
+    ahead = int(time.time()) + 400 * 86_400
+    with pytest.raises(ValidationError, match="400 days ahead of this clock"):
+        ModelProfile.model_validate({"model_id": "m", "updated_at": ahead})
+    with pytest.raises(ValidationError, match="days ahead"):
+        ModelProfile.model_validate({"model_id": "m", "task_stats": {"chat": {"updated_at": ahead}}})
+    soon = int(time.time()) + 3600  # another replica's clock a little ahead: taken
+    assert ModelProfile.model_validate({"model_id": "m", "updated_at": soon}).updated_at == soon
+
+
+def test_unread_keys_names_keys_the_router_never_counts_under() -> None:
+    keys = [
+        "chat", "image", "code|latin-short", "reasoning|cjk-mc", "template|p0123456789",  # read
+        "Code", "coding", "code|latin", "bogus|latin-short", "template|x", "template|p0123",  # not
+    ]  # fmt: skip
+    stats = {key: {} for key in keys}
+    profile = ModelProfile.model_validate({"model_id": "m", "total_calls": 1, "task_stats": stats})
+    assert unread_keys(profile) == keys[5:]

@@ -197,6 +197,22 @@ def import_profiles(
         lost = ", ".join(f"{model} ({calls:,} calls)" for model, calls in sorted(had.items()))
         out.print(f"replaced what was learned here for {lost}")
     _say_unknown(eng, sorted(i for i in ids if isinstance(i, str) and eng.registry.find(i) is None))
+    _say_unread(data)
+
+
+def _say_unread(data: list[Any]) -> None:
+    """Task keys no request is counted under are kept but named (``profiles.unread_keys``)."""
+    from ..routing.profiles import ModelProfile, unread_keys
+
+    for raw in data:
+        keys = unread_keys(ModelProfile.model_validate(raw))
+        if keys:
+            err.print(
+                f"warning: {raw['model_id']}: task_stats {', '.join(map(repr, keys))} kept, unused:"
+                " the router reads a task family (chat, code, math, ...), family|cluster"
+                " (code|latin-short) or template|p<hash>",
+                markup=False,
+            )
 
 
 def _say_unknown(eng: Any, unknown: list[str]) -> None:

@@ -7,6 +7,8 @@ only) load too: their quality is taken to be their success rate.
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
@@ -25,6 +27,7 @@ __all__ = [
     "replace_models",
     "row_fields",
     "sum_rows",
+    "unread_keys",
 ]
 
 # What an imported profile may hold (``car profiles import``): NaN failed deep in the store with a
@@ -40,6 +43,13 @@ Share = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 # of that name made every later export fail.
 ModelId = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\s*][^\s]*$")]
 _SLACK = 1e-6  # float sums of outcomes each at most 1
+# ``updated_at`` is seconds since 1970 by this clock; a day ahead allows for clocks that differ. A
+# time far ahead was taken: its template was never forgotten, and the store kept it as the newest.
+_FUTURE_SLACK_S = 86_400.0
+# The keys the router reads (``store_base.stat_keys``): a family, family|cluster (``complexity``'s
+# script-shape clusters) or template|p<hash> (``context.template_key``).
+_CLUSTER_KEY = re.compile(r"[a-z_]+\|(?:latin|cjk)-(?:mc|long|short)")
+_TEMPLATE_KEY = re.compile(r"template\|p[0-9a-f]{10}")
 
 
 class TaskStats(BaseModel):
@@ -73,7 +83,17 @@ class TaskStats(BaseModel):
         if self.decayed_sum > self.decayed_n * (1 + _SLACK) + _SLACK:
             raise ValueError(f"decayed_sum {self.decayed_sum} is more than decayed_n {self.decayed_n}")
         _outcomes_within(self.success_count, self.fail_count, self.calls)
+        _not_ahead(self.updated_at)
         return self
+
+
+def _not_ahead(updated_at: int) -> None:
+    ahead = updated_at - time.time()
+    if ahead > _FUTURE_SLACK_S:
+        raise ValueError(
+            f"updated_at {updated_at} is {ahead / 86_400:,.0f} days ahead of this clock"
+            " (seconds since 1970 expected, not milliseconds)"
+        )
 
 
 def _outcomes_within(successes: int, failures: int, calls: int) -> None:
@@ -102,6 +122,7 @@ class ModelProfile(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ModelProfile:
         _outcomes_within(self.success_count, self.fail_count, self.total_calls)
+        _not_ahead(self.updated_at)
         if any(not key.strip() or key != key.strip() for key in self.task_stats):
             raise ValueError("task_stats: a key is empty or has spaces around it (keys are task families)")
         # Each outcome counts once in each key it falls under: a key with more calls than the
@@ -125,6 +146,25 @@ def parsed_profiles(profiles: Iterable[ModelProfile | dict[str, Any]]) -> list[M
             raise ValueError(f"{profile.model_id} has two profiles; keep one")
         seen.add(profile.model_id)
     return parsed
+
+
+def unread_keys(profile: ModelProfile) -> list[str]:
+    """The task_stats keys of ``profile`` that no request of the router's own rules is counted under
+    (``store_base.stat_keys``): kept, as what ``record_attempt`` was told, but a misspelt family
+    ("Code", "coding") was imported without a word and never read."""
+    from ..requests import TaskHint
+    from .media import MEDIA_FAMILY
+
+    families = {h.value for h in TaskHint} | set(MEDIA_FAMILY.values())
+    return [
+        key
+        for key in profile.task_stats
+        if not (
+            key in families
+            or (_CLUSTER_KEY.fullmatch(key) and key.partition("|")[0] in families)
+            or _TEMPLATE_KEY.fullmatch(key)
+        )
+    ]
 
 
 def row_fields(row: ProfileRow | StatsRow) -> dict[str, Any]:
