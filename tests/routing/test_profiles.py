@@ -104,6 +104,6 @@ def test_unread_keys_names_keys_the_router_never_counts_under() -> None:
         "chat", "image", "code|latin-short", "reasoning|cjk-mc", "template|p0123456789",  # read
         "Code", "coding", "code|latin", "bogus|latin-short", "template|x", "template|p0123",  # not
     ]  # fmt: skip
-    stats = {key: {} for key in keys}
+    stats: dict[str, dict[str, int]] = {key: {} for key in keys}
     profile = ModelProfile.model_validate({"model_id": "m", "total_calls": 1, "task_stats": stats})
     assert unread_keys(profile) == keys[5:]
