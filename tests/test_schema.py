@@ -91,3 +91,24 @@ def test_cost_of_cached_and_written_prompt_tokens() -> None:
     assert schema.cost.estimate(100, 0, 80, 80) == pytest.approx((80 * 0.2 + 20 * 2.5) / 1e6)
     plain = _schema(cost={"input_per_mtok": 2.0})  # no cache prices: both at the input price
     assert plain.cost.estimate(1_000_000, 0, 400_000, 500_000) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        # A minus sign in models.toml was taken: log10(cost) then failed every routed request (500).
+        ({"cost": {"input_per_mtok": -100}}, "input_per_mtok"),
+        ({"cost": {"output_per_mtok": float("nan")}}, "output_per_mtok"),
+        ({"cost": {"cached_input_per_mtok": float("inf")}}, "cached_input_per_mtok"),
+        ({"cost": {"per_image": -0.01}}, "per_image"),
+        ({"cost": {"size_mb": -1}}, "size_mb"),
+        # -10 tokens/s was a latency of -25,000 ms, and the router chose that model.
+        ({"performance": {"tokens_per_second": -10}}, "tokens_per_second"),
+        ({"performance": {"latency_p50_ms": 0}}, "latency_p50_ms"),
+        ({"max_output_tokens": -10}, "max_output_tokens"),  # was sent as max_tokens: -10
+    ],
+)
+def test_prices_and_measures_are_finite_and_not_negative(override: dict[str, object], names: str) -> None:
+    with pytest.raises(ValidationError, match=names):
+        _schema(**override)
+    assert _schema(cost={"input_per_mtok": 0.0}).cost.input_per_mtok == 0.0  # free is a price

@@ -172,26 +172,31 @@ class HostConfig(_Strict):
 # --- money and speed ------------------------------------------------------------------------------
 
 
+# A price or a measure of a model: a minus sign in models.toml was taken, and the router's
+# log10(cost) failed every routed request with a 500 (a negative speed: -25,000 ms, and chosen).
+Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Measure = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class CostModel(_Strict):
     """List prices in USD per million tokens (or per unit for speech and media), and disk size."""
 
-    input_per_mtok: float = 0.0
-    output_per_mtok: float = 0.0
-    cached_input_per_mtok: float | None = None
-    cache_write_per_mtok: float | None = Field(
+    input_per_mtok: Price = 0.0
+    output_per_mtok: Price = 0.0
+    cached_input_per_mtok: Price | None = None
+    cache_write_per_mtok: Price | None = Field(
         default=None,
         description="prompt tokens written to the provider's cache (Anthropic: 1.25x input); unset: input",
     )
-    per_1k_characters: float | None = Field(default=None, description="text-to-speech")
-    per_minute: float | None = Field(default=None, description="speech-to-text")
-    per_image: float | None = None
-    per_second: float | None = Field(default=None, description="video generation, per second of video")
-    max_video_seconds: float | None = Field(
+    per_1k_characters: Price | None = Field(default=None, description="text-to-speech")
+    per_minute: Price | None = Field(default=None, description="speech-to-text")
+    per_image: Price | None = None
+    per_second: Price | None = Field(default=None, description="video generation, per second of video")
+    max_video_seconds: Measure | None = Field(
         default=None,
-        gt=0,
         description="video: the longest clip of a model that picks its own length (spend checks assume it)",
     )
-    size_mb: int | None = None
+    size_mb: int | None = Field(default=None, ge=0)
 
     def estimate(
         self,
@@ -218,9 +223,9 @@ def _or(price: float | None, otherwise: float) -> float:
 
 
 class PerformanceEnvelope(_Strict):
-    latency_p50_ms: float | None = None
-    tokens_per_second: float | None = None
-    time_to_first_token_ms: float | None = None
+    latency_p50_ms: Measure | None = None
+    tokens_per_second: Measure | None = None
+    time_to_first_token_ms: Measure | None = None
 
 
 # --- the model ------------------------------------------------------------------------------------
@@ -239,7 +244,7 @@ class ModelSchema(BaseModel):
     capabilities: list[ModelCapability] = Field(min_length=1)
     source: ModelSource
     context_length: int = Field(default=0, ge=0, description="0 when not applicable")
-    max_output_tokens: int | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
     supported_params: list[GenerateParam] = Field(default_factory=list)
     cost: CostModel = Field(default_factory=CostModel)
     performance: PerformanceEnvelope = Field(default_factory=PerformanceEnvelope)
