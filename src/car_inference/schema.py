@@ -243,8 +243,10 @@ class ModelSchema(BaseModel):
     description: str = ""
     capabilities: list[ModelCapability] = Field(min_length=1)
     source: ModelSource
-    context_length: int = Field(default=0, ge=0, description="0 when not applicable")
-    max_output_tokens: int | None = Field(default=None, ge=1)
+    # Token counts a client can hold in a number (a client's runner model of 10**30 tokens was
+    # listed to every client as such).
+    context_length: int = Field(default=0, ge=0, lt=2**31, description="0 when not applicable")
+    max_output_tokens: int | None = Field(default=None, ge=1, lt=2**31)
     supported_params: list[GenerateParam] = Field(default_factory=list)
     cost: CostModel = Field(default_factory=CostModel)
     performance: PerformanceEnvelope = Field(default_factory=PerformanceEnvelope)

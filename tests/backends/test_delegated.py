@@ -399,6 +399,73 @@ async def test_a_runner_for_every_delegated_model_and_the_latest_wins(engine: In
     assert health["delegated"].runners == 1 and health["delegated"].available_models == 2
 
 
+def test_a_model_of_a_runners_own_cannot_take_a_name_another_model_answers_to(
+    engine: InferenceEngine,
+) -> None:
+    """A client's model "meta-llama/Llama-3.1-8B-Instruct" took the prompts meant for an endpoint's
+    model of that upstream name: an exact id is found before another model's names."""
+    for taken in ("huggingface/smollm2-135m-instruct", "host/ECHO"):  # an id without its variant; a case
+        mine = ModelSchema.model_validate(
+            {"id": taken, "name": "x", "provider": "huggingface", "capabilities": ["generate"],
+             "source": {"kind": "delegated"}}
+        )  # fmt: skip
+        with pytest.raises(InvalidInput, match=f"{taken} is a name of .*: a model of a runner's own"):
+            engine.register_runner(_echo, [mine])
+    assert engine.runners.list() == [] and engine.resolve("host/echo").id == "host/echo"
+
+
+def test_a_runner_leaving_many_models_restores_names_in_one_pass(engine: InferenceEngine) -> None:
+    """16,000 models brought by one runner took 99 s to leave (a pass over the catalog per model)."""
+    brought = [
+        ModelSchema.model_validate(
+            {
+                "id": f"app/m{i}",
+                "name": f"m{i}",
+                "provider": "app",
+                "capabilities": ["generate"],
+                "source": {"kind": "delegated"},
+            }
+        )
+        for i in range(3)
+    ]
+    registration = engine.register_runner(_echo, brought)
+    assert registration.owned_models == {"app/m0", "app/m1", "app/m2"}
+    passes = 0
+    lookup_keys = engine.registry._lookup_keys
+
+    def counted(schema: ModelSchema) -> list[str]:
+        nonlocal passes
+        passes += schema.id == "host/echo"
+        return lookup_keys(schema)
+
+    engine.registry._lookup_keys = counted  # type: ignore[method-assign]
+    engine.unregister_runner(registration)
+    assert passes == 1, "each remaining model's names are restored once, not once per model that left"
+    assert all(engine.registry.find(f"app/m{i}") is None for i in range(3))
+    assert engine.registry.find("echo") is not None
+
+
+async def test_a_new_runner_starts_with_a_closed_breaker(engine: InferenceEngine) -> None:
+    """A runner that timed out and left kept host/echo's breaker open for the one that took over."""
+
+    async def failing(model: ModelSchema, request: GenerateRequest) -> str:
+        raise RuntimeError("down")
+
+    good = engine.register_runner(_echo, ["host/echo"])
+    bad = engine.register_runner(failing, ["host/echo"])
+    for _ in range(10):
+        engine.breakers.record_failure("host/echo")
+    assert not engine.breakers.allow("host/echo")
+    engine.unregister_runner(bad)
+    assert engine.breakers.allow("host/echo")
+    assert (await engine.generate(_ask("hi", "host/echo"))).text == "echo: hi"
+    for _ in range(10):
+        engine.breakers.record_failure("host/echo")
+    engine.register_runner(_echo, ["host/echo"])
+    assert engine.breakers.allow("host/echo")
+    engine.unregister_runner(good)
+
+
 def test_the_readme_example_runs(isolated_home: Path, tmp_path: Path) -> None:
     example = readme_examples()[0]
     env = {**os.environ, "CAR_HOME": str(isolated_home)}

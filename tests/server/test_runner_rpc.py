@@ -303,6 +303,16 @@ async def test_another_client_cannot_take_over_a_model_a_runner_brought(server: 
         ({"models": ["host/echo"], "timeout_s": -1}, 400, "`timeout_s` must be a positive number"),
         ({"models": [{"id": "no-slash"}]}, 400, "an id like host/name"),
         ({"models": [{"id": "x/y", "capabilities": ["dance"]}]}, 400, "capabilities"),
+        # 16,000 models in one registration slowed every client's registration, and its leaving
+        # froze the server.
+        ({"models": [f"x/m{i}" for i in range(1001)]}, 400, "at most 1,000 models (1,001 given)"),
+        # The name is in every caller's error about the runner's models.
+        ({"models": ["host/echo"], "name": "n" * 101}, 400, "1 to 100 printable characters"),
+        ({"models": ["host/echo"], "name": "evil\nINFO: forged"}, 400, "1 to 100 printable characters"),
+        ({"models": [{"id": "openai /gpt-4o"}]}, 400, "an id like host/name"),  # beside openai's
+        ({"models": [{"id": "\u043epenai/gpt-4o"}]}, 400, "an id like host/name"),  # a Cyrillic o
+        ({"models": [{"id": "x/y", "context_length": 10**30}]}, 400, "context_length"),
+        ({"models": [{"id": "HOST/ECHO"}]}, 400, "is a name of host/echo"),  # found before host/echo
     ],
 )
 async def test_bad_registrations_are_refused_clearly(
@@ -574,6 +584,16 @@ async def test_a_refused_second_registration_keeps_the_first(
         assert "error" in refused
         assert _available(engine, "ws/keep") and len(engine.runners.list()) == 1
         assert engine.runners.list()[0].timeout_s == 9
+        # ... and its calls in flight: they failed ("the runner unregistered") though it had not.
+        async with connect(server.ws_url) as owner, connect(server.ws_url) as caller:
+            await _register(owner, models=[{"id": "ws/theirs"}])
+            await caller.send(_rpc("infer", {"prompt": "x", "model": "ws/keep"}, rid=1))
+            call = await _recv(runner)
+            for models in ([SMOL], ["ws/theirs"], [{"id": "ws/keep"}, "ws/theirs"]):
+                await runner.send(_rpc("runner.register", {"models": models}, rid="again"))
+                assert "error" in await _recv(runner)  # no `cancel` before it
+            await runner.send(json.dumps({"jsonrpc": "2.0", "id": call["id"], "result": {"text": "kept"}}))
+            assert (await _recv(caller))["result"]["text"] == "kept"
 
 
 async def test_unregistering_with_a_call_in_flight_says_so_and_cancels_it(server: ServerThread) -> None:

@@ -89,7 +89,7 @@ class RunnerRegistration:
     models: frozenset[str] | None = None
     timeout_s: float | None = None
     name: str = ""
-    owned_models: list[str] = field(default_factory=list)
+    owned_models: set[str] = field(default_factory=set)
     spends: bool = True
 
     def serves(self, model_id: str) -> bool:

@@ -288,24 +288,51 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         those named in ``models`` (ids or names of delegated models, or ``ModelSchema``s, which
         are added to the catalog until the runner is unregistered), or every delegated model when
         ``models`` is None. They become available and are routed like any other model."""
-        wanted = None if models is None else [self._runner_model(item) for item in models]
+        wanted = self.runner_models(models)
         ids = None if wanted is None else [schema.id for schema, _ in wanted]
-        for model_id in ids or ():
-            owner = next((r for r in self.runners.list() if model_id in r.owned_models), None)
-            if owner is not None:  # another client's model: its calls (prompts) would come here
-                raise InvalidInput(f"{model_id} is served by the runner that brought it ({owner.name})")
         registration = self.runners.add(runner, models=ids, timeout_s=timeout_s, name=name)
         for schema, new in wanted or ():
             if new:
                 self.registry.register(schema)
-                registration.owned_models.append(schema.id)
+                registration.owned_models.add(schema.id)
+        # A new runner is a new server: the failures of the one before (a client's that timed out
+        # and left) kept the model's breaker open for the runner that took over.
+        for model_id in ids or ():
+            self.breakers.reset(model_id)
         self.registry.refresh_availability(Locality.RUNNER)
         return registration
 
-    def _runner_model(self, item: str | ModelSchema) -> tuple[ModelSchema, bool]:
+    def runner_models(
+        self, models: Iterable[str | ModelSchema] | None, *, replacing: RunnerRegistration | None = None
+    ) -> list[tuple[ModelSchema, bool]] | None:
+        """What ``register_runner(runner, models)`` would serve: (the model, whether it is new to
+        the catalog) each; raises what it would refuse, as if ``replacing`` were gone."""
+        if models is None:
+            return None
+        wanted = [self._runner_model(item, replacing) for item in models]
+        owners = {m: r for r in self.runners.list() if r is not replacing for m in r.owned_models}
+        for schema, _new in wanted:
+            owner = owners.get(schema.id)
+            if owner is not None:  # another client's model: its calls (prompts) would come here
+                raise InvalidInput(f"{schema.id} is served by the runner that brought it ({owner.name})")
+        return wanted
+
+    def _runner_model(
+        self, item: str | ModelSchema, replacing: RunnerRegistration | None
+    ) -> tuple[ModelSchema, bool]:
         """(the model a runner would serve, whether it is new to the catalog); only a model of a
-        runner kind (``delegated``) takes a runner."""
-        known = self.registry.get(item.id) if isinstance(item, ModelSchema) else self.resolve(item)
+        runner kind (``delegated``) takes a runner, and a new one needs an id no model answers to."""
+        if not isinstance(item, ModelSchema):
+            known = self.resolve(item)
+        elif replacing is not None and item.id in replacing.owned_models:
+            known = None  # the replaced registration's own model: new again once it is gone
+        else:
+            known = self.registry.get(item.id)
+            other = self.registry.find(item.id) if known is None else None
+            if other is not None:  # a client's "meta-llama/Llama-3.1-8B-Instruct" took gpubox's prompts
+                raise InvalidInput(
+                    f"{item.id} is a name of {other.id}: a model of a runner's own needs an id of its own"
+                )
         schema = known or item
         assert isinstance(schema, ModelSchema)
         if schema.spec.locality is not Locality.RUNNER:
@@ -318,10 +345,12 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         removed = self.runners.remove(registration)
         if removed is None:
             return False
-        for model_id in removed.owned_models:
-            if self.runners.find(model_id) is None:
-                self.registry.unregister(model_id)
-                self.breakers.reset(model_id)  # not listed in health after it left (it was)
+        gone = [m for m in removed.owned_models if self.runners.find(m) is None]
+        self.registry.unregister(*gone)
+        # Not listed in health after it left (it was); a model another runner serves now starts
+        # afresh there (the leaver's failures are not the next runner's).
+        for model_id in (*gone, *(removed.models or ())):
+            self.breakers.reset(model_id)
         self.registry.refresh_availability(Locality.RUNNER)
         return True
 

@@ -231,6 +231,10 @@ class _Cut:
 
 _CUT = _Cut()
 
+# A host application brings a handful of models: 16,000 in one registration (350 KB) made every
+# later registration slow for every client.
+MAX_RUNNER_MODELS = 1000
+
 
 # --- methods ------------------------------------------------------------------------------------------
 
@@ -245,7 +249,14 @@ def _model(item: Any, index: int, *, routed: bool, taken: frozenset[str]) -> str
         return item
     model_id = item.get("id") if isinstance(item, dict) else None
     provider, _, name = model_id.partition("/") if isinstance(model_id, str) else ("", "", "")
-    if not provider or not name or len(model_id or "") > 200 or not (model_id or "").isprintable():
+    if (
+        not provider
+        or not name
+        or len(model_id or "") > 200
+        or not (model_id or "").isprintable()
+        or any(c.isspace() for c in model_id or "")  # "openai /gpt-4o" beside openai's in every listing
+        or not provider.isascii()  # a Cyrillic "о" in "оpenai/gpt-4o": a look-alike namespace
+    ):
         raise ApiError(400, "each of `models` is a model id or an object with an id like host/name",
                        code="invalid_value", param=f"models.{index}")  # fmt: skip
     if provider.lower() in taken:
@@ -267,13 +278,18 @@ async def _register(session: Session, params: Params, rid: Any) -> Any:
     if not isinstance(models, list) or not models:
         raise ApiError(400, "`models` must be a non-empty list of the models this runner serves",
                        code="invalid_value", param="models")  # fmt: skip
+    if len(models) > MAX_RUNNER_MODELS:
+        raise ApiError(400, f"a runner serves at most {MAX_RUNNER_MODELS:,} models ({len(models):,} given)",
+                       code="invalid_value", param="models")  # fmt: skip
     timeout_s = params.get("timeout_s")
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float)
                                   or timeout_s <= 0):  # fmt: skip
         raise ApiError(400, "`timeout_s` must be a positive number", code="invalid_value", param="timeout_s")
     name = params.get("name")
-    if name is not None and not isinstance(name, str):
-        raise ApiError(400, "`name` must be a string", code="invalid_value", param="name")
+    if name is not None and not (isinstance(name, str) and 0 < len(name) <= 100 and name.isprintable()):
+        # It is in every caller's error about this runner's models: 100 KB, or a forged log line.
+        raise ApiError(400, "`name` must be a string of 1 to 100 printable characters",
+                       code="invalid_value", param="name")  # fmt: skip
     settings = session.state.settings
     routed = settings.route_client_models
     registry = session.engine.registry
@@ -289,6 +305,9 @@ async def _register(session: Session, params: Params, rid: Any) -> Any:
     if timeout_s is not None:  # a runner never holds a caller longer than a request may last
         timeout_s = min(float(timeout_s), settings.request_timeout_s)
     previous = session.runner
+    # What the engine would refuse, refused before anything is replaced: a refused registration
+    # failed the calls in flight on the one it was to replace ("the runner unregistered").
+    session.engine.runner_models(wanted, replacing=previous.registration if previous else None)
     kept = _kept(session, previous)
     if previous is not None:  # registering again replaces what this session runs
         previous.close(unregistered=True)
