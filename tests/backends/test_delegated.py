@@ -181,6 +181,23 @@ async def test_a_runner_that_contradicts_its_own_stream_is_an_invalid_answer(eng
     )
     with pytest.raises(ProviderError, match="tool calls are not the ones it streamed"):
         list(result_events(other, streamed, "host/echo", "r"))
+
+    async def done_contradicts(model: ModelSchema, request: GenerateRequest) -> AsyncIterator[Any]:
+        yield "abc"
+        yield Done(text="xyz")  # a 200: the stream said one thing and the answer another
+
+    engine.register_runner(done_contradicts, ["host/echo"])
+    with pytest.raises(ProviderError, match="whose text does not continue the text it streamed"):
+        await engine.generate(_ask("x", "host/echo"))
+
+    async def done_goes_on(model: ModelSchema, request: GenerateRequest) -> AsyncIterator[Any]:
+        yield "abc"
+        yield Done(text="abcdef", tool_calls=[ToolCall(id="c1", name="f", arguments={})])
+
+    engine.register_runner(done_goes_on, ["host/echo"])
+    events = [e async for e in engine.stream(_ask("x", "host/echo"))]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "abcdef"
+    assert [e.name for e in events if isinstance(e, ToolCallStart)] == ["f"]  # streamed, not only in Done
     longer = result_events(GenerationOutput(text="abcdef"), _streamed(TextDelta(text="abc")), "m", "r")
     more = [e.text for e in longer if isinstance(e, TextDelta)]
     assert more == ["def"]  # a result that goes on from the stream streams the rest

@@ -365,12 +365,20 @@ async def test_a_runner_whose_answer_contradicts_its_stream_fails_the_call(serve
     cases: list[tuple[list[dict[str, Any]], dict[str, Any] | None, str]] = [
         ([{"type": "text_delta", "text": "abc"}], {"text": "xyz"}, "whose text does not continue the text"),
         ([{"type": "tool_call_delta", "index": 0, "arguments": "{}"}], None, "before its tool_call_start"),
+        # A `done` event is its answer as a result is: "NO" after "yes" was a 200 of two answers.
+        (
+            [{"type": "text_delta", "text": "yes"}, {"type": "done", "text": "NO"}],
+            None,
+            "whose text does not continue the text",
+        ),
     ]
     async with connect(server.ws_url) as runner, connect(server.ws_url) as caller:
         await _register(runner, models=["host/echo"])
         for rid, (events, result, problem) in enumerate(cases):
             await caller.send(_rpc("infer", {"prompt": "x", "model": "host/echo", "stream": True}, rid=rid))
             call = await _recv(runner)
+            while call["method"] == "cancel":  # of the call before, refused mid-stream
+                call = await _recv(runner)
             for event in events:
                 await runner.send(_rpc("runner.event", {"id": call["id"], "event": event}))
             if result is not None:

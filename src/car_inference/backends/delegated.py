@@ -382,11 +382,13 @@ class DelegatedBackend:
                     raise _runner_error(entry.name, model.id, f"streamed a {type(item).__name__}")
                 if problem := stream_problem(event, started):
                     raise _runner_error(entry.name, model.id, problem)
-                accumulator.push(event)
-                if isinstance(event, Done):
+                if isinstance(event, Done):  # its answer, held to what it streamed as a result is
                     _check_finish(event.finish_reason, model.id, entry.name)
-                    yield _done_with_usage(event, model.context_length)
+                    out = GenerationOutput.from_done(event, None)
+                    for last in result_events(out, accumulator, model.id, entry.name):
+                        yield _done_with_usage(last, model.context_length) if isinstance(last, Done) else last
                     return
+                accumulator.push(event)
                 yield event
         finally:
             await _close(items)
