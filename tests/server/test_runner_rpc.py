@@ -332,6 +332,15 @@ async def test_the_readme_runner_client_runs(server: ServerThread, engine: Infer
         async with connect(server.ws_url) as caller:
             await caller.send(_rpc("infer", {"prompt": "hello there", "model": "app/shout"}, rid=1))
             assert (await _recv(caller))["result"]["text"] == "HELLO THERE"
+        # A 600 KB prompt (sent twice in the call: 1.2 MB) dropped the example's runner, which
+        # took websockets' default 1 MiB frames, and its model left for every client.
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            body = {"model": "app/shout", "messages": [{"role": "user", "content": "a" * 600_000}]}
+            answer = await http.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"].startswith(
+            "AAA"
+        )
+        assert _available(engine, "app/shout")
     finally:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
