@@ -100,6 +100,11 @@ def test_bad_environment_value_names_the_variable(isolated_home: Path) -> None:
         ("CAR_STATE__URL", "postgresql://car:s3cr%t@127.0.0.1/car", "holds a bare '%': write it %25"),
         ("CAR_COORDINATION__REDIS_URL", "redis://:p@ss@127.0.0.1:6379/0", "holds a bare '@'"),
         ("CAR_COORDINATION__REDIS_URL", "http://:s3cretpw@127.0.0.1:6379/0", "must start with redis://"),
+        # a traceback from every command (redis-py's parse_url), or db 0 shared without a word
+        ("CAR_COORDINATION__REDIS_URL", "redis://:s3cretpw@127.0.0.1:99999/0", "Port out of range"),
+        ("CAR_COORDINATION__REDIS_URL", "redis://:s3cretpw@127.0.0.1:abc/0", "Port could not be cast"),
+        ("CAR_COORDINATION__REDIS_URL", "redis://:s3cretpw@127.0.0.1/cache", "'cache' is not a number"),
+        ("CAR_COORDINATION__REDIS_URL", "redis://:s3cretpw@127.0.0.1/0?db=x", "'x' is not a number"),
     ],
 )
 def test_a_url_a_driver_would_misread_is_refused_without_its_password(

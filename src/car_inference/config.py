@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -402,7 +402,22 @@ class CoordinationSettings(_Section):
             )
         if url is not None:
             checked_userinfo(url, "redis_url: ")
+            _checked_redis_address(url)
         return self
+
+
+def _checked_redis_address(url: str) -> None:
+    """The port and database redis-py will read: a bad one was a traceback from every command
+    ("Port out of range 0-65535"), and a database that is no number (``/cache``) was db 0, shared."""
+    parts = urlsplit(url)
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise ValueError(f"redis_url {redact_url(url)!r}: {exc}") from None
+    path_db = parts.path.strip("/") if parts.scheme != "unix" else ""
+    for db in (path_db, *parse_qs(parts.query).get("db", ())):
+        if db and not db.isdigit():
+            raise ValueError(f"redis_url {redact_url(url)!r}: the database {db!r} is not a number (e.g. /0)")
 
 
 class SpeechSettings(_Section):

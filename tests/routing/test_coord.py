@@ -254,6 +254,9 @@ def test_a_url_redis_refuses_is_a_configuration_error_not_an_outage(caplog: pyte
     base = redis_url().rsplit("/", 1)[0]
     with pytest.raises(ConfigError, match=r"refused it .*DB index is out of range.*not an outage.*redis_url"):
         Fleet(CoordinationSettings(redis_url=f"{base}/99", key_prefix=redis_prefix()))
+    # An option redis-py cannot read was its ValueError's traceback from every command.
+    with pytest.raises(ConfigError, match=r"\[coordination\] redis_url .*Invalid value for 'socket_timeout'"):
+        Fleet(CoordinationSettings(redis_url=f"{base}/0?socket_timeout=x", key_prefix=redis_prefix()))
     assert "unreachable" not in caplog.text  # an outage's warning came first, contradicting it
     # A Redis that does not answer is an outage still: the replica starts and shares when it can.
     away = Fleet(CoordinationSettings(redis_url=f"redis://127.0.0.1:{closed_port()}/0", timeout_ms=200))

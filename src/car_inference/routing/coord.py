@@ -127,15 +127,18 @@ class Fleet:
         self.prefix = settings.key_prefix
         self.replica = uuid.uuid4().hex[:12]
         timeout = settings.timeout_ms / 1000
-        self.redis: redis.Redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),  # a dead Redis costs one timeout, then we degrade
-        )
-        self._pubsub_client: redis.Redis = redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
-        )
+        try:  # what the settings do not check (a query option redis-py reads: ?socket_timeout=x)
+            self.redis: redis.Redis = redis.Redis.from_url(
+                settings.redis_url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 0),  # a dead Redis costs one timeout, then we degrade
+            )
+            self._pubsub_client: redis.Redis = redis.Redis.from_url(
+                settings.redis_url, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+            )
+        except ValueError as exc:
+            raise ConfigError(f"[coordination] redis_url {self.url!r}: {exc}") from None
         self.errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._read_keys = self.redis.register_script(_READ_KEYS)
         self._put_key = self.redis.register_script(_PUT_KEY)
