@@ -20,7 +20,7 @@ from .catalog.locate import local_path
 from .config import CarConfig
 from .errors import ModelNotFound, ModelUnavailable, close_matches
 from .kinds import Locality
-from .schema import NAMED_ONLY, TASK_CAPABILITIES, HostConfig, ModelCapability, ModelSchema
+from .schema import TASK_CAPABILITIES, HostConfig, ModelCapability, ModelSchema
 from .secrets import no_usable_key
 
 __all__ = ["ModelFilter", "UnifiedRegistry"]
@@ -165,12 +165,7 @@ class UnifiedRegistry:
 
     @staticmethod
     def _lookup_keys(schema: ModelSchema) -> list[str]:
-        if NAMED_ONLY in schema.tags:  # served only when named: by its whole id (a client's model
-            return [schema.id.lower()]  # "app/gpt-4" took the bare "gpt-4" of other clients)
-        base = schema.id.split(":", 1)[0]
-        short = schema.id.split("/", 1)[1]
-        keys = [schema.id, schema.name, base, short, short.split(":", 1)[0], *schema.aliases]
-        return [k.lower() for k in keys]
+        return schema.lookup_keys()
 
     # --- availability ------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Union
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -57,6 +58,7 @@ __all__ = [
     "SentenceSource",
     "VllmSource",
     "WhisperSource",
+    "http_url",
 ]
 
 
@@ -168,6 +170,20 @@ class HostConfig(_Strict):
             raise ValueError(f"unknown protocol {value!r}; known: {', '.join(sorted(PROTOCOLS))}")
         return value
 
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        # "not a url" was taken, its models available and routed to, failing at each request
+        return None if url is None else http_url(url, "a host's base_url")
+
+
+def http_url(url: str, what: str) -> str:
+    """``url`` stripped, when it is an http(s) URL with a host; else a ValueError naming ``what``."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} is an http:// or https:// URL, not {url!r}")
+    return url.strip()
+
 
 # --- money and speed ------------------------------------------------------------------------------
 
@@ -278,6 +294,16 @@ class ModelSchema(BaseModel):
     @property
     def kind(self) -> str:
         return self.source.kind
+
+    def lookup_keys(self) -> list[str]:
+        """The names the registry finds this model by (lower case): id, name, id without its
+        variant, id without its provider (with and without the variant), aliases."""
+        if NAMED_ONLY in self.tags:  # served only when named: by its whole id (a client's model
+            return [self.id.lower()]  # "app/gpt-4" took the bare "gpt-4" of other clients)
+        base = self.id.split(":", 1)[0]
+        short = self.id.split("/", 1)[1]
+        keys = [self.id, self.name, base, short, short.split(":", 1)[0], *self.aliases]
+        return [k.lower() for k in keys]
 
     @property
     def spec(self) -> KindSpec:

@@ -238,6 +238,43 @@ def test_a_user_model_taking_a_built_in_name_is_an_error(isolated_home: Path) ->
         load_catalog(path)
     path.write_text(MINE.format(name="mine"))
     assert any(m.id == "me/mine" for m in load_catalog(path).models)
+    # Names made from a built-in's id count too: "faster-whisper-base" kept reaching Whisper.
+    path.write_text(MINE.format(name="faster-whisper-base"))
+    with pytest.raises(ConfigError, match=r"'faster-whisper-base' is already systran/faster-whisper-base's"):
+        load_catalog(path)
+    ocr = 'aliases = ["pp-ocrv4-mobile"]\ncontext_length'
+    path.write_text(MINE.format(name="mine").replace("context_length", ocr))
+    with pytest.raises(ConfigError, match=r"'pp-ocrv4-mobile' is already rapidai/pp-ocrv4-mobile's"):
+        load_catalog(path)
+    # An override of one variant keeps the name its variants share.
+    path.write_text('[[models]]\nid = "qwen/qwen3-8b:q4_k_m"\nname = "qwen3-8b"\nquality = 0.7\n')
+    assert any(m.id == "qwen/qwen3-8b:q4_k_m" and m.quality == 0.7 for m in load_catalog(path).models)
+    # A refinement of an endpoint's model is held to it too: its alias "gpt-4o-mini" was dead.
+    box = '[[endpoints]]\nname = "box"\nbase_url = "http://127.0.0.1:9/v1"\nmodels = ["fake-a"]\n'
+    path.write_text(box + '[[models]]\nid = "box/fake-a"\naliases = ["mybox", "gpt-4o-mini"]\n')
+    with pytest.raises(ConfigError, match=r"box/fake-a: the name 'gpt-4o-mini' is already openai/gpt-4o"):
+        load_catalog(path)
+    path.write_text(box + '[[models]]\nid = "box/fake-a"\naliases = ["mybox"]\n')
+    assert any(m.id == "box/fake-a" and m.aliases == ["mybox"] for m in load_catalog(path).models)
+
+
+def test_a_host_no_model_names_is_an_error_and_a_host_is_an_http_url(isolated_home: Path) -> None:
+    """A misspelt [hosts.opneai] was ignored: prompts and key went to api.openai.com, not the proxy."""
+    path = isolated_home / "models.toml"
+    path.write_text('[hosts.opneai]\nbase_url = "http://127.0.0.1:9/v1"\n')
+    with pytest.raises(ConfigError, match=r"\[hosts.opneai\] is no model's host \(did you mean \[hosts.o"):
+        load_catalog(path)
+    path.write_text('[hosts.openai]\nbase_url = "not a url"\n')
+    with pytest.raises(ConfigError, match="a host's base_url is an http:// or https:// URL, not 'not a url'"):
+        load_catalog(path)
+    path.write_text('[hosts.openai]\nbase_url = "http://127.0.0.1:9/v1"\n')
+    proxied = next(m for m in load_catalog(path).models if m.id == "openai/gpt-4o-mini")
+    assert proxied.source.base_url == "http://127.0.0.1:9/v1"  # type: ignore[union-attr]
+    path.write_text(
+        '[hosts.mine]\nprotocol = "openai_chat"\nbase_url = "http://127.0.0.1:9/v1"\n'
+        + MINE.format(name="mine").replace('base_url = "http://127.0.0.1:9/v1"', 'host = "mine"')
+    )
+    assert any(m.id == "me/mine" for m in load_catalog(path).models)  # a host a model names
 
 
 def test_an_endpoint_named_like_a_provider_cannot_shadow_its_models(isolated_home: Path) -> None:

@@ -21,13 +21,12 @@ import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .._tomlfile import config_error, read_toml, readable_exists, validate_file
-from ..errors import ConfigError
-from ..schema import KINDS, HostConfig, ModelCapability, ModelSchema, RemoteApiSource
+from ..errors import ConfigError, close_matches
+from ..schema import KINDS, HostConfig, ModelCapability, ModelSchema, RemoteApiSource, http_url
 
 __all__ = ["Catalog", "EndpointConfig", "load_builtin", "load_catalog"]
 
@@ -53,10 +52,12 @@ class EndpointConfig(BaseModel):
     @classmethod
     def _http_url(cls, url: str) -> str:
         """An http(s) URL with a host: "not a url" was taken, and the router then chose it."""
-        parts = urlsplit(url.strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"an endpoint's base_url is an http:// or https:// URL, not {url!r}")
-        return url.strip()
+        return http_url(url, "an endpoint's base_url")
+
+    @property
+    def refinements(self) -> dict[str, dict[str, Any]]:
+        """What ``[[models]]`` entries without a source add to its models, by wire name."""
+        return self._refinements
 
     @field_validator("kind")
     @classmethod
@@ -191,8 +192,10 @@ def load_catalog(user_file: Path | None) -> Catalog:
         entries[data["id"]] = (copy.deepcopy(data), origin, "", None)
 
     endpoints: list[EndpointConfig] = []
+    new_hosts: set[str] = set()
     if user_file is not None and readable_exists(user_file):
         parsed, text = _read(user_file)
+        new_hosts = parsed.hosts.keys() - hosts.keys()
         hosts = {name: _merge_host(hosts.get(name), h) for name, h in {**hosts, **parsed.hosts}.items()}
         endpoints = parsed.endpoints
         _check_unique(parsed, user_file, text)
@@ -237,7 +240,13 @@ def load_catalog(user_file: Path | None) -> Catalog:
                     field=f"endpoints.{endpoints.index(endpoint)}.name",
                 )
     if user_file is not None:  # an endpoint's models are named as the server calls them: not checked
-        _check_names(models, named, user_file)
+        explicit = {m.id: [m.name, *m.aliases] for m in models if m.id in named}
+        for endpoint in endpoints:  # ... but the names a refinement gives one are
+            for wire_name, fields in endpoint.refinements.items():
+                given = [fields["name"]] if isinstance(fields.get("name"), str) else []
+                explicit[f"{endpoint.name}/{wire_name}"] = given + list(fields.get("aliases") or [])
+        _check_names(models, explicit, user_file)
+        _check_hosts(models, hosts, new_hosts, user_file)
     return Catalog(models=models, hosts=hosts, endpoints=endpoints)
 
 
@@ -264,20 +273,40 @@ def _check_unique(parsed: _CatalogFile, path: Path, text: str) -> None:
             )
 
 
-def _check_names(models: list[ModelSchema], user_ids: set[str], path: Path) -> None:
-    """A name or alias of a model of ``path`` that another model has too: lookups found the
-    built-in one (registered first), and the user's model could not be reached by it."""
-    owner: dict[str, str] = {}
-    for model in sorted(models, key=lambda m: m.id in user_ids):  # the built-ins first
-        for name in dict.fromkeys(n.lower() for n in (model.name, *model.aliases)):
-            other = owner.setdefault(name, model.id)
-            if other != model.id and model.id in user_ids:
+def _check_names(models: list[ModelSchema], explicit: dict[str, list[str]], path: Path) -> None:
+    """A name or alias ``path`` gives a model (``explicit``, by model id) that another model is
+    found by too (its name, an alias, or one made from its id: ``faster-whisper-base``): lookups
+    found the built-in one (registered first), and the user's model could not be reached by it.
+    Variants of one model (``qwen/qwen3-8b:q4_k_m``, ``:q8_0``) share the names made from it."""
+    owner: dict[str, list[ModelSchema]] = {}
+    for model in models:
+        for key in dict.fromkeys(model.lookup_keys()):
+            owner.setdefault(key, []).append(model)
+    for model_id, names in explicit.items():
+        base = model_id.split(":", 1)[0]
+        for name in dict.fromkeys(n.lower() for n in names):
+            other = next((o for o in owner.get(name, ()) if o.id.split(":", 1)[0] != base), None)
+            if other is not None:
                 raise ConfigError(
-                    f"model {model.id}: the name {name!r} is already {other}'s: choose another, or "
-                    f"override {other} by its id",
+                    f"model {model_id}: the name {name!r} is already {other.id}'s: choose another, or "
+                    f"override {other.id} by its id",
                     path=str(path),
                     field="models.name",
                 )
+
+
+def _check_hosts(models: list[ModelSchema], hosts: dict[str, HostConfig], new: set[str], path: Path) -> None:
+    """A ``[hosts.NAME]`` of ``path`` that no model names: a misspelt ``[hosts.opneai]`` meant to
+    point OpenAI at a proxy was ignored, and prompts and key went to api.openai.com."""
+    named = {m.source.host for m in models if isinstance(m.source, RemoteApiSource)}
+    for name in sorted(new - named):
+        near = close_matches(name, sorted(hosts.keys() - new))
+        hint = f" (did you mean [hosts.{near[0]}]?)" if near else ""
+        raise ConfigError(
+            f"[hosts.{name}] is no model's host{hint}: a host serves the models whose source names it",
+            path=str(path),
+            field=f"hosts.{name}",
+        )
 
 
 def _refine_endpoint(
