@@ -6,6 +6,7 @@ import pytest
 
 from car_inference.catalog import load_builtin, load_catalog
 from car_inference.errors import ConfigError
+from car_inference.registry import UnifiedRegistry
 from car_inference.schema import ModelCapability
 
 
@@ -160,7 +161,14 @@ def test_the_readmes_models_toml_example_loads(isolated_home: Path) -> None:
             "",
         ),
         ('id = "gpubox/small"\nquality = 2\n', 11, "models.0.quality", ""),
-        ('id = "nobox/small"\nquality = 0.5\n', 9, "models.0.name", "Field required"),
+        # meant as an override or a refinement: "name: Field required (and 3 more problems)" said not
+        ('id = "nobox/small"\nquality = 0.5\n', 9, "models.0.id", "has no source and is no built-in model"),
+        (
+            'id = "huggingface/smollm2-135m-instrct:q4_1"\nquality = 0.3\n',
+            9,
+            "models.0.id",
+            "(did you mean huggingface/smollm2-135m-instruct:q4_1",
+        ),
     ],
 )
 def test_a_bad_refinement_is_an_error_at_load(
@@ -256,6 +264,29 @@ def test_a_user_model_taking_a_built_in_name_is_an_error(isolated_home: Path) ->
         load_catalog(path)
     path.write_text(box + '[[models]]\nid = "box/fake-a"\naliases = ["mybox"]\n')
     assert any(m.id == "box/fake-a" and m.aliases == ["mybox"] for m in load_catalog(path).models)
+
+
+def test_a_gguf_path_is_a_gguf_file_taken_from_the_folder_of_models_toml(
+    isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder or a text file was "available", routed to, and failed at each load; a relative path
+    was read from the current directory, so `car serve` started elsewhere saw another catalog."""
+    path = isolated_home / "models.toml"
+    entry = '[[models]]\nid = "me/mine:q4"\nname = "my-mine"\nprovider = "me"\ncapabilities = ["generate"]\n'
+    (isolated_home / "weights").mkdir()
+    (isolated_home / "notes.gguf").write_text("hi")
+    (isolated_home / "real.gguf").write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    for where, available, why in (
+        ("weights", False, "is not a GGUF file"),
+        ("notes.gguf", False, "is not a GGUF file"),
+        ("real.gguf", True, ""),
+    ):
+        path.write_text(f'{entry}[models.source]\nkind = "gguf"\npath = "{where}"\n')
+        registry = UnifiedRegistry(load_catalog(path).models)
+        mine = registry.resolve("my-mine")
+        assert mine.source.path == str(isolated_home / where)  # type: ignore[union-attr]
+        assert mine.available is available and why in registry.unavailable_reason(mine)
 
 
 def test_a_host_no_model_names_is_an_error_and_a_host_is_an_http_url(isolated_home: Path) -> None:

@@ -214,6 +214,18 @@ def load_catalog(user_file: Path | None) -> Catalog:
             refines = not base and "source" not in data
             if refines and _refine_endpoint(endpoints, data, user_file, text, index):
                 continue
+            if refines:  # meant as an override: "name: Field required (and 3 more problems)" said not
+                near = close_matches(model_id, list(entries))
+                hint = f" (did you mean {', '.join(near)}?)" if near else ""
+                raise ConfigError(
+                    f"model {model_id} has no source and is no built-in model{hint}: an entry with a "
+                    "built-in's id overrides its fields; a new model needs name, provider, capabilities "
+                    "and [models.source]",
+                    path=str(user_file),
+                    line=_entry_line(text, index),
+                    field=f"models.{index}.id",
+                )
+            _anchor_path(data, user_file.parent)
             entries[model_id] = (_merge(base, data), str(user_file), text, index)
 
     models: list[ModelSchema] = []
@@ -248,6 +260,16 @@ def load_catalog(user_file: Path | None) -> Catalog:
         _check_names(models, explicit, user_file)
         _check_hosts(models, hosts, new_hosts, user_file)
     return Catalog(models=models, hosts=hosts, endpoints=endpoints)
+
+
+def _anchor_path(data: dict[str, Any], folder: Path) -> None:
+    """A relative ``source.path`` is taken from the folder of the file that gives it: from the
+    current directory, `car serve` started elsewhere saw another catalog (the model unavailable)."""
+    source = data.get("source")
+    path = source.get("path") if isinstance(source, dict) else None
+    relative = isinstance(path, str) and path and not path.startswith("~") and not Path(path).is_absolute()
+    if relative and isinstance(source, dict):
+        source["path"] = str(folder / str(path))
 
 
 def _check_unique(parsed: _CatalogFile, path: Path, text: str) -> None:

@@ -132,6 +132,9 @@ def local_path(schema: ModelSchema) -> Path:
         if source.path:
             p = Path(source.path).expanduser()
             found = p if p.exists() else None
+            if found is not None and isinstance(source, GgufSource) and not _is_gguf(found):
+                # a folder or another file was "available", routed to, and failed at each load
+                raise ModelUnavailable(schema.id, f"{found} is not a GGUF file (it does not start with GGUF)")
         elif source.package:
             pkg = package_dir(source.package)
             if pkg is not None:
@@ -158,6 +161,14 @@ def local_path(schema: ModelSchema) -> Path:
     if found is None:
         raise _missing(schema)
     return found
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # a folder, an unreadable file
+        return False
 
 
 def _missing(schema: ModelSchema) -> ModelUnavailable:
