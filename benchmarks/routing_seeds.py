@@ -27,6 +27,9 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import replace
 
+from pydantic import ValidationError
+
+from car_inference.config import RoutingSettings
 from routing_replay import (
     IDS,
     SETTINGS,
@@ -54,6 +57,23 @@ def losses(score: Score, train: list[Prompt], test: list[Prompt]) -> str:
         ref = sum(p.scores[best] for p in test if p.bench == bench)
         out.append(f"{bench} {(total - ref) / len(test):+.4f}")
     return ", ".join(out)
+
+
+def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> RoutingSettings:
+    """The setting with the flags' overrides, validated as config.toml's would be (a model_copy
+    took --exploration -1, and --weights 0 0 0 ended in pydantic's traceback)."""
+    update = {name: getattr(args, name) for name in ("exploration", "settle_after", "settled_width")}
+    if args.weights is not None:
+        update |= dict(zip(("quality_weight", "latency_weight", "cost_weight"), args.weights, strict=True))
+    base = SETTINGS[args.setting]
+    try:
+        return RoutingSettings.model_validate(
+            base.model_dump() | {k: v for k, v in update.items() if v is not None}
+        )
+    except ValidationError as exc:
+        parser.error(
+            "; ".join(f"{'.'.join(map(str, e['loc'])) or 'weights'}: {e['msg']}" for e in exc.errors())
+        )
 
 
 def contexts(score: Score, bench: str, n_test: int, top: int = 4) -> str:
@@ -150,13 +170,10 @@ def main() -> None:
     if args.shared_prefix:
         train, test = with_shared_prefix(train), with_shared_prefix(test)
     pricing = size_pricing() if args.pricing == "size" else spread_pricing(train)
-    settings = SETTINGS[args.setting]
-    for name in ("exploration", "settle_after", "settled_width"):
-        if getattr(args, name) is not None:
-            settings = settings.model_copy(update={name: getattr(args, name)})
-    if args.weights is not None:
-        wq, wl, wc = args.weights
-        settings = settings.model_copy(update={"quality_weight": wq, "latency_weight": wl, "cost_weight": wc})
+    benches = sorted({p.bench for p in test})
+    if args.contexts is not None and args.contexts not in benches:
+        parser.error(f"--contexts: no benchmark {args.contexts} in the data ({', '.join(benches)})")
+    settings = _settings(parser, args)
     late = _model(parser, "--late", args.late)
     degraded = _model(parser, "--degrade", args.degrade)
     if degraded is not None:  # it now answers as the weakest model on the warm-up prompts did

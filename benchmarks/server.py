@@ -49,6 +49,8 @@ from typing import Any
 
 import httpx
 
+from bench_args import positive
+
 ANSWER = "Hello! How can I help you today?"
 ROUNDS = 5  # sequential rounds per target, interleaved
 CONCURRENT_ROUNDS = 3  # concurrency-16 rounds per target, alternating
@@ -260,11 +262,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=2000, help="sequential requests per target")
-    parser.add_argument("--concurrent-requests", type=int, default=4000, help="requests at concurrency 16")
+    parser.add_argument("--requests", type=positive, default=2000, help="sequential requests per target")
+    parser.add_argument(
+        "--concurrent-requests", type=positive, default=4000, help="requests at concurrency 16"
+    )
     parser.add_argument("--replicas", action="store_true", help="compare the replica setup with SQLite")
-    parser.add_argument("--rounds", type=int, default=7, help="--replicas: rounds per setup")
-    parser.add_argument("--replica-requests", type=int, default=300, help="--replicas: requests per round")
+    parser.add_argument("--rounds", type=positive, default=7, help="--replicas: rounds per setup")
+    parser.add_argument(
+        "--replica-requests", type=positive, default=300, help="--replicas: requests per round"
+    )
     parser.add_argument("--postgres-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--role", choices=["upstream", "server", "proxy"], help=argparse.SUPPRESS)
@@ -272,6 +278,11 @@ def main() -> None:
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.requests < ROUNDS or args.concurrent_requests < 16 * CONCURRENT_ROUNDS:
+        # a round of no requests ended the whole run in "no median for empty data"
+        parser.error(
+            f"--requests is at least {ROUNDS} (rounds) and --concurrent-requests {16 * CONCURRENT_ROUNDS}"
+        )
     if args.role == "upstream":
         asyncio.run(_run_upstream(args.port))
         return
