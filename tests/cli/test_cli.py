@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from car_inference.cli import app
 from car_inference.errors import money
 from fakes import FakeProviderServer
+from fakes.redis_service import closed_port
 
 runner = CliRunner()
 
@@ -288,6 +289,29 @@ def test_a_spend_limit_refusal_exits_2_and_keeps_the_limits_digits(
     code, _, err = car("generate", "-m", "openai/gpt-4o-mini", "hi")
     assert code == 2 and "daily spend limit for global is $0.0000001; spent $0.00" in err, err
     assert len(err.strip().splitlines()) == 1 and fake.requests == [], "refused before any call"
+
+
+def test_models_list_and_route_ask_a_discovering_endpoint_first(
+    fake: FakeProviderServer, isolated_home: Path
+) -> None:
+    """`car models list --provider box` said the provider did not exist, and `car route` never
+    considered the endpoint's models; `car serve` asked it at start-up."""
+    fake.reset()
+    box = f'[[endpoints]]\nname = "box"\nbase_url = "{fake.openai_base_url}"\ndiscover = true\n'
+    (isolated_home / "models.toml").write_text(box)
+    code, out, err = car("models", "list", "--provider", "box", "--json")
+    assert code == 0, err
+    listed = {m["id"] for m in json.loads(out)}
+    assert listed == {f"box/{m}" for m in fake.served_models} and listed
+    code, out, err = car("route", "hi", "--json")
+    assert code == 0 and any(c["model_id"].startswith("box/") for c in json.loads(out)["candidates"]), err
+    # An endpoint that does not answer is a warning; the rest of the catalog is listed.
+    down = box.replace(fake.openai_base_url, f"http://127.0.0.1:{closed_port()}/v1")
+    (isolated_home / "models.toml").write_text(down)
+    code, out, err = car("models", "list", "--json")
+    assert code == 0 and "warning: endpoint box: discovery failed" in err and json.loads(out)
+    code, _, err = car("models", "discover", "bxo")
+    assert code == 2 and "did you mean box?" in err
 
 
 def test_models_pull_json() -> None:

@@ -48,13 +48,19 @@ EXIT_USAGE = 2
 _ENGINES: list[Any] = []
 
 
-def engine() -> Any:
+def engine(*, discover: bool = False) -> Any:
     """A fresh engine for ``$CAR_HOME`` (imported lazily: `car --version` needs none of it),
-    closed when the command ends."""
+    closed when the command ends. ``discover``: first ask the ``discover = true`` endpoints what
+    they serve, as `car serve` does at start-up (`car models list` said such an endpoint's provider
+    did not exist, and `car route` never considered its models); one that fails is a warning."""
     from ..engine import InferenceEngine
 
     made = InferenceEngine()
     _ENGINES.append(made)
+    if discover and any(e.discover for e in made.registry.endpoints):
+        for name, outcome in run(made.discover_endpoints()).items():
+            if not isinstance(outcome, list):
+                err.print(f"warning: endpoint {name}: discovery failed: {outcome}", markup=False)
     return made
 
 

@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
             raise fail("the prompt is empty", 2)
         if as_json and stream:  # --json printed the result object and the stream was dropped
             raise fail("--json prints one result object at the end: leave --stream out", 2)
-        eng = engine()
+        eng = engine(discover=model is None and base_url is None)
         request = GenerateRequest(
             prompt=prompt,
             model=_ad_hoc_model(eng, base_url, api_key_env, model),
@@ -186,7 +186,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Talk with a model; history is kept. /exit (or Ctrl-D, Ctrl-C at the prompt) leaves,
         /clear forgets, Ctrl-C during an answer stops the answer."""
-        eng = engine()
+        eng = engine(discover=model is None and base_url is None)
         model = _ad_hoc_model(eng, base_url, api_key_env, model)
         if model:  # before the first prompt: an unknown or non-generating model was found after it
             schema = eng.resolve(model)

@@ -45,7 +45,7 @@ def list_models(
     """The catalog: built-in models plus $CAR_HOME/models.toml."""
     if local and remote:  # printed an empty table, as if the catalog had none
         raise fail("--local and --remote exclude each other: give one, or neither for both", EXIT_USAGE)
-    eng = engine()
+    eng = engine(discover=True)
     if provider is not None:
         providers = sorted({m.provider for m in eng.list_models()})
         if provider.lower() not in {p.lower() for p in providers}:  # printed "0 model(s)" with no hint
@@ -235,7 +235,11 @@ def discover(
     unknown = [n for n in names if n not in known]
     if unknown:
         listed = ", ".join(known) or "none"
-        raise fail(f"no endpoint named {', '.join(unknown)} in models.toml (endpoints: {listed})", EXIT_USAGE)
+        near = close_matches(unknown[0], known)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise fail(
+            f"no endpoint named {', '.join(unknown)} in models.toml (endpoints: {listed}){hint}", EXIT_USAGE
+        )
     report = run(eng.discover_endpoints(names))
     if as_json:
         print_json({k: v if isinstance(v, list) else {"error": str(v)} for k, v in report.items()})

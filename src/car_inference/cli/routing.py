@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
             tools=[_WEATHER_TOOL] if tools else None,
             images=[_PIXEL] if vision else None,
         )
-        decision = engine().route(request)
+        decision = engine(discover=model is None).route(request)
         if as_json:
             print_json(decision.model_dump(mode="json"))
             return
