@@ -626,3 +626,28 @@ async def test_unregistering_with_a_call_in_flight_says_so_and_cancels_it(server
         assert {"jsonrpc": "2.0", "id": "bye", "result": {"unregistered": True}} in got
         error = (await _recv(caller))["error"]
         assert "unregistered before answering" in error["message"], error
+
+
+async def test_a_runner_socket_calling_its_own_model_in_batches_gets_its_answers_read(
+    server: ServerThread,
+) -> None:
+    """48 one-call batches on the runner's own model: the server stopped reading the socket at
+    48 unanswered messages, the runner's answers to our calls went unread, every call timed out
+    and the model's breaker opened for everyone."""
+    calls = 48
+    async with connect(server.ws_url) as ws:
+        await _register(ws, models=[{"id": "ws/loop"}], timeout_s=10)
+        for i in range(calls):
+            await ws.send(json.dumps([{"jsonrpc": "2.0", "id": i, "method": "infer",
+                                       "params": {"model": "ws/loop", "prompt": f"n{i}"}}]))  # fmt: skip
+        results: dict[int, Any] = {}
+        while len(results) < calls:
+            message = await _recv(ws, timeout=8)
+            if isinstance(message, list):  # our batches' answers
+                results.update((m["id"], m) for m in message)
+            elif message.get("method") == "infer":  # the server's call to us: answered at once
+                answer = {"text": "ok " + message["params"]["prompt"]}
+                await ws.send(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": answer}))
+        assert all(r.get("result", {}).get("text") == f"ok n{i}" for i, r in results.items()), [
+            r for r in results.values() if "error" in r
+        ][:2]

@@ -56,6 +56,39 @@ _READS = frozenset({"health", "models.list", "voices"})
 EVENT_METHOD = "infer.event"
 
 
+_FULL = (
+    "this connection has more unanswered messages than a client that reads its answers has; while"
+    " the server waits for this socket's runner, only its answers and events are taken"
+)
+
+
+def _answers_ours(item: Any) -> bool:
+    """Whether a parsed request ``item`` answers or feeds one of our calls to a runner, or
+    cancels: a response, ``runner.event`` or ``cancel``."""
+    if not isinstance(item, dict):
+        return False
+    method = item.get("method")
+    return method in _UNCOUNTED if method is not None else "result" in item or "error" in item
+
+
+def _only_answers(raw: str | bytes) -> bool:
+    """Whether a message is such an item, or a batch of nothing else."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return False
+    items = data if isinstance(data, list) else [data]
+    return bool(items) and all(_answers_ours(i) for i in items)
+
+
+def _id_of(raw: str | bytes) -> Any:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data.get("id") if isinstance(data, dict) and valid_id(data.get("id")) else None
+
+
 def _error(rid: Any, code: int, message: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
     if data:
@@ -96,11 +129,14 @@ class Session:
             return
         try:
             while True:
-                await self._room()
+                answers_only = await self._room()
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
                 raw: str | bytes = message.get("text") or message.get("bytes") or b""
+                if answers_only and not _only_answers(raw):
+                    await self.send(self._busy("message", _id_of(raw), _FULL))
+                    continue
                 task = asyncio.create_task(self._message(raw))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -123,18 +159,26 @@ class Session:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _room(self) -> None:
+    async def _room(self) -> bool:
         """Wait while this socket has more unanswered messages than a client that reads its
         answers ever has: each holds its text, its parsed form and its answer until the answer
         is sent, and a client that never read them grew the server by 11 MB a message, for as
         long as it kept the socket open. Messages then wait in the client's socket instead;
-        one that reads, pipelining up to the in-flight limit and its batches, never waits here."""
+        one that reads, pipelining up to the in-flight limit and its batches, never waits here.
+        True instead of waiting while our calls to this socket's runner are in flight: its
+        answers are in that socket, and its own calls waiting on them were never answered
+        (they timed out, and the model's breaker opened for everyone); messages are then read,
+        and those that answer nothing of ours are refused as busy."""
         settings = self.state.settings
         frames = 2 * settings.ws_max_in_flight + 16
         size = 2 * settings.ws_max_message_mb * 1024 * 1024
         while self._unanswered >= frames or self._unanswered_bytes >= size:
+            if self.runner is not None and self.runner.waiting():
+                return True
             self._answered.clear()
-            await self._answered.wait()
+            with contextlib.suppress(TimeoutError):  # a call to its runner may start meanwhile
+                await asyncio.wait_for(self._answered.wait(), 0.05)
+        return False
 
     def _answered_one(self, size: int, _: object) -> None:
         self._unanswered -= 1
@@ -205,7 +249,8 @@ class Session:
             # The socket's free in-flight slots at once, the rest in turn (84 of 100 were
             # server_busy); slots are counted when taken, so batches sent together, and single
             # calls meanwhile, share them (each batch sized its turns on its own: 24 of 40 busy).
-            if not (isinstance(item, dict) and item.get("method") in _UNCOUNTED):
+            # A runner's answer takes none: it waited for a slot its own call held.
+            if not _answers_ours(item):
                 await self._slot()
             return await self.call(item)
 

@@ -147,6 +147,10 @@ class RpcRunner:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def waiting(self) -> bool:
+        """Whether calls of ours wait for this runner's answers."""
+        return bool(self._calls)
+
     # --- what the client sends -------------------------------------------------------------------
 
     def deliver(self, message: dict[str, Any]) -> bool:
