@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 import tomllib
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, close_matches
 from .schema import KINDS
 
 T = TypeVar("T", bound=BaseModel)
@@ -91,9 +92,14 @@ def _prefix_depth(have: list[str], want: list[str | int]) -> int:
 
 
 def config_error(
-    exc: ValidationError, path: Path, text: str, prefix: Sequence[str | int] = ()
+    exc: ValidationError,
+    path: Path,
+    text: str,
+    prefix: Sequence[str | int] = (),
+    model: type[BaseModel] | None = None,
 ) -> ConfigError:
-    """The first validation error of ``exc`` as a ConfigError with file, line and field."""
+    """The first validation error of ``exc`` as a ConfigError with file, line and field; an
+    unknown key of ``model`` (what was validated) with the keys it may have been meant as."""
     err = exc.errors()[0]
     loc = [*prefix, *[p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]]
     # A discriminated union adds its tag ("gguf") after "source"; it is not a key in the file.
@@ -101,8 +107,48 @@ def config_error(
     field = ".".join(str(p) for p in clean)
     more = len(exc.errors()) - 1
     msg = err["msg"].removeprefix("Value error, ")  # pydantic's wording for a validator's own message
+    if err["type"] == "extra_forbidden" and model is not None and err["loc"]:
+        # "[routnig]: Extra inputs are not permitted" said nothing of [routing]
+        known = _keys_at(model, err["loc"][:-1])
+        near = close_matches(str(err["loc"][-1]), known) if known else []
+        msg = "unknown setting" + (f" (did you mean {', '.join(near)}?)" if near else "")
     message = msg + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
     return ConfigError(message, path=str(path), line=locate(text, clean), field=field or None)
+
+
+def _keys_at(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """The keys the table at ``loc`` of ``model`` may hold (none known: [])."""
+    kind: Any = model
+    for part in loc:
+        kind = _some(kind)
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            info = kind.model_fields.get(part) if isinstance(part, str) else None
+            if info is None:
+                return []
+            kind = info.annotation
+            continue
+        args = typing.get_args(kind)
+        tagged = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel) and _tag(a) == part]
+        if tagged:  # a discriminated union's member, by its tag ("gguf" of a source)
+            kind = tagged[0]
+            continue
+        if not args:
+            return []
+        kind = args[-1]  # list[X], dict[str, X]: ``part`` is an index or a key
+    kind = _some(kind)
+    return list(kind.model_fields) if isinstance(kind, type) and issubclass(kind, BaseModel) else []
+
+
+def _tag(member: type[BaseModel]) -> Any:
+    field = member.model_fields.get("kind")
+    return field.default if field is not None else None
+
+
+def _some(kind: Any) -> Any:
+    """``X`` of ``X | None``."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    is_optional = type(None) in typing.get_args(kind) and len(args) == 1
+    return args[0] if is_optional else kind
 
 
 # The tags of ModelSource's union: every kind in the table (kinds.py).
@@ -113,7 +159,7 @@ def validate_file(model: type[T], data: Any, path: Path, text: str, prefix: Sequ
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        error = config_error(exc, path, text, prefix)
+        error = config_error(exc, path, text, prefix, model)
     # Raised outside the except: pydantic's error (the value, a key in [keys]) stays out of its
     # __context__, which error reporters ship even when the traceback hides it.
     raise error

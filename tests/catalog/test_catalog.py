@@ -266,6 +266,26 @@ def test_a_user_model_taking_a_built_in_name_is_an_error(isolated_home: Path) ->
     assert any(m.id == "box/fake-a" and m.aliases == ["mybox"] for m in load_catalog(path).models)
 
 
+@pytest.mark.parametrize(
+    ("extra", "meant"),
+    [
+        ("qualty = 0.5\n[models.source]\n", "quality"),
+        ("[models.source]\npth = '/x'\n", "path"),  # inside the source's kind
+        ("[models.source]\n[models.cost]\ninput_per_mtk = 1\n", "input_per_mtok"),
+    ],
+)
+def test_an_unknown_key_says_what_it_may_have_been_meant_as(
+    isolated_home: Path, extra: str, meant: str
+) -> None:
+    """ "[models.0.qualty]: Extra inputs are not permitted" named no key it could have been."""
+    path = isolated_home / "models.toml"
+    entry = '[[models]]\nid = "me/x"\nname = "x"\nprovider = "me"\ncapabilities = ["generate"]\n'
+    source = 'kind = "gguf"\npath = "/x"\n'
+    path.write_text(entry + extra.replace("[models.source]\n", "[models.source]\n" + source, 1))
+    with pytest.raises(ConfigError, match=rf"unknown setting \(did you mean {meant}"):
+        load_catalog(path)
+
+
 def test_a_gguf_path_is_a_gguf_file_taken_from_the_folder_of_models_toml(
     isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

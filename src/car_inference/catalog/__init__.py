@@ -234,8 +234,10 @@ def load_catalog(user_file: Path | None) -> Catalog:
             schema = ModelSchema.model_validate(data)
         except ValidationError as exc:
             if entry_index is None:  # a broken built-in entry is our bug; say where it is anyway
-                raise config_error(exc, Path(origin), Path(origin).read_text(), ("models",)) from None
-            raise config_error(exc, Path(origin), text, ("models", entry_index)) from None
+                raise config_error(
+                    exc, Path(origin), Path(origin).read_text(), ("models",), ModelSchema
+                ) from None
+            raise config_error(exc, Path(origin), text, ("models", entry_index), ModelSchema) from None
         models.append(_resolve_host(schema, hosts, origin))
     seen = {m.id: origin for m, (_, origin, _, _) in zip(models, entries.values(), strict=True)}
     named = {i for i, o in seen.items() if o == str(user_file)}  # [[models]] entries of the file
@@ -354,7 +356,7 @@ def _refine_endpoint(
     try:
         ModelSchema.model_validate(_merge(endpoint._entry(wire_name), fields))
     except ValidationError as exc:
-        raise config_error(exc, path, text, ("models", index)) from None
+        raise config_error(exc, path, text, ("models", index), ModelSchema) from None
     endpoint.refine(wire_name, fields)
     return True
 
