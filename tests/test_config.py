@@ -82,6 +82,17 @@ def test_unknown_key_is_an_error_with_its_line(isolated_home: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(isolated_home, env={})
     assert info.value.line == 3 and info.value.field == "local.cach_mb"
+    # What it may have been meant as ("Extra inputs are not permitted" said nothing of it), in
+    # nested tables and under names too.
+    assert "unknown setting (did you mean cache_mb?)" in str(info.value)
+    for text, meant in (
+        ("[routnig]\nprefer_local = true\n", "routing"),
+        ("[spend.providers.openai]\ndaily_usdd = 1\n", "daily_usd"),
+        ("[coordination]\nredis_ur = 'redis://x/0'\n", "redis_url"),
+    ):
+        (isolated_home / "config.toml").write_text(text)
+        with pytest.raises(ConfigError, match=rf"unknown setting \(did you mean {meant}"):
+            load_config(isolated_home, env={})
 
 
 def test_bad_environment_value_names_the_variable(isolated_home: Path) -> None:
@@ -105,6 +116,8 @@ def test_bad_environment_value_names_the_variable(isolated_home: Path) -> None:
         ("CAR_COORDINATION__REDIS_URL", "redis://:s3cretpw@127.0.0.1:abc/0", "Port could not be cast"),
         ("CAR_COORDINATION__REDIS_URL", "redis://:s3cretpw@127.0.0.1/cache", "'cache' is not a number"),
         ("CAR_COORDINATION__REDIS_URL", "redis://:s3cretpw@127.0.0.1/0?db=x", "'x' is not a number"),
+        # found only when the store opened, without the variable it came from
+        ("CAR_STATE__URL", "mysql://car:s3cretpw@db/car", "url must be postgresql://"),
     ],
 )
 def test_a_url_a_driver_would_misread_is_refused_without_its_password(

@@ -335,6 +335,9 @@ class RuntimeSettings(_Section):
     recheck_s: float = Field(default=5.0, ge=0, description="an attached server is probed this often")
 
 
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
 class StateSettings(_Section):
     """Where the learned state (outcomes, traces, feedback, spend) lives: ``$CAR_HOME/state.db``
     by default, or a PostgreSQL database several replicas share."""
@@ -369,6 +372,9 @@ class StateSettings(_Section):
     @field_validator("url")
     @classmethod
     def _url_userinfo(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in POSTGRES_SCHEMES:
+            # found only when the store opened, without the variable or key it came from
+            raise ValueError(f"url must be postgresql://user@host:port/database, not {redact_url(url)!r}")
         return None if url is None else checked_userinfo(url)
 
 

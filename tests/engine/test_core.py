@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from car_inference.engine import InferenceEngine
-from car_inference.errors import InvalidInput, ModelNotFound, ModelUnavailable
+from car_inference.errors import ConfigError, InvalidInput, ModelNotFound, ModelUnavailable
 from car_inference.requests import (
+    EmbedRequest,
     GenerateParams,
     GenerateRequest,
 )
@@ -139,6 +140,44 @@ def test_a_configured_name_the_catalog_lacks_is_said_at_start(
     engine.close()
     (line,) = [r.getMessage() for r in caplog.records if "not in the catalog" in r.getMessage()]
     assert "[preferred] generate names 'qwen3-9b'" in line and "qwen/qwen3-8b:q4_k_m" in line
+
+
+async def test_a_configured_model_that_cannot_do_its_task_is_said_and_named(
+    isolated_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`[defaults] embed = "smollm2"` said nothing at start, and `car embed hello` answered "mode
+    embed not implemented on backend gguf", not a word of the config key behind it."""
+    (isolated_home / "config.toml").write_text('[defaults]\nembed = "smollm2"\n')
+    with caplog.at_level("WARNING", logger="car_inference.engine"):
+        engine = InferenceEngine()
+    try:
+        assert any(
+            "[defaults] embed names huggingface/smollm2" in r.getMessage()
+            and "does not do embed" in r.getMessage()
+            for r in caplog.records
+        )
+        with pytest.raises(
+            ConfigError, match=r"config \[defaults\] embed names huggingface/smollm2.*does not"
+        ):
+            await engine.embed(EmbedRequest(texts=["hello"]))
+    finally:
+        engine.close()
+
+
+def test_a_fallback_no_model_answers_to_is_said_at_start(
+    isolated_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in `fallbacks` showed only when the model it backs up failed."""
+    (isolated_home / "models.toml").write_text(
+        '[[models]]\nid = "qwen/qwen3-8b:q4_k_m"\nfallbacks = ["qwen/qwen3-4b:q4_k_n", "box/later"]\n'
+        '[[endpoints]]\nname = "box"\nbase_url = "http://127.0.0.1:9/v1"\ndiscover = true\n'
+    )
+    with caplog.at_level("WARNING", logger="car_inference.engine"):
+        engine = InferenceEngine()
+    engine.close()
+    lines = [r.getMessage() for r in caplog.records if "its fallback" in r.getMessage()]
+    assert len(lines) == 1 and "'qwen/qwen3-4b:q4_k_n' is not in the catalog" in lines[0], lines
+    assert "did you mean qwen/qwen3-4b:q4_k_m" in lines[0]  # box/later: an endpoint may serve it
 
 
 def test_a_spend_limit_no_model_is_billed_under_is_said_at_start(

@@ -132,6 +132,7 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
         self.runtimes = RuntimeSupervisor(self.config, self.registry)  # servers we start on first use
         self._warn_unknown_choices()
         self._warn_unknown_spend_scopes()
+        self._warn_unknown_fallbacks()
         self._warn_unknown_key_names()
         self._init_routing()
 
@@ -156,13 +157,32 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
                 if not name:
                     continue
                 try:
-                    self.registry.resolve(name)
+                    found = self.registry.resolve(name)
                 except ModelNotFound as exc:
                     near = f" (did you mean {', '.join(exc.suggestions)}?)" if exc.suggestions else ""
                     log.warning(
                         "config [%s] %s names %r, which is not in the catalog%s: it is passed over",
                         section, capability, name, near,
                     )  # fmt: skip
+                    continue
+                if not found.has_capability(capability):
+                    log.warning(
+                        "config [%s] %s names %s, which does not do %s: such requests without a model fail",
+                        section, capability, found.id, capability,
+                    )  # fmt: skip
+
+    def _warn_unknown_fallbacks(self) -> None:
+        """A ``fallbacks`` entry no model answers to is said once at start (a typo showed only
+        when the model it backs up failed); one under an endpoint may be discovered later."""
+        endpoints = {e.name for e in self.registry.endpoints}
+        known = [m.id for m in self.registry.list()]
+        for model in self.registry.list():
+            for name in model.fallbacks:
+                if self.registry.find(name) is None and name.partition("/")[0] not in endpoints:
+                    near = close_matches(name, known)
+                    hint = f" (did you mean {', '.join(near)}?)" if near else ""
+                    message = "model %s: its fallback %r is not in the catalog%s: it is skipped"
+                    log.warning(message, model.id, name, hint)
 
     def _warn_unknown_spend_scopes(self) -> None:
         """A ``[spend.providers.NAME]`` no model is billed under limits nothing: said once at start

@@ -17,6 +17,7 @@ from ..backends.base import SegmentCallback, Tokenizer, VideoChecker, cosine, ra
 from ..backends.media_files import readable_file
 from ..errors import (
     CircuitOpen,
+    ConfigError,
     InferenceError,
     InvalidInput,
     ModelUnavailable,
@@ -152,6 +153,12 @@ class TaskMixin(Lifecycle):
             return self.resolve(name)
         for cap in (capability, fallback):
             if cap is not None and (model := self.default_model(cap)) is not None:
+                if not model.has_capability(cap):  # "mode embed not implemented on backend gguf"
+                    section = "preferred" if self.config.preferred.for_capability(cap) else "defaults"
+                    raise ConfigError(
+                        f"config [{section}] {cap} names {model.id}, which does not do {cap}: name a "
+                        f"model that does, or leave the key out"
+                    )
                 return model
         available = self.registry.query(capabilities=[capability], available_only=True, local_only=True)
         if available:

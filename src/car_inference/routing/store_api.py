@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
+from ..config import POSTGRES_SCHEMES
 from ..errors import ConfigError
 from ..redaction import redact_url
 from .store import QualityChange, TraceRow
@@ -44,8 +45,6 @@ log = logging.getLogger("car_inference.state")
 PRUNE_CHUNK = 5_000
 # Templates whose rows ``forget_dormant_templates`` deletes per transaction.
 TEMPLATE_CHUNK = 500
-
-POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
 class StateStore(Protocol):
