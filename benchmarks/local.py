@@ -1,6 +1,6 @@
 """Local inference speed: car-inference against the raw libraries, measured in the same run.
 
-    python benchmarks/local.py [--reps 5] [--decode-tokens 128] [--prompt-tokens 512]
+    python benchmarks/local.py [--reps 9] [--decode-tokens 128] [--prompt-tokens 200]
 
 Rows (targets from issue 3):
   decode tokens/s      ours / raw llama-cpp-python          target >= 0.95

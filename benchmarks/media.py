@@ -60,7 +60,9 @@ def spread(values: list[float]) -> str:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--pipeline", type=Path, help="a pulled image pipeline folder (default: tiny)")
     parser.add_argument("--size", type=int, default=64)

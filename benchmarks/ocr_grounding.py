@@ -82,7 +82,9 @@ async def bench(reps: int) -> list[tuple[str, str, list[float], list[float], int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     os.environ["CAR_HOME"] = tempfile.mkdtemp(prefix="car-bench-")

@@ -1,6 +1,6 @@
 """Routing benchmark: does the adaptive router beat a fixed choice of model, and is it fast?
 
-    .venv/bin/python benchmarks/routing.py            # everything (several minutes on 2 cores)
+    .venv/bin/python benchmarks/routing.py            # everything (13-18 minutes on 2 cores)
     .venv/bin/python benchmarks/routing.py --quick    # 2 seeds, one pricing, fewer latency samples
     .venv/bin/python benchmarks/routing.py --tokens   # token-estimate calibration only
     .venv/bin/python benchmarks/routing.py --binary   # the replay with 0/1 outcomes only

@@ -375,8 +375,8 @@ def _report(
     count = len(sequential["car"])
     print(
         f"{count} sequential requests per target in {ROUNDS} interleaved rounds; {args.concurrent_requests}"
-        f" at concurrency 16 in {CONCURRENT_ROUNDS} alternating rounds. Values: all rounds pooled;"
-        " added: median (min / max) over the rounds\n"
+        f" at concurrency 16 in {CONCURRENT_ROUNDS} alternating rounds. Values: sequential, all rounds"
+        " pooled; at concurrency 16, the median round; added: median (min / max) over the rounds\n"
     )
     _row("measure", "through car serve", "upstream directly", "added", "target")
     _row("---", "---", "---", "---", "---")
