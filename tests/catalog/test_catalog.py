@@ -266,6 +266,15 @@ def test_a_user_model_taking_a_built_in_name_is_an_error(isolated_home: Path) ->
     assert any(m.id == "box/fake-a" and m.aliases == ["mybox"] for m in load_catalog(path).models)
 
 
+def test_an_endpoints_context_length_is_one_a_client_can_hold(isolated_home: Path) -> None:
+    """2**31 failed later without a file, line or endpoint (the model's own bound)."""
+    path = isolated_home / "models.toml"
+    path.write_text(ENDPOINT.replace("32768", str(2**31)))
+    with pytest.raises(ConfigError) as info:
+        load_catalog(path)
+    assert info.value.field == "endpoints.0.context_length" and info.value.line == 7
+
+
 @pytest.mark.parametrize(
     ("extra", "meant"),
     [

@@ -309,6 +309,7 @@ async def test_another_client_cannot_take_over_a_model_a_runner_brought(server: 
         # The name is in every caller's error about the runner's models.
         ({"models": ["host/echo"], "name": "n" * 101}, 400, "1 to 100 printable characters"),
         ({"models": ["host/echo"], "name": "evil\nINFO: forged"}, 400, "1 to 100 printable characters"),
+        ({"models": ["host/echo"], "name": " "}, 400, "1 to 100 printable characters"),
         ({"models": [{"id": "openai /gpt-4o"}]}, 400, "an id like host/name"),  # beside openai's
         ({"models": [{"id": "\u043epenai/gpt-4o"}]}, 400, "an id like host/name"),  # a Cyrillic o
         ({"models": [{"id": "x/y", "context_length": 10**30}]}, 400, "context_length"),
@@ -641,6 +642,17 @@ async def test_a_runner_socket_calling_its_own_model_in_batches_gets_its_answers
             await ws.send(json.dumps([{"jsonrpc": "2.0", "id": i, "method": "infer",
                                        "params": {"model": "ws/loop", "prompt": f"n{i}"}}]))  # fmt: skip
         results: dict[int, Any] = {}
+        pending = [await _recv(ws, timeout=8) for _ in range(16)]  # the server's calls to us
+        assert all(m["method"] == "infer" for m in pending)
+        # Past the bound, only answers to those calls are read: anything else is busy, at once
+        # (a list as `method` closed the socket; cancels with 500 KB ids grew the server unbounded).
+        for odd in ({"id": "bad", "method": ["x"]}, {"id": "c", "method": "cancel", "params": {"id": 1}}):
+            await ws.send(json.dumps({"jsonrpc": "2.0", **odd}))
+            busy = await _recv(ws, timeout=8)
+            assert busy["id"] == odd["id"] and busy["error"]["data"]["code"] == "server_busy", busy
+        for message in pending:
+            answer = {"text": "ok " + message["params"]["prompt"]}
+            await ws.send(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": answer}))
         while len(results) < calls:
             message = await _recv(ws, timeout=8)
             if isinstance(message, list):  # our batches' answers

@@ -42,7 +42,7 @@ class EndpointConfig(BaseModel):
     api_key_env: str | None = None
     models: list[str] = Field(default_factory=list)
     capabilities: list[ModelCapability] = Field(default_factory=lambda: [ModelCapability.GENERATE])
-    context_length: int = Field(default=0, ge=0)
+    context_length: int = Field(default=0, ge=0, lt=2**31)
     discover: bool = Field(default=False, description="list the server's /v1/models at start-up")
     # [[models]] entries without a source that name one of this endpoint's models, by wire name:
     # merged over the generated entry (a paid endpoint's prices, a quality prior, fallbacks).

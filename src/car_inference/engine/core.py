@@ -165,7 +165,8 @@ class InferenceEngine(LearningMixin, GenerationMixin, TaskMixin, HealthMixin):
                         section, capability, name, near,
                     )  # fmt: skip
                     continue
-                if not found.has_capability(capability):
+                # ([defaults] generate is only tokenize's: generation without a model is routed)
+                if not found.has_capability(capability) and (section, capability) != ("defaults", "generate"):
                     log.warning(
                         "config [%s] %s names %s, which does not do %s: such requests without a model fail",
                         section, capability, found.id, capability,

@@ -154,7 +154,9 @@ class TaskMixin(Lifecycle):
         for cap in (capability, fallback):
             if cap is not None and (model := self.default_model(cap)) is not None:
                 if not model.has_capability(cap):  # "mode embed not implemented on backend gguf"
-                    section = "preferred" if self.config.preferred.for_capability(cap) else "defaults"
+                    pinned = self.config.preferred.for_capability(cap)
+                    found = self.registry.find(pinned) if pinned else None
+                    section = "preferred" if found is not None and found.id == model.id else "defaults"
                     raise ConfigError(
                         f"config [{section}] {cap} names {model.id}, which does not do {cap}: name a "
                         f"model that does, or leave the key out"

@@ -83,17 +83,22 @@ class TaskStats(BaseModel):
         if self.decayed_sum > self.decayed_n * (1 + _SLACK) + _SLACK:
             raise ValueError(f"decayed_sum {self.decayed_sum} is more than decayed_n {self.decayed_n}")
         _outcomes_within(self.success_count, self.fail_count, self.calls)
-        _not_ahead(self.updated_at)
         return self
 
 
-def _not_ahead(updated_at: int) -> None:
-    ahead = updated_at - time.time()
-    if ahead > _FUTURE_SLACK_S:
-        raise ValueError(
-            f"updated_at {updated_at} is {ahead / 86_400:,.0f} days ahead of this clock"
-            " (seconds since 1970 expected, not milliseconds)"
-        )
+def _not_ahead(profile: ModelProfile) -> None:
+    """An import's times are not far ahead (checked on import only: a row stored so before made
+    every export, and so every `car profiles import`, fail)."""
+    now = time.time()
+    times = [("updated_at", profile.updated_at)]
+    times += [(f"task_stats[{k!r}].updated_at", s.updated_at) for k, s in profile.task_stats.items()]
+    for where, updated_at in times:
+        ahead = updated_at - now
+        if ahead > _FUTURE_SLACK_S:
+            raise ValueError(
+                f"{profile.model_id}: {where} {updated_at} is {ahead / 86_400:,.0f} days ahead of this"
+                " clock (seconds since 1970 expected, not milliseconds)"
+            )
 
 
 def _outcomes_within(successes: int, failures: int, calls: int) -> None:
@@ -122,7 +127,6 @@ class ModelProfile(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ModelProfile:
         _outcomes_within(self.success_count, self.fail_count, self.total_calls)
-        _not_ahead(self.updated_at)
         if any(not key.strip() or key != key.strip() for key in self.task_stats):
             raise ValueError("task_stats: a key is empty or has spaces around it (keys are task families)")
         # Each outcome counts once in each key it falls under: a key with more calls than the
@@ -142,6 +146,7 @@ def parsed_profiles(profiles: Iterable[ModelProfile | dict[str, Any]]) -> list[M
     parsed = [p if isinstance(p, ModelProfile) else ModelProfile.model_validate(p) for p in profiles]
     seen: set[str] = set()
     for profile in parsed:
+        _not_ahead(profile)
         if profile.model_id in seen:
             raise ValueError(f"{profile.model_id} has two profiles; keep one")
         seen.add(profile.model_id)

@@ -151,6 +151,10 @@ class RpcRunner:
         """Whether calls of ours wait for this runner's answers."""
         return bool(self._calls)
 
+    def calls(self, call_id: Any) -> bool:
+        """Whether ``call_id`` is one of our calls in flight to this runner."""
+        return isinstance(call_id, str) and call_id in self._calls
+
     # --- what the client sends -------------------------------------------------------------------
 
     def deliver(self, message: dict[str, Any]) -> bool:
@@ -290,7 +294,9 @@ async def _register(session: Session, params: Params, rid: Any) -> Any:
                                   or timeout_s <= 0):  # fmt: skip
         raise ApiError(400, "`timeout_s` must be a positive number", code="invalid_value", param="timeout_s")
     name = params.get("name")
-    if name is not None and not (isinstance(name, str) and 0 < len(name) <= 100 and name.isprintable()):
+    if name is not None and not (
+        isinstance(name, str) and name.strip() and len(name) <= 100 and name.isprintable()
+    ):
         # It is in every caller's error about this runner's models: 100 KB, or a forged log line.
         raise ApiError(400, "`name` must be a string of 1 to 100 printable characters",
                        code="invalid_value", param="name")  # fmt: skip
