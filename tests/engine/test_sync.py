@@ -66,7 +66,7 @@ def test_every_async_engine_method_has_a_blocking_twin() -> None:
 # with a stop event, and helpers of other methods.
 ENGINE_ONLY = {
     "compact_spend", "prune_traces", "forget_templates", "export_profiles_file", "media_model",
-    "open_trace", "routing_scenarios",
+    "open_trace", "routing_scenarios", "runner_models",
 }  # fmt: skip
 
 

@@ -112,7 +112,7 @@ def test_a_server_that_takes_the_port_while_ours_is_down_is_never_used(superviso
 
 def _broken_model(tmp_path: Path) -> ModelSchema:
     broken = tmp_path / "broken.gguf"
-    broken.write_bytes(b"not a gguf file at all")
+    broken.write_bytes(b"GGUF\xff\xff\xff\xff a GGUF magic, then nothing a loader reads")
     model = managed_smollm2("test/broken")
     return model.model_copy(
         update={"source": model.source.model_copy(update={"package": None, "path": str(broken)})}
