@@ -217,14 +217,12 @@ def load_catalog(user_file: Path | None) -> Catalog:
             if refines:  # meant as an override: "name: Field required (and 3 more problems)" said not
                 near = close_matches(model_id, list(entries))
                 hint = f" (did you mean {', '.join(near)}?)" if near else ""
-                raise ConfigError(
+                raise _id_error(
                     f"model {model_id} has no source and is no built-in model{hint}: an entry with a "
                     "built-in's id overrides its fields; a new model needs name, provider, capabilities "
                     "and [models.source]",
-                    path=str(user_file),
-                    line=_entry_line(text, index),
-                    field=f"models.{index}.id",
-                )
+                    user_file, text, index,
+                )  # fmt: skip
             _anchor_path(data, user_file.parent)
             entries[model_id] = (_merge(base, data), str(user_file), text, index)
 
@@ -344,14 +342,12 @@ def _refine_endpoint(
     if endpoint is None or not wire_name:
         return False
     if wire_name not in endpoint.models and not endpoint.discover:
-        raise ConfigError(
+        raise _id_error(
             f"model {data['id']} has no source and endpoint {prefix!r} neither lists {wire_name!r} "
             "in its models nor discovers them: add it to the endpoint's models, or give the entry "
             "a source",
-            path=str(path),
-            line=_entry_line(text, index),
-            field=f"models.{index}.id",
-        )
+            path, text, index,
+        )  # fmt: skip
     fields = {k: v for k, v in data.items() if k != "id"}
     try:
         ModelSchema.model_validate(_merge(endpoint._entry(wire_name), fields))
@@ -366,6 +362,11 @@ def _merge_host(base: HostConfig | None, over: HostConfig) -> HostConfig:
         return over
     fields = over.model_dump(exclude_unset=True)
     return base.model_copy(update=fields)
+
+
+def _id_error(message: str, path: Path, text: str, index: int) -> ConfigError:
+    """An error about the id of the file's ``index``-th ``[[models]]`` entry, at its line."""
+    return ConfigError(message, path=str(path), line=_entry_line(text, index), field=f"models.{index}.id")
 
 
 def _entry_line(text: str, index: int) -> int | None:
